@@ -1,0 +1,15 @@
+"""A ~2B-total LongCat-shaped model (same ratios: 2:1 FFN:zero experts, top-12, dense FFN = 2x width,
+expert FFN ~ width/3) that trains on one 80 GB GPU in bf16 compute with fp32 master weights."""
+
+from lcflash.defaults import base_config
+
+
+def get_config():
+    return base_config(
+        vocab_size=512, hidden_size=1024, num_layers=12, num_attention_heads=8,
+        q_lora_rank=256, kv_lora_rank=128, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+        ffn_hidden_size=2048, expert_ffn_hidden_size=384,
+        n_routed_experts=128, zero_expert_num=64, moe_topk=12, target_ffn_experts=8.0,
+        max_position_embeddings=32768, rope_theta=1.0e7,
+        param_dtype="float32", dtype="bfloat16",
+    )

@@ -1,0 +1,186 @@
+"""Model configuration: a frozen, hashable dataclass built from an ml_collections config.
+
+The dataclass is static under `jax.jit`; the ml_collections `ConfigDict` is what users edit and override
+from the command line. Every field is validated once, before anything is traced or compiled, and errors
+name the field and the allowed range.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax.numpy as jnp
+
+ROPE_TYPES = ("default", "yarn")
+GMM_IMPLS = ("ragged_dot", "reference", "pallas", "jax_mgpu", "tokamax", "einsum")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+class ConfigError(ValueError):
+    """A configuration value is impossible; the message names the field and what would be valid."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """LongCat-Flash architecture. Field names follow the HF `config.json` where one exists."""
+
+    vocab_size: int = 131072
+    hidden_size: int = 6144
+    num_layers: int = 28
+    num_attention_heads: int = 64
+    q_lora_rank: int = 1536
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    ffn_hidden_size: int = 12288
+    expert_ffn_hidden_size: int = 2048
+    n_routed_experts: int = 512
+    zero_expert_num: int = 256
+    moe_topk: int = 12
+    routed_scaling_factor: float = 6.0
+    # Target number of FFN experts per token that the bias controller steers towards (K_e).
+    target_ffn_experts: float = 8.0
+    mla_scale_q_lora: bool = True
+    mla_scale_kv_lora: bool = True
+    rms_norm_eps: float = 1e-5
+    # HF builds the MLA latent norms with the RMSNorm default eps, not `rms_norm_eps`.
+    mla_norm_eps: float = 1e-6
+    max_position_embeddings: int = 131072
+    rope_theta: float = 1.0e7
+    rope_type: str = "default"
+    # YaRN parameters (used only when rope_type == "yarn"); None means "as transformers defaults it".
+    rope_factor: float = 1.0
+    rope_original_max_position_embeddings: int | None = None
+    rope_beta_fast: float | None = None
+    rope_beta_slow: float | None = None
+    rope_mscale: float | None = None
+    rope_mscale_all_dim: float | None = None
+    rope_attention_factor: float | None = None
+    rope_truncate: bool = True
+    initializer_range: float = 0.02
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    num_mtp_layers: int = 1
+    # Numerics and implementation switches.
+    param_dtype: str = "float32"
+    dtype: str = "bfloat16"
+    gmm_impl: str = "ragged_dot"
+    remat: bool = False
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def num_experts_total(self) -> int:
+        """Router width: FFN experts followed by zero-computation experts."""
+        return self.n_routed_experts + self.zero_expert_num
+
+    @property
+    def alpha_q(self) -> float:
+        return math.sqrt(self.hidden_size / self.q_lora_rank) if self.mla_scale_q_lora else 1.0
+
+    @property
+    def alpha_kv(self) -> float:
+        return math.sqrt(self.hidden_size / self.kv_lora_rank) if self.mla_scale_kv_lora else 1.0
+
+    @property
+    def jnp_param_dtype(self):
+        return DTYPES[self.param_dtype]
+
+    @property
+    def jnp_dtype(self):
+        return DTYPES[self.dtype]
+
+    def replace(self, **kw) -> "ModelConfig":
+        return validate(dataclasses.replace(self, **kw))
+
+
+def _require(cond: bool, field: str, value: Any, allowed: str) -> None:
+    if not cond:
+        raise ConfigError(f"model.{field} = {value!r} is invalid: {allowed}")
+
+
+def validate(cfg: ModelConfig) -> ModelConfig:
+    """Checks every field; returns cfg unchanged or raises ConfigError naming the field."""
+    positive = ("vocab_size", "hidden_size", "num_layers", "num_attention_heads", "q_lora_rank",
+                "kv_lora_rank", "qk_nope_head_dim", "v_head_dim", "ffn_hidden_size",
+                "expert_ffn_hidden_size", "n_routed_experts", "moe_topk", "max_position_embeddings")
+    for f in positive:
+        v = getattr(cfg, f)
+        _require(isinstance(v, int) and not isinstance(v, bool) and v > 0, f, v, "must be a positive integer")
+    _require(isinstance(cfg.zero_expert_num, int) and cfg.zero_expert_num >= 0, "zero_expert_num",
+             cfg.zero_expert_num, "must be an integer >= 0")
+    _require(isinstance(cfg.qk_rope_head_dim, int) and cfg.qk_rope_head_dim > 0 and cfg.qk_rope_head_dim % 2 == 0,
+             "qk_rope_head_dim", cfg.qk_rope_head_dim, "must be a positive even integer (rope rotates pairs)")
+    _require(cfg.moe_topk <= cfg.num_experts_total, "moe_topk", cfg.moe_topk,
+             f"must be in [1, n_routed_experts + zero_expert_num = {cfg.num_experts_total}]")
+    lo_ke = max(0, cfg.moe_topk - cfg.zero_expert_num)
+    hi_ke = min(cfg.moe_topk, cfg.n_routed_experts)
+    _require(lo_ke <= cfg.target_ffn_experts <= hi_ke, "target_ffn_experts", cfg.target_ffn_experts,
+             f"must be in [{lo_ke}, {hi_ke}] (FFN experts a token can choose among its moe_topk slots)")
+    _require(cfg.routed_scaling_factor > 0, "routed_scaling_factor", cfg.routed_scaling_factor, "must be > 0")
+    for f in ("rms_norm_eps", "mla_norm_eps", "initializer_range", "rope_theta"):
+        _require(getattr(cfg, f) > 0, f, getattr(cfg, f), "must be > 0")
+    _require(cfg.rope_type in ROPE_TYPES, "rope_type", cfg.rope_type, f"must be one of {ROPE_TYPES}")
+    if cfg.rope_type == "yarn":
+        _require(cfg.rope_factor is not None and cfg.rope_factor >= 1.0, "rope_factor", cfg.rope_factor,
+                 "must be >= 1 for yarn")
+        omp = cfg.rope_original_max_position_embeddings
+        _require(omp is None or (isinstance(omp, int) and 0 < omp), "rope_original_max_position_embeddings",
+                 omp, "must be None or a positive integer")
+    _require(cfg.num_mtp_layers in (0, 1), "num_mtp_layers", cfg.num_mtp_layers, "must be 0 or 1")
+    for f in ("param_dtype", "dtype"):
+        _require(getattr(cfg, f) in DTYPES, f, getattr(cfg, f), f"must be one of {tuple(DTYPES)}")
+    _require(cfg.gmm_impl in GMM_IMPLS, "gmm_impl", cfg.gmm_impl, f"must be one of {GMM_IMPLS}")
+    for f in ("bos_token_id", "eos_token_id"):
+        v = getattr(cfg, f)
+        _require(v is None or 0 <= v < cfg.vocab_size, f, v, f"must be None or in [0, vocab_size={cfg.vocab_size})")
+    return cfg
+
+
+MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig))
+
+
+def model_config(cfg) -> ModelConfig:
+    """Builds the ModelConfig from an ml_collections config (`cfg.model`, plus `cfg.moe.gmm_impl` if present)."""
+    model = cfg.model if hasattr(cfg, "model") else cfg
+    kw = dict(model.to_dict() if hasattr(model, "to_dict") else model)
+    unknown = sorted(set(kw) - set(MODEL_FIELDS))
+    if unknown:
+        raise ConfigError(f"unknown model field(s) {unknown}; valid fields are {list(MODEL_FIELDS)}")
+    moe = getattr(cfg, "moe", None) if hasattr(cfg, "model") else None
+    if moe is not None and "gmm_impl" in moe:
+        kw["gmm_impl"] = moe.gmm_impl
+    return validate(ModelConfig(**kw))
+
+
+def load_config(path: str, overrides: dict | None = None):
+    """Loads an ml_collections config file (`get_config()`), applies dotted overrides, validates the model."""
+    import importlib.util
+    import os
+
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} does not exist")
+    spec = importlib.util.spec_from_file_location("_lcflash_cfg", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    if not hasattr(mod, "get_config"):
+        raise ConfigError(f"config file {path!r} defines no get_config()")
+    cfg = mod.get_config()
+    for key, value in (overrides or {}).items():
+        node = cfg
+        parts = key.split(".")
+        for p in parts[:-1]:
+            if p not in node:
+                raise ConfigError(f"override {key!r}: no field {p!r}; valid: {sorted(node.keys())}")
+            node = node[p]
+        if parts[-1] not in node:
+            raise ConfigError(f"override {key!r}: no field {parts[-1]!r}; valid: {sorted(node.keys())}")
+        node[parts[-1]] = value
+    model_config(cfg)
+    return cfg

@@ -1,0 +1,1 @@
+from lcflash.kernels.gmm.api import gmm, IMPLEMENTATIONS  # noqa: F401

@@ -1,0 +1,40 @@
+"""The ScMoE decoder layer, in the exact order of the reference (§3.7).
+
+The MoE branch reads the first post-attention norm `n0` and joins at the very end of the layer, so its
+dispatch, expert GEMMs and combine can overlap dense FFN 0, attention 1 and dense FFN 1.
+"""
+
+import jax
+from flax import nnx
+
+from lcflash.config import ModelConfig
+from lcflash.model.mla import MLA, LatentKV
+from lcflash.model.mlp import MLP
+from lcflash.model.moe import MoE
+from lcflash.model.norm import RMSNorm
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        D, pd, eps = cfg.hidden_size, cfg.jnp_param_dtype, cfg.rms_norm_eps
+        self.input_norm_0 = RMSNorm(D, eps, pd)
+        self.attn_0 = MLA(cfg, rngs)
+        self.post_attn_norm_0 = RMSNorm(D, eps, pd)
+        self.mlp_0 = MLP(D, cfg.ffn_hidden_size, pd, cfg.initializer_range, rngs)
+        self.input_norm_1 = RMSNorm(D, eps, pd)
+        self.attn_1 = MLA(cfg, rngs)
+        self.post_attn_norm_1 = RMSNorm(D, eps, pd)
+        self.mlp_1 = MLP(D, cfg.ffn_hidden_size, pd, cfg.initializer_range, rngs)
+        self.moe = MoE(cfg, rngs)
+
+    def __call__(self, h_btd, cos, sin, mask_bts, caches=(None, None), write_start_b=None, reference_moe=False):
+        """Returns (h, (kv_0, kv_1), moe_stats)."""
+        a0, kv0 = self.attn_0(self.input_norm_0(h_btd), cos, sin, mask_bts, caches[0], write_start_b)
+        h_btd = h_btd + a0
+        n0 = self.post_attn_norm_0(h_btd)
+        moe_btd, stats = self.moe(n0, reference=reference_moe)
+        h_btd = h_btd + self.mlp_0(n0)
+        a1, kv1 = self.attn_1(self.input_norm_1(h_btd), cos, sin, mask_bts, caches[1], write_start_b)
+        h_btd = h_btd + a1
+        h_btd = h_btd + self.mlp_1(self.post_attn_norm_1(h_btd)) + moe_btd
+        return h_btd, (kv0, kv1), stats

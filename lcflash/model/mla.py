@@ -1,0 +1,83 @@
+"""Multi-head latent attention with LongCat's scale corrections (reference §3.4).
+
+The KV state of a token is its latent `c` (after norm and alpha_kv) and its rope key `k_pe` (one head shared
+by all heads, after RoPE): kv_lora_rank + qk_rope_head_dim values. That is all the cache ever stores.
+"""
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lcflash.config import ModelConfig
+from lcflash.model.common import normal_param
+from lcflash.model.norm import RMSNorm
+from lcflash.model.rope import apply_rope, softmax_scale
+
+NEG_INF = -1e30
+
+
+class LatentKV(NamedTuple):
+    """Latent KV of one attention sublayer: c [B, S, kv_lora_rank], k_pe [B, S, qk_rope_head_dim]."""
+
+    c_bsr: jax.Array
+    kpe_bsd: jax.Array
+
+
+def write_rows(cache_bs_, new_bt_, start_b):
+    """Writes new[b] into cache[b] at offset start_b[b] (each row may be at its own position)."""
+    return jax.vmap(lambda c, n, i: jax.lax.dynamic_update_slice_in_dim(c, n, i, axis=0))(cache_bs_, new_bt_, start_b)
+
+
+def expanded_attention(q_nope_bthk, q_pe_bthd, kv: LatentKV, w_kv_b_rhk, mask_bts, scale, qk_nope_dim):
+    """Attention with keys/values expanded per head from the latent (training and prefill form)."""
+    dtype = q_nope_bthk.dtype
+    kv_bshk = jnp.einsum("bsr,rhk->bshk", kv.c_bsr.astype(dtype), w_kv_b_rhk.astype(dtype))
+    k_nope_bshk, v_bshv = kv_bshk[..., :qk_nope_dim], kv_bshk[..., qk_nope_dim:]
+    logits_bhts = (
+        jnp.einsum("bthk,bshk->bhts", q_nope_bthk, k_nope_bshk, preferred_element_type=jnp.float32)
+        + jnp.einsum("bthd,bsd->bhts", q_pe_bthd, kv.kpe_bsd.astype(dtype), preferred_element_type=jnp.float32)
+    ) * scale
+    logits_bhts = jnp.where(mask_bts[:, None], logits_bhts, NEG_INF)
+    probs_bhts = jax.nn.softmax(logits_bhts, axis=-1).astype(dtype)
+    return jnp.einsum("bhts,bshv->bthv", probs_bhts, v_bshv)
+
+
+class MLA(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        D, H, pd, std = cfg.hidden_size, cfg.num_attention_heads, cfg.jnp_param_dtype, cfg.initializer_range
+        self.cfg = cfg
+        self.w_q_a = normal_param(rngs, (D, cfg.q_lora_rank), ("embed", "q_lora"), pd, std)
+        self.q_a_norm = RMSNorm(cfg.q_lora_rank, cfg.mla_norm_eps, pd)
+        self.w_q_b = normal_param(rngs, (cfg.q_lora_rank, H, cfg.qk_head_dim), ("q_lora", "heads", "qk_head"), pd, std)
+        self.w_kv_a = normal_param(rngs, (D, cfg.kv_lora_rank + cfg.qk_rope_head_dim), ("embed", "kv_lora"), pd, std)
+        self.kv_a_norm = RMSNorm(cfg.kv_lora_rank, cfg.mla_norm_eps, pd)
+        self.w_kv_b = normal_param(
+            rngs, (cfg.kv_lora_rank, H, cfg.qk_nope_head_dim + cfg.v_head_dim), ("kv_lora", "heads", "kv_head"), pd, std)
+        self.w_o = normal_param(rngs, (H, cfg.v_head_dim, D), ("heads", "v_head", "embed"), pd, std)
+
+    def latents(self, x_btd, cos_btd, sin_btd):
+        """Queries (nope, roped) and this token's latent KV."""
+        cfg, dtype = self.cfg, x_btd.dtype
+        cq_btr = self.q_a_norm(jnp.einsum("btd,dr->btr", x_btd, self.w_q_a[...].astype(dtype)))
+        q_bthk = jnp.einsum("btr,rhk->bthk", cq_btr, self.w_q_b[...].astype(dtype)) * cfg.alpha_q
+        q_nope, q_pe = q_bthk[..., :cfg.qk_nope_head_dim], q_bthk[..., cfg.qk_nope_head_dim:]
+        kva_btr = jnp.einsum("btd,dr->btr", x_btd, self.w_kv_a[...].astype(dtype))
+        c_btr = self.kv_a_norm(kva_btr[..., :cfg.kv_lora_rank]) * cfg.alpha_kv
+        kpe_btd = apply_rope(kva_btr[..., None, cfg.kv_lora_rank:], cos_btd, sin_btd)[..., 0, :]
+        return q_nope, apply_rope(q_pe, cos_btd, sin_btd), LatentKV(c_btr, kpe_btd)
+
+    def output(self, o_bthv):
+        return jnp.einsum("bthv,hvd->btd", o_bthv, self.w_o[...].astype(o_bthv.dtype))
+
+    def __call__(self, x_btd, cos_btd, sin_btd, mask_bts, cache: LatentKV | None = None, write_start_b=None):
+        """Returns (output, cache). Without a cache, keys are this call's tokens; with one, the new latents are
+        written at `write_start_b` and `mask_bts` spans the whole cache."""
+        q_nope, q_pe, kv = self.latents(x_btd, cos_btd, sin_btd)
+        if cache is not None:
+            kv = LatentKV(write_rows(cache.c_bsr, kv.c_bsr.astype(cache.c_bsr.dtype), write_start_b),
+                          write_rows(cache.kpe_bsd, kv.kpe_bsd.astype(cache.kpe_bsd.dtype), write_start_b))
+        o_bthv = expanded_attention(q_nope, q_pe, kv, self.w_kv_b[...], mask_bts, softmax_scale(self.cfg),
+                                    self.cfg.qk_nope_head_dim)
+        return self.output(o_bthv), kv

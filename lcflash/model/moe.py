@@ -1,0 +1,97 @@
+"""The MoE branch of a ScMoE layer: router, zero-computation experts and dropless routed FFN experts.
+
+Routed experts sort the token slots by expert and run grouped matmuls (`lcflash.kernels.gmm`); slots that
+chose a zero expert sort past every group, so they never take a place in expert work. `moe_reference` is
+the per-expert loop the dropless path is tested against.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lcflash.config import ModelConfig
+from lcflash.kernels.gmm import gmm
+from lcflash.model.common import RouterBias, normal_param
+from lcflash.model.router import Routing, route, zero_expert_output
+
+
+def sort_slots(experts_tk, n_ffn: int):
+    """Orders the T*K slots by FFN expert; zero-expert slots go last. Returns (order, group_sizes [N])."""
+    e_flat = jnp.where(experts_tk < n_ffn, experts_tk, n_ffn).reshape(-1)
+    order = jnp.argsort(e_flat, stable=True)
+    group_sizes = jnp.bincount(e_flat, length=n_ffn + 1)[:n_ffn].astype(jnp.int32)
+    return order, group_sizes
+
+
+def expert_ffn(x_md, group_sizes_g, w_gate_gdf, w_up_gdf, w_down_gfd, impl: str):
+    """SwiGLU of each row with its group's expert; rows past sum(group_sizes) give zeros."""
+    dtype = x_md.dtype
+    g = gmm(x_md, w_gate_gdf.astype(dtype), group_sizes_g, impl=impl)
+    u = gmm(x_md, w_up_gdf.astype(dtype), group_sizes_g, impl=impl)
+    return gmm(jax.nn.silu(g) * u, w_down_gfd.astype(dtype), group_sizes_g, impl=impl)
+
+
+def routed_experts(x_td, routing: Routing, w_gate, w_up, w_down, impl: str):
+    """Dropless FFN-expert output [T, D] in fp32 (exact for any routing, empty experts included)."""
+    T, K = routing.experts_tk.shape
+    n_ffn = w_gate.shape[0]
+    order_m, group_sizes = sort_slots(routing.experts_tk, n_ffn)
+    x_md = x_td[order_m // K]
+    y_md = expert_ffn(x_md, group_sizes, w_gate, w_up, w_down, impl)
+    is_ffn_m = routing.experts_tk.reshape(-1)[order_m] < n_ffn
+    w_m = jnp.where(is_ffn_m, routing.weights_tk.reshape(-1)[order_m], 0.0)
+    contrib_md = jnp.where(is_ffn_m[:, None], y_md.astype(jnp.float32), 0.0) * w_m[:, None]
+    # Unsort with a permutation (no scatter-add): deterministic, then sum each token's K slots.
+    unsorted = jnp.zeros_like(contrib_md).at[order_m].set(contrib_md, unique_indices=True)
+    return unsorted.reshape(T, K, -1).sum(axis=1)
+
+
+def moe_reference(x_td, routing: Routing, w_gate, w_up, w_down):
+    """Per-expert loop over all tokens; FFN experts plus zero experts, fp32 accumulation."""
+    n_ffn = w_gate.shape[0]
+    y = zero_expert_output(x_td, routing, n_ffn)
+    for e in range(n_ffn):
+        w_t = jnp.sum(jnp.where(routing.experts_tk == e, routing.weights_tk, 0.0), axis=-1)
+        h = jax.nn.silu(x_td @ w_gate[e].astype(x_td.dtype)) * (x_td @ w_up[e].astype(x_td.dtype))
+        y = y + w_t[:, None] * (h @ w_down[e].astype(x_td.dtype)).astype(jnp.float32)
+    return y
+
+
+def routing_stats(routing: Routing, batch: int, n_total: int):
+    """Per-sequence expert counts and summed probabilities [B, N+Z], for the losses and the bias controller."""
+    T = routing.probs_te.shape[0]
+    counts_be = jnp.zeros((batch, n_total), jnp.float32).at[
+        jnp.repeat(jnp.arange(T) // (T // batch), routing.experts_tk.shape[1]), routing.experts_tk.reshape(-1)
+    ].add(1.0)
+    prob_sum_be = routing.probs_te.reshape(batch, T // batch, n_total).sum(axis=1)
+    return {"counts_be": counts_be, "prob_sum_be": prob_sum_be}
+
+
+class MoE(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        D, N, I, pd, std = (cfg.hidden_size, cfg.n_routed_experts, cfg.expert_ffn_hidden_size,
+                            cfg.jnp_param_dtype, cfg.initializer_range)
+        self.cfg = cfg
+        # The router stays in fp32 whatever the parameter dtype (HF keeps `classifier.weight` in fp32).
+        self.w_router = normal_param(rngs, (D, cfg.num_experts_total), ("embed", "router"), jnp.float32, std)
+        self.bias = RouterBias(jnp.zeros((cfg.num_experts_total,), jnp.float32), logical_axes=("router",))
+        self.w_gate = normal_param(rngs, (N, D, I), ("expert", "embed", "expert_mlp"), pd, std)
+        self.w_up = normal_param(rngs, (N, D, I), ("expert", "embed", "expert_mlp"), pd, std)
+        self.w_down = normal_param(rngs, (N, I, D), ("expert", "expert_mlp", "embed"), pd, std)
+
+    def router(self, x_td) -> Routing:
+        return route(x_td, self.w_router[...], self.bias[...], self.cfg.moe_topk, self.cfg.routed_scaling_factor)
+
+    def __call__(self, x_btd, reference: bool = False):
+        B, T, D = x_btd.shape
+        x_td = x_btd.reshape(B * T, D)
+        routing = self.router(x_td)
+        if reference:
+            y_td = moe_reference(x_td, routing, self.w_gate[...], self.w_up[...], self.w_down[...])
+        else:
+            y_td = zero_expert_output(x_td, routing, self.cfg.n_routed_experts) + routed_experts(
+                x_td, routing, self.w_gate[...], self.w_up[...], self.w_down[...], self.cfg.gmm_impl)
+        stats = routing_stats(routing, B, self.cfg.num_experts_total)
+        stats["experts_btk"] = routing.experts_tk.reshape(B, T, -1)
+        stats["weights_btk"] = routing.weights_tk.reshape(B, T, -1)
+        return y_td.astype(x_btd.dtype).reshape(B, T, D), stats
