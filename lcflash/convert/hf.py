@@ -285,12 +285,14 @@ def from_pretrained(path: str, dtype=None, *, sharding_fn=None, **config_overrid
 
 # ----------------------------------------------------------------------------------------------- writing
 def save_pretrained(model: LongcatFlash, path: str, *, max_shard_bytes: int = 5 << 30,
-                    transformers_compat: bool = False) -> None:
+                    transformers_compat: bool = False, router_dtype=None) -> None:
     """Writes the released HF layout (per-expert keys, no zero-expert weights, MTP under model.mtp.*).
 
     transformers_compat=True also writes zero-filled `experts.{e}.gate_proj/up_proj` for the zero experts, which
     recent transformers needs to load the fused expert tensor. The directory is written beside `path` and moved
     into place only when complete, so a failure never leaves a half-written checkpoint at `path`.
+    The router (kept in float32 in memory) is written in `router_dtype`, by default the parameter dtype like
+    every other tensor, so a bf16 checkpoint round-trips bit for bit.
     """
     cfg = model.cfg
     flat = dict((p, v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model)))
@@ -299,6 +301,8 @@ def save_pretrained(model: LongcatFlash, path: str, *, max_shard_bytes: int = 5 
         arr = flat[p]
         item_shape = tuple(arr.shape[len(spec.stack):])
         np_dtype = _np_dtype(arr.dtype)
+        if p[-1] in ("w_router", "bias"):
+            np_dtype = _np_dtype(router_dtype or cfg.jnp_param_dtype)
         for key, item in _expand(spec, arr.shape, cfg):
             def produce(arr=arr, item=item, spec=spec):
                 return spec.to_hf(np.asarray(jax.device_get(arr[item] if item else arr)))

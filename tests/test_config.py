@@ -1,0 +1,47 @@
+"""Configs load, validate, and reject impossible values with the field's name."""
+
+import pytest
+
+from lcflash.config import ConfigError, ModelConfig, load_config, model_config, validate
+
+
+@pytest.mark.parametrize("name", ["tiny", "small", "longcat_flash"])
+def test_configs_load(name):
+    cfg = model_config(load_config(f"configs/{name}.py"))
+    assert isinstance(cfg, ModelConfig)
+    hash(cfg)  # static under jit
+
+
+def test_released_config_values():
+    c = model_config(load_config("configs/longcat_flash.py"))
+    assert (c.hidden_size, c.num_layers, c.num_attention_heads, c.n_routed_experts, c.zero_expert_num,
+            c.moe_topk, c.routed_scaling_factor, c.rope_theta, c.vocab_size) == (
+        6144, 28, 64, 512, 256, 12, 6.0, 1.0e7, 131072)
+    assert abs(c.alpha_kv - 12 ** 0.5) < 1e-12 and c.alpha_q == 2.0 and c.qk_head_dim == 192
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("moe_topk", 13, "moe_topk.*n_routed_experts \\+ zero_expert_num"),
+    ("hidden_size", 0, "hidden_size.*positive"),
+    ("qk_rope_head_dim", 7, "qk_rope_head_dim.*even"),
+    ("rope_type", "ntk", "rope_type.*default"),
+    ("target_ffn_experts", 13.0, "target_ffn_experts"),
+    ("dtype", "float64", "dtype"),
+    ("gmm_impl", "cutlass", "gmm_impl"),
+    ("num_mtp_layers", 2, "num_mtp_layers"),
+    ("eos_token_id", 10 ** 6, "eos_token_id"),
+])
+def test_invalid_values_name_the_field(field, value, match):
+    cfg = ModelConfig(n_routed_experts=8, zero_expert_num=4, moe_topk=12, target_ffn_experts=8.0)
+    validate(cfg)
+    with pytest.raises(ConfigError, match=match):
+        cfg.replace(**{field: value})
+
+
+def test_overrides_and_typos():
+    cfg = load_config("configs/tiny.py", {"model.num_layers": 3})
+    assert model_config(cfg).num_layers == 3
+    with pytest.raises(ConfigError, match="nmu_layers"):
+        load_config("configs/tiny.py", {"model.nmu_layers": 3})
+    with pytest.raises(ConfigError, match="moe_topk"):
+        load_config("configs/tiny.py", {"model.moe_topk": 100})

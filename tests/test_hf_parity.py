@@ -1,0 +1,48 @@
+"""Logits, every layer's hidden state and the router's choices equal transformers' in fp32."""
+
+import numpy as np
+import pytest
+
+import lcflash
+from hf_reference import hf_forward, random_hf_model
+
+CASES = {
+    "default": dict(),
+    "yarn": dict(rope_scaling=dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=128,
+                                   beta_fast=32, beta_slow=1, mscale=1.0, mscale_all_dim=0.707)),
+    "yarn_attention_factor": dict(rope_scaling=dict(rope_type="yarn", factor=2.0, attention_factor=1.3,
+                                                    original_max_position_embeddings=256, truncate=False)),
+    "more_experts_top6": dict(n_routed_experts=16, zero_expert_num=8, moe_topk=6, num_layers=3),
+    "no_zero_experts": dict(zero_expert_num=0, moe_topk=3, n_routed_experts=6),
+    "mostly_zero_experts": dict(n_routed_experts=4, zero_expert_num=12, moe_topk=5, rope_theta=1.0e7),
+}
+
+
+def rel(a, b):
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_logits_hidden_and_routing_match_transformers(case, tmp_path):
+    seed = sorted(CASES).index(case)
+    hf = random_hf_model(seed, **CASES[case])
+    hf.save_pretrained(tmp_path)
+    model = lcflash.from_pretrained(str(tmp_path), dtype="float32")
+    rng = np.random.default_rng(seed + 100)
+    tokens = rng.integers(0, hf.config.vocab_size, size=(2, 23))
+    ref_logits, ref_hidden, ref_experts = hf_forward(hf, tokens)
+
+    out = model.forward(tokens, return_layer_hidden=True)
+    assert rel(np.asarray(out.logits), ref_logits) <= 1e-5
+    for layer in range(ref_hidden.shape[0]):
+        got = np.asarray(out.layer_hidden[layer])
+        # transformers reports the last layer's output after the final norm.
+        ref = ref_hidden[layer]
+        if layer == ref_hidden.shape[0] - 1:
+            got = np.asarray(out.hidden)
+        assert rel(got, ref) <= 1e-5, f"layer {layer}"
+    ours = np.asarray(out.moe_stats["experts_btk"]).reshape(ref_experts.shape)
+    np.testing.assert_array_equal(np.sort(ours, -1), np.sort(ref_experts, -1))
+    # Routing must exercise both kinds of expert, or the test would not check the zero-expert path.
+    n = hf.config.n_routed_experts
+    assert (ours < n).any() and ((ours >= n).any() or hf.config.zero_expert_num == 0)
