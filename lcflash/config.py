@@ -14,7 +14,9 @@ from typing import Any
 import jax.numpy as jnp
 
 ROPE_TYPES = ("default", "yarn")
-GMM_IMPLS = ("ragged_dot", "reference", "pallas", "jax_mgpu", "tokamax", "einsum")
+GMM_IMPLS = ("ragged_dot", "reference", "pallas", "jax_mgpu", "tokamax")
+# Attention form for calls that read a KV cache (see lcflash/model/mla.py); calls without a cache are expanded.
+ATTN_IMPLS = ("expanded", "absorbed", "pallas")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -68,6 +70,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     dtype: str = "bfloat16"
     gmm_impl: str = "ragged_dot"
+    attn_impl: str = "expanded"
     remat: bool = False
 
     # ------------------------------------------------------------------ derived
@@ -137,6 +140,7 @@ def validate(cfg: ModelConfig) -> ModelConfig:
     for f in ("param_dtype", "dtype"):
         _require(getattr(cfg, f) in DTYPES, f, getattr(cfg, f), f"must be one of {tuple(DTYPES)}")
     _require(cfg.gmm_impl in GMM_IMPLS, "gmm_impl", cfg.gmm_impl, f"must be one of {GMM_IMPLS}")
+    _require(cfg.attn_impl in ATTN_IMPLS, "attn_impl", cfg.attn_impl, f"must be one of {ATTN_IMPLS}")
     for f in ("bos_token_id", "eos_token_id"):
         v = getattr(cfg, f)
         _require(v is None or 0 <= v < cfg.vocab_size, f, v, f"must be None or in [0, vocab_size={cfg.vocab_size})")
