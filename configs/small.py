@@ -5,7 +5,7 @@ from lcflash.defaults import base_config
 
 
 def get_config():
-    return base_config(
+    cfg = base_config(
         vocab_size=512, hidden_size=1024, num_layers=12, num_attention_heads=8,
         q_lora_rank=256, kv_lora_rank=128, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
         ffn_hidden_size=2048, expert_ffn_hidden_size=384,
@@ -13,3 +13,10 @@ def get_config():
         max_position_embeddings=32768, rope_theta=1.0e7,
         param_dtype="float32", dtype="bfloat16",
     )
+    # Training on one H100: batch 4 x 1024 fits without remat (batch 8 x 1024 ran out of memory,
+    # experiments/bench_train.json); bytes of the stdlib corpus by default.
+    cfg.data.seq_len = 1024
+    cfg.train.update(steps=20000, batch_size=4, log_every=50, eval_every=1000, eval_batches=16)
+    cfg.optim.update(lr=1e-3, warmup_steps=500)
+    cfg.checkpoint.every_steps = 1000
+    return cfg

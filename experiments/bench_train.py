@@ -1,0 +1,173 @@
+"""Training throughput and MFU of a config (default configs/small.py) on the local accelerator.
+
+Runs the real train step (losses, MTP, controller, AdamW on fp32 master weights, bf16 compute) on packed
+stdlib batches, times `--steps` steps after `--warmup` compile/warm-up steps, and reports tokens/s and MFU.
+
+Model FLOPs per token (training = 3 x forward):
+    6 * activated matmul parameters (non-embedding: attention, dense MLPs, router, the measured mean number of
+        FFN experts per token, LM head; MTP block + LM head again when loss.mtp_weight > 0)
+  + 6 * attention sublayers * heads * (qk_head_dim + v_head_dim) * T/2   (causal: each query sees T/2 keys
+        on average; the kernel computes the full T x T, so hardware FLOPs are higher)
+MFU = model FLOPs per second / the device's dense bf16 peak.
+
+    python experiments/bench_train.py [--config configs/small.py] [--batch 4] [--seq 1024] \
+        [--gmm_impl pallas,ragged_dot]
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}   # dense bf16 tensor-core peak (SXM)
+
+
+def peak_flops(kind: str):
+    for k, v in PEAK_BF16.items():
+        if k in kind:
+            return v
+    return None
+
+
+def activated_params(mc, ffn_per_token: float, with_mtp: bool) -> dict:
+    D, H = mc.hidden_size, mc.num_attention_heads
+    mla = (D * mc.q_lora_rank + mc.q_lora_rank * H * mc.qk_head_dim + D * (mc.kv_lora_rank + mc.qk_rope_head_dim)
+           + mc.kv_lora_rank * H * (mc.qk_nope_head_dim + mc.v_head_dim) + H * mc.v_head_dim * D)
+    mlp = 3 * D * mc.ffn_hidden_size
+    expert = 3 * D * mc.expert_ffn_hidden_size
+    router = D * mc.num_experts_total
+    head = D * mc.vocab_size
+    layer = 2 * mla + 2 * mlp + router + ffn_per_token * expert
+    out = {"per_layer": layer, "layers": mc.num_layers * layer, "head": head,
+           "mtp": (2 * D * D + mla + mlp + head) if with_mtp else 0}
+    out["total"] = out["layers"] + out["head"] + out["mtp"]
+    return out
+
+
+def flops_per_token(mc, seq: int, ffn_per_token: float, with_mtp: bool):
+    p = activated_params(mc, ffn_per_token, with_mtp)
+    sublayers = 2 * mc.num_layers + (1 if with_mtp else 0)
+    attn = 6 * sublayers * mc.num_attention_heads * (mc.qk_head_dim + mc.v_head_dim) * seq / 2
+    return 6 * p["total"] + attn, p
+
+
+def bench(cfg, warmup: int, steps: int):
+    import jax
+    import numpy as np
+
+    from lcflash.config import model_config
+    from lcflash.data import PackedLoader, load_corpus
+    from lcflash.train.step import init_state, make_train_step
+
+    mc = model_config(cfg)
+    corpus = load_corpus(cfg.data, mc)
+    loader = PackedLoader(corpus.train, cfg.data.seq_len, cfg.train.batch_size, corpus.tokenizer.bos_id, seed=0)
+    t0 = time.time()
+    state = init_state(cfg, jax.random.PRNGKey(0))
+    jax.block_until_ready(state)
+    t_init = time.time() - t0
+    step = jax.jit(make_train_step(cfg, mc), donate_argnums=0)
+    batches = [loader.next() for _ in range(warmup + steps)]
+    t0 = time.time()
+    for i in range(warmup):
+        state, m = step(state, batches[i])
+    jax.block_until_ready(m)
+    t_warm = time.time() - t0
+    t0 = time.time()
+    ffn = []
+    for i in range(warmup, warmup + steps):
+        state, m = step(state, batches[i])
+        ffn.append(m["ffn_experts_per_token"])
+    jax.block_until_ready(m)
+    dt = time.time() - t0
+    m = jax.device_get(m)
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
+    return {"step_time_s": dt / steps, "tokens_per_s": cfg.train.batch_size * cfg.data.seq_len * steps / dt,
+            "init_s": t_init, "compile_and_warmup_s": t_warm, "loss_last": float(m["loss"]), "ce_last": float(m["ce"]),
+            "ffn_experts_per_token": float(np.mean(jax.device_get(ffn))), "total_params": n_params}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", default=os.path.join(ROOT, "configs", "small.py"))
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=1024)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--gmm_impl", default="", help="comma-separated gmm implementations to compare "
+                    "(default: the config's)")
+    ap.add_argument("--remat", action="store_true")
+    ap.add_argument("--out", default=os.path.join(ROOT, "experiments", "bench_train.json"))
+    ap.add_argument("--time_budget_s", type=float, default=1e9, help="skip remaining impls once this is spent")
+    args = ap.parse_args()
+    from absl import logging
+    logging.set_verbosity(logging.WARNING)
+    import jax
+
+    from lcflash import load_config
+    from lcflash.config import model_config
+    base = {"train.batch_size": args.batch, "data.seq_len": args.seq, "train.progress": False}
+    if args.remat:
+        base["model.remat"] = True
+    impls = [x for x in args.gmm_impl.split(",") if x] or [None]
+    dev = jax.devices()[0]
+    peak = peak_flops(dev.device_kind)
+    rows, t_start = [], time.time()
+    for impl in impls:
+        if time.time() - t_start > args.time_budget_s:
+            rows.append({"gmm_impl": impl, "skipped": "time budget"})
+            continue
+        ov = dict(base, **({"moe.gmm_impl": impl} if impl else {}))
+        try:
+            cfg = load_config(args.config, ov)
+            mc = model_config(cfg)
+            r = bench(cfg, args.warmup, args.steps)
+        except Exception as e:  # report and go on to the next implementation
+            rows.append({"gmm_impl": impl, "error": f"{type(e).__name__}: {str(e)[:400]}"})
+            print(rows[-1], flush=True)
+            continue
+        with_mtp = cfg.loss.mtp_weight > 0 and mc.num_mtp_layers > 0
+        fpt, p = flops_per_token(mc, args.seq, r["ffn_experts_per_token"], with_mtp)
+        r.update(gmm_impl=mc.gmm_impl, model_flops_per_token=fpt, activated_params=p["total"],
+                 model_tflops_per_s=fpt * r["tokens_per_s"] / 1e12,
+                 mfu=(fpt * r["tokens_per_s"] / peak) if peak else None)
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+
+    import flax
+    import optax
+    out = {
+        "config": os.path.relpath(args.config, ROOT), "batch": args.batch, "seq_len": args.seq,
+        "remat": args.remat, "steps_timed": args.steps, "warmup_steps": args.warmup,
+        "device": f"{dev.platform}: {dev.device_kind}", "device_count": jax.device_count(),
+        "peak_bf16_flops": peak,
+        "versions": {"python": platform.python_version(), "jax": jax.__version__, "flax": flax.__version__,
+                     "optax": optax.__version__},
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": "python " + " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
+        "flops_note": "model FLOPs: 6 x activated matmul params (measured FFN experts/token) + causal attention",
+        "results": rows,
+    }
+    with open(args.out, "w") as fh:
+        json.dump(out, fh, indent=2)
+    print(f"\n{out['device']}  {out['config']}  batch {args.batch} x seq {args.seq}  (jax {jax.__version__})")
+    print(f"{'gmm_impl':>10} {'step s':>8} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'FFN/tok':>7} {'compile s':>9}")
+    for r in rows:
+        if "tokens_per_s" in r:
+            mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+            print(f"{r['gmm_impl']:>10} {r['step_time_s']:8.3f} {r['tokens_per_s']:10.0f} "
+                  f"{r['model_tflops_per_s']:8.1f} {mfu:>6} {r['ffn_experts_per_token']:7.2f} "
+                  f"{r['compile_and_warmup_s']:9.1f}")
+        else:
+            print(f"{str(r['gmm_impl']):>10} {r.get('error') or r.get('skipped')}")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

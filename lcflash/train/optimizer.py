@@ -1,0 +1,68 @@
+"""AdamW with the report's epsilon (1e-16, reference §7.5), LR schedules and global-norm clipping.
+
+Master weights and optimizer moments are fp32 when `model.param_dtype` is float32; the model casts weights
+to `model.dtype` (bf16 on GPU) where it computes. Weight decay skips vectors (norm weights) and the router bias
+(which is not a parameter at all).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+SCHEDULES = ("wsd", "cosine", "constant")
+
+
+def make_schedule(ocfg, total_steps: int):
+    """LR as a function of step.
+
+    wsd:      linear warmup to lr, constant, then linear decay to lr*min_lr_ratio over the last
+              `decay_fraction` of the steps.
+    cosine:   linear warmup, then cosine decay to lr*min_lr_ratio at `total_steps`.
+    constant: linear warmup, then lr.
+    """
+    lr, warm = ocfg.lr, min(ocfg.warmup_steps, total_steps)
+    floor = lr * ocfg.min_lr_ratio
+    warmup = optax.linear_schedule(0.0 if warm else lr, lr, max(warm, 1))
+    if ocfg.schedule == "constant":
+        return optax.join_schedules([warmup, optax.constant_schedule(lr)], [warm])
+    if ocfg.schedule == "cosine":
+        cos = optax.cosine_decay_schedule(lr, max(total_steps - warm, 1), alpha=ocfg.min_lr_ratio)
+        return optax.join_schedules([warmup, cos], [warm])
+    if ocfg.schedule == "wsd":
+        decay = int(round(total_steps * ocfg.decay_fraction))
+        stable = max(total_steps - decay - warm, 0)
+        return optax.join_schedules(
+            [warmup, optax.constant_schedule(lr), optax.linear_schedule(lr, floor, max(decay, 1))],
+            [warm, warm + stable])
+    raise ValueError(f"optim.schedule = {ocfg.schedule!r}; valid: {SCHEDULES}")
+
+
+def _decay_mask(params):
+    def mask(kp, x):
+        return x.ndim - (1 if getattr(kp[0], "key", None) == "layers" else 0) >= 2
+    return jax.tree_util.tree_map_with_path(mask, params)
+
+
+def scale_by_tree(multipliers) -> optax.GradientTransformation:
+    """Multiplies each update by a per-parameter constant (e.g. hyperparameter-transfer LR multipliers)."""
+    def update(updates, state, params=None):
+        del params
+        return jax.tree.map(lambda u, m: u if m == 1.0 else u * jnp.asarray(m, u.dtype), updates, multipliers), state
+    return optax.GradientTransformation(lambda p: optax.EmptyState(), update)
+
+
+def make_optimizer(ocfg, total_steps: int, params, lr_multipliers=None):
+    """(optax transform, schedule). `params` may be abstract; it only fixes the tree for masks."""
+    schedule = make_schedule(ocfg, total_steps)
+    parts = []
+    if ocfg.clip_norm > 0:
+        parts.append(optax.clip_by_global_norm(ocfg.clip_norm))
+    parts.append(optax.scale_by_adam(b1=ocfg.b1, b2=ocfg.b2, eps=ocfg.eps, mu_dtype=jnp.float32))
+    if ocfg.weight_decay > 0:
+        parts.append(optax.add_decayed_weights(ocfg.weight_decay, mask=_decay_mask(params)))
+    if lr_multipliers is not None:
+        parts.append(scale_by_tree(lr_multipliers))
+    parts.append(optax.scale_by_learning_rate(schedule))
+    return optax.chain(*parts), schedule

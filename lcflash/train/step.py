@@ -1,0 +1,189 @@
+"""The training state and the pure train step, ready for `jax.jit` (and for in/out shardings).
+
+State is a plain pytree:
+    params      pure dict of every `nnx.Param` (fp32 master weights)
+    bias        pure dict of the `RouterBias` variables (the controller's, never the optimizer's)
+    opt_state   optax state over `params`
+    controller  bias-controller state (lcflash/train/bias_controller.py)
+    step        int32 scalar
+    rng         uint32[2] key, split once per step
+`init_state(cfg, key)` is the only place arrays are created; `abstract_state(cfg)` gives its shapes.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from lcflash.config import ModelConfig, model_config
+from lcflash.model import LongcatFlash
+from lcflash.model.common import RouterBias
+from lcflash.train import bias_controller, hparam_transfer, losses
+from lcflash.train.optimizer import make_optimizer
+
+LOSS_TERMS = ("lm", "lb", "z")   # the three gradient sources; lm = ce + mtp_weight * mtp
+
+
+@functools.lru_cache(maxsize=8)
+def model_def(model_cfg: ModelConfig):
+    """(graphdef, abstract params pure dict, abstract bias pure dict) without allocating."""
+    abstract = nnx.eval_shape(lambda: LongcatFlash(model_cfg, nnx.Rngs(0)))
+    # Fails if the model ever holds a variable that is neither: the state below would silently drop it.
+    graphdef, params, bias = nnx.split(abstract, nnx.Param, RouterBias)
+    return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(bias)
+
+
+def param_logical_axes(model_cfg: ModelConfig) -> dict:
+    """Pure dict like state['params'] whose leaves are each parameter's logical axes (for sharding rules)."""
+    abstract = nnx.eval_shape(lambda: LongcatFlash(model_cfg, nnx.Rngs(0)))
+    params = nnx.state(abstract, nnx.Param)
+    axes = jax.tree.map(lambda v: v.get_metadata().get("logical_axes"), params,
+                        is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return nnx.to_pure_dict(axes)
+
+
+def lr_multipliers(cfg, model_cfg, params):
+    if cfg.init.proxy_width > 0:
+        return hparam_transfer.lr_multipliers(params, cfg.init.proxy_width, model_cfg.hidden_size)
+    return None
+
+
+def optimizer(cfg, model_cfg):
+    params = model_def(model_cfg)[1]
+    return make_optimizer(cfg.optim, cfg.train.steps, params, lr_multipliers(cfg, model_cfg, params))
+
+
+def _init_arrays(cfg, model_cfg: ModelConfig, key):
+    k_params, k_rng = jax.random.split(key)
+    # Parameters are drawn with XLA's RngBitGenerator: threefry for ~50 tensors takes XLA:CPU tens of seconds
+    # to compile, RBG a few. `rng` (the state's key) stays a raw threefry key.
+    k_params = jax.random.wrap_key_data(jax.random.key_data(jax.random.split(k_params)).reshape(4),
+                                        impl="unsafe_rbg")
+    model = LongcatFlash(model_cfg, nnx.Rngs(params=k_params))
+    _, params, bias = nnx.split(model, nnx.Param, RouterBias)
+    params, bias = nnx.to_pure_dict(params), nnx.to_pure_dict(bias)
+    if cfg.init.proxy_width > 0:
+        params = hparam_transfer.scale_init(params, cfg.init.proxy_width, model_cfg.hidden_size)
+    return _assemble(cfg, model_cfg, params, bias, k_rng)
+
+
+def _assemble(cfg, model_cfg, params, bias, rng):
+    opt, _ = optimizer(cfg, model_cfg)
+    return {
+        "params": params,
+        "bias": bias,
+        "opt_state": opt.init(params),
+        "controller": bias_controller.init_state(model_cfg.num_layers, model_cfg.num_experts_total),
+        "step": jnp.zeros((), jnp.int32),
+        "rng": rng,
+    }
+
+
+def init_state(cfg, key, jit=jax.jit) -> dict:
+    """Fresh training state (jitted). With `init.grow_from`, params and biases come from a half-depth checkpoint."""
+    model_cfg = model_config(cfg)
+    state = jit(functools.partial(_init_arrays, cfg, model_cfg))(key)
+    if cfg.init.grow_from:
+        from lcflash.train.growth import grown_from_checkpoint
+        params, bias = grown_from_checkpoint(cfg.init.grow_from, state["params"], state["bias"])
+        state = jax.jit(functools.partial(_assemble, cfg, model_cfg))(params, bias, state["rng"])
+    return state
+
+
+def abstract_state(cfg) -> dict:
+    model_cfg = model_config(cfg)
+    return jax.eval_shape(functools.partial(_init_arrays, cfg, model_cfg), jax.random.PRNGKey(0))
+
+
+def forward_losses(cfg, model_cfg: ModelConfig, graphdef, params, bias, batch):
+    """(loss terms [lm, lb, z] already weighted, aux) for one batch. `bias` is a constant here."""
+    lc = cfg.loss
+    model = nnx.merge(graphdef, params, bias)
+    use_z = lc.z_coef > 0
+    out = model.forward(batch["inputs"], positions_bt=batch["positions"], segment_ids_bt=batch["segment_ids"],
+                        return_layer_hidden=use_z)
+    mask = batch["loss_mask"]
+    ce = losses.cross_entropy(out.logits, batch["targets"], mask)
+    mtp = jnp.zeros((), jnp.float32)
+    if lc.mtp_weight > 0 and model.mtp is not None:
+        tgt, mtp_mask = losses.mtp_targets(batch["targets"], mask)
+        mtp_logits = model.mtp_logits(out.hidden, batch["targets"], batch["positions"], batch["segment_ids"])
+        mtp = losses.cross_entropy(mtp_logits, tgt, mtp_mask)
+    stats = out.moe_stats
+    lb = losses.load_balance_loss(stats["counts_be"], stats["prob_sum_be"], n_ffn=model_cfg.n_routed_experts,
+                                  top_k=model_cfg.moe_topk, target_ffn=model_cfg.target_ffn_experts,
+                                  groups=lc.lb_groups)
+    z = losses.hidden_z_loss(out.layer_hidden) if use_z else jnp.zeros((), jnp.float32)
+    terms = jnp.stack([ce + lc.mtp_weight * mtp, lc.lb_coef * lb, lc.z_coef * z])
+    aux = {"ce": ce, "mtp_loss": mtp, "lb_loss": lb, "z_loss": z,
+           "counts_le": jax.lax.stop_gradient(jnp.sum(stats["counts_be"], axis=1)),
+           # Expert slots past capacity (moe.transport = all_to_all on a mesh), summed over layers; 0 when dropless.
+           "moe_dropped_slots": jnp.sum(stats["dropped_slots"])}
+    return terms, aux
+
+
+def make_train_step(cfg, model_cfg: ModelConfig | None = None):
+    """Returns the pure `train_step(state, batch) -> (state, metrics)`; jit it (with shardings) outside."""
+    model_cfg = model_cfg or model_config(cfg)
+    graphdef = model_def(model_cfg)[0]
+    opt, schedule = optimizer(cfg, model_cfg)
+    ratio_every = cfg.train.log_every if cfg.train.grad_ratio_every < 0 else cfg.train.grad_ratio_every
+    ccfg = cfg.controller
+    nk = dict(n_ffn=model_cfg.n_routed_experts, top_k=model_cfg.moe_topk)
+
+    def train_step(state, batch):
+        params, step = state["params"], state["step"]
+        f = lambda p: forward_losses(cfg, model_cfg, graphdef, p, state["bias"], batch)  # noqa: E731
+        terms, vjp_fn, aux = jax.vjp(f, params, has_aux=True)
+        (grads,) = vjp_fn(jnp.ones_like(terms))
+        grad_norm = optax.tree.norm(grads)
+        updates, opt_state = opt.update(grads, state["opt_state"], params)
+        new_params = optax.apply_updates(params, updates)
+
+        if ratio_every > 0:
+            def ratio():
+                # One more backward pass, for the LB term alone; the rest of the router gradient is the LM side
+                # (CE + MTP, plus the z-loss's share, which at its small coefficient is negligible).
+                g_lb = vjp_fn(jnp.array([0.0, 1.0, 0.0], terms.dtype))[0]
+                n_lb = losses.router_grad_norm(g_lb)
+                n_lm = losses.router_grad_norm(jax.tree.map(jnp.subtract, grads, g_lb))
+                return n_lb / jnp.maximum(n_lm, 1e-30)
+            grad_ratio = jax.lax.cond((step + 1) % ratio_every == 0, ratio, lambda: jnp.full((), jnp.nan, jnp.float32))
+        else:
+            grad_ratio = jnp.full((), jnp.nan, jnp.float32)
+
+        counts = aux.pop("counts_le")
+        bias_leaf = state["bias"]["layers"]["moe"]["bias"]
+        new_bias_leaf, ctrl, delta = bias_controller.update(
+            bias_leaf, state["controller"], counts, step, ccfg, target_ffn=model_cfg.target_ffn_experts, **nk)
+        new_bias = {"layers": {"moe": {"bias": new_bias_leaf}}}
+        rng, _ = jax.random.split(state["rng"])
+        new_state = {"params": new_params, "bias": new_bias, "opt_state": opt_state, "controller": ctrl,
+                     "step": step + 1, "rng": rng}
+        metrics = dict(aux, loss=jnp.sum(terms), lr=schedule(step), grad_norm=grad_norm,
+                       router_grad_ratio=grad_ratio, controller_rate=bias_controller.rate(step, ccfg),
+                       bias_delta_abs_max=jnp.max(jnp.abs(delta)),
+                       **bias_controller.routing_metrics(counts, **nk))
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(cfg, model_cfg: ModelConfig | None = None):
+    """Pure `eval_step(params, bias, batch, token_bytes_v) -> sums` for held-out loss and bits per byte."""
+    model_cfg = model_cfg or model_config(cfg)
+    graphdef = model_def(model_cfg)[0]
+
+    def eval_step(params, bias, batch, token_bytes_v):
+        model = nnx.merge(graphdef, params, bias)
+        out = model.forward(batch["inputs"], positions_bt=batch["positions"], segment_ids_bt=batch["segment_ids"])
+        nll = losses.token_nll(out.logits, batch["targets"])
+        mask = batch["loss_mask"]
+        return {"nll_sum": jnp.sum(nll * mask), "tokens": jnp.sum(mask),
+                "bytes": jnp.sum(token_bytes_v[batch["targets"]] * mask)}
+
+    return eval_step
