@@ -2,21 +2,79 @@
 
 `gmm(lhs [M, K], rhs [G, K, N], group_sizes [G])` multiplies rows `[start_g, start_g + size_g)` of lhs
 by `rhs[g]`. Rows past `sum(group_sizes)` (slots of zero-computation experts, padding) come back as zeros.
-The environment variable `LCFLASH_GMM_IMPL` overrides the configured implementation for A/B runs.
+`gmm_swiglu(x, w_gate, w_up, group_sizes)` is silu(gmm(x, w_gate)) * gmm(x, w_up); for `pallas` it is two gmm
+kernels, which measured faster than our fused gate+up+SwiGLU kernel (`pallas_gmm.gmm_swiglu_fused`, kept for
+experiments; see experiments/gmm_notes.md). The environment variable `LCFLASH_GMM_IMPL` overrides the configured
+implementation for A/B runs.
+
+Implementations:
+  ragged_dot  XLA's jax.lax.ragged_dot (any backend; slow on H100, see experiments/gmm_notes.md)
+  reference   per-group dense loop (tests and tiny shapes only)
+  pallas      ours: Mosaic GPU kernels for Hopper with explicit VJP (lcflash/kernels/gmm/pallas_gmm.py); on a
+              non-GPU backend it runs in Pallas' GPU interpreter (slow; tests only). bf16/fp16 inputs only.
+  jax_mgpu    JAX's example kernels (jax.experimental.pallas.ops.gpu.ragged_dot_mgpu), GPU only; the peer.
+  tokamax     not registered: no tokamax release runs on the supported JAX (0.0.12 fails on JAX 0.11.2).
 """
 
 import os
 
 from lcflash.kernels.gmm import reference
 
+
+def _pallas_gmm(lhs_mk, rhs_gkn, group_sizes_g, preferred_element_type=None):
+    from lcflash.kernels.gmm import pallas_gmm  # imported on first use: keeps CPU-only imports light
+
+    return pallas_gmm.gmm(lhs_mk, rhs_gkn, group_sizes_g, preferred_element_type=preferred_element_type)
+
+
+def _jax_mgpu_gmm(lhs_mk, rhs_gkn, group_sizes_g, preferred_element_type=None):
+    from lcflash.kernels.gmm import jax_mgpu
+
+    return jax_mgpu.gmm(lhs_mk, rhs_gkn, group_sizes_g, preferred_element_type=preferred_element_type)
+
+
+def _pallas_gmm_swiglu(x_mk, w_gate_gkn, w_up_gkn, group_sizes_g):
+    from lcflash.kernels.gmm import pallas_gmm
+
+    return pallas_gmm.gmm_swiglu(x_mk, w_gate_gkn, w_up_gkn, group_sizes_g)
+
+
 IMPLEMENTATIONS = {
     "ragged_dot": reference.gmm_ragged_dot,
     "reference": reference.gmm_loop,
+    "pallas": _pallas_gmm,
+    "jax_mgpu": _jax_mgpu_gmm,
+}
+
+# gate+up+SwiGLU entry points with their own VJP or kernels; implementations not listed here compose two gmm calls
+# with fp32 gate/up.
+SWIGLU_IMPLEMENTATIONS = {
+    "pallas": _pallas_gmm_swiglu,
+}
+
+_NOT_AVAILABLE = {
+    "tokamax": "no tokamax release runs on the supported JAX (tokamax 0.0.12 fails on JAX 0.11.2); "
+               "use 'pallas' or 'jax_mgpu'",
 }
 
 
-def gmm(lhs_mk, rhs_gkn, group_sizes_g, *, impl: str = "ragged_dot", preferred_element_type=None):
+def _resolve(impl: str) -> str:
     impl = os.environ.get("LCFLASH_GMM_IMPL", impl)
+    if impl in _NOT_AVAILABLE:
+        raise ValueError(f"gmm impl {impl!r} is not available: {_NOT_AVAILABLE[impl]}")
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"gmm impl {impl!r} is not available here; available: {sorted(IMPLEMENTATIONS)}")
+    return impl
+
+
+def gmm(lhs_mk, rhs_gkn, group_sizes_g, *, impl: str = "ragged_dot", preferred_element_type=None):
+    impl = _resolve(impl)
     return IMPLEMENTATIONS[impl](lhs_mk, rhs_gkn, group_sizes_g, preferred_element_type=preferred_element_type)
+
+
+def gmm_swiglu(x_mk, w_gate_gkn, w_up_gkn, group_sizes_g, *, impl: str = "ragged_dot"):
+    """silu(x @ w_gate[g]) * (x @ w_up[g]) per group, in x's dtype; rows past sum(group_sizes) are zero."""
+    impl = _resolve(impl)
+    if impl in SWIGLU_IMPLEMENTATIONS:
+        return SWIGLU_IMPLEMENTATIONS[impl](x_mk, w_gate_gkn, w_up_gkn, group_sizes_g)
+    return reference.swiglu_from_gmm(IMPLEMENTATIONS[impl], x_mk, w_gate_gkn, w_up_gkn, group_sizes_g)

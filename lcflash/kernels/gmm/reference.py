@@ -30,3 +30,10 @@ def gmm_ragged_dot(lhs_mk, rhs_gkn, group_sizes_g, preferred_element_type=None):
     y = jax.lax.ragged_dot(lhs_mk, rhs_gkn, group_sizes_g.astype(jnp.int32), preferred_element_type=jnp.float32)
     valid_m = jnp.arange(lhs_mk.shape[0]) < jnp.sum(group_sizes_g)
     return jnp.where(valid_m[:, None], y, 0).astype(out_dtype)
+
+
+def swiglu_from_gmm(gmm_fn, x_mk, w_gate_gkn, w_up_gkn, group_sizes_g):
+    """silu(x @ w_gate) * (x @ w_up) from two grouped matmuls, activation in fp32, result in x's dtype."""
+    gate = gmm_fn(x_mk, w_gate_gkn, group_sizes_g, preferred_element_type=jnp.float32)
+    up = gmm_fn(x_mk, w_up_gkn, group_sizes_g, preferred_element_type=jnp.float32)
+    return (jax.nn.silu(gate) * up).astype(x_mk.dtype)

@@ -1,0 +1,426 @@
+"""Grouped-matmul kernels for Hopper written with Pallas Mosaic GPU (wgmma, TMA, warp-specialized pipeline).
+
+Two kernels cover the forward and both backward products of `gmm`:
+
+* `rows_kernel`: rows of `lhs [M, K]` are sorted into groups; group g multiplies `rhs[g]` (`[K, N]`, or `[N, K]`
+  read transposed). Forward, d_lhs (rhs transposed), and the fused SwiGLU forward (two rhs, silu(g) * u stored).
+* `contract_kernel`: `out[g] = lhs[rows of g]^T @ rhs[rows of g]`, the weight gradient ("transposed ragged dot").
+
+Each CTA runs three warpgroups: one issues TMA loads into a `stages`-deep ring of shared-memory buffers, two run
+wgmma on disjoint column halves of the output tile (`2 * tile_n` wide) with fp32 accumulators in registers. The
+CTAs are persistent (one per SM) and walk a tile list; group boundaries are precomputed in XLA (`row_schedule`)
+so a tile costs a few scalar loads, not a scan over the groups.
+"""
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+_MEMORY_REGISTERS = 40  # registers per thread left to the TMA warpgroup (the JAX Hopper examples use 40)
+_SMEM_BYTES = 227 * 1024  # usable shared memory per block on H100 / H200
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+    """Tile sizes. rows kernel: tile_m rows of lhs, 2 * tile_n output columns, tile_k contraction per step.
+
+    contract kernel: tile_m rows of the [K, N] output, 2 * tile_n columns, tile_k rows of the group per step.
+    """
+
+    tile_m: int = 128
+    tile_n: int = 128
+    tile_k: int = 64
+    stages: int = 4
+    epi_n: int = 64  # output columns per epilogue store
+
+
+def _num_sms(interpret: bool) -> int:
+    if interpret:
+        return 2  # the interpreter simulates every SM as threads: keep it small
+    return jax.devices()[0].core_count
+
+
+def _interpret_params(interpret: bool):
+    if not interpret:
+        return None
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams  # CPU simulation of Mosaic GPU
+
+    return InterpretGPUParams()
+
+
+def _swizzle_transforms(minor_elems: int, dtype) -> tuple:
+    """TMA/wgmma-friendly smem layout for a tile whose minor dimension has minor_elems elements."""
+    itemsize = jnp.dtype(dtype).itemsize
+    swizzle = plgpu.find_swizzle(minor_elems * itemsize * 8)
+    return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
+
+
+def smem_bytes(tiles: Tiles, *, n_rhs: int, in_dtype, out_dtype, contract: bool) -> int:
+    """Shared memory the kernel allocates (pipeline ring + epilogue staging); checked before tracing."""
+    isz, osz = jnp.dtype(in_dtype).itemsize, jnp.dtype(out_dtype).itemsize
+    if contract:
+        a = tiles.tile_k * tiles.tile_m
+    else:
+        a = tiles.tile_m * tiles.tile_k
+    b = n_rhs * tiles.tile_k * 2 * tiles.tile_n
+    ring = tiles.stages * (a + b) * isz
+    epi = 2 * tiles.tile_m * tiles.epi_n * osz
+    return ring + epi + 4096  # barriers and Mosaic's own scratch
+
+
+# --------------------------------------------------------------------------------------------------
+# Tile schedule for the rows kernel (computed by XLA, read by the kernel with scalar loads).
+# --------------------------------------------------------------------------------------------------
+
+
+def row_schedule(group_sizes_g: jax.Array, m: int, tile_m: int) -> tuple[jax.Array, jax.Array]:
+    """Per row tile: (group, block, first row within block, rows, has_matmul); rows past sum(sizes) form a tail.
+
+    A tile is one tile_m-row block of lhs intersected with one group, so a block shared by two groups is visited
+    twice (once per group) and each visit stores only its own rows. The tail (rows past sum(group_sizes)) gets
+    tiles with has_matmul = 0: they run zero pipeline steps and store zeros. Unused tiles have rows = 0.
+    Returns (sched_5t int32 [5, T], num_live_tiles), T = cdiv(m, tile_m) + G (an upper bound).
+    """
+    g = group_sizes_g.shape[0]
+    sizes = group_sizes_g.astype(jnp.int32)
+    ends = jnp.minimum(jnp.cumsum(sizes), m)
+    total = ends[-1] if g else jnp.int32(0)
+    ends_x = jnp.concatenate([ends, jnp.full((1,), m, jnp.int32)])  # tail group G: rows [total, m)
+    starts_x = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends])
+    first_blk = starts_x // tile_m
+    last_blk = (ends_x - 1) // tile_m
+    ntiles = jnp.where(ends_x > starts_x, last_blk - first_blk + 1, 0)
+    cum = jnp.cumsum(ntiles)
+    off = cum - ntiles
+    t_max = pl.cdiv(m, tile_m) + g
+    t = jnp.arange(t_max, dtype=jnp.int32)
+    gi = jnp.searchsorted(cum, t, side="right").astype(jnp.int32)  # G + 1 means unused
+    live = gi <= g
+    gi_c = jnp.minimum(gi, g)
+    blk = jnp.where(live, first_blk[gi_c] + t - off[gi_c], 0)
+    row0 = blk * tile_m
+    lo = jnp.maximum(starts_x[gi_c], row0)
+    hi = jnp.minimum(ends_x[gi_c], row0 + tile_m)
+    rows = jnp.where(live, hi - lo, 0)
+    start = jnp.where(live, lo - row0, 0)
+    has_mm = (gi < g).astype(jnp.int32)
+    group = jnp.minimum(gi, max(g - 1, 0))
+    del total
+    return jnp.stack([group, blk, start, rows, has_mm]).astype(jnp.int32), cum[-1]
+
+
+# --------------------------------------------------------------------------------------------------
+# Epilogue: store rows [start, start + rows) of a warpgroup's (tile_m, tile_n) result.
+# --------------------------------------------------------------------------------------------------
+
+
+def _store_rows(val, out_gmem, stage_smem, *, row0, start, rows, col0, tile_n, epi_n, max_rows, full):
+    """Casts val (fp32, WGMMA layout) to out dtype and stores it in epi_n-column chunks via TMA.
+
+    TMA boxes are static, so a ragged row range is written as a ladder of power-of-two row counts (the scheme of
+    JAX's ragged_dot_mgpu example); `full=True` skips the ladder when every tile is complete.
+    """
+    for c in range(tile_n // epi_n):
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the staging buffer is free again
+        stage_smem[...] = val[:, c * epi_n:(c + 1) * epi_n].astype(stage_smem.dtype)
+        plgpu.commit_smem()
+        cols = pl.ds(col0 + c * epi_n, epi_n)
+        if full:
+            plgpu.copy_smem_to_gmem(stage_smem, out_gmem.at[pl.ds(row0, stage_smem.shape[0]), cols])
+            continue
+        s0 = start
+        p = 1 << int(math.log2(max_rows))
+        while p >= 1:
+
+            @pl.when((rows & p) != 0)
+            def _():
+                plgpu.copy_smem_to_gmem(stage_smem.at[pl.ds(s0, p)], out_gmem.at[pl.ds(row0 + s0, p), cols])
+
+            s0 = s0 + (rows & p)
+            p //= 2
+    # No wait here: the stores drain while the next tile's pipeline runs; the next epilogue (or the end of the
+    # kernel) waits before the staging buffer is reused.
+
+
+# --------------------------------------------------------------------------------------------------
+# Rows kernel: forward, d_lhs, fused SwiGLU forward.
+# --------------------------------------------------------------------------------------------------
+
+
+def rows_kernel(
+    lhs_mk,
+    rhs_list,
+    sched_5t,
+    *,
+    transpose_rhs: bool,
+    out_dtype,
+    tiles: Tiles,
+    swiglu: str | None = None,
+    interpret: bool = False,
+):
+    """out[rows of g] = lhs[rows of g] @ rhs[g] (or @ rhs[g]^T); rows past the groups are zero.
+
+    rhs_list: one [G, K, N] array (transpose_rhs: [G, N, K]), or two (gate, up) with swiglu set:
+    swiglu="h" returns silu(x@wg) * (x@wu); swiglu="hgu" returns (h, x@wg, x@wu) for the backward pass.
+    """
+    m, k = lhs_mk.shape
+    n_rhs = len(rhs_list)
+    if transpose_rhs:
+        g, n, k2 = rhs_list[0].shape
+    else:
+        g, k2, n = rhs_list[0].shape
+    tm, tn, tk, epi_n = tiles.tile_m, tiles.tile_n, tiles.tile_k, tiles.epi_n
+    if k != k2:
+        raise ValueError(f"contraction sizes differ: lhs has {k}, rhs has {k2}")
+    if k % tk or n % (2 * tn) or tn % epi_n or m < tm:
+        raise ValueError(f"rows_kernel needs K % {tk} == 0, N % {2 * tn} == 0 and M >= {tm}; got {m=} {k=} {n=}")
+    k_steps = k // tk
+    stages = min(tiles.stages, k_steps)
+    n_tiles = n // (2 * tn)
+    t_max = sched_5t.shape[1]
+    dtype = lhs_mk.dtype
+    tr_a = _swizzle_transforms(tk, dtype)
+    tr_b = _swizzle_transforms(tk if transpose_rhs else 2 * tn, dtype)
+    n_out = {None: 1, "h": 1, "hgu": 3}[swiglu]
+    if swiglu is not None and n_rhs != 2:
+        raise ValueError("swiglu needs exactly two rhs arrays (gate, up)")
+    if swiglu is None and n_rhs != 1:
+        raise ValueError("without swiglu, rows_kernel takes one rhs array")
+    max_rows = min(tm, m)
+
+    def b_spec(nt_of):
+        if transpose_rhs:
+            return plgpu.BlockSpec((2 * tn, tk), lambda kk: (nt_of(), kk), transforms=tr_b, delay_release=0,
+                                   memory_space=plgpu.SMEM)
+        return plgpu.BlockSpec((tk, 2 * tn), lambda kk: (kk, nt_of()), transforms=tr_b, delay_release=0,
+                               memory_space=plgpu.SMEM)
+
+    def make_pipeline(body, context, nsteps, blk_of, nt_of):
+        a_spec = plgpu.BlockSpec((tm, tk), lambda kk: (blk_of(), kk), transforms=tr_a, delay_release=0,
+                                 memory_space=plgpu.SMEM)
+        return plgpu.emit_pipeline_warp_specialized(
+            body,
+            grid=(nsteps,),
+            memory_registers=_MEMORY_REGISTERS,
+            in_specs=[a_spec] + [b_spec(nt_of) for _ in range(n_rhs)],
+            wg_axis="wg",
+            num_compute_wgs=2,
+            max_concurrent_steps=stages,
+            compute_context=context,
+        )
+
+    def kernel(sched_ref, lhs_gmem, *refs):
+        rhs_gmems = refs[:n_rhs]
+        out_gmems = refs[n_rhs:n_rhs + n_out]
+        zero = lambda: jnp.int32(0)
+        ignore = lambda *_, **__: None
+        alloc_pipe = make_pipeline(ignore, ignore, k_steps, zero, zero)
+
+        @functools.partial(
+            pl.run_scoped,
+            allocs=alloc_pipe.get_allocations(lhs_gmem, *[r.at[0] for r in rhs_gmems]),
+            stage_smem=plgpu.SMEM((2, tm, epi_n), out_dtype),
+            collective_axes="wg",
+        )
+        def _scope(allocs, stage_smem):
+            wg = lax.axis_index("wg")
+
+            @plgpu.nd_loop((t_max * n_tiles,), collective_axes="sm")
+            def _tile(info):
+                lin = info.index[0]
+                mt = lin // n_tiles
+                nt = lin % n_tiles
+                grp = sched_ref[0, mt]
+                blk = sched_ref[1, mt]
+                start = sched_ref[2, mt]
+                rows = sched_ref[3, mt]
+                nsteps = sched_ref[4, mt] * k_steps  # 0 for tail tiles: the accumulators stay zero
+
+                @pl.when(rows > 0)
+                def _live():
+                    def mma(_, a_smem, *args):
+                        b_smems, accs = args[:n_rhs], args[n_rhs]
+                        for b_smem, acc in zip(b_smems, accs):
+                            if transpose_rhs:
+                                b = plgpu.transpose_ref(b_smem.at[pl.ds(wg * tn, tn), :], (1, 0))
+                            else:
+                                b = b_smem.at[:, pl.ds(wg * tn, tn)]
+                            plgpu.wgmma(acc, a_smem, b)
+                        # Wait for this step's wgmma before its buffers are released. Releasing one step later
+                        # (delay_release=1) would let the next tile's prologue refill the last step's buffers while
+                        # its wgmma still reads them; the other compute warpgroup keeps the tensor cores busy.
+                        plgpu.wgmma_wait(0)
+                        return accs
+
+                    def context(run):
+                        def acc_scope(*acc_refs):
+                            run(tuple(acc_refs))
+                            vals = [r[...] for r in acc_refs]
+                            if swiglu is None:
+                                outs = vals
+                            else:
+                                gate, up = vals
+                                h = gate * (1.0 / (1.0 + jnp.exp(-gate))) * up
+                                outs = [h] if swiglu == "h" else [h, gate, up]
+                            for val, out_gmem in zip(outs, out_gmems):
+                                _store_rows(val, out_gmem, stage_smem.at[wg], row0=blk * tm, start=start, rows=rows,
+                                            col0=nt * 2 * tn + wg * tn, tile_n=tn, epi_n=epi_n, max_rows=max_rows,
+                                            full=False)
+
+                        pl.run_scoped(acc_scope, *[plgpu.ACC((tm, tn), jnp.float32) for _ in range(n_rhs)])
+
+                    pipe = make_pipeline(mma, context, nsteps, lambda: blk, lambda: nt)
+                    pipe(lhs_gmem, *[r.at[grp] for r in rhs_gmems], allocations=allocs)
+
+            plgpu.wait_smem_to_gmem(0)  # all output stores have landed before the kernel exits
+
+    out_type = [jax.ShapeDtypeStruct((m, n), out_dtype) for _ in range(n_out)]
+    call = plgpu.kernel(
+        kernel,
+        out_type=out_type,
+        grid=(_num_sms(interpret),),
+        grid_names=("sm",),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        interpret=_interpret_params(interpret),
+    )
+    outs = call(sched_5t, lhs_mk, *rhs_list)
+    return outs[0] if n_out == 1 else tuple(outs)
+
+
+# --------------------------------------------------------------------------------------------------
+# Contract kernel: d_rhs[g] = lhs[rows of g]^T @ dout[rows of g].
+# --------------------------------------------------------------------------------------------------
+
+
+def contract_schedule(group_sizes_g: jax.Array, m: int, tile_k: int) -> jax.Array:
+    """Per group: (start row, end row, first tile_k block, number of blocks) as int32 [4, G]."""
+    sizes = group_sizes_g.astype(jnp.int32)
+    ends = jnp.minimum(jnp.cumsum(sizes), m)
+    starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]])
+    blk0 = starts // tile_k
+    nblk = jnp.where(ends > starts, pl.cdiv(ends, tile_k) - blk0, 0)
+    return jnp.stack([starts, ends, blk0, nblk]).astype(jnp.int32)
+
+
+def contract_kernel(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles, lhs_is_km: bool = False,
+                    interpret: bool = False):
+    """out[g] = lhs[rows of g]^T @ rhs[rows of g] -> [G, K, N]; empty groups give zeros.
+
+    lhs_is_km: lhs arrives already transposed ([K, M]) and wgmma reads it untransposed. Pallas' GPU interpreter
+    (0.10) cannot run wgmma on a transposed smem view, so CPU tests use this variant; the GPU reads [M, K].
+    """
+    if lhs_is_km:
+        lhs_mk = lhs_mk.T
+    m, k = lhs_mk.shape
+    m2, n = rhs_mn.shape
+    g = gsched_4g.shape[1]
+    tm, tn, tc, epi_n = tiles.tile_m, tiles.tile_n, tiles.tile_k, tiles.epi_n
+    if m != m2:
+        raise ValueError(f"row counts differ: lhs has {m}, rhs has {m2}")
+    if k % tm or n % (2 * tn) or tn % epi_n or m < tc:
+        raise ValueError(f"contract_kernel needs K % {tm} == 0, N % {2 * tn} == 0, M >= {tc}; got {m=} {k=} {n=}")
+    dtype = lhs_mk.dtype
+    tr_a = _swizzle_transforms(tc if lhs_is_km else tm, dtype)
+    tr_b = _swizzle_transforms(2 * tn, dtype)
+    k_tiles, n_tiles = k // tm, n // (2 * tn)
+    stages = tiles.stages
+
+    def make_pipeline(body, context, nsteps, blk0_of, kt_of, nt_of):
+        return plgpu.emit_pipeline_warp_specialized(
+            body,
+            grid=(nsteps,),
+            memory_registers=_MEMORY_REGISTERS,
+            in_specs=[
+                plgpu.BlockSpec((tm, tc), lambda s: (kt_of(), blk0_of() + s), transforms=tr_a, delay_release=0,
+                                memory_space=plgpu.SMEM)
+                if lhs_is_km else
+                plgpu.BlockSpec((tc, tm), lambda s: (blk0_of() + s, kt_of()), transforms=tr_a, delay_release=0,
+                                memory_space=plgpu.SMEM),
+                plgpu.BlockSpec((tc, 2 * tn), lambda s: (blk0_of() + s, nt_of()), transforms=tr_b, delay_release=0,
+                                memory_space=plgpu.SMEM),
+            ],
+            wg_axis="wg",
+            num_compute_wgs=2,
+            max_concurrent_steps=stages,
+            compute_context=context,
+        )
+
+    def kernel(gsched_ref, lhs_gmem, rhs_gmem, out_gmem):
+        zero = lambda: jnp.int32(0)
+        ignore = lambda *_, **__: None
+        # A dynamic grid keeps all `stages` buffers, so the allocation pipeline must not be shrunk either.
+        alloc_pipe = make_pipeline(ignore, ignore, jnp.int32(stages), zero, zero, zero)
+
+        @functools.partial(
+            pl.run_scoped,
+            allocs=alloc_pipe.get_allocations(lhs_gmem, rhs_gmem),
+            # Whole tiles only, so the staging buffer can be swizzled (no bank conflicts on the register store).
+            stage_smem=plgpu.SMEM((2, tm, epi_n), out_dtype, transforms=_swizzle_transforms(epi_n, out_dtype)),
+            collective_axes="wg",
+        )
+        def _scope(allocs, stage_smem):
+            wg = lax.axis_index("wg")
+
+            @plgpu.nd_loop((g * k_tiles * n_tiles,), collective_axes="sm")
+            def _tile(info):
+                lin = info.index[0]
+                gi = lin // (k_tiles * n_tiles)
+                kt = (lin // n_tiles) % k_tiles
+                nt = lin % n_tiles
+                start = gsched_ref[0, gi]
+                end = gsched_ref[1, gi]
+                blk0 = gsched_ref[2, gi]
+                nsteps = gsched_ref[3, gi]
+
+                def mma(idx, a_smem, b_smem, acc):
+                    s = idx[0]
+                    b_wg = b_smem.at[:, pl.ds(wg * tn, tn)]
+                    row0 = (blk0 + s) * tc
+
+                    @pl.when((row0 < start) | (row0 + tc > end))
+                    def _mask():  # rows of other groups share this block: zero them in this warpgroup's half
+                        r = lax.broadcasted_iota(jnp.int32, (tc, tn), 0)
+                        if not interpret:  # the interpreter has no layouts
+                            r = plgpu.layout_cast(r, plgpu.Layout.WGMMA)
+                        keep = (r >= start - row0) & (r < end - row0)
+                        vals = b_wg[...]
+                        b_wg[...] = jnp.where(keep, vals, jnp.zeros_like(vals))
+                        plgpu.commit_smem()
+
+                    plgpu.wgmma(acc, a_smem if lhs_is_km else plgpu.transpose_ref(a_smem, (1, 0)), b_wg)
+                    plgpu.wgmma_wait(0)  # see rows_kernel
+                    return acc
+
+                def context(run):
+                    def acc_scope(acc_ref):
+                        run(acc_ref)
+                        _store_rows(acc_ref[...], out_gmem.at[gi], stage_smem.at[wg], row0=kt * tm, start=0,
+                                    rows=tm, col0=nt * 2 * tn + wg * tn, tile_n=tn, epi_n=epi_n, max_rows=tm,
+                                    full=True)
+
+                    pl.run_scoped(acc_scope, plgpu.ACC((tm, tn), jnp.float32))
+
+                pipe = make_pipeline(mma, context, nsteps, lambda: blk0, lambda: kt, lambda: nt)
+                pipe(lhs_gmem, rhs_gmem, allocations=allocs)
+
+            plgpu.wait_smem_to_gmem(0)  # all output stores have landed before the kernel exits
+
+    call = plgpu.kernel(
+        kernel,
+        out_type=jax.ShapeDtypeStruct((g, k, n), out_dtype),
+        grid=(_num_sms(interpret),),
+        grid_names=("sm",),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        interpret=_interpret_params(interpret),
+    )
+    return call(gsched_4g, lhs_mk.T if lhs_is_km else lhs_mk, rhs_mn)

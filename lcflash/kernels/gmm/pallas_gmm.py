@@ -1,0 +1,226 @@
+"""`gmm` and `gmm_swiglu` on the Mosaic GPU kernels, with explicit VJPs (forward, d_lhs, d_rhs).
+
+On a GPU the kernels compile for Hopper; anywhere else they run in Pallas' GPU interpreter, which simulates the
+same kernel on the CPU (slow: for tests on small shapes only).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lcflash.kernels.gmm import mgpu_kernels as mk
+
+_KERNEL_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+# Benchmarks may pin tile sizes here (mk.Tiles); None picks them from the shapes below.
+ROWS_TILES: mk.Tiles | None = None
+CONTRACT_TILES: mk.Tiles | None = None
+
+
+def _interpret() -> bool:
+    return jax.default_backend() != "gpu"
+
+
+def _col_tile(n: int, what: str, prefer: int = 128) -> int:
+    """Per-warpgroup output columns: the CTA covers twice this."""
+    for tn in (prefer, 64):
+        if n % (2 * tn) == 0:
+            return tn
+    raise ValueError(f"pallas gmm: {what} = {n} must be a multiple of 128 (two warpgroups x 64 columns)")
+
+
+def _rows_tiles(m: int, g: int, n: int, out_dtype, n_rhs: int, what: str) -> mk.Tiles:
+    if ROWS_TILES is not None:
+        return ROWS_TILES
+    # Decode-sized groups waste less of a 64-row tile; training-sized groups amortise better over 128 rows.
+    tm = 64 if m <= 64 * max(g, 1) else 128
+    tn = _col_tile(n, what, prefer=128 if n_rhs == 1 else 64)
+    # One epilogue store per warpgroup and tile (epi_n = tn) where it fits; fp32 outputs store in 64-col chunks.
+    epi_n = tn if jnp.dtype(out_dtype).itemsize <= 2 else 64
+    tiles = mk.Tiles(tile_m=tm, tile_n=tn, tile_k=64, stages=4, epi_n=epi_n)
+    while tiles.stages > 2 and mk.smem_bytes(tiles, n_rhs=n_rhs, in_dtype=jnp.bfloat16, out_dtype=out_dtype,
+                                             contract=False) > mk._SMEM_BYTES:
+        tiles = mk.Tiles(tm, tn, 64, tiles.stages - 1, epi_n)
+    return tiles
+
+
+def _contract_tiles(n: int, out_dtype) -> mk.Tiles:
+    if CONTRACT_TILES is not None:
+        return CONTRACT_TILES
+    tn = _col_tile(n, "d_rhs columns (N)")
+    epi_n = tn if jnp.dtype(out_dtype).itemsize <= 2 else 64
+    tiles = mk.Tiles(tile_m=128, tile_n=tn, tile_k=64, stages=4, epi_n=epi_n)
+    while tiles.stages > 2 and mk.smem_bytes(tiles, n_rhs=1, in_dtype=jnp.bfloat16, out_dtype=out_dtype,
+                                             contract=True) > mk._SMEM_BYTES:
+        tiles = mk.Tiles(128, tn, 64, tiles.stages - 1, epi_n)
+    return tiles
+
+
+def _check(lhs_mk, rhs_gkn, group_sizes_g):
+    if lhs_mk.ndim != 2 or rhs_gkn.ndim != 3:
+        raise ValueError(f"pallas gmm: want lhs [M, K] and rhs [G, K, N]; got {lhs_mk.shape} and {rhs_gkn.shape}")
+    if lhs_mk.dtype not in _KERNEL_DTYPES or rhs_gkn.dtype != lhs_mk.dtype:
+        raise TypeError(
+            f"pallas gmm: lhs and rhs must both be bfloat16 or float16 (wgmma operands), got {lhs_mk.dtype} and "
+            f"{rhs_gkn.dtype}; use impl='ragged_dot' for float32")
+    if lhs_mk.shape[1] != rhs_gkn.shape[1]:
+        raise ValueError(f"pallas gmm: lhs K = {lhs_mk.shape[1]} but rhs K = {rhs_gkn.shape[1]}")
+    if group_sizes_g.shape != (rhs_gkn.shape[0],):
+        raise ValueError(f"pallas gmm: group_sizes shape {group_sizes_g.shape}, want ({rhs_gkn.shape[0]},)")
+    k = lhs_mk.shape[1]
+    if k % 128:
+        raise ValueError(f"pallas gmm: K = {k} must be a multiple of 128 (it is the output width of d_lhs)")
+
+
+def _padded_rows(m: int, tile: int) -> int:
+    """Tiles may not be taller than the array, so tiny inputs (M < tile) are padded. TMA zero-fills reads past the
+    last row; the interpreter raises on them instead, so there M is padded to a whole number of tiles."""
+    return -(-m // tile) * tile if _interpret() else max(m, tile)
+
+
+def _pad_rows(x, rows):
+    return x if x.shape[0] >= rows else jnp.pad(x, ((0, rows - x.shape[0]), (0, 0)))
+
+
+def rows_matmul(lhs_mk, rhs_list, group_sizes_g, *, transpose_rhs=False, out_dtype=None, swiglu=None):
+    """Grouped rows product through the rows kernel; rows past sum(group_sizes) are zero."""
+    m = lhs_mk.shape[0]
+    out_dtype = jnp.dtype(out_dtype or lhs_mk.dtype)
+    n = rhs_list[0].shape[1] if transpose_rhs else rhs_list[0].shape[2]
+    tiles = _rows_tiles(m, group_sizes_g.shape[0], n, out_dtype, len(rhs_list), "N")
+    mp = _padded_rows(m, tiles.tile_m)
+    sched, _ = mk.row_schedule(group_sizes_g, mp, tiles.tile_m)
+    if transpose_rhs and _interpret():  # the interpreter cannot run wgmma on transposed smem: transpose in XLA
+        rhs_list, transpose_rhs = [r.swapaxes(1, 2) for r in rhs_list], False
+    out = mk.rows_kernel(_pad_rows(lhs_mk, mp), list(rhs_list), sched, transpose_rhs=transpose_rhs,
+                         out_dtype=out_dtype, tiles=tiles, swiglu=swiglu, interpret=_interpret())
+    if mp != m:
+        out = jax.tree.map(lambda o: o[:m], out)
+    return out
+
+
+def contract_matmul(lhs_mk, dout_mn, group_sizes_g, *, out_dtype):
+    """d_rhs[g] = lhs[rows of g]^T @ dout[rows of g]; empty groups are zero."""
+    m, k = lhs_mk.shape
+    n = dout_mn.shape[1]
+    tiles = _contract_tiles(n, out_dtype)
+    if k % tiles.tile_m:
+        raise ValueError(f"pallas gmm: K = {k} must be a multiple of {tiles.tile_m} for d_rhs")
+    mp = _padded_rows(m, tiles.tile_k)
+    gsched = mk.contract_schedule(group_sizes_g, m, tiles.tile_k)
+    lhs_is_km = _interpret()  # the interpreter cannot run wgmma on transposed smem: transpose in XLA
+    lhs = _pad_rows(lhs_mk, mp)
+    return mk.contract_kernel(lhs.T if lhs_is_km else lhs, _pad_rows(dout_mn, mp), gsched, out_dtype=out_dtype,
+                              tiles=tiles, lhs_is_km=lhs_is_km, interpret=_interpret())
+
+
+def _vma(x) -> frozenset:
+    """Manual shard_map axes x varies over (`aval.manual_axis_type.varying`; older JAX: `aval.vma`)."""
+    t = jax.typeof(x)
+    mat = getattr(t, "manual_axis_type", None)
+    return frozenset(mat.varying if mat is not None else (getattr(t, "vma", None) or ()))
+
+
+def _varying(x, vma: frozenset):
+    """Marks a kernel result as varying over `vma` (the manual shard_map axes its inputs vary over): a Pallas
+    call's outputs carry none, and custom_vjp needs cotangents typed like their primals."""
+    missing = tuple(sorted(vma - _vma(x)))
+    return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+
+def _int_zeros(x):
+    return np.zeros(x.shape, dtype=jax.dtypes.float0)
+
+
+# ------------------------------------------------------------------------------------------------
+# gmm
+# ------------------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _gmm(lhs_mk, rhs_gkn, group_sizes_g, out_dtype, vmas):
+    out = rows_matmul(lhs_mk, [rhs_gkn], group_sizes_g, out_dtype=out_dtype)
+    return _varying(out, vmas[0] | vmas[1])
+
+
+def _gmm_fwd(lhs_mk, rhs_gkn, group_sizes_g, out_dtype, vmas):
+    return _gmm(lhs_mk, rhs_gkn, group_sizes_g, out_dtype, vmas), (lhs_mk, rhs_gkn, group_sizes_g)
+
+
+def _gmm_bwd(out_dtype, vmas, res, dout_mn):
+    lhs_mk, rhs_gkn, group_sizes_g = res
+    dout_mn = dout_mn.astype(lhs_mk.dtype)  # wgmma operands; fp32 cotangents are rounded like the forward inputs
+    d_lhs = rows_matmul(dout_mn, [rhs_gkn], group_sizes_g, transpose_rhs=True, out_dtype=lhs_mk.dtype)
+    d_rhs = contract_matmul(lhs_mk, dout_mn, group_sizes_g, out_dtype=rhs_gkn.dtype)
+    return _varying(d_lhs, vmas[0]), _varying(d_rhs, vmas[1]), _int_zeros(group_sizes_g)
+
+
+_gmm.defvjp(_gmm_fwd, _gmm_bwd)
+
+
+def gmm(lhs_mk, rhs_gkn, group_sizes_g, preferred_element_type=None):
+    _check(lhs_mk, rhs_gkn, group_sizes_g)
+    _col_tile(rhs_gkn.shape[2], "N")
+    out_dtype = jnp.dtype(preferred_element_type or lhs_mk.dtype)
+    return _gmm(lhs_mk, rhs_gkn, group_sizes_g.astype(jnp.int32), out_dtype, (_vma(lhs_mk), _vma(rhs_gkn)))
+
+
+# ------------------------------------------------------------------------------------------------
+# gmm_swiglu: silu(x @ w_gate) * (x @ w_up) in one kernel
+# ------------------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _gmm_swiglu(x_mk, wg_gkn, wu_gkn, group_sizes_g, vmas):
+    return _varying(rows_matmul(x_mk, [wg_gkn, wu_gkn], group_sizes_g, swiglu="h"), vmas[0] | vmas[1] | vmas[2])
+
+
+def _gmm_swiglu_fwd(x_mk, wg_gkn, wu_gkn, group_sizes_g, vmas):
+    h, gate, up = rows_matmul(x_mk, [wg_gkn, wu_gkn], group_sizes_g, swiglu="hgu")
+    return _varying(h, vmas[0] | vmas[1] | vmas[2]), (x_mk, wg_gkn, wu_gkn, group_sizes_g, gate, up)
+
+
+def swiglu_grads(dh, gate, up):
+    """(d gate, d up) of h = silu(gate) * up, in fp32."""
+    dh, gate, up = (a.astype(jnp.float32) for a in (dh, gate, up))
+    sig = jax.nn.sigmoid(gate)
+    silu = gate * sig
+    return dh * up * sig * (1.0 + gate * (1.0 - sig)), dh * silu
+
+
+def _gmm_swiglu_bwd(vmas, res, dh_mn):
+    x_mk, wg_gkn, wu_gkn, group_sizes_g, gate, up = res
+    dg, du = (d.astype(x_mk.dtype) for d in swiglu_grads(dh_mn, gate, up))
+    dx = (rows_matmul(dg, [wg_gkn], group_sizes_g, transpose_rhs=True, out_dtype=jnp.float32)
+          + rows_matmul(du, [wu_gkn], group_sizes_g, transpose_rhs=True, out_dtype=jnp.float32))
+    dwg = contract_matmul(x_mk, dg, group_sizes_g, out_dtype=wg_gkn.dtype)
+    dwu = contract_matmul(x_mk, du, group_sizes_g, out_dtype=wu_gkn.dtype)
+    return (_varying(dx.astype(x_mk.dtype), vmas[0]), _varying(dwg, vmas[1]), _varying(dwu, vmas[2]),
+            _int_zeros(group_sizes_g))
+
+
+_gmm_swiglu.defvjp(_gmm_swiglu_fwd, _gmm_swiglu_bwd)
+
+
+def gmm_swiglu(x_mk, w_gate_gkn, w_up_gkn, group_sizes_g):
+    """silu(x @ wg) * (x @ wu): two gmm kernels (bf16 outputs) and the activation in fp32 by XLA.
+
+    Faster than the fused kernel below on an H100 (LongCat gate/up, T=512: 2.62 ms against 3.27 ms): the fused
+    kernel's two accumulators leave 64-column wgmma per warpgroup instead of 128 (experiments/gmm_notes.md).
+    """
+    gate = gmm(x_mk, w_gate_gkn, group_sizes_g)
+    up = gmm(x_mk, w_up_gkn, group_sizes_g)
+    return (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(x_mk.dtype)
+
+
+def gmm_swiglu_fused(x_mk, w_gate_gkn, w_up_gkn, group_sizes_g):
+    """gmm_swiglu in one kernel per pass: both accumulators in registers, silu(g) * u applied before the store."""
+    _check(x_mk, w_gate_gkn, group_sizes_g)
+    _check(x_mk, w_up_gkn, group_sizes_g)
+    if w_gate_gkn.shape != w_up_gkn.shape:
+        raise ValueError(f"pallas gmm_swiglu: gate {w_gate_gkn.shape} and up {w_up_gkn.shape} shapes differ")
+    _col_tile(w_gate_gkn.shape[2], "N", prefer=64)
+    return _gmm_swiglu(x_mk, w_gate_gkn, w_up_gkn, group_sizes_g.astype(jnp.int32),
+                       (_vma(x_mk), _vma(w_gate_gkn), _vma(w_up_gkn)))

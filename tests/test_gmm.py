@@ -1,0 +1,234 @@
+"""Grouped matmul implementations against the per-group reference loop.
+
+CPU: the XLA implementations in fp32 and bf16, and our Pallas Mosaic GPU kernels in Pallas' GPU interpreter
+(bf16; the interpreter cannot run wgmma on transposed smem views, so there the backward kernels read operands
+transposed by XLA, see pallas_gmm). GPU: the compiled kernels, ours and JAX's example (`jax_mgpu`).
+"""
+
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lcflash.kernels.gmm import api, reference
+
+ON_GPU = jax.default_backend() == "gpu"
+gpu_only = pytest.mark.skipif(not ON_GPU, reason="needs a GPU (Mosaic GPU kernels)")
+cpu_only = pytest.mark.skipif(ON_GPU, reason="interpreter test; the GPU runs the compiled kernels instead")
+
+BF16_TOL = 6e-3  # relative Frobenius error of bf16-rounded outputs against an fp32 reference on the same inputs
+FP32_TOL = 1e-5
+
+
+def _rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert np.isfinite(a).all(), "non-finite values (unwritten output?)"
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def _inputs(seed, m, k, n, sizes, dtype):
+    keys = jax.random.split(jax.random.key(seed), 3)
+    lhs = jax.random.normal(keys[0], (m, k), jnp.float32).astype(dtype)
+    rhs = (jax.random.normal(keys[1], (len(sizes), k, n), jnp.float32) / np.sqrt(k)).astype(dtype)
+    dout = jax.random.normal(keys[2], (m, n), jnp.float32).astype(dtype)
+    return lhs, rhs, dout, jnp.asarray(sizes, jnp.int32)
+
+
+def _ref_fwd_grads(lhs, rhs, dout, sizes):
+    """fp32 reference on the (possibly bf16-rounded) inputs: output, d_lhs, d_rhs."""
+    f32 = lambda x: x.astype(jnp.float32)
+    out, vjp = jax.vjp(lambda a, b: reference.gmm_loop(a, b, sizes), f32(lhs), f32(rhs))
+    return (out, *vjp(f32(dout)))
+
+
+def _fwd_grads(impl, lhs, rhs, dout, sizes):
+    out, vjp = jax.vjp(lambda a, b: api.gmm(a, b, sizes, impl=impl), lhs, rhs)
+    return (out, *vjp(dout))
+
+
+# Group sizes with an empty first group, empty middle groups, single-row groups, sizes that are not multiples of
+# any tile, and rows past sum(sizes).
+SIZES_RAGGED = [0, 37, 0, 130, 1, 52, 0]  # sum 220
+M_RAGGED = 300
+
+
+def test_reference_loop_matches_numpy_float64():
+    lhs, rhs, _, sizes = _inputs(0, 50, 16, 8, [5, 0, 20, 1], jnp.float32)
+    out = np.asarray(reference.gmm_loop(lhs, rhs, sizes), np.float64)
+    l64, r64 = np.asarray(lhs, np.float64), np.asarray(rhs, np.float64)
+    want, start = np.zeros((50, 8)), 0
+    for g, s in enumerate([5, 0, 20, 1]):
+        want[start:start + s] = l64[start:start + s] @ r64[g]
+        start += s
+    assert _rel(out, want) < FP32_TOL
+    assert not out[26:].any()
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, FP32_TOL), (jnp.bfloat16, BF16_TOL)])
+def test_ragged_dot_matches_reference(dtype, tol):
+    lhs, rhs, dout, sizes = _inputs(1, 90, 32, 24, [0, 11, 0, 40, 1, 7], dtype)  # 31 rows past the groups
+    got = _fwd_grads("ragged_dot", lhs, rhs, dout, sizes)
+    want = _ref_fwd_grads(lhs, rhs, dout, sizes)
+    for name, g, w in zip(("out", "d_lhs", "d_rhs"), got, want):
+        assert _rel(g, w) < tol, name
+    assert not np.asarray(got[0][59:], np.float32).any()
+    assert not np.asarray(got[1][59:], np.float32).any()
+    assert not np.asarray(got[2], np.float32)[[0, 2]].any()  # empty groups get zero d_rhs
+
+
+def test_swiglu_composition_and_its_gradient_formula():
+    from lcflash.kernels.gmm import pallas_gmm
+
+    lhs, wg, dh, sizes = _inputs(2, 40, 16, 8, [10, 0, 25], jnp.float32)
+    wu = jax.random.normal(jax.random.key(9), wg.shape, jnp.float32)
+    h = api.gmm_swiglu(lhs, wg, wu, sizes, impl="reference")
+    gate, up = reference.gmm_loop(lhs, wg, sizes), reference.gmm_loop(lhs, wu, sizes)
+    assert _rel(h, jax.nn.silu(gate) * up) < FP32_TOL
+    _, vjp = jax.vjp(lambda g, u: jax.nn.silu(g) * u, gate, up)
+    want = vjp(dh)
+    got = pallas_gmm.swiglu_grads(dh, gate, up)
+    assert _rel(got[0], want[0]) < FP32_TOL and _rel(got[1], want[1]) < FP32_TOL
+
+
+def test_unavailable_impls_fail_clearly():
+    x, w, _, s = _inputs(3, 8, 128, 128, [8], jnp.float32)
+    with pytest.raises(ValueError, match="tokamax"):
+        api.gmm(x, w, s, impl="tokamax")
+    with pytest.raises(ValueError, match="available"):
+        api.gmm(x, w, s, impl="nope")
+    with pytest.raises(TypeError, match="bfloat16"):
+        api.gmm(x, w, s, impl="pallas")
+
+
+# ------------------------------------------------------------------------------------------------
+# Our kernels in Pallas' GPU interpreter (CPU). An exception inside the interpreter can leave its simulated
+# threads waiting forever, so these tests arm SIGALRM: a hang ends the run instead of stalling CI.
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def hang_guard():
+    signal.alarm(300)
+    yield
+    signal.alarm(0)
+
+
+@cpu_only
+def test_pallas_interpret_forward_ragged(hang_guard):
+    lhs, rhs, _, sizes = _inputs(4, M_RAGGED, 128, 256, SIZES_RAGGED, jnp.bfloat16)
+    out = api.gmm(lhs, rhs, sizes, impl="pallas")  # the interpreter NaN-fills outputs: unwritten rows fail _rel
+    assert out.shape == (M_RAGGED, 256) and out.dtype == jnp.bfloat16
+    assert _rel(out, reference.gmm_loop(lhs.astype(jnp.float32), rhs.astype(jnp.float32), sizes)) < BF16_TOL
+    assert not np.asarray(out[220:], np.float32).any()
+
+
+@cpu_only
+def test_pallas_interpret_gradients(hang_guard):
+    lhs, rhs, dout, sizes = _inputs(5, M_RAGGED, 128, 256, SIZES_RAGGED, jnp.bfloat16)
+    got = _fwd_grads("pallas", lhs, rhs, dout, sizes)
+    want = _ref_fwd_grads(lhs, rhs, dout, sizes)
+    for name, g, w in zip(("out", "d_lhs", "d_rhs"), got, want):
+        assert _rel(g, w) < BF16_TOL, name
+    assert not np.asarray(got[1][220:], np.float32).any()  # rows past the groups get zero d_lhs
+    assert not np.asarray(got[2], np.float32)[[0, 2, 6]].any()  # empty groups get zero d_rhs
+
+
+@cpu_only
+def test_pallas_interpret_fused_swiglu_and_decode_tiles(hang_guard):
+    from lcflash.kernels.gmm import pallas_gmm
+
+    # 40 rows over 4 groups: the 64-row decode tiling, and fewer rows than a tile.
+    x, wg, _, sizes = _inputs(6, 40, 128, 128, [3, 0, 17, 9], jnp.bfloat16)
+    wu = (jax.random.normal(jax.random.key(7), wg.shape, jnp.float32) / np.sqrt(128)).astype(jnp.bfloat16)
+    h = pallas_gmm.gmm_swiglu_fused(x, wg, wu, sizes)
+    want = api.gmm_swiglu(x.astype(jnp.float32), wg.astype(jnp.float32), wu.astype(jnp.float32), sizes,
+                          impl="reference")
+    assert _rel(h, want) < BF16_TOL
+    assert not np.asarray(h[29:], np.float32).any()
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU: compiled kernels.
+# ------------------------------------------------------------------------------------------------
+
+GPU_CASES = {
+    # m, k, n, group sizes
+    "ragged": (4096, 512, 1024, [0, 700, 1, 0, 1500, 333, 129, 0, 1000, 64]),  # 372 rows past the groups
+    "small_cfg": (2000, 1024, 384, [130] * 7 + [0] * 3 + [97] * 9),  # N = 384: 64-column warpgroup tiles
+    "decode": (96, 256, 512, [5, 0, 17, 9, 1, 30, 0, 8]),  # 64-row tiles, M < 128
+}
+
+
+@gpu_only
+@pytest.mark.parametrize("case", sorted(GPU_CASES))
+def test_gpu_pallas_forward_and_gradients(case):
+    m, k, n, sizes_l = GPU_CASES[case]
+    lhs, rhs, dout, sizes = _inputs(10, m, k, n, sizes_l, jnp.bfloat16)
+    f = jax.jit(lambda a, b, d: _fwd_grads("pallas", a, b, d, sizes))
+    got = f(lhs, rhs, dout)
+    want = _ref_fwd_grads(lhs, rhs, dout, sizes)
+    for name, g, w in zip(("out", "d_lhs", "d_rhs"), got, want):
+        assert _rel(g, w) < BF16_TOL, name
+    total = sum(sizes_l)
+    assert not np.asarray(got[0][total:], np.float32).any()
+    assert not np.asarray(got[1][total:], np.float32).any()
+    empty = [i for i, s in enumerate(sizes_l) if s == 0]
+    assert not np.asarray(got[2], np.float32)[empty].any()
+    again = f(lhs, rhs, dout)  # same inputs, bit-identical results: a moving result would be a race
+    for g, a in zip(got, again):
+        np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(a, np.float32))
+
+
+@gpu_only
+@pytest.mark.parametrize("fused", [True, False])
+def test_gpu_pallas_swiglu_forward_and_gradients(fused):
+    from lcflash.kernels.gmm import pallas_gmm
+
+    m, k, n, sizes_l = GPU_CASES["ragged"]
+    x, wg, dh, sizes = _inputs(11, m, k, n, sizes_l, jnp.bfloat16)
+    wu = (jax.random.normal(jax.random.key(12), wg.shape, jnp.float32) / np.sqrt(k)).astype(jnp.bfloat16)
+
+    def run(f, *args):
+        h, vjp = jax.vjp(lambda a, b, c: f(a, b, c, sizes), *args)
+        return (h, *vjp(dh.astype(args[0].dtype)))
+
+    ours = pallas_gmm.gmm_swiglu_fused if fused else lambda *a: api.gmm_swiglu(*a, impl="pallas")
+    got = jax.jit(lambda *a: run(ours, *a))(x, wg, wu)
+    want = run(lambda *a: api.gmm_swiglu(*a, impl="reference"), *(t.astype(jnp.float32) for t in (x, wg, wu)))
+    for name, g, w in zip(("h", "dx", "dwg", "dwu"), got, want):
+        assert _rel(g, w) < 2 * BF16_TOL, name  # gate/up are rounded to bf16 between the kernels
+    assert not np.asarray(got[0][sum(sizes_l):], np.float32).any()
+
+
+@gpu_only
+def test_gpu_jax_mgpu_forward_and_gradients():
+    m, k, n, sizes_l = GPU_CASES["ragged"]
+    lhs, rhs, dout, sizes = _inputs(13, m, k, n, sizes_l, jnp.bfloat16)
+    got = jax.jit(lambda a, b, d: _fwd_grads("jax_mgpu", a, b, d, sizes))(lhs, rhs, dout)
+    want = _ref_fwd_grads(lhs, rhs, dout, sizes)
+    for name, g, w in zip(("out", "d_lhs", "d_rhs"), got, want):
+        assert _rel(g, w) < BF16_TOL, name
+    assert not np.asarray(got[0][sum(sizes_l):], np.float32).any()
+
+
+def test_pallas_gradients_inside_shard_map(hang_guard):
+    """Expert-parallel training differentiates the kernel inside shard_map with expert-sharded weights: its
+    cotangents must carry the weights' varying manual axes (this raised a custom_vjp type error on the GPU)."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    mesh = jax.make_mesh((1,), ("expert",), devices=jax.devices()[:1])
+    lhs, rhs, _, sizes = _inputs(9, 96, 128, 128, [40, 0, 30], jnp.bfloat16)
+
+    def loss(impl):
+        def local(l, r):
+            return jax.lax.psum(api.gmm(l, r, sizes, impl=impl).astype(jnp.float32).sum(), "expert")
+        return jax.shard_map(local, mesh=mesh, in_specs=(P("expert"), P("expert")), out_specs=P())
+
+    args = [jax.device_put(a, NamedSharding(mesh, P("expert"))) for a in (lhs, rhs)]
+    with jax.set_mesh(mesh):
+        got = jax.jit(jax.grad(loss("pallas"), argnums=(0, 1)))(*args)
+        want = jax.jit(jax.grad(loss("reference"), argnums=(0, 1)))(*args)
+    for g, w in zip(got, want):
+        assert _rel(g, w) < BF16_TOL
