@@ -32,9 +32,18 @@ class DecoderLayer(nnx.Module):
         a0, kv0 = self.attn_0(self.input_norm_0(h_btd), cos, sin, mask_bts, caches[0], write_start_b)
         h_btd = h_btd + a0
         n0 = self.post_attn_norm_0(h_btd)
-        moe_btd, stats = self.moe(n0, reference=reference_moe)
-        h_btd = h_btd + self.mlp_0(n0)
-        a1, kv1 = self.attn_1(self.input_norm_1(h_btd), cos, sin, mask_bts, caches[1], write_start_b)
+        # MoE dispatch here, combine at the end: dense FFN 0, attention 1 and dense FFN 1 overlap the transfers.
+        # Named scopes mark the overlap window in HLO and profiles (tests/test_parallel.py checks it).
+        with jax.named_scope("moe_dispatch"):
+            moe_pending = self.moe.dispatch(n0, reference=reference_moe)
+        with jax.named_scope("mlp_0"):
+            h_btd = h_btd + self.mlp_0(n0)
+        with jax.named_scope("attn_1"):
+            a1, kv1 = self.attn_1(self.input_norm_1(h_btd), cos, sin, mask_bts, caches[1], write_start_b)
         h_btd = h_btd + a1
-        h_btd = h_btd + self.mlp_1(self.post_attn_norm_1(h_btd)) + moe_btd
+        with jax.named_scope("mlp_1"):
+            h_btd = h_btd + self.mlp_1(self.post_attn_norm_1(h_btd))
+        with jax.named_scope("moe_combine"):
+            moe_btd, stats = self.moe.combine(moe_pending)
+        h_btd = h_btd + moe_btd
         return h_btd, (kv0, kv1), stats

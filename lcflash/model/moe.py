@@ -3,6 +3,10 @@
 Routed experts sort the token slots by expert and run grouped matmuls (`lcflash.kernels.gmm`); slots that
 chose a zero expert sort past every group, so they never take a place in expert work. `moe_reference` is
 the per-expert loop the dropless path is tested against.
+
+`dispatch` and `combine` split the branch so the ScMoE layer can run its dense path in between. Inside a
+`lcflash.parallel` context they run expert-parallel under `shard_map` (lcflash/parallel/expert_parallel.py);
+without one, the single-device dropless path below runs unchanged.
 """
 
 import jax
@@ -13,6 +17,7 @@ from lcflash.config import ModelConfig
 from lcflash.kernels.gmm import gmm
 from lcflash.model.common import RouterBias, normal_param
 from lcflash.model.router import Routing, route, zero_expert_output
+from lcflash.parallel.context import current as parallel_context
 
 
 def sort_slots(experts_tk, n_ffn: int):
@@ -82,10 +87,30 @@ class MoE(nnx.Module):
     def router(self, x_td) -> Routing:
         return route(x_td, self.w_router[...], self.bias[...], self.cfg.moe_topk, self.cfg.routed_scaling_factor)
 
-    def __call__(self, x_btd, reference: bool = False):
+    def dispatch(self, x_btd, reference: bool = False):
+        """Routes and (expert-parallel) sends the FFN-expert slots; `combine` finishes. The reference loop and
+        the single-device path only route here."""
+        ctx = parallel_context()
+        if ctx is not None and not reference:
+            from lcflash.parallel import expert_parallel
+
+            return ("ep", x_btd.dtype, expert_parallel.dispatch(x_btd, self.w_router[...], self.bias[...],
+                                                                self.cfg, ctx))
         B, T, D = x_btd.shape
         x_td = x_btd.reshape(B * T, D)
-        routing = self.router(x_td)
+        return ("local", x_btd, self.router(x_td), reference)
+
+    def combine(self, pending):
+        """Returns (MoE output [B, T, D], stats) for what `dispatch` returned."""
+        if pending[0] == "ep":
+            from lcflash.parallel import expert_parallel
+
+            _, dtype, state = pending
+            return expert_parallel.combine(state, self.w_gate[...], self.w_up[...], self.w_down[...], self.cfg,
+                                           parallel_context(), dtype)
+        _, x_btd, routing, reference = pending
+        B, T, D = x_btd.shape
+        x_td = x_btd.reshape(B * T, D)
         if reference:
             y_td = moe_reference(x_td, routing, self.w_gate[...], self.w_up[...], self.w_down[...])
         else:
@@ -94,4 +119,8 @@ class MoE(nnx.Module):
         stats = routing_stats(routing, B, self.cfg.num_experts_total)
         stats["experts_btk"] = routing.experts_tk.reshape(B, T, -1)
         stats["weights_btk"] = routing.weights_tk.reshape(B, T, -1)
+        stats["dropped_slots"] = jnp.zeros((), jnp.float32)
         return y_td.astype(x_btd.dtype).reshape(B, T, D), stats
+
+    def __call__(self, x_btd, reference: bool = False):
+        return self.combine(self.dispatch(x_btd, reference))

@@ -1,0 +1,155 @@
+"""Expert parallelism on one multi-GPU host (issue 6): train-step throughput per transport, scaling vs one
+GPU, losses vs the one-device run, and the ScMoE overlap in the compiled GPU schedule.
+
+Weak scaling: every GPU gets `--batch` sequences; the one-GPU run uses the first device only. For each EP
+variant it also compiles the sharded step and runs `lcflash.parallel.hlo_check.overlap_report` on the
+scheduled HLO (does the dispatch all-to-all start/done enclose a matmul of dense FFN 0 / attention 1 / FFN 1?).
+
+    python experiments/bench_ep.py [--config configs/small.py] [--batch 4] [--seq 1024] \
+        [--variants 1gpu,all_to_all,ragged_all_to_all] [--out experiments/bench_ep.json]
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
+
+
+def run_variant(args, variant, n_dev):
+    import jax
+    import numpy as np
+
+    from bench_train import flops_per_token, peak_flops
+    from lcflash import load_config
+    from lcflash.config import model_config
+    from lcflash.data import PackedLoader, load_corpus
+    from lcflash.train.step import init_state, make_train_step
+
+    one = variant == "1gpu"
+    ndev = 1 if one else n_dev
+    ov = {"train.batch_size": args.batch * ndev, "data.seq_len": args.seq, "train.progress": False,
+          "moe.gmm_impl": args.gmm_impl, "loss.lb_groups": ndev, "moe.capacity_factor": args.capacity_factor}
+    if not one:
+        ov.update({"mesh.data": 1, "mesh.expert": ndev, "moe.transport": variant})
+    cfg = load_config(args.config, ov)
+    mc = model_config(cfg)
+    corpus = load_corpus(cfg.data, mc)
+    loader = PackedLoader(corpus.train, cfg.data.seq_len, cfg.train.batch_size, corpus.tokenizer.bos_id, seed=0)
+    batches = [loader.next() for _ in range(args.warmup + args.steps)]
+    key = jax.random.PRNGKey(0)
+    overlap = None
+    if one:
+        dev0 = jax.devices()[0]
+        state = jax.device_put(jax.jit(lambda k: init_state(cfg, k), device=dev0)(key), dev0)
+        put = lambda b: jax.device_put(b, dev0)  # noqa: E731
+        # Compiled ahead of time with committed inputs: a later call can never trigger a recompilation.
+        step = jax.jit(make_train_step(cfg, mc), donate_argnums=0).lower(state, put(batches[0])).compile()
+    else:
+        from lcflash.parallel import make_mesh, parallel_context
+        from lcflash.parallel.hlo_check import overlap_report
+        from lcflash.parallel.sharding import shard_batch
+        from lcflash.parallel.step import init_state_sharded, make_sharded_train_step
+
+        ctx = parallel_context(cfg, make_mesh(cfg, jax.devices()[:ndev]), mc, cfg.train.batch_size)
+        state = init_state_sharded(cfg, key, ctx)
+        step = make_sharded_train_step(cfg, ctx)
+        put = lambda b: shard_batch(b, ctx)  # noqa: E731
+        compiled = step.lower(state, put(batches[0])).compile()
+        step = compiled  # time the executable whose schedule is inspected (no second compilation)
+        try:
+            hlo = compiled.as_text()
+            rep = overlap_report(hlo)
+            overlap = {"asynchronous": rep.asynchronous, "enclosed": rep.enclosed,
+                       "window_matmuls": {k: len(v) for k, v in rep.window_matmuls.items()},
+                       "dependent": rep.dependent}
+        except Exception as e:  # the report is a diagnostic: keep the timing
+            overlap = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+    t0 = time.time()
+    losses = []
+    for i in range(args.warmup):
+        state, m = step(state, put(batches[i]))
+        losses.append(float(m["loss"]))
+    t_warm = time.time() - t0
+    t0 = time.time()
+    ffn, dropped = [], []
+    for i in range(args.warmup, args.warmup + args.steps):
+        state, m = step(state, put(batches[i]))
+        ffn.append(m["ffn_experts_per_token"])
+        dropped.append(m.get("moe_dropped_slots", 0))
+    jax.block_until_ready(m)
+    dt = time.time() - t0
+    losses.append(float(m["loss"]))
+    tok_s = cfg.train.batch_size * cfg.data.seq_len * args.steps / dt
+    ffn_mean = float(np.mean(jax.device_get(ffn)))
+    with_mtp = cfg.loss.mtp_weight > 0 and mc.num_mtp_layers > 0
+    fpt, _ = flops_per_token(mc, args.seq, ffn_mean, with_mtp)
+    peak = peak_flops(jax.devices()[0].device_kind)
+    return {"variant": variant, "devices": ndev, "global_batch": cfg.train.batch_size, "step_time_s": dt / args.steps,
+            "tokens_per_s": tok_s, "tokens_per_s_per_gpu": tok_s / ndev, "compile_and_warmup_s": t_warm,
+            "mfu": fpt * tok_s / (peak * ndev) if peak else None, "ffn_experts_per_token": ffn_mean,
+            "dropped_slots_mean": float(np.mean(jax.device_get(dropped))), "losses_first_and_last": losses,
+            "overlap": overlap}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", default=os.path.join(ROOT, "configs", "small.py"))
+    ap.add_argument("--batch", type=int, default=4, help="sequences per GPU")
+    ap.add_argument("--seq", type=int, default=1024)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--gmm_impl", default="pallas")
+    ap.add_argument("--capacity_factor", type=float, default=2.0)
+    ap.add_argument("--variants", default="1gpu,all_to_all,ragged_all_to_all")
+    ap.add_argument("--out", default=os.path.join(ROOT, "experiments", "bench_ep.json"))
+    args = ap.parse_args()
+    from absl import logging
+    logging.set_verbosity(logging.WARNING)
+    import jax
+
+    n_dev = jax.device_count()
+    rows = []
+    for v in args.variants.split(","):
+        try:
+            rows.append(run_variant(args, v, n_dev))
+        except Exception as e:  # record and go on: one transport failing must not hide the others
+            rows.append({"variant": v, "error": f"{type(e).__name__}: {str(e)[:600]}"})
+        print(json.dumps(rows[-1]), flush=True)
+    base = next((r for r in rows if r["variant"] == "1gpu" and "tokens_per_s" in r), None)
+    for r in rows:
+        if base and "tokens_per_s" in r and r is not base:
+            r["scaling_efficiency"] = r["tokens_per_s"] / (r["devices"] * base["tokens_per_s"])
+    import flax
+    dev = jax.devices()[0]
+    out = {"config": os.path.relpath(args.config, ROOT), "batch_per_gpu": args.batch, "seq_len": args.seq,
+           "device": f"{dev.platform}: {dev.device_kind} x{n_dev}",
+           "versions": {"python": platform.python_version(), "jax": jax.__version__, "flax": flax.__version__},
+           "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "command": "python " + " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]), "results": rows}
+    with open(args.out, "w") as fh:
+        json.dump(out, fh, indent=2)
+    print(f"\n{out['device']}  {out['config']}  {args.batch} x {args.seq} tokens per GPU (jax {jax.__version__})")
+    print(f"{'variant':>18} {'GPUs':>4} {'step s':>7} {'tok/s':>9} {'tok/s/GPU':>9} {'MFU':>6} {'scale':>6} "
+          f"{'dropped':>7} {'encloses':>8}")
+    for r in rows:
+        if "tokens_per_s" not in r:
+            print(f"{r['variant']:>18} {r['error'][:100]}")
+            continue
+        ov = r.get("overlap") or {}
+        enc = sum(ov.get("enclosed", {}).values()) if ov and "error" not in ov else ("-" if not ov else "err")
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "n/a"
+        print(f"{r['variant']:>18} {r['devices']:4d} {r['step_time_s']:7.3f} {r['tokens_per_s']:9.0f} "
+              f"{r['tokens_per_s_per_gpu']:9.0f} {mfu:>6} {r.get('scaling_efficiency', 1.0):6.2f} "
+              f"{r['dropped_slots_mean']:7.0f} {str(enc):>8}")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
