@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lcflash.config import ModelConfig
+from lcflash.kernels.mla_decode import mla_decode
 from lcflash.model.common import normal_param
 from lcflash.model.norm import RMSNorm
 from lcflash.model.rope import apply_rope, softmax_scale
@@ -44,6 +45,20 @@ def expanded_attention(q_nope_bthk, q_pe_bthd, kv: LatentKV, w_kv_b_rhk, mask_bt
     return jnp.einsum("bhts,bshv->bthv", probs_bhts, v_bshv)
 
 
+def absorbed_attention(q_nope_bthk, q_pe_bthd, kv: LatentKV, w_kv_b_rhk, mask_bts, scale, qk_nope_dim,
+                       impl: str = "xla", q_start_b=None):
+    """Attention with W_UK folded into the query and W_UV applied after (reference §8.2): every head reads the
+    shared latent, never per-head keys/values (decode form). impl: see lcflash.kernels.mla_decode; "pallas" uses
+    the causal mask from q_start_b, "xla" uses mask_bts."""
+    dtype = q_nope_bthk.dtype
+    w_uk_rhk = w_kv_b_rhk[..., :qk_nope_dim].astype(dtype)
+    w_uv_rhv = w_kv_b_rhk[..., qk_nope_dim:].astype(dtype)
+    q_lat_bthr = jnp.einsum("bthk,rhk->bthr", q_nope_bthk, w_uk_rhk)
+    o_lat_bthr = mla_decode(q_lat_bthr, q_pe_bthd, kv.c_bsr, kv.kpe_bsd, scale=scale, mask_bts=mask_bts,
+                            q_start_b=q_start_b, impl=impl)
+    return jnp.einsum("bthr,rhv->bthv", o_lat_bthr.astype(dtype), w_uv_rhv)
+
+
 class MLA(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         D, H, pd, std = cfg.hidden_size, cfg.num_attention_heads, cfg.jnp_param_dtype, cfg.initializer_range
@@ -73,11 +88,18 @@ class MLA(nnx.Module):
 
     def __call__(self, x_btd, cos_btd, sin_btd, mask_bts, cache: LatentKV | None = None, write_start_b=None):
         """Returns (output, cache). Without a cache, keys are this call's tokens; with one, the new latents are
-        written at `write_start_b` and `mask_bts` spans the whole cache."""
+        written at `write_start_b` and `mask_bts` spans the whole cache. With a cache, `cfg.attn_impl` picks the
+        form: "expanded", "absorbed" (XLA), or "pallas" (the Mosaic GPU kernel, which applies the causal mask
+        from `write_start_b` and ignores `mask_bts`)."""
         q_nope, q_pe, kv = self.latents(x_btd, cos_btd, sin_btd)
         if cache is not None:
             kv = LatentKV(write_rows(cache.c_bsr, kv.c_bsr.astype(cache.c_bsr.dtype), write_start_b),
                           write_rows(cache.kpe_bsd, kv.kpe_bsd.astype(cache.kpe_bsd.dtype), write_start_b))
-        o_bthv = expanded_attention(q_nope, q_pe, kv, self.w_kv_b[...], mask_bts, softmax_scale(self.cfg),
-                                    self.cfg.qk_nope_head_dim)
+        if cache is not None and self.cfg.attn_impl != "expanded":   # decode: weight absorption
+            impl = "pallas" if self.cfg.attn_impl == "pallas" else "xla"
+            o_bthv = absorbed_attention(q_nope, q_pe, kv, self.w_kv_b[...], mask_bts, softmax_scale(self.cfg),
+                                        self.cfg.qk_nope_head_dim, impl, write_start_b)
+        else:
+            o_bthv = expanded_attention(q_nope, q_pe, kv, self.w_kv_b[...], mask_bts, softmax_scale(self.cfg),
+                                        self.cfg.qk_nope_head_dim)
         return self.output(o_bthv), kv

@@ -13,6 +13,7 @@ from lcflash.model.mla import LatentKV
 from lcflash.model.mtp import MTPHead
 from lcflash.model.norm import RMSNorm
 from lcflash.model.rope import rope_cos_sin
+from lcflash.parallel.context import constrain
 
 
 class KVCache(NamedTuple):
@@ -77,12 +78,15 @@ class LongcatFlash(nnx.Module):
             kv_len = T if cache is None else cache.c.shape[3]
             mask_bts = causal_mask(B, T, kv_len, write_start_b, segment_ids_bt if cache is None else None)
         cos, sin = rope_cos_sin(cfg, positions_bt, dtype)
-        h_btd = jnp.take(self.embed[...], tokens_bt, axis=0).astype(dtype)
+        # Lookup in a table split over the vocabulary only (FSDP shards of the width are gathered first).
+        embed_vd = constrain(self.embed[...], ("vocab", None))
+        h_btd = constrain(jnp.take(embed_vd, tokens_bt, axis=0).astype(dtype), ("batch", "seq", "act_embed"))
 
         def body(layer, h, cache_l):
             caches = (None, None) if cache_l is None else (LatentKV(cache_l[0][0], cache_l[1][0]),
                                                           LatentKV(cache_l[0][1], cache_l[1][1]))
             h, (kv0, kv1), stats = layer(h, cos, sin, mask_bts, caches, write_start_b, reference_moe)
+            h = constrain(h, ("batch", "seq", "act_embed"))
             new_cache = None if cache_l is None else (jnp.stack([kv0.c_bsr, kv1.c_bsr]),
                                                       jnp.stack([kv0.kpe_bsd, kv1.kpe_bsd]))
             return h, (new_cache, stats, h if return_layer_hidden else None)
@@ -108,3 +112,9 @@ class LongcatFlash(nnx.Module):
     def __call__(self, tokens_bt):
         """int token ids [B, T] -> logits [B, T, vocab] (float32)."""
         return self.forward(tokens_bt).logits
+
+    def generate(self, prompt_ids, max_new_tokens: int, **kwargs):
+        """Prompt plus new tokens, like transformers' generate; see lcflash/infer/generation.py for the options."""
+        from lcflash.infer.generation import generate
+
+        return generate(self, prompt_ids, max_new_tokens, **kwargs)

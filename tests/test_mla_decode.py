@@ -1,0 +1,209 @@
+"""Absorbed MLA decode attention: XLA path == expanded form, split-K reference == XLA path, the Mosaic GPU
+kernel == references (GPU interpret mode and cuda lowering on CPU; the real kernel where a GPU is present)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lcflash.config import load_config, model_config
+from lcflash.kernels.mla_decode import mla_decode, reference
+from lcflash.model import LongcatFlash
+from lcflash.model.mla import LatentKV, absorbed_attention, expanded_attention
+from lcflash.model.transformer import KVCache
+
+ON_GPU = jax.default_backend() == "gpu"
+
+
+def rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def inputs(B, T, H, R, P, S, dtype, seed=0):
+    ks = jax.random.split(jax.random.key(seed), 4)
+    return (jax.random.normal(ks[0], (B, T, H, R), jnp.float32).astype(dtype),
+            jax.random.normal(ks[1], (B, T, H, P), jnp.float32).astype(dtype),
+            jax.random.normal(ks[2], (B, S, R), jnp.float32).astype(dtype),
+            jax.random.normal(ks[3], (B, S, P), jnp.float32).astype(dtype))
+
+
+def f32_reference(q, qp, c, k, start, scale):
+    T, S = q.shape[1], c.shape[1]
+    up = [x.astype(jnp.float32) for x in (q, qp, c, k)]
+    return reference.mla_decode_reference(*up, reference.causal_decode_mask(start, T, S), scale)
+
+
+def test_absorbed_equals_expanded_attention():
+    B, T, H, dn, dr, dv, R, S = 2, 3, 4, 16, 8, 12, 24, 64
+    ks = jax.random.split(jax.random.key(1), 5)
+    q_nope = jax.random.normal(ks[0], (B, T, H, dn))
+    q_pe = jax.random.normal(ks[1], (B, T, H, dr))
+    kv = LatentKV(jax.random.normal(ks[2], (B, S, R)), jax.random.normal(ks[3], (B, S, dr)))
+    w_kv_b = jax.random.normal(ks[4], (R, H, dn + dv)) * R ** -0.5
+    start = jnp.array([5, 60])
+    mask = reference.causal_decode_mask(start, T, S)
+
+    @jax.jit
+    def run(q_nope, q_pe, kv, w_kv_b, mask, start):
+        return (expanded_attention(q_nope, q_pe, kv, w_kv_b, mask, 0.2, dn),
+                absorbed_attention(q_nope, q_pe, kv, w_kv_b, mask, 0.2, dn),
+                absorbed_attention(q_nope, q_pe, kv, w_kv_b, mask, 0.2, dn, "split_reference", start))
+
+    want, got, got_split = run(q_nope, q_pe, kv, w_kv_b, mask, start)
+    assert rel(got, want) < 1e-5
+    assert rel(got_split, want) < 1e-5
+
+
+@pytest.mark.parametrize("T,starts,splits,block", [(1, [0, 63, 255], 4, 64), (2, [254, 17, 100], 3, 32),
+                                                   (1, [130, 5, 0], 1, 64), (2, [0, 255, 128], 8, 16)])
+def test_split_reference_equals_reference(T, starts, splits, block):
+    B, H, R, P, S = 3, 4, 32, 16, 256
+    q, qp, c, k = inputs(B, T, H, R, P, S, jnp.float32, seed=T)
+    start = jnp.array(starts, jnp.int32)
+    want = jax.jit(f32_reference, static_argnums=5)(q, qp, c, k, start, 0.3)
+    got = jax.jit(reference.mla_decode_split_reference, static_argnums=(5, 6, 7))(q, qp, c, k, start, 0.3, splits,
+                                                                                  block)
+    assert not np.isnan(np.asarray(got)).any()
+    assert rel(got, want) < 1e-5
+
+
+def test_combine_ignores_splits_without_keys():
+    o = jnp.stack([jnp.full((1, 2, 3), jnp.nan), jnp.ones((1, 2, 3)), 3 * jnp.ones((1, 2, 3))], axis=1)
+    lse = jnp.array([[[-jnp.inf, -jnp.inf], [0.0, 0.0], [1.0, 1.0]]])
+    got = np.asarray(reference.combine_splits(o, lse))
+    np.testing.assert_allclose(got, (1 * 1 + 3 * 2) / 3 * np.ones((1, 2, 3)), rtol=1e-6)
+
+
+def test_api_rejects_unknown_impl_and_missing_positions():
+    q, qp, c, k = inputs(1, 1, 2, 8, 4, 16, jnp.float32)
+    with pytest.raises(ValueError, match="not one of"):
+        mla_decode(q, qp, c, k, scale=1.0, q_start_b=jnp.zeros(1, jnp.int32), impl="cuda")
+    with pytest.raises(ValueError, match="needs q_start_b"):
+        mla_decode(q, qp, c, k, scale=1.0, mask_bts=jnp.ones((1, 1, 16), bool), impl="pallas")
+
+
+def test_model_switch_absorbed_equals_expanded():
+    """model.forward with a cache: attn_impl='absorbed' gives the logits of the expanded form (prefill + 2 steps)."""
+    cfg = model_config(load_config("configs/tiny.py"))
+    model = LongcatFlash(cfg, nnx.Rngs(3))
+    absorbed = nnx.merge(nnx.graphdef(nnx.eval_shape(lambda: LongcatFlash(cfg.replace(attn_impl="absorbed"),
+                                                                          nnx.Rngs(0)))), nnx.state(model))
+    tokens = jax.random.randint(jax.random.key(4), (2, 9), 0, cfg.vocab_size)
+
+    def cached_logits(m):
+        graphdef, state = nnx.split(m)
+
+        @jax.jit
+        def run(state, tokens):
+            m = nnx.merge(graphdef, state)
+            out = m.forward(tokens[:, :7], cache=KVCache.zeros(cfg, 2, 16), write_start_b=jnp.zeros(2, jnp.int32))
+            logits, cache = [out.logits], out.cache
+            for t in (7, 8):
+                out = m.forward(tokens[:, t:t + 1], cache=cache, write_start_b=jnp.full((2,), t, jnp.int32))
+                logits.append(out.logits)
+                cache = out.cache
+            return jnp.concatenate(logits, axis=1), m(tokens)
+
+        return run(state, tokens)
+
+    for m in (model, absorbed):
+        got, full = cached_logits(m)
+        assert rel(got, full) < 1e-5
+
+
+# ------------------------------------------------------------------------------------- the Mosaic GPU kernel
+KERNEL_CASES = [  # B, T, H, R, P, S, starts, splits
+    (3, 1, 8, 128, 64, 256, [0, 63, 255], 2),
+    (1, 2, 4, 64, 64, 256, [254], 4),
+    (2, 1, 16, 128, 64, 512, [64, 200], None),
+]
+
+
+@pytest.mark.skipif(ON_GPU, reason="CPU stand-in for the GPU tests below")
+def test_kernel_interpret_matches_split_reference():
+    """The kernel's control flow (TMA pipeline, barriers, splits, masking, online softmax) in GPU interpret mode;
+    the interpreter lacks wgmma with transposed operands, so its products there are plain dots."""
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+    from lcflash.kernels.mla_decode.pallas_mgpu import choose_splits, mla_decode_pallas
+
+    for B, T, H, R, P, S, starts, splits in KERNEL_CASES[1:2]:
+        q, qp, c, k = inputs(B, T, H, R, P, S, jnp.bfloat16, seed=B + T)
+        start = jnp.array(starts, jnp.int32)
+        got = mla_decode_pallas(q, qp, c, k, start, scale=0.05, num_splits=splits, fused_pv=False,
+                                interpret=InterpretGPUParams())
+        assert not np.isnan(np.asarray(got, np.float32)).any()
+        n = choose_splits(B, S // 64) if splits is None else splits
+        split_ref = reference.mla_decode_split_reference(q, qp, c, k, start, 0.05, n, 64)
+        assert rel(got, split_ref) < 2e-3
+        assert rel(got, f32_reference(q, qp, c, k, start, 0.05)) < 1e-2   # bf16 probabilities
+
+
+@pytest.mark.parametrize("T,fused", [(1, True), (2, False)])
+def test_kernel_lowers_for_cuda(T, fused):
+    """Pallas -> Mosaic GPU lowering (layouts, wgmma operand shapes, TMA transforms) runs on CPU."""
+    from lcflash.kernels.mla_decode.pallas_mgpu import mla_decode_pallas
+
+    sd = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt)  # noqa: E731
+    f = jax.jit(lambda *a: mla_decode_pallas(*a, scale=0.1, fused_pv=fused))
+    lowered = f.trace(sd(2, T, 8, 128), sd(2, T, 8, 64), sd(2, 512, 128), sd(2, 512, 64),
+                      sd(2, dt=jnp.int32)).lower(lowering_platforms=("cuda",))
+    assert "mosaic_gpu" in lowered.as_text()
+
+
+def test_kernel_rejects_unsupported_shapes():
+    from lcflash.kernels.mla_decode.pallas_mgpu import mla_decode_pallas
+
+    q, qp, c, k = inputs(1, 1, 4, 128, 64, 256, jnp.float32)
+    with pytest.raises(NotImplementedError, match="bfloat16"):
+        mla_decode_pallas(q, qp, c, k, jnp.zeros(1, jnp.int32), scale=1.0)
+    q, qp, c, k = inputs(1, 1, 4, 512, 64, 256, jnp.bfloat16)
+    with pytest.raises(NotImplementedError, match="kv_lora_rank"):
+        mla_decode_pallas(q, qp, c, k, jnp.zeros(1, jnp.int32), scale=1.0)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the Mosaic GPU kernel runs on Hopper GPUs only")
+@pytest.mark.parametrize("case", range(len(KERNEL_CASES)))
+@pytest.mark.parametrize("fused", [True, False])
+def test_kernel_on_gpu_matches_reference(case, fused):
+    from lcflash.kernels.mla_decode.pallas_mgpu import mla_decode_pallas
+
+    B, T, H, R, P, S, starts, splits = KERNEL_CASES[case]
+    for seed in range(2):
+        q, qp, c, k = inputs(B, T, H, R, P, S, jnp.bfloat16, seed=seed + 10 * case)
+        start = jnp.array(starts, jnp.int32)
+        got = mla_decode_pallas(q, qp, c, k, start, scale=0.05, num_splits=splits, fused_pv=fused)
+        assert not np.isnan(np.asarray(got, np.float32)).any()
+        assert rel(got, f32_reference(q, qp, c, k, start, 0.05)) < 1e-2
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the Mosaic GPU kernel runs on Hopper GPUs only")
+def test_model_decode_with_kernel_on_gpu():
+    """A bf16 model decoding through attn_impl='pallas' gives the logits of the XLA absorbed path."""
+    from lcflash.infer import decode
+    from lcflash.infer.cache import DecodeCache
+
+    cfg = model_config(load_config("configs/tiny.py")).replace(
+        hidden_size=256, num_attention_heads=4, q_lora_rank=64, kv_lora_rank=128, qk_nope_head_dim=32,
+        qk_rope_head_dim=64, v_head_dim=32, dtype="bfloat16", param_dtype="bfloat16")
+    model = LongcatFlash(cfg, nnx.Rngs(5))
+    tokens = jax.random.randint(jax.random.key(6), (3, 40), 0, cfg.vocab_size)
+    outs = []
+    for impl in ("absorbed", "pallas"):
+        dm = decode.DecodeModel(model, impl)
+
+        @jax.jit
+        def run(w, tokens):
+            cache = DecodeCache.zeros(cfg, 3, 128)
+            h0, cache, _ = decode.forward(dm.graphs, w, tokens[:, :37], cache, jnp.zeros(3, jnp.int32),
+                                          prefill=True, moe_impl="model")
+            h1, cache, _ = decode.forward(dm.graphs, w, tokens[:, 37:39], cache, jnp.full((3,), 37, jnp.int32),
+                                          prefill=False, moe_impl="auto")
+            h2, cache, _ = decode.forward(dm.graphs, w, tokens[:, 39:], cache, jnp.full((3,), 39, jnp.int32),
+                                          prefill=False, moe_impl="auto")
+            return decode.logits(w, jnp.concatenate([h1, h2], axis=1))
+
+        outs.append(run(dm.weights, tokens))
+    assert rel(outs[1], outs[0]) < 2e-2
