@@ -26,46 +26,26 @@ REPORT_SCENARIO = dict(cluster="h800", ep=128, batch_per_gpu=96, mtp_acceptance=
 REPORT = {"LongCat-Flash": (16.0, 0.09), "DeepSeek-V3": (30.0, 0.17), "Qwen3-235B-A22B": (26.2, None)}
 
 
-def _positive(kind):
+def _number(kind, ok, allowed: str):
+    """argparse type: parse `kind`, then require `ok(value)`; errors say what is allowed."""
     def parse(text):
         try:
             v = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a valid {kind.__name__}")
-        if v <= 0:
-            raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
+        if not ok(v):
+            raise argparse.ArgumentTypeError(f"{text!r} must be {allowed}")
         return v
     return parse
 
 
-def _nonneg_int(text):
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer")
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
-    return v
+def _positive(kind):
+    return _number(kind, lambda v: v > 0, "> 0")
 
 
-def _fraction(text):
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number")
-    if not 0.0 <= v <= 1.0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be in [0, 1]")
-    return v
-
-
-def _efficiency_fraction(text):
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number")
-    if not 0.0 < v <= 1.0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be in (0, 1]")
-    return v
+_nonneg_int = _number(int, lambda v: v >= 0, ">= 0")
+_fraction = _number(float, lambda v: 0.0 <= v <= 1.0, "in [0, 1]")
+_efficiency_fraction = _number(float, lambda v: 0.0 < v <= 1.0, "in (0, 1]")
 
 
 def build_parser() -> argparse.ArgumentParser:
