@@ -54,6 +54,20 @@ def _interpret_params(interpret: bool):
     return InterpretGPUParams()
 
 
+def _persistent_call(kernel, out_type, interpret: bool):
+    """Both kernels' launch: one CTA per SM walking its tile list, 3 warpgroups (1 TMA + 2 wgmma)."""
+    return plgpu.kernel(
+        kernel,
+        out_type=out_type,
+        grid=(_num_sms(interpret),),
+        grid_names=("sm",),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        interpret=_interpret_params(interpret),
+    )
+
+
 def _swizzle_transforms(minor_elems: int, dtype) -> tuple:
     """TMA/wgmma-friendly smem layout for a tile whose minor dimension has minor_elems elements."""
     itemsize = jnp.dtype(dtype).itemsize
@@ -281,16 +295,7 @@ def rows_kernel(
             plgpu.wait_smem_to_gmem(0)  # all output stores have landed before the kernel exits
 
     out_type = [jax.ShapeDtypeStruct((m, n), out_dtype) for _ in range(n_out)]
-    call = plgpu.kernel(
-        kernel,
-        out_type=out_type,
-        grid=(_num_sms(interpret),),
-        grid_names=("sm",),
-        num_threads=3,
-        thread_name="wg",
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-        interpret=_interpret_params(interpret),
-    )
+    call = _persistent_call(kernel, out_type, interpret)
     outs = call(sched_5t, lhs_mk, *rhs_list)
     return outs[0] if n_out == 1 else tuple(outs)
 
@@ -413,14 +418,5 @@ def contract_kernel(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles, lhs_i
 
             plgpu.wait_smem_to_gmem(0)  # all output stores have landed before the kernel exits
 
-    call = plgpu.kernel(
-        kernel,
-        out_type=jax.ShapeDtypeStruct((g, k, n), out_dtype),
-        grid=(_num_sms(interpret),),
-        grid_names=("sm",),
-        num_threads=3,
-        thread_name="wg",
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-        interpret=_interpret_params(interpret),
-    )
+    call = _persistent_call(kernel, jax.ShapeDtypeStruct((g, k, n), out_dtype), interpret)
     return call(gsched_4g, lhs_mk.T if lhs_is_km else lhs_mk, rhs_mn)
