@@ -220,6 +220,12 @@ def run_jax(args):
                 result["errors"].append(f"compile: {type(e).__name__}: {e}"[:2000])
                 log("COMPILE FAILED", repr(e)[:500])
     log(f"compiled {len(compiled)} programs in {time.perf_counter() - t:.1f}s (parallel)")
+    if args.dump_hlo:
+        for (gkey, B, S, kind), (exe, _) in compiled.items():
+            if B == 1 and kind == "decode":
+                path = os.path.join(os.path.dirname(os.path.abspath(args.json)), f"hlo_{gkey.replace('/', '_')}_b1.txt")
+                with open(path, "w") as f:
+                    f.write(exe.as_text())
 
     def random_cache(B, S, mtp):
         @jax.jit
@@ -505,6 +511,7 @@ def main():
     ap.add_argument("--bw_bytes", type=int, default=2 << 30)
     ap.add_argument("--inputs", default=None)
     ap.add_argument("--profile", action="store_true", help="write a perfetto trace of batch-1 decode per impl")
+    ap.add_argument("--dump_hlo", action="store_true", help="write the batch-1 decode programs' optimised HLO")
     ap.add_argument("--note", default="", help="free text stored in the report JSON")
     args = ap.parse_args()
     args.batches = [int(x) for x in args.batches.split(",")]
