@@ -72,6 +72,9 @@ class ModelConfig:
     gmm_impl: str = "ragged_dot"
     attn_impl: str = "expanded"
     remat: bool = False
+    # ScMoE overlap (cfg.moe.overlap): False runs the MoE branch to completion before dense FFN 0, the baseline
+    # that measures what the overlap hides (lcflash/model/layer.py). Values are identical either way.
+    moe_overlap: bool = True
 
     # ------------------------------------------------------------------ derived
     @property
@@ -140,6 +143,7 @@ def validate(cfg: ModelConfig) -> ModelConfig:
     for f in ("param_dtype", "dtype"):
         _require(getattr(cfg, f) in DTYPES, f, getattr(cfg, f), f"must be one of {tuple(DTYPES)}")
     _require(cfg.gmm_impl in GMM_IMPLS, "gmm_impl", cfg.gmm_impl, f"must be one of {GMM_IMPLS}")
+    _require(isinstance(cfg.moe_overlap, bool), "moe_overlap", cfg.moe_overlap, "must be a bool (True or False)")
     _require(cfg.attn_impl in ATTN_IMPLS, "attn_impl", cfg.attn_impl, f"must be one of {ATTN_IMPLS}")
     for f in ("bos_token_id", "eos_token_id"):
         v = getattr(cfg, f)
@@ -151,7 +155,8 @@ MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig))
 
 
 def model_config(cfg) -> ModelConfig:
-    """Builds the ModelConfig from an ml_collections config (`cfg.model`, plus `cfg.moe.gmm_impl` if present)."""
+    """Builds the ModelConfig from an ml_collections config (`cfg.model`, plus `cfg.moe.gmm_impl` and
+    `cfg.moe.overlap` if present)."""
     model = cfg.model if hasattr(cfg, "model") else cfg
     kw = dict(model.to_dict() if hasattr(model, "to_dict") else model)
     unknown = sorted(set(kw) - set(MODEL_FIELDS))
@@ -160,6 +165,10 @@ def model_config(cfg) -> ModelConfig:
     moe = getattr(cfg, "moe", None) if hasattr(cfg, "model") else None
     if moe is not None and "gmm_impl" in moe:
         kw["gmm_impl"] = moe.gmm_impl
+    if moe is not None and "overlap" in moe:
+        if not isinstance(moe.overlap, bool):
+            raise ConfigError(f"moe.overlap = {moe.overlap!r} is invalid: must be a bool (True or False)")
+        kw["moe_overlap"] = moe.overlap
     return validate(ModelConfig(**kw))
 
 

@@ -28,6 +28,7 @@ def test_released_config_values():
     ("target_ffn_experts", 13.0, "target_ffn_experts"),
     ("dtype", "float64", "dtype"),
     ("gmm_impl", "cutlass", "gmm_impl"),
+    ("moe_overlap", "yes", "moe_overlap.*bool"),
     ("num_mtp_layers", 2, "num_mtp_layers"),
     ("eos_token_id", 10 ** 6, "eos_token_id"),
 ])

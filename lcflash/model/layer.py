@@ -1,7 +1,9 @@
 """The ScMoE decoder layer, in the exact order of the reference (§3.7).
 
 The MoE branch reads the first post-attention norm `n0` and joins at the very end of the layer, so its
-dispatch, expert GEMMs and combine can overlap dense FFN 0, attention 1 and dense FFN 1.
+dispatch, expert GEMMs and combine can overlap dense FFN 0, attention 1 and dense FFN 1. With
+`cfg.moe_overlap = False` (config `moe.overlap`) an optimization barrier makes the dense path wait for the MoE
+output instead: the same values, with nothing to overlap, the baseline for measuring what the overlap hides.
 """
 
 import jax
@@ -26,6 +28,7 @@ class DecoderLayer(nnx.Module):
         self.post_attn_norm_1 = RMSNorm(D, eps, pd)
         self.mlp_1 = MLP(D, cfg.ffn_hidden_size, pd, cfg.initializer_range, rngs)
         self.moe = MoE(cfg, rngs)
+        self.overlap = cfg.moe_overlap
 
     def __call__(self, h_btd, cos, sin, mask_bts, caches=(None, None), write_start_b=None, reference_moe=False):
         """Returns (h, (kv_0, kv_1), moe_stats)."""
@@ -36,6 +39,13 @@ class DecoderLayer(nnx.Module):
         # Named scopes mark the overlap window in HLO and profiles (tests/test_parallel.py checks it).
         with jax.named_scope("moe_dispatch"):
             moe_pending = self.moe.dispatch(n0, reference=reference_moe)
+        if not self.overlap:
+            with jax.named_scope("moe_combine"):
+                moe_btd, stats = self.moe.combine(moe_pending)
+            # XLA may not schedule anything that reads the barrier's outputs before all its inputs exist, and
+            # every dense-path op reads n0: mlp_0, attn_1 and mlp_1 wait for the finished MoE (its backward too,
+            # since the barrier's transpose ties the cotangents the same way).
+            n0, moe_btd = jax.lax.optimization_barrier((n0, moe_btd))
         with jax.named_scope("mlp_0"):
             h_btd = h_btd + self.mlp_0(n0)
         with jax.named_scope("attn_1"):
@@ -43,7 +53,8 @@ class DecoderLayer(nnx.Module):
         h_btd = h_btd + a1
         with jax.named_scope("mlp_1"):
             h_btd = h_btd + self.mlp_1(self.post_attn_norm_1(h_btd))
-        with jax.named_scope("moe_combine"):
-            moe_btd, stats = self.moe.combine(moe_pending)
+        if self.overlap:
+            with jax.named_scope("moe_combine"):
+                moe_btd, stats = self.moe.combine(moe_pending)
         h_btd = h_btd + moe_btd
         return h_btd, (kv0, kv1), stats
