@@ -73,6 +73,7 @@ def main():
     teacher = float(np.mean(mtp_pred == main_pred[:, 1:]))
     main_acc = float(np.mean(main_pred[:, :-1] == truth[:, 1:]))
     mtp_acc = float(np.mean(mtp_pred[:, :-1] == truth[:, 2:]))
+    print(f"teacher-forced: agreement {teacher:.4f}, main top-1 {main_acc:.4f}, MTP top-1 {mtp_acc:.4f}", flush=True)
 
     # Generation.
     prompts = [[int(t) for t in val[s:s + args.prompt_len]] for s in starts]
@@ -88,6 +89,8 @@ def main():
     greedy, t_greedy, _ = timed(prompts)
     spec, t_spec, stats = timed(prompts, speculative="mtp")
     identical = all(list(a) == list(b) for a, b in zip(greedy, spec))
+    print(f"batch {len(prompts)}: greedy {t_greedy:.3f}s, speculative {t_spec:.3f}s, acceptance "
+          f"{stats['acceptance_rate']:.4f}, identical {identical}", flush=True)
     # Batch 1 (the latency case speculative decoding is for): the first prompt alone.
     greedy_1, t_greedy_1, _ = timed(prompts[:1])
     spec_1, t_spec_1, stats_1 = timed(prompts[:1], speculative="mtp")

@@ -1,0 +1,93 @@
+"""Where a decode step's device time goes: kernels of a perfetto trace joined to the optimised HLO's op names.
+
+    python experiments/bench_decode.py --part=jax --batches=1 --contexts=1024 --impls=absorbed --profile \
+        --dump_hlo --out_dir=OUT --json=OUT/r.json                      # on the GPU: trace + HLO
+    python experiments/decode_profile.py --hlo=OUT/hlo_absorbed_b1.txt --trace=OUT/trace_decode_b1_absorbed.json.gz \
+        --steps=33 [--json=experiments/decode_profile_h200.json]
+
+The trace names kernels by fusion (`input_reduce_fusion_10`); the HLO line of that fusion (by name or its
+`deduplicated_name`) carries the JAX op it came from (`op_name="...btd,dr->btr/dot_general"`). Prints the costliest
+kernels and the time per JAX op, per decode step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import gzip
+import json
+import re
+
+
+def hlo_ops(hlo_text: str) -> dict:
+    """Kernel name (dots as underscores, as in traces) -> (result shape, JAX op name)."""
+    info = {}
+    for line in hlo_text.split("\n"):
+        m = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = (.*?) (?:fusion|custom-call)\(", line)
+        if not m:
+            continue
+        name, shape = m.groups()
+        op = re.search(r'op_name="([^"]*)"', line)
+        dedup = re.search(r'deduplicated_name="([^"]*)"', line)
+        op_name = re.sub(r"^jit\([^)]*\)/(while/body/)?", "", op.group(1)) if op else ""
+        for key in [name] + ([dedup.group(1)] if dedup else []):
+            info.setdefault(key.replace(".", "_"), (shape, op_name))
+    return info
+
+
+def device_kernels(trace_path: str) -> dict:
+    """Kernel name -> [count, total microseconds] over the GPU device lines of a perfetto trace."""
+    d = json.load(gzip.open(trace_path))
+    ev = d["traceEvents"] if isinstance(d, dict) else d
+    names = {e["pid"]: e["args"]["name"] for e in ev if e.get("ph") == "M" and e.get("name") == "process_name"}
+    dev = {pid for pid, n in names.items() if "GPU" in n}
+    by = collections.defaultdict(lambda: [0, 0.0])
+    for e in ev:
+        if e.get("ph") == "X" and e.get("pid") in dev:
+            by[e["name"]][0] += 1
+            by[e["name"]][1] += float(e.get("dur", 0.0))
+    return by
+
+
+def profile(hlo_text: str, trace_path: str, steps: int, top: int = 25) -> dict:
+    info = hlo_ops(hlo_text)
+    by = device_kernels(trace_path)
+    per_op = collections.defaultdict(lambda: [0.0, 0.0])
+    for name, (count, us) in by.items():
+        op = info.get(name, ("?", "?"))[1] or "(no op name)"
+        per_op[op][0] += count / steps
+        per_op[op][1] += us / steps
+    kernels = [dict(name=n, per_step=c / steps, us_per_step=t / steps, us_each=t / c,
+                    shape=info.get(n, ("?", "?"))[0], op=info.get(n, ("?", "?"))[1])
+               for n, (c, t) in sorted(by.items(), key=lambda kv: -kv[1][1])[:top]]
+    ops = [dict(op=o, kernels_per_step=c, us_per_step=t) for o, (c, t) in sorted(per_op.items(), key=lambda kv: -kv[1][1])]
+    return {"kernels_per_step": sum(c for c, _ in by.values()) / steps,
+            "busy_us_per_step": sum(t for _, t in by.values()) / steps, "top_kernels": kernels, "by_op": ops}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--hlo", required=True)
+    ap.add_argument("--trace", required=True)
+    ap.add_argument("--steps", type=int, required=True, help="decode steps inside the traced call")
+    ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    with open(args.hlo) as f:
+        res = profile(f.read(), args.trace, args.steps, args.top)
+    print(f"{res['kernels_per_step']:.0f} kernels and {res['busy_us_per_step']:.0f} us of device time per step")
+    print(f"{'per step':>8} {'us/step':>8} {'us each':>8}  kernel / result shape / op")
+    for k in res["top_kernels"]:
+        print(f"{k['per_step']:8.1f} {k['us_per_step']:8.1f} {k['us_each']:8.2f}  {k['name']}  {k['shape'][:40]}  {k['op'][:70]}")
+    print(f"\n{'kernels':>8} {'us/step':>8}  JAX op")
+    for o in res["by_op"][:20]:
+        print(f"{o['kernels_per_step']:8.1f} {o['us_per_step']:8.1f}  {o['op'][:100]}")
+    if args.json:
+        res["command"] = "python experiments/decode_profile.py " + " ".join(
+            f"--{k}={v}" for k, v in vars(args).items() if k != "json" and v is not None)
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
