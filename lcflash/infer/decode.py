@@ -1,21 +1,40 @@
-"""One forward over new tokens with the decode cache: the model's layers, unrolled, with decode-shaped MoE.
+"""One forward over new tokens with the decode cache: the model's layers, unrolled, in a decode weight layout.
 
-`DecodeModel` holds the model's weights split per layer once (so no step slices a stacked [L, ...] weight
-inside the compiled loop) and the module graphs for prefill (expanded attention) and decode (absorbed or Pallas
-attention, selected through `ModelConfig.attn_impl`). `forward` runs the ScMoE layer in the order of
-lcflash/model/layer.py; only the MoE call differs, chosen by `moe_impl`:
+A decode step runs one token per row, so every projection is a matrix-vector product. XLA's GPU simplifier
+rewrites a dot whose activation is a vector into multiply + reduce over the contracting axis; with the model's
+[K, N] weights that is a strided column reduction (often with the [K, N] product materialised). `split_weights`
+therefore stores each layer's weights once, transposed so that the contraction axis is the last (contiguous)
+one ([N, K]: a row reduction, measured faster at batch 1 and equal at batch 8, experiments/bench_decode_ops.json),
+and concatenates the projections that read the same input into one matvec:
+
+* attention: q_a and kv_a (both read the normed hidden state) -> `w_qkv_a` [q_lora + kv_lora + rope, D];
+  W_UK and W_UV (absorbed attention) as [H, R, nope] and [H, v, R]; w_q_b as [H, qk_head, q_lora]; w_o [D, H, v].
+* dense FFN: gate and up -> `w_gate_up` [2F, D]; down [D, F].
+* MoE: router [N + Z, D] (fp32); experts gate/up [E, I, D], down [E, D, I] (each slot's matvecs reduce over the
+  contiguous axis of the gathered expert). The experts' gate and up stay two arrays under the model's names
+  (experiments/bench_decode.py counts expert bytes by them). LM head [V, D]; the MTP head likewise.
+
+The decode math is written as small pure functions on that layout (`mla_attention`, `swiglu_t`, `moe_apply`,
+`decode_layer`, `mtp_decode`), in the model's order, dtypes and casts (lcflash/model/*). Prefill (many tokens: a
+GEMM, where [K, N] is fine) runs the model's own modules: `DecodeGraphs.layer_module` transposes the weights back
+inside the prefill's jit and merges them into the DecoderLayer graph (expanded attention), so only one copy of the
+layers is kept. The MoE impl is chosen by `moe_impl`:
 
 * "model": the model's own MoE (sort by expert + grouped matmul, or expert-parallel); used for prefill.
-* "gather": each (token, slot) reads only its expert's weights (multiply-reduce, which XLA fuses with the
-  gather); a decode step with few tokens then reads the experts it touches, not all of them.
+* "gather": each (token, slot) reads only its expert's weights; a decode step with few tokens then reads the
+  experts it touches, not all of them.
 * "dense": every expert over every token, weighted by the routing; reads each expert once (large batches).
 * "auto": "gather" while tokens * top_k < n_routed_experts, else "dense".
+
+Attention (decode) follows `ModelConfig.attn_impl`: "absorbed" (XLA), "pallas" (the Mosaic GPU kernel, which
+swaps only the attention core, lcflash.kernels.mla_decode) or "expanded".
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+import functools
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -23,49 +42,218 @@ from flax import nnx
 
 from lcflash.config import ModelConfig
 from lcflash.infer.cache import DecodeCache
-from lcflash.model.mla import LatentKV
+from lcflash.kernels.mla_decode import mla_decode
+from lcflash.model.mla import LatentKV, expanded_attention, write_rows
 from lcflash.model.norm import rms_norm
-from lcflash.model.rope import rope_cos_sin
-from lcflash.model.router import Routing, zero_expert_output
+from lcflash.model.rope import apply_rope, rope_cos_sin, softmax_scale
+from lcflash.model.router import Routing, select_experts, zero_expert_output
 
 MOE_IMPLS = ("model", "gather", "dense", "auto")
+F32 = jnp.float32
+
+
+# ----------------------------------------------------------------------------------------------- layout
+class AttnWeights(NamedTuple):
+    """One MLA sublayer, contraction axis last."""
+
+    w_qkv_a: jax.Array      # [q_lora + kv_lora + rope, D]: w_q_a and w_kv_a, one matvec
+    q_a_norm: jax.Array     # [q_lora]
+    kv_a_norm: jax.Array    # [kv_lora]
+    w_q_b: jax.Array        # [H, qk_head, q_lora]
+    w_uk: jax.Array         # [H, kv_lora, qk_nope]: w_kv_b's key half
+    w_uv: jax.Array         # [H, v_head, kv_lora]: w_kv_b's value half
+    w_o: jax.Array          # [D, H, v_head]
+
+
+class MLPWeights(NamedTuple):
+    w_gate_up: jax.Array    # [2F, D]: gate rows then up rows, one matvec
+    w_down: jax.Array       # [D, F]
+
+
+class MoEWeights(NamedTuple):
+    w_router: jax.Array     # [N + Z, D] fp32
+    bias: jax.Array         # [N + Z] fp32
+    w_gate: jax.Array       # [N, I, D]
+    w_up: jax.Array         # [N, I, D]
+    w_down: jax.Array       # [N, D, I]
+
+
+class LayerWeights(NamedTuple):
+    input_norm_0: jax.Array
+    attn_0: AttnWeights
+    post_attn_norm_0: jax.Array
+    mlp_0: MLPWeights
+    input_norm_1: jax.Array
+    attn_1: AttnWeights
+    post_attn_norm_1: jax.Array
+    mlp_1: MLPWeights
+    moe: MoEWeights
+
+
+class MTPWeights(NamedTuple):
+    embed: jax.Array        # [V, D]
+    enorm: jax.Array
+    hnorm: jax.Array
+    w_eh: jax.Array         # [D, 2D]
+    input_norm: jax.Array
+    attn: AttnWeights
+    post_attn_norm: jax.Array
+    mlp: MLPWeights
+    norm: jax.Array
 
 
 class DecodeWeights(NamedTuple):
     embed: jax.Array          # [V, D]
     norm: jax.Array           # [D] final norm weight
-    lm_head: jax.Array        # [D, V]
-    layers: tuple             # L per-layer nnx.State of the DecoderLayer
-    mtp: object               # nnx.State of the MTP head, or None
+    lm_head: jax.Array        # [V, D] (the model's [D, V], transposed)
+    layers: tuple             # L LayerWeights
+    mtp: MTPWeights | None
+
+
+def _t(x, *perm):
+    return jnp.transpose(x, perm)
+
+
+def attn_to_decode(cfg: ModelConfig, a: dict) -> AttnWeights:
+    """MLA's pure-dict state (model layout) -> AttnWeights."""
+    nope = cfg.qk_nope_head_dim
+    w_kv_b = a["w_kv_b"]                                                # [R, H, nope + v]
+    return AttnWeights(jnp.concatenate([a["w_q_a"].T, a["w_kv_a"].T], axis=0), a["q_a_norm"]["weight"],
+                       a["kv_a_norm"]["weight"], _t(a["w_q_b"], 1, 2, 0), _t(w_kv_b[..., :nope], 1, 0, 2),
+                       _t(w_kv_b[..., nope:], 1, 2, 0), _t(a["w_o"], 2, 0, 1))
+
+
+def kv_b_model(p: AttnWeights):
+    """w_kv_b [R, H, nope + v] (model layout) from the two decode halves."""
+    return jnp.concatenate([_t(p.w_uk, 1, 0, 2), _t(p.w_uv, 2, 0, 1)], axis=-1)
+
+
+def attn_to_model(cfg: ModelConfig, p: AttnWeights) -> dict:
+    Q = cfg.q_lora_rank
+    return {"w_q_a": p.w_qkv_a[:Q].T, "w_kv_a": p.w_qkv_a[Q:].T, "q_a_norm": {"weight": p.q_a_norm},
+            "kv_a_norm": {"weight": p.kv_a_norm}, "w_q_b": _t(p.w_q_b, 2, 0, 1), "w_kv_b": kv_b_model(p),
+            "w_o": _t(p.w_o, 1, 2, 0)}
+
+
+def mlp_to_decode(m: dict) -> MLPWeights:
+    return MLPWeights(jnp.concatenate([m["w_gate"].T, m["w_up"].T], axis=0), m["w_down"].T)
+
+
+def mlp_to_model(p: MLPWeights) -> dict:
+    F = p.w_gate_up.shape[0] // 2
+    return {"w_gate": p.w_gate_up[:F].T, "w_up": p.w_gate_up[F:].T, "w_down": p.w_down.T}
+
+
+def layer_to_decode(cfg: ModelConfig, s: dict) -> LayerWeights:
+    """One DecoderLayer's pure-dict state (nnx.to_pure_dict) -> LayerWeights."""
+    m = s["moe"]
+    return LayerWeights(
+        s["input_norm_0"]["weight"], attn_to_decode(cfg, s["attn_0"]), s["post_attn_norm_0"]["weight"],
+        mlp_to_decode(s["mlp_0"]), s["input_norm_1"]["weight"], attn_to_decode(cfg, s["attn_1"]),
+        s["post_attn_norm_1"]["weight"], mlp_to_decode(s["mlp_1"]),
+        MoEWeights(m["w_router"].T, m["bias"], _t(m["w_gate"], 0, 2, 1), _t(m["w_up"], 0, 2, 1),
+                   _t(m["w_down"], 0, 2, 1)))
+
+
+def layer_to_model(cfg: ModelConfig, p: LayerWeights) -> dict:
+    m = p.moe
+    return {"input_norm_0": {"weight": p.input_norm_0}, "attn_0": attn_to_model(cfg, p.attn_0),
+            "post_attn_norm_0": {"weight": p.post_attn_norm_0}, "mlp_0": mlp_to_model(p.mlp_0),
+            "input_norm_1": {"weight": p.input_norm_1}, "attn_1": attn_to_model(cfg, p.attn_1),
+            "post_attn_norm_1": {"weight": p.post_attn_norm_1}, "mlp_1": mlp_to_model(p.mlp_1),
+            "moe": {"w_router": m.w_router.T, "bias": m.bias, "w_gate": _t(m.w_gate, 0, 2, 1),
+                    "w_up": _t(m.w_up, 0, 2, 1), "w_down": _t(m.w_down, 0, 2, 1)}}
+
+
+def mtp_to_decode(cfg: ModelConfig, s: dict) -> MTPWeights:
+    return MTPWeights(s["embed"], s["enorm"]["weight"], s["hnorm"]["weight"], s["w_eh"].T,
+                      s["input_norm"]["weight"], attn_to_decode(cfg, s["attn"]), s["post_attn_norm"]["weight"],
+                      mlp_to_decode(s["mlp"]), s["norm"]["weight"])
+
+
+def mtp_to_model(cfg: ModelConfig, p: MTPWeights) -> dict:
+    return {"embed": p.embed, "enorm": {"weight": p.enorm}, "hnorm": {"weight": p.hnorm}, "w_eh": p.w_eh.T,
+            "input_norm": {"weight": p.input_norm}, "attn": attn_to_model(cfg, p.attn),
+            "post_attn_norm": {"weight": p.post_attn_norm}, "mlp": mlp_to_model(p.mlp),
+            "norm": {"weight": p.norm}}
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _take_layer(cfg: ModelConfig, stacked: dict, i) -> LayerWeights:
+    return layer_to_decode(cfg, jax.tree.map(lambda x: x[i], stacked))
+
+
+_take_mtp = jax.jit(mtp_to_decode, static_argnums=0)
+
+
+def split_weights(model) -> DecodeWeights:
+    """The model's variables in the decode layout, the layer stack split into L LayerWeights (one copy of the
+    layers; the embedding and final norm are the model's own arrays)."""
+    cfg = model.cfg
+    stacked = nnx.to_pure_dict(nnx.state(model.layers))
+    layers = tuple(_take_layer(cfg, stacked, jnp.int32(i)) for i in range(cfg.num_layers))
+    mtp = None
+    if model.mtp is not None:
+        pure = nnx.to_pure_dict(nnx.state(model.mtp))   # its embedding table stays the model's array
+        mtp = _take_mtp(cfg, {**pure, "embed": None})._replace(embed=pure["embed"])
+    return DecodeWeights(model.embed[...], model.norm.weight[...], jnp.transpose(model.lm_head[...]), layers, mtp)
+
+
+# ----------------------------------------------------------------------------------------------- graphs
+def _value_path(path) -> tuple:
+    """A state leaf's key path as names, without the Variable's trailing `value` attribute."""
+    names = tuple(getattr(k, "key", getattr(k, "name", None)) for k in path)
+    return names[:-1] if names and names[-1] == "value" else names
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class StateLayout:
+    """Rebuilds an nnx.State (Variable types and metadata included) from a pure dict of arrays."""
+
+    treedef: object
+    paths: tuple
+
+    @classmethod
+    def of(cls, state) -> StateLayout:
+        flat, treedef = jax.tree_util.tree_flatten_with_path(state)
+        return cls(treedef, tuple(_value_path(p) for p, _ in flat))
+
+    def build(self, pure: dict):
+        def lookup(path):
+            node = pure
+            for k in path:
+                node = node[k]
+            return node
+
+        return jax.tree.unflatten(self.treedef, [lookup(p) for p in self.paths])
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class DecodeGraphs:
-    cfg: ModelConfig
+    cfg: ModelConfig          # attn_impl: the decode attention
     prefill_layer: object     # DecoderLayer graphdef, attn_impl="expanded"
-    decode_layer: object      # DecoderLayer graphdef, attn_impl as asked
-    prefill_mtp: object
-    decode_mtp: object
+    prefill_mtp: object       # MTPHead graphdef or None
+    layer_state: StateLayout
+    mtp_state: StateLayout | None
+
+    def layer_module(self, p: LayerWeights):
+        """The model's DecoderLayer (expanded attention) over `p`, transposed back inside the caller's jit: XLA
+        folds the transposes of the dense weights into their GEMMs; the experts' become one transient copy per
+        layer where the model's grouped matmul reads them (moe_impl "model")."""
+        return nnx.merge(self.prefill_layer, self.layer_state.build(layer_to_model(self.cfg, p)))
+
+    def mtp_module(self, p: MTPWeights):
+        return nnx.merge(self.prefill_mtp, self.mtp_state.build(mtp_to_model(self.cfg, p)))
 
 
 def _graphs(cfg: ModelConfig, attn_impl: str):
-    def build(impl):
-        from lcflash.model import LongcatFlash
+    from lcflash.model import LongcatFlash
 
-        abstract = nnx.eval_shape(lambda: LongcatFlash(cfg.replace(attn_impl=impl), nnx.Rngs(0)))
-        return nnx.graphdef(abstract.layers), (nnx.graphdef(abstract.mtp) if abstract.mtp is not None else None)
-
-    pl, pm = build("expanded")
-    dl, dm = build(attn_impl)
-    return DecodeGraphs(cfg.replace(attn_impl=attn_impl), pl, dl, pm, dm)
-
-
-def split_weights(model) -> DecodeWeights:
-    """The model's variables with the layer stack split into L per-layer states (one copy of the layers)."""
-    stacked = nnx.state(model.layers)
-    layers = tuple(jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(model.cfg.num_layers))
-    return DecodeWeights(model.embed[...], model.norm.weight[...], model.lm_head[...], layers,
-                         nnx.state(model.mtp) if model.mtp is not None else None)
+    abstract = nnx.eval_shape(lambda: LongcatFlash(cfg.replace(attn_impl="expanded"), nnx.Rngs(0)))
+    has_mtp = abstract.mtp is not None
+    return DecodeGraphs(cfg.replace(attn_impl=attn_impl), nnx.graphdef(abstract.layers),
+                        nnx.graphdef(abstract.mtp) if has_mtp else None, StateLayout.of(nnx.state(abstract.layers)),
+                        StateLayout.of(nnx.state(abstract.mtp)) if has_mtp else None)
 
 
 class DecodeModel:
@@ -78,62 +266,109 @@ class DecodeModel:
         self.has_mtp = model.mtp is not None
 
 
+# ----------------------------------------------------------------------------------------------- attention
+def mla_latents(cfg: ModelConfig, p: AttnWeights, x_btd, cos_btd, sin_btd):
+    """lcflash/model/mla.py's MLA.latents: queries (nope, roped) and this token's latent KV."""
+    dtype = x_btd.dtype
+    Q, R, nope = cfg.q_lora_rank, cfg.kv_lora_rank, cfg.qk_nope_head_dim
+    a_btn = jnp.einsum("btd,nd->btn", x_btd, p.w_qkv_a.astype(dtype))
+    cq_btr = rms_norm(a_btn[..., :Q], p.q_a_norm, cfg.mla_norm_eps)
+    q_bthk = jnp.einsum("btr,hkr->bthk", cq_btr, p.w_q_b.astype(dtype)) * cfg.alpha_q
+    c_btr = rms_norm(a_btn[..., Q:Q + R], p.kv_a_norm, cfg.mla_norm_eps) * cfg.alpha_kv
+    kpe_btd = apply_rope(a_btn[..., None, Q + R:], cos_btd, sin_btd)[..., 0, :]
+    return q_bthk[..., :nope], apply_rope(q_bthk[..., nope:], cos_btd, sin_btd), LatentKV(c_btr, kpe_btd)
+
+
+def mla_attention(cfg: ModelConfig, p: AttnWeights, x_btd, cos, sin, mask_bts, cache: LatentKV, start_b):
+    """MLA with the cache (model's MLA.__call__): writes the new latents at start_b, attends with
+    `cfg.attn_impl`. Returns (output [B, T, D], cache)."""
+    dtype = x_btd.dtype
+    q_nope, q_pe, kv = mla_latents(cfg, p, x_btd, cos, sin)
+    kv = LatentKV(write_rows(cache.c_bsr, kv.c_bsr.astype(cache.c_bsr.dtype), start_b),
+                  write_rows(cache.kpe_bsd, kv.kpe_bsd.astype(cache.kpe_bsd.dtype), start_b))
+    scale = softmax_scale(cfg)
+    if cfg.attn_impl == "expanded":
+        o_bthv = expanded_attention(q_nope, q_pe, kv, kv_b_model(p), mask_bts, scale, cfg.qk_nope_head_dim)
+    else:   # weight absorption (model's absorbed_attention, with W_UK / W_UV stored per head)
+        q_lat_bthr = jnp.einsum("bthk,hrk->bthr", q_nope, p.w_uk.astype(dtype))
+        o_lat_bthr = mla_decode(q_lat_bthr, q_pe, kv.c_bsr, kv.kpe_bsd, scale=scale, mask_bts=mask_bts,
+                                q_start_b=start_b, impl="pallas" if cfg.attn_impl == "pallas" else "xla")
+        o_bthv = jnp.einsum("bthr,hvr->bthv", o_lat_bthr.astype(dtype), p.w_uv.astype(dtype))
+    return jnp.einsum("bthv,dhv->btd", o_bthv, p.w_o.astype(dtype)), kv
+
+
+def swiglu_t(p: MLPWeights, x_btd):
+    """lcflash/model/mlp.py's swiglu with gate and up in one matvec."""
+    dtype = x_btd.dtype
+    F = p.w_down.shape[1]
+    gu = jnp.einsum("...d,fd->...f", x_btd, p.w_gate_up.astype(dtype))
+    return jnp.einsum("...f,df->...d", jax.nn.silu(gu[..., :F]) * gu[..., F:], p.w_down.astype(dtype))
+
+
 # ----------------------------------------------------------------------------------------------- MoE
+def route_t(cfg: ModelConfig, p: MoEWeights, x_td) -> Routing:
+    """The model's router (fp32, highest precision) on the [N + Z, D] router weight."""
+    logits_te = jnp.einsum("td,ed->te", x_td.astype(F32), p.w_router.astype(F32),
+                           precision=jax.lax.Precision.HIGHEST)
+    return select_experts(logits_te, p.bias, cfg.moe_topk, cfg.routed_scaling_factor)
+
+
 def _distinct_experts(experts_tk, n_ffn: int):
     """FFN experts chosen by any slot (one compare-reduce fusion; no scatter in the decode step)."""
     hit_n = jnp.any(experts_tk.reshape(-1, 1) == jnp.arange(n_ffn, dtype=experts_tk.dtype)[None, :], axis=0)
     return jnp.sum(hit_n.astype(jnp.int32))
 
 
-def experts_gather(x_td, routing: Routing, w_gate, w_up, w_down):
-    """FFN-expert output [T, D] fp32 reading only the chosen experts' weights (as products reduced in fp32)."""
-    n_ffn = w_gate.shape[0]
+def experts_gather(x_td, routing: Routing, w_gate_nid, w_up_nid, w_down_ndi):
+    """FFN-expert output [T, D] fp32 reading only the chosen experts' weights: each (token, slot) contracts over
+    the contiguous last axis of its gathered expert. Weights in the compute dtype (as the model's MoE casts
+    them), products accumulated in fp32."""
+    n_ffn = w_gate_nid.shape[0]
+    dtype = x_td.dtype
     e_tk = routing.experts_tk
     is_ffn = e_tk < n_ffn
     # Zero-expert slots are discarded; point them at the token's first FFN expert so their reads hit the cache.
     first_t1 = jnp.take_along_axis(e_tk, jnp.argmax(is_ffn, axis=1)[:, None], axis=1)
     idx_tk = jnp.where(is_ffn, e_tk, jnp.where(first_t1 < n_ffn, first_t1, 0))
-    xf_td = x_td.astype(jnp.float32)
-    g_tki = jnp.sum(xf_td[:, None, :, None] * w_gate[idx_tk].astype(jnp.float32), axis=2)
-    u_tki = jnp.sum(xf_td[:, None, :, None] * w_up[idx_tk].astype(jnp.float32), axis=2)
-    h_tki = (jax.nn.silu(g_tki) * u_tki).astype(x_td.dtype).astype(jnp.float32)
-    y_tkd = jnp.sum(h_tki[..., None] * w_down[idx_tk].astype(jnp.float32), axis=2)
+    g_tki = jnp.einsum("td,tkid->tki", x_td, w_gate_nid[idx_tk].astype(dtype), preferred_element_type=F32)
+    u_tki = jnp.einsum("td,tkid->tki", x_td, w_up_nid[idx_tk].astype(dtype), preferred_element_type=F32)
+    h_tki = (jax.nn.silu(g_tki) * u_tki).astype(dtype)
+    y_tkd = jnp.einsum("tki,tkdi->tkd", h_tki, w_down_ndi[idx_tk].astype(dtype), preferred_element_type=F32)
     w_tk = jnp.where(is_ffn, routing.weights_tk, 0.0)
     return jnp.sum(y_tkd * w_tk[..., None], axis=1)
 
 
-def experts_dense(x_td, routing: Routing, w_gate, w_up, w_down):
+def experts_dense(x_td, routing: Routing, w_gate_nid, w_up_nid, w_down_ndi):
     """FFN-expert output [T, D] fp32 running every expert on every token (each expert's weights read once)."""
-    n_ffn = w_gate.shape[0]
+    n_ffn = w_gate_nid.shape[0]
     T, K = routing.experts_tk.shape
     dtype = x_td.dtype
     is_ffn = routing.experts_tk < n_ffn
-    w_te = jnp.zeros((T, n_ffn), jnp.float32).at[
+    w_te = jnp.zeros((T, n_ffn), F32).at[
         jnp.repeat(jnp.arange(T), K), jnp.where(is_ffn, routing.experts_tk, 0).reshape(-1)
     ].add(jnp.where(is_ffn, routing.weights_tk, 0.0).reshape(-1))
-    g = jnp.einsum("td,edi->tei", x_td, w_gate.astype(dtype), preferred_element_type=jnp.float32)
-    u = jnp.einsum("td,edi->tei", x_td, w_up.astype(dtype), preferred_element_type=jnp.float32)
+    g = jnp.einsum("td,eid->tei", x_td, w_gate_nid.astype(dtype), preferred_element_type=F32)
+    u = jnp.einsum("td,eid->tei", x_td, w_up_nid.astype(dtype), preferred_element_type=F32)
     h_tei = (jax.nn.silu(g) * u).astype(dtype)
-    y_ted = jnp.einsum("tei,eid->ted", h_tei, w_down.astype(dtype), preferred_element_type=jnp.float32)
-    return jnp.einsum("ted,te->td", y_ted.astype(dtype).astype(jnp.float32), w_te)
+    y_ted = jnp.einsum("tei,edi->ted", h_tei, w_down_ndi.astype(dtype), preferred_element_type=F32)
+    return jnp.einsum("ted,te->td", y_ted.astype(dtype).astype(F32), w_te)
 
 
-def moe_apply(moe, x_btd, impl: str):
-    """(MoE output [B, T, D], distinct FFN experts touched) for the layer's MoE module."""
+def moe_apply(cfg: ModelConfig, p: MoEWeights, x_btd, impl: str, model_moe: Callable | None = None):
+    """(MoE output [B, T, D], distinct FFN experts touched). impl "model" calls `model_moe()` for the model's
+    MoE module (the weights in its own layout); the others run on the decode layout `p`."""
     if impl not in MOE_IMPLS:
         raise ValueError(f"moe_impl {impl!r} is not one of {MOE_IMPLS}")
-    cfg = moe.cfg
     B, T, D = x_btd.shape
     if impl == "model":
-        y, stats = moe(x_btd)
+        y, stats = model_moe()(x_btd)
         return y, _distinct_experts(stats["experts_btk"].reshape(B * T, -1), cfg.n_routed_experts)
     if impl == "auto":
         impl = "gather" if B * T * cfg.moe_topk < cfg.n_routed_experts else "dense"
     x_td = x_btd.reshape(B * T, D)
-    routing = moe.router(x_td)
+    routing = route_t(cfg, p, x_td)
     fn = experts_gather if impl == "gather" else experts_dense
-    y_td = zero_expert_output(x_td, routing, cfg.n_routed_experts) + fn(
-        x_td, routing, moe.w_gate[...], moe.w_up[...], moe.w_down[...])
+    y_td = zero_expert_output(x_td, routing, cfg.n_routed_experts) + fn(x_td, routing, p.w_gate, p.w_up, p.w_down)
     return y_td.astype(x_btd.dtype).reshape(B, T, D), _distinct_experts(routing.experts_tk, cfg.n_routed_experts)
 
 
@@ -143,12 +378,27 @@ def positions_and_mask(start_b, q_len: int, cache_len: int):
     return pos_bt, jnp.arange(cache_len, dtype=jnp.int32)[None, None, :] <= pos_bt[:, :, None]
 
 
-def layer_forward(layer, h_btd, cos, sin, mask_bts, kv0: LatentKV, kv1: LatentKV, start_b, moe_impl: str):
-    """lcflash/model/layer.py's DecoderLayer, with the MoE call swapped for `moe_apply`."""
+def decode_layer(cfg: ModelConfig, p: LayerWeights, h_btd, cos, sin, mask_bts, kv0: LatentKV, kv1: LatentKV,
+                 start_b, moe_impl: str, model_moe: Callable | None = None):
+    """lcflash/model/layer.py's DecoderLayer on the decode layout."""
+    eps = cfg.rms_norm_eps
+    a0, kv0 = mla_attention(cfg, p.attn_0, rms_norm(h_btd, p.input_norm_0, eps), cos, sin, mask_bts, kv0, start_b)
+    h_btd = h_btd + a0
+    n0 = rms_norm(h_btd, p.post_attn_norm_0, eps)
+    moe_btd, n_experts = moe_apply(cfg, p.moe, n0, moe_impl, model_moe)
+    h_btd = h_btd + swiglu_t(p.mlp_0, n0)
+    a1, kv1 = mla_attention(cfg, p.attn_1, rms_norm(h_btd, p.input_norm_1, eps), cos, sin, mask_bts, kv1, start_b)
+    h_btd = h_btd + a1
+    h_btd = h_btd + swiglu_t(p.mlp_1, rms_norm(h_btd, p.post_attn_norm_1, eps))
+    return h_btd + moe_btd, kv0, kv1, n_experts
+
+
+def layer_forward(layer, h_btd, cos, sin, mask_bts, kv0: LatentKV, kv1: LatentKV, start_b, moe: Callable):
+    """lcflash/model/layer.py's DecoderLayer (the module), with the MoE call swapped for `moe(n0)`."""
     a0, kv0 = layer.attn_0(layer.input_norm_0(h_btd), cos, sin, mask_bts, kv0, start_b)
     h_btd = h_btd + a0
     n0 = layer.post_attn_norm_0(h_btd)
-    moe_btd, n_experts = moe_apply(layer.moe, n0, moe_impl)
+    moe_btd, n_experts = moe(n0)
     h_btd = h_btd + layer.mlp_0(n0)
     a1, kv1 = layer.attn_1(layer.input_norm_1(h_btd), cos, sin, mask_bts, kv1, start_b)
     h_btd = h_btd + a1
@@ -158,19 +408,24 @@ def layer_forward(layer, h_btd, cos, sin, mask_bts, kv0: LatentKV, kv1: LatentKV
 
 def forward(graphs: DecodeGraphs, w: DecodeWeights, tokens_bt, cache: DecodeCache, start_b, *, prefill: bool,
             moe_impl: str):
-    """New tokens at cache indices start_b[b] + t. Returns (hidden [B,T,D] after the final norm, cache with the
-    new latents written, distinct FFN experts per layer [L])."""
+    """New tokens at cache indices start_b[b] + t. prefill: the model's modules (expanded attention); else the
+    decode layout. Returns (hidden [B,T,D] after the final norm, cache with the new latents written, distinct FFN
+    experts per layer [L])."""
     cfg = graphs.cfg
     B, T = tokens_bt.shape
     pos_bt, mask_bts = positions_and_mask(start_b, T, cache.length)
     cos, sin = rope_cos_sin(cfg, pos_bt, cfg.jnp_dtype)
     h_btd = jnp.take(w.embed, tokens_bt, axis=0).astype(cfg.jnp_dtype)
-    gd = graphs.prefill_layer if prefill else graphs.decode_layer
     new, n_experts = [], []
-    for i, st in enumerate(w.layers):
-        layer = nnx.merge(gd, st)
-        h_btd, kv0, kv1, n_e = layer_forward(layer, h_btd, cos, sin, mask_bts, cache.layers[2 * i],
-                                             cache.layers[2 * i + 1], start_b, moe_impl)
+    for i, p in enumerate(w.layers):
+        kv0, kv1 = cache.layers[2 * i], cache.layers[2 * i + 1]
+        if prefill:
+            layer = graphs.layer_module(p)
+            moe = lambda x, p=p, layer=layer: moe_apply(cfg, p.moe, x, moe_impl, lambda: layer.moe)  # noqa: E731
+            h_btd, kv0, kv1, n_e = layer_forward(layer, h_btd, cos, sin, mask_bts, kv0, kv1, start_b, moe)
+        else:
+            h_btd, kv0, kv1, n_e = decode_layer(cfg, p, h_btd, cos, sin, mask_bts, kv0, kv1, start_b, moe_impl,
+                                                lambda p=p: graphs.layer_module(p).moe)
         new += [kv0, kv1]
         n_experts.append(n_e)
     hidden = rms_norm(h_btd, w.norm, cfg.rms_norm_eps)
@@ -178,8 +433,21 @@ def forward(graphs: DecodeGraphs, w: DecodeWeights, tokens_bt, cache: DecodeCach
 
 
 def logits(w: DecodeWeights, hidden_btd):
-    return jnp.einsum("btd,dv->btv", hidden_btd, w.lm_head.astype(hidden_btd.dtype),
-                      preferred_element_type=jnp.float32)
+    return jnp.einsum("btd,vd->btv", hidden_btd, w.lm_head.astype(hidden_btd.dtype),
+                      preferred_element_type=F32)
+
+
+def mtp_decode(cfg: ModelConfig, p: MTPWeights, h_btd, next_tokens_bt, cos, sin, mask_bts, cache: LatentKV,
+               start_b):
+    """lcflash/model/mtp.py's MTPHead on the decode layout: (normed hidden [B, T, D], latent KV)."""
+    dtype, eps = h_btd.dtype, cfg.rms_norm_eps
+    e_btd = jnp.take(p.embed, next_tokens_bt, axis=0).astype(dtype)
+    z = jnp.concatenate([rms_norm(e_btd, p.enorm, eps), rms_norm(h_btd, p.hnorm, eps)], axis=-1)
+    z = jnp.einsum("btc,dc->btd", z, p.w_eh.astype(dtype))
+    a, kv = mla_attention(cfg, p.attn, rms_norm(z, p.input_norm, eps), cos, sin, mask_bts, cache, start_b)
+    z = z + a
+    z = z + swiglu_t(p.mlp, rms_norm(z, p.post_attn_norm, eps))
+    return rms_norm(z, p.norm, eps), kv
 
 
 def mtp_forward(graphs: DecodeGraphs, w: DecodeWeights, hidden_btd, next_tokens_bt, cache: DecodeCache, start_b,
@@ -189,6 +457,8 @@ def mtp_forward(graphs: DecodeGraphs, w: DecodeWeights, hidden_btd, next_tokens_
     B, T, _ = hidden_btd.shape
     pos_bt, mask_bts = positions_and_mask(start_b, T, cache.length)
     cos, sin = rope_cos_sin(cfg, pos_bt, hidden_btd.dtype)
-    mtp = nnx.merge(graphs.prefill_mtp if prefill else graphs.decode_mtp, w.mtp)
-    z_btd, kv = mtp(hidden_btd, next_tokens_bt, cos, sin, mask_bts, cache.mtp, start_b)
+    if prefill:
+        z_btd, kv = graphs.mtp_module(w.mtp)(hidden_btd, next_tokens_bt, cos, sin, mask_bts, cache.mtp, start_b)
+    else:
+        z_btd, kv = mtp_decode(cfg, w.mtp, hidden_btd, next_tokens_bt, cos, sin, mask_bts, cache.mtp, start_b)
     return logits(w, z_btd), DecodeCache(cache.layers, kv)

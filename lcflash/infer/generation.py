@@ -4,10 +4,10 @@
 
 Prompts may differ in length: they are right-padded to a power-of-two bucket, prefilled together (expanded
 attention, the model's MoE), and each row then writes its own cache index (`write_start_b`), so no row's padding
-is ever attended. Decoding runs inside one `jax.lax.while_loop` (absorbed attention, decode-shaped MoE), compiled
-once per (batch, prompt bucket, new-token bucket); prompt lengths, `max_new_tokens`, temperature, top-p, seed and
-eos are traced values. Finished rows are filled with `pad_id` (default: eos), and generation stops when every row
-has finished, as transformers' `generate` does.
+is ever attended. Decoding runs inside one `jax.lax.while_loop` (the decode weight layout of decode.py, absorbed
+attention, decode-shaped MoE), compiled once per (batch, prompt bucket, new-token bucket); prompt lengths,
+`max_new_tokens`, temperature, top-p, seed and eos are traced values. Finished rows are filled with `pad_id`
+(default: eos), and generation stops when every row has finished, as transformers' `generate` does.
 
 `speculative="mtp"` (greedy only): the MTP head drafts one token, one main forward over [last token, draft]
 verifies it; every emitted token is the main model's argmax, so the output equals plain greedy decoding.

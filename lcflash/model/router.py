@@ -19,6 +19,11 @@ class Routing(NamedTuple):
 def route(x_td, w_router_de, bias_e, top_k: int, scaling: float) -> Routing:
     logits_te = jnp.einsum("td,de->te", x_td.astype(jnp.float32), w_router_de.astype(jnp.float32),
                            precision=jax.lax.Precision.HIGHEST)
+    return select_experts(logits_te, bias_e, top_k, scaling)
+
+
+def select_experts(logits_te, bias_e, top_k: int, scaling: float) -> Routing:
+    """Routing from fp32 router logits (split from `route` so the decode path can keep its own weight layout)."""
     probs_te = jax.nn.softmax(logits_te, axis=-1)
     _, experts_tk = jax.lax.top_k(probs_te + jax.lax.stop_gradient(bias_e.astype(jnp.float32)), top_k)
     weights_tk = jnp.take_along_axis(probs_te, experts_tk, axis=-1) * scaling

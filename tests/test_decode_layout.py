@@ -1,0 +1,114 @@
+"""The decode weight layout (lcflash/infer/decode.py): one transposed copy of the weights that converts back to
+the model's exactly, and a decode forward on it that gives the model's logits."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lcflash.config import load_config, model_config
+from lcflash.infer import decode
+from lcflash.infer.cache import DecodeCache
+from lcflash.model import LongcatFlash
+
+
+def rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = model_config(load_config("configs/tiny.py")).replace(dtype="float32", max_position_embeddings=64)
+    return LongcatFlash(cfg, nnx.Rngs(3))
+
+
+def test_layout_is_one_copy_that_converts_back_exactly(tiny):
+    cfg = tiny.cfg
+    dm = decode.DecodeModel(tiny)
+    w = dm.weights
+    stacked = nnx.state(tiny.layers)
+    for i, p in enumerate(w.layers):
+        # Contraction axis last: q_a and kv_a share one [q_lora + kv_lora + rope, D] matvec, gate and up one [2F, D].
+        assert p.attn_0.w_qkv_a.shape == (cfg.q_lora_rank + cfg.kv_lora_rank + cfg.qk_rope_head_dim, cfg.hidden_size)
+        assert p.mlp_1.w_gate_up.shape == (2 * cfg.ffn_hidden_size, cfg.hidden_size)
+        assert p.moe.w_down.shape == (cfg.n_routed_experts, cfg.hidden_size, cfg.expert_ffn_hidden_size)
+        back = dm.graphs.layer_state.build(decode.layer_to_model(cfg, p))
+        want = jax.tree.map(lambda x, i=i: x[i], stacked)
+        assert jax.tree.structure(back) == jax.tree.structure(want)
+        for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(want)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    back = dm.graphs.mtp_state.build(decode.mtp_to_model(cfg, w.mtp))
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(nnx.state(tiny.mtp)), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_array_equal(np.asarray(w.lm_head), np.asarray(tiny.lm_head[...]).T)
+    # No second copy: the decode layers hold exactly the model's layer bytes.
+    layer_bytes = sum(x.nbytes for x in jax.tree.leaves(w.layers))
+    assert layer_bytes == sum(x.nbytes for x in jax.tree.leaves(stacked))
+
+
+@pytest.fixture(scope="module")
+def reference(tiny):
+    """Tokens [2, 5], the model's logits over them and its MTP logits for pairs (hidden t, token t+1)."""
+    tokens = jax.random.randint(jax.random.key(4), (2, 5), 0, tiny.cfg.vocab_size)
+    graphdef, state = nnx.split(tiny)
+
+    @jax.jit
+    def full(st, tokens):
+        m = nnx.merge(graphdef, st)
+        out = m.forward(tokens)
+        return out.logits, m.mtp_logits(out.hidden[:, :4], tokens[:, 1:])
+
+    return (tokens,) + full(state, tokens)
+
+
+@pytest.mark.parametrize("attn_impl,moe_impl", [("absorbed", "gather"), ("absorbed", "dense"),
+                                                ("absorbed", "model"), ("expanded", "auto")])
+def test_decode_only_forward_equals_model_forward(tiny, reference, attn_impl, moe_impl):
+    """Every token through the decode path (no prefill): 4 tokens, then 1, from an empty cache; the logits equal
+    the plain forward over the whole sequence, and the MTP slot (decode path too) gives model.mtp_logits."""
+    cfg = tiny.cfg
+    tokens, want, want_mtp = reference
+    dm = decode.DecodeModel(tiny, attn_impl)
+
+    @jax.jit
+    def run(w, tokens):
+        cache = DecodeCache.zeros(cfg, 2, 64, mtp=True)
+        h0, cache, _ = decode.forward(dm.graphs, w, tokens[:, :4], cache, jnp.zeros(2, jnp.int32), prefill=False,
+                                      moe_impl=moe_impl)
+        h1, cache, n_e = decode.forward(dm.graphs, w, tokens[:, 4:], cache, jnp.full((2,), 4, jnp.int32),
+                                        prefill=False, moe_impl=moe_impl)
+        hidden = jnp.concatenate([h0, h1], axis=1)
+        mtp, _ = decode.mtp_forward(dm.graphs, w, hidden[:, :4], tokens[:, 1:], cache, jnp.zeros(2, jnp.int32),
+                                    prefill=False)
+        return decode.logits(w, hidden), mtp, n_e
+
+    got, got_mtp, n_experts = run(dm.weights, tokens)
+    assert rel(got, want) < 1e-5
+    assert rel(got_mtp, want_mtp) < 1e-5
+    assert np.all((np.asarray(n_experts) >= 1) & (np.asarray(n_experts) <= cfg.n_routed_experts))
+
+
+def test_gather_and_dense_moe_equal_model_moe(tiny):
+    """The two decode-layout MoE forms against the model's MoE module on the same (fp32) input, with many tokens
+    so that zero-expert and FFN-expert slots both occur."""
+    cfg = tiny.cfg
+    w = decode.split_weights(tiny)
+    graphs = decode._graphs(cfg, "absorbed")
+    x = jax.random.normal(jax.random.key(5), (3, 7, cfg.hidden_size), jnp.float32)
+
+    @jax.jit
+    def run(p, x):
+        want, _ = graphs.layer_module(p).moe(x)
+        return want, [decode.moe_apply(cfg, p.moe, x, impl)[0] for impl in ("gather", "dense")]
+
+    want, got = run(w.layers[1], x)
+    for g in got:
+        assert rel(g, want) < 1e-5
+
+
+def test_unknown_moe_impl_is_named(tiny):
+    w = decode.split_weights(tiny)
+    with pytest.raises(ValueError, match="moe_impl 'sparse' is not one of"):
+        decode.moe_apply(tiny.cfg, w.layers[0].moe, jnp.zeros((1, 1, tiny.cfg.hidden_size)), "sparse")
