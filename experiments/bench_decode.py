@@ -400,19 +400,19 @@ def summarize_trace(path: str, steps: int, top: int = 12) -> dict:
     import collections
     import gzip
 
-    d = json.load(gzip.open(path))
-    ev = d["traceEvents"] if isinstance(d, dict) else d
-    names = {e["pid"]: e["args"]["name"] for e in ev if e.get("ph") == "M" and e.get("name") == "process_name"}
-    dev = {pid for pid, n in names.items() if "GPU" in n or "device" in n.lower()}
-    kernels = [e for e in ev if e.get("ph") == "X" and e.get("pid") in dev]
+    from lcflash.parallel.trace_overlap import device_kernels
+
+    with gzip.open(path, "rt") as f:
+        per_device, seen = device_kernels(json.load(f))
+    kernels = [e for evs in per_device.values() for e in evs]
     if not kernels:
-        return {"device_events": 0, "processes": sorted(set(names.values()))}
+        return {"device_events": 0, "processes": seen["processes"]}
     by_name = collections.defaultdict(lambda: [0, 0.0])
     for e in kernels:
-        by_name[e["name"]][0] += 1
-        by_name[e["name"]][1] += float(e.get("dur", 0.0))
-    t0 = min(float(e["ts"]) for e in kernels)
-    t1 = max(float(e["ts"]) + float(e.get("dur", 0.0)) for e in kernels)
+        by_name[e.name][0] += 1
+        by_name[e.name][1] += e.dur
+    t0 = min(e.start for e in kernels)
+    t1 = max(e.start + e.dur for e in kernels)
     busy = sum(v[1] for v in by_name.values())
     return {"device_events": len(kernels), "events_per_step": len(kernels) / steps,
             "device_busy_us_per_step": busy / steps, "device_span_us_per_step": (t1 - t0) / steps,

@@ -16,7 +16,13 @@ import argparse
 import collections
 import gzip
 import json
+import os
 import re
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from lcflash.parallel import trace_overlap  # noqa: E402
 
 
 def hlo_ops(hlo_text: str) -> dict:
@@ -36,16 +42,13 @@ def hlo_ops(hlo_text: str) -> dict:
 
 
 def device_kernels(trace_path: str) -> dict:
-    """Kernel name -> [count, total microseconds] over the GPU device lines of a perfetto trace."""
-    d = json.load(gzip.open(trace_path))
-    ev = d["traceEvents"] if isinstance(d, dict) else d
-    names = {e["pid"]: e["args"]["name"] for e in ev if e.get("ph") == "M" and e.get("name") == "process_name"}
-    dev = {pid for pid, n in names.items() if "GPU" in n}
+    """Kernel name -> [count, total microseconds] over the GPU streams of a perfetto trace."""
+    with gzip.open(trace_path, "rt") as f:
+        per_device, _ = trace_overlap.device_kernels(json.load(f))
     by = collections.defaultdict(lambda: [0, 0.0])
-    for e in ev:
-        if e.get("ph") == "X" and e.get("pid") in dev:
-            by[e["name"]][0] += 1
-            by[e["name"]][1] += float(e.get("dur", 0.0))
+    for e in (e for evs in per_device.values() for e in evs):
+        by[e.name][0] += 1
+        by[e.name][1] += e.dur
     return by
 
 
