@@ -57,7 +57,41 @@ def flops_per_token(mc, seq: int, ffn_per_token: float, with_mtp: bool):
     return 6 * p["total"] + attn, p
 
 
-def bench(cfg, warmup: int, steps: int):
+def profile_steps(step, state, batches, out_dir: str, tag: str) -> dict:
+    """Trace two steps and join the kernels to the compiled step's HLO op names (decode_profile.profile):
+    the time per JAX op of one training step."""
+    import glob
+    import shutil
+
+    import jax
+
+    from experiments.decode_profile import profile
+
+    hlo = step.lower(state, batches[0]).compile().as_text()
+    tdir = f"/tmp/lcflash_train_trace_{tag}"
+    shutil.rmtree(tdir, ignore_errors=True)
+    with jax.profiler.trace(tdir, create_perfetto_trace=True):
+        for b in batches[:2]:
+            state, m = step(state, b)
+        jax.block_until_ready(m)
+    trace = glob.glob(os.path.join(tdir, "**", "perfetto_trace.json.gz"), recursive=True)[0]
+    os.makedirs(out_dir, exist_ok=True)
+    for src, name in ((trace, f"trace_train_{tag}.json.gz"), (None, f"hlo_train_{tag}.txt")):
+        dst = os.path.join(out_dir, name)
+        if src:
+            shutil.copy(src, dst)
+        else:
+            with open(dst, "w") as f:
+                f.write(hlo)
+    res = profile(hlo, trace, steps=2, top=30)
+    res["by_op"] = res["by_op"][:40]
+    print(f"profile {tag}: {res['kernels_per_step']:.0f} kernels, {res['busy_us_per_step'] / 1e3:.1f} ms busy per step")
+    for o in res["by_op"][:15]:
+        print(f"  {o['kernels_per_step']:7.1f} {o['us_per_step'] / 1e3:8.2f} ms  {o['op'][:100]}")
+    return res
+
+
+def bench(cfg, warmup: int, steps: int, profile_dir: str | None = None):
     import jax
     import numpy as np
 
@@ -86,11 +120,15 @@ def bench(cfg, warmup: int, steps: int):
         ffn.append(m["ffn_experts_per_token"])
     jax.block_until_ready(m)
     dt = time.time() - t0
+    prof = None
+    if profile_dir:
+        prof = profile_steps(step, state, batches[warmup:], profile_dir, cfg.moe.gmm_impl)
     m = jax.device_get(m)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
     return {"step_time_s": dt / steps, "tokens_per_s": cfg.train.batch_size * cfg.data.seq_len * steps / dt,
             "init_s": t_init, "compile_and_warmup_s": t_warm, "loss_last": float(m["loss"]), "ce_last": float(m["ce"]),
-            "ffn_experts_per_token": float(np.mean(jax.device_get(ffn))), "total_params": n_params}
+            "ffn_experts_per_token": float(np.mean(jax.device_get(ffn))), "total_params": n_params,
+            **({"profile": prof} if prof else {})}
 
 
 def main():
@@ -103,6 +141,9 @@ def main():
     ap.add_argument("--gmm_impl", default="", help="comma-separated gmm implementations to compare "
                     "(default: the config's)")
     ap.add_argument("--remat", action="store_true")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override, e.g. --set model.train_attn_impl=cudnn (repeatable)")
+    ap.add_argument("--profile_dir", default=None, help="also trace two steps: trace, HLO and time per op here")
     ap.add_argument("--out", default=os.path.join(ROOT, "experiments", "bench_train.json"))
     ap.add_argument("--time_budget_s", type=float, default=1e9, help="skip remaining impls once this is spent")
     args = ap.parse_args()
@@ -115,6 +156,9 @@ def main():
     base = {"train.batch_size": args.batch, "data.seq_len": args.seq, "train.progress": False}
     if args.remat:
         base["model.remat"] = True
+    for kv in args.set:
+        key, _, value = kv.partition("=")
+        base[key] = {"true": True, "false": False}.get(value.lower(), int(value) if value.isdigit() else value)
     impls = [x for x in args.gmm_impl.split(",") if x] or [None]
     dev = jax.devices()[0]
     peak = peak_flops(dev.device_kind)
@@ -127,7 +171,7 @@ def main():
         try:
             cfg = load_config(args.config, ov)
             mc = model_config(cfg)
-            r = bench(cfg, args.warmup, args.steps)
+            r = bench(cfg, args.warmup, args.steps, args.profile_dir)
         except Exception as e:  # report and go on to the next implementation
             rows.append({"gmm_impl": impl, "error": f"{type(e).__name__}: {str(e)[:400]}"})
             print(rows[-1], flush=True)
@@ -144,7 +188,7 @@ def main():
     import optax
     out = {
         "config": os.path.relpath(args.config, ROOT), "batch": args.batch, "seq_len": args.seq,
-        "remat": args.remat, "steps_timed": args.steps, "warmup_steps": args.warmup,
+        "remat": args.remat, "overrides": args.set, "steps_timed": args.steps, "warmup_steps": args.warmup,
         "device": f"{dev.platform}: {dev.device_kind}", "device_count": jax.device_count(),
         "peak_bf16_flops": peak,
         "versions": {"python": platform.python_version(), "jax": jax.__version__, "flax": flax.__version__,

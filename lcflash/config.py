@@ -17,6 +17,7 @@ ROPE_TYPES = ("default", "yarn")
 GMM_IMPLS = ("ragged_dot", "reference", "pallas", "jax_mgpu", "tokamax")
 # Attention form for calls that read a KV cache (see lcflash/model/mla.py); calls without a cache are expanded.
 ATTN_IMPLS = ("expanded", "absorbed", "pallas")
+TRAIN_ATTN_IMPLS = ("xla", "cudnn", "dpa_xla")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -71,6 +72,9 @@ class ModelConfig:
     dtype: str = "bfloat16"
     gmm_impl: str = "ragged_dot"
     attn_impl: str = "expanded"
+    # The expanded (training / prefill) attention: "xla" materialises the scores; "cudnn" is cuDNN's fused flash
+    # attention (GPU only); "dpa_xla" runs the same jax.nn.dot_product_attention call on XLA (tests).
+    train_attn_impl: str = "xla"
     remat: bool = False
     # ScMoE overlap (cfg.moe.overlap): False runs the MoE branch to completion before dense FFN 0, the baseline
     # that measures what the overlap hides (lcflash/model/layer.py). Values are identical either way.
@@ -145,6 +149,8 @@ def validate(cfg: ModelConfig) -> ModelConfig:
     _require(cfg.gmm_impl in GMM_IMPLS, "gmm_impl", cfg.gmm_impl, f"must be one of {GMM_IMPLS}")
     _require(isinstance(cfg.moe_overlap, bool), "moe_overlap", cfg.moe_overlap, "must be a bool (True or False)")
     _require(cfg.attn_impl in ATTN_IMPLS, "attn_impl", cfg.attn_impl, f"must be one of {ATTN_IMPLS}")
+    _require(cfg.train_attn_impl in TRAIN_ATTN_IMPLS, "train_attn_impl", cfg.train_attn_impl,
+             f"must be one of {TRAIN_ATTN_IMPLS}")
     for f in ("bos_token_id", "eos_token_id"):
         v = getattr(cfg, f)
         _require(v is None or 0 <= v < cfg.vocab_size, f, v, f"must be None or in [0, vocab_size={cfg.vocab_size})")

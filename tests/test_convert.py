@@ -13,10 +13,7 @@ import lcflash
 from lcflash.convert import hf as hfconv
 from lcflash.convert.safetensors_io import SafetensorsFile, write_safetensors
 from hf_reference import hf_forward, random_hf_model
-
-
-def rel(a, b):
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+from numerics import rel
 
 
 @pytest.fixture(scope="module")

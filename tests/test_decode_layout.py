@@ -11,11 +11,7 @@ from lcflash.config import load_config, model_config
 from lcflash.infer import decode
 from lcflash.infer.cache import DecodeCache
 from lcflash.model import LongcatFlash
-
-
-def rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+from numerics import rel
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ from lcflash.infer import decode, generation as gen_mod
 from lcflash.infer.cache import DecodeCache
 from lcflash.infer.generation import GenerateError, Generator, generator_for
 from lcflash.model import LongcatFlash
+from numerics import rel
 
 HF_CASES = {
     "default": dict(),
@@ -22,11 +23,6 @@ HF_CASES = {
     "more_experts_top6": dict(n_routed_experts=16, zero_expert_num=8, moe_topk=6, num_layers=3),
 }
 PROMPTS = [[5, 17, 3, 44, 9], [60, 2, 8, 8, 11, 71, 30, 3, 12], [33, 1, 90]]
-
-
-def rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 @pytest.fixture(scope="module")

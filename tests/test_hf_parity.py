@@ -5,6 +5,7 @@ import pytest
 
 import lcflash
 from hf_reference import hf_forward, random_hf_model
+from numerics import rel
 
 CASES = {
     "default": dict(),
@@ -16,10 +17,6 @@ CASES = {
     "no_zero_experts": dict(zero_expert_num=0, moe_topk=3, n_routed_experts=6),
     "mostly_zero_experts": dict(n_routed_experts=4, zero_expert_num=12, moe_topk=5, rope_theta=1.0e7),
 }
-
-
-def rel(a, b):
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -10,15 +10,11 @@ from flax import nnx
 from lcflash.config import load_config, model_config
 from lcflash.kernels.mla_decode import mla_decode, reference
 from lcflash.model import LongcatFlash
-from lcflash.model.mla import LatentKV, absorbed_attention, expanded_attention
+from lcflash.model.mla import LatentKV, absorbed_attention, expanded_attention, write_rows
 from lcflash.model.transformer import KVCache
+from numerics import rel
 
 ON_GPU = jax.default_backend() == "gpu"
-
-
-def rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def inputs(B, T, H, R, P, S, dtype, seed=0):
@@ -33,6 +29,18 @@ def f32_reference(q, qp, c, k, start, scale):
     T, S = q.shape[1], c.shape[1]
     up = [x.astype(jnp.float32) for x in (q, qp, c, k)]
     return reference.mla_decode_reference(*up, reference.causal_decode_mask(start, T, S), scale)
+
+
+@pytest.mark.parametrize("B,T", [(1, 1), (1, 3), (4, 1), (3, 2)])
+def test_write_rows_matches_dynamic_update_slice(B, T):
+    """The cache write keeps dynamic_update_slice's rules per row (negative starts wrap, then clamp to fit)."""
+    rng = np.random.default_rng(B * 10 + T)
+    cache = jnp.asarray(rng.normal(size=(B, 16, 3)), jnp.bfloat16)
+    new = jnp.asarray(rng.normal(size=(B, T, 3)), jnp.bfloat16)
+    ref = jax.vmap(lambda c, n, i: jax.lax.dynamic_update_slice_in_dim(c, n, i, axis=0))
+    for start in ([0] * B, [15] * B, [-2] * B, list(rng.integers(-20, 20, B))):
+        start = jnp.asarray(start, jnp.int32)
+        np.testing.assert_array_equal(jax.jit(write_rows)(cache, new, start), ref(cache, new, start))
 
 
 def test_absorbed_equals_expanded_attention():

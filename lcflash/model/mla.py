@@ -27,15 +27,33 @@ class LatentKV(NamedTuple):
 
 
 def write_rows(cache_bs_, new_bt_, start_b):
-    """Writes new[b] into cache[b] at offset start_b[b] (each row may be at its own position)."""
-    return jax.vmap(lambda c, n, i: jax.lax.dynamic_update_slice_in_dim(c, n, i, axis=0))(cache_bs_, new_bt_, start_b)
+    """Writes new[b] into cache[b] at offset start_b[b] (each row may be at its own position), with
+    dynamic_update_slice's index rules (negative wraps, then clamped to fit).
+
+    Not a vmapped dynamic_update_slice: XLA lowers that scatter with a bounds check that reads the old rows first,
+    one extra kernel per cache write (48 of a small-model decode step's ~750)."""
+    B, T = new_bt_.shape[:2]
+    S = cache_bs_.shape[1]
+    start_b = jnp.asarray(start_b, jnp.int32)
+    start_b = jnp.clip(jnp.where(start_b < 0, start_b + S, start_b), 0, S - T)
+    if B == 1:
+        return jax.lax.dynamic_update_slice_in_dim(cache_bs_, new_bt_, start_b[0], axis=1)
+    rows_bt = start_b[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+    return cache_bs_.at[jnp.arange(B)[:, None], rows_bt].set(new_bt_, mode="promise_in_bounds",
+                                                              unique_indices=True)
 
 
-def expanded_attention(q_nope_bthk, q_pe_bthd, kv: LatentKV, w_kv_b_rhk, mask_bts, scale, qk_nope_dim):
-    """Attention with keys/values expanded per head from the latent (training and prefill form)."""
+def expanded_attention(q_nope_bthk, q_pe_bthd, kv: LatentKV, w_kv_b_rhk, mask_bts, scale, qk_nope_dim,
+                       impl: str = "xla"):
+    """Attention with keys/values expanded per head from the latent (training and prefill form). impl "xla"
+    materialises the [B, H, T, S] scores; "cudnn" / "dpa_xla" go through `jax.nn.dot_product_attention`
+    (cuDNN's fused flash attention on a GPU; "dpa_xla" is the same call on XLA, to test the plumbing)."""
     dtype = q_nope_bthk.dtype
     kv_bshk = jnp.einsum("bsr,rhk->bshk", kv.c_bsr.astype(dtype), w_kv_b_rhk.astype(dtype))
     k_nope_bshk, v_bshv = kv_bshk[..., :qk_nope_dim], kv_bshk[..., qk_nope_dim:]
+    if impl != "xla":
+        return fused_attention(q_nope_bthk, q_pe_bthd, k_nope_bshk, kv.kpe_bsd.astype(dtype), v_bshv, mask_bts,
+                               scale, "cudnn" if impl == "cudnn" else "xla")
     logits_bhts = (
         jnp.einsum("bthk,bshk->bhts", q_nope_bthk, k_nope_bshk, preferred_element_type=jnp.float32)
         + jnp.einsum("bthd,bsd->bhts", q_pe_bthd, kv.kpe_bsd.astype(dtype), preferred_element_type=jnp.float32)
@@ -43,6 +61,22 @@ def expanded_attention(q_nope_bthk, q_pe_bthd, kv: LatentKV, w_kv_b_rhk, mask_bt
     logits_bhts = jnp.where(mask_bts[:, None], logits_bhts, NEG_INF)
     probs_bhts = jax.nn.softmax(logits_bhts, axis=-1).astype(dtype)
     return jnp.einsum("bhts,bshv->bthv", probs_bhts, v_bshv)
+
+
+def fused_attention(q_nope_bthk, q_pe_bthd, k_nope_bshk, kpe_bsd, v_bshv, mask_bts, scale, implementation):
+    """`jax.nn.dot_product_attention` on MLA's heads: queries/keys are [nope | rope] (the rope key shared by all
+    heads), and values are zero-padded to the query/key head size, which the call requires; the padded output
+    columns are dropped."""
+    H, dk, dv = q_nope_bthk.shape[2], q_nope_bthk.shape[3] + q_pe_bthd.shape[3], v_bshv.shape[3]
+    if implementation == "cudnn" and jax.default_backend() != "gpu":
+        raise ValueError(f"train_attn_impl 'cudnn' needs a GPU backend, not {jax.default_backend()!r}; use 'xla'")
+    q_bthk = jnp.concatenate([q_nope_bthk, q_pe_bthd], axis=-1)
+    kpe_bshd = jnp.broadcast_to(kpe_bsd[:, :, None, :], kpe_bsd.shape[:2] + (H, kpe_bsd.shape[-1]))
+    k_bshk = jnp.concatenate([k_nope_bshk, kpe_bshd], axis=-1)
+    v_bshk = jnp.pad(v_bshv, ((0, 0), (0, 0), (0, 0), (0, dk - dv))) if dk > dv else v_bshv
+    o_bthk = jax.nn.dot_product_attention(q_bthk, k_bshk, v_bshk, mask=mask_bts[:, None], scale=scale,
+                                          implementation=implementation)
+    return o_bthk[..., :dv]
 
 
 def absorbed_attention(q_nope_bthk, q_pe_bthd, kv: LatentKV, w_kv_b_rhk, mask_bts, scale, qk_nope_dim,
@@ -101,5 +135,5 @@ class MLA(nnx.Module):
                                         self.cfg.qk_nope_head_dim, impl, write_start_b)
         else:
             o_bthv = expanded_attention(q_nope, q_pe, kv, self.w_kv_b[...], mask_bts, softmax_scale(self.cfg),
-                                        self.cfg.qk_nope_head_dim)
+                                        self.cfg.qk_nope_head_dim, self.cfg.train_attn_impl)
         return self.output(o_bthv), kv
