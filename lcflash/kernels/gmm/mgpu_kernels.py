@@ -248,7 +248,8 @@ def rows_kernel(
             num_compute_wgs=2,
             max_concurrent_steps=stages,
             compute_context=context,
-            pipeline_state=state,
+            # Only the chained variant passes a state, so the default path does not depend on this argument.
+            **({} if state is None else dict(pipeline_state=state)),
         )
 
     def kernel(sched_ref, counts_ref, lhs_gmem, *refs):
