@@ -7,6 +7,10 @@ activations over the measured device-copy bandwidth). Our outputs are checked ag
 or a padded einsum (skewed loads) before they are timed.
 
     python experiments/bench_moe_gemm.py --out experiments/bench_moe_gemm.json [--quick] [--sweep] [--budget-s S]
+
+`--chain-ab` times only LongCat gate/up and down at T=512 (balanced) for `pallas` (per-tile pipelines),
+`pallas_chain` (chained per-tile pipelines in the rows kernel) and the einsum bound (`--sweep` then adds tile
+variants of the chained kernel).
 """
 
 import argparse
@@ -135,9 +139,10 @@ def run_case(cfg, proj, t, load, impls, bw_gbs, results, check=True):
     row = dict(config=cfg, proj=proj, K=k, N=n, G=g, tokens_per_expert=t, load=load, M=m,
                max_group=int(sizes_np.max()), empty_groups=int((sizes_np == 0).sum()), impls={})
 
-    if check and "pallas" in impls:
+    for ours in [i for i in impls if i.startswith("pallas")] if check else []:
+        key = "" if ours == "pallas" else "_" + ours  # check_rel_err for pallas, check_rel_err_pallas_chain, ...
         try:
-            got = jax.jit(fwd_bwd_fn(gmm_fn("pallas", sizes)))(x, w, dy)
+            got = jax.jit(fwd_bwd_fn(gmm_fn(ours, sizes)))(x, w, dy)
             if load == "balanced":
                 want = jax.jit(fwd_bwd_fn(gmm_fn("einsum", sizes)))(x, w, dy)
             elif g * int(sizes_np.max()) * max(k, n) * 2 < 8e9:
@@ -145,10 +150,11 @@ def run_case(cfg, proj, t, load, impls, bw_gbs, results, check=True):
             else:
                 want = None
             if want is not None:
-                row["check_rel_err"] = dict(zip(("out", "d_lhs", "d_rhs"), (rel_err(a, b) for a, b in zip(got, want))))
+                row["check_rel_err" + key] = dict(zip(("out", "d_lhs", "d_rhs"),
+                                                      (rel_err(a, b) for a, b in zip(got, want))))
             del got, want
         except Exception as e:  # noqa: BLE001 - reported in the table
-            row["check_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            row["check_error" + key] = f"{type(e).__name__}: {str(e)[:300]}"
 
     for impl in impls:
         if impl == "ragged_dot" and t > RAGGED_DOT_MAX_T:
@@ -185,17 +191,18 @@ def bound_for(results, row):
 
 
 def format_table(results):
-    lines = [f"{'case':34} {'impl':10} {'fwd ms':>8} {'TF/s':>6} {'/ein':>5} {'/floor':>6} | "
+    lines = [f"{'case':34} {'impl':12} {'fwd ms':>8} {'TF/s':>6} {'/ein':>5} {'/floor':>6} | "
              f"{'bwd ms':>8} {'TF/s':>6} {'/ein':>5} {'/floor':>6} | check"]
     for r in results:
         case = f"{r['config']}/{r['proj']} T={r['tokens_per_expert']} {r['load']}"
         ein = bound_for(results, r)
-        chk = r.get("check_rel_err") or r.get("check_error", "")
-        if isinstance(chk, dict):
-            chk = " ".join(f"{k}={v:.1e}" for k, v in chk.items())
         for impl, rec in r["impls"].items():
+            key = "" if impl == "pallas" else "_" + impl
+            chk = r.get("check_rel_err" + key) or r.get("check_error" + key, "")
+            if isinstance(chk, dict):
+                chk = " ".join(f"{k}={v:.1e}" for k, v in chk.items())
             if "fwd_ms" not in rec:
-                lines.append(f"{case:34} {impl:10} {rec.get('error', rec.get('skipped', ''))[:90]}")
+                lines.append(f"{case:34} {impl:12} {rec.get('error', rec.get('skipped', ''))[:90]}")
                 continue
             small = r["tokens_per_expert"] <= 64
 
@@ -207,16 +214,18 @@ def format_table(results):
                 floor = ms / r[floor_key] if small else float("nan")
                 return f"{ms:8.3f} {rec[tf_key]:6.0f} {ratio:5.2f} {floor:6.2f}"
 
-            lines.append(f"{case:34} {impl:10} {col('fwd_ms', 'bytes_floor_fwd_ms', 'fwd_tflops')} | "
+            lines.append(f"{case:34} {impl:12} {col('fwd_ms', 'bytes_floor_fwd_ms', 'fwd_tflops')} | "
                          f"{col('bwd_ms', 'bytes_floor_bwd_ms', 'bwd_tflops')} | "
-                         f"{chk if impl == 'pallas' else rec.get('error', rec.get('bwd_skipped', ''))[:60]}")
+                         f"{chk if impl.startswith('pallas') else rec.get('error', rec.get('bwd_skipped', ''))[:60]}")
     lines.append("/ein: batched-einsum time / this time (1.00 = at the bound); /floor: this time / bytes-over-bandwidth "
                  "floor (T <= 64 only); bwd = (fwd+bwd) - fwd")
     return "\n".join(lines)
 
 
-def cases(quick):
+def cases(quick, chain_ab=False):
     """Cases in priority order (the budget may stop the list early)."""
+    if chain_ab:
+        return [("longcat", p, 512, "balanced") for p in ("gate_up", "down")]
     if quick:
         return [("longcat", p, t, "balanced") for t in (512, 8) for p in ("gate_up", "down")]
     order = [("longcat", 512, "balanced"), ("swiglu", 512, None), ("longcat", 64, "balanced"),
@@ -233,19 +242,25 @@ def cases(quick):
     return out
 
 
-def sweep(bw_gbs, within_budget):
-    """Tile variants of ours at LongCat T=512; the heuristics in pallas_gmm use the winners."""
+def sweep(bw_gbs, within_budget, chain=False):
+    """Tile variants of ours at LongCat T=512; the heuristics in pallas_gmm use the winners.
+
+    chain: variants of the chained rows kernel instead (`pallas_chain`; its default is 4 stages, 64-col stores)."""
     T = mgpu_kernels.Tiles
     runs = [("gate_up", 512, T(128, 128, 64, 4, 64), None), ("down", 512, T(128, 128, 64, 4, 64), None),
             ("gate_up", 512, None, T(128, 128, 128, 2, 64)), ("down", 512, None, T(128, 128, 128, 2, 64))]
+    if chain:  # 3 stages with one 128-col store per warpgroup (the unchained default); down has 32 steps: 2 stages
+        runs = [("gate_up", 512, T(128, 128, 64, 3, 128, chain=True), None),
+                ("down", 512, T(128, 128, 64, 3, 128, chain=True), None)]
+    impl = "pallas_chain" if chain else "pallas"
     out = []
     for proj, t, rows_tiles, contract_tiles in runs:
         if not within_budget():
             break
         pallas_gmm.ROWS_TILES, pallas_gmm.CONTRACT_TILES = rows_tiles, contract_tiles
-        row = run_case("longcat", proj, t, "balanced", ["pallas"], bw_gbs, [], check=False)
-        rec = dict(proj=proj, tokens_per_expert=t, rows_tiles=str(rows_tiles), contract_tiles=str(contract_tiles),
-                   **row["impls"]["pallas"])
+        row = run_case("longcat", proj, t, "balanced", [impl], bw_gbs, [], check=False)
+        rec = dict(proj=proj, tokens_per_expert=t, impl=impl, rows_tiles=str(rows_tiles),
+                   contract_tiles=str(contract_tiles), **row["impls"][impl])
         out.append(rec)
         print("sweep", json.dumps(rec), flush=True)
     pallas_gmm.ROWS_TILES = pallas_gmm.CONTRACT_TILES = None
@@ -312,6 +327,8 @@ def main():
     ap.add_argument("--impls", default="pallas,jax_mgpu,ragged_dot,einsum")
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting new cases after this many seconds")
     ap.add_argument("--skip", type=int, default=0, help="skip the first N cases of the priority list")
+    ap.add_argument("--chain-ab", action="store_true",
+                    help="LongCat T=512 only: pallas vs pallas_chain vs einsum (implies --impls pallas,pallas_chain,einsum)")
     ap.add_argument("--pick-jax-mgpu", action="store_true", help="time four configs of the example kernel first")
     args = ap.parse_args()
     t_start = time.time()
@@ -330,12 +347,12 @@ def main():
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)
 
-    impls = args.impls.split(",")
+    impls = "pallas,pallas_chain,einsum".split(",") if args.chain_ab else args.impls.split(",")
     if "jax_mgpu" in impls and args.pick_jax_mgpu:
         report["jax_mgpu_config"] = pick_jax_mgpu_config()
         save()
     report["swiglu"] = []
-    for cfg, proj, t, load in cases(args.quick)[args.skip:]:
+    for cfg, proj, t, load in cases(args.quick, args.chain_ab)[args.skip:]:
         if time.time() - t_start > args.budget_s:
             report["stopped_early"] = f"budget {args.budget_s}s reached before {cfg}/{proj} T={t} {load}"
             print(report["stopped_early"], flush=True)
@@ -348,7 +365,8 @@ def main():
         print(json.dumps(row), flush=True)
         save()
     if args.sweep:
-        report["sweep"] = sweep(meta["copy_bandwidth_gbs"], lambda: time.time() - t_start < args.budget_s)
+        report["sweep"] = sweep(meta["copy_bandwidth_gbs"], lambda: time.time() - t_start < args.budget_s,
+                                chain=args.chain_ab)
     save()
     print(format_table(results), flush=True)
 

@@ -149,6 +149,26 @@ def test_pallas_interpret_fused_swiglu_and_decode_tiles(hang_guard):
     assert not np.asarray(h[29:], np.float32).any()
 
 
+@cpu_only
+@pytest.mark.parametrize("m,k,n,sizes_l", [
+    # 15 matmul tiles (3 column tiles of 2 x 64) over 2 simulated SMs: chains of 8 and 7 (START, STEADY, STOP);
+    # 6 K steps -> a 3-deep ring that wraps twice per tile; 80 rows past the groups in 2 tail tiles.
+    (300, 384, 384, SIZES_RAGGED),
+    # one matmul tile: a chain of 1 on one SM (the plain pipeline) and none on the other; tail rows in 2 tiles.
+    (200, 128, 128, [0, 100]),
+])
+def test_pallas_interpret_chained_rows_kernel(hang_guard, m, k, n, sizes_l):
+    """Forward rows kernel with chained per-tile pipelines (pallas_chain) against the fp32 reference; every output
+    element is written (the interpreter NaN-fills outputs)."""
+    from lcflash.kernels.gmm import pallas_gmm
+
+    lhs, rhs, _, sizes = _inputs(8, m, k, n, sizes_l, jnp.bfloat16)
+    got = np.asarray(pallas_gmm.rows_matmul(lhs, [rhs], sizes, chain=True), np.float32)
+    want = reference.gmm_loop(lhs.astype(jnp.float32), rhs.astype(jnp.float32), sizes)
+    assert _rel(got, want) < BF16_TOL
+    assert not got[sum(sizes_l):].any()
+
+
 # ------------------------------------------------------------------------------------------------
 # GPU: compiled kernels.
 # ------------------------------------------------------------------------------------------------
@@ -162,11 +182,12 @@ GPU_CASES = {
 
 
 @gpu_only
+@pytest.mark.parametrize("impl", ["pallas", "pallas_chain"])
 @pytest.mark.parametrize("case", sorted(GPU_CASES))
-def test_gpu_pallas_forward_and_gradients(case):
+def test_gpu_pallas_forward_and_gradients(case, impl):
     m, k, n, sizes_l = GPU_CASES[case]
     lhs, rhs, dout, sizes = _inputs(10, m, k, n, sizes_l, jnp.bfloat16)
-    f = jax.jit(lambda a, b, d: _fwd_grads("pallas", a, b, d, sizes))
+    f = jax.jit(lambda a, b, d: _fwd_grads(impl, a, b, d, sizes))
     got = f(lhs, rhs, dout)
     want = _ref_fwd_grads(lhs, rhs, dout, sizes)
     for name, g, w in zip(("out", "d_lhs", "d_rhs"), got, want):

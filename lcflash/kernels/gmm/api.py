@@ -12,6 +12,8 @@ Implementations:
   reference   per-group dense loop (tests and tiny shapes only)
   pallas      ours: Mosaic GPU kernels for Hopper with explicit VJP (lcflash/kernels/gmm/pallas_gmm.py); on a
               non-GPU backend it runs in Pallas' GPU interpreter (slow; tests only). bf16/fp16 inputs only.
+  pallas_chain  `pallas` with the rows kernel's per-tile pipelines chained (Tiles.chain): the TMA warpgroup loads
+              the next tile during this tile's tail and epilogue; A/B candidate in experiments/bench_moe_gemm.py.
   jax_mgpu    JAX's example kernels (jax.experimental.pallas.ops.gpu.ragged_dot_mgpu), GPU only; the peer.
   tokamax     not registered: no tokamax release runs on the supported JAX (0.0.12 fails on JAX 0.11.2).
 """
@@ -27,22 +29,29 @@ def _pallas_gmm(lhs_mk, rhs_gkn, group_sizes_g, preferred_element_type=None):
     return pallas_gmm.gmm(lhs_mk, rhs_gkn, group_sizes_g, preferred_element_type=preferred_element_type)
 
 
+def _pallas_chain_gmm(lhs_mk, rhs_gkn, group_sizes_g, preferred_element_type=None):
+    from lcflash.kernels.gmm import pallas_gmm
+
+    return pallas_gmm.gmm(lhs_mk, rhs_gkn, group_sizes_g, preferred_element_type=preferred_element_type, chain=True)
+
+
 def _jax_mgpu_gmm(lhs_mk, rhs_gkn, group_sizes_g, preferred_element_type=None):
     from lcflash.kernels.gmm import jax_mgpu
 
     return jax_mgpu.gmm(lhs_mk, rhs_gkn, group_sizes_g, preferred_element_type=preferred_element_type)
 
 
-def _pallas_gmm_swiglu(x_mk, w_gate_gkn, w_up_gkn, group_sizes_g):
+def _pallas_gmm_swiglu(x_mk, w_gate_gkn, w_up_gkn, group_sizes_g, chain=False):
     from lcflash.kernels.gmm import pallas_gmm
 
-    return pallas_gmm.gmm_swiglu(x_mk, w_gate_gkn, w_up_gkn, group_sizes_g)
+    return pallas_gmm.gmm_swiglu(x_mk, w_gate_gkn, w_up_gkn, group_sizes_g, chain=chain)
 
 
 IMPLEMENTATIONS = {
     "ragged_dot": reference.gmm_ragged_dot,
     "reference": reference.gmm_loop,
     "pallas": _pallas_gmm,
+    "pallas_chain": _pallas_chain_gmm,
     "jax_mgpu": _jax_mgpu_gmm,
 }
 
@@ -50,6 +59,7 @@ IMPLEMENTATIONS = {
 # with fp32 gate/up.
 SWIGLU_IMPLEMENTATIONS = {
     "pallas": _pallas_gmm_swiglu,
+    "pallas_chain": lambda *args: _pallas_gmm_swiglu(*args, chain=True),
 }
 
 _NOT_AVAILABLE = {

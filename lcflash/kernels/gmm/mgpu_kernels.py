@@ -38,6 +38,9 @@ class Tiles:
     tile_k: int = 64
     stages: int = 4
     epi_n: int = 64  # output columns per epilogue store
+    # rows kernel only: chain the per-tile pipelines (`pipeline_state` START/STEADY/STOP) so the TMA warpgroup
+    # loads the next tile's first steps during this tile's last steps and epilogue (see rows_kernel).
+    chain: bool = False
 
 
 def _num_sms(interpret: bool) -> int:
@@ -75,8 +78,11 @@ def _swizzle_transforms(minor_elems: int, dtype) -> tuple:
     return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
 
 
-def smem_bytes(tiles: Tiles, *, n_rhs: int, in_dtype, out_dtype, contract: bool) -> int:
-    """Shared memory the kernel allocates (pipeline ring + epilogue staging); checked before tracing."""
+def smem_bytes(tiles: Tiles, *, n_rhs: int, in_dtype, out_dtype, contract: bool, margin: int = 4096) -> int:
+    """Shared memory the kernel allocates (pipeline ring + epilogue staging) plus margin; checked before tracing.
+
+    Mosaic's own use (barriers) measured 64 bytes at 4 stages (cross-lowering's smem check), so a small margin
+    is exact enough where a stage is at stake (pallas_gmm's chained tiles)."""
     isz, osz = jnp.dtype(in_dtype).itemsize, jnp.dtype(out_dtype).itemsize
     if contract:
         a = tiles.tile_k * tiles.tile_m
@@ -85,7 +91,7 @@ def smem_bytes(tiles: Tiles, *, n_rhs: int, in_dtype, out_dtype, contract: bool)
     b = n_rhs * tiles.tile_k * 2 * tiles.tile_n
     ring = tiles.stages * (a + b) * isz
     epi = 2 * tiles.tile_m * tiles.epi_n * osz
-    return ring + epi + 4096  # barriers and Mosaic's own scratch
+    return ring + epi + margin  # barriers and Mosaic's own scratch
 
 
 # --------------------------------------------------------------------------------------------------
@@ -167,6 +173,14 @@ def _store_rows(val, out_gmem, stage_smem, *, row0, start, rows, col0, tile_n, e
 # --------------------------------------------------------------------------------------------------
 
 
+def _chain_stages(stages: int, k_steps: int) -> int:
+    """Chained pipelines need k_steps % stages == 0 (each tile uses every ring slot equally often)."""
+    s = min(stages, k_steps)
+    while k_steps % s:
+        s -= 1
+    return s
+
+
 def rows_kernel(
     lhs_mk,
     rhs_list,
@@ -182,6 +196,12 @@ def rows_kernel(
 
     rhs_list: one [G, K, N] array (transpose_rhs: [G, N, K]), or two (gate, up) with swiglu set:
     swiglu="h" returns silu(x@wg) * (x@wu); swiglu="hgu" returns (h, x@wg, x@wu) for the backward pass.
+
+    tiles.chain=False: every tile runs its own pipeline (dynamic step count, 0 for tail tiles), so the TMA
+    warpgroup quiesces at each tile's end and the next tile's first loads wait behind this tile's epilogue.
+    tiles.chain=True: a CTA's matmul tiles (all k_steps deep) form one START/STEADY.../STOP chain of pipelines
+    sharing the smem ring, so the TMA warpgroup runs ahead into the next tile; the tail tiles (rows past the
+    groups) are stored as zeros afterwards by the compute warpgroups, outside any pipeline.
     """
     m, k = lhs_mk.shape
     n_rhs = len(rhs_list)
@@ -195,7 +215,7 @@ def rows_kernel(
     if k % tk or n % (2 * tn) or tn % epi_n or m < tm:
         raise ValueError(f"rows_kernel needs K % {tk} == 0, N % {2 * tn} == 0 and M >= {tm}; got {m=} {k=} {n=}")
     k_steps = k // tk
-    stages = min(tiles.stages, k_steps)
+    stages = _chain_stages(tiles.stages, k_steps) if tiles.chain else min(tiles.stages, k_steps)
     n_tiles = n // (2 * tn)
     t_max = sched_5t.shape[1]
     dtype = lhs_mk.dtype
@@ -207,6 +227,7 @@ def rows_kernel(
     if swiglu is None and n_rhs != 1:
         raise ValueError("without swiglu, rows_kernel takes one rhs array")
     max_rows = min(tm, m)
+    n_sms = _num_sms(interpret)
 
     def b_spec(nt_of):
         if transpose_rhs:
@@ -215,7 +236,7 @@ def rows_kernel(
         return plgpu.BlockSpec((tk, 2 * tn), lambda kk: (kk, nt_of()), transforms=tr_b, delay_release=0,
                                memory_space=plgpu.SMEM)
 
-    def make_pipeline(body, context, nsteps, blk_of, nt_of):
+    def make_pipeline(body, context, nsteps, blk_of, nt_of, state=None):
         a_spec = plgpu.BlockSpec((tm, tk), lambda kk: (blk_of(), kk), transforms=tr_a, delay_release=0,
                                  memory_space=plgpu.SMEM)
         return plgpu.emit_pipeline_warp_specialized(
@@ -227,9 +248,11 @@ def rows_kernel(
             num_compute_wgs=2,
             max_concurrent_steps=stages,
             compute_context=context,
+            # Only the chained variant passes a state, so the default path does not depend on this argument.
+            **({} if state is None else dict(pipeline_state=state)),
         )
 
-    def kernel(sched_ref, lhs_gmem, *refs):
+    def kernel(sched_ref, counts_ref, lhs_gmem, *refs):
         rhs_gmems = refs[:n_rhs]
         out_gmems = refs[n_rhs:n_rhs + n_out]
         zero = lambda: jnp.int32(0)
@@ -245,60 +268,97 @@ def rows_kernel(
         def _scope(allocs, stage_smem):
             wg = lax.axis_index("wg")
 
-            @plgpu.nd_loop((t_max * n_tiles,), collective_axes="sm")
-            def _tile(info):
-                lin = info.index[0]
+            def tile_of(lin):
+                """(n tile, group, row block, first row in block, rows) of linear tile index lin."""
                 mt = lin // n_tiles
-                nt = lin % n_tiles
-                grp = sched_ref[0, mt]
-                blk = sched_ref[1, mt]
-                start = sched_ref[2, mt]
-                rows = sched_ref[3, mt]
-                nsteps = sched_ref[4, mt] * k_steps  # 0 for tail tiles: the accumulators stay zero
+                return lin % n_tiles, sched_ref[0, mt], sched_ref[1, mt], sched_ref[2, mt], sched_ref[3, mt]
 
-                @pl.when(rows > 0)
-                def _live():
-                    def mma(_, a_smem, *args):
-                        b_smems, accs = args[:n_rhs], args[n_rhs]
-                        for b_smem, acc in zip(b_smems, accs):
-                            if transpose_rhs:
-                                b = plgpu.transpose_ref(b_smem.at[pl.ds(wg * tn, tn), :], (1, 0))
-                            else:
-                                b = b_smem.at[:, pl.ds(wg * tn, tn)]
-                            plgpu.wgmma(acc, a_smem, b)
-                        # Wait for this step's wgmma before its buffers are released. Releasing one step later
-                        # (delay_release=1) would let the next tile's prologue refill the last step's buffers while
-                        # its wgmma still reads them; the other compute warpgroup keeps the tensor cores busy.
-                        plgpu.wgmma_wait(0)
-                        return accs
+            def store(vals, nt, blk, start, rows):
+                if swiglu is None:
+                    outs = vals
+                else:
+                    gate, up = vals
+                    h = gate * (1.0 / (1.0 + jnp.exp(-gate))) * up
+                    outs = [h] if swiglu == "h" else [h, gate, up]
+                for val, out_gmem in zip(outs, out_gmems):
+                    _store_rows(val, out_gmem, stage_smem.at[wg], row0=blk * tm, start=start, rows=rows,
+                                col0=nt * 2 * tn + wg * tn, tile_n=tn, epi_n=epi_n, max_rows=max_rows, full=False)
 
-                    def context(run):
-                        def acc_scope(*acc_refs):
-                            run(tuple(acc_refs))
-                            vals = [r[...] for r in acc_refs]
-                            if swiglu is None:
-                                outs = vals
-                            else:
-                                gate, up = vals
-                                h = gate * (1.0 / (1.0 + jnp.exp(-gate))) * up
-                                outs = [h] if swiglu == "h" else [h, gate, up]
-                            for val, out_gmem in zip(outs, out_gmems):
-                                _store_rows(val, out_gmem, stage_smem.at[wg], row0=blk * tm, start=start, rows=rows,
-                                            col0=nt * 2 * tn + wg * tn, tile_n=tn, epi_n=epi_n, max_rows=max_rows,
-                                            full=False)
+            def run_tile(lin, nsteps, state=None):
+                """One output tile through the pipeline; 0 steps leave the accumulators zero."""
+                nt, grp, blk, start, rows = tile_of(lin)
 
-                        pl.run_scoped(acc_scope, *[plgpu.ACC((tm, tn), jnp.float32) for _ in range(n_rhs)])
+                def mma(_, a_smem, *args):
+                    b_smems, accs = args[:n_rhs], args[n_rhs]
+                    for b_smem, acc in zip(b_smems, accs):
+                        if transpose_rhs:
+                            b = plgpu.transpose_ref(b_smem.at[pl.ds(wg * tn, tn), :], (1, 0))
+                        else:
+                            b = b_smem.at[:, pl.ds(wg * tn, tn)]
+                        plgpu.wgmma(acc, a_smem, b)
+                    # Wait for this step's wgmma before its buffers are released. Releasing one step later
+                    # (delay_release=1) would let the next tile's prologue refill the last step's buffers while
+                    # its wgmma still reads them; the other compute warpgroup keeps the tensor cores busy.
+                    plgpu.wgmma_wait(0)
+                    return accs
 
-                    pipe = make_pipeline(mma, context, nsteps, lambda: blk, lambda: nt)
-                    pipe(lhs_gmem, *[r.at[grp] for r in rhs_gmems], allocations=allocs)
+                def context(run):
+                    def acc_scope(*acc_refs):
+                        run(tuple(acc_refs))
+                        store([r[...] for r in acc_refs], nt, blk, start, rows)
+
+                    pl.run_scoped(acc_scope, *[plgpu.ACC((tm, tn), jnp.float32) for _ in range(n_rhs)])
+
+                pipe = make_pipeline(mma, context, nsteps, lambda: blk, lambda: nt, state)
+                pipe(lhs_gmem, *[r.at[grp] for r in rhs_gmems], allocations=allocs)
+
+            if not tiles.chain:
+
+                @plgpu.nd_loop((t_max * n_tiles,), collective_axes="sm")
+                def _tile(info):
+                    lin = info.index[0]
+                    rows = sched_ref[3, lin // n_tiles]
+                    nsteps = sched_ref[4, lin // n_tiles] * k_steps  # 0 for tail tiles: accumulators stay zero
+                    pl.when(rows > 0)(lambda: run_tile(lin, nsteps))
+
+            else:
+                # The schedule lists matmul tiles first, then tail tiles, then unused ones (row_schedule).
+                n_mm, n_live = counts_ref[0], counts_ref[1]
+                sm = lax.axis_index("sm")
+                mm_total = n_mm * n_tiles
+                count = (mm_total - sm + n_sms - 1) // n_sms  # this CTA's tiles: sm, sm + n_sms, ...
+
+                @pl.when(count == 1)
+                def _single():  # a chain of one: the plain pipeline (START and STOP at once)
+                    run_tile(sm, k_steps)
+
+                @pl.when(count > 1)
+                def _chain():
+                    @pl.loop(0, count)
+                    def _step(j):
+                        state = jnp.where(j == 0, plgpu.PipelinePipeline.START,
+                                          jnp.where(j == count - 1, plgpu.PipelinePipeline.STOP,
+                                                    plgpu.PipelinePipeline.STEADY)).astype(jnp.int32)
+                        run_tile(sm + j * n_sms, k_steps, state)
+
+                @pl.when(wg < 2)
+                def _tail():  # rows past the groups: zeros, round-robin continuing after the matmul tiles
+                    first = (sm - mm_total % n_sms + n_sms) % n_sms
+                    tail_count = ((n_live - n_mm) * n_tiles - first + n_sms - 1) // n_sms
+
+                    @pl.loop(0, tail_count)
+                    def _tail_tile(j):
+                        nt, _, blk, start, rows = tile_of(mm_total + first + j * n_sms)
+                        zeros = jnp.zeros((tm, tn), jnp.float32)
+                        store([zeros] * n_rhs, nt, blk, start, rows)
 
             plgpu.wait_smem_to_gmem(0)  # all output stores have landed before the kernel exits
 
     out_type = [jax.ShapeDtypeStruct((m, n), out_dtype) for _ in range(n_out)]
     call = _persistent_call(kernel, out_type, interpret)
-    outs = call(sched_5t, lhs_mk, *rhs_list)
+    counts_2 = jnp.stack([sched_5t[4].sum(), (sched_5t[3] > 0).sum()]).astype(jnp.int32)  # matmul, live tiles
+    outs = call(sched_5t, counts_2, lhs_mk, *rhs_list)
     return outs[0] if n_out == 1 else tuple(outs)
-
 
 # --------------------------------------------------------------------------------------------------
 # Contract kernel: d_rhs[g] = lhs[rows of g]^T @ dout[rows of g].

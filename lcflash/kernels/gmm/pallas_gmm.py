@@ -4,6 +4,7 @@ On a GPU the kernels compile for Hopper; anywhere else they run in Pallas' GPU i
 same kernel on the CPU (slow: for tests on small shapes only).
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -46,6 +47,21 @@ def _rows_tiles(m: int, g: int, n: int, out_dtype, n_rhs: int, what: str) -> mk.
     return tiles
 
 
+def _chain_tiles(tiles: mk.Tiles, k_steps: int, out_dtype, n_rhs: int) -> mk.Tiles:
+    """Chained rows pipelines need k_steps % stages == 0: the deepest ring that divides k_steps and fits, halving
+    the epilogue chunk (epi_n 64) before dropping a stage (LongCat down, 32 steps: 4 stages and 64-column stores
+    instead of 2 stages)."""
+    for stages in range(max(tiles.stages, 4), 0, -1):
+        if k_steps % stages:
+            continue
+        for epi_n in sorted({tiles.epi_n, min(64, tiles.epi_n)}, reverse=True):
+            t = dataclasses.replace(tiles, stages=stages, epi_n=epi_n, chain=True)
+            if mk.smem_bytes(t, n_rhs=n_rhs, in_dtype=jnp.bfloat16, out_dtype=out_dtype, contract=False,
+                             margin=512) <= mk._SMEM_BYTES:
+                return t
+    raise ValueError(f"pallas gmm: no chained tiling fits shared memory for {tiles} and {k_steps} steps")
+
+
 def _contract_tiles(n: int, out_dtype) -> mk.Tiles:
     if CONTRACT_TILES is not None:
         return CONTRACT_TILES
@@ -84,12 +100,19 @@ def _pad_rows(x, rows):
     return x if x.shape[0] >= rows else jnp.pad(x, ((0, rows - x.shape[0]), (0, 0)))
 
 
-def rows_matmul(lhs_mk, rhs_list, group_sizes_g, *, transpose_rhs=False, out_dtype=None, swiglu=None):
-    """Grouped rows product through the rows kernel; rows past sum(group_sizes) are zero."""
+def rows_matmul(lhs_mk, rhs_list, group_sizes_g, *, transpose_rhs=False, out_dtype=None, swiglu=None, chain=False):
+    """Grouped rows product through the rows kernel; rows past sum(group_sizes) are zero.
+
+    chain: chained per-tile pipelines (mk.Tiles.chain), the variant timed against the default in
+    experiments/bench_moe_gemm.py."""
     m = lhs_mk.shape[0]
     out_dtype = jnp.dtype(out_dtype or lhs_mk.dtype)
     n = rhs_list[0].shape[1] if transpose_rhs else rhs_list[0].shape[2]
     tiles = _rows_tiles(m, group_sizes_g.shape[0], n, out_dtype, len(rhs_list), "N")
+    if chain and ROWS_TILES is None:
+        tiles = _chain_tiles(tiles, lhs_mk.shape[1] // tiles.tile_k, out_dtype, len(rhs_list))
+    elif chain:  # pinned tiles: the kernel keeps their epilogue and lowers stages to a divisor of the step count
+        tiles = dataclasses.replace(tiles, chain=True)
     mp = _padded_rows(m, tiles.tile_m)
     sched, _ = mk.row_schedule(group_sizes_g, mp, tiles.tile_m)
     if transpose_rhs and _interpret():  # the interpreter cannot run wgmma on transposed smem: transpose in XLA
@@ -139,20 +162,21 @@ def _int_zeros(x):
 # ------------------------------------------------------------------------------------------------
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _gmm(lhs_mk, rhs_gkn, group_sizes_g, out_dtype, vmas):
-    out = rows_matmul(lhs_mk, [rhs_gkn], group_sizes_g, out_dtype=out_dtype)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _gmm(lhs_mk, rhs_gkn, group_sizes_g, out_dtype, vmas, chain):
+    out = rows_matmul(lhs_mk, [rhs_gkn], group_sizes_g, out_dtype=out_dtype, chain=chain)
     return _varying(out, vmas[0] | vmas[1])
 
 
-def _gmm_fwd(lhs_mk, rhs_gkn, group_sizes_g, out_dtype, vmas):
-    return _gmm(lhs_mk, rhs_gkn, group_sizes_g, out_dtype, vmas), (lhs_mk, rhs_gkn, group_sizes_g)
+def _gmm_fwd(lhs_mk, rhs_gkn, group_sizes_g, out_dtype, vmas, chain):
+    return _gmm(lhs_mk, rhs_gkn, group_sizes_g, out_dtype, vmas, chain), (lhs_mk, rhs_gkn, group_sizes_g)
 
 
-def _gmm_bwd(out_dtype, vmas, res, dout_mn):
+def _gmm_bwd(out_dtype, vmas, chain, res, dout_mn):
     lhs_mk, rhs_gkn, group_sizes_g = res
     dout_mn = dout_mn.astype(lhs_mk.dtype)  # wgmma operands; fp32 cotangents are rounded like the forward inputs
-    d_lhs = rows_matmul(dout_mn, [rhs_gkn], group_sizes_g, transpose_rhs=True, out_dtype=lhs_mk.dtype)
+    d_lhs = rows_matmul(dout_mn, [rhs_gkn], group_sizes_g, transpose_rhs=True, out_dtype=lhs_mk.dtype,
+                        chain=chain)
     d_rhs = contract_matmul(lhs_mk, dout_mn, group_sizes_g, out_dtype=rhs_gkn.dtype)
     return _varying(d_lhs, vmas[0]), _varying(d_rhs, vmas[1]), _int_zeros(group_sizes_g)
 
@@ -160,11 +184,13 @@ def _gmm_bwd(out_dtype, vmas, res, dout_mn):
 _gmm.defvjp(_gmm_fwd, _gmm_bwd)
 
 
-def gmm(lhs_mk, rhs_gkn, group_sizes_g, preferred_element_type=None):
+def gmm(lhs_mk, rhs_gkn, group_sizes_g, preferred_element_type=None, chain=False):
+    """chain=True: forward and d_lhs through the chained rows kernel (mk.Tiles.chain); d_rhs is the same kernel."""
     _check(lhs_mk, rhs_gkn, group_sizes_g)
     _col_tile(rhs_gkn.shape[2], "N")
     out_dtype = jnp.dtype(preferred_element_type or lhs_mk.dtype)
-    return _gmm(lhs_mk, rhs_gkn, group_sizes_g.astype(jnp.int32), out_dtype, (_vma(lhs_mk), _vma(rhs_gkn)))
+    return _gmm(lhs_mk, rhs_gkn, group_sizes_g.astype(jnp.int32), out_dtype, (_vma(lhs_mk), _vma(rhs_gkn)),
+                bool(chain))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -204,14 +230,14 @@ def _gmm_swiglu_bwd(vmas, res, dh_mn):
 _gmm_swiglu.defvjp(_gmm_swiglu_fwd, _gmm_swiglu_bwd)
 
 
-def gmm_swiglu(x_mk, w_gate_gkn, w_up_gkn, group_sizes_g):
+def gmm_swiglu(x_mk, w_gate_gkn, w_up_gkn, group_sizes_g, chain=False):
     """silu(x @ wg) * (x @ wu): two gmm kernels (bf16 outputs) and the activation in fp32 by XLA.
 
     Faster than the fused kernel below on an H100 (LongCat gate/up, T=512: 2.62 ms against 3.27 ms): the fused
     kernel's two accumulators leave 64-column wgmma per warpgroup instead of 128 (experiments/gmm_notes.md).
     """
-    gate = gmm(x_mk, w_gate_gkn, group_sizes_g)
-    up = gmm(x_mk, w_up_gkn, group_sizes_g)
+    gate = gmm(x_mk, w_gate_gkn, group_sizes_g, chain=chain)
+    up = gmm(x_mk, w_up_gkn, group_sizes_g, chain=chain)
     return (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(x_mk.dtype)
 
 
