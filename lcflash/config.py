@@ -14,10 +14,10 @@ from typing import Any
 import jax.numpy as jnp
 
 ROPE_TYPES = ("default", "yarn")
-GMM_IMPLS = ("ragged_dot", "reference", "pallas", "jax_mgpu", "tokamax")
+GMM_IMPLS = ("ragged_dot", "reference", "pallas", "pallas_chain", "jax_mgpu", "tokamax")
 # Attention form for calls that read a KV cache (see lcflash/model/mla.py); calls without a cache are expanded.
 ATTN_IMPLS = ("expanded", "absorbed", "pallas")
-TRAIN_ATTN_IMPLS = ("xla", "cudnn", "dpa_xla")
+TRAIN_ATTN_IMPLS = ("xla", "cudnn", "auto", "dpa_xla")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -72,8 +72,8 @@ class ModelConfig:
     dtype: str = "bfloat16"
     gmm_impl: str = "ragged_dot"
     attn_impl: str = "expanded"
-    # The expanded (training / prefill) attention: "xla" materialises the scores; "cudnn" is cuDNN's fused flash
-    # attention (GPU only); "dpa_xla" runs the same jax.nn.dot_product_attention call on XLA (tests).
+    # The cache-free (training / scoring) attention: "xla" materialises the scores; "cudnn" is cuDNN's fused flash
+    # attention (GPU only); "auto" picks cudnn on a GPU, else xla; "dpa_xla" runs the cudnn call's plumbing on XLA.
     train_attn_impl: str = "xla"
     remat: bool = False
     # ScMoE overlap (cfg.moe.overlap): False runs the MoE branch to completion before dense FFN 0, the baseline

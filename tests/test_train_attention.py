@@ -9,6 +9,8 @@ from flax import nnx
 
 from lcflash.config import ConfigError, load_config, model_config
 from lcflash.model import LongcatFlash
+from lcflash.model.mla import LatentKV, expanded_attention
+from lcflash.model.transformer import causal_mask
 from numerics import rel
 
 ON_GPU = jax.default_backend() == "gpu"
@@ -56,15 +58,43 @@ def test_fused_path_equals_expanded_attention_fp32():
         assert rel(a, b) < 1e-4
 
 
+def _attention_case(dtype, seed=0):
+    """Random MLA attention inputs with two packed documents in row 0 (B=2, T=256, 8 heads, LongCat head sizes)."""
+    B, T, H, dn, dr, dv, R = 2, 256, 8, 128, 64, 128, 64
+    ks = jax.random.split(jax.random.key(seed), 5)
+    q_nope = jax.random.normal(ks[0], (B, T, H, dn), jnp.float32)
+    q_pe = jax.random.normal(ks[1], (B, T, H, dr), jnp.float32)
+    kv = LatentKV(jax.random.normal(ks[2], (B, T, R), jnp.float32), jax.random.normal(ks[3], (B, T, dr), jnp.float32))
+    w_kv_b = jax.random.normal(ks[4], (R, H, dn + dv), jnp.float32) * R ** -0.5
+    seg = jnp.concatenate([jnp.zeros((1, T), jnp.int32).at[:, 100:].set(1), jnp.zeros((1, T), jnp.int32)])
+    mask = causal_mask(B, T, T, None, seg)
+    cast = lambda x: x.astype(dtype)  # noqa: E731
+    return (cast(q_nope), cast(q_pe), jax.tree.map(cast, kv), cast(w_kv_b)), mask, dn
+
+
+def _attention_and_grads(impl, dtype):
+    args, mask, dn = _attention_case(dtype)
+    w = jax.random.normal(jax.random.key(9), args[0].shape[:3] + (128,), jnp.float32)
+
+    def f(*a):
+        o = expanded_attention(*a, mask, 0.07, dn, impl)
+        return jnp.sum(w * o.astype(jnp.float32)), o
+
+    (_, o), g = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3), has_aux=True))(*args)
+    return o, jax.tree.leaves(g)
+
+
 @pytest.mark.skipif(not ON_GPU, reason="cuDNN attention needs a GPU")
-def test_cudnn_matches_fp32_as_closely_as_xla_bf16():
-    """bf16 compute: cuDNN's error against the fp32 model is no worse than twice the XLA bf16 path's own."""
-    fn, params = _model_fns("xla", "float32")
-    (_, y32), g32 = fn(params)
+def test_cudnn_attention_matches_fp32_as_closely_as_xla_bf16():
+    """In bf16, cuDNN's output and input gradients err against the fp32 attention (matmul precision 'highest') by
+    no more than twice the XLA bf16 path's own error. (At the attention itself: a whole bf16 MoE model flips
+    routing choices, which swamps the comparison.)"""
+    with jax.default_matmul_precision("highest"):
+        o32, g32 = _attention_and_grads("xla", jnp.float32)
     errs = {}
     for impl in ("xla", "cudnn"):
-        fn, params = _model_fns(impl, "bfloat16")
-        (_, y), g = fn(params)
-        errs[impl] = (rel(y, y32), max(rel(a, b) for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g32))))
-    assert errs["cudnn"][0] <= 2 * errs["xla"][0] + 1e-4, errs
-    assert errs["cudnn"][1] <= 2 * errs["xla"][1] + 1e-4, errs
+        o, g = _attention_and_grads(impl, jnp.bfloat16)
+        errs[impl] = [rel(o, o32)] + [rel(a, b) for a, b in zip(g, g32)]
+    assert max(errs["xla"]) < 2e-2, errs    # the bf16 reference itself is sane
+    for k in range(len(errs["xla"])):
+        assert errs["cudnn"][k] <= 2 * errs["xla"][k], (k, errs)

@@ -63,6 +63,13 @@ def expanded_attention(q_nope_bthk, q_pe_bthd, kv: LatentKV, w_kv_b_rhk, mask_bt
     return jnp.einsum("bhts,bshv->bthv", probs_bhts, v_bshv)
 
 
+def train_attn_kernel(impl: str) -> str:
+    """"auto" is cuDNN's flash attention on a GPU and the XLA einsums elsewhere."""
+    if impl == "auto":
+        return "cudnn" if jax.default_backend() == "gpu" else "xla"
+    return impl
+
+
 def fused_attention(q_nope_bthk, q_pe_bthd, k_nope_bshk, kpe_bsd, v_bshv, mask_bts, scale, implementation):
     """`jax.nn.dot_product_attention` on MLA's heads: queries/keys are [nope | rope] (the rope key shared by all
     heads), and values are zero-padded to the query/key head size, which the call requires; the padded output
@@ -134,6 +141,8 @@ class MLA(nnx.Module):
             o_bthv = absorbed_attention(q_nope, q_pe, kv, self.w_kv_b[...], mask_bts, softmax_scale(self.cfg),
                                         self.cfg.qk_nope_head_dim, impl, write_start_b)
         else:
+            # The fused kernel serves the cache-free (training / scoring) forward; prefill into a cache keeps XLA.
+            impl = train_attn_kernel(self.cfg.train_attn_impl) if cache is None else "xla"
             o_bthv = expanded_attention(q_nope, q_pe, kv, self.w_kv_b[...], mask_bts, softmax_scale(self.cfg),
-                                        self.cfg.qk_nope_head_dim, self.cfg.train_attn_impl)
+                                        self.cfg.qk_nope_head_dim, impl)
         return self.output(o_bthv), kv
