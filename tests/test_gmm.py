@@ -169,6 +169,80 @@ def test_pallas_interpret_chained_rows_kernel(hang_guard, m, k, n, sizes_l):
     assert not got[sum(sizes_l):].any()
 
 
+def _contract_ref_f64(lhs, dout, sizes_l):
+    l64, d64, start, out = np.asarray(lhs, np.float64), np.asarray(dout, np.float64), 0, []
+    for s in sizes_l:
+        out.append(l64[start:start + s].T @ d64[start:start + s])
+        start += s
+    return np.stack(out)
+
+
+@cpu_only
+@pytest.mark.parametrize("m,k,n,sizes_l,out_dtype,tol", [
+    # 3 K tiles x 7 groups = 21 tiles on 2 simulated SMs (11 and 10 in one pipeline each), 1..4 steps per tile
+    # through a 3-deep ring, masked blocks shared by groups, empty first/middle/last groups, a 1-row group,
+    # 80 tail rows; fp32 output, so the check is tight.
+    (300, 384, 256, SIZES_RAGGED, jnp.float32, FP32_TOL),
+    # one step per tile (every step a tile's first and last), an empty group starting at row M (its masked load
+    # is clamped into bounds), bf16 output through the 128-column epilogue.
+    (128, 128, 256, [64, 64, 0], jnp.bfloat16, BF16_TOL),
+])
+def test_pallas_interpret_flat_contract_kernel(hang_guard, m, k, n, sizes_l, out_dtype, tol):
+    """d_rhs through one flat pipeline per CTA (pallas_chain) against a float64 reference; the interpreter
+    NaN-fills outputs, so an unwritten tile fails; empty groups must be exactly zero."""
+    from lcflash.kernels.gmm import pallas_gmm
+
+    lhs, _, dout, sizes = _inputs(14, m, k, n, sizes_l, jnp.bfloat16)
+    got = np.asarray(pallas_gmm.contract_matmul(lhs, dout, sizes, out_dtype=out_dtype, chain=True), np.float32)
+    assert got.shape == (len(sizes_l), k, n)
+    assert _rel(got, _contract_ref_f64(lhs, dout, sizes_l)) < tol
+    assert not got[[i for i, s in enumerate(sizes_l) if s == 0]].any()
+
+
+@pytest.mark.parametrize("sizes_l", [[512] * 64, [0] * 63 + [32768], list(range(0, 1024, 16))])
+def test_flat_contract_schedule_walks_every_tile(sizes_l):
+    """The per-CTA step table at LongCat gate/up shapes on 132 SMs (48 x 8 tiles per group): every CTA's steps
+    are its tiles sm, sm + 132, ... in order, each its group's row blocks (one for an empty group), within the
+    table's static bound."""
+    from lcflash.kernels.gmm import mgpu_kernels as mk
+
+    m, tk, kn, n_sms = 32768, 64, 48 * 8, 132
+    sizes = jnp.asarray(sizes_l, jnp.int32)
+    tile_4g, step_cs, total_c = (np.asarray(a) for a in mk.contract_flat_schedule(
+        mk.contract_schedule(sizes, m, tk), m, tk, kn, n_sms))
+    ends = np.minimum(np.cumsum(sizes_l), m)
+    starts = np.concatenate([[0], ends[:-1]])
+    for c in range(n_sms):
+        want = []
+        for j, lin in enumerate(range(c, len(sizes_l) * kn, n_sms)):
+            g = lin // kn
+            first = min(starts[g] // tk, m // tk - 1)
+            nblk = -(-ends[g] // tk) - starts[g] // tk if ends[g] > starts[g] else 1
+            assert (tile_4g[2, g], tile_4g[3, g]) == (first, nblk)
+            want += [(j << 16) | b for b in range(first, first + nblk)]
+        assert total_c[c] == len(want) <= step_cs.shape[1]
+        np.testing.assert_array_equal(step_cs[c, :len(want)], want)
+
+
+@pytest.mark.parametrize("k,n,g,m", [(2048, 6144, 64, 32768), (1024, 384, 128, 65536)])  # LongCat down, small gate/up
+def test_pallas_chain_backward_lowers_for_cuda(monkeypatch, k, n, g, m):
+    """pallas_chain's forward + backward (chained rows kernel, flat contract kernel) through Pallas -> Mosaic GPU
+    lowering (layouts, smem budget) for CUDA on the CPU, at LongCat and small-config shapes."""
+    from lcflash.kernels.gmm import mgpu_kernels as mk, pallas_gmm
+
+    monkeypatch.setattr(pallas_gmm, "_interpret", lambda: False)
+    monkeypatch.setattr(mk, "_num_sms", lambda interpret: 132)
+    sd = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt)  # noqa: E731
+
+    def fwd_bwd(lhs, rhs, dout, sizes):
+        out, vjp = jax.vjp(lambda a, b: api.gmm(a, b, sizes, impl="pallas_chain"), lhs, rhs)
+        return (out, *vjp(dout))
+
+    lowered = jax.jit(fwd_bwd).trace(sd(m, k), sd(g, k, n), sd(m, n), sd(g, dt=jnp.int32)).lower(
+        lowering_platforms=("cuda",))
+    assert lowered.as_text().count("mosaic_gpu") >= 3  # forward, d_lhs, d_rhs kernels
+
+
 # ------------------------------------------------------------------------------------------------
 # GPU: compiled kernels.
 # ------------------------------------------------------------------------------------------------

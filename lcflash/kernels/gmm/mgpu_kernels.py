@@ -38,8 +38,10 @@ class Tiles:
     tile_k: int = 64
     stages: int = 4
     epi_n: int = 64  # output columns per epilogue store
-    # rows kernel only: chain the per-tile pipelines (`pipeline_state` START/STEADY/STOP) so the TMA warpgroup
-    # loads the next tile's first steps during this tile's last steps and epilogue (see rows_kernel).
+    # rows kernel: chain the per-tile pipelines (`pipeline_state` START/STEADY/STOP) so the TMA warpgroup loads
+    # the next tile's first steps during this tile's last steps and epilogue (see rows_kernel).
+    # contract kernel: one flat pipeline over the CTA's whole (tile, step) sequence, same effect (see
+    # contract_kernel).
     chain: bool = False
 
 
@@ -375,13 +377,62 @@ def contract_schedule(group_sizes_g: jax.Array, m: int, tile_k: int) -> jax.Arra
     return jnp.stack([starts, ends, blk0, nblk]).astype(jnp.int32)
 
 
+_FLAT_BLK_BITS = 16  # flat contract schedule: a step packs (tile slot j << 16) | row block
+
+
+def contract_flat_schedule(gsched_4g: jax.Array, m: int, tile_k: int, tiles_per_group: int, n_sms: int):
+    """Per-CTA step table for the flat contract pipeline (contract_kernel with tiles.chain).
+
+    CTA c walks tiles lin = c + j * n_sms (group-major: group = lin // tiles_per_group) and runs every tile's
+    steps back to back in one pipeline. Returns
+      tile_4g int32 [4, G]: start row, end row, first row block, steps; an empty group gets one step on a
+        (clamped, in-bounds) block that the kernel masks entirely, so its tiles store zeros like any other;
+      step_cs int32 [n_sms, S]: (j << 16) | row block of CTA c's step s (0 past its last step);
+      total_c int32 [n_sms]: CTA c's step count.
+    S = cdiv(tiles_per_group, n_sms) * (cdiv(m, tile_k) + 2 G) bounds every CTA's steps: a CTA holds at most
+    cdiv(tiles_per_group, n_sms) tiles of each group and the groups' steps sum to < m / tile_k + 2 G.
+    """
+    g = gsched_4g.shape[1]
+    starts, ends, blk0, nblk = (gsched_4g[i] for i in range(4))
+    n_blocks = pl.cdiv(m, tile_k)
+    nst = jnp.maximum(nblk, 1)
+    blk0 = jnp.minimum(blk0, n_blocks - 1)  # an empty group at row m: keep its one masked load in bounds
+    tile_4g = jnp.stack([starts, ends, blk0, nst]).astype(jnp.int32)
+    n_lin = g * tiles_per_group
+    j_max = pl.cdiv(n_lin, n_sms)
+    s_max = pl.cdiv(tiles_per_group, n_sms) * (n_blocks + 2 * g)
+    if j_max >= 1 << (31 - _FLAT_BLK_BITS) or n_blocks >= 1 << _FLAT_BLK_BITS:
+        raise ValueError(f"flat contract schedule: {j_max} tiles per CTA or {n_blocks} row blocks do not pack")
+    lin_cj = jnp.arange(n_sms, dtype=jnp.int32)[:, None] + n_sms * jnp.arange(j_max, dtype=jnp.int32)[None, :]
+    grp_cj = jnp.minimum(lin_cj // tiles_per_group, g - 1)
+    steps_cj = jnp.where(lin_cj < n_lin, nst[grp_cj], 0)
+    cum_cj = jnp.cumsum(steps_cj, axis=1)
+    total_c = cum_cj[:, -1]
+    s_s = jnp.arange(s_max, dtype=jnp.int32)
+    j_cs = jnp.minimum(jax.vmap(lambda cum: jnp.searchsorted(cum, s_s, side="right"))(cum_cj), j_max - 1)
+    j_cs = j_cs.astype(jnp.int32)
+    first_cs = jnp.take_along_axis(cum_cj - steps_cj, j_cs, axis=1)
+    blk_cs = blk0[jnp.take_along_axis(grp_cj, j_cs, axis=1)] + s_s[None, :] - first_cs
+    step_cs = jnp.where(s_s[None, :] < total_c[:, None], (j_cs << _FLAT_BLK_BITS) | blk_cs, 0)
+    return tile_4g, step_cs.astype(jnp.int32), total_c.astype(jnp.int32)
+
+
 def contract_kernel(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles, lhs_is_km: bool = False,
                     interpret: bool = False):
     """out[g] = lhs[rows of g]^T @ rhs[rows of g] -> [G, K, N]; empty groups give zeros.
 
     lhs_is_km: lhs arrives already transposed ([K, M]) and wgmma reads it untransposed. Pallas' GPU interpreter
     (0.10) cannot run wgmma on a transposed smem view, so CPU tests use this variant; the GPU reads [M, K].
+
+    tiles.chain=False: one pipeline per output tile (its group's block count deep), so the TMA warpgroup drains
+    at each tile's end and loads the next tile's first blocks only once this tile's last block is consumed.
+    tiles.chain=True: one pipeline per CTA over all its tiles' steps (`contract_flat_schedule`): the compute
+    warpgroups zero the accumulator and store the tile at a tile's last step, the TMA warpgroup never drains
+    between tiles. Same tiles, same accumulation order: results are bit-identical to the per-tile variant.
     """
+    if tiles.chain:
+        return _contract_kernel_flat(lhs_mk, rhs_mn, gsched_4g, out_dtype=out_dtype, tiles=tiles,
+                                     lhs_is_km=lhs_is_km, interpret=interpret)
     if lhs_is_km:
         lhs_mk = lhs_mk.T
     m, k = lhs_mk.shape
@@ -480,3 +531,146 @@ def contract_kernel(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles, lhs_i
 
     call = _persistent_call(kernel, jax.ShapeDtypeStruct((g, k, n), out_dtype), interpret)
     return call(gsched_4g, lhs_mk.T if lhs_is_km else lhs_mk, rhs_mn)
+
+
+def _zero_acc(acc_ref, interpret: bool):
+    """acc = 0 mid-pipeline. Pallas' GPU interpreter (0.10) has no rule for the accumulator store
+    (`wgmma_accumulator_store_p`), so there the accumulator's buffer is written with a plain ref store."""
+    zeros = jnp.zeros(acc_ref.shape, acc_ref.dtype)
+    if interpret:
+        from jax._src.state import primitives as state_primitives
+
+        state_primitives.ref_set(acc_ref, (), zeros)
+    else:
+        acc_ref[...] = zeros
+
+
+def _contract_specs(tiles: Tiles, dtype, lhs_is_km: bool, index_of):
+    """Block specs of the contract pipeline; index_of(s) -> (row block, K tile, N tile) of step s."""
+    tm, tn, tc = tiles.tile_m, tiles.tile_n, tiles.tile_k
+    tr_a = _swizzle_transforms(tc if lhs_is_km else tm, dtype)
+    tr_b = _swizzle_transforms(2 * tn, dtype)
+
+    def a_map(s):
+        blk, kt, _ = index_of(s)
+        return (kt, blk) if lhs_is_km else (blk, kt)
+
+    def b_map(s):
+        blk, _, nt = index_of(s)
+        return blk, nt
+
+    a_block = (tm, tc) if lhs_is_km else (tc, tm)
+    return [plgpu.BlockSpec(a_block, a_map, transforms=tr_a, delay_release=0, memory_space=plgpu.SMEM),
+            plgpu.BlockSpec((tc, 2 * tn), b_map, transforms=tr_b, delay_release=0, memory_space=plgpu.SMEM)]
+
+
+def _contract_kernel_flat(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles, lhs_is_km: bool,
+                          interpret: bool):
+    """contract_kernel with one flat pipeline per CTA (tiles.chain); see contract_kernel and
+    contract_flat_schedule.
+
+    The TMA warpgroup reads each step's (tile slot, row block) from the CTA's step table (one scalar load, a
+    few steps ahead of the compute warpgroups). The compute warpgroups carry (tile slot, step in tile) and the
+    tile's group bounds through the pipeline loop, prefetching the next tile's bounds every step (loads off the
+    wgmma's critical path), so they never read the step table.
+    """
+    if lhs_is_km:
+        lhs_mk = lhs_mk.T
+    m, k = lhs_mk.shape
+    m2, n = rhs_mn.shape
+    g = gsched_4g.shape[1]
+    tm, tn, tc, epi_n = tiles.tile_m, tiles.tile_n, tiles.tile_k, tiles.epi_n
+    if m != m2:
+        raise ValueError(f"row counts differ: lhs has {m}, rhs has {m2}")
+    if k % tm or n % (2 * tn) or tn % epi_n or m < tc or g == 0:
+        raise ValueError(f"contract_kernel needs K % {tm} == 0, N % {2 * tn} == 0, M >= {tc}, G > 0; "
+                         f"got {m=} {k=} {n=} {g=}")
+    k_tiles, n_tiles = k // tm, n // (2 * tn)
+    kn = k_tiles * n_tiles
+    n_sms = _num_sms(interpret)
+    tile_4g, step_cs, total_c = contract_flat_schedule(gsched_4g, m, tc, kn, n_sms)
+    blk_mask = (1 << _FLAT_BLK_BITS) - 1
+
+    def kernel(tile_ref, step_ref, total_ref, lhs_gmem, rhs_gmem, out_gmem):
+        sm = lax.axis_index("sm")
+
+        def index_of(s):  # TMA warpgroup: (row block, K tile, N tile) of step s, one load from the step table
+            packed = step_ref[sm, s]
+            lin = sm + (packed >> _FLAT_BLK_BITS) * n_sms
+            return packed & blk_mask, (lin // n_tiles) % k_tiles, lin % n_tiles
+
+        specs = _contract_specs(tiles, lhs_mk.dtype, lhs_is_km, index_of)
+
+        def make_pipeline(body, context, nsteps):
+            return plgpu.emit_pipeline_warp_specialized(
+                body,
+                grid=(nsteps,),
+                memory_registers=_MEMORY_REGISTERS,
+                in_specs=specs,
+                wg_axis="wg",
+                num_compute_wgs=2,
+                max_concurrent_steps=tiles.stages,
+                compute_context=context,
+            )
+
+        ignore = lambda *_, **__: None
+        alloc_pipe = make_pipeline(ignore, ignore, jnp.int32(tiles.stages))  # dynamic grid: all stages
+
+        @functools.partial(
+            pl.run_scoped,
+            allocs=alloc_pipe.get_allocations(lhs_gmem, rhs_gmem),
+            stage_smem=plgpu.SMEM((2, tm, epi_n), out_dtype, transforms=_swizzle_transforms(epi_n, out_dtype)),
+            collective_axes="wg",
+        )
+        def _scope(allocs, stage_smem):
+            wg = lax.axis_index("wg")
+
+            def tile_info(j):
+                """(group, start row, end row, first row block, steps) of this CTA's tile slot j."""
+                gi = jnp.minimum((sm + j * n_sms) // kn, g - 1)  # past the last tile: any valid group
+                return (gi, tile_ref[0, gi], tile_ref[1, gi], tile_ref[2, gi], tile_ref[3, gi])
+
+            def mma(_, a_smem, b_smem, carry):
+                acc, j, s_in, info = carry
+                gi, start, end, blk0, nst = info
+                b_wg = b_smem.at[:, pl.ds(wg * tn, tn)]
+                row0 = (blk0 + s_in) * tc
+
+                @pl.when((row0 < start) | (row0 + tc > end))
+                def _mask():  # rows of other groups share this block: zero them in this warpgroup's half
+                    r = lax.broadcasted_iota(jnp.int32, (tc, tn), 0)
+                    if not interpret:  # the interpreter has no layouts
+                        r = plgpu.layout_cast(r, plgpu.Layout.WGMMA)
+                    keep = (r >= start - row0) & (r < end - row0)
+                    vals = b_wg[...]
+                    b_wg[...] = jnp.where(keep, vals, jnp.zeros_like(vals))
+                    plgpu.commit_smem()
+
+                plgpu.wgmma(acc, a_smem if lhs_is_km else plgpu.transpose_ref(a_smem, (1, 0)), b_wg)
+                plgpu.wgmma_wait(0)  # see rows_kernel
+                last = s_in == nst - 1
+                nxt = tile_info(j + 1)  # loads issued every step, used only at a tile's last one
+
+                @pl.when(last)
+                def _epilogue():
+                    lin = sm + j * n_sms
+                    kt, nt = (lin // n_tiles) % k_tiles, lin % n_tiles
+                    _store_rows(acc[...], out_gmem.at[gi], stage_smem.at[wg], row0=kt * tm, start=0, rows=tm,
+                                col0=nt * 2 * tn + wg * tn, tile_n=tn, epi_n=epi_n, max_rows=tm, full=True)
+                    _zero_acc(acc, interpret)
+
+                info = tuple(jnp.where(last, a, b) for a, b in zip(nxt, info))
+                return acc, jnp.where(last, j + 1, j), jnp.where(last, 0, s_in + 1), info
+
+            def context(run):
+                def acc_scope(acc_ref):
+                    run((acc_ref, jnp.int32(0), jnp.int32(0), tile_info(jnp.int32(0))))
+
+                pl.run_scoped(acc_scope, plgpu.ACC((tm, tn), jnp.float32))
+
+            pipe = make_pipeline(mma, context, total_ref[sm])
+            pipe(lhs_gmem, rhs_gmem, allocations=allocs)
+            plgpu.wait_smem_to_gmem(0)  # all output stores have landed before the kernel exits
+
+    call = _persistent_call(kernel, jax.ShapeDtypeStruct((g, k, n), out_dtype), interpret)
+    return call(tile_4g, step_cs, total_c, lhs_mk.T if lhs_is_km else lhs_mk, rhs_mn)

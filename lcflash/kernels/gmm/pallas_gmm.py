@@ -124,11 +124,16 @@ def rows_matmul(lhs_mk, rhs_list, group_sizes_g, *, transpose_rhs=False, out_dty
     return out
 
 
-def contract_matmul(lhs_mk, dout_mn, group_sizes_g, *, out_dtype):
-    """d_rhs[g] = lhs[rows of g]^T @ dout[rows of g]; empty groups are zero."""
+def contract_matmul(lhs_mk, dout_mn, group_sizes_g, *, out_dtype, chain=False):
+    """d_rhs[g] = lhs[rows of g]^T @ dout[rows of g]; empty groups are zero.
+
+    chain: one flat pipeline per CTA over all its tiles' steps (mk.Tiles.chain in contract_kernel), same tiles
+    otherwise (pinned CONTRACT_TILES included)."""
     m, k = lhs_mk.shape
     n = dout_mn.shape[1]
     tiles = _contract_tiles(n, out_dtype)
+    if chain:
+        tiles = dataclasses.replace(tiles, chain=True)
     if k % tiles.tile_m:
         raise ValueError(f"pallas gmm: K = {k} must be a multiple of {tiles.tile_m} for d_rhs")
     mp = _padded_rows(m, tiles.tile_k)
@@ -177,7 +182,7 @@ def _gmm_bwd(out_dtype, vmas, chain, res, dout_mn):
     dout_mn = dout_mn.astype(lhs_mk.dtype)  # wgmma operands; fp32 cotangents are rounded like the forward inputs
     d_lhs = rows_matmul(dout_mn, [rhs_gkn], group_sizes_g, transpose_rhs=True, out_dtype=lhs_mk.dtype,
                         chain=chain)
-    d_rhs = contract_matmul(lhs_mk, dout_mn, group_sizes_g, out_dtype=rhs_gkn.dtype)
+    d_rhs = contract_matmul(lhs_mk, dout_mn, group_sizes_g, out_dtype=rhs_gkn.dtype, chain=chain)
     return _varying(d_lhs, vmas[0]), _varying(d_rhs, vmas[1]), _int_zeros(group_sizes_g)
 
 
@@ -185,7 +190,8 @@ _gmm.defvjp(_gmm_fwd, _gmm_bwd)
 
 
 def gmm(lhs_mk, rhs_gkn, group_sizes_g, preferred_element_type=None, chain=False):
-    """chain=True: forward and d_lhs through the chained rows kernel (mk.Tiles.chain); d_rhs is the same kernel."""
+    """chain=True: forward and d_lhs through the chained rows kernel, d_rhs through the flat contract pipeline
+    (mk.Tiles.chain in both kernels)."""
     _check(lhs_mk, rhs_gkn, group_sizes_g)
     _col_tile(rhs_gkn.shape[2], "N")
     out_dtype = jnp.dtype(preferred_element_type or lhs_mk.dtype)
