@@ -9,8 +9,8 @@ or a padded einsum (skewed loads) before they are timed.
     python experiments/bench_moe_gemm.py --out experiments/bench_moe_gemm.json [--quick] [--sweep] [--budget-s S]
 
 `--chain-ab` times only LongCat gate/up and down at T=512 (balanced) for `pallas` (per-tile pipelines),
-`pallas_chain` (chained per-tile pipelines in the rows kernel, one flat pipeline per CTA in d_rhs's contract
-kernel) and the einsum bound, then d_rhs alone (contract kernel per-tile vs flat vs the einsum "gtk,gtn->gkn";
+`pallas_chain` (chained per-tile pipelines in the rows kernel) and the einsum bound, then d_rhs alone (contract
+kernel per-tile vs one flat pipeline per CTA vs the einsum "gtk,gtn->gkn";
 `--sweep` then adds tile variants of the chained rows kernel and of the flat contract kernel).
 """
 

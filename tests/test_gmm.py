@@ -226,8 +226,8 @@ def test_flat_contract_schedule_walks_every_tile(sizes_l):
 
 @pytest.mark.parametrize("k,n,g,m", [(2048, 6144, 64, 32768), (1024, 384, 128, 65536)])  # LongCat down, small gate/up
 def test_pallas_chain_backward_lowers_for_cuda(monkeypatch, k, n, g, m):
-    """pallas_chain's forward + backward (chained rows kernel, flat contract kernel) through Pallas -> Mosaic GPU
-    lowering (layouts, smem budget) for CUDA on the CPU, at LongCat and small-config shapes."""
+    """pallas_chain's forward + backward (chained rows kernel) and the flat contract kernel through Pallas ->
+    Mosaic GPU lowering (layouts, smem budget) for CUDA on the CPU, at LongCat and small-config shapes."""
     from lcflash.kernels.gmm import mgpu_kernels as mk, pallas_gmm
 
     monkeypatch.setattr(pallas_gmm, "_interpret", lambda: False)
@@ -236,11 +236,12 @@ def test_pallas_chain_backward_lowers_for_cuda(monkeypatch, k, n, g, m):
 
     def fwd_bwd(lhs, rhs, dout, sizes):
         out, vjp = jax.vjp(lambda a, b: api.gmm(a, b, sizes, impl="pallas_chain"), lhs, rhs)
-        return (out, *vjp(dout))
+        flat = pallas_gmm.contract_matmul(lhs, dout, sizes, out_dtype=jnp.bfloat16, chain=True)
+        return (out, *vjp(dout), flat)
 
     lowered = jax.jit(fwd_bwd).trace(sd(m, k), sd(g, k, n), sd(m, n), sd(g, dt=jnp.int32)).lower(
         lowering_platforms=("cuda",))
-    assert lowered.as_text().count("mosaic_gpu") >= 3  # forward, d_lhs, d_rhs kernels
+    assert lowered.as_text().count("mosaic_gpu") >= 4  # forward, d_lhs, d_rhs, flat d_rhs kernels
 
 
 # ------------------------------------------------------------------------------------------------
@@ -274,6 +275,24 @@ def test_gpu_pallas_forward_and_gradients(case, impl):
     again = f(lhs, rhs, dout)  # same inputs, bit-identical results: a moving result would be a race
     for g, a in zip(got, again):
         np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(a, np.float32))
+
+
+@gpu_only
+@pytest.mark.parametrize("case", sorted(GPU_CASES))
+def test_gpu_flat_contract_kernel(case):
+    """d_rhs through one flat pipeline per CTA: bit-identical to the per-tile contract kernel (same tiles, same
+    accumulation order), empty groups zero, and the same on a second call."""
+    from lcflash.kernels.gmm import pallas_gmm
+
+    m, k, n, sizes_l = GPU_CASES[case]
+    lhs, _, dout, sizes = _inputs(13, m, k, n, sizes_l, jnp.bfloat16)
+    flat = jax.jit(lambda a, d: pallas_gmm.contract_matmul(a, d, sizes, out_dtype=jnp.bfloat16, chain=True))
+    per_tile = jax.jit(lambda a, d: pallas_gmm.contract_matmul(a, d, sizes, out_dtype=jnp.bfloat16))
+    got, want = np.asarray(flat(lhs, dout), np.float32), np.asarray(per_tile(lhs, dout), np.float32)
+    assert _rel(got, _contract_ref_f64(lhs, dout, sizes_l)) < BF16_TOL
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(got, np.asarray(flat(lhs, dout), np.float32))
+    assert not got[[i for i, s in enumerate(sizes_l) if s == 0]].any()
 
 
 @gpu_only

@@ -182,7 +182,9 @@ def _gmm_bwd(out_dtype, vmas, chain, res, dout_mn):
     dout_mn = dout_mn.astype(lhs_mk.dtype)  # wgmma operands; fp32 cotangents are rounded like the forward inputs
     d_lhs = rows_matmul(dout_mn, [rhs_gkn], group_sizes_g, transpose_rhs=True, out_dtype=lhs_mk.dtype,
                         chain=chain)
-    d_rhs = contract_matmul(lhs_mk, dout_mn, group_sizes_g, out_dtype=rhs_gkn.dtype, chain=chain)
+    # The flat contract pipeline (contract_matmul(chain=True)) is not wired in until it is timed on a GPU
+    # (experiments/bench_moe_gemm.py --chain-ab times it alone); pallas_chain stays the measured kernel pair.
+    d_rhs = contract_matmul(lhs_mk, dout_mn, group_sizes_g, out_dtype=rhs_gkn.dtype)
     return _varying(d_lhs, vmas[0]), _varying(d_rhs, vmas[1]), _int_zeros(group_sizes_g)
 
 
@@ -190,8 +192,7 @@ _gmm.defvjp(_gmm_fwd, _gmm_bwd)
 
 
 def gmm(lhs_mk, rhs_gkn, group_sizes_g, preferred_element_type=None, chain=False):
-    """chain=True: forward and d_lhs through the chained rows kernel, d_rhs through the flat contract pipeline
-    (mk.Tiles.chain in both kernels)."""
+    """chain=True: forward and d_lhs through the chained rows kernel (mk.Tiles.chain); d_rhs is the same kernel."""
     _check(lhs_mk, rhs_gkn, group_sizes_g)
     _col_tile(rhs_gkn.shape[2], "N")
     out_dtype = jnp.dtype(preferred_element_type or lhs_mk.dtype)
