@@ -367,6 +367,39 @@ def rows_kernel(
 # --------------------------------------------------------------------------------------------------
 
 
+def _contract_dims(lhs_mk, rhs_mn, gsched_4g, tiles: Tiles, lhs_is_km: bool):
+    """(lhs as [M, K], M, K, N, G) after checking the shapes the contract kernels tile."""
+    if lhs_is_km:
+        lhs_mk = lhs_mk.T
+    (m, k), (m2, n), g = lhs_mk.shape, rhs_mn.shape, gsched_4g.shape[1]
+    tm, tn, tc = tiles.tile_m, tiles.tile_n, tiles.tile_k
+    if m != m2:
+        raise ValueError(f"row counts differ: lhs has {m}, rhs has {m2}")
+    if k % tm or n % (2 * tn) or tn % tiles.epi_n or m < tc or g == 0:
+        raise ValueError(f"contract_kernel needs K % {tm} == 0, N % {2 * tn} == 0, M >= {tc}, G > 0; "
+                         f"got {m=} {k=} {n=} {g=}")
+    return lhs_mk, m, k, n, g
+
+
+def _contract_step(acc, a_smem, b_wg, row0, start, end, *, lhs_is_km: bool, interpret: bool):
+    """One 64-row step of d_rhs: zero the rows of this warpgroup's dout half that belong to other groups (a block
+    shared by two groups), then acc += lhs_block^T @ dout_block."""
+    tc, tn = b_wg.shape
+
+    @pl.when((row0 < start) | (row0 + tc > end))
+    def _mask():
+        r = lax.broadcasted_iota(jnp.int32, (tc, tn), 0)
+        if not interpret:  # the interpreter has no layouts
+            r = plgpu.layout_cast(r, plgpu.Layout.WGMMA)
+        keep = (r >= start - row0) & (r < end - row0)
+        vals = b_wg[...]
+        b_wg[...] = jnp.where(keep, vals, jnp.zeros_like(vals))
+        plgpu.commit_smem()
+
+    plgpu.wgmma(acc, a_smem if lhs_is_km else plgpu.transpose_ref(a_smem, (1, 0)), b_wg)
+    plgpu.wgmma_wait(0)  # see rows_kernel
+
+
 def contract_schedule(group_sizes_g: jax.Array, m: int, tile_k: int) -> jax.Array:
     """Per group: (start row, end row, first tile_k block, number of blocks) as int32 [4, G]."""
     sizes = group_sizes_g.astype(jnp.int32)
@@ -433,16 +466,8 @@ def contract_kernel(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles, lhs_i
     if tiles.chain:
         return _contract_kernel_flat(lhs_mk, rhs_mn, gsched_4g, out_dtype=out_dtype, tiles=tiles,
                                      lhs_is_km=lhs_is_km, interpret=interpret)
-    if lhs_is_km:
-        lhs_mk = lhs_mk.T
-    m, k = lhs_mk.shape
-    m2, n = rhs_mn.shape
-    g = gsched_4g.shape[1]
+    lhs_mk, m, k, n, g = _contract_dims(lhs_mk, rhs_mn, gsched_4g, tiles, lhs_is_km)
     tm, tn, tc, epi_n = tiles.tile_m, tiles.tile_n, tiles.tile_k, tiles.epi_n
-    if m != m2:
-        raise ValueError(f"row counts differ: lhs has {m}, rhs has {m2}")
-    if k % tm or n % (2 * tn) or tn % epi_n or m < tc:
-        raise ValueError(f"contract_kernel needs K % {tm} == 0, N % {2 * tn} == 0, M >= {tc}; got {m=} {k=} {n=}")
     dtype = lhs_mk.dtype
     tr_a = _swizzle_transforms(tc if lhs_is_km else tm, dtype)
     tr_b = _swizzle_transforms(2 * tn, dtype)
@@ -497,22 +522,8 @@ def contract_kernel(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles, lhs_i
                 nsteps = gsched_ref[3, gi]
 
                 def mma(idx, a_smem, b_smem, acc):
-                    s = idx[0]
-                    b_wg = b_smem.at[:, pl.ds(wg * tn, tn)]
-                    row0 = (blk0 + s) * tc
-
-                    @pl.when((row0 < start) | (row0 + tc > end))
-                    def _mask():  # rows of other groups share this block: zero them in this warpgroup's half
-                        r = lax.broadcasted_iota(jnp.int32, (tc, tn), 0)
-                        if not interpret:  # the interpreter has no layouts
-                            r = plgpu.layout_cast(r, plgpu.Layout.WGMMA)
-                        keep = (r >= start - row0) & (r < end - row0)
-                        vals = b_wg[...]
-                        b_wg[...] = jnp.where(keep, vals, jnp.zeros_like(vals))
-                        plgpu.commit_smem()
-
-                    plgpu.wgmma(acc, a_smem if lhs_is_km else plgpu.transpose_ref(a_smem, (1, 0)), b_wg)
-                    plgpu.wgmma_wait(0)  # see rows_kernel
+                    _contract_step(acc, a_smem, b_smem.at[:, pl.ds(wg * tn, tn)], (blk0 + idx[0]) * tc, start, end,
+                                   lhs_is_km=lhs_is_km, interpret=interpret)
                     return acc
 
                 def context(run):
@@ -574,17 +585,8 @@ def _contract_kernel_flat(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles,
     tile's group bounds through the pipeline loop, prefetching the next tile's bounds every step (loads off the
     wgmma's critical path), so they never read the step table.
     """
-    if lhs_is_km:
-        lhs_mk = lhs_mk.T
-    m, k = lhs_mk.shape
-    m2, n = rhs_mn.shape
-    g = gsched_4g.shape[1]
+    lhs_mk, m, k, n, g = _contract_dims(lhs_mk, rhs_mn, gsched_4g, tiles, lhs_is_km)
     tm, tn, tc, epi_n = tiles.tile_m, tiles.tile_n, tiles.tile_k, tiles.epi_n
-    if m != m2:
-        raise ValueError(f"row counts differ: lhs has {m}, rhs has {m2}")
-    if k % tm or n % (2 * tn) or tn % epi_n or m < tc or g == 0:
-        raise ValueError(f"contract_kernel needs K % {tm} == 0, N % {2 * tn} == 0, M >= {tc}, G > 0; "
-                         f"got {m=} {k=} {n=} {g=}")
     k_tiles, n_tiles = k // tm, n // (2 * tn)
     kn = k_tiles * n_tiles
     n_sms = _num_sms(interpret)
@@ -633,21 +635,8 @@ def _contract_kernel_flat(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles,
             def mma(_, a_smem, b_smem, carry):
                 acc, j, s_in, info = carry
                 gi, start, end, blk0, nst = info
-                b_wg = b_smem.at[:, pl.ds(wg * tn, tn)]
-                row0 = (blk0 + s_in) * tc
-
-                @pl.when((row0 < start) | (row0 + tc > end))
-                def _mask():  # rows of other groups share this block: zero them in this warpgroup's half
-                    r = lax.broadcasted_iota(jnp.int32, (tc, tn), 0)
-                    if not interpret:  # the interpreter has no layouts
-                        r = plgpu.layout_cast(r, plgpu.Layout.WGMMA)
-                    keep = (r >= start - row0) & (r < end - row0)
-                    vals = b_wg[...]
-                    b_wg[...] = jnp.where(keep, vals, jnp.zeros_like(vals))
-                    plgpu.commit_smem()
-
-                plgpu.wgmma(acc, a_smem if lhs_is_km else plgpu.transpose_ref(a_smem, (1, 0)), b_wg)
-                plgpu.wgmma_wait(0)  # see rows_kernel
+                _contract_step(acc, a_smem, b_smem.at[:, pl.ds(wg * tn, tn)], (blk0 + s_in) * tc, start, end,
+                               lhs_is_km=lhs_is_km, interpret=interpret)
                 last = s_in == nst - 1
                 nxt = tile_info(j + 1)  # loads issued every step, used only at a tile's last one
 
