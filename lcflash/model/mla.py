@@ -72,16 +72,17 @@ def train_attn_kernel(impl: str) -> str:
 
 def fused_attention(q_nope_bthk, q_pe_bthd, k_nope_bshk, kpe_bsd, v_bshv, mask_bts, scale, implementation):
     """`jax.nn.dot_product_attention` on MLA's heads: queries/keys are [nope | rope] (the rope key shared by all
-    heads), and values are zero-padded to the query/key head size, which the call requires; the padded output
-    columns are dropped."""
+    heads). The call needs one head size for q, k and v, so the smaller side is zero-padded (zeros change neither
+    the scores nor the output) and the padded output columns are dropped."""
     H, dk, dv = q_nope_bthk.shape[2], q_nope_bthk.shape[3] + q_pe_bthd.shape[3], v_bshv.shape[3]
     if implementation == "cudnn" and jax.default_backend() != "gpu":
         raise ValueError(f"train_attn_impl 'cudnn' needs a GPU backend, not {jax.default_backend()!r}; use 'xla'")
-    q_bthk = jnp.concatenate([q_nope_bthk, q_pe_bthd], axis=-1)
+    pad = lambda x, d: jnp.pad(x, ((0, 0),) * 3 + ((0, d - x.shape[-1]),))  # noqa: E731
+    d = max(dk, dv)
+    q_bthk = pad(jnp.concatenate([q_nope_bthk, q_pe_bthd], axis=-1), d)
     kpe_bshd = jnp.broadcast_to(kpe_bsd[:, :, None, :], kpe_bsd.shape[:2] + (H, kpe_bsd.shape[-1]))
-    k_bshk = jnp.concatenate([k_nope_bshk, kpe_bshd], axis=-1)
-    v_bshk = jnp.pad(v_bshv, ((0, 0), (0, 0), (0, 0), (0, dk - dv))) if dk > dv else v_bshv
-    o_bthk = jax.nn.dot_product_attention(q_bthk, k_bshk, v_bshk, mask=mask_bts[:, None], scale=scale,
+    k_bshk = pad(jnp.concatenate([k_nope_bshk, kpe_bshd], axis=-1), d)
+    o_bthk = jax.nn.dot_product_attention(q_bthk, k_bshk, pad(v_bshv, d), mask=mask_bts[:, None], scale=scale,
                                           implementation=implementation)
     return o_bthk[..., :dv]
 
