@@ -19,6 +19,8 @@ GMM_IMPLS = ("ragged_dot", "reference", "pallas", "pallas_chain", "jax_mgpu", "t
 ATTN_IMPLS = ("expanded", "absorbed", "pallas")
 TRAIN_ATTN_IMPLS = ("xla", "cudnn", "auto", "dpa_xla")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# ModelConfig fields an experiment config sets in its `moe` section (cfg.moe.<key>), not in cfg.model.
+MOE_SECTION_FIELDS = {"gmm_impl": "gmm_impl", "overlap": "moe_overlap"}
 
 
 class ConfigError(ValueError):
@@ -110,50 +112,56 @@ class ModelConfig:
         return validate(dataclasses.replace(self, **kw))
 
 
-def _require(cond: bool, field: str, value: Any, allowed: str) -> None:
+def _require(cond: bool, key: str, value: Any, allowed: str) -> None:
     if not cond:
-        raise ConfigError(f"model.{field} = {value!r} is invalid: {allowed}")
+        raise ConfigError(f"{key} = {value!r} is invalid: {allowed}")
 
 
-def validate(cfg: ModelConfig) -> ModelConfig:
-    """Checks every field; returns cfg unchanged or raises ConfigError naming the field."""
+def validate(cfg: ModelConfig, keys: dict[str, str] | None = None) -> ModelConfig:
+    """Checks every field; returns cfg unchanged or raises ConfigError naming the field by its config key
+    (`keys`: field -> key where it was set, e.g. "moe.overlap"; otherwise "model.<field>")."""
+    keys = keys or {}
+
+    def req(cond, field, value, allowed):
+        _require(cond, keys.get(field, f"model.{field}"), value, allowed)
+
     positive = ("vocab_size", "hidden_size", "num_layers", "num_attention_heads", "q_lora_rank",
                 "kv_lora_rank", "qk_nope_head_dim", "v_head_dim", "ffn_hidden_size",
                 "expert_ffn_hidden_size", "n_routed_experts", "moe_topk", "max_position_embeddings")
     for f in positive:
         v = getattr(cfg, f)
-        _require(isinstance(v, int) and not isinstance(v, bool) and v > 0, f, v, "must be a positive integer")
-    _require(isinstance(cfg.zero_expert_num, int) and cfg.zero_expert_num >= 0, "zero_expert_num",
-             cfg.zero_expert_num, "must be an integer >= 0")
-    _require(isinstance(cfg.qk_rope_head_dim, int) and cfg.qk_rope_head_dim > 0 and cfg.qk_rope_head_dim % 2 == 0,
-             "qk_rope_head_dim", cfg.qk_rope_head_dim, "must be a positive even integer (rope rotates pairs)")
-    _require(cfg.moe_topk <= cfg.num_experts_total, "moe_topk", cfg.moe_topk,
-             f"must be in [1, n_routed_experts + zero_expert_num = {cfg.num_experts_total}]")
+        req(isinstance(v, int) and not isinstance(v, bool) and v > 0, f, v, "must be a positive integer")
+    req(isinstance(cfg.zero_expert_num, int) and cfg.zero_expert_num >= 0, "zero_expert_num",
+        cfg.zero_expert_num, "must be an integer >= 0")
+    req(isinstance(cfg.qk_rope_head_dim, int) and cfg.qk_rope_head_dim > 0 and cfg.qk_rope_head_dim % 2 == 0,
+        "qk_rope_head_dim", cfg.qk_rope_head_dim, "must be a positive even integer (rope rotates pairs)")
+    req(cfg.moe_topk <= cfg.num_experts_total, "moe_topk", cfg.moe_topk,
+        f"must be in [1, n_routed_experts + zero_expert_num = {cfg.num_experts_total}]")
     lo_ke = max(0, cfg.moe_topk - cfg.zero_expert_num)
     hi_ke = min(cfg.moe_topk, cfg.n_routed_experts)
-    _require(lo_ke <= cfg.target_ffn_experts <= hi_ke, "target_ffn_experts", cfg.target_ffn_experts,
-             f"must be in [{lo_ke}, {hi_ke}] (FFN experts a token can choose among its moe_topk slots)")
-    _require(cfg.routed_scaling_factor > 0, "routed_scaling_factor", cfg.routed_scaling_factor, "must be > 0")
+    req(lo_ke <= cfg.target_ffn_experts <= hi_ke, "target_ffn_experts", cfg.target_ffn_experts,
+        f"must be in [{lo_ke}, {hi_ke}] (FFN experts a token can choose among its moe_topk slots)")
+    req(cfg.routed_scaling_factor > 0, "routed_scaling_factor", cfg.routed_scaling_factor, "must be > 0")
     for f in ("rms_norm_eps", "mla_norm_eps", "initializer_range", "rope_theta"):
-        _require(getattr(cfg, f) > 0, f, getattr(cfg, f), "must be > 0")
-    _require(cfg.rope_type in ROPE_TYPES, "rope_type", cfg.rope_type, f"must be one of {ROPE_TYPES}")
+        req(getattr(cfg, f) > 0, f, getattr(cfg, f), "must be > 0")
+    req(cfg.rope_type in ROPE_TYPES, "rope_type", cfg.rope_type, f"must be one of {ROPE_TYPES}")
     if cfg.rope_type == "yarn":
-        _require(cfg.rope_factor is not None and cfg.rope_factor >= 1.0, "rope_factor", cfg.rope_factor,
-                 "must be >= 1 for yarn")
+        req(cfg.rope_factor is not None and cfg.rope_factor >= 1.0, "rope_factor", cfg.rope_factor,
+            "must be >= 1 for yarn")
         omp = cfg.rope_original_max_position_embeddings
-        _require(omp is None or (isinstance(omp, int) and 0 < omp), "rope_original_max_position_embeddings",
-                 omp, "must be None or a positive integer")
-    _require(cfg.num_mtp_layers in (0, 1), "num_mtp_layers", cfg.num_mtp_layers, "must be 0 or 1")
+        req(omp is None or (isinstance(omp, int) and 0 < omp), "rope_original_max_position_embeddings",
+            omp, "must be None or a positive integer")
+    req(cfg.num_mtp_layers in (0, 1), "num_mtp_layers", cfg.num_mtp_layers, "must be 0 or 1")
     for f in ("param_dtype", "dtype"):
-        _require(getattr(cfg, f) in DTYPES, f, getattr(cfg, f), f"must be one of {tuple(DTYPES)}")
-    _require(cfg.gmm_impl in GMM_IMPLS, "gmm_impl", cfg.gmm_impl, f"must be one of {GMM_IMPLS}")
-    _require(isinstance(cfg.moe_overlap, bool), "moe_overlap", cfg.moe_overlap, "must be a bool (True or False)")
-    _require(cfg.attn_impl in ATTN_IMPLS, "attn_impl", cfg.attn_impl, f"must be one of {ATTN_IMPLS}")
-    _require(cfg.train_attn_impl in TRAIN_ATTN_IMPLS, "train_attn_impl", cfg.train_attn_impl,
-             f"must be one of {TRAIN_ATTN_IMPLS}")
+        req(getattr(cfg, f) in DTYPES, f, getattr(cfg, f), f"must be one of {tuple(DTYPES)}")
+    req(cfg.gmm_impl in GMM_IMPLS, "gmm_impl", cfg.gmm_impl, f"must be one of {GMM_IMPLS}")
+    req(isinstance(cfg.moe_overlap, bool), "moe_overlap", cfg.moe_overlap, "must be a bool (True or False)")
+    req(cfg.attn_impl in ATTN_IMPLS, "attn_impl", cfg.attn_impl, f"must be one of {ATTN_IMPLS}")
+    req(cfg.train_attn_impl in TRAIN_ATTN_IMPLS, "train_attn_impl", cfg.train_attn_impl,
+        f"must be one of {TRAIN_ATTN_IMPLS}")
     for f in ("bos_token_id", "eos_token_id"):
         v = getattr(cfg, f)
-        _require(v is None or 0 <= v < cfg.vocab_size, f, v, f"must be None or in [0, vocab_size={cfg.vocab_size})")
+        req(v is None or 0 <= v < cfg.vocab_size, f, v, f"must be None or in [0, vocab_size={cfg.vocab_size})")
     return cfg
 
 
@@ -169,13 +177,11 @@ def model_config(cfg) -> ModelConfig:
     if unknown:
         raise ConfigError(f"unknown model field(s) {unknown}; valid fields are {list(MODEL_FIELDS)}")
     moe = getattr(cfg, "moe", None) if hasattr(cfg, "model") else None
-    if moe is not None and "gmm_impl" in moe:
-        kw["gmm_impl"] = moe.gmm_impl
-    if moe is not None and "overlap" in moe:
-        if not isinstance(moe.overlap, bool):
-            raise ConfigError(f"moe.overlap = {moe.overlap!r} is invalid: must be a bool (True or False)")
-        kw["moe_overlap"] = moe.overlap
-    return validate(ModelConfig(**kw))
+    keys = {}
+    for key, field in MOE_SECTION_FIELDS.items():
+        if moe is not None and key in moe:
+            kw[field], keys[field] = moe[key], f"moe.{key}"
+    return validate(ModelConfig(**kw), keys)
 
 
 def load_config(path: str, overrides: dict | None = None):
