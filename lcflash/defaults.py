@@ -2,14 +2,20 @@
 
 import ml_collections
 
-from lcflash.config import ModelConfig, MODEL_FIELDS
+from lcflash.config import MOE_SECTION_FIELDS, ModelConfig, MODEL_FIELDS
 from lcflash.parallel.rules import rules_config
 
 
 def model_defaults(**overrides) -> ml_collections.ConfigDict:
-    """The released LongCat-Flash architecture as a ConfigDict, with `overrides` applied."""
+    """The released LongCat-Flash architecture as a ConfigDict, with `overrides` applied. Fields set in the `moe`
+    section (MOE_SECTION_FIELDS) are left out: a copy here would be silently overridden by cfg.moe."""
     base = ModelConfig()
-    d = {f: getattr(base, f) for f in MODEL_FIELDS}
+    in_moe = {field: key for key, field in MOE_SECTION_FIELDS.items()}
+    d = {f: getattr(base, f) for f in MODEL_FIELDS if f not in in_moe}
+    misplaced = sorted(set(overrides) & set(in_moe))
+    if misplaced:
+        raise KeyError(f"model field(s) {misplaced} are set in the moe section: "
+                       f"{[f'moe.{in_moe[f]}' for f in misplaced]}")
     unknown = sorted(set(overrides) - set(d))
     if unknown:
         raise KeyError(f"unknown model field(s) {unknown}")
