@@ -381,6 +381,17 @@ def _contract_dims(lhs_mk, rhs_mn, gsched_4g, tiles: Tiles, lhs_is_km: bool):
     return lhs_mk, m, k, n, g
 
 
+def _contract_scope(alloc_pipe, lhs_gmem, rhs_gmem, stage_shape, out_dtype):
+    """run_scoped for a contract kernel's body: the pipeline's smem ring plus a swizzled output staging buffer
+    (whole tiles only, so the register store has no bank conflicts)."""
+    return functools.partial(
+        pl.run_scoped,
+        allocs=alloc_pipe.get_allocations(lhs_gmem, rhs_gmem),
+        stage_smem=plgpu.SMEM(stage_shape, out_dtype, transforms=_swizzle_transforms(stage_shape[-1], out_dtype)),
+        collective_axes="wg",
+    )
+
+
 def _contract_step(acc, a_smem, b_wg, row0, start, end, *, lhs_is_km: bool, interpret: bool):
     """One 64-row step of d_rhs: zero the rows of this warpgroup's dout half that belong to other groups (a block
     shared by two groups), then acc += lhs_block^T @ dout_block."""
@@ -500,13 +511,7 @@ def contract_kernel(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles, lhs_i
         # A dynamic grid keeps all `stages` buffers, so the allocation pipeline must not be shrunk either.
         alloc_pipe = make_pipeline(ignore, ignore, jnp.int32(stages), zero, zero, zero)
 
-        @functools.partial(
-            pl.run_scoped,
-            allocs=alloc_pipe.get_allocations(lhs_gmem, rhs_gmem),
-            # Whole tiles only, so the staging buffer can be swizzled (no bank conflicts on the register store).
-            stage_smem=plgpu.SMEM((2, tm, epi_n), out_dtype, transforms=_swizzle_transforms(epi_n, out_dtype)),
-            collective_axes="wg",
-        )
+        @_contract_scope(alloc_pipe, lhs_gmem, rhs_gmem, (2, tm, epi_n), out_dtype)
         def _scope(allocs, stage_smem):
             wg = lax.axis_index("wg")
 
@@ -618,12 +623,7 @@ def _contract_kernel_flat(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles,
         ignore = lambda *_, **__: None
         alloc_pipe = make_pipeline(ignore, ignore, jnp.int32(tiles.stages))  # dynamic grid: all stages
 
-        @functools.partial(
-            pl.run_scoped,
-            allocs=alloc_pipe.get_allocations(lhs_gmem, rhs_gmem),
-            stage_smem=plgpu.SMEM((2, tm, epi_n), out_dtype, transforms=_swizzle_transforms(epi_n, out_dtype)),
-            collective_axes="wg",
-        )
+        @_contract_scope(alloc_pipe, lhs_gmem, rhs_gmem, (2, tm, epi_n), out_dtype)
         def _scope(allocs, stage_smem):
             wg = lax.axis_index("wg")
 
