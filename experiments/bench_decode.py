@@ -397,20 +397,11 @@ def run_peer(args):
 # ----------------------------------------------------------------------------------------------- report
 def summarize_trace(path: str, steps: int, top: int = 12) -> dict:
     """Device-side events of a perfetto trace: kernels per decode step, busy time per step, the costliest names."""
-    import collections
-    import gzip
+    from lcflash.parallel.trace_overlap import kernel_totals
 
-    from lcflash.parallel.trace_overlap import device_kernels
-
-    with gzip.open(path, "rt") as f:
-        per_device, seen = device_kernels(json.load(f))
-    kernels = [e for evs in per_device.values() for e in evs]
+    by_name, kernels, seen = kernel_totals(path)
     if not kernels:
         return {"device_events": 0, "processes": seen["processes"]}
-    by_name = collections.defaultdict(lambda: [0, 0.0])
-    for e in kernels:
-        by_name[e.name][0] += 1
-        by_name[e.name][1] += e.dur
     t0 = min(e.start for e in kernels)
     t1 = max(e.start + e.dur for e in kernels)
     busy = sum(v[1] for v in by_name.values())

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import gzip
 import json
 import os
 import re
@@ -41,20 +40,9 @@ def hlo_ops(hlo_text: str) -> dict:
     return info
 
 
-def device_kernels(trace_path: str) -> dict:
-    """Kernel name -> [count, total microseconds] over the GPU streams of a perfetto trace."""
-    with gzip.open(trace_path, "rt") as f:
-        per_device, _ = trace_overlap.device_kernels(json.load(f))
-    by = collections.defaultdict(lambda: [0, 0.0])
-    for e in (e for evs in per_device.values() for e in evs):
-        by[e.name][0] += 1
-        by[e.name][1] += e.dur
-    return by
-
-
 def profile(hlo_text: str, trace_path: str, steps: int, top: int = 25) -> dict:
     info = hlo_ops(hlo_text)
-    by = device_kernels(trace_path)
+    by, _, _ = trace_overlap.kernel_totals(trace_path)
     per_op = collections.defaultdict(lambda: [0.0, 0.0])
     for name, (count, us) in by.items():
         op = info.get(name, ("?", "?"))[1] or "(no op name)"

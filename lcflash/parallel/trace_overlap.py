@@ -155,15 +155,31 @@ def device_kernels(trace: dict | list) -> tuple[dict[str, list[Event]], dict]:
     return dict(out), seen
 
 
-def summarize_trace(path: str, steps: int) -> dict:
-    """Per device `overlap_summary` of a perfetto trace file (.json or .json.gz), and the mean over devices."""
+def load_trace(path: str) -> dict | list:
+    """A perfetto / chrome trace file (.json or .json.gz)."""
     import gzip
     import json
 
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rt") as fh:
-        trace = json.load(fh)
-    kernels, seen = device_kernels(trace)
+        return json.load(fh)
+
+
+def kernel_totals(path: str) -> tuple[dict[str, list], list[Event], dict]:
+    """({kernel name: [count, total us]} over every device, the kernels themselves, what was seen) of a trace
+    file: the per-kernel view the decode and training profiles build on."""
+    per_device, seen = device_kernels(load_trace(path))
+    kernels = [e for evs in per_device.values() for e in evs]
+    by_name: dict[str, list] = collections.defaultdict(lambda: [0, 0.0])
+    for e in kernels:
+        by_name[e.name][0] += 1
+        by_name[e.name][1] += e.dur
+    return dict(by_name), kernels, seen
+
+
+def summarize_trace(path: str, steps: int) -> dict:
+    """Per device `overlap_summary` of a perfetto trace file (.json or .json.gz), and the mean over devices."""
+    kernels, seen = device_kernels(load_trace(path))
     per_device = {d: overlap_summary(evs, steps) for d, evs in sorted(kernels.items())}
     mean = {}
     if per_device:
