@@ -302,8 +302,7 @@ def run_jax(args):
 
 def profile_points(args, jax, jnp, jobs, compiled, gens, cfg, cache_len, program, random_cache, result, log):
     """A perfetto trace of one batch-1 decode loop per attention impl (where a step's time goes)."""
-    import glob
-    import shutil
+    from lcflash.parallel.trace_overlap import record_trace
 
     for job in jobs:
         impl, gkey, moe, B, C, kind = job
@@ -321,18 +320,11 @@ def profile_points(args, jax, jnp, jobs, compiled, gens, cfg, cache_len, program
                                      jnp.float32(1.0))
             cache = call(cache)[-1]
             jax.block_until_ready(cache)
-            tdir = f"/tmp/lcflash_trace_{impl}"
-            shutil.rmtree(tdir, ignore_errors=True)
-            with jax.profiler.trace(tdir, create_perfetto_trace=True):
-                out = call(cache)
-                jax.block_until_ready(out)
-            found = glob.glob(os.path.join(tdir, "**", "perfetto_trace.json.gz"), recursive=True)
-            if found:
-                dst = os.path.join(os.path.dirname(os.path.abspath(args.json)), f"trace_decode_b1_{impl}.json.gz")
-                shutil.copy(found[0], dst)
-                result.setdefault("traces", []).append(dict(impl=impl, batch=B, context=C, steps=args.steps,
-                                                            file=os.path.basename(dst)))
-                log(f"trace of {impl} B=1 C={C} -> {dst}")
+            dst = os.path.join(os.path.dirname(os.path.abspath(args.json)), f"trace_decode_b1_{impl}.json.gz")
+            record_trace(lambda: jax.block_until_ready(call(cache)), dst)
+            result.setdefault("traces", []).append(dict(impl=impl, batch=B, context=C, steps=args.steps,
+                                                        file=os.path.basename(dst)))
+            log(f"trace of {impl} B=1 C={C} -> {dst}")
         except Exception as e:   # noqa: BLE001
             result["errors"].append(f"profile {job}: {type(e).__name__}: {e}"[:2000])
             log("PROFILE FAILED", job, repr(e)[:300])

@@ -43,26 +43,17 @@ def parse_variant(variant: str) -> tuple[str, bool]:
 
 def trace_steps(args, variant, step, state, put, batches):
     """Runs `args.trace_steps` more steps under the profiler; returns (state, trace record with its summary)."""
-    import glob
-    import shutil
-
     import jax
 
-    from lcflash.parallel.trace_overlap import summarize_trace
+    from lcflash.parallel.trace_overlap import record_trace, summarize_trace
 
-    tdir = f"/tmp/lcflash_trace_ep_{variant}"
-    shutil.rmtree(tdir, ignore_errors=True)
-    opts = jax.profiler.ProfileOptions()
-    opts.python_tracer_level = 0        # device kernels are what counts; Python frames only grow the file
-    with jax.profiler.trace(tdir, create_perfetto_trace=True, profiler_options=opts):
+    def run(state):
         for i in range(args.trace_steps):
             state, m = step(state, put(batches[i % len(batches)]))
-        jax.block_until_ready((state, m))
-    found = glob.glob(os.path.join(tdir, "**", "perfetto_trace.json.gz"), recursive=True)
-    if not found:
-        return state, {"error": f"no perfetto_trace.json.gz under {tdir}"}
+        return jax.block_until_ready((state, m))[0]
+
     dst = os.path.join(os.path.dirname(os.path.abspath(args.out)), f"trace_ep_{variant}.json.gz")
-    shutil.copy(found[0], dst)
+    state = record_trace(lambda: run(state), dst, python_frames=False)
     return state, {"file": os.path.basename(dst), "steps": args.trace_steps,
                    "summary": summarize_trace(dst, args.trace_steps)}
 

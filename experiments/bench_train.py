@@ -60,29 +60,22 @@ def flops_per_token(mc, seq: int, ffn_per_token: float, with_mtp: bool):
 def profile_steps(step, state, batches, out_dir: str, tag: str) -> dict:
     """Trace two steps of the compiled `step` (it donates `state`) and join the kernels to its HLO op names
     (decode_profile.profile): the time per JAX op of one training step."""
-    import glob
-    import shutil
-
     import jax
 
     from experiments.decode_profile import profile
+    from lcflash.parallel.trace_overlap import record_trace
 
-    hlo = step.as_text()
-    tdir = f"/tmp/lcflash_train_trace_{tag}"
-    shutil.rmtree(tdir, ignore_errors=True)
-    with jax.profiler.trace(tdir, create_perfetto_trace=True):
+    def run(state):
         for b in batches[:2]:
             state, m = step(state, b)
-        jax.block_until_ready(m)
-    trace = glob.glob(os.path.join(tdir, "**", "perfetto_trace.json.gz"), recursive=True)[0]
+        return jax.block_until_ready(m)
+
+    hlo = step.as_text()
     os.makedirs(out_dir, exist_ok=True)
-    for src, name in ((trace, f"trace_train_{tag}.json.gz"), (None, f"hlo_train_{tag}.txt")):
-        dst = os.path.join(out_dir, name)
-        if src:
-            shutil.copy(src, dst)
-        else:
-            with open(dst, "w") as f:
-                f.write(hlo)
+    trace = os.path.join(out_dir, f"trace_train_{tag}.json.gz")
+    record_trace(lambda: run(state), trace)
+    with open(os.path.join(out_dir, f"hlo_train_{tag}.txt"), "w") as f:
+        f.write(hlo)
     res = profile(hlo, trace, steps=2, top=30)
     res["by_op"] = res["by_op"][:40]
     print(f"profile {tag}: {res['kernels_per_step']:.0f} kernels, {res['busy_us_per_step'] / 1e3:.1f} ms busy per step")

@@ -155,6 +155,30 @@ def device_kernels(trace: dict | list) -> tuple[dict[str, list[Event]], dict]:
     return dict(out), seen
 
 
+def record_trace(run, dst: str, python_frames: bool = True):
+    """Runs `run()` under `jax.profiler.trace(create_perfetto_trace=True)` and copies the perfetto trace to `dst`.
+    Returns run()'s result (block on it inside `run`); raises FileNotFoundError if the profiler wrote no trace.
+    python_frames=False leaves Python frames out (device kernels are what the summaries read; smaller files)."""
+    import glob
+    import os
+    import shutil
+    import tempfile
+
+    import jax
+
+    opts = jax.profiler.ProfileOptions()
+    if not python_frames:
+        opts.python_tracer_level = 0
+    with tempfile.TemporaryDirectory(prefix="lcflash_trace_") as tdir:
+        with jax.profiler.trace(tdir, create_perfetto_trace=True, profiler_options=opts):
+            out = run()
+        found = glob.glob(os.path.join(tdir, "**", "perfetto_trace.json.gz"), recursive=True)
+        if not found:
+            raise FileNotFoundError(f"the profiler wrote no perfetto_trace.json.gz under {tdir}")
+        shutil.copy(found[0], dst)
+    return out
+
+
 def load_trace(path: str) -> dict | list:
     """A perfetto / chrome trace file (.json or .json.gz)."""
     import gzip
