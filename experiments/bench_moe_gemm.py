@@ -125,6 +125,11 @@ def fwd_bwd_fn(f):
     return run
 
 
+def check_suffix(impl: str) -> str:
+    """Row keys of an impl's correctness check: check_rel_err for pallas, check_rel_err_pallas_chain, ..."""
+    return "" if impl == "pallas" else "_" + impl
+
+
 def run_case(cfg, proj, t, load, impls, bw_gbs, results, check=True):
     k, n, g = SHAPES[(cfg, proj)]
     sizes_np = group_sizes(g, t, load)
@@ -141,7 +146,7 @@ def run_case(cfg, proj, t, load, impls, bw_gbs, results, check=True):
                max_group=int(sizes_np.max()), empty_groups=int((sizes_np == 0).sum()), impls={})
 
     for ours in [i for i in impls if i.startswith("pallas")] if check else []:
-        key = "" if ours == "pallas" else "_" + ours  # check_rel_err for pallas, check_rel_err_pallas_chain, ...
+        key = check_suffix(ours)
         try:
             got = jax.jit(fwd_bwd_fn(gmm_fn(ours, sizes)))(x, w, dy)
             if load == "balanced":
@@ -198,7 +203,7 @@ def format_table(results):
         case = f"{r['config']}/{r['proj']} T={r['tokens_per_expert']} {r['load']}"
         ein = bound_for(results, r)
         for impl, rec in r["impls"].items():
-            key = "" if impl == "pallas" else "_" + impl
+            key = check_suffix(impl)
             chk = r.get("check_rel_err" + key) or r.get("check_error" + key, "")
             if isinstance(chk, dict):
                 chk = " ".join(f"{k}={v:.1e}" for k, v in chk.items())
