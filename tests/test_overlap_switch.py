@@ -9,7 +9,7 @@ from flax import nnx
 from jax.extend import core as jcore
 
 from lcflash.config import ConfigError, load_config, model_config
-from lcflash.model import LongcatFlash
+from numerics import random_model
 
 WINDOW = ("mlp_0", "attn_1", "mlp_1")
 
@@ -18,16 +18,11 @@ TOKENS = jnp.asarray(np.random.RandomState(0).randint(0, 512, (2, 16)), jnp.int3
 
 
 def _split(overlap: bool):
-    """(graphdef, params, other state) of a one-layer tiny model; the same random values for either setting
-    (filled from numpy: eager initialisation would compile every initializer, ~10 s on 2 cores)."""
+    """(graphdef, params, other state) of a one-layer tiny model; the same random values for either setting."""
     mc = model_config(load_config("configs/tiny.py", {"moe.overlap": overlap, "model.num_layers": 1,
                                                        "model.num_mtp_layers": 0}))
     assert mc.moe_overlap is overlap
-    gd, params, rest = nnx.split(nnx.eval_shape(lambda: LongcatFlash(mc, nnx.Rngs(0))), nnx.Param, ...)
-    rng = np.random.RandomState(0)
-    fill = lambda x: jnp.asarray(  # noqa: E731
-        rng.normal(1.0, 0.1, x.shape) if x.ndim == 1 else rng.normal(0, x.shape[-2] ** -0.5, x.shape), x.dtype)
-    return gd, jax.tree.map(fill, params), jax.tree.map(fill, rest)
+    return random_model(mc)
 
 
 def _logits(graphdef, rest):

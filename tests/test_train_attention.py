@@ -8,10 +8,9 @@ import pytest
 from flax import nnx
 
 from lcflash.config import ConfigError, load_config, model_config
-from lcflash.model import LongcatFlash
 from lcflash.model.mla import LatentKV, expanded_attention
 from lcflash.model.transformer import causal_mask
-from numerics import rel
+from numerics import random_model, rel
 
 ON_GPU = jax.default_backend() == "gpu"
 
@@ -20,11 +19,7 @@ def _model_fns(impl: str, dtype: str):
     """(loss_and_grad, params) of a one-layer tiny model with MTP; the same random values for every impl."""
     mc = model_config(load_config("configs/tiny.py", {"model.train_attn_impl": impl, "model.num_layers": 1,
                                                        "model.dtype": dtype}))
-    gd, params, rest = nnx.split(nnx.eval_shape(lambda: LongcatFlash(mc, nnx.Rngs(0))), nnx.Param, ...)
-    rng = np.random.RandomState(0)
-    fill = lambda x: jnp.asarray(  # noqa: E731
-        rng.normal(1.0, 0.1, x.shape) if x.ndim == 1 else rng.normal(0, x.shape[-2] ** -0.5, x.shape), x.dtype)
-    params, rest = jax.tree.map(fill, params), jax.tree.map(fill, rest)
+    gd, params, rest = random_model(mc)
     B, T = 2, 32
     tokens = jnp.asarray(np.random.RandomState(1).randint(0, mc.vocab_size, (B, T)), jnp.int32)
     seg = jnp.asarray([[0] * 11 + [1] * 21, [0] * T], jnp.int32)    # two packed documents in row 0
