@@ -32,6 +32,8 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from bench_decode import measure_bandwidth  # noqa: E402  (experiments/ is on sys.path when run as a script)
+
 
 def main():
     ap = argparse.ArgumentParser()
@@ -49,16 +51,7 @@ def main():
 
     bf = jnp.bfloat16
     dev = jax.devices()[0]
-    x = jax.random.normal(jax.random.key(0), (1 << 28,), jnp.float32)
-    cp = jax.jit(lambda v: v * 1.0001)
-    cp(x).block_until_ready()
-    ts = []
-    for _ in range(10):
-        t = time.perf_counter()
-        cp(x).block_until_ready()
-        ts.append(time.perf_counter() - t)
-    bw = 2 * x.nbytes / float(np.median(ts))
-    del x
+    bw = measure_bandwidth(jax, jnp, nbytes=1 << 30, reps=10)
 
     def timed(fn, *operands):
         """Microseconds per call: `reps` dependent calls in one jit (the output feeds a scalar into the next)."""
