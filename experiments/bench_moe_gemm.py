@@ -9,9 +9,10 @@ or a padded einsum (skewed loads) before they are timed.
     python experiments/bench_moe_gemm.py --out experiments/bench_moe_gemm.json [--quick] [--sweep] [--budget-s S]
 
 `--chain-ab` times only LongCat gate/up and down at T=512 (balanced) for `pallas` (per-tile pipelines),
-`pallas_chain` (chained per-tile pipelines in the rows kernel) and the einsum bound, then d_rhs alone (contract
-kernel per-tile vs one flat pipeline per CTA vs the einsum "gtk,gtn->gkn";
-`--sweep` then adds tile variants of the chained rows kernel and of the flat contract kernel).
+`pallas_chain` (chained rows pipelines, flat contract pipeline) and the einsum bound, then d_rhs alone (contract
+kernel per-tile vs one flat pipeline per CTA vs the einsum "gtk,gtn->gkn");
+`--sweep` then adds pallas_chain and the flat d_rhs kernel with `Tiles.overlap_mma=True` (one wgmma left in
+flight per step), and the flat d_rhs kernel with a 3-deep ring and 128-column stores.
 """
 
 import argparse
@@ -251,21 +252,20 @@ def cases(quick, chain_ab=False):
 def sweep(bw_gbs, within_budget, chain=False):
     """Tile variants of ours at LongCat T=512; the heuristics in pallas_gmm use the winners.
 
-    chain: variants of the chained rows kernel instead (`pallas_chain`; its default is 4 stages, 64-col stores)."""
+    chain: pallas_chain with overlap_mma=True instead (A/B of Tiles.overlap_mma)."""
     T = mgpu_kernels.Tiles
-    runs = [("gate_up", 512, T(128, 128, 64, 4, 64), None), ("down", 512, T(128, 128, 64, 4, 64), None),
-            ("gate_up", 512, None, T(128, 128, 128, 2, 64)), ("down", 512, None, T(128, 128, 128, 2, 64))]
-    if chain:  # 3 stages with one 128-col store per warpgroup (the unchained default); down has 32 steps: 2 stages
-        runs = [("gate_up", 512, T(128, 128, 64, 3, 128, chain=True), None),
-                ("down", 512, T(128, 128, 64, 3, 128, chain=True), None)]
-    impl = "pallas_chain" if chain else "pallas"
+    runs = [("pallas", "gate_up", T(128, 128, 64, 4, 64), None), ("pallas", "down", T(128, 128, 64, 4, 64), None),
+            ("pallas", "gate_up", None, T(128, 128, 128, 2, 64)), ("pallas", "down", None, T(128, 128, 128, 2, 64))]
+    if chain:  # pallas_chain keeping one wgmma in flight per step (overlap_mma=True), rows and d_rhs kernels
+        t_ov = T(128, 128, 64, 4, 64, chain=True, overlap_mma=True)
+        runs = [("pallas_chain", p, t_ov, t_ov) for p in ("gate_up", "down")]
     out = []
-    for proj, t, rows_tiles, contract_tiles in runs:
+    for impl, proj, rows_tiles, contract_tiles in runs:
         if not within_budget():
             break
         pallas_gmm.ROWS_TILES, pallas_gmm.CONTRACT_TILES = rows_tiles, contract_tiles
-        row = run_case("longcat", proj, t, "balanced", [impl], bw_gbs, [], check=False)
-        rec = dict(proj=proj, tokens_per_expert=t, impl=impl, rows_tiles=str(rows_tiles),
+        row = run_case("longcat", proj, 512, "balanced", [impl], bw_gbs, [], check=False)
+        rec = dict(proj=proj, tokens_per_expert=512, impl=impl, rows_tiles=str(rows_tiles),
                    contract_tiles=str(contract_tiles), **row["impls"][impl])
         out.append(rec)
         print("sweep", json.dumps(rec), flush=True)
@@ -285,8 +285,9 @@ def d_rhs_ab(proj, t, sweep_variants=False):
     sizes = jnp.full((g,), t, jnp.int32)
     flops = 2.0 * m * k * n
     variants = [("per_tile", False, None), ("flat", True, None)]
-    if sweep_variants:  # the flat pipeline with a 4-deep ring and 64-column stores (the default is 3 / 128)
-        variants.append(("flat_4st_epi64", True, T(128, 128, 64, 4, 64, chain=True)))
+    if sweep_variants:  # one wgmma in flight per step; the per-tile kernel's ring (3 deep, 128-column stores)
+        variants += [("flat_overlap_mma", True, T(128, 128, 64, 4, 64, chain=True, overlap_mma=True)),
+                     ("flat_3st_epi128", True, T(128, 128, 64, 3, 128, chain=True))]
     rec = dict(proj=proj, tokens_per_expert=t, K=k, N=n, G=g)
     einsum = jax.jit(lambda a, b: jnp.einsum("gtk,gtn->gkn", a.reshape(g, t, k), b.reshape(g, t, n)))
     want = einsum(x, dy)

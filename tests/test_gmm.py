@@ -102,6 +102,17 @@ def test_unavailable_impls_fail_clearly():
         api.gmm(x, w, s, impl="pallas")
 
 
+def test_overlap_mma_needs_the_flat_pipeline():
+    from lcflash.kernels.gmm import mgpu_kernels as mk
+
+    x, w, dy, s = _inputs(3, 128, 128, 256, [128], jnp.bfloat16)
+    tiles = mk.Tiles(overlap_mma=True)
+    with pytest.raises(ValueError, match="overlap_mma needs chain=True"):
+        mk.rows_kernel(x, [w], mk.row_schedule(s, 128, 128)[0], transpose_rhs=False, out_dtype=x.dtype, tiles=tiles)
+    with pytest.raises(ValueError, match="overlap_mma needs chain=True"):
+        mk.contract_kernel(x, dy, mk.contract_schedule(s, 128, 64), out_dtype=x.dtype, tiles=tiles)
+
+
 # ------------------------------------------------------------------------------------------------
 # Our kernels in Pallas' GPU interpreter (CPU). An exception inside the interpreter can leave its simulated
 # threads waiting forever, so these tests arm SIGALRM: a hang ends the run instead of stalling CI.
@@ -151,15 +162,15 @@ def test_pallas_interpret_fused_swiglu_and_decode_tiles(hang_guard):
 
 @cpu_only
 @pytest.mark.parametrize("m,k,n,sizes_l", [
-    # 15 matmul tiles (3 column tiles of 2 x 64) over 2 simulated SMs: chains of 8 and 7 (START, STEADY, STOP);
-    # 6 K steps -> a 3-deep ring that wraps twice per tile; 80 rows past the groups in 2 tail tiles.
+    # 15 matmul tiles (3 column tiles of 2 x 64) over 2 simulated SMs: flat pipelines of 8 and 7 tiles x 6 K steps
+    # through a 4-deep ring (tile boundaries fall mid-ring), partial tiles at group edges; 80 tail rows in 2 tiles.
     (300, 384, 384, SIZES_RAGGED),
-    # one matmul tile: a chain of 1 on one SM (the plain pipeline) and none on the other; tail rows in 2 tiles.
+    # one matmul tile: a one-tile pipeline on one SM, an empty one (0 steps) on the other; tail rows in 2 tiles.
     (200, 128, 128, [0, 100]),
 ])
 def test_pallas_interpret_chained_rows_kernel(hang_guard, m, k, n, sizes_l):
-    """Forward rows kernel with chained per-tile pipelines (pallas_chain) against the fp32 reference; every output
-    element is written (the interpreter NaN-fills outputs)."""
+    """Forward rows kernel with one flat pipeline per CTA (pallas_chain) against the fp32 reference and bit for
+    bit against the per-tile kernel; every output element is written (the interpreter NaN-fills outputs)."""
     from lcflash.kernels.gmm import pallas_gmm
 
     lhs, rhs, _, sizes = _inputs(8, m, k, n, sizes_l, jnp.bfloat16)
@@ -167,6 +178,7 @@ def test_pallas_interpret_chained_rows_kernel(hang_guard, m, k, n, sizes_l):
     want = reference.gmm_loop(lhs.astype(jnp.float32), rhs.astype(jnp.float32), sizes)
     assert _rel(got, want) < BF16_TOL
     assert not got[sum(sizes_l):].any()
+    np.testing.assert_array_equal(got, np.asarray(pallas_gmm.rows_matmul(lhs, [rhs], sizes), np.float32))
 
 
 def _contract_ref_f64(lhs, dout, sizes_l):
@@ -226,7 +238,7 @@ def test_flat_contract_schedule_walks_every_tile(sizes_l):
 
 @pytest.mark.parametrize("k,n,g,m", [(2048, 6144, 64, 32768), (1024, 384, 128, 65536)])  # LongCat down, small gate/up
 def test_pallas_chain_backward_lowers_for_cuda(monkeypatch, k, n, g, m):
-    """pallas_chain's forward + backward (chained rows kernel) and the flat contract kernel through Pallas ->
+    """pallas_chain's forward + backward (flat rows and contract pipelines) and the flat contract kernel through Pallas ->
     Mosaic GPU lowering (layouts, smem budget) for CUDA on the CPU, at LongCat and small-config shapes."""
     from lcflash.kernels.gmm import mgpu_kernels as mk, pallas_gmm
 
@@ -346,3 +358,28 @@ def test_pallas_gradients_inside_shard_map(hang_guard):
     want = jax.jit(jax.grad(loss("reference"), argnums=(0, 1)))(*args)
     for g, w in zip(got, want):
         assert _rel(g, w) < BF16_TOL
+
+
+def test_gmm_profile_summary_attributes_time_to_the_innermost_scope():
+    """experiments/gmm_profile.py's reading of a Mosaic GPU profiler trace, on a synthetic two-CTA trace."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parents[1] / "experiments" / "gmm_profile.py"
+    spec = importlib.util.spec_from_file_location("gmm_profile", path)
+    gp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gp)
+    ev = lambda name, ph, ts, tid: dict(name=name, ph=ph, ts=ts, pid=1, tid=tid)  # noqa: E731
+    events = []
+    for cta, scale in ((0, 1.0), (1, 3.0)):
+        tid = 1 + cta * gp.N_WARPGROUPS  # compute warpgroup 0 of this CTA
+        events += [ev("mma", "B", 0.0, tid), ev("mma", "E", 2.0 * scale, tid),  # mma: 2 + 1.5 (x3) us
+                   ev("mma", "B", 3.0 * scale, tid), ev("next_tile", "B", 3.5 * scale, tid),  # nested: 0.5 (1.5) us
+                   ev("next_tile", "E", 4.0 * scale, tid), ev("mma", "E", 5.0 * scale, tid),
+                   ev("epilogue", "B", 6.0 * scale, tid), ev("epilogue", "E", 7.0 * scale, tid)]
+    got = gp.summarize({"traceEvents": events})["wg0"]
+    assert got["mma"]["mean_us"] == pytest.approx((3.5 + 10.5) / 2) and got["mma"]["count"] == 2
+    assert got["next_tile"]["mean_us"] == pytest.approx(1.0) and got["next_tile"]["max_us"] == pytest.approx(1.5)
+    assert got["epilogue"]["mean_us"] == pytest.approx(2.0)
+    assert got["other"]["mean_us"] == pytest.approx(4.0)  # gaps 1 + 1 (x3 for the second CTA)
+    assert got["span"]["mean_us"] == pytest.approx(14.0)

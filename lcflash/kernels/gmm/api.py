@@ -12,10 +12,9 @@ Implementations:
   reference   per-group dense loop (tests and tiny shapes only)
   pallas      ours: Mosaic GPU kernels for Hopper with explicit VJP (lcflash/kernels/gmm/pallas_gmm.py); on a
               non-GPU backend it runs in Pallas' GPU interpreter (slow; tests only). bf16/fp16 inputs only.
-  pallas_chain  `pallas` with the rows kernel's per-tile pipelines chained (Tiles.chain): the TMA warpgroup loads
-              the next tile during this tile's tail and epilogue; A/B candidate in experiments/bench_moe_gemm.py.
-              (The flat contract pipeline for d_rhs, pallas_gmm.contract_matmul(chain=True), is not used here
-              until it has been timed on a GPU.)
+  pallas_chain  `pallas` with one flat pipeline per CTA in every kernel (Tiles.chain): the TMA warpgroup loads
+              the next tile during this tile's tail and epilogue. Faster than `pallas` at LongCat expert shapes
+              on an H200 (0.84-0.92 of the einsum bound against 0.82-0.90; experiments/RESULTS.md).
   jax_mgpu    JAX's example kernels (jax.experimental.pallas.ops.gpu.ragged_dot_mgpu), GPU only; the peer.
   tokamax     not registered: no tokamax release runs on the supported JAX (0.0.12 fails on JAX 0.11.2).
 """

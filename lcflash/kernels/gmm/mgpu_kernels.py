@@ -24,6 +24,9 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 _MEMORY_REGISTERS = 40  # registers per thread left to the TMA warpgroup (the JAX Hopper examples use 40)
 _SMEM_BYTES = 227 * 1024  # usable shared memory per block on H100 / H200
+# Mosaic GPU's in-kernel profiler (experiments/gmm_profile.py): dict(profile_space=..., profile_dir=...) records
+# the named scopes below ("mma", "next_tile", "epilogue") per warpgroup; its buffer takes shared memory.
+PROFILE: dict | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,11 +41,16 @@ class Tiles:
     tile_k: int = 64
     stages: int = 4
     epi_n: int = 64  # output columns per epilogue store
-    # rows kernel: chain the per-tile pipelines (`pipeline_state` START/STEADY/STOP) so the TMA warpgroup loads
-    # the next tile's first steps during this tile's last steps and epilogue (see rows_kernel).
-    # contract kernel: one flat pipeline over the CTA's whole (tile, step) sequence, same effect (see
-    # contract_kernel).
+    # Both kernels: one flat pipeline over the CTA's whole (tile, step) sequence, so the TMA warpgroup loads the
+    # next tile's first steps during this tile's last steps and epilogue (see rows_kernel, contract_kernel).
     chain: bool = False
+    # rows kernel: whole tiles stage their output in a swizzled buffer (no bank conflicts); False stages every
+    # tile in the plain buffer the ragged ones need (the earlier epilogue, kept for A/B timing).
+    swizzle_epilogue: bool = True
+    # flat pipelines (chain=True) only: keep each step's wgmma in flight while the next step's is issued
+    # (wgmma_wait(1), buffers released one step later); the epilogue waits for all of them. Slower on an H200
+    # (experiments/gmm_notes.md, run 8): kept off, as a switch for the A/B.
+    overlap_mma: bool = False
 
 
 def _num_sms(interpret: bool) -> int:
@@ -68,7 +76,8 @@ def _persistent_call(kernel, out_type, interpret: bool):
         grid_names=("sm",),
         num_threads=3,
         thread_name="wg",
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup,
+                                             **(PROFILE or {})),
         interpret=_interpret_params(interpret),
     )
 
@@ -142,45 +151,61 @@ def row_schedule(group_sizes_g: jax.Array, m: int, tile_m: int) -> tuple[jax.Arr
 # --------------------------------------------------------------------------------------------------
 
 
-def _store_rows(val, out_gmem, stage_smem, *, row0, start, rows, col0, tile_n, epi_n, max_rows, full):
+def _store_rows(val, out_gmem, stage_smem, *, row0, start, rows, col0, tile_n, epi_n, ragged_smem=None):
     """Casts val (fp32, WGMMA layout) to out dtype and stores it in epi_n-column chunks via TMA.
 
-    TMA boxes are static, so a ragged row range is written as a ladder of power-of-two row counts (the scheme of
-    JAX's ragged_dot_mgpu example); `full=True` skips the ladder when every tile is complete.
+    A whole tile goes through stage_smem (swizzled, so the register store has no bank conflicts). A ragged row
+    range [start, start + rows) needs row slices at any offset, which a swizzled buffer cannot give, so with
+    ragged_smem (unswizzled, aliasing stage_smem's bytes through a RefUnion) it is written as a ladder of
+    power-of-two row counts, the scheme of JAX's ragged_dot_mgpu example. Without ragged_smem every tile is whole.
     """
+    tile_rows = stage_smem.shape[0]
+    whole_tile = (start == 0) & (rows == tile_rows)
     for c in range(tile_n // epi_n):
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the staging buffer is free again
-        stage_smem[...] = val[:, c * epi_n:(c + 1) * epi_n].astype(stage_smem.dtype)
-        plgpu.commit_smem()
+        chunk = val[:, c * epi_n:(c + 1) * epi_n].astype(stage_smem.dtype)
         cols = pl.ds(col0 + c * epi_n, epi_n)
-        if full:
-            plgpu.copy_smem_to_gmem(stage_smem, out_gmem.at[pl.ds(row0, stage_smem.shape[0]), cols])
+
+        def _whole(chunk=chunk, cols=cols):
+            stage_smem[...] = chunk
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(stage_smem, out_gmem.at[pl.ds(row0, tile_rows), cols])
+
+        if ragged_smem is None:
+            _whole()
             continue
-        s0 = start
-        p = 1 << int(math.log2(max_rows))
-        while p >= 1:
+        pl.when(whole_tile)(_whole)
 
-            @pl.when((rows & p) != 0)
-            def _():
-                plgpu.copy_smem_to_gmem(stage_smem.at[pl.ds(s0, p)], out_gmem.at[pl.ds(row0 + s0, p), cols])
+        @pl.when(jnp.logical_not(whole_tile))
+        def _ragged(chunk=chunk, cols=cols):
+            ragged_smem[...] = chunk
+            plgpu.commit_smem()
+            s0 = start
+            p = 1 << int(math.log2(tile_rows))
+            while p >= 1:
 
-            s0 = s0 + (rows & p)
-            p //= 2
+                @pl.when((rows & p) != 0)
+                def _():
+                    plgpu.copy_smem_to_gmem(ragged_smem.at[pl.ds(s0, p)], out_gmem.at[pl.ds(row0 + s0, p), cols])
+
+                s0 = s0 + (rows & p)
+                p //= 2
     # No wait here: the stores drain while the next tile's pipeline runs; the next epilogue (or the end of the
     # kernel) waits before the staging buffer is reused.
+
+
+def _rows_staging(shape, dtype, interpret: bool):
+    """One staging buffer, two views: swizzled for whole tiles, plain for ragged ones (see _store_rows).
+
+    Pallas' GPU interpreter (0.10) cannot read through a RefUnion, so there the two views are separate buffers:
+    same results, only the aliasing (covered by the GPU tests) is not simulated."""
+    views = (plgpu.SMEM(shape, dtype, transforms=_swizzle_transforms(shape[-1], dtype)), plgpu.SMEM(shape, dtype))
+    return views if interpret else plgpu.RefUnion(*views)
 
 
 # --------------------------------------------------------------------------------------------------
 # Rows kernel: forward, d_lhs, fused SwiGLU forward.
 # --------------------------------------------------------------------------------------------------
-
-
-def _chain_stages(stages: int, k_steps: int) -> int:
-    """Chained pipelines need k_steps % stages == 0 (each tile uses every ring slot equally often)."""
-    s = min(stages, k_steps)
-    while k_steps % s:
-        s -= 1
-    return s
 
 
 def rows_kernel(
@@ -201,9 +226,10 @@ def rows_kernel(
 
     tiles.chain=False: every tile runs its own pipeline (dynamic step count, 0 for tail tiles), so the TMA
     warpgroup quiesces at each tile's end and the next tile's first loads wait behind this tile's epilogue.
-    tiles.chain=True: a CTA's matmul tiles (all k_steps deep) form one START/STEADY.../STOP chain of pipelines
-    sharing the smem ring, so the TMA warpgroup runs ahead into the next tile; the tail tiles (rows past the
-    groups) are stored as zeros afterwards by the compute warpgroups, outside any pipeline.
+    tiles.chain=True: one flat pipeline per CTA over all its matmul tiles' steps (k_steps each), the rhs group
+    chosen per step, the epilogue run inside the pipeline body at each tile's last step (the flat contract
+    kernel's scheme): the TMA warpgroup never drains between tiles. The tail tiles (rows past the groups) are
+    stored as zeros afterwards by the compute warpgroups, outside the pipeline.
     """
     m, k = lhs_mk.shape
     n_rhs = len(rhs_list)
@@ -216,8 +242,10 @@ def rows_kernel(
         raise ValueError(f"contraction sizes differ: lhs has {k}, rhs has {k2}")
     if k % tk or n % (2 * tn) or tn % epi_n or m < tm:
         raise ValueError(f"rows_kernel needs K % {tk} == 0, N % {2 * tn} == 0 and M >= {tm}; got {m=} {k=} {n=}")
+    if tiles.overlap_mma and not tiles.chain:
+        raise ValueError("Tiles.overlap_mma needs chain=True (a per-tile pipeline's prologue would refill buffers "
+                         "its last wgmma still reads)")
     k_steps = k // tk
-    stages = _chain_stages(tiles.stages, k_steps) if tiles.chain else min(tiles.stages, k_steps)
     n_tiles = n // (2 * tn)
     t_max = sched_5t.shape[1]
     dtype = lhs_mk.dtype
@@ -228,53 +256,73 @@ def rows_kernel(
         raise ValueError("swiglu needs exactly two rhs arrays (gate, up)")
     if swiglu is None and n_rhs != 1:
         raise ValueError("without swiglu, rows_kernel takes one rhs array")
-    max_rows = min(tm, m)
     n_sms = _num_sms(interpret)
+    flat = tiles.chain
+    stages = tiles.stages if flat else min(tiles.stages, k_steps)
 
-    def b_spec(nt_of):
-        if transpose_rhs:
-            return plgpu.BlockSpec((2 * tn, tk), lambda kk: (nt_of(), kk), transforms=tr_b, delay_release=0,
-                                   memory_space=plgpu.SMEM)
-        return plgpu.BlockSpec((tk, 2 * tn), lambda kk: (kk, nt_of()), transforms=tr_b, delay_release=0,
-                               memory_space=plgpu.SMEM)
+    def make_pipeline(body, context, nsteps, blk_kk, grp_nt_kk):
+        """blk_kk(s) -> (lhs row block, K step); grp_nt_kk(s) -> (group, N tile, K step); the flat pipeline reads
+        the [G, ...] rhs with the group as a squeezed block dimension, the per-tile one a group's [K, N] slice."""
+        sq = (pl.Squeezed(),) if flat else ()
 
-    def make_pipeline(body, context, nsteps, blk_of, nt_of, state=None):
-        a_spec = plgpu.BlockSpec((tm, tk), lambda kk: (blk_of(), kk), transforms=tr_a, delay_release=0,
-                                 memory_space=plgpu.SMEM)
+        def b_map(s):
+            grp, nt, kk = grp_nt_kk(s)
+            return ((grp,) if flat else ()) + ((nt, kk) if transpose_rhs else (kk, nt))
+
+        b_block = sq + ((2 * tn, tk) if transpose_rhs else (tk, 2 * tn))
+        spec = lambda shape, imap, tr: plgpu.BlockSpec(shape, imap, transforms=tr, memory_space=plgpu.SMEM,
+                                                       delay_release=int(tiles.overlap_mma))
         return plgpu.emit_pipeline_warp_specialized(
             body,
             grid=(nsteps,),
             memory_registers=_MEMORY_REGISTERS,
-            in_specs=[a_spec] + [b_spec(nt_of) for _ in range(n_rhs)],
+            in_specs=[spec((tm, tk), blk_kk, tr_a)] + [spec(b_block, b_map, tr_b) for _ in range(n_rhs)],
             wg_axis="wg",
             num_compute_wgs=2,
             max_concurrent_steps=stages,
             compute_context=context,
-            # Only the chained variant passes a state, so the default path does not depend on this argument.
-            **({} if state is None else dict(pipeline_state=state)),
         )
 
     def kernel(sched_ref, counts_ref, lhs_gmem, *refs):
         rhs_gmems = refs[:n_rhs]
         out_gmems = refs[n_rhs:n_rhs + n_out]
-        zero = lambda: jnp.int32(0)
+        sm = lax.axis_index("sm")
+        n_mm, n_live = counts_ref[0], counts_ref[1]  # the schedule lists matmul, then tail, then unused tiles
+        mm_total = n_mm * n_tiles
+        count = (mm_total - sm + n_sms - 1) // n_sms  # flat: this CTA's matmul tiles sm, sm + n_sms, ...
+
         ignore = lambda *_, **__: None
-        alloc_pipe = make_pipeline(ignore, ignore, k_steps, zero, zero)
+
+        def lin_of(s):  # flat pipeline: linear tile index of step s
+            return sm + (s // k_steps) * n_sms
+
+        if flat:  # the TMA warpgroup's scalar loads per step: only the indices it needs
+            blk_kk = lambda s: (sched_ref[1, lin_of(s) // n_tiles], s % k_steps)
+            grp_nt_kk = lambda s: (sched_ref[0, lin_of(s) // n_tiles], lin_of(s) % n_tiles, s % k_steps)
+            alloc_pipe = make_pipeline(ignore, ignore, jnp.int32(stages), blk_kk, grp_nt_kk)  # dynamic grid
+            gmem_args = (lhs_gmem, *rhs_gmems)
+        else:
+            alloc_pipe = make_pipeline(ignore, ignore, k_steps, lambda kk: (0, kk), lambda kk: (0, 0, kk))
+            gmem_args = (lhs_gmem, *[r.at[0] for r in rhs_gmems])
 
         @functools.partial(
             pl.run_scoped,
-            allocs=alloc_pipe.get_allocations(lhs_gmem, *[r.at[0] for r in rhs_gmems]),
-            stage_smem=plgpu.SMEM((2, tm, epi_n), out_dtype),
+            allocs=alloc_pipe.get_allocations(*gmem_args),
+            stage_smem=_rows_staging((2, tm, epi_n), out_dtype, interpret),
             collective_axes="wg",
         )
         def _scope(allocs, stage_smem):
+            stage_whole, stage_ragged = stage_smem
+            if not tiles.swizzle_epilogue:
+                stage_whole = stage_ragged
             wg = lax.axis_index("wg")
 
             def tile_of(lin):
                 """(n tile, group, row block, first row in block, rows) of linear tile index lin."""
-                mt = lin // n_tiles
+                mt = jnp.minimum(lin // n_tiles, t_max - 1)  # flat: the tile after a CTA's last one is never used
                 return lin % n_tiles, sched_ref[0, mt], sched_ref[1, mt], sched_ref[2, mt], sched_ref[3, mt]
 
+            @jax.named_scope("epilogue")
             def store(vals, nt, blk, start, rows):
                 if swiglu is None:
                     outs = vals
@@ -283,65 +331,74 @@ def rows_kernel(
                     h = gate * (1.0 / (1.0 + jnp.exp(-gate))) * up
                     outs = [h] if swiglu == "h" else [h, gate, up]
                 for val, out_gmem in zip(outs, out_gmems):
-                    _store_rows(val, out_gmem, stage_smem.at[wg], row0=blk * tm, start=start, rows=rows,
-                                col0=nt * 2 * tn + wg * tn, tile_n=tn, epi_n=epi_n, max_rows=max_rows, full=False)
+                    _store_rows(val, out_gmem, stage_whole.at[wg], row0=blk * tm, start=start, rows=rows,
+                                col0=nt * 2 * tn + wg * tn, tile_n=tn, epi_n=epi_n, ragged_smem=stage_ragged.at[wg])
 
-            def run_tile(lin, nsteps, state=None):
-                """One output tile through the pipeline; 0 steps leave the accumulators zero."""
-                nt, grp, blk, start, rows = tile_of(lin)
+            @jax.named_scope("mma")
+            def mma_step(a_smem, b_smems, accs):
+                for b_smem, acc in zip(b_smems, accs):
+                    if transpose_rhs:
+                        b = plgpu.transpose_ref(b_smem.at[pl.ds(wg * tn, tn), :], (1, 0))
+                    else:
+                        b = b_smem.at[:, pl.ds(wg * tn, tn)]
+                    plgpu.wgmma(acc, a_smem, b)
+                # Per-tile pipelines wait for this step's wgmma before its buffers are released: releasing one
+                # step later (delay_release=1) would let the next tile's prologue refill the last step's buffers
+                # while its wgmma still reads them; the other compute warpgroup keeps the tensor cores busy.
+                plgpu.wgmma_wait(int(tiles.overlap_mma))
 
-                def mma(_, a_smem, *args):
-                    b_smems, accs = args[:n_rhs], args[n_rhs]
-                    for b_smem, acc in zip(b_smems, accs):
-                        if transpose_rhs:
-                            b = plgpu.transpose_ref(b_smem.at[pl.ds(wg * tn, tn), :], (1, 0))
-                        else:
-                            b = b_smem.at[:, pl.ds(wg * tn, tn)]
-                        plgpu.wgmma(acc, a_smem, b)
-                    # Wait for this step's wgmma before its buffers are released. Releasing one step later
-                    # (delay_release=1) would let the next tile's prologue refill the last step's buffers while
-                    # its wgmma still reads them; the other compute warpgroup keeps the tensor cores busy.
-                    plgpu.wgmma_wait(0)
-                    return accs
+            def acc_context(run, make_carry, after=None):
+                def acc_scope(*acc_refs):
+                    run(make_carry(tuple(acc_refs)))
+                    if after is not None:
+                        after(acc_refs)
 
-                def context(run):
-                    def acc_scope(*acc_refs):
-                        run(tuple(acc_refs))
-                        store([r[...] for r in acc_refs], nt, blk, start, rows)
+                pl.run_scoped(acc_scope, *[plgpu.ACC((tm, tn), jnp.float32) for _ in range(n_rhs)])
 
-                    pl.run_scoped(acc_scope, *[plgpu.ACC((tm, tn), jnp.float32) for _ in range(n_rhs)])
-
-                pipe = make_pipeline(mma, context, nsteps, lambda: blk, lambda: nt, state)
-                pipe(lhs_gmem, *[r.at[grp] for r in rhs_gmems], allocations=allocs)
-
-            if not tiles.chain:
+            if not flat:
 
                 @plgpu.nd_loop((t_max * n_tiles,), collective_axes="sm")
                 def _tile(info):
                     lin = info.index[0]
-                    rows = sched_ref[3, lin // n_tiles]
+                    nt, grp, blk, start, rows = tile_of(lin)
                     nsteps = sched_ref[4, lin // n_tiles] * k_steps  # 0 for tail tiles: accumulators stay zero
-                    pl.when(rows > 0)(lambda: run_tile(lin, nsteps))
+
+                    def mma(_, a_smem, *args):
+                        mma_step(a_smem, args[:n_rhs], args[n_rhs])
+                        return args[n_rhs]
+
+                    def context(run):
+                        acc_context(run, lambda accs: accs,
+                                    after=lambda accs: store([r[...] for r in accs], nt, blk, start, rows))
+
+                    pipe = make_pipeline(mma, context, nsteps, lambda kk: (blk, kk), lambda kk: (grp, nt, kk))
+                    pl.when(rows > 0)(lambda: pipe(lhs_gmem, *[r.at[grp] for r in rhs_gmems], allocations=allocs))
 
             else:
-                # The schedule lists matmul tiles first, then tail tiles, then unused ones (row_schedule).
-                n_mm, n_live = counts_ref[0], counts_ref[1]
-                sm = lax.axis_index("sm")
-                mm_total = n_mm * n_tiles
-                count = (mm_total - sm + n_sms - 1) // n_sms  # this CTA's tiles: sm, sm + n_sms, ...
 
-                @pl.when(count == 1)
-                def _single():  # a chain of one: the plain pipeline (START and STOP at once)
-                    run_tile(sm, k_steps)
+                def mma(idx, a_smem, *args):
+                    accs, info = args[n_rhs]
+                    mma_step(a_smem, args[:n_rhs], accs)
+                    s = idx[0]
+                    last = s % k_steps == k_steps - 1
+                    with jax.named_scope("next_tile"):  # loads issued every step, used only at a tile's last one
+                        nxt = tile_of(lin_of(s) + n_sms)
 
-                @pl.when(count > 1)
-                def _chain():
-                    @pl.loop(0, count)
-                    def _step(j):
-                        state = jnp.where(j == 0, plgpu.PipelinePipeline.START,
-                                          jnp.where(j == count - 1, plgpu.PipelinePipeline.STOP,
-                                                    plgpu.PipelinePipeline.STEADY)).astype(jnp.int32)
-                        run_tile(sm + j * n_sms, k_steps, state)
+                    @pl.when(last)
+                    def _epilogue():
+                        nt, _, blk, start, rows = info
+                        plgpu.wgmma_wait(0)
+                        store([acc[...] for acc in accs], nt, blk, start, rows)
+                        for acc in accs:
+                            _zero_acc(acc, interpret)
+
+                    return accs, tuple(jnp.where(last, a, b) for a, b in zip(nxt, info))
+
+                def context(run):
+                    acc_context(run, lambda accs: (accs, tile_of(sm)))
+
+                pipe = make_pipeline(mma, context, count * k_steps, blk_kk, grp_nt_kk)
+                pipe(lhs_gmem, *rhs_gmems, allocations=allocs)
 
                 @pl.when(wg < 2)
                 def _tail():  # rows past the groups: zeros, round-robin continuing after the matmul tiles
@@ -392,7 +449,7 @@ def _contract_scope(alloc_pipe, lhs_gmem, rhs_gmem, stage_shape, out_dtype):
     )
 
 
-def _contract_step(acc, a_smem, b_wg, row0, start, end, *, lhs_is_km: bool, interpret: bool):
+def _contract_step(acc, a_smem, b_wg, row0, start, end, *, lhs_is_km: bool, interpret: bool, in_flight: int = 0):
     """One 64-row step of d_rhs: zero the rows of this warpgroup's dout half that belong to other groups (a block
     shared by two groups), then acc += lhs_block^T @ dout_block."""
     tc, tn = b_wg.shape
@@ -408,7 +465,7 @@ def _contract_step(acc, a_smem, b_wg, row0, start, end, *, lhs_is_km: bool, inte
         plgpu.commit_smem()
 
     plgpu.wgmma(acc, a_smem if lhs_is_km else plgpu.transpose_ref(a_smem, (1, 0)), b_wg)
-    plgpu.wgmma_wait(0)  # see rows_kernel
+    plgpu.wgmma_wait(in_flight)  # see rows_kernel and Tiles.overlap_mma
 
 
 def contract_schedule(group_sizes_g: jax.Array, m: int, tile_k: int) -> jax.Array:
@@ -474,6 +531,8 @@ def contract_kernel(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles, lhs_i
     warpgroups zero the accumulator and store the tile at a tile's last step, the TMA warpgroup never drains
     between tiles. Same tiles, same accumulation order: results are bit-identical to the per-tile variant.
     """
+    if tiles.overlap_mma and not tiles.chain:
+        raise ValueError("Tiles.overlap_mma needs chain=True (see rows_kernel)")
     if tiles.chain:
         return _contract_kernel_flat(lhs_mk, rhs_mn, gsched_4g, out_dtype=out_dtype, tiles=tiles,
                                      lhs_is_km=lhs_is_km, interpret=interpret)
@@ -535,8 +594,7 @@ def contract_kernel(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles, lhs_i
                     def acc_scope(acc_ref):
                         run(acc_ref)
                         _store_rows(acc_ref[...], out_gmem.at[gi], stage_smem.at[wg], row0=kt * tm, start=0,
-                                    rows=tm, col0=nt * 2 * tn + wg * tn, tile_n=tn, epi_n=epi_n, max_rows=tm,
-                                    full=True)
+                                    rows=tm, col0=nt * 2 * tn + wg * tn, tile_n=tn, epi_n=epi_n)
 
                     pl.run_scoped(acc_scope, plgpu.ACC((tm, tn), jnp.float32))
 
@@ -576,8 +634,9 @@ def _contract_specs(tiles: Tiles, dtype, lhs_is_km: bool, index_of):
         return blk, nt
 
     a_block = (tm, tc) if lhs_is_km else (tc, tm)
-    return [plgpu.BlockSpec(a_block, a_map, transforms=tr_a, delay_release=0, memory_space=plgpu.SMEM),
-            plgpu.BlockSpec((tc, 2 * tn), b_map, transforms=tr_b, delay_release=0, memory_space=plgpu.SMEM)]
+    late = int(tiles.overlap_mma)
+    return [plgpu.BlockSpec(a_block, a_map, transforms=tr_a, delay_release=late, memory_space=plgpu.SMEM),
+            plgpu.BlockSpec((tc, 2 * tn), b_map, transforms=tr_b, delay_release=late, memory_space=plgpu.SMEM)]
 
 
 def _contract_kernel_flat(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles, lhs_is_km: bool,
@@ -636,7 +695,7 @@ def _contract_kernel_flat(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles,
                 acc, j, s_in, info = carry
                 gi, start, end, blk0, nst = info
                 _contract_step(acc, a_smem, b_smem.at[:, pl.ds(wg * tn, tn)], (blk0 + s_in) * tc, start, end,
-                               lhs_is_km=lhs_is_km, interpret=interpret)
+                               lhs_is_km=lhs_is_km, interpret=interpret, in_flight=int(tiles.overlap_mma))
                 last = s_in == nst - 1
                 nxt = tile_info(j + 1)  # loads issued every step, used only at a tile's last one
 
@@ -644,8 +703,9 @@ def _contract_kernel_flat(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles,
                 def _epilogue():
                     lin = sm + j * n_sms
                     kt, nt = (lin // n_tiles) % k_tiles, lin % n_tiles
+                    plgpu.wgmma_wait(0)
                     _store_rows(acc[...], out_gmem.at[gi], stage_smem.at[wg], row0=kt * tm, start=0, rows=tm,
-                                col0=nt * 2 * tn + wg * tn, tile_n=tn, epi_n=epi_n, max_rows=tm, full=True)
+                                col0=nt * 2 * tn + wg * tn, tile_n=tn, epi_n=epi_n)
                     _zero_acc(acc, interpret)
 
                 info = tuple(jnp.where(last, a, b) for a, b in zip(nxt, info))

@@ -47,19 +47,17 @@ def _rows_tiles(m: int, g: int, n: int, out_dtype, n_rhs: int, what: str) -> mk.
     return tiles
 
 
-def _chain_tiles(tiles: mk.Tiles, k_steps: int, out_dtype, n_rhs: int) -> mk.Tiles:
-    """Chained rows pipelines need k_steps % stages == 0: the deepest ring that divides k_steps and fits, halving
-    the epilogue chunk (epi_n 64) before dropping a stage (LongCat down, 32 steps: 4 stages and 64-column stores
-    instead of 2 stages)."""
+def _chain_tiles(tiles: mk.Tiles, out_dtype, n_rhs: int, contract: bool = False) -> mk.Tiles:
+    """Flat pipelines (Tiles.chain): the deepest ring (up to 4) that fits, halving the epilogue
+    chunk (epi_n 64) before dropping a stage (LongCat shapes: 4 stages and 64-column stores; d_rhs at T=512
+    measured 0.87-0.90 of the einsum with them against 0.83-0.85 with 3 stages and 128-column stores, H200)."""
     for stages in range(max(tiles.stages, 4), 0, -1):
-        if k_steps % stages:
-            continue
         for epi_n in sorted({tiles.epi_n, min(64, tiles.epi_n)}, reverse=True):
             t = dataclasses.replace(tiles, stages=stages, epi_n=epi_n, chain=True)
-            if mk.smem_bytes(t, n_rhs=n_rhs, in_dtype=jnp.bfloat16, out_dtype=out_dtype, contract=False,
+            if mk.smem_bytes(t, n_rhs=n_rhs, in_dtype=jnp.bfloat16, out_dtype=out_dtype, contract=contract,
                              margin=512) <= mk._SMEM_BYTES:
                 return t
-    raise ValueError(f"pallas gmm: no chained tiling fits shared memory for {tiles} and {k_steps} steps")
+    raise ValueError(f"pallas gmm: no tiling with a flat pipeline fits shared memory for {tiles}")
 
 
 def _contract_tiles(n: int, out_dtype) -> mk.Tiles:
@@ -103,15 +101,15 @@ def _pad_rows(x, rows):
 def rows_matmul(lhs_mk, rhs_list, group_sizes_g, *, transpose_rhs=False, out_dtype=None, swiglu=None, chain=False):
     """Grouped rows product through the rows kernel; rows past sum(group_sizes) are zero.
 
-    chain: chained per-tile pipelines (mk.Tiles.chain), the variant timed against the default in
+    chain: one flat pipeline per CTA (mk.Tiles.chain), the variant timed against the default in
     experiments/bench_moe_gemm.py."""
     m = lhs_mk.shape[0]
     out_dtype = jnp.dtype(out_dtype or lhs_mk.dtype)
     n = rhs_list[0].shape[1] if transpose_rhs else rhs_list[0].shape[2]
     tiles = _rows_tiles(m, group_sizes_g.shape[0], n, out_dtype, len(rhs_list), "N")
     if chain and ROWS_TILES is None:
-        tiles = _chain_tiles(tiles, lhs_mk.shape[1] // tiles.tile_k, out_dtype, len(rhs_list))
-    elif chain:  # pinned tiles: the kernel keeps their epilogue and lowers stages to a divisor of the step count
+        tiles = _chain_tiles(tiles, out_dtype, len(rhs_list))
+    elif chain:
         tiles = dataclasses.replace(tiles, chain=True)
     mp = _padded_rows(m, tiles.tile_m)
     sched, _ = mk.row_schedule(group_sizes_g, mp, tiles.tile_m)
@@ -127,12 +125,14 @@ def rows_matmul(lhs_mk, rhs_list, group_sizes_g, *, transpose_rhs=False, out_dty
 def contract_matmul(lhs_mk, dout_mn, group_sizes_g, *, out_dtype, chain=False):
     """d_rhs[g] = lhs[rows of g]^T @ dout[rows of g]; empty groups are zero.
 
-    chain: one flat pipeline per CTA over all its tiles' steps (mk.Tiles.chain in contract_kernel), same tiles
-    otherwise (pinned CONTRACT_TILES included)."""
+    chain: one flat pipeline per CTA over all its tiles' steps (mk.Tiles.chain in contract_kernel) with the
+    deepest ring that fits (_chain_tiles); pinned CONTRACT_TILES are kept as they are."""
     m, k = lhs_mk.shape
     n = dout_mn.shape[1]
     tiles = _contract_tiles(n, out_dtype)
-    if chain:
+    if chain and CONTRACT_TILES is None:
+        tiles = _chain_tiles(tiles, out_dtype, 1, contract=True)
+    elif chain:
         tiles = dataclasses.replace(tiles, chain=True)
     if k % tiles.tile_m:
         raise ValueError(f"pallas gmm: K = {k} must be a multiple of {tiles.tile_m} for d_rhs")
@@ -182,9 +182,7 @@ def _gmm_bwd(out_dtype, vmas, chain, res, dout_mn):
     dout_mn = dout_mn.astype(lhs_mk.dtype)  # wgmma operands; fp32 cotangents are rounded like the forward inputs
     d_lhs = rows_matmul(dout_mn, [rhs_gkn], group_sizes_g, transpose_rhs=True, out_dtype=lhs_mk.dtype,
                         chain=chain)
-    # The flat contract pipeline (contract_matmul(chain=True)) is not wired in until it is timed on a GPU
-    # (experiments/bench_moe_gemm.py --chain-ab times it alone); pallas_chain stays the measured kernel pair.
-    d_rhs = contract_matmul(lhs_mk, dout_mn, group_sizes_g, out_dtype=rhs_gkn.dtype)
+    d_rhs = contract_matmul(lhs_mk, dout_mn, group_sizes_g, out_dtype=rhs_gkn.dtype, chain=chain)
     return _varying(d_lhs, vmas[0]), _varying(d_rhs, vmas[1]), _int_zeros(group_sizes_g)
 
 
@@ -192,7 +190,8 @@ _gmm.defvjp(_gmm_fwd, _gmm_bwd)
 
 
 def gmm(lhs_mk, rhs_gkn, group_sizes_g, preferred_element_type=None, chain=False):
-    """chain=True: forward and d_lhs through the chained rows kernel (mk.Tiles.chain); d_rhs is the same kernel."""
+    """chain=True: forward and d_lhs through the chained rows kernel, d_rhs through the flat contract pipeline
+    (mk.Tiles.chain)."""
     _check(lhs_mk, rhs_gkn, group_sizes_g)
     _col_tile(rhs_gkn.shape[2], "N")
     out_dtype = jnp.dtype(preferred_element_type or lhs_mk.dtype)
