@@ -11,8 +11,8 @@ or a padded einsum (skewed loads) before they are timed.
 `--chain-ab` times only LongCat gate/up and down at T=512 (balanced) for `pallas` (per-tile pipelines),
 `pallas_chain` (chained rows pipelines, flat contract pipeline) and the einsum bound, then d_rhs alone (contract
 kernel per-tile vs one flat pipeline per CTA vs the einsum "gtk,gtn->gkn");
-`--sweep` then adds pallas_chain and the flat d_rhs kernel with `Tiles.overlap_mma=True` (one wgmma left in
-flight per step), and the flat d_rhs kernel with a 3-deep ring and 128-column stores.
+`--sweep` then adds pallas_chain with its rows kernel on 2-CTA clusters (`Tiles.cluster_m`), and the flat d_rhs
+kernel with one wgmma left in flight per step (`Tiles.overlap_mma`) and with a 3-deep ring and 128-column stores.
 """
 
 import argparse
@@ -252,13 +252,13 @@ def cases(quick, chain_ab=False):
 def sweep(bw_gbs, within_budget, chain=False):
     """Tile variants of ours at LongCat T=512; the heuristics in pallas_gmm use the winners.
 
-    chain: pallas_chain with overlap_mma=True instead (A/B of Tiles.overlap_mma)."""
+    chain: pallas_chain with its rows kernel on 2-CTA clusters instead (A/B of Tiles.cluster_m)."""
     T = mgpu_kernels.Tiles
     runs = [("pallas", "gate_up", T(128, 128, 64, 4, 64), None), ("pallas", "down", T(128, 128, 64, 4, 64), None),
             ("pallas", "gate_up", None, T(128, 128, 128, 2, 64)), ("pallas", "down", None, T(128, 128, 128, 2, 64))]
-    if chain:  # pallas_chain keeping one wgmma in flight per step (overlap_mma=True), rows and d_rhs kernels
-        t_ov = T(128, 128, 64, 4, 64, chain=True, overlap_mma=True)
-        runs = [("pallas_chain", p, t_ov, t_ov) for p in ("gate_up", "down")]
+    if chain:  # pallas_chain's rows kernel on 2-CTA clusters (cluster_m: rhs tiles multicast to both CTAs)
+        runs = [("pallas_chain", p, T(128, 128, 64, 4, 64, chain=True, cluster_m=True), None)
+                for p in ("gate_up", "down")]
     out = []
     for impl, proj, rows_tiles, contract_tiles in runs:
         if not within_budget():

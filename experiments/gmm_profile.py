@@ -5,8 +5,9 @@
 The benchmark (bench_moe_gemm.py) only sees whole kernels, so its per-tile cost model cannot tell a slow main-loop
 step from a fixed per-tile cost (gmm_notes.md, session 4). This runs one forward of a LongCat expert projection
 (balanced, `--t` tokens per expert, `--groups` experts: fewer than LongCat's 64 so that every warpgroup's event
-buffer fits in shared memory) for `pallas` and `pallas_chain` with 3-stage rings (the profile buffer takes the 4th
-stage's shared memory) and reports, per compute warpgroup and averaged over CTAs: time inside the kernels' named
+buffer fits in shared memory) for `pallas`, `pallas_chain` and `pallas_chain_cluster` (its rows kernel on 2-CTA
+clusters, Tiles.cluster_m) with 3-stage rings (the profile buffer takes the 4th stage's shared memory), checks
+each output against the einsum of the equal groups, and reports, per compute warpgroup and averaged over CTAs: time inside the kernels' named
 scopes ("mma": wgmma issue and wait per step; "epilogue": a tile's store; "next_tile": the flat pipeline's
 schedule loads) and the rest ("other": ring-barrier waits and pipeline bookkeeping), per step and per tile. The
 kernel is also timed without the profiler, and the profiled trace is copied beside the JSON.
@@ -71,16 +72,26 @@ def summarize(trace: dict) -> dict:
     return out
 
 
-def profile_one(impl: str, proj: str, groups: int, t: int, space: int, keep_dir: str):
+VARIANTS = {  # name -> (api impl, rows-kernel tiles); 3 stages leave shared memory for the profile buffer
+    "pallas": ("pallas", mgpu_kernels.Tiles(128, 128, 64, 3, 64)),
+    "pallas_chain": ("pallas_chain", mgpu_kernels.Tiles(128, 128, 64, 3, 64, chain=True)),
+    "pallas_chain_cluster": ("pallas_chain", mgpu_kernels.Tiles(128, 128, 64, 3, 64, chain=True, cluster_m=True)),
+}
+
+
+def profile_one(variant: str, proj: str, groups: int, t: int, space: int, keep_dir: str):
     k, n, _ = SHAPES[("longcat", proj)]
     m = groups * t
     keys = jax.random.split(jax.random.key(0), 2)
     x = jax.random.normal(keys[0], (m, k), jnp.bfloat16)
     w = (jax.random.normal(keys[1], (groups, k, n), jnp.float32) / np.sqrt(k)).astype(jnp.bfloat16)
     sizes = jnp.full((groups,), t, jnp.int32)
-    pallas_gmm.ROWS_TILES = mgpu_kernels.Tiles(128, 128, 64, 3, 64, chain=impl == "pallas_chain")
+    impl, pallas_gmm.ROWS_TILES = VARIANTS[variant]
     try:
         plain = jax.jit(lambda a, b: api.gmm(a, b, sizes, impl=impl))
+        want = jnp.einsum("gtk,gkn->gtn", x.reshape(groups, t, k), w).reshape(m, n)
+        got = plain(x, w)
+        err = float(jnp.max(jnp.abs(got.astype(jnp.float32) - want.astype(jnp.float32))))
         ms = time_ms(plain, (x, w))[0]
         with tempfile.TemporaryDirectory() as d:
             mgpu_kernels.PROFILE = dict(profile_space=space, profile_dir=d)
@@ -92,12 +103,12 @@ def profile_one(impl: str, proj: str, groups: int, t: int, space: int, keep_dir:
             path = sorted(glob.glob(os.path.join(d, "*-trace.json")))[-1]
             with open(path) as f:
                 trace = json.load(f)
-            shutil.copy(path, os.path.join(keep_dir, f"gmm_trace_{impl}_{proj}.json"))
+            shutil.copy(path, os.path.join(keep_dir, f"gmm_trace_{variant}_{proj}.json"))
     finally:
         pallas_gmm.ROWS_TILES = None
     flops = 2.0 * m * k * n
-    return dict(impl=impl, proj=proj, groups=groups, tokens_per_expert=t, K=k, N=n, unprofiled_ms=ms,
-                unprofiled_tflops=flops / ms / 1e9, tiles=str(mgpu_kernels.Tiles(128, 128, 64, 3, 64)),
+    return dict(impl=variant, proj=proj, groups=groups, tokens_per_expert=t, K=k, N=n, unprofiled_ms=ms,
+                unprofiled_tflops=flops / ms / 1e9, max_abs_err_vs_einsum=err, tiles=str(VARIANTS[variant][1]),
                 warpgroups=summarize(trace))
 
 
@@ -107,7 +118,7 @@ def main():
     ap.add_argument("--proj", default="down", choices=("gate_up", "down"))
     ap.add_argument("--groups", type=int, default=8)
     ap.add_argument("--t", type=int, default=512)
-    ap.add_argument("--impls", default="pallas,pallas_chain")
+    ap.add_argument("--impls", default=",".join(VARIANTS))
     ap.add_argument("--space", type=int, default=512, help="profiler events per warpgroup (shared memory)")
     args = ap.parse_args()
     dev = jax.devices()[0]
@@ -123,16 +134,16 @@ def main():
         report["results"].append(rec)
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)
-    print(f"{'impl':13} {'ms':>7} {'wg':>4} {'scope':10} {'mean us':>9} {'count':>6} {'us/each':>8}")
+    print(f"{'variant':21} {'ms':>7} {'err':>7} {'wg':>4} {'scope':10} {'mean us':>9} {'count':>6} {'us/each':>8}")
     for rec in report["results"]:
         if "error" in rec:
-            print(f"{rec['impl']:13} {rec['error'][:100]}")
+            print(f"{rec['impl']:21} {rec['error'][:100]}")
             continue
         for wg, scopes in rec["warpgroups"].items():
             for name, v in scopes.items():
                 each = v["mean_us"] / v["count"] if v["count"] else float("nan")
-                print(f"{rec['impl']:13} {rec['unprofiled_ms']:7.3f} {wg:>4} {name:10} {v['mean_us']:9.1f} "
-                      f"{v['count'] or 0:6.0f} {each:8.3f}")
+                print(f"{rec['impl']:21} {rec['unprofiled_ms']:7.3f} {rec['max_abs_err_vs_einsum']:7.1e} {wg:>4} "
+                      f"{name:10} {v['mean_us']:9.1f} {v['count'] or 0:6.0f} {each:8.3f}")
 
 
 if __name__ == "__main__":

@@ -308,6 +308,59 @@ def test_gpu_flat_contract_kernel(case):
 
 
 @gpu_only
+@pytest.mark.parametrize("transpose_rhs", [False, True])
+@pytest.mark.parametrize("case", sorted(GPU_CASES))
+def test_gpu_cluster_rows_kernel(case, transpose_rhs, monkeypatch):
+    """The flat rows kernel on 2-CTA clusters (Tiles.cluster_m: each rhs tile multicast to both CTAs) is
+    bit-identical to the flat kernel without clusters (same tiles, same accumulation order), and repeatable."""
+    from lcflash.kernels.gmm import mgpu_kernels as mk, pallas_gmm
+
+    m, k, n, sizes_l = GPU_CASES[case]
+    lhs, rhs, _, sizes = _inputs(14, m, k, n, sizes_l, jnp.bfloat16)
+    if transpose_rhs:  # d_lhs's form: rhs read as [G, N, K]
+        rhs = rhs.swapaxes(1, 2)
+    tn = 128 if n % 256 == 0 else 64
+    tm = 64 if m <= 64 * len(sizes_l) else 128
+
+    def run(cluster_m):
+        monkeypatch.setattr(pallas_gmm, "ROWS_TILES", mk.Tiles(tm, tn, 64, 4, 64, chain=True, cluster_m=cluster_m))
+        f = jax.jit(lambda a, b: pallas_gmm.rows_matmul(a, [b], sizes, transpose_rhs=transpose_rhs))
+        return np.asarray(f(lhs, rhs), np.float32), np.asarray(f(lhs, rhs), np.float32)
+
+    got, again = run(True)
+    want, _ = run(False)
+    ref = reference.gmm_loop(lhs.astype(jnp.float32),
+                             (rhs.swapaxes(1, 2) if transpose_rhs else rhs).astype(jnp.float32), sizes)
+    assert _rel(got, ref) < BF16_TOL
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(got, again)
+
+
+def test_cluster_rows_kernel_lowers_for_cuda(monkeypatch):
+    """Tiles.cluster_m through Pallas -> Mosaic GPU lowering for CUDA on the CPU (the GPU interpreter has no
+    cluster barriers), forward and d_lhs at LongCat's down shape; and the switch needs the flat pipeline."""
+    from lcflash.kernels.gmm import mgpu_kernels as mk, pallas_gmm
+
+    monkeypatch.setattr(pallas_gmm, "_interpret", lambda: False)
+    monkeypatch.setattr(mk, "_num_sms", lambda interpret: 132)
+    monkeypatch.setattr(pallas_gmm, "ROWS_TILES", mk.Tiles(128, 128, 64, 4, 64, chain=True, cluster_m=True))
+    sd = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt)  # noqa: E731
+
+    def fwd_dlhs(lhs, rhs, dout, sizes):
+        return (pallas_gmm.rows_matmul(lhs, [rhs], sizes),
+                pallas_gmm.rows_matmul(dout, [rhs], sizes, transpose_rhs=True))
+
+    k, n, g, m = 2048, 6144, 64, 32768
+    lowered = jax.jit(fwd_dlhs).trace(sd(m, k), sd(g, k, n), sd(m, n), sd(g, dt=jnp.int32)).lower(
+        lowering_platforms=("cuda",))
+    assert lowered.as_text().count("mosaic_gpu") >= 2
+    x, w, _, s = _inputs(3, 256, 128, 256, [256], jnp.bfloat16)
+    with pytest.raises(ValueError, match="cluster_m needs chain=True"):
+        mk.rows_kernel(x, [w], mk.row_schedule(s, 256, 256)[0], transpose_rhs=False, out_dtype=x.dtype,
+                       tiles=mk.Tiles(cluster_m=True))
+
+
+@gpu_only
 @pytest.mark.parametrize("fused", [True, False])
 def test_gpu_pallas_swiglu_forward_and_gradients(fused):
     from lcflash.kernels.gmm import pallas_gmm

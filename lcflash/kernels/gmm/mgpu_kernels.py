@@ -51,6 +51,9 @@ class Tiles:
     # (wgmma_wait(1), buffers released one step later); the epilogue waits for all of them. Slower on an H200
     # (experiments/gmm_notes.md, run 8): kept off, as a switch for the A/B.
     overlap_mma: bool = False
+    # flat rows kernel only: 2-CTA clusters; the two CTAs take consecutive tile_m-row halves of one 2 * tile_m-row
+    # schedule block and share each rhs tile, which TMA multicasts to both (half the rhs traffic from L2).
+    cluster_m: bool = False
 
 
 def _num_sms(interpret: bool) -> int:
@@ -67,13 +70,15 @@ def _interpret_params(interpret: bool):
     return InterpretGPUParams()
 
 
-def _persistent_call(kernel, out_type, interpret: bool):
-    """Both kernels' launch: one CTA per SM walking its tile list, 3 warpgroups (1 TMA + 2 wgmma)."""
+def _persistent_call(kernel, out_type, interpret: bool, cluster: int = 1):
+    """Both kernels' launch: one CTA per SM walking its tile list, 3 warpgroups (1 TMA + 2 wgmma); with
+    cluster > 1, "sm" indexes clusters of that many CTAs (axis "cluster")."""
     return plgpu.kernel(
         kernel,
         out_type=out_type,
-        grid=(_num_sms(interpret),),
+        grid=(_num_sms(interpret) // cluster,),
         grid_names=("sm",),
+        **(dict(cluster=(cluster,), cluster_names=("cluster",)) if cluster > 1 else {}),
         num_threads=3,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup,
@@ -230,6 +235,8 @@ def rows_kernel(
     chosen per step, the epilogue run inside the pipeline body at each tile's last step (the flat contract
     kernel's scheme): the TMA warpgroup never drains between tiles. The tail tiles (rows past the groups) are
     stored as zeros afterwards by the compute warpgroups, outside the pipeline.
+    tiles.cluster_m (with chain): sched_5t's row blocks are 2 * tile_m rows, one per 2-CTA cluster; CTA c of the
+    cluster computes rows [c * tile_m, (c + 1) * tile_m) of it and stores its share of the block's rows.
     """
     m, k = lhs_mk.shape
     n_rhs = len(rhs_list)
@@ -245,6 +252,8 @@ def rows_kernel(
     if tiles.overlap_mma and not tiles.chain:
         raise ValueError("Tiles.overlap_mma needs chain=True (a per-tile pipeline's prologue would refill buffers "
                          "its last wgmma still reads)")
+    if tiles.cluster_m and not tiles.chain:
+        raise ValueError("Tiles.cluster_m needs chain=True (the flat pipeline)")
     k_steps = k // tk
     n_tiles = n // (2 * tn)
     t_max = sched_5t.shape[1]
@@ -256,7 +265,8 @@ def rows_kernel(
         raise ValueError("swiglu needs exactly two rhs arrays (gate, up)")
     if swiglu is None and n_rhs != 1:
         raise ValueError("without swiglu, rows_kernel takes one rhs array")
-    n_sms = _num_sms(interpret)
+    n_cl = 2 if tiles.cluster_m else 1  # CTAs per cluster; the schedule's row blocks are n_cl * tm rows
+    n_sms = _num_sms(interpret) // n_cl  # persistent units (clusters) walking the tile list
     flat = tiles.chain
     stages = tiles.stages if flat else min(tiles.stages, k_steps)
 
@@ -270,13 +280,14 @@ def rows_kernel(
             return ((grp,) if flat else ()) + ((nt, kk) if transpose_rhs else (kk, nt))
 
         b_block = sq + ((2 * tn, tk) if transpose_rhs else (tk, 2 * tn))
-        spec = lambda shape, imap, tr: plgpu.BlockSpec(shape, imap, transforms=tr, memory_space=plgpu.SMEM,
-                                                       delay_release=int(tiles.overlap_mma))
+        spec = lambda shape, imap, tr, **kw: plgpu.BlockSpec(shape, imap, transforms=tr, memory_space=plgpu.SMEM,
+                                                             delay_release=int(tiles.overlap_mma), **kw)
+        shared = dict(collective_axes=("cluster",)) if n_cl > 1 else {}  # one multicast load for the cluster
         return plgpu.emit_pipeline_warp_specialized(
             body,
             grid=(nsteps,),
             memory_registers=_MEMORY_REGISTERS,
-            in_specs=[spec((tm, tk), blk_kk, tr_a)] + [spec(b_block, b_map, tr_b) for _ in range(n_rhs)],
+            in_specs=[spec((tm, tk), blk_kk, tr_a)] + [spec(b_block, b_map, tr_b, **shared) for _ in range(n_rhs)],
             wg_axis="wg",
             num_compute_wgs=2,
             max_concurrent_steps=stages,
@@ -287,6 +298,7 @@ def rows_kernel(
         rhs_gmems = refs[:n_rhs]
         out_gmems = refs[n_rhs:n_rhs + n_out]
         sm = lax.axis_index("sm")
+        cta = lax.axis_index("cluster") if n_cl > 1 else 0
         n_mm, n_live = counts_ref[0], counts_ref[1]  # the schedule lists matmul, then tail, then unused tiles
         mm_total = n_mm * n_tiles
         count = (mm_total - sm + n_sms - 1) // n_sms  # flat: this CTA's matmul tiles sm, sm + n_sms, ...
@@ -297,7 +309,7 @@ def rows_kernel(
             return sm + (s // k_steps) * n_sms
 
         if flat:  # the TMA warpgroup's scalar loads per step: only the indices it needs
-            blk_kk = lambda s: (sched_ref[1, lin_of(s) // n_tiles], s % k_steps)
+            blk_kk = lambda s: (sched_ref[1, lin_of(s) // n_tiles] * n_cl + cta, s % k_steps)
             grp_nt_kk = lambda s: (sched_ref[0, lin_of(s) // n_tiles], lin_of(s) % n_tiles, s % k_steps)
             alloc_pipe = make_pipeline(ignore, ignore, jnp.int32(stages), blk_kk, grp_nt_kk)  # dynamic grid
             gmem_args = (lhs_gmem, *rhs_gmems)
@@ -324,6 +336,10 @@ def rows_kernel(
 
             @jax.named_scope("epilogue")
             def store(vals, nt, blk, start, rows):
+                if n_cl > 1:  # this CTA's tm-row share of the cluster's row block (possibly none: rows = 0)
+                    lo = jnp.clip(start - cta * tm, 0, tm)
+                    hi = jnp.clip(start + rows - cta * tm, 0, tm)
+                    start, rows, blk = lo, jnp.maximum(hi - lo, 0), blk * n_cl + cta
                 if swiglu is None:
                     outs = vals
                 else:
@@ -414,7 +430,7 @@ def rows_kernel(
             plgpu.wait_smem_to_gmem(0)  # all output stores have landed before the kernel exits
 
     out_type = [jax.ShapeDtypeStruct((m, n), out_dtype) for _ in range(n_out)]
-    call = _persistent_call(kernel, out_type, interpret)
+    call = _persistent_call(kernel, out_type, interpret, cluster=n_cl)
     counts_2 = jnp.stack([sched_5t[4].sum(), (sched_5t[3] > 0).sum()]).astype(jnp.int32)  # matmul, live tiles
     outs = call(sched_5t, counts_2, lhs_mk, *rhs_list)
     return outs[0] if n_out == 1 else tuple(outs)
