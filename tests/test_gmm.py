@@ -336,6 +336,22 @@ def test_gpu_cluster_rows_kernel(case, transpose_rhs, monkeypatch):
     np.testing.assert_array_equal(got, again)
 
 
+def test_cluster_share_splits_a_block_between_the_two_ctas():
+    """Tiles.cluster_m's epilogue: the two CTAs' shares of any row range of a 2 x 8-row block are disjoint and
+    cover it exactly (checked against row sets for every (start, rows))."""
+    from lcflash.kernels.gmm.mgpu_kernels import cta_share
+
+    tm = 8
+    for start in range(2 * tm):
+        for rows in range(2 * tm - start + 1):
+            covered = []
+            for cta in (0, 1):
+                lo, n = (int(v) for v in cta_share(jnp.int32(start), jnp.int32(rows), cta, tm))
+                assert 0 <= lo and 0 <= n and lo + n <= tm
+                covered += [cta * tm + lo + i for i in range(n)]
+            assert covered == list(range(start, start + rows)), (start, rows)
+
+
 def test_cluster_rows_kernel_lowers_for_cuda(monkeypatch):
     """Tiles.cluster_m through Pallas -> Mosaic GPU lowering for CUDA on the CPU (the GPU interpreter has no
     cluster barriers), forward and d_lhs at LongCat's down shape; and the switch needs the flat pipeline."""

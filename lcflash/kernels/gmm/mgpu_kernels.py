@@ -208,6 +208,14 @@ def _rows_staging(shape, dtype, interpret: bool):
     return views if interpret else plgpu.RefUnion(*views)
 
 
+def cta_share(start, rows, cta, tile_m: int):
+    """(first row, rows) of a cluster row block's rows [start, start + rows) that fall in CTA cta's tile_m-row
+    part [cta * tile_m, (cta + 1) * tile_m), relative to that part; rows = 0 if none (Tiles.cluster_m)."""
+    lo = jnp.clip(start - cta * tile_m, 0, tile_m)
+    hi = jnp.clip(start + rows - cta * tile_m, 0, tile_m)
+    return lo, jnp.maximum(hi - lo, 0)
+
+
 # --------------------------------------------------------------------------------------------------
 # Rows kernel: forward, d_lhs, fused SwiGLU forward.
 # --------------------------------------------------------------------------------------------------
@@ -336,10 +344,9 @@ def rows_kernel(
 
             @jax.named_scope("epilogue")
             def store(vals, nt, blk, start, rows):
-                if n_cl > 1:  # this CTA's tm-row share of the cluster's row block (possibly none: rows = 0)
-                    lo = jnp.clip(start - cta * tm, 0, tm)
-                    hi = jnp.clip(start + rows - cta * tm, 0, tm)
-                    start, rows, blk = lo, jnp.maximum(hi - lo, 0), blk * n_cl + cta
+                if n_cl > 1:
+                    start, rows = cta_share(start, rows, cta, tm)
+                    blk = blk * n_cl + cta
                 if swiglu is None:
                     outs = vals
                 else:
