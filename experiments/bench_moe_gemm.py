@@ -9,7 +9,7 @@ or a padded einsum (skewed loads) before they are timed.
     python experiments/bench_moe_gemm.py --out experiments/bench_moe_gemm.json [--quick] [--sweep] [--budget-s S]
 
 `--chain-ab` times only LongCat gate/up and down at T=512 (balanced) for `pallas` (per-tile pipelines),
-`pallas_chain` (chained rows pipelines, flat contract pipeline) and the einsum bound, then d_rhs alone (contract
+`pallas_chain` (one flat pipeline per CTA in every kernel) and the einsum bound, then d_rhs alone (contract
 kernel per-tile vs one flat pipeline per CTA vs the einsum "gtk,gtn->gkn");
 `--sweep` then adds pallas_chain with its rows kernel on 2-CTA clusters (`Tiles.cluster_m`), and the flat d_rhs
 kernel with one wgmma left in flight per step (`Tiles.overlap_mma`) and with a 3-deep ring and 128-column stores.

@@ -307,7 +307,8 @@ def swiglu_t(p: MLPWeights, x_btd):
 
 # ----------------------------------------------------------------------------------------------- MoE
 def route_t(cfg: ModelConfig, p: MoEWeights, x_td) -> Routing:
-    """The model's router (fp32, highest precision) on the [N + Z, D] router weight."""
+    """The model's router (fp32, highest precision) on the [N + Z, D] router weight. Not `route(x, w.T, ...)`:
+    XLA (CPU, checked) then copies the transposed weight before the dot, every step."""
     logits_te = jnp.einsum("td,ed->te", x_td.astype(F32), p.w_router.astype(F32),
                            precision=jax.lax.Precision.HIGHEST)
     return select_experts(logits_te, p.bias, cfg.moe_topk, cfg.routed_scaling_factor)

@@ -19,21 +19,17 @@ Implementations:
   tokamax     not registered: no tokamax release runs on the supported JAX (0.0.12 fails on JAX 0.11.2).
 """
 
+import functools
 import os
 
 from lcflash.kernels.gmm import reference
 
 
-def _pallas_gmm(lhs_mk, rhs_gkn, group_sizes_g, preferred_element_type=None):
+def _pallas_gmm(lhs_mk, rhs_gkn, group_sizes_g, preferred_element_type=None, chain=False):
     from lcflash.kernels.gmm import pallas_gmm  # imported on first use: keeps CPU-only imports light
 
-    return pallas_gmm.gmm(lhs_mk, rhs_gkn, group_sizes_g, preferred_element_type=preferred_element_type)
-
-
-def _pallas_chain_gmm(lhs_mk, rhs_gkn, group_sizes_g, preferred_element_type=None):
-    from lcflash.kernels.gmm import pallas_gmm
-
-    return pallas_gmm.gmm(lhs_mk, rhs_gkn, group_sizes_g, preferred_element_type=preferred_element_type, chain=True)
+    return pallas_gmm.gmm(lhs_mk, rhs_gkn, group_sizes_g, preferred_element_type=preferred_element_type,
+                          chain=chain)
 
 
 def _jax_mgpu_gmm(lhs_mk, rhs_gkn, group_sizes_g, preferred_element_type=None):
@@ -52,7 +48,7 @@ IMPLEMENTATIONS = {
     "ragged_dot": reference.gmm_ragged_dot,
     "reference": reference.gmm_loop,
     "pallas": _pallas_gmm,
-    "pallas_chain": _pallas_chain_gmm,
+    "pallas_chain": functools.partial(_pallas_gmm, chain=True),
     "jax_mgpu": _jax_mgpu_gmm,
 }
 
@@ -60,7 +56,7 @@ IMPLEMENTATIONS = {
 # with fp32 gate/up.
 SWIGLU_IMPLEMENTATIONS = {
     "pallas": _pallas_gmm_swiglu,
-    "pallas_chain": lambda *args: _pallas_gmm_swiglu(*args, chain=True),
+    "pallas_chain": functools.partial(_pallas_gmm_swiglu, chain=True),
 }
 
 _NOT_AVAILABLE = {

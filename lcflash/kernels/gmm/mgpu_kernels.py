@@ -302,21 +302,23 @@ def rows_kernel(
             compute_context=context,
         )
 
-    def kernel(sched_ref, counts_ref, lhs_gmem, *refs):
+    def kernel(sched_ref, *refs):
+        counts_ref, (lhs_gmem, *refs) = (refs[0], refs[1:]) if flat else (None, refs)  # counts: flat only
         rhs_gmems = refs[:n_rhs]
         out_gmems = refs[n_rhs:n_rhs + n_out]
         sm = lax.axis_index("sm")
         cta = lax.axis_index("cluster") if n_cl > 1 else 0
-        n_mm, n_live = counts_ref[0], counts_ref[1]  # the schedule lists matmul, then tail, then unused tiles
-        mm_total = n_mm * n_tiles
-        count = (mm_total - sm + n_sms - 1) // n_sms  # flat: this CTA's matmul tiles sm, sm + n_sms, ...
-
         ignore = lambda *_, **__: None
 
-        def lin_of(s):  # flat pipeline: linear tile index of step s
-            return sm + (s // k_steps) * n_sms
+        if flat:
+            n_mm, n_live = counts_ref[0], counts_ref[1]  # the schedule lists matmul, then tail, then unused tiles
+            mm_total = n_mm * n_tiles
+            count = (mm_total - sm + n_sms - 1) // n_sms  # this CTA's matmul tiles sm, sm + n_sms, ...
 
-        if flat:  # the TMA warpgroup's scalar loads per step: only the indices it needs
+            def lin_of(s):  # linear tile index of step s
+                return sm + (s // k_steps) * n_sms
+
+            # The TMA warpgroup's scalar loads per step: only the indices it needs.
             blk_kk = lambda s: (sched_ref[1, lin_of(s) // n_tiles] * n_cl + cta, s % k_steps)
             grp_nt_kk = lambda s: (sched_ref[0, lin_of(s) // n_tiles], lin_of(s) % n_tiles, s % k_steps)
             alloc_pipe = make_pipeline(ignore, ignore, jnp.int32(stages), blk_kk, grp_nt_kk)  # dynamic grid
@@ -438,8 +440,8 @@ def rows_kernel(
 
     out_type = [jax.ShapeDtypeStruct((m, n), out_dtype) for _ in range(n_out)]
     call = _persistent_call(kernel, out_type, interpret, cluster=n_cl)
-    counts_2 = jnp.stack([sched_5t[4].sum(), (sched_5t[3] > 0).sum()]).astype(jnp.int32)  # matmul, live tiles
-    outs = call(sched_5t, counts_2, lhs_mk, *rhs_list)
+    counts = [jnp.stack([sched_5t[4].sum(), (sched_5t[3] > 0).sum()]).astype(jnp.int32)] if flat else []
+    outs = call(sched_5t, *counts, lhs_mk, *rhs_list)  # counts: matmul and live tiles
     return outs[0] if n_out == 1 else tuple(outs)
 
 # --------------------------------------------------------------------------------------------------

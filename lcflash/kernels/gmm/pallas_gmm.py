@@ -47,10 +47,13 @@ def _rows_tiles(m: int, g: int, n: int, out_dtype, n_rhs: int, what: str) -> mk.
     return tiles
 
 
-def _chain_tiles(tiles: mk.Tiles, out_dtype, n_rhs: int, contract: bool = False) -> mk.Tiles:
-    """Flat pipelines (Tiles.chain): the deepest ring (up to 4) that fits, halving the epilogue
-    chunk (epi_n 64) before dropping a stage (LongCat shapes: 4 stages and 64-column stores; d_rhs at T=512
-    measured 0.87-0.90 of the einsum with them against 0.83-0.85 with 3 stages and 128-column stores, H200)."""
+def _chain_tiles(tiles: mk.Tiles, pinned: bool, out_dtype, n_rhs: int, contract: bool = False) -> mk.Tiles:
+    """Flat pipelines (Tiles.chain): pinned tiles (ROWS_TILES / CONTRACT_TILES) keep their ring; otherwise the
+    deepest ring (up to 4) that fits, halving the epilogue chunk (epi_n 64) before dropping a stage (LongCat
+    shapes: 4 stages and 64-column stores; d_rhs at T=512 measured 0.87-0.90 of the einsum with them against
+    0.83-0.85 with 3 stages and 128-column stores, H200)."""
+    if pinned:
+        return dataclasses.replace(tiles, chain=True)
     for stages in range(max(tiles.stages, 4), 0, -1):
         for epi_n in sorted({tiles.epi_n, min(64, tiles.epi_n)}, reverse=True):
             t = dataclasses.replace(tiles, stages=stages, epi_n=epi_n, chain=True)
@@ -107,10 +110,8 @@ def rows_matmul(lhs_mk, rhs_list, group_sizes_g, *, transpose_rhs=False, out_dty
     out_dtype = jnp.dtype(out_dtype or lhs_mk.dtype)
     n = rhs_list[0].shape[1] if transpose_rhs else rhs_list[0].shape[2]
     tiles = _rows_tiles(m, group_sizes_g.shape[0], n, out_dtype, len(rhs_list), "N")
-    if chain and ROWS_TILES is None:
-        tiles = _chain_tiles(tiles, out_dtype, len(rhs_list))
-    elif chain:
-        tiles = dataclasses.replace(tiles, chain=True)
+    if chain:
+        tiles = _chain_tiles(tiles, ROWS_TILES is not None, out_dtype, len(rhs_list))
     block_m = tiles.tile_m * (2 if tiles.cluster_m else 1)  # a 2-CTA cluster takes two tiles' rows
     mp = _padded_rows(m, block_m)
     sched, _ = mk.row_schedule(group_sizes_g, mp, block_m)
@@ -131,10 +132,8 @@ def contract_matmul(lhs_mk, dout_mn, group_sizes_g, *, out_dtype, chain=False):
     m, k = lhs_mk.shape
     n = dout_mn.shape[1]
     tiles = _contract_tiles(n, out_dtype)
-    if chain and CONTRACT_TILES is None:
-        tiles = _chain_tiles(tiles, out_dtype, 1, contract=True)
-    elif chain:
-        tiles = dataclasses.replace(tiles, chain=True)
+    if chain:
+        tiles = _chain_tiles(tiles, CONTRACT_TILES is not None, out_dtype, 1, contract=True)
     if k % tiles.tile_m:
         raise ValueError(f"pallas gmm: K = {k} must be a multiple of {tiles.tile_m} for d_rhs")
     mp = _padded_rows(m, tiles.tile_k)
@@ -191,8 +190,7 @@ _gmm.defvjp(_gmm_fwd, _gmm_bwd)
 
 
 def gmm(lhs_mk, rhs_gkn, group_sizes_g, preferred_element_type=None, chain=False):
-    """chain=True: forward and d_lhs through the chained rows kernel, d_rhs through the flat contract pipeline
-    (mk.Tiles.chain)."""
+    """chain=True: every product (forward, d_lhs, d_rhs) through one flat pipeline per CTA (mk.Tiles.chain)."""
     _check(lhs_mk, rhs_gkn, group_sizes_g)
     _col_tile(rhs_gkn.shape[2], "N")
     out_dtype = jnp.dtype(preferred_element_type or lhs_mk.dtype)
