@@ -53,7 +53,24 @@ def profile(hlo_text: str, trace_path: str, steps: int, top: int = 25) -> dict:
                for n, (c, t) in sorted(by.items(), key=lambda kv: -kv[1][1])[:top]]
     ops = [dict(op=o, kernels_per_step=c, us_per_step=t) for o, (c, t) in sorted(per_op.items(), key=lambda kv: -kv[1][1])]
     return {"kernels_per_step": sum(c for c, _ in by.values()) / steps,
-            "busy_us_per_step": sum(t for _, t in by.values()) / steps, "top_kernels": kernels, "by_op": ops}
+            "busy_us_per_step": sum(t for _, t in by.values()) / steps, **launch_view(trace_path, steps),
+            "top_kernels": kernels, "by_op": ops}
+
+
+def launch_view(trace_path: str, steps: int, gap_us: float = 3.0) -> dict:
+    """How the host feeds the device: launch calls per step on the host (graph launches of XLA's command buffers,
+    single kernel launches) and the device's idle time in gaps longer than gap_us between consecutive kernels
+    (a step made of many graph pieces waits on the host between them)."""
+    _, kernels, _ = trace_overlap.kernel_totals(trace_path)
+    kernels = sorted(kernels, key=lambda e: e.start)
+    gaps = [b.start - (a.start + a.dur) for a, b in zip(kernels, kernels[1:])]
+    idle = [g for g in gaps if g > gap_us]
+    trace = trace_overlap.load_trace(trace_path)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    launches = collections.Counter(e["name"].split(" ")[0] for e in events
+                                   if e.get("ph") == "X" and "Launch" in e.get("name", ""))
+    return {"device_idle_us_per_step": sum(idle) / steps, "device_gaps_per_step": len(idle) / steps,
+            "host_launches_per_step": {k: v / steps for k, v in launches.most_common(6)}}
 
 
 def main():
@@ -66,7 +83,9 @@ def main():
     args = ap.parse_args()
     with open(args.hlo) as f:
         res = profile(f.read(), args.trace, args.steps, args.top)
-    print(f"{res['kernels_per_step']:.0f} kernels and {res['busy_us_per_step']:.0f} us of device time per step")
+    print(f"{res['kernels_per_step']:.0f} kernels and {res['busy_us_per_step']:.0f} us of device time per step; "
+          f"device idle {res['device_idle_us_per_step']:.0f} us per step in {res['device_gaps_per_step']:.1f} gaps; "
+          f"host launches per step {res['host_launches_per_step']}")
     print(f"{'per step':>8} {'us/step':>8} {'us each':>8}  kernel / result shape / op")
     for k in res["top_kernels"]:
         print(f"{k['per_step']:8.1f} {k['us_per_step']:8.1f} {k['us_each']:8.2f}  {k['name']}  {k['shape'][:40]}  {k['op'][:70]}")

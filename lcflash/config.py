@@ -14,7 +14,7 @@ from typing import Any
 import jax.numpy as jnp
 
 ROPE_TYPES = ("default", "yarn")
-GMM_IMPLS = ("ragged_dot", "reference", "pallas", "pallas_chain", "jax_mgpu", "tokamax")
+GMM_IMPLS = ("ragged_dot", "reference", "pallas", "pallas_chain", "jax_mgpu", "tokamax", "auto")
 # Attention form for calls that read a KV cache (see lcflash/model/mla.py); calls without a cache are expanded.
 ATTN_IMPLS = ("expanded", "absorbed", "pallas")
 TRAIN_ATTN_IMPLS = ("xla", "cudnn", "auto", "dpa_xla")
@@ -78,6 +78,9 @@ class ModelConfig:
     # attention (GPU only); "auto" picks cudnn on a GPU, else xla; "dpa_xla" runs the cudnn call's plumbing on XLA.
     train_attn_impl: str = "xla"
     remat: bool = False
+    # Layers per iteration of the layer scan (jax.lax.scan's unroll): 1 keeps one compiled layer body; num_layers
+    # unrolls the stack, which lets XLA drop the loop's per-layer slicing and stacking (a training-speed A/B).
+    scan_unroll: int = 1
     # ScMoE overlap (cfg.moe.overlap): False runs the MoE branch to completion before dense FFN 0, the baseline
     # that measures what the overlap hides (lcflash/model/layer.py). Values are identical either way.
     moe_overlap: bool = True
@@ -155,6 +158,8 @@ def validate(cfg: ModelConfig, keys: dict[str, str] | None = None) -> ModelConfi
     for f in ("param_dtype", "dtype"):
         req(getattr(cfg, f) in DTYPES, f, getattr(cfg, f), f"must be one of {tuple(DTYPES)}")
     req(cfg.gmm_impl in GMM_IMPLS, "gmm_impl", cfg.gmm_impl, f"must be one of {GMM_IMPLS}")
+    req(isinstance(cfg.scan_unroll, int) and 1 <= cfg.scan_unroll <= cfg.num_layers, "scan_unroll",
+        cfg.scan_unroll, f"must be an int in [1, num_layers={cfg.num_layers}]")
     req(isinstance(cfg.moe_overlap, bool), "moe_overlap", cfg.moe_overlap, "must be a bool (True or False)")
     req(cfg.attn_impl in ATTN_IMPLS, "attn_impl", cfg.attn_impl, f"must be one of {ATTN_IMPLS}")
     req(cfg.train_attn_impl in TRAIN_ATTN_IMPLS, "train_attn_impl", cfg.train_attn_impl,

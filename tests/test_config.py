@@ -29,6 +29,7 @@ def test_released_config_values():
     ("dtype", "float64", "dtype"),
     ("gmm_impl", "cutlass", "gmm_impl"),
     ("moe_overlap", "yes", "moe_overlap.*bool"),
+    ("scan_unroll", 0, "scan_unroll.*num_layers=28"),
     ("num_mtp_layers", 2, "num_mtp_layers"),
     ("eos_token_id", 10 ** 6, "eos_token_id"),
 ])

@@ -108,3 +108,19 @@ def test_unknown_moe_impl_is_named(tiny):
     w = decode.split_weights(tiny)
     with pytest.raises(ValueError, match="moe_impl 'sparse' is not one of"):
         decode.moe_apply(tiny.cfg, w.layers[0].moe, jnp.zeros((1, 1, tiny.cfg.hidden_size)), "sparse")
+
+
+@pytest.mark.parametrize("sizes", [(32, 16), (1536, 512), (24, 40, 8)])
+def test_rms_norm_slices_equals_separate_norms(sizes):
+    """One reduction for the q_a and kv_a norms (decode.mla_latents) gives each slice's own rms_norm; a trailing
+    part of x (the rope key) is left out."""
+    from lcflash.model.norm import rms_norm, rms_norm_slices
+
+    keys = jax.random.split(jax.random.key(sum(sizes)), len(sizes) + 1)
+    x = jax.random.normal(keys[0], (2, 3, sum(sizes) + 8), jnp.float32) * 3.0
+    ws = [jax.random.normal(k, (n,), jnp.float32) for k, n in zip(keys[1:], sizes)]
+    got = rms_norm_slices(x, tuple(ws), 1e-6)
+    lo = 0
+    for g, w, n in zip(got, ws, sizes, strict=True):
+        assert rel(g, rms_norm(x[..., lo:lo + n], w, 1e-6)) < 1e-6
+        lo += n

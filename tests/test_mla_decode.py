@@ -124,7 +124,7 @@ def test_model_switch_absorbed_equals_expanded():
 # ------------------------------------------------------------------------------------- the Mosaic GPU kernel
 KERNEL_CASES = [  # B, T, H, R, P, S, starts, splits
     (3, 1, 8, 128, 64, 256, [0, 63, 255], 2),
-    (1, 2, 4, 64, 64, 256, [254], 4),
+    (1, 3, 4, 64, 64, 256, [253], 4),      # 12 query rows: padded to 16 (whole 8-row smem tiles)
     (2, 1, 16, 128, 64, 512, [64, 200], None),
 ]
 

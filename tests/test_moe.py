@@ -77,3 +77,15 @@ def test_router_bias_selects_but_does_not_weigh():
     # no gradient flows into the bias
     g = jax.grad(lambda b: jnp.sum(route(x, wr, b, K, 6.0).weights_tk))(bias)
     assert not np.any(np.asarray(g))
+
+
+@pytest.mark.parametrize("T,E,k", [(1, 192, 12), (5, 24, 4), (3, 768, 12), (64, 192, 12)])
+def test_top_k_indices_equals_lax_top_k(T, E, k):
+    """The rank-counting top-k (few tokens) and lax.top_k (many) pick the same experts in the same order, equal
+    scores included (lower index first)."""
+    from lcflash.model.router import RANK_TOP_K_MAX_ELEMENTS, top_k_indices
+
+    x = jax.random.normal(jax.random.key(T * E), (T, E))
+    for scores in (x, jnp.round(x * 2) / 2):   # the second has many ties
+        np.testing.assert_array_equal(top_k_indices(scores, k), jax.lax.top_k(scores, k)[1])
+    assert (T * E * E <= RANK_TOP_K_MAX_ELEMENTS) == (T < 64)   # both branches are covered

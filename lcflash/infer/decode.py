@@ -44,7 +44,7 @@ from lcflash.config import ModelConfig
 from lcflash.infer.cache import DecodeCache
 from lcflash.kernels.mla_decode import mla_decode
 from lcflash.model.mla import LatentKV, expanded_attention, write_rows
-from lcflash.model.norm import rms_norm
+from lcflash.model.norm import rms_norm, rms_norm_slices
 from lcflash.model.rope import apply_rope, rope_cos_sin, softmax_scale
 from lcflash.model.router import Routing, select_experts, zero_expert_output
 
@@ -272,9 +272,9 @@ def mla_latents(cfg: ModelConfig, p: AttnWeights, x_btd, cos_btd, sin_btd):
     dtype = x_btd.dtype
     Q, R, nope = cfg.q_lora_rank, cfg.kv_lora_rank, cfg.qk_nope_head_dim
     a_btn = jnp.einsum("btd,nd->btn", x_btd, p.w_qkv_a.astype(dtype))
-    cq_btr = rms_norm(a_btn[..., :Q], p.q_a_norm, cfg.mla_norm_eps)
+    cq_btr, c_btr = rms_norm_slices(a_btn, (p.q_a_norm, p.kv_a_norm), cfg.mla_norm_eps)
     q_bthk = jnp.einsum("btr,hkr->bthk", cq_btr, p.w_q_b.astype(dtype)) * cfg.alpha_q
-    c_btr = rms_norm(a_btn[..., Q:Q + R], p.kv_a_norm, cfg.mla_norm_eps) * cfg.alpha_kv
+    c_btr = c_btr * cfg.alpha_kv
     kpe_btd = apply_rope(a_btn[..., None, Q + R:], cos_btd, sin_btd)[..., 0, :]
     return q_bthk[..., :nope], apply_rope(q_bthk[..., nope:], cos_btd, sin_btd), LatentKV(c_btr, kpe_btd)
 

@@ -38,7 +38,7 @@ def stack_modules(factory, n: int, rngs: nnx.Rngs, axis_name: str = "layers"):
     return nnx.merge(graphdef, state)
 
 
-def scan_modules(stacked, body, carry, xs=None, remat: bool = False):
+def scan_modules(stacked, body, carry, xs=None, remat: bool = False, unroll: int = 1):
     """Runs `body(module_i, carry, x_i) -> (carry, y_i)` over the stacked module's leading axis."""
     graphdef, state = nnx.split(stacked)
 
@@ -48,4 +48,4 @@ def scan_modules(stacked, body, carry, xs=None, remat: bool = False):
 
     if remat:
         step = jax.checkpoint(step, policy=jax.checkpoint_policies.nothing_saveable)
-    return jax.lax.scan(step, carry, (state, xs))
+    return jax.lax.scan(step, carry, (state, xs), unroll=unroll)

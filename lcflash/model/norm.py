@@ -1,5 +1,7 @@
 """RMSNorm, as HF computes it: normalise in fp32, cast back, then apply the weight."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -11,6 +13,23 @@ def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
     xf = x.astype(jnp.float32)
     y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
     return w.astype(x.dtype) * y.astype(x.dtype)
+
+
+def rms_norm_slices(x: jax.Array, weights: tuple, eps: float) -> tuple:
+    """rms_norm of consecutive slices of x's last axis (slice i as long as weights[i]), with one reduction:
+    squares are summed in chunks of gcd(lengths) and each slice adds its chunk sums elementwise. XLA then runs one
+    reduction kernel for all slices instead of one each (a batch-1 decode step is a chain of small kernels)."""
+    sizes = [w.shape[-1] for w in weights]
+    chunk = math.gcd(*sizes)
+    xf = x[..., :sum(sizes)].astype(jnp.float32)
+    sums = jnp.sum((xf * xf).reshape(*x.shape[:-1], -1, chunk), axis=-1)
+    out, lo = [], 0
+    for w, n in zip(weights, sizes):
+        ss = sum(sums[..., i:i + 1] for i in range(lo // chunk, (lo + n) // chunk))
+        y = xf[..., lo:lo + n] * jax.lax.rsqrt(ss / n + eps)
+        out.append(w.astype(x.dtype) * y.astype(x.dtype))
+        lo += n
+    return tuple(out)
 
 
 class RMSNorm(nnx.Module):

@@ -92,7 +92,8 @@ class LongcatFlash(nnx.Module):
             return h, (new_cache, stats, h if return_layer_hidden else None)
 
         xs = None if cache is None else (cache.c, cache.kpe)
-        h_btd, (new_cache, stats, layer_hidden) = scan_modules(self.layers, body, h_btd, xs, remat=cfg.remat)
+        h_btd, (new_cache, stats, layer_hidden) = scan_modules(self.layers, body, h_btd, xs, remat=cfg.remat,
+                                                                    unroll=cfg.scan_unroll)
         hidden = self.norm(h_btd)
         return ModelOutput(self.logits(hidden), hidden,
                            layer_hidden if return_layer_hidden else jnp.zeros((0,), dtype), stats,

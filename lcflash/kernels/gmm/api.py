@@ -16,6 +16,7 @@ Implementations:
               the next tile during this tile's tail and epilogue. Faster than `pallas` at LongCat expert shapes
               on an H200 (0.84-0.92 of the einsum bound against 0.82-0.90; experiments/RESULTS.md).
   jax_mgpu    JAX's example kernels (jax.experimental.pallas.ops.gpu.ragged_dot_mgpu), GPU only; the peer.
+  auto        pallas_chain for bf16/fp16 inputs on a Hopper GPU, ragged_dot otherwise (chosen per call).
   tokamax     not registered: no tokamax release runs on the supported JAX (0.0.12 fails on JAX 0.11.2).
 """
 
@@ -65,8 +66,24 @@ _NOT_AVAILABLE = {
 }
 
 
-def _resolve(impl: str) -> str:
+def auto_impl(dtype, k: int, n: int, backend: str | None = None, compute_capability: str | None = None) -> str:
+    """"auto": our kernels where they run (Hopper, bf16/fp16 operands, K and N multiples of 128), XLA's ragged_dot
+    elsewhere."""
+    import jax
+    import jax.numpy as jnp
+
+    if backend is None:
+        backend = jax.default_backend()
+        compute_capability = getattr(jax.devices()[0], "compute_capability", None) if backend == "gpu" else None
+    hopper = backend == "gpu" and str(compute_capability or "").startswith("9.")
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    return "pallas_chain" if hopper and half and k % 128 == 0 and n % 128 == 0 else "ragged_dot"
+
+
+def _resolve(impl: str, lhs_mk, rhs_gkn) -> str:
     impl = os.environ.get("LCFLASH_GMM_IMPL", impl)
+    if impl == "auto":
+        impl = auto_impl(lhs_mk.dtype, rhs_gkn.shape[1], rhs_gkn.shape[2])
     if impl in _NOT_AVAILABLE:
         raise ValueError(f"gmm impl {impl!r} is not available: {_NOT_AVAILABLE[impl]}")
     if impl not in IMPLEMENTATIONS:
@@ -75,13 +92,13 @@ def _resolve(impl: str) -> str:
 
 
 def gmm(lhs_mk, rhs_gkn, group_sizes_g, *, impl: str = "ragged_dot", preferred_element_type=None):
-    impl = _resolve(impl)
+    impl = _resolve(impl, lhs_mk, rhs_gkn)
     return IMPLEMENTATIONS[impl](lhs_mk, rhs_gkn, group_sizes_g, preferred_element_type=preferred_element_type)
 
 
 def gmm_swiglu(x_mk, w_gate_gkn, w_up_gkn, group_sizes_g, *, impl: str = "ragged_dot"):
     """silu(x @ w_gate[g]) * (x @ w_up[g]) per group, in x's dtype; rows past sum(group_sizes) are zero."""
-    impl = _resolve(impl)
+    impl = _resolve(impl, x_mk, w_gate_gkn)
     if impl in SWIGLU_IMPLEMENTATIONS:
         return SWIGLU_IMPLEMENTATIONS[impl](x_mk, w_gate_gkn, w_up_gkn, group_sizes_g)
     return reference.swiglu_from_gmm(IMPLEMENTATIONS[impl], x_mk, w_gate_gkn, w_up_gkn, group_sizes_g)

@@ -3,7 +3,10 @@
 One CTA (one warpgroup) handles one (context split, batch row). All T*H query rows of the row (t-major, padded
 to 64, the wgmma M) share the latent cache, so each block of `block_kv` cached tokens is read once from HBM by
 TMA into shared memory and used twice: transposed as the key (q_lat . c + q_pe . k_pe) and as the value (p . c).
-The loads run `depth` blocks ahead of the math. Each split keeps an online softmax in registers and writes its
+The loads run `depth` blocks ahead of the math. Only the T*H real query rows (rounded up to 8, a smem tile) are
+loaded and stored; the wgmma's other rows hold whatever shared memory held, which touches only those rows' own
+outputs (every row's softmax and products are its own), so no padded copy of the queries or slice of the output
+costs a kernel of its own around the call. Each split keeps an online softmax in registers and writes its
 normalised output and log2-sum-exp2; `reference.combine_splits` merges the splits (flash-decoding).
 
 Only the blocks holding a visible key are read: a split past the row's last position reads nothing, so a decode
@@ -53,7 +56,7 @@ def split_layout(n_blocks: int, num_splits: int) -> tuple[int, int]:
     return -(-n_blocks // per), per
 
 
-def _kernel(start_ref, q_ref, qpe_ref, c_ref, kpe_ref, o_ref, lse_ref, scoped, *, heads, q_len, block_kv,
+def _kernel(start_ref, q_ref, qpe_ref, c_ref, kpe_ref, o_ref, lse_ref, scoped, *, heads, q_len, rows, block_kv,
             blocks_per_split, depth, scale, dtype, fused_pv, interpret):
     (q_smem, qpe_smem, c_smem, kpe_smem, o_smem, lse_smem), (q_bar, c_bar, kpe_bar) = scoped
     split = lax.axis_index("split")
@@ -69,8 +72,9 @@ def _kernel(start_ref, q_ref, qpe_ref, c_ref, kpe_ref, o_ref, lse_ref, scoped, *
         plgpu.copy_gmem_to_smem(c_ref.at[b, keys], c_smem.at[slot], c_bar.at[slot])
         plgpu.copy_gmem_to_smem(kpe_ref.at[b, keys], kpe_smem.at[slot], kpe_bar.at[slot])
 
-    plgpu.copy_gmem_to_smem(q_ref.at[b], q_smem, q_bar.at[0])
-    plgpu.copy_gmem_to_smem(qpe_ref.at[b], qpe_smem, q_bar.at[1])
+    real = pl.ds(0, rows)
+    plgpu.copy_gmem_to_smem(q_ref.at[b], q_smem.at[real], q_bar.at[0])
+    plgpu.copy_gmem_to_smem(qpe_ref.at[b], qpe_smem.at[real], q_bar.at[1])
     for i in range(depth):
         pl.when(i < n)(functools.partial(fetch, i, i))
     plgpu.barrier_wait(q_bar.at[0])
@@ -141,8 +145,8 @@ def _kernel(start_ref, q_ref, qpe_ref, c_ref, kpe_ref, o_ref, lse_ref, scoped, *
     o_smem[...] = acc / lax.broadcast_in_dim(l_i, acc.shape, [0])
     lse_smem[...] = m_i + jnp.log(l_i) * LOG2E
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(o_smem, o_ref.at[b, split])
-    plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, split])
+    plgpu.copy_smem_to_gmem(o_smem.at[real], o_ref.at[b, split])
+    plgpu.copy_smem_to_gmem(lse_smem.at[real], lse_ref.at[b, split])
     plgpu.wait_smem_to_gmem(0)
 
 
@@ -163,12 +167,14 @@ def mla_decode_pallas(q_lat_bthr, q_pe_bthd, c_bsr, kpe_bsd, q_start_b, *, scale
     num_splits, per_split = split_layout(n_blocks, num_splits or choose_splits(B, n_blocks))
     depth = max(1, min(depth, per_split))
 
+    rows = -(-T * H // 8) * 8   # whole smem tiles of 8 rows; a model with 8 | H passes q through as it is
+
     def pad_rows(x):
         x = x.reshape(B, T * H, x.shape[-1]).astype(dtype)
-        return jnp.pad(x, ((0, 0), (0, ROWS - T * H), (0, 0)))
+        return x if rows == T * H else jnp.pad(x, ((0, 0), (0, rows - T * H), (0, 0)))
 
     tiled = () if interpret else (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
-    kernel = functools.partial(_kernel, heads=H, q_len=T, block_kv=block_kv, blocks_per_split=per_split,
+    kernel = functools.partial(_kernel, heads=H, q_len=T, rows=rows, block_kv=block_kv, blocks_per_split=per_split,
                                depth=depth, scale=scale, dtype=dtype,
                                fused_pv=fused_pv, interpret=bool(interpret))
 
@@ -186,15 +192,16 @@ def mla_decode_pallas(q_lat_bthr, q_pe_bthd, c_bsr, kpe_bsd, q_start_b, *, scale
 
     o_part, lse2 = plgpu.kernel(
         entry,
-        out_type=(jax.ShapeDtypeStruct((B, num_splits, ROWS, R), jnp.float32),
-                  jax.ShapeDtypeStruct((B, num_splits, ROWS), jnp.float32)),
+        out_type=(jax.ShapeDtypeStruct((B, num_splits, rows, R), jnp.float32),
+                  jax.ShapeDtypeStruct((B, num_splits, rows), jnp.float32)),
         grid=(num_splits, B),
         grid_names=("split", "batch"),
         compiler_params=plgpu.CompilerParams(approx_math=True),
         **({"interpret": interpret} if interpret else {}),
     )(q_start_b.astype(jnp.int32), pad_rows(q_lat_bthr), pad_rows(q_pe_bthd), c_bsr.astype(dtype),
       kpe_bsd.astype(dtype))
-    o = combine_splits(o_part, lse2)[:, :T * H]
+    o = combine_splits(o_part, lse2)
+    o = o if rows == T * H else o[:, :T * H]
     return o.reshape(B, T, H, R).astype(dtype)
 
 
