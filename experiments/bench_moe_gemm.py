@@ -12,7 +12,7 @@ or a padded einsum (skewed loads) before they are timed.
 `pallas_chain` (one flat pipeline per CTA in every kernel) and the einsum bound, then d_rhs alone (contract
 kernel per-tile vs one flat pipeline per CTA vs the einsum "gtk,gtn->gkn");
 `--rows-ab flat,cluster,...` times only the rows kernel (forward and d_lhs, flat pipeline) in the listed variants
-(2-CTA clusters, ping-pong compute warpgroups, ...; `ROWS_VARIANTS`);
+(2-CTA clusters, one wgmma in flight, ...; `ROWS_VARIANTS`);
 `--sweep` then adds pallas_chain with its rows kernel on 2-CTA clusters (`Tiles.cluster_m`), and the flat d_rhs
 kernel with one wgmma left in flight per step (`Tiles.overlap_mma`) and with a 3-deep ring and 128-column stores.
 """
@@ -317,9 +317,8 @@ def d_rhs_ab(proj, t, sweep_variants=False):
 ROWS_VARIANTS = {  # flat rows kernel variants timed by --rows-ab (all bit-identical: same tiles, same order)
     "flat": dict(stages=4),
     "cluster": dict(stages=4, cluster_m=True),
-    "pingpong": dict(stages=4, pingpong=True),
-    "pingpong_5st": dict(stages=5, pingpong=True),
-    "pingpong_5st_overlap": dict(stages=5, pingpong=True, overlap_mma=True),
+    "overlap": dict(stages=4, overlap_mma=True),
+    "3st_epi128": dict(stages=3, epi_n=128),
 }
 
 
@@ -342,7 +341,7 @@ def rows_ab(proj, t, variants, rounds=2):
         rec = dict(proj=proj, pass_=pass_name, tokens_per_expert=t, K=k, N=n, G=g, einsum_ms=[])
         fns = {}
         for name in variants:
-            pallas_gmm.ROWS_TILES = T(128, 128, 64, epi_n=64, chain=True, **ROWS_VARIANTS[name])
+            pallas_gmm.ROWS_TILES = T(128, 128, 64, **{"epi_n": 64, **ROWS_VARIANTS[name]}, chain=True)
             f = jax.jit(lambda a, b, tr=transpose: pallas_gmm.rows_matmul(a, [b], sizes, transpose_rhs=tr,
                                                                          chain=True))
             try:
@@ -431,7 +430,7 @@ def main():
                     help="LongCat T=512 only: pallas vs pallas_chain vs einsum (implies --impls pallas,pallas_chain,einsum)")
     ap.add_argument("--rows-ab", default=None, metavar="V1,V2,...",
                     help="only the rows kernel at LongCat T=512: flat pipeline variants (ROWS_VARIANTS), the first "
-                         "the baseline, e.g. flat,cluster or flat,pingpong")
+                         "the baseline, e.g. flat,cluster")
     ap.add_argument("--pick-jax-mgpu", action="store_true", help="time four configs of the example kernel first")
     args = ap.parse_args()
     t_start = time.time()

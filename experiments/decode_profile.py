@@ -59,8 +59,10 @@ def profile(hlo_text: str, trace_path: str, steps: int, top: int = 25) -> dict:
 
 def launch_view(trace_path: str, steps: int, gap_us: float = 3.0) -> dict:
     """How the host feeds the device: launch calls per step on the host (graph launches of XLA's command buffers,
-    single kernel launches) and the device's idle time in gaps longer than gap_us between consecutive kernels
-    (a step made of many graph pieces waits on the host between them)."""
+    single kernel launches; a step split into many graph pieces shows here) and the device's idle time in gaps
+    longer than gap_us between consecutive kernels. The idle time is the traced run's: the profiler slows each
+    loop iteration (an H200 batch-1 decode showed ~1.1 ms of idle per step traced at an untraced step time equal
+    to its kernel time), so compare step times untraced."""
     _, kernels, _ = trace_overlap.kernel_totals(trace_path)
     kernels = sorted(kernels, key=lambda e: e.start)
     gaps = [b.start - (a.start + a.dur) for a, b in zip(kernels, kernels[1:])]

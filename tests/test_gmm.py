@@ -181,26 +181,6 @@ def test_pallas_interpret_chained_rows_kernel(hang_guard, m, k, n, sizes_l):
     np.testing.assert_array_equal(got, np.asarray(pallas_gmm.rows_matmul(lhs, [rhs], sizes), np.float32))
 
 
-@cpu_only
-@pytest.mark.parametrize("overlap_mma", [False, True])
-def test_pallas_interpret_pingpong_rows_kernel(hang_guard, monkeypatch, overlap_mma):
-    """Ping-pong compute warpgroups (Tiles.pingpong): 2 simulated SMs walk 24 one-warpgroup tiles (6 column tiles
-    of 64 x 4 row blocks of 64; both warpgroups own tiles on each SM) plus tail tiles, which the warpgroups store
-    in turns; bit-identical to the flat kernel with the same tiles, and every output element written."""
-    from lcflash.kernels.gmm import mgpu_kernels as mk, pallas_gmm
-
-    lhs, rhs, _, sizes = _inputs(15, M_RAGGED, 384, 384, SIZES_RAGGED, jnp.bfloat16)
-
-    def run(**kw):
-        monkeypatch.setattr(pallas_gmm, "ROWS_TILES", mk.Tiles(64, 64, 64, 4, 64, chain=True, **kw))
-        return np.asarray(pallas_gmm.rows_matmul(lhs, [rhs], sizes, chain=True), np.float32)
-
-    got = run(pingpong=True, overlap_mma=overlap_mma)
-    assert _rel(got, reference.gmm_loop(lhs.astype(jnp.float32), rhs.astype(jnp.float32), sizes)) < BF16_TOL
-    assert not got[sum(SIZES_RAGGED):].any()
-    np.testing.assert_array_equal(got, run())
-
-
 def _contract_ref_f64(lhs, dout, sizes_l):
     l64, d64, start, out = np.asarray(lhs, np.float64), np.asarray(dout, np.float64), 0, []
     for s in sizes_l:
@@ -328,13 +308,11 @@ def test_gpu_flat_contract_kernel(case):
 
 
 @gpu_only
-@pytest.mark.parametrize("switch", ["cluster_m", "pingpong"])
 @pytest.mark.parametrize("transpose_rhs", [False, True])
 @pytest.mark.parametrize("case", sorted(GPU_CASES))
-def test_gpu_flat_rows_variants(case, transpose_rhs, switch, monkeypatch):
-    """The flat rows kernel on 2-CTA clusters (Tiles.cluster_m: each rhs tile multicast to both CTAs) or with
-    ping-pong warpgroups (Tiles.pingpong) is bit-identical to the plain flat kernel (same tiles, same accumulation
-    order), and repeatable."""
+def test_gpu_cluster_rows_kernel(case, transpose_rhs, monkeypatch):
+    """The flat rows kernel on 2-CTA clusters (Tiles.cluster_m: each rhs tile multicast to both CTAs) is
+    bit-identical to the flat kernel without clusters (same tiles, same accumulation order), and repeatable."""
     from lcflash.kernels.gmm import mgpu_kernels as mk, pallas_gmm
 
     m, k, n, sizes_l = GPU_CASES[case]
@@ -344,8 +322,8 @@ def test_gpu_flat_rows_variants(case, transpose_rhs, switch, monkeypatch):
     tn = 128 if n % 256 == 0 else 64
     tm = 64 if m <= 64 * len(sizes_l) else 128
 
-    def run(on):
-        monkeypatch.setattr(pallas_gmm, "ROWS_TILES", mk.Tiles(tm, tn, 64, 4, 64, chain=True, **{switch: on}))
+    def run(cluster_m):
+        monkeypatch.setattr(pallas_gmm, "ROWS_TILES", mk.Tiles(tm, tn, 64, 4, 64, chain=True, cluster_m=cluster_m))
         f = jax.jit(lambda a, b: pallas_gmm.rows_matmul(a, [b], sizes, transpose_rhs=transpose_rhs))
         return np.asarray(f(lhs, rhs), np.float32), np.asarray(f(lhs, rhs), np.float32)
 
@@ -374,15 +352,14 @@ def test_cluster_share_splits_a_block_between_the_two_ctas():
             assert covered == list(range(start, start + rows)), (start, rows)
 
 
-@pytest.mark.parametrize("switch", ["cluster_m", "pingpong"])
-def test_flat_rows_variants_lower_for_cuda(monkeypatch, switch):
-    """Tiles.cluster_m and Tiles.pingpong through Pallas -> Mosaic GPU lowering for CUDA on the CPU (the GPU
-    interpreter has no cluster barriers), forward and d_lhs at LongCat's down shape; both need the flat pipeline."""
+def test_cluster_rows_kernel_lowers_for_cuda(monkeypatch):
+    """Tiles.cluster_m through Pallas -> Mosaic GPU lowering for CUDA on the CPU (the GPU interpreter has no
+    cluster barriers), forward and d_lhs at LongCat's down shape; and the switch needs the flat pipeline."""
     from lcflash.kernels.gmm import mgpu_kernels as mk, pallas_gmm
 
     monkeypatch.setattr(pallas_gmm, "_interpret", lambda: False)
     monkeypatch.setattr(mk, "_num_sms", lambda interpret: 132)
-    monkeypatch.setattr(pallas_gmm, "ROWS_TILES", mk.Tiles(128, 128, 64, 4, 64, chain=True, **{switch: True}))
+    monkeypatch.setattr(pallas_gmm, "ROWS_TILES", mk.Tiles(128, 128, 64, 4, 64, chain=True, cluster_m=True))
     sd = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt)  # noqa: E731
 
     def fwd_dlhs(lhs, rhs, dout, sizes):
@@ -394,9 +371,9 @@ def test_flat_rows_variants_lower_for_cuda(monkeypatch, switch):
         lowering_platforms=("cuda",))
     assert lowered.as_text().count("mosaic_gpu") >= 2
     x, w, _, s = _inputs(3, 256, 128, 256, [256], jnp.bfloat16)
-    with pytest.raises(ValueError, match=f"{switch} needs chain=True"):
+    with pytest.raises(ValueError, match="cluster_m needs chain=True"):
         mk.rows_kernel(x, [w], mk.row_schedule(s, 256, 256)[0], transpose_rhs=False, out_dtype=x.dtype,
-                       tiles=mk.Tiles(**{switch: True}))
+                       tiles=mk.Tiles(cluster_m=True))
 
 
 @gpu_only

@@ -54,10 +54,6 @@ class Tiles:
     # flat rows kernel only: 2-CTA clusters; the two CTAs take consecutive tile_m-row halves of one 2 * tile_m-row
     # schedule block and share each rhs tile, which TMA multicasts to both (half the rhs traffic from L2).
     cluster_m: bool = False
-    # flat rows kernel only: ping-pong compute warpgroups. Tiles are tile_n wide and each belongs to one warpgroup
-    # (alternately, in the CTA's order); the other one only releases that tile's ring slots, so one warpgroup's
-    # epilogue runs while the other's main loop has the tensor cores.
-    pingpong: bool = False
 
 
 def _num_sms(interpret: bool) -> int:
@@ -108,7 +104,7 @@ def smem_bytes(tiles: Tiles, *, n_rhs: int, in_dtype, out_dtype, contract: bool,
         a = tiles.tile_k * tiles.tile_m
     else:
         a = tiles.tile_m * tiles.tile_k
-    b = n_rhs * tiles.tile_k * (1 if tiles.pingpong else 2) * tiles.tile_n
+    b = n_rhs * tiles.tile_k * 2 * tiles.tile_n
     ring = tiles.stages * (a + b) * isz
     epi = 2 * tiles.tile_m * tiles.epi_n * osz
     return ring + epi + margin  # barriers and Mosaic's own scratch
@@ -266,16 +262,12 @@ def rows_kernel(
                          "its last wgmma still reads)")
     if tiles.cluster_m and not tiles.chain:
         raise ValueError("Tiles.cluster_m needs chain=True (the flat pipeline)")
-    if tiles.pingpong and (not tiles.chain or tiles.cluster_m):
-        raise ValueError("Tiles.pingpong needs chain=True (the flat pipeline) and no cluster_m")
     k_steps = k // tk
-    pp = tiles.pingpong
-    col_w = tn if pp else 2 * tn  # columns of one schedule tile: a warpgroup's (ping-pong) or the CTA's
-    n_tiles = n // col_w
+    n_tiles = n // (2 * tn)
     t_max = sched_5t.shape[1]
     dtype = lhs_mk.dtype
     tr_a = _swizzle_transforms(tk, dtype)
-    tr_b = _swizzle_transforms(tk if transpose_rhs else col_w, dtype)
+    tr_b = _swizzle_transforms(tk if transpose_rhs else 2 * tn, dtype)
     n_out = {None: 1, "h": 1, "hgu": 3}[swiglu]
     if swiglu is not None and n_rhs != 2:
         raise ValueError("swiglu needs exactly two rhs arrays (gate, up)")
@@ -295,7 +287,7 @@ def rows_kernel(
             grp, nt, kk = grp_nt_kk(s)
             return ((grp,) if flat else ()) + ((nt, kk) if transpose_rhs else (kk, nt))
 
-        b_block = sq + ((col_w, tk) if transpose_rhs else (tk, col_w))
+        b_block = sq + ((2 * tn, tk) if transpose_rhs else (tk, 2 * tn))
         spec = lambda shape, imap, tr, **kw: plgpu.BlockSpec(shape, imap, transforms=tr, memory_space=plgpu.SMEM,
                                                              delay_release=int(tiles.overlap_mma), **kw)
         shared = dict(collective_axes=("cluster",)) if n_cl > 1 else {}  # one multicast load for the cluster
@@ -365,17 +357,15 @@ def rows_kernel(
                     outs = [h] if swiglu == "h" else [h, gate, up]
                 for val, out_gmem in zip(outs, out_gmems):
                     _store_rows(val, out_gmem, stage_whole.at[wg], row0=blk * tm, start=start, rows=rows,
-                                col0=nt * col_w + (0 if pp else wg * tn), tile_n=tn, epi_n=epi_n,
-                                ragged_smem=stage_ragged.at[wg])
+                                col0=nt * 2 * tn + wg * tn, tile_n=tn, epi_n=epi_n, ragged_smem=stage_ragged.at[wg])
 
             @jax.named_scope("mma")
             def mma_step(a_smem, b_smems, accs):
                 for b_smem, acc in zip(b_smems, accs):
-                    col = 0 if pp else wg * tn  # ping-pong: the warpgroup's own tile is the whole block
                     if transpose_rhs:
-                        b = plgpu.transpose_ref(b_smem.at[pl.ds(col, tn), :], (1, 0))
+                        b = plgpu.transpose_ref(b_smem.at[pl.ds(wg * tn, tn), :], (1, 0))
                     else:
-                        b = b_smem.at[:, pl.ds(col, tn)]
+                        b = b_smem.at[:, pl.ds(wg * tn, tn)]
                     plgpu.wgmma(acc, a_smem, b)
                 # Per-tile pipelines wait for this step's wgmma before its buffers are released: releasing one
                 # step later (delay_release=1) would let the next tile's prologue refill the last step's buffers
@@ -413,15 +403,9 @@ def rows_kernel(
 
                 def mma(idx, a_smem, *args):
                     accs, info = args[n_rhs]
+                    mma_step(a_smem, args[:n_rhs], accs)
                     s = idx[0]
-                    at_end = s % k_steps == k_steps - 1  # every warpgroup follows the CTA's tile sequence
-                    if pp:  # the CTA's j-th tile is warpgroup j % 2's; the other only releases its steps' slots
-                        own = (s // k_steps) % 2 == wg
-                        pl.when(own)(lambda: mma_step(a_smem, args[:n_rhs], accs))
-                        last = at_end & own
-                    else:
-                        mma_step(a_smem, args[:n_rhs], accs)
-                        last = at_end
+                    last = s % k_steps == k_steps - 1
                     with jax.named_scope("next_tile"):  # loads issued every step, used only at a tile's last one
                         nxt = tile_of(lin_of(s) + n_sms)
 
@@ -433,7 +417,7 @@ def rows_kernel(
                         for acc in accs:
                             _zero_acc(acc, interpret)
 
-                    return accs, tuple(jnp.where(at_end, a, b) for a, b in zip(nxt, info))
+                    return accs, tuple(jnp.where(last, a, b) for a, b in zip(nxt, info))
 
                 def context(run):
                     acc_context(run, lambda accs: (accs, tile_of(sm)))
@@ -450,10 +434,7 @@ def rows_kernel(
                     def _tail_tile(j):
                         nt, _, blk, start, rows = tile_of(mm_total + first + j * n_sms)
                         zeros = jnp.zeros((tm, tn), jnp.float32)
-                        if pp:  # ping-pong tail tiles are one warpgroup wide: the two take turns
-                            pl.when(j % 2 == wg)(lambda: store([zeros] * n_rhs, nt, blk, start, rows))
-                        else:
-                            store([zeros] * n_rhs, nt, blk, start, rows)
+                        store([zeros] * n_rhs, nt, blk, start, rows)
 
             plgpu.wait_smem_to_gmem(0)  # all output stores have landed before the kernel exits
 
