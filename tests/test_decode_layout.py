@@ -124,3 +124,11 @@ def test_rms_norm_slices_equals_separate_norms(sizes):
     for g, w, n in zip(got, ws, sizes, strict=True):
         assert rel(g, rms_norm(x[..., lo:lo + n], w, 1e-6)) < 1e-6
         lo += n
+
+
+def test_distinct_experts_counts_ffn_experts_per_layer():
+    """The per-step statistic behind the decode floor: distinct FFN experts (ids < N; zero experts are not
+    counted) per layer, for all layers in one op."""
+    ids = np.random.default_rng(0).integers(0, 12, size=(3, 5, 4)).astype(np.int32)   # L=3, 5 tokens, top-4
+    got = decode.distinct_experts(jnp.asarray(ids), 8)
+    assert got.tolist() == [len({int(e) for e in layer.ravel() if e < 8}) for layer in ids]

@@ -314,10 +314,13 @@ def route_t(cfg: ModelConfig, p: MoEWeights, x_td) -> Routing:
     return select_experts(logits_te, p.bias, cfg.moe_topk, cfg.routed_scaling_factor)
 
 
-def _distinct_experts(experts_tk, n_ffn: int):
-    """FFN experts chosen by any slot (one compare-reduce fusion; no scatter in the decode step)."""
-    hit_n = jnp.any(experts_tk.reshape(-1, 1) == jnp.arange(n_ffn, dtype=experts_tk.dtype)[None, :], axis=0)
-    return jnp.sum(hit_n.astype(jnp.int32))
+def distinct_experts(experts_ltk, n_ffn: int):
+    """FFN experts chosen by any slot, per layer [L]: one compare-reduce fusion for all layers of a step (no
+    scatter, and not one small kernel per layer)."""
+    L = experts_ltk.shape[0]
+    ids_n = jnp.arange(n_ffn, dtype=experts_ltk.dtype)
+    hit_ln = jnp.any(experts_ltk.reshape(L, -1, 1) == ids_n[None, None, :], axis=1)
+    return jnp.sum(hit_ln.astype(jnp.int32), axis=1)
 
 
 def experts_gather(x_td, routing: Routing, w_gate_nid, w_up_nid, w_down_ndi):
@@ -356,21 +359,21 @@ def experts_dense(x_td, routing: Routing, w_gate_nid, w_up_nid, w_down_ndi):
 
 
 def moe_apply(cfg: ModelConfig, p: MoEWeights, x_btd, impl: str, model_moe: Callable | None = None):
-    """(MoE output [B, T, D], distinct FFN experts touched). impl "model" calls `model_moe()` for the model's
+    """(MoE output [B, T, D], chosen expert ids [B * T, top_k]). impl "model" calls `model_moe()` for the model's
     MoE module (the weights in its own layout); the others run on the decode layout `p`."""
     if impl not in MOE_IMPLS:
         raise ValueError(f"moe_impl {impl!r} is not one of {MOE_IMPLS}")
     B, T, D = x_btd.shape
     if impl == "model":
         y, stats = model_moe()(x_btd)
-        return y, _distinct_experts(stats["experts_btk"].reshape(B * T, -1), cfg.n_routed_experts)
+        return y, stats["experts_btk"].reshape(B * T, -1)
     if impl == "auto":
         impl = "gather" if B * T * cfg.moe_topk < cfg.n_routed_experts else "dense"
     x_td = x_btd.reshape(B * T, D)
     routing = route_t(cfg, p, x_td)
     fn = experts_gather if impl == "gather" else experts_dense
     y_td = zero_expert_output(x_td, routing, cfg.n_routed_experts) + fn(x_td, routing, p.w_gate, p.w_up, p.w_down)
-    return y_td.astype(x_btd.dtype).reshape(B, T, D), _distinct_experts(routing.experts_tk, cfg.n_routed_experts)
+    return y_td.astype(x_btd.dtype).reshape(B, T, D), routing.experts_tk
 
 
 # ----------------------------------------------------------------------------------------------- forward
@@ -386,12 +389,12 @@ def decode_layer(cfg: ModelConfig, p: LayerWeights, h_btd, cos, sin, mask_bts, k
     a0, kv0 = mla_attention(cfg, p.attn_0, rms_norm(h_btd, p.input_norm_0, eps), cos, sin, mask_bts, kv0, start_b)
     h_btd = h_btd + a0
     n0 = rms_norm(h_btd, p.post_attn_norm_0, eps)
-    moe_btd, n_experts = moe_apply(cfg, p.moe, n0, moe_impl, model_moe)
+    moe_btd, experts_tk = moe_apply(cfg, p.moe, n0, moe_impl, model_moe)
     h_btd = h_btd + swiglu_t(p.mlp_0, n0)
     a1, kv1 = mla_attention(cfg, p.attn_1, rms_norm(h_btd, p.input_norm_1, eps), cos, sin, mask_bts, kv1, start_b)
     h_btd = h_btd + a1
     h_btd = h_btd + swiglu_t(p.mlp_1, rms_norm(h_btd, p.post_attn_norm_1, eps))
-    return h_btd + moe_btd, kv0, kv1, n_experts
+    return h_btd + moe_btd, kv0, kv1, experts_tk
 
 
 def layer_forward(layer, h_btd, cos, sin, mask_bts, kv0: LatentKV, kv1: LatentKV, start_b, moe: Callable):
@@ -399,12 +402,12 @@ def layer_forward(layer, h_btd, cos, sin, mask_bts, kv0: LatentKV, kv1: LatentKV
     a0, kv0 = layer.attn_0(layer.input_norm_0(h_btd), cos, sin, mask_bts, kv0, start_b)
     h_btd = h_btd + a0
     n0 = layer.post_attn_norm_0(h_btd)
-    moe_btd, n_experts = moe(n0)
+    moe_btd, experts_tk = moe(n0)
     h_btd = h_btd + layer.mlp_0(n0)
     a1, kv1 = layer.attn_1(layer.input_norm_1(h_btd), cos, sin, mask_bts, kv1, start_b)
     h_btd = h_btd + a1
     h_btd = h_btd + layer.mlp_1(layer.post_attn_norm_1(h_btd))
-    return h_btd + moe_btd, kv0, kv1, n_experts
+    return h_btd + moe_btd, kv0, kv1, experts_tk
 
 
 def forward(graphs: DecodeGraphs, w: DecodeWeights, tokens_bt, cache: DecodeCache, start_b, *, prefill: bool,
@@ -417,20 +420,20 @@ def forward(graphs: DecodeGraphs, w: DecodeWeights, tokens_bt, cache: DecodeCach
     pos_bt, mask_bts = positions_and_mask(start_b, T, cache.length)
     cos, sin = rope_cos_sin(cfg, pos_bt, cfg.jnp_dtype)
     h_btd = jnp.take(w.embed, tokens_bt, axis=0).astype(cfg.jnp_dtype)
-    new, n_experts = [], []
+    new, experts = [], []
     for i, p in enumerate(w.layers):
         kv0, kv1 = cache.layers[2 * i], cache.layers[2 * i + 1]
         if prefill:
             layer = graphs.layer_module(p)
             moe = lambda x, p=p, layer=layer: moe_apply(cfg, p.moe, x, moe_impl, lambda: layer.moe)  # noqa: E731
-            h_btd, kv0, kv1, n_e = layer_forward(layer, h_btd, cos, sin, mask_bts, kv0, kv1, start_b, moe)
+            h_btd, kv0, kv1, e_tk = layer_forward(layer, h_btd, cos, sin, mask_bts, kv0, kv1, start_b, moe)
         else:
-            h_btd, kv0, kv1, n_e = decode_layer(cfg, p, h_btd, cos, sin, mask_bts, kv0, kv1, start_b, moe_impl,
-                                                lambda p=p: graphs.layer_module(p).moe)
+            h_btd, kv0, kv1, e_tk = decode_layer(cfg, p, h_btd, cos, sin, mask_bts, kv0, kv1, start_b, moe_impl,
+                                                 lambda p=p: graphs.layer_module(p).moe)
         new += [kv0, kv1]
-        n_experts.append(n_e)
+        experts.append(e_tk)
     hidden = rms_norm(h_btd, w.norm, cfg.rms_norm_eps)
-    return hidden, DecodeCache(tuple(new), cache.mtp), jnp.stack(n_experts)
+    return hidden, DecodeCache(tuple(new), cache.mtp), distinct_experts(jnp.stack(experts), cfg.n_routed_experts)
 
 
 def logits(w: DecodeWeights, hidden_btd):
