@@ -120,7 +120,8 @@ def run_jax(args):
     cfg = model_config(load_config(args.config)).replace(param_dtype="bfloat16", dtype="bfloat16")
     t = time.perf_counter()
     model = LongcatFlash(cfg, nnx.Rngs(args.seed))
-    base = Generator(model, "absorbed", args.moe_impl)
+    spi = dict(steps_per_iteration=args.steps_per_iteration)
+    base = Generator(model, "absorbed", args.moe_impl, **spi)
     jax.block_until_ready(base.dm.weights)
     log(f"model built and split in {time.perf_counter() - t:.1f}s")
     always, per_expert = weight_bytes(cfg, base.dm.weights)
@@ -136,14 +137,14 @@ def run_jax(args):
     gens = {"absorbed": base}
     for impl in args.impls:
         if impl not in gens:
-            gens[impl] = Generator(model, impl, args.moe_impl, weights=base.dm.weights)
+            gens[impl] = Generator(model, impl, args.moe_impl, weights=base.dm.weights, **spi)
     extra = []   # (impl, moe_impl, B, C): the dense MoE at small batch, where "auto" picks "gather"
     if args.moe_impl == "auto":
         extra = [("absorbed", "dense", B, args.contexts[0]) for B in (1, 8) if B in args.batches]
     for spec in extra:
         key = f"absorbed/{spec[1]}"
         if key not in gens:
-            gens[key] = Generator(model, "absorbed", spec[1], weights=base.dm.weights)
+            gens[key] = Generator(model, "absorbed", spec[1], weights=base.dm.weights, **spi)
 
     steps = args.steps
     out_len = 1
@@ -482,6 +483,8 @@ def main():
     ap.add_argument("--impls", default="absorbed,pallas")
     ap.add_argument("--moe_impl", default="auto")
     ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--steps_per_iteration", type=int, default=1,
+                    help="decode steps per iteration of the compiled loop (Generator(steps_per_iteration=...))")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--compile_threads", type=int, default=12)
