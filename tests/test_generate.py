@@ -200,7 +200,8 @@ def test_several_steps_per_loop_iteration_change_nothing(tiny):
     greedy and sampled rows of different lengths, an EOS in the middle and a step count that is not a multiple
     of 3 (the steps past the end are computed and discarded)."""
     prompts = [[3, 4, 5], [10, 11, 12, 13, 14, 15], [7]]
-    one, three = Generator(tiny), Generator(tiny, steps_per_iteration=3, weights=None)
+    one = Generator(tiny)
+    three = Generator(tiny, steps_per_iteration=3, weights=one.dm.weights)
     free = one.generate(prompts, 6)          # 5 decode steps: iterations of 3 and 2 (+ 1 discarded) steps
     eos = int(free[0][len(prompts[0]) + 3])
     for kw in (dict(), dict(eos_id=eos, pad_id=0), dict(temperature=1.0, seed=4), dict(temperature=0.8, top_p=0.5,
