@@ -458,12 +458,17 @@ def test_auto_picks_our_kernel_only_where_it_runs():
     """gmm_impl="auto": pallas_chain for half-precision operands with K, N multiples of 128 on a Hopper GPU,
     ragged_dot otherwise (here, on the CPU, the same numbers as ragged_dot)."""
     bf16, f32 = jnp.bfloat16, jnp.float32
-    assert api.auto_impl(bf16, 1024, 384, "gpu", "9.0") == "pallas_chain"
-    assert api.auto_impl(jnp.float16, 6144, 2048, "gpu", "9.0") == "pallas_chain"
-    assert api.auto_impl(f32, 1024, 384, "gpu", "9.0") == "ragged_dot"
-    assert api.auto_impl(bf16, 64, 32, "gpu", "9.0") == "ragged_dot"   # configs/tiny.py's experts
-    assert api.auto_impl(bf16, 1024, 384, "gpu", "8.0") == "ragged_dot"
-    assert api.auto_impl(bf16, 1024, 384, "cpu") == "ragged_dot"
+
+    def auto(dtype, k, n, *where):
+        sd = jax.ShapeDtypeStruct
+        return api.auto_impl(sd((256, k), dtype), sd((8, k, n), dtype), *where)
+
+    assert auto(bf16, 1024, 384, "gpu", "9.0") == "pallas_chain"
+    assert auto(jnp.float16, 6144, 2048, "gpu", "9.0") == "pallas_chain"
+    assert auto(f32, 1024, 384, "gpu", "9.0") == "ragged_dot"
+    assert auto(bf16, 64, 32, "gpu", "9.0") == "ragged_dot"   # configs/tiny.py's experts
+    assert auto(bf16, 1024, 384, "gpu", "8.0") == "ragged_dot"
+    assert auto(bf16, 1024, 384, "cpu") == "ragged_dot"
     keys = jax.random.split(jax.random.key(7), 2)
     x = jax.random.normal(keys[0], (24, 128), f32)
     w = jax.random.normal(keys[1], (3, 128, 256), f32)

@@ -16,7 +16,8 @@ Implementations:
               the next tile during this tile's tail and epilogue. Faster than `pallas` at LongCat expert shapes
               on an H200 (0.84-0.92 of the einsum bound against 0.82-0.90; experiments/RESULTS.md).
   jax_mgpu    JAX's example kernels (jax.experimental.pallas.ops.gpu.ragged_dot_mgpu), GPU only; the peer.
-  auto        pallas_chain for bf16/fp16 inputs on a Hopper GPU, ragged_dot otherwise (chosen per call).
+  auto        pallas_chain on a Hopper GPU for operands it takes (bf16/fp16, K and N multiples of 128), else
+              ragged_dot (chosen per call).
   tokamax     not registered: no tokamax release runs on the supported JAX (0.0.12 fails on JAX 0.11.2).
 """
 
@@ -66,24 +67,25 @@ _NOT_AVAILABLE = {
 }
 
 
-def auto_impl(dtype, k: int, n: int, backend: str | None = None, compute_capability: str | None = None) -> str:
-    """"auto": our kernels where they run (Hopper, bf16/fp16 operands, K and N multiples of 128), XLA's ragged_dot
-    elsewhere."""
+def auto_impl(lhs_mk, rhs_gkn, backend: str | None = None, compute_capability: str | None = None) -> str:
+    """"auto": our kernels on a Hopper GPU for the operands they take (pallas_gmm.supports: bf16/fp16, K and N
+    multiples of 128), XLA's ragged_dot otherwise."""
     import jax
-    import jax.numpy as jnp
 
     if backend is None:
         backend = jax.default_backend()
         compute_capability = getattr(jax.devices()[0], "compute_capability", None) if backend == "gpu" else None
-    hopper = backend == "gpu" and str(compute_capability or "").startswith("9.")
-    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-    return "pallas_chain" if hopper and half and k % 128 == 0 and n % 128 == 0 else "ragged_dot"
+    if backend != "gpu" or not str(compute_capability or "").startswith("9."):
+        return "ragged_dot"
+    from lcflash.kernels.gmm import pallas_gmm
+
+    return "pallas_chain" if pallas_gmm.supports(lhs_mk, rhs_gkn) else "ragged_dot"
 
 
 def _resolve(impl: str, lhs_mk, rhs_gkn) -> str:
     impl = os.environ.get("LCFLASH_GMM_IMPL", impl)
     if impl == "auto":
-        impl = auto_impl(lhs_mk.dtype, rhs_gkn.shape[1], rhs_gkn.shape[2])
+        impl = auto_impl(lhs_mk, rhs_gkn)
     if impl in _NOT_AVAILABLE:
         raise ValueError(f"gmm impl {impl!r} is not available: {_NOT_AVAILABLE[impl]}")
     if impl not in IMPLEMENTATIONS:

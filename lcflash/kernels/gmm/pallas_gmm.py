@@ -91,6 +91,16 @@ def _check(lhs_mk, rhs_gkn, group_sizes_g):
         raise ValueError(f"pallas gmm: K = {k} must be a multiple of 128 (it is the output width of d_lhs)")
 
 
+def supports(lhs_mk, rhs_gkn) -> bool:
+    """Whether gmm takes these operands (arrays or ShapeDtypeStructs): the checks gmm itself runs."""
+    try:
+        _check(lhs_mk, rhs_gkn, jax.ShapeDtypeStruct(rhs_gkn.shape[:1], jnp.int32))
+        _col_tile(rhs_gkn.shape[2], "N")
+    except (ValueError, TypeError):
+        return False
+    return True
+
+
 def _padded_rows(m: int, tile: int) -> int:
     """Tiles may not be taller than the array, so tiny inputs (M < tile) are padded. TMA zero-fills reads past the
     last row; the interpreter raises on them instead, so there M is padded to a whole number of tiles."""
