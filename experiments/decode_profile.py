@@ -42,7 +42,8 @@ def hlo_ops(hlo_text: str) -> dict:
 
 def profile(hlo_text: str, trace_path: str, steps: int, top: int = 25) -> dict:
     info = hlo_ops(hlo_text)
-    by, _, _ = trace_overlap.kernel_totals(trace_path)
+    trace = trace_overlap.load_trace(trace_path)
+    by, device_events, _ = trace_overlap.kernel_totals(trace)
     per_op = collections.defaultdict(lambda: [0.0, 0.0])
     for name, (count, us) in by.items():
         op = info.get(name, ("?", "?"))[1] or "(no op name)"
@@ -53,21 +54,19 @@ def profile(hlo_text: str, trace_path: str, steps: int, top: int = 25) -> dict:
                for n, (c, t) in sorted(by.items(), key=lambda kv: -kv[1][1])[:top]]
     ops = [dict(op=o, kernels_per_step=c, us_per_step=t) for o, (c, t) in sorted(per_op.items(), key=lambda kv: -kv[1][1])]
     return {"kernels_per_step": sum(c for c, _ in by.values()) / steps,
-            "busy_us_per_step": sum(t for _, t in by.values()) / steps, **launch_view(trace_path, steps),
+            "busy_us_per_step": sum(t for _, t in by.values()) / steps, **launch_view(trace, device_events, steps),
             "top_kernels": kernels, "by_op": ops}
 
 
-def launch_view(trace_path: str, steps: int, gap_us: float = 3.0) -> dict:
+def launch_view(trace, kernels, steps: int, gap_us: float = 3.0) -> dict:
     """How the host feeds the device: launch calls per step on the host (graph launches of XLA's command buffers,
     single kernel launches; a step split into many graph pieces shows here) and the device's idle time in gaps
     longer than gap_us between consecutive kernels. The idle time is the traced run's: the profiler slows each
     loop iteration (an H200 batch-1 decode showed ~1.1 ms of idle per step traced at an untraced step time equal
     to its kernel time), so compare step times untraced."""
-    _, kernels, _ = trace_overlap.kernel_totals(trace_path)
     kernels = sorted(kernels, key=lambda e: e.start)
     gaps = [b.start - (a.start + a.dur) for a, b in zip(kernels, kernels[1:])]
     idle = [g for g in gaps if g > gap_us]
-    trace = trace_overlap.load_trace(trace_path)
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
     launches = collections.Counter(e["name"].split(" ")[0] for e in events
                                    if e.get("ph") == "X" and "Launch" in e.get("name", ""))

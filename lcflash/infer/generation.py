@@ -175,11 +175,9 @@ class Generator:
             c = one_step(c)
             for _ in range(self.steps_per_iteration - 1):   # a step after the loop would have ended is discarded
                 live = cond(c)
-                new = one_step(c)
-                # The cache keeps the discarded step's write: it lands at the next unused position (pos did not
-                # advance), and the loop ends after this iteration.
-                c = jax.tree.map(lambda a, b: jnp.where(live, a, b), new[:1] + new[2:], c[:1] + c[2:])
-                c = c[:1] + (new[1],) + c[1:]
+                # Except the cache (entry 1, not copied): a discarded step's write lands at the next unused
+                # position (pos did not advance), and the loop ends after this iteration.
+                c = tuple(n if i == 1 else jnp.where(live, n, o) for i, (n, o) in enumerate(zip(one_step(c), c)))
             return c
 
         init = (jnp.int32(1), cache, y0_b, start_b, out, done, jnp.ones((B,), jnp.int32), n_exp)

@@ -189,10 +189,11 @@ def load_trace(path: str) -> dict | list:
         return json.load(fh)
 
 
-def kernel_totals(path: str) -> tuple[dict[str, list], list[Event], dict]:
+def kernel_totals(trace: str | dict | list) -> tuple[dict[str, list], list[Event], dict]:
     """({kernel name: [count, total us]} over every device, the kernels themselves, what was seen) of a trace
-    file: the per-kernel view the decode and training profiles build on."""
-    per_device, seen = device_kernels(load_trace(path))
+    (a file's path, or a trace load_trace already read): the per-kernel view the decode and training profiles
+    build on."""
+    per_device, seen = device_kernels(load_trace(trace) if isinstance(trace, str) else trace)
     kernels = [e for evs in per_device.values() for e in evs]
     by_name: dict[str, list] = collections.defaultdict(lambda: [0, 0.0])
     for e in kernels:
