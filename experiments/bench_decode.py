@@ -120,8 +120,7 @@ def run_jax(args):
     cfg = model_config(load_config(args.config)).replace(param_dtype="bfloat16", dtype="bfloat16")
     t = time.perf_counter()
     model = LongcatFlash(cfg, nnx.Rngs(args.seed))
-    spi = dict(steps_per_iteration=args.steps_per_iteration)
-    base = Generator(model, "absorbed", args.moe_impl, **spi)
+    base = Generator(model, "absorbed", args.moe_impl)
     jax.block_until_ready(base.dm.weights)
     log(f"model built and split in {time.perf_counter() - t:.1f}s")
     always, per_expert = weight_bytes(cfg, base.dm.weights)
@@ -135,16 +134,16 @@ def run_jax(args):
         log(f"exported to {args.export} in {time.perf_counter() - t:.1f}s")
 
     gens = {"absorbed": base}
-    for impl in args.impls:
-        if impl not in gens:
-            gens[impl] = Generator(model, impl, args.moe_impl, weights=base.dm.weights, **spi)
-    extra = []   # (impl, moe_impl, B, C): the dense MoE at small batch, where "auto" picks "gather"
-    if args.moe_impl == "auto":
-        extra = [("absorbed", "dense", B, args.contexts[0]) for B in (1, 8) if B in args.batches]
-    for spec in extra:
-        key = f"absorbed/{spec[1]}"
+
+    def generator(impl, moe):
+        key = impl + ("" if moe == args.moe_impl else f"/{moe}")
         if key not in gens:
-            gens[key] = Generator(model, "absorbed", spec[1], weights=base.dm.weights, **spi)
+            gens[key] = Generator(model, impl, moe, weights=base.dm.weights)
+        return key
+
+    extra = []   # (impl, moe_impl, B, C): the dense MoE at small batch, where "auto" picks "gather"
+    if args.moe_impl == "auto" and args.dense_moe_rows:
+        extra = [("absorbed", "dense", B, args.contexts[0]) for B in (1, 8) if B in args.batches]
 
     steps = args.steps
     out_len = 1
@@ -165,15 +164,16 @@ def run_jax(args):
         impl, gkey, moe, B, C, kind = job
         return (gkey, B, cache_len(C, impl), kind)
 
-    jobs = []   # (label, gen key, impl, moe, B, C, kind)
+    jobs = []   # (impl, gen key, moe, B, C, kind)
     for C in args.contexts:
         for B in args.batches:
             for impl in args.impls:
-                jobs.append((impl, impl, args.moe_impl, B, C, "decode"))
+                jobs.append((impl, generator(impl, args.moe_impl), args.moe_impl, B, C, "decode"))
     for impl, moe, B, C in extra:
-        jobs.append((impl, f"absorbed/{moe}", moe, B, C, "decode"))
-    for impl in args.impls:
-        jobs.append((impl, impl, args.moe_impl, 1, args.contexts[0], "speculative"))
+        jobs.append((impl, generator(impl, moe), moe, B, C, "decode"))
+    if args.speculative:
+        for impl in args.impls:
+            jobs.append((impl, generator(impl, args.moe_impl), args.moe_impl, 1, args.contexts[0], "speculative"))
 
     def lower(prog):
         gkey, B, S, kind = prog
@@ -286,7 +286,8 @@ def run_jax(args):
                            cache_read_bytes=cache_read, floor_ms=1e3 * floor_s, floor_tokens_per_s=B / floor_s,
                            fraction_of_floor=floor_s / tpot)
                 result["points"].append(row)
-                log(f"{impl:9s} moe={moe:6s} B={B:3d} C={C:6d}: TPOT {row['tpot_ms']:.3f} ms, "
+                log(f"{impl:9s} moe={moe:6s} B={B:3d} C={C:6d}: "
+                    f"TPOT {row['tpot_ms']:.3f} ms, "
                     f"{row['tokens_per_s']:.0f} tok/s, floor {row['floor_ms']:.3f} ms "
                     f"({100 * row['fraction_of_floor']:.0f}% of floor)")
             del cache, out
@@ -321,10 +322,11 @@ def profile_points(args, jax, jnp, jobs, compiled, gens, cfg, cache_len, program
                                      jnp.float32(1.0))
             cache = call(cache)[-1]
             jax.block_until_ready(cache)
-            dst = os.path.join(os.path.dirname(os.path.abspath(args.json)), f"trace_decode_b1_{impl}.json.gz")
+            name = f"trace_decode_b1_{gkey.replace('/', '_')}.json.gz"
+            dst = os.path.join(os.path.dirname(os.path.abspath(args.json)), name)
             record_trace(lambda: jax.block_until_ready(call(cache)), dst)
-            result.setdefault("traces", []).append(dict(impl=impl, batch=B, context=C, steps=args.steps,
-                                                        file=os.path.basename(dst)))
+            result.setdefault("traces", []).append(dict(impl=impl, generator=gkey, batch=B, context=C,
+                                                        steps=args.steps, file=name))
             log(f"trace of {impl} B=1 C={C} -> {dst}")
         except Exception as e:   # noqa: BLE001
             result["errors"].append(f"profile {job}: {type(e).__name__}: {e}"[:2000])
@@ -483,8 +485,10 @@ def main():
     ap.add_argument("--impls", default="absorbed,pallas")
     ap.add_argument("--moe_impl", default="auto")
     ap.add_argument("--steps", type=int, default=32)
-    ap.add_argument("--steps_per_iteration", type=int, default=1,
-                    help="decode steps per iteration of the compiled loop (Generator(steps_per_iteration=...))")
+    ap.add_argument("--speculative", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time MTP speculative decoding (batch 1, first context)")
+    ap.add_argument("--dense_moe_rows", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time the dense MoE at batch 1 and 8 (with --moe_impl=auto)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--compile_threads", type=int, default=12)

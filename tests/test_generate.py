@@ -195,24 +195,6 @@ def test_eos_stops_rows_and_pads(tiny):
         assert list(out[1]) == list(free[1][:len(out[1])])
 
 
-def test_several_steps_per_loop_iteration_change_nothing(tiny):
-    """Generator(steps_per_iteration=3): the same tokens, padding and statistics as one step per iteration, for
-    greedy and sampled rows of different lengths, an EOS in the middle and a step count that is not a multiple
-    of 3 (the steps past the end are computed and discarded)."""
-    prompts = [[3, 4, 5], [10, 11, 12, 13, 14, 15], [7]]
-    one = Generator(tiny)
-    three = Generator(tiny, steps_per_iteration=3, weights=one.dm.weights)
-    free = one.generate(prompts, 6)          # 5 decode steps: iterations of 3 and 2 (+ 1 discarded) steps
-    eos = int(free[0][len(prompts[0]) + 3])
-    for kw in (dict(), dict(eos_id=eos, pad_id=0), dict(temperature=1.0, seed=4), dict(temperature=0.8, top_p=0.5,
-                                                                                       eos_id=eos, seed=2)):
-        a, b = one.generate(prompts, 6, **kw), three.generate(prompts, 6, **kw)
-        assert [list(r) for r in a] == [list(r) for r in b], kw
-        assert one.last_stats == three.last_stats, kw
-    with pytest.raises(GenerateError, match="steps_per_iteration"):
-        Generator(tiny, steps_per_iteration=0)
-
-
 def test_sampling_is_seeded_and_top_p_small_is_greedy(tiny):
     prompts = [[3, 4, 5], [6]]
     a = tiny.generate(prompts, 8, temperature=1.0, seed=1)

@@ -102,22 +102,16 @@ class Generator:
     """Compiled prefill / decode loops for one model (weights split per layer once: see decode.DecodeModel)."""
 
     def __init__(self, model, attn_impl: str = "absorbed", moe_impl: str = "auto", prefill_moe_impl: str = "model",
-                 weights: decode.DecodeWeights | None = None, steps_per_iteration: int = 1):
-        """weights: another Generator's `dm.weights` of the same model, to share one per-layer copy.
-        steps_per_iteration: decode steps per iteration of the compiled while loop (its per-iteration cost, a
-        device-to-host read of the loop condition and a graph launch, is paid once per that many tokens; the
-        steps past the end of a request are computed and discarded)."""
+                 weights: decode.DecodeWeights | None = None):
+        """weights: another Generator's `dm.weights` of the same model, to share one per-layer copy."""
         if attn_impl not in ATTN_IMPLS:
             raise GenerateError(f"attn_impl = {attn_impl!r} must be one of {ATTN_IMPLS}")
-        if not (isinstance(steps_per_iteration, int) and steps_per_iteration >= 1):
-            raise GenerateError(f"steps_per_iteration = {steps_per_iteration!r} must be an int >= 1")
         for name, v in (("moe_impl", moe_impl), ("prefill_moe_impl", prefill_moe_impl)):
             if v not in decode.MOE_IMPLS:
                 raise GenerateError(f"{name} = {v!r} must be one of {decode.MOE_IMPLS}")
         self.dm = decode.DecodeModel(model, attn_impl, weights)
         self.cfg = model.cfg
         self.moe_impl, self.prefill_moe_impl = moe_impl, prefill_moe_impl
-        self.steps_per_iteration = steps_per_iteration
         self.traces = collections.Counter()     # how often each compiled function was traced
         self.last_stats: dict = {}
         self.prefill = jax.jit(self._prefill, static_argnames=("cache_len", "greedy", "with_mtp"))
@@ -160,7 +154,7 @@ class Generator:
             step, _, _, _, _, done, _, _ = c
             return (step < max_new) & ~jnp.all(done)
 
-        def one_step(c):
+        def body(c):
             step, cache, tok, pos, out, done, count, n_exp = c
             hidden, cache, n_e = decode.forward(g, w, tok[:, None], cache, pos, prefill=False,
                                                 moe_impl=self.moe_impl)
@@ -170,15 +164,6 @@ class Generator:
             count = count + (~done).astype(jnp.int32)
             done = done | (y == eos)
             return step + 1, cache, y, pos + 1, out, done, count, n_exp + n_e
-
-        def body(c):
-            c = one_step(c)
-            for _ in range(self.steps_per_iteration - 1):   # a step after the loop would have ended is discarded
-                live = cond(c)
-                # Except the cache (entry 1, not copied): a discarded step's write lands at the next unused
-                # position (pos did not advance), and the loop ends after this iteration.
-                c = tuple(n if i == 1 else jnp.where(live, n, o) for i, (n, o) in enumerate(zip(one_step(c), c)))
-            return c
 
         init = (jnp.int32(1), cache, y0_b, start_b, out, done, jnp.ones((B,), jnp.int32), n_exp)
         step, cache, _, _, out, _, count, n_exp = jax.lax.while_loop(cond, body, init)
