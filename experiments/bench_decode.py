@@ -238,7 +238,7 @@ def run_jax(args):
                                              for k, x in zip(keys, leaves)])
         return make(jax.random.key(B * 7919 + S))
 
-    for job in jobs:
+    for rnd, job in ((r, j) for r in range(args.rounds) for j in jobs):   # rounds alternate the variants
         if program(job) not in compiled:
             continue
         impl, gkey, moe, B, C, kind = job
@@ -268,6 +268,7 @@ def run_jax(args):
             dt = float(np.median(times))
             n_exp = np.asarray(out[-2]) / max(n_steps, 1)
             row = dict(kind=kind, impl=impl, moe_impl=moe, batch=B, context=C, cache_len=S, steps=n_steps,
+                       round=rnd,
                        seconds=dt, compile_seconds=compile_s, distinct_experts_per_layer=n_exp.tolist(),
                        first_row_tokens=np.asarray(out[0])[0, :n_steps + 1].tolist(),
                        hlo_counts=launches(exe) if B == 1 else None)
@@ -490,6 +491,7 @@ def main():
     ap.add_argument("--dense_moe_rows", action=argparse.BooleanOptionalAction, default=True,
                     help="also time the dense MoE at batch 1 and 8 (with --moe_impl=auto)")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=1, help="time every variant this many times, in turn")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--compile_threads", type=int, default=12)
     ap.add_argument("--export", default=None, help="write the model here for the transformers peer")

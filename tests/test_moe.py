@@ -63,6 +63,26 @@ def test_gradients_match_the_reference():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
 
 
+def test_take_rows_gradient_is_the_inverse_gather():
+    """take_rows(x, idx, inv) == x[idx] and its gradient equals the scatter-add gradient of x[idx], for the
+    dispatch form (each of T rows repeated K times, then permuted)."""
+    from lcflash.model.moe import take_rows
+
+    T, K, D = 7, 3, 5
+    x = jax.random.normal(jax.random.key(0), (T, D))
+    order = jax.random.permutation(jax.random.key(1), T * K)
+    inv = jnp.zeros_like(order).at[order].set(jnp.arange(T * K))
+    ct = jax.random.normal(jax.random.key(2), (T * K, D))
+
+    def ours(x):
+        return take_rows(jnp.broadcast_to(x[:, None], (T, K, D)).reshape(T * K, D), order, inv)
+
+    np.testing.assert_array_equal(ours(x), x[order // K])
+    g = jax.grad(lambda x: jnp.sum(ours(x) * ct))(x)
+    g_ref = jax.grad(lambda x: jnp.sum(x[order // K] * ct))(x)
+    np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), rtol=1e-6, atol=1e-6)
+
+
 def test_router_bias_selects_but_does_not_weigh():
     T, E, K = 6, 10, 3
     x = jax.random.normal(jax.random.key(6), (T, 4))
@@ -80,12 +100,16 @@ def test_router_bias_selects_but_does_not_weigh():
 
 
 @pytest.mark.parametrize("T,E,k", [(1, 192, 12), (5, 24, 4), (3, 768, 12), (64, 192, 12)])
-def test_top_k_indices_equals_lax_top_k(T, E, k):
+def test_top_k_select_equals_lax_top_k(T, E, k):
     """The rank-counting top-k (few tokens) and lax.top_k (many) pick the same experts in the same order, equal
-    scores included (lower index first)."""
-    from lcflash.model.router import RANK_TOP_K_MAX_ELEMENTS, top_k_indices
+    scores included (lower index first), and gather the same values."""
+    from lcflash.model.router import RANK_TOP_K_MAX_ELEMENTS, top_k_select
 
     x = jax.random.normal(jax.random.key(T * E), (T, E))
+    values = jax.random.uniform(jax.random.key(T * E + 1), (T, E))
     for scores in (x, jnp.round(x * 2) / 2):   # the second has many ties
-        np.testing.assert_array_equal(top_k_indices(scores, k), jax.lax.top_k(scores, k)[1])
+        idx, got = top_k_select(scores, k, values)
+        want = jax.lax.top_k(scores, k)[1]
+        np.testing.assert_array_equal(idx, want)
+        np.testing.assert_array_equal(got, jnp.take_along_axis(values, want, axis=-1))
     assert (T * E * E <= RANK_TOP_K_MAX_ELEMENTS) == (T < 64)   # both branches are covered

@@ -67,12 +67,12 @@ def _attention_case(dtype, seed=0):
     return (cast(q_nope), cast(q_pe), jax.tree.map(cast, kv), cast(w_kv_b)), mask, dn
 
 
-def _attention_and_grads(impl, dtype):
+def _attention_and_grads(impl, dtype, causal=False):
     args, mask, dn = _attention_case(dtype)
     w = jax.random.normal(jax.random.key(9), args[0].shape[:3] + (128,), jnp.float32)
 
     def f(*a):
-        o = expanded_attention(*a, mask, 0.07, dn, impl)
+        o = expanded_attention(*a, mask, 0.07, dn, impl, causal)
         return jnp.sum(w * o.astype(jnp.float32)), o
 
     (_, o), g = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3), has_aux=True))(*args)
@@ -87,9 +87,11 @@ def test_cudnn_attention_matches_fp32_as_closely_as_xla_bf16():
     with jax.default_matmul_precision("highest"):
         o32, g32 = _attention_and_grads("xla", jnp.float32)
     errs = {}
-    for impl in ("xla", "cudnn"):
-        o, g = _attention_and_grads(impl, jnp.bfloat16)
-        errs[impl] = [rel(o, o32)] + [rel(a, b) for a, b in zip(g, g32)]
-    assert max(errs["xla"]) < 2e-2, errs    # the bf16 reference itself is sane
-    for k in range(len(errs["xla"])):
-        assert errs["cudnn"][k] <= 2 * errs["xla"][k], (k, errs)
+    for impl, causal in (("xla", False), ("cudnn", False), ("cudnn", True)):   # causal: blocks skipped
+        o, g = _attention_and_grads(impl, jnp.bfloat16, causal)
+        errs[impl, causal] = [rel(o, o32)] + [rel(a, b) for a, b in zip(g, g32)]
+    ref = errs["xla", False]
+    assert max(ref) < 2e-2, errs    # the bf16 reference itself is sane
+    for key in (("cudnn", False), ("cudnn", True)):
+        for k in range(len(ref)):
+            assert errs[key][k] <= 2 * ref[k], (key, k, errs)

@@ -331,9 +331,12 @@ def experts_gather(x_td, routing: Routing, w_gate_nid, w_up_nid, w_down_ndi):
     dtype = x_td.dtype
     e_tk = routing.experts_tk
     is_ffn = e_tk < n_ffn
-    # Zero-expert slots are discarded; point them at the token's first FFN expert so their reads hit the cache.
-    first_t1 = jnp.take_along_axis(e_tk, jnp.argmax(is_ffn, axis=1)[:, None], axis=1)
-    idx_tk = jnp.where(is_ffn, e_tk, jnp.where(first_t1 < n_ffn, first_t1, 0))
+    # Zero-expert slots are discarded; point them at an expert the token reads anyway (its first or second slot's,
+    # else expert 0), so their reads hit the cache. Elementwise: no argmax kernel per layer.
+    fallback_t1 = jnp.zeros_like(e_tk[:, :1])
+    for j in reversed(range(min(2, e_tk.shape[1]))):
+        fallback_t1 = jnp.where(is_ffn[:, j:j + 1], e_tk[:, j:j + 1], fallback_t1)
+    idx_tk = jnp.where(is_ffn, e_tk, fallback_t1)
     g_tki = jnp.einsum("td,tkid->tki", x_td, w_gate_nid[idx_tk].astype(dtype), preferred_element_type=F32)
     u_tki = jnp.einsum("td,tkid->tki", x_td, w_up_nid[idx_tk].astype(dtype), preferred_element_type=F32)
     h_tki = (jax.nn.silu(g_tki) * u_tki).astype(dtype)

@@ -44,16 +44,18 @@ def write_rows(cache_bs_, new_bt_, start_b):
 
 
 def expanded_attention(q_nope_bthk, q_pe_bthd, kv: LatentKV, w_kv_b_rhk, mask_bts, scale, qk_nope_dim,
-                       impl: str = "xla"):
+                       impl: str = "xla", causal: bool = False):
     """Attention with keys/values expanded per head from the latent (training and prefill form). impl "xla"
     materialises the [B, H, T, S] scores; "cudnn" / "dpa_xla" go through `jax.nn.dot_product_attention`
-    (cuDNN's fused flash attention on a GPU; "dpa_xla" is the same call on XLA, to test the plumbing)."""
+    (cuDNN's fused flash attention on a GPU; "dpa_xla" is the same call on XLA, to test the plumbing).
+    causal: the caller promises mask_bts hides every key after its query (a causal mask, packed documents
+    allowed), so the fused kernel may skip those blocks instead of computing them under the mask."""
     dtype = q_nope_bthk.dtype
     kv_bshk = jnp.einsum("bsr,rhk->bshk", kv.c_bsr.astype(dtype), w_kv_b_rhk.astype(dtype))
     k_nope_bshk, v_bshv = kv_bshk[..., :qk_nope_dim], kv_bshk[..., qk_nope_dim:]
     if impl != "xla":
         return fused_attention(q_nope_bthk, q_pe_bthd, k_nope_bshk, kv.kpe_bsd.astype(dtype), v_bshv, mask_bts,
-                               scale, "cudnn" if impl == "cudnn" else "xla")
+                               scale, "cudnn" if impl == "cudnn" else "xla", causal)
     logits_bhts = (
         jnp.einsum("bthk,bshk->bhts", q_nope_bthk, k_nope_bshk, preferred_element_type=jnp.float32)
         + jnp.einsum("bthd,bsd->bhts", q_pe_bthd, kv.kpe_bsd.astype(dtype), preferred_element_type=jnp.float32)
@@ -70,7 +72,8 @@ def train_attn_kernel(impl: str) -> str:
     return impl
 
 
-def fused_attention(q_nope_bthk, q_pe_bthd, k_nope_bshk, kpe_bsd, v_bshv, mask_bts, scale, implementation):
+def fused_attention(q_nope_bthk, q_pe_bthd, k_nope_bshk, kpe_bsd, v_bshv, mask_bts, scale, implementation,
+                    causal: bool = False):
     """`jax.nn.dot_product_attention` on MLA's heads: queries/keys are [nope | rope] (the rope key shared by all
     heads). The call needs one head size for q, k and v, so the smaller side is zero-padded (zeros change neither
     the scores nor the output) and the padded output columns are dropped."""
@@ -83,7 +86,7 @@ def fused_attention(q_nope_bthk, q_pe_bthd, k_nope_bshk, kpe_bsd, v_bshv, mask_b
     kpe_bshd = jnp.broadcast_to(kpe_bsd[:, :, None, :], kpe_bsd.shape[:2] + (H, kpe_bsd.shape[-1]))
     k_bshk = pad(jnp.concatenate([k_nope_bshk, kpe_bshd], axis=-1), d)
     o_bthk = jax.nn.dot_product_attention(q_bthk, k_bshk, pad(v_bshv, d), mask=mask_bts[:, None], scale=scale,
-                                          implementation=implementation)
+                                          is_causal=causal, implementation=implementation)
     return o_bthk[..., :dv]
 
 
@@ -128,11 +131,12 @@ class MLA(nnx.Module):
     def output(self, o_bthv):
         return jnp.einsum("bthv,hvd->btd", o_bthv, self.w_o[...].astype(o_bthv.dtype))
 
-    def __call__(self, x_btd, cos_btd, sin_btd, mask_bts, cache: LatentKV | None = None, write_start_b=None):
+    def __call__(self, x_btd, cos_btd, sin_btd, mask_bts, cache: LatentKV | None = None, write_start_b=None,
+                 causal: bool = False):
         """Returns (output, cache). Without a cache, keys are this call's tokens; with one, the new latents are
         written at `write_start_b` and `mask_bts` spans the whole cache. With a cache, `cfg.attn_impl` picks the
         form: "expanded", "absorbed" (XLA), or "pallas" (the Mosaic GPU kernel, which applies the causal mask
-        from `write_start_b` and ignores `mask_bts`)."""
+        from `write_start_b` and ignores `mask_bts`). causal: see `expanded_attention`."""
         q_nope, q_pe, kv = self.latents(x_btd, cos_btd, sin_btd)
         if cache is not None:
             kv = LatentKV(write_rows(cache.c_bsr, kv.c_bsr.astype(cache.c_bsr.dtype), write_start_b),
@@ -145,5 +149,5 @@ class MLA(nnx.Module):
             # The fused kernel serves the cache-free (training / scoring) forward; prefill into a cache keeps XLA.
             impl = train_attn_kernel(self.cfg.train_attn_impl) if cache is None else "xla"
             o_bthv = expanded_attention(q_nope, q_pe, kv, self.w_kv_b[...], mask_bts, softmax_scale(self.cfg),
-                                        self.cfg.qk_nope_head_dim, impl)
+                                        self.cfg.qk_nope_head_dim, impl, causal)
         return self.output(o_bthv), kv

@@ -27,25 +27,29 @@ def route(x_td, w_router_de, bias_e, top_k: int, scaling: float) -> Routing:
 RANK_TOP_K_MAX_ELEMENTS = 1 << 21
 
 
-def top_k_indices(scores_te, k: int):
-    """Indices of lax.top_k(scores, k): highest first, equal scores in index order."""
+def top_k_select(scores_te, k: int, values_te):
+    """(indices of lax.top_k(scores, k), values_te at them): highest score first, equal scores in index order.
+    Counting ranks, the indices and the values are two sums over the same one-hot [T, E, k], which XLA reduces in
+    one kernel; exact, since one expert holds each rank."""
     T, E = scores_te.shape
     if T * E * E > RANK_TOP_K_MAX_ELEMENTS:
-        return jax.lax.top_k(scores_te, k)[1]
+        idx_tk = jax.lax.top_k(scores_te, k)[1]
+        return idx_tk, jnp.take_along_axis(values_te, idx_tk, axis=-1)
     e = jnp.arange(E, dtype=jnp.int32)
     a, b = scores_te[:, :, None], scores_te[:, None, :]           # a: the ranked expert, b: every other one
     ahead_tee = (b > a) | ((b == a) & (e[None, None, :] < e[:, None]))
     rank_te = jnp.sum(ahead_tee.astype(jnp.int32), axis=-1)
     hit_tek = rank_te[:, :, None] == jnp.arange(k, dtype=jnp.int32)
-    return jnp.sum(jnp.where(hit_tek, e[None, :, None], 0), axis=1)
+    idx_tk = jnp.sum(jnp.where(hit_tek, e[None, :, None], 0), axis=1)
+    return idx_tk, jnp.sum(jnp.where(hit_tek, values_te[:, :, None], jnp.zeros((), values_te.dtype)), axis=1)
 
 
 def select_experts(logits_te, bias_e, top_k: int, scaling: float) -> Routing:
     """Routing from fp32 router logits (split from `route` so the decode path can keep its own weight layout)."""
     probs_te = jax.nn.softmax(logits_te, axis=-1)
-    experts_tk = top_k_indices(probs_te + jax.lax.stop_gradient(bias_e.astype(jnp.float32)), top_k)
-    weights_tk = jnp.take_along_axis(probs_te, experts_tk, axis=-1) * scaling
-    return Routing(probs_te, experts_tk, weights_tk)
+    experts_tk, chosen_tk = top_k_select(probs_te + jax.lax.stop_gradient(bias_e.astype(jnp.float32)), top_k,
+                                         probs_te)
+    return Routing(probs_te, experts_tk, chosen_tk * scaling)
 
 
 def zero_expert_output(x_td, routing: Routing, n_ffn: int):
