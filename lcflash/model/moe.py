@@ -38,9 +38,9 @@ def expert_ffn(x_md, group_sizes_g, w_gate_gdf, w_up_gdf, w_down_gfd, impl: str)
 
 @jax.custom_vjp
 def take_rows(x_nd, idx_m, inv_n):
-    """x[idx]: idx maps each output row to a row of x and inv_n (one entry per row of x) back, i.e.
-    x[idx][inv] == x. The gradient is then the gather g[inv] instead of a scatter-add into x (which XLA runs with
-    atomics: 1.6 ms per layer for a 16k-token batch on an H200, experiments/RESULTS.md)."""
+    """x[idx] for a permutation idx of x's rows with inverse inv (x[idx][inv] == x). The gradient is then the gather
+    g[inv] instead of a scatter-add into x (which XLA runs with atomics: 1.6 ms per layer for a 16k-token batch on
+    an H200, experiments/RESULTS.md)."""
     return x_nd[idx_m]
 
 
