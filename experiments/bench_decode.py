@@ -136,9 +136,11 @@ def run_jax(args):
     gens = {"absorbed": base}
 
     def generator(impl, moe):
+        """impl: an attention impl, "+mv" appended for the Mosaic GPU matvec kernels (Generator(matvec_impl=...))."""
         key = impl + ("" if moe == args.moe_impl else f"/{moe}")
         if key not in gens:
-            gens[key] = Generator(model, impl, moe, weights=base.dm.weights)
+            attn, mv = impl.split("+mv")[0], impl.endswith("+mv")
+            gens[key] = Generator(model, attn, moe, weights=base.dm.weights, matvec_impl="pallas" if mv else "xla")
         return key
 
     extra = []   # (impl, moe_impl, B, C): the dense MoE at small batch, where "auto" picks "gather"
@@ -156,7 +158,7 @@ def run_jax(args):
         """The XLA path reads the whole cache, so its capacity is the context plus the new tokens; the kernel
         reads only the filled blocks, so one capacity (the longest context's) serves every context, as in
         generate() where the capacity is a bucket."""
-        if impl == "pallas":
+        if impl.startswith("pallas"):
             C = max(args.contexts)
         return -(-(C + steps + 2) // 256) * 256
 

@@ -1,0 +1,1 @@
+"""Few-row matrix-vector products with fused epilogues for decode (Mosaic GPU kernel and its XLA reference)."""
