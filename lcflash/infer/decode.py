@@ -302,16 +302,21 @@ def mla_attention(cfg: ModelConfig, p: AttnWeights, x_btd, cos, sin, mask_bts, c
     return o_bthv, kv
 
 
-def _matvec(impl: str, x_btd, w_nk, residual_btd=None, epilogue=None):
-    """lcflash.kernels.matvec over the flattened rows where the kernel applies (impl "pallas"; "interpret" runs it
-    in Pallas' GPU interpreter, for CPU tests); None where it does not (XLA then runs the model's ops)."""
-    B, T, K = x_btd.shape
+def _matvec_applies(impl: str, rows: int, k: int, n: int, dtype, epilogue) -> bool:
+    """Whether `_matvec` runs lcflash.kernels.matvec here: asked for (impl "pallas", or "interpret": the kernel in
+    Pallas' GPU interpreter, for CPU tests) and the kernel takes the shapes; else XLA runs the model's ops."""
     if impl == "xla":
-        return None
+        return False
     from lcflash.kernels.matvec import pallas_mgpu   # imports Mosaic GPU only when asked for
 
-    if pallas_mgpu.supported(B * T, K, w_nk.shape[0], x_btd.dtype, epilogue):
-        return None
+    return pallas_mgpu.supported(rows, k, n, dtype, epilogue) is None
+
+
+def _matvec(impl: str, x_btd, w_nk, residual_btd=None, epilogue=None):
+    """lcflash.kernels.matvec over the flattened rows [B * T, K]."""
+    from lcflash.kernels.matvec import pallas_mgpu
+
+    B, T, K = x_btd.shape
     interpret = False
     if impl == "interpret":
         from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
@@ -327,20 +332,20 @@ def attn_residual(p: AttnWeights, o_bthv, h_btd, matvec_impl: str = "xla"):
     """h + the attention output projection: one kernel with the residual add (matvec_impl "pallas"), else XLA."""
     B, T, H, V = o_bthv.shape
     D = p.w_o.shape[0]
-    y = _matvec(matvec_impl, o_bthv.reshape(B, T, H * V), p.w_o.reshape(D, H * V), h_btd, "residual")
-    if y is not None:
-        return y
+    if _matvec_applies(matvec_impl, B * T, H * V, D, o_bthv.dtype, "residual"):
+        return _matvec(matvec_impl, o_bthv.reshape(B, T, H * V), p.w_o.reshape(D, H * V), h_btd, "residual")
     return h_btd + jnp.einsum("bthv,dhv->btd", o_bthv, p.w_o.astype(o_bthv.dtype))
 
 
 def mlp_residual(p: MLPWeights, x_btd, h_btd, matvec_impl: str = "xla"):
     """h + swiglu_t(p, x). matvec_impl "pallas": two kernels (gate/up with SwiGLU, down with the residual add)
     instead of XLA's matvecs, activation and add, where the kernel applies (<= 64 rows, bf16/fp16)."""
-    hid = _matvec(matvec_impl, x_btd, p.w_gate_up, None, "swiglu")
-    if hid is not None:
-        y = _matvec(matvec_impl, hid, p.w_down, h_btd, "residual")
-        if y is not None:
-            return y
+    B, T, D = x_btd.shape
+    F2, F = p.w_gate_up.shape[0], p.w_down.shape[1]
+    if (_matvec_applies(matvec_impl, B * T, D, F2, x_btd.dtype, "swiglu")
+            and _matvec_applies(matvec_impl, B * T, F, D, x_btd.dtype, "residual")):
+        hid = _matvec(matvec_impl, x_btd, p.w_gate_up, None, "swiglu")
+        return _matvec(matvec_impl, hid, p.w_down, h_btd, "residual")
     return h_btd + swiglu_t(p, x_btd)
 
 
