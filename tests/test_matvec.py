@@ -1,5 +1,5 @@
 """The decode matvec kernel (lcflash/kernels/matvec) against the XLA decode path's arithmetic: in Pallas' GPU
-interpreter and through the cuda lowering on CPU, and inside a decode step of a bf16 model."""
+interpreter and through the cuda lowering on CPU, in the decode blocks of a bf16 model, and on a GPU."""
 
 import signal
 
@@ -14,7 +14,6 @@ from lcflash.infer import decode
 from lcflash.infer.cache import DecodeCache
 from lcflash.kernels.matvec.pallas_mgpu import matvec, matvec_reference
 from lcflash.model import LongcatFlash
-from numerics import rel
 
 ON_GPU = jax.default_backend() == "gpu"
 BF16_ULP = 2.0 ** -7    # bf16's rounding step at 1.0
