@@ -5,8 +5,6 @@ CPU: the XLA implementations in fp32 and bf16, and our Pallas Mosaic GPU kernels
 transposed by XLA, see pallas_gmm). GPU: the compiled kernels, ours and JAX's example (`jax_mgpu`).
 """
 
-import signal
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -114,16 +112,8 @@ def test_overlap_mma_needs_the_flat_pipeline():
 
 
 # ------------------------------------------------------------------------------------------------
-# Our kernels in Pallas' GPU interpreter (CPU). An exception inside the interpreter can leave its simulated
-# threads waiting forever, so these tests arm SIGALRM: a hang ends the run instead of stalling CI.
+# Our kernels in Pallas' GPU interpreter (CPU), each under conftest's hang_guard.
 # ------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def hang_guard():
-    signal.alarm(300)
-    yield
-    signal.alarm(0)
 
 
 @cpu_only

@@ -317,14 +317,8 @@ def _matvec(impl: str, x_btd, w_nk, residual_btd=None, epilogue=None):
     from lcflash.kernels.matvec import pallas_mgpu
 
     B, T, K = x_btd.shape
-    interpret = False
-    if impl == "interpret":
-        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-
-        interpret = InterpretGPUParams(out_of_bounds_reads="uninitialized")   # rows past the tokens: TMA zero-fill
     res = None if residual_btd is None else residual_btd.reshape(B * T, -1)
-    y = pallas_mgpu.matvec(x_btd.reshape(B * T, K), w_nk.astype(x_btd.dtype), res, epilogue=epilogue,
-                           interpret=interpret)
+    y = pallas_mgpu.matvec(x_btd.reshape(B * T, K), w_nk, res, epilogue=epilogue, interpret=impl == "interpret")
     return y.reshape(B, T, -1)
 
 

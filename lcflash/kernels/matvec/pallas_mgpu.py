@@ -126,11 +126,18 @@ def _kernel(x_ref, w_ref, res_ref, out_ref, scoped, *, m8, tn, kc, n_k, depth, f
     plgpu.wait_smem_to_gmem(0)
 
 
+def _interpret_params():
+    """Pallas' GPU interpreter (CPU), reading the rows past M as uninitialised where a GPU's TMA zero-fills them."""
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+    return InterpretGPUParams(out_of_bounds_reads="uninitialized")
+
+
 @functools.partial(jax.jit, static_argnames=("epilogue", "tn", "kc", "depth", "interpret"))
 def matvec(x_mk, w_nk, residual_mn=None, *, epilogue: str | None = None, tn: int | None = None,
-           kc: int | None = None, depth: int | None = None, interpret=False):
+           kc: int | None = None, depth: int | None = None, interpret: bool = False):
     """x @ w^T with `epilogue` None, "swiglu" (w = [gate; up], returns [M, F]) or "residual" (returns
-    residual + x @ w^T). Output in x's dtype."""
+    residual + x @ w^T). Output in x's dtype. interpret: run in Pallas' GPU interpreter (CPU tests)."""
     if epilogue not in (None, "swiglu", "residual"):
         raise ValueError(f"epilogue {epilogue!r} is not one of None, 'swiglu', 'residual'")
     if (epilogue == "residual") != (residual_mn is not None):
@@ -155,7 +162,7 @@ def matvec(x_mk, w_nk, residual_mn=None, *, epilogue: str | None = None, tn: int
     m8 = -(-M // 8) * 8
     tiled = () if interpret else (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     kernel = functools.partial(_kernel, m8=m8, tn=tn, kc=kc, n_k=n_k, depth=depth, f_off=n_out, epilogue=epilogue,
-                               interpret=bool(interpret))
+                               interpret=interpret)
     res = residual_mn.astype(dtype) if epilogue == "residual" else jnp.zeros((8, 8), dtype)
 
     def entry(x_ref, w_ref, res_ref, out_ref):
@@ -178,7 +185,7 @@ def matvec(x_mk, w_nk, residual_mn=None, *, epilogue: str | None = None, tn: int
         grid=(n_out // tn,),
         grid_names=("n",),
         compiler_params=plgpu.CompilerParams(approx_math=False),
-        **({"interpret": interpret} if interpret else {}),
+        **({"interpret": _interpret_params()} if interpret else {}),
     )(x_mk, w_nk.astype(dtype), res)
     return y[:M]
 
