@@ -12,7 +12,8 @@ def get_config():
         n_routed_experts=128, zero_expert_num=64, moe_topk=12, target_ffn_experts=8.0,
         max_position_embeddings=32768, rope_theta=1.0e7,
         param_dtype="float32", dtype="bfloat16",
-        # cuDNN flash attention on a GPU (+13% training tokens/s on an H200, experiments/RESULTS.md); XLA elsewhere.
+        # cuDNN flash attention on a GPU (+13% training tokens/s on an H200 at 4 x 1024, +10% more since it takes
+        # the MLA head sizes directly, experiments/RESULTS.md); XLA elsewhere.
         train_attn_impl="auto",
     )
     # Training on one H100: batch 4 x 1024 fits without remat (batch 8 x 1024 ran out of memory,

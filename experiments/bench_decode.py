@@ -41,6 +41,11 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
 
+def file_tag(key: str) -> str:
+    """A variant key ("pallas/auto") as a file-name part the device tool returns."""
+    return key.replace("/", "_").replace("+", "_")
+
+
 def versions():
     out = {"python": platform.python_version()}
     for name in ("jax", "jaxlib", "flax", "numpy", "torch", "transformers"):
@@ -136,11 +141,9 @@ def run_jax(args):
     gens = {"absorbed": base}
 
     def generator(impl, moe):
-        """impl: an attention impl, "+mv" appended for the Mosaic GPU matvec kernels (Generator(matvec_impl=...))."""
         key = impl + ("" if moe == args.moe_impl else f"/{moe}")
         if key not in gens:
-            attn, mv = impl.split("+mv")[0], impl.endswith("+mv")
-            gens[key] = Generator(model, attn, moe, weights=base.dm.weights, matvec_impl="pallas" if mv else "xla")
+            gens[key] = Generator(model, impl, moe, weights=base.dm.weights)
         return key
 
     extra = []   # (impl, moe_impl, B, C): the dense MoE at small batch, where "auto" picks "gather"
@@ -158,7 +161,7 @@ def run_jax(args):
         """The XLA path reads the whole cache, so its capacity is the context plus the new tokens; the kernel
         reads only the filled blocks, so one capacity (the longest context's) serves every context, as in
         generate() where the capacity is a bucket."""
-        if impl.startswith("pallas"):
+        if impl == "pallas":
             C = max(args.contexts)
         return -(-(C + steps + 2) // 256) * 256
 
@@ -226,7 +229,7 @@ def run_jax(args):
     if args.dump_hlo:
         for (gkey, B, S, kind), (exe, _) in compiled.items():
             if B == 1 and kind == "decode":
-                path = os.path.join(os.path.dirname(os.path.abspath(args.json)), f"hlo_{gkey.replace('/', '_')}_b1.txt")
+                path = os.path.join(os.path.dirname(os.path.abspath(args.json)), f"hlo_{file_tag(gkey)}_b1.txt")
                 with open(path, "w") as f:
                     f.write(exe.as_text())
 
@@ -325,7 +328,7 @@ def profile_points(args, jax, jnp, jobs, compiled, gens, cfg, cache_len, program
                                      jnp.float32(1.0))
             cache = call(cache)[-1]
             jax.block_until_ready(cache)
-            name = f"trace_decode_b1_{gkey.replace('/', '_')}.json.gz"
+            name = f"trace_decode_b1_{file_tag(gkey)}.json.gz"
             dst = os.path.join(os.path.dirname(os.path.abspath(args.json)), name)
             record_trace(lambda: jax.block_until_ready(call(cache)), dst)
             result.setdefault("traces", []).append(dict(impl=impl, generator=gkey, batch=B, context=C,

@@ -75,7 +75,8 @@ class ModelConfig:
     gmm_impl: str = "ragged_dot"
     attn_impl: str = "expanded"
     # The cache-free (training / scoring) attention: "xla" materialises the scores; "cudnn" is cuDNN's fused flash
-    # attention (GPU only); "auto" picks cudnn on a GPU, else xla; "dpa_xla" runs the cudnn call's plumbing on XLA.
+    # attention (GPU only); "auto" picks cudnn on a GPU, else xla; "dpa_xla" is jax.nn.dot_product_attention on XLA
+    # (the fused path's q/k assembly and mask kinds, testable on any backend).
     train_attn_impl: str = "xla"
     remat: bool = False
     # Layers per iteration of the layer scan (jax.lax.scan's unroll): 1 keeps one compiled layer body; num_layers

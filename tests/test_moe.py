@@ -113,3 +113,8 @@ def test_top_k_select_equals_lax_top_k(T, E, k):
         np.testing.assert_array_equal(idx, want)
         np.testing.assert_array_equal(got, jnp.take_along_axis(values, want, axis=-1))
     assert (T * E * E <= RANK_TOP_K_MAX_ELEMENTS) == (T < 64)   # both branches are covered
+    # the chosen values' gradient (an elementwise sum over the k choices) equals take_along_axis' scatter-add
+    g = jax.random.normal(jax.random.key(T * E + 2), (T, k))
+    want_grad = jax.vjp(lambda v: jnp.take_along_axis(v, jax.lax.top_k(x, k)[1], axis=-1), values)[1](g)[0]
+    got_grad = jax.vjp(lambda v: top_k_select(x, k, v)[1], values)[1](g)[0]
+    np.testing.assert_array_equal(got_grad, want_grad)

@@ -1,5 +1,5 @@
-"""`model.train_attn_impl`: the fused `jax.nn.dot_product_attention` path (cuDNN flash attention on a GPU) gives
-the expanded attention's logits and gradients, with packed-document masks."""
+"""`model.train_attn_impl`: the fused attention paths (cuDNN flash attention on a GPU, `jax.nn.dot_product_attention`
+on XLA) give the expanded attention's logits and gradients, with and without packed-document masks."""
 
 import jax
 import jax.numpy as jnp
@@ -15,8 +15,9 @@ from numerics import random_model, rel
 ON_GPU = jax.default_backend() == "gpu"
 
 
-def _model_fns(impl: str, dtype: str):
-    """(loss_and_grad, params) of a one-layer tiny model with MTP; the same random values for every impl."""
+def _model_fns(impl: str, dtype: str, packed: bool = True):
+    """(loss_and_grad, params) of a one-layer tiny model with MTP; the same random values for every impl.
+    packed: two documents in row 0 (the forward's mask kind "causal_docs"), else none ("causal", mask dropped)."""
     mc = model_config(load_config("configs/tiny.py", {"model.train_attn_impl": impl, "model.num_layers": 1,
                                                        "model.dtype": dtype}))
     gd, params, rest = random_model(mc)
@@ -24,6 +25,8 @@ def _model_fns(impl: str, dtype: str):
     tokens = jnp.asarray(np.random.RandomState(1).randint(0, mc.vocab_size, (B, T)), jnp.int32)
     seg = jnp.asarray([[0] * 11 + [1] * 21, [0] * T], jnp.int32)    # two packed documents in row 0
     pos = jnp.where(seg == 0, jnp.arange(T), jnp.arange(T) - 11).astype(jnp.int32)
+    if not packed:
+        seg, pos = None, None
     w = jax.random.normal(jax.random.key(2), (B, T, mc.vocab_size))
 
     def loss(p):
@@ -41,20 +44,23 @@ def test_train_attn_impl_is_validated():
         model_config(load_config("configs/tiny.py", {"model.train_attn_impl": "flash"}))
 
 
-def test_fused_path_equals_expanded_attention_fp32():
-    """The dot_product_attention plumbing (concatenated rope heads, padded values, segment mask) on XLA: same
-    logits and gradients as the einsum path, to fp32 rounding."""
-    fn, params = _model_fns("xla", "float32")
+@pytest.mark.parametrize("packed", [True, False])
+def test_fused_path_equals_expanded_attention_fp32(packed):
+    """The dot_product_attention plumbing (concatenated rope heads, padded values, the segment mask, or no mask
+    at all when the forward's mask is plainly causal) on XLA: same logits and gradients as the einsum path, to
+    fp32 rounding."""
+    fn, params = _model_fns("xla", "float32", packed)
     (_, y_ref), g_ref = fn(params)
-    fn, params = _model_fns("dpa_xla", "float32")
+    fn, params = _model_fns("dpa_xla", "float32", packed)
     (_, y), g = fn(params)
     assert rel(y, y_ref) < 1e-5
     for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
         assert rel(a, b) < 1e-4
 
 
-def _attention_case(dtype, seed=0):
-    """Random MLA attention inputs with two packed documents in row 0 (B=2, T=256, 8 heads, LongCat head sizes)."""
+def _attention_case(dtype, docs=True, seed=0):
+    """Random MLA attention inputs (B=2, T=256, 8 heads, LongCat head sizes); docs: two packed documents in row 0,
+    else a plain causal mask."""
     B, T, H, dn, dr, dv, R = 2, 256, 8, 128, 64, 128, 64
     ks = jax.random.split(jax.random.key(seed), 5)
     q_nope = jax.random.normal(ks[0], (B, T, H, dn), jnp.float32)
@@ -62,17 +68,17 @@ def _attention_case(dtype, seed=0):
     kv = LatentKV(jax.random.normal(ks[2], (B, T, R), jnp.float32), jax.random.normal(ks[3], (B, T, dr), jnp.float32))
     w_kv_b = jax.random.normal(ks[4], (R, H, dn + dv), jnp.float32) * R ** -0.5
     seg = jnp.concatenate([jnp.zeros((1, T), jnp.int32).at[:, 100:].set(1), jnp.zeros((1, T), jnp.int32)])
-    mask = causal_mask(B, T, T, None, seg)
+    mask = causal_mask(B, T, T, None, seg if docs else None)
     cast = lambda x: x.astype(dtype)  # noqa: E731
     return (cast(q_nope), cast(q_pe), jax.tree.map(cast, kv), cast(w_kv_b)), mask, dn
 
 
-def _attention_and_grads(impl, dtype, causal=False):
-    args, mask, dn = _attention_case(dtype)
+def _attention_and_grads(impl, dtype, mask_kind="given"):
+    args, mask, dn = _attention_case(dtype, docs=mask_kind != "causal")
     w = jax.random.normal(jax.random.key(9), args[0].shape[:3] + (128,), jnp.float32)
 
     def f(*a):
-        o = expanded_attention(*a, mask, 0.07, dn, impl, causal)
+        o = expanded_attention(*a, mask, 0.07, dn, impl, mask_kind)
         return jnp.sum(w * o.astype(jnp.float32)), o
 
     (_, o), g = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3), has_aux=True))(*args)
@@ -82,16 +88,38 @@ def _attention_and_grads(impl, dtype, causal=False):
 @pytest.mark.skipif(not ON_GPU, reason="cuDNN attention needs a GPU")
 def test_cudnn_attention_matches_fp32_as_closely_as_xla_bf16():
     """In bf16, cuDNN's output and input gradients err against the fp32 attention (matmul precision 'highest') by
-    no more than twice the XLA bf16 path's own error. (At the attention itself: a whole bf16 MoE model flips
-    routing choices, which swamps the comparison.)"""
-    with jax.default_matmul_precision("highest"):
-        o32, g32 = _attention_and_grads("xla", jnp.float32)
-    errs = {}
-    for impl, causal in (("xla", False), ("cudnn", False), ("cudnn", True)):   # causal: blocks skipped
-        o, g = _attention_and_grads(impl, jnp.bfloat16, causal)
-        errs[impl, causal] = [rel(o, o32)] + [rel(a, b) for a, b in zip(g, g32)]
-    ref = errs["xla", False]
-    assert max(ref) < 2e-2, errs    # the bf16 reference itself is sane
-    for key in (("cudnn", False), ("cudnn", True)):
-        for k in range(len(ref)):
-            assert errs[key][k] <= 2 * ref[k], (key, k, errs)
+    no more than twice the XLA bf16 path's own error, for every mask kind (packed documents given as a mask, or
+    promised causal so blocks are skipped; a plain causal mask dropped). (At the attention itself: a whole bf16 MoE
+    model flips routing choices, which swamps the comparison.)"""
+    for kinds in (("given", "causal_docs"), ("causal",)):
+        with jax.default_matmul_precision("highest"):
+            o32, g32 = _attention_and_grads("xla", jnp.float32, kinds[0])
+        o, g = _attention_and_grads("xla", jnp.bfloat16, kinds[0])
+        ref = [rel(o, o32)] + [rel(a, b) for a, b in zip(g, g32)]
+        assert max(ref) < 2e-2, ref    # the bf16 reference itself is sane
+        for kind in kinds:
+            o, g = _attention_and_grads("cudnn", jnp.bfloat16, kind)
+            errs = [rel(o, o32)] + [rel(a, b) for a, b in zip(g, g32)]
+            for k in range(len(ref)):
+                assert errs[k] <= 2 * ref[k], (kind, k, errs, ref)
+
+
+def test_document_mask_off_attends_across_documents():
+    """`data.document_mask=False`: the training loss is the one of a window holding a single document (plain
+    causal attention), and differs from the loss with the documents kept apart."""
+    from lcflash.data.loader import pack_windows
+    from lcflash.train.step import forward_losses
+
+    cfg = load_config("configs/tiny.py", {"model.num_layers": 1})
+    mc = model_config(cfg)
+    gd, params, rest = random_model(mc)
+    w = np.random.RandomState(3).randint(1, mc.vocab_size, (2, 33))
+    w[0, [0, 9, 20]] = w[1, 0] = 0    # bos 0: three documents in row 0, one in row 1
+    batch = {k: jnp.asarray(v) for k, v in pack_windows(w, bos_id=0).items()}
+    one_doc = dict(batch, segment_ids=jnp.zeros_like(batch["segment_ids"]))
+    loss = lambda c, b: np.asarray(jax.jit(lambda p: forward_losses(c, mc, gd, p, rest, b)[0])(params))  # noqa: E731
+    kept, single = loss(cfg, batch), loss(cfg, one_doc)
+    cfg.data.document_mask = False
+    crossed = loss(cfg, batch)
+    np.testing.assert_allclose(crossed, single, rtol=1e-6)
+    assert not np.allclose(crossed[0], kept[0])

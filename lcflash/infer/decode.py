@@ -49,7 +49,6 @@ from lcflash.model.rope import apply_rope, rope_cos_sin, softmax_scale
 from lcflash.model.router import Routing, select_experts, zero_expert_output
 
 MOE_IMPLS = ("model", "gather", "dense", "auto")
-MATVEC_IMPLS = ("xla", "pallas", "interpret")
 F32 = jnp.float32
 
 
@@ -236,7 +235,6 @@ class DecodeGraphs:
     prefill_mtp: object       # MTPHead graphdef or None
     layer_state: StateLayout
     mtp_state: StateLayout | None
-    matvec_impl: str = "xla"  # the dense FFNs and attention outputs with their residual adds: see `mlp_residual`
 
     def layer_module(self, p: LayerWeights):
         """The model's DecoderLayer (expanded attention) over `p`, transposed back inside the caller's jit: XLA
@@ -248,25 +246,22 @@ class DecodeGraphs:
         return nnx.merge(self.prefill_mtp, self.mtp_state.build(mtp_to_model(self.cfg, p)))
 
 
-def _graphs(cfg: ModelConfig, attn_impl: str, matvec_impl: str = "xla"):
+def _graphs(cfg: ModelConfig, attn_impl: str):
     from lcflash.model import LongcatFlash
 
-    if matvec_impl not in MATVEC_IMPLS:
-        raise ValueError(f"matvec_impl {matvec_impl!r} is not one of {MATVEC_IMPLS}")
     abstract = nnx.eval_shape(lambda: LongcatFlash(cfg.replace(attn_impl="expanded"), nnx.Rngs(0)))
     has_mtp = abstract.mtp is not None
     return DecodeGraphs(cfg.replace(attn_impl=attn_impl), nnx.graphdef(abstract.layers),
                         nnx.graphdef(abstract.mtp) if has_mtp else None, StateLayout.of(nnx.state(abstract.layers)),
-                        StateLayout.of(nnx.state(abstract.mtp)) if has_mtp else None, matvec_impl)
+                        StateLayout.of(nnx.state(abstract.mtp)) if has_mtp else None)
 
 
 class DecodeModel:
     """Weights and graphs for cached forwards; build once per model (splitting the layers copies them)."""
 
-    def __init__(self, model, attn_impl: str = "absorbed", weights: DecodeWeights | None = None,
-                 matvec_impl: str = "xla"):
+    def __init__(self, model, attn_impl: str = "absorbed", weights: DecodeWeights | None = None):
         self.cfg = model.cfg
-        self.graphs = _graphs(model.cfg, attn_impl, matvec_impl)
+        self.graphs = _graphs(model.cfg, attn_impl)
         self.weights = split_weights(model) if weights is None else weights
         self.has_mtp = model.mtp is not None
 
@@ -286,7 +281,7 @@ def mla_latents(cfg: ModelConfig, p: AttnWeights, x_btd, cos_btd, sin_btd):
 
 def mla_attention(cfg: ModelConfig, p: AttnWeights, x_btd, cos, sin, mask_bts, cache: LatentKV, start_b):
     """MLA with the cache (model's MLA.__call__): writes the new latents at start_b, attends with
-    `cfg.attn_impl`. Returns (per-head output [B, T, H, v] before W_O, cache): see `attn_residual`."""
+    `cfg.attn_impl`. Returns (output [B, T, D], cache)."""
     dtype = x_btd.dtype
     q_nope, q_pe, kv = mla_latents(cfg, p, x_btd, cos, sin)
     kv = LatentKV(write_rows(cache.c_bsr, kv.c_bsr.astype(cache.c_bsr.dtype), start_b),
@@ -299,48 +294,7 @@ def mla_attention(cfg: ModelConfig, p: AttnWeights, x_btd, cos, sin, mask_bts, c
         o_lat_bthr = mla_decode(q_lat_bthr, q_pe, kv.c_bsr, kv.kpe_bsd, scale=scale, mask_bts=mask_bts,
                                 q_start_b=start_b, impl="pallas" if cfg.attn_impl == "pallas" else "xla")
         o_bthv = jnp.einsum("bthr,hvr->bthv", o_lat_bthr.astype(dtype), p.w_uv.astype(dtype))
-    return o_bthv, kv
-
-
-def _matvec_applies(impl: str, rows: int, k: int, n: int, dtype, epilogue) -> bool:
-    """Whether `_matvec` runs lcflash.kernels.matvec here: asked for (impl "pallas", or "interpret": the kernel in
-    Pallas' GPU interpreter, for CPU tests) and the kernel takes the shapes; else XLA runs the model's ops."""
-    if impl == "xla":
-        return False
-    from lcflash.kernels.matvec import pallas_mgpu   # imports Mosaic GPU only when asked for
-
-    return pallas_mgpu.supported(rows, k, n, dtype, epilogue) is None
-
-
-def _matvec(impl: str, x_btd, w_nk, residual_btd=None, epilogue=None):
-    """lcflash.kernels.matvec over the flattened rows [B * T, K]."""
-    from lcflash.kernels.matvec import pallas_mgpu
-
-    B, T, K = x_btd.shape
-    res = None if residual_btd is None else residual_btd.reshape(B * T, -1)
-    y = pallas_mgpu.matvec(x_btd.reshape(B * T, K), w_nk, res, epilogue=epilogue, interpret=impl == "interpret")
-    return y.reshape(B, T, -1)
-
-
-def attn_residual(p: AttnWeights, o_bthv, h_btd, matvec_impl: str = "xla"):
-    """h + the attention output projection: one kernel with the residual add (matvec_impl "pallas"), else XLA."""
-    B, T, H, V = o_bthv.shape
-    D = p.w_o.shape[0]
-    if _matvec_applies(matvec_impl, B * T, H * V, D, o_bthv.dtype, "residual"):
-        return _matvec(matvec_impl, o_bthv.reshape(B, T, H * V), p.w_o.reshape(D, H * V), h_btd, "residual")
-    return h_btd + jnp.einsum("bthv,dhv->btd", o_bthv, p.w_o.astype(o_bthv.dtype))
-
-
-def mlp_residual(p: MLPWeights, x_btd, h_btd, matvec_impl: str = "xla"):
-    """h + swiglu_t(p, x). matvec_impl "pallas": two kernels (gate/up with SwiGLU, down with the residual add)
-    instead of XLA's matvecs, activation and add, where the kernel applies (<= 64 rows, bf16/fp16)."""
-    B, T, D = x_btd.shape
-    F2, F = p.w_gate_up.shape[0], p.w_down.shape[1]
-    if (_matvec_applies(matvec_impl, B * T, D, F2, x_btd.dtype, "swiglu")
-            and _matvec_applies(matvec_impl, B * T, F, D, x_btd.dtype, "residual")):
-        hid = _matvec(matvec_impl, x_btd, p.w_gate_up, None, "swiglu")
-        return _matvec(matvec_impl, hid, p.w_down, h_btd, "residual")
-    return h_btd + swiglu_t(p, x_btd)
+    return jnp.einsum("bthv,dhv->btd", o_bthv, p.w_o.astype(dtype)), kv
 
 
 def swiglu_t(p: MLPWeights, x_btd):
@@ -432,17 +386,17 @@ def positions_and_mask(start_b, q_len: int, cache_len: int):
 
 
 def decode_layer(cfg: ModelConfig, p: LayerWeights, h_btd, cos, sin, mask_bts, kv0: LatentKV, kv1: LatentKV,
-                 start_b, moe_impl: str, model_moe: Callable | None = None, matvec_impl: str = "xla"):
+                 start_b, moe_impl: str, model_moe: Callable | None = None):
     """lcflash/model/layer.py's DecoderLayer on the decode layout."""
-    eps, mv = cfg.rms_norm_eps, matvec_impl
-    o0, kv0 = mla_attention(cfg, p.attn_0, rms_norm(h_btd, p.input_norm_0, eps), cos, sin, mask_bts, kv0, start_b)
-    h_btd = attn_residual(p.attn_0, o0, h_btd, mv)
+    eps = cfg.rms_norm_eps
+    a0, kv0 = mla_attention(cfg, p.attn_0, rms_norm(h_btd, p.input_norm_0, eps), cos, sin, mask_bts, kv0, start_b)
+    h_btd = h_btd + a0
     n0 = rms_norm(h_btd, p.post_attn_norm_0, eps)
     moe_btd, experts_tk = moe_apply(cfg, p.moe, n0, moe_impl, model_moe)
-    h_btd = mlp_residual(p.mlp_0, n0, h_btd, mv)
-    o1, kv1 = mla_attention(cfg, p.attn_1, rms_norm(h_btd, p.input_norm_1, eps), cos, sin, mask_bts, kv1, start_b)
-    h_btd = attn_residual(p.attn_1, o1, h_btd, mv)
-    h_btd = mlp_residual(p.mlp_1, rms_norm(h_btd, p.post_attn_norm_1, eps), h_btd, mv)
+    h_btd = h_btd + swiglu_t(p.mlp_0, n0)
+    a1, kv1 = mla_attention(cfg, p.attn_1, rms_norm(h_btd, p.input_norm_1, eps), cos, sin, mask_bts, kv1, start_b)
+    h_btd = h_btd + a1
+    h_btd = h_btd + swiglu_t(p.mlp_1, rms_norm(h_btd, p.post_attn_norm_1, eps))
     return h_btd + moe_btd, kv0, kv1, experts_tk
 
 
@@ -478,7 +432,7 @@ def forward(graphs: DecodeGraphs, w: DecodeWeights, tokens_bt, cache: DecodeCach
             h_btd, kv0, kv1, e_tk = layer_forward(layer, h_btd, cos, sin, mask_bts, kv0, kv1, start_b, moe)
         else:
             h_btd, kv0, kv1, e_tk = decode_layer(cfg, p, h_btd, cos, sin, mask_bts, kv0, kv1, start_b, moe_impl,
-                                                 lambda p=p: graphs.layer_module(p).moe, graphs.matvec_impl)
+                                                 lambda p=p: graphs.layer_module(p).moe)
         new += [kv0, kv1]
         experts.append(e_tk)
     hidden = rms_norm(h_btd, w.norm, cfg.rms_norm_eps)
@@ -491,15 +445,15 @@ def logits(w: DecodeWeights, hidden_btd):
 
 
 def mtp_decode(cfg: ModelConfig, p: MTPWeights, h_btd, next_tokens_bt, cos, sin, mask_bts, cache: LatentKV,
-               start_b, matvec_impl: str = "xla"):
+               start_b):
     """lcflash/model/mtp.py's MTPHead on the decode layout: (normed hidden [B, T, D], latent KV)."""
     dtype, eps = h_btd.dtype, cfg.rms_norm_eps
     e_btd = jnp.take(p.embed, next_tokens_bt, axis=0).astype(dtype)
     z = jnp.concatenate([rms_norm(e_btd, p.enorm, eps), rms_norm(h_btd, p.hnorm, eps)], axis=-1)
     z = jnp.einsum("btc,dc->btd", z, p.w_eh.astype(dtype))
-    o, kv = mla_attention(cfg, p.attn, rms_norm(z, p.input_norm, eps), cos, sin, mask_bts, cache, start_b)
-    z = attn_residual(p.attn, o, z, matvec_impl)
-    z = mlp_residual(p.mlp, rms_norm(z, p.post_attn_norm, eps), z, matvec_impl)
+    a, kv = mla_attention(cfg, p.attn, rms_norm(z, p.input_norm, eps), cos, sin, mask_bts, cache, start_b)
+    z = z + a
+    z = z + swiglu_t(p.mlp, rms_norm(z, p.post_attn_norm, eps))
     return rms_norm(z, p.norm, eps), kv
 
 
@@ -513,6 +467,5 @@ def mtp_forward(graphs: DecodeGraphs, w: DecodeWeights, hidden_btd, next_tokens_
     if prefill:
         z_btd, kv = graphs.mtp_module(w.mtp)(hidden_btd, next_tokens_bt, cos, sin, mask_bts, cache.mtp, start_b)
     else:
-        z_btd, kv = mtp_decode(cfg, w.mtp, hidden_btd, next_tokens_bt, cos, sin, mask_bts, cache.mtp, start_b,
-                               graphs.matvec_impl)
+        z_btd, kv = mtp_decode(cfg, w.mtp, hidden_btd, next_tokens_bt, cos, sin, mask_bts, cache.mtp, start_b)
     return logits(w, z_btd), DecodeCache(cache.layers, kv)

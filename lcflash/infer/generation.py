@@ -102,18 +102,14 @@ class Generator:
     """Compiled prefill / decode loops for one model (weights split per layer once: see decode.DecodeModel)."""
 
     def __init__(self, model, attn_impl: str = "absorbed", moe_impl: str = "auto", prefill_moe_impl: str = "model",
-                 weights: decode.DecodeWeights | None = None, matvec_impl: str = "xla"):
-        """weights: another Generator's `dm.weights` of the same model, to share one per-layer copy.
-        matvec_impl: "pallas" runs the decode step's dense FFNs and attention output projections (with their
-        residual adds) as Mosaic GPU matvec kernels (lcflash/kernels/matvec; untimed), "xla" as XLA ops."""
+                 weights: decode.DecodeWeights | None = None):
+        """weights: another Generator's `dm.weights` of the same model, to share one per-layer copy."""
         if attn_impl not in ATTN_IMPLS:
             raise GenerateError(f"attn_impl = {attn_impl!r} must be one of {ATTN_IMPLS}")
         for name, v in (("moe_impl", moe_impl), ("prefill_moe_impl", prefill_moe_impl)):
             if v not in decode.MOE_IMPLS:
                 raise GenerateError(f"{name} = {v!r} must be one of {decode.MOE_IMPLS}")
-        if matvec_impl not in decode.MATVEC_IMPLS:
-            raise GenerateError(f"matvec_impl = {matvec_impl!r} must be one of {decode.MATVEC_IMPLS}")
-        self.dm = decode.DecodeModel(model, attn_impl, weights, matvec_impl)
+        self.dm = decode.DecodeModel(model, attn_impl, weights)
         self.cfg = model.cfg
         self.moe_impl, self.prefill_moe_impl = moe_impl, prefill_moe_impl
         self.traces = collections.Counter()     # how often each compiled function was traced

@@ -31,9 +31,9 @@ class DecoderLayer(nnx.Module):
         self.overlap = cfg.moe_overlap
 
     def __call__(self, h_btd, cos, sin, mask_bts, caches=(None, None), write_start_b=None, reference_moe=False,
-                 causal=False):
-        """Returns (h, (kv_0, kv_1), moe_stats). causal: mask_bts is causal (MLA.__call__)."""
-        a0, kv0 = self.attn_0(self.input_norm_0(h_btd), cos, sin, mask_bts, caches[0], write_start_b, causal)
+                 mask_kind="given"):
+        """Returns (h, (kv_0, kv_1), moe_stats). mask_kind: what mask_bts is (lcflash.model.mla.MASK_KINDS)."""
+        a0, kv0 = self.attn_0(self.input_norm_0(h_btd), cos, sin, mask_bts, caches[0], write_start_b, mask_kind)
         h_btd = h_btd + a0
         n0 = self.post_attn_norm_0(h_btd)
         # MoE dispatch here, combine at the end: dense FFN 0, attention 1 and dense FFN 1 overlap the transfers.
@@ -50,7 +50,7 @@ class DecoderLayer(nnx.Module):
         with jax.named_scope("mlp_0"):
             h_btd = h_btd + self.mlp_0(n0)
         with jax.named_scope("attn_1"):
-            a1, kv1 = self.attn_1(self.input_norm_1(h_btd), cos, sin, mask_bts, caches[1], write_start_b, causal)
+            a1, kv1 = self.attn_1(self.input_norm_1(h_btd), cos, sin, mask_bts, caches[1], write_start_b, mask_kind)
         h_btd = h_btd + a1
         with jax.named_scope("mlp_1"):
             h_btd = h_btd + self.mlp_1(self.post_attn_norm_1(h_btd))

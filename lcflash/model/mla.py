@@ -43,19 +43,22 @@ def write_rows(cache_bs_, new_bt_, start_b):
                                                               unique_indices=True)
 
 
+# What the caller promises about mask_bts, so a fused kernel can skip blocks or drop the mask: "given" (any mask),
+# "causal_docs" (causal, and packed documents apart: causal AND same segment), "causal" (exactly causal).
+MASK_KINDS = ("given", "causal_docs", "causal")
+
+
 def expanded_attention(q_nope_bthk, q_pe_bthd, kv: LatentKV, w_kv_b_rhk, mask_bts, scale, qk_nope_dim,
-                       impl: str = "xla", causal: bool = False):
+                       impl: str = "xla", mask_kind: str = "given"):
     """Attention with keys/values expanded per head from the latent (training and prefill form). impl "xla"
-    materialises the [B, H, T, S] scores; "cudnn" / "dpa_xla" go through `jax.nn.dot_product_attention`
-    (cuDNN's fused flash attention on a GPU; "dpa_xla" is the same call on XLA, to test the plumbing).
-    causal: the caller promises mask_bts hides every key after its query (a causal mask, packed documents
-    allowed), so the fused kernel may skip those blocks instead of computing them under the mask."""
+    materialises the [B, H, T, S] scores; "cudnn" is cuDNN's fused flash attention (`fused_attention`);
+    "dpa_xla" is `jax.nn.dot_product_attention` on XLA, to test the mask plumbing on any backend."""
     dtype = q_nope_bthk.dtype
     kv_bshk = jnp.einsum("bsr,rhk->bshk", kv.c_bsr.astype(dtype), w_kv_b_rhk.astype(dtype))
     k_nope_bshk, v_bshv = kv_bshk[..., :qk_nope_dim], kv_bshk[..., qk_nope_dim:]
     if impl != "xla":
         return fused_attention(q_nope_bthk, q_pe_bthd, k_nope_bshk, kv.kpe_bsd.astype(dtype), v_bshv, mask_bts,
-                               scale, "cudnn" if impl == "cudnn" else "xla", causal)
+                               scale, "cudnn" if impl == "cudnn" else "xla", mask_kind)
     logits_bhts = (
         jnp.einsum("bthk,bshk->bhts", q_nope_bthk, k_nope_bshk, preferred_element_type=jnp.float32)
         + jnp.einsum("bthd,bsd->bhts", q_pe_bthd, kv.kpe_bsd.astype(dtype), preferred_element_type=jnp.float32)
@@ -73,20 +76,31 @@ def train_attn_kernel(impl: str) -> str:
 
 
 def fused_attention(q_nope_bthk, q_pe_bthd, k_nope_bshk, kpe_bsd, v_bshv, mask_bts, scale, implementation,
-                    causal: bool = False):
-    """`jax.nn.dot_product_attention` on MLA's heads: queries/keys are [nope | rope] (the rope key shared by all
-    heads). The call needs one head size for q, k and v, so the smaller side is zero-padded (zeros change neither
-    the scores nor the output) and the padded output columns are dropped."""
+                    mask_kind: str = "given"):
+    """Flash attention on MLA's heads: queries/keys are [nope | rope] (the rope key shared by all heads).
+    "cudnn" calls cuDNN's MLA form (qk 192, v 128) directly: `jax.nn.dot_product_attention` wants one head size,
+    and v padded to 192 cost 1.3-1.4x; a causal kind skips the hidden blocks, and "causal" drops the mask (the
+    mask as a bias cost 2x; experiments/RESULTS.md, bench_attention.py). "xla" is `jax.nn.dot_product_attention` with v
+    zero-padded (zeros change neither the scores nor the output)."""
     H, dk, dv = q_nope_bthk.shape[2], q_nope_bthk.shape[3] + q_pe_bthd.shape[3], v_bshv.shape[3]
-    if implementation == "cudnn" and jax.default_backend() != "gpu":
-        raise ValueError(f"train_attn_impl 'cudnn' needs a GPU backend, not {jax.default_backend()!r}; use 'xla'")
-    pad = lambda x, d: jnp.pad(x, ((0, 0),) * 3 + ((0, d - x.shape[-1]),))  # noqa: E731
-    d = max(dk, dv)
-    q_bthk = pad(jnp.concatenate([q_nope_bthk, q_pe_bthd], axis=-1), d)
+    if mask_kind not in MASK_KINDS:
+        raise ValueError(f"mask_kind {mask_kind!r}: expected one of {MASK_KINDS}")
+    q_bthk = jnp.concatenate([q_nope_bthk, q_pe_bthd], axis=-1)
     kpe_bshd = jnp.broadcast_to(kpe_bsd[:, :, None, :], kpe_bsd.shape[:2] + (H, kpe_bsd.shape[-1]))
-    k_bshk = pad(jnp.concatenate([k_nope_bshk, kpe_bshd], axis=-1), d)
-    o_bthk = jax.nn.dot_product_attention(q_bthk, k_bshk, pad(v_bshv, d), mask=mask_bts[:, None], scale=scale,
-                                          is_causal=causal, implementation=implementation)
+    k_bshk = jnp.concatenate([k_nope_bshk, kpe_bshd], axis=-1)
+    mask_b1ts = None if mask_kind == "causal" else mask_bts[:, None]
+    if implementation == "cudnn":
+        if jax.default_backend() != "gpu":
+            raise ValueError(f"train_attn_impl 'cudnn' needs a GPU backend, not {jax.default_backend()!r}; use 'xla'")
+        # cuDNN's own entry point: the public jax.nn one cannot take v narrower than q/k.
+        from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention
+        kind = cudnn_attention.MaskType.NO_MASK if mask_kind == "given" else cudnn_attention.MaskType.CAUSAL
+        return cudnn_attention.dot_product_attention(q_bthk, k_bshk, v_bshv, mask=mask_b1ts, scale=scale,
+                                                     mask_type=kind)
+    d = max(dk, dv)
+    pad = lambda x: jnp.pad(x, ((0, 0),) * 3 + ((0, d - x.shape[-1]),))  # noqa: E731
+    o_bthk = jax.nn.dot_product_attention(pad(q_bthk), pad(k_bshk), pad(v_bshv), mask=mask_b1ts, scale=scale,
+                                          is_causal=mask_kind != "given", implementation=implementation)
     return o_bthk[..., :dv]
 
 
@@ -132,11 +146,11 @@ class MLA(nnx.Module):
         return jnp.einsum("bthv,hvd->btd", o_bthv, self.w_o[...].astype(o_bthv.dtype))
 
     def __call__(self, x_btd, cos_btd, sin_btd, mask_bts, cache: LatentKV | None = None, write_start_b=None,
-                 causal: bool = False):
+                 mask_kind: str = "given"):
         """Returns (output, cache). Without a cache, keys are this call's tokens; with one, the new latents are
         written at `write_start_b` and `mask_bts` spans the whole cache. With a cache, `cfg.attn_impl` picks the
         form: "expanded", "absorbed" (XLA), or "pallas" (the Mosaic GPU kernel, which applies the causal mask
-        from `write_start_b` and ignores `mask_bts`). causal: see `expanded_attention`."""
+        from `write_start_b` and ignores `mask_bts`). mask_kind: see MASK_KINDS."""
         q_nope, q_pe, kv = self.latents(x_btd, cos_btd, sin_btd)
         if cache is not None:
             kv = LatentKV(write_rows(cache.c_bsr, kv.c_bsr.astype(cache.c_bsr.dtype), write_start_b),
@@ -149,5 +163,5 @@ class MLA(nnx.Module):
             # The fused kernel serves the cache-free (training / scoring) forward; prefill into a cache keeps XLA.
             impl = train_attn_kernel(self.cfg.train_attn_impl) if cache is None else "xla"
             o_bthv = expanded_attention(q_nope, q_pe, kv, self.w_kv_b[...], mask_bts, softmax_scale(self.cfg),
-                                        self.cfg.qk_nope_head_dim, impl, causal)
+                                        self.cfg.qk_nope_head_dim, impl, mask_kind)
         return self.output(o_bthv), kv

@@ -35,7 +35,7 @@ def top_k_select(scores_te, k: int, values_te):
     T, E = scores_te.shape
     if T * E * E > RANK_TOP_K_MAX_ELEMENTS:
         idx_tk = jax.lax.top_k(scores_te, k)[1]
-        return idx_tk, jnp.take_along_axis(values_te, idx_tk, axis=-1)
+        return idx_tk, take_chosen(values_te, idx_tk)
     e = jnp.arange(E, dtype=jnp.int32)
     a, b = scores_te[:, :, None], scores_te[:, None, :]           # a: the ranked expert, b: every other one
     ahead_tee = (b > a) | ((b == a) & (e[None, None, :] < e[:, None]))
@@ -43,6 +43,26 @@ def top_k_select(scores_te, k: int, values_te):
     hit_tek = rank_te[:, :, None] == jnp.arange(k, dtype=jnp.int32)
     idx_tk = jnp.sum(jnp.where(hit_tek, e[None, :, None], 0), axis=1)
     return idx_tk, jnp.sum(jnp.where(hit_tek, values_te[:, :, None], jnp.zeros((), values_te.dtype)), axis=1)
+
+
+@jax.custom_vjp
+def take_chosen(values_te, idx_tk):
+    """values[t, idx[t, k]] whose gradient is an elementwise sum over the k choices instead of take_along_axis'
+    scatter-add (0.2 ms per layer for a 16k-token batch on an H200, experiments/RESULTS.md)."""
+    return jnp.take_along_axis(values_te, idx_tk, axis=-1)
+
+
+def _take_chosen_fwd(values_te, idx_tk):
+    return take_chosen(values_te, idx_tk), (idx_tk, values_te.shape[-1])
+
+
+def _take_chosen_bwd(res, g_tk):
+    idx_tk, E = res
+    hit_tke = idx_tk[:, :, None] == jnp.arange(E, dtype=idx_tk.dtype)
+    return jnp.sum(jnp.where(hit_tke, g_tk[:, :, None], jnp.zeros((), g_tk.dtype)), axis=1), None
+
+
+take_chosen.defvjp(_take_chosen_fwd, _take_chosen_bwd)
 
 
 def select_experts(logits_te, bias_e, top_k: int, scaling: float) -> Routing:

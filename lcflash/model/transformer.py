@@ -74,8 +74,11 @@ class LongcatFlash(nnx.Module):
         if positions_bt is None:
             start = jnp.zeros((B,), jnp.int32) if write_start_b is None else write_start_b
             positions_bt = start[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
-        causal = mask_bts is None   # our own mask: the fused attention may skip the blocks it hides
+        # Our own mask tells the fused attention (cache-free forwards only) what it may skip or drop.
+        mask_kind = "given"
         if mask_bts is None:
+            if cache is None:
+                mask_kind = "causal" if segment_ids_bt is None else "causal_docs"
             kv_len = T if cache is None else cache.c.shape[3]
             mask_bts = causal_mask(B, T, kv_len, write_start_b, segment_ids_bt if cache is None else None)
         cos, sin = rope_cos_sin(cfg, positions_bt, dtype)
@@ -86,7 +89,7 @@ class LongcatFlash(nnx.Module):
         def body(layer, h, cache_l):
             caches = (None, None) if cache_l is None else (LatentKV(cache_l[0][0], cache_l[1][0]),
                                                           LatentKV(cache_l[0][1], cache_l[1][1]))
-            h, (kv0, kv1), stats = layer(h, cos, sin, mask_bts, caches, write_start_b, reference_moe, causal)
+            h, (kv0, kv1), stats = layer(h, cos, sin, mask_bts, caches, write_start_b, reference_moe, mask_kind)
             h = constrain(h, ("batch", "seq", "act_embed"))
             new_cache = None if cache_l is None else (jnp.stack([kv0.c_bsr, kv1.c_bsr]),
                                                       jnp.stack([kv0.kpe_bsd, kv1.kpe_bsd]))
@@ -109,7 +112,7 @@ class LongcatFlash(nnx.Module):
             positions_bt = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         cos, sin = rope_cos_sin(self.cfg, positions_bt, hidden_btd.dtype)
         z, _ = self.mtp(hidden_btd, next_tokens_bt, cos, sin, causal_mask(B, T, T, None, segment_ids_bt),
-                        causal=True)
+                        mask_kind="causal" if segment_ids_bt is None else "causal_docs")
         return self.logits(z)
 
     def __call__(self, tokens_bt):

@@ -1,0 +1,167 @@
+"""Benchmark training attention at configs/small.py's shape: how the packed-document mask reaches cuDNN.
+
+MLA's heads have qk 192 (nope 128 + rope 64) and v 128. The variants, all bf16 forward and forward+backward:
+  dpa_mask     : the model's path until session 7: `jax.nn.dot_product_attention`, v zero-padded to 192, the
+                 segment mask as a dense mask (cuDNN turns it into a bias), is_causal=True
+  model        : the model's path now, `lcflash.model.mla.fused_attention(..., "cudnn", "causal_docs")`
+  dpa_causal   : `jax.nn.dot_product_attention` without the segment mask (not the model's semantics)
+  cudnn_causal : cuDNN's MLA form (v kept at 128) through `jax._src.cudnn`, causal, no segments
+  cudnn_mask   : the same with the segment mask (as a bias)
+  cudnn_packed : the same with the documents as packed segments (q/kv offsets and lengths per row);
+                 _padv with v zero-padded to 192 as well; _mM with M segment slots per row
+Variants that keep the model's semantics are checked against `dpa_mask` (outputs and gradients).
+
+    python experiments/bench_attention.py --out OUT/bench_attention.json [--batch 16] [--seq 1024]
+"""
+
+import argparse
+import datetime
+import functools
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from experiments.bench_moe_gemm import time_ms  # noqa: E402
+from lcflash.model import mla  # noqa: E402
+from lcflash.model.transformer import causal_mask  # noqa: E402
+
+
+def segment_ids(batch, seq, mean_doc, seed):
+    """Document ids like the loader's (a new id at each bos), documents of geometric length."""
+    rng = np.random.default_rng(seed)
+    starts = rng.random((batch, seq)) < 1.0 / mean_doc
+    starts[:, 0] = True
+    return jnp.asarray(np.cumsum(starts, axis=1, dtype=np.int32))
+
+
+def segment_runs(segment_ids_bt, max_segments: int):
+    """Packed documents as cuDNN's ragged layout: per row the start and length of each run of equal segment ids,
+    `max_segments` slots filled with -1 ([B, M] lengths, [B, M + 1] starts). Rows with more runs are cut."""
+    B, T = segment_ids_bt.shape
+    new_bt = jnp.concatenate([jnp.ones((B, 1), bool), segment_ids_bt[:, 1:] != segment_ids_bt[:, :-1]], axis=1)
+    starts_bm = jax.vmap(lambda f: jnp.nonzero(f, size=max_segments + 1, fill_value=-1)[0])(new_bt)
+    starts_bm = starts_bm.astype(jnp.int32)
+    first, nxt = starts_bm[:, :-1], starts_bm[:, 1:]
+    lens_bm = jnp.where(first < 0, -1, jnp.where(nxt < 0, T, nxt) - first).astype(jnp.int32)
+    return lens_bm, starts_bm
+
+
+def variants(seg_bt, max_segments):
+    B, T = seg_bt.shape
+    H = HEADS
+    mask_bts = causal_mask(B, T, T, None, seg_bt)
+
+    def dpa(q_nope, q_pe, k_nope, kpe, v, with_mask=True):
+        q = jnp.concatenate([q_nope, q_pe], -1)
+        k = jnp.concatenate([k_nope, jnp.broadcast_to(kpe[:, :, None], kpe.shape[:2] + (H, kpe.shape[-1]))], -1)
+        v = jnp.pad(v, ((0, 0),) * 3 + ((0, q.shape[-1] - v.shape[-1]),))
+        return jax.nn.dot_product_attention(q, k, v, mask=mask_bts[:, None] if with_mask else None, scale=SCALE,
+                                            is_causal=True, implementation="cudnn")[..., :128]
+
+    def model(q_nope, q_pe, k_nope, kpe, v):
+        return mla.fused_attention(q_nope, q_pe, k_nope, kpe, v, mask_bts, SCALE, "cudnn", "causal_docs")
+
+    def cudnn(q_nope, q_pe, k_nope, kpe, v, packed=False, pad_v=False, bias=False):
+        from jax._src.cudnn import fused_attention_stablehlo as fa
+        q = jnp.concatenate([q_nope, q_pe], -1)
+        k = jnp.concatenate([k_nope, jnp.broadcast_to(kpe[:, :, None], kpe.shape[:2] + (H, kpe.shape[-1]))], -1)
+        dv = v.shape[-1]
+        if pad_v:
+            v = jnp.pad(v, ((0, 0),) * 3 + ((0, q.shape[-1] - dv),))
+        kw = dict(mask=mask_bts[:, None]) if bias else {}
+        if packed:
+            lens_bm, offs_bm = segment_runs(seg_bt, max_segments)
+            kw = dict(q_seqlen=lens_bm, kv_seqlen=lens_bm, q_offsets=offs_bm, kv_offsets=offs_bm)
+        return fa.dot_product_attention(q, k, v, scale=SCALE, mask_type=fa.MaskType.CAUSAL, **kw)[..., :dv]
+
+    return {
+        "dpa_mask": dpa,
+        "model": model,
+        "dpa_causal": functools.partial(dpa, with_mask=False),
+        "cudnn_causal": cudnn,
+        "cudnn_mask": functools.partial(cudnn, bias=True),
+        "cudnn_packed": functools.partial(cudnn, packed=True),
+        "cudnn_packed_padv": functools.partial(cudnn, packed=True, pad_v=True),
+    }
+
+
+SCALE = 192 ** -0.5
+HEADS = 8
+SAME_SEMANTICS = ("model", "dpa_mask", "cudnn_packed", "cudnn_mask")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--seq", type=int, default=1024)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--mean_doc", type=float, default=400.0, help="mean document length in tokens")
+    ap.add_argument("--max_segments", default="16,1024", help="static segment slots per row (packed variant)")
+    ap.add_argument("--variants", default="", help="comma-separated names to run (default: all)")
+    ap.add_argument("--out", default="experiments/bench_attention.json")
+    args = ap.parse_args()
+    global HEADS
+    B, T, H = args.batch, args.seq, args.heads
+    HEADS = H
+    ks = jax.random.split(jax.random.key(0), 6)
+    bf = jnp.bfloat16
+    x = (jax.random.normal(ks[0], (B, T, H, 128), bf), jax.random.normal(ks[1], (B, T, H, 64), bf),
+         jax.random.normal(ks[2], (B, T, H, 128), bf), jax.random.normal(ks[3], (B, T, 64), bf),
+         jax.random.normal(ks[4], (B, T, H, 128), bf))
+    do = jax.random.normal(ks[5], (B, T, H, 128), bf)
+    seg_bt = segment_ids(B, T, args.mean_doc, 1)
+    n_seg = int(jnp.max(seg_bt))
+    flops = 2 * B * H * (T * (T + 1) // 2) * (192 + 128)  # causal: QK^T and PV over the lower triangle
+    meta = dict(device=str(jax.devices()[0].device_kind), versions=dict(jax=jax.__version__),
+                date_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                command="python " + " ".join(sys.argv), batch=B, seq=T, heads=H, max_segments_in_a_row=n_seg,
+                flops_note="causal fwd FLOPs 2*B*H*T(T+1)/2*(192+128); bwd counted as 2.5x fwd")
+    print(json.dumps(meta), flush=True)
+    rows, ref = [], None
+    todo = [(name, f, None) for name, f in variants(seg_bt, 0).items() if not name.startswith("cudnn_packed")]
+    for m in [int(s) for s in args.max_segments.split(",")]:
+        if m >= n_seg:
+            todo += [(f"{name}_m{m}", f, m) for name, f in variants(seg_bt, m).items()
+                     if name.startswith("cudnn_packed")]
+    keep = set(filter(None, args.variants.split(",")))
+    for name, f, m in [v for v in todo if not keep or v[0] in keep or v[0] == "dpa_mask"]:
+        fwd = jax.jit(f)
+        fb = jax.jit(lambda *a, f=f: jax.vjp(f, *a)[1](do))
+        row = dict(variant=name, max_segments=m)
+        try:
+            out = (fwd(*x), fb(*x))
+            row["fwd_ms"] = time_ms(fwd, x)[0]
+            row["fwd_bwd_ms"] = time_ms(fb, x)[0]
+            row["fwd_tflops"] = flops / row["fwd_ms"] / 1e9
+            row["fwd_bwd_tflops"] = 3.5 * flops / row["fwd_bwd_ms"] / 1e9
+            if name == "dpa_mask":
+                ref = out
+            elif name.startswith(SAME_SEMANTICS) and ref is not None:
+                errs = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a.astype(jnp.float32) - b))
+                                                       / jnp.max(jnp.abs(b.astype(jnp.float32)))), out, ref)
+                row["max_rel_err_vs_dpa_mask"] = max(jax.tree.leaves(errs))
+        except Exception as e:  # noqa: BLE001 -- a variant cuDNN rejects is reported, not fatal
+            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print(f"\n{'variant':<22}{'fwd ms':>9}{'TFLOP/s':>9}{'fwd+bwd ms':>12}{'TFLOP/s':>9}{'rel err':>10}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['variant']:<22} {r['error'][:90]}")
+            continue
+        err = r.get("max_rel_err_vs_dpa_mask")
+        print(f"{r['variant']:<22}{r['fwd_ms']:9.3f}{r['fwd_tflops']:9.1f}{r['fwd_bwd_ms']:12.3f}"
+              f"{r['fwd_bwd_tflops']:9.1f}{'' if err is None else f'{err:10.2e}'}")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as fh:
+        json.dump(dict(meta, results=rows), fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
