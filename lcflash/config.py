@@ -18,6 +18,7 @@ GMM_IMPLS = ("ragged_dot", "reference", "pallas", "pallas_chain", "jax_mgpu", "t
 # Attention form for calls that read a KV cache (see lcflash/model/mla.py); calls without a cache are expanded.
 ATTN_IMPLS = ("expanded", "absorbed", "pallas")
 TRAIN_ATTN_IMPLS = ("xla", "cudnn", "auto", "dpa_xla")
+REMAT_POLICIES = ("nothing", "kernels")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # ModelConfig fields an experiment config sets in its `moe` section (cfg.moe.<key>), not in cfg.model.
 MOE_SECTION_FIELDS = {"gmm_impl": "gmm_impl", "overlap": "moe_overlap"}
@@ -79,6 +80,10 @@ class ModelConfig:
     # (the fused path's q/k assembly and mask kinds, testable on any backend).
     train_attn_impl: str = "xla"
     remat: bool = False
+    # What a rematerialised layer keeps for its backward pass (lcflash/model/common.py): "nothing" recomputes the
+    # whole layer (least memory); "kernels" keeps the outputs of its fused kernels (grouped expert matmuls, flash
+    # attention) and recomputes the rest, which is elementwise work and the dense matmuls.
+    remat_policy: str = "nothing"
     # Layers per iteration of the layer scan (jax.lax.scan's unroll): 1 keeps one compiled layer body; num_layers
     # unrolls the stack, which lets XLA drop the loop's per-layer slicing and stacking (a training-speed A/B).
     scan_unroll: int = 1
@@ -165,6 +170,7 @@ def validate(cfg: ModelConfig, keys: dict[str, str] | None = None) -> ModelConfi
     req(cfg.attn_impl in ATTN_IMPLS, "attn_impl", cfg.attn_impl, f"must be one of {ATTN_IMPLS}")
     req(cfg.train_attn_impl in TRAIN_ATTN_IMPLS, "train_attn_impl", cfg.train_attn_impl,
         f"must be one of {TRAIN_ATTN_IMPLS}")
+    req(cfg.remat_policy in REMAT_POLICIES, "remat_policy", cfg.remat_policy, f"must be one of {REMAT_POLICIES}")
     for f in ("bos_token_id", "eos_token_id"):
         v = getattr(cfg, f)
         req(v is None or 0 <= v < cfg.vocab_size, f, v, f"must be None or in [0, vocab_size={cfg.vocab_size})")

@@ -52,7 +52,9 @@ def activation_terms(cfg: ModelConfig, batch_local: int, seq: int, tp: int, ep: 
     the latents, per-head q/k/v, fp32 logits and probabilities over `seq` keys, and the head outputs; for each
     of the 2 dense FFNs gate/up/product; for the MoE the fp32 router probabilities and the dispatch buffers
     (send, receive, 3 expert intermediates, output) of every slot. With `model.remat`, only each layer's input
-    is kept, plus one layer's terms during its recomputation. Plus fp32 logits, their softmax and gradient.
+    is kept, plus one layer's terms during its recomputation; `remat_policy="kernels"` also keeps every layer's
+    expert gate/up/down products and attention outputs (+ fp32 softmax statistics). Plus fp32 logits, their
+    softmax and gradient.
     """
     a = np.dtype(cfg.jnp_dtype).itemsize
     D, H, L, K = cfg.hidden_size, cfg.num_attention_heads, cfg.num_layers, cfg.moe_topk
@@ -73,6 +75,9 @@ def activation_terms(cfg: ModelConfig, batch_local: int, seq: int, tp: int, ep: 
     if cfg.remat:
         terms["layer inputs (remat)"] = int(L * n * D * a)
         terms["one layer recomputed"] = int(n * per_layer_token)
+        if cfg.remat_policy == "kernels":
+            kept = slots * (2 * cfg.expert_ffn_hidden_size / tp + D) * a + 2 * h_tp * (cfg.v_head_dim * a + 4)
+            terms["kernel outputs (remat_policy=kernels)"] = int(L * n * kept)
     else:
         terms["layers"] = int(L * n * per_layer_token)
     heads = 1 + (1 if cfg.num_mtp_layers else 0)
@@ -183,7 +188,16 @@ def main(argv=None) -> int:
     as_json = flags.DEFINE_bool("json", False, "print one JSON object", flag_values=fl)
     if argv is not None:     # config_flags registers --config.* overrides from sys.argv
         sys.argv = [sys.argv[0]] + list(argv)
-    fl(sys.argv)
+    if any(a in ("-h", "--help", "--helpfull") for a in sys.argv[1:]):
+        print("usage: python -m lcflash.plan --config=FILE [--config.FIELD=VALUE ...] [flags]\n"
+              "Per-device memory plan (parameters, optimizer state, activations, KV cache) of a config on a mesh.\n")
+        print(fl.get_help())
+        return 0
+    try:
+        fl(sys.argv)
+    except flags.Error as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if config.value is None:
         print("error: --config is required", file=sys.stderr)
         return 2

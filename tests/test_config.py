@@ -47,3 +47,16 @@ def test_overrides_and_typos():
         load_config("configs/tiny.py", {"model.nmu_layers": 3})
     with pytest.raises(ConfigError, match="moe_topk"):
         load_config("configs/tiny.py", {"model.moe_topk": 100})
+
+
+def test_plan_cli_help_and_bad_flag(monkeypatch, capsys):
+    """`python -m lcflash.plan --help` prints the flags; an unknown flag is an error message, not a traceback."""
+    import sys
+
+    from lcflash.plan import main
+
+    monkeypatch.setattr(sys, "argv", ["plan"])
+    assert main(["--help"]) == 0
+    assert "--memory_gb" in capsys.readouterr().out
+    assert main(["--no_such_flag=1"]) == 2
+    assert "no_such_flag" in capsys.readouterr().err

@@ -38,8 +38,24 @@ def stack_modules(factory, n: int, rngs: nnx.Rngs, axis_name: str = "layers"):
     return nnx.merge(graphdef, state)
 
 
-def scan_modules(stacked, body, carry, xs=None, remat: bool = False, unroll: int = 1):
-    """Runs `body(module_i, carry, x_i) -> (carry, y_i)` over the stacked module's leading axis."""
+# Primitives whose outputs the "kernels" remat policy keeps: the Pallas kernels (grouped expert matmuls), cuDNN's
+# flash attention forward (its output and softmax statistics, which its backward needs) and XLA's grouped matmul.
+KERNEL_PRIMITIVES = frozenset({"pallas_call", "dot_product_attention_fwd", "dot_product_attention_fwd_wrapper",
+                               "ragged_dot_general"})
+
+
+def keep_kernel_outputs(prim, *_, **__) -> bool:
+    return prim.name in KERNEL_PRIMITIVES
+
+
+# model.remat_policy (lcflash.config.REMAT_POLICIES) -> jax.checkpoint policy.
+POLICY_FNS = {"nothing": jax.checkpoint_policies.nothing_saveable, "kernels": keep_kernel_outputs}
+
+
+def scan_modules(stacked, body, carry, xs=None, remat: bool = False, unroll: int = 1,
+                 remat_policy: str = "nothing"):
+    """Runs `body(module_i, carry, x_i) -> (carry, y_i)` over the stacked module's leading axis; with remat, the
+    backward pass recomputes each step from its inputs, keeping what `remat_policy` names (POLICY_FNS)."""
     graphdef, state = nnx.split(stacked)
 
     def step(c, inp):
@@ -47,5 +63,5 @@ def scan_modules(stacked, body, carry, xs=None, remat: bool = False, unroll: int
         return body(nnx.merge(graphdef, st), c, x)
 
     if remat:
-        step = jax.checkpoint(step, policy=jax.checkpoint_policies.nothing_saveable)
+        step = jax.checkpoint(step, policy=POLICY_FNS[remat_policy])
     return jax.lax.scan(step, carry, (state, xs), unroll=unroll)

@@ -97,7 +97,8 @@ class LongcatFlash(nnx.Module):
 
         xs = None if cache is None else (cache.c, cache.kpe)
         h_btd, (new_cache, stats, layer_hidden) = scan_modules(self.layers, body, h_btd, xs, remat=cfg.remat,
-                                                                    unroll=cfg.scan_unroll)
+                                                                    unroll=cfg.scan_unroll,
+                                                                    remat_policy=cfg.remat_policy)
         hidden = self.norm(h_btd)
         return ModelOutput(self.logits(hidden), hidden,
                            layer_hidden if return_layer_hidden else jnp.zeros((0,), dtype), stats,

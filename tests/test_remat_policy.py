@@ -1,0 +1,88 @@
+"""model.remat_policy changes what the backward pass recomputes, never what it computes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lcflash.config import REMAT_POLICIES, ConfigError, load_config, model_config
+from lcflash.kernels.gmm import api
+from lcflash.model import LongcatFlash
+from lcflash.model.common import KERNEL_PRIMITIVES, POLICY_FNS
+from numerics import rel
+
+
+def _loss_and_grad(mc, tokens):
+    graphdef, state = nnx.split(LongcatFlash(mc, nnx.Rngs(2)))
+
+    def loss(st):
+        logits = nnx.merge(graphdef, st).forward(tokens).logits
+        return jnp.mean(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, tokens[..., None], -1)[..., 0])
+
+    return jax.value_and_grad(loss), state
+
+
+def test_kernels_policy_keeps_the_expert_matmuls_and_changes_no_value():
+    """With XLA's grouped matmul (a kernel primitive), the "kernels" policy saves its three forward products per
+    layer instead of recomputing them in the backward pass; loss and gradients are unchanged."""
+    cfg = model_config(load_config("configs/tiny.py", {"moe.gmm_impl": "ragged_dot"})).replace(
+        num_layers=1, remat=True)
+    tokens = jax.random.randint(jax.random.key(1), (2, 8), 0, cfg.vocab_size)
+    out, ragged = {}, {}
+    for policy in REMAT_POLICIES:
+        fn, state = _loss_and_grad(cfg.replace(remat_policy=policy), tokens)
+        ragged[policy] = str(jax.make_jaxpr(fn)(state)).count("ragged_dot_general[")
+        out[policy] = jax.jit(fn)(state)
+    # One scan body in the jaxpr: forward 3 products, backward 6 (d_lhs, d_rhs) plus the 3 recomputed under "nothing".
+    assert (ragged["nothing"], ragged["kernels"]) == (12, 9), ragged
+    (l0, g0), (l1, g1) = out["nothing"], out["kernels"]
+    np.testing.assert_array_equal(l1, l0)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="the Mosaic GPU and cuDNN kernels (Pallas' CPU interpreter "
+                    "runs callbacks, which jax.checkpoint cannot partially evaluate)")
+def test_kernels_policy_keeps_the_pallas_and_cudnn_kernels_on_gpu():
+    """On a GPU: the policy sees the kernels inside their custom_vjps. Per scan body, 3 forward expert matmuls and 6
+    backward ones, the forward ones again only under "nothing"; the 2 flash attention forwards likewise; loss and
+    gradients unchanged."""
+    cfg = model_config(load_config("configs/tiny.py", {
+        "moe.gmm_impl": "pallas_chain", "model.dtype": "bfloat16", "model.train_attn_impl": "cudnn",
+        "model.hidden_size": 128, "model.expert_ffn_hidden_size": 128})).replace(num_layers=1, remat=True)
+    tokens = jax.random.randint(jax.random.key(1), (2, 64), 0, cfg.vocab_size)
+    counts, out = {}, {}
+    for policy in REMAT_POLICIES:
+        fn, state = _loss_and_grad(cfg.replace(remat_policy=policy), tokens)
+        jaxpr = str(jax.make_jaxpr(fn)(state))
+        counts[policy] = (jaxpr.count("pallas_call["), jaxpr.count("dot_product_attention_fwd"))
+        out[policy] = jax.jit(fn)(state)
+    assert counts["nothing"][0] - counts["kernels"][0] == 3, counts
+    assert counts["nothing"][1] > counts["kernels"][1], counts
+    (l0, g0), (l1, g1) = out["nothing"], out["kernels"]
+    np.testing.assert_array_equal(l1, l0)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0), strict=True):   # cuDNN's backward may sum in
+        assert rel(a, b) < 1e-3                                               # another order from run to run
+
+
+def test_kernel_primitive_names_exist():
+    """The names the policy matches are the primitives our kernels and cuDNN's attention bind (a renamed primitive
+    would silently turn the policy into "nothing")."""
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention
+    from jax._src.pallas import pallas_call
+
+    x = jnp.ones((16, 32), jnp.bfloat16)
+    w = jnp.ones((2, 32, 64), jnp.bfloat16)
+    sizes = jnp.array([9, 7], jnp.int32)
+    names = {str(e.primitive) for e in jax.make_jaxpr(
+        lambda x, w: api.gmm(x, w, sizes, impl="ragged_dot"))(x, w).jaxpr.eqns}
+    names |= {cudnn_attention._dot_product_attention_fwd_p.name,
+              cudnn_attention._dot_product_attention_fwd_p_wrapper.name, pallas_call.pallas_call_p.name}
+    assert KERNEL_PRIMITIVES <= names, KERNEL_PRIMITIVES - names
+    assert set(POLICY_FNS) == set(REMAT_POLICIES)
+
+
+def test_bad_policy_is_a_config_error():
+    with pytest.raises(ConfigError, match="remat_policy.*must be one of"):
+        model_config(load_config("configs/tiny.py", {"model.remat_policy": "dots"}))
