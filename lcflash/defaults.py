@@ -50,8 +50,9 @@ def base_config(**model_overrides) -> ml_collections.ConfigDict:
 def add_training_sections(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Sections read by `python -m lcflash.train` and `lcflash.eval`; every field is overridable from the CLI."""
     # Corpus: '' = the interpreter's stdlib sources; else a text file, a directory or a glob (lcflash/data/).
-    # document_mask: attention keeps the documents packed in a window apart; False attends causally across them
-    # (cuDNN then needs no mask: 2x faster attention, +8% training tokens/s on an H200, experiments/RESULTS.md).
+    # document_mask: attention keeps the documents packed in a window apart, positions restarting at each; False
+    # is the plain packed-stream recipe, causal across them with the window's positions (cuDNN then needs no
+    # mask: 2x faster attention, +8% training tokens/s on an H200, experiments/RESULTS.md).
     cfg.data = ml_collections.ConfigDict(dict(
         path="", tokenizer="", seq_len=128, val_fraction=0.05, shuffle=True, document_mask=True))
     cfg.train = ml_collections.ConfigDict(dict(

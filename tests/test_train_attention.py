@@ -106,7 +106,7 @@ def test_cudnn_attention_matches_fp32_as_closely_as_xla_bf16():
 
 def test_document_mask_off_attends_across_documents():
     """`data.document_mask=False`: the training loss is the one of a window holding a single document (plain
-    causal attention), and differs from the loss with the documents kept apart."""
+    causal attention, the window's positions), and differs from the loss with the documents kept apart."""
     from lcflash.data.loader import pack_windows
     from lcflash.train.step import forward_losses
 
@@ -116,7 +116,8 @@ def test_document_mask_off_attends_across_documents():
     w = np.random.RandomState(3).randint(1, mc.vocab_size, (2, 33))
     w[0, [0, 9, 20]] = w[1, 0] = 0    # bos 0: three documents in row 0, one in row 1
     batch = {k: jnp.asarray(v) for k, v in pack_windows(w, bos_id=0).items()}
-    one_doc = dict(batch, segment_ids=jnp.zeros_like(batch["segment_ids"]))
+    one_doc = dict(batch, segment_ids=jnp.zeros_like(batch["segment_ids"]),
+                   positions=jnp.broadcast_to(jnp.arange(32, dtype=jnp.int32), (2, 32)))
     loss = lambda c, b: np.asarray(jax.jit(lambda p: forward_losses(c, mc, gd, p, rest, b)[0])(params))  # noqa: E731
     kept, single = loss(cfg, batch), loss(cfg, one_doc)
     cfg.data.document_mask = False

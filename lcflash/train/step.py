@@ -99,9 +99,10 @@ def abstract_state(cfg) -> dict:
     return jax.eval_shape(functools.partial(_init_arrays, cfg, model_cfg), jax.random.PRNGKey(0))
 
 
-def attention_segments(cfg, batch):
-    """The segment ids attention sees: None attends causally across packed documents (`data.document_mask`)."""
-    return batch["segment_ids"] if cfg.data.document_mask else None
+def packing(cfg, batch):
+    """(positions, segment ids) the model sees. `data.document_mask=False` is the plain packed-stream recipe:
+    attention runs causally across the window's documents, with the window's positions (None, None)."""
+    return (batch["positions"], batch["segment_ids"]) if cfg.data.document_mask else (None, None)
 
 
 def forward_losses(cfg, model_cfg: ModelConfig, graphdef, params, bias, batch):
@@ -109,15 +110,14 @@ def forward_losses(cfg, model_cfg: ModelConfig, graphdef, params, bias, batch):
     lc = cfg.loss
     model = nnx.merge(graphdef, params, bias)
     use_z = lc.z_coef > 0
-    seg = attention_segments(cfg, batch)
-    out = model.forward(batch["inputs"], positions_bt=batch["positions"], segment_ids_bt=seg,
-                        return_layer_hidden=use_z)
+    pos, seg = packing(cfg, batch)
+    out = model.forward(batch["inputs"], positions_bt=pos, segment_ids_bt=seg, return_layer_hidden=use_z)
     mask = batch["loss_mask"]
     ce = losses.cross_entropy(out.logits, batch["targets"], mask)
     mtp = jnp.zeros((), jnp.float32)
     if lc.mtp_weight > 0 and model.mtp is not None:
         tgt, mtp_mask = losses.mtp_targets(batch["targets"], mask)
-        mtp_logits = model.mtp_logits(out.hidden, batch["targets"], batch["positions"], seg)
+        mtp_logits = model.mtp_logits(out.hidden, batch["targets"], pos, seg)
         mtp = losses.cross_entropy(mtp_logits, tgt, mtp_mask)
     stats = out.moe_stats
     lb = losses.load_balance_loss(stats["counts_be"], stats["prob_sum_be"], n_ffn=model_cfg.n_routed_experts,
@@ -186,8 +186,8 @@ def make_eval_step(cfg, model_cfg: ModelConfig | None = None):
 
     def eval_step(params, bias, batch, token_bytes_v):
         model = nnx.merge(graphdef, params, bias)
-        out = model.forward(batch["inputs"], positions_bt=batch["positions"],
-                            segment_ids_bt=attention_segments(cfg, batch))
+        pos, seg = packing(cfg, batch)
+        out = model.forward(batch["inputs"], positions_bt=pos, segment_ids_bt=seg)
         nll = losses.token_nll(out.logits, batch["targets"])
         mask = batch["loss_mask"]
         return {"nll_sum": jnp.sum(nll * mask), "tokens": jnp.sum(mask),
