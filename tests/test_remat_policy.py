@@ -50,7 +50,8 @@ def test_kernels_policy_keeps_the_pallas_and_cudnn_kernels_on_gpu():
     gradients unchanged."""
     cfg = model_config(load_config("configs/tiny.py", {
         "moe.gmm_impl": "pallas_chain", "model.dtype": "bfloat16", "model.train_attn_impl": "cudnn",
-        "model.hidden_size": 128, "model.expert_ffn_hidden_size": 128})).replace(num_layers=1, remat=True)
+        "model.hidden_size": 128, "model.expert_ffn_hidden_size": 128, "model.qk_nope_head_dim": 128,
+        "model.qk_rope_head_dim": 64, "model.v_head_dim": 128})).replace(num_layers=1, remat=True)
     tokens = jax.random.randint(jax.random.key(1), (2, 64), 0, cfg.vocab_size)
     counts, out = {}, {}
     for policy in REMAT_POLICIES:
