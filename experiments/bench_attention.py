@@ -54,26 +54,23 @@ def segment_runs(segment_ids_bt, max_segments: int):
 
 def variants(seg_bt, max_segments):
     B, T = seg_bt.shape
-    H = HEADS
     mask_bts = causal_mask(B, T, T, None, seg_bt)
 
     def dpa(q_nope, q_pe, k_nope, kpe, v, with_mask=True):
-        q = jnp.concatenate([q_nope, q_pe], -1)
-        k = jnp.concatenate([k_nope, jnp.broadcast_to(kpe[:, :, None], kpe.shape[:2] + (H, kpe.shape[-1]))], -1)
-        v = jnp.pad(v, ((0, 0),) * 3 + ((0, q.shape[-1] - v.shape[-1]),))
-        return jax.nn.dot_product_attention(q, k, v, mask=mask_bts[:, None] if with_mask else None, scale=SCALE,
-                                            is_causal=True, implementation="cudnn")[..., :128]
+        q, k = mla.fused_heads(q_nope, q_pe, k_nope, kpe)
+        return jax.nn.dot_product_attention(q, k, mla.pad_head(v, q.shape[-1]),
+                                            mask=mask_bts[:, None] if with_mask else None, scale=SCALE,
+                                            is_causal=True, implementation="cudnn")[..., :v.shape[-1]]
 
     def model(q_nope, q_pe, k_nope, kpe, v):
         return mla.fused_attention(q_nope, q_pe, k_nope, kpe, v, mask_bts, SCALE, "cudnn", "causal_docs")
 
     def cudnn(q_nope, q_pe, k_nope, kpe, v, packed=False, pad_v=False, bias=False):
         from jax._src.cudnn import fused_attention_stablehlo as fa
-        q = jnp.concatenate([q_nope, q_pe], -1)
-        k = jnp.concatenate([k_nope, jnp.broadcast_to(kpe[:, :, None], kpe.shape[:2] + (H, kpe.shape[-1]))], -1)
+        q, k = mla.fused_heads(q_nope, q_pe, k_nope, kpe)
         dv = v.shape[-1]
         if pad_v:
-            v = jnp.pad(v, ((0, 0),) * 3 + ((0, q.shape[-1] - dv),))
+            v = mla.pad_head(v, q.shape[-1])
         kw = dict(mask=mask_bts[:, None]) if bias else {}
         if packed:
             lens_bm, offs_bm = segment_runs(seg_bt, max_segments)
@@ -92,7 +89,6 @@ def variants(seg_bt, max_segments):
 
 
 SCALE = 192 ** -0.5
-HEADS = 8
 SAME_SEMANTICS = ("model", "dpa_mask", "cudnn_packed", "cudnn_mask")
 
 
@@ -106,9 +102,7 @@ def main():
     ap.add_argument("--variants", default="", help="comma-separated names to run (default: all)")
     ap.add_argument("--out", default="experiments/bench_attention.json")
     args = ap.parse_args()
-    global HEADS
     B, T, H = args.batch, args.seq, args.heads
-    HEADS = H
     ks = jax.random.split(jax.random.key(0), 6)
     bf = jnp.bfloat16
     x = (jax.random.normal(ks[0], (B, T, H, 128), bf), jax.random.normal(ks[1], (B, T, H, 64), bf),

@@ -75,19 +75,29 @@ def train_attn_kernel(impl: str) -> str:
     return impl
 
 
+def fused_heads(q_nope_bthk, q_pe_bthd, k_nope_bshk, kpe_bsd):
+    """Queries and keys as one head each for a fused kernel: [nope | rope], the rope key shared by all heads."""
+    H = q_nope_bthk.shape[2]
+    kpe_bshd = jnp.broadcast_to(kpe_bsd[:, :, None, :], kpe_bsd.shape[:2] + (H, kpe_bsd.shape[-1]))
+    return (jnp.concatenate([q_nope_bthk, q_pe_bthd], axis=-1),
+            jnp.concatenate([k_nope_bshk, kpe_bshd], axis=-1))
+
+
+def pad_head(x, d: int):
+    """Zero-pads the last (head) axis to d: zeros change neither the scores nor the output."""
+    return jnp.pad(x, ((0, 0),) * (x.ndim - 1) + ((0, d - x.shape[-1]),))
+
+
 def fused_attention(q_nope_bthk, q_pe_bthd, k_nope_bshk, kpe_bsd, v_bshv, mask_bts, scale, implementation,
                     mask_kind: str = "given"):
     """Flash attention on MLA's heads: queries/keys are [nope | rope] (the rope key shared by all heads).
     "cudnn" calls cuDNN's MLA form (qk 192, v 128) directly: `jax.nn.dot_product_attention` wants one head size,
     and v padded to 192 cost 1.3-1.4x; a causal kind skips the hidden blocks, and "causal" drops the mask (the
-    mask as a bias cost 2x; experiments/RESULTS.md, bench_attention.py). "xla" is `jax.nn.dot_product_attention` with v
-    zero-padded (zeros change neither the scores nor the output)."""
-    H, dk, dv = q_nope_bthk.shape[2], q_nope_bthk.shape[3] + q_pe_bthd.shape[3], v_bshv.shape[3]
+    mask as a bias cost 2x; experiments/RESULTS.md, bench_attention.py). "xla" is `jax.nn.dot_product_attention`
+    with v zero-padded."""
     if mask_kind not in MASK_KINDS:
         raise ValueError(f"mask_kind {mask_kind!r}: expected one of {MASK_KINDS}")
-    q_bthk = jnp.concatenate([q_nope_bthk, q_pe_bthd], axis=-1)
-    kpe_bshd = jnp.broadcast_to(kpe_bsd[:, :, None, :], kpe_bsd.shape[:2] + (H, kpe_bsd.shape[-1]))
-    k_bshk = jnp.concatenate([k_nope_bshk, kpe_bshd], axis=-1)
+    q_bthk, k_bshk = fused_heads(q_nope_bthk, q_pe_bthd, k_nope_bshk, kpe_bsd)
     mask_b1ts = None if mask_kind == "causal" else mask_bts[:, None]
     if implementation == "cudnn":
         if jax.default_backend() != "gpu":
@@ -97,10 +107,10 @@ def fused_attention(q_nope_bthk, q_pe_bthd, k_nope_bshk, kpe_bsd, v_bshv, mask_b
         kind = cudnn_attention.MaskType.NO_MASK if mask_kind == "given" else cudnn_attention.MaskType.CAUSAL
         return cudnn_attention.dot_product_attention(q_bthk, k_bshk, v_bshv, mask=mask_b1ts, scale=scale,
                                                      mask_type=kind)
-    d = max(dk, dv)
-    pad = lambda x: jnp.pad(x, ((0, 0),) * 3 + ((0, d - x.shape[-1]),))  # noqa: E731
-    o_bthk = jax.nn.dot_product_attention(pad(q_bthk), pad(k_bshk), pad(v_bshv), mask=mask_b1ts, scale=scale,
-                                          is_causal=mask_kind != "given", implementation=implementation)
+    d, dv = max(q_bthk.shape[-1], v_bshv.shape[-1]), v_bshv.shape[-1]
+    o_bthk = jax.nn.dot_product_attention(pad_head(q_bthk, d), pad_head(k_bshk, d), pad_head(v_bshv, d),
+                                          mask=mask_b1ts, scale=scale, is_causal=mask_kind != "given",
+                                          implementation=implementation)
     return o_bthk[..., :dv]
 
 

@@ -47,6 +47,11 @@ def causal_mask(batch: int, q_len: int, kv_len: int, q_start_b=None, segment_ids
     return mask
 
 
+def causal_mask_kind(segment_ids_bt) -> str:
+    """What `causal_mask(..., segment_ids_bt)` without a cache is, for the fused attention (mla.MASK_KINDS)."""
+    return "causal" if segment_ids_bt is None else "causal_docs"
+
+
 class LongcatFlash(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         D, pd, std = cfg.hidden_size, cfg.jnp_param_dtype, cfg.initializer_range
@@ -78,7 +83,7 @@ class LongcatFlash(nnx.Module):
         mask_kind = "given"
         if mask_bts is None:
             if cache is None:
-                mask_kind = "causal" if segment_ids_bt is None else "causal_docs"
+                mask_kind = causal_mask_kind(segment_ids_bt)
             kv_len = T if cache is None else cache.c.shape[3]
             mask_bts = causal_mask(B, T, kv_len, write_start_b, segment_ids_bt if cache is None else None)
         cos, sin = rope_cos_sin(cfg, positions_bt, dtype)
@@ -113,7 +118,7 @@ class LongcatFlash(nnx.Module):
             positions_bt = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         cos, sin = rope_cos_sin(self.cfg, positions_bt, hidden_btd.dtype)
         z, _ = self.mtp(hidden_btd, next_tokens_bt, cos, sin, causal_mask(B, T, T, None, segment_ids_bt),
-                        mask_kind="causal" if segment_ids_bt is None else "causal_docs")
+                        mask_kind=causal_mask_kind(segment_ids_bt))
         return self.logits(z)
 
     def __call__(self, tokens_bt):
