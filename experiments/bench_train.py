@@ -116,10 +116,13 @@ def bench(cfg, warmup: int, steps: int, profile_dir: str | None = None):
     dt = time.time() - t0
     m = jax.device_get(m)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
+    stats = jax.devices()[0].memory_stats() or {}  # absent on some backends (CPU)
+    memory = {k: round(stats[k] / 2**30, 3) for k in ("peak_bytes_in_use", "bytes_limit") if k in stats}
     prof = profile_steps(step, state, batches[warmup:], profile_dir, cfg.moe.gmm_impl) if profile_dir else None
     return {"step_time_s": dt / steps, "tokens_per_s": cfg.train.batch_size * cfg.data.seq_len * steps / dt,
             "init_s": t_init, "compile_and_warmup_s": t_warm, "loss_last": float(m["loss"]), "ce_last": float(m["ce"]),
             "ffn_experts_per_token": float(np.mean(jax.device_get(ffn))), "total_params": n_params,
+            "device_memory_gib": memory,
             **({"profile": prof} if prof else {})}
 
 

@@ -18,7 +18,8 @@ GMM_IMPLS = ("ragged_dot", "reference", "pallas", "pallas_chain", "jax_mgpu", "t
 # Attention form for calls that read a KV cache (see lcflash/model/mla.py); calls without a cache are expanded.
 ATTN_IMPLS = ("expanded", "absorbed", "pallas")
 TRAIN_ATTN_IMPLS = ("xla", "cudnn", "auto", "dpa_xla")
-REMAT_POLICIES = ("nothing", "kernels")
+REMAT_POLICIES = ("nothing", "kernels", "dots")
+ROUTER_GRAD_PRECISIONS = ("highest", "bf16_3x")   # lcflash.model.router.ROUTER_GRAD_PRECISIONS
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # ModelConfig fields an experiment config sets in its `moe` section (cfg.moe.<key>), not in cfg.model.
 MOE_SECTION_FIELDS = {"gmm_impl": "gmm_impl", "overlap": "moe_overlap"}
@@ -82,8 +83,12 @@ class ModelConfig:
     remat: bool = False
     # What a rematerialised layer keeps for its backward pass (lcflash/model/common.py): "nothing" recomputes the
     # whole layer (least memory); "kernels" keeps the outputs of its fused kernels (grouped expert matmuls, flash
-    # attention) and recomputes the rest, which is elementwise work and the dense matmuls.
+    # attention) and recomputes the rest, which is elementwise work and the dense matmuls; "dots" also keeps every
+    # matmul output, so only elementwise work is recomputed.
     remat_policy: str = "nothing"
+    # The router's backward products: "highest" (fp32, like its forward) or "bf16_3x" (tensor cores, 3 bf16 passes;
+    # the forward that picks the experts stays fp32 either way; lcflash/model/router.py).
+    router_grad_precision: str = "highest"
     # Layers per iteration of the layer scan (jax.lax.scan's unroll): 1 keeps one compiled layer body; num_layers
     # unrolls the stack, which lets XLA drop the loop's per-layer slicing and stacking (a training-speed A/B).
     scan_unroll: int = 1
@@ -171,6 +176,8 @@ def validate(cfg: ModelConfig, keys: dict[str, str] | None = None) -> ModelConfi
     req(cfg.train_attn_impl in TRAIN_ATTN_IMPLS, "train_attn_impl", cfg.train_attn_impl,
         f"must be one of {TRAIN_ATTN_IMPLS}")
     req(cfg.remat_policy in REMAT_POLICIES, "remat_policy", cfg.remat_policy, f"must be one of {REMAT_POLICIES}")
+    req(cfg.router_grad_precision in ROUTER_GRAD_PRECISIONS, "router_grad_precision", cfg.router_grad_precision,
+        f"must be one of {ROUTER_GRAD_PRECISIONS}")
     for f in ("bos_token_id", "eos_token_id"):
         v = getattr(cfg, f)
         req(v is None or 0 <= v < cfg.vocab_size, f, v, f"must be None or in [0, vocab_size={cfg.vocab_size})")
@@ -194,6 +201,43 @@ def model_config(cfg) -> ModelConfig:
         if moe is not None and key in moe:
             kw[field], keys[field] = moe[key], f"moe.{key}"
     return validate(ModelConfig(**kw), keys)
+
+
+def _leaf_paths(node, prefix=""):
+    for k, v in node.items():
+        if hasattr(v, "items"):
+            yield from _leaf_paths(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}"
+
+
+def explain_config_flags(argv) -> str | None:
+    """Why ml_collections rejected a `--config.KEY=VALUE` flag (it only says the key): the first override whose
+    field does not exist, its section's fields and where a field of that name lives. None if every key exists
+    (a value of the wrong type: ml_collections' own message says so)."""
+    path, keys, args = None, [], iter(argv)
+    for a in args:
+        if a.startswith("--config="):
+            path = a.split("=", 1)[1]
+        elif a == "--config":
+            path = next(args, None)
+        elif a.startswith("--config."):
+            keys.append(a[len("--config."):].split("=", 1)[0])
+    try:
+        cfg = load_config(path) if path else None
+    except ConfigError as e:
+        return str(e)
+    for key in keys if cfg is not None else ():
+        node, done = cfg, []
+        for part in key.split("."):
+            if not hasattr(node, "items") or part not in node:
+                where = ".".join(done) or "the config"
+                valid = sorted(node.keys()) if hasattr(node, "items") else []
+                hint = [p for p in _leaf_paths(cfg) if p.split(".")[-1] == part]
+                return (f"--config.{key}: {where} has no field {part!r}; valid: {valid}"
+                        + (f"; did you mean {', '.join(hint)}?" if hint else ""))
+            node, done = node[part], done + [part]
+    return None
 
 
 def load_config(path: str, overrides: dict | None = None):

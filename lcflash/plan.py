@@ -23,7 +23,7 @@ import sys
 import jax
 import numpy as np
 
-from lcflash.config import ConfigError, ModelConfig, model_config
+from lcflash.config import ConfigError, ModelConfig, explain_config_flags, model_config
 from lcflash.parallel.mesh import check_model_fits, mesh_shape
 from lcflash.parallel.rules import mesh_axes_for, rules_from_config
 
@@ -53,8 +53,8 @@ def activation_terms(cfg: ModelConfig, batch_local: int, seq: int, tp: int, ep: 
     of the 2 dense FFNs gate/up/product; for the MoE the fp32 router probabilities and the dispatch buffers
     (send, receive, 3 expert intermediates, output) of every slot. With `model.remat`, only each layer's input
     is kept, plus one layer's terms during its recomputation; `remat_policy="kernels"` also keeps every layer's
-    expert gate/up/down products and attention outputs (+ fp32 softmax statistics). Plus fp32 logits, their
-    softmax and gradient.
+    expert gate/up/down products and attention outputs (+ fp32 softmax statistics), and "dots" every projection's
+    output too. Plus fp32 logits, their softmax and gradient.
     """
     a = np.dtype(cfg.jnp_dtype).itemsize
     D, H, L, K = cfg.hidden_size, cfg.num_attention_heads, cfg.num_layers, cfg.moe_topk
@@ -75,9 +75,16 @@ def activation_terms(cfg: ModelConfig, batch_local: int, seq: int, tp: int, ep: 
     if cfg.remat:
         terms["layer inputs (remat)"] = int(L * n * D * a)
         terms["one layer recomputed"] = int(n * per_layer_token)
-        if cfg.remat_policy == "kernels":
+        if cfg.remat_policy in ("kernels", "dots"):
             kept = slots * (2 * cfg.expert_ffn_hidden_size / tp + D) * a + 2 * h_tp * (cfg.v_head_dim * a + 4)
-            terms["kernel outputs (remat_policy=kernels)"] = int(L * n * kept)
+            terms[f"kernel outputs (remat_policy={cfg.remat_policy})"] = int(L * n * kept)
+        if cfg.remat_policy == "dots":
+            proj = (cfg.q_lora_rank + h_tp * cfg.qk_head_dim + cfg.kv_lora_rank + cfg.qk_rope_head_dim
+                    + h_tp * (cfg.qk_nope_head_dim + cfg.v_head_dim) + D) * a
+            if cfg.train_attn_impl == "xla":  # materialised scores are dot outputs too
+                proj += 2 * h_tp * seq * 4
+            dots = 2 * proj + 2 * (2 * cfg.ffn_hidden_size / tp + D) * a + cfg.num_experts_total * 4
+            terms["matmul outputs (remat_policy=dots)"] = int(L * n * dots)
     else:
         terms["layers"] = int(L * n * per_layer_token)
     heads = 1 + (1 if cfg.num_mtp_layers else 0)
@@ -134,6 +141,11 @@ def plan(cfg, devices: int | None = None, batch: int | None = None, seq: int | N
         "gradients": grads,
         "optimizer state": sizes.get("opt_state", 0),
         "controller/step/rng": sizes.get("controller", 0) + sizes.get("step", 0) + sizes.get("rng", 0),
+        # The forward casts every fp32 master weight to the compute dtype once per step (the stacked experts
+        # outside the layer scan): a second copy of the weights in that dtype.
+        "compute-dtype weights": (sizes.get("params", 0) * np.dtype(model_cfg.jnp_dtype).itemsize
+                                         // np.dtype(model_cfg.jnp_param_dtype).itemsize
+                                         if model_cfg.jnp_dtype != model_cfg.jnp_param_dtype else 0),
         "activations (estimate)": sum(act.values()),
         "KV cache (inference)": kv_bytes,
     }
@@ -197,6 +209,9 @@ def main(argv=None) -> int:
         fl(sys.argv)
     except flags.Error as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (KeyError, AttributeError, ValueError, TypeError) as e:  # ml_collections on a --config.* override
+        print(f"error: bad --config override: {explain_config_flags(sys.argv[1:]) or e}", file=sys.stderr)
         return 2
     if config.value is None:
         print("error: --config is required", file=sys.stderr)

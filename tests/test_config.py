@@ -60,3 +60,22 @@ def test_plan_cli_help_and_bad_flag(monkeypatch, capsys):
     assert "--memory_gb" in capsys.readouterr().out
     assert main(["--no_such_flag=1"]) == 2
     assert "no_such_flag" in capsys.readouterr().err
+
+
+def test_a_misplaced_override_names_the_field_and_where_it_lives(monkeypatch, capsys):
+    """ml_collections rejects `--config.train.remat` with just "'remat'"; the CLIs say which section lacks it, what
+    it has, and where a field of that name is."""
+    import sys
+
+    from lcflash.config import explain_config_flags
+    from lcflash.plan import main
+
+    msg = explain_config_flags(["--config=configs/tiny.py", "--config.model.num_layers=2", "--config.train.remat=1"])
+    assert msg.startswith("--config.train.remat: train has no field 'remat'") and "did you mean model.remat?" in msg
+    assert "'batch_size'" in msg
+    assert "the config has no field 'trian'" in explain_config_flags(["--config", "configs/tiny.py",
+                                                                      "--config.trian.steps=3"])
+    assert explain_config_flags(["--config=configs/tiny.py", "--config.model.num_layers=x"]) is None  # a type error
+    monkeypatch.setattr(sys, "argv", ["plan"])
+    assert main(["--config=configs/tiny.py", "--devices=1", "--config.train.remat=True"]) == 2
+    assert "did you mean model.remat?" in capsys.readouterr().err

@@ -4,6 +4,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lcflash.kernels import KERNEL_OUTPUT
+
 
 class RouterBias(nnx.Variable):
     """The expert-score correction bias: steered by the bias controller, never by the optimizer."""
@@ -38,18 +40,26 @@ def stack_modules(factory, n: int, rngs: nnx.Rngs, axis_name: str = "layers"):
     return nnx.merge(graphdef, state)
 
 
-# Primitives whose outputs the "kernels" remat policy keeps: the Pallas kernels (grouped expert matmuls), cuDNN's
-# flash attention forward (its output and softmax statistics, which its backward needs) and XLA's grouped matmul.
-KERNEL_PRIMITIVES = frozenset({"pallas_call", "dot_product_attention_fwd", "dot_product_attention_fwd_wrapper",
+# What the "kernels" remat policy keeps: outputs our kernels name KERNEL_OUTPUT (the Mosaic GPU grouped expert
+# matmuls), cuDNN's flash attention forward (its output and softmax statistics, which its backward needs) and XLA's
+# grouped matmul, matched by primitive.
+KERNEL_PRIMITIVES = frozenset({"dot_product_attention_fwd", "dot_product_attention_fwd_wrapper",
                                "ragged_dot_general"})
 
 
-def keep_kernel_outputs(prim, *_, **__) -> bool:
-    return prim.name in KERNEL_PRIMITIVES
+def keep_kernel_outputs(prim, *_, **params) -> bool:
+    # checkpoint_name binds the primitive "name" (what jax.checkpoint_policies.save_only_these_names matches).
+    return prim.name in KERNEL_PRIMITIVES or (prim.name == "name" and params.get("name") == KERNEL_OUTPUT)
 
 
-# model.remat_policy (lcflash.config.REMAT_POLICIES) -> jax.checkpoint policy.
-POLICY_FNS = {"nothing": jax.checkpoint_policies.nothing_saveable, "kernels": keep_kernel_outputs}
+# model.remat_policy (lcflash.config.REMAT_POLICIES) -> jax.checkpoint policy. "dots" also keeps every matmul
+# output (dense projections and the fp32 router), leaving only elementwise work to recompute.
+POLICY_FNS = {
+    "nothing": jax.checkpoint_policies.nothing_saveable,
+    "kernels": keep_kernel_outputs,
+    "dots": jax.checkpoint_policies.save_from_both_policies(jax.checkpoint_policies.dots_saveable,
+                                                            keep_kernel_outputs),
+}
 
 
 def scan_modules(stacked, body, carry, xs=None, remat: bool = False, unroll: int = 1,

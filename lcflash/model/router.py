@@ -4,6 +4,7 @@ Softmax in fp32 over all N + Z experts; the correction bias only chooses, the un
 times `routed_scaling_factor`, not renormalised. Ids < N are FFN experts, ids >= N are identity experts.
 """
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -16,10 +17,48 @@ class Routing(NamedTuple):
     weights_tk: jax.Array   # fp32 probs[chosen] * routed_scaling_factor
 
 
-def route(x_td, w_router_de, bias_e, top_k: int, scaling: float) -> Routing:
-    logits_te = jnp.einsum("td,de->te", x_td.astype(jnp.float32), w_router_de.astype(jnp.float32),
-                           precision=jax.lax.Precision.HIGHEST)
-    return select_experts(logits_te, bias_e, top_k, scaling)
+# model.router_grad_precision -> the dot algorithm of the router's two backward products. The forward is always
+# fp32 at HIGHEST (it chooses the experts, as the reference does); "bf16_3x" runs the backward on tensor cores
+# (3 bf16 passes, fp32 accumulation: max rel err 4.2e-6 against fp64 where HIGHEST has 1.5e-6; H200, [16384, 1024]
+# x [1024, 192], experiments/bench_router_dot_h200.json) instead of fp32 FMA kernels.
+ROUTER_GRAD_PRECISIONS = {"highest": jax.lax.Precision.HIGHEST,
+                          "bf16_3x": jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X3}
+
+
+def _logits(x_td, w_de):
+    return jnp.einsum("td,de->te", x_td.astype(jnp.float32), w_de.astype(jnp.float32),
+                      precision=jax.lax.Precision.HIGHEST)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _logits_lowp_grad(x_td, w_de, grad_precision: str):
+    return _logits(x_td, w_de)
+
+
+def _logits_lowp_grad_fwd(x_td, w_de, grad_precision):
+    return _logits(x_td, w_de), (x_td, w_de)
+
+
+def _logits_lowp_grad_bwd(grad_precision, res, g_te):
+    x_td, w_de = res
+    prec = ROUTER_GRAD_PRECISIONS[grad_precision]
+    dx = jnp.einsum("te,de->td", g_te, w_de.astype(jnp.float32), precision=prec)
+    dw = jnp.einsum("td,te->de", x_td.astype(jnp.float32), g_te, precision=prec)
+    return dx.astype(x_td.dtype), dw.astype(w_de.dtype)
+
+
+_logits_lowp_grad.defvjp(_logits_lowp_grad_fwd, _logits_lowp_grad_bwd)
+
+
+def router_logits(x_td, w_router_de, grad_precision: str = "highest"):
+    """fp32 logits [T, E]; grad_precision picks the backward's dot algorithm (ROUTER_GRAD_PRECISIONS)."""
+    if grad_precision == "highest":
+        return _logits(x_td, w_router_de)
+    return _logits_lowp_grad(x_td, w_router_de, grad_precision)
+
+
+def route(x_td, w_router_de, bias_e, top_k: int, scaling: float, grad_precision: str = "highest") -> Routing:
+    return select_experts(router_logits(x_td, w_router_de, grad_precision), bias_e, top_k, scaling)
 
 
 # Few tokens (decode): top-k by counting ranks, two small fusions, instead of lax.top_k's sort (a 5 us kernel per

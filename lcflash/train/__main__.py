@@ -51,8 +51,10 @@ if __name__ == "__main__":
             raise
         # ml_collections rejects an override of a field that does not exist (the config is locked) or of the
         # wrong type while absl parses the flags, before main() runs.
+        from lcflash.config import explain_config_flags
+
         msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
         while len(msg) > 1 and msg[0] == msg[-1] == "'":  # KeyErrors nest the repr of the inner message
             msg = ast.literal_eval(msg)
-        print(f"error: bad --config override: {msg}", file=sys.stderr)
+        print(f"error: bad --config override: {explain_config_flags(sys.argv[1:]) or msg}", file=sys.stderr)
         sys.exit(2)

@@ -10,7 +10,9 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
+from lcflash.kernels import KERNEL_OUTPUT
 from lcflash.kernels.gmm import mgpu_kernels as mk
 
 _KERNEL_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -177,14 +179,18 @@ def _int_zeros(x):
 # ------------------------------------------------------------------------------------------------
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _gmm(lhs_mk, rhs_gkn, group_sizes_g, out_dtype, vmas, chain):
+def _gmm_forward(lhs_mk, rhs_gkn, group_sizes_g, out_dtype, vmas, chain):
     out = rows_matmul(lhs_mk, [rhs_gkn], group_sizes_g, out_dtype=out_dtype, chain=chain)
     return _varying(out, vmas[0] | vmas[1])
 
 
+_gmm = functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))(_gmm_forward)
+
+
 def _gmm_fwd(lhs_mk, rhs_gkn, group_sizes_g, out_dtype, vmas, chain):
-    return _gmm(lhs_mk, rhs_gkn, group_sizes_g, out_dtype, vmas, chain), (lhs_mk, rhs_gkn, group_sizes_g)
+    # Named in the forward rule's own equations, where a remat policy sees it (not inside a nested custom_vjp).
+    out = checkpoint_name(_gmm_forward(lhs_mk, rhs_gkn, group_sizes_g, out_dtype, vmas, chain), KERNEL_OUTPUT)
+    return out, (lhs_mk, rhs_gkn, group_sizes_g)
 
 
 def _gmm_bwd(out_dtype, vmas, chain, res, dout_mn):
