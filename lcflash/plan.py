@@ -144,8 +144,8 @@ def plan(cfg, devices: int | None = None, batch: int | None = None, seq: int | N
         # The forward casts every fp32 master weight to the compute dtype once per step (the stacked experts
         # outside the layer scan): a second copy of the weights in that dtype.
         "compute-dtype weights": (sizes.get("params", 0) * np.dtype(model_cfg.jnp_dtype).itemsize
-                                         // np.dtype(model_cfg.jnp_param_dtype).itemsize
-                                         if model_cfg.jnp_dtype != model_cfg.jnp_param_dtype else 0),
+                                  // np.dtype(model_cfg.jnp_param_dtype).itemsize
+                                  if model_cfg.jnp_dtype != model_cfg.jnp_param_dtype else 0),
         "activations (estimate)": sum(act.values()),
         "KV cache (inference)": kv_bytes,
     }

@@ -34,12 +34,13 @@ def test_policies_keep_the_expert_matmuls_and_change_no_value():
     for policy in REMAT_POLICIES:
         fn, state = _loss_and_grad(cfg.replace(remat_policy=policy), tokens)
         jaxpr = str(jax.make_jaxpr(fn)(state))
-        ragged[policy], dots[policy] = jaxpr.count("ragged_dot_general["), jaxpr.count("dot_general[")
+        ragged[policy] = jaxpr.count("ragged_dot_general[")
+        dots[policy] = jaxpr.count("dot_general[") - ragged[policy]
         out[policy] = jax.jit(fn)(state)
     # One scan body in the jaxpr: forward 3 products, backward 6 (d_lhs, d_rhs) plus the 3 recomputed under "nothing".
     assert (ragged["nothing"], ragged["kernels"], ragged["dots"]) == (12, 9, 9), ragged
-    # "dots" recomputes no projection either: the dense matmuls appear once fewer per product.
-    assert dots["dots"] < dots["kernels"] < dots["nothing"], dots
+    # "dots" recomputes no dense projection either; "kernels" recomputes them as "nothing" does.
+    assert dots["dots"] < dots["kernels"] == dots["nothing"], dots
     l0, g0 = out["nothing"]
     for policy in ("kernels", "dots"):
         l1, g1 = out[policy]

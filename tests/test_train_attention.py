@@ -86,11 +86,16 @@ def _attention_and_grads(impl, dtype, mask_kind="given"):
 
 
 @pytest.mark.skipif(not ON_GPU, reason="cuDNN attention needs a GPU")
-def test_cudnn_attention_matches_fp32_as_closely_as_xla_bf16():
+@pytest.mark.parametrize("mask_bias_grad", [True, False])
+def test_cudnn_attention_matches_fp32_as_closely_as_xla_bf16(monkeypatch, mask_bias_grad):
     """In bf16, cuDNN's output and input gradients err against the fp32 attention (matmul precision 'highest') by
     no more than twice the XLA bf16 path's own error, for every mask kind (packed documents given as a mask, or
     promised causal so blocks are skipped; a plain causal mask dropped). (At the attention itself: a whole bf16 MoE
-    model flips routing choices, which swamps the comparison.)"""
+    model flips routing choices, which swamps the comparison.) Also with cuDNN's unused mask-bias gradient skipped
+    (mla.CUDNN_MASK_BIAS_GRAD = False)."""
+    from lcflash.model import mla
+
+    monkeypatch.setattr(mla, "CUDNN_MASK_BIAS_GRAD", mask_bias_grad)
     for kinds in (("given", "causal_docs"), ("causal",)):
         with jax.default_matmul_precision("highest"):
             o32, g32 = _attention_and_grads("xla", jnp.float32, kinds[0])
@@ -124,3 +129,28 @@ def test_document_mask_off_attends_across_documents():
     crossed = loss(cfg, batch)
     np.testing.assert_allclose(crossed, single, rtol=1e-6)
     assert not np.allclose(crossed[0], kept[0])
+
+
+@pytest.mark.parametrize("mask_bias_grad", [True, False])
+def test_cudnn_mask_bias_grad_switch_reaches_the_backward(monkeypatch, mask_bias_grad):
+    """Traced only (any backend): mla.CUDNN_MASK_BIAS_GRAD = False gives cuDNN's backward no bias-gradient output
+    (variadic_args (has_bias, has_dbias) = (True, False)), and JAX's own switch is restored after the trace."""
+    import re
+
+    from jax._src.cudnn import fused_attention_stablehlo as fa
+
+    from lcflash.model import mla
+
+    if not ON_GPU:  # no cuDNN to ask for its version and head-size limits here
+        monkeypatch.setattr(fa, "check_cudnn_version", lambda: 91000)
+        monkeypatch.setattr(fa, "check_is_flash_attention", lambda *a, **k: None)
+    monkeypatch.setattr(mla, "CUDNN_MASK_BIAS_GRAD", mask_bias_grad)
+    export = fa.should_export_dbias
+    B, T, H = 2, 128, 4
+    q = jax.random.normal(jax.random.key(0), (B, T, H, 192), jnp.bfloat16)
+    v = jax.random.normal(jax.random.key(1), (B, T, H, 128), jnp.bfloat16)
+    mask = causal_mask(B, T, T, None, jnp.zeros((B, T), jnp.int32).at[:, 50:].set(1))[:, None]
+    f = lambda q, k, v: jnp.sum(mla._cudnn_attention(q, k, v, mask, 0.1, "causal_docs").astype(jnp.float32))  # noqa
+    jaxpr = str(jax.make_jaxpr(jax.grad(f, argnums=(0, 1, 2)))(q, q, v))
+    assert set(re.findall(r"variadic_args=\(([^)]*)\)", jaxpr)) == {f"True, {mask_bias_grad}"}
+    assert fa.should_export_dbias is export

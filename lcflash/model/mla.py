@@ -102,16 +102,38 @@ def fused_attention(q_nope_bthk, q_pe_bthd, k_nope_bshk, kpe_bsd, v_bshv, mask_b
     if implementation == "cudnn":
         if jax.default_backend() != "gpu":
             raise ValueError(f"train_attn_impl 'cudnn' needs a GPU backend, not {jax.default_backend()!r}; use 'xla'")
-        # cuDNN's own entry point: the public jax.nn one cannot take v narrower than q/k.
-        from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention
-        kind = cudnn_attention.MaskType.NO_MASK if mask_kind == "given" else cudnn_attention.MaskType.CAUSAL
-        return cudnn_attention.dot_product_attention(q_bthk, k_bshk, v_bshv, mask=mask_b1ts, scale=scale,
-                                                     mask_type=kind)
+        return _cudnn_attention(q_bthk, k_bshk, v_bshv, mask_b1ts, scale, mask_kind)
     d, dv = max(q_bthk.shape[-1], v_bshv.shape[-1]), v_bshv.shape[-1]
     o_bthk = jax.nn.dot_product_attention(pad_head(q_bthk, d), pad_head(k_bshk, d), pad_head(v_bshv, d),
                                           mask=mask_b1ts, scale=scale, is_causal=mask_kind != "given",
                                           implementation=implementation)
     return o_bthk[..., :dv]
+
+
+# JAX's cuDNN wrapper turns a mask into a bias and always has the backward write the bias's gradient
+# (`should_export_dbias`), which a mask never needs. False skips it, for the same dq/dk/dv. Not yet run on a GPU
+# (written in session 8 without GPU time left): tests/test_train_attention.py and bench_attention.py's
+# "model_no_dbias" variant check and time it; the default flips once they have.
+CUDNN_MASK_BIAS_GRAD = True
+
+
+def _cudnn_attention(q_bthk, k_bshk, v_bshv, mask_b1ts, scale, mask_kind):
+    # cuDNN's own entry point: the public jax.nn one cannot take v narrower than q/k.
+    from jax._src.cudnn import fused_attention_stablehlo as fa
+
+    kind = fa.MaskType.NO_MASK if mask_kind == "given" else fa.MaskType.CAUSAL
+    call = lambda: fa.dot_product_attention(q_bthk, k_bshk, v_bshv, mask=mask_b1ts, scale=scale,  # noqa: E731
+                                            mask_type=kind)
+    if CUDNN_MASK_BIAS_GRAD or mask_b1ts is None:
+        return call()
+    if not hasattr(fa, "should_export_dbias"):
+        raise NotImplementedError("this JAX's cuDNN attention has no should_export_dbias switch; set "
+                                  "lcflash.model.mla.CUDNN_MASK_BIAS_GRAD = True")
+    export, fa.should_export_dbias = fa.should_export_dbias, lambda *_: False
+    try:   # read while tracing; the choice is then a static parameter of the traced call, backward included
+        return call()
+    finally:
+        fa.should_export_dbias = export
 
 
 def absorbed_attention(q_nope_bthk, q_pe_bthd, kv: LatentKV, w_kv_b_rhk, mask_bts, scale, qk_nope_dim,
