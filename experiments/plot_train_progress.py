@@ -1,0 +1,68 @@
+"""Training MFU of configs/small.py on one H200, change by change: a bar per measured `bench_train.py` run (the JSON
+beside each bar's label), against the 40% target of issue #8.
+
+    python experiments/plot_train_progress.py [--out experiments/train_progress.png]
+"""
+
+import argparse
+import json
+import os
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# (label, JSON written by experiments/bench_train.py), in the order the changes landed.
+RUNS = [
+    ("pallas gmm, 4x1024", "bench_train_profile_h200.json"),
+    ("+ cuDNN attention", "bench_train_cudnn.json"),
+    ("+ layer scan unrolled", "bench_train_unroll12_h200.json"),
+    ("16x1024, remat", "bench_train_b16_remat_unroll12_h200.json"),
+    ("+ dispatch/combine by gathers", "bench_train_b16_take_rows_h200.json"),
+    ("+ cuDNN told causal", "bench_train_b16_causal_h200.json"),
+    ("+ cuDNN MLA form (v 128)", "bench_train_b16_cudnn_mla_docmask_true_h200.json"),
+    ("+ remat keeps matmul outputs", "bench_train_b16_remat_dots_h200.json"),
+    ("+ gmm outputs kept, router bwd bf16x3", "bench_train_b16_dots_h200.json"),
+    ("same, 32x1024", "bench_train_b32_dots_router_bf16_3x_h200.json"),
+]
+TARGET = 0.40
+
+
+def load(path):
+    with open(os.path.join(HERE, path)) as fh:
+        d = json.load(fh)
+    row = next(r for r in d["results"] if "mfu" in r)
+    return row["mfu"], row["tokens_per_s"], d["batch"], d.get("date_utc", "")[:10]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.path.join(HERE, "train_progress.png"))
+    args = ap.parse_args()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [(label, *load(path)) for label, path in RUNS]
+    fig, ax = plt.subplots(figsize=(11, 5))
+    ys = [100 * r[1] for r in rows]
+    bars = ax.barh(range(len(rows)), ys, color=["#4c72b0" if r[3] == 4 else "#dd8452" if r[3] == 16 else "#55a868"
+                                                for r in rows])
+    for b, r in zip(bars, rows):
+        ax.text(b.get_width() + 0.3, b.get_y() + b.get_height() / 2, f"{100 * r[1]:.1f}%  {r[2]:,.0f} tok/s",
+                va="center", fontsize=8)
+    ax.axvline(100 * TARGET, color="red", ls="--", lw=1)
+    ax.text(100 * TARGET, len(rows) - 0.5, " 40% target", color="red", va="center", fontsize=8)
+    ax.set_yticks(range(len(rows)), [f"{r[0]} (b{r[3]})" for r in rows], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("MFU (model FLOPs / 989 TFLOP/s bf16 dense)")
+    ax.set_xlim(0, 45)
+    ax.set_title("configs/small.py training on one H200 (experiments/bench_train.py), change by change")
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=120)
+    for r in rows:
+        print(f"{r[0]:<40} b{r[3]:<3} {100 * r[1]:5.1f}% {r[2]:>9,.0f} tok/s  {r[4]}")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
