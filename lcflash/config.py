@@ -22,7 +22,7 @@ REMAT_POLICIES = ("nothing", "kernels", "dots")
 ROUTER_GRAD_PRECISIONS = ("highest", "bf16_3x")   # lcflash.model.router.ROUTER_GRAD_PRECISIONS
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # ModelConfig fields an experiment config sets in its `moe` section (cfg.moe.<key>), not in cfg.model.
-MOE_SECTION_FIELDS = {"gmm_impl": "gmm_impl", "overlap": "moe_overlap"}
+MOE_SECTION_FIELDS = {"gmm_impl": "gmm_impl", "overlap": "moe_overlap", "fuse_gate_up": "moe_fuse_gate_up"}
 
 
 class ConfigError(ValueError):
@@ -95,6 +95,9 @@ class ModelConfig:
     # ScMoE overlap (cfg.moe.overlap): False runs the MoE branch to completion before dense FFN 0, the baseline
     # that measures what the overlap hides (lcflash/model/layer.py). Values are identical either way.
     moe_overlap: bool = True
+    # cfg.moe.fuse_gate_up: the routed experts' gate and up projections as one grouped matmul against [gate | up]
+    # (lcflash.model.moe.expert_ffn). Same values; not yet timed on a GPU, hence off.
+    moe_fuse_gate_up: bool = False
 
     # ------------------------------------------------------------------ derived
     @property
@@ -172,6 +175,8 @@ def validate(cfg: ModelConfig, keys: dict[str, str] | None = None) -> ModelConfi
     req(isinstance(cfg.scan_unroll, int) and 1 <= cfg.scan_unroll <= cfg.num_layers, "scan_unroll",
         cfg.scan_unroll, f"must be an int in [1, num_layers={cfg.num_layers}]")
     req(isinstance(cfg.moe_overlap, bool), "moe_overlap", cfg.moe_overlap, "must be a bool (True or False)")
+    req(isinstance(cfg.moe_fuse_gate_up, bool), "moe_fuse_gate_up", cfg.moe_fuse_gate_up,
+        "must be a bool (True or False)")
     req(cfg.attn_impl in ATTN_IMPLS, "attn_impl", cfg.attn_impl, f"must be one of {ATTN_IMPLS}")
     req(cfg.train_attn_impl in TRAIN_ATTN_IMPLS, "train_attn_impl", cfg.train_attn_impl,
         f"must be one of {TRAIN_ATTN_IMPLS}")
@@ -188,8 +193,8 @@ MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig))
 
 
 def model_config(cfg) -> ModelConfig:
-    """Builds the ModelConfig from an ml_collections config (`cfg.model`, plus `cfg.moe.gmm_impl` and
-    `cfg.moe.overlap` if present)."""
+    """Builds the ModelConfig from an ml_collections config (`cfg.model`, plus the MOE_SECTION_FIELDS keys of
+    `cfg.moe` that are present)."""
     model = cfg.model if hasattr(cfg, "model") else cfg
     kw = dict(model.to_dict() if hasattr(model, "to_dict") else model)
     unknown = sorted(set(kw) - set(MODEL_FIELDS))

@@ -45,7 +45,8 @@ def test_empty_experts_and_all_zero_expert_tokens():
     np.testing.assert_allclose(np.asarray(got), np.asarray(moe_reference(x, routing, *w)), rtol=1e-5, atol=1e-6)
 
 
-def test_gradients_match_the_reference():
+@pytest.mark.parametrize("fuse_gate_up", [False, True])
+def test_gradients_match_the_reference(fuse_gate_up):
     T, N, Z, K, D, I = 13, 6, 3, 4, 8, 6
     x = jax.random.normal(jax.random.key(3), (T, D))
     wr = jax.random.normal(jax.random.key(4), (D, N + Z))
@@ -56,12 +57,29 @@ def test_gradients_match_the_reference():
         return jnp.sum(jnp.sin(fn(x, routing, w)))
 
     def dropless(x, r, w):
-        return zero_expert_output(x, r, N) + routed_experts(x, r, *w, "ragged_dot")
+        return zero_expert_output(x, r, N) + routed_experts(x, r, *w, "ragged_dot", fuse_gate_up)
 
     g1 = jax.grad(lambda *a: loss(dropless, *a), argnums=(0, 1, 2))(x, wr, w)
     g2 = jax.grad(lambda *a: loss(lambda x, r, w: moe_reference(x, r, *w), *a), argnums=(0, 1, 2))(x, wr, w)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["ragged_dot", "reference"])
+def test_fused_gate_up_gives_the_same_values_and_gradients(impl):
+    """moe.fuse_gate_up: one grouped matmul against [gate | up] instead of two, the same outputs and gradients."""
+    T, N, Z, K, D, I = 29, 8, 4, 6, 16, 12
+    x = jax.random.normal(jax.random.key(11), (T, D))
+    routing = route(x, jax.random.normal(jax.random.key(12), (D, N + Z)), jnp.zeros(N + Z), K, 6.0)
+    w = _weights(jax.random.key(13), N, D, I)
+    g = jax.random.normal(jax.random.key(14), (T, D))
+    out = {}
+    for fuse in (False, True):
+        f = lambda x, w, fuse=fuse: routed_experts(x, routing, *w, impl, fuse)  # noqa: E731
+        y, vjp = jax.vjp(f, x, w)
+        out[fuse] = [y, *jax.tree.leaves(vjp(g))]
+    for a, b in zip(out[True], out[False], strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
 
 
 def test_take_rows_gradient_is_the_inverse_gather():
@@ -136,3 +154,24 @@ def test_router_grad_precision_changes_only_the_backward(x_dtype):
     for a, b in zip(vjp_got(g), vjp_want(g), strict=True):
         assert a.dtype == b.dtype
         assert rel(a, b) < (1e-5 if a.dtype == jnp.float32 else 4e-3), rel(a, b)   # bf16 dx: one rounding
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="the Mosaic GPU grouped matmul kernels")
+def test_fused_gate_up_on_the_pallas_kernels():
+    """On a GPU, in bf16 with the kernels: fused gate|up errs against the fp32 per-expert loop no more than the two
+    separate products do (its d_x sums both halves in fp32 before rounding, so it may err less)."""
+    T, N, Z, K, D, I = 512, 8, 4, 6, 256, 128
+    x = jax.random.normal(jax.random.key(21), (T, D))
+    routing = route(x, jax.random.normal(jax.random.key(22), (D, N + Z)), jnp.zeros(N + Z), K, 6.0)
+    w = _weights(jax.random.key(23), N, D, I)
+    g = jax.random.normal(jax.random.key(24), (T, D))
+    y32, vjp32 = jax.vjp(lambda x, w: routed_experts(x, routing, *w, "reference"), x, w)
+    want = [y32, *jax.tree.leaves(vjp32(g))]
+    errs = {}
+    for fuse in (False, True):
+        f = lambda x, w, fuse=fuse: routed_experts(x.astype(jnp.bfloat16), routing, *w, "pallas_chain", fuse)  # noqa
+        y, vjp = jax.vjp(f, x, w)
+        errs[fuse] = [rel(a, b) for a, b in zip([y, *jax.tree.leaves(vjp(g))], want, strict=True)]
+    assert max(errs[False]) < 2e-2, errs
+    for k in range(len(want)):
+        assert errs[True][k] <= 1.1 * errs[False][k], errs

@@ -12,7 +12,7 @@ needs with static shapes; `lcflash.plan` counts it. All functions run per device
 import jax
 import jax.numpy as jnp
 
-from lcflash.kernels.gmm import gmm
+from lcflash.model.moe import expert_ffn
 
 
 def _excl_cumsum(x, axis=-1):
@@ -65,14 +65,11 @@ def dispatch(x_td, experts_tk, n_experts: int, axis, ep: int, ragged_all_to_all=
     return recv, (order_m, counts_se)
 
 
-def expert_mlp(recv_md, state, w_gate_ndf, w_up_ndf, w_down_nfd, axis, impl: str):
+def expert_mlp(recv_md, state, w_gate_ndf, w_up_ndf, w_down_nfd, axis, impl: str, fuse_gate_up: bool = False):
     """Grouped SwiGLU over the received rows (rows past the last group come back zero)."""
     _, counts_se = state
     plan = Plan(counts_se, jax.lax.axis_index(axis), w_gate_ndf.shape[0])
-    dtype = recv_md.dtype
-    g = gmm(recv_md, w_gate_ndf.astype(dtype), plan.group_sizes, impl=impl)
-    u = gmm(recv_md, w_up_ndf.astype(dtype), plan.group_sizes, impl=impl)
-    return gmm(jax.nn.silu(g) * u, w_down_nfd.astype(dtype), plan.group_sizes, impl=impl)
+    return expert_ffn(recv_md, plan.group_sizes, w_gate_ndf, w_up_ndf, w_down_nfd, impl, fuse_gate_up)
 
 
 def combine(y_md, state, n_slots: int, axis, n_local: int, ragged_all_to_all=jax.lax.ragged_all_to_all):

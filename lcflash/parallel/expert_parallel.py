@@ -108,7 +108,7 @@ def combine(state: dict, w_gate, w_up, w_down, cfg: ModelConfig, ctx: ParallelCo
         T_l = st["experts"].shape[0]
         if mode == "local":
             routing = Routing(None, st["experts"], st["weights"])
-            y_td = routed_experts(st["x"], routing, wg, wu, wd, cfg.gmm_impl)
+            y_td = routed_experts(st["x"], routing, wg, wu, wd, cfg.gmm_impl, cfg.moe_fuse_gate_up)
         else:
             if mode == "all_to_all":
                 cap = st["recv"].shape[0] // N
@@ -116,7 +116,8 @@ def combine(state: dict, w_gate, w_up, w_down, cfg: ModelConfig, ctx: ParallelCo
                 y_md = ep_all_to_all.combine(y, st["row"], _axis(eax))
             else:
                 rstate = (st["order"], st["counts"][0])
-                y = ep_ragged_all_to_all.expert_mlp(st["recv"], rstate, wg, wu, wd, _axis(eax), cfg.gmm_impl)
+                y = ep_ragged_all_to_all.expert_mlp(st["recv"], rstate, wg, wu, wd, _axis(eax), cfg.gmm_impl,
+                                                    cfg.moe_fuse_gate_up)
                 y_md = ep_ragged_all_to_all.combine(y, rstate, T_l * K, _axis(eax), N // ep, a2a)
             is_ffn = st["experts"].reshape(-1) < N
             w_m = jnp.where(is_ffn, st["weights"].reshape(-1), 0.0)
