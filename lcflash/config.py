@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Any
 
 import jax.numpy as jnp
@@ -228,6 +229,8 @@ def explain_config_flags(argv) -> str | None:
             path = next(args, None)
         elif a.startswith("--config."):
             keys.append(a[len("--config."):].split("=", 1)[0])
+    if path and not os.path.isfile(path) and ":" in path:   # ml_collections' "file.py:arguments" form
+        path = path.split(":", 1)[0]
     try:
         cfg = load_config(path) if path else None
     except ConfigError as e:
@@ -248,7 +251,6 @@ def explain_config_flags(argv) -> str | None:
 def load_config(path: str, overrides: dict | None = None):
     """Loads an ml_collections config file (`get_config()`), applies dotted overrides, validates the model."""
     import importlib.util
-    import os
 
     if not os.path.isfile(path):
         raise ConfigError(f"config file {path!r} does not exist")
