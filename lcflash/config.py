@@ -81,6 +81,9 @@ class ModelConfig:
     # attention (GPU only); "auto" picks cudnn on a GPU, else xla; "dpa_xla" is jax.nn.dot_product_attention on XLA
     # (the fused path's q/k assembly and mask kinds, testable on any backend).
     train_attn_impl: str = "xla"
+    # With "cudnn" and a document mask: False stops cuDNN writing the gradient of the mask's bias, which JAX's
+    # wrapper always requests and nothing reads (lcflash/model/mla.py). Same values; not yet timed, hence True.
+    cudnn_mask_bias_grad: bool = True
     remat: bool = False
     # What a rematerialised layer keeps for its backward pass (lcflash/model/common.py): "nothing" recomputes the
     # whole layer (least memory); "kernels" keeps the outputs of its fused kernels (grouped expert matmuls, flash
@@ -182,6 +185,8 @@ def validate(cfg: ModelConfig, keys: dict[str, str] | None = None) -> ModelConfi
     req(cfg.train_attn_impl in TRAIN_ATTN_IMPLS, "train_attn_impl", cfg.train_attn_impl,
         f"must be one of {TRAIN_ATTN_IMPLS}")
     req(cfg.remat_policy in REMAT_POLICIES, "remat_policy", cfg.remat_policy, f"must be one of {REMAT_POLICIES}")
+    req(isinstance(cfg.cudnn_mask_bias_grad, bool), "cudnn_mask_bias_grad", cfg.cudnn_mask_bias_grad,
+        "must be a bool (True or False)")
     req(cfg.router_grad_precision in ROUTER_GRAD_PRECISIONS, "router_grad_precision", cfg.router_grad_precision,
         f"must be one of {ROUTER_GRAD_PRECISIONS}")
     for f in ("bos_token_id", "eos_token_id"):
