@@ -178,15 +178,12 @@ def validate(cfg: ModelConfig, keys: dict[str, str] | None = None) -> ModelConfi
     req(cfg.gmm_impl in GMM_IMPLS, "gmm_impl", cfg.gmm_impl, f"must be one of {GMM_IMPLS}")
     req(isinstance(cfg.scan_unroll, int) and 1 <= cfg.scan_unroll <= cfg.num_layers, "scan_unroll",
         cfg.scan_unroll, f"must be an int in [1, num_layers={cfg.num_layers}]")
-    req(isinstance(cfg.moe_overlap, bool), "moe_overlap", cfg.moe_overlap, "must be a bool (True or False)")
-    req(isinstance(cfg.moe_fuse_gate_up, bool), "moe_fuse_gate_up", cfg.moe_fuse_gate_up,
-        "must be a bool (True or False)")
+    for f in ("moe_overlap", "moe_fuse_gate_up", "cudnn_mask_bias_grad"):
+        req(isinstance(getattr(cfg, f), bool), f, getattr(cfg, f), "must be a bool (True or False)")
     req(cfg.attn_impl in ATTN_IMPLS, "attn_impl", cfg.attn_impl, f"must be one of {ATTN_IMPLS}")
     req(cfg.train_attn_impl in TRAIN_ATTN_IMPLS, "train_attn_impl", cfg.train_attn_impl,
         f"must be one of {TRAIN_ATTN_IMPLS}")
     req(cfg.remat_policy in REMAT_POLICIES, "remat_policy", cfg.remat_policy, f"must be one of {REMAT_POLICIES}")
-    req(isinstance(cfg.cudnn_mask_bias_grad, bool), "cudnn_mask_bias_grad", cfg.cudnn_mask_bias_grad,
-        "must be a bool (True or False)")
     req(cfg.router_grad_precision in ROUTER_GRAD_PRECISIONS, "router_grad_precision", cfg.router_grad_precision,
         f"must be one of {ROUTER_GRAD_PRECISIONS}")
     for f in ("bos_token_id", "eos_token_id"):
@@ -251,6 +248,17 @@ def explain_config_flags(argv) -> str | None:
                         + (f"; did you mean {', '.join(hint)}?" if hint else ""))
             node, done = node[part], done + [part]
     return None
+
+
+def bad_override_message(argv, error: Exception) -> str:
+    """The CLIs' one line for an exception ml_collections raised while parsing `--config.*` flags:
+    `explain_config_flags`, else the exception's own message (a KeyError's unquoted)."""
+    import ast
+
+    msg = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+    while len(msg) > 1 and msg[0] == msg[-1] == "'":  # KeyErrors nest the repr of the inner message
+        msg = ast.literal_eval(msg)
+    return f"bad --config override: {explain_config_flags(argv) or msg}"
 
 
 def load_config(path: str, overrides: dict | None = None):

@@ -23,7 +23,7 @@ import sys
 import jax
 import numpy as np
 
-from lcflash.config import ConfigError, ModelConfig, explain_config_flags, model_config
+from lcflash.config import ConfigError, ModelConfig, bad_override_message, model_config
 from lcflash.parallel.mesh import check_model_fits, mesh_shape
 from lcflash.parallel.rules import mesh_axes_for, rules_from_config
 
@@ -211,7 +211,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (KeyError, AttributeError, ValueError, TypeError) as e:  # ml_collections on a --config.* override
-        print(f"error: bad --config override: {explain_config_flags(sys.argv[1:]) or e}", file=sys.stderr)
+        print(f"error: {bad_override_message(sys.argv[1:], e)}", file=sys.stderr)
         return 2
     if config.value is None:
         print("error: --config is required", file=sys.stderr)

@@ -146,7 +146,10 @@ def test_cudnn_mask_bias_grad_switch_reaches_the_backward(monkeypatch, mask_bias
     q = jax.random.normal(jax.random.key(0), (B, T, H, 192), jnp.bfloat16)
     v = jax.random.normal(jax.random.key(1), (B, T, H, 128), jnp.bfloat16)
     mask = causal_mask(B, T, T, None, jnp.zeros((B, T), jnp.int32).at[:, 50:].set(1))[:, None]
-    f = lambda q, k, v: jnp.sum(mla._cudnn_attention(q, k, v, mask, 0.1, "causal_docs", mask_bias_grad).astype(jnp.float32))  # noqa
+
+    def f(q, k, v):
+        return jnp.sum(mla._cudnn_attention(q, k, v, mask, 0.1, "causal_docs", mask_bias_grad).astype(jnp.float32))
+
     jaxpr = str(jax.make_jaxpr(jax.grad(f, argnums=(0, 1, 2)))(q, q, v))
     assert set(re.findall(r"variadic_args=\(([^)]*)\)", jaxpr)) == {f"True, {mask_bias_grad}"}
     assert fa.should_export_dbias is export

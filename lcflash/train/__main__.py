@@ -4,7 +4,6 @@ Re-running on a workdir that holds checkpoints resumes from the newest one. Over
 exist are errors (the config is locked).
 """
 
-import ast
 import os
 import sys
 
@@ -51,10 +50,7 @@ if __name__ == "__main__":
             raise
         # ml_collections rejects an override of a field that does not exist (the config is locked) or of the
         # wrong type while absl parses the flags, before main() runs.
-        from lcflash.config import explain_config_flags
+        from lcflash.config import bad_override_message
 
-        msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
-        while len(msg) > 1 and msg[0] == msg[-1] == "'":  # KeyErrors nest the repr of the inner message
-            msg = ast.literal_eval(msg)
-        print(f"error: bad --config override: {explain_config_flags(sys.argv[1:]) or msg}", file=sys.stderr)
+        print(f"error: {bad_override_message(sys.argv[1:], e)}", file=sys.stderr)
         sys.exit(2)
