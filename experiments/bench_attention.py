@@ -4,7 +4,6 @@ MLA's heads have qk 192 (nope 128 + rope 64) and v 128. The variants, all bf16 f
   dpa_mask     : the model's path until session 7: `jax.nn.dot_product_attention`, v zero-padded to 192, the
                  segment mask as a dense mask (cuDNN turns it into a bias), is_causal=True
   model        : the model's path now, `lcflash.model.mla.fused_attention(..., "cudnn", "causal_docs")`
-  model_no_dbias : the same without the mask bias's gradient (model.cudnn_mask_bias_grad=False)
   dpa_causal   : `jax.nn.dot_product_attention` without the segment mask (not the model's semantics)
   cudnn_causal : cuDNN's MLA form (v kept at 128) through `jax._src.cudnn`, causal, no segments
   cudnn_mask   : the same with the segment mask (as a bias)
@@ -63,8 +62,8 @@ def variants(seg_bt, max_segments):
                                             mask=mask_bts[:, None] if with_mask else None, scale=SCALE,
                                             is_causal=True, implementation="cudnn")[..., :v.shape[-1]]
 
-    def model(q_nope, q_pe, k_nope, kpe, v, bias_grad=True):
-        return mla.fused_attention(q_nope, q_pe, k_nope, kpe, v, mask_bts, SCALE, "cudnn", "causal_docs", bias_grad)
+    def model(q_nope, q_pe, k_nope, kpe, v):
+        return mla.fused_attention(q_nope, q_pe, k_nope, kpe, v, mask_bts, SCALE, "cudnn", "causal_docs")
 
     def cudnn(q_nope, q_pe, k_nope, kpe, v, packed=False, pad_v=False, bias=False):
         from jax._src.cudnn import fused_attention_stablehlo as fa
@@ -81,7 +80,6 @@ def variants(seg_bt, max_segments):
     return {
         "dpa_mask": dpa,
         "model": model,
-        "model_no_dbias": functools.partial(model, bias_grad=False),
         "dpa_causal": functools.partial(dpa, with_mask=False),
         "cudnn_causal": cudnn,
         "cudnn_mask": functools.partial(cudnn, bias=True),

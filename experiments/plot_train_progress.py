@@ -22,6 +22,8 @@ RUNS = [
     ("+ remat keeps matmul outputs", "bench_train_b16_remat_dots_h200.json"),
     ("+ gmm outputs kept, router bwd bf16x3", "bench_train_b16_dots_h200.json"),
     ("same, 32x1024", "bench_train_b32_dots_router_bf16_3x_h200.json"),
+    ("+ slot gathers, gate|up fused, bf16 experts kept", "bench_train_b32_small_h200.json"),
+    ("same, 16x1024", "bench_train_b16_small_h200.json"),
 ]
 TARGET = 0.40
 

@@ -81,14 +81,11 @@ class ModelConfig:
     # attention (GPU only); "auto" picks cudnn on a GPU, else xla; "dpa_xla" is jax.nn.dot_product_attention on XLA
     # (the fused path's q/k assembly and mask kinds, testable on any backend).
     train_attn_impl: str = "xla"
-    # With "cudnn" and a document mask: False stops cuDNN writing the gradient of the mask's bias, which JAX's
-    # wrapper always requests and nothing reads (lcflash/model/mla.py). Same values; not yet timed, hence True.
-    cudnn_mask_bias_grad: bool = True
     remat: bool = False
     # What a rematerialised layer keeps for its backward pass (lcflash/model/common.py): "nothing" recomputes the
     # whole layer (least memory); "kernels" keeps the outputs of its fused kernels (grouped expert matmuls, flash
     # attention) and recomputes the rest, which is elementwise work and the dense matmuls; "dots" also keeps every
-    # matmul output, so only elementwise work is recomputed.
+    # matmul output and the expert weights cast to the compute dtype, so only elementwise work is recomputed.
     remat_policy: str = "nothing"
     # The router's backward products: "highest" (fp32, like its forward) or "bf16_3x" (tensor cores, 3 bf16 passes;
     # the forward that picks the experts stays fp32 either way; lcflash/model/router.py).
@@ -178,7 +175,7 @@ def validate(cfg: ModelConfig, keys: dict[str, str] | None = None) -> ModelConfi
     req(cfg.gmm_impl in GMM_IMPLS, "gmm_impl", cfg.gmm_impl, f"must be one of {GMM_IMPLS}")
     req(isinstance(cfg.scan_unroll, int) and 1 <= cfg.scan_unroll <= cfg.num_layers, "scan_unroll",
         cfg.scan_unroll, f"must be an int in [1, num_layers={cfg.num_layers}]")
-    for f in ("moe_overlap", "moe_fuse_gate_up", "cudnn_mask_bias_grad"):
+    for f in ("moe_overlap", "moe_fuse_gate_up"):
         req(isinstance(getattr(cfg, f), bool), f, getattr(cfg, f), "must be a bool (True or False)")
     req(cfg.attn_impl in ATTN_IMPLS, "attn_impl", cfg.attn_impl, f"must be one of {ATTN_IMPLS}")
     req(cfg.train_attn_impl in TRAIN_ATTN_IMPLS, "train_attn_impl", cfg.train_attn_impl,

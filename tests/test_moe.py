@@ -39,7 +39,7 @@ def test_empty_experts_and_all_zero_expert_tokens():
     weights = jax.random.uniform(jax.random.key(1), (T, K))
     routing = Routing(jnp.zeros((T, N + Z)), jnp.asarray(experts), weights)
     w = _weights(jax.random.key(2), N, D, I)
-    order, sizes = sort_slots(routing.experts_tk, N)
+    sizes = sort_slots(routing.experts_tk, N).group_sizes_g
     np.testing.assert_array_equal(np.asarray(sizes), [0, 0, T - len(range(0, T, 3)), 0])
     got = zero_expert_output(x, routing, N) + routed_experts(x, routing, *w, "ragged_dot")
     np.testing.assert_allclose(np.asarray(got), np.asarray(moe_reference(x, routing, *w)), rtol=1e-5, atol=1e-6)
@@ -67,39 +67,83 @@ def test_gradients_match_the_reference(fuse_gate_up):
 
 @pytest.mark.parametrize("impl", ["ragged_dot", "reference"])
 def test_fused_gate_up_gives_the_same_values_and_gradients(impl):
-    """moe.fuse_gate_up: one grouped matmul against [gate | up] instead of two, the same outputs and gradients."""
+    """moe.fuse_gate_up: one grouped matmul against [gate | up] instead of two, the same outputs and gradients.
+    In float64: in fp32 the two differ by rounding (one 2I-wide contraction against two I-wide ones plus their
+    sum; both ~1e-5 from the float64 result at these shapes)."""
     T, N, Z, K, D, I = 29, 8, 4, 6, 16, 12
-    x = jax.random.normal(jax.random.key(11), (T, D))
-    routing = route(x, jax.random.normal(jax.random.key(12), (D, N + Z)), jnp.zeros(N + Z), K, 6.0)
-    w = _weights(jax.random.key(13), N, D, I)
-    g = jax.random.normal(jax.random.key(14), (T, D))
-    out = {}
-    for fuse in (False, True):
-        f = lambda x, w, fuse=fuse: routed_experts(x, routing, *w, impl, fuse)  # noqa: E731
-        y, vjp = jax.vjp(f, x, w)
-        out[fuse] = [y, *jax.tree.leaves(vjp(g))]
-    for a, b in zip(out[True], out[False], strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+    with jax.enable_x64(True):
+        f64 = lambda a: jnp.asarray(a, jnp.float64)  # noqa: E731
+        x = f64(jax.random.normal(jax.random.key(11), (T, D)))
+        routing = route(x, f64(jax.random.normal(jax.random.key(12), (D, N + Z))), jnp.zeros(N + Z), K, 6.0)
+        w = jax.tree.map(f64, _weights(jax.random.key(13), N, D, I))
+        g = f64(jax.random.normal(jax.random.key(14), (T, D)))
+        out = {}
+        for fuse in (False, True):
+            f = lambda x, w, fuse=fuse: routed_experts(x, routing, *w, impl, fuse)  # noqa: E731
+            y, vjp = jax.vjp(f, x, w)
+            out[fuse] = [y, *jax.tree.leaves(vjp(g))]
+        for a, b in zip(out[True], out[False], strict=True):
+            assert a.dtype == jnp.float64
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-12)
 
 
-def test_take_rows_gradient_is_the_inverse_gather():
-    """take_rows(x, idx, inv) == x[idx] and its gradient equals the scatter-add gradient of x[idx], for the
-    dispatch form (each of T rows repeated K times, then permuted)."""
-    from lcflash.model.moe import take_rows
+def _random_slots(key, T, N, Z, K):
+    experts = jax.vmap(lambda k: jax.random.choice(k, N + Z, (K,), replace=False))(jax.random.split(key, T))
+    return experts, sort_slots(experts, N)
 
-    T, K, D = 7, 3, 5
-    x = jax.random.normal(jax.random.key(0), (T, D))
-    order = jax.random.permutation(jax.random.key(1), T * K)
-    inv = jnp.zeros_like(order).at[order].set(jnp.arange(T * K))
-    ct = jax.random.normal(jax.random.key(2), (T * K, D))
 
-    def ours(x):
-        return take_rows(jnp.broadcast_to(x[:, None], (T, K, D)).reshape(T * K, D), order, inv)
+@pytest.mark.parametrize("T,N,Z,K", [(7, 4, 3, 3), (16, 8, 0, 2), (5, 2, 9, 6)])
+def test_sort_slots_orders_ffn_slots_by_expert(T, N, Z, K):
+    experts, s = _random_slots(jax.random.key(T + 10 * Z), T, N, Z, K)
+    e_m = np.minimum(np.asarray(experts).reshape(-1), N)
+    order = np.asarray(s.order_m)
+    np.testing.assert_array_equal(order, np.argsort(e_m, kind="stable"))
+    np.testing.assert_array_equal(np.asarray(s.group_sizes_g), np.bincount(e_m, minlength=N + 1)[:N])
+    n_valid = int(np.sum(e_m < N))
+    np.testing.assert_array_equal(np.asarray(s.valid_m), np.arange(T * K) < n_valid)
+    row = np.argsort(order)  # the inverse permutation
+    ffn = e_m < N
+    np.testing.assert_array_equal(np.asarray(s.row_tk).reshape(-1), np.where(ffn, row, 0))
+    np.testing.assert_array_equal(np.asarray(s.tok_m), np.where(np.arange(T * K) < n_valid, order // K, 0))
 
-    np.testing.assert_array_equal(ours(x), x[order // K])
-    g = jax.grad(lambda x: jnp.sum(ours(x) * ct))(x)
-    g_ref = jax.grad(lambda x: jnp.sum(x[order // K] * ct))(x)
-    np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), rtol=1e-6, atol=1e-6)
+
+@pytest.mark.parametrize("T,N,Z,K", [(7, 4, 3, 3), (16, 8, 0, 2), (5, 2, 9, 6)])
+def test_dispatch_and_combine_rows_equal_plain_gathers(T, N, Z, K):
+    """dispatch_rows / combine_rows (gathers both ways, zero-expert slots skipped) against their plain-JAX
+    definitions, whose gradients are scatter-adds: values and gradients, the zero-expert rows included."""
+    from lcflash.model.slots import combine_rows, dispatch_rows
+
+    D = 5
+    kx, ky, kw, kg, kh, ks = jax.random.split(jax.random.key(T * 7 + K), 6)
+    experts, s = _random_slots(ks, T, N, Z, K)
+    ffn_tk = experts < N
+    order = s.order_m
+    row_tk = jnp.argsort(order).reshape(T, K)
+    valid = (jnp.arange(T * K) < jnp.sum(ffn_tk))[:, None]
+
+    def dispatch_ref(x):  # row m is token order[m] // K; rows past the FFN slots are not read downstream
+        return jnp.where(valid, x[order // K], 0.0)
+
+    def combine_ref(y, w):
+        return jnp.sum(jnp.where(ffn_tk[..., None], y[row_tk] * w[..., None], 0.0), axis=1)
+
+    x = jax.random.normal(kx, (T, D))
+    ct_md = jax.random.normal(kg, (T * K, D))
+    got, vjp = jax.vjp(lambda x: jnp.where(valid, dispatch_rows(x, s), 0.0), x)
+    want, vjp_ref = jax.vjp(dispatch_ref, x)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_allclose(vjp(ct_md)[0], vjp_ref(ct_md)[0], rtol=1e-6, atol=1e-6)
+
+    y = jax.random.normal(ky, (T * K, D))
+    w = jnp.where(ffn_tk, jax.random.uniform(kw, (T, K)), 0.0)
+    ct_td = jax.random.normal(kh, (T, D))
+    got, vjp = jax.vjp(lambda y, w: combine_rows(y, w, s), y, w)
+    want, vjp_ref = jax.vjp(combine_ref, y, w)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    d_y, d_w = vjp(ct_td)
+    d_y_ref, d_w_ref = vjp_ref(ct_td)
+    np.testing.assert_allclose(d_y, d_y_ref, rtol=1e-6, atol=1e-6)  # zero on the rows past the FFN slots
+    np.testing.assert_allclose(d_w, jnp.where(ffn_tk, d_w_ref, 0.0), rtol=1e-6, atol=1e-6)
 
 
 def test_router_bias_selects_but_does_not_weigh():
@@ -178,3 +222,4 @@ def test_fused_gate_up_on_the_pallas_kernels():
     assert max(errs[False]) < 2e-2, errs
     for k in range(len(want)):
         assert errs[True][k] <= 1.1 * errs[False][k], errs
+

@@ -75,6 +75,31 @@ def test_kernels_policy_keeps_the_mosaic_gpu_gmm_output(monkeypatch):
     assert launches == {"nothing": 4, "kernels": 3, "dots": 3}, launches
 
 
+@pytest.mark.parametrize("fuse_gate_up", [False, True])
+def test_dots_policy_keeps_the_expert_weights_cast_to_the_compute_dtype(monkeypatch, fuse_gate_up):
+    """Traced for a GPU: under "dots" the backward pass reuses the bf16 expert weights of the forward pass (named
+    lcflash.kernels.COMPUTE_WEIGHTS) instead of casting the fp32 stacks again; the other policies recast them."""
+    import re
+
+    from lcflash.kernels.gmm import mgpu_kernels, pallas_gmm
+    from lcflash.model.moe import expert_ffn
+
+    monkeypatch.setattr(pallas_gmm, "_interpret", lambda: False)
+    monkeypatch.setattr(mgpu_kernels, "_num_sms", lambda interpret: 132)
+    x = jax.random.normal(jax.random.key(0), (256, 128), jnp.bfloat16)
+    ws = [jax.random.normal(jax.random.key(i), (2, 128, 128)) for i in (1, 2, 3)]
+    sizes = jnp.array([100, 80], jnp.int32)
+
+    def layer(x, *ws):
+        y = expert_ffn(jnp.cos(x), sizes, *ws, "pallas_chain", fuse_gate_up)
+        return jnp.sum(jnp.sin(y).astype(jnp.float32))
+
+    casts = {p: len(re.findall(r"bf16\[2,128,(?:128|256)\] = convert_element_type", str(jax.make_jaxpr(
+        jax.grad(jax.checkpoint(layer, policy=POLICY_FNS[p]), argnums=(1, 2, 3)))(x, *ws)))) for p in REMAT_POLICIES}
+    forward = 2 if fuse_gate_up else 3   # [gate | up] is cast as one array
+    assert casts == {"nothing": 2 * forward, "kernels": 2 * forward, "dots": forward}, casts
+
+
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="the Mosaic GPU and cuDNN kernels (Pallas' CPU interpreter "
                     "runs callbacks, which jax.checkpoint cannot partially evaluate)")
 def test_kernels_policy_keeps_the_pallas_and_cudnn_kernels_on_gpu():

@@ -73,12 +73,12 @@ def _attention_case(dtype, docs=True, seed=0):
     return (cast(q_nope), cast(q_pe), jax.tree.map(cast, kv), cast(w_kv_b)), mask, dn
 
 
-def _attention_and_grads(impl, dtype, mask_kind="given", mask_bias_grad=True):
+def _attention_and_grads(impl, dtype, mask_kind="given"):
     args, mask, dn = _attention_case(dtype, docs=mask_kind != "causal")
     w = jax.random.normal(jax.random.key(9), args[0].shape[:3] + (128,), jnp.float32)
 
     def f(*a):
-        o = expanded_attention(*a, mask, 0.07, dn, impl, mask_kind, mask_bias_grad)
+        o = expanded_attention(*a, mask, 0.07, dn, impl, mask_kind)
         return jnp.sum(w * o.astype(jnp.float32)), o
 
     (_, o), g = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3), has_aux=True))(*args)
@@ -86,13 +86,11 @@ def _attention_and_grads(impl, dtype, mask_kind="given", mask_bias_grad=True):
 
 
 @pytest.mark.skipif(not ON_GPU, reason="cuDNN attention needs a GPU")
-@pytest.mark.parametrize("mask_bias_grad", [True, False])
-def test_cudnn_attention_matches_fp32_as_closely_as_xla_bf16(mask_bias_grad):
+def test_cudnn_attention_matches_fp32_as_closely_as_xla_bf16():
     """In bf16, cuDNN's output and input gradients err against the fp32 attention (matmul precision 'highest') by
     no more than twice the XLA bf16 path's own error, for every mask kind (packed documents given as a mask, or
     promised causal so blocks are skipped; a plain causal mask dropped). (At the attention itself: a whole bf16 MoE
-    model flips routing choices, which swamps the comparison.) Also with cuDNN's unused mask-bias gradient skipped
-    (model.cudnn_mask_bias_grad=False)."""
+    model flips routing choices, which swamps the comparison.)"""
     for kinds in (("given", "causal_docs"), ("causal",)):
         with jax.default_matmul_precision("highest"):
             o32, g32 = _attention_and_grads("xla", jnp.float32, kinds[0])
@@ -100,7 +98,7 @@ def test_cudnn_attention_matches_fp32_as_closely_as_xla_bf16(mask_bias_grad):
         ref = [rel(o, o32)] + [rel(a, b) for a, b in zip(g, g32)]
         assert max(ref) < 2e-2, ref    # the bf16 reference itself is sane
         for kind in kinds:
-            o, g = _attention_and_grads("cudnn", jnp.bfloat16, kind, mask_bias_grad)
+            o, g = _attention_and_grads("cudnn", jnp.bfloat16, kind)
             errs = [rel(o, o32)] + [rel(a, b) for a, b in zip(g, g32)]
             for k in range(len(ref)):
                 assert errs[k] <= 2 * ref[k], (kind, k, errs, ref)
@@ -128,10 +126,10 @@ def test_document_mask_off_attends_across_documents():
     assert not np.allclose(crossed[0], kept[0])
 
 
-@pytest.mark.parametrize("mask_bias_grad", [True, False])
-def test_cudnn_mask_bias_grad_switch_reaches_the_backward(monkeypatch, mask_bias_grad):
-    """Traced only (any backend): mask_bias_grad=False gives cuDNN's backward no bias-gradient output
-    (variadic_args (has_bias, has_dbias) = (True, False)), and JAX's own switch is restored after the trace."""
+def test_cudnn_backward_writes_no_mask_bias_gradient(monkeypatch):
+    """Traced only (any backend, either JAX): cuDNN's backward gets no bias-gradient output for the boolean mask
+    (variadic_args (has_bias, has_dbias) = (True, False)); on a JAX with the `should_export_dbias` switch, the
+    switch is restored after the trace."""
     import re
 
     from jax._src.cudnn import fused_attention_stablehlo as fa
@@ -141,15 +139,17 @@ def test_cudnn_mask_bias_grad_switch_reaches_the_backward(monkeypatch, mask_bias
     if not ON_GPU:  # no cuDNN to ask for its version and head-size limits here
         monkeypatch.setattr(fa, "check_cudnn_version", lambda: 91000)
         monkeypatch.setattr(fa, "check_is_flash_attention", lambda *a, **k: None)
-    export = fa.should_export_dbias
+    export = getattr(fa, "should_export_dbias", None)
     B, T, H = 2, 128, 4
     q = jax.random.normal(jax.random.key(0), (B, T, H, 192), jnp.bfloat16)
     v = jax.random.normal(jax.random.key(1), (B, T, H, 128), jnp.bfloat16)
     mask = causal_mask(B, T, T, None, jnp.zeros((B, T), jnp.int32).at[:, 50:].set(1))[:, None]
 
     def f(q, k, v):
-        return jnp.sum(mla._cudnn_attention(q, k, v, mask, 0.1, "causal_docs", mask_bias_grad).astype(jnp.float32))
+        return jnp.sum(mla._cudnn_attention(q, k, v, mask, 0.1, "causal_docs").astype(jnp.float32))
 
     jaxpr = str(jax.make_jaxpr(jax.grad(f, argnums=(0, 1, 2)))(q, q, v))
-    assert set(re.findall(r"variadic_args=\(([^)]*)\)", jaxpr)) == {f"True, {mask_bias_grad}"}
-    assert fa.should_export_dbias is export
+    assert set(re.findall(r"variadic_args=\(([^)]*)\)", jaxpr)) == {"True, False"}
+    assert getattr(fa, "should_export_dbias", None) is export
+    with pytest.raises(ValueError, match="must be boolean"):
+        mla._cudnn_attention(q, q, v, mask.astype(jnp.bfloat16), 0.1, "causal_docs")

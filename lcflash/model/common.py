@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lcflash.kernels import KERNEL_OUTPUT
+from lcflash.kernels import COMPUTE_WEIGHTS, KERNEL_OUTPUT
 
 
 class RouterBias(nnx.Variable):
@@ -52,13 +52,19 @@ def keep_kernel_outputs(prim, *_, **params) -> bool:
     return prim.name in KERNEL_PRIMITIVES or (prim.name == "name" and params.get("name") == KERNEL_OUTPUT)
 
 
+def keep_kernel_outputs_and_weights(prim, *args, **params) -> bool:
+    is_weights = prim.name == "name" and params.get("name") == COMPUTE_WEIGHTS
+    return is_weights or keep_kernel_outputs(prim, *args, **params)
+
+
 # model.remat_policy (lcflash.config.REMAT_POLICIES) -> jax.checkpoint policy. "dots" also keeps every matmul
-# output (dense projections and the fp32 router), leaving only elementwise work to recompute.
+# output (dense projections and the fp32 router) and the expert weights cast to the compute dtype, leaving only
+# elementwise work to recompute.
 POLICY_FNS = {
     "nothing": jax.checkpoint_policies.nothing_saveable,
     "kernels": keep_kernel_outputs,
     "dots": jax.checkpoint_policies.save_from_both_policies(jax.checkpoint_policies.dots_saveable,
-                                                            keep_kernel_outputs),
+                                                            keep_kernel_outputs_and_weights),
 }
 
 

@@ -49,17 +49,16 @@ MASK_KINDS = ("given", "causal_docs", "causal")
 
 
 def expanded_attention(q_nope_bthk, q_pe_bthd, kv: LatentKV, w_kv_b_rhk, mask_bts, scale, qk_nope_dim,
-                       impl: str = "xla", mask_kind: str = "given", mask_bias_grad: bool = True):
+                       impl: str = "xla", mask_kind: str = "given"):
     """Attention with keys/values expanded per head from the latent (training and prefill form). impl "xla"
-    materialises the [B, H, T, S] scores; "cudnn" is cuDNN's fused flash attention (`fused_attention`, which
-    takes mask_bias_grad); "dpa_xla" is `jax.nn.dot_product_attention` on XLA, to test the mask plumbing on any
-    backend."""
+    materialises the [B, H, T, S] scores; "cudnn" is cuDNN's fused flash attention (`fused_attention`); "dpa_xla"
+    is `jax.nn.dot_product_attention` on XLA, to test the mask plumbing on any backend."""
     dtype = q_nope_bthk.dtype
     kv_bshk = jnp.einsum("bsr,rhk->bshk", kv.c_bsr.astype(dtype), w_kv_b_rhk.astype(dtype))
     k_nope_bshk, v_bshv = kv_bshk[..., :qk_nope_dim], kv_bshk[..., qk_nope_dim:]
     if impl != "xla":
         return fused_attention(q_nope_bthk, q_pe_bthd, k_nope_bshk, kv.kpe_bsd.astype(dtype), v_bshv, mask_bts,
-                               scale, "cudnn" if impl == "cudnn" else "xla", mask_kind, mask_bias_grad)
+                               scale, "cudnn" if impl == "cudnn" else "xla", mask_kind)
     logits_bhts = (
         jnp.einsum("bthk,bshk->bhts", q_nope_bthk, k_nope_bshk, preferred_element_type=jnp.float32)
         + jnp.einsum("bthd,bsd->bhts", q_pe_bthd, kv.kpe_bsd.astype(dtype), preferred_element_type=jnp.float32)
@@ -90,13 +89,12 @@ def pad_head(x, d: int):
 
 
 def fused_attention(q_nope_bthk, q_pe_bthd, k_nope_bshk, kpe_bsd, v_bshv, mask_bts, scale, implementation,
-                    mask_kind: str = "given", mask_bias_grad: bool = True):
+                    mask_kind: str = "given"):
     """Flash attention on MLA's heads: queries/keys are [nope | rope] (the rope key shared by all heads).
     "cudnn" calls cuDNN's MLA form (qk 192, v 128) directly: `jax.nn.dot_product_attention` wants one head size,
     and v padded to 192 cost 1.3-1.4x; a causal kind skips the hidden blocks, and "causal" drops the mask (the
-    mask as a bias cost 2x; experiments/RESULTS.md, bench_attention.py). mask_bias_grad=False stops cuDNN writing
-    the gradient of the mask's bias, which nothing reads (model.cudnn_mask_bias_grad). "xla" is
-    `jax.nn.dot_product_attention` with v zero-padded."""
+    mask as a bias cost 2x; experiments/RESULTS.md, bench_attention.py). "xla" is `jax.nn.dot_product_attention`
+    with v zero-padded."""
     if mask_kind not in MASK_KINDS:
         raise ValueError(f"mask_kind {mask_kind!r}: expected one of {MASK_KINDS}")
     q_bthk, k_bshk = fused_heads(q_nope_bthk, q_pe_bthd, k_nope_bshk, kpe_bsd)
@@ -104,7 +102,7 @@ def fused_attention(q_nope_bthk, q_pe_bthd, k_nope_bshk, kpe_bsd, v_bshv, mask_b
     if implementation == "cudnn":
         if jax.default_backend() != "gpu":
             raise ValueError(f"train_attn_impl 'cudnn' needs a GPU backend, not {jax.default_backend()!r}; use 'xla'")
-        return _cudnn_attention(q_bthk, k_bshk, v_bshv, mask_b1ts, scale, mask_kind, mask_bias_grad)
+        return _cudnn_attention(q_bthk, k_bshk, v_bshv, mask_b1ts, scale, mask_kind)
     d, dv = max(q_bthk.shape[-1], v_bshv.shape[-1]), v_bshv.shape[-1]
     o_bthk = jax.nn.dot_product_attention(pad_head(q_bthk, d), pad_head(k_bshk, d), pad_head(v_bshv, d),
                                           mask=mask_b1ts, scale=scale, is_causal=mask_kind != "given",
@@ -112,22 +110,22 @@ def fused_attention(q_nope_bthk, q_pe_bthd, k_nope_bshk, kpe_bsd, v_bshv, mask_b
     return o_bthk[..., :dv]
 
 
-def _cudnn_attention(q_bthk, k_bshk, v_bshv, mask_b1ts, scale, mask_kind, mask_bias_grad: bool):
-    """cuDNN's own entry point (the public jax.nn one cannot take v narrower than q/k). JAX's wrapper turns a mask
-    into a bias and always has the backward write the bias's gradient (`should_export_dbias`), which a mask never
-    needs: mask_bias_grad=False turns that off while the call is traced, for the same dq/dk/dv."""
+def _cudnn_attention(q_bthk, k_bshk, v_bshv, mask_b1ts, scale, mask_kind):
+    """cuDNN's own entry point (the public jax.nn one cannot take v narrower than q/k). It turns the boolean mask
+    into a bias; the backward must not also write that bias's gradient, which nothing reads. JAX 0.11 skips it
+    for a boolean mask by itself; older JAX always asks for it (`should_export_dbias`), so that switch is turned
+    off while the call is traced (the choice is a static parameter of the traced call, backward included)."""
     from jax._src.cudnn import fused_attention_stablehlo as fa
 
     kind = fa.MaskType.NO_MASK if mask_kind == "given" else fa.MaskType.CAUSAL
+    if mask_b1ts is not None and mask_b1ts.dtype != jnp.bool_:
+        raise ValueError(f"the attention mask must be boolean, not {mask_b1ts.dtype}")
     call = lambda: fa.dot_product_attention(q_bthk, k_bshk, v_bshv, mask=mask_b1ts, scale=scale,  # noqa: E731
                                             mask_type=kind)
-    if mask_bias_grad or mask_b1ts is None:
+    if mask_b1ts is None or not hasattr(fa, "should_export_dbias"):
         return call()
-    if not hasattr(fa, "should_export_dbias"):
-        raise NotImplementedError("this JAX's cuDNN attention has no should_export_dbias switch; set "
-                                  "model.cudnn_mask_bias_grad=True")
     export, fa.should_export_dbias = fa.should_export_dbias, lambda *_: False
-    try:   # read while tracing; the choice is then a static parameter of the traced call, backward included
+    try:
         return call()
     finally:
         fa.should_export_dbias = export
@@ -192,5 +190,5 @@ class MLA(nnx.Module):
             # The fused kernel serves the cache-free (training / scoring) forward; prefill into a cache keeps XLA.
             impl = train_attn_kernel(self.cfg.train_attn_impl) if cache is None else "xla"
             o_bthv = expanded_attention(q_nope, q_pe, kv, self.w_kv_b[...], mask_bts, softmax_scale(self.cfg),
-                                        self.cfg.qk_nope_head_dim, impl, mask_kind, self.cfg.cudnn_mask_bias_grad)
+                                        self.cfg.qk_nope_head_dim, impl, mask_kind)
         return self.output(o_bthv), kv

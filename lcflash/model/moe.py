@@ -1,8 +1,8 @@
 """The MoE branch of a ScMoE layer: router, zero-computation experts and dropless routed FFN experts.
 
-Routed experts sort the token slots by expert and run grouped matmuls (`lcflash.kernels.gmm`); slots that
-chose a zero expert sort past every group, so they never take a place in expert work. `moe_reference` is
-the per-expert loop the dropless path is tested against.
+Routed experts sort the token slots by expert (lcflash/model/slots.py) and run grouped matmuls
+(`lcflash.kernels.gmm`); slots that chose a zero expert sort past every group, so they never take a place in
+expert work. `moe_reference` is the per-expert loop the dropless path is tested against.
 
 `dispatch` and `combine` split the branch so the ScMoE layer can run its dense path in between. Inside a
 `lcflash.parallel` context they run expert-parallel under `shard_map` (lcflash/parallel/expert_parallel.py);
@@ -12,75 +12,44 @@ without one, the single-device dropless path below runs unchanged.
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from lcflash.config import ModelConfig
+from lcflash.kernels import COMPUTE_WEIGHTS
 from lcflash.kernels.gmm import gmm
 from lcflash.model.common import RouterBias, normal_param
 from lcflash.model.router import Routing, route, zero_expert_output
+from lcflash.model.slots import combine_rows, dispatch_rows, sort_slots
 from lcflash.parallel.context import current as parallel_context
-
-
-def sort_slots(experts_tk, n_ffn: int):
-    """Orders the T*K slots by FFN expert; zero-expert slots go last. Returns (order, group_sizes [N])."""
-    e_flat = jnp.where(experts_tk < n_ffn, experts_tk, n_ffn).reshape(-1)
-    order = jnp.argsort(e_flat, stable=True)
-    group_sizes = jnp.bincount(e_flat, length=n_ffn + 1)[:n_ffn].astype(jnp.int32)
-    return order, group_sizes
 
 
 def expert_ffn(x_md, group_sizes_g, w_gate_gdf, w_up_gdf, w_down_gfd, impl: str, fuse_gate_up: bool = False):
     """SwiGLU of each row with its group's expert; rows past sum(group_sizes) give zeros.
 
-    fuse_gate_up: one grouped matmul against [gate | up] (the weights concatenated per step, as they are cast):
+    fuse_gate_up: one grouped matmul against [gate | up] (the weights concatenated per step, then cast):
     the rows are read once, the backward has one d_lhs product instead of two plus their sum, and the kernel
     tiles twice as wide an output (configs/small.py: 768 columns instead of 384). Same products."""
     dtype = x_md.dtype
+
+    def cast(w):  # named so the "dots" remat policy keeps it (lcflash/model/common.py)
+        return checkpoint_name(w.astype(dtype), COMPUTE_WEIGHTS)
+
     if fuse_gate_up:
         n_ff = w_gate_gdf.shape[-1]
-        w_gu = jnp.concatenate([w_gate_gdf.astype(dtype), w_up_gdf.astype(dtype)], axis=-1)
-        gu = gmm(x_md, w_gu, group_sizes_g, impl=impl)
+        gu = gmm(x_md, cast(jnp.concatenate([w_gate_gdf, w_up_gdf], axis=-1)), group_sizes_g, impl=impl)
         g, u = gu[:, :n_ff], gu[:, n_ff:]
     else:
-        g = gmm(x_md, w_gate_gdf.astype(dtype), group_sizes_g, impl=impl)
-        u = gmm(x_md, w_up_gdf.astype(dtype), group_sizes_g, impl=impl)
-    return gmm(jax.nn.silu(g) * u, w_down_gfd.astype(dtype), group_sizes_g, impl=impl)
-
-
-@jax.custom_vjp
-def take_rows(x_nd, idx_m, inv_n):
-    """x[idx] for a permutation idx of x's rows with inverse inv (x[idx][inv] == x). The gradient is then the gather
-    g[inv] instead of a scatter-add into x (which XLA runs with atomics: 1.6 ms per layer for a 16k-token batch on
-    an H200, experiments/RESULTS.md)."""
-    return x_nd[idx_m]
-
-
-def _take_rows_fwd(x_nd, idx_m, inv_n):
-    return x_nd[idx_m], inv_n
-
-
-def _take_rows_bwd(inv_n, g_md):
-    return g_md[inv_n], None, None
-
-
-take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
+        g = gmm(x_md, cast(w_gate_gdf), group_sizes_g, impl=impl)
+        u = gmm(x_md, cast(w_up_gdf), group_sizes_g, impl=impl)
+    return gmm(jax.nn.silu(g) * u, cast(w_down_gfd), group_sizes_g, impl=impl)
 
 
 def routed_experts(x_td, routing: Routing, w_gate, w_up, w_down, impl: str, fuse_gate_up: bool = False):
     """Dropless FFN-expert output [T, D] in fp32 (exact for any routing, empty experts included)."""
-    T, K = routing.experts_tk.shape
-    D = x_td.shape[-1]
-    n_ffn = w_gate.shape[0]
-    order_m, group_sizes = sort_slots(routing.experts_tk, n_ffn)
-    inv_m = jnp.zeros_like(order_m).at[order_m].set(jnp.arange(T * K, dtype=order_m.dtype), unique_indices=True)
-    # Slot m of the sorted order is slot order[m] of the [T*K] slots; each token's row repeated K times, a
-    # permutation of the slots: both directions are gathers, forward and backward.
-    x_md = take_rows(jnp.broadcast_to(x_td[:, None], (T, K, D)).reshape(T * K, D), order_m, inv_m)
-    y_md = expert_ffn(x_md, group_sizes, w_gate, w_up, w_down, impl, fuse_gate_up)
-    y_tkd = take_rows(y_md, inv_m, order_m).reshape(T, K, D)
-    is_ffn_tk = routing.experts_tk < n_ffn
-    w_tk = jnp.where(is_ffn_tk, routing.weights_tk, 0.0)
-    contrib_tkd = jnp.where(is_ffn_tk[..., None], y_tkd.astype(jnp.float32), 0.0) * w_tk[..., None]
-    return contrib_tkd.sum(axis=1)
+    slots = sort_slots(routing.experts_tk, w_gate.shape[0])
+    x_md = dispatch_rows(x_td, slots)
+    y_md = expert_ffn(x_md, slots.group_sizes_g, w_gate, w_up, w_down, impl, fuse_gate_up)
+    return combine_rows(y_md, jnp.where(slots.ffn_tk, routing.weights_tk, 0.0), slots)
 
 
 def moe_reference(x_td, routing: Routing, w_gate, w_up, w_down):
@@ -97,9 +66,9 @@ def moe_reference(x_td, routing: Routing, w_gate, w_up, w_down):
 def routing_stats(routing: Routing, batch: int, n_total: int):
     """Per-sequence expert counts and summed probabilities [B, N+Z], for the losses and the bias controller."""
     T = routing.probs_te.shape[0]
-    counts_be = jnp.zeros((batch, n_total), jnp.float32).at[
-        jnp.repeat(jnp.arange(T) // (T // batch), routing.experts_tk.shape[1]), routing.experts_tk.reshape(-1)
-    ].add(1.0)
+    # A compare-and-count that XLA fuses into one reduction, not a scatter-add (atomics into N+Z bins).
+    e_bs = routing.experts_tk.reshape(batch, -1)
+    counts_be = jnp.sum(e_bs[..., None] == jnp.arange(n_total, dtype=e_bs.dtype), axis=1, dtype=jnp.float32)
     prob_sum_be = routing.probs_te.reshape(batch, T // batch, n_total).sum(axis=1)
     return {"counts_be": counts_be, "prob_sum_be": prob_sum_be}
 

@@ -14,6 +14,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from lcflash.kernels import KERNEL_OUTPUT
 from lcflash.kernels.gmm import mgpu_kernels as mk
+from lcflash.parallel.vma import varying, vma
 
 _KERNEL_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
@@ -156,20 +157,6 @@ def contract_matmul(lhs_mk, dout_mn, group_sizes_g, *, out_dtype, chain=False):
                               tiles=tiles, lhs_is_km=lhs_is_km, interpret=_interpret())
 
 
-def _vma(x) -> frozenset:
-    """Manual shard_map axes x varies over (`aval.manual_axis_type.varying`; older JAX: `aval.vma`)."""
-    t = jax.typeof(x)
-    mat = getattr(t, "manual_axis_type", None)
-    return frozenset(mat.varying if mat is not None else (getattr(t, "vma", None) or ()))
-
-
-def _varying(x, vma: frozenset):
-    """Marks a kernel result as varying over `vma` (the manual shard_map axes its inputs vary over): a Pallas
-    call's outputs carry none, and custom_vjp needs cotangents typed like their primals."""
-    missing = tuple(sorted(vma - _vma(x)))
-    return jax.lax.pcast(x, missing, to="varying") if missing else x
-
-
 def _int_zeros(x):
     return np.zeros(x.shape, dtype=jax.dtypes.float0)
 
@@ -181,7 +168,7 @@ def _int_zeros(x):
 
 def _gmm_forward(lhs_mk, rhs_gkn, group_sizes_g, out_dtype, vmas, chain):
     out = rows_matmul(lhs_mk, [rhs_gkn], group_sizes_g, out_dtype=out_dtype, chain=chain)
-    return _varying(out, vmas[0] | vmas[1])
+    return varying(out, vmas[0] | vmas[1])
 
 
 _gmm = functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))(_gmm_forward)
@@ -199,7 +186,7 @@ def _gmm_bwd(out_dtype, vmas, chain, res, dout_mn):
     d_lhs = rows_matmul(dout_mn, [rhs_gkn], group_sizes_g, transpose_rhs=True, out_dtype=lhs_mk.dtype,
                         chain=chain)
     d_rhs = contract_matmul(lhs_mk, dout_mn, group_sizes_g, out_dtype=rhs_gkn.dtype, chain=chain)
-    return _varying(d_lhs, vmas[0]), _varying(d_rhs, vmas[1]), _int_zeros(group_sizes_g)
+    return varying(d_lhs, vmas[0]), varying(d_rhs, vmas[1]), _int_zeros(group_sizes_g)
 
 
 _gmm.defvjp(_gmm_fwd, _gmm_bwd)
@@ -210,7 +197,7 @@ def gmm(lhs_mk, rhs_gkn, group_sizes_g, preferred_element_type=None, chain=False
     _check(lhs_mk, rhs_gkn, group_sizes_g)
     _col_tile(rhs_gkn.shape[2], "N")
     out_dtype = jnp.dtype(preferred_element_type or lhs_mk.dtype)
-    return _gmm(lhs_mk, rhs_gkn, group_sizes_g.astype(jnp.int32), out_dtype, (_vma(lhs_mk), _vma(rhs_gkn)),
+    return _gmm(lhs_mk, rhs_gkn, group_sizes_g.astype(jnp.int32), out_dtype, (vma(lhs_mk), vma(rhs_gkn)),
                 bool(chain))
 
 
@@ -221,12 +208,12 @@ def gmm(lhs_mk, rhs_gkn, group_sizes_g, preferred_element_type=None, chain=False
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _gmm_swiglu(x_mk, wg_gkn, wu_gkn, group_sizes_g, vmas):
-    return _varying(rows_matmul(x_mk, [wg_gkn, wu_gkn], group_sizes_g, swiglu="h"), vmas[0] | vmas[1] | vmas[2])
+    return varying(rows_matmul(x_mk, [wg_gkn, wu_gkn], group_sizes_g, swiglu="h"), vmas[0] | vmas[1] | vmas[2])
 
 
 def _gmm_swiglu_fwd(x_mk, wg_gkn, wu_gkn, group_sizes_g, vmas):
     h, gate, up = rows_matmul(x_mk, [wg_gkn, wu_gkn], group_sizes_g, swiglu="hgu")
-    return _varying(h, vmas[0] | vmas[1] | vmas[2]), (x_mk, wg_gkn, wu_gkn, group_sizes_g, gate, up)
+    return varying(h, vmas[0] | vmas[1] | vmas[2]), (x_mk, wg_gkn, wu_gkn, group_sizes_g, gate, up)
 
 
 def swiglu_grads(dh, gate, up):
@@ -244,7 +231,7 @@ def _gmm_swiglu_bwd(vmas, res, dh_mn):
           + rows_matmul(du, [wu_gkn], group_sizes_g, transpose_rhs=True, out_dtype=jnp.float32))
     dwg = contract_matmul(x_mk, dg, group_sizes_g, out_dtype=wg_gkn.dtype)
     dwu = contract_matmul(x_mk, du, group_sizes_g, out_dtype=wu_gkn.dtype)
-    return (_varying(dx.astype(x_mk.dtype), vmas[0]), _varying(dwg, vmas[1]), _varying(dwu, vmas[2]),
+    return (varying(dx.astype(x_mk.dtype), vmas[0]), varying(dwg, vmas[1]), varying(dwu, vmas[2]),
             _int_zeros(group_sizes_g))
 
 
@@ -270,4 +257,4 @@ def gmm_swiglu_fused(x_mk, w_gate_gkn, w_up_gkn, group_sizes_g):
         raise ValueError(f"pallas gmm_swiglu: gate {w_gate_gkn.shape} and up {w_up_gkn.shape} shapes differ")
     _col_tile(w_gate_gkn.shape[2], "N", prefer=64)
     return _gmm_swiglu(x_mk, w_gate_gkn, w_up_gkn, group_sizes_g.astype(jnp.int32),
-                       (_vma(x_mk), _vma(w_gate_gkn), _vma(w_up_gkn)))
+                       (vma(x_mk), vma(w_gate_gkn), vma(w_up_gkn)))

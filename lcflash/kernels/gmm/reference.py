@@ -4,6 +4,10 @@ import jax
 import jax.numpy as jnp
 
 
+def _acc_dtype(lhs_mk):
+    return jnp.promote_types(lhs_mk.dtype, jnp.float32)  # fp32 accumulation (float64 for float64 tests)
+
+
 def group_ids(group_sizes_g: jax.Array, m: int) -> jax.Array:
     """Group index of each of the m rows; rows past sum(group_sizes) get index G (no group)."""
     ends_g = jnp.cumsum(group_sizes_g)
@@ -16,10 +20,11 @@ def gmm_loop(lhs_mk, rhs_gkn, group_sizes_g, preferred_element_type=None):
     O(G) dense matmuls, so only for tests and tiny shapes; rows outside every group are zero.
     """
     out_dtype = preferred_element_type or lhs_mk.dtype
+    acc = _acc_dtype(lhs_mk)
     gid_m = group_ids(group_sizes_g, lhs_mk.shape[0])
-    out = jnp.zeros((lhs_mk.shape[0], rhs_gkn.shape[-1]), jnp.float32)
+    out = jnp.zeros((lhs_mk.shape[0], rhs_gkn.shape[-1]), acc)
     for g in range(rhs_gkn.shape[0]):
-        y = jnp.dot(lhs_mk, rhs_gkn[g], preferred_element_type=jnp.float32)
+        y = jnp.dot(lhs_mk, rhs_gkn[g], preferred_element_type=acc)
         out = jnp.where((gid_m == g)[:, None], y, out)
     return out.astype(out_dtype)
 
@@ -27,7 +32,8 @@ def gmm_loop(lhs_mk, rhs_gkn, group_sizes_g, preferred_element_type=None):
 def gmm_ragged_dot(lhs_mk, rhs_gkn, group_sizes_g, preferred_element_type=None):
     """XLA's ragged_dot; rows past sum(group_sizes) are forced to zero."""
     out_dtype = preferred_element_type or lhs_mk.dtype
-    y = jax.lax.ragged_dot(lhs_mk, rhs_gkn, group_sizes_g.astype(jnp.int32), preferred_element_type=jnp.float32)
+    y = jax.lax.ragged_dot(lhs_mk, rhs_gkn, group_sizes_g.astype(jnp.int32),
+                           preferred_element_type=_acc_dtype(lhs_mk))
     valid_m = jnp.arange(lhs_mk.shape[0]) < jnp.sum(group_sizes_g)
     return jnp.where(valid_m[:, None], y, 0).astype(out_dtype)
 
