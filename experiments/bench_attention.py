@@ -10,8 +10,10 @@ MLA's heads have qk 192 (nope 128 + rope 64) and v 128. The variants, all bf16 f
   cudnn_packed : the same with the documents as packed segments (q/kv offsets and lengths per row);
                  _padv with v zero-padded to 192 as well; _mM with M segment slots per row
 Variants that keep the model's semantics are checked against `dpa_mask` (outputs and gradients).
+`--isolate` runs each variant in its own process: a cuDNN illegal address breaks the CUDA context, and every
+variant after it in the same process then fails too (`bench_attention_h200.json`).
 
-    python experiments/bench_attention.py --out OUT/bench_attention.json [--batch 16] [--seq 1024]
+    python experiments/bench_attention.py --out OUT/bench_attention.json [--batch 16] [--seq 1024] [--isolate]
 """
 
 import argparse
@@ -19,7 +21,9 @@ import datetime
 import functools
 import json
 import os
+import subprocess
 import sys
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -92,39 +96,9 @@ SCALE = 192 ** -0.5
 SAME_SEMANTICS = ("model", "dpa_mask", "cudnn_packed", "cudnn_mask")
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--seq", type=int, default=1024)
-    ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--mean_doc", type=float, default=400.0, help="mean document length in tokens")
-    ap.add_argument("--max_segments", default="16,1024", help="static segment slots per row (packed variant)")
-    ap.add_argument("--variants", default="", help="comma-separated names to run (default: all)")
-    ap.add_argument("--out", default="experiments/bench_attention.json")
-    args = ap.parse_args()
-    B, T, H = args.batch, args.seq, args.heads
-    ks = jax.random.split(jax.random.key(0), 6)
-    bf = jnp.bfloat16
-    x = (jax.random.normal(ks[0], (B, T, H, 128), bf), jax.random.normal(ks[1], (B, T, H, 64), bf),
-         jax.random.normal(ks[2], (B, T, H, 128), bf), jax.random.normal(ks[3], (B, T, 64), bf),
-         jax.random.normal(ks[4], (B, T, H, 128), bf))
-    do = jax.random.normal(ks[5], (B, T, H, 128), bf)
-    seg_bt = segment_ids(B, T, args.mean_doc, 1)
-    n_seg = int(jnp.max(seg_bt))
-    flops = 2 * B * H * (T * (T + 1) // 2) * (192 + 128)  # causal: QK^T and PV over the lower triangle
-    meta = dict(device=str(jax.devices()[0].device_kind), versions=dict(jax=jax.__version__),
-                date_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                command="python " + " ".join(sys.argv), batch=B, seq=T, heads=H, max_segments_in_a_row=n_seg,
-                flops_note="causal fwd FLOPs 2*B*H*T(T+1)/2*(192+128); bwd counted as 2.5x fwd")
-    print(json.dumps(meta), flush=True)
+def measure(todo, x, do, flops):
     rows, ref = [], None
-    todo = [(name, f, None) for name, f in variants(seg_bt, 0).items() if not name.startswith("cudnn_packed")]
-    for m in [int(s) for s in args.max_segments.split(",")]:
-        if m >= n_seg:
-            todo += [(f"{name}_m{m}", f, m) for name, f in variants(seg_bt, m).items()
-                     if name.startswith("cudnn_packed")]
-    keep = set(filter(None, args.variants.split(",")))
-    for name, f, m in [v for v in todo if not keep or v[0] in keep or v[0] == "dpa_mask"]:
+    for name, f, m in todo:
         fwd = jax.jit(f)
         fb = jax.jit(lambda *a, f=f: jax.vjp(f, *a)[1](do))
         row = dict(variant=name, max_segments=m)
@@ -144,6 +118,74 @@ def main():
             row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
         rows.append(row)
         print(json.dumps(row), flush=True)
+    return rows
+
+
+def isolated(args, names):
+    """Each variant (with dpa_mask, its reference) in a child process of this script; a child that dies is a row
+    with its exit code and stderr tail. Returns (rows, the first child's metadata)."""
+    rows, meta = [], {}
+    passthrough = [f"--batch={args.batch}", f"--seq={args.seq}", f"--heads={args.heads}",
+                   f"--mean_doc={args.mean_doc}", f"--max_segments={args.max_segments}"]
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, name in enumerate(names):
+            if name == "dpa_mask" and len(names) > 1:
+                continue  # every child runs it; its row is kept from the first
+            out = os.path.join(tmp, f"{i}.json")
+            p = subprocess.run([sys.executable, os.path.abspath(__file__), *passthrough, f"--variants={name}",
+                                f"--out={out}"], capture_output=True, text=True)
+            if p.returncode != 0 or not os.path.exists(out):
+                rows.append(dict(variant=name, error=f"process exited {p.returncode}: {p.stderr[-300:]}"))
+            else:
+                with open(out) as fh:
+                    got = json.load(fh)
+                have_ref = any(r["variant"] == "dpa_mask" for r in rows)
+                rows += [r for r in got.pop("results") if r["variant"] != "dpa_mask" or not have_ref]
+                meta = meta or got
+            print(json.dumps(rows[-1]), flush=True)
+    return rows, meta
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--seq", type=int, default=1024)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--mean_doc", type=float, default=400.0, help="mean document length in tokens")
+    ap.add_argument("--max_segments", default="16,1024", help="static segment slots per row (packed variant)")
+    ap.add_argument("--variants", default="", help="comma-separated names to run (default: all)")
+    ap.add_argument("--out", default="experiments/bench_attention.json")
+    ap.add_argument("--isolate", action="store_true", help="each variant in its own process")
+    args = ap.parse_args()
+    if args.isolate:  # the children hold the GPU; this process only lists the variants and merges their rows
+        jax.config.update("jax_platforms", "cpu")
+    B, T, H = args.batch, args.seq, args.heads
+    ks = jax.random.split(jax.random.key(0), 6)
+    bf = jnp.bfloat16
+    x = (jax.random.normal(ks[0], (B, T, H, 128), bf), jax.random.normal(ks[1], (B, T, H, 64), bf),
+         jax.random.normal(ks[2], (B, T, H, 128), bf), jax.random.normal(ks[3], (B, T, 64), bf),
+         jax.random.normal(ks[4], (B, T, H, 128), bf))
+    do = jax.random.normal(ks[5], (B, T, H, 128), bf)
+    seg_bt = segment_ids(B, T, args.mean_doc, 1)
+    n_seg = int(jnp.max(seg_bt))
+    flops = 2 * B * H * (T * (T + 1) // 2) * (192 + 128)  # causal: QK^T and PV over the lower triangle
+    meta = dict(device=str(jax.devices()[0].device_kind), versions=dict(jax=jax.__version__),
+                date_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                command="python " + " ".join(sys.argv), batch=B, seq=T, heads=H, max_segments_in_a_row=n_seg,
+                flops_note="causal fwd FLOPs 2*B*H*T(T+1)/2*(192+128); bwd counted as 2.5x fwd")
+    print(json.dumps(meta), flush=True)
+    todo = [(name, f, None) for name, f in variants(seg_bt, 0).items() if not name.startswith("cudnn_packed")]
+    for m in [int(s) for s in args.max_segments.split(",")]:
+        if m >= n_seg:
+            todo += [(f"{name}_m{m}", f, m) for name, f in variants(seg_bt, m).items()
+                     if name.startswith("cudnn_packed")]
+    keep = set(filter(None, args.variants.split(",")))
+    todo = [v for v in todo if not keep or v[0] in keep or v[0] == "dpa_mask"]
+    if args.isolate:
+        rows, child_meta = isolated(args, [v[0] for v in todo])
+        meta.update({k: child_meta[k] for k in ("device", "versions") if k in child_meta})
+    else:
+        rows = measure(todo, x, do, flops)
     print(f"\n{'variant':<22}{'fwd ms':>9}{'TFLOP/s':>9}{'fwd+bwd ms':>12}{'TFLOP/s':>9}{'rel err':>10}")
     for r in rows:
         if "error" in r:
