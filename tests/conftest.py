@@ -20,3 +20,13 @@ def hang_guard():
     signal.alarm(300)
     yield
     signal.alarm(0)
+
+
+@pytest.fixture
+def mosaic_gpu_trace(monkeypatch):
+    """Our Mosaic GPU kernels traced and lowered for an H100-sized GPU on any backend (not run): no interpreter,
+    132 SMs."""
+    from lcflash.kernels.gmm import mgpu_kernels, pallas_gmm
+
+    monkeypatch.setattr(pallas_gmm, "_interpret", lambda: False)
+    monkeypatch.setattr(mgpu_kernels, "_num_sms", lambda interpret: 132)

@@ -227,13 +227,11 @@ def test_flat_contract_schedule_walks_every_tile(sizes_l):
 
 
 @pytest.mark.parametrize("k,n,g,m", [(2048, 6144, 64, 32768), (1024, 384, 128, 65536)])  # LongCat down, small gate/up
-def test_pallas_chain_backward_lowers_for_cuda(monkeypatch, k, n, g, m):
+def test_pallas_chain_backward_lowers_for_cuda(mosaic_gpu_trace, k, n, g, m):
     """pallas_chain's forward + backward (flat rows and contract pipelines) and the flat contract kernel through Pallas ->
     Mosaic GPU lowering (layouts, smem budget) for CUDA on the CPU, at LongCat and small-config shapes."""
     from lcflash.kernels.gmm import mgpu_kernels as mk, pallas_gmm
 
-    monkeypatch.setattr(pallas_gmm, "_interpret", lambda: False)
-    monkeypatch.setattr(mk, "_num_sms", lambda interpret: 132)
     sd = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt)  # noqa: E731
 
     def fwd_bwd(lhs, rhs, dout, sizes):
@@ -342,13 +340,11 @@ def test_cluster_share_splits_a_block_between_the_two_ctas():
             assert covered == list(range(start, start + rows)), (start, rows)
 
 
-def test_cluster_rows_kernel_lowers_for_cuda(monkeypatch):
+def test_cluster_rows_kernel_lowers_for_cuda(monkeypatch, mosaic_gpu_trace):
     """Tiles.cluster_m through Pallas -> Mosaic GPU lowering for CUDA on the CPU (the GPU interpreter has no
     cluster barriers), forward and d_lhs at LongCat's down shape; and the switch needs the flat pipeline."""
     from lcflash.kernels.gmm import mgpu_kernels as mk, pallas_gmm
 
-    monkeypatch.setattr(pallas_gmm, "_interpret", lambda: False)
-    monkeypatch.setattr(mk, "_num_sms", lambda interpret: 132)
     monkeypatch.setattr(pallas_gmm, "ROWS_TILES", mk.Tiles(128, 128, 64, 4, 64, chain=True, cluster_m=True))
     sd = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt)  # noqa: E731
 

@@ -56,13 +56,9 @@ def test_policies_keep_the_expert_matmuls_and_change_no_value():
 MGPU_CALL = "custom_vmap_call["
 
 
-def test_kernels_policy_keeps_the_mosaic_gpu_gmm_output(monkeypatch):
+def test_kernels_policy_keeps_the_mosaic_gpu_gmm_output(mosaic_gpu_trace):
     """Traced for a GPU (never run, so on any backend): the Mosaic GPU grouped matmul's forward output is kept under
     "kernels" and "dots" (forward, d_lhs, d_rhs: 3 launches) and recomputed under "nothing" (4)."""
-    from lcflash.kernels.gmm import mgpu_kernels, pallas_gmm
-
-    monkeypatch.setattr(pallas_gmm, "_interpret", lambda: False)
-    monkeypatch.setattr(mgpu_kernels, "_num_sms", lambda interpret: 132)
     x = jax.random.normal(jax.random.key(0), (256, 128), jnp.bfloat16)
     w = jax.random.normal(jax.random.key(1), (2, 128, 128), jnp.bfloat16)
     sizes = jnp.array([100, 80], jnp.int32)
@@ -76,16 +72,13 @@ def test_kernels_policy_keeps_the_mosaic_gpu_gmm_output(monkeypatch):
 
 
 @pytest.mark.parametrize("fuse_gate_up", [False, True])
-def test_dots_policy_keeps_the_expert_weights_cast_to_the_compute_dtype(monkeypatch, fuse_gate_up):
+def test_dots_policy_keeps_the_expert_weights_cast_to_the_compute_dtype(mosaic_gpu_trace, fuse_gate_up):
     """Traced for a GPU: under "dots" the backward pass reuses the bf16 expert weights of the forward pass (named
     lcflash.kernels.COMPUTE_WEIGHTS) instead of casting the fp32 stacks again; the other policies recast them."""
     import re
 
-    from lcflash.kernels.gmm import mgpu_kernels, pallas_gmm
     from lcflash.model.moe import expert_ffn
 
-    monkeypatch.setattr(pallas_gmm, "_interpret", lambda: False)
-    monkeypatch.setattr(mgpu_kernels, "_num_sms", lambda interpret: 132)
     x = jax.random.normal(jax.random.key(0), (256, 128), jnp.bfloat16)
     ws = [jax.random.normal(jax.random.key(i), (2, 128, 128)) for i in (1, 2, 3)]
     sizes = jnp.array([100, 80], jnp.int32)

@@ -1,5 +1,13 @@
 """Hot-path kernels. Each has an `api.py` switch and a pure-JAX reference beside it."""
 
+import jax.numpy as jnp
+
+
+def accumulation_dtype(dtype):
+    """fp32 for bf16/fp16/fp32 operands; a wider dtype stays (float64 in the x64 tests)."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 # `jax.ad_checkpoint.checkpoint_name` of a kernel's forward output, for remat policies that keep it
 # (lcflash/model/common.py). Mosaic GPU kernels bind no primitive a policy could match by name: plgpu.kernel wraps
 # its call in custom_vmap.

@@ -12,6 +12,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from lcflash.kernels import accumulation_dtype
 from lcflash.parallel.vma import match_vma
 
 
@@ -40,17 +41,13 @@ def sort_slots(experts_tk, n_ffn: int) -> Slots:
                  group_sizes_g=jnp.diff(bounds))
 
 
-def _acc_dtype(dtype):
-    return jnp.promote_types(dtype, jnp.float32)  # fp32 for bf16 and fp32 rows (float64 in x64 tests)
-
-
 def _sum_slots(rows_md, slots: Slots, w_tk=None):
     """Σ_k over each token's FFN slots of rows[row_tk] (times w_tk), at least fp32, [T, D]. One term per k, so XLA
     fuses the K gathers into one elementwise kernel instead of materialising [T, K, D]."""
     K = slots.row_tk.shape[1]
     out = None
     for k in range(K):
-        r = rows_md[slots.row_tk[:, k]].astype(_acc_dtype(rows_md.dtype))
+        r = rows_md[slots.row_tk[:, k]].astype(accumulation_dtype(rows_md.dtype))
         if w_tk is not None:
             r = r * w_tk[:, k, None]
         r = jnp.where(slots.ffn_tk[:, k, None], r, 0.0)
@@ -95,7 +92,7 @@ def _combine_fwd(y_md, w_tk, slots):
 
 def _combine_bwd(res, g_td):
     y_md, w_tk, slots = res
-    acc = _acc_dtype(y_md.dtype)
+    acc = accumulation_dtype(y_md.dtype)
     g_td = g_td.astype(acc)
     # d_y in sorted order: one gather of the token's gradient per row, zero past the FFN rows.
     w_m = w_tk.reshape(-1)[slots.order_m]

@@ -3,9 +3,7 @@
 import jax
 import jax.numpy as jnp
 
-
-def _acc_dtype(lhs_mk):
-    return jnp.promote_types(lhs_mk.dtype, jnp.float32)  # fp32 accumulation (float64 for float64 tests)
+from lcflash.kernels import accumulation_dtype
 
 
 def group_ids(group_sizes_g: jax.Array, m: int) -> jax.Array:
@@ -20,7 +18,7 @@ def gmm_loop(lhs_mk, rhs_gkn, group_sizes_g, preferred_element_type=None):
     O(G) dense matmuls, so only for tests and tiny shapes; rows outside every group are zero.
     """
     out_dtype = preferred_element_type or lhs_mk.dtype
-    acc = _acc_dtype(lhs_mk)
+    acc = accumulation_dtype(lhs_mk.dtype)
     gid_m = group_ids(group_sizes_g, lhs_mk.shape[0])
     out = jnp.zeros((lhs_mk.shape[0], rhs_gkn.shape[-1]), acc)
     for g in range(rhs_gkn.shape[0]):
@@ -33,7 +31,7 @@ def gmm_ragged_dot(lhs_mk, rhs_gkn, group_sizes_g, preferred_element_type=None):
     """XLA's ragged_dot; rows past sum(group_sizes) are forced to zero."""
     out_dtype = preferred_element_type or lhs_mk.dtype
     y = jax.lax.ragged_dot(lhs_mk, rhs_gkn, group_sizes_g.astype(jnp.int32),
-                           preferred_element_type=_acc_dtype(lhs_mk))
+                           preferred_element_type=accumulation_dtype(lhs_mk.dtype))
     valid_m = jnp.arange(lhs_mk.shape[0]) < jnp.sum(group_sizes_g)
     return jnp.where(valid_m[:, None], y, 0).astype(out_dtype)
 
