@@ -12,8 +12,9 @@ def get_config():
         n_routed_experts=128, zero_expert_num=64, moe_topk=12, target_ffn_experts=8.0,
         max_position_embeddings=32768, rope_theta=1.0e7,
         param_dtype="float32", dtype="bfloat16",
-        # cuDNN flash attention on a GPU (+13% training tokens/s on an H200 at 4 x 1024, +10% more since it takes
-        # the MLA head sizes directly, experiments/RESULTS.md); XLA elsewhere.
+        # Flash attention on a GPU: our kernels for packed documents on a Hopper GPU (130,074 -> 137,929 tokens/s
+        # at 32 x 1024 on an H200 against cuDNN given the documents as a mask), cuDNN for other masks; XLA
+        # elsewhere (experiments/RESULTS.md).
         train_attn_impl="auto",
         # With remat (batch 16 and up on one GPU), keep every matmul's and kernel's output and recompute only
         # elementwise work. With the router line below: 90,735 -> 106,716 tokens/s at 16 x 1024 on an H200, 56.0 GiB

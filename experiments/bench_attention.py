@@ -3,7 +3,11 @@
 MLA's heads have qk 192 (nope 128 + rope 64) and v 128. The variants, all bf16 forward and forward+backward:
   dpa_mask     : the model's path until session 7: `jax.nn.dot_product_attention`, v zero-padded to 192, the
                  segment mask as a dense mask (cuDNN turns it into a bias), is_causal=True
-  model        : the model's path now, `lcflash.model.mla.fused_attention(..., "cudnn", "causal_docs")`
+  cudnn_docs   : the model's path in sessions 7-9, `lcflash.model.mla.fused_attention(..., "cudnn", "causal_docs")`
+                 (called "model" in the JSON of those sessions)
+  pallas       : our Mosaic GPU kernels (`train_attn_impl="pallas"`, lcflash/kernels/doc_attention), causal_docs;
+                 the model's path on a Hopper GPU since session 10 ("auto")
+  pallas_causal: the same told the mask is plainly causal (not the model's semantics; against cudnn_causal)
   dpa_causal   : `jax.nn.dot_product_attention` without the segment mask (not the model's semantics)
   cudnn_causal : cuDNN's MLA form (v kept at 128) through `jax._src.cudnn`, causal, no segments
   cudnn_mask   : the same with the segment mask (as a bias)
@@ -66,7 +70,7 @@ def variants(seg_bt, max_segments):
                                             mask=mask_bts[:, None] if with_mask else None, scale=SCALE,
                                             is_causal=True, implementation="cudnn")[..., :v.shape[-1]]
 
-    def model(q_nope, q_pe, k_nope, kpe, v):
+    def cudnn_docs(q_nope, q_pe, k_nope, kpe, v):
         return mla.fused_attention(q_nope, q_pe, k_nope, kpe, v, mask_bts, SCALE, "cudnn", "causal_docs")
 
     def cudnn(q_nope, q_pe, k_nope, kpe, v, packed=False, pad_v=False, bias=False):
@@ -81,9 +85,14 @@ def variants(seg_bt, max_segments):
             kw = dict(q_seqlen=lens_bm, kv_seqlen=lens_bm, q_offsets=offs_bm, kv_offsets=offs_bm)
         return fa.dot_product_attention(q, k, v, scale=SCALE, mask_type=fa.MaskType.CAUSAL, **kw)[..., :dv]
 
+    def pallas(q_nope, q_pe, k_nope, kpe, v, kind="causal_docs"):
+        return mla.fused_attention(q_nope, q_pe, k_nope, kpe, v, mask_bts, SCALE, "pallas", kind)
+
     return {
         "dpa_mask": dpa,
-        "model": model,
+        "cudnn_docs": cudnn_docs,
+        "pallas": pallas,
+        "pallas_causal": functools.partial(pallas, kind="causal"),
         "dpa_causal": functools.partial(dpa, with_mask=False),
         "cudnn_causal": cudnn,
         "cudnn_mask": functools.partial(cudnn, bias=True),
@@ -93,7 +102,7 @@ def variants(seg_bt, max_segments):
 
 
 SCALE = 192 ** -0.5
-SAME_SEMANTICS = ("model", "dpa_mask", "cudnn_packed", "cudnn_mask")
+SAME_SEMANTICS = ("cudnn_docs", "dpa_mask", "cudnn_mask", "pallas")   # and every cudnn_packed_*
 
 
 def measure(todo, x, do, flops):
@@ -110,7 +119,7 @@ def measure(todo, x, do, flops):
             row["fwd_bwd_tflops"] = 3.5 * flops / row["fwd_bwd_ms"] / 1e9
             if name == "dpa_mask":
                 ref = out
-            elif name.startswith(SAME_SEMANTICS) and ref is not None:
+            elif (name in SAME_SEMANTICS or name.startswith("cudnn_packed")) and ref is not None:
                 errs = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a.astype(jnp.float32) - b))
                                                        / jnp.max(jnp.abs(b.astype(jnp.float32)))), out, ref)
                 row["max_rel_err_vs_dpa_mask"] = max(jax.tree.leaves(errs))

@@ -24,6 +24,9 @@ RUNS = [
     ("same, 32x1024", "bench_train_b32_dots_router_bf16_3x_h200.json"),
     ("+ slot gathers, gate|up fused, bf16 experts kept", "bench_train_b32_small_h200.json"),
     ("same, 16x1024", "bench_train_b16_small_h200.json"),
+    ("+ swiglu_halves (b32; within noise)", "bench_train_b32_swiglu_halves_h200.json"),
+    ("+ our doc-masked flash attention", "bench_train_b32_pallas_attn_h200.json"),
+    ("same, 16x1024", "bench_train_b16_pallas_attn_h200.json"),
 ]
 TARGET = 0.40
 

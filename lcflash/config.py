@@ -18,7 +18,7 @@ ROPE_TYPES = ("default", "yarn")
 GMM_IMPLS = ("ragged_dot", "reference", "pallas", "pallas_chain", "jax_mgpu", "tokamax", "auto")
 # Attention form for calls that read a KV cache (see lcflash/model/mla.py); calls without a cache are expanded.
 ATTN_IMPLS = ("expanded", "absorbed", "pallas")
-TRAIN_ATTN_IMPLS = ("xla", "cudnn", "auto", "dpa_xla")
+TRAIN_ATTN_IMPLS = ("xla", "cudnn", "pallas", "auto", "dpa_xla")
 REMAT_POLICIES = ("nothing", "kernels", "dots")
 ROUTER_GRAD_PRECISIONS = ("highest", "bf16_3x")   # lcflash.model.router.ROUTER_GRAD_PRECISIONS
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -78,8 +78,10 @@ class ModelConfig:
     gmm_impl: str = "ragged_dot"
     attn_impl: str = "expanded"
     # The cache-free (training / scoring) attention: "xla" materialises the scores; "cudnn" is cuDNN's fused flash
-    # attention (GPU only); "auto" picks cudnn on a GPU, else xla; "dpa_xla" is jax.nn.dot_product_attention on XLA
-    # (the fused path's q/k assembly and mask kinds, testable on any backend).
+    # attention (GPU only); "pallas" is ours for causal and packed-document masks (lcflash/kernels/doc_attention;
+    # Hopper, bf16/fp16, sequence a multiple of 64); "auto" picks pallas for packed documents on a Hopper GPU,
+    # cudnn for other masks on a GPU, xla elsewhere; "dpa_xla" is jax.nn.dot_product_attention on XLA (the fused
+    # path's q/k assembly and mask kinds, testable on any backend).
     train_attn_impl: str = "xla"
     remat: bool = False
     # What a rematerialised layer keeps for its backward pass (lcflash/model/common.py): "nothing" recomputes the

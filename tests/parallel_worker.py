@@ -102,7 +102,7 @@ def equivalence():
     results = {}
     meshes = dict(MESHES, data4_tensor2=dict(data=4, tensor=2))
     if reference:
-        cases = [(m, "all_to_all") for m in MESHES]
+        cases = [("fsdp2_tensor2_expert2", "all_to_all")]
     else:   # the ragged offsets run through a dense emulation (XLA:CPU cannot compile the primitive)
         cases = [(m, "all_to_all") for m in MESHES] + [("fsdp2_tensor2_expert2", "ragged_all_to_all"),
                                                        ("data4_tensor2", "all_to_all")]

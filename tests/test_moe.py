@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lcflash.model.mlp import swiglu_halves
 from lcflash.model.moe import moe_reference, routed_experts, sort_slots
 from lcflash.model.router import Routing, route, zero_expert_output
 from numerics import rel
@@ -16,6 +17,15 @@ def _weights(key, N, D, I):
             jax.random.normal(k3, (N, I, D)) / I ** 0.5)
 
 
+def _value_and_vjp(f, args, ct):
+    """f(*args) and its cotangents for ct, as one jitted program (op-by-op dispatch compiles every small op
+    separately: most of these tests' time on CPU)."""
+    def run(*args):
+        out, vjp = jax.vjp(f, *args)
+        return out, vjp(ct)
+    return jax.jit(run)(*args)
+
+
 @pytest.mark.parametrize("T,N,Z,K", [(37, 8, 4, 4), (5, 16, 8, 6), (64, 4, 0, 2), (9, 3, 20, 7)])
 @pytest.mark.parametrize("impl", ["ragged_dot", "reference"])
 def test_dropless_equals_per_expert_loop(T, N, Z, K, impl):
@@ -25,8 +35,8 @@ def test_dropless_equals_per_expert_loop(T, N, Z, K, impl):
     x = jax.random.normal(kx, (T, D))
     routing = route(x, 2.0 * jax.random.normal(kr, (D, N + Z)), 0.1 * jax.random.normal(kb, (N + Z,)), K, 6.0)
     w = _weights(kw, N, D, I)
-    got = zero_expert_output(x, routing, N) + routed_experts(x, routing, *w, impl)
-    ref = moe_reference(x, routing, *w)
+    got = jax.jit(lambda x, r, w: zero_expert_output(x, r, N) + routed_experts(x, r, *w, impl))(x, routing, w)
+    ref = jax.jit(lambda x, r, w: moe_reference(x, r, *w))(x, routing, w)
     np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5)
 
 
@@ -59,8 +69,11 @@ def test_gradients_match_the_reference(fuse_gate_up):
     def dropless(x, r, w):
         return zero_expert_output(x, r, N) + routed_experts(x, r, *w, "ragged_dot", fuse_gate_up)
 
-    g1 = jax.grad(lambda *a: loss(dropless, *a), argnums=(0, 1, 2))(x, wr, w)
-    g2 = jax.grad(lambda *a: loss(lambda x, r, w: moe_reference(x, r, *w), *a), argnums=(0, 1, 2))(x, wr, w)
+    def reference(x, r, w):
+        return moe_reference(x, r, *w)
+
+    g1, g2 = (jax.jit(jax.grad(lambda *a, fn=fn: loss(fn, *a), argnums=(0, 1, 2)))(x, wr, w)
+              for fn in (dropless, reference))
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
 
@@ -80,11 +93,26 @@ def test_fused_gate_up_gives_the_same_values_and_gradients(impl):
         out = {}
         for fuse in (False, True):
             f = lambda x, w, fuse=fuse: routed_experts(x, routing, *w, impl, fuse)  # noqa: E731
-            y, vjp = jax.vjp(f, x, w)
-            out[fuse] = [y, *jax.tree.leaves(vjp(g))]
+            y, ct = _value_and_vjp(f, (x, w), g)
+            out[fuse] = [y, *jax.tree.leaves(ct)]
         for a, b in zip(out[True], out[False], strict=True):
             assert a.dtype == jnp.float64
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_swiglu_halves_matches_slicing_and_writes_one_gradient(dtype):
+    """swiglu_halves([g | u]) has the values and gradient of silu(g) * u on the sliced halves, bit for bit, and its
+    backward builds the gradient by one concatenate (slicing pads each half's gradient and adds them)."""
+    gu = jax.random.normal(jax.random.key(21), (37, 2 * 24), dtype)
+    dh = jax.random.normal(jax.random.key(22), (37, 24), dtype)
+    sliced = lambda gu: jax.nn.silu(gu[:, :24]) * gu[:, 24:]  # noqa: E731
+    got, want = ((y, vjp(dh)[0]) for y, vjp in (jax.vjp(f, gu) for f in (swiglu_halves, sliced)))
+    for a, b in zip(got, want, strict=True):
+        assert a.dtype == dtype
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    prims = str(jax.make_jaxpr(lambda gu: jax.vjp(swiglu_halves, gu)[1](dh))(gu))
+    assert "concatenate" in prims and " pad" not in prims
 
 
 def _random_slots(key, T, N, Z, K):
@@ -129,19 +157,17 @@ def test_dispatch_and_combine_rows_equal_plain_gathers(T, N, Z, K):
 
     x = jax.random.normal(kx, (T, D))
     ct_md = jax.random.normal(kg, (T * K, D))
-    got, vjp = jax.vjp(lambda x: jnp.where(valid, dispatch_rows(x, s), 0.0), x)
-    want, vjp_ref = jax.vjp(dispatch_ref, x)
+    got, (d_x,) = _value_and_vjp(lambda x: jnp.where(valid, dispatch_rows(x, s), 0.0), (x,), ct_md)
+    want, (d_x_ref,) = _value_and_vjp(dispatch_ref, (x,), ct_md)
     np.testing.assert_array_equal(got, want)
-    np.testing.assert_allclose(vjp(ct_md)[0], vjp_ref(ct_md)[0], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(d_x, d_x_ref, rtol=1e-6, atol=1e-6)
 
     y = jax.random.normal(ky, (T * K, D))
     w = jnp.where(ffn_tk, jax.random.uniform(kw, (T, K)), 0.0)
     ct_td = jax.random.normal(kh, (T, D))
-    got, vjp = jax.vjp(lambda y, w: combine_rows(y, w, s), y, w)
-    want, vjp_ref = jax.vjp(combine_ref, y, w)
+    got, (d_y, d_w) = _value_and_vjp(lambda y, w: combine_rows(y, w, s), (y, w), ct_td)
+    want, (d_y_ref, d_w_ref) = _value_and_vjp(combine_ref, (y, w), ct_td)
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
-    d_y, d_w = vjp(ct_td)
-    d_y_ref, d_w_ref = vjp_ref(ct_td)
     np.testing.assert_allclose(d_y, d_y_ref, rtol=1e-6, atol=1e-6)  # zero on the rows past the FFN slots
     np.testing.assert_allclose(d_w, jnp.where(ffn_tk, d_w_ref, 0.0), rtol=1e-6, atol=1e-6)
 

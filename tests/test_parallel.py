@@ -28,7 +28,8 @@ WORKER = os.path.join(ROOT, "tests", "parallel_worker.py")
 TOL = 1e-5
 EP_CASES = ["expert8/all_to_all", "data2_expert4/all_to_all", "fsdp2_tensor2_expert2/all_to_all",
             "fsdp2_tensor2_expert2/ragged_all_to_all", "data4_tensor2/all_to_all"]
-REF_CASES = ["expert8/reference", "data2_expert4/reference", "fsdp2_tensor2_expert2/reference"]
+# The per-expert reference MoE is plain JAX that GSPMD partitions; one mesh with every axis split checks it.
+REF_CASES = ["fsdp2_tensor2_expert2/reference"]
 
 
 class Worker:

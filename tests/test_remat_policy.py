@@ -137,3 +137,20 @@ def test_kernel_primitive_names_exist():
 def test_bad_policy_is_a_config_error():
     with pytest.raises(ConfigError, match="remat_policy.*must be one of"):
         model_config(load_config("configs/tiny.py", {"model.remat_policy": "everything"}))
+
+
+def test_kernels_policy_keeps_the_attention_kernels_output(mosaic_gpu_trace):
+    """The same for our flash attention (train_attn_impl "pallas"): its output and softmax statistics are kept
+    under "kernels" and "dots" (forward, dq, dk/dv: 3 launches), the forward recomputed under "nothing" (4)."""
+    from lcflash.kernels.doc_attention.pallas_mgpu import doc_attention
+
+    q = jax.random.normal(jax.random.key(0), (2, 128, 2, 192), jnp.bfloat16)
+    v = jax.random.normal(jax.random.key(1), (2, 128, 2, 128), jnp.bfloat16)
+    first = jnp.zeros((2, 128), jnp.int32)
+
+    def layer(q, k, v):
+        return jnp.sum(jnp.sin(doc_attention(jnp.cos(q), k, v, first, scale=0.1)).astype(jnp.float32))
+
+    launches = {p: str(jax.make_jaxpr(jax.grad(jax.checkpoint(layer, policy=POLICY_FNS[p]), argnums=(0, 1, 2)))(
+        q, q, v)).count(MGPU_CALL) for p in REMAT_POLICIES}
+    assert launches == {"nothing": 4, "kernels": 3, "dots": 3}, launches

@@ -15,6 +15,7 @@ from lcflash.kernels.mla_decode import mla_decode
 from lcflash.model.common import normal_param
 from lcflash.model.norm import RMSNorm
 from lcflash.model.rope import apply_rope, softmax_scale
+from lcflash.parallel.context import current as parallel_context
 
 NEG_INF = -1e30
 
@@ -51,14 +52,15 @@ MASK_KINDS = ("given", "causal_docs", "causal")
 def expanded_attention(q_nope_bthk, q_pe_bthd, kv: LatentKV, w_kv_b_rhk, mask_bts, scale, qk_nope_dim,
                        impl: str = "xla", mask_kind: str = "given"):
     """Attention with keys/values expanded per head from the latent (training and prefill form). impl "xla"
-    materialises the [B, H, T, S] scores; "cudnn" is cuDNN's fused flash attention (`fused_attention`); "dpa_xla"
-    is `jax.nn.dot_product_attention` on XLA, to test the mask plumbing on any backend."""
+    materialises the [B, H, T, S] scores; "cudnn" is cuDNN's fused flash attention and "pallas" ours
+    (`fused_attention`); "dpa_xla" is `jax.nn.dot_product_attention` on XLA, to test the mask plumbing on any
+    backend."""
     dtype = q_nope_bthk.dtype
     kv_bshk = jnp.einsum("bsr,rhk->bshk", kv.c_bsr.astype(dtype), w_kv_b_rhk.astype(dtype))
     k_nope_bshk, v_bshv = kv_bshk[..., :qk_nope_dim], kv_bshk[..., qk_nope_dim:]
     if impl != "xla":
         return fused_attention(q_nope_bthk, q_pe_bthd, k_nope_bshk, kv.kpe_bsd.astype(dtype), v_bshv, mask_bts,
-                               scale, "cudnn" if impl == "cudnn" else "xla", mask_kind)
+                               scale, impl if impl in ("cudnn", "pallas", "auto") else "xla", mask_kind)
     logits_bhts = (
         jnp.einsum("bthk,bshk->bhts", q_nope_bthk, k_nope_bshk, preferred_element_type=jnp.float32)
         + jnp.einsum("bthd,bsd->bhts", q_pe_bthd, kv.kpe_bsd.astype(dtype), preferred_element_type=jnp.float32)
@@ -69,10 +71,31 @@ def expanded_attention(q_nope_bthk, q_pe_bthd, kv: LatentKV, w_kv_b_rhk, mask_bt
 
 
 def train_attn_kernel(impl: str) -> str:
-    """"auto" is cuDNN's flash attention on a GPU and the XLA einsums elsewhere."""
-    if impl == "auto":
-        return "cudnn" if jax.default_backend() == "gpu" else "xla"
+    """"auto" is the XLA einsums off a GPU; on a GPU it stays "auto" until `fused_attention` sees the operands."""
+    if impl == "auto" and jax.default_backend() != "gpu":
+        return "xla"
     return impl
+
+
+def auto_fused_impl(q_bthk, k_bshk, v_bshv, mask_kind: str, backend: str | None = None,
+                    compute_capability: str | None = None) -> str:
+    """"auto" on a GPU: our kernels for packed documents on one Hopper GPU where they take the operands (1.9x
+    faster than cuDNN given the documents as a mask), cuDNN otherwise (its plain causal call is 1.27x faster than
+    ours; experiments/RESULTS.md). Our kernels have no sharding rule yet, so a multi-device mesh keeps cuDNN."""
+    from lcflash.kernels.doc_attention.pallas_mgpu import supported
+
+    if backend is None:
+        backend = jax.default_backend()
+        compute_capability = getattr(jax.devices()[0], "compute_capability", None) if backend == "gpu" else None
+    hopper = backend == "gpu" and str(compute_capability or "").startswith("9.")
+    if mask_kind == "causal_docs" and hopper and not _multi_device() and supported(q_bthk, k_bshk, v_bshv) is None:
+        return "pallas"
+    return "cudnn"
+
+
+def _multi_device() -> bool:
+    ctx = parallel_context()
+    return ctx is not None and ctx.mesh.size > 1
 
 
 def fused_heads(q_nope_bthk, q_pe_bthd, k_nope_bshk, kpe_bsd):
@@ -93,11 +116,15 @@ def fused_attention(q_nope_bthk, q_pe_bthd, k_nope_bshk, kpe_bsd, v_bshv, mask_b
     """Flash attention on MLA's heads: queries/keys are [nope | rope] (the rope key shared by all heads).
     "cudnn" calls cuDNN's MLA form (qk 192, v 128) directly: `jax.nn.dot_product_attention` wants one head size,
     and v padded to 192 cost 1.3-1.4x; a causal kind skips the hidden blocks, and "causal" drops the mask (the
-    mask as a bias cost 2x; experiments/RESULTS.md, bench_attention.py). "xla" is `jax.nn.dot_product_attention`
-    with v zero-padded."""
+    mask as a bias cost 2x; experiments/RESULTS.md, bench_attention.py). "pallas" is ours (causal kinds only),
+    "auto" picks one of the two (`auto_fused_impl`). "xla" is `jax.nn.dot_product_attention` with v zero-padded."""
     if mask_kind not in MASK_KINDS:
         raise ValueError(f"mask_kind {mask_kind!r}: expected one of {MASK_KINDS}")
     q_bthk, k_bshk = fused_heads(q_nope_bthk, q_pe_bthd, k_nope_bshk, kpe_bsd)
+    if implementation == "auto":
+        implementation = auto_fused_impl(q_bthk, k_bshk, v_bshv, mask_kind)
+    if implementation == "pallas":
+        return _pallas_attention(q_bthk, k_bshk, v_bshv, mask_bts, scale, mask_kind)
     mask_b1ts = None if mask_kind == "causal" else mask_bts[:, None]
     if implementation == "cudnn":
         if jax.default_backend() != "gpu":
@@ -108,6 +135,24 @@ def fused_attention(q_nope_bthk, q_pe_bthd, k_nope_bshk, kpe_bsd, v_bshv, mask_b
                                           mask=mask_b1ts, scale=scale, is_causal=mask_kind != "given",
                                           implementation=implementation)
     return o_bthk[..., :dv]
+
+
+def _pallas_attention(q_bthk, k_bshk, v_bshv, mask_bts, scale, mask_kind):
+    """Our Mosaic GPU kernels (lcflash/kernels/doc_attention): they visit only the blocks holding a visible key of
+    a causal or packed-document mask, which they rebuild from each row's first visible key. Pallas' GPU
+    interpreter runs them on other backends (tests)."""
+    from lcflash.kernels.doc_attention.pallas_mgpu import doc_attention
+    from lcflash.kernels.doc_attention.reference import first_visible
+
+    if mask_kind == "given":
+        raise ValueError("train_attn_impl 'pallas' takes causal masks (mask kinds 'causal', 'causal_docs'), not "
+                         "an arbitrary mask; use 'cudnn' or 'xla'")
+    if _multi_device():
+        raise ValueError("train_attn_impl 'pallas' runs on one device (its kernels have no sharding rule yet); "
+                         "use 'cudnn' or 'auto' on a multi-device mesh")
+    B, T = q_bthk.shape[:2]
+    first_bt = jnp.zeros((B, T), jnp.int32) if mask_kind == "causal" else first_visible(mask_bts)
+    return doc_attention(q_bthk, k_bshk, v_bshv, first_bt, scale=scale, interpret=jax.default_backend() != "gpu")
 
 
 def _cudnn_attention(q_bthk, k_bshk, v_bshv, mask_b1ts, scale, mask_kind):

@@ -18,6 +18,7 @@ from lcflash.config import ModelConfig
 from lcflash.kernels import COMPUTE_WEIGHTS
 from lcflash.kernels.gmm import gmm
 from lcflash.model.common import RouterBias, normal_param
+from lcflash.model.mlp import swiglu_halves
 from lcflash.model.router import Routing, route, zero_expert_output
 from lcflash.model.slots import combine_rows, dispatch_rows, sort_slots
 from lcflash.parallel.context import current as parallel_context
@@ -35,13 +36,13 @@ def expert_ffn(x_md, group_sizes_g, w_gate_gdf, w_up_gdf, w_down_gfd, impl: str,
         return checkpoint_name(w.astype(dtype), COMPUTE_WEIGHTS)
 
     if fuse_gate_up:
-        n_ff = w_gate_gdf.shape[-1]
         gu = gmm(x_md, cast(jnp.concatenate([w_gate_gdf, w_up_gdf], axis=-1)), group_sizes_g, impl=impl)
-        g, u = gu[:, :n_ff], gu[:, n_ff:]
+        h = swiglu_halves(gu)
     else:
         g = gmm(x_md, cast(w_gate_gdf), group_sizes_g, impl=impl)
         u = gmm(x_md, cast(w_up_gdf), group_sizes_g, impl=impl)
-    return gmm(jax.nn.silu(g) * u, cast(w_down_gfd), group_sizes_g, impl=impl)
+        h = jax.nn.silu(g) * u
+    return gmm(h, cast(w_down_gfd), group_sizes_g, impl=impl)
 
 
 def routed_experts(x_td, routing: Routing, w_gate, w_up, w_down, impl: str, fuse_gate_up: bool = False):

@@ -363,7 +363,7 @@ def rows_kernel(
             def mma_step(a_smem, b_smems, accs):
                 for b_smem, acc in zip(b_smems, accs):
                     if transpose_rhs:
-                        b = plgpu.transpose_ref(b_smem.at[pl.ds(wg * tn, tn), :], (1, 0))
+                        b = b_smem.at[pl.ds(wg * tn, tn), :].transpose((1, 0))
                     else:
                         b = b_smem.at[:, pl.ds(wg * tn, tn)]
                     plgpu.wgmma(acc, a_smem, b)
@@ -489,7 +489,7 @@ def _contract_step(acc, a_smem, b_wg, row0, start, end, *, lhs_is_km: bool, inte
         b_wg[...] = jnp.where(keep, vals, jnp.zeros_like(vals))
         plgpu.commit_smem()
 
-    plgpu.wgmma(acc, a_smem if lhs_is_km else plgpu.transpose_ref(a_smem, (1, 0)), b_wg)
+    plgpu.wgmma(acc, a_smem if lhs_is_km else a_smem.transpose((1, 0)), b_wg)
     plgpu.wgmma_wait(in_flight)  # see rows_kernel and Tiles.overlap_mma
 
 

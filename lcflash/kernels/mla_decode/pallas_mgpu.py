@@ -105,8 +105,8 @@ def _kernel(start_ref, q_ref, qpe_ref, c_ref, kpe_ref, o_ref, lse_ref, scoped, *
         plgpu.barrier_wait(kpe_bar.at[slot])
 
         def qk(acc_ref):
-            plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(c_smem.at[slot], (1, 0)))
-            plgpu.wgmma(acc_ref, qpe_smem, plgpu.transpose_ref(kpe_smem.at[slot], (1, 0)))
+            plgpu.wgmma(acc_ref, q_smem, c_smem.at[slot].transpose((1, 0)))
+            plgpu.wgmma(acc_ref, qpe_smem, kpe_smem.at[slot].transpose((1, 0)))
             return acc_ref[...]
 
         if interpret:   # the interpreter's wgmma takes neither transposed refs nor register operands

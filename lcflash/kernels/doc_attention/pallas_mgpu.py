@@ -1,0 +1,348 @@
+"""Causal flash attention over packed documents as Pallas Mosaic GPU kernels (Hopper: TMA + wgmma), with its VJP.
+
+MLA's training form: queries and keys of qk = 192 (nope | rope), values of 128, every head its own keys. One CTA
+(one warpgroup) holds a block of 64 rows and walks the blocks of the other side that hold a visible pair
+(`reference.kv_block_ranges` / `q_block_ranges`): packed documents of mean length 400 in rows of 1024 leave
+~64% of the causal triangle's 64 x 64 blocks, and a cuDNN call told about the documents (a mask bias) costs
+1.8x its plain causal call (experiments/RESULTS.md). Loads run `depth` blocks ahead of the math.
+
+* forward: S = Q K^T, online softmax in log2 units, O = P V; writes O and lse2 = m + log2(l) per row.
+* dq: P from lse2, dP = dO V^T, dS = P (dP - delta), dQ = scale dS K, over the same key blocks.
+* dk, dv: per key block over the query blocks that see it: dV = P^T dO, dK = scale dS^T Q.
+delta = rowsum(dO * O) comes from XLA. In Pallas' GPU interpreter (CPU tests) the products are plain dots: the
+interpreter's wgmma takes neither transposed views nor register operands.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax._src.state import types as state_types
+from jax.ad_checkpoint import checkpoint_name
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from lcflash.kernels import KERNEL_OUTPUT
+from lcflash.kernels.doc_attention.reference import LOG2E, NEG_INF, kv_block_ranges, q_block_ranges
+
+BLOCK = 64          # rows per CTA and per visited block (the wgmma M of one warpgroup)
+
+
+def supported(q_bthk, k_bshk, v_bshv) -> str | None:
+    """None if the kernels take these operands, else the reason they do not."""
+    (B, T, H, dk), dv = q_bthk.shape, v_bshv.shape[-1]
+    if jnp.dtype(q_bthk.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return f"dtype {jnp.dtype(q_bthk.dtype).name}: the kernels need bfloat16 or float16 (wgmma operands)"
+    if k_bshk.shape != (B, T, H, dk) or v_bshv.shape[:3] != (B, T, H):
+        return f"q {q_bthk.shape}, k {k_bshk.shape}, v {v_bshv.shape}: self-attention with one key per head"
+    if T % BLOCK:
+        return f"sequence length {T} must be a multiple of {BLOCK}"
+    if dk % 64 or dv % 64 or dk > 256 or dv > 256:
+        return f"head sizes qk {dk} and v {dv} must be multiples of 64, at most 256"
+    return None
+
+
+class _Ops:
+    """Register-layout operations, or their plain forms in the interpreter."""
+
+    def __init__(self, interpret: bool):
+        self.interpret = interpret
+
+    def full(self, shape, value):
+        x = jnp.full(shape, value, jnp.float32)
+        if self.interpret:
+            return x
+        layout = plgpu.Layout.WGMMA if len(shape) == 2 else plgpu.Layout.WGMMA.reduce(1)
+        return plgpu.layout_cast(x, layout)
+
+    def iota(self, shape, dim):
+        if self.interpret:
+            return lax.broadcasted_iota(jnp.int32, shape, dim)
+        return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
+
+    def vector(self, ref, axis: int, shape):
+        """A [n] smem vector broadcast along `axis` of a 2-D tile (axis 1: one value per row)."""
+        v = ref[...] if self.interpret else plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(axis))
+        return lax.broadcast_in_dim(v, shape, [1 - axis])
+
+    def dot(self, a, b_ref, *, transpose_b=False, acc=None, shape=None):
+        """a @ b (b^T) in fp32, added to acc; a is a smem ref or a register array, b a smem ref."""
+        if self.interpret:
+            av = a[...] if _is_ref(a) else a
+            bv = b_ref[...]
+            out = jnp.dot(av, bv.T if transpose_b else bv, preferred_element_type=jnp.float32)
+            return out if acc is None else acc + out
+        b = b_ref.transpose((1, 0)) if transpose_b else b_ref
+        if acc is None:
+            def run(acc_ref):
+                plgpu.wgmma(acc_ref, a, b)
+                return acc_ref[...]
+            return pl.run_scoped(run, plgpu.ACC(shape, jnp.float32))
+
+        def accumulate(acc_ref):
+            plgpu.wgmma(acc_ref, a, b)
+        return pl.run_state(accumulate)(plgpu.ACC.init(acc))
+
+
+def _is_ref(x) -> bool:
+    return isinstance(x, state_types.TransformedRef) or isinstance(getattr(x, "aval", None), state_types.AbstractRef)
+
+
+def _walk(lo_ref, hi_ref, depth, own, ring):
+    """This CTA's (batch, head, its block's rows, first visited block, visited count, fetch). Loads `own` (pairs of
+    gmem view and smem, one barrier each, in the barrier array that follows them) and the first `depth` visited
+    blocks of `ring` ((gmem view of a block slice, smem ring, barriers) triples); fetch(i, slot) loads visited block
+    i into ring slot `slot`. Waits for `own` only."""
+    b, h, blk = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("blk")
+    lo = lo_ref[b, blk]
+    n = hi_ref[b, blk] - lo
+    rows = pl.ds(blk * BLOCK, BLOCK)
+
+    def fetch(i, slot):
+        part = pl.ds((lo + i) * BLOCK, BLOCK)
+        for src, smem, bar in ring:
+            plgpu.copy_gmem_to_smem(src(b, h, part), smem.at[slot], bar.at[slot])
+
+    (own, own_bar) = own
+    for j, (src, dst) in enumerate(own):
+        plgpu.copy_gmem_to_smem(src(b, h, rows), dst, own_bar.at[j])
+    for i in range(depth):
+        pl.when(i < n)(functools.partial(fetch, i, i))
+    for j in range(len(own)):
+        plgpu.barrier_wait(own_bar.at[j])
+    return b, h, rows, lo, n, fetch
+
+
+def _visible(x, fill, key_le_query, first_q, first_k):
+    """x where the key is at or before the query and in its segment, else fill."""
+    return jnp.where(first_q == first_k, jnp.where(key_le_query, x, fill), fill)
+
+
+# gmem views of one block slice: per head ([B, T, H, d] operands, [B, H, T] row statistics) or per row ([B, T]).
+_HEADS = lambda ref: lambda b, h, sl: ref.at[b, sl, h]       # noqa: E731
+_STATS = lambda ref: lambda b, h, sl: ref.at[b, h, sl]       # noqa: E731
+_ROWS = lambda ref: lambda b, h, sl: ref.at[b, sl]           # noqa: E731
+
+
+def _fwd_kernel(lo_ref, hi_ref, first_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *, depth, scale, ops):
+    (q_smem, fq_smem, k_smem, v_smem, fk_smem, o_smem, lse_smem), (q_bar, k_bar, v_bar, fk_bar) = scoped
+    b, h, rows, lo, n, fetch = _walk(
+        lo_ref, hi_ref, depth, ([(_HEADS(q_ref), q_smem), (_ROWS(first_ref), fq_smem)], q_bar),
+        [(_HEADS(k_ref), k_smem, k_bar), (_HEADS(v_ref), v_smem, v_bar), (_ROWS(first_ref), fk_smem, fk_bar)])
+    tile = (BLOCK, BLOCK)
+    fq = ops.vector(fq_smem, 1, tile)
+    row = ops.iota(tile, 0) + rows.start
+    col = ops.iota(tile, 1)
+
+    def body(i, carry):
+        acc, m_i, l_i = carry
+        slot = lax.rem(i, jnp.int32(depth))
+        plgpu.barrier_wait(k_bar.at[slot])
+        plgpu.barrier_wait(fk_bar.at[slot])
+        s = ops.dot(q_smem, k_smem.at[slot], transpose_b=True, shape=tile) * (scale * LOG2E)
+        s = _visible(s, NEG_INF, col + (lo + i) * BLOCK <= row, fq, ops.vector(fk_smem.at[slot], 0, tile))
+        m_new = jnp.maximum(m_i, s.max(axis=1))
+        alpha = jnp.exp2(m_i - m_new)
+        p = jnp.exp2(s - lax.broadcast_in_dim(m_new, tile, [0]))
+        l_i = l_i * alpha + p.sum(axis=1)
+        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+        plgpu.barrier_wait(v_bar.at[slot])
+        acc = ops.dot(p.astype(q_smem.dtype), v_smem.at[slot], acc=acc)
+
+        @pl.when(i + depth < n)
+        def _():
+            fetch(i + depth, slot)
+
+        return acc, m_new, l_i
+
+    carry = (ops.full((BLOCK, v_smem.shape[-1]), 0.0), ops.full((BLOCK,), -jnp.inf), ops.full((BLOCK,), 0.0))
+    acc, m_i, l_i = lax.fori_loop(0, n, body, carry)
+    o_smem[...] = (acc / lax.broadcast_in_dim(l_i, acc.shape, [0])).astype(o_smem.dtype)
+    lse_smem[...] = m_i + jnp.log(l_i) * LOG2E
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(o_smem, o_ref.at[b, rows, h])
+    plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, rows])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def _dq_kernel(lo_ref, hi_ref, first_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, scoped, *,
+               depth, scale, ops):
+    (q_smem, do_smem, fq_smem, lse_smem, delta_smem, k_smem, v_smem, fk_smem, dq_smem), \
+        (q_bar, k_bar, v_bar, fk_bar) = scoped
+    own = [(_HEADS(q_ref), q_smem), (_HEADS(do_ref), do_smem), (_ROWS(first_ref), fq_smem),
+           (_STATS(lse_ref), lse_smem), (_STATS(delta_ref), delta_smem)]
+    b, h, rows, lo, n, fetch = _walk(
+        lo_ref, hi_ref, depth, (own, q_bar),
+        [(_HEADS(k_ref), k_smem, k_bar), (_HEADS(v_ref), v_smem, v_bar), (_ROWS(first_ref), fk_smem, fk_bar)])
+    tile = (BLOCK, BLOCK)
+    fq, lse, delta = (ops.vector(r, 1, tile) for r in (fq_smem, lse_smem, delta_smem))
+    row = ops.iota(tile, 0) + rows.start
+    col = ops.iota(tile, 1)
+    dtype = q_smem.dtype
+
+    def body(i, dq):
+        slot = lax.rem(i, jnp.int32(depth))
+        plgpu.barrier_wait(k_bar.at[slot])
+        plgpu.barrier_wait(fk_bar.at[slot])
+        s = ops.dot(q_smem, k_smem.at[slot], transpose_b=True, shape=tile)
+        p = jnp.exp2(s * (scale * LOG2E) - lse)
+        p = _visible(p, 0.0, col + (lo + i) * BLOCK <= row, fq, ops.vector(fk_smem.at[slot], 0, tile))
+        plgpu.barrier_wait(v_bar.at[slot])
+        dp = ops.dot(do_smem, v_smem.at[slot], transpose_b=True, shape=tile)
+        dq = ops.dot((p * (dp - delta)).astype(dtype), k_smem.at[slot], acc=dq)
+
+        @pl.when(i + depth < n)
+        def _():
+            fetch(i + depth, slot)
+
+        return dq
+
+    dq = lax.fori_loop(0, n, body, ops.full((BLOCK, q_smem.shape[-1]), 0.0))
+    dq_smem[...] = (dq * scale).astype(dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(dq_smem, dq_ref.at[b, rows, h])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def _dkv_kernel(lo_ref, hi_ref, first_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, scoped,
+                *, depth, scale, ops):
+    (k_smem, v_smem, fk_smem, q_smem, do_smem, fq_smem, lse_smem, delta_smem, dk_smem, dv_smem), \
+        (k_bar, q_bar, do_bar, fq_bar, lse_bar, delta_bar) = scoped
+    b, h, keys, lo, n, fetch = _walk(
+        lo_ref, hi_ref, depth, ([(_HEADS(k_ref), k_smem), (_HEADS(v_ref), v_smem), (_ROWS(first_ref), fk_smem)], k_bar),
+        [(_HEADS(q_ref), q_smem, q_bar), (_HEADS(do_ref), do_smem, do_bar), (_ROWS(first_ref), fq_smem, fq_bar),
+         (_STATS(lse_ref), lse_smem, lse_bar), (_STATS(delta_ref), delta_smem, delta_bar)])
+    tile = (BLOCK, BLOCK)   # [keys, queries]
+    fk = ops.vector(fk_smem, 1, tile)
+    key = ops.iota(tile, 0) + keys.start
+    qcol = ops.iota(tile, 1)
+    dtype = k_smem.dtype
+
+    def body(i, carry):
+        dk, dv = carry
+        slot = lax.rem(i, jnp.int32(depth))
+        for bar in (q_bar, fq_bar, lse_bar):
+            plgpu.barrier_wait(bar.at[slot])
+        s_t = ops.dot(k_smem, q_smem.at[slot], transpose_b=True, shape=tile)
+        p_t = jnp.exp2(s_t * (scale * LOG2E) - ops.vector(lse_smem.at[slot], 0, tile))
+        p_t = _visible(p_t, 0.0, key <= qcol + (lo + i) * BLOCK, ops.vector(fq_smem.at[slot], 0, tile), fk)
+        plgpu.barrier_wait(do_bar.at[slot])
+        dv = ops.dot(p_t.astype(dtype), do_smem.at[slot], acc=dv)
+        dp_t = ops.dot(v_smem, do_smem.at[slot], transpose_b=True, shape=tile)
+        plgpu.barrier_wait(delta_bar.at[slot])
+        ds_t = p_t * (dp_t - ops.vector(delta_smem.at[slot], 0, tile))
+        dk = ops.dot(ds_t.astype(dtype), q_smem.at[slot], acc=dk)
+
+        @pl.when(i + depth < n)
+        def _():
+            fetch(i + depth, slot)
+
+        return dk, dv
+
+    carry = (ops.full((BLOCK, k_smem.shape[-1]), 0.0), ops.full((BLOCK, v_smem.shape[-1]), 0.0))
+    dk, dv = lax.fori_loop(0, n, body, carry)
+    dk_smem[...] = (dk * scale).astype(dtype)
+    dv_smem[...] = dv.astype(dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(dk_smem, dk_ref.at[b, keys, h])
+    plgpu.copy_smem_to_gmem(dv_smem, dv_ref.at[b, keys, h])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def _call(kernel, scratch, barriers, out_type, grid_bhn, inputs, interpret):
+    """One CTA per (head, block, batch); scratch and barriers are scoped around the kernel body."""
+    B, H, nb = grid_bhn
+
+    def entry(*refs):
+        pl.run_scoped(lambda *scoped: kernel(*refs, scoped), tuple(scratch), tuple(barriers))
+
+    if interpret:   # Pallas' CPU simulation of Mosaic GPU
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+        interpret = {"interpret": InterpretGPUParams()}
+    return plgpu.kernel(entry, out_type=out_type, grid=(H, nb, B), grid_names=("heads", "blk", "batch"),
+                        compiler_params=plgpu.CompilerParams(approx_math=True), **(interpret or {}))(*inputs)
+
+
+def _smem(interpret):
+    tiled = () if interpret else (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    return (lambda shape, dtype: plgpu.SMEM(shape, dtype, transforms=tiled),     # wgmma operands
+            lambda shape: plgpu.SMEM(shape, jnp.float32))                        # row vectors
+
+
+# Jitted so that the identical calls of a step's layers lower (Mosaic GPU) once, not once per attention.
+@functools.partial(jax.jit, static_argnames=("scale", "depth", "interpret"))
+def _forward(q, k, v, first_f, ranges, *, scale, depth, interpret):
+    (B, T, H, dk), dv, dtype = q.shape, v.shape[-1], q.dtype
+    nb = T // BLOCK
+    depth = max(1, min(depth, nb))
+    tile, vec = _smem(interpret)
+    scratch = (tile((BLOCK, dk), dtype), vec((BLOCK,)), tile((depth, BLOCK, dk), dtype),
+               tile((depth, BLOCK, dv), dtype), vec((depth, BLOCK)), tile((BLOCK, dv), dtype), vec((BLOCK,)))
+    barriers = (plgpu.Barrier(num_barriers=2),) + (plgpu.Barrier(num_barriers=depth),) * 3
+    kernel = functools.partial(_fwd_kernel, depth=depth, scale=scale, ops=_Ops(interpret))
+    out_type = (jax.ShapeDtypeStruct((B, T, H, dv), dtype), jax.ShapeDtypeStruct((B, H, T), jnp.float32))
+    return _call(kernel, scratch, barriers, out_type, (B, H, nb), (*ranges, first_f, q, k, v), interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "depth", "interpret"))
+def _backward(q, k, v, first_f, o, lse, do, kv_ranges, q_ranges, *, scale, depth, interpret):
+    (B, T, H, dk), dv, dtype = q.shape, v.shape[-1], q.dtype
+    nb = T // BLOCK
+    depth = max(1, min(depth, nb))
+    delta = jnp.einsum("bthv,bthv->bht", o.astype(jnp.float32), do.astype(jnp.float32))
+    tile, vec = _smem(interpret)
+    ops = _Ops(interpret)
+    ins = (first_f, q, k, v, do, lse, delta)
+    dq = _call(functools.partial(_dq_kernel, depth=depth, scale=scale, ops=ops),
+               (tile((BLOCK, dk), dtype), tile((BLOCK, dv), dtype), vec((BLOCK,)), vec((BLOCK,)), vec((BLOCK,)),
+                tile((depth, BLOCK, dk), dtype), tile((depth, BLOCK, dv), dtype), vec((depth, BLOCK)),
+                tile((BLOCK, dk), dtype)),
+               (plgpu.Barrier(num_barriers=5),) + (plgpu.Barrier(num_barriers=depth),) * 3,
+               jax.ShapeDtypeStruct(q.shape, dtype), (B, H, nb), (*kv_ranges, *ins), interpret)
+    dk_, dv_ = _call(functools.partial(_dkv_kernel, depth=depth, scale=scale, ops=ops),
+                     (tile((BLOCK, dk), dtype), tile((BLOCK, dv), dtype), vec((BLOCK,)),
+                      tile((depth, BLOCK, dk), dtype), tile((depth, BLOCK, dv), dtype), vec((depth, BLOCK)),
+                      vec((depth, BLOCK)), vec((depth, BLOCK)), tile((BLOCK, dk), dtype), tile((BLOCK, dv), dtype)),
+                     (plgpu.Barrier(num_barriers=3),) + (plgpu.Barrier(num_barriers=depth),) * 5,
+                     (jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype)), (B, H, nb),
+                     (*q_ranges, *ins), interpret)
+    return dq, dk_, dv_
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _attention(q, k, v, first_bt, scale, depth, interpret):
+    return _attention_fwd(q, k, v, first_bt, scale, depth, interpret)[0]
+
+
+def _attention_fwd(q, k, v, first_bt, scale, depth, interpret):
+    first_f = first_bt.astype(jnp.float32)   # compared as floats in registers: exact below 2^24
+    o, lse = _forward(q, k, v, first_f, kv_block_ranges(first_bt, BLOCK, BLOCK), scale=scale, depth=depth,
+                      interpret=interpret)
+    # Named in the forward rule's own equations, where a remat policy sees them ("kernels", "dots").
+    o, lse = checkpoint_name(o, KERNEL_OUTPUT), checkpoint_name(lse, KERNEL_OUTPUT)
+    return o, (q, k, v, first_bt, o, lse)
+
+
+def _attention_bwd(scale, depth, interpret, res, do):
+    q, k, v, first_bt, o, lse = res
+    dq, dk, dv = _backward(q, k, v, first_bt.astype(jnp.float32), o, lse, do.astype(q.dtype),
+                           kv_block_ranges(first_bt, BLOCK, BLOCK), q_block_ranges(first_bt, BLOCK, BLOCK),
+                           scale=scale, depth=depth, interpret=interpret)
+    return dq, dk, dv, np.zeros(first_bt.shape, jax.dtypes.float0)
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def doc_attention(q_bthk, k_bshk, v_bshv, first_bt, *, scale: float, depth: int = 2, interpret: bool = False):
+    """Causal attention over packed documents: key j is visible to query i iff j <= i and first[j] == first[i]
+    (`reference.first_visible`). Returns [B, T, H, dv] in q's dtype; differentiable in q, k and v."""
+    why = supported(q_bthk, k_bshk, v_bshv)
+    if why:
+        raise NotImplementedError(f"doc_attention pallas kernels: {why}; use train_attn_impl 'cudnn' or 'xla'")
+    if first_bt.shape != q_bthk.shape[:2]:
+        raise ValueError(f"first_bt {first_bt.shape} must be [batch, seq] = {q_bthk.shape[:2]}")
+    return _attention(q_bthk, k_bshk.astype(q_bthk.dtype), v_bshv.astype(q_bthk.dtype),
+                      first_bt.astype(jnp.int32), float(scale), int(depth), bool(interpret))
