@@ -1,6 +1,16 @@
 """Hot-path kernels. Each has an `api.py` switch and a pure-JAX reference beside it."""
 
+import jax
 import jax.numpy as jnp
+
+
+def on_hopper(backend: str | None = None, compute_capability: str | None = None) -> bool:
+    """Whether our Mosaic GPU kernels (wgmma, TMA) can run here: a Hopper GPU, compute capability 9.x. Without
+    arguments, the default backend's first device; tests pass both."""
+    if backend is None:
+        backend = jax.default_backend()
+        compute_capability = getattr(jax.devices()[0], "compute_capability", None) if backend == "gpu" else None
+    return backend == "gpu" and str(compute_capability or "").startswith("9.")
 
 
 def accumulation_dtype(dtype):

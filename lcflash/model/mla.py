@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lcflash.config import ModelConfig
+from lcflash.kernels import on_hopper
 from lcflash.kernels.mla_decode import mla_decode
 from lcflash.model.common import normal_param
 from lcflash.model.norm import RMSNorm
@@ -84,11 +85,8 @@ def auto_fused_impl(q_bthk, k_bshk, v_bshv, mask_kind: str, backend: str | None 
     ours; experiments/RESULTS.md). Our kernels have no sharding rule yet, so a multi-device mesh keeps cuDNN."""
     from lcflash.kernels.doc_attention.pallas_mgpu import supported
 
-    if backend is None:
-        backend = jax.default_backend()
-        compute_capability = getattr(jax.devices()[0], "compute_capability", None) if backend == "gpu" else None
-    hopper = backend == "gpu" and str(compute_capability or "").startswith("9.")
-    if mask_kind == "causal_docs" and hopper and not _multi_device() and supported(q_bthk, k_bshk, v_bshv) is None:
+    if (mask_kind == "causal_docs" and on_hopper(backend, compute_capability) and not _multi_device()
+            and supported(q_bthk, k_bshk, v_bshv) is None):
         return "pallas"
     return "cudnn"
 

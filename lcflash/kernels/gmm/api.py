@@ -24,6 +24,7 @@ Implementations:
 import functools
 import os
 
+from lcflash.kernels import on_hopper
 from lcflash.kernels.gmm import reference
 
 
@@ -70,12 +71,7 @@ _NOT_AVAILABLE = {
 def auto_impl(lhs_mk, rhs_gkn, backend: str | None = None, compute_capability: str | None = None) -> str:
     """"auto": our kernels on a Hopper GPU for the operands they take (pallas_gmm.supports: bf16/fp16, K and N
     multiples of 128), XLA's ragged_dot otherwise."""
-    import jax
-
-    if backend is None:
-        backend = jax.default_backend()
-        compute_capability = getattr(jax.devices()[0], "compute_capability", None) if backend == "gpu" else None
-    if backend != "gpu" or not str(compute_capability or "").startswith("9."):
+    if not on_hopper(backend, compute_capability):
         return "ragged_dot"
     from lcflash.kernels.gmm import pallas_gmm
 
