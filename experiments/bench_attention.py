@@ -8,6 +8,7 @@ MLA's heads have qk 192 (nope 128 + rope 64) and v 128. The variants, all bf16 f
   pallas       : our Mosaic GPU kernels (`train_attn_impl="pallas"`, lcflash/kernels/doc_attention), causal_docs;
                  the model's path on a Hopper GPU since session 10 ("auto")
   pallas_causal: the same told the mask is plainly causal (not the model's semantics; against cudnn_causal)
+  pallas_dABC  : `pallas` with the forward, dq and dk/dv kernels loading A, B and C blocks ahead (named on demand)
   dpa_causal   : `jax.nn.dot_product_attention` without the segment mask (not the model's semantics)
   cudnn_causal : cuDNN's MLA form (v kept at 128) through `jax._src.cudnn`, causal, no segments
   cudnn_mask   : the same with the segment mask (as a bias)
@@ -88,7 +89,15 @@ def variants(seg_bt, max_segments):
     def pallas(q_nope, q_pe, k_nope, kpe, v, kind="causal_docs"):
         return mla.fused_attention(q_nope, q_pe, k_nope, kpe, v, mask_bts, SCALE, "pallas", kind)
 
+    def pallas_depths(q_nope, q_pe, k_nope, kpe, v, depths):
+        from lcflash.kernels.doc_attention.pallas_mgpu import doc_attention
+        from lcflash.kernels.doc_attention.reference import first_visible
+        q, k = mla.fused_heads(q_nope, q_pe, k_nope, kpe)
+        return doc_attention(q, k, v, first_visible(mask_bts), scale=SCALE, depths=depths)
+
     return {
+        **{f"pallas_d{a}{b}{c}": functools.partial(pallas_depths, depths=(a, b, c))
+           for a in (1, 2, 3) for b in (1, 2, 3) for c in (1, 2, 3)},
         "dpa_mask": dpa,
         "cudnn_docs": cudnn_docs,
         "pallas": pallas,
@@ -102,7 +111,7 @@ def variants(seg_bt, max_segments):
 
 
 SCALE = 192 ** -0.5
-SAME_SEMANTICS = ("cudnn_docs", "dpa_mask", "cudnn_mask", "pallas")   # and every cudnn_packed_*
+SAME_SEMANTICS = ("cudnn_docs", "dpa_mask", "cudnn_mask", "pallas")   # and every cudnn_packed_*, pallas_d*
 
 
 def measure(todo, x, do, flops):
@@ -119,7 +128,7 @@ def measure(todo, x, do, flops):
             row["fwd_bwd_tflops"] = 3.5 * flops / row["fwd_bwd_ms"] / 1e9
             if name == "dpa_mask":
                 ref = out
-            elif (name in SAME_SEMANTICS or name.startswith("cudnn_packed")) and ref is not None:
+            elif (name in SAME_SEMANTICS or name.startswith(("cudnn_packed", "pallas_d"))) and ref is not None:
                 errs = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a.astype(jnp.float32) - b))
                                                        / jnp.max(jnp.abs(b.astype(jnp.float32)))), out, ref)
                 row["max_rel_err_vs_dpa_mask"] = max(jax.tree.leaves(errs))
@@ -184,11 +193,12 @@ def main():
                 flops_note="causal fwd FLOPs 2*B*H*T(T+1)/2*(192+128); bwd counted as 2.5x fwd")
     print(json.dumps(meta), flush=True)
     todo = [(name, f, None) for name, f in variants(seg_bt, 0).items() if not name.startswith("cudnn_packed")]
+    keep = set(filter(None, args.variants.split(",")))
+    todo = [v for v in todo if not v[0].startswith("pallas_d") or v[0] in keep]   # only those asked for
     for m in [int(s) for s in args.max_segments.split(",")]:
         if m >= n_seg:
             todo += [(f"{name}_m{m}", f, m) for name, f in variants(seg_bt, m).items()
                      if name.startswith("cudnn_packed")]
-    keep = set(filter(None, args.variants.split(",")))
     todo = [v for v in todo if not keep or v[0] in keep or v[0] == "dpa_mask"]
     if args.isolate:
         rows, child_meta = isolated(args, [v[0] for v in todo])

@@ -3,14 +3,61 @@ import signal
 
 import pytest
 
+from xla_flags import add_fast_compile_flags
+
 # Parity tests compare float32 models at 1e-5: make CPU matmuls exact fp32 (XLA:CPU may otherwise use faster
 # reduced-precision paths on some builds). Set before JAX initialises.
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# The suite is compile-bound (tiny shapes): LLVM -O0 for XLA:CPU's generated kernels compiles ~20% faster
-# (tests/test_generate.py: 93 s -> 75 s). Subprocesses (tests/parallel_worker.py) inherit and extend it.
-if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+# The suite is compile-bound (tiny shapes): faster XLA:CPU compiles (tests/xla_flags.py). Subprocesses
+# (tests/parallel_worker.py) inherit and extend them.
+add_fast_compile_flags()
+
+
+def _compile_interpreter_threads_once():
+    """Pallas' interpreters (GPU and TPU) run a kernel's simulated threads through thread_map, whose _run_jaxpr
+    traces, lowers and compiles the same per-thread program afresh on every thread and every call (its `_run` is
+    a new function object each time, so no JAX cache hits): ~4 s of XLA:CPU compile each, most of test_gmm's time.
+    Here each (program, argument types) compiles once and every thread runs that executable: the same program on
+    the same arguments. Installed JAX's own `_run` body is reused, so its evaluation is unchanged. JAX 0.11 made
+    `_run` a module-level function (its jit cache then does this itself): there, as wherever the module's shape
+    differs, nothing is patched."""
+    import threading
+    import types
+
+    try:
+        import jax
+        import numpy as np
+        from jax._src import config as jax_config
+        from jax._src.pallas.mosaic.interpret import thread_map
+    except ImportError:
+        return
+    trace_context = getattr(jax_config, "trace_context", lambda: None)  # the config jit's own caches key on
+    orig = getattr(thread_map, "_run_jaxpr", None)
+    code = getattr(orig, "__code__", None)
+    run_code = [c for c in (code.co_consts if code else ()) if isinstance(c, types.CodeType) and c.co_name == "_run"]
+    if len(run_code) != 1 or code.co_freevars or run_code[0].co_freevars or getattr(orig, "_compile_once", False):
+        return
+    jitted = jax.jit(types.FunctionType(run_code[0], vars(thread_map), "_run"), static_argnums=(0,))
+    lock, executables = threading.Lock(), {}
+
+    def sig(x):
+        return np.shape(x), str(getattr(x, "dtype", None) or np.asarray(x).dtype), bool(getattr(x, "weak_type", False))
+
+    def _run_jaxpr(jaxpr, consts, *args):
+        leaves, tree = jax.tree.flatten((consts, args))
+        key = (jaxpr, tree, tuple(sig(x) for x in leaves), trace_context())
+        with lock:
+            exe = executables.get(key)
+            if exe is None:
+                exe = executables[key] = jitted.trace(jaxpr, consts, *args).lower().compile()
+        exe(consts, *args)
+
+    _run_jaxpr._compile_once = True
+    thread_map._run_jaxpr = _run_jaxpr
+
+
+_compile_interpreter_threads_once()
 
 
 @pytest.fixture

@@ -13,6 +13,8 @@ import os
 import sys
 import time
 
+from xla_flags import add_fast_compile_flags  # tests/, this script's directory
+
 ap = argparse.ArgumentParser()
 ap.add_argument("mode", choices=["equivalence", "train_ckpt", "mp"])
 ap.add_argument("--part", choices=["ep", "reference"], default="ep",
@@ -26,7 +28,8 @@ args = ap.parse_args()
 N_DEV = 2 if args.mode == "mp" else 8
 # Fast XLA:CPU compiles: these runs check numerics and structure, not speed.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={N_DEV}"
-                           " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
+                           " --xla_llvm_disable_expensive_passes=true")
+add_fast_compile_flags()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

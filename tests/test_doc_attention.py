@@ -64,7 +64,7 @@ def test_kernels_in_the_interpreter_match_the_reference():
     scale = 192 ** -0.5
 
     def kernel(q, k, v):
-        return pallas_mgpu.doc_attention(q, k, v, first, scale=scale, depth=2, interpret=True)
+        return pallas_mgpu.doc_attention(q, k, v, first, scale=scale, depths=(2, 1, 2), interpret=True)
 
     def f32(q, k, v):
         with jax.default_matmul_precision("highest"):
@@ -99,6 +99,9 @@ def test_unsupported_operands_are_named():
     q, k, v, _ = _inputs(1, 96, 1, seed=0)
     with pytest.raises(NotImplementedError, match="multiple of 64"):
         pallas_mgpu.doc_attention(q, k, v, jnp.zeros((1, 96), jnp.int32), scale=1.0)
+    q, k, v, _ = _inputs(1, 64, 1, seed=0)
+    with pytest.raises(ValueError, match="depths"):
+        pallas_mgpu.doc_attention(q, k, v, jnp.zeros((1, 64), jnp.int32), scale=1.0, depths=(2, 0, 2))
 
 
 def test_auto_picks_the_kernels_for_packed_documents_on_one_hopper_gpu_only(monkeypatch):

@@ -117,22 +117,17 @@ def test_overlap_mma_needs_the_flat_pipeline():
 
 
 @cpu_only
-def test_pallas_interpret_forward_ragged(hang_guard):
-    lhs, rhs, _, sizes = _inputs(4, M_RAGGED, 128, 256, SIZES_RAGGED, jnp.bfloat16)
-    out = api.gmm(lhs, rhs, sizes, impl="pallas")  # the interpreter NaN-fills outputs: unwritten rows fail _rel
-    assert out.shape == (M_RAGGED, 256) and out.dtype == jnp.bfloat16
-    assert _rel(out, reference.gmm_loop(lhs.astype(jnp.float32), rhs.astype(jnp.float32), sizes)) < BF16_TOL
-    assert not np.asarray(out[220:], np.float32).any()
-
-
-@cpu_only
-def test_pallas_interpret_gradients(hang_guard):
+def test_pallas_interpret_forward_and_gradients(hang_guard):
+    """The forward (the same rows kernel as a plain api.gmm call: the custom VJP's forward rule runs it) and both
+    gradients; the interpreter NaN-fills outputs, so unwritten rows fail _rel."""
     lhs, rhs, dout, sizes = _inputs(5, M_RAGGED, 128, 256, SIZES_RAGGED, jnp.bfloat16)
     got = _fwd_grads("pallas", lhs, rhs, dout, sizes)
     want = _ref_fwd_grads(lhs, rhs, dout, sizes)
+    assert got[0].shape == (M_RAGGED, 256) and got[0].dtype == jnp.bfloat16
     for name, g, w in zip(("out", "d_lhs", "d_rhs"), got, want):
         assert _rel(g, w) < BF16_TOL, name
-    assert not np.asarray(got[1][220:], np.float32).any()  # rows past the groups get zero d_lhs
+    assert not np.asarray(got[0][220:], np.float32).any()  # rows past the groups get zero output
+    assert not np.asarray(got[1][220:], np.float32).any()  # and zero d_lhs
     assert not np.asarray(got[2], np.float32)[[0, 2, 6]].any()  # empty groups get zero d_rhs
 
 

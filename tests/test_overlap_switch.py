@@ -10,6 +10,7 @@ from jax.extend import core as jcore
 
 from lcflash.config import ConfigError, load_config, model_config
 from numerics import random_model
+from xla_flags import default_codegen
 
 WINDOW = ("mlp_0", "attn_1", "mlp_1")
 
@@ -45,7 +46,8 @@ def test_same_logits_and_gradients():
     def run(overlap):
         gd, params, rest = _split(overlap)
         loss = lambda p: (jnp.sum(w * (y := _logits(gd, rest)(p, TOKENS))), y)  # noqa: E731
-        (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+        (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True), compiler_options=default_codegen())(
+            params)
         return params, logits, grads
 
     p_on, logits_on, g_on = run(True)

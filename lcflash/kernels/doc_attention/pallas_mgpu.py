@@ -4,7 +4,9 @@ MLA's training form: queries and keys of qk = 192 (nope | rope), values of 128, 
 (one warpgroup) holds a block of 64 rows and walks the blocks of the other side that hold a visible pair
 (`reference.kv_block_ranges` / `q_block_ranges`): packed documents of mean length 400 in rows of 1024 leave
 ~64% of the causal triangle's 64 x 64 blocks, and a cuDNN call told about the documents (a mask bias) costs
-1.8x its plain causal call (experiments/RESULTS.md). Loads run `depth` blocks ahead of the math.
+1.8x its plain causal call (experiments/RESULTS.md). Loads run `depth` blocks ahead of the math. The outputs are
+staged in a ring slot that the loop has drained, not in their own buffers: the forward then takes ~105 KB of shared
+memory at depth 2, so two CTAs share an SM (0.186 -> 0.151 ms at 16 x 1024 on an H200).
 
 * forward: S = Q K^T, online softmax in log2 units, O = P V; writes O and lse2 = m + log2(l) per row.
 * dq: P from lse2, dP = dO V^T, dS = P (dP - delta), dQ = scale dS K, over the same key blocks.
@@ -28,6 +30,9 @@ from lcflash.kernels import KERNEL_OUTPUT
 from lcflash.kernels.doc_attention.reference import LOG2E, NEG_INF, kv_block_ranges, q_block_ranges
 
 BLOCK = 64          # rows per CTA and per visited block (the wgmma M of one warpgroup)
+# Blocks loaded ahead by the forward, dq and dk/dv kernels; fwd+bwd at 16 x 1024 on an H200: 0.584 ms, (2, 2, 2) 0.590,
+# (1, 1, 2) 0.593 (experiments/bench_attention_depths_h200.json).
+DEPTHS = (2, 1, 2)
 
 
 def supported(q_bthk, k_bshk, v_bshv) -> str | None:
@@ -66,6 +71,18 @@ class _Ops:
         """A [n] smem vector broadcast along `axis` of a 2-D tile (axis 1: one value per row)."""
         v = ref[...] if self.interpret else plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(axis))
         return lax.broadcast_in_dim(v, shape, [1 - axis])
+
+    def dots(self, *products):
+        """(a, b_ref, transpose_b, acc or a result shape) products, issued together and waited for once."""
+        if self.interpret:
+            return tuple(self.dot(a, b, transpose_b=t, **({"shape": x} if isinstance(x, tuple) else {"acc": x}))
+                         for a, b, t, x in products)
+
+        def issue(acc_refs):
+            for acc_ref, (a, b, t, _) in zip(acc_refs, products, strict=True):
+                plgpu.wgmma(acc_ref, a, b.transpose((1, 0)) if t else b)
+        return pl.run_state(issue)(tuple(plgpu.ACC.init(self.full(x, 0.0) if isinstance(x, tuple) else x)
+                                         for *_, x in products))
 
     def dot(self, a, b_ref, *, transpose_b=False, acc=None, shape=None):
         """a @ b (b^T) in fp32, added to acc; a is a smem ref or a register array, b a smem ref."""
@@ -127,7 +144,7 @@ _ROWS = lambda ref: lambda b, h, sl: ref.at[b, sl]           # noqa: E731
 
 
 def _fwd_kernel(lo_ref, hi_ref, first_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *, depth, scale, ops):
-    (q_smem, fq_smem, k_smem, v_smem, fk_smem, o_smem, lse_smem), (q_bar, k_bar, v_bar, fk_bar) = scoped
+    (q_smem, fq_smem, k_smem, v_smem, fk_smem, lse_smem), (q_bar, k_bar, v_bar, fk_bar) = scoped
     b, h, rows, lo, n, fetch = _walk(
         lo_ref, hi_ref, depth, ([(_HEADS(q_ref), q_smem), (_ROWS(first_ref), fq_smem)], q_bar),
         [(_HEADS(k_ref), k_smem, k_bar), (_HEADS(v_ref), v_smem, v_bar), (_ROWS(first_ref), fk_smem, fk_bar)])
@@ -159,6 +176,7 @@ def _fwd_kernel(lo_ref, hi_ref, first_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, 
 
     carry = (ops.full((BLOCK, v_smem.shape[-1]), 0.0), ops.full((BLOCK,), -jnp.inf), ops.full((BLOCK,), 0.0))
     acc, m_i, l_i = lax.fori_loop(0, n, body, carry)
+    o_smem = v_smem.at[0]   # every load has landed and been read: the ring's first slot stages the output
     o_smem[...] = (acc / lax.broadcast_in_dim(l_i, acc.shape, [0])).astype(o_smem.dtype)
     lse_smem[...] = m_i + jnp.log(l_i) * LOG2E
     plgpu.commit_smem()
@@ -169,7 +187,7 @@ def _fwd_kernel(lo_ref, hi_ref, first_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, 
 
 def _dq_kernel(lo_ref, hi_ref, first_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, scoped, *,
                depth, scale, ops):
-    (q_smem, do_smem, fq_smem, lse_smem, delta_smem, k_smem, v_smem, fk_smem, dq_smem), \
+    (q_smem, do_smem, fq_smem, lse_smem, delta_smem, k_smem, v_smem, fk_smem), \
         (q_bar, k_bar, v_bar, fk_bar) = scoped
     own = [(_HEADS(q_ref), q_smem), (_HEADS(do_ref), do_smem), (_ROWS(first_ref), fq_smem),
            (_STATS(lse_ref), lse_smem), (_STATS(delta_ref), delta_smem)]
@@ -184,13 +202,11 @@ def _dq_kernel(lo_ref, hi_ref, first_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, 
 
     def body(i, dq):
         slot = lax.rem(i, jnp.int32(depth))
-        plgpu.barrier_wait(k_bar.at[slot])
-        plgpu.barrier_wait(fk_bar.at[slot])
-        s = ops.dot(q_smem, k_smem.at[slot], transpose_b=True, shape=tile)
+        for bar in (k_bar, fk_bar, v_bar):
+            plgpu.barrier_wait(bar.at[slot])
+        s, dp = ops.dots((q_smem, k_smem.at[slot], True, tile), (do_smem, v_smem.at[slot], True, tile))
         p = jnp.exp2(s * (scale * LOG2E) - lse)
         p = _visible(p, 0.0, col + (lo + i) * BLOCK <= row, fq, ops.vector(fk_smem.at[slot], 0, tile))
-        plgpu.barrier_wait(v_bar.at[slot])
-        dp = ops.dot(do_smem, v_smem.at[slot], transpose_b=True, shape=tile)
         dq = ops.dot((p * (dp - delta)).astype(dtype), k_smem.at[slot], acc=dq)
 
         @pl.when(i + depth < n)
@@ -200,6 +216,7 @@ def _dq_kernel(lo_ref, hi_ref, first_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, 
         return dq
 
     dq = lax.fori_loop(0, n, body, ops.full((BLOCK, q_smem.shape[-1]), 0.0))
+    dq_smem = k_smem.at[0]  # staged in the (drained) key ring
     dq_smem[...] = (dq * scale).astype(dtype)
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(dq_smem, dq_ref.at[b, rows, h])
@@ -208,7 +225,7 @@ def _dq_kernel(lo_ref, hi_ref, first_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, 
 
 def _dkv_kernel(lo_ref, hi_ref, first_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, scoped,
                 *, depth, scale, ops):
-    (k_smem, v_smem, fk_smem, q_smem, do_smem, fq_smem, lse_smem, delta_smem, dk_smem, dv_smem), \
+    (k_smem, v_smem, fk_smem, q_smem, do_smem, fq_smem, lse_smem, delta_smem), \
         (k_bar, q_bar, do_bar, fq_bar, lse_bar, delta_bar) = scoped
     b, h, keys, lo, n, fetch = _walk(
         lo_ref, hi_ref, depth, ([(_HEADS(k_ref), k_smem), (_HEADS(v_ref), v_smem), (_ROWS(first_ref), fk_smem)], k_bar),
@@ -223,17 +240,14 @@ def _dkv_kernel(lo_ref, hi_ref, first_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
     def body(i, carry):
         dk, dv = carry
         slot = lax.rem(i, jnp.int32(depth))
-        for bar in (q_bar, fq_bar, lse_bar):
+        for bar in (q_bar, fq_bar, lse_bar, do_bar, delta_bar):
             plgpu.barrier_wait(bar.at[slot])
-        s_t = ops.dot(k_smem, q_smem.at[slot], transpose_b=True, shape=tile)
+        s_t, dp_t = ops.dots((k_smem, q_smem.at[slot], True, tile), (v_smem, do_smem.at[slot], True, tile))
         p_t = jnp.exp2(s_t * (scale * LOG2E) - ops.vector(lse_smem.at[slot], 0, tile))
         p_t = _visible(p_t, 0.0, key <= qcol + (lo + i) * BLOCK, ops.vector(fq_smem.at[slot], 0, tile), fk)
-        plgpu.barrier_wait(do_bar.at[slot])
-        dv = ops.dot(p_t.astype(dtype), do_smem.at[slot], acc=dv)
-        dp_t = ops.dot(v_smem, do_smem.at[slot], transpose_b=True, shape=tile)
-        plgpu.barrier_wait(delta_bar.at[slot])
         ds_t = p_t * (dp_t - ops.vector(delta_smem.at[slot], 0, tile))
-        dk = ops.dot(ds_t.astype(dtype), q_smem.at[slot], acc=dk)
+        dv, dk = ops.dots((p_t.astype(dtype), do_smem.at[slot], False, dv),
+                          (ds_t.astype(dtype), q_smem.at[slot], False, dk))
 
         @pl.when(i + depth < n)
         def _():
@@ -243,6 +257,7 @@ def _dkv_kernel(lo_ref, hi_ref, first_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
 
     carry = (ops.full((BLOCK, k_smem.shape[-1]), 0.0), ops.full((BLOCK, v_smem.shape[-1]), 0.0))
     dk, dv = lax.fori_loop(0, n, body, carry)
+    dk_smem, dv_smem = q_smem.at[0], do_smem.at[0]   # staged in the (drained) query and dO rings
     dk_smem[...] = (dk * scale).astype(dtype)
     dv_smem[...] = dv.astype(dtype)
     plgpu.commit_smem()
@@ -276,73 +291,77 @@ def _smem(interpret):
 def _forward(q, k, v, first_f, ranges, *, scale, depth, interpret):
     (B, T, H, dk), dv, dtype = q.shape, v.shape[-1], q.dtype
     nb = T // BLOCK
-    depth = max(1, min(depth, nb))
+    depth = min(depth, nb)
     tile, vec = _smem(interpret)
     scratch = (tile((BLOCK, dk), dtype), vec((BLOCK,)), tile((depth, BLOCK, dk), dtype),
-               tile((depth, BLOCK, dv), dtype), vec((depth, BLOCK)), tile((BLOCK, dv), dtype), vec((BLOCK,)))
+               tile((depth, BLOCK, dv), dtype), vec((depth, BLOCK)), vec((BLOCK,)))
     barriers = (plgpu.Barrier(num_barriers=2),) + (plgpu.Barrier(num_barriers=depth),) * 3
     kernel = functools.partial(_fwd_kernel, depth=depth, scale=scale, ops=_Ops(interpret))
     out_type = (jax.ShapeDtypeStruct((B, T, H, dv), dtype), jax.ShapeDtypeStruct((B, H, T), jnp.float32))
     return _call(kernel, scratch, barriers, out_type, (B, H, nb), (*ranges, first_f, q, k, v), interpret)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "depth", "interpret"))
-def _backward(q, k, v, first_f, o, lse, do, kv_ranges, q_ranges, *, scale, depth, interpret):
+@functools.partial(jax.jit, static_argnames=("scale", "depths", "interpret"))
+def _backward(q, k, v, first_f, o, lse, do, kv_ranges, q_ranges, *, scale, depths, interpret):
     (B, T, H, dk), dv, dtype = q.shape, v.shape[-1], q.dtype
     nb = T // BLOCK
-    depth = max(1, min(depth, nb))
+    d_dq, d_kv = (min(d, nb) for d in depths)
     delta = jnp.einsum("bthv,bthv->bht", o.astype(jnp.float32), do.astype(jnp.float32))
     tile, vec = _smem(interpret)
     ops = _Ops(interpret)
     ins = (first_f, q, k, v, do, lse, delta)
-    dq = _call(functools.partial(_dq_kernel, depth=depth, scale=scale, ops=ops),
+    dq = _call(functools.partial(_dq_kernel, depth=d_dq, scale=scale, ops=ops),
                (tile((BLOCK, dk), dtype), tile((BLOCK, dv), dtype), vec((BLOCK,)), vec((BLOCK,)), vec((BLOCK,)),
-                tile((depth, BLOCK, dk), dtype), tile((depth, BLOCK, dv), dtype), vec((depth, BLOCK)),
-                tile((BLOCK, dk), dtype)),
-               (plgpu.Barrier(num_barriers=5),) + (plgpu.Barrier(num_barriers=depth),) * 3,
+                tile((d_dq, BLOCK, dk), dtype), tile((d_dq, BLOCK, dv), dtype), vec((d_dq, BLOCK))),
+               (plgpu.Barrier(num_barriers=5),) + (plgpu.Barrier(num_barriers=d_dq),) * 3,
                jax.ShapeDtypeStruct(q.shape, dtype), (B, H, nb), (*kv_ranges, *ins), interpret)
-    dk_, dv_ = _call(functools.partial(_dkv_kernel, depth=depth, scale=scale, ops=ops),
+    dk_, dv_ = _call(functools.partial(_dkv_kernel, depth=d_kv, scale=scale, ops=ops),
                      (tile((BLOCK, dk), dtype), tile((BLOCK, dv), dtype), vec((BLOCK,)),
-                      tile((depth, BLOCK, dk), dtype), tile((depth, BLOCK, dv), dtype), vec((depth, BLOCK)),
-                      vec((depth, BLOCK)), vec((depth, BLOCK)), tile((BLOCK, dk), dtype), tile((BLOCK, dv), dtype)),
-                     (plgpu.Barrier(num_barriers=3),) + (plgpu.Barrier(num_barriers=depth),) * 5,
+                      tile((d_kv, BLOCK, dk), dtype), tile((d_kv, BLOCK, dv), dtype), vec((d_kv, BLOCK)),
+                      vec((d_kv, BLOCK)), vec((d_kv, BLOCK))),
+                     (plgpu.Barrier(num_barriers=3),) + (plgpu.Barrier(num_barriers=d_kv),) * 5,
                      (jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype)), (B, H, nb),
                      (*q_ranges, *ins), interpret)
     return dq, dk_, dv_
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _attention(q, k, v, first_bt, scale, depth, interpret):
-    return _attention_fwd(q, k, v, first_bt, scale, depth, interpret)[0]
+def _attention(q, k, v, first_bt, scale, depths, interpret):
+    return _attention_fwd(q, k, v, first_bt, scale, depths, interpret)[0]
 
 
-def _attention_fwd(q, k, v, first_bt, scale, depth, interpret):
+def _attention_fwd(q, k, v, first_bt, scale, depths, interpret):
     first_f = first_bt.astype(jnp.float32)   # compared as floats in registers: exact below 2^24
-    o, lse = _forward(q, k, v, first_f, kv_block_ranges(first_bt, BLOCK, BLOCK), scale=scale, depth=depth,
+    o, lse = _forward(q, k, v, first_f, kv_block_ranges(first_bt, BLOCK, BLOCK), scale=scale, depth=depths[0],
                       interpret=interpret)
     # Named in the forward rule's own equations, where a remat policy sees them ("kernels", "dots").
     o, lse = checkpoint_name(o, KERNEL_OUTPUT), checkpoint_name(lse, KERNEL_OUTPUT)
     return o, (q, k, v, first_bt, o, lse)
 
 
-def _attention_bwd(scale, depth, interpret, res, do):
+def _attention_bwd(scale, depths, interpret, res, do):
     q, k, v, first_bt, o, lse = res
     dq, dk, dv = _backward(q, k, v, first_bt.astype(jnp.float32), o, lse, do.astype(q.dtype),
                            kv_block_ranges(first_bt, BLOCK, BLOCK), q_block_ranges(first_bt, BLOCK, BLOCK),
-                           scale=scale, depth=depth, interpret=interpret)
+                           scale=scale, depths=depths[1:], interpret=interpret)
     return dq, dk, dv, np.zeros(first_bt.shape, jax.dtypes.float0)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def doc_attention(q_bthk, k_bshk, v_bshv, first_bt, *, scale: float, depth: int = 2, interpret: bool = False):
+def doc_attention(q_bthk, k_bshk, v_bshv, first_bt, *, scale: float, depths: tuple[int, int, int] = DEPTHS,
+                  interpret: bool = False):
     """Causal attention over packed documents: key j is visible to query i iff j <= i and first[j] == first[i]
-    (`reference.first_visible`). Returns [B, T, H, dv] in q's dtype; differentiable in q, k and v."""
+    (`reference.first_visible`). Returns [B, T, H, dv] in q's dtype; differentiable in q, k and v. `depths`: how
+    many blocks the forward, dq and dk/dv kernels load ahead (a deeper ring costs shared memory, and so CTAs per
+    SM)."""
     why = supported(q_bthk, k_bshk, v_bshv)
     if why:
         raise NotImplementedError(f"doc_attention pallas kernels: {why}; use train_attn_impl 'cudnn' or 'xla'")
+    if not (isinstance(depths, (tuple, list)) and len(depths) == 3 and min(depths) >= 1):
+        raise ValueError(f"depths {depths} must be three block counts >= 1 (forward, dq, dk/dv)")
     if first_bt.shape != q_bthk.shape[:2]:
         raise ValueError(f"first_bt {first_bt.shape} must be [batch, seq] = {q_bthk.shape[:2]}")
     return _attention(q_bthk, k_bshk.astype(q_bthk.dtype), v_bshv.astype(q_bthk.dtype),
-                      first_bt.astype(jnp.int32), float(scale), int(depth), bool(interpret))
+                      first_bt.astype(jnp.int32), float(scale), tuple(map(int, depths)), bool(interpret))
