@@ -13,6 +13,8 @@ or a padded einsum (skewed loads) before they are timed.
 kernel per-tile vs one flat pipeline per CTA vs the einsum "gtk,gtn->gkn");
 `--rows-ab flat,cluster,...` times only the rows kernel (forward and d_lhs, flat pipeline) in the listed variants
 (2-CTA clusters, one wgmma in flight, ...; `ROWS_VARIANTS`);
+`--swiglu-only` times only gate + up + SwiGLU (LongCat and configs/small.py gate/up, T=512): the [gate | up]
+kernel with SwiGLU in its epilogue against the same gmm followed by XLA's SwiGLU (`swiglu_cases`);
 `--sweep` then adds pallas_chain with its rows kernel on 2-CTA clusters (`Tiles.cluster_m`), and the flat d_rhs
 kernel with one wgmma left in flight per step (`Tiles.overlap_mma`) and with a 3-deep ring and 128-column stores.
 """
@@ -392,28 +394,49 @@ def pick_jax_mgpu_config():
     return dict(tried=tried, chosen=best["config"])
 
 
-def swiglu_cases(ts):
+def swiglu_cases(ts, shapes=(("longcat", "gate_up"), ("small", "gate_up"))):
+    """Gate + up + SwiGLU (T tokens per expert, equal groups), forward and forward+backward: `epilogue` one kernel
+    on [gate | up] applying SwiGLU before its store (gmm_swiglu_halves, what moe.fuse_gate_up runs), `xla` one gmm
+    on [gate | up] then SwiGLU by XLA (the previous path), `gmm_only` that gmm without SwiGLU, and `two_acc` the
+    kernel with gate and up as two arrays (pallas_gmm.gmm_swiglu_fused). [gate | up] is concatenated before the
+    timed calls (training concatenates it with the per-step cast to bf16)."""
+    from lcflash.kernels.gmm.swiglu import swiglu_halves
+
     out = []
     for t in ts:
-        k, n, g = SHAPES[("longcat", "gate_up")]
-        m = g * t
-        sizes = jnp.full((g,), t, jnp.int32)
-        x = jax.random.normal(jax.random.key(1), (m, k), jnp.bfloat16)
-        wg = (jax.random.normal(jax.random.key(2), (g, k, n), jnp.float32) / np.sqrt(k)).astype(jnp.bfloat16)
-        wu = (jax.random.normal(jax.random.key(3), (g, k, n), jnp.float32) / np.sqrt(k)).astype(jnp.bfloat16)
-        rec = dict(tokens_per_expert=t)
-        try:
-            fused = jax.jit(lambda a, b, c: pallas_gmm.gmm_swiglu_fused(a, b, c, sizes))
-            two = jax.jit(lambda a, b, c: (jax.nn.silu(api.gmm(a, b, sizes, impl="pallas").astype(jnp.float32))
-                                           * api.gmm(a, c, sizes, impl="pallas")).astype(a.dtype))
-            rec["rel_err_vs_two_gmm"] = rel_err(fused(x, wg, wu), two(x, wg, wu))
-            rec["fused_ms"] = time_ms(fused, (x, wg, wu))[0]
-            rec["two_gmm_ms"] = time_ms(two, (x, wg, wu))[0]
-            rec["fused_tflops"] = 2 * 2.0 * m * k * n / rec["fused_ms"] / 1e9
-        except Exception as e:  # noqa: BLE001
-            rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-        print("swiglu", rec, flush=True)
-        out.append(rec)
+        for shape in shapes:
+            k, n, g = SHAPES[shape]
+            m = g * t
+            sizes = jnp.full((g,), t, jnp.int32)
+            x = jax.random.normal(jax.random.key(1), (m, k), jnp.bfloat16)
+            wg, wu = ((jax.random.normal(jax.random.key(i), (g, k, n), jnp.float32) / np.sqrt(k)).astype(jnp.bfloat16)
+                      for i in (2, 3))
+            w_gu = jnp.concatenate([wg, wu], axis=-1)
+            variants = {  # name: (function, weights)
+                "epilogue": (lambda a, w: api.gmm_swiglu_halves(a, w, sizes, impl="pallas_chain"), (w_gu,)),
+                "xla": (lambda a, w: swiglu_halves(api.gmm(a, w, sizes, impl="pallas_chain")), (w_gu,)),
+                "gmm_only": (lambda a, w: api.gmm(a, w, sizes, impl="pallas_chain"), (w_gu,)),
+                "two_acc": (lambda a, b, c: pallas_gmm.gmm_swiglu_fused(a, b, c, sizes), (wg, wu)),
+            }
+            rec = dict(shape="/".join(shape), tokens_per_expert=t, k=k, n=n, experts=g)
+            base = None
+            for name, (f, ws) in variants.items():
+                try:
+                    fwd = jax.jit(f)
+                    ct = jax.random.normal(jax.random.key(4), (m, 2 * n if name == "gmm_only" else n), jnp.bfloat16)
+                    both = jax.jit(lambda *a, f=f, ct=ct: jax.vjp(f, *a)[1](ct))
+                    h = fwd(x, *ws)
+                    if name != "gmm_only":
+                        base = h if base is None else base
+                        rec[name] = dict(rel_err_vs_epilogue=rel_err(h, base))
+                    else:
+                        rec[name] = {}
+                    rec[name].update(fwd_ms=time_ms(fwd, (x, *ws))[0], fwd_bwd_ms=time_ms(both, (x, *ws))[0])
+                    rec[name]["fwd_tflops"] = 2 * 2.0 * m * k * n / rec[name]["fwd_ms"] / 1e9
+                except Exception as e:  # noqa: BLE001
+                    rec[name] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
+            print("swiglu", json.dumps(rec), flush=True)
+            out.append(rec)
     return out
 
 
@@ -422,7 +445,8 @@ def main():
     ap.add_argument("--out", default="experiments/bench_moe_gemm.json")
     ap.add_argument("--quick", action="store_true", help="LongCat T=512 and T=8 balanced only")
     ap.add_argument("--sweep", action="store_true", help="also time tile variants of ours")
-    ap.add_argument("--swiglu", action="store_true", help="also time the fused gate+up+SwiGLU kernel")
+    ap.add_argument("--swiglu", action="store_true", help="also time the fused gate+up+SwiGLU kernels")
+    ap.add_argument("--swiglu-only", action="store_true", help="time only the gate+up+SwiGLU variants (T=512)")
     ap.add_argument("--impls", default="pallas,jax_mgpu,ragged_dot,einsum")
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting new cases after this many seconds")
     ap.add_argument("--skip", type=int, default=0, help="skip the first N cases of the priority list")
@@ -460,6 +484,10 @@ def main():
         report["jax_mgpu_config"] = pick_jax_mgpu_config()
         save()
     report["swiglu"] = []
+    if args.swiglu_only:
+        report["swiglu"] = swiglu_cases([512])
+        save()
+        return
     for cfg, proj, t, load in cases(args.quick, args.chain_ab)[args.skip:]:
         if time.time() - t_start > args.budget_s:
             report["stopped_early"] = f"budget {args.budget_s}s reached before {cfg}/{proj} T={t} {load}"

@@ -140,6 +140,8 @@ def main():
                     help="config override, e.g. --set model.train_attn_impl=cudnn (repeatable)")
     ap.add_argument("--profile_dir", default=None, help="also trace two steps: trace, HLO and time per op here")
     ap.add_argument("--out", default=os.path.join(ROOT, "experiments", "bench_train.json"))
+    ap.add_argument("--no_swiglu_epilogue", action="store_true", help="fused gate/up without SwiGLU in the kernel's "
+                    "epilogue ([gate | up], SwiGLU by XLA): the A/B baseline of lcflash.kernels.gmm.api.SWIGLU_EPILOGUE")
     ap.add_argument("--time_budget_s", type=float, default=1e9, help="skip remaining impls once this is spent")
     args = ap.parse_args()
     from absl import logging
@@ -148,6 +150,8 @@ def main():
 
     from lcflash import load_config
     from lcflash.config import model_config
+    from lcflash.kernels.gmm import api as gmm_api
+    gmm_api.SWIGLU_EPILOGUE = not args.no_swiglu_epilogue
     base = {"train.batch_size": args.batch, "data.seq_len": args.seq, "train.progress": False}
     if args.remat:
         base["model.remat"] = True
@@ -183,7 +187,8 @@ def main():
     import optax
     out = {
         "config": os.path.relpath(args.config, ROOT), "batch": args.batch, "seq_len": args.seq,
-        "remat": args.remat, "overrides": args.set, "steps_timed": args.steps, "warmup_steps": args.warmup,
+        "remat": args.remat, "overrides": args.set, "swiglu_epilogue": gmm_api.SWIGLU_EPILOGUE,
+        "steps_timed": args.steps, "warmup_steps": args.warmup,
         "device": f"{dev.platform}: {dev.device_kind}", "device_count": jax.device_count(),
         "peak_bf16_flops": peak,
         "versions": {"python": platform.python_version(), "jax": jax.__version__, "flax": flax.__version__,

@@ -27,6 +27,11 @@ RUNS = [
     ("+ swiglu_halves (b32; within noise)", "bench_train_b32_swiglu_halves_h200.json"),
     ("+ our doc-masked flash attention", "bench_train_b32_pallas_attn_h200.json"),
     ("same, 16x1024", "bench_train_b16_pallas_attn_h200.json"),
+    ("+ attention outputs staged, 2 CTAs/SM", "bench_train_b32_depths_combine_profile_h200.json"),
+    ("A/B 1: SwiGLU by XLA", "bench_train_b32_epilogue_off_h200.json"),
+    ("A/B 1: + SwiGLU in the gate|up kernel", "bench_train_b32_epilogue_h200.json"),
+    ("A/B 2: SwiGLU by XLA", "bench_train_b32_epilogue_off_run2_h200.json"),
+    ("A/B 2: + SwiGLU in the gate|up kernel", "bench_train_b32_epilogue_run2_h200.json"),
 ]
 TARGET = 0.40
 

@@ -99,7 +99,8 @@ class ModelConfig:
     # that measures what the overlap hides (lcflash/model/layer.py). Values are identical either way.
     moe_overlap: bool = True
     # cfg.moe.fuse_gate_up: the routed experts' gate and up projections as one grouped matmul against [gate | up]
-    # (lcflash.model.moe.expert_ffn). Same values; not yet timed on a GPU, hence off.
+    # (lcflash.model.moe.expert_ffn), SwiGLU in our kernel's epilogue. Same products; configs/small.py turns it on
+    # (faster on an H200, experiments/RESULTS.md).
     moe_fuse_gate_up: bool = False
 
     # ------------------------------------------------------------------ derived

@@ -166,6 +166,33 @@ def test_pallas_interpret_chained_rows_kernel(hang_guard, m, k, n, sizes_l):
     np.testing.assert_array_equal(got, np.asarray(pallas_gmm.rows_matmul(lhs, [rhs], sizes), np.float32))
 
 
+@cpu_only
+@pytest.mark.parametrize("chain", [False, True])
+def test_pallas_interpret_swiglu_epilogue(hang_guard, chain):
+    """gmm_swiglu_halves: the [gate | up] kernel that applies SwiGLU before its store (3 column tiles per half,
+    ragged groups, tail rows) and its backward against the fp32 reference; the interpreter NaN-fills outputs, so
+    an unwritten element of h or of its residual [g | u] fails _rel."""
+    from lcflash.kernels.gmm import pallas_gmm
+
+    x, wg, dh, sizes = _inputs(15, M_RAGGED, 128, 384, SIZES_RAGGED, jnp.bfloat16)
+    wu = (jax.random.normal(jax.random.key(16), wg.shape, jnp.float32) / np.sqrt(128)).astype(jnp.bfloat16)
+
+    def run(f, *args):
+        h, vjp = jax.vjp(f, *args)
+        return (h, *vjp(dh.astype(h.dtype)))
+
+    got = run(lambda x, wg, wu: pallas_gmm.gmm_swiglu_halves(x, jnp.concatenate([wg, wu], -1), sizes, chain=chain),
+              x, wg, wu)
+    want = run(lambda *a: api.gmm_swiglu(*a, sizes, impl="reference"), *(t.astype(jnp.float32) for t in (x, wg, wu)))
+    assert got[0].shape == (M_RAGGED, 384) and got[0].dtype == jnp.bfloat16
+    for name, g, w in zip(("h", "dx", "dwg", "dwu"), got, want):
+        assert _rel(g, w) < 2 * BF16_TOL, name  # gate/up are rounded to bf16 before the backward
+    assert not np.asarray(got[0][sum(SIZES_RAGGED):], np.float32).any()
+    _, gu = pallas_gmm.rows_matmul(x, [jnp.concatenate([wg, wu], -1)], sizes, swiglu="halves", chain=chain)
+    want_gu = reference.gmm_loop(x.astype(jnp.float32), jnp.concatenate([wg, wu], -1).astype(jnp.float32), sizes)
+    assert _rel(gu, want_gu) < BF16_TOL
+
+
 def _contract_ref_f64(lhs, dout, sizes_l):
     l64, d64, start, out = np.asarray(lhs, np.float64), np.asarray(dout, np.float64), 0, []
     for s in sizes_l:
@@ -221,7 +248,7 @@ def test_flat_contract_schedule_walks_every_tile(sizes_l):
         np.testing.assert_array_equal(step_cs[c, :len(want)], want)
 
 
-@pytest.mark.parametrize("k,n,g,m", [(2048, 6144, 64, 32768), (1024, 384, 128, 65536)])  # LongCat down, small gate/up
+@pytest.mark.parametrize("k,n,g,m", [(2048, 6144, 64, 32768), (1024, 768, 128, 65536)])  # LongCat down, small [gate | up]
 def test_pallas_chain_backward_lowers_for_cuda(mosaic_gpu_trace, k, n, g, m):
     """pallas_chain's forward + backward (flat rows and contract pipelines) and the flat contract kernel through Pallas ->
     Mosaic GPU lowering (layouts, smem budget) for CUDA on the CPU, at LongCat and small-config shapes."""
@@ -232,11 +259,12 @@ def test_pallas_chain_backward_lowers_for_cuda(mosaic_gpu_trace, k, n, g, m):
     def fwd_bwd(lhs, rhs, dout, sizes):
         out, vjp = jax.vjp(lambda a, b: api.gmm(a, b, sizes, impl="pallas_chain"), lhs, rhs)
         flat = pallas_gmm.contract_matmul(lhs, dout, sizes, out_dtype=jnp.bfloat16, chain=True)
-        return (out, *vjp(dout), flat)
+        h, gu = pallas_gmm.rows_matmul(lhs, [rhs], sizes, swiglu="halves", chain=True)  # SwiGLU epilogue
+        return (out, *vjp(dout), flat, h, gu)
 
     lowered = jax.jit(fwd_bwd).trace(sd(m, k), sd(g, k, n), sd(m, n), sd(g, dt=jnp.int32)).lower(
         lowering_platforms=("cuda",))
-    assert lowered.as_text().count("mosaic_gpu") >= 4  # forward, d_lhs, d_rhs, flat d_rhs kernels
+    assert lowered.as_text().count("mosaic_gpu") >= 5  # forward, d_lhs, d_rhs, flat d_rhs, SwiGLU kernels
 
 
 # ------------------------------------------------------------------------------------------------
@@ -358,8 +386,10 @@ def test_cluster_rows_kernel_lowers_for_cuda(monkeypatch, mosaic_gpu_trace):
 
 
 @gpu_only
-@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("fused", [True, False, "halves"])
 def test_gpu_pallas_swiglu_forward_and_gradients(fused):
+    """The two-array SwiGLU kernel (fused), two gmm kernels with XLA's SwiGLU (False) and the [gate | up] kernel with
+    SwiGLU in its epilogue (halves) against the fp32 reference."""
     from lcflash.kernels.gmm import pallas_gmm
 
     m, k, n, sizes_l = GPU_CASES["ragged"]
@@ -370,7 +400,9 @@ def test_gpu_pallas_swiglu_forward_and_gradients(fused):
         h, vjp = jax.vjp(lambda a, b, c: f(a, b, c, sizes), *args)
         return (h, *vjp(dh.astype(args[0].dtype)))
 
-    ours = pallas_gmm.gmm_swiglu_fused if fused else lambda *a: api.gmm_swiglu(*a, impl="pallas")
+    ours = {True: pallas_gmm.gmm_swiglu_fused, False: lambda *a: api.gmm_swiglu(*a, impl="pallas"),
+            "halves": lambda x, wg, wu, s: api.gmm_swiglu_halves(x, jnp.concatenate([wg, wu], -1), s,
+                                                                 impl="pallas_chain")}[fused]
     got = jax.jit(lambda *a: run(ours, *a))(x, wg, wu)
     want = run(lambda *a: api.gmm_swiglu(*a, impl="reference"), *(t.astype(jnp.float32) for t in (x, wg, wu)))
     for name, g, w in zip(("h", "dx", "dwg", "dwu"), got, want):

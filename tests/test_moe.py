@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lcflash.model.mlp import swiglu_halves
+from lcflash.kernels.gmm.swiglu import swiglu_halves
 from lcflash.model.moe import moe_reference, routed_experts, sort_slots
 from lcflash.model.router import Routing, route, zero_expert_output
 from numerics import rel

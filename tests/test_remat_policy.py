@@ -64,15 +64,18 @@ def test_policies_keep_the_expert_matmuls_and_change_no_value():
 MGPU_CALL = "custom_vmap_call["
 
 
-def test_kernels_policy_keeps_the_mosaic_gpu_gmm_output(mosaic_gpu_trace):
-    """Traced for a GPU (never run, so on any backend): the Mosaic GPU grouped matmul's forward output is kept under
-    "kernels" and "dots" (forward, d_lhs, d_rhs: 3 launches) and recomputed under "nothing" (4)."""
+@pytest.mark.parametrize("fn", ["gmm", "gmm_swiglu_halves"])
+def test_kernels_policy_keeps_the_mosaic_gpu_gmm_output(mosaic_gpu_trace, fn):
+    """Traced for a GPU (never run, so on any backend): the Mosaic GPU grouped matmul's forward outputs (with the
+    SwiGLU epilogue: h and its residual [g | u]) are kept under "kernels" and "dots" (forward, d_lhs, d_rhs: 3
+    launches) and recomputed under "nothing" (4)."""
     x = jax.random.normal(jax.random.key(0), (256, 128), jnp.bfloat16)
-    w = jax.random.normal(jax.random.key(1), (2, 128, 128), jnp.bfloat16)
+    w = jax.random.normal(jax.random.key(1), (2, 128, 256), jnp.bfloat16)
     sizes = jnp.array([100, 80], jnp.int32)
 
     def layer(x, w):
-        return jnp.sum(jnp.sin(api.gmm(jnp.cos(x), w, sizes, impl="pallas_chain")).astype(jnp.float32))
+        y = getattr(api, fn)(jnp.cos(x), w, sizes, impl="pallas_chain")
+        return jnp.sum(jnp.sin(y).astype(jnp.float32))
 
     launches = {p: str(jax.make_jaxpr(jax.grad(jax.checkpoint(layer, policy=POLICY_FNS[p]), argnums=(0, 1)))(x, w))
                 .count(MGPU_CALL) for p in REMAT_POLICIES}

@@ -16,9 +16,8 @@ from jax.ad_checkpoint import checkpoint_name
 
 from lcflash.config import ModelConfig
 from lcflash.kernels import COMPUTE_WEIGHTS
-from lcflash.kernels.gmm import gmm
+from lcflash.kernels.gmm import gmm, gmm_swiglu_halves
 from lcflash.model.common import RouterBias, normal_param
-from lcflash.model.mlp import swiglu_halves
 from lcflash.model.router import Routing, route, zero_expert_output
 from lcflash.model.slots import combine_rows, dispatch_rows, sort_slots
 from lcflash.parallel.context import current as parallel_context
@@ -27,17 +26,17 @@ from lcflash.parallel.context import current as parallel_context
 def expert_ffn(x_md, group_sizes_g, w_gate_gdf, w_up_gdf, w_down_gfd, impl: str, fuse_gate_up: bool = False):
     """SwiGLU of each row with its group's expert; rows past sum(group_sizes) give zeros.
 
-    fuse_gate_up: one grouped matmul against [gate | up] (the weights concatenated per step, then cast):
-    the rows are read once, the backward has one d_lhs product instead of two plus their sum, and the kernel
-    tiles twice as wide an output (configs/small.py: 768 columns instead of 384). Same products."""
+    fuse_gate_up: one grouped matmul against [gate | up] (the weights concatenated per step, then cast): the rows
+    are read once, the backward has one d_lhs product instead of two plus their sum, and our kernels apply SwiGLU
+    before the store (no pass over [g | u]). Same products."""
     dtype = x_md.dtype
 
     def cast(w):  # named so the "dots" remat policy keeps it (lcflash/model/common.py)
         return checkpoint_name(w.astype(dtype), COMPUTE_WEIGHTS)
 
     if fuse_gate_up:
-        gu = gmm(x_md, cast(jnp.concatenate([w_gate_gdf, w_up_gdf], axis=-1)), group_sizes_g, impl=impl)
-        h = swiglu_halves(gu)
+        w_gu = cast(jnp.concatenate([w_gate_gdf, w_up_gdf], axis=-1))
+        h = gmm_swiglu_halves(x_md, w_gu, group_sizes_g, impl=impl)
     else:
         g = gmm(x_md, cast(w_gate_gdf), group_sizes_g, impl=impl)
         u = gmm(x_md, cast(w_up_gdf), group_sizes_g, impl=impl)

@@ -4,8 +4,10 @@
 by `rhs[g]`. Rows past `sum(group_sizes)` (slots of zero-computation experts, padding) come back as zeros.
 `gmm_swiglu(x, w_gate, w_up, group_sizes)` is silu(gmm(x, w_gate)) * gmm(x, w_up); for `pallas` it is two gmm
 kernels, which measured faster than our fused gate+up+SwiGLU kernel (`pallas_gmm.gmm_swiglu_fused`, kept for
-experiments; see experiments/gmm_notes.md). The environment variable `LCFLASH_GMM_IMPL` overrides the configured
-implementation for A/B runs.
+experiments; see experiments/gmm_notes.md). `gmm_swiglu_halves(x, [w_gate | w_up], group_sizes)` is the same
+from one concatenated weight (the model's `moe.fuse_gate_up`): for `pallas` and `pallas_chain` one kernel applies
+SwiGLU in its epilogue. The environment variable `LCFLASH_GMM_IMPL` overrides the configured implementation for
+A/B runs.
 
 Implementations:
   ragged_dot  XLA's jax.lax.ragged_dot (any backend; slow on H100, see experiments/gmm_notes.md)
@@ -26,6 +28,7 @@ import os
 
 from lcflash.kernels import on_hopper
 from lcflash.kernels.gmm import reference
+from lcflash.kernels.gmm.swiglu import swiglu_halves
 
 
 def _pallas_gmm(lhs_mk, rhs_gkn, group_sizes_g, preferred_element_type=None, chain=False):
@@ -100,3 +103,20 @@ def gmm_swiglu(x_mk, w_gate_gkn, w_up_gkn, group_sizes_g, *, impl: str = "ragged
     if impl in SWIGLU_IMPLEMENTATIONS:
         return SWIGLU_IMPLEMENTATIONS[impl](x_mk, w_gate_gkn, w_up_gkn, group_sizes_g)
     return reference.swiglu_from_gmm(IMPLEMENTATIONS[impl], x_mk, w_gate_gkn, w_up_gkn, group_sizes_g)
+
+
+# Implementations whose gmm_swiglu_halves applies SwiGLU in the kernel's epilogue (value: chain).
+_HALVES_EPILOGUE = {"pallas": False, "pallas_chain": True}
+# Benchmarks turn the epilogue off for A/B runs (experiments/bench_train.py --no_swiglu_epilogue).
+SWIGLU_EPILOGUE = True
+
+
+def gmm_swiglu_halves(x_mk, w_gkf2, group_sizes_g, *, impl: str = "ragged_dot"):
+    """silu(g) * u of [g | u] = x @ w per group, w = [w_gate | w_up] [G, K, 2F], in x's dtype; rows past
+    sum(group_sizes) are zero. `pallas`/`pallas_chain`: one kernel applies SwiGLU before its store."""
+    impl = _resolve(impl, x_mk, w_gkf2)
+    if impl in _HALVES_EPILOGUE and SWIGLU_EPILOGUE:
+        from lcflash.kernels.gmm import pallas_gmm
+
+        return pallas_gmm.gmm_swiglu_halves(x_mk, w_gkf2, group_sizes_g, chain=_HALVES_EPILOGUE[impl])
+    return swiglu_halves(IMPLEMENTATIONS[impl](x_mk, w_gkf2, group_sizes_g))

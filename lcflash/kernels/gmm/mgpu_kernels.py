@@ -3,7 +3,8 @@
 Two kernels cover the forward and both backward products of `gmm`:
 
 * `rows_kernel`: rows of `lhs [M, K]` are sorted into groups; group g multiplies `rhs[g]` (`[K, N]`, or `[N, K]`
-  read transposed). Forward, d_lhs (rhs transposed), and the fused SwiGLU forward (two rhs, silu(g) * u stored).
+  read transposed). Forward, d_lhs (rhs transposed), and fused SwiGLU forwards (silu(g) * u stored: from two rhs,
+  or from one [gate | up] rhs).
 * `contract_kernel`: `out[g] = lhs[rows of g]^T @ rhs[rows of g]`, the weight gradient ("transposed ragged dot").
 
 Each CTA runs three warpgroups: one issues TMA loads into a `stages`-deep ring of shared-memory buffers, two run
@@ -199,6 +200,10 @@ def _store_rows(val, out_gmem, stage_smem, *, row0, start, rows, col0, tile_n, e
     # kernel) waits before the staging buffer is reused.
 
 
+def _silu(x):
+    return x * (1.0 / (1.0 + jnp.exp(-x)))
+
+
 def _rows_staging(shape, dtype, interpret: bool):
     """One staging buffer, two views: swizzled for whole tiles, plain for ragged ones (see _store_rows).
 
@@ -234,8 +239,10 @@ def rows_kernel(
 ):
     """out[rows of g] = lhs[rows of g] @ rhs[g] (or @ rhs[g]^T); rows past the groups are zero.
 
-    rhs_list: one [G, K, N] array (transpose_rhs: [G, N, K]), or two (gate, up) with swiglu set:
+    rhs_list: one [G, K, N] array (transpose_rhs: [G, N, K]), or two (gate, up) with swiglu "h" or "hgu":
     swiglu="h" returns silu(x@wg) * (x@wu); swiglu="hgu" returns (h, x@wg, x@wu) for the backward pass.
+    swiglu="halves": one rhs [G, K, 2N] = [gate | up], read at both halves' columns into two accumulators;
+    returns (h [M, N], x @ rhs [M, 2N]): the backward pass's residual in the layout its one d_lhs product takes.
 
     tiles.chain=False: every tile runs its own pipeline (dynamic step count, 0 for tail tiles), so the TMA
     warpgroup quiesces at each tile's end and the next tile's first loads wait behind this tile's epilogue.
@@ -253,6 +260,12 @@ def rows_kernel(
     else:
         g, k2, n = rhs_list[0].shape
     tm, tn, tk, epi_n = tiles.tile_m, tiles.tile_n, tiles.tile_k, tiles.epi_n
+    if swiglu == "halves":  # [gate | up] as two rhs operands, the up half's blocks n // (2 * tn) further on
+        if transpose_rhs or n_rhs != 1:
+            raise ValueError("swiglu='halves' takes one [G, K, 2N] rhs, not transposed")
+        n, n_rhs = n // 2, 2
+    rhs_inputs = rhs_list[:1] if swiglu == "halves" else rhs_list  # the kernel's rhs operands
+    rhs_block_offsets = (0, n // (2 * tn)) if swiglu == "halves" else (0,) * n_rhs
     if k != k2:
         raise ValueError(f"contraction sizes differ: lhs has {k}, rhs has {k2}")
     if k % tk or n % (2 * tn) or tn % epi_n or m < tm:
@@ -268,9 +281,9 @@ def rows_kernel(
     dtype = lhs_mk.dtype
     tr_a = _swizzle_transforms(tk, dtype)
     tr_b = _swizzle_transforms(tk if transpose_rhs else 2 * tn, dtype)
-    n_out = {None: 1, "h": 1, "hgu": 3}[swiglu]
-    if swiglu is not None and n_rhs != 2:
-        raise ValueError("swiglu needs exactly two rhs arrays (gate, up)")
+    n_out = {None: 1, "h": 1, "hgu": 3, "halves": 2}[swiglu]
+    if swiglu in ("h", "hgu") and n_rhs != 2:
+        raise ValueError(f"swiglu={swiglu!r} needs exactly two rhs arrays (gate, up)")
     if swiglu is None and n_rhs != 1:
         raise ValueError("without swiglu, rows_kernel takes one rhs array")
     n_cl = 2 if tiles.cluster_m else 1  # CTAs per cluster; the schedule's row blocks are n_cl * tm rows
@@ -283,8 +296,9 @@ def rows_kernel(
         the [G, ...] rhs with the group as a squeezed block dimension, the per-tile one a group's [K, N] slice."""
         sq = (pl.Squeezed(),) if flat else ()
 
-        def b_map(s):
+        def b_map(s, off):
             grp, nt, kk = grp_nt_kk(s)
+            nt = nt + off
             return ((grp,) if flat else ()) + ((nt, kk) if transpose_rhs else (kk, nt))
 
         b_block = sq + ((2 * tn, tk) if transpose_rhs else (tk, 2 * tn))
@@ -295,7 +309,8 @@ def rows_kernel(
             body,
             grid=(nsteps,),
             memory_registers=_MEMORY_REGISTERS,
-            in_specs=[spec((tm, tk), blk_kk, tr_a)] + [spec(b_block, b_map, tr_b, **shared) for _ in range(n_rhs)],
+            in_specs=[spec((tm, tk), blk_kk, tr_a)] + [spec(b_block, functools.partial(b_map, off=off), tr_b, **shared)
+                                                        for off in rhs_block_offsets],
             wg_axis="wg",
             num_compute_wgs=2,
             max_concurrent_steps=stages,
@@ -304,8 +319,8 @@ def rows_kernel(
 
     def kernel(sched_ref, *refs):
         counts_ref, (lhs_gmem, *refs) = (refs[0], refs[1:]) if flat else (None, refs)  # counts: flat only
-        rhs_gmems = refs[:n_rhs]
-        out_gmems = refs[n_rhs:n_rhs + n_out]
+        rhs_gmems = refs[:len(rhs_inputs)] * (n_rhs // len(rhs_inputs))  # one per accumulator
+        out_gmems = refs[len(rhs_inputs):]
         sm = lax.axis_index("sm")
         cta = lax.axis_index("cluster") if n_cl > 1 else 0
         ignore = lambda *_, **__: None
@@ -349,15 +364,15 @@ def rows_kernel(
                 if n_cl > 1:
                     start, rows = cta_share(start, rows, cta, tm)
                     blk = blk * n_cl + cta
-                if swiglu is None:
-                    outs = vals
-                else:
-                    gate, up = vals
-                    h = gate * (1.0 / (1.0 + jnp.exp(-gate))) * up
-                    outs = [h] if swiglu == "h" else [h, gate, up]
-                for val, out_gmem in zip(outs, out_gmems):
-                    _store_rows(val, out_gmem, stage_whole.at[wg], row0=blk * tm, start=start, rows=rows,
-                                col0=nt * 2 * tn + wg * tn, tile_n=tn, epi_n=epi_n, ragged_smem=stage_ragged.at[wg])
+                col0 = nt * 2 * tn + wg * tn
+                outs = [(v, i, col0) for i, v in enumerate(vals)]  # (value, output, first column)
+                if swiglu is not None:
+                    h = (_silu(vals[0]) * vals[1], 0, col0)
+                    outs = {"h": [h], "hgu": [h] + [(v, i + 1, c) for v, i, c in outs],
+                            "halves": [h, (vals[0], 1, col0), (vals[1], 1, col0 + n)]}[swiglu]
+                for val, i, c0 in outs:
+                    _store_rows(val, out_gmems[i], stage_whole.at[wg], row0=blk * tm, start=start, rows=rows,
+                                col0=c0, tile_n=tn, epi_n=epi_n, ragged_smem=stage_ragged.at[wg])
 
             @jax.named_scope("mma")
             def mma_step(a_smem, b_smems, accs):
@@ -439,9 +454,11 @@ def rows_kernel(
             plgpu.wait_smem_to_gmem(0)  # all output stores have landed before the kernel exits
 
     out_type = [jax.ShapeDtypeStruct((m, n), out_dtype) for _ in range(n_out)]
+    if swiglu == "halves":
+        out_type[1] = jax.ShapeDtypeStruct((m, 2 * n), out_dtype)
     call = _persistent_call(kernel, out_type, interpret, cluster=n_cl)
     counts = [jnp.stack([sched_5t[4].sum(), (sched_5t[3] > 0).sum()]).astype(jnp.int32)] if flat else []
-    outs = call(sched_5t, *counts, lhs_mk, *rhs_list)  # counts: matmul and live tiles
+    outs = call(sched_5t, *counts, lhs_mk, *rhs_inputs)  # counts: matmul and live tiles
     return outs[0] if n_out == 1 else tuple(outs)
 
 # --------------------------------------------------------------------------------------------------

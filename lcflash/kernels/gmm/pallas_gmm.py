@@ -14,6 +14,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from lcflash.kernels import KERNEL_OUTPUT
 from lcflash.kernels.gmm import mgpu_kernels as mk
+from lcflash.kernels.gmm.swiglu import swiglu_halves_grad
 from lcflash.parallel.vma import varying, vma
 
 _KERNEL_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -122,9 +123,13 @@ def rows_matmul(lhs_mk, rhs_list, group_sizes_g, *, transpose_rhs=False, out_dty
     m = lhs_mk.shape[0]
     out_dtype = jnp.dtype(out_dtype or lhs_mk.dtype)
     n = rhs_list[0].shape[1] if transpose_rhs else rhs_list[0].shape[2]
-    tiles = _rows_tiles(m, group_sizes_g.shape[0], n, out_dtype, len(rhs_list), "N")
+    if swiglu == "halves":  # [gate | up] read into two accumulators, each half as wide
+        n, n_acc = n // 2, 2
+    else:
+        n_acc = len(rhs_list)
+    tiles = _rows_tiles(m, group_sizes_g.shape[0], n, out_dtype, n_acc, "N")
     if chain:
-        tiles = _chain_tiles(tiles, ROWS_TILES is not None, out_dtype, len(rhs_list))
+        tiles = _chain_tiles(tiles, ROWS_TILES is not None, out_dtype, n_acc)
     block_m = tiles.tile_m * (2 if tiles.cluster_m else 1)  # a 2-CTA cluster takes two tiles' rows
     mp = _padded_rows(m, block_m)
     sched, _ = mk.row_schedule(group_sizes_g, mp, block_m)
@@ -199,6 +204,45 @@ def gmm(lhs_mk, rhs_gkn, group_sizes_g, preferred_element_type=None, chain=False
     out_dtype = jnp.dtype(preferred_element_type or lhs_mk.dtype)
     return _gmm(lhs_mk, rhs_gkn, group_sizes_g.astype(jnp.int32), out_dtype, (vma(lhs_mk), vma(rhs_gkn)),
                 bool(chain))
+
+
+# ------------------------------------------------------------------------------------------------
+# gmm_swiglu_halves: SwiGLU in the epilogue of one gmm against [gate | up]
+# ------------------------------------------------------------------------------------------------
+
+
+def _gmm_swiglu_halves_forward(x_mk, w_gkn, group_sizes_g, vmas, chain):
+    outs = rows_matmul(x_mk, [w_gkn], group_sizes_g, swiglu="halves", chain=chain)
+    return tuple(varying(o, vmas[0] | vmas[1]) for o in outs)  # (h, x @ w)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _gmm_swiglu_halves(x_mk, w_gkn, group_sizes_g, vmas, chain):
+    return _gmm_swiglu_halves_forward(x_mk, w_gkn, group_sizes_g, vmas, chain)[0]
+
+
+def _gmm_swiglu_halves_fwd(x_mk, w_gkn, group_sizes_g, vmas, chain):
+    # Both kernel outputs named: a policy that keeps them saves the SwiGLU pass a remat would otherwise rerun.
+    h, gu = (checkpoint_name(o, KERNEL_OUTPUT)
+             for o in _gmm_swiglu_halves_forward(x_mk, w_gkn, group_sizes_g, vmas, chain))
+    return h, (x_mk, w_gkn, group_sizes_g, gu)
+
+
+def _gmm_swiglu_halves_bwd(vmas, chain, res, dh_mn):
+    x_mk, w_gkn, group_sizes_g, gu = res
+    d_gu = swiglu_halves_grad(gu, dh_mn.astype(gu.dtype))
+    return _gmm_bwd(x_mk.dtype, vmas, chain, (x_mk, w_gkn, group_sizes_g), d_gu)
+
+
+_gmm_swiglu_halves.defvjp(_gmm_swiglu_halves_fwd, _gmm_swiglu_halves_bwd)
+
+
+def gmm_swiglu_halves(x_mk, w_gkn, group_sizes_g, chain=False):
+    """silu(g) * u of [g | u] = x @ w, w = [w_gate | w_up]: one kernel reads both halves' columns into two
+    accumulators, applies SwiGLU before its store and also stores x @ w, the backward pass's residual."""
+    _check(x_mk, w_gkn, group_sizes_g)
+    _col_tile(w_gkn.shape[2] // 2, "half of N", prefer=64)
+    return _gmm_swiglu_halves(x_mk, w_gkn, group_sizes_g.astype(jnp.int32), (vma(x_mk), vma(w_gkn)), bool(chain))
 
 
 # ------------------------------------------------------------------------------------------------
