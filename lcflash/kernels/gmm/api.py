@@ -50,6 +50,12 @@ def _pallas_gmm_swiglu(x_mk, w_gate_gkn, w_up_gkn, group_sizes_g, chain=False):
     return pallas_gmm.gmm_swiglu(x_mk, w_gate_gkn, w_up_gkn, group_sizes_g, chain=chain)
 
 
+def _pallas_gmm_swiglu_halves(x_mk, w_gkf2, group_sizes_g, chain=False):
+    from lcflash.kernels.gmm import pallas_gmm
+
+    return pallas_gmm.gmm_swiglu_halves(x_mk, w_gkf2, group_sizes_g, chain=chain)
+
+
 IMPLEMENTATIONS = {
     "ragged_dot": reference.gmm_ragged_dot,
     "reference": reference.gmm_loop,
@@ -64,6 +70,14 @@ SWIGLU_IMPLEMENTATIONS = {
     "pallas": _pallas_gmm_swiglu,
     "pallas_chain": functools.partial(_pallas_gmm_swiglu, chain=True),
 }
+# The same from one [gate | up] weight (gmm_swiglu_halves): SwiGLU in the kernel's epilogue; the others apply
+# swiglu_halves to one gmm.
+SWIGLU_HALVES_IMPLEMENTATIONS = {
+    "pallas": _pallas_gmm_swiglu_halves,
+    "pallas_chain": functools.partial(_pallas_gmm_swiglu_halves, chain=True),
+}
+# Benchmarks turn the epilogue off for A/B runs (experiments/bench_train.py --no_swiglu_epilogue).
+SWIGLU_EPILOGUE = True
 
 _NOT_AVAILABLE = {
     "tokamax": "no tokamax release runs on the supported JAX (tokamax 0.0.12 fails on JAX 0.11.2); "
@@ -105,18 +119,10 @@ def gmm_swiglu(x_mk, w_gate_gkn, w_up_gkn, group_sizes_g, *, impl: str = "ragged
     return reference.swiglu_from_gmm(IMPLEMENTATIONS[impl], x_mk, w_gate_gkn, w_up_gkn, group_sizes_g)
 
 
-# Implementations whose gmm_swiglu_halves applies SwiGLU in the kernel's epilogue (value: chain).
-_HALVES_EPILOGUE = {"pallas": False, "pallas_chain": True}
-# Benchmarks turn the epilogue off for A/B runs (experiments/bench_train.py --no_swiglu_epilogue).
-SWIGLU_EPILOGUE = True
-
-
 def gmm_swiglu_halves(x_mk, w_gkf2, group_sizes_g, *, impl: str = "ragged_dot"):
     """silu(g) * u of [g | u] = x @ w per group, w = [w_gate | w_up] [G, K, 2F], in x's dtype; rows past
     sum(group_sizes) are zero. `pallas`/`pallas_chain`: one kernel applies SwiGLU before its store."""
     impl = _resolve(impl, x_mk, w_gkf2)
-    if impl in _HALVES_EPILOGUE and SWIGLU_EPILOGUE:
-        from lcflash.kernels.gmm import pallas_gmm
-
-        return pallas_gmm.gmm_swiglu_halves(x_mk, w_gkf2, group_sizes_g, chain=_HALVES_EPILOGUE[impl])
+    if impl in SWIGLU_HALVES_IMPLEMENTATIONS and SWIGLU_EPILOGUE:
+        return SWIGLU_HALVES_IMPLEMENTATIONS[impl](x_mk, w_gkf2, group_sizes_g)
     return swiglu_halves(IMPLEMENTATIONS[impl](x_mk, w_gkf2, group_sizes_g))
