@@ -84,7 +84,7 @@ def profile_steps(step, state, batches, out_dir: str, tag: str) -> dict:
     return res
 
 
-def bench(cfg, warmup: int, steps: int, profile_dir: str | None = None):
+def bench(cfg, warmup: int, steps: int, profile_dir: str | None = None, repeat_check: bool = False):
     import jax
     import numpy as np
 
@@ -119,11 +119,29 @@ def bench(cfg, warmup: int, steps: int, profile_dir: str | None = None):
     stats = jax.devices()[0].memory_stats() or {}  # absent on some backends (CPU)
     memory = {k: round(stats[k] / 2**30, 3) for k in ("peak_bytes_in_use", "bytes_limit") if k in stats}
     prof = profile_steps(step, state, batches[warmup:], profile_dir, cfg.moe.gmm_impl) if profile_dir else None
+    del state  # donated to the profile's steps, and the rerun starts from a fresh one
+    repeat = rerun_losses(step, cfg, batches, float(m["loss"])) if repeat_check else None
     return {"step_time_s": dt / steps, "tokens_per_s": cfg.train.batch_size * cfg.data.seq_len * steps / dt,
             "init_s": t_init, "compile_and_warmup_s": t_warm, "loss_last": float(m["loss"]), "ce_last": float(m["ce"]),
             "ffn_experts_per_token": float(np.mean(jax.device_get(ffn))), "total_params": n_params,
             "device_memory_gib": memory,
-            **({"profile": prof} if prof else {})}
+            **({"profile": prof} if prof else {}), **({"repeat": repeat} if repeat else {})}
+
+
+def rerun_losses(step, cfg, batches, loss_last: float) -> dict:
+    """The same executable run again from the same initial state on the same batches: whether the last loss
+    is bitwise the same tells run-to-run differences inside one program (races, atomics) from differences
+    between compilations (autotuning picks)."""
+    import jax
+
+    from lcflash.train.step import init_state
+
+    state = init_state(cfg, jax.random.PRNGKey(0))
+    for b in batches:
+        state, m = step(state, b)
+    again = float(jax.device_get(m["loss"]))
+    print(f"repeat check: loss {loss_last!r} then {again!r} (same executable)", flush=True)
+    return {"loss_last_rerun": again, "bitwise_equal": again == loss_last}
 
 
 def main():
@@ -142,6 +160,8 @@ def main():
     ap.add_argument("--out", default=os.path.join(ROOT, "experiments", "bench_train.json"))
     ap.add_argument("--no_swiglu_epilogue", action="store_true", help="fused gate/up without SwiGLU in the kernel's "
                     "epilogue ([gate | up], SwiGLU by XLA): the A/B baseline of lcflash.kernels.gmm.api.SWIGLU_EPILOGUE")
+    ap.add_argument("--repeat_check", action="store_true", help="run the compiled step again from the initial "
+                    "state and report whether the last loss is bitwise the same")
     ap.add_argument("--time_budget_s", type=float, default=1e9, help="skip remaining impls once this is spent")
     args = ap.parse_args()
     from absl import logging
@@ -170,7 +190,7 @@ def main():
         try:
             cfg = load_config(args.config, ov)
             mc = model_config(cfg)
-            r = bench(cfg, args.warmup, args.steps, args.profile_dir)
+            r = bench(cfg, args.warmup, args.steps, args.profile_dir, args.repeat_check)
         except Exception as e:  # report and go on to the next implementation
             rows.append({"gmm_impl": impl, "error": f"{type(e).__name__}: {str(e)[:400]}"})
             print(rows[-1], flush=True)
