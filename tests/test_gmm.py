@@ -132,6 +132,22 @@ def test_pallas_interpret_forward_and_gradients(hang_guard):
 
 
 @cpu_only
+@pytest.mark.parametrize("impl", ["pallas", "pallas_chain"])
+def test_pallas_interpret_zero_tail_false_skips_only_the_tail(hang_guard, impl):
+    """gmm(zero_tail=False): the output's and d_lhs's rows of the groups are those of the default call, bit for bit,
+    and the rows past the groups are not written (the interpreter's NaN fill shows through); d_rhs is unchanged."""
+    lhs, rhs, dout, sizes = _inputs(18, M_RAGGED, 128, 256, SIZES_RAGGED, jnp.bfloat16)
+    n_rows = sum(SIZES_RAGGED)
+    base = _fwd_grads(impl, lhs, rhs, dout, sizes)
+    out, vjp = jax.vjp(lambda a, b: api.gmm(a, b, sizes, impl=impl, zero_tail=False), lhs, rhs)
+    got = (out, *vjp(dout))
+    for a, b in zip(got[:2], base[:2]):
+        np.testing.assert_array_equal(np.asarray(a[:n_rows], np.float32), np.asarray(b[:n_rows], np.float32))
+        assert np.isnan(np.asarray(a[n_rows:], np.float32)).all()
+    np.testing.assert_array_equal(np.asarray(got[2], np.float32), np.asarray(base[2], np.float32))
+
+
+@cpu_only
 def test_pallas_interpret_fused_swiglu_and_decode_tiles(hang_guard):
     from lcflash.kernels.gmm import pallas_gmm
 
@@ -260,12 +276,14 @@ def test_pallas_chain_backward_lowers_for_cuda(mosaic_gpu_trace, k, n, g, m):
     def fwd_bwd(lhs, rhs, dout, sizes):
         out, vjp = jax.vjp(lambda a, b: api.gmm(a, b, sizes, impl="pallas_chain"), lhs, rhs)
         flat = pallas_gmm.contract_matmul(lhs, dout, sizes, out_dtype=jnp.bfloat16, chain=True)
-        h, gu = pallas_gmm.rows_matmul(lhs, [rhs], sizes, swiglu="halves", chain=True)  # SwiGLU epilogue
-        return (out, *vjp(dout), flat, h, gu)
+        h, gu = pallas_gmm.rows_matmul(lhs, [rhs], sizes, swiglu="halves", chain=True,  # SwiGLU epilogue
+                                       zero_tail=(True, False))
+        no_tail = pallas_gmm.rows_matmul(lhs, [rhs], sizes, zero_tail=(False,))  # per-tile pipelines
+        return (out, *vjp(dout), flat, h, gu, no_tail)
 
     lowered = jax.jit(fwd_bwd).trace(sd(m, k), sd(g, k, n), sd(m, n), sd(g, dt=jnp.int32)).lower(
         lowering_platforms=("cuda",))
-    assert lowered.as_text().count("mosaic_gpu") >= 5  # forward, d_lhs, d_rhs, flat d_rhs, SwiGLU kernels
+    assert lowered.as_text().count("mosaic_gpu") >= 6  # forward, d_lhs, d_rhs, flat d_rhs, SwiGLU, per-tile kernels
 
 
 # ------------------------------------------------------------------------------------------------

@@ -23,8 +23,11 @@ from lcflash.model.slots import combine_rows, dispatch_rows, sort_slots
 from lcflash.parallel.context import current as parallel_context
 
 
-def expert_ffn(x_md, group_sizes_g, w_gate_gdf, w_up_gdf, w_down_gfd, impl: str, fuse_gate_up: bool = False):
-    """SwiGLU of each row with its group's expert; rows past sum(group_sizes) give zeros.
+def expert_ffn(x_md, group_sizes_g, w_gate_gdf, w_up_gdf, w_down_gfd, impl: str, fuse_gate_up: bool = False,
+               zero_tail: bool = True):
+    """SwiGLU of each row with its group's expert; rows past sum(group_sizes) give zeros, or with zero_tail=False
+    (for callers that read only the groups' rows) undefined values, and so does their gradient: our kernels skip
+    storing those rows, about half of the [T·K] row buffers at LongCat's routing.
 
     fuse_gate_up: one grouped matmul against [gate | up] (the weights concatenated per step, then cast): the rows
     are read once, the backward has one d_lhs product instead of two plus their sum, and our kernels apply SwiGLU
@@ -36,19 +39,20 @@ def expert_ffn(x_md, group_sizes_g, w_gate_gdf, w_up_gdf, w_down_gfd, impl: str,
 
     if fuse_gate_up:
         w_gu = cast(jnp.concatenate([w_gate_gdf, w_up_gdf], axis=-1))
-        h = gmm_swiglu_halves(x_md, w_gu, group_sizes_g, impl=impl)
+        h = gmm_swiglu_halves(x_md, w_gu, group_sizes_g, impl=impl, zero_tail=zero_tail)
     else:
         g = gmm(x_md, cast(w_gate_gdf), group_sizes_g, impl=impl)
         u = gmm(x_md, cast(w_up_gdf), group_sizes_g, impl=impl)
         h = jax.nn.silu(g) * u
-    return gmm(h, cast(w_down_gfd), group_sizes_g, impl=impl)
+    return gmm(h, cast(w_down_gfd), group_sizes_g, impl=impl, zero_tail=zero_tail)
 
 
 def routed_experts(x_td, routing: Routing, w_gate, w_up, w_down, impl: str, fuse_gate_up: bool = False):
     """Dropless FFN-expert output [T, D] in fp32 (exact for any routing, empty experts included)."""
     slots = sort_slots(routing.experts_tk, w_gate.shape[0])
     x_md = dispatch_rows(x_td, slots)
-    y_md = expert_ffn(x_md, slots.group_sizes_g, w_gate, w_up, w_down, impl, fuse_gate_up)
+    # combine_rows reads only the FFN rows (and selects, never multiplies, past them): no zero tail needed.
+    y_md = expert_ffn(x_md, slots.group_sizes_g, w_gate, w_up, w_down, impl, fuse_gate_up, zero_tail=False)
     return combine_rows(y_md, jnp.where(slots.ffn_tk, routing.weights_tk, 0.0), slots)
 
 

@@ -31,11 +31,11 @@ from lcflash.kernels.gmm import reference
 from lcflash.kernels.gmm.swiglu import swiglu_halves
 
 
-def _pallas_gmm(lhs_mk, rhs_gkn, group_sizes_g, preferred_element_type=None, chain=False):
+def _pallas_gmm(lhs_mk, rhs_gkn, group_sizes_g, preferred_element_type=None, chain=False, zero_tail=True):
     from lcflash.kernels.gmm import pallas_gmm  # imported on first use: keeps CPU-only imports light
 
     return pallas_gmm.gmm(lhs_mk, rhs_gkn, group_sizes_g, preferred_element_type=preferred_element_type,
-                          chain=chain)
+                          chain=chain, zero_tail=zero_tail)
 
 
 def _jax_mgpu_gmm(lhs_mk, rhs_gkn, group_sizes_g, preferred_element_type=None):
@@ -50,10 +50,10 @@ def _pallas_gmm_swiglu(x_mk, w_gate_gkn, w_up_gkn, group_sizes_g, chain=False):
     return pallas_gmm.gmm_swiglu(x_mk, w_gate_gkn, w_up_gkn, group_sizes_g, chain=chain)
 
 
-def _pallas_gmm_swiglu_halves(x_mk, w_gkf2, group_sizes_g, chain=False):
+def _pallas_gmm_swiglu_halves(x_mk, w_gkf2, group_sizes_g, chain=False, zero_tail=True):
     from lcflash.kernels.gmm import pallas_gmm
 
-    return pallas_gmm.gmm_swiglu_halves(x_mk, w_gkf2, group_sizes_g, chain=chain)
+    return pallas_gmm.gmm_swiglu_halves(x_mk, w_gkf2, group_sizes_g, chain=chain, zero_tail=zero_tail)
 
 
 IMPLEMENTATIONS = {
@@ -63,6 +63,9 @@ IMPLEMENTATIONS = {
     "pallas_chain": functools.partial(_pallas_gmm, chain=True),
     "jax_mgpu": _jax_mgpu_gmm,
 }
+
+# Implementations that can leave the rows past the groups unwritten (gmm's zero_tail=False).
+_TAIL_OPTIONAL = ("pallas", "pallas_chain")
 
 # gate+up+SwiGLU entry points with their own VJP or kernels; implementations not listed here compose two gmm calls
 # with fp32 gate/up.
@@ -106,9 +109,13 @@ def _resolve(impl: str, lhs_mk, rhs_gkn) -> str:
     return impl
 
 
-def gmm(lhs_mk, rhs_gkn, group_sizes_g, *, impl: str = "ragged_dot", preferred_element_type=None):
+def gmm(lhs_mk, rhs_gkn, group_sizes_g, *, impl: str = "ragged_dot", preferred_element_type=None,
+        zero_tail: bool = True):
+    """zero_tail=False: rows past sum(group_sizes) of the output and of d_lhs may be left undefined (our kernels
+    then skip storing them), for callers that never read them."""
     impl = _resolve(impl, lhs_mk, rhs_gkn)
-    return IMPLEMENTATIONS[impl](lhs_mk, rhs_gkn, group_sizes_g, preferred_element_type=preferred_element_type)
+    kw = {} if zero_tail or impl not in _TAIL_OPTIONAL else {"zero_tail": False}
+    return IMPLEMENTATIONS[impl](lhs_mk, rhs_gkn, group_sizes_g, preferred_element_type=preferred_element_type, **kw)
 
 
 def gmm_swiglu(x_mk, w_gate_gkn, w_up_gkn, group_sizes_g, *, impl: str = "ragged_dot"):
@@ -119,10 +126,12 @@ def gmm_swiglu(x_mk, w_gate_gkn, w_up_gkn, group_sizes_g, *, impl: str = "ragged
     return reference.swiglu_from_gmm(IMPLEMENTATIONS[impl], x_mk, w_gate_gkn, w_up_gkn, group_sizes_g)
 
 
-def gmm_swiglu_halves(x_mk, w_gkf2, group_sizes_g, *, impl: str = "ragged_dot"):
+def gmm_swiglu_halves(x_mk, w_gkf2, group_sizes_g, *, impl: str = "ragged_dot", zero_tail: bool = True):
     """silu(g) * u of [g | u] = x @ w per group, w = [w_gate | w_up] [G, K, 2F], in x's dtype; rows past
-    sum(group_sizes) are zero. `pallas`/`pallas_chain`: one kernel applies SwiGLU before its store."""
+    sum(group_sizes) are zero. `pallas`/`pallas_chain`: one kernel applies SwiGLU before its store.
+    zero_tail=False: with the epilogue, the residual's and d_x's rows past sum(group_sizes) may be left undefined
+    (h's stay zero: the down projection's weight gradient reads them)."""
     impl = _resolve(impl, x_mk, w_gkf2)
     if impl in SWIGLU_HALVES_IMPLEMENTATIONS and SWIGLU_EPILOGUE:
-        return SWIGLU_HALVES_IMPLEMENTATIONS[impl](x_mk, w_gkf2, group_sizes_g)
-    return swiglu_halves(IMPLEMENTATIONS[impl](x_mk, w_gkf2, group_sizes_g))
+        return SWIGLU_HALVES_IMPLEMENTATIONS[impl](x_mk, w_gkf2, group_sizes_g, zero_tail=zero_tail)
+    return swiglu_halves(IMPLEMENTATIONS[impl](x_mk, w_gkf2, group_sizes_g))  # h's tail must be zero: keep gu's

@@ -235,6 +235,7 @@ def rows_kernel(
     out_dtype,
     tiles: Tiles,
     swiglu: str | None = None,
+    zero_tail: tuple[bool, ...] | None = None,
     interpret: bool = False,
 ):
     """out[rows of g] = lhs[rows of g] @ rhs[g] (or @ rhs[g]^T); rows past the groups are zero.
@@ -252,6 +253,8 @@ def rows_kernel(
     stored as zeros afterwards by the compute warpgroups, outside the pipeline.
     tiles.cluster_m (with chain): sched_5t's row blocks are 2 * tile_m rows, one per 2-CTA cluster; CTA c of the
     cluster computes rows [c * tile_m, (c + 1) * tile_m) of it and stores its share of the block's rows.
+    zero_tail: per output, whether rows past the groups are stored as zeros (default: all); False leaves them
+    unwritten (undefined), for consumers that never read them: the tail is about half of the MoE row buffers.
     """
     m, k = lhs_mk.shape
     n_rhs = len(rhs_list)
@@ -282,6 +285,9 @@ def rows_kernel(
     tr_a = _swizzle_transforms(tk, dtype)
     tr_b = _swizzle_transforms(tk if transpose_rhs else 2 * tn, dtype)
     n_out = {None: 1, "h": 1, "hgu": 3, "halves": 2}[swiglu]
+    zero_tail = (True,) * n_out if zero_tail is None else tuple(zero_tail)
+    if len(zero_tail) != n_out:
+        raise ValueError(f"zero_tail has {len(zero_tail)} entries for {n_out} outputs")
     if swiglu in ("h", "hgu") and n_rhs != 2:
         raise ValueError(f"swiglu={swiglu!r} needs exactly two rhs arrays (gate, up)")
     if swiglu is None and n_rhs != 1:
@@ -360,7 +366,9 @@ def rows_kernel(
                 return lin % n_tiles, sched_ref[0, mt], sched_ref[1, mt], sched_ref[2, mt], sched_ref[3, mt]
 
             @jax.named_scope("epilogue")
-            def store(vals, nt, blk, start, rows):
+            def store(vals, nt, blk, start, rows, tail=False):
+                """tail: True (static) or a traced predicate for tiles of rows past the groups, whose outputs with
+                zero_tail False are not stored."""
                 if n_cl > 1:
                     start, rows = cta_share(start, rows, cta, tm)
                     blk = blk * n_cl + cta
@@ -371,8 +379,17 @@ def rows_kernel(
                     outs = {"h": [h], "hgu": [h] + [(v, i + 1, c) for v, i, c in outs],
                             "halves": [h, (vals[0], 1, col0), (vals[1], 1, col0 + n)]}[swiglu]
                 for val, i, c0 in outs:
-                    _store_rows(val, out_gmems[i], stage_whole.at[wg], row0=blk * tm, start=start, rows=rows,
-                                col0=c0, tile_n=tn, epi_n=epi_n, ragged_smem=stage_ragged.at[wg])
+                    if tail is True and not zero_tail[i]:
+                        continue
+
+                    def _store(val=val, i=i, c0=c0):
+                        _store_rows(val, out_gmems[i], stage_whole.at[wg], row0=blk * tm, start=start, rows=rows,
+                                    col0=c0, tile_n=tn, epi_n=epi_n, ragged_smem=stage_ragged.at[wg])
+
+                    if zero_tail[i] or tail is True or tail is False:
+                        _store()
+                    else:
+                        pl.when(jnp.logical_not(tail))(_store)
 
             @jax.named_scope("mma")
             def mma_step(a_smem, b_smems, accs):
@@ -408,8 +425,8 @@ def rows_kernel(
                         return args[n_rhs]
 
                     def context(run):
-                        acc_context(run, lambda accs: accs,
-                                    after=lambda accs: store([r[...] for r in accs], nt, blk, start, rows))
+                        acc_context(run, lambda accs: accs, after=lambda accs: store(
+                            [r[...] for r in accs], nt, blk, start, rows, tail=nsteps == 0))
 
                     pipe = make_pipeline(mma, context, nsteps, lambda kk: (blk, kk), lambda kk: (grp, nt, kk))
                     pl.when(rows > 0)(lambda: pipe(lhs_gmem, *[r.at[grp] for r in rhs_gmems], allocations=allocs))
@@ -440,16 +457,17 @@ def rows_kernel(
                 pipe = make_pipeline(mma, context, count * k_steps, blk_kk, grp_nt_kk)
                 pipe(lhs_gmem, *rhs_gmems, allocations=allocs)
 
-                @pl.when(wg < 2)
-                def _tail():  # rows past the groups: zeros, round-robin continuing after the matmul tiles
-                    first = (sm - mm_total % n_sms + n_sms) % n_sms
-                    tail_count = ((n_live - n_mm) * n_tiles - first + n_sms - 1) // n_sms
+                if any(zero_tail):  # else no output stores the tail
+                    @pl.when(wg < 2)
+                    def _tail():  # rows past the groups: zeros, round-robin continuing after the matmul tiles
+                        first = (sm - mm_total % n_sms + n_sms) % n_sms
+                        tail_count = ((n_live - n_mm) * n_tiles - first + n_sms - 1) // n_sms
 
-                    @pl.loop(0, tail_count)
-                    def _tail_tile(j):
-                        nt, _, blk, start, rows = tile_of(mm_total + first + j * n_sms)
-                        zeros = jnp.zeros((tm, tn), jnp.float32)
-                        store([zeros] * n_rhs, nt, blk, start, rows)
+                        @pl.loop(0, tail_count)
+                        def _tail_tile(j):
+                            nt, _, blk, start, rows = tile_of(mm_total + first + j * n_sms)
+                            zeros = jnp.zeros((tm, tn), jnp.float32)
+                            store([zeros] * n_rhs, nt, blk, start, rows, tail=True)
 
             plgpu.wait_smem_to_gmem(0)  # all output stores have landed before the kernel exits
 

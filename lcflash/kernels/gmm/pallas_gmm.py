@@ -115,8 +115,10 @@ def _pad_rows(x, rows):
     return x if x.shape[0] >= rows else jnp.pad(x, ((0, rows - x.shape[0]), (0, 0)))
 
 
-def rows_matmul(lhs_mk, rhs_list, group_sizes_g, *, transpose_rhs=False, out_dtype=None, swiglu=None, chain=False):
-    """Grouped rows product through the rows kernel; rows past sum(group_sizes) are zero.
+def rows_matmul(lhs_mk, rhs_list, group_sizes_g, *, transpose_rhs=False, out_dtype=None, swiglu=None, chain=False,
+                zero_tail=None):
+    """Grouped rows product through the rows kernel; rows past sum(group_sizes) are zero (or, per output where
+    zero_tail says False, undefined: mk.rows_kernel).
 
     chain: one flat pipeline per CTA (mk.Tiles.chain), the variant timed against the default in
     experiments/bench_moe_gemm.py."""
@@ -136,7 +138,8 @@ def rows_matmul(lhs_mk, rhs_list, group_sizes_g, *, transpose_rhs=False, out_dty
     if transpose_rhs and _interpret():  # the interpreter cannot run wgmma on transposed smem: transpose in XLA
         rhs_list, transpose_rhs = [r.swapaxes(1, 2) for r in rhs_list], False
     out = mk.rows_kernel(_pad_rows(lhs_mk, mp), list(rhs_list), sched, transpose_rhs=transpose_rhs,
-                         out_dtype=out_dtype, tiles=tiles, swiglu=swiglu, interpret=_interpret())
+                         out_dtype=out_dtype, tiles=tiles, swiglu=swiglu, zero_tail=zero_tail,
+                         interpret=_interpret())
     if mp != m:
         out = jax.tree.map(lambda o: o[:m], out)
     return out
@@ -171,25 +174,26 @@ def _int_zeros(x):
 # ------------------------------------------------------------------------------------------------
 
 
-def _gmm_forward(lhs_mk, rhs_gkn, group_sizes_g, out_dtype, vmas, chain):
-    out = rows_matmul(lhs_mk, [rhs_gkn], group_sizes_g, out_dtype=out_dtype, chain=chain)
+def _gmm_forward(lhs_mk, rhs_gkn, group_sizes_g, out_dtype, vmas, chain, zero_tail):
+    out = rows_matmul(lhs_mk, [rhs_gkn], group_sizes_g, out_dtype=out_dtype, chain=chain, zero_tail=(zero_tail,))
     return varying(out, vmas[0] | vmas[1])
 
 
-_gmm = functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))(_gmm_forward)
+_gmm = functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))(_gmm_forward)
 
 
-def _gmm_fwd(lhs_mk, rhs_gkn, group_sizes_g, out_dtype, vmas, chain):
+def _gmm_fwd(lhs_mk, rhs_gkn, group_sizes_g, out_dtype, vmas, chain, zero_tail):
     # Named in the forward rule's own equations, where a remat policy sees it (not inside a nested custom_vjp).
-    out = checkpoint_name(_gmm_forward(lhs_mk, rhs_gkn, group_sizes_g, out_dtype, vmas, chain), KERNEL_OUTPUT)
+    out = checkpoint_name(_gmm_forward(lhs_mk, rhs_gkn, group_sizes_g, out_dtype, vmas, chain, zero_tail),
+                          KERNEL_OUTPUT)
     return out, (lhs_mk, rhs_gkn, group_sizes_g)
 
 
-def _gmm_bwd(out_dtype, vmas, chain, res, dout_mn):
+def _gmm_bwd(out_dtype, vmas, chain, zero_tail, res, dout_mn):
     lhs_mk, rhs_gkn, group_sizes_g = res
     dout_mn = dout_mn.astype(lhs_mk.dtype)  # wgmma operands; fp32 cotangents are rounded like the forward inputs
     d_lhs = rows_matmul(dout_mn, [rhs_gkn], group_sizes_g, transpose_rhs=True, out_dtype=lhs_mk.dtype,
-                        chain=chain)
+                        chain=chain, zero_tail=(zero_tail,))
     d_rhs = contract_matmul(lhs_mk, dout_mn, group_sizes_g, out_dtype=rhs_gkn.dtype, chain=chain)
     return varying(d_lhs, vmas[0]), varying(d_rhs, vmas[1]), _int_zeros(group_sizes_g)
 
@@ -197,13 +201,14 @@ def _gmm_bwd(out_dtype, vmas, chain, res, dout_mn):
 _gmm.defvjp(_gmm_fwd, _gmm_bwd)
 
 
-def gmm(lhs_mk, rhs_gkn, group_sizes_g, preferred_element_type=None, chain=False):
-    """chain=True: every product (forward, d_lhs, d_rhs) through one flat pipeline per CTA (mk.Tiles.chain)."""
+def gmm(lhs_mk, rhs_gkn, group_sizes_g, preferred_element_type=None, chain=False, zero_tail=True):
+    """chain=True: every product (forward, d_lhs, d_rhs) through one flat pipeline per CTA (mk.Tiles.chain).
+    zero_tail=False: the output's and d_lhs's rows past sum(group_sizes) are left undefined (not stored)."""
     _check(lhs_mk, rhs_gkn, group_sizes_g)
     _col_tile(rhs_gkn.shape[2], "N")
     out_dtype = jnp.dtype(preferred_element_type or lhs_mk.dtype)
     return _gmm(lhs_mk, rhs_gkn, group_sizes_g.astype(jnp.int32), out_dtype, (vma(lhs_mk), vma(rhs_gkn)),
-                bool(chain))
+                bool(chain), bool(zero_tail))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -211,38 +216,42 @@ def gmm(lhs_mk, rhs_gkn, group_sizes_g, preferred_element_type=None, chain=False
 # ------------------------------------------------------------------------------------------------
 
 
-def _gmm_swiglu_halves_forward(x_mk, w_gkn, group_sizes_g, vmas, chain):
-    outs = rows_matmul(x_mk, [w_gkn], group_sizes_g, swiglu="halves", chain=chain)
+def _gmm_swiglu_halves_forward(x_mk, w_gkn, group_sizes_g, vmas, chain, zero_tail):
+    # h's tail stays zero: the down projection's weight gradient reads it (as lhs, which the contract kernel does
+    # not mask).
+    outs = rows_matmul(x_mk, [w_gkn], group_sizes_g, swiglu="halves", chain=chain, zero_tail=(True, zero_tail))
     return tuple(varying(o, vmas[0] | vmas[1]) for o in outs)  # (h, x @ w)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _gmm_swiglu_halves(x_mk, w_gkn, group_sizes_g, vmas, chain):
-    return _gmm_swiglu_halves_forward(x_mk, w_gkn, group_sizes_g, vmas, chain)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _gmm_swiglu_halves(x_mk, w_gkn, group_sizes_g, vmas, chain, zero_tail):
+    return _gmm_swiglu_halves_forward(x_mk, w_gkn, group_sizes_g, vmas, chain, zero_tail)[0]
 
 
-def _gmm_swiglu_halves_fwd(x_mk, w_gkn, group_sizes_g, vmas, chain):
+def _gmm_swiglu_halves_fwd(x_mk, w_gkn, group_sizes_g, vmas, chain, zero_tail):
     # Both kernel outputs named: a policy that keeps them saves the SwiGLU pass a remat would otherwise rerun.
     h, gu = (checkpoint_name(o, KERNEL_OUTPUT)
-             for o in _gmm_swiglu_halves_forward(x_mk, w_gkn, group_sizes_g, vmas, chain))
+             for o in _gmm_swiglu_halves_forward(x_mk, w_gkn, group_sizes_g, vmas, chain, zero_tail))
     return h, (x_mk, w_gkn, group_sizes_g, gu)
 
 
-def _gmm_swiglu_halves_bwd(vmas, chain, res, dh_mn):
+def _gmm_swiglu_halves_bwd(vmas, chain, zero_tail, res, dh_mn):
     x_mk, w_gkn, group_sizes_g, gu = res
     d_gu = swiglu_halves_grad(gu, dh_mn.astype(gu.dtype))
-    return _gmm_bwd(x_mk.dtype, vmas, chain, (x_mk, w_gkn, group_sizes_g), d_gu)
+    return _gmm_bwd(x_mk.dtype, vmas, chain, zero_tail, (x_mk, w_gkn, group_sizes_g), d_gu)
 
 
 _gmm_swiglu_halves.defvjp(_gmm_swiglu_halves_fwd, _gmm_swiglu_halves_bwd)
 
 
-def gmm_swiglu_halves(x_mk, w_gkn, group_sizes_g, chain=False):
+def gmm_swiglu_halves(x_mk, w_gkn, group_sizes_g, chain=False, zero_tail=True):
     """silu(g) * u of [g | u] = x @ w, w = [w_gate | w_up]: one kernel reads both halves' columns into two
-    accumulators, applies SwiGLU before its store and also stores x @ w, the backward pass's residual."""
+    accumulators, applies SwiGLU before its store and also stores x @ w, the backward pass's residual.
+    zero_tail=False: that residual's and d_x's rows past sum(group_sizes) are left undefined (h's stay zero)."""
     _check(x_mk, w_gkn, group_sizes_g)
     _col_tile(w_gkn.shape[2] // 2, "half of N", prefer=64)
-    return _gmm_swiglu_halves(x_mk, w_gkn, group_sizes_g.astype(jnp.int32), (vma(x_mk), vma(w_gkn)), bool(chain))
+    return _gmm_swiglu_halves(x_mk, w_gkn, group_sizes_g.astype(jnp.int32), (vma(x_mk), vma(w_gkn)), bool(chain),
+                              bool(zero_tail))
 
 
 # ------------------------------------------------------------------------------------------------
