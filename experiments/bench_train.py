@@ -162,6 +162,8 @@ def main():
                     "epilogue ([gate | up], SwiGLU by XLA): the A/B baseline of lcflash.kernels.gmm.api.SWIGLU_EPILOGUE")
     ap.add_argument("--repeat_check", action="store_true", help="run the compiled step again from the initial "
                     "state and report whether the last loss is bitwise the same")
+    ap.add_argument("--zero_tails", action="store_true", help="store the MoE row buffers' tails as zeros (the A/B "
+                    "baseline of lcflash.kernels.gmm.api.SKIP_TAILS)")
     ap.add_argument("--time_budget_s", type=float, default=1e9, help="skip remaining impls once this is spent")
     args = ap.parse_args()
     from absl import logging
@@ -172,6 +174,7 @@ def main():
     from lcflash.config import model_config
     from lcflash.kernels.gmm import api as gmm_api
     gmm_api.SWIGLU_EPILOGUE = not args.no_swiglu_epilogue
+    gmm_api.SKIP_TAILS = not args.zero_tails
     base = {"train.batch_size": args.batch, "data.seq_len": args.seq, "train.progress": False}
     if args.remat:
         base["model.remat"] = True
@@ -208,6 +211,7 @@ def main():
     out = {
         "config": os.path.relpath(args.config, ROOT), "batch": args.batch, "seq_len": args.seq,
         "remat": args.remat, "overrides": args.set, "swiglu_epilogue": gmm_api.SWIGLU_EPILOGUE,
+        "skip_tails": gmm_api.SKIP_TAILS,
         "steps_timed": args.steps, "warmup_steps": args.warmup,
         "device": f"{dev.platform}: {dev.device_kind}", "device_count": jax.device_count(),
         "peak_bf16_flops": peak,

@@ -66,6 +66,8 @@ IMPLEMENTATIONS = {
 
 # Implementations that can leave the rows past the groups unwritten (gmm's zero_tail=False).
 _TAIL_OPTIONAL = ("pallas", "pallas_chain")
+# Benchmarks store the tails anyway for A/B runs (experiments/bench_train.py --zero_tails).
+SKIP_TAILS = True
 
 # gate+up+SwiGLU entry points with their own VJP or kernels; implementations not listed here compose two gmm calls
 # with fp32 gate/up.
@@ -114,7 +116,7 @@ def gmm(lhs_mk, rhs_gkn, group_sizes_g, *, impl: str = "ragged_dot", preferred_e
     """zero_tail=False: rows past sum(group_sizes) of the output and of d_lhs may be left undefined (our kernels
     then skip storing them), for callers that never read them."""
     impl = _resolve(impl, lhs_mk, rhs_gkn)
-    kw = {} if zero_tail or impl not in _TAIL_OPTIONAL else {"zero_tail": False}
+    kw = {} if zero_tail or not SKIP_TAILS or impl not in _TAIL_OPTIONAL else {"zero_tail": False}
     return IMPLEMENTATIONS[impl](lhs_mk, rhs_gkn, group_sizes_g, preferred_element_type=preferred_element_type, **kw)
 
 
@@ -133,5 +135,6 @@ def gmm_swiglu_halves(x_mk, w_gkf2, group_sizes_g, *, impl: str = "ragged_dot", 
     (h's stay zero: the down projection's weight gradient reads them)."""
     impl = _resolve(impl, x_mk, w_gkf2)
     if impl in SWIGLU_HALVES_IMPLEMENTATIONS and SWIGLU_EPILOGUE:
-        return SWIGLU_HALVES_IMPLEMENTATIONS[impl](x_mk, w_gkf2, group_sizes_g, zero_tail=zero_tail)
+        return SWIGLU_HALVES_IMPLEMENTATIONS[impl](x_mk, w_gkf2, group_sizes_g,
+                                                   zero_tail=zero_tail or not SKIP_TAILS)
     return swiglu_halves(IMPLEMENTATIONS[impl](x_mk, w_gkf2, group_sizes_g))  # h's tail must be zero: keep gu's
