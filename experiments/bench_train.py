@@ -84,7 +84,7 @@ def profile_steps(step, state, batches, out_dir: str, tag: str) -> dict:
     return res
 
 
-def bench(cfg, warmup: int, steps: int, profile_dir: str | None = None, repeat_check: bool = False):
+def bench(cfg, warmup: int, steps: int, profile_dir: str | None = None, repeat_check: int = 0):
     import jax
     import numpy as np
 
@@ -120,7 +120,7 @@ def bench(cfg, warmup: int, steps: int, profile_dir: str | None = None, repeat_c
     memory = {k: round(stats[k] / 2**30, 3) for k in ("peak_bytes_in_use", "bytes_limit") if k in stats}
     prof = profile_steps(step, state, batches[warmup:], profile_dir, cfg.moe.gmm_impl) if profile_dir else None
     del state  # donated to the profile's steps, and the rerun starts from a fresh one
-    repeat = rerun_losses(step, cfg, batches, float(m["loss"])) if repeat_check else None
+    repeat = rerun_losses(step, cfg, batches, float(m["loss"]), repeat_check) if repeat_check else None
     return {"step_time_s": dt / steps, "tokens_per_s": cfg.train.batch_size * cfg.data.seq_len * steps / dt,
             "init_s": t_init, "compile_and_warmup_s": t_warm, "loss_last": float(m["loss"]), "ce_last": float(m["ce"]),
             "ffn_experts_per_token": float(np.mean(jax.device_get(ffn))), "total_params": n_params,
@@ -128,20 +128,23 @@ def bench(cfg, warmup: int, steps: int, profile_dir: str | None = None, repeat_c
             **({"profile": prof} if prof else {}), **({"repeat": repeat} if repeat else {})}
 
 
-def rerun_losses(step, cfg, batches, loss_last: float) -> dict:
-    """The same executable run again from the same initial state on the same batches: whether the last loss
-    is bitwise the same tells run-to-run differences inside one program (races, atomics) from differences
-    between compilations (autotuning picks)."""
+def rerun_losses(step, cfg, batches, loss_last: float, times: int) -> dict:
+    """The same executable run again `times` times from the same initial state on the same batches: whether the
+    last loss is bitwise the same tells run-to-run differences inside one program (races, atomics) from
+    differences between compilations (autotuning picks)."""
     import jax
 
     from lcflash.train.step import init_state
 
-    state = init_state(cfg, jax.random.PRNGKey(0))
-    for b in batches:
-        state, m = step(state, b)
-    again = float(jax.device_get(m["loss"]))
-    print(f"repeat check: loss {loss_last!r} then {again!r} (same executable)", flush=True)
-    return {"loss_last_rerun": again, "bitwise_equal": again == loss_last}
+    again = []
+    for _ in range(times):
+        state = None  # two states at once do not fit next to the step's buffers at batch 32
+        state = init_state(cfg, jax.random.PRNGKey(0))
+        for b in batches:
+            state, m = step(state, b)
+        again.append(float(jax.device_get(m["loss"])))
+    print(f"repeat check: loss {loss_last!r}, then {again} (same executable)", flush=True)
+    return {"loss_last_reruns": again, "reruns_differing": sum(a != loss_last for a in again)}
 
 
 def main():
@@ -160,8 +163,8 @@ def main():
     ap.add_argument("--out", default=os.path.join(ROOT, "experiments", "bench_train.json"))
     ap.add_argument("--no_swiglu_epilogue", action="store_true", help="fused gate/up without SwiGLU in the kernel's "
                     "epilogue ([gate | up], SwiGLU by XLA): the A/B baseline of lcflash.kernels.gmm.api.SWIGLU_EPILOGUE")
-    ap.add_argument("--repeat_check", action="store_true", help="run the compiled step again from the initial "
-                    "state and report whether the last loss is bitwise the same")
+    ap.add_argument("--repeat_check", type=int, default=0, metavar="N", help="run the compiled steps N more times "
+                    "from the initial state and report whether the last loss is bitwise the same")
     ap.add_argument("--zero_tails", action="store_true", help="store the MoE row buffers' tails as zeros (the A/B "
                     "baseline of lcflash.kernels.gmm.api.SKIP_TAILS)")
     ap.add_argument("--time_budget_s", type=float, default=1e9, help="skip remaining impls once this is spent")
