@@ -32,6 +32,10 @@ RUNS = [
     ("A/B 1: + SwiGLU in the gate|up kernel", "bench_train_b32_epilogue_h200.json"),
     ("A/B 2: SwiGLU by XLA", "bench_train_b32_epilogue_off_run2_h200.json"),
     ("A/B 2: + SwiGLU in the gate|up kernel", "bench_train_b32_epilogue_run2_h200.json"),
+    ("A/B 1: tails stored", "bench_train_b32_tails_zt_h200.json"),
+    ("A/B 1: + tails left unwritten", "bench_train_b32_tails_skip_h200.json"),
+    ("A/B 2: tails stored", "bench_train_b32_tails_zt_run2_h200.json"),
+    ("A/B 2: + tails left unwritten", "bench_train_b32_tails_skip_run2_h200.json"),
 ]
 TARGET = 0.40
 
