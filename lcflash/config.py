@@ -20,6 +20,9 @@ GMM_IMPLS = ("ragged_dot", "reference", "pallas", "pallas_chain", "jax_mgpu", "t
 ATTN_IMPLS = ("expanded", "absorbed", "pallas")
 TRAIN_ATTN_IMPLS = ("xla", "cudnn", "pallas", "auto", "dpa_xla")
 REMAT_POLICIES = ("nothing", "kernels", "dots")
+# Activations a rematerialised layer can keep besides what its policy keeps (ModelConfig.remat_keep): the names
+# lcflash/model binds with checkpoint_name.
+REMAT_KEEP_NAMES = ("swiglu", "dispatch")
 ROUTER_GRAD_PRECISIONS = ("highest", "bf16_3x")   # lcflash.model.router.ROUTER_GRAD_PRECISIONS
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # ModelConfig fields an experiment config sets in its `moe` section (cfg.moe.<key>), not in cfg.model.
@@ -89,6 +92,10 @@ class ModelConfig:
     # attention) and recomputes the rest, which is elementwise work and the dense matmuls; "dots" also keeps every
     # matmul output and the expert weights cast to the compute dtype, so only elementwise work is recomputed.
     remat_policy: str = "nothing"
+    # Comma-separated activations kept on top of the policy (REMAT_KEEP_NAMES), memory for recomputation: "swiglu"
+    # the SwiGLU outputs h the down projections' weight gradients read (dense FFNs; the experts' when XLA applies
+    # SwiGLU), "dispatch" the MoE rows gathered in expert order that the experts' gate/up weight gradient reads.
+    remat_keep: str = ""
     # The router's backward products: "highest" (fp32, like its forward) or "bf16_3x" (tensor cores, 3 bf16 passes;
     # the forward that picks the experts stays fp32 either way; lcflash/model/router.py).
     router_grad_precision: str = "highest"
@@ -184,12 +191,18 @@ def validate(cfg: ModelConfig, keys: dict[str, str] | None = None) -> ModelConfi
     req(cfg.train_attn_impl in TRAIN_ATTN_IMPLS, "train_attn_impl", cfg.train_attn_impl,
         f"must be one of {TRAIN_ATTN_IMPLS}")
     req(cfg.remat_policy in REMAT_POLICIES, "remat_policy", cfg.remat_policy, f"must be one of {REMAT_POLICIES}")
+    req(isinstance(cfg.remat_keep, str) and set(remat_keep_names(cfg.remat_keep)) <= set(REMAT_KEEP_NAMES),
+        "remat_keep", cfg.remat_keep, f"must be a comma-separated subset of {REMAT_KEEP_NAMES} (or empty)")
     req(cfg.router_grad_precision in ROUTER_GRAD_PRECISIONS, "router_grad_precision", cfg.router_grad_precision,
         f"must be one of {ROUTER_GRAD_PRECISIONS}")
     for f in ("bos_token_id", "eos_token_id"):
         v = getattr(cfg, f)
         req(v is None or 0 <= v < cfg.vocab_size, f, v, f"must be None or in [0, vocab_size={cfg.vocab_size})")
     return cfg
+
+
+def remat_keep_names(remat_keep: str) -> tuple[str, ...]:
+    return tuple(n.strip() for n in remat_keep.split(",") if n.strip()) if isinstance(remat_keep, str) else ()
 
 
 MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig))

@@ -23,7 +23,7 @@ import sys
 import jax
 import numpy as np
 
-from lcflash.config import ConfigError, ModelConfig, bad_override_message, model_config
+from lcflash.config import ConfigError, ModelConfig, bad_override_message, model_config, remat_keep_names
 from lcflash.parallel.mesh import check_model_fits, mesh_shape
 from lcflash.parallel.rules import mesh_axes_for, rules_from_config
 
@@ -54,7 +54,7 @@ def activation_terms(cfg: ModelConfig, batch_local: int, seq: int, tp: int, ep: 
     (send, receive, 3 expert intermediates, output) of every slot. With `model.remat`, only each layer's input
     is kept, plus one layer's terms during its recomputation; `remat_policy="kernels"` also keeps every layer's
     expert gate/up/down products and attention outputs (+ fp32 softmax statistics), and "dots" every projection's
-    output too. Plus fp32 logits, their softmax and gradient.
+    output too; `remat_keep` adds the activations it names. Plus fp32 logits, their softmax and gradient.
     """
     a = np.dtype(cfg.jnp_dtype).itemsize
     D, H, L, K = cfg.hidden_size, cfg.num_attention_heads, cfg.num_layers, cfg.moe_topk
@@ -85,6 +85,12 @@ def activation_terms(cfg: ModelConfig, batch_local: int, seq: int, tp: int, ep: 
                 proj += 2 * h_tp * seq * 4
             dots = 2 * proj + 2 * (2 * cfg.ffn_hidden_size / tp + D) * a + cfg.num_experts_total * 4
             terms["matmul outputs (remat_policy=dots)"] = int(L * n * dots)
+        keep = remat_keep_names(cfg.remat_keep)
+        if "swiglu" in keep:  # the dense FFNs' h and the experts' (already kept as a kernel output under those)
+            expert_h = 0 if cfg.remat_policy in ("kernels", "dots") else slots * cfg.expert_ffn_hidden_size / tp
+            terms["SwiGLU outputs (remat_keep)"] = int(L * n * (2 * cfg.ffn_hidden_size / tp + expert_h) * a)
+        if "dispatch" in keep:
+            terms["dispatched expert rows (remat_keep)"] = int(L * n * slots * D * a)
     else:
         terms["layers"] = int(L * n * per_layer_token)
     heads = 1 + (1 if cfg.num_mtp_layers else 0)

@@ -1,26 +1,33 @@
 """model.remat_policy changes what the backward pass recomputes, never what it computes."""
 
+import collections
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from lcflash.config import REMAT_POLICIES, ConfigError, load_config, model_config
+from lcflash.config import REMAT_KEEP_NAMES, REMAT_POLICIES, ConfigError, load_config, model_config
 from lcflash.kernels.gmm import api
 from lcflash.model import LongcatFlash
-from lcflash.model.common import KERNEL_PRIMITIVES, POLICY_FNS
+from lcflash.model.common import DISPATCH_ROWS, KERNEL_PRIMITIVES, POLICY_FNS, SWIGLU_OUTPUT
 from numerics import rel
 from xla_flags import default_codegen
 
 
-def _loss_and_grad(mc, tokens):
+def _loss(mc, tokens):
     graphdef, state = nnx.split(LongcatFlash(mc, nnx.Rngs(2)))
 
     def loss(st):
         logits = nnx.merge(graphdef, st).forward(tokens).logits
         return jnp.mean(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, tokens[..., None], -1)[..., 0])
 
+    return loss, state
+
+
+def _loss_and_grad(mc, tokens):
+    loss, state = _loss(mc, tokens)
     return jax.value_and_grad(loss), state
 
 
@@ -129,6 +136,35 @@ def test_kernels_policy_keeps_the_pallas_and_cudnn_kernels_on_gpu():
         assert rel(a, b) < 1e-3                                               # another order from run to run
 
 
+def test_remat_keep_saves_the_named_activations_and_changes_no_value():
+    """model.remat_keep adds residuals to the policy's: the two dense FFNs' and the experts' SwiGLU outputs
+    ("swiglu") and the dispatched expert rows ("dispatch"), one of each per layer; loss and gradients unchanged."""
+    from jax._src.ad_checkpoint import saved_residuals
+
+    cfg = model_config(load_config("configs/tiny.py", {"moe.gmm_impl": "ragged_dot"})).replace(
+        num_layers=1, remat=True, remat_policy="dots")
+    tokens = jax.random.randint(jax.random.key(3), (2, 8), 0, cfg.vocab_size)
+    shapes, out = {}, {}
+    for keep in ("", "swiglu", "swiglu,dispatch"):
+        loss, state = _loss(cfg.replace(remat_keep=keep), tokens)
+        shapes[keep] = sorted(str(aval.shape) for aval, _ in saved_residuals(loss, state))
+        out[keep] = jax.jit(jax.value_and_grad(loss), compiler_options=default_codegen())(state)
+    M, F_dense, F_exp, D = 2 * 8 * cfg.moe_topk, cfg.ffn_hidden_size, cfg.expert_ffn_hidden_size, cfg.hidden_size
+    added = lambda a, b: sorted((collections.Counter(shapes[b]) - collections.Counter(shapes[a])).elements())  # noqa: E731
+    assert added("", "swiglu") == sorted([str((1, 2, 8, F_dense))] * 2 + [str((1, M, F_exp))]), added("", "swiglu")
+    assert added("swiglu", "swiglu,dispatch") == [str((1, M, D))], added("swiglu", "swiglu,dispatch")
+    l0, g0 = out[""]
+    for keep in ("swiglu", "swiglu,dispatch"):
+        np.testing.assert_array_equal(out[keep][0], l0)
+        for a, b in zip(jax.tree.leaves(out[keep][1]), jax.tree.leaves(g0), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
+
+
+def test_bad_remat_keep_is_a_config_error():
+    with pytest.raises(ConfigError, match="remat_keep.*comma-separated subset"):
+        model_config(load_config("configs/tiny.py", {"model.remat_keep": "swiglu,everything"}))
+
+
 def test_kernel_primitive_names_exist():
     """The names the policy matches are the primitives cuDNN's attention and XLA's grouped matmul bind (a renamed
     primitive would silently turn the policy into "nothing")."""
@@ -143,6 +179,7 @@ def test_kernel_primitive_names_exist():
               cudnn_attention._dot_product_attention_fwd_p_wrapper.name}
     assert KERNEL_PRIMITIVES <= names, KERNEL_PRIMITIVES - names
     assert set(POLICY_FNS) == set(REMAT_POLICIES)
+    assert {SWIGLU_OUTPUT, DISPATCH_ROWS} == set(REMAT_KEEP_NAMES)
 
 
 def test_bad_policy_is_a_config_error():

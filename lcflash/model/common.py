@@ -68,10 +68,25 @@ POLICY_FNS = {
 }
 
 
+# Names of activations that remat_keep can add to a policy (lcflash.config.REMAT_KEEP_NAMES).
+SWIGLU_OUTPUT = "swiglu"
+DISPATCH_ROWS = "dispatch"
+
+
+def remat_policy_fn(remat_policy: str, keep: tuple[str, ...] = ()):
+    """POLICY_FNS[remat_policy], also saving the activations named in `keep`."""
+    policy = POLICY_FNS[remat_policy]
+    if not keep:
+        return policy
+    return jax.checkpoint_policies.save_from_both_policies(policy,
+                                                           jax.checkpoint_policies.save_only_these_names(*keep))
+
+
 def scan_modules(stacked, body, carry, xs=None, remat: bool = False, unroll: int = 1,
-                 remat_policy: str = "nothing"):
+                 remat_policy: str = "nothing", remat_keep: tuple[str, ...] = ()):
     """Runs `body(module_i, carry, x_i) -> (carry, y_i)` over the stacked module's leading axis; with remat, the
-    backward pass recomputes each step from its inputs, keeping what `remat_policy` names (POLICY_FNS)."""
+    backward pass recomputes each step from its inputs, keeping what `remat_policy` names (POLICY_FNS) and the
+    activations named in `remat_keep`."""
     graphdef, state = nnx.split(stacked)
 
     def step(c, inp):
@@ -79,5 +94,5 @@ def scan_modules(stacked, body, carry, xs=None, remat: bool = False, unroll: int
         return body(nnx.merge(graphdef, st), c, x)
 
     if remat:
-        step = jax.checkpoint(step, policy=POLICY_FNS[remat_policy])
+        step = jax.checkpoint(step, policy=remat_policy_fn(remat_policy, remat_keep))
     return jax.lax.scan(step, carry, (state, xs), unroll=unroll)

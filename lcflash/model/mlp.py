@@ -3,15 +3,17 @@
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
-from lcflash.model.common import normal_param
+from lcflash.model.common import SWIGLU_OUTPUT, normal_param
 
 
 def swiglu(x_btd, w_gate_df, w_up_df, w_down_fd):
     dtype = x_btd.dtype
     g = jnp.einsum("...d,df->...f", x_btd, w_gate_df.astype(dtype))
     u = jnp.einsum("...d,df->...f", x_btd, w_up_df.astype(dtype))
-    return jnp.einsum("...f,fd->...d", jax.nn.silu(g) * u, w_down_fd.astype(dtype))
+    h = checkpoint_name(jax.nn.silu(g) * u, SWIGLU_OUTPUT)  # model.remat_keep can keep it
+    return jnp.einsum("...f,fd->...d", h, w_down_fd.astype(dtype))
 
 
 class MLP(nnx.Module):

@@ -17,7 +17,7 @@ from jax.ad_checkpoint import checkpoint_name
 from lcflash.config import ModelConfig
 from lcflash.kernels import COMPUTE_WEIGHTS
 from lcflash.kernels.gmm import gmm, gmm_swiglu_halves
-from lcflash.model.common import RouterBias, normal_param
+from lcflash.model.common import DISPATCH_ROWS, SWIGLU_OUTPUT, RouterBias, normal_param
 from lcflash.model.router import Routing, route, zero_expert_output
 from lcflash.model.slots import combine_rows, dispatch_rows, sort_slots
 from lcflash.parallel.context import current as parallel_context
@@ -44,13 +44,14 @@ def expert_ffn(x_md, group_sizes_g, w_gate_gdf, w_up_gdf, w_down_gfd, impl: str,
         g = gmm(x_md, cast(w_gate_gdf), group_sizes_g, impl=impl)
         u = gmm(x_md, cast(w_up_gdf), group_sizes_g, impl=impl)
         h = jax.nn.silu(g) * u
+    h = checkpoint_name(h, SWIGLU_OUTPUT)  # model.remat_keep can keep it (the epilogue's h is a kernel output too)
     return gmm(h, cast(w_down_gfd), group_sizes_g, impl=impl, zero_tail=zero_tail)
 
 
 def routed_experts(x_td, routing: Routing, w_gate, w_up, w_down, impl: str, fuse_gate_up: bool = False):
     """Dropless FFN-expert output [T, D] in fp32 (exact for any routing, empty experts included)."""
     slots = sort_slots(routing.experts_tk, w_gate.shape[0])
-    x_md = dispatch_rows(x_td, slots)
+    x_md = checkpoint_name(dispatch_rows(x_td, slots), DISPATCH_ROWS)  # model.remat_keep can keep it
     # combine_rows reads only the FFN rows (and selects, never multiplies, past them): no zero tail needed.
     y_md = expert_ffn(x_md, slots.group_sizes_g, w_gate, w_up, w_down, impl, fuse_gate_up, zero_tail=False)
     return combine_rows(y_md, jnp.where(slots.ffn_tk, routing.weights_tk, 0.0), slots)

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lcflash.config import ModelConfig
+from lcflash.config import ModelConfig, remat_keep_names
 from lcflash.model.common import normal_param, scan_modules, stack_modules
 from lcflash.model.layer import DecoderLayer
 from lcflash.model.mla import LatentKV
@@ -103,7 +103,8 @@ class LongcatFlash(nnx.Module):
         xs = None if cache is None else (cache.c, cache.kpe)
         h_btd, (new_cache, stats, layer_hidden) = scan_modules(self.layers, body, h_btd, xs, remat=cfg.remat,
                                                                     unroll=cfg.scan_unroll,
-                                                                    remat_policy=cfg.remat_policy)
+                                                                    remat_policy=cfg.remat_policy,
+                                                                    remat_keep=remat_keep_names(cfg.remat_keep))
         hidden = self.norm(h_btd)
         return ModelOutput(self.logits(hidden), hidden,
                            layer_hidden if return_layer_hidden else jnp.zeros((0,), dtype), stats,
