@@ -6,7 +6,9 @@ MLA's heads have qk 192 (nope 128 + rope 64) and v 128. The variants, all bf16 f
   cudnn_docs   : the model's path in sessions 7-9, `lcflash.model.mla.fused_attention(..., "cudnn", "causal_docs")`
                  (called "model" in the JSON of those sessions)
   pallas       : our Mosaic GPU kernels (`train_attn_impl="pallas"`, lcflash/kernels/doc_attention), causal_docs;
-                 the model's path on a Hopper GPU since session 10 ("auto")
+                 the model's path on a Hopper GPU since session 10 ("auto"); since session 13 in MLA's form
+                 (`mla_doc_attention`: q, kv = [k_nope | v] and the shared rope key read where they are)
+  pallas_heads : the same kernels on per-head keys [k_nope | rope key] and v (the form of sessions 10-12)
   pallas_causal: the same told the mask is plainly causal (not the model's semantics; against cudnn_causal)
   pallas_dABC  : `pallas` with the forward, dq and dk/dv kernels loading A, B and C blocks ahead (named on demand)
   dpa_causal   : `jax.nn.dot_product_attention` without the segment mask (not the model's semantics)
@@ -37,6 +39,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from experiments.bench_moe_gemm import time_ms  # noqa: E402
+from lcflash.kernels.doc_attention import pallas_mgpu  # noqa: E402
 from lcflash.model import mla  # noqa: E402
 from lcflash.model.transformer import causal_mask  # noqa: E402
 
@@ -72,7 +75,8 @@ def variants(seg_bt, max_segments):
                                             is_causal=True, implementation="cudnn")[..., :v.shape[-1]]
 
     def cudnn_docs(q_nope, q_pe, k_nope, kpe, v):
-        return mla.fused_attention(q_nope, q_pe, k_nope, kpe, v, mask_bts, SCALE, "cudnn", "causal_docs")
+        kv = jnp.concatenate([k_nope, v], axis=-1)
+        return mla.fused_attention(q_nope, q_pe, kv, kpe, mask_bts, SCALE, "cudnn", "causal_docs")
 
     def cudnn(q_nope, q_pe, k_nope, kpe, v, packed=False, pad_v=False, bias=False):
         from jax._src.cudnn import fused_attention_stablehlo as fa
@@ -87,7 +91,9 @@ def variants(seg_bt, max_segments):
         return fa.dot_product_attention(q, k, v, scale=SCALE, mask_type=fa.MaskType.CAUSAL, **kw)[..., :dv]
 
     def pallas(q_nope, q_pe, k_nope, kpe, v, kind="causal_docs"):
-        return mla.fused_attention(q_nope, q_pe, k_nope, kpe, v, mask_bts, SCALE, "pallas", kind)
+        # kv = [k_nope | v] as the model's up projection gives it (the concatenate is timed too, here only)
+        kv = jnp.concatenate([k_nope, v], axis=-1)
+        return mla.fused_attention(q_nope, q_pe, kv, kpe, mask_bts, SCALE, "pallas", kind)
 
     def pallas_depths(q_nope, q_pe, k_nope, kpe, v, depths):
         from lcflash.kernels.doc_attention.pallas_mgpu import doc_attention
@@ -102,6 +108,7 @@ def variants(seg_bt, max_segments):
         "cudnn_docs": cudnn_docs,
         "pallas": pallas,
         "pallas_causal": functools.partial(pallas, kind="causal"),
+        "pallas_heads": functools.partial(pallas_depths, depths=pallas_mgpu.DEPTHS),
         "dpa_causal": functools.partial(dpa, with_mask=False),
         "cudnn_causal": cudnn,
         "cudnn_mask": functools.partial(cudnn, bias=True),
@@ -111,7 +118,8 @@ def variants(seg_bt, max_segments):
 
 
 SCALE = 192 ** -0.5
-SAME_SEMANTICS = ("cudnn_docs", "dpa_mask", "cudnn_mask", "pallas")   # and every cudnn_packed_*, pallas_d*
+# and every cudnn_packed_*, pallas_d*
+SAME_SEMANTICS = ("cudnn_docs", "dpa_mask", "cudnn_mask", "pallas", "pallas_heads")
 
 
 def measure(todo, x, do, flops):

@@ -163,6 +163,9 @@ def main():
     ap.add_argument("--out", default=os.path.join(ROOT, "experiments", "bench_train.json"))
     ap.add_argument("--no_swiglu_epilogue", action="store_true", help="fused gate/up without SwiGLU in the kernel's "
                     "epilogue ([gate | up], SwiGLU by XLA): the A/B baseline of lcflash.kernels.gmm.api.SWIGLU_EPILOGUE")
+    ap.add_argument("--pallas_assembled_heads", action="store_true", help="our attention kernels on per-head keys "
+                    "[k_nope | rope key] and v copied out of kv (the A/B baseline of "
+                    "lcflash.model.mla.PALLAS_MLA_FORM)")
     ap.add_argument("--repeat_check", type=int, default=0, metavar="N", help="run the compiled steps N more times "
                     "from the initial state and report whether the last loss is bitwise the same")
     ap.add_argument("--zero_tails", action="store_true", help="store the MoE row buffers' tails as zeros (the A/B "
@@ -176,8 +179,10 @@ def main():
     from lcflash import load_config
     from lcflash.config import model_config
     from lcflash.kernels.gmm import api as gmm_api
+    from lcflash.model import mla
     gmm_api.SWIGLU_EPILOGUE = not args.no_swiglu_epilogue
     gmm_api.SKIP_TAILS = not args.zero_tails
+    mla.PALLAS_MLA_FORM = not args.pallas_assembled_heads
     base = {"train.batch_size": args.batch, "data.seq_len": args.seq, "train.progress": False}
     if args.remat:
         base["model.remat"] = True
@@ -214,7 +219,7 @@ def main():
     out = {
         "config": os.path.relpath(args.config, ROOT), "batch": args.batch, "seq_len": args.seq,
         "remat": args.remat, "overrides": args.set, "swiglu_epilogue": gmm_api.SWIGLU_EPILOGUE,
-        "skip_tails": gmm_api.SKIP_TAILS,
+        "skip_tails": gmm_api.SKIP_TAILS, "pallas_mla_form": mla.PALLAS_MLA_FORM,
         "steps_timed": args.steps, "warmup_steps": args.warmup,
         "device": f"{dev.platform}: {dev.device_kind}", "device_count": jax.device_count(),
         "peak_bf16_flops": peak,

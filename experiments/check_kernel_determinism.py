@@ -5,7 +5,8 @@ run `--repeats` times; a case reports how many runs differ from the first and by
 (a staging buffer reused before its store has read it, a ring slot refilled early) shows here as a rare
 mismatch; XLA's own nondeterministic ops (scatter-adds) are not in these programs. Prints a table, writes JSON.
 
-    python experiments/check_kernel_determinism.py [--repeats 50] [--tokens 4096] [--cases down,attention] [--out OUT.json]
+    python experiments/check_kernel_determinism.py [--repeats 50] [--tokens 4096] [--cases down,attention] \
+        [--out OUT.json]
 """
 
 import argparse
@@ -34,7 +35,7 @@ def cases(tokens: int, impl: str):
     import jax
     import jax.numpy as jnp
 
-    from lcflash.kernels.doc_attention.pallas_mgpu import doc_attention
+    from lcflash.kernels.doc_attention.pallas_mgpu import doc_attention, mla_doc_attention
     from lcflash.kernels.gmm import api
 
     D, F, G, K = 1024, 384, 128, 12
@@ -69,12 +70,19 @@ def cases(tokens: int, impl: str):
         o, vjp = jax.vjp(lambda q, k, v: doc_attention(q, k, v, first, scale=192 ** -0.5), q, k, v)
         return (o,) + vjp(do)
 
+    def mla_attention(q, kv, kpe):  # the model's form: kv = [k_nope | v], one rope key for all heads
+        o, vjp = jax.vjp(lambda q, kv, kpe: mla_doc_attention(q, kv, kpe, first, scale=192 ** -0.5, nope_dim=128),
+                         q, kv, kpe)
+        return (o,) + vjp(do)
+
     mask = lambda outs: tuple(jnp.where(live, o, 0) if o.shape[0] == M else o for o in outs)
     h0 = jax.nn.silu(x[:, :F]) * x[:, F:2 * F]
     return {
         f"gmm_swiglu_halves ({impl})": (jax.jit(lambda x, w: mask(halves(x, w))), (x, w_gu)),
         f"gmm down ({impl})": (jax.jit(lambda h, w: mask(down(h, w))), (jnp.where(live, h0, 0), w_dn)),
         "doc_attention": (jax.jit(attention), (q, kk, v)),
+        "mla_doc_attention": (jax.jit(mla_attention),
+                              (q, jnp.concatenate([kk[..., :128], v], -1), kk[:, :, 0, 128:])),
     }
 
 

@@ -91,6 +91,67 @@ def test_kernels_lower_for_cuda():
     assert lowered.as_text().count("mosaic_gpu") >= 3
 
 
+def _mla_inputs(B, T, H, seed, nope=128, rope=64, dv=128):
+    ks = jax.random.split(jax.random.key(seed), 4)
+    return (jax.random.normal(ks[0], (B, T, H, nope + rope), jnp.bfloat16),
+            jax.random.normal(ks[1], (B, T, H, nope + dv), jnp.bfloat16),
+            jax.random.normal(ks[2], (B, T, rope), jnp.bfloat16), jax.random.normal(ks[3], (B, T, H, dv), jnp.bfloat16))
+
+
+def _assembled(q, kv, kpe, nope=128):
+    """MLA's operands as the plain kernels take them: per-head keys [k_nope | rope key] and values."""
+    H = q.shape[2]
+    k = jnp.concatenate([kv[..., :nope], jnp.broadcast_to(kpe[:, :, None], kpe.shape[:2] + (H, kpe.shape[-1]))], -1)
+    return q, k, kv[..., nope:]
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="Pallas' GPU interpreter, for CPU runs")
+def test_mla_form_in_the_interpreter_matches_the_plain_kernels_and_the_reference():
+    """The MLA form (q, kv = [k_nope | v], one rope key for all heads) gives the plain kernels' output and
+    gradients on the assembled operands, and the fp32 reference's within bf16 error; the rope key's gradient is
+    the sum over the heads."""
+    B, T, H = 2, 128, 2
+    seg = jnp.asarray([[0] * 40 + [1] * 60 + [2] * 28, [0] * 30 + [1] * 50 + [0] * 48], jnp.int32)
+    first = first_visible(causal_mask(B, T, T, None, seg))
+    q, kv, kpe, do = _mla_inputs(B, T, H, seed=11)
+    scale = 192 ** -0.5
+
+    def mla(q, kv, kpe):
+        return pallas_mgpu.mla_doc_attention(q, kv, kpe, first, scale=scale, nope_dim=128, interpret=True)
+
+    def plain(q, kv, kpe):
+        return pallas_mgpu.doc_attention(*_assembled(q, kv, kpe), first, scale=scale, interpret=True)
+
+    def f32(q, kv, kpe):
+        with jax.default_matmul_precision("highest"):
+            return attention_reference(*_assembled(*(x.astype(jnp.float32) for x in (q, kv, kpe))), first, scale)
+
+    outs = {}
+    for name, fn in (("mla", mla), ("plain", plain), ("f32", f32)):
+        o, vjp = jax.vjp(fn, q, kv, kpe)
+        outs[name] = [o, *vjp(do.astype(o.dtype))]
+    for i, name in enumerate(("o", "dq", "dkv", "dkpe")):
+        a, b, ref = outs["mla"][i], outs["plain"][i], outs["f32"][i]
+        assert a.shape == b.shape and a.dtype == jnp.bfloat16, name
+        # Same kernels' arithmetic up to the order the two key parts' products are summed, and the bf16 rounding
+        # of the per-head rope key gradients before (plain: after) their sum over heads.
+        assert rel(a, b) < 2e-4, (name, rel(a, b))
+        assert rel(a, ref) < 1e-2, (name, rel(a, ref))
+
+
+def test_mla_form_lowers_for_cuda():
+    sd = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt)  # noqa: E731
+
+    def f(q, kv, kpe, first, do):
+        o, vjp = jax.vjp(lambda q, kv, kpe: pallas_mgpu.mla_doc_attention(q, kv, kpe, first, scale=0.07,
+                                                                          nope_dim=128), q, kv, kpe)
+        return o, vjp(do)
+
+    lowered = jax.jit(f).trace(sd(2, 256, 4, 192), sd(2, 256, 4, 256), sd(2, 256, 64), sd(2, 256, dt=jnp.int32),
+                               sd(2, 256, 4, 128)).lower(lowering_platforms=("cuda",))
+    assert lowered.as_text().count("mosaic_gpu") >= 3
+
+
 def test_unsupported_operands_are_named():
     q, k, v, _ = _inputs(1, 64, 1, seed=0, dtype=jnp.float32)
     first = jnp.zeros((1, 64), jnp.int32)
@@ -107,12 +168,22 @@ def test_unsupported_operands_are_named():
 def test_auto_picks_the_kernels_for_packed_documents_on_one_hopper_gpu_only(monkeypatch):
     from lcflash.model import mla
 
-    q, k, v, _ = _inputs(1, 128, 1, seed=0)
-    assert mla.auto_fused_impl(q, k, v, "causal_docs", "gpu", "9.0") == "pallas"
-    assert mla.auto_fused_impl(q, k, v, "causal", "gpu", "9.0") == "cudnn"       # cuDNN's plain causal is faster
-    assert mla.auto_fused_impl(q, k, v, "causal_docs", "gpu", "8.0") == "cudnn"  # no wgmma before Hopper
-    assert mla.auto_fused_impl(q[:, :96], k[:, :96], v[:, :96], "causal_docs", "gpu", "9.0") == "cudnn"  # T % 64
-    monkeypatch.setattr(mla, "_multi_device", lambda: True)                      # no sharding rule yet
-    assert mla.auto_fused_impl(q, k, v, "causal_docs", "gpu", "9.0") == "cudnn"
+    q, kv, kpe, _ = _mla_inputs(1, 128, 1, seed=0)
+    assert mla.auto_fused_impl(q, kv, kpe, "causal_docs", "gpu", "9.0") == "pallas"
+    assert mla.auto_fused_impl(q, kv, kpe, "causal", "gpu", "9.0") == "cudnn"       # cuDNN's plain causal is faster
+    assert mla.auto_fused_impl(q, kv, kpe, "causal_docs", "gpu", "8.0") == "cudnn"  # no wgmma before Hopper
+    assert mla.auto_fused_impl(q[:, :96], kv[:, :96], kpe[:, :96], "causal_docs", "gpu", "9.0") == "cudnn"  # T % 64
+    monkeypatch.setattr(mla, "_multi_device", lambda: True)                         # no sharding rule yet
+    assert mla.auto_fused_impl(q, kv, kpe, "causal_docs", "gpu", "9.0") == "cudnn"
     with pytest.raises(ValueError, match="one device"):
-        mla._pallas_attention(q, k, v, None, 1.0, "causal")
+        mla._pallas_attention(q, (kv, kpe), None, 1.0, "causal", mla_form=True)
+
+
+def test_unsupported_mla_operands_are_named():
+    q, kv, kpe, _ = _mla_inputs(1, 64, 2, seed=0)
+    first = jnp.zeros((1, 64), jnp.int32)
+    with pytest.raises(NotImplementedError, match="nope"):
+        pallas_mgpu.mla_doc_attention(q, kv, kpe[..., :32], first, scale=1.0, nope_dim=128)
+    with pytest.raises(NotImplementedError, match="multiples of 64"):
+        q, kv, kpe, _ = _mla_inputs(1, 64, 2, seed=0, nope=96, rope=96, dv=128)
+        pallas_mgpu.mla_doc_attention(q, kv, kpe, first, scale=1.0, nope_dim=96)

@@ -150,7 +150,10 @@ def test_remat_keep_saves_the_named_activations_and_changes_no_value():
         shapes[keep] = sorted(str(aval.shape) for aval, _ in saved_residuals(loss, state))
         out[keep] = jax.jit(jax.value_and_grad(loss), compiler_options=default_codegen())(state)
     M, F_dense, F_exp, D = 2 * 8 * cfg.moe_topk, cfg.ffn_hidden_size, cfg.expert_ffn_hidden_size, cfg.hidden_size
-    added = lambda a, b: sorted((collections.Counter(shapes[b]) - collections.Counter(shapes[a])).elements())  # noqa: E731
+
+    def added(a, b):
+        return sorted((collections.Counter(shapes[b]) - collections.Counter(shapes[a])).elements())
+
     assert added("", "swiglu") == sorted([str((1, 2, 8, F_dense))] * 2 + [str((1, M, F_exp))]), added("", "swiglu")
     assert added("swiglu", "swiglu,dispatch") == [str((1, M, D))], added("swiglu", "swiglu,dispatch")
     l0, g0 = out[""]

@@ -58,23 +58,23 @@ def test_fused_path_equals_expanded_attention_fp32(packed):
         assert rel(a, b) < 1e-4
 
 
-def _attention_case(dtype, docs=True, seed=0):
+def _attention_case(dtype, docs=True, seed=0, B=2, T=256, H=8):
     """Random MLA attention inputs (B=2, T=256, 8 heads, LongCat head sizes); docs: two packed documents in row 0,
     else a plain causal mask."""
-    B, T, H, dn, dr, dv, R = 2, 256, 8, 128, 64, 128, 64
+    dn, dr, dv, R = 128, 64, 128, 64
     ks = jax.random.split(jax.random.key(seed), 5)
     q_nope = jax.random.normal(ks[0], (B, T, H, dn), jnp.float32)
     q_pe = jax.random.normal(ks[1], (B, T, H, dr), jnp.float32)
     kv = LatentKV(jax.random.normal(ks[2], (B, T, R), jnp.float32), jax.random.normal(ks[3], (B, T, dr), jnp.float32))
     w_kv_b = jax.random.normal(ks[4], (R, H, dn + dv), jnp.float32) * R ** -0.5
-    seg = jnp.concatenate([jnp.zeros((1, T), jnp.int32).at[:, 100:].set(1), jnp.zeros((1, T), jnp.int32)])
+    seg = jnp.concatenate([jnp.zeros((1, T), jnp.int32).at[:, 100:].set(1), jnp.zeros((B - 1, T), jnp.int32)])
     mask = causal_mask(B, T, T, None, seg if docs else None)
     cast = lambda x: x.astype(dtype)  # noqa: E731
     return (cast(q_nope), cast(q_pe), jax.tree.map(cast, kv), cast(w_kv_b)), mask, dn
 
 
-def _attention_and_grads(impl, dtype, mask_kind="given"):
-    args, mask, dn = _attention_case(dtype, docs=mask_kind != "causal")
+def _attention_and_grads(impl, dtype, mask_kind="given", **case):
+    args, mask, dn = _attention_case(dtype, docs=mask_kind != "causal", **case)
     w = jax.random.normal(jax.random.key(9), args[0].shape[:3] + (128,), jnp.float32)
 
     def f(*a):
@@ -106,6 +106,33 @@ def test_fused_attention_matches_fp32_as_closely_as_xla_bf16(impl):
             errs = [rel(o, o32)] + [rel(a, b) for a, b in zip(g, g32)]
             for k in range(len(ref)):
                 assert errs[k] <= 2 * ref[k], (kind, k, errs, ref)
+
+
+@pytest.mark.skipif(ON_GPU, reason="Pallas' GPU interpreter, for CPU runs (on a GPU: the test above)")
+def test_kernels_read_mla_operands_as_the_model_computes_them(monkeypatch):
+    """train_attn_impl "pallas" hands our kernels q, kv = [k_nope | v] and the shared rope key as they are
+    (`mla_doc_attention`): the same output and gradients (latent, up projection, rope key included) as the same
+    kernels on assembled per-head keys, and within bf16 error of the fp32 attention."""
+    from lcflash.model import mla
+
+    case = dict(B=2, T=128, H=2)
+    with jax.default_matmul_precision("highest"):
+        o32, g32 = _attention_and_grads("xla", jnp.float32, "causal_docs", **case)
+    args, mask, dn = _attention_case(jnp.bfloat16, **case)
+    concats = {}
+    for form in (True, False):
+        monkeypatch.setattr(mla, "PALLAS_MLA_FORM", form)
+        fwd = lambda *a: expanded_attention(*a, mask, 0.07, dn, "pallas", "causal_docs")  # noqa: E731 (traced anew)
+        concats[form] = str(jax.make_jaxpr(fwd)(*args)).count("concatenate[")
+        if form:
+            o, g = _attention_and_grads("pallas", jnp.bfloat16, "causal_docs", **case)
+        else:
+            o_heads, g_heads = _attention_and_grads("pallas", jnp.bfloat16, "causal_docs", **case)
+    assert concats[True] < concats[False], concats   # no per-head keys assembled
+    assert len(g) == 5, len(g)   # q_nope, q_pe, latent, rope key, up projection
+    for a, b, c in zip([o, *g], [o_heads, *g_heads], [o32, *g32], strict=True):
+        assert rel(a, b) < 2e-4, rel(a, b)
+        assert rel(a, c) < 1e-2, rel(a, c)
 
 
 def test_document_mask_off_attends_across_documents():

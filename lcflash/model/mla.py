@@ -58,10 +58,10 @@ def expanded_attention(q_nope_bthk, q_pe_bthd, kv: LatentKV, w_kv_b_rhk, mask_bt
     backend."""
     dtype = q_nope_bthk.dtype
     kv_bshk = jnp.einsum("bsr,rhk->bshk", kv.c_bsr.astype(dtype), w_kv_b_rhk.astype(dtype))
-    k_nope_bshk, v_bshv = kv_bshk[..., :qk_nope_dim], kv_bshk[..., qk_nope_dim:]
     if impl != "xla":
-        return fused_attention(q_nope_bthk, q_pe_bthd, k_nope_bshk, kv.kpe_bsd.astype(dtype), v_bshv, mask_bts,
-                               scale, impl if impl in ("cudnn", "pallas", "auto") else "xla", mask_kind)
+        return fused_attention(q_nope_bthk, q_pe_bthd, kv_bshk, kv.kpe_bsd.astype(dtype), mask_bts, scale,
+                               impl if impl in ("cudnn", "pallas", "auto") else "xla", mask_kind)
+    k_nope_bshk, v_bshv = kv_bshk[..., :qk_nope_dim], kv_bshk[..., qk_nope_dim:]
     logits_bhts = (
         jnp.einsum("bthk,bshk->bhts", q_nope_bthk, k_nope_bshk, preferred_element_type=jnp.float32)
         + jnp.einsum("bthd,bsd->bhts", q_pe_bthd, kv.kpe_bsd.astype(dtype), preferred_element_type=jnp.float32)
@@ -78,15 +78,17 @@ def train_attn_kernel(impl: str) -> str:
     return impl
 
 
-def auto_fused_impl(q_bthk, k_bshk, v_bshv, mask_kind: str, backend: str | None = None,
+def auto_fused_impl(q_bthk, kv_bshk, kpe_bsd, mask_kind: str, backend: str | None = None,
                     compute_capability: str | None = None) -> str:
     """"auto" on a GPU: our kernels for packed documents on one Hopper GPU where they take the operands (1.9x
     faster than cuDNN given the documents as a mask), cuDNN otherwise (its plain causal call is 1.27x faster than
-    ours; experiments/RESULTS.md). Our kernels have no sharding rule yet, so a multi-device mesh keeps cuDNN."""
-    from lcflash.kernels.doc_attention.pallas_mgpu import supported
+    ours; experiments/RESULTS.md). Our kernels have no sharding rule yet, so a multi-device mesh keeps cuDNN.
+    Operands in MLA's form: q = [nope | rope], kv = [k_nope | v], the shared rope key."""
+    from lcflash.kernels.doc_attention.pallas_mgpu import mla_supported
 
+    nope = q_bthk.shape[-1] - kpe_bsd.shape[-1]
     if (mask_kind == "causal_docs" and on_hopper(backend, compute_capability) and not _multi_device()
-            and supported(q_bthk, k_bshk, v_bshv) is None):
+            and mla_supported(q_bthk, kv_bshk, kpe_bsd, nope) is None):
         return "pallas"
     return "cudnn"
 
@@ -98,10 +100,13 @@ def _multi_device() -> bool:
 
 def fused_heads(q_nope_bthk, q_pe_bthd, k_nope_bshk, kpe_bsd):
     """Queries and keys as one head each for a fused kernel: [nope | rope], the rope key shared by all heads."""
-    H = q_nope_bthk.shape[2]
+    return jnp.concatenate([q_nope_bthk, q_pe_bthd], axis=-1), per_head_keys(k_nope_bshk, kpe_bsd)
+
+
+def per_head_keys(k_nope_bshk, kpe_bsd):
+    H = k_nope_bshk.shape[2]
     kpe_bshd = jnp.broadcast_to(kpe_bsd[:, :, None, :], kpe_bsd.shape[:2] + (H, kpe_bsd.shape[-1]))
-    return (jnp.concatenate([q_nope_bthk, q_pe_bthd], axis=-1),
-            jnp.concatenate([k_nope_bshk, kpe_bshd], axis=-1))
+    return jnp.concatenate([k_nope_bshk, kpe_bshd], axis=-1)
 
 
 def pad_head(x, d: int):
@@ -109,20 +114,32 @@ def pad_head(x, d: int):
     return jnp.pad(x, ((0, 0),) * (x.ndim - 1) + ((0, d - x.shape[-1]),))
 
 
-def fused_attention(q_nope_bthk, q_pe_bthd, k_nope_bshk, kpe_bsd, v_bshv, mask_bts, scale, implementation,
+# Our kernels read MLA's operands where the model computes them (`mla_doc_attention`); False assembles per-head
+# keys [k_nope | rope key] and copies v out of kv first, as before (the A/B baseline of experiments/bench_train.py
+# --pallas_assembled_heads).
+PALLAS_MLA_FORM = True
+
+
+def fused_attention(q_nope_bthk, q_pe_bthd, kv_bshk, kpe_bsd, mask_bts, scale, implementation,
                     mask_kind: str = "given"):
-    """Flash attention on MLA's heads: queries/keys are [nope | rope] (the rope key shared by all heads).
-    "cudnn" calls cuDNN's MLA form (qk 192, v 128) directly: `jax.nn.dot_product_attention` wants one head size,
-    and v padded to 192 cost 1.3-1.4x; a causal kind skips the hidden blocks, and "causal" drops the mask (the
-    mask as a bias cost 2x; experiments/RESULTS.md, bench_attention.py). "pallas" is ours (causal kinds only),
-    "auto" picks one of the two (`auto_fused_impl`). "xla" is `jax.nn.dot_product_attention` with v zero-padded."""
+    """Flash attention on MLA's heads: queries/keys are [nope | rope] (the rope key shared by all heads), values
+    are kv's columns after the nope key's (kv = [k_nope | v], the latent's up projection). "cudnn" calls cuDNN's
+    MLA form (qk 192, v 128) directly: `jax.nn.dot_product_attention` wants one head size, and v padded to 192 cost
+    1.3-1.4x; a causal kind skips the hidden blocks, and "causal" drops the mask (the mask as a bias cost 2x;
+    experiments/RESULTS.md, bench_attention.py). "pallas" is ours (causal kinds only), reading q, kv and the rope
+    key as they are; "auto" picks one of the two (`auto_fused_impl`). "xla" is `jax.nn.dot_product_attention`
+    with v zero-padded."""
     if mask_kind not in MASK_KINDS:
         raise ValueError(f"mask_kind {mask_kind!r}: expected one of {MASK_KINDS}")
-    q_bthk, k_bshk = fused_heads(q_nope_bthk, q_pe_bthd, k_nope_bshk, kpe_bsd)
+    nope = q_nope_bthk.shape[-1]
+    q_bthk = jnp.concatenate([q_nope_bthk, q_pe_bthd], axis=-1)
     if implementation == "auto":
-        implementation = auto_fused_impl(q_bthk, k_bshk, v_bshv, mask_kind)
+        implementation = auto_fused_impl(q_bthk, kv_bshk, kpe_bsd, mask_kind)
+    if implementation == "pallas" and PALLAS_MLA_FORM:
+        return _pallas_attention(q_bthk, (kv_bshk, kpe_bsd), mask_bts, scale, mask_kind, mla_form=True)
+    k_bshk, v_bshv = per_head_keys(kv_bshk[..., :nope], kpe_bsd), kv_bshk[..., nope:]
     if implementation == "pallas":
-        return _pallas_attention(q_bthk, k_bshk, v_bshv, mask_bts, scale, mask_kind)
+        return _pallas_attention(q_bthk, (k_bshk, v_bshv), mask_bts, scale, mask_kind)
     mask_b1ts = None if mask_kind == "causal" else mask_bts[:, None]
     if implementation == "cudnn":
         if jax.default_backend() != "gpu":
@@ -135,11 +152,12 @@ def fused_attention(q_nope_bthk, q_pe_bthd, k_nope_bshk, kpe_bsd, v_bshv, mask_b
     return o_bthk[..., :dv]
 
 
-def _pallas_attention(q_bthk, k_bshk, v_bshv, mask_bts, scale, mask_kind):
+def _pallas_attention(q_bthk, operands, mask_bts, scale, mask_kind, mla_form: bool = False):
     """Our Mosaic GPU kernels (lcflash/kernels/doc_attention): they visit only the blocks holding a visible key of
-    a causal or packed-document mask, which they rebuild from each row's first visible key. Pallas' GPU
-    interpreter runs them on other backends (tests)."""
-    from lcflash.kernels.doc_attention.pallas_mgpu import doc_attention
+    a causal or packed-document mask, which they rebuild from each row's first visible key. operands: per-head
+    (k, v), or with mla_form (kv = [k_nope | v], the shared rope key). Pallas' GPU interpreter runs them on other
+    backends (tests)."""
+    from lcflash.kernels.doc_attention.pallas_mgpu import doc_attention, mla_doc_attention
     from lcflash.kernels.doc_attention.reference import first_visible
 
     if mask_kind == "given":
@@ -150,7 +168,12 @@ def _pallas_attention(q_bthk, k_bshk, v_bshv, mask_bts, scale, mask_kind):
                          "use 'cudnn' or 'auto' on a multi-device mesh")
     B, T = q_bthk.shape[:2]
     first_bt = jnp.zeros((B, T), jnp.int32) if mask_kind == "causal" else first_visible(mask_bts)
-    return doc_attention(q_bthk, k_bshk, v_bshv, first_bt, scale=scale, interpret=jax.default_backend() != "gpu")
+    interpret = jax.default_backend() != "gpu"
+    a, b = operands
+    if mla_form:
+        return mla_doc_attention(q_bthk, a, b, first_bt, scale=scale, nope_dim=q_bthk.shape[-1] - b.shape[-1],
+                                 interpret=interpret)
+    return doc_attention(q_bthk, a, b, first_bt, scale=scale, interpret=interpret)
 
 
 def _cudnn_attention(q_bthk, k_bshk, v_bshv, mask_b1ts, scale, mask_kind):

@@ -13,9 +13,16 @@ memory at depth 2, so two CTAs share an SM (0.186 -> 0.151 ms at 16 x 1024 on an
 * dk, dv: per key block over the query blocks that see it: dV = P^T dO, dK = scale dS^T Q.
 delta = rowsum(dO * O) comes from XLA. In Pallas' GPU interpreter (CPU tests) the products are plain dots: the
 interpreter's wgmma takes neither transposed views nor register operands.
+
+`mla_doc_attention` runs the same kernels on MLA's operands where the model computes them (`Form`): q = [nope |
+rope], kv = [k_nope | v] (the latent's up projection) and the rope key shared by all heads. S is then the sum of two
+products (nope against k_nope, rope against the shared key), each part loaded by its own TMA copy from its columns,
+and the gradients are written in the same layouts ([dk_nope | dv] as one array), so XLA neither assembles per-head
+keys nor copies v out of kv, forward or backward (`doc_attention(q, k, v)` keeps the plain form).
 """
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -73,34 +80,44 @@ class _Ops:
         return lax.broadcast_in_dim(v, shape, [1 - axis])
 
     def dots(self, *products):
-        """(a, b_ref, transpose_b, acc or a result shape) products, issued together and waited for once."""
+        """(a, b_ref, transpose_b, acc or a result shape) products, issued together and waited for once; a and b_ref
+        may be equally long lists, whose products are summed (one accumulator)."""
         if self.interpret:
             return tuple(self.dot(a, b, transpose_b=t, **({"shape": x} if isinstance(x, tuple) else {"acc": x}))
                          for a, b, t, x in products)
 
         def issue(acc_refs):
             for acc_ref, (a, b, t, _) in zip(acc_refs, products, strict=True):
-                plgpu.wgmma(acc_ref, a, b.transpose((1, 0)) if t else b)
+                for a_i, b_i in _terms(a, b):
+                    plgpu.wgmma(acc_ref, a_i, b_i.transpose((1, 0)) if t else b_i)
         return pl.run_state(issue)(tuple(plgpu.ACC.init(self.full(x, 0.0) if isinstance(x, tuple) else x)
                                          for *_, x in products))
 
     def dot(self, a, b_ref, *, transpose_b=False, acc=None, shape=None):
-        """a @ b (b^T) in fp32, added to acc; a is a smem ref or a register array, b a smem ref."""
+        """a @ b (b^T) in fp32, added to acc; a is a smem ref or a register array, b a smem ref (or equally long
+        lists of them: the products' sum)."""
         if self.interpret:
-            av = a[...] if _is_ref(a) else a
-            bv = b_ref[...]
-            out = jnp.dot(av, bv.T if transpose_b else bv, preferred_element_type=jnp.float32)
-            return out if acc is None else acc + out
-        b = b_ref.transpose((1, 0)) if transpose_b else b_ref
-        if acc is None:
+            out = acc
+            for a_i, b_i in _terms(a, b_ref):
+                av = a_i[...] if _is_ref(a_i) else a_i
+                bv = b_i[...]
+                prod = jnp.dot(av, bv.T if transpose_b else bv, preferred_element_type=jnp.float32)
+                out = prod if out is None else out + prod
+            return out
+        if acc is None and not isinstance(a, (list, tuple)):
             def run(acc_ref):
-                plgpu.wgmma(acc_ref, a, b)
+                plgpu.wgmma(acc_ref, a, b_ref.transpose((1, 0)) if transpose_b else b_ref)
                 return acc_ref[...]
             return pl.run_scoped(run, plgpu.ACC(shape, jnp.float32))
+        return self.dots((a, b_ref, transpose_b, self.full(shape, 0.0) if acc is None else acc))[0]
 
-        def accumulate(acc_ref):
-            plgpu.wgmma(acc_ref, a, b)
-        return pl.run_state(accumulate)(plgpu.ACC.init(acc))
+
+def _terms(a, b):
+    """The (a, b) operand pairs of a product whose operands may be lists (summed)."""
+    if isinstance(a, (list, tuple)):
+        assert len(a) == len(b), (len(a), len(b))
+        return list(zip(a, b))
+    return [(a, b)]
 
 
 def _is_ref(x) -> bool:
@@ -137,28 +154,80 @@ def _visible(x, fill, key_le_query, first_q, first_k):
     return jnp.where(first_q == first_k, jnp.where(key_le_query, x, fill), fill)
 
 
+class Form(NamedTuple):
+    """Where the kernels read their operands and write the gradients.
+
+    q [B, T, H, sum(widths)] is split into column parts of `widths`, one product each against its key part: part 0
+    is the first widths[0] columns of k [B, T, H, *]; with `shared`, part 1 is a key shared by all heads,
+    [B, T, widths[1]] (MLA's rope key; its gradient is written per head, [B, T, H, widths[1]], and summed by XLA).
+    v is columns [v_col, v_col + dv) of v [B, T, H, *], or of k itself with `v_in_k` (MLA's kv = [k_nope | v]: its
+    gradient [dk_nope | dv] is then written as one array). The plain form: one part, v_col 0."""
+    widths: tuple[int, ...]
+    v_col: int
+    dv: int
+    shared: bool = False
+    v_in_k: bool = False
+
+    @property
+    def offsets(self) -> tuple[int, ...]:
+        return tuple(int(o) for o in np.cumsum((0,) + tuple(self.widths[:-1])))
+
+    @property
+    def n_k(self) -> int:
+        """Key and value arrays the kernels take after q: k, the shared key, v."""
+        return 1 + self.shared + (not self.v_in_k)
+
+
 # gmem views of one block slice: per head ([B, T, H, d] operands, [B, H, T] row statistics) or per row ([B, T]).
-_HEADS = lambda ref: lambda b, h, sl: ref.at[b, sl, h]       # noqa: E731
 _STATS = lambda ref: lambda b, h, sl: ref.at[b, h, sl]       # noqa: E731
 _ROWS = lambda ref: lambda b, h, sl: ref.at[b, sl]           # noqa: E731
 
 
-def _fwd_kernel(lo_ref, hi_ref, first_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *, depth, scale, ops):
-    (q_smem, fq_smem, k_smem, v_smem, fk_smem, lse_smem), (q_bar, k_bar, v_bar, fk_bar) = scoped
+def _heads(ref, off: int = 0, width: int | None = None, per_head: bool = True):
+    """View of columns [off, off + width) of a [B, T, H, d] (or, not per head, [B, T, d]) operand's block slice."""
+    width = ref.shape[-1] - off if width is None else width
+    cols = () if (off == 0 and width == ref.shape[-1]) else (pl.ds(off, width),)
+    if per_head:
+        return lambda b, h, sl: ref.at[(b, sl, h) + cols]
+    return lambda b, h, sl: ref.at[(b, sl) + cols]
+
+
+def _q_views(form: Form, q_ref):
+    return [_heads(q_ref, o, w) for o, w in zip(form.offsets, form.widths)]
+
+
+def _kv_views(form: Form, kv_refs):
+    """(key part views, value view) of the kernels' key/value inputs (k, [shared key], [v])."""
+    k_ref = kv_refs[0]
+    keys = [_heads(k_ref, 0, form.widths[0])] + ([_heads(kv_refs[1], per_head=False)] if form.shared else [])
+    return keys, _heads(k_ref if form.v_in_k else kv_refs[-1], form.v_col, form.dv)
+
+
+def _fwd_kernel(lo_ref, hi_ref, first_ref, q_ref, *refs, form, depth, scale, ops):
+    kv_refs, (o_ref, lse_ref, scoped) = refs[:form.n_k], refs[form.n_k:]
+    P = len(form.widths)
+    smem, (q_bar, *ring_bars) = scoped
+    q_s, (fq_smem,), k_s, (v_smem, fk_smem, lse_smem) = smem[:P], smem[P:P + 1], smem[P + 1:2 * P + 1], smem[2 * P + 1:]
+    k_bars, (v_bar, fk_bar) = ring_bars[:P], ring_bars[P:]
+    k_views, v_view = _kv_views(form, kv_refs)
     b, h, rows, lo, n, fetch = _walk(
-        lo_ref, hi_ref, depth, ([(_HEADS(q_ref), q_smem), (_ROWS(first_ref), fq_smem)], q_bar),
-        [(_HEADS(k_ref), k_smem, k_bar), (_HEADS(v_ref), v_smem, v_bar), (_ROWS(first_ref), fk_smem, fk_bar)])
+        lo_ref, hi_ref, depth, ([*zip(_q_views(form, q_ref), q_s), (_ROWS(first_ref), fq_smem)], q_bar),
+        [*zip(k_views, k_s, k_bars), (v_view, v_smem, v_bar), (_ROWS(first_ref), fk_smem, fk_bar)])
     tile = (BLOCK, BLOCK)
     fq = ops.vector(fq_smem, 1, tile)
     row = ops.iota(tile, 0) + rows.start
     col = ops.iota(tile, 1)
+    q_ops = list(q_s) if P > 1 else q_s[0]
+
+    def keys(slot):
+        return [k.at[slot] for k in k_s] if P > 1 else k_s[0].at[slot]
 
     def body(i, carry):
         acc, m_i, l_i = carry
         slot = lax.rem(i, jnp.int32(depth))
-        plgpu.barrier_wait(k_bar.at[slot])
-        plgpu.barrier_wait(fk_bar.at[slot])
-        s = ops.dot(q_smem, k_smem.at[slot], transpose_b=True, shape=tile) * (scale * LOG2E)
+        for bar in (*k_bars, fk_bar):
+            plgpu.barrier_wait(bar.at[slot])
+        s = ops.dot(q_ops, keys(slot), transpose_b=True, shape=tile) * (scale * LOG2E)
         s = _visible(s, NEG_INF, col + (lo + i) * BLOCK <= row, fq, ops.vector(fk_smem.at[slot], 0, tile))
         m_new = jnp.maximum(m_i, s.max(axis=1))
         alpha = jnp.exp2(m_i - m_new)
@@ -166,7 +235,7 @@ def _fwd_kernel(lo_ref, hi_ref, first_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, 
         l_i = l_i * alpha + p.sum(axis=1)
         acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
         plgpu.barrier_wait(v_bar.at[slot])
-        acc = ops.dot(p.astype(q_smem.dtype), v_smem.at[slot], acc=acc)
+        acc = ops.dot(p.astype(q_s[0].dtype), v_smem.at[slot], acc=acc)
 
         @pl.when(i + depth < n)
         def _():
@@ -185,84 +254,104 @@ def _fwd_kernel(lo_ref, hi_ref, first_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, 
     plgpu.wait_smem_to_gmem(0)
 
 
-def _dq_kernel(lo_ref, hi_ref, first_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, scoped, *,
-               depth, scale, ops):
-    (q_smem, do_smem, fq_smem, lse_smem, delta_smem, k_smem, v_smem, fk_smem), \
-        (q_bar, k_bar, v_bar, fk_bar) = scoped
-    own = [(_HEADS(q_ref), q_smem), (_HEADS(do_ref), do_smem), (_ROWS(first_ref), fq_smem),
+def _dq_kernel(lo_ref, hi_ref, first_ref, q_ref, *refs, form, depth, scale, ops):
+    kv_refs, (do_ref, lse_ref, delta_ref, dq_ref, scoped) = refs[:form.n_k], refs[form.n_k:]
+    P = len(form.widths)
+    smem, (q_bar, *ring_bars) = scoped
+    q_s, (do_smem, fq_smem, lse_smem, delta_smem), k_s, (v_smem, fk_smem) = (
+        smem[:P], smem[P:P + 4], smem[P + 4:2 * P + 4], smem[2 * P + 4:])
+    k_bars, (v_bar, fk_bar) = ring_bars[:P], ring_bars[P:]
+    k_views, v_view = _kv_views(form, kv_refs)
+    own = [*zip(_q_views(form, q_ref), q_s), (_heads(do_ref), do_smem), (_ROWS(first_ref), fq_smem),
            (_STATS(lse_ref), lse_smem), (_STATS(delta_ref), delta_smem)]
     b, h, rows, lo, n, fetch = _walk(
         lo_ref, hi_ref, depth, (own, q_bar),
-        [(_HEADS(k_ref), k_smem, k_bar), (_HEADS(v_ref), v_smem, v_bar), (_ROWS(first_ref), fk_smem, fk_bar)])
+        [*zip(k_views, k_s, k_bars), (v_view, v_smem, v_bar), (_ROWS(first_ref), fk_smem, fk_bar)])
     tile = (BLOCK, BLOCK)
     fq, lse, delta = (ops.vector(r, 1, tile) for r in (fq_smem, lse_smem, delta_smem))
     row = ops.iota(tile, 0) + rows.start
     col = ops.iota(tile, 1)
-    dtype = q_smem.dtype
+    dtype = q_s[0].dtype
+    q_ops = list(q_s) if P > 1 else q_s[0]
 
-    def body(i, dq):
+    def body(i, dqs):
         slot = lax.rem(i, jnp.int32(depth))
-        for bar in (k_bar, fk_bar, v_bar):
+        for bar in (*k_bars, fk_bar, v_bar):
             plgpu.barrier_wait(bar.at[slot])
-        s, dp = ops.dots((q_smem, k_smem.at[slot], True, tile), (do_smem, v_smem.at[slot], True, tile))
+        keys = [k.at[slot] for k in k_s]
+        s, dp = ops.dots((q_ops, keys if P > 1 else keys[0], True, tile), (do_smem, v_smem.at[slot], True, tile))
         p = jnp.exp2(s * (scale * LOG2E) - lse)
         p = _visible(p, 0.0, col + (lo + i) * BLOCK <= row, fq, ops.vector(fk_smem.at[slot], 0, tile))
-        dq = ops.dot((p * (dp - delta)).astype(dtype), k_smem.at[slot], acc=dq)
+        ds = (p * (dp - delta)).astype(dtype)
+        dqs = ops.dots(*[(ds, k, False, dq) for k, dq in zip(keys, dqs)])
 
         @pl.when(i + depth < n)
         def _():
             fetch(i + depth, slot)
 
-        return dq
+        return dqs
 
-    dq = lax.fori_loop(0, n, body, ops.full((BLOCK, q_smem.shape[-1]), 0.0))
-    dq_smem = k_smem.at[0]  # staged in the (drained) key ring
-    dq_smem[...] = (dq * scale).astype(dtype)
+    dqs = lax.fori_loop(0, n, body, tuple(ops.full((BLOCK, w), 0.0) for w in form.widths))
+    stages = [k.at[0] for k in k_s]  # staged in the (drained) key rings, one per part
+    for stage, dq in zip(stages, dqs):
+        stage[...] = (dq * scale).astype(dtype)
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(dq_smem, dq_ref.at[b, rows, h])
+    for stage, view in zip(stages, _q_views(form, dq_ref)):
+        plgpu.copy_smem_to_gmem(stage, view(b, h, rows))
     plgpu.wait_smem_to_gmem(0)
 
 
-def _dkv_kernel(lo_ref, hi_ref, first_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, scoped,
-                *, depth, scale, ops):
-    (k_smem, v_smem, fk_smem, q_smem, do_smem, fq_smem, lse_smem, delta_smem), \
-        (k_bar, q_bar, do_bar, fq_bar, lse_bar, delta_bar) = scoped
+def _dkv_kernel(lo_ref, hi_ref, first_ref, q_ref, *refs, form, depth, scale, ops):
+    kv_refs, (do_ref, lse_ref, delta_ref, *outs, scoped) = refs[:form.n_k], refs[form.n_k:]
+    P = len(form.widths)
+    smem, (k_bar, *ring_bars) = scoped
+    k_s, (v_smem, fk_smem), q_s, (do_smem, fq_smem, lse_smem, delta_smem) = (
+        smem[:P], smem[P:P + 2], smem[P + 2:2 * P + 2], smem[2 * P + 2:])
+    q_bars, (do_bar, fq_bar, lse_bar, delta_bar) = ring_bars[:P], ring_bars[P:]
+    k_views, v_view = _kv_views(form, kv_refs)
     b, h, keys, lo, n, fetch = _walk(
-        lo_ref, hi_ref, depth, ([(_HEADS(k_ref), k_smem), (_HEADS(v_ref), v_smem), (_ROWS(first_ref), fk_smem)], k_bar),
-        [(_HEADS(q_ref), q_smem, q_bar), (_HEADS(do_ref), do_smem, do_bar), (_ROWS(first_ref), fq_smem, fq_bar),
-         (_STATS(lse_ref), lse_smem, lse_bar), (_STATS(delta_ref), delta_smem, delta_bar)])
+        lo_ref, hi_ref, depth, ([*zip(k_views, k_s), (v_view, v_smem), (_ROWS(first_ref), fk_smem)], k_bar),
+        [*zip(_q_views(form, q_ref), q_s, q_bars), (_heads(do_ref), do_smem, do_bar),
+         (_ROWS(first_ref), fq_smem, fq_bar), (_STATS(lse_ref), lse_smem, lse_bar),
+         (_STATS(delta_ref), delta_smem, delta_bar)])
     tile = (BLOCK, BLOCK)   # [keys, queries]
     fk = ops.vector(fk_smem, 1, tile)
     key = ops.iota(tile, 0) + keys.start
     qcol = ops.iota(tile, 1)
-    dtype = k_smem.dtype
+    dtype = k_s[0].dtype
+    k_ops = list(k_s) if P > 1 else k_s[0]
 
     def body(i, carry):
-        dk, dv = carry
+        dks, dv = carry
         slot = lax.rem(i, jnp.int32(depth))
-        for bar in (q_bar, fq_bar, lse_bar, do_bar, delta_bar):
+        for bar in (*q_bars, fq_bar, lse_bar, do_bar, delta_bar):
             plgpu.barrier_wait(bar.at[slot])
-        s_t, dp_t = ops.dots((k_smem, q_smem.at[slot], True, tile), (v_smem, do_smem.at[slot], True, tile))
+        queries = [q.at[slot] for q in q_s]
+        s_t, dp_t = ops.dots((k_ops, queries if P > 1 else queries[0], True, tile),
+                             (v_smem, do_smem.at[slot], True, tile))
         p_t = jnp.exp2(s_t * (scale * LOG2E) - ops.vector(lse_smem.at[slot], 0, tile))
         p_t = _visible(p_t, 0.0, key <= qcol + (lo + i) * BLOCK, ops.vector(fq_smem.at[slot], 0, tile), fk)
-        ds_t = p_t * (dp_t - ops.vector(delta_smem.at[slot], 0, tile))
-        dv, dk = ops.dots((p_t.astype(dtype), do_smem.at[slot], False, dv),
-                          (ds_t.astype(dtype), q_smem.at[slot], False, dk))
+        ds_t = (p_t * (dp_t - ops.vector(delta_smem.at[slot], 0, tile))).astype(dtype)
+        dv, *dks = ops.dots((p_t.astype(dtype), do_smem.at[slot], False, dv),
+                            *[(ds_t, q, False, dk) for q, dk in zip(queries, dks)])
 
         @pl.when(i + depth < n)
         def _():
             fetch(i + depth, slot)
 
-        return dk, dv
+        return tuple(dks), dv
 
-    carry = (ops.full((BLOCK, k_smem.shape[-1]), 0.0), ops.full((BLOCK, v_smem.shape[-1]), 0.0))
-    dk, dv = lax.fori_loop(0, n, body, carry)
-    dk_smem, dv_smem = q_smem.at[0], do_smem.at[0]   # staged in the (drained) query and dO rings
-    dk_smem[...] = (dk * scale).astype(dtype)
-    dv_smem[...] = dv.astype(dtype)
+    carry = (tuple(ops.full((BLOCK, w), 0.0) for w in form.widths), ops.full((BLOCK, form.dv), 0.0))
+    dks, dv = lax.fori_loop(0, n, body, carry)
+    # Staged in the (drained) query and dO rings. Outputs: dk (k's shape), [the shared key's per head], [dv].
+    dk_views = [_heads(outs[0], 0, form.widths[0])] + ([_heads(outs[1])] if form.shared else [])
+    dv_view = _heads(outs[0], form.v_col, form.dv) if form.v_in_k else _heads(outs[-1])
+    stores = [(q.at[0], dk * scale, view) for q, dk, view in zip(q_s, dks, dk_views)] + [(do_smem.at[0], dv, dv_view)]
+    for stage, val, _ in stores:
+        stage[...] = val.astype(dtype)
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(dk_smem, dk_ref.at[b, keys, h])
-    plgpu.copy_smem_to_gmem(dv_smem, dv_ref.at[b, keys, h])
+    for stage, _, view in stores:
+        plgpu.copy_smem_to_gmem(stage, view(b, h, keys))
     plgpu.wait_smem_to_gmem(0)
 
 
@@ -287,67 +376,83 @@ def _smem(interpret):
 
 
 # Jitted so that the identical calls of a step's layers lower (Mosaic GPU) once, not once per attention.
-@functools.partial(jax.jit, static_argnames=("scale", "depth", "interpret"))
-def _forward(q, k, v, first_f, ranges, *, scale, depth, interpret):
-    (B, T, H, dk), dv, dtype = q.shape, v.shape[-1], q.dtype
+@functools.partial(jax.jit, static_argnames=("form", "scale", "depth", "interpret"))
+def _forward(q, kv, first_f, ranges, *, form, scale, depth, interpret):
+    (B, T, H, _), dv, dtype = q.shape, form.dv, q.dtype
     nb = T // BLOCK
     depth = min(depth, nb)
     tile, vec = _smem(interpret)
-    scratch = (tile((BLOCK, dk), dtype), vec((BLOCK,)), tile((depth, BLOCK, dk), dtype),
-               tile((depth, BLOCK, dv), dtype), vec((depth, BLOCK)), vec((BLOCK,)))
-    barriers = (plgpu.Barrier(num_barriers=2),) + (plgpu.Barrier(num_barriers=depth),) * 3
-    kernel = functools.partial(_fwd_kernel, depth=depth, scale=scale, ops=_Ops(interpret))
+    P = len(form.widths)
+    scratch = ([tile((BLOCK, w), dtype) for w in form.widths] + [vec((BLOCK,))]
+               + [tile((depth, BLOCK, w), dtype) for w in form.widths]
+               + [tile((depth, BLOCK, dv), dtype), vec((depth, BLOCK)), vec((BLOCK,))])
+    barriers = (plgpu.Barrier(num_barriers=P + 1),) + (plgpu.Barrier(num_barriers=depth),) * (P + 2)
+    kernel = functools.partial(_fwd_kernel, form=form, depth=depth, scale=scale, ops=_Ops(interpret))
     out_type = (jax.ShapeDtypeStruct((B, T, H, dv), dtype), jax.ShapeDtypeStruct((B, H, T), jnp.float32))
-    return _call(kernel, scratch, barriers, out_type, (B, H, nb), (*ranges, first_f, q, k, v), interpret)
+    return _call(kernel, scratch, barriers, out_type, (B, H, nb), (*ranges, first_f, q, *kv), interpret)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "depths", "interpret"))
-def _backward(q, k, v, first_f, o, lse, do, kv_ranges, q_ranges, *, scale, depths, interpret):
-    (B, T, H, dk), dv, dtype = q.shape, v.shape[-1], q.dtype
+@functools.partial(jax.jit, static_argnames=("form", "scale", "depths", "interpret"))
+def _backward(q, kv, first_f, o, lse, do, kv_ranges, q_ranges, *, form, scale, depths, interpret):
+    (B, T, H, _), dv, dtype = q.shape, form.dv, q.dtype
     nb = T // BLOCK
     d_dq, d_kv = (min(d, nb) for d in depths)
+    P = len(form.widths)
     delta = jnp.einsum("bthv,bthv->bht", o.astype(jnp.float32), do.astype(jnp.float32))
     tile, vec = _smem(interpret)
     ops = _Ops(interpret)
-    ins = (first_f, q, k, v, do, lse, delta)
-    dq = _call(functools.partial(_dq_kernel, depth=d_dq, scale=scale, ops=ops),
-               (tile((BLOCK, dk), dtype), tile((BLOCK, dv), dtype), vec((BLOCK,)), vec((BLOCK,)), vec((BLOCK,)),
-                tile((d_dq, BLOCK, dk), dtype), tile((d_dq, BLOCK, dv), dtype), vec((d_dq, BLOCK))),
-               (plgpu.Barrier(num_barriers=5),) + (plgpu.Barrier(num_barriers=d_dq),) * 3,
+    ins = (first_f, q, *kv, do, lse, delta)
+    dq = _call(functools.partial(_dq_kernel, form=form, depth=d_dq, scale=scale, ops=ops),
+               [tile((BLOCK, w), dtype) for w in form.widths]
+               + [tile((BLOCK, dv), dtype), vec((BLOCK,)), vec((BLOCK,)), vec((BLOCK,))]
+               + [tile((d_dq, BLOCK, w), dtype) for w in form.widths]
+               + [tile((d_dq, BLOCK, dv), dtype), vec((d_dq, BLOCK))],
+               (plgpu.Barrier(num_barriers=P + 4),) + (plgpu.Barrier(num_barriers=d_dq),) * (P + 2),
                jax.ShapeDtypeStruct(q.shape, dtype), (B, H, nb), (*kv_ranges, *ins), interpret)
-    dk_, dv_ = _call(functools.partial(_dkv_kernel, depth=d_kv, scale=scale, ops=ops),
-                     (tile((BLOCK, dk), dtype), tile((BLOCK, dv), dtype), vec((BLOCK,)),
-                      tile((d_kv, BLOCK, dk), dtype), tile((d_kv, BLOCK, dv), dtype), vec((d_kv, BLOCK)),
-                      vec((d_kv, BLOCK)), vec((d_kv, BLOCK))),
-                     (plgpu.Barrier(num_barriers=3),) + (plgpu.Barrier(num_barriers=d_kv),) * 5,
-                     (jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype)), (B, H, nb),
-                     (*q_ranges, *ins), interpret)
-    return dq, dk_, dv_
+    dkv_type = ([jax.ShapeDtypeStruct(kv[0].shape, dtype)]
+                + ([jax.ShapeDtypeStruct((B, T, H, form.widths[1]), dtype)] if form.shared else [])
+                + ([] if form.v_in_k else [jax.ShapeDtypeStruct(kv[-1].shape, dtype)]))
+    dkv = _call(functools.partial(_dkv_kernel, form=form, depth=d_kv, scale=scale, ops=ops),
+                [tile((BLOCK, w), dtype) for w in form.widths] + [tile((BLOCK, dv), dtype), vec((BLOCK,))]
+                + [tile((d_kv, BLOCK, w), dtype) for w in form.widths]
+                + [tile((d_kv, BLOCK, dv), dtype), vec((d_kv, BLOCK)), vec((d_kv, BLOCK)), vec((d_kv, BLOCK))],
+                (plgpu.Barrier(num_barriers=P + 2),) + (plgpu.Barrier(num_barriers=d_kv),) * (P + 4),
+                tuple(dkv_type), (B, H, nb), (*q_ranges, *ins), interpret)
+    return dq, tuple(dkv)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _attention(q, k, v, first_bt, scale, depths, interpret):
-    return _attention_fwd(q, k, v, first_bt, scale, depths, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _attention(q, kv, first_bt, form, scale, depths, interpret):
+    return _attention_fwd(q, kv, first_bt, form, scale, depths, interpret)[0]
 
 
-def _attention_fwd(q, k, v, first_bt, scale, depths, interpret):
+def _attention_fwd(q, kv, first_bt, form, scale, depths, interpret):
     first_f = first_bt.astype(jnp.float32)   # compared as floats in registers: exact below 2^24
-    o, lse = _forward(q, k, v, first_f, kv_block_ranges(first_bt, BLOCK, BLOCK), scale=scale, depth=depths[0],
-                      interpret=interpret)
+    o, lse = _forward(q, kv, first_f, kv_block_ranges(first_bt, BLOCK, BLOCK), form=form, scale=scale,
+                      depth=depths[0], interpret=interpret)
     # Named in the forward rule's own equations, where a remat policy sees them ("kernels", "dots").
     o, lse = checkpoint_name(o, KERNEL_OUTPUT), checkpoint_name(lse, KERNEL_OUTPUT)
-    return o, (q, k, v, first_bt, o, lse)
+    return o, (q, kv, first_bt, o, lse)
 
 
-def _attention_bwd(scale, depths, interpret, res, do):
-    q, k, v, first_bt, o, lse = res
-    dq, dk, dv = _backward(q, k, v, first_bt.astype(jnp.float32), o, lse, do.astype(q.dtype),
-                           kv_block_ranges(first_bt, BLOCK, BLOCK), q_block_ranges(first_bt, BLOCK, BLOCK),
-                           scale=scale, depths=depths[1:], interpret=interpret)
-    return dq, dk, dv, np.zeros(first_bt.shape, jax.dtypes.float0)
+def _attention_bwd(form, scale, depths, interpret, res, do):
+    q, kv, first_bt, o, lse = res
+    dq, dkv = _backward(q, kv, first_bt.astype(jnp.float32), o, lse, do.astype(q.dtype),
+                        kv_block_ranges(first_bt, BLOCK, BLOCK), q_block_ranges(first_bt, BLOCK, BLOCK),
+                        form=form, scale=scale, depths=depths[1:], interpret=interpret)
+    if form.shared:   # the shared key's gradient, written per head: summed over the heads
+        dkv = (dkv[0], dkv[1].sum(axis=2, dtype=jnp.float32).astype(kv[1].dtype)) + dkv[2:]
+    return dq, dkv, np.zeros(first_bt.shape, jax.dtypes.float0)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def _check_depths(depths, first_bt, q_bthk):
+    if not (isinstance(depths, (tuple, list)) and len(depths) == 3 and min(depths) >= 1):
+        raise ValueError(f"depths {depths} must be three block counts >= 1 (forward, dq, dk/dv)")
+    if first_bt.shape != q_bthk.shape[:2]:
+        raise ValueError(f"first_bt {first_bt.shape} must be [batch, seq] = {q_bthk.shape[:2]}")
 
 
 def doc_attention(q_bthk, k_bshk, v_bshv, first_bt, *, scale: float, depths: tuple[int, int, int] = DEPTHS,
@@ -359,9 +464,35 @@ def doc_attention(q_bthk, k_bshk, v_bshv, first_bt, *, scale: float, depths: tup
     why = supported(q_bthk, k_bshk, v_bshv)
     if why:
         raise NotImplementedError(f"doc_attention pallas kernels: {why}; use train_attn_impl 'cudnn' or 'xla'")
-    if not (isinstance(depths, (tuple, list)) and len(depths) == 3 and min(depths) >= 1):
-        raise ValueError(f"depths {depths} must be three block counts >= 1 (forward, dq, dk/dv)")
-    if first_bt.shape != q_bthk.shape[:2]:
-        raise ValueError(f"first_bt {first_bt.shape} must be [batch, seq] = {q_bthk.shape[:2]}")
-    return _attention(q_bthk, k_bshk.astype(q_bthk.dtype), v_bshv.astype(q_bthk.dtype),
-                      first_bt.astype(jnp.int32), float(scale), tuple(map(int, depths)), bool(interpret))
+    _check_depths(depths, first_bt, q_bthk)
+    form = Form((q_bthk.shape[-1],), 0, v_bshv.shape[-1])
+    return _attention(q_bthk, (k_bshk.astype(q_bthk.dtype), v_bshv.astype(q_bthk.dtype)),
+                      first_bt.astype(jnp.int32), form, float(scale), tuple(map(int, depths)), bool(interpret))
+
+
+def mla_supported(q_bthk, kv_bshk, kpe_bsd, nope_dim: int) -> str | None:
+    """None if `mla_doc_attention` takes these operands, else the reason it does not."""
+    (B, T, H, dq), rope_dim = q_bthk.shape, kpe_bsd.shape[-1]
+    dv = kv_bshk.shape[-1] - nope_dim
+    if kv_bshk.shape[:3] != (B, T, H) or kpe_bsd.shape[:2] != (B, T) or dq != nope_dim + rope_dim:
+        return (f"q {q_bthk.shape}, kv {kv_bshk.shape}, rope key {kpe_bsd.shape}: want q [B, T, H, nope + rope], "
+                f"kv [B, T, H, nope + v], rope key [B, T, rope] with nope = {nope_dim}")
+    if min(nope_dim, rope_dim, dv) <= 0 or nope_dim % 64 or rope_dim % 64 or dv % 64:
+        return f"nope {nope_dim}, rope {rope_dim} and v {dv} must be positive multiples of 64"
+    return supported(q_bthk, q_bthk, jax.ShapeDtypeStruct((B, T, H, dv), q_bthk.dtype))
+
+
+def mla_doc_attention(q_bthk, kv_bshk, kpe_bsd, first_bt, *, scale: float, nope_dim: int,
+                      depths: tuple[int, int, int] = DEPTHS, interpret: bool = False):
+    """`doc_attention` on MLA's operands as the model computes them, with no copy to assemble per-head keys:
+    q = [q_nope | q_rope] [B, T, H, nope + rope], kv = [k_nope | v] [B, T, H, nope + dv] (the latent's up
+    projection) and the rope key shared by all heads [B, T, rope]. The same values as `doc_attention(q,
+    [k_nope | rope key], v)`; the gradients come back in the same three layouts (kv's as one [dk_nope | dv] array)."""
+    why = mla_supported(q_bthk, kv_bshk, kpe_bsd, nope_dim)
+    if why:
+        raise NotImplementedError(f"doc_attention pallas kernels: {why}; use train_attn_impl 'cudnn' or 'xla'")
+    _check_depths(depths, first_bt, q_bthk)
+    rope_dim = kpe_bsd.shape[-1]
+    form = Form((nope_dim, rope_dim), nope_dim, kv_bshk.shape[-1] - nope_dim, shared=True, v_in_k=True)
+    return _attention(q_bthk, (kv_bshk.astype(q_bthk.dtype), kpe_bsd.astype(q_bthk.dtype)),
+                      first_bt.astype(jnp.int32), form, float(scale), tuple(map(int, depths)), bool(interpret))
