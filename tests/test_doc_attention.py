@@ -51,6 +51,12 @@ def _inputs(B, T, H, seed, dtype=jnp.bfloat16):
             jax.random.normal(ks[2], (B, T, H, 128), dtype), jax.random.normal(ks[3], (B, T, H, 128), dtype))
 
 
+def _three_documents_and_a_return():
+    """`first` of two rows of 128: row 0 holds three documents, row 1 a segment that comes back after another."""
+    seg = jnp.asarray([[0] * 40 + [1] * 60 + [2] * 28, [0] * 30 + [1] * 50 + [0] * 48], jnp.int32)
+    return first_visible(causal_mask(2, 128, 128, None, seg))
+
+
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="Pallas' GPU interpreter, for CPU runs (on a GPU: "
                     "tests/test_train_attention.py runs the kernels)")
 def test_kernels_in_the_interpreter_match_the_reference():
@@ -58,8 +64,7 @@ def test_kernels_in_the_interpreter_match_the_reference():
     softmax; plain dots for the products): row 0 holds three documents, row 1 a segment that comes back after
     another, so some visited blocks are partly and some wholly masked for some rows."""
     B, T, H = 2, 128, 1
-    seg = jnp.asarray([[0] * 40 + [1] * 60 + [2] * 28, [0] * 30 + [1] * 50 + [0] * 48], jnp.int32)
-    first = first_visible(causal_mask(B, T, T, None, seg))
+    first = _three_documents_and_a_return()
     q, k, v, do = _inputs(B, T, H, seed=3)
     scale = 192 ** -0.5
 
@@ -111,8 +116,7 @@ def test_mla_form_in_the_interpreter_matches_the_plain_kernels_and_the_reference
     gradients on the assembled operands, and the fp32 reference's within bf16 error; the rope key's gradient is
     the sum over the heads."""
     B, T, H = 2, 128, 2
-    seg = jnp.asarray([[0] * 40 + [1] * 60 + [2] * 28, [0] * 30 + [1] * 50 + [0] * 48], jnp.int32)
-    first = first_visible(causal_mask(B, T, T, None, seg))
+    first = _three_documents_and_a_return()
     q, kv, kpe, do = _mla_inputs(B, T, H, seed=11)
     scale = 192 ** -0.5
 
