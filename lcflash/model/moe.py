@@ -27,7 +27,7 @@ def expert_ffn(x_md, group_sizes_g, w_gate_gdf, w_up_gdf, w_down_gfd, impl: str,
                zero_tail: bool = True):
     """SwiGLU of each row with its group's expert; rows past sum(group_sizes) give zeros, or with zero_tail=False
     (for callers that read only the groups' rows) undefined values, and so does their gradient: our kernels skip
-    storing those rows, about half of the [T·K] row buffers at LongCat's routing.
+    storing those rows (the zero-expert slots: a third of the [T·K] row buffers at 8 FFN experts of 12 per token).
 
     fuse_gate_up: one grouped matmul against [gate | up] (the weights concatenated per step, then cast): the rows
     are read once, the backward has one d_lhs product instead of two plus their sum, and our kernels apply SwiGLU
