@@ -11,7 +11,7 @@ from flax import nnx
 from lcflash.config import REMAT_KEEP_NAMES, REMAT_POLICIES, ConfigError, load_config, model_config
 from lcflash.kernels.gmm import api
 from lcflash.model import LongcatFlash
-from lcflash.model.common import DISPATCH_ROWS, KERNEL_PRIMITIVES, POLICY_FNS, SWIGLU_OUTPUT
+from lcflash.model.common import ATTENTION_QUERIES, DISPATCH_ROWS, KERNEL_PRIMITIVES, POLICY_FNS, SWIGLU_OUTPUT
 from numerics import rel
 from xla_flags import default_codegen
 
@@ -138,14 +138,16 @@ def test_kernels_policy_keeps_the_pallas_and_cudnn_kernels_on_gpu():
 
 def test_remat_keep_saves_the_named_activations_and_changes_no_value():
     """model.remat_keep adds residuals to the policy's: the two dense FFNs' and the experts' SwiGLU outputs
-    ("swiglu") and the dispatched expert rows ("dispatch"), one of each per layer; loss and gradients unchanged."""
+    ("swiglu"), the dispatched expert rows ("dispatch") and the two attentions' queries on the fused path
+    ("queries"), per layer; loss and gradients unchanged."""
     from jax._src.ad_checkpoint import saved_residuals
 
     cfg = model_config(load_config("configs/tiny.py", {"moe.gmm_impl": "ragged_dot"})).replace(
-        num_layers=1, remat=True, remat_policy="dots")
+        num_layers=1, remat=True, remat_policy="dots", train_attn_impl="dpa_xla")
     tokens = jax.random.randint(jax.random.key(3), (2, 8), 0, cfg.vocab_size)
     shapes, out = {}, {}
-    for keep in ("", "swiglu", "swiglu,dispatch"):
+    keeps = ("", "swiglu", "swiglu,dispatch", "swiglu,dispatch,queries")
+    for keep in keeps:
         loss, state = _loss(cfg.replace(remat_keep=keep), tokens)
         shapes[keep] = sorted(str(aval.shape) for aval, _ in saved_residuals(loss, state))
         out[keep] = jax.jit(jax.value_and_grad(loss), compiler_options=default_codegen())(state)
@@ -156,11 +158,37 @@ def test_remat_keep_saves_the_named_activations_and_changes_no_value():
 
     assert added("", "swiglu") == sorted([str((1, 2, 8, F_dense))] * 2 + [str((1, M, F_exp))]), added("", "swiglu")
     assert added("swiglu", "swiglu,dispatch") == [str((1, M, D))], added("swiglu", "swiglu,dispatch")
+    # The queries replace the saved q projection they are computed from (same shape): no residual added.
+    assert added(*keeps[2:]) == [], added(*keeps[2:])
     l0, g0 = out[""]
-    for keep in ("swiglu", "swiglu,dispatch"):
+    for keep in keeps[1:]:
         np.testing.assert_array_equal(out[keep][0], l0)
         for a, b in zip(jax.tree.leaves(out[keep][1]), jax.tree.leaves(g0), strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
+
+
+def test_remat_keep_queries_saves_the_assembled_queries_instead_of_recomputing_them():
+    """On the fused attention path the [nope | rope] queries are rebuilt from the saved q projection in the
+    backward pass; "queries" saves them instead."""
+    from jax._src.ad_checkpoint import saved_residuals
+
+    from lcflash.model.common import remat_policy_fn
+    from lcflash.model.mla import LatentKV, expanded_attention
+
+    B, T, H, R = 1, 8, 2, 16
+    ks = jax.random.split(jax.random.key(0), 5)
+    q_nope, q_pe = jax.random.normal(ks[0], (B, T, H, 32)), jax.random.normal(ks[1], (B, T, H, 16))
+    kv = LatentKV(jax.random.normal(ks[2], (B, T, R)), jax.random.normal(ks[3], (B, T, 16)))
+    w_kv_b = jax.random.normal(ks[4], (R, H, 64))
+    mask = jnp.tril(jnp.ones((T, T), bool))[None]
+
+    def attention(q_nope, q_pe, kv, w_kv_b):
+        return jnp.sum(expanded_attention(q_nope, q_pe, kv, w_kv_b, mask, 0.1, 32, "dpa_xla", "causal"))
+
+    sources = {keep: [s for _, s in saved_residuals(jax.checkpoint(attention, policy=remat_policy_fn("dots", keep)),
+                                                    q_nope, q_pe, kv, w_kv_b)] for keep in ((), ("queries",))}
+    assert not any("named 'queries'" in s for s in sources[()]), sources[()]
+    assert sum("named 'queries'" in s for s in sources[("queries",)]) == 1, sources[("queries",)]
 
 
 def test_bad_remat_keep_is_a_config_error():
@@ -182,7 +210,7 @@ def test_kernel_primitive_names_exist():
               cudnn_attention._dot_product_attention_fwd_p_wrapper.name}
     assert KERNEL_PRIMITIVES <= names, KERNEL_PRIMITIVES - names
     assert set(POLICY_FNS) == set(REMAT_POLICIES)
-    assert {SWIGLU_OUTPUT, DISPATCH_ROWS} == set(REMAT_KEEP_NAMES)
+    assert {SWIGLU_OUTPUT, DISPATCH_ROWS, ATTENTION_QUERIES} == set(REMAT_KEEP_NAMES)
 
 
 def test_bad_policy_is_a_config_error():

@@ -71,6 +71,7 @@ POLICY_FNS = {
 # Names of activations that remat_keep can add to a policy (lcflash.config.REMAT_KEEP_NAMES).
 SWIGLU_OUTPUT = "swiglu"
 DISPATCH_ROWS = "dispatch"
+ATTENTION_QUERIES = "queries"
 
 
 def remat_policy_fn(remat_policy: str, keep: tuple[str, ...] = ()):

@@ -9,11 +9,12 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from lcflash.config import ModelConfig
 from lcflash.kernels import on_hopper
 from lcflash.kernels.mla_decode import mla_decode
-from lcflash.model.common import normal_param
+from lcflash.model.common import ATTENTION_QUERIES, normal_param
 from lcflash.model.norm import RMSNorm
 from lcflash.model.rope import apply_rope, softmax_scale
 from lcflash.parallel.context import current as parallel_context
@@ -132,7 +133,7 @@ def fused_attention(q_nope_bthk, q_pe_bthd, kv_bshk, kpe_bsd, mask_bts, scale, i
     if mask_kind not in MASK_KINDS:
         raise ValueError(f"mask_kind {mask_kind!r}: expected one of {MASK_KINDS}")
     nope = q_nope_bthk.shape[-1]
-    q_bthk = jnp.concatenate([q_nope_bthk, q_pe_bthd], axis=-1)
+    q_bthk = checkpoint_name(jnp.concatenate([q_nope_bthk, q_pe_bthd], axis=-1), ATTENTION_QUERIES)  # remat_keep
     if implementation == "auto":
         implementation = auto_fused_impl(q_bthk, kv_bshk, kpe_bsd, mask_kind)
     if implementation == "pallas" and PALLAS_MLA_FORM:
