@@ -68,7 +68,10 @@ def add_training_sections(cfg: ml_collections.ConfigDict) -> ml_collections.Conf
     cfg.optim = ml_collections.ConfigDict(dict(
         lr=3e-3, b1=0.9, b2=0.95, eps=1e-16, weight_decay=0.1, clip_norm=1.0,
         schedule="wsd",                 # "wsd" (warmup-stable-decay), "cosine" or "constant"
-        warmup_steps=100, decay_fraction=0.2, min_lr_ratio=0.0))
+        warmup_steps=100, decay_fraction=0.2, min_lr_ratio=0.0,
+        # Adam's first moment: "bfloat16" halves its bytes (AdamW over the expert stacks runs at memory bandwidth);
+        # the second moment stays fp32. A run resumed with the other setting casts the restored moment.
+        mu_dtype="float32"))
     cfg.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=3, async_save=True))
     cfg.loss = ml_collections.ConfigDict(dict(
         mtp_weight=0.3,                 # weight of the MTP (t+2) cross-entropy; 0 skips the MTP head

@@ -129,6 +129,8 @@ def test_bad_value_names_the_field(tmp_path):
         train(cfg(optim__schedule="linear"), str(tmp_path), log=quiet)
     with pytest.raises(ConfigError, match="loss.lb_groups"):
         train(cfg(loss__lb_groups=3), str(tmp_path), log=quiet)
+    with pytest.raises(ConfigError, match="optim.mu_dtype"):
+        train(cfg(optim__mu_dtype="float8"), str(tmp_path), log=quiet)
 
 
 def test_deterministic_sets_the_xla_flag(monkeypatch):

@@ -173,6 +173,21 @@ def test_adam_eps_and_clipping():
         pytest.approx(1.0)
 
 
+def test_mu_dtype_sets_the_first_moment_dtype_only():
+    p = {"w": jnp.ones((2, 2))}
+    g = {"w": jnp.full((2, 2), 0.5)}
+    updates = {}
+    for mu_dtype in ("float32", "bfloat16"):
+        opt, _ = make_optimizer(optim_cfg(schedule="constant", warmup_steps=0, mu_dtype=mu_dtype), 10, p)
+        u, state = opt.update(g, opt.init(p), p)
+        adam = next(s for s in jax.tree.leaves(state, is_leaf=lambda s: hasattr(s, "mu")) if hasattr(s, "mu"))
+        assert adam.mu["w"].dtype == jnp.dtype(mu_dtype) and adam.nu["w"].dtype == jnp.float32
+        updates[mu_dtype] = u["w"]
+    np.testing.assert_allclose(updates["bfloat16"], updates["float32"], rtol=1e-2)
+    with pytest.raises(ValueError, match="optim.mu_dtype"):
+        make_optimizer(optim_cfg(mu_dtype="float16"), 10, p)
+
+
 def test_hparam_transfer_rules_and_optimizer():
     params = {"embed": jnp.ones((8, 4)), "lm_head": jnp.ones((4, 8)),
               "layers": {"mlp": {"w": jnp.ones((2, 4, 4))}, "norm": {"weight": jnp.ones((2, 4))}}}

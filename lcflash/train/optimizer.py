@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import optax
 
 SCHEDULES = ("wsd", "cosine", "constant")
+MU_DTYPES = ("float32", "bfloat16")   # optim.mu_dtype: Adam's first moment
 
 
 def make_schedule(ocfg, total_steps: int):
@@ -59,7 +60,10 @@ def make_optimizer(ocfg, total_steps: int, params, lr_multipliers=None):
     parts = []
     if ocfg.clip_norm > 0:
         parts.append(optax.clip_by_global_norm(ocfg.clip_norm))
-    parts.append(optax.scale_by_adam(b1=ocfg.b1, b2=ocfg.b2, eps=ocfg.eps, mu_dtype=jnp.float32))
+    mu_dtype = ocfg.get("mu_dtype", "float32")
+    if mu_dtype not in MU_DTYPES:
+        raise ValueError(f"optim.mu_dtype = {mu_dtype!r}; valid: {MU_DTYPES}")
+    parts.append(optax.scale_by_adam(b1=ocfg.b1, b2=ocfg.b2, eps=ocfg.eps, mu_dtype=jnp.dtype(mu_dtype)))
     if ocfg.weight_decay > 0:
         parts.append(optax.add_decayed_weights(ocfg.weight_decay, mask=_decay_mask(params)))
     if lr_multipliers is not None:

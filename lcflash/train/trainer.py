@@ -19,7 +19,7 @@ from lcflash.config import ConfigError, model_config
 from lcflash.data import PackedLoader, load_corpus
 from lcflash.train import bias_controller
 from lcflash.train.metrics import MetricsWriter
-from lcflash.train.optimizer import SCHEDULES
+from lcflash.train.optimizer import MU_DTYPES, SCHEDULES
 from lcflash.parallel.sharding import shard_batch
 from lcflash.parallel.step import (abstract_state_sharded, init_state_sharded, make_sharded_train_step,
                                    trainer_context)
@@ -58,6 +58,8 @@ def validate(cfg, model_cfg):
         _require(isinstance(v, int) and v > 0, f, v, "must be a positive integer")
     _require(0 <= t.stop_at <= t.steps, "train.stop_at", t.stop_at, f"must be in [0, train.steps = {t.steps}]")
     _require(o.schedule in SCHEDULES, "optim.schedule", o.schedule, f"must be one of {SCHEDULES}")
+    _require(o.get("mu_dtype", "float32") in MU_DTYPES, "optim.mu_dtype", o.get("mu_dtype"),
+             f"must be one of {MU_DTYPES}")
     _require(ct.decay in bias_controller.DECAYS, "controller.decay", ct.decay,
              f"must be one of {bias_controller.DECAYS}")
     _require(ct.decay_steps > 0, "controller.decay_steps", ct.decay_steps, "must be > 0")
