@@ -119,16 +119,14 @@ def test_kernels_read_mla_operands_as_the_model_computes_them(monkeypatch):
     with jax.default_matmul_precision("highest"):
         o32, g32 = _attention_and_grads("xla", jnp.float32, "causal_docs", **case)
     args, mask, dn = _attention_case(jnp.bfloat16, **case)
-    concats = {}
+    concats, results = {}, {}
     for form in (True, False):
         monkeypatch.setattr(mla, "PALLAS_MLA_FORM", form)
         fwd = lambda *a: expanded_attention(*a, mask, 0.07, dn, "pallas", "causal_docs")  # noqa: E731 (traced anew)
         concats[form] = str(jax.make_jaxpr(fwd)(*args)).count("concatenate[")
-        if form:
-            o, g = _attention_and_grads("pallas", jnp.bfloat16, "causal_docs", **case)
-        else:
-            o_heads, g_heads = _attention_and_grads("pallas", jnp.bfloat16, "causal_docs", **case)
+        results[form] = _attention_and_grads("pallas", jnp.bfloat16, "causal_docs", **case)
     assert concats[True] < concats[False], concats   # no per-head keys assembled
+    (o, g), (o_heads, g_heads) = results[True], results[False]
     assert len(g) == 5, len(g)   # q_nope, q_pe, latent, rope key, up projection
     for a, b, c in zip([o, *g], [o_heads, *g_heads], [o32, *g32], strict=True):
         assert rel(a, b) < 2e-4, rel(a, b)
