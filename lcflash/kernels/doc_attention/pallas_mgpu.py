@@ -112,6 +112,11 @@ class _Ops:
         return self.dots((a, b_ref, transpose_b, self.full(shape, 0.0) if acc is None else acc))[0]
 
 
+def _operand(parts):
+    """A product operand from its parts: the one ref of the plain form, else the list whose products are summed."""
+    return parts[0] if len(parts) == 1 else list(parts)
+
+
 def _terms(a, b):
     """The (a, b) operand pairs of a product whose operands may be lists (summed)."""
     if isinstance(a, (list, tuple)):
@@ -217,10 +222,10 @@ def _fwd_kernel(lo_ref, hi_ref, first_ref, q_ref, *refs, form, depth, scale, ops
     fq = ops.vector(fq_smem, 1, tile)
     row = ops.iota(tile, 0) + rows.start
     col = ops.iota(tile, 1)
-    q_ops = list(q_s) if P > 1 else q_s[0]
+    q_ops = _operand(q_s)
 
     def keys(slot):
-        return [k.at[slot] for k in k_s] if P > 1 else k_s[0].at[slot]
+        return _operand([k.at[slot] for k in k_s])
 
     def body(i, carry):
         acc, m_i, l_i = carry
@@ -272,14 +277,14 @@ def _dq_kernel(lo_ref, hi_ref, first_ref, q_ref, *refs, form, depth, scale, ops)
     row = ops.iota(tile, 0) + rows.start
     col = ops.iota(tile, 1)
     dtype = q_s[0].dtype
-    q_ops = list(q_s) if P > 1 else q_s[0]
+    q_ops = _operand(q_s)
 
     def body(i, dqs):
         slot = lax.rem(i, jnp.int32(depth))
         for bar in (*k_bars, fk_bar, v_bar):
             plgpu.barrier_wait(bar.at[slot])
         keys = [k.at[slot] for k in k_s]
-        s, dp = ops.dots((q_ops, keys if P > 1 else keys[0], True, tile), (do_smem, v_smem.at[slot], True, tile))
+        s, dp = ops.dots((q_ops, _operand(keys), True, tile), (do_smem, v_smem.at[slot], True, tile))
         p = jnp.exp2(s * (scale * LOG2E) - lse)
         p = _visible(p, 0.0, col + (lo + i) * BLOCK <= row, fq, ops.vector(fk_smem.at[slot], 0, tile))
         ds = (p * (dp - delta)).astype(dtype)
@@ -319,7 +324,7 @@ def _dkv_kernel(lo_ref, hi_ref, first_ref, q_ref, *refs, form, depth, scale, ops
     key = ops.iota(tile, 0) + keys.start
     qcol = ops.iota(tile, 1)
     dtype = k_s[0].dtype
-    k_ops = list(k_s) if P > 1 else k_s[0]
+    k_ops = _operand(k_s)
 
     def body(i, carry):
         dks, dv = carry
@@ -327,7 +332,7 @@ def _dkv_kernel(lo_ref, hi_ref, first_ref, q_ref, *refs, form, depth, scale, ops
         for bar in (*q_bars, fq_bar, lse_bar, do_bar, delta_bar):
             plgpu.barrier_wait(bar.at[slot])
         queries = [q.at[slot] for q in q_s]
-        s_t, dp_t = ops.dots((k_ops, queries if P > 1 else queries[0], True, tile),
+        s_t, dp_t = ops.dots((k_ops, _operand(queries), True, tile),
                              (v_smem, do_smem.at[slot], True, tile))
         p_t = jnp.exp2(s_t * (scale * LOG2E) - ops.vector(lse_smem.at[slot], 0, tile))
         p_t = _visible(p_t, 0.0, key <= qcol + (lo + i) * BLOCK, ops.vector(fq_smem.at[slot], 0, tile), fk)
