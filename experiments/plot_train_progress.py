@@ -36,6 +36,13 @@ RUNS = [
     ("A/B 1: + tails left unwritten", "bench_train_b32_tails_skip_h200.json"),
     ("A/B 2: tails stored", "bench_train_b32_tails_zt_run2_h200.json"),
     ("A/B 2: + tails left unwritten", "bench_train_b32_tails_skip_run2_h200.json"),
+    ("A/B: attention on assembled heads", "bench_train_b32_s14_assembled_h200.json"),
+    ("A/B: + attention in MLA's form", "bench_train_b32_s14_mla_h200.json"),
+    ("+ remat keeps swiglu, queries", "bench_train_b32_s14_keep_sq_h200.json"),
+    ("+ remat keeps dispatched rows", "bench_train_b32_s14_keep_sqd_h200.json"),
+    ("A/B: SwiGLU backward by XLA", "bench_train_b32_s14_no_grad_epi_h200.json"),
+    ("A/B: + SwiGLU bwd in the down d_lhs kernel", "bench_train_b32_s14_grad_epi_h200.json"),
+    ("same, second run", "bench_train_b32_s14_grad_epi_run2_h200.json"),
 ]
 TARGET = 0.40
 

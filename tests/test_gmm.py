@@ -210,6 +210,59 @@ def test_pallas_interpret_swiglu_epilogue(hang_guard, chain):
     assert _rel(gu, want_gu) < BF16_TOL
 
 
+def _check_ffn_swiglu_grad_epilogue(m, d, f, sizes_l, zero_tail, seed):
+    """gmm_swiglu_ffn's output and all gradients against the fp32 reference and against composing the two kernels
+    (d_h rounded to bf16 there, kept in fp32 here). Without zero_tail, only the rows past the groups of y and dx
+    may differ (undefined); they must not leak into the weight gradients."""
+    from lcflash.kernels.gmm import pallas_gmm
+
+    x, wg, _, sizes = _inputs(seed, m, d, f, sizes_l, jnp.bfloat16)
+    wu, wd = ((jax.random.normal(jax.random.key(seed + s), shape, jnp.float32) / np.sqrt(shape[1])).astype(
+        jnp.bfloat16) for s, shape in ((1, wg.shape), (2, (len(sizes_l), f, d))))
+    dy = jax.random.normal(jax.random.key(seed + 3), (m, d), jnp.float32).astype(jnp.bfloat16)
+    valid = m if zero_tail else sum(sizes_l)
+
+    def run(f, *args):
+        y, vjp = jax.vjp(f, *args)
+        return (y, *vjp(dy.astype(y.dtype)))
+
+    ffn = lambda x, wg, wu, wd: pallas_gmm.gmm_swiglu_ffn(x, jnp.concatenate([wg, wu], -1), wd, sizes,  # noqa
+                                                          zero_tail=zero_tail)
+    got = jax.jit(lambda *a: run(ffn, *a))(x, wg, wu, wd)
+    want = run(lambda x, wg, wu, wd: reference.gmm_loop(api.gmm_swiglu(x, wg, wu, sizes, impl="reference"), wd,
+                                                        sizes), *(t.astype(jnp.float32) for t in (x, wg, wu, wd)))
+    composed = jax.jit(lambda *a: run(lambda x, wg, wu, wd: pallas_gmm.gmm(pallas_gmm.gmm_swiglu_halves(
+        x, jnp.concatenate([wg, wu], -1), sizes, chain=True), wd, sizes, chain=True), *a))(x, wg, wu, wd)
+    assert got[0].shape == (m, d) and got[0].dtype == jnp.bfloat16
+    for name, g, w, c in zip(("y", "dx", "dwg", "dwu", "dwd"), got, want, composed):
+        rows = valid if name in ("y", "dx") else None
+        assert _rel(g[:rows], w[:rows]) < 2 * BF16_TOL, name  # h and [g | u] are rounded to bf16 in between
+        assert _rel(g[:rows], c[:rows]) < BF16_TOL, name
+    if zero_tail:
+        assert not np.asarray(got[0][sum(sizes_l):], np.float32).any()
+
+
+@cpu_only
+@pytest.mark.parametrize("zero_tail", [True, False])
+def test_pallas_interpret_ffn_swiglu_grad_epilogue(hang_guard, zero_tail):
+    """The expert FFN whose down-projection d_lhs kernel writes [d_g | d_u] (3 column tiles per half, ragged
+    groups, tail rows); the interpreter NaN-fills outputs, so with zero_tail an unwritten element fails _rel."""
+    _check_ffn_swiglu_grad_epilogue(M_RAGGED, 128, 384, SIZES_RAGGED, zero_tail, seed=17)
+
+
+def test_grad_halves_needs_its_residual_and_the_flat_pipeline():
+    from lcflash.kernels.gmm import mgpu_kernels as mk
+
+    x, w, _, s = _inputs(3, 256, 128, 256, [256], jnp.bfloat16)
+    sched = mk.row_schedule(s, 256, 128)[0]
+    with pytest.raises(ValueError, match="grad_halves' takes gu_mn2"):
+        mk.rows_kernel(x, [w], sched, transpose_rhs=False, out_dtype=x.dtype, tiles=mk.Tiles(chain=True),
+                       swiglu="grad_halves")
+    with pytest.raises(ValueError, match="needs chain=True"):
+        mk.rows_kernel(x, [w], sched, transpose_rhs=False, out_dtype=x.dtype, tiles=mk.Tiles(tile_n=64),
+                       swiglu="grad_halves", gu_mn2=jnp.zeros((256, 512), x.dtype))
+
+
 def _contract_ref_f64(lhs, dout, sizes_l):
     l64, d64, start, out = np.asarray(lhs, np.float64), np.asarray(dout, np.float64), 0, []
     for s in sizes_l:
@@ -284,6 +337,24 @@ def test_pallas_chain_backward_lowers_for_cuda(mosaic_gpu_trace, k, n, g, m):
     lowered = jax.jit(fwd_bwd).trace(sd(m, k), sd(g, k, n), sd(m, n), sd(g, dt=jnp.int32)).lower(
         lowering_platforms=("cuda",))
     assert lowered.as_text().count("mosaic_gpu") >= 6  # forward, d_lhs, d_rhs, flat d_rhs, SwiGLU, per-tile kernels
+
+
+@pytest.mark.parametrize("d,f,g,m", [(6144, 2048, 64, 32768), (1024, 384, 128, 65536)])  # LongCat, small config
+def test_ffn_swiglu_grad_epilogue_lowers_for_cuda(mosaic_gpu_trace, d, f, g, m):
+    """gmm_swiglu_ffn's forward and backward (the grad_halves epilogue: TMA loads of g and u started by the compute
+    warpgroups, their swizzled tiles read in the accumulator's layout) through Pallas -> Mosaic GPU lowering for
+    CUDA on the CPU, within the shared-memory budget."""
+    from lcflash.kernels.gmm import pallas_gmm
+
+    sd = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt)  # noqa: E731
+
+    def fwd_bwd(x, w_gu, w_down, dy, sizes):
+        y, vjp = jax.vjp(lambda *a: pallas_gmm.gmm_swiglu_ffn(*a, sizes, zero_tail=False), x, w_gu, w_down)
+        return (y, *vjp(dy))
+
+    lowered = jax.jit(fwd_bwd).trace(sd(m, d), sd(g, d, 2 * f), sd(g, f, d), sd(m, d), sd(g, dt=jnp.int32)).lower(
+        lowering_platforms=("cuda",))
+    assert lowered.as_text().count("mosaic_gpu") >= 6  # forward: [gate | up], down; backward: four kernels
 
 
 # ------------------------------------------------------------------------------------------------
@@ -427,6 +498,13 @@ def test_gpu_pallas_swiglu_forward_and_gradients(fused):
     for name, g, w in zip(("h", "dx", "dwg", "dwu"), got, want):
         assert _rel(g, w) < 2 * BF16_TOL, name  # gate/up are rounded to bf16 between the kernels
     assert not np.asarray(got[0][sum(sizes_l):], np.float32).any()
+
+
+@gpu_only
+@pytest.mark.parametrize("zero_tail", [True, False])
+def test_gpu_ffn_swiglu_grad_epilogue(zero_tail):
+    m, k, n, sizes_l = GPU_CASES["small_cfg"]  # d = 1024, f = 384: the small config's experts
+    _check_ffn_swiglu_grad_epilogue(m, k, n, sizes_l, zero_tail, seed=21)
 
 
 @gpu_only

@@ -89,6 +89,24 @@ def test_kernels_policy_keeps_the_mosaic_gpu_gmm_output(mosaic_gpu_trace, fn):
     assert launches == {"nothing": 4, "kernels": 3, "dots": 3}, launches
 
 
+def test_kernels_policy_keeps_the_fused_expert_ffn_outputs(mosaic_gpu_trace):
+    """Traced for a GPU: the expert FFN with SwiGLU's backward in the down projection's epilogue
+    (api.gmm_swiglu_ffn) keeps its two forward kernels' outputs under "kernels" and "dots" (2 forward + 4 backward
+    launches) and reruns both under "nothing" (8)."""
+    x = jax.random.normal(jax.random.key(0), (256, 128), jnp.bfloat16)
+    w = jax.random.normal(jax.random.key(1), (2, 128, 256), jnp.bfloat16)
+    w_down = jax.random.normal(jax.random.key(2), (2, 128, 128), jnp.bfloat16)
+    sizes = jnp.array([100, 80], jnp.int32)
+
+    def layer(x, w, w_down):
+        y = api.gmm_swiglu_ffn(jnp.cos(x), w, w_down, sizes, impl="pallas_chain")
+        return jnp.sum(jnp.sin(y).astype(jnp.float32))
+
+    launches = {p: str(jax.make_jaxpr(jax.grad(jax.checkpoint(layer, policy=POLICY_FNS[p]), argnums=(0, 1, 2)))(
+        x, w, w_down)).count(MGPU_CALL) for p in REMAT_POLICIES}
+    assert launches == {"nothing": 8, "kernels": 6, "dots": 6}, launches
+
+
 @pytest.mark.parametrize("fuse_gate_up", [False, True])
 def test_dots_policy_keeps_the_expert_weights_cast_to_the_compute_dtype(mosaic_gpu_trace, fuse_gate_up):
     """Traced for a GPU: under "dots" the backward pass reuses the bf16 expert weights of the forward pass (named

@@ -16,7 +16,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from lcflash.config import ModelConfig
 from lcflash.kernels import COMPUTE_WEIGHTS
-from lcflash.kernels.gmm import gmm, gmm_swiglu_halves
+from lcflash.kernels.gmm import gmm, gmm_swiglu_ffn
 from lcflash.model.common import DISPATCH_ROWS, SWIGLU_OUTPUT, RouterBias, normal_param
 from lcflash.model.router import Routing, route, zero_expert_output
 from lcflash.model.slots import combine_rows, dispatch_rows, sort_slots
@@ -37,14 +37,13 @@ def expert_ffn(x_md, group_sizes_g, w_gate_gdf, w_up_gdf, w_down_gfd, impl: str,
     def cast(w):  # named so the "dots" remat policy keeps it (lcflash/model/common.py)
         return checkpoint_name(w.astype(dtype), COMPUTE_WEIGHTS)
 
-    if fuse_gate_up:
+    if fuse_gate_up:  # h named so model.remat_keep can keep it (the epilogue's h is a kernel output too)
         w_gu = cast(jnp.concatenate([w_gate_gdf, w_up_gdf], axis=-1))
-        h = gmm_swiglu_halves(x_md, w_gu, group_sizes_g, impl=impl, zero_tail=zero_tail)
-    else:
-        g = gmm(x_md, cast(w_gate_gdf), group_sizes_g, impl=impl)
-        u = gmm(x_md, cast(w_up_gdf), group_sizes_g, impl=impl)
-        h = jax.nn.silu(g) * u
-    h = checkpoint_name(h, SWIGLU_OUTPUT)  # model.remat_keep can keep it (the epilogue's h is a kernel output too)
+        return gmm_swiglu_ffn(x_md, w_gu, cast(w_down_gfd), group_sizes_g, impl=impl, zero_tail=zero_tail,
+                              h_names=(SWIGLU_OUTPUT,))
+    g = gmm(x_md, cast(w_gate_gdf), group_sizes_g, impl=impl)
+    u = gmm(x_md, cast(w_up_gdf), group_sizes_g, impl=impl)
+    h = checkpoint_name(jax.nn.silu(g) * u, SWIGLU_OUTPUT)
     return gmm(h, cast(w_down_gfd), group_sizes_g, impl=impl, zero_tail=zero_tail)
 
 

@@ -83,6 +83,9 @@ SWIGLU_HALVES_IMPLEMENTATIONS = {
 }
 # Benchmarks turn the epilogue off for A/B runs (experiments/bench_train.py --no_swiglu_epilogue).
 SWIGLU_EPILOGUE = True
+# gmm_swiglu_ffn: SwiGLU's backward in the down projection's d_lhs epilogue (flat kernels only); benchmarks turn
+# it off for A/B runs (experiments/bench_train.py --no_swiglu_grad_epilogue).
+SWIGLU_GRAD_EPILOGUE = True
 
 _NOT_AVAILABLE = {
     "tokamax": "no tokamax release runs on the supported JAX (tokamax 0.0.12 fails on JAX 0.11.2); "
@@ -138,3 +141,32 @@ def gmm_swiglu_halves(x_mk, w_gkf2, group_sizes_g, *, impl: str = "ragged_dot", 
         return SWIGLU_HALVES_IMPLEMENTATIONS[impl](x_mk, w_gkf2, group_sizes_g,
                                                    zero_tail=zero_tail or not SKIP_TAILS)
     return swiglu_halves(IMPLEMENTATIONS[impl](x_mk, w_gkf2, group_sizes_g))  # h's tail must be zero: keep gu's
+
+
+def _down_supported(x_mk, w_down_gfn) -> bool:
+    import jax
+
+    from lcflash.kernels.gmm import pallas_gmm
+
+    h = jax.ShapeDtypeStruct((x_mk.shape[0], w_down_gfn.shape[1]), x_mk.dtype)
+    return pallas_gmm.supports(h, w_down_gfn)
+
+
+def gmm_swiglu_ffn(x_mk, w_gkf2, w_down_gfn, group_sizes_g, *, impl: str = "ragged_dot", zero_tail: bool = True,
+                   h_names: tuple[str, ...] = ()):
+    """gmm(gmm_swiglu_halves(x, [w_gate | w_up]), w_down): the expert FFN. `pallas_chain` (with both epilogues on)
+    runs it as one custom gradient whose down-projection d_lhs kernel applies SwiGLU's backward before its store
+    (pallas_gmm.gmm_swiglu_ffn); the others compose the two calls. h_names: checkpoint names for h (the SwiGLU
+    output), applied where h is visible to a remat policy."""
+    from jax.ad_checkpoint import checkpoint_name
+
+    impl = _resolve(impl, x_mk, w_gkf2)
+    if impl == "pallas_chain" and SWIGLU_EPILOGUE and SWIGLU_GRAD_EPILOGUE and _down_supported(x_mk, w_down_gfn):
+        from lcflash.kernels.gmm import pallas_gmm
+
+        return pallas_gmm.gmm_swiglu_ffn(x_mk, w_gkf2, w_down_gfn, group_sizes_g,
+                                         zero_tail=zero_tail or not SKIP_TAILS, h_names=h_names)
+    h = gmm_swiglu_halves(x_mk, w_gkf2, group_sizes_g, impl=impl, zero_tail=zero_tail)
+    for name in h_names:
+        h = checkpoint_name(h, name)
+    return gmm(h, w_down_gfn, group_sizes_g, impl=impl, zero_tail=zero_tail)

@@ -95,8 +95,10 @@ def _swizzle_transforms(minor_elems: int, dtype) -> tuple:
     return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
 
 
-def smem_bytes(tiles: Tiles, *, n_rhs: int, in_dtype, out_dtype, contract: bool, margin: int = 4096) -> int:
-    """Shared memory the kernel allocates (pipeline ring + epilogue staging) plus margin; checked before tracing.
+def smem_bytes(tiles: Tiles, *, n_rhs: int, in_dtype, out_dtype, contract: bool, margin: int = 4096,
+               epi_in: int = 0) -> int:
+    """Shared memory the kernel allocates (pipeline ring + epilogue staging + epi_in input tiles of (tile_m,
+    tile_n) per compute warpgroup, swiglu="grad_halves"'s g and u) plus margin; checked before tracing.
 
     Mosaic's own use (barriers) measured 64 bytes at 4 stages (cross-lowering's smem check), so a small margin
     is exact enough where a stage is at stake (pallas_gmm's chained tiles)."""
@@ -107,7 +109,7 @@ def smem_bytes(tiles: Tiles, *, n_rhs: int, in_dtype, out_dtype, contract: bool,
         a = tiles.tile_m * tiles.tile_k
     b = n_rhs * tiles.tile_k * 2 * tiles.tile_n
     ring = tiles.stages * (a + b) * isz
-    epi = 2 * tiles.tile_m * tiles.epi_n * osz
+    epi = 2 * tiles.tile_m * (tiles.epi_n * osz + epi_in * tiles.tile_n * isz)
     return ring + epi + margin  # barriers and Mosaic's own scratch
 
 
@@ -236,6 +238,7 @@ def rows_kernel(
     tiles: Tiles,
     swiglu: str | None = None,
     zero_tail: tuple[bool, ...] | None = None,
+    gu_mn2=None,
     interpret: bool = False,
 ):
     """out[rows of g] = lhs[rows of g] @ rhs[g] (or @ rhs[g]^T); rows past the groups are zero.
@@ -244,6 +247,10 @@ def rows_kernel(
     swiglu="h" returns silu(x@wg) * (x@wu); swiglu="hgu" returns (h, x@wg, x@wu) for the backward pass.
     swiglu="halves": one rhs [G, K, 2N] = [gate | up], read at both halves' columns into two accumulators;
     returns (h [M, N], x @ rhs [M, 2N]): the backward pass's residual in the layout its one d_lhs product takes.
+    swiglu="grad_halves": SwiGLU's backward in the epilogue of d_h = lhs @ rhs (the down projection's d_lhs): reads
+    gu_mn2 = [g | u] (the "halves" residual) at the tile's rows and columns and returns [d_g | d_u] [M, 2N], the
+    input of the [gate | up] backward, so d_h never leaves registers. Each compute warpgroup loads its g and u
+    tiles by TMA at its tile's first step (flat pipeline) and waits for them at the last.
 
     tiles.chain=False: every tile runs its own pipeline (dynamic step count, 0 for tail tiles), so the TMA
     warpgroup quiesces at each tile's end and the next tile's first loads wait behind this tile's epilogue.
@@ -268,6 +275,9 @@ def rows_kernel(
             raise ValueError("swiglu='halves' takes one [G, K, 2N] rhs, not transposed")
         n, n_rhs = n // 2, 2
     rhs_inputs = rhs_list[:1] if swiglu == "halves" else rhs_list  # the kernel's rhs operands
+    if (swiglu == "grad_halves") != (gu_mn2 is not None) or (gu_mn2 is not None and gu_mn2.shape != (m, 2 * n)):
+        raise ValueError(f"swiglu='grad_halves' takes gu_mn2 [M, 2N] = {(m, 2 * n)} and only it takes gu_mn2; got "
+                         f"swiglu={swiglu!r}, gu_mn2 {None if gu_mn2 is None else gu_mn2.shape}")
     rhs_block_offsets = (0, n // (2 * tn)) if swiglu == "halves" else (0,) * n_rhs
     if k != k2:
         raise ValueError(f"contraction sizes differ: lhs has {k}, rhs has {k2}")
@@ -278,20 +288,23 @@ def rows_kernel(
                          "its last wgmma still reads)")
     if tiles.cluster_m and not tiles.chain:
         raise ValueError("Tiles.cluster_m needs chain=True (the flat pipeline)")
+    if swiglu == "grad_halves" and not tiles.chain:
+        raise ValueError("swiglu='grad_halves' needs chain=True (the flat pipeline starts a tile's g and u loads at "
+                         "its first step)")
     k_steps = k // tk
     n_tiles = n // (2 * tn)
     t_max = sched_5t.shape[1]
     dtype = lhs_mk.dtype
     tr_a = _swizzle_transforms(tk, dtype)
     tr_b = _swizzle_transforms(tk if transpose_rhs else 2 * tn, dtype)
-    n_out = {None: 1, "h": 1, "hgu": 3, "halves": 2}[swiglu]
+    n_out = {None: 1, "h": 1, "hgu": 3, "halves": 2, "grad_halves": 1}[swiglu]
     zero_tail = (True,) * n_out if zero_tail is None else tuple(zero_tail)
     if len(zero_tail) != n_out:
         raise ValueError(f"zero_tail has {len(zero_tail)} entries for {n_out} outputs")
     if swiglu in ("h", "hgu") and n_rhs != 2:
         raise ValueError(f"swiglu={swiglu!r} needs exactly two rhs arrays (gate, up)")
-    if swiglu is None and n_rhs != 1:
-        raise ValueError("without swiglu, rows_kernel takes one rhs array")
+    if swiglu in (None, "grad_halves") and n_rhs != 1:
+        raise ValueError(f"swiglu={swiglu!r} takes one rhs array")
     n_cl = 2 if tiles.cluster_m else 1  # CTAs per cluster; the schedule's row blocks are n_cl * tm rows
     n_sms = _num_sms(interpret) // n_cl  # persistent units (clusters) walking the tile list
     flat = tiles.chain
@@ -326,7 +339,9 @@ def rows_kernel(
     def kernel(sched_ref, *refs):
         counts_ref, (lhs_gmem, *refs) = (refs[0], refs[1:]) if flat else (None, refs)  # counts: flat only
         rhs_gmems = refs[:len(rhs_inputs)] * (n_rhs // len(rhs_inputs))  # one per accumulator
-        out_gmems = refs[len(rhs_inputs):]
+        n_in = len(rhs_inputs) + (gu_mn2 is not None)
+        gu_gmem = refs[len(rhs_inputs)] if gu_mn2 is not None else None
+        out_gmems = refs[n_in:]
         sm = lax.axis_index("sm")
         cta = lax.axis_index("cluster") if n_cl > 1 else 0
         ignore = lambda *_, **__: None
@@ -348,13 +363,19 @@ def rows_kernel(
             alloc_pipe = make_pipeline(ignore, ignore, k_steps, lambda kk: (0, kk), lambda kk: (0, 0, kk))
             gmem_args = (lhs_gmem, *[r.at[0] for r in rhs_gmems])
 
+        # grad_halves: per compute warpgroup its g and u tiles, each with its own barrier.
+        gu_allocs = {} if gu_mn2 is None else dict(
+            gu_smem=plgpu.SMEM((2, 2, tm, tn), gu_mn2.dtype, transforms=_swizzle_transforms(tn, gu_mn2.dtype)),
+            gu_bar=plgpu.Barrier(num_barriers=4))
+
         @functools.partial(
             pl.run_scoped,
             allocs=alloc_pipe.get_allocations(*gmem_args),
             stage_smem=_rows_staging((2, tm, epi_n), out_dtype, interpret),
             collective_axes="wg",
+            **gu_allocs,
         )
-        def _scope(allocs, stage_smem):
+        def _scope(allocs, stage_smem, gu_smem=None, gu_bar=None):
             stage_whole, stage_ragged = stage_smem
             if not tiles.swizzle_epilogue:
                 stage_whole = stage_ragged
@@ -365,16 +386,35 @@ def rows_kernel(
                 mt = jnp.minimum(lin // n_tiles, t_max - 1)  # flat: the tile after a CTA's last one is never used
                 return lin % n_tiles, sched_ref[0, mt], sched_ref[1, mt], sched_ref[2, mt], sched_ref[3, mt]
 
+            def load_gu(nt, blk):
+                """grad_halves: starts this warpgroup's TMA loads of its g and u tiles (rows of block blk)."""
+                rows = pl.ds((blk * n_cl + cta) * tm, tm)
+                for j in range(2):
+                    plgpu.copy_gmem_to_smem(gu_gmem.at[rows, pl.ds(j * n + nt * 2 * tn + wg * tn, tn)],
+                                            gu_smem.at[wg, j], gu_bar.at[2 * wg + j])
+
+            def swiglu_grad(dh):
+                """[d_g, d_u] of h = silu(g) * u at the loaded tiles, in fp32."""
+                g, u = (gu_smem.at[wg, j][...].astype(jnp.float32) for j in range(2))
+                sig = 1.0 / (1.0 + jnp.exp(-g))
+                return dh * u * sig * (1.0 + g * (1.0 - sig)), dh * g * sig
+
             @jax.named_scope("epilogue")
             def store(vals, nt, blk, start, rows, tail=False):
                 """tail: True (static) or a traced predicate for tiles of rows past the groups, whose outputs with
                 zero_tail False are not stored."""
+                col0 = nt * 2 * tn + wg * tn
+                if swiglu == "grad_halves" and tail is not True:  # the tiles load_gu started at the first step
+                    for j in range(2):
+                        plgpu.barrier_wait(gu_bar.at[2 * wg + j])
                 if n_cl > 1:
                     start, rows = cta_share(start, rows, cta, tm)
                     blk = blk * n_cl + cta
-                col0 = nt * 2 * tn + wg * tn
                 outs = [(v, i, col0) for i, v in enumerate(vals)]  # (value, output, first column)
-                if swiglu is not None:
+                if swiglu == "grad_halves":
+                    d_gu = [vals[0]] * 2 if tail is True else swiglu_grad(vals[0])  # the tail stores zeros
+                    outs = [(d_gu[0], 0, col0), (d_gu[1], 0, col0 + n)]
+                elif swiglu is not None:
                     h = (_silu(vals[0]) * vals[1], 0, col0)
                     outs = {"h": [h], "hgu": [h] + [(v, i + 1, c) for v, i, c in outs],
                             "halves": [h, (vals[0], 1, col0), (vals[1], 1, col0 + n)]}[swiglu]
@@ -435,8 +475,10 @@ def rows_kernel(
 
                 def mma(idx, a_smem, *args):
                     accs, info = args[n_rhs]
-                    mma_step(a_smem, args[:n_rhs], accs)
                     s = idx[0]
+                    if gu_mn2 is not None:  # this tile's g and u land while its steps run
+                        pl.when(s % k_steps == 0)(lambda: load_gu(info[0], info[2]))
+                    mma_step(a_smem, args[:n_rhs], accs)
                     last = s % k_steps == k_steps - 1
                     with jax.named_scope("next_tile"):  # loads issued every step, used only at a tile's last one
                         nxt = tile_of(lin_of(s) + n_sms)
@@ -472,11 +514,12 @@ def rows_kernel(
             plgpu.wait_smem_to_gmem(0)  # all output stores have landed before the kernel exits
 
     out_type = [jax.ShapeDtypeStruct((m, n), out_dtype) for _ in range(n_out)]
-    if swiglu == "halves":
-        out_type[1] = jax.ShapeDtypeStruct((m, 2 * n), out_dtype)
+    if swiglu in ("halves", "grad_halves"):
+        out_type[-1] = jax.ShapeDtypeStruct((m, 2 * n), out_dtype)
     call = _persistent_call(kernel, out_type, interpret, cluster=n_cl)
     counts = [jnp.stack([sched_5t[4].sum(), (sched_5t[3] > 0).sum()]).astype(jnp.int32)] if flat else []
-    outs = call(sched_5t, *counts, lhs_mk, *rhs_inputs)  # counts: matmul and live tiles
+    gu_in = [] if gu_mn2 is None else [gu_mn2]
+    outs = call(sched_5t, *counts, lhs_mk, *rhs_inputs, *gu_in)  # counts: matmul and live tiles
     return outs[0] if n_out == 1 else tuple(outs)
 
 # --------------------------------------------------------------------------------------------------

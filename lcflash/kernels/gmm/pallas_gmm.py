@@ -36,22 +36,23 @@ def _col_tile(n: int, what: str, prefer: int = 128) -> int:
     raise ValueError(f"pallas gmm: {what} = {n} must be a multiple of 128 (two warpgroups x 64 columns)")
 
 
-def _rows_tiles(m: int, g: int, n: int, out_dtype, n_rhs: int, what: str) -> mk.Tiles:
+def _rows_tiles(m: int, g: int, n: int, out_dtype, n_rhs: int, what: str, epi_in: int = 0) -> mk.Tiles:
     if ROWS_TILES is not None:
         return ROWS_TILES
     # Decode-sized groups waste less of a 64-row tile; training-sized groups amortise better over 128 rows.
     tm = 64 if m <= 64 * max(g, 1) else 128
-    tn = _col_tile(n, what, prefer=128 if n_rhs == 1 else 64)
+    tn = _col_tile(n, what, prefer=128 if n_rhs == 1 and not epi_in else 64)
     # One epilogue store per warpgroup and tile (epi_n = tn) where it fits; fp32 outputs store in 64-col chunks.
     epi_n = tn if jnp.dtype(out_dtype).itemsize <= 2 else 64
     tiles = mk.Tiles(tile_m=tm, tile_n=tn, tile_k=64, stages=4, epi_n=epi_n)
     while tiles.stages > 2 and mk.smem_bytes(tiles, n_rhs=n_rhs, in_dtype=jnp.bfloat16, out_dtype=out_dtype,
-                                             contract=False) > mk._SMEM_BYTES:
+                                             contract=False, epi_in=epi_in) > mk._SMEM_BYTES:
         tiles = mk.Tiles(tm, tn, 64, tiles.stages - 1, epi_n)
     return tiles
 
 
-def _chain_tiles(tiles: mk.Tiles, pinned: bool, out_dtype, n_rhs: int, contract: bool = False) -> mk.Tiles:
+def _chain_tiles(tiles: mk.Tiles, pinned: bool, out_dtype, n_rhs: int, contract: bool = False,
+                 epi_in: int = 0) -> mk.Tiles:
     """Flat pipelines (Tiles.chain): pinned tiles (ROWS_TILES / CONTRACT_TILES) keep their ring; otherwise the
     deepest ring (up to 4) that fits, halving the epilogue chunk (epi_n 64) before dropping a stage (LongCat
     shapes: 4 stages and 64-column stores; d_rhs at T=512 measured 0.87-0.90 of the einsum with them against
@@ -62,7 +63,7 @@ def _chain_tiles(tiles: mk.Tiles, pinned: bool, out_dtype, n_rhs: int, contract:
         for epi_n in sorted({tiles.epi_n, min(64, tiles.epi_n)}, reverse=True):
             t = dataclasses.replace(tiles, stages=stages, epi_n=epi_n, chain=True)
             if mk.smem_bytes(t, n_rhs=n_rhs, in_dtype=jnp.bfloat16, out_dtype=out_dtype, contract=contract,
-                             margin=512) <= mk._SMEM_BYTES:
+                             margin=512, epi_in=epi_in) <= mk._SMEM_BYTES:
                 return t
     raise ValueError(f"pallas gmm: no tiling with a flat pipeline fits shared memory for {tiles}")
 
@@ -116,9 +117,9 @@ def _pad_rows(x, rows):
 
 
 def rows_matmul(lhs_mk, rhs_list, group_sizes_g, *, transpose_rhs=False, out_dtype=None, swiglu=None, chain=False,
-                zero_tail=None):
+                zero_tail=None, gu_mn2=None):
     """Grouped rows product through the rows kernel; rows past sum(group_sizes) are zero (or, per output where
-    zero_tail says False, undefined: mk.rows_kernel).
+    zero_tail says False, undefined: mk.rows_kernel). gu_mn2: the [g | u] residual swiglu="grad_halves" reads.
 
     chain: one flat pipeline per CTA (mk.Tiles.chain), the variant timed against the default in
     experiments/bench_moe_gemm.py."""
@@ -129,9 +130,10 @@ def rows_matmul(lhs_mk, rhs_list, group_sizes_g, *, transpose_rhs=False, out_dty
         n, n_acc = n // 2, 2
     else:
         n_acc = len(rhs_list)
-    tiles = _rows_tiles(m, group_sizes_g.shape[0], n, out_dtype, n_acc, "N")
+    epi_in = 2 if swiglu == "grad_halves" else 0  # g and u tiles per warpgroup
+    tiles = _rows_tiles(m, group_sizes_g.shape[0], n, out_dtype, n_acc, "N", epi_in=epi_in)
     if chain:
-        tiles = _chain_tiles(tiles, ROWS_TILES is not None, out_dtype, n_acc)
+        tiles = _chain_tiles(tiles, ROWS_TILES is not None, out_dtype, n_acc, epi_in=epi_in)
     block_m = tiles.tile_m * (2 if tiles.cluster_m else 1)  # a 2-CTA cluster takes two tiles' rows
     mp = _padded_rows(m, block_m)
     sched, _ = mk.row_schedule(group_sizes_g, mp, block_m)
@@ -139,7 +141,7 @@ def rows_matmul(lhs_mk, rhs_list, group_sizes_g, *, transpose_rhs=False, out_dty
         rhs_list, transpose_rhs = [r.swapaxes(1, 2) for r in rhs_list], False
     out = mk.rows_kernel(_pad_rows(lhs_mk, mp), list(rhs_list), sched, transpose_rhs=transpose_rhs,
                          out_dtype=out_dtype, tiles=tiles, swiglu=swiglu, zero_tail=zero_tail,
-                         interpret=_interpret())
+                         gu_mn2=None if gu_mn2 is None else _pad_rows(gu_mn2, mp), interpret=_interpret())
     if mp != m:
         out = jax.tree.map(lambda o: o[:m], out)
     return out
@@ -252,6 +254,62 @@ def gmm_swiglu_halves(x_mk, w_gkn, group_sizes_g, chain=False, zero_tail=True):
     _col_tile(w_gkn.shape[2] // 2, "half of N", prefer=64)
     return _gmm_swiglu_halves(x_mk, w_gkn, group_sizes_g.astype(jnp.int32), (vma(x_mk), vma(w_gkn)), bool(chain),
                               bool(zero_tail))
+
+
+# ------------------------------------------------------------------------------------------------
+# gmm_swiglu_ffn: the whole expert FFN, SwiGLU's backward in the epilogue of the down projection's d_lhs
+# ------------------------------------------------------------------------------------------------
+
+
+def _ffn_forward(x_mk, w_gkn, w_down_gnk, group_sizes_g, vmas, zero_tail):
+    v = vmas[0] | vmas[1] | vmas[2]
+    h, gu = _gmm_swiglu_halves_forward(x_mk, w_gkn, group_sizes_g, vmas[:2], True, zero_tail)
+    y = rows_matmul(h, [w_down_gnk], group_sizes_g, chain=True, zero_tail=(zero_tail,))
+    return varying(y, v), h, gu
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _gmm_swiglu_ffn(x_mk, w_gkn, w_down_gnk, group_sizes_g, vmas, zero_tail, h_names):
+    return _ffn_forward(x_mk, w_gkn, w_down_gnk, group_sizes_g, vmas, zero_tail)[0]
+
+
+def _gmm_swiglu_ffn_fwd(x_mk, w_gkn, w_down_gnk, group_sizes_g, vmas, zero_tail, h_names):
+    y, h, gu = (checkpoint_name(o, KERNEL_OUTPUT)
+                for o in _ffn_forward(x_mk, w_gkn, w_down_gnk, group_sizes_g, vmas, zero_tail))
+    for name in h_names:
+        h = checkpoint_name(h, name)
+    return y, (x_mk, w_gkn, w_down_gnk, group_sizes_g, h, gu)
+
+
+def _gmm_swiglu_ffn_bwd(vmas, zero_tail, h_names, res, dy_mk):
+    x_mk, w_gkn, w_down_gnk, group_sizes_g, h, gu = res
+    dy_mk = dy_mk.astype(x_mk.dtype)
+    # [d_g | d_u] straight from the d_h accumulator: no d_h array, no XLA pass over [g | u].
+    d_gu = rows_matmul(dy_mk, [w_down_gnk], group_sizes_g, transpose_rhs=True, out_dtype=x_mk.dtype,
+                       swiglu="grad_halves", gu_mn2=gu, chain=True, zero_tail=(zero_tail,))
+    d_w_down = contract_matmul(h, dy_mk, group_sizes_g, out_dtype=w_down_gnk.dtype, chain=True)
+    dx, d_w, _ = _gmm_bwd(x_mk.dtype, vmas[:2], True, zero_tail, (x_mk, w_gkn, group_sizes_g), d_gu)
+    return dx, d_w, varying(d_w_down, vmas[2]), _int_zeros(group_sizes_g)
+
+
+_gmm_swiglu_ffn.defvjp(_gmm_swiglu_ffn_fwd, _gmm_swiglu_ffn_bwd)
+
+
+def gmm_swiglu_ffn(x_mk, w_gkn, w_down_gnk, group_sizes_g, zero_tail=True, h_names=()):
+    """gmm(gmm_swiglu_halves(x, w), w_down) through the flat (pallas_chain) kernels, with SwiGLU's backward in the
+    epilogue of the down projection's d_lhs kernel (mk.rows_kernel swiglu="grad_halves"): it writes [d_g | d_u]
+    for the [gate | up] backward directly. h_names: extra checkpoint names for h (a remat policy's keep list).
+    zero_tail=False: the output's, the residual's and the gradients' rows past sum(group_sizes) are undefined."""
+    _check(x_mk, w_gkn, group_sizes_g)
+    f = w_gkn.shape[2] // 2
+    if w_down_gnk.ndim != 3 or w_down_gnk.shape[:2] != (w_gkn.shape[0], f) or w_down_gnk.dtype != x_mk.dtype:
+        raise ValueError(f"pallas gmm_swiglu_ffn: w_down must be {x_mk.dtype} [G, F, D] = "
+                         f"[{w_gkn.shape[0]}, {f}, D] for w [G, K, 2F] {w_gkn.shape}; got {w_down_gnk.dtype} "
+                         f"{w_down_gnk.shape}")
+    _col_tile(f, "half of N", prefer=64)
+    _col_tile(w_down_gnk.shape[2], "D")
+    return _gmm_swiglu_ffn(x_mk, w_gkn, w_down_gnk, group_sizes_g.astype(jnp.int32),
+                           (vma(x_mk), vma(w_gkn), vma(w_down_gnk)), bool(zero_tail), tuple(h_names))
 
 
 # ------------------------------------------------------------------------------------------------
