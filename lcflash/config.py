@@ -20,7 +20,6 @@ GMM_IMPLS = ("ragged_dot", "reference", "pallas", "pallas_chain", "jax_mgpu", "t
 ATTN_IMPLS = ("expanded", "absorbed", "pallas")
 TRAIN_ATTN_IMPLS = ("xla", "cudnn", "pallas", "auto", "dpa_xla")
 REMAT_POLICIES = ("nothing", "kernels", "dots")
-DENSE_FFN_IMPLS = ("xla", "pallas", "auto")   # lcflash/model/mlp.py
 # Activations a rematerialised layer can keep besides what its policy keeps (ModelConfig.remat_keep): the names
 # lcflash/model binds with checkpoint_name.
 REMAT_KEEP_NAMES = ("swiglu", "dispatch", "queries")
@@ -102,10 +101,6 @@ class ModelConfig:
     # The router's backward products: "highest" (fp32, like its forward) or "bf16_3x" (tensor cores, 3 bf16 passes;
     # the forward that picks the experts stays fp32 either way; lcflash/model/router.py).
     router_grad_precision: str = "highest"
-    # The dense SwiGLU FFNs: "xla" (einsums and elementwise SwiGLU), "pallas" (the [gate | up] product and the down
-    # projection's d_lhs in our grouped-matmul kernels with one group, SwiGLU and its backward in their epilogues;
-    # lcflash/kernels/gmm/dense_ffn.py; token counts under 128 use XLA), "auto" (pallas on a Hopper GPU).
-    dense_ffn_impl: str = "xla"
     # Layers per iteration of the layer scan (jax.lax.scan's unroll): 1 keeps one compiled layer body; num_layers
     # unrolls the stack, which lets XLA drop the loop's per-layer slicing and stacking (a training-speed A/B).
     scan_unroll: int = 1
@@ -200,8 +195,6 @@ def validate(cfg: ModelConfig, keys: dict[str, str] | None = None) -> ModelConfi
     req(cfg.remat_policy in REMAT_POLICIES, "remat_policy", cfg.remat_policy, f"must be one of {REMAT_POLICIES}")
     req(isinstance(cfg.remat_keep, str) and set(remat_keep_names(cfg.remat_keep)) <= set(REMAT_KEEP_NAMES),
         "remat_keep", cfg.remat_keep, f"must be a comma-separated subset of {REMAT_KEEP_NAMES} (or empty)")
-    req(cfg.dense_ffn_impl in DENSE_FFN_IMPLS, "dense_ffn_impl", cfg.dense_ffn_impl,
-        f"must be one of {DENSE_FFN_IMPLS}")
     req(cfg.router_grad_precision in ROUTER_GRAD_PRECISIONS, "router_grad_precision", cfg.router_grad_precision,
         f"must be one of {ROUTER_GRAD_PRECISIONS}")
     for f in ("bos_token_id", "eos_token_id"):
