@@ -21,7 +21,7 @@ def get_config():
         # peak (experiments/RESULTS.md).
         remat_policy="dots",
         # ... and also the dense FFNs' SwiGLU outputs, the attention queries and the dispatched expert rows:
-        # 147,166 -> 150,437 tokens/s at 32 x 1024 on an H200, peak 90.1 -> 91.0 GiB (experiments/RESULTS.md).
+        # 147,166 -> 150,438 tokens/s at 32 x 1024 on an H200, peak 90.1 -> 91.0 GiB (experiments/RESULTS.md).
         remat_keep="swiglu,queries,dispatch",
         # The router's backward on tensor cores (3 bf16 passes) instead of fp32 FMA kernels; its forward, which
         # picks the experts, stays fp32.

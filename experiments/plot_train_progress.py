@@ -36,13 +36,15 @@ RUNS = [
     ("A/B 1: + tails left unwritten", "bench_train_b32_tails_skip_h200.json"),
     ("A/B 2: tails stored", "bench_train_b32_tails_zt_run2_h200.json"),
     ("A/B 2: + tails left unwritten", "bench_train_b32_tails_skip_run2_h200.json"),
-    ("A/B: attention on assembled heads", "bench_train_b32_s14_assembled_h200.json"),
-    ("A/B: + attention in MLA's form", "bench_train_b32_s14_mla_h200.json"),
-    ("+ remat keeps swiglu, queries", "bench_train_b32_s14_keep_sq_h200.json"),
-    ("+ remat keeps dispatched rows", "bench_train_b32_s14_keep_sqd_h200.json"),
-    ("A/B: SwiGLU backward by XLA", "bench_train_b32_s14_no_grad_epi_h200.json"),
-    ("A/B: + SwiGLU bwd in the down d_lhs kernel", "bench_train_b32_s14_grad_epi_h200.json"),
-    ("same, second run", "bench_train_b32_s14_grad_epi_run2_h200.json"),
+    # Session 14, machine 1 (its tree already had the SwiGLU-backward epilogue of machine 2's A/B).
+    ("m1: attention on assembled heads", "bench_train_b32_s14_assembled_h200.json"),
+    ("m1: + attention in MLA's form", "bench_train_b32_s14_mla_h200.json"),
+    ("m1: + remat keeps swiglu, queries", "bench_train_b32_s14_keep_sq_h200.json"),
+    ("m1: + remat keeps dispatched rows", "bench_train_b32_s14_keep_sqd_h200.json"),
+    ("m2: SwiGLU backward by XLA", "bench_train_b32_s14_no_grad_epi_h200.json"),
+    ("m2: + SwiGLU bwd in the down d_lhs kernel", "bench_train_b32_s14_grad_epi_h200.json"),
+    ("m2: same, second run", "bench_train_b32_s14_grad_epi_run2_h200.json"),
+    ("m3: configs/small.py now", "bench_train_b32_s14_base_h200.json"),
 ]
 TARGET = 0.40
 

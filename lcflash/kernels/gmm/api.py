@@ -6,7 +6,8 @@ by `rhs[g]`. Rows past `sum(group_sizes)` (slots of zero-computation experts, pa
 kernels, which measured faster than our fused gate+up+SwiGLU kernel (`pallas_gmm.gmm_swiglu_fused`, kept for
 experiments; see experiments/gmm_notes.md). `gmm_swiglu_halves(x, [w_gate | w_up], group_sizes)` is the same
 from one concatenated weight (the model's `moe.fuse_gate_up`): for `pallas` and `pallas_chain` one kernel applies
-SwiGLU in its epilogue. The environment variable `LCFLASH_GMM_IMPL` overrides the configured implementation for
+SwiGLU in its epilogue. `gmm_swiglu_ffn(x, [w_gate | w_up], w_down, group_sizes)` is the whole expert FFN; for
+`pallas_chain` the down projection's d_lhs kernel also applies SwiGLU's backward before its store. The environment variable `LCFLASH_GMM_IMPL` overrides the configured implementation for
 A/B runs.
 
 Implementations:
