@@ -31,7 +31,8 @@ def expert_ffn(x_md, group_sizes_g, w_gate_gdf, w_up_gdf, w_down_gfd, impl: str,
 
     fuse_gate_up: one grouped matmul against [gate | up] (the weights concatenated per step, then cast): the rows
     are read once, the backward has one d_lhs product instead of two plus their sum, and our kernels apply SwiGLU
-    before the store (no pass over [g | u]). Same products."""
+    before the store and its backward in the down projection's d_lhs kernel (no pass over [g | u] either way;
+    kernels.gmm.gmm_swiglu_ffn). Same products."""
     dtype = x_md.dtype
 
     def cast(w):  # named so the "dots" remat policy keeps it (lcflash/model/common.py)

@@ -7,8 +7,8 @@ kernels, which measured faster than our fused gate+up+SwiGLU kernel (`pallas_gmm
 experiments; see experiments/gmm_notes.md). `gmm_swiglu_halves(x, [w_gate | w_up], group_sizes)` is the same
 from one concatenated weight (the model's `moe.fuse_gate_up`): for `pallas` and `pallas_chain` one kernel applies
 SwiGLU in its epilogue. `gmm_swiglu_ffn(x, [w_gate | w_up], w_down, group_sizes)` is the whole expert FFN; for
-`pallas_chain` the down projection's d_lhs kernel also applies SwiGLU's backward before its store. The environment variable `LCFLASH_GMM_IMPL` overrides the configured implementation for
-A/B runs.
+`pallas_chain` the down projection's d_lhs kernel also applies SwiGLU's backward before its store. The environment
+variable `LCFLASH_GMM_IMPL` overrides the configured implementation for A/B runs.
 
 Implementations:
   ragged_dot  XLA's jax.lax.ragged_dot (any backend; slow on H100, see experiments/gmm_notes.md)
@@ -26,6 +26,9 @@ Implementations:
 
 import functools
 import os
+
+import jax
+from jax.ad_checkpoint import checkpoint_name
 
 from lcflash.kernels import on_hopper
 from lcflash.kernels.gmm import reference
@@ -145,8 +148,6 @@ def gmm_swiglu_halves(x_mk, w_gkf2, group_sizes_g, *, impl: str = "ragged_dot", 
 
 
 def _down_supported(x_mk, w_down_gfn) -> bool:
-    import jax
-
     from lcflash.kernels.gmm import pallas_gmm
 
     h = jax.ShapeDtypeStruct((x_mk.shape[0], w_down_gfn.shape[1]), x_mk.dtype)
@@ -159,8 +160,6 @@ def gmm_swiglu_ffn(x_mk, w_gkf2, w_down_gfn, group_sizes_g, *, impl: str = "ragg
     runs it as one custom gradient whose down-projection d_lhs kernel applies SwiGLU's backward before its store
     (pallas_gmm.gmm_swiglu_ffn); the others compose the two calls. h_names: checkpoint names for h (the SwiGLU
     output), applied where h is visible to a remat policy."""
-    from jax.ad_checkpoint import checkpoint_name
-
     impl = _resolve(impl, x_mk, w_gkf2)
     if impl == "pallas_chain" and SWIGLU_EPILOGUE and SWIGLU_GRAD_EPILOGUE and _down_supported(x_mk, w_down_gfn):
         from lcflash.kernels.gmm import pallas_gmm
