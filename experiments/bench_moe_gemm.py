@@ -440,6 +440,39 @@ def swiglu_cases(ts, shapes=(("longcat", "gate_up"), ("small", "gate_up"))):
     return out
 
 
+def ffn_cases(ts, models=("small", "longcat")):
+    """The whole expert FFN forward + backward (api.gmm_swiglu_ffn, T tokens per expert, equal groups, plus as
+    many tail rows, as in training at ~6 FFN experts of 12): `grad_epilogue` with SwiGLU's backward in the down
+    projection's d_lhs kernel (configs/small.py), `xla` with it between the kernels (SWIGLU_GRAD_EPILOGUE off)."""
+    out = []
+    for t in ts:
+        for model in models:
+            d, f, g = SHAPES[(model, "gate_up")]
+            m = 2 * g * t
+            sizes = jnp.full((g,), t, jnp.int32)
+            ks = jax.random.split(jax.random.key(5), 4)
+            x, dy = (jax.random.normal(k, (m, d), jnp.bfloat16) for k in ks[:2])
+            w_gu = (jax.random.normal(ks[2], (g, d, 2 * f), jnp.float32) / np.sqrt(d)).astype(jnp.bfloat16)
+            w_down = (jax.random.normal(ks[3], (g, f, d), jnp.float32) / np.sqrt(f)).astype(jnp.bfloat16)
+            rec, grads = dict(model=model, tokens_per_expert=t, tail_rows=m // 2, d=d, f=f, experts=g), {}
+            for name, on in (("grad_epilogue", True), ("xla", False)):
+                api.SWIGLU_GRAD_EPILOGUE = on  # read at trace time: each variant traces its own jit
+                try:
+                    ffn = lambda a, b, c: api.gmm_swiglu_ffn(a, b, c, sizes, impl="pallas_chain",  # noqa: E731
+                                                             zero_tail=False)
+                    both = jax.jit(lambda *a, ffn=ffn: jax.vjp(ffn, *a)[1](dy))
+                    grads[name] = both(x, w_gu, w_down)
+                    rec[name] = dict(fwd_bwd_ms=time_ms(both, (x, w_gu, w_down))[0])
+                except Exception as e:  # noqa: BLE001
+                    rec[name] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
+            api.SWIGLU_GRAD_EPILOGUE = True
+            if len(grads) == 2:  # weight gradients only: d_x's tail rows are undefined
+                rec["rel_err_dw"] = [rel_err(a, b) for a, b in zip(grads["grad_epilogue"][1:], grads["xla"][1:])]
+            print("ffn", json.dumps(rec), flush=True)
+            out.append(rec)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="experiments/bench_moe_gemm.json")
@@ -447,6 +480,8 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="also time tile variants of ours")
     ap.add_argument("--swiglu", action="store_true", help="also time the fused gate+up+SwiGLU kernels")
     ap.add_argument("--swiglu-only", action="store_true", help="time only the gate+up+SwiGLU variants (T=512)")
+    ap.add_argument("--ffn-only", action="store_true", help="time only the whole expert FFN with and without "
+                    "SwiGLU's backward in the down projection's d_lhs kernel (T=512)")
     ap.add_argument("--impls", default="pallas,jax_mgpu,ragged_dot,einsum")
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting new cases after this many seconds")
     ap.add_argument("--skip", type=int, default=0, help="skip the first N cases of the priority list")
@@ -486,6 +521,10 @@ def main():
     report["swiglu"] = []
     if args.swiglu_only:
         report["swiglu"] = swiglu_cases([512])
+        save()
+        return
+    if args.ffn_only:
+        report["ffn"] = ffn_cases([512])
         save()
         return
     for cfg, proj, t, load in cases(args.quick, args.chain_ab)[args.skip:]:
