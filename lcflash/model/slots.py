@@ -5,6 +5,8 @@ experts sort past every group and are never read by the grouped matmuls. `dispat
 rows between the two orders with gathers in both directions, forward and backward (a scatter-add runs with
 atomics: 1.6 ms per layer for a 16k-token batch on an H200, experiments/RESULTS.md), and they skip the zero-expert
 slots: those gather row 0 (cached) and are masked, so the bytes read scale with the FFN slots, not with T*K.
+On a Hopper GPU the dispatch gather is a kernel that also leaves the rows past the FFN slots unwritten
+(lcflash/kernels/row_gather.py), so the bytes written scale with them too.
 """
 
 from typing import NamedTuple
@@ -12,7 +14,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from lcflash.kernels import accumulation_dtype
+from lcflash.kernels import accumulation_dtype, on_hopper
 from lcflash.parallel.vma import match_vma
 
 
@@ -60,8 +62,18 @@ def dispatch_rows(x_td, slots: Slots):
     return _dispatch_rows(*match_vma(x_td, slots))
 
 
+# Benchmarks turn the gather kernel off for A/B runs (experiments/bench_train.py --xla_dispatch_gather).
+GATHER_KERNEL = True
+
+
 @jax.custom_vjp
 def _dispatch_rows(x_td, slots: Slots):
+    if GATHER_KERNEL and on_hopper():
+        from lcflash.kernels import row_gather  # imported on first use: keeps CPU-only imports light
+
+        if row_gather.supported(x_td, slots.tok_m.shape[0]) is None:
+            return row_gather.take_rows(x_td, slots.tok_m, jnp.sum(slots.group_sizes_g),
+                                        interpret=jax.default_backend() != "gpu")
     return x_td[slots.tok_m]
 
 

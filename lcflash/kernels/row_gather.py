@@ -1,0 +1,82 @@
+"""out[m] = x[idx[m]] for the first n rows only, as a Pallas Mosaic GPU kernel (Hopper TMA).
+
+The MoE dispatch gathers each token's row into its slots' sorted places: [T·K, D] rows of which only the first
+sum(group_sizes) (the FFN-expert slots, about half in configs/small.py's training) are read by the expert
+kernels. XLA's gather writes every row (533 us per layer at 32 x 1024 tokens on an H200, ~1.6 GB moved); this
+kernel leaves rows >= n unwritten, so the bytes moved scale with the FFN slots.
+
+Each CTA takes `rows` consecutive output rows: it reads their indices, loads every row in `CHUNK`-element pieces
+by TMA (the rows are scattered, so each piece is its own copy, all counted by one barrier) and stores the block with
+one TMA copy. CTAs whose first row is >= n return at once.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+CHUNK = 256                 # elements per TMA piece: a TMA box holds at most 256 per dimension
+MAX_ROWS = 32               # output rows per CTA (32 x 1024 bf16: 64 KB of shared memory)
+
+
+def supported(x_td, m: int) -> str | None:
+    """None if the kernel takes x [T, D] and m output rows, else why not."""
+    if x_td.ndim != 2 or x_td.shape[1] % CHUNK:
+        return f"x must be [T, D] with D a multiple of {CHUNK}; got {x_td.shape}"
+    if x_td.dtype.itemsize not in (2, 4):
+        return f"dtype {x_td.dtype}: 16- or 32-bit rows only"
+    if m % 8:
+        return f"the output row count {m} must be a multiple of 8"
+    return None
+
+
+def _rows_per_cta(m: int) -> int:
+    r = MAX_ROWS
+    while m % r:
+        r //= 2
+    return r
+
+
+def _kernel(n_ref, idx_ref, x_gmem, out_gmem, scoped, *, rows, chunks, align):
+    smem, bar = scoped
+    first = lax.axis_index("blk") * rows
+
+    @pl.when(first < (n_ref[0] + align - 1) // align * align)
+    def _():
+        for r in range(rows):
+            src = idx_ref[first + r] * chunks
+            for c in range(chunks):
+                plgpu.copy_gmem_to_smem(x_gmem.at[pl.ds(src + c, 1)], smem.at[pl.ds(r * chunks + c, 1)], bar)
+        plgpu.barrier_wait(bar)  # its arrival count is the number of copies
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(smem, out_gmem.at[pl.ds(first * chunks, rows * chunks)])
+        plgpu.wait_smem_to_gmem(0)
+
+
+@functools.partial(jax.jit, static_argnames=("align", "interpret"))
+def take_rows(x_td, idx_m, n, *, align: int = 128, interpret: bool = False):
+    """[M, D] with row m = x[idx[m]] for m < roundup(n, align); the rows past that are left unwritten (undefined).
+    idx [M] int32 (valid row indices up to that bound), n a scalar on the device (e.g. sum(group_sizes)). The
+    rows up to the next multiple of align are written so that a kernel tile straddling n reads finite values: the
+    grouped-matmul weight gradient multiplies such rows by zeros, and NaN * 0 would not be 0."""
+    why = supported(x_td, idx_m.shape[0])
+    if why:
+        raise ValueError(f"row_gather.take_rows: {why}")
+    (t, d), m = x_td.shape, idx_m.shape[0]
+    chunks, rows = d // CHUNK, _rows_per_cta(m)
+    if align % rows:
+        raise ValueError(f"row_gather.take_rows: align {align} must be a multiple of {rows} rows per CTA")
+    params = {}
+    if interpret:  # Pallas' CPU simulation of Mosaic GPU
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+        params["interpret"] = InterpretGPUParams()
+    scratch = (plgpu.SMEM((rows * chunks, CHUNK), x_td.dtype), plgpu.Barrier(num_arrivals=rows * chunks))
+    kernel = functools.partial(_kernel, rows=rows, chunks=chunks, align=align)
+    out = plgpu.kernel(lambda *refs: pl.run_scoped(lambda *s: kernel(*refs, s), *scratch),
+                       out_type=jax.ShapeDtypeStruct((m * chunks, CHUNK), x_td.dtype), grid=(m // rows,),
+                       grid_names=("blk",), **params)(
+        jnp.reshape(n, (1,)).astype(jnp.int32), idx_m.astype(jnp.int32), x_td.reshape(t * chunks, CHUNK))
+    return out.reshape(m, d)
