@@ -51,8 +51,8 @@ def test_bad_shapes_fail_before_compiling():
 
 
 def test_dispatch_rows_uses_the_kernel_on_hopper_with_the_same_rows_and_gradient(hang_guard, monkeypatch):
-    """lcflash.model.slots.dispatch_rows with the kernel (here in the interpreter, as if on a Hopper GPU): the FFN
-    slots' rows and the gradient equal XLA's gather."""
+    """lcflash.model.slots.dispatch_rows with the kernel switched on (here in the interpreter, as if on a Hopper
+    GPU): the FFN slots' rows and the gradient equal XLA's gather."""
     from lcflash.model import slots as slots_mod
 
     t, k, n_ffn, d = 16, 4, 3, 256
@@ -68,6 +68,7 @@ def test_dispatch_rows_uses_the_kernel_on_hopper_with_the_same_rows_and_gradient
 
     want = run()
     monkeypatch.setattr(slots_mod, "on_hopper", lambda: True)
+    monkeypatch.setattr(slots_mod, "GATHER_KERNEL", True)
     jaxpr = str(jax.make_jaxpr(lambda x: slots_mod.dispatch_rows(x, s))(x))
     assert "custom_vmap_call[" in jaxpr  # the kernel's launch
     got = run()

@@ -5,8 +5,8 @@ experts sort past every group and are never read by the grouped matmuls. `dispat
 rows between the two orders with gathers in both directions, forward and backward (a scatter-add runs with
 atomics: 1.6 ms per layer for a 16k-token batch on an H200, experiments/RESULTS.md), and they skip the zero-expert
 slots: those gather row 0 (cached) and are masked, so the bytes read scale with the FFN slots, not with T*K.
-On a Hopper GPU the dispatch gather is a kernel that also leaves the rows past the FFN slots unwritten
-(lcflash/kernels/row_gather.py), so the bytes written scale with them too.
+With GATHER_KERNEL on a Hopper GPU, the dispatch gather is a kernel that also leaves the rows past the FFN slots
+unwritten (lcflash/kernels/row_gather.py), so the bytes written scale with them too.
 """
 
 from typing import NamedTuple
@@ -62,8 +62,9 @@ def dispatch_rows(x_td, slots: Slots):
     return _dispatch_rows(*match_vma(x_td, slots))
 
 
-# Benchmarks turn the gather kernel off for A/B runs (experiments/bench_train.py --xla_dispatch_gather).
-GATHER_KERNEL = True
+# The dispatch gather kernel: off until it has run and been timed on a GPU (experiments/bench_train.py
+# --dispatch_gather_kernel turns it on for the A/B).
+GATHER_KERNEL = False
 
 
 @jax.custom_vjp
