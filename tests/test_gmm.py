@@ -539,6 +539,28 @@ def test_pallas_gradients_inside_shard_map(hang_guard):
         assert _rel(g, w) < BF16_TOL
 
 
+def test_fused_expert_ffn_gradients_inside_shard_map(hang_guard):
+    """The same for the whole expert FFN with SwiGLU's backward in the down d_lhs kernel (api.gmm_swiglu_ffn):
+    its [d_g | d_u] goes from one kernel to the next inside the custom gradient."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    mesh = jax.make_mesh((1,), ("expert",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:1])
+    x, w_gu, _, sizes = _inputs(10, 96, 128, 256, [40, 0, 30], jnp.bfloat16)
+    w_down = (jax.random.normal(jax.random.key(11), (3, 128, 128), jnp.float32) / np.sqrt(128)).astype(jnp.bfloat16)
+
+    def loss(impl):
+        def local(x, a, b):
+            y = api.gmm_swiglu_ffn(x, a, b, sizes, impl=impl)
+            return jax.lax.psum(y.astype(jnp.float32).sum(), "expert")
+        return jax.shard_map(local, mesh=mesh, in_specs=(P("expert"),) * 3, out_specs=P())
+
+    args = [jax.device_put(a, NamedSharding(mesh, P("expert"))) for a in (x, w_gu, w_down)]
+    got = jax.jit(jax.grad(loss("pallas_chain"), argnums=(0, 1, 2)))(*args)
+    want = jax.jit(jax.grad(loss("reference"), argnums=(0, 1, 2)))(*args)
+    for g, w in zip(got, want):
+        assert _rel(g, w) < 2 * BF16_TOL
+
+
 def test_gmm_profile_summary_attributes_time_to_the_innermost_scope():
     """experiments/gmm_profile.py's reading of a Mosaic GPU profiler trace, on a synthetic two-CTA trace."""
     import importlib.util
