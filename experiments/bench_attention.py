@@ -13,6 +13,9 @@ MLA's heads have qk 192 (nope 128 + rope 64) and v 128. The variants, all bf16 f
   pallas_dABC  : `pallas` with the forward, dq and dk/dv kernels loading A, B and C blocks ahead (named on demand)
   dpa_causal   : `jax.nn.dot_product_attention` without the segment mask (not the model's semantics)
   cudnn_causal : cuDNN's MLA form (v kept at 128) through `jax._src.cudnn`, causal, no segments
+  jax_mgpu_causal: JAX's example Mosaic GPU flash attention (`jax.experimental.pallas.ops.gpu.attention_mgpu`: two
+                 compute warpgroups in ping-pong, FA3's schedule), causal, v padded to 192; the peer of
+                 pallas_causal (not the model's semantics)
   cudnn_mask   : the same with the segment mask (as a bias)
   cudnn_packed : the same with the documents as packed segments (q/kv offsets and lengths per row);
                  _padv with v zero-padded to 192 as well; _mM with M segment slots per row
@@ -101,7 +104,16 @@ def variants(seg_bt, max_segments):
         q, k = mla.fused_heads(q_nope, q_pe, k_nope, kpe)
         return doc_attention(q, k, v, first_visible(mask_bts), scale=SCALE, depths=depths)
 
+    def jax_mgpu(q_nope, q_pe, k_nope, kpe, v, block=64):
+        from jax.experimental.pallas.ops.gpu import attention_mgpu as am
+        q, k = mla.fused_heads(q_nope, q_pe, k_nope, kpe)
+        cfg = am.TuningConfig(block_q=block, block_kv=block, max_concurrent_steps=2, causal=True,
+                              block_q_dkv=block, block_kv_dkv=block, block_q_dq=block, block_kv_dq=block)
+        return am.attention(q * SCALE, k, mla.pad_head(v, q.shape[-1]), cfg)[..., :v.shape[-1]]  # it does not scale
+
     return {
+        "jax_mgpu_causal": jax_mgpu,
+        "jax_mgpu_causal_b128": functools.partial(jax_mgpu, block=128),
         **{f"pallas_d{a}{b}{c}": functools.partial(pallas_depths, depths=(a, b, c))
            for a in (1, 2, 3) for b in (1, 2, 3) for c in (1, 2, 3)},
         "dpa_mask": dpa,
