@@ -41,9 +41,14 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
 
+def attn_impl(impl: str) -> str:
+    """The model's attn_impl of a benchmark variant name ("pallas@s1" -> "pallas")."""
+    return impl.partition("@")[0]
+
+
 def file_tag(key: str) -> str:
     """A variant key ("pallas/auto") as a file-name part the device tool returns."""
-    return key.replace("/", "_").replace("+", "_")
+    return key.replace("/", "_").replace("+", "_").replace("@", "_")
 
 
 def versions():
@@ -143,7 +148,7 @@ def run_jax(args):
     def generator(impl, moe):
         key = impl + ("" if moe == args.moe_impl else f"/{moe}")
         if key not in gens:
-            gens[key] = Generator(model, impl, moe, weights=base.dm.weights)
+            gens[key] = Generator(model, attn_impl(impl), moe, weights=base.dm.weights)
         return key
 
     extra = []   # (impl, moe_impl, B, C): the dense MoE at small batch, where "auto" picks "gather"
@@ -161,7 +166,7 @@ def run_jax(args):
         """The XLA path reads the whole cache, so its capacity is the context plus the new tokens; the kernel
         reads only the filled blocks, so one capacity (the longest context's) serves every context, as in
         generate() where the capacity is a bucket."""
-        if impl == "pallas":
+        if attn_impl(impl) == "pallas":
             C = max(args.contexts)
         return -(-(C + steps + 2) // 256) * 256
 
@@ -183,6 +188,9 @@ def run_jax(args):
     def lower(prog):
         gkey, B, S, kind = prog
         g = gens[gkey]
+        splits = gkey.split("/")[0].partition("@s")[2]   # "pallas@sN": the kernel with at most N context splits
+        from lcflash.kernels.mla_decode import pallas_mgpu
+        pallas_mgpu.MAX_SPLITS = int(splits) if splits else None   # read while tracing: choose_splits
         cache = jax.eval_shape(lambda: DecodeCache.zeros(cfg, B, S, mtp=kind == "speculative"))
         b32 = jax.ShapeDtypeStruct((B,), jnp.int32)
         if kind == "speculative":
@@ -488,7 +496,8 @@ def main():
     ap.add_argument("--config", default=os.path.join(ROOT, "configs", "small.py"))
     ap.add_argument("--batches", default="1,8,64")
     ap.add_argument("--contexts", default="1024,8192,32768")
-    ap.add_argument("--impls", default="absorbed,pallas")
+    ap.add_argument("--impls", default="absorbed,pallas", help="attention: absorbed (XLA), pallas (our kernel), "
+                    "pallas@sN (the kernel with at most N context splits; pallas@s1: no merge kernels)")
     ap.add_argument("--moe_impl", default="auto")
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--speculative", action=argparse.BooleanOptionalAction, default=True,

@@ -7,7 +7,9 @@ The loads run `depth` blocks ahead of the math. Only the T*H real query rows (ro
 loaded and stored; the wgmma's other rows hold whatever shared memory held, which touches only those rows' own
 outputs (every row's softmax and products are its own), so no padded copy of the queries or slice of the output
 costs a kernel of its own around the call. Each split keeps an online softmax in registers and writes its
-normalised output and log2-sum-exp2; `reference.combine_splits` merges the splits (flash-decoding).
+normalised output and log2-sum-exp2; `reference.combine_splits` merges the splits (flash-decoding). With one split
+the kernel writes the output in the compute dtype and nothing runs after it: at batch 1 a decode step is a chain of
+~500 kernels of a few microseconds each, and the merge's three XLA kernels per attention are 72 of them.
 
 Only the blocks holding a visible key are read: a split past the row's last position reads nothing, so a decode
 step costs the filled part of the cache, not its capacity.
@@ -26,6 +28,9 @@ from lcflash.kernels.mla_decode.reference import LOG2E, NEG_INF, combine_splits,
 ROWS = 64               # wgmma M: query rows (heads x query tokens) per CTA
 MAX_LATENT = 256        # the fp32 output accumulator [64, R] must fit one warpgroup's registers
 TARGET_CTAS = 264       # two waves of 132 SMs
+# At most this many splits (None: as many as TARGET_CTAS asks for). 1 trades the merge's kernels for one CTA walking
+# the whole context: experiments/bench_decode.py times the variants (impl "pallas@s1").
+MAX_SPLITS: int | None = None
 
 
 def supported(q_len: int, heads: int, kv_lora_rank: int, rope_dim: int, cache_len: int, dtype,
@@ -45,8 +50,9 @@ def supported(q_len: int, heads: int, kv_lora_rank: int, rope_dim: int, cache_le
 
 
 def choose_splits(batch: int, n_blocks: int) -> int:
-    """Context splits for ~TARGET_CTAS CTAs (at least one block each)."""
-    return split_layout(n_blocks, max(1, -(-TARGET_CTAS // batch)))[0]
+    """Context splits for ~TARGET_CTAS CTAs (at least one block each), at most MAX_SPLITS."""
+    want = max(1, -(-TARGET_CTAS // batch))
+    return split_layout(n_blocks, want if MAX_SPLITS is None else min(want, MAX_SPLITS))[0]
 
 
 def split_layout(n_blocks: int, num_splits: int) -> tuple[int, int]:
@@ -142,7 +148,7 @@ def _kernel(start_ref, q_ref, qpe_ref, c_ref, kpe_ref, o_ref, lse_ref, scoped, *
         return acc, m_new, l_i
 
     acc, m_i, l_i = lax.fori_loop(0, n, body, (acc, m_i, l_i))
-    o_smem[...] = acc / lax.broadcast_in_dim(l_i, acc.shape, [0])
+    o_smem[...] = (acc / lax.broadcast_in_dim(l_i, acc.shape, [0])).astype(o_smem.dtype)
     lse_smem[...] = m_i + jnp.log(l_i) * LOG2E
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(o_smem.at[real], o_ref.at[b, split])
@@ -150,22 +156,33 @@ def _kernel(start_ref, q_ref, qpe_ref, c_ref, kpe_ref, o_ref, lse_ref, scoped, *
     plgpu.wait_smem_to_gmem(0)
 
 
-# Jitted so that the 2L identical calls of one decode step lower (Mosaic GPU) once, not once per sublayer.
-@functools.partial(jax.jit, static_argnames=("scale", "block_kv", "num_splits", "depth", "fused_pv", "interpret"))
 def mla_decode_pallas(q_lat_bthr, q_pe_bthd, c_bsr, kpe_bsd, q_start_b, *, scale: float, block_kv: int = 64,
                       num_splits: int | None = None, depth: int = 4, fused_pv: bool = True,
                       interpret=False):
-    """Causal absorbed attention: query t of row b sits at cache index q_start_b[b] + t. Returns o_lat [B,T,H,R]."""
+    """Causal absorbed attention: query t of row b sits at cache index q_start_b[b] + t. Returns o_lat [B,T,H,R].
+    num_splits: None picks them (choose_splits, here, outside the jit, so MAX_SPLITS applies to every trace)."""
+    B, T, H, R = q_lat_bthr.shape
+    why = supported(T, H, R, q_pe_bthd.shape[-1], c_bsr.shape[1], q_lat_bthr.dtype, block_kv)
+    if why:
+        raise NotImplementedError(f"mla_decode pallas kernel: {why}; use impl='xla'")
+    n_blocks = c_bsr.shape[1] // block_kv
+    return _mla_decode_pallas(q_lat_bthr, q_pe_bthd, c_bsr, kpe_bsd, q_start_b, scale=scale, block_kv=block_kv,
+                              num_splits=num_splits or choose_splits(B, n_blocks), depth=depth, fused_pv=fused_pv,
+                              interpret=interpret)
+
+
+# Jitted so that the 2L identical calls of one decode step lower (Mosaic GPU) once, not once per sublayer.
+@functools.partial(jax.jit, static_argnames=("scale", "block_kv", "num_splits", "depth", "fused_pv", "interpret"))
+def _mla_decode_pallas(q_lat_bthr, q_pe_bthd, c_bsr, kpe_bsd, q_start_b, *, scale, block_kv, num_splits, depth,
+                       fused_pv, interpret):
     B, T, H, R = q_lat_bthr.shape
     P = q_pe_bthd.shape[-1]
     S = c_bsr.shape[1]
-    why = supported(T, H, R, P, S, q_lat_bthr.dtype, block_kv)
-    if why:
-        raise NotImplementedError(f"mla_decode pallas kernel: {why}; use impl='xla'")
     dtype = q_lat_bthr.dtype
     n_blocks = S // block_kv
-    num_splits, per_split = split_layout(n_blocks, num_splits or choose_splits(B, n_blocks))
+    num_splits, per_split = split_layout(n_blocks, num_splits)
     depth = max(1, min(depth, per_split))
+    out_dtype = dtype if num_splits == 1 else jnp.float32   # one split: the final output, nothing to merge
 
     rows = -(-T * H // 8) * 8   # whole smem tiles of 8 rows; a model with 8 | H passes q through as it is
 
@@ -185,14 +202,14 @@ def mla_decode_pallas(q_lat_bthr, q_pe_bthd, c_bsr, kpe_bsd, q_start_b, *, scale
              plgpu.SMEM((ROWS, P), dtype, transforms=tiled),
              plgpu.SMEM((depth, block_kv, R), dtype, transforms=tiled),
              plgpu.SMEM((depth, block_kv, P), dtype, transforms=tiled),
-             plgpu.SMEM((ROWS, R), jnp.float32),
+             plgpu.SMEM((ROWS, R), out_dtype),
              plgpu.SMEM((ROWS,), jnp.float32)),
             (plgpu.Barrier(num_barriers=2), plgpu.Barrier(num_barriers=depth), plgpu.Barrier(num_barriers=depth)),
         )
 
     o_part, lse2 = plgpu.kernel(
         entry,
-        out_type=(jax.ShapeDtypeStruct((B, num_splits, rows, R), jnp.float32),
+        out_type=(jax.ShapeDtypeStruct((B, num_splits, rows, R), out_dtype),
                   jax.ShapeDtypeStruct((B, num_splits, rows), jnp.float32)),
         grid=(num_splits, B),
         grid_names=("split", "batch"),
@@ -200,7 +217,7 @@ def mla_decode_pallas(q_lat_bthr, q_pe_bthd, c_bsr, kpe_bsd, q_start_b, *, scale
         **({"interpret": interpret} if interpret else {}),
     )(q_start_b.astype(jnp.int32), pad_rows(q_lat_bthr), pad_rows(q_pe_bthd), c_bsr.astype(dtype),
       kpe_bsd.astype(dtype))
-    o = combine_splits(o_part, lse2)
+    o = o_part[:, 0] if num_splits == 1 else combine_splits(o_part, lse2)
     o = o if rows == T * H else o[:, :T * H]
     return o.reshape(B, T, H, R).astype(dtype)
 
