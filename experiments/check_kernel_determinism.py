@@ -58,6 +58,14 @@ def cases(tokens: int, impl: str):
         y, vjp = jax.vjp(lambda h, w: api.gmm(h, w, gs, impl=impl), h, w_dn)
         return (y,) + vjp(r_y)
 
+    def ffn(x, w_gu, w_dn):  # SwiGLU's backward in the down projection's d_lhs kernel
+        y, vjp = jax.vjp(lambda x, a, b: api.gmm_swiglu_ffn(x, a, b, gs, impl=impl, zero_tail=False), x, w_gu, w_dn)
+        return (y,) + vjp(r_y)
+
+    def gather(x_td, idx):  # the dispatch gather kernel: rows up to sum(group_sizes), rounded up to 128
+        from lcflash.kernels.row_gather import take_rows
+        return (take_rows(x_td, idx, gs.sum()),)
+
     B, T, H = tokens // 1024, 1024, 8
     q = jax.random.normal(ks[6], (B, T, H, 192), bf)
     kk = jax.random.normal(ks[7], (B, T, H, 192), bf)
@@ -80,6 +88,9 @@ def cases(tokens: int, impl: str):
     return {
         f"gmm_swiglu_halves ({impl})": (jax.jit(lambda x, w: mask(halves(x, w))), (x, w_gu)),
         f"gmm down ({impl})": (jax.jit(lambda h, w: mask(down(h, w))), (jnp.where(live, h0, 0), w_dn)),
+        f"gmm_swiglu_ffn ({impl})": (jax.jit(lambda x, a, b: mask(ffn(x, a, b))), (x, w_gu, w_dn)),
+        "row_gather": (jax.jit(lambda x, i: mask(gather(x, i))),
+                       (x[:tokens], jax.random.randint(ks[11], (M,), 0, tokens))),
         "doc_attention": (jax.jit(attention), (q, kk, v)),
         "mla_doc_attention": (jax.jit(mla_attention),
                               (q, jnp.concatenate([kk[..., :128], v], -1), kk[:, :, 0, 128:])),
