@@ -157,14 +157,14 @@ def test_kernels_policy_keeps_the_pallas_and_cudnn_kernels_on_gpu():
 def test_remat_keep_saves_the_named_activations_and_changes_no_value():
     """model.remat_keep adds residuals to the policy's: the two dense FFNs' and the experts' SwiGLU outputs
     ("swiglu"), the dispatched expert rows ("dispatch") and the two attentions' queries on the fused path
-    ("queries"), per layer; loss and gradients unchanged."""
+    ("queries"), every RMSNorm's output ("norms"), per layer; loss and gradients unchanged."""
     from jax._src.ad_checkpoint import saved_residuals
 
     cfg = model_config(load_config("configs/tiny.py", {"moe.gmm_impl": "ragged_dot"})).replace(
         num_layers=1, remat=True, remat_policy="dots", train_attn_impl="dpa_xla")
     tokens = jax.random.randint(jax.random.key(3), (2, 8), 0, cfg.vocab_size)
     shapes, out = {}, {}
-    keeps = ("", "swiglu", "swiglu,dispatch", "swiglu,dispatch,queries")
+    keeps = ("", "swiglu", "swiglu,dispatch", "swiglu,dispatch,queries", "swiglu,dispatch,queries,norms")
     for keep in keeps:
         loss, state = _loss(cfg.replace(remat_keep=keep), tokens)
         shapes[keep] = sorted(str(aval.shape) for aval, _ in saved_residuals(loss, state))
@@ -177,7 +177,10 @@ def test_remat_keep_saves_the_named_activations_and_changes_no_value():
     assert added("", "swiglu") == sorted([str((1, 2, 8, F_dense))] * 2 + [str((1, M, F_exp))]), added("", "swiglu")
     assert added("swiglu", "swiglu,dispatch") == [str((1, M, D))], added("swiglu", "swiglu,dispatch")
     # The queries replace the saved q projection they are computed from (same shape): no residual added.
-    assert added(*keeps[2:]) == [], added(*keeps[2:])
+    assert added(*keeps[2:4]) == [], added(*keeps[2:4])
+    norms = added(*keeps[3:])  # the layer's four on the residual stream and each attention's two latent norms
+    assert sorted(norms) == sorted([str((1, 2, 8, D))] * 4 + [str((1, 2, 8, cfg.q_lora_rank)),
+                                                              str((1, 2, 8, cfg.kv_lora_rank))] * 2), norms
     l0, g0 = out[""]
     for keep in keeps[1:]:
         np.testing.assert_array_equal(out[keep][0], l0)

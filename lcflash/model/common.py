@@ -72,6 +72,7 @@ POLICY_FNS = {
 SWIGLU_OUTPUT = "swiglu"
 DISPATCH_ROWS = "dispatch"
 ATTENTION_QUERIES = "queries"
+NORM_OUTPUT = "norms"
 
 
 def remat_policy_fn(remat_policy: str, keep: tuple[str, ...] = ()):

@@ -6,7 +6,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lcflash.model.common import ones_param
+from jax.ad_checkpoint import checkpoint_name
+
+from lcflash.model.common import NORM_OUTPUT, ones_param
 
 
 def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
@@ -38,4 +40,4 @@ class RMSNorm(nnx.Module):
         self.weight = ones_param((dim,), (axis,), param_dtype)
 
     def __call__(self, x):
-        return rms_norm(x, self.weight[...], self.eps)
+        return checkpoint_name(rms_norm(x, self.weight[...], self.eps), NORM_OUTPUT)  # model.remat_keep "norms"
