@@ -11,7 +11,8 @@ from flax import nnx
 from lcflash.config import REMAT_KEEP_NAMES, REMAT_POLICIES, ConfigError, load_config, model_config
 from lcflash.kernels.gmm import api
 from lcflash.model import LongcatFlash
-from lcflash.model.common import ATTENTION_QUERIES, DISPATCH_ROWS, KERNEL_PRIMITIVES, POLICY_FNS, SWIGLU_OUTPUT
+from lcflash.model.common import (ATTENTION_QUERIES, DISPATCH_ROWS, KERNEL_PRIMITIVES, NORM_OUTPUT, POLICY_FNS,
+                                  SWIGLU_OUTPUT)
 from numerics import rel
 from xla_flags import default_codegen
 
@@ -231,7 +232,7 @@ def test_kernel_primitive_names_exist():
               cudnn_attention._dot_product_attention_fwd_p_wrapper.name}
     assert KERNEL_PRIMITIVES <= names, KERNEL_PRIMITIVES - names
     assert set(POLICY_FNS) == set(REMAT_POLICIES)
-    assert {SWIGLU_OUTPUT, DISPATCH_ROWS, ATTENTION_QUERIES} == set(REMAT_KEEP_NAMES)
+    assert {SWIGLU_OUTPUT, DISPATCH_ROWS, ATTENTION_QUERIES, NORM_OUTPUT} == set(REMAT_KEEP_NAMES)
 
 
 def test_bad_policy_is_a_config_error():

@@ -5,7 +5,6 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
-
 from jax.ad_checkpoint import checkpoint_name
 
 from lcflash.model.common import NORM_OUTPUT, ones_param
