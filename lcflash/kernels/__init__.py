@@ -13,6 +13,15 @@ def on_hopper(backend: str | None = None, compute_capability: str | None = None)
     return backend == "gpu" and str(compute_capability or "").startswith("9.")
 
 
+def interpret_params(interpret: bool):
+    """plgpu.kernel's `interpret` argument: Pallas' CPU simulation of Mosaic GPU when asked for, else None."""
+    if not interpret:
+        return None
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+    return InterpretGPUParams()
+
+
 def accumulation_dtype(dtype):
     """fp32 for bf16/fp16/fp32 operands; a wider dtype stays (float64 in the x64 tests)."""
     return jnp.promote_types(dtype, jnp.float32)

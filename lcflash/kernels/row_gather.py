@@ -18,6 +18,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from lcflash.kernels import interpret_params
+
 CHUNK = 256                 # elements per TMA piece: a TMA box holds at most 256 per dimension
 MAX_ROWS = 32               # output rows per CTA (32 x 1024 bf16: 64 KB of shared memory)
 
@@ -69,14 +71,10 @@ def take_rows(x_td, idx_m, n, *, align: int = 128, interpret: bool = False):
     chunks, rows = d // CHUNK, _rows_per_cta(m)
     if align % rows:
         raise ValueError(f"row_gather.take_rows: align {align} must be a multiple of {rows} rows per CTA")
-    params = {}
-    if interpret:  # Pallas' CPU simulation of Mosaic GPU
-        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-        params["interpret"] = InterpretGPUParams()
     scratch = (plgpu.SMEM((rows * chunks, CHUNK), x_td.dtype), plgpu.Barrier(num_arrivals=rows * chunks))
     kernel = functools.partial(_kernel, rows=rows, chunks=chunks, align=align)
     out = plgpu.kernel(lambda *refs: pl.run_scoped(lambda *s: kernel(*refs, s), *scratch),
                        out_type=jax.ShapeDtypeStruct((m * chunks, CHUNK), x_td.dtype), grid=(m // rows,),
-                       grid_names=("blk",), **params)(
+                       grid_names=("blk",), interpret=interpret_params(interpret))(
         jnp.reshape(n, (1,)).astype(jnp.int32), idx_m.astype(jnp.int32), x_td.reshape(t * chunks, CHUNK))
     return out.reshape(m, d)

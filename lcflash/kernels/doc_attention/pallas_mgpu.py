@@ -33,7 +33,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from lcflash.kernels import KERNEL_OUTPUT
+from lcflash.kernels import KERNEL_OUTPUT, interpret_params
 from lcflash.kernels.doc_attention.reference import LOG2E, NEG_INF, kv_block_ranges, q_block_ranges
 
 BLOCK = 64          # rows per CTA and per visited block (the wgmma M of one warpgroup)
@@ -367,11 +367,9 @@ def _call(kernel, scratch, barriers, out_type, grid_bhn, inputs, interpret):
     def entry(*refs):
         pl.run_scoped(lambda *scoped: kernel(*refs, scoped), tuple(scratch), tuple(barriers))
 
-    if interpret:   # Pallas' CPU simulation of Mosaic GPU
-        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-        interpret = {"interpret": InterpretGPUParams()}
     return plgpu.kernel(entry, out_type=out_type, grid=(H, nb, B), grid_names=("heads", "blk", "batch"),
-                        compiler_params=plgpu.CompilerParams(approx_math=True), **(interpret or {}))(*inputs)
+                        compiler_params=plgpu.CompilerParams(approx_math=True),
+                        interpret=interpret_params(interpret))(*inputs)
 
 
 def _smem(interpret):

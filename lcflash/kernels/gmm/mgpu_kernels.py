@@ -23,6 +23,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from lcflash.kernels import interpret_params
+
 _MEMORY_REGISTERS = 40  # registers per thread left to the TMA warpgroup (the JAX Hopper examples use 40)
 _SMEM_BYTES = 227 * 1024  # usable shared memory per block on H100 / H200
 # Mosaic GPU's in-kernel profiler (experiments/gmm_profile.py): dict(profile_space=..., profile_dir=...) records
@@ -63,14 +65,6 @@ def _num_sms(interpret: bool) -> int:
     return jax.devices()[0].core_count
 
 
-def _interpret_params(interpret: bool):
-    if not interpret:
-        return None
-    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams  # CPU simulation of Mosaic GPU
-
-    return InterpretGPUParams()
-
-
 def _persistent_call(kernel, out_type, interpret: bool, cluster: int = 1):
     """Both kernels' launch: one CTA per SM walking its tile list, 3 warpgroups (1 TMA + 2 wgmma); with
     cluster > 1, "sm" indexes clusters of that many CTAs (axis "cluster")."""
@@ -84,7 +78,7 @@ def _persistent_call(kernel, out_type, interpret: bool, cluster: int = 1):
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup,
                                              **(PROFILE or {})),
-        interpret=_interpret_params(interpret),
+        interpret=interpret_params(interpret),
     )
 
 
