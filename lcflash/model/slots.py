@@ -28,13 +28,15 @@ class Slots(NamedTuple):
 
 
 def sort_slots(experts_tk, n_ffn: int) -> Slots:
-    """Stable sort of the slots by FFN expert (zero experts last); group sizes by binary search in the sorted ids
-    instead of a bincount (a scatter-add into N+1 bins)."""
+    """Stable sort of the slots by FFN expert (zero experts last). Group sizes count the sorted ids below each
+    bound in one fused comparison-reduction: a bincount would be a scatter-add into N+1 bins, and searchsorted's
+    default binary search is a while loop of ~100 small kernels per call on a GPU."""
     T, K = experts_tk.shape
     M = T * K
     e_m = jnp.minimum(experts_tk, n_ffn).reshape(-1).astype(jnp.int32)
     sorted_e_m, order_m = jax.lax.sort((e_m, jnp.arange(M, dtype=jnp.int32)), num_keys=1, is_stable=True)
-    bounds = jnp.searchsorted(sorted_e_m, jnp.arange(n_ffn + 1, dtype=jnp.int32), side="left").astype(jnp.int32)
+    bounds = jnp.searchsorted(sorted_e_m, jnp.arange(n_ffn + 1, dtype=jnp.int32), side="left",
+                            method="compare_all").astype(jnp.int32)
     valid_m = sorted_e_m < n_ffn
     ffn_tk = experts_tk < n_ffn
     row_m = jnp.zeros((M,), jnp.int32).at[order_m].set(jnp.arange(M, dtype=jnp.int32), unique_indices=True)

@@ -133,7 +133,7 @@ def row_schedule(group_sizes_g: jax.Array, m: int, tile_m: int) -> tuple[jax.Arr
     off = cum - ntiles
     t_max = pl.cdiv(m, tile_m) + g
     t = jnp.arange(t_max, dtype=jnp.int32)
-    gi = jnp.searchsorted(cum, t, side="right").astype(jnp.int32)  # G + 1 means unused
+    gi = jnp.searchsorted(cum, t, side="right", method="compare_all").astype(jnp.int32)  # G + 1 means unused
     live = gi <= g
     gi_c = jnp.minimum(gi, g)
     blk = jnp.where(live, first_blk[gi_c] + t - off[gi_c], 0)
@@ -607,7 +607,8 @@ def contract_flat_schedule(gsched_4g: jax.Array, m: int, tile_k: int, tiles_per_
     cum_cj = jnp.cumsum(steps_cj, axis=1)
     total_c = cum_cj[:, -1]
     s_s = jnp.arange(s_max, dtype=jnp.int32)
-    j_cs = jnp.minimum(jax.vmap(lambda cum: jnp.searchsorted(cum, s_s, side="right"))(cum_cj), j_max - 1)
+    find = functools.partial(jnp.searchsorted, side="right", method="compare_all")
+    j_cs = jnp.minimum(jax.vmap(lambda cum: find(cum, s_s))(cum_cj), j_max - 1)
     j_cs = j_cs.astype(jnp.int32)
     first_cs = jnp.take_along_axis(cum_cj - steps_cj, j_cs, axis=1)
     blk_cs = blk0[jnp.take_along_axis(grp_cj, j_cs, axis=1)] + s_s[None, :] - first_cs

@@ -1,0 +1,93 @@
+"""The MoE's row-buffer passes (lcflash/model/slots.py) at configs/small.py's training shape: 32 x 1024 tokens,
+D 1024, top-12 of 128 FFN + 64 zero experts (8 FFN slots per token on average). Times each pass against the bytes
+it must move at the measured copy bandwidth.
+
+    python experiments/bench_rows.py --out OUT/bench_rows.json
+"""
+
+import argparse
+import datetime
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from experiments.bench_moe_gemm import measure_bandwidth_gbs, time_ms  # noqa: E402
+from lcflash.kernels import on_hopper  # noqa: E402
+from lcflash.model import slots as slots_mod  # noqa: E402
+
+
+def routing(T, K, n_ffn, n_zero, key):
+    """Top-K of uniform scores over every expert: K * n_ffn / (n_ffn + n_zero) FFN slots per token on average."""
+    k1, k2 = jax.random.split(key)
+    experts_tk = jax.lax.top_k(jax.random.uniform(k1, (T, n_ffn + n_zero)), K)[1].astype(jnp.int32)
+    return experts_tk, jax.random.uniform(k2, (T, K), jnp.float32)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=32768)
+    ap.add_argument("--d", type=int, default=1024)
+    ap.add_argument("--topk", type=int, default=12)
+    ap.add_argument("--ffn", type=int, default=128)
+    ap.add_argument("--zero", type=int, default=64)
+    ap.add_argument("--out", default="experiments/bench_rows.json")
+    a = ap.parse_args()
+    T, D, K, N = a.tokens, a.d, a.topk, a.ffn
+    experts_tk, w_tk = routing(T, K, N, a.zero, jax.random.key(0))
+    s = jax.jit(slots_mod.sort_slots, static_argnums=1)(experts_tk, N)
+    n = int(s.group_sizes_g.sum())
+    x_td = jax.random.normal(jax.random.key(1), (T, D), jnp.bfloat16)
+    y_md = jax.random.normal(jax.random.key(2), (T * K, D), jnp.bfloat16)
+    g_td = jax.random.normal(jax.random.key(3), (T, D), jnp.float32).astype(jnp.bfloat16).astype(jnp.float32)
+    w_tk = jnp.where(s.ffn_tk, w_tk, 0.0)
+    sorted_e = jnp.sort(jnp.minimum(experts_tk, N).reshape(-1))
+    bw = measure_bandwidth_gbs()
+    b2, f4 = 2 * D, 4 * D   # bytes of one bf16 / fp32 row
+
+    def searchsorted(method):
+        return lambda e: jnp.searchsorted(e, jnp.arange(N + 1, dtype=jnp.int32), method=method)
+
+    def dispatch(kernel):
+        def f(x):
+            slots_mod.GATHER_KERNEL = kernel
+            return slots_mod.dispatch_rows(x, s)
+        return f
+
+    combine = lambda y, w: slots_mod.combine_rows(y, w, s)  # noqa: E731
+    cases = [  # name, function, args, bytes it must move (reads + writes of the FFN rows)
+        ("group bounds, searchsorted scan", searchsorted("scan"), (sorted_e,), 4 * T * K),
+        ("group bounds, searchsorted compare_all", searchsorted("compare_all"), (sorted_e,), 4 * T * K),
+        ("sort_slots (compare_all bounds)", lambda e: slots_mod.sort_slots(e, N), (experts_tk,), 16 * T * K),
+        ("dispatch gather, XLA", dispatch(False), (x_td,), T * b2 + n * b2),
+        ("dispatch backward (slot sum)", lambda g: jax.vjp(dispatch(False), x_td)[1](g)[0], (y_md,),
+         n * b2 + T * b2),
+        ("combine forward", combine, (y_md, w_tk), n * b2 + T * f4),
+        ("combine backward", lambda y, w, g: jax.vjp(combine, y, w)[1](g), (y_md, w_tk, g_td),
+         2 * n * b2 + T * f4),
+    ]
+    if on_hopper():
+        cases.insert(4, ("dispatch gather, kernel", dispatch(True), (x_td,), T * b2 + n * b2))
+    rows = []
+    for name, f, args, nbytes in cases:
+        ms = time_ms(jax.jit(f), args)[0]
+        rows.append(dict(case=name, ms=ms, gb=nbytes / 1e9, floor_ms=nbytes / (bw * 1e9) * 1e3))
+        print(json.dumps(rows[-1]), flush=True)
+    slots_mod.GATHER_KERNEL = False
+    meta = dict(device=str(jax.devices()[0].device_kind), versions=dict(jax=jax.__version__),
+                date_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                command="python " + " ".join(sys.argv), tokens=T, d=D, topk=K, ffn_slots=n, copy_gbs=bw)
+    print(f"{n} FFN slots of {T * K}; copy bandwidth {bw:.0f} GB/s")
+    print(f"{'case':<42}{'ms':>9}{'floor ms':>10}{'x floor':>9}")
+    for r in rows:
+        print(f"{r['case']:<42}{r['ms']:9.3f}{r['floor_ms']:10.3f}{r['ms'] / r['floor_ms']:9.2f}")
+    with open(a.out, "w") as fh:
+        json.dump(dict(meta, results=rows), fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
