@@ -14,8 +14,8 @@ MLA's heads have qk 192 (nope 128 + rope 64) and v 128. The variants, all bf16 f
   dpa_causal   : `jax.nn.dot_product_attention` without the segment mask (not the model's semantics)
   cudnn_causal : cuDNN's MLA form (v kept at 128) through `jax._src.cudnn`, causal, no segments
   jax_mgpu_causal: JAX's example Mosaic GPU flash attention (`jax.experimental.pallas.ops.gpu.attention_mgpu`: two
-                 compute warpgroups in ping-pong, FA3's schedule), causal, v padded to 192; the peer of
-                 pallas_causal (not the model's semantics)
+                 compute warpgroups in ping-pong, FA3's schedule), causal, v padded to 192, in float16 (its
+                 buffers' type); the peer of pallas_causal (not the model's semantics)
   cudnn_mask   : the same with the segment mask (as a bias)
   cudnn_packed : the same with the documents as packed segments (q/kv offsets and lengths per row);
                  _padv with v zero-padded to 192 as well; _mM with M segment slots per row
@@ -109,7 +109,9 @@ def variants(seg_bt, max_segments):
         q, k = mla.fused_heads(q_nope, q_pe, k_nope, kpe)
         cfg = am.TuningConfig(block_q=block, block_kv=block, max_concurrent_steps=2, causal=True,
                               block_q_dkv=block, block_kv_dkv=block, block_q_dq=block, block_kv_dq=block)
-        return am.attention(q * SCALE, k, mla.pad_head(v, q.shape[-1]), cfg)[..., :v.shape[-1]]  # it does not scale
+        f16 = lambda a: a.astype(jnp.float16)  # noqa: E731 -- its shared-memory buffers are float16
+        o = am.attention(f16(q * SCALE), f16(k), f16(mla.pad_head(v, q.shape[-1])), cfg)  # it does not scale
+        return o[..., :v.shape[-1]].astype(q.dtype)
 
     return {
         "jax_mgpu_causal": jax_mgpu,

@@ -171,8 +171,8 @@ def main():
     ap.add_argument("--no_swiglu_grad_epilogue", action="store_true", help="SwiGLU's backward by XLA between the "
                     "down projection's d_lhs and the [gate | up] backward (the A/B baseline of "
                     "lcflash.kernels.gmm.api.SWIGLU_GRAD_EPILOGUE)")
-    ap.add_argument("--dispatch_gather_kernel", action="store_true", help="the MoE dispatch gather by our kernel, "
-                    "which leaves the rows past the FFN slots unwritten (lcflash.model.slots.GATHER_KERNEL)")
+    ap.add_argument("--no_dispatch_gather_kernel", action="store_true", help="the MoE dispatch gather by XLA, "
+                    "every row written (the A/B baseline of lcflash.model.slots.GATHER_KERNEL)")
     ap.add_argument("--zero_tails", action="store_true", help="store the MoE row buffers' tails as zeros (the A/B "
                     "baseline of lcflash.kernels.gmm.api.SKIP_TAILS)")
     ap.add_argument("--time_budget_s", type=float, default=1e9, help="skip remaining impls once this is spent")
@@ -189,7 +189,7 @@ def main():
     gmm_api.SKIP_TAILS = not args.zero_tails
     gmm_api.SWIGLU_GRAD_EPILOGUE = not args.no_swiglu_grad_epilogue
     from lcflash.model import slots
-    slots.GATHER_KERNEL = args.dispatch_gather_kernel
+    slots.GATHER_KERNEL = not args.no_dispatch_gather_kernel
     mla.PALLAS_MLA_FORM = not args.pallas_assembled_heads
     base = {"train.batch_size": args.batch, "data.seq_len": args.seq, "train.progress": False}
     if args.remat:

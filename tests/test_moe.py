@@ -170,6 +170,12 @@ def test_dispatch_and_combine_rows_equal_plain_gathers(T, N, Z, K):
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(d_y, d_y_ref, rtol=1e-6, atol=1e-6)  # zero on the rows past the FFN slots
     np.testing.assert_allclose(d_w, jnp.where(ffn_tk, d_w_ref, 0.0), rtol=1e-6, atol=1e-6)
+    # Rows past the FFN slots may hold anything (the expert kernels leave them unstored): no trace in either result.
+    y_nan = jnp.where(valid, y, jnp.nan)
+    got_nan, (d_y_nan, d_w_nan) = _value_and_vjp(lambda y, w: combine_rows(y, w, s), (y_nan, w), ct_td)
+    np.testing.assert_array_equal(got_nan, got)
+    np.testing.assert_array_equal(d_y_nan, d_y)
+    np.testing.assert_array_equal(d_w_nan, d_w)
 
 
 def test_router_bias_selects_but_does_not_weigh():
