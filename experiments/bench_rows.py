@@ -28,16 +28,6 @@ def routing(T, K, n_ffn, n_zero, key):
     return experts_tk, jax.random.uniform(k2, (T, K), jnp.float32)
 
 
-def combine_bwd_slot_gathers(y_md, w_tk, g_td, s):
-    """The combine's backward until session 15: d_w from each slot's row gathered into [T, K, D] (the A/B baseline
-    of lcflash.model.slots._combine_bwd, which reads the rows in sorted order)."""
-    w_m = w_tk.reshape(-1)[s.order_m]
-    d_y_md = jnp.where(s.valid_m[:, None], w_m[:, None] * g_td[s.tok_m], 0.0).astype(y_md.dtype)
-    y_tkd = y_md[s.row_tk].astype(jnp.float32)
-    d_w_tk = jnp.where(s.ffn_tk, jnp.sum(g_td[:, None, :] * y_tkd, axis=-1), 0.0)
-    return d_y_md, d_w_tk
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=32768)
@@ -77,8 +67,6 @@ def main():
         ("dispatch backward (slot sum)", lambda g: jax.vjp(dispatch(False), x_td)[1](g)[0], (y_md,),
          n * b2 + T * b2),
         ("combine forward", combine, (y_md, w_tk), n * b2 + T * f4),
-        ("combine backward, slot gathers", lambda y, w, g: combine_bwd_slot_gathers(y, w, g, s),
-         (y_md, w_tk, g_td), 2 * n * b2 + T * f4),
         ("combine backward", lambda y, w, g: jax.vjp(combine, y, w)[1](g), (y_md, w_tk, g_td),
          2 * n * b2 + T * f4),
     ]

@@ -44,7 +44,10 @@ RUNS = [
     ("m2: SwiGLU backward by XLA", "bench_train_b32_s14_no_grad_epi_h200.json"),
     ("m2: + SwiGLU bwd in the down d_lhs kernel", "bench_train_b32_s14_grad_epi_h200.json"),
     ("m2: same, second run", "bench_train_b32_s14_grad_epi_run2_h200.json"),
-    ("m3: configs/small.py now", "bench_train_b32_s14_base_h200.json"),
+    ("m3: configs/small.py of session 14", "bench_train_b32_s14_base_h200.json"),
+    ("s15: session 14's tree", "bench_train_b32_s15_c3_old_h200.json"),
+    ("s15: + gather kernel, compare_all bounds", "bench_train_b32_s15_c3_new_h200.json"),
+    ("s15: same, second run", "bench_train_b32_s15_c3_new2_h200.json"),
 ]
 TARGET = 0.40
 

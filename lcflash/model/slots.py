@@ -106,17 +106,17 @@ def _combine_fwd(y_md, w_tk, slots):
 
 
 def _combine_bwd(res, g_td):
-    """Both gradients in sorted row order, from one gather of the token's gradient per row: d_y = w g and d_w = <g,
-    y> (then one scalar per slot back to [T, K]); the rows are read in order instead of gathered per slot."""
     y_md, w_tk, slots = res
     acc = accumulation_dtype(y_md.dtype)
-    g_md = g_td.astype(acc)[slots.tok_m]
-    valid = slots.valid_m[:, None]
+    g_td = g_td.astype(acc)
+    # d_y in sorted order: one gather of the token's gradient per row, zero past the FFN rows.
     w_m = w_tk.reshape(-1)[slots.order_m]
-    d_y_md = jnp.where(valid, w_m[:, None] * g_md, 0.0).astype(y_md.dtype)   # zero past the FFN rows
-    # where, not a product: rows past the FFN slots may hold anything (expert_ffn's zero_tail=False), NaN included.
-    d_w_m = jnp.sum(jnp.where(valid, g_md * y_md.astype(acc), 0.0), axis=-1)
-    d_w_tk = jnp.where(slots.ffn_tk, d_w_m[slots.row_tk], 0.0).astype(w_tk.dtype)
+    d_y_md = jnp.where(slots.valid_m[:, None], w_m[:, None] * g_td[slots.tok_m], 0.0).astype(y_md.dtype)
+    # d_w[t, k] = <g[t], y[row_tk]>: rows gathered into a row reduction, zero for zero-expert slots. (Reading the rows
+    # in sorted order instead, d_w beside d_y from one gathered g, measured 0.626 against 0.607 ms per layer at
+    # 32 x 1024 on an H200: experiments/RESULTS.md, session 15.)
+    y_tkd = y_md[slots.row_tk].astype(acc)
+    d_w_tk = jnp.where(slots.ffn_tk, jnp.sum(g_td[:, None, :] * y_tkd, axis=-1), 0.0).astype(w_tk.dtype)
     return d_y_md, d_w_tk, None
 
 

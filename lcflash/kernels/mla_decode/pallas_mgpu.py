@@ -29,7 +29,7 @@ ROWS = 64               # wgmma M: query rows (heads x query tokens) per CTA
 MAX_LATENT = 256        # the fp32 output accumulator [64, R] must fit one warpgroup's registers
 TARGET_CTAS = 264       # two waves of 132 SMs
 # At most this many splits (None: as many as TARGET_CTAS asks for). 1 trades the merge's kernels for one CTA walking
-# the whole context: experiments/bench_decode.py times the variants (impl "pallas@s1").
+# the whole context: slower at batch 1 and 8 on an H200 (1.335 -> 1.590 ms per token at 1024; docs/inference.md).
 MAX_SPLITS: int | None = None
 
 
