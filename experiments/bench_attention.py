@@ -10,7 +10,8 @@ MLA's heads have qk 192 (nope 128 + rope 64) and v 128. The variants, all bf16 f
                  (`mla_doc_attention`: q, kv = [k_nope | v] and the shared rope key read where they are)
   pallas_heads : the same kernels on per-head keys [k_nope | rope key] and v (the form of sessions 10-12)
   pallas_causal: the same told the mask is plainly causal (not the model's semantics; against cudnn_causal)
-  pallas_dABC  : `pallas` with the forward, dq and dk/dv kernels loading A, B and C blocks ahead (named on demand)
+  pallas_dABC  : `pallas` with the forward, dq and dk/dv kernels loading A, B and C blocks ahead (named on demand;
+                 in MLA's form since session 15, per-head keys before)
   dpa_causal   : `jax.nn.dot_product_attention` without the segment mask (not the model's semantics)
   cudnn_causal : cuDNN's MLA form (v kept at 128) through `jax._src.cudnn`, causal, no segments
   jax_mgpu_causal: JAX's example Mosaic GPU flash attention (`jax.experimental.pallas.ops.gpu.attention_mgpu`: two
@@ -98,11 +99,15 @@ def variants(seg_bt, max_segments):
         kv = jnp.concatenate([k_nope, v], axis=-1)
         return mla.fused_attention(q_nope, q_pe, kv, kpe, mask_bts, SCALE, "pallas", kind)
 
-    def pallas_depths(q_nope, q_pe, k_nope, kpe, v, depths):
-        from lcflash.kernels.doc_attention.pallas_mgpu import doc_attention
+    def pallas_depths(q_nope, q_pe, k_nope, kpe, v, depths, heads=False):
+        from lcflash.kernels.doc_attention.pallas_mgpu import doc_attention, mla_doc_attention
         from lcflash.kernels.doc_attention.reference import first_visible
-        q, k = mla.fused_heads(q_nope, q_pe, k_nope, kpe)
-        return doc_attention(q, k, v, first_visible(mask_bts), scale=SCALE, depths=depths)
+        if heads:
+            q, k = mla.fused_heads(q_nope, q_pe, k_nope, kpe)
+            return doc_attention(q, k, v, first_visible(mask_bts), scale=SCALE, depths=depths)
+        q, kv = jnp.concatenate([q_nope, q_pe], axis=-1), jnp.concatenate([k_nope, v], axis=-1)
+        return mla_doc_attention(q, kv, kpe, first_visible(mask_bts), scale=SCALE, nope_dim=q_nope.shape[-1],
+                                 depths=depths)
 
     def jax_mgpu(q_nope, q_pe, k_nope, kpe, v, block=64):
         from jax.experimental.pallas.ops.gpu import attention_mgpu as am
@@ -122,7 +127,7 @@ def variants(seg_bt, max_segments):
         "cudnn_docs": cudnn_docs,
         "pallas": pallas,
         "pallas_causal": functools.partial(pallas, kind="causal"),
-        "pallas_heads": functools.partial(pallas_depths, depths=pallas_mgpu.DEPTHS),
+        "pallas_heads": functools.partial(pallas_depths, depths=pallas_mgpu.DEPTHS, heads=True),
         "dpa_causal": functools.partial(dpa, with_mask=False),
         "cudnn_causal": cudnn,
         "cudnn_mask": functools.partial(cudnn, bias=True),

@@ -143,12 +143,13 @@ def test_mla_form_in_the_interpreter_matches_the_plain_kernels_and_the_reference
         assert rel(a, ref) < 1e-2, (name, rel(a, ref))
 
 
-def test_mla_form_lowers_for_cuda():
+@pytest.mark.parametrize("depths", [None, (2, 1, 1)])   # (2, 1, 1): the dk/dv kernel small enough for 2 CTAs/SM
+def test_mla_form_lowers_for_cuda(depths):
     sd = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt)  # noqa: E731
 
     def f(q, kv, kpe, first, do):
         o, vjp = jax.vjp(lambda q, kv, kpe: pallas_mgpu.mla_doc_attention(q, kv, kpe, first, scale=0.07,
-                                                                          nope_dim=128), q, kv, kpe)
+                                                                          nope_dim=128, depths=depths), q, kv, kpe)
         return o, vjp(do)
 
     lowered = jax.jit(f).trace(sd(2, 256, 4, 192), sd(2, 256, 4, 256), sd(2, 256, 64), sd(2, 256, dt=jnp.int32),
@@ -167,6 +168,14 @@ def test_unsupported_operands_are_named():
     q, k, v, _ = _inputs(1, 64, 1, seed=0)
     with pytest.raises(ValueError, match="depths"):
         pallas_mgpu.doc_attention(q, k, v, jnp.zeros((1, 64), jnp.int32), scale=1.0, depths=(2, 0, 2))
+
+
+def test_calls_without_depths_read_the_module_default_at_call_time(monkeypatch):
+    """bench_train.py --attn_depths sets DEPTHS after import: a call that passes none must see it."""
+    q, k, v, _ = _inputs(1, 64, 1, seed=0)
+    monkeypatch.setattr(pallas_mgpu, "DEPTHS", (2, 0, 2))
+    with pytest.raises(ValueError, match=r"depths \(2, 0, 2\)"):
+        pallas_mgpu.doc_attention(q, k, v, jnp.zeros((1, 64), jnp.int32), scale=1.0)
 
 
 def test_auto_picks_the_kernels_for_packed_documents_on_one_hopper_gpu_only(monkeypatch):

@@ -38,7 +38,9 @@ from lcflash.kernels.doc_attention.reference import LOG2E, NEG_INF, kv_block_ran
 
 BLOCK = 64          # rows per CTA and per visited block (the wgmma M of one warpgroup)
 # Blocks loaded ahead by the forward, dq and dk/dv kernels; fwd+bwd at 16 x 1024 on an H200: 0.584 ms, (2, 2, 2) 0.590,
-# (1, 1, 2) 0.593 (experiments/bench_attention_depths_h200.json).
+# (1, 1, 2) 0.593 (experiments/bench_attention_depths_h200.json). The dk/dv kernel at depth 2 takes ~122 KB of shared
+# memory in MLA's form, so one CTA per SM; at depth 1, ~81 KB and two (not yet timed: bench_attention.py's
+# pallas_d211, bench_train.py --attn_depths). Read at call time when a call passes no depths.
 DEPTHS = (2, 1, 2)
 
 
@@ -452,25 +454,28 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def _check_depths(depths, first_bt, q_bthk):
+    """The depths to use (None: the module's DEPTHS, read at call time so a benchmark can set it)."""
+    depths = DEPTHS if depths is None else depths
     if not (isinstance(depths, (tuple, list)) and len(depths) == 3 and min(depths) >= 1):
         raise ValueError(f"depths {depths} must be three block counts >= 1 (forward, dq, dk/dv)")
     if first_bt.shape != q_bthk.shape[:2]:
         raise ValueError(f"first_bt {first_bt.shape} must be [batch, seq] = {q_bthk.shape[:2]}")
+    return tuple(map(int, depths))
 
 
-def doc_attention(q_bthk, k_bshk, v_bshv, first_bt, *, scale: float, depths: tuple[int, int, int] = DEPTHS,
+def doc_attention(q_bthk, k_bshk, v_bshv, first_bt, *, scale: float, depths: tuple[int, int, int] | None = None,
                   interpret: bool = False):
     """Causal attention over packed documents: key j is visible to query i iff j <= i and first[j] == first[i]
     (`reference.first_visible`). Returns [B, T, H, dv] in q's dtype; differentiable in q, k and v. `depths`: how
     many blocks the forward, dq and dk/dv kernels load ahead (a deeper ring costs shared memory, and so CTAs per
-    SM)."""
+    SM); None: DEPTHS."""
     why = supported(q_bthk, k_bshk, v_bshv)
     if why:
         raise NotImplementedError(f"doc_attention pallas kernels: {why}; use train_attn_impl 'cudnn' or 'xla'")
-    _check_depths(depths, first_bt, q_bthk)
+    depths = _check_depths(depths, first_bt, q_bthk)
     form = Form((q_bthk.shape[-1],), 0, v_bshv.shape[-1])
     return _attention(q_bthk, (k_bshk.astype(q_bthk.dtype), v_bshv.astype(q_bthk.dtype)),
-                      first_bt.astype(jnp.int32), form, float(scale), tuple(map(int, depths)), bool(interpret))
+                      first_bt.astype(jnp.int32), form, float(scale), depths, bool(interpret))
 
 
 def mla_supported(q_bthk, kv_bshk, kpe_bsd, nope_dim: int) -> str | None:
@@ -486,7 +491,7 @@ def mla_supported(q_bthk, kv_bshk, kpe_bsd, nope_dim: int) -> str | None:
 
 
 def mla_doc_attention(q_bthk, kv_bshk, kpe_bsd, first_bt, *, scale: float, nope_dim: int,
-                      depths: tuple[int, int, int] = DEPTHS, interpret: bool = False):
+                      depths: tuple[int, int, int] | None = None, interpret: bool = False):
     """`doc_attention` on MLA's operands as the model computes them, with no copy to assemble per-head keys:
     q = [q_nope | q_rope] [B, T, H, nope + rope], kv = [k_nope | v] [B, T, H, nope + dv] (the latent's up
     projection) and the rope key shared by all heads [B, T, rope]. The same values as `doc_attention(q,
@@ -494,8 +499,8 @@ def mla_doc_attention(q_bthk, kv_bshk, kpe_bsd, first_bt, *, scale: float, nope_
     why = mla_supported(q_bthk, kv_bshk, kpe_bsd, nope_dim)
     if why:
         raise NotImplementedError(f"doc_attention pallas kernels: {why}; use train_attn_impl 'cudnn' or 'xla'")
-    _check_depths(depths, first_bt, q_bthk)
+    depths = _check_depths(depths, first_bt, q_bthk)
     rope_dim = kpe_bsd.shape[-1]
     form = Form((nope_dim, rope_dim), nope_dim, kv_bshk.shape[-1] - nope_dim, shared=True, v_in_k=True)
     return _attention(q_bthk, (kv_bshk.astype(q_bthk.dtype), kpe_bsd.astype(q_bthk.dtype)),
-                      first_bt.astype(jnp.int32), form, float(scale), tuple(map(int, depths)), bool(interpret))
+                      first_bt.astype(jnp.int32), form, float(scale), depths, bool(interpret))
