@@ -9,7 +9,7 @@ import pytest
 
 from lcflash.kernels.doc_attention import pallas_mgpu
 from lcflash.kernels.doc_attention.reference import (attention_reference, doc_mask, first_visible,
-                                                     kv_block_ranges, q_block_ranges)
+                                                     kv_block_ranges, q_block_ranges, unmasked_runs)
 from lcflash.model.transformer import causal_mask
 from numerics import rel
 
@@ -43,6 +43,18 @@ def test_first_visible_names_the_segments_and_the_ranges_cover_every_visible_blo
         np.testing.assert_array_equal(by_q, visible)
         np.testing.assert_array_equal(by_kv.transpose(0, 2, 1), visible)
     assert visible.sum() < np.tril(np.ones((n, n), bool)).sum() * B   # the documents do skip blocks
+    # The unmasked runs: every pair in them visible, inside the visited ranges, and for contiguous documents every
+    # whole block off the diagonal.
+    whole = np.asarray(mask).reshape(B, n, bq, n, bq).all(axis=(2, 4)) & (blocks[None, None, :] < blocks[None, :, None])
+    kv_from, q_to = (np.asarray(a) for a in unmasked_runs(first, bq))
+    run_q = (blocks[None, None, :] >= kv_from[..., None]) & (blocks[None, None, :] < blocks[None, :, None])
+    run_kv = (blocks[None, None, :] > blocks[None, :, None]) & (blocks[None, None, :] < q_to[..., None])
+    assert not (run_q & ~whole).any() and not (run_kv.transpose(0, 2, 1) & ~whole).any()
+    assert (kv_lo <= kv_from).all() and (q_to <= q_hi).all()
+    if contiguous:
+        np.testing.assert_array_equal(run_q, whole)
+        np.testing.assert_array_equal(run_kv.transpose(0, 2, 1), whole)
+    assert whole.any()
 
 
 def _inputs(B, T, H, seed, dtype=jnp.bfloat16):
@@ -57,14 +69,22 @@ def _three_documents_and_a_return():
     return first_visible(causal_mask(2, 128, 128, None, seg))
 
 
+def _whole_blocks():
+    """`first` of two rows of 256 with blocks whose every pair is visible (the kernels skip their masks): row 0 one
+    document, then two; row 1 a segment that comes back, whole blocks on both sides of another segment's block."""
+    seg = jnp.asarray([[0] * 200 + [1] * 56, [0] * 64 + [1] * 64 + [0] * 128], jnp.int32)
+    return first_visible(causal_mask(2, 256, 256, None, seg))
+
+
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="Pallas' GPU interpreter, for CPU runs (on a GPU: "
                     "tests/test_train_attention.py runs the kernels)")
-def test_kernels_in_the_interpreter_match_the_reference():
+@pytest.mark.parametrize("make_first", [_three_documents_and_a_return, _whole_blocks])
+def test_kernels_in_the_interpreter_match_the_reference(make_first):
     """Forward and the three gradients in GPU interpret mode (TMA ring, barriers, block ranges, masks, online
-    softmax; plain dots for the products): row 0 holds three documents, row 1 a segment that comes back after
-    another, so some visited blocks are partly and some wholly masked for some rows."""
-    B, T, H = 2, 128, 1
-    first = _three_documents_and_a_return()
+    softmax; plain dots for the products): documents and a segment that comes back after another, so some visited
+    blocks are partly, some wholly masked for some rows, and (`_whole_blocks`) some need no mask."""
+    first = make_first()
+    (B, T), H = first.shape, 1
     q, k, v, do = _inputs(B, T, H, seed=3)
     scale = 192 ** -0.5
 

@@ -4,9 +4,11 @@ MLA's training form: queries and keys of qk = 192 (nope | rope), values of 128, 
 (one warpgroup) holds a block of 64 rows and walks the blocks of the other side that hold a visible pair
 (`reference.kv_block_ranges` / `q_block_ranges`): packed documents of mean length 400 in rows of 1024 leave
 ~64% of the causal triangle's 64 x 64 blocks, and a cuDNN call told about the documents (a mask bias) costs
-1.8x its plain causal call (experiments/RESULTS.md). Loads run `depth` blocks ahead of the math. The outputs are
-staged in a ring slot that the loop has drained, not in their own buffers: the forward then takes ~105 KB of shared
-memory at depth 2, so two CTAs share an SM (0.186 -> 0.151 ms at 16 x 1024 on an H200).
+1.8x its plain causal call (experiments/RESULTS.md). Only the blocks where some pair is hidden are masked: the run
+of whole blocks next to the diagonal (`reference.unmasked_runs`) is walked by a loop without the mask. Loads run
+`depth` blocks ahead of the math. The outputs are staged in a ring slot that the loop has drained, not in their own
+buffers: the forward then takes ~105 KB of shared memory at depth 2, so two CTAs share an SM (0.186 -> 0.151 ms at
+16 x 1024 on an H200).
 
 * forward: S = Q K^T, online softmax in log2 units, O = P V; writes O and lse2 = m + log2(l) per row.
 * dq: P from lse2, dP = dO V^T, dS = P (dP - delta), dQ = scale dS K, over the same key blocks.
@@ -34,7 +36,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from lcflash.kernels import KERNEL_OUTPUT, interpret_params
-from lcflash.kernels.doc_attention.reference import LOG2E, NEG_INF, kv_block_ranges, q_block_ranges
+from lcflash.kernels.doc_attention.reference import (LOG2E, NEG_INF, kv_block_ranges, q_block_ranges,
+                                                     unmasked_runs)
 
 BLOCK = 64          # rows per CTA and per visited block (the wgmma M of one warpgroup)
 # Blocks loaded ahead by the forward, dq and dk/dv kernels; fwd+bwd at 16 x 1024 on an H200: 0.584 ms, (2, 2, 2) 0.590,
@@ -131,14 +134,16 @@ def _is_ref(x) -> bool:
     return isinstance(x, state_types.TransformedRef) or isinstance(getattr(x, "aval", None), state_types.AbstractRef)
 
 
-def _walk(lo_ref, hi_ref, depth, own, ring):
-    """This CTA's (batch, head, its block's rows, first visited block, visited count, fetch). Loads `own` (pairs of
-    gmem view and smem, one barrier each, in the barrier array that follows them) and the first `depth` visited
-    blocks of `ring` ((gmem view of a block slice, smem ring, barriers) triples); fetch(i, slot) loads visited block
-    i into ring slot `slot`. Waits for `own` only."""
+def _walk(visits_ref, depth, own, ring):
+    """This CTA's (batch, head, its block's rows, first visited block, visited count, the visits [p0, p1) that need
+    no mask, fetch). visits_ref [4, B, blocks]: the visited blocks [lo, hi) and the unmasked ones [plain_lo,
+    plain_hi) inside them. Loads `own` (pairs of gmem view and smem, one barrier each, in the barrier array that
+    follows them) and the first `depth` visited blocks of `ring` ((gmem view of a block slice, smem ring, barriers)
+    triples); fetch(i, slot) loads visited block i into ring slot `slot`. Waits for `own` only."""
     b, h, blk = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("blk")
-    lo = lo_ref[b, blk]
-    n = hi_ref[b, blk] - lo
+    lo = visits_ref[0, b, blk]
+    n = visits_ref[1, b, blk] - lo
+    plain = (visits_ref[2, b, blk] - lo, visits_ref[3, b, blk] - lo)
     rows = pl.ds(blk * BLOCK, BLOCK)
 
     def fetch(i, slot):
@@ -153,7 +158,15 @@ def _walk(lo_ref, hi_ref, depth, own, ring):
         pl.when(i < n)(functools.partial(fetch, i, i))
     for j in range(len(own)):
         plgpu.barrier_wait(own_bar.at[j])
-    return b, h, rows, lo, n, fetch
+    return b, h, rows, lo, n, plain, fetch
+
+
+def _visit(n, plain, body, carry):
+    """body(i, carry, masked) over visits [0, n), masked=False (static) on the visits `plain` = [p0, p1), whose
+    every pair is visible: three loops instead of a mask on every block."""
+    carry = lax.fori_loop(0, plain[0], functools.partial(body, masked=True), carry)
+    carry = lax.fori_loop(plain[0], plain[1], functools.partial(body, masked=False), carry)
+    return lax.fori_loop(plain[1], n, functools.partial(body, masked=True), carry)
 
 
 def _visible(x, fill, key_le_query, first_q, first_k):
@@ -210,15 +223,15 @@ def _kv_views(form: Form, kv_refs):
     return keys, _heads(k_ref if form.v_in_k else kv_refs[-1], form.v_col, form.dv)
 
 
-def _fwd_kernel(lo_ref, hi_ref, first_ref, q_ref, *refs, form, depth, scale, ops):
+def _fwd_kernel(visits_ref, first_ref, q_ref, *refs, form, depth, scale, ops):
     kv_refs, (o_ref, lse_ref, scoped) = refs[:form.n_k], refs[form.n_k:]
     P = len(form.widths)
     smem, (q_bar, *ring_bars) = scoped
     q_s, (fq_smem,), k_s, (v_smem, fk_smem, lse_smem) = smem[:P], smem[P:P + 1], smem[P + 1:2 * P + 1], smem[2 * P + 1:]
     k_bars, (v_bar, fk_bar) = ring_bars[:P], ring_bars[P:]
     k_views, v_view = _kv_views(form, kv_refs)
-    b, h, rows, lo, n, fetch = _walk(
-        lo_ref, hi_ref, depth, ([*zip(_q_views(form, q_ref), q_s), (_ROWS(first_ref), fq_smem)], q_bar),
+    b, h, rows, lo, n, plain, fetch = _walk(
+        visits_ref, depth, ([*zip(_q_views(form, q_ref), q_s), (_ROWS(first_ref), fq_smem)], q_bar),
         [*zip(k_views, k_s, k_bars), (v_view, v_smem, v_bar), (_ROWS(first_ref), fk_smem, fk_bar)])
     tile = (BLOCK, BLOCK)
     fq = ops.vector(fq_smem, 1, tile)
@@ -229,13 +242,14 @@ def _fwd_kernel(lo_ref, hi_ref, first_ref, q_ref, *refs, form, depth, scale, ops
     def keys(slot):
         return _operand([k.at[slot] for k in k_s])
 
-    def body(i, carry):
+    def body(i, carry, masked):
         acc, m_i, l_i = carry
         slot = lax.rem(i, jnp.int32(depth))
         for bar in (*k_bars, fk_bar):
             plgpu.barrier_wait(bar.at[slot])
         s = ops.dot(q_ops, keys(slot), transpose_b=True, shape=tile) * (scale * LOG2E)
-        s = _visible(s, NEG_INF, col + (lo + i) * BLOCK <= row, fq, ops.vector(fk_smem.at[slot], 0, tile))
+        if masked:
+            s = _visible(s, NEG_INF, col + (lo + i) * BLOCK <= row, fq, ops.vector(fk_smem.at[slot], 0, tile))
         m_new = jnp.maximum(m_i, s.max(axis=1))
         alpha = jnp.exp2(m_i - m_new)
         p = jnp.exp2(s - lax.broadcast_in_dim(m_new, tile, [0]))
@@ -251,7 +265,7 @@ def _fwd_kernel(lo_ref, hi_ref, first_ref, q_ref, *refs, form, depth, scale, ops
         return acc, m_new, l_i
 
     carry = (ops.full((BLOCK, v_smem.shape[-1]), 0.0), ops.full((BLOCK,), -jnp.inf), ops.full((BLOCK,), 0.0))
-    acc, m_i, l_i = lax.fori_loop(0, n, body, carry)
+    acc, m_i, l_i = _visit(n, plain, body, carry)
     o_smem = v_smem.at[0]   # every load has landed and been read: the ring's first slot stages the output
     o_smem[...] = (acc / lax.broadcast_in_dim(l_i, acc.shape, [0])).astype(o_smem.dtype)
     lse_smem[...] = m_i + jnp.log(l_i) * LOG2E
@@ -261,7 +275,7 @@ def _fwd_kernel(lo_ref, hi_ref, first_ref, q_ref, *refs, form, depth, scale, ops
     plgpu.wait_smem_to_gmem(0)
 
 
-def _dq_kernel(lo_ref, hi_ref, first_ref, q_ref, *refs, form, depth, scale, ops):
+def _dq_kernel(visits_ref, first_ref, q_ref, *refs, form, depth, scale, ops):
     kv_refs, (do_ref, lse_ref, delta_ref, dq_ref, scoped) = refs[:form.n_k], refs[form.n_k:]
     P = len(form.widths)
     smem, (q_bar, *ring_bars) = scoped
@@ -271,8 +285,8 @@ def _dq_kernel(lo_ref, hi_ref, first_ref, q_ref, *refs, form, depth, scale, ops)
     k_views, v_view = _kv_views(form, kv_refs)
     own = [*zip(_q_views(form, q_ref), q_s), (_heads(do_ref), do_smem), (_ROWS(first_ref), fq_smem),
            (_STATS(lse_ref), lse_smem), (_STATS(delta_ref), delta_smem)]
-    b, h, rows, lo, n, fetch = _walk(
-        lo_ref, hi_ref, depth, (own, q_bar),
+    b, h, rows, lo, n, plain, fetch = _walk(
+        visits_ref, depth, (own, q_bar),
         [*zip(k_views, k_s, k_bars), (v_view, v_smem, v_bar), (_ROWS(first_ref), fk_smem, fk_bar)])
     tile = (BLOCK, BLOCK)
     fq, lse, delta = (ops.vector(r, 1, tile) for r in (fq_smem, lse_smem, delta_smem))
@@ -281,14 +295,15 @@ def _dq_kernel(lo_ref, hi_ref, first_ref, q_ref, *refs, form, depth, scale, ops)
     dtype = q_s[0].dtype
     q_ops = _operand(q_s)
 
-    def body(i, dqs):
+    def body(i, dqs, masked):
         slot = lax.rem(i, jnp.int32(depth))
         for bar in (*k_bars, fk_bar, v_bar):
             plgpu.barrier_wait(bar.at[slot])
         keys = [k.at[slot] for k in k_s]
         s, dp = ops.dots((q_ops, _operand(keys), True, tile), (do_smem, v_smem.at[slot], True, tile))
         p = jnp.exp2(s * (scale * LOG2E) - lse)
-        p = _visible(p, 0.0, col + (lo + i) * BLOCK <= row, fq, ops.vector(fk_smem.at[slot], 0, tile))
+        if masked:
+            p = _visible(p, 0.0, col + (lo + i) * BLOCK <= row, fq, ops.vector(fk_smem.at[slot], 0, tile))
         ds = (p * (dp - delta)).astype(dtype)
         dqs = ops.dots(*[(ds, k, False, dq) for k, dq in zip(keys, dqs)])
 
@@ -298,7 +313,7 @@ def _dq_kernel(lo_ref, hi_ref, first_ref, q_ref, *refs, form, depth, scale, ops)
 
         return dqs
 
-    dqs = lax.fori_loop(0, n, body, tuple(ops.full((BLOCK, w), 0.0) for w in form.widths))
+    dqs = _visit(n, plain, body, tuple(ops.full((BLOCK, w), 0.0) for w in form.widths))
     stages = [k.at[0] for k in k_s]  # staged in the (drained) key rings, one per part
     for stage, dq in zip(stages, dqs):
         stage[...] = (dq * scale).astype(dtype)
@@ -308,7 +323,7 @@ def _dq_kernel(lo_ref, hi_ref, first_ref, q_ref, *refs, form, depth, scale, ops)
     plgpu.wait_smem_to_gmem(0)
 
 
-def _dkv_kernel(lo_ref, hi_ref, first_ref, q_ref, *refs, form, depth, scale, ops):
+def _dkv_kernel(visits_ref, first_ref, q_ref, *refs, form, depth, scale, ops):
     kv_refs, (do_ref, lse_ref, delta_ref, *outs, scoped) = refs[:form.n_k], refs[form.n_k:]
     P = len(form.widths)
     smem, (k_bar, *ring_bars) = scoped
@@ -316,8 +331,8 @@ def _dkv_kernel(lo_ref, hi_ref, first_ref, q_ref, *refs, form, depth, scale, ops
         smem[:P], smem[P:P + 2], smem[P + 2:2 * P + 2], smem[2 * P + 2:])
     q_bars, (do_bar, fq_bar, lse_bar, delta_bar) = ring_bars[:P], ring_bars[P:]
     k_views, v_view = _kv_views(form, kv_refs)
-    b, h, keys, lo, n, fetch = _walk(
-        lo_ref, hi_ref, depth, ([*zip(k_views, k_s), (v_view, v_smem), (_ROWS(first_ref), fk_smem)], k_bar),
+    b, h, keys, lo, n, plain, fetch = _walk(
+        visits_ref, depth, ([*zip(k_views, k_s), (v_view, v_smem), (_ROWS(first_ref), fk_smem)], k_bar),
         [*zip(_q_views(form, q_ref), q_s, q_bars), (_heads(do_ref), do_smem, do_bar),
          (_ROWS(first_ref), fq_smem, fq_bar), (_STATS(lse_ref), lse_smem, lse_bar),
          (_STATS(delta_ref), delta_smem, delta_bar)])
@@ -328,7 +343,7 @@ def _dkv_kernel(lo_ref, hi_ref, first_ref, q_ref, *refs, form, depth, scale, ops
     dtype = k_s[0].dtype
     k_ops = _operand(k_s)
 
-    def body(i, carry):
+    def body(i, carry, masked):
         dks, dv = carry
         slot = lax.rem(i, jnp.int32(depth))
         for bar in (*q_bars, fq_bar, lse_bar, do_bar, delta_bar):
@@ -337,7 +352,8 @@ def _dkv_kernel(lo_ref, hi_ref, first_ref, q_ref, *refs, form, depth, scale, ops
         s_t, dp_t = ops.dots((k_ops, _operand(queries), True, tile),
                              (v_smem, do_smem.at[slot], True, tile))
         p_t = jnp.exp2(s_t * (scale * LOG2E) - ops.vector(lse_smem.at[slot], 0, tile))
-        p_t = _visible(p_t, 0.0, key <= qcol + (lo + i) * BLOCK, ops.vector(fq_smem.at[slot], 0, tile), fk)
+        if masked:
+            p_t = _visible(p_t, 0.0, key <= qcol + (lo + i) * BLOCK, ops.vector(fq_smem.at[slot], 0, tile), fk)
         ds_t = (p_t * (dp_t - ops.vector(delta_smem.at[slot], 0, tile))).astype(dtype)
         dv, *dks = ops.dots((p_t.astype(dtype), do_smem.at[slot], False, dv),
                             *[(ds_t, q, False, dk) for q, dk in zip(queries, dks)])
@@ -349,7 +365,7 @@ def _dkv_kernel(lo_ref, hi_ref, first_ref, q_ref, *refs, form, depth, scale, ops
         return tuple(dks), dv
 
     carry = (tuple(ops.full((BLOCK, w), 0.0) for w in form.widths), ops.full((BLOCK, form.dv), 0.0))
-    dks, dv = lax.fori_loop(0, n, body, carry)
+    dks, dv = _visit(n, plain, body, carry)
     # Staged in the (drained) query and dO rings. Outputs: dk (k's shape), [the shared key's per head], [dv].
     dk_views = [_heads(outs[0], 0, form.widths[0])] + ([_heads(outs[1])] if form.shared else [])
     dv_view = _heads(outs[0], form.v_col, form.dv) if form.v_in_k else _heads(outs[-1])
@@ -382,7 +398,7 @@ def _smem(interpret):
 
 # Jitted so that the identical calls of a step's layers lower (Mosaic GPU) once, not once per attention.
 @functools.partial(jax.jit, static_argnames=("form", "scale", "depth", "interpret"))
-def _forward(q, kv, first_f, ranges, *, form, scale, depth, interpret):
+def _forward(q, kv, first_f, visits, *, form, scale, depth, interpret):
     (B, T, H, _), dv, dtype = q.shape, form.dv, q.dtype
     nb = T // BLOCK
     depth = min(depth, nb)
@@ -394,11 +410,11 @@ def _forward(q, kv, first_f, ranges, *, form, scale, depth, interpret):
     barriers = (plgpu.Barrier(num_barriers=P + 1),) + (plgpu.Barrier(num_barriers=depth),) * (P + 2)
     kernel = functools.partial(_fwd_kernel, form=form, depth=depth, scale=scale, ops=_Ops(interpret))
     out_type = (jax.ShapeDtypeStruct((B, T, H, dv), dtype), jax.ShapeDtypeStruct((B, H, T), jnp.float32))
-    return _call(kernel, scratch, barriers, out_type, (B, H, nb), (*ranges, first_f, q, *kv), interpret)
+    return _call(kernel, scratch, barriers, out_type, (B, H, nb), (visits, first_f, q, *kv), interpret)
 
 
 @functools.partial(jax.jit, static_argnames=("form", "scale", "depths", "interpret"))
-def _backward(q, kv, first_f, o, lse, do, kv_ranges, q_ranges, *, form, scale, depths, interpret):
+def _backward(q, kv, first_f, o, lse, do, kv_visits, q_visits, *, form, scale, depths, interpret):
     (B, T, H, _), dv, dtype = q.shape, form.dv, q.dtype
     nb = T // BLOCK
     d_dq, d_kv = (min(d, nb) for d in depths)
@@ -413,7 +429,7 @@ def _backward(q, kv, first_f, o, lse, do, kv_ranges, q_ranges, *, form, scale, d
                + [tile((d_dq, BLOCK, w), dtype) for w in form.widths]
                + [tile((d_dq, BLOCK, dv), dtype), vec((d_dq, BLOCK))],
                (plgpu.Barrier(num_barriers=P + 4),) + (plgpu.Barrier(num_barriers=d_dq),) * (P + 2),
-               jax.ShapeDtypeStruct(q.shape, dtype), (B, H, nb), (*kv_ranges, *ins), interpret)
+               jax.ShapeDtypeStruct(q.shape, dtype), (B, H, nb), (kv_visits, *ins), interpret)
     dkv_type = ([jax.ShapeDtypeStruct(kv[0].shape, dtype)]
                 + ([jax.ShapeDtypeStruct((B, T, H, form.widths[1]), dtype)] if form.shared else [])
                 + ([] if form.v_in_k else [jax.ShapeDtypeStruct(kv[-1].shape, dtype)]))
@@ -422,8 +438,24 @@ def _backward(q, kv, first_f, o, lse, do, kv_ranges, q_ranges, *, form, scale, d
                 + [tile((d_kv, BLOCK, w), dtype) for w in form.widths]
                 + [tile((d_kv, BLOCK, dv), dtype), vec((d_kv, BLOCK)), vec((d_kv, BLOCK)), vec((d_kv, BLOCK))],
                 (plgpu.Barrier(num_barriers=P + 2),) + (plgpu.Barrier(num_barriers=d_kv),) * (P + 4),
-                tuple(dkv_type), (B, H, nb), (*q_ranges, *ins), interpret)
+                tuple(dkv_type), (B, H, nb), (q_visits, *ins), interpret)
     return dq, tuple(dkv)
+
+
+# Walk the whole blocks next to the diagonal without the mask (False: mask every block, the A/B baseline of
+# experiments/bench_attention.py's pallas_masked variant). Read when a call is traced.
+UNMASKED_RUNS = True
+
+
+def _visits(first_bt):
+    """Per block, [4, B, T // BLOCK] int32 (lo, hi, plain_lo, plain_hi): the other side's blocks it visits, [lo, hi),
+    and those it need not mask, [plain_lo, plain_hi); for query blocks (the forward and dq kernels), then for key
+    blocks (dk/dv)."""
+    B, T = first_bt.shape
+    blk = jnp.broadcast_to(jnp.arange(T // BLOCK, dtype=jnp.int32), (B, T // BLOCK))
+    kv_from, q_to = unmasked_runs(first_bt, BLOCK) if UNMASKED_RUNS else (blk, blk + 1)
+    return (jnp.stack([*kv_block_ranges(first_bt, BLOCK, BLOCK), kv_from, blk]),
+            jnp.stack([*q_block_ranges(first_bt, BLOCK, BLOCK), blk + 1, q_to]))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
@@ -433,17 +465,16 @@ def _attention(q, kv, first_bt, form, scale, depths, interpret):
 
 def _attention_fwd(q, kv, first_bt, form, scale, depths, interpret):
     first_f = first_bt.astype(jnp.float32)   # compared as floats in registers: exact below 2^24
-    o, lse = _forward(q, kv, first_f, kv_block_ranges(first_bt, BLOCK, BLOCK), form=form, scale=scale,
-                      depth=depths[0], interpret=interpret)
+    visits = _visits(first_bt)   # both sides' now: the backward takes them as residuals (UNMASKED_RUNS read once)
+    o, lse = _forward(q, kv, first_f, visits[0], form=form, scale=scale, depth=depths[0], interpret=interpret)
     # Named in the forward rule's own equations, where a remat policy sees them ("kernels", "dots").
     o, lse = checkpoint_name(o, KERNEL_OUTPUT), checkpoint_name(lse, KERNEL_OUTPUT)
-    return o, (q, kv, first_bt, o, lse)
+    return o, (q, kv, first_bt, o, lse, visits)
 
 
 def _attention_bwd(form, scale, depths, interpret, res, do):
-    q, kv, first_bt, o, lse = res
-    dq, dkv = _backward(q, kv, first_bt.astype(jnp.float32), o, lse, do.astype(q.dtype),
-                        kv_block_ranges(first_bt, BLOCK, BLOCK), q_block_ranges(first_bt, BLOCK, BLOCK),
+    q, kv, first_bt, o, lse, visits = res
+    dq, dkv = _backward(q, kv, first_bt.astype(jnp.float32), o, lse, do.astype(q.dtype), *visits,
                         form=form, scale=scale, depths=depths[1:], interpret=interpret)
     if form.shared:   # the shared key's gradient, written per head: summed over the heads
         dkv = (dkv[0], dkv[1].sum(axis=2, dtype=jnp.float32).astype(kv[1].dtype)) + dkv[2:]

@@ -4,7 +4,8 @@ A "causal_docs" mask is causal AND same segment. Its rows name their segment by 
 row i may see (the first token of its segment in the row): first[i] == first[j] exactly when i and j share a
 segment, for any segment ids, contiguous or not, and `first_visible` reads it off the boolean mask. The kernels
 visit, per query block, the key blocks from the one holding the block's smallest `first` up to the diagonal
-(the rest of the causal triangle holds no visible key) and mask inside them.
+(the rest of the causal triangle holds no visible key) and mask inside them, except in the run of blocks next to
+the diagonal whose every pair is visible (`unmasked_runs`: inside one document), where masking changes nothing.
 """
 
 import jax
@@ -51,3 +52,23 @@ def q_block_ranges(first_bt, block_q: int, block_kv: int):
     last = jnp.max(jnp.where(first_bt[:, None, :] <= key_end[None, :, None], rows, -1), axis=-1)  # [B, nk]
     lo = jnp.arange(nk, dtype=jnp.int32) * block_kv // block_q
     return jnp.broadcast_to(lo, (B, nk)).astype(jnp.int32), (last // block_q + 1).astype(jnp.int32)
+
+
+def unmasked_runs(first_bt, block: int):
+    """The blocks next to the diagonal whose every (query, key) pair is visible, so the kernels skip masking them
+    (block b on both sides, T // block blocks): query block b sees key blocks [kv_from[b], b) whole, and key block b
+    is seen whole by query blocks [b + 1, q_to[b]). Two [B, T // block] int32 arrays, inside the ranges above. For
+    contiguous segments these are all the whole blocks; otherwise a whole block past a masked one stays masked,
+    which is still exact."""
+    B, T = first_bt.shape
+    nb = T // block
+    f = first_bt.reshape(B, nb, block)
+    f_b, uniform_b = f[..., 0], jnp.all(f == f[..., :1], axis=-1)              # one segment per block
+    idx = jnp.arange(nb, dtype=jnp.int32)
+    q_idx, k_idx = idx[None, :, None], idx[None, None, :]
+    whole_bqk = ((k_idx < q_idx) & uniform_b[:, :, None] & uniform_b[:, None, :]
+                 & (f_b[:, :, None] == f_b[:, None, :]))                        # [B, query block, key block]
+    broken = ~whole_bqk
+    kv_from = jnp.max(jnp.where(broken & (k_idx < q_idx), k_idx + 1, 0), axis=2)
+    q_to = jnp.min(jnp.where(broken & (q_idx > k_idx), q_idx, nb), axis=1)
+    return kv_from.astype(jnp.int32), q_to.astype(jnp.int32)
