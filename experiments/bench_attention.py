@@ -8,7 +8,8 @@ MLA's heads have qk 192 (nope 128 + rope 64) and v 128. The variants, all bf16 f
   pallas       : our Mosaic GPU kernels (`train_attn_impl="pallas"`, lcflash/kernels/doc_attention), causal_docs;
                  the model's path on a Hopper GPU since session 10 ("auto"); since session 13 in MLA's form
                  (`mla_doc_attention`: q, kv = [k_nope | v] and the shared rope key read where they are)
-  pallas_masked: `pallas` with every visited block masked (before session 15: no unmasked runs of whole blocks)
+  pallas_runs  : `pallas` with the whole blocks next to the diagonal walked without the mask
+                 (`pallas_mgpu.UNMASKED_RUNS`, session 15)
   pallas_heads : the same kernels on per-head keys [k_nope | rope key] and v (the form of sessions 10-12)
   pallas_causal: the same told the mask is plainly causal (not the model's semantics; against cudnn_causal)
   pallas_dABC  : `pallas` with the forward, dq and dk/dv kernels loading A, B and C blocks ahead (named on demand;
@@ -100,12 +101,12 @@ def variants(seg_bt, max_segments):
         kv = jnp.concatenate([k_nope, v], axis=-1)
         return mla.fused_attention(q_nope, q_pe, kv, kpe, mask_bts, SCALE, "pallas", kind)
 
-    def pallas_masked(*args):
-        pallas_mgpu.UNMASKED_RUNS = False   # read while this call is traced
+    def pallas_runs(*args):
+        old, pallas_mgpu.UNMASKED_RUNS = pallas_mgpu.UNMASKED_RUNS, True   # read while the forward is traced
         try:
             return pallas(*args)
         finally:
-            pallas_mgpu.UNMASKED_RUNS = True
+            pallas_mgpu.UNMASKED_RUNS = old
 
     def pallas_depths(q_nope, q_pe, k_nope, kpe, v, depths, heads=False):
         from lcflash.kernels.doc_attention.pallas_mgpu import doc_attention, mla_doc_attention
@@ -135,7 +136,7 @@ def variants(seg_bt, max_segments):
         "cudnn_docs": cudnn_docs,
         "pallas": pallas,
         "pallas_causal": functools.partial(pallas, kind="causal"),
-        "pallas_masked": pallas_masked,
+        "pallas_runs": pallas_runs,
         "pallas_heads": functools.partial(pallas_depths, depths=pallas_mgpu.DEPTHS, heads=True),
         "dpa_causal": functools.partial(dpa, with_mask=False),
         "cudnn_causal": cudnn,
@@ -147,7 +148,7 @@ def variants(seg_bt, max_segments):
 
 SCALE = 192 ** -0.5
 # and every cudnn_packed_*, pallas_d*
-SAME_SEMANTICS = ("cudnn_docs", "dpa_mask", "cudnn_mask", "pallas", "pallas_masked", "pallas_heads")
+SAME_SEMANTICS = ("cudnn_docs", "dpa_mask", "cudnn_mask", "pallas", "pallas_runs", "pallas_heads")
 
 
 def measure(todo, x, do, flops):

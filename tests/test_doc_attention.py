@@ -79,10 +79,12 @@ def _whole_blocks():
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="Pallas' GPU interpreter, for CPU runs (on a GPU: "
                     "tests/test_train_attention.py runs the kernels)")
 @pytest.mark.parametrize("make_first", [_three_documents_and_a_return, _whole_blocks])
-def test_kernels_in_the_interpreter_match_the_reference(make_first):
+def test_kernels_in_the_interpreter_match_the_reference(make_first, monkeypatch):
     """Forward and the three gradients in GPU interpret mode (TMA ring, barriers, block ranges, masks, online
     softmax; plain dots for the products): documents and a segment that comes back after another, so some visited
-    blocks are partly, some wholly masked for some rows, and (`_whole_blocks`) some need no mask."""
+    blocks are partly, some wholly masked for some rows, and (`_whole_blocks`) some need no mask, which the kernels
+    then walk unmasked (UNMASKED_RUNS on; the MLA-form test below runs with it off)."""
+    monkeypatch.setattr(pallas_mgpu, "UNMASKED_RUNS", True)
     first = make_first()
     (B, T), H = first.shape, 1
     q, k, v, do = _inputs(B, T, H, seed=3)

@@ -4,8 +4,9 @@ MLA's training form: queries and keys of qk = 192 (nope | rope), values of 128, 
 (one warpgroup) holds a block of 64 rows and walks the blocks of the other side that hold a visible pair
 (`reference.kv_block_ranges` / `q_block_ranges`): packed documents of mean length 400 in rows of 1024 leave
 ~64% of the causal triangle's 64 x 64 blocks, and a cuDNN call told about the documents (a mask bias) costs
-1.8x its plain causal call (experiments/RESULTS.md). Only the blocks where some pair is hidden are masked: the run
-of whole blocks next to the diagonal (`reference.unmasked_runs`) is walked by a loop without the mask. Loads run
+1.8x its plain causal call (experiments/RESULTS.md). With UNMASKED_RUNS, only the blocks where some pair is hidden
+are masked: the run of whole blocks next to the diagonal (`reference.unmasked_runs`) is walked by a loop without
+the mask. Loads run
 `depth` blocks ahead of the math. The outputs are staged in a ring slot that the loop has drained, not in their own
 buffers: the forward then takes ~105 KB of shared memory at depth 2, so two CTAs share an SM (0.186 -> 0.151 ms at
 16 x 1024 on an H200).
@@ -442,9 +443,10 @@ def _backward(q, kv, first_f, o, lse, do, kv_visits, q_visits, *, form, scale, d
     return dq, tuple(dkv)
 
 
-# Walk the whole blocks next to the diagonal without the mask (False: mask every block, the A/B baseline of
-# experiments/bench_attention.py's pallas_masked variant). Read when a call is traced.
-UNMASKED_RUNS = True
+# Walk the whole blocks next to the diagonal without the mask. Off until it has run on a GPU (the interpreter and the
+# lowering for CUDA pass): experiments/bench_attention.py's pallas_runs variant and bench_train.py
+# --attn_unmasked_runs turn it on. Read when a call's forward is traced.
+UNMASKED_RUNS = False
 
 
 def _visits(first_bt):
