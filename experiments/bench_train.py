@@ -76,9 +76,11 @@ def profile_steps(step, state, batches, out_dir: str, tag: str) -> dict:
     record_trace(lambda: run(state), trace)
     with open(os.path.join(out_dir, f"hlo_train_{tag}.txt"), "w") as f:
         f.write(hlo)
-    res = profile(hlo, trace, steps=2, top=30)
-    res["by_op"] = res["by_op"][:40]
+    res = profile(hlo, trace, steps=2, top=80)
+    res["by_op"] = res["by_op"][:120]
     print(f"profile {tag}: {res['kernels_per_step']:.0f} kernels, {res['busy_us_per_step'] / 1e3:.1f} ms busy per step")
+    for o in res["by_part"]:
+        print(f"  {o['kernels_per_step']:7.1f} {o['us_per_step'] / 1e3:8.2f} ms  {o['part']}")
     for o in res["by_op"][:15]:
         print(f"  {o['kernels_per_step']:7.1f} {o['us_per_step'] / 1e3:8.2f} ms  {o['op'][:100]}")
     return res

@@ -40,22 +40,49 @@ def hlo_ops(hlo_text: str) -> dict:
     return info
 
 
+SCOPES = ("attn_0", "attn_1", "mlp_0", "mlp_1", "moe_dispatch", "moe_combine", "mtp", "lm_head", "embed")
+
+
+def part(kernel: str, op: str) -> str:
+    """A coarse label for one kernel: the library (cuBLAS, cuDNN, our Mosaic GPU kernels, copies) or, for XLA's own
+    kernels, the pass (a training step's forward, backward, rematerialised, or outside the gradient) and the layer
+    part its op name is scoped in."""
+    if "mosaic_gpu" in kernel:
+        return "Mosaic GPU kernels (ours)"
+    if kernel.startswith("gemm_fusion"):
+        return "XLA matmul fusions (Triton)"
+    if re.search(r"nvjet|xmma|cutlass|gemm|sm90_|cublas", kernel) and not kernel.startswith(("loop_", "input_")):
+        return "cuBLAS"
+    if "cudnn" in kernel.lower() or "fmha" in kernel.lower():
+        return "cuDNN"
+    if kernel.startswith(("memcpy", "memset")):
+        return "copies"
+    where = ("recomputed" if "rematted_computation" in op else "backward" if op.startswith("transpose(")
+             else "forward" if op.startswith("jvp(") else "outside the gradient (optimizer, metrics)")
+    scope = next((s for s in SCOPES if f"/{s}/" in f"/{op}/"), None)
+    return f"XLA {where}: {scope or 'other'}"
+
+
 def profile(hlo_text: str, trace_path: str, steps: int, top: int = 25) -> dict:
     info = hlo_ops(hlo_text)
     trace = trace_overlap.load_trace(trace_path)
     by, device_events, _ = trace_overlap.kernel_totals(trace)
     per_op = collections.defaultdict(lambda: [0.0, 0.0])
+    per_part = collections.defaultdict(lambda: [0.0, 0.0])
     for name, (count, us) in by.items():
         op = info.get(name, ("?", "?"))[1] or "(no op name)"
-        per_op[op][0] += count / steps
-        per_op[op][1] += us / steps
+        for table, key in ((per_op, op), (per_part, part(name, op))):
+            table[key][0] += count / steps
+            table[key][1] += us / steps
     kernels = [dict(name=n, per_step=c / steps, us_per_step=t / steps, us_each=t / c,
                     shape=info.get(n, ("?", "?"))[0], op=info.get(n, ("?", "?"))[1])
                for n, (c, t) in sorted(by.items(), key=lambda kv: -kv[1][1])[:top]]
     ops = [dict(op=o, kernels_per_step=c, us_per_step=t) for o, (c, t) in sorted(per_op.items(), key=lambda kv: -kv[1][1])]
     return {"kernels_per_step": sum(c for c, _ in by.values()) / steps,
             "busy_us_per_step": sum(t for _, t in by.values()) / steps, **launch_view(trace, device_events, steps),
-            "top_kernels": kernels, "by_op": ops}
+            "top_kernels": kernels, "by_op": ops,
+            "by_part": [dict(part=k, kernels_per_step=c, us_per_step=t)
+                        for k, (c, t) in sorted(per_part.items(), key=lambda kv: -kv[1][1])]}
 
 
 def launch_view(trace, kernels, steps: int, gap_us: float = 3.0) -> dict:
