@@ -87,14 +87,15 @@ class _Ops:
 
     def dots(self, *products):
         """(a, b_ref, transpose_b, acc or a result shape) products, issued together and waited for once; a and b_ref
-        may be equally long lists, whose products are summed (one accumulator)."""
+        may be equally long lists, whose products are summed (one accumulator). An `a` that is a `_Later` is computed
+        when its product is issued, so that work overlaps the products issued before it."""
         if self.interpret:
-            return tuple(self.dot(a, b, transpose_b=t, **({"shape": x} if isinstance(x, tuple) else {"acc": x}))
+            return tuple(self.dot(_now(a), b, transpose_b=t, **({"shape": x} if isinstance(x, tuple) else {"acc": x}))
                          for a, b, t, x in products)
 
         def issue(acc_refs):
             for acc_ref, (a, b, t, _) in zip(acc_refs, products, strict=True):
-                for a_i, b_i in _terms(a, b):
+                for a_i, b_i in _terms(_now(a), b):
                     plgpu.wgmma(acc_ref, a_i, b_i.transpose((1, 0)) if t else b_i)
         return pl.run_state(issue)(tuple(plgpu.ACC.init(self.full(x, 0.0) if isinstance(x, tuple) else x)
                                          for *_, x in products))
@@ -116,6 +117,22 @@ class _Ops:
                 return acc_ref[...]
             return pl.run_scoped(run, plgpu.ACC(shape, jnp.float32))
         return self.dots((a, b_ref, transpose_b, self.full(shape, 0.0) if acc is None else acc))[0]
+
+
+class _Later:
+    """A register operand computed on first use (once): `_Ops.dots` issues the products before it first."""
+
+    def __init__(self, fn):
+        self.fn, self.value = fn, None
+
+    def __call__(self):
+        if self.value is None:
+            self.value = self.fn()
+        return self.value
+
+
+def _now(a):
+    return a() if isinstance(a, _Later) else a
 
 
 def _operand(parts):
@@ -355,7 +372,8 @@ def _dkv_kernel(visits_ref, first_ref, q_ref, *refs, form, depth, scale, ops):
         p_t = jnp.exp2(s_t * (scale * LOG2E) - ops.vector(lse_smem.at[slot], 0, tile))
         if masked:
             p_t = _visible(p_t, 0.0, key <= qcol + (lo + i) * BLOCK, ops.vector(fq_smem.at[slot], 0, tile), fk)
-        ds_t = (p_t * (dp_t - ops.vector(delta_smem.at[slot], 0, tile))).astype(dtype)
+        # dS is computed while the tensor cores run dV's product, then feeds dK's.
+        ds_t = _Later(lambda: (p_t * (dp_t - ops.vector(delta_smem.at[slot], 0, tile))).astype(dtype))
         dv, *dks = ops.dots((p_t.astype(dtype), do_smem.at[slot], False, dv),
                             *[(ds_t, q, False, dk) for q, dk in zip(queries, dks)])
 
