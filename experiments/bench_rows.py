@@ -72,12 +72,12 @@ def main():
     ]
     if on_hopper():
         cases.insert(4, ("dispatch gather, kernel", dispatch(True), (x_td,), T * b2 + n * b2))
-    rows = []
+    rows, gather_kernel = [], slots_mod.GATHER_KERNEL
     for name, f, args, nbytes in cases:
         ms = time_ms(jax.jit(f), args)[0]
         rows.append(dict(case=name, ms=ms, gb=nbytes / 1e9, floor_ms=nbytes / (bw * 1e9) * 1e3))
         print(json.dumps(rows[-1]), flush=True)
-    slots_mod.GATHER_KERNEL = False
+    slots_mod.GATHER_KERNEL = gather_kernel
     meta = dict(device=str(jax.devices()[0].device_kind), versions=dict(jax=jax.__version__),
                 date_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 command="python " + " ".join(sys.argv), tokens=T, d=D, topk=K, ffn_slots=n, copy_gbs=bw)

@@ -6,10 +6,9 @@ MLA's training form: queries and keys of qk = 192 (nope | rope), values of 128, 
 ~64% of the causal triangle's 64 x 64 blocks, and a cuDNN call told about the documents (a mask bias) costs
 1.8x its plain causal call (experiments/RESULTS.md). With UNMASKED_RUNS, only the blocks where some pair is hidden
 are masked: the run of whole blocks next to the diagonal (`reference.unmasked_runs`) is walked by a loop without
-the mask. Loads run
-`depth` blocks ahead of the math. The outputs are staged in a ring slot that the loop has drained, not in their own
-buffers: the forward then takes ~105 KB of shared memory at depth 2, so two CTAs share an SM (0.186 -> 0.151 ms at
-16 x 1024 on an H200).
+the mask. Loads run `depth` blocks ahead of the math. The outputs are staged in a ring slot that the loop has
+drained, not in their own buffers: the forward then takes ~105 KB of shared memory at depth 2, so two CTAs share an
+SM (0.186 -> 0.151 ms at 16 x 1024 on an H200).
 
 * forward: S = Q K^T, online softmax in log2 units, O = P V; writes O and lse2 = m + log2(l) per row.
 * dq: P from lse2, dP = dO V^T, dS = P (dP - delta), dQ = scale dS K, over the same key blocks.
