@@ -7,6 +7,7 @@ it must move at the measured copy bandwidth.
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import sys
@@ -52,19 +53,16 @@ def main():
     def searchsorted(method):
         return lambda e: jnp.searchsorted(e, jnp.arange(N + 1, dtype=jnp.int32), method=method)
 
-    def dispatch(kernel):
-        def f(x):
-            slots_mod.GATHER_KERNEL = kernel
-            return slots_mod.dispatch_rows(x, s)
+    def switched(switch, on, fn):
+        """fn traced with slots_mod.<switch> set to `on` (the switch is read while the pass is traced)."""
+        def f(*args):
+            setattr(slots_mod, switch, on)
+            return fn(*args)
         return f
 
     combine = lambda y, w: slots_mod.combine_rows(y, w, s)  # noqa: E731
-
-    def combine_bwd(kernel):
-        def f(y, w, g):
-            slots_mod.COMBINE_GRAD_KERNEL = kernel
-            return jax.vjp(combine, y, w)[1](g)
-        return f
+    dispatch = functools.partial(switched, "GATHER_KERNEL", fn=lambda x: slots_mod.dispatch_rows(x, s))
+    combine_bwd = functools.partial(switched, "COMBINE_GRAD_KERNEL", fn=lambda y, w, g: jax.vjp(combine, y, w)[1](g))
 
     cases = [  # name, function, args, bytes it must move (reads + writes of the FFN rows)
         ("group bounds, searchsorted scan", searchsorted("scan"), (sorted_e,), 4 * T * K),

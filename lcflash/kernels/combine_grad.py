@@ -22,6 +22,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from lcflash.kernels import interpret_params
+from lcflash.kernels.row_gather import written
 
 ROWS = 64        # rows per CTA: one warpgroup's register tile
 CHUNK = 256      # columns per step: a TMA box holds at most 256 per dimension
@@ -49,7 +50,7 @@ def _kernel(n_ref, tok_ref, g_gmem, y_gmem, w_gmem, dy_gmem, dw_gmem, scoped, *,
     def load(ref, layout):
         return ref[...] if interpret else plgpu.load(ref, (), layout=layout, optimized=False)
 
-    @pl.when(first < (n_ref[0] + align - 1) // align * align)
+    @pl.when(written(first, n_ref, align))
     def _():
         plgpu.copy_gmem_to_smem(w_gmem.at[rows], w_smem, y_bar)
         plgpu.barrier_wait(y_bar)

@@ -42,11 +42,17 @@ def _rows_per_cta(m: int) -> int:
     return r
 
 
+def written(first, n_ref, align: int):
+    """Whether the block of rows from `first` is one these row kernels write: below roundup(n, align), n = n_ref[0]
+    (the FFN slots' rows; the grouped matmuls read no further). Also lcflash/kernels/combine_grad.py's bound."""
+    return first < (n_ref[0] + align - 1) // align * align
+
+
 def _kernel(n_ref, idx_ref, x_gmem, out_gmem, scoped, *, rows, chunks, align):
     smem, bar = scoped
     first = lax.axis_index("blk") * rows
 
-    @pl.when(first < (n_ref[0] + align - 1) // align * align)
+    @pl.when(written(first, n_ref, align))
     def _():
         for r in range(rows):
             src = idx_ref[first + r] * chunks
