@@ -10,8 +10,6 @@ MLA's heads have qk 192 (nope 128 + rope 64) and v 128. The variants, all bf16 f
                  (`mla_doc_attention`: q, kv = [k_nope | v] and the shared rope key read where they are)
   pallas_runs  : `pallas` with the whole blocks next to the diagonal walked without the mask
                  (`pallas_mgpu.UNMASKED_RUNS`, session 15)
-  pallas_pipe  : `pallas` with the forward issuing each block's scores with the previous block's P V
-                 (`pallas_mgpu.FWD_PIPELINE`, session 15); pallas_runs_pipe: both
   pallas_heads : the same kernels on per-head keys [k_nope | rope key] and v (the form of sessions 10-12)
   pallas_causal: the same told the mask is plainly causal (not the model's semantics; against cudnn_causal)
   pallas_dABC  : `pallas` with the forward, dq and dk/dv kernels loading A, B and C blocks ahead (named on demand;
@@ -143,8 +141,6 @@ def variants(seg_bt, max_segments):
         "pallas": pallas,
         "pallas_causal": functools.partial(pallas, kind="causal"),
         "pallas_runs": functools.partial(pallas_with, UNMASKED_RUNS=True),
-        "pallas_pipe": functools.partial(pallas_with, FWD_PIPELINE=True),
-        "pallas_runs_pipe": functools.partial(pallas_with, UNMASKED_RUNS=True, FWD_PIPELINE=True),
         "pallas_heads": functools.partial(pallas_depths, depths=pallas_mgpu.DEPTHS, heads=True),
         "dpa_causal": functools.partial(dpa, with_mask=False),
         "cudnn_causal": cudnn,
@@ -156,8 +152,7 @@ def variants(seg_bt, max_segments):
 
 SCALE = 192 ** -0.5
 # and every cudnn_packed_*, pallas_d*
-SAME_SEMANTICS = ("cudnn_docs", "dpa_mask", "cudnn_mask", "pallas", "pallas_runs", "pallas_pipe", "pallas_runs_pipe",
-                  "pallas_heads")
+SAME_SEMANTICS = ("cudnn_docs", "dpa_mask", "cudnn_mask", "pallas", "pallas_runs", "pallas_heads")
 
 
 def measure(todo, x, do, flops):

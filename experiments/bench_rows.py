@@ -62,7 +62,7 @@ def main():
 
     combine = lambda y, w: slots_mod.combine_rows(y, w, s)  # noqa: E731
     dispatch = functools.partial(switched, "GATHER_KERNEL", fn=lambda x: slots_mod.dispatch_rows(x, s))
-    combine_bwd = functools.partial(switched, "COMBINE_GRAD_KERNEL", fn=lambda y, w, g: jax.vjp(combine, y, w)[1](g))
+    combine_bwd = lambda y, w, g: jax.vjp(combine, y, w)[1](g)  # noqa: E731
 
     cases = [  # name, function, args, bytes it must move (reads + writes of the FFN rows)
         ("group bounds, searchsorted scan", searchsorted("scan"), (sorted_e,), 4 * T * K),
@@ -72,17 +72,16 @@ def main():
         ("dispatch backward (slot sum)", lambda g: jax.vjp(dispatch(False), x_td)[1](g)[0], (y_md,),
          n * b2 + T * b2),
         ("combine forward", combine, (y_md, w_tk), n * b2 + T * f4),
-        ("combine backward, XLA", combine_bwd(False), (y_md, w_tk, g_td), 2 * n * b2 + T * f4),
+        ("combine backward", combine_bwd, (y_md, w_tk, g_td), 2 * n * b2 + T * f4),
     ]
     if on_hopper():
         cases.insert(4, ("dispatch gather, kernel", dispatch(True), (x_td,), T * b2 + n * b2))
-        cases.append(("combine backward, kernel", combine_bwd(True), (y_md, w_tk, g_td), 2 * n * b2 + T * f4))
-    rows, switches = [], (slots_mod.GATHER_KERNEL, slots_mod.COMBINE_GRAD_KERNEL)
+    rows, switch = [], slots_mod.GATHER_KERNEL
     for name, f, args, nbytes in cases:
         ms = time_ms(jax.jit(f), args)[0]
         rows.append(dict(case=name, ms=ms, gb=nbytes / 1e9, floor_ms=nbytes / (bw * 1e9) * 1e3))
         print(json.dumps(rows[-1]), flush=True)
-    slots_mod.GATHER_KERNEL, slots_mod.COMBINE_GRAD_KERNEL = switches
+    slots_mod.GATHER_KERNEL = switch
     meta = dict(device=str(jax.devices()[0].device_kind), versions=dict(jax=jax.__version__),
                 date_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 command="python " + " ".join(sys.argv), tokens=T, d=D, topk=K, ffn_slots=n, copy_gbs=bw)

@@ -175,14 +175,10 @@ def main():
                     "lcflash.kernels.gmm.api.SWIGLU_GRAD_EPILOGUE)")
     ap.add_argument("--no_dispatch_gather_kernel", action="store_true", help="the MoE dispatch gather by XLA, "
                     "every row written (the A/B baseline of lcflash.model.slots.GATHER_KERNEL)")
-    ap.add_argument("--combine_grad_kernel", action="store_true", help="the MoE combine's backward by our kernel "
-                    "(lcflash.model.slots.COMBINE_GRAD_KERNEL)")
     ap.add_argument("--attn_depths", default=None, metavar="A,B,C", help="blocks our attention's forward, dq and "
                     "dk/dv kernels load ahead (lcflash.kernels.doc_attention.pallas_mgpu.DEPTHS)")
     ap.add_argument("--attn_unmasked_runs", action="store_true", help="our attention kernels walk the whole blocks "
                     "next to the diagonal without the mask (lcflash.kernels.doc_attention.pallas_mgpu.UNMASKED_RUNS)")
-    ap.add_argument("--attn_fwd_pipeline", action="store_true", help="our attention forward issues each block's "
-                    "scores with the previous block's P V (lcflash.kernels.doc_attention.pallas_mgpu.FWD_PIPELINE)")
     ap.add_argument("--zero_tails", action="store_true", help="store the MoE row buffers' tails as zeros (the A/B "
                     "baseline of lcflash.kernels.gmm.api.SKIP_TAILS)")
     ap.add_argument("--time_budget_s", type=float, default=1e9, help="skip remaining impls once this is spent")
@@ -200,11 +196,9 @@ def main():
     gmm_api.SWIGLU_GRAD_EPILOGUE = not args.no_swiglu_grad_epilogue
     from lcflash.model import slots
     slots.GATHER_KERNEL = not args.no_dispatch_gather_kernel
-    slots.COMBINE_GRAD_KERNEL = args.combine_grad_kernel
     mla.PALLAS_MLA_FORM = not args.pallas_assembled_heads
     from lcflash.kernels.doc_attention import pallas_mgpu
     pallas_mgpu.UNMASKED_RUNS = args.attn_unmasked_runs
-    pallas_mgpu.FWD_PIPELINE = args.attn_fwd_pipeline
     if args.attn_depths:
         pallas_mgpu.DEPTHS = tuple(int(d) for d in args.attn_depths.split(","))
     base = {"train.batch_size": args.batch, "data.seq_len": args.seq, "train.progress": False}
@@ -244,9 +238,7 @@ def main():
         "config": os.path.relpath(args.config, ROOT), "batch": args.batch, "seq_len": args.seq,
         "remat": args.remat, "overrides": args.set, "swiglu_epilogue": gmm_api.SWIGLU_EPILOGUE,
         "swiglu_grad_epilogue": gmm_api.SWIGLU_GRAD_EPILOGUE, "dispatch_gather_kernel": slots.GATHER_KERNEL,
-        "combine_grad_kernel": slots.COMBINE_GRAD_KERNEL,
         "attn_depths": list(pallas_mgpu.DEPTHS), "attn_unmasked_runs": pallas_mgpu.UNMASKED_RUNS,
-        "attn_fwd_pipeline": pallas_mgpu.FWD_PIPELINE,
         "skip_tails": gmm_api.SKIP_TAILS, "pallas_mla_form": mla.PALLAS_MLA_FORM,
         "steps_timed": args.steps, "warmup_steps": args.warmup,
         "device": f"{dev.platform}: {dev.device_kind}", "device_count": jax.device_count(),

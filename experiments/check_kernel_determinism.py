@@ -66,11 +66,6 @@ def cases(tokens: int, impl: str):
         from lcflash.kernels.row_gather import take_rows
         return (take_rows(x_td, idx, gs.sum()),)
 
-    def combine_bwd(g_td, y_md, tok, w):  # the combine's backward kernel: rows up to sum(group_sizes), rounded up
-        from lcflash.kernels.combine_grad import combine_grads
-        dy, dw = combine_grads(g_td, y_md, tok, jnp.where(live[:, 0], w, 0.0), gs.sum())
-        return jnp.where(live, dy, 0), jnp.where(live[:, 0], dw, 0.0)   # rows past the groups are undefined
-
     B, T, H = tokens // 1024, 1024, 8
     q = jax.random.normal(ks[6], (B, T, H, 192), bf)
     kk = jax.random.normal(ks[7], (B, T, H, 192), bf)
@@ -96,9 +91,6 @@ def cases(tokens: int, impl: str):
         f"gmm_swiglu_ffn ({impl})": (jax.jit(lambda x, a, b: mask(ffn(x, a, b))), (x, w_gu, w_dn)),
         "row_gather": (jax.jit(lambda x, i: mask(gather(x, i))),
                        (x[:tokens], jax.random.randint(ks[11], (M,), 0, tokens))),
-        "combine_grad": (jax.jit(combine_bwd),
-                         (jax.random.normal(ks[11], (tokens, D)), x, jax.random.randint(ks[11], (M,), 0, tokens),
-                          jax.random.uniform(ks[10], (M,)))),
         "doc_attention": (jax.jit(attention), (q, kk, v)),
         "mla_doc_attention": (jax.jit(mla_attention),
                               (q, jnp.concatenate([kk[..., :128], v], -1), kk[:, :, 0, 128:])),

@@ -78,15 +78,13 @@ def _whole_blocks():
 
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="Pallas' GPU interpreter, for CPU runs (on a GPU: "
                     "tests/test_train_attention.py runs the kernels)")
-@pytest.mark.parametrize("make_first,pipeline", [(_three_documents_and_a_return, False), (_whole_blocks, False),
-                                                 (_whole_blocks, True)])
-def test_kernels_in_the_interpreter_match_the_reference(make_first, pipeline, monkeypatch):
+@pytest.mark.parametrize("make_first", [_three_documents_and_a_return, _whole_blocks])
+def test_kernels_in_the_interpreter_match_the_reference(make_first, monkeypatch):
     """Forward and the three gradients in GPU interpret mode (TMA ring, barriers, block ranges, masks, online
     softmax; plain dots for the products): documents and a segment that comes back after another, so some visited
     blocks are partly, some wholly masked for some rows, and (`_whole_blocks`) some need no mask, which the kernels
-    then walk unmasked (UNMASKED_RUNS on; the MLA-form test below runs with it off); pipeline: FWD_PIPELINE on."""
+    then walk unmasked (UNMASKED_RUNS on; the MLA-form test below runs with it off)."""
     monkeypatch.setattr(pallas_mgpu, "UNMASKED_RUNS", True)
-    monkeypatch.setattr(pallas_mgpu, "FWD_PIPELINE", pipeline)
     first = make_first()
     (B, T), H = first.shape, 1
     q, k, v, do = _inputs(B, T, H, seed=3)
@@ -167,11 +165,10 @@ def test_mla_form_in_the_interpreter_matches_the_plain_kernels_and_the_reference
         assert rel(a, ref) < 1e-2, (name, rel(a, ref))
 
 
-# (2, 1, 1): the dk/dv kernel small enough for 2 CTAs/SM; pipeline: FWD_PIPELINE, unmasked runs on.
-@pytest.mark.parametrize("depths,pipeline", [(None, False), ((2, 1, 1), False), (None, True)])
-def test_mla_form_lowers_for_cuda(depths, pipeline, monkeypatch):
-    monkeypatch.setattr(pallas_mgpu, "FWD_PIPELINE", pipeline)
-    monkeypatch.setattr(pallas_mgpu, "UNMASKED_RUNS", pipeline)
+# (2, 1, 1): the dk/dv kernel small enough for 2 CTAs/SM; runs: the whole blocks walked unmasked.
+@pytest.mark.parametrize("depths,runs", [(None, False), ((2, 1, 1), False), (None, True)])
+def test_mla_form_lowers_for_cuda(depths, runs, monkeypatch):
+    monkeypatch.setattr(pallas_mgpu, "UNMASKED_RUNS", runs)
     sd = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt)  # noqa: E731
 
     def f(q, kv, kpe, first, do):

@@ -43,8 +43,8 @@ def _rows_per_cta(m: int) -> int:
 
 
 def written(first, n_ref, align: int):
-    """Whether the block of rows from `first` is one these row kernels write: below roundup(n, align), n = n_ref[0]
-    (the FFN slots' rows; the grouped matmuls read no further). Also lcflash/kernels/combine_grad.py's bound."""
+    """Whether the block of rows from `first` is one this kernel writes: below roundup(n, align), n = n_ref[0]
+    (the FFN slots' rows; the grouped matmuls read no further)."""
     return first < (n_ref[0] + align - 1) // align * align
 
 

@@ -6,8 +6,7 @@ rows between the two orders with gathers in both directions, forward and backwar
 atomics: 1.6 ms per layer for a 16k-token batch on an H200, experiments/RESULTS.md), and they skip the zero-expert
 slots: those gather row 0 (cached) and are masked, so the bytes read scale with the FFN slots, not with T*K.
 With GATHER_KERNEL on a Hopper GPU, the dispatch gather is a kernel that also leaves the rows past the FFN slots
-unwritten (lcflash/kernels/row_gather.py), so the bytes written scale with them too; COMBINE_GRAD_KERNEL does the
-same for the combine's backward (lcflash/kernels/combine_grad.py).
+unwritten (lcflash/kernels/row_gather.py), so the bytes written scale with them too.
 """
 
 from typing import NamedTuple
@@ -106,30 +105,16 @@ def _combine_fwd(y_md, w_tk, slots):
     return _combine_rows(y_md, w_tk, slots), (y_md, w_tk, slots)
 
 
-# The combine's backward as one kernel on a Hopper GPU (lcflash/kernels/combine_grad.py): off until it has run and
-# been timed on a GPU (experiments/bench_rows.py, bench_train.py --combine_grad_kernel).
-COMBINE_GRAD_KERNEL = False
-
-
 def _combine_bwd(res, g_td):
     y_md, w_tk, slots = res
     acc = accumulation_dtype(y_md.dtype)
     g_td = g_td.astype(acc)
     w_m = w_tk.reshape(-1)[slots.order_m]
-    if COMBINE_GRAD_KERNEL and on_hopper():
-        from lcflash.kernels import combine_grad  # imported on first use: keeps CPU-only imports light
-
-        if combine_grad.supported(g_td, y_md) is None:   # zero weights past the FFN rows: zero d_y rows there
-            d_y_md, d_w_m = combine_grad.combine_grads(g_td, y_md, slots.tok_m, jnp.where(slots.valid_m, w_m, 0.0),
-                                                       jnp.sum(slots.group_sizes_g),
-                                                       interpret=jax.default_backend() != "gpu")
-            d_w_tk = jnp.where(slots.ffn_tk, d_w_m[slots.row_tk], 0.0).astype(w_tk.dtype)
-            return d_y_md, d_w_tk, None
     # d_y in sorted order: one gather of the token's gradient per row, zero past the FFN rows.
     d_y_md = jnp.where(slots.valid_m[:, None], w_m[:, None] * g_td[slots.tok_m], 0.0).astype(y_md.dtype)
     # d_w[t, k] = <g[t], y[row_tk]>: rows gathered into a row reduction, zero for zero-expert slots. (Reading the rows
     # in sorted order instead, d_w beside d_y from one gathered g, measured 0.626 against 0.607 ms per layer at
-    # 32 x 1024 on an H200: experiments/RESULTS.md, session 15.)
+    # 32 x 1024 on an H200, and one Mosaic GPU kernel for both 0.592: experiments/RESULTS.md, sessions 15-16.)
     y_tkd = y_md[slots.row_tk].astype(acc)
     d_w_tk = jnp.where(slots.ffn_tk, jnp.sum(g_td[:, None, :] * y_tkd, axis=-1), 0.0).astype(w_tk.dtype)
     return d_y_md, d_w_tk, None

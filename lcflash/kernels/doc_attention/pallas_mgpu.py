@@ -156,19 +156,17 @@ def _walk(visits_ref, depth, own, ring):
     no mask, fetch). visits_ref [4, B, blocks]: the visited blocks [lo, hi) and the unmasked ones [plain_lo,
     plain_hi) inside them. Loads `own` (pairs of gmem view and smem, one barrier each, in the barrier array that
     follows them) and the first `depth` visited blocks of `ring` ((gmem view of a block slice, smem ring, barriers)
-    triples); fetch(i, slot, parts) loads visited block i into ring slot `slot` (of the ring entries `parts`, or
-    all). Waits for `own` only."""
+    triples); fetch(i, slot) loads visited block i into ring slot `slot`. Waits for `own` only."""
     b, h, blk = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("blk")
     lo = visits_ref[0, b, blk]
     n = visits_ref[1, b, blk] - lo
     plain = (visits_ref[2, b, blk] - lo, visits_ref[3, b, blk] - lo)
     rows = pl.ds(blk * BLOCK, BLOCK)
 
-    def fetch(i, slot, parts=None):
+    def fetch(i, slot):
         part = pl.ds((lo + i) * BLOCK, BLOCK)
-        for j, (src, smem, bar) in enumerate(ring):
-            if parts is None or j in parts:
-                plgpu.copy_gmem_to_smem(src(b, h, part), smem.at[slot], bar.at[slot])
+        for src, smem, bar in ring:
+            plgpu.copy_gmem_to_smem(src(b, h, part), smem.at[slot], bar.at[slot])
 
     (own, own_bar) = own
     for j, (src, dst) in enumerate(own):
@@ -180,11 +178,11 @@ def _walk(visits_ref, depth, own, ring):
     return b, h, rows, lo, n, plain, fetch
 
 
-def _visit(n, plain, body, carry, start=0):
-    """body(i, carry, masked) over visits [start, n), masked=False (static) on the visits `plain` = [p0, p1), whose
+def _visit(n, plain, body, carry):
+    """body(i, carry, masked) over visits [0, n), masked=False (static) on the visits `plain` = [p0, p1), whose
     every pair is visible: three loops instead of a mask on every block."""
-    p0, p1 = (jnp.maximum(p, start) for p in plain)
-    carry = lax.fori_loop(start, p0, functools.partial(body, masked=True), carry)
+    p0, p1 = plain
+    carry = lax.fori_loop(0, p0, functools.partial(body, masked=True), carry)
     carry = lax.fori_loop(p0, p1, functools.partial(body, masked=False), carry)
     return lax.fori_loop(p1, n, functools.partial(body, masked=True), carry)
 
@@ -243,7 +241,7 @@ def _kv_views(form: Form, kv_refs):
     return keys, _heads(k_ref if form.v_in_k else kv_refs[-1], form.v_col, form.dv)
 
 
-def _fwd_kernel(visits_ref, first_ref, q_ref, *refs, form, depth, scale, ops, pipeline=False):
+def _fwd_kernel(visits_ref, first_ref, q_ref, *refs, form, depth, scale, ops):
     kv_refs, (o_ref, lse_ref, scoped) = refs[:form.n_k], refs[form.n_k:]
     P = len(form.widths)
     smem, (q_bar, *ring_bars) = scoped
@@ -293,36 +291,8 @@ def _fwd_kernel(visits_ref, first_ref, q_ref, *refs, form, depth, scale, ops, pi
 
         return carry
 
-    # pipeline: visit i's scores are issued with visit i-1's P V, so the tensor cores run both between two waits.
-    # The key ring slot of i is refilled after i's softmax has read its `first` values, the value slot of i-1 as
-    # soon as its product is done: each still loads `depth` visits ahead.
-    key_parts, value_parts = (*range(P), P + 1), (P,)
-
-    def refill(i, slot, prev):
-        pl.when(i + depth < n)(lambda: fetch(i + depth, slot, key_parts))
-        pl.when(jnp.logical_and(i >= 1, i - 1 + depth < n))(lambda: fetch(i - 1 + depth, prev, value_parts))
-
-    def body_pipelined(i, carry_p, masked):
-        carry, p_prev = carry_p
-        slot, prev = lax.rem(i, jnp.int32(depth)), lax.rem(i + depth - 1, jnp.int32(depth))
-        wait_keys(slot)
-        plgpu.barrier_wait(v_bar.at[prev])
-        acc, s = ops.dots((p_prev, v_smem.at[prev], False, carry[0]), (q_ops, keys(slot), True, tile))
-        carry, p = softmax(i, s, (acc,) + carry[1:], masked)
-        refill(i, slot, prev)
-        return carry, p
-
     carry = (ops.full((BLOCK, v_smem.shape[-1]), 0.0), ops.full((BLOCK,), -jnp.inf), ops.full((BLOCK,), 0.0))
-    if not pipeline:
-        acc, m_i, l_i = _visit(n, plain, body, carry)
-    else:   # visit 0 (always masked: exact either way) alone, then visits 1.., then the last P V
-        wait_keys(0)
-        carry, p = softmax(0, ops.dot(q_ops, keys(0), transpose_b=True, shape=tile), carry, True)
-        refill(0, 0, 0)
-        carry, p = _visit(n, plain, body_pipelined, (carry, p), start=1)
-        last = lax.rem(n - 1, jnp.int32(depth))
-        plgpu.barrier_wait(v_bar.at[last])
-        acc, m_i, l_i = (ops.dot(p, v_smem.at[last], acc=carry[0]),) + carry[1:]
+    acc, m_i, l_i = _visit(n, plain, body, carry)
     o_smem = v_smem.at[0]   # every load has landed and been read: the ring's first slot stages the output
     o_smem[...] = (acc / lax.broadcast_in_dim(l_i, acc.shape, [0])).astype(o_smem.dtype)
     lse_smem[...] = m_i + jnp.log(l_i) * LOG2E
@@ -455,8 +425,8 @@ def _smem(interpret):
 
 
 # Jitted so that the identical calls of a step's layers lower (Mosaic GPU) once, not once per attention.
-@functools.partial(jax.jit, static_argnames=("form", "scale", "depth", "pipeline", "interpret"))
-def _forward(q, kv, first_f, visits, *, form, scale, depth, pipeline, interpret):
+@functools.partial(jax.jit, static_argnames=("form", "scale", "depth", "interpret"))
+def _forward(q, kv, first_f, visits, *, form, scale, depth, interpret):
     (B, T, H, _), dv, dtype = q.shape, form.dv, q.dtype
     nb = T // BLOCK
     depth = min(depth, nb)
@@ -466,7 +436,7 @@ def _forward(q, kv, first_f, visits, *, form, scale, depth, pipeline, interpret)
                + [tile((depth, BLOCK, w), dtype) for w in form.widths]
                + [tile((depth, BLOCK, dv), dtype), vec((depth, BLOCK)), vec((BLOCK,))])
     barriers = (plgpu.Barrier(num_barriers=P + 1),) + (plgpu.Barrier(num_barriers=depth),) * (P + 2)
-    kernel = functools.partial(_fwd_kernel, form=form, depth=depth, scale=scale, ops=_Ops(interpret), pipeline=pipeline)
+    kernel = functools.partial(_fwd_kernel, form=form, depth=depth, scale=scale, ops=_Ops(interpret))
     out_type = (jax.ShapeDtypeStruct((B, T, H, dv), dtype), jax.ShapeDtypeStruct((B, H, T), jnp.float32))
     return _call(kernel, scratch, barriers, out_type, (B, H, nb), (visits, first_f, q, *kv), interpret)
 
@@ -500,10 +470,6 @@ def _backward(q, kv, first_f, o, lse, do, kv_visits, q_visits, *, form, scale, d
     return dq, tuple(dkv)
 
 
-# The forward issues each visit's scores with the previous visit's P V (one wait for both). Off until it has run on
-# a GPU: bench_attention.py's pallas_pipe variant and bench_train.py --attn_fwd_pipeline turn it on.
-FWD_PIPELINE = False
-
 # Walk the whole blocks next to the diagonal without the mask. Off until it has run on a GPU (the interpreter and the
 # lowering for CUDA pass): experiments/bench_attention.py's pallas_runs variant and bench_train.py
 # --attn_unmasked_runs turn it on. Read when a call's forward is traced.
@@ -529,8 +495,7 @@ def _attention(q, kv, first_bt, form, scale, depths, interpret):
 def _attention_fwd(q, kv, first_bt, form, scale, depths, interpret):
     first_f = first_bt.astype(jnp.float32)   # compared as floats in registers: exact below 2^24
     visits = _visits(first_bt)   # both sides' now: the backward takes them as residuals (UNMASKED_RUNS read once)
-    o, lse = _forward(q, kv, first_f, visits[0], form=form, scale=scale, depth=depths[0], pipeline=FWD_PIPELINE,
-                      interpret=interpret)
+    o, lse = _forward(q, kv, first_f, visits[0], form=form, scale=scale, depth=depths[0], interpret=interpret)
     # Named in the forward rule's own equations, where a remat policy sees them ("kernels", "dots").
     o, lse = checkpoint_name(o, KERNEL_OUTPUT), checkpoint_name(lse, KERNEL_OUTPUT)
     return o, (q, kv, first_bt, o, lse, visits)
