@@ -73,6 +73,7 @@ SWIGLU_OUTPUT = "swiglu"
 DISPATCH_ROWS = "dispatch"
 ATTENTION_QUERIES = "queries"
 NORM_OUTPUT = "norms"
+SORTED_SLOTS = "slots"
 
 
 def remat_policy_fn(remat_policy: str, keep: tuple[str, ...] = ()):
