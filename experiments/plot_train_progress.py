@@ -48,6 +48,10 @@ RUNS = [
     ("s15: session 14's tree", "bench_train_b32_s15_c3_old_h200.json"),
     ("s15: + gather kernel, compare_all bounds", "bench_train_b32_s15_c3_new_h200.json"),
     ("s15: same, second run", "bench_train_b32_s15_c3_new2_h200.json"),
+    # Session 16: the same tree (dS beside dV's product in the dk/dv kernel) on three machines, no A/B in one call.
+    ("s16 m1: configs/small.py", "bench_train_b32_s16_default_h200.json"),
+    ("s16 m2: configs/small.py", "bench_train_b32_s16_profile_h200.json"),
+    ("s16 m3: configs/small.py", "bench_train_b32_s16_default2_h200.json"),
 ]
 TARGET = 0.40
 

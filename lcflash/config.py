@@ -22,7 +22,7 @@ TRAIN_ATTN_IMPLS = ("xla", "cudnn", "pallas", "auto", "dpa_xla")
 REMAT_POLICIES = ("nothing", "kernels", "dots")
 # Activations a rematerialised layer can keep besides what its policy keeps (ModelConfig.remat_keep): the names
 # lcflash/model binds with checkpoint_name.
-REMAT_KEEP_NAMES = ("swiglu", "dispatch", "queries", "norms", "slots")
+REMAT_KEEP_NAMES = ("swiglu", "dispatch", "queries", "norms", "routing")
 ROUTER_GRAD_PRECISIONS = ("highest", "bf16_3x")   # lcflash.model.router.ROUTER_GRAD_PRECISIONS
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # ModelConfig fields an experiment config sets in its `moe` section (cfg.moe.<key>), not in cfg.model.
@@ -98,8 +98,9 @@ class ModelConfig:
     # "queries" the fused attention's [nope | roped] queries (train_attn_impl other than "xla"; under "dots" they
     # replace the saved q projection they are built from, so no memory is added), "norms" every RMSNorm's output
     # (the inputs of the projections whose weight gradients read them; otherwise recomputed from the residual stream),
-    # "slots" the MoE's expert-sorted slot permutation (integers, ~14 bytes per token and top-k slot; otherwise the
-    # backward sorts the slots again).
+    # "routing" the MoE's choices, integers: each token's top-k experts and the expert-sorted slot permutation
+    # (~18 bytes per token and top-k slot; otherwise the backward runs the top-k and the sort again; the
+    # single-device path only).
     remat_keep: str = ""
     # The router's backward products: "highest" (fp32, like its forward) or "bf16_3x" (tensor cores, 3 bf16 passes;
     # the forward that picks the experts stays fp32 either way; lcflash/model/router.py).

@@ -91,8 +91,8 @@ def activation_terms(cfg: ModelConfig, batch_local: int, seq: int, tp: int, ep: 
             terms["SwiGLU outputs (remat_keep)"] = int(L * n * (2 * cfg.ffn_hidden_size / tp + expert_h) * a)
         if "dispatch" in keep:
             terms["dispatched expert rows (remat_keep)"] = int(L * n * slots * D * a)
-        if "slots" in keep:  # Slots: three int32/bool rows of T*K in sorted order, two of [T, K]
-            terms["sorted MoE slots (remat_keep)"] = int(L * n * cfg.moe_topk * (4 + 4 + 1 + 4 + 1))
+        if "routing" in keep:  # chosen experts [T, K]; Slots: three int32/bool rows of T*K sorted, two of [T, K]
+            terms["MoE routing choices (remat_keep)"] = int(L * n * cfg.moe_topk * (4 + 4 + 4 + 1 + 4 + 1))
         if "norms" in keep:  # four per layer on the residual stream, two on MLA's latents per attention
             terms["RMSNorm outputs (remat_keep)"] = int(L * n * (4 * D + 2 * (cfg.q_lora_rank + cfg.kv_lora_rank))
                                                        * a)

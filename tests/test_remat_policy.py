@@ -12,7 +12,7 @@ from lcflash.config import REMAT_KEEP_NAMES, REMAT_POLICIES, ConfigError, load_c
 from lcflash.kernels.gmm import api
 from lcflash.model import LongcatFlash
 from lcflash.model.common import (ATTENTION_QUERIES, DISPATCH_ROWS, KERNEL_PRIMITIVES, NORM_OUTPUT, POLICY_FNS,
-                                  SORTED_SLOTS,
+                                  ROUTING_CHOICES,
                                   SWIGLU_OUTPUT)
 from numerics import rel
 from xla_flags import default_codegen
@@ -156,19 +156,21 @@ def test_kernels_policy_keeps_the_pallas_and_cudnn_kernels_on_gpu():
         assert rel(a, b) < 1e-3                                               # another order from run to run
 
 
-def test_remat_keep_saves_the_named_activations_and_changes_no_value():
+def test_remat_keep_saves_the_named_activations_and_changes_no_value(monkeypatch):
     """model.remat_keep adds residuals to the policy's: the two dense FFNs' and the experts' SwiGLU outputs
     ("swiglu"), the dispatched expert rows ("dispatch") and the two attentions' queries on the fused path
-    ("queries"), every RMSNorm's output ("norms"), the MoE's sorted slots ("slots"), per layer; loss and gradients
+    ("queries"), every RMSNorm's output ("norms"), the MoE's routing choices ("routing"), per layer; loss and gradients
     unchanged."""
     from jax._src.ad_checkpoint import saved_residuals
 
+    from lcflash.model import router
+    monkeypatch.setattr(router, "RANK_TOP_K_MAX_ELEMENTS", 0)   # lax.top_k, as at training sizes
     cfg = model_config(load_config("configs/tiny.py", {"moe.gmm_impl": "ragged_dot"})).replace(
         num_layers=1, remat=True, remat_policy="dots", train_attn_impl="dpa_xla")
     tokens = jax.random.randint(jax.random.key(3), (2, 8), 0, cfg.vocab_size)
     shapes, out = {}, {}
     keeps = ("", "swiglu", "swiglu,dispatch", "swiglu,dispatch,queries", "swiglu,dispatch,queries,norms",
-             "swiglu,dispatch,queries,norms,slots")
+             "swiglu,dispatch,queries,norms,routing")
     for keep in keeps:
         loss, state = _loss(cfg.replace(remat_keep=keep), tokens)
         shapes[keep] = sorted(str(aval.shape) for aval, _ in saved_residuals(loss, state))
@@ -185,12 +187,14 @@ def test_remat_keep_saves_the_named_activations_and_changes_no_value():
     norms = added(*keeps[3:5])  # the layer's four on the residual stream and each attention's two latent norms
     assert sorted(norms) == sorted([str((1, 2, 8, D))] * 4 + [str((1, 2, 8, cfg.q_lora_rank)),
                                                               str((1, 2, 8, cfg.kv_lora_rank))] * 2), norms
-    # The sorted slots: order, token and FFN flag per sorted row, row and FFN flag per [token, k], group sizes.
+    # The chosen experts [T, K]; the sorted slots: order, token and FFN flag per sorted row, row and FFN flag per
+    # [token, k], group sizes.
     K, N = cfg.moe_topk, cfg.n_routed_experts
-    assert added(*keeps[4:]) == sorted([str((1, M))] * 3 + [str((1, 16, K))] * 2 + [str((1, N))]), added(*keeps[4:])
-    sorts = {keep: str(jax.make_jaxpr(jax.grad(_loss(cfg.replace(remat_keep=keep), tokens)[0]))(
-        _loss(cfg, tokens)[1])).count(" sort[") for keep in keeps[4:]}
-    assert list(sorts.values()) == [2, 1], sorts   # kept: the backward pass does not sort again
+    routing = added(*keeps[4:])
+    assert routing == sorted([str((1, M))] * 3 + [str((1, 16, K))] * 3 + [str((1, N))]), routing
+    for keep, runs in zip(keeps[4:], (2, 1)):   # kept: the backward pass neither sorts nor takes the top-k again
+        jaxpr = str(jax.make_jaxpr(jax.grad(_loss(cfg.replace(remat_keep=keep), tokens)[0]))(_loss(cfg, tokens)[1]))
+        assert (jaxpr.count(" sort["), jaxpr.count(" top_k[")) == (runs, runs), (keep, jaxpr.count(" sort["))
     l0, g0 = out[""]
     for keep in keeps[1:]:
         np.testing.assert_array_equal(out[keep][0], l0)
@@ -241,7 +245,7 @@ def test_kernel_primitive_names_exist():
               cudnn_attention._dot_product_attention_fwd_p_wrapper.name}
     assert KERNEL_PRIMITIVES <= names, KERNEL_PRIMITIVES - names
     assert set(POLICY_FNS) == set(REMAT_POLICIES)
-    assert {SWIGLU_OUTPUT, DISPATCH_ROWS, ATTENTION_QUERIES, NORM_OUTPUT, SORTED_SLOTS} == set(REMAT_KEEP_NAMES)
+    assert {SWIGLU_OUTPUT, DISPATCH_ROWS, ATTENTION_QUERIES, NORM_OUTPUT, ROUTING_CHOICES} == set(REMAT_KEEP_NAMES)
 
 
 def test_bad_policy_is_a_config_error():

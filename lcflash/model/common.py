@@ -73,7 +73,7 @@ SWIGLU_OUTPUT = "swiglu"
 DISPATCH_ROWS = "dispatch"
 ATTENTION_QUERIES = "queries"
 NORM_OUTPUT = "norms"
-SORTED_SLOTS = "slots"
+ROUTING_CHOICES = "routing"
 
 
 def remat_policy_fn(remat_policy: str, keep: tuple[str, ...] = ()):

@@ -17,7 +17,7 @@ from jax.ad_checkpoint import checkpoint_name
 from lcflash.config import ModelConfig
 from lcflash.kernels import COMPUTE_WEIGHTS
 from lcflash.kernels.gmm import gmm, gmm_swiglu_ffn
-from lcflash.model.common import DISPATCH_ROWS, SORTED_SLOTS, SWIGLU_OUTPUT, RouterBias, normal_param
+from lcflash.model.common import DISPATCH_ROWS, ROUTING_CHOICES, SWIGLU_OUTPUT, RouterBias, normal_param
 from lcflash.model.router import Routing, route, zero_expert_output
 from lcflash.model.slots import combine_rows, dispatch_rows, sort_slots
 from lcflash.parallel.context import current as parallel_context
@@ -50,8 +50,8 @@ def expert_ffn(x_md, group_sizes_g, w_gate_gdf, w_up_gdf, w_down_gfd, impl: str,
 
 def routed_experts(x_td, routing: Routing, w_gate, w_up, w_down, impl: str, fuse_gate_up: bool = False):
     """Dropless FFN-expert output [T, D] in fp32 (exact for any routing, empty experts included)."""
-    # Named so model.remat_keep can keep it: a sort of T*K keys, else done again in the backward pass.
-    slots = jax.tree.map(lambda a: checkpoint_name(a, SORTED_SLOTS), sort_slots(routing.experts_tk, w_gate.shape[0]))
+    # Named so model.remat_keep "routing" can keep it: a sort of T*K keys, else done again in the backward pass.
+    slots = jax.tree.map(lambda a: checkpoint_name(a, ROUTING_CHOICES), sort_slots(routing.experts_tk, w_gate.shape[0]))
     x_md = checkpoint_name(dispatch_rows(x_td, slots), DISPATCH_ROWS)  # model.remat_keep can keep it
     # combine_rows reads only the FFN rows (and selects, never multiplies, past them): no zero tail needed.
     y_md = expert_ffn(x_md, slots.group_sizes_g, w_gate, w_up, w_down, impl, fuse_gate_up, zero_tail=False)
