@@ -155,16 +155,23 @@ SCALE = 192 ** -0.5
 SAME_SEMANTICS = ("cudnn_docs", "dpa_mask", "cudnn_mask", "pallas", "pallas_runs", "pallas_heads")
 
 
-def measure(todo, x, do, flops):
+def measure(todo, seg_bt, x, do, flops):
+    """todo: (row name, variant name, max_segments). The segment ids are an argument of the timed functions, as
+    in the model: as a closure constant XLA folds the masks' block plans at compile time (and its constant folder
+    once crashed on one of them)."""
     rows, ref = [], None
-    for name, f, m in todo:
+    for name, variant, m in todo:
+        def f(seg, *a, variant=variant, m=m):
+            return variants(seg, m)[variant](*a)
+
         fwd = jax.jit(f)
-        fb = jax.jit(lambda *a, f=f: jax.vjp(f, *a)[1](do))
+        fb = jax.jit(lambda seg, *a, f=f: jax.vjp(functools.partial(f, seg), *a)[1](do))
+        args = (seg_bt, *x)
         row = dict(variant=name, max_segments=m)
         try:
-            out = (fwd(*x), fb(*x))
-            row["fwd_ms"] = time_ms(fwd, x)[0]
-            row["fwd_bwd_ms"] = time_ms(fb, x)[0]
+            out = (fwd(*args), fb(*args))
+            row["fwd_ms"] = time_ms(fwd, args)[0]
+            row["fwd_bwd_ms"] = time_ms(fb, args)[0]
             row["fwd_tflops"] = flops / row["fwd_ms"] / 1e9
             row["fwd_bwd_tflops"] = 3.5 * flops / row["fwd_bwd_ms"] / 1e9
             if name == "dpa_mask":
@@ -233,19 +240,18 @@ def main():
                 command="python " + " ".join(sys.argv), batch=B, seq=T, heads=H, max_segments_in_a_row=n_seg,
                 flops_note="causal fwd FLOPs 2*B*H*T(T+1)/2*(192+128); bwd counted as 2.5x fwd")
     print(json.dumps(meta), flush=True)
-    todo = [(name, f, None) for name, f in variants(seg_bt, 0).items() if not name.startswith("cudnn_packed")]
+    todo = [(name, name, None) for name in variants(seg_bt, 0) if not name.startswith("cudnn_packed")]
     keep = set(filter(None, args.variants.split(",")))
     todo = [v for v in todo if not v[0].startswith("pallas_d") or v[0] in keep]   # only those asked for
     for m in [int(s) for s in args.max_segments.split(",")]:
         if m >= n_seg:
-            todo += [(f"{name}_m{m}", f, m) for name, f in variants(seg_bt, m).items()
-                     if name.startswith("cudnn_packed")]
+            todo += [(f"{name}_m{m}", name, m) for name in variants(seg_bt, m) if name.startswith("cudnn_packed")]
     todo = [v for v in todo if not keep or v[0] in keep or v[0] == "dpa_mask"]
     if args.isolate:
         rows, child_meta = isolated(args, [v[0] for v in todo])
         meta.update({k: child_meta[k] for k in ("device", "versions") if k in child_meta})
     else:
-        rows = measure(todo, x, do, flops)
+        rows = measure(todo, seg_bt, x, do, flops)
     print(f"\n{'variant':<22}{'fwd ms':>9}{'TFLOP/s':>9}{'fwd+bwd ms':>12}{'TFLOP/s':>9}{'rel err':>10}")
     for r in rows:
         if "error" in r:

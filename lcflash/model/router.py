@@ -89,6 +89,21 @@ def top_k_select(scores_te, k: int, values_te):
     return idx_tk, jnp.sum(jnp.where(hit_tek, values_te[:, :, None], jnp.zeros((), values_te.dtype)), axis=1)
 
 
+def top_k_by_argmax(scores_te, k: int):
+    """lax.top_k's indices as k passes of argmax, each chosen expert masked out for the next: k reductions that
+    XLA can fuse, against the sort a GPU runs for lax.top_k over [T, E] (timed in experiments/bench_rows.py; not
+    used by the model until it measures faster). Exact for finite scores: argmax takes the lowest index of equal
+    scores, as lax.top_k orders them."""
+    e = jnp.arange(scores_te.shape[-1], dtype=jnp.int32)
+    taken_te = jnp.zeros(scores_te.shape, bool)
+    idx = []
+    for _ in range(k):
+        i_t = jnp.argmax(jnp.where(taken_te, -jnp.inf, scores_te), axis=-1).astype(jnp.int32)
+        taken_te = taken_te | (e == i_t[:, None])
+        idx.append(i_t)
+    return jnp.stack(idx, axis=-1)
+
+
 @jax.custom_vjp
 def take_chosen(values_te, idx_tk):
     """values[t, idx[t, k]] whose gradient is an elementwise sum over the k choices instead of take_along_axis'
