@@ -470,9 +470,10 @@ def _backward(q, kv, first_f, o, lse, do, kv_visits, q_visits, *, form, scale, d
     return dq, tuple(dkv)
 
 
-# Walk the whole blocks next to the diagonal without the mask. Off until it has run on a GPU (the interpreter and the
-# lowering for CUDA pass): experiments/bench_attention.py's pallas_runs variant and bench_train.py
-# --attn_unmasked_runs turn it on. Read when a call's forward is traced.
+# Walk the whole blocks next to the diagonal without the mask. Off: its GPU test passes, and one training run on an
+# H200 measured +0.8%, inside the spread between runs (experiments/RESULTS.md, session 16); an A/B in one call
+# decides. experiments/bench_attention.py's pallas_runs variant and bench_train.py --attn_unmasked_runs turn it on.
+# Read when a call's forward is traced.
 UNMASKED_RUNS = False
 
 
