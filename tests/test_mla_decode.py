@@ -134,15 +134,13 @@ KERNEL_CASES = [  # B, T, H, R, P, S, starts, splits
 def test_kernel_interpret_matches_split_reference():
     """The kernel's control flow (TMA pipeline, barriers, splits, masking, online softmax) in GPU interpret mode;
     the interpreter lacks wgmma with transposed operands, so its products there are plain dots."""
-    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-
     from lcflash.kernels.mla_decode.pallas_mgpu import choose_splits, mla_decode_pallas
 
     for B, T, H, R, P, S, starts, splits in (KERNEL_CASES[1], KERNEL_CASES[3]):
         q, qp, c, k = inputs(B, T, H, R, P, S, jnp.bfloat16, seed=B + T)
         start = jnp.array(starts, jnp.int32)
         got = mla_decode_pallas(q, qp, c, k, start, scale=0.05, num_splits=splits, fused_pv=False,
-                                interpret=InterpretGPUParams())
+                                interpret=True)
         assert not np.isnan(np.asarray(got, np.float32)).any()
         n = choose_splits(B, S // 64) if splits is None else splits
         split_ref = reference.mla_decode_split_reference(q, qp, c, k, start, 0.05, n, 64)

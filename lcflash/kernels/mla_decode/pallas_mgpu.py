@@ -23,6 +23,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from lcflash.kernels import interpret_params
 from lcflash.kernels.mla_decode.reference import LOG2E, NEG_INF, combine_splits, per_split_blocks
 
 ROWS = 64               # wgmma M: query rows (heads x query tokens) per CTA
@@ -158,7 +159,7 @@ def _kernel(start_ref, q_ref, qpe_ref, c_ref, kpe_ref, o_ref, lse_ref, scoped, *
 
 def mla_decode_pallas(q_lat_bthr, q_pe_bthd, c_bsr, kpe_bsd, q_start_b, *, scale: float, block_kv: int = 64,
                       num_splits: int | None = None, depth: int = 4, fused_pv: bool = True,
-                      interpret=False):
+                      interpret: bool = False):
     """Causal absorbed attention: query t of row b sits at cache index q_start_b[b] + t. Returns o_lat [B,T,H,R].
     num_splits: None picks them (choose_splits, here, outside the jit, so MAX_SPLITS applies to every trace)."""
     B, T, H, R = q_lat_bthr.shape
@@ -193,7 +194,7 @@ def _mla_decode_pallas(q_lat_bthr, q_pe_bthd, c_bsr, kpe_bsd, q_start_b, *, scal
     tiled = () if interpret else (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     kernel = functools.partial(_kernel, heads=H, q_len=T, rows=rows, block_kv=block_kv, blocks_per_split=per_split,
                                depth=depth, scale=scale, dtype=dtype,
-                               fused_pv=fused_pv, interpret=bool(interpret))
+                               fused_pv=fused_pv, interpret=interpret)
 
     def entry(start_ref, q_ref, qpe_ref, c_ref, kpe_ref, o_ref, lse_ref):
         pl.run_scoped(
@@ -214,7 +215,7 @@ def _mla_decode_pallas(q_lat_bthr, q_pe_bthd, c_bsr, kpe_bsd, q_start_b, *, scal
         grid=(num_splits, B),
         grid_names=("split", "batch"),
         compiler_params=plgpu.CompilerParams(approx_math=True),
-        **({"interpret": interpret} if interpret else {}),
+        interpret=interpret_params(interpret),
     )(q_start_b.astype(jnp.int32), pad_rows(q_lat_bthr), pad_rows(q_pe_bthd), c_bsr.astype(dtype),
       kpe_bsd.astype(dtype))
     o = o_part[:, 0] if num_splits == 1 else combine_splits(o_part, lse2)
