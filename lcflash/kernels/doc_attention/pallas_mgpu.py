@@ -42,8 +42,8 @@ from lcflash.kernels.doc_attention.reference import (LOG2E, NEG_INF, kv_block_ra
 BLOCK = 64          # rows per CTA and per visited block (the wgmma M of one warpgroup)
 # Blocks loaded ahead by the forward, dq and dk/dv kernels; fwd+bwd at 16 x 1024 on an H200: 0.584 ms, (2, 2, 2) 0.590,
 # (1, 1, 2) 0.593 (experiments/bench_attention_depths_h200.json). The dk/dv kernel at depth 2 takes ~122 KB of shared
-# memory in MLA's form, so one CTA per SM; at depth 1, ~81 KB and two (not yet timed: bench_attention.py's
-# pallas_d211, bench_train.py --attn_depths). Read at call time when a call passes no depths.
+# memory in MLA's form, so one CTA per SM; at depth 1, ~81 KB and two, yet slower: (2, 1, 1) 0.709 ms and -1.8% in
+# training (experiments/RESULTS.md, session 16). Read at call time when a call passes no depths.
 DEPTHS = (2, 1, 2)
 
 
