@@ -181,6 +181,8 @@ def main():
                     "next to the diagonal without the mask (lcflash.kernels.doc_attention.pallas_mgpu.UNMASKED_RUNS)")
     ap.add_argument("--zero_tails", action="store_true", help="store the MoE row buffers' tails as zeros (the A/B "
                     "baseline of lcflash.kernels.gmm.api.SKIP_TAILS)")
+    ap.add_argument("--z_loss_stacked", action="store_true", help="the hidden z-loss over the stacked outputs of "
+                    "every layer (the A/B baseline of lcflash.train.step.Z_LOSS_IN_SCAN)")
     ap.add_argument("--time_budget_s", type=float, default=1e9, help="skip remaining impls once this is spent")
     args = ap.parse_args()
     from absl import logging
@@ -199,6 +201,8 @@ def main():
     mla.PALLAS_MLA_FORM = not args.pallas_assembled_heads
     from lcflash.kernels.doc_attention import pallas_mgpu
     pallas_mgpu.UNMASKED_RUNS = args.attn_unmasked_runs
+    from lcflash.train import step as train_step
+    train_step.Z_LOSS_IN_SCAN = not args.z_loss_stacked
     if args.attn_depths:
         pallas_mgpu.DEPTHS = tuple(int(d) for d in args.attn_depths.split(","))
     base = {"train.batch_size": args.batch, "data.seq_len": args.seq, "train.progress": False}
@@ -240,6 +244,7 @@ def main():
         "swiglu_grad_epilogue": gmm_api.SWIGLU_GRAD_EPILOGUE, "dispatch_gather_kernel": slots.GATHER_KERNEL,
         "attn_depths": list(pallas_mgpu.DEPTHS), "attn_unmasked_runs": pallas_mgpu.UNMASKED_RUNS,
         "skip_tails": gmm_api.SKIP_TAILS, "pallas_mla_form": mla.PALLAS_MLA_FORM,
+        "z_loss_in_scan": train_step.Z_LOSS_IN_SCAN,
         "steps_timed": args.steps, "warmup_steps": args.warmup,
         "device": f"{dev.platform}: {dev.device_kind}", "device_count": jax.device_count(),
         "peak_bf16_flops": peak,

@@ -23,7 +23,8 @@ REMAT_POLICIES = ("nothing", "kernels", "dots")
 # Activations a rematerialised layer can keep besides what its policy keeps (ModelConfig.remat_keep): the names
 # lcflash/model binds with checkpoint_name.
 REMAT_KEEP_NAMES = ("swiglu", "dispatch", "queries", "norms", "routing")
-ROUTER_GRAD_PRECISIONS = ("highest", "bf16_3x")   # lcflash.model.router.ROUTER_GRAD_PRECISIONS
+ROUTER_GRAD_PRECISIONS = ("highest", "bf16_3x", "bf16_split")   # lcflash.model.router.ROUTER_GRAD_PRECISIONS
+ROUTER_PRECISIONS = ("highest", "bf16_split")   # lcflash.model.router.ROUTER_PRECISIONS
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # ModelConfig fields an experiment config sets in its `moe` section (cfg.moe.<key>), not in cfg.model.
 MOE_SECTION_FIELDS = {"gmm_impl": "gmm_impl", "overlap": "moe_overlap", "fuse_gate_up": "moe_fuse_gate_up"}
@@ -102,8 +103,13 @@ class ModelConfig:
     # (~18 bytes per token and top-k slot; otherwise the backward runs the top-k and the sort again; the
     # single-device path only).
     remat_keep: str = ""
-    # The router's backward products: "highest" (fp32, like its forward) or "bf16_3x" (tensor cores, 3 bf16 passes;
-    # the forward that picks the experts stays fp32 either way; lcflash/model/router.py).
+    # The router's forward product, which picks the experts: "highest" (fp32) or "bf16_split" (one bf16 tensor-core
+    # product against the fp32 weights split in three bf16 parts; as exact as the fp32 product for bf16 activations,
+    # so it needs dtype "bfloat16"; lcflash/model/router.py).
+    router_precision: str = "highest"
+    # The router's backward products: "highest" (fp32), "bf16_3x" (tensor cores, 3 bf16 passes) or "bf16_split"
+    # (one bf16 product each from split operands: the weight gradient as exact as fp32, the bf16 input gradient to
+    # ~16 bits; needs dtype "bfloat16").
     router_grad_precision: str = "highest"
     # Layers per iteration of the layer scan (jax.lax.scan's unroll): 1 keeps one compiled layer body; num_layers
     # unrolls the stack, which lets XLA drop the loop's per-layer slicing and stacking (a training-speed A/B).
@@ -201,6 +207,12 @@ def validate(cfg: ModelConfig, keys: dict[str, str] | None = None) -> ModelConfi
         "remat_keep", cfg.remat_keep, f"must be a comma-separated subset of {REMAT_KEEP_NAMES} (or empty)")
     req(cfg.router_grad_precision in ROUTER_GRAD_PRECISIONS, "router_grad_precision", cfg.router_grad_precision,
         f"must be one of {ROUTER_GRAD_PRECISIONS}")
+    req(cfg.router_precision in ROUTER_PRECISIONS, "router_precision", cfg.router_precision,
+        f"must be one of {ROUTER_PRECISIONS}")
+    for f in ("router_precision", "router_grad_precision"):
+        req(getattr(cfg, f) != "bf16_split" or cfg.dtype == "bfloat16", f, getattr(cfg, f),
+            f"'bf16_split' needs bfloat16 activations, but dtype is {cfg.dtype!r}: set dtype='bfloat16' or "
+            f"{f}='highest'")
     for f in ("bos_token_id", "eos_token_id"):
         v = getattr(cfg, f)
         req(v is None or 0 <= v < cfg.vocab_size, f, v, f"must be None or in [0, vocab_size={cfg.vocab_size})")

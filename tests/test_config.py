@@ -32,12 +32,21 @@ def test_released_config_values():
     ("scan_unroll", 0, "scan_unroll.*num_layers=28"),
     ("num_mtp_layers", 2, "num_mtp_layers"),
     ("eos_token_id", 10 ** 6, "eos_token_id"),
+    ("router_precision", "bf16", "router_precision.*highest.*bf16_split"),
 ])
 def test_invalid_values_name_the_field(field, value, match):
     cfg = ModelConfig(n_routed_experts=8, zero_expert_num=4, moe_topk=12, target_ffn_experts=8.0)
     validate(cfg)
     with pytest.raises(ConfigError, match=match):
         cfg.replace(**{field: value})
+
+
+def test_router_bf16_split_needs_bf16_activations():
+    cfg = ModelConfig(n_routed_experts=8, zero_expert_num=4, moe_topk=12, target_ffn_experts=8.0,
+                      router_precision="bf16_split")
+    validate(cfg)
+    with pytest.raises(ConfigError, match="router_precision.*bfloat16.*float32"):
+        cfg.replace(dtype="float32")
 
 
 def test_overrides_and_typos():

@@ -1,4 +1,5 @@
-"""LongCat losses, the bias controller, the optimizer schedules and hyperparameter transfer (no model)."""
+"""LongCat losses, the bias controller, the optimizer schedules and hyperparameter transfer (a model only where a
+loss is taken inside it)."""
 
 import jax
 import jax.numpy as jnp
@@ -67,6 +68,33 @@ def test_hidden_z_loss_value():
     h = np.array([[[[0.0, 1.0, -2.0]]]], np.float32)
     want = np.log(np.exp([0.0, 1.0, 2.0]).sum()) ** 2
     np.testing.assert_allclose(losses.hidden_z_loss(h), want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_hidden_z_loss_taken_inside_the_layer_scan_equals_the_stacked_form(remat):
+    """The train step's z-loss (abs_logsumexp per layer as model.forward's layer_fn) has the value and the gradient
+    of hidden_z_loss over the stacked outputs of every layer."""
+    from flax import nnx
+
+    from lcflash.config import load_config, model_config
+    from lcflash.model import LongcatFlash
+
+    mc = model_config(load_config("configs/tiny.py")).replace(remat=remat)
+    graphdef, params = nnx.split(LongcatFlash(mc, nnx.Rngs(4)))
+    tokens = jax.random.randint(jax.random.key(5), (2, 16), 0, mc.vocab_size)
+
+    def stacked(p):
+        return losses.hidden_z_loss(nnx.merge(graphdef, p).forward(tokens, return_layer_hidden=True).layer_hidden)
+
+    def in_scan(p):
+        lse_lbt = nnx.merge(graphdef, p).forward(tokens, layer_fn=losses.abs_logsumexp).layer_hidden
+        assert lse_lbt.shape == (mc.num_layers, 2, 16)
+        return losses.hidden_z_loss_from_lse(lse_lbt)
+
+    (want, g_want), (got, g_got) = jax.value_and_grad(stacked)(params), jax.value_and_grad(in_scan)(params)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * float(jnp.max(jnp.abs(b))))
 
 
 def ctrl_cfg(**kw):

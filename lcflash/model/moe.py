@@ -93,7 +93,7 @@ class MoE(nnx.Module):
 
     def router(self, x_td) -> Routing:
         return route(x_td, self.w_router[...], self.bias[...], self.cfg.moe_topk, self.cfg.routed_scaling_factor,
-                     self.cfg.router_grad_precision)
+                     self.cfg.router_grad_precision, self.cfg.router_precision)
 
     def dispatch(self, x_btd, reference: bool = False):
         """Routes and (expert-parallel) sends the FFN-expert slots; `combine` finishes. The reference loop and

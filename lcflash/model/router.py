@@ -20,48 +20,97 @@ class Routing(NamedTuple):
     weights_tk: jax.Array   # fp32 probs[chosen] * routed_scaling_factor
 
 
-# model.router_grad_precision -> the dot algorithm of the router's two backward products. The forward is always
-# fp32 at HIGHEST (it chooses the experts, as the reference does); "bf16_3x" runs the backward on tensor cores
-# (3 bf16 passes, fp32 accumulation: max rel err 4.2e-6 against fp64 where HIGHEST has 1.5e-6; H200, [16384, 1024]
-# x [1024, 192], experiments/bench_router_dot_h200.json) instead of fp32 FMA kernels.
+# model.router_grad_precision -> the dot algorithm of the router's two backward products: "bf16_3x" runs them on
+# tensor cores (3 bf16 passes, fp32 accumulation: max rel err 4.2e-6 against fp64 where HIGHEST has 1.5e-6; H200,
+# [16384, 1024] x [1024, 192], experiments/bench_router_dot_h200.json) instead of fp32 FMA kernels; "bf16_split"
+# as below, one bf16 product each.
 ROUTER_GRAD_PRECISIONS = {"highest": jax.lax.Precision.HIGHEST,
-                          "bf16_3x": jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X3}
+                          "bf16_3x": jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X3,
+                          "bf16_split": None}
+# model.router_precision -> how the forward, which picks the experts, forms the fp32 logits: "highest" an fp32
+# product (on a GPU, fp32 FMA kernels); "bf16_split" one bf16 tensor-core product of the bf16 activations against the
+# fp32 weights split into three bf16 parts side by side. Three parts hold all 24 bits of an fp32 value and a
+# bf16 x bf16 product is exact in fp32, so only the fp32 accumulation rounds, as in the fp32 product. It needs bf16
+# activations (model.dtype "bfloat16"); so does the "bf16_split" backward.
+ROUTER_PRECISIONS = ("highest", "bf16_split")
 
 
-def _logits(x_td, w_de):
+def split_bf16(a):
+    """Three bf16 parts whose fp32 sum is the fp32 `a` exactly (each holds the next 8 or more significant bits)."""
+    parts = []
+    for _ in range(3):
+        parts.append(a.astype(jnp.bfloat16))
+        a = a - parts[-1].astype(jnp.float32)
+    return parts
+
+
+def _sum_thirds(p_tn):
+    """[T, 3E] products of the three split parts side by side -> their fp32 sum [T, E], smallest parts first."""
+    E = p_tn.shape[1] // 3
+    return (p_tn[:, 2 * E:] + p_tn[:, E:2 * E]) + p_tn[:, :E]
+
+
+def _need_bf16(x_td, field):
+    if x_td.dtype != jnp.bfloat16:
+        raise ValueError(f"{field}='bf16_split' needs bfloat16 activations, got {x_td.dtype}: set "
+                         f"model.dtype='bfloat16' or {field}='highest'")
+
+
+def _logits(x_td, w_de, precision: str = "highest"):
+    if precision == "bf16_split":
+        _need_bf16(x_td, "router_precision")
+        return _sum_thirds(jnp.einsum("td,dn->tn", x_td, jnp.concatenate(split_bf16(w_de.astype(jnp.float32)), 1),
+                                      preferred_element_type=jnp.float32))
     return jnp.einsum("td,de->te", x_td.astype(jnp.float32), w_de.astype(jnp.float32),
                       precision=jax.lax.Precision.HIGHEST)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _logits_lowp_grad(x_td, w_de, grad_precision: str):
-    return _logits(x_td, w_de)
+def _split_grads(x_td, w_de, g_te):
+    """The backward in one bf16 product each. dw (fp32): the bf16 x against g's three parts, exact products.
+    dx (bf16): g1 w1 + g1 w2 + g2 w1, ~16 bits where dx keeps 8, as one product over a 3x longer contraction."""
+    _need_bf16(x_td, "router_grad_precision")
+    g = split_bf16(g_te)
+    dw = _sum_thirds(jnp.einsum("td,tn->dn", x_td, jnp.concatenate(g, 1), preferred_element_type=jnp.float32))
+    w = split_bf16(w_de.astype(jnp.float32))
+    dx = jnp.einsum("tk,dk->td", jnp.concatenate([g[0], g[0], g[1]], 1), jnp.concatenate([w[0], w[1], w[0]], 1),
+                    preferred_element_type=jnp.float32)
+    return dx, dw
 
 
-def _logits_lowp_grad_fwd(x_td, w_de, grad_precision):
-    return _logits(x_td, w_de), (x_td, w_de)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _logits_custom(x_td, w_de, precision: str, grad_precision: str):
+    return _logits(x_td, w_de, precision)
 
 
-def _logits_lowp_grad_bwd(grad_precision, res, g_te):
+def _logits_custom_fwd(x_td, w_de, precision, grad_precision):
+    return _logits(x_td, w_de, precision), (x_td, w_de)
+
+
+def _logits_custom_bwd(precision, grad_precision, res, g_te):
     x_td, w_de = res
-    prec = ROUTER_GRAD_PRECISIONS[grad_precision]
-    dx = jnp.einsum("te,de->td", g_te, w_de.astype(jnp.float32), precision=prec)
-    dw = jnp.einsum("td,te->de", x_td.astype(jnp.float32), g_te, precision=prec)
+    if grad_precision == "bf16_split":
+        dx, dw = _split_grads(x_td, w_de, g_te)
+    else:
+        prec = ROUTER_GRAD_PRECISIONS[grad_precision]
+        dx = jnp.einsum("te,de->td", g_te, w_de.astype(jnp.float32), precision=prec)
+        dw = jnp.einsum("td,te->de", x_td.astype(jnp.float32), g_te, precision=prec)
     return dx.astype(x_td.dtype), dw.astype(w_de.dtype)
 
 
-_logits_lowp_grad.defvjp(_logits_lowp_grad_fwd, _logits_lowp_grad_bwd)
+_logits_custom.defvjp(_logits_custom_fwd, _logits_custom_bwd)
 
 
-def router_logits(x_td, w_router_de, grad_precision: str = "highest"):
-    """fp32 logits [T, E]; grad_precision picks the backward's dot algorithm (ROUTER_GRAD_PRECISIONS)."""
-    if grad_precision == "highest":
+def router_logits(x_td, w_router_de, grad_precision: str = "highest", precision: str = "highest"):
+    """fp32 logits [T, E]; precision picks the forward's product (ROUTER_PRECISIONS), grad_precision the
+    backward's dot algorithm (ROUTER_GRAD_PRECISIONS)."""
+    if grad_precision == "highest" and precision == "highest":
         return _logits(x_td, w_router_de)
-    return _logits_lowp_grad(x_td, w_router_de, grad_precision)
+    return _logits_custom(x_td, w_router_de, precision, grad_precision)
 
 
-def route(x_td, w_router_de, bias_e, top_k: int, scaling: float, grad_precision: str = "highest") -> Routing:
-    return select_experts(router_logits(x_td, w_router_de, grad_precision), bias_e, top_k, scaling)
+def route(x_td, w_router_de, bias_e, top_k: int, scaling: float, grad_precision: str = "highest",
+          precision: str = "highest") -> Routing:
+    return select_experts(router_logits(x_td, w_router_de, grad_precision, precision), bias_e, top_k, scaling)
 
 
 # Few tokens (decode): top-k by counting ranks, two small fusions, instead of lax.top_k's sort (a 5 us kernel per

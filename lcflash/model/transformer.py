@@ -32,7 +32,7 @@ class KVCache(NamedTuple):
 class ModelOutput(NamedTuple):
     logits: jax.Array             # [B, T, V] float32
     hidden: jax.Array             # [B, T, D] after the final norm (what the LM head and the MTP head read)
-    layer_hidden: jax.Array       # [L, B, T, D] output of every layer (empty unless return_layer_hidden)
+    layer_hidden: jax.Array       # [L, B, T, D] output of every layer, or layer_fn of it (empty unless asked for)
     moe_stats: dict               # per layer: counts_be, prob_sum_be, experts_btk, weights_btk
     cache: KVCache | None
 
@@ -68,10 +68,14 @@ class LongcatFlash(nnx.Module):
 
     def forward(self, tokens_bt, *, positions_bt=None, segment_ids_bt=None, mask_bts=None,
                 cache: KVCache | None = None, write_start_b=None, reference_moe: bool = False,
-                return_layer_hidden: bool = False) -> ModelOutput:
+                return_layer_hidden: bool = False, layer_fn=None) -> ModelOutput:
         """Full forward. With `cache`, the new tokens' latents are written at `write_start_b` (per row) and the
-        default mask lets each token see the cache up to itself."""
+        default mask lets each token see the cache up to itself. `layer_fn` maps each layer's output inside the
+        layer scan, e.g. to a per-token statistic so that the [L, B, T, D] stack is never built; its stacked
+        results are `layer_hidden` (return_layer_hidden: the outputs themselves)."""
         cfg = self.cfg
+        if return_layer_hidden and layer_fn is None:
+            layer_fn = lambda h: h  # noqa: E731
         B, T = tokens_bt.shape
         dtype = cfg.jnp_dtype
         if cache is not None and write_start_b is None:
@@ -98,7 +102,7 @@ class LongcatFlash(nnx.Module):
             h = constrain(h, ("batch", "seq", "act_embed"))
             new_cache = None if cache_l is None else (jnp.stack([kv0.c_bsr, kv1.c_bsr]),
                                                       jnp.stack([kv0.kpe_bsd, kv1.kpe_bsd]))
-            return h, (new_cache, stats, h if return_layer_hidden else None)
+            return h, (new_cache, stats, None if layer_fn is None else layer_fn(h))
 
         xs = None if cache is None else (cache.c, cache.kpe)
         h_btd, (new_cache, stats, layer_hidden) = scan_modules(self.layers, body, h_btd, xs, remat=cfg.remat,
@@ -107,7 +111,7 @@ class LongcatFlash(nnx.Module):
                                                                     remat_keep=remat_keep_names(cfg.remat_keep))
         hidden = self.norm(h_btd)
         return ModelOutput(self.logits(hidden), hidden,
-                           layer_hidden if return_layer_hidden else jnp.zeros((0,), dtype), stats,
+                           jnp.zeros((0,), dtype) if layer_fn is None else layer_hidden, stats,
                            None if cache is None else KVCache(*new_cache))
 
     def mtp_logits(self, hidden_btd, next_tokens_bt, positions_bt=None, segment_ids_bt=None):

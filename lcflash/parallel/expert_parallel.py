@@ -69,7 +69,8 @@ def dispatch(x_btd, w_router, bias, cfg: ModelConfig, ctx: ParallelContext):
     def body(x, w_r, b):
         b_local = x.shape[0]
         x_td = x.reshape(-1, D)
-        routing = route(x_td, w_r, b, cfg.moe_topk, cfg.routed_scaling_factor, cfg.router_grad_precision)
+        routing = route(x_td, w_r, b, cfg.moe_topk, cfg.routed_scaling_factor, cfg.router_grad_precision,
+                        cfg.router_precision)
         out = dict(weights=routing.weights_tk, experts=routing.experts_tk,
                    zero=zero_expert_output(x_td, routing, N).reshape(b_local, T, D),
                    **routing_stats(routing, b_local, cfg.num_experts_total))

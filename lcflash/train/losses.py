@@ -76,8 +76,17 @@ def hidden_z_loss(h_lbtd):
     Applied to each layer's output (the residual stream), where massive activations appear; log-sum-exp of
     |h| tracks the largest |h_i|, so the square penalises outlier channels. Multiply by a small coefficient.
     """
-    a = jnp.abs(h_lbtd.astype(jnp.float32))
-    return jnp.mean(jnp.square(jax.nn.logsumexp(a, axis=-1)))
+    return hidden_z_loss_from_lse(abs_logsumexp(h_lbtd))
+
+
+def abs_logsumexp(h_td):
+    """log sum_i exp|h_i| over the last axis, in fp32: hidden_z_loss's inner term. The train step takes it per
+    layer inside the layer scan (model.forward's layer_fn), so the stack of every layer's output is never built."""
+    return jax.nn.logsumexp(jnp.abs(h_td.astype(jnp.float32)), axis=-1)
+
+
+def hidden_z_loss_from_lse(lse_lbt):
+    return jnp.mean(jnp.square(lse_lbt))
 
 
 def router_grad_norm(grads, path=("layers", "moe", "w_router")):

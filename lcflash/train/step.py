@@ -105,13 +105,21 @@ def packing(cfg, batch):
     return (batch["positions"], batch["segment_ids"]) if cfg.data.document_mask else (None, None)
 
 
+# The hidden z-loss from each layer's log-sum-exp taken inside the layer scan (losses.abs_logsumexp as the model's
+# layer_fn); False stacks every layer's [B, T, D] output first, the same values (the A/B baseline of
+# experiments/bench_train.py --z_loss_stacked).
+Z_LOSS_IN_SCAN = True
+
+
 def forward_losses(cfg, model_cfg: ModelConfig, graphdef, params, bias, batch):
     """(loss terms [lm, lb, z] already weighted, aux) for one batch. `bias` is a constant here."""
     lc = cfg.loss
     model = nnx.merge(graphdef, params, bias)
     use_z = lc.z_coef > 0
     pos, seg = packing(cfg, batch)
-    out = model.forward(batch["inputs"], positions_bt=pos, segment_ids_bt=seg, return_layer_hidden=use_z)
+    in_scan = use_z and Z_LOSS_IN_SCAN
+    out = model.forward(batch["inputs"], positions_bt=pos, segment_ids_bt=seg,
+                        return_layer_hidden=use_z, layer_fn=losses.abs_logsumexp if in_scan else None)
     mask = batch["loss_mask"]
     ce = losses.cross_entropy(out.logits, batch["targets"], mask)
     mtp = jnp.zeros((), jnp.float32)
@@ -123,7 +131,9 @@ def forward_losses(cfg, model_cfg: ModelConfig, graphdef, params, bias, batch):
     lb = losses.load_balance_loss(stats["counts_be"], stats["prob_sum_be"], n_ffn=model_cfg.n_routed_experts,
                                   top_k=model_cfg.moe_topk, target_ffn=model_cfg.target_ffn_experts,
                                   groups=lc.lb_groups)
-    z = losses.hidden_z_loss(out.layer_hidden) if use_z else jnp.zeros((), jnp.float32)
+    z = jnp.zeros((), jnp.float32)
+    if use_z:
+        z = (losses.hidden_z_loss_from_lse if in_scan else losses.hidden_z_loss)(out.layer_hidden)
     terms = jnp.stack([ce + lc.mtp_weight * mtp, lc.lb_coef * lb, lc.z_coef * z])
     aux = {"ce": ce, "mtp_loss": mtp, "lb_loss": lb, "z_loss": z,
            "counts_le": jax.lax.stop_gradient(jnp.sum(stats["counts_be"], axis=1)),
