@@ -30,6 +30,7 @@ def main():
     ap.add_argument("--tokens", type=int, default=16384)
     ap.add_argument("--d", type=int, default=1024)
     ap.add_argument("--e", type=int, default=192)
+    ap.add_argument("--algos", default="", help="comma-separated rows to run (default: all)")
     ap.add_argument("--out", default="experiments/bench_router_dot.json")
     a = ap.parse_args()
     x_bf16 = jax.random.normal(jax.random.key(0), (a.tokens, a.d), jnp.bfloat16)
@@ -39,8 +40,10 @@ def main():
     exact = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
     fns = {name: (lambda x, w, prec=prec: jnp.einsum("td,de->te", x, w, precision=prec), x)
            for name, prec in ALGOS.items()}
-    for fwd, bwd in (("highest", "bf16_3x"), ("bf16_split", "bf16_3x"), ("bf16_split", "highest")):
+    for fwd, bwd in (("highest", "bf16_3x"), ("bf16_split", "bf16_3x"), ("bf16_split", "bf16_split")):
         fns[f"router {fwd}/{bwd}"] = (lambda x, w, fwd=fwd, bwd=bwd: router_logits(x, w, bwd, fwd), x_bf16)
+    if a.algos:
+        fns = {k: v for k, v in fns.items() if k in a.algos.split(",")}
     rows = []
     for name, (fn, xin) in fns.items():
         f = jax.jit(fn)
