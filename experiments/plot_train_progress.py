@@ -52,6 +52,9 @@ RUNS = [
     ("s16 m1: configs/small.py", "bench_train_b32_s16_default_h200.json"),
     ("s16 m2: configs/small.py", "bench_train_b32_s16_profile_h200.json"),
     ("s16 m3: configs/small.py", "bench_train_b32_s16_default2_h200.json"),
+    # Session 17, one machine (call A): z-loss in the layer scan, then + the routing choices kept.
+    ("s17 A: z-loss in the layer scan", "bench_train_b32_s17_default_h200.json"),
+    ("s17 A: + routing kept (configs/small.py)", "bench_train_b32_s17_routing_h200.json"),
 ]
 TARGET = 0.40
 

@@ -36,12 +36,16 @@ ROUTER_PRECISIONS = ("highest", "bf16_split")
 
 
 def split_bf16(a):
-    """Three bf16 parts whose fp32 sum is the fp32 `a` exactly (each holds the next 8 or more significant bits)."""
+    """Three bf16 parts whose fp32 sum is the fp32 `a` exactly: each is the next 8 significant bits, cut off by a bit
+    mask (a remainder a - hi is exact and has 8 fewer bits). Not by a bf16 round trip: XLA on a GPU drops f32 ->
+    bf16 -> f32 convert pairs (excess precision is allowed), which made the remainders a - a = 0 (session 17,
+    experiments/RESULTS.md)."""
     parts = []
-    for _ in range(3):
-        parts.append(a.astype(jnp.bfloat16))
-        a = a - parts[-1].astype(jnp.float32)
-    return parts
+    for _ in range(2):
+        bits = jax.lax.bitcast_convert_type(a, jnp.uint32) & jnp.uint32(0xFFFF0000)
+        parts.append(jax.lax.bitcast_convert_type(bits, jnp.float32))
+        a = a - parts[-1]
+    return [p.astype(jnp.bfloat16) for p in parts + [a]]   # every part is a bf16 value: exact casts
 
 
 def _sum_thirds(p_tn):
