@@ -119,7 +119,8 @@ def forward_losses(cfg, model_cfg: ModelConfig, graphdef, params, bias, batch):
     pos, seg = packing(cfg, batch)
     in_scan = use_z and Z_LOSS_IN_SCAN
     out = model.forward(batch["inputs"], positions_bt=pos, segment_ids_bt=seg,
-                        return_layer_hidden=use_z, layer_fn=losses.abs_logsumexp if in_scan else None)
+                        return_layer_hidden=use_z and not in_scan,
+                        layer_fn=losses.abs_logsumexp if in_scan else None)
     mask = batch["loss_mask"]
     ce = losses.cross_entropy(out.logits, batch["targets"], mask)
     mtp = jnp.zeros((), jnp.float32)
