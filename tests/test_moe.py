@@ -220,10 +220,13 @@ def test_top_k_select_equals_lax_top_k(T, E, k):
 def test_router_grad_precision_changes_only_the_backward(x_dtype):
     """model.router_grad_precision="bf16_3x": the same fp32 logits (so the same experts), and gradients equal to
     autodiff of the fp32 product within the 3-pass algorithm's error (4e-6 of fp64 on an H200)."""
-    from lcflash.config import ROUTER_GRAD_PRECISIONS
-    from lcflash.model.router import ROUTER_GRAD_PRECISIONS as ALGORITHMS, router_logits
+    from lcflash import config
+    from lcflash.model import router
+    from lcflash.model.router import router_logits
 
-    assert set(ALGORITHMS) == set(ROUTER_GRAD_PRECISIONS)   # the config's names are the router's
+    # the config's names are the router's
+    assert set(router.ROUTER_GRAD_PRECISIONS) == set(config.ROUTER_GRAD_PRECISIONS)
+    assert set(router.ROUTER_PRECISIONS) == set(config.ROUTER_PRECISIONS)
 
     x = jax.random.normal(jax.random.key(8), (96, 64), x_dtype)
     w = jax.random.normal(jax.random.key(9), (64, 40)) * 0.1

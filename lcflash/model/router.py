@@ -20,13 +20,6 @@ class Routing(NamedTuple):
     weights_tk: jax.Array   # fp32 probs[chosen] * routed_scaling_factor
 
 
-# model.router_grad_precision -> the dot algorithm of the router's two backward products: "bf16_3x" runs them on
-# tensor cores (3 bf16 passes, fp32 accumulation: max rel err 4.2e-6 against fp64 where HIGHEST has 1.5e-6; H200,
-# [16384, 1024] x [1024, 192], experiments/bench_router_dot_h200.json) instead of fp32 FMA kernels; "bf16_split"
-# as below, one bf16 product each.
-ROUTER_GRAD_PRECISIONS = {"highest": jax.lax.Precision.HIGHEST,
-                          "bf16_3x": jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X3,
-                          "bf16_split": None}
 # model.router_precision -> how the forward, which picks the experts, forms the fp32 logits: "highest" an fp32
 # product (on a GPU, fp32 FMA kernels); "bf16_split" one bf16 tensor-core product of the bf16 activations against the
 # fp32 weights split into three bf16 parts side by side. Three parts hold all 24 bits of an fp32 value and a
@@ -69,6 +62,13 @@ def _logits(x_td, w_de, precision: str = "highest"):
                       precision=jax.lax.Precision.HIGHEST)
 
 
+def _algorithm_grads(algorithm, x_td, w_de, g_te):
+    """The backward products in fp32 operands with XLA's dot `algorithm` (a precision or an algorithm preset)."""
+    dx = jnp.einsum("te,de->td", g_te, w_de.astype(jnp.float32), precision=algorithm)
+    dw = jnp.einsum("td,te->de", x_td.astype(jnp.float32), g_te, precision=algorithm)
+    return dx, dw
+
+
 def _split_grads(x_td, w_de, g_te):
     """The backward in one bf16 product each. dw (fp32): the bf16 x against g's three parts, exact products.
     dx (bf16): g1 w1 + g1 w2 + g2 w1, ~16 bits where dx keeps 8, as one product over a 3x longer contraction."""
@@ -79,6 +79,17 @@ def _split_grads(x_td, w_de, g_te):
     dx = jnp.einsum("tk,dk->td", jnp.concatenate([g[0], g[0], g[1]], 1), jnp.concatenate([w[0], w[1], w[0]], 1),
                     preferred_element_type=jnp.float32)
     return dx, dw
+
+
+# model.router_grad_precision -> the router's two backward products: "highest" fp32; "bf16_3x" on tensor cores
+# (3 bf16 passes, fp32 accumulation: max rel err 4.2e-6 against fp64 where HIGHEST has 1.5e-6; H200, [16384, 1024]
+# x [1024, 192], experiments/bench_router_dot_h200.json) instead of fp32 FMA kernels; "bf16_split" one bf16 product
+# each, from split operands.
+ROUTER_GRAD_PRECISIONS = {
+    "highest": functools.partial(_algorithm_grads, jax.lax.Precision.HIGHEST),
+    "bf16_3x": functools.partial(_algorithm_grads, jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X3),
+    "bf16_split": _split_grads,
+}
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -92,12 +103,7 @@ def _logits_custom_fwd(x_td, w_de, precision, grad_precision):
 
 def _logits_custom_bwd(precision, grad_precision, res, g_te):
     x_td, w_de = res
-    if grad_precision == "bf16_split":
-        dx, dw = _split_grads(x_td, w_de, g_te)
-    else:
-        prec = ROUTER_GRAD_PRECISIONS[grad_precision]
-        dx = jnp.einsum("te,de->td", g_te, w_de.astype(jnp.float32), precision=prec)
-        dw = jnp.einsum("td,te->de", x_td.astype(jnp.float32), g_te, precision=prec)
+    dx, dw = ROUTER_GRAD_PRECISIONS[grad_precision](x_td, w_de, g_te)
     return dx.astype(x_td.dtype), dw.astype(w_de.dtype)
 
 
@@ -106,7 +112,7 @@ _logits_custom.defvjp(_logits_custom_fwd, _logits_custom_bwd)
 
 def router_logits(x_td, w_router_de, grad_precision: str = "highest", precision: str = "highest"):
     """fp32 logits [T, E]; precision picks the forward's product (ROUTER_PRECISIONS), grad_precision the
-    backward's dot algorithm (ROUTER_GRAD_PRECISIONS)."""
+    backward's (ROUTER_GRAD_PRECISIONS)."""
     if grad_precision == "highest" and precision == "highest":
         return _logits(x_td, w_router_de)
     return _logits_custom(x_td, w_router_de, precision, grad_precision)
