@@ -1,8 +1,9 @@
 """The MoE's row-buffer passes (lcflash/model/slots.py) at configs/small.py's training shape: 32 x 1024 tokens,
 D 1024, top-12 of 128 FFN + 64 zero experts (8 FFN slots per token on average), and the router's top-k before them
-(lax.top_k, a sort on a GPU, against k argmax passes, rank counts, and lax.top_k over scores padded to 1024 columns,
-where XLA uses its own TopK kernel instead of a sort; the JSON records which agree with lax.top_k). Times each pass against
-the bytes it must move at the measured copy bandwidth.
+(lcflash.model.router.LARGE_TOP_K_IMPLS: lax.top_k, a sort on a GPU, against k argmax passes and lax.top_k over
+scores padded to 1024 columns, where XLA uses its own TopK kernel instead of a sort; rank counts at small sizes only;
+the JSON records which agree with lax.top_k). Times each pass against the bytes it must move at the measured copy
+bandwidth; --cases picks some.
 
     python experiments/bench_rows.py --out OUT/bench_rows.json
 """
@@ -39,6 +40,8 @@ def main():
     ap.add_argument("--topk", type=int, default=12)
     ap.add_argument("--ffn", type=int, default=128)
     ap.add_argument("--zero", type=int, default=64)
+    ap.add_argument("--cases", default="", help="run only the cases whose names contain one of these "
+                    "comma-separated words (default: all)")
     ap.add_argument("--out", default="experiments/bench_rows.json")
     a = ap.parse_args()
     T, D, K, N = a.tokens, a.d, a.topk, a.ffn
@@ -68,20 +71,15 @@ def main():
     combine_bwd = lambda y, w, g: jax.vjp(combine, y, w)[1](g)  # noqa: E731
 
     scores_te = jax.random.uniform(jax.random.key(4), (T, N + a.zero), jnp.float32)
-    top_k = dict(sort=jax.jit(lambda x: jax.lax.top_k(x, K)[1]),
-                 argmax=jax.jit(lambda x: router.top_k_by_argmax(x, K)),
-                 rank=jax.jit(lambda x: router.top_k_by_rank(x, K, x)[0]),
-                 pad1024=jax.jit(lambda x: jax.lax.top_k(
-                     jnp.pad(x, ((0, 0), (0, 1024 - x.shape[1])), constant_values=-jnp.inf), K)[1]))
+    top_k = {name: jax.jit(functools.partial(f, k=K)) for name, f in router.LARGE_TOP_K_IMPLS.items()}
+    if T * (N + a.zero) ** 2 <= router.RANK_TOP_K_MAX_ELEMENTS:   # larger, its [T, E, E] compares compile for minutes
+        top_k["rank"] = jax.jit(lambda x: router.top_k_by_rank(x, K, x)[0])
     want_idx = top_k["sort"](scores_te)
     same_top_k = {name: bool(jnp.array_equal(want_idx, f(scores_te))) for name, f in top_k.items()}
     e4 = 4 * T * (N + a.zero) + 4 * T * K   # the scores read, the indices written
 
     cases = [  # name, function, args, bytes it must move (reads + writes of the FFN rows)
-        ("router top-k, lax.top_k", top_k["sort"], (scores_te,), e4),
-        ("router top-k, k argmax passes", top_k["argmax"], (scores_te,), e4),
-        ("router top-k, rank counts", top_k["rank"], (scores_te,), e4),
-        ("router top-k, lax.top_k padded to 1024", top_k["pad1024"], (scores_te,), e4),
+        *((f"router top-k, {name}", f, (scores_te,), e4) for name, f in top_k.items()),
         ("group bounds, searchsorted scan", searchsorted("scan"), (sorted_e,), 4 * T * K),
         ("group bounds, searchsorted compare_all", searchsorted("compare_all"), (sorted_e,), 4 * T * K),
         ("sort_slots (compare_all bounds)", lambda e: slots_mod.sort_slots(e, N), (experts_tk,), 16 * T * K),
@@ -92,7 +90,10 @@ def main():
         ("combine backward", combine_bwd, (y_md, w_tk, g_td), 2 * n * b2 + T * f4),
     ]
     if on_hopper():
-        cases.insert(4, ("dispatch gather, kernel", dispatch(True), (x_td,), T * b2 + n * b2))
+        at = [c[0] for c in cases].index("dispatch gather, XLA")
+        cases.insert(at, ("dispatch gather, kernel", dispatch(True), (x_td,), T * b2 + n * b2))
+    words = [w for w in a.cases.split(",") if w]
+    cases = [c for c in cases if not words or any(w in c[0] for w in words)]
     rows, switch = [], slots_mod.GATHER_KERNEL
     for name, f, args, nbytes in cases:
         ms = time_ms(jax.jit(f), args)[0]

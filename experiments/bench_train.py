@@ -105,9 +105,14 @@ def bench(cfg, warmup: int, steps: int, profile_dir: str | None = None, repeat_c
     t0 = time.time()
     # Compiled once ahead of time, so the profile reads this executable's HLO instead of compiling it again.
     step = jax.jit(make_train_step(cfg, mc), donate_argnums=0).lower(state, batches[0]).compile()
-    for i in range(warmup):
-        state, m = step(state, batches[i])
-    jax.block_until_ready(m)
+    compiled_memory = compiled_memory_gib(step)
+    print(f"compiled step's memory (GiB): {compiled_memory}", flush=True)
+    try:
+        for i in range(warmup):
+            state, m = step(state, batches[i])
+        jax.block_until_ready(m)
+    except Exception as e:  # out of memory: main() reports what the compiler planned beside the error
+        raise StepFailed(f"{type(e).__name__}: {str(e)[:400]}", compiled_memory) from e
     t_warm = time.time() - t0
     t0 = time.time()
     ffn = []
@@ -126,8 +131,24 @@ def bench(cfg, warmup: int, steps: int, profile_dir: str | None = None, repeat_c
     return {"step_time_s": dt / steps, "tokens_per_s": cfg.train.batch_size * cfg.data.seq_len * steps / dt,
             "init_s": t_init, "compile_and_warmup_s": t_warm, "loss_last": float(m["loss"]), "ce_last": float(m["ce"]),
             "ffn_experts_per_token": float(np.mean(jax.device_get(ffn))), "total_params": n_params,
-            "device_memory_gib": memory,
+            "device_memory_gib": memory, "compiled_memory_gib": compiled_memory,
             **({"profile": prof} if prof else {}), **({"repeat": repeat} if repeat else {})}
+
+
+class StepFailed(RuntimeError):
+    """The compiled step failed to run (e.g. out of memory); `extra` holds what the compiler had planned."""
+
+    def __init__(self, message: str, compiled_memory: dict):
+        super().__init__(message)
+        self.extra = {"compiled_memory_gib": compiled_memory}
+
+
+def compiled_memory_gib(compiled) -> dict:
+    """XLA's own account of the executable's buffers (temporaries, arguments, outputs, donated aliases), in GiB."""
+    m = compiled.memory_analysis()
+    fields = ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes")
+    return {f.removesuffix("_size_in_bytes"): round(getattr(m, f) / 2**30, 3) for f in fields if hasattr(m, f)} \
+        if m is not None else {}
 
 
 def rerun_losses(step, cfg, batches, loss_last: float, times: int) -> dict:
@@ -183,6 +204,8 @@ def main():
                     "baseline of lcflash.kernels.gmm.api.SKIP_TAILS)")
     ap.add_argument("--z_loss_stacked", action="store_true", help="the hidden z-loss over the stacked outputs of "
                     "every layer (the A/B baseline of lcflash.train.step.Z_LOSS_IN_SCAN)")
+    ap.add_argument("--top_k", default=None, choices=("sort", "argmax", "padded"), help="how the router finds its "
+                    "top-k at training sizes (default: lcflash.model.router.LARGE_TOP_K)")
     ap.add_argument("--time_budget_s", type=float, default=1e9, help="skip remaining impls once this is spent")
     args = ap.parse_args()
     from absl import logging
@@ -203,6 +226,8 @@ def main():
     pallas_mgpu.UNMASKED_RUNS = args.attn_unmasked_runs
     from lcflash.train import step as train_step
     train_step.Z_LOSS_IN_SCAN = not args.z_loss_stacked
+    from lcflash.model import router
+    router.LARGE_TOP_K = args.top_k or router.LARGE_TOP_K
     if args.attn_depths:
         pallas_mgpu.DEPTHS = tuple(int(d) for d in args.attn_depths.split(","))
     base = {"train.batch_size": args.batch, "data.seq_len": args.seq, "train.progress": False}
@@ -225,7 +250,8 @@ def main():
             mc = model_config(cfg)
             r = bench(cfg, args.warmup, args.steps, args.profile_dir, args.repeat_check)
         except Exception as e:  # report and go on to the next implementation
-            rows.append({"gmm_impl": impl, "error": f"{type(e).__name__}: {str(e)[:400]}"})
+            rows.append({"gmm_impl": impl, "error": str(e) if isinstance(e, StepFailed) else
+                         f"{type(e).__name__}: {str(e)[:400]}", **getattr(e, "extra", {})})
             print(rows[-1], flush=True)
             continue
         with_mtp = cfg.loss.mtp_weight > 0 and mc.num_mtp_layers > 0
@@ -244,7 +270,7 @@ def main():
         "swiglu_grad_epilogue": gmm_api.SWIGLU_GRAD_EPILOGUE, "dispatch_gather_kernel": slots.GATHER_KERNEL,
         "attn_depths": list(pallas_mgpu.DEPTHS), "attn_unmasked_runs": pallas_mgpu.UNMASKED_RUNS,
         "skip_tails": gmm_api.SKIP_TAILS, "pallas_mla_form": mla.PALLAS_MLA_FORM,
-        "z_loss_in_scan": train_step.Z_LOSS_IN_SCAN,
+        "z_loss_in_scan": train_step.Z_LOSS_IN_SCAN, "top_k": router.LARGE_TOP_K,
         "steps_timed": args.steps, "warmup_steps": args.warmup,
         "device": f"{dev.platform}: {dev.device_kind}", "device_count": jax.device_count(),
         "peak_bf16_flops": peak,

@@ -55,6 +55,12 @@ RUNS = [
     # Session 17, one machine (call A): z-loss in the layer scan, then + the routing choices kept.
     ("s17 A: z-loss in the layer scan", "bench_train_b32_s17_default_h200.json"),
     ("s17 A: + routing kept (configs/small.py)", "bench_train_b32_s17_routing_h200.json"),
+    # Session 18: call 1 (machine 1), the router products split in bf16 parts; call 2 (machine 2), top-k by argmax.
+    ("s18 m1: session 17's configs/small.py", "bench_train_b32_s18_default_h200.json"),
+    ("s18 m1: + router products split in bf16", "bench_train_b32_s18_split_h200.json"),
+    ("s18 m2: the split (top-k by sort)", "bench_train_b32_s18_sort_h200.json"),
+    ("s18 m2: + top-k by argmax passes", "bench_train_b32_s18_topk_argmax_h200.json"),
+    ("s18 m3: configs/small.py (split + argmax)", "bench_train_b32_s18_argmax_default_h200.json"),
 ]
 TARGET = 0.40
 

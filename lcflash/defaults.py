@@ -58,6 +58,7 @@ def add_training_sections(cfg: ml_collections.ConfigDict) -> ml_collections.Conf
         path="", tokenizer="", seq_len=128, val_fraction=0.05, shuffle=True, document_mask=True))
     cfg.train = ml_collections.ConfigDict(dict(
         steps=1000, batch_size=8, log_every=10,
+        grad_accum_steps=1,             # batch_size runs as this many microbatches, one optimizer update (train/step.py)
         stop_at=0,                      # >0: save and stop after this step, as a preemption would (schedule unchanged)
         eval_every=0, eval_batches=8,   # held-out loss every eval_every steps (0: only at the end)
         progress=True,                  # tqdm bar with loss and tokens/s

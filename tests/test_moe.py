@@ -198,7 +198,8 @@ def test_router_bias_selects_but_does_not_weigh():
 def test_top_k_select_equals_lax_top_k(T, E, k):
     """The rank-counting top-k (few tokens), lax.top_k (many) and k argmax passes pick the same experts in the same
     order, equal scores included (lower index first), and gather the same values."""
-    from lcflash.model.router import RANK_TOP_K_MAX_ELEMENTS, top_k_by_argmax, top_k_select
+    from lcflash.model import router
+    from lcflash.model.router import RANK_TOP_K_MAX_ELEMENTS, top_k_select
 
     x = jax.random.normal(jax.random.key(T * E), (T, E))
     values = jax.random.uniform(jax.random.key(T * E + 1), (T, E))
@@ -206,7 +207,8 @@ def test_top_k_select_equals_lax_top_k(T, E, k):
         idx, got = top_k_select(scores, k, values)
         want = jax.lax.top_k(scores, k)[1]
         np.testing.assert_array_equal(idx, want)
-        np.testing.assert_array_equal(top_k_by_argmax(scores, k), want)   # the candidate in bench_rows.py
+        for name, impl in router.LARGE_TOP_K_IMPLS.items():   # model.router.LARGE_TOP_K's choices
+            np.testing.assert_array_equal(impl(scores, k), want, err_msg=name)
         np.testing.assert_array_equal(got, jnp.take_along_axis(values, want, axis=-1))
     assert (T * E * E <= RANK_TOP_K_MAX_ELEMENTS) == (T < 64)   # both branches are covered
     # the chosen values' gradient (an elementwise sum over the k choices) equals take_along_axis' scatter-add

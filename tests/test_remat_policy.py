@@ -163,7 +163,8 @@ def test_remat_keep_saves_the_named_activations_and_changes_no_value(monkeypatch
     from jax._src.ad_checkpoint import saved_residuals
 
     from lcflash.model import router
-    monkeypatch.setattr(router, "RANK_TOP_K_MAX_ELEMENTS", 0)   # lax.top_k, as at training sizes
+    monkeypatch.setattr(router, "RANK_TOP_K_MAX_ELEMENTS", 0)   # the top-k of training sizes
+    monkeypatch.setattr(router, "LARGE_TOP_K", "sort")          # lax.top_k (the argmax passes: below)
     cfg = model_config(load_config("configs/tiny.py", {"moe.gmm_impl": "ragged_dot"})).replace(
         num_layers=1, remat=True, remat_policy="dots", train_attn_impl="dpa_xla")
     tokens = jax.random.randint(jax.random.key(3), (2, 8), 0, cfg.vocab_size)
@@ -195,6 +196,10 @@ def test_remat_keep_saves_the_named_activations_and_changes_no_value(monkeypatch
     assert routing == sorted([str((1, M))] * 3 + [str((1, 16, K))] * 3 + [str((1, N))]), routing
     # (sorts, top-ks) in the gradient's jaxpr: forward and backward unless kept, then the forward's only.
     assert reruns == {keep: (1, 1) if "routing" in keep else (2, 2) for keep in keeps}, reruns
+    monkeypatch.setattr(router, "LARGE_TOP_K", "argmax")        # k argmax passes, kept the same way
+    argmaxes = [str(jax.make_jaxpr(jax.grad(_loss(cfg.replace(remat_keep=keep), tokens)[0]))(state)).count(
+        " argmax[") for keep in (keeps[0], keeps[-1])]
+    assert argmaxes == [2 * K, K], argmaxes
     l0, g0 = out[""]
     for keep in keeps[1:]:
         np.testing.assert_array_equal(out[keep][0], l0)

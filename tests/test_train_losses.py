@@ -244,3 +244,55 @@ def test_stack_layers_order():
     assert p2["layers"]["w"][:, 0].tolist() == [0, 2, 4, 0, 2, 4]
     assert b2["layers"]["moe"]["bias"][:, 0].tolist() == [0, 1, 2, 0, 1, 2]
     assert p2["embed"] is params["embed"]
+
+
+def test_grad_accum_steps_make_the_same_update_as_the_whole_batch():
+    """train.grad_accum_steps = 2 (microbatches in a scan, gradients summed): the loss terms, metrics, expert counts
+    and the parameter update equal one pass over the whole batch, with unequal loss masks across the rows (the CE
+    and MTP means divide by the whole batch's targets) and the LB and z-losses on. Adam's eps is 1 here, so the
+    update is ~lr * gradient, not its sign, and the comparison sees the gradients' values. The update may differ by
+    fp32 summation order only (a sum over tokens taken in two halves): the largest difference, 3.9e-5 of the leaf's
+    largest update, is one element of a norm weight's gradient, a sum with cancellation (the matmul weights differ by
+    <1e-6); dividing each microbatch's CE by its own targets instead errs by ~1."""
+    import os
+
+    from lcflash.config import ConfigError, load_config
+    from lcflash.train.step import init_state, make_train_step, micro_batch_size
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    over = {"data.seq_len": 16, "train.batch_size": 4, "optim.eps": 1.0, "optim.lr": 1.0, "optim.warmup_steps": 0,
+            "optim.clip_norm": 1e9, "train.grad_ratio_every": 1, "loss.z_coef": 1e-2, "model.num_layers": 1}
+    cfg1 = load_config(os.path.join(root, "configs", "tiny.py"), over)
+    cfg2 = load_config(os.path.join(root, "configs", "tiny.py"), {**over, "train.grad_accum_steps": 2})
+    B, T = 4, 16
+    rng = np.random.default_rng(7)
+    tokens = rng.integers(0, 512, size=(B, T + 1))
+    mask = (rng.random((B, T)) < np.array([[0.9], [0.4], [0.7], [1.0]])).astype(np.float32)
+    seg = np.repeat(np.arange(2), T // 2)[None].repeat(B, 0).astype(np.int32)
+    batch = {"inputs": tokens[:, :-1].astype(np.int32), "targets": tokens[:, 1:].astype(np.int32),
+             "loss_mask": mask, "segment_ids": seg,
+             "positions": np.tile(np.arange(T // 2), 2)[None].repeat(B, 0).astype(np.int32)}
+    state = init_state(cfg1, jax.random.key(0))
+    p0 = jax.tree.map(np.asarray, state["params"])
+    whole, accum = jax.jit(make_train_step(cfg1)), jax.jit(make_train_step(cfg2))
+    out = {}
+    for name, step, b in (("whole", whole, batch), ("accum", accum, batch)):
+        new, m = step(jax.tree.map(jnp.copy, state), b)
+        out[name] = (jax.tree.map(lambda a, z: np.asarray(a) - z, new["params"], p0), np.asarray(new["bias"][
+            "layers"]["moe"]["bias"]), jax.tree.map(np.asarray, m))
+    (d1, b1, m1), (d2, b2, m2) = out["whole"], out["accum"]
+    for k in ("loss", "ce", "mtp_loss", "lb_loss", "z_loss", "grad_norm"):
+        np.testing.assert_allclose(m2[k], m1[k], rtol=2e-5, err_msg=k)
+    assert np.isfinite(m2["router_grad_ratio"]) and m2["router_grad_ratio"] > 0
+    for k in ("ffn_experts_per_token", "expert_load_min", "expert_load_max"):   # from the summed expert counts
+        np.testing.assert_array_equal(m2[k], m1[k], err_msg=k)
+    np.testing.assert_allclose(b2, b1, atol=1e-7)
+
+    # each leaf's largest difference, relative to that leaf's largest update
+    errs = {jax.tree_util.keystr(p): float(np.abs(a - b).max() / np.abs(a).max())
+            for (p, a), b in zip(jax.tree_util.tree_flatten_with_path(d1)[0], jax.tree.leaves(d2))}
+    assert max(np.abs(a).max() for a in jax.tree.leaves(d1)) > 1e-3   # the update is not ~0
+    assert max(errs.values()) < 2e-4, errs
+    assert max(e for k, e in errs.items() if "norm" not in k) < 2e-6, errs
+    with pytest.raises(ConfigError, match="train.grad_accum_steps = 3 is invalid"):
+        micro_batch_size(load_config(os.path.join(root, "configs", "tiny.py"), {**over, "train.grad_accum_steps": 3}))

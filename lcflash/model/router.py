@@ -128,6 +128,24 @@ def route(x_td, w_router_de, bias_e, top_k: int, scaling: float, grad_precision:
 RANK_TOP_K_MAX_ELEMENTS = 1 << 21
 
 
+def top_k_padded(scores_te, k: int, width: int = 1024):
+    """lax.top_k over the scores padded with -inf to `width` columns: XLA on a GPU runs its own TopK kernel from
+    1024 columns on and a sort below (the pads are never chosen while k <= E and the scores are finite)."""
+    E = scores_te.shape[-1]
+    if E >= width:
+        return jax.lax.top_k(scores_te, k)[1]
+    return jax.lax.top_k(jnp.pad(scores_te, ((0, 0), (0, width - E)), constant_values=-jnp.inf), k)[1]
+
+
+# Many tokens (training): how the indices are found, all exact and in lax.top_k's order. "sort" is lax.top_k (on
+# a GPU a sort of the [T, E] scores); "argmax" k argmax passes; "padded" top_k_padded. At 32k tokens x 192 experts,
+# top-12, on an H200: 0.235 / 0.138 / 3.115 ms (experiments/bench_rows.py), and argmax took configs/small.py's
+# training from 163,459 to 165,326 tokens/s at 32 x 1024, the loss bitwise equal (bench_train.py --top_k).
+LARGE_TOP_K = "argmax"
+LARGE_TOP_K_IMPLS = {"sort": lambda s, k: jax.lax.top_k(s, k)[1], "argmax": lambda s, k: top_k_by_argmax(s, k),
+                     "padded": lambda s, k: top_k_padded(s, k)}
+
+
 def top_k_select(scores_te, k: int, values_te):
     """(indices of lax.top_k(scores, k), values_te at them): highest score first, equal scores in index order.
     Counting ranks, the indices and the values are two sums over the same one-hot [T, E, k] (sibling reductions
@@ -135,9 +153,8 @@ def top_k_select(scores_te, k: int, values_te):
     one expert holds each rank."""
     T, E = scores_te.shape
     if T * E * E > RANK_TOP_K_MAX_ELEMENTS:
-        # Named so model.remat_keep "routing" can keep it: on a GPU lax.top_k is a sort of the [T, E] scores
-        # (~0.2 ms per layer at 32k tokens), else run again in the backward pass.
-        idx_tk = checkpoint_name(jax.lax.top_k(scores_te, k)[1], ROUTING_CHOICES)
+        # Named so model.remat_keep "routing" can keep it, else run again in the backward pass.
+        idx_tk = checkpoint_name(LARGE_TOP_K_IMPLS[LARGE_TOP_K](scores_te, k).astype(jnp.int32), ROUTING_CHOICES)
         return idx_tk, take_chosen(values_te, idx_tk)
     return top_k_by_rank(scores_te, k, values_te)
 
@@ -155,10 +172,9 @@ def top_k_by_rank(scores_te, k: int, values_te):
 
 
 def top_k_by_argmax(scores_te, k: int):
-    """lax.top_k's indices as k passes of argmax, each chosen expert masked out for the next: k reductions that
-    XLA can fuse, against the sort a GPU runs for lax.top_k over [T, E] (timed in experiments/bench_rows.py; not
-    used by the model until it measures faster). Exact for finite scores: argmax takes the lowest index of equal
-    scores, as lax.top_k orders them."""
+    """lax.top_k's indices as k passes of argmax, each chosen expert masked out for the next: k reductions, against
+    the sort a GPU runs for lax.top_k over [T, E] (LARGE_TOP_K "argmax"). Exact for finite scores: argmax takes the
+    lowest index of equal scores, as lax.top_k orders them."""
     e = jnp.arange(scores_te.shape[-1], dtype=jnp.int32)
     taken_te = jnp.zeros(scores_te.shape, bool)
     idx = []

@@ -66,7 +66,9 @@ def check_model_fits(cfg: ModelConfig, shape: dict[str, int], rules: Rules, batc
                           f"(rule 'batch' = {sorted(batch_axes)})")
     if batch is not None and batch % bp:
         raise ConfigError(f"batch size {batch} is not divisible by the {bp} batch shards "
-                          f"(mesh axes {mesh_axes_for(rules, 'batch')} = {[shape.get(a, 1) for a in mesh_axes_for(rules, 'batch')]})")
+                          f"(mesh axes {mesh_axes_for(rules, 'batch')} = "
+                          f"{[shape.get(a, 1) for a in mesh_axes_for(rules, 'batch')]}; with train.grad_accum_steps, "
+                          f"each microbatch must be)")
 
 
 def make_mesh(cfg, devices=None) -> Mesh:

@@ -103,10 +103,12 @@ def make_sharded_train_step(cfg, ctx: ParallelContext, model_cfg: ModelConfig | 
 
 def trainer_context(cfg, model_cfg: ModelConfig | None = None) -> ParallelContext | None:
     """The trainer's parallel context from `cfg.mesh` over all devices, or None on a single device (where the
-    trainer keeps its plain single-device path). Validates the mesh against the model and `train.batch_size`."""
+    trainer keeps its plain single-device path). Validates the mesh against the model and each microbatch of
+    `train.batch_size` (train.grad_accum_steps of them)."""
     from lcflash.parallel.mesh import make_mesh, parallel_context
+    from lcflash.train.step import micro_batch_size
 
     if jax.device_count() == 1:
         return None
     model_cfg = model_cfg or model_config(cfg)
-    return parallel_context(cfg, make_mesh(cfg), model_cfg, cfg.train.batch_size)
+    return parallel_context(cfg, make_mesh(cfg), model_cfg, micro_batch_size(cfg))

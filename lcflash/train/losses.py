@@ -16,10 +16,12 @@ def token_nll(logits_btv, targets_bt):
     return logz - jnp.take_along_axis(logits, targets_bt[..., None], axis=-1)[..., 0]
 
 
-def cross_entropy(logits_btv, targets_bt, mask_bt):
-    """Mean next-token NLL over the targets with mask 1 (packing boundaries have mask 0)."""
+def cross_entropy(logits_btv, targets_bt, mask_bt, count=None):
+    """Mean next-token NLL over the targets with mask 1 (packing boundaries have mask 0). `count`: the number of
+    targets to divide by, when this batch is a part of the one the mean is over (gradient accumulation)."""
     nll = token_nll(logits_btv, targets_bt)
-    return jnp.sum(nll * mask_bt) / jnp.maximum(jnp.sum(mask_bt), 1.0)
+    count = jnp.sum(mask_bt) if count is None else count
+    return jnp.sum(nll * mask_bt) / jnp.maximum(count, 1.0)
 
 
 def mtp_targets(targets_bt, mask_bt):

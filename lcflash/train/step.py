@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from lcflash.config import ModelConfig, model_config
+from lcflash.config import ConfigError, ModelConfig, model_config
 from lcflash.model import LongcatFlash
 from lcflash.model.common import RouterBias
 from lcflash.train import bias_controller, hparam_transfer, losses
@@ -111,8 +111,10 @@ def packing(cfg, batch):
 Z_LOSS_IN_SCAN = True
 
 
-def forward_losses(cfg, model_cfg: ModelConfig, graphdef, params, bias, batch):
-    """(loss terms [lm, lb, z] already weighted, aux) for one batch. `bias` is a constant here."""
+def forward_losses(cfg, model_cfg: ModelConfig, graphdef, params, bias, batch, target_counts=None):
+    """(loss terms [lm, lb, z] already weighted, aux) for one batch. `bias` is a constant here. `target_counts`:
+    the whole batch's CE and MTP targets when this is one of its microbatches, so that the microbatches' lm terms
+    sum to the whole batch's."""
     lc = cfg.loss
     model = nnx.merge(graphdef, params, bias)
     use_z = lc.z_coef > 0
@@ -122,12 +124,13 @@ def forward_losses(cfg, model_cfg: ModelConfig, graphdef, params, bias, batch):
                         return_layer_hidden=use_z and not in_scan,
                         layer_fn=losses.abs_logsumexp if in_scan else None)
     mask = batch["loss_mask"]
-    ce = losses.cross_entropy(out.logits, batch["targets"], mask)
+    n_ce, n_mtp = (None, None) if target_counts is None else target_counts
+    ce = losses.cross_entropy(out.logits, batch["targets"], mask, n_ce)
     mtp = jnp.zeros((), jnp.float32)
     if lc.mtp_weight > 0 and model.mtp is not None:
         tgt, mtp_mask = losses.mtp_targets(batch["targets"], mask)
         mtp_logits = model.mtp_logits(out.hidden, batch["targets"], pos, seg)
-        mtp = losses.cross_entropy(mtp_logits, tgt, mtp_mask)
+        mtp = losses.cross_entropy(mtp_logits, tgt, mtp_mask, n_mtp)
     stats = out.moe_stats
     lb = losses.load_balance_loss(stats["counts_be"], stats["prob_sum_be"], n_ffn=model_cfg.n_routed_experts,
                                   top_k=model_cfg.moe_topk, target_ffn=model_cfg.target_ffn_experts,
@@ -143,35 +146,97 @@ def forward_losses(cfg, model_cfg: ModelConfig, graphdef, params, bias, batch):
     return terms, aux
 
 
+def target_counts(batch):
+    """(CE targets, MTP targets) of a batch: the denominators of its two means."""
+    mask = batch["loss_mask"]
+    return jnp.sum(mask), jnp.sum(losses.mtp_targets(batch["targets"], mask)[1])
+
+
+def grad_accum_steps(cfg) -> int:
+    return int(cfg.train.get("grad_accum_steps", 1))
+
+
+def micro_batch_size(cfg) -> int:
+    """Rows per forward pass: train.batch_size split into train.grad_accum_steps microbatches."""
+    n, B = grad_accum_steps(cfg), cfg.train.batch_size
+    if not isinstance(n, int) or n < 1 or B % n:
+        raise ConfigError(f"train.grad_accum_steps = {n!r} is invalid: must be a positive integer dividing "
+                          f"train.batch_size = {B}")
+    return B // n
+
+
+def microbatches(batch, n: int):
+    """[B, ...] -> [n, B / n, ...], microbatch i holding rows i, i + n, ...: a device's contiguous rows of a
+    batch-sharded array stay on it (when its share divides by n), so the split moves no data."""
+    def split(x):
+        return jnp.swapaxes(x.reshape(x.shape[0] // n, n, *x.shape[1:]), 0, 1)
+    return jax.tree.map(split, batch)
+
+
+# Per-microbatch aux values that add up to the whole batch's (the rest are means over equal microbatches).
+_SUMMED_AUX = ("ce", "mtp_loss", "counts_le", "moe_dropped_slots")
+
+
 def make_train_step(cfg, model_cfg: ModelConfig | None = None):
-    """Returns the pure `train_step(state, batch) -> (state, metrics)`; jit it (with shardings) outside."""
+    """Returns the pure `train_step(state, batch) -> (state, metrics)`; jit it (with shardings) outside.
+
+    With train.grad_accum_steps = n > 1, the batch runs as n microbatches in a scan whose carry sums their
+    gradients, then one optimizer update: the same update as the whole batch in one pass (the CE and MTP means
+    divide by the whole batch's targets, the load-balance loss is a mean over sequences and the z-loss over
+    tokens), in the activation memory of one microbatch plus one fp32 gradient. The router bias and its
+    controller see the whole batch's expert counts. The LB/LM router gradient ratio is the first microbatch's."""
     model_cfg = model_cfg or model_config(cfg)
     graphdef = model_def(model_cfg)[0]
     opt, schedule = optimizer(cfg, model_cfg)
     ratio_every = cfg.train.log_every if cfg.train.grad_ratio_every < 0 else cfg.train.grad_ratio_every
     ccfg = cfg.controller
     nk = dict(n_ffn=model_cfg.n_routed_experts, top_k=model_cfg.moe_topk)
+    n_micro = grad_accum_steps(cfg)
+    micro_batch_size(cfg)   # validates train.grad_accum_steps
+
+    def grads_of(params, bias, batch, do_ratio, counts=None, weights=(1.0, 1.0, 1.0)):
+        """(terms, aux, grads, router LB/LM gradient ratio or nan) of one pass; `weights` scale the terms'
+        gradients (1/n for the mean terms of one of n microbatches)."""
+        f = lambda p: forward_losses(cfg, model_cfg, graphdef, p, bias, batch, counts)  # noqa: E731
+        terms, vjp_fn, aux = jax.vjp(f, params, has_aux=True)
+        (grads,) = vjp_fn(jnp.asarray(weights, terms.dtype))
+
+        def ratio():
+            # One more backward pass, for the LB term alone; the rest of the router gradient is the LM side
+            # (CE + MTP, plus the z-loss's share, which at its small coefficient is negligible).
+            g_lb = vjp_fn(jnp.array([0.0, weights[1], 0.0], terms.dtype))[0]
+            n_lb = losses.router_grad_norm(g_lb)
+            n_lm = losses.router_grad_norm(jax.tree.map(jnp.subtract, grads, g_lb))
+            return n_lb / jnp.maximum(n_lm, 1e-30)
+        nan = lambda: jnp.full((), jnp.nan, jnp.float32)  # noqa: E731
+        grad_ratio = jax.lax.cond(do_ratio, ratio, nan) if ratio_every > 0 else nan()
+        return terms, aux, grads, grad_ratio
+
+    def accumulated(params, bias, batch, do_ratio):
+        counts, w = target_counts(batch), 1.0 / n_micro
+
+        def body(g_acc, xs):
+            i, mb = xs
+            terms, aux, grads, grad_ratio = grads_of(params, bias, mb, do_ratio & (i == 0), counts, (1.0, w, w))
+            return jax.tree.map(jnp.add, g_acc, grads), (terms, aux, grad_ratio)
+
+        g0 = jax.tree.map(jnp.zeros_like, params)
+        grads, (terms_n, aux_n, ratio_n) = jax.lax.scan(
+            body, g0, (jnp.arange(n_micro), microbatches(batch, n_micro)))
+        terms = jnp.stack([jnp.sum(terms_n[:, 0]), jnp.mean(terms_n[:, 1]), jnp.mean(terms_n[:, 2])])
+        aux = {k: (jnp.sum if k in _SUMMED_AUX else jnp.mean)(v, axis=0) for k, v in aux_n.items()}
+        return terms, aux, grads, ratio_n[0]
 
     def train_step(state, batch):
         params, step = state["params"], state["step"]
-        f = lambda p: forward_losses(cfg, model_cfg, graphdef, p, state["bias"], batch)  # noqa: E731
-        terms, vjp_fn, aux = jax.vjp(f, params, has_aux=True)
-        (grads,) = vjp_fn(jnp.ones_like(terms))
+        do_ratio = (step + 1) % ratio_every == 0 if ratio_every > 0 else jnp.zeros((), bool)
+        if n_micro == 1:
+            terms, aux, grads, grad_ratio = grads_of(params, state["bias"], batch, do_ratio)
+        else:
+            terms, aux, grads, grad_ratio = accumulated(params, state["bias"], batch, do_ratio)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = opt.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
-
-        if ratio_every > 0:
-            def ratio():
-                # One more backward pass, for the LB term alone; the rest of the router gradient is the LM side
-                # (CE + MTP, plus the z-loss's share, which at its small coefficient is negligible).
-                g_lb = vjp_fn(jnp.array([0.0, 1.0, 0.0], terms.dtype))[0]
-                n_lb = losses.router_grad_norm(g_lb)
-                n_lm = losses.router_grad_norm(jax.tree.map(jnp.subtract, grads, g_lb))
-                return n_lb / jnp.maximum(n_lm, 1e-30)
-            grad_ratio = jax.lax.cond((step + 1) % ratio_every == 0, ratio, lambda: jnp.full((), jnp.nan, jnp.float32))
-        else:
-            grad_ratio = jnp.full((), jnp.nan, jnp.float32)
 
         counts = aux.pop("counts_le")
         bias_leaf = state["bias"]["layers"]["moe"]["bias"]
