@@ -126,7 +126,13 @@ def plan(cfg, devices: int | None = None, batch: int | None = None, seq: int | N
     if not batch or not seq:
         raise ConfigError("pass --batch and --seq (the config has no train.batch_size / data.seq_len)")
     kv_len = kv_len or seq
-    check_model_fits(model_cfg, shape, rules, batch)
+    # train.grad_accum_steps: each forward pass sees one microbatch; the summed gradient is one more copy.
+    accum = int(train_cfg.get("grad_accum_steps", 1))
+    if accum < 1 or batch % accum:
+        raise ConfigError(f"train.grad_accum_steps = {accum} is invalid: must be a positive integer dividing the "
+                          f"batch {batch}")
+    micro = batch // accum
+    check_model_fits(model_cfg, shape, rules, micro)
     bshards = _group_size(rules, shape, "batch")
     tp, ep = _group_size(rules, shape, "heads"), _group_size(rules, shape, "expert")
     moe = cfg.get("moe") or {}
@@ -143,13 +149,14 @@ def plan(cfg, devices: int | None = None, batch: int | None = None, seq: int | N
         totals[part] = totals.get(part, 0) + math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
     # Gradients have the parameters' shapes, dtypes and shardings.
     grads = sizes.get("params", 0)
-    act = activation_terms(model_cfg, batch // bshards, seq, tp, ep, cf, transport)
+    act = activation_terms(model_cfg, micro // bshards, seq, tp, ep, cf, transport)
     kv_bytes = (2 * model_cfg.num_layers * math.ceil(batch / bshards) * kv_len
                 * (model_cfg.kv_lora_rank + model_cfg.qk_rope_head_dim) * np.dtype(model_cfg.jnp_dtype).itemsize)
     per_device = {
         "params": sizes.get("params", 0),
         "router bias": sizes.get("bias", 0),
         "gradients": grads,
+        "accumulated gradients": grads if accum > 1 else 0,
         "optimizer state": sizes.get("opt_state", 0),
         "controller/step/rng": sizes.get("controller", 0) + sizes.get("step", 0) + sizes.get("rng", 0),
         # The forward casts every fp32 master weight to the compute dtype once per step (the stacked experts
@@ -163,7 +170,8 @@ def plan(cfg, devices: int | None = None, batch: int | None = None, seq: int | N
     train_total = sum(v for k, v in per_device.items() if k != "KV cache (inference)")
     infer_total = per_device["params"] + per_device["router bias"] + kv_bytes
     out = {"mesh": shape, "devices": devices, "batch": batch, "seq": seq, "kv_len": kv_len,
-           "batch_per_shard": batch // bshards, "per_device_bytes": per_device, "activation_terms": act,
+           "grad_accum_steps": accum, "batch_per_shard": micro // bshards, "per_device_bytes": per_device,
+           "activation_terms": act,
            "train_total_bytes": train_total, "infer_total_bytes": infer_total,
            "global_bytes": {"params": totals.get("params", 0), "optimizer state": totals.get("opt_state", 0)},
            "memory_bytes": None if memory_gb is None else int(memory_gb * GiB)}
@@ -179,8 +187,9 @@ def plan(cfg, devices: int | None = None, batch: int | None = None, seq: int | N
 
 def format_plan(p: dict) -> str:
     mesh = ", ".join(f"{a}={v}" for a, v in p["mesh"].items())
-    lines = [f"mesh {mesh} ({p['devices']} devices); batch {p['batch']} x {p['seq']} tokens "
-             f"({p['batch_per_shard']} sequences per batch shard); KV cache {p['kv_len']} tokens",
+    accum = f" in {p['grad_accum_steps']} microbatches" if p.get("grad_accum_steps", 1) > 1 else ""
+    lines = [f"mesh {mesh} ({p['devices']} devices); batch {p['batch']} x {p['seq']} tokens{accum} "
+             f"({p['batch_per_shard']} sequences per batch shard and pass); KV cache {p['kv_len']} tokens",
              f"{'per device':<28s}{'GiB':>12s}"]
     for k, v in p["per_device_bytes"].items():
         lines.append(f"  {k:<26s}{v / GiB:>12.3f}")

@@ -267,6 +267,20 @@ def test_plan_splits_state_by_the_rules():
     assert one["per_device_bytes"]["KV cache (inference)"] == 8 * ep["per_device_bytes"]["KV cache (inference)"]
 
 
+def test_plan_counts_one_microbatch_of_activations_and_the_gradient_sum():
+    from lcflash.plan import format_plan, plan
+
+    cfg = load_config(os.path.join(ROOT, "configs/tiny.py"), {"train.grad_accum_steps": 2, "mesh.data": 1})
+    accum, whole = plan(cfg, batch=16, seq=16), _plan("configs/tiny.py", mesh_data=1, batch=8, seq=16)
+    a, w = accum["per_device_bytes"], whole["per_device_bytes"]
+    assert a["activations (estimate)"] == w["activations (estimate)"]   # 16 rows in two passes of 8
+    assert a["accumulated gradients"] == a["gradients"] > 0 == w["accumulated gradients"]
+    assert accum["train_total_bytes"] == whole["train_total_bytes"] + a["gradients"]
+    assert "in 2 microbatches" in format_plan(accum)
+    with pytest.raises(ConfigError, match="train.grad_accum_steps = 2 is invalid"):
+        plan(cfg, batch=15, seq=16)
+
+
 def test_plan_rejects_meshes_that_cannot_work():
     with pytest.raises(ConfigError, match="not divisible by the expert-parallel size 96"):
         _plan("configs/longcat_flash.py", mesh_data=1, mesh_expert=96, batch=96, seq=1024)
