@@ -109,7 +109,7 @@ def plan(cfg, devices: int | None = None, batch: int | None = None, seq: int | N
          kv_len: int | None = None, memory_gb: float | None = None, check: str = "train") -> dict:
     """The per-device plan as a dict; raises ConfigError for settings that cannot work."""
     from lcflash.parallel.step import state_specs
-    from lcflash.train.step import abstract_state
+    from lcflash.train.step import abstract_state, grad_accum_steps
 
     model_cfg = model_config(cfg)
     rules = rules_from_config(cfg)
@@ -127,10 +127,7 @@ def plan(cfg, devices: int | None = None, batch: int | None = None, seq: int | N
         raise ConfigError("pass --batch and --seq (the config has no train.batch_size / data.seq_len)")
     kv_len = kv_len or seq
     # train.grad_accum_steps: each forward pass sees one microbatch; the summed gradient is one more copy.
-    accum = int(train_cfg.get("grad_accum_steps", 1))
-    if accum < 1 or batch % accum:
-        raise ConfigError(f"train.grad_accum_steps = {accum} is invalid: must be a positive integer dividing the "
-                          f"batch {batch}")
+    accum = grad_accum_steps(cfg, batch) if cfg.get("train") else 1
     micro = batch // accum
     check_model_fits(model_cfg, shape, rules, micro)
     bshards = _group_size(rules, shape, "batch")

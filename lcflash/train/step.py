@@ -152,17 +152,18 @@ def target_counts(batch):
     return jnp.sum(mask), jnp.sum(losses.mtp_targets(batch["targets"], mask)[1])
 
 
-def grad_accum_steps(cfg) -> int:
-    return int(cfg.train.get("grad_accum_steps", 1))
+def grad_accum_steps(cfg, batch: int | None = None) -> int:
+    """train.grad_accum_steps, checked to divide `batch` (default train.batch_size) into equal microbatches."""
+    n, B = cfg.train.get("grad_accum_steps", 1), cfg.train.batch_size if batch is None else batch
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1 or B % n:
+        raise ConfigError(f"train.grad_accum_steps = {n!r} is invalid: must be a positive integer dividing "
+                          f"the batch size {B}")
+    return n
 
 
 def micro_batch_size(cfg) -> int:
     """Rows per forward pass: train.batch_size split into train.grad_accum_steps microbatches."""
-    n, B = grad_accum_steps(cfg), cfg.train.batch_size
-    if not isinstance(n, int) or n < 1 or B % n:
-        raise ConfigError(f"train.grad_accum_steps = {n!r} is invalid: must be a positive integer dividing "
-                          f"train.batch_size = {B}")
-    return B // n
+    return cfg.train.batch_size // grad_accum_steps(cfg)
 
 
 def microbatches(batch, n: int):
@@ -192,7 +193,6 @@ def make_train_step(cfg, model_cfg: ModelConfig | None = None):
     ccfg = cfg.controller
     nk = dict(n_ffn=model_cfg.n_routed_experts, top_k=model_cfg.moe_topk)
     n_micro = grad_accum_steps(cfg)
-    micro_batch_size(cfg)   # validates train.grad_accum_steps
 
     def grads_of(params, bias, batch, do_ratio, counts=None, weights=(1.0, 1.0, 1.0)):
         """(terms, aux, grads, router LB/LM gradient ratio or nan) of one pass; `weights` scale the terms'
