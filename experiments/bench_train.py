@@ -146,9 +146,10 @@ class StepFailed(RuntimeError):
 def compiled_memory_gib(compiled) -> dict:
     """XLA's own account of the executable's buffers (temporaries, arguments, outputs, donated aliases), in GiB."""
     m = compiled.memory_analysis()
+    if m is None:
+        return {}
     fields = ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes")
-    return {f.removesuffix("_size_in_bytes"): round(getattr(m, f) / 2**30, 3) for f in fields if hasattr(m, f)} \
-        if m is not None else {}
+    return {f.removesuffix("_size_in_bytes"): round(getattr(m, f) / 2**30, 3) for f in fields if hasattr(m, f)}
 
 
 def rerun_losses(step, cfg, batches, loss_last: float, times: int) -> dict:

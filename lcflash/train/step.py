@@ -111,10 +111,10 @@ def packing(cfg, batch):
 Z_LOSS_IN_SCAN = True
 
 
-def forward_losses(cfg, model_cfg: ModelConfig, graphdef, params, bias, batch, target_counts=None):
-    """(loss terms [lm, lb, z] already weighted, aux) for one batch. `bias` is a constant here. `target_counts`:
-    the whole batch's CE and MTP targets when this is one of its microbatches, so that the microbatches' lm terms
-    sum to the whole batch's."""
+def forward_losses(cfg, model_cfg: ModelConfig, graphdef, params, bias, batch, counts=None):
+    """(loss terms [lm, lb, z] already weighted, aux) for one batch. `bias` is a constant here. `counts`: the
+    whole batch's CE and MTP targets (`target_counts`) when this is one of its microbatches, so that the
+    microbatches' lm terms sum to the whole batch's."""
     lc = cfg.loss
     model = nnx.merge(graphdef, params, bias)
     use_z = lc.z_coef > 0
@@ -124,7 +124,7 @@ def forward_losses(cfg, model_cfg: ModelConfig, graphdef, params, bias, batch, t
                         return_layer_hidden=use_z and not in_scan,
                         layer_fn=losses.abs_logsumexp if in_scan else None)
     mask = batch["loss_mask"]
-    n_ce, n_mtp = (None, None) if target_counts is None else target_counts
+    n_ce, n_mtp = (None, None) if counts is None else counts
     ce = losses.cross_entropy(out.logits, batch["targets"], mask, n_ce)
     mtp = jnp.zeros((), jnp.float32)
     if lc.mtp_weight > 0 and model.mtp is not None:

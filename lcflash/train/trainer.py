@@ -23,7 +23,7 @@ from lcflash.train.optimizer import MU_DTYPES, SCHEDULES
 from lcflash.parallel.sharding import shard_batch
 from lcflash.parallel.step import (abstract_state_sharded, init_state_sharded, make_sharded_train_step,
                                    trainer_context)
-from lcflash.train.step import abstract_state, init_state, make_eval_step, make_train_step, micro_batch_size
+from lcflash.train.step import abstract_state, grad_accum_steps, init_state, make_eval_step, make_train_step
 
 DETERMINISTIC_FLAG = "--xla_gpu_deterministic_ops=true"
 
@@ -56,7 +56,7 @@ def validate(cfg, model_cfg):
                  ("data.seq_len", d.seq_len), ("checkpoint.every_steps", c.every_steps),
                  ("loss.lb_groups", lo.lb_groups)):
         _require(isinstance(v, int) and v > 0, f, v, "must be a positive integer")
-    micro_batch_size(cfg)   # train.grad_accum_steps divides train.batch_size
+    grad_accum_steps(cfg)   # divides train.batch_size
     _require(0 <= t.stop_at <= t.steps, "train.stop_at", t.stop_at, f"must be in [0, train.steps = {t.steps}]")
     _require(o.schedule in SCHEDULES, "optim.schedule", o.schedule, f"must be one of {SCHEDULES}")
     _require(o.get("mu_dtype", "float32") in MU_DTYPES, "optim.mu_dtype", o.get("mu_dtype"),
