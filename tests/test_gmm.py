@@ -210,44 +210,47 @@ def test_pallas_interpret_swiglu_epilogue(hang_guard, chain):
     assert _rel(gu, want_gu) < BF16_TOL
 
 
-def _check_ffn_swiglu_grad_epilogue(m, d, f, sizes_l, zero_tail, seed):
-    """gmm_swiglu_ffn's output and all gradients against the fp32 reference and against composing the two kernels
-    (d_h rounded to bf16 there, kept in fp32 here). Without zero_tail, only the rows past the groups of y and dx
-    may differ (undefined); they must not leak into the weight gradients."""
+def _check_ffn_swiglu_grad_epilogue(m, d, f, sizes_l, seed):
+    """gmm_swiglu_ffn's output and all gradients, with and without zero_tail, against the fp32 reference and against
+    composing the two kernels (d_h rounded to bf16 there, kept in fp32 here). Without zero_tail, only the rows past
+    the groups of y and dx may differ (undefined); they must not leak into the weight gradients."""
     from lcflash.kernels.gmm import pallas_gmm
 
     x, wg, _, sizes = _inputs(seed, m, d, f, sizes_l, jnp.bfloat16)
     wu, wd = ((jax.random.normal(jax.random.key(seed + s), shape, jnp.float32) / np.sqrt(shape[1])).astype(
         jnp.bfloat16) for s, shape in ((1, wg.shape), (2, (len(sizes_l), f, d))))
     dy = jax.random.normal(jax.random.key(seed + 3), (m, d), jnp.float32).astype(jnp.bfloat16)
-    valid = m if zero_tail else sum(sizes_l)
 
     def run(f, *args):
         y, vjp = jax.vjp(f, *args)
         return (y, *vjp(dy.astype(y.dtype)))
 
-    ffn = lambda x, wg, wu, wd: pallas_gmm.gmm_swiglu_ffn(x, jnp.concatenate([wg, wu], -1), wd, sizes,  # noqa
-                                                          zero_tail=zero_tail)
-    got = jax.jit(lambda *a: run(ffn, *a))(x, wg, wu, wd)
     want = run(lambda x, wg, wu, wd: reference.gmm_loop(api.gmm_swiglu(x, wg, wu, sizes, impl="reference"), wd,
                                                         sizes), *(t.astype(jnp.float32) for t in (x, wg, wu, wd)))
     composed = jax.jit(lambda *a: run(lambda x, wg, wu, wd: pallas_gmm.gmm(pallas_gmm.gmm_swiglu_halves(
         x, jnp.concatenate([wg, wu], -1), sizes, chain=True), wd, sizes, chain=True), *a))(x, wg, wu, wd)
-    assert got[0].shape == (m, d) and got[0].dtype == jnp.bfloat16
-    for name, g, w, c in zip(("y", "dx", "dwg", "dwu", "dwd"), got, want, composed):
-        rows = valid if name in ("y", "dx") else None
-        assert _rel(g[:rows], w[:rows]) < 2 * BF16_TOL, name  # h and [g | u] are rounded to bf16 in between
-        assert _rel(g[:rows], c[:rows]) < BF16_TOL, name
-    if zero_tail:
-        assert not np.asarray(got[0][sum(sizes_l):], np.float32).any()
+    def fused(zero_tail):
+        ffn = lambda x, wg, wu, wd: pallas_gmm.gmm_swiglu_ffn(x, jnp.concatenate([wg, wu], -1), wd, sizes,  # noqa
+                                                              zero_tail=zero_tail)
+        return jax.jit(lambda *a: run(ffn, *a))(x, wg, wu, wd)
+
+    for zero_tail in (True, False):
+        got = fused(zero_tail)
+        valid = m if zero_tail else sum(sizes_l)
+        assert got[0].shape == (m, d) and got[0].dtype == jnp.bfloat16
+        for name, g, w, c in zip(("y", "dx", "dwg", "dwu", "dwd"), got, want, composed):
+            rows = valid if name in ("y", "dx") else None
+            assert _rel(g[:rows], w[:rows]) < 2 * BF16_TOL, (zero_tail, name)  # h, [g | u] rounded to bf16 between
+            assert _rel(g[:rows], c[:rows]) < BF16_TOL, (zero_tail, name)
+        if zero_tail:
+            assert not np.asarray(got[0][sum(sizes_l):], np.float32).any()
 
 
 @cpu_only
-@pytest.mark.parametrize("zero_tail", [True, False])
-def test_pallas_interpret_ffn_swiglu_grad_epilogue(hang_guard, zero_tail):
+def test_pallas_interpret_ffn_swiglu_grad_epilogue(hang_guard):
     """The expert FFN whose down-projection d_lhs kernel writes [d_g | d_u] (3 column tiles per half, ragged
     groups, tail rows); the interpreter NaN-fills outputs, so with zero_tail an unwritten element fails _rel."""
-    _check_ffn_swiglu_grad_epilogue(M_RAGGED, 128, 384, SIZES_RAGGED, zero_tail, seed=17)
+    _check_ffn_swiglu_grad_epilogue(M_RAGGED, 128, 384, SIZES_RAGGED, seed=17)
 
 
 def test_grad_halves_needs_its_residual_and_the_flat_pipeline():

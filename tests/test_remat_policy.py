@@ -159,7 +159,7 @@ def test_remat_keep_saves_the_named_activations_and_changes_no_value(monkeypatch
     """model.remat_keep adds residuals to the policy's: the two dense FFNs' and the experts' SwiGLU outputs
     ("swiglu"), the dispatched expert rows ("dispatch") and the two attentions' queries on the fused path
     ("queries"), every RMSNorm's output ("norms"), the MoE's routing choices ("routing"), per layer; loss and gradients
-    unchanged."""
+    unchanged (all of them kept against none)."""
     from jax._src.ad_checkpoint import saved_residuals
 
     from lcflash.model import router
@@ -174,7 +174,8 @@ def test_remat_keep_saves_the_named_activations_and_changes_no_value(monkeypatch
     for keep in keeps:
         loss, state = _loss(cfg.replace(remat_keep=keep), tokens)
         shapes[keep] = sorted(str(aval.shape) for aval, _ in saved_residuals(loss, state))
-        out[keep] = jax.jit(jax.value_and_grad(loss), compiler_options=default_codegen())(state)
+        if keep in (keeps[0], keeps[-1]):   # every residual kept at once against none: the values (one compile each)
+            out[keep] = jax.jit(jax.value_and_grad(loss), compiler_options=default_codegen())(state)
         jaxpr = str(jax.make_jaxpr(jax.grad(loss))(state))
         reruns[keep] = (jaxpr.count(" sort["), jaxpr.count(" top_k["))
     M, F_dense, F_exp, D = 2 * 8 * cfg.moe_topk, cfg.ffn_hidden_size, cfg.expert_ffn_hidden_size, cfg.hidden_size
@@ -200,11 +201,10 @@ def test_remat_keep_saves_the_named_activations_and_changes_no_value(monkeypatch
     argmaxes = [str(jax.make_jaxpr(jax.grad(_loss(cfg.replace(remat_keep=keep), tokens)[0]))(state)).count(
         " argmax[") for keep in (keeps[0], keeps[-1])]
     assert argmaxes == [2 * K, K], argmaxes
-    l0, g0 = out[""]
-    for keep in keeps[1:]:
-        np.testing.assert_array_equal(out[keep][0], l0)
-        for a, b in zip(jax.tree.leaves(out[keep][1]), jax.tree.leaves(g0), strict=True):
-            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
+    (l0, g0), (l1, g1) = out[keeps[0]], out[keeps[-1]]
+    np.testing.assert_array_equal(l1, l0)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
 
 
 def test_remat_keep_queries_saves_the_assembled_queries_instead_of_recomputing_them():
