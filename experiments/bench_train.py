@@ -201,8 +201,6 @@ def main():
                     "dk/dv kernels load ahead (lcflash.kernels.doc_attention.pallas_mgpu.DEPTHS)")
     ap.add_argument("--attn_unmasked_runs", action="store_true", help="our attention kernels walk the whole blocks "
                     "next to the diagonal without the mask (lcflash.kernels.doc_attention.pallas_mgpu.UNMASKED_RUNS)")
-    ap.add_argument("--attn_dkv_wgs", type=int, default=None, choices=(1, 2), help="warpgroups per CTA of our "
-                    "attention's dk/dv kernel (lcflash.kernels.doc_attention.pallas_mgpu.DKV_WARPGROUPS)")
     ap.add_argument("--zero_tails", action="store_true", help="store the MoE row buffers' tails as zeros (the A/B "
                     "baseline of lcflash.kernels.gmm.api.SKIP_TAILS)")
     ap.add_argument("--z_loss_stacked", action="store_true", help="the hidden z-loss over the stacked outputs of "
@@ -227,7 +225,6 @@ def main():
     mla.PALLAS_MLA_FORM = not args.pallas_assembled_heads
     from lcflash.kernels.doc_attention import pallas_mgpu
     pallas_mgpu.UNMASKED_RUNS = args.attn_unmasked_runs
-    pallas_mgpu.DKV_WARPGROUPS = args.attn_dkv_wgs or pallas_mgpu.DKV_WARPGROUPS
     from lcflash.train import step as train_step
     train_step.Z_LOSS_IN_SCAN = not args.z_loss_stacked
     from lcflash.model import router
@@ -273,7 +270,6 @@ def main():
         "remat": args.remat, "overrides": args.set, "swiglu_epilogue": gmm_api.SWIGLU_EPILOGUE,
         "swiglu_grad_epilogue": gmm_api.SWIGLU_GRAD_EPILOGUE, "dispatch_gather_kernel": slots.GATHER_KERNEL,
         "attn_depths": list(pallas_mgpu.DEPTHS), "attn_unmasked_runs": pallas_mgpu.UNMASKED_RUNS,
-        "attn_dkv_warpgroups": pallas_mgpu.DKV_WARPGROUPS,
         "skip_tails": gmm_api.SKIP_TAILS, "pallas_mla_form": mla.PALLAS_MLA_FORM,
         "z_loss_in_scan": train_step.Z_LOSS_IN_SCAN, "top_k": router.LARGE_TOP_K,
         "steps_timed": args.steps, "warmup_steps": args.warmup,

@@ -61,6 +61,8 @@ RUNS = [
     ("s18 m2: the split (top-k by sort)", "bench_train_b32_s18_sort_h200.json"),
     ("s18 m2: + top-k by argmax passes", "bench_train_b32_s18_topk_argmax_h200.json"),
     ("s18 m3: configs/small.py (split + argmax)", "bench_train_b32_s18_argmax_default_h200.json"),
+    ("s19: configs/small.py (same code as s18 m3)", "bench_train_b32_s19_wg1_h200.json"),
+    ("s19: two warpgroups per dk/dv CTA (rejected)", "bench_train_b32_s19_wg2_h200.json"),
 ]
 TARGET = 0.40
 

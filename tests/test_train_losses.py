@@ -91,7 +91,7 @@ def test_hidden_z_loss_taken_inside_the_layer_scan_equals_the_stacked_form(remat
         assert lse_lbt.shape == (mc.num_layers, 2, 16)
         return losses.hidden_z_loss_from_lse(lse_lbt)
 
-    (want, g_want), (got, g_got) = jax.value_and_grad(stacked)(params), jax.value_and_grad(in_scan)(params)
+    (want, g_want), (got, g_got) = (jax.jit(jax.value_and_grad(f))(params) for f in (stacked, in_scan))
     np.testing.assert_allclose(got, want, rtol=1e-6)
     for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * float(jnp.max(jnp.abs(b))))

@@ -43,12 +43,10 @@ BLOCK = 64          # rows per CTA and per visited block (the wgmma M of one war
 # Blocks loaded ahead by the forward, dq and dk/dv kernels; fwd+bwd at 16 x 1024 on an H200: 0.584 ms, (2, 2, 2) 0.590,
 # (1, 1, 2) 0.593 (experiments/bench_attention_depths_h200.json). The dk/dv kernel at depth 2 takes ~122 KB of shared
 # memory in MLA's form, so one CTA per SM; at depth 1, ~81 KB and two, yet slower: (2, 1, 1) 0.709 ms and -1.8% in
-# training (experiments/RESULTS.md, session 16). Read at call time when a call passes no depths.
+# training (experiments/RESULTS.md, session 16). Two warpgroups per dk/dv CTA (two key blocks sharing the query-side
+# ring, warpgroup 0 refilling a slot once both had read it; commit 7885744) gave the same bits and was slower: 0.62-0.70
+# against 0.52-0.54 ms fwd+bwd, -2.2% in training (session 19). Read at call time when a call passes no depths.
 DEPTHS = (2, 1, 2)
-
-# Warpgroups per CTA of the dk/dv kernel, each with its own key block, sharing the loads of the query side (1 or 2;
-# 2 needs an even block count, else 1 runs). Read at call time.
-DKV_WARPGROUPS = 2
 
 
 def supported(q_bthk, k_bshk, v_bshv) -> str | None:
@@ -155,30 +153,17 @@ def _is_ref(x) -> bool:
     return isinstance(x, state_types.TransformedRef) or isinstance(getattr(x, "aval", None), state_types.AbstractRef)
 
 
-def _wg(wgs: int):
-    """This warpgroup's index among the CTA's `wgs` (thread axis "wg"); 0 with one."""
-    return lax.axis_index("wg") if wgs > 1 else 0
-
-
-def _walk(visits_ref, depth, own, ring, wgs=1):
-    """This CTA's (batch, head, this warpgroup's block's rows, first visited block, visited count, this
-    warpgroup's visits [s0, s1), the visits [p0, p1) that need no mask, fetch). visits_ref [4, B, blocks]: the
-    visited blocks [lo, hi) and the unmasked ones [plain_lo, plain_hi) inside them. With `wgs` warpgroups, each
-    holds block blk * wgs + wg and the CTA visits the union of their blocks, loaded by warpgroup 0. Loads `own`
-    (pairs of gmem view and smem, in the barrier array that follows them, one barrier per pair and warpgroup) and
-    the first `depth` visited blocks of `ring` ((gmem view of a block slice, smem ring, barriers) triples);
-    fetch(i, slot) loads visited block i into ring slot `slot`. Waits for `own` only."""
-    b, h, blk, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("blk"), _wg(wgs)
-    mine = blk * wgs + wg
-    lo, hi = visits_ref[0, b, mine], visits_ref[1, b, mine]
-    first_lo, last_hi = lo, hi
-    for j in range(wgs if wgs > 1 else 0):
-        first_lo = jnp.minimum(first_lo, visits_ref[0, b, blk * wgs + j])
-        last_hi = jnp.maximum(last_hi, visits_ref[1, b, blk * wgs + j])
-    span = (lo - first_lo, hi - first_lo)
-    lo, n = first_lo, last_hi - first_lo
-    plain = (visits_ref[2, b, mine] - lo, visits_ref[3, b, mine] - lo)
-    rows = pl.ds(mine * BLOCK, BLOCK)
+def _walk(visits_ref, depth, own, ring):
+    """This CTA's (batch, head, its block's rows, first visited block, visited count, the visits [p0, p1) that need
+    no mask, fetch). visits_ref [4, B, blocks]: the visited blocks [lo, hi) and the unmasked ones [plain_lo,
+    plain_hi) inside them. Loads `own` (pairs of gmem view and smem, one barrier each, in the barrier array that
+    follows them) and the first `depth` visited blocks of `ring` ((gmem view of a block slice, smem ring, barriers)
+    triples); fetch(i, slot) loads visited block i into ring slot `slot`. Waits for `own` only."""
+    b, h, blk = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("blk")
+    lo = visits_ref[0, b, blk]
+    n = visits_ref[1, b, blk] - lo
+    plain = (visits_ref[2, b, blk] - lo, visits_ref[3, b, blk] - lo)
+    rows = pl.ds(blk * BLOCK, BLOCK)
 
     def fetch(i, slot):
         part = pl.ds((lo + i) * BLOCK, BLOCK)
@@ -187,25 +172,21 @@ def _walk(visits_ref, depth, own, ring, wgs=1):
 
     (own, own_bar) = own
     for j, (src, dst) in enumerate(own):
-        plgpu.copy_gmem_to_smem(src(b, h, rows), dst, own_bar.at[wg * len(own) + j])
+        plgpu.copy_gmem_to_smem(src(b, h, rows), dst, own_bar.at[j])
     for i in range(depth):
-        pl.when((i < n) & (wg == 0))(functools.partial(fetch, i, i))
+        pl.when(i < n)(functools.partial(fetch, i, i))
     for j in range(len(own)):
-        plgpu.barrier_wait(own_bar.at[wg * len(own) + j])
-    return b, h, rows, lo, n, span, plain, fetch
+        plgpu.barrier_wait(own_bar.at[j])
+    return b, h, rows, lo, n, plain, fetch
 
 
-def _visit(n, plain, body, carry, span=None):
+def _visit(n, plain, body, carry):
     """body(i, carry, masked) over visits [0, n), masked=False (static) on the visits `plain` = [p0, p1), whose
-    every pair is visible: three loops instead of a mask on every block. With `span` = [s0, s1) (a warpgroup's
-    own visits among its CTA's), masked=None on the others: the body only keeps the ring going."""
+    every pair is visible: three loops instead of a mask on every block."""
     p0, p1 = plain
-    s0, s1 = (0, n) if span is None else span
-    carry = lax.fori_loop(0, s0, functools.partial(body, masked=None), carry) if span else carry
-    carry = lax.fori_loop(s0, p0, functools.partial(body, masked=True), carry)
+    carry = lax.fori_loop(0, p0, functools.partial(body, masked=True), carry)
     carry = lax.fori_loop(p0, p1, functools.partial(body, masked=False), carry)
-    carry = lax.fori_loop(p1, s1, functools.partial(body, masked=True), carry)
-    return lax.fori_loop(s1, n, functools.partial(body, masked=None), carry) if span else carry
+    return lax.fori_loop(p1, n, functools.partial(body, masked=True), carry)
 
 
 def _visible(x, fill, key_le_query, first_q, first_k):
@@ -269,7 +250,7 @@ def _fwd_kernel(visits_ref, first_ref, q_ref, *refs, form, depth, scale, ops):
     q_s, (fq_smem,), k_s, (v_smem, fk_smem, lse_smem) = smem[:P], smem[P:P + 1], smem[P + 1:2 * P + 1], smem[2 * P + 1:]
     k_bars, (v_bar, fk_bar) = ring_bars[:P], ring_bars[P:]
     k_views, v_view = _kv_views(form, kv_refs)
-    b, h, rows, lo, n, _, plain, fetch = _walk(
+    b, h, rows, lo, n, plain, fetch = _walk(
         visits_ref, depth, ([*zip(_q_views(form, q_ref), q_s), (_ROWS(first_ref), fq_smem)], q_bar),
         [*zip(k_views, k_s, k_bars), (v_view, v_smem, v_bar), (_ROWS(first_ref), fk_smem, fk_bar)])
     tile = (BLOCK, BLOCK)
@@ -333,7 +314,7 @@ def _dq_kernel(visits_ref, first_ref, q_ref, *refs, form, depth, scale, ops):
     k_views, v_view = _kv_views(form, kv_refs)
     own = [*zip(_q_views(form, q_ref), q_s), (_heads(do_ref), do_smem), (_ROWS(first_ref), fq_smem),
            (_STATS(lse_ref), lse_smem), (_STATS(delta_ref), delta_smem)]
-    b, h, rows, lo, n, _, plain, fetch = _walk(
+    b, h, rows, lo, n, plain, fetch = _walk(
         visits_ref, depth, (own, q_bar),
         [*zip(k_views, k_s, k_bars), (v_view, v_smem, v_bar), (_ROWS(first_ref), fk_smem, fk_bar)])
     tile = (BLOCK, BLOCK)
@@ -371,27 +352,19 @@ def _dq_kernel(visits_ref, first_ref, q_ref, *refs, form, depth, scale, ops):
     plgpu.wait_smem_to_gmem(0)
 
 
-def _dkv_kernel(visits_ref, first_ref, q_ref, *refs, form, depth, scale, ops, wgs):
-    """With wgs = 2, two warpgroups hold adjacent key blocks and share the query-side ring: each visited block is
-    loaded once for both (warpgroup 0 refills a slot once both have arrived on its `consumed` barrier)."""
+def _dkv_kernel(visits_ref, first_ref, q_ref, *refs, form, depth, scale, ops):
     kv_refs, (do_ref, lse_ref, delta_ref, *outs, scoped) = refs[:form.n_k], refs[form.n_k:]
     P = len(form.widths)
     smem, (k_bar, *ring_bars) = scoped
-    if wgs > 1:
-        ring_bars, consumed = ring_bars[:-1], ring_bars[-1]
-    wg = _wg(wgs)
-    # This warpgroup's keys, values and segments ([wgs, ...] each with two; JAX 0.11's Mosaic GPU lowering rejects a
-    # static index into a smem vector, so one warpgroup's are not indexed).
-    own_s = [x.at[wg] for x in smem[:P + 2]] if wgs > 1 else list(smem[:P + 2])
-    k_s, (v_smem, fk_smem) = own_s[:P], own_s[P:]
-    q_s, (do_smem, fq_smem, lse_smem, delta_smem) = smem[P + 2:2 * P + 2], smem[2 * P + 2:]
+    k_s, (v_smem, fk_smem), q_s, (do_smem, fq_smem, lse_smem, delta_smem) = (
+        smem[:P], smem[P:P + 2], smem[P + 2:2 * P + 2], smem[2 * P + 2:])
     q_bars, (do_bar, fq_bar, lse_bar, delta_bar) = ring_bars[:P], ring_bars[P:]
     k_views, v_view = _kv_views(form, kv_refs)
-    b, h, keys, lo, n, span, plain, fetch = _walk(
+    b, h, keys, lo, n, plain, fetch = _walk(
         visits_ref, depth, ([*zip(k_views, k_s), (v_view, v_smem), (_ROWS(first_ref), fk_smem)], k_bar),
         [*zip(_q_views(form, q_ref), q_s, q_bars), (_heads(do_ref), do_smem, do_bar),
          (_ROWS(first_ref), fq_smem, fq_bar), (_STATS(lse_ref), lse_smem, lse_bar),
-         (_STATS(delta_ref), delta_smem, delta_bar)], wgs)
+         (_STATS(delta_ref), delta_smem, delta_bar)])
     tile = (BLOCK, BLOCK)   # [keys, queries]
     fk = ops.vector(fk_smem, 1, tile)
     key = ops.iota(tile, 0) + keys.start
@@ -399,46 +372,34 @@ def _dkv_kernel(visits_ref, first_ref, q_ref, *refs, form, depth, scale, ops, wg
     dtype = k_s[0].dtype
     k_ops = _operand(k_s)
 
-    def refill(i, slot):
-        if wgs == 1:
-            pl.when(i + depth < n)(lambda: fetch(i + depth, slot))
-            return
-
-        @pl.when(i + depth < n)
-        def _():
-            plgpu.barrier_arrive(consumed.at[slot])
-
-            @pl.when(wg == 0)
-            def _():
-                plgpu.barrier_wait(consumed.at[slot])
-                fetch(i + depth, slot)
-
     def body(i, carry, masked):
         dks, dv = carry
         slot = lax.rem(i, jnp.int32(depth))
         for bar in (*q_bars, fq_bar, lse_bar, do_bar, delta_bar):
             plgpu.barrier_wait(bar.at[slot])
-        if masked is not None:   # a visit of this warpgroup's block (else only the other's)
-            queries = [q.at[slot] for q in q_s]
-            s_t, dp_t = ops.dots((k_ops, _operand(queries), True, tile),
-                                 (v_smem, do_smem.at[slot], True, tile))
-            p_t = jnp.exp2(s_t * (scale * LOG2E) - ops.vector(lse_smem.at[slot], 0, tile))
-            if masked:
-                p_t = _visible(p_t, 0.0, key <= qcol + (lo + i) * BLOCK, ops.vector(fq_smem.at[slot], 0, tile), fk)
-            # dS is computed while the tensor cores run dV's product, then feeds dK's.
-            ds_t = _Later(lambda: (p_t * (dp_t - ops.vector(delta_smem.at[slot], 0, tile))).astype(dtype))
-            dv, *dks = ops.dots((p_t.astype(dtype), do_smem.at[slot], False, dv),
-                                *[(ds_t, q, False, dk) for q, dk in zip(queries, dks)])
-        refill(i, slot)
+        queries = [q.at[slot] for q in q_s]
+        s_t, dp_t = ops.dots((k_ops, _operand(queries), True, tile),
+                             (v_smem, do_smem.at[slot], True, tile))
+        p_t = jnp.exp2(s_t * (scale * LOG2E) - ops.vector(lse_smem.at[slot], 0, tile))
+        if masked:
+            p_t = _visible(p_t, 0.0, key <= qcol + (lo + i) * BLOCK, ops.vector(fq_smem.at[slot], 0, tile), fk)
+        # dS is computed while the tensor cores run dV's product, then feeds dK's.
+        ds_t = _Later(lambda: (p_t * (dp_t - ops.vector(delta_smem.at[slot], 0, tile))).astype(dtype))
+        dv, *dks = ops.dots((p_t.astype(dtype), do_smem.at[slot], False, dv),
+                            *[(ds_t, q, False, dk) for q, dk in zip(queries, dks)])
+
+        @pl.when(i + depth < n)
+        def _():
+            fetch(i + depth, slot)
+
         return tuple(dks), dv
 
     carry = (tuple(ops.full((BLOCK, w), 0.0) for w in form.widths), ops.full((BLOCK, form.dv), 0.0))
-    dks, dv = _visit(n, plain, body, carry, span if wgs > 1 else None)
-    # Staged in this warpgroup's own key and value buffers, read by no product after the loop. Outputs: dk (k's
-    # shape), [the shared key's per head], [dv].
+    dks, dv = _visit(n, plain, body, carry)
+    # Staged in the (drained) query and dO rings. Outputs: dk (k's shape), [the shared key's per head], [dv].
     dk_views = [_heads(outs[0], 0, form.widths[0])] + ([_heads(outs[1])] if form.shared else [])
     dv_view = _heads(outs[0], form.v_col, form.dv) if form.v_in_k else _heads(outs[-1])
-    stores = [(k, dk * scale, view) for k, dk, view in zip(k_s, dks, dk_views)] + [(v_smem, dv, dv_view)]
+    stores = [(q.at[0], dk * scale, view) for q, dk, view in zip(q_s, dks, dk_views)] + [(do_smem.at[0], dv, dv_view)]
     for stage, val, _ in stores:
         stage[...] = val.astype(dtype)
     plgpu.commit_smem()
@@ -447,19 +408,16 @@ def _dkv_kernel(visits_ref, first_ref, q_ref, *refs, form, depth, scale, ops, wg
     plgpu.wait_smem_to_gmem(0)
 
 
-def _call(kernel, scratch, barriers, out_type, grid_bhn, inputs, interpret, wgs=1):
-    """One CTA per (head, `wgs` blocks, batch), one warpgroup per block; scratch and barriers are scoped around the
-    kernel body (shared by the warpgroups)."""
+def _call(kernel, scratch, barriers, out_type, grid_bhn, inputs, interpret):
+    """One CTA per (head, block, batch); scratch and barriers are scoped around the kernel body."""
     B, H, nb = grid_bhn
-    threads = dict(num_threads=wgs, thread_name="wg") if wgs > 1 else {}
 
     def entry(*refs):
-        pl.run_scoped(lambda *scoped: kernel(*refs, scoped), tuple(scratch), tuple(barriers),
-                      **({"collective_axes": "wg"} if wgs > 1 else {}))
+        pl.run_scoped(lambda *scoped: kernel(*refs, scoped), tuple(scratch), tuple(barriers))
 
-    return plgpu.kernel(entry, out_type=out_type, grid=(H, nb // wgs, B), grid_names=("heads", "blk", "batch"),
+    return plgpu.kernel(entry, out_type=out_type, grid=(H, nb, B), grid_names=("heads", "blk", "batch"),
                         compiler_params=plgpu.CompilerParams(approx_math=True),
-                        interpret=interpret_params(interpret), **threads)(*inputs)
+                        interpret=interpret_params(interpret))(*inputs)
 
 
 def _smem(interpret):
@@ -485,8 +443,8 @@ def _forward(q, kv, first_f, visits, *, form, scale, depth, interpret):
     return _call(kernel, scratch, barriers, out_type, (B, H, nb), (visits, first_f, q, *kv), interpret)
 
 
-@functools.partial(jax.jit, static_argnames=("form", "scale", "depths", "dkv_wgs", "interpret"))
-def _backward(q, kv, first_f, o, lse, do, kv_visits, q_visits, *, form, scale, depths, dkv_wgs, interpret):
+@functools.partial(jax.jit, static_argnames=("form", "scale", "depths", "interpret"))
+def _backward(q, kv, first_f, o, lse, do, kv_visits, q_visits, *, form, scale, depths, interpret):
     (B, T, H, _), dv, dtype = q.shape, form.dv, q.dtype
     nb = T // BLOCK
     d_dq, d_kv = (min(d, nb) for d in depths)
@@ -505,17 +463,12 @@ def _backward(q, kv, first_f, o, lse, do, kv_visits, q_visits, *, form, scale, d
     dkv_type = ([jax.ShapeDtypeStruct(kv[0].shape, dtype)]
                 + ([jax.ShapeDtypeStruct((B, T, H, form.widths[1]), dtype)] if form.shared else [])
                 + ([] if form.v_in_k else [jax.ShapeDtypeStruct(kv[-1].shape, dtype)]))
-    # Pallas' GPU interpreter runs the warpgroups as threads whose waits on each other can stall it (their ordered
-    # callbacks): one there.
-    wgs = dkv_wgs if nb % dkv_wgs == 0 and not interpret else 1
-    lead = (wgs,) if wgs > 1 else ()
-    own = [tile((*lead, BLOCK, w), dtype) for w in form.widths] + [tile((*lead, BLOCK, dv), dtype), vec((*lead, BLOCK))]
-    dkv = _call(functools.partial(_dkv_kernel, form=form, depth=d_kv, scale=scale, ops=ops, wgs=wgs),
-                own + [tile((d_kv, BLOCK, w), dtype) for w in form.widths]
+    dkv = _call(functools.partial(_dkv_kernel, form=form, depth=d_kv, scale=scale, ops=ops),
+                [tile((BLOCK, w), dtype) for w in form.widths] + [tile((BLOCK, dv), dtype), vec((BLOCK,))]
+                + [tile((d_kv, BLOCK, w), dtype) for w in form.widths]
                 + [tile((d_kv, BLOCK, dv), dtype), vec((d_kv, BLOCK)), vec((d_kv, BLOCK)), vec((d_kv, BLOCK))],
-                (plgpu.Barrier(num_barriers=wgs * (P + 2)),) + (plgpu.Barrier(num_barriers=d_kv),) * (P + 4)
-                + ((plgpu.Barrier(num_arrivals=wgs, num_barriers=d_kv),) if wgs > 1 else ()),
-                tuple(dkv_type), (B, H, nb), (q_visits, *ins), interpret, wgs)
+                (plgpu.Barrier(num_barriers=P + 2),) + (plgpu.Barrier(num_barriers=d_kv),) * (P + 4),
+                tuple(dkv_type), (B, H, nb), (q_visits, *ins), interpret)
     return dq, tuple(dkv)
 
 
@@ -537,12 +490,12 @@ def _visits(first_bt):
             jnp.stack([*q_block_ranges(first_bt, BLOCK, BLOCK), blk + 1, q_to]))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
-def _attention(q, kv, first_bt, form, scale, depths, dkv_wgs, interpret):
-    return _attention_fwd(q, kv, first_bt, form, scale, depths, dkv_wgs, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _attention(q, kv, first_bt, form, scale, depths, interpret):
+    return _attention_fwd(q, kv, first_bt, form, scale, depths, interpret)[0]
 
 
-def _attention_fwd(q, kv, first_bt, form, scale, depths, dkv_wgs, interpret):
+def _attention_fwd(q, kv, first_bt, form, scale, depths, interpret):
     first_f = first_bt.astype(jnp.float32)   # compared as floats in registers: exact below 2^24
     visits = _visits(first_bt)   # both sides' now: the backward takes them as residuals (UNMASKED_RUNS read once)
     o, lse = _forward(q, kv, first_f, visits[0], form=form, scale=scale, depth=depths[0], interpret=interpret)
@@ -551,22 +504,16 @@ def _attention_fwd(q, kv, first_bt, form, scale, depths, dkv_wgs, interpret):
     return o, (q, kv, first_bt, o, lse, visits)
 
 
-def _attention_bwd(form, scale, depths, dkv_wgs, interpret, res, do):
+def _attention_bwd(form, scale, depths, interpret, res, do):
     q, kv, first_bt, o, lse, visits = res
     dq, dkv = _backward(q, kv, first_bt.astype(jnp.float32), o, lse, do.astype(q.dtype), *visits,
-                        form=form, scale=scale, depths=depths[1:], dkv_wgs=dkv_wgs, interpret=interpret)
+                        form=form, scale=scale, depths=depths[1:], interpret=interpret)
     if form.shared:   # the shared key's gradient, written per head: summed over the heads
         dkv = (dkv[0], dkv[1].sum(axis=2, dtype=jnp.float32).astype(kv[1].dtype)) + dkv[2:]
     return dq, dkv, np.zeros(first_bt.shape, jax.dtypes.float0)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
-
-
-def _dkv_wgs() -> int:
-    if DKV_WARPGROUPS not in (1, 2):
-        raise ValueError(f"DKV_WARPGROUPS = {DKV_WARPGROUPS!r} must be 1 or 2")
-    return DKV_WARPGROUPS
 
 
 def _check_depths(depths, first_bt, q_bthk):
@@ -591,7 +538,7 @@ def doc_attention(q_bthk, k_bshk, v_bshv, first_bt, *, scale: float, depths: tup
     depths = _check_depths(depths, first_bt, q_bthk)
     form = Form((q_bthk.shape[-1],), 0, v_bshv.shape[-1])
     return _attention(q_bthk, (k_bshk.astype(q_bthk.dtype), v_bshv.astype(q_bthk.dtype)),
-                      first_bt.astype(jnp.int32), form, float(scale), depths, _dkv_wgs(), bool(interpret))
+                      first_bt.astype(jnp.int32), form, float(scale), depths, bool(interpret))
 
 
 def mla_supported(q_bthk, kv_bshk, kpe_bsd, nope_dim: int) -> str | None:
@@ -619,4 +566,4 @@ def mla_doc_attention(q_bthk, kv_bshk, kpe_bsd, first_bt, *, scale: float, nope_
     rope_dim = kpe_bsd.shape[-1]
     form = Form((nope_dim, rope_dim), nope_dim, kv_bshk.shape[-1] - nope_dim, shared=True, v_in_k=True)
     return _attention(q_bthk, (kv_bshk.astype(q_bthk.dtype), kpe_bsd.astype(q_bthk.dtype)),
-                      first_bt.astype(jnp.int32), form, float(scale), depths, _dkv_wgs(), bool(interpret))
+                      first_bt.astype(jnp.int32), form, float(scale), depths, bool(interpret))
