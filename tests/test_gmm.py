@@ -229,6 +229,7 @@ def _check_ffn_swiglu_grad_epilogue(m, d, f, sizes_l, seed):
                                                         sizes), *(t.astype(jnp.float32) for t in (x, wg, wu, wd)))
     composed = jax.jit(lambda *a: run(lambda x, wg, wu, wd: pallas_gmm.gmm(pallas_gmm.gmm_swiglu_halves(
         x, jnp.concatenate([wg, wu], -1), sizes, chain=True), wd, sizes, chain=True), *a))(x, wg, wu, wd)
+
     def fused(zero_tail):
         ffn = lambda x, wg, wu, wd: pallas_gmm.gmm_swiglu_ffn(x, jnp.concatenate([wg, wu], -1), wd, sizes,  # noqa
                                                               zero_tail=zero_tail)
