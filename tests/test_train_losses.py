@@ -276,8 +276,8 @@ def test_grad_accum_steps_make_the_same_update_as_the_whole_batch():
     p0 = jax.tree.map(np.asarray, state["params"])
     whole, accum = jax.jit(make_train_step(cfg1)), jax.jit(make_train_step(cfg2))
     out = {}
-    for name, step, b in (("whole", whole, batch), ("accum", accum, batch)):
-        new, m = step(jax.tree.map(jnp.copy, state), b)
+    for name, step in (("whole", whole), ("accum", accum)):
+        new, m = step(jax.tree.map(jnp.copy, state), batch)
         out[name] = (jax.tree.map(lambda a, z: np.asarray(a) - z, new["params"], p0), np.asarray(new["bias"][
             "layers"]["moe"]["bias"]), jax.tree.map(np.asarray, m))
     (d1, b1, m1), (d2, b2, m2) = out["whole"], out["accum"]

@@ -137,15 +137,6 @@ def top_k_padded(scores_te, k: int, width: int = 1024):
     return jax.lax.top_k(jnp.pad(scores_te, ((0, 0), (0, width - E)), constant_values=-jnp.inf), k)[1]
 
 
-# Many tokens (training): how the indices are found, all exact and in lax.top_k's order. "sort" is lax.top_k (on
-# a GPU a sort of the [T, E] scores); "argmax" k argmax passes; "padded" top_k_padded. At 32k tokens x 192 experts,
-# top-12, on an H200: 0.235 / 0.138 / 3.115 ms (experiments/bench_rows.py), and argmax took configs/small.py's
-# training from 163,459 to 165,326 tokens/s at 32 x 1024, the loss bitwise equal (bench_train.py --top_k).
-LARGE_TOP_K = "argmax"
-LARGE_TOP_K_IMPLS = {"sort": lambda s, k: jax.lax.top_k(s, k)[1], "argmax": lambda s, k: top_k_by_argmax(s, k),
-                     "padded": lambda s, k: top_k_padded(s, k)}
-
-
 def top_k_select(scores_te, k: int, values_te):
     """(indices of lax.top_k(scores, k), values_te at them): highest score first, equal scores in index order.
     Counting ranks, the indices and the values are two sums over the same one-hot [T, E, k] (sibling reductions
@@ -183,6 +174,14 @@ def top_k_by_argmax(scores_te, k: int):
         taken_te = taken_te | (e == i_t[:, None])
         idx.append(i_t)
     return jnp.stack(idx, axis=-1)
+
+
+# Many tokens (training): how the indices are found, all exact and in lax.top_k's order. "sort" is lax.top_k (on
+# a GPU a sort of the [T, E] scores); "argmax" k argmax passes; "padded" top_k_padded. At 32k tokens x 192 experts,
+# top-12, on an H200: 0.235 / 0.138 / 3.115 ms (experiments/bench_rows.py), and argmax took configs/small.py's
+# training from 163,459 to 165,326 tokens/s at 32 x 1024, the loss bitwise equal (bench_train.py --top_k).
+LARGE_TOP_K = "argmax"
+LARGE_TOP_K_IMPLS = {"sort": lambda s, k: jax.lax.top_k(s, k)[1], "argmax": top_k_by_argmax, "padded": top_k_padded}
 
 
 @jax.custom_vjp
