@@ -16,7 +16,10 @@ kernel per-tile vs one flat pipeline per CTA vs the einsum "gtk,gtn->gkn");
 `--swiglu-only` times only gate + up + SwiGLU (LongCat and configs/small.py gate/up, T=512): the [gate | up]
 kernel with SwiGLU in its epilogue against the same gmm followed by XLA's SwiGLU (`swiglu_cases`);
 `--sweep` then adds pallas_chain with its rows kernel on 2-CTA clusters (`Tiles.cluster_m`), and the flat d_rhs
-kernel with one wgmma left in flight per step (`Tiles.overlap_mma`) and with a 3-deep ring and 128-column stores.
+kernel with one wgmma left in flight per step (`Tiles.overlap_mma`) and with a 3-deep ring and 128-column stores;
+`--small-sweep T` times only configs/small.py's [gate | up] and down products at T tokens per expert, pallas_chain
+with pinned tile variants against the einsum bound; `--deal-ab T` only the flat d_rhs kernel there, its tiles dealt
+to the CTAs each way of `mgpu_kernels.CONTRACT_DEALS`, at equal and Dirichlet-skewed expert sizes.
 """
 
 import argparse
@@ -40,6 +43,7 @@ SHAPES = {
     ("longcat", "down"): (2048, 6144, 64),
     ("small", "gate_up"): (1024, 384, 128),
     ("small", "down"): (384, 1024, 128),
+    ("small", "gate_up_fused"): (1024, 768, 128),   # [gate | up] as configs/small.py trains it (moe.fuse_gate_up)
 }
 RAGGED_DOT_MAX_T = 512  # ragged_dot materialises [M, G, N]-sized intermediates: out of memory beyond this
 RAGGED_DOT_MAX_T_BWD = 64  # its backward ran out of memory at T=512 on an 80 GB H100
@@ -277,6 +281,75 @@ def sweep(bw_gbs, within_budget, chain=False):
     return out
 
 
+def small_sweep(bw_gbs, t, within_budget):
+    """configs/small.py's expert products at its training load (T tokens per expert, balanced): pallas_chain with
+    the heuristic tiles and with pinned variants (rows kernel: forward and d_lhs; contract kernel: d_rhs), against
+    the batched einsum of each projection, the upper bound. The heuristics were tuned at LongCat's shapes."""
+    T = mgpu_kernels.Tiles
+    rows_variants = [None, T(128, 64, 64, 4, 64, chain=True), T(64, 128, 64, 4, 128, chain=True),
+                     T(128, 128, 128, 2, 128, chain=True), T(128, 128, 64, 3, 128, chain=True)]
+    contract_variants = [T(128, 64, 64, 4, 64, chain=True), T(128, 128, 128, 2, 64, chain=True),
+                         T(64, 128, 64, 4, 64, chain=True)]
+    runs = [(r, None) for r in rows_variants] + [(None, c) for c in contract_variants]
+    out = []
+    for proj in ("gate_up_fused", "down"):
+        row = run_case("small", proj, t, "balanced", ["einsum"], bw_gbs, [], check=False)
+        out.append(dict(proj=proj, tokens_per_expert=t, impl="einsum", **row["impls"]["einsum"]))
+        print("small_sweep", json.dumps(out[-1]), flush=True)
+        for rows_tiles, contract_tiles in runs:
+            if not within_budget():
+                return out
+            pallas_gmm.ROWS_TILES, pallas_gmm.CONTRACT_TILES = rows_tiles, contract_tiles
+            try:
+                row = run_case("small", proj, t, "balanced", ["pallas_chain"], bw_gbs, [], check=False)
+            finally:
+                pallas_gmm.ROWS_TILES = pallas_gmm.CONTRACT_TILES = None
+            out.append(dict(proj=proj, tokens_per_expert=t, impl="pallas_chain", rows_tiles=str(rows_tiles),
+                            contract_tiles=str(contract_tiles), **row["impls"]["pallas_chain"]))
+            print("small_sweep", json.dumps(out[-1]), flush=True)
+    return out
+
+
+def deal_ab(t, alphas=(None, 10.0, 2.0, 0.5), rounds=2):
+    """The flat d_rhs kernel with its tiles dealt to the CTAs each way of mgpu_kernels.CONTRACT_DEALS, at
+    configs/small.py's shapes and T tokens per expert: equal groups (None) and Dirichlet(alpha) expert shares
+    (smaller alpha, more skew). Rounds alternate the deals; the outputs must be bitwise equal (the same tiles, each
+    accumulated in the same order)."""
+    out = []
+    deals = mgpu_kernels.CONTRACT_DEALS
+    for proj in ("gate_up_fused", "down"):
+        k, n, g = SHAPES[("small", proj)]
+        m = g * t
+        keys = jax.random.split(jax.random.key(t + k), 2)
+        x = jax.random.normal(keys[0], (m, k), jnp.bfloat16)
+        dy = jax.random.normal(keys[1], (m, n), jnp.bfloat16)
+        for alpha in alphas:
+            if alpha is None:
+                sizes_np = np.full(g, t)
+            else:
+                rng = np.random.default_rng(0)
+                sizes_np = rng.multinomial(m, rng.dirichlet(np.full(g, alpha)))
+            sizes = jnp.asarray(sizes_np, jnp.int32)
+            fns, got, times = {}, {}, {d: [] for d in deals}
+            default = mgpu_kernels.CONTRACT_DEAL
+            for deal in deals:
+                mgpu_kernels.CONTRACT_DEAL = deal  # read when the jit below traces
+                fns[deal] = jax.jit(lambda a, b, s: pallas_gmm.contract_matmul(a, b, s, out_dtype=jnp.float32,
+                                                                                chain=True))
+                got[deal] = np.asarray(fns[deal](x, dy, sizes))
+            mgpu_kernels.CONTRACT_DEAL = default
+            for _ in range(rounds):
+                for deal in deals:
+                    times[deal].append(time_ms(fns[deal], (x, dy, sizes))[0])
+            rec = dict(proj=proj, K=k, N=n, G=g, tokens_per_expert=t, alpha=alpha,
+                       size_cv=float(sizes_np.std() / sizes_np.mean()), max_group=int(sizes_np.max()),
+                       ms={d: times[d] for d in deals},
+                       bitwise_equal=all(np.array_equal(got[deals[0]], got[d]) for d in deals[1:]))
+            print("deal_ab", json.dumps(rec), flush=True)
+            out.append(rec)
+    return out
+
+
 def d_rhs_ab(proj, t, sweep_variants=False):
     """d_rhs alone at LongCat T=t (balanced): the contract kernel per tile vs one flat pipeline per CTA, against
     the batched einsum of the same product. Both variants must agree bit for bit (same tiles, same order)."""
@@ -482,6 +555,10 @@ def main():
     ap.add_argument("--swiglu-only", action="store_true", help="time only the gate+up+SwiGLU variants (T=512)")
     ap.add_argument("--ffn-only", action="store_true", help="time only the whole expert FFN with and without "
                     "SwiGLU's backward in the down projection's d_lhs kernel (T=512)")
+    ap.add_argument("--small-sweep", type=int, default=0, metavar="T", help="only configs/small.py's expert "
+                    "products at T tokens per expert: pallas_chain tile variants against the einsum bound")
+    ap.add_argument("--deal-ab", type=int, default=0, metavar="T", help="only the flat d_rhs kernel at "
+                    "configs/small.py's shapes, T tokens per expert: each way of dealing its tiles to the CTAs")
     ap.add_argument("--impls", default="pallas,jax_mgpu,ragged_dot,einsum")
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting new cases after this many seconds")
     ap.add_argument("--skip", type=int, default=0, help="skip the first N cases of the priority list")
@@ -521,6 +598,15 @@ def main():
     report["swiglu"] = []
     if args.swiglu_only:
         report["swiglu"] = swiglu_cases([512])
+        save()
+        return
+    if args.deal_ab:
+        report["deal_ab"] = deal_ab(args.deal_ab)
+        save()
+        return
+    if args.small_sweep:
+        report["small_sweep"] = small_sweep(meta["copy_bandwidth_gbs"], args.small_sweep,
+                                            lambda: time.time() - t_start < args.budget_s)
         save()
         return
     if args.ffn_only:

@@ -131,6 +131,8 @@ def bench(cfg, warmup: int, steps: int, profile_dir: str | None = None, repeat_c
     return {"step_time_s": dt / steps, "tokens_per_s": cfg.train.batch_size * cfg.data.seq_len * steps / dt,
             "init_s": t_init, "compile_and_warmup_s": t_warm, "loss_last": float(m["loss"]), "ce_last": float(m["ce"]),
             "ffn_experts_per_token": float(np.mean(jax.device_get(ffn))), "total_params": n_params,
+            # the last step's busiest FFN expert per layer, over the mean FFN-expert load (routing skew)
+            "expert_load_max": [round(float(x), 2) for x in np.ravel(m["expert_load_max"])],
             "device_memory_gib": memory, "compiled_memory_gib": compiled_memory,
             **({"profile": prof} if prof else {}), **({"repeat": repeat} if repeat else {})}
 
@@ -208,7 +210,17 @@ def main():
     ap.add_argument("--top_k", default=None, choices=("sort", "argmax", "padded"), help="how the router finds its "
                     "top-k at training sizes (default: lcflash.model.router.LARGE_TOP_K)")
     ap.add_argument("--time_budget_s", type=float, default=1e9, help="skip remaining impls once this is spent")
+    ap.add_argument("--contract_deal", default=None, choices=("round_robin", "sorted", "snake"),
+                    help="how the flat d_rhs kernel deals its tiles to the CTAs (default: "
+                    "lcflash.kernels.gmm.mgpu_kernels.CONTRACT_DEAL)")
+    ap.add_argument("--mem_fraction", type=float, default=None, help="share of the GPU's memory XLA may use "
+                    "(XLA_PYTHON_CLIENT_MEM_FRACTION; JAX's default 0.75): 0.95 fits batch 48 x 1024 of "
+                    "configs/small.py with remat on an H200")
     args = ap.parse_args()
+    if args.mem_fraction is not None:
+        if not 0.0 < args.mem_fraction <= 1.0:
+            ap.error(f"--mem_fraction {args.mem_fraction} must be in (0, 1]")
+        os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = str(args.mem_fraction)  # read when the backend starts
     from absl import logging
     logging.set_verbosity(logging.WARNING)
     import jax
@@ -220,6 +232,8 @@ def main():
     gmm_api.SWIGLU_EPILOGUE = not args.no_swiglu_epilogue
     gmm_api.SKIP_TAILS = not args.zero_tails
     gmm_api.SWIGLU_GRAD_EPILOGUE = not args.no_swiglu_grad_epilogue
+    from lcflash.kernels.gmm import mgpu_kernels
+    mgpu_kernels.CONTRACT_DEAL = args.contract_deal or mgpu_kernels.CONTRACT_DEAL
     from lcflash.model import slots
     slots.GATHER_KERNEL = not args.no_dispatch_gather_kernel
     mla.PALLAS_MLA_FORM = not args.pallas_assembled_heads
@@ -272,9 +286,11 @@ def main():
         "attn_depths": list(pallas_mgpu.DEPTHS), "attn_unmasked_runs": pallas_mgpu.UNMASKED_RUNS,
         "skip_tails": gmm_api.SKIP_TAILS, "pallas_mla_form": mla.PALLAS_MLA_FORM,
         "z_loss_in_scan": train_step.Z_LOSS_IN_SCAN, "top_k": router.LARGE_TOP_K,
+        "contract_deal": mgpu_kernels.CONTRACT_DEAL,
         "steps_timed": args.steps, "warmup_steps": args.warmup,
         "device": f"{dev.platform}: {dev.device_kind}", "device_count": jax.device_count(),
         "peak_bf16_flops": peak,
+        "env": {k: os.environ.get(k) for k in ("XLA_FLAGS", "XLA_PYTHON_CLIENT_MEM_FRACTION")},
         "versions": {"python": platform.python_version(), "jax": jax.__version__, "flax": flax.__version__,
                      "optax": optax.__version__},
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -63,6 +63,11 @@ RUNS = [
     ("s18 m3: configs/small.py (split + argmax)", "bench_train_b32_s18_argmax_default_h200.json"),
     ("s19: configs/small.py (same code as s18 m3)", "bench_train_b32_s19_wg1_h200.json"),
     ("s19: two warpgroups per dk/dv CTA (rejected)", "bench_train_b32_s19_wg2_h200.json"),
+    # Session 20, call 1 with XLA_PYTHON_CLIENT_MEM_FRACTION=0.95; call 4, the d_rhs deal A/B at the default share.
+    ("s20 c1: configs/small.py, 95% of memory", "bench_train_b32_s20_mf95_h200.json"),
+    ("s20 c1: batch 48", "bench_train_b48_s20_mf95_h200.json"),
+    ("s20 c4: d_rhs tiles round robin", "bench_train_b32_s20_rr_h200.json"),
+    ("s20 c4: + dealt by cost (snake)", "bench_train_b32_s20_dealt_h200.json"),
 ]
 TARGET = 0.40
 
@@ -84,7 +89,7 @@ def main():
     import matplotlib.pyplot as plt
 
     rows = [(label, *load(path)) for label, path in RUNS]
-    fig, ax = plt.subplots(figsize=(11, 5))
+    fig, ax = plt.subplots(figsize=(11, 2 + 0.2 * len(rows)))
     ys = [100 * r[1] for r in rows]
     bars = ax.barh(range(len(rows)), ys, color=["#4c72b0" if r[3] == 4 else "#dd8452" if r[3] == 16 else "#55a868"
                                                 for r in rows])

@@ -297,22 +297,31 @@ def test_pallas_interpret_flat_contract_kernel(hang_guard, m, k, n, sizes_l, out
     assert not got[[i for i, s in enumerate(sizes_l) if s == 0]].any()
 
 
+@pytest.mark.parametrize("deal", ["round_robin", "sorted", "snake"])
 @pytest.mark.parametrize("sizes_l", [[512] * 64, [0] * 63 + [32768], list(range(0, 1024, 16))])
-def test_flat_contract_schedule_walks_every_tile(sizes_l):
-    """The per-CTA step table at LongCat gate/up shapes on 132 SMs (48 x 8 tiles per group): every CTA's steps
-    are its tiles sm, sm + 132, ... in order, each its group's row blocks (one for an empty group), within the
-    table's static bound."""
+def test_flat_contract_schedule_walks_every_tile(sizes_l, deal):
+    """The per-CTA step table at LongCat gate/up shapes on 132 SMs (48 x 8 tiles per group): every tile is dealt
+    to one CTA once (round robin: CTA c's tiles are c, c + 132, ...), and every CTA's steps are its tiles' row blocks
+    in order (one for an empty group), within the table's static bound."""
     from lcflash.kernels.gmm import mgpu_kernels as mk
 
     m, tk, kn, n_sms = 32768, 64, 48 * 8, 132
     sizes = jnp.asarray(sizes_l, jnp.int32)
-    tile_4g, step_cs, total_c = (np.asarray(a) for a in mk.contract_flat_schedule(
-        mk.contract_schedule(sizes, m, tk), m, tk, kn, n_sms))
+    tile_4g, step_cs, total_c, lin_cj = (np.asarray(a) for a in mk.contract_flat_schedule(
+        mk.contract_schedule(sizes, m, tk), m, tk, kn, n_sms, deal=deal))
+    n_lin = len(sizes_l) * kn
+    dealt = lin_cj[lin_cj < n_lin]
+    np.testing.assert_array_equal(np.sort(dealt), np.arange(n_lin))
+    assert (lin_cj[:, -1] == n_lin).all()  # the slot read ahead past every CTA's last tile
     ends = np.minimum(np.cumsum(sizes_l), m)
     starts = np.concatenate([[0], ends[:-1]])
     for c in range(n_sms):
+        tiles_c = [t for t in lin_cj[c] if t < n_lin]
+        assert (lin_cj[c, len(tiles_c):] == n_lin).all()  # no gaps: the CTA's tiles come first
+        if deal == "round_robin" or (deal == "sorted" and len(set(sizes_l)) == 1):  # equal costs: the same deal
+            assert tiles_c == list(range(c, n_lin, n_sms))
         want = []
-        for j, lin in enumerate(range(c, len(sizes_l) * kn, n_sms)):
+        for j, lin in enumerate(tiles_c):
             g = lin // kn
             first = min(starts[g] // tk, m // tk - 1)
             nblk = -(-ends[g] // tk) - starts[g] // tk if ends[g] > starts[g] else 1
@@ -320,6 +329,42 @@ def test_flat_contract_schedule_walks_every_tile(sizes_l):
             want += [(j << 16) | b for b in range(first, first + nblk)]
         assert total_c[c] == len(want) <= step_cs.shape[1]
         np.testing.assert_array_equal(step_cs[c, :len(want)], want)
+
+
+def test_deal_tiles_ranks_as_a_stable_sort_of_the_tiles():
+    """deal_tiles ranks groups by counting comparisons: the same order as a stable descending sort of every tile's
+    cost (ties in tile order), padded with the no-tile number; the snake deal reverses the odd rows."""
+    from lcflash.kernels.gmm import mgpu_kernels as mk
+
+    rng = np.random.default_rng(1)
+    for g, kn, n_sms in [(128, 24, 132), (7, 5, 4), (64, 384, 132), (1, 3, 8)]:
+        cost = rng.integers(1, 6, g)
+        plain = np.asarray(mk.deal_tiles(jnp.asarray(cost, jnp.int32), kn, n_sms, snake=False))
+        want = np.argsort(-np.repeat(cost, kn), kind="stable")
+        flat = plain.T.ravel()
+        np.testing.assert_array_equal(flat[:g * kn], want)
+        assert (flat[g * kn:] == g * kn).all()
+        snake = np.asarray(mk.deal_tiles(jnp.asarray(cost, jnp.int32), kn, n_sms, snake=True))
+        np.testing.assert_array_equal(snake[:, 1::2], plain[::-1, 1::2])
+        np.testing.assert_array_equal(snake[:, 0::2], plain[:, 0::2])
+
+
+def test_contract_deals_by_cost_even_out_skewed_groups():
+    """configs/small.py's [gate | up] d_rhs (8 x 3 tiles per group, 128 groups, 132 SMs) under a skewed load: the
+    busiest CTA's steps over the mean, 1.21 dealt round robin (several large groups' tiles on one CTA), 1.14 sorted
+    by cost, 1.07 in the snake deal."""
+    from lcflash.kernels.gmm import mgpu_kernels as mk
+
+    rng = np.random.default_rng(0)
+    sizes_l = rng.multinomial(196608, rng.dirichlet(np.full(128, 0.5)))
+    m, tk, kn, n_sms = 393216, 64, 24, 132
+    gs = mk.contract_schedule(jnp.asarray(sizes_l, jnp.int32), m, tk)
+    mean = kn * int(np.maximum(np.asarray(gs[3]), 1).sum()) / n_sms
+    busiest = {d: int(np.asarray(mk.contract_flat_schedule(gs, m, tk, kn, n_sms, deal=d)[2]).max()) / mean
+               for d in mk.CONTRACT_DEALS}
+    assert busiest["snake"] < 1.1 < busiest["sorted"] < 1.2 < busiest["round_robin"], busiest
+    with pytest.raises(ValueError, match="contract deal 'lpt'"):
+        mk.contract_flat_schedule(gs, m, tk, kn, n_sms, deal="lpt")
 
 
 @pytest.mark.parametrize("k,n,g,m", [(2048, 6144, 64, 32768), (1024, 768, 128, 65536)])  # LongCat down, small [gate | up]

@@ -576,20 +576,62 @@ def contract_schedule(group_sizes_g: jax.Array, m: int, tile_k: int) -> jax.Arra
 
 
 _FLAT_BLK_BITS = 16  # flat contract schedule: a step packs (tile slot j << 16) | row block
+# How the flat contract pipeline deals its tiles to the CTAs: "round_robin" (CTA c takes c, c + n_sms, ...), or by
+# cost (their group's row blocks), so that a skewed routing's large groups do not pile onto a few CTAs: "sorted"
+# (round robin over the tiles sorted by cost) or "snake" (every other row of that deal reversed). configs/small.py's
+# d_rhs on an H200 against round robin: 13-21% faster for the down projection and 5-10% for [gate | up] at expert-size
+# CVs of 0.7-1.3, about even at 0.3, 2-6% slower at equal groups (experiments/RESULTS.md, session 20). A training
+# step at initialisation has each layer's busiest expert at 3.2-6.4x the mean load (4.4x at CV 0.7). Read at trace
+# time.
+CONTRACT_DEAL = "snake"
+CONTRACT_DEALS = ("round_robin", "sorted", "snake")
+_TILE_STORE_STEPS = 2  # a tile's epilogue (accumulator to gmem), in pipeline steps, for the deals by cost
 
 
-def contract_flat_schedule(gsched_4g: jax.Array, m: int, tile_k: int, tiles_per_group: int, n_sms: int):
+def deal_tiles(cost_g: jax.Array, tiles_per_group: int, n_sms: int, snake: bool) -> jax.Array:
+    """[n_sms, cdiv(T, n_sms)] int32, T = G * tiles_per_group: CTA c's tiles (group-major numbers) in the order it
+    runs them, T (no tile) past its last. The tiles, sorted by their group's cost (descending; ties in group order),
+    are dealt in rows of n_sms, so each CTA gets one tile of every rank band; `snake` reverses every other row, so
+    the CTAs that got a band's largest get the next band's smallest. The groups are ranked by counting (two fused
+    [G, G] comparison-reductions): with an argsort, building the deal cost 17-49 us per call on an H200, 5-20 us
+    this way (experiments/RESULTS.md, session 20)."""
+    g = cost_g.shape[0]
+    n_t = g * tiles_per_group
+    j_max = pl.cdiv(n_t, n_sms)
+    ids = jnp.arange(g, dtype=jnp.int32)
+    other, this = cost_g[None, :], cost_g[:, None]
+    before = (other > this) | ((other == this) & (ids[None, :] < ids[:, None]))   # [g, h]: h ranks before g
+    rank_g = jnp.sum(before, axis=1, dtype=jnp.int32)
+    group_r = jnp.sum(jnp.where(rank_g[None, :] == ids[:, None], ids[None, :], 0), axis=1, dtype=jnp.int32)
+    q = jnp.arange(j_max * n_sms, dtype=jnp.int32)
+    order = jnp.where(q < n_t, group_r[jnp.minimum(q // tiles_per_group, g - 1)] * tiles_per_group
+                      + q % tiles_per_group, n_t)
+    rows = order.reshape(j_max, n_sms)
+    if snake:
+        rows = jnp.where((jnp.arange(j_max) % 2 == 1)[:, None], rows[:, ::-1], rows)
+    return rows.T
+
+
+def contract_flat_schedule(gsched_4g: jax.Array, m: int, tile_k: int, tiles_per_group: int, n_sms: int,
+                           deal: str | None = None):
     """Per-CTA step table for the flat contract pipeline (contract_kernel with tiles.chain).
 
-    CTA c walks tiles lin = c + j * n_sms (group-major: group = lin // tiles_per_group) and runs every tile's
-    steps back to back in one pipeline. Returns
+    Tiles are numbered group-major (group = lin // tiles_per_group). CTA c walks the tiles of row c of `lin_cj`, as
+    `deal` (default CONTRACT_DEAL) deals them: lin = c + j * n_sms round robin, else by cost (`deal_tiles`). It
+    runs every tile's steps back to back in one pipeline. Returns
       tile_4g int32 [4, G]: start row, end row, first row block, steps; an empty group gets one step on a
         (clamped, in-bounds) block that the kernel masks entirely, so its tiles store zeros like any other;
       step_cs int32 [n_sms, S]: (j << 16) | row block of CTA c's step s (0 past its last step);
-      total_c int32 [n_sms]: CTA c's step count.
-    S = cdiv(tiles_per_group, n_sms) * (cdiv(m, tile_k) + 2 G) bounds every CTA's steps: a CTA holds at most
-    cdiv(tiles_per_group, n_sms) tiles of each group and the groups' steps sum to < m / tile_k + 2 G.
+      total_c int32 [n_sms]: CTA c's step count;
+      lin_cj int32 [n_sms, J + 1]: the tile in CTA c's slot j, G * tiles_per_group (no tile) past its last.
+    A CTA holds at most t = cdiv(tiles_per_group, n_sms) tiles of each group (t + 1 dealt by cost: a group's tiles
+    are adjacent in cost order and each row of the deal gives a CTA one tile), and the groups' steps sum to
+    < m / tile_k + 2 G, so S = t' * (cdiv(m, tile_k) + 2 G) bounds every CTA's steps.
     """
+    deal = CONTRACT_DEAL if deal is None else deal
+    if deal not in CONTRACT_DEALS:
+        raise ValueError(f"contract deal {deal!r}: must be one of {CONTRACT_DEALS}")
+    by_cost = deal != "round_robin"
     g = gsched_4g.shape[1]
     starts, ends, blk0, nblk = (gsched_4g[i] for i in range(4))
     n_blocks = pl.cdiv(m, tile_k)
@@ -598,10 +640,15 @@ def contract_flat_schedule(gsched_4g: jax.Array, m: int, tile_k: int, tiles_per_
     tile_4g = jnp.stack([starts, ends, blk0, nst]).astype(jnp.int32)
     n_lin = g * tiles_per_group
     j_max = pl.cdiv(n_lin, n_sms)
-    s_max = pl.cdiv(tiles_per_group, n_sms) * (n_blocks + 2 * g)
+    per_group = pl.cdiv(tiles_per_group, n_sms) + int(by_cost)
+    s_max = per_group * (n_blocks + 2 * g)
     if j_max >= 1 << (31 - _FLAT_BLK_BITS) or n_blocks >= 1 << _FLAT_BLK_BITS:
         raise ValueError(f"flat contract schedule: {j_max} tiles per CTA or {n_blocks} row blocks do not pack")
-    lin_cj = jnp.arange(n_sms, dtype=jnp.int32)[:, None] + n_sms * jnp.arange(j_max, dtype=jnp.int32)[None, :]
+    if by_cost:
+        lin_cj = deal_tiles(nst + _TILE_STORE_STEPS, tiles_per_group, n_sms, snake=deal == "snake")
+    else:
+        lin_cj = jnp.arange(n_sms, dtype=jnp.int32)[:, None] + n_sms * jnp.arange(j_max, dtype=jnp.int32)[None, :]
+        lin_cj = jnp.minimum(lin_cj, n_lin)
     grp_cj = jnp.minimum(lin_cj // tiles_per_group, g - 1)
     steps_cj = jnp.where(lin_cj < n_lin, nst[grp_cj], 0)
     cum_cj = jnp.cumsum(steps_cj, axis=1)
@@ -613,7 +660,8 @@ def contract_flat_schedule(gsched_4g: jax.Array, m: int, tile_k: int, tiles_per_
     first_cs = jnp.take_along_axis(cum_cj - steps_cj, j_cs, axis=1)
     blk_cs = blk0[jnp.take_along_axis(grp_cj, j_cs, axis=1)] + s_s[None, :] - first_cs
     step_cs = jnp.where(s_s[None, :] < total_c[:, None], (j_cs << _FLAT_BLK_BITS) | blk_cs, 0)
-    return tile_4g, step_cs.astype(jnp.int32), total_c.astype(jnp.int32)
+    lin_cj = jnp.concatenate([lin_cj, jnp.full((n_sms, 1), n_lin, jnp.int32)], axis=1)  # slot j + 1 is read ahead
+    return tile_4g, step_cs.astype(jnp.int32), total_c.astype(jnp.int32), lin_cj.astype(jnp.int32)
 
 
 def contract_kernel(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles, lhs_is_km: bool = False,
@@ -742,25 +790,25 @@ def _contract_kernel_flat(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles,
     """contract_kernel with one flat pipeline per CTA (tiles.chain); see contract_kernel and
     contract_flat_schedule.
 
-    The TMA warpgroup reads each step's (tile slot, row block) from the CTA's step table (one scalar load, a
-    few steps ahead of the compute warpgroups). The compute warpgroups carry (tile slot, step in tile) and the
-    tile's group bounds through the pipeline loop, prefetching the next tile's bounds every step (loads off the
-    wgmma's critical path), so they never read the step table.
+    The TMA warpgroup reads each step's (tile slot, row block) from the CTA's step table and the slot's tile from
+    its tile table (two scalar loads, a few steps ahead of the compute warpgroups). The compute warpgroups carry
+    (tile slot, step in tile) and the tile's group bounds through the pipeline loop, prefetching the next slot's
+    tile and bounds every step (loads off the wgmma's critical path), so they never read the step table.
     """
     lhs_mk, m, k, n, g = _contract_dims(lhs_mk, rhs_mn, gsched_4g, tiles, lhs_is_km)
     tm, tn, tc, epi_n = tiles.tile_m, tiles.tile_n, tiles.tile_k, tiles.epi_n
     k_tiles, n_tiles = k // tm, n // (2 * tn)
     kn = k_tiles * n_tiles
     n_sms = _num_sms(interpret)
-    tile_4g, step_cs, total_c = contract_flat_schedule(gsched_4g, m, tc, kn, n_sms)
+    tile_4g, step_cs, total_c, lin_cj = contract_flat_schedule(gsched_4g, m, tc, kn, n_sms)
     blk_mask = (1 << _FLAT_BLK_BITS) - 1
 
-    def kernel(tile_ref, step_ref, total_ref, lhs_gmem, rhs_gmem, out_gmem):
+    def kernel(tile_ref, step_ref, total_ref, lin_ref, lhs_gmem, rhs_gmem, out_gmem):
         sm = lax.axis_index("sm")
 
-        def index_of(s):  # TMA warpgroup: (row block, K tile, N tile) of step s, one load from the step table
+        def index_of(s):  # TMA warpgroup: (row block, K tile, N tile) of step s, from the step and tile tables
             packed = step_ref[sm, s]
-            lin = sm + (packed >> _FLAT_BLK_BITS) * n_sms
+            lin = lin_ref[sm, packed >> _FLAT_BLK_BITS]
             return packed & blk_mask, (lin // n_tiles) % k_tiles, lin % n_tiles
 
         specs = _contract_specs(tiles, lhs_mk.dtype, lhs_is_km, index_of)
@@ -786,7 +834,7 @@ def _contract_kernel_flat(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles,
 
             def tile_info(j):
                 """(group, start row, end row, first row block, steps) of this CTA's tile slot j."""
-                gi = jnp.minimum((sm + j * n_sms) // kn, g - 1)  # past the last tile: any valid group
+                gi = jnp.minimum(lin_ref[sm, j] // kn, g - 1)  # past the last tile: any valid group
                 return (gi, tile_ref[0, gi], tile_ref[1, gi], tile_ref[2, gi], tile_ref[3, gi])
 
             def mma(_, a_smem, b_smem, carry):
@@ -799,7 +847,7 @@ def _contract_kernel_flat(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles,
 
                 @pl.when(last)
                 def _epilogue():
-                    lin = sm + j * n_sms
+                    lin = lin_ref[sm, j]
                     kt, nt = (lin // n_tiles) % k_tiles, lin % n_tiles
                     plgpu.wgmma_wait(0)
                     _store_rows(acc[...], out_gmem.at[gi], stage_smem.at[wg], row0=kt * tm, start=0, rows=tm,
@@ -820,4 +868,4 @@ def _contract_kernel_flat(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles,
             plgpu.wait_smem_to_gmem(0)  # all output stores have landed before the kernel exits
 
     call = _persistent_call(kernel, jax.ShapeDtypeStruct((g, k, n), out_dtype), interpret)
-    return call(tile_4g, step_cs, total_c, lhs_mk.T if lhs_is_km else lhs_mk, rhs_mn)
+    return call(tile_4g, step_cs, total_c, lin_cj, lhs_mk.T if lhs_is_km else lhs_mk, rhs_mn)
