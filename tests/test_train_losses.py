@@ -105,15 +105,8 @@ def test_hidden_z_loss_taken_inside_the_layer_scan_equals_the_stacked_form(remat
         gathers = {}
         for flag in (False, True):
             monkeypatch.setattr(transformer, "LAYER_FN_ON_INPUTS", flag)
-            gathers[flag] = _count_primitive(jax.make_jaxpr(jax.grad(in_scan))(params).jaxpr, "gather")
+            gathers[flag] = str(jax.make_jaxpr(jax.grad(in_scan))(params)).count(" gather[")
         assert gathers[True] < gathers[False], gathers
-
-
-def _count_primitive(jaxpr, name: str) -> int:
-    from jax._src import core
-
-    return sum((e.primitive.name == name) + sum(_count_primitive(j, name) for j in core.jaxprs_in_params(e.params))
-               for e in jaxpr.eqns)
 
 
 def ctrl_cfg(**kw):
