@@ -85,9 +85,12 @@ def measure_matmul_tflops():
 
 
 def group_sizes(g, t, load, seed=0):
+    """g group sizes summing to g * t: equal ("balanced"), "skewed", or (a float alpha) Dirichlet(alpha) shares."""
     if load == "balanced":
         return np.full(g, t, np.int64)
     rng = np.random.default_rng(seed)
+    if isinstance(load, float):
+        return rng.multinomial(g * t, rng.dirichlet(np.full(g, load)))
     p = rng.dirichlet(np.full(g, 0.3))  # a few hot experts, many cold or empty ones
     p[rng.choice(g, g // 8, replace=False)] = 0.0
     return rng.multinomial(g * t, p / p.sum())
@@ -271,14 +274,21 @@ def sweep(bw_gbs, within_budget, chain=False):
     for impl, proj, rows_tiles, contract_tiles in runs:
         if not within_budget():
             break
-        pallas_gmm.ROWS_TILES, pallas_gmm.CONTRACT_TILES = rows_tiles, contract_tiles
-        row = run_case("longcat", proj, 512, "balanced", [impl], bw_gbs, [], check=False)
-        rec = dict(proj=proj, tokens_per_expert=512, impl=impl, rows_tiles=str(rows_tiles),
-                   contract_tiles=str(contract_tiles), **row["impls"][impl])
-        out.append(rec)
-        print("sweep", json.dumps(rec), flush=True)
-    pallas_gmm.ROWS_TILES = pallas_gmm.CONTRACT_TILES = None
+        out.append(pinned_case("sweep", "longcat", proj, 512, impl, rows_tiles, contract_tiles, bw_gbs))
     return out
+
+
+def pinned_case(tag, cfg, proj, t, impl, rows_tiles, contract_tiles, bw_gbs):
+    """One balanced case of `impl` with pallas_gmm's tiles pinned (None: the heuristics'), as a printed record."""
+    pallas_gmm.ROWS_TILES, pallas_gmm.CONTRACT_TILES = rows_tiles, contract_tiles
+    try:
+        row = run_case(cfg, proj, t, "balanced", [impl], bw_gbs, [], check=False)
+    finally:
+        pallas_gmm.ROWS_TILES = pallas_gmm.CONTRACT_TILES = None
+    rec = dict(proj=proj, tokens_per_expert=t, impl=impl, rows_tiles=str(rows_tiles),
+               contract_tiles=str(contract_tiles), **row["impls"][impl])
+    print(tag, json.dumps(rec), flush=True)
+    return rec
 
 
 def small_sweep(bw_gbs, t, within_budget):
@@ -299,14 +309,7 @@ def small_sweep(bw_gbs, t, within_budget):
         for rows_tiles, contract_tiles in runs:
             if not within_budget():
                 return out
-            pallas_gmm.ROWS_TILES, pallas_gmm.CONTRACT_TILES = rows_tiles, contract_tiles
-            try:
-                row = run_case("small", proj, t, "balanced", ["pallas_chain"], bw_gbs, [], check=False)
-            finally:
-                pallas_gmm.ROWS_TILES = pallas_gmm.CONTRACT_TILES = None
-            out.append(dict(proj=proj, tokens_per_expert=t, impl="pallas_chain", rows_tiles=str(rows_tiles),
-                            contract_tiles=str(contract_tiles), **row["impls"]["pallas_chain"]))
-            print("small_sweep", json.dumps(out[-1]), flush=True)
+            out.append(pinned_case("small_sweep", "small", proj, t, "pallas_chain", rows_tiles, contract_tiles, bw_gbs))
     return out
 
 
@@ -324,11 +327,7 @@ def deal_ab(t, alphas=(None, 10.0, 2.0, 0.5), rounds=2):
         x = jax.random.normal(keys[0], (m, k), jnp.bfloat16)
         dy = jax.random.normal(keys[1], (m, n), jnp.bfloat16)
         for alpha in alphas:
-            if alpha is None:
-                sizes_np = np.full(g, t)
-            else:
-                rng = np.random.default_rng(0)
-                sizes_np = rng.multinomial(m, rng.dirichlet(np.full(g, alpha)))
+            sizes_np = group_sizes(g, t, "balanced" if alpha is None else alpha)
             sizes = jnp.asarray(sizes_np, jnp.int32)
             fns, got, times = {}, {}, {d: [] for d in deals}
             default = mgpu_kernels.CONTRACT_DEAL

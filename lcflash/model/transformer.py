@@ -55,7 +55,8 @@ def causal_mask_kind(segment_ids_bt) -> str:
 # forward's layer_fn on each layer's input inside the layer scan (layer i's output is layer i + 1's input), and on the
 # last layer's output after it, instead of on each layer's output inside it. With remat, a layer's input is saved
 # (the scan's carry), while its output is recomputed for layer_fn's backward: for the hidden z-loss that redoes the
-# layer's last residual add with the MoE combine's gathers. Prepared, not yet measured on a GPU
+# layer's last residual add with the MoE combine's gathers. The scan also applies layer_fn to layer 0's input (the
+# embedding), which is dropped: one pass over [B, T, D] more. Prepared, not yet measured on a GPU
 # (experiments/bench_train.py --z_loss_on_inputs); read at trace time.
 LAYER_FN_ON_INPUTS = False
 
