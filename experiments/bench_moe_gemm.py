@@ -19,7 +19,8 @@ kernel with SwiGLU in its epilogue against the same gmm followed by XLA's SwiGLU
 kernel with one wgmma left in flight per step (`Tiles.overlap_mma`) and with a 3-deep ring and 128-column stores;
 `--small-sweep T` times only configs/small.py's [gate | up] and down products at T tokens per expert, pallas_chain
 with pinned tile variants against the einsum bound; `--deal-ab T` only the flat d_rhs kernel there, its tiles dealt
-to the CTAs each way of `mgpu_kernels.CONTRACT_DEALS`, at equal and Dirichlet-skewed expert sizes.
+to the CTAs each way of `mgpu_kernels.CONTRACT_DEALS`, at equal and Dirichlet-skewed expert sizes
+(`--deal-config longcat`: at LongCat's shapes).
 """
 
 import argparse
@@ -313,15 +314,15 @@ def small_sweep(bw_gbs, t, within_budget):
     return out
 
 
-def deal_ab(t, alphas=(None, 10.0, 2.0, 0.5), rounds=2):
+def deal_ab(t, config="small", alphas=(None, 10.0, 2.0, 0.5), rounds=2):
     """The flat d_rhs kernel with its tiles dealt to the CTAs each way of mgpu_kernels.CONTRACT_DEALS, at
-    configs/small.py's shapes and T tokens per expert: equal groups (None) and Dirichlet(alpha) expert shares
+    `config`'s expert shapes (SHAPES) and T tokens per expert: equal groups (None) and Dirichlet(alpha) expert shares
     (smaller alpha, more skew). Rounds alternate the deals; the outputs must be bitwise equal (the same tiles, each
     accumulated in the same order)."""
     out = []
-    deals = mgpu_kernels.CONTRACT_DEALS
-    for proj in ("gate_up_fused", "down"):
-        k, n, g = SHAPES[("small", proj)]
+    deals = [d for d in mgpu_kernels.CONTRACT_DEALS if d != "auto"]  # auto is one of the others
+    for proj in {"small": ("gate_up_fused", "down"), "longcat": ("gate_up", "down")}[config]:
+        k, n, g = SHAPES[(config, proj)]
         m = g * t
         keys = jax.random.split(jax.random.key(t + k), 2)
         x = jax.random.normal(keys[0], (m, k), jnp.bfloat16)
@@ -340,7 +341,7 @@ def deal_ab(t, alphas=(None, 10.0, 2.0, 0.5), rounds=2):
             for _ in range(rounds):
                 for deal in deals:
                     times[deal].append(time_ms(fns[deal], (x, dy, sizes))[0])
-            rec = dict(proj=proj, K=k, N=n, G=g, tokens_per_expert=t, alpha=alpha,
+            rec = dict(config=config, proj=proj, K=k, N=n, G=g, tokens_per_expert=t, alpha=alpha,
                        size_cv=float(sizes_np.std() / sizes_np.mean()), max_group=int(sizes_np.max()),
                        ms={d: times[d] for d in deals},
                        bitwise_equal=all(np.array_equal(got[deals[0]], got[d]) for d in deals[1:]))
@@ -545,6 +546,49 @@ def ffn_cases(ts, models=("small", "longcat")):
     return out
 
 
+def ffn_loads(tokens, ffn_per_token=5.75, top_k=12, rounds=2, seed=0):
+    """configs/small.py's expert FFN forward + backward as training runs it (api.gmm_swiglu_ffn, pallas_chain,
+    tails unwritten) in a training-sized row buffer (tokens * top_k rows, tokens * ffn_per_token of them in the
+    groups), under expert sizes of several shapes: equal and a multiple of the 128-row tile ("aligned"), equal,
+    Dirichlet(alpha) shares, and those rounded up to the tile. Rounds alternate the loads; TFLOP/s counts the
+    groups' rows only, so it compares the loads' cost per useful row."""
+    d, f, g = SHAPES[("small", "gate_up")]
+    m = tokens * top_k
+    rows = int(tokens * ffn_per_token)
+    rng = np.random.default_rng(seed)
+    loads = {"aligned": np.full(g, -(-rows // g // 128) * 128), "equal": np.full(g, rows // g)}
+    for alpha in (2.0, 0.5):
+        sizes = rng.multinomial(rows, rng.dirichlet(np.full(g, alpha)))
+        loads[f"dirichlet{alpha:g}"] = sizes
+        loads[f"dirichlet{alpha:g}_rounded"] = -(-sizes // 128) * 128
+    ks = jax.random.split(jax.random.key(seed), 4)
+    x, dy = (jax.random.normal(k, (m, d), jnp.bfloat16) for k in ks[:2])
+    w_gu = (jax.random.normal(ks[2], (g, d, 2 * f), jnp.float32) / np.sqrt(d)).astype(jnp.bfloat16)
+    w_down = (jax.random.normal(ks[3], (g, f, d), jnp.float32) / np.sqrt(f)).astype(jnp.bfloat16)
+
+    def ffn(a, b, c, s):
+        return api.gmm_swiglu_ffn(a, b, c, s, impl="pallas_chain", zero_tail=False)
+
+    fwd = jax.jit(ffn)
+    both = jax.jit(lambda a, b, c, s: jax.vjp(lambda *w: ffn(*w, s), a, b, c)[1](dy))
+    times = {name: {"fwd": [], "fwd_bwd": []} for name in loads}
+    for _ in range(rounds):
+        for name, sizes in loads.items():
+            args = (x, w_gu, w_down, jnp.asarray(sizes, jnp.int32))
+            times[name]["fwd"].append(time_ms(fwd, args)[0])
+            times[name]["fwd_bwd"].append(time_ms(both, args)[0])
+    out = []
+    for name, sizes in loads.items():
+        flops = 2 * int(sizes.sum()) * d * 3 * f  # [gate | up] (2F) and down (F) products
+        rec = dict(load=name, tokens=tokens, rows=int(sizes.sum()), buffer_rows=m, size_cv=float(sizes.std() /
+                   sizes.mean()), max_over_mean=float(sizes.max() / sizes.mean()), ms=times[name],
+                   fwd_tflops=flops / min(times[name]["fwd"]) / 1e9,
+                   fwd_bwd_tflops=3 * flops / min(times[name]["fwd_bwd"]) / 1e9)
+        print("ffn_loads", json.dumps(rec), flush=True)
+        out.append(rec)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="experiments/bench_moe_gemm.json")
@@ -558,6 +602,11 @@ def main():
                     "products at T tokens per expert: pallas_chain tile variants against the einsum bound")
     ap.add_argument("--deal-ab", type=int, default=0, metavar="T", help="only the flat d_rhs kernel at "
                     "configs/small.py's shapes, T tokens per expert: each way of dealing its tiles to the CTAs")
+    ap.add_argument("--deal-config", default="small", choices=("small", "longcat"), help="--deal-ab's expert shapes")
+    ap.add_argument("--deal-alphas", default="equal,10,2,0.5", help="--deal-ab's expert sizes: equal, or the "
+                    "Dirichlet alpha of the expert shares")
+    ap.add_argument("--ffn-loads", type=int, default=0, metavar="TOKENS", help="only configs/small.py's expert FFN, "
+                    "forward + backward as trained, in a TOKENS x 12-row buffer under equal, aligned and skewed loads")
     ap.add_argument("--impls", default="pallas,jax_mgpu,ragged_dot,einsum")
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting new cases after this many seconds")
     ap.add_argument("--skip", type=int, default=0, help="skip the first N cases of the priority list")
@@ -600,7 +649,12 @@ def main():
         save()
         return
     if args.deal_ab:
-        report["deal_ab"] = deal_ab(args.deal_ab)
+        alphas = [None if a == "equal" else float(a) for a in args.deal_alphas.split(",")]
+        report["deal_ab"] = deal_ab(args.deal_ab, args.deal_config, alphas)
+        save()
+        return
+    if args.ffn_loads:
+        report["ffn_loads"] = ffn_loads(args.ffn_loads)
         save()
         return
     if args.small_sweep:

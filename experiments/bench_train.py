@@ -212,7 +212,7 @@ def main():
     ap.add_argument("--top_k", default=None, choices=("sort", "argmax", "padded"), help="how the router finds its "
                     "top-k at training sizes (default: lcflash.model.router.LARGE_TOP_K)")
     ap.add_argument("--time_budget_s", type=float, default=1e9, help="skip remaining impls once this is spent")
-    ap.add_argument("--contract_deal", default=None, choices=("round_robin", "sorted", "snake"),
+    ap.add_argument("--contract_deal", default=None, choices=("auto", "round_robin", "sorted", "snake"),
                     help="how the flat d_rhs kernel deals its tiles to the CTAs (default: "
                     "lcflash.kernels.gmm.mgpu_kernels.CONTRACT_DEAL)")
     ap.add_argument("--mem_fraction", type=float, default=None, help="share of the GPU's memory XLA may use "

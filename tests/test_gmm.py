@@ -367,6 +367,23 @@ def test_contract_deals_by_cost_even_out_skewed_groups():
         mk.contract_flat_schedule(gs, m, tk, kn, n_sms, deal="lpt")
 
 
+def test_auto_deal_is_snake_below_one_tile_per_cta_and_round_robin_above():
+    """CONTRACT_DEAL "auto": a group with fewer tiles than CTAs (configs/small.py) is dealt by cost; with more
+    (LongCat), round robin already spreads every group over all CTAs."""
+    from lcflash.kernels.gmm import mgpu_kernels as mk
+
+    rng = np.random.default_rng(1)
+    sizes = jnp.asarray(rng.multinomial(8192, rng.dirichlet(np.full(16, 1.0))), jnp.int32)
+    m, tk, n_sms = 16384, 64, 8
+    gs = mk.contract_schedule(sizes, m, tk)
+    for kn, expect in ((5, "snake"), (8, "round_robin"), (24, "round_robin")):
+        auto = mk.contract_flat_schedule(gs, m, tk, kn, n_sms, deal="auto")
+        want = mk.contract_flat_schedule(gs, m, tk, kn, n_sms, deal=expect)
+        other = mk.contract_flat_schedule(gs, m, tk, kn, n_sms, deal={"snake": "round_robin"}.get(expect, "snake"))
+        assert all(np.array_equal(a, b) for a, b in zip(auto, want)), (kn, expect)
+        assert not all(a.shape == b.shape and np.array_equal(a, b) for a, b in zip(auto, other)), kn
+
+
 @pytest.mark.parametrize("k,n,g,m", [(2048, 6144, 64, 32768), (1024, 768, 128, 65536)])  # LongCat down, small [gate | up]
 def test_pallas_chain_backward_lowers_for_cuda(mosaic_gpu_trace, k, n, g, m):
     """pallas_chain's forward + backward (flat rows and contract pipelines) and the flat contract kernel through Pallas ->

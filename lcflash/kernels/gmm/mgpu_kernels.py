@@ -65,9 +65,11 @@ def _num_sms(interpret: bool) -> int:
     return jax.devices()[0].core_count
 
 
-def _persistent_call(kernel, out_type, interpret: bool, cluster: int = 1):
+def _persistent_call(kernel, out_type, interpret: bool, name: str, cluster: int = 1):
     """Both kernels' launch: one CTA per SM walking its tile list, 3 warpgroups (1 TMA + 2 wgmma); with
-    cluster > 1, "sm" indexes clusters of that many CTAs (axis "cluster")."""
+    cluster > 1, "sm" indexes clusters of that many CTAs (axis "cluster"). `name` becomes the CUDA kernel's name
+    (`{name}_mosaic_gpu_kernel`), so a profile tells the products apart."""
+    kernel.__name__ = name
     return plgpu.kernel(
         kernel,
         out_type=out_type,
@@ -510,7 +512,8 @@ def rows_kernel(
     out_type = [jax.ShapeDtypeStruct((m, n), out_dtype) for _ in range(n_out)]
     if swiglu in ("halves", "grad_halves"):
         out_type[-1] = jax.ShapeDtypeStruct((m, 2 * n), out_dtype)
-    call = _persistent_call(kernel, out_type, interpret, cluster=n_cl)
+    call = _persistent_call(kernel, out_type, interpret, cluster=n_cl,
+                            name=f"gmm_rows{'_t' if transpose_rhs else ''}_{swiglu or 'plain'}_k{k}_n{n}")
     counts = [jnp.stack([sched_5t[4].sum(), (sched_5t[3] > 0).sum()]).astype(jnp.int32)] if flat else []
     gu_in = [] if gu_mn2 is None else [gu_mn2]
     outs = call(sched_5t, *counts, lhs_mk, *rhs_inputs, *gu_in)  # counts: matmul and live tiles
@@ -578,13 +581,14 @@ def contract_schedule(group_sizes_g: jax.Array, m: int, tile_k: int) -> jax.Arra
 _FLAT_BLK_BITS = 16  # flat contract schedule: a step packs (tile slot j << 16) | row block
 # How the flat contract pipeline deals its tiles to the CTAs: "round_robin" (CTA c takes c, c + n_sms, ...), or by
 # cost (their group's row blocks), so that a skewed routing's large groups do not pile onto a few CTAs: "sorted"
-# (round robin over the tiles sorted by cost) or "snake" (every other row of that deal reversed). configs/small.py's
-# d_rhs on an H200 against round robin: 13-21% faster for the down projection and 5-10% for [gate | up] at expert-size
-# CVs of 0.7-1.3, about even at 0.3, 2-6% slower at equal groups (experiments/RESULTS.md, session 20). A training
-# step at initialisation has each layer's busiest expert at 3.2-6.4x the mean load (4.4x at CV 0.7). Read at trace
-# time.
-CONTRACT_DEAL = "snake"
-CONTRACT_DEALS = ("round_robin", "sorted", "snake")
+# (round robin over the tiles sorted by cost) or "snake" (every other row of that deal reversed). "auto": snake where
+# a group has fewer tiles than there are CTAs, else round robin, which then already spreads every group over all
+# CTAs. On an H200 against round robin: configs/small.py's d_rhs (12-24 tiles per group) 13-21% faster for the down
+# projection and 5-10% for [gate | up] at expert-size CVs of 0.7-1.3, 2-6% slower at equal groups (session 20), and
+# training +1.7% (session 21); LongCat's (384 tiles per group) 4-10% slower at equal groups and at CV 0.67 (session
+# 21; experiments/RESULTS.md). Read at trace time.
+CONTRACT_DEAL = "auto"
+CONTRACT_DEALS = ("auto", "round_robin", "sorted", "snake")
 _TILE_STORE_STEPS = 2  # a tile's epilogue (accumulator to gmem), in pipeline steps, for the deals by cost
 
 
@@ -617,8 +621,8 @@ def contract_flat_schedule(gsched_4g: jax.Array, m: int, tile_k: int, tiles_per_
     """Per-CTA step table for the flat contract pipeline (contract_kernel with tiles.chain).
 
     Tiles are numbered group-major (group = lin // tiles_per_group). CTA c walks the tiles of row c of `lin_cj`, as
-    `deal` (default CONTRACT_DEAL) deals them: lin = c + j * n_sms round robin, else by cost (`deal_tiles`). It
-    runs every tile's steps back to back in one pipeline. Returns
+    `deal` (default CONTRACT_DEAL; see there for "auto") deals them: lin = c + j * n_sms round robin, else by cost
+    (`deal_tiles`). It runs every tile's steps back to back in one pipeline. Returns
       tile_4g int32 [4, G]: start row, end row, first row block, steps; an empty group gets one step on a
         (clamped, in-bounds) block that the kernel masks entirely, so its tiles store zeros like any other;
       step_cs int32 [n_sms, S]: (j << 16) | row block of CTA c's step s (0 past its last step);
@@ -631,6 +635,8 @@ def contract_flat_schedule(gsched_4g: jax.Array, m: int, tile_k: int, tiles_per_
     deal = CONTRACT_DEAL if deal is None else deal
     if deal not in CONTRACT_DEALS:
         raise ValueError(f"contract deal {deal!r}: must be one of {CONTRACT_DEALS}")
+    if deal == "auto":
+        deal = "snake" if tiles_per_group < n_sms else "round_robin"
     by_cost = deal != "round_robin"
     g = gsched_4g.shape[1]
     starts, ends, blk0, nblk = (gsched_4g[i] for i in range(4))
@@ -749,7 +755,8 @@ def contract_kernel(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles, lhs_i
 
             plgpu.wait_smem_to_gmem(0)  # all output stores have landed before the kernel exits
 
-    call = _persistent_call(kernel, jax.ShapeDtypeStruct((g, k, n), out_dtype), interpret)
+    call = _persistent_call(kernel, jax.ShapeDtypeStruct((g, k, n), out_dtype), interpret,
+                            name=f"gmm_contract_k{k}_n{n}")
     return call(gsched_4g, lhs_mk.T if lhs_is_km else lhs_mk, rhs_mn)
 
 
@@ -867,5 +874,6 @@ def _contract_kernel_flat(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles,
             pipe(lhs_gmem, rhs_gmem, allocations=allocs)
             plgpu.wait_smem_to_gmem(0)  # all output stores have landed before the kernel exits
 
-    call = _persistent_call(kernel, jax.ShapeDtypeStruct((g, k, n), out_dtype), interpret)
+    call = _persistent_call(kernel, jax.ShapeDtypeStruct((g, k, n), out_dtype), interpret,
+                            name=f"gmm_contract_flat_k{k}_n{n}")
     return call(tile_4g, step_cs, total_c, lin_cj, lhs_mk.T if lhs_is_km else lhs_mk, rhs_mn)
