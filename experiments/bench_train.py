@@ -197,8 +197,6 @@ def main():
     ap.add_argument("--no_swiglu_grad_epilogue", action="store_true", help="SwiGLU's backward by XLA between the "
                     "down projection's d_lhs and the [gate | up] backward (the A/B baseline of "
                     "lcflash.kernels.gmm.api.SWIGLU_GRAD_EPILOGUE)")
-    ap.add_argument("--no_group_align", action="store_true", help="expert groups packed back to back in the sorted "
-                    "rows (the A/B baseline of lcflash.model.moe.ALIGN_GROUPS: each group at a whole row tile)")
     ap.add_argument("--no_dispatch_gather_kernel", action="store_true", help="the MoE dispatch gather by XLA, "
                     "every row written (the A/B baseline of lcflash.model.slots.GATHER_KERNEL)")
     ap.add_argument("--attn_depths", default=None, metavar="A,B,C", help="blocks our attention's forward, dq and "
@@ -238,9 +236,8 @@ def main():
     gmm_api.SWIGLU_GRAD_EPILOGUE = not args.no_swiglu_grad_epilogue
     from lcflash.kernels.gmm import mgpu_kernels
     mgpu_kernels.CONTRACT_DEAL = args.contract_deal or mgpu_kernels.CONTRACT_DEAL
-    from lcflash.model import moe, slots
+    from lcflash.model import slots
     slots.GATHER_KERNEL = not args.no_dispatch_gather_kernel
-    moe.ALIGN_GROUPS = not args.no_group_align
     mla.PALLAS_MLA_FORM = not args.pallas_assembled_heads
     from lcflash.kernels.doc_attention import pallas_mgpu
     pallas_mgpu.UNMASKED_RUNS = args.attn_unmasked_runs
@@ -290,7 +287,6 @@ def main():
         "config": os.path.relpath(args.config, ROOT), "batch": args.batch, "seq_len": args.seq,
         "remat": args.remat, "overrides": args.set, "swiglu_epilogue": gmm_api.SWIGLU_EPILOGUE,
         "swiglu_grad_epilogue": gmm_api.SWIGLU_GRAD_EPILOGUE, "dispatch_gather_kernel": slots.GATHER_KERNEL,
-        "align_groups": moe.ALIGN_GROUPS,
         "attn_depths": list(pallas_mgpu.DEPTHS), "attn_unmasked_runs": pallas_mgpu.UNMASKED_RUNS,
         "skip_tails": gmm_api.SKIP_TAILS, "pallas_mla_form": mla.PALLAS_MLA_FORM,
         "z_loss_in_scan": train_step.Z_LOSS_IN_SCAN, "z_loss_on_inputs": transformer.LAYER_FN_ON_INPUTS,

@@ -135,53 +135,6 @@ def test_sort_slots_orders_ffn_slots_by_expert(T, N, Z, K):
     np.testing.assert_array_equal(np.asarray(s.tok_m), np.where(np.arange(T * K) < n_valid, order // K, 0))
 
 
-@pytest.mark.parametrize("T,N,Z,K,align", [(7, 4, 3, 3, 4), (16, 8, 0, 2, 8), (5, 2, 9, 6, 16), (30, 3, 2, 4, 8)])
-def test_sort_slots_aligned_starts_each_group_at_a_multiple_of_align(T, N, Z, K, align):
-    """sort_slots(align=A): every group starts at a multiple of A rows and keeps its slots in the unaligned order;
-    the padding rows and the rows past the groups hold no slot (invalid, token 0)."""
-    from lcflash.model.slots import padded_rows
-
-    experts, s1 = _random_slots(jax.random.key(T + 3 * K), T, N, Z, K)
-    sa = sort_slots(experts, N, align)
-    sizes = np.asarray(s1.group_sizes_g)
-    np.testing.assert_array_equal(np.asarray(sa.group_sizes_g), sizes)
-    rows_g = -(-sizes // align) * align
-    np.testing.assert_array_equal(np.asarray(sa.group_rows_g), rows_g)
-    M = padded_rows(T * K, N, align)
-    assert M % align == 0 and M >= rows_g.sum() + T * K - sizes.sum()
-    assert sa.order_m.shape == sa.tok_m.shape == sa.valid_m.shape == (M,)
-    start_a, start_1 = np.cumsum(rows_g) - rows_g, np.cumsum(sizes) - sizes
-    e_tk = np.asarray(experts)
-    ffn = e_tk < N
-    row_a, row_1 = np.asarray(sa.row_tk), np.asarray(s1.row_tk)
-    e_c = np.minimum(e_tk, N - 1)
-    np.testing.assert_array_equal(np.where(ffn, row_a - start_a[e_c], 0), np.where(ffn, row_1 - start_1[e_c], 0))
-    assert (row_a[~ffn] == 0).all()
-    want_valid = np.zeros(M, bool)
-    want_valid[row_a[ffn]] = True
-    np.testing.assert_array_equal(np.asarray(sa.valid_m), want_valid)
-    t_tk = np.broadcast_to(np.arange(T)[:, None], (T, K))
-    np.testing.assert_array_equal(np.asarray(sa.tok_m)[row_a[ffn]], t_tk[ffn])
-    np.testing.assert_array_equal(np.asarray(sa.order_m)[row_a[ffn]], (t_tk * K + np.arange(K))[ffn])
-    assert (np.asarray(sa.tok_m)[~want_valid] == 0).all()
-
-
-@pytest.mark.parametrize("fuse_gate_up", [False, True])
-def test_aligned_groups_give_the_same_values_and_gradients(fuse_gate_up):
-    """routed_experts with groups aligned to 8 rows against unaligned, on XLA's ragged_dot: the same output and
-    gradients (the padding rows are computed but never read, and get zero gradients)."""
-    T, N, Z, K, D, I = 24, 4, 3, 4, 16, 8
-    x = jax.random.normal(jax.random.key(41), (T, D))
-    routing = route(x, jax.random.normal(jax.random.key(42), (D, N + Z)), jnp.zeros(N + Z), K, 6.0)
-    w = _weights(jax.random.key(43), N, D, I)
-    g = jax.random.normal(jax.random.key(44), (T, D))
-    got = {a: _value_and_vjp(lambda x, w, a=a: routed_experts(x, routing, *w, "ragged_dot", fuse_gate_up, align=a),
-                             (x, w), g) for a in (1, 8)}
-    assert sort_slots(routing.experts_tk, N, 8).tok_m.shape[0] > T * K  # padding rows exist
-    for a, b in zip(jax.tree.leaves(got[8]), jax.tree.leaves(got[1]), strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-6, atol=1e-6)
-
-
 @pytest.mark.parametrize("T,N,Z,K", [(7, 4, 3, 3), (16, 8, 0, 2), (5, 2, 9, 6)])
 def test_dispatch_and_combine_rows_equal_plain_gathers(T, N, Z, K):
     """dispatch_rows / combine_rows (gathers both ways, zero-expert slots skipped) against their plain-JAX
@@ -351,12 +304,11 @@ def test_fused_gate_up_on_the_pallas_kernels():
 
 
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="interpreter test; on a GPU the test above runs the kernels")
-@pytest.mark.parametrize("fuse_gate_up,align", [(False, 1), (True, 1), (True, 64)])
-def test_pallas_kernels_leave_the_tail_unwritten_and_nothing_reads_it(hang_guard, fuse_gate_up, align):
+@pytest.mark.parametrize("fuse_gate_up", [False, True])
+def test_pallas_kernels_leave_the_tail_unwritten_and_nothing_reads_it(hang_guard, fuse_gate_up):
     """routed_experts on our kernels in Pallas' GPU interpreter, which NaN-fills what a kernel does not write: the
     row buffers' tails (zero-expert slots) are left unwritten (expert_ffn(zero_tail=False)), and the output and
-    every gradient are still finite and match the fp32 per-expert loop, so no consumer reads an unwritten row.
-    align 64: groups start at whole 64-row tiles, the padding rows between them computed and never read."""
+    every gradient are still finite and match the fp32 per-expert loop, so no consumer reads an unwritten row."""
     from lcflash.model.moe import expert_ffn
 
     T, N, Z, K, D, I = 40, 4, 3, 4, 128, 128
@@ -371,7 +323,7 @@ def test_pallas_kernels_leave_the_tail_unwritten_and_nothing_reads_it(hang_guard
     assert np.isnan(np.asarray(tail, np.float32)).all()  # unwritten (the interpreter's fill)
     want = [*_value_and_vjp(lambda x, w: routed_experts(x, routing, *w, "reference"), (x, w), g)]
     got = [*_value_and_vjp(lambda x, w: routed_experts(x.astype(jnp.bfloat16), routing, *w, "pallas_chain",
-                                                       fuse_gate_up, align=align), (x, w), g)]
+                                                       fuse_gate_up), (x, w), g)]
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         assert np.isfinite(np.asarray(a, np.float32)).all()
         assert rel(a, b) < 2e-2, rel(a, b)

@@ -16,7 +16,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from lcflash.config import ModelConfig
 from lcflash.kernels import COMPUTE_WEIGHTS
-from lcflash.kernels.gmm import gmm, gmm_swiglu_ffn, group_alignment
+from lcflash.kernels.gmm import gmm, gmm_swiglu_ffn
 from lcflash.model.common import DISPATCH_ROWS, ROUTING_CHOICES, SWIGLU_OUTPUT, RouterBias, normal_param
 from lcflash.model.router import Routing, route, zero_expert_output
 from lcflash.model.slots import combine_rows, dispatch_rows, sort_slots
@@ -48,28 +48,13 @@ def expert_ffn(x_md, group_sizes_g, w_gate_gdf, w_up_gdf, w_down_gfd, impl: str,
     return gmm(h, cast(w_down_gfd), group_sizes_g, impl=impl, zero_tail=zero_tail)
 
 
-# Each expert's group at a whole row tile of our kernels (routed_experts' align=None); experiments/bench_train.py
-# --no_group_align is the A/B baseline.
-ALIGN_GROUPS = True
-
-
-def routed_experts(x_td, routing: Routing, w_gate, w_up, w_down, impl: str, fuse_gate_up: bool = False,
-                   align: int | None = None):
-    """Dropless FFN-expert output [T, D] in fp32 (exact for any routing, empty experts included).
-
-    align: rows each expert's group starts at a multiple of in the sorted buffer; None: what `impl` prefers (our
-    kernels: their 128-row tile at training sizes; kernels.gmm.group_alignment)."""
-    if align is None and not ALIGN_GROUPS:
-        align = 1
-    if align is None:
-        w_like = jax.ShapeDtypeStruct(w_gate.shape, x_td.dtype)  # expert_ffn casts the weights to x's dtype
-        align = group_alignment(impl, routing.experts_tk.size, x_td, w_like)
+def routed_experts(x_td, routing: Routing, w_gate, w_up, w_down, impl: str, fuse_gate_up: bool = False):
+    """Dropless FFN-expert output [T, D] in fp32 (exact for any routing, empty experts included)."""
     # Named so model.remat_keep "routing" can keep it: a sort of T*K keys, else done again in the backward pass.
-    slots = jax.tree.map(lambda a: checkpoint_name(a, ROUTING_CHOICES),
-                         sort_slots(routing.experts_tk, w_gate.shape[0], align))
+    slots = jax.tree.map(lambda a: checkpoint_name(a, ROUTING_CHOICES), sort_slots(routing.experts_tk, w_gate.shape[0]))
     x_md = checkpoint_name(dispatch_rows(x_td, slots), DISPATCH_ROWS)  # model.remat_keep can keep it
     # combine_rows reads only the FFN rows (and selects, never multiplies, past them): no zero tail needed.
-    y_md = expert_ffn(x_md, slots.group_rows_g, w_gate, w_up, w_down, impl, fuse_gate_up, zero_tail=False)
+    y_md = expert_ffn(x_md, slots.group_sizes_g, w_gate, w_up, w_down, impl, fuse_gate_up, zero_tail=False)
     return combine_rows(y_md, jnp.where(slots.ffn_tk, routing.weights_tk, 0.0), slots)
 
 

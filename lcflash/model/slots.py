@@ -7,10 +7,6 @@ atomics: 1.6 ms per layer for a 16k-token batch on an H200, experiments/RESULTS.
 slots: those gather row 0 (cached) and are masked, so the bytes read scale with the FFN slots, not with T*K.
 With GATHER_KERNEL on a Hopper GPU, the dispatch gather is a kernel that also leaves the rows past the FFN slots
 unwritten (lcflash/kernels/row_gather.py), so the bytes written scale with them too.
-
-`sort_slots(..., align=A)` starts every group at a multiple of A rows (our kernels' row tile), with the padding rows
-between groups marked invalid (they hold token 0's row going in and get zero gradients coming back). A kernel tile
-then never straddles two groups: no tile is visited once per group, no store is ragged.
 """
 
 from typing import NamedTuple
@@ -23,49 +19,30 @@ from lcflash.parallel.vma import match_vma
 
 
 class Slots(NamedTuple):
-    order_m: jax.Array        # [M] slot (t*K + k) held by sorted row m; 0 for padding rows
-    tok_m: jax.Array          # [M] token of sorted row m; 0 where the row holds a zero-expert slot or padding
-    valid_m: jax.Array        # [M] the row holds an FFN slot
+    order_m: jax.Array        # [M] slot (t*K + k) held by sorted row m, M = T*K
+    tok_m: jax.Array          # [M] token of sorted row m; 0 where the row holds a zero-expert slot
+    valid_m: jax.Array        # [M] the row holds an FFN slot (the first sum(group_sizes) rows)
     row_tk: jax.Array         # [T, K] sorted row of slot (t, k); 0 for zero-expert slots
     ffn_tk: jax.Array         # [T, K] the slot chose an FFN expert
-    group_sizes_g: jax.Array  # [N] FFN slots per expert
-    group_rows_g: jax.Array   # [N] rows each expert's group spans (its size rounded up to `align`): the grouped
-                              # matmuls' group sizes; M = padded_rows(T * K, N, align) rows in all
+    group_sizes_g: jax.Array  # [N] rows per FFN expert
 
 
-def padded_rows(slots: int, n_ffn: int, align: int) -> int:
-    """Rows of the sorted buffer: every slot, plus up to align - 1 padding rows per group, in whole tiles."""
-    return slots if align == 1 else -(-(slots + n_ffn * (align - 1)) // align) * align
-
-
-def sort_slots(experts_tk, n_ffn: int, align: int = 1) -> Slots:
-    """Stable sort of the slots by FFN expert (zero experts last), each group starting at a multiple of `align`
-    rows. Group sizes count the sorted ids below each bound in one fused comparison-reduction: a bincount would be
-    a scatter-add into N+1 bins, and searchsorted's default binary search is a while loop of ~100 small kernels per
-    call on a GPU."""
+def sort_slots(experts_tk, n_ffn: int) -> Slots:
+    """Stable sort of the slots by FFN expert (zero experts last). Group sizes count the sorted ids below each
+    bound in one fused comparison-reduction: a bincount would be a scatter-add into N+1 bins, and searchsorted's
+    default binary search is a while loop of ~100 small kernels per call on a GPU."""
     T, K = experts_tk.shape
-    S = T * K
-    e_s = jnp.minimum(experts_tk, n_ffn).reshape(-1).astype(jnp.int32)
-    sorted_e_s, order_s = jax.lax.sort((e_s, jnp.arange(S, dtype=jnp.int32)), num_keys=1, is_stable=True)
-    bounds = jnp.searchsorted(sorted_e_s, jnp.arange(n_ffn + 1, dtype=jnp.int32), side="left",
-                              method="compare_all").astype(jnp.int32)
-    sizes_g = jnp.diff(bounds)
-    valid_s = sorted_e_s < n_ffn
+    M = T * K
+    e_m = jnp.minimum(experts_tk, n_ffn).reshape(-1).astype(jnp.int32)
+    sorted_e_m, order_m = jax.lax.sort((e_m, jnp.arange(M, dtype=jnp.int32)), num_keys=1, is_stable=True)
+    bounds = jnp.searchsorted(sorted_e_m, jnp.arange(n_ffn + 1, dtype=jnp.int32), side="left",
+                            method="compare_all").astype(jnp.int32)
+    valid_m = sorted_e_m < n_ffn
     ffn_tk = experts_tk < n_ffn
-    if align == 1:
-        rows_g, row_s, order_m, valid_m = sizes_g, jnp.arange(S, dtype=jnp.int32), order_s, valid_s
-    else:  # sorted position s moves down by the padding of the groups before its own (all of it for zero slots)
-        rows_g = -(-sizes_g // align) * align
-        pad_g = jnp.cumsum(rows_g - sizes_g)
-        shift_e = jnp.concatenate([jnp.zeros((1,), jnp.int32), pad_g]).astype(jnp.int32)
-        row_s = jnp.arange(S, dtype=jnp.int32) + shift_e[sorted_e_s]
-        M = padded_rows(S, n_ffn, align)
-        order_m = jnp.zeros((M,), jnp.int32).at[row_s].set(order_s, unique_indices=True)
-        valid_m = jnp.zeros((M,), jnp.bool_).at[row_s].set(valid_s, unique_indices=True)
-    row_of_slot = jnp.zeros((S,), jnp.int32).at[order_s].set(row_s, unique_indices=True)
+    row_m = jnp.zeros((M,), jnp.int32).at[order_m].set(jnp.arange(M, dtype=jnp.int32), unique_indices=True)
     return Slots(order_m=order_m, tok_m=jnp.where(valid_m, order_m // K, 0), valid_m=valid_m,
-                 row_tk=jnp.where(ffn_tk, row_of_slot.reshape(T, K), 0), ffn_tk=ffn_tk,
-                 group_sizes_g=sizes_g, group_rows_g=rows_g.astype(jnp.int32))
+                 row_tk=jnp.where(ffn_tk, row_m.reshape(T, K), 0), ffn_tk=ffn_tk,
+                 group_sizes_g=jnp.diff(bounds))
 
 
 def _sum_slots(rows_md, slots: Slots, w_tk=None):
@@ -83,8 +60,7 @@ def _sum_slots(rows_md, slots: Slots, w_tk=None):
 
 
 def dispatch_rows(x_td, slots: Slots):
-    """[M, D] rows in sorted order: row m is its token's row (row 0 of x where it holds a zero-expert slot or
-    padding)."""
+    """[M, D] rows in sorted order: row m is its token's row (row 0 of x where it holds a zero-expert slot)."""
     return _dispatch_rows(*match_vma(x_td, slots))
 
 
@@ -99,7 +75,7 @@ def _dispatch_rows(x_td, slots: Slots):
         from lcflash.kernels import row_gather  # imported on first use: keeps CPU-only imports light
 
         if row_gather.supported(x_td, slots.tok_m.shape[0]) is None:
-            return row_gather.take_rows(x_td, slots.tok_m, jnp.sum(slots.group_rows_g),
+            return row_gather.take_rows(x_td, slots.tok_m, jnp.sum(slots.group_sizes_g),
                                         interpret=jax.default_backend() != "gpu")
     return x_td[slots.tok_m]
 

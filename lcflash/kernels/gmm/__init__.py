@@ -1,2 +1,1 @@
-from lcflash.kernels.gmm.api import (gmm, gmm_swiglu, gmm_swiglu_ffn, gmm_swiglu_halves, group_alignment,  # noqa: F401
-                                     IMPLEMENTATIONS)
+from lcflash.kernels.gmm.api import gmm, gmm_swiglu, gmm_swiglu_ffn, gmm_swiglu_halves, IMPLEMENTATIONS  # noqa: F401

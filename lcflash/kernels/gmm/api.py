@@ -118,18 +118,6 @@ def _resolve(impl: str, lhs_mk, rhs_gkn) -> str:
     return impl
 
 
-def group_alignment(impl: str, m: int, lhs_mk, rhs_gkn) -> int:
-    """Rows each group of an m-row sorted buffer should start at a multiple of (slots.sort_slots' align): our
-    kernels' 128-row tile (pallas_gmm.group_alignment), 1 for the others. lhs_mk may be any [., K] array of the
-    lhs dtype (the choice reads only dtypes and K, N)."""
-    impl = _resolve(impl, lhs_mk, rhs_gkn)
-    if impl not in ("pallas", "pallas_chain"):
-        return 1
-    from lcflash.kernels.gmm import pallas_gmm
-
-    return pallas_gmm.group_alignment(m, rhs_gkn.shape[0])
-
-
 def gmm(lhs_mk, rhs_gkn, group_sizes_g, *, impl: str = "ragged_dot", preferred_element_type=None,
         zero_tail: bool = True):
     """zero_tail=False: rows past sum(group_sizes) of the output and of d_lhs may be left undefined (our kernels

@@ -36,25 +36,11 @@ def _col_tile(n: int, what: str, prefer: int = 128) -> int:
     raise ValueError(f"pallas gmm: {what} = {n} must be a multiple of 128 (two warpgroups x 64 columns)")
 
 
-def _row_tile(m: int, g: int) -> int:
-    if ROWS_TILES is not None:
-        return ROWS_TILES.tile_m
-    # Decode-sized groups waste less of a 64-row tile; training-sized groups amortise better over 128 rows.
-    return 64 if m <= 64 * max(g, 1) else 128
-
-
-def group_alignment(m: int, g: int) -> int:
-    """Rows to start each group at (slots.sort_slots' align) for m sorted rows in g groups: the row tile where it is
-    128 rows, so no tile straddles two groups; 1 for decode-sized groups (a 64-row tile, about one row per group,
-    where padding every group to a tile would only grow the buffers)."""
-    tm = _row_tile(m, g)
-    return tm if tm > 64 else 1
-
-
 def _rows_tiles(m: int, g: int, n: int, out_dtype, n_rhs: int, what: str, epi_in: int = 0) -> mk.Tiles:
     if ROWS_TILES is not None:
         return ROWS_TILES
-    tm = _row_tile(m, g)
+    # Decode-sized groups waste less of a 64-row tile; training-sized groups amortise better over 128 rows.
+    tm = 64 if m <= 64 * max(g, 1) else 128
     tn = _col_tile(n, what, prefer=128 if n_rhs == 1 and not epi_in else 64)
     # One epilogue store per warpgroup and tile (epi_n = tn) where it fits; fp32 outputs store in 64-col chunks.
     epi_n = tn if jnp.dtype(out_dtype).itemsize <= 2 else 64
