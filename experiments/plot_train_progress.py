@@ -68,6 +68,9 @@ RUNS = [
     ("s20 c1: batch 48", "bench_train_b48_s20_mf95_h200.json"),
     ("s20 c4: d_rhs tiles round robin", "bench_train_b32_s20_rr_h200.json"),
     ("s20 c4: + dealt by cost (snake)", "bench_train_b32_s20_dealt_h200.json"),
+    # Session 21, call 1: the counting-rank deal against round robin, in one call.
+    ("s21 c1: d_rhs tiles round robin", "bench_train_b32_s21_rr_h200.json"),
+    ("s21 c1: + snake, counting rank (configs/small.py)", "bench_train_b32_s21_profile_h200.json"),
 ]
 TARGET = 0.40
 
