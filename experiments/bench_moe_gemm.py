@@ -513,6 +513,15 @@ def swiglu_cases(ts, shapes=(("longcat", "gate_up"), ("small", "gate_up"))):
     return out
 
 
+def ffn_operands(seed, m, d, f, g):
+    """The expert FFN's bf16 operands: x and dy [m, d], [gate | up] [g, d, 2f] and down [g, f, d] weights."""
+    ks = jax.random.split(jax.random.key(seed), 4)
+    x, dy = (jax.random.normal(k, (m, d), jnp.bfloat16) for k in ks[:2])
+    w_gu = (jax.random.normal(ks[2], (g, d, 2 * f), jnp.float32) / np.sqrt(d)).astype(jnp.bfloat16)
+    w_down = (jax.random.normal(ks[3], (g, f, d), jnp.float32) / np.sqrt(f)).astype(jnp.bfloat16)
+    return x, dy, w_gu, w_down
+
+
 def ffn_cases(ts, models=("small", "longcat")):
     """The whole expert FFN forward + backward (api.gmm_swiglu_ffn, T tokens per expert, equal groups, plus as
     many tail rows, as in training at ~6 FFN experts of 12): `grad_epilogue` with SwiGLU's backward in the down
@@ -523,10 +532,7 @@ def ffn_cases(ts, models=("small", "longcat")):
             d, f, g = SHAPES[(model, "gate_up")]
             m = 2 * g * t
             sizes = jnp.full((g,), t, jnp.int32)
-            ks = jax.random.split(jax.random.key(5), 4)
-            x, dy = (jax.random.normal(k, (m, d), jnp.bfloat16) for k in ks[:2])
-            w_gu = (jax.random.normal(ks[2], (g, d, 2 * f), jnp.float32) / np.sqrt(d)).astype(jnp.bfloat16)
-            w_down = (jax.random.normal(ks[3], (g, f, d), jnp.float32) / np.sqrt(f)).astype(jnp.bfloat16)
+            x, dy, w_gu, w_down = ffn_operands(5, m, d, f, g)
             rec, grads = dict(model=model, tokens_per_expert=t, tail_rows=m // 2, d=d, f=f, experts=g), {}
             for name, on in (("grad_epilogue", True), ("xla", False)):
                 api.SWIGLU_GRAD_EPILOGUE = on  # read at trace time: each variant traces its own jit
@@ -561,10 +567,7 @@ def ffn_loads(tokens, ffn_per_token=5.75, top_k=12, rounds=2, seed=0):
         sizes = rng.multinomial(rows, rng.dirichlet(np.full(g, alpha)))
         loads[f"dirichlet{alpha:g}"] = sizes
         loads[f"dirichlet{alpha:g}_rounded"] = -(-sizes // 128) * 128
-    ks = jax.random.split(jax.random.key(seed), 4)
-    x, dy = (jax.random.normal(k, (m, d), jnp.bfloat16) for k in ks[:2])
-    w_gu = (jax.random.normal(ks[2], (g, d, 2 * f), jnp.float32) / np.sqrt(d)).astype(jnp.bfloat16)
-    w_down = (jax.random.normal(ks[3], (g, f, d), jnp.float32) / np.sqrt(f)).astype(jnp.bfloat16)
+    x, dy, w_gu, w_down = ffn_operands(seed, m, d, f, g)
 
     def ffn(a, b, c, s):
         return api.gmm_swiglu_ffn(a, b, c, s, impl="pallas_chain", zero_tail=False)
