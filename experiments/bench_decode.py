@@ -41,9 +41,30 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
 
+# "+name" suffixes of a variant ("pallas+cc"): XLA options its programs are compiled with.
+# The Generator's own (generation.DECODE_XLA_OPTIONS) apply first.
+XLA_OPTIONS = {
+    # CUDA-graph nodes linked in XLA's schedule order: XLA's default, and ours before session 22.
+    "lhs": {"xla_gpu_command_buffer_scheduling_mode": "LHS"},
+    # ... by their buffers' data dependencies: independent kernels may run at once (the Generator's default).
+    "cc": {"xla_gpu_command_buffer_scheduling_mode": "CONCURRENT"},
+    "pdl": {"xla_gpu_enable_pdl": True},
+}
+
+
 def attn_impl(impl: str) -> str:
-    """The model's attn_impl of a benchmark variant name ("pallas@s1" -> "pallas")."""
-    return impl.partition("@")[0]
+    """The model's attn_impl of a benchmark variant name ("pallas@s1+cc" -> "pallas")."""
+    return impl.partition("+")[0].partition("@")[0]
+
+
+def xla_options(key: str) -> dict:
+    """The XLA options of a variant or generator key ("pallas+cc/auto" -> CONCURRENT scheduling)."""
+    out = {}
+    for name in key.split("/")[0].split("+")[1:]:
+        if name not in XLA_OPTIONS:
+            raise SystemExit(f"variant {key!r}: unknown option suffix +{name}; known: {sorted(XLA_OPTIONS)}")
+        out.update(XLA_OPTIONS[name])
+    return out
 
 
 def file_tag(key: str) -> str:
@@ -188,7 +209,7 @@ def run_jax(args):
     def lower(prog):
         gkey, B, S, kind = prog
         g = gens[gkey]
-        splits = gkey.split("/")[0].partition("@s")[2]   # "pallas@sN": the kernel with at most N context splits
+        splits = gkey.split("/")[0].partition("+")[0].partition("@s")[2]   # "pallas@sN": the kernel with at most N context splits
         from lcflash.kernels.mla_decode import pallas_mgpu
         pallas_mgpu.MAX_SPLITS = int(splits) if splits else None   # read while tracing: choose_splits
         cache = jax.eval_shape(lambda: DecodeCache.zeros(cfg, B, S, mtp=kind == "speculative"))
@@ -211,7 +232,7 @@ def run_jax(args):
     def compile_one(item):
         job, low = item
         t0 = time.perf_counter()
-        return job, low.compile(), time.perf_counter() - t0
+        return job, low.compile(compiler_options=xla_options(job[0]) or None), time.perf_counter() - t0
 
     def launches(exe):
         """Kernels per compiled program (fusions + custom calls + library calls in the optimised HLO): at
@@ -497,7 +518,8 @@ def main():
     ap.add_argument("--batches", default="1,8,64")
     ap.add_argument("--contexts", default="1024,8192,32768")
     ap.add_argument("--impls", default="absorbed,pallas", help="attention: absorbed (XLA), pallas (our kernel), "
-                    "pallas@sN (the kernel with at most N context splits; pallas@s1: no merge kernels)")
+                    "pallas@sN (the kernel with at most N context splits; pallas@s1: no merge kernels); a +name suffix "
+                    "compiles with the XLA options XLA_OPTIONS[name] (pallas+lhs: XLA's default CUDA-graph order)")
     ap.add_argument("--moe_impl", default="auto")
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--speculative", action=argparse.BooleanOptionalAction, default=True,
@@ -523,6 +545,8 @@ def main():
     args.batches = [int(x) for x in args.batches.split(",")]
     args.contexts = [int(x) for x in args.contexts.split(",")]
     args.impls = args.impls.split(",")
+    for impl in args.impls:
+        xla_options(impl)   # an unknown +suffix fails here, before any compilation
     args.peer_points = [tuple(int(v) for v in p.split("x")) for p in args.peer_points.split(",") if p]
     if args.part == "jax":
         args.json = args.json or os.path.join(args.out_dir, "bench_decode_jax.json")

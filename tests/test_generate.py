@@ -139,6 +139,18 @@ def test_compiles_once_per_shape_bucket(tiny):
     assert g.traces == {"prefill": 4, "decode": 3}
 
 
+def test_decode_loops_compile_with_the_generators_xla_options(tiny):
+    """The decode loops carry DECODE_XLA_OPTIONS (concurrent CUDA-graph nodes on a GPU) or the caller's: an invalid
+    value reaches XLA and fails there, a valid one gives the default's tokens."""
+    assert gen_mod.DECODE_XLA_OPTIONS == {"xla_gpu_command_buffer_scheduling_mode": "CONCURRENT"}
+    want = Generator(tiny).generate([[3, 4, 5]], 4)
+    same = Generator(tiny, xla_options={"xla_gpu_command_buffer_scheduling_mode": "LHS"}).generate([[3, 4, 5]], 4)
+    assert [list(r) for r in same] == [list(r) for r in want]
+    bad = Generator(tiny, xla_options={"xla_gpu_command_buffer_scheduling_mode": "SIDEWAYS"})
+    with pytest.raises(Exception, match="xla_gpu_command_buffer_scheduling_mode"):
+        bad.generate([[3, 4, 5]], 4)
+
+
 class OracleMTP:
     """Stands in for decode.mtp_forward: drafts the true greedy token except where (index % 3 == 0), so the
     speculative loop sees accepted and rejected drafts on every row."""
