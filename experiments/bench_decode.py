@@ -49,7 +49,16 @@ XLA_OPTIONS = {
     # ... by their buffers' data dependencies: independent kernels may run at once (the Generator's default).
     "cc": {"xla_gpu_command_buffer_scheduling_mode": "CONCURRENT"},
     "pdl": {"xla_gpu_enable_pdl": True},
+    # The whole while loop as one CUDA graph (conditional nodes), not one graph launch per decode step.
+    "while": {"xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION,WHILE,"
+                                               "CONDITIONAL"},
 }
+
+
+# As before session 22: "+unmerged", absorbed attention through W_UK and W_UV in turn, without the merged products;
+# "+eager_norms", every norm applied before its matvec (decode.DEFER_NORMS off); "+merge3", the kernel's splits
+# merged by three XLA kernels (pallas_mgpu.ONE_PASS_MERGE off).
+VARIANTS = ("unmerged", "eager_norms", "merge3")
 
 
 def attn_impl(impl: str) -> str:
@@ -61,9 +70,10 @@ def xla_options(key: str) -> dict:
     """The XLA options of a variant or generator key ("pallas+cc/auto" -> CONCURRENT scheduling)."""
     out = {}
     for name in key.split("/")[0].split("+")[1:]:
-        if name not in XLA_OPTIONS:
-            raise SystemExit(f"variant {key!r}: unknown option suffix +{name}; known: {sorted(XLA_OPTIONS)}")
-        out.update(XLA_OPTIONS[name])
+        if name not in XLA_OPTIONS and name not in VARIANTS:
+            raise SystemExit(f"variant {key!r}: unknown suffix +{name}; known: "
+                             f"{sorted(XLA_OPTIONS) + list(VARIANTS)}")
+        out.update(XLA_OPTIONS.get(name, {}))
     return out
 
 
@@ -110,13 +120,17 @@ def measure_bandwidth(jax, jnp, nbytes=2 << 30, reps=20):
 
 
 def weight_bytes(cfg, weights):
-    """(bytes always read per decode step excluding embedding rows, bytes of one FFN expert)."""
+    """(bytes always read per decode step excluding embedding rows, bytes of one FFN expert). Attention counts
+    the arrays absorbed decode reads: merged products in place of the pairs they replace."""
     import jax
+
+    from lcflash.infer.decode import read_by_decode
 
     expert_names = ("w_gate", "w_up", "w_down")
     always = weights.norm.nbytes + weights.lm_head.nbytes
     expert_total = 0
     for st in weights.layers:
+        st = st._replace(attn_0=read_by_decode(st.attn_0), attn_1=read_by_decode(st.attn_1))
         for path, v in jax.tree_util.tree_flatten_with_path(st)[0]:
             keys = [getattr(k, "key", getattr(k, "name", str(k))) for k in path]
             if "moe" in keys and any(n in keys for n in expert_names):
@@ -169,7 +183,11 @@ def run_jax(args):
     def generator(impl, moe):
         key = impl + ("" if moe == args.moe_impl else f"/{moe}")
         if key not in gens:
-            gens[key] = Generator(model, attn_impl(impl), moe, weights=base.dm.weights)
+            w = base.dm.weights
+            if "+unmerged" in impl:
+                from lcflash.infer.decode import without_absorbed_products
+                w = without_absorbed_products(w)
+            gens[key] = Generator(model, attn_impl(impl), moe, weights=w)
         return key
 
     extra = []   # (impl, moe_impl, B, C): the dense MoE at small batch, where "auto" picks "gather"
@@ -209,9 +227,13 @@ def run_jax(args):
     def lower(prog):
         gkey, B, S, kind = prog
         g = gens[gkey]
-        splits = gkey.split("/")[0].partition("+")[0].partition("@s")[2]   # "pallas@sN": the kernel with at most N context splits
+        # "pallas@sN": the kernel with at most N context splits
+        splits = gkey.split("/")[0].partition("+")[0].partition("@s")[2]
         from lcflash.kernels.mla_decode import pallas_mgpu
         pallas_mgpu.MAX_SPLITS = int(splits) if splits else None   # read while tracing: choose_splits
+        from lcflash.infer import decode
+        decode.DEFER_NORMS = "+eager_norms" not in gkey   # read while tracing, as the next one
+        pallas_mgpu.ONE_PASS_MERGE = "+merge3" not in gkey
         cache = jax.eval_shape(lambda: DecodeCache.zeros(cfg, B, S, mtp=kind == "speculative"))
         b32 = jax.ShapeDtypeStruct((B,), jnp.int32)
         if kind == "speculative":
@@ -313,7 +335,8 @@ def run_jax(args):
                 log(f"spec {impl:9s} B={B} C={C}: {row['ms_per_iteration']:.3f} ms/iteration "
                     f"(accepted {row['accepted']}/{row['drafts']})")
             else:
-                weights_read = always + B * cfg.hidden_size * 2 + float(np.sum(n_exp)) * per_expert
+                always_read = weight_bytes(cfg, gens[gkey].dm.weights)[0]   # this variant's attention arrays
+                weights_read = always_read + B * cfg.hidden_size * 2 + float(np.sum(n_exp)) * per_expert
                 cache_read = 2 * cfg.num_layers * B * C * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 2
                 floor_s = (weights_read + cache_read) / bw
                 tpot = dt / n_steps

@@ -39,9 +39,12 @@ def test_layout_is_one_copy_that_converts_back_exactly(tiny):
     for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(nnx.state(tiny.mtp)), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     np.testing.assert_array_equal(np.asarray(w.lm_head), np.asarray(tiny.lm_head[...]).T)
-    # No second copy: the decode layers hold exactly the model's layer bytes.
+    # No second copy: the decode layers hold exactly the model's layer bytes, plus the absorbed products (tiny:
+    # both pay, each the size of the matrix it merges into).
+    assert decode.absorbed_products_pay(cfg) == (True, True)
+    merged = [x for p in w.layers for a in (p.attn_0, p.attn_1) for x in (a.w_q_lat, a.w_o_lat)]
     layer_bytes = sum(x.nbytes for x in jax.tree.leaves(w.layers))
-    assert layer_bytes == sum(x.nbytes for x in jax.tree.leaves(stacked))
+    assert layer_bytes == sum(x.nbytes for x in jax.tree.leaves(stacked)) + sum(x.nbytes for x in merged)
 
 
 @pytest.fixture(scope="module")
@@ -59,14 +62,18 @@ def reference(tiny):
     return (tokens,) + full(state, tokens)
 
 
-@pytest.mark.parametrize("attn_impl,moe_impl", [("absorbed", "gather"), ("absorbed", "dense"),
-                                                ("absorbed", "model"), ("expanded", "auto")])
-def test_decode_only_forward_equals_model_forward(tiny, reference, attn_impl, moe_impl):
+@pytest.mark.parametrize("attn_impl,moe_impl,merged", [("absorbed", "gather", True), ("absorbed", "dense", True),
+                                                       ("absorbed", "model", True), ("absorbed", "gather", False),
+                                                       ("expanded", "auto", True)])
+def test_decode_only_forward_equals_model_forward(tiny, reference, attn_impl, moe_impl, merged):
     """Every token through the decode path (no prefill): 4 tokens, then 1, from an empty cache; the logits equal
-    the plain forward over the whole sequence, and the MTP slot (decode path too) gives model.mtp_logits."""
+    the plain forward over the whole sequence, and the MTP slot (decode path too) gives model.mtp_logits.
+    merged=False: absorbed attention through W_UK and W_UV in turn instead of their merged products."""
     cfg = tiny.cfg
     tokens, want, want_mtp = reference
     dm = decode.DecodeModel(tiny, attn_impl)
+    if not merged:
+        dm.weights = decode.without_absorbed_products(dm.weights)
 
     @jax.jit
     def run(w, tokens):
@@ -102,6 +109,18 @@ def test_gather_and_dense_moe_equal_model_moe(tiny):
     want, got = run(w.layers[1], x)
     for g in got:
         assert rel(g, want) < 1e-5
+
+
+def test_absorbed_products_only_where_they_are_no_larger():
+    """configs/small.py (kv_lora_rank = nope = v = 128) merges both sides; LongCat-Flash (kv_lora_rank 512) and a
+    tiny model with a wide latent merge neither, and store neither."""
+    for path, want in (("configs/small.py", (True, True)), ("configs/longcat_flash.py", (False, False))):
+        assert decode.absorbed_products_pay(model_config(load_config(path))) == want, path
+    cfg = model_config(load_config("configs/tiny.py")).replace(kv_lora_rank=48)
+    assert decode.absorbed_products_pay(cfg) == (False, False)
+    p = decode.split_weights(LongcatFlash(cfg, nnx.Rngs(0))).layers[0].attn_1
+    assert p.w_q_lat is None and p.w_o_lat is None
+    assert decode.read_by_decode(p) == p
 
 
 def test_unknown_moe_impl_is_named(tiny):

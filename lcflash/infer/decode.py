@@ -9,6 +9,9 @@ and concatenates the projections that read the same input into one matvec:
 
 * attention: q_a and kv_a (both read the normed hidden state) -> `w_qkv_a` [q_lora + kv_lora + rope, D];
   W_UK and W_UV (absorbed attention) as [H, R, nope] and [H, v, R]; w_q_b as [H, qk_head, q_lora]; w_o [D, H, v].
+  Where they are no larger (`absorbed_products_pay`: configs/small.py, not LongCat-Flash), also the products
+  W_UK . w_q_b and w_o . W_UV, which absorbed decode reads instead: two matvecs fewer per sublayer on a step's
+  critical path. They are derived arrays beside the one copy of the model's weights (prefill uses the originals).
 * dense FFN: gate and up -> `w_gate_up` [2F, D]; down [D, F].
 * MoE: router [N + Z, D] (fp32); experts gate/up [E, I, D], down [E, D, I] (each slot's matvecs reduce over the
   contiguous axis of the gathered expert). The experts' gate and up stay two arrays under the model's names
@@ -44,7 +47,7 @@ from lcflash.config import ModelConfig
 from lcflash.infer.cache import DecodeCache
 from lcflash.kernels.mla_decode import mla_decode
 from lcflash.model.mla import LatentKV, expanded_attention, write_rows
-from lcflash.model.norm import rms_norm, rms_norm_slices
+from lcflash.model.norm import apply_rms_scale, rms_norm, rms_scales
 from lcflash.model.rope import apply_rope, rope_cos_sin, softmax_scale
 from lcflash.model.router import Routing, select_experts, zero_expert_output
 
@@ -54,7 +57,8 @@ F32 = jnp.float32
 
 # ----------------------------------------------------------------------------------------------- layout
 class AttnWeights(NamedTuple):
-    """One MLA sublayer, contraction axis last."""
+    """One MLA sublayer, contraction axis last. The last two are the absorbed products (`absorb_products`),
+    present only where they are no larger than the two matrices they replace in a decode step."""
 
     w_qkv_a: jax.Array      # [q_lora + kv_lora + rope, D]: w_q_a and w_kv_a, one matvec
     q_a_norm: jax.Array     # [q_lora]
@@ -63,6 +67,8 @@ class AttnWeights(NamedTuple):
     w_uk: jax.Array         # [H, kv_lora, qk_nope]: w_kv_b's key half
     w_uv: jax.Array         # [H, v_head, kv_lora]: w_kv_b's value half
     w_o: jax.Array          # [D, H, v_head]
+    w_q_lat: jax.Array | None = None   # [H, kv_lora + rope, q_lora]: W_UK . w_q_b's nope half, then its rope half
+    w_o_lat: jax.Array | None = None   # [D, H, kv_lora]: w_o . W_UV
 
 
 class MLPWeights(NamedTuple):
@@ -114,13 +120,57 @@ def _t(x, *perm):
     return jnp.transpose(x, perm)
 
 
+def absorbed_products_pay(cfg: ModelConfig) -> tuple[bool, bool]:
+    """(merge the query side, merge the output side): whether W_UK . w_q_b_nope [H, R, Q] and w_o . W_UV [D, H, R]
+    are no larger than the pair each replaces, so a decode step reads fewer bytes in one matvec fewer.
+    configs/small.py (R = nope = v = 128): both. LongCat-Flash (R = 512 > 128): neither (4x the bytes)."""
+    H, R, Q, D = cfg.num_attention_heads, cfg.kv_lora_rank, cfg.q_lora_rank, cfg.hidden_size
+    nope, v = cfg.qk_nope_head_dim, cfg.v_head_dim
+    return H * R * Q <= H * nope * Q + H * R * nope, D * H * R <= H * v * R + D * H * v
+
+
+def absorb_products(cfg: ModelConfig, p: AttnWeights) -> AttnWeights:
+    """Adds the absorbed products that pay (`absorbed_products_pay`), computed in fp32 and stored in the weights'
+    dtype: the same linear maps as the two matvecs in turn, with one rounding of the product instead of one of
+    the intermediate vector."""
+    merge_q, merge_o = absorbed_products_pay(cfg)
+    nope, hi = cfg.qk_nope_head_dim, jax.lax.Precision.HIGHEST
+    dtype = p.w_q_b.dtype
+    w_q_lat = w_o_lat = None
+    if merge_q:
+        w_q_b = p.w_q_b.astype(F32)
+        lat = jnp.einsum("hrk,hkq->hrq", p.w_uk.astype(F32), w_q_b[:, :nope], precision=hi)
+        w_q_lat = jnp.concatenate([lat, w_q_b[:, nope:]], axis=1).astype(dtype)
+    if merge_o:
+        w_o_lat = jnp.einsum("dhv,hvr->dhr", p.w_o.astype(F32), p.w_uv.astype(F32), precision=hi).astype(dtype)
+    return p._replace(w_q_lat=w_q_lat, w_o_lat=w_o_lat)
+
+
+def read_by_decode(p: AttnWeights) -> AttnWeights:
+    """`p` without the arrays an absorbed decode step does not read (those its merged products replace); for
+    counting the bytes a step reads."""
+    if p.w_q_lat is not None:
+        p = p._replace(w_q_b=None, w_uk=None)
+    if p.w_o_lat is not None:
+        p = p._replace(w_uv=None, w_o=None)
+    return p
+
+
+def without_absorbed_products(w: DecodeWeights) -> DecodeWeights:
+    """`w` with absorbed attention through W_UK and W_UV in turn everywhere (for A/B runs and tests)."""
+    strip = lambda a: a._replace(w_q_lat=None, w_o_lat=None)   # noqa: E731
+    layers = tuple(p._replace(attn_0=strip(p.attn_0), attn_1=strip(p.attn_1)) for p in w.layers)
+    return w._replace(layers=layers, mtp=None if w.mtp is None else w.mtp._replace(attn=strip(w.mtp.attn)))
+
+
 def attn_to_decode(cfg: ModelConfig, a: dict) -> AttnWeights:
     """MLA's pure-dict state (model layout) -> AttnWeights."""
     nope = cfg.qk_nope_head_dim
     w_kv_b = a["w_kv_b"]                                                # [R, H, nope + v]
-    return AttnWeights(jnp.concatenate([a["w_q_a"].T, a["w_kv_a"].T], axis=0), a["q_a_norm"]["weight"],
-                       a["kv_a_norm"]["weight"], _t(a["w_q_b"], 1, 2, 0), _t(w_kv_b[..., :nope], 1, 0, 2),
-                       _t(w_kv_b[..., nope:], 1, 2, 0), _t(a["w_o"], 2, 0, 1))
+    p = AttnWeights(jnp.concatenate([a["w_q_a"].T, a["w_kv_a"].T], axis=0), a["q_a_norm"]["weight"],
+                    a["kv_a_norm"]["weight"], _t(a["w_q_b"], 1, 2, 0), _t(w_kv_b[..., :nope], 1, 0, 2),
+                    _t(w_kv_b[..., nope:], 1, 2, 0), _t(a["w_o"], 2, 0, 1))
+    return absorb_products(cfg, p)
 
 
 def kv_b_model(p: AttnWeights):
@@ -266,42 +316,92 @@ class DecodeModel:
         self.has_mtp = model.mtp is not None
 
 
+# ----------------------------------------------------------------------------------------------- norms
+class Normed(NamedTuple):
+    """rms_norm(x, w) kept as x * w and the row scale 1 / rms(x) (fp32, [..., 1]): a linear map of it (`matvec`)
+    runs on x * w and is scaled after, so the norm's reduction runs beside the matvec instead of ahead of it on a
+    decode step's critical path. The same map, with x * w rounded once instead of the normed x and then its
+    product with w."""
+
+    xw: jax.Array
+    r: jax.Array
+
+    @property
+    def dtype(self):
+        return self.xw.dtype
+
+
+# False: every norm applied before its matvec, as the model does (read while tracing; for A/B runs).
+DEFER_NORMS = True
+
+
+def deferred_norm(x, w, eps: float):
+    if not DEFER_NORMS:
+        return rms_norm(x, w, eps)
+    return Normed(x * w.astype(x.dtype), rms_scales(x, (x.shape[-1],), eps)[0])
+
+
+def matvec(spec: str, x, w, scale: float = 1.0):
+    """einsum(spec, x, w) in x's dtype with fp32 accumulation; `scale` and a Normed x's row scale are applied to
+    the fp32 product. The output's leading axes are x's (all but its last)."""
+    if not isinstance(x, Normed):
+        y = jnp.einsum(spec, x, w.astype(x.dtype))
+        return y if scale == 1.0 else y * scale
+    y = jnp.einsum(spec, x.xw, w.astype(x.dtype), preferred_element_type=F32)
+    r = x.r.reshape(x.r.shape[:-1] + (1,) * (y.ndim - x.r.ndim + 1))
+    return (y * (r * scale)).astype(x.dtype)
+
+
 # ----------------------------------------------------------------------------------------------- attention
-def mla_latents(cfg: ModelConfig, p: AttnWeights, x_btd, cos_btd, sin_btd):
-    """lcflash/model/mla.py's MLA.latents: queries (nope, roped) and this token's latent KV."""
-    dtype = x_btd.dtype
+def mla_latents(cfg: ModelConfig, p: AttnWeights, x_btd, cos_btd, sin_btd, absorbed: bool = False):
+    """lcflash/model/mla.py's MLA.latents (x_btd normed, or Normed): queries (nope, roped) and this token's latent
+    KV. The q_a norm is deferred past the query matvec (`Normed`). absorbed: the nope query mapped into the latent
+    space (q_lat [B, T, H, R]) in its place, by the merged product where it is stored (`w_q_lat`: one matvec for
+    both query parts)."""
     Q, R, nope = cfg.q_lora_rank, cfg.kv_lora_rank, cfg.qk_nope_head_dim
-    a_btn = jnp.einsum("btd,nd->btn", x_btd, p.w_qkv_a.astype(dtype))
-    cq_btr, c_btr = rms_norm_slices(a_btn, (p.q_a_norm, p.kv_a_norm), cfg.mla_norm_eps)
-    q_bthk = jnp.einsum("btr,hkr->bthk", cq_btr, p.w_q_b.astype(dtype)) * cfg.alpha_q
-    c_btr = c_btr * cfg.alpha_kv
+    a_btn = matvec("btd,nd->btn", x_btd, p.w_qkv_a)
+    r_q, r_c = rms_scales(a_btn, (Q, R), cfg.mla_norm_eps)
+    cq = (Normed(a_btn[..., :Q] * p.q_a_norm.astype(a_btn.dtype), r_q) if DEFER_NORMS
+          else apply_rms_scale(a_btn[..., :Q], p.q_a_norm, r_q))
+    c_btr = apply_rms_scale(a_btn[..., Q:Q + R], p.kv_a_norm, r_c) * cfg.alpha_kv
     kpe_btd = apply_rope(a_btn[..., None, Q + R:], cos_btd, sin_btd)[..., 0, :]
-    return q_bthk[..., :nope], apply_rope(q_bthk[..., nope:], cos_btd, sin_btd), LatentKV(c_btr, kpe_btd)
+    kv = LatentKV(c_btr, kpe_btd)
+    if absorbed and p.w_q_lat is not None:
+        q_bthn = matvec("btq,hnq->bthn", cq, p.w_q_lat, cfg.alpha_q)
+        return q_bthn[..., :R], apply_rope(q_bthn[..., R:], cos_btd, sin_btd), kv
+    q_bthk = matvec("btr,hkr->bthk", cq, p.w_q_b, cfg.alpha_q)
+    q_pe = apply_rope(q_bthk[..., nope:], cos_btd, sin_btd)
+    if absorbed:
+        return matvec("bthk,hrk->bthr", q_bthk[..., :nope], p.w_uk), q_pe, kv
+    return q_bthk[..., :nope], q_pe, kv
 
 
 def mla_attention(cfg: ModelConfig, p: AttnWeights, x_btd, cos, sin, mask_bts, cache: LatentKV, start_b):
     """MLA with the cache (model's MLA.__call__): writes the new latents at start_b, attends with
     `cfg.attn_impl`. Returns (output [B, T, D], cache)."""
     dtype = x_btd.dtype
-    q_nope, q_pe, kv = mla_latents(cfg, p, x_btd, cos, sin)
+    absorbed = cfg.attn_impl != "expanded"
+    q, q_pe, kv = mla_latents(cfg, p, x_btd, cos, sin, absorbed)
     kv = LatentKV(write_rows(cache.c_bsr, kv.c_bsr.astype(cache.c_bsr.dtype), start_b),
                   write_rows(cache.kpe_bsd, kv.kpe_bsd.astype(cache.kpe_bsd.dtype), start_b))
     scale = softmax_scale(cfg)
-    if cfg.attn_impl == "expanded":
-        o_bthv = expanded_attention(q_nope, q_pe, kv, kv_b_model(p), mask_bts, scale, cfg.qk_nope_head_dim)
-    else:   # weight absorption (model's absorbed_attention, with W_UK / W_UV stored per head)
-        q_lat_bthr = jnp.einsum("bthk,hrk->bthr", q_nope, p.w_uk.astype(dtype))
-        o_lat_bthr = mla_decode(q_lat_bthr, q_pe, kv.c_bsr, kv.kpe_bsd, scale=scale, mask_bts=mask_bts,
-                                q_start_b=start_b, impl="pallas" if cfg.attn_impl == "pallas" else "xla")
-        o_bthv = jnp.einsum("bthr,hvr->bthv", o_lat_bthr.astype(dtype), p.w_uv.astype(dtype))
+    if not absorbed:
+        o_bthv = expanded_attention(q, q_pe, kv, kv_b_model(p), mask_bts, scale, cfg.qk_nope_head_dim)
+        return jnp.einsum("bthv,dhv->btd", o_bthv, p.w_o.astype(dtype)), kv
+    # weight absorption (model's absorbed_attention, with W_UK / W_UV stored per head or merged)
+    o_lat_bthr = mla_decode(q, q_pe, kv.c_bsr, kv.kpe_bsd, scale=scale, mask_bts=mask_bts, q_start_b=start_b,
+                            impl="pallas" if cfg.attn_impl == "pallas" else "xla").astype(dtype)
+    if p.w_o_lat is not None:
+        return jnp.einsum("bthr,dhr->btd", o_lat_bthr, p.w_o_lat.astype(dtype)), kv
+    o_bthv = jnp.einsum("bthr,hvr->bthv", o_lat_bthr, p.w_uv.astype(dtype))
     return jnp.einsum("bthv,dhv->btd", o_bthv, p.w_o.astype(dtype)), kv
 
 
 def swiglu_t(p: MLPWeights, x_btd):
-    """lcflash/model/mlp.py's swiglu with gate and up in one matvec."""
+    """lcflash/model/mlp.py's swiglu with gate and up in one matvec (x_btd normed, or Normed)."""
     dtype = x_btd.dtype
     F = p.w_down.shape[1]
-    gu = jnp.einsum("...d,fd->...f", x_btd, p.w_gate_up.astype(dtype))
+    gu = matvec("...d,fd->...f", x_btd, p.w_gate_up)
     return jnp.einsum("...f,df->...d", jax.nn.silu(gu[..., :F]) * gu[..., F:], p.w_down.astype(dtype))
 
 
@@ -389,14 +489,17 @@ def decode_layer(cfg: ModelConfig, p: LayerWeights, h_btd, cos, sin, mask_bts, k
                  start_b, moe_impl: str, model_moe: Callable | None = None):
     """lcflash/model/layer.py's DecoderLayer on the decode layout."""
     eps = cfg.rms_norm_eps
-    a0, kv0 = mla_attention(cfg, p.attn_0, rms_norm(h_btd, p.input_norm_0, eps), cos, sin, mask_bts, kv0, start_b)
+    a0, kv0 = mla_attention(cfg, p.attn_0, deferred_norm(h_btd, p.input_norm_0, eps), cos, sin, mask_bts, kv0,
+                            start_b)
     h_btd = h_btd + a0
-    n0 = rms_norm(h_btd, p.post_attn_norm_0, eps)
-    moe_btd, experts_tk = moe_apply(cfg, p.moe, n0, moe_impl, model_moe)
-    h_btd = h_btd + swiglu_t(p.mlp_0, n0)
-    a1, kv1 = mla_attention(cfg, p.attn_1, rms_norm(h_btd, p.input_norm_1, eps), cos, sin, mask_bts, kv1, start_b)
+    # The MoE branch (off the critical path: its output joins at the end) reads the norm's output as the model has
+    # it; XLA computes the one reduction for both.
+    moe_btd, experts_tk = moe_apply(cfg, p.moe, rms_norm(h_btd, p.post_attn_norm_0, eps), moe_impl, model_moe)
+    h_btd = h_btd + swiglu_t(p.mlp_0, deferred_norm(h_btd, p.post_attn_norm_0, eps))
+    a1, kv1 = mla_attention(cfg, p.attn_1, deferred_norm(h_btd, p.input_norm_1, eps), cos, sin, mask_bts, kv1,
+                            start_b)
     h_btd = h_btd + a1
-    h_btd = h_btd + swiglu_t(p.mlp_1, rms_norm(h_btd, p.post_attn_norm_1, eps))
+    h_btd = h_btd + swiglu_t(p.mlp_1, deferred_norm(h_btd, p.post_attn_norm_1, eps))
     return h_btd + moe_btd, kv0, kv1, experts_tk
 
 
@@ -451,9 +554,9 @@ def mtp_decode(cfg: ModelConfig, p: MTPWeights, h_btd, next_tokens_bt, cos, sin,
     e_btd = jnp.take(p.embed, next_tokens_bt, axis=0).astype(dtype)
     z = jnp.concatenate([rms_norm(e_btd, p.enorm, eps), rms_norm(h_btd, p.hnorm, eps)], axis=-1)
     z = jnp.einsum("btc,dc->btd", z, p.w_eh.astype(dtype))
-    a, kv = mla_attention(cfg, p.attn, rms_norm(z, p.input_norm, eps), cos, sin, mask_bts, cache, start_b)
+    a, kv = mla_attention(cfg, p.attn, deferred_norm(z, p.input_norm, eps), cos, sin, mask_bts, cache, start_b)
     z = z + a
-    z = z + swiglu_t(p.mlp, rms_norm(z, p.post_attn_norm, eps))
+    z = z + swiglu_t(p.mlp, deferred_norm(z, p.post_attn_norm, eps))
     return rms_norm(z, p.norm, eps), kv
 
 

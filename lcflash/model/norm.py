@@ -16,19 +16,32 @@ def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
     return w.astype(x.dtype) * y.astype(x.dtype)
 
 
-def rms_norm_slices(x: jax.Array, weights: tuple, eps: float) -> tuple:
-    """rms_norm of consecutive slices of x's last axis (slice i as long as weights[i]), with one reduction:
-    squares are summed in chunks of gcd(lengths) and each slice adds its chunk sums elementwise. XLA then runs one
-    reduction kernel for all slices instead of one each (a batch-1 decode step is a chain of small kernels)."""
-    sizes = [w.shape[-1] for w in weights]
+def rms_scales(x: jax.Array, sizes: tuple, eps: float) -> tuple:
+    """1 / rms of consecutive slices of x's last axis (fp32, [..., 1] each), with one reduction: squares are summed
+    in chunks of gcd(sizes) and each slice adds its chunk sums elementwise. XLA then runs one reduction kernel for
+    all slices instead of one each (a batch-1 decode step is a chain of small kernels)."""
     chunk = math.gcd(*sizes)
     xf = x[..., :sum(sizes)].astype(jnp.float32)
     sums = jnp.sum((xf * xf).reshape(*x.shape[:-1], -1, chunk), axis=-1)
     out, lo = [], 0
-    for w, n in zip(weights, sizes):
+    for n in sizes:
         ss = sum(sums[..., i:i + 1] for i in range(lo // chunk, (lo + n) // chunk))
-        y = xf[..., lo:lo + n] * jax.lax.rsqrt(ss / n + eps)
-        out.append(w.astype(x.dtype) * y.astype(x.dtype))
+        out.append(jax.lax.rsqrt(ss / n + eps))
+        lo += n
+    return tuple(out)
+
+
+def apply_rms_scale(x: jax.Array, w: jax.Array, r: jax.Array) -> jax.Array:
+    """rms_norm(x, w) given r = 1 / rms(x) from `rms_scales`."""
+    return w.astype(x.dtype) * (x.astype(jnp.float32) * r).astype(x.dtype)
+
+
+def rms_norm_slices(x: jax.Array, weights: tuple, eps: float) -> tuple:
+    """rms_norm of consecutive slices of x's last axis (slice i as long as weights[i]), with one reduction."""
+    sizes = [w.shape[-1] for w in weights]
+    out, lo = [], 0
+    for w, n, r in zip(weights, sizes, rms_scales(x, tuple(sizes), eps)):
+        out.append(apply_rms_scale(x[..., lo:lo + n], w, r))
         lo += n
     return tuple(out)
 
