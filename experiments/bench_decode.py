@@ -56,9 +56,9 @@ XLA_OPTIONS = {
 
 
 # As before session 22: "+unmerged", absorbed attention through W_UK and W_UV in turn, without the merged products;
-# "+eager_norms", every norm applied before its matvec (decode.DEFER_NORMS off); "+merge3", the kernel's splits
-# merged by three XLA kernels (pallas_mgpu.ONE_PASS_MERGE off).
-VARIANTS = ("unmerged", "eager_norms", "merge3")
+# "+eager_norms", every norm applied before its matvec (decode.DEFER_NORMS off). (The session's "+merge3" measured
+# a one-reduction merge of the kernel's splits, commit 786b589, against these three kernels: no gain, reverted.)
+VARIANTS = ("unmerged", "eager_norms")
 
 
 def attn_impl(impl: str) -> str:
@@ -232,8 +232,7 @@ def run_jax(args):
         from lcflash.kernels.mla_decode import pallas_mgpu
         pallas_mgpu.MAX_SPLITS = int(splits) if splits else None   # read while tracing: choose_splits
         from lcflash.infer import decode
-        decode.DEFER_NORMS = "+eager_norms" not in gkey   # read while tracing, as the next one
-        pallas_mgpu.ONE_PASS_MERGE = "+merge3" not in gkey
+        decode.DEFER_NORMS = "+eager_norms" not in gkey   # read while tracing
         cache = jax.eval_shape(lambda: DecodeCache.zeros(cfg, B, S, mtp=kind == "speculative"))
         b32 = jax.ShapeDtypeStruct((B,), jnp.int32)
         if kind == "speculative":

@@ -7,9 +7,9 @@ The loads run `depth` blocks ahead of the math. Only the T*H real query rows (ro
 loaded and stored; the wgmma's other rows hold whatever shared memory held, which touches only those rows' own
 outputs (every row's softmax and products are its own), so no padded copy of the queries or slice of the output
 costs a kernel of its own around the call. Each split keeps an online softmax in registers and writes its
-normalised output and log2-sum-exp2, and one XLA reduction merges the splits (flash-decoding,
-`reference.combine_splits_one_pass`). With one split the kernel writes the output in the compute dtype and nothing
-runs after it.
+normalised output and log2-sum-exp2; `reference.combine_splits` merges the splits (flash-decoding). With one split
+the kernel writes the output in the compute dtype and nothing runs after it: at batch 1 a decode step is a chain of
+~500 kernels of a few microseconds each, and the merge's three XLA kernels per attention are 72 of them.
 
 Only the blocks holding a visible key are read: a split past the row's last position reads nothing, so a decode
 step costs the filled part of the cache, not its capacity.
@@ -24,8 +24,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from lcflash.kernels import interpret_params
-from lcflash.kernels.mla_decode.reference import (LOG2E, NEG_INF, combine_splits, combine_splits_one_pass,
-                                                  per_split_blocks)
+from lcflash.kernels.mla_decode.reference import LOG2E, NEG_INF, combine_splits, per_split_blocks
 
 ROWS = 64               # wgmma M: query rows (heads x query tokens) per CTA
 MAX_LATENT = 256        # the fp32 output accumulator [64, R] must fit one warpgroup's registers
@@ -33,9 +32,6 @@ TARGET_CTAS = 264       # two waves of 132 SMs
 # At most this many splits (None: as many as TARGET_CTAS asks for). 1 trades the merge's kernels for one CTA walking
 # the whole context: slower at batch 1 and 8 on an H200 (1.335 -> 1.590 ms per token at 1024; docs/inference.md).
 MAX_SPLITS: int | None = None
-# The splits' merge as one XLA reduction (`reference.combine_splits_one_pass`) rather than three kernels (read while
-# tracing; False for A/B runs).
-ONE_PASS_MERGE = True
 
 
 def supported(q_len: int, heads: int, kv_lora_rank: int, rope_dim: int, cache_len: int, dtype,
@@ -222,8 +218,7 @@ def _mla_decode_pallas(q_lat_bthr, q_pe_bthd, c_bsr, kpe_bsd, q_start_b, *, scal
         interpret=interpret_params(interpret),
     )(q_start_b.astype(jnp.int32), pad_rows(q_lat_bthr), pad_rows(q_pe_bthd), c_bsr.astype(dtype),
       kpe_bsd.astype(dtype))
-    merge = combine_splits_one_pass if ONE_PASS_MERGE else combine_splits
-    o = o_part[:, 0] if num_splits == 1 else merge(o_part, lse2)
+    o = o_part[:, 0] if num_splits == 1 else combine_splits(o_part, lse2)
     o = o if rows == T * H else o[:, :T * H]
     return o.reshape(B, T, H, R).astype(dtype)
 

@@ -50,29 +50,6 @@ def combine_splits(o_bnmr, lse2_bnm):
     return jnp.sum(o_bnmr * w_bnm[..., None], axis=1) / jnp.sum(w_bnm, axis=1)[..., None]
 
 
-def combine_splits_one_pass(o_bnmr, lse2_bnm):
-    """`combine_splits` as one variadic reduction over the splits: each split enters as (lse2, 1, o) and pairs
-    merge as in an online softmax, (m, s, a) with s = sum 2^(lse2 - m), a = sum 2^(lse2 - m) o. XLA runs it as one
-    kernel (the division joins the consumer's fusion), where the max, the weights and the weighted sum take three:
-    on a batch-1 decode step these kernels sit on the critical path of every attention sublayer."""
-    empty = (lse2_bnm == -jnp.inf)[..., None]
-    shape = o_bnmr.shape
-    m = jnp.broadcast_to(lse2_bnm[..., None], shape)
-    s = jnp.broadcast_to(jnp.where(empty, 0.0, 1.0), shape)
-    a = jnp.where(empty, 0.0, o_bnmr)
-
-    def merge(x, y):
-        (m1, s1, a1), (m2, s2, a2) = x, y
-        mx = jnp.maximum(m1, m2)
-        c1 = jnp.where(m1 == -jnp.inf, 0.0, jnp.exp2(m1 - mx))
-        c2 = jnp.where(m2 == -jnp.inf, 0.0, jnp.exp2(m2 - mx))
-        return mx, s1 * c1 + s2 * c2, a1 * c1 + a2 * c2
-
-    zero = jnp.zeros((), o_bnmr.dtype)
-    _, s, a = jax.lax.reduce((m, s, a), (jnp.array(-jnp.inf, o_bnmr.dtype), zero, zero), merge, (1,))
-    return a / s
-
-
 def row_query_offset(rows: int, heads: int, q_len: int):
     """Query index t of each kernel row: rows are (t, h) t-major, padding rows act as the last query."""
     return jnp.minimum(jnp.arange(rows, dtype=jnp.int32) // heads, q_len - 1)
