@@ -18,7 +18,8 @@ and concatenates the projections that read the same input into one matvec:
   (experiments/bench_decode.py counts expert bytes by them). LM head [V, D]; the MTP head likewise.
 
 The decode math is written as small pure functions on that layout (`mla_attention`, `swiglu_t`, `moe_apply`,
-`decode_layer`, `mtp_decode`), in the model's order, dtypes and casts (lcflash/model/*). Prefill (many tokens: a
+`decode_layer`, `mtp_decode`), in the model's order, dtypes and casts (lcflash/model/*), except that a norm
+feeding a matvec is applied after it (`Normed`), which moves one rounding. Prefill (many tokens: a
 GEMM, where [K, N] is fine) runs the model's own modules: `DecodeGraphs.layer_module` transposes the weights back
 inside the prefill's jit and merges them into the DecoderLayer graph (expanded attention), so only one copy of the
 layers is kept. The MoE impl is chosen by `moe_impl`:
