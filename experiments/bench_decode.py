@@ -540,8 +540,9 @@ def main():
     ap.add_argument("--batches", default="1,8,64")
     ap.add_argument("--contexts", default="1024,8192,32768")
     ap.add_argument("--impls", default="absorbed,pallas", help="attention: absorbed (XLA), pallas (our kernel), "
-                    "pallas@sN (the kernel with at most N context splits; pallas@s1: no merge kernels); a +name suffix "
-                    "compiles with the XLA options XLA_OPTIONS[name] (pallas+lhs: XLA's default CUDA-graph order)")
+                    "pallas@sN (the kernel with at most N context splits; pallas@s1: no merge kernels); +name suffixes: "
+                    "XLA options (XLA_OPTIONS: lhs, cc, pdl, while) or the decode path as before session 22 "
+                    "(VARIANTS: unmerged, eager_norms), e.g. pallas+unmerged+eager_norms+lhs")
     ap.add_argument("--moe_impl", default="auto")
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--speculative", action=argparse.BooleanOptionalAction, default=True,

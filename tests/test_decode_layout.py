@@ -130,18 +130,21 @@ def test_unknown_moe_impl_is_named(tiny):
 
 
 @pytest.mark.parametrize("sizes", [(32, 16), (1536, 512), (24, 40, 8)])
-def test_rms_norm_slices_equals_separate_norms(sizes):
-    """One reduction for the q_a and kv_a norms (decode.mla_latents) gives each slice's own rms_norm; a trailing
-    part of x (the rope key) is left out."""
-    from lcflash.model.norm import rms_norm, rms_norm_slices
+def test_one_reduction_for_slices_gives_each_slices_norm(sizes):
+    """One reduction for the q_a and kv_a norms (decode.mla_latents: rms_scales) gives each slice's own rms_norm,
+    applied with its scale or deferred past a matvec (Normed); a trailing part of x (the rope key) is left out."""
+    from lcflash.model.norm import apply_rms_scale, rms_norm, rms_scales
 
-    keys = jax.random.split(jax.random.key(sum(sizes)), len(sizes) + 1)
+    keys = jax.random.split(jax.random.key(sum(sizes)), len(sizes) + 2)
     x = jax.random.normal(keys[0], (2, 3, sum(sizes) + 8), jnp.float32) * 3.0
-    ws = [jax.random.normal(k, (n,), jnp.float32) for k, n in zip(keys[1:], sizes)]
-    got = rms_norm_slices(x, tuple(ws), 1e-6)
+    ws = [jax.random.normal(k, (n,), jnp.float32) for k, n in zip(keys[2:], sizes)]
     lo = 0
-    for g, w, n in zip(got, ws, sizes, strict=True):
-        assert rel(g, rms_norm(x[..., lo:lo + n], w, 1e-6)) < 1e-6
+    for r, w, n in zip(rms_scales(x, sizes, 1e-6), ws, sizes, strict=True):
+        want = rms_norm(x[..., lo:lo + n], w, 1e-6)
+        assert rel(apply_rms_scale(x[..., lo:lo + n], w, r), want) < 1e-6
+        m = jax.random.normal(keys[1], (5, n), jnp.float32)
+        deferred = decode.matvec("btd,nd->btn", decode.Normed(x[..., lo:lo + n] * w, r), m, 0.5)
+        assert rel(deferred, 0.5 * jnp.einsum("btd,nd->btn", want, m)) < 1e-5
         lo += n
 
 

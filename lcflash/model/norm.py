@@ -36,16 +36,6 @@ def apply_rms_scale(x: jax.Array, w: jax.Array, r: jax.Array) -> jax.Array:
     return w.astype(x.dtype) * (x.astype(jnp.float32) * r).astype(x.dtype)
 
 
-def rms_norm_slices(x: jax.Array, weights: tuple, eps: float) -> tuple:
-    """rms_norm of consecutive slices of x's last axis (slice i as long as weights[i]), with one reduction."""
-    sizes = [w.shape[-1] for w in weights]
-    out, lo = [], 0
-    for w, n, r in zip(weights, sizes, rms_scales(x, tuple(sizes), eps)):
-        out.append(apply_rms_scale(x[..., lo:lo + n], w, r))
-        lo += n
-    return tuple(out)
-
-
 class RMSNorm(nnx.Module):
     def __init__(self, dim: int, eps: float, param_dtype, axis: str = "norm"):
         self.eps = eps
