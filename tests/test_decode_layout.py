@@ -62,15 +62,18 @@ def reference(tiny):
     return (tokens,) + full(state, tokens)
 
 
-@pytest.mark.parametrize("attn_impl,moe_impl,merged", [("absorbed", "gather", True), ("absorbed", "dense", True),
-                                                       ("absorbed", "model", True), ("absorbed", "gather", False),
-                                                       ("expanded", "auto", True)])
-def test_decode_only_forward_equals_model_forward(tiny, reference, attn_impl, moe_impl, merged):
+@pytest.mark.parametrize("attn_impl,moe_impl,merged,deferred", [
+    ("absorbed", "gather", True, True), ("absorbed", "dense", True, True), ("absorbed", "model", True, True),
+    ("absorbed", "gather", False, False), ("expanded", "auto", True, True)])
+def test_decode_only_forward_equals_model_forward(tiny, reference, attn_impl, moe_impl, merged, deferred,
+                                                  monkeypatch):
     """Every token through the decode path (no prefill): 4 tokens, then 1, from an empty cache; the logits equal
     the plain forward over the whole sequence, and the MTP slot (decode path too) gives model.mtp_logits.
-    merged=False: absorbed attention through W_UK and W_UV in turn instead of their merged products."""
+    merged=False: absorbed attention through W_UK and W_UV in turn instead of their merged products;
+    deferred=False: every norm applied before its matvec (the decode path before session 22)."""
     cfg = tiny.cfg
     tokens, want, want_mtp = reference
+    monkeypatch.setattr(decode, "DEFER_NORMS", deferred)
     dm = decode.DecodeModel(tiny, attn_impl)
     if not merged:
         dm.weights = decode.without_absorbed_products(dm.weights)
