@@ -332,12 +332,14 @@ def deal_ab(t, config="small", alphas=(None, 10.0, 2.0, 0.5), rounds=2):
             sizes = jnp.asarray(sizes_np, jnp.int32)
             fns, got, times = {}, {}, {d: [] for d in deals}
             default = mgpu_kernels.CONTRACT_DEAL
-            for deal in deals:
-                mgpu_kernels.CONTRACT_DEAL = deal  # read when the jit below traces
-                fns[deal] = jax.jit(lambda a, b, s: pallas_gmm.contract_matmul(a, b, s, out_dtype=jnp.float32,
-                                                                                chain=True))
-                got[deal] = np.asarray(fns[deal](x, dy, sizes))
-            mgpu_kernels.CONTRACT_DEAL = default
+            try:
+                for deal in deals:
+                    mgpu_kernels.CONTRACT_DEAL = deal  # read when the jit below traces
+                    fns[deal] = jax.jit(lambda a, b, s: pallas_gmm.contract_matmul(a, b, s, out_dtype=jnp.float32,
+                                                                                    chain=True))
+                    got[deal] = np.asarray(fns[deal](x, dy, sizes))
+            finally:
+                mgpu_kernels.CONTRACT_DEAL = default
             for _ in range(rounds):
                 for deal in deals:
                     times[deal].append(time_ms(fns[deal], (x, dy, sizes))[0])

@@ -493,10 +493,12 @@ def decode_layer(cfg: ModelConfig, p: LayerWeights, h_btd, cos, sin, mask_bts, k
     a0, kv0 = mla_attention(cfg, p.attn_0, deferred_norm(h_btd, p.input_norm_0, eps), cos, sin, mask_bts, kv0,
                             start_b)
     h_btd = h_btd + a0
+    n0 = deferred_norm(h_btd, p.post_attn_norm_0, eps)
     # The MoE branch (off the critical path: its output joins at the end) reads the norm's output as the model has
-    # it; XLA computes the one reduction for both.
-    moe_btd, experts_tk = moe_apply(cfg, p.moe, rms_norm(h_btd, p.post_attn_norm_0, eps), moe_impl, model_moe)
-    h_btd = h_btd + swiglu_t(p.mlp_0, deferred_norm(h_btd, p.post_attn_norm_0, eps))
+    # it, from the same reduction.
+    x0 = apply_rms_scale(h_btd, p.post_attn_norm_0, n0.r) if isinstance(n0, Normed) else n0
+    moe_btd, experts_tk = moe_apply(cfg, p.moe, x0, moe_impl, model_moe)
+    h_btd = h_btd + swiglu_t(p.mlp_0, n0)
     a1, kv1 = mla_attention(cfg, p.attn_1, deferred_norm(h_btd, p.input_norm_1, eps), cos, sin, mask_bts, kv1,
                             start_b)
     h_btd = h_btd + a1

@@ -56,8 +56,9 @@ def causal_mask_kind(segment_ids_bt) -> str:
 # last layer's output after it, instead of on each layer's output inside it. With remat, a layer's input is saved
 # (the scan's carry), while its output is recomputed for layer_fn's backward: for the hidden z-loss that redoes the
 # layer's last residual add with the MoE combine's gathers. The scan also applies layer_fn to layer 0's input (the
-# embedding), which is dropped: one pass over [B, T, D] more. Prepared, not yet measured on a GPU
-# (experiments/bench_train.py --z_loss_on_inputs); read at trace time.
+# embedding), which is dropped: one pass over [B, T, D] more. Off: on an H200 (session 21, 32 x 1024) it measured
+# 164,363 against 164,986 tokens/s, inside the spread (experiments/bench_train.py --z_loss_on_inputs,
+# experiments/RESULTS.md); read at trace time.
 LAYER_FN_ON_INPUTS = False
 
 
