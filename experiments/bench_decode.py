@@ -58,10 +58,7 @@ XLA_OPTIONS = {
 # As before session 22: "+unmerged", absorbed attention through W_UK and W_UV in turn, without the merged products;
 # "+eager_norms", every norm applied before its matvec (decode.DEFER_NORMS off). (The session's "+merge3" measured
 # a one-reduction merge of the kernel's splits, commit 786b589, against these three kernels: no gain, reverted.)
-# "+ffn_kernel": each dense FFN sublayer as one Mosaic GPU kernel (Generator ffn_impl="pallas").
-# "+fused_swiglu", "+fused_moe": SwiGLU products, routing and MoE output fused into their consumers as XLA chooses,
-# as before session 23 (decode.MATERIALIZE_SWIGLU / MATERIALIZE_MOE off).
-VARIANTS = ("unmerged", "eager_norms", "ffn_kernel", "fused_swiglu", "fused_moe")
+VARIANTS = ("unmerged", "eager_norms")
 
 
 def attn_impl(impl: str) -> str:
@@ -133,8 +130,7 @@ def weight_bytes(cfg, weights):
     always = weights.norm.nbytes + weights.lm_head.nbytes
     expert_total = 0
     for st in weights.layers:
-        st = st._replace(attn_0=read_by_decode(st.attn_0), attn_1=read_by_decode(st.attn_1),
-                         mlp_0=read_by_decode(st.mlp_0), mlp_1=read_by_decode(st.mlp_1))
+        st = st._replace(attn_0=read_by_decode(st.attn_0), attn_1=read_by_decode(st.attn_1))
         for path, v in jax.tree_util.tree_flatten_with_path(st)[0]:
             keys = [getattr(k, "key", getattr(k, "name", str(k))) for k in path]
             if "moe" in keys and any(n in keys for n in expert_names):
@@ -191,8 +187,7 @@ def run_jax(args):
             if "+unmerged" in impl:
                 from lcflash.infer.decode import without_absorbed_products
                 w = without_absorbed_products(w)
-            gens[key] = Generator(model, attn_impl(impl), moe, weights=w,
-                                  ffn_impl="pallas" if "+ffn_kernel" in impl else "xla")
+            gens[key] = Generator(model, attn_impl(impl), moe, weights=w)
         return key
 
     extra = []   # (impl, moe_impl, B, C): the dense MoE at small batch, where "auto" picks "gather"
@@ -238,8 +233,6 @@ def run_jax(args):
         pallas_mgpu.MAX_SPLITS = int(splits) if splits else None   # read while tracing: choose_splits
         from lcflash.infer import decode
         decode.DEFER_NORMS = "+eager_norms" not in gkey   # read while tracing
-        decode.MATERIALIZE_SWIGLU = "+fused_swiglu" not in gkey
-        decode.MATERIALIZE_MOE = "+fused_moe" not in gkey
         cache = jax.eval_shape(lambda: DecodeCache.zeros(cfg, B, S, mtp=kind == "speculative"))
         b32 = jax.ShapeDtypeStruct((B,), jnp.int32)
         if kind == "speculative":
@@ -549,7 +542,7 @@ def main():
     ap.add_argument("--impls", default="absorbed,pallas", help="attention: absorbed (XLA), pallas (our kernel), "
                     "pallas@sN (the kernel with at most N context splits; pallas@s1: no merge kernels); +name suffixes: "
                     "XLA options (XLA_OPTIONS: lhs, cc, pdl, while) or the decode path as before session 22 "
-                    "(VARIANTS: unmerged, eager_norms, ffn_kernel, fused_swiglu, fused_moe), e.g. pallas+unmerged+eager_norms+lhs")
+                    "(VARIANTS: unmerged, eager_norms), e.g. pallas+unmerged+eager_norms+lhs")
     ap.add_argument("--moe_impl", default="auto")
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--speculative", action=argparse.BooleanOptionalAction, default=True,

@@ -14,16 +14,10 @@ MoE forms, T tokens, top-12 of 128 FFN + 64 zero experts (random router), expert
 * gather:   each (token, slot) reads its expert's weights, multiply-reduce over D (current decode path).
 * gather_t: the same with expert weights stored [E, I, D] / [E, D, I] so both reductions are row reductions.
 * sorted:   the model's dropless path (sort slots by expert, grouped matmuls with `--gmm_impl`).
-FFN sublayer forms, h [M, 1024] -> h + FFN(rms_norm(h)), FFN 1024 -> 2048 -> 1024 (configs/small.py's dense FFN):
-* xla:    the decode path's XLA form (the norm deferred past the gate|up matvec, decode.ffn_sublayer), silu(g) * u
-          written once before the down matvec (decode.MATERIALIZE_SWIGLU).
-* xla_fused: the same with silu(g) * u fused into the down matvec's reduction (XLA's choice).
-* pallas: one Mosaic GPU kernel with a grid barrier (lcflash.kernels.decode_mlp), norm weight folded into the rows.
-  Each form's error against an fp32 evaluation of the model's FFN is printed beside it.
-Fixed costs, x [8, 1024] bf16 (launch): x + 1 as one XLA fusion; a copy of x as Mosaic GPU kernels of 4 and of 128 CTAs
-(each copying its slice through shared memory by TMA), the 128 CTAs with 200 KiB of shared memory each, and with a grid
-barrier (GMEM semaphore) between their load and store. Every timed call also runs two small XLA kernels of the
-timing loop; compare rows with each other.
+Fixed costs of Mosaic GPU kernels (launch): a copy of x [8, 1024] bf16 by 4 and by 128 CTAs (each copying its slice
+through shared memory by TMA), the 128 CTAs with 200 KiB of shared memory each, and with a grid barrier (a GMEM
+semaphore, zeroed by XLA before each call) between their load and store. Every timed call also runs the timing
+loop's two small XLA kernels; compare the rows with each other.
 Each row: microseconds per call (best of 3 runs of --reps dependent calls inside one jit'ed fori_loop), and the
 floor.
 """
@@ -52,8 +46,7 @@ def main():
     ap.add_argument("--reps", type=int, default=200)
     ap.add_argument("--gmm_impl", default="pallas")
     ap.add_argument("--batches", default="1,8")
-    ap.add_argument("--sections", default="matvec,moe,ffn,launch",
-                    help="comma-separated: matvec, moe, ffn, launch")
+    ap.add_argument("--sections", default="matvec,moe,launch", help="comma-separated: matvec, moe, launch")
     args = ap.parse_args()
 
     import jax
@@ -89,10 +82,9 @@ def main():
     def pad2(a):
         return jnp.concatenate([a, a[:1]], 0) if a.shape[0] == 1 else a
 
-    def row(kind, name, form, M, us, bytes_read, **extra):
+    def row(kind, name, form, M, us, bytes_read):
         floor = 1e6 * bytes_read / bw
-        rows.append(dict(kind=kind, shape=name, form=form, batch=M, us=us, floor_us=floor, of_floor=floor / us,
-                         **extra))
+        rows.append(dict(kind=kind, shape=name, form=form, batch=M, us=us, floor_us=floor, of_floor=floor / us))
         print(f"{kind:6s} {name:18s} {form:9s} M={M:2d} {us:8.2f} us  floor {floor:6.2f} us  "
               f"{100 * floor / us:5.1f}%", flush=True)
 
@@ -156,8 +148,6 @@ def main():
             except Exception as e:  # noqa: BLE001 - a form that fails to compile must not hide the others
                 print(f"moe {form} T={T} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
 
-    if "ffn" in sections:
-        ffn_rows(jax, jnp, timed, row, [int(b) for b in args.batches.split(",")])
     if "launch" in sections:
         launch_rows(jax, jnp, timed, row)
 
@@ -171,6 +161,7 @@ def main():
 
 
 def launch_rows(jax, jnp, timed, row):
+    from jax import lax
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -196,9 +187,7 @@ def launch_rows(jax, jnp, timed, row):
 
         return plgpu.kernel(body, out_type=jax.ShapeDtypeStruct(x.shape, x.dtype), grid=(ncta,), grid_names=("cta",))
 
-    from jax import lax
-
-    forms = [("xla", lambda a: a + 1), ("mosaic_4", mosaic(4)), ("mosaic_128", mosaic(128)),
+    forms = [("mosaic_4", mosaic(4)), ("mosaic_128", mosaic(128)),
              ("mosaic_128_smem200k", mosaic(128, 200)), ("mosaic_128_barrier", mosaic(128, barrier=True)),
              ("mosaic_128_smem_barrier", mosaic(128, 200, barrier=True))]
     for form, fn in forms:
@@ -206,47 +195,6 @@ def launch_rows(jax, jnp, timed, row):
             row("launch", "8x1024 copy", form, 8, timed(fn, x), 2 * x.nbytes)
         except Exception as e:  # noqa: BLE001 - a form that fails must not hide the others
             print(f"launch {form} failed: {type(e).__name__}: {str(e)[:600]}", flush=True)
-
-
-def ffn_rows(jax, jnp, timed, row, batches, D=1024, F=2048, eps=1e-6):
-    from lcflash.infer import decode
-    from lcflash.infer.decode import MLPWeights, ffn_kernel_runs, ffn_sublayer
-    from lcflash.kernels.decode_mlp import fold_norm
-    from lcflash.model.norm import rms_norm
-
-    bf = jnp.bfloat16
-    ks = jax.random.split(jax.random.key(3), 4)
-    wgu = (jax.random.normal(ks[0], (2 * F, D), jnp.float32) * D ** -0.5).astype(bf)
-    wd = (jax.random.normal(ks[1], (D, F), jnp.float32) * F ** -0.5).astype(bf)
-    norm_w = (1.0 + 0.1 * jax.random.normal(ks[2], (D,), jnp.float32)).astype(bf)
-    p = MLPWeights(wgu, wd)
-    pk = p._replace(w_gate_up_normed=fold_norm(wgu, norm_w))
-
-    class Cfg:   # the two fields ffn_sublayer reads
-        rms_norm_eps, hidden_size, ffn_hidden_size = eps, D, F
-
-    def model_f32(h):
-        x = rms_norm(h.astype(jnp.float32), norm_w.astype(jnp.float32), eps)
-        gu = x @ wgu.astype(jnp.float32).T
-        return h.astype(jnp.float32) + (jax.nn.silu(gu[:, :F]) * gu[:, F:]) @ wd.astype(jnp.float32).T
-
-    nbytes = wgu.nbytes + wd.nbytes
-    for M in batches:
-        h = jax.random.normal(jax.random.fold_in(ks[3], M), (M, D), jnp.float32).astype(bf)
-        want = np.asarray(model_f32(h)) - np.asarray(h, np.float32)
-        for form, weights in (("xla", p), ("xla_fused", p), ("pallas", pk)):
-            if form == "pallas" and not ffn_kernel_runs(Cfg, bf, M):
-                print(f"ffn pallas M={M}: the kernel does not run here", flush=True)
-                continue
-            decode.MATERIALIZE_SWIGLU = form != "xla_fused"   # read while tracing
-            fn = jax.jit(lambda h, w: ffn_sublayer(Cfg, w, h[:, None, :], norm_w)[:, 0])
-            try:
-                got = np.asarray(fn(h, weights), np.float32) - np.asarray(h, np.float32)
-                err = float(np.abs(got - want).max() / np.abs(want).max())
-                row("ffn", f"{D}->{F}->{D}", form, M, timed(fn, h, weights), nbytes, max_rel_error=err)
-                print(f"       max error / max |FFN| against fp32: {err:.2e}", flush=True)
-            except Exception as e:  # noqa: BLE001 - a form that fails must not hide the others
-                print(f"ffn {form} M={M} failed: {type(e).__name__}: {str(e)[:600]}", flush=True)
 
 
 if __name__ == "__main__":

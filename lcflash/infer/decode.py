@@ -46,7 +46,6 @@ from flax import nnx
 
 from lcflash.config import ModelConfig
 from lcflash.infer.cache import DecodeCache
-from lcflash.kernels.decode_mlp import decode_mlp, fold_norm
 from lcflash.kernels.mla_decode import mla_decode
 from lcflash.model.mla import LatentKV, expanded_attention, write_rows
 from lcflash.model.norm import apply_rms_scale, rms_norm, rms_scales
@@ -54,7 +53,6 @@ from lcflash.model.rope import apply_rope, rope_cos_sin, softmax_scale
 from lcflash.model.router import Routing, select_experts, zero_expert_output
 
 MOE_IMPLS = ("model", "gather", "dense", "auto")
-FFN_IMPLS = ("xla", "pallas")
 F32 = jnp.float32
 
 
@@ -75,12 +73,8 @@ class AttnWeights(NamedTuple):
 
 
 class MLPWeights(NamedTuple):
-    """A dense FFN, contraction axis last. `w_gate_up_normed` (`fold_ffn_norms`): the gate|up rows times the norm
-    weight before the FFN, for the one-kernel FFN (lcflash.kernels.decode_mlp), which reads the raw residual."""
-
     w_gate_up: jax.Array    # [2F, D]: gate rows then up rows, one matvec
     w_down: jax.Array       # [D, F]
-    w_gate_up_normed: jax.Array | None = None
 
 
 class MoEWeights(NamedTuple):
@@ -153,11 +147,9 @@ def absorb_products(cfg: ModelConfig, p: AttnWeights) -> AttnWeights:
     return p._replace(w_q_lat=w_q_lat, w_o_lat=w_o_lat)
 
 
-def read_by_decode(p):
-    """`p` (AttnWeights or MLPWeights) without the arrays an absorbed decode step does not read (those its merged
-    products or folded rows replace); for counting the bytes a step reads."""
-    if isinstance(p, MLPWeights):
-        return p if p.w_gate_up_normed is None else p._replace(w_gate_up=None)
+def read_by_decode(p: AttnWeights) -> AttnWeights:
+    """`p` without the arrays an absorbed decode step does not read (those its merged products replace); for
+    counting the bytes a step reads."""
     if p.w_q_lat is not None:
         p = p._replace(w_q_b=None, w_uk=None)
     if p.w_o_lat is not None:
@@ -170,35 +162,6 @@ def without_absorbed_products(w: DecodeWeights) -> DecodeWeights:
     strip = lambda a: a._replace(w_q_lat=None, w_o_lat=None)   # noqa: E731
     layers = tuple(p._replace(attn_0=strip(p.attn_0), attn_1=strip(p.attn_1)) for p in w.layers)
     return w._replace(layers=layers, mtp=None if w.mtp is None else w.mtp._replace(attn=strip(w.mtp.attn)))
-
-
-def fold_ffn_norms(w: DecodeWeights) -> DecodeWeights:
-    """`w` with each dense FFN's gate|up rows also folded with the norm before it (`w_gate_up_normed`), so decode
-    runs each FFN sublayer as one kernel where it can (`ffn_sublayer`). A second copy of those rows."""
-    def fold(m: MLPWeights, norm_w):
-        return m._replace(w_gate_up_normed=fold_norm(m.w_gate_up, norm_w))
-
-    layers = tuple(p._replace(mlp_0=fold(p.mlp_0, p.post_attn_norm_0), mlp_1=fold(p.mlp_1, p.post_attn_norm_1))
-                   for p in w.layers)
-    mtp = None if w.mtp is None else w.mtp._replace(mlp=fold(w.mtp.mlp, w.mtp.post_attn_norm))
-    return w._replace(layers=layers, mtp=mtp)
-
-
-def without_ffn_folds(w: DecodeWeights) -> DecodeWeights:
-    strip = lambda m: m._replace(w_gate_up_normed=None)   # noqa: E731
-    layers = tuple(p._replace(mlp_0=strip(p.mlp_0), mlp_1=strip(p.mlp_1)) for p in w.layers)
-    return w._replace(layers=layers, mtp=None if w.mtp is None else w.mtp._replace(mlp=strip(w.mtp.mlp)))
-
-
-def ffn_kernel_runs(cfg: ModelConfig, dtype, tokens: int) -> bool:
-    """Whether the one-kernel FFN (Mosaic GPU) runs here for `tokens` rows: a Hopper GPU, a supported shape."""
-    from lcflash.kernels import on_hopper
-
-    if not on_hopper():
-        return False
-    from lcflash.kernels.decode_mlp.pallas_mgpu import supported
-
-    return supported(tokens, cfg.hidden_size, cfg.ffn_hidden_size, dtype) is None
 
 
 def attn_to_decode(cfg: ModelConfig, a: dict) -> AttnWeights:
@@ -347,21 +310,10 @@ def _graphs(cfg: ModelConfig, attn_impl: str):
 class DecodeModel:
     """Weights and graphs for cached forwards; build once per model (splitting the layers copies them)."""
 
-    def __init__(self, model, attn_impl: str = "absorbed", weights: DecodeWeights | None = None,
-                 ffn_impl: str = "xla"):
-        """ffn_impl: "xla", or "pallas" for each dense FFN sublayer as one kernel where it runs
-        (`fold_ffn_norms`, `ffn_sublayer`)."""
-        if ffn_impl not in FFN_IMPLS:
-            raise ValueError(f"ffn_impl {ffn_impl!r} is not one of {FFN_IMPLS}")
+    def __init__(self, model, attn_impl: str = "absorbed", weights: DecodeWeights | None = None):
         self.cfg = model.cfg
         self.graphs = _graphs(model.cfg, attn_impl)
-        w = split_weights(model) if weights is None else weights
-        folded = w.layers[0].mlp_0.w_gate_up_normed is not None
-        if ffn_impl == "pallas" and not folded:
-            w = fold_ffn_norms(w)
-        elif ffn_impl == "xla" and folded:
-            w = without_ffn_folds(w)
-        self.weights = w
+        self.weights = split_weights(model) if weights is None else weights
         self.has_mtp = model.mtp is not None
 
 
@@ -446,39 +398,12 @@ def mla_attention(cfg: ModelConfig, p: AttnWeights, x_btd, cos, sin, mask_bts, c
     return jnp.einsum("bthv,dhv->btd", o_bthv, p.w_o.astype(dtype)), kv
 
 
-# What decode writes to memory before its consumer reads it, instead of letting XLA fuse it into the consumer
-# (read while tracing; False for A/B runs). XLA fuses elementwise producers into a matvec's reduction, which then
-# evaluates them once per output element:
-# * SwiGLU's silu(g) * u into the down matvec: D times per FFN, top-k x D times per token in the MoE;
-# * the routing (softmax over all experts, top-k weights) and the MoE's weighted sum into the layer-end add, which
-#   XLA fuses with the second FFN's down matvec: the MoE branch's last work moves onto the step's critical path.
-MATERIALIZE_SWIGLU = True
-MATERIALIZE_MOE = True
-
-
-def swiglu_product(g, u, dtype=None):
-    h = jax.nn.silu(g) * u
-    h = h if dtype is None else h.astype(dtype)
-    return jax.lax.optimization_barrier(h) if MATERIALIZE_SWIGLU else h
-
-
-def ffn_sublayer(cfg: ModelConfig, p: MLPWeights, h_btd, norm_w, x_btd=None):
-    """h + the FFN of rms_norm(h, norm_w) (x_btd: that norm, deferred, if the caller has it). With folded rows
-    (`fold_ffn_norms`) on a GPU that runs it, one kernel from the raw residual h."""
-    eps = cfg.rms_norm_eps
-    B, T, D = h_btd.shape
-    if p.w_gate_up_normed is not None and ffn_kernel_runs(cfg, h_btd.dtype, B * T):
-        y = decode_mlp(h_btd.reshape(B * T, D), p.w_gate_up_normed, p.w_down, eps=eps, impl="pallas")
-        return h_btd + y.reshape(B, T, D)
-    return h_btd + swiglu_t(p, deferred_norm(h_btd, norm_w, eps) if x_btd is None else x_btd)
-
-
 def swiglu_t(p: MLPWeights, x_btd):
     """lcflash/model/mlp.py's swiglu with gate and up in one matvec (x_btd normed, or Normed)."""
     dtype = x_btd.dtype
     F = p.w_down.shape[1]
     gu = matvec("...d,fd->...f", x_btd, p.w_gate_up)
-    return jnp.einsum("...f,df->...d", swiglu_product(gu[..., :F], gu[..., F:]), p.w_down.astype(dtype))
+    return jnp.einsum("...f,df->...d", jax.nn.silu(gu[..., :F]) * gu[..., F:], p.w_down.astype(dtype))
 
 
 # ----------------------------------------------------------------------------------------------- MoE
@@ -487,8 +412,7 @@ def route_t(cfg: ModelConfig, p: MoEWeights, x_td) -> Routing:
     XLA (CPU, checked) then copies the transposed weight before the dot, every step."""
     logits_te = jnp.einsum("td,ed->te", x_td.astype(F32), p.w_router.astype(F32),
                            precision=jax.lax.Precision.HIGHEST)
-    routing = select_experts(logits_te, p.bias, cfg.moe_topk, cfg.routed_scaling_factor)
-    return Routing(*jax.lax.optimization_barrier(tuple(routing))) if MATERIALIZE_MOE else routing
+    return select_experts(logits_te, p.bias, cfg.moe_topk, cfg.routed_scaling_factor)
 
 
 def distinct_experts(experts_ltk, n_ffn: int):
@@ -516,7 +440,7 @@ def experts_gather(x_td, routing: Routing, w_gate_nid, w_up_nid, w_down_ndi):
     idx_tk = jnp.where(is_ffn, e_tk, fallback_t1)
     g_tki = jnp.einsum("td,tkid->tki", x_td, w_gate_nid[idx_tk].astype(dtype), preferred_element_type=F32)
     u_tki = jnp.einsum("td,tkid->tki", x_td, w_up_nid[idx_tk].astype(dtype), preferred_element_type=F32)
-    h_tki = swiglu_product(g_tki, u_tki, dtype)
+    h_tki = (jax.nn.silu(g_tki) * u_tki).astype(dtype)
     y_tkd = jnp.einsum("tki,tkdi->tkd", h_tki, w_down_ndi[idx_tk].astype(dtype), preferred_element_type=F32)
     w_tk = jnp.where(is_ffn, routing.weights_tk, 0.0)
     return jnp.sum(y_tkd * w_tk[..., None], axis=1)
@@ -533,7 +457,7 @@ def experts_dense(x_td, routing: Routing, w_gate_nid, w_up_nid, w_down_ndi):
     ].add(jnp.where(is_ffn, routing.weights_tk, 0.0).reshape(-1))
     g = jnp.einsum("td,eid->tei", x_td, w_gate_nid.astype(dtype), preferred_element_type=F32)
     u = jnp.einsum("td,eid->tei", x_td, w_up_nid.astype(dtype), preferred_element_type=F32)
-    h_tei = swiglu_product(g, u, dtype)
+    h_tei = (jax.nn.silu(g) * u).astype(dtype)
     y_ted = jnp.einsum("tei,edi->ted", h_tei, w_down_ndi.astype(dtype), preferred_element_type=F32)
     return jnp.einsum("ted,te->td", y_ted.astype(dtype).astype(F32), w_te)
 
@@ -553,10 +477,7 @@ def moe_apply(cfg: ModelConfig, p: MoEWeights, x_btd, impl: str, model_moe: Call
     routing = route_t(cfg, p, x_td)
     fn = experts_gather if impl == "gather" else experts_dense
     y_td = zero_expert_output(x_td, routing, cfg.n_routed_experts) + fn(x_td, routing, p.w_gate, p.w_up, p.w_down)
-    y_td = y_td.astype(x_btd.dtype)
-    if MATERIALIZE_MOE:
-        y_td = jax.lax.optimization_barrier(y_td)
-    return y_td.reshape(B, T, D), routing.experts_tk
+    return y_td.astype(x_btd.dtype).reshape(B, T, D), routing.experts_tk
 
 
 # ----------------------------------------------------------------------------------------------- forward
@@ -577,11 +498,11 @@ def decode_layer(cfg: ModelConfig, p: LayerWeights, h_btd, cos, sin, mask_bts, k
     # it, from the same reduction.
     x0 = apply_rms_scale(h_btd, p.post_attn_norm_0, n0.r) if isinstance(n0, Normed) else n0
     moe_btd, experts_tk = moe_apply(cfg, p.moe, x0, moe_impl, model_moe)
-    h_btd = ffn_sublayer(cfg, p.mlp_0, h_btd, p.post_attn_norm_0, n0)
+    h_btd = h_btd + swiglu_t(p.mlp_0, n0)
     a1, kv1 = mla_attention(cfg, p.attn_1, deferred_norm(h_btd, p.input_norm_1, eps), cos, sin, mask_bts, kv1,
                             start_b)
     h_btd = h_btd + a1
-    h_btd = ffn_sublayer(cfg, p.mlp_1, h_btd, p.post_attn_norm_1)
+    h_btd = h_btd + swiglu_t(p.mlp_1, deferred_norm(h_btd, p.post_attn_norm_1, eps))
     return h_btd + moe_btd, kv0, kv1, experts_tk
 
 
@@ -637,7 +558,8 @@ def mtp_decode(cfg: ModelConfig, p: MTPWeights, h_btd, next_tokens_bt, cos, sin,
     z = jnp.concatenate([rms_norm(e_btd, p.enorm, eps), rms_norm(h_btd, p.hnorm, eps)], axis=-1)
     z = jnp.einsum("btc,dc->btd", z, p.w_eh.astype(dtype))
     a, kv = mla_attention(cfg, p.attn, deferred_norm(z, p.input_norm, eps), cos, sin, mask_bts, cache, start_b)
-    z = ffn_sublayer(cfg, p.mlp, z + a, p.post_attn_norm)
+    z = z + a
+    z = z + swiglu_t(p.mlp, deferred_norm(z, p.post_attn_norm, eps))
     return rms_norm(z, p.norm, eps), kv
 
 

@@ -108,19 +108,15 @@ class Generator:
     """Compiled prefill / decode loops for one model (weights split per layer once: see decode.DecodeModel)."""
 
     def __init__(self, model, attn_impl: str = "absorbed", moe_impl: str = "auto", prefill_moe_impl: str = "model",
-                 weights: decode.DecodeWeights | None = None, xla_options: dict | None = None,
-                 ffn_impl: str = "xla"):
+                 weights: decode.DecodeWeights | None = None, xla_options: dict | None = None):
         """weights: another Generator's `dm.weights` of the same model, to share one per-layer copy.
-        xla_options: the decode loops' XLA compiler options (default DECODE_XLA_OPTIONS).
-        ffn_impl: the decode steps' dense FFNs, "xla" or "pallas" (one Mosaic GPU kernel each where it runs)."""
+        xla_options: the decode loops' XLA compiler options (default DECODE_XLA_OPTIONS)."""
         if attn_impl not in ATTN_IMPLS:
             raise GenerateError(f"attn_impl = {attn_impl!r} must be one of {ATTN_IMPLS}")
         for name, v in (("moe_impl", moe_impl), ("prefill_moe_impl", prefill_moe_impl)):
             if v not in decode.MOE_IMPLS:
                 raise GenerateError(f"{name} = {v!r} must be one of {decode.MOE_IMPLS}")
-        if ffn_impl not in decode.FFN_IMPLS:
-            raise GenerateError(f"ffn_impl = {ffn_impl!r} must be one of {decode.FFN_IMPLS}")
-        self.dm = decode.DecodeModel(model, attn_impl, weights, ffn_impl)
+        self.dm = decode.DecodeModel(model, attn_impl, weights)
         self.cfg = model.cfg
         self.moe_impl, self.prefill_moe_impl = moe_impl, prefill_moe_impl
         self.traces = collections.Counter()     # how often each compiled function was traced
