@@ -207,8 +207,6 @@ def main():
                     "baseline of lcflash.kernels.gmm.api.SKIP_TAILS)")
     ap.add_argument("--z_loss_stacked", action="store_true", help="the hidden z-loss over the stacked outputs of "
                     "every layer (the A/B baseline of lcflash.train.step.Z_LOSS_IN_SCAN)")
-    ap.add_argument("--z_loss_on_inputs", action="store_true", help="the hidden z-loss of each layer's output taken "
-                    "on the next layer's input (lcflash.model.transformer.LAYER_FN_ON_INPUTS; off by default)")
     ap.add_argument("--top_k", default=None, choices=("sort", "argmax", "padded"), help="how the router finds its "
                     "top-k at training sizes (default: lcflash.model.router.LARGE_TOP_K)")
     ap.add_argument("--time_budget_s", type=float, default=1e9, help="skip remaining impls once this is spent")
@@ -243,8 +241,6 @@ def main():
     pallas_mgpu.UNMASKED_RUNS = args.attn_unmasked_runs
     from lcflash.train import step as train_step
     train_step.Z_LOSS_IN_SCAN = not args.z_loss_stacked
-    from lcflash.model import transformer
-    transformer.LAYER_FN_ON_INPUTS = args.z_loss_on_inputs
     from lcflash.model import router
     router.LARGE_TOP_K = args.top_k or router.LARGE_TOP_K
     if args.attn_depths:
@@ -289,7 +285,7 @@ def main():
         "swiglu_grad_epilogue": gmm_api.SWIGLU_GRAD_EPILOGUE, "dispatch_gather_kernel": slots.GATHER_KERNEL,
         "attn_depths": list(pallas_mgpu.DEPTHS), "attn_unmasked_runs": pallas_mgpu.UNMASKED_RUNS,
         "skip_tails": gmm_api.SKIP_TAILS, "pallas_mla_form": mla.PALLAS_MLA_FORM,
-        "z_loss_in_scan": train_step.Z_LOSS_IN_SCAN, "z_loss_on_inputs": transformer.LAYER_FN_ON_INPUTS,
+        "z_loss_in_scan": train_step.Z_LOSS_IN_SCAN,
         "top_k": router.LARGE_TOP_K,
         "contract_deal": mgpu_kernels.CONTRACT_DEAL,
         "steps_timed": args.steps, "warmup_steps": args.warmup,

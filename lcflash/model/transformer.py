@@ -52,16 +52,6 @@ def causal_mask_kind(segment_ids_bt) -> str:
     return "causal" if segment_ids_bt is None else "causal_docs"
 
 
-# forward's layer_fn on each layer's input inside the layer scan (layer i's output is layer i + 1's input), and on the
-# last layer's output after it, instead of on each layer's output inside it. With remat, a layer's input is saved
-# (the scan's carry), while its output is recomputed for layer_fn's backward: for the hidden z-loss that redoes the
-# layer's last residual add with the MoE combine's gathers. The scan also applies layer_fn to layer 0's input (the
-# embedding), which is dropped: one pass over [B, T, D] more. Off: on an H200 (session 21, 32 x 1024) it measured
-# 164,363 against 164,986 tokens/s, inside the spread (experiments/bench_train.py --z_loss_on_inputs,
-# experiments/RESULTS.md); read at trace time.
-LAYER_FN_ON_INPUTS = False
-
-
 class LongcatFlash(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         D, pd, std = cfg.hidden_size, cfg.jnp_param_dtype, cfg.initializer_range
@@ -105,25 +95,20 @@ class LongcatFlash(nnx.Module):
         embed_vd = constrain(self.embed[...], ("vocab", None))
         h_btd = constrain(jnp.take(embed_vd, tokens_bt, axis=0).astype(dtype), ("batch", "seq", "act_embed"))
 
-        on_inputs = layer_fn is not None and LAYER_FN_ON_INPUTS
-
         def body(layer, h, cache_l):
             caches = (None, None) if cache_l is None else (LatentKV(cache_l[0][0], cache_l[1][0]),
                                                           LatentKV(cache_l[0][1], cache_l[1][1]))
-            h_in = h
             h, (kv0, kv1), stats = layer(h, cos, sin, mask_bts, caches, write_start_b, reference_moe, mask_kind)
             h = constrain(h, ("batch", "seq", "act_embed"))
             new_cache = None if cache_l is None else (jnp.stack([kv0.c_bsr, kv1.c_bsr]),
                                                       jnp.stack([kv0.kpe_bsd, kv1.kpe_bsd]))
-            return h, (new_cache, stats, None if layer_fn is None else layer_fn(h_in if on_inputs else h))
+            return h, (new_cache, stats, None if layer_fn is None else layer_fn(h))
 
         xs = None if cache is None else (cache.c, cache.kpe)
         h_btd, (new_cache, stats, layer_hidden) = scan_modules(self.layers, body, h_btd, xs, remat=cfg.remat,
                                                                     unroll=cfg.scan_unroll,
                                                                     remat_policy=cfg.remat_policy,
                                                                     remat_keep=remat_keep_names(cfg.remat_keep))
-        if on_inputs:  # layer i's output is layer i + 1's input; the last one's is the scan's
-            layer_hidden = jnp.concatenate([layer_hidden[1:], layer_fn(h_btd)[None]])
         hidden = self.norm(h_btd)
         return ModelOutput(self.logits(hidden), hidden,
                            jnp.zeros((0,), dtype) if layer_fn is None else layer_hidden, stats,
