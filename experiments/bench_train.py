@@ -210,9 +210,8 @@ def main():
     ap.add_argument("--top_k", default=None, choices=("sort", "argmax", "padded"), help="how the router finds its "
                     "top-k at training sizes (default: lcflash.model.router.LARGE_TOP_K)")
     ap.add_argument("--time_budget_s", type=float, default=1e9, help="skip remaining impls once this is spent")
-    ap.add_argument("--contract_deal", default=None, choices=("auto", "round_robin", "sorted", "snake"),
-                    help="how the flat d_rhs kernel deals its tiles to the CTAs (default: "
-                    "lcflash.kernels.gmm.mgpu_kernels.CONTRACT_DEAL)")
+    ap.add_argument("--contract_deal", default=None, help="how the flat d_rhs kernel deals its tiles to the CTAs, "
+                    "one of lcflash.kernels.gmm.mgpu_kernels.CONTRACT_DEALS (default: its CONTRACT_DEAL)")
     ap.add_argument("--mem_fraction", type=float, default=None, help="share of the GPU's memory XLA may use "
                     "(XLA_PYTHON_CLIENT_MEM_FRACTION; JAX's default 0.75): 0.95 fits batch 48 x 1024 of "
                     "configs/small.py with remat on an H200")
@@ -233,6 +232,8 @@ def main():
     gmm_api.SKIP_TAILS = not args.zero_tails
     gmm_api.SWIGLU_GRAD_EPILOGUE = not args.no_swiglu_grad_epilogue
     from lcflash.kernels.gmm import mgpu_kernels
+    if args.contract_deal not in (None, *mgpu_kernels.CONTRACT_DEALS):
+        ap.error(f"--contract_deal {args.contract_deal!r}: must be one of {mgpu_kernels.CONTRACT_DEALS}")
     mgpu_kernels.CONTRACT_DEAL = args.contract_deal or mgpu_kernels.CONTRACT_DEAL
     from lcflash.model import slots
     slots.GATHER_KERNEL = not args.no_dispatch_gather_kernel
