@@ -168,17 +168,19 @@ def test_cluster_merge_lowers_for_cuda(B, T, S, monkeypatch):
     and the splits are at most MAX_CLUSTER."""
     from lcflash.kernels.mla_decode import pallas_mgpu
 
+    sd = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt)  # noqa: E731
+
+    def lowered():
+        f = jax.jit(lambda *a: pallas_mgpu.mla_decode_pallas(*a, scale=0.1))
+        return f.trace(sd(B, T, 8, 128), sd(B, T, 8, 64), sd(B, S, 128), sd(B, S, 64),
+                       sd(B, dt=jnp.int32)).lower(lowering_platforms=("cuda",)).as_text()
+
     monkeypatch.setattr(pallas_mgpu, "CLUSTER_MERGE_BLOCKS", S // 64)
     assert 1 < pallas_mgpu.choose_splits(B, S // 64) <= pallas_mgpu.MAX_CLUSTER
-    sd = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt)  # noqa: E731
-    f = jax.jit(lambda *a: pallas_mgpu.mla_decode_pallas(*a, scale=0.1))
-    text = f.trace(sd(B, T, 8, 128), sd(B, T, 8, 64), sd(B, S, 128), sd(B, S, 64),
-                   sd(B, dt=jnp.int32)).lower(lowering_platforms=("cuda",)).as_text()
+    text = lowered()
     assert "mosaic_gpu" in text and "stablehlo.exponential" not in text and "stablehlo.reduce" not in text
     monkeypatch.setattr(pallas_mgpu, "CLUSTER_MERGE_BLOCKS", S // 64 - 1)   # a longer cache: merged after the call
-    assert "stablehlo.exponential" in jax.jit(lambda *a: pallas_mgpu.mla_decode_pallas(*a, scale=0.1)).trace(
-        sd(B, T, 8, 128), sd(B, T, 8, 64), sd(B, S, 128), sd(B, S, 64), sd(B, dt=jnp.int32)).lower(
-        lowering_platforms=("cuda",)).as_text()
+    assert "stablehlo.exponential" in lowered()
 
 
 def test_kernel_rejects_unsupported_shapes():

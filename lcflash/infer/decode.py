@@ -336,10 +336,15 @@ class Normed(NamedTuple):
 DEFER_NORMS = True
 
 
+def scaled_norm(x, w, r):
+    """rms_norm(x, w) given r = 1 / rms(x) (`rms_scales`): Normed, or applied where DEFER_NORMS is off."""
+    return Normed(x * w.astype(x.dtype), r) if DEFER_NORMS else apply_rms_scale(x, w, r)
+
+
 def deferred_norm(x, w, eps: float):
     if not DEFER_NORMS:
         return rms_norm(x, w, eps)
-    return Normed(x * w.astype(x.dtype), rms_scales(x, (x.shape[-1],), eps)[0])
+    return scaled_norm(x, w, rms_scales(x, (x.shape[-1],), eps)[0])
 
 
 def matvec(spec: str, x, w, scale: float = 1.0):
@@ -362,8 +367,7 @@ def mla_latents(cfg: ModelConfig, p: AttnWeights, x_btd, cos_btd, sin_btd, absor
     Q, R, nope = cfg.q_lora_rank, cfg.kv_lora_rank, cfg.qk_nope_head_dim
     a_btn = matvec("btd,nd->btn", x_btd, p.w_qkv_a)
     r_q, r_c = rms_scales(a_btn, (Q, R), cfg.mla_norm_eps)
-    cq = (Normed(a_btn[..., :Q] * p.q_a_norm.astype(a_btn.dtype), r_q) if DEFER_NORMS
-          else apply_rms_scale(a_btn[..., :Q], p.q_a_norm, r_q))
+    cq = scaled_norm(a_btn[..., :Q], p.q_a_norm, r_q)
     c_btr = apply_rms_scale(a_btn[..., Q:Q + R], p.kv_a_norm, r_c) * cfg.alpha_kv
     kpe_btd = apply_rope(a_btn[..., None, Q + R:], cos_btd, sin_btd)[..., 0, :]
     kv = LatentKV(c_btr, kpe_btd)

@@ -274,26 +274,24 @@ def _mla_decode_pallas(q_lat_bthr, q_pe_bthd, c_bsr, kpe_bsd, q_start_b, *, scal
         pl.run_scoped(lambda *scoped: kernel(start_ref, q_ref, qpe_ref, c_ref, kpe_ref, o_ref, lse_ref,
                                              (scoped[:len(smem)], scoped[len(smem):])), *smem, *bars)
 
+    operands = (q_start_b.astype(jnp.int32), pad_rows(q_lat_bthr), pad_rows(q_pe_bthd), c_bsr.astype(dtype),
+                kpe_bsd.astype(dtype))
+    params = plgpu.CompilerParams(approx_math=True)
     if cluster:
-        o = plgpu.kernel(
-            entry, out_type=jax.ShapeDtypeStruct((B, rows, R), dtype), grid=(1, B), grid_names=("cl", "batch"),
-            cluster=(cluster,), cluster_names=("split",), compiler_params=plgpu.CompilerParams(approx_math=True),
-        )(q_start_b.astype(jnp.int32), pad_rows(q_lat_bthr), pad_rows(q_pe_bthd), c_bsr.astype(dtype),
-          kpe_bsd.astype(dtype))
-        o = o if rows == T * H else o[:, :T * H]
-        return o.reshape(B, T, H, R).astype(dtype)
-
-    o_part, lse2 = plgpu.kernel(
-        entry,
-        out_type=(jax.ShapeDtypeStruct((B, num_splits, rows, R), out_dtype),
-                  jax.ShapeDtypeStruct((B, num_splits, rows), jnp.float32)),
-        grid=(num_splits, B),
-        grid_names=("split", "batch"),
-        compiler_params=plgpu.CompilerParams(approx_math=True),
-        interpret=interpret_params(interpret),
-    )(q_start_b.astype(jnp.int32), pad_rows(q_lat_bthr), pad_rows(q_pe_bthd), c_bsr.astype(dtype),
-      kpe_bsd.astype(dtype))
-    o = o_part[:, 0] if num_splits == 1 else combine_splits(o_part, lse2)
+        o = plgpu.kernel(entry, out_type=jax.ShapeDtypeStruct((B, rows, R), dtype), grid=(1, B),
+                         grid_names=("cl", "batch"), cluster=(cluster,), cluster_names=("split",),
+                         compiler_params=params)(*operands)
+    else:
+        o_part, lse2 = plgpu.kernel(
+            entry,
+            out_type=(jax.ShapeDtypeStruct((B, num_splits, rows, R), out_dtype),
+                      jax.ShapeDtypeStruct((B, num_splits, rows), jnp.float32)),
+            grid=(num_splits, B),
+            grid_names=("split", "batch"),
+            compiler_params=params,
+            interpret=interpret_params(interpret),
+        )(*operands)
+        o = o_part[:, 0] if num_splits == 1 else combine_splits(o_part, lse2)
     o = o if rows == T * H else o[:, :T * H]
     return o.reshape(B, T, H, R).astype(dtype)
 
