@@ -57,10 +57,9 @@ XLA_OPTIONS = {
 
 # As before session 22: "+unmerged", absorbed attention through W_UK and W_UV in turn, without the merged products;
 # "+eager_norms", every norm applied before its matvec (decode.DEFER_NORMS off). (The session's "+merge3" measured
-# a one-reduction merge of the kernel's splits, commit 786b589, against these three kernels: no gain, reverted.)
-# "+cluster_merge": the kernel's splits (at most pallas_mgpu.MAX_CLUSTER) merged inside it, in a thread-block cluster,
-# at every cache length (pallas_mgpu.CLUSTER_MERGE_BLOCKS; off by default until measured).
-VARIANTS = ("unmerged", "eager_norms", "cluster_merge")
+# a one-reduction merge of the kernel's splits, commit 786b589, against these three kernels: no gain, reverted. Session
+# 24's "+cluster_merge" merged them inside the kernel, in a thread-block cluster, commit 3968d79: no gain, reverted.)
+VARIANTS = ("unmerged", "eager_norms")
 
 
 def attn_impl(impl: str) -> str:
@@ -233,7 +232,6 @@ def run_jax(args):
         splits = gkey.split("/")[0].partition("+")[0].partition("@s")[2]
         from lcflash.kernels.mla_decode import pallas_mgpu
         pallas_mgpu.MAX_SPLITS = int(splits) if splits else None   # read while tracing: choose_splits
-        pallas_mgpu.CLUSTER_MERGE_BLOCKS = 1 << 30 if "+cluster_merge" in gkey else 0
         from lcflash.infer import decode
         decode.DEFER_NORMS = "+eager_norms" not in gkey   # read while tracing
         cache = jax.eval_shape(lambda: DecodeCache.zeros(cfg, B, S, mtp=kind == "speculative"))
@@ -545,7 +543,7 @@ def main():
     ap.add_argument("--impls", default="absorbed,pallas", help="attention: absorbed (XLA), pallas (our kernel), "
                     "pallas@sN (the kernel with at most N context splits; pallas@s1: no merge kernels); +name suffixes: "
                     "XLA options (XLA_OPTIONS: lhs, cc, pdl, while) or the decode path as before session 22 "
-                    "(VARIANTS: unmerged, eager_norms, cluster_merge), e.g. pallas+unmerged+eager_norms+lhs")
+                    "(VARIANTS: unmerged, eager_norms), e.g. pallas+unmerged+eager_norms+lhs")
     ap.add_argument("--moe_impl", default="auto")
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--speculative", action=argparse.BooleanOptionalAction, default=True,

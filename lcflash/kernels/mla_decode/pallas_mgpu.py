@@ -13,10 +13,6 @@ the kernel writes the output in the compute dtype and nothing runs after it: at 
 
 Only the blocks holding a visible key are read: a split past the row's last position reads nothing, so a decode
 step costs the filled part of the cache, not its capacity.
-
-Where `CLUSTER_MERGE_BLOCKS` allows (off until measured), the splits of a batch row (at most MAX_CLUSTER) run as
-one thread-block cluster and merge inside the kernel through distributed shared memory (`_cluster_merge`): the
-kernel writes the final output and no merge kernels follow it.
 """
 
 import functools
@@ -36,12 +32,6 @@ TARGET_CTAS = 264       # two waves of 132 SMs
 # At most this many splits (None: as many as TARGET_CTAS asks for). 1 trades the merge's kernels for one CTA walking
 # the whole context: slower at batch 1 and 8 on an H200 (1.335 -> 1.590 ms per token at 1024; docs/inference.md).
 MAX_SPLITS: int | None = None
-# Caches of at most this many blocks merge their splits inside the kernel: one thread-block cluster of up to
-# MAX_CLUSTER splits per batch row exchanges each split's softmax statistics and scaled output through distributed
-# shared memory, and split 0 writes the result, so no merge kernels run after the call. 0: off (not yet measured on a
-# GPU; the XLA merge's three kernels per attention stay the default).
-CLUSTER_MERGE_BLOCKS = 0
-MAX_CLUSTER = 8
 
 
 def supported(q_len: int, heads: int, kv_lora_rank: int, rope_dim: int, cache_len: int, dtype,
@@ -61,16 +51,9 @@ def supported(q_len: int, heads: int, kv_lora_rank: int, rope_dim: int, cache_le
 
 
 def choose_splits(batch: int, n_blocks: int) -> int:
-    """Context splits for ~TARGET_CTAS CTAs (at least one block each), at most MAX_SPLITS; at most MAX_CLUSTER
-    where the splits merge in a cluster."""
+    """Context splits for ~TARGET_CTAS CTAs (at least one block each), at most MAX_SPLITS."""
     want = max(1, -(-TARGET_CTAS // batch))
-    if cluster_merges(n_blocks):
-        want = min(want, MAX_CLUSTER)
     return split_layout(n_blocks, want if MAX_SPLITS is None else min(want, MAX_SPLITS))[0]
-
-
-def cluster_merges(n_blocks: int) -> bool:
-    return 0 < n_blocks <= CLUSTER_MERGE_BLOCKS
 
 
 def split_layout(n_blocks: int, num_splits: int) -> tuple[int, int]:
@@ -81,10 +64,8 @@ def split_layout(n_blocks: int, num_splits: int) -> tuple[int, int]:
 
 
 def _kernel(start_ref, q_ref, qpe_ref, c_ref, kpe_ref, o_ref, lse_ref, scoped, *, heads, q_len, rows, block_kv,
-            blocks_per_split, depth, scale, dtype, fused_pv, interpret, cluster: int = 0):
-    """cluster: the number of splits that merge in a thread-block cluster (`_cluster_merge`; lse_ref is None), or 0
-    for per-split outputs merged after the call."""
-    (q_smem, qpe_smem, c_smem, kpe_smem, o_smem, lse_smem, *merge_smem), (q_bar, c_bar, kpe_bar, *merge_bars) = scoped
+            blocks_per_split, depth, scale, dtype, fused_pv, interpret):
+    (q_smem, qpe_smem, c_smem, kpe_smem, o_smem, lse_smem), (q_bar, c_bar, kpe_bar) = scoped
     split = lax.axis_index("split")
     b = lax.axis_index("batch")
     start = start_ref[b]
@@ -168,10 +149,6 @@ def _kernel(start_ref, q_ref, qpe_ref, c_ref, kpe_ref, o_ref, lse_ref, scoped, *
         return acc, m_new, l_i
 
     acc, m_i, l_i = lax.fori_loop(0, n, body, (acc, m_i, l_i))
-    if cluster:
-        _cluster_merge(acc, m_i, l_i, o_ref.at[b], o_smem, lse_smem, *merge_smem, *merge_bars, split=split,
-                       rows=rows, size=cluster, dtype=dtype)
-        return
     o_smem[...] = (acc / lax.broadcast_in_dim(l_i, acc.shape, [0])).astype(o_smem.dtype)
     lse_smem[...] = m_i + jnp.log(l_i) * LOG2E
     plgpu.commit_smem()
@@ -180,48 +157,11 @@ def _kernel(start_ref, q_ref, qpe_ref, c_ref, kpe_ref, o_ref, lse_ref, scoped, *
     plgpu.wait_smem_to_gmem(0)
 
 
-def _cluster_merge(acc, m_i, l_i, o_gmem, part_smem, m_smem, l_smem, out_smem, stats_bar, part_bar, done_bar, *,
-                   split, rows, size, dtype):
-    """Flash-decoding's merge of the cluster's splits, in the kernel. Each split publishes its row maxima and sums,
-    scales its own output by exp2(m - M) / L with the global M and L every split computes alike, and split 0 sums the
-    real rows of the scaled outputs from the peers' shared memory. A split with no key has m = -inf and adds zero
-    (split 0 always has one, so M is finite). The last barrier keeps every split's shared memory alive until split 0
-    has read it."""
-    row_layout = plgpu.Layout.WGMMA.reduce(1)
-    m_smem[...] = m_i
-    l_smem[...] = l_i
-    plgpu.barrier_arrive(stats_bar)
-    plgpu.barrier_wait(stats_bar)
-    peer = lambda ref, j: plgpu.cluster_ref(ref, {"split": j})   # noqa: E731
-    m_all = [plgpu.load(peer(m_smem, j), (), layout=row_layout) for j in range(size)]
-    m_max = functools.reduce(jnp.maximum, m_all)
-    total = functools.reduce(lambda a, j: a + plgpu.load(peer(l_smem, j), (), layout=row_layout)
-                             * jnp.exp2(m_all[j] - m_max), range(size), jnp.zeros_like(l_i))
-    part_smem[...] = acc * lax.broadcast_in_dim(jnp.exp2(m_i - m_max) / total, acc.shape, [0])
-    plgpu.barrier_arrive(part_bar)
-    plgpu.barrier_wait(part_bar)
-
-    @pl.when(split == 0)
-    def _():
-        real = pl.ds(0, rows)
-        layout = plgpu.Layout.WG_STRIDED((rows, part_smem.shape[1]), vec_size=2)
-        o = functools.reduce(jnp.add, [plgpu.load(peer(part_smem, j).at[real], (), layout=layout)
-                                       for j in range(size)])
-        out_smem[...] = o.astype(dtype)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(out_smem, o_gmem)
-        plgpu.wait_smem_to_gmem(0)
-
-    plgpu.barrier_arrive(done_bar)
-    plgpu.barrier_wait(done_bar)
-
-
 def mla_decode_pallas(q_lat_bthr, q_pe_bthd, c_bsr, kpe_bsd, q_start_b, *, scale: float, block_kv: int = 64,
                       num_splits: int | None = None, depth: int = 4, fused_pv: bool = True,
                       interpret: bool = False):
     """Causal absorbed attention: query t of row b sits at cache index q_start_b[b] + t. Returns o_lat [B,T,H,R].
-    num_splits: None picks them (choose_splits, here, outside the jit, so MAX_SPLITS and CLUSTER_MERGE_BLOCKS apply
-    to every trace). The GPU interpreter has no clusters: there the splits always merge after the call."""
+    num_splits: None picks them (choose_splits, here, outside the jit, so MAX_SPLITS applies to every trace)."""
     B, T, H, R = q_lat_bthr.shape
     why = supported(T, H, R, q_pe_bthd.shape[-1], c_bsr.shape[1], q_lat_bthr.dtype, block_kv)
     if why:
@@ -229,14 +169,13 @@ def mla_decode_pallas(q_lat_bthr, q_pe_bthd, c_bsr, kpe_bsd, q_start_b, *, scale
     n_blocks = c_bsr.shape[1] // block_kv
     return _mla_decode_pallas(q_lat_bthr, q_pe_bthd, c_bsr, kpe_bsd, q_start_b, scale=scale, block_kv=block_kv,
                               num_splits=num_splits or choose_splits(B, n_blocks), depth=depth, fused_pv=fused_pv,
-                              interpret=interpret, cluster_merge=cluster_merges(n_blocks) and not interpret)
+                              interpret=interpret)
 
 
 # Jitted so that the 2L identical calls of one decode step lower (Mosaic GPU) once, not once per sublayer.
-@functools.partial(jax.jit, static_argnames=("scale", "block_kv", "num_splits", "depth", "fused_pv", "interpret",
-                                             "cluster_merge"))
+@functools.partial(jax.jit, static_argnames=("scale", "block_kv", "num_splits", "depth", "fused_pv", "interpret"))
 def _mla_decode_pallas(q_lat_bthr, q_pe_bthd, c_bsr, kpe_bsd, q_start_b, *, scale, block_kv, num_splits, depth,
-                       fused_pv, interpret, cluster_merge=False):
+                       fused_pv, interpret):
     B, T, H, R = q_lat_bthr.shape
     P = q_pe_bthd.shape[-1]
     S = c_bsr.shape[1]
@@ -244,9 +183,6 @@ def _mla_decode_pallas(q_lat_bthr, q_pe_bthd, c_bsr, kpe_bsd, q_start_b, *, scal
     n_blocks = S // block_kv
     num_splits, per_split = split_layout(n_blocks, num_splits)
     depth = max(1, min(depth, per_split))
-    cluster = num_splits if num_splits > 1 and cluster_merge else 0
-    if cluster > MAX_CLUSTER:
-        raise ValueError(f"{num_splits} splits merge in a cluster of at most {MAX_CLUSTER}")
     out_dtype = dtype if num_splits == 1 else jnp.float32   # one split: the final output, nothing to merge
 
     rows = -(-T * H // 8) * 8   # whole smem tiles of 8 rows; a model with 8 | H passes q through as it is
@@ -258,40 +194,31 @@ def _mla_decode_pallas(q_lat_bthr, q_pe_bthd, c_bsr, kpe_bsd, q_start_b, *, scal
     tiled = () if interpret else (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     kernel = functools.partial(_kernel, heads=H, q_len=T, rows=rows, block_kv=block_kv, blocks_per_split=per_split,
                                depth=depth, scale=scale, dtype=dtype,
-                               fused_pv=fused_pv, interpret=interpret, cluster=cluster)
-    smem = [plgpu.SMEM((ROWS, R), dtype, transforms=tiled),
-            plgpu.SMEM((ROWS, P), dtype, transforms=tiled),
-            plgpu.SMEM((depth, block_kv, R), dtype, transforms=tiled),
-            plgpu.SMEM((depth, block_kv, P), dtype, transforms=tiled),
-            plgpu.SMEM((ROWS, R), out_dtype),
-            plgpu.SMEM((ROWS,), jnp.float32)]
-    bars = [plgpu.Barrier(num_barriers=2), plgpu.Barrier(num_barriers=depth), plgpu.Barrier(num_barriers=depth)]
-    if cluster:   # the row sums, split 0's output tile, and the cluster's three barriers
-        smem += [plgpu.SMEM((ROWS,), jnp.float32), plgpu.SMEM((rows, R), dtype)]
-        bars += [plgpu.ClusterBarrier(collective_axes=("split",)) for _ in range(3)]
+                               fused_pv=fused_pv, interpret=interpret)
 
-    def entry(start_ref, q_ref, qpe_ref, c_ref, kpe_ref, o_ref, lse_ref=None):
-        pl.run_scoped(lambda *scoped: kernel(start_ref, q_ref, qpe_ref, c_ref, kpe_ref, o_ref, lse_ref,
-                                             (scoped[:len(smem)], scoped[len(smem):])), *smem, *bars)
+    def entry(start_ref, q_ref, qpe_ref, c_ref, kpe_ref, o_ref, lse_ref):
+        pl.run_scoped(
+            lambda *scoped: kernel(start_ref, q_ref, qpe_ref, c_ref, kpe_ref, o_ref, lse_ref, scoped),
+            (plgpu.SMEM((ROWS, R), dtype, transforms=tiled),
+             plgpu.SMEM((ROWS, P), dtype, transforms=tiled),
+             plgpu.SMEM((depth, block_kv, R), dtype, transforms=tiled),
+             plgpu.SMEM((depth, block_kv, P), dtype, transforms=tiled),
+             plgpu.SMEM((ROWS, R), out_dtype),
+             plgpu.SMEM((ROWS,), jnp.float32)),
+            (plgpu.Barrier(num_barriers=2), plgpu.Barrier(num_barriers=depth), plgpu.Barrier(num_barriers=depth)),
+        )
 
-    operands = (q_start_b.astype(jnp.int32), pad_rows(q_lat_bthr), pad_rows(q_pe_bthd), c_bsr.astype(dtype),
-                kpe_bsd.astype(dtype))
-    params = plgpu.CompilerParams(approx_math=True)
-    if cluster:
-        o = plgpu.kernel(entry, out_type=jax.ShapeDtypeStruct((B, rows, R), dtype), grid=(1, B),
-                         grid_names=("cl", "batch"), cluster=(cluster,), cluster_names=("split",),
-                         compiler_params=params)(*operands)
-    else:
-        o_part, lse2 = plgpu.kernel(
-            entry,
-            out_type=(jax.ShapeDtypeStruct((B, num_splits, rows, R), out_dtype),
-                      jax.ShapeDtypeStruct((B, num_splits, rows), jnp.float32)),
-            grid=(num_splits, B),
-            grid_names=("split", "batch"),
-            compiler_params=params,
-            interpret=interpret_params(interpret),
-        )(*operands)
-        o = o_part[:, 0] if num_splits == 1 else combine_splits(o_part, lse2)
+    o_part, lse2 = plgpu.kernel(
+        entry,
+        out_type=(jax.ShapeDtypeStruct((B, num_splits, rows, R), out_dtype),
+                  jax.ShapeDtypeStruct((B, num_splits, rows), jnp.float32)),
+        grid=(num_splits, B),
+        grid_names=("split", "batch"),
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=interpret_params(interpret),
+    )(q_start_b.astype(jnp.int32), pad_rows(q_lat_bthr), pad_rows(q_pe_bthd), c_bsr.astype(dtype),
+      kpe_bsd.astype(dtype))
+    o = o_part[:, 0] if num_splits == 1 else combine_splits(o_part, lse2)
     o = o if rows == T * H else o[:, :T * H]
     return o.reshape(B, T, H, R).astype(dtype)
 
