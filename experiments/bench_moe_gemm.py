@@ -554,6 +554,87 @@ def ffn_cases(ts, models=("small", "longcat")):
     return out
 
 
+def ffn_load_sizes(tokens, ffn_per_token, g, seed=0, alphas=(2.0, 0.5)):
+    """Expert group sizes of a training step's FFN rows (tokens * ffn_per_token): equal and rounded up to the
+    128-row tile ("aligned"), equal, Dirichlet(alpha) shares, and those rounded up to the tile."""
+    rows = int(tokens * ffn_per_token)
+    rng = np.random.default_rng(seed)
+    loads = {"aligned": np.full(g, -(-rows // g // 128) * 128), "equal": np.full(g, rows // g)}
+    for alpha in alphas:
+        sizes = rng.multinomial(rows, rng.dirichlet(np.full(g, alpha)))
+        loads[f"dirichlet{alpha:g}"] = sizes
+        loads[f"dirichlet{alpha:g}_rounded"] = -(-sizes // 128) * 128
+    return loads
+
+
+def ffn_kernels(tokens, ffn_per_token=5.75, top_k=12, rounds=2, seed=0, loads=("equal", "dirichlet0.5"),
+                names=None, einsum=True):
+    """Each kernel of configs/small.py's expert FFN as trained (pallas_chain, tails unwritten), timed alone in a
+    training-sized row buffer, under equal and skewed loads, with diagnostic variants of the down projection's
+    d_lhs: the plain product (no SwiGLU backward in its epilogue) and [d_g | d_u] stored in place (GRAD_IN_PLACE), plus
+    the batched einsum of each product on equal groups (the bound). TFLOP/s counts the groups' rows."""
+    d, f, g = SHAPES[("small", "gate_up")]
+    m = tokens * top_k
+    all_loads = ffn_load_sizes(tokens, ffn_per_token, g, seed)
+    x, dy, w_gu, w_down = ffn_operands(seed, m, d, f, g)
+    gu = jax.random.normal(jax.random.key(seed + 7), (m, 2 * f), jnp.bfloat16)
+    h = jax.random.normal(jax.random.key(seed + 8), (m, f), jnp.bfloat16)
+    rm, cm = pallas_gmm.rows_matmul, pallas_gmm.contract_matmul
+    bf = jnp.bfloat16
+    kernels = {  # name: (fn(sizes), contraction, output columns, variant)
+        "gate_up_fwd_halves": (lambda s: rm(x, [w_gu], s, swiglu="halves", chain=True, zero_tail=(True, False)),
+                               d, 2 * f, None),
+        "down_fwd": (lambda s: rm(h, [w_down], s, chain=True, zero_tail=(False,)), f, d, None),
+        "down_dlhs_grad_halves": (lambda s: rm(dy, [w_down], s, transpose_rhs=True, out_dtype=bf, swiglu="grad_halves",
+                                               gu_mn2=gu, chain=True, zero_tail=(False,)), d, f, None),
+        "down_dlhs_plain": (lambda s: rm(dy, [w_down], s, transpose_rhs=True, out_dtype=bf, chain=True,
+                                         zero_tail=(False,)), d, f, None),
+        "down_dlhs_grad_halves_in_place": (lambda s: rm(dy, [w_down], s, transpose_rhs=True, out_dtype=bf,
+                                                        swiglu="grad_halves", gu_mn2=gu, chain=True,
+                                                        zero_tail=(False,)), d, f, "in_place"),
+        "down_drhs": (lambda s: cm(h, dy, s, out_dtype=bf, chain=True), 1, f * d, None),
+        "gate_up_dlhs": (lambda s: rm(gu, [w_gu], s, transpose_rhs=True, out_dtype=bf, chain=True,
+                                      zero_tail=(False,)), 2 * f, d, None),
+        "gate_up_drhs": (lambda s: cm(x, gu, s, out_dtype=bf, chain=True), 1, d * 2 * f, None),
+    }
+    if names:
+        unknown = set(names) - set(kernels)
+        if unknown:
+            raise ValueError(f"--ffn-kernel-names {sorted(unknown)}: not among {sorted(kernels)}")
+        kernels = {k: v for k, v in kernels.items() if k in names}
+    compiled = {}
+    for kname, (fn, _, _, variant) in kernels.items():  # each once: the group sizes are an argument
+        pallas_gmm.GRAD_IN_PLACE = variant == "in_place"
+        try:
+            compiled[kname] = jax.jit(fn).lower(jnp.asarray(all_loads[loads[0]], jnp.int32)).compile()
+        except Exception as e:  # a variant that does not build is a result too
+            print("ffn_kernels", kname, "failed:", repr(e)[:300], flush=True)
+        finally:
+            pallas_gmm.GRAD_IN_PLACE = False
+    out = []
+    for name in loads:
+        sizes = jnp.asarray(all_loads[name], jnp.int32)
+        rows = int(all_loads[name].sum())
+        for _ in range(rounds):
+            for kname, (_, kdim, ndim, _) in kernels.items():
+                if kname not in compiled:
+                    continue
+                ms = time_ms(compiled[kname], (sizes,))[0]
+                rec = dict(load=name, kernel=kname, rows=rows, ms=ms, tflops=2 * rows * kdim * ndim / ms / 1e9)
+                print("ffn_kernels", json.dumps(rec), flush=True)
+                out.append(rec)
+    per_group = -(-int(tokens * ffn_per_token) // g)
+    for kname, (k, n) in {} if not einsum else {"einsum_1024x768": (d, 2 * f), "einsum_384x1024": (f, d), "einsum_1024x384": (d, f)}.items():
+        a = jax.random.normal(jax.random.key(1), (g, per_group, k), bf)
+        b = jax.random.normal(jax.random.key(2), (g, k, n), bf)
+        ms = time_ms(jax.jit(lambda a, b: jnp.einsum("gmk,gkn->gmn", a, b)), (a, b))[0]
+        rec = dict(load="equal_batched", kernel=kname, rows=g * per_group, ms=ms,
+                   tflops=2 * g * per_group * k * n / ms / 1e9)
+        print("ffn_kernels", json.dumps(rec), flush=True)
+        out.append(rec)
+    return out
+
+
 def ffn_loads(tokens, ffn_per_token=5.75, top_k=12, rounds=2, seed=0):
     """configs/small.py's expert FFN forward + backward as training runs it (api.gmm_swiglu_ffn, pallas_chain,
     tails unwritten) in a training-sized row buffer (tokens * top_k rows, tokens * ffn_per_token of them in the
@@ -562,13 +643,7 @@ def ffn_loads(tokens, ffn_per_token=5.75, top_k=12, rounds=2, seed=0):
     groups' rows only, so it compares the loads' cost per useful row."""
     d, f, g = SHAPES[("small", "gate_up")]
     m = tokens * top_k
-    rows = int(tokens * ffn_per_token)
-    rng = np.random.default_rng(seed)
-    loads = {"aligned": np.full(g, -(-rows // g // 128) * 128), "equal": np.full(g, rows // g)}
-    for alpha in (2.0, 0.5):
-        sizes = rng.multinomial(rows, rng.dirichlet(np.full(g, alpha)))
-        loads[f"dirichlet{alpha:g}"] = sizes
-        loads[f"dirichlet{alpha:g}_rounded"] = -(-sizes // 128) * 128
+    loads = ffn_load_sizes(tokens, ffn_per_token, g, seed)
     x, dy, w_gu, w_down = ffn_operands(seed, m, d, f, g)
 
     def ffn(a, b, c, s):
@@ -612,6 +687,11 @@ def main():
                     "Dirichlet alpha of the expert shares")
     ap.add_argument("--ffn-loads", type=int, default=0, metavar="TOKENS", help="only configs/small.py's expert FFN, "
                     "forward + backward as trained, in a TOKENS x 12-row buffer under equal, aligned and skewed loads")
+    ap.add_argument("--ffn-kernels", type=int, default=0, metavar="TOKENS", help="only configs/small.py's expert "
+                    "FFN kernels, each timed alone as trained in a TOKENS x 12-row buffer, equal and skewed loads")
+    ap.add_argument("--ffn-kernel-names", default="", help="--ffn-kernels: only these kernels (comma-separated)")
+    ap.add_argument("--ffn-einsum", action=argparse.BooleanOptionalAction, default=True,
+                    help="--ffn-kernels: also time the batched einsum bounds")
     ap.add_argument("--impls", default="pallas,jax_mgpu,ragged_dot,einsum")
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting new cases after this many seconds")
     ap.add_argument("--skip", type=int, default=0, help="skip the first N cases of the priority list")
@@ -656,6 +736,11 @@ def main():
     if args.deal_ab:
         alphas = [None if a == "equal" else float(a) for a in args.deal_alphas.split(",")]
         report["deal_ab"] = deal_ab(args.deal_ab, args.deal_config, alphas)
+        save()
+        return
+    if args.ffn_kernels:
+        report["ffn_kernels"] = ffn_kernels(args.ffn_kernels, names=[n for n in args.ffn_kernel_names.split(",") if n],
+                                            einsum=args.ffn_einsum)
         save()
         return
     if args.ffn_loads:
