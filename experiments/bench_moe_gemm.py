@@ -571,7 +571,7 @@ def ffn_kernels(tokens, ffn_per_token=5.75, top_k=12, rounds=2, seed=0, loads=("
                 names=None, einsum=True):
     """Each kernel of configs/small.py's expert FFN as trained (pallas_chain, tails unwritten), timed alone in a
     training-sized row buffer, under equal and skewed loads, with diagnostic variants of the down projection's
-    d_lhs: the plain product (no SwiGLU backward in its epilogue) and [d_g | d_u] stored in place (GRAD_IN_PLACE), plus
+    d_lhs: the plain product (no SwiGLU backward in its epilogue), what the epilogue costs; plus
     the batched einsum of each product on equal groups (the bound). TFLOP/s counts the groups' rows."""
     d, f, g = SHAPES[("small", "gate_up")]
     m = tokens * top_k
@@ -581,57 +581,46 @@ def ffn_kernels(tokens, ffn_per_token=5.75, top_k=12, rounds=2, seed=0, loads=("
     h = jax.random.normal(jax.random.key(seed + 8), (m, f), jnp.bfloat16)
     rm, cm = pallas_gmm.rows_matmul, pallas_gmm.contract_matmul
     bf = jnp.bfloat16
-    kernels = {  # name: (fn(sizes), contraction, output columns, variant)
+    kernels = {  # name: (fn(sizes), contraction, output columns)
         "gate_up_fwd_halves": (lambda s: rm(x, [w_gu], s, swiglu="halves", chain=True, zero_tail=(True, False)),
-                               d, 2 * f, None),
-        "down_fwd": (lambda s: rm(h, [w_down], s, chain=True, zero_tail=(False,)), f, d, None),
+                               d, 2 * f),
+        "down_fwd": (lambda s: rm(h, [w_down], s, chain=True, zero_tail=(False,)), f, d),
         "down_dlhs_grad_halves": (lambda s: rm(dy, [w_down], s, transpose_rhs=True, out_dtype=bf, swiglu="grad_halves",
-                                               gu_mn2=gu, chain=True, zero_tail=(False,)), d, f, None),
+                                               gu_mn2=gu, chain=True, zero_tail=(False,)), d, f),
         "down_dlhs_plain": (lambda s: rm(dy, [w_down], s, transpose_rhs=True, out_dtype=bf, chain=True,
-                                         zero_tail=(False,)), d, f, None),
-        "down_dlhs_grad_halves_in_place": (lambda s: rm(dy, [w_down], s, transpose_rhs=True, out_dtype=bf,
-                                                        swiglu="grad_halves", gu_mn2=gu, chain=True,
-                                                        zero_tail=(False,)), d, f, "in_place"),
-        "down_drhs": (lambda s: cm(h, dy, s, out_dtype=bf, chain=True), 1, f * d, None),
+                                         zero_tail=(False,)), d, f),
+        "down_drhs": (lambda s: cm(h, dy, s, out_dtype=bf, chain=True), 1, f * d),
         "gate_up_dlhs": (lambda s: rm(gu, [w_gu], s, transpose_rhs=True, out_dtype=bf, chain=True,
-                                      zero_tail=(False,)), 2 * f, d, None),
-        "gate_up_drhs": (lambda s: cm(x, gu, s, out_dtype=bf, chain=True), 1, d * 2 * f, None),
+                                      zero_tail=(False,)), 2 * f, d),
+        "gate_up_drhs": (lambda s: cm(x, gu, s, out_dtype=bf, chain=True), 1, d * 2 * f),
     }
     if names:
         unknown = set(names) - set(kernels)
         if unknown:
             raise ValueError(f"--ffn-kernel-names {sorted(unknown)}: not among {sorted(kernels)}")
         kernels = {k: v for k, v in kernels.items() if k in names}
-    compiled = {}
-    for kname, (fn, _, _, variant) in kernels.items():  # each once: the group sizes are an argument
-        pallas_gmm.GRAD_IN_PLACE = variant == "in_place"
-        try:
-            compiled[kname] = jax.jit(fn).lower(jnp.asarray(all_loads[loads[0]], jnp.int32)).compile()
-        except Exception as e:  # a variant that does not build is a result too
-            print("ffn_kernels", kname, "failed:", repr(e)[:300], flush=True)
-        finally:
-            pallas_gmm.GRAD_IN_PLACE = False
+    # Each compiled once: the group sizes are an argument.
+    compiled = {k: jax.jit(fn).lower(jnp.asarray(all_loads[loads[0]], jnp.int32)).compile()
+                for k, (fn, _, _) in kernels.items()}
     out = []
+
+    def record(load, kernel, rows, ms, flops):
+        out.append(dict(load=load, kernel=kernel, rows=rows, ms=ms, tflops=flops / ms / 1e9))
+        print("ffn_kernels", json.dumps(out[-1]), flush=True)
+
     for name in loads:
         sizes = jnp.asarray(all_loads[name], jnp.int32)
         rows = int(all_loads[name].sum())
         for _ in range(rounds):
-            for kname, (_, kdim, ndim, _) in kernels.items():
-                if kname not in compiled:
-                    continue
-                ms = time_ms(compiled[kname], (sizes,))[0]
-                rec = dict(load=name, kernel=kname, rows=rows, ms=ms, tflops=2 * rows * kdim * ndim / ms / 1e9)
-                print("ffn_kernels", json.dumps(rec), flush=True)
-                out.append(rec)
+            for kname, (_, kdim, ndim) in kernels.items():
+                record(name, kname, rows, time_ms(compiled[kname], (sizes,))[0], 2 * rows * kdim * ndim)
     per_group = -(-int(tokens * ffn_per_token) // g)
-    for kname, (k, n) in {} if not einsum else {"einsum_1024x768": (d, 2 * f), "einsum_384x1024": (f, d), "einsum_1024x384": (d, f)}.items():
+    bounds = {"einsum_1024x768": (d, 2 * f), "einsum_384x1024": (f, d), "einsum_1024x384": (d, f)} if einsum else {}
+    for kname, (k, n) in bounds.items():
         a = jax.random.normal(jax.random.key(1), (g, per_group, k), bf)
         b = jax.random.normal(jax.random.key(2), (g, k, n), bf)
         ms = time_ms(jax.jit(lambda a, b: jnp.einsum("gmk,gkn->gmn", a, b)), (a, b))[0]
-        rec = dict(load="equal_batched", kernel=kname, rows=g * per_group, ms=ms,
-                   tflops=2 * g * per_group * k * n / ms / 1e9)
-        print("ffn_kernels", json.dumps(rec), flush=True)
-        out.append(rec)
+        record("equal_batched", kname, g * per_group, ms, 2 * g * per_group * k * n)
     return out
 
 

@@ -197,8 +197,6 @@ def main():
     ap.add_argument("--no_swiglu_grad_epilogue", action="store_true", help="SwiGLU's backward by XLA between the "
                     "down projection's d_lhs and the [gate | up] backward (the A/B baseline of "
                     "lcflash.kernels.gmm.api.SWIGLU_GRAD_EPILOGUE)")
-    ap.add_argument("--grad_in_place", action="store_true", help="the down projection's d_lhs kernel stores whole "
-                    "tiles' [d_g | d_u] from its g and u buffers (lcflash.kernels.gmm.pallas_gmm.GRAD_IN_PLACE)")
     ap.add_argument("--no_dispatch_gather_kernel", action="store_true", help="the MoE dispatch gather by XLA, "
                     "every row written (the A/B baseline of lcflash.model.slots.GATHER_KERNEL)")
     ap.add_argument("--attn_depths", default=None, metavar="A,B,C", help="blocks our attention's forward, dq and "
@@ -233,8 +231,7 @@ def main():
     gmm_api.SWIGLU_EPILOGUE = not args.no_swiglu_epilogue
     gmm_api.SKIP_TAILS = not args.zero_tails
     gmm_api.SWIGLU_GRAD_EPILOGUE = not args.no_swiglu_grad_epilogue
-    from lcflash.kernels.gmm import mgpu_kernels, pallas_gmm
-    pallas_gmm.GRAD_IN_PLACE = args.grad_in_place
+    from lcflash.kernels.gmm import mgpu_kernels
     if args.contract_deal not in (None, *mgpu_kernels.CONTRACT_DEALS):
         ap.error(f"--contract_deal {args.contract_deal!r}: must be one of {mgpu_kernels.CONTRACT_DEALS}")
     mgpu_kernels.CONTRACT_DEAL = args.contract_deal or mgpu_kernels.CONTRACT_DEAL

@@ -248,14 +248,9 @@ def _check_ffn_swiglu_grad_epilogue(m, d, f, sizes_l, seed):
 
 
 @cpu_only
-@pytest.mark.parametrize("in_place", [False, True])
-def test_pallas_interpret_ffn_swiglu_grad_epilogue(hang_guard, monkeypatch, in_place):
+def test_pallas_interpret_ffn_swiglu_grad_epilogue(hang_guard):
     """The expert FFN whose down-projection d_lhs kernel writes [d_g | d_u] (3 column tiles per half, ragged
-    groups, tail rows; in_place: whole tiles stored from the g and u buffers, ragged ones staged); the interpreter
-    NaN-fills outputs, so with zero_tail an unwritten element fails _rel."""
-    from lcflash.kernels.gmm import pallas_gmm
-
-    monkeypatch.setattr(pallas_gmm, "GRAD_IN_PLACE", in_place)
+    groups, tail rows); the interpreter NaN-fills outputs, so with zero_tail an unwritten element fails _rel."""
     _check_ffn_swiglu_grad_epilogue(M_RAGGED, 128, 384, SIZES_RAGGED, seed=17)
 
 
@@ -410,15 +405,12 @@ def test_pallas_chain_backward_lowers_for_cuda(mosaic_gpu_trace, k, n, g, m):
     assert lowered.as_text().count("mosaic_gpu") >= 6  # forward, d_lhs, d_rhs, flat d_rhs, SwiGLU, per-tile kernels
 
 
-@pytest.mark.parametrize("in_place", [False, True])
 @pytest.mark.parametrize("d,f,g,m", [(6144, 2048, 64, 32768), (1024, 384, 128, 65536)])  # LongCat, small config
-def test_ffn_swiglu_grad_epilogue_lowers_for_cuda(mosaic_gpu_trace, monkeypatch, d, f, g, m, in_place):
+def test_ffn_swiglu_grad_epilogue_lowers_for_cuda(mosaic_gpu_trace, d, f, g, m):
     """gmm_swiglu_ffn's forward and backward (the grad_halves epilogue: TMA loads of g and u started by the compute
-    warpgroups, their swizzled tiles read in the accumulator's layout, and with GRAD_IN_PLACE [d_g | d_u] written
-    back over them) through Pallas -> Mosaic GPU lowering for CUDA on the CPU, within the shared-memory budget."""
+    warpgroups, their swizzled tiles read in the accumulator's layout) through Pallas -> Mosaic GPU lowering for
+    CUDA on the CPU, within the shared-memory budget."""
     from lcflash.kernels.gmm import pallas_gmm
-
-    monkeypatch.setattr(pallas_gmm, "GRAD_IN_PLACE", in_place)
 
     sd = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt)  # noqa: E731
 
@@ -575,12 +567,8 @@ def test_gpu_pallas_swiglu_forward_and_gradients(fused):
 
 
 @gpu_only
-@pytest.mark.parametrize("in_place", [False, True])
-def test_gpu_ffn_swiglu_grad_epilogue(monkeypatch, in_place):
+def test_gpu_ffn_swiglu_grad_epilogue():
     """Both zero_tail settings (the helper runs each), whole and ragged tiles."""
-    from lcflash.kernels.gmm import pallas_gmm
-
-    monkeypatch.setattr(pallas_gmm, "GRAD_IN_PLACE", in_place)
     m, k, n, sizes_l = GPU_CASES["small_cfg"]  # d = 1024, f = 384: the small config's experts
     _check_ffn_swiglu_grad_epilogue(m, k, n, sizes_l, seed=21)
 

@@ -57,10 +57,6 @@ class Tiles:
     # flat rows kernel only: 2-CTA clusters; the two CTAs take consecutive tile_m-row halves of one 2 * tile_m-row
     # schedule block and share each rhs tile, which TMA multicasts to both (half the rhs traffic from L2).
     cluster_m: bool = False
-    # rows kernel, swiglu="grad_halves": a whole tile's [d_g | d_u] is written over the g and u tiles it was computed
-    # from and stored from there, both stores in flight at once (the staging buffer holds one store at a time);
-    # the next tile's g and u loads wait for those stores to have read shared memory.
-    grad_in_place: bool = False
 
 
 def _num_sms(interpret: bool) -> int:
@@ -200,11 +196,6 @@ def _store_rows(val, out_gmem, stage_smem, *, row0, start, rows, col0, tile_n, e
                 p //= 2
     # No wait here: the stores drain while the next tile's pipeline runs; the next epilogue (or the end of the
     # kernel) waits before the staging buffer is reused.
-
-
-def _load_like_acc(ref, interpret: bool):
-    """A (tile_m, tile_n) smem tile read in the wgmma accumulator's register layout (the interpreter has none)."""
-    return ref[...] if interpret else plgpu.load(ref, (), layout=plgpu.Layout.WGMMA)
 
 
 def _silu(x):
@@ -393,17 +384,14 @@ def rows_kernel(
 
             def load_gu(nt, blk):
                 """grad_halves: starts this warpgroup's TMA loads of its g and u tiles (rows of block blk)."""
-                if tiles.grad_in_place:  # the last tile's [d_g | d_u] stores read these buffers
-                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                 rows = pl.ds((blk * n_cl + cta) * tm, tm)
                 for j in range(2):
                     plgpu.copy_gmem_to_smem(gu_gmem.at[rows, pl.ds(j * n + nt * 2 * tn + wg * tn, tn)],
                                             gu_smem.at[wg, j], gu_bar.at[2 * wg + j])
 
             def swiglu_grad(dh):
-                """[d_g, d_u] of h = silu(g) * u at the loaded tiles, in fp32. Loaded in the accumulator's layout,
-                so each thread reads the elements it writes back (Tiles.grad_in_place)."""
-                g, u = (_load_like_acc(gu_smem.at[wg, j], interpret).astype(jnp.float32) for j in range(2))
+                """[d_g, d_u] of h = silu(g) * u at the loaded tiles, in fp32."""
+                g, u = (gu_smem.at[wg, j][...].astype(jnp.float32) for j in range(2))
                 sig = 1.0 / (1.0 + jnp.exp(-g))
                 return dh * u * sig * (1.0 + g * (1.0 - sig)), dh * g * sig
 
@@ -419,23 +407,9 @@ def rows_kernel(
                     start, rows = cta_share(start, rows, cta, tm)
                     blk = blk * n_cl + cta
                 outs = [(v, i, col0) for i, v in enumerate(vals)]  # (value, output, first column)
-                staged = None  # a traced predicate: store through the staging buffer only where it holds
                 if swiglu == "grad_halves":
                     d_gu = [vals[0]] * 2 if tail is True else swiglu_grad(vals[0])  # the tail stores zeros
                     outs = [(d_gu[0], 0, col0), (d_gu[1], 0, col0 + n)]
-                    if tiles.grad_in_place and tail is not True:
-                        whole = (start == 0) & (rows == tm)
-
-                        @pl.when(whole)
-                        def _in_place():
-                            for j in range(2):
-                                gu_smem.at[wg, j][...] = d_gu[j].astype(gu_smem.dtype)
-                            plgpu.commit_smem()
-                            for j in range(2):
-                                plgpu.copy_smem_to_gmem(gu_smem.at[wg, j],
-                                                        out_gmems[0].at[pl.ds(blk * tm, tm), pl.ds(col0 + j * n, tn)])
-
-                        staged = jnp.logical_not(whole)   # only ragged tiles go through the staging buffer
                 elif swiglu is not None:
                     h = (_silu(vals[0]) * vals[1], 0, col0)
                     outs = {"h": [h], "hgu": [h] + [(v, i + 1, c) for v, i, c in outs],
@@ -448,12 +422,10 @@ def rows_kernel(
                         _store_rows(val, out_gmems[i], stage_whole.at[wg], row0=blk * tm, start=start, rows=rows,
                                     col0=c0, tile_n=tn, epi_n=epi_n, ragged_smem=stage_ragged.at[wg])
 
-                    when = None if zero_tail[i] or tail is True or tail is False else jnp.logical_not(tail)
-                    when = staged if when is None else when if staged is None else when & staged
-                    if when is None:
+                    if zero_tail[i] or tail is True or tail is False:
                         _store()
                     else:
-                        pl.when(when)(_store)
+                        pl.when(jnp.logical_not(tail))(_store)
 
             @jax.named_scope("mma")
             def mma_step(a_smem, b_smems, accs):
@@ -501,9 +473,7 @@ def rows_kernel(
                     accs, info = args[n_rhs]
                     s = idx[0]
                     if gu_mn2 is not None:  # this tile's g and u land while its steps run
-                        # In place, one step later: the last tile's stores from the same buffers drain meanwhile.
-                        first = min(int(tiles.grad_in_place), k_steps - 1)
-                        pl.when(s % k_steps == first)(lambda: load_gu(info[0], info[2]))
+                        pl.when(s % k_steps == 0)(lambda: load_gu(info[0], info[2]))
                     mma_step(a_smem, args[:n_rhs], accs)
                     last = s % k_steps == k_steps - 1
                     with jax.named_scope("next_tile"):  # loads issued every step, used only at a tile's last one

@@ -22,9 +22,6 @@ _KERNEL_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 # Benchmarks may pin tile sizes here (mk.Tiles); None picks them from the shapes below.
 ROWS_TILES: mk.Tiles | None = None
 CONTRACT_TILES: mk.Tiles | None = None
-# swiglu="grad_halves" stores whole tiles' [d_g | d_u] from the g and u buffers (mk.Tiles.grad_in_place); read
-# while tracing, for A/B runs (experiments/bench_moe_gemm.py --ffn-kernels).
-GRAD_IN_PLACE = False
 
 
 def _interpret() -> bool:
@@ -137,8 +134,6 @@ def rows_matmul(lhs_mk, rhs_list, group_sizes_g, *, transpose_rhs=False, out_dty
     tiles = _rows_tiles(m, group_sizes_g.shape[0], n, out_dtype, n_acc, "N", epi_in=epi_in)
     if chain:
         tiles = _chain_tiles(tiles, ROWS_TILES is not None, out_dtype, n_acc, epi_in=epi_in)
-    if swiglu == "grad_halves" and GRAD_IN_PLACE:
-        tiles = dataclasses.replace(tiles, grad_in_place=True)
     block_m = tiles.tile_m * (2 if tiles.cluster_m else 1)  # a 2-CTA cluster takes two tiles' rows
     mp = _padded_rows(m, block_m)
     sched, _ = mk.row_schedule(group_sizes_g, mp, block_m)
