@@ -567,12 +567,17 @@ def ffn_load_sizes(tokens, ffn_per_token, g, seed=0, alphas=(2.0, 0.5)):
     return loads
 
 
+FFN_KERNELS = ("gate_up_fwd_halves", "down_fwd", "down_dlhs_grad_halves", "down_dlhs_plain", "down_drhs",
+               "gate_up_dlhs", "gate_up_drhs")
+
+
 def ffn_kernels(tokens, ffn_per_token=5.75, top_k=12, rounds=2, seed=0, loads=("equal", "dirichlet0.5"),
-                names=None, einsum=True):
+                names=FFN_KERNELS, einsum=True, out=None, on_record=lambda: None):
     """Each kernel of configs/small.py's expert FFN as trained (pallas_chain, tails unwritten), timed alone in a
     training-sized row buffer, under equal and skewed loads, with diagnostic variants of the down projection's
     d_lhs: the plain product (no SwiGLU backward in its epilogue), what the epilogue costs; plus
-    the batched einsum of each product on equal groups (the bound). TFLOP/s counts the groups' rows."""
+    the batched einsum of each product on equal groups (the bound). TFLOP/s counts the groups' rows. Each record is
+    appended to `out` and `on_record` called (the caller saves), so a run cut short keeps what it measured."""
     d, f, g = SHAPES[("small", "gate_up")]
     m = tokens * top_k
     all_loads = ffn_load_sizes(tokens, ffn_per_token, g, seed)
@@ -594,19 +599,17 @@ def ffn_kernels(tokens, ffn_per_token=5.75, top_k=12, rounds=2, seed=0, loads=("
                                       zero_tail=(False,)), 2 * f, d),
         "gate_up_drhs": (lambda s: cm(x, gu, s, out_dtype=bf, chain=True), 1, d * 2 * f),
     }
-    if names:
-        unknown = set(names) - set(kernels)
-        if unknown:
-            raise ValueError(f"--ffn-kernel-names {sorted(unknown)}: not among {sorted(kernels)}")
-        kernels = {k: v for k, v in kernels.items() if k in names}
+    assert tuple(kernels) == FFN_KERNELS
+    kernels = {k: v for k, v in kernels.items() if k in names}
     # Each compiled once: the group sizes are an argument.
     compiled = {k: jax.jit(fn).lower(jnp.asarray(all_loads[loads[0]], jnp.int32)).compile()
                 for k, (fn, _, _) in kernels.items()}
-    out = []
+    out = [] if out is None else out
 
     def record(load, kernel, rows, ms, flops):
         out.append(dict(load=load, kernel=kernel, rows=rows, ms=ms, tflops=flops / ms / 1e9))
         print("ffn_kernels", json.dumps(out[-1]), flush=True)
+        on_record()
 
     for name in loads:
         sizes = jnp.asarray(all_loads[name], jnp.int32)
@@ -691,6 +694,9 @@ def main():
                          "the baseline, e.g. flat,cluster")
     ap.add_argument("--pick-jax-mgpu", action="store_true", help="time four configs of the example kernel first")
     args = ap.parse_args()
+    ffn_names = [n for n in args.ffn_kernel_names.split(",") if n] or list(FFN_KERNELS)
+    if set(ffn_names) - set(FFN_KERNELS):
+        ap.error(f"--ffn-kernel-names {sorted(set(ffn_names) - set(FFN_KERNELS))}: not among {list(FFN_KERNELS)}")
     t_start = time.time()
     dev = jax.devices()[0]
     meta = dict(device=dev.device_kind, platform=dev.platform, jax=jax.__version__,
@@ -728,9 +734,8 @@ def main():
         save()
         return
     if args.ffn_kernels:
-        report["ffn_kernels"] = ffn_kernels(args.ffn_kernels, names=[n for n in args.ffn_kernel_names.split(",") if n],
-                                            einsum=args.ffn_einsum)
-        save()
+        ffn_kernels(args.ffn_kernels, names=ffn_names, einsum=args.ffn_einsum, out=report.setdefault("ffn_kernels", []),
+                    on_record=save)
         return
     if args.ffn_loads:
         report["ffn_loads"] = ffn_loads(args.ffn_loads)
