@@ -14,20 +14,20 @@ def get_config():
         param_dtype="float32", dtype="bfloat16",
         # Flash attention on a GPU: our kernels for packed documents on a Hopper GPU (130,074 -> 137,929 tokens/s
         # at 32 x 1024 on an H200 against cuDNN given the documents as a mask), cuDNN for other masks; XLA
-        # elsewhere (experiments/RESULTS.md).
+        # elsewhere (experiments/HISTORY.md).
         train_attn_impl="auto",
         # With remat (batch 16 and up on one GPU), keep every matmul's and kernel's output and recompute only
         # elementwise work. With the router line below: 90,735 -> 106,716 tokens/s at 16 x 1024 on an H200, 56.0 GiB
-        # peak (experiments/RESULTS.md).
+        # peak (experiments/HISTORY.md).
         remat_policy="dots",
         # ... and also the dense FFNs' SwiGLU outputs, the attention queries and the dispatched expert rows:
         # 147,166 -> 150,438 tokens/s at 32 x 1024 on an H200, peak 90.1 -> 91.0 GiB; and the routing choices, so
-        # the backward runs neither the top-k sort nor the slot sort again: 153,979 -> 157,014 (experiments/RESULTS.md).
+        # the backward runs neither the top-k sort nor the slot sort again: 153,979 -> 157,014 (experiments/HISTORY.md).
         remat_keep="swiglu,queries,dispatch,routing",
         # The router's products on tensor cores: each operand split exactly into three bf16 parts (bit masks), one
         # bf16 product of the parts' concatenations, fp32 accumulation; as exact as fp32 FMA (max relative error
         # 1.54e-6 against 1.73e-6) at a third of its time. 157,365 -> 160,126 tokens/s at 32 x 1024 on an H200, against
-        # fp32 forward and a 3-pass bf16 backward (experiments/RESULTS.md).
+        # fp32 forward and a 3-pass bf16 backward (experiments/HISTORY.md).
         router_precision="bf16_split", router_grad_precision="bf16_split",
     )
     # Training on one H100: batch 4 x 1024 fits without remat (batch 8 x 1024 ran out of memory,
@@ -36,10 +36,10 @@ def get_config():
     # Our grouped-matmul kernels on a Hopper GPU (ragged_dot ran out of memory at 4 x 1024 on an H100), XLA elsewhere.
     cfg.moe.gmm_impl = "auto"
     # Gate and up as one grouped matmul against [gate | up] (768 columns): 125,691 -> 127,178 tokens/s at 32 x 1024
-    # on an H200 (experiments/RESULTS.md).
+    # on an H200 (experiments/HISTORY.md).
     cfg.moe.fuse_gate_up = True
     # The 12 layers unrolled in the compiled step: 50,631 against 36,452 tokens/s looped at 4 x 1024 on an H200
-    # (experiments/RESULTS.md), for ~90 s more compile time.
+    # (experiments/HISTORY.md), for ~90 s more compile time.
     cfg.model.scan_unroll = 12
     cfg.train.update(steps=20000, batch_size=4, log_every=50, eval_every=1000, eval_batches=16)
     cfg.optim.update(lr=1e-3, warmup_steps=500)

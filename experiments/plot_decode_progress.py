@@ -66,7 +66,7 @@ def main():
         ax.set_xlabel("ms per token (TPOT), 1k context")
         ax.set_title(f"batch {batch}")
         ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)
-    fig.suptitle("configs/small.py bf16 decode on one H200 (experiments/RESULTS.md)")
+    fig.suptitle("configs/small.py bf16 decode on one H200 (experiments/HISTORY.md)")
     fig.tight_layout()
     fig.savefig(args.out, dpi=110)
     print(f"wrote {args.out}")

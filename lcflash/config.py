@@ -119,7 +119,7 @@ class ModelConfig:
     moe_overlap: bool = True
     # cfg.moe.fuse_gate_up: the routed experts' gate and up projections as one grouped matmul against [gate | up]
     # (lcflash.model.moe.expert_ffn), SwiGLU in our kernel's epilogue. Same products; configs/small.py turns it on
-    # (faster on an H200, experiments/RESULTS.md).
+    # (faster on an H200, experiments/HISTORY.md).
     moe_fuse_gate_up: bool = False
 
     # ------------------------------------------------------------------ derived

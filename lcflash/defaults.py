@@ -53,7 +53,7 @@ def add_training_sections(cfg: ml_collections.ConfigDict) -> ml_collections.Conf
     # Corpus: '' = the interpreter's stdlib sources; else a text file, a directory or a glob (lcflash/data/).
     # document_mask: attention keeps the documents packed in a window apart, positions restarting at each; False
     # is the plain packed-stream recipe, causal across them with the window's positions (cuDNN then needs no
-    # mask: 2x faster attention, +8% training tokens/s on an H200, experiments/RESULTS.md).
+    # mask: 2x faster attention, +8% training tokens/s on an H200, experiments/HISTORY.md).
     cfg.data = ml_collections.ConfigDict(dict(
         path="", tokenizer="", seq_len=128, val_fraction=0.05, shuffle=True, document_mask=True))
     cfg.train = ml_collections.ConfigDict(dict(

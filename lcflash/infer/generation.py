@@ -33,7 +33,7 @@ ATTN_IMPLS = ("absorbed", "pallas", "expanded")
 # graph: XLA's default (LHS) links the graph's nodes in its schedule's order, CONCURRENT by their buffers' data
 # dependencies, so independent kernels (the ScMoE branch beside the dense chain, attention's query and key paths)
 # run at once. Batch 1, configs/small.py on an H200: 1.126-1.306 -> 1.022-1.037 ms per token, same tokens
-# (experiments/RESULTS.md). The option means nothing off the GPU.
+# (experiments/HISTORY.md). The option means nothing off the GPU.
 DECODE_XLA_OPTIONS = {"xla_gpu_command_buffer_scheduling_mode": "CONCURRENT"}
 
 

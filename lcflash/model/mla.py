@@ -83,7 +83,7 @@ def auto_fused_impl(q_bthk, kv_bshk, kpe_bsd, mask_kind: str, backend: str | Non
                     compute_capability: str | None = None) -> str:
     """"auto" on a GPU: our kernels for packed documents on one Hopper GPU where they take the operands (1.9x
     faster than cuDNN given the documents as a mask), cuDNN otherwise (its plain causal call is 1.27x faster than
-    ours; experiments/RESULTS.md). Our kernels have no sharding rule yet, so a multi-device mesh keeps cuDNN.
+    ours; experiments/HISTORY.md). Our kernels have no sharding rule yet, so a multi-device mesh keeps cuDNN.
     Operands in MLA's form: q = [nope | rope], kv = [k_nope | v], the shared rope key."""
     from lcflash.kernels.doc_attention.pallas_mgpu import mla_supported
 
@@ -127,7 +127,7 @@ def fused_attention(q_nope_bthk, q_pe_bthd, kv_bshk, kpe_bsd, mask_bts, scale, i
     are kv's columns after the nope key's (kv = [k_nope | v], the latent's up projection). "cudnn" calls cuDNN's
     MLA form (qk 192, v 128) directly: `jax.nn.dot_product_attention` wants one head size, and v padded to 192 cost
     1.3-1.4x; a causal kind skips the hidden blocks, and "causal" drops the mask (the mask as a bias cost 2x;
-    experiments/RESULTS.md, bench_attention.py). "pallas" is ours (causal kinds only), reading q, kv and the rope
+    experiments/HISTORY.md, bench_attention.py). "pallas" is ours (causal kinds only), reading q, kv and the rope
     key as they are; "auto" picks one of the two (`auto_fused_impl`). "xla" is `jax.nn.dot_product_attention`
     with v zero-padded."""
     if mask_kind not in MASK_KINDS:

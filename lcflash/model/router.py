@@ -32,7 +32,7 @@ def split_bf16(a):
     """Three bf16 parts whose fp32 sum is the fp32 `a` exactly: each is the next 8 significant bits, cut off by a bit
     mask (a remainder a - hi is exact and has 8 fewer bits). Not by a bf16 round trip: XLA on a GPU drops f32 ->
     bf16 -> f32 convert pairs (excess precision is allowed), which made the remainders a - a = 0 (session 17,
-    experiments/RESULTS.md)."""
+    experiments/HISTORY.md)."""
     parts = []
     for _ in range(2):
         bits = jax.lax.bitcast_convert_type(a, jnp.uint32) & jnp.uint32(0xFFFF0000)
@@ -124,7 +124,7 @@ def route(x_td, w_router_de, bias_e, top_k: int, scaling: float, grad_precision:
 
 
 # Few tokens (decode): top-k by counting ranks, two small fusions, instead of lax.top_k's sort (a 5 us kernel per
-# layer on an H200, experiments/RESULTS.md); the compare matrix is [T, E, E], so only below this many elements.
+# layer on an H200, experiments/HISTORY.md); the compare matrix is [T, E, E], so only below this many elements.
 RANK_TOP_K_MAX_ELEMENTS = 1 << 21
 
 
@@ -187,7 +187,7 @@ LARGE_TOP_K_IMPLS = {"sort": lambda s, k: jax.lax.top_k(s, k)[1], "argmax": top_
 @jax.custom_vjp
 def take_chosen(values_te, idx_tk):
     """values[t, idx[t, k]] whose gradient is an elementwise sum over the k choices instead of take_along_axis'
-    scatter-add (0.2 ms per layer for a 16k-token batch on an H200, experiments/RESULTS.md)."""
+    scatter-add (0.2 ms per layer for a 16k-token batch on an H200, experiments/HISTORY.md)."""
     return jnp.take_along_axis(values_te, idx_tk, axis=-1)
 
 

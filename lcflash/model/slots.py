@@ -3,7 +3,7 @@
 Each token has K slots (its top-K experts). `sort_slots` orders the T*K slots by FFN expert; slots of zero
 experts sort past every group and are never read by the grouped matmuls. `dispatch_rows` and `combine_rows` move
 rows between the two orders with gathers in both directions, forward and backward (a scatter-add runs with
-atomics: 1.6 ms per layer for a 16k-token batch on an H200, experiments/RESULTS.md), and they skip the zero-expert
+atomics: 1.6 ms per layer for a 16k-token batch on an H200, experiments/HISTORY.md), and they skip the zero-expert
 slots: those gather row 0 (cached) and are masked, so the bytes read scale with the FFN slots, not with T*K.
 With GATHER_KERNEL on a Hopper GPU, the dispatch gather is a kernel that also leaves the rows past the FFN slots
 unwritten (lcflash/kernels/row_gather.py), so the bytes written scale with them too.
@@ -114,7 +114,7 @@ def _combine_bwd(res, g_td):
     d_y_md = jnp.where(slots.valid_m[:, None], w_m[:, None] * g_td[slots.tok_m], 0.0).astype(y_md.dtype)
     # d_w[t, k] = <g[t], y[row_tk]>: rows gathered into a row reduction, zero for zero-expert slots. (Reading the rows
     # in sorted order instead, d_w beside d_y from one gathered g, measured 0.626 against 0.607 ms per layer at
-    # 32 x 1024 on an H200, and one Mosaic GPU kernel for both 0.592: experiments/RESULTS.md, sessions 15-16.)
+    # 32 x 1024 on an H200, and one Mosaic GPU kernel for both 0.592: experiments/HISTORY.md, sessions 15-16.)
     y_tkd = y_md[slots.row_tk].astype(acc)
     d_w_tk = jnp.where(slots.ffn_tk, jnp.sum(g_td[:, None, :] * y_tkd, axis=-1), 0.0).astype(w_tk.dtype)
     return d_y_md, d_w_tk, None

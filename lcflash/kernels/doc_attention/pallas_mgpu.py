@@ -4,7 +4,7 @@ MLA's training form: queries and keys of qk = 192 (nope | rope), values of 128, 
 (one warpgroup) holds a block of 64 rows and walks the blocks of the other side that hold a visible pair
 (`reference.kv_block_ranges` / `q_block_ranges`): packed documents of mean length 400 in rows of 1024 leave
 ~64% of the causal triangle's 64 x 64 blocks, and a cuDNN call told about the documents (a mask bias) costs
-1.8x its plain causal call (experiments/RESULTS.md). With UNMASKED_RUNS, only the blocks where some pair is hidden
+1.8x its plain causal call (experiments/HISTORY.md). With UNMASKED_RUNS, only the blocks where some pair is hidden
 are masked: the run of whole blocks next to the diagonal (`reference.unmasked_runs`) is walked by a loop without
 the mask. Loads run `depth` blocks ahead of the math. The outputs are staged in a ring slot that the loop has
 drained, not in their own buffers: the forward then takes ~105 KB of shared memory at depth 2, so two CTAs share an
@@ -43,7 +43,7 @@ BLOCK = 64          # rows per CTA and per visited block (the wgmma M of one war
 # Blocks loaded ahead by the forward, dq and dk/dv kernels; fwd+bwd at 16 x 1024 on an H200: 0.584 ms, (2, 2, 2) 0.590,
 # (1, 1, 2) 0.593 (experiments/bench_attention_depths_h200.json). The dk/dv kernel at depth 2 takes ~122 KB of shared
 # memory in MLA's form, so one CTA per SM; at depth 1, ~81 KB and two, yet slower: (2, 1, 1) 0.709 ms and -1.8% in
-# training (experiments/RESULTS.md, session 16). Two warpgroups per dk/dv CTA (two key blocks sharing the query-side
+# training (experiments/HISTORY.md, session 16). Two warpgroups per dk/dv CTA (two key blocks sharing the query-side
 # ring, warpgroup 0 refilling a slot once both had read it; commit 7885744) gave the same bits and was slower: 0.62-0.70
 # against 0.52-0.54 ms fwd+bwd, -2.2% in training (session 19). Read at call time when a call passes no depths.
 DEPTHS = (2, 1, 2)
@@ -473,7 +473,7 @@ def _backward(q, kv, first_f, o, lse, do, kv_visits, q_visits, *, form, scale, d
 
 
 # Walk the whole blocks next to the diagonal without the mask. Off: its GPU test passes, and one training run on an
-# H200 measured +0.8%, inside the spread between runs (experiments/RESULTS.md, session 16); an A/B in one call
+# H200 measured +0.8%, inside the spread between runs (experiments/HISTORY.md, session 16); an A/B in one call
 # decides. experiments/bench_attention.py's pallas_runs variant and bench_train.py --attn_unmasked_runs turn it on.
 # Read when a call's forward is traced.
 UNMASKED_RUNS = False

@@ -17,7 +17,7 @@ Implementations:
               non-GPU backend it runs in Pallas' GPU interpreter (slow; tests only). bf16/fp16 inputs only.
   pallas_chain  `pallas` with one flat pipeline per CTA in every kernel (Tiles.chain): the TMA warpgroup loads
               the next tile during this tile's tail and epilogue. Faster than `pallas` at LongCat expert shapes
-              on an H200 (0.84-0.92 of the einsum bound against 0.82-0.90; experiments/RESULTS.md).
+              on an H200 (0.84-0.92 of the einsum bound against 0.82-0.90; experiments/HISTORY.md).
   jax_mgpu    JAX's example kernels (jax.experimental.pallas.ops.gpu.ragged_dot_mgpu), GPU only; the peer.
   auto        pallas_chain on a Hopper GPU for operands it takes (bf16/fp16, K and N multiples of 128), else
               ragged_dot (chosen per call).

@@ -586,7 +586,7 @@ _FLAT_BLK_BITS = 16  # flat contract schedule: a step packs (tile slot j << 16) 
 # CTAs. On an H200 against round robin: configs/small.py's d_rhs (12-24 tiles per group) 13-21% faster for the down
 # projection and 5-10% for [gate | up] at expert-size CVs of 0.7-1.3, 2-6% slower at equal groups (session 20), and
 # training +1.7% (session 21); LongCat's (384 tiles per group) 4-10% slower at equal groups and at CV 0.67 (session
-# 21; experiments/RESULTS.md). Read at trace time.
+# 21; experiments/HISTORY.md). Read at trace time.
 CONTRACT_DEAL = "auto"
 CONTRACT_DEALS = ("auto", "round_robin", "sorted", "snake")
 _TILE_STORE_STEPS = 2  # a tile's epilogue (accumulator to gmem), in pipeline steps, for the deals by cost
@@ -598,7 +598,7 @@ def deal_tiles(cost_g: jax.Array, tiles_per_group: int, n_sms: int, snake: bool)
     are dealt in rows of n_sms, so each CTA gets one tile of every rank band; `snake` reverses every other row, so
     the CTAs that got a band's largest get the next band's smallest. The groups are ranked by counting (two fused
     [G, G] comparison-reductions): with an argsort, building the deal cost 17-49 us per call on an H200, 5-20 us
-    this way (experiments/RESULTS.md, session 20)."""
+    this way (experiments/HISTORY.md, session 20)."""
     g = cost_g.shape[0]
     n_t = g * tiles_per_group
     j_max = pl.cdiv(n_t, n_sms)
