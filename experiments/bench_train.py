@@ -86,7 +86,8 @@ def profile_steps(step, state, batches, out_dir: str, tag: str) -> dict:
     return res
 
 
-def bench(cfg, warmup: int, steps: int, profile_dir: str | None = None, repeat_check: int = 0):
+def bench(cfg, warmup: int, steps: int, profile_dir: str | None = None, repeat_check: int = 0,
+          xla_options: dict | None = None):
     import jax
     import numpy as np
 
@@ -104,7 +105,7 @@ def bench(cfg, warmup: int, steps: int, profile_dir: str | None = None, repeat_c
     batches = [loader.next() for _ in range(warmup + steps)]
     t0 = time.time()
     # Compiled once ahead of time, so the profile reads this executable's HLO instead of compiling it again.
-    step = jax.jit(make_train_step(cfg, mc), donate_argnums=0).lower(state, batches[0]).compile()
+    step = jax.jit(make_train_step(cfg, mc), donate_argnums=0).lower(state, batches[0]).compile(xla_options or None)
     compiled_memory = compiled_memory_gib(step)
     print(f"compiled step's memory (GiB): {compiled_memory}", flush=True)
     try:
@@ -197,6 +198,9 @@ def main():
     ap.add_argument("--no_swiglu_grad_epilogue", action="store_true", help="SwiGLU's backward by XLA between the "
                     "down projection's d_lhs and the [gate | up] backward (the A/B baseline of "
                     "lcflash.kernels.gmm.api.SWIGLU_GRAD_EPILOGUE)")
+    ap.add_argument("--xla_option", action="append", default=[], metavar="KEY=VALUE", help="an XLA compiler option for "
+                    "the train step (its jit), e.g. xla_gpu_command_buffer_scheduling_mode=CONCURRENT, which links "
+                    "the step's CUDA-graph nodes by their buffers so independent kernels run side by side")
     ap.add_argument("--no_dispatch_gather_kernel", action="store_true", help="the MoE dispatch gather by XLA, "
                     "every row written (the A/B baseline of lcflash.model.slots.GATHER_KERNEL)")
     ap.add_argument("--attn_depths", default=None, metavar="A,B,C", help="blocks our attention's forward, dq and "
@@ -216,6 +220,12 @@ def main():
                     "(XLA_PYTHON_CLIENT_MEM_FRACTION; JAX's default 0.75): 0.95 fits batch 48 x 1024 of "
                     "configs/small.py with remat on an H200")
     args = ap.parse_args()
+    xla_options = {}
+    for kv in args.xla_option:
+        key, eq, value = kv.partition("=")
+        if not (eq and key.startswith("xla_") and value):
+            ap.error(f"--xla_option {kv!r}: want KEY=VALUE with an XLA option name (xla_...)")
+        xla_options[key] = value
     if args.mem_fraction is not None:
         if not 0.0 < args.mem_fraction <= 1.0:
             ap.error(f"--mem_fraction {args.mem_fraction} must be in (0, 1]")
@@ -264,7 +274,7 @@ def main():
         try:
             cfg = load_config(args.config, ov)
             mc = model_config(cfg)
-            r = bench(cfg, args.warmup, args.steps, args.profile_dir, args.repeat_check)
+            r = bench(cfg, args.warmup, args.steps, args.profile_dir, args.repeat_check, xla_options)
         except Exception as e:  # report and go on to the next implementation
             rows.append({"gmm_impl": impl, "error": str(e) if isinstance(e, StepFailed) else
                          f"{type(e).__name__}: {str(e)[:400]}", **getattr(e, "extra", {})})
@@ -289,6 +299,7 @@ def main():
         "z_loss_in_scan": train_step.Z_LOSS_IN_SCAN,
         "top_k": router.LARGE_TOP_K,
         "contract_deal": mgpu_kernels.CONTRACT_DEAL,
+        "xla_options": xla_options,
         "steps_timed": args.steps, "warmup_steps": args.warmup,
         "device": f"{dev.platform}: {dev.device_kind}", "device_count": jax.device_count(),
         "peak_bf16_flops": peak,
