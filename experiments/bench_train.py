@@ -25,6 +25,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from experiments.gpu_clocks import ClockSampler  # noqa: E402 -- after the path
+
 PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}   # dense bf16 tensor-core peak (SXM)
 
 
@@ -115,13 +117,14 @@ def bench(cfg, warmup: int, steps: int, profile_dir: str | None = None, repeat_c
     except Exception as e:  # out of memory: main() reports what the compiler planned beside the error
         raise StepFailed(f"{type(e).__name__}: {str(e)[:400]}", compiled_memory) from e
     t_warm = time.time() - t0
-    t0 = time.time()
     ffn = []
-    for i in range(warmup, warmup + steps):
-        state, m = step(state, batches[i])
-        ffn.append(m["ffn_experts_per_token"])
-    jax.block_until_ready(m)
-    dt = time.time() - t0
+    with ClockSampler() as clocks:  # the board's power cap lowers the SM clock under sustained work
+        t0 = time.time()
+        for i in range(warmup, warmup + steps):
+            state, m = step(state, batches[i])
+            ffn.append(m["ffn_experts_per_token"])
+        jax.block_until_ready(m)
+        dt = time.time() - t0
     m = jax.device_get(m)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
     stats = jax.devices()[0].memory_stats() or {}  # absent on some backends (CPU)
@@ -134,8 +137,15 @@ def bench(cfg, warmup: int, steps: int, profile_dir: str | None = None, repeat_c
             "ffn_experts_per_token": float(np.mean(jax.device_get(ffn))), "total_params": n_params,
             # the last step's busiest FFN expert per layer, over the mean FFN-expert load (routing skew)
             "expert_load_max": [round(float(x), 2) for x in np.ravel(m["expert_load_max"])],
-            "device_memory_gib": memory, "compiled_memory_gib": compiled_memory,
+            "device_memory_gib": memory, "compiled_memory_gib": compiled_memory, "clocks": clocks.summary,
             **({"profile": prof} if prof else {}), **({"repeat": repeat} if repeat else {})}
+
+
+def clock_cells(clocks: dict | None) -> str:
+    """The table's mean SM clock and peak board power of the timed steps (gpu_clocks.ClockSampler)."""
+    if not clocks:
+        return f"{'n/a':>7} {'n/a':>6}"
+    return f"{clocks['sm_clock_mhz_mean']:7.0f} {clocks['power_w_max']:6.0f}"
 
 
 class StepFailed(RuntimeError):
@@ -200,7 +210,8 @@ def main():
                     "lcflash.kernels.gmm.api.SWIGLU_GRAD_EPILOGUE)")
     ap.add_argument("--xla_option", action="append", default=[], metavar="KEY=VALUE", help="an XLA compiler option for "
                     "the train step (its jit), e.g. xla_gpu_command_buffer_scheduling_mode=CONCURRENT, which links "
-                    "the step's CUDA-graph nodes by their buffers so independent kernels run side by side")
+                    "the step's CUDA-graph nodes by their buffers so independent kernels run side by side (at "
+                    "32 x 1024 on an H200: -3.6%% tokens/s and +34 GiB of temporaries, experiments/HISTORY.md)")
     ap.add_argument("--no_dispatch_gather_kernel", action="store_true", help="the MoE dispatch gather by XLA, "
                     "every row written (the A/B baseline of lcflash.model.slots.GATHER_KERNEL)")
     ap.add_argument("--attn_depths", default=None, metavar="A,B,C", help="blocks our attention's forward, dq and "
@@ -314,13 +325,14 @@ def main():
     with open(args.out, "w") as fh:
         json.dump(out, fh, indent=2)
     print(f"\n{out['device']}  {out['config']}  batch {args.batch} x seq {args.seq}  (jax {jax.__version__})")
-    print(f"{'gmm_impl':>10} {'step s':>8} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'FFN/tok':>7} {'compile s':>9}")
+    print(f"{'gmm_impl':>10} {'step s':>8} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'FFN/tok':>7} {'compile s':>9} "
+          f"{'SM MHz':>7} {'W max':>6}")
     for r in rows:
         if "tokens_per_s" in r:
             mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
             print(f"{r['gmm_impl']:>10} {r['step_time_s']:8.3f} {r['tokens_per_s']:10.0f} "
                   f"{r['model_tflops_per_s']:8.1f} {mfu:>6} {r['ffn_experts_per_token']:7.2f} "
-                  f"{r['compile_and_warmup_s']:9.1f}")
+                  f"{r['compile_and_warmup_s']:9.1f} {clock_cells(r.get('clocks'))}")
         else:
             print(f"{str(r['gmm_impl']):>10} {r.get('error') or r.get('skipped')}")
     print(f"wrote {args.out}")
