@@ -214,6 +214,8 @@ def main():
                     "32 x 1024 on an H200: -3.6%% tokens/s and +34 GiB of temporaries, experiments/HISTORY.md)")
     ap.add_argument("--no_dispatch_gather_kernel", action="store_true", help="the MoE dispatch gather by XLA, "
                     "every row written (the A/B baseline of lcflash.model.slots.GATHER_KERNEL)")
+    ap.add_argument("--no_combine_grad_kernel", action="store_true", help="the MoE combine's backward by XLA, "
+                    "every row of d_y written (the A/B baseline of lcflash.model.slots.COMBINE_GRAD_KERNEL)")
     ap.add_argument("--attn_depths", default=None, metavar="A,B,C", help="blocks our attention's forward, dq and "
                     "dk/dv kernels load ahead (lcflash.kernels.doc_attention.pallas_mgpu.DEPTHS)")
     ap.add_argument("--attn_unmasked_runs", action="store_true", help="our attention kernels walk the whole blocks "
@@ -222,6 +224,9 @@ def main():
                     "baseline of lcflash.kernels.gmm.api.SKIP_TAILS)")
     ap.add_argument("--z_loss_stacked", action="store_true", help="the hidden z-loss over the stacked outputs of "
                     "every layer (the A/B baseline of lcflash.train.step.Z_LOSS_IN_SCAN)")
+    ap.add_argument("--layer_fn_on_output", action="store_true", help="the hidden z-loss's per-layer log-sum-exp "
+                    "taken from each layer's output inside the layer (the A/B baseline of "
+                    "lcflash.model.transformer.LAYER_FN_ON_INPUT)")
     ap.add_argument("--top_k", default=None, choices=("sort", "argmax", "padded"), help="how the router finds its "
                     "top-k at training sizes (default: lcflash.model.router.LARGE_TOP_K)")
     ap.add_argument("--time_budget_s", type=float, default=1e9, help="skip remaining impls once this is spent")
@@ -258,11 +263,14 @@ def main():
     mgpu_kernels.CONTRACT_DEAL = args.contract_deal or mgpu_kernels.CONTRACT_DEAL
     from lcflash.model import slots
     slots.GATHER_KERNEL = not args.no_dispatch_gather_kernel
+    slots.COMBINE_GRAD_KERNEL = not args.no_combine_grad_kernel
     mla.PALLAS_MLA_FORM = not args.pallas_assembled_heads
     from lcflash.kernels.doc_attention import pallas_mgpu
     pallas_mgpu.UNMASKED_RUNS = args.attn_unmasked_runs
     from lcflash.train import step as train_step
     train_step.Z_LOSS_IN_SCAN = not args.z_loss_stacked
+    from lcflash.model import transformer
+    transformer.LAYER_FN_ON_INPUT = not args.layer_fn_on_output
     from lcflash.model import router
     router.LARGE_TOP_K = args.top_k or router.LARGE_TOP_K
     if args.attn_depths:
@@ -305,9 +313,10 @@ def main():
         "config": os.path.relpath(args.config, ROOT), "batch": args.batch, "seq_len": args.seq,
         "remat": args.remat, "overrides": args.set, "swiglu_epilogue": gmm_api.SWIGLU_EPILOGUE,
         "swiglu_grad_epilogue": gmm_api.SWIGLU_GRAD_EPILOGUE, "dispatch_gather_kernel": slots.GATHER_KERNEL,
+        "combine_grad_kernel": slots.COMBINE_GRAD_KERNEL,
         "attn_depths": list(pallas_mgpu.DEPTHS), "attn_unmasked_runs": pallas_mgpu.UNMASKED_RUNS,
         "skip_tails": gmm_api.SKIP_TAILS, "pallas_mla_form": mla.PALLAS_MLA_FORM,
-        "z_loss_in_scan": train_step.Z_LOSS_IN_SCAN,
+        "z_loss_in_scan": train_step.Z_LOSS_IN_SCAN, "layer_fn_on_input": transformer.LAYER_FN_ON_INPUT,
         "top_k": router.LARGE_TOP_K,
         "contract_deal": mgpu_kernels.CONTRACT_DEAL,
         "xla_options": xla_options,

@@ -289,12 +289,14 @@ def test_fused_gate_up_on_the_pallas_kernels():
     x = jax.random.normal(jax.random.key(21), (T, D))
     routing = route(x, jax.random.normal(jax.random.key(22), (D, N + Z)), jnp.zeros(N + Z), K, 6.0)
     w = _weights(jax.random.key(23), N, D, I)
-    g = jax.random.normal(jax.random.key(24), (T, D))
+    # bf16 values, as MoE.combine's cast makes the combine's gradient: its backward then runs the gather kernel
+    g = jax.random.normal(jax.random.key(24), (T, D)).astype(jnp.bfloat16).astype(jnp.float32)
     y32, vjp32 = jax.vjp(lambda x, w: routed_experts(x, routing, *w, "reference"), x, w)
     want = [y32, *jax.tree.leaves(vjp32(g))]
     errs = {}
     for fuse in (False, True):
-        f = lambda x, w, fuse=fuse: routed_experts(x.astype(jnp.bfloat16), routing, *w, "pallas_chain", fuse)  # noqa
+        f = lambda x, w, fuse=fuse: routed_experts(x.astype(jnp.bfloat16), routing, *w, "pallas_chain", fuse,  # noqa
+                                                   out_dtype=jnp.bfloat16)
         y, vjp = jax.vjp(f, x, w)
         errs[fuse] = [rel(a, b) for a, b in zip([y, *jax.tree.leaves(vjp(g))], want, strict=True)]
     assert max(errs[False]) < 2e-2, errs
@@ -304,26 +306,32 @@ def test_fused_gate_up_on_the_pallas_kernels():
 
 
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="interpreter test; on a GPU the test above runs the kernels")
-@pytest.mark.parametrize("fuse_gate_up", [False, True])
-def test_pallas_kernels_leave_the_tail_unwritten_and_nothing_reads_it(hang_guard, fuse_gate_up):
+@pytest.mark.parametrize("fuse_gate_up,gather_kernels", [(False, False), (True, False), (True, True)])
+def test_pallas_kernels_leave_the_tail_unwritten_and_nothing_reads_it(hang_guard, fuse_gate_up, gather_kernels,
+                                                                       monkeypatch):
     """routed_experts on our kernels in Pallas' GPU interpreter, which NaN-fills what a kernel does not write: the
-    row buffers' tails (zero-expert slots) are left unwritten (expert_ffn(zero_tail=False)), and the output and
+    row buffers' tails (zero-expert slots) are left unwritten (expert_ffn(zero_tail=False); with gather_kernels also
+    the dispatched rows' and the combine's d_y past the next whole tile, as on a Hopper GPU), and the output and
     every gradient are still finite and match the fp32 per-expert loop, so no consumer reads an unwritten row."""
+    from lcflash.model import slots as slots_mod
     from lcflash.model.moe import expert_ffn
 
-    T, N, Z, K, D, I = 40, 4, 3, 4, 128, 128
+    T, N, Z, K, D, I = 40, 4, 3, 4, 256 if gather_kernels else 128, 128
+    if gather_kernels:
+        monkeypatch.setattr(slots_mod, "on_hopper", lambda: True)
     x = jax.random.normal(jax.random.key(31), (T, D))
     routing = route(x, jax.random.normal(jax.random.key(32), (D, N + Z)), jnp.zeros(N + Z), K, 6.0)
     w = _weights(jax.random.key(33), N, D, I)
-    g = jax.random.normal(jax.random.key(34), (T, D))
+    # bf16 values, as MoE.combine's cast makes the combine's gradient (routed_experts' out_dtype below)
+    g = jax.random.normal(jax.random.key(34), (T, D)).astype(jnp.bfloat16).astype(jnp.float32)
     slots = sort_slots(routing.experts_tk, N)
-    assert int(slots.group_sizes_g.sum()) < T * K  # a tail exists
+    assert -(-int(slots.group_sizes_g.sum()) // 128) * 128 < T * K  # a tail exists, past a whole tile too
     tail = expert_ffn(jnp.zeros((T * K, D), jnp.bfloat16), slots.group_sizes_g, *w, "pallas_chain", fuse_gate_up,
                       zero_tail=False)[int(slots.group_sizes_g.sum()):]
     assert np.isnan(np.asarray(tail, np.float32)).all()  # unwritten (the interpreter's fill)
     want = [*_value_and_vjp(lambda x, w: routed_experts(x, routing, *w, "reference"), (x, w), g)]
     got = [*_value_and_vjp(lambda x, w: routed_experts(x.astype(jnp.bfloat16), routing, *w, "pallas_chain",
-                                                       fuse_gate_up), (x, w), g)]
+                                                       fuse_gate_up, out_dtype=jnp.bfloat16), (x, w), g)]
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         assert np.isfinite(np.asarray(a, np.float32)).all()
         assert rel(a, b) < 2e-2, rel(a, b)

@@ -70,14 +70,16 @@ def test_hidden_z_loss_value():
     np.testing.assert_allclose(losses.hidden_z_loss(h), want, rtol=1e-6)
 
 
+@pytest.mark.parametrize("on_input", [True, False])
 @pytest.mark.parametrize("remat", [False, True])
-def test_hidden_z_loss_taken_inside_the_layer_scan_equals_the_stacked_form(remat):
-    """The train step's z-loss (abs_logsumexp per layer as model.forward's layer_fn) has the value and the gradient
-    of hidden_z_loss over the stacked outputs of every layer."""
+def test_hidden_z_loss_taken_inside_the_layer_scan_equals_the_stacked_form(remat, on_input, monkeypatch):
+    """The train step's z-loss (abs_logsumexp per layer as model.forward's layer_fn, taken from the next layer's
+    input or inside the layer) has the value and the gradient of hidden_z_loss over the stacked outputs of every
+    layer (which tests/test_hf_parity.py checks against transformers)."""
     from flax import nnx
 
     from lcflash.config import load_config, model_config
-    from lcflash.model import LongcatFlash
+    from lcflash.model import LongcatFlash, transformer
 
     mc = model_config(load_config("configs/tiny.py")).replace(remat=remat)
     graphdef, params = nnx.split(LongcatFlash(mc, nnx.Rngs(4)))
@@ -87,6 +89,7 @@ def test_hidden_z_loss_taken_inside_the_layer_scan_equals_the_stacked_form(remat
         return losses.hidden_z_loss(nnx.merge(graphdef, p).forward(tokens, return_layer_hidden=True).layer_hidden)
 
     def in_scan(p):
+        monkeypatch.setattr(transformer, "LAYER_FN_ON_INPUT", on_input)
         lse_lbt = nnx.merge(graphdef, p).forward(tokens, layer_fn=losses.abs_logsumexp).layer_hidden
         assert lse_lbt.shape == (mc.num_layers, 2, 16)
         return losses.hidden_z_loss_from_lse(lse_lbt)

@@ -16,7 +16,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from lcflash.config import ModelConfig
 from lcflash.kernels import COMPUTE_WEIGHTS
-from lcflash.kernels.gmm import gmm, gmm_swiglu_ffn
+from lcflash.kernels.gmm import gmm, gmm_swiglu_ffn, reads_groups_only
 from lcflash.model.common import DISPATCH_ROWS, ROUTING_CHOICES, SWIGLU_OUTPUT, RouterBias, normal_param
 from lcflash.model.router import Routing, route, zero_expert_output
 from lcflash.model.slots import combine_rows, dispatch_rows, sort_slots
@@ -48,14 +48,20 @@ def expert_ffn(x_md, group_sizes_g, w_gate_gdf, w_up_gdf, w_down_gfd, impl: str,
     return gmm(h, cast(w_down_gfd), group_sizes_g, impl=impl, zero_tail=zero_tail)
 
 
-def routed_experts(x_td, routing: Routing, w_gate, w_up, w_down, impl: str, fuse_gate_up: bool = False):
-    """Dropless FFN-expert output [T, D] in fp32 (exact for any routing, empty experts included)."""
+def routed_experts(x_td, routing: Routing, w_gate, w_up, w_down, impl: str, fuse_gate_up: bool = False,
+                   out_dtype=None):
+    """Dropless FFN-expert output [T, D] in fp32 (exact for any routing, empty experts included). out_dtype: the
+    dtype the caller casts it to, if any (slots.combine_rows)."""
     # Named so model.remat_keep "routing" can keep it: a sort of T*K keys, else done again in the backward pass.
     slots = jax.tree.map(lambda a: checkpoint_name(a, ROUTING_CHOICES), sort_slots(routing.experts_tk, w_gate.shape[0]))
-    x_md = checkpoint_name(dispatch_rows(x_td, slots), DISPATCH_ROWS)  # model.remat_keep can keep it
+    # Whether the grouped matmuls read no row past the groups (then the row gathers may leave them unwritten).
+    M, dt = x_td.shape[0] * routing.experts_tk.shape[1], x_td.dtype
+    tail_unread = all(reads_groups_only(impl, jax.ShapeDtypeStruct((M, w.shape[1]), dt),
+                                        jax.ShapeDtypeStruct(w.shape, dt)) for w in (w_gate, w_down))
+    x_md = checkpoint_name(dispatch_rows(x_td, slots, tail_unread), DISPATCH_ROWS)  # model.remat_keep can keep it
     # combine_rows reads only the FFN rows (and selects, never multiplies, past them): no zero tail needed.
     y_md = expert_ffn(x_md, slots.group_sizes_g, w_gate, w_up, w_down, impl, fuse_gate_up, zero_tail=False)
-    return combine_rows(y_md, jnp.where(slots.ffn_tk, routing.weights_tk, 0.0), slots)
+    return combine_rows(y_md, jnp.where(slots.ffn_tk, routing.weights_tk, 0.0), slots, out_dtype, tail_unread)
 
 
 def moe_reference(x_td, routing: Routing, w_gate, w_up, w_down):
@@ -124,7 +130,7 @@ class MoE(nnx.Module):
         else:
             y_td = zero_expert_output(x_td, routing, self.cfg.n_routed_experts) + routed_experts(
                 x_td, routing, self.w_gate[...], self.w_up[...], self.w_down[...], self.cfg.gmm_impl,
-                self.cfg.moe_fuse_gate_up)
+                self.cfg.moe_fuse_gate_up, out_dtype=x_btd.dtype)
         stats = routing_stats(routing, B, self.cfg.num_experts_total)
         stats["experts_btk"] = routing.experts_tk.reshape(B, T, -1)
         stats["weights_btk"] = routing.weights_tk.reshape(B, T, -1)

@@ -5,10 +5,14 @@ experts sort past every group and are never read by the grouped matmuls. `dispat
 rows between the two orders with gathers in both directions, forward and backward (a scatter-add runs with
 atomics: 1.6 ms per layer for a 16k-token batch on an H200, experiments/HISTORY.md), and they skip the zero-expert
 slots: those gather row 0 (cached) and are masked, so the bytes read scale with the FFN slots, not with T*K.
-With GATHER_KERNEL on a Hopper GPU, the dispatch gather is a kernel that also leaves the rows past the FFN slots
-unwritten (lcflash/kernels/row_gather.py), so the bytes written scale with them too.
+With GATHER_KERNEL on a Hopper GPU, and where the caller says no consumer reads the rows past the FFN slots
+(`tail_unread`: our grouped matmuls; XLA's ragged_dot and the per-expert loop would multiply them by zeros, and
+NaN * 0 is NaN), the dispatch gather and the combine's backward (the same gather, scaled by the routing weights)
+are a kernel that leaves those rows unwritten (lcflash/kernels/row_gather.py), so the bytes written scale with the
+FFN slots too.
 """
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -59,9 +63,10 @@ def _sum_slots(rows_md, slots: Slots, w_tk=None):
     return out
 
 
-def dispatch_rows(x_td, slots: Slots):
-    """[M, D] rows in sorted order: row m is its token's row (row 0 of x where it holds a zero-expert slot)."""
-    return _dispatch_rows(*match_vma(x_td, slots))
+def dispatch_rows(x_td, slots: Slots, tail_unread: bool = False):
+    """[M, D] rows in sorted order: row m is its token's row (row 0 of x where it holds a zero-expert slot; with
+    tail_unread, undefined past the FFN slots' next whole tile)."""
+    return _dispatch_rows(*match_vma(x_td, slots), tail_unread)
 
 
 # The dispatch gather kernel on a Hopper GPU: 0.503 -> 0.251 ms per layer at 32 x 1024 tokens on an H200
@@ -69,49 +74,71 @@ def dispatch_rows(x_td, slots: Slots):
 GATHER_KERNEL = True
 
 
-@jax.custom_vjp
-def _dispatch_rows(x_td, slots: Slots):
-    if GATHER_KERNEL and on_hopper():
-        from lcflash.kernels import row_gather  # imported on first use: keeps CPU-only imports light
+def _gather_kernel(x_td, slots: Slots, tail_unread: bool, scale_m=None):
+    """The FFN slots' rows by row_gather.take_rows (rows past them unwritten) where it applies, else None."""
+    if not (tail_unread and GATHER_KERNEL and on_hopper()):
+        return None
+    from lcflash.kernels import row_gather  # imported on first use: keeps CPU-only imports light
 
-        if row_gather.supported(x_td, slots.tok_m.shape[0]) is None:
-            return row_gather.take_rows(x_td, slots.tok_m, jnp.sum(slots.group_sizes_g),
-                                        interpret=jax.default_backend() != "gpu")
-    return x_td[slots.tok_m]
-
-
-def _dispatch_fwd(x_td, slots):
-    return _dispatch_rows(x_td, slots), slots
+    if row_gather.supported(x_td, slots.tok_m.shape[0]) is not None:
+        return None
+    return row_gather.take_rows(x_td, slots.tok_m, jnp.sum(slots.group_sizes_g), scale_m,
+                                interpret=jax.default_backend() != "gpu")
 
 
-def _dispatch_bwd(slots, g_md):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _dispatch_rows(x_td, slots: Slots, tail_unread: bool):
+    rows_md = _gather_kernel(x_td, slots, tail_unread)
+    return x_td[slots.tok_m] if rows_md is None else rows_md
+
+
+def _dispatch_fwd(x_td, slots, tail_unread):
+    return _dispatch_rows(x_td, slots, tail_unread), slots
+
+
+def _dispatch_bwd(tail_unread, slots, g_md):
     return _sum_slots(g_md, slots).astype(g_md.dtype), None
 
 
 _dispatch_rows.defvjp(_dispatch_fwd, _dispatch_bwd)
 
 
-def combine_rows(y_md, w_tk, slots: Slots):
-    """Σ_k w[t, k] y[row of slot (t, k)] over each token's FFN slots, [T, D] in fp32 (or y's wider dtype)."""
-    return _combine_rows(*match_vma(y_md, w_tk, slots))
+def combine_rows(y_md, w_tk, slots: Slots, out_dtype=None, tail_unread: bool = False):
+    """Σ_k w[t, k] y[row of slot (t, k)] over each token's FFN slots, [T, D] in fp32 (or y's wider dtype).
+    out_dtype: the dtype the caller casts the sum to (MoE.combine: y's). Its gradient then holds values of that
+    dtype, and the backward's gather kernel reads it in y's dtype, half the bytes of fp32, with the same result.
+    tail_unread: d_y's rows past the FFN slots may be left undefined (see the module's docstring)."""
+    dt = None if out_dtype is None or not tail_unread else jnp.dtype(out_dtype)
+    return _combine_rows(*match_vma(y_md, w_tk, slots), dt)
 
 
-@jax.custom_vjp
-def _combine_rows(y_md, w_tk, slots: Slots):
+# The combine's backward by the gather kernel (d_y with the rows past the FFN slots unwritten): 0.572 ms per layer by
+# XLA at 32 x 1024 tokens on an H200 before (experiments/HISTORY.md, session 26); experiments/bench_train.py
+# --no_combine_grad_kernel is the A/B baseline.
+COMBINE_GRAD_KERNEL = True
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _combine_rows(y_md, w_tk, slots: Slots, out_dtype):
     return _sum_slots(y_md, slots, w_tk)
 
 
-def _combine_fwd(y_md, w_tk, slots):
-    return _combine_rows(y_md, w_tk, slots), (y_md, w_tk, slots)
+def _combine_fwd(y_md, w_tk, slots, out_dtype):
+    return _combine_rows(y_md, w_tk, slots, out_dtype), (y_md, w_tk, slots)
 
 
-def _combine_bwd(res, g_td):
+def _combine_bwd(out_dtype, res, g_td):
     y_md, w_tk, slots = res
     acc = accumulation_dtype(y_md.dtype)
     g_td = g_td.astype(acc)
-    w_m = w_tk.reshape(-1)[slots.order_m]
-    # d_y in sorted order: one gather of the token's gradient per row, zero past the FFN rows.
-    d_y_md = jnp.where(slots.valid_m[:, None], w_m[:, None] * g_td[slots.tok_m], 0.0).astype(y_md.dtype)
+    w_m = jnp.where(slots.valid_m, w_tk.reshape(-1)[slots.order_m], 0.0)
+    # d_y in sorted order: one gather of the token's gradient per row, zero past the FFN rows (the kernel: zero up to
+    # the next whole tile, unwritten after; the grouped matmuls read no further).
+    d_y_md = None
+    if COMBINE_GRAD_KERNEL and out_dtype == y_md.dtype:
+        d_y_md = _gather_kernel(g_td.astype(y_md.dtype), slots, True, w_m)
+    if d_y_md is None:
+        d_y_md = jnp.where(slots.valid_m[:, None], w_m[:, None] * g_td[slots.tok_m], 0.0).astype(y_md.dtype)
     # d_w[t, k] = <g[t], y[row_tk]>: rows gathered into a row reduction, zero for zero-expert slots. (Reading the rows
     # in sorted order instead, d_w beside d_y from one gathered g, measured 0.626 against 0.607 ms per layer at
     # 32 x 1024 on an H200, and one Mosaic GPU kernel for both 0.592: experiments/HISTORY.md, sessions 15-16.)

@@ -15,6 +15,12 @@ from lcflash.model.norm import RMSNorm
 from lcflash.model.rope import rope_cos_sin
 from lcflash.parallel.context import constrain
 
+# `layer_fn` of each layer's output, taken where the next layer reads it as input (the last layer's after the scan):
+# remat keeps that input, so layer_fn's backward needs no value of the layer's recomputed. The same speed and 0.53 GiB
+# fewer temporaries at 32 x 1024 on an H200 (experiments/HISTORY.md, session 26). False: inside the layer, from its
+# output (the A/B baseline of experiments/bench_train.py --layer_fn_on_output); the values are the same.
+LAYER_FN_ON_INPUT = True
+
 
 class KVCache(NamedTuple):
     """Latent cache of every attention sublayer: c [L, 2, B, S, kv_lora_rank], k_pe [L, 2, B, S, rope_dim]."""
@@ -95,20 +101,27 @@ class LongcatFlash(nnx.Module):
         embed_vd = constrain(self.embed[...], ("vocab", None))
         h_btd = constrain(jnp.take(embed_vd, tokens_bt, axis=0).astype(dtype), ("batch", "seq", "act_embed"))
 
+        on_input = layer_fn is not None and LAYER_FN_ON_INPUT
+
         def body(layer, h, cache_l):
+            y = layer_fn(h) if on_input else None  # the previous layer's output (for layer 0, the embedding)
             caches = (None, None) if cache_l is None else (LatentKV(cache_l[0][0], cache_l[1][0]),
                                                           LatentKV(cache_l[0][1], cache_l[1][1]))
             h, (kv0, kv1), stats = layer(h, cos, sin, mask_bts, caches, write_start_b, reference_moe, mask_kind)
             h = constrain(h, ("batch", "seq", "act_embed"))
             new_cache = None if cache_l is None else (jnp.stack([kv0.c_bsr, kv1.c_bsr]),
                                                       jnp.stack([kv0.kpe_bsd, kv1.kpe_bsd]))
-            return h, (new_cache, stats, None if layer_fn is None else layer_fn(h))
+            if layer_fn is not None and not on_input:
+                y = layer_fn(h)
+            return h, (new_cache, stats, y)
 
         xs = None if cache is None else (cache.c, cache.kpe)
         h_btd, (new_cache, stats, layer_hidden) = scan_modules(self.layers, body, h_btd, xs, remat=cfg.remat,
                                                                     unroll=cfg.scan_unroll,
                                                                     remat_policy=cfg.remat_policy,
                                                                     remat_keep=remat_keep_names(cfg.remat_keep))
+        if on_input:
+            layer_hidden = jnp.concatenate([layer_hidden[1:], layer_fn(h_btd)[None]], axis=0)
         hidden = self.norm(h_btd)
         return ModelOutput(self.logits(hidden), hidden,
                            jnp.zeros((0,), dtype) if layer_fn is None else layer_hidden, stats,

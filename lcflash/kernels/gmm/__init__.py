@@ -1,1 +1,2 @@
-from lcflash.kernels.gmm.api import gmm, gmm_swiglu, gmm_swiglu_ffn, gmm_swiglu_halves, IMPLEMENTATIONS  # noqa: F401
+from lcflash.kernels.gmm.api import (  # noqa: F401
+    IMPLEMENTATIONS, gmm, gmm_swiglu, gmm_swiglu_ffn, gmm_swiglu_halves, reads_groups_only)

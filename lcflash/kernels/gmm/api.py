@@ -118,6 +118,13 @@ def _resolve(impl: str, lhs_mk, rhs_gkn) -> str:
     return impl
 
 
+def reads_groups_only(impl: str, lhs_mk, rhs_gkn) -> bool:
+    """Whether `impl`, for these operands, ignores the lhs and d_out rows past sum(group_sizes) beyond the next whole
+    128-row tile, so that callers may leave those undefined. Our kernels read no further and mask what they read
+    there; XLA's ragged_dot and the per-expert loop multiply such rows by zeros, and NaN * 0 is NaN."""
+    return _resolve(impl, lhs_mk, rhs_gkn) in _TAIL_OPTIONAL
+
+
 def gmm(lhs_mk, rhs_gkn, group_sizes_g, *, impl: str = "ragged_dot", preferred_element_type=None,
         zero_tail: bool = True):
     """zero_tail=False: rows past sum(group_sizes) of the output and of d_lhs may be left undefined (our kernels
