@@ -59,16 +59,21 @@ def main():
     def searchsorted(method):
         return lambda e: jnp.searchsorted(e, jnp.arange(N + 1, dtype=jnp.int32), method=method)
 
-    def switched(switch, on, fn):
-        """fn traced with slots_mod.<switch> set to `on` (the switch is read while the pass is traced)."""
+    def switched(switches, on, fn):
+        """fn traced with slots_mod.<each switch> set to `on` (the switches are read while the pass is traced)."""
         def f(*args):
-            setattr(slots_mod, switch, on)
+            for switch in switches:
+                setattr(slots_mod, switch, on)
             return fn(*args)
         return f
 
-    combine = lambda y, w: slots_mod.combine_rows(y, w, s)  # noqa: E731
-    dispatch = functools.partial(switched, "GATHER_KERNEL", fn=lambda x: slots_mod.dispatch_rows(x, s))
-    combine_bwd = lambda y, w, g: jax.vjp(combine, y, w)[1](g)  # noqa: E731
+    # As routed_experts calls them on our grouped matmuls: rows past the FFN slots may stay unwritten, and the
+    # combine's sum is cast to bf16 after (so its gradient holds bf16 values; g_td above does).
+    combine = lambda y, w: slots_mod.combine_rows(y, w, s, jnp.bfloat16, tail_unread=True)  # noqa: E731
+    dispatch = functools.partial(switched, ("GATHER_KERNEL",),
+                                 fn=lambda x: slots_mod.dispatch_rows(x, s, tail_unread=True))
+    combine_bwd = functools.partial(switched, ("GATHER_KERNEL", "COMBINE_GRAD_KERNEL"),
+                                    fn=lambda y, w, g: jax.vjp(combine, y, w)[1](g))
 
     scores_te = jax.random.uniform(jax.random.key(4), (T, N + a.zero), jnp.float32)
     top_k = {name: jax.jit(functools.partial(f, k=K)) for name, f in router.LARGE_TOP_K_IMPLS.items()}
@@ -87,19 +92,21 @@ def main():
         ("dispatch backward (slot sum)", lambda g: jax.vjp(dispatch(False), x_td)[1](g)[0], (y_md,),
          n * b2 + T * b2),
         ("combine forward", combine, (y_md, w_tk), n * b2 + T * f4),
-        ("combine backward", combine_bwd, (y_md, w_tk, g_td), 2 * n * b2 + T * f4),
+        ("combine backward, XLA", combine_bwd(False), (y_md, w_tk, g_td), 2 * n * b2 + T * f4),
     ]
     if on_hopper():
         at = [c[0] for c in cases].index("dispatch gather, XLA")
         cases.insert(at, ("dispatch gather, kernel", dispatch(True), (x_td,), T * b2 + n * b2))
+        cases.append(("combine backward, d_y by the kernel", combine_bwd(True), (y_md, w_tk, g_td),
+                      2 * n * b2 + T * f4))
     words = [w for w in a.cases.split(",") if w]
     cases = [c for c in cases if not words or any(w in c[0] for w in words)]
-    rows, switch = [], slots_mod.GATHER_KERNEL
+    rows, switches = [], (slots_mod.GATHER_KERNEL, slots_mod.COMBINE_GRAD_KERNEL)
     for name, f, args, nbytes in cases:
         ms = time_ms(jax.jit(f), args)[0]
         rows.append(dict(case=name, ms=ms, gb=nbytes / 1e9, floor_ms=nbytes / (bw * 1e9) * 1e3))
         print(json.dumps(rows[-1]), flush=True)
-    slots_mod.GATHER_KERNEL = switch
+    slots_mod.GATHER_KERNEL, slots_mod.COMBINE_GRAD_KERNEL = switches
     meta = dict(device=str(jax.devices()[0].device_kind), versions=dict(jax=jax.__version__),
                 date_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 command="python " + " ".join(sys.argv), tokens=T, d=D, topk=K, ffn_slots=n, copy_gbs=bw,
