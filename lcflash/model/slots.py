@@ -108,8 +108,8 @@ def combine_rows(y_md, w_tk, slots: Slots, out_dtype=None, tail_unread: bool = F
     out_dtype: the dtype the caller casts the sum to (MoE.combine: y's). Its gradient then holds values of that
     dtype, and the backward's gather kernel reads it in y's dtype, half the bytes of fp32, with the same result.
     tail_unread: d_y's rows past the FFN slots may be left undefined (see the module's docstring)."""
-    dt = None if out_dtype is None or not tail_unread else jnp.dtype(out_dtype)
-    return _combine_rows(*match_vma(y_md, w_tk, slots), dt)
+    return _combine_rows(*match_vma(y_md, w_tk, slots), None if out_dtype is None else jnp.dtype(out_dtype),
+                         tail_unread)
 
 
 # The combine's backward by the gather kernel (d_y with the rows past the FFN slots unwritten): 0.572 ms per layer by
@@ -118,16 +118,16 @@ def combine_rows(y_md, w_tk, slots: Slots, out_dtype=None, tail_unread: bool = F
 COMBINE_GRAD_KERNEL = True
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _combine_rows(y_md, w_tk, slots: Slots, out_dtype):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _combine_rows(y_md, w_tk, slots: Slots, out_dtype, tail_unread: bool):
     return _sum_slots(y_md, slots, w_tk)
 
 
-def _combine_fwd(y_md, w_tk, slots, out_dtype):
-    return _combine_rows(y_md, w_tk, slots, out_dtype), (y_md, w_tk, slots)
+def _combine_fwd(y_md, w_tk, slots, out_dtype, tail_unread):
+    return _combine_rows(y_md, w_tk, slots, out_dtype, tail_unread), (y_md, w_tk, slots)
 
 
-def _combine_bwd(out_dtype, res, g_td):
+def _combine_bwd(out_dtype, tail_unread, res, g_td):
     y_md, w_tk, slots = res
     acc = accumulation_dtype(y_md.dtype)
     g_td = g_td.astype(acc)
@@ -136,7 +136,7 @@ def _combine_bwd(out_dtype, res, g_td):
     # the next whole tile, unwritten after; the grouped matmuls read no further).
     d_y_md = None
     if COMBINE_GRAD_KERNEL and out_dtype == y_md.dtype:
-        d_y_md = _gather_kernel(g_td.astype(y_md.dtype), slots, True, w_m)
+        d_y_md = _gather_kernel(g_td.astype(y_md.dtype), slots, tail_unread, w_m)
     if d_y_md is None:
         d_y_md = jnp.where(slots.valid_m[:, None], w_m[:, None] * g_td[slots.tok_m], 0.0).astype(y_md.dtype)
     # d_w[t, k] = <g[t], y[row_tk]>: rows gathered into a row reduction, zero for zero-expert slots. (Reading the rows
