@@ -10,6 +10,8 @@ MLA's heads have qk 192 (nope 128 + rope 64) and v 128. The variants, all bf16 f
                  (`mla_doc_attention`: q, kv = [k_nope | v] and the shared rope key read where they are)
   pallas_runs  : `pallas` with the whole blocks next to the diagonal walked without the mask
                  (`pallas_mgpu.UNMASKED_RUNS`, session 15)
+  pallas_dq_recompute: `pallas` with the dq kernel recomputing dS (`pallas_mgpu.DQ_FROM_DS` off: before session 27)
+  pallas_dqdsN : `pallas` with the dq kernel loading N blocks of dS and K ahead (`pallas_mgpu.DQ_DS_DEPTH`)
   pallas_heads : the same kernels on per-head keys [k_nope | rope key] and v (the form of sessions 10-12)
   pallas_causal: the same told the mask is plainly causal (not the model's semantics; against cudnn_causal)
   pallas_dABC  : `pallas` with the forward, dq and dk/dv kernels loading A, B and C blocks ahead (named on demand;
@@ -141,6 +143,8 @@ def variants(seg_bt, max_segments):
         "pallas": pallas,
         "pallas_causal": functools.partial(pallas, kind="causal"),
         "pallas_runs": functools.partial(pallas_with, UNMASKED_RUNS=True),
+        "pallas_dq_recompute": functools.partial(pallas_with, DQ_FROM_DS=False),
+        **{f"pallas_dqds{d}": functools.partial(pallas_with, DQ_DS_DEPTH=d) for d in (1, 2, 3, 4, 6)},
         "pallas_heads": functools.partial(pallas_depths, depths=pallas_mgpu.DEPTHS, heads=True),
         "dpa_causal": functools.partial(dpa, with_mask=False),
         "cudnn_causal": cudnn,
@@ -152,7 +156,8 @@ def variants(seg_bt, max_segments):
 
 SCALE = 192 ** -0.5
 # and every cudnn_packed_*, pallas_d*
-SAME_SEMANTICS = ("cudnn_docs", "dpa_mask", "cudnn_mask", "pallas", "pallas_runs", "pallas_heads")
+SAME_SEMANTICS = ("cudnn_docs", "dpa_mask", "cudnn_mask", "pallas", "pallas_runs", "pallas_dq_recompute",
+                  "pallas_heads")
 
 
 def measure(todo, seg_bt, x, do, flops):

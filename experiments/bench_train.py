@@ -220,6 +220,9 @@ def main():
                     "dk/dv kernels load ahead (lcflash.kernels.doc_attention.pallas_mgpu.DEPTHS)")
     ap.add_argument("--attn_unmasked_runs", action="store_true", help="our attention kernels walk the whole blocks "
                     "next to the diagonal without the mask (lcflash.kernels.doc_attention.pallas_mgpu.UNMASKED_RUNS)")
+    ap.add_argument("--attn_dq_recompute", action="store_true", help="our attention's dq kernel recomputes dS "
+                    "instead of reading the dk/dv kernel's (the A/B baseline of "
+                    "lcflash.kernels.doc_attention.pallas_mgpu.DQ_FROM_DS)")
     ap.add_argument("--zero_tails", action="store_true", help="store the MoE row buffers' tails as zeros (the A/B "
                     "baseline of lcflash.kernels.gmm.api.SKIP_TAILS)")
     ap.add_argument("--z_loss_stacked", action="store_true", help="the hidden z-loss over the stacked outputs of "
@@ -267,6 +270,7 @@ def main():
     mla.PALLAS_MLA_FORM = not args.pallas_assembled_heads
     from lcflash.kernels.doc_attention import pallas_mgpu
     pallas_mgpu.UNMASKED_RUNS = args.attn_unmasked_runs
+    pallas_mgpu.DQ_FROM_DS = not args.attn_dq_recompute
     from lcflash.train import step as train_step
     train_step.Z_LOSS_IN_SCAN = not args.z_loss_stacked
     from lcflash.model import transformer
@@ -315,6 +319,7 @@ def main():
         "swiglu_grad_epilogue": gmm_api.SWIGLU_GRAD_EPILOGUE, "dispatch_gather_kernel": slots.GATHER_KERNEL,
         "combine_grad_kernel": slots.COMBINE_GRAD_KERNEL,
         "attn_depths": list(pallas_mgpu.DEPTHS), "attn_unmasked_runs": pallas_mgpu.UNMASKED_RUNS,
+        "attn_dq_from_ds": pallas_mgpu.DQ_FROM_DS,
         "skip_tails": gmm_api.SKIP_TAILS, "pallas_mla_form": mla.PALLAS_MLA_FORM,
         "z_loss_in_scan": train_step.Z_LOSS_IN_SCAN, "layer_fn_on_input": transformer.LAYER_FN_ON_INPUT,
         "top_k": router.LARGE_TOP_K,

@@ -78,13 +78,17 @@ def _whole_blocks():
 
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="Pallas' GPU interpreter, for CPU runs (on a GPU: "
                     "tests/test_train_attention.py runs the kernels)")
+@pytest.mark.parametrize("dq_from_ds", [True, False])
 @pytest.mark.parametrize("make_first", [_three_documents_and_a_return, _whole_blocks])
-def test_kernels_in_the_interpreter_match_the_reference(make_first, monkeypatch):
+def test_kernels_in_the_interpreter_match_the_reference(make_first, dq_from_ds, monkeypatch):
     """Forward and the three gradients in GPU interpret mode (TMA ring, barriers, block ranges, masks, online
     softmax; plain dots for the products): documents and a segment that comes back after another, so some visited
     blocks are partly, some wholly masked for some rows, and (`_whole_blocks`) some need no mask, which the kernels
-    then walk unmasked (UNMASKED_RUNS on; the MLA-form test below runs with it off)."""
+    then walk unmasked (UNMASKED_RUNS on; the MLA-form test below runs with it off). dq from the dk/dv kernel's dS
+    or recomputed: the interpreter fills unwritten memory with NaN, so a dS block the dq kernel reads but the dk/dv
+    kernel did not write would show."""
     monkeypatch.setattr(pallas_mgpu, "UNMASKED_RUNS", True)
+    monkeypatch.setattr(pallas_mgpu, "DQ_FROM_DS", dq_from_ds)
     first = make_first()
     (B, T), H = first.shape, 1
     q, k, v, do = _inputs(B, T, H, seed=3)
@@ -165,10 +169,29 @@ def test_mla_form_in_the_interpreter_matches_the_plain_kernels_and_the_reference
         assert rel(a, ref) < 1e-2, (name, rel(a, ref))
 
 
-# (2, 1, 1): the dk/dv kernel small enough for 2 CTAs/SM; runs: the whole blocks walked unmasked.
-@pytest.mark.parametrize("depths,runs", [(None, False), ((2, 1, 1), False), (None, True)])
-def test_mla_form_lowers_for_cuda(depths, runs, monkeypatch):
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="Pallas' GPU interpreter, for CPU runs")
+def test_dq_from_the_dkv_kernels_ds_equals_dq_recomputed(monkeypatch):
+    """In MLA's form, dq from the dS the dk/dv kernel wrote equals the dq kernel's own recomputation up to the
+    order of fp32 sums (the same bf16 dS feeds the same product); the other gradients are the same kernel's."""
+    first = _three_documents_and_a_return()
+    q, kv, kpe, do = _mla_inputs(2, 128, 2, seed=23)
+    grads = {}
+    for dq_from_ds in (True, False):
+        monkeypatch.setattr(pallas_mgpu, "DQ_FROM_DS", dq_from_ds)
+        _, vjp = jax.vjp(lambda q, kv, kpe: pallas_mgpu.mla_doc_attention(
+            q, kv, kpe, first, scale=192 ** -0.5, nope_dim=128, interpret=True), q, kv, kpe)
+        grads[dq_from_ds] = vjp(do)
+    for name, a, b in zip(("dq", "dkv", "dkpe"), grads[True], grads[False], strict=True):
+        assert not np.isnan(np.asarray(a, np.float32)).any(), name
+        assert rel(a, b) < 2e-3, (name, rel(a, b))
+
+
+# (2, 1, 1): the dk/dv kernel small enough for 2 CTAs/SM; runs: the whole blocks walked unmasked; dq recomputed.
+@pytest.mark.parametrize("depths,runs,dq_from_ds", [(None, False, True), ((2, 1, 1), False, True), (None, True, True),
+                                                    (None, False, False)])
+def test_mla_form_lowers_for_cuda(depths, runs, dq_from_ds, monkeypatch):
     monkeypatch.setattr(pallas_mgpu, "UNMASKED_RUNS", runs)
+    monkeypatch.setattr(pallas_mgpu, "DQ_FROM_DS", dq_from_ds)
     sd = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt)  # noqa: E731
 
     def f(q, kv, kpe, first, do):

@@ -11,8 +11,12 @@ drained, not in their own buffers: the forward then takes ~105 KB of shared memo
 SM (0.186 -> 0.151 ms at 16 x 1024 on an H200).
 
 * forward: S = Q K^T, online softmax in log2 units, O = P V; writes O and lse2 = m + log2(l) per row.
-* dq: P from lse2, dP = dO V^T, dS = P (dP - delta), dQ = scale dS K, over the same key blocks.
-* dk, dv: per key block over the query blocks that see it: dV = P^T dO, dK = scale dS^T Q.
+* dk, dv: per key block over the query blocks that see it: P from lse2, dP = dO V^T, dS = P (dP - delta),
+  dV = P^T dO, dK = scale dS^T Q.
+* dq: dQ = scale dS K over the forward's key blocks. With DQ_FROM_DS (the default) it reads the bf16 dS that the
+  dk/dv kernel wrote per visited block, one product per visit: five products per visited block in the backward
+  instead of seven, for 8 KB written and read per visit, still deterministic (no atomics). Otherwise it recomputes
+  P, dP and dS itself.
 delta = rowsum(dO * O) comes from XLA. In Pallas' GPU interpreter (CPU tests) the products are plain dots: the
 interpreter's wgmma takes neither transposed views nor register operands.
 
@@ -47,6 +51,14 @@ BLOCK = 64          # rows per CTA and per visited block (the wgmma M of one war
 # ring, warpgroup 0 refilling a slot once both had read it; commit 7885744) gave the same bits and was slower: 0.62-0.70
 # against 0.52-0.54 ms fwd+bwd, -2.2% in training (session 19). Read at call time when a call passes no depths.
 DEPTHS = (2, 1, 2)
+# The dq kernel takes dS from the dk/dv kernel instead of recomputing it (see the module docstring): fwd+bwd at
+# 32 x 1024 on an H200 1.204-1.211 -> 1.131 ms, training +1.5% and +1.9% in two A/B pairs with bitwise-equal losses
+# (experiments/HISTORY.md, session 27).
+# Read at call time; experiments/bench_attention.py's pallas_dq_recompute and bench_train.py --attn_dq_recompute are
+# the A/B baseline.
+DQ_FROM_DS = True
+# Blocks of dS and K that kernel loads ahead, 32 KB each in MLA's form; read at call time.
+DQ_DS_DEPTH = 2
 
 
 def supported(q_bthk, k_bshk, v_bshv) -> str | None:
@@ -80,6 +92,10 @@ class _Ops:
         if self.interpret:
             return lax.broadcasted_iota(jnp.int32, shape, dim)
         return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
+
+    def transposed(self, ref):
+        """A [m, k] product operand from a [k, m] smem tile: a transposed view (wgmma reads it so), or its value."""
+        return ref[...].T if self.interpret else ref.transpose((1, 0))
 
     def vector(self, ref, axis: int, shape):
         """A [n] smem vector broadcast along `axis` of a 2-D tile (axis 1: one value per row)."""
@@ -343,20 +359,20 @@ def _dq_kernel(visits_ref, first_ref, q_ref, *refs, form, depth, scale, ops):
         return dqs
 
     dqs = _visit(n, plain, body, tuple(ops.full((BLOCK, w), 0.0) for w in form.widths))
-    stages = [k.at[0] for k in k_s]  # staged in the (drained) key rings, one per part
-    for stage, dq in zip(stages, dqs):
-        stage[...] = (dq * scale).astype(dtype)
-    plgpu.commit_smem()
-    for stage, view in zip(stages, _q_views(form, dq_ref)):
-        plgpu.copy_smem_to_gmem(stage, view(b, h, rows))
-    plgpu.wait_smem_to_gmem(0)
+    _store_dq(dqs, [k.at[0] for k in k_s], form, dq_ref, b, h, rows, scale)
 
 
-def _dkv_kernel(visits_ref, first_ref, q_ref, *refs, form, depth, scale, ops):
+def _pair(q_blk, k_blk):
+    """Index of the block pair (query block, key block <= it) in the dS array: the causal triangle, row by row."""
+    return q_blk * (q_blk + 1) // 2 + k_blk
+
+
+def _dkv_kernel(visits_ref, first_ref, q_ref, *refs, form, depth, scale, ops, ds_out):
     kv_refs, (do_ref, lse_ref, delta_ref, *outs, scoped) = refs[:form.n_k], refs[form.n_k:]
+    outs, ds_ref = (outs[:-1], outs[-1]) if ds_out else (outs, None)
     P = len(form.widths)
     smem, (k_bar, *ring_bars) = scoped
-    k_s, (v_smem, fk_smem), q_s, (do_smem, fq_smem, lse_smem, delta_smem) = (
+    k_s, (v_smem, fk_smem), q_s, (do_smem, fq_smem, lse_smem, delta_smem, *ds_stages) = (
         smem[:P], smem[P:P + 2], smem[P + 2:2 * P + 2], smem[2 * P + 2:])
     q_bars, (do_bar, fq_bar, lse_bar, delta_bar) = ring_bars[:P], ring_bars[P:]
     k_views, v_view = _kv_views(form, kv_refs)
@@ -383,10 +399,25 @@ def _dkv_kernel(visits_ref, first_ref, q_ref, *refs, form, depth, scale, ops):
         p_t = jnp.exp2(s_t * (scale * LOG2E) - ops.vector(lse_smem.at[slot], 0, tile))
         if masked:
             p_t = _visible(p_t, 0.0, key <= qcol + (lo + i) * BLOCK, ops.vector(fq_smem.at[slot], 0, tile), fk)
+
         # dS is computed while the tensor cores run dV's product, then feeds dK's.
-        ds_t = _Later(lambda: (p_t * (dp_t - ops.vector(delta_smem.at[slot], 0, tile))).astype(dtype))
+        def ds_value():
+            return (p_t * (dp_t - ops.vector(delta_smem.at[slot], 0, tile))).astype(dtype)
+
+        if ds_out:   # through a two-slot stage, which dK's product reads and a TMA store then writes out
+            (ds_stage,) = ds_stages
+            stage = ds_stage.at[lax.rem(i, jnp.int32(2))]
+            plgpu.wait_smem_to_gmem(1, wait_read_only=True)   # the store from this slot two visits ago has read it
+
+            def staged():
+                stage[...] = ds_value()
+                plgpu.commit_smem()
+                return stage
+        ds_t = _Later(staged if ds_out else ds_value)
         dv, *dks = ops.dots((p_t.astype(dtype), do_smem.at[slot], False, dv),
                             *[(ds_t, q, False, dk) for q, dk in zip(queries, dks)])
+        if ds_out:
+            plgpu.copy_smem_to_gmem(stage, ds_ref.at[b, h, _pair(lo + i, lax.axis_index("blk"))])
 
         @pl.when(i + depth < n)
         def _():
@@ -405,6 +436,46 @@ def _dkv_kernel(visits_ref, first_ref, q_ref, *refs, form, depth, scale, ops):
     plgpu.commit_smem()
     for stage, _, view in stores:
         plgpu.copy_smem_to_gmem(stage, view(b, h, keys))
+    plgpu.wait_smem_to_gmem(0)
+
+
+def _dq_ds_kernel(visits_ref, ds_ref, *refs, form, depth, scale, ops):
+    """dQ = scale dS K over the forward's key blocks, dS read from the dk/dv kernel's output (DQ_FROM_DS): the
+    pairs visited here are among those it visits, and its dS is zero wherever a pair is hidden, so no mask."""
+    kv_refs, (dq_ref, scoped) = refs[:form.n_k], refs[form.n_k:]
+    P = len(form.widths)
+    smem, ring_bars = scoped
+    k_s, ds_smem, k_bars, ds_bar = smem[:P], smem[P], ring_bars[:P], ring_bars[P]
+    k_views, _ = _kv_views(form, kv_refs)
+    q_blk = lax.axis_index("blk")
+    ds_view = lambda b, h, part: ds_ref.at[b, h, _pair(q_blk, part.start // BLOCK)]  # noqa: E731
+    b, h, rows, _, n, _, fetch = _walk(visits_ref, depth, ([], None),
+                                       [*zip(k_views, k_s, k_bars), (ds_view, ds_smem, ds_bar)])
+
+    def body(i, dqs):
+        slot = lax.rem(i, jnp.int32(depth))
+        for bar in (*k_bars, ds_bar):
+            plgpu.barrier_wait(bar.at[slot])
+        ds = ops.transposed(ds_smem.at[slot])   # stored [keys, queries]
+        dqs = ops.dots(*[(ds, k.at[slot], False, dq) for k, dq in zip(k_s, dqs)])
+
+        @pl.when(i + depth < n)
+        def _():
+            fetch(i + depth, slot)
+
+        return dqs
+
+    dqs = lax.fori_loop(0, n, body, tuple(ops.full((BLOCK, w), 0.0) for w in form.widths))
+    _store_dq(dqs, [k.at[0] for k in k_s], form, dq_ref, b, h, rows, scale)
+
+
+def _store_dq(dqs, stages, form, dq_ref, b, h, rows, scale):
+    """Writes scale * dq through `stages` (drained ring slots, one per part) into q's layout."""
+    for stage, dq in zip(stages, dqs):
+        stage[...] = (dq * scale).astype(stage.dtype)
+    plgpu.commit_smem()
+    for stage, view in zip(stages, _q_views(form, dq_ref)):
+        plgpu.copy_smem_to_gmem(stage, view(b, h, rows))
     plgpu.wait_smem_to_gmem(0)
 
 
@@ -443,8 +514,9 @@ def _forward(q, kv, first_f, visits, *, form, scale, depth, interpret):
     return _call(kernel, scratch, barriers, out_type, (B, H, nb), (visits, first_f, q, *kv), interpret)
 
 
-@functools.partial(jax.jit, static_argnames=("form", "scale", "depths", "interpret"))
-def _backward(q, kv, first_f, o, lse, do, kv_visits, q_visits, *, form, scale, depths, interpret):
+@functools.partial(jax.jit, static_argnames=("form", "scale", "depths", "dq_from_ds", "interpret"))
+def _backward(q, kv, first_f, o, lse, do, kv_visits, q_visits, *, form, scale, depths, dq_from_ds, interpret):
+    """dq_from_ds: 0, the dq kernel recomputes dS; else it reads the dk/dv kernel's, loading this many blocks ahead."""
     (B, T, H, _), dv, dtype = q.shape, form.dv, q.dtype
     nb = T // BLOCK
     d_dq, d_kv = (min(d, nb) for d in depths)
@@ -453,6 +525,26 @@ def _backward(q, kv, first_f, o, lse, do, kv_visits, q_visits, *, form, scale, d
     tile, vec = _smem(interpret)
     ops = _Ops(interpret)
     ins = (first_f, q, *kv, do, lse, delta)
+    dkv_type = ([jax.ShapeDtypeStruct(kv[0].shape, dtype)]
+                + ([jax.ShapeDtypeStruct((B, T, H, form.widths[1]), dtype)] if form.shared else [])
+                + ([] if form.v_in_k else [jax.ShapeDtypeStruct(kv[-1].shape, dtype)]))
+    ds_out = dq_from_ds > 0
+    ds_type = [jax.ShapeDtypeStruct((B, H, nb * (nb + 1) // 2, BLOCK, BLOCK), dtype)] * ds_out
+    dkv = _call(functools.partial(_dkv_kernel, form=form, depth=d_kv, scale=scale, ops=ops, ds_out=ds_out),
+                [tile((BLOCK, w), dtype) for w in form.widths] + [tile((BLOCK, dv), dtype), vec((BLOCK,))]
+                + [tile((d_kv, BLOCK, w), dtype) for w in form.widths]
+                + [tile((d_kv, BLOCK, dv), dtype), vec((d_kv, BLOCK)), vec((d_kv, BLOCK)), vec((d_kv, BLOCK))]
+                + [tile((2, BLOCK, BLOCK), dtype)] * ds_out,
+                (plgpu.Barrier(num_barriers=P + 2),) + (plgpu.Barrier(num_barriers=d_kv),) * (P + 4),
+                tuple(dkv_type + ds_type), (B, H, nb), (q_visits, *ins), interpret)
+    if ds_out:
+        *dkv, ds = dkv
+        d = min(dq_from_ds, nb)
+        dq = _call(functools.partial(_dq_ds_kernel, form=form, depth=d, scale=scale, ops=ops),
+                   [tile((d, BLOCK, w), dtype) for w in form.widths] + [tile((d, BLOCK, BLOCK), dtype)],
+                   (plgpu.Barrier(num_barriers=d),) * (P + 1),
+                   jax.ShapeDtypeStruct(q.shape, dtype), (B, H, nb), (kv_visits, ds, *kv), interpret)
+        return dq, tuple(dkv)
     dq = _call(functools.partial(_dq_kernel, form=form, depth=d_dq, scale=scale, ops=ops),
                [tile((BLOCK, w), dtype) for w in form.widths]
                + [tile((BLOCK, dv), dtype), vec((BLOCK,)), vec((BLOCK,)), vec((BLOCK,))]
@@ -460,15 +552,6 @@ def _backward(q, kv, first_f, o, lse, do, kv_visits, q_visits, *, form, scale, d
                + [tile((d_dq, BLOCK, dv), dtype), vec((d_dq, BLOCK))],
                (plgpu.Barrier(num_barriers=P + 4),) + (plgpu.Barrier(num_barriers=d_dq),) * (P + 2),
                jax.ShapeDtypeStruct(q.shape, dtype), (B, H, nb), (kv_visits, *ins), interpret)
-    dkv_type = ([jax.ShapeDtypeStruct(kv[0].shape, dtype)]
-                + ([jax.ShapeDtypeStruct((B, T, H, form.widths[1]), dtype)] if form.shared else [])
-                + ([] if form.v_in_k else [jax.ShapeDtypeStruct(kv[-1].shape, dtype)]))
-    dkv = _call(functools.partial(_dkv_kernel, form=form, depth=d_kv, scale=scale, ops=ops),
-                [tile((BLOCK, w), dtype) for w in form.widths] + [tile((BLOCK, dv), dtype), vec((BLOCK,))]
-                + [tile((d_kv, BLOCK, w), dtype) for w in form.widths]
-                + [tile((d_kv, BLOCK, dv), dtype), vec((d_kv, BLOCK)), vec((d_kv, BLOCK)), vec((d_kv, BLOCK))],
-                (plgpu.Barrier(num_barriers=P + 2),) + (plgpu.Barrier(num_barriers=d_kv),) * (P + 4),
-                tuple(dkv_type), (B, H, nb), (q_visits, *ins), interpret)
     return dq, tuple(dkv)
 
 
@@ -490,12 +573,12 @@ def _visits(first_bt):
             jnp.stack([*q_block_ranges(first_bt, BLOCK, BLOCK), blk + 1, q_to]))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def _attention(q, kv, first_bt, form, scale, depths, interpret):
-    return _attention_fwd(q, kv, first_bt, form, scale, depths, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
+def _attention(q, kv, first_bt, form, scale, depths, dq_from_ds, interpret):
+    return _attention_fwd(q, kv, first_bt, form, scale, depths, dq_from_ds, interpret)[0]
 
 
-def _attention_fwd(q, kv, first_bt, form, scale, depths, interpret):
+def _attention_fwd(q, kv, first_bt, form, scale, depths, dq_from_ds, interpret):
     first_f = first_bt.astype(jnp.float32)   # compared as floats in registers: exact below 2^24
     visits = _visits(first_bt)   # both sides' now: the backward takes them as residuals (UNMASKED_RUNS read once)
     o, lse = _forward(q, kv, first_f, visits[0], form=form, scale=scale, depth=depths[0], interpret=interpret)
@@ -504,16 +587,23 @@ def _attention_fwd(q, kv, first_bt, form, scale, depths, interpret):
     return o, (q, kv, first_bt, o, lse, visits)
 
 
-def _attention_bwd(form, scale, depths, interpret, res, do):
+def _attention_bwd(form, scale, depths, dq_from_ds, interpret, res, do):
     q, kv, first_bt, o, lse, visits = res
     dq, dkv = _backward(q, kv, first_bt.astype(jnp.float32), o, lse, do.astype(q.dtype), *visits,
-                        form=form, scale=scale, depths=depths[1:], interpret=interpret)
+                        form=form, scale=scale, depths=depths[1:], dq_from_ds=dq_from_ds, interpret=interpret)
     if form.shared:   # the shared key's gradient, written per head: summed over the heads
         dkv = (dkv[0], dkv[1].sum(axis=2, dtype=jnp.float32).astype(kv[1].dtype)) + dkv[2:]
     return dq, dkv, np.zeros(first_bt.shape, jax.dtypes.float0)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def _dq_from_ds() -> int:
+    """DQ_FROM_DS and DQ_DS_DEPTH as read at call time, one static value for the backward (0: dq recomputes dS)."""
+    if DQ_FROM_DS and not (isinstance(DQ_DS_DEPTH, int) and DQ_DS_DEPTH >= 1):
+        raise ValueError(f"DQ_DS_DEPTH {DQ_DS_DEPTH!r} must be a block count >= 1")
+    return int(DQ_DS_DEPTH) if DQ_FROM_DS else 0
 
 
 def _check_depths(depths, first_bt, q_bthk):
@@ -538,7 +628,7 @@ def doc_attention(q_bthk, k_bshk, v_bshv, first_bt, *, scale: float, depths: tup
     depths = _check_depths(depths, first_bt, q_bthk)
     form = Form((q_bthk.shape[-1],), 0, v_bshv.shape[-1])
     return _attention(q_bthk, (k_bshk.astype(q_bthk.dtype), v_bshv.astype(q_bthk.dtype)),
-                      first_bt.astype(jnp.int32), form, float(scale), depths, bool(interpret))
+                      first_bt.astype(jnp.int32), form, float(scale), depths, _dq_from_ds(), bool(interpret))
 
 
 def mla_supported(q_bthk, kv_bshk, kpe_bsd, nope_dim: int) -> str | None:
@@ -566,4 +656,4 @@ def mla_doc_attention(q_bthk, kv_bshk, kpe_bsd, first_bt, *, scale: float, nope_
     rope_dim = kpe_bsd.shape[-1]
     form = Form((nope_dim, rope_dim), nope_dim, kv_bshk.shape[-1] - nope_dim, shared=True, v_in_k=True)
     return _attention(q_bthk, (kv_bshk.astype(q_bthk.dtype), kpe_bsd.astype(q_bthk.dtype)),
-                      first_bt.astype(jnp.int32), form, float(scale), depths, bool(interpret))
+                      first_bt.astype(jnp.int32), form, float(scale), depths, _dq_from_ds(), bool(interpret))
