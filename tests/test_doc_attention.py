@@ -225,6 +225,17 @@ def test_calls_without_depths_read_the_module_default_at_call_time(monkeypatch):
         pallas_mgpu.doc_attention(q, k, v, jnp.zeros((1, 64), jnp.int32), scale=1.0)
 
 
+@pytest.mark.parametrize("depth", [0, 1.5, None])
+def test_a_bad_dq_ds_depth_is_named_at_call_time(depth, monkeypatch):
+    """bench_attention.py sets DQ_DS_DEPTH after import; a value that is no block count fails before any kernel."""
+    q, k, v, _ = _inputs(1, 64, 1, seed=0)
+    monkeypatch.setattr(pallas_mgpu, "DQ_DS_DEPTH", depth)
+    with pytest.raises(ValueError, match="DQ_DS_DEPTH"):
+        pallas_mgpu.doc_attention(q, k, v, jnp.zeros((1, 64), jnp.int32), scale=1.0)
+    monkeypatch.setattr(pallas_mgpu, "DQ_FROM_DS", False)   # unread when dq recomputes dS
+    assert pallas_mgpu._dq_from_ds() == 0
+
+
 def test_auto_picks_the_kernels_for_packed_documents_on_one_hopper_gpu_only(monkeypatch):
     from lcflash.model import mla
 
