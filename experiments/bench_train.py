@@ -64,7 +64,7 @@ def profile_steps(step, state, batches, out_dir: str, tag: str) -> dict:
     (decode_profile.profile): the time per JAX op of one training step."""
     import jax
 
-    from experiments.decode_profile import profile
+    from experiments.decode_profile import print_kernels, profile
     from lcflash.parallel.trace_overlap import record_trace
 
     def run(state):
@@ -78,13 +78,14 @@ def profile_steps(step, state, batches, out_dir: str, tag: str) -> dict:
     record_trace(lambda: run(state), trace)
     with open(os.path.join(out_dir, f"hlo_train_{tag}.txt"), "w") as f:
         f.write(hlo)
-    res = profile(hlo, trace, steps=2, top=80)
+    res = profile(hlo, trace, steps=2, top=150)
     res["by_op"] = res["by_op"][:120]
     print(f"profile {tag}: {res['kernels_per_step']:.0f} kernels, {res['busy_us_per_step'] / 1e3:.1f} ms busy per step")
     for o in res["by_part"]:
         print(f"  {o['kernels_per_step']:7.1f} {o['us_per_step'] / 1e3:8.2f} ms  {o['part']}")
     for o in res["by_op"][:15]:
         print(f"  {o['kernels_per_step']:7.1f} {o['us_per_step'] / 1e3:8.2f} ms  {o['op'][:100]}")
+    print_kernels(res["top_kernels"][:60])
     return res
 
 
@@ -225,6 +226,8 @@ def main():
                     "lcflash.kernels.doc_attention.pallas_mgpu.DQ_FROM_DS)")
     ap.add_argument("--zero_tails", action="store_true", help="store the MoE row buffers' tails as zeros (the A/B "
                     "baseline of lcflash.kernels.gmm.api.SKIP_TAILS)")
+    ap.add_argument("--norm_whole", action="store_true", help="the clip's global norm as one sum per leaf (the A/B "
+                    "baseline of lcflash.train.optimizer.NORM_BY_LAYER)")
     ap.add_argument("--z_loss_stacked", action="store_true", help="the hidden z-loss over the stacked outputs of "
                     "every layer (the A/B baseline of lcflash.train.step.Z_LOSS_IN_SCAN)")
     ap.add_argument("--layer_fn_on_output", action="store_true", help="the hidden z-loss's per-layer log-sum-exp "
@@ -273,6 +276,8 @@ def main():
     pallas_mgpu.DQ_FROM_DS = not args.attn_dq_recompute
     from lcflash.train import step as train_step
     train_step.Z_LOSS_IN_SCAN = not args.z_loss_stacked
+    from lcflash.train import optimizer
+    optimizer.NORM_BY_LAYER = not args.norm_whole
     from lcflash.model import transformer
     transformer.LAYER_FN_ON_INPUT = not args.layer_fn_on_output
     from lcflash.model import router
@@ -321,7 +326,8 @@ def main():
         "attn_depths": list(pallas_mgpu.DEPTHS), "attn_unmasked_runs": pallas_mgpu.UNMASKED_RUNS,
         "attn_dq_from_ds": pallas_mgpu.DQ_FROM_DS,
         "skip_tails": gmm_api.SKIP_TAILS, "pallas_mla_form": mla.PALLAS_MLA_FORM,
-        "z_loss_in_scan": train_step.Z_LOSS_IN_SCAN, "layer_fn_on_input": transformer.LAYER_FN_ON_INPUT,
+        "z_loss_in_scan": train_step.Z_LOSS_IN_SCAN, "norm_by_layer": optimizer.NORM_BY_LAYER,
+        "layer_fn_on_input": transformer.LAYER_FN_ON_INPUT,
         "top_k": router.LARGE_TOP_K,
         "contract_deal": mgpu_kernels.CONTRACT_DEAL,
         "xla_options": xla_options,

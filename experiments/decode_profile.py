@@ -24,19 +24,41 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from lcflash.parallel import trace_overlap  # noqa: E402
 
 
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
+                "s64": 8, "u64": 8, "f64": 8}
+_ARRAY = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([\d,]*)\]")
+
+
+def shape_bytes(text: str) -> int:
+    """Bytes of every array shape written in `text` (`bf16[32,1024]{1,0}`, tuples included)."""
+    total = 0
+    for dtype, dims in _ARRAY.findall(text):
+        n = 1
+        for d in filter(None, dims.split(",")):
+            n *= int(d)
+        total += n * _DTYPE_BYTES[dtype]
+    return total
+
+
 def hlo_ops(hlo_text: str) -> dict:
-    """Kernel name (dots as underscores, as in traces) -> (result shape, JAX op name)."""
+    """Kernel name (dots as underscores, as in traces) -> (result shape, JAX op name, bytes of its operands and
+    results). The bytes are an upper bound on what the kernel moves: a fusion that slices an operand (one layer of
+    a stacked weight) reads less, one that reads an operand twice more."""
+    lines = hlo_text.split("\n")
+    defs = dict(m.groups() for m in (re.match(r"\s*(?:ROOT )?%([\w.\-]+) = (\(.*?\)|\S+) [\w\-]+\(", l)
+                                     for l in lines) if m)
     info = {}
-    for line in hlo_text.split("\n"):
-        m = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = (.*?) (?:fusion|custom-call)\(", line)
+    for line in lines:
+        m = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = (.*?) (?:fusion|custom-call)\((.*?)\)(?:, |$)", line)
         if not m:
             continue
-        name, shape = m.groups()
+        name, shape, operands = m.groups()
         op = re.search(r'op_name="([^"]*)"', line)
         dedup = re.search(r'deduplicated_name="([^"]*)"', line)
         op_name = re.sub(r"^jit\([^)]*\)/(while/body/)?", "", op.group(1)) if op else ""
+        nbytes = shape_bytes(shape) + sum(shape_bytes(defs.get(o, "")) for o in re.findall(r"%([\w.\-]+)", operands))
         for key in [name] + ([dedup.group(1)] if dedup else []):
-            info.setdefault(key.replace(".", "_"), (shape, op_name))
+            info.setdefault(key.replace(".", "_"), (shape, op_name, nbytes))
     return info
 
 
@@ -70,19 +92,30 @@ def profile(hlo_text: str, trace_path: str, steps: int, top: int = 25) -> dict:
     per_op = collections.defaultdict(lambda: [0.0, 0.0])
     per_part = collections.defaultdict(lambda: [0.0, 0.0])
     for name, (count, us) in by.items():
-        op = info.get(name, ("?", "?"))[1] or "(no op name)"
+        op = info.get(name, ("?", "?", 0))[1] or "(no op name)"
         for table, key in ((per_op, op), (per_part, part(name, op))):
             table[key][0] += count / steps
             table[key][1] += us / steps
-    kernels = [dict(name=n, per_step=c / steps, us_per_step=t / steps, us_each=t / c,
-                    shape=info.get(n, ("?", "?"))[0], op=info.get(n, ("?", "?"))[1])
-               for n, (c, t) in sorted(by.items(), key=lambda kv: -kv[1][1])[:top]]
+    kernels = []
+    for n, (c, t) in sorted(by.items(), key=lambda kv: -kv[1][1])[:top]:
+        shape, op, nbytes = info.get(n, ("?", "?", 0))
+        # GB/s at the operand + result bytes: far below the copy rate marks a fusion that moves more than it must.
+        kernels.append(dict(name=n, per_step=c / steps, us_per_step=t / steps, us_each=t / c, shape=shape, op=op,
+                            bytes_each=nbytes, gb_per_s=nbytes * c / t / 1e3 if nbytes and t else None))
     ops = [dict(op=o, kernels_per_step=c, us_per_step=t) for o, (c, t) in sorted(per_op.items(), key=lambda kv: -kv[1][1])]
     return {"kernels_per_step": sum(c for c, _ in by.values()) / steps,
             "busy_us_per_step": sum(t for _, t in by.values()) / steps, **launch_view(trace, device_events, steps),
             "top_kernels": kernels, "by_op": ops,
             "by_part": [dict(part=k, kernels_per_step=c, us_per_step=t)
                         for k, (c, t) in sorted(per_part.items(), key=lambda kv: -kv[1][1])]}
+
+
+def print_kernels(kernels):
+    print(f"{'per step':>8} {'us/step':>8} {'us each':>8} {'GB/s':>6}  kernel / result shape / op")
+    for k in kernels:
+        gbps = f"{k['gb_per_s']:6.0f}" if k.get("gb_per_s") else f"{'':6}"
+        print(f"{k['per_step']:8.1f} {k['us_per_step']:8.1f} {k['us_each']:8.2f} {gbps}  {k['name']}  "
+              f"{k['shape'][:40]}  {k['op'][:70]}")
 
 
 def launch_view(trace, kernels, steps: int, gap_us: float = 3.0) -> dict:
@@ -114,9 +147,7 @@ def main():
     print(f"{res['kernels_per_step']:.0f} kernels and {res['busy_us_per_step']:.0f} us of device time per step; "
           f"device idle {res['device_idle_us_per_step']:.0f} us per step in {res['device_gaps_per_step']:.1f} gaps; "
           f"host launches per step {res['host_launches_per_step']}")
-    print(f"{'per step':>8} {'us/step':>8} {'us each':>8}  kernel / result shape / op")
-    for k in res["top_kernels"]:
-        print(f"{k['per_step']:8.1f} {k['us_per_step']:8.1f} {k['us_each']:8.2f}  {k['name']}  {k['shape'][:40]}  {k['op'][:70]}")
+    print_kernels(res["top_kernels"])
     print(f"\n{'kernels':>8} {'us/step':>8}  JAX op")
     for o in res["by_op"][:20]:
         print(f"{o['kernels_per_step']:8.1f} {o['us_per_step']:8.1f}  {o['op'][:100]}")

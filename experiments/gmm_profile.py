@@ -11,10 +11,19 @@ each output against the einsum of the equal groups, and reports, per compute war
 scopes ("mma": wgmma issue and wait per step; "epilogue": a tile's store; "next_tile": the flat pipeline's
 schedule loads) and the rest ("other": ring-barrier waits and pipeline bookkeeping), per step and per tile. The
 kernel is also timed without the profiler, and the profiled trace is copied beside the JSON.
+
+    python experiments/gmm_profile.py --kernels plain,halves,grad_halves --groups 8 --t 1536 \
+        --out experiments/gmm_profile_swiglu_h200.json
+
+`--kernels` profiles the products configs/small.py trains instead, at its shapes (K 1024, [gate | up] 2 x 384) with
+the flat pipeline: "plain" x @ [gate | up] stored as it is, "halves" the same with SwiGLU in the epilogue (h and
+[g | u] stored), "grad_halves" the down projection's d_lhs with SwiGLU's backward in the epilogue (reads [g | u],
+stores [d_g | d_u]). Each is also timed unprofiled with the tiles it trains with (`prod_ms`).
 """
 
 import argparse
 import collections
+import dataclasses
 import datetime
 import glob
 import json
@@ -79,6 +88,22 @@ VARIANTS = {  # name -> (api impl, rows-kernel tiles); 3 stages leave shared mem
 }
 
 
+def profiled_trace(fn, args, space: int, keep_path: str) -> dict:
+    """Runs fn(*args) once, freshly jitted, with Mosaic GPU's profiler on; returns its trace, copied to keep_path."""
+    with tempfile.TemporaryDirectory() as d:
+        mgpu_kernels.PROFILE = dict(profile_space=space, profile_dir=d)
+        try:
+            sync(jax.jit(lambda *a: fn(*a))(*args))
+            jax.effects_barrier()  # the trace is written by a host callback
+        finally:
+            mgpu_kernels.PROFILE = None
+        path = sorted(glob.glob(os.path.join(d, "*-trace.json")))[-1]
+        with open(path) as f:
+            trace = json.load(f)
+        shutil.copy(path, keep_path)
+    return trace
+
+
 def profile_one(variant: str, proj: str, groups: int, t: int, space: int, keep_dir: str):
     k, n, _ = SHAPES[("longcat", proj)]
     m = groups * t
@@ -93,23 +118,83 @@ def profile_one(variant: str, proj: str, groups: int, t: int, space: int, keep_d
         got = plain(x, w)
         err = float(jnp.max(jnp.abs(got.astype(jnp.float32) - want.astype(jnp.float32))))
         ms = time_ms(plain, (x, w))[0]
-        with tempfile.TemporaryDirectory() as d:
-            mgpu_kernels.PROFILE = dict(profile_space=space, profile_dir=d)
-            try:
-                sync(jax.jit(lambda a, b: api.gmm(a, b, sizes, impl=impl))(x, w))
-                jax.effects_barrier()  # the trace is written by a host callback
-            finally:
-                mgpu_kernels.PROFILE = None
-            path = sorted(glob.glob(os.path.join(d, "*-trace.json")))[-1]
-            with open(path) as f:
-                trace = json.load(f)
-            shutil.copy(path, os.path.join(keep_dir, f"gmm_trace_{variant}_{proj}.json"))
+        trace = profiled_trace(lambda a, b: api.gmm(a, b, sizes, impl=impl), (x, w), space,
+                               os.path.join(keep_dir, f"gmm_trace_{variant}_{proj}.json"))
     finally:
         pallas_gmm.ROWS_TILES = None
     flops = 2.0 * m * k * n
     return dict(impl=variant, proj=proj, groups=groups, tokens_per_expert=t, K=k, N=n, unprofiled_ms=ms,
                 unprofiled_tflops=flops / ms / 1e9, max_abs_err_vs_einsum=err, tiles=str(VARIANTS[variant][1]),
                 warpgroups=summarize(trace))
+
+
+SMALL_TILES = mgpu_kernels.Tiles(128, 64, 64, 3, 64, chain=True)  # 64-column halves; 3 stages (profile buffer)
+
+
+def _small_case(kernel: str, groups: int, t: int):
+    """(fn(*args) -> output checked, args, reference output, FLOPs) of one of configs/small.py's products."""
+    k, n, _ = SHAPES[("small", "gate_up")]  # d_model 1024 -> 384 per half
+    m = groups * t
+    keys = jax.random.split(jax.random.key(0), 3)
+    sizes = jnp.full((groups,), t, jnp.int32)
+    per_group = lambda a: a.reshape(groups, t, a.shape[-1])  # noqa: E731
+    if kernel in ("plain", "halves"):
+        x = jax.random.normal(keys[0], (m, k), jnp.bfloat16)
+        w = (jax.random.normal(keys[1], (groups, k, 2 * n), jnp.float32) / np.sqrt(k)).astype(jnp.bfloat16)
+        gu = jnp.einsum("gtk,gkn->gtn", per_group(x), w, preferred_element_type=jnp.float32).reshape(m, 2 * n)
+        if kernel == "plain":
+            return (lambda a, b: pallas_gmm.rows_matmul(a, [b], sizes, chain=True)), (x, w), gu, 2.0 * m * k * 2 * n
+        h = jax.nn.silu(gu[:, :n]) * gu[:, n:]
+        return (lambda a, b: pallas_gmm.rows_matmul(a, [b], sizes, swiglu="halves", chain=True,
+                                                    zero_tail=(True, False))[0]), (x, w), h, 2.0 * m * k * 2 * n
+    dy = jax.random.normal(keys[0], (m, k), jnp.bfloat16)
+    w_down = (jax.random.normal(keys[1], (groups, n, k), jnp.float32) / np.sqrt(n)).astype(jnp.bfloat16)
+    gu = jax.random.normal(keys[2], (m, 2 * n), jnp.bfloat16)
+    dh = jnp.einsum("gtk,gnk->gtn", per_group(dy), w_down, preferred_element_type=jnp.float32).reshape(m, n)
+    g, u = gu[:, :n].astype(jnp.float32), gu[:, n:].astype(jnp.float32)
+    sig = jax.nn.sigmoid(g)
+    want = jnp.concatenate([dh * u * sig * (1 + g * (1 - sig)), dh * g * sig], axis=1)
+    fn = lambda a, b, c: pallas_gmm.rows_matmul(a, [b], sizes, transpose_rhs=True, swiglu="grad_halves",  # noqa
+                                                gu_mn2=c, chain=True, zero_tail=(False,))
+    return fn, (dy, w_down, gu), want, 2.0 * m * k * n
+
+
+def profile_small(kernel: str, groups: int, t: int, space: int, keep_dir: str):
+    fn, args, want, flops = _small_case(kernel, groups, t)
+    prod = jax.jit(fn)
+    got = prod(*args)
+    err = float(jnp.max(jnp.abs(got.astype(jnp.float32) - want)) / jnp.max(jnp.abs(want)))
+    prod_ms = time_ms(prod, args)[0]
+    pallas_gmm.ROWS_TILES = SMALL_TILES  # read when traced: every jit below wraps fn anew (jit caches by function)
+    try:
+        ms = time_ms(jax.jit(lambda *a: fn(*a)), args)[0]
+        trace = profiled_trace(fn, args, space, os.path.join(keep_dir, f"gmm_trace_small_{kernel}.json"))
+    finally:
+        pallas_gmm.ROWS_TILES = None
+    return dict(impl=kernel, config="small", groups=groups, tokens_per_expert=t, prod_ms=prod_ms,
+                unprofiled_ms=ms, unprofiled_tflops=flops / ms / 1e9, max_abs_err_vs_einsum=err,
+                tiles=str(SMALL_TILES), warpgroups=summarize(trace))
+
+
+def tiles_ab(kernels, groups: int, t: int, rounds: int = 2) -> list:
+    """Unprofiled wall time of each of configs/small.py's products with the tiles it trains with (prod) and with
+    3- and 4-stage flat rings of 64-column halves, `rounds` times in turn."""
+    variants = (("prod", None), ("s3", SMALL_TILES), ("s4", dataclasses.replace(SMALL_TILES, stages=4)))
+    rows = []
+    for kernel in kernels:
+        fn, args, _, flops = _small_case(kernel, groups, t)
+        for rnd in range(rounds):
+            for name, tiles in variants:
+                pallas_gmm.ROWS_TILES = tiles
+                try:
+                    ms = time_ms(jax.jit(lambda *a: fn(*a)), args)
+                finally:
+                    pallas_gmm.ROWS_TILES = None
+                rows.append(dict(kernel=kernel, groups=groups, tokens_per_expert=t, round=rnd, tiles=name,
+                                 ms=ms[0], ms_min=ms[1], ms_max=ms[2], tflops=flops / ms[0] / 1e9))
+                print(f"{kernel:12} {groups:4} x {t:5} round {rnd} {name:5} {ms[0]:.4f} ms ({ms[1]:.4f}-{ms[2]:.4f}) "
+                      f"{rows[-1]['tflops']:.0f} TFLOP/s", flush=True)
+    return rows
 
 
 def main():
@@ -119,6 +204,10 @@ def main():
     ap.add_argument("--groups", type=int, default=8)
     ap.add_argument("--t", type=int, default=512)
     ap.add_argument("--impls", default=",".join(VARIANTS))
+    ap.add_argument("--kernels", default=None, help="instead of --impls: configs/small.py's products, of "
+                    "plain, halves, grad_halves (flat pipeline, 3 stages)")
+    ap.add_argument("--tiles-ab", action="store_true", help="with --kernels: time them unprofiled, as trained "
+                    "and with 3- and 4-stage rings (no profile)")
     ap.add_argument("--space", type=int, default=512, help="profiler events per warpgroup (shared memory)")
     args = ap.parse_args()
     dev = jax.devices()[0]
@@ -126,9 +215,16 @@ def main():
                   date_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   command="python " + " ".join(sys.argv), results=[])
     keep = os.path.dirname(os.path.abspath(args.out))
-    for impl in args.impls.split(","):
+    if args.tiles_ab:
+        report["results"] = tiles_ab((args.kernels or "halves,plain").split(","), args.groups, args.t)
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+        return
+    names = args.kernels.split(",") if args.kernels else args.impls.split(",")
+    for impl in names:
         try:
-            rec = profile_one(impl, args.proj, args.groups, args.t, args.space, keep)
+            rec = (profile_small(impl, args.groups, args.t, args.space, keep) if args.kernels else
+                   profile_one(impl, args.proj, args.groups, args.t, args.space, keep))
         except Exception as e:  # noqa: BLE001  (one failing variant must not lose the others)
             rec = dict(impl=impl, error=f"{type(e).__name__}: {str(e)[:400]}")
         report["results"].append(rec)
@@ -139,6 +235,8 @@ def main():
         if "error" in rec:
             print(f"{rec['impl']:21} {rec['error'][:100]}")
             continue
+        if "prod_ms" in rec:
+            print(f"{rec['impl']:21} as trained (4 stages where they fit): {rec['prod_ms']:.3f} ms")
         for wg, scopes in rec["warpgroups"].items():
             for name, v in scopes.items():
                 each = v["mean_us"] / v["count"] if v["count"] else float("nan")

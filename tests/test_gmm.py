@@ -629,13 +629,9 @@ def test_fused_expert_ffn_gradients_inside_shard_map(hang_guard):
 
 def test_gmm_profile_summary_attributes_time_to_the_innermost_scope():
     """experiments/gmm_profile.py's reading of a Mosaic GPU profiler trace, on a synthetic two-CTA trace."""
-    import importlib.util
-    import pathlib
+    from experiment_scripts import load
 
-    path = pathlib.Path(__file__).parents[1] / "experiments" / "gmm_profile.py"
-    spec = importlib.util.spec_from_file_location("gmm_profile", path)
-    gp = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gp)
+    gp = load("gmm_profile")
     ev = lambda name, ph, ts, tid: dict(name=name, ph=ph, ts=ts, pid=1, tid=tid)  # noqa: E731
     events = []
     for cta, scale in ((0, 1.0), (1, 3.0)):

@@ -1,22 +1,12 @@
 """experiments/gpu_clocks.py: the SM clock and board power that benchmarks record beside their timings."""
 
-import importlib.util
-import pathlib
-
 import pytest
-
-
-def _module():
-    path = pathlib.Path(__file__).parents[1] / "experiments" / "gpu_clocks.py"
-    spec = importlib.util.spec_from_file_location("gpu_clocks", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from experiment_scripts import load
 
 
 def test_summary_of_sampled_lines():
     """nvidia-smi's csv rows (no header, no units), with an unreadable row and a non-row left out."""
-    gc = _module()
+    gc = load("gpu_clocks")
     lines = ["1980, 201.52, Not Active", "1695, 690.49, Active", "[N/A], [N/A], [N/A]", "",
              "1395, 701.67, Active"]
     got = gc.summarize(lines)
@@ -29,7 +19,7 @@ def test_summary_of_sampled_lines():
 
 
 def test_sampler_without_nvidia_smi_reports_nothing(monkeypatch):
-    gc = _module()
+    gc = load("gpu_clocks")
     monkeypatch.setattr(gc.shutil, "which", lambda name: None)
     with gc.ClockSampler() as clocks:
         pass

@@ -273,3 +273,28 @@ def test_kernels_policy_keeps_the_attention_kernels_output(mosaic_gpu_trace):
     launches = {p: str(jax.make_jaxpr(jax.grad(jax.checkpoint(layer, policy=POLICY_FNS[p]), argnums=(0, 1, 2)))(
         q, q, v)).count(MGPU_CALL) for p in REMAT_POLICIES}
     assert launches == {"nothing": 4, "kernels": 3, "dots": 3}, launches
+
+
+def test_kernel_policies_keep_the_attention_kernels_first_visible_keys(mosaic_gpu_trace, monkeypatch):
+    """Our attention's per-row first visible key (an argmax over the [B, T, T] packed-documents mask) is kept under
+    "kernels" and "dots", so a rematerialised layer's backward does not argmax the mask again; "nothing" does."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # the kernels traced, not interpreted (not run)
+    from lcflash.model.mla import LatentKV, expanded_attention
+    from lcflash.model.transformer import causal_mask
+
+    B, T, H, R = 1, 128, 2, 64
+    ks = jax.random.split(jax.random.key(0), 5)
+    q_nope, q_pe = jax.random.normal(ks[0], (B, T, H, 128)), jax.random.normal(ks[1], (B, T, H, 64))
+    kv = LatentKV(jax.random.normal(ks[2], (B, T, R)), jax.random.normal(ks[3], (B, T, 64)))
+    w_kv_b = jax.random.normal(ks[4], (R, H, 256))
+    segments = jnp.cumsum(jax.random.bernoulli(jax.random.key(1), 0.05, (B, T)), axis=1)
+    mask = causal_mask(B, T, T, segment_ids_bt=segments)
+
+    def attention(q_nope, q_pe, kv, w_kv_b):
+        o = expanded_attention(q_nope.astype(jnp.bfloat16), q_pe.astype(jnp.bfloat16), kv, w_kv_b, mask, 0.1,
+                               128, "pallas", "causal_docs")
+        return jnp.sum(o.astype(jnp.float32))
+
+    argmaxes = {p: str(jax.make_jaxpr(jax.grad(jax.checkpoint(attention, policy=POLICY_FNS[p]), argnums=(0, 1)))(
+        q_nope, q_pe, kv, w_kv_b)).count("argmax[") for p in REMAT_POLICIES}
+    assert argmaxes == {"nothing": 2, "kernels": 1, "dots": 1}, argmaxes

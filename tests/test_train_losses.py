@@ -204,6 +204,30 @@ def test_adam_eps_and_clipping():
         pytest.approx(1.0)
 
 
+@pytest.mark.parametrize("by_layer", [True, False])
+def test_global_norm_by_layer_slices_equals_optax(monkeypatch, by_layer):
+    """The global norm with the stacked leaves summed per layer slice (optimizer.NORM_BY_LAYER) equals optax's one
+    sum per leaf, and clips the same, on fresh random gradients; only slices of at least NORM_SLICE_MIN elements
+    are split."""
+    from lcflash.train import optimizer
+
+    monkeypatch.setattr(optimizer, "NORM_SLICE_MIN", 12)
+    monkeypatch.setattr(optimizer, "NORM_BY_LAYER", by_layer)
+    ks = jax.random.split(jax.random.key(int(np.random.default_rng().integers(1 << 30))), 4)
+    grads = {"embed": jax.random.normal(ks[0], (8, 4)),
+             "layers": {"mlp": {"w": jax.random.normal(ks[1], (3, 4, 5))}, "norm": jax.random.normal(ks[2], (3, 4))}}
+    norm = optimizer.global_norm(grads)
+    np.testing.assert_allclose(norm, optax.tree.norm(grads), rtol=1e-6)
+    sums = str(jax.make_jaxpr(lambda g: optimizer.global_norm(g))(grads)).count("reduce_sum[")  # a fresh trace
+    # embed, w's three [4, 5] layers (by_layer), norm's [4] layers whole (under NORM_SLICE_MIN)
+    assert sums == (1 + 3 + 1 if by_layer else 3)
+    for max_norm in (0.5 * float(norm), 2.0 * float(norm)):
+        ours = optimizer.clip_by_global_norm(max_norm).update(grads, None)[0]
+        ref = optax.clip_by_global_norm(max_norm).update(grads, None)[0]
+        for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
 def test_mu_dtype_sets_the_first_moment_dtype_only():
     p = {"w": jnp.ones((2, 2))}
     g = {"w": jnp.full((2, 2), 0.5)}

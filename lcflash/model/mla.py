@@ -12,7 +12,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from lcflash.config import ModelConfig
-from lcflash.kernels import on_hopper
+from lcflash.kernels import KERNEL_OUTPUT, on_hopper
 from lcflash.kernels.mla_decode import mla_decode
 from lcflash.model.common import ATTENTION_QUERIES, normal_param
 from lcflash.model.norm import RMSNorm
@@ -168,7 +168,10 @@ def _pallas_attention(q_bthk, operands, mask_bts, scale, mask_kind, mla_form: bo
         raise ValueError("train_attn_impl 'pallas' runs on one device (its kernels have no sharding rule yet); "
                          "use 'cudnn' or 'auto' on a multi-device mesh")
     B, T = q_bthk.shape[:2]
-    first_bt = jnp.zeros((B, T), jnp.int32) if mask_kind == "causal" else first_visible(mask_bts)
+    if mask_kind == "causal":
+        first_bt = jnp.zeros((B, T), jnp.int32)
+    else:  # 4 bytes a token, kept like the kernels' outputs: else each layer's backward argmaxes the [B, T, T] mask
+        first_bt = checkpoint_name(first_visible(mask_bts), KERNEL_OUTPUT)
     interpret = jax.default_backend() != "gpu"
     a, b = operands
     if mla_form:

@@ -23,7 +23,7 @@ from lcflash.config import ConfigError, ModelConfig, model_config
 from lcflash.model import LongcatFlash
 from lcflash.model.common import RouterBias
 from lcflash.train import bias_controller, hparam_transfer, losses
-from lcflash.train.optimizer import make_optimizer
+from lcflash.train.optimizer import global_norm, make_optimizer
 
 LOSS_TERMS = ("lm", "lb", "z")   # the three gradient sources; lm = ce + mtp_weight * mtp
 
@@ -234,7 +234,7 @@ def make_train_step(cfg, model_cfg: ModelConfig | None = None):
             terms, aux, grads, grad_ratio = grads_of(params, state["bias"], batch, do_ratio)
         else:
             terms, aux, grads, grad_ratio = accumulated(params, state["bias"], batch, do_ratio)
-        grad_norm = optax.tree.norm(grads)
+        grad_norm = global_norm(grads)  # the clip's, computed once
         updates, opt_state = opt.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
 
