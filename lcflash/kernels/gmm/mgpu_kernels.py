@@ -156,7 +156,7 @@ def row_schedule(group_sizes_g: jax.Array, m: int, tile_m: int) -> tuple[jax.Arr
 # --------------------------------------------------------------------------------------------------
 
 
-def _store_rows(val, out_gmem, stage_smem, *, row0, start, rows, col0, tile_n, epi_n, ragged_smem=None):
+def _store_rows(val, out_gmem, stage_smem, *, row0, start, rows, col0, epi_n, ragged_smem=None):
     """Casts val (fp32, WGMMA layout) to out dtype and stores it in epi_n-column chunks via TMA.
 
     A whole tile goes through stage_smem (swizzled, so the register store has no bank conflicts). A ragged row
@@ -166,7 +166,7 @@ def _store_rows(val, out_gmem, stage_smem, *, row0, start, rows, col0, tile_n, e
     """
     tile_rows = stage_smem.shape[0]
     whole_tile = (start == 0) & (rows == tile_rows)
-    for c in range(tile_n // epi_n):
+    for c in range(val.shape[1] // epi_n):
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the staging buffer is free again
         chunk = val[:, c * epi_n:(c + 1) * epi_n].astype(stage_smem.dtype)
         cols = pl.ds(col0 + c * epi_n, epi_n)
@@ -440,7 +440,7 @@ def rows_kernel(
 
                     def _store(val=val, i=i, c0=c0):
                         _store_rows(val, out_gmems[i], stage_whole.at[wg], row0=blk * tm, start=start, rows=rows,
-                                    col0=c0, tile_n=val.shape[1], epi_n=epi_n, ragged_smem=stage_ragged.at[wg])
+                                    col0=c0, epi_n=epi_n, ragged_smem=stage_ragged.at[wg])
 
                     if zero_tail[i] or tail is True or tail is False:
                         _store()
@@ -775,7 +775,7 @@ def contract_kernel(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles, lhs_i
                     def acc_scope(acc_ref):
                         run(acc_ref)
                         _store_rows(acc_ref[...], out_gmem.at[gi], stage_smem.at[wg], row0=kt * tm, start=0,
-                                    rows=tm, col0=nt * 2 * tn + wg * tn, tile_n=tn, epi_n=epi_n)
+                                    rows=tm, col0=nt * 2 * tn + wg * tn, epi_n=epi_n)
 
                     pl.run_scoped(acc_scope, plgpu.ACC((tm, tn), jnp.float32))
 
@@ -887,7 +887,7 @@ def _contract_kernel_flat(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles,
                     kt, nt = (lin // n_tiles) % k_tiles, lin % n_tiles
                     plgpu.wgmma_wait(0)
                     _store_rows(acc[...], out_gmem.at[gi], stage_smem.at[wg], row0=kt * tm, start=0, rows=tm,
-                                col0=nt * 2 * tn + wg * tn, tile_n=tn, epi_n=epi_n)
+                                col0=nt * 2 * tn + wg * tn, epi_n=epi_n)
                     _zero_acc(acc, interpret)
 
                 info = tuple(jnp.where(last, a, b) for a, b in zip(nxt, info))

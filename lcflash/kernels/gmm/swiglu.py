@@ -17,11 +17,9 @@ def interleave_pairs(gate, up):
 
 
 def pairs_to_halves(gu):
-    """[g | u] from the interleaved [..., 2F] (interleave_pairs' inverse, as one concatenated array)."""
-    f = gu.shape[-1] // 2
-    blocks = gu.reshape(*gu.shape[:-1], f // PAIR_COLS, 2, PAIR_COLS)
-    return jnp.concatenate([blocks[..., 0, :].reshape(*gu.shape[:-1], f),
-                            blocks[..., 1, :].reshape(*gu.shape[:-1], f)], axis=-1)
+    """[g | u] from the interleaved [..., 2F] (interleave_pairs' inverse)."""
+    blocks = gu.reshape(*gu.shape[:-1], gu.shape[-1] // (2 * PAIR_COLS), 2, PAIR_COLS)
+    return jnp.swapaxes(blocks, -3, -2).reshape(gu.shape)
 
 
 def _halves(gu_mf):
