@@ -1,5 +1,4 @@
 import os
-import signal
 
 import pytest
 
@@ -60,13 +59,19 @@ def _compile_interpreter_threads_once():
 _compile_interpreter_threads_once()
 
 
-@pytest.fixture
-def hang_guard():
-    """An exception inside Pallas' GPU interpreter can leave its simulated threads waiting forever: SIGALRM ends
-    such a test after 300 s instead of stalling CI."""
-    signal.alarm(300)
-    yield
-    signal.alarm(0)
+def _synchronous_cpu_dispatch():
+    """Pallas' interpreters call JAX from inside io_callbacks of a running computation. With XLA:CPU's asynchronous
+    dispatch, the test's next op can be queued while such a computation runs; the callback's own op then waits
+    behind it and both wait forever (jax-ml/jax#25861). It hung CI in test_doc_attention's second vjp: the main
+    thread in an eager `arange`, the first backward's callback in an eager `array`. Synchronous dispatch runs each
+    computation to its end before the caller goes on. A flag, not an environment variable: set before the CPU
+    client starts."""
+    import jax
+
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
+
+
+_synchronous_cpu_dispatch()
 
 
 @pytest.fixture

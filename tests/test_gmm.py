@@ -112,12 +112,12 @@ def test_overlap_mma_needs_the_flat_pipeline():
 
 
 # ------------------------------------------------------------------------------------------------
-# Our kernels in Pallas' GPU interpreter (CPU), each under conftest's hang_guard.
+# Our kernels in Pallas' GPU interpreter (CPU).
 # ------------------------------------------------------------------------------------------------
 
 
 @cpu_only
-def test_pallas_interpret_forward_and_gradients(hang_guard):
+def test_pallas_interpret_forward_and_gradients():
     """The forward (the same rows kernel as a plain api.gmm call: the custom VJP's forward rule runs it) and both
     gradients; the interpreter NaN-fills outputs, so unwritten rows fail _rel."""
     lhs, rhs, dout, sizes = _inputs(5, M_RAGGED, 128, 256, SIZES_RAGGED, jnp.bfloat16)
@@ -133,7 +133,7 @@ def test_pallas_interpret_forward_and_gradients(hang_guard):
 
 @cpu_only
 @pytest.mark.parametrize("impl", ["pallas", "pallas_chain"])
-def test_pallas_interpret_zero_tail_false_skips_only_the_tail(hang_guard, impl):
+def test_pallas_interpret_zero_tail_false_skips_only_the_tail(impl):
     """gmm(zero_tail=False): the output's and d_lhs's rows of the groups are those of the default call, bit for bit,
     and the rows past the groups are not written (the interpreter's NaN fill shows through); d_rhs is unchanged."""
     lhs, rhs, dout, sizes = _inputs(18, M_RAGGED, 128, 256, SIZES_RAGGED, jnp.bfloat16)
@@ -148,7 +148,7 @@ def test_pallas_interpret_zero_tail_false_skips_only_the_tail(hang_guard, impl):
 
 
 @cpu_only
-def test_pallas_interpret_fused_swiglu_and_decode_tiles(hang_guard):
+def test_pallas_interpret_fused_swiglu_and_decode_tiles():
     from lcflash.kernels.gmm import pallas_gmm
 
     # 40 rows over 4 groups: the 64-row decode tiling, and fewer rows than a tile.
@@ -169,7 +169,7 @@ def test_pallas_interpret_fused_swiglu_and_decode_tiles(hang_guard):
     # one matmul tile: a one-tile pipeline on one SM, an empty one (0 steps) on the other; tail rows in 2 tiles.
     (200, 128, 128, [0, 100]),
 ])
-def test_pallas_interpret_chained_rows_kernel(hang_guard, m, k, n, sizes_l):
+def test_pallas_interpret_chained_rows_kernel(m, k, n, sizes_l):
     """Forward rows kernel with one flat pipeline per CTA (pallas_chain) against the fp32 reference and bit for
     bit against the per-tile kernel; every output element is written (the interpreter NaN-fills outputs)."""
     from lcflash.kernels.gmm import pallas_gmm
@@ -184,7 +184,7 @@ def test_pallas_interpret_chained_rows_kernel(hang_guard, m, k, n, sizes_l):
 
 @cpu_only
 @pytest.mark.parametrize("chain", [False, True])
-def test_pallas_interpret_swiglu_epilogue(hang_guard, chain):
+def test_pallas_interpret_swiglu_epilogue(chain):
     """gmm_swiglu_halves: the [gate | up] kernel that applies SwiGLU before its store (3 column tiles per half,
     ragged groups, tail rows) and its backward against the fp32 reference; the interpreter NaN-fills outputs, so
     an unwritten element of h or of its residual [g | u] fails _rel."""
@@ -252,7 +252,7 @@ def _check_ffn_swiglu_grad_epilogue(m, d, f, sizes_l, seed, pairs=False):
 
 @cpu_only
 @pytest.mark.parametrize("pairs", [False, True])
-def test_pallas_interpret_ffn_swiglu_grad_epilogue(hang_guard, pairs):
+def test_pallas_interpret_ffn_swiglu_grad_epilogue(pairs):
     """The expert FFN whose down-projection d_lhs kernel writes [d_g | d_u] (3 column tiles per half, ragged
     groups, tail rows), with [gate | up] as halves or interleaved; the interpreter NaN-fills outputs, so with
     zero_tail an unwritten element fails _rel."""
@@ -324,7 +324,7 @@ def _contract_ref_f64(lhs, dout, sizes_l):
     # is clamped into bounds), bf16 output through the 128-column epilogue.
     (128, 128, 256, [64, 64, 0], jnp.bfloat16, BF16_TOL),
 ])
-def test_pallas_interpret_flat_contract_kernel(hang_guard, m, k, n, sizes_l, out_dtype, tol):
+def test_pallas_interpret_flat_contract_kernel(m, k, n, sizes_l, out_dtype, tol):
     """d_rhs through one flat pipeline per CTA (pallas_chain) against a float64 reference; the interpreter
     NaN-fills outputs, so an unwritten tile fails; empty groups must be exactly zero."""
     from lcflash.kernels.gmm import pallas_gmm
@@ -625,7 +625,7 @@ def test_gpu_jax_mgpu_forward_and_gradients():
     assert not np.asarray(got[0][sum(sizes_l):], np.float32).any()
 
 
-def test_pallas_gradients_inside_shard_map(hang_guard):
+def test_pallas_gradients_inside_shard_map():
     """Expert-parallel training differentiates the kernel inside shard_map with expert-sharded weights: its
     cotangents must carry the weights' varying manual axes (this raised a custom_vjp type error on the GPU)."""
     from jax.sharding import NamedSharding, PartitionSpec as P
@@ -647,7 +647,7 @@ def test_pallas_gradients_inside_shard_map(hang_guard):
 
 
 @pytest.mark.parametrize("pairs", [False, True])
-def test_fused_expert_ffn_gradients_inside_shard_map(hang_guard, pairs):
+def test_fused_expert_ffn_gradients_inside_shard_map(pairs):
     """The same for the whole expert FFN with SwiGLU's backward in the down d_lhs kernel (api.gmm_swiglu_ffn):
     its [d_g | d_u] goes from one kernel to the next inside the custom gradient; pairs: the weight taken as
     interleaved [gate | up] (the reference turns it back)."""

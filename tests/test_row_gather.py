@@ -27,7 +27,7 @@ def _check(t, d, m, n, dtype, align, interpret, scaled=False, seed=0):
 @pytest.mark.skipif(ON_GPU, reason="interpreter test; the GPU runs the compiled kernel instead")
 @pytest.mark.parametrize("scaled", [False, True])
 @pytest.mark.parametrize("n", [0, 1, 50, 96])
-def test_take_rows_writes_the_rows_up_to_the_aligned_count_in_the_interpreter(hang_guard, n, scaled):
+def test_take_rows_writes_the_rows_up_to_the_aligned_count_in_the_interpreter(n, scaled):
     out, written = _check(t=40, d=512, m=96, n=n, dtype=jnp.bfloat16, align=32, interpret=True, scaled=scaled,
                           seed=n)
     assert np.isnan(out[written:]).all()  # left unwritten (the interpreter's NaN fill)
@@ -61,7 +61,7 @@ def test_bad_shapes_fail_before_compiling():
         row_gather.take_rows(jnp.zeros((8, 256), jnp.bfloat16), jnp.zeros((16,), jnp.int32), 3, jnp.ones((8,)))
 
 
-def test_dispatch_rows_uses_the_kernel_on_hopper_with_the_same_rows_and_gradient(hang_guard, monkeypatch):
+def test_dispatch_rows_uses_the_kernel_on_hopper_with_the_same_rows_and_gradient(monkeypatch):
     """lcflash.model.slots.dispatch_rows with the kernel switched on (here in the interpreter, as if on a Hopper
     GPU): the FFN slots' rows and the gradient equal XLA's gather."""
     from lcflash.model import slots as slots_mod
@@ -87,7 +87,7 @@ def test_dispatch_rows_uses_the_kernel_on_hopper_with_the_same_rows_and_gradient
     np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
 
 
-def test_combine_rows_backward_uses_the_kernel_on_hopper_with_the_same_gradients(hang_guard, monkeypatch):
+def test_combine_rows_backward_uses_the_kernel_on_hopper_with_the_same_gradients(monkeypatch):
     """lcflash.model.slots.combine_rows with the kernel switched on (in the interpreter, as if on a Hopper GPU): the
     same output, d_w, and d_y on the FFN slots' rows (zero up to the next whole tile, unwritten after), from a
     gradient that holds bf16 values as MoE.combine's cast makes it."""

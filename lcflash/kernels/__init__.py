@@ -14,7 +14,11 @@ def on_hopper(backend: str | None = None, compute_capability: str | None = None)
 
 
 def interpret_params(interpret: bool):
-    """plgpu.kernel's `interpret` argument: Pallas' CPU simulation of Mosaic GPU when asked for, else None."""
+    """plgpu.kernel's `interpret` argument: Pallas' CPU simulation of Mosaic GPU when asked for, else None.
+
+    The simulation calls JAX from inside callbacks of the running computation: with XLA:CPU's asynchronous dispatch
+    (JAX's default) an op dispatched meanwhile can deadlock with them (jax-ml/jax#25861): turn it off before the
+    first computation, `jax.config.update("jax_cpu_enable_async_dispatch", False)`, as tests/conftest.py does."""
     if not interpret:
         return None
     from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
