@@ -11,6 +11,7 @@ MLA's heads have qk 192 (nope 128 + rope 64) and v 128. The variants, all bf16 f
   pallas_runs  : `pallas` with the whole blocks next to the diagonal walked without the mask
                  (`pallas_mgpu.UNMASKED_RUNS`, session 15)
   pallas_dq_recompute: `pallas` with the dq kernel recomputing dS (`pallas_mgpu.DQ_FROM_DS` off: before session 27)
+  pallas_qparts: `pallas` with q_nope and the roped q_pe read as two arrays, no [nope | rope] copy (`mla.Q_PARTS`)
   pallas_dqdsN : `pallas` with the dq kernel loading N blocks of dS and K ahead (`pallas_mgpu.DQ_DS_DEPTH`)
   pallas_heads : the same kernels on per-head keys [k_nope | rope key] and v (the form of sessions 10-12)
   pallas_causal: the same told the mask is plainly causal (not the model's semantics; against cudnn_causal)
@@ -114,6 +115,14 @@ def variants(seg_bt, max_segments):
             for k, v in old.items():
                 setattr(pallas_mgpu, k, v)
 
+    def pallas_qparts(*args):
+        """pallas with mla.Q_PARTS, read while the forward is traced."""
+        old, mla.Q_PARTS = mla.Q_PARTS, True
+        try:
+            return pallas(*args)
+        finally:
+            mla.Q_PARTS = old
+
     def pallas_depths(q_nope, q_pe, k_nope, kpe, v, depths, heads=False):
         from lcflash.kernels.doc_attention.pallas_mgpu import doc_attention, mla_doc_attention
         from lcflash.kernels.doc_attention.reference import first_visible
@@ -144,6 +153,7 @@ def variants(seg_bt, max_segments):
         "pallas_causal": functools.partial(pallas, kind="causal"),
         "pallas_runs": functools.partial(pallas_with, UNMASKED_RUNS=True),
         "pallas_dq_recompute": functools.partial(pallas_with, DQ_FROM_DS=False),
+        "pallas_qparts": pallas_qparts,
         **{f"pallas_dqds{d}": functools.partial(pallas_with, DQ_DS_DEPTH=d) for d in (1, 2, 3, 4, 6)},
         "pallas_heads": functools.partial(pallas_depths, depths=pallas_mgpu.DEPTHS, heads=True),
         "dpa_causal": functools.partial(dpa, with_mask=False),
@@ -157,7 +167,7 @@ def variants(seg_bt, max_segments):
 SCALE = 192 ** -0.5
 # and every cudnn_packed_*, pallas_d*
 SAME_SEMANTICS = ("cudnn_docs", "dpa_mask", "cudnn_mask", "pallas", "pallas_runs", "pallas_dq_recompute",
-                  "pallas_heads")
+                  "pallas_qparts", "pallas_heads")
 
 
 def measure(todo, seg_bt, x, do, flops):

@@ -204,6 +204,9 @@ def main():
     ap.add_argument("--pallas_assembled_heads", action="store_true", help="our attention kernels on per-head keys "
                     "[k_nope | rope key] and v copied out of kv (the A/B baseline of "
                     "lcflash.model.mla.PALLAS_MLA_FORM)")
+    ap.add_argument("--q_parts", action="store_true", help="the q projection as two products and our attention "
+                    "kernels reading q_nope and the roped q_pe as two arrays (lcflash.model.mla.Q_PARTS, off by "
+                    "default until this A/B)")
     ap.add_argument("--repeat_check", type=int, default=0, metavar="N", help="run the compiled steps N more times "
                     "from the initial state and report whether the last loss is bitwise the same")
     ap.add_argument("--no_swiglu_grad_epilogue", action="store_true", help="SwiGLU's backward by XLA between the "
@@ -275,6 +278,7 @@ def main():
     slots.GATHER_KERNEL = not args.no_dispatch_gather_kernel
     slots.COMBINE_GRAD_KERNEL = not args.no_combine_grad_kernel
     mla.PALLAS_MLA_FORM = not args.pallas_assembled_heads
+    mla.Q_PARTS = args.q_parts
     from lcflash.kernels.doc_attention import pallas_mgpu
     pallas_mgpu.UNMASKED_RUNS = args.attn_unmasked_runs
     pallas_mgpu.DQ_FROM_DS = not args.attn_dq_recompute
@@ -331,6 +335,7 @@ def main():
         "attn_depths": list(pallas_mgpu.DEPTHS), "attn_unmasked_runs": pallas_mgpu.UNMASKED_RUNS,
         "attn_dq_from_ds": pallas_mgpu.DQ_FROM_DS,
         "skip_tails": gmm_api.SKIP_TAILS, "pallas_mla_form": mla.PALLAS_MLA_FORM,
+        "q_parts": mla.Q_PARTS,
         "z_loss_in_scan": train_step.Z_LOSS_IN_SCAN, "norm_by_layer": optimizer.NORM_BY_LAYER,
         "layer_fn_on_input": transformer.LAYER_FN_ON_INPUT,
         "top_k": router.LARGE_TOP_K,

@@ -186,10 +186,36 @@ def test_dq_from_the_dkv_kernels_ds_equals_dq_recomputed(monkeypatch):
         assert rel(a, b) < 2e-3, (name, rel(a, b))
 
 
-# (2, 1, 1): the dk/dv kernel small enough for 2 CTAs/SM; runs: the whole blocks walked unmasked; dq recomputed.
-@pytest.mark.parametrize("depths,runs,dq_from_ds", [(None, False, True), ((2, 1, 1), False, True), (None, True, True),
-                                                    (None, False, False)])
-def test_mla_form_lowers_for_cuda(depths, runs, dq_from_ds, monkeypatch):
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="Pallas' GPU interpreter, for CPU runs")
+@pytest.mark.parametrize("dq_from_ds", [True, False])
+def test_queries_as_two_arrays_give_the_joined_queries_results_bitwise(dq_from_ds, monkeypatch):
+    """q given as (q_nope, q_rope) loads the same tiles into the same products as q = [q_nope | q_rope]: the output
+    and kv's gradients are bitwise the same, and dq comes back as the two column blocks of the joined dq."""
+    monkeypatch.setattr(pallas_mgpu, "DQ_FROM_DS", dq_from_ds)
+    first = _three_documents_and_a_return()
+    q, kv, kpe, do = _mla_inputs(2, 128, 2, seed=31)
+
+    def attend(q, kv, kpe):
+        return pallas_mgpu.mla_doc_attention(q, kv, kpe, first, scale=192 ** -0.5, nope_dim=128, interpret=True)
+
+    o, vjp = jax.vjp(attend, q, kv, kpe)
+    dq, dkv, dkpe = vjp(do)
+    parts = (q[..., :128], q[..., 128:])
+    o_p, vjp_p = jax.vjp(attend, parts, kv, kpe)
+    dq_p, dkv_p, dkpe_p = vjp_p(do)
+    assert isinstance(dq_p, tuple) and [x.shape for x in dq_p] == [x.shape for x in parts]
+    assert not np.isnan(np.asarray(dq, np.float32)).any()
+    for name, a, b in (("o", o_p, o), ("dq", jnp.concatenate(dq_p, axis=-1), dq), ("dkv", dkv_p, dkv),
+                       ("dkpe", dkpe_p, dkpe)):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32), err_msg=name)
+
+
+# (2, 1, 1): the dk/dv kernel small enough for 2 CTAs/SM; runs: the whole blocks walked unmasked; dq recomputed;
+# q_parts: the queries as (q_nope, q_rope).
+@pytest.mark.parametrize("depths,runs,dq_from_ds,q_parts", [
+    (None, False, True, False), ((2, 1, 1), False, True, False), (None, True, True, False),
+    (None, False, False, False), (None, False, True, True), (None, False, False, True)])
+def test_mla_form_lowers_for_cuda(depths, runs, dq_from_ds, q_parts, monkeypatch):
     monkeypatch.setattr(pallas_mgpu, "UNMASKED_RUNS", runs)
     monkeypatch.setattr(pallas_mgpu, "DQ_FROM_DS", dq_from_ds)
     sd = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt)  # noqa: E731
@@ -199,7 +225,8 @@ def test_mla_form_lowers_for_cuda(depths, runs, dq_from_ds, monkeypatch):
                                                                           nope_dim=128, depths=depths), q, kv, kpe)
         return o, vjp(do)
 
-    lowered = jax.jit(f).trace(sd(2, 256, 4, 192), sd(2, 256, 4, 256), sd(2, 256, 64), sd(2, 256, dt=jnp.int32),
+    q = (sd(2, 256, 4, 128), sd(2, 256, 4, 64)) if q_parts else sd(2, 256, 4, 192)
+    lowered = jax.jit(f).trace(q, sd(2, 256, 4, 256), sd(2, 256, 64), sd(2, 256, dt=jnp.int32),
                                sd(2, 256, 4, 128)).lower(lowering_platforms=("cuda",))
     assert lowered.as_text().count("mosaic_gpu") >= 3
 
@@ -258,3 +285,5 @@ def test_unsupported_mla_operands_are_named():
     with pytest.raises(NotImplementedError, match="multiples of 64"):
         q, kv, kpe, _ = _mla_inputs(1, 64, 2, seed=0, nope=96, rope=96, dv=128)
         pallas_mgpu.mla_doc_attention(q, kv, kpe, first, scale=1.0, nope_dim=96)
+    with pytest.raises(NotImplementedError, match="q parts of 64 and 128 columns"):
+        pallas_mgpu.mla_doc_attention((q[..., 128:], q[..., :128]), kv, kpe, first, scale=1.0, nope_dim=128)

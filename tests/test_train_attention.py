@@ -139,6 +139,45 @@ def test_kernels_read_mla_operands_as_the_model_computes_them(monkeypatch):
         assert rel(a, c) < 1e-2, rel(a, c)
 
 
+def test_q_parts_hands_the_kernels_two_query_arrays_with_the_same_results(monkeypatch):
+    """mla.Q_PARTS: q_nope and the roped q_pe reach our kernels as two arrays, with no [nope | rope] concatenation
+    in the traced forward or backward, and the same output and gradients, bitwise (in Pallas' GPU interpreter off
+    a GPU)."""
+    from lcflash.model import mla
+
+    case = dict(B=2, T=128, H=2)
+    args, mask, dn = _attention_case(jnp.bfloat16, **case)
+    concats, results = {}, {}
+    for parts in (False, True):
+        monkeypatch.setattr(mla, "Q_PARTS", parts)
+        fwd = lambda *a: expanded_attention(*a, mask, 0.07, dn, "pallas", "causal_docs")  # noqa: E731 (traced anew)
+        jaxpr = jax.make_jaxpr(lambda *a: jax.vjp(fwd, *a)[1](fwd(*a)))(*args)
+        concats[parts] = str(jaxpr).count("concatenate[")
+        results[parts] = _attention_and_grads("pallas", jnp.bfloat16, "causal_docs", **case)
+    assert concats[True] < concats[False], concats
+    (o, g), (o_joined, g_joined) = results[True], results[False]
+    for a, b in zip([o, *g], [o_joined, *g_joined], strict=True):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+def test_q_parts_projection_gives_the_model_s_logits_and_gradients(monkeypatch):
+    """With mla.Q_PARTS the q projection runs as two products (nope, rope) of the one w_q_b: the same logits and
+    gradients as one product sliced, to fp32 rounding: the logits agree to ~1e-6; the gradients to ~3e-5, since
+    the latent's gradient is now two partial sums (nope, rope) added, and the loss's large vocabulary-wide sums
+    carry that reordering into every leaf (the bound of the other reordered-sum comparison above)."""
+    from lcflash.model import mla
+
+    out = {}
+    for parts in (False, True):
+        monkeypatch.setattr(mla, "Q_PARTS", parts)
+        fn, params = _model_fns("xla", "float32")
+        out[parts] = fn(params)
+    ((_, y), g), ((_, y_ref), g_ref) = out[True], out[False]
+    assert rel(y, y_ref) < 1e-5
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref), strict=True):
+        assert rel(a, b) < 1e-4
+
+
 def test_document_mask_off_attends_across_documents():
     """`data.document_mask=False`: the training loss is the one of a window holding a single document (plain
     causal attention, the window's positions), and differs from the loss with the documents kept apart."""

@@ -119,6 +119,11 @@ def pad_head(x, d: int):
 # keys [k_nope | rope key] and copies v out of kv first, as before (the A/B baseline of experiments/bench_train.py
 # --pallas_assembled_heads).
 PALLAS_MLA_FORM = True
+# The q projection as two products, nope and rope, and our kernels reading the two as they are: no [nope | rope]
+# copy before the kernel (25 x 63 us per step at 32 x 1024 on configs/small.py) and no padded sum of the two parts'
+# gradients after it (25 x 81 us; session 28's profile, experiments/bench_train_b32_s28_profile3_h200.json). Off until
+# measured on a GPU (experiments/bench_train.py --q_parts); read at trace time.
+Q_PARTS = False
 
 
 def fused_attention(q_nope_bthk, q_pe_bthd, kv_bshk, kpe_bsd, mask_bts, scale, implementation,
@@ -133,9 +138,13 @@ def fused_attention(q_nope_bthk, q_pe_bthd, kv_bshk, kpe_bsd, mask_bts, scale, i
     if mask_kind not in MASK_KINDS:
         raise ValueError(f"mask_kind {mask_kind!r}: expected one of {MASK_KINDS}")
     nope = q_nope_bthk.shape[-1]
-    q_bthk = checkpoint_name(jnp.concatenate([q_nope_bthk, q_pe_bthd], axis=-1), ATTENTION_QUERIES)  # remat_keep
     if implementation == "auto":
-        implementation = auto_fused_impl(q_bthk, kv_bshk, kpe_bsd, mask_kind)
+        q_sds = jax.ShapeDtypeStruct(q_nope_bthk.shape[:-1] + (nope + q_pe_bthd.shape[-1],), q_nope_bthk.dtype)
+        implementation = auto_fused_impl(q_sds, kv_bshk, kpe_bsd, mask_kind)
+    if implementation == "pallas" and PALLAS_MLA_FORM and Q_PARTS:
+        q_parts = (q_nope_bthk, checkpoint_name(q_pe_bthd, ATTENTION_QUERIES))   # remat_keep: the roped part
+        return _pallas_attention(q_parts, (kv_bshk, kpe_bsd), mask_bts, scale, mask_kind, mla_form=True)
+    q_bthk = checkpoint_name(jnp.concatenate([q_nope_bthk, q_pe_bthd], axis=-1), ATTENTION_QUERIES)  # remat_keep
     if implementation == "pallas" and PALLAS_MLA_FORM:
         return _pallas_attention(q_bthk, (kv_bshk, kpe_bsd), mask_bts, scale, mask_kind, mla_form=True)
     k_bshk, v_bshv = per_head_keys(kv_bshk[..., :nope], kpe_bsd), kv_bshk[..., nope:]
@@ -156,8 +165,8 @@ def fused_attention(q_nope_bthk, q_pe_bthd, kv_bshk, kpe_bsd, mask_bts, scale, i
 def _pallas_attention(q_bthk, operands, mask_bts, scale, mask_kind, mla_form: bool = False):
     """Our Mosaic GPU kernels (lcflash/kernels/doc_attention): they visit only the blocks holding a visible key of
     a causal or packed-document mask, which they rebuild from each row's first visible key. operands: per-head
-    (k, v), or with mla_form (kv = [k_nope | v], the shared rope key). Pallas' GPU interpreter runs them on other
-    backends (tests)."""
+    (k, v), or with mla_form (kv = [k_nope | v], the shared rope key; q may then be the pair (q_nope, q_rope)).
+    Pallas' GPU interpreter runs them on other backends (tests)."""
     from lcflash.kernels.doc_attention.pallas_mgpu import doc_attention, mla_doc_attention
     from lcflash.kernels.doc_attention.reference import first_visible
 
@@ -167,7 +176,8 @@ def _pallas_attention(q_bthk, operands, mask_bts, scale, mask_kind, mla_form: bo
     if _multi_device():
         raise ValueError("train_attn_impl 'pallas' runs on one device (its kernels have no sharding rule yet); "
                          "use 'cudnn' or 'auto' on a multi-device mesh")
-    B, T = q_bthk.shape[:2]
+    parts = isinstance(q_bthk, tuple)
+    B, T = (q_bthk[0] if parts else q_bthk).shape[:2]
     if mask_kind == "causal":
         first_bt = jnp.zeros((B, T), jnp.int32)
     else:  # 4 bytes a token, kept like the kernels' outputs: else each layer's backward argmaxes the [B, T, T] mask
@@ -175,8 +185,8 @@ def _pallas_attention(q_bthk, operands, mask_bts, scale, mask_kind, mla_form: bo
     interpret = jax.default_backend() != "gpu"
     a, b = operands
     if mla_form:
-        return mla_doc_attention(q_bthk, a, b, first_bt, scale=scale, nope_dim=q_bthk.shape[-1] - b.shape[-1],
-                                 interpret=interpret)
+        nope = q_bthk[0].shape[-1] if parts else q_bthk.shape[-1] - b.shape[-1]
+        return mla_doc_attention(q_bthk, a, b, first_bt, scale=scale, nope_dim=nope, interpret=interpret)
     return doc_attention(q_bthk, a, b, first_bt, scale=scale, interpret=interpret)
 
 
@@ -232,8 +242,13 @@ class MLA(nnx.Module):
         """Queries (nope, roped) and this token's latent KV."""
         cfg, dtype = self.cfg, x_btd.dtype
         cq_btr = self.q_a_norm(jnp.einsum("btd,dr->btr", x_btd, self.w_q_a[...].astype(dtype)))
-        q_bthk = jnp.einsum("btr,rhk->bthk", cq_btr, self.w_q_b[...].astype(dtype)) * cfg.alpha_q
-        q_nope, q_pe = q_bthk[..., :cfg.qk_nope_head_dim], q_bthk[..., cfg.qk_nope_head_dim:]
+        w_q_b, n = self.w_q_b[...].astype(dtype), cfg.qk_nope_head_dim
+        if Q_PARTS:   # each part its own product, not a slice of a joined q that XLA would copy
+            q_nope, q_pe = (jnp.einsum("btr,rhk->bthk", cq_btr, w) * cfg.alpha_q
+                            for w in (w_q_b[..., :n], w_q_b[..., n:]))
+        else:
+            q_bthk = jnp.einsum("btr,rhk->bthk", cq_btr, w_q_b) * cfg.alpha_q
+            q_nope, q_pe = q_bthk[..., :n], q_bthk[..., n:]
         kva_btr = jnp.einsum("btd,dr->btr", x_btd, self.w_kv_a[...].astype(dtype))
         c_btr = self.kv_a_norm(kva_btr[..., :cfg.kv_lora_rank]) * cfg.alpha_kv
         kpe_btd = apply_rope(kva_btr[..., None, cfg.kv_lora_rank:], cos_btd, sin_btd)[..., 0, :]

@@ -217,16 +217,23 @@ class Form(NamedTuple):
     is the first widths[0] columns of k [B, T, H, *]; with `shared`, part 1 is a key shared by all heads,
     [B, T, widths[1]] (MLA's rope key; its gradient is written per head, [B, T, H, widths[1]], and summed by XLA).
     v is columns [v_col, v_col + dv) of v [B, T, H, *], or of k itself with `v_in_k` (MLA's kv = [k_nope | v]: its
-    gradient [dk_nope | dv] is then written as one array). The plain form: one part, v_col 0."""
+    gradient [dk_nope | dv] is then written as one array). The plain form: one part, v_col 0. With `q_parts`, q comes
+    as one array per part ([B, T, H, widths[i]]) and dq goes back so: MLA's queries need no [nope | rope] copy."""
     widths: tuple[int, ...]
     v_col: int
     dv: int
     shared: bool = False
     v_in_k: bool = False
+    q_parts: bool = False
 
     @property
     def offsets(self) -> tuple[int, ...]:
         return tuple(int(o) for o in np.cumsum((0,) + tuple(self.widths[:-1])))
+
+    @property
+    def n_q(self) -> int:
+        """Query arrays the kernels take (and dq arrays they write)."""
+        return len(self.widths) if self.q_parts else 1
 
     @property
     def n_k(self) -> int:
@@ -248,8 +255,11 @@ def _heads(ref, off: int = 0, width: int | None = None, per_head: bool = True):
     return lambda b, h, sl: ref.at[(b, sl) + cols]
 
 
-def _q_views(form: Form, q_ref):
-    return [_heads(q_ref, o, w) for o, w in zip(form.offsets, form.widths)]
+def _q_views(form: Form, q_refs):
+    """One view per part: a whole array each with `q_parts`, else column windows of the one q array."""
+    if form.q_parts:
+        return [_heads(r) for r in q_refs]
+    return [_heads(q_refs[0], o, w) for o, w in zip(form.offsets, form.widths)]
 
 
 def _kv_views(form: Form, kv_refs):
@@ -259,7 +269,8 @@ def _kv_views(form: Form, kv_refs):
     return keys, _heads(k_ref if form.v_in_k else kv_refs[-1], form.v_col, form.dv)
 
 
-def _fwd_kernel(visits_ref, first_ref, q_ref, *refs, form, depth, scale, ops):
+def _fwd_kernel(visits_ref, first_ref, *refs, form, depth, scale, ops):
+    q_refs, refs = refs[:form.n_q], refs[form.n_q:]
     kv_refs, (o_ref, lse_ref, scoped) = refs[:form.n_k], refs[form.n_k:]
     P = len(form.widths)
     smem, (q_bar, *ring_bars) = scoped
@@ -267,7 +278,7 @@ def _fwd_kernel(visits_ref, first_ref, q_ref, *refs, form, depth, scale, ops):
     k_bars, (v_bar, fk_bar) = ring_bars[:P], ring_bars[P:]
     k_views, v_view = _kv_views(form, kv_refs)
     b, h, rows, lo, n, plain, fetch = _walk(
-        visits_ref, depth, ([*zip(_q_views(form, q_ref), q_s), (_ROWS(first_ref), fq_smem)], q_bar),
+        visits_ref, depth, ([*zip(_q_views(form, q_refs), q_s), (_ROWS(first_ref), fq_smem)], q_bar),
         [*zip(k_views, k_s, k_bars), (v_view, v_smem, v_bar), (_ROWS(first_ref), fk_smem, fk_bar)])
     tile = (BLOCK, BLOCK)
     fq = ops.vector(fq_smem, 1, tile)
@@ -320,15 +331,16 @@ def _fwd_kernel(visits_ref, first_ref, q_ref, *refs, form, depth, scale, ops):
     plgpu.wait_smem_to_gmem(0)
 
 
-def _dq_kernel(visits_ref, first_ref, q_ref, *refs, form, depth, scale, ops):
-    kv_refs, (do_ref, lse_ref, delta_ref, dq_ref, scoped) = refs[:form.n_k], refs[form.n_k:]
+def _dq_kernel(visits_ref, first_ref, *refs, form, depth, scale, ops):
+    q_refs, refs = refs[:form.n_q], refs[form.n_q:]
+    kv_refs, (do_ref, lse_ref, delta_ref, *dq_refs, scoped) = refs[:form.n_k], refs[form.n_k:]
     P = len(form.widths)
     smem, (q_bar, *ring_bars) = scoped
     q_s, (do_smem, fq_smem, lse_smem, delta_smem), k_s, (v_smem, fk_smem) = (
         smem[:P], smem[P:P + 4], smem[P + 4:2 * P + 4], smem[2 * P + 4:])
     k_bars, (v_bar, fk_bar) = ring_bars[:P], ring_bars[P:]
     k_views, v_view = _kv_views(form, kv_refs)
-    own = [*zip(_q_views(form, q_ref), q_s), (_heads(do_ref), do_smem), (_ROWS(first_ref), fq_smem),
+    own = [*zip(_q_views(form, q_refs), q_s), (_heads(do_ref), do_smem), (_ROWS(first_ref), fq_smem),
            (_STATS(lse_ref), lse_smem), (_STATS(delta_ref), delta_smem)]
     b, h, rows, lo, n, plain, fetch = _walk(
         visits_ref, depth, (own, q_bar),
@@ -359,7 +371,7 @@ def _dq_kernel(visits_ref, first_ref, q_ref, *refs, form, depth, scale, ops):
         return dqs
 
     dqs = _visit(n, plain, body, tuple(ops.full((BLOCK, w), 0.0) for w in form.widths))
-    _store_dq(dqs, [k.at[0] for k in k_s], form, dq_ref, b, h, rows, scale)
+    _store_dq(dqs, [k.at[0] for k in k_s], form, dq_refs, b, h, rows, scale)
 
 
 def _pair(q_blk, k_blk):
@@ -367,7 +379,8 @@ def _pair(q_blk, k_blk):
     return q_blk * (q_blk + 1) // 2 + k_blk
 
 
-def _dkv_kernel(visits_ref, first_ref, q_ref, *refs, form, depth, scale, ops, ds_out):
+def _dkv_kernel(visits_ref, first_ref, *refs, form, depth, scale, ops, ds_out):
+    q_refs, refs = refs[:form.n_q], refs[form.n_q:]
     kv_refs, (do_ref, lse_ref, delta_ref, *outs, scoped) = refs[:form.n_k], refs[form.n_k:]
     outs, ds_ref = (outs[:-1], outs[-1]) if ds_out else (outs, None)
     P = len(form.widths)
@@ -378,7 +391,7 @@ def _dkv_kernel(visits_ref, first_ref, q_ref, *refs, form, depth, scale, ops, ds
     k_views, v_view = _kv_views(form, kv_refs)
     b, h, keys, lo, n, plain, fetch = _walk(
         visits_ref, depth, ([*zip(k_views, k_s), (v_view, v_smem), (_ROWS(first_ref), fk_smem)], k_bar),
-        [*zip(_q_views(form, q_ref), q_s, q_bars), (_heads(do_ref), do_smem, do_bar),
+        [*zip(_q_views(form, q_refs), q_s, q_bars), (_heads(do_ref), do_smem, do_bar),
          (_ROWS(first_ref), fq_smem, fq_bar), (_STATS(lse_ref), lse_smem, lse_bar),
          (_STATS(delta_ref), delta_smem, delta_bar)])
     tile = (BLOCK, BLOCK)   # [keys, queries]
@@ -442,7 +455,7 @@ def _dkv_kernel(visits_ref, first_ref, q_ref, *refs, form, depth, scale, ops, ds
 def _dq_ds_kernel(visits_ref, ds_ref, *refs, form, depth, scale, ops):
     """dQ = scale dS K over the forward's key blocks, dS read from the dk/dv kernel's output (DQ_FROM_DS): the
     pairs visited here are among those it visits, and its dS is zero wherever a pair is hidden, so no mask."""
-    kv_refs, (dq_ref, scoped) = refs[:form.n_k], refs[form.n_k:]
+    kv_refs, (*dq_refs, scoped) = refs[:form.n_k], refs[form.n_k:]
     P = len(form.widths)
     smem, ring_bars = scoped
     k_s, ds_smem, k_bars, ds_bar = smem[:P], smem[P], ring_bars[:P], ring_bars[P]
@@ -466,15 +479,15 @@ def _dq_ds_kernel(visits_ref, ds_ref, *refs, form, depth, scale, ops):
         return dqs
 
     dqs = lax.fori_loop(0, n, body, tuple(ops.full((BLOCK, w), 0.0) for w in form.widths))
-    _store_dq(dqs, [k.at[0] for k in k_s], form, dq_ref, b, h, rows, scale)
+    _store_dq(dqs, [k.at[0] for k in k_s], form, dq_refs, b, h, rows, scale)
 
 
-def _store_dq(dqs, stages, form, dq_ref, b, h, rows, scale):
+def _store_dq(dqs, stages, form, dq_refs, b, h, rows, scale):
     """Writes scale * dq through `stages` (drained ring slots, one per part) into q's layout."""
     for stage, dq in zip(stages, dqs):
         stage[...] = (dq * scale).astype(stage.dtype)
     plgpu.commit_smem()
-    for stage, view in zip(stages, _q_views(form, dq_ref)):
+    for stage, view in zip(stages, _q_views(form, dq_refs)):
         plgpu.copy_smem_to_gmem(stage, view(b, h, rows))
     plgpu.wait_smem_to_gmem(0)
 
@@ -500,7 +513,7 @@ def _smem(interpret):
 # Jitted so that the identical calls of a step's layers lower (Mosaic GPU) once, not once per attention.
 @functools.partial(jax.jit, static_argnames=("form", "scale", "depth", "interpret"))
 def _forward(q, kv, first_f, visits, *, form, scale, depth, interpret):
-    (B, T, H, _), dv, dtype = q.shape, form.dv, q.dtype
+    (B, T, H, _), dv, dtype = q[0].shape, form.dv, q[0].dtype
     nb = T // BLOCK
     depth = min(depth, nb)
     tile, vec = _smem(interpret)
@@ -511,20 +524,21 @@ def _forward(q, kv, first_f, visits, *, form, scale, depth, interpret):
     barriers = (plgpu.Barrier(num_barriers=P + 1),) + (plgpu.Barrier(num_barriers=depth),) * (P + 2)
     kernel = functools.partial(_fwd_kernel, form=form, depth=depth, scale=scale, ops=_Ops(interpret))
     out_type = (jax.ShapeDtypeStruct((B, T, H, dv), dtype), jax.ShapeDtypeStruct((B, H, T), jnp.float32))
-    return _call(kernel, scratch, barriers, out_type, (B, H, nb), (visits, first_f, q, *kv), interpret)
+    return _call(kernel, scratch, barriers, out_type, (B, H, nb), (visits, first_f, *q, *kv), interpret)
 
 
 @functools.partial(jax.jit, static_argnames=("form", "scale", "depths", "dq_from_ds", "interpret"))
 def _backward(q, kv, first_f, o, lse, do, kv_visits, q_visits, *, form, scale, depths, dq_from_ds, interpret):
     """dq_from_ds: 0, the dq kernel recomputes dS; else it reads the dk/dv kernel's, loading this many blocks ahead."""
-    (B, T, H, _), dv, dtype = q.shape, form.dv, q.dtype
+    (B, T, H, _), dv, dtype = q[0].shape, form.dv, q[0].dtype
     nb = T // BLOCK
     d_dq, d_kv = (min(d, nb) for d in depths)
     P = len(form.widths)
     delta = jnp.einsum("bthv,bthv->bht", o.astype(jnp.float32), do.astype(jnp.float32))
     tile, vec = _smem(interpret)
     ops = _Ops(interpret)
-    ins = (first_f, q, *kv, do, lse, delta)
+    ins = (first_f, *q, *kv, do, lse, delta)
+    dq_type = tuple(jax.ShapeDtypeStruct(x.shape, dtype) for x in q)
     dkv_type = ([jax.ShapeDtypeStruct(kv[0].shape, dtype)]
                 + ([jax.ShapeDtypeStruct((B, T, H, form.widths[1]), dtype)] if form.shared else [])
                 + ([] if form.v_in_k else [jax.ShapeDtypeStruct(kv[-1].shape, dtype)]))
@@ -543,16 +557,16 @@ def _backward(q, kv, first_f, o, lse, do, kv_visits, q_visits, *, form, scale, d
         dq = _call(functools.partial(_dq_ds_kernel, form=form, depth=d, scale=scale, ops=ops),
                    [tile((d, BLOCK, w), dtype) for w in form.widths] + [tile((d, BLOCK, BLOCK), dtype)],
                    (plgpu.Barrier(num_barriers=d),) * (P + 1),
-                   jax.ShapeDtypeStruct(q.shape, dtype), (B, H, nb), (kv_visits, ds, *kv), interpret)
-        return dq, tuple(dkv)
+                   dq_type, (B, H, nb), (kv_visits, ds, *kv), interpret)
+        return tuple(dq), tuple(dkv)
     dq = _call(functools.partial(_dq_kernel, form=form, depth=d_dq, scale=scale, ops=ops),
                [tile((BLOCK, w), dtype) for w in form.widths]
                + [tile((BLOCK, dv), dtype), vec((BLOCK,)), vec((BLOCK,)), vec((BLOCK,))]
                + [tile((d_dq, BLOCK, w), dtype) for w in form.widths]
                + [tile((d_dq, BLOCK, dv), dtype), vec((d_dq, BLOCK))],
                (plgpu.Barrier(num_barriers=P + 4),) + (plgpu.Barrier(num_barriers=d_dq),) * (P + 2),
-               jax.ShapeDtypeStruct(q.shape, dtype), (B, H, nb), (kv_visits, *ins), interpret)
-    return dq, tuple(dkv)
+               dq_type, (B, H, nb), (kv_visits, *ins), interpret)
+    return tuple(dq), tuple(dkv)
 
 
 # Walk the whole blocks next to the diagonal without the mask. Off: its GPU test passes, and one training run on an
@@ -589,7 +603,7 @@ def _attention_fwd(q, kv, first_bt, form, scale, depths, dq_from_ds, interpret):
 
 def _attention_bwd(form, scale, depths, dq_from_ds, interpret, res, do):
     q, kv, first_bt, o, lse, visits = res
-    dq, dkv = _backward(q, kv, first_bt.astype(jnp.float32), o, lse, do.astype(q.dtype), *visits,
+    dq, dkv = _backward(q, kv, first_bt.astype(jnp.float32), o, lse, do.astype(q[0].dtype), *visits,
                         form=form, scale=scale, depths=depths[1:], dq_from_ds=dq_from_ds, interpret=interpret)
     if form.shared:   # the shared key's gradient, written per head: summed over the heads
         dkv = (dkv[0], dkv[1].sum(axis=2, dtype=jnp.float32).astype(kv[1].dtype)) + dkv[2:]
@@ -627,12 +641,20 @@ def doc_attention(q_bthk, k_bshk, v_bshv, first_bt, *, scale: float, depths: tup
         raise NotImplementedError(f"doc_attention pallas kernels: {why}; use train_attn_impl 'cudnn' or 'xla'")
     depths = _check_depths(depths, first_bt, q_bthk)
     form = Form((q_bthk.shape[-1],), 0, v_bshv.shape[-1])
-    return _attention(q_bthk, (k_bshk.astype(q_bthk.dtype), v_bshv.astype(q_bthk.dtype)),
+    return _attention((q_bthk,), (k_bshk.astype(q_bthk.dtype), v_bshv.astype(q_bthk.dtype)),
                       first_bt.astype(jnp.int32), form, float(scale), depths, _dq_from_ds(), bool(interpret))
 
 
 def mla_supported(q_bthk, kv_bshk, kpe_bsd, nope_dim: int) -> str | None:
     """None if `mla_doc_attention` takes these operands, else the reason it does not."""
+    if isinstance(q_bthk, (tuple, list)):
+        if len(q_bthk) != 2 or q_bthk[0].shape[:3] != q_bthk[1].shape[:3] or q_bthk[0].dtype != q_bthk[1].dtype:
+            return (f"q parts {[(x.shape, x.dtype) for x in q_bthk]}: want (q_nope, q_rope) of one dtype, "
+                    f"[B, T, H, nope] and [B, T, H, rope]")
+        if q_bthk[0].shape[-1] != nope_dim or q_bthk[1].shape[-1] != kpe_bsd.shape[-1]:
+            return (f"q parts of {q_bthk[0].shape[-1]} and {q_bthk[1].shape[-1]} columns: want nope = {nope_dim} "
+                    f"and the rope key's {kpe_bsd.shape[-1]}")
+        q_bthk = jax.ShapeDtypeStruct(q_bthk[0].shape[:3] + (nope_dim + kpe_bsd.shape[-1],), q_bthk[0].dtype)
     (B, T, H, dq), rope_dim = q_bthk.shape, kpe_bsd.shape[-1]
     dv = kv_bshk.shape[-1] - nope_dim
     if kv_bshk.shape[:3] != (B, T, H) or kpe_bsd.shape[:2] != (B, T) or dq != nope_dim + rope_dim:
@@ -646,14 +668,17 @@ def mla_supported(q_bthk, kv_bshk, kpe_bsd, nope_dim: int) -> str | None:
 def mla_doc_attention(q_bthk, kv_bshk, kpe_bsd, first_bt, *, scale: float, nope_dim: int,
                       depths: tuple[int, int, int] | None = None, interpret: bool = False):
     """`doc_attention` on MLA's operands as the model computes them, with no copy to assemble per-head keys:
-    q = [q_nope | q_rope] [B, T, H, nope + rope], kv = [k_nope | v] [B, T, H, nope + dv] (the latent's up
-    projection) and the rope key shared by all heads [B, T, rope]. The same values as `doc_attention(q,
-    [k_nope | rope key], v)`; the gradients come back in the same three layouts (kv's as one [dk_nope | dv] array)."""
+    q = [q_nope | q_rope] [B, T, H, nope + rope], or the pair (q_nope, q_rope) as two arrays (then no copy joins
+    them either, and dq comes back as a pair), kv = [k_nope | v] [B, T, H, nope + dv] (the latent's up projection)
+    and the rope key shared by all heads [B, T, rope]. The same values as `doc_attention(q, [k_nope | rope key],
+    v)`; the gradients come back in the same layouts (kv's as one [dk_nope | dv] array)."""
     why = mla_supported(q_bthk, kv_bshk, kpe_bsd, nope_dim)
     if why:
         raise NotImplementedError(f"doc_attention pallas kernels: {why}; use train_attn_impl 'cudnn' or 'xla'")
-    depths = _check_depths(depths, first_bt, q_bthk)
-    rope_dim = kpe_bsd.shape[-1]
-    form = Form((nope_dim, rope_dim), nope_dim, kv_bshk.shape[-1] - nope_dim, shared=True, v_in_k=True)
-    return _attention(q_bthk, (kv_bshk.astype(q_bthk.dtype), kpe_bsd.astype(q_bthk.dtype)),
+    parts = isinstance(q_bthk, (tuple, list))
+    q = tuple(q_bthk) if parts else (q_bthk,)
+    depths = _check_depths(depths, first_bt, q[0])
+    rope_dim, dtype = kpe_bsd.shape[-1], q[0].dtype
+    form = Form((nope_dim, rope_dim), nope_dim, kv_bshk.shape[-1] - nope_dim, shared=True, v_in_k=True, q_parts=parts)
+    return _attention(q, (kv_bshk.astype(dtype), kpe_bsd.astype(dtype)),
                       first_bt.astype(jnp.int32), form, float(scale), depths, _dq_from_ds(), bool(interpret))
