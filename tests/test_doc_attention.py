@@ -268,6 +268,7 @@ def test_auto_picks_the_kernels_for_packed_documents_on_one_hopper_gpu_only(monk
 
     q, kv, kpe, _ = _mla_inputs(1, 128, 1, seed=0)
     assert mla.auto_fused_impl(q, kv, kpe, "causal_docs", "gpu", "9.0") == "pallas"
+    assert mla.auto_fused_impl((q[..., :128], q[..., 128:]), kv, kpe, "causal_docs", "gpu", "9.0") == "pallas"
     assert mla.auto_fused_impl(q, kv, kpe, "causal", "gpu", "9.0") == "cudnn"       # cuDNN's plain causal is faster
     assert mla.auto_fused_impl(q, kv, kpe, "causal_docs", "gpu", "8.0") == "cudnn"  # no wgmma before Hopper
     assert mla.auto_fused_impl(q[:, :96], kv[:, :96], kpe[:, :96], "causal_docs", "gpu", "9.0") == "cudnn"  # T % 64

@@ -84,14 +84,19 @@ def auto_fused_impl(q_bthk, kv_bshk, kpe_bsd, mask_kind: str, backend: str | Non
     """"auto" on a GPU: our kernels for packed documents on one Hopper GPU where they take the operands (1.9x
     faster than cuDNN given the documents as a mask), cuDNN otherwise (its plain causal call is 1.27x faster than
     ours; experiments/HISTORY.md). Our kernels have no sharding rule yet, so a multi-device mesh keeps cuDNN.
-    Operands in MLA's form: q = [nope | rope], kv = [k_nope | v], the shared rope key."""
+    Operands in MLA's form: q = [nope | rope] or the pair (q_nope, q_rope), kv = [k_nope | v], the shared rope
+    key."""
     from lcflash.kernels.doc_attention.pallas_mgpu import mla_supported
 
-    nope = q_bthk.shape[-1] - kpe_bsd.shape[-1]
     if (mask_kind == "causal_docs" and on_hopper(backend, compute_capability) and not _multi_device()
-            and mla_supported(q_bthk, kv_bshk, kpe_bsd, nope) is None):
+            and mla_supported(q_bthk, kv_bshk, kpe_bsd, _nope_dim(q_bthk, kpe_bsd)) is None):
         return "pallas"
     return "cudnn"
+
+
+def _nope_dim(q, kpe_bsd) -> int:
+    """The nope width of MLA's queries, q = [nope | rope] or the pair (q_nope, q_rope)."""
+    return q[0].shape[-1] if isinstance(q, tuple) else q.shape[-1] - kpe_bsd.shape[-1]
 
 
 def _multi_device() -> bool:
@@ -139,8 +144,7 @@ def fused_attention(q_nope_bthk, q_pe_bthd, kv_bshk, kpe_bsd, mask_bts, scale, i
         raise ValueError(f"mask_kind {mask_kind!r}: expected one of {MASK_KINDS}")
     nope = q_nope_bthk.shape[-1]
     if implementation == "auto":
-        q_sds = jax.ShapeDtypeStruct(q_nope_bthk.shape[:-1] + (nope + q_pe_bthd.shape[-1],), q_nope_bthk.dtype)
-        implementation = auto_fused_impl(q_sds, kv_bshk, kpe_bsd, mask_kind)
+        implementation = auto_fused_impl((q_nope_bthk, q_pe_bthd), kv_bshk, kpe_bsd, mask_kind)
     if implementation == "pallas" and PALLAS_MLA_FORM and Q_PARTS:
         q_parts = (q_nope_bthk, checkpoint_name(q_pe_bthd, ATTENTION_QUERIES))   # remat_keep: the roped part
         return _pallas_attention(q_parts, (kv_bshk, kpe_bsd), mask_bts, scale, mask_kind, mla_form=True)
@@ -176,8 +180,7 @@ def _pallas_attention(q_bthk, operands, mask_bts, scale, mask_kind, mla_form: bo
     if _multi_device():
         raise ValueError("train_attn_impl 'pallas' runs on one device (its kernels have no sharding rule yet); "
                          "use 'cudnn' or 'auto' on a multi-device mesh")
-    parts = isinstance(q_bthk, tuple)
-    B, T = (q_bthk[0] if parts else q_bthk).shape[:2]
+    B, T = (q_bthk[0] if isinstance(q_bthk, tuple) else q_bthk).shape[:2]
     if mask_kind == "causal":
         first_bt = jnp.zeros((B, T), jnp.int32)
     else:  # 4 bytes a token, kept like the kernels' outputs: else each layer's backward argmaxes the [B, T, T] mask
@@ -185,8 +188,8 @@ def _pallas_attention(q_bthk, operands, mask_bts, scale, mask_kind, mla_form: bo
     interpret = jax.default_backend() != "gpu"
     a, b = operands
     if mla_form:
-        nope = q_bthk[0].shape[-1] if parts else q_bthk.shape[-1] - b.shape[-1]
-        return mla_doc_attention(q_bthk, a, b, first_bt, scale=scale, nope_dim=nope, interpret=interpret)
+        return mla_doc_attention(q_bthk, a, b, first_bt, scale=scale, nope_dim=_nope_dim(q_bthk, b),
+                                 interpret=interpret)
     return doc_attention(q_bthk, a, b, first_bt, scale=scale, interpret=interpret)
 
 
