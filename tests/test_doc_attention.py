@@ -272,7 +272,7 @@ def test_auto_picks_the_kernels_for_packed_documents_on_one_hopper_gpu_only(monk
     assert mla.auto_fused_impl(q, kv, kpe, "causal", "gpu", "9.0") == "cudnn"       # cuDNN's plain causal is faster
     assert mla.auto_fused_impl(q, kv, kpe, "causal_docs", "gpu", "8.0") == "cudnn"  # no wgmma before Hopper
     assert mla.auto_fused_impl(q[:, :96], kv[:, :96], kpe[:, :96], "causal_docs", "gpu", "9.0") == "cudnn"  # T % 64
-    monkeypatch.setattr(mla, "_multi_device", lambda: True)                         # no sharding rule yet
+    monkeypatch.setattr(mla, "multi_device", lambda: True)                          # no sharding rule yet
     assert mla.auto_fused_impl(q, kv, kpe, "causal_docs", "gpu", "9.0") == "cudnn"
     with pytest.raises(ValueError, match="one device"):
         mla._pallas_attention(q, (kv, kpe), None, 1.0, "causal", mla_form=True)

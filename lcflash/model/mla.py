@@ -17,7 +17,7 @@ from lcflash.kernels.mla_decode import mla_decode
 from lcflash.model.common import ATTENTION_QUERIES, normal_param
 from lcflash.model.norm import RMSNorm
 from lcflash.model.rope import apply_rope, softmax_scale
-from lcflash.parallel.context import current as parallel_context
+from lcflash.parallel.context import multi_device
 
 NEG_INF = -1e30
 
@@ -88,7 +88,7 @@ def auto_fused_impl(q_bthk, kv_bshk, kpe_bsd, mask_kind: str, backend: str | Non
     key."""
     from lcflash.kernels.doc_attention.pallas_mgpu import mla_supported
 
-    if (mask_kind == "causal_docs" and on_hopper(backend, compute_capability) and not _multi_device()
+    if (mask_kind == "causal_docs" and on_hopper(backend, compute_capability) and not multi_device()
             and mla_supported(q_bthk, kv_bshk, kpe_bsd, _nope_dim(q_bthk, kpe_bsd)) is None):
         return "pallas"
     return "cudnn"
@@ -97,11 +97,6 @@ def auto_fused_impl(q_bthk, kv_bshk, kpe_bsd, mask_kind: str, backend: str | Non
 def _nope_dim(q, kpe_bsd) -> int:
     """The nope width of MLA's queries, q = [nope | rope] or the pair (q_nope, q_rope)."""
     return q[0].shape[-1] if isinstance(q, tuple) else q.shape[-1] - kpe_bsd.shape[-1]
-
-
-def _multi_device() -> bool:
-    ctx = parallel_context()
-    return ctx is not None and ctx.mesh.size > 1
 
 
 def fused_heads(q_nope_bthk, q_pe_bthd, k_nope_bshk, kpe_bsd):
@@ -177,7 +172,7 @@ def _pallas_attention(q_bthk, operands, mask_bts, scale, mask_kind, mla_form: bo
     if mask_kind == "given":
         raise ValueError("train_attn_impl 'pallas' takes causal masks (mask kinds 'causal', 'causal_docs'), not "
                          "an arbitrary mask; use 'cudnn' or 'xla'")
-    if _multi_device():
+    if multi_device():
         raise ValueError("train_attn_impl 'pallas' runs on one device (its kernels have no sharding rule yet); "
                          "use 'cudnn' or 'auto' on a multi-device mesh")
     B, T = (q_bthk[0] if isinstance(q_bthk, tuple) else q_bthk).shape[:2]

@@ -74,6 +74,12 @@ def current() -> ParallelContext | None:
     return _CURRENT.get()
 
 
+def multi_device() -> bool:
+    """Whether the active context's mesh spans devices: kernels without a sharding rule run only outside one."""
+    ctx = current()
+    return ctx is not None and ctx.mesh.size > 1
+
+
 def constrain(x, logical_axes):
     """Sharding constraint on an activation by logical axes; identity outside a parallel context."""
     ctx = current()
