@@ -19,7 +19,6 @@ GMM_IMPLS = ("ragged_dot", "reference", "pallas", "pallas_chain", "jax_mgpu", "t
 # Attention form for calls that read a KV cache (see lcflash/model/mla.py); calls without a cache are expanded.
 ATTN_IMPLS = ("expanded", "absorbed", "pallas")
 TRAIN_ATTN_IMPLS = ("xla", "cudnn", "pallas", "auto", "dpa_xla")
-DENSE_FFN_IMPLS = ("xla", "pallas", "auto")
 REMAT_POLICIES = ("nothing", "kernels", "dots")
 # Activations a rematerialised layer can keep besides what its policy keeps (ModelConfig.remat_keep): the names
 # lcflash/model binds with checkpoint_name.
@@ -88,11 +87,6 @@ class ModelConfig:
     # cudnn for other masks on a GPU, xla elsewhere; "dpa_xla" is jax.nn.dot_product_attention on XLA (the fused
     # path's q/k assembly and mask kinds, testable on any backend).
     train_attn_impl: str = "xla"
-    # The dense SwiGLU FFNs: "xla"; "pallas" runs [gate | up] as one product of our grouped-matmul kernel with
-    # SwiGLU in its epilogue, and SwiGLU's backward in the epilogue of the down projection's d_h (one Hopper GPU,
-    # bf16/fp16, widths multiples of 128; lcflash.kernels.gmm.pallas_gmm.dense_swiglu_ffn); the other products
-    # stay cuBLAS. "auto" picks pallas on one Hopper GPU from 1024 tokens a call up (lcflash.model.mlp).
-    dense_ffn_impl: str = "xla"
     remat: bool = False
     # What a rematerialised layer keeps for its backward pass (lcflash/model/common.py): "nothing" recomputes the
     # whole layer (least memory); "kernels" keeps the outputs of its fused kernels (grouped expert matmuls, flash
@@ -208,8 +202,6 @@ def validate(cfg: ModelConfig, keys: dict[str, str] | None = None) -> ModelConfi
     req(cfg.attn_impl in ATTN_IMPLS, "attn_impl", cfg.attn_impl, f"must be one of {ATTN_IMPLS}")
     req(cfg.train_attn_impl in TRAIN_ATTN_IMPLS, "train_attn_impl", cfg.train_attn_impl,
         f"must be one of {TRAIN_ATTN_IMPLS}")
-    req(cfg.dense_ffn_impl in DENSE_FFN_IMPLS, "dense_ffn_impl", cfg.dense_ffn_impl,
-        f"must be one of {DENSE_FFN_IMPLS}")
     req(cfg.remat_policy in REMAT_POLICIES, "remat_policy", cfg.remat_policy, f"must be one of {REMAT_POLICIES}")
     req(isinstance(cfg.remat_keep, str) and set(remat_keep_names(cfg.remat_keep)) <= set(REMAT_KEEP_NAMES),
         "remat_keep", cfg.remat_keep, f"must be a comma-separated subset of {REMAT_KEEP_NAMES} (or empty)")

@@ -22,11 +22,11 @@ class DecoderLayer(nnx.Module):
         self.input_norm_0 = RMSNorm(D, eps, pd)
         self.attn_0 = MLA(cfg, rngs)
         self.post_attn_norm_0 = RMSNorm(D, eps, pd)
-        self.mlp_0 = MLP(D, cfg.ffn_hidden_size, pd, cfg.initializer_range, rngs, cfg.dense_ffn_impl)
+        self.mlp_0 = MLP(D, cfg.ffn_hidden_size, pd, cfg.initializer_range, rngs)
         self.input_norm_1 = RMSNorm(D, eps, pd)
         self.attn_1 = MLA(cfg, rngs)
         self.post_attn_norm_1 = RMSNorm(D, eps, pd)
-        self.mlp_1 = MLP(D, cfg.ffn_hidden_size, pd, cfg.initializer_range, rngs, cfg.dense_ffn_impl)
+        self.mlp_1 = MLP(D, cfg.ffn_hidden_size, pd, cfg.initializer_range, rngs)
         self.moe = MoE(cfg, rngs)
         self.overlap = cfg.moe_overlap
 

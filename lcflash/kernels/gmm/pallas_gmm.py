@@ -325,65 +325,6 @@ def gmm_swiglu_ffn(x_mk, w_gkn, w_down_gnk, group_sizes_g, zero_tail=True, h_nam
                            (vma(x_mk), vma(w_gkn), vma(w_down_gnk)), bool(zero_tail), tuple(h_names), bool(pairs))
 
 
-# ------------------------------------------------------------------------------------------------
-# dense_swiglu_ffn: a dense FFN with the two SwiGLU epilogues, cuBLAS for the other products
-# ------------------------------------------------------------------------------------------------
-
-
-def _dense_forward(x_mk, w_kf2, w_down_fn):
-    sizes = jnp.full((1,), x_mk.shape[0], jnp.int32)   # one group: every row
-    h, gu = rows_matmul(x_mk, [w_kf2[None]], sizes, swiglu="halves", chain=True, zero_tail=(True, True))
-    return jnp.dot(h, w_down_fn), h, gu
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _dense_swiglu_ffn(x_mk, w_kf2, w_down_fn, h_names):
-    return _dense_forward(x_mk, w_kf2, w_down_fn)[0]
-
-
-def _dense_swiglu_ffn_fwd(x_mk, w_kf2, w_down_fn, h_names):
-    y, h, gu = (checkpoint_name(o, KERNEL_OUTPUT) for o in _dense_forward(x_mk, w_kf2, w_down_fn))
-    for name in h_names:
-        h = checkpoint_name(h, name)
-    return y, (x_mk, w_kf2, w_down_fn, h, gu)
-
-
-def _dense_swiglu_ffn_bwd(h_names, res, dy_mn):
-    x_mk, w_kf2, w_down_fn, h, gu = res
-    dy_mn = dy_mn.astype(x_mk.dtype)
-    sizes = jnp.full((1,), x_mk.shape[0], jnp.int32)
-    d_gu = rows_matmul(dy_mn, [w_down_fn[None]], sizes, transpose_rhs=True, out_dtype=x_mk.dtype,
-                       swiglu="grad_halves", gu_mn2=gu, chain=True, zero_tail=(True,))
-    return (jnp.dot(d_gu, w_kf2.T), jnp.dot(x_mk.T, d_gu), jnp.dot(h.T, dy_mn))
-
-
-_dense_swiglu_ffn.defvjp(_dense_swiglu_ffn_fwd, _dense_swiglu_ffn_bwd)
-
-
-def dense_supported(x_mk, w_kf2, w_down_fn) -> str | None:
-    """None if dense_swiglu_ffn takes these operands (arrays or ShapeDtypeStructs), else why not."""
-    (m, k), f2 = x_mk.shape, w_kf2.shape[-1]
-    if x_mk.dtype not in _KERNEL_DTYPES or w_kf2.dtype != x_mk.dtype or w_down_fn.dtype != x_mk.dtype:
-        return (f"dtypes x {x_mk.dtype}, [gate | up] {w_kf2.dtype}, down {w_down_fn.dtype}: all bfloat16 or all "
-                "float16 (wgmma operands)")
-    if w_kf2.shape != (k, f2) or f2 % 2 or w_down_fn.shape != (f2 // 2, k):
-        return f"x {x_mk.shape}, [gate | up] {w_kf2.shape}, down {w_down_fn.shape}: want [M, D], [D, 2F], [F, D]"
-    if k % 128 or f2 % 256:
-        return f"hidden size {k} and FFN width {f2 // 2} must be multiples of 128"
-    return None
-
-
-def dense_swiglu_ffn(x_mk, w_kf2, w_down_fn, h_names=()):
-    """silu(g) * u @ w_down for [g | u] = x @ [w_gate | w_up], every row one group: our kernels apply SwiGLU
-    before the [gate | up] product's store and its backward in the epilogue of d_h = dy @ w_down^T (no XLA pass
-    over [g | u] either way, as in gmm_swiglu_ffn); the down projection, the weight gradients and d_x are XLA dots
-    (cuBLAS). h_names: extra checkpoint names for h."""
-    why = dense_supported(x_mk, w_kf2, w_down_fn)
-    if why:
-        raise ValueError(f"pallas dense_swiglu_ffn: {why}")
-    return _dense_swiglu_ffn(x_mk, w_kf2, w_down_fn, tuple(h_names))
-
-
 def pairs_supported(f: int) -> bool:
     """Whether gmm_swiglu_ffn(pairs=True) takes an expert width F: the forward's CTA tile is two warpgroups of one
     [g block | u block] each, 2 * 2 * PAIR_COLS interleaved columns."""
