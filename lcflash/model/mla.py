@@ -121,8 +121,11 @@ def pad_head(x, d: int):
 PALLAS_MLA_FORM = True
 # The q projection as two products, nope and rope, and our kernels reading the two as they are: no [nope | rope]
 # copy before the kernel (25 x 63 us per step at 32 x 1024 on configs/small.py) and no padded sum of the two parts'
-# gradients after it (25 x 81 us; session 28's profile, experiments/bench_train_b32_s28_profile3_h200.json). Off until
-# measured on a GPU (experiments/bench_train.py --q_parts); read at trace time.
+# gradients after it (25 x 81 us; session 28's profile, experiments/bench_train_b32_s28_profile3_h200.json). Our
+# attention alone at 32 x 1024: 1.133 -> 1.010 ms fwd+bwd with the join it skips; in training, its first form lost
+# 1.3% (XLA re-joined the parts' weight gradients and scaled q_nope in a pass of its own; session 30,
+# experiments/HISTORY.md). Off until the form below is measured (experiments/bench_train.py --q_parts); read at
+# trace time.
 Q_PARTS = False
 
 
@@ -240,12 +243,17 @@ class MLA(nnx.Module):
         """Queries (nope, roped) and this token's latent KV."""
         cfg, dtype = self.cfg, x_btd.dtype
         cq_btr = self.q_a_norm(jnp.einsum("btd,dr->btr", x_btd, self.w_q_a[...].astype(dtype)))
-        w_q_b, n = self.w_q_b[...].astype(dtype), cfg.qk_nope_head_dim
+        n = cfg.qk_nope_head_dim
         if Q_PARTS:   # each part its own product, not a slice of a joined q that XLA would copy
-            q_nope, q_pe = (jnp.einsum("btr,rhk->bthk", cq_btr, w) * cfg.alpha_q
-                            for w in (w_q_b[..., :n], w_q_b[..., n:]))
+            # alpha_q in the (small) weight, not a pass over q_nope (the same bits where alpha_q is a power of two,
+            # as in configs/small.py and longcat_flash.py); the rope product reads the latent through a
+            # barrier, so that XLA's dot merger cannot join the two products' weight gradients again through a
+            # [d_nope | d_rope] copy (both seen in session 30's profile, experiments/HISTORY.md).
+            w_q_b = (self.w_q_b[...] * cfg.alpha_q).astype(dtype)
+            q_nope = jnp.einsum("btr,rhk->bthk", cq_btr, w_q_b[..., :n])
+            q_pe = jnp.einsum("btr,rhk->bthk", jax.lax.optimization_barrier(cq_btr), w_q_b[..., n:])
         else:
-            q_bthk = jnp.einsum("btr,rhk->bthk", cq_btr, w_q_b) * cfg.alpha_q
+            q_bthk = jnp.einsum("btr,rhk->bthk", cq_btr, self.w_q_b[...].astype(dtype)) * cfg.alpha_q
             q_nope, q_pe = q_bthk[..., :n], q_bthk[..., n:]
         kva_btr = jnp.einsum("btd,dr->btr", x_btd, self.w_kv_a[...].astype(dtype))
         c_btr = self.kv_a_norm(kva_btr[..., :cfg.kv_lora_rank]) * cfg.alpha_kv

@@ -92,7 +92,8 @@ SWIGLU_EPILOGUE = True
 SWIGLU_GRAD_EPILOGUE = True
 # The expert FFN's [gate | up] weight interleaved in 64-column blocks (swiglu.interleave_pairs; lcflash.model.moe),
 # so that our [gate | up] kernel keeps one full-width accumulator per warpgroup where "halves" keeps two half-width
-# ones (experiments/gmm_notes.md, session 28). Off until measured on a GPU (bench_train.py --swiglu_pairs).
+# ones (experiments/gmm_notes.md, session 28). Off: -1.9% in training at 32 x 1024 on an H200 (168,874 against
+# 172,100 tokens/s in one call; bench_train.py --swiglu_pairs, experiments/HISTORY.md session 30).
 SWIGLU_PAIRS = False
 
 _NOT_AVAILABLE = {
