@@ -123,7 +123,7 @@ PALLAS_MLA_FORM = True
 # copy before the kernel (25 x 63 us per step at 32 x 1024 on configs/small.py) and no padded sum of the two parts'
 # gradients after it (25 x 81 us; session 28's profile, experiments/bench_train_b32_s28_profile3_h200.json). Our
 # attention alone at 32 x 1024: 1.133 -> 1.010 ms fwd+bwd with the join it skips; in training, its first form lost
-# 1.3% (XLA re-joined the parts' weight gradients and scaled q_nope in a pass of its own; session 30,
+# 1.3% (XLA merged the two products again and scaled q_nope in passes of its own; session 30,
 # experiments/HISTORY.md). Off until the form below is measured (experiments/bench_train.py --q_parts); read at
 # trace time.
 Q_PARTS = False
@@ -247,8 +247,8 @@ class MLA(nnx.Module):
         if Q_PARTS:   # each part its own product, not a slice of a joined q that XLA would copy
             # alpha_q in the (small) weight, not a pass over q_nope (the same bits where alpha_q is a power of two,
             # as in configs/small.py and longcat_flash.py); the rope product reads the latent through a
-            # barrier, so that XLA's dot merger cannot join the two products' weight gradients again through a
-            # [d_nope | d_rope] copy (both seen in session 30's profile, experiments/HISTORY.md).
+            # barrier, so that XLA's dot merger cannot join the two products (or their weight gradients) again into
+            # one output that q_nope is then copied out of (both seen in session 30's profile, HISTORY.md).
             w_q_b = (self.w_q_b[...] * cfg.alpha_q).astype(dtype)
             q_nope = jnp.einsum("btr,rhk->bthk", cq_btr, w_q_b[..., :n])
             q_pe = jnp.einsum("btr,rhk->bthk", jax.lax.optimization_barrier(cq_btr), w_q_b[..., n:])
