@@ -204,9 +204,8 @@ def main():
     ap.add_argument("--pallas_assembled_heads", action="store_true", help="our attention kernels on per-head keys "
                     "[k_nope | rope key] and v copied out of kv (the A/B baseline of "
                     "lcflash.model.mla.PALLAS_MLA_FORM)")
-    ap.add_argument("--q_parts", action="store_true", help="the q projection as two products and our attention "
-                    "kernels reading q_nope and the roped q_pe as two arrays (lcflash.model.mla.Q_PARTS, off by "
-                    "default until this A/B)")
+    ap.add_argument("--no_q_parts", action="store_true", help="the q projection as one product, sliced, and our "
+                    "attention kernels reading q = [nope | rope] (the A/B baseline of lcflash.model.mla.Q_PARTS)")
     ap.add_argument("--repeat_check", type=int, default=0, metavar="N", help="run the compiled steps N more times "
                     "from the initial state and report whether the last loss is bitwise the same")
     ap.add_argument("--no_swiglu_grad_epilogue", action="store_true", help="SwiGLU's backward by XLA between the "
@@ -253,7 +252,8 @@ def main():
         key, eq, value = kv.partition("=")
         if not (eq and key.startswith("xla_") and value):
             ap.error(f"--xla_option {kv!r}: want KEY=VALUE with an XLA option name (xla_...)")
-        xla_options[key] = value
+        # XLA parses a bool option from a Python bool only ('false' is rejected), so spell booleans as such.
+        xla_options[key] = {"true": True, "false": False}.get(value.lower(), value)
     if args.mem_fraction is not None:
         if not 0.0 < args.mem_fraction <= 1.0:
             ap.error(f"--mem_fraction {args.mem_fraction} must be in (0, 1]")
@@ -278,7 +278,7 @@ def main():
     slots.GATHER_KERNEL = not args.no_dispatch_gather_kernel
     slots.COMBINE_GRAD_KERNEL = not args.no_combine_grad_kernel
     mla.PALLAS_MLA_FORM = not args.pallas_assembled_heads
-    mla.Q_PARTS = args.q_parts
+    mla.Q_PARTS = not args.no_q_parts
     from lcflash.kernels.doc_attention import pallas_mgpu
     pallas_mgpu.UNMASKED_RUNS = args.attn_unmasked_runs
     pallas_mgpu.DQ_FROM_DS = not args.attn_dq_recompute

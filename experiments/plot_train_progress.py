@@ -71,6 +71,18 @@ RUNS = [
     # Session 21, call 1: the counting-rank deal against round robin, in one call.
     ("s21 c1: d_rhs tiles round robin", "bench_train_b32_s21_rr_h200.json"),
     ("s21 c1: + snake, counting rank (configs/small.py)", "bench_train_b32_s21_profile_h200.json"),
+    # Sessions 24-31: configs/small.py as each session found it, and each kept change beside its A/B baseline.
+    ("s24: configs/small.py", "bench_train_b32_s24_base_h200.json"),
+    ("s26: combine's d_y by XLA", "bench_train_b32_s26_xla2_h200.json"),
+    ("s26: + combine's d_y by the gather kernel", "bench_train_b32_s26_cgk3_h200.json"),
+    ("s27: attention dq recomputes dS", "bench_train_b32_s27_dqre2_h200.json"),
+    ("s27: + dq reads the dk/dv kernel's dS", "bench_train_b32_s27_dqds2_h200.json"),
+    ("s28: global norm per leaf", "bench_train_b32_s28_normwhole3_h200.json"),
+    ("s28: + global norm by layer slices", "bench_train_b32_s28_normlayer3_h200.json"),
+    ("s28: batch 48, 95% of memory", "bench_train_b48_s28_final_h200.json"),
+    ("s31: q joined [nope | rope]", "bench_train_b32_s31_base2_h200.json"),
+    ("s31: + q as two products (configs/small.py)", "bench_train_b32_s31_qparts4_h200.json"),
+    ("s31: batch 48, 95% of memory", "bench_train_b48_s31_qparts_h200.json"),
 ]
 TARGET = 0.40
 

@@ -121,12 +121,11 @@ def pad_head(x, d: int):
 PALLAS_MLA_FORM = True
 # The q projection as two products, nope and rope, and our kernels reading the two as they are: no [nope | rope]
 # copy before the kernel (25 x 63 us per step at 32 x 1024 on configs/small.py) and no padded sum of the two parts'
-# gradients after it (25 x 81 us; session 28's profile, experiments/bench_train_b32_s28_profile3_h200.json). Our
-# attention alone at 32 x 1024: 1.133 -> 1.010 ms fwd+bwd with the join it skips; in training, its first form lost
-# 1.3% (XLA merged the two products again and scaled q_nope in passes of its own; session 30,
-# experiments/HISTORY.md). Off until the form below is measured (experiments/bench_train.py --q_parts); read at
-# trace time.
-Q_PARTS = False
+# gradients after it (25 x 81 us; session 28's profile). Our attention alone at 32 x 1024: 1.133 -> 1.010 ms
+# fwd+bwd. In training on an H200: 171,024 / 171,243 -> 172,662 / 173,372 tokens/s at 32 x 1024 (two A/B pairs,
+# session 31, experiments/HISTORY.md). Only where our kernels take the parts (MLA.__call__); read at trace time
+# (bench_train.py --no_q_parts is the baseline).
+Q_PARTS = True
 
 
 def fused_attention(q_nope_bthk, q_pe_bthd, kv_bshk, kpe_bsd, mask_bts, scale, implementation,
@@ -239,12 +238,13 @@ class MLA(nnx.Module):
             rngs, (cfg.kv_lora_rank, H, cfg.qk_nope_head_dim + cfg.v_head_dim), ("kv_lora", "heads", "kv_head"), pd, std)
         self.w_o = normal_param(rngs, (H, cfg.v_head_dim, D), ("heads", "v_head", "embed"), pd, std)
 
-    def latents(self, x_btd, cos_btd, sin_btd):
-        """Queries (nope, roped) and this token's latent KV."""
+    def latents(self, x_btd, cos_btd, sin_btd, q_parts: bool = False):
+        """Queries (nope, roped) and this token's latent KV. q_parts: the two query parts as two products, for an
+        attention that reads them as two arrays (Q_PARTS)."""
         cfg, dtype = self.cfg, x_btd.dtype
         cq_btr = self.q_a_norm(jnp.einsum("btd,dr->btr", x_btd, self.w_q_a[...].astype(dtype)))
         n = cfg.qk_nope_head_dim
-        if Q_PARTS:   # each part its own product, not a slice of a joined q that XLA would copy
+        if q_parts:   # each part its own product, not a slice of a joined q that XLA would copy
             # alpha_q in the (small) weight, not a pass over q_nope (the same bits where alpha_q is a power of two,
             # as in configs/small.py and longcat_flash.py); the rope product reads the latent through a
             # barrier, so that XLA's dot merger cannot join the two products (or their weight gradients) again into
@@ -260,6 +260,17 @@ class MLA(nnx.Module):
         kpe_btd = apply_rope(kva_btr[..., None, cfg.kv_lora_rank:], cos_btd, sin_btd)[..., 0, :]
         return q_nope, apply_rope(q_pe, cos_btd, sin_btd), LatentKV(c_btr, kpe_btd)
 
+    def train_attention(self, x_btd, mask_kind: str) -> str:
+        """The cache-free forward's attention implementation, "auto" resolved from the operands' shapes before the
+        q projection runs, which computes q in two parts only for a kernel that takes them."""
+        cfg, impl = self.cfg, train_attn_kernel(self.cfg.train_attn_impl)
+        if impl != "auto":
+            return impl
+        (B, T), H, nope = x_btd.shape[:2], cfg.num_attention_heads, cfg.qk_nope_head_dim
+        sd = lambda *shape: jax.ShapeDtypeStruct(shape, x_btd.dtype)  # noqa: E731
+        return auto_fused_impl(sd(B, T, H, cfg.qk_head_dim), sd(B, T, H, nope + cfg.v_head_dim),
+                               sd(B, T, cfg.qk_rope_head_dim), mask_kind)
+
     def output(self, o_bthv):
         return jnp.einsum("bthv,hvd->btd", o_bthv, self.w_o[...].astype(o_bthv.dtype))
 
@@ -269,7 +280,10 @@ class MLA(nnx.Module):
         written at `write_start_b` and `mask_bts` spans the whole cache. With a cache, `cfg.attn_impl` picks the
         form: "expanded", "absorbed" (XLA), or "pallas" (the Mosaic GPU kernel, which applies the causal mask
         from `write_start_b` and ignores `mask_bts`). mask_kind: see MASK_KINDS."""
-        q_nope, q_pe, kv = self.latents(x_btd, cos_btd, sin_btd)
+        # The fused kernel serves the cache-free (training / scoring) forward; prefill into a cache keeps XLA.
+        impl = self.train_attention(x_btd, mask_kind) if cache is None else "xla"
+        q_parts = impl == "pallas" and PALLAS_MLA_FORM and Q_PARTS
+        q_nope, q_pe, kv = self.latents(x_btd, cos_btd, sin_btd, q_parts)
         if cache is not None:
             kv = LatentKV(write_rows(cache.c_bsr, kv.c_bsr.astype(cache.c_bsr.dtype), write_start_b),
                           write_rows(cache.kpe_bsd, kv.kpe_bsd.astype(cache.kpe_bsd.dtype), write_start_b))
@@ -278,8 +292,6 @@ class MLA(nnx.Module):
             o_bthv = absorbed_attention(q_nope, q_pe, kv, self.w_kv_b[...], mask_bts, softmax_scale(self.cfg),
                                         self.cfg.qk_nope_head_dim, impl, write_start_b)
         else:
-            # The fused kernel serves the cache-free (training / scoring) forward; prefill into a cache keeps XLA.
-            impl = train_attn_kernel(self.cfg.train_attn_impl) if cache is None else "xla"
             o_bthv = expanded_attention(q_nope, q_pe, kv, self.w_kv_b[...], mask_bts, softmax_scale(self.cfg),
                                         self.cfg.qk_nope_head_dim, impl, mask_kind)
         return self.output(o_bthv), kv
