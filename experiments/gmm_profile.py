@@ -18,8 +18,7 @@ kernel is also timed without the profiler, and the profiled trace is copied besi
 `--kernels` profiles the products configs/small.py trains instead, at its shapes (K 1024, [gate | up] 2 x 384) with
 the flat pipeline: "plain" x @ [gate | up] stored as it is, "halves" the same with SwiGLU in the epilogue (h and
 [g | u] stored), "grad_halves" the down projection's d_lhs with SwiGLU's backward in the epilogue (reads [g | u],
-stores [d_g | d_u]), "pairs" / "grad_pairs" the same two with gate and up interleaved (api.SWIGLU_PAIRS). Each is
-also timed unprofiled with the tiles it trains with (`prod_ms`).
+stores [d_g | d_u]). Each is also timed unprofiled with the tiles it trains with (`prod_ms`).
 """
 
 import argparse
@@ -42,7 +41,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from bench_moe_gemm import SHAPES, sync, time_ms  # noqa: E402  (experiments/ is on sys.path as a script)
 from lcflash.kernels.gmm import api, mgpu_kernels, pallas_gmm  # noqa: E402
-from lcflash.kernels.gmm.swiglu import interleave_pairs  # noqa: E402
 
 N_WARPGROUPS = 3  # per CTA: two wgmma warpgroups, then the TMA warpgroup (mgpu_kernels._persistent_call)
 
@@ -139,12 +137,6 @@ def profile_one(variant: str, proj: str, groups: int, t: int, space: int, keep_d
 SMALL_TILES = mgpu_kernels.Tiles(128, 64, 64, 3, 64, chain=True)  # 64-column halves; 3 stages (profile buffer)
 
 
-def _small_tiles(kernel: str, stages: int = 3) -> mgpu_kernels.Tiles:
-    """SMALL_TILES at `stages`; "pairs" keeps one 128-column [g block | u block] accumulator per warpgroup."""
-    tiles = dataclasses.replace(SMALL_TILES, stages=stages)
-    return dataclasses.replace(tiles, tile_n=128) if kernel == "pairs" else tiles
-
-
 def _small_case(kernel: str, groups: int, t: int):
     """(fn(*args) -> output checked, args, reference output, FLOPs) of one of configs/small.py's products."""
     k, n, _ = SHAPES[("small", "gate_up")]  # d_model 1024 -> 384 per half
@@ -152,15 +144,13 @@ def _small_case(kernel: str, groups: int, t: int):
     keys = jax.random.split(jax.random.key(0), 3)
     sizes = jnp.full((groups,), t, jnp.int32)
     per_group = lambda a: a.reshape(groups, t, a.shape[-1])  # noqa: E731
-    if kernel in ("plain", "halves", "pairs"):
+    if kernel in ("plain", "halves"):
         x = jax.random.normal(keys[0], (m, k), jnp.bfloat16)
         w = (jax.random.normal(keys[1], (groups, k, 2 * n), jnp.float32) / np.sqrt(k)).astype(jnp.bfloat16)
         gu = jnp.einsum("gtk,gkn->gtn", per_group(x), w, preferred_element_type=jnp.float32).reshape(m, 2 * n)
         if kernel == "plain":
             return (lambda a, b: pallas_gmm.rows_matmul(a, [b], sizes, chain=True)), (x, w), gu, 2.0 * m * k * 2 * n
         h = jax.nn.silu(gu[:, :n]) * gu[:, n:]
-        if kernel == "pairs":  # the same weight interleaved: the same h
-            w = interleave_pairs(w[..., :n], w[..., n:])
         return (lambda a, b: pallas_gmm.rows_matmul(a, [b], sizes, swiglu=kernel, chain=True,
                                                     zero_tail=(True, False))[0]), (x, w), h, 2.0 * m * k * 2 * n
     dy = jax.random.normal(keys[0], (m, k), jnp.bfloat16)
@@ -170,10 +160,7 @@ def _small_case(kernel: str, groups: int, t: int):
     g, u = gu[:, :n].astype(jnp.float32), gu[:, n:].astype(jnp.float32)
     sig = jax.nn.sigmoid(g)
     d_g, d_u = dh * u * sig * (1 + g * (1 - sig)), dh * g * sig
-    if kernel == "grad_pairs":  # [g | u] and [d_g | d_u] interleaved
-        gu, want = interleave_pairs(gu[:, :n], gu[:, n:]), interleave_pairs(d_g, d_u)
-    else:
-        want = jnp.concatenate([d_g, d_u], axis=1)
+    want = jnp.concatenate([d_g, d_u], axis=1)
     fn = lambda a, b, c: pallas_gmm.rows_matmul(a, [b], sizes, transpose_rhs=True, swiglu=kernel,  # noqa
                                                 gu_mn2=c, chain=True, zero_tail=(False,))
     return fn, (dy, w_down, gu), want, 2.0 * m * k * n
@@ -185,7 +172,7 @@ def profile_small(kernel: str, groups: int, t: int, space: int, keep_dir: str):
     got = prod(*args)
     err = float(jnp.max(jnp.abs(got.astype(jnp.float32) - want)))
     prod_ms = time_ms(prod, args)[0]
-    pallas_gmm.ROWS_TILES = _small_tiles(kernel)
+    pallas_gmm.ROWS_TILES = SMALL_TILES
     try:
         ms = time_ms(fresh_jit(fn), args)[0]
         trace = profiled_trace(fn, args, space, os.path.join(keep_dir, f"gmm_trace_small_{kernel}.json"))
@@ -193,7 +180,7 @@ def profile_small(kernel: str, groups: int, t: int, space: int, keep_dir: str):
         pallas_gmm.ROWS_TILES = None
     return dict(impl=kernel, config="small", groups=groups, tokens_per_expert=t, prod_ms=prod_ms,
                 unprofiled_ms=ms, unprofiled_tflops=flops / ms / 1e9, max_abs_err_vs_einsum=err,
-                tiles=str(_small_tiles(kernel)), warpgroups=summarize(trace))
+                tiles=str(SMALL_TILES), warpgroups=summarize(trace))
 
 
 def tiles_ab(kernels, groups: int, t: int, rounds: int = 2) -> list:
@@ -203,7 +190,8 @@ def tiles_ab(kernels, groups: int, t: int, rounds: int = 2) -> list:
     for kernel in kernels:
         fn, args, _, flops = _small_case(kernel, groups, t)
         for rnd in range(rounds):
-            for name, tiles in (("prod", None), ("s3", _small_tiles(kernel, 3)), ("s4", _small_tiles(kernel, 4))):
+            s4 = dataclasses.replace(SMALL_TILES, stages=4)
+            for name, tiles in (("prod", None), ("s3", SMALL_TILES), ("s4", s4)):
                 pallas_gmm.ROWS_TILES = tiles
                 try:
                     ms = time_ms(fresh_jit(fn), args)
@@ -224,7 +212,7 @@ def main():
     ap.add_argument("--t", type=int, default=512)
     ap.add_argument("--impls", default=",".join(VARIANTS))
     ap.add_argument("--kernels", default=None, help="instead of --impls: configs/small.py's products, of "
-                    "plain, halves, pairs, grad_halves, grad_pairs (flat pipeline, 3 stages)")
+                    "plain, halves, grad_halves (flat pipeline, 3 stages)")
     ap.add_argument("--tiles-ab", action="store_true", help="with --kernels: time them unprofiled, as trained "
                     "and with 3- and 4-stage rings (no profile)")
     ap.add_argument("--space", type=int, default=512, help="profiler events per warpgroup (shared memory)")

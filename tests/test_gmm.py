@@ -210,13 +210,11 @@ def test_pallas_interpret_swiglu_epilogue(chain):
     assert _rel(gu, want_gu) < BF16_TOL
 
 
-def _check_ffn_swiglu_grad_epilogue(m, d, f, sizes_l, seed, pairs=False):
+def _check_ffn_swiglu_grad_epilogue(m, d, f, sizes_l, seed):
     """gmm_swiglu_ffn's output and all gradients, with and without zero_tail, against the fp32 reference and against
     composing the two kernels (d_h rounded to bf16 there, kept in fp32 here). Without zero_tail, only the rows past
-    the groups of y and dx may differ (undefined); they must not leak into the weight gradients. pairs: [gate | up]
-    interleaved (the "pairs" kernels), the gate and up gradients through the interleaving."""
+    the groups of y and dx may differ (undefined); they must not leak into the weight gradients."""
     from lcflash.kernels.gmm import pallas_gmm
-    from lcflash.kernels.gmm.swiglu import interleave_pairs
 
     x, wg, _, sizes = _inputs(seed, m, d, f, sizes_l, jnp.bfloat16)
     wu, wd = ((jax.random.normal(jax.random.key(seed + s), shape, jnp.float32) / np.sqrt(shape[1])).astype(
@@ -233,9 +231,8 @@ def _check_ffn_swiglu_grad_epilogue(m, d, f, sizes_l, seed, pairs=False):
         x, jnp.concatenate([wg, wu], -1), sizes, chain=True), wd, sizes, chain=True), *a))(x, wg, wu, wd)
 
     def fused(zero_tail):
-        w_gu = lambda wg, wu: interleave_pairs(wg, wu) if pairs else jnp.concatenate([wg, wu], -1)  # noqa: E731
-        ffn = lambda x, wg, wu, wd: pallas_gmm.gmm_swiglu_ffn(x, w_gu(wg, wu), wd, sizes,  # noqa
-                                                              zero_tail=zero_tail, pairs=pairs)
+        ffn = lambda x, wg, wu, wd: pallas_gmm.gmm_swiglu_ffn(x, jnp.concatenate([wg, wu], -1), wd, sizes,  # noqa
+                                                              zero_tail=zero_tail)
         return jax.jit(lambda *a: run(ffn, *a))(x, wg, wu, wd)
 
     for zero_tail in (True, False):
@@ -251,43 +248,10 @@ def _check_ffn_swiglu_grad_epilogue(m, d, f, sizes_l, seed, pairs=False):
 
 
 @cpu_only
-@pytest.mark.parametrize("pairs", [False, True])
-def test_pallas_interpret_ffn_swiglu_grad_epilogue(pairs):
+def test_pallas_interpret_ffn_swiglu_grad_epilogue():
     """The expert FFN whose down-projection d_lhs kernel writes [d_g | d_u] (3 column tiles per half, ragged
-    groups, tail rows), with [gate | up] as halves or interleaved; the interpreter NaN-fills outputs, so with
-    zero_tail an unwritten element fails _rel."""
-    _check_ffn_swiglu_grad_epilogue(M_RAGGED, 128, 384, SIZES_RAGGED, seed=17 + pairs, pairs=pairs)
-
-
-def test_interleaved_pairs_round_trip_and_the_xla_fallback(monkeypatch):
-    """swiglu.interleave_pairs puts gate and up in alternating 64-column blocks and pairs_to_halves undoes it; an
-    implementation without the "pairs" kernels (ragged_dot) gives, from the interleaved weight, the expert FFN and
-    gradients of the [gate | up] one, bitwise; the model builds the interleaved weight under api.SWIGLU_PAIRS."""
-    from lcflash.kernels.gmm.swiglu import PAIR_COLS, interleave_pairs, pairs_to_halves
-    from lcflash.model.moe import expert_ffn
-
-    rng = np.random.default_rng()
-    g_, d, f = 3, 64, 2 * PAIR_COLS
-    ks = jax.random.split(jax.random.key(int(rng.integers(1 << 30))), 5)
-    wg, wu = (jax.random.normal(k, (g_, d, f), jnp.float32) for k in ks[:2])
-    w = interleave_pairs(wg, wu)
-    assert w.shape == (g_, d, 2 * f)
-    np.testing.assert_array_equal(w[..., PAIR_COLS:2 * PAIR_COLS], wu[..., :PAIR_COLS])
-    np.testing.assert_array_equal(w[..., 2 * PAIR_COLS:3 * PAIR_COLS], wg[..., PAIR_COLS:])
-    np.testing.assert_array_equal(pairs_to_halves(w), jnp.concatenate([wg, wu], -1))
-    sizes = jnp.array([5, 0, 7], jnp.int32)
-    x = jax.random.normal(ks[2], (16, d), jnp.float32)
-    wd = jax.random.normal(ks[3], (g_, f, d), jnp.float32)
-    dy = jax.random.normal(ks[4], (16, d), jnp.float32)
-
-    def run(pairs):
-        monkeypatch.setattr(api, "SWIGLU_PAIRS", pairs)
-        f_ = lambda *a: expert_ffn(*a, impl="ragged_dot", fuse_gate_up=True)  # noqa: E731
-        y, vjp = jax.vjp(lambda x, wg, wu, wd: f_(x, sizes, wg, wu, wd), x, wg, wu, wd)
-        return (y, *vjp(dy))
-
-    for a, b in zip(run(True), run(False), strict=True):
-        np.testing.assert_array_equal(a, b)
+    groups, tail rows); the interpreter NaN-fills outputs, so with zero_tail an unwritten element fails _rel."""
+    _check_ffn_swiglu_grad_epilogue(M_RAGGED, 128, 384, SIZES_RAGGED, seed=17)
 
 
 def test_grad_halves_needs_its_residual_and_the_flat_pipeline():
@@ -301,9 +265,6 @@ def test_grad_halves_needs_its_residual_and_the_flat_pipeline():
     with pytest.raises(ValueError, match="needs chain=True"):
         mk.rows_kernel(x, [w], sched, transpose_rhs=False, out_dtype=x.dtype, tiles=mk.Tiles(tile_n=64),
                        swiglu="grad_halves", gu_mn2=jnp.zeros((256, 512), x.dtype))
-    with pytest.raises(ValueError, match="'pairs' needs tile_n = 128 and epi_n = 64"):
-        mk.rows_kernel(x, [w], sched, transpose_rhs=False, out_dtype=x.dtype, tiles=mk.Tiles(tile_n=64, chain=True),
-                       swiglu="pairs")
 
 
 def _contract_ref_f64(lhs, dout, sizes_l):
@@ -444,19 +405,17 @@ def test_pallas_chain_backward_lowers_for_cuda(mosaic_gpu_trace, k, n, g, m):
     assert lowered.as_text().count("mosaic_gpu") >= 6  # forward, d_lhs, d_rhs, flat d_rhs, SwiGLU, per-tile kernels
 
 
-@pytest.mark.parametrize("pairs", [False, True])
 @pytest.mark.parametrize("d,f,g,m", [(6144, 2048, 64, 32768), (1024, 384, 128, 65536)])  # LongCat, small config
-def test_ffn_swiglu_grad_epilogue_lowers_for_cuda(mosaic_gpu_trace, d, f, g, m, pairs):
-    """gmm_swiglu_ffn's forward and backward (the grad_halves / grad_pairs epilogue: TMA loads of g and u started by
-    the compute warpgroups, their swizzled tiles read in the accumulator's layout; with pairs, h from the two halves
-    of one accumulator) through Pallas -> Mosaic GPU lowering for CUDA on the CPU, within the shared-memory budget."""
+def test_ffn_swiglu_grad_epilogue_lowers_for_cuda(mosaic_gpu_trace, d, f, g, m):
+    """gmm_swiglu_ffn's forward and backward (the grad_halves epilogue: TMA loads of g and u started by the compute
+    warpgroups, their swizzled tiles read in the accumulator's layout) through Pallas -> Mosaic GPU lowering for
+    CUDA on the CPU, within the shared-memory budget."""
     from lcflash.kernels.gmm import pallas_gmm
 
     sd = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt)  # noqa: E731
 
     def fwd_bwd(x, w_gu, w_down, dy, sizes):
-        y, vjp = jax.vjp(lambda *a: pallas_gmm.gmm_swiglu_ffn(*a, sizes, zero_tail=False, pairs=pairs), x, w_gu,
-                         w_down)
+        y, vjp = jax.vjp(lambda *a: pallas_gmm.gmm_swiglu_ffn(*a, sizes, zero_tail=False), x, w_gu, w_down)
         return (y, *vjp(dy))
 
     lowered = jax.jit(fwd_bwd).trace(sd(m, d), sd(g, d, 2 * f), sd(g, f, d), sd(m, d), sd(g, dt=jnp.int32)).lower(
@@ -646,11 +605,9 @@ def test_pallas_gradients_inside_shard_map():
         assert _rel(g, w) < BF16_TOL
 
 
-@pytest.mark.parametrize("pairs", [False, True])
-def test_fused_expert_ffn_gradients_inside_shard_map(pairs):
+def test_fused_expert_ffn_gradients_inside_shard_map():
     """The same for the whole expert FFN with SwiGLU's backward in the down d_lhs kernel (api.gmm_swiglu_ffn):
-    its [d_g | d_u] goes from one kernel to the next inside the custom gradient; pairs: the weight taken as
-    interleaved [gate | up] (the reference turns it back)."""
+    its [d_g | d_u] goes from one kernel to the next inside the custom gradient."""
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     mesh = jax.make_mesh((1,), ("expert",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:1])
@@ -659,7 +616,7 @@ def test_fused_expert_ffn_gradients_inside_shard_map(pairs):
 
     def loss(impl):
         def local(x, a, b):
-            y = api.gmm_swiglu_ffn(x, a, b, sizes, impl=impl, pairs=pairs)
+            y = api.gmm_swiglu_ffn(x, a, b, sizes, impl=impl)
             return jax.lax.psum(y.astype(jnp.float32).sum(), "expert")
         return jax.shard_map(local, mesh=mesh, in_specs=(P("expert"),) * 3, out_specs=P())
 

@@ -16,9 +16,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from lcflash.config import ModelConfig
 from lcflash.kernels import COMPUTE_WEIGHTS
-from lcflash.kernels.gmm import api as gmm_api
 from lcflash.kernels.gmm import gmm, gmm_swiglu_ffn, reads_groups_only
-from lcflash.kernels.gmm.swiglu import PAIR_COLS, interleave_pairs
 from lcflash.model.common import DISPATCH_ROWS, ROUTING_CHOICES, SWIGLU_OUTPUT, RouterBias, normal_param
 from lcflash.model.router import Routing, route, zero_expert_output
 from lcflash.model.slots import combine_rows, dispatch_rows, sort_slots
@@ -41,11 +39,9 @@ def expert_ffn(x_md, group_sizes_g, w_gate_gdf, w_up_gdf, w_down_gfd, impl: str,
         return checkpoint_name(w.astype(dtype), COMPUTE_WEIGHTS)
 
     if fuse_gate_up:  # h named so model.remat_keep can keep it (the epilogue's h is a kernel output too)
-        pairs = gmm_api.SWIGLU_PAIRS and w_gate_gdf.shape[-1] % PAIR_COLS == 0
-        w_gu = cast(interleave_pairs(w_gate_gdf, w_up_gdf) if pairs else
-                    jnp.concatenate([w_gate_gdf, w_up_gdf], axis=-1))
+        w_gu = cast(jnp.concatenate([w_gate_gdf, w_up_gdf], axis=-1))
         return gmm_swiglu_ffn(x_md, w_gu, cast(w_down_gfd), group_sizes_g, impl=impl, zero_tail=zero_tail,
-                              h_names=(SWIGLU_OUTPUT,), pairs=pairs)
+                              h_names=(SWIGLU_OUTPUT,))
     g = gmm(x_md, cast(w_gate_gdf), group_sizes_g, impl=impl)
     u = gmm(x_md, cast(w_up_gdf), group_sizes_g, impl=impl)
     h = checkpoint_name(jax.nn.silu(g) * u, SWIGLU_OUTPUT)

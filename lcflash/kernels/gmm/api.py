@@ -32,7 +32,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from lcflash.kernels import on_hopper
 from lcflash.kernels.gmm import reference
-from lcflash.kernels.gmm.swiglu import pairs_to_halves, swiglu_halves
+from lcflash.kernels.gmm.swiglu import swiglu_halves
 
 
 def _pallas_gmm(lhs_mk, rhs_gkn, group_sizes_g, preferred_element_type=None, chain=False, zero_tail=True):
@@ -90,11 +90,6 @@ SWIGLU_EPILOGUE = True
 # gmm_swiglu_ffn: SwiGLU's backward in the down projection's d_lhs epilogue (flat kernels only); benchmarks turn
 # it off for A/B runs (experiments/bench_train.py --no_swiglu_grad_epilogue).
 SWIGLU_GRAD_EPILOGUE = True
-# The expert FFN's [gate | up] weight interleaved in 64-column blocks (swiglu.interleave_pairs; lcflash.model.moe),
-# so that our [gate | up] kernel keeps one full-width accumulator per warpgroup where "halves" keeps two half-width
-# ones (experiments/gmm_notes.md, session 28). Off: -1.9% in training at 32 x 1024 on an H200 (168,874 against
-# 172,100 tokens/s in one call; bench_train.py --swiglu_pairs, experiments/HISTORY.md session 30).
-SWIGLU_PAIRS = False
 
 _NOT_AVAILABLE = {
     "tokamax": "no tokamax release runs on the supported JAX (tokamax 0.0.12 fails on JAX 0.11.2); "
@@ -167,21 +162,17 @@ def _down_supported(x_mk, w_down_gfn) -> bool:
 
 
 def gmm_swiglu_ffn(x_mk, w_gkf2, w_down_gfn, group_sizes_g, *, impl: str = "ragged_dot", zero_tail: bool = True,
-                   h_names: tuple[str, ...] = (), pairs: bool = False):
+                   h_names: tuple[str, ...] = ()):
     """gmm(gmm_swiglu_halves(x, [w_gate | w_up]), w_down): the expert FFN. `pallas_chain` (with both epilogues on)
     runs it as one custom gradient whose down-projection d_lhs kernel applies SwiGLU's backward before its store
     (pallas_gmm.gmm_swiglu_ffn); the others compose the two calls. h_names: checkpoint names for h (the SwiGLU
-    output), applied where h is visible to a remat policy. pairs: w is [gate | up] interleaved
-    (swiglu.interleave_pairs), which our kernels take as it is and the others turn back into [gate | up]."""
+    output), applied where h is visible to a remat policy."""
     impl = _resolve(impl, x_mk, w_gkf2)
     if impl == "pallas_chain" and SWIGLU_EPILOGUE and SWIGLU_GRAD_EPILOGUE and _down_supported(x_mk, w_down_gfn):
         from lcflash.kernels.gmm import pallas_gmm
 
-        if not pairs or pallas_gmm.pairs_supported(w_down_gfn.shape[1]):
-            return pallas_gmm.gmm_swiglu_ffn(x_mk, w_gkf2, w_down_gfn, group_sizes_g,
-                                             zero_tail=zero_tail or not SKIP_TAILS, h_names=h_names, pairs=pairs)
-    if pairs:
-        w_gkf2 = pairs_to_halves(w_gkf2)
+        return pallas_gmm.gmm_swiglu_ffn(x_mk, w_gkf2, w_down_gfn, group_sizes_g,
+                                         zero_tail=zero_tail or not SKIP_TAILS, h_names=h_names)
     h = gmm_swiglu_halves(x_mk, w_gkf2, group_sizes_g, impl=impl, zero_tail=zero_tail)
     for name in h_names:
         h = checkpoint_name(h, name)

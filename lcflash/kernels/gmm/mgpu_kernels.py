@@ -24,7 +24,6 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from lcflash.kernels import interpret_params
-from lcflash.kernels.gmm.swiglu import PAIR_COLS  # swiglu "pairs" / "grad_pairs": [gate | up] interleaved
 
 _MEMORY_REGISTERS = 40  # registers per thread left to the TMA warpgroup (the JAX Hopper examples use 40)
 _SMEM_BYTES = 227 * 1024  # usable shared memory per block on H100 / H200
@@ -248,10 +247,6 @@ def rows_kernel(
     gu_mn2 = [g | u] (the "halves" residual) at the tile's rows and columns and returns [d_g | d_u] [M, 2N], the
     input of the [gate | up] backward, so d_h never leaves registers. Each compute warpgroup loads its g and u
     tiles by TMA at its tile's first step (flat pipeline) and waits for them at the last.
-    swiglu="pairs" / "grad_pairs": the same two with gate and up interleaved in PAIR_COLS-column blocks (one rhs
-    [G, K, 2N] for "pairs", whose tile_n must be 2 * PAIR_COLS: each warpgroup's one accumulator holds a g block and
-    its u block, so the main loop issues the plain kernel's full-width wgmma); returns (h [M, N], x @ rhs [M, 2N]
-    interleaved), and "grad_pairs" (tile_n = PAIR_COLS) reads and writes that interleaved layout.
 
     tiles.chain=False: every tile runs its own pipeline (dynamic step count, 0 for tail tiles), so the TMA
     warpgroup quiesces at each tile's end and the next tile's first loads wait behind this tile's epilogue.
@@ -271,19 +266,14 @@ def rows_kernel(
     else:
         g, k2, n = rhs_list[0].shape
     tm, tn, tk, epi_n = tiles.tile_m, tiles.tile_n, tiles.tile_k, tiles.epi_n
-    grad = swiglu in ("grad_halves", "grad_pairs")
-    if swiglu in ("halves", "pairs") and (transpose_rhs or n_rhs != 1):
+    grad = swiglu == "grad_halves"
+    if swiglu == "halves" and (transpose_rhs or n_rhs != 1):
         raise ValueError(f"swiglu={swiglu!r} takes one [G, K, 2N] rhs, not transposed")
     if swiglu == "halves":  # [gate | up] as two rhs operands, the up half's blocks n // (2 * tn) further on
         n, n_rhs = n // 2, 2
-    pair_tn = {"pairs": 2 * PAIR_COLS, "grad_pairs": PAIR_COLS}.get(swiglu)
-    if pair_tn is not None and (tn != pair_tn or epi_n != PAIR_COLS):
-        raise ValueError(f"swiglu={swiglu!r} needs tile_n = {pair_tn} and epi_n = {PAIR_COLS} (gate and up "
-                         f"interleaved in {PAIR_COLS}-column blocks); got {tiles}")
     rhs_inputs = rhs_list[:1] if swiglu == "halves" else rhs_list  # the kernel's rhs operands
     if grad != (gu_mn2 is not None) or (gu_mn2 is not None and gu_mn2.shape != (m, 2 * n)):
-        name = swiglu if grad else "grad_halves' or 'grad_pairs"
-        raise ValueError(f"swiglu='{name}' takes gu_mn2 [M, 2N] = {(m, 2 * n)} and only it takes gu_mn2; got "
+        raise ValueError(f"swiglu='grad_halves' takes gu_mn2 [M, 2N] = {(m, 2 * n)} and only it takes gu_mn2; got "
                          f"swiglu={swiglu!r}, gu_mn2 {None if gu_mn2 is None else gu_mn2.shape}")
     rhs_block_offsets = (0, n // (2 * tn)) if swiglu == "halves" else (0,) * n_rhs
     if k != k2:
@@ -304,13 +294,13 @@ def rows_kernel(
     dtype = lhs_mk.dtype
     tr_a = _swizzle_transforms(tk, dtype)
     tr_b = _swizzle_transforms(tk if transpose_rhs else 2 * tn, dtype)
-    n_out = {None: 1, "h": 1, "hgu": 3, "halves": 2, "grad_halves": 1, "pairs": 2, "grad_pairs": 1}[swiglu]
+    n_out = {None: 1, "h": 1, "hgu": 3, "halves": 2, "grad_halves": 1}[swiglu]
     zero_tail = (True,) * n_out if zero_tail is None else tuple(zero_tail)
     if len(zero_tail) != n_out:
         raise ValueError(f"zero_tail has {len(zero_tail)} entries for {n_out} outputs")
     if swiglu in ("h", "hgu") and n_rhs != 2:
         raise ValueError(f"swiglu={swiglu!r} needs exactly two rhs arrays (gate, up)")
-    if swiglu in (None, "grad_halves", "grad_pairs") and n_rhs != 1:
+    if swiglu in (None, "grad_halves") and n_rhs != 1:
         raise ValueError(f"swiglu={swiglu!r} takes one rhs array")
     n_cl = 2 if tiles.cluster_m else 1  # CTAs per cluster; the schedule's row blocks are n_cl * tm rows
     n_sms = _num_sms(interpret) // n_cl  # persistent units (clusters) walking the tile list
@@ -393,16 +383,11 @@ def rows_kernel(
                 mt = jnp.minimum(lin // n_tiles, t_max - 1)  # flat: the tile after a CTA's last one is never used
                 return lin % n_tiles, sched_ref[0, mt], sched_ref[1, mt], sched_ref[2, mt], sched_ref[3, mt]
 
-            def gu_cols(col0, j):
-                """First column of the g (j = 0) or u (j = 1) part of d_h's columns [col0, col0 + tn) in [g | u]."""
-                return 2 * col0 + j * tn if swiglu == "grad_pairs" else j * n + col0
-
             def load_gu(nt, blk):
-                """grad_halves / grad_pairs: starts this warpgroup's TMA loads of its g and u tiles (rows of block
-                blk)."""
+                """grad_halves: starts this warpgroup's TMA loads of its g and u tiles (rows of block blk)."""
                 rows = pl.ds((blk * n_cl + cta) * tm, tm)
                 for j in range(2):
-                    plgpu.copy_gmem_to_smem(gu_gmem.at[rows, pl.ds(gu_cols(nt * 2 * tn + wg * tn, j), tn)],
+                    plgpu.copy_gmem_to_smem(gu_gmem.at[rows, pl.ds(j * n + nt * 2 * tn + wg * tn, tn)],
                                             gu_smem.at[wg, j], gu_bar.at[2 * wg + j])
 
             def swiglu_grad(dh):
@@ -425,11 +410,7 @@ def rows_kernel(
                 outs = [(v, i, col0) for i, v in enumerate(vals)]  # (value, output, first column)
                 if grad:
                     d_gu = [vals[0]] * 2 if tail is True else swiglu_grad(vals[0])  # the tail stores zeros
-                    outs = [(d_gu[j], 0, gu_cols(col0, j)) for j in range(2)]
-                elif swiglu == "pairs":  # vals: the accumulator's g block and u block (acc_values)
-                    g, u = vals
-                    h_col0 = nt * tn + wg * PAIR_COLS  # col0 // 2, without a traced division (it fails to lower)
-                    outs = [(_silu(g) * u, 0, h_col0), (g, 1, col0), (u, 1, col0 + PAIR_COLS)]
+                    outs = [(d_gu[0], 0, col0), (d_gu[1], 0, col0 + n)]
                 elif swiglu is not None:
                     h = (_silu(vals[0]) * vals[1], 0, col0)
                     outs = {"h": [h], "hgu": [h] + [(v, i + 1, c) for v, i, c in outs],
@@ -460,13 +441,6 @@ def rows_kernel(
                 # while its wgmma still reads them; the other compute warpgroup keeps the tensor cores busy.
                 plgpu.wgmma_wait(int(tiles.overlap_mma))
 
-            def acc_values(accs):
-                """The accumulators' values; with "pairs", the one accumulator's g block and u block (the tail's zeros
-                come as two blocks too: a splat value cannot be sliced)."""
-                if swiglu == "pairs":
-                    return [accs[0][:, :PAIR_COLS], accs[0][:, PAIR_COLS:]]
-                return [acc[...] for acc in accs]
-
             def acc_context(run, make_carry, after=None):
                 def acc_scope(*acc_refs):
                     run(make_carry(tuple(acc_refs)))
@@ -489,7 +463,7 @@ def rows_kernel(
 
                     def context(run):
                         acc_context(run, lambda accs: accs, after=lambda accs: store(
-                            acc_values(accs), nt, blk, start, rows, tail=nsteps == 0))
+                            [acc[...] for acc in accs], nt, blk, start, rows, tail=nsteps == 0))
 
                     pipe = make_pipeline(mma, context, nsteps, lambda kk: (blk, kk), lambda kk: (grp, nt, kk))
                     pl.when(rows > 0)(lambda: pipe(lhs_gmem, *[r.at[grp] for r in rhs_gmems], allocations=allocs))
@@ -510,7 +484,7 @@ def rows_kernel(
                     def _epilogue():
                         nt, _, blk, start, rows = info
                         plgpu.wgmma_wait(0)
-                        store(acc_values(accs), nt, blk, start, rows)
+                        store([acc[...] for acc in accs], nt, blk, start, rows)
                         for acc in accs:
                             _zero_acc(acc, interpret)
 
@@ -531,16 +505,13 @@ def rows_kernel(
                         @pl.loop(0, tail_count)
                         def _tail_tile(j):
                             nt, _, blk, start, rows = tile_of(mm_total + first + j * n_sms)
-                            zeros = jnp.zeros((tm, PAIR_COLS if swiglu == "pairs" else tn), jnp.float32)
-                            store([zeros] * (2 if swiglu == "pairs" else n_rhs), nt, blk, start, rows, tail=True)
+                            store([jnp.zeros((tm, tn), jnp.float32)] * n_rhs, nt, blk, start, rows, tail=True)
 
             plgpu.wait_smem_to_gmem(0)  # all output stores have landed before the kernel exits
 
     out_type = [jax.ShapeDtypeStruct((m, n), out_dtype) for _ in range(n_out)]
-    if swiglu in ("halves", "grad_halves", "grad_pairs"):
+    if swiglu in ("halves", "grad_halves"):
         out_type[-1] = jax.ShapeDtypeStruct((m, 2 * n), out_dtype)
-    if swiglu == "pairs":  # n is [g | u]'s width here
-        out_type = [jax.ShapeDtypeStruct((m, n // 2), out_dtype), jax.ShapeDtypeStruct((m, n), out_dtype)]
     call = _persistent_call(kernel, out_type, interpret, cluster=n_cl,
                             name=f"gmm_rows{'_t' if transpose_rhs else ''}_{swiglu or 'plain'}_k{k}_n{n}")
     counts = [jnp.stack([sched_5t[4].sum(), (sched_5t[3] > 0).sum()]).astype(jnp.int32)] if flat else []

@@ -130,10 +130,8 @@ def rows_matmul(lhs_mk, rhs_list, group_sizes_g, *, transpose_rhs=False, out_dty
         n, n_acc = n // 2, 2
     else:
         n_acc = len(rhs_list)
-    epi_in = 2 if swiglu in ("grad_halves", "grad_pairs") else 0  # g and u tiles per warpgroup
+    epi_in = 2 if swiglu == "grad_halves" else 0  # g and u tiles per warpgroup
     tiles = _rows_tiles(m, group_sizes_g.shape[0], n, out_dtype, n_acc, "N", epi_in=epi_in)
-    if swiglu == "pairs" and ROWS_TILES is None:  # one [g block | u block] accumulator per warpgroup
-        tiles = dataclasses.replace(tiles, tile_n=2 * mk.PAIR_COLS, epi_n=mk.PAIR_COLS)
     if chain:
         tiles = _chain_tiles(tiles, ROWS_TILES is not None, out_dtype, n_acc, epi_in=epi_in)
     block_m = tiles.tile_m * (2 if tiles.cluster_m else 1)  # a 2-CTA cluster takes two tiles' rows
@@ -263,38 +261,32 @@ def gmm_swiglu_halves(x_mk, w_gkn, group_sizes_g, chain=False, zero_tail=True):
 # ------------------------------------------------------------------------------------------------
 
 
-def _ffn_forward(x_mk, w_gkn, w_down_gnk, group_sizes_g, vmas, zero_tail, pairs):
+def _ffn_forward(x_mk, w_gkn, w_down_gnk, group_sizes_g, vmas, zero_tail):
     v = vmas[0] | vmas[1] | vmas[2]
-    if pairs:  # h's tail stays zero, as in _gmm_swiglu_halves_forward
-        h, gu = (varying(o, vmas[0] | vmas[1]) for o in rows_matmul(x_mk, [w_gkn], group_sizes_g, swiglu="pairs",
-                                                                    chain=True, zero_tail=(True, zero_tail)))
-    else:
-        h, gu = _gmm_swiglu_halves_forward(x_mk, w_gkn, group_sizes_g, vmas[:2], True, zero_tail)
+    h, gu = _gmm_swiglu_halves_forward(x_mk, w_gkn, group_sizes_g, vmas[:2], True, zero_tail)
     y = rows_matmul(h, [w_down_gnk], group_sizes_g, chain=True, zero_tail=(zero_tail,))
     return varying(y, v), h, gu
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
-def _gmm_swiglu_ffn(x_mk, w_gkn, w_down_gnk, group_sizes_g, vmas, zero_tail, h_names, pairs):
-    return _ffn_forward(x_mk, w_gkn, w_down_gnk, group_sizes_g, vmas, zero_tail, pairs)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _gmm_swiglu_ffn(x_mk, w_gkn, w_down_gnk, group_sizes_g, vmas, zero_tail, h_names):
+    return _ffn_forward(x_mk, w_gkn, w_down_gnk, group_sizes_g, vmas, zero_tail)[0]
 
 
-def _gmm_swiglu_ffn_fwd(x_mk, w_gkn, w_down_gnk, group_sizes_g, vmas, zero_tail, h_names, pairs):
+def _gmm_swiglu_ffn_fwd(x_mk, w_gkn, w_down_gnk, group_sizes_g, vmas, zero_tail, h_names):
     y, h, gu = (checkpoint_name(o, KERNEL_OUTPUT)
-                for o in _ffn_forward(x_mk, w_gkn, w_down_gnk, group_sizes_g, vmas, zero_tail, pairs))
+                for o in _ffn_forward(x_mk, w_gkn, w_down_gnk, group_sizes_g, vmas, zero_tail))
     for name in h_names:
         h = checkpoint_name(h, name)
     return y, (x_mk, w_gkn, w_down_gnk, group_sizes_g, h, gu)
 
 
-def _gmm_swiglu_ffn_bwd(vmas, zero_tail, h_names, pairs, res, dy_mk):
+def _gmm_swiglu_ffn_bwd(vmas, zero_tail, h_names, res, dy_mk):
     x_mk, w_gkn, w_down_gnk, group_sizes_g, h, gu = res
     dy_mk = dy_mk.astype(x_mk.dtype)
-    # [d_g | d_u] straight from the d_h accumulator: no d_h array, no XLA pass over [g | u]. With pairs both are
-    # interleaved like w, so the [gate | up] backward below is the same products.
+    # [d_g | d_u] straight from the d_h accumulator: no d_h array, no XLA pass over [g | u].
     d_gu = rows_matmul(dy_mk, [w_down_gnk], group_sizes_g, transpose_rhs=True, out_dtype=x_mk.dtype,
-                       swiglu="grad_pairs" if pairs else "grad_halves", gu_mn2=gu, chain=True,
-                       zero_tail=(zero_tail,))
+                       swiglu="grad_halves", gu_mn2=gu, chain=True, zero_tail=(zero_tail,))
     d_w_down = contract_matmul(h, dy_mk, group_sizes_g, out_dtype=w_down_gnk.dtype, chain=True)
     dx, d_w, _ = _gmm_bwd(x_mk.dtype, vmas[:2], True, zero_tail, (x_mk, w_gkn, group_sizes_g), d_gu)
     return dx, d_w, varying(d_w_down, vmas[2]), _int_zeros(group_sizes_g)
@@ -303,13 +295,11 @@ def _gmm_swiglu_ffn_bwd(vmas, zero_tail, h_names, pairs, res, dy_mk):
 _gmm_swiglu_ffn.defvjp(_gmm_swiglu_ffn_fwd, _gmm_swiglu_ffn_bwd)
 
 
-def gmm_swiglu_ffn(x_mk, w_gkn, w_down_gnk, group_sizes_g, zero_tail=True, h_names=(), pairs=False):
+def gmm_swiglu_ffn(x_mk, w_gkn, w_down_gnk, group_sizes_g, zero_tail=True, h_names=()):
     """gmm(gmm_swiglu_halves(x, w), w_down) through the flat (pallas_chain) kernels, with SwiGLU's backward in the
     epilogue of the down projection's d_lhs kernel (mk.rows_kernel swiglu="grad_halves"): it writes [d_g | d_u]
     for the [gate | up] backward directly. h_names: extra checkpoint names for h (a remat policy's keep list).
-    zero_tail=False: the output's, the residual's and the gradients' rows past sum(group_sizes) are undefined.
-    pairs: w is [gate | up] interleaved in mk.PAIR_COLS-column blocks (swiglu.interleave_pairs; its gradient comes
-    back the same way), run by the "pairs" kernels: full-width wgmma in the forward (needs F % 128 == 0)."""
+    zero_tail=False: the output's, the residual's and the gradients' rows past sum(group_sizes) are undefined."""
     _check(x_mk, w_gkn, group_sizes_g)
     f = w_gkn.shape[2] // 2
     if w_down_gnk.ndim != 3 or w_down_gnk.shape[:2] != (w_gkn.shape[0], f) or w_down_gnk.dtype != x_mk.dtype:
@@ -318,17 +308,8 @@ def gmm_swiglu_ffn(x_mk, w_gkn, w_down_gnk, group_sizes_g, zero_tail=True, h_nam
                          f"{w_down_gnk.shape}")
     _col_tile(f, "half of N", prefer=64)
     _col_tile(w_down_gnk.shape[2], "D")
-    if pairs and not pairs_supported(f):
-        raise ValueError(f"pallas gmm_swiglu_ffn(pairs=True): F = {f} must be a multiple of {2 * mk.PAIR_COLS} "
-                         "(two warpgroups x one gate block and one up block of 64 columns)")
     return _gmm_swiglu_ffn(x_mk, w_gkn, w_down_gnk, group_sizes_g.astype(jnp.int32),
-                           (vma(x_mk), vma(w_gkn), vma(w_down_gnk)), bool(zero_tail), tuple(h_names), bool(pairs))
-
-
-def pairs_supported(f: int) -> bool:
-    """Whether gmm_swiglu_ffn(pairs=True) takes an expert width F: the forward's CTA tile is two warpgroups of one
-    [g block | u block] each, 2 * 2 * PAIR_COLS interleaved columns."""
-    return f % (2 * mk.PAIR_COLS) == 0
+                           (vma(x_mk), vma(w_gkn), vma(w_down_gnk)), bool(zero_tail), tuple(h_names))
 
 
 # ------------------------------------------------------------------------------------------------
