@@ -11,12 +11,12 @@ or a padded einsum (skewed loads) before they are timed.
 `--chain-ab` times only LongCat gate/up and down at T=512 (balanced) for `pallas` (per-tile pipelines),
 `pallas_chain` (one flat pipeline per CTA in every kernel) and the einsum bound, then d_rhs alone (contract
 kernel per-tile vs one flat pipeline per CTA vs the einsum "gtk,gtn->gkn");
-`--rows-ab flat,cluster,...` times only the rows kernel (forward and d_lhs, flat pipeline) in the listed variants
-(2-CTA clusters, one wgmma in flight, ...; `ROWS_VARIANTS`);
+`--rows-ab flat,overlap,...` times only the rows kernel (forward and d_lhs, flat pipeline) in the listed variants
+(one wgmma in flight, ...; `ROWS_VARIANTS`);
 `--swiglu-only` times only gate + up + SwiGLU (LongCat and configs/small.py gate/up, T=512): the [gate | up]
 kernel with SwiGLU in its epilogue against the same gmm followed by XLA's SwiGLU (`swiglu_cases`);
-`--sweep` then adds pallas_chain with its rows kernel on 2-CTA clusters (`Tiles.cluster_m`), and the flat d_rhs
-kernel with one wgmma left in flight per step (`Tiles.overlap_mma`) and with a 3-deep ring and 128-column stores;
+`--sweep` then adds the flat d_rhs kernel with one wgmma left in flight per step (`Tiles.overlap_mma`) and with a
+3-deep ring and 128-column stores;
 `--small-sweep T` times only configs/small.py's [gate | up] and down products at T tokens per expert, pallas_chain
 with pinned tile variants against the einsum bound; `--deal-ab T` only the flat d_rhs kernel there, its tiles dealt
 to the CTAs each way of `mgpu_kernels.CONTRACT_DEALS`, at equal and Dirichlet-skewed expert sizes
@@ -261,16 +261,11 @@ def cases(quick, chain_ab=False):
     return out
 
 
-def sweep(bw_gbs, within_budget, chain=False):
-    """Tile variants of ours at LongCat T=512; the heuristics in pallas_gmm use the winners.
-
-    chain: pallas_chain with its rows kernel on 2-CTA clusters instead (A/B of Tiles.cluster_m)."""
+def sweep(bw_gbs, within_budget):
+    """Tile variants of ours at LongCat T=512; the heuristics in pallas_gmm use the winners."""
     T = mgpu_kernels.Tiles
     runs = [("pallas", "gate_up", T(128, 128, 64, 4, 64), None), ("pallas", "down", T(128, 128, 64, 4, 64), None),
             ("pallas", "gate_up", None, T(128, 128, 128, 2, 64)), ("pallas", "down", None, T(128, 128, 128, 2, 64))]
-    if chain:  # pallas_chain's rows kernel on 2-CTA clusters (cluster_m: rhs tiles multicast to both CTAs)
-        runs = [("pallas_chain", p, T(128, 128, 64, 4, 64, chain=True, cluster_m=True), None)
-                for p in ("gate_up", "down")]
     out = []
     for impl, proj, rows_tiles, contract_tiles in runs:
         if not within_budget():
@@ -393,7 +388,6 @@ def d_rhs_ab(proj, t, sweep_variants=False):
 
 ROWS_VARIANTS = {  # flat rows kernel variants timed by --rows-ab (all bit-identical: same tiles, same order)
     "flat": dict(stages=4),
-    "cluster": dict(stages=4, cluster_m=True),
     "overlap": dict(stages=4, overlap_mma=True),
     "3st_epi128": dict(stages=3, epi_n=128),
 }
@@ -691,7 +685,7 @@ def main():
                     help="LongCat T=512 only: pallas vs pallas_chain vs einsum (implies --impls pallas,pallas_chain,einsum)")
     ap.add_argument("--rows-ab", default=None, metavar="V1,V2,...",
                     help="only the rows kernel at LongCat T=512: flat pipeline variants (ROWS_VARIANTS), the first "
-                         "the baseline, e.g. flat,cluster")
+                         "the baseline, e.g. flat,overlap")
     ap.add_argument("--pick-jax-mgpu", action="store_true", help="time four configs of the example kernel first")
     args = ap.parse_args()
     ffn_names = [n for n in args.ffn_kernel_names.split(",") if n] or list(FFN_KERNELS)
@@ -768,8 +762,7 @@ def main():
             report["d_rhs"].append(d_rhs_ab(proj, 512, sweep_variants=args.sweep))
             save()
     if args.sweep:
-        report["sweep"] = sweep(meta["copy_bandwidth_gbs"], lambda: time.time() - t_start < args.budget_s,
-                                chain=args.chain_ab)
+        report["sweep"] = sweep(meta["copy_bandwidth_gbs"], lambda: time.time() - t_start < args.budget_s)
     save()
     print(format_table(results), flush=True)
 

@@ -5,9 +5,9 @@
 The benchmark (bench_moe_gemm.py) only sees whole kernels, so its per-tile cost model cannot tell a slow main-loop
 step from a fixed per-tile cost (gmm_notes.md, session 4). This runs one forward of a LongCat expert projection
 (balanced, `--t` tokens per expert, `--groups` experts: fewer than LongCat's 64 so that every warpgroup's event
-buffer fits in shared memory) for `pallas`, `pallas_chain` and `pallas_chain_cluster` (its rows kernel on 2-CTA
-clusters, Tiles.cluster_m) with 3-stage rings (the profile buffer takes the 4th stage's shared memory), checks
-each output against the einsum of the equal groups, and reports, per compute warpgroup and averaged over CTAs: time inside the kernels' named
+buffer fits in shared memory) for `pallas` and `pallas_chain` with 3-stage rings (the profile buffer takes the
+4th stage's shared memory), checks each output against the einsum of the equal groups, and reports, per compute
+warpgroup and averaged over CTAs: time inside the kernels' named
 scopes ("mma": wgmma issue and wait per step; "epilogue": a tile's store; "next_tile": the flat pipeline's
 schedule loads) and the rest ("other": ring-barrier waits and pipeline bookkeeping), per step and per tile. The
 kernel is also timed without the profiler, and the profiled trace is copied beside the JSON.
@@ -84,7 +84,6 @@ def summarize(trace: dict) -> dict:
 VARIANTS = {  # name -> (api impl, rows-kernel tiles); 3 stages leave shared memory for the profile buffer
     "pallas": ("pallas", mgpu_kernels.Tiles(128, 128, 64, 3, 64)),
     "pallas_chain": ("pallas_chain", mgpu_kernels.Tiles(128, 128, 64, 3, 64, chain=True)),
-    "pallas_chain_cluster": ("pallas_chain", mgpu_kernels.Tiles(128, 128, 64, 3, 64, chain=True, cluster_m=True)),
 }
 
 

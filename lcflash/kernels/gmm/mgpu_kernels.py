@@ -54,9 +54,6 @@ class Tiles:
     # (wgmma_wait(1), buffers released one step later); the epilogue waits for all of them. Slower on an H200
     # (experiments/gmm_notes.md, run 8): kept off, as a switch for the A/B.
     overlap_mma: bool = False
-    # flat rows kernel only: 2-CTA clusters; the two CTAs take consecutive tile_m-row halves of one 2 * tile_m-row
-    # schedule block and share each rhs tile, which TMA multicasts to both (half the rhs traffic from L2).
-    cluster_m: bool = False
 
 
 def _num_sms(interpret: bool) -> int:
@@ -65,17 +62,15 @@ def _num_sms(interpret: bool) -> int:
     return jax.devices()[0].core_count
 
 
-def _persistent_call(kernel, out_type, interpret: bool, name: str, cluster: int = 1):
-    """Both kernels' launch: one CTA per SM walking its tile list, 3 warpgroups (1 TMA + 2 wgmma); with
-    cluster > 1, "sm" indexes clusters of that many CTAs (axis "cluster"). `name` becomes the CUDA kernel's name
-    (`{name}_mosaic_gpu_kernel`), so a profile tells the products apart."""
+def _persistent_call(kernel, out_type, interpret: bool, name: str):
+    """Both kernels' launch: one CTA per SM walking its tile list, 3 warpgroups (1 TMA + 2 wgmma). `name` becomes
+    the CUDA kernel's name (`{name}_mosaic_gpu_kernel`), so a profile tells the products apart."""
     kernel.__name__ = name
     return plgpu.kernel(
         kernel,
         out_type=out_type,
-        grid=(_num_sms(interpret) // cluster,),
+        grid=(_num_sms(interpret),),
         grid_names=("sm",),
-        **(dict(cluster=(cluster,), cluster_names=("cluster",)) if cluster > 1 else {}),
         num_threads=3,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup,
@@ -211,14 +206,6 @@ def _rows_staging(shape, dtype, interpret: bool):
     return views if interpret else plgpu.RefUnion(*views)
 
 
-def cta_share(start, rows, cta, tile_m: int):
-    """(first row, rows) of a cluster row block's rows [start, start + rows) that fall in CTA cta's tile_m-row
-    part [cta * tile_m, (cta + 1) * tile_m), relative to that part; rows = 0 if none (Tiles.cluster_m)."""
-    lo = jnp.clip(start - cta * tile_m, 0, tile_m)
-    hi = jnp.clip(start + rows - cta * tile_m, 0, tile_m)
-    return lo, jnp.maximum(hi - lo, 0)
-
-
 # --------------------------------------------------------------------------------------------------
 # Rows kernel: forward, d_lhs, fused SwiGLU forward.
 # --------------------------------------------------------------------------------------------------
@@ -254,8 +241,6 @@ def rows_kernel(
     chosen per step, the epilogue run inside the pipeline body at each tile's last step (the flat contract
     kernel's scheme): the TMA warpgroup never drains between tiles. The tail tiles (rows past the groups) are
     stored as zeros afterwards by the compute warpgroups, outside the pipeline.
-    tiles.cluster_m (with chain): sched_5t's row blocks are 2 * tile_m rows, one per 2-CTA cluster; CTA c of the
-    cluster computes rows [c * tile_m, (c + 1) * tile_m) of it and stores its share of the block's rows.
     zero_tail: per output, whether rows past the groups are stored as zeros (default: all); False leaves them
     unwritten (undefined), for consumers that never read them: the tail is about half of the MoE row buffers.
     """
@@ -283,8 +268,6 @@ def rows_kernel(
     if tiles.overlap_mma and not tiles.chain:
         raise ValueError("Tiles.overlap_mma needs chain=True (a per-tile pipeline's prologue would refill buffers "
                          "its last wgmma still reads)")
-    if tiles.cluster_m and not tiles.chain:
-        raise ValueError("Tiles.cluster_m needs chain=True (the flat pipeline)")
     if grad and not tiles.chain:
         raise ValueError(f"swiglu={swiglu!r} needs chain=True (the flat pipeline starts a tile's g and u loads at "
                          "its first step)")
@@ -302,8 +285,7 @@ def rows_kernel(
         raise ValueError(f"swiglu={swiglu!r} needs exactly two rhs arrays (gate, up)")
     if swiglu in (None, "grad_halves") and n_rhs != 1:
         raise ValueError(f"swiglu={swiglu!r} takes one rhs array")
-    n_cl = 2 if tiles.cluster_m else 1  # CTAs per cluster; the schedule's row blocks are n_cl * tm rows
-    n_sms = _num_sms(interpret) // n_cl  # persistent units (clusters) walking the tile list
+    n_sms = _num_sms(interpret)  # persistent CTAs walking the tile list
     flat = tiles.chain
     stages = tiles.stages if flat else min(tiles.stages, k_steps)
 
@@ -320,12 +302,11 @@ def rows_kernel(
         b_block = sq + ((2 * tn, tk) if transpose_rhs else (tk, 2 * tn))
         spec = lambda shape, imap, tr, **kw: plgpu.BlockSpec(shape, imap, transforms=tr, memory_space=plgpu.SMEM,
                                                              delay_release=int(tiles.overlap_mma), **kw)
-        shared = dict(collective_axes=("cluster",)) if n_cl > 1 else {}  # one multicast load for the cluster
         return plgpu.emit_pipeline_warp_specialized(
             body,
             grid=(nsteps,),
             memory_registers=_MEMORY_REGISTERS,
-            in_specs=[spec((tm, tk), blk_kk, tr_a)] + [spec(b_block, functools.partial(b_map, off=off), tr_b, **shared)
+            in_specs=[spec((tm, tk), blk_kk, tr_a)] + [spec(b_block, functools.partial(b_map, off=off), tr_b)
                                                         for off in rhs_block_offsets],
             wg_axis="wg",
             num_compute_wgs=2,
@@ -340,7 +321,6 @@ def rows_kernel(
         gu_gmem = refs[len(rhs_inputs)] if gu_mn2 is not None else None
         out_gmems = refs[n_in:]
         sm = lax.axis_index("sm")
-        cta = lax.axis_index("cluster") if n_cl > 1 else 0
         ignore = lambda *_, **__: None
 
         if flat:
@@ -352,7 +332,7 @@ def rows_kernel(
                 return sm + (s // k_steps) * n_sms
 
             # The TMA warpgroup's scalar loads per step: only the indices it needs.
-            blk_kk = lambda s: (sched_ref[1, lin_of(s) // n_tiles] * n_cl + cta, s % k_steps)
+            blk_kk = lambda s: (sched_ref[1, lin_of(s) // n_tiles], s % k_steps)
             grp_nt_kk = lambda s: (sched_ref[0, lin_of(s) // n_tiles], lin_of(s) % n_tiles, s % k_steps)
             alloc_pipe = make_pipeline(ignore, ignore, jnp.int32(stages), blk_kk, grp_nt_kk)  # dynamic grid
             gmem_args = (lhs_gmem, *rhs_gmems)
@@ -385,7 +365,7 @@ def rows_kernel(
 
             def load_gu(nt, blk):
                 """grad_halves: starts this warpgroup's TMA loads of its g and u tiles (rows of block blk)."""
-                rows = pl.ds((blk * n_cl + cta) * tm, tm)
+                rows = pl.ds(blk * tm, tm)
                 for j in range(2):
                     plgpu.copy_gmem_to_smem(gu_gmem.at[rows, pl.ds(j * n + nt * 2 * tn + wg * tn, tn)],
                                             gu_smem.at[wg, j], gu_bar.at[2 * wg + j])
@@ -404,9 +384,6 @@ def rows_kernel(
                 if grad and tail is not True:  # the tiles load_gu started at the first step
                     for j in range(2):
                         plgpu.barrier_wait(gu_bar.at[2 * wg + j])
-                if n_cl > 1:
-                    start, rows = cta_share(start, rows, cta, tm)
-                    blk = blk * n_cl + cta
                 outs = [(v, i, col0) for i, v in enumerate(vals)]  # (value, output, first column)
                 if grad:
                     d_gu = [vals[0]] * 2 if tail is True else swiglu_grad(vals[0])  # the tail stores zeros
@@ -512,7 +489,7 @@ def rows_kernel(
     out_type = [jax.ShapeDtypeStruct((m, n), out_dtype) for _ in range(n_out)]
     if swiglu in ("halves", "grad_halves"):
         out_type[-1] = jax.ShapeDtypeStruct((m, 2 * n), out_dtype)
-    call = _persistent_call(kernel, out_type, interpret, cluster=n_cl,
+    call = _persistent_call(kernel, out_type, interpret,
                             name=f"gmm_rows{'_t' if transpose_rhs else ''}_{swiglu or 'plain'}_k{k}_n{n}")
     counts = [jnp.stack([sched_5t[4].sum(), (sched_5t[3] > 0).sum()]).astype(jnp.int32)] if flat else []
     gu_in = [] if gu_mn2 is None else [gu_mn2]

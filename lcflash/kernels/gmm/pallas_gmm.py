@@ -134,9 +134,8 @@ def rows_matmul(lhs_mk, rhs_list, group_sizes_g, *, transpose_rhs=False, out_dty
     tiles = _rows_tiles(m, group_sizes_g.shape[0], n, out_dtype, n_acc, "N", epi_in=epi_in)
     if chain:
         tiles = _chain_tiles(tiles, ROWS_TILES is not None, out_dtype, n_acc, epi_in=epi_in)
-    block_m = tiles.tile_m * (2 if tiles.cluster_m else 1)  # a 2-CTA cluster takes two tiles' rows
-    mp = _padded_rows(m, block_m)
-    sched, _ = mk.row_schedule(group_sizes_g, mp, block_m)
+    mp = _padded_rows(m, tiles.tile_m)
+    sched, _ = mk.row_schedule(group_sizes_g, mp, tiles.tile_m)
     if transpose_rhs and _interpret():  # the interpreter cannot run wgmma on transposed smem: transpose in XLA
         rhs_list, transpose_rhs = [r.swapaxes(1, 2) for r in rhs_list], False
     out = mk.rows_kernel(_pad_rows(lhs_mk, mp), list(rhs_list), sched, transpose_rhs=transpose_rhs,
