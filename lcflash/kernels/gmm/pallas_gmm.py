@@ -24,8 +24,8 @@ ROWS_TILES: mk.Tiles | None = None
 CONTRACT_TILES: mk.Tiles | None = None
 # Staging buffers per warpgroup for the flat rows kernel's SwiGLU epilogues ("halves": h, g, u; "grad_halves": d_g,
 # d_u), which store several chunks per tile (mk.Tiles.epi_buffers). One: each store waits for the last to be read.
-# Not yet measured on a GPU (experiments/bench_train.py --epi_buffers, bench_moe_gemm.py --epi_buffers); read when
-# a call is traced.
+# Not yet measured on a GPU (experiments/bench_train.py --epi_buffers; bench_moe_gemm.py --ffn-kernels times the
+# "_2buf" kernels); read when a call is traced.
 EPILOGUE_BUFFERS = 1
 
 
