@@ -7,11 +7,12 @@ MLA's heads have qk 192 (nope 128 + rope 64) and v 128. The variants, all bf16 f
                  (called "model" in the JSON of those sessions)
   pallas       : our Mosaic GPU kernels (`train_attn_impl="pallas"`, lcflash/kernels/doc_attention), causal_docs;
                  the model's path on a Hopper GPU since session 10 ("auto"); since session 13 in MLA's form
-                 (`mla_doc_attention`: q, kv = [k_nope | v] and the shared rope key read where they are)
+                 (`mla_doc_attention`: q, kv = [k_nope | v] and the shared rope key read where they are); since
+                 session 31 q as q_nope and the roped q_pe, two arrays (`mla.Q_PARTS`)
   pallas_runs  : `pallas` with the whole blocks next to the diagonal walked without the mask
                  (`pallas_mgpu.UNMASKED_RUNS`, session 15)
   pallas_dq_recompute: `pallas` with the dq kernel recomputing dS (`pallas_mgpu.DQ_FROM_DS` off: before session 27)
-  pallas_qparts: `pallas` with q_nope and the roped q_pe read as two arrays, no [nope | rope] copy (`mla.Q_PARTS`)
+  pallas_joined: `pallas` with q joined as [nope | rope] first (`mla.Q_PARTS` off: before session 31)
   pallas_dqdsN : `pallas` with the dq kernel loading N blocks of dS and K ahead (`pallas_mgpu.DQ_DS_DEPTH`)
   pallas_heads : the same kernels on per-head keys [k_nope | rope key] and v (the form of sessions 10-12)
   pallas_causal: the same told the mask is plainly causal (not the model's semantics; against cudnn_causal)
@@ -40,6 +41,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -104,24 +106,10 @@ def variants(seg_bt, max_segments):
         kv = jnp.concatenate([k_nope, v], axis=-1)
         return mla.fused_attention(q_nope, q_pe, kv, kpe, mask_bts, SCALE, "pallas", kind)
 
-    def pallas_with(*args, **switches):
-        """pallas with module switches of pallas_mgpu set, read while the forward is traced."""
-        old = {k: getattr(pallas_mgpu, k) for k in switches}
-        for k, v in switches.items():
-            setattr(pallas_mgpu, k, v)
-        try:
+    def pallas_with(*args, module=pallas_mgpu, **switches):
+        """pallas with module switches (of pallas_mgpu by default) set, read while the forward is traced."""
+        with mock.patch.multiple(module, **switches):
             return pallas(*args)
-        finally:
-            for k, v in old.items():
-                setattr(pallas_mgpu, k, v)
-
-    def pallas_qparts(*args):
-        """pallas with mla.Q_PARTS, read while the forward is traced."""
-        old, mla.Q_PARTS = mla.Q_PARTS, True
-        try:
-            return pallas(*args)
-        finally:
-            mla.Q_PARTS = old
 
     def pallas_depths(q_nope, q_pe, k_nope, kpe, v, depths, heads=False):
         from lcflash.kernels.doc_attention.pallas_mgpu import doc_attention, mla_doc_attention
@@ -153,7 +141,7 @@ def variants(seg_bt, max_segments):
         "pallas_causal": functools.partial(pallas, kind="causal"),
         "pallas_runs": functools.partial(pallas_with, UNMASKED_RUNS=True),
         "pallas_dq_recompute": functools.partial(pallas_with, DQ_FROM_DS=False),
-        "pallas_qparts": pallas_qparts,
+        "pallas_joined": functools.partial(pallas_with, module=mla, Q_PARTS=False),
         **{f"pallas_dqds{d}": functools.partial(pallas_with, DQ_DS_DEPTH=d) for d in (1, 2, 3, 4, 6)},
         "pallas_heads": functools.partial(pallas_depths, depths=pallas_mgpu.DEPTHS, heads=True),
         "dpa_causal": functools.partial(dpa, with_mask=False),
@@ -167,7 +155,7 @@ def variants(seg_bt, max_segments):
 SCALE = 192 ** -0.5
 # and every cudnn_packed_*, pallas_d*
 SAME_SEMANTICS = ("cudnn_docs", "dpa_mask", "cudnn_mask", "pallas", "pallas_runs", "pallas_dq_recompute",
-                  "pallas_qparts", "pallas_heads")
+                  "pallas_joined", "pallas_heads")
 
 
 def measure(todo, seg_bt, x, do, flops):
