@@ -128,6 +128,11 @@ PALLAS_MLA_FORM = True
 Q_PARTS = True
 
 
+def _takes_q_parts(implementation: str) -> bool:
+    """Whether the fused attention reads q as (q_nope, q_rope), two arrays (our kernels in MLA's form)."""
+    return implementation == "pallas" and PALLAS_MLA_FORM and Q_PARTS
+
+
 def fused_attention(q_nope_bthk, q_pe_bthd, kv_bshk, kpe_bsd, mask_bts, scale, implementation,
                     mask_kind: str = "given"):
     """Flash attention on MLA's heads: queries/keys are [nope | rope] (the rope key shared by all heads), values
@@ -142,7 +147,7 @@ def fused_attention(q_nope_bthk, q_pe_bthd, kv_bshk, kpe_bsd, mask_bts, scale, i
     nope = q_nope_bthk.shape[-1]
     if implementation == "auto":
         implementation = auto_fused_impl((q_nope_bthk, q_pe_bthd), kv_bshk, kpe_bsd, mask_kind)
-    if implementation == "pallas" and PALLAS_MLA_FORM and Q_PARTS:
+    if _takes_q_parts(implementation):
         q_parts = (q_nope_bthk, checkpoint_name(q_pe_bthd, ATTENTION_QUERIES))   # remat_keep: the roped part
         return _pallas_attention(q_parts, (kv_bshk, kpe_bsd), mask_bts, scale, mask_kind, mla_form=True)
     q_bthk = checkpoint_name(jnp.concatenate([q_nope_bthk, q_pe_bthd], axis=-1), ATTENTION_QUERIES)  # remat_keep
@@ -282,8 +287,7 @@ class MLA(nnx.Module):
         from `write_start_b` and ignores `mask_bts`). mask_kind: see MASK_KINDS."""
         # The fused kernel serves the cache-free (training / scoring) forward; prefill into a cache keeps XLA.
         impl = self.train_attention(x_btd, mask_kind) if cache is None else "xla"
-        q_parts = impl == "pallas" and PALLAS_MLA_FORM and Q_PARTS
-        q_nope, q_pe, kv = self.latents(x_btd, cos_btd, sin_btd, q_parts)
+        q_nope, q_pe, kv = self.latents(x_btd, cos_btd, sin_btd, _takes_q_parts(impl))
         if cache is not None:
             kv = LatentKV(write_rows(cache.c_bsr, kv.c_bsr.astype(cache.c_bsr.dtype), write_start_b),
                           write_rows(cache.kpe_bsd, kv.kpe_bsd.astype(cache.kpe_bsd.dtype), write_start_b))

@@ -154,6 +154,11 @@ def row_schedule(group_sizes_g: jax.Array, m: int, tile_m: int) -> tuple[jax.Arr
 # --------------------------------------------------------------------------------------------------
 
 
+def _buffers(ref):
+    """A staging ref's buffers: the ref itself [rows, cols], or each of [B, rows, cols]."""
+    return [ref] if len(ref.shape) == 2 else [ref.at[b] for b in range(ref.shape[0])]
+
+
 def _store_rows(val, out_gmem, stage_smem, *, row0, start, rows, col0, epi_n, ragged_smem=None, chunk0=0):
     """Casts val (fp32, WGMMA layout) to out dtype and stores it in epi_n-column chunks via TMA.
 
@@ -167,9 +172,8 @@ def _store_rows(val, out_gmem, stage_smem, *, row0, start, rows, col0, epi_n, ra
     at most B - 1 stores are unread, so one chunk's store drains while the next chunks are written. Chunk 0 and
     every ragged chunk wait for all earlier stores.
     """
-    bufs = [stage_smem] if len(stage_smem.shape) == 2 else [stage_smem.at[b] for b in range(stage_smem.shape[0])]
-    rag = None if ragged_smem is None else [ragged_smem] if len(bufs) == 1 else [ragged_smem.at[b]
-                                                                               for b in range(len(bufs))]
+    bufs = _buffers(stage_smem)
+    rag = None if ragged_smem is None else _buffers(ragged_smem)
     tile_rows = bufs[0].shape[0]
     whole_tile = (start == 0) & (rows == tile_rows)
     for c in range(val.shape[1] // epi_n):
