@@ -29,7 +29,6 @@ import json
 import os
 import sys
 import time
-from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -563,15 +562,7 @@ def ffn_load_sizes(tokens, ffn_per_token, g, seed=0, alphas=(2.0, 0.5)):
 
 
 FFN_KERNELS = ("gate_up_fwd_halves", "down_fwd", "down_dlhs_grad_halves", "down_dlhs_plain", "down_drhs",
-               "gate_up_dlhs", "gate_up_drhs", "gate_up_fwd_halves_2buf", "down_dlhs_grad_halves_2buf")
-
-
-def _epilogue_buffers(fn, n: int):
-    """fn traced with pallas_gmm.EPILOGUE_BUFFERS = n (its SwiGLU epilogues' staging buffers)."""
-    def traced(*args):
-        with mock.patch.object(pallas_gmm, "EPILOGUE_BUFFERS", n):
-            return fn(*args)
-    return traced
+               "gate_up_dlhs", "gate_up_drhs")
 
 
 def ffn_kernels(tokens, ffn_per_token=5.75, top_k=12, rounds=2, seed=0, loads=("equal", "dirichlet0.5"),
@@ -579,8 +570,7 @@ def ffn_kernels(tokens, ffn_per_token=5.75, top_k=12, rounds=2, seed=0, loads=("
     """Each kernel of configs/small.py's expert FFN as trained (pallas_chain, tails unwritten), timed alone in a
     training-sized row buffer, under equal and skewed loads, with diagnostic variants of the down projection's
     d_lhs: the plain product (no SwiGLU backward in its epilogue), what the epilogue costs; plus
-    the batched einsum of each product on equal groups (the bound); the "_2buf" kernels are the two SwiGLU epilogues
-    with two staging buffers per warpgroup. TFLOP/s counts the groups' rows. Each record is
+    the batched einsum of each product on equal groups (the bound). TFLOP/s counts the groups' rows. Each record is
     appended to `out` and `on_record` called (the caller saves), so a run cut short keeps what it measured."""
     d, f, g = SHAPES[("small", "gate_up")]
     m = tokens * top_k
@@ -603,9 +593,6 @@ def ffn_kernels(tokens, ffn_per_token=5.75, top_k=12, rounds=2, seed=0, loads=("
                                       zero_tail=(False,)), 2 * f, d),
         "gate_up_drhs": (lambda s: cm(x, gu, s, out_dtype=bf, chain=True), 1, d * 2 * f),
     }
-    for name in ("gate_up_fwd_halves", "down_dlhs_grad_halves"):
-        fn, kdim, ndim = kernels[name]
-        kernels[name + "_2buf"] = (_epilogue_buffers(fn, 2), kdim, ndim)
     assert tuple(kernels) == FFN_KERNELS
     kernels = {k: v for k, v in kernels.items() if k in names}
     # Each compiled once: the group sizes are an argument.

@@ -211,8 +211,6 @@ def main():
     ap.add_argument("--no_swiglu_grad_epilogue", action="store_true", help="SwiGLU's backward by XLA between the "
                     "down projection's d_lhs and the [gate | up] backward (the A/B baseline of "
                     "lcflash.kernels.gmm.api.SWIGLU_GRAD_EPILOGUE)")
-    ap.add_argument("--epi_buffers", type=int, default=None, metavar="N", help="staging buffers per warpgroup for "
-                    "our SwiGLU epilogues (lcflash.kernels.gmm.pallas_gmm.EPILOGUE_BUFFERS, default its value)")
     ap.add_argument("--xla_option", action="append", default=[], metavar="KEY=VALUE", help="an XLA compiler option for "
                     "the train step (its jit), e.g. xla_gpu_command_buffer_scheduling_mode=CONCURRENT, which links "
                     "the step's CUDA-graph nodes by their buffers so independent kernels run side by side (at "
@@ -268,11 +266,6 @@ def main():
     gmm_api.SWIGLU_EPILOGUE = not args.no_swiglu_epilogue
     gmm_api.SKIP_TAILS = not args.zero_tails
     gmm_api.SWIGLU_GRAD_EPILOGUE = not args.no_swiglu_grad_epilogue
-    from lcflash.kernels.gmm import pallas_gmm
-    if args.epi_buffers is not None:
-        if args.epi_buffers < 1:
-            ap.error(f"--epi_buffers {args.epi_buffers}: must be at least 1")
-        pallas_gmm.EPILOGUE_BUFFERS = args.epi_buffers
     from lcflash.kernels.gmm import mgpu_kernels
     if args.contract_deal not in (None, *mgpu_kernels.CONTRACT_DEALS):
         ap.error(f"--contract_deal {args.contract_deal!r}: must be one of {mgpu_kernels.CONTRACT_DEALS}")
@@ -332,7 +325,7 @@ def main():
     out = {
         "config": os.path.relpath(args.config, ROOT), "batch": args.batch, "seq_len": args.seq,
         "remat": args.remat, "overrides": args.set, "swiglu_epilogue": gmm_api.SWIGLU_EPILOGUE,
-        "swiglu_grad_epilogue": gmm_api.SWIGLU_GRAD_EPILOGUE, "epilogue_buffers": pallas_gmm.EPILOGUE_BUFFERS,
+        "swiglu_grad_epilogue": gmm_api.SWIGLU_GRAD_EPILOGUE,
         "dispatch_gather_kernel": slots.GATHER_KERNEL,
         "combine_grad_kernel": slots.COMBINE_GRAD_KERNEL,
         "attn_depths": list(pallas_mgpu.DEPTHS), "attn_unmasked_runs": pallas_mgpu.UNMASKED_RUNS,

@@ -54,10 +54,6 @@ class Tiles:
     # (wgmma_wait(1), buffers released one step later); the epilogue waits for all of them. Slower on an H200
     # (experiments/gmm_notes.md, run 8): kept off, as a switch for the A/B.
     overlap_mma: bool = False
-    # flat rows kernel only: staging buffers per compute warpgroup for the epilogue's stores, so that a tile's
-    # several stores (SwiGLU's h, g, u; its backward's d_g, d_u) do not each wait for the last to be read (see
-    # _store_rows). More shared memory, so possibly a shallower ring.
-    epi_buffers: int = 1
 
 
 def _num_sms(interpret: bool) -> int:
@@ -104,7 +100,7 @@ def smem_bytes(tiles: Tiles, *, n_rhs: int, in_dtype, out_dtype, contract: bool,
         a = tiles.tile_m * tiles.tile_k
     b = n_rhs * tiles.tile_k * 2 * tiles.tile_n
     ring = tiles.stages * (a + b) * isz
-    epi = 2 * tiles.tile_m * (tiles.epi_buffers * tiles.epi_n * osz + epi_in * tiles.tile_n * isz)
+    epi = 2 * tiles.tile_m * (tiles.epi_n * osz + epi_in * tiles.tile_n * isz)
     return ring + epi + margin  # barriers and Mosaic's own scratch
 
 
@@ -154,40 +150,25 @@ def row_schedule(group_sizes_g: jax.Array, m: int, tile_m: int) -> tuple[jax.Arr
 # --------------------------------------------------------------------------------------------------
 
 
-def _buffers(ref):
-    """A staging ref's buffers: the ref itself [rows, cols], or each of [B, rows, cols]."""
-    return [ref] if len(ref.shape) == 2 else [ref.at[b] for b in range(ref.shape[0])]
-
-
-def _store_rows(val, out_gmem, stage_smem, *, row0, start, rows, col0, epi_n, ragged_smem=None, chunk0=0):
+def _store_rows(val, out_gmem, stage_smem, *, row0, start, rows, col0, epi_n, ragged_smem=None):
     """Casts val (fp32, WGMMA layout) to out dtype and stores it in epi_n-column chunks via TMA.
 
     A whole tile goes through stage_smem (swizzled, so the register store has no bank conflicts). A ragged row
     range [start, start + rows) needs row slices at any offset, which a swizzled buffer cannot give, so with
     ragged_smem (unswizzled, aliasing stage_smem's bytes through a RefUnion) it is written as a ladder of
     power-of-two row counts, the scheme of JAX's ragged_dot_mgpu example. Without ragged_smem every tile is whole.
-
-    stage_smem (and ragged_smem) [B, rows, epi_n] holds B buffers (Tiles.epi_buffers): an epilogue's whole-tile
-    chunk j (numbered from chunk0 over its calls; one TMA store each) goes to buffer j % B and waits only until
-    at most B - 1 stores are unread, so one chunk's store drains while the next chunks are written. Chunk 0 and
-    every ragged chunk wait for all earlier stores.
     """
-    bufs = _buffers(stage_smem)
-    rag = None if ragged_smem is None else _buffers(ragged_smem)
-    tile_rows = bufs[0].shape[0]
+    tile_rows = stage_smem.shape[0]
     whole_tile = (start == 0) & (rows == tile_rows)
     for c in range(val.shape[1] // epi_n):
-        j = chunk0 + c
-        buf = j % len(bufs)
-        chunk = val[:, c * epi_n:(c + 1) * epi_n].astype(bufs[0].dtype)
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the staging buffer is free again
+        chunk = val[:, c * epi_n:(c + 1) * epi_n].astype(stage_smem.dtype)
         cols = pl.ds(col0 + c * epi_n, epi_n)
 
-        def _whole(chunk=chunk, cols=cols, j=j, buf=buf):
-            if j == 0 or j >= len(bufs):  # the buffer's last store (j - B, or an earlier epilogue's) has been read
-                plgpu.wait_smem_to_gmem(0 if j == 0 else len(bufs) - 1, wait_read_only=True)
-            bufs[buf][...] = chunk
+        def _whole(chunk=chunk, cols=cols):
+            stage_smem[...] = chunk
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(bufs[buf], out_gmem.at[pl.ds(row0, tile_rows), cols])
+            plgpu.copy_smem_to_gmem(stage_smem, out_gmem.at[pl.ds(row0, tile_rows), cols])
 
         if ragged_smem is None:
             _whole()
@@ -195,9 +176,8 @@ def _store_rows(val, out_gmem, stage_smem, *, row0, start, rows, col0, epi_n, ra
         pl.when(whole_tile)(_whole)
 
         @pl.when(jnp.logical_not(whole_tile))
-        def _ragged(chunk=chunk, cols=cols, buf=buf):
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # a ladder of stores: wait for all of them
-            rag[buf][...] = chunk
+        def _ragged(chunk=chunk, cols=cols):
+            ragged_smem[...] = chunk
             plgpu.commit_smem()
             s0 = start
             p = 1 << int(math.log2(tile_rows))
@@ -205,7 +185,7 @@ def _store_rows(val, out_gmem, stage_smem, *, row0, start, rows, col0, epi_n, ra
 
                 @pl.when((rows & p) != 0)
                 def _():
-                    plgpu.copy_smem_to_gmem(rag[buf].at[pl.ds(s0, p)], out_gmem.at[pl.ds(row0 + s0, p), cols])
+                    plgpu.copy_smem_to_gmem(ragged_smem.at[pl.ds(s0, p)], out_gmem.at[pl.ds(row0 + s0, p), cols])
 
                 s0 = s0 + (rows & p)
                 p //= 2
@@ -288,9 +268,6 @@ def rows_kernel(
     if tiles.overlap_mma and not tiles.chain:
         raise ValueError("Tiles.overlap_mma needs chain=True (a per-tile pipeline's prologue would refill buffers "
                          "its last wgmma still reads)")
-    if tiles.epi_buffers > 1 and not tiles.chain:
-        raise ValueError("Tiles.epi_buffers > 1 needs chain=True (the per-tile kernel may skip a store at run time, "
-                         "which the buffers' wait counts do not allow)")
     if grad and not tiles.chain:
         raise ValueError(f"swiglu={swiglu!r} needs chain=True (the flat pipeline starts a tile's g and u loads at "
                          "its first step)")
@@ -371,8 +348,7 @@ def rows_kernel(
         @functools.partial(
             pl.run_scoped,
             allocs=alloc_pipe.get_allocations(*gmem_args),
-            stage_smem=_rows_staging((2, tm, epi_n) if tiles.epi_buffers == 1 else (2, tiles.epi_buffers, tm, epi_n),
-                                     out_dtype, interpret),
+            stage_smem=_rows_staging((2, tm, epi_n), out_dtype, interpret),
             collective_axes="wg",
             **gu_allocs,
         )
@@ -416,20 +392,18 @@ def rows_kernel(
                     h = (_silu(vals[0]) * vals[1], 0, col0)
                     outs = {"h": [h], "hgu": [h] + [(v, i + 1, c) for v, i, c in outs],
                             "halves": [h, (vals[0], 1, col0), (vals[1], 1, col0 + n)]}[swiglu]
-                chunk = 0  # the epilogue's chunks so far (_store_rows: which staging buffer)
                 for val, i, c0 in outs:
                     if tail is True and not zero_tail[i]:
                         continue
 
-                    def _store(val=val, i=i, c0=c0, chunk=chunk):
+                    def _store(val=val, i=i, c0=c0):
                         _store_rows(val, out_gmems[i], stage_whole.at[wg], row0=blk * tm, start=start, rows=rows,
-                                    col0=c0, epi_n=epi_n, ragged_smem=stage_ragged.at[wg], chunk0=chunk)
+                                    col0=c0, epi_n=epi_n, ragged_smem=stage_ragged.at[wg])
 
                     if zero_tail[i] or tail is True or tail is False:
                         _store()
-                    else:  # per-tile kernel only, so one staging buffer (epi_buffers needs chain)
+                    else:
                         pl.when(jnp.logical_not(tail))(_store)
-                    chunk += val.shape[1] // epi_n
 
             @jax.named_scope("mma")
             def mma_step(a_smem, b_smems, accs):

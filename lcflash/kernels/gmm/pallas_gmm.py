@@ -22,11 +22,6 @@ _KERNEL_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 # Benchmarks may pin tile sizes here (mk.Tiles); None picks them from the shapes below.
 ROWS_TILES: mk.Tiles | None = None
 CONTRACT_TILES: mk.Tiles | None = None
-# Staging buffers per warpgroup for the flat rows kernel's SwiGLU epilogues ("halves": h, g, u; "grad_halves": d_g,
-# d_u), which store several chunks per tile (mk.Tiles.epi_buffers). One: each store waits for the last to be read.
-# Not yet measured on a GPU (experiments/bench_train.py --epi_buffers; bench_moe_gemm.py --ffn-kernels times the
-# "_2buf" kernels); read when a call is traced.
-EPILOGUE_BUFFERS = 1
 
 
 def _interpret() -> bool:
@@ -57,16 +52,16 @@ def _rows_tiles(m: int, g: int, n: int, out_dtype, n_rhs: int, what: str, epi_in
 
 
 def _chain_tiles(tiles: mk.Tiles, pinned: bool, out_dtype, n_rhs: int, contract: bool = False,
-                 epi_in: int = 0, epi_buffers: int = 1) -> mk.Tiles:
+                 epi_in: int = 0) -> mk.Tiles:
     """Flat pipelines (Tiles.chain): pinned tiles (ROWS_TILES / CONTRACT_TILES) keep their ring; otherwise the
-    deepest ring (up to 4) that fits beside epi_buffers staging buffers, halving the epilogue chunk (epi_n 64)
-    before dropping a stage (LongCat shapes: 4 stages and 64-column stores; d_rhs at T=512 measured 0.87-0.90 of
-    the einsum with them against 0.83-0.85 with 3 stages and 128-column stores, H200)."""
+    deepest ring (up to 4) that fits, halving the epilogue chunk (epi_n 64) before dropping a stage (LongCat
+    shapes: 4 stages and 64-column stores; d_rhs at T=512 measured 0.87-0.90 of the einsum with them against
+    0.83-0.85 with 3 stages and 128-column stores, H200)."""
     if pinned:
         return dataclasses.replace(tiles, chain=True)
     for stages in range(max(tiles.stages, 4), 0, -1):
         for epi_n in sorted({tiles.epi_n, min(64, tiles.epi_n)}, reverse=True):
-            t = dataclasses.replace(tiles, stages=stages, epi_n=epi_n, chain=True, epi_buffers=epi_buffers)
+            t = dataclasses.replace(tiles, stages=stages, epi_n=epi_n, chain=True)
             if mk.smem_bytes(t, n_rhs=n_rhs, in_dtype=jnp.bfloat16, out_dtype=out_dtype, contract=contract,
                              margin=512, epi_in=epi_in) <= mk._SMEM_BYTES:
                 return t
@@ -138,8 +133,7 @@ def rows_matmul(lhs_mk, rhs_list, group_sizes_g, *, transpose_rhs=False, out_dty
     epi_in = 2 if swiglu == "grad_halves" else 0  # g and u tiles per warpgroup
     tiles = _rows_tiles(m, group_sizes_g.shape[0], n, out_dtype, n_acc, "N", epi_in=epi_in)
     if chain:
-        epi_buffers = EPILOGUE_BUFFERS if swiglu in ("halves", "grad_halves") else 1  # several stores per tile
-        tiles = _chain_tiles(tiles, ROWS_TILES is not None, out_dtype, n_acc, epi_in=epi_in, epi_buffers=epi_buffers)
+        tiles = _chain_tiles(tiles, ROWS_TILES is not None, out_dtype, n_acc, epi_in=epi_in)
     mp = _padded_rows(m, tiles.tile_m)
     sched, _ = mk.row_schedule(group_sizes_g, mp, tiles.tile_m)
     if transpose_rhs and _interpret():  # the interpreter cannot run wgmma on transposed smem: transpose in XLA
