@@ -9,8 +9,8 @@ MLA's heads have qk 192 (nope 128 + rope 64) and v 128. The variants, all bf16 f
                  the model's path on a Hopper GPU since session 10 ("auto"); since session 13 in MLA's form
                  (`mla_doc_attention`: q, kv = [k_nope | v] and the shared rope key read where they are); since
                  session 31 q as q_nope and the roped q_pe, two arrays (`mla.Q_PARTS`)
-  pallas_runs  : `pallas` with the whole blocks next to the diagonal walked without the mask
-                 (`pallas_mgpu.UNMASKED_RUNS`, session 15)
+  pallas_masked: `pallas` with every visited block masked, also the whole ones next to the diagonal
+                 (`pallas_mgpu.UNMASKED_RUNS` off: before session 32; "pallas_runs" was the unmasked form)
   pallas_dq_recompute: `pallas` with the dq kernel recomputing dS (`pallas_mgpu.DQ_FROM_DS` off: before session 27)
   pallas_joined: `pallas` with q joined as [nope | rope] first (`mla.Q_PARTS` off: before session 31)
   pallas_dqdsN : `pallas` with the dq kernel loading N blocks of dS and K ahead (`pallas_mgpu.DQ_DS_DEPTH`)
@@ -139,7 +139,7 @@ def variants(seg_bt, max_segments):
         "cudnn_docs": cudnn_docs,
         "pallas": pallas,
         "pallas_causal": functools.partial(pallas, kind="causal"),
-        "pallas_runs": functools.partial(pallas_with, UNMASKED_RUNS=True),
+        "pallas_masked": functools.partial(pallas_with, UNMASKED_RUNS=False),
         "pallas_dq_recompute": functools.partial(pallas_with, DQ_FROM_DS=False),
         "pallas_joined": functools.partial(pallas_with, module=mla, Q_PARTS=False),
         **{f"pallas_dqds{d}": functools.partial(pallas_with, DQ_DS_DEPTH=d) for d in (1, 2, 3, 4, 6)},
@@ -154,7 +154,7 @@ def variants(seg_bt, max_segments):
 
 SCALE = 192 ** -0.5
 # and every cudnn_packed_*, pallas_d*
-SAME_SEMANTICS = ("cudnn_docs", "dpa_mask", "cudnn_mask", "pallas", "pallas_runs", "pallas_dq_recompute",
+SAME_SEMANTICS = ("cudnn_docs", "dpa_mask", "cudnn_mask", "pallas", "pallas_masked", "pallas_dq_recompute",
                   "pallas_joined", "pallas_heads")
 
 

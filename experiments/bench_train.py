@@ -221,8 +221,9 @@ def main():
                     "every row of d_y written (the A/B baseline of lcflash.model.slots.COMBINE_GRAD_KERNEL)")
     ap.add_argument("--attn_depths", default=None, metavar="A,B,C", help="blocks our attention's forward, dq and "
                     "dk/dv kernels load ahead (lcflash.kernels.doc_attention.pallas_mgpu.DEPTHS)")
-    ap.add_argument("--attn_unmasked_runs", action="store_true", help="our attention kernels walk the whole blocks "
-                    "next to the diagonal without the mask (lcflash.kernels.doc_attention.pallas_mgpu.UNMASKED_RUNS)")
+    ap.add_argument("--attn_masked_runs", action="store_true", help="our attention kernels mask every block they "
+                    "visit, also the whole ones next to the diagonal (the A/B baseline of "
+                    "lcflash.kernels.doc_attention.pallas_mgpu.UNMASKED_RUNS)")
     ap.add_argument("--attn_dq_recompute", action="store_true", help="our attention's dq kernel recomputes dS "
                     "instead of reading the dk/dv kernel's (the A/B baseline of "
                     "lcflash.kernels.doc_attention.pallas_mgpu.DQ_FROM_DS)")
@@ -276,7 +277,7 @@ def main():
     mla.PALLAS_MLA_FORM = not args.pallas_assembled_heads
     mla.Q_PARTS = not args.no_q_parts
     from lcflash.kernels.doc_attention import pallas_mgpu
-    pallas_mgpu.UNMASKED_RUNS = args.attn_unmasked_runs
+    pallas_mgpu.UNMASKED_RUNS = not args.attn_masked_runs
     pallas_mgpu.DQ_FROM_DS = not args.attn_dq_recompute
     from lcflash.train import step as train_step
     train_step.Z_LOSS_IN_SCAN = not args.z_loss_stacked

@@ -137,10 +137,11 @@ def _assembled(q, kv, kpe, nope=128):
 
 
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="Pallas' GPU interpreter, for CPU runs")
-def test_mla_form_in_the_interpreter_matches_the_plain_kernels_and_the_reference():
+def test_mla_form_in_the_interpreter_matches_the_plain_kernels_and_the_reference(monkeypatch):
     """The MLA form (q, kv = [k_nope | v], one rope key for all heads) gives the plain kernels' output and
     gradients on the assembled operands, and the fp32 reference's within bf16 error; the rope key's gradient is
-    the sum over the heads."""
+    the sum over the heads. Every visited block masked (UNMASKED_RUNS off), which the test above does not run."""
+    monkeypatch.setattr(pallas_mgpu, "UNMASKED_RUNS", False)
     B, T, H = 2, 128, 2
     first = _three_documents_and_a_return()
     q, kv, kpe, do = _mla_inputs(B, T, H, seed=11)

@@ -569,11 +569,10 @@ def _backward(q, kv, first_f, o, lse, do, kv_visits, q_visits, *, form, scale, d
     return tuple(dq), tuple(dkv)
 
 
-# Walk the whole blocks next to the diagonal without the mask. Off: its GPU test passes, and one training run on an
-# H200 measured +0.8%, inside the spread between runs (experiments/HISTORY.md, session 16); an A/B in one call
-# decides. experiments/bench_attention.py's pallas_runs variant and bench_train.py --attn_unmasked_runs turn it on.
-# Read when a call's forward is traced.
-UNMASKED_RUNS = False
+# Walk the whole blocks next to the diagonal without the mask: 172,543 -> 174,550 / 174,033 tokens/s at 32 x 1024
+# on an H200, one call (experiments/HISTORY.md, session 32). bench_train.py --attn_masked_runs and
+# bench_attention.py's pallas_masked variant turn it off. Read when a call's forward is traced.
+UNMASKED_RUNS = True
 
 
 def _visits(first_bt):
