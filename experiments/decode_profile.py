@@ -118,19 +118,30 @@ def print_kernels(kernels):
               f"{k['shape'][:40]}  {k['op'][:70]}")
 
 
-def launch_view(trace, kernels, steps: int, gap_us: float = 3.0) -> dict:
+def launch_view(trace, kernels, steps: int, gap_us: float = 3.0, top: int = 10) -> dict:
     """How the host feeds the device: launch calls per step on the host (graph launches of XLA's command buffers,
     single kernel launches; a step split into many graph pieces shows here) and the device's idle time in gaps
-    longer than gap_us between consecutive kernels. The idle time is the traced run's: the profiler slows each
-    loop iteration (an H200 batch-1 decode showed ~1.1 ms of idle per step traced at an untraced step time equal
-    to its kernel time), so compare step times untraced."""
-    kernels = sorted(kernels, key=lambda e: e.start)
-    gaps = [b.start - (a.start + a.dur) for a, b in zip(kernels, kernels[1:])]
-    idle = [g for g in gaps if g > gap_us]
+    longer than gap_us, when no kernel runs on any stream (kernels overlap under concurrent streams, so a gap
+    counts from the latest end so far, not from the previous kernel's). Each gap is charged to the kernel that ended
+    last before it and the one that starts it (`idle_between`, the top pairs by idle time). The idle time is the
+    traced run's: the profiler slows each loop iteration (an H200 batch-1 decode showed ~1.1 ms of idle per step
+    traced at an untraced step time equal to its kernel time), so compare step times untraced."""
+    idle = collections.defaultdict(lambda: [0, 0.0])   # (kernel before, kernel after): [gaps, us]
+    end, last = None, None
+    for k in sorted(kernels, key=lambda e: e.start):
+        if end is not None and k.start - end > gap_us:
+            idle[last.name, k.name][0] += 1
+            idle[last.name, k.name][1] += k.start - end
+        if end is None or k.start + k.dur > end:
+            end, last = k.start + k.dur, k
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
     launches = collections.Counter(e["name"].split(" ")[0] for e in events
                                    if e.get("ph") == "X" and "Launch" in e.get("name", ""))
-    return {"device_idle_us_per_step": sum(idle) / steps, "device_gaps_per_step": len(idle) / steps,
+    pairs = sorted(idle.items(), key=lambda kv: -kv[1][1])[:top]
+    return {"device_idle_us_per_step": sum(t for _, t in idle.values()) / steps,
+            "device_gaps_per_step": sum(c for c, _ in idle.values()) / steps,
+            "idle_between": [dict(after=a, before=b, gaps_per_step=c / steps, us_per_step=t / steps)
+                             for (a, b), (c, t) in pairs],
             "host_launches_per_step": {k: v / steps for k, v in launches.most_common(6)}}
 
 
@@ -147,6 +158,9 @@ def main():
     print(f"{res['kernels_per_step']:.0f} kernels and {res['busy_us_per_step']:.0f} us of device time per step; "
           f"device idle {res['device_idle_us_per_step']:.0f} us per step in {res['device_gaps_per_step']:.1f} gaps; "
           f"host launches per step {res['host_launches_per_step']}")
+    for g in res["idle_between"]:
+        print(f"  idle {g['us_per_step']:8.1f} us/step in {g['gaps_per_step']:.1f} gaps after {g['after'][:50]} "
+              f"before {g['before'][:50]}")
     print_kernels(res["top_kernels"])
     print(f"\n{'kernels':>8} {'us/step':>8}  JAX op")
     for o in res["by_op"][:20]:
