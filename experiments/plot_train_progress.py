@@ -71,7 +71,7 @@ RUNS = [
     # Session 21, call 1: the counting-rank deal against round robin, in one call.
     ("s21 c1: d_rhs tiles round robin", "bench_train_b32_s21_rr_h200.json"),
     ("s21 c1: + snake, counting rank (configs/small.py)", "bench_train_b32_s21_profile_h200.json"),
-    # Sessions 24-31: configs/small.py as each session found it, and each kept change beside its A/B baseline.
+    # Sessions 24-32: configs/small.py as each session found it, and each kept change beside its A/B baseline.
     ("s24: configs/small.py", "bench_train_b32_s24_base_h200.json"),
     ("s26: combine's d_y by XLA", "bench_train_b32_s26_xla2_h200.json"),
     ("s26: + combine's d_y by the gather kernel", "bench_train_b32_s26_cgk3_h200.json"),
@@ -83,6 +83,8 @@ RUNS = [
     ("s31: q joined [nope | rope]", "bench_train_b32_s31_base2_h200.json"),
     ("s31: + q as two products (configs/small.py)", "bench_train_b32_s31_qparts4_h200.json"),
     ("s31: batch 48, 95% of memory", "bench_train_b48_s31_qparts_h200.json"),
+    ("s32: attention masks every visited block", "bench_train_b32_s32_base2_h200.json"),
+    ("s32: + unmasked runs (configs/small.py)", "bench_train_b32_s32_unmasked_h200.json"),
 ]
 TARGET = 0.40
 
