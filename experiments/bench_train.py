@@ -80,7 +80,11 @@ def profile_steps(step, state, batches, out_dir: str, tag: str) -> dict:
         f.write(hlo)
     res = profile(hlo, trace, steps=2, top=150)
     res["by_op"] = res["by_op"][:120]
-    print(f"profile {tag}: {res['kernels_per_step']:.0f} kernels, {res['busy_us_per_step'] / 1e3:.1f} ms busy per step")
+    print(f"profile {tag}: {res['kernels_per_step']:.0f} kernels, {res['busy_us_per_step'] / 1e3:.1f} ms busy per step, "
+          f"device idle {res['device_idle_us_per_step'] / 1e3:.2f} ms in {res['device_gaps_per_step']:.1f} gaps")
+    for g in res["idle_between"]:
+        print(f"  idle {g['us_per_step'] / 1e3:6.2f} ms in {g['gaps_per_step']:5.1f} gaps: {g['after'][:45]} -> "
+              f"{g['before'][:45]}")
     for o in res["by_part"]:
         print(f"  {o['kernels_per_step']:7.1f} {o['us_per_step'] / 1e3:8.2f} ms  {o['part']}")
     for o in res["by_op"][:15]:
