@@ -229,7 +229,11 @@ def test_mla_form_lowers_for_cuda(depths, runs, dq_from_ds, q_parts, monkeypatch
     q = (sd(2, 256, 4, 128), sd(2, 256, 4, 64)) if q_parts else sd(2, 256, 4, 192)
     lowered = jax.jit(f).trace(q, sd(2, 256, 4, 256), sd(2, 256, 64), sd(2, 256, dt=jnp.int32),
                                sd(2, 256, 4, 128)).lower(lowering_platforms=("cuda",))
-    assert lowered.as_text().count("mosaic_gpu") >= 3
+    text = lowered.as_text()
+    assert text.count("mosaic_gpu") >= 3
+    # Each kernel under its own name, so a profile tells them apart.
+    for name in ("attn_fwd", "attn_dkv", "attn_dq_ds" if dq_from_ds else "attn_dq"):
+        assert f"{name}_mosaic_gpu" in text, name
 
 
 def test_unsupported_operands_are_named():

@@ -493,12 +493,14 @@ def _store_dq(dqs, stages, form, dq_refs, b, h, rows, scale):
 
 
 def _call(kernel, scratch, barriers, out_type, grid_bhn, inputs, interpret):
-    """One CTA per (head, block, batch); scratch and barriers are scoped around the kernel body."""
+    """One CTA per (head, block, batch); scratch and barriers are scoped around the kernel body. The CUDA kernel is
+    named after `kernel` (`_dkv_kernel` -> `attn_dkv_mosaic_gpu_kernel`), so a profile tells the three apart."""
     B, H, nb = grid_bhn
 
     def entry(*refs):
         pl.run_scoped(lambda *scoped: kernel(*refs, scoped), tuple(scratch), tuple(barriers))
 
+    entry.__name__ = "attn" + kernel.func.__name__.removesuffix("_kernel")
     return plgpu.kernel(entry, out_type=out_type, grid=(H, nb, B), grid_names=("heads", "blk", "batch"),
                         compiler_params=plgpu.CompilerParams(approx_math=True),
                         interpret=interpret_params(interpret))(*inputs)

@@ -208,6 +208,7 @@ def _mla_decode_pallas(q_lat_bthr, q_pe_bthd, c_bsr, kpe_bsd, q_start_b, *, scal
             (plgpu.Barrier(num_barriers=2), plgpu.Barrier(num_barriers=depth), plgpu.Barrier(num_barriers=depth)),
         )
 
+    entry.__name__ = "mla_decode"   # the CUDA kernel's name in a profile: mla_decode_mosaic_gpu_kernel
     o_part, lse2 = plgpu.kernel(
         entry,
         out_type=(jax.ShapeDtypeStruct((B, num_splits, rows, R), out_dtype),
