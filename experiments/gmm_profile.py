@@ -186,11 +186,11 @@ def tiles_ab(kernels, groups: int, t: int, rounds: int = 2) -> list:
     """Unprofiled wall time of each of configs/small.py's products with the tiles it trains with (prod) and with
     3- and 4-stage flat rings of 64-column halves, `rounds` times in turn."""
     rows = []
+    variants = (("prod", None), ("s3", SMALL_TILES), ("s4", dataclasses.replace(SMALL_TILES, stages=4)))
     for kernel in kernels:
         fn, args, _, flops = _small_case(kernel, groups, t)
         for rnd in range(rounds):
-            s4 = dataclasses.replace(SMALL_TILES, stages=4)
-            for name, tiles in (("prod", None), ("s3", SMALL_TILES), ("s4", s4)):
+            for name, tiles in variants:
                 pallas_gmm.ROWS_TILES = tiles
                 try:
                     ms = time_ms(fresh_jit(fn), args)

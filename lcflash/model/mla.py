@@ -271,10 +271,11 @@ class MLA(nnx.Module):
         cfg, impl = self.cfg, train_attn_kernel(self.cfg.train_attn_impl)
         if impl != "auto":
             return impl
-        (B, T), H, nope = x_btd.shape[:2], cfg.num_attention_heads, cfg.qk_nope_head_dim
+        (B, T), H, nope, rope = x_btd.shape[:2], cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
         sd = lambda *shape: jax.ShapeDtypeStruct(shape, x_btd.dtype)  # noqa: E731
-        return auto_fused_impl(sd(B, T, H, cfg.qk_head_dim), sd(B, T, H, nope + cfg.v_head_dim),
-                               sd(B, T, cfg.qk_rope_head_dim), mask_kind)
+        # The operands as fused_attention hands them on: q as its (nope, rope) pair.
+        return auto_fused_impl((sd(B, T, H, nope), sd(B, T, H, rope)), sd(B, T, H, nope + cfg.v_head_dim),
+                               sd(B, T, rope), mask_kind)
 
     def output(self, o_bthv):
         return jnp.einsum("bthv,hvd->btd", o_bthv, self.w_o[...].astype(o_bthv.dtype))
