@@ -86,18 +86,20 @@ def _attention_and_grads(impl, dtype, mask_kind="given", **case):
 
 
 @pytest.mark.skipif(not ON_GPU, reason="cuDNN attention and the Mosaic GPU kernels need a GPU")
-@pytest.mark.parametrize("impl", ["cudnn", "pallas", "pallas_masked", "pallas_dq_recompute"])
+@pytest.mark.parametrize("impl", ["cudnn", "pallas", "pallas_masked", "pallas_dq_recompute", "pallas_persistent"])
 def test_fused_attention_matches_fp32_as_closely_as_xla_bf16(impl, monkeypatch):
     """In bf16, cuDNN's (or our kernels') output and input gradients err against the fp32 attention (matmul
     precision 'highest') by no more than twice the XLA bf16 path's own error, for every mask kind (packed
     documents given as a mask, or promised causal so blocks are skipped; a plain causal mask dropped; the kernels
     take only the causal kinds). (At the attention itself: a whole bf16 MoE model flips routing choices, which
     swamps the comparison.) pallas_masked: the kernels mask also the whole blocks next to the diagonal;
-    pallas_dq_recompute: the dq kernel recomputes dS instead of reading the dk/dv kernel's."""
+    pallas_dq_recompute: the dq kernel recomputes dS instead of reading the dk/dv kernel's; pallas_persistent: the
+    dk/dv kernel as persistent CTAs."""
     if impl.startswith("pallas"):
         from lcflash.kernels.doc_attention import pallas_mgpu
         monkeypatch.setattr(pallas_mgpu, "UNMASKED_RUNS", impl != "pallas_masked")
         monkeypatch.setattr(pallas_mgpu, "DQ_FROM_DS", impl != "pallas_dq_recompute")
+        monkeypatch.setattr(pallas_mgpu, "PERSISTENT_DKV", impl == "pallas_persistent")
         impl = "pallas"
     for kinds in (("given", "causal_docs"), ("causal",)):
         with jax.default_matmul_precision("highest"):

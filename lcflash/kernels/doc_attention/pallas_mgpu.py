@@ -379,6 +379,55 @@ def _pair(q_blk, k_blk):
     return q_blk * (q_blk + 1) // 2 + k_blk
 
 
+def _dkv_visit(ops, scale, carry, k_ops, v_smem, queries, do_smem, lse_smem, delta_smem, see, ds):
+    """One visited query block of the dk/dv kernels: (dks, dv) accumulated. see(p): P with the hidden pairs zeroed
+    (None: all visible). ds: None, or (stage, ready, store): dS is written to the stage smem once `ready()` has
+    waited for its earlier store to read it, and store(stage) writes it out."""
+    dks, dv = carry
+    tile = (BLOCK, BLOCK)   # [keys, queries]
+    dtype = v_smem.dtype
+    s_t, dp_t = ops.dots((k_ops, _operand(queries), True, tile), (v_smem, do_smem, True, tile))
+    p_t = jnp.exp2(s_t * (scale * LOG2E) - ops.vector(lse_smem, 0, tile))
+    if see is not None:
+        p_t = see(p_t)
+
+    # dS is computed while the tensor cores run dV's product, then feeds dK's.
+    def ds_value():
+        return (p_t * (dp_t - ops.vector(delta_smem, 0, tile))).astype(dtype)
+
+    if ds is not None:   # through a two-slot stage, which dK's product reads and a TMA store then writes out
+        stage, ready, store = ds
+        ready()
+
+        def staged():
+            stage[...] = ds_value()
+            plgpu.commit_smem()
+            return stage
+    ds_t = _Later(staged if ds is not None else ds_value)
+    dv, *dks = ops.dots((p_t.astype(dtype), do_smem, False, dv),
+                        *[(ds_t, q, False, dk) for q, dk in zip(queries, dks)])
+    if ds is not None:
+        store(stage)
+    return tuple(dks), dv
+
+
+def _dkv_zeros(ops, form):
+    return tuple(ops.full((BLOCK, w), 0.0) for w in form.widths), ops.full((BLOCK, form.dv), 0.0)
+
+
+def _dkv_store(form, outs, stages, dks, dv, b, h, keys, scale):
+    """Stages scale * dk and dv (in the smem of `stages`: one per key part, then v's) and starts their TMA stores
+    into the outputs: dk (k's shape), [the shared key's, per head], [dv]. Waits for none."""
+    dk_views = [_heads(outs[0], 0, form.widths[0])] + ([_heads(outs[1])] if form.shared else [])
+    dv_view = _heads(outs[0], form.v_col, form.dv) if form.v_in_k else _heads(outs[-1])
+    values = [dk * scale for dk in dks] + [dv]
+    for stage, val in zip(stages, values, strict=True):
+        stage[...] = val.astype(stage.dtype)
+    plgpu.commit_smem()
+    for stage, view in zip(stages, dk_views + [dv_view], strict=True):
+        plgpu.copy_smem_to_gmem(stage, view(b, h, keys))
+
+
 def _dkv_kernel(visits_ref, first_ref, *refs, form, depth, scale, ops, ds_out):
     q_refs, refs = refs[:form.n_q], refs[form.n_q:]
     kv_refs, (do_ref, lse_ref, delta_ref, *outs, scoped) = refs[:form.n_k], refs[form.n_k:]
@@ -398,58 +447,179 @@ def _dkv_kernel(visits_ref, first_ref, *refs, form, depth, scale, ops, ds_out):
     fk = ops.vector(fk_smem, 1, tile)
     key = ops.iota(tile, 0) + keys.start
     qcol = ops.iota(tile, 1)
-    dtype = k_s[0].dtype
     k_ops = _operand(k_s)
 
     def body(i, carry, masked):
-        dks, dv = carry
         slot = lax.rem(i, jnp.int32(depth))
         for bar in (*q_bars, fq_bar, lse_bar, do_bar, delta_bar):
             plgpu.barrier_wait(bar.at[slot])
-        queries = [q.at[slot] for q in q_s]
-        s_t, dp_t = ops.dots((k_ops, _operand(queries), True, tile),
-                             (v_smem, do_smem.at[slot], True, tile))
-        p_t = jnp.exp2(s_t * (scale * LOG2E) - ops.vector(lse_smem.at[slot], 0, tile))
-        if masked:
-            p_t = _visible(p_t, 0.0, key <= qcol + (lo + i) * BLOCK, ops.vector(fq_smem.at[slot], 0, tile), fk)
-
-        # dS is computed while the tensor cores run dV's product, then feeds dK's.
-        def ds_value():
-            return (p_t * (dp_t - ops.vector(delta_smem.at[slot], 0, tile))).astype(dtype)
-
-        if ds_out:   # through a two-slot stage, which dK's product reads and a TMA store then writes out
-            (ds_stage,) = ds_stages
-            stage = ds_stage.at[lax.rem(i, jnp.int32(2))]
-            plgpu.wait_smem_to_gmem(1, wait_read_only=True)   # the store from this slot two visits ago has read it
-
-            def staged():
-                stage[...] = ds_value()
-                plgpu.commit_smem()
-                return stage
-        ds_t = _Later(staged if ds_out else ds_value)
-        dv, *dks = ops.dots((p_t.astype(dtype), do_smem.at[slot], False, dv),
-                            *[(ds_t, q, False, dk) for q, dk in zip(queries, dks)])
+        see = (lambda p: _visible(p, 0.0, key <= qcol + (lo + i) * BLOCK, ops.vector(fq_smem.at[slot], 0, tile),
+                                  fk)) if masked else None
+        ds = None
         if ds_out:
-            plgpu.copy_smem_to_gmem(stage, ds_ref.at[b, h, _pair(lo + i, lax.axis_index("blk"))])
+            ds = (ds_stages[0].at[lax.rem(i, jnp.int32(2))],
+                  lambda: plgpu.wait_smem_to_gmem(1, wait_read_only=True),   # the store from this slot two visits ago
+                  lambda stage: plgpu.copy_smem_to_gmem(stage, ds_ref.at[b, h, _pair(lo + i, lax.axis_index("blk"))]))
+        carry = _dkv_visit(ops, scale, carry, k_ops, v_smem, [q.at[slot] for q in q_s], do_smem.at[slot],
+                           lse_smem.at[slot], delta_smem.at[slot], see, ds)
 
         @pl.when(i + depth < n)
         def _():
             fetch(i + depth, slot)
 
-        return tuple(dks), dv
+        return carry
 
-    carry = (tuple(ops.full((BLOCK, w), 0.0) for w in form.widths), ops.full((BLOCK, form.dv), 0.0))
-    dks, dv = _visit(n, plain, body, carry)
-    # Staged in the (drained) query and dO rings. Outputs: dk (k's shape), [the shared key's per head], [dv].
-    dk_views = [_heads(outs[0], 0, form.widths[0])] + ([_heads(outs[1])] if form.shared else [])
-    dv_view = _heads(outs[0], form.v_col, form.dv) if form.v_in_k else _heads(outs[-1])
-    stores = [(q.at[0], dk * scale, view) for q, dk, view in zip(q_s, dks, dk_views)] + [(do_smem.at[0], dv, dv_view)]
-    for stage, val, _ in stores:
-        stage[...] = val.astype(dtype)
-    plgpu.commit_smem()
-    for stage, _, view in stores:
-        plgpu.copy_smem_to_gmem(stage, view(b, h, keys))
+    dks, dv = _visit(n, plain, body, _dkv_zeros(ops, form))
+    # Staged in the (drained) query and dO rings.
+    _dkv_store(form, outs, [q.at[0] for q in q_s] + [do_smem.at[0]], dks, dv, b, h, keys, scale)
     plgpu.wait_smem_to_gmem(0)
+
+
+class _Item(NamedTuple):
+    """One work item of a persistent kernel (a row of `_schedule`): batch, head, its own block, the first visited
+    block, the visited count, and the visits [p0, p1) that need no mask (from the first visit)."""
+    b: jax.Array
+    h: jax.Array
+    blk: jax.Array
+    lo: jax.Array
+    n: jax.Array
+    plain: tuple[jax.Array, jax.Array]
+
+
+_ITEM_FIELDS = 8   # rows of 8 int32 (the 7 fields and a pad): 32 bytes, a TMA row
+
+
+def _schedule(visits, heads: int, ctas: int):
+    """The (batch, head, block) work items of a persistent kernel, dealt to `ctas` CTAs: longest first (by visited
+    count), in a snake (round r deals left to right when r is even, else right to left), so each CTA gets a near-equal
+    share of visits and runs its longest items first. visits [4, B, nb] as `_visits` gives them. Returns rows
+    [ctas, R, 8] int32 (b, h, blk, lo, n, p0 - lo, p1 - lo, 0), a CTA's items in order, zero past its count (R a
+    multiple of 4), and the counts [ctas] int32."""
+    _, B, nb = visits.shape
+    lo, hi, p0, p1 = (x.reshape(-1) for x in visits)
+    n_items = B * nb * heads
+    rounds = -(-n_items // (4 * ctas)) * 4   # a whole number of 128-byte rows for the warpgroup's TMA copy
+    j = jnp.arange(n_items, dtype=jnp.int32)
+    pair = jnp.argsort(lo - hi, stable=True).astype(jnp.int32)[j // heads]    # (batch, block) pairs, longest first
+    r, o = j // ctas, j % ctas
+    cta = jnp.where(r % 2 == 0, o, ctas - 1 - o)
+    fields = jnp.stack([pair // nb, j % heads, pair % nb, lo[pair], hi[pair] - lo[pair], p0[pair] - lo[pair],
+                        p1[pair] - lo[pair], jnp.zeros_like(j)], axis=-1)
+    rows = jnp.zeros((ctas, rounds, _ITEM_FIELDS), jnp.int32).at[cta, r].set(fields)
+    return rows, jnp.zeros((ctas,), jnp.int32).at[cta].add(1)
+
+
+def _persistent(sched, own, ring, depth, pending, init, body, finish):
+    """A persistent CTA's walk over its work items (`_schedule`): the loads run on across items where a CTA per
+    item would start each item with empty buffers and end it waiting for its stores.
+
+    sched: (rows, counts, rows smem, one barrier). own: (gmem view, smem [buffers, ...], barriers [buffers]) per
+    operand of an item's own block, loaded one item ahead into buffer k % buffers. ring: the same per operand of a
+    visited block, `depth` slots, loaded `depth` visits ahead, past the item's end into the next items'. An item
+    starts once at most `pending` TMA stores are unread (those staged in the buffer about to be loaded must be
+    read). body(item, buf, i, slot, g, carry, masked) -> carry runs visit i (the CTA's g-th) from ring slot `slot`;
+    finish(item, buf, carry) writes the item's results, typically staged in its own (read) buffer."""
+    rows_ref, counts_ref, rows_smem, rows_bar = sched
+    cta = lax.axis_index("cta")
+    count = counts_ref[cta]
+    plgpu.copy_gmem_to_smem(rows_ref.at[cta], rows_smem, rows_bar.at[0])
+    plgpu.barrier_wait(rows_bar.at[0])
+    last, buffers = rows_smem.shape[0] - 1, own[0][1].shape[0]
+
+    def item(k):
+        f = [rows_smem[jnp.minimum(k, last), c] for c in range(7)]
+        return _Item(*f[:5], (f[5], f[6]))
+
+    def load(operands, it, block, slot):
+        for src, smem, bar in operands:
+            plgpu.copy_gmem_to_smem(src(it.b, it.h, pl.ds(block * BLOCK, BLOCK)), smem.at[slot], bar.at[slot])
+
+    def load_own(k):
+        it = item(k)
+        load(own, it, it.blk, lax.rem(k, buffers))
+
+    def fetch(cursor, slot):
+        """Loads visit i of item k (cursor = (k, i)) into `slot`, if the CTA has it; the cursor after it."""
+        k, i = cursor
+        it = item(k)
+        pl.when(k < count)(lambda: load(ring, it, it.lo + i, slot))
+        step = (i + 1 == it.n).astype(jnp.int32)
+        return k + step, (i + 1) * (1 - step)
+
+    pl.when(count > 0)(lambda: load_own(0))
+    cursor = (jnp.int32(0), jnp.int32(0))
+    for s in range(depth):
+        cursor = fetch(cursor, s)
+
+    def item_body(k, state):
+        it, buf = item(k), lax.rem(k, buffers)
+        plgpu.wait_smem_to_gmem(pending, wait_read_only=True)
+        pl.when(k + 1 < count)(lambda: load_own(k + 1))
+        for _, _, bar in own:
+            plgpu.barrier_wait(bar.at[buf])
+
+        def visit(i, state, masked):
+            carry, g, cursor = state
+            slot = lax.rem(g, jnp.int32(depth))
+            for _, _, bar in ring:
+                plgpu.barrier_wait(bar.at[slot])
+            carry = body(it, buf, i, slot, g, carry, masked)
+            return carry, g + 1, fetch(cursor, slot)
+
+        carry, *state = _visit(it.n, it.plain, visit, (init(), *state))
+        finish(it, buf, carry)
+        return tuple(state)
+
+    lax.fori_loop(0, count, item_body, (jnp.int32(0), cursor))
+    plgpu.wait_smem_to_gmem(0)
+
+
+def _dkv_persistent_kernel(rows_ref, counts_ref, first_ref, *refs, form, depth, scale, ops, ds_out):
+    """The dk/dv kernel as persistent CTAs (`_persistent`): a key block's k, v and segment rows in one of three
+    buffers, the query side's ring running on across items, dk and dv staged in the item's own buffers."""
+    q_refs, refs = refs[:form.n_q], refs[form.n_q:]
+    kv_refs, (do_ref, lse_ref, delta_ref, *outs, scoped) = refs[:form.n_k], refs[form.n_k:]
+    outs, ds_ref = (outs[:-1], outs[-1]) if ds_out else (outs, None)
+    P = len(form.widths)
+    (rows_smem, *smem), (rows_bar, *bars) = scoped
+    k_s, (v_smem, fk_smem), q_s, (do_smem, fq_smem, lse_smem, delta_smem, *ds_stages) = (
+        smem[:P], smem[P:P + 2], smem[P + 2:2 * P + 2], smem[2 * P + 2:])
+    own_bars, ring_bars = bars[:P + 2], bars[P + 2:]
+    k_views, v_view = _kv_views(form, kv_refs)
+    own = list(zip([*k_views, v_view, _ROWS(first_ref)], [*k_s, v_smem, fk_smem], own_bars, strict=True))
+    ring = list(zip([*_q_views(form, q_refs), _heads(do_ref), _ROWS(first_ref), _STATS(lse_ref), _STATS(delta_ref)],
+                    [*q_s, do_smem, fq_smem, lse_smem, delta_smem], ring_bars, strict=True))
+    tile = (BLOCK, BLOCK)   # [keys, queries]
+    stores = P + 1          # TMA stores per item: dk's parts and dv
+    k_ops = lambda buf: _operand([k.at[buf] for k in k_s])   # noqa: E731
+
+    def body(it, buf, i, slot, g, carry, masked):
+        def see(p_t):
+            key = ops.iota(tile, 0) + it.blk * BLOCK
+            qcol = ops.iota(tile, 1) + (it.lo + i) * BLOCK
+            return _visible(p_t, 0.0, key <= qcol, ops.vector(fq_smem.at[slot], 0, tile),
+                            ops.vector(fk_smem.at[buf], 1, tile))
+
+        ds = None
+        if ds_out:
+            def ready():   # the store from this stage two visits ago has read it; an item's stores may lie between
+                pl.when(i >= 2)(lambda: plgpu.wait_smem_to_gmem(1, wait_read_only=True))
+                pl.when(i < 2)(lambda: plgpu.wait_smem_to_gmem(stores + 1, wait_read_only=True))
+
+            ds = (ds_stages[0].at[lax.rem(g, jnp.int32(2))], ready,
+                  lambda stage: plgpu.copy_smem_to_gmem(stage, ds_ref.at[it.b, it.h, _pair(it.lo + i, it.blk)]))
+        return _dkv_visit(ops, scale, carry, k_ops(buf), v_smem.at[buf], [q.at[slot] for q in q_s], do_smem.at[slot],
+                          lse_smem.at[slot], delta_smem.at[slot], see if masked else None, ds)
+
+    def finish(it, buf, carry):
+        _dkv_store(form, outs, [k.at[buf] for k in k_s] + [v_smem.at[buf]], *carry, it.b, it.h,
+                   pl.ds(it.blk * BLOCK, BLOCK), scale)
+
+    # Item k + 1 loads into the buffer whose stores item k + 1 - buffers started; each item since stored dk, dv and
+    # at least one dS block, so that many stores may be left unread.
+    pending = (k_s[0].shape[0] - 2) * (stores + ds_out)
+    _persistent((rows_ref, counts_ref, rows_smem, rows_bar), own, ring, depth, pending, lambda: _dkv_zeros(ops, form),
+                body, finish)
 
 
 def _dq_ds_kernel(visits_ref, ds_ref, *refs, form, depth, scale, ops):
@@ -493,15 +663,20 @@ def _store_dq(dqs, stages, form, dq_refs, b, h, rows, scale):
 
 
 def _call(kernel, scratch, barriers, out_type, grid_bhn, inputs, interpret):
-    """One CTA per (head, block, batch); scratch and barriers are scoped around the kernel body. The CUDA kernel is
-    named after `kernel` (`_dkv_kernel` -> `attn_dkv_mosaic_gpu_kernel`), so a profile tells the three apart."""
-    B, H, nb = grid_bhn
+    """One CTA per (head, block, batch), or with a grid_bhn of one number, that many persistent CTAs; scratch and
+    barriers are scoped around the kernel body. The CUDA kernel is named after `kernel` (`_dkv_kernel` ->
+    `attn_dkv_mosaic_gpu_kernel`), so a profile tells them apart."""
+    if len(grid_bhn) == 1:
+        grid, names = tuple(grid_bhn), ("cta",)
+    else:
+        (B, H, nb), names = grid_bhn, ("heads", "blk", "batch")
+        grid = (H, nb, B)
 
     def entry(*refs):
         pl.run_scoped(lambda *scoped: kernel(*refs, scoped), tuple(scratch), tuple(barriers))
 
     entry.__name__ = "attn" + kernel.func.__name__.removesuffix("_kernel")
-    return plgpu.kernel(entry, out_type=out_type, grid=(H, nb, B), grid_names=("heads", "blk", "batch"),
+    return plgpu.kernel(entry, out_type=out_type, grid=grid, grid_names=names,
                         compiler_params=plgpu.CompilerParams(approx_math=True),
                         interpret=interpret_params(interpret))(*inputs)
 
@@ -529,9 +704,11 @@ def _forward(q, kv, first_f, visits, *, form, scale, depth, interpret):
     return _call(kernel, scratch, barriers, out_type, (B, H, nb), (visits, first_f, *q, *kv), interpret)
 
 
-@functools.partial(jax.jit, static_argnames=("form", "scale", "depths", "dq_from_ds", "interpret"))
-def _backward(q, kv, first_f, o, lse, do, kv_visits, q_visits, *, form, scale, depths, dq_from_ds, interpret):
-    """dq_from_ds: 0, the dq kernel recomputes dS; else it reads the dk/dv kernel's, loading this many blocks ahead."""
+@functools.partial(jax.jit, static_argnames=("form", "scale", "depths", "dq_from_ds", "dkv_ctas", "interpret"))
+def _backward(q, kv, first_f, o, lse, do, kv_visits, q_visits, *, form, scale, depths, dq_from_ds, dkv_ctas,
+              interpret):
+    """dq_from_ds: 0, the dq kernel recomputes dS; else it reads the dk/dv kernel's, loading this many blocks ahead.
+    dkv_ctas: 0, one dk/dv CTA per key block; else that many persistent CTAs."""
     (B, T, H, _), dv, dtype = q[0].shape, form.dv, q[0].dtype
     nb = T // BLOCK
     d_dq, d_kv = (min(d, nb) for d in depths)
@@ -546,13 +723,24 @@ def _backward(q, kv, first_f, o, lse, do, kv_visits, q_visits, *, form, scale, d
                 + ([] if form.v_in_k else [jax.ShapeDtypeStruct(kv[-1].shape, dtype)]))
     ds_out = dq_from_ds > 0
     ds_type = [jax.ShapeDtypeStruct((B, H, nb * (nb + 1) // 2, BLOCK, BLOCK), dtype)] * ds_out
-    dkv = _call(functools.partial(_dkv_kernel, form=form, depth=d_kv, scale=scale, ops=ops, ds_out=ds_out),
-                [tile((BLOCK, w), dtype) for w in form.widths] + [tile((BLOCK, dv), dtype), vec((BLOCK,))]
-                + [tile((d_kv, BLOCK, w), dtype) for w in form.widths]
-                + [tile((d_kv, BLOCK, dv), dtype), vec((d_kv, BLOCK)), vec((d_kv, BLOCK)), vec((d_kv, BLOCK))]
-                + [tile((2, BLOCK, BLOCK), dtype)] * ds_out,
-                (plgpu.Barrier(num_barriers=P + 2),) + (plgpu.Barrier(num_barriers=d_kv),) * (P + 4),
-                tuple(dkv_type + ds_type), (B, H, nb), (q_visits, *ins), interpret)
+    ring = ([tile((d_kv, BLOCK, w), dtype) for w in form.widths]
+            + [tile((d_kv, BLOCK, dv), dtype), vec((d_kv, BLOCK)), vec((d_kv, BLOCK)), vec((d_kv, BLOCK))]
+            + [tile((2, BLOCK, BLOCK), dtype)] * ds_out)
+    ring_bars = (plgpu.Barrier(num_barriers=d_kv),) * (P + 4)
+    if dkv_ctas:   # persistent CTAs, each key block's operands in one of OWN_BUFFERS buffers
+        nbuf = OWN_BUFFERS
+        rows, counts = _schedule(q_visits, H, dkv_ctas)
+        dkv = _call(functools.partial(_dkv_persistent_kernel, form=form, depth=d_kv, scale=scale, ops=ops,
+                                      ds_out=ds_out),
+                    [plgpu.SMEM(rows.shape[1:], jnp.int32)] + [tile((nbuf, BLOCK, w), dtype) for w in form.widths]
+                    + [tile((nbuf, BLOCK, dv), dtype), vec((nbuf, BLOCK))] + ring,
+                    (plgpu.Barrier(num_barriers=1),) + (plgpu.Barrier(num_barriers=nbuf),) * (P + 2) + ring_bars,
+                    tuple(dkv_type + ds_type), (dkv_ctas,), (rows, counts, *ins), interpret)
+    else:
+        dkv = _call(functools.partial(_dkv_kernel, form=form, depth=d_kv, scale=scale, ops=ops, ds_out=ds_out),
+                    [tile((BLOCK, w), dtype) for w in form.widths] + [tile((BLOCK, dv), dtype), vec((BLOCK,))] + ring,
+                    (plgpu.Barrier(num_barriers=P + 2),) + ring_bars,
+                    tuple(dkv_type + ds_type), (B, H, nb), (q_visits, *ins), interpret)
     if ds_out:
         *dkv, ds = dkv
         d = min(dq_from_ds, nb)
@@ -588,12 +776,12 @@ def _visits(first_bt):
             jnp.stack([*q_block_ranges(first_bt, BLOCK, BLOCK), blk + 1, q_to]))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
-def _attention(q, kv, first_bt, form, scale, depths, dq_from_ds, interpret):
-    return _attention_fwd(q, kv, first_bt, form, scale, depths, dq_from_ds, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7, 8))
+def _attention(q, kv, first_bt, form, scale, depths, dq_from_ds, dkv_ctas, interpret):
+    return _attention_fwd(q, kv, first_bt, form, scale, depths, dq_from_ds, dkv_ctas, interpret)[0]
 
 
-def _attention_fwd(q, kv, first_bt, form, scale, depths, dq_from_ds, interpret):
+def _attention_fwd(q, kv, first_bt, form, scale, depths, dq_from_ds, dkv_ctas, interpret):
     first_f = first_bt.astype(jnp.float32)   # compared as floats in registers: exact below 2^24
     visits = _visits(first_bt)   # both sides' now: the backward takes them as residuals (UNMASKED_RUNS read once)
     o, lse = _forward(q, kv, first_f, visits[0], form=form, scale=scale, depth=depths[0], interpret=interpret)
@@ -602,10 +790,11 @@ def _attention_fwd(q, kv, first_bt, form, scale, depths, dq_from_ds, interpret):
     return o, (q, kv, first_bt, o, lse, visits)
 
 
-def _attention_bwd(form, scale, depths, dq_from_ds, interpret, res, do):
+def _attention_bwd(form, scale, depths, dq_from_ds, dkv_ctas, interpret, res, do):
     q, kv, first_bt, o, lse, visits = res
     dq, dkv = _backward(q, kv, first_bt.astype(jnp.float32), o, lse, do.astype(q[0].dtype), *visits,
-                        form=form, scale=scale, depths=depths[1:], dq_from_ds=dq_from_ds, interpret=interpret)
+                        form=form, scale=scale, depths=depths[1:], dq_from_ds=dq_from_ds, dkv_ctas=dkv_ctas,
+                        interpret=interpret)
     if form.shared:   # the shared key's gradient, written per head: summed over the heads
         dkv = (dkv[0], dkv[1].sum(axis=2, dtype=jnp.float32).astype(kv[1].dtype)) + dkv[2:]
     return dq, dkv, np.zeros(first_bt.shape, jax.dtypes.float0)
@@ -619,6 +808,36 @@ def _dq_from_ds() -> int:
     if DQ_FROM_DS and not (isinstance(DQ_DS_DEPTH, int) and DQ_DS_DEPTH >= 1):
         raise ValueError(f"DQ_DS_DEPTH {DQ_DS_DEPTH!r} must be a block count >= 1")
     return int(DQ_DS_DEPTH) if DQ_FROM_DS else 0
+
+
+# The dk/dv kernel as persistent CTAs (`_dkv_persistent_kernel`): a CTA per SM walks its share of key blocks, its
+# loads running on from one to the next, instead of a CTA per key block starting with empty buffers (session 32's
+# analysis: ~5 visited blocks per CTA, a fixed cost per CTA near half the forward's time). Off until measured against
+# the grid kernel on a GPU (bench_train.py --attn_persistent_dkv, bench_attention.py's pallas_persistent). Read at
+# call time, as is PERSISTENT_CTAS: None, the GPU's SM count (132 where there is no GPU: an H100 or H200 SXM's).
+PERSISTENT_DKV = False
+PERSISTENT_CTAS: int | None = None
+# Buffers for the persistent kernel's own blocks: three, so the one loaded next was staged two items ago and its
+# stores are read by then (two: every item waits for the last one's stores).
+OWN_BUFFERS = 3
+# At 32 x 1024 in MLA's form the persistent dk/dv kernel takes 226,504 of the 232,448 bytes of shared memory a CTA may
+# have (schedules of 32 rows on 132 CTAs): 128 items (4 KB) still fit.
+MAX_ITEMS = 128
+
+
+def _dkv_ctas(q_shape) -> int:
+    """0: the dk/dv kernel runs a CTA per key block; else the persistent CTAs to run: more than PERSISTENT_CTAS
+    where a CTA would hold over MAX_ITEMS items (its schedule in shared memory, 32 bytes an item)."""
+    if not PERSISTENT_DKV:
+        return 0
+    ctas = PERSISTENT_CTAS
+    if ctas is None:
+        device = jax.devices()[0]
+        ctas = device.core_count if device.platform == "gpu" else 132
+    if not (isinstance(ctas, int) and ctas >= 1):
+        raise ValueError(f"PERSISTENT_CTAS {ctas!r} must be a CTA count >= 1 or None (the GPU's SM count)")
+    (B, T, H, _) = q_shape
+    return max(ctas, -(-B * H * (T // BLOCK) // MAX_ITEMS))
 
 
 def _check_depths(depths, first_bt, q_bthk):
@@ -643,7 +862,8 @@ def doc_attention(q_bthk, k_bshk, v_bshv, first_bt, *, scale: float, depths: tup
     depths = _check_depths(depths, first_bt, q_bthk)
     form = Form((q_bthk.shape[-1],), 0, v_bshv.shape[-1])
     return _attention((q_bthk,), (k_bshk.astype(q_bthk.dtype), v_bshv.astype(q_bthk.dtype)),
-                      first_bt.astype(jnp.int32), form, float(scale), depths, _dq_from_ds(), bool(interpret))
+                      first_bt.astype(jnp.int32), form, float(scale), depths, _dq_from_ds(),
+                      _dkv_ctas(q_bthk.shape), bool(interpret))
 
 
 def mla_supported(q_bthk, kv_bshk, kpe_bsd, nope_dim: int) -> str | None:
@@ -682,4 +902,5 @@ def mla_doc_attention(q_bthk, kv_bshk, kpe_bsd, first_bt, *, scale: float, nope_
     rope_dim, dtype = kpe_bsd.shape[-1], q[0].dtype
     form = Form((nope_dim, rope_dim), nope_dim, kv_bshk.shape[-1] - nope_dim, shared=True, v_in_k=True, q_parts=parts)
     return _attention(q, (kv_bshk.astype(dtype), kpe_bsd.astype(dtype)),
-                      first_bt.astype(jnp.int32), form, float(scale), depths, _dq_from_ds(), bool(interpret))
+                      first_bt.astype(jnp.int32), form, float(scale), depths, _dq_from_ds(),
+                      _dkv_ctas(q[0].shape), bool(interpret))
