@@ -212,7 +212,7 @@ def test_queries_as_two_arrays_give_the_joined_queries_results_bitwise(dq_from_d
 
 
 # (2, 1, 1): the dk/dv kernel small enough for 2 CTAs/SM; runs: the whole blocks walked unmasked; dq recomputed;
-# q_parts: the queries as (q_nope, q_rope); persistent: the dk/dv kernel as persistent CTAs.
+# q_parts: the queries as (q_nope, q_rope); persistent: the forward and dk/dv kernels as persistent CTAs.
 @pytest.mark.parametrize("depths,runs,dq_from_ds,q_parts,persistent", [
     (None, False, True, False, False), ((2, 1, 1), False, True, False, False), (None, True, True, False, False),
     (None, False, False, False, False), (None, False, True, True, False), (None, False, False, True, False),
@@ -220,7 +220,7 @@ def test_queries_as_two_arrays_give_the_joined_queries_results_bitwise(dq_from_d
 def test_mla_form_lowers_for_cuda(depths, runs, dq_from_ds, q_parts, persistent, monkeypatch):
     monkeypatch.setattr(pallas_mgpu, "UNMASKED_RUNS", runs)
     monkeypatch.setattr(pallas_mgpu, "DQ_FROM_DS", dq_from_ds)
-    monkeypatch.setattr(pallas_mgpu, "PERSISTENT_DKV", persistent)
+    monkeypatch.setattr(pallas_mgpu, "PERSISTENT", {"fwd", "dkv"} if persistent else set())
     sd = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt)  # noqa: E731
 
     def f(q, kv, kpe, first, do):
@@ -234,28 +234,46 @@ def test_mla_form_lowers_for_cuda(depths, runs, dq_from_ds, q_parts, persistent,
     text = lowered.as_text()
     assert text.count("mosaic_gpu") >= 3
     # Each kernel under its own name, so a profile tells them apart.
-    for name in ("attn_fwd", "attn_dkv_persistent" if persistent else "attn_dkv", "attn_dq_ds" if dq_from_ds else "attn_dq"):
+    names = ["attn_fwd", "attn_dkv", "attn_dq_ds" if dq_from_ds else "attn_dq"]
+    for name in [n + "_persistent" if persistent and n != names[-1] else n for n in names]:
         assert f"{name}_mosaic_gpu" in text, name
 
 
-@pytest.mark.parametrize("batch", [32, 132])
-def test_persistent_dkv_kernel_fits_in_shared_memory(batch, monkeypatch):
-    """Lowering checks a kernel's shared memory against the 227 KB a CTA may have: the persistent dk/dv kernel in
-    MLA's form at configs/small.py's 32 x 1024 (132 CTAs of 31-32 items), and with each CTA holding MAX_ITEMS."""
-    monkeypatch.setattr(pallas_mgpu, "PERSISTENT_DKV", True)
-    monkeypatch.setattr(pallas_mgpu, "PERSISTENT_CTAS", 132)
+@pytest.mark.parametrize("batch,depths", [(32, None), (32, (1, 1, 2)), (160, None)])
+def test_persistent_kernels_fit_in_shared_memory(batch, depths, monkeypatch):
+    """Lowering checks a kernel's shared memory against the 227 KB a CTA may have: the persistent kernels in MLA's
+    form at configs/small.py's 32 x 1024 (the forward at depth 1 too, two CTAs per SM), and where 132 CTAs would
+    hold over MAX_ITEMS items each (more CTAs run)."""
+    monkeypatch.setattr(pallas_mgpu, "PERSISTENT", {"fwd", "dkv"})
     B, T, H = batch, 1024, 8
-    assert -(-B * H * T // 64 // pallas_mgpu._dkv_ctas((B, T, H, 192))) == (32 if batch == 32 else
-                                                                           pallas_mgpu.MAX_ITEMS)
     sd = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt)  # noqa: E731
 
-    def grads(q, kv, kpe, first, do):
-        return jax.vjp(lambda q, kv, kpe: pallas_mgpu.mla_doc_attention(q, kv, kpe, first, scale=0.07, nope_dim=128),
-                       q, kv, kpe)[1](do)
+    def attend(q, kv, kpe, first, do):
+        return jax.vjp(lambda q, kv, kpe: pallas_mgpu.mla_doc_attention(q, kv, kpe, first, scale=0.07, nope_dim=128,
+                                                                        depths=depths), q, kv, kpe)[1](do)
 
-    text = jax.jit(grads).trace((sd(B, T, H, 128), sd(B, T, H, 64)), sd(B, T, H, 256), sd(B, T, 64),
-                                sd(B, T, dt=jnp.int32), sd(B, T, H, 128)).lower(lowering_platforms=("cuda",)).as_text()
-    assert "attn_dkv_persistent_mosaic_gpu" in text
+    text = jax.jit(attend).trace((sd(B, T, H, 128), sd(B, T, H, 64)), sd(B, T, H, 256), sd(B, T, 64),
+                                 sd(B, T, dt=jnp.int32), sd(B, T, H, 128)).lower(lowering_platforms=("cuda",)).as_text()
+    assert "attn_dkv_persistent_mosaic_gpu" in text and "attn_fwd_persistent_mosaic_gpu" in text
+
+
+def test_persistent_kernels_take_as_many_ctas_as_fit_on_the_sms():
+    """Two forward CTAs per SM at depth 1 (as the grid kernel runs), one at depth 2 and for dk/dv; PERSISTENT_CTAS
+    overrides; never over MAX_ITEMS items a CTA."""
+    visits = pallas_mgpu._visits(jnp.zeros((32, 1024), jnp.int32))[0]
+    tile, vec = pallas_mgpu._smem(False)
+    bf16 = jnp.bfloat16
+
+    def ctas(scratch, persistent=pallas_mgpu._Persistent(frozenset({"fwd"}), 132), heads=8):
+        return pallas_mgpu._sched(persistent, visits, heads, scratch)[1].shape[0]
+
+    def fwd(depth):   # the persistent forward's buffers in MLA's form
+        return ([tile((2, 64, w), bf16) for w in (128, 64)] + [vec((2, 64))] + [tile((depth, 64, w), bf16)
+                for w in (128, 64, 128)] + [vec((depth, 64)), tile((64, 128), bf16), vec((64,))])
+
+    assert (ctas(fwd(1)), ctas(fwd(2))) == (264, 132)
+    assert ctas(fwd(2), pallas_mgpu._Persistent(frozenset({"fwd"}), 132, ctas=7), heads=1) == 7
+    assert ctas(fwd(2), heads=80) == 32 * 80 * 16 // pallas_mgpu.MAX_ITEMS
 
 
 def test_the_persistent_schedule_deals_every_item_once_longest_first_and_evenly():
@@ -283,13 +301,15 @@ def test_the_persistent_schedule_deals_every_item_once_longest_first_and_evenly(
 
 # The plain form with the whole blocks unmasked; MLA's form masked; MLA's form with dq recomputing dS (no dS
 # stores between the items' stores); more CTAs than items (some hold none).
-@pytest.mark.parametrize("mla,runs,dq_from_ds,ctas", [(False, True, True, 3), (True, False, True, 5),
-                                                     (True, True, False, 2), (False, True, True, 40)])
-def test_persistent_dkv_kernel_gives_the_grid_kernels_bits(mla, runs, dq_from_ds, ctas, monkeypatch):
-    """The dk/dv kernel as persistent CTAs (PERSISTENT_DKV) runs each key block's visits as the CTA per key block
-    does, with its loads running across items (a ring slot refilled with the next item's blocks, three buffers of
-    own blocks, dk and dv staged in them): the same gradients bitwise, on few CTAs so each holds several items of
-    different lengths. In Pallas' GPU interpreter on CPU, natively on a GPU (more items per CTA there)."""
+@pytest.mark.parametrize("mla,runs,dq_from_ds,ctas,kernels", [
+    (False, True, True, 3, ("fwd", "dkv")), (True, False, True, 5, ("dkv",)), (True, True, False, 2, ("fwd", "dkv")),
+    (False, True, True, 40, ("fwd",))])
+def test_persistent_kernels_give_the_grid_kernels_bits(mla, runs, dq_from_ds, ctas, kernels, monkeypatch):
+    """The forward and dk/dv kernels as persistent CTAs (PERSISTENT) run each block's visits as a CTA per block
+    does, with their loads running across items (a ring slot refilled with the next item's blocks, own blocks in
+    buffers loaded an item ahead, dk and dv staged in theirs): the same output and gradients bitwise, on few CTAs
+    so each holds several items of different lengths. In Pallas' GPU interpreter on CPU, natively on a GPU (the
+    SMs' share of CTAs, more items each)."""
     on_gpu = jax.default_backend() == "gpu"
     monkeypatch.setattr(pallas_mgpu, "UNMASKED_RUNS", runs)
     monkeypatch.setattr(pallas_mgpu, "DQ_FROM_DS", dq_from_ds)
@@ -309,20 +329,22 @@ def test_persistent_dkv_kernel_gives_the_grid_kernels_bits(mla, runs, dq_from_ds
         fn = lambda q, k, v: pallas_mgpu.doc_attention(q, k, v, first, scale=192 ** -0.5,  # noqa: E731
                                                        interpret=not on_gpu)
         args = (q, k, v)
-    grads = {}
+    results = {}
     for persistent in (False, True):
-        monkeypatch.setattr(pallas_mgpu, "PERSISTENT_DKV", persistent)
-        grads[persistent] = jax.vjp(lambda *a: fn(*a), *args)[1](do)   # traced anew: the flag is read at trace time
-    for name, a, b in zip(("dq", "dk", "dv"), grads[True], grads[False], strict=True):
+        monkeypatch.setattr(pallas_mgpu, "PERSISTENT", set(kernels) if persistent else set())
+        o, vjp = jax.vjp(lambda *a: fn(*a), *args)   # traced anew: the flag is read at trace time
+        results[persistent] = [o, *vjp(do)]
+    for name, a, b in zip(("o", "dq", "dk", "dv"), results[True], results[False], strict=True):
         assert not np.isnan(np.asarray(a, np.float32)).any(), name
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32), err_msg=name)
 
 
-def test_a_bad_persistent_cta_count_is_named(monkeypatch):
+@pytest.mark.parametrize("setting,match", [("PERSISTENT_CTAS", "PERSISTENT_CTAS"), ("PERSISTENT", "PERSISTENT")])
+def test_a_bad_persistent_setting_is_named(setting, match, monkeypatch):
     q, k, v, _ = _inputs(1, 64, 1, seed=0)
-    monkeypatch.setattr(pallas_mgpu, "PERSISTENT_DKV", True)
-    monkeypatch.setattr(pallas_mgpu, "PERSISTENT_CTAS", 0)
-    with pytest.raises(ValueError, match="PERSISTENT_CTAS"):
+    monkeypatch.setattr(pallas_mgpu, "PERSISTENT", {"dq"} if setting == "PERSISTENT" else {"dkv"})
+    monkeypatch.setattr(pallas_mgpu, "PERSISTENT_CTAS", 0 if setting == "PERSISTENT_CTAS" else None)
+    with pytest.raises(ValueError, match=match):
         pallas_mgpu.doc_attention(q, k, v, jnp.zeros((1, 64), jnp.int32), scale=1.0)
 
 

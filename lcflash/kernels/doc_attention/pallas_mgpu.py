@@ -17,8 +17,15 @@ SM (0.186 -> 0.151 ms at 16 x 1024 on an H200).
   dk/dv kernel wrote per visited block, one product per visit: five products per visited block in the backward
   instead of seven, for 8 KB written and read per visit, still deterministic (no atomics). Otherwise it recomputes
   P, dP and dS itself.
-delta = rowsum(dO * O) comes from XLA. In Pallas' GPU interpreter (CPU tests) the products are plain dots: the
-interpreter's wgmma takes neither transposed views nor register operands.
+delta = rowsum(dO * O) comes from XLA.
+
+With PERSISTENT, the forward and dk/dv kernels run as persistent CTAs instead (`_persistent`): as many as fit on the
+SMs, each walking its share of blocks (`_schedule`: longest first, dealt in a snake) with its loads running on from
+one block's last visits into the next block's, where a CTA per block starts with empty buffers and ends waiting for
+its stores. Same products in the same order: the same bits.
+
+In Pallas' GPU interpreter (CPU tests) the products are plain dots: the interpreter's wgmma takes neither transposed
+views nor register operands.
 
 `mla_doc_attention` runs the same kernels on MLA's operands where the model computes them (`Form`): q = [nope |
 rope], kv = [k_nope | v] (the latent's up projection) and the rope key shared by all heads. S is then the sum of two
@@ -28,6 +35,7 @@ keys nor copies v out of kv, forward or backward (`doc_attention(q, k, v)` keeps
 """
 
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -269,6 +277,37 @@ def _kv_views(form: Form, kv_refs):
     return keys, _heads(k_ref if form.v_in_k else kv_refs[-1], form.v_col, form.dv)
 
 
+def _fwd_visit(ops, scale, carry, q_ops, keys, v_smem, see, wait_v):
+    """One visited key block of the forward kernels: the online softmax of S = Q K^T (log2 units), then O += P V.
+    see(s): S with the hidden pairs at NEG_INF (None: all visible); wait_v() waits for V, which S does not need."""
+    acc, m_i, l_i = carry
+    tile = (BLOCK, BLOCK)
+    s = ops.dot(q_ops, keys, transpose_b=True, shape=tile) * (scale * LOG2E)
+    if see is not None:
+        s = see(s)
+    m_new = jnp.maximum(m_i, s.max(axis=1))
+    alpha = jnp.exp2(m_i - m_new)
+    p = jnp.exp2(s - lax.broadcast_in_dim(m_new, tile, [0]))
+    l_i = l_i * alpha + p.sum(axis=1)
+    acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+    wait_v()
+    return ops.dot(p.astype(v_smem.dtype), v_smem, acc=acc), m_new, l_i
+
+
+def _fwd_zeros(ops, dv):
+    return ops.full((BLOCK, dv), 0.0), ops.full((BLOCK,), -jnp.inf), ops.full((BLOCK,), 0.0)
+
+
+def _fwd_store(carry, o_smem, lse_smem, o_dst, lse_dst):
+    """Stages O = acc / l and lse2 = m + log2(l) and starts their TMA stores. Waits for neither."""
+    acc, m_i, l_i = carry
+    o_smem[...] = (acc / lax.broadcast_in_dim(l_i, acc.shape, [0])).astype(o_smem.dtype)
+    lse_smem[...] = m_i + jnp.log(l_i) * LOG2E
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(o_smem, o_dst)
+    plgpu.copy_smem_to_gmem(lse_smem, lse_dst)
+
+
 def _fwd_kernel(visits_ref, first_ref, *refs, form, depth, scale, ops):
     q_refs, refs = refs[:form.n_q], refs[form.n_q:]
     kv_refs, (o_ref, lse_ref, scoped) = refs[:form.n_k], refs[form.n_k:]
@@ -286,33 +325,14 @@ def _fwd_kernel(visits_ref, first_ref, *refs, form, depth, scale, ops):
     col = ops.iota(tile, 1)
     q_ops = _operand(q_s)
 
-    def keys(slot):
-        return _operand([k.at[slot] for k in k_s])
-
-    def softmax(i, s, carry, masked):
-        """The online softmax of visit i's scores s: (acc rescaled, m, l) and P in the compute dtype."""
-        acc, m_i, l_i = carry
-        s = s * (scale * LOG2E)
-        if masked:
-            slot = lax.rem(i, jnp.int32(depth))
-            s = _visible(s, NEG_INF, col + (lo + i) * BLOCK <= row, fq, ops.vector(fk_smem.at[slot], 0, tile))
-        m_new = jnp.maximum(m_i, s.max(axis=1))
-        alpha = jnp.exp2(m_i - m_new)
-        p = jnp.exp2(s - lax.broadcast_in_dim(m_new, tile, [0]))
-        l_i = l_i * alpha + p.sum(axis=1)
-        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-        return (acc, m_new, l_i), p.astype(q_s[0].dtype)
-
-    def wait_keys(slot):
-        for bar in (*k_bars, fk_bar):
-            plgpu.barrier_wait(bar.at[slot])
-
     def body(i, carry, masked):
         slot = lax.rem(i, jnp.int32(depth))
-        wait_keys(slot)
-        carry, p = softmax(i, ops.dot(q_ops, keys(slot), transpose_b=True, shape=tile), carry, masked)
-        plgpu.barrier_wait(v_bar.at[slot])
-        carry = (ops.dot(p, v_smem.at[slot], acc=carry[0]),) + carry[1:]
+        for bar in (*k_bars, fk_bar):
+            plgpu.barrier_wait(bar.at[slot])
+        see = (lambda s: _visible(s, NEG_INF, col + (lo + i) * BLOCK <= row, fq,
+                                  ops.vector(fk_smem.at[slot], 0, tile))) if masked else None
+        carry = _fwd_visit(ops, scale, carry, q_ops, _operand([k.at[slot] for k in k_s]), v_smem.at[slot], see,
+                           lambda: plgpu.barrier_wait(v_bar.at[slot]))
 
         @pl.when(i + depth < n)
         def _():
@@ -320,14 +340,9 @@ def _fwd_kernel(visits_ref, first_ref, *refs, form, depth, scale, ops):
 
         return carry
 
-    carry = (ops.full((BLOCK, v_smem.shape[-1]), 0.0), ops.full((BLOCK,), -jnp.inf), ops.full((BLOCK,), 0.0))
-    acc, m_i, l_i = _visit(n, plain, body, carry)
-    o_smem = v_smem.at[0]   # every load has landed and been read: the ring's first slot stages the output
-    o_smem[...] = (acc / lax.broadcast_in_dim(l_i, acc.shape, [0])).astype(o_smem.dtype)
-    lse_smem[...] = m_i + jnp.log(l_i) * LOG2E
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(o_smem, o_ref.at[b, rows, h])
-    plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, rows])
+    carry = _visit(n, plain, body, _fwd_zeros(ops, v_smem.shape[-1]))
+    # Every load has landed and been read: the ring's first slot stages the output.
+    _fwd_store(carry, v_smem.at[0], lse_smem, o_ref.at[b, rows, h], lse_ref.at[b, h, rows])
     plgpu.wait_smem_to_gmem(0)
 
 
@@ -517,8 +532,9 @@ def _persistent(sched, own, ring, depth, pending, init, body, finish):
     operand of an item's own block, loaded one item ahead into buffer k % buffers. ring: the same per operand of a
     visited block, `depth` slots, loaded `depth` visits ahead, past the item's end into the next items'. An item
     starts once at most `pending` TMA stores are unread (those staged in the buffer about to be loaded must be
-    read). body(item, buf, i, slot, g, carry, masked) -> carry runs visit i (the CTA's g-th) from ring slot `slot`;
-    finish(item, buf, carry) writes the item's results, typically staged in its own (read) buffer."""
+    read; None: no results are staged in the own buffers). body(item, buf, i, slot, g, carry, masked) -> carry runs
+    visit i (the CTA's g-th) from ring slot `slot`, waiting for its operands (`_wait_slot`); finish(item, buf,
+    carry) writes the item's results."""
     rows_ref, counts_ref, rows_smem, rows_bar = sched
     cta = lax.axis_index("cta")
     count = counts_ref[cta]
@@ -553,7 +569,8 @@ def _persistent(sched, own, ring, depth, pending, init, body, finish):
 
     def item_body(k, state):
         it, buf = item(k), lax.rem(k, buffers)
-        plgpu.wait_smem_to_gmem(pending, wait_read_only=True)
+        if pending is not None:
+            plgpu.wait_smem_to_gmem(pending, wait_read_only=True)
         pl.when(k + 1 < count)(lambda: load_own(k + 1))
         for _, _, bar in own:
             plgpu.barrier_wait(bar.at[buf])
@@ -561,8 +578,6 @@ def _persistent(sched, own, ring, depth, pending, init, body, finish):
         def visit(i, state, masked):
             carry, g, cursor = state
             slot = lax.rem(g, jnp.int32(depth))
-            for _, _, bar in ring:
-                plgpu.barrier_wait(bar.at[slot])
             carry = body(it, buf, i, slot, g, carry, masked)
             return carry, g + 1, fetch(cursor, slot)
 
@@ -572,6 +587,47 @@ def _persistent(sched, own, ring, depth, pending, init, body, finish):
 
     lax.fori_loop(0, count, item_body, (jnp.int32(0), cursor))
     plgpu.wait_smem_to_gmem(0)
+
+
+def _wait_slot(operands, slot):
+    for *_, bar in operands:
+        plgpu.barrier_wait(bar.at[slot])
+
+
+def _fwd_persistent_kernel(rows_ref, counts_ref, first_ref, *refs, form, depth, scale, ops):
+    """The forward kernel as persistent CTAs (`_persistent`): a query block's q and segment rows in one of two
+    buffers, the key side's ring running on across items, O and lse staged in their own smem."""
+    q_refs, refs = refs[:form.n_q], refs[form.n_q:]
+    kv_refs, (o_ref, lse_ref, scoped) = refs[:form.n_k], refs[form.n_k:]
+    P = len(form.widths)
+    (rows_smem, *smem), (rows_bar, *bars) = scoped
+    q_s, (fq_smem,), k_s, (v_smem, fk_smem, o_smem, lse_smem) = (
+        smem[:P], smem[P:P + 1], smem[P + 1:2 * P + 1], smem[2 * P + 1:])
+    k_views, v_view = _kv_views(form, kv_refs)
+    own = list(zip([*_q_views(form, q_refs), _ROWS(first_ref)], [*q_s, fq_smem], bars[:P + 1], strict=True))
+    ring = list(zip([*k_views, v_view, _ROWS(first_ref)], [*k_s, v_smem, fk_smem], bars[P + 1:], strict=True))
+    keys, v_ring, fk_ring = ring[:P], ring[P], ring[P + 1]
+    tile = (BLOCK, BLOCK)
+
+    def body(it, buf, i, slot, g, carry, masked):
+        _wait_slot(keys + [fk_ring], slot)
+
+        def see(s):
+            row = ops.iota(tile, 0) + it.blk * BLOCK
+            col = ops.iota(tile, 1) + (it.lo + i) * BLOCK
+            return _visible(s, NEG_INF, col <= row, ops.vector(fq_smem.at[buf], 1, tile),
+                            ops.vector(fk_smem.at[slot], 0, tile))
+
+        return _fwd_visit(ops, scale, carry, _operand([q.at[buf] for q in q_s]), _operand([k.at[slot] for k in k_s]),
+                          v_smem.at[slot], see if masked else None, lambda: _wait_slot([v_ring], slot))
+
+    def finish(it, buf, carry):
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the last item's stores have read the stages
+        rows = pl.ds(it.blk * BLOCK, BLOCK)
+        _fwd_store(carry, o_smem, lse_smem, o_ref.at[it.b, rows, it.h], lse_ref.at[it.b, it.h, rows])
+
+    _persistent((rows_ref, counts_ref, rows_smem, rows_bar), own, keys + [v_ring, fk_ring], depth, None,
+                lambda: _fwd_zeros(ops, form.dv), body, finish)
 
 
 def _dkv_persistent_kernel(rows_ref, counts_ref, first_ref, *refs, form, depth, scale, ops, ds_out):
@@ -594,6 +650,8 @@ def _dkv_persistent_kernel(rows_ref, counts_ref, first_ref, *refs, form, depth, 
     k_ops = lambda buf: _operand([k.at[buf] for k in k_s])   # noqa: E731
 
     def body(it, buf, i, slot, g, carry, masked):
+        _wait_slot(ring, slot)
+
         def see(p_t):
             key = ops.iota(tile, 0) + it.blk * BLOCK
             qcol = ops.iota(tile, 1) + (it.lo + i) * BLOCK
@@ -688,27 +746,37 @@ def _smem(interpret):
 
 
 # Jitted so that the identical calls of a step's layers lower (Mosaic GPU) once, not once per attention.
-@functools.partial(jax.jit, static_argnames=("form", "scale", "depth", "interpret"))
-def _forward(q, kv, first_f, visits, *, form, scale, depth, interpret):
+@functools.partial(jax.jit, static_argnames=("form", "scale", "depth", "persistent", "interpret"))
+def _forward(q, kv, first_f, visits, *, form, scale, depth, persistent, interpret):
     (B, T, H, _), dv, dtype = q[0].shape, form.dv, q[0].dtype
     nb = T // BLOCK
     depth = min(depth, nb)
     tile, vec = _smem(interpret)
     P = len(form.widths)
-    scratch = ([tile((BLOCK, w), dtype) for w in form.widths] + [vec((BLOCK,))]
-               + [tile((depth, BLOCK, w), dtype) for w in form.widths]
-               + [tile((depth, BLOCK, dv), dtype), vec((depth, BLOCK)), vec((BLOCK,))])
-    barriers = (plgpu.Barrier(num_barriers=P + 1),) + (plgpu.Barrier(num_barriers=depth),) * (P + 2)
-    kernel = functools.partial(_fwd_kernel, form=form, depth=depth, scale=scale, ops=_Ops(interpret))
+    ring = ([tile((depth, BLOCK, w), dtype) for w in form.widths]
+            + [tile((depth, BLOCK, dv), dtype), vec((depth, BLOCK))])
+    ring_bars = (plgpu.Barrier(num_barriers=depth),) * (P + 2)
     out_type = (jax.ShapeDtypeStruct((B, T, H, dv), dtype), jax.ShapeDtypeStruct((B, H, T), jnp.float32))
-    return _call(kernel, scratch, barriers, out_type, (B, H, nb), (visits, first_f, *q, *kv), interpret)
+    ops = _Ops(interpret)
+    if "fwd" in persistent.kernels:   # q in two buffers, O and lse staged in their own smem
+        own = [tile((2, BLOCK, w), dtype) for w in form.widths] + [vec((2, BLOCK))]
+        stages = [tile((BLOCK, dv), dtype), vec((BLOCK,))]
+        rows, counts, sched_smem = _sched(persistent, visits, H, own + ring + stages)
+        return _call(functools.partial(_fwd_persistent_kernel, form=form, depth=depth, scale=scale, ops=ops),
+                     [sched_smem] + own + ring + stages,
+                     (plgpu.Barrier(num_barriers=1),) + (plgpu.Barrier(num_barriers=2),) * (P + 1) + ring_bars,
+                     out_type, counts.shape, (rows, counts, first_f, *q, *kv), interpret)
+    # The ring's first slot stages O once drained (`_fwd_kernel`).
+    return _call(functools.partial(_fwd_kernel, form=form, depth=depth, scale=scale, ops=ops),
+                 [tile((BLOCK, w), dtype) for w in form.widths] + [vec((BLOCK,))] + ring + [vec((BLOCK,))],
+                 (plgpu.Barrier(num_barriers=P + 1),) + ring_bars, out_type, (B, H, nb), (visits, first_f, *q, *kv),
+                 interpret)
 
 
-@functools.partial(jax.jit, static_argnames=("form", "scale", "depths", "dq_from_ds", "dkv_ctas", "interpret"))
-def _backward(q, kv, first_f, o, lse, do, kv_visits, q_visits, *, form, scale, depths, dq_from_ds, dkv_ctas,
+@functools.partial(jax.jit, static_argnames=("form", "scale", "depths", "dq_from_ds", "persistent", "interpret"))
+def _backward(q, kv, first_f, o, lse, do, kv_visits, q_visits, *, form, scale, depths, dq_from_ds, persistent,
               interpret):
-    """dq_from_ds: 0, the dq kernel recomputes dS; else it reads the dk/dv kernel's, loading this many blocks ahead.
-    dkv_ctas: 0, one dk/dv CTA per key block; else that many persistent CTAs."""
+    """dq_from_ds: 0, the dq kernel recomputes dS; else it reads the dk/dv kernel's, loading this many blocks ahead."""
     (B, T, H, _), dv, dtype = q[0].shape, form.dv, q[0].dtype
     nb = T // BLOCK
     d_dq, d_kv = (min(d, nb) for d in depths)
@@ -727,15 +795,15 @@ def _backward(q, kv, first_f, o, lse, do, kv_visits, q_visits, *, form, scale, d
             + [tile((d_kv, BLOCK, dv), dtype), vec((d_kv, BLOCK)), vec((d_kv, BLOCK)), vec((d_kv, BLOCK))]
             + [tile((2, BLOCK, BLOCK), dtype)] * ds_out)
     ring_bars = (plgpu.Barrier(num_barriers=d_kv),) * (P + 4)
-    if dkv_ctas:   # persistent CTAs, each key block's operands in one of OWN_BUFFERS buffers
+    if "dkv" in persistent.kernels:   # each key block's operands in one of OWN_BUFFERS buffers
         nbuf = OWN_BUFFERS
-        rows, counts = _schedule(q_visits, H, dkv_ctas)
+        own = [tile((nbuf, BLOCK, w), dtype) for w in form.widths] + [tile((nbuf, BLOCK, dv), dtype), vec((nbuf, BLOCK))]
+        rows, counts, sched_smem = _sched(persistent, q_visits, H, own + ring)
         dkv = _call(functools.partial(_dkv_persistent_kernel, form=form, depth=d_kv, scale=scale, ops=ops,
                                       ds_out=ds_out),
-                    [plgpu.SMEM(rows.shape[1:], jnp.int32)] + [tile((nbuf, BLOCK, w), dtype) for w in form.widths]
-                    + [tile((nbuf, BLOCK, dv), dtype), vec((nbuf, BLOCK))] + ring,
+                    [sched_smem] + own + ring,
                     (plgpu.Barrier(num_barriers=1),) + (plgpu.Barrier(num_barriers=nbuf),) * (P + 2) + ring_bars,
-                    tuple(dkv_type + ds_type), (dkv_ctas,), (rows, counts, *ins), interpret)
+                    tuple(dkv_type + ds_type), counts.shape, (rows, counts, *ins), interpret)
     else:
         dkv = _call(functools.partial(_dkv_kernel, form=form, depth=d_kv, scale=scale, ops=ops, ds_out=ds_out),
                     [tile((BLOCK, w), dtype) for w in form.widths] + [tile((BLOCK, dv), dtype), vec((BLOCK,))] + ring,
@@ -777,23 +845,24 @@ def _visits(first_bt):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7, 8))
-def _attention(q, kv, first_bt, form, scale, depths, dq_from_ds, dkv_ctas, interpret):
-    return _attention_fwd(q, kv, first_bt, form, scale, depths, dq_from_ds, dkv_ctas, interpret)[0]
+def _attention(q, kv, first_bt, form, scale, depths, dq_from_ds, persistent, interpret):
+    return _attention_fwd(q, kv, first_bt, form, scale, depths, dq_from_ds, persistent, interpret)[0]
 
 
-def _attention_fwd(q, kv, first_bt, form, scale, depths, dq_from_ds, dkv_ctas, interpret):
+def _attention_fwd(q, kv, first_bt, form, scale, depths, dq_from_ds, persistent, interpret):
     first_f = first_bt.astype(jnp.float32)   # compared as floats in registers: exact below 2^24
     visits = _visits(first_bt)   # both sides' now: the backward takes them as residuals (UNMASKED_RUNS read once)
-    o, lse = _forward(q, kv, first_f, visits[0], form=form, scale=scale, depth=depths[0], interpret=interpret)
+    o, lse = _forward(q, kv, first_f, visits[0], form=form, scale=scale, depth=depths[0], persistent=persistent,
+                      interpret=interpret)
     # Named in the forward rule's own equations, where a remat policy sees them ("kernels", "dots").
     o, lse = checkpoint_name(o, KERNEL_OUTPUT), checkpoint_name(lse, KERNEL_OUTPUT)
     return o, (q, kv, first_bt, o, lse, visits)
 
 
-def _attention_bwd(form, scale, depths, dq_from_ds, dkv_ctas, interpret, res, do):
+def _attention_bwd(form, scale, depths, dq_from_ds, persistent, interpret, res, do):
     q, kv, first_bt, o, lse, visits = res
     dq, dkv = _backward(q, kv, first_bt.astype(jnp.float32), o, lse, do.astype(q[0].dtype), *visits,
-                        form=form, scale=scale, depths=depths[1:], dq_from_ds=dq_from_ds, dkv_ctas=dkv_ctas,
+                        form=form, scale=scale, depths=depths[1:], dq_from_ds=dq_from_ds, persistent=persistent,
                         interpret=interpret)
     if form.shared:   # the shared key's gradient, written per head: summed over the heads
         dkv = (dkv[0], dkv[1].sum(axis=2, dtype=jnp.float32).astype(kv[1].dtype)) + dkv[2:]
@@ -810,34 +879,57 @@ def _dq_from_ds() -> int:
     return int(DQ_DS_DEPTH) if DQ_FROM_DS else 0
 
 
-# The dk/dv kernel as persistent CTAs (`_dkv_persistent_kernel`): a CTA per SM walks its share of key blocks, its
-# loads running on from one to the next, instead of a CTA per key block starting with empty buffers (session 32's
-# analysis: ~5 visited blocks per CTA, a fixed cost per CTA near half the forward's time). Off until measured against
-# the grid kernel on a GPU (bench_train.py --attn_persistent_dkv, bench_attention.py's pallas_persistent). Read at
-# call time, as is PERSISTENT_CTAS: None, the GPU's SM count (132 where there is no GPU: an H100 or H200 SXM's).
-PERSISTENT_DKV = False
+# Kernels run as persistent CTAs (`_persistent`): "fwd", "dkv". A CTA per SM (two where two fit) walks its share of
+# blocks, its loads running on from one to the next, instead of a CTA per block starting with empty buffers (session
+# 32's analysis: ~5 visited blocks per CTA, a fixed cost per CTA near half the forward's time). Empty until measured
+# against the grid kernels on a GPU (bench_train.py --attn_persistent, bench_attention.py's pallas_persistent_*).
+# Read at call time, as is PERSISTENT_CTAS: None, the SMs' share (132 SMs where there is no GPU: an H100 or H200
+# SXM's); else the CTAs each persistent kernel runs.
+PERSISTENT: frozenset[str] = frozenset()
 PERSISTENT_CTAS: int | None = None
-# Buffers for the persistent kernel's own blocks: three, so the one loaded next was staged two items ago and its
-# stores are read by then (two: every item waits for the last one's stores).
+# Buffers for the persistent dk/dv kernel's own blocks: three, so the one loaded next was staged two items ago and
+# its stores are read by then (two: every item waits for the last one's stores).
 OWN_BUFFERS = 3
 # At 32 x 1024 in MLA's form the persistent dk/dv kernel takes 226,504 of the 232,448 bytes of shared memory a CTA may
 # have (schedules of 32 rows on 132 CTAs): 128 items (4 KB) still fit.
 MAX_ITEMS = 128
+_SM_SMEM = 228 * 1024   # shared memory per SM on Hopper; each CTA also reserves 1 KB
 
 
-def _dkv_ctas(q_shape) -> int:
-    """0: the dk/dv kernel runs a CTA per key block; else the persistent CTAs to run: more than PERSISTENT_CTAS
-    where a CTA would hold over MAX_ITEMS items (its schedule in shared memory, 32 bytes an item)."""
-    if not PERSISTENT_DKV:
-        return 0
-    ctas = PERSISTENT_CTAS
+class _Persistent(NamedTuple):
+    """Which kernels run as persistent CTAs, and on how many SMs (or, with `ctas`, CTAs)."""
+    kernels: frozenset[str] = frozenset()
+    sms: int = 132
+    ctas: int | None = None
+
+
+def _persistence() -> _Persistent:
+    """PERSISTENT and PERSISTENT_CTAS as read at call time."""
+    kernels = frozenset(PERSISTENT)
+    if not kernels <= {"fwd", "dkv"}:
+        raise ValueError(f"PERSISTENT {sorted(kernels)}: the kernels that can run persistent are 'fwd' and 'dkv'")
+    if not (PERSISTENT_CTAS is None or (isinstance(PERSISTENT_CTAS, int) and PERSISTENT_CTAS >= 1)):
+        raise ValueError(f"PERSISTENT_CTAS {PERSISTENT_CTAS!r} must be a CTA count >= 1 or None (the SMs' share)")
+    if not kernels:
+        return _Persistent()
+    device = jax.devices()[0]
+    return _Persistent(kernels, device.core_count if device.platform == "gpu" else 132, PERSISTENT_CTAS)
+
+
+def _smem_bytes(scratch) -> int:
+    """An estimate of a kernel's shared memory: each buffer aligned to 1 KB, as Pallas places them."""
+    return sum(-(-math.prod(x.shape) * jnp.dtype(x.dtype).itemsize // 1024) * 1024 for x in scratch)
+
+
+def _sched(persistent: _Persistent, visits, heads: int, scratch):
+    """(rows, counts, the schedule's smem) of a persistent kernel whose other buffers are `scratch`: as many CTAs as
+    fit on the SMs (at least enough that none holds over MAX_ITEMS items), or PERSISTENT_CTAS."""
+    _, B, nb = visits.shape
+    ctas = persistent.ctas
     if ctas is None:
-        device = jax.devices()[0]
-        ctas = device.core_count if device.platform == "gpu" else 132
-    if not (isinstance(ctas, int) and ctas >= 1):
-        raise ValueError(f"PERSISTENT_CTAS {ctas!r} must be a CTA count >= 1 or None (the GPU's SM count)")
-    (B, T, H, _) = q_shape
-    return max(ctas, -(-B * H * (T // BLOCK) // MAX_ITEMS))
+        ctas = persistent.sms * max(1, _SM_SMEM // (_smem_bytes(scratch) + 4096 + 1024))  # + schedule, barriers, reserve
+    rows, counts = _schedule(visits, heads, max(ctas, -(-B * heads * nb // MAX_ITEMS)))
+    return rows, counts, plgpu.SMEM(rows.shape[1:], jnp.int32)
 
 
 def _check_depths(depths, first_bt, q_bthk):
@@ -863,7 +955,7 @@ def doc_attention(q_bthk, k_bshk, v_bshv, first_bt, *, scale: float, depths: tup
     form = Form((q_bthk.shape[-1],), 0, v_bshv.shape[-1])
     return _attention((q_bthk,), (k_bshk.astype(q_bthk.dtype), v_bshv.astype(q_bthk.dtype)),
                       first_bt.astype(jnp.int32), form, float(scale), depths, _dq_from_ds(),
-                      _dkv_ctas(q_bthk.shape), bool(interpret))
+                      _persistence(), bool(interpret))
 
 
 def mla_supported(q_bthk, kv_bshk, kpe_bsd, nope_dim: int) -> str | None:
@@ -903,4 +995,4 @@ def mla_doc_attention(q_bthk, kv_bshk, kpe_bsd, first_bt, *, scale: float, nope_
     form = Form((nope_dim, rope_dim), nope_dim, kv_bshk.shape[-1] - nope_dim, shared=True, v_in_k=True, q_parts=parts)
     return _attention(q, (kv_bshk.astype(dtype), kpe_bsd.astype(dtype)),
                       first_bt.astype(jnp.int32), form, float(scale), depths, _dq_from_ds(),
-                      _dkv_ctas(q[0].shape), bool(interpret))
+                      _persistence(), bool(interpret))
