@@ -232,7 +232,7 @@ def main():
                     "instead of reading the dk/dv kernel's (the A/B baseline of "
                     "lcflash.kernels.doc_attention.pallas_mgpu.DQ_FROM_DS)")
     ap.add_argument("--attn_persistent", default=None, metavar="KERNELS", help="our attention kernels to run as "
-                    "persistent CTAs, comma-separated among fwd and dkv "
+                    "persistent CTAs, comma-separated among fwd, dkv and dq "
                     "(lcflash.kernels.doc_attention.pallas_mgpu.PERSISTENT; none by default until measured)")
     ap.add_argument("--zero_tails", action="store_true", help="store the MoE row buffers' tails as zeros (the A/B "
                     "baseline of lcflash.kernels.gmm.api.SKIP_TAILS)")

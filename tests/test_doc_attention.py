@@ -212,7 +212,8 @@ def test_queries_as_two_arrays_give_the_joined_queries_results_bitwise(dq_from_d
 
 
 # (2, 1, 1): the dk/dv kernel small enough for 2 CTAs/SM; runs: the whole blocks walked unmasked; dq recomputed;
-# q_parts: the queries as (q_nope, q_rope); persistent: the forward and dk/dv kernels as persistent CTAs.
+# q_parts: the queries as (q_nope, q_rope); persistent: the kernels as persistent CTAs (not the dq kernel that
+# recomputes dS, which has no such form).
 @pytest.mark.parametrize("depths,runs,dq_from_ds,q_parts,persistent", [
     (None, False, True, False, False), ((2, 1, 1), False, True, False, False), (None, True, True, False, False),
     (None, False, False, False, False), (None, False, True, True, False), (None, False, False, True, False),
@@ -220,7 +221,7 @@ def test_queries_as_two_arrays_give_the_joined_queries_results_bitwise(dq_from_d
 def test_mla_form_lowers_for_cuda(depths, runs, dq_from_ds, q_parts, persistent, monkeypatch):
     monkeypatch.setattr(pallas_mgpu, "UNMASKED_RUNS", runs)
     monkeypatch.setattr(pallas_mgpu, "DQ_FROM_DS", dq_from_ds)
-    monkeypatch.setattr(pallas_mgpu, "PERSISTENT", {"fwd", "dkv"} if persistent else set())
+    monkeypatch.setattr(pallas_mgpu, "PERSISTENT", {"fwd", "dkv", "dq"} if persistent else set())
     sd = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt)  # noqa: E731
 
     def f(q, kv, kpe, first, do):
@@ -235,7 +236,7 @@ def test_mla_form_lowers_for_cuda(depths, runs, dq_from_ds, q_parts, persistent,
     assert text.count("mosaic_gpu") >= 3
     # Each kernel under its own name, so a profile tells them apart.
     names = ["attn_fwd", "attn_dkv", "attn_dq_ds" if dq_from_ds else "attn_dq"]
-    for name in [n + "_persistent" if persistent and n != names[-1] else n for n in names]:
+    for name in [n + "_persistent" if persistent and n != "attn_dq" else n for n in names]:
         assert f"{name}_mosaic_gpu" in text, name
 
 
@@ -244,7 +245,7 @@ def test_persistent_kernels_fit_in_shared_memory(batch, depths, monkeypatch):
     """Lowering checks a kernel's shared memory against the 227 KB a CTA may have: the persistent kernels in MLA's
     form at configs/small.py's 32 x 1024 (the forward at depth 1 too, two CTAs per SM), and where 132 CTAs would
     hold over MAX_ITEMS items each (more CTAs run)."""
-    monkeypatch.setattr(pallas_mgpu, "PERSISTENT", {"fwd", "dkv"})
+    monkeypatch.setattr(pallas_mgpu, "PERSISTENT", {"fwd", "dkv", "dq"})
     B, T, H = batch, 1024, 8
     sd = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt)  # noqa: E731
 
@@ -254,7 +255,8 @@ def test_persistent_kernels_fit_in_shared_memory(batch, depths, monkeypatch):
 
     text = jax.jit(attend).trace((sd(B, T, H, 128), sd(B, T, H, 64)), sd(B, T, H, 256), sd(B, T, 64),
                                  sd(B, T, dt=jnp.int32), sd(B, T, H, 128)).lower(lowering_platforms=("cuda",)).as_text()
-    assert "attn_dkv_persistent_mosaic_gpu" in text and "attn_fwd_persistent_mosaic_gpu" in text
+    for name in ("attn_fwd", "attn_dkv", "attn_dq_ds"):
+        assert f"{name}_persistent_mosaic_gpu" in text, name
 
 
 def test_persistent_kernels_take_as_many_ctas_as_fit_on_the_sms():
@@ -302,10 +304,10 @@ def test_the_persistent_schedule_deals_every_item_once_longest_first_and_evenly(
 # The plain form with the whole blocks unmasked; MLA's form masked; MLA's form with dq recomputing dS (no dS
 # stores between the items' stores); more CTAs than items (some hold none).
 @pytest.mark.parametrize("mla,runs,dq_from_ds,ctas,kernels", [
-    (False, True, True, 3, ("fwd", "dkv")), (True, False, True, 5, ("dkv",)), (True, True, False, 2, ("fwd", "dkv")),
-    (False, True, True, 40, ("fwd",))])
+    (False, True, True, 3, ("fwd", "dkv", "dq")), (True, False, True, 5, ("dkv", "dq")),
+    (True, True, False, 2, ("fwd", "dkv")), (False, True, True, 40, ("fwd", "dq"))])
 def test_persistent_kernels_give_the_grid_kernels_bits(mla, runs, dq_from_ds, ctas, kernels, monkeypatch):
-    """The forward and dk/dv kernels as persistent CTAs (PERSISTENT) run each block's visits as a CTA per block
+    """The forward, dk/dv and dq kernels as persistent CTAs (PERSISTENT) run each block's visits as a CTA per block
     does, with their loads running across items (a ring slot refilled with the next item's blocks, own blocks in
     buffers loaded an item ahead, dk and dv staged in theirs): the same output and gradients bitwise, on few CTAs
     so each holds several items of different lengths. In Pallas' GPU interpreter on CPU, natively on a GPU (the
@@ -342,7 +344,7 @@ def test_persistent_kernels_give_the_grid_kernels_bits(mla, runs, dq_from_ds, ct
 @pytest.mark.parametrize("setting,match", [("PERSISTENT_CTAS", "PERSISTENT_CTAS"), ("PERSISTENT", "PERSISTENT")])
 def test_a_bad_persistent_setting_is_named(setting, match, monkeypatch):
     q, k, v, _ = _inputs(1, 64, 1, seed=0)
-    monkeypatch.setattr(pallas_mgpu, "PERSISTENT", {"dq"} if setting == "PERSISTENT" else {"dkv"})
+    monkeypatch.setattr(pallas_mgpu, "PERSISTENT", {"bwd"} if setting == "PERSISTENT" else {"dkv"})
     monkeypatch.setattr(pallas_mgpu, "PERSISTENT_CTAS", 0 if setting == "PERSISTENT_CTAS" else None)
     with pytest.raises(ValueError, match=match):
         pallas_mgpu.doc_attention(q, k, v, jnp.zeros((1, 64), jnp.int32), scale=1.0)

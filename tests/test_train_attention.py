@@ -94,12 +94,12 @@ def test_fused_attention_matches_fp32_as_closely_as_xla_bf16(impl, monkeypatch):
     take only the causal kinds). (At the attention itself: a whole bf16 MoE model flips routing choices, which
     swamps the comparison.) pallas_masked: the kernels mask also the whole blocks next to the diagonal;
     pallas_dq_recompute: the dq kernel recomputes dS instead of reading the dk/dv kernel's; pallas_persistent: the
-    forward and dk/dv kernels as persistent CTAs."""
+    three kernels as persistent CTAs."""
     if impl.startswith("pallas"):
         from lcflash.kernels.doc_attention import pallas_mgpu
         monkeypatch.setattr(pallas_mgpu, "UNMASKED_RUNS", impl != "pallas_masked")
         monkeypatch.setattr(pallas_mgpu, "DQ_FROM_DS", impl != "pallas_dq_recompute")
-        monkeypatch.setattr(pallas_mgpu, "PERSISTENT", {"fwd", "dkv"} if impl == "pallas_persistent" else set())
+        monkeypatch.setattr(pallas_mgpu, "PERSISTENT", {"fwd", "dkv", "dq"} if impl == "pallas_persistent" else set())
         impl = "pallas"
     for kinds in (("given", "causal_docs"), ("causal",)):
         with jax.default_matmul_precision("highest"):

@@ -19,10 +19,10 @@ SM (0.186 -> 0.151 ms at 16 x 1024 on an H200).
   P, dP and dS itself.
 delta = rowsum(dO * O) comes from XLA.
 
-With PERSISTENT, the forward and dk/dv kernels run as persistent CTAs instead (`_persistent`): as many as fit on the
-SMs, each walking its share of blocks (`_schedule`: longest first, dealt in a snake) with its loads running on from
-one block's last visits into the next block's, where a CTA per block starts with empty buffers and ends waiting for
-its stores. Same products in the same order: the same bits.
+With PERSISTENT, the forward, dk/dv and dq (from dS) kernels run as persistent CTAs instead (`_persistent`): as
+many as fit on the SMs, each walking its share of blocks (`_schedule`: longest first, dealt in a snake) with its
+loads running on from one block's last visits into the next block's, where a CTA per block starts with empty
+buffers and ends waiting for its stores. Same products in the same order: the same bits.
 
 In Pallas' GPU interpreter (CPU tests) the products are plain dots: the interpreter's wgmma takes neither transposed
 views nor register operands.
@@ -528,8 +528,9 @@ def _persistent(sched, own, ring, depth, pending, init, body, finish):
     """A persistent CTA's walk over its work items (`_schedule`): the loads run on across items where a CTA per
     item would start each item with empty buffers and end it waiting for its stores.
 
-    sched: (rows, counts, rows smem, one barrier). own: (gmem view, smem [buffers, ...], barriers [buffers]) per
-    operand of an item's own block, loaded one item ahead into buffer k % buffers. ring: the same per operand of a
+    sched: (rows, counts, rows smem, one barrier). own: (gmem view(item, rows), smem [buffers, ...], barriers
+    [buffers]) per operand of an item's own block (`_by_item`), loaded one item ahead into buffer k % buffers; may be
+    empty. ring: the same per operand of a
     visited block, `depth` slots, loaded `depth` visits ahead, past the item's end into the next items'. An item
     starts once at most `pending` TMA stores are unread (those staged in the buffer about to be loaded must be
     read; None: no results are staged in the own buffers). body(item, buf, i, slot, g, carry, masked) -> carry runs
@@ -540,7 +541,7 @@ def _persistent(sched, own, ring, depth, pending, init, body, finish):
     count = counts_ref[cta]
     plgpu.copy_gmem_to_smem(rows_ref.at[cta], rows_smem, rows_bar.at[0])
     plgpu.barrier_wait(rows_bar.at[0])
-    last, buffers = rows_smem.shape[0] - 1, own[0][1].shape[0]
+    last, buffers = rows_smem.shape[0] - 1, (own[0][1].shape[0] if own else 1)
 
     def item(k):
         f = [rows_smem[jnp.minimum(k, last), c] for c in range(7)]
@@ -548,7 +549,7 @@ def _persistent(sched, own, ring, depth, pending, init, body, finish):
 
     def load(operands, it, block, slot):
         for src, smem, bar in operands:
-            plgpu.copy_gmem_to_smem(src(it.b, it.h, pl.ds(block * BLOCK, BLOCK)), smem.at[slot], bar.at[slot])
+            plgpu.copy_gmem_to_smem(src(it, pl.ds(block * BLOCK, BLOCK)), smem.at[slot], bar.at[slot])
 
     def load_own(k):
         it = item(k)
@@ -589,6 +590,11 @@ def _persistent(sched, own, ring, depth, pending, init, body, finish):
     plgpu.wait_smem_to_gmem(0)
 
 
+def _by_item(view):
+    """A block view (b, h, rows) as `_persistent` calls it: (item, rows)."""
+    return lambda it, rows: view(it.b, it.h, rows)
+
+
 def _wait_slot(operands, slot):
     for *_, bar in operands:
         plgpu.barrier_wait(bar.at[slot])
@@ -604,8 +610,10 @@ def _fwd_persistent_kernel(rows_ref, counts_ref, first_ref, *refs, form, depth, 
     q_s, (fq_smem,), k_s, (v_smem, fk_smem, o_smem, lse_smem) = (
         smem[:P], smem[P:P + 1], smem[P + 1:2 * P + 1], smem[2 * P + 1:])
     k_views, v_view = _kv_views(form, kv_refs)
-    own = list(zip([*_q_views(form, q_refs), _ROWS(first_ref)], [*q_s, fq_smem], bars[:P + 1], strict=True))
-    ring = list(zip([*k_views, v_view, _ROWS(first_ref)], [*k_s, v_smem, fk_smem], bars[P + 1:], strict=True))
+    own = list(zip(map(_by_item, [*_q_views(form, q_refs), _ROWS(first_ref)]), [*q_s, fq_smem], bars[:P + 1],
+                   strict=True))
+    ring = list(zip(map(_by_item, [*k_views, v_view, _ROWS(first_ref)]), [*k_s, v_smem, fk_smem], bars[P + 1:],
+                    strict=True))
     keys, v_ring, fk_ring = ring[:P], ring[P], ring[P + 1]
     tile = (BLOCK, BLOCK)
 
@@ -642,8 +650,9 @@ def _dkv_persistent_kernel(rows_ref, counts_ref, first_ref, *refs, form, depth, 
         smem[:P], smem[P:P + 2], smem[P + 2:2 * P + 2], smem[2 * P + 2:])
     own_bars, ring_bars = bars[:P + 2], bars[P + 2:]
     k_views, v_view = _kv_views(form, kv_refs)
-    own = list(zip([*k_views, v_view, _ROWS(first_ref)], [*k_s, v_smem, fk_smem], own_bars, strict=True))
-    ring = list(zip([*_q_views(form, q_refs), _heads(do_ref), _ROWS(first_ref), _STATS(lse_ref), _STATS(delta_ref)],
+    own = list(zip(map(_by_item, [*k_views, v_view, _ROWS(first_ref)]), [*k_s, v_smem, fk_smem], own_bars, strict=True))
+    ring = list(zip(map(_by_item, [*_q_views(form, q_refs), _heads(do_ref), _ROWS(first_ref), _STATS(lse_ref),
+                                   _STATS(delta_ref)]),
                     [*q_s, do_smem, fq_smem, lse_smem, delta_smem], ring_bars, strict=True))
     tile = (BLOCK, BLOCK)   # [keys, queries]
     stores = P + 1          # TMA stores per item: dk's parts and dv
@@ -710,14 +719,39 @@ def _dq_ds_kernel(visits_ref, ds_ref, *refs, form, depth, scale, ops):
     _store_dq(dqs, [k.at[0] for k in k_s], form, dq_refs, b, h, rows, scale)
 
 
-def _store_dq(dqs, stages, form, dq_refs, b, h, rows, scale):
-    """Writes scale * dq through `stages` (drained ring slots, one per part) into q's layout."""
+def _dq_ds_persistent_kernel(rows_ref, counts_ref, ds_ref, *refs, form, depth, scale, ops):
+    """The dq kernel of DQ_FROM_DS as persistent CTAs (`_persistent`): no own blocks, the ring of K and dS blocks
+    running on across items, dq staged in its own smem."""
+    kv_refs, (*dq_refs, scoped) = refs[:form.n_k], refs[form.n_k:]
+    P = len(form.widths)
+    (rows_smem, *smem), (rows_bar, *bars) = scoped
+    k_s, ds_smem, stages = smem[:P], smem[P], smem[P + 1:]
+    k_views, _ = _kv_views(form, kv_refs)
+    ds_view = lambda it, part: ds_ref.at[it.b, it.h, _pair(it.blk, part.start // BLOCK)]  # noqa: E731
+    ring = list(zip([*map(_by_item, k_views), ds_view], [*k_s, ds_smem], bars, strict=True))
+
+    def body(it, buf, i, slot, g, dqs, masked):   # no mask (`_dq_ds_kernel`)
+        _wait_slot(ring, slot)
+        ds = ops.transposed(ds_smem.at[slot])   # stored [keys, queries]
+        return ops.dots(*[(ds, k.at[slot], False, dq) for k, dq in zip(k_s, dqs)])
+
+    def finish(it, buf, dqs):
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the last item's stores have read the stages
+        _store_dq(dqs, stages, form, dq_refs, it.b, it.h, pl.ds(it.blk * BLOCK, BLOCK), scale, wait=False)
+
+    _persistent((rows_ref, counts_ref, rows_smem, rows_bar), [], ring, depth, None,
+                lambda: tuple(ops.full((BLOCK, w), 0.0) for w in form.widths), body, finish)
+
+
+def _store_dq(dqs, stages, form, dq_refs, b, h, rows, scale, wait=True):
+    """Writes scale * dq through `stages` (smem, one per part) into q's layout; waits for the stores if `wait`."""
     for stage, dq in zip(stages, dqs):
         stage[...] = (dq * scale).astype(stage.dtype)
     plgpu.commit_smem()
     for stage, view in zip(stages, _q_views(form, dq_refs)):
         plgpu.copy_smem_to_gmem(stage, view(b, h, rows))
-    plgpu.wait_smem_to_gmem(0)
+    if wait:
+        plgpu.wait_smem_to_gmem(0)
 
 
 def _call(kernel, scratch, barriers, out_type, grid_bhn, inputs, interpret):
@@ -812,10 +846,17 @@ def _backward(q, kv, first_f, o, lse, do, kv_visits, q_visits, *, form, scale, d
     if ds_out:
         *dkv, ds = dkv
         d = min(dq_from_ds, nb)
-        dq = _call(functools.partial(_dq_ds_kernel, form=form, depth=d, scale=scale, ops=ops),
-                   [tile((d, BLOCK, w), dtype) for w in form.widths] + [tile((d, BLOCK, BLOCK), dtype)],
-                   (plgpu.Barrier(num_barriers=d),) * (P + 1),
-                   dq_type, (B, H, nb), (kv_visits, ds, *kv), interpret)
+        ring = [tile((d, BLOCK, w), dtype) for w in form.widths] + [tile((d, BLOCK, BLOCK), dtype)]
+        ring_bars = (plgpu.Barrier(num_barriers=d),) * (P + 1)
+        if "dq" in persistent.kernels:   # dq staged in its own smem
+            stages = [tile((BLOCK, w), dtype) for w in form.widths]
+            rows, counts, sched_smem = _sched(persistent, kv_visits, H, ring + stages)
+            dq = _call(functools.partial(_dq_ds_persistent_kernel, form=form, depth=d, scale=scale, ops=ops),
+                       [sched_smem] + ring + stages, (plgpu.Barrier(num_barriers=1),) + ring_bars, dq_type,
+                       counts.shape, (rows, counts, ds, *kv), interpret)
+        else:   # dq staged in the drained ring's first slots (`_dq_ds_kernel`)
+            dq = _call(functools.partial(_dq_ds_kernel, form=form, depth=d, scale=scale, ops=ops), ring, ring_bars,
+                       dq_type, (B, H, nb), (kv_visits, ds, *kv), interpret)
         return tuple(dq), tuple(dkv)
     dq = _call(functools.partial(_dq_kernel, form=form, depth=d_dq, scale=scale, ops=ops),
                [tile((BLOCK, w), dtype) for w in form.widths]
@@ -879,12 +920,13 @@ def _dq_from_ds() -> int:
     return int(DQ_DS_DEPTH) if DQ_FROM_DS else 0
 
 
-# Kernels run as persistent CTAs (`_persistent`): "fwd", "dkv". A CTA per SM (two where two fit) walks its share of
-# blocks, its loads running on from one to the next, instead of a CTA per block starting with empty buffers (session
-# 32's analysis: ~5 visited blocks per CTA, a fixed cost per CTA near half the forward's time). Empty until measured
-# against the grid kernels on a GPU (bench_train.py --attn_persistent, bench_attention.py's pallas_persistent_*).
-# Read at call time, as is PERSISTENT_CTAS: None, the SMs' share (132 SMs where there is no GPU: an H100 or H200
-# SXM's); else the CTAs each persistent kernel runs.
+# Kernels run as persistent CTAs (`_persistent`): "fwd", "dkv", "dq" (with DQ_FROM_DS; the dq kernel that recomputes
+# dS has no persistent form). A CTA per SM (more where more fit) walks its share of blocks, its loads running on from
+# one to the next, instead of a CTA per block starting with empty buffers (session 32's analysis: ~5 visited blocks
+# per CTA, a fixed cost per CTA near half the forward's time). Empty until measured against the grid kernels on a GPU
+# (bench_train.py --attn_persistent, bench_attention.py's pallas_persistent_*). Read at call time, as is
+# PERSISTENT_CTAS: None, the SMs' share (132 SMs where there is no GPU: an H100 or H200 SXM's); else the CTAs each
+# persistent kernel runs.
 PERSISTENT: frozenset[str] = frozenset()
 PERSISTENT_CTAS: int | None = None
 # Buffers for the persistent dk/dv kernel's own blocks: three, so the one loaded next was staged two items ago and
@@ -906,8 +948,9 @@ class _Persistent(NamedTuple):
 def _persistence() -> _Persistent:
     """PERSISTENT and PERSISTENT_CTAS as read at call time."""
     kernels = frozenset(PERSISTENT)
-    if not kernels <= {"fwd", "dkv"}:
-        raise ValueError(f"PERSISTENT {sorted(kernels)}: the kernels that can run persistent are 'fwd' and 'dkv'")
+    if not kernels <= {"fwd", "dkv", "dq"}:
+        raise ValueError(f"PERSISTENT {sorted(kernels)}: the kernels that can run persistent are 'fwd', 'dkv' and "
+                         "'dq' (the dq kernel of DQ_FROM_DS)")
     if not (PERSISTENT_CTAS is None or (isinstance(PERSISTENT_CTAS, int) and PERSISTENT_CTAS >= 1)):
         raise ValueError(f"PERSISTENT_CTAS {PERSISTENT_CTAS!r} must be a CTA count >= 1 or None (the SMs' share)")
     if not kernels:
