@@ -530,12 +530,11 @@ def _persistent(sched, own, ring, depth, pending, init, body, finish):
 
     sched: (rows, counts, rows smem, one barrier). own: (gmem view(item, rows), smem [buffers, ...], barriers
     [buffers]) per operand of an item's own block (`_by_item`), loaded one item ahead into buffer k % buffers; may be
-    empty. ring: the same per operand of a
-    visited block, `depth` slots, loaded `depth` visits ahead, past the item's end into the next items'. An item
-    starts once at most `pending` TMA stores are unread (those staged in the buffer about to be loaded must be
-    read; None: no results are staged in the own buffers). body(item, buf, i, slot, g, carry, masked) -> carry runs
-    visit i (the CTA's g-th) from ring slot `slot`, waiting for its operands (`_wait_slot`); finish(item, buf,
-    carry) writes the item's results."""
+    empty. ring: the same per operand of a visited block, `depth` slots, loaded `depth` visits ahead, past the item's
+    end into the next items'. An item starts once at most `pending` TMA stores are unread (those staged in the
+    buffer about to be loaded must be read; None: no results are staged in the own buffers). body(item, buf, i,
+    slot, g, carry, masked) -> carry runs visit i (the CTA's g-th) from ring slot `slot`, waiting for its operands
+    (`_wait_slot`); finish(item, buf, carry) writes the item's results."""
     rows_ref, counts_ref, rows_smem, rows_bar = sched
     cta = lax.axis_index("cta")
     count = counts_ref[cta]
