@@ -633,8 +633,8 @@ def _fwd_persistent_kernel(rows_ref, counts_ref, first_ref, *refs, form, depth, 
         rows = pl.ds(it.blk * BLOCK, BLOCK)
         _fwd_store(carry, o_smem, lse_smem, o_ref.at[it.b, rows, it.h], lse_ref.at[it.b, it.h, rows])
 
-    _persistent((rows_ref, counts_ref, rows_smem, rows_bar), own, keys + [v_ring, fk_ring], depth, None,
-                lambda: _fwd_zeros(ops, form.dv), body, finish)
+    _persistent((rows_ref, counts_ref, rows_smem, rows_bar), own, ring, depth, None, lambda: _fwd_zeros(ops, form.dv),
+                body, finish)
 
 
 def _dkv_persistent_kernel(rows_ref, counts_ref, first_ref, *refs, form, depth, scale, ops, ds_out):
