@@ -599,13 +599,13 @@ def _wait_slot(operands, slot):
         plgpu.barrier_wait(bar.at[slot])
 
 
-def _fwd_persistent_kernel(rows_ref, counts_ref, first_ref, *refs, form, depth, scale, ops):
+def _fwd_persistent_kernel(first_ref, *refs, form, depth, scale, ops, sched):
     """The forward kernel as persistent CTAs (`_persistent`): a query block's q and segment rows in one of two
     buffers, the key side's ring running on across items, O and lse staged in their own smem."""
     q_refs, refs = refs[:form.n_q], refs[form.n_q:]
     kv_refs, (o_ref, lse_ref, scoped) = refs[:form.n_k], refs[form.n_k:]
     P = len(form.widths)
-    (rows_smem, *smem), (rows_bar, *bars) = scoped
+    smem, bars = scoped
     q_s, (fq_smem,), k_s, (v_smem, fk_smem, o_smem, lse_smem) = (
         smem[:P], smem[P:P + 1], smem[P + 1:2 * P + 1], smem[2 * P + 1:])
     k_views, v_view = _kv_views(form, kv_refs)
@@ -633,18 +633,17 @@ def _fwd_persistent_kernel(rows_ref, counts_ref, first_ref, *refs, form, depth, 
         rows = pl.ds(it.blk * BLOCK, BLOCK)
         _fwd_store(carry, o_smem, lse_smem, o_ref.at[it.b, rows, it.h], lse_ref.at[it.b, it.h, rows])
 
-    _persistent((rows_ref, counts_ref, rows_smem, rows_bar), own, ring, depth, None, lambda: _fwd_zeros(ops, form.dv),
-                body, finish)
+    _persistent(sched, own, ring, depth, None, lambda: _fwd_zeros(ops, form.dv), body, finish)
 
 
-def _dkv_persistent_kernel(rows_ref, counts_ref, first_ref, *refs, form, depth, scale, ops, ds_out):
+def _dkv_persistent_kernel(first_ref, *refs, form, depth, scale, ops, ds_out, sched):
     """The dk/dv kernel as persistent CTAs (`_persistent`): a key block's k, v and segment rows in one of three
     buffers, the query side's ring running on across items, dk and dv staged in the item's own buffers."""
     q_refs, refs = refs[:form.n_q], refs[form.n_q:]
     kv_refs, (do_ref, lse_ref, delta_ref, *outs, scoped) = refs[:form.n_k], refs[form.n_k:]
     outs, ds_ref = (outs[:-1], outs[-1]) if ds_out else (outs, None)
     P = len(form.widths)
-    (rows_smem, *smem), (rows_bar, *bars) = scoped
+    smem, bars = scoped
     k_s, (v_smem, fk_smem), q_s, (do_smem, fq_smem, lse_smem, delta_smem, *ds_stages) = (
         smem[:P], smem[P:P + 2], smem[P + 2:2 * P + 2], smem[2 * P + 2:])
     own_bars, ring_bars = bars[:P + 2], bars[P + 2:]
@@ -684,8 +683,7 @@ def _dkv_persistent_kernel(rows_ref, counts_ref, first_ref, *refs, form, depth, 
     # Item k + 1 loads into the buffer whose stores item k + 1 - buffers started; each item since stored dk, dv and
     # at least one dS block, so that many stores may be left unread.
     pending = (k_s[0].shape[0] - 2) * (stores + ds_out)
-    _persistent((rows_ref, counts_ref, rows_smem, rows_bar), own, ring, depth, pending, lambda: _dkv_zeros(ops, form),
-                body, finish)
+    _persistent(sched, own, ring, depth, pending, lambda: _dkv_zeros(ops, form), body, finish)
 
 
 def _dq_ds_kernel(visits_ref, ds_ref, *refs, form, depth, scale, ops):
@@ -718,12 +716,12 @@ def _dq_ds_kernel(visits_ref, ds_ref, *refs, form, depth, scale, ops):
     _store_dq(dqs, [k.at[0] for k in k_s], form, dq_refs, b, h, rows, scale)
 
 
-def _dq_ds_persistent_kernel(rows_ref, counts_ref, ds_ref, *refs, form, depth, scale, ops):
+def _dq_ds_persistent_kernel(ds_ref, *refs, form, depth, scale, ops, sched):
     """The dq kernel of DQ_FROM_DS as persistent CTAs (`_persistent`): no own blocks, the ring of K and dS blocks
     running on across items, dq staged in its own smem."""
     kv_refs, (*dq_refs, scoped) = refs[:form.n_k], refs[form.n_k:]
     P = len(form.widths)
-    (rows_smem, *smem), (rows_bar, *bars) = scoped
+    smem, bars = scoped
     k_s, ds_smem, stages = smem[:P], smem[P], smem[P + 1:]
     k_views, _ = _kv_views(form, kv_refs)
     ds_view = lambda it, part: ds_ref.at[it.b, it.h, _pair(it.blk, part.start // BLOCK)]  # noqa: E731
@@ -738,8 +736,8 @@ def _dq_ds_persistent_kernel(rows_ref, counts_ref, ds_ref, *refs, form, depth, s
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the last item's stores have read the stages
         _store_dq(dqs, stages, form, dq_refs, it.b, it.h, pl.ds(it.blk * BLOCK, BLOCK), scale, wait=False)
 
-    _persistent((rows_ref, counts_ref, rows_smem, rows_bar), [], ring, depth, None,
-                lambda: tuple(ops.full((BLOCK, w), 0.0) for w in form.widths), body, finish)
+    _persistent(sched, [], ring, depth, None, lambda: tuple(ops.full((BLOCK, w), 0.0) for w in form.widths), body,
+                finish)
 
 
 def _store_dq(dqs, stages, form, dq_refs, b, h, rows, scale, wait=True):
@@ -753,18 +751,28 @@ def _store_dq(dqs, stages, form, dq_refs, b, h, rows, scale, wait=True):
         plgpu.wait_smem_to_gmem(0)
 
 
-def _call(kernel, scratch, barriers, out_type, grid_bhn, inputs, interpret):
-    """One CTA per (head, block, batch), or with a grid_bhn of one number, that many persistent CTAs; scratch and
-    barriers are scoped around the kernel body. The CUDA kernel is named after `kernel` (`_dkv_kernel` ->
-    `attn_dkv_mosaic_gpu_kernel`), so a profile tells them apart."""
-    if len(grid_bhn) == 1:
-        grid, names = tuple(grid_bhn), ("cta",)
-    else:
-        (B, H, nb), names = grid_bhn, ("heads", "blk", "batch")
-        grid = (H, nb, B)
+def _call(kernel, scratch, barriers, out_type, grid_bhn, inputs, interpret, persistent=None):
+    """One CTA per (head, block, batch); scratch and barriers are scoped around the kernel body. With persistent =
+    (a _Persistent, the [4, B, nb] visits of the blocks the kernel walks), persistent CTAs instead, one per row of
+    `_sched`'s schedule, which the kernel gets as `sched` (`_persistent`'s: rows and counts in gmem, the rows' smem
+    and barrier scoped here). The CUDA kernel is named after `kernel` (`_dkv_kernel` -> `attn_dkv_mosaic_gpu_kernel`),
+    so a profile tells them apart."""
+    B, H, nb = grid_bhn
+    if persistent is None:
+        grid, names = (H, nb, B), ("heads", "blk", "batch")
 
-    def entry(*refs):
-        pl.run_scoped(lambda *scoped: kernel(*refs, scoped), tuple(scratch), tuple(barriers))
+        def entry(*refs):
+            pl.run_scoped(lambda *scoped: kernel(*refs, scoped), tuple(scratch), tuple(barriers))
+    else:
+        rows, counts = _sched(*persistent, H, scratch)
+        grid, names, inputs = counts.shape, ("cta",), (rows, counts, *inputs)
+
+        def entry(rows_ref, counts_ref, *refs):
+            def run(smem, bars):
+                kernel(*refs, (smem[1:], bars[1:]), sched=(rows_ref, counts_ref, smem[0], bars[0]))
+
+            pl.run_scoped(run, (plgpu.SMEM(rows.shape[1:], jnp.int32), *scratch),
+                          (plgpu.Barrier(num_barriers=1), *barriers))
 
     entry.__name__ = "attn" + kernel.func.__name__.removesuffix("_kernel")
     return plgpu.kernel(entry, out_type=out_type, grid=grid, grid_names=names,
@@ -794,11 +802,9 @@ def _forward(q, kv, first_f, visits, *, form, scale, depth, persistent, interpre
     if "fwd" in persistent.kernels:   # q in two buffers, O and lse staged in their own smem
         own = [tile((2, BLOCK, w), dtype) for w in form.widths] + [vec((2, BLOCK))]
         stages = [tile((BLOCK, dv), dtype), vec((BLOCK,))]
-        rows, counts, sched_smem = _sched(persistent, visits, H, own + ring + stages)
         return _call(functools.partial(_fwd_persistent_kernel, form=form, depth=depth, scale=scale, ops=ops),
-                     [sched_smem] + own + ring + stages,
-                     (plgpu.Barrier(num_barriers=1),) + (plgpu.Barrier(num_barriers=2),) * (P + 1) + ring_bars,
-                     out_type, counts.shape, (rows, counts, first_f, *q, *kv), interpret)
+                     own + ring + stages, (plgpu.Barrier(num_barriers=2),) * (P + 1) + ring_bars, out_type, (B, H, nb),
+                     (first_f, *q, *kv), interpret, persistent=(persistent, visits))
     # The ring's first slot stages O once drained (`_fwd_kernel`).
     return _call(functools.partial(_fwd_kernel, form=form, depth=depth, scale=scale, ops=ops),
                  [tile((BLOCK, w), dtype) for w in form.widths] + [vec((BLOCK,))] + ring + [vec((BLOCK,))],
@@ -831,12 +837,10 @@ def _backward(q, kv, first_f, o, lse, do, kv_visits, q_visits, *, form, scale, d
     if "dkv" in persistent.kernels:   # each key block's operands in one of OWN_BUFFERS buffers
         nbuf = OWN_BUFFERS
         own = [tile((nbuf, BLOCK, w), dtype) for w in form.widths] + [tile((nbuf, BLOCK, dv), dtype), vec((nbuf, BLOCK))]
-        rows, counts, sched_smem = _sched(persistent, q_visits, H, own + ring)
         dkv = _call(functools.partial(_dkv_persistent_kernel, form=form, depth=d_kv, scale=scale, ops=ops,
                                       ds_out=ds_out),
-                    [sched_smem] + own + ring,
-                    (plgpu.Barrier(num_barriers=1),) + (plgpu.Barrier(num_barriers=nbuf),) * (P + 2) + ring_bars,
-                    tuple(dkv_type + ds_type), counts.shape, (rows, counts, *ins), interpret)
+                    own + ring, (plgpu.Barrier(num_barriers=nbuf),) * (P + 2) + ring_bars, tuple(dkv_type + ds_type),
+                    (B, H, nb), ins, interpret, persistent=(persistent, q_visits))
     else:
         dkv = _call(functools.partial(_dkv_kernel, form=form, depth=d_kv, scale=scale, ops=ops, ds_out=ds_out),
                     [tile((BLOCK, w), dtype) for w in form.widths] + [tile((BLOCK, dv), dtype), vec((BLOCK,))] + ring,
@@ -849,10 +853,9 @@ def _backward(q, kv, first_f, o, lse, do, kv_visits, q_visits, *, form, scale, d
         ring_bars = (plgpu.Barrier(num_barriers=d),) * (P + 1)
         if "dq" in persistent.kernels:   # dq staged in its own smem
             stages = [tile((BLOCK, w), dtype) for w in form.widths]
-            rows, counts, sched_smem = _sched(persistent, kv_visits, H, ring + stages)
             dq = _call(functools.partial(_dq_ds_persistent_kernel, form=form, depth=d, scale=scale, ops=ops),
-                       [sched_smem] + ring + stages, (plgpu.Barrier(num_barriers=1),) + ring_bars, dq_type,
-                       counts.shape, (rows, counts, ds, *kv), interpret)
+                       ring + stages, ring_bars, dq_type, (B, H, nb), (ds, *kv), interpret,
+                       persistent=(persistent, kv_visits))
         else:   # dq staged in the drained ring's first slots (`_dq_ds_kernel`)
             dq = _call(functools.partial(_dq_ds_kernel, form=form, depth=d, scale=scale, ops=ops), ring, ring_bars,
                        dq_type, (B, H, nb), (kv_visits, ds, *kv), interpret)
@@ -964,14 +967,13 @@ def _smem_bytes(scratch) -> int:
 
 
 def _sched(persistent: _Persistent, visits, heads: int, scratch):
-    """(rows, counts, the schedule's smem) of a persistent kernel whose other buffers are `scratch`: as many CTAs as
-    fit on the SMs (at least enough that none holds over MAX_ITEMS items), or PERSISTENT_CTAS."""
+    """`_schedule`'s (rows, counts) for a persistent kernel whose other buffers are `scratch`: as many CTAs as fit on
+    the SMs (at least enough that none holds over MAX_ITEMS items), or PERSISTENT_CTAS."""
     _, B, nb = visits.shape
     ctas = persistent.ctas
     if ctas is None:
         ctas = persistent.sms * max(1, _SM_SMEM // (_smem_bytes(scratch) + 4096 + 1024))  # + schedule, barriers, reserve
-    rows, counts = _schedule(visits, heads, max(ctas, -(-B * heads * nb // MAX_ITEMS)))
-    return rows, counts, plgpu.SMEM(rows.shape[1:], jnp.int32)
+    return _schedule(visits, heads, max(ctas, -(-B * heads * nb // MAX_ITEMS)))
 
 
 def _check_depths(depths, first_bt, q_bthk):
