@@ -1,10 +1,11 @@
-"""Benchmark the MoE expert grouped matmuls: ours (`pallas`), JAX's example kernel (`jax_mgpu`), XLA `ragged_dot`.
+"""Benchmark the MoE expert grouped matmuls: ours (`pallas`), JAX's example kernel (`jax_mgpu`), tokamax's (`tokamax`,
+where it is installed: Python >= 3.12), XLA `ragged_dot`.
 
 For every case (config, projection, tokens per expert, load) and implementation it times the forward and the
 forward+backward (backward = difference), and reports TFLOP/s, the ratio to a batched einsum of equal FLOPs on
 equal groups (the upper bound), and for <= 64 tokens per expert the ratio to the bytes/bandwidth floor (weights +
-activations over the measured device-copy bandwidth). Our outputs are checked against the einsum (balanced loads)
-or a padded einsum (skewed loads) before they are timed.
+activations over the measured device-copy bandwidth). The kernels' outputs (ours and the peers') are checked against
+the einsum (balanced loads) or a padded einsum (skewed loads) before they are timed.
 
     python experiments/bench_moe_gemm.py --out experiments/bench_moe_gemm.json [--quick] [--sweep] [--budget-s S]
 
@@ -138,6 +139,10 @@ def fwd_bwd_fn(f):
     return run
 
 
+# Implementations whose outputs are not checked before they are timed: the bound itself and XLA's.
+UNCHECKED = ("einsum", "ragged_dot", "reference")
+
+
 def check_suffix(impl: str) -> str:
     """Row keys of an impl's correctness check: check_rel_err for pallas, check_rel_err_pallas_chain, ..."""
     return "" if impl == "pallas" else "_" + impl
@@ -158,7 +163,7 @@ def run_case(cfg, proj, t, load, impls, bw_gbs, results, check=True):
     row = dict(config=cfg, proj=proj, K=k, N=n, G=g, tokens_per_expert=t, load=load, M=m,
                max_group=int(sizes_np.max()), empty_groups=int((sizes_np == 0).sum()), impls={})
 
-    for ours in [i for i in impls if i.startswith("pallas")] if check else []:
+    for ours in [i for i in impls if i not in UNCHECKED] if check else []:
         key = check_suffix(ours)
         try:
             got = jax.jit(fwd_bwd_fn(gmm_fn(ours, sizes)))(x, w, dy)
@@ -235,7 +240,7 @@ def format_table(results):
 
             lines.append(f"{case:34} {impl:12} {col('fwd_ms', 'bytes_floor_fwd_ms', 'fwd_tflops')} | "
                          f"{col('bwd_ms', 'bytes_floor_bwd_ms', 'bwd_tflops')} | "
-                         f"{chk if impl.startswith('pallas') else rec.get('error', rec.get('bwd_skipped', ''))[:60]}")
+                         f"{chk if impl not in UNCHECKED else rec.get('error', rec.get('bwd_skipped', ''))[:60]}")
     lines.append("/ein: batched-einsum time / this time (1.00 = at the bound); /floor: this time / bytes-over-bandwidth "
                  "floor (T <= 64 only); bwd = (fwd+bwd) - fwd")
     return "\n".join(lines)
@@ -437,29 +442,45 @@ def rows_ab(proj, t, variants, rounds=2):
     return out
 
 
-def pick_jax_mgpu_config():
-    """The example kernel has no autotuner: time a few of its configs (LongCat gate/up forward, T=512) and keep
-    the fastest for every case, so the peer is not judged on one arbitrary config."""
-    from lcflash.kernels.gmm import jax_mgpu
+# Configs the peers are timed in before the cases (--pick-jax-mgpu, --pick-tokamax). JAX's example has no autotuner;
+# tokamax's cache holds no entry for these shapes, so it would run its heuristics (None: 64 x 64 tiles, 2 stages).
+# The tokamax ones are the persistent and plain configs its H100 cache picked for DeepSeek's expert shapes.
+PEER_CONFIGS = {
+    "jax_mgpu": [dict(block_m=bm, block_n=bn, block_k=64, max_concurrent_steps=steps, grid_block_n=gbn)
+                 for bm, bn, steps, gbn in ((128, 128, 4, 1), (128, 128, 4, 8), (64, 128, 5, 1), (128, 64, 6, 4))],
+    "tokamax": [None] + [dict(block_m=128, block_n=64, block_k=128, num_stages=stages, split_k=1, persistent=pers,
+                              grid_minor_dim=minor, grid_tile_width=width)
+                         for stages, pers, minor, width in ((4, True, 1, 8), (4, True, 1, 4), (2, False, 0, 1))],
+}
 
+
+def _peer_module(impl):
+    from lcflash.kernels.gmm import jax_mgpu, tokamax_gmm
+
+    return {"jax_mgpu": (jax_mgpu, "FWD_CONFIG"), "tokamax": (tokamax_gmm, "CONFIG")}[impl]
+
+
+def pick_peer_config(impl):
+    """Times the peer's PEER_CONFIGS (LongCat gate/up forward, T=512) and keeps the fastest for every case, so the
+    peer is not judged on one arbitrary config."""
+    module, attr = _peer_module(impl)
     k, n, g = SHAPES[("longcat", "gate_up")]
     m = g * 512
     x = jax.random.normal(jax.random.key(0), (m, k), jnp.bfloat16)
     w = (jax.random.normal(jax.random.key(1), (g, k, n), jnp.float32) / np.sqrt(k)).astype(jnp.bfloat16)
     sizes = jnp.full((g,), 512, jnp.int32)
     tried = []
-    for bm, bn, steps, gbn in ((128, 128, 4, 1), (128, 128, 4, 8), (64, 128, 5, 1), (128, 64, 6, 4)):
-        cfg = dict(block_m=bm, block_n=bn, block_k=64, max_concurrent_steps=steps, grid_block_n=gbn)
-        jax_mgpu.FWD_CONFIG = cfg
+    for cfg in PEER_CONFIGS[impl]:
+        setattr(module, attr, cfg)
         try:
-            ms = time_ms(jax.jit(lambda a, b: api.gmm(a, b, sizes, impl="jax_mgpu")), (x, w), repeats=3)[0]
+            ms = time_ms(jax.jit(lambda a, b: api.gmm(a, b, sizes, impl=impl)), (x, w), repeats=3)[0]
         except Exception as e:  # noqa: BLE001
             ms = float("inf")
-            print("jax_mgpu config", cfg, "failed:", str(e)[:200], flush=True)
+            print(impl, "config", cfg, "failed:", str(e)[:200], flush=True)
         tried.append(dict(config=cfg, fwd_ms=ms))
-        print("jax_mgpu config", cfg, ms, flush=True)
+        print(impl, "config", cfg, ms, flush=True)
     best = min(tried, key=lambda r: r["fwd_ms"])
-    jax_mgpu.FWD_CONFIG = best["config"]
+    setattr(module, attr, best["config"])
     return dict(tried=tried, chosen=best["config"])
 
 
@@ -687,6 +708,7 @@ def main():
                     help="only the rows kernel at LongCat T=512: flat pipeline variants (ROWS_VARIANTS), the first "
                          "the baseline, e.g. flat,overlap")
     ap.add_argument("--pick-jax-mgpu", action="store_true", help="time four configs of the example kernel first")
+    ap.add_argument("--pick-tokamax", action="store_true", help="time tokamax's heuristics and three configs first")
     args = ap.parse_args()
     ffn_names = [n for n in args.ffn_kernel_names.split(",") if n] or list(FFN_KERNELS)
     if set(ffn_names) - set(FFN_KERNELS):
@@ -714,9 +736,12 @@ def main():
             save()
         return
     impls = "pallas,pallas_chain,einsum".split(",") if args.chain_ab else args.impls.split(",")
-    if "jax_mgpu" in impls and args.pick_jax_mgpu:
-        report["jax_mgpu_config"] = pick_jax_mgpu_config()
-        save()
+    for peer, pick in (("jax_mgpu", args.pick_jax_mgpu), ("tokamax", args.pick_tokamax)):
+        if peer in impls and pick:
+            report[peer + "_config"] = pick_peer_config(peer)
+            save()
+    if "tokamax" in impls:
+        report["meta"]["tokamax"] = __import__("tokamax").__version__
     report["swiglu"] = []
     if args.swiglu_only:
         report["swiglu"] = swiglu_cases([512])

@@ -21,7 +21,8 @@ Implementations:
   jax_mgpu    JAX's example kernels (jax.experimental.pallas.ops.gpu.ragged_dot_mgpu), GPU only; the peer.
   auto        pallas_chain on a Hopper GPU for operands it takes (bf16/fp16, K and N multiples of 128), else
               ragged_dot (chosen per call).
-  tokamax     not registered: no tokamax release runs on the supported JAX (0.0.12 fails on JAX 0.11.2).
+  tokamax     tokamax's ragged_dot (its Mosaic GPU kernels and VJP; lcflash/kernels/gmm/tokamax_gmm.py), GPU only,
+              where tokamax is installed (>= 0.0.17: Python >= 3.12, JAX >= 0.11.1); the ecosystem's peer.
 """
 
 import functools
@@ -48,6 +49,12 @@ def _jax_mgpu_gmm(lhs_mk, rhs_gkn, group_sizes_g, preferred_element_type=None):
     return jax_mgpu.gmm(lhs_mk, rhs_gkn, group_sizes_g, preferred_element_type=preferred_element_type)
 
 
+def _tokamax_gmm(lhs_mk, rhs_gkn, group_sizes_g, preferred_element_type=None):
+    from lcflash.kernels.gmm import tokamax_gmm
+
+    return tokamax_gmm.gmm(lhs_mk, rhs_gkn, group_sizes_g, preferred_element_type=preferred_element_type)
+
+
 def _pallas_gmm_swiglu(x_mk, w_gate_gkn, w_up_gkn, group_sizes_g, chain=False):
     from lcflash.kernels.gmm import pallas_gmm
 
@@ -66,6 +73,7 @@ IMPLEMENTATIONS = {
     "pallas": _pallas_gmm,
     "pallas_chain": functools.partial(_pallas_gmm, chain=True),
     "jax_mgpu": _jax_mgpu_gmm,
+    "tokamax": _tokamax_gmm,
 }
 
 # Implementations that can leave the rows past the groups unwritten (gmm's zero_tail=False).
@@ -91,11 +99,6 @@ SWIGLU_EPILOGUE = True
 # it off for A/B runs (experiments/bench_train.py --no_swiglu_grad_epilogue).
 SWIGLU_GRAD_EPILOGUE = True
 
-_NOT_AVAILABLE = {
-    "tokamax": "no tokamax release runs on the supported JAX (tokamax 0.0.12 fails on JAX 0.11.2); "
-               "use 'pallas' or 'jax_mgpu'",
-}
-
 
 def auto_impl(lhs_mk, rhs_gkn, backend: str | None = None, compute_capability: str | None = None) -> str:
     """"auto": our kernels on a Hopper GPU for the operands they take (pallas_gmm.supports: bf16/fp16, K and N
@@ -111,8 +114,13 @@ def _resolve(impl: str, lhs_mk, rhs_gkn) -> str:
     impl = os.environ.get("LCFLASH_GMM_IMPL", impl)
     if impl == "auto":
         impl = auto_impl(lhs_mk, rhs_gkn)
-    if impl in _NOT_AVAILABLE:
-        raise ValueError(f"gmm impl {impl!r} is not available: {_NOT_AVAILABLE[impl]}")
+    if impl == "tokamax":   # optional: say what to install before anything is traced
+        from lcflash.kernels.gmm import tokamax_gmm
+
+        try:
+            tokamax_gmm.load()
+        except ImportError as e:
+            raise ValueError(f"{e}; or use 'pallas_chain' or 'jax_mgpu'") from None
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"gmm impl {impl!r} is not available here; available: {sorted(IMPLEMENTATIONS)}")
     return impl

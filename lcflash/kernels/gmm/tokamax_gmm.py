@@ -1,0 +1,80 @@
+"""The ecosystem's peer: tokamax's `ragged_dot` behind `gmm` (on Hopper, its Pallas Mosaic GPU kernels; its own VJP).
+
+tokamax is optional and imported on first use. Its releases since 0.0.13 need Python >= 3.12, and 0.0.17 JAX >=
+0.11.1: the GPU image's, not the CPU machines' (0.0.12, the last for Python 3.11, fails on JAX 0.11.2). The GPU
+calls carry it as wheels (experiments/gmm_notes.md, session 34).
+
+Its kernel leaves the output rows past sum(group_sizes) unwritten, and so does its d_lhs product: `gmm` zeroes both,
+as it does for JAX's example kernel (`jax_mgpu`).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# tokamax's implementation: "mosaic" (its Mosaic GPU kernels; GPU only) or "xla" (its XLA path, which the CPU test
+# uses to check this wrapper where tokamax is installed).
+IMPLEMENTATION = "mosaic"
+# None: tokamax's own choice (its autotuning cache where it holds the shape, else its heuristics: 64 x 64 tiles, 2
+# stages on Hopper). A dict: the forward kernel's `Config` fields (the backward products keep tokamax's choice), as
+# experiments/bench_moe_gemm.py --pick_tokamax picks them. Read at trace time.
+CONFIG: dict | None = None
+# The release measured on the GPU image (JAX 0.11.2).
+TESTED_VERSION = "0.0.17"
+
+
+def load():
+    """The tokamax module, or an ImportError that says what to install."""
+    try:
+        import tokamax
+    except ImportError as e:
+        raise ImportError(
+            f"gmm impl 'tokamax' needs the tokamax package (tokamax>={TESTED_VERSION}: Python >= 3.12, JAX >= 0.11.1); "
+            f"import failed: {e}") from e
+    return tokamax
+
+
+def _implementation():
+    if CONFIG is None or IMPLEMENTATION != "mosaic":
+        return IMPLEMENTATION
+    from tokamax._src.ops.ragged_dot import pallas_mosaic_gpu
+
+    return [pallas_mosaic_gpu.PallasMosaicGpuRaggedDot(config=pallas_mosaic_gpu.Config(**CONFIG))]
+
+
+def _rows_valid(m: int, group_sizes_g):
+    return (jnp.arange(m) < jnp.sum(group_sizes_g))[:, None]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _gmm(lhs_mk, rhs_gkn, group_sizes_g, out_dtype):
+    return _gmm_fwd(lhs_mk, rhs_gkn, group_sizes_g, out_dtype)[0]
+
+
+def _gmm_fwd(lhs_mk, rhs_gkn, group_sizes_g, out_dtype):
+    tokamax = load()
+    out, vjp = jax.vjp(lambda a, b: tokamax.ragged_dot(a, b, group_sizes_g, preferred_element_type=out_dtype,
+                                                       implementation=_implementation()), lhs_mk, rhs_gkn)
+    valid = _rows_valid(lhs_mk.shape[0], group_sizes_g)
+    return jnp.where(valid, out, 0), (vjp, valid, group_sizes_g)
+
+
+def _gmm_bwd(out_dtype, res, dout_mn):
+    vjp, valid, group_sizes_g = res
+    d_lhs, d_rhs = vjp(dout_mn.astype(out_dtype))
+    return jnp.where(valid, d_lhs, 0), d_rhs, np.zeros(group_sizes_g.shape, jax.dtypes.float0)
+
+
+_gmm.defvjp(_gmm_fwd, _gmm_bwd)
+
+
+def gmm(lhs_mk, rhs_gkn, group_sizes_g, preferred_element_type=None):
+    load()
+    if IMPLEMENTATION == "mosaic" and jax.default_backend() != "gpu":
+        raise RuntimeError("gmm impl 'tokamax' runs its Mosaic GPU kernels on a GPU only")
+    if lhs_mk.dtype != rhs_gkn.dtype:
+        raise TypeError(f"tokamax gmm: lhs {lhs_mk.dtype} and rhs {rhs_gkn.dtype} must have the same dtype")
+    out_dtype = jnp.dtype(preferred_element_type or lhs_mk.dtype)
+    return _gmm(lhs_mk, rhs_gkn, group_sizes_g.astype(jnp.int32), out_dtype)
