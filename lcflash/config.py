@@ -18,7 +18,7 @@ ROPE_TYPES = ("default", "yarn")
 GMM_IMPLS = ("ragged_dot", "reference", "pallas", "pallas_chain", "jax_mgpu", "tokamax", "auto")
 # Attention form for calls that read a KV cache (see lcflash/model/mla.py); calls without a cache are expanded.
 ATTN_IMPLS = ("expanded", "absorbed", "pallas")
-TRAIN_ATTN_IMPLS = ("xla", "cudnn", "pallas", "auto", "dpa_xla")
+TRAIN_ATTN_IMPLS = ("xla", "cudnn", "pallas", "auto", "dpa_xla", "tokamax")
 REMAT_POLICIES = ("nothing", "kernels", "dots")
 # Activations a rematerialised layer can keep besides what its policy keeps (ModelConfig.remat_keep): the names
 # lcflash/model binds with checkpoint_name.

@@ -5,12 +5,15 @@ CPU: the XLA implementations in fp32 and bf16, and our Pallas Mosaic GPU kernels
 transposed by XLA, see pallas_gmm). GPU: the compiled kernels, ours and JAX's example (`jax_mgpu`).
 """
 
+import importlib.util
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from lcflash.kernels.gmm import api, reference
+from numerics import needs_tokamax
 
 ON_GPU = jax.default_backend() == "gpu"
 gpu_only = pytest.mark.skipif(not ON_GPU, reason="needs a GPU (Mosaic GPU kernels)")
@@ -90,20 +93,9 @@ def test_swiglu_composition_and_its_gradient_formula():
     assert _rel(got[0], want[0]) < FP32_TOL and _rel(got[1], want[1]) < FP32_TOL
 
 
-def _has_tokamax() -> bool:
-    try:
-        import tokamax  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-needs_tokamax = pytest.mark.skipif(not _has_tokamax(), reason="tokamax is not installed (needs Python >= 3.12)")
-
-
 def test_unavailable_impls_fail_clearly():
     x, w, _, s = _inputs(3, 8, 128, 128, [8], jnp.float32)
-    if not _has_tokamax():   # the optional peer names what to install, before tracing
+    if importlib.util.find_spec("tokamax") is None:   # the optional peer names what to install, before tracing
         with pytest.raises(ValueError, match="tokamax>="):
             api.gmm(x, w, s, impl="tokamax")
     with pytest.raises(ValueError, match="available"):

@@ -10,7 +10,7 @@ from flax import nnx
 from lcflash.config import ConfigError, load_config, model_config
 from lcflash.model.mla import LatentKV, expanded_attention
 from lcflash.model.transformer import causal_mask
-from numerics import random_model, rel
+from numerics import needs_tokamax, random_model, rel
 
 ON_GPU = jax.default_backend() == "gpu"
 
@@ -86,7 +86,8 @@ def _attention_and_grads(impl, dtype, mask_kind="given", **case):
 
 
 @pytest.mark.skipif(not ON_GPU, reason="cuDNN attention and the Mosaic GPU kernels need a GPU")
-@pytest.mark.parametrize("impl", ["cudnn", "pallas", "pallas_masked", "pallas_dq_recompute", "pallas_persistent"])
+@pytest.mark.parametrize("impl", ["cudnn", "pallas", "pallas_masked", "pallas_dq_recompute", "pallas_persistent",
+                                  pytest.param("tokamax", marks=needs_tokamax)])
 def test_fused_attention_matches_fp32_as_closely_as_xla_bf16(impl, monkeypatch):
     """In bf16, cuDNN's (or our kernels') output and input gradients err against the fp32 attention (matmul
     precision 'highest') by no more than twice the XLA bf16 path's own error, for every mask kind (packed
@@ -94,7 +95,7 @@ def test_fused_attention_matches_fp32_as_closely_as_xla_bf16(impl, monkeypatch):
     take only the causal kinds). (At the attention itself: a whole bf16 MoE model flips routing choices, which
     swamps the comparison.) pallas_masked: the kernels mask also the whole blocks next to the diagonal;
     pallas_dq_recompute: the dq kernel recomputes dS instead of reading the dk/dv kernel's; pallas_persistent: the
-    three kernels as persistent CTAs."""
+    three kernels as persistent CTAs; tokamax: the peer's kernels."""
     if impl.startswith("pallas"):
         from lcflash.kernels.doc_attention import pallas_mgpu
         monkeypatch.setattr(pallas_mgpu, "UNMASKED_RUNS", impl != "pallas_masked")
@@ -108,12 +109,47 @@ def test_fused_attention_matches_fp32_as_closely_as_xla_bf16(impl, monkeypatch):
         ref = [rel(o, o32)] + [rel(a, b) for a, b in zip(g, g32)]
         assert max(ref) < 2e-2, ref    # the bf16 reference itself is sane
         for kind in kinds:
-            if impl == "pallas" and kind == "given":
+            if impl in ("pallas", "tokamax") and kind == "given":
                 continue
             o, g = _attention_and_grads(impl, jnp.bfloat16, kind)
             errs = [rel(o, o32)] + [rel(a, b) for a, b in zip(g, g32)]
             for k in range(len(ref)):
                 assert errs[k] <= 2 * ref[k], (kind, k, errs, ref)
+
+
+@needs_tokamax
+@pytest.mark.parametrize("mask_kind", ["causal_docs", "causal"])
+def test_tokamax_path_equals_expanded_attention_fp32(monkeypatch, mask_kind):
+    """The peer's plumbing (per-head keys, the documents as each row's first visible key, its custom VJP) on its XLA
+    path: the expanded attention's output and gradients to fp32 rounding."""
+    from lcflash.kernels.doc_attention import tokamax_attention
+
+    monkeypatch.setattr(tokamax_attention, "IMPLEMENTATION", "xla")
+    o, g = _attention_and_grads("tokamax", jnp.float32, mask_kind)
+    o_ref, g_ref = _attention_and_grads("xla", jnp.float32, "given" if mask_kind == "causal_docs" else mask_kind)
+    assert rel(o, o_ref) < 1e-5
+    for a, b in zip(g, g_ref):
+        assert rel(a, b) < 1e-5
+
+
+@needs_tokamax
+def test_tokamax_forward_runs_once_under_the_kernels_remat_policy(monkeypatch):
+    """Its residuals are named for the "kernels" policy: a rematerialised layer's backward does not run its forward
+    again (counted as the softmax's exponentials in the gradient's jaxpr)."""
+    from lcflash.kernels.doc_attention import tokamax_attention
+    from lcflash.model.common import keep_kernel_outputs
+
+    monkeypatch.setattr(tokamax_attention, "IMPLEMENTATION", "xla")
+    args, mask, dn = _attention_case(jnp.float32, B=1, T=64, H=2)
+
+    def loss(*a):
+        return jnp.sum(expanded_attention(*a, mask, 0.07, dn, "tokamax", "causal_docs") ** 2)
+
+    def exps(f):
+        return str(jax.make_jaxpr(jax.grad(f, argnums=(0, 1, 2, 3)))(*args)).count(" exp ")
+
+    assert exps(jax.checkpoint(loss, policy=keep_kernel_outputs)) == exps(loss) > 0
+    assert exps(jax.checkpoint(loss, policy=jax.checkpoint_policies.nothing_saveable)) > exps(loss)
 
 
 @pytest.mark.skipif(ON_GPU, reason="Pallas' GPU interpreter, for CPU runs (on a GPU: the test above)")

@@ -26,6 +26,21 @@ def interpret_params(interpret: bool):
     return InterpretGPUParams()
 
 
+# The tokamax release measured as a peer on the GPU image (JAX 0.11.2); its releases since 0.0.13 need Python >= 3.12.
+TOKAMAX_VERSION = "0.0.17"
+
+
+def load_tokamax(what: str):
+    """The tokamax module, or an ImportError naming `what` needs it and what to install. Optional: the peers'
+    wrappers (gmm/tokamax_gmm.py, doc_attention/tokamax_attention.py) import it on first use."""
+    try:
+        import tokamax
+    except ImportError as e:
+        raise ImportError(f"{what} needs the tokamax package (tokamax>={TOKAMAX_VERSION}: Python >= 3.12, JAX >= "
+                          f"0.11.1); import failed: {e}") from e
+    return tokamax
+
+
 def accumulation_dtype(dtype):
     """fp32 for bf16/fp16/fp32 operands; a wider dtype stays (float64 in the x64 tests)."""
     return jnp.promote_types(dtype, jnp.float32)

@@ -61,7 +61,7 @@ def expanded_attention(q_nope_bthk, q_pe_bthd, kv: LatentKV, w_kv_b_rhk, mask_bt
     kv_bshk = jnp.einsum("bsr,rhk->bshk", kv.c_bsr.astype(dtype), w_kv_b_rhk.astype(dtype))
     if impl != "xla":
         return fused_attention(q_nope_bthk, q_pe_bthd, kv_bshk, kv.kpe_bsd.astype(dtype), mask_bts, scale,
-                               impl if impl in ("cudnn", "pallas", "auto") else "xla", mask_kind)
+                               impl if impl in ("cudnn", "pallas", "tokamax", "auto") else "xla", mask_kind)
     k_nope_bshk, v_bshv = kv_bshk[..., :qk_nope_dim], kv_bshk[..., qk_nope_dim:]
     logits_bhts = (
         jnp.einsum("bthk,bshk->bhts", q_nope_bthk, k_nope_bshk, preferred_element_type=jnp.float32)
@@ -156,6 +156,11 @@ def fused_attention(q_nope_bthk, q_pe_bthd, kv_bshk, kpe_bsd, mask_bts, scale, i
     k_bshk, v_bshv = per_head_keys(kv_bshk[..., :nope], kpe_bsd), kv_bshk[..., nope:]
     if implementation == "pallas":
         return _pallas_attention(q_bthk, (k_bshk, v_bshv), mask_bts, scale, mask_kind)
+    if implementation == "tokamax":
+        from lcflash.kernels.doc_attention import tokamax_attention
+
+        return tokamax_attention.doc_attention(q_bthk, k_bshk, v_bshv, _first_keys("tokamax", mask_bts, mask_kind),
+                                               scale=scale)
     mask_b1ts = None if mask_kind == "causal" else mask_bts[:, None]
     if implementation == "cudnn":
         if jax.default_backend() != "gpu":
@@ -174,25 +179,33 @@ def _pallas_attention(q_bthk, operands, mask_bts, scale, mask_kind, mla_form: bo
     (k, v), or with mla_form (kv = [k_nope | v], the shared rope key; q may then be the pair (q_nope, q_rope)).
     Pallas' GPU interpreter runs them on other backends (tests)."""
     from lcflash.kernels.doc_attention.pallas_mgpu import doc_attention, mla_doc_attention
-    from lcflash.kernels.doc_attention.reference import first_visible
 
-    if mask_kind == "given":
-        raise ValueError("train_attn_impl 'pallas' takes causal masks (mask kinds 'causal', 'causal_docs'), not "
-                         "an arbitrary mask; use 'cudnn' or 'xla'")
-    if multi_device():
-        raise ValueError("train_attn_impl 'pallas' runs on one device (its kernels have no sharding rule yet); "
-                         "use 'cudnn' or 'auto' on a multi-device mesh")
-    B, T = (q_bthk[0] if isinstance(q_bthk, tuple) else q_bthk).shape[:2]
-    if mask_kind == "causal":
-        first_bt = jnp.zeros((B, T), jnp.int32)
-    else:  # 4 bytes a token, kept like the kernels' outputs: else each layer's backward argmaxes the [B, T, T] mask
-        first_bt = checkpoint_name(first_visible(mask_bts), KERNEL_OUTPUT)
+    first_bt = _first_keys("pallas", mask_bts, mask_kind)
+    if first_bt is None:   # plainly causal: every row's first visible key is key 0
+        first_bt = jnp.zeros((q_bthk[0] if isinstance(q_bthk, tuple) else q_bthk).shape[:2], jnp.int32)
     interpret = jax.default_backend() != "gpu"
     a, b = operands
     if mla_form:
         return mla_doc_attention(q_bthk, a, b, first_bt, scale=scale, nope_dim=_nope_dim(q_bthk, b),
                                  interpret=interpret)
     return doc_attention(q_bthk, a, b, first_bt, scale=scale, interpret=interpret)
+
+
+def _first_keys(impl: str, mask_bts, mask_kind: str):
+    """The first visible key of each row [B, T] that the block-skipping kernels (ours, tokamax's) rebuild the mask
+    from; None for a plainly causal mask. They take causal kinds only, on one device."""
+    from lcflash.kernels.doc_attention.reference import first_visible
+
+    if mask_kind == "given":
+        raise ValueError(f"train_attn_impl {impl!r} takes causal masks (mask kinds 'causal', 'causal_docs'), not "
+                         "an arbitrary mask; use 'cudnn' or 'xla'")
+    if multi_device():
+        raise ValueError(f"train_attn_impl {impl!r} runs on one device (its kernels have no sharding rule here); "
+                         "use 'cudnn' or 'auto' on a multi-device mesh")
+    if mask_kind == "causal":
+        return None
+    # 4 bytes a token, kept like the kernels' outputs: else each layer's backward argmaxes the [B, T, T] mask
+    return checkpoint_name(first_visible(mask_bts), KERNEL_OUTPUT)
 
 
 def _cudnn_attention(q_bthk, k_bshk, v_bshv, mask_b1ts, scale, mask_kind):

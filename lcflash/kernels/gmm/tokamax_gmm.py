@@ -14,26 +14,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lcflash.kernels import load_tokamax
+
 # tokamax's implementation: "mosaic" (its Mosaic GPU kernels; GPU only) or "xla" (its XLA path, which the CPU test
 # uses to check this wrapper where tokamax is installed).
 IMPLEMENTATION = "mosaic"
 # None: tokamax's own choice (its autotuning cache where it holds the shape, else its heuristics: 64 x 64 tiles, 2
 # stages on Hopper). A dict: the forward kernel's `Config` fields (the backward products keep tokamax's choice), as
-# experiments/bench_moe_gemm.py --pick_tokamax picks them. Read at trace time.
+# experiments/bench_moe_gemm.py --pick-tokamax picks them. Read at trace time.
 CONFIG: dict | None = None
-# The release measured on the GPU image (JAX 0.11.2).
-TESTED_VERSION = "0.0.17"
 
 
 def load():
-    """The tokamax module, or an ImportError that says what to install."""
-    try:
-        import tokamax
-    except ImportError as e:
-        raise ImportError(
-            f"gmm impl 'tokamax' needs the tokamax package (tokamax>={TESTED_VERSION}: Python >= 3.12, JAX >= 0.11.1); "
-            f"import failed: {e}") from e
-    return tokamax
+    return load_tokamax("gmm impl 'tokamax'")
 
 
 def _implementation():
