@@ -26,7 +26,8 @@ def interpret_params(interpret: bool):
     return InterpretGPUParams()
 
 
-# The tokamax release measured as a peer on the GPU image (JAX 0.11.2); its releases since 0.0.13 need Python >= 3.12.
+# The tokamax release the peers' wrappers are written against, the first for JAX >= 0.11.1 (the GPU image's 0.11.2
+# runs it; 0.0.12 failed there); its releases since 0.0.13 need Python >= 3.12.
 TOKAMAX_VERSION = "0.0.17"
 
 
