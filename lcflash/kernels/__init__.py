@@ -26,8 +26,8 @@ def interpret_params(interpret: bool):
     return InterpretGPUParams()
 
 
-# The tokamax release the peers' wrappers are written against, the first for JAX >= 0.11.1 (the GPU image's 0.11.2
-# runs it; 0.0.12 failed there); its releases since 0.0.13 need Python >= 3.12.
+# The tokamax release the peers' wrappers were written and checked against (the newest, 2026-10; on JAX 0.11.2 on a
+# CPU). 0.0.12, the last for Python 3.11, failed on JAX 0.11.2; every release since 0.0.13 needs Python >= 3.12.
 TOKAMAX_VERSION = "0.0.17"
 
 
