@@ -541,6 +541,27 @@ def test_tokamax_wrapper_matches_reference(monkeypatch, dtype, tol):
     assert not np.asarray(got[0][59:], np.float32).any() and not np.asarray(got[1][59:], np.float32).any()
 
 
+@needs_tokamax
+def test_tokamax_forward_runs_once_under_a_kernel_outputs_policy(monkeypatch):
+    """Its output and residuals are named KERNEL_OUTPUT: under a policy that keeps only those names, the gradient
+    does not run its forward product again (counted as ragged dots in the jaxpr)."""
+    from lcflash.kernels import KERNEL_OUTPUT
+    from lcflash.kernels.gmm import tokamax_gmm
+
+    monkeypatch.setattr(tokamax_gmm, "IMPLEMENTATION", "xla")
+    lhs, rhs, _, sizes = _inputs(17, 40, 32, 24, [10, 0, 25], jnp.float32)
+
+    def loss(a, b):
+        return jnp.sum(jnp.sin(api.gmm(a, b, sizes, impl="tokamax")))
+
+    def ragged_dots(f):
+        return str(jax.make_jaxpr(jax.grad(f, argnums=(0, 1)))(lhs, rhs)).count("ragged_dot_general")
+
+    keep = jax.checkpoint_policies.save_only_these_names(KERNEL_OUTPUT)
+    assert ragged_dots(jax.checkpoint(loss, policy=keep)) == ragged_dots(loss) > 0
+    assert ragged_dots(jax.checkpoint(loss, policy=jax.checkpoint_policies.nothing_saveable)) > ragged_dots(loss)
+
+
 def test_pallas_gradients_inside_shard_map():
     """Expert-parallel training differentiates the kernel inside shard_map with expert-sharded weights: its
     cotangents must carry the weights' varying manual axes (this raised a custom_vjp type error on the GPU)."""

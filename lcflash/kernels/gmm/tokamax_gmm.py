@@ -5,7 +5,9 @@ tokamax is optional and imported on first use. Its releases since 0.0.13 need Py
 calls carry it as wheels (experiments/gmm_notes.md, session 34).
 
 Its kernel leaves the output rows past sum(group_sizes) unwritten, and so does its d_lhs product: `gmm` zeroes both,
-as it does for JAX's example kernel (`jax_mgpu`).
+as it does for JAX's example kernel (`jax_mgpu`). Its output and its VJP's residuals (the operands and the output) are
+named KERNEL_OUTPUT, so the "kernels" remat policy keeps them, as it keeps our kernels' outputs, instead of running
+its forward again in a rematerialised layer's backward.
 """
 
 import functools
@@ -14,7 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lcflash.kernels import load_tokamax
+from jax.ad_checkpoint import checkpoint_name
+
+from lcflash.kernels import KERNEL_OUTPUT, load_tokamax
 
 # tokamax's implementation: "mosaic" (its Mosaic GPU kernels; GPU only) or "xla" (its XLA path, which the CPU test
 # uses to check this wrapper where tokamax is installed).
@@ -51,7 +55,8 @@ def _gmm_fwd(lhs_mk, rhs_gkn, group_sizes_g, out_dtype):
     out, vjp = jax.vjp(lambda a, b: tokamax.ragged_dot(a, b, group_sizes_g, preferred_element_type=out_dtype,
                                                        implementation=_implementation()), lhs_mk, rhs_gkn)
     valid = _rows_valid(lhs_mk.shape[0], group_sizes_g)
-    return jnp.where(valid, out, 0), (vjp, valid, group_sizes_g)
+    keep = lambda x: checkpoint_name(x, KERNEL_OUTPUT)  # noqa: E731
+    return keep(jnp.where(valid, out, 0)), (jax.tree.map(keep, vjp), valid, group_sizes_g)
 
 
 def _gmm_bwd(out_dtype, res, dout_mn):
