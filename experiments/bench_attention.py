@@ -27,8 +27,9 @@ MLA's heads have qk 192 (nope 128 + rope 64) and v 128. The variants, all bf16 f
                  compute warpgroups in ping-pong, FA3's schedule), causal, v padded to 192, in float16 (its
                  buffers' type); the peer of pallas_causal (not the model's semantics)
   tokamax_docs : tokamax's Mosaic GPU flash attention (FA3's schedule; run only when named: tokamax needs Python
-                 >= 3.12) on per-head keys [k_nope | rope key] and v of 128, the documents as each row's first
-                 visible key (its `Mask(k_start=...)`: the blocks before it skipped); tokamax_causal: plainly causal
+                 >= 3.12), the model's `train_attn_impl="tokamax"` path (lcflash/kernels/doc_attention/
+                 tokamax_attention.py): per-head keys [k_nope | rope key] and v of 128, the documents as each row's
+                 first visible key (its `Mask(k_start=...)`: the blocks before it skipped); tokamax_causal: causal
   cudnn_mask   : the same with the segment mask (as a bias)
   cudnn_packed : the same with the documents as packed segments (q/kv offsets and lengths per row);
                  _padv with v zero-padded to 192 as well; _mM with M segment slots per row
@@ -107,10 +108,10 @@ def variants(seg_bt, max_segments):
             kw = dict(q_seqlen=lens_bm, kv_seqlen=lens_bm, q_offsets=offs_bm, kv_offsets=offs_bm)
         return fa.dot_product_attention(q, k, v, scale=SCALE, mask_type=fa.MaskType.CAUSAL, **kw)[..., :dv]
 
-    def pallas(q_nope, q_pe, k_nope, kpe, v, kind="causal_docs"):
+    def pallas(q_nope, q_pe, k_nope, kpe, v, kind="causal_docs", impl="pallas"):
         # kv = [k_nope | v] as the model's up projection gives it (the concatenate is timed too, here only)
         kv = jnp.concatenate([k_nope, v], axis=-1)
-        return mla.fused_attention(q_nope, q_pe, kv, kpe, mask_bts, SCALE, "pallas", kind)
+        return mla.fused_attention(q_nope, q_pe, kv, kpe, mask_bts, SCALE, impl, kind)
 
     def pallas_with(*args, module=pallas_mgpu, **switches):
         """pallas with module switches (of pallas_mgpu by default) set, read while the forward is traced."""
@@ -136,18 +137,9 @@ def variants(seg_bt, max_segments):
         o = am.attention(f16(q * SCALE), f16(k), f16(mla.pad_head(v, q.shape[-1])), cfg)  # it does not scale
         return o[..., :v.shape[-1]].astype(q.dtype)
 
-    def tokamax(q_nope, q_pe, k_nope, kpe, v, docs=True):
-        # tokamax's Mosaic GPU flash attention (FA3-style), called past its public API, which takes no per-row
-        # first key: its Mask(k_start=...) is the packed-documents mask with the blocks before k_start skipped
-        from lcflash.kernels.doc_attention.reference import first_visible
-        from tokamax._src.ops.attention import api as tk_api, base as tk_base
-        q, k = mla.fused_heads(q_nope, q_pe, k_nope, kpe)
-        mask = tk_base.Mask(k_start=first_visible(mask_bts)[:, None, :] if docs else None, is_causal=True)
-        return tk_api.IMPLEMENTATIONS[TOKAMAX_ATTENTION](q, k, v, mask=mask, logits_scale=SCALE)
-
     return {
-        "tokamax_docs": tokamax,
-        "tokamax_causal": functools.partial(tokamax, docs=False),
+        "tokamax_docs": functools.partial(pallas, impl="tokamax"),
+        "tokamax_causal": functools.partial(pallas, kind="causal", impl="tokamax"),
         "jax_mgpu_causal": jax_mgpu,
         "jax_mgpu_causal_b128": functools.partial(jax_mgpu, block=128),
         **{f"pallas_d{a}{b}{c}": functools.partial(pallas_depths, depths=(a, b, c))
@@ -174,8 +166,6 @@ def variants(seg_bt, max_segments):
 
 
 SCALE = 192 ** -0.5
-# tokamax's implementation for the tokamax_* variants: "mosaic_gpu" (its kernels), "xla" (a CPU check of the call)
-TOKAMAX_ATTENTION = "mosaic_gpu"
 # and every cudnn_packed_*, pallas_d*
 SAME_SEMANTICS = ("cudnn_docs", "dpa_mask", "cudnn_mask", "pallas", "pallas_masked", "pallas_dq_recompute",
                   "pallas_joined", "pallas_heads", "tokamax_docs")

@@ -353,8 +353,8 @@ def main():
         "env": {k: os.environ.get(k) for k in ("XLA_FLAGS", "XLA_PYTHON_CLIENT_MEM_FRACTION")},
         "versions": {"python": platform.python_version(), "jax": jax.__version__, "flax": flax.__version__,
                      "optax": optax.__version__,
-                     **({"tokamax": __import__("tokamax").__version__}
-                        if "tokamax" in args.gmm_impl.split(",") + [kv.split("=")[-1] for kv in args.set] else {})},
+                     **({"tokamax": __import__("tokamax").__version__} if "tokamax" in
+                        (*impls, base.get("moe.gmm_impl"), base.get("model.train_attn_impl")) else {})},
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": "python " + " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
         "flops_note": "model FLOPs: 6 x activated matmul params (measured FFN experts/token) + causal attention",

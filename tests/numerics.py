@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 # tokamax, the peers' package, is optional (Python >= 3.12): the tests of its wrappers skip without it.
-needs_tokamax = pytest.mark.skipif(importlib.util.find_spec("tokamax") is None,
-                                   reason="tokamax is not installed (needs Python >= 3.12)")
+HAS_TOKAMAX = importlib.util.find_spec("tokamax") is not None
+needs_tokamax = pytest.mark.skipif(not HAS_TOKAMAX, reason="tokamax is not installed (needs Python >= 3.12)")
 
 
 def rel(a, b) -> float:

@@ -5,15 +5,13 @@ CPU: the XLA implementations in fp32 and bf16, and our Pallas Mosaic GPU kernels
 transposed by XLA, see pallas_gmm). GPU: the compiled kernels, ours and JAX's example (`jax_mgpu`).
 """
 
-import importlib.util
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from lcflash.kernels.gmm import api, reference
-from numerics import needs_tokamax
+from numerics import HAS_TOKAMAX, needs_tokamax
 
 ON_GPU = jax.default_backend() == "gpu"
 gpu_only = pytest.mark.skipif(not ON_GPU, reason="needs a GPU (Mosaic GPU kernels)")
@@ -95,7 +93,7 @@ def test_swiglu_composition_and_its_gradient_formula():
 
 def test_unavailable_impls_fail_clearly():
     x, w, _, s = _inputs(3, 8, 128, 128, [8], jnp.float32)
-    if importlib.util.find_spec("tokamax") is None:   # the optional peer names what to install, before tracing
+    if not HAS_TOKAMAX:   # the optional peer names what to install, before tracing
         with pytest.raises(ValueError, match="tokamax>="):
             api.gmm(x, w, s, impl="tokamax")
     with pytest.raises(ValueError, match="available"):
