@@ -14,12 +14,14 @@ MoE forms, T tokens, top-12 of 128 FFN + 64 zero experts (random router), expert
 * gather:   each (token, slot) reads its expert's weights, multiply-reduce over D (current decode path).
 * gather_t: the same with expert weights stored [E, I, D] / [E, D, I] so both reductions are row reductions.
 * sorted:   the model's dropless path (sort slots by expert, grouped matmuls with `--gmm_impl`).
-Fixed costs of Mosaic GPU kernels (launch): a copy of x [8, 1024] bf16 by 4 and by 128 CTAs (each copying its slice
-through shared memory by TMA), the 128 CTAs with 200 KiB of shared memory each, and with a grid barrier (a GMEM
-semaphore, zeroed by XLA before each call) between their load and store. Every timed call also runs the timing
-loop's two small XLA kernels; compare the rows with each other.
-Each row: microseconds per call (best of 3 runs of --reps dependent calls inside one jit'ed fori_loop), and the
-floor.
+Fixed costs per kernel (launch): one small step on x [8, 1024] bf16, chained n times in one compiled program (one
+CUDA graph, as a decode step runs), timed at n = 64 and 256; the row is the slope per call, with the kernels per
+call counted in the optimised HLO. Steps: XLA's (a reduction and an add), the same in a one-iteration while loop,
+and Mosaic GPU kernels: x + 1 by plain global loads and stores (4 and 64 CTAs), a copy through shared memory by
+TMA (4 and 128 CTAs), the latter with 200 KiB of shared memory allocated and with a grid barrier (a GMEM semaphore zeroed by XLA
+before each call) between load and store.
+matvec and moe rows: microseconds per call (best of 3 runs of --reps dependent calls inside one jit'ed fori_loop),
+and the floor.
 """
 
 from __future__ import annotations
@@ -37,8 +39,6 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench_decode import measure_bandwidth  # noqa: E402  (experiments/ is on sys.path when run as a script)
-
 
 def main():
     ap = argparse.ArgumentParser()
@@ -51,6 +51,7 @@ def main():
 
     import jax
     import jax.numpy as jnp
+    from bench_decode import measure_bandwidth  # experiments/ is on sys.path when run as a script
 
     from lcflash.model.moe import routed_experts
     from lcflash.model.router import route
@@ -82,11 +83,12 @@ def main():
     def pad2(a):
         return jnp.concatenate([a, a[:1]], 0) if a.shape[0] == 1 else a
 
-    def row(kind, name, form, M, us, bytes_read):
+    def row(kind, name, form, M, us, bytes_read, **extra):
         floor = 1e6 * bytes_read / bw
-        rows.append(dict(kind=kind, shape=name, form=form, batch=M, us=us, floor_us=floor, of_floor=floor / us))
+        rows.append(dict(kind=kind, shape=name, form=form, batch=M, us=us, floor_us=floor, of_floor=floor / us,
+                         **extra))
         print(f"{kind:6s} {name:18s} {form:9s} M={M:2d} {us:8.2f} us  floor {floor:6.2f} us  "
-              f"{100 * floor / us:5.1f}%", flush=True)
+              f"{100 * floor / us:5.1f}%" + "".join(f"  {k} {v:g}" for k, v in extra.items()), flush=True)
 
     key = jax.random.key(1)
     shapes = {"mlp_gate_up": (1024, 4096), "mlp_down": (2048, 1024), "q_a": (1024, 256), "kv_a": (1024, 192),
@@ -149,7 +151,7 @@ def main():
                 print(f"moe {form} T={T} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
 
     if "launch" in sections:
-        launch_rows(jax, jnp, timed, row)
+        launch_rows(jax, jnp, row)
 
     out = {"device": f"{dev.platform}: {dev.device_kind}", "bandwidth_Bps": bw,
            "versions": {"python": platform.python_version(), "jax": jax.__version__},
@@ -160,41 +162,103 @@ def main():
             json.dump(out, f, indent=1)
 
 
-def launch_rows(jax, jnp, timed, row):
+CALLS = (64, 256)  # dependent calls per compiled program; the cost per call is the slope between the two
+
+
+def launch_forms(jax, jnp, gpu: bool):
+    """(name, step) pairs: each step is one small kernel (or loop) on x [8, 1024] bf16, returning x's shape."""
+    from jax import lax
+
+    def xla_step(v):  # a reduction and an add: XLA cannot fuse consecutive calls into one kernel
+        return v + jnp.max(v)
+
+    def while_step(v):  # the same in a while loop of one iteration: what the loop itself costs per iteration (the
+        trips = (v[0, 0] * 0).astype(jnp.int32) + 1  # trip count is traced, so XLA cannot remove the loop)
+        return lax.fori_loop(0, trips, lambda _, a: xla_step(a), v)
+
+    forms = [("xla", xla_step), ("xla_in_while", while_step)]
+    if gpu:
+        forms += [("mosaic_direct_4", mosaic_step(jax, jnp, 4, tma=False)),
+                  ("mosaic_direct_64", mosaic_step(jax, jnp, 64, tma=False)),
+                  ("mosaic_tma_4", mosaic_step(jax, jnp, 4)), ("mosaic_tma_128", mosaic_step(jax, jnp, 128)),
+                  ("mosaic_tma_128_smem200k", mosaic_step(jax, jnp, 128, smem_kib=200)),
+                  ("mosaic_tma_128_barrier", mosaic_step(jax, jnp, 128, barrier=True))]
+    return forms
+
+
+def mosaic_step(jax, jnp, ncta: int, tma: bool = True, smem_kib: int = 0, barrier: bool = False):
+    """A Mosaic GPU kernel over x [8, 1024] bf16, each of ncta CTAs on its slice of columns: x + 1 by plain global
+    loads and stores (tma=False: no TMA descriptor, no shared memory; a slice needs 128 elements, one per thread
+    of the warpgroup, so at most 64 CTAs), or a copy through shared memory by TMA,
+    optionally with smem_kib more shared memory allocated and a grid barrier (a GMEM semaphore, which XLA zeroes
+    before each call) between the load and the store."""
     from jax import lax
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
+    cols = 1024 // ncta
+
+    def body(x_ref, y_ref):
+        part = pl.ds(lax.axis_index("cta") * cols, cols)
+        if not tma:
+            y_ref[:, part] = x_ref[:, part] + 1
+            return
+
+        def scoped(buf, bar, *pad):
+            plgpu.copy_gmem_to_smem(x_ref.at[:, part], buf, bar.at[0])
+            plgpu.barrier_wait(bar.at[0])
+            if barrier:
+                sem = pl.get_global(plgpu.SemaphoreType.REGULAR)
+                plgpu.semaphore_signal(sem, 1, memory_scope="gpu")
+                plgpu.semaphore_wait(sem, ncta, decrement=False, memory_scope="gpu")
+            plgpu.copy_smem_to_gmem(buf, y_ref.at[:, part])
+            plgpu.wait_smem_to_gmem(0)
+
+        pads = (plgpu.SMEM((smem_kib * 512,), jnp.bfloat16),) if smem_kib else ()
+        pl.run_scoped(scoped, plgpu.SMEM((8, cols), jnp.bfloat16), plgpu.Barrier(num_barriers=1), *pads)
+
+    return plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((8, 1024), jnp.bfloat16), grid=(ncta,),
+                        grid_names=("cta",))
+
+
+def launch_rows(jax, jnp, row, reps: int = 20, calls=CALLS):
+    """Fixed cost of one kernel inside a compiled program, as a decode step runs its ~500 (one CUDA graph). A program
+    of n dependent calls of a form is timed at two n; the cost per call is the slope, so the program's dispatch and
+    graph launch cancel. (Until session 35 each call ran inside a fori_loop beside the loop's own kernels.)"""
     x = jnp.zeros((8, 1024), jnp.bfloat16)
-
-    def mosaic(ncta, smem_kib=0, barrier=False):
-        cols = 1024 // ncta
-
-        def body(x_ref, y_ref):
-            def scoped(buf, bar, *pad):
-                i = lax.axis_index("cta")
-                plgpu.copy_gmem_to_smem(x_ref.at[:, pl.ds(i * cols, cols)], buf, bar.at[0])
-                plgpu.barrier_wait(bar.at[0])
-                if barrier:
-                    sem = pl.get_global(plgpu.SemaphoreType.REGULAR)
-                    plgpu.semaphore_signal(sem, 1, memory_scope="gpu")
-                    plgpu.semaphore_wait(sem, ncta, decrement=False, memory_scope="gpu")
-                plgpu.copy_smem_to_gmem(buf, y_ref.at[:, pl.ds(i * cols, cols)])
-                plgpu.wait_smem_to_gmem(0)
-
-            pads = (plgpu.SMEM((smem_kib * 512,), jnp.bfloat16),) if smem_kib else ()
-            pl.run_scoped(scoped, plgpu.SMEM((8, cols), jnp.bfloat16), plgpu.Barrier(num_barriers=1), *pads)
-
-        return plgpu.kernel(body, out_type=jax.ShapeDtypeStruct(x.shape, x.dtype), grid=(ncta,), grid_names=("cta",))
-
-    forms = [("mosaic_4", mosaic(4)), ("mosaic_128", mosaic(128)),
-             ("mosaic_128_smem200k", mosaic(128, 200)), ("mosaic_128_barrier", mosaic(128, barrier=True)),
-             ("mosaic_128_smem_barrier", mosaic(128, 200, barrier=True))]
-    for form, fn in forms:
+    for form, step in launch_forms(jax, jnp, jax.default_backend() == "gpu"):
         try:
-            row("launch", "8x1024 copy", form, 8, timed(fn, x), 2 * x.nbytes)
+            us, kernels = per_call(jax, step, x, calls, reps)
         except Exception as e:  # noqa: BLE001 - a form that fails must not hide the others
             print(f"launch {form} failed: {type(e).__name__}: {str(e)[:600]}", flush=True)
+            continue
+        row("launch", "8x1024 step", form, 8, us, 2 * x.nbytes, kernels_per_call=kernels)
+
+
+def per_call(jax, step, x, calls, reps):
+    """(microseconds, kernels) per call of step: over n, the slopes of the best time of a program of n dependent
+    calls and of the kernels (fusions and custom calls) in its optimised HLO."""
+    import re
+
+    best, kernels = [], []
+    for n in calls:
+        prog = jax.jit(lambda v, n=n: chain(step, v, n)).lower(x).compile()
+        kernels.append(len(re.findall(r"\b(?:fusion|custom-call)\(", prog.as_text())))
+        jax.block_until_ready(prog(x))
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            jax.block_until_ready(prog(x))
+            times.append(time.perf_counter() - t)
+        best.append(min(times))
+    span = calls[1] - calls[0]
+    return 1e6 * (best[1] - best[0]) / span, (kernels[1] - kernels[0]) / span
+
+
+def chain(step, v, n: int):
+    for _ in range(n):
+        v = step(v)
+    return v
 
 
 if __name__ == "__main__":

@@ -1,0 +1,30 @@
+"""experiments/bench_decode_ops.py's fixed-cost rows: the slope harness on the CPU, the Mosaic GPU steps lowered."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from experiment_scripts import load
+
+ops = load("bench_decode_ops")
+
+
+def test_per_call_counts_the_kernels_one_step_adds():
+    x = jnp.zeros((8, 1024), jnp.bfloat16)
+    forms = dict(ops.launch_forms(jax, jnp, gpu=False))
+    assert list(forms) == ["xla", "xla_in_while"]
+    us, kernels = ops.per_call(jax, forms["xla"], x, (4, 12), reps=3)
+    # XLA cannot fuse a step's reduction into the previous step's: at least one kernel per step.
+    assert kernels >= 1 and us > 0
+    _, loop_kernels = ops.per_call(jax, forms["xla_in_while"], x, (4, 12), reps=3)
+    assert loop_kernels >= kernels  # the loop's own condition and counter come on top
+    assert float(ops.chain(forms["xla"], x + 1, 3)[0, 0]) == 8.0  # 1 -> 2 -> 4 -> 8: the steps are chained
+
+
+@pytest.mark.parametrize("form", ["mosaic_direct_4", "mosaic_direct_64", "mosaic_tma_4", "mosaic_tma_128",
+                                  "mosaic_tma_128_smem200k", "mosaic_tma_128_barrier"])
+def test_mosaic_steps_lower_for_cuda(form):
+    step = dict(ops.launch_forms(jax, jnp, gpu=True))[form]
+    x = jax.ShapeDtypeStruct((8, 1024), jnp.bfloat16)
+    text = jax.jit(lambda v: ops.chain(step, v, 2)).trace(x).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("mosaic_gpu") >= 2
