@@ -7,7 +7,11 @@
 
 The trace names kernels by fusion (`input_reduce_fusion_10`); the HLO line of that fusion (by name or its
 `deduplicated_name`) carries the JAX op it came from (`op_name="...btd,dr->btr/dot_general"`). Prints the costliest
-kernels and the time per JAX op, per decode step.
+kernels and the time per JAX op, per decode step, and the step's critical path: the longest chain of kernels by data
+dependencies, which a batch-1 step waits on however many kernels run beside it (in kernels and, with the trace's
+times, in us; by layer part). `--hlo` alone gives the path in kernels:
+
+    python experiments/decode_profile.py --hlo=OUT/hlo_pallas_b1.txt
 """
 
 from __future__ import annotations
@@ -62,7 +66,92 @@ def hlo_ops(hlo_text: str) -> dict:
     return info
 
 
-SCOPES = ("attn_0", "attn_1", "mlp_0", "mlp_1", "moe_dispatch", "moe_combine", "mtp", "lm_head", "embed")
+# Ops of an optimised GPU program that launch no kernel: views, tuples, constants; `call`s (command buffers) and
+# `while`s are walked into.
+_FREE = frozenset({"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "opt-barrier", "after-all",
+                   "add-dependency", "partition-id", "replica-id"})
+_INSTR = re.compile(r"\s*(ROOT )?%([\w.\-]+) = .*? ([\w\-]+)\((.*)$")
+_COMP = re.compile(r"^(ENTRY )?%([\w.\-]+) .*\{\s*$")
+
+
+def hlo_computations(hlo_text: str) -> tuple[dict, str]:
+    """({computation: [(instruction, opcode, operands, attributes, is_root)]}, entry computation's name). The
+    attributes kept: body, to_apply, calls, index and the JAX op_name."""
+    comps, cur, entry = {}, None, None
+    for line in hlo_text.split("\n"):
+        m = _COMP.match(line)
+        if m:
+            cur = m.group(2)
+            comps[cur] = []
+            entry = cur if m.group(1) else entry
+        elif line.startswith("}"):
+            cur = None
+        elif cur is not None and (m := _INSTR.match(line)):
+            root, name, opcode, rest = m.groups()
+            depth, i = 1, 0
+            while i < len(rest) and depth:  # the operand list ends at its matching parenthesis
+                depth += {"(": 1, ")": -1}.get(rest[i], 0)
+                i += 1
+            args = rest[:i - 1]
+            attrs = dict(re.findall(r"\b(body|to_apply|index|calls)=%?([\w.\-]+)", rest[i:]))
+            if op := re.search(r'op_name="([^"]*)"', rest[i:]):
+                attrs["op_name"] = op.group(1)
+            if opcode == "parameter":
+                attrs["number"] = args.strip()
+            comps[cur].append((name, opcode, re.findall(r"%([\w.\-]+)", args), attrs, bool(root)))
+    return comps, entry
+
+
+def _latest(values):
+    """The (time, chain) that finishes last among values, tuples (lists) flattened."""
+    flat = [_latest(v) if isinstance(v, list) else v for v in values]
+    return max(flat, key=lambda d: d[0], default=(0.0, ()))
+
+
+def critical_path(hlo_text: str, computation: str | None = None, weight=None) -> dict:
+    """The longest chain of kernels through one computation of an optimised HLO, by data dependencies: what a
+    step waits on if every kernel starts as soon as its inputs exist (a CUDA graph with concurrent nodes).
+    computation: by default the one with the most kernels of the entry and the while bodies (a decode loop's step;
+    a training step's entry). A nested while counts its body once. weight(instruction name) -> one kernel's cost (default 1: the path in kernels).
+    Returns the computation, its kernels, the path's cost and its kernels in order."""
+    comps, entry = hlo_computations(hlo_text)
+    weight = weight or (lambda name: 1.0)
+
+    def walk(comp, params):
+        done, root = {}, None
+        for name, opcode, operands, attrs, is_root in comps[comp]:
+            ins = [done[o] for o in operands if o in done]
+            if opcode == "parameter":
+                v = params.get(int(attrs["number"]), (0.0, ()))
+            elif opcode == "tuple":
+                v = ins
+            elif opcode == "get-tuple-element":
+                v = ins[0][int(attrs["index"])] if ins and isinstance(ins[0], list) else _latest(ins)
+            elif opcode in _FREE:
+                v = _latest(ins)
+            elif opcode == "call" and "to_apply" in attrs:
+                v = walk(attrs["to_apply"], dict(enumerate(ins)))
+            elif opcode == "while" and "body" in attrs:
+                v = walk(attrs["body"], {0: ins[0] if ins else (0.0, ())})
+            else:
+                t, chain = _latest(ins)
+                v = (t + weight(name), chain + (name,))
+            done[name] = v
+            root = name if is_root else root
+        return done[root] if root else _latest(done.values())
+
+    def kernels(comp):
+        return sum(op not in _FREE and op not in ("call", "while") for _, op, _, _, _ in comps[comp]) + sum(
+            kernels(a["to_apply"]) for _, op, _, a, _ in comps[comp] if op == "call" and "to_apply" in a)
+
+    if computation is None:
+        bodies = [a["body"] for instrs in comps.values() for _, op, _, a, _ in instrs if op == "while" and "body" in a]
+        computation = max([entry] + bodies, key=kernels)
+    t, chain = _latest([walk(computation, {})])
+    return {"computation": computation, "kernels": kernels(computation), "path": t, "chain": list(chain)}
+
+
+SCOPES = ("attn_0", "attn_1", "mlp_0", "mlp_1", "moe_dispatch", "moe_combine", "moe", "mtp", "lm_head", "embed")
 
 
 def part(kernel: str, op: str) -> str:
@@ -85,6 +174,35 @@ def part(kernel: str, op: str) -> str:
     return f"XLA {where}: {scope or 'other'}"
 
 
+def path_summary(hlo_text: str, us_each: dict | None = None) -> dict:
+    """critical_path of the decode step in kernels and, with us_each (trace kernel name -> mean us), in time (a
+    kernel the trace does not name, such as a custom call, weighs the median kernel), with the path's kernels
+    counted by layer part (SCOPES)."""
+    med = sorted(us_each.values())[len(us_each) // 2] if us_each else 1.0
+    res = critical_path(hlo_text, weight=lambda n: us_each.get(n.replace(".", "_"), med) if us_each else 1.0)
+    comps, _ = hlo_computations(hlo_text)
+    attrs = {name: a for instrs in comps.values() for name, _, _, a, _ in instrs}
+    roots = {c: next((a for _, _, _, a, is_root in instrs if is_root), {}) for c, instrs in comps.items()}
+
+    def op_name(n):  # a fusion without metadata (XLA:CPU leaves some) takes its fused root's
+        a = attrs.get(n, {})
+        return a.get("op_name") or roots.get(a.get("calls"), {}).get("op_name", "")
+
+    scopes = collections.Counter(next((s for s in SCOPES if f"/{s}/" in f"/{op_name(n)}/"), "other")
+                                 for n in res["chain"])
+    return {"step_kernels": res["kernels"], "path_kernels": len(res["chain"]),
+            "path_us": res["path"] if us_each else None, "path_by_scope": dict(scopes.most_common()),
+            "computation": res["computation"]}
+
+
+def _safe_path_summary(hlo_text: str, us_each: dict) -> dict:
+    """path_summary, or why not: a text it cannot parse must not cost the rest of a profile."""
+    try:
+        return path_summary(hlo_text, us_each)
+    except Exception as e:  # noqa: BLE001
+        return {"error": f"{type(e).__name__}: {e}"[:500]}
+
+
 def profile(hlo_text: str, trace_path: str, steps: int, top: int = 25) -> dict:
     info = hlo_ops(hlo_text)
     trace = trace_overlap.load_trace(trace_path)
@@ -105,6 +223,7 @@ def profile(hlo_text: str, trace_path: str, steps: int, top: int = 25) -> dict:
     ops = [dict(op=o, kernels_per_step=c, us_per_step=t) for o, (c, t) in sorted(per_op.items(), key=lambda kv: -kv[1][1])]
     return {"kernels_per_step": sum(c for c, _ in by.values()) / steps,
             "busy_us_per_step": sum(t for _, t in by.values()) / steps, **launch_view(trace, device_events, steps),
+            "critical_path": _safe_path_summary(hlo_text, {n: t / c for n, (c, t) in by.items() if c}),
             "top_kernels": kernels, "by_op": ops,
             "by_part": [dict(part=k, kernels_per_step=c, us_per_step=t)
                         for k, (c, t) in sorted(per_part.items(), key=lambda kv: -kv[1][1])]}
@@ -148,13 +267,38 @@ def launch_view(trace, kernels, steps: int, gap_us: float = 3.0, top: int = 10) 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--hlo", required=True)
-    ap.add_argument("--trace", required=True)
-    ap.add_argument("--steps", type=int, required=True, help="decode steps inside the traced call")
+    ap.add_argument("--trace", default=None, help="without it, only the step's critical path in kernels")
+    ap.add_argument("--steps", type=int, default=None, help="decode steps inside the traced call")
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    if args.trace and not args.steps:
+        ap.error("--trace needs --steps (the decode steps inside the traced call)")
     with open(args.hlo) as f:
-        res = profile(f.read(), args.trace, args.steps, args.top)
+        hlo_text = f.read()
+    if not args.trace:
+        res = {"critical_path": path_summary(hlo_text)}
+        print_path(res["critical_path"])
+    else:
+        res = profile(hlo_text, args.trace, args.steps, args.top)
+        print_profile(res)
+    if args.json:
+        res["command"] = "python experiments/decode_profile.py " + " ".join(
+            f"--{k}={v}" for k, v in vars(args).items() if k != "json" and v is not None)
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+
+
+def print_path(cp: dict):
+    if "error" in cp:
+        print(f"critical path: not computed ({cp['error']})")
+        return
+    us = f", {cp['path_us']:.0f} us" if cp["path_us"] is not None else ""
+    print(f"critical path of the step ({cp['computation']}): {cp['path_kernels']} of its {cp['step_kernels']} "
+          f"kernels{us}; by layer part: {cp['path_by_scope']}")
+
+
+def print_profile(res: dict):
     print(f"{res['kernels_per_step']:.0f} kernels and {res['busy_us_per_step']:.0f} us of device time per step; "
           f"device idle {res['device_idle_us_per_step']:.0f} us per step in {res['device_gaps_per_step']:.1f} gaps; "
           f"host launches per step {res['host_launches_per_step']}")
@@ -165,11 +309,7 @@ def main():
     print(f"\n{'kernels':>8} {'us/step':>8}  JAX op")
     for o in res["by_op"][:20]:
         print(f"{o['kernels_per_step']:8.1f} {o['us_per_step']:8.1f}  {o['op'][:100]}")
-    if args.json:
-        res["command"] = "python experiments/decode_profile.py " + " ".join(
-            f"--{k}={v}" for k, v in vars(args).items() if k != "json" and v is not None)
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
+    print_path(res["critical_path"])
 
 
 if __name__ == "__main__":

@@ -492,21 +492,28 @@ def positions_and_mask(start_b, q_len: int, cache_len: int):
 
 def decode_layer(cfg: ModelConfig, p: LayerWeights, h_btd, cos, sin, mask_bts, kv0: LatentKV, kv1: LatentKV,
                  start_b, moe_impl: str, model_moe: Callable | None = None):
-    """lcflash/model/layer.py's DecoderLayer on the decode layout."""
+    """lcflash/model/layer.py's DecoderLayer on the decode layout. Named scopes label each sublayer's kernels in
+    profiles and critical paths (experiments/decode_profile.py)."""
     eps = cfg.rms_norm_eps
-    a0, kv0 = mla_attention(cfg, p.attn_0, deferred_norm(h_btd, p.input_norm_0, eps), cos, sin, mask_bts, kv0,
-                            start_b)
-    h_btd = h_btd + a0
-    n0 = deferred_norm(h_btd, p.post_attn_norm_0, eps)
-    # The MoE branch (off the critical path: its output joins at the end) reads the norm's output as the model has
-    # it, from the same reduction.
-    x0 = apply_rms_scale(h_btd, p.post_attn_norm_0, n0.r) if isinstance(n0, Normed) else n0
-    moe_btd, experts_tk = moe_apply(cfg, p.moe, x0, moe_impl, model_moe)
-    h_btd = h_btd + swiglu_t(p.mlp_0, n0)
-    a1, kv1 = mla_attention(cfg, p.attn_1, deferred_norm(h_btd, p.input_norm_1, eps), cos, sin, mask_bts, kv1,
-                            start_b)
-    h_btd = h_btd + a1
-    h_btd = h_btd + swiglu_t(p.mlp_1, deferred_norm(h_btd, p.post_attn_norm_1, eps))
+    with jax.named_scope("attn_0"):
+        a0, kv0 = mla_attention(cfg, p.attn_0, deferred_norm(h_btd, p.input_norm_0, eps), cos, sin, mask_bts, kv0,
+                                start_b)
+        h_btd = h_btd + a0
+    with jax.named_scope("mlp_0"):
+        n0 = deferred_norm(h_btd, p.post_attn_norm_0, eps)
+    with jax.named_scope("moe"):
+        # The MoE branch (off the critical path: its output joins at the end) reads the norm's output as the model
+        # has it, from the same reduction.
+        x0 = apply_rms_scale(h_btd, p.post_attn_norm_0, n0.r) if isinstance(n0, Normed) else n0
+        moe_btd, experts_tk = moe_apply(cfg, p.moe, x0, moe_impl, model_moe)
+    with jax.named_scope("mlp_0"):
+        h_btd = h_btd + swiglu_t(p.mlp_0, n0)
+    with jax.named_scope("attn_1"):
+        a1, kv1 = mla_attention(cfg, p.attn_1, deferred_norm(h_btd, p.input_norm_1, eps), cos, sin, mask_bts, kv1,
+                                start_b)
+        h_btd = h_btd + a1
+    with jax.named_scope("mlp_1"):
+        h_btd = h_btd + swiglu_t(p.mlp_1, deferred_norm(h_btd, p.post_attn_norm_1, eps))
     return h_btd + moe_btd, kv0, kv1, experts_tk
 
 
@@ -532,7 +539,8 @@ def forward(graphs: DecodeGraphs, w: DecodeWeights, tokens_bt, cache: DecodeCach
     B, T = tokens_bt.shape
     pos_bt, mask_bts = positions_and_mask(start_b, T, cache.length)
     cos, sin = rope_cos_sin(cfg, pos_bt, cfg.jnp_dtype)
-    h_btd = jnp.take(w.embed, tokens_bt, axis=0).astype(cfg.jnp_dtype)
+    with jax.named_scope("embed"):
+        h_btd = jnp.take(w.embed, tokens_bt, axis=0).astype(cfg.jnp_dtype)
     new, experts = [], []
     for i, p in enumerate(w.layers):
         kv0, kv1 = cache.layers[2 * i], cache.layers[2 * i + 1]
@@ -550,21 +558,23 @@ def forward(graphs: DecodeGraphs, w: DecodeWeights, tokens_bt, cache: DecodeCach
 
 
 def logits(w: DecodeWeights, hidden_btd):
-    return jnp.einsum("btd,vd->btv", hidden_btd, w.lm_head.astype(hidden_btd.dtype),
-                      preferred_element_type=F32)
+    with jax.named_scope("lm_head"):
+        return jnp.einsum("btd,vd->btv", hidden_btd, w.lm_head.astype(hidden_btd.dtype),
+                          preferred_element_type=F32)
 
 
 def mtp_decode(cfg: ModelConfig, p: MTPWeights, h_btd, next_tokens_bt, cos, sin, mask_bts, cache: LatentKV,
                start_b):
     """lcflash/model/mtp.py's MTPHead on the decode layout: (normed hidden [B, T, D], latent KV)."""
     dtype, eps = h_btd.dtype, cfg.rms_norm_eps
-    e_btd = jnp.take(p.embed, next_tokens_bt, axis=0).astype(dtype)
-    z = jnp.concatenate([rms_norm(e_btd, p.enorm, eps), rms_norm(h_btd, p.hnorm, eps)], axis=-1)
-    z = jnp.einsum("btc,dc->btd", z, p.w_eh.astype(dtype))
-    a, kv = mla_attention(cfg, p.attn, deferred_norm(z, p.input_norm, eps), cos, sin, mask_bts, cache, start_b)
-    z = z + a
-    z = z + swiglu_t(p.mlp, deferred_norm(z, p.post_attn_norm, eps))
-    return rms_norm(z, p.norm, eps), kv
+    with jax.named_scope("mtp"):
+        e_btd = jnp.take(p.embed, next_tokens_bt, axis=0).astype(dtype)
+        z = jnp.concatenate([rms_norm(e_btd, p.enorm, eps), rms_norm(h_btd, p.hnorm, eps)], axis=-1)
+        z = jnp.einsum("btc,dc->btd", z, p.w_eh.astype(dtype))
+        a, kv = mla_attention(cfg, p.attn, deferred_norm(z, p.input_norm, eps), cos, sin, mask_bts, cache, start_b)
+        z = z + a
+        z = z + swiglu_t(p.mlp, deferred_norm(z, p.post_attn_norm, eps))
+        return rms_norm(z, p.norm, eps), kv
 
 
 def mtp_forward(graphs: DecodeGraphs, w: DecodeWeights, hidden_btd, next_tokens_bt, cache: DecodeCache, start_b,
