@@ -9,6 +9,8 @@ Matrix-vector forms (x [M, K] @ W [K, N], M = batch):
 * wt:   W stored transposed [N, K] (done once, when the decode weights are split); the product reduces over
         the contiguous axis (row reduction, fused).
 * pad2: x padded to 2 rows so the dot stays a GEMM (cuBLAS / Triton); row 0 is kept.
+* mosaic (GPU): W as wt, read by a Mosaic GPU kernel of plain global loads (`mosaic_matvec`), the building block a
+        fused decode kernel would stream weights with if TMA's fixed cost is what makes our kernels slow.
 
 MoE forms, T tokens, top-12 of 128 FFN + 64 zero experts (random router), expert 1024 -> 384 -> 1024:
 * gather:   each (token, slot) reads its expert's weights, multiply-reduce over D (current decode path).
@@ -104,6 +106,9 @@ def main():
             row("matvec", name, "vec", M, timed(lambda a, b: a @ b, xv, w), nbytes)
             row("matvec", name, "wt", M, timed(lambda a, b: jnp.einsum("mk,nk->mn", a, b), xv, wt), nbytes)
             row("matvec", name, "pad2", M, timed(lambda a, b: (pad2(a) @ b)[: a.shape[0]], xv, w), nbytes)
+            if dev.platform == "gpu":
+                mv = mosaic_matvec(jax, jnp, M, K, N)
+                row("matvec", name, "mosaic", M, timed(mv, xv, wt), nbytes)
 
     # MoE
     D, I, E, Z, K = 1024, 384, 128, 64, 12
@@ -160,6 +165,47 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
+
+
+def mosaic_matvec(jax, jnp, m: int, k: int, n: int, tn: int = 64, kc: int = 128, ctas: int = 132,
+                  interpret: bool = False):
+    """y [m, n] = x [m, k] @ w [n, k]^T in x's dtype, by a Mosaic GPU kernel of plain global loads: no TMA, no shared
+    memory, no tensor cores, as XLA's matvec fusions read the weights. CTA (i, s) loads rows i*tn.. of w over the
+    s-th of S slices of K, in [tn, kc] chunks into registers, multiplies each by the rows of x broadcast along it
+    and reduces along K in fp32; S (a divisor of k / kc) brings the CTAs to about `ctas`, and XLA sums the S
+    partial products."""
+    from jax import lax
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    from lcflash.kernels import interpret_params
+
+    if n % tn or k % kc:
+        raise ValueError(f"mosaic_matvec needs n % {tn} == 0 and k % {kc} == 0, got n={n}, k={k}")
+    chunks = k // kc
+    splits = max(d for d in range(1, chunks + 1) if chunks % d == 0 and d <= max(1, -(-ctas // (n // tn))))
+    per_split = chunks // splits
+    wgmma = plgpu.Layout.WGMMA
+
+    def load(ref, layout):  # Pallas' GPU interpreter takes plain loads; layouts are the GPU's business
+        return ref[...] if interpret else plgpu.load(ref, (), layout=layout, optimized=False)
+
+    def body(x_ref, w_ref, y_ref):
+        rows, s = pl.ds(lax.axis_index("n") * tn, tn), lax.axis_index("k")
+        accs = [None] * m
+        for c in range(per_split):
+            ks = pl.ds((s * per_split + c) * kc, kc)
+            w = load(w_ref.at[rows, ks], wgmma).astype(jnp.float32)
+            for r in range(m):
+                xv = load(x_ref.at[r, ks], wgmma.reduce(0)).astype(jnp.float32)
+                part = jnp.sum(w * lax.broadcast_in_dim(xv, (tn, kc), (1,)), axis=1)
+                accs[r] = part if accs[r] is None else accs[r] + part
+        for r in range(m):
+            y_ref[s, r, rows] = accs[r]
+
+    kernel = plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((splits, m, n), jnp.float32),
+                          grid=(n // tn, splits), grid_names=("n", "k"), interpret=interpret_params(interpret))
+    return lambda x, w: jnp.sum(kernel(x, w), axis=0).astype(x.dtype)
 
 
 CALLS = (64, 256)  # dependent calls per compiled program; the cost per call is the slope between the two

@@ -28,3 +28,22 @@ def test_mosaic_steps_lower_for_cuda(form):
     x = jax.ShapeDtypeStruct((8, 1024), jnp.bfloat16)
     text = jax.jit(lambda v: ops.chain(step, v, 2)).trace(x).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("mosaic_gpu") >= 2
+
+
+@pytest.mark.parametrize("m,k,n,ctas", [(1, 256, 128, 4), (3, 512, 192, 2)])
+def test_mosaic_matvec_matches_the_fp32_product(m, k, n, ctas):
+    """In Pallas' GPU interpreter, on fresh random inputs: K split over CTAs (S = 2 and 1), several rows."""
+    kx, kw = jax.random.split(jax.random.key(m * 1000 + k + n))
+    x = jax.random.normal(kx, (m, k), jnp.bfloat16)
+    w = jax.random.normal(kw, (n, k), jnp.bfloat16)
+    got = ops.mosaic_matvec(jax, jnp, m, k, n, ctas=ctas, interpret=True)(x, w)
+    want = jnp.einsum("mk,nk->mn", x.astype(jnp.float32), w.astype(jnp.float32))
+    assert got.dtype == jnp.bfloat16
+    assert float(jnp.max(jnp.abs(got.astype(jnp.float32) - want))) <= 0.01 * float(jnp.max(jnp.abs(want)))
+
+
+def test_mosaic_matvec_lowers_for_cuda_at_the_decode_shapes():
+    for m, k, n in [(1, 1024, 4096), (8, 2048, 1024), (1, 1024, 448)]:
+        mv = ops.mosaic_matvec(jax, jnp, m, k, n)
+        args = (jax.ShapeDtypeStruct((m, k), jnp.bfloat16), jax.ShapeDtypeStruct((n, k), jnp.bfloat16))
+        assert "mosaic_gpu" in jax.jit(mv).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
