@@ -20,8 +20,11 @@ Fixed costs per kernel (launch): one small step on x [8, 1024] bf16, chained n t
 CUDA graph, as a decode step runs), timed at n = 64 and 256; the row is the slope per call, with the kernels per
 call counted in the optimised HLO. Steps: XLA's (a reduction and an add), the same in a one-iteration while loop,
 and Mosaic GPU kernels: x + 1 by plain global loads and stores (4 and 64 CTAs), a copy through shared memory by
-TMA (4 and 128 CTAs), the latter with 200 KiB of shared memory allocated and with a grid barrier (a GMEM semaphore zeroed by XLA
-before each call) between load and store.
+TMA (4 and 128 CTAs), the latter with 200 KiB of shared memory allocated and with a grid barrier (a GMEM
+semaphore zeroed by XLA before each call) between load and store.
+Phases (GPU): `phase_chain`, dependent phases inside one kernel with a grid barrier between them, each reading its
+share of 64 KiB to 8 MiB of weights, loaded before the last barrier or after it: the slope per phase over 8 and 40
+phases, against the phase's bytes over the bandwidth.
 matvec and moe rows: microseconds per call (best of 3 runs of --reps dependent calls inside one jit'ed fori_loop),
 and the floor.
 """
@@ -48,7 +51,8 @@ def main():
     ap.add_argument("--reps", type=int, default=200)
     ap.add_argument("--gmm_impl", default="pallas")
     ap.add_argument("--batches", default="1,8")
-    ap.add_argument("--sections", default="matvec,moe,launch", help="comma-separated: matvec, moe, launch")
+    ap.add_argument("--sections", default="matvec,moe,launch,phases",
+                    help="comma-separated: matvec, moe, launch, phases (phases: GPU only)")
     args = ap.parse_args()
 
     import jax
@@ -157,6 +161,8 @@ def main():
 
     if "launch" in sections:
         launch_rows(jax, jnp, row)
+    if "phases" in sections and dev.platform == "gpu":
+        phase_rows(jax, jnp, row)
 
     out = {"device": f"{dev.platform}: {dev.device_kind}", "bandwidth_Bps": bw,
            "versions": {"python": platform.python_version(), "jax": jax.__version__},
@@ -206,6 +212,86 @@ def mosaic_matvec(jax, jnp, m: int, k: int, n: int, tn: int = 64, kc: int = 128,
     kernel = plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((splits, m, n), jnp.float32),
                           grid=(n // tn, splits), grid_names=("n", "k"), interpret=interpret_params(interpret))
     return lambda x, w: jnp.sum(kernel(x, w), axis=0).astype(x.dtype)
+
+
+def phase_chain(jax, jnp, ncta: int, phases: int, rows: int, prefetch: bool = True):
+    """A fused decode kernel's skeleton: `phases` dependent phases in one kernel of ncta CTAs (all resident), a grid
+    barrier between phases (one GMEM counter, never reset within the call). In phase p each CTA takes its [rows, 256]
+    bf16 slice of w[p] (TMA into one of three shared-memory slots, loaded two phases ahead with `prefetch` into the
+    slot read in phase p - 1, before the last barrier; else at the phase's start), adds row 0 of it to what its
+    neighbour wrote in phase p - 1 and writes that. out[p, i] is then the sum over phases 0..p of the slices' first
+    rows, exactly, if every phase saw the last one's writes."""
+    from jax import lax
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    def body(w_ref, out_ref):
+        i = lax.axis_index("cta")
+        sem = pl.get_global(plgpu.SemaphoreType.REGULAR)
+
+        def scoped(buf, bar):
+            def load(p, slot):
+                plgpu.copy_gmem_to_smem(w_ref.at[p, i], buf.at[slot], bar.at[slot])
+
+            def phase(p, carry, first=False):
+                slot = lax.rem(p, 3)
+                if not prefetch:
+                    load(p, slot)
+                plgpu.barrier_wait(bar.at[slot])
+                v = buf[slot, 0, pl.ds(0, 128)].astype(jnp.float32)
+                if not first:
+                    v = v + out_ref[p - 1, lax.rem(i + 1, ncta), :]
+                out_ref[p, i, :] = v
+                if prefetch:
+                    pl.when(p + 2 < phases)(lambda: load(p + 2, lax.rem(p + 2, 3)))
+                plgpu.semaphore_signal(sem, 1, memory_scope="gpu")
+                plgpu.semaphore_wait(sem, (p + 1) * ncta, decrement=False, memory_scope="gpu")
+                return carry
+
+            if prefetch:
+                for p in range(min(2, phases)):
+                    load(p, p)
+            phase(jnp.int32(0), 0, first=True)
+            lax.fori_loop(1, phases, phase, 0)
+
+        pl.run_scoped(scoped, plgpu.SMEM((3, rows, 256), jnp.bfloat16), plgpu.Barrier(num_barriers=3))
+
+    return plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((phases, ncta, 128), jnp.float32), grid=(ncta,),
+                        grid_names=("cta",))
+
+
+PHASES = (8, 40)      # phases per kernel; the cost per phase is the slope between the two
+PHASE_ROWS = (1, 4, 16, 64, 128)   # [rows, 256] bf16 per CTA and phase: 64 KB to 8 MB per phase on 128 CTAs
+
+
+def phase_rows(jax, jnp, row, reps: int = 20, ncta: int = 128):
+    """Per dependent phase of `phase_chain`: its time (the slope over PHASES), against its bytes over the measured
+    bandwidth; `ok` says every phase saw the last one's writes. The perf model's bound for issue 5 (HISTORY.md,
+    session 35): 70% of configs/small.py's batch-1 floor needs under ~0.6 us per phase beyond its bytes."""
+    ncta = min(ncta, jax.devices()[0].core_count)
+    for rows in PHASE_ROWS:
+        for prefetch in (True, False):
+            form = "prefetch" if prefetch else "load_after_barrier"
+            try:
+                best, ok = [], True
+                for phases in PHASES:
+                    w = (jnp.arange(1, phases + 1, dtype=jnp.float32)[:, None, None, None]
+                         * jnp.ones((phases, ncta, rows, 256), jnp.float32)).astype(jnp.bfloat16)
+                    prog = jax.jit(phase_chain(jax, jnp, ncta, phases, rows, prefetch))
+                    out = jax.block_until_ready(prog(w))
+                    ok = ok and bool(jnp.all(out[-1] == phases * (phases + 1) / 2))
+                    times = []
+                    for _ in range(reps):
+                        t = time.perf_counter()
+                        jax.block_until_ready(prog(w))
+                        times.append(time.perf_counter() - t)
+                    best.append(min(times))
+                us = 1e6 * (best[1] - best[0]) / (PHASES[1] - PHASES[0])
+            except Exception as e:  # noqa: BLE001 - a form that fails must not hide the others
+                print(f"phases rows={rows} {form} failed: {type(e).__name__}: {str(e)[:600]}", flush=True)
+                continue
+            nbytes = ncta * rows * 256 * 2
+            row("phases", f"{nbytes / 2**20:g} MiB/phase", form, ncta, us, nbytes, ok=int(ok))
 
 
 CALLS = (64, 256)  # dependent calls per compiled program; the cost per call is the slope between the two

@@ -70,6 +70,14 @@ def hlo_ops(hlo_text: str) -> dict:
 # `while`s are walked into.
 _FREE = frozenset({"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "opt-barrier", "after-all",
                    "add-dependency", "partition-id", "replica-id"})
+
+
+def _free(opcode: str) -> bool:
+    """No kernel of its own: a view or a tuple, or the wait half of an async pair (`copy-done`; its `-start` is the
+    kernel)."""
+    return opcode in _FREE or opcode.endswith("-done")
+
+
 _INSTR = re.compile(r"\s*(ROOT )?%([\w.\-]+) = .*? ([\w\-]+)\((.*)$")
 _COMP = re.compile(r"^(ENTRY )?%([\w.\-]+) .*\{\s*$")
 
@@ -112,8 +120,9 @@ def critical_path(hlo_text: str, computation: str | None = None, weight=None) ->
     """The longest chain of kernels through one computation of an optimised HLO, by data dependencies: what a
     step waits on if every kernel starts as soon as its inputs exist (a CUDA graph with concurrent nodes).
     computation: by default the one with the most kernels of the entry and the while bodies (a decode loop's step;
-    a training step's entry). A nested while counts its body once. weight(instruction name) -> one kernel's cost (default 1: the path in kernels).
-    Returns the computation, its kernels, the path's cost and its kernels in order."""
+    a training step's entry). A nested while counts its body once. weight(instruction name) -> one kernel's cost
+    (default 1: the path in kernels). Returns the computation, its kernels, the path's cost and its kernels in
+    order."""
     comps, entry = hlo_computations(hlo_text)
     weight = weight or (lambda name: 1.0)
 
@@ -127,7 +136,7 @@ def critical_path(hlo_text: str, computation: str | None = None, weight=None) ->
                 v = ins
             elif opcode == "get-tuple-element":
                 v = ins[0][int(attrs["index"])] if ins and isinstance(ins[0], list) else _latest(ins)
-            elif opcode in _FREE:
+            elif _free(opcode):
                 v = _latest(ins)
             elif opcode == "call" and "to_apply" in attrs:
                 v = walk(attrs["to_apply"], dict(enumerate(ins)))
@@ -141,7 +150,7 @@ def critical_path(hlo_text: str, computation: str | None = None, weight=None) ->
         return done[root] if root else _latest(done.values())
 
     def kernels(comp):
-        return sum(op not in _FREE and op not in ("call", "while") for _, op, _, _, _ in comps[comp]) + sum(
+        return sum(not _free(op) and op not in ("call", "while") for _, op, _, _, _ in comps[comp]) + sum(
             kernels(a["to_apply"]) for _, op, _, a, _ in comps[comp] if op == "call" and "to_apply" in a)
 
     if computation is None:

@@ -108,6 +108,10 @@ def test_critical_path_follows_tuple_elements_through_a_command_buffer():
     assert res["chain"] == ["a", "c", "d1", "d2", "f"] and res["path"] == 5.0
     weighted = dp.critical_path(LOOP, weight=lambda n: {"b": 10.0}.get(n, 1.0))
     assert weighted["chain"] == ["b", "d3", "e", "f"] and weighted["path"] == 13.0
+    # An async pair is one kernel: its -start (a copy here, beside the chain), not the -done that waits for it.
+    copy = LOOP.replace("  %e = ", "  %cs = (f32[8]{0}, f32[8]{0}) copy-start(f32[8]{0} %short)\n"
+                        "  %cd = f32[8]{0} copy-done((f32[8]{0}, f32[8]{0}) %cs)\n  %e = ")
+    assert dp.critical_path(copy)["kernels"] == 10 and dp.critical_path(copy)["path"] == 5.0
     summary = dp.path_summary(LOOP)
     assert summary["path_kernels"] == 5 and summary["step_kernels"] == 9
     assert summary["path_by_scope"] == {"other": 3, "attn_0": 2}
