@@ -280,12 +280,7 @@ def phase_rows(jax, jnp, row, reps: int = 20, ncta: int = 128):
                     prog = jax.jit(phase_chain(jax, jnp, ncta, phases, rows, prefetch))
                     out = jax.block_until_ready(prog(w))
                     ok = ok and bool(jnp.all(out[-1] == phases * (phases + 1) / 2))
-                    times = []
-                    for _ in range(reps):
-                        t = time.perf_counter()
-                        jax.block_until_ready(prog(w))
-                        times.append(time.perf_counter() - t)
-                    best.append(min(times))
+                    best.append(best_seconds(jax, prog, w, reps))
                 us = 1e6 * (best[1] - best[0]) / (PHASES[1] - PHASES[0])
             except Exception as e:  # noqa: BLE001 - a form that fails must not hide the others
                 print(f"phases rows={rows} {form} failed: {type(e).__name__}: {str(e)[:600]}", flush=True)
@@ -377,14 +372,19 @@ def per_call(jax, step, x, calls, reps):
         prog = jax.jit(lambda v, n=n: chain(step, v, n)).lower(x).compile()
         kernels.append(len(re.findall(r"\b(?:fusion|custom-call)\(", prog.as_text())))
         jax.block_until_ready(prog(x))
-        times = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            jax.block_until_ready(prog(x))
-            times.append(time.perf_counter() - t)
-        best.append(min(times))
+        best.append(best_seconds(jax, prog, x, reps))
     span = calls[1] - calls[0]
     return 1e6 * (best[1] - best[0]) / span, (kernels[1] - kernels[0]) / span
+
+
+def best_seconds(jax, prog, arg, reps: int) -> float:
+    """The fastest of `reps` runs of prog(arg), each waited for (prog already compiled and run once)."""
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(prog(arg))
+        times.append(time.perf_counter() - t)
+    return min(times)
 
 
 def chain(step, v, n: int):
