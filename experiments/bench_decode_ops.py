@@ -184,7 +184,7 @@ def mosaic_matvec(jax, jnp, m: int, k: int, n: int, tn: int = 64, kc: int = 128,
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    from lcflash.kernels import interpret_params
+    from lcflash.kernels import interpret_params, load_in_layout
 
     if n % tn or k % kc:
         raise ValueError(f"mosaic_matvec needs n % {tn} == 0 and k % {kc} == 0, got n={n}, k={k}")
@@ -194,7 +194,7 @@ def mosaic_matvec(jax, jnp, m: int, k: int, n: int, tn: int = 64, kc: int = 128,
     wgmma = plgpu.Layout.WGMMA
 
     def load(ref, layout):  # Pallas' GPU interpreter takes plain loads; layouts are the GPU's business
-        return ref[...] if interpret else plgpu.load(ref, (), layout=layout, optimized=False)
+        return ref[...] if interpret else load_in_layout(ref, layout, optimized=False)
 
     def body(x_ref, w_ref, y_ref):
         rows, s = pl.ds(lax.axis_index("n") * tn, tn), lax.axis_index("k")

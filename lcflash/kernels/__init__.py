@@ -31,6 +31,18 @@ def interpret_params(interpret: bool):
 TOKAMAX_VERSION = "0.0.17"
 
 
+def load_in_layout(ref, layout, optimized: bool = True):
+    """plgpu.load of a whole ref into registers in `layout`. JAX 0.11 takes the ref alone and deprecates an index
+    beside it; JAX 0.10 requires one."""
+    import inspect
+
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    if inspect.signature(plgpu.load).parameters["idx"].default is inspect.Parameter.empty:
+        return plgpu.load(ref, (), layout=layout, optimized=optimized)
+    return plgpu.load(ref, layout=layout, optimized=optimized)
+
+
 def load_tokamax(what: str):
     """The tokamax module, or an ImportError naming `what` needs it and what to install. Optional: the peers'
     wrappers (gmm/tokamax_gmm.py, doc_attention/tokamax_attention.py) import it on first use."""

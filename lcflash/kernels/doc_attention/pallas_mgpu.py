@@ -47,7 +47,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from lcflash.kernels import KERNEL_OUTPUT, interpret_params
+from lcflash.kernels import KERNEL_OUTPUT, interpret_params, load_in_layout
 from lcflash.kernels.doc_attention.reference import (LOG2E, NEG_INF, kv_block_ranges, q_block_ranges,
                                                      unmasked_runs)
 
@@ -107,7 +107,7 @@ class _Ops:
 
     def vector(self, ref, axis: int, shape):
         """A [n] smem vector broadcast along `axis` of a 2-D tile (axis 1: one value per row)."""
-        v = ref[...] if self.interpret else plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(axis))
+        v = ref[...] if self.interpret else load_in_layout(ref, plgpu.Layout.WGMMA.reduce(axis))
         return lax.broadcast_in_dim(v, shape, [1 - axis])
 
     def dots(self, *products):
