@@ -30,6 +30,8 @@ from lcflash.parallel import trace_overlap  # noqa: E402
 
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
                 "s64": 8, "u64": 8, "f64": 8}
+# The fusion a kernel was deduplicated into, which a trace names it after: an attribute or a backend_config key.
+_DEDUP = re.compile(r'deduplicated_name"?[=:]"([^"]*)"')
 _ARRAY = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([\d,]*)\]")
 
 
@@ -58,7 +60,7 @@ def hlo_ops(hlo_text: str) -> dict:
             continue
         name, shape, operands = m.groups()
         op = re.search(r'op_name="([^"]*)"', line)
-        dedup = re.search(r'deduplicated_name="([^"]*)"', line)
+        dedup = _DEDUP.search(line)
         op_name = re.sub(r"^jit\([^)]*\)/(while/body/)?", "", op.group(1)) if op else ""
         nbytes = shape_bytes(shape) + sum(shape_bytes(defs.get(o, "")) for o in re.findall(r"%([\w.\-]+)", operands))
         for key in [name] + ([dedup.group(1)] if dedup else []):
@@ -84,7 +86,7 @@ _COMP = re.compile(r"^(ENTRY )?%([\w.\-]+) .*\{\s*$")
 
 def hlo_computations(hlo_text: str) -> tuple[dict, str]:
     """({computation: [(instruction, opcode, operands, attributes, is_root)]}, entry computation's name). The
-    attributes kept: body, to_apply, calls, index and the JAX op_name."""
+    attributes kept: body, to_apply, calls, index, the JAX op_name and the deduplicated_name (`dedup`)."""
     comps, cur, entry = {}, None, None
     for line in hlo_text.split("\n"):
         m = _COMP.match(line)
@@ -104,6 +106,8 @@ def hlo_computations(hlo_text: str) -> tuple[dict, str]:
             attrs = dict(re.findall(r"\b(body|to_apply|index|calls)=%?([\w.\-]+)", rest[i:]))
             if op := re.search(r'op_name="([^"]*)"', rest[i:]):
                 attrs["op_name"] = op.group(1)
+            if dedup := _DEDUP.search(rest[i:]):
+                attrs["dedup"] = dedup.group(1)
             if opcode == "parameter":
                 attrs["number"] = args.strip()
             comps[cur].append((name, opcode, re.findall(r"%([\w.\-]+)", args), attrs, bool(root)))
@@ -187,11 +191,15 @@ def path_summary(hlo_text: str, us_each: dict | None = None) -> dict:
     """critical_path of the decode step in kernels and, with us_each (trace kernel name -> mean us), in time (a
     kernel the trace does not name, such as a custom call, weighs the median kernel), with the path's kernels
     counted by layer part (SCOPES)."""
-    med = sorted(us_each.values())[len(us_each) // 2] if us_each else 1.0
-    res = critical_path(hlo_text, weight=lambda n: us_each.get(n.replace(".", "_"), med) if us_each else 1.0)
     comps, _ = hlo_computations(hlo_text)
     attrs = {name: a for instrs in comps.values() for name, _, _, a, _ in instrs}
     roots = {c: next((a for _, _, _, a, is_root in instrs if is_root), {}) for c, instrs in comps.items()}
+    med = sorted(us_each.values())[len(us_each) // 2] if us_each else 1.0
+
+    def us(n):  # a trace names a kernel after its fusion, or the fusion XLA deduplicated it into
+        return us_each.get(attrs.get(n, {}).get("dedup", n).replace(".", "_"), med)
+
+    res = critical_path(hlo_text, weight=us if us_each else None)
 
     def op_name(n):  # a fusion without metadata (XLA:CPU leaves some) takes its fused root's
         a = attrs.get(n, {})

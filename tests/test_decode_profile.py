@@ -114,6 +114,13 @@ def test_critical_path_follows_tuple_elements_through_a_command_buffer():
     assert dp.critical_path(copy)["kernels"] == 10 and dp.critical_path(copy)["path"] == 5.0
     summary = dp.path_summary(LOOP)
     assert summary["path_kernels"] == 5 and summary["step_kernels"] == 9
+    # Timed by a trace: d2 runs as the fusion XLA deduplicated it into (d_shared), c is a custom call the trace
+    # names otherwise (the median kernel, 2 us, stands in).
+    dedup = LOOP.replace("%d2 = f32[8]{0} fusion(f32[8]{0} %d1), kind=kLoop, calls=%fused_a",
+                         '%d2 = f32[8]{0} fusion(f32[8]{0} %d1), kind=kLoop, calls=%fused_a, '
+                         'backend_config={"deduplicated_name":"d_shared"}')
+    timed = dp.path_summary(dedup, {"a": 1.0, "b": 1.0, "d1": 2.0, "d_shared": 30.0, "d3": 1.0, "e": 3.0, "f": 2.0})
+    assert timed["path_us"] == 1.0 + 2.0 + 2.0 + 30.0 + 2.0
     assert summary["path_by_scope"] == {"other": 3, "attn_0": 2}
 
 
