@@ -313,15 +313,18 @@ def launch_forms(jax, jnp, gpu: bool):
     return forms
 
 
-def mosaic_step(jax, jnp, ncta: int, tma: bool = True, smem_kib: int = 0, barrier: bool = False):
+def mosaic_step(jax, jnp, ncta: int, tma: bool = True, smem_kib: int = 0, barrier: bool = False,
+                interpret: bool = False):
     """A Mosaic GPU kernel over x [8, 1024] bf16, each of ncta CTAs on its slice of columns: x + 1 by plain global
     loads and stores (tma=False: no TMA descriptor, no shared memory; a slice needs 128 elements, one per thread
-    of the warpgroup, so at most 64 CTAs), or a copy through shared memory by TMA,
-    optionally with smem_kib more shared memory allocated and a grid barrier (a GMEM semaphore, which XLA zeroes
-    before each call) between the load and the store."""
+    of the warpgroup, so at most 64 CTAs), or a copy through shared memory by TMA, optionally with smem_kib more
+    shared memory allocated and a grid barrier (a GMEM semaphore, which XLA zeroes before each call) between the
+    load and the store. interpret: in Pallas' GPU interpreter (which runs no semaphore)."""
     from jax import lax
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    from lcflash.kernels import interpret_params
 
     cols = 1024 // ncta
 
@@ -345,7 +348,7 @@ def mosaic_step(jax, jnp, ncta: int, tma: bool = True, smem_kib: int = 0, barrie
         pl.run_scoped(scoped, plgpu.SMEM((8, cols), jnp.bfloat16), plgpu.Barrier(num_barriers=1), *pads)
 
     return plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((8, 1024), jnp.bfloat16), grid=(ncta,),
-                        grid_names=("cta",))
+                        grid_names=("cta",), interpret=interpret_params(interpret))
 
 
 def launch_rows(jax, jnp, row, reps: int = 20, calls=CALLS):

@@ -21,6 +21,14 @@ def test_per_call_counts_the_kernels_one_step_adds():
     assert float(ops.chain(forms["xla"], x + 1, 3)[0, 0]) == 8.0  # 1 -> 2 -> 4 -> 8: the steps are chained
 
 
+@pytest.mark.parametrize("tma,smem_kib", [(False, 0), (True, 0), (True, 200)])
+def test_mosaic_steps_compute_what_they_say(tma, smem_kib):
+    """In Pallas' GPU interpreter: x + 1 by plain loads, a copy by TMA (the timed steps do the work they name)."""
+    x = jax.random.normal(jax.random.key(3), (8, 1024), jnp.float32).astype(jnp.bfloat16)
+    y = ops.mosaic_step(jax, jnp, 4, tma=tma, smem_kib=smem_kib, interpret=True)(x)
+    assert jnp.array_equal(y, x + 1 if not tma else x)
+
+
 @pytest.mark.parametrize("form", ["mosaic_direct_4", "mosaic_direct_64", "mosaic_tma_4", "mosaic_tma_128",
                                   "mosaic_tma_128_smem200k", "mosaic_tma_128_barrier"])
 def test_mosaic_steps_lower_for_cuda(form):
