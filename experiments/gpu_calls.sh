@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The next GPU session's calls (experiments/HISTORY.md, session 35), one per device call:
+#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 6; call 4 takes the persistent kernels)
+# run from the repository root on the device machine, with `.whl` and `.whl-tokamax` carried (ml-collections,
+# tensorboardX and tokamax 0.0.17 with its needs, which its image lacks). Results go to $OUT (or ./out). Each step
+# has its own time limit, so a hang or a failure costs that step, not the call.
+set -u
+N=${1:?call number 1-6}
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    .whl/*.whl .whl-tokamax/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD:${PYTHONPATH:-}
+export XLA_FLAGS=--xla_gpu_per_fusion_autotune_cache_dir=/tmp/atc
+S=s36
+step() {  # step LIMIT_S COMMAND...: run it, say how it ended
+    local limit=$1; shift
+    echo "=== $* (limit ${limit}s)"
+    timeout "$limit" "$@"
+    echo "=== rc=$?"
+}
+case $N in
+1)  # tests: the persistent attention kernels bitwise against the grid ones, the fp32 checks, the peers
+    step 200 python -m pytest -n 0 -q tests/test_doc_attention.py -k persistent
+    step 150 python -m pytest -n 0 -q tests/test_train_attention.py -k fp32_as_closely
+    step 120 python -m pytest -n 0 -q tests/test_gmm.py -k "peer or tokamax"
+    ;;
+2)  # attention alone: which kernels gain as persistent CTAs; tokamax's flash attention on the same documents
+    step 560 python experiments/bench_attention.py --isolate --batch 32 --variants \
+        dpa_mask,pallas,pallas_persistent,pallas_persistent_dkv,pallas_persistent_fwd,pallas_persistent_fwd_d1,pallas_persistent_dq,tokamax_docs \
+        --out "$OUT/bench_attention_${S}_h200.json"
+    ;;
+3)  # decode: the fixed cost per kernel, per fused phase, the plain-load matvec; the batch-1 step's critical path
+    step 240 python experiments/bench_decode_ops.py --sections=launch,phases,matvec --batches=1,8 \
+        --json="$OUT/bench_decode_ops_${S}_h200.json"
+    step 240 python experiments/bench_decode.py --part=jax --batches=1 --contexts=1024 --impls=pallas --rounds=1 \
+        --no-speculative --no-dense_moe_rows --profile --dump_hlo --out_dir="$OUT" \
+        --json="$OUT/bench_decode_${S}_h200.json"
+    step 60 python experiments/decode_profile.py --hlo="$OUT/hlo_pallas_b1.txt" \
+        --trace="$OUT/trace_decode_b1_pallas.json.gz" --steps=33 --json="$OUT/decode_profile_${S}_h200.json"
+    ;;
+4)  # training A/B in one call (machines differ by ~3%): the default, then the attention kernels that gained in
+    # call 2 as persistent CTAs (second argument, e.g. fwd,dkv,dq)
+    T="python experiments/bench_train.py --gmm_impl pallas_chain --remat --warmup 2 --steps 3 --batch 32"
+    step 240 $T --profile_dir "$OUT/train_profile" --out "$OUT/bench_train_b32_${S}_default_h200.json"
+    step 240 $T --attn_persistent "${2:?the kernels that gained in call 2, e.g. fwd,dkv}" \
+        --out "$OUT/bench_train_b32_${S}_persistent_h200.json"
+    ;;
+6)  # training A/B in one call: the default against tokamax's flash attention (if tokamax_docs beat pallas in 2)
+    T="python experiments/bench_train.py --gmm_impl pallas_chain --remat --warmup 2 --steps 3 --batch 32"
+    step 240 $T --out "$OUT/bench_train_b32_${S}_default2_h200.json"
+    step 240 $T --set model.train_attn_impl=tokamax --out "$OUT/bench_train_b32_${S}_tokamax_h200.json"
+    ;;
+5)  # the expert products against JAX's example kernel and tokamax's
+    step 560 python experiments/bench_moe_gemm.py --impls pallas_chain,jax_mgpu,tokamax,einsum --pick-tokamax \
+        --quick --out "$OUT/bench_moe_gemm_peers_${S}_h200.json"
+    ;;
+*)  echo "call number 1-6" >&2; exit 2 ;;
+esac
