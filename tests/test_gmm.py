@@ -539,6 +539,27 @@ def test_tokamax_wrapper_matches_reference(monkeypatch, dtype, tol):
     assert not np.asarray(got[0][59:], np.float32).any() and not np.asarray(got[1][59:], np.float32).any()
 
 
+def test_tokamax_wrapper_gives_no_cotangent_to_rows_past_the_groups(monkeypatch):
+    """tokamax's Mosaic GPU d_rhs product reads the rows past the groups. A stand-in that does the same (its last
+    group runs on to the last row) must still give the reference's d_rhs: the wrapper zeroes those rows' cotangent
+    (the forward zeroed their output)."""
+    import types
+
+    from lcflash.kernels.gmm import tokamax_gmm
+
+    def ragged_dot(a, b, gs, preferred_element_type=None, implementation=None):
+        gs = gs.at[-1].add(a.shape[0] - jnp.sum(gs))   # rows past the groups join the last one
+        return jax.lax.ragged_dot(a, b, gs, preferred_element_type=preferred_element_type)
+
+    monkeypatch.setattr(tokamax_gmm, "load", lambda: types.SimpleNamespace(ragged_dot=ragged_dot))
+    monkeypatch.setattr(tokamax_gmm, "IMPLEMENTATION", "xla")
+    lhs, rhs, dout, sizes = _inputs(16, 90, 32, 24, [0, 11, 0, 40, 1, 7], jnp.float32)  # 31 rows past the groups
+    got = jax.jit(lambda a, b, d: _fwd_grads("tokamax", a, b, d, sizes))(lhs, rhs, dout)
+    want = _ref_fwd_grads(lhs, rhs, dout, sizes)
+    for name, g, w in zip(("out", "d_lhs", "d_rhs"), got, want):
+        assert _rel(g, w) < FP32_TOL, name
+
+
 @needs_tokamax
 def test_tokamax_forward_runs_once_under_a_kernel_outputs_policy(monkeypatch):
     """Its output and residuals are named KERNEL_OUTPUT: under a policy that keeps only those names, the gradient
