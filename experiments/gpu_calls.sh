@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The next GPU session's calls (experiments/HISTORY.md, session 35), one per device call:
-#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 6; call 4 takes the persistent kernels)
+#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 7; call 4 takes the persistent kernels)
 # run from the repository root on the device machine, with `.whl` and `.whl-tokamax` carried (ml-collections,
 # tensorboardX and tokamax 0.0.17 with its needs, which its image lacks). Results go to $OUT (or ./out). Each step
 # has its own time limit, so a hang or a failure costs that step, not the call.
 set -u
-N=${1:?call number 1-6}
+N=${1:?call number 1-7}
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -55,5 +55,10 @@ case $N in
     step 560 python experiments/bench_moe_gemm.py --impls pallas_chain,jax_mgpu,tokamax,einsum --pick-tokamax \
         --quick --out "$OUT/bench_moe_gemm_peers_${S}_h200.json"
     ;;
-*)  echo "call number 1-6" >&2; exit 2 ;;
+7)  # why the phase probe hung: its parts one by one, each in its own process (experiments/debug_phase_chain.py)
+    for v in control sem1 sem_static sem_only min_nopf min_pf few_ctas; do
+        step 25 python experiments/debug_phase_chain.py $v
+    done
+    ;;
+*)  echo "call number 1-7" >&2; exit 2 ;;
 esac
