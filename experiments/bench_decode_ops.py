@@ -78,12 +78,7 @@ def main():
 
         loop = jax.jit(lambda ops: jax.lax.fori_loop(0, args.reps, body, (jnp.float32(0), ops)))
         jax.block_until_ready(loop(operands))
-        best = []
-        for _ in range(3):
-            t = time.perf_counter()
-            jax.block_until_ready(loop(operands))
-            best.append(time.perf_counter() - t)
-        return 1e6 * min(best) / args.reps
+        return 1e6 * best_seconds(jax, loop, operands, 3) / args.reps
 
     rows = []
 

@@ -22,49 +22,46 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_decode_ops as ops  # noqa: E402
 
+
+def barriers(ncta: int, phases: int, unrolled: bool):
+    """Nothing but `phases` grid barriers on one GMEM counter, then a copy: targets as Python ints (unrolled) or
+    traced (a fori_loop), as phase_chain has them."""
+    def body(x_ref, out_ref):
+        sem = pl.get_global(plgpu.SemaphoreType.REGULAR)
+
+        def barrier(p, carry):
+            plgpu.semaphore_signal(sem, 1, memory_scope="gpu")
+            plgpu.semaphore_wait(sem, (p + 1) * ncta, decrement=False, memory_scope="gpu")
+            return carry
+
+        if unrolled:
+            for p in range(phases):
+                barrier(p, 0)
+        else:
+            lax.fori_loop(0, phases, barrier, 0)
+        out_ref[lax.axis_index("cta"), :] = x_ref[lax.axis_index("cta"), :]
+
+    return plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((ncta, 128), jnp.float32), grid=(ncta,),
+                        grid_names=("cta",))
+
+
+def run(name, kernel, x):
+    t = time.perf_counter()
+    out = jax.block_until_ready(jax.jit(kernel)(x))
+    print(name, "ran", time.perf_counter() - t, flush=True)
+    return out
+
+
 v = sys.argv[1]
 ncta, phases, rows, pf = 128, 8, 1, True
-if v == "min_nopf":
-    phases, pf = 2, False
-elif v == "min_pf":
-    phases = 2
-elif v == "p8_nopf":
-    pf = False
-elif v == "few_ctas":
-    ncta = 4
 if v == "control":   # the launch rows' barrier kernel, which ran in call 3
-    k = ops.mosaic_step(jax, jnp, 128, barrier=True)
-    x = jnp.ones((8, 1024), jnp.bfloat16)
-    t = time.perf_counter(); jax.block_until_ready(jax.jit(k)(x)); print(v, "ran", time.perf_counter() - t, flush=True)
-    sys.exit(0)
-if v == "sem1":
-    phases = 1
-    v = "sem_static"
-if v == "sem_only":   # phases of nothing but the barrier
-    def body(x_ref, out_ref):
-        sem = pl.get_global(plgpu.SemaphoreType.REGULAR)
-        def ph(p, c):
-            plgpu.semaphore_signal(sem, 1, memory_scope="gpu")
-            plgpu.semaphore_wait(sem, (p + 1) * ncta, decrement=False, memory_scope="gpu")
-            return c
-        lax.fori_loop(0, phases, ph, 0)
-        out_ref[lax.axis_index("cta"), :] = x_ref[lax.axis_index("cta"), :]
-    k = plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((ncta, 128), jnp.float32), grid=(ncta,), grid_names=("cta",))
-    x = jnp.ones((ncta, 128), jnp.float32)
-    t = time.perf_counter(); jax.block_until_ready(jax.jit(k)(x)); print(v, "ran", time.perf_counter() - t, flush=True)
-    sys.exit(0)
-if v == "sem_static":   # the same with Python-int targets (unrolled)
-    def body(x_ref, out_ref):
-        sem = pl.get_global(plgpu.SemaphoreType.REGULAR)
-        for p in range(phases):
-            plgpu.semaphore_signal(sem, 1, memory_scope="gpu")
-            plgpu.semaphore_wait(sem, (p + 1) * ncta, decrement=False, memory_scope="gpu")
-        out_ref[lax.axis_index("cta"), :] = x_ref[lax.axis_index("cta"), :]
-    k = plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((ncta, 128), jnp.float32), grid=(ncta,), grid_names=("cta",))
-    x = jnp.ones((ncta, 128), jnp.float32)
-    t = time.perf_counter(); jax.block_until_ready(jax.jit(k)(x)); print(v, "ran", time.perf_counter() - t, flush=True)
-    sys.exit(0)
-w = (jnp.arange(1, phases + 1, dtype=jnp.float32)[:, None, None, None] * jnp.ones((phases, ncta, rows, 256))).astype(jnp.bfloat16)
-t = time.perf_counter()
-out = jax.block_until_ready(jax.jit(ops.phase_chain(jax, jnp, ncta, phases, rows, pf))(w))
-print(v, "ran", time.perf_counter() - t, "ok", bool(jnp.all(out[-1] == phases * (phases + 1) / 2)), flush=True)
+    run(v, ops.mosaic_step(jax, jnp, 128, barrier=True), jnp.ones((8, 1024), jnp.bfloat16))
+elif v in ("sem1", "sem_static", "sem_only"):
+    run(v, barriers(ncta, 1 if v == "sem1" else phases, unrolled=v != "sem_only"), jnp.ones((ncta, 128), jnp.float32))
+else:
+    phases, pf, ncta = {"min_nopf": (2, False, ncta), "min_pf": (2, True, ncta), "p8_nopf": (phases, False, ncta),
+                        "few_ctas": (phases, True, 4)}[v]
+    w = (jnp.arange(1, phases + 1, dtype=jnp.float32)[:, None, None, None]
+         * jnp.ones((phases, ncta, rows, 256))).astype(jnp.bfloat16)
+    out = run(v, ops.phase_chain(jax, jnp, ncta, phases, rows, pf), w)
+    print(v, "ok", bool(jnp.all(out[-1] == phases * (phases + 1) / 2)), flush=True)

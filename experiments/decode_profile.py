@@ -120,14 +120,14 @@ def _latest(values):
     return max(flat, key=lambda d: d[0], default=(0.0, ()))
 
 
-def critical_path(hlo_text: str, computation: str | None = None, weight=None) -> dict:
+def critical_path(hlo_text: str, computation: str | None = None, weight=None, parsed=None) -> dict:
     """The longest chain of kernels through one computation of an optimised HLO, by data dependencies: what a
     step waits on if every kernel starts as soon as its inputs exist (a CUDA graph with concurrent nodes).
     computation: by default the one with the most kernels of the entry and the while bodies (a decode loop's step;
     a training step's entry). A nested while counts its body once. weight(instruction name) -> one kernel's cost
-    (default 1: the path in kernels). Returns the computation, its kernels, the path's cost and its kernels in
-    order."""
-    comps, entry = hlo_computations(hlo_text)
+    (default 1: the path in kernels). parsed: hlo_computations(hlo_text), where the caller has it already. Returns
+    the computation, its kernels, the path's cost and its kernels in order."""
+    comps, entry = parsed or hlo_computations(hlo_text)
     weight = weight or (lambda name: 1.0)
 
     def walk(comp, params):
@@ -191,7 +191,8 @@ def path_summary(hlo_text: str, us_each: dict | None = None) -> dict:
     """critical_path of the decode step in kernels and, with us_each (trace kernel name -> mean us), in time (a
     kernel the trace does not name, such as a custom call, weighs the median kernel), with the path's kernels
     counted by layer part (SCOPES)."""
-    comps, _ = hlo_computations(hlo_text)
+    parsed = hlo_computations(hlo_text)
+    comps = parsed[0]
     attrs = {name: a for instrs in comps.values() for name, _, _, a, _ in instrs}
     roots = {c: next((a for _, _, _, a, is_root in instrs if is_root), {}) for c, instrs in comps.items()}
     med = sorted(us_each.values())[len(us_each) // 2] if us_each else 1.0
@@ -199,7 +200,7 @@ def path_summary(hlo_text: str, us_each: dict | None = None) -> dict:
     def us(n):  # a trace names a kernel after its fusion, or the fusion XLA deduplicated it into
         return us_each.get(attrs.get(n, {}).get("dedup", n).replace(".", "_"), med)
 
-    res = critical_path(hlo_text, weight=us if us_each else None)
+    res = critical_path(hlo_text, weight=us if us_each else None, parsed=parsed)
 
     def op_name(n):  # a fusion without metadata (XLA:CPU leaves some) takes its fused root's
         a = attrs.get(n, {})

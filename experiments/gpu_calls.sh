@@ -13,6 +13,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD:${PYTHONPATH:-}
 export XLA_FLAGS=--xla_gpu_per_fusion_autotune_cache_dir=/tmp/atc
 S=s36
+T="python experiments/bench_train.py --gmm_impl pallas_chain --remat --warmup 2 --steps 3 --batch 32"  # calls 4, 6
 step() {  # step LIMIT_S COMMAND...: run it, say how it ended
     local limit=$1; shift
     echo "=== $* (limit ${limit}s)"
@@ -41,13 +42,11 @@ case $N in
     ;;
 4)  # training A/B in one call (machines differ by ~3%): the default, then the attention kernels that gained in
     # call 2 as persistent CTAs (second argument, e.g. fwd,dkv,dq)
-    T="python experiments/bench_train.py --gmm_impl pallas_chain --remat --warmup 2 --steps 3 --batch 32"
     step 240 $T --profile_dir "$OUT/train_profile" --out "$OUT/bench_train_b32_${S}_default_h200.json"
     step 240 $T --attn_persistent "${2:?the kernels that gained in call 2, e.g. fwd,dkv}" \
         --out "$OUT/bench_train_b32_${S}_persistent_h200.json"
     ;;
 6)  # training A/B in one call: the default against tokamax's flash attention (if tokamax_docs beat pallas in 2)
-    T="python experiments/bench_train.py --gmm_impl pallas_chain --remat --warmup 2 --steps 3 --batch 32"
     step 240 $T --out "$OUT/bench_train_b32_${S}_default2_h200.json"
     step 240 $T --set model.train_attn_impl=tokamax --out "$OUT/bench_train_b32_${S}_tokamax_h200.json"
     ;;
