@@ -46,8 +46,12 @@ def barriers(ncta: int, phases: int, unrolled: bool):
 
 
 def run(name, kernel, x):
+    """Compiles, then runs: which of the two hangs shows in the last line printed."""
     t = time.perf_counter()
-    out = jax.block_until_ready(jax.jit(kernel)(x))
+    compiled = jax.jit(kernel).lower(x).compile()
+    print(name, "compiled", time.perf_counter() - t, flush=True)
+    t = time.perf_counter()
+    out = jax.block_until_ready(compiled(x))
     print(name, "ran", time.perf_counter() - t, flush=True)
     return out
 

@@ -46,28 +46,6 @@ def shape_bytes(text: str) -> int:
     return total
 
 
-def hlo_ops(hlo_text: str) -> dict:
-    """Kernel name (dots as underscores, as in traces) -> (result shape, JAX op name, bytes of its operands and
-    results). The bytes are an upper bound on what the kernel moves: a fusion that slices an operand (one layer of
-    a stacked weight) reads less, one that reads an operand twice more."""
-    lines = hlo_text.split("\n")
-    defs = dict(m.groups() for m in (re.match(r"\s*(?:ROOT )?%([\w.\-]+) = (\(.*?\)|\S+) [\w\-]+\(", l)
-                                     for l in lines) if m)
-    info = {}
-    for line in lines:
-        m = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = (.*?) (?:fusion|custom-call)\((.*?)\)(?:, |$)", line)
-        if not m:
-            continue
-        name, shape, operands = m.groups()
-        op = re.search(r'op_name="([^"]*)"', line)
-        dedup = _DEDUP.search(line)
-        op_name = re.sub(r"^jit\([^)]*\)/(while/body/)?", "", op.group(1)) if op else ""
-        nbytes = shape_bytes(shape) + sum(shape_bytes(defs.get(o, "")) for o in re.findall(r"%([\w.\-]+)", operands))
-        for key in [name] + ([dedup.group(1)] if dedup else []):
-            info.setdefault(key.replace(".", "_"), (shape, op_name, nbytes))
-    return info
-
-
 # Ops of an optimised GPU program that launch no kernel: views, tuples, constants; `call`s (command buffers) and
 # `while`s are walked into.
 _FREE = frozenset({"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "opt-barrier", "after-all",
@@ -80,13 +58,14 @@ def _free(opcode: str) -> bool:
     return opcode in _FREE or opcode.endswith("-done")
 
 
-_INSTR = re.compile(r"\s*(ROOT )?%([\w.\-]+) = .*? ([\w\-]+)\((.*)$")
+_INSTR = re.compile(r"\s*(ROOT )?%([\w.\-]+) = (\(.*?\)|\S+) ([\w\-]+)\((.*)$")
 _COMP = re.compile(r"^(ENTRY )?%([\w.\-]+) .*\{\s*$")
 
 
 def hlo_computations(hlo_text: str) -> tuple[dict, str]:
     """({computation: [(instruction, opcode, operands, attributes, is_root)]}, entry computation's name). The
-    attributes kept: body, to_apply, calls, index, the JAX op_name and the deduplicated_name (`dedup`)."""
+    attributes kept: the result shape, body, to_apply, calls, index, the JAX op_name and the deduplicated_name
+    (`dedup`)."""
     comps, cur, entry = {}, None, None
     for line in hlo_text.split("\n"):
         m = _COMP.match(line)
@@ -97,13 +76,13 @@ def hlo_computations(hlo_text: str) -> tuple[dict, str]:
         elif line.startswith("}"):
             cur = None
         elif cur is not None and (m := _INSTR.match(line)):
-            root, name, opcode, rest = m.groups()
+            root, name, shape, opcode, rest = m.groups()
             depth, i = 1, 0
             while i < len(rest) and depth:  # the operand list ends at its matching parenthesis
                 depth += {"(": 1, ")": -1}.get(rest[i], 0)
                 i += 1
             args = rest[:i - 1]
-            attrs = dict(re.findall(r"\b(body|to_apply|index|calls)=%?([\w.\-]+)", rest[i:]))
+            attrs = dict(re.findall(r"\b(body|to_apply|index|calls)=%?([\w.\-]+)", rest[i:]), shape=shape)
             if op := re.search(r'op_name="([^"]*)"', rest[i:]):
                 attrs["op_name"] = op.group(1)
             if dedup := _DEDUP.search(rest[i:]):
@@ -112,6 +91,24 @@ def hlo_computations(hlo_text: str) -> tuple[dict, str]:
                 attrs["number"] = args.strip()
             comps[cur].append((name, opcode, re.findall(r"%([\w.\-]+)", args), attrs, bool(root)))
     return comps, entry
+
+
+def hlo_ops(hlo_text: str, parsed=None) -> dict:
+    """Kernel name (dots as underscores, as in traces) -> (result shape, JAX op name, bytes of its operands and
+    results). The bytes are an upper bound on what the kernel moves: a fusion that slices an operand (one layer of
+    a stacked weight) reads less, one that reads an operand twice more. parsed: hlo_computations(hlo_text)."""
+    comps, _ = parsed or hlo_computations(hlo_text)
+    instrs = [i for body in comps.values() for i in body]
+    shapes = {name: attrs["shape"] for name, _, _, attrs, _ in instrs}
+    info = {}
+    for name, opcode, operands, attrs, _ in instrs:
+        if opcode not in ("fusion", "custom-call"):
+            continue
+        op_name = re.sub(r"^jit\([^)]*\)/(while/body/)?", "", attrs.get("op_name", ""))
+        nbytes = shape_bytes(attrs["shape"]) + sum(shape_bytes(shapes.get(o, "")) for o in operands)
+        for key in [name] + ([attrs["dedup"]] if "dedup" in attrs else []):
+            info.setdefault(key.replace(".", "_"), (attrs["shape"], op_name, nbytes))
+    return info
 
 
 def _latest(values):
@@ -187,11 +184,11 @@ def part(kernel: str, op: str) -> str:
     return f"XLA {where}: {scope or 'other'}"
 
 
-def path_summary(hlo_text: str, us_each: dict | None = None) -> dict:
+def path_summary(hlo_text: str, us_each: dict | None = None, parsed=None) -> dict:
     """critical_path of the decode step in kernels and, with us_each (trace kernel name -> mean us), in time (a
     kernel the trace does not name, such as a custom call, weighs the median kernel), with the path's kernels
-    counted by layer part (SCOPES)."""
-    parsed = hlo_computations(hlo_text)
+    counted by layer part (SCOPES). parsed: hlo_computations(hlo_text)."""
+    parsed = parsed or hlo_computations(hlo_text)
     comps = parsed[0]
     attrs = {name: a for instrs in comps.values() for name, _, _, a, _ in instrs}
     roots = {c: next((a for _, _, _, a, is_root in instrs if is_root), {}) for c, instrs in comps.items()}
@@ -213,16 +210,17 @@ def path_summary(hlo_text: str, us_each: dict | None = None) -> dict:
             "computation": res["computation"]}
 
 
-def _safe_path_summary(hlo_text: str, us_each: dict) -> dict:
+def _safe_path_summary(hlo_text: str, us_each: dict, parsed) -> dict:
     """path_summary, or why not: a text it cannot parse must not cost the rest of a profile."""
     try:
-        return path_summary(hlo_text, us_each)
+        return path_summary(hlo_text, us_each, parsed)
     except Exception as e:  # noqa: BLE001
         return {"error": f"{type(e).__name__}: {e}"[:500]}
 
 
 def profile(hlo_text: str, trace_path: str, steps: int, top: int = 25) -> dict:
-    info = hlo_ops(hlo_text)
+    parsed = hlo_computations(hlo_text)
+    info = hlo_ops(hlo_text, parsed)
     trace = trace_overlap.load_trace(trace_path)
     by, device_events, _ = trace_overlap.kernel_totals(trace)
     per_op = collections.defaultdict(lambda: [0.0, 0.0])
@@ -241,7 +239,7 @@ def profile(hlo_text: str, trace_path: str, steps: int, top: int = 25) -> dict:
     ops = [dict(op=o, kernels_per_step=c, us_per_step=t) for o, (c, t) in sorted(per_op.items(), key=lambda kv: -kv[1][1])]
     return {"kernels_per_step": sum(c for c, _ in by.values()) / steps,
             "busy_us_per_step": sum(t for _, t in by.values()) / steps, **launch_view(trace, device_events, steps),
-            "critical_path": _safe_path_summary(hlo_text, {n: t / c for n, (c, t) in by.items() if c}),
+            "critical_path": _safe_path_summary(hlo_text, {n: t / c for n, (c, t) in by.items() if c}, parsed),
             "top_kernels": kernels, "by_op": ops,
             "by_part": [dict(part=k, kernels_per_step=c, us_per_step=t)
                         for k, (c, t) in sorted(per_part.items(), key=lambda kv: -kv[1][1])]}
