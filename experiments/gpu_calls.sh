@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The next GPU session's calls (experiments/HISTORY.md, session 35), one per device call:
-#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 7; call 4 takes the persistent kernels)
+#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 8; call 4 takes the persistent kernels)
 # run from the repository root on the device machine, with `.whl` and `.whl-tokamax` carried (ml-collections,
 # tensorboardX and tokamax 0.0.17 with its needs, which its image lacks). Results go to $OUT (or ./out). Each step
 # has its own time limit, so a hang or a failure costs that step, not the call.
 set -u
-N=${1:?call number 1-7}
+N=${1:?call number 1-8}
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -59,5 +59,15 @@ case $N in
         step 25 python experiments/debug_phase_chain.py $v
     done
     ;;
-*)  echo "call number 1-7" >&2; exit 2 ;;
+8)  # decode A/B in one call: the query straight from the layer input (w_q_x, session 36) against from q_a's output;
+    # the batch-1 profiles say whether the critical path lost a kernel
+    step 400 python experiments/bench_decode.py --part=jax --batches=1,8 --contexts=1024 --impls=pallas,pallas+no_q_x \
+        --rounds=2 --no-speculative --no-dense_moe_rows --profile --dump_hlo --out_dir="$OUT" \
+        --json="$OUT/bench_decode_qx_${S}_h200.json"
+    for v in pallas pallas_no_q_x; do
+        step 60 python experiments/decode_profile.py --hlo="$OUT/hlo_${v}_b1.txt" \
+            --trace="$OUT/trace_decode_b1_${v}.json.gz" --steps=33 --json="$OUT/decode_profile_qx_${v}_${S}_h200.json"
+    done
+    ;;
+*)  echo "call number 1-8" >&2; exit 2 ;;
 esac
