@@ -59,8 +59,8 @@ XLA_OPTIONS = {
 # "+eager_norms", every norm applied before its matvec (decode.DEFER_NORMS off). (The session's "+merge3" measured
 # a one-reduction merge of the kernel's splits, commit 786b589, against these three kernels: no gain, reverted. Session
 # 24's "+cluster_merge" merged them inside the kernel, in a thread-block cluster, commit 3968d79: no gain, reverted.)
-# "+no_q_x": the query from q_a's output (w_q_lat), not straight from the layer input (w_q_x; session 36).
-VARIANTS = ("unmerged", "eager_norms", "no_q_x")
+# "+q_x": the query straight from the layer input (decode.QUERY_FROM_INPUT, session 36; off by default).
+VARIANTS = ("unmerged", "eager_norms", "q_x")
 
 
 def attn_impl(impl: str) -> str:
@@ -186,11 +186,15 @@ def run_jax(args):
         key = impl + ("" if moe == args.moe_impl else f"/{moe}")
         if key not in gens:
             w = base.dm.weights
-            from lcflash.infer.decode import PRODUCTS, without_products
+            from lcflash.infer import decode
             if "+unmerged" in impl:
-                w = without_products(w, PRODUCTS)
-            elif "+no_q_x" in impl:
-                w = without_products(w, ("w_q_x",))
+                w = decode.without_products(w, decode.PRODUCTS)
+            elif "+q_x" in impl:
+                decode.QUERY_FROM_INPUT = True   # read by split_weights
+                try:
+                    w = decode.split_weights(model)
+                finally:
+                    decode.QUERY_FROM_INPUT = False
             gens[key] = Generator(model, attn_impl(impl), moe, weights=w)
         return key
 
@@ -546,7 +550,7 @@ def main():
     ap.add_argument("--impls", default="absorbed,pallas", help="attention: absorbed (XLA), pallas (our kernel), "
                     "pallas@sN (the kernel with at most N context splits; pallas@s1: no merge kernels); +name suffixes: "
                     "XLA options (XLA_OPTIONS: lhs, cc, pdl, while) or the decode path as before session 22 or 36 "
-                    "(VARIANTS: unmerged, eager_norms, no_q_x), e.g. pallas+unmerged+eager_norms+lhs")
+                    "(VARIANTS: unmerged, eager_norms, q_x), e.g. pallas+unmerged+eager_norms+lhs")
     ap.add_argument("--moe_impl", default="auto")
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--speculative", action=argparse.BooleanOptionalAction, default=True,

@@ -11,10 +11,10 @@ and concatenates the projections that read the same input into one matvec:
   W_UK and W_UV (absorbed attention) as [H, R, nope] and [H, v, R]; w_q_b as [H, qk_head, q_lora]; w_o [D, H, v].
   Where they are no larger (`absorbed_products_pay`: configs/small.py, not LongCat-Flash), also the products
   W_UK . w_q_b and w_o . W_UV, which absorbed decode reads instead: two matvecs fewer per sublayer on a step's
-  critical path. Where it costs only a few MB more (`query_from_input_pays`: configs/small.py), also the query
-  straight from the layer input, W_UK . w_q_b . diag(q_a_norm) . w_q_a, so the query matvec runs beside the q_a
-  matvec instead of after it (q_a still gives the norm's scale). They are derived arrays beside the one copy of the
-  model's weights (prefill uses the originals).
+  critical path. With `QUERY_FROM_INPUT` (off: not yet measured on a GPU), where it costs only a few MB more
+  (`query_from_input_pays`), also the query straight from the layer input, W_UK . w_q_b . diag(q_a_norm) . w_q_a,
+  so the query matvec runs beside the q_a matvec instead of after it (q_a still gives the norm's scale). They are
+  derived arrays beside the one copy of the model's weights (prefill uses the originals).
 * dense FFN: gate and up -> `w_gate_up` [2F, D]; down [D, F].
 * MoE: router [N + Z, D] (fp32); experts gate/up [E, I, D], down [E, D, I] (each slot's matvecs reduce over the
   contiguous axis of the gathered expert). The experts' gate and up stay two arrays under the model's names
@@ -134,8 +134,12 @@ def absorbed_products_pay(cfg: ModelConfig) -> tuple[bool, bool]:
     return H * R * Q <= H * nope * Q + H * R * nope, D * H * R <= H * v * R + D * H * v
 
 
+# Store `w_q_x` where it pays (read by split_weights). Off until a GPU A/B decides
+# (`bench_decode.py --impls=pallas,pallas+q_x`): on a batch-1 step the query path then waits on q_a's norm instead
+# of its matvec, and the cache write's path (q_a|kv_a matvec, norm, write) is as long, so it may gain nothing.
+QUERY_FROM_INPUT = False
 # The most elements `w_q_x` may add to the w_q_lat it replaces, per sublayer: 2M (4 MB in bf16, ~1.2 us at an
-# H200's 3.4 TB/s) stays below what the dependent kernel it saves costs at batch 1 (~3 us; experiments/RESULTS.md).
+# H200's 3.4 TB/s) stays below what one dependent kernel costs at batch 1 (~1.5-2 us; experiments/RESULTS.md).
 QUERY_FROM_INPUT_MAX_EXTRA = 2 * 2**20
 
 
@@ -148,25 +152,33 @@ def query_from_input_pays(cfg: ModelConfig) -> bool:
     return absorbed_products_pay(cfg)[0] and extra <= QUERY_FROM_INPUT_MAX_EXTRA
 
 
+def _query_lat(cfg: ModelConfig, p: AttnWeights) -> jax.Array:
+    """[W_UK . w_q_b's nope half | w_q_b's rope half] [H, R + rope, Q], fp32."""
+    nope = cfg.qk_nope_head_dim
+    w_q_b = p.w_q_b.astype(F32)
+    lat = jnp.einsum("hrk,hkq->hrq", p.w_uk.astype(F32), w_q_b[:, :nope], precision=jax.lax.Precision.HIGHEST)
+    return jnp.concatenate([lat, w_q_b[:, nope:]], axis=1)
+
+
 def absorb_products(cfg: ModelConfig, p: AttnWeights) -> AttnWeights:
-    """Adds the absorbed products that pay (`absorbed_products_pay`, `query_from_input_pays`), computed in fp32 and
-    stored in the weights' dtype: the same linear maps as the matvecs in turn, with one rounding of the product
-    instead of one of each intermediate vector."""
+    """Adds the absorbed products that pay (`absorbed_products_pay`), computed in fp32 and stored in the weights'
+    dtype: the same linear maps as the two matvecs in turn, with one rounding of the product instead of one of
+    the intermediate vector."""
     merge_q, merge_o = absorbed_products_pay(cfg)
-    nope, hi = cfg.qk_nope_head_dim, jax.lax.Precision.HIGHEST
     dtype = p.w_q_b.dtype
-    w_q_lat = w_o_lat = w_q_x = None
-    if merge_q:
-        w_q_b = p.w_q_b.astype(F32)
-        lat = jnp.einsum("hrk,hkq->hrq", p.w_uk.astype(F32), w_q_b[:, :nope], precision=hi)
-        lat = jnp.concatenate([lat, w_q_b[:, nope:]], axis=1)
-        w_q_lat = lat.astype(dtype)
-        if query_from_input_pays(cfg):
-            w_q_a = p.w_qkv_a[:cfg.q_lora_rank].astype(F32) * p.q_a_norm.astype(F32)[:, None]
-            w_q_x = jnp.einsum("hnq,qd->hnd", lat, w_q_a, precision=hi).astype(dtype)
+    w_q_lat = _query_lat(cfg, p).astype(dtype) if merge_q else None
+    w_o_lat = None
     if merge_o:
-        w_o_lat = jnp.einsum("dhv,hvr->dhr", p.w_o.astype(F32), p.w_uv.astype(F32), precision=hi).astype(dtype)
-    return p._replace(w_q_lat=w_q_lat, w_o_lat=w_o_lat, w_q_x=w_q_x)
+        w_o_lat = jnp.einsum("dhv,hvr->dhr", p.w_o.astype(F32), p.w_uv.astype(F32),
+                             precision=jax.lax.Precision.HIGHEST).astype(dtype)
+    return p._replace(w_q_lat=w_q_lat, w_o_lat=w_o_lat)
+
+
+def add_query_from_input(cfg: ModelConfig, p: AttnWeights) -> AttnWeights:
+    """`p` with w_q_x = w_q_lat . diag(q_a_norm) . w_q_a, from the fp32 products (one rounding)."""
+    w_q_a = p.w_qkv_a[:cfg.q_lora_rank].astype(F32) * p.q_a_norm.astype(F32)[:, None]
+    w_q_x = jnp.einsum("hnq,qd->hnd", _query_lat(cfg, p), w_q_a, precision=jax.lax.Precision.HIGHEST)
+    return p._replace(w_q_x=w_q_x.astype(p.w_q_b.dtype))
 
 
 def read_by_decode(p: AttnWeights) -> AttnWeights:
@@ -263,6 +275,7 @@ def _take_layer(cfg: ModelConfig, stacked: dict, i) -> LayerWeights:
 
 
 _take_mtp = jax.jit(mtp_to_decode, static_argnums=0)
+_add_q_x = jax.jit(add_query_from_input, static_argnums=0)
 
 
 def split_weights(model) -> DecodeWeights:
@@ -275,6 +288,9 @@ def split_weights(model) -> DecodeWeights:
     if model.mtp is not None:
         pure = nnx.to_pure_dict(nnx.state(model.mtp))   # its embedding table stays the model's array
         mtp = _take_mtp(cfg, {**pure, "embed": None})._replace(embed=pure["embed"])
+    if QUERY_FROM_INPUT and query_from_input_pays(cfg):
+        layers = tuple(p._replace(attn_0=_add_q_x(cfg, p.attn_0), attn_1=_add_q_x(cfg, p.attn_1)) for p in layers)
+        mtp = mtp if mtp is None else mtp._replace(attn=_add_q_x(cfg, mtp.attn))
     return DecodeWeights(model.embed[...], model.norm.weight[...], jnp.transpose(model.lm_head[...]), layers, mtp)
 
 
