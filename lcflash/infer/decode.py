@@ -415,12 +415,12 @@ def mla_latents(cfg: ModelConfig, p: AttnWeights, x_btd, cos_btd, sin_btd, absor
     c_btr = apply_rms_scale(a_btn[..., Q:Q + R], p.kv_a_norm, r_c) * cfg.alpha_kv
     kpe_btd = apply_rope(a_btn[..., None, Q + R:], cos_btd, sin_btd)[..., 0, :]
     kv = LatentKV(c_btr, kpe_btd)
-    if absorbed and p.w_q_x is not None:
-        xw, r = (x_btd.xw, x_btd.r * r_q) if isinstance(x_btd, Normed) else (x_btd, r_q)
-        q_bthn = matvec("btd,hnd->bthn", Normed(xw, r), p.w_q_x, cfg.alpha_q)
-        return q_bthn[..., :R], apply_rope(q_bthn[..., R:], cos_btd, sin_btd), kv
     if absorbed and p.w_q_lat is not None:
-        q_bthn = matvec("btq,hnq->bthn", cq, p.w_q_lat, cfg.alpha_q)
+        if p.w_q_x is not None:
+            xw, r = (x_btd.xw, x_btd.r * r_q) if isinstance(x_btd, Normed) else (x_btd, r_q)
+            q_bthn = matvec("btd,hnd->bthn", Normed(xw, r), p.w_q_x, cfg.alpha_q)
+        else:
+            q_bthn = matvec("btq,hnq->bthn", cq, p.w_q_lat, cfg.alpha_q)
         return q_bthn[..., :R], apply_rope(q_bthn[..., R:], cos_btd, sin_btd), kv
     q_bthk = matvec("btr,hkr->bthk", cq, p.w_q_b, cfg.alpha_q)
     q_pe = apply_rope(q_bthk[..., nope:], cos_btd, sin_btd)
