@@ -59,15 +59,11 @@ case $N in
         step 25 python experiments/debug_phase_chain.py $v
     done
     ;;
-8)  # decode A/B in one call: the query from q_a's output (the default) against straight from the layer input
-    # (w_q_x, session 36); the batch-1 profiles say whether the critical path lost a kernel
-    step 400 python experiments/bench_decode.py --part=jax --batches=1,8 --contexts=1024 --impls=pallas,pallas+q_x \
-        --rounds=2 --no-speculative --no-dense_moe_rows --profile --dump_hlo --out_dir="$OUT" \
+8)  # decode A/B in one call: the query straight from the layer input (w_q_x, session 36) from 8 token rows on (the
+    # default) against never (+no_q_x) and always (+q_x); batch 64 is where its extra bytes weigh most
+    step 560 python experiments/bench_decode.py --part=jax --batches=1,8,64 --contexts=1024 \
+        --impls=pallas,pallas+no_q_x,pallas+q_x --rounds=2 --no-speculative --no-dense_moe_rows \
         --json="$OUT/bench_decode_qx_${S}_h200.json"
-    for v in pallas pallas_q_x; do
-        step 60 python experiments/decode_profile.py --hlo="$OUT/hlo_${v}_b1.txt" \
-            --trace="$OUT/trace_decode_b1_${v}.json.gz" --steps=33 --json="$OUT/decode_profile_qx_${v}_${S}_h200.json"
-    done
     ;;
 *)  echo "call number 1-8" >&2; exit 2 ;;
 esac

@@ -40,10 +40,9 @@ def test_layout_is_one_copy_that_converts_back_exactly(tiny):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     np.testing.assert_array_equal(np.asarray(w.lm_head), np.asarray(tiny.lm_head[...]).T)
     # No second copy: the decode layers hold exactly the model's layer bytes, plus the absorbed products (tiny:
-    # both pay, each the size of the matrix it merges into; w_q_x is off by default).
-    assert decode.absorbed_products_pay(cfg) == (True, True)
-    merged = [x for p in w.layers for a in (p.attn_0, p.attn_1) for x in (a.w_q_lat, a.w_o_lat)]
-    assert all(a.w_q_x is None for p in w.layers for a in (p.attn_0, p.attn_1))
+    # all three pay).
+    assert decode.absorbed_products_pay(cfg) == (True, True) and decode.query_from_input_pays(cfg)
+    merged = [x for p in w.layers for a in (p.attn_0, p.attn_1) for x in (a.w_q_lat, a.w_o_lat, a.w_q_x)]
     layer_bytes = sum(x.nbytes for x in jax.tree.leaves(w.layers))
     assert layer_bytes == sum(x.nbytes for x in jax.tree.leaves(stacked)) + sum(x.nbytes for x in merged)
 
@@ -64,25 +63,27 @@ def reference(tiny):
 
 
 @pytest.mark.parametrize("attn_impl,moe_impl,merged,deferred", [
-    ("absorbed", "gather", "lat", True), ("absorbed", "dense", "lat", True), ("absorbed", "model", "lat", True),
-    ("absorbed", "gather", "none", False), ("absorbed", "gather", "q_x", True), ("absorbed", "dense", "q_x", True),
-    ("absorbed", "gather", "q_x", False), ("expanded", "auto", "lat", True)])
+    ("absorbed", "gather", "default", True), ("absorbed", "dense", "default", True),
+    ("absorbed", "model", "default", True), ("absorbed", "gather", "none", False), ("absorbed", "gather", "lat", True),
+    ("absorbed", "gather", "q_x", True), ("absorbed", "gather", "q_x", False), ("expanded", "auto", "default", True)])
 def test_decode_only_forward_equals_model_forward(tiny, reference, attn_impl, moe_impl, merged, deferred,
                                                   monkeypatch):
     """Every token through the decode path (no prefill): 4 tokens, then 1, from an empty cache; the logits equal
     the plain forward over the whole sequence, and the MTP slot (decode path too) gives model.mtp_logits.
-    merged="lat": the default absorbed products; "none": absorbed attention through W_UK and W_UV in turn instead;
-    "q_x": also the query straight from the layer input (QUERY_FROM_INPUT); deferred=False: every norm applied
-    before its matvec (the decode path before session 22)."""
+    merged="default": the absorbed products, the query straight from the layer input (w_q_x) where a step has at
+    least QUERY_FROM_INPUT_MIN_ROWS token rows (2 x 4 here: the first step does, the second, 2 x 1, does not);
+    "lat" / "q_x": from q_a's output / the layer input in every step; "none": absorbed attention through W_UK and
+    W_UV in turn; deferred=False: every norm applied before its matvec (the decode path before session 22)."""
     cfg = tiny.cfg
     tokens, want, want_mtp = reference
     monkeypatch.setattr(decode, "DEFER_NORMS", deferred)
-    monkeypatch.setattr(decode, "QUERY_FROM_INPUT", merged == "q_x")
+    assert decode.QUERY_FROM_INPUT_MIN_ROWS == 8
+    monkeypatch.setattr(decode, "QUERY_FROM_INPUT_MIN_ROWS", {"lat": 10**9, "q_x": 1}.get(merged, 8))
     dm = decode.DecodeModel(tiny, attn_impl)
     if merged == "none":
         dm.weights = decode.without_products(dm.weights)
     attn = dm.weights.layers[0].attn_0
-    assert (attn.w_q_x is not None) == (merged == "q_x") and (attn.w_q_lat is not None) == (merged != "none")
+    assert (attn.w_q_x is not None) == (attn.w_q_lat is not None) == (merged != "none")
 
     @jax.jit
     def run(w, tokens):
@@ -132,10 +133,9 @@ def test_absorbed_products_only_where_they_are_no_larger():
     assert decode.read_by_decode(p) == p
 
 
-def test_query_from_input_only_where_it_costs_little(monkeypatch):
-    """configs/small.py would store w_q_x (1.2M elements more than w_q_lat per sublayer); a model whose product
-    would add more than QUERY_FROM_INPUT_MAX_EXTRA does not; the floor's byte count leaves it out either way."""
-    monkeypatch.setattr(decode, "QUERY_FROM_INPUT", True)
+def test_query_from_input_only_where_it_costs_little():
+    """configs/small.py stores w_q_x (1.2M elements more than w_q_lat per sublayer); a model whose product would
+    add more than QUERY_FROM_INPUT_MAX_EXTRA does not; the floor's byte count leaves it out either way."""
     small = model_config(load_config("configs/small.py"))
     assert decode.query_from_input_pays(small)
     assert not decode.query_from_input_pays(small.replace(hidden_size=8192))

@@ -11,10 +11,11 @@ and concatenates the projections that read the same input into one matvec:
   W_UK and W_UV (absorbed attention) as [H, R, nope] and [H, v, R]; w_q_b as [H, qk_head, q_lora]; w_o [D, H, v].
   Where they are no larger (`absorbed_products_pay`: configs/small.py, not LongCat-Flash), also the products
   W_UK . w_q_b and w_o . W_UV, which absorbed decode reads instead: two matvecs fewer per sublayer on a step's
-  critical path. With `QUERY_FROM_INPUT` (off: not yet measured on a GPU), where it costs only a few MB more
-  (`query_from_input_pays`), also the query straight from the layer input, W_UK . w_q_b . diag(q_a_norm) . w_q_a,
-  so the query matvec runs beside the q_a matvec instead of after it (q_a still gives the norm's scale). They are
-  derived arrays beside the one copy of the model's weights (prefill uses the originals).
+  critical path. Where it costs only a few MB more (`query_from_input_pays`: configs/small.py), also the query
+  straight from the layer input, W_UK . w_q_b . diag(q_a_norm) . w_q_a, which steps of at least
+  `QUERY_FROM_INPUT_MIN_ROWS` token rows read instead of w_q_lat: their query matvec runs beside the q_a matvec
+  instead of after it (q_a still gives the norm's scale). They are derived arrays beside the one copy of the
+  model's weights (prefill uses the originals).
 * dense FFN: gate and up -> `w_gate_up` [2F, D]; down [D, F].
 * MoE: router [N + Z, D] (fp32); experts gate/up [E, I, D], down [E, D, I] (each slot's matvecs reduce over the
   contiguous axis of the gathered expert). The experts' gate and up stay two arrays under the model's names
@@ -134,10 +135,11 @@ def absorbed_products_pay(cfg: ModelConfig) -> tuple[bool, bool]:
     return H * R * Q <= H * nope * Q + H * R * nope, D * H * R <= H * v * R + D * H * v
 
 
-# Store `w_q_x` where it pays (read by split_weights). Off until a GPU A/B decides
-# (`bench_decode.py --impls=pallas,pallas+q_x`): on a batch-1 step the query path then waits on q_a's norm instead
-# of its matvec, and the cache write's path (q_a|kv_a matvec, norm, write) is as long, so it may gain nothing.
-QUERY_FROM_INPUT = False
+# Steps with at least this many token rows (batch x new tokens; read while tracing) take the query from the layer
+# input (`w_q_x`), fewer from q_a's output. On an H200 (configs/small.py, 1k context, experiments/HISTORY.md session
+# 36) w_q_x made batch 8 5-8% faster and batch 1 12-16% slower: XLA's matvec of the larger product took 6.2 us
+# against 2.2 us for w_q_lat's, and at batch 1 that costs more than the kernel it takes off the critical path.
+QUERY_FROM_INPUT_MIN_ROWS = 8
 # The most elements `w_q_x` may add to the w_q_lat it replaces, per sublayer: 2M (4 MB in bf16, ~1.2 us at an
 # H200's 3.4 TB/s) stays below what one dependent kernel costs at batch 1 (~1.5-2 us; experiments/RESULTS.md).
 QUERY_FROM_INPUT_MAX_EXTRA = 2 * 2**20
@@ -161,24 +163,21 @@ def _query_lat(cfg: ModelConfig, p: AttnWeights) -> jax.Array:
 
 
 def absorb_products(cfg: ModelConfig, p: AttnWeights) -> AttnWeights:
-    """Adds the absorbed products that pay (`absorbed_products_pay`), computed in fp32 and stored in the weights'
-    dtype: the same linear maps as the two matvecs in turn, with one rounding of the product instead of one of
-    the intermediate vector."""
+    """Adds the absorbed products that pay (`absorbed_products_pay`, `query_from_input_pays`), computed in fp32 and
+    stored in the weights' dtype: the same linear maps as the matvecs in turn, with one rounding of the product
+    instead of one of each intermediate vector."""
     merge_q, merge_o = absorbed_products_pay(cfg)
-    dtype = p.w_q_b.dtype
-    w_q_lat = _query_lat(cfg, p).astype(dtype) if merge_q else None
-    w_o_lat = None
+    hi, dtype = jax.lax.Precision.HIGHEST, p.w_q_b.dtype
+    w_q_lat = w_o_lat = w_q_x = None
+    if merge_q:
+        lat = _query_lat(cfg, p)
+        w_q_lat = lat.astype(dtype)
+        if query_from_input_pays(cfg):
+            w_q_a = p.w_qkv_a[:cfg.q_lora_rank].astype(F32) * p.q_a_norm.astype(F32)[:, None]
+            w_q_x = jnp.einsum("hnq,qd->hnd", lat, w_q_a, precision=hi).astype(dtype)
     if merge_o:
-        w_o_lat = jnp.einsum("dhv,hvr->dhr", p.w_o.astype(F32), p.w_uv.astype(F32),
-                             precision=jax.lax.Precision.HIGHEST).astype(dtype)
-    return p._replace(w_q_lat=w_q_lat, w_o_lat=w_o_lat)
-
-
-def add_query_from_input(cfg: ModelConfig, p: AttnWeights) -> AttnWeights:
-    """`p` with w_q_x = w_q_lat . diag(q_a_norm) . w_q_a, from the fp32 products (one rounding)."""
-    w_q_a = p.w_qkv_a[:cfg.q_lora_rank].astype(F32) * p.q_a_norm.astype(F32)[:, None]
-    w_q_x = jnp.einsum("hnq,qd->hnd", _query_lat(cfg, p), w_q_a, precision=jax.lax.Precision.HIGHEST)
-    return p._replace(w_q_x=w_q_x.astype(p.w_q_b.dtype))
+        w_o_lat = jnp.einsum("dhv,hvr->dhr", p.w_o.astype(F32), p.w_uv.astype(F32), precision=hi).astype(dtype)
+    return p._replace(w_q_lat=w_q_lat, w_o_lat=w_o_lat, w_q_x=w_q_x)
 
 
 def read_by_decode(p: AttnWeights) -> AttnWeights:
@@ -275,7 +274,6 @@ def _take_layer(cfg: ModelConfig, stacked: dict, i) -> LayerWeights:
 
 
 _take_mtp = jax.jit(mtp_to_decode, static_argnums=0)
-_add_q_x = jax.jit(add_query_from_input, static_argnums=0)
 
 
 def split_weights(model) -> DecodeWeights:
@@ -288,9 +286,6 @@ def split_weights(model) -> DecodeWeights:
     if model.mtp is not None:
         pure = nnx.to_pure_dict(nnx.state(model.mtp))   # its embedding table stays the model's array
         mtp = _take_mtp(cfg, {**pure, "embed": None})._replace(embed=pure["embed"])
-    if QUERY_FROM_INPUT and query_from_input_pays(cfg):
-        layers = tuple(p._replace(attn_0=_add_q_x(cfg, p.attn_0), attn_1=_add_q_x(cfg, p.attn_1)) for p in layers)
-        mtp = mtp if mtp is None else mtp._replace(attn=_add_q_x(cfg, mtp.attn))
     return DecodeWeights(model.embed[...], model.norm.weight[...], jnp.transpose(model.lm_head[...]), layers, mtp)
 
 
@@ -407,7 +402,8 @@ def mla_latents(cfg: ModelConfig, p: AttnWeights, x_btd, cos_btd, sin_btd, absor
     """lcflash/model/mla.py's MLA.latents (x_btd normed, or Normed): queries (nope, roped) and this token's latent
     KV. The q_a norm is deferred past the query matvec (`Normed`). absorbed: the nope query mapped into the latent
     space (q_lat [B, T, H, R]) in its place, by the merged product where it is stored (`w_q_lat`: one matvec for
-    both query parts; `w_q_x`: that one straight from x_btd, beside the q_a matvec, scaled by q_a's norm after)."""
+    both query parts; `w_q_x`: that one straight from x_btd, beside the q_a matvec, scaled by q_a's norm after, at
+    `QUERY_FROM_INPUT_MIN_ROWS` token rows or more)."""
     Q, R, nope = cfg.q_lora_rank, cfg.kv_lora_rank, cfg.qk_nope_head_dim
     a_btn = matvec("btd,nd->btn", x_btd, p.w_qkv_a)
     r_q, r_c = rms_scales(a_btn, (Q, R), cfg.mla_norm_eps)
@@ -416,7 +412,7 @@ def mla_latents(cfg: ModelConfig, p: AttnWeights, x_btd, cos_btd, sin_btd, absor
     kpe_btd = apply_rope(a_btn[..., None, Q + R:], cos_btd, sin_btd)[..., 0, :]
     kv = LatentKV(c_btr, kpe_btd)
     if absorbed and p.w_q_lat is not None:
-        if p.w_q_x is not None:
+        if p.w_q_x is not None and a_btn.shape[0] * a_btn.shape[1] >= QUERY_FROM_INPUT_MIN_ROWS:
             xw, r = (x_btd.xw, x_btd.r * r_q) if isinstance(x_btd, Normed) else (x_btd, r_q)
             q_bthn = matvec("btd,hnd->bthn", Normed(xw, r), p.w_q_x, cfg.alpha_q)
         else:
