@@ -58,10 +58,10 @@ XLA_OPTIONS = {
 # As before session 22: "+unmerged", absorbed attention through W_UK and W_UV in turn, without the merged products;
 # "+eager_norms", every norm applied before its matvec (decode.DEFER_NORMS off). (The session's "+merge3" measured
 # a one-reduction merge of the kernel's splits, commit 786b589, against these three kernels: no gain, reverted. Session
-# 24's "+cluster_merge" merged them inside the kernel, in a thread-block cluster, commit 3968d79: no gain, reverted.)
-# "+q_x" / "+no_q_x": the query straight from the layer input (w_q_x, session 36) at every batch / at none (by
-# default from decode.QUERY_FROM_INPUT_MIN_ROWS token rows on).
-VARIANTS = ("unmerged", "eager_norms", "q_x", "no_q_x")
+# 24's "+cluster_merge" merged them inside the kernel, in a thread-block cluster, commit 3968d79: no gain, reverted.
+# Session 36's "+q_x" / "+no_q_x" took the query straight from the layer input, commit 318b143: batch 8 2-8% faster,
+# batches 1 and 64 6-16% slower, reverted.)
+VARIANTS = ("unmerged", "eager_norms")
 
 
 def attn_impl(impl: str) -> str:
@@ -150,7 +150,6 @@ def run_jax(args):
     from flax import nnx
 
     from lcflash.config import load_config, model_config
-    from lcflash.infer import decode
     from lcflash.infer.cache import DecodeCache, bytes_per_token
     from lcflash.infer.generation import Generator
     from lcflash.model import LongcatFlash
@@ -189,9 +188,8 @@ def run_jax(args):
         if key not in gens:
             w = base.dm.weights
             if "+unmerged" in impl:
-                w = decode.without_products(w, decode.PRODUCTS)
-            elif "+no_q_x" in impl:
-                w = decode.without_products(w, ("w_q_x",))
+                from lcflash.infer.decode import without_absorbed_products
+                w = without_absorbed_products(w)
             gens[key] = Generator(model, attn_impl(impl), moe, weights=w)
         return key
 
@@ -229,8 +227,6 @@ def run_jax(args):
         for impl in args.impls:
             jobs.append((impl, generator(impl, args.moe_impl), args.moe_impl, 1, args.contexts[0], "speculative"))
 
-    q_x_rows = decode.QUERY_FROM_INPUT_MIN_ROWS
-
     def lower(prog):
         gkey, B, S, kind = prog
         g = gens[gkey]
@@ -238,8 +234,8 @@ def run_jax(args):
         splits = gkey.split("/")[0].partition("+")[0].partition("@s")[2]
         from lcflash.kernels.mla_decode import pallas_mgpu
         pallas_mgpu.MAX_SPLITS = int(splits) if splits else None   # read while tracing: choose_splits
+        from lcflash.infer import decode
         decode.DEFER_NORMS = "+eager_norms" not in gkey   # read while tracing
-        decode.QUERY_FROM_INPUT_MIN_ROWS = 1 if "+q_x" in gkey else q_x_rows
         cache = jax.eval_shape(lambda: DecodeCache.zeros(cfg, B, S, mtp=kind == "speculative"))
         b32 = jax.ShapeDtypeStruct((B,), jnp.int32)
         if kind == "speculative":
@@ -548,8 +544,8 @@ def main():
     ap.add_argument("--contexts", default="1024,8192,32768")
     ap.add_argument("--impls", default="absorbed,pallas", help="attention: absorbed (XLA), pallas (our kernel), "
                     "pallas@sN (the kernel with at most N context splits; pallas@s1: no merge kernels); +name suffixes: "
-                    "XLA options (XLA_OPTIONS: lhs, cc, pdl, while) or the decode path as before session 22 or 36 "
-                    "(VARIANTS: unmerged, eager_norms, q_x, no_q_x), e.g. pallas+unmerged+eager_norms+lhs")
+                    "XLA options (XLA_OPTIONS: lhs, cc, pdl, while) or the decode path as before session 22 "
+                    "(VARIANTS: unmerged, eager_norms), e.g. pallas+unmerged+eager_norms+lhs")
     ap.add_argument("--moe_impl", default="auto")
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--speculative", action=argparse.BooleanOptionalAction, default=True,

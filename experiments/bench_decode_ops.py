@@ -214,7 +214,7 @@ def mosaic_matvec(jax, jnp, m: int, k: int, n: int, tn: int = 64, kc: int = 128,
     return lambda x, w: jnp.sum(kernel(x, w), axis=0).astype(x.dtype)
 
 
-def phase_chain(jax, jnp, ncta: int, phases: int, rows: int, prefetch: bool = True, unroll: bool = False):
+def phase_chain(jax, jnp, ncta: int, phases: int, rows: int, prefetch: bool = True, unroll: bool = True):
     """A fused decode kernel's skeleton: `phases` dependent phases in one kernel of ncta CTAs (all resident), a grid
     barrier between phases (one GMEM counter, never reset within the call). In phase p each CTA takes its [rows, 256]
     bf16 slice of w[p] (TMA into one of three shared-memory slots, loaded two phases ahead with `prefetch` into the
@@ -252,7 +252,7 @@ def phase_chain(jax, jnp, ncta: int, phases: int, rows: int, prefetch: bool = Tr
                 for p in range(min(2, phases)):
                     load(p, p)
             phase(jnp.int32(0), 0, first=True)
-            if unroll:   # phases as straight-line code (session 36: the fori_loop form hung from 3 phases on)
+            if unroll:   # straight-line code: as a fori_loop the kernel hangs on an H200 from 3 phases on (session 36)
                 for p in range(1, phases):
                     phase(jnp.int32(p), 0)
             else:
@@ -282,7 +282,7 @@ def phase_rows(jax, jnp, row, reps: int = 20, ncta: int = 128):
                     print(f"phases: rows={rows} {form} P={phases}", flush=True)
                     w = (jnp.arange(1, phases + 1, dtype=jnp.float32)[:, None, None, None]
                          * jnp.ones((phases, ncta, rows, 256), jnp.float32)).astype(jnp.bfloat16)
-                    prog = jax.jit(phase_chain(jax, jnp, ncta, phases, rows, prefetch, unroll=True))
+                    prog = jax.jit(phase_chain(jax, jnp, ncta, phases, rows, prefetch))
                     out = jax.block_until_ready(prog(w))
                     ok = ok and bool(jnp.all(out[-1] == phases * (phases + 1) / 2))
                     best.append(best_seconds(jax, prog, w, reps))

@@ -6,7 +6,12 @@ limit, from the launch rows' barrier kernel (which ran) down to the phase chain'
 
 control: the launch rows' barrier kernel; sem1 / sem_static: 1 / 8 barriers unrolled (targets as Python ints);
 sem_only: 8 barriers in a fori_loop (traced targets); min_nopf / min_pf: phase_chain with 2 phases, loads after /
-before the barrier; few_ctas: 8 phases on 4 CTAs.
+before the barrier; few_ctas: 8 phases on 4 CTAs; pN_nopf / pN_pf: N phases. Each phase_chain variant runs its
+phases in a fori_loop, as the hung kernel did; with `_unrolled` appended, as straight-line code.
+
+Session 36 (H200, JAX 0.11.2): every variant ran but few_ctas, p3_*, p4_* and p8_nopf, which hung after compiling;
+p3_nopf_unrolled and p8_nopf_unrolled ran and were right. So the loop form hangs once the fori_loop runs two or
+more phases, whatever the CTA count or slot reuse, and phase_chain now unrolls by default.
 """
 
 import os
@@ -70,5 +75,5 @@ else:
                         "p4_nopf": (4, False, ncta), "p3_nopf": (3, False, ncta)}[v]
     w = (jnp.arange(1, phases + 1, dtype=jnp.float32)[:, None, None, None]
          * jnp.ones((phases, ncta, rows, 256))).astype(jnp.bfloat16)
-    out = run(v, ops.phase_chain(jax, jnp, ncta, phases, rows, pf, unroll), w)
+    out = run(v, ops.phase_chain(jax, jnp, ncta, phases, rows, pf, unroll=unroll), w)
     print(v, "ok", bool(jnp.all(out[-1] == phases * (phases + 1) / 2)), flush=True)

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The next GPU session's calls (experiments/HISTORY.md, session 35), one per device call:
-#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 8; call 4 takes the persistent kernels)
+#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 7; call 4 takes the persistent kernels)
 # run from the repository root on the device machine, with `.whl` and `.whl-tokamax` carried (ml-collections,
 # tensorboardX and tokamax 0.0.17 with its needs, which its image lacks). Results go to $OUT (or ./out). Each step
 # has its own time limit, so a hang or a failure costs that step, not the call.
 set -u
-N=${1:?call number 1-8}
+N=${1:?call number 1-7}
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -59,11 +59,5 @@ case $N in
         step 25 python experiments/debug_phase_chain.py $v
     done
     ;;
-8)  # decode A/B in one call: the query straight from the layer input (w_q_x, session 36) from 8 token rows on (the
-    # default) against never (+no_q_x) and always (+q_x); batch 64 is where its extra bytes weigh most
-    step 560 python experiments/bench_decode.py --part=jax --batches=1,8,64 --contexts=1024 \
-        --impls=pallas,pallas+no_q_x,pallas+q_x --rounds=2 --no-speculative --no-dense_moe_rows \
-        --json="$OUT/bench_decode_qx_${S}_h200.json"
-    ;;
-*)  echo "call number 1-8" >&2; exit 2 ;;
+*)  echo "call number 1-7" >&2; exit 2 ;;
 esac

@@ -40,9 +40,9 @@ def test_layout_is_one_copy_that_converts_back_exactly(tiny):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     np.testing.assert_array_equal(np.asarray(w.lm_head), np.asarray(tiny.lm_head[...]).T)
     # No second copy: the decode layers hold exactly the model's layer bytes, plus the absorbed products (tiny:
-    # all three pay).
-    assert decode.absorbed_products_pay(cfg) == (True, True) and decode.query_from_input_pays(cfg)
-    merged = [x for p in w.layers for a in (p.attn_0, p.attn_1) for x in (a.w_q_lat, a.w_o_lat, a.w_q_x)]
+    # both pay, each the size of the matrix it merges into).
+    assert decode.absorbed_products_pay(cfg) == (True, True)
+    merged = [x for p in w.layers for a in (p.attn_0, p.attn_1) for x in (a.w_q_lat, a.w_o_lat)]
     layer_bytes = sum(x.nbytes for x in jax.tree.leaves(w.layers))
     assert layer_bytes == sum(x.nbytes for x in jax.tree.leaves(stacked)) + sum(x.nbytes for x in merged)
 
@@ -63,27 +63,20 @@ def reference(tiny):
 
 
 @pytest.mark.parametrize("attn_impl,moe_impl,merged,deferred", [
-    ("absorbed", "gather", "default", True), ("absorbed", "dense", "default", True),
-    ("absorbed", "model", "default", True), ("absorbed", "gather", "none", False), ("absorbed", "gather", "lat", True),
-    ("absorbed", "gather", "q_x", True), ("absorbed", "gather", "q_x", False), ("expanded", "auto", "default", True)])
+    ("absorbed", "gather", True, True), ("absorbed", "dense", True, True), ("absorbed", "model", True, True),
+    ("absorbed", "gather", False, False), ("expanded", "auto", True, True)])
 def test_decode_only_forward_equals_model_forward(tiny, reference, attn_impl, moe_impl, merged, deferred,
                                                   monkeypatch):
     """Every token through the decode path (no prefill): 4 tokens, then 1, from an empty cache; the logits equal
     the plain forward over the whole sequence, and the MTP slot (decode path too) gives model.mtp_logits.
-    merged="default": the absorbed products, the query straight from the layer input (w_q_x) where a step has at
-    least QUERY_FROM_INPUT_MIN_ROWS token rows (2 x 4 here: the first step does, the second, 2 x 1, does not);
-    "lat" / "q_x": from q_a's output / the layer input in every step; "none": absorbed attention through W_UK and
-    W_UV in turn; deferred=False: every norm applied before its matvec (the decode path before session 22)."""
+    merged=False: absorbed attention through W_UK and W_UV in turn instead of their merged products;
+    deferred=False: every norm applied before its matvec (the decode path before session 22)."""
     cfg = tiny.cfg
     tokens, want, want_mtp = reference
     monkeypatch.setattr(decode, "DEFER_NORMS", deferred)
-    assert decode.QUERY_FROM_INPUT_MIN_ROWS == 8
-    monkeypatch.setattr(decode, "QUERY_FROM_INPUT_MIN_ROWS", {"lat": 10**9, "q_x": 1}.get(merged, 8))
     dm = decode.DecodeModel(tiny, attn_impl)
-    if merged == "none":
-        dm.weights = decode.without_products(dm.weights)
-    attn = dm.weights.layers[0].attn_0
-    assert (attn.w_q_x is not None) == (attn.w_q_lat is not None) == (merged != "none")
+    if not merged:
+        dm.weights = decode.without_absorbed_products(dm.weights)
 
     @jax.jit
     def run(w, tokens):
@@ -129,19 +122,8 @@ def test_absorbed_products_only_where_they_are_no_larger():
     cfg = model_config(load_config("configs/tiny.py")).replace(kv_lora_rank=48)
     assert decode.absorbed_products_pay(cfg) == (False, False)
     p = decode.split_weights(LongcatFlash(cfg, nnx.Rngs(0))).layers[0].attn_1
-    assert p.w_q_lat is None and p.w_o_lat is None and p.w_q_x is None
+    assert p.w_q_lat is None and p.w_o_lat is None
     assert decode.read_by_decode(p) == p
-
-
-def test_query_from_input_only_where_it_costs_little():
-    """configs/small.py stores w_q_x (1.2M elements more than w_q_lat per sublayer); a model whose product would
-    add more than QUERY_FROM_INPUT_MAX_EXTRA does not; the floor's byte count leaves it out either way."""
-    small = model_config(load_config("configs/small.py"))
-    assert decode.query_from_input_pays(small)
-    assert not decode.query_from_input_pays(small.replace(hidden_size=8192))
-    assert not decode.query_from_input_pays(model_config(load_config("configs/longcat_flash.py")))
-    p = decode.split_weights(LongcatFlash(model_config(load_config("configs/tiny.py")), nnx.Rngs(0))).layers[0].attn_0
-    assert p.w_q_x is not None and decode.read_by_decode(p).w_q_x is None
 
 
 def test_unknown_moe_impl_is_named(tiny):

@@ -11,11 +11,7 @@ and concatenates the projections that read the same input into one matvec:
   W_UK and W_UV (absorbed attention) as [H, R, nope] and [H, v, R]; w_q_b as [H, qk_head, q_lora]; w_o [D, H, v].
   Where they are no larger (`absorbed_products_pay`: configs/small.py, not LongCat-Flash), also the products
   W_UK . w_q_b and w_o . W_UV, which absorbed decode reads instead: two matvecs fewer per sublayer on a step's
-  critical path. Where it costs only a few MB more (`query_from_input_pays`: configs/small.py), also the query
-  straight from the layer input, W_UK . w_q_b . diag(q_a_norm) . w_q_a, which steps of at least
-  `QUERY_FROM_INPUT_MIN_ROWS` token rows read instead of w_q_lat: their query matvec runs beside the q_a matvec
-  instead of after it (q_a still gives the norm's scale). They are derived arrays beside the one copy of the
-  model's weights (prefill uses the originals).
+  critical path. They are derived arrays beside the one copy of the model's weights (prefill uses the originals).
 * dense FFN: gate and up -> `w_gate_up` [2F, D]; down [D, F].
 * MoE: router [N + Z, D] (fp32); experts gate/up [E, I, D], down [E, D, I] (each slot's matvecs reduce over the
   contiguous axis of the gathered expert). The experts' gate and up stay two arrays under the model's names
@@ -74,7 +70,6 @@ class AttnWeights(NamedTuple):
     w_o: jax.Array          # [D, H, v_head]
     w_q_lat: jax.Array | None = None   # [H, kv_lora + rope, q_lora]: W_UK . w_q_b's nope half, then its rope half
     w_o_lat: jax.Array | None = None   # [D, H, kv_lora]: w_o . W_UV
-    w_q_x: jax.Array | None = None     # [H, kv_lora + rope, D]: w_q_lat . diag(q_a_norm) . w_q_a
 
 
 class MLPWeights(NamedTuple):
@@ -135,70 +130,36 @@ def absorbed_products_pay(cfg: ModelConfig) -> tuple[bool, bool]:
     return H * R * Q <= H * nope * Q + H * R * nope, D * H * R <= H * v * R + D * H * v
 
 
-# Steps with at least this many token rows (batch x new tokens; read while tracing) take the query from the layer
-# input (`w_q_x`), fewer from q_a's output. On an H200 (configs/small.py, 1k context, experiments/HISTORY.md session
-# 36) w_q_x made batch 8 5-8% faster and batch 1 12-16% slower: XLA's matvec of the larger product took 6.2 us
-# against 2.2 us for w_q_lat's, and at batch 1 that costs more than the kernel it takes off the critical path.
-QUERY_FROM_INPUT_MIN_ROWS = 8
-# The most elements `w_q_x` may add to the w_q_lat it replaces, per sublayer: 2M (4 MB in bf16, ~1.2 us at an
-# H200's 3.4 TB/s) stays below what one dependent kernel costs at batch 1 (~1.5-2 us; experiments/RESULTS.md).
-QUERY_FROM_INPUT_MAX_EXTRA = 2 * 2**20
-
-
-def query_from_input_pays(cfg: ModelConfig) -> bool:
-    """Whether to store the query's product from the layer input (`w_q_x` [H, R + rope, D]) beside w_q_lat
-    [H, R + rope, Q]: it needs the merged query side, and costs H (R + rope) (D - Q) more elements read per step.
-    configs/small.py: 1.2M more, yes. LongCat-Flash: no merged query side."""
-    H, R, P = cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
-    extra = H * (R + P) * (cfg.hidden_size - cfg.q_lora_rank)
-    return absorbed_products_pay(cfg)[0] and extra <= QUERY_FROM_INPUT_MAX_EXTRA
-
-
-def _query_lat(cfg: ModelConfig, p: AttnWeights) -> jax.Array:
-    """[W_UK . w_q_b's nope half | w_q_b's rope half] [H, R + rope, Q], fp32."""
-    nope = cfg.qk_nope_head_dim
-    w_q_b = p.w_q_b.astype(F32)
-    lat = jnp.einsum("hrk,hkq->hrq", p.w_uk.astype(F32), w_q_b[:, :nope], precision=jax.lax.Precision.HIGHEST)
-    return jnp.concatenate([lat, w_q_b[:, nope:]], axis=1)
-
-
 def absorb_products(cfg: ModelConfig, p: AttnWeights) -> AttnWeights:
-    """Adds the absorbed products that pay (`absorbed_products_pay`, `query_from_input_pays`), computed in fp32 and
-    stored in the weights' dtype: the same linear maps as the matvecs in turn, with one rounding of the product
-    instead of one of each intermediate vector."""
+    """Adds the absorbed products that pay (`absorbed_products_pay`), computed in fp32 and stored in the weights'
+    dtype: the same linear maps as the two matvecs in turn, with one rounding of the product instead of one of
+    the intermediate vector."""
     merge_q, merge_o = absorbed_products_pay(cfg)
-    hi, dtype = jax.lax.Precision.HIGHEST, p.w_q_b.dtype
-    w_q_lat = w_o_lat = w_q_x = None
+    nope, hi = cfg.qk_nope_head_dim, jax.lax.Precision.HIGHEST
+    dtype = p.w_q_b.dtype
+    w_q_lat = w_o_lat = None
     if merge_q:
-        lat = _query_lat(cfg, p)
-        w_q_lat = lat.astype(dtype)
-        if query_from_input_pays(cfg):
-            w_q_a = p.w_qkv_a[:cfg.q_lora_rank].astype(F32) * p.q_a_norm.astype(F32)[:, None]
-            w_q_x = jnp.einsum("hnq,qd->hnd", lat, w_q_a, precision=hi).astype(dtype)
+        w_q_b = p.w_q_b.astype(F32)
+        lat = jnp.einsum("hrk,hkq->hrq", p.w_uk.astype(F32), w_q_b[:, :nope], precision=hi)
+        w_q_lat = jnp.concatenate([lat, w_q_b[:, nope:]], axis=1).astype(dtype)
     if merge_o:
         w_o_lat = jnp.einsum("dhv,hvr->dhr", p.w_o.astype(F32), p.w_uv.astype(F32), precision=hi).astype(dtype)
-    return p._replace(w_q_lat=w_q_lat, w_o_lat=w_o_lat, w_q_x=w_q_x)
+    return p._replace(w_q_lat=w_q_lat, w_o_lat=w_o_lat)
 
 
 def read_by_decode(p: AttnWeights) -> AttnWeights:
     """`p` without the arrays an absorbed decode step does not read (those its merged products replace); for
-    counting the bytes of a step's floor. `w_q_x` is left out and w_q_lat counted in its place: it reads more
-    bytes than a step must, to spare a dependent kernel, so its cost is the step's, not the floor's."""
+    counting the bytes a step reads."""
     if p.w_q_lat is not None:
-        p = p._replace(w_q_b=None, w_uk=None, w_q_x=None)
+        p = p._replace(w_q_b=None, w_uk=None)
     if p.w_o_lat is not None:
         p = p._replace(w_uv=None, w_o=None)
     return p
 
 
-PRODUCTS = ("w_q_lat", "w_o_lat", "w_q_x")
-
-
-def without_products(w: DecodeWeights, names=PRODUCTS) -> DecodeWeights:
-    """`w` without the derived products `names` in every attention sublayer (for A/B runs and tests); without all
-    of them (the default), absorbed attention runs through W_UK and W_UV in turn. w_q_x needs w_q_lat."""
-    names = set(names) | ({"w_q_x"} if "w_q_lat" in names else set())
-    strip = lambda a: a._replace(**{n: None for n in names})   # noqa: E731
+def without_absorbed_products(w: DecodeWeights) -> DecodeWeights:
+    """`w` with absorbed attention through W_UK and W_UV in turn everywhere (for A/B runs and tests)."""
+    strip = lambda a: a._replace(w_q_lat=None, w_o_lat=None)   # noqa: E731
     layers = tuple(p._replace(attn_0=strip(p.attn_0), attn_1=strip(p.attn_1)) for p in w.layers)
     return w._replace(layers=layers, mtp=None if w.mtp is None else w.mtp._replace(attn=strip(w.mtp.attn)))
 
@@ -402,8 +363,7 @@ def mla_latents(cfg: ModelConfig, p: AttnWeights, x_btd, cos_btd, sin_btd, absor
     """lcflash/model/mla.py's MLA.latents (x_btd normed, or Normed): queries (nope, roped) and this token's latent
     KV. The q_a norm is deferred past the query matvec (`Normed`). absorbed: the nope query mapped into the latent
     space (q_lat [B, T, H, R]) in its place, by the merged product where it is stored (`w_q_lat`: one matvec for
-    both query parts; `w_q_x`: that one straight from x_btd, beside the q_a matvec, scaled by q_a's norm after, at
-    `QUERY_FROM_INPUT_MIN_ROWS` token rows or more)."""
+    both query parts)."""
     Q, R, nope = cfg.q_lora_rank, cfg.kv_lora_rank, cfg.qk_nope_head_dim
     a_btn = matvec("btd,nd->btn", x_btd, p.w_qkv_a)
     r_q, r_c = rms_scales(a_btn, (Q, R), cfg.mla_norm_eps)
@@ -412,11 +372,7 @@ def mla_latents(cfg: ModelConfig, p: AttnWeights, x_btd, cos_btd, sin_btd, absor
     kpe_btd = apply_rope(a_btn[..., None, Q + R:], cos_btd, sin_btd)[..., 0, :]
     kv = LatentKV(c_btr, kpe_btd)
     if absorbed and p.w_q_lat is not None:
-        if p.w_q_x is not None and a_btn.shape[0] * a_btn.shape[1] >= QUERY_FROM_INPUT_MIN_ROWS:
-            xw, r = (x_btd.xw, x_btd.r * r_q) if isinstance(x_btd, Normed) else (x_btd, r_q)
-            q_bthn = matvec("btd,hnd->bthn", Normed(xw, r), p.w_q_x, cfg.alpha_q)
-        else:
-            q_bthn = matvec("btq,hnq->bthn", cq, p.w_q_lat, cfg.alpha_q)
+        q_bthn = matvec("btq,hnq->bthn", cq, p.w_q_lat, cfg.alpha_q)
         return q_bthn[..., :R], apply_rope(q_bthn[..., R:], cos_btd, sin_btd), kv
     q_bthk = matvec("btr,hkr->bthk", cq, p.w_q_b, cfg.alpha_q)
     q_pe = apply_rope(q_bthk[..., nope:], cos_btd, sin_btd)
