@@ -69,10 +69,9 @@ elif v in ("sem1", "sem_static", "sem_only"):
     run(v, barriers(ncta, 1 if v == "sem1" else phases, unrolled=v != "sem_only"), jnp.ones((ncta, 128), jnp.float32))
 else:
     unroll = v.endswith("_unrolled")
-    v = v.removesuffix("_unrolled")
     phases, pf, ncta = {"min_nopf": (2, False, ncta), "min_pf": (2, True, ncta), "p8_nopf": (phases, False, ncta),
                         "few_ctas": (phases, True, 4), "p3_pf": (3, True, ncta), "p4_pf": (4, True, ncta),
-                        "p4_nopf": (4, False, ncta), "p3_nopf": (3, False, ncta)}[v]
+                        "p4_nopf": (4, False, ncta), "p3_nopf": (3, False, ncta)}[v.removesuffix("_unrolled")]
     w = (jnp.arange(1, phases + 1, dtype=jnp.float32)[:, None, None, None]
          * jnp.ones((phases, ncta, rows, 256))).astype(jnp.bfloat16)
     out = run(v, ops.phase_chain(jax, jnp, ncta, phases, rows, pf, unroll=unroll), w)
