@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The next GPU session's calls (experiments/HISTORY.md, session 35), one per device call:
+# GPU calls prepared in session 35, one per device call (1, 2, 3 ran in session 35, 5 and 7 in 36; 4 and 6 wait on an
+# attention kernel that gains alone; experiments/HISTORY.md):
 #     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 7; call 4 takes the persistent kernels)
 # run from the repository root on the device machine, with `.whl` and `.whl-tokamax` carried (ml-collections,
 # tensorboardX and tokamax 0.0.17 with its needs, which its image lacks). Results go to $OUT (or ./out). Each step

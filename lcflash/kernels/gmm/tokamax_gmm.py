@@ -5,10 +5,11 @@ tokamax is optional and imported on first use. Its releases since 0.0.13 need Py
 calls carry it as wheels (experiments/gmm_notes.md, session 34).
 
 Its kernel leaves the output rows past sum(group_sizes) unwritten, and so does its d_lhs product: `gmm` zeroes both,
-as it does for JAX's example kernel (`jax_mgpu`), and zeroes the cotangent's rows there before tokamax's VJP, whose
-d_rhs product reads them. Its output and its VJP's residuals (the operands and the output) are
-named KERNEL_OUTPUT, so the "kernels" remat policy keeps them, as it keeps our kernels' outputs, instead of running
-its forward again in a rematerialised layer's backward.
+as it does for JAX's example kernel (`jax_mgpu`), and zeroes the cotangent's rows there before tokamax's VJP, in case
+its d_rhs product reads them. That is not what makes its d_rhs wrong on an H200: 4.5% off at LongCat's shapes with
+groups that fill every row (experiments/gmm_notes.md, session 36; cause unknown). Its output and its VJP's residuals
+(the operands and the output) are named KERNEL_OUTPUT, so the "kernels" remat policy keeps them, as it keeps our
+kernels' outputs, instead of running its forward again in a rematerialised layer's backward.
 """
 
 import functools
@@ -62,8 +63,9 @@ def _gmm_fwd(lhs_mk, rhs_gkn, group_sizes_g, out_dtype):
 
 def _gmm_bwd(out_dtype, res, dout_mn):
     vjp, valid, group_sizes_g = res
-    # The forward zeroed tokamax's rows past the groups, so their cotangent is zero: its Mosaic GPU d_rhs product
-    # reads those rows too (d_rhs erred by 4.8% on an H200 with them passed through, session 35).
+    # The forward zeroed tokamax's rows past the groups, so their cotangent is zero; passed through, they would reach
+    # a d_rhs product that reads past the groups. (Session 35 took them for the cause of its 4.8% d_rhs error on an
+    # H200; session 36 measured 4.5% with no such rows, so the cause lies elsewhere.)
     d_lhs, d_rhs = vjp(jnp.where(valid, dout_mn, 0).astype(out_dtype))
     return jnp.where(valid, d_lhs, 0), d_rhs, np.zeros(group_sizes_g.shape, jax.dtypes.float0)
 
