@@ -395,6 +395,8 @@ ROWS_VARIANTS = {  # flat rows kernel variants timed by --rows-ab (all bit-ident
     "flat": dict(stages=4),
     "overlap": dict(stages=4, overlap_mma=True),
     "3st_epi128": dict(stages=3, epi_n=128),
+    "wgm": dict(stages=4, wg_split="m"),  # the warpgroups on row halves (one m64n256 wgmma each)
+    "wgm_epi128": dict(stages=4, epi_n=128, wg_split="m"),
 }
 
 
@@ -708,14 +710,17 @@ def main():
                     help="only the rows kernel at LongCat T=512: flat pipeline variants (ROWS_VARIANTS), the first "
                          "the baseline, e.g. flat,overlap")
     ap.add_argument("--pick-jax-mgpu", action="store_true", help="time four configs of the example kernel first")
+    ap.add_argument("--wg-split", default=None, choices=("n", "m"), help="our rows kernels' warpgroup split "
+                    "(pallas_gmm.WG_SPLIT; default: its value)")
     ap.add_argument("--pick-tokamax", action="store_true", help="time tokamax's heuristics and three configs first")
     args = ap.parse_args()
     ffn_names = [n for n in args.ffn_kernel_names.split(",") if n] or list(FFN_KERNELS)
     if set(ffn_names) - set(FFN_KERNELS):
         ap.error(f"--ffn-kernel-names {sorted(set(ffn_names) - set(FFN_KERNELS))}: not among {list(FFN_KERNELS)}")
+    pallas_gmm.WG_SPLIT = args.wg_split or pallas_gmm.WG_SPLIT
     t_start = time.time()
     dev = jax.devices()[0]
-    meta = dict(device=dev.device_kind, platform=dev.platform, jax=jax.__version__,
+    meta = dict(device=dev.device_kind, platform=dev.platform, jax=jax.__version__, wg_split=pallas_gmm.WG_SPLIT,
                 jaxlib=getattr(jax.lib, "__version__", None) or __import__("jaxlib").__version__,
                 date_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 command="python " + " ".join(sys.argv))

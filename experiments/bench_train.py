@@ -248,6 +248,8 @@ def main():
     ap.add_argument("--time_budget_s", type=float, default=1e9, help="skip remaining impls once this is spent")
     ap.add_argument("--contract_deal", default=None, help="how the flat d_rhs kernel deals its tiles to the CTAs, "
                     "one of lcflash.kernels.gmm.mgpu_kernels.CONTRACT_DEALS (default: its CONTRACT_DEAL)")
+    ap.add_argument("--wg_split", default=None, choices=("n", "m"), help="how the expert rows kernels' two compute "
+                    "warpgroups share a tile (lcflash.kernels.gmm.pallas_gmm.WG_SPLIT; default: its value)")
     ap.add_argument("--mem_fraction", type=float, default=None, help="share of the GPU's memory XLA may use "
                     "(XLA_PYTHON_CLIENT_MEM_FRACTION; JAX's default 0.75): 0.95 fits batch 48 x 1024 of "
                     "configs/small.py with remat on an H200")
@@ -278,6 +280,8 @@ def main():
     if args.contract_deal not in (None, *mgpu_kernels.CONTRACT_DEALS):
         ap.error(f"--contract_deal {args.contract_deal!r}: must be one of {mgpu_kernels.CONTRACT_DEALS}")
     mgpu_kernels.CONTRACT_DEAL = args.contract_deal or mgpu_kernels.CONTRACT_DEAL
+    from lcflash.kernels.gmm import pallas_gmm
+    pallas_gmm.WG_SPLIT = args.wg_split or pallas_gmm.WG_SPLIT
     from lcflash.model import slots
     slots.GATHER_KERNEL = not args.no_dispatch_gather_kernel
     slots.COMBINE_GRAD_KERNEL = not args.no_combine_grad_kernel
@@ -345,7 +349,7 @@ def main():
         "z_loss_in_scan": train_step.Z_LOSS_IN_SCAN, "norm_by_layer": optimizer.NORM_BY_LAYER,
         "layer_fn_on_input": transformer.LAYER_FN_ON_INPUT,
         "top_k": router.LARGE_TOP_K,
-        "contract_deal": mgpu_kernels.CONTRACT_DEAL,
+        "contract_deal": mgpu_kernels.CONTRACT_DEAL, "wg_split": pallas_gmm.WG_SPLIT,
         "xla_options": xla_options,
         "steps_timed": args.steps, "warmup_steps": args.warmup,
         "device": f"{dev.platform}: {dev.device_kind}", "device_count": jax.device_count(),

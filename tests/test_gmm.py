@@ -256,6 +256,26 @@ def test_pallas_interpret_ffn_swiglu_grad_epilogue():
     _check_ffn_swiglu_grad_epilogue(M_RAGGED, 128, 384, SIZES_RAGGED, seed=17)
 
 
+@cpu_only
+def test_pallas_interpret_row_split_warpgroups(monkeypatch):
+    """pallas_gmm.WG_SPLIT = "m" (each compute warpgroup on a row half of the tile): the plain forward and every
+    rows kernel of the expert FFN (the SwiGLU forward, the down forward, the grad_halves d_lhs, the [gate | up]
+    d_lhs) against the fp32 reference, with and without zero tails. 260 rows over 4 groups take 128-row tiles;
+    groups end in either half of a tile, a 1-row group sits in one half, one spans both halves."""
+    from lcflash.kernels.gmm import pallas_gmm
+
+    sizes_l = [0, 137, 1, 90]  # rows 0-136, 137, 138-227; 32 tail rows
+    m, d, f = 260, 128, 128
+    monkeypatch.setattr(pallas_gmm, "WG_SPLIT", "m")
+    tiles = pallas_gmm._rows_tiles(m, len(sizes_l), 2 * f, jnp.bfloat16, 1, "N")
+    assert tiles.wg_split == "m" and tiles.wg_tile() == (64, 256), tiles
+    x, w, _, sizes = _inputs(23, m, d, 2 * f, sizes_l, jnp.bfloat16)
+    got = pallas_gmm.rows_matmul(x, [w], sizes, chain=True)
+    assert _rel(got, reference.gmm_loop(x.astype(jnp.float32), w.astype(jnp.float32), sizes)) < BF16_TOL
+    assert not np.asarray(got[sum(sizes_l):], np.float32).any()
+    _check_ffn_swiglu_grad_epilogue(m, d, f, sizes_l, seed=24)
+
+
 def test_grad_halves_needs_its_residual_and_the_flat_pipeline():
     from lcflash.kernels.gmm import mgpu_kernels as mk
 
@@ -386,11 +406,15 @@ def test_auto_deal_is_snake_below_one_tile_per_cta_and_round_robin_above():
         assert not all(a.shape == b.shape and np.array_equal(a, b) for a, b in zip(auto, other)), kn
 
 
+@pytest.mark.parametrize("wg_split", ["n", "m"])
 @pytest.mark.parametrize("k,n,g,m", [(2048, 6144, 64, 32768), (1024, 768, 128, 65536)])  # LongCat down, small [gate | up]
-def test_pallas_chain_backward_lowers_for_cuda(mosaic_gpu_trace, k, n, g, m):
+def test_pallas_chain_backward_lowers_for_cuda(mosaic_gpu_trace, monkeypatch, k, n, g, m, wg_split):
     """pallas_chain's forward + backward (flat rows and contract pipelines) and the flat contract kernel through Pallas ->
-    Mosaic GPU lowering (layouts, smem budget) for CUDA on the CPU, at LongCat and small-config shapes."""
+    Mosaic GPU lowering (layouts, smem budget) for CUDA on the CPU, at LongCat and small-config shapes, with the
+    compute warpgroups on column or row halves of the tiles (pallas_gmm.WG_SPLIT)."""
     from lcflash.kernels.gmm import mgpu_kernels as mk, pallas_gmm
+
+    monkeypatch.setattr(pallas_gmm, "WG_SPLIT", wg_split)
 
     sd = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt)  # noqa: E731
 
@@ -407,12 +431,15 @@ def test_pallas_chain_backward_lowers_for_cuda(mosaic_gpu_trace, k, n, g, m):
     assert lowered.as_text().count("mosaic_gpu") >= 6  # forward, d_lhs, d_rhs, flat d_rhs, SwiGLU, per-tile kernels
 
 
+@pytest.mark.parametrize("wg_split", ["n", "m"])
 @pytest.mark.parametrize("d,f,g,m", [(6144, 2048, 64, 32768), (1024, 384, 128, 65536)])  # LongCat, small config
-def test_ffn_swiglu_grad_epilogue_lowers_for_cuda(mosaic_gpu_trace, d, f, g, m):
+def test_ffn_swiglu_grad_epilogue_lowers_for_cuda(mosaic_gpu_trace, monkeypatch, d, f, g, m, wg_split):
     """gmm_swiglu_ffn's forward and backward (the grad_halves epilogue: TMA loads of g and u started by the compute
     warpgroups, their swizzled tiles read in the accumulator's layout) through Pallas -> Mosaic GPU lowering for
-    CUDA on the CPU, within the shared-memory budget."""
+    CUDA on the CPU, within the shared-memory budget, with either warpgroup split."""
     from lcflash.kernels.gmm import pallas_gmm
+
+    monkeypatch.setattr(pallas_gmm, "WG_SPLIT", wg_split)
 
     sd = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt)  # noqa: E731
 
@@ -499,6 +526,24 @@ def test_gpu_pallas_swiglu_forward_and_gradients(fused):
     for name, g, w in zip(("h", "dx", "dwg", "dwu"), got, want):
         assert _rel(g, w) < 2 * BF16_TOL, name  # gate/up are rounded to bf16 between the kernels
     assert not np.asarray(got[0][sum(sizes_l):], np.float32).any()
+
+
+@gpu_only
+@pytest.mark.parametrize("case", ["ragged", "small_cfg"])
+def test_gpu_row_split_warpgroups(monkeypatch, case):
+    """pallas_chain with each compute warpgroup on a row half of the tile (one m64 x 2 * tile_n wgmma each)
+    against the fp32 reference, tails zero; the whole expert FFN with its SwiGLU epilogues too."""
+    from lcflash.kernels.gmm import pallas_gmm
+
+    monkeypatch.setattr(pallas_gmm, "WG_SPLIT", "m")
+    m, k, n, sizes_l = GPU_CASES[case]
+    lhs, rhs, dout, sizes = _inputs(27, m, k, n, sizes_l, jnp.bfloat16)
+    got = jax.jit(lambda a, b, d: _fwd_grads("pallas_chain", a, b, d, sizes))(lhs, rhs, dout)
+    for name, g, w in zip(("out", "d_lhs", "d_rhs"), got, _ref_fwd_grads(lhs, rhs, dout, sizes)):
+        assert _rel(g, w) < BF16_TOL, name
+    assert not np.asarray(got[0][sum(sizes_l):], np.float32).any()
+    assert not np.asarray(got[1][sum(sizes_l):], np.float32).any()
+    _check_ffn_swiglu_grad_epilogue(m, k, n, sizes_l, seed=28)
 
 
 @gpu_only

@@ -54,6 +54,22 @@ class Tiles:
     # (wgmma_wait(1), buffers released one step later); the epilogue waits for all of them. Slower on an H200
     # (experiments/gmm_notes.md, run 8): kept off, as a switch for the A/B.
     overlap_mma: bool = False
+    # rows kernel: how the two compute warpgroups share a tile_m x 2 * tile_n tile. "n": a column half each
+    # (tile_m x tile_n, wgmma m64 x tile_n); "m": a row half each (tile_m / 2 x 2 * tile_n: one m64n(2 * tile_n)
+    # wgmma per k16, which reads the B operand once instead of once per 64 rows), JAX's hopper_matmul_mgpu
+    # wg_dimension=M. Same registers, same accumulation order per element.
+    wg_split: str = "n"
+
+    def wg_tile(self) -> tuple[int, int]:
+        """(rows, columns) of one compute warpgroup's accumulator."""
+        if self.wg_split not in ("n", "m"):
+            raise ValueError(f"Tiles.wg_split = {self.wg_split!r}: must be 'n' (column halves) or 'm' (row halves)")
+        return (self.tile_m // 2, 2 * self.tile_n) if self.wg_split == "m" else (self.tile_m, self.tile_n)
+
+
+def _wg_offsets(tiles: Tiles, wg):
+    """(first row, first column) of compute warpgroup wg's accumulator within a tile."""
+    return (wg * tiles.wg_tile()[0], 0) if tiles.wg_split == "m" else (0, wg * tiles.tile_n)
 
 
 def _num_sms(interpret: bool) -> int:
@@ -88,8 +104,8 @@ def _swizzle_transforms(minor_elems: int, dtype) -> tuple:
 
 def smem_bytes(tiles: Tiles, *, n_rhs: int, in_dtype, out_dtype, contract: bool, margin: int = 4096,
                epi_in: int = 0) -> int:
-    """Shared memory the kernel allocates (pipeline ring + epilogue staging + epi_in input tiles of (tile_m,
-    tile_n) per compute warpgroup, swiglu="grad_halves"'s g and u) plus margin; checked before tracing.
+    """Shared memory the kernel allocates (pipeline ring + epilogue staging + epi_in input tiles of a warpgroup's
+    accumulator shape per compute warpgroup, swiglu="grad_halves"'s g and u) plus margin; checked before tracing.
 
     Mosaic's own use (barriers) measured 64 bytes at 4 stages (cross-lowering's smem check), so a small margin
     is exact enough where a stage is at stake (pallas_gmm's chained tiles)."""
@@ -100,7 +116,8 @@ def smem_bytes(tiles: Tiles, *, n_rhs: int, in_dtype, out_dtype, contract: bool,
         a = tiles.tile_m * tiles.tile_k
     b = n_rhs * tiles.tile_k * 2 * tiles.tile_n
     ring = tiles.stages * (a + b) * isz
-    epi = 2 * tiles.tile_m * (tiles.epi_n * osz + epi_in * tiles.tile_n * isz)
+    wr, wc = tiles.wg_tile()
+    epi = 2 * wr * (tiles.epi_n * osz + epi_in * wc * isz)
     return ring + epi + margin  # barriers and Mosaic's own scratch
 
 
@@ -251,6 +268,8 @@ def rows_kernel(
     else:
         g, k2, n = rhs_list[0].shape
     tm, tn, tk, epi_n = tiles.tile_m, tiles.tile_n, tiles.tile_k, tiles.epi_n
+    wr, wc = tiles.wg_tile()  # one compute warpgroup's accumulator
+    split_m = tiles.wg_split == "m"
     grad = swiglu == "grad_halves"
     if swiglu == "halves" and (transpose_rhs or n_rhs != 1):
         raise ValueError(f"swiglu={swiglu!r} takes one [G, K, 2N] rhs, not transposed")
@@ -263,8 +282,9 @@ def rows_kernel(
     rhs_block_offsets = (0, n // (2 * tn)) if swiglu == "halves" else (0,) * n_rhs
     if k != k2:
         raise ValueError(f"contraction sizes differ: lhs has {k}, rhs has {k2}")
-    if k % tk or n % (2 * tn) or tn % epi_n or m < tm:
-        raise ValueError(f"rows_kernel needs K % {tk} == 0, N % {2 * tn} == 0 and M >= {tm}; got {m=} {k=} {n=}")
+    if k % tk or n % (2 * tn) or wc % epi_n or wr % 64 or m < tm:
+        raise ValueError(f"rows_kernel needs K % {tk} == 0, N % {2 * tn} == 0, M >= {tm}, warpgroup tiles of a "
+                         f"multiple of 64 rows and of epi_n = {epi_n} columns; got {m=} {k=} {n=}, {tiles}")
     if tiles.overlap_mma and not tiles.chain:
         raise ValueError("Tiles.overlap_mma needs chain=True (a per-tile pipeline's prologue would refill buffers "
                          "its last wgmma still reads)")
@@ -342,13 +362,13 @@ def rows_kernel(
 
         # grad_halves: per compute warpgroup its g and u tiles, each with its own barrier.
         gu_allocs = {} if gu_mn2 is None else dict(
-            gu_smem=plgpu.SMEM((2, 2, tm, tn), gu_mn2.dtype, transforms=_swizzle_transforms(tn, gu_mn2.dtype)),
+            gu_smem=plgpu.SMEM((2, 2, wr, wc), gu_mn2.dtype, transforms=_swizzle_transforms(wc, gu_mn2.dtype)),
             gu_bar=plgpu.Barrier(num_barriers=4))
 
         @functools.partial(
             pl.run_scoped,
             allocs=alloc_pipe.get_allocations(*gmem_args),
-            stage_smem=_rows_staging((2, tm, epi_n), out_dtype, interpret),
+            stage_smem=_rows_staging((2, wr, epi_n), out_dtype, interpret),
             collective_axes="wg",
             **gu_allocs,
         )
@@ -357,6 +377,7 @@ def rows_kernel(
             if not tiles.swizzle_epilogue:
                 stage_whole = stage_ragged
             wg = lax.axis_index("wg")
+            r_off, c_off = _wg_offsets(tiles, wg)
 
             def tile_of(lin):
                 """(n tile, group, row block, first row in block, rows) of linear tile index lin."""
@@ -365,9 +386,9 @@ def rows_kernel(
 
             def load_gu(nt, blk):
                 """grad_halves: starts this warpgroup's TMA loads of its g and u tiles (rows of block blk)."""
-                rows = pl.ds(blk * tm, tm)
+                rows = pl.ds(blk * tm + r_off, wr)
                 for j in range(2):
-                    plgpu.copy_gmem_to_smem(gu_gmem.at[rows, pl.ds(j * n + nt * 2 * tn + wg * tn, tn)],
+                    plgpu.copy_gmem_to_smem(gu_gmem.at[rows, pl.ds(j * n + nt * 2 * tn + c_off, wc)],
                                             gu_smem.at[wg, j], gu_bar.at[2 * wg + j])
 
             def swiglu_grad(dh):
@@ -380,7 +401,10 @@ def rows_kernel(
             def store(vals, nt, blk, start, rows, tail=False):
                 """tail: True (static) or a traced predicate for tiles of rows past the groups, whose outputs with
                 zero_tail False are not stored."""
-                col0 = nt * 2 * tn + wg * tn
+                col0 = nt * 2 * tn + c_off
+                if split_m:  # the block's rows [start, start + rows) within this warpgroup's half
+                    lo = jnp.clip(start - r_off, 0, wr)
+                    start, rows = lo, jnp.clip(start + rows - r_off, 0, wr) - lo
                 if grad and tail is not True:  # the tiles load_gu started at the first step
                     for j in range(2):
                         plgpu.barrier_wait(gu_bar.at[2 * wg + j])
@@ -397,8 +421,8 @@ def rows_kernel(
                         continue
 
                     def _store(val=val, i=i, c0=c0):
-                        _store_rows(val, out_gmems[i], stage_whole.at[wg], row0=blk * tm, start=start, rows=rows,
-                                    col0=c0, epi_n=epi_n, ragged_smem=stage_ragged.at[wg])
+                        _store_rows(val, out_gmems[i], stage_whole.at[wg], row0=blk * tm + r_off, start=start,
+                                    rows=rows, col0=c0, epi_n=epi_n, ragged_smem=stage_ragged.at[wg])
 
                     if zero_tail[i] or tail is True or tail is False:
                         _store()
@@ -407,12 +431,13 @@ def rows_kernel(
 
             @jax.named_scope("mma")
             def mma_step(a_smem, b_smems, accs):
+                a = a_smem.at[pl.ds(r_off, wr)] if split_m else a_smem
                 for b_smem, acc in zip(b_smems, accs):
                     if transpose_rhs:
-                        b = b_smem.at[pl.ds(wg * tn, tn), :].transpose((1, 0))
+                        b = (b_smem if split_m else b_smem.at[pl.ds(wg * tn, tn), :]).transpose((1, 0))
                     else:
-                        b = b_smem.at[:, pl.ds(wg * tn, tn)]
-                    plgpu.wgmma(acc, a_smem, b)
+                        b = b_smem if split_m else b_smem.at[:, pl.ds(wg * tn, tn)]
+                    plgpu.wgmma(acc, a, b)
                 # Per-tile pipelines wait for this step's wgmma before its buffers are released: releasing one
                 # step later (delay_release=1) would let the next tile's prologue refill the last step's buffers
                 # while its wgmma still reads them; the other compute warpgroup keeps the tensor cores busy.
@@ -424,7 +449,7 @@ def rows_kernel(
                     if after is not None:
                         after(acc_refs)
 
-                pl.run_scoped(acc_scope, *[plgpu.ACC((tm, tn), jnp.float32) for _ in range(n_rhs)])
+                pl.run_scoped(acc_scope, *[plgpu.ACC((wr, wc), jnp.float32) for _ in range(n_rhs)])
 
             if not flat:
 
@@ -482,7 +507,7 @@ def rows_kernel(
                         @pl.loop(0, tail_count)
                         def _tail_tile(j):
                             nt, _, blk, start, rows = tile_of(mm_total + first + j * n_sms)
-                            store([jnp.zeros((tm, tn), jnp.float32)] * n_rhs, nt, blk, start, rows, tail=True)
+                            store([jnp.zeros((wr, wc), jnp.float32)] * n_rhs, nt, blk, start, rows, tail=True)
 
             plgpu.wait_smem_to_gmem(0)  # all output stores have landed before the kernel exits
 
@@ -509,40 +534,62 @@ def _contract_dims(lhs_mk, rhs_mn, gsched_4g, tiles: Tiles, lhs_is_km: bool):
     tm, tn, tc = tiles.tile_m, tiles.tile_n, tiles.tile_k
     if m != m2:
         raise ValueError(f"row counts differ: lhs has {m}, rhs has {m2}")
-    if k % tm or n % (2 * tn) or tn % tiles.epi_n or m < tc or g == 0:
-        raise ValueError(f"contract_kernel needs K % {tm} == 0, N % {2 * tn} == 0, M >= {tc}, G > 0; "
-                         f"got {m=} {k=} {n=} {g=}")
+    wr, wc = tiles.wg_tile()
+    if k % tm or n % (2 * tn) or wc % tiles.epi_n or wr % 64 or m < tc or g == 0:
+        raise ValueError(f"contract_kernel needs K % {tm} == 0, N % {2 * tn} == 0, M >= {tc}, G > 0 and warpgroup "
+                         f"tiles of a multiple of 64 rows and of epi_n columns; got {m=} {k=} {n=} {g=}, {tiles}")
     return lhs_mk, m, k, n, g
 
 
-def _contract_scope(alloc_pipe, lhs_gmem, rhs_gmem, stage_shape, out_dtype):
-    """run_scoped for a contract kernel's body: the pipeline's smem ring plus a swizzled output staging buffer
-    (whole tiles only, so the register store has no bank conflicts)."""
+def _contract_scope(alloc_pipe, lhs_gmem, rhs_gmem, tiles: Tiles, out_dtype):
+    """run_scoped for a contract kernel's body: the pipeline's smem ring, a swizzled output staging buffer per
+    compute warpgroup (whole tiles only, so the register store has no bank conflicts) and, where the warpgroups
+    split the tile by rows, the barrier that orders their dout masking before either reads dout."""
+    wr, _ = tiles.wg_tile()
+    stage_shape = (2, wr, tiles.epi_n)
+    mask_bar = dict(mask_bar=plgpu.Barrier(num_arrivals=2)) if tiles.wg_split == "m" else {}
     return functools.partial(
         pl.run_scoped,
         allocs=alloc_pipe.get_allocations(lhs_gmem, rhs_gmem),
         stage_smem=plgpu.SMEM(stage_shape, out_dtype, transforms=_swizzle_transforms(stage_shape[-1], out_dtype)),
         collective_axes="wg",
+        **mask_bar,
     )
 
 
-def _contract_step(acc, a_smem, b_wg, row0, start, end, *, lhs_is_km: bool, interpret: bool, in_flight: int = 0):
-    """One 64-row step of d_rhs: zero the rows of this warpgroup's dout half that belong to other groups (a block
-    shared by two groups), then acc += lhs_block^T @ dout_block."""
-    tc, tn = b_wg.shape
+def _contract_step(acc, a_smem, b_smem, row0, start, end, *, wg, tiles: Tiles, lhs_is_km: bool, interpret: bool,
+                   mask_bar=None):
+    """One 64-row step of d_rhs: zero the rows of this warpgroup's column half of dout that belong to other groups
+    (a block shared by two groups), then acc += lhs_block^T @ dout_block for this warpgroup's part of the tile.
 
-    @pl.when((row0 < start) | (row0 + tc > end))
+    Tiles.wg_split "n": the warpgroup reads only its own dout half. "m": it reads all of dout and its row half of
+    lhs^T, so the two warpgroups meet at mask_bar after masking (only on masked steps; both take the same branch)."""
+    tc, tn = b_smem.shape[0], tiles.tile_n
+    b_own = b_smem.at[:, pl.ds(wg * tn, tn)]
+    masked = (row0 < start) | (row0 + tc > end)
+
+    @pl.when(masked)
     def _mask():
         r = lax.broadcasted_iota(jnp.int32, (tc, tn), 0)
         if not interpret:  # the interpreter has no layouts
             r = plgpu.layout_cast(r, plgpu.Layout.WGMMA)
         keep = (r >= start - row0) & (r < end - row0)
-        vals = b_wg[...]
-        b_wg[...] = jnp.where(keep, vals, jnp.zeros_like(vals))
+        vals = b_own[...]
+        b_own[...] = jnp.where(keep, vals, jnp.zeros_like(vals))
         plgpu.commit_smem()
+        if mask_bar is not None:
+            plgpu.barrier_arrive(mask_bar)
+            plgpu.barrier_wait(mask_bar)
 
-    plgpu.wgmma(acc, a_smem if lhs_is_km else a_smem.transpose((1, 0)), b_wg)
-    plgpu.wgmma_wait(in_flight)  # see rows_kernel and Tiles.overlap_mma
+    if tiles.wg_split == "m":
+        rows = pl.ds(wg * tiles.wg_tile()[0], tiles.wg_tile()[0])
+        a = a_smem.at[rows] if lhs_is_km else a_smem.at[:, rows].transpose((1, 0))
+        b = b_smem
+    else:
+        a = a_smem if lhs_is_km else a_smem.transpose((1, 0))
+        b = b_own
+    plgpu.wgmma(acc, a, b)
+    plgpu.wgmma_wait(int(tiles.overlap_mma))  # see rows_kernel and Tiles.overlap_mma
 
 
 def contract_schedule(group_sizes_g: jax.Array, m: int, tile_k: int) -> jax.Array:
@@ -699,9 +746,10 @@ def contract_kernel(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles, lhs_i
         # A dynamic grid keeps all `stages` buffers, so the allocation pipeline must not be shrunk either.
         alloc_pipe = make_pipeline(ignore, ignore, jnp.int32(stages), zero, zero, zero)
 
-        @_contract_scope(alloc_pipe, lhs_gmem, rhs_gmem, (2, tm, epi_n), out_dtype)
-        def _scope(allocs, stage_smem):
+        @_contract_scope(alloc_pipe, lhs_gmem, rhs_gmem, tiles, out_dtype)
+        def _scope(allocs, stage_smem, mask_bar=None):
             wg = lax.axis_index("wg")
+            (wr, wc), (r_off, c_off) = tiles.wg_tile(), _wg_offsets(tiles, wg)
 
             @plgpu.nd_loop((g * k_tiles * n_tiles,), collective_axes="sm")
             def _tile(info):
@@ -715,17 +763,17 @@ def contract_kernel(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles, lhs_i
                 nsteps = gsched_ref[3, gi]
 
                 def mma(idx, a_smem, b_smem, acc):
-                    _contract_step(acc, a_smem, b_smem.at[:, pl.ds(wg * tn, tn)], (blk0 + idx[0]) * tc, start, end,
-                                   lhs_is_km=lhs_is_km, interpret=interpret)
+                    _contract_step(acc, a_smem, b_smem, (blk0 + idx[0]) * tc, start, end, wg=wg, tiles=tiles,
+                                   lhs_is_km=lhs_is_km, interpret=interpret, mask_bar=mask_bar)
                     return acc
 
                 def context(run):
                     def acc_scope(acc_ref):
                         run(acc_ref)
-                        _store_rows(acc_ref[...], out_gmem.at[gi], stage_smem.at[wg], row0=kt * tm, start=0,
-                                    rows=tm, col0=nt * 2 * tn + wg * tn, epi_n=epi_n)
+                        _store_rows(acc_ref[...], out_gmem.at[gi], stage_smem.at[wg], row0=kt * tm + r_off, start=0,
+                                    rows=wr, col0=nt * 2 * tn + c_off, epi_n=epi_n)
 
-                    pl.run_scoped(acc_scope, plgpu.ACC((tm, tn), jnp.float32))
+                    pl.run_scoped(acc_scope, plgpu.ACC((wr, wc), jnp.float32))
 
                 pipe = make_pipeline(mma, context, nsteps, lambda: blk0, lambda: kt, lambda: nt)
                 pipe(lhs_gmem, rhs_gmem, allocations=allocs)
@@ -812,9 +860,10 @@ def _contract_kernel_flat(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles,
         ignore = lambda *_, **__: None
         alloc_pipe = make_pipeline(ignore, ignore, jnp.int32(tiles.stages))  # dynamic grid: all stages
 
-        @_contract_scope(alloc_pipe, lhs_gmem, rhs_gmem, (2, tm, epi_n), out_dtype)
-        def _scope(allocs, stage_smem):
+        @_contract_scope(alloc_pipe, lhs_gmem, rhs_gmem, tiles, out_dtype)
+        def _scope(allocs, stage_smem, mask_bar=None):
             wg = lax.axis_index("wg")
+            (wr, wc), (r_off, c_off) = tiles.wg_tile(), _wg_offsets(tiles, wg)
 
             def tile_info(j):
                 """(group, start row, end row, first row block, steps) of this CTA's tile slot j."""
@@ -824,8 +873,8 @@ def _contract_kernel_flat(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles,
             def mma(_, a_smem, b_smem, carry):
                 acc, j, s_in, info = carry
                 gi, start, end, blk0, nst = info
-                _contract_step(acc, a_smem, b_smem.at[:, pl.ds(wg * tn, tn)], (blk0 + s_in) * tc, start, end,
-                               lhs_is_km=lhs_is_km, interpret=interpret, in_flight=int(tiles.overlap_mma))
+                _contract_step(acc, a_smem, b_smem, (blk0 + s_in) * tc, start, end, wg=wg, tiles=tiles,
+                               lhs_is_km=lhs_is_km, interpret=interpret, mask_bar=mask_bar)
                 last = s_in == nst - 1
                 nxt = tile_info(j + 1)  # loads issued every step, used only at a tile's last one
 
@@ -834,8 +883,8 @@ def _contract_kernel_flat(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles,
                     lin = lin_ref[sm, j]
                     kt, nt = (lin // n_tiles) % k_tiles, lin % n_tiles
                     plgpu.wgmma_wait(0)
-                    _store_rows(acc[...], out_gmem.at[gi], stage_smem.at[wg], row0=kt * tm, start=0, rows=tm,
-                                col0=nt * 2 * tn + wg * tn, epi_n=epi_n)
+                    _store_rows(acc[...], out_gmem.at[gi], stage_smem.at[wg], row0=kt * tm + r_off, start=0, rows=wr,
+                                col0=nt * 2 * tn + c_off, epi_n=epi_n)
                     _zero_acc(acc, interpret)
 
                 info = tuple(jnp.where(last, a, b) for a, b in zip(nxt, info))
@@ -845,7 +894,7 @@ def _contract_kernel_flat(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles,
                 def acc_scope(acc_ref):
                     run((acc_ref, jnp.int32(0), jnp.int32(0), tile_info(jnp.int32(0))))
 
-                pl.run_scoped(acc_scope, plgpu.ACC((tm, tn), jnp.float32))
+                pl.run_scoped(acc_scope, plgpu.ACC((wr, wc), jnp.float32))
 
             pipe = make_pipeline(mma, context, total_ref[sm])
             pipe(lhs_gmem, rhs_gmem, allocations=allocs)

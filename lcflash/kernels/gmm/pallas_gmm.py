@@ -22,6 +22,9 @@ _KERNEL_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 # Benchmarks may pin tile sizes here (mk.Tiles); None picks them from the shapes below.
 ROWS_TILES: mk.Tiles | None = None
 CONTRACT_TILES: mk.Tiles | None = None
+# How both kernels' two compute warpgroups share a 128-row tile (mk.Tiles.wg_split): "n" column halves, "m" row
+# halves (wider wgmma). Read at trace time; decode's 64-row tiles always split by columns.
+WG_SPLIT = "n"
 
 
 def _interpret() -> bool:
@@ -44,10 +47,10 @@ def _rows_tiles(m: int, g: int, n: int, out_dtype, n_rhs: int, what: str, epi_in
     tn = _col_tile(n, what, prefer=128 if n_rhs == 1 and not epi_in else 64)
     # One epilogue store per warpgroup and tile (epi_n = tn) where it fits; fp32 outputs store in 64-col chunks.
     epi_n = tn if jnp.dtype(out_dtype).itemsize <= 2 else 64
-    tiles = mk.Tiles(tile_m=tm, tile_n=tn, tile_k=64, stages=4, epi_n=epi_n)
+    tiles = mk.Tiles(tile_m=tm, tile_n=tn, tile_k=64, stages=4, epi_n=epi_n, wg_split=WG_SPLIT if tm == 128 else "n")
     while tiles.stages > 2 and mk.smem_bytes(tiles, n_rhs=n_rhs, in_dtype=jnp.bfloat16, out_dtype=out_dtype,
                                              contract=False, epi_in=epi_in) > mk._SMEM_BYTES:
-        tiles = mk.Tiles(tm, tn, 64, tiles.stages - 1, epi_n)
+        tiles = dataclasses.replace(tiles, stages=tiles.stages - 1)
     return tiles
 
 
@@ -73,10 +76,10 @@ def _contract_tiles(n: int, out_dtype) -> mk.Tiles:
         return CONTRACT_TILES
     tn = _col_tile(n, "d_rhs columns (N)")
     epi_n = tn if jnp.dtype(out_dtype).itemsize <= 2 else 64
-    tiles = mk.Tiles(tile_m=128, tile_n=tn, tile_k=64, stages=4, epi_n=epi_n)
+    tiles = mk.Tiles(tile_m=128, tile_n=tn, tile_k=64, stages=4, epi_n=epi_n, wg_split=WG_SPLIT)
     while tiles.stages > 2 and mk.smem_bytes(tiles, n_rhs=1, in_dtype=jnp.bfloat16, out_dtype=out_dtype,
                                              contract=True) > mk._SMEM_BYTES:
-        tiles = mk.Tiles(128, tn, 64, tiles.stages - 1, epi_n)
+        tiles = dataclasses.replace(tiles, stages=tiles.stages - 1)
     return tiles
 
 
