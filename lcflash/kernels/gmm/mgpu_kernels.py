@@ -54,10 +54,10 @@ class Tiles:
     # (wgmma_wait(1), buffers released one step later); the epilogue waits for all of them. Slower on an H200
     # (experiments/gmm_notes.md, run 8): kept off, as a switch for the A/B.
     overlap_mma: bool = False
-    # rows kernel: how the two compute warpgroups share a tile_m x 2 * tile_n tile. "n": a column half each
+    # Both kernels: how the two compute warpgroups share a tile_m x 2 * tile_n tile. "n": a column half each
     # (tile_m x tile_n, wgmma m64 x tile_n); "m": a row half each (tile_m / 2 x 2 * tile_n: one m64n(2 * tile_n)
     # wgmma per k16, which reads the B operand once instead of once per 64 rows), JAX's hopper_matmul_mgpu
-    # wg_dimension=M. Same registers, same accumulation order per element.
+    # wg_dimension=M. Same registers and shared memory.
     wg_split: str = "n"
 
     def wg_tile(self) -> tuple[int, int]:
