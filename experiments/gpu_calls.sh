@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# GPU calls prepared in session 35, one per device call (1, 2, 3 ran in session 35, 5 and 7 in 36; 4 and 6 wait on an
-# attention kernel that gains alone; experiments/HISTORY.md):
-#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 7; call 4 takes the persistent kernels)
+# GPU calls, one per device call (1, 2, 3 ran in session 35, 5 and 7 in 36; 4 and 6 wait on an attention kernel
+# that gains alone; 8 and 9, session 37's warpgroup split, wait on a lent GPU; experiments/HISTORY.md):
+#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 9; call 4 takes the persistent kernels)
 # run from the repository root on the device machine, with `.whl` and `.whl-tokamax` carried (ml-collections,
 # tensorboardX and tokamax 0.0.17 with its needs, which its image lacks). Results go to $OUT (or ./out). Each step
 # has its own time limit, so a hang or a failure costs that step, not the call.
 set -u
-N=${1:?call number 1-7}
+N=${1:?call number 1-9}
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -60,5 +60,23 @@ case $N in
         step 25 python experiments/debug_phase_chain.py $v
     done
     ;;
-*)  echo "call number 1-7" >&2; exit 2 ;;
+8)  # session 37: the compute warpgroups on row halves of a tile (pallas_gmm.WG_SPLIT = "m", gmm_notes.md session 37):
+    # GPU tests, then each split at LongCat's shapes and configs/small.py's training kernels, then JAX's example
+    # matmul with either split (the peer's answer to the same question)
+    step 150 python -m pytest -n 0 -q tests/test_gmm.py -k "row_split or gpu_pallas_forward or gpu_ffn or gpu_flat"
+    for s in n m; do
+        step 110 python experiments/bench_moe_gemm.py --impls pallas_chain,einsum --quick --wg-split $s \
+            --out "$OUT/bench_moe_gemm_quick_wg${s}_s37_h200.json"
+    done
+    for s in n m; do
+        step 70 python experiments/bench_moe_gemm.py --ffn-kernels 32768 --wg-split $s --no-ffn-einsum \
+            --out "$OUT/bench_moe_gemm_ffnk_wg${s}_s37_h200.json"
+    done
+    step 100 python experiments/bench_wg_split.py --stages 4 --out "$OUT/bench_wg_split_s37_h200.json"
+    ;;
+9)  # training A/B in one call, if call 8 showed the row split faster
+    step 240 $T --out "$OUT/bench_train_b32_s37_wgn_h200.json"
+    step 240 $T --wg_split m --out "$OUT/bench_train_b32_s37_wgm_h200.json"
+    ;;
+*)  echo "call number 1-9" >&2; exit 2 ;;
 esac
