@@ -710,7 +710,7 @@ def main():
                     help="only the rows kernel at LongCat T=512: flat pipeline variants (ROWS_VARIANTS), the first "
                          "the baseline, e.g. flat,overlap")
     ap.add_argument("--pick-jax-mgpu", action="store_true", help="time four configs of the example kernel first")
-    ap.add_argument("--wg-split", default=None, choices=("n", "m"), help="our rows kernels' warpgroup split "
+    ap.add_argument("--wg-split", default=None, choices=("n", "m"), help="our kernels' warpgroup split "
                     "(pallas_gmm.WG_SPLIT; default: its value)")
     ap.add_argument("--pick-tokamax", action="store_true", help="time tokamax's heuristics and three configs first")
     args = ap.parse_args()

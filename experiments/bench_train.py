@@ -248,7 +248,7 @@ def main():
     ap.add_argument("--time_budget_s", type=float, default=1e9, help="skip remaining impls once this is spent")
     ap.add_argument("--contract_deal", default=None, help="how the flat d_rhs kernel deals its tiles to the CTAs, "
                     "one of lcflash.kernels.gmm.mgpu_kernels.CONTRACT_DEALS (default: its CONTRACT_DEAL)")
-    ap.add_argument("--wg_split", default=None, choices=("n", "m"), help="how the expert rows kernels' two compute "
+    ap.add_argument("--wg_split", default=None, choices=("n", "m"), help="how the expert kernels' two compute "
                     "warpgroups share a tile (lcflash.kernels.gmm.pallas_gmm.WG_SPLIT; default: its value)")
     ap.add_argument("--mem_fraction", type=float, default=None, help="share of the GPU's memory XLA may use "
                     "(XLA_PYTHON_CLIENT_MEM_FRACTION; JAX's default 0.75): 0.95 fits batch 48 x 1024 of "

@@ -12,8 +12,8 @@ row split pays before our kernels get it. Dense products at the expert kernels' 
 
 import argparse
 import dataclasses
-import inspect
 import datetime
+import inspect
 import json
 import os
 import sys
@@ -87,8 +87,9 @@ def main():
         rows.append(rec)
         print(f"\n{name}: M={m} K={k} N={n}")
         for key, v in sorted(rec["variants"].items(), key=lambda kv: -kv[1].get("tflops", 0)):
-            print(f"  {key:22s} " + (f"{np.median(v['ms']):.4f} ms {v['tflops']:6.1f} TFLOP/s  err {v.get('max_abs_err_vs_xla', 0):.3g}"
-                                     if "tflops" in v else v.get("error", "")), flush=True)
+            line = (f"{np.median(v['ms']):.4f} ms {v['tflops']:6.1f} TFLOP/s  err {v.get('max_abs_err_vs_xla', 0):.3g}"
+                    if "tflops" in v else v.get("error", ""))
+            print(f"  {key:22s} {line}", flush=True)
     meta = dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
                 date_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 command="python " + " ".join(sys.argv))

@@ -259,9 +259,10 @@ def test_pallas_interpret_ffn_swiglu_grad_epilogue():
 @cpu_only
 def test_pallas_interpret_row_split_warpgroups(monkeypatch):
     """pallas_gmm.WG_SPLIT = "m" (each compute warpgroup on a row half of the tile): the plain forward and every
-    rows kernel of the expert FFN (the SwiGLU forward, the down forward, the grad_halves d_lhs, the [gate | up]
-    d_lhs) against the fp32 reference, with and without zero tails. 260 rows over 4 groups take 128-row tiles;
-    groups end in either half of a tile, a 1-row group sits in one half, one spans both halves."""
+    kernel of the expert FFN (the SwiGLU forward, the down forward, the grad_halves d_lhs, the [gate | up] d_lhs,
+    both weight gradients by the contract kernel) against the fp32 reference, with and without zero tails. 260
+    rows over 4 groups take 128-row tiles; groups end in either half of a tile, a 1-row group sits in one half, one
+    spans both halves."""
     from lcflash.kernels.gmm import pallas_gmm
 
     sizes_l = [0, 137, 1, 90]  # rows 0-136, 137, 138-227; 32 tail rows
