@@ -72,6 +72,13 @@ def _wg_offsets(tiles: Tiles, wg):
     return (wg * tiles.wg_tile()[0], 0) if tiles.wg_split == "m" else (0, wg * tiles.tile_n)
 
 
+def _part(ref, dim: int, start, size: int):
+    """ref's [start, start + size) along dim: the ref itself where that is all of it (no view in the kernel)."""
+    if size == ref.shape[dim]:
+        return ref
+    return ref.at[(slice(None),) * dim + (pl.ds(start, size),)]
+
+
 def _num_sms(interpret: bool) -> int:
     if interpret:
         return 2  # the interpreter simulates every SM as threads: keep it small
@@ -431,12 +438,12 @@ def rows_kernel(
 
             @jax.named_scope("mma")
             def mma_step(a_smem, b_smems, accs):
-                a = a_smem.at[pl.ds(r_off, wr)] if split_m else a_smem
+                a = _part(a_smem, 0, r_off, wr)  # this warpgroup's rows and columns of the tile
                 for b_smem, acc in zip(b_smems, accs):
                     if transpose_rhs:
-                        b = (b_smem if split_m else b_smem.at[pl.ds(wg * tn, tn), :]).transpose((1, 0))
+                        b = _part(b_smem, 0, c_off, wc).transpose((1, 0))
                     else:
-                        b = b_smem if split_m else b_smem.at[:, pl.ds(wg * tn, tn)]
+                        b = _part(b_smem, 1, c_off, wc)
                     plgpu.wgmma(acc, a, b)
                 # Per-tile pipelines wait for this step's wgmma before its buffers are released: releasing one
                 # step later (delay_release=1) would let the next tile's prologue refill the last step's buffers
@@ -565,7 +572,8 @@ def _contract_step(acc, a_smem, b_smem, row0, start, end, *, wg, tiles: Tiles, l
     Tiles.wg_split "n": the warpgroup reads only its own dout half. "m": it reads all of dout and its row half of
     lhs^T, so the two warpgroups meet at mask_bar after masking (only on masked steps; both take the same branch)."""
     tc, tn = b_smem.shape[0], tiles.tile_n
-    b_own = b_smem.at[:, pl.ds(wg * tn, tn)]
+    (wr, wc), (r_off, c_off) = tiles.wg_tile(), _wg_offsets(tiles, wg)
+    b_own = b_smem.at[:, pl.ds(wg * tn, tn)]  # the half this warpgroup masks, whichever part it reads
     masked = (row0 < start) | (row0 + tc > end)
 
     @pl.when(masked)
@@ -581,14 +589,9 @@ def _contract_step(acc, a_smem, b_smem, row0, start, end, *, wg, tiles: Tiles, l
             plgpu.barrier_arrive(mask_bar)
             plgpu.barrier_wait(mask_bar)
 
-    if tiles.wg_split == "m":
-        rows = pl.ds(wg * tiles.wg_tile()[0], tiles.wg_tile()[0])
-        a = a_smem.at[rows] if lhs_is_km else a_smem.at[:, rows].transpose((1, 0))
-        b = b_smem
-    else:
-        a = a_smem if lhs_is_km else a_smem.transpose((1, 0))
-        b = b_own
-    plgpu.wgmma(acc, a, b)
+    # this warpgroup's rows (of K) and columns of the tile
+    a = _part(a_smem, 0, r_off, wr) if lhs_is_km else _part(a_smem, 1, r_off, wr).transpose((1, 0))
+    plgpu.wgmma(acc, a, _part(b_smem, 1, c_off, wc))
     plgpu.wgmma_wait(int(tiles.overlap_mma))  # see rows_kernel and Tiles.overlap_mma
 
 
