@@ -397,6 +397,8 @@ ROWS_VARIANTS = {  # flat rows kernel variants timed by --rows-ab (all bit-ident
     "3st_epi128": dict(stages=3, epi_n=128),
     "wgm": dict(stages=4, wg_split="m"),  # the warpgroups on row halves (one m64n256 wgmma each)
     "wgm_epi128": dict(stages=4, epi_n=128, wg_split="m"),
+    # the cost of Tiles.wg_skip's branch alone: equal groups of whole tiles never skip
+    "wgm_noskip": dict(stages=4, wg_split="m", wg_skip=False),
 }
 
 

@@ -60,9 +60,8 @@ case $N in
         step 25 python experiments/debug_phase_chain.py $v
     done
     ;;
-8)  # session 37: the compute warpgroups on row halves of a tile (pallas_gmm.WG_SPLIT = "m", gmm_notes.md session 37):
-    # GPU tests, then each split at LongCat's shapes and configs/small.py's training kernels, then JAX's example
-    # matmul with either split (the peer's answer to the same question)
+8)  # session 37: the compute warpgroups on row halves of a tile (pallas_gmm.WG_SPLIT = "m", gmm_notes.md sessions
+    # 37-38): GPU tests, then each split at LongCat's shapes and configs/small.py's training kernels
     step 150 python -m pytest -n 0 -q tests/test_gmm.py -k "row_split or gpu_pallas_forward or gpu_ffn or gpu_flat"
     for s in n m; do
         step 110 python experiments/bench_moe_gemm.py --impls pallas_chain,einsum --quick --wg-split $s \
@@ -72,9 +71,13 @@ case $N in
         step 70 python experiments/bench_moe_gemm.py --ffn-kernels 32768 --wg-split $s --no-ffn-einsum \
             --out "$OUT/bench_moe_gemm_ffnk_wg${s}_s37_h200.json"
     done
-    step 100 python experiments/bench_wg_split.py --stages 4 --out "$OUT/bench_wg_split_s37_h200.json"
+    # the row split's skip branch (session 38) costs nothing where no visit skips: equal groups, LongCat T=512
+    step 80 python experiments/bench_moe_gemm.py --rows-ab flat,wgm,wgm_noskip \
+        --out "$OUT/bench_moe_gemm_rowsab_s38_h200.json"
     ;;
-9)  # training A/B in one call, if call 8 showed the row split faster
+9)  # JAX's example matmul with either split (the peer's answer to call 8's question); then, if call 8 showed the
+    # row split faster, the training A/B
+    step 100 python experiments/bench_wg_split.py --stages 4 --out "$OUT/bench_wg_split_s37_h200.json"
     step 240 $T --out "$OUT/bench_train_b32_s37_wgn_h200.json"
     step 240 $T --wg_split m --out "$OUT/bench_train_b32_s37_wgm_h200.json"
     ;;

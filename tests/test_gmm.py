@@ -258,23 +258,30 @@ def test_pallas_interpret_ffn_swiglu_grad_epilogue():
 
 @cpu_only
 def test_pallas_interpret_row_split_warpgroups(monkeypatch):
-    """pallas_gmm.WG_SPLIT = "m" (each compute warpgroup on a row half of the tile): the plain forward and every
-    kernel of the expert FFN (the SwiGLU forward, the down forward, the grad_halves d_lhs, the [gate | up] d_lhs,
-    both weight gradients by the contract kernel) against the fp32 reference, with and without zero tails. 260
-    rows over 4 groups take 128-row tiles; groups end in either half of a tile, a 1-row group sits in one half, one
-    spans both halves."""
+    """pallas_gmm.WG_SPLIT = "m" (each compute warpgroup on a row half of the tile), against the fp32 reference.
+
+    The plain forward, on both pipelines, over 400 rows in 6 groups, whose tile visits hold rows of one half only
+    (the other warpgroup skips its wgmma) or one row of a half: tile 1 holds rows 0-64 of group 1 (one in the second
+    half), group 2's one row (65) and rows 66-127 of group 3; tile 2 rows 0-62 of group 4 and rows 63-64 of group 5.
+    Then every kernel of the expert FFN (SwiGLU forward, down forward, the grad_halves d_lhs, the [gate | up] d_lhs,
+    both weight gradients by the contract kernel), with and without zero tails, over 260 rows: groups end in either
+    half, a 1-row group sits in one half, one spans both. (The FFN runs as one jitted program. At the 400-row sizes
+    that program hangs in Pallas' interpreter on a 2-core machine: two simulated threads stall inside XLA:CPU while
+    the threads that run callbacks block in barrier waits. Run op by op, it passes.)"""
     from lcflash.kernels.gmm import pallas_gmm
 
-    sizes_l = [0, 137, 1, 90]  # rows 0-136, 137, 138-227; 32 tail rows
-    m, d, f = 260, 128, 128
     monkeypatch.setattr(pallas_gmm, "WG_SPLIT", "m")
+    sizes_l = [0, 193, 1, 62, 63, 2]  # rows 0-192, 193, 194-255, 256-318, 319-320; 79 tail rows
+    m, d, f = 400, 128, 128
     tiles = pallas_gmm._rows_tiles(m, len(sizes_l), 2 * f, jnp.bfloat16, 1, "N")
     assert tiles.wg_split == "m" and tiles.wg_tile() == (64, 256), tiles
     x, w, _, sizes = _inputs(23, m, d, 2 * f, sizes_l, jnp.bfloat16)
-    got = pallas_gmm.rows_matmul(x, [w], sizes, chain=True)
-    assert _rel(got, reference.gmm_loop(x.astype(jnp.float32), w.astype(jnp.float32), sizes)) < BF16_TOL
-    assert not np.asarray(got[sum(sizes_l):], np.float32).any()
-    _check_ffn_swiglu_grad_epilogue(m, d, f, sizes_l, seed=24)
+    want = reference.gmm_loop(x.astype(jnp.float32), w.astype(jnp.float32), sizes)
+    for chain in (True, False):  # the flat pipeline and a pipeline per tile
+        got = pallas_gmm.rows_matmul(x, [w], sizes, chain=chain)
+        assert _rel(got, want) < BF16_TOL, chain
+        assert not np.asarray(got[sum(sizes_l):], np.float32).any(), chain
+    _check_ffn_swiglu_grad_epilogue(260, d, f, [0, 137, 1, 90], seed=24)  # rows 0-136, 137, 138-227; 32 tail rows
 
 
 def test_grad_halves_needs_its_residual_and_the_flat_pipeline():

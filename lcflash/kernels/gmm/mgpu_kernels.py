@@ -59,6 +59,9 @@ class Tiles:
     # wgmma per k16, which reads the B operand once instead of once per 64 rows), JAX's hopper_matmul_mgpu
     # wg_dimension=M. Same registers and shared memory.
     wg_split: str = "n"
+    # rows kernel with wg_split "m": a warpgroup whose row half holds none of a tile visit's rows (a group ending
+    # or starting in the other half) issues no wgmma for it. False issues them anyway (for the A/B of the branch).
+    wg_skip: bool = True
 
     def wg_tile(self) -> tuple[int, int]:
         """(rows, columns) of one compute warpgroup's accumulator."""
@@ -437,14 +440,20 @@ def rows_kernel(
                         pl.when(jnp.logical_not(tail))(_store)
 
             @jax.named_scope("mma")
-            def mma_step(a_smem, b_smems, accs):
-                a = _part(a_smem, 0, r_off, wr)  # this warpgroup's rows and columns of the tile
-                for b_smem, acc in zip(b_smems, accs):
-                    if transpose_rhs:
-                        b = _part(b_smem, 0, c_off, wc).transpose((1, 0))
-                    else:
-                        b = _part(b_smem, 1, c_off, wc)
-                    plgpu.wgmma(acc, a, b)
+            def mma_step(a_smem, b_smems, accs, start, rows):
+                def issue():
+                    a = _part(a_smem, 0, r_off, wr)  # this warpgroup's rows and columns of the tile
+                    for b_smem, acc in zip(b_smems, accs):
+                        if transpose_rhs:
+                            b = _part(b_smem, 0, c_off, wc).transpose((1, 0))
+                        else:
+                            b = _part(b_smem, 1, c_off, wc)
+                        plgpu.wgmma(acc, a, b)
+
+                if split_m and tiles.wg_skip:  # a warpgroup whose row half holds none of the visit's rows skips
+                    pl.when((start < r_off + wr) & (start + rows > r_off))(issue)
+                else:
+                    issue()
                 # Per-tile pipelines wait for this step's wgmma before its buffers are released: releasing one
                 # step later (delay_release=1) would let the next tile's prologue refill the last step's buffers
                 # while its wgmma still reads them; the other compute warpgroup keeps the tensor cores busy.
@@ -467,7 +476,7 @@ def rows_kernel(
                     nsteps = sched_ref[4, lin // n_tiles] * k_steps  # 0 for tail tiles: accumulators stay zero
 
                     def mma(_, a_smem, *args):
-                        mma_step(a_smem, args[:n_rhs], args[n_rhs])
+                        mma_step(a_smem, args[:n_rhs], args[n_rhs], start, rows)
                         return args[n_rhs]
 
                     def context(run):
@@ -484,7 +493,7 @@ def rows_kernel(
                     s = idx[0]
                     if gu_mn2 is not None:  # this tile's g and u land while its steps run
                         pl.when(s % k_steps == 0)(lambda: load_gu(info[0], info[2]))
-                    mma_step(a_smem, args[:n_rhs], accs)
+                    mma_step(a_smem, args[:n_rhs], accs, info[3], info[4])
                     last = s % k_steps == k_steps - 1
                     with jax.named_scope("next_tile"):  # loads issued every step, used only at a tile's last one
                         nxt = tile_of(lin_of(s) + n_sms)
