@@ -389,6 +389,11 @@ def rows_kernel(
             wg = lax.axis_index("wg")
             r_off, c_off = _wg_offsets(tiles, wg)
 
+            def own_rows(start, rows):
+                """Split "m": a visit's rows [start, start + rows) of the block within this warpgroup's half."""
+                lo = jnp.clip(start - r_off, 0, wr)
+                return lo, jnp.clip(start + rows - r_off, 0, wr) - lo
+
             def tile_of(lin):
                 """(n tile, group, row block, first row in block, rows) of linear tile index lin."""
                 mt = jnp.minimum(lin // n_tiles, t_max - 1)  # flat: the tile after a CTA's last one is never used
@@ -412,9 +417,8 @@ def rows_kernel(
                 """tail: True (static) or a traced predicate for tiles of rows past the groups, whose outputs with
                 zero_tail False are not stored."""
                 col0 = nt * 2 * tn + c_off
-                if split_m:  # the block's rows [start, start + rows) within this warpgroup's half
-                    lo = jnp.clip(start - r_off, 0, wr)
-                    start, rows = lo, jnp.clip(start + rows - r_off, 0, wr) - lo
+                if split_m:
+                    start, rows = own_rows(start, rows)
                 if grad and tail is not True:  # the tiles load_gu started at the first step
                     for j in range(2):
                         plgpu.barrier_wait(gu_bar.at[2 * wg + j])
@@ -451,7 +455,7 @@ def rows_kernel(
                         plgpu.wgmma(acc, a, b)
 
                 if split_m and tiles.wg_skip:  # a warpgroup whose row half holds none of the visit's rows skips
-                    pl.when((start < r_off + wr) & (start + rows > r_off))(issue)
+                    pl.when(own_rows(start, rows)[1] > 0)(issue)
                 else:
                     issue()
                 # Per-tile pipelines wait for this step's wgmma before its buffers are released: releasing one
