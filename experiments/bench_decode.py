@@ -61,7 +61,9 @@ XLA_OPTIONS = {
 # 24's "+cluster_merge" merged them inside the kernel, in a thread-block cluster, commit 3968d79: no gain, reverted.
 # Session 36's "+q_x" / "+no_q_x" took the query straight from the layer input, commit 318b143: batch 8 2-8% faster,
 # batches 1 and 64 6-16% slower, reverted.)
-VARIANTS = ("unmerged", "eager_norms")
+# "+l2" / "+l2xla": each sublayer's matrices pulled into L2 while the sublayer before runs (decode.L2_PREFETCH
+# "mosaic": the TMA prefetch kernel; "xla": a sum over them, the stand-in), session 39, not yet measured.
+VARIANTS = ("unmerged", "eager_norms", "l2", "l2xla")
 
 
 def attn_impl(impl: str) -> str:
@@ -236,6 +238,8 @@ def run_jax(args):
         pallas_mgpu.MAX_SPLITS = int(splits) if splits else None   # read while tracing: choose_splits
         from lcflash.infer import decode
         decode.DEFER_NORMS = "+eager_norms" not in gkey   # read while tracing
+        suffixes = gkey.split("/")[0].split("+")[1:]
+        decode.L2_PREFETCH = "mosaic" if "l2" in suffixes else "xla" if "l2xla" in suffixes else "off"
         cache = jax.eval_shape(lambda: DecodeCache.zeros(cfg, B, S, mtp=kind == "speculative"))
         b32 = jax.ShapeDtypeStruct((B,), jnp.int32)
         if kind == "speculative":
@@ -544,8 +548,8 @@ def main():
     ap.add_argument("--contexts", default="1024,8192,32768")
     ap.add_argument("--impls", default="absorbed,pallas", help="attention: absorbed (XLA), pallas (our kernel), "
                     "pallas@sN (the kernel with at most N context splits; pallas@s1: no merge kernels); +name suffixes: "
-                    "XLA options (XLA_OPTIONS: lhs, cc, pdl, while) or the decode path as before session 22 "
-                    "(VARIANTS: unmerged, eager_norms), e.g. pallas+unmerged+eager_norms+lhs")
+                    "XLA options (XLA_OPTIONS: lhs, cc, pdl, while) or decode-path variants (VARIANTS: unmerged, "
+                    "eager_norms: as before session 22; l2, l2xla: L2 prefetch), e.g. pallas+unmerged+eager_norms+lhs")
     ap.add_argument("--moe_impl", default="auto")
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--speculative", action=argparse.BooleanOptionalAction, default=True,

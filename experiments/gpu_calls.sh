@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # GPU calls, one per device call (1, 2, 3 ran in session 35, 5 and 7 in 36; 4 and 6 wait on an attention kernel
-# that gains alone; 8 and 9, session 37's warpgroup split, wait on a lent GPU; experiments/HISTORY.md):
-#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 9; call 4 takes the persistent kernels)
+# that gains alone; 8 and 9, session 37's warpgroup split, and 10, session 39's L2 prefetch in decode, wait on a lent
+# GPU; experiments/HISTORY.md):
+#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 10; call 4 takes the persistent kernels)
 # run from the repository root on the device machine, with `.whl` and `.whl-tokamax` carried (ml-collections,
 # tensorboardX and tokamax 0.0.17 with its needs, which its image lacks). Results go to $OUT (or ./out). Each step
 # has its own time limit, so a hang or a failure costs that step, not the call.
 set -u
-N=${1:?call number 1-9}
+N=${1:?call number 1-10}
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -81,5 +82,17 @@ case $N in
     step 240 $T --out "$OUT/bench_train_b32_s37_wgn_h200.json"
     step 240 $T --wg_split m --out "$OUT/bench_train_b32_s37_wgm_h200.json"
     ;;
-*)  echo "call number 1-9" >&2; exit 2 ;;
+10) # session 39: batch-1 decode with each sublayer's matrices pulled into L2 while the one before runs
+    # (decode.L2_PREFETCH; "+l2" the TMA prefetch kernel, "+l2xla" XLA sums as the stand-in), one process, then the
+    # critical path of each
+    step 100 python -m pytest -n 0 -q tests/test_l2_prefetch.py
+    step 420 python experiments/bench_decode.py --part=jax --batches=1,8 --contexts=1024 \
+        --impls=pallas,pallas+l2,pallas+l2xla --rounds=2 --no-speculative --no-dense_moe_rows --profile --dump_hlo \
+        --out_dir="$OUT" --json="$OUT/bench_decode_l2_s39_h200.json"
+    for v in pallas pallas_l2; do
+        step 40 python experiments/decode_profile.py --hlo="$OUT/hlo_${v}_b1.txt" \
+            --trace="$OUT/trace_decode_b1_${v}.json.gz" --steps=33 --json="$OUT/decode_profile_${v}_s39_h200.json"
+    done
+    ;;
+*)  echo "call number 1-10" >&2; exit 2 ;;
 esac
