@@ -148,7 +148,7 @@ def check_suffix(impl: str) -> str:
     return "" if impl == "pallas" else "_" + impl
 
 
-def run_case(cfg, proj, t, load, impls, bw_gbs, results, check=True):
+def run_case(cfg, proj, t, load, impls, bw_gbs, results, check=True, rounds=1):
     k, n, g = SHAPES[(cfg, proj)]
     sizes_np = group_sizes(g, t, load)
     m = g * t
@@ -180,26 +180,50 @@ def run_case(cfg, proj, t, load, impls, bw_gbs, results, check=True):
         except Exception as e:  # noqa: BLE001 - reported in the table
             row["check_error" + key] = f"{type(e).__name__}: {str(e)[:300]}"
 
+    timed = {}   # impl -> (forward, forward + backward or None), compiled on first use
     for impl in impls:
         if impl == "ragged_dot" and t > RAGGED_DOT_MAX_T:
             row["impls"][impl] = dict(skipped=f"t > {RAGGED_DOT_MAX_T}: intermediates exceed memory")
             continue
         if impl == "einsum" and load != "balanced":
             continue
-        rec = {}
-        try:
-            f = gmm_fn(impl, sizes)
-            ms, lo, hi = time_ms(jax.jit(f), (x, w))
-            rec.update(fwd_ms=ms, fwd_ms_range=[lo, hi], fwd_tflops=flops / ms / 1e9)
-            if impl == "ragged_dot" and t > RAGGED_DOT_MAX_T_BWD:
-                rec["bwd_skipped"] = f"t > {RAGGED_DOT_MAX_T_BWD}: out of memory at T=512 (48 GiB intermediate)"
-                row["impls"][impl] = rec
-                continue
-            ms2, lo2, hi2 = time_ms(jax.jit(fwd_bwd_fn(f)), (x, w, dy))
-            rec.update(fwdbwd_ms=ms2, fwdbwd_ms_range=[lo2, hi2], bwd_ms=ms2 - ms, bwd_tflops=2 * flops / (ms2 - ms) / 1e9)
-        except Exception as e:  # noqa: BLE001
-            rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-        row["impls"][impl] = rec
+        f = gmm_fn(impl, sizes)
+        no_bwd = impl == "ragged_dot" and t > RAGGED_DOT_MAX_T_BWD
+        timed[impl] = (jax.jit(f), None if no_bwd else jax.jit(fwd_bwd_fn(f)))
+        row["impls"][impl] = {}
+    # Rounds alternate the implementations, so that each sees the board in the same states (it runs compute-bound
+    # work at its power cap, and its clock drifts over a run); each figure is the median over rounds.
+    for _ in range(rounds):
+        for impl, (fwd, both) in timed.items():
+            rec = row["impls"][impl]
+            try:
+                for key, f, args in (("fwd", fwd, (x, w)), ("fwdbwd", both, (x, w, dy))):
+                    if "error" in rec:
+                        break
+                    if f is None:
+                        rec["bwd_skipped"] = f"t > {RAGGED_DOT_MAX_T_BWD}: out of memory at T=512 (48 GiB intermediate)"
+                        continue
+                    ms, lo, hi = time_ms(f, args)
+                    rec.setdefault(f"{key}_ms_rounds", []).append(ms)
+                    span = rec.setdefault(f"{key}_ms_range", [lo, hi])
+                    span[:] = [min(span[0], lo), max(span[1], hi)]
+            except Exception as e:  # noqa: BLE001 - reported in the table
+                rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    for rec in row["impls"].values():
+        if "fwdbwd_ms_rounds" in rec:
+            rec["bwd_ms_rounds"] = [b - f for f, b in zip(rec["fwd_ms_rounds"], rec["fwdbwd_ms_rounds"])]
+        for key in ("fwd", "fwdbwd", "bwd"):
+            if f"{key}_ms_rounds" in rec:
+                rec[f"{key}_ms"] = float(np.median(rec[f"{key}_ms_rounds"]))
+        for key, products in (("fwd", 1), ("bwd", 2)):
+            if f"{key}_ms" in rec:
+                rec[f"{key}_tflops"] = products * flops / rec[f"{key}_ms"] / 1e9
+    ein = row["impls"].get("einsum", {})
+    for impl, rec in row["impls"].items():   # each round's ratio to the einsum of the same round
+        for key in ("fwd", "bwd"):
+            if impl != "einsum" and f"{key}_ms_rounds" in rec and f"{key}_ms_rounds" in ein:
+                rec[f"{key}_vs_einsum_rounds"] = [e / o for e, o in zip(ein[f"{key}_ms_rounds"],
+                                                                        rec[f"{key}_ms_rounds"])]
     row["bytes_floor_fwd_ms"] = bytes_fwd / (bw_gbs * 1e6)
     row["bytes_floor_bwd_ms"] = bytes_bwd / (bw_gbs * 1e6)
     results.append(row)
@@ -704,6 +728,8 @@ def main():
     ap.add_argument("--ffn-einsum", action=argparse.BooleanOptionalAction, default=True,
                     help="--ffn-kernels: also time the batched einsum bounds")
     ap.add_argument("--impls", default="pallas,jax_mgpu,ragged_dot,einsum")
+    ap.add_argument("--rounds", type=int, default=1, help="main table: time the implementations in this many "
+                    "alternating rounds and report medians (and each round's ratio to the einsum)")
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting new cases after this many seconds")
     ap.add_argument("--skip", type=int, default=0, help="skip the first N cases of the priority list")
     ap.add_argument("--chain-ab", action="store_true",
@@ -785,7 +811,7 @@ def main():
             if args.swiglu:
                 report["swiglu"] += swiglu_cases([t])
             continue
-        row = run_case(cfg, proj, t, load, impls, meta["copy_bandwidth_gbs"], results)
+        row = run_case(cfg, proj, t, load, impls, meta["copy_bandwidth_gbs"], results, rounds=args.rounds)
         print(json.dumps(row), flush=True)
         save()
     if args.chain_ab:

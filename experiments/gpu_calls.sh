@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # GPU calls, one per device call (1, 2, 3 ran in session 35, 5 and 7 in 36; 4 and 6 wait on an attention kernel
-# that gains alone; 8 and 9, session 37's warpgroup split, and 10, session 39's L2 prefetch in decode, wait on a lent
-# GPU; experiments/HISTORY.md):
-#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 10; call 4 takes the persistent kernels)
+# that gains alone; 8 and 9, session 37's warpgroup split, and 10 and 11, session 39's L2 prefetch in decode and
+# expert-GEMM table in alternating rounds, wait on a lent GPU; experiments/HISTORY.md):
+#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 11; call 4 takes the persistent kernels)
 # run from the repository root on the device machine, with `.whl` and `.whl-tokamax` carried (ml-collections,
 # tensorboardX and tokamax 0.0.17 with its needs, which its image lacks). Results go to $OUT (or ./out). Each step
 # has its own time limit, so a hang or a failure costs that step, not the call.
 set -u
-N=${1:?call number 1-10}
+N=${1:?call number 1-11}
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -94,5 +94,10 @@ case $N in
             --trace="$OUT/trace_decode_b1_${v}.json.gz" --steps=33 --json="$OUT/decode_profile_${v}_s39_h200.json"
     done
     ;;
-*)  echo "call number 1-10" >&2; exit 2 ;;
+11) # session 39: the main expert-GEMM table with ours and the einsum bound timed in 3 alternating rounds (the board
+    # runs them at its power cap; session 28 timed each once, one after the other)
+    step 560 python experiments/bench_moe_gemm.py --impls pallas_chain,einsum --rounds 3 --budget-s 420 \
+        --out "$OUT/bench_moe_gemm_rounds_s39_h200.json"
+    ;;
+*)  echo "call number 1-11" >&2; exit 2 ;;
 esac
