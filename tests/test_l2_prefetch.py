@@ -36,16 +36,21 @@ def _steps(dm, tokens):
     return decode.logits(dm.weights, h), n_0 + n_1
 
 
-def test_prefetch_changes_no_value(tiny, monkeypatch):
+@pytest.mark.parametrize("impl", ["xla", pytest.param("mosaic", marks=pytest.mark.skipif(
+    not on_hopper(), reason="needs a Hopper GPU (TMA L2 prefetches)"))])
+def test_prefetch_changes_no_value(tiny, monkeypatch, impl):
+    """The decode steps' values are bitwise those without prefetches, and each prefetch returns its zero."""
     tokens = jax.random.randint(jax.random.key(11), (2, 5), 0, tiny.cfg.vocab_size)
     want = jax.jit(lambda t: _steps(tiny, t))(tokens)
-    monkeypatch.setattr(decode, "L2_PREFETCH", "xla")
+    monkeypatch.setattr(decode, "L2_PREFETCH", impl)
     got = jax.jit(lambda t: _steps(tiny, t))(tokens)
     for a, b in zip(got, want, strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    zeros = [l2_prefetch.prefetch(decode.sublayer_matrices(p), tokens, "xla") for p in tiny.weights.layers[0]
-             if isinstance(p, (decode.AttnWeights, decode.MLPWeights))]
-    assert [int(z[0]) for z in zeros] == [0] * 4
+    w = jax.random.normal(jax.random.key(12), (4096, 1024), jnp.bfloat16)
+    sets = [decode.sublayer_matrices(p) for p in tiny.weights.layers[0]
+            if isinstance(p, (decode.AttnWeights, decode.MLPWeights))] + [[w, w[:512]]]
+    zeros = [l2_prefetch.prefetch(arrays, tokens, impl) for arrays in sets]
+    assert [int(z[0]) for z in zeros] == [0] * 5
 
 
 def test_each_sublayer_prefetches_the_next_ones_matrices(tiny, monkeypatch):
@@ -108,16 +113,3 @@ def test_bad_input_is_named():
     assert l2_prefetch.prefetch([jnp.zeros((8, 8))], x, "off") is None
     assert l2_prefetch.keep(x, [None]) is x
     np.testing.assert_array_equal(l2_prefetch.keep(jnp.arange(3), [jnp.zeros(1, jnp.int32)] * 2), jnp.arange(3))
-
-
-@pytest.mark.skipif(not on_hopper(), reason="needs a Hopper GPU (TMA L2 prefetches)")
-def test_mosaic_prefetch_on_the_gpu(tiny, monkeypatch):
-    """The kernel runs, returns its zero, and the decode steps' values are bitwise those without it."""
-    tokens = jax.random.randint(jax.random.key(13), (2, 5), 0, tiny.cfg.vocab_size)
-    want = jax.jit(lambda t: _steps(tiny, t))(tokens)
-    monkeypatch.setattr(decode, "L2_PREFETCH", "mosaic")
-    got = jax.jit(lambda t: _steps(tiny, t))(tokens)
-    for a, b in zip(got, want, strict=True):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    w = jnp.ones((4096, 1024), jnp.bfloat16)
-    assert int(l2_prefetch.prefetch([w, w[:512]], tokens, "mosaic")[0]) == 0
