@@ -505,8 +505,12 @@ def sublayer_matrices(p: AttnWeights | MLPWeights) -> list:
 
 
 def prefetch_sublayer(p: AttnWeights | MLPWeights | None, after):
-    """Start pulling p's matrices into L2 once `after` (the running sublayer's input) exists: a zero, or None."""
-    return None if p is None else l2_prefetch.prefetch(sublayer_matrices(p), after, L2_PREFETCH)
+    """Start pulling p's matrices into L2 once `after` (the running sublayer's input) exists: a zero, or None.
+    Named, so profiles and critical paths (experiments/decode_profile.py) count these kernels apart."""
+    if p is None:
+        return None
+    with jax.named_scope("l2_prefetch"):
+        return l2_prefetch.prefetch(sublayer_matrices(p), after, L2_PREFETCH)
 
 
 def decode_layer(cfg: ModelConfig, p: LayerWeights, h_btd, cos, sin, mask_bts, kv0: LatentKV, kv1: LatentKV,

@@ -107,7 +107,7 @@ def prefetch(arrays, after: jax.Array, impl: str = "mosaic"):
 
 
 def keep(x, zeros):
-    """x plus the prefetches' zeros: a real use, so XLA keeps them (an optimization barrier would not survive
-    XLA's passes), at the cost of one wait, by whatever reads x, for prefetches that return within microseconds."""
+    """x plus the prefetches' zeros: a real use, so XLA keeps the calls (an optimization barrier might not, once XLA
+    expands it), at the cost of one wait, by whatever reads x, for prefetches that return within microseconds."""
     zeros = [z for z in zeros if z is not None]
     return x if not zeros else x + sum(z[0] for z in zeros).astype(x.dtype)
