@@ -511,11 +511,20 @@ def report(args):
                 a, b = np.array(r["first_row_tokens"]), np.array(ref["first_row_tokens"])
                 n = min(len(a), len(b))
                 r["token_agreement_with_absorbed"] = float(np.mean(a[:n] == b[:n]))
+        base = r["impl"].partition("+")[0]
+        twin = next((x for x in rows if x["impl"] == base and x["moe_impl"] == r["moe_impl"]
+                     and x["batch"] == r["batch"] and x["context"] == r["context"]), None)
+        if base != r["impl"] and twin is not None:   # a variant against its base ("pallas+l2" against "pallas")
+            r["tokens_equal_to_base"] = r["first_row_tokens"] == twin["first_row_tokens"]
     agree = [r["token_agreement_with_absorbed"] for r in rows if "token_agreement_with_absorbed" in r]
     if agree:
         lines.append(f"pallas vs absorbed (XLA), same cache and first token: greedy tokens of row 0 agree "
                      f"{100 * float(np.mean(agree)):.1f}% on average (bf16: a near-tie may flip, then the rows "
                      "diverge)")
+    differ = [f"{r['impl']} B={r['batch']} ctx={r['context']}" for r in rows if r.get("tokens_equal_to_base") is False]
+    if any("tokens_equal_to_base" in r for r in rows):
+        lines.append("variants against their base impl: row 0's greedy tokens "
+                     + (f"differ in {', '.join(differ)}" if differ else "are the same in every row"))
     for tr in jax_part.get("traces", []):
         path = os.path.join(os.path.dirname(os.path.abspath(args.inputs[0])), tr["file"])
         if os.path.exists(path):

@@ -89,6 +89,8 @@ case $N in
     step 420 python experiments/bench_decode.py --part=jax --batches=1,8 --contexts=1024 \
         --impls=pallas,pallas+l2,pallas+l2xla --rounds=2 --no-speculative --no-dense_moe_rows --profile --dump_hlo \
         --out_dir="$OUT" --json="$OUT/bench_decode_l2_s39_h200.json"
+    step 30 python experiments/bench_decode.py --part=report --inputs="$OUT/bench_decode_l2_s39_h200.json" \
+        --json="$OUT/bench_decode_l2_report_s39_h200.json"
     for v in pallas pallas_l2; do
         step 40 python experiments/decode_profile.py --hlo="$OUT/hlo_${v}_b1.txt" \
             --trace="$OUT/trace_decode_b1_${v}.json.gz" --steps=33 --json="$OUT/decode_profile_${v}_s39_h200.json"
