@@ -50,6 +50,17 @@ def supported(arrays) -> str | None:
     return None
 
 
+def box_origins(cta, shape, ctas: int):
+    """(j, valid, row, col) of the boxes CTA `cta` prefetches from a [rows, cols] matrix, in its order j: box k
+    (row-major over the boxes) at k = j * ctas + cta, valid while k < the number of boxes. Works on Python ints
+    (tests) and on the kernel's traced CTA index alike."""
+    (rows, cols), rb, cb = shape, box(shape[0]), box(shape[1])
+    n_c, n = cols // cb, rows // rb * (cols // cb)
+    for j in range(-(-n // ctas)):
+        k = j * ctas + cta
+        yield j, k < n, k // n_c * rb, k % n_c * cb
+
+
 def _kernel(*refs, ctas):
     *w_refs, _after, zero_ref = refs
     cta = lax.axis_index("cta")
@@ -59,16 +70,11 @@ def _kernel(*refs, ctas):
         zero_ref[...] = jnp.zeros(zero_ref.shape, zero_ref.dtype)   # one per thread of the warpgroup
 
     for w_ref in w_refs:   # each matrix's boxes dealt round robin over the CTAs; a CTA issues its boxes and returns
-        (rows, cols), rb, cb = w_ref.shape, box(w_ref.shape[0]), box(w_ref.shape[1])
-        n_c, n = cols // cb, rows // rb * (cols // cb)
-
-        @pl.loop(0, -(-n // ctas))
-        def _(j, w_ref=w_ref, rb=rb, cb=cb, n_c=n_c, n=n):
-            k = j * ctas + cta
-
-            @pl.when(k < n)
-            def _():
-                plgpu.async_prefetch(w_ref.at[pl.ds(k // n_c * rb, rb), pl.ds(k % n_c * cb, cb)])
+        rb, cb = box(w_ref.shape[0]), box(w_ref.shape[1])
+        for _, valid, r, c in box_origins(cta, w_ref.shape, ctas):
+            @pl.when(valid)
+            def _(w_ref=w_ref, r=r, c=c, rb=rb, cb=cb):
+                plgpu.async_prefetch(w_ref.at[pl.ds(r, rb), pl.ds(c, cb)])
 
 
 @functools.partial(jax.jit, static_argnames=("ctas",))
