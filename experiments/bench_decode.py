@@ -62,8 +62,9 @@ XLA_OPTIONS = {
 # Session 36's "+q_x" / "+no_q_x" took the query straight from the layer input, commit 318b143: batch 8 2-8% faster,
 # batches 1 and 64 6-16% slower, reverted.)
 # "+l2" / "+l2xla": each sublayer's matrices pulled into L2 while the sublayer before runs (decode.L2_PREFETCH
-# "mosaic": the TMA prefetch kernel; "xla": a sum over them, the stand-in), session 39, not yet measured.
-VARIANTS = ("unmerged", "eager_norms", "l2", "l2xla")
+# "mosaic": the TMA prefetch kernel; "xla": a sum over them, the stand-in); "+kmerge": the attention kernel merges
+# its context splits itself (pallas_mgpu.IN_KERNEL_MERGE). Session 39, not yet measured.
+VARIANTS = ("unmerged", "eager_norms", "l2", "l2xla", "kmerge")
 
 
 def attn_impl(impl: str) -> str:
@@ -236,6 +237,7 @@ def run_jax(args):
         splits = gkey.split("/")[0].partition("+")[0].partition("@s")[2]
         from lcflash.kernels.mla_decode import pallas_mgpu
         pallas_mgpu.MAX_SPLITS = int(splits) if splits else None   # read while tracing: choose_splits
+        pallas_mgpu.IN_KERNEL_MERGE = "+kmerge" in gkey.split("/")[0]
         from lcflash.infer import decode
         decode.DEFER_NORMS = "+eager_norms" not in gkey   # read while tracing
         suffixes = gkey.split("/")[0].split("+")[1:]
@@ -558,7 +560,8 @@ def main():
     ap.add_argument("--impls", default="absorbed,pallas", help="attention: absorbed (XLA), pallas (our kernel), "
                     "pallas@sN (the kernel with at most N context splits; pallas@s1: no merge kernels); +name suffixes: "
                     "XLA options (XLA_OPTIONS: lhs, cc, pdl, while) or decode-path variants (VARIANTS: unmerged, "
-                    "eager_norms: as before session 22; l2, l2xla: L2 prefetch), e.g. pallas+unmerged+eager_norms+lhs")
+                    "eager_norms: as before session 22; l2, l2xla: L2 prefetch; kmerge: splits merged in the kernel), "
+                    "e.g. pallas+unmerged+eager_norms+lhs")
     ap.add_argument("--moe_impl", default="auto")
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--speculative", action=argparse.BooleanOptionalAction, default=True,

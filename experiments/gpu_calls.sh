@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU calls, one per device call (1, 2, 3 ran in session 35, 5 and 7 in 36; 4 and 6 wait on an attention kernel
-# that gains alone; 8 and 9, session 37's warpgroup split, and 10 and 11, session 39's L2 prefetch in decode and
+# that gains alone; 8 and 9, session 37's warpgroup split, and 10 and 11, session 39's decode variants and the
 # expert-GEMM table in alternating rounds, wait on a lent GPU; experiments/HISTORY.md):
 #     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 11; call 4 takes the persistent kernels)
 # run from the repository root on the device machine, with `.whl` and `.whl-tokamax` carried (ml-collections,
@@ -82,17 +82,17 @@ case $N in
     step 240 $T --out "$OUT/bench_train_b32_s37_wgn_h200.json"
     step 240 $T --wg_split m --out "$OUT/bench_train_b32_s37_wgm_h200.json"
     ;;
-10) # session 39: batch-1 decode with each sublayer's matrices pulled into L2 while the one before runs
-    # (decode.L2_PREFETCH; "+l2" the TMA prefetch kernel, "+l2xla" XLA sums as the stand-in), one process, then the
-    # critical path of each
-    step 100 python -m pytest -n 0 -q tests/test_l2_prefetch.py
-    step 420 python experiments/bench_decode.py --part=jax --batches=1,8 --contexts=1024 \
-        --impls=pallas,pallas+l2,pallas+l2xla --rounds=2 --no-speculative --no-dense_moe_rows --profile --dump_hlo \
-        --out_dir="$OUT" --json="$OUT/bench_decode_l2_s39_h200.json"
-    step 30 python experiments/bench_decode.py --part=report --inputs="$OUT/bench_decode_l2_s39_h200.json" \
+10) # session 39, batch-1 decode: each sublayer's matrices pulled into L2 while the one before runs
+    # (decode.L2_PREFETCH, "+l2"), and the attention kernel merging its own splits behind a semaphore
+    # (pallas_mgpu.IN_KERNEL_MERGE, "+kmerge"); GPU tests first, the A/B in one process, then the critical paths
+    step 120 python -m pytest -n 0 -q tests/test_l2_prefetch.py tests/test_mla_decode.py -k "gpu or mosaic"
+    step 360 python experiments/bench_decode.py --part=jax --batches=1,8 --contexts=1024 \
+        --impls=pallas,pallas+l2,pallas+kmerge,pallas+l2+kmerge --rounds=2 --no-speculative --no-dense_moe_rows \
+        --profile --dump_hlo --out_dir="$OUT" --json="$OUT/bench_decode_l2_s39_h200.json"
+    step 20 python experiments/bench_decode.py --part=report --inputs="$OUT/bench_decode_l2_s39_h200.json" \
         --json="$OUT/bench_decode_l2_report_s39_h200.json"
-    for v in pallas pallas_l2; do
-        step 40 python experiments/decode_profile.py --hlo="$OUT/hlo_${v}_b1.txt" \
+    for v in pallas pallas_l2 pallas_kmerge pallas_l2_kmerge; do
+        step 24 python experiments/decode_profile.py --hlo="$OUT/hlo_${v}_b1.txt" \
             --trace="$OUT/trace_decode_b1_${v}.json.gz" --steps=33 --json="$OUT/decode_profile_${v}_s39_h200.json"
     done
     ;;
