@@ -9,7 +9,8 @@ outputs (every row's softmax and products are its own), so no padded copy of the
 costs a kernel of its own around the call. Each split keeps an online softmax in registers and writes its
 normalised output and log2-sum-exp2; `reference.combine_splits` merges the splits (flash-decoding). With one split
 the kernel writes the output in the compute dtype and nothing runs after it: at batch 1 a decode step is a chain of
-~500 kernels of a few microseconds each, and the merge's three XLA kernels per attention are 72 of them.
+~500 kernels of a few microseconds each, and the merge's three XLA kernels per attention are 72 of them. With
+`IN_KERNEL_MERGE` each row's last split merges the row's splits itself, behind a GMEM semaphore.
 
 Only the blocks holding a visible key are read: a split past the row's last position reads nothing, so a decode
 step costs the filled part of the cache, not its capacity.
@@ -77,6 +78,7 @@ def _merge_splits(o_ref, lse_ref, out_ref, b, num_splits: int, unroll: int):
     log2-sum-exp2 repeated along R, so that every step is elementwise in one layout), written to out_ref[b]. A
     split that saw no key has lse -inf and an undefined o, and weighs exactly zero (as combine_splits)."""
     neg_inf = jnp.float32(-jnp.inf)
+    unroll = min(unroll, num_splits - 1)
 
     def split_at(s):
         return o_ref.at[b, s][...], lse_ref.at[b, s][...]
