@@ -78,7 +78,9 @@ def _merge_splits(o_ref, lse_ref, out_ref, b, num_splits: int, unroll: int):
     log2-sum-exp2 repeated along R, so that every step is elementwise in one layout), written to out_ref[b]. A
     split that saw no key has lse -inf and an undefined o, and weighs exactly zero (as combine_splits)."""
     neg_inf = jnp.float32(-jnp.inf)
-    unroll = min(unroll, num_splits - 1)
+    rows, R = o_ref.shape[-2:]
+    # at most the splits there are, and ~128 fp32 values in flight per thread (each split: 2 * rows * R / 128)
+    unroll = max(1, min(unroll, num_splits - 1, 64 * 128 // (rows * R)))
 
     def split_at(s):
         return o_ref.at[b, s][...], lse_ref.at[b, s][...]
