@@ -112,7 +112,10 @@ def test_the_ctas_boxes_cover_each_matrix_once(shape, ctas):
     assert sorted(seen) == want
 
 
-def test_bad_input_is_named():
+def test_bad_input_is_named(tiny, monkeypatch):
+    monkeypatch.setattr(decode, "L2_PREFETCH", "tma")
+    with pytest.raises(ValueError, match=r"decode.L2_PREFETCH = 'tma'; valid: \('off', 'xla', 'mosaic'\)"):
+        jax.eval_shape(lambda t: _steps(tiny, t), jax.ShapeDtypeStruct((1, 5), jnp.int32))
     x = jnp.zeros((4,))
     with pytest.raises(ValueError, match="impl 'tma' is not one of"):
         l2_prefetch.prefetch([jnp.zeros((8, 8))], x, "tma")

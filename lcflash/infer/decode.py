@@ -507,6 +507,8 @@ def sublayer_matrices(p: AttnWeights | MLPWeights) -> list:
 def prefetch_sublayer(p: AttnWeights | MLPWeights | None, after):
     """Start pulling p's matrices into L2 once `after` (the running sublayer's input) exists: a zero, or None.
     Named, so profiles and critical paths (experiments/decode_profile.py) count these kernels apart."""
+    if L2_PREFETCH not in l2_prefetch.IMPLS:
+        raise ValueError(f"decode.L2_PREFETCH = {L2_PREFETCH!r}; valid: {l2_prefetch.IMPLS}")
     if p is None:
         return None
     with jax.named_scope("l2_prefetch"):
