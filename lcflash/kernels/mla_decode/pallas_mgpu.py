@@ -34,12 +34,12 @@ TARGET_CTAS = 264       # two waves of 132 SMs
 # the whole context: slower at batch 1 and 8 on an H200 (1.335 -> 1.590 ms per token at 1024; docs/inference.md).
 MAX_SPLITS: int | None = None
 # The splits merged by the kernel (read while tracing; off until a GPU A/B decides, experiments/bench_decode.py
-# `+kmerge`): every split writes its partial with plain stores, and all but a row's last signal the row's GMEM
-# semaphore; the last waits for those signals, merges the partials and writes the output in the compute dtype, so
-# no XLA merge kernel runs after the call (three per attention). It waits only on CTAs launched before it, which
-# wait on nothing. Plain stores, because TMA stores belong to the async proxy, which a semaphore's release would not
-# order without a proxy fence. Pallas' interpreter runs no semaphore but runs the grid in order, so there the last
-# split reads finished partials without one.
+# `+kmerge`): every split holding a visible key writes its partial with plain stores, and all of those but a row's
+# last split signal the row's GMEM semaphore; the last split waits for those signals, merges the partials and writes
+# the output in the compute dtype, so no XLA merge kernel runs after the call (three per attention). It waits only
+# on CTAs launched before it, which wait on nothing. Plain stores, because TMA stores belong to the async proxy,
+# which a semaphore's release would not order without a proxy fence. Pallas' interpreter runs no semaphore but runs
+# the grid in order, so there the last split reads finished partials without one.
 IN_KERNEL_MERGE = False
 MERGE_UNROLL = 8        # splits merged per iteration of the last CTA's loop: their loads are in flight together
 
@@ -73,10 +73,11 @@ def split_layout(n_blocks: int, num_splits: int) -> tuple[int, int]:
     return -(-n_blocks // per), per
 
 
-def _merge_splits(o_ref, lse_ref, out_ref, b, num_splits: int, unroll: int):
-    """The last split's merge of row b's partials (o [rows, R] fp32 normalised per split, and each row's
-    log2-sum-exp2 repeated along R, so that every step is elementwise in one layout), written to out_ref[b]. A
-    split that saw no key has lse -inf and an undefined o, and weighs exactly zero (as combine_splits)."""
+def _merge_splits(o_ref, lse_ref, out_ref, b, n_valid, num_splits: int, unroll: int):
+    """The last split's merge of row b's partials from its first n_valid splits (those holding a visible key; split
+    0 always does): o [rows, R] fp32 normalised per split, and each row's log2-sum-exp2 repeated along R, so that
+    every step is elementwise in one layout. Written to out_ref[b]. A row of a split that saw no key has lse -inf
+    and an undefined o, and weighs exactly zero (as combine_splits)."""
     neg_inf = jnp.float32(-jnp.inf)
     rows, R = o_ref.shape[-2:]
     # at most the splits there are, and ~128 fp32 values in flight per thread (each split: 2 * rows * R / 128)
@@ -93,8 +94,8 @@ def _merge_splits(o_ref, lse_ref, out_ref, b, num_splits: int, unroll: int):
         acc, m, l = carry
         for u in range(unroll):
             s = 1 + c * unroll + u
-            o_s, lse_s = split_at(jnp.minimum(s, num_splits - 1))
-            lse_s = jnp.where(s < num_splits, lse_s, neg_inf)
+            o_s, lse_s = split_at(jnp.minimum(s, n_valid - 1))
+            lse_s = jnp.where(s < n_valid, lse_s, neg_inf)
             m_new = jnp.maximum(m, lse_s)
             alpha = jnp.where(m_new == neg_inf, 1.0, jnp.exp2(m - m_new))
             w = jnp.where(lse_s == neg_inf, 0.0, jnp.exp2(lse_s - m_new))
@@ -103,7 +104,7 @@ def _merge_splits(o_ref, lse_ref, out_ref, b, num_splits: int, unroll: int):
             m = m_new
         return acc, m, l
 
-    acc, m, l = lax.fori_loop(0, -(-(num_splits - 1) // unroll), chunk, (acc, m, l))
+    acc, m, l = lax.fori_loop(0, lax.div(n_valid - 1 + unroll - 1, jnp.int32(unroll)), chunk, (acc, m, l))
     out_ref.at[b][...] = (acc / l).astype(out_ref.dtype)
 
 
@@ -195,22 +196,31 @@ def _kernel(start_ref, q_ref, qpe_ref, c_ref, kpe_ref, o_ref, lse_ref, out_ref, 
 
     acc, m_i, l_i = lax.fori_loop(0, n, body, (acc, m_i, l_i))
     o_smem[...] = (acc / lax.broadcast_in_dim(l_i, acc.shape, [0])).astype(o_smem.dtype)
-    if kmerge:   # plain stores of the partial, its lse repeated along R (o_smem reused); then the last split merges
-        o_ref.at[b, split][...] = o_smem[real]
-        o_smem[...] = lax.broadcast_in_dim(m_i + jnp.log(l_i) * LOG2E, acc.shape, [0])
-        lse_ref.at[b, split][...] = o_smem[real]
-        last = split == num_splits - 1
+    if kmerge:
+        # The splits holding a visible key (a cache far longer than its filled part, as generate() allocates, leaves
+        # most empty) write their partial with plain stores, its lse repeated along R (o_smem reused), and all but
+        # the row's last split signal; the last split, valid or not, waits for them and merges.
+        span = blocks_per_split * block_kv
+        n_valid = jnp.minimum(lax.div(start + q_len + (span - 1), jnp.int32(span)), num_splits)
+        valid, last = split < n_valid, split == num_splits - 1
+
+        @pl.when(valid)
+        def _():
+            o_ref.at[b, split][...] = o_smem[real]
+            o_smem[...] = lax.broadcast_in_dim(m_i + jnp.log(l_i) * LOG2E, acc.shape, [0])
+            lse_ref.at[b, split][...] = o_smem[real]
+
         sem = None if interpret else pl.get_global(plgpu.SemaphoreType.REGULAR((batch,))).at[b]
         if sem is not None:
-            @pl.when(jnp.logical_not(last))
+            @pl.when(jnp.logical_and(valid, jnp.logical_not(last)))
             def _():
                 plgpu.semaphore_signal(sem, 1, memory_scope="gpu")
 
         @pl.when(last)
         def _():
             if sem is not None:
-                plgpu.semaphore_wait(sem, num_splits - 1, decrement=False, memory_scope="gpu")
-            _merge_splits(o_ref, lse_ref, out_ref, b, num_splits, merge_unroll)
+                plgpu.semaphore_wait(sem, jnp.minimum(n_valid, num_splits - 1), decrement=False, memory_scope="gpu")
+            _merge_splits(o_ref, lse_ref, out_ref, b, n_valid, num_splits, merge_unroll)
         return
     lse_smem[...] = m_i + jnp.log(l_i) * LOG2E
     plgpu.commit_smem()
