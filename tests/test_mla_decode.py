@@ -217,10 +217,15 @@ def test_kernel_on_gpu_matches_reference(case, fused, kmerge):
 
 
 @pytest.mark.skipif(not ON_GPU, reason="the Mosaic GPU kernel runs on Hopper GPUs only")
-def test_model_decode_with_kernel_on_gpu():
-    """A bf16 model decoding through attn_impl='pallas' gives the logits of the XLA absorbed path."""
+@pytest.mark.parametrize("kmerge", [False, True])
+def test_model_decode_with_kernel_on_gpu(kmerge, monkeypatch):
+    """A bf16 model decoding through attn_impl='pallas' gives the logits of the XLA absorbed path (kmerge: the
+    kernel merging its splits; the 128-token cache holds 2 splits per row, the second empty for 37 tokens)."""
     from lcflash.infer import decode
     from lcflash.infer.cache import DecodeCache
+    from lcflash.kernels.mla_decode import pallas_mgpu
+
+    monkeypatch.setattr(pallas_mgpu, "IN_KERNEL_MERGE", kmerge)
 
     cfg = model_config(load_config("configs/tiny.py")).replace(
         hidden_size=256, num_attention_heads=4, q_lora_rank=64, kv_lora_rank=128, qk_nope_head_dim=32,
