@@ -107,7 +107,7 @@ def test_boxes_tile_each_matrix_exactly(shape, dtype, boxes):
                                         ((4608, 256), 7)])
 def test_the_ctas_boxes_cover_each_matrix_once(shape, ctas):
     rb, cb = l2_prefetch.box(shape[0]), l2_prefetch.box(shape[1])
-    seen = [(r, c) for cta in range(ctas) for _, valid, r, c in l2_prefetch.box_origins(cta, shape, ctas) if valid]
+    seen = [(r, c) for cta in range(ctas) for valid, r, c in l2_prefetch.box_origins(cta, shape, ctas) if valid]
     want = [(r, c) for r in range(0, shape[0], rb) for c in range(0, shape[1], cb)]
     assert sorted(seen) == want
 

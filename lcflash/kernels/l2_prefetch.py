@@ -41,24 +41,23 @@ def box(extent: int, limit: int = BOX) -> int:
 def supported(arrays) -> str | None:
     """None if the Mosaic kernel takes these arrays, else why not."""
     for i, a in enumerate(arrays):
-        cols = a.shape[-1] if a.ndim else 0
         if a.ndim == 0 or a.size == 0:
             return f"array {i} has shape {a.shape}: the kernel prefetches non-empty arrays of rank >= 1"
-        if box(cols) * a.dtype.itemsize % 16:
+        if box(a.shape[-1]) * a.dtype.itemsize % 16:
             return (f"array {i} ({a.shape}, {a.dtype}): a TMA box along its last dimension must span a multiple of "
-                    f"16 bytes; its largest box is {box(cols)} elements")
+                    f"16 bytes; its largest box is {box(a.shape[-1])} elements")
     return None
 
 
 def box_origins(cta, shape, ctas: int):
-    """(j, valid, row, col) of the boxes CTA `cta` prefetches from a [rows, cols] matrix, in its order j: box k
-    (row-major over the boxes) at k = j * ctas + cta, valid while k < the number of boxes. Works on Python ints
-    (tests) and on the kernel's traced CTA index alike."""
+    """(valid, row, col) of the boxes CTA `cta` prefetches from a [rows, cols] matrix: its j-th is box k = j * ctas +
+    cta (row-major over the boxes), valid while k < the number of boxes. Works on Python ints (tests) and on the
+    kernel's traced CTA index alike."""
     (rows, cols), rb, cb = shape, box(shape[0]), box(shape[1])
     n_c, n = cols // cb, rows // rb * (cols // cb)
     for j in range(-(-n // ctas)):
         k = j * ctas + cta
-        yield j, k < n, k // n_c * rb, k % n_c * cb
+        yield k < n, k // n_c * rb, k % n_c * cb
 
 
 def _kernel(*refs, ctas):
@@ -71,7 +70,7 @@ def _kernel(*refs, ctas):
 
     for w_ref in w_refs:   # each matrix's boxes dealt round robin over the CTAs; a CTA issues its boxes and returns
         rb, cb = box(w_ref.shape[0]), box(w_ref.shape[1])
-        for _, valid, r, c in box_origins(cta, w_ref.shape, ctas):
+        for valid, r, c in box_origins(cta, w_ref.shape, ctas):
             @pl.when(valid)
             def _(w_ref=w_ref, r=r, c=c, rb=rb, cb=cb):
                 plgpu.async_prefetch(w_ref.at[pl.ds(r, rb), pl.ds(c, cb)])
