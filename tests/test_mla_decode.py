@@ -217,6 +217,23 @@ def test_kernel_on_gpu_matches_reference(case, fused, kmerge):
 
 
 @pytest.mark.skipif(not ON_GPU, reason="the Mosaic GPU kernel runs on Hopper GPUs only")
+def test_kernel_merging_its_splits_is_the_same_every_run_on_gpu():
+    """A missing ordering between the splits' stores and the last split's merge would show as an output that moves
+    between runs on the same inputs: 50 runs, at batch 1 with 20 splits (batch-1 decode at 1k) and at batch 8 with
+    splits past some rows' keys."""
+    from lcflash.kernels.mla_decode.pallas_mgpu import mla_decode_pallas
+
+    for B, S, starts in ((1, 1280, [1023]), (8, 1280, [0, 63, 64, 500, 1023, 1100, 1279, 640])):
+        q, qp, c, k = inputs(B, 1, 8, 128, 64, S, jnp.bfloat16, seed=B)
+        start = jnp.array(starts, jnp.int32)
+        run = jax.jit(lambda *a: mla_decode_pallas(*a, scale=0.05, kmerge=True))
+        first = np.asarray(run(q, qp, c, k, start), np.float32)
+        assert rel(first, f32_reference(q, qp, c, k, start, 0.05)) < 1e-2
+        for _ in range(49):
+            np.testing.assert_array_equal(np.asarray(run(q, qp, c, k, start), np.float32), first)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the Mosaic GPU kernel runs on Hopper GPUs only")
 @pytest.mark.parametrize("kmerge", [False, True])
 def test_model_decode_with_kernel_on_gpu(kmerge, monkeypatch):
     """A bf16 model decoding through attn_impl='pallas' gives the logits of the XLA absorbed path (kmerge: the
