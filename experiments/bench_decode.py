@@ -72,10 +72,15 @@ def attn_impl(impl: str) -> str:
     return impl.partition("+")[0].partition("@")[0]
 
 
+def suffixes(key: str) -> list[str]:
+    """The +name suffixes of a variant or generator key ("pallas+l2+cc/auto" -> ["l2", "cc"])."""
+    return key.split("/")[0].split("+")[1:]
+
+
 def xla_options(key: str) -> dict:
     """The XLA options of a variant or generator key ("pallas+cc/auto" -> CONCURRENT scheduling)."""
     out = {}
-    for name in key.split("/")[0].split("+")[1:]:
+    for name in suffixes(key):
         if name not in XLA_OPTIONS and name not in VARIANTS:
             raise SystemExit(f"variant {key!r}: unknown suffix +{name}; known: "
                              f"{sorted(XLA_OPTIONS) + list(VARIANTS)}")
@@ -190,7 +195,7 @@ def run_jax(args):
         key = impl + ("" if moe == args.moe_impl else f"/{moe}")
         if key not in gens:
             w = base.dm.weights
-            if "+unmerged" in impl:
+            if "unmerged" in suffixes(impl):
                 from lcflash.infer.decode import without_absorbed_products
                 w = without_absorbed_products(w)
             gens[key] = Generator(model, attn_impl(impl), moe, weights=w)
@@ -237,11 +242,11 @@ def run_jax(args):
         splits = gkey.split("/")[0].partition("+")[0].partition("@s")[2]
         from lcflash.kernels.mla_decode import pallas_mgpu
         pallas_mgpu.MAX_SPLITS = int(splits) if splits else None   # read while tracing: choose_splits
-        pallas_mgpu.IN_KERNEL_MERGE = "+kmerge" in gkey.split("/")[0]
+        names = suffixes(gkey)
+        pallas_mgpu.IN_KERNEL_MERGE = "kmerge" in names
         from lcflash.infer import decode
-        decode.DEFER_NORMS = "+eager_norms" not in gkey   # read while tracing
-        suffixes = gkey.split("/")[0].split("+")[1:]
-        decode.L2_PREFETCH = "mosaic" if "l2" in suffixes else "xla" if "l2xla" in suffixes else "off"
+        decode.DEFER_NORMS = "eager_norms" not in names   # read while tracing
+        decode.L2_PREFETCH = "mosaic" if "l2" in names else "xla" if "l2xla" in names else "off"
         cache = jax.eval_shape(lambda: DecodeCache.zeros(cfg, B, S, mtp=kind == "speculative"))
         b32 = jax.ShapeDtypeStruct((B,), jnp.int32)
         if kind == "speculative":

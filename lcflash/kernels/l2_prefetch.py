@@ -49,12 +49,17 @@ def supported(arrays) -> str | None:
     return None
 
 
+def box_grid(shape) -> tuple[int, int, int, int]:
+    """(box rows, box columns, boxes per row of boxes, boxes) of a [rows, cols] matrix."""
+    rb, cb = box(shape[0]), box(shape[1])
+    return rb, cb, shape[1] // cb, shape[0] // rb * (shape[1] // cb)
+
+
 def box_origins(cta, shape, ctas: int):
     """(valid, row, col) of the boxes CTA `cta` prefetches from a [rows, cols] matrix: its j-th is box k = j * ctas +
     cta (row-major over the boxes), valid while k < the number of boxes. Works on Python ints (tests) and on the
     kernel's traced CTA index alike."""
-    (rows, cols), rb, cb = shape, box(shape[0]), box(shape[1])
-    n_c, n = cols // cb, rows // rb * (cols // cb)
+    rb, cb, n_c, n = box_grid(shape)
     for j in range(-(-n // ctas)):
         k = j * ctas + cta
         yield k < n, k // n_c * rb, k % n_c * cb
@@ -69,7 +74,7 @@ def _kernel(*refs, ctas):
         zero_ref[...] = jnp.zeros(zero_ref.shape, zero_ref.dtype)   # one per thread of the warpgroup
 
     for w_ref in w_refs:   # each matrix's boxes dealt round robin over the CTAs; a CTA issues its boxes and returns
-        rb, cb = box(w_ref.shape[0]), box(w_ref.shape[1])
+        rb, cb, _, _ = box_grid(w_ref.shape)
         for valid, r, c in box_origins(cta, w_ref.shape, ctas):
             @pl.when(valid)
             def _(w_ref=w_ref, r=r, c=c, rb=rb, cb=cb):
@@ -79,7 +84,7 @@ def _kernel(*refs, ctas):
 @functools.partial(jax.jit, static_argnames=("ctas",))
 def _mosaic(arrays, after, *, ctas: int = CTAS):
     mats = [as_matrix(a) for a in arrays]
-    boxes = sum(m.shape[0] // box(m.shape[0]) * (m.shape[1] // box(m.shape[1])) for m in mats)
+    boxes = sum(box_grid(m.shape)[3] for m in mats)
     ctas = max(1, min(ctas, boxes))
     body = functools.partial(_kernel, ctas=ctas)
     body.__name__ = "l2_prefetch"   # the CUDA kernel's name in profiles: l2_prefetch_mosaic_gpu_kernel

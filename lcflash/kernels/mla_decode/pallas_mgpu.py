@@ -196,6 +196,7 @@ def _kernel(start_ref, q_ref, qpe_ref, c_ref, kpe_ref, o_ref, lse_ref, out_ref, 
 
     acc, m_i, l_i = lax.fori_loop(0, n, body, (acc, m_i, l_i))
     o_smem[...] = (acc / lax.broadcast_in_dim(l_i, acc.shape, [0])).astype(o_smem.dtype)
+    lse = m_i + jnp.log(l_i) * LOG2E
     if kmerge:
         # The splits holding a visible key (a cache far longer than its filled part, as generate() allocates, leaves
         # most empty) write their partial with plain stores, its lse repeated along R (o_smem reused), and all but
@@ -207,7 +208,7 @@ def _kernel(start_ref, q_ref, qpe_ref, c_ref, kpe_ref, o_ref, lse_ref, out_ref, 
         @pl.when(valid)
         def _():
             o_ref.at[b, split][...] = o_smem[real]
-            o_smem[...] = lax.broadcast_in_dim(m_i + jnp.log(l_i) * LOG2E, acc.shape, [0])
+            o_smem[...] = lax.broadcast_in_dim(lse, acc.shape, [0])
             lse_ref.at[b, split][...] = o_smem[real]
 
         sem = None if interpret else pl.get_global(plgpu.SemaphoreType.REGULAR((batch,))).at[b]
@@ -222,7 +223,7 @@ def _kernel(start_ref, q_ref, qpe_ref, c_ref, kpe_ref, o_ref, lse_ref, out_ref, 
                 plgpu.semaphore_wait(sem, jnp.minimum(n_valid, num_splits - 1), decrement=False, memory_scope="gpu")
             _merge_splits(o_ref, lse_ref, out_ref, b, n_valid, num_splits, merge_unroll)
         return
-    lse_smem[...] = m_i + jnp.log(l_i) * LOG2E
+    lse_smem[...] = lse
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(o_smem.at[real], o_ref.at[b, split])
     plgpu.copy_smem_to_gmem(lse_smem.at[real], lse_ref.at[b, split])
