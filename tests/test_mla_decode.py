@@ -188,6 +188,32 @@ def test_kernel_lowers_for_cuda(T, fused, splits, kmerge):
         assert "red.release.gpu.global.add" in text
 
 
+@pytest.mark.parametrize("kmerge", [False, True])
+def test_kernel_selects_need_no_implicit_broadcast(kmerge):
+    """Mosaic GPU's warpgroup lowering rejects a select whose operands differ in shape (a scalar predicate over an
+    array), and on the GPU image (JAX 0.11.2) the in-kernel merge failed with that error in session 40: every
+    select in the kernel must have operands of one shape."""
+    from jax.extend import core as jcore
+    from lcflash.kernels.mla_decode.pallas_mgpu import mla_decode_pallas
+
+    sd = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt)  # noqa: E731
+    closed = jax.make_jaxpr(lambda *a: mla_decode_pallas(*a, scale=0.1, kmerge=kmerge))(
+        sd(2, 1, 8, 128), sd(2, 1, 8, 64), sd(2, 512, 128), sd(2, 512, 64), sd(2, dt=jnp.int32))
+
+    def selects(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "select_n":
+                yield [v.aval.shape for v in eqn.invars]
+            for param in eqn.params.values():
+                for sub in param if isinstance(param, (list, tuple)) else [param]:
+                    if isinstance(sub, (jcore.ClosedJaxpr, jcore.Jaxpr)):
+                        yield from selects(getattr(sub, "jaxpr", sub))
+
+    found = list(selects(closed.jaxpr))
+    assert found, "no select traced: the walk missed the kernel"
+    assert [shapes for shapes in found if len(set(shapes)) > 1] == []
+
+
 def test_kernel_rejects_unsupported_shapes():
     from lcflash.kernels.mla_decode.pallas_mgpu import mla_decode_pallas
 

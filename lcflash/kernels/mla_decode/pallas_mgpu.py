@@ -95,7 +95,8 @@ def _merge_splits(o_ref, lse_ref, out_ref, b, n_valid, num_splits: int, unroll: 
         for u in range(unroll):
             s = 1 + c * unroll + u
             o_s, lse_s = split_at(jnp.minimum(s, n_valid - 1))
-            lse_s = jnp.where(s < n_valid, lse_s, neg_inf)
+            # a scalar bias, not a select: Mosaic GPU's warpgroup lowering takes no scalar predicate for arrays
+            lse_s = lse_s + jnp.where(s < n_valid, jnp.float32(0.0), neg_inf)
             m_new = jnp.maximum(m, lse_s)
             alpha = jnp.where(m_new == neg_inf, 1.0, jnp.exp2(m - m_new))
             w = jnp.where(lse_s == neg_inf, 0.0, jnp.exp2(lse_s - m_new))
@@ -296,7 +297,9 @@ def _mla_decode_pallas(q_lat_bthr, q_pe_bthd, c_bsr, kpe_bsd, q_start_b, *, scal
                   jax.ShapeDtypeStruct(lse_shape, jnp.float32), *merged),
         grid=(num_splits, B),
         grid_names=("split", "batch"),
-        compiler_params=plgpu.CompilerParams(approx_math=True),
+        # Lane semantics, named: on the GPU image (JAX 0.11.2) the merge failed with warpgroup lowering's error
+        # (session 40), and by warpgroups layout inference finds no layout for its GMEM loads (JAX 0.10.2)
+        compiler_params=plgpu.CompilerParams(approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane),
         interpret=interpret_params(interpret),
     )(q_start_b.astype(jnp.int32), pad_rows(q_lat_bthr), pad_rows(q_pe_bthd), c_bsr.astype(dtype),
       kpe_bsd.astype(dtype))
