@@ -161,8 +161,7 @@ def critical_path(hlo_text: str, computation: str | None = None, weight=None, pa
     return {"computation": computation, "kernels": kernels(computation), "path": t, "chain": list(chain)}
 
 
-SCOPES = ("attn_0", "attn_1", "mlp_0", "mlp_1", "moe_dispatch", "moe_combine", "moe", "mtp", "lm_head", "embed",
-          "l2_prefetch")
+SCOPES = ("attn_0", "attn_1", "mlp_0", "mlp_1", "moe_dispatch", "moe_combine", "moe", "mtp", "lm_head", "embed")
 
 
 def part(kernel: str, op: str) -> str:

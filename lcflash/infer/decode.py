@@ -46,7 +46,6 @@ from flax import nnx
 
 from lcflash.config import ModelConfig
 from lcflash.infer.cache import DecodeCache
-from lcflash.kernels import l2_prefetch
 from lcflash.kernels.mla_decode import mla_decode
 from lcflash.model.mla import LatentKV, expanded_attention, write_rows
 from lcflash.model.norm import apply_rms_scale, rms_norm, rms_scales
@@ -491,42 +490,15 @@ def positions_and_mask(start_b, q_len: int, cache_len: int):
     return pos_bt, jnp.arange(cache_len, dtype=jnp.int32)[None, None, :] <= pos_bt[:, :, None]
 
 
-# Each sublayer's matrices pulled into L2 while the sublayer before it runs (lcflash.kernels.l2_prefetch: "off",
-# "xla" or "mosaic"), so its matvecs on a step's critical path read them from L2, not cold from HBM. Read while
-# tracing; off until a GPU A/B decides (experiments/bench_decode.py `+l2` / `+l2xla`).
-L2_PREFETCH = "off"
-
-
-def sublayer_matrices(p: AttnWeights | MLPWeights) -> list:
-    """The matrices a decode step's sublayer reads (an attention's absorbed products in place of their factors)."""
-    if isinstance(p, AttnWeights):
-        p = read_by_decode(p)
-    return [a for a in p if a is not None and a.ndim >= 2]
-
-
-def prefetch_sublayer(p: AttnWeights | MLPWeights | None, after):
-    """Start pulling p's matrices into L2 once `after` (the running sublayer's input) exists: a zero, or None.
-    Named, so profiles and critical paths (experiments/decode_profile.py) count these kernels apart."""
-    if L2_PREFETCH not in l2_prefetch.IMPLS:
-        raise ValueError(f"decode.L2_PREFETCH = {L2_PREFETCH!r}; valid: {l2_prefetch.IMPLS}")
-    if p is None:
-        return None
-    with jax.named_scope("l2_prefetch"):
-        return l2_prefetch.prefetch(sublayer_matrices(p), after, L2_PREFETCH)
-
-
 def decode_layer(cfg: ModelConfig, p: LayerWeights, h_btd, cos, sin, mask_bts, kv0: LatentKV, kv1: LatentKV,
-                 start_b, moe_impl: str, model_moe: Callable | None = None, next_attn: AttnWeights | None = None):
+                 start_b, moe_impl: str, model_moe: Callable | None = None):
     """lcflash/model/layer.py's DecoderLayer on the decode layout. Named scopes label each sublayer's kernels in
-    profiles and critical paths (experiments/decode_profile.py). Under L2_PREFETCH each sublayer starts the
-    prefetch of the next one's matrices (the last: next_attn, the next layer's first attention)."""
+    profiles and critical paths (experiments/decode_profile.py)."""
     eps = cfg.rms_norm_eps
-    ahead = [prefetch_sublayer(p.mlp_0, h_btd)]
     with jax.named_scope("attn_0"):
         a0, kv0 = mla_attention(cfg, p.attn_0, deferred_norm(h_btd, p.input_norm_0, eps), cos, sin, mask_bts, kv0,
                                 start_b)
         h_btd = h_btd + a0
-    ahead.append(prefetch_sublayer(p.attn_1, h_btd))
     with jax.named_scope("mlp_0"):
         n0 = deferred_norm(h_btd, p.post_attn_norm_0, eps)
     with jax.named_scope("moe"):
@@ -536,17 +508,13 @@ def decode_layer(cfg: ModelConfig, p: LayerWeights, h_btd, cos, sin, mask_bts, k
         moe_btd, experts_tk = moe_apply(cfg, p.moe, x0, moe_impl, model_moe)
     with jax.named_scope("mlp_0"):
         h_btd = h_btd + swiglu_t(p.mlp_0, n0)
-    ahead.append(prefetch_sublayer(p.mlp_1, h_btd))
     with jax.named_scope("attn_1"):
         a1, kv1 = mla_attention(cfg, p.attn_1, deferred_norm(h_btd, p.input_norm_1, eps), cos, sin, mask_bts, kv1,
                                 start_b)
         h_btd = h_btd + a1
-    ahead.append(prefetch_sublayer(next_attn, h_btd))
     with jax.named_scope("mlp_1"):
         h_btd = h_btd + swiglu_t(p.mlp_1, deferred_norm(h_btd, p.post_attn_norm_1, eps))
-    # The prefetches' zeros are added to the MoE branch's expert ids, off the critical path: XLA keeps what the
-    # caller keeps (generation sums the expert counts over its steps), and nothing on the path waits for them.
-    return h_btd + moe_btd, kv0, kv1, l2_prefetch.keep(experts_tk, ahead)
+    return h_btd + moe_btd, kv0, kv1, experts_tk
 
 
 def layer_forward(layer, h_btd, cos, sin, mask_bts, kv0: LatentKV, kv1: LatentKV, start_b, moe: Callable):
@@ -581,9 +549,8 @@ def forward(graphs: DecodeGraphs, w: DecodeWeights, tokens_bt, cache: DecodeCach
             moe = lambda x, p=p, layer=layer: moe_apply(cfg, p.moe, x, moe_impl, lambda: layer.moe)  # noqa: E731
             h_btd, kv0, kv1, e_tk = layer_forward(layer, h_btd, cos, sin, mask_bts, kv0, kv1, start_b, moe)
         else:
-            nxt = w.layers[i + 1].attn_0 if i + 1 < len(w.layers) else None
             h_btd, kv0, kv1, e_tk = decode_layer(cfg, p, h_btd, cos, sin, mask_bts, kv0, kv1, start_b, moe_impl,
-                                                 lambda p=p: graphs.layer_module(p).moe, nxt)
+                                                 lambda p=p: graphs.layer_module(p).moe)
         new += [kv0, kv1]
         experts.append(e_tk)
     hidden = rms_norm(h_btd, w.norm, cfg.rms_norm_eps)
