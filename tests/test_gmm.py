@@ -284,6 +284,89 @@ def test_pallas_interpret_row_split_warpgroups(monkeypatch):
     _check_ffn_swiglu_grad_epilogue(260, d, f, [0, 137, 1, 90], seed=24)  # rows 0-136, 137, 138-227; 32 tail rows
 
 
+def test_band_order_permutes_the_matmul_tiles():
+    """Tiles.band: every matmul tile once, each band's tiles of every row block before the next band, the tail
+    row-major after them; what 132 CTAs run at once spans one band's n tiles."""
+    from lcflash.kernels.gmm import mgpu_kernels as mk
+
+    n_tiles, n_mm, n_live = 24, 37, 41
+    lin = jnp.arange(n_live * n_tiles)
+    row_major = [(i // n_tiles, i % n_tiles) for i in range(n_live * n_tiles)]
+    for band in (0, 24, 32):
+        assert list(zip(*map(np.asarray, mk.band_order(lin, n_tiles, jnp.int32(n_mm), band)))) == row_major, band
+    mt, nt = mk.band_order(lin, n_tiles, jnp.int32(n_mm), 8)
+    pairs = list(zip(np.asarray(mt).tolist(), np.asarray(nt).tolist()))
+    mm = n_mm * n_tiles
+    assert sorted(pairs[:mm]) == row_major[:mm] and pairs[mm:] == row_major[mm:]
+    assert [c // 8 for _, c in pairs[:mm]] == sorted(c // 8 for _, c in pairs[:mm])   # band by band
+    assert {c for _, c in pairs[:132]} == set(range(8)) and {r for r, _ in pairs[:132]} == set(range(17))
+    x, w, _, s = _inputs(3, 256, 128, 512, [256], jnp.bfloat16)
+    sched = mk.row_schedule(s, 256, 128)[0]
+    for tiles in (mk.Tiles(tile_n=64, band=3, chain=True), mk.Tiles(tile_n=64, band=2)):   # 4 n tiles
+        with pytest.raises(ValueError, match="Tiles.band = "):
+            mk.rows_kernel(x, [w], sched, transpose_rhs=False, out_dtype=x.dtype, tiles=tiles)
+
+
+def test_band_takes_the_largest_divisor_of_the_n_tiles(monkeypatch):
+    """pallas_gmm.BAND bounds the band; each flat product takes the largest divisor of its n tiles; per-tile
+    pipelines and pinned tiles keep theirs."""
+    from lcflash.kernels.gmm import mgpu_kernels as mk
+    from lcflash.kernels.gmm import pallas_gmm
+
+    seen = []
+    monkeypatch.setattr(mk, "rows_kernel", lambda lhs, rhs, sched, *, tiles, **kw: seen.append(tiles) or lhs)
+    monkeypatch.setattr(mk, "contract_kernel", lambda lhs, rhs, sched, *, tiles, **kw: seen.append(tiles) or lhs)
+    monkeypatch.setattr(pallas_gmm, "BAND", 8)
+    x, sizes = jnp.zeros((256, 128), jnp.bfloat16), jnp.array([256], jnp.int32)
+    for n in (6144, 3072, 2048, 1280, 1024):   # 24, 12, 8, 5 and 4 n tiles of 256 columns
+        pallas_gmm.rows_matmul(x, [jnp.zeros((1, 128, n), jnp.bfloat16)], sizes, chain=True)
+    pallas_gmm.contract_matmul(x, jnp.zeros((256, 6144), jnp.bfloat16), sizes, out_dtype=jnp.float32, chain=True)
+    pallas_gmm.rows_matmul(x, [jnp.zeros((1, 128, 6144), jnp.bfloat16)], sizes)   # per-tile pipelines: no bands
+    pallas_gmm.contract_matmul(x, jnp.zeros((256, 6144), jnp.bfloat16), sizes, out_dtype=jnp.float32)
+    monkeypatch.setattr(pallas_gmm, "ROWS_TILES", mk.Tiles(band=3))
+    pallas_gmm.rows_matmul(x, [jnp.zeros((1, 128, 6144), jnp.bfloat16)], sizes, chain=True)
+    assert [(2 * t.tile_n, t.band) for t in seen] == [(256, 8), (256, 6), (256, 8), (256, 5), (256, 4), (256, 8),
+                                                      (256, 0), (256, 0), (256, 3)]
+
+
+@cpu_only
+def test_pallas_interpret_banded_rows_kernel(monkeypatch):
+    """The flat rows kernel with its tiles in bands of 2 of 4 n tiles gives the row-major order's output bit for
+    bit (the same tiles, visited in another order), forward and d_lhs, over ragged groups and a tail."""
+    from lcflash.kernels.gmm import mgpu_kernels as mk
+    from lcflash.kernels.gmm import pallas_gmm
+
+    m, k, n = M_RAGGED, 128, 512
+    x, w, _, sizes = _inputs(31, m, k, n, SIZES_RAGGED, jnp.bfloat16)
+    dy = jax.random.normal(jax.random.key(32), (m, n), jnp.bfloat16)
+    got = {}
+    for band in (0, 2):
+        monkeypatch.setattr(pallas_gmm, "ROWS_TILES", mk.Tiles(tile_n=64, epi_n=64, band=band, chain=True))
+        got[band] = (pallas_gmm.rows_matmul(x, [w], sizes, chain=True),
+                     pallas_gmm.rows_matmul(dy, [w], sizes, transpose_rhs=True, chain=True))
+    want = reference.gmm_loop(x.astype(jnp.float32), w.astype(jnp.float32), sizes)
+    assert _rel(got[0][0], want) < BF16_TOL
+    for a, b in zip(got[0], got[2]):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+@cpu_only
+def test_pallas_interpret_banded_contract_kernel(monkeypatch):
+    """The flat contract kernel (d_rhs) with each group's 2 x 4 (K, N) tiles in bands of 2 N tiles: the row-major
+    order's output bit for bit, and the float64 reference."""
+    from lcflash.kernels.gmm import mgpu_kernels as mk
+    from lcflash.kernels.gmm import pallas_gmm
+
+    lhs, _, _, sizes = _inputs(33, M_RAGGED, 256, 128, SIZES_RAGGED, jnp.bfloat16)
+    dout = jax.random.normal(jax.random.key(34), (M_RAGGED, 512), jnp.bfloat16)
+    got = {}
+    for band in (0, 2):
+        monkeypatch.setattr(pallas_gmm, "CONTRACT_TILES", mk.Tiles(tile_n=64, epi_n=64, band=band, chain=True))
+        got[band] = np.asarray(pallas_gmm.contract_matmul(lhs, dout, sizes, out_dtype=jnp.float32, chain=True))
+    assert _rel(got[0], _contract_ref_f64(lhs, dout, SIZES_RAGGED)) < FP32_TOL
+    np.testing.assert_array_equal(got[0], got[2])
+
+
 def test_grad_halves_needs_its_residual_and_the_flat_pipeline():
     from lcflash.kernels.gmm import mgpu_kernels as mk
 
@@ -414,15 +497,17 @@ def test_auto_deal_is_snake_below_one_tile_per_cta_and_round_robin_above():
         assert not all(a.shape == b.shape and np.array_equal(a, b) for a, b in zip(auto, other)), kn
 
 
-@pytest.mark.parametrize("wg_split", ["n", "m"])
+@pytest.mark.parametrize("wg_split,band", [("n", 0), ("m", 0), ("n", 8)])
 @pytest.mark.parametrize("k,n,g,m", [(2048, 6144, 64, 32768), (1024, 768, 128, 65536)])  # LongCat down, small [gate | up]
-def test_pallas_chain_backward_lowers_for_cuda(mosaic_gpu_trace, monkeypatch, k, n, g, m, wg_split):
+def test_pallas_chain_backward_lowers_for_cuda(mosaic_gpu_trace, monkeypatch, k, n, g, m, wg_split, band):
     """pallas_chain's forward + backward (flat rows and contract pipelines) and the flat contract kernel through Pallas ->
     Mosaic GPU lowering (layouts, smem budget) for CUDA on the CPU, at LongCat and small-config shapes, with the
-    compute warpgroups on column or row halves of the tiles (pallas_gmm.WG_SPLIT)."""
+    compute warpgroups on column or row halves of the tiles (pallas_gmm.WG_SPLIT), and the rows kernel's tiles in
+    column bands (pallas_gmm.BAND: 8 of LongCat's 24 n tiles)."""
     from lcflash.kernels.gmm import mgpu_kernels as mk, pallas_gmm
 
     monkeypatch.setattr(pallas_gmm, "WG_SPLIT", wg_split)
+    monkeypatch.setattr(pallas_gmm, "BAND", band)
 
     sd = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt)  # noqa: E731
 

@@ -62,6 +62,11 @@ class Tiles:
     # rows kernel with wg_split "m": a warpgroup whose row half holds none of a tile visit's rows (a group ending
     # or starting in the other half) issues no wgmma for it. False issues them anyway (for the A/B of the branch).
     wg_skip: bool = True
+    # Flat pipelines only (chain=True): the output tiles in column bands of this many n tiles (each band's tiles of
+    # every row block, or of every K tile of a group in the contract kernel, before the next band's), so the CTAs
+    # running at once read fewer rhs columns, each from more of them (band_order). 0 (or at least the n tiles
+    # there are): row-major, a row's n tiles in a row.
+    band: int = 0
 
     def wg_tile(self) -> tuple[int, int]:
         """(rows, columns) of one compute warpgroup's accumulator."""
@@ -134,6 +139,29 @@ def smem_bytes(tiles: Tiles, *, n_rhs: int, in_dtype, out_dtype, contract: bool,
 # --------------------------------------------------------------------------------------------------
 # Tile schedule for the rows kernel (computed by XLA, read by the kernel with scalar loads).
 # --------------------------------------------------------------------------------------------------
+
+
+def band_order(lin, n_tiles: int, n_mm, band: int):
+    """(row tile, n tile) of a flat kernel's linear tile index lin, with n_mm rows of n tiles banded (Tiles.band):
+    the rows kernel's matmul tiles (its schedule's tail tiles after them stay row-major), or a group's K tiles in
+    the contract kernel. Banded, the CTAs running at once (lin .. lin + SMs) span SMs / band rows and band n tiles:
+    at LongCat's down forward (24 n tiles of 256 columns, 132 SMs) row-major spans 5.5 row blocks and all 24 n
+    tiles, so each rhs tile is read by ~5.5 CTAs at once and each lhs block by 24; a band of 8 makes that 16.5 and
+    8, the balance of the [gate | up] forward (8 n tiles), which reads ~40% fewer bytes per step if each shared
+    read comes from HBM once (experiments/gmm_notes.md, session 40)."""
+    if not band or band >= n_tiles:
+        return lin // n_tiles, lin % n_tiles
+    per_band = jnp.maximum(n_mm * band, 1)
+    b, rem = lin // per_band, lin % per_band
+    in_mm = lin < n_mm * n_tiles
+    return (jnp.where(in_mm, rem // band, lin // n_tiles),
+            jnp.where(in_mm, b * band + rem % band, lin % n_tiles))
+
+
+def _check_band(tiles: Tiles, n_tiles: int):
+    if tiles.band < 0 or (0 < tiles.band < n_tiles and (n_tiles % tiles.band or not tiles.chain)):
+        raise ValueError(f"Tiles.band = {tiles.band}: must be 0, at least the {n_tiles} n tiles, or a divisor of "
+                         f"them with chain=True (the flat pipeline)")
 
 
 def row_schedule(group_sizes_g: jax.Array, m: int, tile_m: int) -> tuple[jax.Array, jax.Array]:
@@ -303,6 +331,7 @@ def rows_kernel(
                          "its first step)")
     k_steps = k // tk
     n_tiles = n // (2 * tn)
+    _check_band(tiles, n_tiles)
     t_max = sched_5t.shape[1]
     dtype = lhs_mk.dtype
     tr_a = _swizzle_transforms(tk, dtype)
@@ -361,12 +390,16 @@ def rows_kernel(
             def lin_of(s):  # linear tile index of step s
                 return sm + (s // k_steps) * n_sms
 
+            def order(lin):  # (schedule tile, n tile)
+                return band_order(lin, n_tiles, n_mm, tiles.band)
+
             # The TMA warpgroup's scalar loads per step: only the indices it needs.
-            blk_kk = lambda s: (sched_ref[1, lin_of(s) // n_tiles], s % k_steps)
-            grp_nt_kk = lambda s: (sched_ref[0, lin_of(s) // n_tiles], lin_of(s) % n_tiles, s % k_steps)
+            blk_kk = lambda s: (sched_ref[1, order(lin_of(s))[0]], s % k_steps)
+            grp_nt_kk = lambda s: (sched_ref[0, order(lin_of(s))[0]], order(lin_of(s))[1], s % k_steps)
             alloc_pipe = make_pipeline(ignore, ignore, jnp.int32(stages), blk_kk, grp_nt_kk)  # dynamic grid
             gmem_args = (lhs_gmem, *rhs_gmems)
         else:
+            order = lambda lin: (lin // n_tiles, lin % n_tiles)  # noqa: E731
             alloc_pipe = make_pipeline(ignore, ignore, k_steps, lambda kk: (0, kk), lambda kk: (0, 0, kk))
             gmem_args = (lhs_gmem, *[r.at[0] for r in rhs_gmems])
 
@@ -396,8 +429,9 @@ def rows_kernel(
 
             def tile_of(lin):
                 """(n tile, group, row block, first row in block, rows) of linear tile index lin."""
-                mt = jnp.minimum(lin // n_tiles, t_max - 1)  # flat: the tile after a CTA's last one is never used
-                return lin % n_tiles, sched_ref[0, mt], sched_ref[1, mt], sched_ref[2, mt], sched_ref[3, mt]
+                mt, nt = order(lin)
+                mt = jnp.minimum(mt, t_max - 1)  # flat: the tile after a CTA's last one is never used
+                return nt, sched_ref[0, mt], sched_ref[1, mt], sched_ref[2, mt], sched_ref[3, mt]
 
             def load_gu(nt, blk):
                 """grad_halves: starts this warpgroup's TMA loads of its g and u tiles (rows of block blk)."""
@@ -734,6 +768,7 @@ def contract_kernel(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles, lhs_i
     tr_a = _swizzle_transforms(tc if lhs_is_km else tm, dtype)
     tr_b = _swizzle_transforms(2 * tn, dtype)
     k_tiles, n_tiles = k // tm, n // (2 * tn)
+    _check_band(tiles, n_tiles)
     stages = tiles.stages
 
     def make_pipeline(body, context, nsteps, blk0_of, kt_of, nt_of):
@@ -846,8 +881,13 @@ def _contract_kernel_flat(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles,
     lhs_mk, m, k, n, g = _contract_dims(lhs_mk, rhs_mn, gsched_4g, tiles, lhs_is_km)
     tm, tn, tc, epi_n = tiles.tile_m, tiles.tile_n, tiles.tile_k, tiles.epi_n
     k_tiles, n_tiles = k // tm, n // (2 * tn)
+    _check_band(tiles, n_tiles)
     kn = k_tiles * n_tiles
     n_sms = _num_sms(interpret)
+
+    def k_n_tile(lin):  # (K tile, N tile) of a group's tile lin % kn
+        return band_order(lin % kn, n_tiles, k_tiles, tiles.band)
+
     tile_4g, step_cs, total_c, lin_cj = contract_flat_schedule(gsched_4g, m, tc, kn, n_sms)
     blk_mask = (1 << _FLAT_BLK_BITS) - 1
 
@@ -856,8 +896,7 @@ def _contract_kernel_flat(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles,
 
         def index_of(s):  # TMA warpgroup: (row block, K tile, N tile) of step s, from the step and tile tables
             packed = step_ref[sm, s]
-            lin = lin_ref[sm, packed >> _FLAT_BLK_BITS]
-            return packed & blk_mask, (lin // n_tiles) % k_tiles, lin % n_tiles
+            return packed & blk_mask, *k_n_tile(lin_ref[sm, packed >> _FLAT_BLK_BITS])
 
         specs = _contract_specs(tiles, lhs_mk.dtype, lhs_is_km, index_of)
 
@@ -896,8 +935,7 @@ def _contract_kernel_flat(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles,
 
                 @pl.when(last)
                 def _epilogue():
-                    lin = lin_ref[sm, j]
-                    kt, nt = (lin // n_tiles) % k_tiles, lin % n_tiles
+                    kt, nt = k_n_tile(lin_ref[sm, j])
                     plgpu.wgmma_wait(0)
                     _store_rows(acc[...], out_gmem.at[gi], stage_smem.at[wg], row0=kt * tm + r_off, start=0, rows=wr,
                                 col0=nt * 2 * tn + c_off, epi_n=epi_n)
