@@ -13,7 +13,7 @@ the einsum (balanced loads) or a padded einsum (skewed loads) before they are ti
 `pallas_chain` (one flat pipeline per CTA in every kernel) and the einsum bound, then d_rhs alone (contract
 kernel per-tile vs one flat pipeline per CTA vs the einsum "gtk,gtn->gkn");
 `--rows-ab flat,overlap,...` times only the rows kernel (forward and d_lhs, flat pipeline) in the listed variants
-(one wgmma in flight, ...; `ROWS_VARIANTS`);
+(one wgmma in flight, column bands, ...; `ROWS_VARIANTS`) at LongCat's shapes, T = `--rows-ab-tokens` (512);
 `--swiglu-only` times only gate + up + SwiGLU (LongCat and configs/small.py gate/up, T=512): the [gate | up]
 kernel with SwiGLU in its epilogue against the same gmm followed by XLA's SwiGLU (`swiglu_cases`);
 `--sweep` then adds the flat d_rhs kernel with one wgmma left in flight per step (`Tiles.overlap_mma`) and with a
@@ -316,10 +316,12 @@ def pinned_case(tag, cfg, proj, t, impl, rows_tiles, contract_tiles, bw_gbs):
     return rec
 
 
-def small_sweep(bw_gbs, t, within_budget):
+def small_sweep(bw_gbs, t, within_budget, config="small"):
     """configs/small.py's expert products at its training load (T tokens per expert, balanced): pallas_chain with
     the heuristic tiles and with pinned variants (rows kernel: forward and d_lhs; contract kernel: d_rhs), against
-    the batched einsum of each projection, the upper bound. The heuristics were tuned at LongCat's shapes."""
+    the batched einsum of each projection, the upper bound. The heuristics were tuned at LongCat's shapes on an
+    H200; config="longcat" runs the same variants at those shapes (on an H100 its down forward ran at 0.66-0.72 of
+    the einsum at T = 4096, session 40)."""
     T = mgpu_kernels.Tiles
     rows_variants = [None, T(128, 64, 64, 4, 64, chain=True), T(64, 128, 64, 4, 128, chain=True),
                      T(128, 128, 128, 2, 128, chain=True), T(128, 128, 64, 3, 128, chain=True)]
@@ -327,24 +329,27 @@ def small_sweep(bw_gbs, t, within_budget):
                          T(64, 128, 64, 4, 64, chain=True)]
     runs = [(r, None) for r in rows_variants] + [(None, c) for c in contract_variants]
     out = []
-    for proj in ("gate_up_fused", "down"):
-        row = run_case("small", proj, t, "balanced", ["einsum"], bw_gbs, [], check=False)
+    for proj in ("gate_up_fused" if config == "small" else "gate_up", "down"):
+        row = run_case(config, proj, t, "balanced", ["einsum"], bw_gbs, [], check=False)
         out.append(dict(proj=proj, tokens_per_expert=t, impl="einsum", **row["impls"]["einsum"]))
         print("small_sweep", json.dumps(out[-1]), flush=True)
         for rows_tiles, contract_tiles in runs:
             if not within_budget():
                 return out
-            out.append(pinned_case("small_sweep", "small", proj, t, "pallas_chain", rows_tiles, contract_tiles, bw_gbs))
+            out.append(pinned_case("small_sweep", config, proj, t, "pallas_chain", rows_tiles, contract_tiles,
+                                   bw_gbs))
     return out
 
 
-def deal_ab(t, config="small", alphas=(None, 10.0, 2.0, 0.5), rounds=2):
-    """The flat d_rhs kernel with its tiles dealt to the CTAs each way of mgpu_kernels.CONTRACT_DEALS, at
+def deal_ab(t, config="small", alphas=(None, 10.0, 2.0, 0.5), rounds=2, deals=None, bands=(0,)):
+    """The flat d_rhs kernel with its tiles dealt to the CTAs each way of mgpu_kernels.CONTRACT_DEALS (or `deals`),
+    each with its tiles in column bands of each of `bands` (pallas_gmm.BAND; 0 none; variant "deal+bandB"), at
     `config`'s expert shapes (SHAPES) and T tokens per expert: equal groups (None) and Dirichlet(alpha) expert shares
-    (smaller alpha, more skew). Rounds alternate the deals; the outputs must be bitwise equal (the same tiles, each
-    accumulated in the same order)."""
+    (smaller alpha, more skew). Rounds alternate the variants; the outputs must be bitwise equal (the same tiles,
+    each accumulated in the same order)."""
     out = []
-    deals = [d for d in mgpu_kernels.CONTRACT_DEALS if d != "auto"]  # auto is one of the others
+    deals = deals or [d for d in mgpu_kernels.CONTRACT_DEALS if d != "auto"]  # auto is one of the others
+    variants = {(f"{d}+band{b}" if b else d): (d, b) for b in bands for d in deals}
     for proj in {"small": ("gate_up_fused", "down"), "longcat": ("gate_up", "down")}[config]:
         k, n, g = SHAPES[(config, proj)]
         m = g * t
@@ -354,23 +359,23 @@ def deal_ab(t, config="small", alphas=(None, 10.0, 2.0, 0.5), rounds=2):
         for alpha in alphas:
             sizes_np = group_sizes(g, t, "balanced" if alpha is None else alpha)
             sizes = jnp.asarray(sizes_np, jnp.int32)
-            fns, got, times = {}, {}, {d: [] for d in deals}
-            default = mgpu_kernels.CONTRACT_DEAL
+            fns, got, times = {}, {}, {v: [] for v in variants}
+            default = mgpu_kernels.CONTRACT_DEAL, pallas_gmm.BAND
             try:
-                for deal in deals:
-                    mgpu_kernels.CONTRACT_DEAL = deal  # read when the jit below traces
-                    fns[deal] = jax.jit(lambda a, b, s: pallas_gmm.contract_matmul(a, b, s, out_dtype=jnp.float32,
+                for name, (deal, band) in variants.items():
+                    mgpu_kernels.CONTRACT_DEAL, pallas_gmm.BAND = deal, band  # read when the jit below traces
+                    fns[name] = jax.jit(lambda a, b, s: pallas_gmm.contract_matmul(a, b, s, out_dtype=jnp.float32,
                                                                                     chain=True))
-                    got[deal] = np.asarray(fns[deal](x, dy, sizes))
+                    got[name] = np.asarray(fns[name](x, dy, sizes))
             finally:
-                mgpu_kernels.CONTRACT_DEAL = default
+                mgpu_kernels.CONTRACT_DEAL, pallas_gmm.BAND = default
             for _ in range(rounds):
-                for deal in deals:
-                    times[deal].append(time_ms(fns[deal], (x, dy, sizes))[0])
+                for name in variants:
+                    times[name].append(time_ms(fns[name], (x, dy, sizes))[0])
+            first, *rest = variants
             rec = dict(config=config, proj=proj, K=k, N=n, G=g, tokens_per_expert=t, alpha=alpha,
                        size_cv=float(sizes_np.std() / sizes_np.mean()), max_group=int(sizes_np.max()),
-                       ms={d: times[d] for d in deals},
-                       bitwise_equal=all(np.array_equal(got[deals[0]], got[d]) for d in deals[1:]))
+                       ms=times, bitwise_equal=all(np.array_equal(got[first], got[v]) for v in rest))
             print("deal_ab", json.dumps(rec), flush=True)
             out.append(rec)
     return out
@@ -423,6 +428,10 @@ ROWS_VARIANTS = {  # flat rows kernel variants timed by --rows-ab (all bit-ident
     "wgm_epi128": dict(stages=4, epi_n=128, wg_split="m"),
     # the cost of Tiles.wg_skip's branch alone: equal groups of whole tiles never skip
     "wgm_noskip": dict(stages=4, wg_split="m", wg_skip=False),
+    # the tiles in column bands of 4, 8 or 12 n tiles (Tiles.band; LongCat's 6144-column products have 24)
+    "band4": dict(stages=4, band=4),
+    "band8": dict(stages=4, band=8),
+    "band12": dict(stages=4, band=12),
 }
 
 
@@ -715,11 +724,15 @@ def main():
                     "SwiGLU's backward in the down projection's d_lhs kernel (T=512)")
     ap.add_argument("--small-sweep", type=int, default=0, metavar="T", help="only configs/small.py's expert "
                     "products at T tokens per expert: pallas_chain tile variants against the einsum bound")
+    ap.add_argument("--sweep-config", default="small", choices=("small", "longcat"), help="--small-sweep's expert "
+                    "shapes")
     ap.add_argument("--deal-ab", type=int, default=0, metavar="T", help="only the flat d_rhs kernel at "
                     "configs/small.py's shapes, T tokens per expert: each way of dealing its tiles to the CTAs")
     ap.add_argument("--deal-config", default="small", choices=("small", "longcat"), help="--deal-ab's expert shapes")
     ap.add_argument("--deal-alphas", default="equal,10,2,0.5", help="--deal-ab's expert sizes: equal, or the "
                     "Dirichlet alpha of the expert shares")
+    ap.add_argument("--deals", default=None, help="--deal-ab's deals, comma-separated (default: every one)")
+    ap.add_argument("--deal-bands", default="0", help="--deal-ab's column bands, comma-separated (0: none)")
     ap.add_argument("--ffn-loads", type=int, default=0, metavar="TOKENS", help="only configs/small.py's expert FFN, "
                     "forward + backward as trained, in a TOKENS x 12-row buffer under equal, aligned and skewed loads")
     ap.add_argument("--ffn-kernels", type=int, default=0, metavar="TOKENS", help="only configs/small.py's expert "
@@ -735,8 +748,11 @@ def main():
     ap.add_argument("--chain-ab", action="store_true",
                     help="LongCat T=512 only: pallas vs pallas_chain vs einsum (implies --impls pallas,pallas_chain,einsum)")
     ap.add_argument("--rows-ab", default=None, metavar="V1,V2,...",
-                    help="only the rows kernel at LongCat T=512: flat pipeline variants (ROWS_VARIANTS), the first "
-                         "the baseline, e.g. flat,overlap")
+                    help="only the rows kernel at LongCat's shapes: flat pipeline variants (ROWS_VARIANTS), the "
+                         "first the baseline, e.g. flat,overlap")
+    ap.add_argument("--rows-ab-tokens", type=int, default=512, metavar="T", help="--rows-ab's tokens per expert")
+    ap.add_argument("--band", type=int, default=None, metavar="B", help="the flat kernels' column bands "
+                    "(pallas_gmm.BAND; default: its value)")
     ap.add_argument("--pick-jax-mgpu", action="store_true", help="time four configs of the example kernel first")
     ap.add_argument("--wg-split", default=None, choices=("n", "m"), help="our kernels' warpgroup split "
                     "(pallas_gmm.WG_SPLIT; default: its value)")
@@ -745,10 +761,19 @@ def main():
     ffn_names = [n for n in args.ffn_kernel_names.split(",") if n] or list(FFN_KERNELS)
     if set(ffn_names) - set(FFN_KERNELS):
         ap.error(f"--ffn-kernel-names {sorted(set(ffn_names) - set(FFN_KERNELS))}: not among {list(FFN_KERNELS)}")
+    deals = args.deals.split(",") if args.deals else None
+    if set(deals or ()) - set(mgpu_kernels.CONTRACT_DEALS):
+        ap.error(f"--deals {args.deals}: each must be one of {mgpu_kernels.CONTRACT_DEALS}")
+    try:
+        bands = [int(b) for b in args.deal_bands.split(",")]
+    except ValueError:
+        ap.error(f"--deal-bands {args.deal_bands!r}: want comma-separated integers, e.g. 0,8")
     pallas_gmm.WG_SPLIT = args.wg_split or pallas_gmm.WG_SPLIT
+    pallas_gmm.BAND = pallas_gmm.BAND if args.band is None else args.band
     t_start = time.time()
     dev = jax.devices()[0]
     meta = dict(device=dev.device_kind, platform=dev.platform, jax=jax.__version__, wg_split=pallas_gmm.WG_SPLIT,
+                band=pallas_gmm.BAND,
                 jaxlib=getattr(jax.lib, "__version__", None) or __import__("jaxlib").__version__,
                 date_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 command="python " + " ".join(sys.argv))
@@ -765,7 +790,7 @@ def main():
     if args.rows_ab:
         report["rows_ab"] = []
         for proj in ("gate_up", "down"):
-            report["rows_ab"] += rows_ab(proj, 512, args.rows_ab.split(","))
+            report["rows_ab"] += rows_ab(proj, args.rows_ab_tokens, args.rows_ab.split(","))
             save()
         return
     impls = "pallas,pallas_chain,einsum".split(",") if args.chain_ab else args.impls.split(",")
@@ -782,7 +807,7 @@ def main():
         return
     if args.deal_ab:
         alphas = [None if a == "equal" else float(a) for a in args.deal_alphas.split(",")]
-        report["deal_ab"] = deal_ab(args.deal_ab, args.deal_config, alphas)
+        report["deal_ab"] = deal_ab(args.deal_ab, args.deal_config, alphas, deals=deals, bands=bands)
         save()
         return
     if args.ffn_kernels:
@@ -795,7 +820,7 @@ def main():
         return
     if args.small_sweep:
         report["small_sweep"] = small_sweep(meta["copy_bandwidth_gbs"], args.small_sweep,
-                                            lambda: time.time() - t_start < args.budget_s)
+                                            lambda: time.time() - t_start < args.budget_s, args.sweep_config)
         save()
         return
     if args.ffn_only:

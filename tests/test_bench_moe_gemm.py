@@ -36,3 +36,40 @@ def test_one_round_times_each_product_once(monkeypatch):
     rec = row["impls"]["reference"]
     assert len(rec["fwd_ms_rounds"]) == 1 and rec["fwd_ms"] > 0 and rec["bwd_ms"] == rec["bwd_ms_rounds"][0]
     assert "einsum" not in row["impls"]        # the skewed rows take the balanced case's einsum as their bound
+
+
+def test_tile_sweep_runs_at_the_chosen_shapes(monkeypatch):
+    """--small-sweep at --sweep-config longcat: the einsum bound and every pinned variant at LongCat's products."""
+    cases = []
+    monkeypatch.setattr(bench, "run_case", lambda cfg, proj, t, load, impls, *a, **k: (
+        cases.append((cfg, proj, t, load, tuple(impls))) or {"impls": {impls[0]: {"fwd_ms": 1.0}}}))
+    monkeypatch.setattr(bench.pallas_gmm, "ROWS_TILES", None)
+    out = bench.small_sweep(1000.0, 4096, lambda: True, "longcat")
+    assert {c[:4] for c in cases} == {("longcat", p, 4096, "balanced") for p in ("gate_up", "down")}
+    per_proj = len(cases) // 2
+    assert per_proj > 2 and [c[4] for c in cases[:per_proj]] == [("einsum",)] + [("pallas_chain",)] * (per_proj - 1)
+    assert len(out) == len(cases) and out[0]["proj"] == "gate_up"
+    bench.small_sweep(1000.0, 512, lambda: True)
+    assert {c[:2] for c in cases[2 * per_proj:]} == {("small", "gate_up_fused"), ("small", "down")}
+
+
+def test_deal_ab_times_each_deal_and_band(monkeypatch):
+    """--deal-ab with --deals and --deal-bands: one variant per (deal, band), each traced under its settings, timed
+    once per round, and the switches restored afterwards."""
+    for proj, shape in (("gate_up", (64, 32, 4)), ("down", (32, 64, 4))):
+        monkeypatch.setitem(bench.SHAPES, ("longcat", proj), shape)
+    traced = []
+
+    def contract(a, b, s, **kw):
+        traced.append((bench.mgpu_kernels.CONTRACT_DEAL, bench.pallas_gmm.BAND))
+        return a.T @ b
+
+    monkeypatch.setattr(bench.pallas_gmm, "contract_matmul", contract)
+    monkeypatch.setattr(bench, "time_ms", lambda f, args, **_: (1.0,) * 3)
+    before = bench.mgpu_kernels.CONTRACT_DEAL, bench.pallas_gmm.BAND
+    out = bench.deal_ab(8, "longcat", (None,), rounds=3, deals=["round_robin", "snake"], bands=(0, 8))
+    assert [r["proj"] for r in out] == ["gate_up", "down"]
+    assert traced == [("round_robin", 0), ("snake", 0), ("round_robin", 8), ("snake", 8)] * 2
+    assert list(out[0]["ms"]) == ["round_robin", "snake", "round_robin+band8", "snake+band8"]
+    assert all(ms == [1.0] * 3 for ms in out[0]["ms"].values()) and out[0]["bitwise_equal"]
+    assert (bench.mgpu_kernels.CONTRACT_DEAL, bench.pallas_gmm.BAND) == before
