@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # GPU calls, one per device call (1, 2, 3 ran in session 35, 5 and 7 in 36; 4 and 6 wait on an attention kernel
-# that gains alone; 8 and 9, session 37's warpgroup split, and 10 and 11, session 39's decode variants and the
-# expert-GEMM table in alternating rounds, wait on a lent GPU; experiments/HISTORY.md):
-#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 11; call 4 takes the persistent kernels)
+# that gains alone; 10 (the L2 prefetch, since removed, and the in-kernel merge, which failed to lower) and 11 ran
+# in session 40; 12 reruns the merge, 13 asks why the down forward is slow on an H100, 8 and 9 (session 37's
+# warpgroup split) wait; HISTORY.md):
+#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 13; call 4 takes the persistent kernels)
 # run from the repository root on the device machine, with `.whl` and `.whl-tokamax` carried (ml-collections,
 # tensorboardX and tokamax 0.0.17 with its needs, which its image lacks). Results go to $OUT (or ./out). Each step
 # has its own time limit, so a hang or a failure costs that step, not the call.
 set -u
-N=${1:?call number 1-11}
+N=${1:?call number 1-13}
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -82,24 +83,37 @@ case $N in
     step 240 $T --out "$OUT/bench_train_b32_s37_wgn_h200.json"
     step 240 $T --wg_split m --out "$OUT/bench_train_b32_s37_wgm_h200.json"
     ;;
-10) # session 39, batch-1 decode: each sublayer's matrices pulled into L2 while the one before runs
-    # (decode.L2_PREFETCH, "+l2"), and the attention kernel merging its own splits behind a semaphore
-    # (pallas_mgpu.IN_KERNEL_MERGE, "+kmerge"); GPU tests first, the A/B in one process, then the critical paths
-    step 120 python -m pytest -n 0 -q tests/test_l2_prefetch.py tests/test_mla_decode.py -k "gpu or mosaic"
-    step 360 python experiments/bench_decode.py --part=jax --batches=1,8 --contexts=1024 \
-        --impls=pallas,pallas+l2,pallas+kmerge,pallas+l2+kmerge --rounds=2 --no-speculative --no-dense_moe_rows \
-        --profile --dump_hlo --out_dir="$OUT" --json="$OUT/bench_decode_l2_s39_h200.json"
-    step 20 python experiments/bench_decode.py --part=report --inputs="$OUT/bench_decode_l2_s39_h200.json" \
-        --json="$OUT/bench_decode_l2_report_s39_h200.json"
-    for v in pallas pallas_l2 pallas_kmerge pallas_l2_kmerge; do
-        step 24 python experiments/decode_profile.py --hlo="$OUT/hlo_${v}_b1.txt" \
-            --trace="$OUT/trace_decode_b1_${v}.json.gz" --steps=33 --json="$OUT/decode_profile_${v}_s39_h200.json"
-    done
-    ;;
 11) # session 39: the main expert-GEMM table with ours and the einsum bound timed in 3 alternating rounds (the board
     # runs them at its power cap; session 28 timed each once, one after the other)
     step 560 python experiments/bench_moe_gemm.py --impls pallas_chain,einsum --rounds 3 --budget-s 420 \
         --out "$OUT/bench_moe_gemm_rounds_s39_h200.json"
     ;;
-*)  echo "call number 1-11" >&2; exit 2 ;;
+12) # session 40: session 39's in-kernel merge (call 10), after its lowering failed on JAX 0.11.2 (a select over a
+    # scalar predicate, which Mosaic GPU's warpgroup lowering rejects): the lowering tests first, so a failure shows
+    # fast, then the A/B (whose report compares the tokens), then the GPU tests
+    python -c "import inspect, jax.experimental.pallas.mosaic_gpu as p; print(inspect.signature(p.CompilerParams))"
+    step 40 python -m pytest -n 0 -q -x tests/test_mla_decode.py -k "lowers_for_cuda or implicit" --tb=short
+    step 150 python experiments/bench_decode.py --part=jax --batches=1,8 --contexts=1024 \
+        --impls=pallas,pallas+kmerge --rounds=2 --no-speculative --no-dense_moe_rows \
+        --profile --out_dir="$OUT" --json="$OUT/bench_decode_kmerge_s40.json"
+    step 20 python experiments/bench_decode.py --part=report --inputs="$OUT/bench_decode_kmerge_s40.json" \
+        --json="$OUT/bench_decode_kmerge_report_s40.json"
+    step 90 python -m pytest -n 0 -q tests/test_mla_decode.py -k "gpu" --tb=short
+    ;;
+13) # session 40: why the down forward (K = 2048, N = 6144: 24 n tiles) ran at 0.66-0.72 of the einsum on an H100 at
+    # T = 4096 (call 11; 0.96 on an H200, session 28) while [gate | up]'s (8 n tiles) ran at 0.95. The guess: the
+    # 132 CTAs running at once span all 24 n tiles, so each rhs tile is shared by ~5.5 of them, and the H100's
+    # lower bandwidth shows it. Both flat kernels with their tiles in column bands (Tiles.band, pallas_gmm.BAND;
+    # bitwise the same output): the rows kernel at T = 4096 and 512, the d_rhs kernel at T = 4096; then pinned
+    # tiles at LongCat's shapes
+    step 230 python experiments/bench_moe_gemm.py --rows-ab flat,band4,band8,band12 --rows-ab-tokens 4096 \
+        --out "$OUT/bench_moe_gemm_band_t4096_s40.json"
+    step 110 python experiments/bench_moe_gemm.py --rows-ab flat,band8,overlap,wgm \
+        --out "$OUT/bench_moe_gemm_band_t512_s40.json"
+    step 110 python experiments/bench_moe_gemm.py --deal-ab 4096 --deal-config longcat --deal-alphas equal \
+        --deals round_robin --deal-bands 0,4,8 --out "$OUT/bench_moe_gemm_band_drhs_s40.json"
+    step 130 python experiments/bench_moe_gemm.py --small-sweep 4096 --sweep-config longcat --budget-s 100 \
+        --out "$OUT/bench_moe_gemm_sweep_longcat_s40.json"
+    ;;
+*)  echo "call number 1-13" >&2; exit 2 ;;
 esac
