@@ -502,7 +502,7 @@ def test_auto_deal_is_snake_below_one_tile_per_cta_and_round_robin_above():
 def test_pallas_chain_backward_lowers_for_cuda(mosaic_gpu_trace, monkeypatch, k, n, g, m, wg_split, band):
     """pallas_chain's forward + backward (flat rows and contract pipelines) and the flat contract kernel through Pallas ->
     Mosaic GPU lowering (layouts, smem budget) for CUDA on the CPU, at LongCat and small-config shapes, with the
-    compute warpgroups on column or row halves of the tiles (pallas_gmm.WG_SPLIT), and the rows kernel's tiles in
+    compute warpgroups on column or row halves of the tiles (pallas_gmm.WG_SPLIT), and both flat kernels' tiles in
     column bands (pallas_gmm.BAND: 8 of LongCat's 24 n tiles)."""
     from lcflash.kernels.gmm import mgpu_kernels as mk, pallas_gmm
 
