@@ -343,7 +343,8 @@ def small_sweep(bw_gbs, t, within_budget, config="small"):
 
 def deal_ab(t, config="small", alphas=(None, 10.0, 2.0, 0.5), rounds=2, deals=None, bands=(0,)):
     """The flat d_rhs kernel with its tiles dealt to the CTAs each way of mgpu_kernels.CONTRACT_DEALS (or `deals`),
-    each with its tiles in column bands of each of `bands` (pallas_gmm.BAND; 0 none; variant "deal+bandB"), at
+    each with its tiles in column bands of each of `bands` (pallas_gmm.CONTRACT_BAND; 0 none; variant
+    "deal+bandB"), at
     `config`'s expert shapes (SHAPES) and T tokens per expert: equal groups (None) and Dirichlet(alpha) expert shares
     (smaller alpha, more skew). Rounds alternate the variants; the outputs must be bitwise equal (the same tiles,
     each accumulated in the same order)."""
@@ -360,15 +361,15 @@ def deal_ab(t, config="small", alphas=(None, 10.0, 2.0, 0.5), rounds=2, deals=No
             sizes_np = group_sizes(g, t, "balanced" if alpha is None else alpha)
             sizes = jnp.asarray(sizes_np, jnp.int32)
             fns, got, times = {}, {}, {v: [] for v in variants}
-            default = mgpu_kernels.CONTRACT_DEAL, pallas_gmm.BAND
+            default = mgpu_kernels.CONTRACT_DEAL, pallas_gmm.CONTRACT_BAND
             try:
                 for name, (deal, band) in variants.items():
-                    mgpu_kernels.CONTRACT_DEAL, pallas_gmm.BAND = deal, band  # read when the jit below traces
+                    mgpu_kernels.CONTRACT_DEAL, pallas_gmm.CONTRACT_BAND = deal, band  # read when traced below
                     fns[name] = jax.jit(lambda a, b, s: pallas_gmm.contract_matmul(a, b, s, out_dtype=jnp.float32,
                                                                                     chain=True))
                     got[name] = np.asarray(fns[name](x, dy, sizes))
             finally:
-                mgpu_kernels.CONTRACT_DEAL, pallas_gmm.BAND = default
+                mgpu_kernels.CONTRACT_DEAL, pallas_gmm.CONTRACT_BAND = default
             for _ in range(rounds):
                 for name in variants:
                     times[name].append(time_ms(fns[name], (x, dy, sizes))[0])
@@ -751,8 +752,10 @@ def main():
                     help="only the rows kernel at LongCat's shapes: flat pipeline variants (ROWS_VARIANTS), the "
                          "first the baseline, e.g. flat,overlap")
     ap.add_argument("--rows-ab-tokens", type=int, default=512, metavar="T", help="--rows-ab's tokens per expert")
-    ap.add_argument("--band", type=int, default=None, metavar="B", help="the flat kernels' column bands "
-                    "(pallas_gmm.BAND; default: its value)")
+    ap.add_argument("--rows-band", type=int, default=None, metavar="B", help="the flat rows kernel's column bands "
+                    "(pallas_gmm.ROWS_BAND; default: its value)")
+    ap.add_argument("--contract-band", type=int, default=None, metavar="B", help="the flat d_rhs kernel's column "
+                    "bands (pallas_gmm.CONTRACT_BAND; default: its value)")
     ap.add_argument("--pick-jax-mgpu", action="store_true", help="time four configs of the example kernel first")
     ap.add_argument("--wg-split", default=None, choices=("n", "m"), help="our kernels' warpgroup split "
                     "(pallas_gmm.WG_SPLIT; default: its value)")
@@ -769,11 +772,14 @@ def main():
     except ValueError:
         ap.error(f"--deal-bands {args.deal_bands!r}: want comma-separated integers, e.g. 0,8")
     pallas_gmm.WG_SPLIT = args.wg_split or pallas_gmm.WG_SPLIT
-    pallas_gmm.BAND = pallas_gmm.BAND if args.band is None else args.band
+    for flag, switch in ((args.rows_band, "ROWS_BAND"), (args.contract_band, "CONTRACT_BAND")):
+        if flag is not None and flag < 0:
+            ap.error(f"--{switch.lower().replace('_', '-')} {flag}: must be 0 (none) or a band of n tiles")
+        setattr(pallas_gmm, switch, getattr(pallas_gmm, switch) if flag is None else flag)
     t_start = time.time()
     dev = jax.devices()[0]
     meta = dict(device=dev.device_kind, platform=dev.platform, jax=jax.__version__, wg_split=pallas_gmm.WG_SPLIT,
-                band=pallas_gmm.BAND,
+                rows_band=pallas_gmm.ROWS_BAND, contract_band=pallas_gmm.CONTRACT_BAND,
                 jaxlib=getattr(jax.lib, "__version__", None) or __import__("jaxlib").__version__,
                 date_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 command="python " + " ".join(sys.argv))

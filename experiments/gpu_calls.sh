@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # GPU calls, one per device call (1, 2, 3 ran in session 35, 5 and 7 in 36; 4 and 6 wait on an attention kernel
 # that gains alone; 10 (the L2 prefetch, since removed, and the in-kernel merge, which failed to lower) and 11 ran
-# in session 40; 12 reruns the merge, 13 asks why the down forward is slow on an H100, 8 and 9 (session 37's
-# warpgroup split) wait; HISTORY.md):
-#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 13; call 4 takes the persistent kernels)
+# in session 40; 12 reruns the merge, 13 asks why the down forward is slow on an H100, 14 reads the table with the
+# bands 13 favours, 8 and 9 (session 37's warpgroup split) wait; HISTORY.md):
+#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 14; 4 takes the persistent kernels,
+#                                                            14 the rows and d_rhs bands)
 # run from the repository root on the device machine, with `.whl` and `.whl-tokamax` carried (ml-collections,
 # tensorboardX and tokamax 0.0.17 with its needs, which its image lacks). Results go to $OUT (or ./out). Each step
 # has its own time limit, so a hang or a failure costs that step, not the call.
 set -u
-N=${1:?call number 1-13}
+N=${1:?call number 1-14}
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -103,9 +104,9 @@ case $N in
 13) # session 40: why the down forward (K = 2048, N = 6144: 24 n tiles) ran at 0.66-0.72 of the einsum on an H100 at
     # T = 4096 (call 11; 0.96 on an H200, session 28) while [gate | up]'s (8 n tiles) ran at 0.95. The guess: the
     # 132 CTAs running at once span all 24 n tiles, so each rhs tile is shared by ~5.5 of them, and the H100's
-    # lower bandwidth shows it. Both flat kernels with their tiles in column bands (Tiles.band, pallas_gmm.BAND;
-    # bitwise the same output): the rows kernel at T = 4096 and 512, the d_rhs kernel at T = 4096; then pinned
-    # tiles at LongCat's shapes
+    # lower bandwidth shows it. Both flat kernels with their tiles in column bands (Tiles.band, bitwise the same
+    # output): the rows kernel at T = 4096 and 512, the d_rhs kernel at T = 4096; then pinned tiles at LongCat's
+    # shapes
     step 230 python experiments/bench_moe_gemm.py --rows-ab flat,band4,band8,band12 --rows-ab-tokens 4096 \
         --out "$OUT/bench_moe_gemm_band_t4096_s40.json"
     step 110 python experiments/bench_moe_gemm.py --rows-ab flat,band8,overlap,wgm \
@@ -115,5 +116,13 @@ case $N in
     step 130 python experiments/bench_moe_gemm.py --small-sweep 4096 --sweep-config longcat --budget-s 100 \
         --out "$OUT/bench_moe_gemm_sweep_longcat_s40.json"
     ;;
-*)  echo "call number 1-13" >&2; exit 2 ;;
+14) # session 40: the main table's first cases (LongCat T = 512, 64, 512 skewed, 4096) in 2 rounds, row-major and
+    # then in the bands call 13 favours (defaults: the L2 model's, 12 for the rows kernel and 4 for d_rhs), one
+    # process each on one machine: what #8's targets read with bands
+    step 270 python experiments/bench_moe_gemm.py --impls pallas_chain,einsum --rounds 2 --budget-s 200 \
+        --out "$OUT/bench_moe_gemm_table_rowmajor_s40.json"
+    step 270 python experiments/bench_moe_gemm.py --impls pallas_chain,einsum --rounds 2 --budget-s 200 \
+        --rows-band "${2:-12}" --contract-band "${3:-4}" --out "$OUT/bench_moe_gemm_table_bands_s40.json"
+    ;;
+*)  echo "call number 1-14" >&2; exit 2 ;;
 esac

@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from lcflash.kernels.gmm.mgpu_kernels import band_order  # noqa: E402
+from lcflash.kernels.gmm.mgpu_kernels import band_order, widest_band  # noqa: E402
 
 # LongCat's expert products with 64 local experts (bench_moe_gemm.SHAPES): (name, kernel, K, N) of each rows
 # product (out [rows, N]) and d_rhs (out [K, N] per group). The [gate | up] d_lhs has the down forward's shape.
@@ -38,7 +38,7 @@ def hbm_bytes(kernel: str, groups: int, rows_per_group: int, k: int, n: int, ban
     out[g] [k, n] = lhs[rows of g]^T @ dout[rows of g], the group's rows in steps of tile_k, round-robin dealt as
     at LongCat's sizes)."""
     n_tiles = n // tile_n2
-    band = max((d for d in range(1, min(band, n_tiles) + 1) if n_tiles % d == 0), default=0)  # as pallas_gmm.BAND
+    band = widest_band(n_tiles, band)  # as pallas_gmm's ROWS_BAND / CONTRACT_BAND
     a_bytes, b_bytes, out_bytes = tile_m * tile_k * itemsize, tile_k * tile_n2 * itemsize, tile_m * tile_n2 * itemsize
     if kernel == "rows":
         row_tiles, steps = groups * (rows_per_group // tile_m), k // tile_k
@@ -80,7 +80,7 @@ def hbm_bytes(kernel: str, groups: int, rows_per_group: int, k: int, n: int, ban
     unique = (groups * rows_per_group * (k + n if kernel == "contract" else k)
               + (0 if kernel == "contract" else groups * k * n)) * itemsize
     return dict(read_gb=read / 1e9, written_gb=len(lin) * out_bytes / 1e9, unique_read_gb=unique / 1e9,
-                flops=2.0 * groups * rows_per_group * k * n)
+                flops=2.0 * groups * rows_per_group * k * n, band_used=band)
 
 
 def main():

@@ -61,15 +61,15 @@ def test_deal_ab_times_each_deal_and_band(monkeypatch):
     traced = []
 
     def contract(a, b, s, **kw):
-        traced.append((bench.mgpu_kernels.CONTRACT_DEAL, bench.pallas_gmm.BAND))
+        traced.append((bench.mgpu_kernels.CONTRACT_DEAL, bench.pallas_gmm.CONTRACT_BAND))
         return a.T @ b
 
     monkeypatch.setattr(bench.pallas_gmm, "contract_matmul", contract)
     monkeypatch.setattr(bench, "time_ms", lambda f, args, **_: (1.0,) * 3)
-    before = bench.mgpu_kernels.CONTRACT_DEAL, bench.pallas_gmm.BAND
+    before = bench.mgpu_kernels.CONTRACT_DEAL, bench.pallas_gmm.CONTRACT_BAND
     out = bench.deal_ab(8, "longcat", (None,), rounds=3, deals=["round_robin", "snake"], bands=(0, 8))
     assert [r["proj"] for r in out] == ["gate_up", "down"]
     assert traced == [("round_robin", 0), ("snake", 0), ("round_robin", 8), ("snake", 8)] * 2
     assert list(out[0]["ms"]) == ["round_robin", "snake", "round_robin+band8", "snake+band8"]
     assert all(ms == [1.0] * 3 for ms in out[0]["ms"].values()) and out[0]["bitwise_equal"]
-    assert (bench.mgpu_kernels.CONTRACT_DEAL, bench.pallas_gmm.BAND) == before
+    assert (bench.mgpu_kernels.CONTRACT_DEAL, bench.pallas_gmm.CONTRACT_BAND) == before

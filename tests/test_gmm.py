@@ -308,15 +308,16 @@ def test_band_order_permutes_the_matmul_tiles():
 
 
 def test_band_takes_the_largest_divisor_of_the_n_tiles(monkeypatch):
-    """pallas_gmm.BAND bounds the band; each flat product takes the largest divisor of its n tiles; per-tile
-    pipelines and pinned tiles keep theirs."""
+    """pallas_gmm.ROWS_BAND and CONTRACT_BAND bound each kernel's band; each flat product takes the largest
+    divisor of its n tiles; per-tile pipelines and pinned tiles keep theirs."""
     from lcflash.kernels.gmm import mgpu_kernels as mk
     from lcflash.kernels.gmm import pallas_gmm
 
     seen = []
     monkeypatch.setattr(mk, "rows_kernel", lambda lhs, rhs, sched, *, tiles, **kw: seen.append(tiles) or lhs)
     monkeypatch.setattr(mk, "contract_kernel", lambda lhs, rhs, sched, *, tiles, **kw: seen.append(tiles) or lhs)
-    monkeypatch.setattr(pallas_gmm, "BAND", 8)
+    monkeypatch.setattr(pallas_gmm, "ROWS_BAND", 8)
+    monkeypatch.setattr(pallas_gmm, "CONTRACT_BAND", 4)
     x, sizes = jnp.zeros((256, 128), jnp.bfloat16), jnp.array([256], jnp.int32)
     for n in (6144, 3072, 2048, 1280, 1024):   # 24, 12, 8, 5 and 4 n tiles of 256 columns
         pallas_gmm.rows_matmul(x, [jnp.zeros((1, 128, n), jnp.bfloat16)], sizes, chain=True)
@@ -325,7 +326,7 @@ def test_band_takes_the_largest_divisor_of_the_n_tiles(monkeypatch):
     pallas_gmm.contract_matmul(x, jnp.zeros((256, 6144), jnp.bfloat16), sizes, out_dtype=jnp.float32)
     monkeypatch.setattr(pallas_gmm, "ROWS_TILES", mk.Tiles(band=3))
     pallas_gmm.rows_matmul(x, [jnp.zeros((1, 128, 6144), jnp.bfloat16)], sizes, chain=True)
-    assert [(2 * t.tile_n, t.band) for t in seen] == [(256, 8), (256, 6), (256, 8), (256, 5), (256, 4), (256, 8),
+    assert [(2 * t.tile_n, t.band) for t in seen] == [(256, 8), (256, 6), (256, 8), (256, 5), (256, 4), (256, 4),
                                                       (256, 0), (256, 0), (256, 3)]
 
 
@@ -503,11 +504,12 @@ def test_pallas_chain_backward_lowers_for_cuda(mosaic_gpu_trace, monkeypatch, k,
     """pallas_chain's forward + backward (flat rows and contract pipelines) and the flat contract kernel through Pallas ->
     Mosaic GPU lowering (layouts, smem budget) for CUDA on the CPU, at LongCat and small-config shapes, with the
     compute warpgroups on column or row halves of the tiles (pallas_gmm.WG_SPLIT), and both flat kernels' tiles in
-    column bands (pallas_gmm.BAND: 8 of LongCat's 24 n tiles)."""
+    column bands (pallas_gmm.ROWS_BAND and CONTRACT_BAND: 8 of LongCat's 24 n tiles)."""
     from lcflash.kernels.gmm import mgpu_kernels as mk, pallas_gmm
 
     monkeypatch.setattr(pallas_gmm, "WG_SPLIT", wg_split)
-    monkeypatch.setattr(pallas_gmm, "BAND", band)
+    monkeypatch.setattr(pallas_gmm, "ROWS_BAND", band)
+    monkeypatch.setattr(pallas_gmm, "CONTRACT_BAND", band)
 
     sd = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt)  # noqa: E731
 

@@ -158,6 +158,11 @@ def band_order(lin, n_tiles: int, n_mm, band: int):
             jnp.where(in_mm, b * band + rem % band, lin % n_tiles))
 
 
+def widest_band(n_tiles: int, most: int) -> int:
+    """The widest band of at most `most` n tiles that divides n_tiles (0 for most = 0: row-major)."""
+    return max((d for d in range(1, min(most, n_tiles) + 1) if n_tiles % d == 0), default=0)
+
+
 def _check_band(tiles: Tiles, n_tiles: int):
     if tiles.band < 0 or (0 < tiles.band < n_tiles and (n_tiles % tiles.band or not tiles.chain)):
         raise ValueError(f"Tiles.band = {tiles.band}: must be 0, at least the {n_tiles} n tiles, or a divisor of "

@@ -25,12 +25,14 @@ CONTRACT_TILES: mk.Tiles | None = None
 # How both kernels' two compute warpgroups share a 128-row tile (mk.Tiles.wg_split): "n" column halves, "m" row
 # halves (wider wgmma). Read at trace time; decode's 64-row tiles always split by columns.
 WG_SPLIT = "n"
-# Both flat kernels' column bands (mk.Tiles.band): at most this many n tiles per band, the largest divisor of a
-# product's n tiles (0: row-major). Read at trace time; off until a GPU A/B decides (experiments/gpu_calls.sh 13:
-# on an H100 the down forward, 24 n tiles, ran at 0.66-0.72 of the einsum, [gate | up]'s, 8 n tiles, at 0.95).
-# configs/small.py's products have at most 4 n tiles, so its training is unchanged by any band of 4 or more.
-# Pinned tiles (ROWS_TILES, CONTRACT_TILES) keep their own band.
-BAND = 0
+# The flat kernels' column bands (mk.Tiles.band): at most this many n tiles per band, the largest divisor of a
+# product's n tiles (0: row-major); ROWS_BAND for the rows kernel (forward, d_lhs), CONTRACT_BAND for d_rhs. Read
+# at trace time; off until a GPU A/B decides (experiments/gpu_calls.sh 13 and 14: on an H100 the down forward, 24
+# n tiles, ran at 0.66-0.72 of the einsum, [gate | up]'s, 8 n tiles, at 0.95). experiments/l2_traffic_model.py
+# favours 12 and 4 at LongCat's shapes. configs/small.py's products have at most 4 n tiles, so its training is
+# unchanged by any band of 4 or more. Pinned tiles (ROWS_TILES, CONTRACT_TILES) keep their own band.
+ROWS_BAND = 0
+CONTRACT_BAND = 0
 
 
 def _interpret() -> bool:
@@ -77,12 +79,9 @@ def _chain_tiles(tiles: mk.Tiles, pinned: bool, out_dtype, n_rhs: int, contract:
     raise ValueError(f"pallas gmm: no tiling with a flat pipeline fits shared memory for {tiles}")
 
 
-def _banded(tiles: mk.Tiles, n: int, pinned: bool) -> mk.Tiles:
-    """BAND applied to a flat pipeline's tiles over n output columns: the largest divisor of its n tiles up to BAND."""
-    if pinned or not BAND:
-        return tiles
-    n_tiles = n // (2 * tiles.tile_n)
-    return dataclasses.replace(tiles, band=max(d for d in range(1, min(BAND, n_tiles) + 1) if n_tiles % d == 0))
+def _banded(tiles: mk.Tiles, n: int, band: int) -> mk.Tiles:
+    """A flat pipeline's tiles over n output columns in bands of the largest divisor of its n tiles up to band."""
+    return dataclasses.replace(tiles, band=mk.widest_band(n // (2 * tiles.tile_n), band)) if band else tiles
 
 
 def _contract_tiles(n: int, out_dtype) -> mk.Tiles:
@@ -150,8 +149,8 @@ def rows_matmul(lhs_mk, rhs_list, group_sizes_g, *, transpose_rhs=False, out_dty
     epi_in = 2 if swiglu == "grad_halves" else 0  # g and u tiles per warpgroup
     tiles = _rows_tiles(m, group_sizes_g.shape[0], n, out_dtype, n_acc, "N", epi_in=epi_in)
     if chain:
-        tiles = _banded(_chain_tiles(tiles, ROWS_TILES is not None, out_dtype, n_acc, epi_in=epi_in), n,
-                        ROWS_TILES is not None)
+        tiles = _chain_tiles(tiles, ROWS_TILES is not None, out_dtype, n_acc, epi_in=epi_in)
+        tiles = tiles if ROWS_TILES is not None else _banded(tiles, n, ROWS_BAND)
     mp = _padded_rows(m, tiles.tile_m)
     sched, _ = mk.row_schedule(group_sizes_g, mp, tiles.tile_m)
     if transpose_rhs and _interpret():  # the interpreter cannot run wgmma on transposed smem: transpose in XLA
@@ -173,8 +172,8 @@ def contract_matmul(lhs_mk, dout_mn, group_sizes_g, *, out_dtype, chain=False):
     n = dout_mn.shape[1]
     tiles = _contract_tiles(n, out_dtype)
     if chain:
-        tiles = _banded(_chain_tiles(tiles, CONTRACT_TILES is not None, out_dtype, 1, contract=True), n,
-                        CONTRACT_TILES is not None)
+        tiles = _chain_tiles(tiles, CONTRACT_TILES is not None, out_dtype, 1, contract=True)
+        tiles = tiles if CONTRACT_TILES is not None else _banded(tiles, n, CONTRACT_BAND)
     if k % tiles.tile_m:
         raise ValueError(f"pallas gmm: K = {k} must be a multiple of {tiles.tile_m} for d_rhs")
     mp = _padded_rows(m, tiles.tile_k)
