@@ -47,6 +47,8 @@ SHAPES = {
     ("small", "down"): (384, 1024, 128),
     ("small", "gate_up_fused"): (1024, 768, 128),   # [gate | up] as configs/small.py trains it (moe.fuse_gate_up)
 }
+# Each config's two expert products as the benches time them (configs/small.py trains [gate | up] fused).
+PROJS = {"small": ("gate_up_fused", "down"), "longcat": ("gate_up", "down")}
 RAGGED_DOT_MAX_T = 512  # ragged_dot materialises [M, G, N]-sized intermediates: out of memory beyond this
 RAGGED_DOT_MAX_T_BWD = 64  # its backward ran out of memory at T=512 on an 80 GB H100
 
@@ -329,7 +331,7 @@ def small_sweep(bw_gbs, t, within_budget, config="small"):
                          T(64, 128, 64, 4, 64, chain=True)]
     runs = [(r, None) for r in rows_variants] + [(None, c) for c in contract_variants]
     out = []
-    for proj in ("gate_up_fused" if config == "small" else "gate_up", "down"):
+    for proj in PROJS[config]:
         row = run_case(config, proj, t, "balanced", ["einsum"], bw_gbs, [], check=False)
         out.append(dict(proj=proj, tokens_per_expert=t, impl="einsum", **row["impls"]["einsum"]))
         print("small_sweep", json.dumps(out[-1]), flush=True)
@@ -351,7 +353,7 @@ def deal_ab(t, config="small", alphas=(None, 10.0, 2.0, 0.5), rounds=2, deals=No
     out = []
     deals = deals or [d for d in mgpu_kernels.CONTRACT_DEALS if d != "auto"]  # auto is one of the others
     variants = {(f"{d}+band{b}" if b else d): (d, b) for b in bands for d in deals}
-    for proj in {"small": ("gate_up_fused", "down"), "longcat": ("gate_up", "down")}[config]:
+    for proj in PROJS[config]:
         k, n, g = SHAPES[(config, proj)]
         m = g * t
         keys = jax.random.split(jax.random.key(t + k), 2)

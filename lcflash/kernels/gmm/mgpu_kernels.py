@@ -400,11 +400,15 @@ def rows_kernel(
 
             # The TMA warpgroup's scalar loads per step: only the indices it needs.
             blk_kk = lambda s: (sched_ref[1, order(lin_of(s))[0]], s % k_steps)
-            grp_nt_kk = lambda s: (sched_ref[0, order(lin_of(s))[0]], order(lin_of(s))[1], s % k_steps)
+
+            def grp_nt_kk(s):
+                mt, nt = order(lin_of(s))
+                return sched_ref[0, mt], nt, s % k_steps
+
             alloc_pipe = make_pipeline(ignore, ignore, jnp.int32(stages), blk_kk, grp_nt_kk)  # dynamic grid
             gmem_args = (lhs_gmem, *rhs_gmems)
         else:
-            order = lambda lin: (lin // n_tiles, lin % n_tiles)  # noqa: E731
+            order = functools.partial(band_order, n_tiles=n_tiles, n_mm=None, band=0)  # row-major (_check_band)
             alloc_pipe = make_pipeline(ignore, ignore, k_steps, lambda kk: (0, kk), lambda kk: (0, 0, kk))
             gmem_args = (lhs_gmem, *[r.at[0] for r in rhs_gmems])
 

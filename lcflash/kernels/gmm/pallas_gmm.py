@@ -63,25 +63,22 @@ def _rows_tiles(m: int, g: int, n: int, out_dtype, n_rhs: int, what: str, epi_in
 
 
 def _chain_tiles(tiles: mk.Tiles, pinned: bool, out_dtype, n_rhs: int, contract: bool = False,
-                 epi_in: int = 0) -> mk.Tiles:
-    """Flat pipelines (Tiles.chain): pinned tiles (ROWS_TILES / CONTRACT_TILES) keep their ring; otherwise the
+                 epi_in: int = 0, *, n: int, band: int) -> mk.Tiles:
+    """Flat pipelines (Tiles.chain): pinned tiles (ROWS_TILES / CONTRACT_TILES) keep their ring and band; otherwise the
     deepest ring (up to 4) that fits, halving the epilogue chunk (epi_n 64) before dropping a stage (LongCat
     shapes: 4 stages and 64-column stores; d_rhs at T=512 measured 0.87-0.90 of the einsum with them against
-    0.83-0.85 with 3 stages and 128-column stores, H200)."""
+    0.83-0.85 with 3 stages and 128-column stores, H200), and the output's n columns in bands of the widest
+    divisor of its n tiles up to band (ROWS_BAND / CONTRACT_BAND)."""
     if pinned:
         return dataclasses.replace(tiles, chain=True)
     for stages in range(max(tiles.stages, 4), 0, -1):
         for epi_n in sorted({tiles.epi_n, min(64, tiles.epi_n)}, reverse=True):
-            t = dataclasses.replace(tiles, stages=stages, epi_n=epi_n, chain=True)
+            t = dataclasses.replace(tiles, stages=stages, epi_n=epi_n, chain=True,
+                                    band=mk.widest_band(n // (2 * tiles.tile_n), band))
             if mk.smem_bytes(t, n_rhs=n_rhs, in_dtype=jnp.bfloat16, out_dtype=out_dtype, contract=contract,
                              margin=512, epi_in=epi_in) <= mk._SMEM_BYTES:
                 return t
     raise ValueError(f"pallas gmm: no tiling with a flat pipeline fits shared memory for {tiles}")
-
-
-def _banded(tiles: mk.Tiles, n: int, band: int) -> mk.Tiles:
-    """A flat pipeline's tiles over n output columns in bands of the largest divisor of its n tiles up to band."""
-    return dataclasses.replace(tiles, band=mk.widest_band(n // (2 * tiles.tile_n), band)) if band else tiles
 
 
 def _contract_tiles(n: int, out_dtype) -> mk.Tiles:
@@ -149,8 +146,7 @@ def rows_matmul(lhs_mk, rhs_list, group_sizes_g, *, transpose_rhs=False, out_dty
     epi_in = 2 if swiglu == "grad_halves" else 0  # g and u tiles per warpgroup
     tiles = _rows_tiles(m, group_sizes_g.shape[0], n, out_dtype, n_acc, "N", epi_in=epi_in)
     if chain:
-        tiles = _chain_tiles(tiles, ROWS_TILES is not None, out_dtype, n_acc, epi_in=epi_in)
-        tiles = tiles if ROWS_TILES is not None else _banded(tiles, n, ROWS_BAND)
+        tiles = _chain_tiles(tiles, ROWS_TILES is not None, out_dtype, n_acc, epi_in=epi_in, n=n, band=ROWS_BAND)
     mp = _padded_rows(m, tiles.tile_m)
     sched, _ = mk.row_schedule(group_sizes_g, mp, tiles.tile_m)
     if transpose_rhs and _interpret():  # the interpreter cannot run wgmma on transposed smem: transpose in XLA
@@ -172,8 +168,8 @@ def contract_matmul(lhs_mk, dout_mn, group_sizes_g, *, out_dtype, chain=False):
     n = dout_mn.shape[1]
     tiles = _contract_tiles(n, out_dtype)
     if chain:
-        tiles = _chain_tiles(tiles, CONTRACT_TILES is not None, out_dtype, 1, contract=True)
-        tiles = tiles if CONTRACT_TILES is not None else _banded(tiles, n, CONTRACT_BAND)
+        tiles = _chain_tiles(tiles, CONTRACT_TILES is not None, out_dtype, 1, contract=True, n=n,
+                             band=CONTRACT_BAND)
     if k % tiles.tile_m:
         raise ValueError(f"pallas gmm: K = {k} must be a multiple of {tiles.tile_m} for d_rhs")
     mp = _padded_rows(m, tiles.tile_k)
