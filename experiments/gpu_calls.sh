@@ -3,13 +3,13 @@
 # that gains alone; 10 (the L2 prefetch, since removed, and the in-kernel merge, which failed to lower) and 11 ran
 # in session 40; 12 reruns the merge, 13 asks why the down forward is slow on an H100, 14 reads the table with the
 # bands 13 favours, 8 and 9 (session 37's warpgroup split) wait; HISTORY.md):
-#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 14; 4 takes the persistent kernels,
-#                                                            14 the rows and d_rhs bands)
+#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 15; 4 takes the persistent kernels,
+#                                                            14 and 15 the rows and d_rhs bands)
 # run from the repository root on the device machine, with `.whl` and `.whl-tokamax` carried (ml-collections,
 # tensorboardX and tokamax 0.0.17 with its needs, which its image lacks). Results go to $OUT (or ./out). Each step
 # has its own time limit, so a hang or a failure costs that step, not the call.
 set -u
-N=${1:?call number 1-14}
+N=${1:?call number 1-15}
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -124,5 +124,14 @@ case $N in
     step 270 python experiments/bench_moe_gemm.py --impls pallas_chain,einsum --rounds 2 --budget-s 200 \
         --rows-band "${2:-12}" --contract-band "${3:-4}" --out "$OUT/bench_moe_gemm_table_bands_s40.json"
     ;;
-*)  echo "call number 1-14" >&2; exit 2 ;;
+15) # session 41: calls 13 and 14's band questions in one call (a device session holds ~25 minutes): the rows
+    # kernel's bands at T = 4096, the d_rhs kernel's, then the main table's first cases with the L2 model's bands
+    step 200 python experiments/bench_moe_gemm.py --rows-ab flat,band4,band8,band12 --rows-ab-tokens 4096 \
+        --out "$OUT/bench_moe_gemm_band_t4096_s41.json"
+    step 100 python experiments/bench_moe_gemm.py --deal-ab 4096 --deal-config longcat --deal-alphas equal \
+        --deals round_robin --deal-bands 0,4,8 --out "$OUT/bench_moe_gemm_band_drhs_s41.json"
+    step 260 python experiments/bench_moe_gemm.py --impls pallas_chain,einsum --rounds 2 --budget-s 180 \
+        --rows-band "${2:-12}" --contract-band "${3:-4}" --out "$OUT/bench_moe_gemm_table_bands_s41.json"
+    ;;
+*)  echo "call number 1-15" >&2; exit 2 ;;
 esac
