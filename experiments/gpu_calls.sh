@@ -3,13 +3,13 @@
 # that gains alone; 10 (the L2 prefetch, since removed, and the in-kernel merge, which failed to lower) and 11 ran
 # in session 40; 12 reruns the merge, 13 asks why the down forward is slow on an H100, 14 reads the table with the
 # bands 13 favours, 8 and 9 (session 37's warpgroup split) wait; HISTORY.md):
-#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 15; 4 takes the persistent kernels,
+#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 16; 4 takes the persistent kernels,
 #                                                            14 and 15 the rows and d_rhs bands)
 # run from the repository root on the device machine, with `.whl` and `.whl-tokamax` carried (ml-collections,
 # tensorboardX and tokamax 0.0.17 with its needs, which its image lacks). Results go to $OUT (or ./out). Each step
 # has its own time limit, so a hang or a failure costs that step, not the call.
 set -u
-N=${1:?call number 1-15}
+N=${1:?call number 1-16}
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -133,5 +133,11 @@ case $N in
     step 260 python experiments/bench_moe_gemm.py --impls pallas_chain,einsum --rounds 2 --budget-s 180 \
         --rows-band "${2:-12}" --contract-band "${3:-4}" --out "$OUT/bench_moe_gemm_table_bands_s41.json"
     ;;
-*)  echo "call number 1-15" >&2; exit 2 ;;
+16) # session 41: call 12 (the in-kernel merge), then #8's training MFU on this board: every earlier training
+    # figure came from an H200, whose 141 GB hold batch 32 (90 GiB at its peak); an H100's 80 GB hold batch 20
+    bash "$0" 12
+    step 240 python experiments/bench_train.py --gmm_impl pallas_chain --remat --warmup 2 --steps 3 --batch 20 \
+        --mem_fraction 0.95 --out "$OUT/bench_train_b20_s41.json"
+    ;;
+*)  echo "call number 1-16" >&2; exit 2 ;;
 esac
