@@ -61,9 +61,10 @@ XLA_OPTIONS = {
 # 24's "+cluster_merge" merged them inside the kernel, in a thread-block cluster, commit 3968d79: no gain, reverted.
 # Session 36's "+q_x" / "+no_q_x" took the query straight from the layer input, commit 318b143: batch 8 2-8% faster,
 # batches 1 and 64 6-16% slower, reverted. Session 39's "+l2" pulled each sublayer's matrices into L2 while the one
-# before ran, commit cf38910: batch 1 5-6% slower, batch 8 1-2% faster on an H100 (session 40), removed.)
-# "+kmerge": the attention kernel merges its context splits itself (pallas_mgpu.IN_KERNEL_MERGE); not yet measured.
-VARIANTS = ("unmerged", "eager_norms", "kmerge")
+# before ran, commit cf38910: batch 1 5-6% slower, batch 8 1-2% faster on an H100 (session 40), removed. Session
+# 39's "+kmerge" had the attention kernel's last split merge the splits behind a GMEM semaphore, commit 5b7620f: on
+# an H100 (session 41) batch 1 6-9% slower, batch 8 5% slower, removed.)
+VARIANTS = ("unmerged", "eager_norms")
 
 
 def attn_impl(impl: str) -> str:
@@ -72,7 +73,7 @@ def attn_impl(impl: str) -> str:
 
 
 def suffixes(key: str) -> list[str]:
-    """The +name suffixes of a variant or generator key ("pallas+kmerge+cc/auto" -> ["kmerge", "cc"])."""
+    """The +name suffixes of a variant or generator key ("pallas+unmerged+cc/auto" -> ["unmerged", "cc"])."""
     return key.split("/")[0].split("+")[1:]
 
 
@@ -241,10 +242,8 @@ def run_jax(args):
         splits = gkey.split("/")[0].partition("+")[0].partition("@s")[2]
         from lcflash.kernels.mla_decode import pallas_mgpu
         pallas_mgpu.MAX_SPLITS = int(splits) if splits else None   # read while tracing: choose_splits
-        names = suffixes(gkey)
-        pallas_mgpu.IN_KERNEL_MERGE = "kmerge" in names
         from lcflash.infer import decode
-        decode.DEFER_NORMS = "eager_norms" not in names   # read while tracing
+        decode.DEFER_NORMS = "eager_norms" not in suffixes(gkey)   # read while tracing
         cache = jax.eval_shape(lambda: DecodeCache.zeros(cfg, B, S, mtp=kind == "speculative"))
         b32 = jax.ShapeDtypeStruct((B,), jnp.int32)
         if kind == "speculative":
@@ -519,7 +518,7 @@ def report(args):
         base = r["impl"].partition("+")[0]
         twin = next((x for x in rows if x["impl"] == base and x["moe_impl"] == r["moe_impl"]
                      and x["batch"] == r["batch"] and x["context"] == r["context"]), None)
-        if base != r["impl"] and twin is not None:   # a variant against its base ("pallas+kmerge" against "pallas")
+        if base != r["impl"] and twin is not None:   # a variant against its base ("pallas+cc" against "pallas")
             r["tokens_equal_to_base"] = r["first_row_tokens"] == twin["first_row_tokens"]
     agree = [r["token_agreement_with_absorbed"] for r in rows if "token_agreement_with_absorbed" in r]
     if agree:
@@ -562,9 +561,8 @@ def main():
     ap.add_argument("--contexts", default="1024,8192,32768")
     ap.add_argument("--impls", default="absorbed,pallas", help="attention: absorbed (XLA), pallas (our kernel), "
                     "pallas@sN (the kernel with at most N context splits; pallas@s1: no merge kernels); +name suffixes: "
-                    "XLA options (XLA_OPTIONS: lhs, cc, pdl, while) or decode-path variants (VARIANTS: unmerged, "
-                    "eager_norms: as before session 22; kmerge: splits merged in the kernel), "
-                    "e.g. pallas+unmerged+eager_norms+lhs")
+                    "XLA options (XLA_OPTIONS: lhs, cc, pdl, while) or the decode path as before session 22 "
+                    "(VARIANTS: unmerged, eager_norms), e.g. pallas+unmerged+eager_norms+lhs")
     ap.add_argument("--moe_impl", default="auto")
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--speculative", action=argparse.BooleanOptionalAction, default=True,

@@ -148,56 +148,30 @@ def test_kernel_interpret_matches_split_reference():
         assert rel(got, f32_reference(q, qp, c, k, start, 0.05)) < 1e-2   # bf16 probabilities
 
 
-@pytest.mark.skipif(ON_GPU, reason="CPU stand-in for the GPU tests below")
-def test_kernel_merging_its_splits_interpret_matches_split_reference():
-    """The splits merged by the kernel's last split (kmerge): in the interpreter, which runs the grid in order and
-    no semaphore. Row padding (12 query rows), partial merge chunks (of 2), and in the second case rows whose
-    visible keys end in split 1 or 3 of 8: the splits after write nothing, and the merging last split is one of
-    them."""
-    from lcflash.kernels.mla_decode.pallas_mgpu import choose_splits, mla_decode_pallas
-
-    for B, T, H, R, P, S, starts, splits in (KERNEL_CASES[1], KERNEL_CASES[2]):
-        q, qp, c, k = inputs(B, T, H, R, P, S, jnp.bfloat16, seed=B + T + 1)
-        start = jnp.array(starts, jnp.int32)
-        n = choose_splits(B, S // 64) if splits is None else splits
-        got = mla_decode_pallas(q, qp, c, k, start, scale=0.05, num_splits=n, fused_pv=False, interpret=True,
-                                kmerge=True, merge_unroll=2)
-        assert not np.isnan(np.asarray(got, np.float32)).any()
-        split_ref = reference.mla_decode_split_reference(q, qp, c, k, start, 0.05, n, 64)
-        assert rel(got, split_ref) < 2e-3
-        assert rel(got, f32_reference(q, qp, c, k, start, 0.05)) < 1e-2
-    assert n == 8 and max(starts) + T <= S // n * (n - 1)   # the last case: the last split sees no key
-
-
-@pytest.mark.parametrize("T,fused,splits,kmerge", [(1, True, None, False), (2, False, None, False),
-                                                   (1, True, 1, False), (1, True, None, True),
-                                                   (2, False, None, True)])
-def test_kernel_lowers_for_cuda(T, fused, splits, kmerge):
+@pytest.mark.parametrize("T,fused,splits", [(1, True, None), (2, False, None), (1, True, 1)])
+def test_kernel_lowers_for_cuda(T, fused, splits):
     """Pallas -> Mosaic GPU lowering (layouts, wgmma operand shapes, TMA transforms) runs on CPU."""
     from lcflash.kernels.mla_decode.pallas_mgpu import mla_decode_pallas
 
     sd = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt)  # noqa: E731
-    f = jax.jit(lambda *a: mla_decode_pallas(*a, scale=0.1, fused_pv=fused, num_splits=splits, kmerge=kmerge))
+    f = jax.jit(lambda *a: mla_decode_pallas(*a, scale=0.1, fused_pv=fused, num_splits=splits))
     lowered = f.trace(sd(2, T, 8, 128), sd(2, T, 8, 64), sd(2, 512, 128), sd(2, 512, 64),
                       sd(2, dt=jnp.int32)).lower(lowering_platforms=("cuda",))
     text = lowered.as_text()
     assert "mla_decode_mosaic_gpu" in text   # named, so a profile finds it
-    if splits == 1 or kmerge:  # the kernel's output is the result: no merge around it
+    if splits == 1:  # the kernel's output is the result: no merge around it
         assert "stablehlo.exponential" not in text and "stablehlo.reduce" not in text
-    if kmerge:  # the splits signal their row's semaphore with release semantics
-        assert "red.release.gpu.global.add" in text
 
 
-@pytest.mark.parametrize("kmerge", [False, True])
-def test_kernel_selects_need_no_implicit_broadcast(kmerge):
-    """Mosaic GPU's warpgroup lowering rejects a select whose operands differ in shape (a scalar predicate over an
-    array), and on the GPU image (JAX 0.11.2) the in-kernel merge failed with that error in session 40: every
-    select in the kernel must have operands of one shape."""
+def test_kernel_selects_need_no_implicit_broadcast():
+    """Mosaic GPU's warpgroup lowering (JAX 0.11.2's default) rejects a select whose operands differ in shape (a
+    scalar predicate over an array; session 40's in-kernel merge failed with it there), which JAX 0.10.2's CPU
+    lowering here does not catch: every select in the kernel must have operands of one shape."""
     from jax.extend import core as jcore
     from lcflash.kernels.mla_decode.pallas_mgpu import mla_decode_pallas
 
     sd = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt)  # noqa: E731
-    closed = jax.make_jaxpr(lambda *a: mla_decode_pallas(*a, scale=0.1, kmerge=kmerge))(
+    closed = jax.make_jaxpr(lambda *a: mla_decode_pallas(*a, scale=0.1))(
         sd(2, 1, 8, 128), sd(2, 1, 8, 64), sd(2, 512, 128), sd(2, 512, 64), sd(2, dt=jnp.int32))
 
     def selects(jaxpr):
@@ -227,48 +201,24 @@ def test_kernel_rejects_unsupported_shapes():
 
 @pytest.mark.skipif(not ON_GPU, reason="the Mosaic GPU kernel runs on Hopper GPUs only")
 @pytest.mark.parametrize("case", range(len(KERNEL_CASES)))
-@pytest.mark.parametrize("fused,kmerge", [(True, False), (False, False), (True, True)])
-def test_kernel_on_gpu_matches_reference(case, fused, kmerge):
-    """kmerge: the splits merged by the kernel, behind a GMEM semaphore; eight seeds, since a missing ordering
-    between the splits' stores and the merge would show as a wrong result now and then, not every time."""
+@pytest.mark.parametrize("fused", [True, False])
+def test_kernel_on_gpu_matches_reference(case, fused):
     from lcflash.kernels.mla_decode.pallas_mgpu import mla_decode_pallas
 
     B, T, H, R, P, S, starts, splits = KERNEL_CASES[case]
-    for seed in range(8 if kmerge else 2):
+    for seed in range(2):
         q, qp, c, k = inputs(B, T, H, R, P, S, jnp.bfloat16, seed=seed + 10 * case)
         start = jnp.array(starts, jnp.int32)
-        got = mla_decode_pallas(q, qp, c, k, start, scale=0.05, num_splits=splits, fused_pv=fused, kmerge=kmerge)
+        got = mla_decode_pallas(q, qp, c, k, start, scale=0.05, num_splits=splits, fused_pv=fused)
         assert not np.isnan(np.asarray(got, np.float32)).any()
         assert rel(got, f32_reference(q, qp, c, k, start, 0.05)) < 1e-2
 
 
 @pytest.mark.skipif(not ON_GPU, reason="the Mosaic GPU kernel runs on Hopper GPUs only")
-def test_kernel_merging_its_splits_is_the_same_every_run_on_gpu():
-    """A missing ordering between the splits' stores and the last split's merge would show as an output that moves
-    between runs on the same inputs: 50 runs, at batch 1 with 20 splits (batch-1 decode at 1k) and at batch 8 with
-    splits past some rows' keys."""
-    from lcflash.kernels.mla_decode.pallas_mgpu import mla_decode_pallas
-
-    for B, S, starts in ((1, 1280, [1023]), (8, 1280, [0, 63, 64, 500, 1023, 1100, 1279, 640])):
-        q, qp, c, k = inputs(B, 1, 8, 128, 64, S, jnp.bfloat16, seed=B)
-        start = jnp.array(starts, jnp.int32)
-        run = jax.jit(lambda *a: mla_decode_pallas(*a, scale=0.05, kmerge=True))
-        first = np.asarray(run(q, qp, c, k, start), np.float32)
-        assert rel(first, f32_reference(q, qp, c, k, start, 0.05)) < 1e-2
-        for _ in range(49):
-            np.testing.assert_array_equal(np.asarray(run(q, qp, c, k, start), np.float32), first)
-
-
-@pytest.mark.skipif(not ON_GPU, reason="the Mosaic GPU kernel runs on Hopper GPUs only")
-@pytest.mark.parametrize("kmerge", [False, True])
-def test_model_decode_with_kernel_on_gpu(kmerge, monkeypatch):
-    """A bf16 model decoding through attn_impl='pallas' gives the logits of the XLA absorbed path (kmerge: the
-    kernel merging its splits; the 128-token cache holds 2 splits per row, the second empty for 37 tokens)."""
+def test_model_decode_with_kernel_on_gpu():
+    """A bf16 model decoding through attn_impl='pallas' gives the logits of the XLA absorbed path."""
     from lcflash.infer import decode
     from lcflash.infer.cache import DecodeCache
-    from lcflash.kernels.mla_decode import pallas_mgpu
-
-    monkeypatch.setattr(pallas_mgpu, "IN_KERNEL_MERGE", kmerge)
 
     cfg = model_config(load_config("configs/tiny.py")).replace(
         hidden_size=256, num_attention_heads=4, q_lora_rank=64, kv_lora_rank=128, qk_nope_head_dim=32,

@@ -9,8 +9,7 @@ outputs (every row's softmax and products are its own), so no padded copy of the
 costs a kernel of its own around the call. Each split keeps an online softmax in registers and writes its
 normalised output and log2-sum-exp2; `reference.combine_splits` merges the splits (flash-decoding). With one split
 the kernel writes the output in the compute dtype and nothing runs after it: at batch 1 a decode step is a chain of
-~500 kernels of a few microseconds each, and the merge's three XLA kernels per attention are 72 of them. With
-`IN_KERNEL_MERGE` each row's last split merges the row's splits itself, behind a GMEM semaphore.
+~500 kernels of a few microseconds each, and the merge's three XLA kernels per attention are 72 of them.
 
 Only the blocks holding a visible key are read: a split past the row's last position reads nothing, so a decode
 step costs the filled part of the cache, not its capacity.
@@ -33,15 +32,6 @@ TARGET_CTAS = 264       # two waves of 132 SMs
 # At most this many splits (None: as many as TARGET_CTAS asks for). 1 trades the merge's kernels for one CTA walking
 # the whole context: slower at batch 1 and 8 on an H200 (1.335 -> 1.590 ms per token at 1024; docs/inference.md).
 MAX_SPLITS: int | None = None
-# The splits merged by the kernel (read while tracing; off until a GPU A/B decides, experiments/bench_decode.py
-# `+kmerge`): every split holding a visible key writes its partial with plain stores, and all of those but a row's
-# last split signal the row's GMEM semaphore; the last split waits for those signals, merges the partials and writes
-# the output in the compute dtype, so no XLA merge kernel runs after the call (three per attention). It waits only
-# on CTAs launched before it, which wait on nothing. Plain stores, because TMA stores belong to the async proxy,
-# which a semaphore's release would not order without a proxy fence. Pallas' interpreter runs no semaphore but runs
-# the grid in order, so there the last split reads finished partials without one.
-IN_KERNEL_MERGE = False
-MERGE_UNROLL = 8        # splits merged per iteration of the last CTA's loop: their loads are in flight together
 
 
 def supported(q_len: int, heads: int, kv_lora_rank: int, rope_dim: int, cache_len: int, dtype,
@@ -73,45 +63,8 @@ def split_layout(n_blocks: int, num_splits: int) -> tuple[int, int]:
     return -(-n_blocks // per), per
 
 
-def _merge_splits(o_ref, lse_ref, out_ref, b, n_valid, num_splits: int, unroll: int):
-    """The last split's merge of row b's partials from its first n_valid splits (those holding a visible key; split
-    0 always does): o [rows, R] fp32 normalised per split, and each row's log2-sum-exp2 repeated along R, so that
-    every step is elementwise in one layout. Written to out_ref[b]. A row of a split that saw no key has lse -inf
-    and an undefined o, and weighs exactly zero (as combine_splits)."""
-    neg_inf = jnp.float32(-jnp.inf)
-    rows, R = o_ref.shape[-2:]
-    # at most the splits there are, and ~128 fp32 values in flight per thread (each split: 2 * rows * R / 128)
-    unroll = max(1, min(unroll, num_splits - 1, 64 * 128 // (rows * R)))
-
-    def split_at(s):
-        return o_ref.at[b, s][...], lse_ref.at[b, s][...]
-
-    o0, m = split_at(0)
-    l = jnp.where(m == neg_inf, 0.0, 1.0)
-    acc = jnp.where(m == neg_inf, 0.0, o0)
-
-    def chunk(c, carry):
-        acc, m, l = carry
-        for u in range(unroll):
-            s = 1 + c * unroll + u
-            o_s, lse_s = split_at(jnp.minimum(s, n_valid - 1))
-            # a scalar bias, not a select: Mosaic GPU's warpgroup lowering takes no scalar predicate for arrays
-            lse_s = lse_s + jnp.where(s < n_valid, jnp.float32(0.0), neg_inf)
-            m_new = jnp.maximum(m, lse_s)
-            alpha = jnp.where(m_new == neg_inf, 1.0, jnp.exp2(m - m_new))
-            w = jnp.where(lse_s == neg_inf, 0.0, jnp.exp2(lse_s - m_new))
-            acc = acc * alpha + jnp.where(w > 0, o_s, 0.0) * w
-            l = l * alpha + w
-            m = m_new
-        return acc, m, l
-
-    acc, m, l = lax.fori_loop(0, lax.div(n_valid - 1 + unroll - 1, jnp.int32(unroll)), chunk, (acc, m, l))
-    out_ref.at[b][...] = (acc / l).astype(out_ref.dtype)
-
-
-def _kernel(start_ref, q_ref, qpe_ref, c_ref, kpe_ref, o_ref, lse_ref, out_ref, scoped, *, heads, q_len, rows,
-            block_kv, blocks_per_split, depth, scale, dtype, fused_pv, interpret, kmerge, num_splits, batch,
-            merge_unroll):
+def _kernel(start_ref, q_ref, qpe_ref, c_ref, kpe_ref, o_ref, lse_ref, scoped, *, heads, q_len, rows, block_kv,
+            blocks_per_split, depth, scale, dtype, fused_pv, interpret):
     (q_smem, qpe_smem, c_smem, kpe_smem, o_smem, lse_smem), (q_bar, c_bar, kpe_bar) = scoped
     split = lax.axis_index("split")
     b = lax.axis_index("batch")
@@ -197,34 +150,7 @@ def _kernel(start_ref, q_ref, qpe_ref, c_ref, kpe_ref, o_ref, lse_ref, out_ref, 
 
     acc, m_i, l_i = lax.fori_loop(0, n, body, (acc, m_i, l_i))
     o_smem[...] = (acc / lax.broadcast_in_dim(l_i, acc.shape, [0])).astype(o_smem.dtype)
-    lse = m_i + jnp.log(l_i) * LOG2E
-    if kmerge:
-        # The splits holding a visible key (a cache far longer than its filled part, as generate() allocates, leaves
-        # most empty) write their partial with plain stores, its lse repeated along R (o_smem reused), and all but
-        # the row's last split signal; the last split, valid or not, waits for them and merges.
-        span = blocks_per_split * block_kv
-        n_valid = jnp.minimum(lax.div(start + q_len + (span - 1), jnp.int32(span)), num_splits)
-        valid, last = split < n_valid, split == num_splits - 1
-
-        @pl.when(valid)
-        def _():
-            o_ref.at[b, split][...] = o_smem[real]
-            o_smem[...] = lax.broadcast_in_dim(lse, acc.shape, [0])
-            lse_ref.at[b, split][...] = o_smem[real]
-
-        sem = None if interpret else pl.get_global(plgpu.SemaphoreType.REGULAR((batch,))).at[b]
-        if sem is not None:
-            @pl.when(jnp.logical_and(valid, jnp.logical_not(last)))
-            def _():
-                plgpu.semaphore_signal(sem, 1, memory_scope="gpu")
-
-        @pl.when(last)
-        def _():
-            if sem is not None:
-                plgpu.semaphore_wait(sem, jnp.minimum(n_valid, num_splits - 1), decrement=False, memory_scope="gpu")
-            _merge_splits(o_ref, lse_ref, out_ref, b, n_valid, num_splits, merge_unroll)
-        return
-    lse_smem[...] = lse
+    lse_smem[...] = m_i + jnp.log(l_i) * LOG2E
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(o_smem.at[real], o_ref.at[b, split])
     plgpu.copy_smem_to_gmem(lse_smem.at[real], lse_ref.at[b, split])
@@ -233,10 +159,9 @@ def _kernel(start_ref, q_ref, qpe_ref, c_ref, kpe_ref, o_ref, lse_ref, out_ref, 
 
 def mla_decode_pallas(q_lat_bthr, q_pe_bthd, c_bsr, kpe_bsd, q_start_b, *, scale: float, block_kv: int = 64,
                       num_splits: int | None = None, depth: int = 4, fused_pv: bool = True,
-                      interpret: bool = False, kmerge: bool | None = None, merge_unroll: int = MERGE_UNROLL):
+                      interpret: bool = False):
     """Causal absorbed attention: query t of row b sits at cache index q_start_b[b] + t. Returns o_lat [B,T,H,R].
-    num_splits: None picks them (choose_splits, here, outside the jit, so MAX_SPLITS applies to every trace).
-    kmerge: the splits merged by the kernel (None: IN_KERNEL_MERGE)."""
+    num_splits: None picks them (choose_splits, here, outside the jit, so MAX_SPLITS applies to every trace)."""
     B, T, H, R = q_lat_bthr.shape
     why = supported(T, H, R, q_pe_bthd.shape[-1], c_bsr.shape[1], q_lat_bthr.dtype, block_kv)
     if why:
@@ -244,15 +169,13 @@ def mla_decode_pallas(q_lat_bthr, q_pe_bthd, c_bsr, kpe_bsd, q_start_b, *, scale
     n_blocks = c_bsr.shape[1] // block_kv
     return _mla_decode_pallas(q_lat_bthr, q_pe_bthd, c_bsr, kpe_bsd, q_start_b, scale=scale, block_kv=block_kv,
                               num_splits=num_splits or choose_splits(B, n_blocks), depth=depth, fused_pv=fused_pv,
-                              interpret=interpret, kmerge=IN_KERNEL_MERGE if kmerge is None else kmerge,
-                              merge_unroll=merge_unroll)
+                              interpret=interpret)
 
 
 # Jitted so that the 2L identical calls of one decode step lower (Mosaic GPU) once, not once per sublayer.
-@functools.partial(jax.jit, static_argnames=("scale", "block_kv", "num_splits", "depth", "fused_pv", "interpret",
-                                             "kmerge", "merge_unroll"))
+@functools.partial(jax.jit, static_argnames=("scale", "block_kv", "num_splits", "depth", "fused_pv", "interpret"))
 def _mla_decode_pallas(q_lat_bthr, q_pe_bthd, c_bsr, kpe_bsd, q_start_b, *, scale, block_kv, num_splits, depth,
-                       fused_pv, interpret, kmerge, merge_unroll):
+                       fused_pv, interpret):
     B, T, H, R = q_lat_bthr.shape
     P = q_pe_bthd.shape[-1]
     S = c_bsr.shape[1]
@@ -261,7 +184,6 @@ def _mla_decode_pallas(q_lat_bthr, q_pe_bthd, c_bsr, kpe_bsd, q_start_b, *, scal
     num_splits, per_split = split_layout(n_blocks, num_splits)
     depth = max(1, min(depth, per_split))
     out_dtype = dtype if num_splits == 1 else jnp.float32   # one split: the final output, nothing to merge
-    kmerge = kmerge and num_splits > 1
 
     rows = -(-T * H // 8) * 8   # whole smem tiles of 8 rows; a model with 8 | H passes q through as it is
 
@@ -271,13 +193,12 @@ def _mla_decode_pallas(q_lat_bthr, q_pe_bthd, c_bsr, kpe_bsd, q_start_b, *, scal
 
     tiled = () if interpret else (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     kernel = functools.partial(_kernel, heads=H, q_len=T, rows=rows, block_kv=block_kv, blocks_per_split=per_split,
-                               depth=depth, scale=scale, dtype=dtype, fused_pv=fused_pv, interpret=interpret,
-                               kmerge=kmerge, num_splits=num_splits, batch=B, merge_unroll=merge_unroll)
+                               depth=depth, scale=scale, dtype=dtype,
+                               fused_pv=fused_pv, interpret=interpret)
 
-    def entry(start_ref, q_ref, qpe_ref, c_ref, kpe_ref, o_ref, lse_ref, *out_ref):
+    def entry(start_ref, q_ref, qpe_ref, c_ref, kpe_ref, o_ref, lse_ref):
         pl.run_scoped(
-            lambda *scoped: kernel(start_ref, q_ref, qpe_ref, c_ref, kpe_ref, o_ref, lse_ref,
-                                   out_ref[0] if out_ref else None, scoped),
+            lambda *scoped: kernel(start_ref, q_ref, qpe_ref, c_ref, kpe_ref, o_ref, lse_ref, scoped),
             (plgpu.SMEM((ROWS, R), dtype, transforms=tiled),
              plgpu.SMEM((ROWS, P), dtype, transforms=tiled),
              plgpu.SMEM((depth, block_kv, R), dtype, transforms=tiled),
@@ -288,22 +209,17 @@ def _mla_decode_pallas(q_lat_bthr, q_pe_bthd, c_bsr, kpe_bsd, q_start_b, *, scal
         )
 
     entry.__name__ = "mla_decode"   # the CUDA kernel's name in a profile: mla_decode_mosaic_gpu_kernel
-    # kmerge: each partial's lse repeated along R, and the merged output
-    lse_shape = (B, num_splits, rows, R) if kmerge else (B, num_splits, rows)
-    merged = (jax.ShapeDtypeStruct((B, rows, R), dtype),) if kmerge else ()
-    o_part, lse2, *o_merged = plgpu.kernel(
+    o_part, lse2 = plgpu.kernel(
         entry,
         out_type=(jax.ShapeDtypeStruct((B, num_splits, rows, R), out_dtype),
-                  jax.ShapeDtypeStruct(lse_shape, jnp.float32), *merged),
+                  jax.ShapeDtypeStruct((B, num_splits, rows), jnp.float32)),
         grid=(num_splits, B),
         grid_names=("split", "batch"),
-        # Lane semantics, named: on the GPU image (JAX 0.11.2) the merge failed with warpgroup lowering's error
-        # (session 40), and by warpgroups layout inference finds no layout for its GMEM loads (JAX 0.10.2)
-        compiler_params=plgpu.CompilerParams(approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane),
+        compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=interpret_params(interpret),
     )(q_start_b.astype(jnp.int32), pad_rows(q_lat_bthr), pad_rows(q_pe_bthd), c_bsr.astype(dtype),
       kpe_bsd.astype(dtype))
-    o = o_part[:, 0] if num_splits == 1 else o_merged[0] if kmerge else combine_splits(o_part, lse2)
+    o = o_part[:, 0] if num_splits == 1 else combine_splits(o_part, lse2)
     o = o if rows == T * H else o[:, :T * H]
     return o.reshape(B, T, H, R).astype(dtype)
 
