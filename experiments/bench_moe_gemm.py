@@ -74,6 +74,13 @@ def time_ms(f, args, min_batch_ms=20.0, repeats=3):
     return float(np.median(times)), float(np.min(times)), float(np.max(times))
 
 
+def rotated(names, r):
+    """Round r's order: names started at r (mod their count), so that no variant always runs first, right after
+    the einsum's compute-bound burst, or always in one place of the round."""
+    r %= max(len(names), 1)
+    return list(names[r:]) + list(names[:r])
+
+
 def measure_bandwidth_gbs():
     x = jnp.ones((1 << 30,), jnp.bfloat16)  # 2 GiB
     f = jax.jit(lambda a: a + 1)
@@ -348,8 +355,8 @@ def deal_ab(t, config="small", alphas=(None, 10.0, 2.0, 0.5), rounds=2, deals=No
     each with its tiles in column bands of each of `bands` (pallas_gmm.CONTRACT_BAND; 0 none; variant
     "deal+bandB"), at
     `config`'s expert shapes (SHAPES) and T tokens per expert: equal groups (None) and Dirichlet(alpha) expert shares
-    (smaller alpha, more skew). Rounds alternate the variants; the outputs must be bitwise equal (the same tiles,
-    each accumulated in the same order)."""
+    (smaller alpha, more skew). Rounds alternate the variants, in rotated order; the outputs must be bitwise equal
+    (the same tiles, each accumulated in the same order)."""
     out = []
     deals = deals or [d for d in mgpu_kernels.CONTRACT_DEALS if d != "auto"]  # auto is one of the others
     variants = {(f"{d}+band{b}" if b else d): (d, b) for b in bands for d in deals}
@@ -372,8 +379,8 @@ def deal_ab(t, config="small", alphas=(None, 10.0, 2.0, 0.5), rounds=2, deals=No
                     got[name] = np.asarray(fns[name](x, dy, sizes))
             finally:
                 mgpu_kernels.CONTRACT_DEAL, pallas_gmm.CONTRACT_BAND = default
-            for _ in range(rounds):
-                for name in variants:
+            for r in range(rounds):
+                for name in rotated(list(variants), r):
                     times[name].append(time_ms(fns[name], (x, dy, sizes))[0])
             first, *rest = variants
             rec = dict(config=config, proj=proj, K=k, N=n, G=g, tokens_per_expert=t, alpha=alpha,
@@ -435,13 +442,16 @@ ROWS_VARIANTS = {  # flat rows kernel variants timed by --rows-ab (all bit-ident
     "band4": dict(stages=4, band=4),
     "band8": dict(stages=4, band=8),
     "band12": dict(stages=4, band=12),
+    # flat again, an A/A control: how far two runs of one kernel in one round differ (session 41's flat rounds
+    # spread 10.5-13.6 ms at T = 4096 where each banded variant's spread under 1 ms)
+    "flat_again": dict(stages=4),
 }
 
 
 def rows_ab(proj, t, variants, rounds=2):
     """The rows kernel alone at LongCat T=t (balanced), flat pipeline variants (ROWS_VARIANTS; the first is the
-    baseline), for the forward (rhs [G, K, N]) and d_lhs (rhs read transposed), timed in alternating rounds
-    against the einsum of the same product. Every variant must agree bit for bit with the baseline."""
+    baseline), for the forward (rhs [G, K, N]) and d_lhs (rhs read transposed), timed in rounds of rotated order
+    (rotated) against the einsum of the same product. Every variant must agree bit for bit with the baseline."""
     T = mgpu_kernels.Tiles
     k, n, g = SHAPES[("longcat", proj)]
     m = g * t
@@ -471,10 +481,10 @@ def rows_ab(proj, t, variants, rounds=2):
         for name, (_, got) in fns.items():
             if base in fns:
                 rec[name]["bit_identical_to_" + base] = bool(jnp.array_equal(got, fns[base][1]))
-        for _ in range(rounds):
-            rec["einsum_ms"].append(time_ms(einsum, (x, w))[0])
-            for name, (f, _) in fns.items():
-                rec[name]["ms"].append(time_ms(f, (x, w))[0])
+        for r in range(rounds):
+            for name in rotated(["einsum", *fns], r):
+                ms = rec["einsum_ms"] if name == "einsum" else rec[name]["ms"]
+                ms.append(time_ms(einsum if name == "einsum" else fns[name][0], (x, w))[0])
         for name in fns:
             rec[name]["per_einsum"] = float(np.median(rec["einsum_ms"]) / np.median(rec[name]["ms"]))
         print("rows_ab", json.dumps(rec), flush=True)
@@ -754,6 +764,8 @@ def main():
                     help="only the rows kernel at LongCat's shapes: flat pipeline variants (ROWS_VARIANTS), the "
                          "first the baseline, e.g. flat,overlap")
     ap.add_argument("--rows-ab-tokens", type=int, default=512, metavar="T", help="--rows-ab's tokens per expert")
+    ap.add_argument("--ab-rounds", type=int, default=2, help="--rows-ab's and --deal-ab's rounds (each in rotated "
+                    "order)")
     ap.add_argument("--rows-band", type=int, default=None, metavar="B", help="the flat rows kernel's column bands "
                     "(pallas_gmm.ROWS_BAND; default: its value)")
     ap.add_argument("--contract-band", type=int, default=None, metavar="B", help="the flat d_rhs kernel's column "
@@ -774,10 +786,15 @@ def main():
     except ValueError:
         ap.error(f"--deal-bands {args.deal_bands!r}: want comma-separated integers, e.g. 0,8")
     pallas_gmm.WG_SPLIT = args.wg_split or pallas_gmm.WG_SPLIT
-    for flag, switch in ((args.rows_band, "ROWS_BAND"), (args.contract_band, "CONTRACT_BAND")):
-        if flag is not None and flag < 0:
-            ap.error(f"--{switch.lower().replace('_', '-')} {flag}: must be 0 (none) or a band of n tiles")
-        setattr(pallas_gmm, switch, getattr(pallas_gmm, switch) if flag is None else flag)
+    try:
+        pallas_gmm.set_bands(args.rows_band, args.contract_band)
+    except ValueError as e:
+        ap.error(f"--rows-band / --contract-band: {e}")
+    rows_variants = args.rows_ab.split(",") if args.rows_ab else []
+    if set(rows_variants) - set(ROWS_VARIANTS):
+        ap.error(f"--rows-ab {sorted(set(rows_variants) - set(ROWS_VARIANTS))}: not among {list(ROWS_VARIANTS)}")
+    if args.ab_rounds < 1:
+        ap.error(f"--ab-rounds {args.ab_rounds}: must be at least 1")
     t_start = time.time()
     dev = jax.devices()[0]
     meta = dict(device=dev.device_kind, platform=dev.platform, jax=jax.__version__, wg_split=pallas_gmm.WG_SPLIT,
@@ -798,7 +815,7 @@ def main():
     if args.rows_ab:
         report["rows_ab"] = []
         for proj in ("gate_up", "down"):
-            report["rows_ab"] += rows_ab(proj, args.rows_ab_tokens, args.rows_ab.split(","))
+            report["rows_ab"] += rows_ab(proj, args.rows_ab_tokens, rows_variants, args.ab_rounds)
             save()
         return
     impls = "pallas,pallas_chain,einsum".split(",") if args.chain_ab else args.impls.split(",")
@@ -815,7 +832,7 @@ def main():
         return
     if args.deal_ab:
         alphas = [None if a == "equal" else float(a) for a in args.deal_alphas.split(",")]
-        report["deal_ab"] = deal_ab(args.deal_ab, args.deal_config, alphas, deals=deals, bands=bands)
+        report["deal_ab"] = deal_ab(args.deal_ab, args.deal_config, alphas, args.ab_rounds, deals=deals, bands=bands)
         save()
         return
     if args.ffn_kernels:

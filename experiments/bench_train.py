@@ -250,6 +250,10 @@ def main():
                     "one of lcflash.kernels.gmm.mgpu_kernels.CONTRACT_DEALS (default: its CONTRACT_DEAL)")
     ap.add_argument("--wg_split", default=None, choices=("n", "m"), help="how the expert kernels' two compute "
                     "warpgroups share a tile (lcflash.kernels.gmm.pallas_gmm.WG_SPLIT; default: its value)")
+    ap.add_argument("--rows_band", type=int, default=None, help="the flat expert rows kernel's column bands "
+                    "(lcflash.kernels.gmm.pallas_gmm.ROWS_BAND; 0: none; default: its value)")
+    ap.add_argument("--contract_band", type=int, default=None, help="the flat d_rhs kernel's column bands "
+                    "(lcflash.kernels.gmm.pallas_gmm.CONTRACT_BAND; 0: none; default: its value)")
     ap.add_argument("--mem_fraction", type=float, default=None, help="share of the GPU's memory XLA may use "
                     "(XLA_PYTHON_CLIENT_MEM_FRACTION; JAX's default 0.75): 0.95 fits batch 48 x 1024 of "
                     "configs/small.py with remat on an H200")
@@ -282,6 +286,10 @@ def main():
     mgpu_kernels.CONTRACT_DEAL = args.contract_deal or mgpu_kernels.CONTRACT_DEAL
     from lcflash.kernels.gmm import pallas_gmm
     pallas_gmm.WG_SPLIT = args.wg_split or pallas_gmm.WG_SPLIT
+    try:
+        pallas_gmm.set_bands(args.rows_band, args.contract_band)
+    except ValueError as e:
+        ap.error(f"--rows_band / --contract_band: {e}")
     from lcflash.model import slots
     slots.GATHER_KERNEL = not args.no_dispatch_gather_kernel
     slots.COMBINE_GRAD_KERNEL = not args.no_combine_grad_kernel
@@ -350,6 +358,7 @@ def main():
         "layer_fn_on_input": transformer.LAYER_FN_ON_INPUT,
         "top_k": router.LARGE_TOP_K,
         "contract_deal": mgpu_kernels.CONTRACT_DEAL, "wg_split": pallas_gmm.WG_SPLIT,
+        "rows_band": pallas_gmm.ROWS_BAND, "contract_band": pallas_gmm.CONTRACT_BAND,
         "xla_options": xla_options,
         "steps_timed": args.steps, "warmup_steps": args.warmup,
         "device": f"{dev.platform}: {dev.device_kind}", "device_count": jax.device_count(),

@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # GPU calls, one per device call (1, 2, 3 ran in session 35, 5 and 7 in 36; 4 and 6 wait on an attention kernel
-# that gains alone; 10 (the L2 prefetch, since removed, and the in-kernel merge, which failed to lower) and 11 ran
-# in session 40; 12 reruns the merge, 13 asks why the down forward is slow on an H100, 14 reads the table with the
-# bands 13 favours, 8 and 9 (session 37's warpgroup split) wait; HISTORY.md):
-#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 16; 4 takes the persistent kernels,
-#                                                            14 and 15 the rows and d_rhs bands)
+# that gains alone; 10 (the L2 prefetch) and 11 ran in session 40; session 41 ran the in-kernel merge, the bands
+# and the training MFU on an H100 (its calls 12, 15 and 16, since removed: the merge and the prefetch are gone);
+# 13 times the bands again in rotated rounds, 14 reads the table with the bands 13 favours, 8 and 9 (session 37's
+# warpgroup split) wait; HISTORY.md):
+#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 14; 4 takes the persistent kernels,
+#                                                            14 the rows and d_rhs bands)
 # run from the repository root on the device machine, with `.whl` and `.whl-tokamax` carried (ml-collections,
 # tensorboardX and tokamax 0.0.17 with its needs, which its image lacks). Results go to $OUT (or ./out). Each step
 # has its own time limit, so a hang or a failure costs that step, not the call.
 set -u
-N=${1:?call number 1-16}
+N=${1:?call number 1-14}
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -89,55 +90,24 @@ case $N in
     step 560 python experiments/bench_moe_gemm.py --impls pallas_chain,einsum --rounds 3 --budget-s 420 \
         --out "$OUT/bench_moe_gemm_rounds_s39_h200.json"
     ;;
-12) # session 40: session 39's in-kernel merge (call 10), after its lowering failed on JAX 0.11.2 (a select over a
-    # scalar predicate, which Mosaic GPU's warpgroup lowering rejects): the lowering tests first, so a failure shows
-    # fast, then the A/B (whose report compares the tokens), then the GPU tests
-    python -c "import inspect, jax.experimental.pallas.mosaic_gpu as p; print(inspect.signature(p.CompilerParams))"
-    step 40 python -m pytest -n 0 -q -x tests/test_mla_decode.py -k "lowers_for_cuda or implicit" --tb=short
-    step 150 python experiments/bench_decode.py --part=jax --batches=1,8 --contexts=1024 \
-        --impls=pallas,pallas+kmerge --rounds=2 --no-speculative --no-dense_moe_rows \
-        --profile --out_dir="$OUT" --json="$OUT/bench_decode_kmerge_s40.json"
-    step 20 python experiments/bench_decode.py --part=report --inputs="$OUT/bench_decode_kmerge_s40.json" \
-        --json="$OUT/bench_decode_kmerge_report_s40.json"
-    step 90 python -m pytest -n 0 -q tests/test_mla_decode.py -k "gpu" --tb=short
+13) # session 41: the column bands again, each round in rotated order (session 41's call 15 ran the row-major
+    # baseline first in every round, right after the einsum, and its rounds spread 10.5-13.6 ms where the banded
+    # ones' spread under 1 ms), with flat_again (the same kernel as flat) as the A/A control: the rows kernel at
+    # T = 4096 and 512, then the d_rhs kernel at T = 4096
+    step 260 python experiments/bench_moe_gemm.py --rows-ab flat,band4,band12,flat_again --rows-ab-tokens 4096 \
+        --ab-rounds 3 --out "$OUT/bench_moe_gemm_band_t4096_s42.json"
+    step 110 python experiments/bench_moe_gemm.py --rows-ab flat,band4,flat_again --ab-rounds 3 \
+        --out "$OUT/bench_moe_gemm_band_t512_s42.json"
+    step 150 python experiments/bench_moe_gemm.py --deal-ab 4096 --deal-config longcat --deal-alphas equal \
+        --deals round_robin --deal-bands 0,4 --ab-rounds 3 --out "$OUT/bench_moe_gemm_band_drhs_s42.json"
     ;;
-13) # session 40: why the down forward (K = 2048, N = 6144: 24 n tiles) ran at 0.66-0.72 of the einsum on an H100 at
-    # T = 4096 (call 11; 0.96 on an H200, session 28) while [gate | up]'s (8 n tiles) ran at 0.95. The guess: the
-    # 132 CTAs running at once span all 24 n tiles, so each rhs tile is shared by ~5.5 of them, and the H100's
-    # lower bandwidth shows it. Both flat kernels with their tiles in column bands (Tiles.band, bitwise the same
-    # output): the rows kernel at T = 4096 and 512, the d_rhs kernel at T = 4096; then pinned tiles at LongCat's
-    # shapes
-    step 230 python experiments/bench_moe_gemm.py --rows-ab flat,band4,band8,band12 --rows-ab-tokens 4096 \
-        --out "$OUT/bench_moe_gemm_band_t4096_s40.json"
-    step 110 python experiments/bench_moe_gemm.py --rows-ab flat,band8,overlap,wgm \
-        --out "$OUT/bench_moe_gemm_band_t512_s40.json"
-    step 110 python experiments/bench_moe_gemm.py --deal-ab 4096 --deal-config longcat --deal-alphas equal \
-        --deals round_robin --deal-bands 0,4,8 --out "$OUT/bench_moe_gemm_band_drhs_s40.json"
-    step 130 python experiments/bench_moe_gemm.py --small-sweep 4096 --sweep-config longcat --budget-s 100 \
-        --out "$OUT/bench_moe_gemm_sweep_longcat_s40.json"
-    ;;
-14) # session 40: the main table's first cases (LongCat T = 512, 64, 512 skewed, 4096) in 2 rounds, row-major and
-    # then in the bands call 13 favours (defaults: the L2 model's, 12 for the rows kernel and 4 for d_rhs), one
-    # process each on one machine: what #8's targets read with bands
+14) # the main table's first cases (LongCat T = 512, 64, 512 skewed, 4096) in 2 rounds, row-major and then in the
+    # bands call 13 favours (defaults: 4 and 4, session 41's best kernel by kernel), one process each on one
+    # machine: what #8's targets read with bands
     step 270 python experiments/bench_moe_gemm.py --impls pallas_chain,einsum --rounds 2 --budget-s 200 \
-        --out "$OUT/bench_moe_gemm_table_rowmajor_s40.json"
+        --out "$OUT/bench_moe_gemm_table_rowmajor_s42.json"
     step 270 python experiments/bench_moe_gemm.py --impls pallas_chain,einsum --rounds 2 --budget-s 200 \
-        --rows-band "${2:-12}" --contract-band "${3:-4}" --out "$OUT/bench_moe_gemm_table_bands_s40.json"
+        --rows-band "${2:-4}" --contract-band "${3:-4}" --out "$OUT/bench_moe_gemm_table_bands_s42.json"
     ;;
-15) # session 41: calls 13 and 14's band questions in one call (a device session holds ~25 minutes): the rows
-    # kernel's bands at T = 4096, the d_rhs kernel's, then the main table's first cases with the L2 model's bands
-    step 200 python experiments/bench_moe_gemm.py --rows-ab flat,band4,band8,band12 --rows-ab-tokens 4096 \
-        --out "$OUT/bench_moe_gemm_band_t4096_s41.json"
-    step 100 python experiments/bench_moe_gemm.py --deal-ab 4096 --deal-config longcat --deal-alphas equal \
-        --deals round_robin --deal-bands 0,4,8 --out "$OUT/bench_moe_gemm_band_drhs_s41.json"
-    step 260 python experiments/bench_moe_gemm.py --impls pallas_chain,einsum --rounds 2 --budget-s 180 \
-        --rows-band "${2:-12}" --contract-band "${3:-4}" --out "$OUT/bench_moe_gemm_table_bands_s41.json"
-    ;;
-16) # session 41: call 12 (the in-kernel merge), then #8's training MFU on this board: every earlier training
-    # figure came from an H200, whose 141 GB hold batch 32 (90 GiB at its peak); an H100's 80 GB hold batch 20
-    bash "$0" 12
-    step 240 python experiments/bench_train.py --gmm_impl pallas_chain --remat --warmup 2 --steps 3 --batch 20 \
-        --mem_fraction 0.95 --out "$OUT/bench_train_b20_s41.json"
-    ;;
-*)  echo "call number 1-16" >&2; exit 2 ;;
+*)  echo "call number 1-14" >&2; exit 2 ;;
 esac

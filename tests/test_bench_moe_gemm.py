@@ -65,11 +65,35 @@ def test_deal_ab_times_each_deal_and_band(monkeypatch):
         return a.T @ b
 
     monkeypatch.setattr(bench.pallas_gmm, "contract_matmul", contract)
-    monkeypatch.setattr(bench, "time_ms", lambda f, args, **_: (1.0,) * 3)
+    timings = iter(np.arange(1.0, 100.0))   # each call's "time" is the next number: the rounds' order shows
+    monkeypatch.setattr(bench, "time_ms", lambda f, args, **_: (next(timings),) * 3)
     before = bench.mgpu_kernels.CONTRACT_DEAL, bench.pallas_gmm.CONTRACT_BAND
     out = bench.deal_ab(8, "longcat", (None,), rounds=3, deals=["round_robin", "snake"], bands=(0, 8))
     assert [r["proj"] for r in out] == ["gate_up", "down"]
     assert traced == [("round_robin", 0), ("snake", 0), ("round_robin", 8), ("snake", 8)] * 2
     assert list(out[0]["ms"]) == ["round_robin", "snake", "round_robin+band8", "snake+band8"]
-    assert all(ms == [1.0] * 3 for ms in out[0]["ms"].values()) and out[0]["bitwise_equal"]
+    # rotated rounds: round r starts at variant r
+    assert out[0]["ms"] == {"round_robin": [1.0, 8.0, 11.0], "snake": [2.0, 5.0, 12.0],
+                            "round_robin+band8": [3.0, 6.0, 9.0], "snake+band8": [4.0, 7.0, 10.0]}
+    assert out[0]["bitwise_equal"]
     assert (bench.mgpu_kernels.CONTRACT_DEAL, bench.pallas_gmm.CONTRACT_BAND) == before
+
+
+def test_rotated_starts_each_round_one_place_later():
+    assert [bench.rotated("abc", r) for r in range(4)] == [list("abc"), list("bca"), list("cab"), list("abc")]
+    assert bench.rotated([], 3) == []
+
+
+def test_rows_ab_rounds_rotate_the_einsum_and_the_variants(monkeypatch):
+    """--rows-ab: no variant runs first in every round (session 41's row-major baseline always followed the
+    einsum); each call's "time" is the next number, so the figures show the order."""
+    monkeypatch.setitem(bench.SHAPES, ("longcat", "gate_up"), (64, 32, 4))
+    monkeypatch.setattr(bench.pallas_gmm, "rows_matmul", lambda a, bs, s, transpose_rhs=False, chain=True: (
+        bench.jnp.einsum("gtn,gkn->gtk" if transpose_rhs else "gtk,gkn->gtn", a.reshape(4, 8, -1), bs[0])
+        .reshape(32, -1)))
+    timings = iter(np.arange(1.0, 100.0))
+    monkeypatch.setattr(bench, "time_ms", lambda f, args, **_: (next(timings),) * 3)
+    fwd, d_lhs = bench.rows_ab("gate_up", 8, ["flat", "band4"], rounds=2)
+    assert fwd["einsum_ms"] == [1.0, 6.0] and fwd["flat"]["ms"] == [2.0, 4.0] and fwd["band4"]["ms"] == [3.0, 5.0]
+    assert d_lhs["einsum_ms"] == [7.0, 12.0] and d_lhs["band4"]["bit_identical_to_flat"]
+    assert bench.pallas_gmm.ROWS_TILES is None

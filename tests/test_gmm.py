@@ -330,6 +330,21 @@ def test_band_takes_the_largest_divisor_of_the_n_tiles(monkeypatch):
                                                       (256, 0), (256, 0), (256, 3)]
 
 
+def test_set_bands_refuses_a_bad_band_by_name(monkeypatch):
+    from lcflash.kernels.gmm import pallas_gmm
+
+    monkeypatch.setattr(pallas_gmm, "ROWS_BAND", 0)
+    monkeypatch.setattr(pallas_gmm, "CONTRACT_BAND", 0)
+    pallas_gmm.set_bands(rows=12)
+    assert (pallas_gmm.ROWS_BAND, pallas_gmm.CONTRACT_BAND) == (12, 0)
+    pallas_gmm.set_bands(contract=4)
+    assert (pallas_gmm.ROWS_BAND, pallas_gmm.CONTRACT_BAND) == (12, 4)
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="pallas_gmm.CONTRACT_BAND = .*must be 0"):
+            pallas_gmm.set_bands(rows=0, contract=bad)
+    assert (pallas_gmm.ROWS_BAND, pallas_gmm.CONTRACT_BAND) == (12, 4)   # nothing set when one value is bad
+
+
 @cpu_only
 def test_pallas_interpret_banded_rows_kernel(monkeypatch):
     """The flat rows kernel with its tiles in bands of 2 of 4 n tiles gives the row-major order's output bit for

@@ -27,12 +27,24 @@ CONTRACT_TILES: mk.Tiles | None = None
 WG_SPLIT = "n"
 # The flat kernels' column bands (mk.Tiles.band): at most this many n tiles per band, the largest divisor of a
 # product's n tiles (0: row-major); ROWS_BAND for the rows kernel (forward, d_lhs), CONTRACT_BAND for d_rhs. Read
-# at trace time; off until a GPU A/B decides (experiments/gpu_calls.sh 13 and 14: on an H100 the down forward, 24
-# n tiles, ran at 0.66-0.72 of the einsum, [gate | up]'s, 8 n tiles, at 0.95). experiments/l2_traffic_model.py
-# favours 12 and 4 at LongCat's shapes. configs/small.py's products have at most 4 n tiles, so its training is
-# unchanged by any band of 4 or more. Pinned tiles (ROWS_TILES, CONTRACT_TILES) keep their own band.
+# at trace time; off until a GPU A/B in one call decides: on an H100 (session 41, experiments/gmm_notes.md) bands
+# of 4 ran 9-15% faster than row-major at LongCat's T = 4096, but the row-major variant always ran first in its
+# round, right after the einsum. configs/small.py's products have at most 4 n tiles, so its training is unchanged
+# by any band of 4 or more (its lowered expert FFN is the same text). Pinned tiles (ROWS_TILES, CONTRACT_TILES)
+# keep their own band.
 ROWS_BAND = 0
 CONTRACT_BAND = 0
+
+
+def set_bands(rows: int | None = None, contract: int | None = None):
+    """Sets ROWS_BAND and CONTRACT_BAND (None keeps one), for the benchmarks' flags: a bad value is refused by name
+    before anything is traced."""
+    for value, name in ((rows, "ROWS_BAND"), (contract, "CONTRACT_BAND")):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ValueError(f"pallas_gmm.{name} = {value!r}: must be 0 (row-major) or a band of n tiles (an int > 0)")
+    g = globals()
+    g["ROWS_BAND"] = g["ROWS_BAND"] if rows is None else rows
+    g["CONTRACT_BAND"] = g["CONTRACT_BAND"] if contract is None else contract
 
 
 def _interpret() -> bool:
