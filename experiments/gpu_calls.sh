@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # GPU calls, one per device call (1, 2, 3 ran in session 35, 5 and 7 in 36; 4 and 6 wait on an attention kernel
 # that gains alone; 10 (the L2 prefetch) and 11 ran in session 40; session 41 ran the in-kernel merge, the bands
-# and the training MFU on an H100 (its calls 12, 15 and 16, since removed: the merge and the prefetch are gone);
-# 13 times the bands again in rotated rounds, 14 reads the table with the bands 13 favours, 8 and 9 (session 37's
-# warpgroup split) wait; HISTORY.md):
-#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 14; 4 takes the persistent kernels,
+# and the training MFU on an H100 (as calls 12, 15 and 16 of fb63435 / e9b2fcd; the merge is gone, and so are they);
+# 13 times the bands again in rotated rounds, 14 reads the table with the bands 13 favours, 15 the training MFU
+# with gradient accumulation, 8 and 9 (session 37's warpgroup split) wait; HISTORY.md):
+#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 15; 4 takes the persistent kernels,
 #                                                            14 the rows and d_rhs bands)
 # run from the repository root on the device machine, with `.whl` and `.whl-tokamax` carried (ml-collections,
 # tensorboardX and tokamax 0.0.17 with its needs, which its image lacks). Results go to $OUT (or ./out). Each step
 # has its own time limit, so a hang or a failure costs that step, not the call.
 set -u
-N=${1:?call number 1-14}
+N=${1:?call number 1-15}
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -109,5 +109,14 @@ case $N in
     step 270 python experiments/bench_moe_gemm.py --impls pallas_chain,einsum --rounds 2 --budget-s 200 \
         --rows-band "${2:-4}" --contract-band "${3:-4}" --out "$OUT/bench_moe_gemm_table_bands_s42.json"
     ;;
-*)  echo "call number 1-14" >&2; exit 2 ;;
+15) # #8's training MFU on an H100 with larger batches: 32 x 1024 does not fit its 80 GB, so 40 and 60 x 1024 run as
+    # 2 and 3 microbatches of 20 (train.grad_accum_steps; the same update as one batch), which spreads AdamW's fixed
+    # ~17 ms per step (11.7 ms on an H200, at memory bandwidth) over more tokens. Batch 20 between them, since single
+    # runs on one H100 spread by ~8% (session 41); 10 timed steps each
+    G="python experiments/bench_train.py --gmm_impl pallas_chain --remat --warmup 2 --steps 10 --mem_fraction 0.95"
+    step 190 $G --batch 40 --set train.grad_accum_steps=2 --out "$OUT/bench_train_b40_ga2_h100.json"
+    step 170 $G --batch 20 --out "$OUT/bench_train_b20_h100.json"
+    step 200 $G --batch 60 --set train.grad_accum_steps=3 --out "$OUT/bench_train_b60_ga3_h100.json"
+    ;;
+*)  echo "call number 1-15" >&2; exit 2 ;;
 esac
