@@ -63,7 +63,7 @@ XLA_OPTIONS = {
 # batches 1 and 64 6-16% slower, reverted. Session 39's "+l2" pulled each sublayer's matrices into L2 while the one
 # before ran, commit cf38910: batch 1 5-6% slower, batch 8 1-2% faster on an H100 (session 40), removed. Session
 # 39's "+kmerge" had the attention kernel's last split merge the splits behind a GMEM semaphore, commit 5b7620f: on
-# an H100 (session 41) batch 1 6-9% slower, batch 8 5% slower, removed.)
+# an H100 (session 41) batch 1 6-9% slower, batch 8 5-7% slower, removed.)
 VARIANTS = ("unmerged", "eager_norms")
 
 
