@@ -112,11 +112,12 @@ case $N in
 15) # #8's training MFU on an H100 with larger batches: 32 x 1024 does not fit its 80 GB, so 40 and 60 x 1024 run as
     # 2 and 3 microbatches of 20 (train.grad_accum_steps; the same update as one batch), which spreads AdamW's fixed
     # ~17 ms per step (11.7 ms on an H200, at memory bandwidth) over more tokens. Batch 20 between them, since single
-    # runs on one H100 spread by ~8% (session 41); 10 timed steps each
+    # runs on one H100 spread by ~8% (session 41), and profiled: where an H100's step goes (by part and op, in its
+    # JSON; the trace stays on the machine); 10 timed steps each
     G="python experiments/bench_train.py --gmm_impl pallas_chain --remat --warmup 2 --steps 10 --mem_fraction 0.95"
-    step 190 $G --batch 40 --set train.grad_accum_steps=2 --out "$OUT/bench_train_b40_ga2_h100.json"
-    step 170 $G --batch 20 --out "$OUT/bench_train_b20_h100.json"
-    step 200 $G --batch 60 --set train.grad_accum_steps=3 --out "$OUT/bench_train_b60_ga3_h100.json"
+    step 180 $G --batch 40 --set train.grad_accum_steps=2 --out "$OUT/bench_train_b40_ga2_h100.json"
+    step 220 $G --batch 20 --profile_dir /tmp/train_profile --out "$OUT/bench_train_b20_profile_h100.json"
+    step 190 $G --batch 60 --set train.grad_accum_steps=3 --out "$OUT/bench_train_b60_ga3_h100.json"
     ;;
 *)  echo "call number 1-15" >&2; exit 2 ;;
 esac
