@@ -42,9 +42,9 @@ def set_bands(rows: int | None = None, contract: int | None = None):
     for value, name in ((rows, "ROWS_BAND"), (contract, "CONTRACT_BAND")):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
             raise ValueError(f"pallas_gmm.{name} = {value!r}: must be 0 (row-major) or a band of n tiles (an int > 0)")
-    g = globals()
-    g["ROWS_BAND"] = g["ROWS_BAND"] if rows is None else rows
-    g["CONTRACT_BAND"] = g["CONTRACT_BAND"] if contract is None else contract
+    global ROWS_BAND, CONTRACT_BAND
+    ROWS_BAND = ROWS_BAND if rows is None else rows
+    CONTRACT_BAND = CONTRACT_BAND if contract is None else contract
 
 
 def _interpret() -> bool:
