@@ -355,8 +355,9 @@ def deal_ab(t, config="small", alphas=(None, 10.0, 2.0, 0.5), rounds=2, deals=No
     each with its tiles in column bands of each of `bands` (pallas_gmm.CONTRACT_BAND; 0 none; variant
     "deal+bandB"), at
     `config`'s expert shapes (SHAPES) and T tokens per expert: equal groups (None) and Dirichlet(alpha) expert shares
-    (smaller alpha, more skew). Rounds alternate the variants, in rotated order; the outputs must be bitwise equal
-    (the same tiles, each accumulated in the same order)."""
+    (smaller alpha, more skew). Rounds alternate the variants, in rotated order, with the batched einsum's bound on
+    equal groups among them (per_einsum); the outputs must be bitwise equal (the same tiles, each accumulated in the
+    same order)."""
     out = []
     deals = deals or [d for d in mgpu_kernels.CONTRACT_DEALS if d != "auto"]  # auto is one of the others
     variants = {(f"{d}+band{b}" if b else d): (d, b) for b in bands for d in deals}
@@ -369,7 +370,7 @@ def deal_ab(t, config="small", alphas=(None, 10.0, 2.0, 0.5), rounds=2, deals=No
         for alpha in alphas:
             sizes_np = group_sizes(g, t, "balanced" if alpha is None else alpha)
             sizes = jnp.asarray(sizes_np, jnp.int32)
-            fns, got, times = {}, {}, {v: [] for v in variants}
+            fns, got = {}, {}
             default = mgpu_kernels.CONTRACT_DEAL, pallas_gmm.CONTRACT_BAND
             try:
                 for name, (deal, band) in variants.items():
@@ -379,13 +380,21 @@ def deal_ab(t, config="small", alphas=(None, 10.0, 2.0, 0.5), rounds=2, deals=No
                     got[name] = np.asarray(fns[name](x, dy, sizes))
             finally:
                 mgpu_kernels.CONTRACT_DEAL, pallas_gmm.CONTRACT_BAND = default
+            if alpha is None:   # the bound: a batched einsum of the same product on the equal groups
+                fns["einsum"] = jax.jit(lambda a, b, s: jnp.einsum("gtk,gtn->gkn", a.reshape(g, t, k),
+                                                                   b.reshape(g, t, n),
+                                                                   preferred_element_type=jnp.float32))
+            times = {v: [] for v in fns}
             for r in range(rounds):
-                for name in rotated(list(variants), r):
+                for name in rotated(list(fns), r):
                     times[name].append(time_ms(fns[name], (x, dy, sizes))[0])
             first, *rest = variants
             rec = dict(config=config, proj=proj, K=k, N=n, G=g, tokens_per_expert=t, alpha=alpha,
                        size_cv=float(sizes_np.std() / sizes_np.mean()), max_group=int(sizes_np.max()),
                        ms=times, bitwise_equal=all(np.array_equal(got[first], got[v]) for v in rest))
+            if "einsum" in times:
+                rec["per_einsum"] = {v: float(np.median(times["einsum"]) / np.median(times[v])) for v in variants}
+                rec["rel_err_vs_einsum"] = rel_err(got[first], fns["einsum"](x, dy, sizes))
             print("deal_ab", json.dumps(rec), flush=True)
             out.append(rec)
     return out

@@ -93,7 +93,8 @@ case $N in
 13) # session 41: the column bands again, each round in rotated order (session 41's call 15 ran the row-major
     # baseline first in every round, right after the einsum, and its rounds spread 10.5-13.6 ms where the banded
     # ones' spread under 1 ms), with flat_again (the same kernel as flat) as the A/A control: the rows kernel at
-    # T = 4096 and 512, then the d_rhs kernel at T = 4096
+    # T = 4096 and 512, then the d_rhs kernel at T = 4096 against its own einsum bound (what share of the backward's
+    # gap is d_rhs's)
     step 260 python experiments/bench_moe_gemm.py --rows-ab flat,band4,band12,flat_again --rows-ab-tokens 4096 \
         --ab-rounds 3 --out "$OUT/bench_moe_gemm_band_t4096_s42.json"
     step 110 python experiments/bench_moe_gemm.py --rows-ab flat,band4,flat_again --ab-rounds 3 \

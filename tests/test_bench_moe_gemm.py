@@ -71,10 +71,12 @@ def test_deal_ab_times_each_deal_and_band(monkeypatch):
     out = bench.deal_ab(8, "longcat", (None,), rounds=3, deals=["round_robin", "snake"], bands=(0, 8))
     assert [r["proj"] for r in out] == ["gate_up", "down"]
     assert traced == [("round_robin", 0), ("snake", 0), ("round_robin", 8), ("snake", 8)] * 2
-    assert list(out[0]["ms"]) == ["round_robin", "snake", "round_robin+band8", "snake+band8"]
-    # rotated rounds: round r starts at variant r
-    assert out[0]["ms"] == {"round_robin": [1.0, 8.0, 11.0], "snake": [2.0, 5.0, 12.0],
-                            "round_robin+band8": [3.0, 6.0, 9.0], "snake+band8": [4.0, 7.0, 10.0]}
+    assert list(out[0]["ms"]) == ["round_robin", "snake", "round_robin+band8", "snake+band8", "einsum"]
+    # rotated rounds: round r starts at variant r; the einsum bound (equal groups) is timed among them
+    assert out[0]["ms"] == {"round_robin": [1.0, 10.0, 14.0], "snake": [2.0, 6.0, 15.0],
+                            "round_robin+band8": [3.0, 7.0, 11.0], "snake+band8": [4.0, 8.0, 12.0],
+                            "einsum": [5.0, 9.0, 13.0]}
+    assert out[0]["per_einsum"]["round_robin"] == 9.0 / 10.0 and out[0]["rel_err_vs_einsum"] < 1e-6
     assert out[0]["bitwise_equal"]
     assert (bench.mgpu_kernels.CONTRACT_DEAL, bench.pallas_gmm.CONTRACT_BAND) == before
 
