@@ -55,14 +55,16 @@ def test_tile_sweep_runs_at_the_chosen_shapes(monkeypatch):
 
 def test_deal_ab_times_each_deal_and_band(monkeypatch):
     """--deal-ab with --deals and --deal-bands: one variant per (deal, band), each traced under its settings, timed
-    once per round, and the switches restored afterwards."""
+    once per round beside the einsum bound (whose product it must match), and the switches restored afterwards."""
     for proj, shape in (("gate_up", (64, 32, 4)), ("down", (32, 64, 4))):
         monkeypatch.setitem(bench.SHAPES, ("longcat", proj), shape)
     traced = []
 
-    def contract(a, b, s, **kw):
+    def contract(a, b, s, **kw):   # d_rhs per group; equal groups here
         traced.append((bench.mgpu_kernels.CONTRACT_DEAL, bench.pallas_gmm.CONTRACT_BAND))
-        return a.T @ b
+        g = s.shape[0]
+        return bench.jnp.einsum("gtk,gtn->gkn", a.reshape(g, -1, a.shape[1]), b.reshape(g, -1, b.shape[1]),
+                                preferred_element_type=kw["out_dtype"])
 
     monkeypatch.setattr(bench.pallas_gmm, "contract_matmul", contract)
     timings = iter(np.arange(1.0, 100.0))   # each call's "time" is the next number: the rounds' order shows
