@@ -110,15 +110,16 @@ case $N in
     step 270 python experiments/bench_moe_gemm.py --impls pallas_chain,einsum --rounds 2 --budget-s 200 \
         --rows-band "${2:-4}" --contract-band "${3:-4}" --out "$OUT/bench_moe_gemm_table_bands_s42.json"
     ;;
-15) # #8's training MFU on an H100 with larger batches: 32 x 1024 does not fit its 80 GB, so 40 and 60 x 1024 run as
-    # 2 and 3 microbatches of 20 (train.grad_accum_steps; the same update as one batch), which spreads AdamW's fixed
-    # ~17 ms per step (11.7 ms on an H200, at memory bandwidth) over more tokens. Batch 20 between them, since single
-    # runs on one H100 spread by ~8% (session 41), and profiled: where an H100's step goes (by part and op, in its
-    # JSON; the trace stays on the machine); 10 timed steps each
+15) # #8's training MFU on an H100 with larger batches: 32 x 1024 does not fit its 80 GB, so 48 and 64 x 1024 run as
+    # 3 and 4 microbatches of 16 (train.grad_accum_steps; the same update as one batch), which spreads AdamW's fixed
+    # ~17 ms per step (11.7 ms on an H200, at memory bandwidth) over more tokens. lcflash.plan puts them at 70.4 GiB
+    # against 70.1 for batch 20 alone (measured 66.3) and 77.6 for 2 x 20, over the 75.2 GiB that the 0.95 fraction
+    # leaves. Batch 20 first, profiled: where an H100's step goes (by part and op, in its JSON; the trace stays on
+    # the machine); single runs on one H100 spread by ~8% (session 41); 10 timed steps each
     G="python experiments/bench_train.py --gmm_impl pallas_chain --remat --warmup 2 --steps 10 --mem_fraction 0.95"
-    step 180 $G --batch 40 --set train.grad_accum_steps=2 --out "$OUT/bench_train_b40_ga2_h100.json"
     step 220 $G --batch 20 --profile_dir /tmp/train_profile --out "$OUT/bench_train_b20_profile_h100.json"
-    step 190 $G --batch 60 --set train.grad_accum_steps=3 --out "$OUT/bench_train_b60_ga3_h100.json"
+    step 180 $G --batch 48 --set train.grad_accum_steps=3 --out "$OUT/bench_train_b48_ga3_h100.json"
+    step 190 $G --batch 64 --set train.grad_accum_steps=4 --out "$OUT/bench_train_b64_ga4_h100.json"
     ;;
 *)  echo "call number 1-15" >&2; exit 2 ;;
 esac
