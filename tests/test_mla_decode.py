@@ -167,7 +167,7 @@ def test_kernel_selects_need_no_implicit_broadcast():
     """Mosaic GPU's warpgroup lowering (JAX 0.11.2's default) rejects a select whose operands differ in shape (a
     scalar predicate over an array; session 40's in-kernel merge failed with it there), which JAX 0.10.2's CPU
     lowering here does not catch: every select in the kernel must have operands of one shape."""
-    from jax.extend import core as jcore
+    from jaxprs import sub_jaxprs
     from lcflash.kernels.mla_decode.pallas_mgpu import mla_decode_pallas
 
     sd = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt)  # noqa: E731
@@ -178,10 +178,8 @@ def test_kernel_selects_need_no_implicit_broadcast():
         for eqn in jaxpr.eqns:
             if eqn.primitive.name == "select_n":
                 yield [v.aval.shape for v in eqn.invars]
-            for param in eqn.params.values():
-                for sub in param if isinstance(param, (list, tuple)) else [param]:
-                    if isinstance(sub, (jcore.ClosedJaxpr, jcore.Jaxpr)):
-                        yield from selects(getattr(sub, "jaxpr", sub))
+            for sub in sub_jaxprs(eqn):
+                yield from selects(sub)
 
     found = list(selects(closed.jaxpr))
     assert found, "no select traced: the walk missed the kernel"

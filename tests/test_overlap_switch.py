@@ -9,6 +9,7 @@ from flax import nnx
 from jax.extend import core as jcore
 
 from lcflash.config import ConfigError, load_config, model_config
+from jaxprs import sub_jaxprs
 from numerics import random_model
 from xla_flags import default_codegen
 
@@ -69,11 +70,9 @@ def _layer_body(jaxpr):
     if any(str(e.source_info.name_stack).startswith("mlp_0") for e in jaxpr.eqns):
         return jaxpr
     for e in jaxpr.eqns:
-        for p in e.params.values():
-            for sub in p if isinstance(p, (list, tuple)) else [p]:
-                sub = sub.jaxpr if isinstance(sub, jcore.ClosedJaxpr) else sub
-                if isinstance(sub, jcore.Jaxpr) and (found := _layer_body(sub)) is not None:
-                    return found
+        for sub in sub_jaxprs(e):
+            if (found := _layer_body(sub)) is not None:
+                return found
     return None
 
 
