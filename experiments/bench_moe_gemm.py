@@ -490,10 +490,11 @@ def rows_ab(proj, t, variants, rounds=2):
         for name, (_, got) in fns.items():
             if base in fns:
                 rec[name]["bit_identical_to_" + base] = bool(jnp.array_equal(got, fns[base][1]))
+        timed = {"einsum": (einsum, rec["einsum_ms"]), **{name: (f, rec[name]["ms"]) for name, (f, _) in fns.items()}}
         for r in range(rounds):
-            for name in rotated(["einsum", *fns], r):
-                ms = rec["einsum_ms"] if name == "einsum" else rec[name]["ms"]
-                ms.append(time_ms(einsum if name == "einsum" else fns[name][0], (x, w))[0])
+            for name in rotated(list(timed), r):
+                f, ms = timed[name]
+                ms.append(time_ms(f, (x, w))[0])
         for name in fns:
             rec[name]["per_einsum"] = float(np.median(rec["einsum_ms"]) / np.median(rec[name]["ms"]))
         print("rows_ab", json.dumps(rec), flush=True)
