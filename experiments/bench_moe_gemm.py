@@ -794,7 +794,9 @@ def main():
     try:
         bands = [int(b) for b in args.deal_bands.split(",")]
     except ValueError:
-        ap.error(f"--deal-bands {args.deal_bands!r}: want comma-separated integers, e.g. 0,8")
+        bands = None
+    if bands is None or min(bands) < 0:
+        ap.error(f"--deal-bands {args.deal_bands!r}: want comma-separated integers >= 0 (0: row-major), e.g. 0,8")
     pallas_gmm.WG_SPLIT = args.wg_split or pallas_gmm.WG_SPLIT
     try:
         pallas_gmm.set_bands(args.rows_band, args.contract_band)

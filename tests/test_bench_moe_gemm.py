@@ -2,6 +2,7 @@
 round's ratio to the einsum of the same round."""
 
 import numpy as np
+import pytest
 
 from experiment_scripts import load
 
@@ -101,3 +102,13 @@ def test_rows_ab_rounds_rotate_the_einsum_and_the_variants(monkeypatch):
     assert fwd["einsum_ms"] == [1.0, 6.0] and fwd["flat"]["ms"] == [2.0, 4.0] and fwd["band4"]["ms"] == [3.0, 5.0]
     assert d_lhs["einsum_ms"] == [7.0, 12.0] and d_lhs["band4"]["bit_identical_to_flat"]
     assert bench.pallas_gmm.ROWS_TILES is None
+
+
+def test_bad_flags_are_refused_by_name_before_any_timing(monkeypatch, capsys):
+    monkeypatch.setattr(bench, "time_ms", lambda *a, **k: (_ for _ in ()).throw(AssertionError("timed")))
+    for flags, named in ((["--deal-bands", "0,-4"], "--deal-bands"), (["--deal-bands", "0,x"], "--deal-bands"),
+                         (["--rows-band", "-1"], "--rows-band"), (["--rows-ab", "flat,nope"], "--rows-ab")):
+        monkeypatch.setattr(bench.sys, "argv", ["bench_moe_gemm.py", *flags])
+        with pytest.raises(SystemExit) as e:
+            bench.main()
+        assert e.value.code == 2 and named in capsys.readouterr().err
