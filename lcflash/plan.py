@@ -126,7 +126,11 @@ def plan(cfg, devices: int | None = None, batch: int | None = None, seq: int | N
     if not batch or not seq:
         raise ConfigError("pass --batch and --seq (the config has no train.batch_size / data.seq_len)")
     kv_len = kv_len or seq
-    # train.grad_accum_steps: each forward pass sees one microbatch; the summed gradient is one more copy.
+    # train.grad_accum_steps: each forward pass sees one microbatch; the summed gradient is two more copies, the
+    # loop's sum going in and coming out beside the microbatch's own gradient. One copy undercounts on the GPU: on
+    # an H100, 3 x 16 x 1024 of configs/small.py compiled to 52.7 GiB of temporaries against 43.6 for 20 x 1024 in
+    # one pass (session 42), 9.1 GiB more where one copy and 4 fewer rows come to 6.7 less; so the step that
+    # one copy put at 70.4 GiB ran out of the 75.2 GiB its 0.95 memory fraction left.
     accum = grad_accum_steps(cfg, batch) if cfg.get("train") else 1
     micro = batch // accum
     check_model_fits(model_cfg, shape, rules, micro)
@@ -153,7 +157,7 @@ def plan(cfg, devices: int | None = None, batch: int | None = None, seq: int | N
         "params": sizes.get("params", 0),
         "router bias": sizes.get("bias", 0),
         "gradients": grads,
-        "accumulated gradients": grads if accum > 1 else 0,
+        "accumulated gradients": 2 * grads if accum > 1 else 0,
         "optimizer state": sizes.get("opt_state", 0),
         "controller/step/rng": sizes.get("controller", 0) + sizes.get("step", 0) + sizes.get("rng", 0),
         # The forward casts every fp32 master weight to the compute dtype once per step (the stacked experts
@@ -176,9 +180,11 @@ def plan(cfg, devices: int | None = None, batch: int | None = None, seq: int | N
         total = train_total if check == "train" else infer_total
         if total > memory_gb * GiB:
             rows = ", ".join(f"{k} {v / GiB:.2f}" for k, v in per_device.items())
+            hint = "" if check != "train" else (" (per microbatch: train.grad_accum_steps)" if model_cfg.remat
+                                                else ", or set model.remat=True")
             raise ConfigError(f"mesh {shape}: the {check} step needs {total / GiB:.2f} GiB per device, more than "
                               f"--memory_gb={memory_gb:g} (GiB: {rows}); raise mesh.expert / mesh.fsdp / "
-                              f"mesh.tensor, lower the batch, or set model.remat=True")
+                              f"mesh.tensor, lower the batch{hint}")
     return out
 
 

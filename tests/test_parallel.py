@@ -267,15 +267,15 @@ def test_plan_splits_state_by_the_rules():
     assert one["per_device_bytes"]["KV cache (inference)"] == 8 * ep["per_device_bytes"]["KV cache (inference)"]
 
 
-def test_plan_counts_one_microbatch_of_activations_and_the_gradient_sum():
+def test_plan_counts_one_microbatch_of_activations_and_two_gradient_sums():
     from lcflash.plan import format_plan, plan
 
     cfg = load_config(os.path.join(ROOT, "configs/tiny.py"), {"train.grad_accum_steps": 2, "mesh.data": 1})
     accum, whole = plan(cfg, batch=16, seq=16), _plan("configs/tiny.py", mesh_data=1, batch=8, seq=16)
     a, w = accum["per_device_bytes"], whole["per_device_bytes"]
     assert a["activations (estimate)"] == w["activations (estimate)"]   # 16 rows in two passes of 8
-    assert a["accumulated gradients"] == a["gradients"] > 0 == w["accumulated gradients"]
-    assert accum["train_total_bytes"] == whole["train_total_bytes"] + a["gradients"]
+    assert a["accumulated gradients"] == 2 * a["gradients"] > 0 == w["accumulated gradients"]   # sum in and out
+    assert accum["train_total_bytes"] == whole["train_total_bytes"] + 2 * a["gradients"]
     assert "in 2 microbatches" in format_plan(accum)
     with pytest.raises(ConfigError, match="train.grad_accum_steps = 2 is invalid"):
         plan(cfg, batch=15, seq=16)
@@ -288,3 +288,13 @@ def test_plan_rejects_meshes_that_cannot_work():
         _plan("configs/longcat_flash.py", mesh_expert=128, batch=128, seq=1024)
     with pytest.raises(ConfigError, match=r"needs [\d.]+ GiB per device, more than --memory_gb=80"):
         _plan("configs/longcat_flash.py", mesh_expert=128, devices=128, batch=128, seq=8192, memory_gb=80)
+
+
+def test_plan_suggests_remat_only_where_it_is_off():
+    from lcflash.plan import plan
+
+    for remat, hint in ((False, "or set model.remat=True"), (True, "(per microbatch: train.grad_accum_steps)")):
+        cfg = load_config(os.path.join(ROOT, "configs/tiny.py"), {"model.remat": remat, "mesh.data": 1})
+        with pytest.raises(ConfigError) as e:
+            plan(cfg, batch=8, seq=16, memory_gb=1e-4)
+        assert str(e.value).endswith(hint) and ("model.remat=True" in str(e.value)) != remat

@@ -184,8 +184,9 @@ def make_train_step(cfg, model_cfg: ModelConfig | None = None):
     With train.grad_accum_steps = n > 1, the batch runs as n microbatches in a scan whose carry sums their
     gradients, then one optimizer update: the same update as the whole batch in one pass (the CE and MTP means
     divide by the whole batch's targets, the load-balance loss is a mean over sequences and the z-loss over
-    tokens), in the activation memory of one microbatch plus one fp32 gradient. The router bias and its
-    controller see the whole batch's expert counts. The LB/LM router gradient ratio is the first microbatch's."""
+    tokens), in the activation memory of one microbatch plus the fp32 gradient sum (two buffers on the GPU,
+    lcflash/plan.py). The router bias and its controller see the whole batch's expert counts. The LB/LM router
+    gradient ratio is the first microbatch's."""
     model_cfg = model_cfg or model_config(cfg)
     graphdef = model_def(model_cfg)[0]
     opt, schedule = optimizer(cfg, model_cfg)

@@ -27,12 +27,12 @@ CONTRACT_TILES: mk.Tiles | None = None
 WG_SPLIT = "n"
 # The flat kernels' column bands (mk.Tiles.band): at most this many n tiles per band, the largest divisor of a
 # product's n tiles (0: row-major); ROWS_BAND for the rows kernel (forward, d_lhs), CONTRACT_BAND for d_rhs. Read
-# at trace time; off until a GPU A/B in one call decides: on an H100 (session 41, experiments/gmm_notes.md) bands
-# of 4 ran 9-15% faster than row-major at LongCat's T = 4096, but the row-major variant always ran first in its
-# round, right after the einsum. configs/small.py's products have at most 4 n tiles, so its training is unchanged
-# by any band of 4 or more (its lowered expert FFN is the same text). Pinned tiles (ROWS_TILES, CONTRACT_TILES)
-# keep their own band.
-ROWS_BAND = 0
+# at trace time. On an H100 in rotated rounds with an A/A control (session 42, experiments/gmm_notes.md), rows
+# bands of 4 lifted LongCat's down forward from 0.78 to 0.98 of the einsum at T = 512 and from 0.68 to 0.90 at
+# T = 4096, and the gate/up d_lhs from 0.71 to 0.87 (T = 512); d_rhs gained at down and lost at gate/up, so it
+# stays row-major. configs/small.py's products have at most 4 n tiles, so its training is unchanged by any band
+# of 4 or more (its lowered expert FFN is the same text). Pinned tiles (ROWS_TILES, CONTRACT_TILES) keep their own.
+ROWS_BAND = 4
 CONTRACT_BAND = 0
 
 
