@@ -309,7 +309,8 @@ def test_band_order_permutes_the_matmul_tiles():
 
 def test_band_takes_the_largest_divisor_of_the_n_tiles(monkeypatch):
     """pallas_gmm.ROWS_BAND and CONTRACT_BAND bound each kernel's band; each flat product takes the largest
-    divisor of its n tiles; per-tile pipelines and pinned tiles keep theirs."""
+    divisor of its n tiles; per-tile pipelines and pinned tiles keep theirs; the rows kernel bands only groups of
+    more than one row tile on average."""
     from lcflash.kernels.gmm import mgpu_kernels as mk
     from lcflash.kernels.gmm import pallas_gmm
 
@@ -328,6 +329,14 @@ def test_band_takes_the_largest_divisor_of_the_n_tiles(monkeypatch):
     pallas_gmm.rows_matmul(x, [jnp.zeros((1, 128, 6144), jnp.bfloat16)], sizes, chain=True)
     assert [(2 * t.tile_n, t.band) for t in seen] == [(256, 8), (256, 6), (256, 8), (256, 5), (256, 4), (256, 4),
                                                       (256, 0), (256, 0), (256, 3)]
+    # A row tile or less per group on average: no weight tile is read twice, so no bands (LongCat T = 64, 128).
+    monkeypatch.setattr(pallas_gmm, "ROWS_TILES", None)
+    seen.clear()
+    for rows_per_group in (64, 128, 129):
+        x = jnp.zeros((4 * rows_per_group, 128), jnp.bfloat16)
+        pallas_gmm.rows_matmul(x, [jnp.zeros((4, 128, 6144), jnp.bfloat16)], jnp.full((4,), rows_per_group,
+                                                                                     jnp.int32), chain=True)
+    assert [(t.tile_m, t.band) for t in seen] == [(64, 0), (128, 0), (128, 8)]
 
 
 def test_set_bands_refuses_a_bad_band_by_name(monkeypatch):

@@ -31,7 +31,8 @@ WG_SPLIT = "n"
 # bands of 4 lifted LongCat's down forward from 0.78 to 0.98 of the einsum at T = 512 and from 0.68 to 0.90 at
 # T = 4096, and the gate/up d_lhs from 0.71 to 0.87 (T = 512); d_rhs gained at down and lost at gate/up, so it
 # stays row-major. configs/small.py's products have at most 4 n tiles, so its training is unchanged by any band
-# of 4 or more (its lowered expert FFN is the same text). Pinned tiles (ROWS_TILES, CONTRACT_TILES) keep their own.
+# of 4 or more (its lowered expert FFN is the same text). Pinned tiles (ROWS_TILES, CONTRACT_TILES) keep their own,
+# and groups of a row tile or less on average are not banded (rows_matmul).
 ROWS_BAND = 4
 CONTRACT_BAND = 0
 
@@ -158,7 +159,10 @@ def rows_matmul(lhs_mk, rhs_list, group_sizes_g, *, transpose_rhs=False, out_dty
     epi_in = 2 if swiglu == "grad_halves" else 0  # g and u tiles per warpgroup
     tiles = _rows_tiles(m, group_sizes_g.shape[0], n, out_dtype, n_acc, "N", epi_in=epi_in)
     if chain:
-        tiles = _chain_tiles(tiles, ROWS_TILES is not None, out_dtype, n_acc, epi_in=epi_in, n=n, band=ROWS_BAND)
+        # Bands trade the lhs rows' reuse for the weights'; with a row tile or less per group each weight tile
+        # is read by one tile whatever the order (LongCat T = 64: 5-8% slower in bands, H100, session 42).
+        band = ROWS_BAND if m > group_sizes_g.shape[0] * tiles.tile_m else 0
+        tiles = _chain_tiles(tiles, ROWS_TILES is not None, out_dtype, n_acc, epi_in=epi_in, n=n, band=band)
     mp = _padded_rows(m, tiles.tile_m)
     sched, _ = mk.row_schedule(group_sizes_g, mp, tiles.tile_m)
     if transpose_rhs and _interpret():  # the interpreter cannot run wgmma on transposed smem: transpose in XLA
