@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # GPU calls, one per device call (1, 2, 3 ran in session 35, 5 and 7 in 36; 4 and 6 wait on an attention kernel
-# that gains alone; 10 (the L2 prefetch) and 11 ran in session 40; session 41 ran the in-kernel merge, the bands
-# and the training MFU on an H100 (as calls 12, 15 and 16 of fb63435 / e9b2fcd; the merge is gone, and so are they);
-# 13 times the bands again in rotated rounds, 14 reads the table with the bands 13 favours, 15 the training MFU
-# with gradient accumulation, 8 and 9 (session 37's warpgroup split) wait; HISTORY.md):
-#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 15; 4 takes the persistent kernels,
+# that gains alone; 10 (the L2 prefetch) and 11 ran in session 40; session 41 ran the in-kernel merge (gone since);
+# session 42 ran the bands in rotated rounds (call 13 of 75ad468), 14, and the H100's training profile with
+# gradient accumulation (call 15 of 75ad468: out of memory); 16 runs the GPU tests and the table under the bands
+# now on by default; 8 and 9 (session 37's warpgroup split) wait; HISTORY.md):
+#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 16; 4 takes the persistent kernels,
 #                                                            14 the rows and d_rhs bands)
 # run from the repository root on the device machine, with `.whl` and `.whl-tokamax` carried (ml-collections,
 # tensorboardX and tokamax 0.0.17 with its needs, which its image lacks). Results go to $OUT (or ./out). Each step
 # has its own time limit, so a hang or a failure costs that step, not the call.
 set -u
-N=${1:?call number 1-15}
+N=${1:?call number 1-16}
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -90,36 +90,19 @@ case $N in
     step 560 python experiments/bench_moe_gemm.py --impls pallas_chain,einsum --rounds 3 --budget-s 420 \
         --out "$OUT/bench_moe_gemm_rounds_s39_h200.json"
     ;;
-13) # session 41: the column bands again, each round in rotated order (session 41's call 15 ran the row-major
-    # baseline first in every round, right after the einsum, and its rounds spread 10.5-13.6 ms where the banded
-    # ones' spread under 1 ms), with flat_again (the same kernel as flat) as the A/A control: the rows kernel at
-    # T = 4096 and 512, then the d_rhs kernel at T = 4096 against its own einsum bound (what share of the backward's
-    # gap is d_rhs's)
-    step 260 python experiments/bench_moe_gemm.py --rows-ab flat,band4,band12,flat_again --rows-ab-tokens 4096 \
-        --ab-rounds 3 --out "$OUT/bench_moe_gemm_band_t4096_s42.json"
-    step 110 python experiments/bench_moe_gemm.py --rows-ab flat,band4,flat_again --ab-rounds 3 \
-        --out "$OUT/bench_moe_gemm_band_t512_s42.json"
-    step 150 python experiments/bench_moe_gemm.py --deal-ab 4096 --deal-config longcat --deal-alphas equal \
-        --deals round_robin --deal-bands 0,4 --ab-rounds 3 --out "$OUT/bench_moe_gemm_band_drhs_s42.json"
-    ;;
 14) # the main table's first cases (LongCat T = 512, 64, 512 skewed, 4096) in 2 rounds, row-major and then in the
-    # bands call 13 favours (defaults: 4 and 4, session 41's best kernel by kernel), one process each on one
-    # machine: what #8's targets read with bands
+    # given bands (defaults: rows 4, d_rhs 0, the defaults since session 42), one process each on one machine
     step 270 python experiments/bench_moe_gemm.py --impls pallas_chain,einsum --rounds 2 --budget-s 200 \
-        --out "$OUT/bench_moe_gemm_table_rowmajor_s42.json"
+        --rows-band 0 --contract-band 0 --out "$OUT/bench_moe_gemm_table_rowmajor.json"
     step 270 python experiments/bench_moe_gemm.py --impls pallas_chain,einsum --rounds 2 --budget-s 200 \
-        --rows-band "${2:-4}" --contract-band "${3:-4}" --out "$OUT/bench_moe_gemm_table_bands_s42.json"
+        --rows-band "${2:-4}" --contract-band "${3:-0}" --out "$OUT/bench_moe_gemm_table_bands.json"
     ;;
-15) # #8's training MFU on an H100 with larger batches: 32 x 1024 does not fit its 80 GB, so 48 and 64 x 1024 run as
-    # 3 and 4 microbatches of 16 (train.grad_accum_steps; the same update as one batch), which spreads AdamW's fixed
-    # ~17 ms per step (11.7 ms on an H200, at memory bandwidth) over more tokens. lcflash.plan puts them at 70.4 GiB
-    # against 70.1 for batch 20 alone (measured 66.3) and 77.6 for 2 x 20, over the 75.2 GiB that the 0.95 fraction
-    # leaves. Batch 20 first, profiled: where an H100's step goes (by part and op, in its JSON; the trace stays on
-    # the machine); single runs on one H100 spread by ~8% (session 41); 10 timed steps each
-    G="python experiments/bench_train.py --gmm_impl pallas_chain --remat --warmup 2 --steps 10 --mem_fraction 0.95"
-    step 220 $G --batch 20 --profile_dir /tmp/train_profile --out "$OUT/bench_train_b20_profile_h100.json"
-    step 180 $G --batch 48 --set train.grad_accum_steps=3 --out "$OUT/bench_train_b48_ga3_h100.json"
-    step 190 $G --batch 64 --set train.grad_accum_steps=4 --out "$OUT/bench_train_b64_ga4_h100.json"
+16) # session 42: the GPU tests under the rows kernel's default bands of 4 (session 42 ran 14 of these 17 before a
+    # 300 s limit), then the main table with the defaults in 2 rounds, past T = 2048 (#8's targets as they stand)
+    step 240 python -m pytest -n 0 -q tests/test_gmm.py -k "gpu_pallas_forward or gpu_flat or gpu_ffn"
+    step 200 python -m pytest -n 0 -q tests/test_gmm.py -k "gpu_pallas_swiglu or row_split or gpu_peer"
+    step 330 python experiments/bench_moe_gemm.py --impls pallas_chain,einsum --rounds 2 --budget-s 300 \
+        --out "$OUT/bench_moe_gemm_table_s43.json"
     ;;
-*)  echo "call number 1-15" >&2; exit 2 ;;
+*)  echo "call number 1-16" >&2; exit 2 ;;
 esac
