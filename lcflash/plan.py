@@ -129,8 +129,8 @@ def plan(cfg, devices: int | None = None, batch: int | None = None, seq: int | N
     # train.grad_accum_steps: each forward pass sees one microbatch; the summed gradient is two more copies, the
     # loop's sum going in and coming out beside the microbatch's own gradient. One copy undercounts on the GPU: on
     # an H100, 3 x 16 x 1024 of configs/small.py compiled to 52.7 GiB of temporaries against 43.6 for 20 x 1024 in
-    # one pass (session 42), 9.1 GiB more where one copy and 4 fewer rows come to 6.7 less; so the step that
-    # one copy put at 70.4 GiB ran out of the 75.2 GiB its 0.95 memory fraction left.
+    # one pass (session 42): 9.1 GiB more, where 4 fewer rows and one copy account for about 1 (another copy is
+    # 7.6); the step that one copy put at 70.4 GiB ran out of the 75.2 GiB its 0.95 memory fraction left.
     accum = grad_accum_steps(cfg, batch) if cfg.get("train") else 1
     micro = batch // accum
     check_model_fits(model_cfg, shape, rules, micro)
