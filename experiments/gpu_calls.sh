@@ -3,14 +3,15 @@
 # that gains alone; 10 (the L2 prefetch) and 11 ran in session 40; session 41 ran the in-kernel merge (gone since);
 # session 42 ran the bands in rotated rounds (call 13 of 75ad468), 14, and the H100's training profile with
 # gradient accumulation (call 15 of 75ad468: out of memory); 16 runs the GPU tests and the table under the bands
-# now on by default; 8 and 9 (session 37's warpgroup split) wait; HISTORY.md):
-#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 16; 4 takes the persistent kernels,
+# now on by default, 17 the training A/B of model.dense_ffn_gmm; 8 and 9 (session 37's warpgroup split) wait;
+# HISTORY.md):
+#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 17; 4 takes the persistent kernels,
 #                                                            14 the rows and d_rhs bands)
 # run from the repository root on the device machine, with `.whl` and `.whl-tokamax` carried (ml-collections,
 # tensorboardX and tokamax 0.0.17 with its needs, which its image lacks). Results go to $OUT (or ./out). Each step
 # has its own time limit, so a hang or a failure costs that step, not the call.
 set -u
-N=${1:?call number 1-16}
+N=${1:?call number 1-17}
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -104,5 +105,14 @@ case $N in
     step 330 python experiments/bench_moe_gemm.py --impls pallas_chain,einsum --rounds 2 --budget-s 300 \
         --out "$OUT/bench_moe_gemm_table_s43.json"
     ;;
-*)  echo "call number 1-16" >&2; exit 2 ;;
+17) # session 42: the dense FFNs as one group through our expert FFN kernels (model.dense_ffn_gmm; SwiGLU and its
+    # backward in the kernels' epilogues instead of XLA's ~10 ms of elementwise passes per step on an H100): the
+    # tests on the GPU, then training at batch 20 as A/B/A in one call (single runs on one H100 spread by ~8%)
+    step 150 python -m pytest -n 0 -q tests/test_mlp.py
+    G="python experiments/bench_train.py --gmm_impl pallas_chain --remat --warmup 2 --steps 10 --mem_fraction 0.95 --batch 20"
+    step 150 $G --out "$OUT/bench_train_b20_dense_einsum_h100.json"
+    step 150 $G --set model.dense_ffn_gmm=True --out "$OUT/bench_train_b20_dense_gmm_h100.json"
+    step 150 $G --out "$OUT/bench_train_b20_dense_einsum2_h100.json"
+    ;;
+*)  echo "call number 1-17" >&2; exit 2 ;;
 esac
