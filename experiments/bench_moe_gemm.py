@@ -447,7 +447,9 @@ ROWS_VARIANTS = {  # flat rows kernel variants timed by --rows-ab (all bit-ident
     "wgm_epi128": dict(stages=4, epi_n=128, wg_split="m"),
     # the cost of Tiles.wg_skip's branch alone: equal groups of whole tiles never skip
     "wgm_noskip": dict(stages=4, wg_split="m", wg_skip=False),
-    # the tiles in column bands of 4, 8 or 12 n tiles (Tiles.band; LongCat's 6144-column products have 24)
+    # the tiles in column bands of 2, 4, 8 or 12 n tiles (Tiles.band; LongCat's 6144-column products have 24, the
+    # others 8)
+    "band2": dict(stages=4, band=2),
     "band4": dict(stages=4, band=4),
     "band8": dict(stages=4, band=8),
     "band12": dict(stages=4, band=12),

@@ -3,15 +3,15 @@
 # that gains alone; 10 (the L2 prefetch) and 11 ran in session 40; session 41 ran the in-kernel merge (gone since);
 # session 42 ran the bands in rotated rounds (call 13 of 75ad468), 14, and the H100's training profile with
 # gradient accumulation (call 15 of 75ad468: out of memory); 16 runs the GPU tests and the table under the bands
-# now on by default, 17 the training A/B of model.dense_ffn_gmm; 8 and 9 (session 37's warpgroup split) wait;
-# HISTORY.md):
-#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 17; 4 takes the persistent kernels,
+# now on by default and bands of 2, 17 the training A/B of model.dense_ffn_gmm, 18 the table; 8 and 9 (session
+# 37's warpgroup split) wait; HISTORY.md):
+#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 18; 4 takes the persistent kernels,
 #                                                            14 the rows and d_rhs bands)
 # run from the repository root on the device machine, with `.whl` and `.whl-tokamax` carried (ml-collections,
 # tensorboardX and tokamax 0.0.17 with its needs, which its image lacks). Results go to $OUT (or ./out). Each step
 # has its own time limit, so a hang or a failure costs that step, not the call.
 set -u
-N=${1:?call number 1-17}
+N=${1:?call number 1-18}
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -99,9 +99,14 @@ case $N in
         --rows-band "${2:-4}" --contract-band "${3:-0}" --out "$OUT/bench_moe_gemm_table_bands.json"
     ;;
 16) # session 42: the GPU tests under the rows kernel's default bands of 4 (session 42 ran 14 of these 17 before a
-    # 300 s limit), then the main table with the defaults in 2 rounds, past T = 2048 (#8's targets as they stand)
+    # 300 s limit); then whether bands narrower than 4 do better at T = 512, where the
+    # [gate | up] d_lhs is still at 0.87 of the einsum
     step 240 python -m pytest -n 0 -q tests/test_gmm.py -k "gpu_pallas_forward or gpu_flat or gpu_ffn"
     step 200 python -m pytest -n 0 -q tests/test_gmm.py -k "gpu_pallas_swiglu or row_split or gpu_peer"
+    step 130 python experiments/bench_moe_gemm.py --rows-ab band4,band2,flat --ab-rounds 3 \
+        --out "$OUT/bench_moe_gemm_band2_t512_s43.json"
+    ;;
+18) # the main table with the defaults in 2 rounds, past T = 2048 (#8's targets as they stand)
     step 330 python experiments/bench_moe_gemm.py --impls pallas_chain,einsum --rounds 2 --budget-s 300 \
         --out "$OUT/bench_moe_gemm_table_s43.json"
     ;;
@@ -114,5 +119,5 @@ case $N in
     step 150 $G --set model.dense_ffn_gmm=True --out "$OUT/bench_train_b20_dense_gmm_h100.json"
     step 150 $G --out "$OUT/bench_train_b20_dense_einsum2_h100.json"
     ;;
-*)  echo "call number 1-17" >&2; exit 2 ;;
+*)  echo "call number 1-18" >&2; exit 2 ;;
 esac
