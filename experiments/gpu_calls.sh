@@ -3,15 +3,15 @@
 # that gains alone; 10 (the L2 prefetch) and 11 ran in session 40; session 41 ran the in-kernel merge (gone since);
 # session 42 ran the bands in rotated rounds (call 13 of 75ad468), 14, and the H100's training profile with
 # gradient accumulation (call 15 of 75ad468: out of memory); 16 runs the GPU tests and the table under the bands
-# now on by default and bands of 2, 17 the training A/B of model.dense_ffn_gmm, 18 the table; 8 and 9 (session
-# 37's warpgroup split) wait; HISTORY.md):
-#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 18; 4 takes the persistent kernels,
+# now on by default and bands of 2, 17 the training A/B of model.dense_ffn_gmm, 18 the table, 19 batches 22 and
+# 24 on an H100; 8 and 9 (session 37's warpgroup split) wait; HISTORY.md):
+#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 19; 4 takes the persistent kernels,
 #                                                            14 the rows and d_rhs bands)
 # run from the repository root on the device machine, with `.whl` and `.whl-tokamax` carried (ml-collections,
 # tensorboardX and tokamax 0.0.17 with its needs, which its image lacks). Results go to $OUT (or ./out). Each step
 # has its own time limit, so a hang or a failure costs that step, not the call.
 set -u
-N=${1:?call number 1-18}
+N=${1:?call number 1-19}
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -119,5 +119,14 @@ case $N in
     step 150 $G --set model.dense_ffn_gmm=True --out "$OUT/bench_train_b20_dense_gmm_h100.json"
     step 150 $G --out "$OUT/bench_train_b20_dense_einsum2_h100.json"
     ;;
-*)  echo "call number 1-18" >&2; exit 2 ;;
+19) # the H100's largest batch in one pass: batch 20 peaked at 66.3 GiB of the 75.2 the 0.95 fraction leaves, its
+    # activations ~1.6 GiB a row (43.6 GiB of temporaries less the gradient and the bf16 weights), so 24 should
+    # peak near 72.7 (lcflash.plan, which overcounts batch 20 by 3.8, says 77.3); a larger batch spreads AdamW's
+    # 17.9 ms over more tokens. Batch 20 again first, as the baseline on the same machine
+    G="python experiments/bench_train.py --gmm_impl pallas_chain --remat --warmup 2 --steps 10 --mem_fraction 0.95"
+    for b in 20 22 24; do
+        step 170 $G --batch $b --out "$OUT/bench_train_b${b}_h100.json"
+    done
+    ;;
+*)  echo "call number 1-19" >&2; exit 2 ;;
 esac
