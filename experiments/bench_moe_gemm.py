@@ -81,6 +81,15 @@ def rotated(names, r):
     return list(names[r:]) + list(names[:r])
 
 
+def rotated_rounds(fns: dict, args, rounds: int) -> dict:
+    """{name: [median ms per round]} of each callable in fns on args, each round in rotated order."""
+    ms = {name: [] for name in fns}
+    for r in range(rounds):
+        for name in rotated(list(fns), r):
+            ms[name].append(time_ms(fns[name], args)[0])
+    return ms
+
+
 def measure_bandwidth_gbs():
     x = jnp.ones((1 << 30,), jnp.bfloat16)  # 2 GiB
     f = jax.jit(lambda a: a + 1)
@@ -353,11 +362,10 @@ def small_sweep(bw_gbs, t, within_budget, config="small"):
 def deal_ab(t, config="small", alphas=(None, 10.0, 2.0, 0.5), rounds=2, deals=None, bands=(0,)):
     """The flat d_rhs kernel with its tiles dealt to the CTAs each way of mgpu_kernels.CONTRACT_DEALS (or `deals`),
     each with its tiles in column bands of each of `bands` (pallas_gmm.CONTRACT_BAND; 0 none; variant
-    "deal+bandB"), at
-    `config`'s expert shapes (SHAPES) and T tokens per expert: equal groups (None) and Dirichlet(alpha) expert shares
-    (smaller alpha, more skew). Rounds alternate the variants, in rotated order, with the batched einsum's bound on
-    equal groups among them (per_einsum); the outputs must be bitwise equal (the same tiles, each accumulated in the
-    same order)."""
+    "deal+bandB"), at `config`'s expert shapes (SHAPES) and T tokens per expert: equal groups (None) and
+    Dirichlet(alpha) expert shares (smaller alpha, more skew). Rounds alternate the variants, in rotated order, with
+    the batched einsum's bound on equal groups among them (per_einsum); the outputs must be bitwise equal (the same
+    tiles, each accumulated in the same order)."""
     out = []
     deals = deals or [d for d in mgpu_kernels.CONTRACT_DEALS if d != "auto"]  # auto is one of the others
     variants = {(f"{d}+band{b}" if b else d): (d, b) for b in bands for d in deals}
@@ -384,10 +392,7 @@ def deal_ab(t, config="small", alphas=(None, 10.0, 2.0, 0.5), rounds=2, deals=No
                 fns["einsum"] = jax.jit(lambda a, b, s: jnp.einsum("gtk,gtn->gkn", a.reshape(g, t, k),
                                                                    b.reshape(g, t, n),
                                                                    preferred_element_type=jnp.float32))
-            times = {v: [] for v in fns}
-            for r in range(rounds):
-                for name in rotated(list(fns), r):
-                    times[name].append(time_ms(fns[name], (x, dy, sizes))[0])
+            times = rotated_rounds(fns, (x, dy, sizes), rounds)
             first, *rest = variants
             rec = dict(config=config, proj=proj, K=k, N=n, G=g, tokens_per_expert=t, alpha=alpha,
                        size_cv=float(sizes_np.std() / sizes_np.mean()), max_group=int(sizes_np.max()),
@@ -475,7 +480,7 @@ def rows_ab(proj, t, variants, rounds=2):
         spec = "gtn,gkn->gtk" if transpose else "gtk,gkn->gtn"
         einsum = jax.jit(lambda a, b, s=spec: jnp.einsum(s, a.reshape(g, t, -1), b).reshape(m, -1))
         want = einsum(x, w)
-        rec = dict(proj=proj, pass_=pass_name, tokens_per_expert=t, K=k, N=n, G=g, einsum_ms=[])
+        rec = dict(proj=proj, pass_=pass_name, tokens_per_expert=t, K=k, N=n, G=g)
         fns = {}
         for name in variants:
             pallas_gmm.ROWS_TILES = T(128, 128, 64, **{"epi_n": 64, **ROWS_VARIANTS[name]}, chain=True)
@@ -483,7 +488,7 @@ def rows_ab(proj, t, variants, rounds=2):
                                                                          chain=True))
             try:
                 got = f(x, w)   # traced and compiled here, with this variant's tiles
-                rec[name] = dict(tiles=str(pallas_gmm.ROWS_TILES), rel_err_vs_einsum=rel_err(got, want), ms=[])
+                rec[name] = dict(tiles=str(pallas_gmm.ROWS_TILES), rel_err_vs_einsum=rel_err(got, want))
                 fns[name] = (f, got)
             except Exception as e:  # noqa: BLE001
                 rec[name] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
@@ -492,12 +497,10 @@ def rows_ab(proj, t, variants, rounds=2):
         for name, (_, got) in fns.items():
             if base in fns:
                 rec[name]["bit_identical_to_" + base] = bool(jnp.array_equal(got, fns[base][1]))
-        timed = {"einsum": (einsum, rec["einsum_ms"]), **{name: (f, rec[name]["ms"]) for name, (f, _) in fns.items()}}
-        for r in range(rounds):
-            for name in rotated(list(timed), r):
-                f, ms = timed[name]
-                ms.append(time_ms(f, (x, w))[0])
+        ms = rotated_rounds({"einsum": einsum, **{name: f for name, (f, _) in fns.items()}}, (x, w), rounds)
+        rec["einsum_ms"] = ms["einsum"]
         for name in fns:
+            rec[name]["ms"] = ms[name]
             rec[name]["per_einsum"] = float(np.median(rec["einsum_ms"]) / np.median(rec[name]["ms"]))
         print("rows_ab", json.dumps(rec), flush=True)
         out.append(rec)

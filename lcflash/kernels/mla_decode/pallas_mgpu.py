@@ -193,8 +193,7 @@ def _mla_decode_pallas(q_lat_bthr, q_pe_bthd, c_bsr, kpe_bsd, q_start_b, *, scal
 
     tiled = () if interpret else (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     kernel = functools.partial(_kernel, heads=H, q_len=T, rows=rows, block_kv=block_kv, blocks_per_split=per_split,
-                               depth=depth, scale=scale, dtype=dtype,
-                               fused_pv=fused_pv, interpret=interpret)
+                               depth=depth, scale=scale, dtype=dtype, fused_pv=fused_pv, interpret=interpret)
 
     def entry(start_ref, q_ref, qpe_ref, c_ref, kpe_ref, o_ref, lse_ref):
         pl.run_scoped(
