@@ -2,9 +2,10 @@
 # GPU calls, one per device call (1, 2, 3 ran in session 35, 5 and 7 in 36; 4 and 6 wait on an attention kernel
 # that gains alone; 10 (the L2 prefetch) and 11 ran in session 40; session 41 ran the in-kernel merge (gone since);
 # session 42 ran the bands in rotated rounds (call 13 of 75ad468), 14, and the H100's training profile with
-# gradient accumulation (call 15 of 75ad468: out of memory); 16 runs the GPU tests and the table under the bands
-# now on by default and bands of 2, 17 the training A/B of model.dense_ffn_gmm, 18 the table, 19 batches 22 and
-# 24 on an H100; 8 and 9 (session 37's warpgroup split) wait; HISTORY.md):
+# gradient accumulation (call 15 of 75ad468: out of memory); session 43 ran 17 (the training A/B of
+# model.dense_ffn_gmm, removed since; call 17 of 169a213) and the GPU tests session 42 had not reached; 16 times
+# bands of 2 against the default 4,
+# 18 the table, 19 batch 24 on an H100; 8 and 9 (session 37's warpgroup split) wait; HISTORY.md):
 #     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 19; 4 takes the persistent kernels,
 #                                                            14 the rows and d_rhs bands)
 # run from the repository root on the device machine, with `.whl` and `.whl-tokamax` carried (ml-collections,
@@ -18,6 +19,9 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
     .whl/*.whl .whl-tokamax/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD:${PYTHONPATH:-}
 export XLA_FLAGS=--xla_gpu_per_fusion_autotune_cache_dir=/tmp/atc
+# JAX's persistent cache: a program compiled once in a call (an A/B/A's third run, a repeated baseline) loads
+# instead of compiling again (~100 s per training run on an H100)
+export JAX_COMPILATION_CACHE_DIR=/tmp/jcc JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=1
 S=s36
 T="python experiments/bench_train.py --gmm_impl pallas_chain --remat --warmup 2 --steps 3 --batch 32"  # calls 4, 6
 step() {  # step LIMIT_S COMMAND...: run it, say how it ended
@@ -98,11 +102,8 @@ case $N in
     step 270 python experiments/bench_moe_gemm.py --impls pallas_chain,einsum --rounds 2 --budget-s 200 \
         --rows-band "${2:-4}" --contract-band "${3:-0}" --out "$OUT/bench_moe_gemm_table_bands.json"
     ;;
-16) # session 42: the GPU tests under the rows kernel's default bands of 4 (session 42 ran 14 of these 17 before a
-    # 300 s limit); then whether bands narrower than 4 do better at T = 512, where the
-    # [gate | up] d_lhs is still at 0.87 of the einsum
-    step 240 python -m pytest -n 0 -q tests/test_gmm.py -k "gpu_pallas_forward or gpu_flat or gpu_ffn"
-    step 200 python -m pytest -n 0 -q tests/test_gmm.py -k "gpu_pallas_swiglu or row_split or gpu_peer"
+16) # whether bands narrower than 4 do better at T = 512, where the [gate | up] d_lhs is still at 0.87 of the
+    # einsum (the GPU tests under the default bands of 4 ran in sessions 42 and 43)
     step 130 python experiments/bench_moe_gemm.py --rows-ab band4,band2,flat --ab-rounds 3 \
         --out "$OUT/bench_moe_gemm_band2_t512_s43.json"
     ;;
@@ -110,22 +111,14 @@ case $N in
     step 330 python experiments/bench_moe_gemm.py --impls pallas_chain,einsum --rounds 2 --budget-s 300 \
         --out "$OUT/bench_moe_gemm_table_s43.json"
     ;;
-17) # session 42: the dense FFNs as one group through our expert FFN kernels (model.dense_ffn_gmm; SwiGLU and its
-    # backward in the kernels' epilogues instead of XLA's ~10 ms of elementwise passes per step on an H100): the
-    # tests on the GPU, then training at batch 20 as A/B/A in one call (single runs on one H100 spread by ~8%)
-    step 150 python -m pytest -n 0 -q tests/test_mlp.py
-    G="python experiments/bench_train.py --gmm_impl pallas_chain --remat --warmup 2 --steps 10 --mem_fraction 0.95 --batch 20"
-    step 150 $G --out "$OUT/bench_train_b20_dense_einsum_h100.json"
-    step 150 $G --set model.dense_ffn_gmm=True --out "$OUT/bench_train_b20_dense_gmm_h100.json"
-    step 150 $G --out "$OUT/bench_train_b20_dense_einsum2_h100.json"
-    ;;
-19) # the H100's largest batch in one pass: batch 20 peaked at 66.3 GiB of the 75.2 the 0.95 fraction leaves, its
-    # activations ~1.6 GiB a row (43.6 GiB of temporaries less the gradient and the bf16 weights), so 24 should
-    # peak near 72.7 (lcflash.plan, which overcounts batch 20 by 3.8, says 77.3); a larger batch spreads AdamW's
-    # 17.9 ms over more tokens. Batch 20 again first, as the baseline on the same machine
+19) # the H100's largest batch: batch 20 peaked at 66.3 GiB of the 75.2 the 0.95 fraction leaves, its activations
+    # ~1.6 GiB a row (43.6 GiB of temporaries less the gradient and the bf16 weights), so 24 should peak near 72.7
+    # (lcflash.plan, which overcounts batch 20 by 3.8, says 77.3); a larger batch spreads AdamW's 17.9 ms over more
+    # tokens. Batch 20 after it, as the baseline on the same machine. Each is a cold compile (> 150 s on a fresh
+    # H100 in session 43), so two batches fill a call
     G="python experiments/bench_train.py --gmm_impl pallas_chain --remat --warmup 2 --steps 10 --mem_fraction 0.95"
-    for b in 20 22 24; do
-        step 170 $G --batch $b --out "$OUT/bench_train_b${b}_h100.json"
+    for b in 24 20; do
+        step 280 $G --batch $b --out "$OUT/bench_train_b${b}_h100.json"
     done
     ;;
 *)  echo "call number 1-19" >&2; exit 2 ;;

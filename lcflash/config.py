@@ -121,12 +121,6 @@ class ModelConfig:
     # (lcflash.model.moe.expert_ffn), SwiGLU in our kernel's epilogue. Same products; configs/small.py turns it on
     # (faster on an H200, experiments/HISTORY.md).
     moe_fuse_gate_up: bool = False
-    # The dense SwiGLU FFNs (two per layer and the MTP block's) as one group of all rows through gmm_impl's expert
-    # FFN (lcflash.model.mlp): with pallas_chain, [gate | up] with SwiGLU in our kernel's epilogue and SwiGLU's
-    # backward in the down projection's d_lhs kernel, where the default runs cuBLAS products with XLA's elementwise
-    # passes between them (~10 ms of configs/small.py's 153 ms step on an H100, session 42). Same products; one
-    # device only (the kernels have no sharding rule). A training-speed A/B, off until measured.
-    dense_ffn_gmm: bool = False
 
     # ------------------------------------------------------------------ derived
     @property
@@ -203,7 +197,7 @@ def validate(cfg: ModelConfig, keys: dict[str, str] | None = None) -> ModelConfi
     req(cfg.gmm_impl in GMM_IMPLS, "gmm_impl", cfg.gmm_impl, f"must be one of {GMM_IMPLS}")
     req(isinstance(cfg.scan_unroll, int) and 1 <= cfg.scan_unroll <= cfg.num_layers, "scan_unroll",
         cfg.scan_unroll, f"must be an int in [1, num_layers={cfg.num_layers}]")
-    for f in ("moe_overlap", "moe_fuse_gate_up", "dense_ffn_gmm"):
+    for f in ("moe_overlap", "moe_fuse_gate_up"):
         req(isinstance(getattr(cfg, f), bool), f, getattr(cfg, f), "must be a bool (True or False)")
     req(cfg.attn_impl in ATTN_IMPLS, "attn_impl", cfg.attn_impl, f"must be one of {ATTN_IMPLS}")
     req(cfg.train_attn_impl in TRAIN_ATTN_IMPLS, "train_attn_impl", cfg.train_attn_impl,

@@ -22,12 +22,11 @@ class DecoderLayer(nnx.Module):
         self.input_norm_0 = RMSNorm(D, eps, pd)
         self.attn_0 = MLA(cfg, rngs)
         self.post_attn_norm_0 = RMSNorm(D, eps, pd)
-        dense = cfg.gmm_impl if cfg.dense_ffn_gmm else None
-        self.mlp_0 = MLP(D, cfg.ffn_hidden_size, pd, cfg.initializer_range, rngs, dense)
+        self.mlp_0 = MLP(D, cfg.ffn_hidden_size, pd, cfg.initializer_range, rngs)
         self.input_norm_1 = RMSNorm(D, eps, pd)
         self.attn_1 = MLA(cfg, rngs)
         self.post_attn_norm_1 = RMSNorm(D, eps, pd)
-        self.mlp_1 = MLP(D, cfg.ffn_hidden_size, pd, cfg.initializer_range, rngs, dense)
+        self.mlp_1 = MLP(D, cfg.ffn_hidden_size, pd, cfg.initializer_range, rngs)
         self.moe = MoE(cfg, rngs)
         self.overlap = cfg.moe_overlap
 

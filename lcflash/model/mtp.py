@@ -24,7 +24,7 @@ class MTPHead(nnx.Module):
         self.input_norm = RMSNorm(D, eps, pd)
         self.attn = MLA(cfg, rngs)
         self.post_attn_norm = RMSNorm(D, eps, pd)
-        self.mlp = MLP(D, cfg.ffn_hidden_size, pd, std, rngs, cfg.gmm_impl if cfg.dense_ffn_gmm else None)
+        self.mlp = MLP(D, cfg.ffn_hidden_size, pd, std, rngs)
         self.norm = RMSNorm(D, eps, pd)
 
     def __call__(self, h_btd, next_tokens_bt, cos, sin, mask_bts, cache=None, write_start_b=None,
