@@ -4,8 +4,8 @@
 # session 42 ran the bands in rotated rounds (call 13 of 75ad468), 14, and the H100's training profile with
 # gradient accumulation (call 15 of 75ad468: out of memory); session 43 ran 17 (the training A/B of
 # model.dense_ffn_gmm, removed since; call 17 of 169a213) and the GPU tests session 42 had not reached; 16 times
-# bands of 2 against the default 4,
-# 18 the table, 19 batch 24 on an H100; 8 and 9 (session 37's warpgroup split) wait; HISTORY.md):
+# bands of 2 against the default 4, 18 the table, 19 batch 24 on an H100; 8 and 9 (session 37's warpgroup split)
+# wait; HISTORY.md):
 #     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 19; 4 takes the persistent kernels,
 #                                                            14 the rows and d_rhs bands)
 # run from the repository root on the device machine, with `.whl` and `.whl-tokamax` carried (ml-collections,
