@@ -8,20 +8,27 @@
 # wait; HISTORY.md):
 #     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 19; 4 takes the persistent kernels,
 #                                                            14 the rows and d_rhs bands)
-# run from the repository root on the device machine, with `.whl` and `.whl-tokamax` carried (ml-collections,
-# tensorboardX and tokamax 0.0.17 with its needs, which its image lacks). Results go to $OUT (or ./out). Each step
-# has its own time limit, so a hang or a failure costs that step, not the call.
+# run from the repository root on the device machine, with `.whl` carried (ml-collections and tensorboardX, which
+# its image lacks) and `.whl-tokamax` where a call times the tokamax peer (tokamax 0.0.17 with its needs, 37 MB).
+# Results go to $OUT (or ./out). Each step has its own time limit, so a hang or a failure costs that step, not the
+# call.
+#
+# JAX's persistent compilation cache: a program compiled once loads instead of compiling again (a training run's
+# cold compile took 99-182 s on an H100, a cached one 25 s; session 43). The cache comes back in $OUT/jcc; copied
+# here to the ignored `.jcc` (`rm -rf .jcc && cp -r /work/.device/N/jcc .jcc`) and carried, it seeds the next
+# machine's, which helps where that machine has the same card and image.
 set -u
 N=${1:?call number 1-19}
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-    .whl/*.whl .whl-tokamax/*.whl || exit 1
+    .whl/*.whl $(ls .whl-tokamax/*.whl 2>/dev/null) || exit 1
 export PYTHONPATH=/tmp/site:$PWD:${PYTHONPATH:-}
 export XLA_FLAGS=--xla_gpu_per_fusion_autotune_cache_dir=/tmp/atc
-# JAX's persistent cache: a program compiled once in a call (an A/B/A's third run, a repeated baseline) loads
-# instead of compiling again (~100 s per training run on an H100)
 export JAX_COMPILATION_CACHE_DIR=/tmp/jcc JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=1
+mkdir -p /tmp/jcc
+if [ -d .jcc ]; then cp -r .jcc/. /tmp/jcc/; fi
+trap 'cp -r /tmp/jcc "$OUT/jcc"' EXIT
 S=s36
 T="python experiments/bench_train.py --gmm_impl pallas_chain --remat --warmup 2 --steps 3 --batch 32"  # calls 4, 6
 step() {  # step LIMIT_S COMMAND...: run it, say how it ended
