@@ -359,16 +359,20 @@ def small_sweep(bw_gbs, t, within_budget, config="small"):
     return out
 
 
-def deal_ab(t, config="small", alphas=(None, 10.0, 2.0, 0.5), rounds=2, deals=None, bands=(0,)):
+def deal_ab(t, config="small", alphas=(None, 10.0, 2.0, 0.5), rounds=2, deals=None, bands=(0,), nomask=False):
     """The flat d_rhs kernel with its tiles dealt to the CTAs each way of mgpu_kernels.CONTRACT_DEALS (or `deals`),
     each with its tiles in column bands of each of `bands` (pallas_gmm.CONTRACT_BAND; 0 none; variant
     "deal+bandB"), at `config`'s expert shapes (SHAPES) and T tokens per expert: equal groups (None) and
     Dirichlet(alpha) expert shares (smaller alpha, more skew). Rounds alternate the variants, in rotated order, with
     the batched einsum's bound on equal groups among them (per_einsum); the outputs must be bitwise equal (the same
-    tiles, each accumulated in the same order)."""
+    tiles, each accumulated in the same order). nomask: each deal also without the masking of the row blocks that
+    groups share ("deal+nomask", mgpu_kernels.CONTRACT_MASK off): what the masking costs, from wrong gradients,
+    so those variants stay out of the bitwise check."""
     out = []
     deals = deals or [d for d in mgpu_kernels.CONTRACT_DEALS if d != "auto"]  # auto is one of the others
-    variants = {(f"{d}+band{b}" if b else d): (d, b) for b in bands for d in deals}
+    variants = {(f"{d}+band{b}" if b else d): (d, b, True) for b in bands for d in deals}
+    if nomask:
+        variants.update({f"{d}+nomask": (d, 0, False) for d in deals})
     for proj in PROJS[config]:
         k, n, g = SHAPES[(config, proj)]
         m = g * t
@@ -379,21 +383,22 @@ def deal_ab(t, config="small", alphas=(None, 10.0, 2.0, 0.5), rounds=2, deals=No
             sizes_np = group_sizes(g, t, "balanced" if alpha is None else alpha)
             sizes = jnp.asarray(sizes_np, jnp.int32)
             fns, got = {}, {}
-            default = mgpu_kernels.CONTRACT_DEAL, pallas_gmm.CONTRACT_BAND
+            default = mgpu_kernels.CONTRACT_DEAL, pallas_gmm.CONTRACT_BAND, mgpu_kernels.CONTRACT_MASK
             try:
-                for name, (deal, band) in variants.items():
-                    mgpu_kernels.CONTRACT_DEAL, pallas_gmm.CONTRACT_BAND = deal, band  # read when traced below
+                for name, (deal, band, mask) in variants.items():
+                    # read when traced below
+                    mgpu_kernels.CONTRACT_DEAL, pallas_gmm.CONTRACT_BAND, mgpu_kernels.CONTRACT_MASK = deal, band, mask
                     fns[name] = jax.jit(lambda a, b, s: pallas_gmm.contract_matmul(a, b, s, out_dtype=jnp.float32,
                                                                                     chain=True))
                     got[name] = np.asarray(fns[name](x, dy, sizes))
             finally:
-                mgpu_kernels.CONTRACT_DEAL, pallas_gmm.CONTRACT_BAND = default
+                mgpu_kernels.CONTRACT_DEAL, pallas_gmm.CONTRACT_BAND, mgpu_kernels.CONTRACT_MASK = default
             if alpha is None:   # the bound: a batched einsum of the same product on the equal groups
                 fns["einsum"] = jax.jit(lambda a, b, s: jnp.einsum("gtk,gtn->gkn", a.reshape(g, t, k),
                                                                    b.reshape(g, t, n),
                                                                    preferred_element_type=jnp.float32))
             times = rotated_rounds(fns, (x, dy, sizes), rounds)
-            first, *rest = variants
+            first, *rest = [v for v, (_, _, mask) in variants.items() if mask]
             rec = dict(config=config, proj=proj, K=k, N=n, G=g, tokens_per_expert=t, alpha=alpha,
                        size_cv=float(sizes_np.std() / sizes_np.mean()), max_group=int(sizes_np.max()),
                        ms=times, bitwise_equal=all(np.array_equal(got[first], got[v]) for v in rest))
@@ -761,6 +766,8 @@ def main():
                     "Dirichlet alpha of the expert shares")
     ap.add_argument("--deals", default=None, help="--deal-ab's deals, comma-separated (default: every one)")
     ap.add_argument("--deal-bands", default="0", help="--deal-ab's column bands, comma-separated (0: none)")
+    ap.add_argument("--deal-nomask", action="store_true", help="--deal-ab also times each deal without masking the "
+                    "row blocks groups share (wrong gradients: what the masking costs)")
     ap.add_argument("--ffn-loads", type=int, default=0, metavar="TOKENS", help="only configs/small.py's expert FFN, "
                     "forward + backward as trained, in a TOKENS x 12-row buffer under equal, aligned and skewed loads")
     ap.add_argument("--ffn-kernels", type=int, default=0, metavar="TOKENS", help="only configs/small.py's expert "
@@ -849,7 +856,8 @@ def main():
         return
     if args.deal_ab:
         alphas = [None if a == "equal" else float(a) for a in args.deal_alphas.split(",")]
-        report["deal_ab"] = deal_ab(args.deal_ab, args.deal_config, alphas, args.ab_rounds, deals=deals, bands=bands)
+        report["deal_ab"] = deal_ab(args.deal_ab, args.deal_config, alphas, args.ab_rounds, deals=deals, bands=bands,
+                                    nomask=args.deal_nomask)
         save()
         return
     if args.ffn_kernels:

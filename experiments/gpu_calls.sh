@@ -4,9 +4,9 @@
 # session 42 ran the bands in rotated rounds (call 13 of 75ad468), 14, and the H100's training profile with
 # gradient accumulation (call 15 of 75ad468: out of memory); session 43 ran 17 (the training A/B of
 # model.dense_ffn_gmm, removed since; call 17 of 169a213) and the GPU tests session 42 had not reached; 16 times
-# bands of 2 against the default 4, 18 the table, 19 batch 24 on an H100; 8 and 9 (session 37's warpgroup split)
-# wait; HISTORY.md):
-#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 19; 4 takes the persistent kernels,
+# bands of 2 against the default 4, 18 the table, 19 batch 24 on an H100, 20 what d_rhs's masking costs under
+# skewed loads; 8 and 9 (session 37's warpgroup split) wait; HISTORY.md):
+#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 20; 4 takes the persistent kernels,
 #                                                            14 the rows and d_rhs bands)
 # run from the repository root on the device machine, with `.whl` carried (ml-collections and tensorboardX, which
 # its image lacks) and `.whl-tokamax` where a call times the tokamax peer (tokamax 0.0.17 with its needs, 37 MB).
@@ -18,7 +18,7 @@
 # here to the ignored `.jcc` (`rm -rf .jcc && cp -r /work/.device/N/jcc .jcc`) and carried, it seeds the next
 # machine's, which helps where that machine has the same card and image.
 set -u
-N=${1:?call number 1-19}
+N=${1:?call number 1-20}
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -128,5 +128,11 @@ case $N in
         step 280 $G --batch $b --out "$OUT/bench_train_b${b}_h100.json"
     done
     ;;
-*)  echo "call number 1-19" >&2; exit 2 ;;
+20) # session 43: what d_rhs's masking of the row blocks two groups share costs under skewed loads (the skewed
+    # backward is at 0.72-0.74 of the einsum, mostly d_rhs): each deal with and without it (wrong gradients),
+    # equal groups and Dirichlet(0.3) shares (the table's skewed case less its empty eighth), at LongCat T = 512
+    step 240 python experiments/bench_moe_gemm.py --deal-ab 512 --deal-config longcat --deal-alphas equal,0.3 \
+        --deals round_robin --deal-nomask --ab-rounds 3 --out "$OUT/bench_moe_gemm_nomask_t512_s43.json"
+    ;;
+*)  echo "call number 1-20" >&2; exit 2 ;;
 esac

@@ -392,6 +392,24 @@ def test_pallas_interpret_banded_contract_kernel(monkeypatch):
     np.testing.assert_array_equal(got[0], got[2])
 
 
+@cpu_only
+def test_pallas_interpret_contract_mask_switch_is_live(monkeypatch):
+    """mgpu_kernels.CONTRACT_MASK (off only to time what the masking costs, bench_moe_gemm --deal-nomask): off, the
+    rows of blocks two groups share reach both groups' d_rhs, so the result is wrong; on (the default), exact."""
+    from lcflash.kernels.gmm import mgpu_kernels as mk
+    from lcflash.kernels.gmm import pallas_gmm
+
+    sizes_l = [40, 100, 0, 124]  # group bounds inside 64-row blocks
+    lhs, _, dout, sizes = _inputs(35, 264, 128, 128, sizes_l, jnp.bfloat16)
+    want = _contract_ref_f64(lhs, dout, sizes_l)
+    assert mk.CONTRACT_MASK is True
+    got = np.asarray(pallas_gmm.contract_matmul(lhs, dout, sizes, out_dtype=jnp.float32, chain=True))
+    assert _rel(got, want) < FP32_TOL
+    monkeypatch.setattr(mk, "CONTRACT_MASK", False)
+    unmasked = np.asarray(pallas_gmm.contract_matmul(lhs, dout, sizes, out_dtype=jnp.float32, chain=True))
+    assert _rel(unmasked, want) > 0.1
+
+
 def test_grad_halves_needs_its_residual_and_the_flat_pipeline():
     from lcflash.kernels.gmm import mgpu_kernels as mk
 

@@ -632,7 +632,6 @@ def _contract_step(acc, a_smem, b_smem, row0, start, end, *, wg, tiles: Tiles, l
     b_own = b_smem.at[:, pl.ds(wg * tn, tn)]  # the half this warpgroup masks, whichever part it reads
     masked = (row0 < start) | (row0 + tc > end)
 
-    @pl.when(masked)
     def _mask():
         r = lax.broadcasted_iota(jnp.int32, (tc, tn), 0)
         if not interpret:  # the interpreter has no layouts
@@ -645,6 +644,8 @@ def _contract_step(acc, a_smem, b_smem, row0, start, end, *, wg, tiles: Tiles, l
             plgpu.barrier_arrive(mask_bar)
             plgpu.barrier_wait(mask_bar)
 
+    if CONTRACT_MASK:
+        pl.when(masked)(_mask)
     # this warpgroup's rows (of K) and columns of the tile
     a = _part(a_smem, 0, r_off, wr) if lhs_is_km else _part(a_smem, 1, r_off, wr).transpose((1, 0))
     plgpu.wgmma(acc, a, _part(b_smem, 1, c_off, wc))
@@ -661,6 +662,10 @@ def contract_schedule(group_sizes_g: jax.Array, m: int, tile_k: int) -> jax.Arra
     return jnp.stack([starts, ends, blk0, nblk]).astype(jnp.int32)
 
 
+# False skips d_rhs's masking of the row blocks two groups share (and of an empty group's one block), so their rows
+# add to both groups' gradients: wrong wherever groups do not fill whole tile_k blocks. Only for timing what the
+# masking costs (experiments/bench_moe_gemm.py --deal-nomask). Read at trace time.
+CONTRACT_MASK = True
 _FLAT_BLK_BITS = 16  # flat contract schedule: a step packs (tile slot j << 16) | row block
 # How the flat contract pipeline deals its tiles to the CTAs: "round_robin" (CTA c takes c, c + n_sms, ...), or by
 # cost (their group's row blocks), so that a skewed routing's large groups do not pile onto a few CTAs: "sorted"
