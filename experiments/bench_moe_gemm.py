@@ -359,7 +359,8 @@ def small_sweep(bw_gbs, t, within_budget, config="small"):
     return out
 
 
-def deal_ab(t, config="small", alphas=(None, 10.0, 2.0, 0.5), rounds=2, deals=None, bands=(0,), nomask=False):
+def deal_ab(t, config="small", alphas=(None, 10.0, 2.0, 0.5), rounds=2, deals=None, bands=(0,), nomask=False,
+            zeros=False):
     """The flat d_rhs kernel with its tiles dealt to the CTAs each way of mgpu_kernels.CONTRACT_DEALS (or `deals`),
     each with its tiles in column bands of each of `bands` (pallas_gmm.CONTRACT_BAND; 0 none; variant
     "deal+bandB"), at `config`'s expert shapes (SHAPES) and T tokens per expert: equal groups (None) and
@@ -367,12 +368,16 @@ def deal_ab(t, config="small", alphas=(None, 10.0, 2.0, 0.5), rounds=2, deals=No
     the batched einsum's bound on equal groups among them (per_einsum); the outputs must be bitwise equal (the same
     tiles, each accumulated in the same order). nomask: each deal also without the masking of the row blocks that
     groups share ("deal+nomask", mgpu_kernels.CONTRACT_MASK off): what the masking costs, from wrong gradients,
-    so those variants stay out of the bitwise check."""
+    so those variants stay out of the bitwise check. zeros: each deal also with the empty groups' tiles stored
+    after the pipeline ("deal+zeros", mgpu_kernels.CONTRACT_ZERO_EMPTY on), and the others with it off."""
     out = []
     deals = deals or [d for d in mgpu_kernels.CONTRACT_DEALS if d != "auto"]  # auto is one of the others
-    variants = {(f"{d}+band{b}" if b else d): (d, b, True) for b in bands for d in deals}
+    zero_default = False if zeros else mgpu_kernels.CONTRACT_ZERO_EMPTY
+    variants = {(f"{d}+band{b}" if b else d): (d, b, True, zero_default) for b in bands for d in deals}
     if nomask:
-        variants.update({f"{d}+nomask": (d, 0, False) for d in deals})
+        variants.update({f"{d}+nomask": (d, 0, False, zero_default) for d in deals})
+    if zeros:
+        variants.update({f"{d}+zeros": (d, 0, True, True) for d in deals})
     for proj in PROJS[config]:
         k, n, g = SHAPES[(config, proj)]
         m = g * t
@@ -383,22 +388,25 @@ def deal_ab(t, config="small", alphas=(None, 10.0, 2.0, 0.5), rounds=2, deals=No
             sizes_np = group_sizes(g, t, "balanced" if alpha is None else alpha)
             sizes = jnp.asarray(sizes_np, jnp.int32)
             fns, got = {}, {}
-            default = mgpu_kernels.CONTRACT_DEAL, pallas_gmm.CONTRACT_BAND, mgpu_kernels.CONTRACT_MASK
+            switches = "CONTRACT_DEAL", "CONTRACT_BAND", "CONTRACT_MASK", "CONTRACT_ZERO_EMPTY"
+            homes = mgpu_kernels, pallas_gmm, mgpu_kernels, mgpu_kernels
+            default = [getattr(h, a) for h, a in zip(homes, switches)]
             try:
-                for name, (deal, band, mask) in variants.items():
-                    # read when traced below
-                    mgpu_kernels.CONTRACT_DEAL, pallas_gmm.CONTRACT_BAND, mgpu_kernels.CONTRACT_MASK = deal, band, mask
+                for name, setting in variants.items():
+                    for h, a, v in zip(homes, switches, setting):  # read when traced below
+                        setattr(h, a, v)
                     fns[name] = jax.jit(lambda a, b, s: pallas_gmm.contract_matmul(a, b, s, out_dtype=jnp.float32,
                                                                                     chain=True))
                     got[name] = np.asarray(fns[name](x, dy, sizes))
             finally:
-                mgpu_kernels.CONTRACT_DEAL, pallas_gmm.CONTRACT_BAND, mgpu_kernels.CONTRACT_MASK = default
+                for h, a, v in zip(homes, switches, default):
+                    setattr(h, a, v)
             if alpha is None:   # the bound: a batched einsum of the same product on the equal groups
                 fns["einsum"] = jax.jit(lambda a, b, s: jnp.einsum("gtk,gtn->gkn", a.reshape(g, t, k),
                                                                    b.reshape(g, t, n),
                                                                    preferred_element_type=jnp.float32))
             times = rotated_rounds(fns, (x, dy, sizes), rounds)
-            first, *rest = [v for v, (_, _, mask) in variants.items() if mask]
+            first, *rest = [v for v, (_, _, mask, _) in variants.items() if mask]
             rec = dict(config=config, proj=proj, K=k, N=n, G=g, tokens_per_expert=t, alpha=alpha,
                        size_cv=float(sizes_np.std() / sizes_np.mean()), max_group=int(sizes_np.max()),
                        ms=times, bitwise_equal=all(np.array_equal(got[first], got[v]) for v in rest))
@@ -762,12 +770,14 @@ def main():
     ap.add_argument("--deal-ab", type=int, default=0, metavar="T", help="only the flat d_rhs kernel at "
                     "configs/small.py's shapes, T tokens per expert: each way of dealing its tiles to the CTAs")
     ap.add_argument("--deal-config", default="small", choices=("small", "longcat"), help="--deal-ab's expert shapes")
-    ap.add_argument("--deal-alphas", default="equal,10,2,0.5", help="--deal-ab's expert sizes: equal, or the "
-                    "Dirichlet alpha of the expert shares")
+    ap.add_argument("--deal-alphas", default="equal,10,2,0.5", help="--deal-ab's expert sizes: equal, skewed (the "
+                    "table's skewed load: an eighth of the experts empty), or the Dirichlet alpha of the expert shares")
     ap.add_argument("--deals", default=None, help="--deal-ab's deals, comma-separated (default: every one)")
     ap.add_argument("--deal-bands", default="0", help="--deal-ab's column bands, comma-separated (0: none)")
     ap.add_argument("--deal-nomask", action="store_true", help="--deal-ab also times each deal without masking the "
                     "row blocks groups share (wrong gradients: what the masking costs)")
+    ap.add_argument("--deal-zeros", action="store_true", help="--deal-ab also times each deal with the empty groups' "
+                    "tiles stored as zeros after the pipeline (mgpu_kernels.CONTRACT_ZERO_EMPTY), the others without")
     ap.add_argument("--ffn-loads", type=int, default=0, metavar="TOKENS", help="only configs/small.py's expert FFN, "
                     "forward + backward as trained, in a TOKENS x 12-row buffer under equal, aligned and skewed loads")
     ap.add_argument("--ffn-kernels", type=int, default=0, metavar="TOKENS", help="only configs/small.py's expert "
@@ -855,9 +865,9 @@ def main():
         save()
         return
     if args.deal_ab:
-        alphas = [None if a == "equal" else float(a) for a in args.deal_alphas.split(",")]
+        alphas = [a if a == "skewed" else None if a == "equal" else float(a) for a in args.deal_alphas.split(",")]
         report["deal_ab"] = deal_ab(args.deal_ab, args.deal_config, alphas, args.ab_rounds, deals=deals, bands=bands,
-                                    nomask=args.deal_nomask)
+                                    nomask=args.deal_nomask, zeros=args.deal_zeros)
         save()
         return
     if args.ffn_kernels:

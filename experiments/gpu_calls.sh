@@ -5,7 +5,8 @@
 # gradient accumulation (call 15 of 75ad468: out of memory); session 43 ran 17 (the training A/B of
 # model.dense_ffn_gmm, removed since; call 17 of 169a213) and the GPU tests session 42 had not reached; 16 times
 # bands of 2 against the default 4, 18 the table, 19 batch 24 on an H100, 20 what d_rhs's masking costs under
-# skewed loads; 8 and 9 (session 37's warpgroup split) wait; HISTORY.md):
+# skewed loads (and, session 44, the empty groups' tiles after the pipeline); 8 and 9 (session 37's warpgroup
+# split) wait; HISTORY.md):
 #     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 20; 4 takes the persistent kernels,
 #                                                            14 the rows and d_rhs bands)
 # run from the repository root on the device machine, with `.whl` carried (ml-collections and tensorboardX, which
@@ -129,10 +130,12 @@ case $N in
     done
     ;;
 20) # session 43: what d_rhs's masking of the row blocks two groups share costs under skewed loads (the skewed
-    # backward is at 0.72-0.74 of the einsum, mostly d_rhs): each deal with and without it (wrong gradients),
-    # equal groups and Dirichlet(0.3) shares (the table's skewed case less its empty eighth), at LongCat T = 512
-    step 240 python experiments/bench_moe_gemm.py --deal-ab 512 --deal-config longcat --deal-alphas equal,0.3 \
-        --deals round_robin --deal-nomask --ab-rounds 3 --out "$OUT/bench_moe_gemm_nomask_t512_s43.json"
+    # backward is at 0.72-0.74 of the einsum, mostly d_rhs): each deal with and without it (wrong gradients), and
+    # (session 44) with the empty groups' tiles stored after the pipeline (CONTRACT_ZERO_EMPTY), at equal groups,
+    # Dirichlet(0.3) shares and the table's skewed load (13 of 64 experts empty), LongCat T = 512; GPU tests first
+    step 150 python -m pytest -n 0 -q tests/test_gmm.py -k "gpu_flat_contract"
+    step 330 python experiments/bench_moe_gemm.py --deal-ab 512 --deal-config longcat --deal-alphas equal,0.3,skewed \
+        --deals round_robin --deal-nomask --deal-zeros --ab-rounds 3 --out "$OUT/bench_moe_gemm_nomask_t512_s44.json"
     ;;
 *)  echo "call number 1-20" >&2; exit 2 ;;
 esac

@@ -84,27 +84,36 @@ def test_deal_ab_times_each_deal_and_band(monkeypatch):
     assert (bench.mgpu_kernels.CONTRACT_DEAL, bench.pallas_gmm.CONTRACT_BAND) == before
 
 
-def test_deal_ab_nomask_times_each_deal_without_the_masking(monkeypatch):
+def test_deal_ab_nomask_and_zeros_time_each_deal_with_the_switch(monkeypatch):
     """--deal-nomask: each deal once more with mgpu_kernels.CONTRACT_MASK off at trace time; those variants' wrong
-    gradients stay out of the bitwise check, and the switch is restored afterwards."""
+    gradients stay out of the bitwise check. --deal-zeros: each deal once more with CONTRACT_ZERO_EMPTY on, the
+    others with it off, all in the bitwise check. The switches are restored afterwards."""
     monkeypatch.setitem(bench.SHAPES, ("longcat", "gate_up"), (64, 32, 4))
     monkeypatch.setitem(bench.PROJS, "longcat", ("gate_up",))
+    monkeypatch.setattr(bench.mgpu_kernels, "CONTRACT_ZERO_EMPTY", True)
     traced = []
 
     def contract(a, b, s, **kw):   # a masked variant is exact; an unmasked one is off by one (as skipping would be)
-        traced.append((bench.mgpu_kernels.CONTRACT_DEAL, bench.mgpu_kernels.CONTRACT_MASK))
+        mk = bench.mgpu_kernels
+        traced.append((mk.CONTRACT_DEAL, mk.CONTRACT_MASK, mk.CONTRACT_ZERO_EMPTY))
         g = s.shape[0]
         out = bench.jnp.einsum("gtk,gtn->gkn", a.reshape(g, -1, a.shape[1]), b.reshape(g, -1, b.shape[1]),
                                preferred_element_type=kw["out_dtype"])
-        return out if bench.mgpu_kernels.CONTRACT_MASK else out + 1
+        return out if mk.CONTRACT_MASK else out + 1
 
     monkeypatch.setattr(bench.pallas_gmm, "contract_matmul", contract)
     monkeypatch.setattr(bench, "time_ms", lambda f, args, **_: (1.0,) * 3)
     out = bench.deal_ab(8, "longcat", (None,), rounds=1, deals=["round_robin", "snake"], nomask=True)
-    assert traced == [("round_robin", True), ("snake", True), ("round_robin", False), ("snake", False)]
+    assert traced == [("round_robin", True, True), ("snake", True, True), ("round_robin", False, True),
+                      ("snake", False, True)]
     assert list(out[0]["ms"]) == ["round_robin", "snake", "round_robin+nomask", "snake+nomask", "einsum"]
     assert out[0]["bitwise_equal"] and set(out[0]["per_einsum"]) == set(out[0]["ms"]) - {"einsum"}
     assert bench.mgpu_kernels.CONTRACT_MASK is True
+    traced.clear()
+    out = bench.deal_ab(8, "longcat", (None,), rounds=1, deals=["round_robin"], zeros=True)
+    assert traced == [("round_robin", True, False), ("round_robin", True, True)]
+    assert list(out[0]["ms"]) == ["round_robin", "round_robin+zeros", "einsum"] and out[0]["bitwise_equal"]
+    assert bench.mgpu_kernels.CONTRACT_ZERO_EMPTY is True
 
 
 def test_rotated_starts_each_round_one_place_later():

@@ -441,33 +441,47 @@ def _contract_ref_f64(lhs, dout, sizes_l):
     # is clamped into bounds), bf16 output through the 128-column epilogue.
     (128, 128, 256, [64, 64, 0], jnp.bfloat16, BF16_TOL),
 ])
-def test_pallas_interpret_flat_contract_kernel(m, k, n, sizes_l, out_dtype, tol):
+def test_pallas_interpret_flat_contract_kernel(monkeypatch, m, k, n, sizes_l, out_dtype, tol):
     """d_rhs through one flat pipeline per CTA (pallas_chain) against a float64 reference; the interpreter
-    NaN-fills outputs, so an unwritten tile fails; empty groups must be exactly zero."""
+    NaN-fills outputs, so an unwritten tile fails; empty groups must be exactly zero, whether their tiles run a
+    masked step in the pipeline or are stored as zeros after it (CONTRACT_ZERO_EMPTY), bit for bit the same."""
+    from lcflash.kernels.gmm import mgpu_kernels as mk
     from lcflash.kernels.gmm import pallas_gmm
 
     lhs, _, dout, sizes = _inputs(14, m, k, n, sizes_l, jnp.bfloat16)
-    got = np.asarray(pallas_gmm.contract_matmul(lhs, dout, sizes, out_dtype=out_dtype, chain=True), np.float32)
-    assert got.shape == (len(sizes_l), k, n)
-    assert _rel(got, _contract_ref_f64(lhs, dout, sizes_l)) < tol
-    assert not got[[i for i, s in enumerate(sizes_l) if s == 0]].any()
+    got = {}
+    for zero_empty in (False, True):
+        monkeypatch.setattr(mk, "CONTRACT_ZERO_EMPTY", zero_empty)
+        got[zero_empty] = np.asarray(pallas_gmm.contract_matmul(lhs, dout, sizes, out_dtype=out_dtype, chain=True),
+                                     np.float32)
+        assert got[zero_empty].shape == (len(sizes_l), k, n)
+        assert _rel(got[zero_empty], _contract_ref_f64(lhs, dout, sizes_l)) < tol
+        assert not got[zero_empty][[i for i, s in enumerate(sizes_l) if s == 0]].any()
+    np.testing.assert_array_equal(got[False], got[True])
 
 
+@pytest.mark.parametrize("zero_empty", [False, True])
 @pytest.mark.parametrize("deal", ["round_robin", "sorted", "snake"])
-@pytest.mark.parametrize("sizes_l", [[512] * 64, [0] * 63 + [32768], list(range(0, 1024, 16))])
-def test_flat_contract_schedule_walks_every_tile(sizes_l, deal):
+@pytest.mark.parametrize("sizes_l", [[512] * 64, [0] * 63 + [32768], list(range(0, 1024, 16)),
+                                     [0, 900, 0, 0, 31000, 0, 300, 568, 0]])
+def test_flat_contract_schedule_walks_every_tile(sizes_l, deal, zero_empty):
     """The per-CTA step table at LongCat gate/up shapes on 132 SMs (48 x 8 tiles per group): every tile is dealt
     to one CTA once (round robin: CTA c's tiles are c, c + 132, ...), and every CTA's steps are its tiles' row blocks
-    in order (one for an empty group), within the table's static bound."""
+    in order (one for an empty group), within the table's static bound. With zero_empty an empty group's tiles are
+    in the zero list instead, and the pipeline deals the others as if the empty groups were not there."""
     from lcflash.kernels.gmm import mgpu_kernels as mk
 
     m, tk, kn, n_sms = 32768, 64, 48 * 8, 132
     sizes = jnp.asarray(sizes_l, jnp.int32)
-    tile_4g, step_cs, total_c, lin_cj = (np.asarray(a) for a in mk.contract_flat_schedule(
-        mk.contract_schedule(sizes, m, tk), m, tk, kn, n_sms, deal=deal))
+    tile_4g, step_cs, total_c, lin_cj, zero_2z = (np.asarray(a) for a in mk.contract_flat_schedule(
+        mk.contract_schedule(sizes, m, tk), m, tk, kn, n_sms, deal=deal, zero_empty=zero_empty))
     n_lin = len(sizes_l) * kn
+    empty = [i for i, s in enumerate(sizes_l) if s == 0] if zero_empty else []
+    live_tiles = [t for t in range(n_lin) if t // kn not in empty]
+    assert zero_2z[:2].tolist() == [len(empty) * kn, len(live_tiles)]
+    assert zero_2z[2:2 + len(empty)].tolist() == empty
     dealt = lin_cj[lin_cj < n_lin]
-    np.testing.assert_array_equal(np.sort(dealt), np.arange(n_lin))
+    np.testing.assert_array_equal(np.sort(dealt), live_tiles)
     assert (lin_cj[:, -1] == n_lin).all()  # the slot read ahead past every CTA's last tile
     ends = np.minimum(np.cumsum(sizes_l), m)
     starts = np.concatenate([[0], ends[:-1]])
@@ -475,7 +489,7 @@ def test_flat_contract_schedule_walks_every_tile(sizes_l, deal):
         tiles_c = [t for t in lin_cj[c] if t < n_lin]
         assert (lin_cj[c, len(tiles_c):] == n_lin).all()  # no gaps: the CTA's tiles come first
         if deal == "round_robin" or (deal == "sorted" and len(set(sizes_l)) == 1):  # equal costs: the same deal
-            assert tiles_c == list(range(c, n_lin, n_sms))
+            assert tiles_c == live_tiles[c::n_sms]
         want = []
         for j, lin in enumerate(tiles_c):
             g = lin // kn
@@ -540,15 +554,18 @@ def test_auto_deal_is_snake_below_one_tile_per_cta_and_round_robin_above():
         assert not all(a.shape == b.shape and np.array_equal(a, b) for a, b in zip(auto, other)), kn
 
 
-@pytest.mark.parametrize("wg_split,band", [("n", 0), ("m", 0), ("n", 8)])
+@pytest.mark.parametrize("wg_split,band,zero_empty", [("n", 0, False), ("n", 0, True), ("m", 0, True), ("n", 8, False)])
 @pytest.mark.parametrize("k,n,g,m", [(2048, 6144, 64, 32768), (1024, 768, 128, 65536)])  # LongCat down, small [gate | up]
-def test_pallas_chain_backward_lowers_for_cuda(mosaic_gpu_trace, monkeypatch, k, n, g, m, wg_split, band):
+def test_pallas_chain_backward_lowers_for_cuda(mosaic_gpu_trace, monkeypatch, k, n, g, m, wg_split, band,
+                                               zero_empty):
     """pallas_chain's forward + backward (flat rows and contract pipelines) and the flat contract kernel through Pallas ->
     Mosaic GPU lowering (layouts, smem budget) for CUDA on the CPU, at LongCat and small-config shapes, with the
-    compute warpgroups on column or row halves of the tiles (pallas_gmm.WG_SPLIT), and both flat kernels' tiles in
-    column bands (pallas_gmm.ROWS_BAND and CONTRACT_BAND: 8 of LongCat's 24 n tiles)."""
+    compute warpgroups on column or row halves of the tiles (pallas_gmm.WG_SPLIT), both flat kernels' tiles in
+    column bands (pallas_gmm.ROWS_BAND and CONTRACT_BAND: 8 of LongCat's 24 n tiles), and d_rhs's empty groups in
+    the pipeline or stored after it (mgpu_kernels.CONTRACT_ZERO_EMPTY)."""
     from lcflash.kernels.gmm import mgpu_kernels as mk, pallas_gmm
 
+    monkeypatch.setattr(mk, "CONTRACT_ZERO_EMPTY", zero_empty)
     monkeypatch.setattr(pallas_gmm, "WG_SPLIT", wg_split)
     monkeypatch.setattr(pallas_gmm, "ROWS_BAND", band)
     monkeypatch.setattr(pallas_gmm, "CONTRACT_BAND", band)
@@ -623,11 +640,16 @@ def test_gpu_pallas_forward_and_gradients(case, impl):
 
 
 @gpu_only
+@pytest.mark.parametrize("zero_empty", [False, True])
 @pytest.mark.parametrize("case", sorted(GPU_CASES))
-def test_gpu_flat_contract_kernel(case):
+def test_gpu_flat_contract_kernel(monkeypatch, case, zero_empty):
     """d_rhs through one flat pipeline per CTA: bit-identical to the per-tile contract kernel (same tiles, same
-    accumulation order), empty groups zero, and the same on a second call."""
+    accumulation order), empty groups zero (a masked step each in the pipeline, or stored after it:
+    CONTRACT_ZERO_EMPTY), and the same on a second call."""
+    from lcflash.kernels.gmm import mgpu_kernels as mk
     from lcflash.kernels.gmm import pallas_gmm
+
+    monkeypatch.setattr(mk, "CONTRACT_ZERO_EMPTY", zero_empty)
 
     m, k, n, sizes_l = GPU_CASES[case]
     lhs, _, dout, sizes = _inputs(13, m, k, n, sizes_l, jnp.bfloat16)

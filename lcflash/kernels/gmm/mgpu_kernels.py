@@ -666,6 +666,11 @@ def contract_schedule(group_sizes_g: jax.Array, m: int, tile_k: int) -> jax.Arra
 # add to both groups' gradients: wrong wherever groups do not fill whole tile_k blocks. Only for timing what the
 # masking costs (experiments/bench_moe_gemm.py --deal-nomask). Read at trace time.
 CONTRACT_MASK = True
+# Flat contract pipeline: an empty group's tiles (zeros) stored by the compute warpgroups after the pipeline, dealt
+# round robin after the live tiles, instead of each running one fully masked step in it (a block loaded, masked and
+# multiplied for nothing). Skewed routing empties experts: 13 of 64 in the benchmark's skewed case at T = 512, a
+# fifth of the d_rhs tiles. Bit-identical either way. Read at trace time.
+CONTRACT_ZERO_EMPTY = False
 _FLAT_BLK_BITS = 16  # flat contract schedule: a step packs (tile slot j << 16) | row block
 # How the flat contract pipeline deals its tiles to the CTAs: "round_robin" (CTA c takes c, c + n_sms, ...), or by
 # cost (their group's row blocks), so that a skewed routing's large groups do not pile onto a few CTAs: "sorted"
@@ -680,13 +685,14 @@ CONTRACT_DEALS = ("auto", "round_robin", "sorted", "snake")
 _TILE_STORE_STEPS = 2  # a tile's epilogue (accumulator to gmem), in pipeline steps, for the deals by cost
 
 
-def deal_tiles(cost_g: jax.Array, tiles_per_group: int, n_sms: int, snake: bool) -> jax.Array:
+def deal_tiles(cost_g: jax.Array, tiles_per_group: int, n_sms: int, snake: bool, n_dealt=None) -> jax.Array:
     """[n_sms, cdiv(T, n_sms)] int32, T = G * tiles_per_group: CTA c's tiles (group-major numbers) in the order it
     runs them, T (no tile) past its last. The tiles, sorted by their group's cost (descending; ties in group order),
     are dealt in rows of n_sms, so each CTA gets one tile of every rank band; `snake` reverses every other row, so
-    the CTAs that got a band's largest get the next band's smallest. The groups are ranked by counting (two fused
-    [G, G] comparison-reductions): with an argsort, building the deal cost 17-49 us per call on an H200, 5-20 us
-    this way (experiments/HISTORY.md, session 20)."""
+    the CTAs that got a band's largest get the next band's smallest. Only the first n_dealt tiles in that order
+    (default all) are dealt. The groups are ranked by counting (two fused [G, G] comparison-reductions): with an
+    argsort, building the deal cost 17-49 us per call on an H200, 5-20 us this way (experiments/HISTORY.md, session
+    20)."""
     g = cost_g.shape[0]
     n_t = g * tiles_per_group
     j_max = pl.cdiv(n_t, n_sms)
@@ -696,8 +702,8 @@ def deal_tiles(cost_g: jax.Array, tiles_per_group: int, n_sms: int, snake: bool)
     rank_g = jnp.sum(before, axis=1, dtype=jnp.int32)
     group_r = jnp.sum(jnp.where(rank_g[None, :] == ids[:, None], ids[None, :], 0), axis=1, dtype=jnp.int32)
     q = jnp.arange(j_max * n_sms, dtype=jnp.int32)
-    order = jnp.where(q < n_t, group_r[jnp.minimum(q // tiles_per_group, g - 1)] * tiles_per_group
-                      + q % tiles_per_group, n_t)
+    order = jnp.where(q < (n_t if n_dealt is None else n_dealt),
+                      group_r[jnp.minimum(q // tiles_per_group, g - 1)] * tiles_per_group + q % tiles_per_group, n_t)
     rows = order.reshape(j_max, n_sms)
     if snake:
         rows = jnp.where((jnp.arange(j_max) % 2 == 1)[:, None], rows[:, ::-1], rows)
@@ -705,22 +711,27 @@ def deal_tiles(cost_g: jax.Array, tiles_per_group: int, n_sms: int, snake: bool)
 
 
 def contract_flat_schedule(gsched_4g: jax.Array, m: int, tile_k: int, tiles_per_group: int, n_sms: int,
-                           deal: str | None = None):
+                           deal: str | None = None, zero_empty: bool | None = None):
     """Per-CTA step table for the flat contract pipeline (contract_kernel with tiles.chain).
 
     Tiles are numbered group-major (group = lin // tiles_per_group). CTA c walks the tiles of row c of `lin_cj`, as
-    `deal` (default CONTRACT_DEAL; see there for "auto") deals them: lin = c + j * n_sms round robin, else by cost
-    (`deal_tiles`). It runs every tile's steps back to back in one pipeline. Returns
-      tile_4g int32 [4, G]: start row, end row, first row block, steps; an empty group gets one step on a
-        (clamped, in-bounds) block that the kernel masks entirely, so its tiles store zeros like any other;
+    `deal` (default CONTRACT_DEAL; see there for "auto") deals them: round robin (CTA c takes the c-th, c + n_sms-th,
+    ... tile) or by cost (`deal_tiles`). It runs every tile's steps back to back in one pipeline. An empty group's
+    tiles either run one step each on a (clamped, in-bounds) block that the kernel masks entirely, so they store
+    zeros like any other, or, with `zero_empty` (default CONTRACT_ZERO_EMPTY), stay out of the pipeline: the compute
+    warpgroups store them as zeros after it, round robin continuing after the live tiles. Returns
+      tile_4g int32 [4, G]: start row, end row, first row block, steps;
       step_cs int32 [n_sms, S]: (j << 16) | row block of CTA c's step s (0 past its last step);
       total_c int32 [n_sms]: CTA c's step count;
-      lin_cj int32 [n_sms, J + 1]: the tile in CTA c's slot j, G * tiles_per_group (no tile) past its last.
+      lin_cj int32 [n_sms, J + 1]: the tile in CTA c's slot j, G * tiles_per_group (no tile) past its last;
+      zero_2z int32 [2 + G]: the number of zero tiles, of pipeline tiles, then the empty groups in order (0 tiles
+        without zero_empty).
     A CTA holds at most t = cdiv(tiles_per_group, n_sms) tiles of each group (t + 1 dealt by cost: a group's tiles
     are adjacent in cost order and each row of the deal gives a CTA one tile), and the groups' steps sum to
     < m / tile_k + 2 G, so S = t' * (cdiv(m, tile_k) + 2 G) bounds every CTA's steps.
     """
     deal = CONTRACT_DEAL if deal is None else deal
+    zero_empty = CONTRACT_ZERO_EMPTY if zero_empty is None else zero_empty
     if deal not in CONTRACT_DEALS:
         raise ValueError(f"contract deal {deal!r}: must be one of {CONTRACT_DEALS}")
     if deal == "auto":
@@ -738,24 +749,33 @@ def contract_flat_schedule(gsched_4g: jax.Array, m: int, tile_k: int, tiles_per_
     s_max = per_group * (n_blocks + 2 * g)
     if j_max >= 1 << (31 - _FLAT_BLK_BITS) or n_blocks >= 1 << _FLAT_BLK_BITS:
         raise ValueError(f"flat contract schedule: {j_max} tiles per CTA or {n_blocks} row blocks do not pack")
-    if by_cost:
-        lin_cj = deal_tiles(nst + _TILE_STORE_STEPS, tiles_per_group, n_sms, snake=deal == "snake")
-    else:
-        lin_cj = jnp.arange(n_sms, dtype=jnp.int32)[:, None] + n_sms * jnp.arange(j_max, dtype=jnp.int32)[None, :]
-        lin_cj = jnp.minimum(lin_cj, n_lin)
+    live = nblk > 0 if zero_empty else jnp.ones((g,), bool)
+    n_piped = jnp.sum(live, dtype=jnp.int32) * tiles_per_group
+    find = functools.partial(jnp.searchsorted, side="right", method="compare_all")
+    ranks = jnp.arange(g, dtype=jnp.int32)
+    if by_cost:  # an empty group costs least, so with zero_empty the first n_piped tiles dealt are the live ones
+        lin_cj = deal_tiles(jnp.where(live, nst + _TILE_STORE_STEPS, 0), tiles_per_group, n_sms,
+                            snake=deal == "snake", n_dealt=n_piped)
+    else:  # the q-th live tile, q = c + j * n_sms
+        q = jnp.arange(n_sms, dtype=jnp.int32)[:, None] + n_sms * jnp.arange(j_max, dtype=jnp.int32)[None, :]
+        live_g = find(jnp.cumsum(live, dtype=jnp.int32), ranks).astype(jnp.int32)  # the r-th live group
+        lin_cj = jnp.where(q < n_piped, live_g[jnp.minimum(q // tiles_per_group, g - 1)] * tiles_per_group
+                           + q % tiles_per_group, n_lin)
+    empty_g = find(jnp.cumsum(~live, dtype=jnp.int32), ranks).astype(jnp.int32)  # the r-th empty group (>= g: none)
+    zero_2z = jnp.concatenate([jnp.stack([n_lin - n_piped, n_piped]), jnp.minimum(empty_g, g - 1)])
     grp_cj = jnp.minimum(lin_cj // tiles_per_group, g - 1)
     steps_cj = jnp.where(lin_cj < n_lin, nst[grp_cj], 0)
     cum_cj = jnp.cumsum(steps_cj, axis=1)
     total_c = cum_cj[:, -1]
     s_s = jnp.arange(s_max, dtype=jnp.int32)
-    find = functools.partial(jnp.searchsorted, side="right", method="compare_all")
     j_cs = jnp.minimum(jax.vmap(lambda cum: find(cum, s_s))(cum_cj), j_max - 1)
     j_cs = j_cs.astype(jnp.int32)
     first_cs = jnp.take_along_axis(cum_cj - steps_cj, j_cs, axis=1)
     blk_cs = blk0[jnp.take_along_axis(grp_cj, j_cs, axis=1)] + s_s[None, :] - first_cs
     step_cs = jnp.where(s_s[None, :] < total_c[:, None], (j_cs << _FLAT_BLK_BITS) | blk_cs, 0)
     lin_cj = jnp.concatenate([lin_cj, jnp.full((n_sms, 1), n_lin, jnp.int32)], axis=1)  # slot j + 1 is read ahead
-    return tile_4g, step_cs.astype(jnp.int32), total_c.astype(jnp.int32), lin_cj.astype(jnp.int32)
+    return (tile_4g, step_cs.astype(jnp.int32), total_c.astype(jnp.int32), lin_cj.astype(jnp.int32),
+            zero_2z.astype(jnp.int32))
 
 
 def contract_kernel(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles, lhs_is_km: bool = False,
@@ -902,10 +922,11 @@ def _contract_kernel_flat(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles,
     def k_n_tile(lin):  # (K tile, N tile) of a group's tile lin % kn
         return band_order(lin % kn, n_tiles, k_tiles, tiles.band)
 
-    tile_4g, step_cs, total_c, lin_cj = contract_flat_schedule(gsched_4g, m, tc, kn, n_sms)
+    zero_empty = CONTRACT_ZERO_EMPTY
+    tables = contract_flat_schedule(gsched_4g, m, tc, kn, n_sms, zero_empty=zero_empty)
     blk_mask = (1 << _FLAT_BLK_BITS) - 1
 
-    def kernel(tile_ref, step_ref, total_ref, lin_ref, lhs_gmem, rhs_gmem, out_gmem):
+    def kernel(tile_ref, step_ref, total_ref, lin_ref, zero_ref, lhs_gmem, rhs_gmem, out_gmem):
         sm = lax.axis_index("sm")
 
         def index_of(s):  # TMA warpgroup: (row block, K tile, N tile) of step s, from the step and tile tables
@@ -966,8 +987,23 @@ def _contract_kernel_flat(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles,
 
             pipe = make_pipeline(mma, context, total_ref[sm])
             pipe(lhs_gmem, rhs_gmem, allocations=allocs)
+
+            if zero_empty:
+                @pl.when(wg < 2)
+                def _zeros():  # empty groups' tiles, round robin continuing after the pipeline's
+                    n_zero, n_piped = zero_ref[0], zero_ref[1]
+                    first = (sm - n_piped % n_sms + n_sms) % n_sms
+
+                    @pl.loop(0, (n_zero - first + n_sms - 1) // n_sms)
+                    def _zero_tile(i):
+                        z = first + i * n_sms
+                        kt, nt = k_n_tile(z)
+                        _store_rows(jnp.zeros((wr, wc), jnp.float32), out_gmem.at[zero_ref[2 + z // kn]],
+                                    stage_smem.at[wg], row0=kt * tm + r_off, start=0, rows=wr,
+                                    col0=nt * 2 * tn + c_off, epi_n=epi_n)
+
             plgpu.wait_smem_to_gmem(0)  # all output stores have landed before the kernel exits
 
     call = _persistent_call(kernel, jax.ShapeDtypeStruct((g, k, n), out_dtype), interpret,
                             name=f"gmm_contract_flat_k{k}_n{n}")
-    return call(tile_4g, step_cs, total_c, lin_cj, lhs_mk.T if lhs_is_km else lhs_mk, rhs_mn)
+    return call(*tables, lhs_mk.T if lhs_is_km else lhs_mk, rhs_mn)
