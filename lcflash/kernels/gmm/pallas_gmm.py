@@ -29,12 +29,15 @@ WG_SPLIT = "n"
 # product's n tiles (0: row-major); ROWS_BAND for the rows kernel (forward, d_lhs), CONTRACT_BAND for d_rhs. Read
 # at trace time. On an H100 in rotated rounds with an A/A control (session 42, experiments/gmm_notes.md), rows
 # bands of 4 lifted LongCat's down forward from 0.78 to 0.98 of the einsum at T = 512 and from 0.68 to 0.90 at
-# T = 4096, and the gate/up d_lhs from 0.71 to 0.87 (T = 512); d_rhs gained at down and lost at gate/up, so it
-# stays row-major. configs/small.py's products have at most 4 n tiles, so its training is unchanged by any band
-# of 4 or more (its lowered expert FFN is the same text). Pinned tiles (ROWS_TILES, CONTRACT_TILES) keep their own,
-# and groups of a row tile or less on average are not banded (rows_matmul).
+# T = 4096, and the gate/up d_lhs from 0.71 to 0.87 (T = 512). d_rhs with an fp32 output (a 3-deep ring) gained at
+# down and lost at gate/up (session 42), but with the bf16 output the model's backward writes (a 4-deep ring),
+# row-major collapsed at large T: LongCat's down d_rhs at T = 4096 ran at 0.50 of the einsum, 0.885 in bands of 4,
+# and its whole backward at 0.77 against 0.95-1.01; elsewhere bands of 4 were level or ahead (session 44). So both
+# are 4. configs/small.py's products have at most 4 n tiles (3 for its gate and up d_rhs), so its training is
+# unchanged by any band of 4 or more (its lowered expert FFN is the same text). Pinned tiles (ROWS_TILES,
+# CONTRACT_TILES) keep their own, and groups of a row tile or less on average are not banded (rows_matmul).
 ROWS_BAND = 4
-CONTRACT_BAND = 0
+CONTRACT_BAND = 4
 
 
 def set_bands(rows: int | None = None, contract: int | None = None):

@@ -1,0 +1,157 @@
+"""The d_rhs (contract) kernel's tilings against each other, and a switch's effect on the whole expert product.
+
+Two modes, both in rotated rounds (bench_moe_gemm.rotated_rounds) on one machine:
+
+  kernel (default): the d_rhs kernel alone at each case (config/proj/T, equal groups), bf16 output as the model's
+    backward writes it, in each tiling variant: the default (`pallas_gmm._chain_tiles` of the shapes) with
+    overrides of mk.Tiles fields, e.g. `default,stages=3,band=4,stages=4+band=4`; against a bf16 batched einsum
+    (the bound). Every variant's output must equal the first's bit for bit (same tiles, same sums).
+  --gmm-switch NAME=A,B: the table's forward and backward (bench_moe_gemm.run_case, pallas_chain and the einsum)
+    with the module switch NAME (pallas_gmm.X or mgpu_kernels.X) at A and at B, alternating, `--rounds` each.
+
+    python experiments/contract_ab.py --cases longcat/down/4096,longcat/down/512 --variants default,stages=3,band=4
+    python experiments/contract_ab.py --cases longcat/down/4096 --gmm-switch CONTRACT_BAND=0,4 --rounds 2
+
+Session 44 (one H100) ran these as inline scripts of the same code (experiments/HISTORY.md, session 44).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_moe_gemm as bench  # noqa: E402
+from lcflash.kernels.gmm import mgpu_kernels as mk  # noqa: E402
+from lcflash.kernels.gmm import pallas_gmm  # noqa: E402
+
+
+def parse_case(text: str) -> tuple[str, str, int]:
+    parts = text.split("/")
+    if len(parts) != 3 or (parts[0], parts[1]) not in bench.SHAPES or not parts[2].isdigit() or int(parts[2]) < 1:
+        raise ValueError(f"case {text!r}: want config/proj/T with (config, proj) in {sorted(bench.SHAPES)}, T >= 1")
+    return parts[0], parts[1], int(parts[2])
+
+
+def parse_variant(text: str) -> dict:
+    """'default' -> {}; 'stages=3+band=4' -> {'stages': 3, 'band': 4} (integer mk.Tiles fields only)."""
+    if text == "default":
+        return {}
+    fields = {f.name for f in dataclasses.fields(mk.Tiles) if f.type in (int, "int")}
+    out = {}
+    for item in text.split("+"):
+        key, _, value = item.partition("=")
+        if key not in fields or not value.lstrip("-").isdigit():
+            raise ValueError(f"variant {text!r}: want 'default' or field=int joined by '+', fields {sorted(fields)}")
+        out[key] = int(value)
+    return out
+
+
+def kernel_ab(cases, variants: dict, rounds: int) -> list:
+    out = []
+    for config, proj, t in cases:
+        k, n, g = bench.SHAPES[(config, proj)]
+        m = g * t
+        keys = jax.random.split(jax.random.key(t + k), 2)
+        x = jax.random.normal(keys[0], (m, k), jnp.bfloat16)
+        dy = jax.random.normal(keys[1], (m, n), jnp.bfloat16)
+        sizes = jnp.full((g,), t, jnp.int32)
+        base = pallas_gmm._chain_tiles(pallas_gmm._contract_tiles(n, jnp.bfloat16), False, jnp.bfloat16, 1,
+                                       contract=True, n=n, band=pallas_gmm.CONTRACT_BAND)
+        fns, got, tiles_of = {}, {}, {}
+        try:
+            for name, fields in variants.items():
+                pallas_gmm.CONTRACT_TILES = tiles_of[name] = dataclasses.replace(base, **fields)  # read when traced
+                fns[name] = jax.jit(lambda a, d, s: pallas_gmm.contract_matmul(a, d, s, out_dtype=jnp.bfloat16,
+                                                                               chain=True))
+                got[name] = np.asarray(fns[name](x, dy, sizes), np.float32)
+        finally:
+            pallas_gmm.CONTRACT_TILES = None
+        fns["einsum"] = jax.jit(lambda a, d, s: jnp.einsum("gtk,gtn->gkn", a.reshape(g, t, k), d.reshape(g, t, n)))
+        times = bench.rotated_rounds(fns, (x, dy, sizes), rounds)
+        first = next(iter(variants))
+        rec = dict(config=config, proj=proj, tokens_per_expert=t, K=k, N=n, G=g, ms=times,
+                   per_einsum={v: float(np.median(times["einsum"]) / np.median(ts)) for v, ts in times.items()},
+                   tiles={v: str(tl) for v, tl in tiles_of.items()},
+                   bitwise_equal=all(np.array_equal(got[first], a) for a in got.values()))
+        print("contract_ab", json.dumps(rec), flush=True)
+        out.append(rec)
+    return out
+
+
+def switch_home(name: str):
+    for module in (pallas_gmm, mk):
+        if hasattr(module, name) and name.isupper():
+            return module
+    raise ValueError(f"--gmm-switch {name!r}: not a switch of pallas_gmm or mgpu_kernels")
+
+
+def gmm_switch_ab(cases, name: str, values, rounds: int, bw_gbs: float) -> list:
+    home, out = switch_home(name), []
+    default = getattr(home, name)
+    try:
+        for config, proj, t in cases:
+            for r in range(rounds):
+                for value in values if r % 2 == 0 else values[::-1]:
+                    setattr(home, name, value)
+                    row = bench.run_case(config, proj, t, "balanced", ["pallas_chain", "einsum"], bw_gbs, [],
+                                         check=False)
+                    ours, ein = row["impls"]["pallas_chain"], row["impls"]["einsum"]
+                    rec = dict(config=config, proj=proj, tokens_per_expert=t, round=r, switch=name, value=value,
+                               fwd_ms=ours["fwd_ms"], bwd_ms=ours["bwd_ms"], einsum_fwd_ms=ein["fwd_ms"],
+                               einsum_bwd_ms=ein["bwd_ms"], fwd_per_einsum=ein["fwd_ms"] / ours["fwd_ms"],
+                               bwd_per_einsum=ein["bwd_ms"] / ours["bwd_ms"])
+                    print("gmm_switch_ab", json.dumps(rec), flush=True)
+                    out.append(rec)
+    finally:
+        setattr(home, name, default)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", default="longcat/down/4096,longcat/gate_up/4096,longcat/down/512,longcat/gate_up/512",
+                    help="config/proj/T, comma-separated")
+    ap.add_argument("--variants", default="default,stages=3,band=4", help="kernel mode's tilings (see above)")
+    ap.add_argument("--gmm-switch", default="", metavar="NAME=A,B", help="the whole product with a switch at A, B")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--out", default="experiments/contract_ab.json")
+    args = ap.parse_args()
+    try:
+        cases = [parse_case(c) for c in args.cases.split(",")]
+        variants = {v: parse_variant(v) for v in args.variants.split(",")}
+        if args.gmm_switch:
+            name, _, values = args.gmm_switch.partition("=")
+            switch_home(name)
+            values = [int(v) if v.lstrip("-").isdigit() else {"True": True, "False": False}.get(v, v)
+                      for v in values.split(",")]
+            if len(values) < 2:
+                raise ValueError(f"--gmm-switch {args.gmm_switch!r}: want NAME=A,B")
+    except ValueError as e:
+        ap.error(str(e))
+    if args.rounds < 1:
+        ap.error(f"--rounds {args.rounds}: must be at least 1")
+    dev = jax.devices()[0]
+    meta = dict(device=dev.device_kind, platform=dev.platform, jax=jax.__version__,
+                date_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                command="python " + " ".join(sys.argv), contract_band=pallas_gmm.CONTRACT_BAND,
+                contract_zero_empty=mk.CONTRACT_ZERO_EMPTY)
+    print(json.dumps(meta), flush=True)
+    if args.gmm_switch:
+        results = gmm_switch_ab(cases, name, values, args.rounds, bench.measure_bandwidth_gbs())
+    else:
+        results = kernel_ab(cases, variants, args.rounds)
+    with open(args.out, "w") as f:
+        json.dump(dict(meta=meta, results=results), f, indent=1)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

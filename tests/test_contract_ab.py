@@ -1,0 +1,61 @@
+"""experiments/contract_ab.py on the CPU with the kernels stubbed: each tiling variant traced with its own pinned
+tiles, the bitwise check, the switch A/B alternating and restoring the switch, and bad flags refused by name."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiment_scripts import load
+
+ab = load("contract_ab")
+
+
+def test_parse_case_and_variant_name_what_is_wrong():
+    assert ab.parse_case("longcat/down/4096") == ("longcat", "down", 4096)
+    assert ab.parse_variant("default") == {} and ab.parse_variant("stages=3+band=4") == {"stages": 3, "band": 4}
+    for bad in ("longcat/down", "longcat/up/512", "small/down/0", "small/down/x"):
+        with pytest.raises(ValueError, match="config/proj/T"):
+            ab.parse_case(bad)
+    for bad in ("stages", "stagez=3", "stages=three", "chain=1+x"):
+        with pytest.raises(ValueError, match="field=int"):
+            ab.parse_variant(bad)
+    with pytest.raises(ValueError, match="not a switch"):
+        ab.switch_home("NO_SUCH_SWITCH")
+
+
+def test_kernel_ab_pins_each_variant_and_checks_bitwise(monkeypatch):
+    monkeypatch.setitem(ab.bench.SHAPES, ("toy", "down"), (128, 1024, 2))   # 4 n tiles of 256 columns
+    monkeypatch.setattr(ab.pallas_gmm, "CONTRACT_BAND", 2)
+    traced = []
+
+    def contract(a, d, s, **kw):   # "stages=2" sums in another order: off by one
+        tiles = ab.pallas_gmm.CONTRACT_TILES
+        traced.append((tiles.stages, tiles.band))
+        g = s.shape[0]
+        out = jnp.einsum("gtk,gtn->gkn", a.reshape(g, -1, a.shape[1]), d.reshape(g, -1, d.shape[1]))
+        return out + (tiles.stages == 2)
+
+    monkeypatch.setattr(ab.pallas_gmm, "contract_matmul", contract)
+    monkeypatch.setattr(ab.bench, "time_ms", lambda f, args, **_: (2.0,) * 3)
+    (rec,) = ab.kernel_ab([("toy", "down", 8)], {"default": {}, "band=0": {"band": 0}}, rounds=1)
+    assert traced == [(4, 2), (4, 0)] and ab.pallas_gmm.CONTRACT_TILES is None
+    assert rec["bitwise_equal"] and list(rec["ms"]) == ["default", "band=0", "einsum"]
+    assert rec["per_einsum"]["default"] == 1.0 and "band=0)" in rec["tiles"]["band=0"]
+    (rec,) = ab.kernel_ab([("toy", "down", 8)], {"default": {}, "stages=2": {"stages": 2}}, rounds=1)
+    assert not rec["bitwise_equal"]
+
+
+def test_gmm_switch_ab_alternates_and_restores(monkeypatch):
+    seen = []
+
+    def run_case(config, proj, t, load, impls, bw, results, check=True):
+        seen.append(ab.pallas_gmm.CONTRACT_BAND)
+        ms = 1.0 + ab.pallas_gmm.CONTRACT_BAND
+        return dict(impls={"pallas_chain": dict(fwd_ms=ms, bwd_ms=2 * ms), "einsum": dict(fwd_ms=1.0, bwd_ms=2.0)})
+
+    monkeypatch.setattr(ab.bench, "run_case", run_case)
+    before = ab.pallas_gmm.CONTRACT_BAND
+    out = ab.gmm_switch_ab([("longcat", "down", 64)], "CONTRACT_BAND", [0, 4], rounds=2, bw_gbs=1.0)
+    assert seen == [0, 4, 4, 0] and ab.pallas_gmm.CONTRACT_BAND == before
+    assert [r["value"] for r in out] == [0, 4, 4, 0]
+    np.testing.assert_allclose([r["bwd_per_einsum"] for r in out], [1.0, 0.2, 0.2, 1.0])
