@@ -4,8 +4,8 @@ Two modes, both in rotated rounds (bench_moe_gemm.rotated_rounds) on one machine
 
   kernel (default): the d_rhs kernel alone at each case (config/proj/T, equal groups), bf16 output as the model's
     backward writes it, in each tiling variant: the default (`pallas_gmm._chain_tiles` of the shapes) with
-    overrides of mk.Tiles fields, e.g. `default,stages=3,band=4,stages=4+band=4`; against a bf16 batched einsum
-    (the bound). Every variant's output must equal the first's bit for bit (same tiles, same sums).
+    overrides of mk.Tiles fields, e.g. `default,stages=3,band=4,stages=4+band=4,pingpong=1`; against a bf16
+    batched einsum (the bound). Every variant's output must equal the first's bit for bit (same sums).
   --gmm-switch NAME=A,B: the table's forward and backward (bench_moe_gemm.run_case, pallas_chain and the einsum)
     with the module switch NAME (pallas_gmm.X or mgpu_kernels.X) at A and at B, alternating, `--rounds` each.
 
@@ -41,17 +41,29 @@ def parse_case(text: str) -> tuple[str, str, int]:
 
 
 def parse_variant(text: str) -> dict:
-    """'default' -> {}; 'stages=3+band=4' -> {'stages': 3, 'band': 4} (integer mk.Tiles fields only)."""
+    """'default' -> {}; 'stages=3+band=4' -> {'stages': 3, 'band': 4}; 'pingpong=1' -> {'pingpong': True} (the
+    integer and boolean mk.Tiles fields)."""
     if text == "default":
         return {}
-    fields = {f.name for f in dataclasses.fields(mk.Tiles) if f.type in (int, "int")}
+    kinds = {f.name: bool if f.type in (bool, "bool") else int
+             for f in dataclasses.fields(mk.Tiles) if f.type in (int, "int", bool, "bool")}
     out = {}
     for item in text.split("+"):
         key, _, value = item.partition("=")
-        if key not in fields or not value.lstrip("-").isdigit():
-            raise ValueError(f"variant {text!r}: want 'default' or field=int joined by '+', fields {sorted(fields)}")
-        out[key] = int(value)
+        if key not in kinds or not value.lstrip("-").isdigit():
+            raise ValueError(f"variant {text!r}: want 'default' or field=int joined by '+', fields {sorted(kinds)}")
+        out[key] = kinds[key](int(value))
     return out
+
+
+def variant_tiles(n: int, fields: dict) -> mk.Tiles:
+    """The d_rhs kernel's flat tiles at N = n with bf16 output, as contract_matmul picks them (with
+    `pingpong` set, as it picks them under CONTRACT_PINGPONG: a ring of the depth that fits), then `fields`."""
+    tiles = pallas_gmm._contract_tiles(n, jnp.bfloat16)
+    if fields.get("pingpong"):
+        tiles = dataclasses.replace(tiles, pingpong=True, wg_split="n")
+    base = pallas_gmm._chain_tiles(tiles, False, jnp.bfloat16, 1, contract=True, n=n, band=pallas_gmm.CONTRACT_BAND)
+    return dataclasses.replace(base, **fields)
 
 
 def kernel_ab(cases, variants: dict, rounds: int) -> list:
@@ -63,12 +75,10 @@ def kernel_ab(cases, variants: dict, rounds: int) -> list:
         x = jax.random.normal(keys[0], (m, k), jnp.bfloat16)
         dy = jax.random.normal(keys[1], (m, n), jnp.bfloat16)
         sizes = jnp.full((g,), t, jnp.int32)
-        base = pallas_gmm._chain_tiles(pallas_gmm._contract_tiles(n, jnp.bfloat16), False, jnp.bfloat16, 1,
-                                       contract=True, n=n, band=pallas_gmm.CONTRACT_BAND)
         fns, got, tiles_of = {}, {}, {}
         try:
             for name, fields in variants.items():
-                pallas_gmm.CONTRACT_TILES = tiles_of[name] = dataclasses.replace(base, **fields)  # read when traced
+                pallas_gmm.CONTRACT_TILES = tiles_of[name] = variant_tiles(n, fields)  # read when traced
                 fns[name] = jax.jit(lambda a, d, s: pallas_gmm.contract_matmul(a, d, s, out_dtype=jnp.bfloat16,
                                                                                chain=True))
                 got[name] = np.asarray(fns[name](x, dy, sizes), np.float32)

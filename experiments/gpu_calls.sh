@@ -3,10 +3,10 @@
 # that gains alone; 10 (the L2 prefetch) and 11 ran in session 40; session 41 ran the in-kernel merge (gone since);
 # session 42 ran the bands in rotated rounds (call 13 of 75ad468), 14, and the H100's training profile with
 # gradient accumulation (call 15 of 75ad468: out of memory); session 43 ran 17 (the training A/B of
-# model.dense_ffn_gmm, removed since; call 17 of 169a213) and the GPU tests session 42 had not reached; 16 times
-# bands of 2 against the default 4, 18 the table, 19 batch 24 on an H100, 20 what d_rhs's masking costs under
-# skewed loads (and, session 44, the empty groups' tiles after the pipeline); 8 and 9 (session 37's warpgroup
-# split) wait; HISTORY.md):
+# model.dense_ffn_gmm, removed since; call 17 of 169a213) and the GPU tests session 42 had not reached; session 44
+# ran 16 (rows bands of 2), 19 (training at batch 24) and 20 (d_rhs's masking and the empty groups' tiles; calls
+# 16, 19 and 20 of d278522), and 18 before d_rhs's bands; 18 reads the table again with them; the new 19 and 20 time
+# d_rhs's ping-pong kernel; 8 and 9 (session 37's warpgroup split) wait; HISTORY.md):
 #     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 20; 4 takes the persistent kernels,
 #                                                            14 the rows and d_rhs bands)
 # run from the repository root on the device machine, with `.whl` carried (ml-collections and tensorboardX, which
@@ -110,32 +110,24 @@ case $N in
     step 270 python experiments/bench_moe_gemm.py --impls pallas_chain,einsum --rounds 2 --budget-s 200 \
         --rows-band "${2:-4}" --contract-band "${3:-0}" --out "$OUT/bench_moe_gemm_table_bands.json"
     ;;
-16) # whether bands narrower than 4 do better at T = 512, where the [gate | up] d_lhs is still at 0.87 of the
-    # einsum (the GPU tests under the default bands of 4 ran in sessions 42 and 43)
-    step 130 python experiments/bench_moe_gemm.py --rows-ab band4,band2,flat --ab-rounds 3 \
-        --out "$OUT/bench_moe_gemm_band2_t512_s43.json"
-    ;;
-18) # the main table with the defaults in 2 rounds, past T = 2048 (#8's targets as they stand)
+18) # the main table with the defaults (d_rhs in bands of 4 since session 44) in 2 rounds, past T = 2048 (#8's targets)
     step 330 python experiments/bench_moe_gemm.py --impls pallas_chain,einsum --rounds 2 --budget-s 300 \
-        --out "$OUT/bench_moe_gemm_table_s43.json"
+        --out "$OUT/bench_moe_gemm_table_dbands.json"
     ;;
-19) # the H100's largest batch: batch 20 peaked at 66.3 GiB of the 75.2 the 0.95 fraction leaves, its activations
-    # ~1.6 GiB a row (43.6 GiB of temporaries less the gradient and the bf16 weights), so 24 should peak near 72.7
-    # (lcflash.plan, which overcounts batch 20 by 3.8, says 77.3); a larger batch spreads AdamW's 17.9 ms over more
-    # tokens. Batch 20 after it, as the baseline on the same machine. Each is a cold compile (> 150 s on a fresh
-    # H100 in session 43), so two batches fill a call
-    G="python experiments/bench_train.py --gmm_impl pallas_chain --remat --warmup 2 --steps 10 --mem_fraction 0.95"
-    for b in 24 20; do
-        step 280 $G --batch $b --out "$OUT/bench_train_b${b}_h100.json"
-    done
-    ;;
-20) # session 43: what d_rhs's masking of the row blocks two groups share costs under skewed loads (the skewed
-    # backward is at 0.72-0.74 of the einsum, mostly d_rhs): each deal with and without it (wrong gradients), and
-    # (session 44) with the empty groups' tiles stored after the pipeline (CONTRACT_ZERO_EMPTY), at equal groups,
-    # Dirichlet(0.3) shares and the table's skewed load (13 of 64 experts empty), LongCat T = 512; GPU tests first
+19) # session 44: d_rhs with each compute warpgroup on its own tiles from its own TMA warpgroup (ping-pong,
+    # pallas_gmm.CONTRACT_PINGPONG, off): GPU tests (bitwise against the per-tile kernel), the kernel alone against
+    # the default (bf16 output, 3 rotated rounds), then the whole product where d_rhs is weakest (T = 512)
     step 150 python -m pytest -n 0 -q tests/test_gmm.py -k "gpu_flat_contract"
-    step 330 python experiments/bench_moe_gemm.py --deal-ab 512 --deal-config longcat --deal-alphas equal,0.3,skewed \
-        --deals round_robin --deal-nomask --deal-zeros --ab-rounds 3 --out "$OUT/bench_moe_gemm_nomask_t512_s44.json"
+    step 200 python experiments/contract_ab.py --variants default,pingpong=1 --rounds 3 --cases \
+        longcat/gate_up/512,longcat/down/512,longcat/gate_up/4096,longcat/down/4096,small/gate_up/1536,small/down/1536 \
+        --out "$OUT/contract_ab_pingpong.json"
+    step 150 python experiments/contract_ab.py --cases longcat/gate_up/512,longcat/down/512 \
+        --gmm-switch CONTRACT_PINGPONG=False,True --rounds 2 --out "$OUT/contract_ab_pingpong_gmm.json"
+    ;;
+20) # if call 19's ping-pong gained: training A/B at batch 24 (two cold compiles), the default then ping-pong
+    G="python experiments/bench_train.py --gmm_impl pallas_chain --remat --warmup 2 --steps 10 --mem_fraction 0.95"
+    step 280 $G --batch 24 --out "$OUT/bench_train_b24_default.json"
+    step 280 $G --batch 24 --contract_pingpong --out "$OUT/bench_train_b24_pingpong.json"
     ;;
 *)  echo "call number 1-20" >&2; exit 2 ;;
 esac

@@ -38,6 +38,9 @@ WG_SPLIT = "n"
 # CONTRACT_TILES) keep their own, and groups of a row tile or less on average are not banded (rows_matmul).
 ROWS_BAND = 4
 CONTRACT_BAND = 4
+# d_rhs's flat pipeline with its two compute warpgroups on alternate tiles, each fed by its own TMA warpgroup
+# (mk.Tiles.pingpong), so one stores while the other multiplies. Off until measured. Read at trace time.
+CONTRACT_PINGPONG = False
 
 
 def set_bands(rows: int | None = None, contract: int | None = None):
@@ -87,10 +90,12 @@ def _chain_tiles(tiles: mk.Tiles, pinned: bool, out_dtype, n_rhs: int, contract:
     divisor of its n tiles up to band (ROWS_BAND / CONTRACT_BAND)."""
     if pinned:
         return dataclasses.replace(tiles, chain=True)
+    per_tile = 1 if tiles.pingpong else 2  # a ping-pong warpgroup's tile is half as wide: bands of as many columns
     for stages in range(max(tiles.stages, 4), 0, -1):
-        for epi_n in sorted({tiles.epi_n, min(64, tiles.epi_n)}, reverse=True):
+        for epi_n in sorted({tiles.epi_n, min(64, tiles.epi_n), min(32 if tiles.pingpong else 64, tiles.epi_n)},
+                            reverse=True):
             t = dataclasses.replace(tiles, stages=stages, epi_n=epi_n, chain=True,
-                                    band=mk.widest_band(n // (2 * tiles.tile_n), band))
+                                    band=mk.widest_band(n // (per_tile * tiles.tile_n), band * 2 // per_tile))
             if mk.smem_bytes(t, n_rhs=n_rhs, in_dtype=jnp.bfloat16, out_dtype=out_dtype, contract=contract,
                              margin=512, epi_in=epi_in) <= mk._SMEM_BYTES:
                 return t
@@ -187,6 +192,8 @@ def contract_matmul(lhs_mk, dout_mn, group_sizes_g, *, out_dtype, chain=False):
     n = dout_mn.shape[1]
     tiles = _contract_tiles(n, out_dtype)
     if chain:
+        if CONTRACT_PINGPONG and CONTRACT_TILES is None:
+            tiles = dataclasses.replace(tiles, pingpong=True, wg_split="n")
         tiles = _chain_tiles(tiles, CONTRACT_TILES is not None, out_dtype, 1, contract=True, n=n,
                              band=CONTRACT_BAND)
     if k % tiles.tile_m:
