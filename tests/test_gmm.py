@@ -111,6 +111,11 @@ def test_overlap_mma_needs_the_flat_pipeline():
         mk.rows_kernel(x, [w], mk.row_schedule(s, 128, 128)[0], transpose_rhs=False, out_dtype=x.dtype, tiles=tiles)
     with pytest.raises(ValueError, match="overlap_mma needs chain=True"):
         mk.contract_kernel(x, dy, mk.contract_schedule(s, 128, 64), out_dtype=x.dtype, tiles=tiles)
+    with pytest.raises(ValueError, match="pingpong needs chain=True"):
+        mk.contract_kernel(x, dy, mk.contract_schedule(s, 128, 64), out_dtype=x.dtype, tiles=mk.Tiles(pingpong=True))
+    with pytest.raises(ValueError, match="wg_split must be 'n'"):
+        mk.contract_kernel(x, dy, mk.contract_schedule(s, 128, 64), out_dtype=x.dtype,
+                           tiles=mk.Tiles(pingpong=True, chain=True, wg_split="m"))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -634,7 +634,8 @@ def _contract_step(acc, a_smem, b_smem, row0, start, end, *, wg, tiles: Tiles, l
     (a block shared by two groups), then acc += lhs_block^T @ dout_block for this warpgroup's part of the tile.
 
     Tiles.wg_split "n": the warpgroup reads only its own dout half. "m": it reads all of dout and its row half of
-    lhs^T, so the two warpgroups meet at mask_bar after masking (only on masked steps; both take the same branch)."""
+    lhs^T, so the two warpgroups meet at mask_bar after masking (only on masked steps; both take the same branch).
+    The ping-pong kernel passes wg=0 and blocks of one warpgroup's width: the warpgroup owns all of them."""
     tc, tn = b_smem.shape[0], tiles.tile_n
     (wr, wc), (r_off, c_off) = tiles.wg_tile(), _wg_offsets(tiles, wg)
     b_own = b_smem.at[:, pl.ds(wg * tn, tn)]  # the half this warpgroup masks, whichever part it reads
@@ -801,8 +802,10 @@ def contract_kernel(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles, lhs_i
     warpgroups zero the accumulator and store the tile at a tile's last step, the TMA warpgroup never drains
     between tiles. Same tiles, same accumulation order: results are bit-identical to the per-tile variant.
     """
-    if (tiles.overlap_mma or tiles.pingpong) and not tiles.chain:
-        raise ValueError("Tiles.overlap_mma and Tiles.pingpong need chain=True (see rows_kernel)")
+    if tiles.overlap_mma and not tiles.chain:
+        raise ValueError("Tiles.overlap_mma needs chain=True (see rows_kernel)")
+    if tiles.pingpong and not tiles.chain:
+        raise ValueError("Tiles.pingpong needs chain=True (its pairs walk the flat schedule)")
     if tiles.pingpong:
         return _contract_kernel_pingpong(lhs_mk, rhs_mn, gsched_4g, out_dtype=out_dtype, tiles=tiles,
                                          lhs_is_km=lhs_is_km, interpret=interpret)
@@ -893,6 +896,18 @@ def _zero_acc(acc_ref, interpret: bool):
         state_primitives.ref_set(acc_ref, (), zeros)
     else:
         acc_ref[...] = zeros
+
+
+def _store_zero_tiles(zero_ref, lane, lanes: int, kn: int, k_n_tile, store):
+    """The empty groups' tiles (contract_flat_schedule's zero_2z) that fall to `lane` of `lanes`, round robin
+    continuing after the pipelines' tiles; store(group, K tile, N tile) writes one as zeros."""
+    n_zero, n_piped = zero_ref[0], zero_ref[1]
+    first = (lane - n_piped % lanes + lanes) % lanes
+
+    @pl.loop(0, (n_zero - first + lanes - 1) // lanes)
+    def _zero_tile(i):
+        z = first + i * lanes
+        store(zero_ref[2 + z // kn], *k_n_tile(z))
 
 
 def _contract_specs(tiles: Tiles, dtype, lhs_is_km: bool, index_of):
@@ -1003,17 +1018,10 @@ def _contract_kernel_flat(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles,
 
             if zero_empty:
                 @pl.when(wg < 2)
-                def _zeros():  # empty groups' tiles, round robin continuing after the pipeline's
-                    n_zero, n_piped = zero_ref[0], zero_ref[1]
-                    first = (sm - n_piped % n_sms + n_sms) % n_sms
-
-                    @pl.loop(0, (n_zero - first + n_sms - 1) // n_sms)
-                    def _zero_tile(i):
-                        z = first + i * n_sms
-                        kt, nt = k_n_tile(z)
-                        _store_rows(jnp.zeros((wr, wc), jnp.float32), out_gmem.at[zero_ref[2 + z // kn]],
-                                    stage_smem.at[wg], row0=kt * tm + r_off, start=0, rows=wr,
-                                    col0=nt * 2 * tn + c_off, epi_n=epi_n)
+                def _zeros():
+                    _store_zero_tiles(zero_ref, sm, n_sms, kn, k_n_tile, lambda gi, kt, nt: _store_rows(
+                        jnp.zeros((wr, wc), jnp.float32), out_gmem.at[gi], stage_smem.at[wg], row0=kt * tm + r_off,
+                        start=0, rows=wr, col0=nt * 2 * tn + c_off, epi_n=epi_n))
 
             plgpu.wait_smem_to_gmem(0)  # all output stores have landed before the kernel exits
 
@@ -1100,8 +1108,8 @@ def _contract_kernel_pingpong(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Ti
                         gi, start, end, blk0, nst = info
                         slot = slot_of(s)
                         plgpu.barrier_wait(full.at[slot])
-                        _pingpong_step(acc, a_smem.at[slot], b_smem.at[slot], (blk0 + s_in) * tc, start, end,
-                                       lhs_is_km=lhs_is_km, interpret=interpret)
+                        _contract_step(acc, a_smem.at[slot], b_smem.at[slot], (blk0 + s_in) * tc, start, end,
+                                       wg=0, tiles=tiles, lhs_is_km=lhs_is_km, interpret=interpret)
                         plgpu.barrier_arrive(consumed.at[slot])
                         last = s_in == nst - 1
                         nxt = tile_info(j + 1)
@@ -1118,16 +1126,10 @@ def _contract_kernel_pingpong(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Ti
 
                 pl.run_scoped(acc_scope, plgpu.ACC((tm, tn), jnp.float32))
 
-                if zero_empty:  # empty groups' tiles, round robin over the lanes after the pipelines' tiles
-                    n_zero, n_piped = zero_ref[0], zero_ref[1]
-                    first = (lane - n_piped % lanes + lanes) % lanes
-
-                    @pl.loop(0, (n_zero - first + lanes - 1) // lanes)
-                    def _zero_tile(i):
-                        z = first + i * lanes
-                        kt, nt = k_n_tile(z)
-                        _store_rows(jnp.zeros((tm, tn), jnp.float32), out_gmem.at[zero_ref[2 + z // kn]],
-                                    stage_smem.at[pair], row0=kt * tm, start=0, rows=tm, col0=nt * tn, epi_n=epi_n)
+                if zero_empty:
+                    _store_zero_tiles(zero_ref, lane, lanes, kn, k_n_tile, lambda gi, kt, nt: _store_rows(
+                        jnp.zeros((tm, tn), jnp.float32), out_gmem.at[gi], stage_smem.at[pair], row0=kt * tm,
+                        start=0, rows=tm, col0=nt * tn, epi_n=epi_n))
 
                 plgpu.wait_smem_to_gmem(0)  # all output stores have landed before the kernel exits
 
@@ -1142,23 +1144,3 @@ def _compute_registers() -> int:
     """Registers per thread for each of the ping-pong kernel's two compute warpgroups: what the two TMA warpgroups
     leave of the SM's 64K, in multiples of 8."""
     return (65536 // 128 - 2 * _MEMORY_REGISTERS) // 2 // 8 * 8
-
-
-def _pingpong_step(acc, a_smem, b_smem, row0, start, end, *, lhs_is_km: bool, interpret: bool):
-    """acc += lhs_block^T @ dout_block over one tile_k-row block, its rows outside [start, end) zeroed in dout
-    first (a block two groups share; see _contract_step). The warpgroup owns both buffers."""
-    tc = b_smem.shape[0]
-
-    def _mask():
-        r = lax.broadcasted_iota(jnp.int32, b_smem.shape, 0)
-        if not interpret:
-            r = plgpu.layout_cast(r, plgpu.Layout.WGMMA)
-        vals = b_smem[...]
-        b_smem[...] = jnp.where((r >= start - row0) & (r < end - row0), vals, jnp.zeros_like(vals))
-        plgpu.commit_smem()
-
-    if CONTRACT_MASK:
-        pl.when((row0 < start) | (row0 + tc > end))(_mask)
-    a = a_smem if lhs_is_km else a_smem.transpose((1, 0))
-    plgpu.wgmma(acc, a, b_smem)
-    plgpu.wgmma_wait(0)
