@@ -8,7 +8,7 @@
 # 16, 19 and 20 of d278522), and 18 before d_rhs's bands; 18 reads the table again with them; the new 19 and 20 time
 # d_rhs's ping-pong kernel; 8 and 9 (session 37's warpgroup split) wait; HISTORY.md):
 #     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 20; 4 takes the persistent kernels,
-#                                                            14 the rows and d_rhs bands)
+#                                                            14 the rows and d_rhs bands, 18 a benchmark flag)
 # run from the repository root on the device machine, with `.whl` carried (ml-collections and tensorboardX, which
 # its image lacks) and `.whl-tokamax` where a call times the tokamax peer (tokamax 0.0.17 with its needs, 37 MB).
 # Results go to $OUT (or ./out). Each step has its own time limit, so a hang or a failure costs that step, not the
@@ -111,7 +111,8 @@ case $N in
         --rows-band "${2:-4}" --contract-band "${3:-0}" --out "$OUT/bench_moe_gemm_table_bands.json"
     ;;
 18) # the main table with the defaults (d_rhs in bands of 4 since session 44) in 2 rounds, past T = 2048 (#8's targets)
-    step 330 python experiments/bench_moe_gemm.py --impls pallas_chain,einsum --rounds 2 --budget-s 300 \
+    # (a second argument, e.g. --contract-pingpong, goes to the benchmark)
+    step 330 python experiments/bench_moe_gemm.py --impls pallas_chain,einsum --rounds 2 --budget-s 300 ${2:-} \
         --out "$OUT/bench_moe_gemm_table_dbands.json"
     ;;
 19) # session 44: d_rhs with each compute warpgroup on its own tiles from its own TMA warpgroup (ping-pong,
