@@ -1102,8 +1102,7 @@ def _contract_kernel_pingpong(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Ti
                     return (gi, tile_ref[0, gi], tile_ref[1, gi], tile_ref[2, gi], tile_ref[3, gi])
 
                 def acc_scope(acc):
-                    @pl.loop(0, total, init_carry=(jnp.int32(0), jnp.int32(0), tile_info(jnp.int32(0))))
-                    def _step(s, carry):
+                    def step(s, carry):
                         j, s_in, info = carry
                         gi, start, end, blk0, nst = info
                         slot = slot_of(s)
@@ -1123,6 +1122,8 @@ def _contract_kernel_pingpong(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Ti
 
                         info = tuple(jnp.where(last, a, b) for a, b in zip(nxt, info))
                         return jnp.where(last, j + 1, j), jnp.where(last, 0, s_in + 1), info
+
+                    lax.fori_loop(0, total, step, (jnp.int32(0), jnp.int32(0), tile_info(jnp.int32(0))))
 
                 pl.run_scoped(acc_scope, plgpu.ACC((tm, tn), jnp.float32))
 
