@@ -57,12 +57,11 @@ def parse_variant(text: str) -> dict:
 
 
 def variant_tiles(n: int, fields: dict) -> mk.Tiles:
-    """The d_rhs kernel's flat tiles at N = n with bf16 output, as contract_matmul picks them (with
+    """The d_rhs kernel's flat tiles at N = n with bf16 output, as contract_matmul picks them unpinned (with
     `pingpong` set, as it picks them under CONTRACT_PINGPONG: a ring of the depth that fits), then `fields`."""
-    tiles = pallas_gmm._contract_tiles(n, jnp.bfloat16)
-    if fields.get("pingpong"):
-        tiles = dataclasses.replace(tiles, pingpong=True, wg_split="n")
-    base = pallas_gmm._chain_tiles(tiles, False, jnp.bfloat16, 1, contract=True, n=n, band=pallas_gmm.CONTRACT_BAND)
+    if pallas_gmm.CONTRACT_TILES is not None:
+        raise ValueError(f"variant_tiles builds on the unpinned tiles; CONTRACT_TILES = {pallas_gmm.CONTRACT_TILES}")
+    base = pallas_gmm.flat_contract_tiles(n, jnp.bfloat16, bool(fields.get("pingpong")))
     return dataclasses.replace(base, **fields)
 
 
@@ -75,10 +74,11 @@ def kernel_ab(cases, variants: dict, rounds: int) -> list:
         x = jax.random.normal(keys[0], (m, k), jnp.bfloat16)
         dy = jax.random.normal(keys[1], (m, n), jnp.bfloat16)
         sizes = jnp.full((g,), t, jnp.int32)
-        fns, got, tiles_of = {}, {}, {}
+        tiles_of = {name: variant_tiles(n, fields) for name, fields in variants.items()}  # before any is pinned
+        fns, got = {}, {}
         try:
-            for name, fields in variants.items():
-                pallas_gmm.CONTRACT_TILES = tiles_of[name] = variant_tiles(n, fields)  # read when traced
+            for name in variants:
+                pallas_gmm.CONTRACT_TILES = tiles_of[name]  # read when traced
                 fns[name] = jax.jit(lambda a, d, s: pallas_gmm.contract_matmul(a, d, s, out_dtype=jnp.bfloat16,
                                                                                chain=True))
                 got[name] = np.asarray(fns[name](x, dy, sizes), np.float32)

@@ -46,6 +46,11 @@ def test_kernel_ab_pins_each_variant_and_checks_bitwise(monkeypatch):
     assert rec["per_einsum"]["default"] == 1.0 and "band=0," in rec["tiles"]["band=0"]
     (rec,) = ab.kernel_ab([("toy", "down", 8)], {"default": {}, "stages=2": {"stages": 2}}, rounds=1)
     assert not rec["bitwise_equal"]
+    traced.clear()   # each variant on the unpinned tiles, not on the variant pinned before it
+    (rec,) = ab.kernel_ab([("toy", "down", 8)], {"default": {}, "pingpong=1": {"pingpong": True},
+                                                  "band=0": {"band": 0}}, rounds=1)
+    assert traced == [(4, 2), (3, 4), (4, 0)]   # ping-pong: two rings of 3; bands of 4 half-width n tiles
+    assert "pingpong=False" in rec["tiles"]["band=0"]
 
 
 def test_gmm_switch_ab_alternates_and_restores(monkeypatch):

@@ -102,6 +102,16 @@ def _chain_tiles(tiles: mk.Tiles, pinned: bool, out_dtype, n_rhs: int, contract:
     raise ValueError(f"pallas gmm: no tiling with a flat pipeline fits shared memory for {tiles}")
 
 
+def flat_contract_tiles(n: int, out_dtype, pingpong: bool) -> mk.Tiles:
+    """The flat d_rhs pipeline's tiles at N = n: pinned CONTRACT_TILES as they are, else the shape's tiles with the
+    deepest ring that fits (_chain_tiles), a ping-pong kernel's with `pingpong`."""
+    tiles = _contract_tiles(n, out_dtype)
+    pinned = CONTRACT_TILES is not None
+    if pingpong and not pinned:
+        tiles = dataclasses.replace(tiles, pingpong=True, wg_split="n")
+    return _chain_tiles(tiles, pinned, out_dtype, 1, contract=True, n=n, band=CONTRACT_BAND)
+
+
 def _contract_tiles(n: int, out_dtype) -> mk.Tiles:
     if CONTRACT_TILES is not None:
         return CONTRACT_TILES
@@ -190,12 +200,7 @@ def contract_matmul(lhs_mk, dout_mn, group_sizes_g, *, out_dtype, chain=False):
     deepest ring that fits (_chain_tiles); pinned CONTRACT_TILES are kept as they are."""
     m, k = lhs_mk.shape
     n = dout_mn.shape[1]
-    tiles = _contract_tiles(n, out_dtype)
-    if chain:
-        if CONTRACT_PINGPONG and CONTRACT_TILES is None:
-            tiles = dataclasses.replace(tiles, pingpong=True, wg_split="n")
-        tiles = _chain_tiles(tiles, CONTRACT_TILES is not None, out_dtype, 1, contract=True, n=n,
-                             band=CONTRACT_BAND)
+    tiles = flat_contract_tiles(n, out_dtype, CONTRACT_PINGPONG) if chain else _contract_tiles(n, out_dtype)
     if k % tiles.tile_m:
         raise ValueError(f"pallas gmm: K = {k} must be a multiple of {tiles.tile_m} for d_rhs")
     mp = _padded_rows(m, tiles.tile_k)
