@@ -683,6 +683,7 @@ CONTRACT_MASK = True
 # way. Read at trace time.
 CONTRACT_ZERO_EMPTY = True
 _FLAT_BLK_BITS = 16  # flat contract schedule: a step packs (tile slot j << 16) | row block
+_FLAT_BLK_MASK = (1 << _FLAT_BLK_BITS) - 1
 # How the flat contract pipeline deals its tiles to the CTAs: "round_robin" (CTA c takes c, c + n_sms, ...), or by
 # cost (their group's row blocks), so that a skewed routing's large groups do not pile onto a few CTAs: "sorted"
 # (round robin over the tiles sorted by cost) or "snake" (every other row of that deal reversed). "auto": snake where
@@ -898,6 +899,13 @@ def _zero_acc(acc_ref, interpret: bool):
         acc_ref[...] = zeros
 
 
+def _tile_info(tile_ref, lin_ref, lane, kn: int, g: int, j):
+    """(group, start row, end row, first row block, steps) of the tile in slot j of a flat contract lane's tile
+    list (contract_flat_schedule's lin_cj and tile_4g)."""
+    gi = jnp.minimum(lin_ref[lane, j] // kn, g - 1)  # past the last tile: any valid group
+    return (gi, tile_ref[0, gi], tile_ref[1, gi], tile_ref[2, gi], tile_ref[3, gi])
+
+
 def _store_zero_tiles(zero_ref, lane, lanes: int, kn: int, k_n_tile, store):
     """The empty groups' tiles (contract_flat_schedule's zero_2z) that fall to `lane` of `lanes`, round robin
     continuing after the pipelines' tiles; store(group, K tile, N tile) writes one as zeros."""
@@ -952,14 +960,13 @@ def _contract_kernel_flat(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles,
 
     zero_empty = CONTRACT_ZERO_EMPTY
     tables = contract_flat_schedule(gsched_4g, m, tc, kn, n_sms, zero_empty=zero_empty)
-    blk_mask = (1 << _FLAT_BLK_BITS) - 1
 
     def kernel(tile_ref, step_ref, total_ref, lin_ref, zero_ref, lhs_gmem, rhs_gmem, out_gmem):
         sm = lax.axis_index("sm")
 
         def index_of(s):  # TMA warpgroup: (row block, K tile, N tile) of step s, from the step and tile tables
             packed = step_ref[sm, s]
-            return packed & blk_mask, *k_n_tile(lin_ref[sm, packed >> _FLAT_BLK_BITS])
+            return packed & _FLAT_BLK_MASK, *k_n_tile(lin_ref[sm, packed >> _FLAT_BLK_BITS])
 
         specs = _contract_specs(tiles, lhs_mk.dtype, lhs_is_km, index_of)
 
@@ -983,10 +990,7 @@ def _contract_kernel_flat(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles,
             wg = lax.axis_index("wg")
             (wr, wc), (r_off, c_off) = tiles.wg_tile(), _wg_offsets(tiles, wg)
 
-            def tile_info(j):
-                """(group, start row, end row, first row block, steps) of this CTA's tile slot j."""
-                gi = jnp.minimum(lin_ref[sm, j] // kn, g - 1)  # past the last tile: any valid group
-                return (gi, tile_ref[0, gi], tile_ref[1, gi], tile_ref[2, gi], tile_ref[3, gi])
+            tile_info = functools.partial(_tile_info, tile_ref, lin_ref, sm, kn, g)
 
             def mma(_, a_smem, b_smem, carry):
                 acc, j, s_in, info = carry
@@ -1049,7 +1053,6 @@ def _contract_kernel_pingpong(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Ti
     dtype = lhs_mk.dtype
     zero_empty = CONTRACT_ZERO_EMPTY
     tables = contract_flat_schedule(gsched_4g, m, tc, kn, lanes, zero_empty=zero_empty)
-    blk_mask = (1 << _FLAT_BLK_BITS) - 1
     a_block = (tm, tc) if lhs_is_km else (tc, tm)
     ring = dict(
         a_smem=plgpu.SMEM((2 * stages, *a_block), dtype, transforms=_swizzle_transforms(a_block[1], dtype)),
@@ -1081,7 +1084,7 @@ def _contract_kernel_pingpong(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Ti
                     slot = slot_of(s)
                     pl.when(s >= stages)(lambda: plgpu.barrier_wait(consumed.at[slot]))
                     packed = step_ref[lane, s]
-                    blk = packed & blk_mask
+                    blk = packed & _FLAT_BLK_MASK
                     kt, nt = k_n_tile(lin_ref[lane, packed >> _FLAT_BLK_BITS])
                     rows = pl.ds(blk * tc, tc)
                     src_a = (lhs_gmem.at[pl.ds(kt * tm, tm), rows] if lhs_is_km
@@ -1097,9 +1100,7 @@ def _contract_kernel_pingpong(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Ti
             def _compute():
                 plgpu.set_max_registers(_compute_registers(), action="increase")
 
-                def tile_info(j):
-                    gi = jnp.minimum(lin_ref[lane, j] // kn, g - 1)
-                    return (gi, tile_ref[0, gi], tile_ref[1, gi], tile_ref[2, gi], tile_ref[3, gi])
+                tile_info = functools.partial(_tile_info, tile_ref, lin_ref, lane, kn, g)
 
                 def acc_scope(acc):
                     def step(s, carry):
