@@ -287,10 +287,10 @@ def main():
     if args.contract_deal not in (None, *mgpu_kernels.CONTRACT_DEALS):
         ap.error(f"--contract_deal {args.contract_deal!r}: must be one of {mgpu_kernels.CONTRACT_DEALS}")
     mgpu_kernels.CONTRACT_DEAL = args.contract_deal or mgpu_kernels.CONTRACT_DEAL
-    if args.contract_pingpong is not None:
-        pallas_gmm.CONTRACT_PINGPONG = args.contract_pingpong
     from lcflash.kernels.gmm import pallas_gmm
     pallas_gmm.WG_SPLIT = args.wg_split or pallas_gmm.WG_SPLIT
+    if args.contract_pingpong is not None:
+        pallas_gmm.CONTRACT_PINGPONG = args.contract_pingpong
     try:
         pallas_gmm.set_bands(args.rows_band, args.contract_band)
     except ValueError as e:
