@@ -802,9 +802,6 @@ def main():
                     "(pallas_gmm.ROWS_BAND; default: its value)")
     ap.add_argument("--contract-band", type=int, default=None, metavar="B", help="the flat d_rhs kernel's column "
                     "bands (pallas_gmm.CONTRACT_BAND; default: its value)")
-    ap.add_argument("--contract-pingpong", action=argparse.BooleanOptionalAction, default=None, help="the flat d_rhs "
-                    "kernel with its compute warpgroups on their own tiles (pallas_gmm.CONTRACT_PINGPONG; default: "
-                    "its value)")
     ap.add_argument("--pick-jax-mgpu", action="store_true", help="time four configs of the example kernel first")
     ap.add_argument("--wg-split", default=None, choices=("n", "m"), help="our kernels' warpgroup split "
                     "(pallas_gmm.WG_SPLIT; default: its value)")
@@ -823,8 +820,6 @@ def main():
     if bands is None or min(bands) < 0:
         ap.error(f"--deal-bands {args.deal_bands!r}: want comma-separated integers >= 0 (0: row-major), e.g. 0,8")
     pallas_gmm.WG_SPLIT = args.wg_split or pallas_gmm.WG_SPLIT
-    if args.contract_pingpong is not None:
-        pallas_gmm.CONTRACT_PINGPONG = args.contract_pingpong
     try:
         pallas_gmm.set_bands(args.rows_band, args.contract_band)
     except ValueError as e:
@@ -838,7 +833,7 @@ def main():
     dev = jax.devices()[0]
     meta = dict(device=dev.device_kind, platform=dev.platform, jax=jax.__version__, wg_split=pallas_gmm.WG_SPLIT,
                 rows_band=pallas_gmm.ROWS_BAND, contract_band=pallas_gmm.CONTRACT_BAND,
-                contract_pingpong=pallas_gmm.CONTRACT_PINGPONG, contract_zero_empty=mgpu_kernels.CONTRACT_ZERO_EMPTY,
+                contract_zero_empty=mgpu_kernels.CONTRACT_ZERO_EMPTY,
                 jaxlib=getattr(jax.lib, "__version__", None) or __import__("jaxlib").__version__,
                 date_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 command="python " + " ".join(sys.argv))

@@ -254,9 +254,6 @@ def main():
                     "(lcflash.kernels.gmm.pallas_gmm.ROWS_BAND; 0: none; default: its value)")
     ap.add_argument("--contract_band", type=int, default=None, help="the flat d_rhs kernel's column bands "
                     "(lcflash.kernels.gmm.pallas_gmm.CONTRACT_BAND; 0: none; default: its value)")
-    ap.add_argument("--contract_pingpong", action=argparse.BooleanOptionalAction, default=None, help="the flat d_rhs "
-                    "kernel's compute warpgroups on their own tiles (lcflash.kernels.gmm.pallas_gmm.CONTRACT_PINGPONG; "
-                    "default: its value)")
     ap.add_argument("--mem_fraction", type=float, default=None, help="share of the GPU's memory XLA may use "
                     "(XLA_PYTHON_CLIENT_MEM_FRACTION; JAX's default 0.75): 0.95 fits batch 48 x 1024 of "
                     "configs/small.py with remat on an H200")
@@ -289,8 +286,6 @@ def main():
     mgpu_kernels.CONTRACT_DEAL = args.contract_deal or mgpu_kernels.CONTRACT_DEAL
     from lcflash.kernels.gmm import pallas_gmm
     pallas_gmm.WG_SPLIT = args.wg_split or pallas_gmm.WG_SPLIT
-    if args.contract_pingpong is not None:
-        pallas_gmm.CONTRACT_PINGPONG = args.contract_pingpong
     try:
         pallas_gmm.set_bands(args.rows_band, args.contract_band)
     except ValueError as e:
@@ -364,7 +359,7 @@ def main():
         "top_k": router.LARGE_TOP_K,
         "contract_deal": mgpu_kernels.CONTRACT_DEAL, "wg_split": pallas_gmm.WG_SPLIT,
         "rows_band": pallas_gmm.ROWS_BAND, "contract_band": pallas_gmm.CONTRACT_BAND,
-        "contract_pingpong": pallas_gmm.CONTRACT_PINGPONG, "contract_zero_empty": mgpu_kernels.CONTRACT_ZERO_EMPTY,
+        "contract_zero_empty": mgpu_kernels.CONTRACT_ZERO_EMPTY,
         "xla_options": xla_options,
         "steps_timed": args.steps, "warmup_steps": args.warmup,
         "device": f"{dev.platform}: {dev.device_kind}", "device_count": jax.device_count(),

@@ -4,7 +4,7 @@ Two modes, both in rotated rounds (bench_moe_gemm.rotated_rounds) on one machine
 
   kernel (default): the d_rhs kernel alone at each case (config/proj/T, equal groups), bf16 output as the model's
     backward writes it, in each tiling variant: the default (`pallas_gmm._chain_tiles` of the shapes) with
-    overrides of mk.Tiles fields, e.g. `default,stages=3,band=4,stages=4+band=4,pingpong=1`; against a bf16
+    overrides of mk.Tiles fields, e.g. `default,stages=3,band=4,stages=4+band=4,overlap_mma=1`; against a bf16
     batched einsum (the bound). Every variant's output must equal the first's bit for bit (same sums).
   --gmm-switch NAME=A,B: the table's forward and backward (bench_moe_gemm.run_case, pallas_chain and the einsum)
     with the module switch NAME (pallas_gmm.X or mgpu_kernels.X) at A and at B, alternating, `--rounds` each.
@@ -41,8 +41,8 @@ def parse_case(text: str) -> tuple[str, str, int]:
 
 
 def parse_variant(text: str) -> dict:
-    """'default' -> {}; 'stages=3+band=4' -> {'stages': 3, 'band': 4}; 'pingpong=1' -> {'pingpong': True} (the
-    integer and boolean mk.Tiles fields)."""
+    """'default' -> {}; 'stages=3+band=4' -> {'stages': 3, 'band': 4}; 'overlap_mma=1' -> {'overlap_mma': True}
+    (the integer and boolean mk.Tiles fields)."""
     if text == "default":
         return {}
     kinds = {f.name: bool if f.type in (bool, "bool") else int
@@ -57,12 +57,11 @@ def parse_variant(text: str) -> dict:
 
 
 def variant_tiles(n: int, fields: dict) -> mk.Tiles:
-    """The d_rhs kernel's flat tiles at N = n with bf16 output, as contract_matmul picks them unpinned (with
-    `pingpong` set, as it picks them under CONTRACT_PINGPONG: a ring of the depth that fits), then `fields`."""
+    """The d_rhs kernel's flat tiles at N = n with bf16 output, as contract_matmul picks them unpinned, then
+    `fields`."""
     if pallas_gmm.CONTRACT_TILES is not None:
         raise ValueError(f"variant_tiles builds on the unpinned tiles; CONTRACT_TILES = {pallas_gmm.CONTRACT_TILES}")
-    base = pallas_gmm.flat_contract_tiles(n, jnp.bfloat16, bool(fields.get("pingpong")))
-    return dataclasses.replace(base, **fields)
+    return dataclasses.replace(pallas_gmm.flat_contract_tiles(n, jnp.bfloat16), **fields)
 
 
 def kernel_ab(cases, variants: dict, rounds: int) -> list:

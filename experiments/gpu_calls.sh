@@ -5,9 +5,10 @@
 # gradient accumulation (call 15 of 75ad468: out of memory); session 43 ran 17 (the training A/B of
 # model.dense_ffn_gmm, removed since; call 17 of 169a213) and the GPU tests session 42 had not reached; session 44
 # ran 16 (rows bands of 2), 19 (training at batch 24) and 20 (d_rhs's masking and the empty groups' tiles; calls
-# 16, 19 and 20 of d278522), and 18 before d_rhs's bands; 18 reads the table again with them; the new 19 and 20 time
-# d_rhs's ping-pong kernel; 8 and 9 (session 37's warpgroup split) wait; HISTORY.md):
-#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 20; 4 takes the persistent kernels,
+# 16, 19 and 20 of d278522), and 18 before d_rhs's bands; session 45 ran d_rhs's ping-pong kernel (call 19 of
+# 8aa3505; it lost, so its training A/B, 20, did not run; both removed since), 18 with d_rhs's bands, 8, and 9's
+# first step (session 37's warpgroup split: it lost, so 9's training A/B did not run); HISTORY.md):
+#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 18; 4 takes the persistent kernels,
 #                                                            14 the rows and d_rhs bands, 18 a benchmark flag)
 # run from the repository root on the device machine, with `.whl` carried (ml-collections and tensorboardX, which
 # its image lacks) and `.whl-tokamax` where a call times the tokamax peer (tokamax 0.0.17 with its needs, 37 MB).
@@ -19,7 +20,7 @@
 # here to the ignored `.jcc` (`rm -rf .jcc && cp -r /work/.device/N/jcc .jcc`) and carried, it seeds the next
 # machine's, which helps where that machine has the same card and image.
 set -u
-N=${1:?call number 1-20}
+N=${1:?call number 1-18}
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -111,24 +112,9 @@ case $N in
         --rows-band "${2:-4}" --contract-band "${3:-0}" --out "$OUT/bench_moe_gemm_table_bands.json"
     ;;
 18) # the main table with the defaults (d_rhs in bands of 4 since session 44) in 2 rounds, past T = 2048 (#8's targets)
-    # (a second argument, e.g. --contract-pingpong, goes to the benchmark)
+    # (a second argument, e.g. --contract-band 0, goes to the benchmark)
     step 330 python experiments/bench_moe_gemm.py --impls pallas_chain,einsum --rounds 2 --budget-s 300 ${2:-} \
         --out "$OUT/bench_moe_gemm_table_dbands.json"
     ;;
-19) # session 44: d_rhs with each compute warpgroup on its own tiles from its own TMA warpgroup (ping-pong,
-    # pallas_gmm.CONTRACT_PINGPONG, off): GPU tests (bitwise against the per-tile kernel), the kernel alone against
-    # the default (bf16 output, 3 rotated rounds), then the whole product where d_rhs is weakest (T = 512)
-    step 150 python -m pytest -n 0 -q tests/test_gmm.py -k "gpu_flat_contract"
-    step 200 python experiments/contract_ab.py --variants default,pingpong=1 --rounds 3 --cases \
-        longcat/gate_up/512,longcat/down/512,longcat/gate_up/4096,longcat/down/4096,small/gate_up/1536,small/down/1536 \
-        --out "$OUT/contract_ab_pingpong.json"
-    step 150 python experiments/contract_ab.py --cases longcat/gate_up/512,longcat/down/512 \
-        --gmm-switch CONTRACT_PINGPONG=False,True --rounds 2 --out "$OUT/contract_ab_pingpong_gmm.json"
-    ;;
-20) # if call 19's ping-pong gained: training A/B at batch 24 (two cold compiles), the default then ping-pong
-    G="python experiments/bench_train.py --gmm_impl pallas_chain --remat --warmup 2 --steps 10 --mem_fraction 0.95"
-    step 280 $G --batch 24 --out "$OUT/bench_train_b24_default.json"
-    step 280 $G --batch 24 --contract_pingpong --out "$OUT/bench_train_b24_pingpong.json"
-    ;;
-*)  echo "call number 1-20" >&2; exit 2 ;;
+*)  echo "call number 1-18" >&2; exit 2 ;;
 esac

@@ -111,11 +111,6 @@ def test_overlap_mma_needs_the_flat_pipeline():
         mk.rows_kernel(x, [w], mk.row_schedule(s, 128, 128)[0], transpose_rhs=False, out_dtype=x.dtype, tiles=tiles)
     with pytest.raises(ValueError, match="overlap_mma needs chain=True"):
         mk.contract_kernel(x, dy, mk.contract_schedule(s, 128, 64), out_dtype=x.dtype, tiles=tiles)
-    with pytest.raises(ValueError, match="pingpong needs chain=True"):
-        mk.contract_kernel(x, dy, mk.contract_schedule(s, 128, 64), out_dtype=x.dtype, tiles=mk.Tiles(pingpong=True))
-    with pytest.raises(ValueError, match="wg_split must be 'n'"):
-        mk.contract_kernel(x, dy, mk.contract_schedule(s, 128, 64), out_dtype=x.dtype,
-                           tiles=mk.Tiles(pingpong=True, chain=True, wg_split="m"))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -449,23 +444,21 @@ def _contract_ref_f64(lhs, dout, sizes_l):
 def test_pallas_interpret_flat_contract_kernel(monkeypatch, m, k, n, sizes_l, out_dtype, tol):
     """d_rhs through one flat pipeline per CTA (pallas_chain) against a float64 reference; the interpreter
     NaN-fills outputs, so an unwritten tile fails; empty groups must be exactly zero, whether their tiles run a
-    masked step in the pipeline or are stored as zeros after it (CONTRACT_ZERO_EMPTY), and with the compute
-    warpgroups on their own tiles from their own TMA warpgroups (CONTRACT_PINGPONG), all bit for bit the same."""
+    masked step in the pipeline or are stored as zeros after it (CONTRACT_ZERO_EMPTY), bit for bit the same."""
     from lcflash.kernels.gmm import mgpu_kernels as mk
     from lcflash.kernels.gmm import pallas_gmm
 
     lhs, _, dout, sizes = _inputs(14, m, k, n, sizes_l, jnp.bfloat16)
     got = {}
-    for zero_empty, pingpong in ((False, False), (True, False), (True, True)):
+    for zero_empty in (False, True):
         monkeypatch.setattr(mk, "CONTRACT_ZERO_EMPTY", zero_empty)
-        monkeypatch.setattr(pallas_gmm, "CONTRACT_PINGPONG", pingpong)
-        out = got[zero_empty, pingpong] = np.asarray(
+        out = got[zero_empty] = np.asarray(
             pallas_gmm.contract_matmul(lhs, dout, sizes, out_dtype=out_dtype, chain=True), np.float32)
         assert out.shape == (len(sizes_l), k, n)
         assert _rel(out, _contract_ref_f64(lhs, dout, sizes_l)) < tol
         assert not out[[i for i, s in enumerate(sizes_l) if s == 0]].any()
     for out in got.values():
-        np.testing.assert_array_equal(out, got[False, False])
+        np.testing.assert_array_equal(out, got[False])
 
 
 @pytest.mark.parametrize("zero_empty", [False, True])
@@ -570,12 +563,10 @@ def test_pallas_chain_backward_lowers_for_cuda(mosaic_gpu_trace, monkeypatch, k,
     Mosaic GPU lowering (layouts, smem budget) for CUDA on the CPU, at LongCat and small-config shapes, with the
     compute warpgroups on column or row halves of the tiles (pallas_gmm.WG_SPLIT), both flat kernels' tiles in
     column bands (pallas_gmm.ROWS_BAND and CONTRACT_BAND: 8 of LongCat's 24 n tiles), and d_rhs's empty groups in
-    the pipeline or stored after it (mgpu_kernels.CONTRACT_ZERO_EMPTY; with it, where the warpgroups split columns,
-    d_rhs's ping-pong kernel, pallas_gmm.CONTRACT_PINGPONG)."""
+    the pipeline or stored after it (mgpu_kernels.CONTRACT_ZERO_EMPTY)."""
     from lcflash.kernels.gmm import mgpu_kernels as mk, pallas_gmm
 
     monkeypatch.setattr(mk, "CONTRACT_ZERO_EMPTY", zero_empty)
-    monkeypatch.setattr(pallas_gmm, "CONTRACT_PINGPONG", zero_empty and wg_split == "n")
     monkeypatch.setattr(pallas_gmm, "WG_SPLIT", wg_split)
     monkeypatch.setattr(pallas_gmm, "ROWS_BAND", band)
     monkeypatch.setattr(pallas_gmm, "CONTRACT_BAND", band)
@@ -650,18 +641,16 @@ def test_gpu_pallas_forward_and_gradients(case, impl):
 
 
 @gpu_only
-@pytest.mark.parametrize("zero_empty,pingpong", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("zero_empty", [False, True])
 @pytest.mark.parametrize("case", sorted(GPU_CASES))
-def test_gpu_flat_contract_kernel(monkeypatch, case, zero_empty, pingpong):
+def test_gpu_flat_contract_kernel(monkeypatch, case, zero_empty):
     """d_rhs through one flat pipeline per CTA: bit-identical to the per-tile contract kernel (same tiles, same
     accumulation order), empty groups zero (a masked step each in the pipeline, or stored after it:
-    CONTRACT_ZERO_EMPTY), also with each compute warpgroup on its own tiles (CONTRACT_PINGPONG: the same column
-    halves, the same wgmma sequence), and the same on a second call."""
+    CONTRACT_ZERO_EMPTY), and the same on a second call."""
     from lcflash.kernels.gmm import mgpu_kernels as mk
     from lcflash.kernels.gmm import pallas_gmm
 
     monkeypatch.setattr(mk, "CONTRACT_ZERO_EMPTY", zero_empty)
-    monkeypatch.setattr(pallas_gmm, "CONTRACT_PINGPONG", pingpong)
     m, k, n, sizes_l = GPU_CASES[case]
     lhs, _, dout, sizes = _inputs(13, m, k, n, sizes_l, jnp.bfloat16)
     flat = jax.jit(lambda a, d: pallas_gmm.contract_matmul(a, d, sizes, out_dtype=jnp.bfloat16, chain=True))

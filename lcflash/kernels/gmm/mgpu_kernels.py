@@ -67,10 +67,6 @@ class Tiles:
     # running at once read fewer rhs columns, each from more of them (band_order). 0 (or at least the n tiles
     # there are): row-major, a row's n tiles in a row.
     band: int = 0
-    # contract kernel, flat pipeline only: each compute warpgroup runs its own tiles (tile_m x tile_n) from its own
-    # TMA warpgroup and ring ("ping-pong"), so one stores its accumulator while the other multiplies, where the
-    # shared tile's epilogue stalls both (_contract_kernel_pingpong).
-    pingpong: bool = False
 
     def wg_tile(self) -> tuple[int, int]:
         """(rows, columns) of one compute warpgroup's accumulator."""
@@ -97,9 +93,8 @@ def _num_sms(interpret: bool) -> int:
     return jax.devices()[0].core_count
 
 
-def _persistent_call(kernel, out_type, interpret: bool, name: str, num_threads: int = 3):
-    """Both kernels' launch: one CTA per SM walking its tile list, 3 warpgroups (1 TMA + 2 wgmma; 4 for the
-    ping-pong contract kernel). `name` becomes the CUDA kernel's name (`{name}_mosaic_gpu_kernel`), so a profile
+def _persistent_call(kernel, out_type, interpret: bool, name: str):
+    """Both kernels' launch: one CTA per SM walking its tile list, 3 warpgroups (1 TMA + 2 wgmma). `name` becomes the CUDA kernel's name (`{name}_mosaic_gpu_kernel`), so a profile
     tells the products apart."""
     kernel.__name__ = name
     return plgpu.kernel(
@@ -107,7 +102,7 @@ def _persistent_call(kernel, out_type, interpret: bool, name: str, num_threads: 
         out_type=out_type,
         grid=(_num_sms(interpret),),
         grid_names=("sm",),
-        num_threads=num_threads,
+        num_threads=3,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup,
                                              **(PROFILE or {})),
@@ -130,9 +125,6 @@ def smem_bytes(tiles: Tiles, *, n_rhs: int, in_dtype, out_dtype, contract: bool,
     Mosaic's own use (barriers) measured 64 bytes at 4 stages (cross-lowering's smem check), so a small margin
     is exact enough where a stage is at stake (pallas_gmm's chained tiles)."""
     isz, osz = jnp.dtype(in_dtype).itemsize, jnp.dtype(out_dtype).itemsize
-    if contract and tiles.pingpong:  # two rings of [lhs block | dout block], one staging buffer per warpgroup
-        ring = 2 * tiles.stages * tiles.tile_k * (tiles.tile_m + tiles.tile_n) * isz
-        return ring + 2 * tiles.tile_m * tiles.epi_n * osz + margin
     if contract:
         a = tiles.tile_k * tiles.tile_m
     else:
@@ -634,8 +626,7 @@ def _contract_step(acc, a_smem, b_smem, row0, start, end, *, wg, tiles: Tiles, l
     (a block shared by two groups), then acc += lhs_block^T @ dout_block for this warpgroup's part of the tile.
 
     Tiles.wg_split "n": the warpgroup reads only its own dout half. "m": it reads all of dout and its row half of
-    lhs^T, so the two warpgroups meet at mask_bar after masking (only on masked steps; both take the same branch).
-    The ping-pong kernel passes wg=0 and blocks of one warpgroup's width: the warpgroup owns all of them."""
+    lhs^T, so the two warpgroups meet at mask_bar after masking (only on masked steps; both take the same branch)."""
     tc, tn = b_smem.shape[0], tiles.tile_n
     (wr, wc), (r_off, c_off) = tiles.wg_tile(), _wg_offsets(tiles, wg)
     b_own = b_smem.at[:, pl.ds(wg * tn, tn)]  # the half this warpgroup masks, whichever part it reads
@@ -805,11 +796,6 @@ def contract_kernel(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles, lhs_i
     """
     if tiles.overlap_mma and not tiles.chain:
         raise ValueError("Tiles.overlap_mma needs chain=True (see rows_kernel)")
-    if tiles.pingpong and not tiles.chain:
-        raise ValueError("Tiles.pingpong needs chain=True (its pairs walk the flat schedule)")
-    if tiles.pingpong:
-        return _contract_kernel_pingpong(lhs_mk, rhs_mn, gsched_4g, out_dtype=out_dtype, tiles=tiles,
-                                         lhs_is_km=lhs_is_km, interpret=interpret)
     if tiles.chain:
         return _contract_kernel_flat(lhs_mk, rhs_mn, gsched_4g, out_dtype=out_dtype, tiles=tiles,
                                      lhs_is_km=lhs_is_km, interpret=interpret)
@@ -1032,117 +1018,3 @@ def _contract_kernel_flat(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles,
     call = _persistent_call(kernel, jax.ShapeDtypeStruct((g, k, n), out_dtype), interpret,
                             name=f"gmm_contract_flat_k{k}_n{n}")
     return call(*tables, lhs_mk.T if lhs_is_km else lhs_mk, rhs_mn)
-
-
-def _contract_kernel_pingpong(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles, lhs_is_km: bool,
-                              interpret: bool):
-    """contract_kernel with Tiles.pingpong: four warpgroups, two (TMA warpgroup, compute warpgroup) pairs that share
-    nothing but the SM's tensor cores. Each pair is a lane of the flat schedule (`contract_flat_schedule` over
-    2 * n_sms lanes, CTA c holding lanes 2c and 2c + 1) and runs its tiles of tile_m x tile_n (half the usual tile's
-    width) through its own `stages`-deep ring, so while one compute warpgroup stores a finished tile the other
-    keeps multiplying. The same tiles' sums as the usual kernel in the same order, per output column half."""
-    lhs_mk, m, k, n, g = _contract_dims(lhs_mk, rhs_mn, gsched_4g, tiles, lhs_is_km)
-    if tiles.wg_split != "n":
-        raise ValueError(f"Tiles.pingpong runs whole tiles per warpgroup: wg_split must be 'n', got {tiles}")
-    tm, tn, tc, epi_n, stages = tiles.tile_m, tiles.tile_n, tiles.tile_k, tiles.epi_n, tiles.stages
-    k_tiles, n_tiles = k // tm, n // tn
-    _check_band(tiles, n_tiles)
-    kn = k_tiles * n_tiles
-    n_sms = _num_sms(interpret)
-    lanes = 2 * n_sms
-    dtype = lhs_mk.dtype
-    zero_empty = CONTRACT_ZERO_EMPTY
-    tables = contract_flat_schedule(gsched_4g, m, tc, kn, lanes, zero_empty=zero_empty)
-    a_block = (tm, tc) if lhs_is_km else (tc, tm)
-    ring = dict(
-        a_smem=plgpu.SMEM((2 * stages, *a_block), dtype, transforms=_swizzle_transforms(a_block[1], dtype)),
-        b_smem=plgpu.SMEM((2 * stages, tc, tn), dtype, transforms=_swizzle_transforms(tn, dtype)),
-        stage_smem=plgpu.SMEM((2, tm, epi_n), out_dtype, transforms=_swizzle_transforms(epi_n, out_dtype)),
-        full=plgpu.Barrier(num_arrivals=2, num_barriers=2 * stages),
-        consumed=plgpu.Barrier(num_arrivals=1, num_barriers=2 * stages),
-    )
-
-    def k_n_tile(lin):
-        return band_order(lin % kn, n_tiles, k_tiles, tiles.band)
-
-    def kernel(tile_ref, step_ref, total_ref, lin_ref, zero_ref, lhs_gmem, rhs_gmem, out_gmem):
-        sm, wg = lax.axis_index("sm"), lax.axis_index("wg")
-        pair = wg % 2  # warpgroups 0, 1 multiply; 2, 3 load for 0, 1
-        lane = 2 * sm + pair
-        total = total_ref[lane]
-
-        def scope(a_smem, b_smem, stage_smem, full, consumed):
-            def slot_of(s):
-                return pair * stages + s % stages
-
-            @pl.when(wg >= 2)
-            def _load():
-                plgpu.set_max_registers(_MEMORY_REGISTERS, action="decrease")
-
-                @pl.loop(0, total)
-                def _step(s):
-                    slot = slot_of(s)
-                    pl.when(s >= stages)(lambda: plgpu.barrier_wait(consumed.at[slot]))
-                    packed = step_ref[lane, s]
-                    blk = packed & _FLAT_BLK_MASK
-                    kt, nt = k_n_tile(lin_ref[lane, packed >> _FLAT_BLK_BITS])
-                    rows = pl.ds(blk * tc, tc)
-                    src_a = (lhs_gmem.at[pl.ds(kt * tm, tm), rows] if lhs_is_km
-                             else lhs_gmem.at[rows, pl.ds(kt * tm, tm)])
-                    plgpu.copy_gmem_to_smem(src_a, a_smem.at[slot], full.at[slot])
-                    plgpu.copy_gmem_to_smem(rhs_gmem.at[rows, pl.ds(nt * tn, tn)], b_smem.at[slot], full.at[slot])
-
-                @pl.loop(jnp.maximum(total - stages, 0), total)
-                def _drain(s):  # the last consumed arrivals, so no barrier is left mid-phase
-                    plgpu.barrier_wait(consumed.at[slot_of(s)])
-
-            @pl.when(wg < 2)
-            def _compute():
-                plgpu.set_max_registers(_compute_registers(), action="increase")
-
-                tile_info = functools.partial(_tile_info, tile_ref, lin_ref, lane, kn, g)
-
-                def acc_scope(acc):
-                    def step(s, carry):
-                        j, s_in, info = carry
-                        gi, start, end, blk0, nst = info
-                        slot = slot_of(s)
-                        plgpu.barrier_wait(full.at[slot])
-                        _contract_step(acc, a_smem.at[slot], b_smem.at[slot], (blk0 + s_in) * tc, start, end,
-                                       wg=0, tiles=tiles, lhs_is_km=lhs_is_km, interpret=interpret)
-                        plgpu.barrier_arrive(consumed.at[slot])
-                        last = s_in == nst - 1
-                        nxt = tile_info(j + 1)
-
-                        @pl.when(last)
-                        def _epilogue():
-                            kt, nt = k_n_tile(lin_ref[lane, j])
-                            _store_rows(acc[...], out_gmem.at[gi], stage_smem.at[pair], row0=kt * tm, start=0,
-                                        rows=tm, col0=nt * tn, epi_n=epi_n)
-                            _zero_acc(acc, interpret)
-
-                        info = tuple(jnp.where(last, a, b) for a, b in zip(nxt, info))
-                        return jnp.where(last, j + 1, j), jnp.where(last, 0, s_in + 1), info
-
-                    lax.fori_loop(0, total, step, (jnp.int32(0), jnp.int32(0), tile_info(jnp.int32(0))))
-
-                pl.run_scoped(acc_scope, plgpu.ACC((tm, tn), jnp.float32))
-
-                if zero_empty:
-                    _store_zero_tiles(zero_ref, lane, lanes, kn, k_n_tile, lambda gi, kt, nt: _store_rows(
-                        jnp.zeros((tm, tn), jnp.float32), out_gmem.at[gi], stage_smem.at[pair], row0=kt * tm,
-                        start=0, rows=tm, col0=nt * tn, epi_n=epi_n))
-
-                plgpu.wait_smem_to_gmem(0)  # all output stores have landed before the kernel exits
-
-        pl.run_scoped(scope, **ring, collective_axes="wg")
-
-    call = _persistent_call(kernel, jax.ShapeDtypeStruct((g, k, n), out_dtype), interpret,
-                            name=f"gmm_contract_pingpong_k{k}_n{n}", num_threads=4)
-    return call(*tables, lhs_mk.T if lhs_is_km else lhs_mk, rhs_mn)
-
-
-def _compute_registers() -> int:
-    """Registers per thread for each of the ping-pong kernel's two compute warpgroups: what the two TMA warpgroups
-    leave of the SM's 64K, in multiples of 8."""
-    return (65536 // 128 - 2 * _MEMORY_REGISTERS) // 2 // 8 * 8

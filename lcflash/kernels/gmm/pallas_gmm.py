@@ -38,9 +38,6 @@ WG_SPLIT = "n"
 # CONTRACT_TILES) keep their own, and groups of a row tile or less on average are not banded (rows_matmul).
 ROWS_BAND = 4
 CONTRACT_BAND = 4
-# d_rhs's flat pipeline with its two compute warpgroups on alternate tiles, each fed by its own TMA warpgroup
-# (mk.Tiles.pingpong), so one stores while the other multiplies. Off until measured. Read at trace time.
-CONTRACT_PINGPONG = False
 
 
 def set_bands(rows: int | None = None, contract: int | None = None):
@@ -90,26 +87,21 @@ def _chain_tiles(tiles: mk.Tiles, pinned: bool, out_dtype, n_rhs: int, contract:
     divisor of its n tiles up to band (ROWS_BAND / CONTRACT_BAND)."""
     if pinned:
         return dataclasses.replace(tiles, chain=True)
-    per_tile = 1 if tiles.pingpong else 2  # a ping-pong warpgroup's tile is half as wide: bands of as many columns
     for stages in range(max(tiles.stages, 4), 0, -1):
-        for epi_n in sorted({tiles.epi_n, min(64, tiles.epi_n), min(32 if tiles.pingpong else 64, tiles.epi_n)},
-                            reverse=True):
+        for epi_n in sorted({tiles.epi_n, min(64, tiles.epi_n)}, reverse=True):
             t = dataclasses.replace(tiles, stages=stages, epi_n=epi_n, chain=True,
-                                    band=mk.widest_band(n // (per_tile * tiles.tile_n), band * 2 // per_tile))
+                                    band=mk.widest_band(n // (2 * tiles.tile_n), band))
             if mk.smem_bytes(t, n_rhs=n_rhs, in_dtype=jnp.bfloat16, out_dtype=out_dtype, contract=contract,
                              margin=512, epi_in=epi_in) <= mk._SMEM_BYTES:
                 return t
     raise ValueError(f"pallas gmm: no tiling with a flat pipeline fits shared memory for {tiles}")
 
 
-def flat_contract_tiles(n: int, out_dtype, pingpong: bool) -> mk.Tiles:
+def flat_contract_tiles(n: int, out_dtype) -> mk.Tiles:
     """The flat d_rhs pipeline's tiles at N = n: pinned CONTRACT_TILES as they are, else the shape's tiles with the
-    deepest ring that fits (_chain_tiles), a ping-pong kernel's with `pingpong`."""
-    tiles = _contract_tiles(n, out_dtype)
-    pinned = CONTRACT_TILES is not None
-    if pingpong and not pinned:
-        tiles = dataclasses.replace(tiles, pingpong=True, wg_split="n")
-    return _chain_tiles(tiles, pinned, out_dtype, 1, contract=True, n=n, band=CONTRACT_BAND)
+    deepest ring that fits (_chain_tiles)."""
+    return _chain_tiles(_contract_tiles(n, out_dtype), CONTRACT_TILES is not None, out_dtype, 1, contract=True, n=n,
+                        band=CONTRACT_BAND)
 
 
 def _contract_tiles(n: int, out_dtype) -> mk.Tiles:
@@ -200,7 +192,7 @@ def contract_matmul(lhs_mk, dout_mn, group_sizes_g, *, out_dtype, chain=False):
     deepest ring that fits (_chain_tiles); pinned CONTRACT_TILES are kept as they are."""
     m, k = lhs_mk.shape
     n = dout_mn.shape[1]
-    tiles = flat_contract_tiles(n, out_dtype, CONTRACT_PINGPONG) if chain else _contract_tiles(n, out_dtype)
+    tiles = flat_contract_tiles(n, out_dtype) if chain else _contract_tiles(n, out_dtype)
     if k % tiles.tile_m:
         raise ValueError(f"pallas gmm: K = {k} must be a multiple of {tiles.tile_m} for d_rhs")
     mp = _padded_rows(m, tiles.tile_k)
