@@ -7,8 +7,9 @@
 # ran 16 (rows bands of 2), 19 (training at batch 24) and 20 (d_rhs's masking and the empty groups' tiles; calls
 # 16, 19 and 20 of d278522), and 18 before d_rhs's bands; session 45 ran d_rhs's ping-pong kernel (call 19 of
 # 8aa3505; it lost, so its training A/B, 20, did not run; both removed since), 18 with d_rhs's bands, 8, and 9's
-# first step (session 37's warpgroup split: it lost, so 9's training A/B did not run); HISTORY.md):
-#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 18; 4 takes the persistent kernels,
+# first step (session 37's warpgroup split: it lost, so 9's training A/B did not run); the new 19 waits: d_rhs's
+# tilings at T = 512; HISTORY.md):
+#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 19; 4 takes the persistent kernels,
 #                                                            14 the rows and d_rhs bands, 18 a benchmark flag)
 # run from the repository root on the device machine, with `.whl` carried (ml-collections and tensorboardX, which
 # its image lacks) and `.whl-tokamax` where a call times the tokamax peer (tokamax 0.0.17 with its needs, 37 MB).
@@ -20,7 +21,7 @@
 # here to the ignored `.jcc` (`rm -rf .jcc && cp -r /work/.device/N/jcc .jcc`) and carried, it seeds the next
 # machine's, which helps where that machine has the same card and image.
 set -u
-N=${1:?call number 1-18}
+N=${1:?call number 1-19}
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -116,5 +117,12 @@ case $N in
     step 330 python experiments/bench_moe_gemm.py --impls pallas_chain,einsum --rounds 2 --budget-s 300 ${2:-} \
         --out "$OUT/bench_moe_gemm_table_dbands.json"
     ;;
-*)  echo "call number 1-18" >&2; exit 2 ;;
+19) # session 45: d_rhs alone at LongCat's T = 512, where the [gate | up] backward (0.88) is the last balanced case
+    # below 0.90 and d_rhs alone its whole gap (0.75 of the einsum), in tilings that need no code: the default (4
+    # stages, 64-column stores, bands of 4), 3 stages with whole 128-column stores, each step's wgmma kept in flight
+    # (overlap_mma), bands of 2 and of 8; bf16 output, 3 rotated rounds (all lower for CUDA on the CPU)
+    step 330 python experiments/contract_ab.py --variants default,stages=3+epi_n=128,overlap_mma=1,band=2,band=8 \
+        --rounds 3 --cases longcat/gate_up/512,longcat/down/512 --out "$OUT/contract_ab_t512_variants.json"
+    ;;
+*)  echo "call number 1-19" >&2; exit 2 ;;
 esac
