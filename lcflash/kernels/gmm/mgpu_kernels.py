@@ -94,8 +94,8 @@ def _num_sms(interpret: bool) -> int:
 
 
 def _persistent_call(kernel, out_type, interpret: bool, name: str):
-    """Both kernels' launch: one CTA per SM walking its tile list, 3 warpgroups (1 TMA + 2 wgmma). `name` becomes the CUDA kernel's name (`{name}_mosaic_gpu_kernel`), so a profile
-    tells the products apart."""
+    """Both kernels' launch: one CTA per SM walking its tile list, 3 warpgroups (1 TMA + 2 wgmma). `name` becomes
+    the CUDA kernel's name (`{name}_mosaic_gpu_kernel`), so a profile tells the products apart."""
     kernel.__name__ = name
     return plgpu.kernel(
         kernel,
