@@ -802,6 +802,8 @@ def main():
                     "(pallas_gmm.ROWS_BAND; default: its value)")
     ap.add_argument("--contract-band", type=int, default=None, metavar="B", help="the flat d_rhs kernel's column "
                     "bands (pallas_gmm.CONTRACT_BAND; default: its value)")
+    ap.add_argument("--rows-wide-decode", action=argparse.BooleanOptionalAction, default=None, help="decode-sized "
+                    "groups' widest column tiles (pallas_gmm.ROWS_WIDE_DECODE; default: its value)")
     ap.add_argument("--pick-jax-mgpu", action="store_true", help="time four configs of the example kernel first")
     ap.add_argument("--wg-split", default=None, choices=("n", "m"), help="our kernels' warpgroup split "
                     "(pallas_gmm.WG_SPLIT; default: its value)")
@@ -820,6 +822,8 @@ def main():
     if bands is None or min(bands) < 0:
         ap.error(f"--deal-bands {args.deal_bands!r}: want comma-separated integers >= 0 (0: row-major), e.g. 0,8")
     pallas_gmm.WG_SPLIT = args.wg_split or pallas_gmm.WG_SPLIT
+    if args.rows_wide_decode is not None:
+        pallas_gmm.ROWS_WIDE_DECODE = args.rows_wide_decode
     try:
         pallas_gmm.set_bands(args.rows_band, args.contract_band)
     except ValueError as e:
@@ -833,7 +837,7 @@ def main():
     dev = jax.devices()[0]
     meta = dict(device=dev.device_kind, platform=dev.platform, jax=jax.__version__, wg_split=pallas_gmm.WG_SPLIT,
                 rows_band=pallas_gmm.ROWS_BAND, contract_band=pallas_gmm.CONTRACT_BAND,
-                contract_zero_empty=mgpu_kernels.CONTRACT_ZERO_EMPTY,
+                rows_wide_decode=pallas_gmm.ROWS_WIDE_DECODE, contract_zero_empty=mgpu_kernels.CONTRACT_ZERO_EMPTY,
                 jaxlib=getattr(jax.lib, "__version__", None) or __import__("jaxlib").__version__,
                 date_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 command="python " + " ".join(sys.argv))

@@ -7,7 +7,8 @@ Two modes, both in rotated rounds (bench_moe_gemm.rotated_rounds) on one machine
     overrides of mk.Tiles fields, e.g. `default,stages=3,band=4,stages=4+band=4,overlap_mma=1`; against a bf16
     batched einsum (the bound). Every variant's output must equal the first's bit for bit (same sums).
   --gmm-switch NAME=A,B: the table's forward and backward (bench_moe_gemm.run_case, pallas_chain and the einsum)
-    with the module switch NAME (pallas_gmm.X or mgpu_kernels.X) at A and at B, alternating, `--rounds` each.
+    with the module switch NAME (pallas_gmm.X or mgpu_kernels.X) at A and at B, alternating, `--rounds` each;
+    the ratios to the einsum and to the bytes floor.
 
     python experiments/contract_ab.py --cases longcat/down/4096,longcat/down/512 --variants default,stages=3,band=4
     python experiments/contract_ab.py --cases longcat/down/4096 --gmm-switch CONTRACT_BAND=0,4 --rounds 2
@@ -116,7 +117,9 @@ def gmm_switch_ab(cases, name: str, values, rounds: int, bw_gbs: float) -> list:
                     rec = dict(config=config, proj=proj, tokens_per_expert=t, round=r, switch=name, value=value,
                                fwd_ms=ours["fwd_ms"], bwd_ms=ours["bwd_ms"], einsum_fwd_ms=ein["fwd_ms"],
                                einsum_bwd_ms=ein["bwd_ms"], fwd_per_einsum=ein["fwd_ms"] / ours["fwd_ms"],
-                               bwd_per_einsum=ein["bwd_ms"] / ours["bwd_ms"])
+                               bwd_per_einsum=ein["bwd_ms"] / ours["bwd_ms"],
+                               fwd_per_floor=ours["fwd_ms"] / row["bytes_floor_fwd_ms"],
+                               bwd_per_floor=ours["bwd_ms"] / row["bytes_floor_bwd_ms"])
                     print("gmm_switch_ab", json.dumps(rec), flush=True)
                     out.append(rec)
     finally:

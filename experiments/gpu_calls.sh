@@ -7,9 +7,9 @@
 # ran 16 (rows bands of 2), 19 (training at batch 24) and 20 (d_rhs's masking and the empty groups' tiles; calls
 # 16, 19 and 20 of d278522), and 18 before d_rhs's bands; session 45 ran d_rhs's ping-pong kernel (call 19 of
 # 8aa3505; it lost, so its training A/B, 20, did not run; both removed since), 18 with d_rhs's bands, 8, and 9's
-# first step (session 37's warpgroup split: it lost, so 9's training A/B did not run); the new 19 waits: d_rhs's
-# tilings at T = 512; HISTORY.md):
-#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 19; 4 takes the persistent kernels,
+# first step (session 37's warpgroup split: it lost, so 9's training A/B did not run); the new 19 (d_rhs's
+# tilings at T = 512) and 20 (decode-sized groups' wide column tiles) wait; HISTORY.md):
+#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 20; 4 takes the persistent kernels,
 #                                                            14 the rows and d_rhs bands, 18 a benchmark flag)
 # run from the repository root on the device machine, with `.whl` carried (ml-collections and tensorboardX, which
 # its image lacks) and `.whl-tokamax` where a call times the tokamax peer (tokamax 0.0.17 with its needs, 37 MB).
@@ -21,7 +21,7 @@
 # here to the ignored `.jcc` (`rm -rf .jcc && cp -r /work/.device/N/jcc .jcc`) and carried, it seeds the next
 # machine's, which helps where that machine has the same card and image.
 set -u
-N=${1:?call number 1-19}
+N=${1:?call number 1-20}
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -124,5 +124,13 @@ case $N in
     step 330 python experiments/contract_ab.py --variants default,stages=3+epi_n=128,overlap_mma=1,band=2,band=8 \
         --rounds 3 --cases longcat/gate_up/512,longcat/down/512 --out "$OUT/contract_ab_t512_variants.json"
     ;;
-*)  echo "call number 1-19" >&2; exit 2 ;;
+20) # session 45: decode-sized groups' widest column tiles (pallas_gmm.ROWS_WIDE_DECODE, off; configs/small.py's
+    # T = 64 forward ran at 1.51-1.54x the bytes floor): GPU tests, then the whole product with it off and on where
+    # it changes a kernel (small gate/up's forward, N = 384; LongCat's down forward and gate/up d_lhs, N = 6144)
+    step 150 python -m pytest -n 0 -q tests/test_gmm.py -k "wide_decode or gpu_pallas_forward"
+    step 330 python experiments/contract_ab.py --gmm-switch ROWS_WIDE_DECODE=False,True --rounds 2 --cases \
+        small/gate_up/64,longcat/down/64,longcat/gate_up/64,small/gate_up/8,longcat/down/8 \
+        --out "$OUT/contract_ab_wide_decode.json"
+    ;;
+*)  echo "call number 1-20" >&2; exit 2 ;;
 esac

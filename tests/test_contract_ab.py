@@ -58,7 +58,8 @@ def test_gmm_switch_ab_alternates_and_restores(monkeypatch):
     def run_case(config, proj, t, load, impls, bw, results, check=True):
         seen.append(ab.pallas_gmm.CONTRACT_BAND)
         ms = 1.0 + ab.pallas_gmm.CONTRACT_BAND
-        return dict(impls={"pallas_chain": dict(fwd_ms=ms, bwd_ms=2 * ms), "einsum": dict(fwd_ms=1.0, bwd_ms=2.0)})
+        return dict(impls={"pallas_chain": dict(fwd_ms=ms, bwd_ms=2 * ms), "einsum": dict(fwd_ms=1.0, bwd_ms=2.0)},
+                    bytes_floor_fwd_ms=0.5, bytes_floor_bwd_ms=1.0)
 
     monkeypatch.setattr(ab.bench, "run_case", run_case)
     before = ab.pallas_gmm.CONTRACT_BAND
@@ -66,3 +67,4 @@ def test_gmm_switch_ab_alternates_and_restores(monkeypatch):
     assert seen == [0, 4, 4, 0] and ab.pallas_gmm.CONTRACT_BAND == before
     assert [r["value"] for r in out] == [0, 4, 4, 0]
     np.testing.assert_allclose([r["bwd_per_einsum"] for r in out], [1.0, 0.2, 0.2, 1.0])
+    np.testing.assert_allclose([r["fwd_per_floor"] for r in out], [2.0, 10.0, 10.0, 2.0])

@@ -38,6 +38,12 @@ WG_SPLIT = "n"
 # CONTRACT_TILES) keep their own, and groups of a row tile or less on average are not banded (rows_matmul).
 ROWS_BAND = 4
 CONTRACT_BAND = 4
+# Decode-sized groups (64-row tiles) in a plain rows product: the widest column tile (up to 256 a warpgroup) whose
+# 3-stage ring fits, so a CTA covers more of the weights' columns and the lhs rows are read by fewer n tiles (at
+# configs/small.py's gate/up, N = 384: one n tile of 2 x 192 instead of three of 2 x 64; LongCat's N = 6144: 16 of
+# 2 x 192 instead of 24). configs/small.py's T = 64 forward ran at 1.51-1.54x the bytes floor (session 45). Off until
+# measured. Read at trace time.
+ROWS_WIDE_DECODE = False
 
 
 def set_bands(rows: int | None = None, contract: int | None = None):
@@ -72,6 +78,8 @@ def _rows_tiles(m: int, g: int, n: int, out_dtype, n_rhs: int, what: str, epi_in
     # One epilogue store per warpgroup and tile (epi_n = tn) where it fits; fp32 outputs store in 64-col chunks.
     epi_n = tn if jnp.dtype(out_dtype).itemsize <= 2 else 64
     tiles = mk.Tiles(tile_m=tm, tile_n=tn, tile_k=64, stages=4, epi_n=epi_n, wg_split=WG_SPLIT if tm == 128 else "n")
+    if ROWS_WIDE_DECODE and tm == 64 and n_rhs == 1 and not epi_in:
+        tiles = _widest_decode_tiles(tiles, n, out_dtype)
     while tiles.stages > 2 and mk.smem_bytes(tiles, n_rhs=n_rhs, in_dtype=jnp.bfloat16, out_dtype=out_dtype,
                                              contract=False, epi_in=epi_in) > mk._SMEM_BYTES:
         tiles = dataclasses.replace(tiles, stages=tiles.stages - 1)
@@ -102,6 +110,18 @@ def flat_contract_tiles(n: int, out_dtype) -> mk.Tiles:
     deepest ring that fits (_chain_tiles)."""
     return _chain_tiles(_contract_tiles(n, out_dtype), CONTRACT_TILES is not None, out_dtype, 1, contract=True, n=n,
                         band=CONTRACT_BAND)
+
+
+def _widest_decode_tiles(tiles: mk.Tiles, n: int, out_dtype) -> mk.Tiles:
+    """ROWS_WIDE_DECODE: the widest tile_n (multiple of 64, at most 256) dividing n / 2 whose ring of 3 stages fits,
+    with whole-tile stores where `tiles` has them (bf16) and else 64-column ones; `tiles` where none is wider."""
+    for tn in range(256, tiles.tile_n, -64):
+        for epi_n in sorted({tn if tiles.epi_n == tiles.tile_n else 64, 64}, reverse=True):
+            wide = dataclasses.replace(tiles, tile_n=tn, stages=3, epi_n=epi_n)
+            fits = mk.smem_bytes(wide, n_rhs=1, in_dtype=jnp.bfloat16, out_dtype=out_dtype, contract=False)
+            if n % (2 * tn) == 0 and fits <= mk._SMEM_BYTES:
+                return wide
+    return tiles
 
 
 def _contract_tiles(n: int, out_dtype) -> mk.Tiles:
