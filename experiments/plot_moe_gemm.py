@@ -18,6 +18,7 @@ RUNS = [
     ("bench_moe_gemm_s28_h200.json", "H200, session 28"),
     ("bench_moe_gemm_rounds_s40_h100.json", "H100, session 40 (3 rounds)"),
     ("bench_moe_gemm_table_bands_s42_h100.json", "H100, session 42, rows bands of 4 (2 rounds)"),
+    ("bench_moe_gemm_table_s45_h100.json", "H100, session 45, d_rhs bands of 4 too (2 rounds)"),
 ]
 TARGET = 0.90
 
