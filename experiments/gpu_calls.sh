@@ -126,10 +126,11 @@ case $N in
     ;;
 20) # session 45: decode-sized groups' widest column tiles (pallas_gmm.ROWS_WIDE_DECODE, off; configs/small.py's
     # T = 64 forward ran at 1.51-1.54x the bytes floor): GPU tests, then the whole product with it off and on where
-    # it changes a kernel (small gate/up's forward, N = 384; LongCat's down forward and gate/up d_lhs, N = 6144)
+    # it changes a kernel (small gate/up's forward, N = 384; LongCat's down forward and gate/up d_lhs, N = 6144), and
+    # small down T = 64 (no kernel changes there: an A/A control)
     step 150 python -m pytest -n 0 -q tests/test_gmm.py -k "wide_decode or gpu_pallas_forward"
-    step 330 python experiments/contract_ab.py --gmm-switch ROWS_WIDE_DECODE=False,True --rounds 2 --cases \
-        small/gate_up/64,longcat/down/64,longcat/gate_up/64,small/gate_up/8,longcat/down/8 \
+    step 360 python experiments/contract_ab.py --gmm-switch ROWS_WIDE_DECODE=False,True --rounds 2 --cases \
+        small/gate_up/64,longcat/down/64,longcat/gate_up/64,small/gate_up/8,longcat/down/8,small/down/64 \
         --out "$OUT/contract_ab_wide_decode.json"
     ;;
 *)  echo "call number 1-20" >&2; exit 2 ;;
