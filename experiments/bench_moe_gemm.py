@@ -802,8 +802,9 @@ def main():
                     "(pallas_gmm.ROWS_BAND; default: its value)")
     ap.add_argument("--contract-band", type=int, default=None, metavar="B", help="the flat d_rhs kernel's column "
                     "bands (pallas_gmm.CONTRACT_BAND; default: its value)")
-    ap.add_argument("--rows-wide-decode", action=argparse.BooleanOptionalAction, default=None, help="decode-sized "
-                    "groups' widest column tiles (pallas_gmm.ROWS_WIDE_DECODE; default: its value)")
+    ap.add_argument("--rows-wide-decode", type=int, default=None, metavar="S", help="decode-sized groups' widest "
+                    "column tiles with a ring of at least S stages (pallas_gmm.ROWS_WIDE_DECODE; 0: off; default: "
+                    "its value)")
     ap.add_argument("--pick-jax-mgpu", action="store_true", help="time four configs of the example kernel first")
     ap.add_argument("--wg-split", default=None, choices=("n", "m"), help="our kernels' warpgroup split "
                     "(pallas_gmm.WG_SPLIT; default: its value)")
@@ -823,6 +824,8 @@ def main():
         ap.error(f"--deal-bands {args.deal_bands!r}: want comma-separated integers >= 0 (0: row-major), e.g. 0,8")
     pallas_gmm.WG_SPLIT = args.wg_split or pallas_gmm.WG_SPLIT
     if args.rows_wide_decode is not None:
+        if args.rows_wide_decode == 1 or args.rows_wide_decode < 0:
+            ap.error(f"--rows-wide-decode {args.rows_wide_decode}: want 0 (off) or a ring depth >= 2")
         pallas_gmm.ROWS_WIDE_DECODE = args.rows_wide_decode
     try:
         pallas_gmm.set_bands(args.rows_band, args.contract_band)

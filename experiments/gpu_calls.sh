@@ -124,13 +124,13 @@ case $N in
     step 330 python experiments/contract_ab.py --variants default,stages=3+epi_n=128,overlap_mma=1,band=2,band=8 \
         --rounds 3 --cases longcat/gate_up/512,longcat/down/512 --out "$OUT/contract_ab_t512_variants.json"
     ;;
-20) # session 45: decode-sized groups' widest column tiles (pallas_gmm.ROWS_WIDE_DECODE, off; configs/small.py's
-    # T = 64 forward ran at 1.51-1.54x the bytes floor): GPU tests, then the whole product with it off and on where
-    # it changes a kernel (small gate/up's forward, N = 384; LongCat's down forward and gate/up d_lhs, N = 6144), and
-    # small down T = 64 (no kernel changes there: an A/A control)
+20) # session 45: decode-sized groups' widest column tiles (pallas_gmm.ROWS_WIDE_DECODE, 0; configs/small.py's
+    # T = 64 forward ran at 1.51-1.54x the bytes floor): GPU tests, then the whole product at T = 64 with it off (0),
+    # with rings of at least 3 stages (2 x 192 where N = 384 or 6144: small gate/up's forward and down's d_lhs,
+    # LongCat's down forward and gate/up d_lhs) and of at least 2 (also 2 x 256 where N = 1024, 2048 or 6144)
     step 150 python -m pytest -n 0 -q tests/test_gmm.py -k "wide_decode or gpu_pallas_forward"
-    step 360 python experiments/contract_ab.py --gmm-switch ROWS_WIDE_DECODE=False,True --rounds 2 --cases \
-        small/gate_up/64,longcat/down/64,longcat/gate_up/64,small/gate_up/8,longcat/down/8,small/down/64 \
+    step 400 python experiments/contract_ab.py --gmm-switch ROWS_WIDE_DECODE=0,3,2 --rounds 2 --cases \
+        small/gate_up/64,small/down/64,longcat/down/64,longcat/gate_up/64 \
         --out "$OUT/contract_ab_wide_decode.json"
     ;;
 *)  echo "call number 1-20" >&2; exit 2 ;;

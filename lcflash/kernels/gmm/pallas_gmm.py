@@ -38,12 +38,13 @@ WG_SPLIT = "n"
 # CONTRACT_TILES) keep their own, and groups of a row tile or less on average are not banded (rows_matmul).
 ROWS_BAND = 4
 CONTRACT_BAND = 4
-# Decode-sized groups (64-row tiles) in a plain rows product: the widest column tile (up to 256 a warpgroup) whose
-# 3-stage ring fits, so a CTA covers more of the weights' columns and the lhs rows are read by fewer n tiles (at
-# configs/small.py's gate/up, N = 384: one n tile of 2 x 192 instead of three of 2 x 64; LongCat's N = 6144: 16 of
-# 2 x 192 instead of 24). configs/small.py's T = 64 forward ran at 1.51-1.54x the bytes floor (session 45). Off until
-# measured. Read at trace time.
-ROWS_WIDE_DECODE = False
+# Decode-sized groups (64-row tiles) in a plain rows product, memory-bound: 0 keeps the usual tiles; S >= 2 takes
+# the widest column tile (up to 256 a warpgroup) whose ring of S stages fits, so a CTA covers more of the weights'
+# columns and the lhs rows are read by fewer n tiles. S = 3: configs/small.py's gate/up (N = 384) one n tile of
+# 2 x 192 instead of three of 2 x 64, LongCat's N = 6144 16 of 2 x 192 instead of 24; S = 2 also gives 2 x 256 to
+# N = 1024 (configs/small.py's down), 2048 and 6144. configs/small.py's T = 64 forward ran at 1.51-1.54x the bytes
+# floor (session 45). 0 until measured. Read at trace time.
+ROWS_WIDE_DECODE = 0
 
 
 def set_bands(rows: int | None = None, contract: int | None = None):
@@ -79,7 +80,7 @@ def _rows_tiles(m: int, g: int, n: int, out_dtype, n_rhs: int, what: str, epi_in
     epi_n = tn if jnp.dtype(out_dtype).itemsize <= 2 else 64
     tiles = mk.Tiles(tile_m=tm, tile_n=tn, tile_k=64, stages=4, epi_n=epi_n, wg_split=WG_SPLIT if tm == 128 else "n")
     if ROWS_WIDE_DECODE and tm == 64 and n_rhs == 1 and not epi_in:
-        tiles = _widest_decode_tiles(tiles, n, out_dtype)
+        tiles = _widest_decode_tiles(tiles, n, out_dtype, ROWS_WIDE_DECODE)
     while tiles.stages > 2 and mk.smem_bytes(tiles, n_rhs=n_rhs, in_dtype=jnp.bfloat16, out_dtype=out_dtype,
                                              contract=False, epi_in=epi_in) > mk._SMEM_BYTES:
         tiles = dataclasses.replace(tiles, stages=tiles.stages - 1)
@@ -112,15 +113,19 @@ def flat_contract_tiles(n: int, out_dtype) -> mk.Tiles:
                         band=CONTRACT_BAND)
 
 
-def _widest_decode_tiles(tiles: mk.Tiles, n: int, out_dtype) -> mk.Tiles:
-    """ROWS_WIDE_DECODE: the widest tile_n (multiple of 64, at most 256) dividing n / 2 whose ring of 3 stages fits,
-    with whole-tile stores where `tiles` has them (bf16) and else 64-column ones; `tiles` where none is wider."""
-    for tn in range(256, tiles.tile_n, -64):
-        for epi_n in sorted({tn if tiles.epi_n == tiles.tile_n else 64, 64}, reverse=True):
-            wide = dataclasses.replace(tiles, tile_n=tn, stages=3, epi_n=epi_n)
-            fits = mk.smem_bytes(wide, n_rhs=1, in_dtype=jnp.bfloat16, out_dtype=out_dtype, contract=False)
-            if n % (2 * tn) == 0 and fits <= mk._SMEM_BYTES:
-                return wide
+def _widest_decode_tiles(tiles: mk.Tiles, n: int, out_dtype, stages: int) -> mk.Tiles:
+    """ROWS_WIDE_DECODE: the widest tile_n (multiple of 64, at most 256) dividing n / 2 whose ring of `stages` fits,
+    with the deepest ring up to 4 that fits, whole-tile stores where `tiles` has them (bf16) and else 64-column
+    ones; `tiles` where none is wider."""
+    if isinstance(stages, bool) or not isinstance(stages, int) or stages < 2:
+        raise ValueError(f"pallas_gmm.ROWS_WIDE_DECODE = {stages!r}: want 0 (off) or a ring depth >= 2")
+    for tn in (t for t in range(256, tiles.tile_n, -64) if n % (2 * t) == 0):
+        for depth in range(max(4, stages), stages - 1, -1):
+            for epi_n in sorted({tn if tiles.epi_n == tiles.tile_n else 64, 64}, reverse=True):
+                wide = dataclasses.replace(tiles, tile_n=tn, stages=depth, epi_n=epi_n)
+                if mk.smem_bytes(wide, n_rhs=1, in_dtype=jnp.bfloat16, out_dtype=out_dtype,
+                                 contract=False) <= mk._SMEM_BYTES:
+                    return wide
     return tiles
 
 
