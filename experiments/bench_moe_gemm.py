@@ -824,9 +824,10 @@ def main():
         ap.error(f"--deal-bands {args.deal_bands!r}: want comma-separated integers >= 0 (0: row-major), e.g. 0,8")
     pallas_gmm.WG_SPLIT = args.wg_split or pallas_gmm.WG_SPLIT
     if args.rows_wide_decode is not None:
-        if args.rows_wide_decode == 1 or args.rows_wide_decode < 0:
-            ap.error(f"--rows-wide-decode {args.rows_wide_decode}: want 0 (off) or a ring depth >= 2")
-        pallas_gmm.ROWS_WIDE_DECODE = args.rows_wide_decode
+        try:
+            pallas_gmm.ROWS_WIDE_DECODE = pallas_gmm.check_wide_decode(args.rows_wide_decode)
+        except ValueError as e:
+            ap.error(f"--rows-wide-decode: {e}")
     try:
         pallas_gmm.set_bands(args.rows_band, args.contract_band)
     except ValueError as e:

@@ -79,7 +79,7 @@ def _rows_tiles(m: int, g: int, n: int, out_dtype, n_rhs: int, what: str, epi_in
     # One epilogue store per warpgroup and tile (epi_n = tn) where it fits; fp32 outputs store in 64-col chunks.
     epi_n = tn if jnp.dtype(out_dtype).itemsize <= 2 else 64
     tiles = mk.Tiles(tile_m=tm, tile_n=tn, tile_k=64, stages=4, epi_n=epi_n, wg_split=WG_SPLIT if tm == 128 else "n")
-    if ROWS_WIDE_DECODE and tm == 64 and n_rhs == 1 and not epi_in:
+    if check_wide_decode(ROWS_WIDE_DECODE) and tm == 64 and n_rhs == 1 and not epi_in:
         tiles = _widest_decode_tiles(tiles, n, out_dtype, ROWS_WIDE_DECODE)
     while tiles.stages > 2 and mk.smem_bytes(tiles, n_rhs=n_rhs, in_dtype=jnp.bfloat16, out_dtype=out_dtype,
                                              contract=False, epi_in=epi_in) > mk._SMEM_BYTES:
@@ -96,14 +96,24 @@ def _chain_tiles(tiles: mk.Tiles, pinned: bool, out_dtype, n_rhs: int, contract:
     divisor of its n tiles up to band (ROWS_BAND / CONTRACT_BAND)."""
     if pinned:
         return dataclasses.replace(tiles, chain=True)
-    for stages in range(max(tiles.stages, 4), 0, -1):
+    t = _deepest_ring(dataclasses.replace(tiles, chain=True, band=mk.widest_band(n // (2 * tiles.tile_n), band)),
+                      out_dtype, n_rhs, contract=contract, epi_in=epi_in, margin=512)
+    if t is None:
+        raise ValueError(f"pallas gmm: no tiling with a flat pipeline fits shared memory for {tiles}")
+    return t
+
+
+def _deepest_ring(tiles: mk.Tiles, out_dtype, n_rhs: int, *, contract: bool = False, epi_in: int = 0,
+                  min_stages: int = 1, margin: int = 4096) -> mk.Tiles | None:
+    """`tiles` with the deepest ring (from max(tiles.stages, 4) down to min_stages) that fits shared memory,
+    halving the epilogue chunk to 64 columns before dropping a stage; None where none fits."""
+    for stages in range(max(tiles.stages, 4), min_stages - 1, -1):
         for epi_n in sorted({tiles.epi_n, min(64, tiles.epi_n)}, reverse=True):
-            t = dataclasses.replace(tiles, stages=stages, epi_n=epi_n, chain=True,
-                                    band=mk.widest_band(n // (2 * tiles.tile_n), band))
+            t = dataclasses.replace(tiles, stages=stages, epi_n=epi_n)
             if mk.smem_bytes(t, n_rhs=n_rhs, in_dtype=jnp.bfloat16, out_dtype=out_dtype, contract=contract,
-                             margin=512, epi_in=epi_in) <= mk._SMEM_BYTES:
+                             margin=margin, epi_in=epi_in) <= mk._SMEM_BYTES:
                 return t
-    raise ValueError(f"pallas gmm: no tiling with a flat pipeline fits shared memory for {tiles}")
+    return None
 
 
 def flat_contract_tiles(n: int, out_dtype) -> mk.Tiles:
@@ -113,19 +123,23 @@ def flat_contract_tiles(n: int, out_dtype) -> mk.Tiles:
                         band=CONTRACT_BAND)
 
 
+def check_wide_decode(stages):
+    """ROWS_WIDE_DECODE's valid values, checked where it is read and where the benchmarks set it: 0 or a depth >= 2."""
+    if isinstance(stages, bool) or not isinstance(stages, int) or stages < 0 or stages == 1:
+        raise ValueError(f"pallas_gmm.ROWS_WIDE_DECODE = {stages!r}: want 0 (off) or a ring depth >= 2")
+    return stages
+
+
 def _widest_decode_tiles(tiles: mk.Tiles, n: int, out_dtype, stages: int) -> mk.Tiles:
     """ROWS_WIDE_DECODE: the widest tile_n (multiple of 64, at most 256) dividing n / 2 whose ring of `stages` fits,
-    with the deepest ring up to 4 that fits, whole-tile stores where `tiles` has them (bf16) and else 64-column
-    ones; `tiles` where none is wider."""
-    if isinstance(stages, bool) or not isinstance(stages, int) or stages < 2:
-        raise ValueError(f"pallas_gmm.ROWS_WIDE_DECODE = {stages!r}: want 0 (off) or a ring depth >= 2")
+    with the deepest ring up to 4 that fits (_deepest_ring), whole-tile stores where `tiles` has them (bf16) and
+    else 64-column ones; `tiles` where none is wider."""
     for tn in (t for t in range(256, tiles.tile_n, -64) if n % (2 * t) == 0):
-        for depth in range(max(4, stages), stages - 1, -1):
-            for epi_n in sorted({tn if tiles.epi_n == tiles.tile_n else 64, 64}, reverse=True):
-                wide = dataclasses.replace(tiles, tile_n=tn, stages=depth, epi_n=epi_n)
-                if mk.smem_bytes(wide, n_rhs=1, in_dtype=jnp.bfloat16, out_dtype=out_dtype,
-                                 contract=False) <= mk._SMEM_BYTES:
-                    return wide
+        epi_n = tn if tiles.epi_n == tiles.tile_n else 64
+        wide = _deepest_ring(dataclasses.replace(tiles, tile_n=tn, stages=max(tiles.stages, stages), epi_n=epi_n),
+                             out_dtype, 1, min_stages=stages)
+        if wide is not None:
+            return wide
     return tiles
 
 
