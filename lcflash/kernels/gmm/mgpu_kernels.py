@@ -885,22 +885,15 @@ def _zero_acc(acc_ref, interpret: bool):
         acc_ref[...] = zeros
 
 
-def _tile_info(tile_ref, lin_ref, lane, kn: int, g: int, j):
-    """(group, start row, end row, first row block, steps) of the tile in slot j of a flat contract lane's tile
-    list (contract_flat_schedule's lin_cj and tile_4g)."""
-    gi = jnp.minimum(lin_ref[lane, j] // kn, g - 1)  # past the last tile: any valid group
-    return (gi, tile_ref[0, gi], tile_ref[1, gi], tile_ref[2, gi], tile_ref[3, gi])
-
-
-def _store_zero_tiles(zero_ref, lane, lanes: int, kn: int, k_n_tile, store):
-    """The empty groups' tiles (contract_flat_schedule's zero_2z) that fall to `lane` of `lanes`, round robin
-    continuing after the pipelines' tiles; store(group, K tile, N tile) writes one as zeros."""
+def _store_zero_tiles(zero_ref, sm, n_sms: int, kn: int, k_n_tile, store):
+    """The empty groups' tiles (contract_flat_schedule's zero_2z) that fall to CTA `sm`, round robin continuing
+    after the pipelines' tiles; store(group, K tile, N tile) writes one as zeros."""
     n_zero, n_piped = zero_ref[0], zero_ref[1]
-    first = (lane - n_piped % lanes + lanes) % lanes
+    first = (sm - n_piped % n_sms + n_sms) % n_sms
 
-    @pl.loop(0, (n_zero - first + lanes - 1) // lanes)
+    @pl.loop(0, (n_zero - first + n_sms - 1) // n_sms)
     def _zero_tile(i):
-        z = first + i * lanes
+        z = first + i * n_sms
         store(zero_ref[2 + z // kn], *k_n_tile(z))
 
 
@@ -976,7 +969,10 @@ def _contract_kernel_flat(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles,
             wg = lax.axis_index("wg")
             (wr, wc), (r_off, c_off) = tiles.wg_tile(), _wg_offsets(tiles, wg)
 
-            tile_info = functools.partial(_tile_info, tile_ref, lin_ref, sm, kn, g)
+            def tile_info(j):
+                """(group, start row, end row, first row block, steps) of this CTA's tile slot j."""
+                gi = jnp.minimum(lin_ref[sm, j] // kn, g - 1)  # past the last tile: any valid group
+                return (gi, tile_ref[0, gi], tile_ref[1, gi], tile_ref[2, gi], tile_ref[3, gi])
 
             def mma(_, a_smem, b_smem, carry):
                 acc, j, s_in, info = carry
