@@ -5,7 +5,9 @@ For every case (config, projection, tokens per expert, load) and implementation 
 forward+backward (backward = difference), and reports TFLOP/s, the ratio to a batched einsum of equal FLOPs on
 equal groups (the upper bound), and for <= 64 tokens per expert the ratio to the bytes/bandwidth floor (weights +
 activations over the measured device-copy bandwidth). The kernels' outputs (ours and the peers') are checked against
-the einsum (balanced loads) or a padded einsum (skewed loads) before they are timed.
+the einsum (balanced loads) or a padded einsum (skewed loads) before they are timed. Times are wall-clock medians;
+`--device-time` also times the cases of <= 64 tokens per expert by the device's busy time per call (a profiler
+trace), since the wall clock cannot resolve products of tens of microseconds (`device_ms`).
 
     python experiments/bench_moe_gemm.py --out experiments/bench_moe_gemm.json [--quick] [--sweep] [--budget-s S]
 
@@ -29,6 +31,7 @@ import datetime
 import json
 import os
 import sys
+import tempfile
 import time
 
 import jax
@@ -38,6 +41,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from lcflash.kernels.gmm import api, mgpu_kernels, pallas_gmm  # noqa: E402
+from lcflash.parallel import trace_overlap  # noqa: E402
 
 # (config, projection, K, N, experts): LongCat with 64 local experts (an EP slice of 512), configs/small.py.
 SHAPES = {
@@ -72,6 +76,29 @@ def time_ms(f, args, min_batch_ms=20.0, repeats=3):
         times.append((time.perf_counter() - t0) * 1e3 / inner)
         del outs
     return float(np.median(times)), float(np.min(times)), float(np.max(times))
+
+
+def busy_us(kernels) -> float:
+    """Microseconds during which at least one of `kernels` (trace events) runs: overlapping streams count once."""
+    return sum(b - a for a, b in trace_overlap.merge_intervals((e.start, e.start + e.dur) for e in kernels))
+
+
+def device_ms(f, args, calls=20, kernels_us=None):
+    """The device's busy time per call, from a profiler trace of `calls` back-to-back calls; `kernels_us` (a dict)
+    receives each kernel's microseconds per call. Wall time (time_ms) cannot resolve products of tens of
+    microseconds: at configs/small.py's T = 64 its rounds spread 2x and its backward (fwd + bwd less fwd) came out
+    below the bytes floor (session 46)."""
+    sync(f(*args))
+    with tempfile.TemporaryDirectory(prefix="lcflash_bench_") as tdir:
+        path = os.path.join(tdir, "trace.json.gz")
+        trace_overlap.record_trace(lambda: sync([f(*args) for _ in range(calls)]), path, python_frames=False)
+        by_name, kernels, seen = trace_overlap.kernel_totals(path)
+    if not kernels:
+        raise RuntimeError(f"device_ms: the trace holds no device kernels (processes seen: {seen['processes']}); "
+                           "it times GPU kernels, use time_ms elsewhere")
+    if kernels_us is not None:
+        kernels_us.update({name: us / calls for name, (_, us) in by_name.items()})
+    return busy_us(kernels) / calls / 1e3
 
 
 def rotated(names, r):
@@ -166,7 +193,7 @@ def check_suffix(impl: str) -> str:
     return "" if impl == "pallas" else "_" + impl
 
 
-def run_case(cfg, proj, t, load, impls, bw_gbs, results, check=True, rounds=1):
+def run_case(cfg, proj, t, load, impls, bw_gbs, results, check=True, rounds=1, device_time=False):
     k, n, g = SHAPES[(cfg, proj)]
     sizes_np = group_sizes(g, t, load)
     m = g * t
@@ -225,17 +252,23 @@ def run_case(cfg, proj, t, load, impls, bw_gbs, results, check=True, rounds=1):
                     rec.setdefault(f"{key}_ms_rounds", []).append(ms)
                     span = rec.setdefault(f"{key}_ms_range", [lo, hi])
                     span[:] = [min(span[0], lo), max(span[1], hi)]
+                    if device_time:   # each kernel's share from the last round
+                        per_kernel = rec.setdefault(f"{key}_device_kernels_us", {})
+                        rec.setdefault(f"{key}_device_ms_rounds", []).append(device_ms(f, args, kernels_us=per_kernel))
             except Exception as e:  # noqa: BLE001 - reported in the table
                 rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
     for rec in row["impls"].values():
-        if "fwdbwd_ms_rounds" in rec:
-            rec["bwd_ms_rounds"] = [b - f for f, b in zip(rec["fwd_ms_rounds"], rec["fwdbwd_ms_rounds"])]
-        for key in ("fwd", "fwdbwd", "bwd"):
-            if f"{key}_ms_rounds" in rec:
-                rec[f"{key}_ms"] = float(np.median(rec[f"{key}_ms_rounds"]))
+        for clock in ("", "_device"):  # wall time; with device_time also the device's busy time
+            if f"fwdbwd{clock}_ms_rounds" in rec:
+                rec[f"bwd{clock}_ms_rounds"] = [b - f for f, b in zip(rec[f"fwd{clock}_ms_rounds"],
+                                                                      rec[f"fwdbwd{clock}_ms_rounds"])]
+            for key in ("fwd", "fwdbwd", "bwd"):
+                if f"{key}{clock}_ms_rounds" in rec:
+                    rec[f"{key}{clock}_ms"] = float(np.median(rec[f"{key}{clock}_ms_rounds"]))
         for key, products in (("fwd", 1), ("bwd", 2)):
-            if f"{key}_ms" in rec:
-                rec[f"{key}_tflops"] = products * flops / rec[f"{key}_ms"] / 1e9
+            for clock in ("", "_device"):
+                if f"{key}{clock}_ms" in rec:
+                    rec[f"{key}{clock}_tflops"] = products * flops / rec[f"{key}{clock}_ms"] / 1e9
     ein = row["impls"].get("einsum", {})
     for impl, rec in row["impls"].items():   # each round's ratio to the einsum of the same round
         for key in ("fwd", "bwd"):
@@ -272,19 +305,21 @@ def format_table(results):
                 continue
             small = r["tokens_per_expert"] <= 64
 
-            def col(key, floor_key, tf_key):
-                ms = rec.get(key)
+            def col(key, clock=""):
+                ms = rec.get(f"{key}{clock}_ms")
                 if ms is None:
                     return f"{'':>8} {'':>6} {'':>5} {'':>6}"
-                ratio = ein.get(key, float("nan")) / ms if ein else float("nan")
-                floor = ms / r[floor_key] if small else float("nan")
-                return f"{ms:8.3f} {rec[tf_key]:6.0f} {ratio:5.2f} {floor:6.2f}"
+                ratio = ein.get(f"{key}{clock}_ms", float("nan")) / ms if ein else float("nan")
+                floor = ms / r[f"bytes_floor_{key}_ms"] if small else float("nan")
+                return f"{ms:8.3f} {rec[f'{key}{clock}_tflops']:6.0f} {ratio:5.2f} {floor:6.2f}"
 
-            lines.append(f"{case:34} {impl:12} {col('fwd_ms', 'bytes_floor_fwd_ms', 'fwd_tflops')} | "
-                         f"{col('bwd_ms', 'bytes_floor_bwd_ms', 'bwd_tflops')} | "
+            lines.append(f"{case:34} {impl:12} {col('fwd')} | {col('bwd')} | "
                          f"{chk if impl not in UNCHECKED else rec.get('error', rec.get('bwd_skipped', ''))[:60]}")
+            if "fwd_device_ms" in rec:
+                lines.append(f"{'':34} {'  by device':12} {col('fwd', '_device')} | {col('bwd', '_device')} |")
     lines.append("/ein: batched-einsum time / this time (1.00 = at the bound); /floor: this time / bytes-over-bandwidth "
-                 "floor (T <= 64 only); bwd = (fwd+bwd) - fwd")
+                 "floor (T <= 64 only); bwd = (fwd+bwd) - fwd; 'by device': the device's busy time per call "
+                 "(--device-time)")
     return "\n".join(lines)
 
 
@@ -802,9 +837,8 @@ def main():
                     "(pallas_gmm.ROWS_BAND; default: its value)")
     ap.add_argument("--contract-band", type=int, default=None, metavar="B", help="the flat d_rhs kernel's column "
                     "bands (pallas_gmm.CONTRACT_BAND; default: its value)")
-    ap.add_argument("--rows-wide-decode", type=int, default=None, metavar="S", help="decode-sized groups' widest "
-                    "column tiles with a ring of at least S stages (pallas_gmm.ROWS_WIDE_DECODE; 0: off; default: "
-                    "its value)")
+    ap.add_argument("--device-time", action="store_true", help="main table: also time the cases of at most 64 "
+                    "tokens per expert by the device's busy time per call (device_ms; wall time cannot resolve them)")
     ap.add_argument("--pick-jax-mgpu", action="store_true", help="time four configs of the example kernel first")
     ap.add_argument("--wg-split", default=None, choices=("n", "m"), help="our kernels' warpgroup split "
                     "(pallas_gmm.WG_SPLIT; default: its value)")
@@ -823,11 +857,6 @@ def main():
     if bands is None or min(bands) < 0:
         ap.error(f"--deal-bands {args.deal_bands!r}: want comma-separated integers >= 0 (0: row-major), e.g. 0,8")
     pallas_gmm.WG_SPLIT = args.wg_split or pallas_gmm.WG_SPLIT
-    if args.rows_wide_decode is not None:
-        try:
-            pallas_gmm.ROWS_WIDE_DECODE = pallas_gmm.check_wide_decode(args.rows_wide_decode)
-        except ValueError as e:
-            ap.error(f"--rows-wide-decode: {e}")
     try:
         pallas_gmm.set_bands(args.rows_band, args.contract_band)
     except ValueError as e:
@@ -841,7 +870,7 @@ def main():
     dev = jax.devices()[0]
     meta = dict(device=dev.device_kind, platform=dev.platform, jax=jax.__version__, wg_split=pallas_gmm.WG_SPLIT,
                 rows_band=pallas_gmm.ROWS_BAND, contract_band=pallas_gmm.CONTRACT_BAND,
-                rows_wide_decode=pallas_gmm.ROWS_WIDE_DECODE, contract_zero_empty=mgpu_kernels.CONTRACT_ZERO_EMPTY,
+                contract_zero_empty=mgpu_kernels.CONTRACT_ZERO_EMPTY,
                 jaxlib=getattr(jax.lib, "__version__", None) or __import__("jaxlib").__version__,
                 date_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 command="python " + " ".join(sys.argv))
@@ -905,7 +934,8 @@ def main():
             if args.swiglu:
                 report["swiglu"] += swiglu_cases([t])
             continue
-        row = run_case(cfg, proj, t, load, impls, meta["copy_bandwidth_gbs"], results, rounds=args.rounds)
+        row = run_case(cfg, proj, t, load, impls, meta["copy_bandwidth_gbs"], results, rounds=args.rounds,
+                       device_time=args.device_time and t <= 64)
         print(json.dumps(row), flush=True)
         save()
     if args.chain_ab:

@@ -8,7 +8,8 @@ Two modes, both in rotated rounds (bench_moe_gemm.rotated_rounds) on one machine
     batched einsum (the bound). Every variant's output must equal the first's bit for bit (same sums).
   --gmm-switch NAME=A,B: the table's forward and backward (bench_moe_gemm.run_case, pallas_chain and the einsum)
     with the module switch NAME (pallas_gmm.X or mgpu_kernels.X) at A and at B, alternating, `--rounds` each;
-    the ratios to the einsum and to the bytes floor.
+    the ratios to the einsum and to the bytes floor; with --device-time also from the device's busy time per call
+    (a profiler trace), which resolves products of tens of microseconds where wall time cannot.
 
     python experiments/contract_ab.py --cases longcat/down/4096,longcat/down/512 --variants default,stages=3,band=4
     python experiments/contract_ab.py --cases longcat/down/4096 --gmm-switch CONTRACT_BAND=0,4 --rounds 2
@@ -103,7 +104,7 @@ def switch_home(name: str):
     raise ValueError(f"--gmm-switch {name!r}: not a switch of pallas_gmm or mgpu_kernels")
 
 
-def gmm_switch_ab(cases, name: str, values, rounds: int, bw_gbs: float) -> list:
+def gmm_switch_ab(cases, name: str, values, rounds: int, bw_gbs: float, device_time: bool = False) -> list:
     home, out = switch_home(name), []
     default = getattr(home, name)
     try:
@@ -112,7 +113,7 @@ def gmm_switch_ab(cases, name: str, values, rounds: int, bw_gbs: float) -> list:
                 for value in values if r % 2 == 0 else values[::-1]:
                     setattr(home, name, value)
                     row = bench.run_case(config, proj, t, "balanced", ["pallas_chain", "einsum"], bw_gbs, [],
-                                         check=False)
+                                         check=False, device_time=device_time)
                     ours, ein = row["impls"]["pallas_chain"], row["impls"]["einsum"]
                     rec = dict(config=config, proj=proj, tokens_per_expert=t, round=r, switch=name, value=value,
                                fwd_ms=ours["fwd_ms"], bwd_ms=ours["bwd_ms"], einsum_fwd_ms=ein["fwd_ms"],
@@ -120,6 +121,17 @@ def gmm_switch_ab(cases, name: str, values, rounds: int, bw_gbs: float) -> list:
                                bwd_per_einsum=ein["bwd_ms"] / ours["bwd_ms"],
                                fwd_per_floor=ours["fwd_ms"] / row["bytes_floor_fwd_ms"],
                                bwd_per_floor=ours["bwd_ms"] / row["bytes_floor_bwd_ms"])
+                    if device_time:
+                        for key in ("fwd", "bwd"):
+                            rec[f"{key}_device_ms"] = ours[f"{key}_device_ms"]
+                            rec[f"einsum_{key}_device_ms"] = ein[f"{key}_device_ms"]
+                            rec[f"{key}_device_per_einsum"] = ein[f"{key}_device_ms"] / ours[f"{key}_device_ms"]
+                            rec[f"{key}_device_per_floor"] = ours[f"{key}_device_ms"] / row[f"bytes_floor_{key}_ms"]
+                            rec[f"einsum_{key}_device_per_floor"] = (ein[f"{key}_device_ms"]
+                                                                     / row[f"bytes_floor_{key}_ms"])
+                        rec["kernels_us"] = {f"{impl}_{key}": r.get(f"{key}_device_kernels_us")
+                                             for impl, r in (("ours", ours), ("einsum", ein))
+                                             for key in ("fwd", "fwdbwd")}
                     print("gmm_switch_ab", json.dumps(rec), flush=True)
                     out.append(rec)
     finally:
@@ -133,6 +145,8 @@ def main():
                     help="config/proj/T, comma-separated")
     ap.add_argument("--variants", default="default,stages=3,band=4", help="kernel mode's tilings (see above)")
     ap.add_argument("--gmm-switch", default="", metavar="NAME=A,B", help="the whole product with a switch at A, B")
+    ap.add_argument("--device-time", action="store_true", help="--gmm-switch also records the device's busy "
+                    "time per call from a profiler trace (bench_moe_gemm.device_ms; for products of tens of us)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default="experiments/contract_ab.json")
     args = ap.parse_args()
@@ -157,7 +171,7 @@ def main():
                 contract_zero_empty=mk.CONTRACT_ZERO_EMPTY)
     print(json.dumps(meta), flush=True)
     if args.gmm_switch:
-        results = gmm_switch_ab(cases, name, values, args.rounds, bench.measure_bandwidth_gbs())
+        results = gmm_switch_ab(cases, name, values, args.rounds, bench.measure_bandwidth_gbs(), args.device_time)
     else:
         results = kernel_ab(cases, variants, args.rounds)
     with open(args.out, "w") as f:

@@ -7,8 +7,10 @@
 # ran 16 (rows bands of 2), 19 (training at batch 24) and 20 (d_rhs's masking and the empty groups' tiles; calls
 # 16, 19 and 20 of d278522), and 18 before d_rhs's bands; session 45 ran d_rhs's ping-pong kernel (call 19 of
 # 8aa3505; it lost, so its training A/B, 20, did not run; both removed since), 18 with d_rhs's bands, 8, and 9's
-# first step (session 37's warpgroup split: it lost, so 9's training A/B did not run); the new 19 (d_rhs's
-# tilings at T = 512) and 20 (decode-sized groups' wide column tiles) wait; HISTORY.md):
+# first step (session 37's warpgroup split: it lost, so 9's training A/B did not run); session 46 ran 19 (d_rhs's
+# tilings at T = 512) and 20 (decode-sized groups' wide column tiles: level, removed since) by wall time (call 20
+# of 9ac361d), then by the device's busy time; the new 20 (d_rhs's bands of 2, each product's kernels) waits;
+# HISTORY.md):
 #     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 20; 4 takes the persistent kernels,
 #                                                            14 the rows and d_rhs bands, 18 a benchmark flag)
 # run from the repository root on the device machine, with `.whl` carried (ml-collections and tensorboardX, which
@@ -124,14 +126,14 @@ case $N in
     step 330 python experiments/contract_ab.py --variants default,stages=3+epi_n=128,overlap_mma=1,band=2,band=8 \
         --rounds 3 --cases longcat/gate_up/512,longcat/down/512 --out "$OUT/contract_ab_t512_variants.json"
     ;;
-20) # session 45: decode-sized groups' widest column tiles (pallas_gmm.ROWS_WIDE_DECODE, 0; configs/small.py's
-    # T = 64 forward ran at 1.51-1.54x the bytes floor): GPU tests, then the whole product at T = 64 with it off (0),
-    # with rings of at least 3 stages (2 x 192 where N = 384 or 6144: small gate/up's forward and down's d_lhs,
-    # LongCat's down forward and gate/up d_lhs) and of at least 2 (also 2 x 256 where N = 1024, 2048 or 6144)
-    step 150 python -m pytest -n 0 -q tests/test_gmm.py -k "wide_decode or gpu_pallas_forward"
-    step 400 python experiments/contract_ab.py --gmm-switch ROWS_WIDE_DECODE=0,3,2 --rounds 2 --cases \
-        small/gate_up/64,small/down/64,longcat/down/64,longcat/gate_up/64 \
-        --out "$OUT/contract_ab_wide_decode.json"
+20) # session 46: by the device's busy time per call (--device-time; wall time could not resolve configs/small.py's
+    # T = 64 products), d_rhs's column bands of 4 (the default) against 2 (2 led d_rhs alone at LongCat's T = 512
+    # on an H200, 0.77-0.82 against 0.72-0.75, while the whole backward's wall-time rounds overlapped), and each
+    # product's kernels per call (configs/small.py's T = 64 forward ran at 0.81 of the einsum's device time on an
+    # H200: which kernels hold the other 7.5 us), and the T <= 64 floor target by device time on this card
+    step 480 python experiments/contract_ab.py --gmm-switch CONTRACT_BAND=4,2 --rounds 2 --device-time --cases \
+        small/gate_up_fused/64,small/down/64,longcat/gate_up/8,longcat/gate_up/512,longcat/down/512 \
+        --out "$OUT/contract_ab_band_device.json"
     ;;
 *)  echo "call number 1-20" >&2; exit 2 ;;
 esac

@@ -39,6 +39,40 @@ def test_one_round_times_each_product_once(monkeypatch):
     assert "einsum" not in row["impls"]        # the skewed rows take the balanced case's einsum as their bound
 
 
+def test_device_time_rounds_beside_the_wall_time(monkeypatch):
+    monkeypatch.setitem(bench.SHAPES, ("toy", "down"), (32, 64, 4))
+    monkeypatch.setattr(bench, "time_ms", lambda f, args, **_: (float(len(args)),) * 3)   # fwd 2, fwd + bwd 3
+    device = iter([0.25, 0.75, 0.5, 1.25])          # round 1: fwd, fwd + bwd; round 2: the same
+    monkeypatch.setattr(bench, "device_ms", lambda f, args, kernels_us: kernels_us.update(k=1.0) or next(device))
+    row = bench.run_case("toy", "down", 8, "balanced", ["einsum"], 1000.0, [], rounds=2, device_time=True)
+    rec = row["impls"]["einsum"]
+    assert rec["fwd_device_ms_rounds"] == [0.25, 0.5] and rec["bwd_device_ms_rounds"] == [0.5, 0.75]
+    assert rec["fwd_device_ms"] == 0.375 and rec["bwd_device_ms"] == 0.625
+    assert rec["fwd_ms"] == 2.0 and rec["bwd_ms"] == 1.0           # the wall time as before
+    assert rec["fwd_device_kernels_us"] == rec["fwdbwd_device_kernels_us"] == {"k": 1.0}
+    assert rec["bwd_device_tflops"] == pytest.approx(2 * rec["fwd_device_tflops"] * 0.375 / 0.625)
+    table = bench.format_table([row]).splitlines()
+    assert table[2].split()[:4] == ["by", "device", "0.375", f"{rec['fwd_device_tflops']:.0f}"]
+    assert table[2].split()[6:8] == ["|", "0.625"]
+
+
+def test_busy_time_counts_overlapping_kernels_once():
+    ev = bench.trace_overlap.Event
+    kernels = [ev("b", 5.0, 10.0, "s1"), ev("a", 0.0, 10.0, "s0"), ev("c", 30.0, 2.0, "s0"), ev("d", 31.0, 0.5, "s1")]
+    assert bench.busy_us(kernels) == 15.0 + 2.0
+    assert bench.busy_us([]) == 0.0
+
+
+def test_device_ms_refuses_a_trace_without_device_kernels():
+    import jax
+    import jax.numpy as jnp
+
+    if jax.default_backend() != "cpu":
+        pytest.skip("the CPU's trace has no device kernels; a GPU's has")
+    with pytest.raises(RuntimeError, match="no device kernels"):
+        bench.device_ms(jax.jit(lambda a: a + 1), (jnp.ones(8),), calls=2)
+
+
 def test_tile_sweep_runs_at_the_chosen_shapes(monkeypatch):
     """--small-sweep at --sweep-config longcat: the einsum bound and every pinned variant at LongCat's products."""
     cases = []

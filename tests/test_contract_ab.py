@@ -55,16 +55,28 @@ def test_kernel_ab_pins_each_variant_and_checks_bitwise(monkeypatch):
 def test_gmm_switch_ab_alternates_and_restores(monkeypatch):
     seen = []
 
-    def run_case(config, proj, t, load, impls, bw, results, check=True):
-        seen.append(ab.pallas_gmm.CONTRACT_BAND)
+    def run_case(config, proj, t, load, impls, bw, results, check=True, device_time=False):
+        seen.append((ab.pallas_gmm.CONTRACT_BAND, device_time))
         ms = 1.0 + ab.pallas_gmm.CONTRACT_BAND
-        return dict(impls={"pallas_chain": dict(fwd_ms=ms, bwd_ms=2 * ms), "einsum": dict(fwd_ms=1.0, bwd_ms=2.0)},
-                    bytes_floor_fwd_ms=0.5, bytes_floor_bwd_ms=1.0)
+        ours, ein = dict(fwd_ms=ms, bwd_ms=2 * ms), dict(fwd_ms=1.0, bwd_ms=2.0)
+        if device_time:   # the device's busy time: a third of the wall time in this fake
+            for rec in (ours, ein):
+                rec.update(fwd_device_ms=rec["fwd_ms"] / 3, bwd_device_ms=rec["bwd_ms"] / 3)
+        return dict(impls={"pallas_chain": ours, "einsum": ein}, bytes_floor_fwd_ms=0.5, bytes_floor_bwd_ms=1.0)
 
     monkeypatch.setattr(ab.bench, "run_case", run_case)
     before = ab.pallas_gmm.CONTRACT_BAND
     out = ab.gmm_switch_ab([("longcat", "down", 64)], "CONTRACT_BAND", [0, 4], rounds=2, bw_gbs=1.0)
-    assert seen == [0, 4, 4, 0] and ab.pallas_gmm.CONTRACT_BAND == before
-    assert [r["value"] for r in out] == [0, 4, 4, 0]
+    assert seen == [(0, False), (4, False), (4, False), (0, False)] and ab.pallas_gmm.CONTRACT_BAND == before
+    assert [r["value"] for r in out] == [0, 4, 4, 0] and "fwd_device_ms" not in out[0]
     np.testing.assert_allclose([r["bwd_per_einsum"] for r in out], [1.0, 0.2, 0.2, 1.0])
     np.testing.assert_allclose([r["fwd_per_floor"] for r in out], [2.0, 10.0, 10.0, 2.0])
+
+    seen.clear()
+    out = ab.gmm_switch_ab([("small", "down", 64)], "CONTRACT_BAND", [0, 4], rounds=1, bw_gbs=1.0,
+                           device_time=True)
+    assert seen == [(0, True), (4, True)]
+    np.testing.assert_allclose([r["bwd_device_ms"] for r in out], [2 / 3, 10 / 3])
+    np.testing.assert_allclose([r["fwd_device_per_einsum"] for r in out], [1.0, 0.2])
+    np.testing.assert_allclose([r["fwd_device_per_floor"] for r in out], [2 / 3, 10 / 3])
+    np.testing.assert_allclose([r["einsum_bwd_device_per_floor"] for r in out], [2 / 3, 2 / 3])

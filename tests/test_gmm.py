@@ -355,34 +355,6 @@ def test_set_bands_refuses_a_bad_band_by_name(monkeypatch):
 
 
 @cpu_only
-@pytest.mark.parametrize("depth,n,narrow,wide", [(3, 384, 64, 192), (2, 512, 128, 256)])
-def test_pallas_interpret_wide_decode_tiles(monkeypatch, depth, n, narrow, wide):
-    """ROWS_WIDE_DECODE: decode-sized groups (64-row tiles) take the widest column tile whose ring of `depth` stages
-    fits (N = 384: one n tile of 2 x 192 instead of three of 2 x 64; N = 512 at depth 2: one of 2 x 256); forward
-    and d_lhs (N = 384) against the fp32 reference, the flat pipeline bit for bit against the per-tile one (same
-    tiles), with an empty group and tail rows. Not bitwise against the narrow tiles: the interpreter's CPU dot sums
-    a 64 x 192 block in another order than a 64 x 64 one (2 of 46,080 elements 1 ulp apart)."""
-    from lcflash.kernels.gmm import pallas_gmm
-
-    m, k, sizes_l = 120, 384, [64, 0, 50]
-    x, w, dy, sizes = _inputs(33, m, k, n, sizes_l, jnp.bfloat16)
-    assert pallas_gmm._rows_tiles(m, 3, n, jnp.bfloat16, 1, "N").tile_n == narrow
-    monkeypatch.setattr(pallas_gmm, "ROWS_WIDE_DECODE", depth)
-    assert pallas_gmm._rows_tiles(m, 3, n, jnp.bfloat16, 1, "N").tile_n == wide
-    assert pallas_gmm._rows_tiles(m, 3, k, jnp.bfloat16, 1, "N").tile_n == 192  # d_lhs: N = k = 384
-    monkeypatch.setattr(pallas_gmm, "ROWS_WIDE_DECODE", True)
-    with pytest.raises(ValueError, match="ROWS_WIDE_DECODE = True: want 0"):
-        pallas_gmm._rows_tiles(m, 3, n, jnp.bfloat16, 1, "N")
-    monkeypatch.setattr(pallas_gmm, "ROWS_WIDE_DECODE", depth)
-    f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
-    want = reference.gmm_loop(f32(x), f32(w), sizes), reference.gmm_loop(f32(dy), f32(w).swapaxes(1, 2), sizes)
-    for args, kw, ref in (((x, [w], sizes), {}, want[0]), ((dy, [w], sizes), dict(transpose_rhs=True), want[1])):
-        per_tile, flat = (np.asarray(pallas_gmm.rows_matmul(*args, chain=c, **kw), np.float32) for c in (False, True))
-        assert _rel(flat, ref) < BF16_TOL and not flat[sum(sizes_l):].any()
-        np.testing.assert_array_equal(flat, per_tile)
-
-
-@cpu_only
 def test_pallas_interpret_banded_rows_kernel(monkeypatch):
     """The flat rows kernel with its tiles in bands of 2 of 4 n tiles gives the row-major order's output bit for
     bit (the same tiles, visited in another order), forward and d_lhs, over ragged groups and a tail."""
@@ -614,31 +586,6 @@ def test_pallas_chain_backward_lowers_for_cuda(mosaic_gpu_trace, monkeypatch, k,
     assert lowered.as_text().count("mosaic_gpu") >= 6  # forward, d_lhs, d_rhs, flat d_rhs, SwiGLU, per-tile kernels
 
 
-@pytest.mark.parametrize("depth,k,n,g,wide", [(3, 1024, 384, 128, 192), (3, 2048, 6144, 64, 192),  # small gate/up,
-                                               (2, 384, 1024, 128, 256), (2, 2048, 6144, 64, 256)])  # LongCat down
-def test_wide_decode_tiles_lower_for_cuda(mosaic_gpu_trace, monkeypatch, depth, k, n, g, wide):
-    """ROWS_WIDE_DECODE's wide column tiles at 64 tokens per expert (2 x 192 in 3 stages, 2 x 256 in 2): forward and
-    d_lhs of both pallas impls through Pallas -> Mosaic GPU lowering for CUDA on the CPU (the wgmma width, the ring
-    within shared memory)."""
-    from lcflash.kernels.gmm import pallas_gmm
-
-    monkeypatch.setattr(pallas_gmm, "ROWS_WIDE_DECODE", depth)
-    m = 64 * g
-    assert pallas_gmm._rows_tiles(m, g, n, jnp.bfloat16, 1, "N").tile_n == wide
-    sd = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt)  # noqa: E731
-
-    def fwd_bwd(lhs, rhs, dout, sizes):
-        outs = []
-        for impl in ("pallas", "pallas_chain"):
-            out, vjp = jax.vjp(lambda a: api.gmm(a, rhs, sizes, impl=impl), lhs)
-            outs += [out, *vjp(dout)]
-        return outs
-
-    lowered = jax.jit(fwd_bwd).trace(sd(m, k), sd(g, k, n), sd(m, n), sd(g, dt=jnp.int32)).lower(
-        lowering_platforms=("cuda",))
-    assert lowered.as_text().count("mosaic_gpu") >= 4
-
-
 @pytest.mark.parametrize("wg_split", ["n", "m"])
 @pytest.mark.parametrize("d,f,g,m", [(6144, 2048, 64, 32768), (1024, 384, 128, 65536)])  # LongCat, small config
 def test_ffn_swiglu_grad_epilogue_lowers_for_cuda(mosaic_gpu_trace, monkeypatch, d, f, g, m, wg_split):
@@ -677,20 +624,6 @@ GPU_CASES = {
 @pytest.mark.parametrize("case", sorted(GPU_CASES))
 def test_gpu_pallas_forward_and_gradients(case, impl):
     _check_gpu_fwd_grads(impl, *GPU_CASES[case])
-
-
-@gpu_only
-@pytest.mark.parametrize("depth,n,wide", [(3, 384, 192), (2, 512, 256)])
-@pytest.mark.parametrize("impl", ["pallas", "pallas_chain"])
-def test_gpu_wide_decode_tiles(monkeypatch, impl, depth, n, wide):
-    """ROWS_WIDE_DECODE: 64-row tiles take 2 x 192 (N = 384, and d_lhs's K = 384) or 2 x 256 (N = 512, depth 2)
-    column tiles."""
-    from lcflash.kernels.gmm import pallas_gmm
-
-    monkeypatch.setattr(pallas_gmm, "ROWS_WIDE_DECODE", depth)
-    m, k, sizes_l = 600, 384, [64, 0, 63, 1, 130, 64, 0, 90, 64, 100]  # 24 rows past the groups
-    assert pallas_gmm._rows_tiles(m, len(sizes_l), n, jnp.bfloat16, 1, "N").tile_n == wide
-    _check_gpu_fwd_grads(impl, m, k, n, sizes_l)
 
 
 def _check_gpu_fwd_grads(impl, m, k, n, sizes_l):

@@ -38,13 +38,6 @@ WG_SPLIT = "n"
 # CONTRACT_TILES) keep their own, and groups of a row tile or less on average are not banded (rows_matmul).
 ROWS_BAND = 4
 CONTRACT_BAND = 4
-# Decode-sized groups (64-row tiles) in a plain rows product, memory-bound: 0 keeps the usual tiles; S >= 2 takes
-# the widest column tile (up to 256 a warpgroup) whose ring of S stages fits, so a CTA covers more of the weights'
-# columns and the lhs rows are read by fewer n tiles. S = 3: configs/small.py's gate/up (N = 384) one n tile of
-# 2 x 192 instead of three of 2 x 64, LongCat's N = 6144 16 of 2 x 192 instead of 24; S = 2 also gives 2 x 256 to
-# N = 1024 (configs/small.py's down), 2048 and 6144. configs/small.py's T = 64 forward ran at 1.51-1.54x the bytes
-# floor (session 45). 0 until measured. Read at trace time.
-ROWS_WIDE_DECODE = 0
 
 
 def set_bands(rows: int | None = None, contract: int | None = None):
@@ -79,8 +72,6 @@ def _rows_tiles(m: int, g: int, n: int, out_dtype, n_rhs: int, what: str, epi_in
     # One epilogue store per warpgroup and tile (epi_n = tn) where it fits; fp32 outputs store in 64-col chunks.
     epi_n = tn if jnp.dtype(out_dtype).itemsize <= 2 else 64
     tiles = mk.Tiles(tile_m=tm, tile_n=tn, tile_k=64, stages=4, epi_n=epi_n, wg_split=WG_SPLIT if tm == 128 else "n")
-    if check_wide_decode(ROWS_WIDE_DECODE) and tm == 64 and n_rhs == 1 and not epi_in:
-        tiles = _widest_decode_tiles(tiles, n, out_dtype, ROWS_WIDE_DECODE)
     while tiles.stages > 2 and mk.smem_bytes(tiles, n_rhs=n_rhs, in_dtype=jnp.bfloat16, out_dtype=out_dtype,
                                              contract=False, epi_in=epi_in) > mk._SMEM_BYTES:
         tiles = dataclasses.replace(tiles, stages=tiles.stages - 1)
@@ -103,11 +94,11 @@ def _chain_tiles(tiles: mk.Tiles, pinned: bool, out_dtype, n_rhs: int, contract:
     return t
 
 
-def _deepest_ring(tiles: mk.Tiles, out_dtype, n_rhs: int, *, contract: bool = False, epi_in: int = 0,
-                  min_stages: int = 1, margin: int = 4096) -> mk.Tiles | None:
-    """`tiles` with the deepest ring (from max(tiles.stages, 4) down to min_stages) that fits shared memory,
-    halving the epilogue chunk to 64 columns before dropping a stage; None where none fits."""
-    for stages in range(max(tiles.stages, 4), min_stages - 1, -1):
+def _deepest_ring(tiles: mk.Tiles, out_dtype, n_rhs: int, *, contract: bool, epi_in: int,
+                  margin: int) -> mk.Tiles | None:
+    """`tiles` with the deepest ring (from max(tiles.stages, 4) down to 1) that fits shared memory, halving the
+    epilogue chunk to 64 columns before dropping a stage; None where none fits."""
+    for stages in range(max(tiles.stages, 4), 0, -1):
         for epi_n in sorted({tiles.epi_n, min(64, tiles.epi_n)}, reverse=True):
             t = dataclasses.replace(tiles, stages=stages, epi_n=epi_n)
             if mk.smem_bytes(t, n_rhs=n_rhs, in_dtype=jnp.bfloat16, out_dtype=out_dtype, contract=contract,
@@ -121,26 +112,6 @@ def flat_contract_tiles(n: int, out_dtype) -> mk.Tiles:
     deepest ring that fits (_chain_tiles)."""
     return _chain_tiles(_contract_tiles(n, out_dtype), CONTRACT_TILES is not None, out_dtype, 1, contract=True, n=n,
                         band=CONTRACT_BAND)
-
-
-def check_wide_decode(stages):
-    """ROWS_WIDE_DECODE's valid values, checked where it is read and where the benchmarks set it: 0 or a depth >= 2."""
-    if isinstance(stages, bool) or not isinstance(stages, int) or stages < 0 or stages == 1:
-        raise ValueError(f"pallas_gmm.ROWS_WIDE_DECODE = {stages!r}: want 0 (off) or a ring depth >= 2")
-    return stages
-
-
-def _widest_decode_tiles(tiles: mk.Tiles, n: int, out_dtype, stages: int) -> mk.Tiles:
-    """ROWS_WIDE_DECODE: the widest tile_n (multiple of 64, at most 256) dividing n / 2 whose ring of `stages` fits,
-    with the deepest ring up to 4 that fits (_deepest_ring), whole-tile stores where `tiles` has them (bf16) and
-    else 64-column ones; `tiles` where none is wider."""
-    for tn in (t for t in range(256, tiles.tile_n, -64) if n % (2 * t) == 0):
-        epi_n = tn if tiles.epi_n == tiles.tile_n else 64
-        wide = _deepest_ring(dataclasses.replace(tiles, tile_n=tn, stages=max(tiles.stages, stages), epi_n=epi_n),
-                             out_dtype, 1, min_stages=stages)
-        if wide is not None:
-            return wide
-    return tiles
 
 
 def _contract_tiles(n: int, out_dtype) -> mk.Tiles:
