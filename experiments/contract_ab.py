@@ -129,8 +129,8 @@ def gmm_switch_ab(cases, name: str, values, rounds: int, bw_gbs: float, device_t
                             rec[f"{key}_device_per_floor"] = ours[f"{key}_device_ms"] / row[f"bytes_floor_{key}_ms"]
                             rec[f"einsum_{key}_device_per_floor"] = (ein[f"{key}_device_ms"]
                                                                      / row[f"bytes_floor_{key}_ms"])
-                        rec["kernels_us"] = {f"{impl}_{key}": r.get(f"{key}_device_kernels_us")
-                                             for impl, r in (("ours", ours), ("einsum", ein))
+                        rec["kernels_us"] = {f"{impl}_{key}": timed.get(f"{key}_device_kernels_us")
+                                             for impl, timed in (("ours", ours), ("einsum", ein))
                                              for key in ("fwd", "fwdbwd")}
                     print("gmm_switch_ab", json.dumps(rec), flush=True)
                     out.append(rec)
@@ -162,6 +162,8 @@ def main():
                 raise ValueError(f"--gmm-switch {args.gmm_switch!r}: want NAME=A,B")
     except ValueError as e:
         ap.error(str(e))
+    if args.device_time and not args.gmm_switch:
+        ap.error("--device-time: only --gmm-switch records the device's time (the kernel mode times by wall clock)")
     if args.rounds < 1:
         ap.error(f"--rounds {args.rounds}: must be at least 1")
     dev = jax.devices()[0]

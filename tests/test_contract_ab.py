@@ -80,3 +80,11 @@ def test_gmm_switch_ab_alternates_and_restores(monkeypatch):
     np.testing.assert_allclose([r["fwd_device_per_einsum"] for r in out], [1.0, 0.2])
     np.testing.assert_allclose([r["fwd_device_per_floor"] for r in out], [2 / 3, 10 / 3])
     np.testing.assert_allclose([r["einsum_bwd_device_per_floor"] for r in out], [2 / 3, 2 / 3])
+
+
+def test_device_time_without_a_switch_is_refused_before_any_timing(monkeypatch, capsys):
+    monkeypatch.setattr(ab.sys, "argv", ["contract_ab.py", "--device-time"])
+    monkeypatch.setattr(ab.jax, "devices", lambda: pytest.fail("timed before refusing the flags"))
+    with pytest.raises(SystemExit):
+        ab.main()
+    assert "--device-time: only --gmm-switch" in capsys.readouterr().err
