@@ -15,6 +15,15 @@ kernel is also timed without the profiler, and the profiled trace is copied besi
     python experiments/gmm_profile.py --kernels plain,halves,grad_halves --groups 8 --t 1536 \
         --out experiments/gmm_profile_swiglu_h200.json
 
+`--impls d_rhs` profiles the flat d_rhs kernel (bf16 output, 3 stages, bands of 4) at the same shapes, where an
+epilogue ("epilogue", and in it "store_wait": the wait for the staging buffer's last TMA store) stops both
+compute warpgroups every `--t / 64` steps:
+
+    python experiments/gmm_profile.py --impls d_rhs --proj gate_up --groups 4 --t 512 \
+        --out experiments/gmm_profile_d_rhs_h100.json
+
+(4 groups at T = 512: 12 tiles of 8 steps per CTA, ~230 scopes per warpgroup, within `--space`'s 512.)
+
 `--kernels` profiles the products configs/small.py trains instead, at its shapes (K 1024, [gate | up] 2 x 384) with
 the flat pipeline: "plain" x @ [gate | up] stored as it is, "halves" the same with SwiGLU in the epilogue (h and
 [g | u] stored), "grad_halves" the down projection's d_lhs with SwiGLU's backward in the epilogue (reads [g | u],
@@ -133,7 +142,40 @@ def profile_one(variant: str, proj: str, groups: int, t: int, space: int, keep_d
                 warpgroups=summarize(trace))
 
 
+# The flat d_rhs kernel's default tiles at LongCat's shapes with a 3-deep ring (the profile buffer takes the 4th).
+CONTRACT_TILES = mgpu_kernels.Tiles(128, 128, 64, 3, 64, chain=True, band=4)
+
+
+def profile_contract(proj: str, groups: int, t: int, space: int, keep_dir: str):
+    """d_rhs of a LongCat projection (lhs^T @ dout per group, bf16 output as the backward writes it) through the
+    flat contract kernel: checked against the einsum, timed unprofiled with its default tiles (prod_ms) and with
+    CONTRACT_TILES, then profiled with CONTRACT_TILES."""
+    k, n, _ = SHAPES[("longcat", proj)]
+    m = groups * t
+    keys = jax.random.split(jax.random.key(0), 2)
+    x = jax.random.normal(keys[0], (m, k), jnp.bfloat16)
+    dy = jax.random.normal(keys[1], (m, n), jnp.bfloat16)
+    sizes = jnp.full((groups,), t, jnp.int32)
+    fn = lambda a, b: pallas_gmm.contract_matmul(a, b, sizes, out_dtype=jnp.bfloat16, chain=True)  # noqa: E731
+    want = jnp.einsum("gtk,gtn->gkn", x.reshape(groups, t, k), dy.reshape(groups, t, n),
+                      preferred_element_type=jnp.float32)
+    prod_ms = time_ms(fresh_jit(fn), (x, dy))[0]
+    pallas_gmm.CONTRACT_TILES = CONTRACT_TILES
+    try:
+        got = fresh_jit(fn)(x, dy)
+        err = float(jnp.max(jnp.abs(got.astype(jnp.float32) - want)) / jnp.max(jnp.abs(want)))
+        ms = time_ms(fresh_jit(fn), (x, dy))[0]
+        trace = profiled_trace(fn, (x, dy), space, os.path.join(keep_dir, f"gmm_trace_d_rhs_{proj}.json"))
+    finally:
+        pallas_gmm.CONTRACT_TILES = None
+    flops = 2.0 * m * k * n
+    return dict(impl="d_rhs", proj=proj, groups=groups, tokens_per_expert=t, K=k, N=n, prod_ms=prod_ms,
+                unprofiled_ms=ms, unprofiled_tflops=flops / ms / 1e9, max_abs_err_vs_einsum=err,
+                tiles=str(CONTRACT_TILES), warpgroups=summarize(trace))
+
+
 SMALL_TILES = mgpu_kernels.Tiles(128, 64, 64, 3, 64, chain=True)  # 64-column halves; 3 stages (profile buffer)
+SMALL_KERNELS = ("plain", "halves", "grad_halves")  # _small_case's products
 
 
 def _small_case(kernel: str, groups: int, t: int):
@@ -209,13 +251,20 @@ def main():
     ap.add_argument("--proj", default="down", choices=("gate_up", "down"))
     ap.add_argument("--groups", type=int, default=8)
     ap.add_argument("--t", type=int, default=512)
-    ap.add_argument("--impls", default=",".join(VARIANTS))
+    ap.add_argument("--impls", default=",".join(VARIANTS), help=f"of {list(VARIANTS)} (the forward) and d_rhs "
+                    "(the flat d_rhs kernel, bf16 output)")
     ap.add_argument("--kernels", default=None, help="instead of --impls: configs/small.py's products, of "
                     "plain, halves, grad_halves (flat pipeline, 3 stages)")
     ap.add_argument("--tiles-ab", action="store_true", help="with --kernels: time them unprofiled, as trained "
                     "and with 3- and 4-stage rings (no profile)")
-    ap.add_argument("--space", type=int, default=512, help="profiler events per warpgroup (shared memory)")
+    ap.add_argument("--space", type=int, default=512, help="profiler scopes per warpgroup (shared memory: 16 "
+                    "bytes each; more scopes than this overwrite shared memory past the buffer)")
     args = ap.parse_args()
+    names = args.kernels.split(",") if args.kernels else args.impls.split(",")
+    known = SMALL_KERNELS if args.kernels else (*VARIANTS, "d_rhs")
+    if set(names) - set(known):
+        ap.error(f"--{'kernels' if args.kernels else 'impls'} {sorted(set(names) - set(known))}: not among "
+                 f"{list(known)}")
     dev = jax.devices()[0]
     report = dict(device=dev.device_kind, jax=jax.__version__,
                   date_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -226,11 +275,14 @@ def main():
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)
         return
-    names = args.kernels.split(",") if args.kernels else args.impls.split(",")
     for impl in names:
         try:
-            rec = (profile_small(impl, args.groups, args.t, args.space, keep) if args.kernels else
-                   profile_one(impl, args.proj, args.groups, args.t, args.space, keep))
+            if args.kernels:
+                rec = profile_small(impl, args.groups, args.t, args.space, keep)
+            elif impl == "d_rhs":
+                rec = profile_contract(args.proj, args.groups, args.t, args.space, keep)
+            else:
+                rec = profile_one(impl, args.proj, args.groups, args.t, args.space, keep)
         except Exception as e:  # noqa: BLE001  (one failing variant must not lose the others)
             rec = dict(impl=impl, error=f"{type(e).__name__}: {str(e)[:400]}")
         report["results"].append(rec)
@@ -242,7 +294,7 @@ def main():
             print(f"{rec['impl']:21} {rec['error'][:100]}")
             continue
         if "prod_ms" in rec:
-            print(f"{rec['impl']:21} as trained (4 stages where they fit): {rec['prod_ms']:.3f} ms")
+            print(f"{rec['impl']:21} with its default tiles (4 stages where they fit): {rec['prod_ms']:.3f} ms")
         for wg, scopes in rec["warpgroups"].items():
             for name, v in scopes.items():
                 each = v["mean_us"] / v["count"] if v["count"] else float("nan")

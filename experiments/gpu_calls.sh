@@ -9,9 +9,9 @@
 # 8aa3505; it lost, so its training A/B, 20, did not run; both removed since), 18 with d_rhs's bands, 8, and 9's
 # first step (session 37's warpgroup split: it lost, so 9's training A/B did not run); session 46 ran 19 (d_rhs's
 # tilings at T = 512) and 20 (decode-sized groups' wide column tiles: level, removed since) by wall time (call 20
-# of 9ac361d), then by the device's busy time; the new 20 (d_rhs's bands of 2, each product's kernels) waits;
-# HISTORY.md):
-#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 20; 4 takes the persistent kernels,
+# of 9ac361d), then by the device's busy time; the new 20 (d_rhs's bands of 2, each product's kernels) and 21
+# (d_rhs's in-kernel profile) wait; HISTORY.md):
+#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 21; 4 takes the persistent kernels,
 #                                                            14 the rows and d_rhs bands, 18 a benchmark flag)
 # run from the repository root on the device machine, with `.whl` carried (ml-collections and tensorboardX, which
 # its image lacks) and `.whl-tokamax` where a call times the tokamax peer (tokamax 0.0.17 with its needs, 37 MB).
@@ -23,7 +23,7 @@
 # here to the ignored `.jcc` (`rm -rf .jcc && cp -r /work/.device/N/jcc .jcc`) and carried, it seeds the next
 # machine's, which helps where that machine has the same card and image.
 set -u
-N=${1:?call number 1-20}
+N=${1:?call number 1-21}
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -135,5 +135,13 @@ case $N in
         small/gate_up_fused/64,small/down/64,longcat/gate_up/8,longcat/gate_up/512,longcat/down/512 \
         --out "$OUT/contract_ab_band_device.json"
     ;;
-*)  echo "call number 1-20" >&2; exit 2 ;;
+21) # session 46: where d_rhs's time goes at LongCat's T = 512 (0.75-0.80 of the einsum alone, the H100's last
+    # balanced gap): the in-kernel profiler's "mma", "epilogue" and its "store_wait" (the staging buffer's wait for
+    # its last TMA store) per compute warpgroup, 4 groups, 3 stages; both projections
+    for proj in gate_up down; do
+        step 200 python experiments/gmm_profile.py --impls d_rhs --proj $proj --groups 4 --t 512 \
+            --out "$OUT/gmm_profile_d_rhs_$proj.json"
+    done
+    ;;
+*)  echo "call number 1-21" >&2; exit 2 ;;
 esac

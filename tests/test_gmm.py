@@ -873,3 +873,18 @@ def test_auto_picks_our_kernel_only_where_it_runs():
     sizes = jnp.array([10, 0, 9], jnp.int32)
     if jax.default_backend() == "cpu":
         np.testing.assert_array_equal(api.gmm(x, w, sizes, impl="auto"), api.gmm(x, w, sizes, impl="ragged_dot"))
+
+
+def test_gmm_profile_refuses_an_unknown_impl_before_any_work(monkeypatch, capsys):
+    from experiment_scripts import load
+
+    gp = load("gmm_profile")
+    monkeypatch.setattr(gp.sys, "argv", ["gmm_profile.py", "--impls", "d_rhs,d_lhs"])
+    monkeypatch.setattr(gp.jax, "devices", lambda: pytest.fail("reached the device before refusing the flags"))
+    with pytest.raises(SystemExit):
+        gp.main()
+    assert "--impls ['d_lhs']: not among" in capsys.readouterr().err
+    monkeypatch.setattr(gp.sys, "argv", ["gmm_profile.py", "--kernels", "halves,swiglu"])
+    with pytest.raises(SystemExit):
+        gp.main()
+    assert "--kernels ['swiglu']: not among ['plain', 'halves', 'grad_halves']" in capsys.readouterr().err

@@ -28,7 +28,8 @@ from lcflash.kernels import interpret_params
 _MEMORY_REGISTERS = 40  # registers per thread left to the TMA warpgroup (the JAX Hopper examples use 40)
 _SMEM_BYTES = 227 * 1024  # usable shared memory per block on H100 / H200
 # Mosaic GPU's in-kernel profiler (experiments/gmm_profile.py): dict(profile_space=..., profile_dir=...) records
-# the named scopes below ("mma", "next_tile", "epilogue") per warpgroup; its buffer takes shared memory.
+# the named scopes below ("mma", "next_tile", "epilogue" and within it "store_wait") per warpgroup, in the rows
+# kernels and the flat d_rhs kernel; its buffer takes shared memory.
 PROFILE: dict | None = None
 
 
@@ -221,7 +222,8 @@ def _store_rows(val, out_gmem, stage_smem, *, row0, start, rows, col0, epi_n, ra
     tile_rows = stage_smem.shape[0]
     whole_tile = (start == 0) & (rows == tile_rows)
     for c in range(val.shape[1] // epi_n):
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the staging buffer is free again
+        with jax.named_scope("store_wait"):  # the staging buffer is free again (its last TMA store has read it)
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
         chunk = val[:, c * epi_n:(c + 1) * epi_n].astype(stage_smem.dtype)
         cols = pl.ds(col0 + c * epi_n, epi_n)
 
@@ -977,12 +979,15 @@ def _contract_kernel_flat(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles,
             def mma(_, a_smem, b_smem, carry):
                 acc, j, s_in, info = carry
                 gi, start, end, blk0, nst = info
-                _contract_step(acc, a_smem, b_smem, (blk0 + s_in) * tc, start, end, wg=wg, tiles=tiles,
-                               lhs_is_km=lhs_is_km, interpret=interpret, mask_bar=mask_bar)
+                with jax.named_scope("mma"):
+                    _contract_step(acc, a_smem, b_smem, (blk0 + s_in) * tc, start, end, wg=wg, tiles=tiles,
+                                   lhs_is_km=lhs_is_km, interpret=interpret, mask_bar=mask_bar)
                 last = s_in == nst - 1
-                nxt = tile_info(j + 1)  # loads issued every step, used only at a tile's last one
+                with jax.named_scope("next_tile"):  # loads issued every step, used only at a tile's last one
+                    nxt = tile_info(j + 1)
 
                 @pl.when(last)
+                @jax.named_scope("epilogue")
                 def _epilogue():
                     kt, nt = k_n_tile(lin_ref[sm, j])
                     plgpu.wgmma_wait(0)
