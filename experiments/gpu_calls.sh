@@ -10,7 +10,7 @@
 # first step (session 37's warpgroup split: it lost, so 9's training A/B did not run); session 46 ran 19 (d_rhs's
 # tilings at T = 512) and 20 (decode-sized groups' wide column tiles: level, removed since) by wall time (call 20
 # of 9ac361d), then by the device's busy time; the new 20 (d_rhs's bands of 2, each product's kernels) and 21
-# (d_rhs's in-kernel profile) wait; HISTORY.md):
+# (d_rhs's in-kernel profile, its staging buffer in two halves) wait; HISTORY.md):
 #     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 21; 4 takes the persistent kernels,
 #                                                            14 the rows and d_rhs bands, 18 a benchmark flag)
 # run from the repository root on the device machine, with `.whl` carried (ml-collections and tensorboardX, which
@@ -137,11 +137,16 @@ case $N in
     ;;
 21) # session 46: where d_rhs's time goes at LongCat's T = 512 (0.75-0.80 of the einsum alone, the H100's last
     # balanced gap): the in-kernel profiler's "mma", "epilogue" and its "store_wait" (the staging buffer's wait for
-    # its last TMA store) per compute warpgroup, 4 groups, 3 stages; both projections
+    # its last TMA store) per compute warpgroup, 4 groups, 3 stages; both projections. Then the staging buffer as
+    # two row halves in turn (Tiles.epi_ring = 2: a chunk waits for the store two back, not the last): its GPU
+    # test (bitwise against one buffer), and d_rhs alone against the default in 3 rotated rounds (bitwise too)
     for proj in gate_up down; do
-        step 200 python experiments/gmm_profile.py --impls d_rhs --proj $proj --groups 4 --t 512 \
+        step 150 python experiments/gmm_profile.py --impls d_rhs --proj $proj --groups 4 --t 512 \
             --out "$OUT/gmm_profile_d_rhs_$proj.json"
     done
+    step 150 python -m pytest -n 0 -q tests/test_gmm.py -k "gpu_contract_epilogue_ring"
+    step 200 python experiments/contract_ab.py --variants default,epi_ring=2 --rounds 3 \
+        --cases longcat/gate_up/512,longcat/down/512 --out "$OUT/contract_ab_epi_ring.json"
     ;;
 *)  echo "call number 1-21" >&2; exit 2 ;;
 esac

@@ -586,6 +586,28 @@ def test_pallas_chain_backward_lowers_for_cuda(mosaic_gpu_trace, monkeypatch, k,
     assert lowered.as_text().count("mosaic_gpu") >= 6  # forward, d_lhs, d_rhs, flat d_rhs, SwiGLU, per-tile kernels
 
 
+@pytest.mark.parametrize("zero_empty", [False, True])
+@pytest.mark.parametrize("k,n,g,m", [(6144, 2048, 64, 32768), (2048, 6144, 64, 32768)])  # LongCat's two d_rhs
+def test_contract_epilogue_ring_lowers_for_cuda(mosaic_gpu_trace, monkeypatch, k, n, g, m, zero_empty):
+    """Tiles.epi_ring = 2 in the flat and per-tile d_rhs kernels at LongCat's shapes with their default tiles (4
+    stages, 64-column chunks, bands of 4; bf16 output): the row-half slices of the WGMMA-layout accumulator and of
+    the swizzled staging buffer lower for CUDA, and the shared memory still fits."""
+    import dataclasses
+
+    from lcflash.kernels.gmm import mgpu_kernels as mk, pallas_gmm
+
+    monkeypatch.setattr(mk, "CONTRACT_ZERO_EMPTY", zero_empty)
+    ring = dataclasses.replace(pallas_gmm.flat_contract_tiles(n, jnp.bfloat16), epi_ring=2)
+    assert (ring.stages, ring.epi_n, ring.band) == (4, 64, 4)
+    sd = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt)  # noqa: E731
+    for tiles in (ring, dataclasses.replace(ring, chain=False, band=0)):
+        monkeypatch.setattr(pallas_gmm, "CONTRACT_TILES", tiles)
+        lowered = jax.jit(lambda a, d, s: pallas_gmm.contract_matmul(a, d, s, out_dtype=jnp.bfloat16,
+                                                                     chain=tiles.chain)).trace(
+            sd(m, k), sd(m, n), sd(g, dt=jnp.int32)).lower(lowering_platforms=("cuda",))
+        assert lowered.as_text().count("mosaic_gpu") >= 1
+
+
 @pytest.mark.parametrize("wg_split", ["n", "m"])
 @pytest.mark.parametrize("d,f,g,m", [(6144, 2048, 64, 32768), (1024, 384, 128, 65536)])  # LongCat, small config
 def test_ffn_swiglu_grad_epilogue_lowers_for_cuda(mosaic_gpu_trace, monkeypatch, d, f, g, m, wg_split):
@@ -663,6 +685,27 @@ def test_gpu_flat_contract_kernel(monkeypatch, case, zero_empty):
     np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(got, np.asarray(flat(lhs, dout), np.float32))
     assert not got[[i for i, s in enumerate(sizes_l) if s == 0]].any()
+
+
+@gpu_only
+@pytest.mark.parametrize("case", sorted(GPU_CASES))
+def test_gpu_contract_epilogue_ring(monkeypatch, case):
+    """Tiles.epi_ring = 2 on the GPU: the flat and per-tile d_rhs kernels bit for bit as with one staging buffer
+    (a half overwritten before its TMA store read it would show here), and the same on a second call."""
+    import dataclasses
+
+    from lcflash.kernels.gmm import pallas_gmm
+
+    m, k, n, sizes_l = GPU_CASES[case]
+    lhs, _, dout, sizes = _inputs(15, m, k, n, sizes_l, jnp.bfloat16)
+    want = np.asarray(jax.jit(lambda a, d: pallas_gmm.contract_matmul(a, d, sizes, out_dtype=jnp.bfloat16,
+                                                                      chain=True))(lhs, dout), np.float32)
+    base = pallas_gmm.flat_contract_tiles(n, jnp.bfloat16)
+    for tiles in (dataclasses.replace(base, epi_ring=2), dataclasses.replace(base, epi_ring=2, chain=False, band=0)):
+        monkeypatch.setattr(pallas_gmm, "CONTRACT_TILES", tiles)
+        f = jax.jit(lambda a, d: pallas_gmm.contract_matmul(a, d, sizes, out_dtype=jnp.bfloat16, chain=tiles.chain))
+        for _ in range(2):
+            np.testing.assert_array_equal(np.asarray(f(lhs, dout), np.float32), want)
 
 
 @gpu_only
@@ -888,3 +931,36 @@ def test_gmm_profile_refuses_an_unknown_impl_before_any_work(monkeypatch, capsys
     with pytest.raises(SystemExit):
         gp.main()
     assert "--kernels ['swiglu']: not among ['plain', 'halves', 'grad_halves']" in capsys.readouterr().err
+
+
+@cpu_only
+@pytest.mark.parametrize("out_dtype", [jnp.float32, jnp.bfloat16])
+def test_pallas_interpret_contract_epilogue_ring(monkeypatch, out_dtype):
+    """Tiles.epi_ring = 2 (each chunk stored in two row halves through the staging buffer's halves in turn): the
+    flat and per-tile contract kernels bit for bit as with one buffer (same sums, only the stores differ), on groups
+    with masked shared blocks and an empty group (stored as zeros after the pipeline); refused by the rows kernel
+    and for 64-row warpgroup tiles."""
+    from lcflash.kernels.gmm import mgpu_kernels as mk
+    from lcflash.kernels.gmm import pallas_gmm
+
+    sizes_l = [70, 0, 130, 56]
+    lhs, _, dout, sizes = _inputs(36, 256, 256, 256, sizes_l, jnp.bfloat16)
+    got = {}
+    for ring in (1, 2):
+        for chain in (False, True):
+            monkeypatch.setattr(pallas_gmm, "CONTRACT_TILES", mk.Tiles(tile_n=64, epi_n=64, chain=chain, epi_ring=ring))
+            got[ring, chain] = np.asarray(pallas_gmm.contract_matmul(lhs, dout, sizes, out_dtype=out_dtype,
+                                                                     chain=chain), np.float32)
+    assert _rel(got[1, True], _contract_ref_f64(lhs, dout, sizes_l)) < (FP32_TOL if out_dtype == jnp.float32
+                                                                        else BF16_TOL)
+    assert not got[2, True][1].any()
+    for key in got:
+        np.testing.assert_array_equal(got[key], got[1, True])
+    monkeypatch.setattr(pallas_gmm, "CONTRACT_TILES", mk.Tiles(tile_n=64, epi_n=64, chain=True, epi_ring=2,
+                                                              wg_split="m"))
+    with pytest.raises(ValueError, match="epi_ring = 2: 1, or 2 with warpgroup tiles of a multiple of 128 rows"):
+        pallas_gmm.contract_matmul(lhs, dout, sizes, out_dtype=out_dtype, chain=True)
+    x, w, _, s = _inputs(3, 256, 128, 256, [256], jnp.bfloat16)
+    with pytest.raises(ValueError, match="epi_ring = 2: the rows kernel"):
+        mk.rows_kernel(x, [w], mk.row_schedule(s, 256, 128)[0], transpose_rhs=False, out_dtype=x.dtype,
+                       tiles=mk.Tiles(chain=True, epi_ring=2))

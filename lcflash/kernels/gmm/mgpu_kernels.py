@@ -68,6 +68,11 @@ class Tiles:
     # running at once read fewer rhs columns, each from more of them (band_order). 0 (or at least the n tiles
     # there are): row-major, a row's n tiles in a row.
     band: int = 0
+    # Contract kernels only: 2 splits each compute warpgroup's staging buffer into two row halves written in turn,
+    # so a chunk's register store waits only for the TMA store two chunks back to have read its half
+    # (wait_smem_to_gmem(1)) instead of the one just issued; same shared memory. 1: one buffer, each chunk waits
+    # for the last. The rows kernels keep 1 (their ragged tiles need the whole buffer).
+    epi_ring: int = 1
 
     def wg_tile(self) -> tuple[int, int]:
         """(rows, columns) of one compute warpgroup's accumulator."""
@@ -211,15 +216,28 @@ def row_schedule(group_sizes_g: jax.Array, m: int, tile_m: int) -> tuple[jax.Arr
 # --------------------------------------------------------------------------------------------------
 
 
-def _store_rows(val, out_gmem, stage_smem, *, row0, start, rows, col0, epi_n, ragged_smem=None):
+def _store_rows(val, out_gmem, stage_smem, *, row0, start, rows, col0, epi_n, ragged_smem=None, ring: int = 1):
     """Casts val (fp32, WGMMA layout) to out dtype and stores it in epi_n-column chunks via TMA.
 
     A whole tile goes through stage_smem (swizzled, so the register store has no bank conflicts). A ragged row
     range [start, start + rows) needs row slices at any offset, which a swizzled buffer cannot give, so with
     ragged_smem (unswizzled, aliasing stage_smem's bytes through a RefUnion) it is written as a ladder of
     power-of-two row counts, the scheme of JAX's ragged_dot_mgpu example. Without ragged_smem every tile is whole.
+    ring = 2 (Tiles.epi_ring; whole tiles only): each chunk in two row halves through the buffer's two halves.
     """
     tile_rows = stage_smem.shape[0]
+    if ring == 2:
+        half = tile_rows // 2
+        for c in range(val.shape[1] // epi_n):
+            cols = pl.ds(col0 + c * epi_n, epi_n)
+            for h in range(2):
+                with jax.named_scope("store_wait"):  # this half's store two chunks back has read it
+                    plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+                slot = stage_smem.at[pl.ds(h * half, half)]
+                slot[...] = val[h * half:(h + 1) * half, c * epi_n:(c + 1) * epi_n].astype(stage_smem.dtype)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(slot, out_gmem.at[pl.ds(row0 + h * half, half), cols])
+        return
     whole_tile = (start == 0) & (rows == tile_rows)
     for c in range(val.shape[1] // epi_n):
         with jax.named_scope("store_wait"):  # the staging buffer is free again (its last TMA store has read it)
@@ -330,6 +348,9 @@ def rows_kernel(
     if k % tk or n % (2 * tn) or wc % epi_n or wr % 64 or m < tm:
         raise ValueError(f"rows_kernel needs K % {tk} == 0, N % {2 * tn} == 0, M >= {tm}, warpgroup tiles of a "
                          f"multiple of 64 rows and of epi_n = {epi_n} columns; got {m=} {k=} {n=}, {tiles}")
+    if tiles.epi_ring != 1:
+        raise ValueError(f"Tiles.epi_ring = {tiles.epi_ring}: the rows kernel stores through one staging buffer (its "
+                         "ragged tiles need all of it); epi_ring is the contract kernels'")
     if tiles.overlap_mma and not tiles.chain:
         raise ValueError("Tiles.overlap_mma needs chain=True (a per-tile pipeline's prologue would refill buffers "
                          "its last wgmma still reads)")
@@ -603,6 +624,9 @@ def _contract_dims(lhs_mk, rhs_mn, gsched_4g, tiles: Tiles, lhs_is_km: bool):
     if k % tm or n % (2 * tn) or wc % tiles.epi_n or wr % 64 or m < tc or g == 0:
         raise ValueError(f"contract_kernel needs K % {tm} == 0, N % {2 * tn} == 0, M >= {tc}, G > 0 and warpgroup "
                          f"tiles of a multiple of 64 rows and of epi_n columns; got {m=} {k=} {n=} {g=}, {tiles}")
+    if tiles.epi_ring not in (1, 2) or (tiles.epi_ring == 2 and wr % 128):
+        raise ValueError(f"Tiles.epi_ring = {tiles.epi_ring}: 1, or 2 with warpgroup tiles of a multiple of 128 rows "
+                         f"(row halves of whole 64-row WGMMA tiles); got {tiles}")
     return lhs_mk, m, k, n, g
 
 
@@ -861,7 +885,7 @@ def contract_kernel(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles, lhs_i
                     def acc_scope(acc_ref):
                         run(acc_ref)
                         _store_rows(acc_ref[...], out_gmem.at[gi], stage_smem.at[wg], row0=kt * tm + r_off, start=0,
-                                    rows=wr, col0=nt * 2 * tn + c_off, epi_n=epi_n)
+                                    rows=wr, col0=nt * 2 * tn + c_off, epi_n=epi_n, ring=tiles.epi_ring)
 
                     pl.run_scoped(acc_scope, plgpu.ACC((wr, wc), jnp.float32))
 
@@ -992,7 +1016,7 @@ def _contract_kernel_flat(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles,
                     kt, nt = k_n_tile(lin_ref[sm, j])
                     plgpu.wgmma_wait(0)
                     _store_rows(acc[...], out_gmem.at[gi], stage_smem.at[wg], row0=kt * tm + r_off, start=0, rows=wr,
-                                col0=nt * 2 * tn + c_off, epi_n=epi_n)
+                                col0=nt * 2 * tn + c_off, epi_n=epi_n, ring=tiles.epi_ring)
                     _zero_acc(acc, interpret)
 
                 info = tuple(jnp.where(last, a, b) for a, b in zip(nxt, info))
@@ -1012,7 +1036,7 @@ def _contract_kernel_flat(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles,
                 def _zeros():
                     _store_zero_tiles(zero_ref, sm, n_sms, kn, k_n_tile, lambda gi, kt, nt: _store_rows(
                         jnp.zeros((wr, wc), jnp.float32), out_gmem.at[gi], stage_smem.at[wg], row0=kt * tm + r_off,
-                        start=0, rows=wr, col0=nt * 2 * tn + c_off, epi_n=epi_n))
+                        start=0, rows=wr, col0=nt * 2 * tn + c_off, epi_n=epi_n, ring=tiles.epi_ring))
 
             plgpu.wait_smem_to_gmem(0)  # all output stores have landed before the kernel exits
 
