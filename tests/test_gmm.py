@@ -963,3 +963,29 @@ def test_pallas_interpret_contract_epilogue_ring(monkeypatch):
     with pytest.raises(ValueError, match="epi_ring = 2: the rows kernel"):
         mk.rows_kernel(x, [w], mk.row_schedule(s, 256, 128)[0], transpose_rhs=False, out_dtype=x.dtype,
                        tiles=mk.Tiles(chain=True, epi_ring=2))
+
+
+@cpu_only
+def test_gmm_profile_d_rhs_checks_the_kernel_and_unpins_its_tiles(monkeypatch):
+    """gmm_profile.profile_contract at a toy shape in the interpreter (the profiler itself needs a GPU: a fake
+    trace stands in): the flat d_rhs kernel's error against the einsum is reported, the trace summarised, and
+    pallas_gmm.CONTRACT_TILES is unpinned afterwards."""
+    from experiment_scripts import load
+
+    gp = load("gmm_profile")
+    monkeypatch.setitem(gp.SHAPES, ("longcat", "gate_up"), (256, 256, 4))
+    monkeypatch.setattr(gp, "CONTRACT_TILES", gp.mgpu_kernels.Tiles(128, 64, 64, 3, 64, chain=True, band=2))
+    monkeypatch.setattr(gp, "time_ms", lambda f, args, **_: (2.0, 2.0, 2.0))
+    pinned = []
+
+    def trace(fn, args, space, path):
+        pinned.append(gp.pallas_gmm.CONTRACT_TILES)
+        return {"traceEvents": [dict(name="epilogue", ph=ph, ts=ts, pid=1, tid=1) for ph, ts in (("B", 0.0),
+                                                                                              ("E", 3.0))]}
+
+    monkeypatch.setattr(gp, "profiled_trace", trace)
+    rec = gp.profile_contract("gate_up", 2, 64, 512, "/tmp")
+    assert pinned == [gp.CONTRACT_TILES] and gp.pallas_gmm.CONTRACT_TILES is None
+    assert 0 < rec["max_abs_err_vs_einsum"] < BF16_TOL
+    assert rec["warpgroups"]["wg0"]["epilogue"]["mean_us"] == 3.0
+    assert rec["unprofiled_tflops"] == pytest.approx(2 * 128 * 256 * 256 / 2.0 / 1e9)
