@@ -15,6 +15,7 @@ so a tile costs a few scalar loads, not a scan over the groups.
 
 import dataclasses
 import functools
+import itertools
 import math
 
 import jax
@@ -223,32 +224,25 @@ def _store_rows(val, out_gmem, stage_smem, *, row0, start, rows, col0, epi_n, ra
     range [start, start + rows) needs row slices at any offset, which a swizzled buffer cannot give, so with
     ragged_smem (unswizzled, aliasing stage_smem's bytes through a RefUnion) it is written as a ladder of
     power-of-two row counts, the scheme of JAX's ragged_dot_mgpu example. Without ragged_smem every tile is whole.
-    ring = 2 (Tiles.epi_ring; whole tiles only): each chunk in two row halves through the buffer's two halves.
+    ring = 2 (Tiles.epi_ring; whole tiles only): each chunk in two row halves through the buffer's two halves, each
+    waiting for the store two back instead of the last.
     """
     tile_rows = stage_smem.shape[0]
-    if ring == 2:
-        half = tile_rows // 2
-        for c in range(val.shape[1] // epi_n):
-            cols = pl.ds(col0 + c * epi_n, epi_n)
-            for h in range(2):
-                with jax.named_scope("store_wait"):  # this half's store two chunks back has read it
-                    plgpu.wait_smem_to_gmem(1, wait_read_only=True)
-                slot = stage_smem.at[pl.ds(h * half, half)]
-                slot[...] = val[h * half:(h + 1) * half, c * epi_n:(c + 1) * epi_n].astype(stage_smem.dtype)
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(slot, out_gmem.at[pl.ds(row0 + h * half, half), cols])
-        return
+    part = tile_rows // ring
+    if ring != 1 and ragged_smem is not None:
+        raise ValueError(f"_store_rows: a ring of {ring} staging parts stores whole tiles only (no ragged_smem)")
     whole_tile = (start == 0) & (rows == tile_rows)
-    for c in range(val.shape[1] // epi_n):
-        with jax.named_scope("store_wait"):  # the staging buffer is free again (its last TMA store has read it)
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-        chunk = val[:, c * epi_n:(c + 1) * epi_n].astype(stage_smem.dtype)
+    for c, h in itertools.product(range(val.shape[1] // epi_n), range(ring)):
+        with jax.named_scope("store_wait"):  # this part of the buffer is free again (the store `ring` back read it)
+            plgpu.wait_smem_to_gmem(ring - 1, wait_read_only=True)
+        chunk = val[h * part:(h + 1) * part, c * epi_n:(c + 1) * epi_n].astype(stage_smem.dtype)
         cols = pl.ds(col0 + c * epi_n, epi_n)
 
-        def _whole(chunk=chunk, cols=cols):
-            stage_smem[...] = chunk
+        def _whole(chunk=chunk, cols=cols, slot=_part(stage_smem, 0, h * part, part),
+                   r0=row0 + h * part if h else row0):
+            slot[...] = chunk
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(stage_smem, out_gmem.at[pl.ds(row0, tile_rows), cols])
+            plgpu.copy_smem_to_gmem(slot, out_gmem.at[pl.ds(r0, part), cols])
 
         if ragged_smem is None:
             _whole()
