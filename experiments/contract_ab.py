@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import itertools
 import json
 import os
 import sys
@@ -115,20 +116,14 @@ def gmm_switch_ab(cases, name: str, values, rounds: int, bw_gbs: float, device_t
                     row = bench.run_case(config, proj, t, "balanced", ["pallas_chain", "einsum"], bw_gbs, [],
                                          check=False, device_time=device_time)
                     ours, ein = row["impls"]["pallas_chain"], row["impls"]["einsum"]
-                    rec = dict(config=config, proj=proj, tokens_per_expert=t, round=r, switch=name, value=value,
-                               fwd_ms=ours["fwd_ms"], bwd_ms=ours["bwd_ms"], einsum_fwd_ms=ein["fwd_ms"],
-                               einsum_bwd_ms=ein["bwd_ms"], fwd_per_einsum=ein["fwd_ms"] / ours["fwd_ms"],
-                               bwd_per_einsum=ein["bwd_ms"] / ours["bwd_ms"],
-                               fwd_per_floor=ours["fwd_ms"] / row["bytes_floor_fwd_ms"],
-                               bwd_per_floor=ours["bwd_ms"] / row["bytes_floor_bwd_ms"])
+                    rec = dict(config=config, proj=proj, tokens_per_expert=t, round=r, switch=name, value=value)
+                    for clock, key in itertools.product(("", "_device") if device_time else ("",), ("fwd", "bwd")):
+                        mine, bound = ours[f"{key}{clock}_ms"], ein[f"{key}{clock}_ms"]
+                        floor = row[f"bytes_floor_{key}_ms"]
+                        rec.update({f"{key}{clock}_ms": mine, f"einsum_{key}{clock}_ms": bound,
+                                    f"{key}{clock}_per_einsum": bound / mine, f"{key}{clock}_per_floor": mine / floor,
+                                    f"einsum_{key}{clock}_per_floor": bound / floor})
                     if device_time:
-                        for key in ("fwd", "bwd"):
-                            rec[f"{key}_device_ms"] = ours[f"{key}_device_ms"]
-                            rec[f"einsum_{key}_device_ms"] = ein[f"{key}_device_ms"]
-                            rec[f"{key}_device_per_einsum"] = ein[f"{key}_device_ms"] / ours[f"{key}_device_ms"]
-                            rec[f"{key}_device_per_floor"] = ours[f"{key}_device_ms"] / row[f"bytes_floor_{key}_ms"]
-                            rec[f"einsum_{key}_device_per_floor"] = (ein[f"{key}_device_ms"]
-                                                                     / row[f"bytes_floor_{key}_ms"])
                         rec["kernels_us"] = {f"{impl}_{key}": timed.get(f"{key}_device_kernels_us")
                                              for impl, timed in (("ours", ours), ("einsum", ein))
                                              for key in ("fwd", "fwdbwd")}

@@ -645,10 +645,7 @@ GPU_CASES = {
 @pytest.mark.parametrize("impl", ["pallas", "pallas_chain"])
 @pytest.mark.parametrize("case", sorted(GPU_CASES))
 def test_gpu_pallas_forward_and_gradients(case, impl):
-    _check_gpu_fwd_grads(impl, *GPU_CASES[case])
-
-
-def _check_gpu_fwd_grads(impl, m, k, n, sizes_l):
+    m, k, n, sizes_l = GPU_CASES[case]
     lhs, rhs, dout, sizes = _inputs(10, m, k, n, sizes_l, jnp.bfloat16)
     f = jax.jit(lambda a, b, d: _fwd_grads(impl, a, b, d, sizes))
     got = f(lhs, rhs, dout)
@@ -939,9 +936,10 @@ def test_pallas_interpret_contract_epilogue_ring(monkeypatch):
     flat and per-tile contract kernels bit for bit as with one buffer (same sums, only the stores differ), with the
     bf16 output the backward writes, on groups with masked shared blocks and an empty group (stored as zeros after
     the pipeline); refused by the rows kernel and for 64-row warpgroup tiles."""
-    out_dtype = jnp.bfloat16
     from lcflash.kernels.gmm import mgpu_kernels as mk
     from lcflash.kernels.gmm import pallas_gmm
+
+    out_dtype = jnp.bfloat16
 
     sizes_l = [70, 0, 130, 56]
     lhs, _, dout, sizes = _inputs(36, 256, 256, 256, sizes_l, jnp.bfloat16)

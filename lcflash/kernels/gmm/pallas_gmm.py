@@ -87,24 +87,14 @@ def _chain_tiles(tiles: mk.Tiles, pinned: bool, out_dtype, n_rhs: int, contract:
     divisor of its n tiles up to band (ROWS_BAND / CONTRACT_BAND)."""
     if pinned:
         return dataclasses.replace(tiles, chain=True)
-    t = _deepest_ring(dataclasses.replace(tiles, chain=True, band=mk.widest_band(n // (2 * tiles.tile_n), band)),
-                      out_dtype, n_rhs, contract=contract, epi_in=epi_in, margin=512)
-    if t is None:
-        raise ValueError(f"pallas gmm: no tiling with a flat pipeline fits shared memory for {tiles}")
-    return t
-
-
-def _deepest_ring(tiles: mk.Tiles, out_dtype, n_rhs: int, *, contract: bool, epi_in: int,
-                  margin: int) -> mk.Tiles | None:
-    """`tiles` with the deepest ring (from max(tiles.stages, 4) down to 1) that fits shared memory, halving the
-    epilogue chunk to 64 columns before dropping a stage; None where none fits."""
+    band = mk.widest_band(n // (2 * tiles.tile_n), band)
     for stages in range(max(tiles.stages, 4), 0, -1):
         for epi_n in sorted({tiles.epi_n, min(64, tiles.epi_n)}, reverse=True):
-            t = dataclasses.replace(tiles, stages=stages, epi_n=epi_n)
+            t = dataclasses.replace(tiles, stages=stages, epi_n=epi_n, chain=True, band=band)
             if mk.smem_bytes(t, n_rhs=n_rhs, in_dtype=jnp.bfloat16, out_dtype=out_dtype, contract=contract,
-                             margin=margin, epi_in=epi_in) <= mk._SMEM_BYTES:
+                             margin=512, epi_in=epi_in) <= mk._SMEM_BYTES:
                 return t
-    return None
+    raise ValueError(f"pallas gmm: no tiling with a flat pipeline fits shared memory for {tiles}")
 
 
 def flat_contract_tiles(n: int, out_dtype) -> mk.Tiles:
