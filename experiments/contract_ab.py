@@ -139,7 +139,7 @@ def main():
     ap.add_argument("--cases", default="longcat/down/4096,longcat/gate_up/4096,longcat/down/512,longcat/gate_up/512",
                     help="config/proj/T, comma-separated")
     ap.add_argument("--variants", default="default,stages=3,band=4", help="kernel mode's tilings (see above)")
-    ap.add_argument("--gmm-switch", default="", metavar="NAME=A,B", help="the whole product with a switch at A, B")
+    ap.add_argument("--gmm-switch", default="", metavar="NAME=A,B", help="the whole product with a switch at A, B, ...")
     ap.add_argument("--device-time", action="store_true", help="--gmm-switch also records the device's busy "
                     "time per call from a profiler trace (bench_moe_gemm.device_ms; for products of tens of us)")
     ap.add_argument("--rounds", type=int, default=3)
@@ -151,10 +151,11 @@ def main():
         if args.gmm_switch:
             name, _, values = args.gmm_switch.partition("=")
             switch_home(name)
+            if not all(values.split(",")):
+                raise ValueError(f"--gmm-switch {args.gmm_switch!r}: want NAME=A[,B,...] (one value times that "
+                                 "setting in rounds against the einsum)")
             values = [int(v) if v.lstrip("-").isdigit() else {"True": True, "False": False}.get(v, v)
                       for v in values.split(",")]
-            if len(values) < 2:
-                raise ValueError(f"--gmm-switch {args.gmm_switch!r}: want NAME=A,B")
     except ValueError as e:
         ap.error(str(e))
     if args.device_time and not args.gmm_switch:

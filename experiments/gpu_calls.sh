@@ -11,7 +11,7 @@
 # tilings at T = 512) and 20 (decode-sized groups' wide column tiles: level, removed since) by wall time (call 20
 # of 9ac361d), then by the device's busy time; the new 20 (d_rhs's bands of 2, each product's kernels) and 21
 # (d_rhs's in-kernel profile, its staging buffer in two halves) wait; HISTORY.md):
-#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 21; 4 takes the persistent kernels,
+#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 23; 4 takes the persistent kernels,
 #                                                            14 the rows and d_rhs bands, 18 a benchmark flag)
 # run from the repository root on the device machine, with `.whl` carried (ml-collections and tensorboardX, which
 # its image lacks) and `.whl-tokamax` where a call times the tokamax peer (tokamax 0.0.17 with its needs, 37 MB).
@@ -23,7 +23,7 @@
 # here to the ignored `.jcc` (`rm -rf .jcc && cp -r /work/.device/N/jcc .jcc`) and carried, it seeds the next
 # machine's, which helps where that machine has the same card and image.
 set -u
-N=${1:?call number 1-21}
+N=${1:?call number 1-23}
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -149,5 +149,21 @@ case $N in
     step 240 python experiments/contract_ab.py --variants default,epi_ring=2,stages=3+epi_n=128+epi_ring=2 --rounds 3 \
         --cases longcat/gate_up/512,longcat/down/512 --out "$OUT/contract_ab_epi_ring.json"
     ;;
-*)  echo "call number 1-21" >&2; exit 2 ;;
+22) # session 47: issue 8's first target on an H100 by the device's busy time (the wall clock's rounds spread
+    # 0.85-0.91 for LongCat's [gate | up] backward at T = 512 in session 47's call 20, its device time 0.92-0.99):
+    # the whole product at T = 512, 2048 and 4096, both projections, 4 rounds of the default against the einsum
+    step 560 python experiments/contract_ab.py --gmm-switch CONTRACT_BAND=4 --rounds 4 --device-time --cases \
+        longcat/gate_up/512,longcat/down/512,longcat/gate_up/2048,longcat/down/2048,longcat/gate_up/4096,longcat/down/4096 \
+        --out "$OUT/contract_ab_t512up_device.json"
+    ;;
+23) # session 47: the next tile's schedule entries loaded only in a tile's last step (mk.NEXT_TILE_IN_EPILOGUE; every
+    # step before, 12-13% of d_rhs's compute warpgroups' time in call 21's profile), both flat kernels, by the
+    # device's busy time in the whole product; then d_rhs on the GPU against the einsum, and its profile again
+    step 170 python experiments/contract_ab.py --gmm-switch NEXT_TILE_IN_EPILOGUE=True,False --rounds 3 --device-time \
+        --cases longcat/gate_up/512,longcat/down/512 --out "$OUT/contract_ab_next_tile_device.json"
+    step 90 python -m pytest -n 0 -q tests/test_gmm.py -k "gpu_flat_contract_kernel"
+    step 60 python experiments/gmm_profile.py --impls d_rhs --proj gate_up --groups 4 --t 512 \
+        --out "$OUT/gmm_profile_d_rhs_gate_up.json"
+    ;;
+*)  echo "call number 1-23" >&2; exit 2 ;;
 esac

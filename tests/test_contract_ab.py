@@ -88,3 +88,12 @@ def test_device_time_without_a_switch_is_refused_before_any_timing(monkeypatch, 
     with pytest.raises(SystemExit):
         ab.main()
     assert "--device-time: only --gmm-switch" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("switch", ["CONTRACT_BAND=", "CONTRACT_BAND=4,", "CONTRACT_BAND"])
+def test_gmm_switch_without_a_value_is_refused_before_any_timing(monkeypatch, capsys, switch):
+    monkeypatch.setattr(ab.sys, "argv", ["contract_ab.py", "--gmm-switch", switch])
+    monkeypatch.setattr(ab.jax, "devices", lambda: pytest.fail("timed before refusing the flags"))
+    with pytest.raises(SystemExit):
+        ab.main()
+    assert "want NAME=A[,B,...]" in capsys.readouterr().err

@@ -393,6 +393,57 @@ def test_pallas_interpret_banded_contract_kernel(monkeypatch):
 
 
 @cpu_only
+def test_next_tile_in_epilogue_changes_only_where_the_loads_run(monkeypatch):
+    """mgpu_kernels.NEXT_TILE_IN_EPILOGUE (the next tile's schedule entries loaded only at a tile's last step;
+    False loads them every step, for the A/B): the flat rows and contract kernels bit for bit either way, on ragged
+    groups with shared blocks, an empty group and tiles that end mid-ring; only the traced kernels differ."""
+    from lcflash.kernels.gmm import mgpu_kernels as mk
+    from lcflash.kernels.gmm import pallas_gmm
+
+    sizes_l = [70, 0, 130, 56]
+    lhs, rhs, dout, sizes = _inputs(37, 256, 256, 128, sizes_l, jnp.bfloat16)
+    monkeypatch.setattr(pallas_gmm, "CONTRACT_TILES", mk.Tiles(tile_n=64, epi_n=64, chain=True))
+    products = {"rows": lambda: pallas_gmm.rows_matmul(lhs, [rhs], sizes, chain=True),
+                "contract": lambda: pallas_gmm.contract_matmul(lhs, dout, sizes, out_dtype=jnp.float32, chain=True)}
+    got = {}
+    for on in (True, False):
+        monkeypatch.setattr(mk, "NEXT_TILE_IN_EPILOGUE", on)
+        for name, f in products.items():
+            got[name, on] = np.asarray(f(), np.float32)
+    assert _rel(got["contract", True], _contract_ref_f64(lhs, dout, sizes_l)) < FP32_TOL
+    want_rows = reference.gmm_loop(lhs.astype(jnp.float32), rhs.astype(jnp.float32), sizes)
+    assert _rel(got["rows", True], want_rows) < BF16_TOL
+    for name in products:
+        np.testing.assert_array_equal(got[name, True], got[name, False])
+
+
+def test_next_tile_in_epilogue_lowers_for_cuda_as_another_kernel(mosaic_gpu_trace, monkeypatch):
+    """Both settings of NEXT_TILE_IN_EPILOGUE lower for CUDA (the lazy one through a cond with results) at
+    configs/small.py's shapes, and they are different kernels (the switch is live where the interpreter cannot
+    tell them apart)."""
+    import re
+
+    from lcflash.kernels.gmm import mgpu_kernels as mk
+    from lcflash.kernels.gmm import pallas_gmm
+
+    sd = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt)  # noqa: E731
+    m, k, n, g = 8192, 1024, 768, 128
+    products = {"rows": (lambda a, w, s: pallas_gmm.rows_matmul(a, [w], s, chain=True), sd(g, k, n)),
+                "contract": (lambda a, d, s: pallas_gmm.contract_matmul(a, d, s, out_dtype=jnp.bfloat16, chain=True),
+                             sd(m, n))}
+    hashes = {}
+    for on in (True, False):
+        monkeypatch.setattr(mk, "NEXT_TILE_IN_EPILOGUE", on)
+        for name, (f, second) in products.items():
+            text = jax.jit(lambda *a, f=f: f(*a)).trace(sd(m, k), second, sd(g, dt=jnp.int32)).lower(  # not cached
+                lowering_platforms=("cuda",)).as_text()
+            hashes[name, on] = re.findall(r'kernel_hash = "([^"]*)"', text)
+            assert len(hashes[name, on]) == 1
+    for name in products:
+        assert hashes[name, True] != hashes[name, False]
+
+
+@cpu_only
 def test_pallas_interpret_contract_mask_switch_is_live(monkeypatch):
     """mgpu_kernels.CONTRACT_MASK (off only to time what the masking costs, bench_moe_gemm --deal-nomask): off, the
     rows of blocks two groups share reach both groups' d_rhs, so the result is wrong; on (the default), exact."""
@@ -586,28 +637,6 @@ def test_pallas_chain_backward_lowers_for_cuda(mosaic_gpu_trace, monkeypatch, k,
     assert lowered.as_text().count("mosaic_gpu") >= 6  # forward, d_lhs, d_rhs, flat d_rhs, SwiGLU, per-tile kernels
 
 
-@pytest.mark.parametrize("zero_empty", [False, True])
-@pytest.mark.parametrize("k,n,g,m", [(6144, 2048, 64, 32768), (2048, 6144, 64, 32768)])  # LongCat's two d_rhs
-def test_contract_epilogue_ring_lowers_for_cuda(mosaic_gpu_trace, monkeypatch, k, n, g, m, zero_empty):
-    """Tiles.epi_ring = 2 in the flat and per-tile d_rhs kernels at LongCat's shapes with their default tiles (4
-    stages, 64-column chunks, bands of 4; bf16 output): the row-half slices of the WGMMA-layout accumulator and of
-    the swizzled staging buffer lower for CUDA, and the shared memory still fits."""
-    import dataclasses
-
-    from lcflash.kernels.gmm import mgpu_kernels as mk, pallas_gmm
-
-    monkeypatch.setattr(mk, "CONTRACT_ZERO_EMPTY", zero_empty)
-    ring = dataclasses.replace(pallas_gmm.flat_contract_tiles(n, jnp.bfloat16), epi_ring=2)
-    assert (ring.stages, ring.epi_n, ring.band) == (4, 64, 4)
-    sd = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt)  # noqa: E731
-    for tiles in (ring, dataclasses.replace(ring, chain=False, band=0)):
-        monkeypatch.setattr(pallas_gmm, "CONTRACT_TILES", tiles)
-        lowered = jax.jit(lambda a, d, s: pallas_gmm.contract_matmul(a, d, s, out_dtype=jnp.bfloat16,
-                                                                     chain=tiles.chain)).trace(
-            sd(m, k), sd(m, n), sd(g, dt=jnp.int32)).lower(lowering_platforms=("cuda",))
-        assert lowered.as_text().count("mosaic_gpu") >= 1
-
-
 @pytest.mark.parametrize("wg_split", ["n", "m"])
 @pytest.mark.parametrize("d,f,g,m", [(6144, 2048, 64, 32768), (1024, 384, 128, 65536)])  # LongCat, small config
 def test_ffn_swiglu_grad_epilogue_lowers_for_cuda(mosaic_gpu_trace, monkeypatch, d, f, g, m, wg_split):
@@ -682,27 +711,6 @@ def test_gpu_flat_contract_kernel(monkeypatch, case, zero_empty):
     np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(got, np.asarray(flat(lhs, dout), np.float32))
     assert not got[[i for i, s in enumerate(sizes_l) if s == 0]].any()
-
-
-@gpu_only
-@pytest.mark.parametrize("case", sorted(GPU_CASES))
-def test_gpu_contract_epilogue_ring(monkeypatch, case):
-    """Tiles.epi_ring = 2 on the GPU: the flat and per-tile d_rhs kernels bit for bit as with one staging buffer
-    (a half overwritten before its TMA store read it would show here), and the same on a second call."""
-    import dataclasses
-
-    from lcflash.kernels.gmm import pallas_gmm
-
-    m, k, n, sizes_l = GPU_CASES[case]
-    lhs, _, dout, sizes = _inputs(15, m, k, n, sizes_l, jnp.bfloat16)
-    want = np.asarray(jax.jit(lambda a, d: pallas_gmm.contract_matmul(a, d, sizes, out_dtype=jnp.bfloat16,
-                                                                      chain=True))(lhs, dout), np.float32)
-    base = pallas_gmm.flat_contract_tiles(n, jnp.bfloat16)
-    for tiles in (dataclasses.replace(base, epi_ring=2), dataclasses.replace(base, epi_ring=2, chain=False, band=0)):
-        monkeypatch.setattr(pallas_gmm, "CONTRACT_TILES", tiles)
-        f = jax.jit(lambda a, d: pallas_gmm.contract_matmul(a, d, sizes, out_dtype=jnp.bfloat16, chain=tiles.chain))
-        for _ in range(2):
-            np.testing.assert_array_equal(np.asarray(f(lhs, dout), np.float32), want)
 
 
 @gpu_only
@@ -928,39 +936,6 @@ def test_gmm_profile_refuses_an_unknown_impl_before_any_work(monkeypatch, capsys
     with pytest.raises(SystemExit):
         gp.main()
     assert "--kernels ['swiglu']: not among ['plain', 'halves', 'grad_halves']" in capsys.readouterr().err
-
-
-@cpu_only
-def test_pallas_interpret_contract_epilogue_ring(monkeypatch):
-    """Tiles.epi_ring = 2 (each chunk stored in two row halves through the staging buffer's halves in turn): the
-    flat and per-tile contract kernels bit for bit as with one buffer (same sums, only the stores differ), with the
-    bf16 output the backward writes, on groups with masked shared blocks and an empty group (stored as zeros after
-    the pipeline); refused by the rows kernel and for 64-row warpgroup tiles."""
-    from lcflash.kernels.gmm import mgpu_kernels as mk
-    from lcflash.kernels.gmm import pallas_gmm
-
-    out_dtype = jnp.bfloat16
-
-    sizes_l = [70, 0, 130, 56]
-    lhs, _, dout, sizes = _inputs(36, 256, 256, 256, sizes_l, jnp.bfloat16)
-    got = {}
-    for ring in (1, 2):
-        for chain in (False, True):
-            monkeypatch.setattr(pallas_gmm, "CONTRACT_TILES", mk.Tiles(tile_n=64, epi_n=64, chain=chain, epi_ring=ring))
-            got[ring, chain] = np.asarray(pallas_gmm.contract_matmul(lhs, dout, sizes, out_dtype=out_dtype,
-                                                                     chain=chain), np.float32)
-    assert _rel(got[1, True], _contract_ref_f64(lhs, dout, sizes_l)) < BF16_TOL
-    assert not got[2, True][1].any()
-    for key in got:
-        np.testing.assert_array_equal(got[key], got[1, True])
-    monkeypatch.setattr(pallas_gmm, "CONTRACT_TILES", mk.Tiles(tile_n=64, epi_n=64, chain=True, epi_ring=2,
-                                                              wg_split="m"))
-    with pytest.raises(ValueError, match="epi_ring = 2: 1, or 2 with warpgroup tiles of a multiple of 128 rows"):
-        pallas_gmm.contract_matmul(lhs, dout, sizes, out_dtype=out_dtype, chain=True)
-    x, w, _, s = _inputs(3, 256, 128, 256, [256], jnp.bfloat16)
-    with pytest.raises(ValueError, match="epi_ring = 2: the rows kernel"):
-        mk.rows_kernel(x, [w], mk.row_schedule(s, 256, 128)[0], transpose_rhs=False, out_dtype=x.dtype,
-                       tiles=mk.Tiles(chain=True, epi_ring=2))
 
 
 @cpu_only

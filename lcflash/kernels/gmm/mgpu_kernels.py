@@ -15,7 +15,6 @@ so a tile costs a few scalar loads, not a scan over the groups.
 
 import dataclasses
 import functools
-import itertools
 import math
 
 import jax
@@ -69,11 +68,6 @@ class Tiles:
     # running at once read fewer rhs columns, each from more of them (band_order). 0 (or at least the n tiles
     # there are): row-major, a row's n tiles in a row.
     band: int = 0
-    # Contract kernels only: 2 splits each compute warpgroup's staging buffer into two row halves written in turn,
-    # so a chunk's register store waits only for the TMA store two chunks back to have read its half
-    # (wait_smem_to_gmem(1)) instead of the one just issued; same shared memory. 1: one buffer, each chunk waits
-    # for the last. The rows kernels keep 1 (their ragged tiles need the whole buffer).
-    epi_ring: int = 1
 
     def wg_tile(self) -> tuple[int, int]:
         """(rows, columns) of one compute warpgroup's accumulator."""
@@ -217,32 +211,26 @@ def row_schedule(group_sizes_g: jax.Array, m: int, tile_m: int) -> tuple[jax.Arr
 # --------------------------------------------------------------------------------------------------
 
 
-def _store_rows(val, out_gmem, stage_smem, *, row0, start, rows, col0, epi_n, ragged_smem=None, ring: int = 1):
+def _store_rows(val, out_gmem, stage_smem, *, row0, start, rows, col0, epi_n, ragged_smem=None):
     """Casts val (fp32, WGMMA layout) to out dtype and stores it in epi_n-column chunks via TMA.
 
     A whole tile goes through stage_smem (swizzled, so the register store has no bank conflicts). A ragged row
     range [start, start + rows) needs row slices at any offset, which a swizzled buffer cannot give, so with
     ragged_smem (unswizzled, aliasing stage_smem's bytes through a RefUnion) it is written as a ladder of
     power-of-two row counts, the scheme of JAX's ragged_dot_mgpu example. Without ragged_smem every tile is whole.
-    ring = 2 (Tiles.epi_ring; whole tiles only): each chunk in two row halves through the buffer's two halves, each
-    waiting for the store two back instead of the last.
     """
     tile_rows = stage_smem.shape[0]
-    part = tile_rows // ring
-    if ring != 1 and ragged_smem is not None:
-        raise ValueError(f"_store_rows: a ring of {ring} staging parts stores whole tiles only (no ragged_smem)")
     whole_tile = (start == 0) & (rows == tile_rows)
-    for c, h in itertools.product(range(val.shape[1] // epi_n), range(ring)):
-        with jax.named_scope("store_wait"):  # this part of the buffer is free again (the store `ring` back read it)
-            plgpu.wait_smem_to_gmem(ring - 1, wait_read_only=True)
-        chunk = val[h * part:(h + 1) * part, c * epi_n:(c + 1) * epi_n].astype(stage_smem.dtype)
+    for c in range(val.shape[1] // epi_n):
+        with jax.named_scope("store_wait"):  # the staging buffer is free again (its last TMA store has read it)
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        chunk = val[:, c * epi_n:(c + 1) * epi_n].astype(stage_smem.dtype)
         cols = pl.ds(col0 + c * epi_n, epi_n)
 
-        def _whole(chunk=chunk, cols=cols, slot=_part(stage_smem, 0, h * part, part),
-                   r0=row0 + h * part if h else row0):
-            slot[...] = chunk
+        def _whole(chunk=chunk, cols=cols):
+            stage_smem[...] = chunk
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(slot, out_gmem.at[pl.ds(r0, part), cols])
+            plgpu.copy_smem_to_gmem(stage_smem, out_gmem.at[pl.ds(row0, tile_rows), cols])
 
         if ragged_smem is None:
             _whole()
@@ -265,6 +253,31 @@ def _store_rows(val, out_gmem, stage_smem, *, row0, start, rows, col0, epi_n, ra
                 p //= 2
     # No wait here: the stores drain while the next tile's pipeline runs; the next epilogue (or the end of the
     # kernel) waits before the staging buffer is reused.
+
+
+# A flat pipeline's step ends a tile every few steps (d_rhs at T = 512: every 8th). Loading the next tile's
+# schedule entries every step put two dependent global loads on each step's path: 12-13% of a compute
+# warpgroup's time in d_rhs on an H200 (gmm_profile.py, session 47). NEXT_TILE_IN_EPILOGUE loads them only in the
+# last step's branch, before its stores, which hide their latency. False: every step (for the A/B).
+NEXT_TILE_IN_EPILOGUE = True
+
+
+def _next_tile_info(last, load_next, epilogue, info):
+    """The tile info the next step runs: load_next()'s at a tile's last step (after which epilogue stores the
+    finished tile), else info unchanged."""
+    if not NEXT_TILE_IN_EPILOGUE:
+        with jax.named_scope("next_tile"):
+            nxt = load_next()
+        pl.when(last)(epilogue)
+        return tuple(jnp.where(last, a, b) for a, b in zip(nxt, info))
+
+    def _last():
+        with jax.named_scope("next_tile"):
+            nxt = load_next()
+        epilogue()
+        return tuple(jnp.asarray(a, jnp.int32) for a in nxt)
+
+    return lax.cond(last, _last, lambda: tuple(jnp.asarray(a, jnp.int32) for a in info))
 
 
 def _silu(x):
@@ -342,9 +355,6 @@ def rows_kernel(
     if k % tk or n % (2 * tn) or wc % epi_n or wr % 64 or m < tm:
         raise ValueError(f"rows_kernel needs K % {tk} == 0, N % {2 * tn} == 0, M >= {tm}, warpgroup tiles of a "
                          f"multiple of 64 rows and of epi_n = {epi_n} columns; got {m=} {k=} {n=}, {tiles}")
-    if tiles.epi_ring != 1:
-        raise ValueError(f"Tiles.epi_ring = {tiles.epi_ring}: the rows kernel stores through one staging buffer (its "
-                         "ragged tiles need all of it); epi_ring is the contract kernels'")
     if tiles.overlap_mma and not tiles.chain:
         raise ValueError("Tiles.overlap_mma needs chain=True (a per-tile pipeline's prologue would refill buffers "
                          "its last wgmma still reads)")
@@ -559,10 +569,7 @@ def rows_kernel(
                         pl.when(s % k_steps == 0)(lambda: load_gu(info[0], info[2]))
                     mma_step(a_smem, args[:n_rhs], accs, info[3], info[4])
                     last = s % k_steps == k_steps - 1
-                    with jax.named_scope("next_tile"):  # loads issued every step, used only at a tile's last one
-                        nxt = tile_of(lin_of(s) + n_sms)
 
-                    @pl.when(last)
                     def _epilogue():
                         nt, _, blk, start, rows = info
                         plgpu.wgmma_wait(0)
@@ -570,7 +577,7 @@ def rows_kernel(
                         for acc in accs:
                             _zero_acc(acc, interpret)
 
-                    return accs, tuple(jnp.where(last, a, b) for a, b in zip(nxt, info))
+                    return accs, _next_tile_info(last, lambda: tile_of(lin_of(s) + n_sms), _epilogue, info)
 
                 def context(run):
                     acc_context(run, lambda accs: (accs, tile_of(sm)))
@@ -618,9 +625,6 @@ def _contract_dims(lhs_mk, rhs_mn, gsched_4g, tiles: Tiles, lhs_is_km: bool):
     if k % tm or n % (2 * tn) or wc % tiles.epi_n or wr % 64 or m < tc or g == 0:
         raise ValueError(f"contract_kernel needs K % {tm} == 0, N % {2 * tn} == 0, M >= {tc}, G > 0 and warpgroup "
                          f"tiles of a multiple of 64 rows and of epi_n columns; got {m=} {k=} {n=} {g=}, {tiles}")
-    if tiles.epi_ring not in (1, 2) or (tiles.epi_ring == 2 and wr % 128):
-        raise ValueError(f"Tiles.epi_ring = {tiles.epi_ring}: 1, or 2 with warpgroup tiles of a multiple of 128 rows "
-                         f"(row halves of whole 64-row WGMMA tiles); got {tiles}")
     return lhs_mk, m, k, n, g
 
 
@@ -879,7 +883,7 @@ def contract_kernel(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles, lhs_i
                     def acc_scope(acc_ref):
                         run(acc_ref)
                         _store_rows(acc_ref[...], out_gmem.at[gi], stage_smem.at[wg], row0=kt * tm + r_off, start=0,
-                                    rows=wr, col0=nt * 2 * tn + c_off, epi_n=epi_n, ring=tiles.epi_ring)
+                                    rows=wr, col0=nt * 2 * tn + c_off, epi_n=epi_n)
 
                     pl.run_scoped(acc_scope, plgpu.ACC((wr, wc), jnp.float32))
 
@@ -1001,19 +1005,16 @@ def _contract_kernel_flat(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles,
                     _contract_step(acc, a_smem, b_smem, (blk0 + s_in) * tc, start, end, wg=wg, tiles=tiles,
                                    lhs_is_km=lhs_is_km, interpret=interpret, mask_bar=mask_bar)
                 last = s_in == nst - 1
-                with jax.named_scope("next_tile"):  # loads issued every step, used only at a tile's last one
-                    nxt = tile_info(j + 1)
 
-                @pl.when(last)
                 @jax.named_scope("epilogue")
                 def _epilogue():
                     kt, nt = k_n_tile(lin_ref[sm, j])
                     plgpu.wgmma_wait(0)
                     _store_rows(acc[...], out_gmem.at[gi], stage_smem.at[wg], row0=kt * tm + r_off, start=0, rows=wr,
-                                col0=nt * 2 * tn + c_off, epi_n=epi_n, ring=tiles.epi_ring)
+                                col0=nt * 2 * tn + c_off, epi_n=epi_n)
                     _zero_acc(acc, interpret)
 
-                info = tuple(jnp.where(last, a, b) for a, b in zip(nxt, info))
+                info = _next_tile_info(last, lambda: tile_info(j + 1), _epilogue, info)
                 return acc, jnp.where(last, j + 1, j), jnp.where(last, 0, s_in + 1), info
 
             def context(run):
@@ -1030,7 +1031,7 @@ def _contract_kernel_flat(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles,
                 def _zeros():
                     _store_zero_tiles(zero_ref, sm, n_sms, kn, k_n_tile, lambda gi, kt, nt: _store_rows(
                         jnp.zeros((wr, wc), jnp.float32), out_gmem.at[gi], stage_smem.at[wg], row0=kt * tm + r_off,
-                        start=0, rows=wr, col0=nt * 2 * tn + c_off, epi_n=epi_n, ring=tiles.epi_ring))
+                        start=0, rows=wr, col0=nt * 2 * tn + c_off, epi_n=epi_n))
 
             plgpu.wait_smem_to_gmem(0)  # all output stores have landed before the kernel exits
 
