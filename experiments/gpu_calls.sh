@@ -9,8 +9,9 @@
 # 8aa3505; it lost, so its training A/B, 20, did not run; both removed since), 18 with d_rhs's bands, 8, and 9's
 # first step (session 37's warpgroup split: it lost, so 9's training A/B did not run); session 46 ran 19 (d_rhs's
 # tilings at T = 512) and 20 (decode-sized groups' wide column tiles: level, removed since) by wall time (call 20
-# of 9ac361d), then by the device's busy time; the new 20 (d_rhs's bands of 2, each product's kernels) and 21
-# (d_rhs's in-kernel profile, its staging buffer in two halves) wait; HISTORY.md):
+# of 9ac361d), then by the device's busy time; session 47 ran 20 (d_rhs's bands of 2 and each product's kernels,
+# on an H100), 21 (d_rhs's in-kernel profile and its staging buffer in two halves, removed since; call 21 of
+# 454fd37) and 22 (on an H200; its step limit stopped it in the T = 4096 rounds); 23 waits; HISTORY.md):
 #     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 23; 4 takes the persistent kernels,
 #                                                            14 the rows and d_rhs bands, 18 a benchmark flag)
 # run from the repository root on the device machine, with `.whl` carried (ml-collections and tensorboardX, which
@@ -135,19 +136,13 @@ case $N in
         small/gate_up_fused/64,small/down/64,longcat/gate_up/8,longcat/gate_up/512,longcat/down/512 \
         --out "$OUT/contract_ab_band_device.json"
     ;;
-21) # session 46: where d_rhs's time goes at LongCat's T = 512 (0.75-0.80 of the einsum alone, the H100's last
-    # balanced gap): the in-kernel profiler's "mma", "epilogue" and its "store_wait" (the staging buffer's wait for
-    # its last TMA store) per compute warpgroup, 4 groups, 3 stages; both projections. Then the staging buffer as
-    # two row halves in turn (Tiles.epi_ring = 2: a chunk waits for the store two back, not the last): its GPU
-    # test (bitwise against one buffer), and d_rhs alone against the default in 3 rotated rounds (bitwise too),
-    # also with whole 128-column stores at 3 stages (stages=3+epi_n=128: 0.74 / 0.79 against 0.73 / 0.72 on an H200)
+21) # session 46: where d_rhs's time goes at LongCat's T = 512 (0.75-0.80 of the einsum alone): the in-kernel
+    # profiler's "mma", "next_tile", "epilogue" and its "store_wait" per compute warpgroup, 4 groups, 3 stages;
+    # both projections (session 47 also timed the staging buffer in two halves here: call 21 of 454fd37)
     for proj in gate_up down; do
         step 150 python experiments/gmm_profile.py --impls d_rhs --proj $proj --groups 4 --t 512 \
             --out "$OUT/gmm_profile_d_rhs_$proj.json"
     done
-    step 150 python -m pytest -n 0 -q tests/test_gmm.py -k "gpu_contract_epilogue_ring"
-    step 240 python experiments/contract_ab.py --variants default,epi_ring=2,stages=3+epi_n=128+epi_ring=2 --rounds 3 \
-        --cases longcat/gate_up/512,longcat/down/512 --out "$OUT/contract_ab_epi_ring.json"
     ;;
 22) # session 47: issue 8's first target on an H100 by the device's busy time (the wall clock's rounds spread
     # 0.85-0.91 for LongCat's [gate | up] backward at T = 512 in session 47's call 20, its device time 0.92-0.99):
@@ -158,12 +153,14 @@ case $N in
     ;;
 23) # session 47: the next tile's schedule entries loaded only in a tile's last step (mk.NEXT_TILE_IN_EPILOGUE; every
     # step before, 12-13% of d_rhs's compute warpgroups' time in call 21's profile), both flat kernels, by the
-    # device's busy time in the whole product; then d_rhs on the GPU against the einsum, and its profile again
-    step 170 python experiments/contract_ab.py --gmm-switch NEXT_TILE_IN_EPILOGUE=True,False --rounds 3 --device-time \
+    # device's busy time in the whole product; then its GPU test (bitwise the default), and d_rhs's profile with it
+    step 170 python experiments/contract_ab.py --gmm-switch NEXT_TILE_IN_EPILOGUE=False,True --rounds 3 --device-time \
         --cases longcat/gate_up/512,longcat/down/512 --out "$OUT/contract_ab_next_tile_device.json"
-    step 90 python -m pytest -n 0 -q tests/test_gmm.py -k "gpu_flat_contract_kernel"
-    step 60 python experiments/gmm_profile.py --impls d_rhs --proj gate_up --groups 4 --t 512 \
-        --out "$OUT/gmm_profile_d_rhs_gate_up.json"
+    step 90 python -m pytest -n 0 -q tests/test_gmm.py -k "gpu_next_tile_in_epilogue"
+    step 60 python -c "import runpy, sys; from lcflash.kernels.gmm import mgpu_kernels as mk
+mk.NEXT_TILE_IN_EPILOGUE = True
+sys.argv = 'gmm_profile.py --impls d_rhs --proj gate_up --groups 4 --t 512 --out $OUT/gmm_profile_d_rhs_next.json'.split()
+runpy.run_path('experiments/gmm_profile.py', run_name='__main__')"
     ;;
 *)  echo "call number 1-23" >&2; exit 2 ;;
 esac

@@ -178,3 +178,21 @@ def test_bad_flags_are_refused_by_name_before_any_timing(monkeypatch, capsys):
         with pytest.raises(SystemExit) as e:
             bench.main()
         assert e.value.code == 2 and named in capsys.readouterr().err
+
+
+def test_device_ms_calls_back_to_back_and_keeps_only_the_last_output():
+    """Each call's output is dropped at the next (twenty of LongCat's T = 4096 backward outputs did not fit)."""
+    import weakref
+
+    class Out:
+        pass
+
+    made = []
+
+    def f(x):
+        made.append(weakref.ref(out := Out()))
+        return out
+
+    last = bench._last_of(f, (1,), calls=5)
+    assert len(made) == 5 and made[-1]() is last
+    assert all(r() is None for r in made[:-1])

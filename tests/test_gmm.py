@@ -394,8 +394,8 @@ def test_pallas_interpret_banded_contract_kernel(monkeypatch):
 
 @cpu_only
 def test_next_tile_in_epilogue_changes_only_where_the_loads_run(monkeypatch):
-    """mgpu_kernels.NEXT_TILE_IN_EPILOGUE (the next tile's schedule entries loaded only at a tile's last step;
-    False loads them every step, for the A/B): the flat rows and contract kernels bit for bit either way, on ragged
+    """mgpu_kernels.NEXT_TILE_IN_EPILOGUE (the next tile's schedule entries loaded only at a tile's last step, not
+    in every step; off until timed on a GPU): the flat rows and contract kernels bit for bit either way, on ragged
     groups with shared blocks, an empty group and tiles that end mid-ring; only the traced kernels differ."""
     from lcflash.kernels.gmm import mgpu_kernels as mk
     from lcflash.kernels.gmm import pallas_gmm
@@ -711,6 +711,28 @@ def test_gpu_flat_contract_kernel(monkeypatch, case, zero_empty):
     np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(got, np.asarray(flat(lhs, dout), np.float32))
     assert not got[[i for i, s in enumerate(sizes_l) if s == 0]].any()
+
+
+@gpu_only
+@pytest.mark.parametrize("case", sorted(GPU_CASES))
+def test_gpu_next_tile_in_epilogue(monkeypatch, case):
+    """mgpu_kernels.NEXT_TILE_IN_EPILOGUE on the GPU: the flat rows (forward, d_lhs) and contract kernels bit for
+    bit as with the loads in every step, twice (a stale tile entry would put a tile's result in another's place)."""
+    from lcflash.kernels.gmm import mgpu_kernels as mk
+    from lcflash.kernels.gmm import pallas_gmm
+
+    m, k, n, sizes_l = GPU_CASES[case]
+    lhs, rhs, dout, sizes = _inputs(16, m, k, n, sizes_l, jnp.bfloat16)
+    products = (lambda: pallas_gmm.rows_matmul(lhs, [rhs], sizes, chain=True),
+                lambda: pallas_gmm.rows_matmul(dout, [rhs], sizes, transpose_rhs=True, chain=True),
+                lambda: pallas_gmm.contract_matmul(lhs, dout, sizes, out_dtype=jnp.bfloat16, chain=True))
+    for f in products:
+        monkeypatch.setattr(mk, "NEXT_TILE_IN_EPILOGUE", False)
+        want = np.asarray(jax.jit(lambda f=f: f())(), np.float32)
+        monkeypatch.setattr(mk, "NEXT_TILE_IN_EPILOGUE", True)
+        lazy = jax.jit(lambda f=f: f())
+        for _ in range(2):
+            np.testing.assert_array_equal(np.asarray(lazy(), np.float32), want)
 
 
 @gpu_only

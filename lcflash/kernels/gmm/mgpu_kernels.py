@@ -256,10 +256,11 @@ def _store_rows(val, out_gmem, stage_smem, *, row0, start, rows, col0, epi_n, ra
 
 
 # A flat pipeline's step ends a tile every few steps (d_rhs at T = 512: every 8th). Loading the next tile's
-# schedule entries every step put two dependent global loads on each step's path: 12-13% of a compute
-# warpgroup's time in d_rhs on an H200 (gmm_profile.py, session 47). NEXT_TILE_IN_EPILOGUE loads them only in the
-# last step's branch, before its stores, which hide their latency. False: every step (for the A/B).
-NEXT_TILE_IN_EPILOGUE = True
+# schedule entries every step puts two dependent global loads on each step's path: 12-13% of a compute
+# warpgroup's time in d_rhs on an H200 (gmm_profile.py, session 47). True loads them only in the last step's
+# branch (a cond with results), before its stores, which hide their latency. Off until it has run on a GPU:
+# bitwise the same in the interpreter and lowered for CUDA, not yet run or timed (gpu_calls.sh 23).
+NEXT_TILE_IN_EPILOGUE = False
 
 
 def _next_tile_info(last, load_next, epilogue, info):
