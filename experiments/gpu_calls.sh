@@ -152,11 +152,11 @@ case $N in
         --out "$OUT/contract_ab_t512up_device.json"
     ;;
 23) # session 47: the next tile's schedule entries loaded only in a tile's last step (mk.NEXT_TILE_IN_EPILOGUE; every
-    # step before, 12-13% of d_rhs's compute warpgroups' time in call 21's profile), both flat kernels, by the
-    # device's busy time in the whole product; then its GPU test (bitwise the default), and d_rhs's profile with it
+    # step before, 12-13% of d_rhs's compute warpgroups' time in call 21's profile), both flat kernels: its GPU
+    # test (bitwise the default), the A/B by the device's busy time in the whole product, d_rhs's profile with it
+    step 90 python -m pytest -n 0 -q tests/test_gmm.py -k "gpu_next_tile_in_epilogue"
     step 170 python experiments/contract_ab.py --gmm-switch NEXT_TILE_IN_EPILOGUE=False,True --rounds 3 --device-time \
         --cases longcat/gate_up/512,longcat/down/512 --out "$OUT/contract_ab_next_tile_device.json"
-    step 90 python -m pytest -n 0 -q tests/test_gmm.py -k "gpu_next_tile_in_epilogue"
     step 60 python -c "import runpy, sys; from lcflash.kernels.gmm import mgpu_kernels as mk
 mk.NEXT_TILE_IN_EPILOGUE = True
 sys.argv = 'gmm_profile.py --impls d_rhs --proj gate_up --groups 4 --t 512 --out $OUT/gmm_profile_d_rhs_next.json'.split()
