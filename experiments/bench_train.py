@@ -254,6 +254,9 @@ def main():
                     "(lcflash.kernels.gmm.pallas_gmm.ROWS_BAND; 0: none; default: its value)")
     ap.add_argument("--contract_band", type=int, default=None, help="the flat d_rhs kernel's column bands "
                     "(lcflash.kernels.gmm.pallas_gmm.CONTRACT_BAND; 0: none; default: its value)")
+    ap.add_argument("--gmm_switch", action="append", default=[], metavar="NAME=VALUE", help="set a module switch "
+                    "of lcflash.kernels.gmm.pallas_gmm or mgpu_kernels (as contract_ab.py --gmm-switch), e.g. "
+                    "NEXT_TILE_IN_EPILOGUE=True; repeatable")
     ap.add_argument("--mem_fraction", type=float, default=None, help="share of the GPU's memory XLA may use "
                     "(XLA_PYTHON_CLIENT_MEM_FRACTION; JAX's default 0.75): 0.95 fits batch 48 x 1024 of "
                     "configs/small.py with remat on an H200")
@@ -290,6 +293,17 @@ def main():
         pallas_gmm.set_bands(args.rows_band, args.contract_band)
     except ValueError as e:
         ap.error(f"--rows_band / --contract_band: {e}")
+    from experiments.contract_ab import parse_switch, switch_home
+    gmm_switches = {}
+    for text in args.gmm_switch:
+        try:
+            name, values = parse_switch(text)
+        except ValueError as e:
+            ap.error(str(e))
+        if len(values) != 1:
+            ap.error(f"--gmm_switch {text!r}: one value per switch (NAME=VALUE)")
+        setattr(switch_home(name), name, values[0])
+        gmm_switches[name] = values[0]
     from lcflash.model import slots
     slots.GATHER_KERNEL = not args.no_dispatch_gather_kernel
     slots.COMBINE_GRAD_KERNEL = not args.no_combine_grad_kernel
@@ -360,6 +374,7 @@ def main():
         "contract_deal": mgpu_kernels.CONTRACT_DEAL, "wg_split": pallas_gmm.WG_SPLIT,
         "rows_band": pallas_gmm.ROWS_BAND, "contract_band": pallas_gmm.CONTRACT_BAND,
         "contract_zero_empty": mgpu_kernels.CONTRACT_ZERO_EMPTY,
+        "next_tile_in_epilogue": mgpu_kernels.NEXT_TILE_IN_EPILOGUE, "gmm_switches": gmm_switches,
         "xla_options": xla_options,
         "steps_timed": args.steps, "warmup_steps": args.warmup,
         "device": f"{dev.platform}: {dev.device_kind}", "device_count": jax.device_count(),

@@ -100,9 +100,26 @@ def kernel_ab(cases, variants: dict, rounds: int) -> list:
 
 def switch_home(name: str):
     for module in (pallas_gmm, mk):
-        if hasattr(module, name) and name.isupper():
+        if hasattr(module, name) and name.isupper() and not name.startswith("_"):  # public module constants
             return module
-    raise ValueError(f"--gmm-switch {name!r}: not a switch of pallas_gmm or mgpu_kernels")
+    raise ValueError(f"gmm switch {name!r}: not a switch of pallas_gmm or mgpu_kernels")
+
+
+def parse_switch(text: str):
+    """'NAME=A[,B,...]' -> (NAME, [A, B, ...]): a module switch of pallas_gmm or mgpu_kernels and its values (ints,
+    True / False or strings), each of the type of the switch's default (also bench_train.py's --gmm_switch)."""
+    name, _, values = text.partition("=")
+    default = getattr(switch_home(name), name)
+    if not all(values.split(",")):
+        raise ValueError(f"gmm switch {text!r}: want NAME=A[,B,...] (one value times that setting in rounds "
+                         "against the einsum)")
+    parsed = [int(v) if v.lstrip("-").isdigit() else {"True": True, "False": False}.get(v, v)
+              for v in values.split(",")]
+    wrong = [v for v in parsed if default is not None and type(v) is not type(default)]
+    if wrong:
+        raise ValueError(f"gmm switch {text!r}: {name} is a {type(default).__name__} (default {default!r}); "
+                         f"got {wrong}")
+    return name, parsed
 
 
 def gmm_switch_ab(cases, name: str, values, rounds: int, bw_gbs: float, device_time: bool = False) -> list:
@@ -149,13 +166,7 @@ def main():
         cases = [parse_case(c) for c in args.cases.split(",")]
         variants = {v: parse_variant(v) for v in args.variants.split(",")}
         if args.gmm_switch:
-            name, _, values = args.gmm_switch.partition("=")
-            switch_home(name)
-            if not all(values.split(",")):
-                raise ValueError(f"--gmm-switch {args.gmm_switch!r}: want NAME=A[,B,...] (one value times that "
-                                 "setting in rounds against the einsum)")
-            values = [int(v) if v.lstrip("-").isdigit() else {"True": True, "False": False}.get(v, v)
-                      for v in values.split(",")]
+            name, values = parse_switch(args.gmm_switch)
     except ValueError as e:
         ap.error(str(e))
     if args.device_time and not args.gmm_switch:

@@ -11,8 +11,8 @@
 # tilings at T = 512) and 20 (decode-sized groups' wide column tiles: level, removed since) by wall time (call 20
 # of 9ac361d), then by the device's busy time; session 47 ran 20 (d_rhs's bands of 2 and each product's kernels,
 # on an H100), 21 (d_rhs's in-kernel profile and its staging buffer in two halves, removed since; call 21 of
-# 454fd37) and 22 (on an H200; its step limit stopped it in the T = 4096 rounds); 23 waits; HISTORY.md):
-#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 23; 4 takes the persistent kernels,
+# 454fd37) and 22 (on an H200; its step limit stopped it in the T = 4096 rounds); 23 and 24 wait; HISTORY.md):
+#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 24; 4 takes the persistent kernels,
 #                                                            14 the rows and d_rhs bands, 18 a benchmark flag)
 # run from the repository root on the device machine, with `.whl` carried (ml-collections and tensorboardX, which
 # its image lacks) and `.whl-tokamax` where a call times the tokamax peer (tokamax 0.0.17 with its needs, 37 MB).
@@ -24,7 +24,7 @@
 # here to the ignored `.jcc` (`rm -rf .jcc && cp -r /work/.device/N/jcc .jcc`) and carried, it seeds the next
 # machine's, which helps where that machine has the same card and image.
 set -u
-N=${1:?call number 1-23}
+N=${1:?call number 1-24}
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -162,5 +162,13 @@ mk.NEXT_TILE_IN_EPILOGUE = True
 sys.argv = 'gmm_profile.py --impls d_rhs --proj gate_up --groups 4 --t 512 --out $OUT/gmm_profile_d_rhs_next.json'.split()
 runpy.run_path('experiments/gmm_profile.py', run_name='__main__')"
     ;;
-*)  echo "call number 1-23" >&2; exit 2 ;;
+24) # session 47, only if 23 gains: the training step with NEXT_TILE_IN_EPILOGUE on against off, configs/small.py
+    # at batch 24 on an H100 (29.9% MFU in session 45), on then off; a third run (on) in a next call if they are close
+    for on in True False; do
+        step 290 python experiments/bench_train.py --gmm_impl pallas_chain --remat --warmup 2 --steps 10 \
+            --mem_fraction 0.95 --batch 24 --gmm_switch NEXT_TILE_IN_EPILOGUE=$on \
+            --out "$OUT/bench_train_b24_next_tile_$on.json"
+    done
+    ;;
+*)  echo "call number 1-24" >&2; exit 2 ;;
 esac
