@@ -110,12 +110,13 @@ def parse_switch(text: str):
     True / False or strings), each of the type of the switch's default (also bench_train.py's --gmm_switch)."""
     name, _, values = text.partition("=")
     default = getattr(switch_home(name), name)
+    if not isinstance(default, (int, str)):  # e.g. the pinned Tiles (contract_ab.py's --variants sets those)
+        raise ValueError(f"gmm switch {text!r}: {name} holds a {type(default).__name__}, not an int, bool or string")
     if not all(values.split(",")):
-        raise ValueError(f"gmm switch {text!r}: want NAME=A[,B,...] (one value times that setting in rounds "
-                         "against the einsum)")
+        raise ValueError(f"gmm switch {text!r}: want NAME=A[,B,...]")
     parsed = [int(v) if v.lstrip("-").isdigit() else {"True": True, "False": False}.get(v, v)
               for v in values.split(",")]
-    wrong = [v for v in parsed if default is not None and type(v) is not type(default)]
+    wrong = [v for v in parsed if type(v) is not type(default)]
     if wrong:
         raise ValueError(f"gmm switch {text!r}: {name} is a {type(default).__name__} (default {default!r}); "
                          f"got {wrong}")
