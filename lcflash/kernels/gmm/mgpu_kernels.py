@@ -276,9 +276,9 @@ def _next_tile_info(last, load_next, epilogue, info):
         with jax.named_scope("next_tile"):
             nxt = load_next()
         epilogue()
-        return tuple(jnp.asarray(a, jnp.int32) for a in nxt)
+        return tuple(nxt)
 
-    return lax.cond(last, _last, lambda: tuple(jnp.asarray(a, jnp.int32) for a in info))
+    return lax.cond(last, _last, lambda: tuple(info))
 
 
 def _silu(x):
