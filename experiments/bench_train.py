@@ -256,7 +256,7 @@ def main():
                     "(lcflash.kernels.gmm.pallas_gmm.CONTRACT_BAND; 0: none; default: its value)")
     ap.add_argument("--gmm_switch", action="append", default=[], metavar="NAME=VALUE", help="set a module switch "
                     "of lcflash.kernels.gmm.pallas_gmm or mgpu_kernels (as contract_ab.py --gmm-switch), e.g. "
-                    "NEXT_TILE_IN_EPILOGUE=True; repeatable")
+                    "CONTRACT_ZERO_EMPTY=False; repeatable")
     ap.add_argument("--mem_fraction", type=float, default=None, help="share of the GPU's memory XLA may use "
                     "(XLA_PYTHON_CLIENT_MEM_FRACTION; JAX's default 0.75): 0.95 fits batch 48 x 1024 of "
                     "configs/small.py with remat on an H200")
@@ -374,7 +374,7 @@ def main():
         "contract_deal": mgpu_kernels.CONTRACT_DEAL, "wg_split": pallas_gmm.WG_SPLIT,
         "rows_band": pallas_gmm.ROWS_BAND, "contract_band": pallas_gmm.CONTRACT_BAND,
         "contract_zero_empty": mgpu_kernels.CONTRACT_ZERO_EMPTY,
-        "next_tile_in_epilogue": mgpu_kernels.NEXT_TILE_IN_EPILOGUE, "gmm_switches": gmm_switches,
+        "gmm_switches": gmm_switches,
         "xla_options": xla_options,
         "steps_timed": args.steps, "warmup_steps": args.warmup,
         "device": f"{dev.platform}: {dev.device_kind}", "device_count": jax.device_count(),

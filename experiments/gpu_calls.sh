@@ -11,8 +11,10 @@
 # tilings at T = 512) and 20 (decode-sized groups' wide column tiles: level, removed since) by wall time (call 20
 # of 9ac361d), then by the device's busy time; session 47 ran 20 (d_rhs's bands of 2 and each product's kernels,
 # on an H100), 21 (d_rhs's in-kernel profile and its staging buffer in two halves, removed since; call 21 of
-# 454fd37) and 22 (on an H200; its step limit stopped it in the T = 4096 rounds); 23 and 24 wait; HISTORY.md):
-#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 24; 4 takes the persistent kernels,
+# 454fd37) and 22 (on an H200; its step limit stopped it in the T = 4096 rounds); session 48 ran 23 (the next
+# tile's entries loaded in a tile's last step only: level, removed since, so its training A/B, 24, did not run;
+# calls 23 and 24 of 00b3b5e) and 22's cases in 2 rounds, twice, on an H100; the new 23 waits; HISTORY.md):
+#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 23; 4 takes the persistent kernels,
 #                                                            14 the rows and d_rhs bands, 18 a benchmark flag)
 # run from the repository root on the device machine, with `.whl` carried (ml-collections and tensorboardX, which
 # its image lacks) and `.whl-tokamax` where a call times the tokamax peer (tokamax 0.0.17 with its needs, 37 MB).
@@ -24,7 +26,7 @@
 # here to the ignored `.jcc` (`rm -rf .jcc && cp -r /work/.device/N/jcc .jcc`) and carried, it seeds the next
 # machine's, which helps where that machine has the same card and image.
 set -u
-N=${1:?call number 1-24}
+N=${1:?call number 1-23}
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -151,24 +153,18 @@ case $N in
         longcat/gate_up/512,longcat/down/512,longcat/gate_up/2048,longcat/down/2048,longcat/gate_up/4096,longcat/down/4096 \
         --out "$OUT/contract_ab_t512up_device.json"
     ;;
-23) # session 47: the next tile's schedule entries loaded only in a tile's last step (mk.NEXT_TILE_IN_EPILOGUE; every
-    # step before, 12-13% of d_rhs's compute warpgroups' time in call 21's profile), both flat kernels: its GPU
-    # test (bitwise the default), the A/B by the device's busy time in the whole product, d_rhs's profile with it
-    step 90 python -m pytest -n 0 -q tests/test_gmm.py -k "gpu_next_tile_in_epilogue"
-    step 170 python experiments/contract_ab.py --gmm-switch NEXT_TILE_IN_EPILOGUE=False,True --rounds 3 --device-time \
-        --cases longcat/gate_up/512,longcat/down/512 --out "$OUT/contract_ab_next_tile_device.json"
-    step 60 python -c "import runpy, sys; from lcflash.kernels.gmm import mgpu_kernels as mk
-mk.NEXT_TILE_IN_EPILOGUE = True
-sys.argv = 'gmm_profile.py --impls d_rhs --proj gate_up --groups 4 --t 512 --out $OUT/gmm_profile_d_rhs_next.json'.split()
-runpy.run_path('experiments/gmm_profile.py', run_name='__main__')"
+23) # session 48: d_rhs where it is weakest on an H100 by device time, LongCat's T = 4096 (the down backward 0.81-0.88
+    # of the einsum, its contract kernel 11.2-12.7 ms against cuBLAS's 9.3-9.5; contract_ab_t512up_device_s48*):
+    # d_rhs alone in its tilings there (cuBLAS picked 256 x 128 CTA tiles; tile_m=256+tile_n=64 is that shape and
+    # fits with 3 stages; a 128-row k step with 2; bands), then its in-kernel profile at T = 4096 (one group: 3 tiles
+    # of 64 steps per CTA, within --space) and at T = 512 (this card's baseline for the scopes' shares)
+    step 300 python experiments/contract_ab.py --rounds 2 --cases longcat/down/4096,longcat/gate_up/4096 --variants \
+        default,stages=3,tile_m=256+tile_n=64+stages=3,tile_k=128+stages=2,band=2,band=8 \
+        --out "$OUT/contract_ab_t4096_variants.json"
+    step 120 python experiments/gmm_profile.py --impls d_rhs --proj down --groups 1 --t 4096 \
+        --out "$OUT/gmm_profile_d_rhs_down_t4096.json"
+    step 100 python experiments/gmm_profile.py --impls d_rhs --proj down --groups 4 --t 512 \
+        --out "$OUT/gmm_profile_d_rhs_down_t512.json"
     ;;
-24) # session 47, only if 23 gains: the training step with NEXT_TILE_IN_EPILOGUE on against off, configs/small.py
-    # at batch 24 on an H100 (29.9% MFU in session 45), on then off; a third run (on) in a next call if they are close
-    for on in True False; do
-        step 290 python experiments/bench_train.py --gmm_impl pallas_chain --remat --warmup 2 --steps 10 \
-            --mem_fraction 0.95 --batch 24 --gmm_switch NEXT_TILE_IN_EPILOGUE=$on \
-            --out "$OUT/bench_train_b24_next_tile_$on.json"
-    done
-    ;;
-*)  echo "call number 1-24" >&2; exit 2 ;;
+*)  echo "call number 1-23" >&2; exit 2 ;;
 esac

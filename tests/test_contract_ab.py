@@ -101,9 +101,9 @@ def test_gmm_switch_without_a_value_is_refused_before_any_timing(monkeypatch, ca
 
 def test_parse_switch_takes_values_of_the_defaults_type():
     assert ab.parse_switch("CONTRACT_BAND=2,4") == ("CONTRACT_BAND", [2, 4])
-    assert ab.parse_switch("NEXT_TILE_IN_EPILOGUE=False,True") == ("NEXT_TILE_IN_EPILOGUE", [False, True])
+    assert ab.parse_switch("CONTRACT_ZERO_EMPTY=False,True") == ("CONTRACT_ZERO_EMPTY", [False, True])
     assert ab.parse_switch("CONTRACT_DEAL=snake") == ("CONTRACT_DEAL", ["snake"])
-    for text, msg in (("NEXT_TILE_IN_EPILOGUE=1", "is a bool"), ("CONTRACT_BAND=True", "is a int"),
+    for text, msg in (("CONTRACT_ZERO_EMPTY=1", "is a bool"), ("CONTRACT_BAND=True", "is a int"),
                       ("NO_SUCH_SWITCH=1", "not a switch"), ("_SMEM_BYTES=1", "not a switch"),
                       ("ROWS_TILES=1", "holds a NoneType")):
         with pytest.raises(ValueError, match=msg):

@@ -393,57 +393,6 @@ def test_pallas_interpret_banded_contract_kernel(monkeypatch):
 
 
 @cpu_only
-def test_next_tile_in_epilogue_changes_only_where_the_loads_run(monkeypatch):
-    """mgpu_kernels.NEXT_TILE_IN_EPILOGUE (the next tile's schedule entries loaded only at a tile's last step, not
-    in every step; off until timed on a GPU): the flat rows and contract kernels bit for bit either way, on ragged
-    groups with shared blocks, an empty group and tiles that end mid-ring; only the traced kernels differ."""
-    from lcflash.kernels.gmm import mgpu_kernels as mk
-    from lcflash.kernels.gmm import pallas_gmm
-
-    sizes_l = [70, 0, 130, 56]
-    lhs, rhs, dout, sizes = _inputs(37, 256, 256, 128, sizes_l, jnp.bfloat16)
-    monkeypatch.setattr(pallas_gmm, "CONTRACT_TILES", mk.Tiles(tile_n=64, epi_n=64, chain=True))
-    products = {"rows": lambda: pallas_gmm.rows_matmul(lhs, [rhs], sizes, chain=True),
-                "contract": lambda: pallas_gmm.contract_matmul(lhs, dout, sizes, out_dtype=jnp.float32, chain=True)}
-    got = {}
-    for on in (True, False):
-        monkeypatch.setattr(mk, "NEXT_TILE_IN_EPILOGUE", on)
-        for name, f in products.items():
-            got[name, on] = np.asarray(f(), np.float32)
-    assert _rel(got["contract", True], _contract_ref_f64(lhs, dout, sizes_l)) < FP32_TOL
-    want_rows = reference.gmm_loop(lhs.astype(jnp.float32), rhs.astype(jnp.float32), sizes)
-    assert _rel(got["rows", True], want_rows) < BF16_TOL
-    for name in products:
-        np.testing.assert_array_equal(got[name, True], got[name, False])
-
-
-def test_next_tile_in_epilogue_lowers_for_cuda_as_another_kernel(mosaic_gpu_trace, monkeypatch):
-    """Both settings of NEXT_TILE_IN_EPILOGUE lower for CUDA (the lazy one through a cond with results) at
-    configs/small.py's shapes, and they are different kernels (the switch is live where the interpreter cannot
-    tell them apart)."""
-    import re
-
-    from lcflash.kernels.gmm import mgpu_kernels as mk
-    from lcflash.kernels.gmm import pallas_gmm
-
-    sd = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt)  # noqa: E731
-    m, k, n, g = 8192, 1024, 768, 128
-    products = {"rows": (lambda a, w, s: pallas_gmm.rows_matmul(a, [w], s, chain=True), sd(g, k, n)),
-                "contract": (lambda a, d, s: pallas_gmm.contract_matmul(a, d, s, out_dtype=jnp.bfloat16, chain=True),
-                             sd(m, n))}
-    hashes = {}
-    for on in (True, False):
-        monkeypatch.setattr(mk, "NEXT_TILE_IN_EPILOGUE", on)
-        for name, (f, second) in products.items():
-            text = jax.jit(lambda *a, f=f: f(*a)).trace(sd(m, k), second, sd(g, dt=jnp.int32)).lower(  # not cached
-                lowering_platforms=("cuda",)).as_text()
-            hashes[name, on] = re.findall(r'kernel_hash = "([^"]*)"', text)
-            assert len(hashes[name, on]) == 1
-    for name in products:
-        assert hashes[name, True] != hashes[name, False]
-
-
-@cpu_only
 def test_pallas_interpret_contract_mask_switch_is_live(monkeypatch):
     """mgpu_kernels.CONTRACT_MASK (off only to time what the masking costs, bench_moe_gemm --deal-nomask): off, the
     rows of blocks two groups share reach both groups' d_rhs, so the result is wrong; on (the default), exact."""
@@ -711,28 +660,6 @@ def test_gpu_flat_contract_kernel(monkeypatch, case, zero_empty):
     np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(got, np.asarray(flat(lhs, dout), np.float32))
     assert not got[[i for i, s in enumerate(sizes_l) if s == 0]].any()
-
-
-@gpu_only
-@pytest.mark.parametrize("case", sorted(GPU_CASES))
-def test_gpu_next_tile_in_epilogue(monkeypatch, case):
-    """mgpu_kernels.NEXT_TILE_IN_EPILOGUE on the GPU: the flat rows (forward, d_lhs) and contract kernels bit for
-    bit as with the loads in every step, twice (a stale tile entry would put a tile's result in another's place)."""
-    from lcflash.kernels.gmm import mgpu_kernels as mk
-    from lcflash.kernels.gmm import pallas_gmm
-
-    m, k, n, sizes_l = GPU_CASES[case]
-    lhs, rhs, dout, sizes = _inputs(16, m, k, n, sizes_l, jnp.bfloat16)
-    products = (lambda: pallas_gmm.rows_matmul(lhs, [rhs], sizes, chain=True),
-                lambda: pallas_gmm.rows_matmul(dout, [rhs], sizes, transpose_rhs=True, chain=True),
-                lambda: pallas_gmm.contract_matmul(lhs, dout, sizes, out_dtype=jnp.bfloat16, chain=True))
-    for f in products:
-        monkeypatch.setattr(mk, "NEXT_TILE_IN_EPILOGUE", False)
-        want = np.asarray(jax.jit(lambda f=f: f())(), np.float32)
-        monkeypatch.setattr(mk, "NEXT_TILE_IN_EPILOGUE", True)
-        lazy = jax.jit(lambda f=f: f())
-        for _ in range(2):
-            np.testing.assert_array_equal(np.asarray(lazy(), np.float32), want)
 
 
 @gpu_only

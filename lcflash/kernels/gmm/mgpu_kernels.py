@@ -255,30 +255,17 @@ def _store_rows(val, out_gmem, stage_smem, *, row0, start, rows, col0, epi_n, ra
     # kernel) waits before the staging buffer is reused.
 
 
-# A flat pipeline's step ends a tile every few steps (d_rhs at T = 512: every 8th). Loading the next tile's
-# schedule entries every step puts two dependent global loads on each step's path: 12-13% of a compute
-# warpgroup's time in d_rhs on an H200 (gmm_profile.py, session 47). True loads them only in the last step's
-# branch (a cond with results), before its stores, which hide their latency. Off until it has run on a GPU:
-# bitwise the same in the interpreter and lowered for CUDA, not yet run or timed (gpu_calls.sh 23).
-NEXT_TILE_IN_EPILOGUE = False
-
-
 def _next_tile_info(last, load_next, epilogue, info):
     """The tile info the next step runs: load_next()'s at a tile's last step (after which epilogue stores the
-    finished tile), else info unchanged."""
-    if not NEXT_TILE_IN_EPILOGUE:
-        with jax.named_scope("next_tile"):
-            nxt = load_next()
-        pl.when(last)(epilogue)
-        return tuple(jnp.where(last, a, b) for a, b in zip(nxt, info))
+    finished tile), else info unchanged.
 
-    def _last():
-        with jax.named_scope("next_tile"):
-            nxt = load_next()
-        epilogue()
-        return tuple(nxt)
-
-    return lax.cond(last, _last, lambda: tuple(info))
+    The loads run every step and a select keeps them. Loading only in the last step's branch (a cond with results)
+    ran no faster on an H100 (session 48, LongCat's T = 512: d_rhs 1,335-1,471 us against 1,322-1,414); under the
+    profiler, "next_tile"'s share of d_rhs's time moved into unscoped time, so the loads were not what it cost."""
+    with jax.named_scope("next_tile"):
+        nxt = load_next()
+    pl.when(last)(epilogue)
+    return tuple(jnp.where(last, a, b) for a, b in zip(nxt, info))
 
 
 def _silu(x):
