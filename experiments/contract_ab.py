@@ -9,7 +9,9 @@ Two modes, both in rotated rounds (bench_moe_gemm.rotated_rounds) on one machine
   --gmm-switch NAME=A,B: the table's forward and backward (bench_moe_gemm.run_case, pallas_chain and the einsum)
     with the module switch NAME (pallas_gmm.X or mgpu_kernels.X) at A and at B, alternating, `--rounds` each;
     the ratios to the einsum and to the bytes floor; with --device-time also from the device's busy time per call
-    (a profiler trace), which resolves products of tens of microseconds where wall time cannot.
+    (a profiler trace), which resolves products of tens of microseconds where wall time cannot. Repeated, the
+    switches are set together: `--gmm-switch CONTRACT_STAGES=4,3 --gmm-switch CONTRACT_BAND=4,2` puts (4, 4)
+    against (3, 2).
 
     python experiments/contract_ab.py --cases longcat/down/4096,longcat/down/512 --variants default,stages=3,band=4
     python experiments/contract_ab.py --cases longcat/down/4096 --gmm-switch CONTRACT_BAND=0,4 --rounds 2
@@ -123,18 +125,23 @@ def parse_switch(text: str):
     return name, parsed
 
 
-def gmm_switch_ab(cases, name: str, values, rounds: int, bw_gbs: float, device_time: bool = False) -> list:
-    home, out = switch_home(name), []
-    default = getattr(home, name)
+def gmm_switch_ab(cases, switches: dict, rounds: int, bw_gbs: float, device_time: bool = False) -> list:
+    """switches: NAME -> values, set together (setting i takes each switch's i-th value), in rotated rounds."""
+    homes = {name: switch_home(name) for name in switches}
+    defaults = {name: getattr(home, name) for name, home in homes.items()}
+    settings = list(zip(*switches.values()))
+    out = []
     try:
         for config, proj, t in cases:
             for r in range(rounds):
-                for value in values if r % 2 == 0 else values[::-1]:
-                    setattr(home, name, value)
+                for setting in settings if r % 2 == 0 else settings[::-1]:
+                    for (name, home), value in zip(homes.items(), setting):
+                        setattr(home, name, value)
                     row = bench.run_case(config, proj, t, "balanced", ["pallas_chain", "einsum"], bw_gbs, [],
                                          check=False, device_time=device_time)
                     ours, ein = row["impls"]["pallas_chain"], row["impls"]["einsum"]
-                    rec = dict(config=config, proj=proj, tokens_per_expert=t, round=r, switch=name, value=value)
+                    rec = dict(config=config, proj=proj, tokens_per_expert=t, round=r, switch="+".join(switches),
+                               value=setting[0] if len(setting) == 1 else list(setting))
                     for clock, key in itertools.product(("", "_device") if device_time else ("",), ("fwd", "bwd")):
                         mine, bound = ours[f"{key}{clock}_ms"], ein[f"{key}{clock}_ms"]
                         floor = row[f"bytes_floor_{key}_ms"]
@@ -148,8 +155,19 @@ def gmm_switch_ab(cases, name: str, values, rounds: int, bw_gbs: float, device_t
                     print("gmm_switch_ab", json.dumps(rec), flush=True)
                     out.append(rec)
     finally:
-        setattr(home, name, default)
+        for name, home in homes.items():
+            setattr(home, name, defaults[name])
     return out
+
+
+def parse_switches(texts) -> dict:
+    """['A=1,2', 'B=x,y'] -> {'A': [1, 2], 'B': ['x', 'y']}: switches set together, so of equal lengths."""
+    switches = dict(parse_switch(t) for t in texts)
+    if len(switches) < len(texts):
+        raise ValueError(f"--gmm-switch {texts}: a switch named twice")
+    if len({len(v) for v in switches.values()}) > 1:
+        raise ValueError(f"--gmm-switch {texts}: switches set together need as many values each")
+    return switches
 
 
 def main():
@@ -157,7 +175,8 @@ def main():
     ap.add_argument("--cases", default="longcat/down/4096,longcat/gate_up/4096,longcat/down/512,longcat/gate_up/512",
                     help="config/proj/T, comma-separated")
     ap.add_argument("--variants", default="default,stages=3,band=4", help="kernel mode's tilings (see above)")
-    ap.add_argument("--gmm-switch", default="", metavar="NAME=A,B", help="the whole product with a switch at A, B, ...")
+    ap.add_argument("--gmm-switch", action="append", default=[], metavar="NAME=A,B",
+                    help="the whole product with a switch at A, B, ...; repeated, switches set together")
     ap.add_argument("--device-time", action="store_true", help="--gmm-switch also records the device's busy "
                     "time per call from a profiler trace (bench_moe_gemm.device_ms; for products of tens of us)")
     ap.add_argument("--rounds", type=int, default=3)
@@ -166,8 +185,7 @@ def main():
     try:
         cases = [parse_case(c) for c in args.cases.split(",")]
         variants = {v: parse_variant(v) for v in args.variants.split(",")}
-        if args.gmm_switch:
-            name, values = parse_switch(args.gmm_switch)
+        switches = parse_switches(args.gmm_switch)
     except ValueError as e:
         ap.error(str(e))
     if args.device_time and not args.gmm_switch:
@@ -178,10 +196,11 @@ def main():
     meta = dict(device=dev.device_kind, platform=dev.platform, jax=jax.__version__,
                 date_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 command="python " + " ".join(sys.argv), contract_band=pallas_gmm.CONTRACT_BAND,
+                contract_stages=pallas_gmm.CONTRACT_STAGES,
                 contract_zero_empty=mk.CONTRACT_ZERO_EMPTY)
     print(json.dumps(meta), flush=True)
     if args.gmm_switch:
-        results = gmm_switch_ab(cases, name, values, args.rounds, bench.measure_bandwidth_gbs(), args.device_time)
+        results = gmm_switch_ab(cases, switches, args.rounds, bench.measure_bandwidth_gbs(), args.device_time)
     else:
         results = kernel_ab(cases, variants, args.rounds)
     with open(args.out, "w") as f:

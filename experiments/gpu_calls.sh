@@ -13,8 +13,9 @@
 # on an H100), 21 (d_rhs's in-kernel profile and its staging buffer in two halves, removed since; call 21 of
 # 454fd37) and 22 (on an H200; its step limit stopped it in the T = 4096 rounds); session 48 ran 23 (the next
 # tile's entries loaded in a tile's last step only: level, removed since, so its training A/B, 24, did not run;
-# calls 23 and 24 of 00b3b5e) and 22's cases in 2 rounds, twice, on an H100; the new 23 waits; HISTORY.md):
-#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 23; 4 takes the persistent kernels,
+# calls 23 and 24 of 00b3b5e) and 22's cases in 2 rounds, twice, on an H100; session 49 ran 23 and d_rhs's ring
+# depths and bands; 24 and 25 wait; HISTORY.md):
+#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 25; 4 takes the persistent kernels,
 #                                                            14 the rows and d_rhs bands, 18 a benchmark flag)
 # run from the repository root on the device machine, with `.whl` carried (ml-collections and tensorboardX, which
 # its image lacks) and `.whl-tokamax` where a call times the tokamax peer (tokamax 0.0.17 with its needs, 37 MB).
@@ -26,7 +27,7 @@
 # here to the ignored `.jcc` (`rm -rf .jcc && cp -r /work/.device/N/jcc .jcc`) and carried, it seeds the next
 # machine's, which helps where that machine has the same card and image.
 set -u
-N=${1:?call number 1-23}
+N=${1:?call number 1-25}
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -166,5 +167,21 @@ case $N in
     step 100 python experiments/gmm_profile.py --impls d_rhs --proj down --groups 4 --t 512 \
         --out "$OUT/gmm_profile_d_rhs_down_t512.json"
     ;;
-*)  echo "call number 1-23" >&2; exit 2 ;;
+24) # session 49: d_rhs's new defaults (3 stages, bands of 2; the kernel alone led by wall time at T = 4096 and 512)
+    # against the old (4, 4) in the whole product by device time, after the GPU tests of the flat kernels
+    step 120 python -m pytest -n 0 -q tests/test_gmm.py -k "gpu and (contract or flat)"
+    step 420 python experiments/contract_ab.py --gmm-switch CONTRACT_STAGES=4,3 --gmm-switch CONTRACT_BAND=4,2 \
+        --rounds 2 --device-time --cases longcat/down/4096,longcat/gate_up/4096,longcat/down/512,longcat/gate_up/512 \
+        --out "$OUT/contract_ab_stages3_band2_device.json"
+    ;;
+25) # session 49: the same at T = 2048, then configs/small.py's training (its d_rhs changes too: bands of 2 and 1
+    # where 4 was row-major) with the new d_rhs defaults and with the old, batch 24 on an H100
+    step 200 python experiments/contract_ab.py --gmm-switch CONTRACT_STAGES=4,3 --gmm-switch CONTRACT_BAND=4,2 \
+        --rounds 2 --device-time --cases longcat/down/2048,longcat/gate_up/2048 \
+        --out "$OUT/contract_ab_stages3_band2_device_t2048.json"
+    B="python experiments/bench_train.py --gmm_impl pallas_chain --remat --warmup 2 --steps 10 --mem_fraction 0.95"
+    step 180 $B --batch 24 --out "$OUT/bench_train_b24_d_rhs_new.json"
+    step 180 $B --batch 24 --gmm_switch CONTRACT_STAGES=4 --contract_band 4 --out "$OUT/bench_train_b24_d_rhs_old.json"
+    ;;
+*)  echo "call number 1-25" >&2; exit 2 ;;
 esac

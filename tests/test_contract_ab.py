@@ -14,7 +14,8 @@ def test_parse_case_and_variant_name_what_is_wrong():
     assert ab.parse_case("longcat/down/4096") == ("longcat", "down", 4096)
     assert ab.parse_variant("default") == {} and ab.parse_variant("stages=3+band=4") == {"stages": 3, "band": 4}
     assert ab.parse_variant("overlap_mma=1") == {"overlap_mma": True}
-    assert ab.variant_tiles(6144, {"overlap_mma": True}).overlap_mma and ab.variant_tiles(6144, {}).stages == 4
+    assert ab.variant_tiles(6144, {"overlap_mma": True}).overlap_mma
+    assert ab.variant_tiles(6144, {}).stages == ab.pallas_gmm.CONTRACT_STAGES
     for bad in ("longcat/down", "longcat/up/512", "small/down/0", "small/down/x"):
         with pytest.raises(ValueError, match="config/proj/T"):
             ab.parse_case(bad)
@@ -28,6 +29,7 @@ def test_parse_case_and_variant_name_what_is_wrong():
 def test_kernel_ab_pins_each_variant_and_checks_bitwise(monkeypatch):
     monkeypatch.setitem(ab.bench.SHAPES, ("toy", "down"), (128, 1024, 2))   # 4 n tiles of 256 columns
     monkeypatch.setattr(ab.pallas_gmm, "CONTRACT_BAND", 2)
+    monkeypatch.setattr(ab.pallas_gmm, "CONTRACT_STAGES", 4)
     traced = []
 
     def contract(a, d, s, **kw):   # "stages=2" sums in another order: off by one
@@ -66,20 +68,29 @@ def test_gmm_switch_ab_alternates_and_restores(monkeypatch):
 
     monkeypatch.setattr(ab.bench, "run_case", run_case)
     before = ab.pallas_gmm.CONTRACT_BAND
-    out = ab.gmm_switch_ab([("longcat", "down", 64)], "CONTRACT_BAND", [0, 4], rounds=2, bw_gbs=1.0)
+    out = ab.gmm_switch_ab([("longcat", "down", 64)], {"CONTRACT_BAND": [0, 4]}, rounds=2, bw_gbs=1.0)
     assert seen == [(0, False), (4, False), (4, False), (0, False)] and ab.pallas_gmm.CONTRACT_BAND == before
     assert [r["value"] for r in out] == [0, 4, 4, 0] and "fwd_device_ms" not in out[0]
     np.testing.assert_allclose([r["bwd_per_einsum"] for r in out], [1.0, 0.2, 0.2, 1.0])
     np.testing.assert_allclose([r["fwd_per_floor"] for r in out], [2.0, 10.0, 10.0, 2.0])
 
     seen.clear()
-    out = ab.gmm_switch_ab([("small", "down", 64)], "CONTRACT_BAND", [0, 4], rounds=1, bw_gbs=1.0,
+    out = ab.gmm_switch_ab([("small", "down", 64)], {"CONTRACT_BAND": [0, 4]}, rounds=1, bw_gbs=1.0,
                            device_time=True)
     assert seen == [(0, True), (4, True)]
     np.testing.assert_allclose([r["bwd_device_ms"] for r in out], [2 / 3, 10 / 3])
     np.testing.assert_allclose([r["fwd_device_per_einsum"] for r in out], [1.0, 0.2])
     np.testing.assert_allclose([r["fwd_device_per_floor"] for r in out], [2 / 3, 10 / 3])
     np.testing.assert_allclose([r["einsum_bwd_device_per_floor"] for r in out], [2 / 3, 2 / 3])
+
+    both, stages = [], ab.pallas_gmm.CONTRACT_STAGES   # two switches set together, each restored
+    monkeypatch.setattr(ab.bench, "run_case", lambda *a, **kw: both.append(
+        (ab.pallas_gmm.CONTRACT_BAND, ab.pallas_gmm.CONTRACT_STAGES)) or run_case(*a, **kw))
+    out = ab.gmm_switch_ab([("small", "down", 64)], {"CONTRACT_BAND": [4, 2], "CONTRACT_STAGES": [4, 3]}, rounds=2,
+                           bw_gbs=1.0)
+    assert both == [(4, 4), (2, 3), (2, 3), (4, 4)] and out[0]["switch"] == "CONTRACT_BAND+CONTRACT_STAGES"
+    assert [r["value"] for r in out] == [[4, 4], [2, 3], [2, 3], [4, 4]]
+    assert (ab.pallas_gmm.CONTRACT_BAND, ab.pallas_gmm.CONTRACT_STAGES) == (before, stages)
 
 
 def test_device_time_without_a_switch_is_refused_before_any_timing(monkeypatch, capsys):
@@ -97,6 +108,16 @@ def test_gmm_switch_without_a_value_is_refused_before_any_timing(monkeypatch, ca
     with pytest.raises(SystemExit):
         ab.main()
     assert "want NAME=A[,B,...]" in capsys.readouterr().err
+
+
+def test_parse_switches_pairs_switches_of_as_many_values():
+    assert ab.parse_switches(["CONTRACT_STAGES=4,3", "CONTRACT_BAND=4,2"]) == {"CONTRACT_STAGES": [4, 3],
+                                                                               "CONTRACT_BAND": [4, 2]}
+    assert ab.parse_switches([]) == {}
+    with pytest.raises(ValueError, match="as many values each"):
+        ab.parse_switches(["CONTRACT_STAGES=4,3", "CONTRACT_BAND=4"])
+    with pytest.raises(ValueError, match="named twice"):
+        ab.parse_switches(["CONTRACT_BAND=4", "CONTRACT_BAND=2"])
 
 
 def test_parse_switch_takes_values_of_the_defaults_type():

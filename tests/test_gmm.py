@@ -339,6 +339,24 @@ def test_band_takes_the_largest_divisor_of_the_n_tiles(monkeypatch):
     assert [(t.tile_m, t.band) for t in seen] == [(64, 0), (128, 0), (128, 8)]
 
 
+def test_contract_stages_bound_the_flat_d_rhs_ring_with_64_column_stores(monkeypatch):
+    """pallas_gmm.CONTRACT_STAGES: the deepest ring d_rhs's flat pipeline takes (fewer where shared memory is short),
+    always with 64-column stores (128-column ones fit at 3 stages but lost there); pinned tiles keep theirs."""
+    from lcflash.kernels.gmm import mgpu_kernels as mk
+    from lcflash.kernels.gmm import pallas_gmm
+
+    def ring(n, dtype):
+        t = pallas_gmm.flat_contract_tiles(n, dtype)
+        return t.stages, t.epi_n, t.chain
+
+    for most, want_bf16, want_f32 in ((4, 4, 3), (3, 3, 3), (2, 2, 2)):
+        monkeypatch.setattr(pallas_gmm, "CONTRACT_STAGES", most)
+        assert ring(6144, jnp.bfloat16) == ring(4096, jnp.bfloat16) == (want_bf16, 64, True), most
+        assert ring(6144, jnp.float32) == (want_f32, 64, True), most
+    monkeypatch.setattr(pallas_gmm, "CONTRACT_TILES", mk.Tiles(stages=4, epi_n=128))
+    assert ring(6144, jnp.bfloat16) == (4, 128, True)
+
+
 def test_set_bands_refuses_a_bad_band_by_name(monkeypatch):
     from lcflash.kernels.gmm import pallas_gmm
 

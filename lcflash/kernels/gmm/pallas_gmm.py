@@ -32,12 +32,18 @@ WG_SPLIT = "n"
 # T = 4096, and the gate/up d_lhs from 0.71 to 0.87 (T = 512). d_rhs with an fp32 output (a 3-deep ring) gained at
 # down and lost at gate/up (session 42), but with the bf16 output the model's backward writes (a 4-deep ring),
 # row-major collapsed at large T: LongCat's down d_rhs at T = 4096 ran at 0.50 of the einsum, 0.885 in bands of 4,
-# and its whole backward at 0.77 against 0.95-1.01; elsewhere bands of 4 were level or ahead (session 44). So both
-# are 4. configs/small.py's products have at most 4 n tiles (3 for its gate and up d_rhs), so its training is
-# unchanged by any band of 4 or more (its lowered expert FFN is the same text). Pinned tiles (ROWS_TILES,
+# and its whole backward at 0.77 against 0.95-1.01; elsewhere bands of 4 were level or ahead (session 44). So rows
+# bands are 4. configs/small.py's products have at most 4 n tiles (3 for its gate and up d_rhs), so its forward and
+# d_lhs are unchanged by any band of 4 or more (its lowered expert FFN is the same text). Pinned tiles (ROWS_TILES,
 # CONTRACT_TILES) keep their own, and groups of a row tile or less on average are not banded (rows_matmul).
+# d_rhs: bands of 2 on a ring of at most 3 stages (CONTRACT_STAGES). On an H100, the kernel alone in rotated rounds
+# by wall time (session 49, experiments/HISTORY.md) at LongCat's T = 4096: down 9.6-10.2 ms (0.94 of the einsum)
+# against 12.1-14.7 ms with 4 stages in bands of 4, [gate | up] 10.1-10.3 against 10.5-13.9; at T = 512 1.45-1.54
+# against 1.33-1.84 ms. 2 stages lost everywhere (12.6-13.5 ms at T = 4096).
 ROWS_BAND = 4
-CONTRACT_BAND = 4
+CONTRACT_BAND = 2
+# The flat d_rhs pipeline's deepest ring (fewer stages where shared memory is short).
+CONTRACT_STAGES = 3
 
 
 def set_bands(rows: int | None = None, contract: int | None = None):
@@ -79,16 +85,16 @@ def _rows_tiles(m: int, g: int, n: int, out_dtype, n_rhs: int, what: str, epi_in
 
 
 def _chain_tiles(tiles: mk.Tiles, pinned: bool, out_dtype, n_rhs: int, contract: bool = False,
-                 epi_in: int = 0, *, n: int, band: int) -> mk.Tiles:
+                 epi_in: int = 0, *, n: int, band: int, stages: int = 4) -> mk.Tiles:
     """Flat pipelines (Tiles.chain): pinned tiles (ROWS_TILES / CONTRACT_TILES) keep their ring and band; otherwise the
-    deepest ring (up to 4) that fits, halving the epilogue chunk (epi_n 64) before dropping a stage (LongCat
-    shapes: 4 stages and 64-column stores; d_rhs at T=512 measured 0.87-0.90 of the einsum with them against
+    deepest ring (up to `stages`) that fits, halving the epilogue chunk (epi_n 64) before dropping a stage (LongCat's
+    rows products: 4 stages and 64-column stores; d_rhs at T=512 measured 0.87-0.90 of the einsum with them against
     0.83-0.85 with 3 stages and 128-column stores, H200), and the output's n columns in bands of the widest
     divisor of its n tiles up to band (ROWS_BAND / CONTRACT_BAND)."""
     if pinned:
         return dataclasses.replace(tiles, chain=True)
     band = mk.widest_band(n // (2 * tiles.tile_n), band)
-    for stages in range(max(tiles.stages, 4), 0, -1):
+    for stages in range(stages, 0, -1):
         for epi_n in sorted({tiles.epi_n, min(64, tiles.epi_n)}, reverse=True):
             t = dataclasses.replace(tiles, stages=stages, epi_n=epi_n, chain=True, band=band)
             if mk.smem_bytes(t, n_rhs=n_rhs, in_dtype=jnp.bfloat16, out_dtype=out_dtype, contract=contract,
@@ -99,9 +105,12 @@ def _chain_tiles(tiles: mk.Tiles, pinned: bool, out_dtype, n_rhs: int, contract:
 
 def flat_contract_tiles(n: int, out_dtype) -> mk.Tiles:
     """The flat d_rhs pipeline's tiles at N = n: pinned CONTRACT_TILES as they are, else the shape's tiles with the
-    deepest ring that fits (_chain_tiles)."""
-    return _chain_tiles(_contract_tiles(n, out_dtype), CONTRACT_TILES is not None, out_dtype, 1, contract=True, n=n,
-                        band=CONTRACT_BAND)
+    deepest ring of at most CONTRACT_STAGES that fits (_chain_tiles)."""
+    if CONTRACT_TILES is not None:
+        return _chain_tiles(CONTRACT_TILES, True, out_dtype, 1, contract=True, n=n, band=CONTRACT_BAND)
+    # 64-column stores at any ring depth: at 3 stages 128-column ones lost (session 46, experiments/HISTORY.md)
+    tiles = dataclasses.replace(_contract_tiles(n, out_dtype), epi_n=64)
+    return _chain_tiles(tiles, False, out_dtype, 1, contract=True, n=n, band=CONTRACT_BAND, stages=CONTRACT_STAGES)
 
 
 def _contract_tiles(n: int, out_dtype) -> mk.Tiles:
