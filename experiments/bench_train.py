@@ -373,7 +373,7 @@ def main():
         "top_k": router.LARGE_TOP_K,
         "contract_deal": mgpu_kernels.CONTRACT_DEAL, "wg_split": pallas_gmm.WG_SPLIT,
         "rows_band": pallas_gmm.ROWS_BAND, "contract_band": pallas_gmm.CONTRACT_BAND,
-        "contract_stages": pallas_gmm.CONTRACT_STAGES,
+        "rows_stages": pallas_gmm.ROWS_STAGES, "contract_stages": pallas_gmm.CONTRACT_STAGES,
         "contract_zero_empty": mgpu_kernels.CONTRACT_ZERO_EMPTY,
         "gmm_switches": gmm_switches,
         "xla_options": xla_options,

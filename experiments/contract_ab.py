@@ -196,7 +196,7 @@ def main():
     meta = dict(device=dev.device_kind, platform=dev.platform, jax=jax.__version__,
                 date_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 command="python " + " ".join(sys.argv), contract_band=pallas_gmm.CONTRACT_BAND,
-                contract_stages=pallas_gmm.CONTRACT_STAGES,
+                rows_stages=pallas_gmm.ROWS_STAGES, contract_stages=pallas_gmm.CONTRACT_STAGES,
                 contract_zero_empty=mk.CONTRACT_ZERO_EMPTY)
     print(json.dumps(meta), flush=True)
     if args.gmm_switch:

@@ -339,22 +339,34 @@ def test_band_takes_the_largest_divisor_of_the_n_tiles(monkeypatch):
     assert [(t.tile_m, t.band) for t in seen] == [(64, 0), (128, 0), (128, 8)]
 
 
-def test_contract_stages_bound_the_flat_d_rhs_ring_with_64_column_stores(monkeypatch):
-    """pallas_gmm.CONTRACT_STAGES: the deepest ring d_rhs's flat pipeline takes (fewer where shared memory is short),
-    always with 64-column stores (128-column ones fit at 3 stages but lost there); pinned tiles keep theirs."""
+def test_stages_bound_the_flat_rings(monkeypatch):
+    """pallas_gmm.ROWS_STAGES and CONTRACT_STAGES: the deepest ring each flat pipeline takes (fewer where shared
+    memory is short). d_rhs always stores 64 columns at a time (128-column stores fit at 3 stages but lost there);
+    the rows kernel stores a warpgroup's whole tile where it fits. Pinned tiles keep theirs."""
     from lcflash.kernels.gmm import mgpu_kernels as mk
     from lcflash.kernels.gmm import pallas_gmm
+
+    seen = []
+    monkeypatch.setattr(mk, "rows_kernel", lambda lhs, rhs, sched, *, tiles, **kw: seen.append(tiles) or lhs)
+    x, sizes = jnp.zeros((256, 128), jnp.bfloat16), jnp.array([256], jnp.int32)
 
     def ring(n, dtype):
         t = pallas_gmm.flat_contract_tiles(n, dtype)
         return t.stages, t.epi_n, t.chain
 
-    for most, want_bf16, want_f32 in ((4, 4, 3), (3, 3, 3), (2, 2, 2)):
+    def rows_ring():
+        pallas_gmm.rows_matmul(x, [jnp.zeros((1, 128, 6144), jnp.bfloat16)], sizes, chain=True)
+        return seen[-1].stages, seen[-1].epi_n
+
+    for most, want_bf16, want_f32, want_rows in ((4, 4, 3, (4, 64)), (3, 3, 3, (3, 128)), (2, 2, 2, (2, 128))):
         monkeypatch.setattr(pallas_gmm, "CONTRACT_STAGES", most)
+        monkeypatch.setattr(pallas_gmm, "ROWS_STAGES", most)
         assert ring(6144, jnp.bfloat16) == ring(4096, jnp.bfloat16) == (want_bf16, 64, True), most
         assert ring(6144, jnp.float32) == (want_f32, 64, True), most
+        assert rows_ring() == want_rows, most
     monkeypatch.setattr(pallas_gmm, "CONTRACT_TILES", mk.Tiles(stages=4, epi_n=128))
-    assert ring(6144, jnp.bfloat16) == (4, 128, True)
+    monkeypatch.setattr(pallas_gmm, "ROWS_TILES", mk.Tiles(stages=4, epi_n=64))
+    assert ring(6144, jnp.bfloat16) == (4, 128, True) and rows_ring() == (4, 64)
 
 
 def test_set_bands_refuses_a_bad_band_by_name(monkeypatch):
@@ -580,14 +592,16 @@ def test_pallas_chain_backward_lowers_for_cuda(mosaic_gpu_trace, monkeypatch, k,
     """pallas_chain's forward + backward (flat rows and contract pipelines) and the flat contract kernel through Pallas ->
     Mosaic GPU lowering (layouts, smem budget) for CUDA on the CPU, at LongCat and small-config shapes, with the
     compute warpgroups on column or row halves of the tiles (pallas_gmm.WG_SPLIT), both flat kernels' tiles in
-    column bands (pallas_gmm.ROWS_BAND and CONTRACT_BAND: 8 of LongCat's 24 n tiles), and d_rhs's empty groups in
-    the pipeline or stored after it (mgpu_kernels.CONTRACT_ZERO_EMPTY)."""
+    column bands (pallas_gmm.ROWS_BAND and CONTRACT_BAND: 8 of LongCat's 24 n tiles) with the rows kernel's ring at
+    3 stages (ROWS_STAGES, whole-tile stores), and d_rhs's empty groups in the pipeline or stored after it
+    (mgpu_kernels.CONTRACT_ZERO_EMPTY)."""
     from lcflash.kernels.gmm import mgpu_kernels as mk, pallas_gmm
 
     monkeypatch.setattr(mk, "CONTRACT_ZERO_EMPTY", zero_empty)
     monkeypatch.setattr(pallas_gmm, "WG_SPLIT", wg_split)
     monkeypatch.setattr(pallas_gmm, "ROWS_BAND", band)
     monkeypatch.setattr(pallas_gmm, "CONTRACT_BAND", band)
+    monkeypatch.setattr(pallas_gmm, "ROWS_STAGES", 3 if band else 4)
 
     sd = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt)  # noqa: E731
 

@@ -42,7 +42,9 @@ WG_SPLIT = "n"
 # against 1.33-1.84 ms. 2 stages lost everywhere (12.6-13.5 ms at T = 4096).
 ROWS_BAND = 4
 CONTRACT_BAND = 2
-# The flat d_rhs pipeline's deepest ring (fewer stages where shared memory is short).
+# The flat pipelines' deepest rings (fewer stages where shared memory is short): the rows kernel's (4 fill shared
+# memory at LongCat's shapes as d_rhs's did; 3 is untimed there) and d_rhs's.
+ROWS_STAGES = 4
 CONTRACT_STAGES = 3
 
 
@@ -181,7 +183,8 @@ def rows_matmul(lhs_mk, rhs_list, group_sizes_g, *, transpose_rhs=False, out_dty
         # Bands trade the lhs rows' reuse for the weights'; with a row tile or less per group each weight tile
         # is read by one tile whatever the order (LongCat T = 64: 5-8% slower in bands, H100, session 42).
         band = ROWS_BAND if m > group_sizes_g.shape[0] * tiles.tile_m else 0
-        tiles = _chain_tiles(tiles, ROWS_TILES is not None, out_dtype, n_acc, epi_in=epi_in, n=n, band=band)
+        tiles = _chain_tiles(tiles, ROWS_TILES is not None, out_dtype, n_acc, epi_in=epi_in, n=n, band=band,
+                             stages=ROWS_STAGES)
     mp = _padded_rows(m, tiles.tile_m)
     sched, _ = mk.row_schedule(group_sizes_g, mp, tiles.tile_m)
     if transpose_rhs and _interpret():  # the interpreter cannot run wgmma on transposed smem: transpose in XLA
