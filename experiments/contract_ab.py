@@ -114,10 +114,10 @@ def parse_switch(text: str):
     default = getattr(switch_home(name), name)
     if not isinstance(default, (int, str)):  # e.g. the pinned Tiles (contract_ab.py's --variants sets those)
         raise ValueError(f"gmm switch {text!r}: {name} holds a {type(default).__name__}, not an int, bool or string")
-    if not all(values.split(",")):
+    texts = values.split(",")
+    if not all(texts):
         raise ValueError(f"gmm switch {text!r}: want NAME=A[,B,...]")
-    parsed = [int(v) if v.lstrip("-").isdigit() else {"True": True, "False": False}.get(v, v)
-              for v in values.split(",")]
+    parsed = [int(v) if v.lstrip("-").isdigit() else {"True": True, "False": False}.get(v, v) for v in texts]
     wrong = [v for v in parsed if type(v) is not type(default)]
     if wrong:
         raise ValueError(f"gmm switch {text!r}: {name} is a {type(default).__name__} (default {default!r}); "
