@@ -87,16 +87,16 @@ def _rows_tiles(m: int, g: int, n: int, out_dtype, n_rhs: int, what: str, epi_in
 
 
 def _chain_tiles(tiles: mk.Tiles, pinned: bool, out_dtype, n_rhs: int, contract: bool = False,
-                 epi_in: int = 0, *, n: int, band: int, stages: int = 4) -> mk.Tiles:
+                 epi_in: int = 0, *, n: int, band: int, most_stages: int = 4) -> mk.Tiles:
     """Flat pipelines (Tiles.chain): pinned tiles (ROWS_TILES / CONTRACT_TILES) keep their ring and band; otherwise the
-    deepest ring (up to `stages`) that fits, halving the epilogue chunk (epi_n 64) before dropping a stage (LongCat's
+    deepest ring (up to most_stages) that fits, halving the epilogue chunk (epi_n 64) before dropping a stage (LongCat's
     rows products: 4 stages and 64-column stores; d_rhs at T=512 measured 0.87-0.90 of the einsum with them against
     0.83-0.85 with 3 stages and 128-column stores, H200), and the output's n columns in bands of the widest
     divisor of its n tiles up to band (ROWS_BAND / CONTRACT_BAND)."""
     if pinned:
         return dataclasses.replace(tiles, chain=True)
     band = mk.widest_band(n // (2 * tiles.tile_n), band)
-    for stages in range(stages, 0, -1):
+    for stages in range(most_stages, 0, -1):
         for epi_n in sorted({tiles.epi_n, min(64, tiles.epi_n)}, reverse=True):
             t = dataclasses.replace(tiles, stages=stages, epi_n=epi_n, chain=True, band=band)
             if mk.smem_bytes(t, n_rhs=n_rhs, in_dtype=jnp.bfloat16, out_dtype=out_dtype, contract=contract,
@@ -112,7 +112,8 @@ def flat_contract_tiles(n: int, out_dtype) -> mk.Tiles:
         return _chain_tiles(CONTRACT_TILES, True, out_dtype, 1, contract=True, n=n, band=CONTRACT_BAND)
     # 64-column stores at any ring depth: at 3 stages 128-column ones lost (session 46, experiments/HISTORY.md)
     tiles = dataclasses.replace(_contract_tiles(n, out_dtype), epi_n=64)
-    return _chain_tiles(tiles, False, out_dtype, 1, contract=True, n=n, band=CONTRACT_BAND, stages=CONTRACT_STAGES)
+    return _chain_tiles(tiles, False, out_dtype, 1, contract=True, n=n, band=CONTRACT_BAND,
+                        most_stages=CONTRACT_STAGES)
 
 
 def _contract_tiles(n: int, out_dtype) -> mk.Tiles:
@@ -184,7 +185,7 @@ def rows_matmul(lhs_mk, rhs_list, group_sizes_g, *, transpose_rhs=False, out_dty
         # is read by one tile whatever the order (LongCat T = 64: 5-8% slower in bands, H100, session 42).
         band = ROWS_BAND if m > group_sizes_g.shape[0] * tiles.tile_m else 0
         tiles = _chain_tiles(tiles, ROWS_TILES is not None, out_dtype, n_acc, epi_in=epi_in, n=n, band=band,
-                             stages=ROWS_STAGES)
+                             most_stages=ROWS_STAGES)
     mp = _padded_rows(m, tiles.tile_m)
     sched, _ = mk.row_schedule(group_sizes_g, mp, tiles.tile_m)
     if transpose_rhs and _interpret():  # the interpreter cannot run wgmma on transposed smem: transpose in XLA
