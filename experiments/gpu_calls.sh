@@ -14,8 +14,8 @@
 # 454fd37) and 22 (on an H200; its step limit stopped it in the T = 4096 rounds); session 48 ran 23 (the next
 # tile's entries loaded in a tile's last step only: level, removed since, so its training A/B, 24, did not run;
 # calls 23 and 24 of 00b3b5e) and 22's cases in 2 rounds, twice, on an H100; session 49 ran 23 and d_rhs's ring
-# depths and bands; 24, 25 and 26 wait; HISTORY.md):
-#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 26; 4 takes the persistent kernels,
+# depths and bands; 24 to 27 wait; HISTORY.md):
+#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 27; 4 takes the persistent kernels,
 #                                                            14 the rows and d_rhs bands, 18 a benchmark flag)
 # run from the repository root on the device machine, with `.whl` carried (ml-collections and tensorboardX, which
 # its image lacks) and `.whl-tokamax` where a call times the tokamax peer (tokamax 0.0.17 with its needs, 37 MB).
@@ -27,7 +27,7 @@
 # here to the ignored `.jcc` (`rm -rf .jcc && cp -r /work/.device/N/jcc .jcc`) and carried, it seeds the next
 # machine's, which helps where that machine has the same card and image.
 set -u
-N=${1:?call number 1-26}
+N=${1:?call number 1-27}
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -174,14 +174,18 @@ case $N in
         --rounds 2 --device-time --cases longcat/down/4096,longcat/gate_up/4096,longcat/down/512,longcat/gate_up/512 \
         --out "$OUT/contract_ab_stages3_band2_device.json"
     ;;
-25) # session 49: the same at T = 2048, then configs/small.py's training (its d_rhs changes too: bands of 2 and 1
-    # where 4 was row-major) with the new d_rhs defaults and with the old, batch 24 on an H100
-    step 200 python experiments/contract_ab.py --gmm-switch CONTRACT_STAGES=4,3 --gmm-switch CONTRACT_BAND=4,2 \
-        --rounds 2 --device-time --cases longcat/down/2048,longcat/gate_up/2048 \
+25) # session 49: the same at T = 2048 and at the T <= 64 target's cases (d_rhs is banded at any group size, so
+    # their backward changes too)
+    step 220 python experiments/contract_ab.py --gmm-switch CONTRACT_STAGES=4,3 --gmm-switch CONTRACT_BAND=4,2 \
+        --rounds 2 --device-time --cases \
+        longcat/down/2048,longcat/gate_up/2048,small/gate_up_fused/64,small/down/64,longcat/gate_up/64 \
         --out "$OUT/contract_ab_stages3_band2_device_t2048.json"
+    ;;
+27) # session 49: configs/small.py's training (its d_rhs changes too: bands of 2 and 1 where 4 was row-major) with
+    # the new d_rhs defaults and with the old, batch 24 on an H100 (29.9% MFU with the old in session 45)
     B="python experiments/bench_train.py --gmm_impl pallas_chain --remat --warmup 2 --steps 10 --mem_fraction 0.95"
-    step 180 $B --batch 24 --out "$OUT/bench_train_b24_d_rhs_new.json"
-    step 180 $B --batch 24 --gmm_switch CONTRACT_STAGES=4 --contract_band 4 --out "$OUT/bench_train_b24_d_rhs_old.json"
+    step 270 $B --batch 24 --out "$OUT/bench_train_b24_d_rhs_new.json"
+    step 270 $B --batch 24 --gmm_switch CONTRACT_STAGES=4 --contract_band 4 --out "$OUT/bench_train_b24_d_rhs_old.json"
     ;;
 26) # session 49: the rows kernel's ring at 3 stages (pallas_gmm.ROWS_STAGES; 4 fill shared memory at LongCat's
     # shapes, as they did for d_rhs, which gained 15-20% at T = 4096 with 3): the whole product by device time, whose
@@ -190,5 +194,5 @@ case $N in
         longcat/down/4096,longcat/gate_up/4096,longcat/down/512,longcat/gate_up/512 \
         --out "$OUT/contract_ab_rows_stages_device.json"
     ;;
-*)  echo "call number 1-26" >&2; exit 2 ;;
+*)  echo "call number 1-27" >&2; exit 2 ;;
 esac
