@@ -108,11 +108,10 @@ def _chain_tiles(tiles: mk.Tiles, pinned: bool, out_dtype, n_rhs: int, contract:
 def flat_contract_tiles(n: int, out_dtype) -> mk.Tiles:
     """The flat d_rhs pipeline's tiles at N = n: pinned CONTRACT_TILES as they are, else the shape's tiles with the
     deepest ring of at most CONTRACT_STAGES that fits (_chain_tiles)."""
-    if CONTRACT_TILES is not None:
-        return _chain_tiles(CONTRACT_TILES, True, out_dtype, 1, contract=True, n=n, band=CONTRACT_BAND)
-    # 64-column stores at any ring depth: at 3 stages 128-column ones lost (session 46, experiments/HISTORY.md)
-    tiles = dataclasses.replace(_contract_tiles(n, out_dtype), epi_n=64)
-    return _chain_tiles(tiles, False, out_dtype, 1, contract=True, n=n, band=CONTRACT_BAND,
+    pinned, tiles = CONTRACT_TILES is not None, _contract_tiles(n, out_dtype)
+    if not pinned:  # 64-column stores at any ring depth: at 3 stages 128-column ones lost (session 46, HISTORY.md)
+        tiles = dataclasses.replace(tiles, epi_n=64)
+    return _chain_tiles(tiles, pinned, out_dtype, 1, contract=True, n=n, band=CONTRACT_BAND,
                         most_stages=CONTRACT_STAGES)
 
 
