@@ -2,7 +2,8 @@
 
 Two modes, both in rotated rounds (bench_moe_gemm.rotated_rounds) on one machine:
 
-  kernel (default): the d_rhs kernel alone at each case (config/proj/T, equal groups), bf16 output as the model's
+  kernel (default): the d_rhs kernel alone at each case (config/proj/T[/load], equal groups unless a load is named:
+    skewed or a Dirichlet alpha, as bench_moe_gemm.group_sizes deals them), bf16 output as the model's
     backward writes it, in each tiling variant: the default (`pallas_gmm._chain_tiles` of the shapes) with
     overrides of mk.Tiles fields, e.g. `default,stages=3,band=4,stages=4+band=4,overlap_mma=1`; against a bf16
     batched einsum (the bound). Every variant's output must equal the first's bit for bit (same sums).
@@ -38,11 +39,26 @@ from lcflash.kernels.gmm import mgpu_kernels as mk  # noqa: E402
 from lcflash.kernels.gmm import pallas_gmm  # noqa: E402
 
 
-def parse_case(text: str) -> tuple[str, str, int]:
+def parse_load(text: str):
+    """'balanced' | 'skewed' | a Dirichlet alpha > 0 (bench_moe_gemm.group_sizes' loads), else None."""
+    if text in ("balanced", "skewed"):
+        return text
+    try:
+        alpha = float(text)
+    except ValueError:
+        return None
+    return alpha if alpha > 0 else None
+
+
+def parse_case(text: str) -> tuple[str, str, int, str | float]:
+    """'config/proj/T[/load]' -> (config, proj, T, load); load balanced (default), skewed or a Dirichlet alpha."""
     parts = text.split("/")
-    if len(parts) != 3 or (parts[0], parts[1]) not in bench.SHAPES or not parts[2].isdigit() or int(parts[2]) < 1:
-        raise ValueError(f"case {text!r}: want config/proj/T with (config, proj) in {sorted(bench.SHAPES)}, T >= 1")
-    return parts[0], parts[1], int(parts[2])
+    load = parse_load(parts[3]) if len(parts) == 4 else "balanced"
+    if (len(parts) not in (3, 4) or (parts[0], parts[1]) not in bench.SHAPES or not parts[2].isdigit()
+            or int(parts[2]) < 1 or load is None):
+        raise ValueError(f"case {text!r}: want config/proj/T[/load] with (config, proj) in {sorted(bench.SHAPES)}, "
+                         "T >= 1, load balanced (default), skewed or a Dirichlet alpha > 0")
+    return parts[0], parts[1], int(parts[2]), load
 
 
 def parse_variant(text: str) -> dict:
@@ -71,13 +87,13 @@ def variant_tiles(n: int, fields: dict) -> mk.Tiles:
 
 def kernel_ab(cases, variants: dict, rounds: int) -> list:
     out = []
-    for config, proj, t in cases:
+    for config, proj, t, load in cases:
         k, n, g = bench.SHAPES[(config, proj)]
         m = g * t
         keys = jax.random.split(jax.random.key(t + k), 2)
         x = jax.random.normal(keys[0], (m, k), jnp.bfloat16)
         dy = jax.random.normal(keys[1], (m, n), jnp.bfloat16)
-        sizes = jnp.full((g,), t, jnp.int32)
+        sizes = jnp.asarray(bench.group_sizes(g, t, load), jnp.int32)
         tiles_of = {name: variant_tiles(n, fields) for name, fields in variants.items()}  # before any is pinned
         fns, got = {}, {}
         try:
@@ -91,7 +107,7 @@ def kernel_ab(cases, variants: dict, rounds: int) -> list:
         fns["einsum"] = jax.jit(lambda a, d, s: jnp.einsum("gtk,gtn->gkn", a.reshape(g, t, k), d.reshape(g, t, n)))
         times = bench.rotated_rounds(fns, (x, dy, sizes), rounds)
         first = next(iter(variants))
-        rec = dict(config=config, proj=proj, tokens_per_expert=t, K=k, N=n, G=g, ms=times,
+        rec = dict(config=config, proj=proj, tokens_per_expert=t, load=load, K=k, N=n, G=g, ms=times,
                    per_einsum={v: float(np.median(times["einsum"]) / np.median(ts)) for v, ts in times.items()},
                    tiles={v: str(tl) for v, tl in tiles_of.items()},
                    bitwise_equal=all(np.array_equal(got[first], a) for a in got.values()))
@@ -132,15 +148,19 @@ def gmm_switch_ab(cases, switches: dict, rounds: int, bw_gbs: float, device_time
     settings = list(zip(*switches.values()))
     out = []
     try:
-        for config, proj, t in cases:
+        for config, proj, t, load in cases:
             for r in range(rounds):
                 for setting in settings if r % 2 == 0 else settings[::-1]:
                     for (name, home), value in zip(homes.items(), setting):
                         setattr(home, name, value)
-                    row = bench.run_case(config, proj, t, "balanced", ["pallas_chain", "einsum"], bw_gbs, [],
+                    row = bench.run_case(config, proj, t, load, ["pallas_chain", "einsum"], bw_gbs, [],
                                          check=False, device_time=device_time)
+                    if load != "balanced":  # the bound is the einsum on equal groups (run_case skips it here)
+                        row["impls"]["einsum"] = bench.run_case(config, proj, t, "balanced", ["einsum"], bw_gbs, [],
+                                                                check=False, device_time=device_time)["impls"]["einsum"]
                     ours, ein = row["impls"]["pallas_chain"], row["impls"]["einsum"]
-                    rec = dict(config=config, proj=proj, tokens_per_expert=t, round=r, switch="+".join(switches),
+                    rec = dict(config=config, proj=proj, tokens_per_expert=t, load=load, round=r,
+                               switch="+".join(switches),
                                value=setting[0] if len(setting) == 1 else list(setting))
                     for clock, key in itertools.product(("", "_device") if device_time else ("",), ("fwd", "bwd")):
                         mine, bound = ours[f"{key}{clock}_ms"], ein[f"{key}{clock}_ms"]
@@ -173,7 +193,7 @@ def parse_switches(texts) -> dict:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", default="longcat/down/4096,longcat/gate_up/4096,longcat/down/512,longcat/gate_up/512",
-                    help="config/proj/T, comma-separated")
+                    help="config/proj/T[/load], comma-separated; load balanced (default), skewed or a Dirichlet alpha")
     ap.add_argument("--variants", default="default,stages=3,band=4", help="kernel mode's tilings (see above)")
     ap.add_argument("--gmm-switch", action="append", default=[], metavar="NAME=A,B",
                     help="the whole product with a switch at A, B, ...; repeated, switches set together")

@@ -14,8 +14,8 @@
 # 454fd37) and 22 (on an H200; its step limit stopped it in the T = 4096 rounds); session 48 ran 23 (the next
 # tile's entries loaded in a tile's last step only: level, removed since, so its training A/B, 24, did not run;
 # calls 23 and 24 of 00b3b5e) and 22's cases in 2 rounds, twice, on an H100; session 49 ran 23 and d_rhs's ring
-# depths and bands; 24 to 27 wait; HISTORY.md):
-#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 27; 4 takes the persistent kernels,
+# depths and bands; 24 to 28 wait; HISTORY.md):
+#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 28; 4 takes the persistent kernels,
 #                                                            14 the rows and d_rhs bands, 18 a benchmark flag)
 # run from the repository root on the device machine, with `.whl` carried (ml-collections and tensorboardX, which
 # its image lacks) and `.whl-tokamax` where a call times the tokamax peer (tokamax 0.0.17 with its needs, 37 MB).
@@ -27,7 +27,7 @@
 # here to the ignored `.jcc` (`rm -rf .jcc && cp -r /work/.device/N/jcc .jcc`) and carried, it seeds the next
 # machine's, which helps where that machine has the same card and image.
 set -u
-N=${1:?call number 1-27}
+N=${1:?call number 1-28}
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -194,5 +194,13 @@ case $N in
         longcat/down/4096,longcat/gate_up/4096,longcat/down/512,longcat/gate_up/512 \
         --out "$OUT/contract_ab_rows_stages_device.json"
     ;;
-*)  echo "call number 1-27" >&2; exit 2 ;;
+28) # session 50: d_rhs's tiles dealt in turns of large and small groups (mgpu_kernels.CONTRACT_DEAL "alternate":
+    # a small group's stores overlap a large one's wgmmas) against round robin, under the benchmark's skewed load
+    # at T = 512 (the backward at 0.69-0.76 of the einsum) and with equal groups, by device time, after the GPU tests
+    step 150 python -m pytest -n 0 -q tests/test_gmm.py -k "gpu_flat_contract"
+    step 400 python experiments/contract_ab.py --gmm-switch CONTRACT_DEAL=auto,alternate --rounds 2 --device-time \
+        --cases longcat/gate_up/512/skewed,longcat/down/512/skewed,longcat/gate_up/512,longcat/down/512 \
+        --out "$OUT/contract_ab_deal_alternate_device.json"
+    ;;
+*)  echo "call number 1-28" >&2; exit 2 ;;
 esac

@@ -423,6 +423,23 @@ def test_pallas_interpret_banded_contract_kernel(monkeypatch):
 
 
 @cpu_only
+def test_pallas_interpret_alternate_deal_is_bitwise_round_robin(monkeypatch):
+    """The flat contract kernel with its tiles dealt in turns of large and small groups ("alternate"): round robin's
+    output bit for bit (each tile accumulated in the same order, whichever CTA runs it), and the float64 reference;
+    the interpreter NaN-fills outputs, so a tile the deal dropped fails."""
+    from lcflash.kernels.gmm import mgpu_kernels as mk
+    from lcflash.kernels.gmm import pallas_gmm
+
+    lhs, _, dout, sizes = _inputs(36, M_RAGGED, 384, 256, SIZES_RAGGED, jnp.bfloat16)
+    got = {}
+    for deal in ("round_robin", "alternate"):
+        monkeypatch.setattr(mk, "CONTRACT_DEAL", deal)
+        got[deal] = np.asarray(pallas_gmm.contract_matmul(lhs, dout, sizes, out_dtype=jnp.float32, chain=True))
+    assert _rel(got["alternate"], _contract_ref_f64(lhs, dout, SIZES_RAGGED)) < FP32_TOL
+    np.testing.assert_array_equal(got["alternate"], got["round_robin"])
+
+
+@cpu_only
 def test_pallas_interpret_contract_mask_switch_is_live(monkeypatch):
     """mgpu_kernels.CONTRACT_MASK (off only to time what the masking costs, bench_moe_gemm --deal-nomask): off, the
     rows of blocks two groups share reach both groups' d_rhs, so the result is wrong; on (the default), exact."""
@@ -492,7 +509,7 @@ def test_pallas_interpret_flat_contract_kernel(monkeypatch, m, k, n, sizes_l, ou
 
 
 @pytest.mark.parametrize("zero_empty", [False, True])
-@pytest.mark.parametrize("deal", ["round_robin", "sorted", "snake"])
+@pytest.mark.parametrize("deal", ["round_robin", "sorted", "snake", "alternate"])
 @pytest.mark.parametrize("sizes_l", [[512] * 64, [0] * 63 + [32768], list(range(0, 1024, 16)),
                                      [0, 900, 0, 0, 31000, 0, 300, 568, 0]])
 def test_flat_contract_schedule_walks_every_tile(sizes_l, deal, zero_empty):
@@ -530,6 +547,34 @@ def test_flat_contract_schedule_walks_every_tile(sizes_l, deal, zero_empty):
             want += [(j << 16) | b for b in range(first, first + nblk)]
         assert total_c[c] == len(want) <= step_cs.shape[1]
         np.testing.assert_array_equal(step_cs[c, :len(want)], want)
+
+
+def test_alternate_deal_takes_turns_between_large_and_small_groups():
+    """The "alternate" deal at LongCat's down d_rhs (16 x 48 tiles per group, 132 SMs) under the benchmark's skewed
+    load: every CTA's tiles take turns between the first halves of the groups by descending cost and the second
+    halves by ascending cost, so that while one tile is a large group's, the next is a small one's; the busiest CTA
+    has no more steps over the mean than round robin gives it."""
+    from lcflash.kernels.gmm import mgpu_kernels as mk
+
+    rng = np.random.default_rng(7)
+    p = rng.dirichlet(np.full(64, 0.3))
+    p[rng.choice(64, 8, replace=False)] = 0.0
+    sizes_l = rng.multinomial(32768, p / p.sum())
+    m, tk, kn, n_sms = 32768, 64, 768, 132
+    gs = mk.contract_schedule(jnp.asarray(sizes_l, jnp.int32), m, tk)
+    _, _, total_c, lin_cj, _ = (np.asarray(a) for a in mk.contract_flat_schedule(gs, m, tk, kn, n_sms,
+                                                                                 deal="alternate"))
+    steps = np.asarray(gs[3])
+    for c in range(n_sms):
+        tiles_c = lin_cj[c][lin_cj[c] < 64 * kn]
+        first = tiles_c % kn < kn // 2
+        turns = min(first.sum(), (~first).sum())
+        assert first[0:2 * turns:2].all() and not first[1:2 * turns:2].any(), c  # one of each in turn
+        cost = steps[tiles_c // kn]
+        assert (np.diff(cost[first]) <= 0).all() and (np.diff(cost[~first]) >= 0).all(), c
+        assert cost.min() > 0  # empty groups are stored after the pipeline, not dealt
+    rr = np.asarray(mk.contract_flat_schedule(gs, m, tk, kn, n_sms, deal="round_robin")[2])
+    assert total_c.max() / total_c.mean() <= rr.max() / rr.mean()
 
 
 def test_deal_tiles_ranks_as_a_stable_sort_of_the_tiles():
@@ -673,16 +718,17 @@ def test_gpu_pallas_forward_and_gradients(case, impl):
 
 
 @gpu_only
-@pytest.mark.parametrize("zero_empty", [False, True])
+@pytest.mark.parametrize("zero_empty,deal", [(False, "auto"), (True, "auto"), (True, "alternate")])
 @pytest.mark.parametrize("case", sorted(GPU_CASES))
-def test_gpu_flat_contract_kernel(monkeypatch, case, zero_empty):
+def test_gpu_flat_contract_kernel(monkeypatch, case, zero_empty, deal):
     """d_rhs through one flat pipeline per CTA: bit-identical to the per-tile contract kernel (same tiles, same
     accumulation order), empty groups zero (a masked step each in the pipeline, or stored after it:
-    CONTRACT_ZERO_EMPTY), and the same on a second call."""
+    CONTRACT_ZERO_EMPTY), whichever way the tiles are dealt (CONTRACT_DEAL), and the same on a second call."""
     from lcflash.kernels.gmm import mgpu_kernels as mk
     from lcflash.kernels.gmm import pallas_gmm
 
     monkeypatch.setattr(mk, "CONTRACT_ZERO_EMPTY", zero_empty)
+    monkeypatch.setattr(mk, "CONTRACT_DEAL", deal)
     m, k, n, sizes_l = GPU_CASES[case]
     lhs, _, dout, sizes = _inputs(13, m, k, n, sizes_l, jnp.bfloat16)
     flat = jax.jit(lambda a, d: pallas_gmm.contract_matmul(a, d, sizes, out_dtype=jnp.bfloat16, chain=True))
