@@ -196,10 +196,13 @@ case $N in
     ;;
 28) # session 50: d_rhs's tiles dealt in turns of large and small groups (mgpu_kernels.CONTRACT_DEAL "alternate":
     # a small group's stores overlap a large one's wgmmas) against round robin, under the benchmark's skewed load
-    # at T = 512 (the backward at 0.69-0.76 of the einsum) and with equal groups, by device time, after the GPU tests
+    # at T = 512 (the backward at 0.69-0.76 of the einsum) and with equal groups, by device time, after the GPU tests;
+    # the third setting deals the empty groups' tiles too (CONTRACT_ZERO_EMPTY off: a masked step each, first in the
+    # small groups' turns) instead of storing them after the pipeline
     step 150 python -m pytest -n 0 -q tests/test_gmm.py -k "gpu_flat_contract"
-    step 400 python experiments/contract_ab.py --gmm-switch CONTRACT_DEAL=auto,alternate --rounds 2 --device-time \
-        --cases longcat/gate_up/512/skewed,longcat/down/512/skewed,longcat/gate_up/512,longcat/down/512 \
+    step 420 python experiments/contract_ab.py --gmm-switch CONTRACT_DEAL=auto,alternate,alternate \
+        --gmm-switch CONTRACT_ZERO_EMPTY=True,True,False --rounds 2 --device-time \
+        --cases longcat/gate_up/512/skewed,longcat/down/512/skewed,longcat/gate_up/512 \
         --out "$OUT/contract_ab_deal_alternate_device.json"
     ;;
 *)  echo "call number 1-28" >&2; exit 2 ;;

@@ -550,7 +550,7 @@ def test_flat_contract_schedule_walks_every_tile(sizes_l, deal, zero_empty):
 
 
 def test_alternate_deal_takes_turns_between_large_and_small_groups():
-    """The "alternate" deal at LongCat's down d_rhs (16 x 48 tiles per group, 132 SMs) under the benchmark's skewed
+    """The "alternate" deal at LongCat's [gate | up] d_rhs (48 x 16 tiles per group, 132 SMs) under a skewed
     load: every CTA's tiles take turns between the first halves of the groups by descending cost and the second
     halves by ascending cost, so that while one tile is a large group's, the next is a small one's; the busiest CTA
     has no more steps over the mean than round robin gives it."""

@@ -732,8 +732,9 @@ def alternate_tiles(cost_g: jax.Array, live_g: jax.Array, tiles_per_group: int, 
     past its last. Every live group's tiles are split in two halves (the first ceil(half) of its tile numbers, then
     the rest). The first halves, the groups by descending cost, and the second halves, by ascending cost, are each
     dealt round robin, and each CTA runs one of each in turn: while some CTAs multiply a large group's tile, others
-    store a small one's, so the tensor cores and the stores overlap under a skewed load. A CTA holds at most
-    cdiv(h, n_sms) + cdiv(tiles_per_group - h, n_sms) + 2 tiles of a group (h the first half)."""
+    store a small one's, so the tensor cores and the stores overlap under a skewed load. A group's half is a run of
+    adjacent tiles in its deal, so a CTA holds at most cdiv(h, n_sms) + cdiv(tiles_per_group - h, n_sms) tiles of a
+    group (h the first half)."""
     g, kn = cost_g.shape[0], tiles_per_group
     n_lin = g * kn
     n_live = jnp.sum(live_g, dtype=jnp.int32)
@@ -792,7 +793,7 @@ def contract_flat_schedule(gsched_4g: jax.Array, m: int, tile_k: int, tiles_per_
     j_max = pl.cdiv(n_lin, n_sms)
     per_group = pl.cdiv(tiles_per_group, n_sms) + int(by_cost)
     if deal == "alternate":
-        per_group = pl.cdiv((tiles_per_group + 1) // 2, n_sms) + pl.cdiv(tiles_per_group // 2, n_sms) + 2
+        per_group = pl.cdiv((tiles_per_group + 1) // 2, n_sms) + pl.cdiv(tiles_per_group // 2, n_sms)
     s_max = per_group * (n_blocks + 2 * g)
     if j_max + 2 >= 1 << (31 - _FLAT_BLK_BITS) or n_blocks >= 1 << _FLAT_BLK_BITS:  # + 2: alternate_tiles' slots
         raise ValueError(f"flat contract schedule: {j_max} tiles per CTA or {n_blocks} row blocks do not pack")
