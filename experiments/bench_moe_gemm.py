@@ -880,6 +880,8 @@ def main():
     meta = dict(device=dev.device_kind, platform=dev.platform, jax=jax.__version__, wg_split=pallas_gmm.WG_SPLIT,
                 rows_band=pallas_gmm.ROWS_BAND, contract_band=pallas_gmm.CONTRACT_BAND,
                 rows_stages=pallas_gmm.ROWS_STAGES, contract_stages=pallas_gmm.CONTRACT_STAGES,
+                contract_deep=[pallas_gmm.CONTRACT_DEEP_ROWS, pallas_gmm.CONTRACT_DEEP_STAGES,
+                               pallas_gmm.CONTRACT_DEEP_BAND],
                 contract_zero_empty=mgpu_kernels.CONTRACT_ZERO_EMPTY,
                 jaxlib=getattr(jax.lib, "__version__", None) or __import__("jaxlib").__version__,
                 date_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

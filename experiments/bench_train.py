@@ -374,6 +374,7 @@ def main():
         "contract_deal": mgpu_kernels.CONTRACT_DEAL, "wg_split": pallas_gmm.WG_SPLIT,
         "rows_band": pallas_gmm.ROWS_BAND, "contract_band": pallas_gmm.CONTRACT_BAND,
         "rows_stages": pallas_gmm.ROWS_STAGES, "contract_stages": pallas_gmm.CONTRACT_STAGES,
+        "contract_deep": [pallas_gmm.CONTRACT_DEEP_ROWS, pallas_gmm.CONTRACT_DEEP_STAGES, pallas_gmm.CONTRACT_DEEP_BAND],
         "contract_zero_empty": mgpu_kernels.CONTRACT_ZERO_EMPTY,
         "gmm_switches": gmm_switches,
         "xla_options": xla_options,

@@ -77,12 +77,12 @@ def parse_variant(text: str) -> dict:
     return out
 
 
-def variant_tiles(n: int, fields: dict) -> mk.Tiles:
+def variant_tiles(n: int, rows_per_group: int, fields: dict) -> mk.Tiles:
     """The d_rhs kernel's flat tiles at N = n with bf16 output, as contract_matmul picks them unpinned, then
     `fields`."""
     if pallas_gmm.CONTRACT_TILES is not None:
         raise ValueError(f"variant_tiles builds on the unpinned tiles; CONTRACT_TILES = {pallas_gmm.CONTRACT_TILES}")
-    return dataclasses.replace(pallas_gmm.flat_contract_tiles(n, jnp.bfloat16), **fields)
+    return dataclasses.replace(pallas_gmm.flat_contract_tiles(n, jnp.bfloat16, rows_per_group), **fields)
 
 
 def kernel_ab(cases, variants: dict, rounds: int) -> list:
@@ -94,7 +94,7 @@ def kernel_ab(cases, variants: dict, rounds: int) -> list:
         x = jax.random.normal(keys[0], (m, k), jnp.bfloat16)
         dy = jax.random.normal(keys[1], (m, n), jnp.bfloat16)
         sizes = jnp.asarray(bench.group_sizes(g, t, load), jnp.int32)
-        tiles_of = {name: variant_tiles(n, fields) for name, fields in variants.items()}  # before any is pinned
+        tiles_of = {name: variant_tiles(n, t, fields) for name, fields in variants.items()}  # before any is pinned
         fns, got = {}, {}
         try:
             for name in variants:
@@ -217,6 +217,8 @@ def main():
                 date_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 command="python " + " ".join(sys.argv), contract_band=pallas_gmm.CONTRACT_BAND,
                 rows_stages=pallas_gmm.ROWS_STAGES, contract_stages=pallas_gmm.CONTRACT_STAGES,
+                contract_deep=[pallas_gmm.CONTRACT_DEEP_ROWS, pallas_gmm.CONTRACT_DEEP_STAGES,
+                               pallas_gmm.CONTRACT_DEEP_BAND],
                 contract_zero_empty=mk.CONTRACT_ZERO_EMPTY)
     print(json.dumps(meta), flush=True)
     if args.gmm_switch:

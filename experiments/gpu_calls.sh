@@ -14,8 +14,10 @@
 # 454fd37) and 22 (on an H200; its step limit stopped it in the T = 4096 rounds); session 48 ran 23 (the next
 # tile's entries loaded in a tile's last step only: level, removed since, so its training A/B, 24, did not run;
 # calls 23 and 24 of 00b3b5e) and 22's cases in 2 rounds, twice, on an H100; session 49 ran 23 and d_rhs's ring
-# depths and bands; 24 to 28 wait; HISTORY.md):
-#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 28; 4 takes the persistent kernels,
+# depths and bands; session 50 ran 24 and 25 of 9a2c204 (their A/B commands alone) and 28 of a610601 (d_rhs's
+# "alternate" deal: it lost, removed since); 27 (configs/small.py's training with the new d_rhs) is moot, since its
+# 2,304 rows per group keep d_rhs at 4 stages in bands of 4; 24 to 26 wait; HISTORY.md):
+#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 26; 4 takes the persistent kernels,
 #                                                            14 the rows and d_rhs bands, 18 a benchmark flag)
 # run from the repository root on the device machine, with `.whl` carried (ml-collections and tensorboardX, which
 # its image lacks) and `.whl-tokamax` where a call times the tokamax peer (tokamax 0.0.17 with its needs, 37 MB).
@@ -27,7 +29,7 @@
 # here to the ignored `.jcc` (`rm -rf .jcc && cp -r /work/.device/N/jcc .jcc`) and carried, it seeds the next
 # machine's, which helps where that machine has the same card and image.
 set -u
-N=${1:?call number 1-28}
+N=${1:?call number 1-26}
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -167,25 +169,17 @@ case $N in
     step 100 python experiments/gmm_profile.py --impls d_rhs --proj down --groups 4 --t 512 \
         --out "$OUT/gmm_profile_d_rhs_down_t512.json"
     ;;
-24) # session 49: d_rhs's new defaults (3 stages, bands of 2; the kernel alone led by wall time at T = 4096 and 512)
-    # against the old (4, 4) in the whole product by device time, after the GPU tests of the flat kernels
-    step 120 python -m pytest -n 0 -q tests/test_gmm.py -k "gpu and (contract or flat)"
-    step 420 python experiments/contract_ab.py --gmm-switch CONTRACT_STAGES=4,3 --gmm-switch CONTRACT_BAND=4,2 \
-        --rounds 2 --device-time --cases longcat/down/4096,longcat/gate_up/4096,longcat/down/512,longcat/gate_up/512 \
-        --out "$OUT/contract_ab_stages3_band2_device.json"
+24) # session 50: issue 8's first target with the session-50 defaults (d_rhs at 3 stages in bands of 2 over groups of
+    # 4,096 rows or more on average, else 4 in bands of 4) by device time, 3 rounds (a one-value switch: the
+    # defaults alone), at LongCat's T = 512, 2048, 4096 and the skewed T = 512
+    step 560 python experiments/contract_ab.py --gmm-switch CONTRACT_DEEP_ROWS=4096 --rounds 3 --device-time \
+        --cases longcat/gate_up/512,longcat/down/512,longcat/gate_up/2048,longcat/down/2048,longcat/gate_up/4096,longcat/down/4096,longcat/gate_up/512/skewed,longcat/down/512/skewed \
+        --out "$OUT/contract_ab_targets_device.json"
     ;;
-25) # session 49: the same at T = 2048 and at the T <= 64 target's cases (d_rhs is banded at any group size, so
-    # their backward changes too)
-    step 220 python experiments/contract_ab.py --gmm-switch CONTRACT_STAGES=4,3 --gmm-switch CONTRACT_BAND=4,2 \
-        --rounds 2 --device-time --cases \
-        longcat/down/2048,longcat/gate_up/2048,small/gate_up_fused/64,small/down/64,longcat/gate_up/64 \
-        --out "$OUT/contract_ab_stages3_band2_device_t2048.json"
-    ;;
-27) # session 49: configs/small.py's training (its d_rhs changes too: bands of 2 and 1 where 4 was row-major) with
-    # the new d_rhs defaults and with the old, batch 24 on an H100 (29.9% MFU with the old in session 45)
-    B="python experiments/bench_train.py --gmm_impl pallas_chain --remat --warmup 2 --steps 10 --mem_fraction 0.95"
-    step 270 $B --batch 24 --out "$OUT/bench_train_b24_d_rhs_new.json"
-    step 270 $B --batch 24 --gmm_switch CONTRACT_STAGES=4 --contract_band 4 --out "$OUT/bench_train_b24_d_rhs_old.json"
+25) # session 50: where d_rhs's deep ring starts to pay: 3 stages in bands of 2 from 3,072 rows per group against
+    # from 4,096, at LongCat's T = 3072 (at 2048 the two were level, at 4096 the deep ring 5-18% faster)
+    step 300 python experiments/contract_ab.py --gmm-switch CONTRACT_DEEP_ROWS=4096,3072 --rounds 2 --device-time \
+        --cases longcat/down/3072,longcat/gate_up/3072 --out "$OUT/contract_ab_deep_rows_device.json"
     ;;
 26) # session 49: the rows kernel's ring at 3 stages (pallas_gmm.ROWS_STAGES; 4 fill shared memory at LongCat's
     # shapes, as they did for d_rhs, which gained 15-20% at T = 4096 with 3): the whole product by device time, whose
@@ -194,16 +188,5 @@ case $N in
         longcat/down/4096,longcat/gate_up/4096,longcat/down/512,longcat/gate_up/512 \
         --out "$OUT/contract_ab_rows_stages_device.json"
     ;;
-28) # session 50: d_rhs's tiles dealt in turns of large and small groups (mgpu_kernels.CONTRACT_DEAL "alternate":
-    # a small group's stores overlap a large one's wgmmas) against round robin, under the benchmark's skewed load
-    # at T = 512 (the backward at 0.69-0.76 of the einsum) and with equal groups, by device time, after the GPU tests;
-    # the third setting deals the empty groups' tiles too (CONTRACT_ZERO_EMPTY off: a masked step each, first in the
-    # small groups' turns) instead of storing them after the pipeline
-    step 150 python -m pytest -n 0 -q tests/test_gmm.py -k "gpu_flat_contract"
-    step 420 python experiments/contract_ab.py --gmm-switch CONTRACT_DEAL=auto,alternate,alternate \
-        --gmm-switch CONTRACT_ZERO_EMPTY=True,True,False --rounds 2 --device-time \
-        --cases longcat/gate_up/512/skewed,longcat/down/512/skewed,longcat/gate_up/512 \
-        --out "$OUT/contract_ab_deal_alternate_device.json"
-    ;;
-*)  echo "call number 1-28" >&2; exit 2 ;;
+*)  echo "call number 1-26" >&2; exit 2 ;;
 esac

@@ -341,8 +341,10 @@ def test_band_takes_the_largest_divisor_of_the_n_tiles(monkeypatch):
 
 def test_stages_bound_the_flat_rings(monkeypatch):
     """pallas_gmm.ROWS_STAGES and CONTRACT_STAGES: the deepest ring each flat pipeline takes (fewer where shared
-    memory is short). d_rhs always stores 64 columns at a time (128-column stores fit at 3 stages but lost there);
-    the rows kernel stores a warpgroup's whole tile where it fits. Pinned tiles keep theirs."""
+    memory is short); d_rhs over groups of CONTRACT_DEEP_ROWS or more on average takes CONTRACT_DEEP_STAGES and
+    CONTRACT_DEEP_BAND instead (0: never). d_rhs always stores 64 columns at a time (128-column stores fit at 3
+    stages but lost there); the rows kernel stores a warpgroup's whole tile where it fits. Pinned tiles keep
+    theirs."""
     from lcflash.kernels.gmm import mgpu_kernels as mk
     from lcflash.kernels.gmm import pallas_gmm
 
@@ -350,8 +352,8 @@ def test_stages_bound_the_flat_rings(monkeypatch):
     monkeypatch.setattr(mk, "rows_kernel", lambda lhs, rhs, sched, *, tiles, **kw: seen.append(tiles) or lhs)
     x, sizes = jnp.zeros((256, 128), jnp.bfloat16), jnp.array([256], jnp.int32)
 
-    def ring(n, dtype):
-        t = pallas_gmm.flat_contract_tiles(n, dtype)
+    def ring(n, dtype, rows_per_group=512):
+        t = pallas_gmm.flat_contract_tiles(n, dtype, rows_per_group)
         return t.stages, t.epi_n, t.chain
 
     def rows_ring():
@@ -364,9 +366,17 @@ def test_stages_bound_the_flat_rings(monkeypatch):
         assert ring(6144, jnp.bfloat16) == ring(4096, jnp.bfloat16) == (want_bf16, 64, True), most
         assert ring(6144, jnp.float32) == (want_f32, 64, True), most
         assert rows_ring() == want_rows, most
+    for deep_rows, rows, deep in ((4096, 4095, False), (4096, 4096, True), (0, 1e9, False)):
+        monkeypatch.setattr(pallas_gmm, "CONTRACT_DEEP_ROWS", deep_rows)
+        monkeypatch.setattr(pallas_gmm, "CONTRACT_DEEP_STAGES", 3)
+        monkeypatch.setattr(pallas_gmm, "CONTRACT_DEEP_BAND", 2)
+        monkeypatch.setattr(pallas_gmm, "CONTRACT_BAND", 8)
+        t = pallas_gmm.flat_contract_tiles(6144, jnp.bfloat16, rows)   # 24 n tiles: bands of 2 or 8
+        assert (t.stages, t.band) == ((3, 2) if deep else (2, 8)), (deep_rows, rows)
     monkeypatch.setattr(pallas_gmm, "CONTRACT_TILES", mk.Tiles(stages=4, epi_n=128))
     monkeypatch.setattr(pallas_gmm, "ROWS_TILES", mk.Tiles(stages=4, epi_n=64))
     assert ring(6144, jnp.bfloat16) == (4, 128, True) and rows_ring() == (4, 64)
+    assert ring(6144, jnp.bfloat16, 8192) == (4, 128, True)
 
 
 def test_set_bands_refuses_a_bad_band_by_name(monkeypatch):
@@ -420,23 +430,6 @@ def test_pallas_interpret_banded_contract_kernel(monkeypatch):
         got[band] = np.asarray(pallas_gmm.contract_matmul(lhs, dout, sizes, out_dtype=jnp.float32, chain=True))
     assert _rel(got[0], _contract_ref_f64(lhs, dout, SIZES_RAGGED)) < FP32_TOL
     np.testing.assert_array_equal(got[0], got[2])
-
-
-@cpu_only
-def test_pallas_interpret_alternate_deal_is_bitwise_round_robin(monkeypatch):
-    """The flat contract kernel with its tiles dealt in turns of large and small groups ("alternate"): round robin's
-    output bit for bit (each tile accumulated in the same order, whichever CTA runs it), and the float64 reference;
-    the interpreter NaN-fills outputs, so a tile the deal dropped fails."""
-    from lcflash.kernels.gmm import mgpu_kernels as mk
-    from lcflash.kernels.gmm import pallas_gmm
-
-    lhs, _, dout, sizes = _inputs(36, M_RAGGED, 384, 256, SIZES_RAGGED, jnp.bfloat16)
-    got = {}
-    for deal in ("round_robin", "alternate"):
-        monkeypatch.setattr(mk, "CONTRACT_DEAL", deal)
-        got[deal] = np.asarray(pallas_gmm.contract_matmul(lhs, dout, sizes, out_dtype=jnp.float32, chain=True))
-    assert _rel(got["alternate"], _contract_ref_f64(lhs, dout, SIZES_RAGGED)) < FP32_TOL
-    np.testing.assert_array_equal(got["alternate"], got["round_robin"])
 
 
 @cpu_only
@@ -509,7 +502,7 @@ def test_pallas_interpret_flat_contract_kernel(monkeypatch, m, k, n, sizes_l, ou
 
 
 @pytest.mark.parametrize("zero_empty", [False, True])
-@pytest.mark.parametrize("deal", ["round_robin", "sorted", "snake", "alternate"])
+@pytest.mark.parametrize("deal", ["round_robin", "sorted", "snake"])
 @pytest.mark.parametrize("sizes_l", [[512] * 64, [0] * 63 + [32768], list(range(0, 1024, 16)),
                                      [0, 900, 0, 0, 31000, 0, 300, 568, 0]])
 def test_flat_contract_schedule_walks_every_tile(sizes_l, deal, zero_empty):
@@ -547,34 +540,6 @@ def test_flat_contract_schedule_walks_every_tile(sizes_l, deal, zero_empty):
             want += [(j << 16) | b for b in range(first, first + nblk)]
         assert total_c[c] == len(want) <= step_cs.shape[1]
         np.testing.assert_array_equal(step_cs[c, :len(want)], want)
-
-
-def test_alternate_deal_takes_turns_between_large_and_small_groups():
-    """The "alternate" deal at LongCat's [gate | up] d_rhs (48 x 16 tiles per group, 132 SMs) under a skewed
-    load: every CTA's tiles take turns between the first halves of the groups by descending cost and the second
-    halves by ascending cost, so that while one tile is a large group's, the next is a small one's; the busiest CTA
-    has no more steps over the mean than round robin gives it."""
-    from lcflash.kernels.gmm import mgpu_kernels as mk
-
-    rng = np.random.default_rng(7)
-    p = rng.dirichlet(np.full(64, 0.3))
-    p[rng.choice(64, 8, replace=False)] = 0.0
-    sizes_l = rng.multinomial(32768, p / p.sum())
-    m, tk, kn, n_sms = 32768, 64, 768, 132
-    gs = mk.contract_schedule(jnp.asarray(sizes_l, jnp.int32), m, tk)
-    _, _, total_c, lin_cj, _ = (np.asarray(a) for a in mk.contract_flat_schedule(gs, m, tk, kn, n_sms,
-                                                                                 deal="alternate"))
-    steps = np.asarray(gs[3])
-    for c in range(n_sms):
-        tiles_c = lin_cj[c][lin_cj[c] < 64 * kn]
-        first = tiles_c % kn < kn // 2
-        turns = min(first.sum(), (~first).sum())
-        assert first[0:2 * turns:2].all() and not first[1:2 * turns:2].any(), c  # one of each in turn
-        cost = steps[tiles_c // kn]
-        assert (np.diff(cost[first]) <= 0).all() and (np.diff(cost[~first]) >= 0).all(), c
-        assert cost.min() > 0  # empty groups are stored after the pipeline, not dealt
-    rr = np.asarray(mk.contract_flat_schedule(gs, m, tk, kn, n_sms, deal="round_robin")[2])
-    assert total_c.max() / total_c.mean() <= rr.max() / rr.mean()
 
 
 def test_deal_tiles_ranks_as_a_stable_sort_of_the_tiles():
@@ -637,9 +602,9 @@ def test_pallas_chain_backward_lowers_for_cuda(mosaic_gpu_trace, monkeypatch, k,
     """pallas_chain's forward + backward (flat rows and contract pipelines) and the flat contract kernel through Pallas ->
     Mosaic GPU lowering (layouts, smem budget) for CUDA on the CPU, at LongCat and small-config shapes, with the
     compute warpgroups on column or row halves of the tiles (pallas_gmm.WG_SPLIT), both flat kernels' tiles in
-    column bands (pallas_gmm.ROWS_BAND and CONTRACT_BAND: 8 of LongCat's 24 n tiles) with the rows kernel's ring at
-    3 stages (ROWS_STAGES, whole-tile stores), and d_rhs's empty groups in the pipeline or stored after it
-    (mgpu_kernels.CONTRACT_ZERO_EMPTY)."""
+    column bands (pallas_gmm.ROWS_BAND and CONTRACT_BAND: 8 of LongCat's 24 n tiles) with both kernels' rings at
+    3 stages (ROWS_STAGES, whole-tile stores; d_rhs as over deep groups, CONTRACT_DEEP_*), and d_rhs's empty groups in
+    the pipeline or stored after it (mgpu_kernels.CONTRACT_ZERO_EMPTY)."""
     from lcflash.kernels.gmm import mgpu_kernels as mk, pallas_gmm
 
     monkeypatch.setattr(mk, "CONTRACT_ZERO_EMPTY", zero_empty)
@@ -647,6 +612,9 @@ def test_pallas_chain_backward_lowers_for_cuda(mosaic_gpu_trace, monkeypatch, k,
     monkeypatch.setattr(pallas_gmm, "ROWS_BAND", band)
     monkeypatch.setattr(pallas_gmm, "CONTRACT_BAND", band)
     monkeypatch.setattr(pallas_gmm, "ROWS_STAGES", 3 if band else 4)
+    monkeypatch.setattr(pallas_gmm, "CONTRACT_DEEP_ROWS", 1 if band else 0)
+    monkeypatch.setattr(pallas_gmm, "CONTRACT_DEEP_STAGES", 3)
+    monkeypatch.setattr(pallas_gmm, "CONTRACT_DEEP_BAND", band)
 
     sd = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt)  # noqa: E731
 
@@ -718,17 +686,16 @@ def test_gpu_pallas_forward_and_gradients(case, impl):
 
 
 @gpu_only
-@pytest.mark.parametrize("zero_empty,deal", [(False, "auto"), (True, "auto"), (True, "alternate")])
+@pytest.mark.parametrize("zero_empty", [False, True])
 @pytest.mark.parametrize("case", sorted(GPU_CASES))
-def test_gpu_flat_contract_kernel(monkeypatch, case, zero_empty, deal):
+def test_gpu_flat_contract_kernel(monkeypatch, case, zero_empty):
     """d_rhs through one flat pipeline per CTA: bit-identical to the per-tile contract kernel (same tiles, same
     accumulation order), empty groups zero (a masked step each in the pipeline, or stored after it:
-    CONTRACT_ZERO_EMPTY), whichever way the tiles are dealt (CONTRACT_DEAL), and the same on a second call."""
+    CONTRACT_ZERO_EMPTY), and the same on a second call."""
     from lcflash.kernels.gmm import mgpu_kernels as mk
     from lcflash.kernels.gmm import pallas_gmm
 
     monkeypatch.setattr(mk, "CONTRACT_ZERO_EMPTY", zero_empty)
-    monkeypatch.setattr(mk, "CONTRACT_DEAL", deal)
     m, k, n, sizes_l = GPU_CASES[case]
     lhs, _, dout, sizes = _inputs(13, m, k, n, sizes_l, jnp.bfloat16)
     flat = jax.jit(lambda a, d: pallas_gmm.contract_matmul(a, d, sizes, out_dtype=jnp.bfloat16, chain=True))

@@ -694,11 +694,9 @@ _FLAT_BLK_MASK = (1 << _FLAT_BLK_BITS) - 1
 # CTAs. On an H200 against round robin: configs/small.py's d_rhs (12-24 tiles per group) 13-21% faster for the down
 # projection and 5-10% for [gate | up] at expert-size CVs of 0.7-1.3, 2-6% slower at equal groups (session 20), and
 # training +1.7% (session 21); LongCat's (384 tiles per group) 4-10% slower at equal groups and at CV 0.67 (session
-# 21; experiments/HISTORY.md). "alternate" (`alternate_tiles`): each CTA alternates a tile of the large groups with
-# one of the small, so that a small group's stores, which outweigh its few steps, overlap a large group's wgmmas
-# instead of all CTAs storing at once. Read at trace time.
+# 21; experiments/HISTORY.md). Read at trace time.
 CONTRACT_DEAL = "auto"
-CONTRACT_DEALS = ("auto", "round_robin", "sorted", "snake", "alternate")
+CONTRACT_DEALS = ("auto", "round_robin", "sorted", "snake")
 _TILE_STORE_STEPS = 2  # a tile's epilogue (accumulator to gmem), in pipeline steps, for the deals by cost
 
 
@@ -727,35 +725,6 @@ def deal_tiles(cost_g: jax.Array, tiles_per_group: int, n_sms: int, snake: bool,
     return rows.T
 
 
-def alternate_tiles(cost_g: jax.Array, live_g: jax.Array, tiles_per_group: int, n_sms: int) -> jax.Array:
-    """[n_sms, J] int32: CTA c's tiles (group-major numbers) in the order it runs them, G * tiles_per_group (no tile)
-    past its last. Every live group's tiles are split in two halves (the first ceil(half) of its tile numbers, then
-    the rest). The first halves, the groups by descending cost, and the second halves, by ascending cost, are each
-    dealt round robin, and each CTA runs one of each in turn: while some CTAs multiply a large group's tile, others
-    store a small one's, so the tensor cores and the stores overlap under a skewed load. A group's half is a run of
-    adjacent tiles in its deal, so a CTA holds at most cdiv(h, n_sms) + cdiv(tiles_per_group - h, n_sms) tiles of a
-    group (h the first half)."""
-    g, kn = cost_g.shape[0], tiles_per_group
-    n_lin = g * kn
-    n_live = jnp.sum(live_g, dtype=jnp.int32)
-    slots = []
-    for first, size, cost in ((0, (kn + 1) // 2, jnp.where(live_g, cost_g + 1, 0)),
-                              ((kn + 1) // 2, kn // 2, jnp.where(live_g, jnp.max(cost_g) + 1 - cost_g, -1))):
-        if size == 0:
-            continue
-        dealt = deal_tiles(cost, size, n_sms, snake=False, n_dealt=n_live * size)   # numbers in G x size
-        slots.append(jnp.where(dealt < g * size, dealt // size * kn + first + dealt % size, n_lin))
-    if len(slots) == 1:
-        return slots[0]
-    width = slots[0].shape[1]  # the first halves are never fewer
-    light = jnp.pad(slots[1][::-1], ((0, 0), (0, width - slots[1].shape[1])), constant_values=n_lin)
-    turns = jnp.stack([slots[0], light], axis=2).reshape(n_sms, 2 * width)
-    valid = turns < n_lin  # a CTA with more of one half than the other: its tiles first, then no tile
-    pos = jnp.where(valid, jnp.cumsum(valid, axis=1, dtype=jnp.int32) - 1, 2 * width)
-    rows = jnp.broadcast_to(jnp.arange(n_sms, dtype=jnp.int32)[:, None], turns.shape)
-    return jnp.full(turns.shape, n_lin, jnp.int32).at[rows, pos].set(turns, mode="drop")
-
-
 def contract_flat_schedule(gsched_4g: jax.Array, m: int, tile_k: int, tiles_per_group: int, n_sms: int,
                            deal: str | None = None, zero_empty: bool | None = None):
     """Per-CTA step table for the flat contract pipeline (contract_kernel with tiles.chain).
@@ -782,7 +751,7 @@ def contract_flat_schedule(gsched_4g: jax.Array, m: int, tile_k: int, tiles_per_
         raise ValueError(f"contract deal {deal!r}: must be one of {CONTRACT_DEALS}")
     if deal == "auto":
         deal = "snake" if tiles_per_group < n_sms else "round_robin"
-    by_cost = deal not in ("round_robin", "alternate")
+    by_cost = deal != "round_robin"
     g = gsched_4g.shape[1]
     starts, ends, blk0, nblk = (gsched_4g[i] for i in range(4))
     n_blocks = pl.cdiv(m, tile_k)
@@ -792,18 +761,14 @@ def contract_flat_schedule(gsched_4g: jax.Array, m: int, tile_k: int, tiles_per_
     n_lin = g * tiles_per_group
     j_max = pl.cdiv(n_lin, n_sms)
     per_group = pl.cdiv(tiles_per_group, n_sms) + int(by_cost)
-    if deal == "alternate":
-        per_group = pl.cdiv((tiles_per_group + 1) // 2, n_sms) + pl.cdiv(tiles_per_group // 2, n_sms)
     s_max = per_group * (n_blocks + 2 * g)
-    if j_max + 2 >= 1 << (31 - _FLAT_BLK_BITS) or n_blocks >= 1 << _FLAT_BLK_BITS:  # + 2: alternate_tiles' slots
+    if j_max >= 1 << (31 - _FLAT_BLK_BITS) or n_blocks >= 1 << _FLAT_BLK_BITS:
         raise ValueError(f"flat contract schedule: {j_max} tiles per CTA or {n_blocks} row blocks do not pack")
     live = nblk > 0 if zero_empty else jnp.ones((g,), bool)
     n_piped = jnp.sum(live, dtype=jnp.int32) * tiles_per_group
     find = functools.partial(jnp.searchsorted, side="right", method="compare_all")
     ranks = jnp.arange(g, dtype=jnp.int32)
-    if deal == "alternate":
-        lin_cj = alternate_tiles(nst, live, tiles_per_group, n_sms)
-    elif by_cost:  # an empty group costs least, so with zero_empty the first n_piped tiles dealt are the live ones
+    if by_cost:  # an empty group costs least, so with zero_empty the first n_piped tiles dealt are the live ones
         lin_cj = deal_tiles(jnp.where(live, nst + _TILE_STORE_STEPS, 0), tiles_per_group, n_sms,
                             snake=deal == "snake", n_dealt=n_piped)
     else:  # the q-th live tile, q = c + j * n_sms
@@ -818,7 +783,7 @@ def contract_flat_schedule(gsched_4g: jax.Array, m: int, tile_k: int, tiles_per_
     cum_cj = jnp.cumsum(steps_cj, axis=1)
     total_c = cum_cj[:, -1]
     s_s = jnp.arange(s_max, dtype=jnp.int32)
-    j_cs = jnp.minimum(jax.vmap(lambda cum: find(cum, s_s))(cum_cj), lin_cj.shape[1] - 1)
+    j_cs = jnp.minimum(jax.vmap(lambda cum: find(cum, s_s))(cum_cj), j_max - 1)
     j_cs = j_cs.astype(jnp.int32)
     first_cs = jnp.take_along_axis(cum_cj - steps_cj, j_cs, axis=1)
     blk_cs = blk0[jnp.take_along_axis(grp_cj, j_cs, axis=1)] + s_s[None, :] - first_cs

@@ -32,20 +32,24 @@ WG_SPLIT = "n"
 # T = 4096, and the gate/up d_lhs from 0.71 to 0.87 (T = 512). d_rhs with an fp32 output (a 3-deep ring) gained at
 # down and lost at gate/up (session 42), but with the bf16 output the model's backward writes (a 4-deep ring),
 # row-major collapsed at large T: LongCat's down d_rhs at T = 4096 ran at 0.50 of the einsum, 0.885 in bands of 4,
-# and its whole backward at 0.77 against 0.95-1.01; elsewhere bands of 4 were level or ahead (session 44). So rows
-# bands are 4. configs/small.py's products have at most 4 n tiles (3 for its gate and up d_rhs), so its forward and
+# and its whole backward at 0.77 against 0.95-1.01; elsewhere bands of 4 were level or ahead (session 44). So both
+# are 4. configs/small.py's products have at most 4 n tiles (3 for its gate and up d_rhs), so its forward and
 # d_lhs are unchanged by any band of 4 or more (its lowered expert FFN is the same text). Pinned tiles (ROWS_TILES,
 # CONTRACT_TILES) keep their own, and groups of a row tile or less on average are not banded (rows_matmul).
-# d_rhs: bands of 2 on a ring of at most 3 stages (CONTRACT_STAGES). On an H100, the kernel alone in rotated rounds
-# by wall time (session 49, experiments/HISTORY.md) at LongCat's T = 4096: down 9.6-10.2 ms (0.94 of the einsum)
-# against 12.1-14.7 ms with 4 stages in bands of 4, [gate | up] 10.1-10.3 against 10.5-13.9; at T = 512 1.45-1.54
-# against 1.33-1.84 ms. 2 stages lost everywhere (12.6-13.5 ms at T = 4096).
 ROWS_BAND = 4
-CONTRACT_BAND = 2
+CONTRACT_BAND = 4
 # The flat pipelines' deepest rings (fewer stages where shared memory is short): the rows kernel's (4 fill shared
-# memory at LongCat's shapes as d_rhs's did; 3 is untimed there) and d_rhs's.
+# memory at LongCat's shapes; 3 is untimed there) and d_rhs's.
 ROWS_STAGES = 4
-CONTRACT_STAGES = 3
+CONTRACT_STAGES = 4
+# d_rhs over groups of at least CONTRACT_DEEP_ROWS rows on average (the buffer's rows over the groups; 0: never):
+# a ring of at most CONTRACT_DEEP_STAGES in bands of CONTRACT_DEEP_BAND instead. On an H100 by the device's busy
+# time (session 50, experiments/HISTORY.md), 3 stages in bands of 2 against 4 in bands of 4, LongCat's d_rhs
+# kernel: T = 4096 down 9.93-9.97 ms against 11.49-12.14, [gate | up] 10.22-10.28 against 10.55-11.14; T = 2048
+# -3% (down) and +3% ([gate | up]); T = 512 +8% and +4%; T = 64 +0.5-5%. Read at trace time.
+CONTRACT_DEEP_ROWS = 4096
+CONTRACT_DEEP_STAGES = 3
+CONTRACT_DEEP_BAND = 2
 
 
 def set_bands(rows: int | None = None, contract: int | None = None):
@@ -105,14 +109,17 @@ def _chain_tiles(tiles: mk.Tiles, pinned: bool, out_dtype, n_rhs: int, contract:
     raise ValueError(f"pallas gmm: no tiling with a flat pipeline fits shared memory for {tiles}")
 
 
-def flat_contract_tiles(n: int, out_dtype) -> mk.Tiles:
+def flat_contract_tiles(n: int, out_dtype, rows_per_group: float) -> mk.Tiles:
     """The flat d_rhs pipeline's tiles at N = n: pinned CONTRACT_TILES as they are, else the shape's tiles with the
-    deepest ring of at most CONTRACT_STAGES that fits (_chain_tiles)."""
+    deepest ring of at most CONTRACT_STAGES that fits (_chain_tiles), in bands of CONTRACT_BAND; CONTRACT_DEEP_*
+    where the groups average at least CONTRACT_DEEP_ROWS rows."""
     pinned, tiles = CONTRACT_TILES is not None, _contract_tiles(n, out_dtype)
     if not pinned:  # 64-column stores at any ring depth: at 3 stages 128-column ones lost (session 46, HISTORY.md)
         tiles = dataclasses.replace(tiles, epi_n=64)
-    return _chain_tiles(tiles, pinned, out_dtype, 1, contract=True, n=n, band=CONTRACT_BAND,
-                        most_stages=CONTRACT_STAGES)
+    deep = 0 < CONTRACT_DEEP_ROWS <= rows_per_group
+    return _chain_tiles(tiles, pinned, out_dtype, 1, contract=True, n=n,
+                        band=CONTRACT_DEEP_BAND if deep else CONTRACT_BAND,
+                        most_stages=CONTRACT_DEEP_STAGES if deep else CONTRACT_STAGES)
 
 
 def _contract_tiles(n: int, out_dtype) -> mk.Tiles:
@@ -204,7 +211,8 @@ def contract_matmul(lhs_mk, dout_mn, group_sizes_g, *, out_dtype, chain=False):
     deepest ring that fits (_chain_tiles); pinned CONTRACT_TILES are kept as they are."""
     m, k = lhs_mk.shape
     n = dout_mn.shape[1]
-    tiles = flat_contract_tiles(n, out_dtype) if chain else _contract_tiles(n, out_dtype)
+    g = group_sizes_g.shape[0]
+    tiles = flat_contract_tiles(n, out_dtype, m / max(g, 1)) if chain else _contract_tiles(n, out_dtype)
     if k % tiles.tile_m:
         raise ValueError(f"pallas gmm: K = {k} must be a multiple of {tiles.tile_m} for d_rhs")
     mp = _padded_rows(m, tiles.tile_k)
