@@ -173,7 +173,8 @@ case $N in
     # 4,096 rows or more on average, else 4 in bands of 4) by device time, 3 rounds (a one-value switch: the
     # defaults alone), at LongCat's T = 512, 2048, 4096 and the skewed T = 512
     step 560 python experiments/contract_ab.py --gmm-switch CONTRACT_DEEP_ROWS=4096 --rounds 3 --device-time \
-        --cases longcat/gate_up/512,longcat/down/512,longcat/gate_up/2048,longcat/down/2048,longcat/gate_up/4096,longcat/down/4096,longcat/gate_up/512/skewed,longcat/down/512/skewed \
+        --cases longcat/gate_up/512,longcat/down/512,longcat/gate_up/2048,longcat/down/2048,\
+longcat/gate_up/4096,longcat/down/4096,longcat/gate_up/512/skewed,longcat/down/512/skewed \
         --out "$OUT/contract_ab_targets_device.json"
     ;;
 25) # session 50: where d_rhs's deep ring starts to pay: 3 stages in bands of 2 from 3,072 rows per group against

@@ -90,8 +90,8 @@ def test_gmm_switch_ab_alternates_and_restores(monkeypatch):
     both, stages = [], ab.pallas_gmm.CONTRACT_STAGES   # two switches set together, each restored
     monkeypatch.setattr(ab.bench, "run_case", lambda *a, **kw: both.append(
         (ab.pallas_gmm.CONTRACT_BAND, ab.pallas_gmm.CONTRACT_STAGES)) or run_case(*a, **kw))
-    out = ab.gmm_switch_ab([("small", "down", 64, "balanced")], {"CONTRACT_BAND": [4, 2], "CONTRACT_STAGES": [4, 3]}, rounds=2,
-                           bw_gbs=1.0)
+    out = ab.gmm_switch_ab([("small", "down", 64, "balanced")], {"CONTRACT_BAND": [4, 2], "CONTRACT_STAGES": [4, 3]},
+                           rounds=2, bw_gbs=1.0)
     assert both == [(4, 4), (2, 3), (2, 3), (4, 4)] and out[0]["switch"] == "CONTRACT_BAND+CONTRACT_STAGES"
     assert [r["value"] for r in out] == [[4, 4], [2, 3], [2, 3], [4, 4]]
     assert (ab.pallas_gmm.CONTRACT_BAND, ab.pallas_gmm.CONTRACT_STAGES) == (before, stages)
