@@ -366,13 +366,14 @@ def test_stages_bound_the_flat_rings(monkeypatch):
         assert ring(6144, jnp.bfloat16) == ring(4096, jnp.bfloat16) == (want_bf16, 64, True), most
         assert ring(6144, jnp.float32) == (want_f32, 64, True), most
         assert rows_ring() == want_rows, most
+    monkeypatch.setattr(pallas_gmm, "CONTRACT_STAGES", 4)
+    monkeypatch.setattr(pallas_gmm, "CONTRACT_BAND", 8)
+    monkeypatch.setattr(pallas_gmm, "CONTRACT_DEEP_STAGES", 3)
+    monkeypatch.setattr(pallas_gmm, "CONTRACT_DEEP_BAND", 2)
     for deep_rows, rows, deep in ((4096, 4095, False), (4096, 4096, True), (0, 1e9, False)):
         monkeypatch.setattr(pallas_gmm, "CONTRACT_DEEP_ROWS", deep_rows)
-        monkeypatch.setattr(pallas_gmm, "CONTRACT_DEEP_STAGES", 3)
-        monkeypatch.setattr(pallas_gmm, "CONTRACT_DEEP_BAND", 2)
-        monkeypatch.setattr(pallas_gmm, "CONTRACT_BAND", 8)
         t = pallas_gmm.flat_contract_tiles(6144, jnp.bfloat16, rows)   # 24 n tiles: bands of 2 or 8
-        assert (t.stages, t.band) == ((3, 2) if deep else (2, 8)), (deep_rows, rows)
+        assert (t.stages, t.band) == ((3, 2) if deep else (4, 8)), (deep_rows, rows)
     monkeypatch.setattr(pallas_gmm, "CONTRACT_TILES", mk.Tiles(stages=4, epi_n=128))
     monkeypatch.setattr(pallas_gmm, "ROWS_TILES", mk.Tiles(stages=4, epi_n=64))
     assert ring(6144, jnp.bfloat16) == (4, 128, True) and rows_ring() == (4, 64)

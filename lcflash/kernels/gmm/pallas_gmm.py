@@ -91,7 +91,7 @@ def _rows_tiles(m: int, g: int, n: int, out_dtype, n_rhs: int, what: str, epi_in
 
 
 def _chain_tiles(tiles: mk.Tiles, pinned: bool, out_dtype, n_rhs: int, contract: bool = False,
-                 epi_in: int = 0, *, n: int, band: int, most_stages: int = 4) -> mk.Tiles:
+                 epi_in: int = 0, *, n: int, band: int, most_stages: int) -> mk.Tiles:
     """Flat pipelines (Tiles.chain): pinned tiles (ROWS_TILES / CONTRACT_TILES) keep their ring and band; otherwise the
     deepest ring (up to most_stages) that fits, halving the epilogue chunk (epi_n 64) before dropping a stage (LongCat's
     rows products: 4 stages and 64-column stores; d_rhs at T=512 measured 0.87-0.90 of the einsum with them against
