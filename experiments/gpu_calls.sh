@@ -17,7 +17,7 @@
 # depths and bands; session 50 ran 24 and 25 of 9a2c204 (their A/B commands alone) and 28 of a610601 (d_rhs's
 # "alternate" deal: it lost, removed since); 27 (configs/small.py's training with the new d_rhs) is moot, since its
 # 2,304 rows per group keep d_rhs at 4 stages in bands of 4; 24 to 26 wait; HISTORY.md):
-#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 26; 4 takes the persistent kernels,
+#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 28; 4 takes the persistent kernels,
 #                                                            14 the rows and d_rhs bands, 18 a benchmark flag)
 # run from the repository root on the device machine, with `.whl` carried (ml-collections and tensorboardX, which
 # its image lacks) and `.whl-tokamax` where a call times the tokamax peer (tokamax 0.0.17 with its needs, 37 MB).
@@ -29,7 +29,7 @@
 # here to the ignored `.jcc` (`rm -rf .jcc && cp -r /work/.device/N/jcc .jcc`) and carried, it seeds the next
 # machine's, which helps where that machine has the same card and image.
 set -u
-N=${1:?call number 1-26}
+N=${1:?call number 1-28}
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -189,5 +189,18 @@ longcat/gate_up/4096,longcat/down/4096,longcat/gate_up/512/skewed,longcat/down/5
         longcat/down/4096,longcat/gate_up/4096,longcat/down/512,longcat/gate_up/512 \
         --out "$OUT/contract_ab_rows_stages_device.json"
     ;;
-*)  echo "call number 1-26" >&2; exit 2 ;;
+27) # session 51: d_rhs on 2-CTA clusters sharing dout's blocks (mgpu_kernels.Tiles.cluster_k; cuBLAS runs these
+    # products in 2-CTA clusters, and d_rhs waits on its ring ~15-20% of the time at T = 512): the GPU tests
+    # (bitwise the per-tile kernel), then d_rhs alone against the default in rotated rounds, bitwise checked
+    step 240 python -m pytest -n 0 -q tests/test_gmm.py -k gpu_flat_contract
+    step 330 python experiments/contract_ab.py --rounds 3 --variants default,cluster_k=1 --cases \
+        longcat/gate_up/512,longcat/down/512,longcat/gate_up/4096,longcat/down/4096,longcat/down/512/skewed,\
+small/gate_up_fused/2304 --out "$OUT/contract_ab_cluster_kernel.json"
+    ;;
+28) # session 51: the whole product with d_rhs on 2-CTA clusters (pallas_gmm.CONTRACT_CLUSTER) by device time
+    step 560 python experiments/contract_ab.py --gmm-switch CONTRACT_CLUSTER=False,True --rounds 2 --device-time \
+        --cases longcat/gate_up/512,longcat/down/512,longcat/gate_up/2048,longcat/down/2048,longcat/gate_up/512/skewed \
+        --out "$OUT/contract_ab_cluster_device.json"
+    ;;
+*)  echo "call number 1-28" >&2; exit 2 ;;
 esac

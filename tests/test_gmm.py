@@ -632,6 +632,36 @@ def test_pallas_chain_backward_lowers_for_cuda(mosaic_gpu_trace, monkeypatch, k,
     assert lowered.as_text().count("mosaic_gpu") >= 6  # forward, d_lhs, d_rhs, flat d_rhs, SwiGLU, per-tile kernels
 
 
+@pytest.mark.parametrize("zero_empty", [False, True])
+def test_clustered_d_rhs_lowers_for_cuda_where_its_k_tiles_pair(mosaic_gpu_trace, monkeypatch, zero_empty):
+    """pallas_gmm.CONTRACT_CLUSTER: the flat d_rhs on 2-CTA clusters (dout multicast) lowers for CUDA at LongCat's
+    and configs/small.py's shapes, as one kernel per product launched as 66 clusters of 2; configs/small.py's down
+    d_rhs (K = 384: 3 K tiles) keeps the one-CTA kernel."""
+    from lcflash.kernels.gmm import mgpu_kernels as mk, pallas_gmm
+
+    monkeypatch.setattr(pallas_gmm, "CONTRACT_CLUSTER", True)
+    monkeypatch.setattr(mk, "CONTRACT_ZERO_EMPTY", zero_empty)
+    sd = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt)  # noqa: E731
+    for k, n, g, m, clustered in [(2048, 6144, 64, 32768, True), (6144, 4096, 64, 32768, True),
+                                  (1024, 768, 128, 65536, True), (384, 1024, 128, 65536, False)]:
+        text = jax.jit(lambda a, d, s: pallas_gmm.contract_matmul(a, d, s, out_dtype=jnp.bfloat16, chain=True)).trace(
+            sd(m, k), sd(m, n), sd(g, dt=jnp.int32)).lower(lowering_platforms=("cuda",)).as_text()
+        assert ("gmm_contract_flat_cluster" in text) == clustered, (k, n)
+        assert ("gmm_contract_flat_k" in text) != clustered, (k, n)
+
+
+def test_clustered_d_rhs_refuses_odd_k_tiles_and_the_interpreter():
+    from lcflash.kernels.gmm import mgpu_kernels as mk
+
+    tiles = mk.Tiles(tile_m=128, tile_n=64, chain=True, cluster_k=True)
+    lhs, dout = jnp.zeros((256, 384), jnp.bfloat16), jnp.zeros((256, 128), jnp.bfloat16)
+    gs = mk.contract_schedule(jnp.array([100, 156], jnp.int32), 256, 64)
+    with pytest.raises(ValueError, match="interpreter has no clusters"):
+        mk.contract_kernel(lhs.T, dout, gs, out_dtype=jnp.bfloat16, tiles=tiles, lhs_is_km=True, interpret=True)
+    with pytest.raises(ValueError, match="even number of K tiles; K = 384 has 3"):
+        mk.contract_kernel(lhs, dout, gs, out_dtype=jnp.bfloat16, tiles=tiles, interpret=False)
+
+
 @pytest.mark.parametrize("wg_split", ["n", "m"])
 @pytest.mark.parametrize("d,f,g,m", [(6144, 2048, 64, 32768), (1024, 384, 128, 65536)])  # LongCat, small config
 def test_ffn_swiglu_grad_epilogue_lowers_for_cuda(mosaic_gpu_trace, monkeypatch, d, f, g, m, wg_split):
@@ -687,20 +717,23 @@ def test_gpu_pallas_forward_and_gradients(case, impl):
 
 
 @gpu_only
-@pytest.mark.parametrize("zero_empty", [False, True])
+@pytest.mark.parametrize("zero_empty,cluster", [(False, False), (True, False), (False, True), (True, True)])
 @pytest.mark.parametrize("case", sorted(GPU_CASES))
-def test_gpu_flat_contract_kernel(monkeypatch, case, zero_empty):
-    """d_rhs through one flat pipeline per CTA: bit-identical to the per-tile contract kernel (same tiles, same
+def test_gpu_flat_contract_kernel(monkeypatch, case, zero_empty, cluster):
+    """d_rhs through one flat pipeline per CTA (or per 2-CTA cluster sharing dout's blocks: CONTRACT_CLUSTER; every
+    case has an even number of K tiles): bit-identical to the per-tile contract kernel (same tiles, same
     accumulation order), empty groups zero (a masked step each in the pipeline, or stored after it:
     CONTRACT_ZERO_EMPTY), and the same on a second call."""
     from lcflash.kernels.gmm import mgpu_kernels as mk
     from lcflash.kernels.gmm import pallas_gmm
 
     monkeypatch.setattr(mk, "CONTRACT_ZERO_EMPTY", zero_empty)
+    monkeypatch.setattr(pallas_gmm, "CONTRACT_CLUSTER", cluster)
     m, k, n, sizes_l = GPU_CASES[case]
     lhs, _, dout, sizes = _inputs(13, m, k, n, sizes_l, jnp.bfloat16)
     flat = jax.jit(lambda a, d: pallas_gmm.contract_matmul(a, d, sizes, out_dtype=jnp.bfloat16, chain=True))
     per_tile = jax.jit(lambda a, d: pallas_gmm.contract_matmul(a, d, sizes, out_dtype=jnp.bfloat16))
+    assert ("gmm_contract_flat_cluster" in flat.lower(lhs, dout).as_text()) == cluster
     got, want = np.asarray(flat(lhs, dout), np.float32), np.asarray(per_tile(lhs, dout), np.float32)
     assert _rel(got, _contract_ref_f64(lhs, dout, sizes_l)) < BF16_TOL
     np.testing.assert_array_equal(got, want)

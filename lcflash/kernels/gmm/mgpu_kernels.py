@@ -68,6 +68,10 @@ class Tiles:
     # running at once read fewer rhs columns, each from more of them (band_order). 0 (or at least the n tiles
     # there are): row-major, a row's n tiles in a row.
     band: int = 0
+    # Flat contract kernel only: 2-CTA clusters. The two CTAs take K tiles 2p and 2p + 1 of one (group, N tile),
+    # so every step they read the same dout block, which TMA multicasts to both (a third less traffic from L2 per
+    # step at 128 x 256 tiles). Needs an even number of K tiles; not in the interpreter (no clusters there).
+    cluster_k: bool = False
 
     def wg_tile(self) -> tuple[int, int]:
         """(rows, columns) of one compute warpgroup's accumulator."""
@@ -94,15 +98,17 @@ def _num_sms(interpret: bool) -> int:
     return jax.devices()[0].core_count
 
 
-def _persistent_call(kernel, out_type, interpret: bool, name: str):
-    """Both kernels' launch: one CTA per SM walking its tile list, 3 warpgroups (1 TMA + 2 wgmma). `name` becomes
-    the CUDA kernel's name (`{name}_mosaic_gpu_kernel`), so a profile tells the products apart."""
+def _persistent_call(kernel, out_type, interpret: bool, name: str, cluster: int = 1):
+    """Both kernels' launch: one CTA per SM walking its tile list, 3 warpgroups (1 TMA + 2 wgmma); with
+    cluster > 1, "sm" indexes clusters of that many CTAs (axis "cluster"). `name` becomes the CUDA kernel's name
+    (`{name}_mosaic_gpu_kernel`), so a profile tells the products apart."""
     kernel.__name__ = name
     return plgpu.kernel(
         kernel,
         out_type=out_type,
-        grid=(_num_sms(interpret),),
+        grid=(_num_sms(interpret) // cluster,),
         grid_names=("sm",),
+        **(dict(cluster=(cluster,), cluster_names=("cluster",)) if cluster > 1 else {}),
         num_threads=3,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup,
@@ -898,8 +904,9 @@ def _zero_acc(acc_ref, interpret: bool):
 
 
 def _store_zero_tiles(zero_ref, sm, n_sms: int, kn: int, k_n_tile, store):
-    """The empty groups' tiles (contract_flat_schedule's zero_2z) that fall to CTA `sm`, round robin continuing
-    after the pipelines' tiles; store(group, K tile, N tile) writes one as zeros."""
+    """The empty groups' tiles (contract_flat_schedule's zero_2z) that fall to unit `sm` (a CTA, or a cluster of
+    Tiles.cluster_k) of n_sms, round robin continuing after the pipelines' tiles; store(group, K tile, N tile)
+    writes one as zeros."""
     n_zero, n_piped = zero_ref[0], zero_ref[1]
     first = (sm - n_piped % n_sms + n_sms) % n_sms
 
@@ -910,7 +917,8 @@ def _store_zero_tiles(zero_ref, sm, n_sms: int, kn: int, k_n_tile, store):
 
 
 def _contract_specs(tiles: Tiles, dtype, lhs_is_km: bool, index_of):
-    """Block specs of the contract pipeline; index_of(s) -> (row block, K tile, N tile) of step s."""
+    """Block specs of the contract pipeline; index_of(s) -> (row block, K tile, N tile) of step s. With
+    tiles.cluster_k the dout block is the cluster's (multicast)."""
     tm, tn, tc = tiles.tile_m, tiles.tile_n, tiles.tile_k
     tr_a = _swizzle_transforms(tc if lhs_is_km else tm, dtype)
     tr_b = _swizzle_transforms(2 * tn, dtype)
@@ -926,7 +934,8 @@ def _contract_specs(tiles: Tiles, dtype, lhs_is_km: bool, index_of):
     a_block = (tm, tc) if lhs_is_km else (tc, tm)
     late = int(tiles.overlap_mma)
     return [plgpu.BlockSpec(a_block, a_map, transforms=tr_a, delay_release=late, memory_space=plgpu.SMEM),
-            plgpu.BlockSpec((tc, 2 * tn), b_map, transforms=tr_b, delay_release=late, memory_space=plgpu.SMEM)]
+            plgpu.BlockSpec((tc, 2 * tn), b_map, transforms=tr_b, delay_release=late, memory_space=plgpu.SMEM,
+                            **(dict(collective_axes=("cluster",)) if tiles.cluster_k else {}))]
 
 
 def _contract_kernel_flat(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles, lhs_is_km: bool,
@@ -941,23 +950,33 @@ def _contract_kernel_flat(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles,
     """
     lhs_mk, m, k, n, g = _contract_dims(lhs_mk, rhs_mn, gsched_4g, tiles, lhs_is_km)
     tm, tn, tc, epi_n = tiles.tile_m, tiles.tile_n, tiles.tile_k, tiles.epi_n
+    n_cl = 2 if tiles.cluster_k else 1  # CTAs per cluster: a tile slot is n_cl K tiles of one (group, N tile)
     k_tiles, n_tiles = k // tm, n // (2 * tn)
+    if interpret and n_cl > 1:
+        raise ValueError("Tiles.cluster_k: Pallas' GPU interpreter has no clusters")
+    if k_tiles % n_cl:
+        raise ValueError(f"Tiles.cluster_k needs an even number of K tiles; K = {k} has {k_tiles} of {tm} rows")
     _check_band(tiles, n_tiles)
-    kn = k_tiles * n_tiles
-    n_sms = _num_sms(interpret)
+    kn = k_tiles // n_cl * n_tiles  # a group's tile slots
+    n_sms = _num_sms(interpret) // n_cl  # persistent units (CTAs or clusters) walking the slot lists
 
-    def k_n_tile(lin):  # (K tile, N tile) of a group's tile lin % kn
-        return band_order(lin % kn, n_tiles, k_tiles, tiles.band)
+    def k_n_tile(lin):  # (K tile pair or K tile, N tile) of a group's tile slot lin % kn
+        return band_order(lin % kn, n_tiles, k_tiles // n_cl, tiles.band)
 
     zero_empty = CONTRACT_ZERO_EMPTY
     tables = contract_flat_schedule(gsched_4g, m, tc, kn, n_sms, zero_empty=zero_empty)
 
     def kernel(tile_ref, step_ref, total_ref, lin_ref, zero_ref, lhs_gmem, rhs_gmem, out_gmem):
         sm = lax.axis_index("sm")
+        cta = lax.axis_index("cluster") if n_cl > 1 else 0
+
+        def cta_tile(lin):  # (K tile, N tile) of this CTA in a group's tile slot
+            kp, nt = k_n_tile(lin)
+            return kp * n_cl + cta, nt
 
         def index_of(s):  # TMA warpgroup: (row block, K tile, N tile) of step s, from the step and tile tables
             packed = step_ref[sm, s]
-            return packed & _FLAT_BLK_MASK, *k_n_tile(lin_ref[sm, packed >> _FLAT_BLK_BITS])
+            return packed & _FLAT_BLK_MASK, *cta_tile(lin_ref[sm, packed >> _FLAT_BLK_BITS])
 
         specs = _contract_specs(tiles, lhs_mk.dtype, lhs_is_km, index_of)
 
@@ -996,7 +1015,7 @@ def _contract_kernel_flat(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles,
 
                 @jax.named_scope("epilogue")
                 def _epilogue():
-                    kt, nt = k_n_tile(lin_ref[sm, j])
+                    kt, nt = cta_tile(lin_ref[sm, j])
                     plgpu.wgmma_wait(0)
                     _store_rows(acc[...], out_gmem.at[gi], stage_smem.at[wg], row0=kt * tm + r_off, start=0, rows=wr,
                                 col0=nt * 2 * tn + c_off, epi_n=epi_n)
@@ -1017,12 +1036,12 @@ def _contract_kernel_flat(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles,
             if zero_empty:
                 @pl.when(wg < 2)
                 def _zeros():
-                    _store_zero_tiles(zero_ref, sm, n_sms, kn, k_n_tile, lambda gi, kt, nt: _store_rows(
+                    _store_zero_tiles(zero_ref, sm, n_sms, kn, cta_tile, lambda gi, kt, nt: _store_rows(
                         jnp.zeros((wr, wc), jnp.float32), out_gmem.at[gi], stage_smem.at[wg], row0=kt * tm + r_off,
                         start=0, rows=wr, col0=nt * 2 * tn + c_off, epi_n=epi_n))
 
             plgpu.wait_smem_to_gmem(0)  # all output stores have landed before the kernel exits
 
     call = _persistent_call(kernel, jax.ShapeDtypeStruct((g, k, n), out_dtype), interpret,
-                            name=f"gmm_contract_flat_k{k}_n{n}")
+                            name=f"gmm_contract_flat{'_cluster' if n_cl > 1 else ''}_k{k}_n{n}", cluster=n_cl)
     return call(*tables, lhs_mk.T if lhs_is_km else lhs_mk, rhs_mn)

@@ -50,6 +50,9 @@ CONTRACT_STAGES = 4
 CONTRACT_DEEP_ROWS = 4096
 CONTRACT_DEEP_STAGES = 3
 CONTRACT_DEEP_BAND = 2
+# The flat d_rhs on 2-CTA clusters sharing each dout block (mk.Tiles.cluster_k) where its K tiles pair up, on a GPU
+# (the interpreter has no clusters). cuBLAS's kernels for these products run in 2-CTA clusters. Read at trace time.
+CONTRACT_CLUSTER = False
 
 
 def set_bands(rows: int | None = None, contract: int | None = None):
@@ -215,6 +218,8 @@ def contract_matmul(lhs_mk, dout_mn, group_sizes_g, *, out_dtype, chain=False):
     tiles = flat_contract_tiles(n, out_dtype, m / max(g, 1)) if chain else _contract_tiles(n, out_dtype)
     if k % tiles.tile_m:
         raise ValueError(f"pallas gmm: K = {k} must be a multiple of {tiles.tile_m} for d_rhs")
+    if chain and CONTRACT_CLUSTER and CONTRACT_TILES is None and not _interpret() and (k // tiles.tile_m) % 2 == 0:
+        tiles = dataclasses.replace(tiles, cluster_k=True)
     mp = _padded_rows(m, tiles.tile_k)
     gsched = mk.contract_schedule(group_sizes_g, m, tiles.tile_k)
     lhs_is_km = _interpret()  # the interpreter cannot run wgmma on transposed smem: transpose in XLA
