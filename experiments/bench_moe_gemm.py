@@ -882,7 +882,7 @@ def main():
                 rows_stages=pallas_gmm.ROWS_STAGES, contract_stages=pallas_gmm.CONTRACT_STAGES,
                 contract_deep=[pallas_gmm.CONTRACT_DEEP_ROWS, pallas_gmm.CONTRACT_DEEP_STAGES,
                                pallas_gmm.CONTRACT_DEEP_BAND],
-                contract_zero_empty=mgpu_kernels.CONTRACT_ZERO_EMPTY,
+                contract_cluster=pallas_gmm.CONTRACT_CLUSTER, contract_zero_empty=mgpu_kernels.CONTRACT_ZERO_EMPTY,
                 jaxlib=getattr(jax.lib, "__version__", None) or __import__("jaxlib").__version__,
                 date_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 command="python " + " ".join(sys.argv))

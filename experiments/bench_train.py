@@ -376,6 +376,7 @@ def main():
         "rows_stages": pallas_gmm.ROWS_STAGES, "contract_stages": pallas_gmm.CONTRACT_STAGES,
         "contract_deep": [pallas_gmm.CONTRACT_DEEP_ROWS, pallas_gmm.CONTRACT_DEEP_STAGES,
                           pallas_gmm.CONTRACT_DEEP_BAND],
+        "contract_cluster": pallas_gmm.CONTRACT_CLUSTER,
         "contract_zero_empty": mgpu_kernels.CONTRACT_ZERO_EMPTY,
         "gmm_switches": gmm_switches,
         "xla_options": xla_options,

@@ -219,7 +219,7 @@ def main():
                 rows_stages=pallas_gmm.ROWS_STAGES, contract_stages=pallas_gmm.CONTRACT_STAGES,
                 contract_deep=[pallas_gmm.CONTRACT_DEEP_ROWS, pallas_gmm.CONTRACT_DEEP_STAGES,
                                pallas_gmm.CONTRACT_DEEP_BAND],
-                contract_zero_empty=mk.CONTRACT_ZERO_EMPTY)
+                contract_cluster=pallas_gmm.CONTRACT_CLUSTER, contract_zero_empty=mk.CONTRACT_ZERO_EMPTY)
     print(json.dumps(meta), flush=True)
     if args.gmm_switch:
         results = gmm_switch_ab(cases, switches, args.rounds, bench.measure_bandwidth_gbs(), args.device_time)

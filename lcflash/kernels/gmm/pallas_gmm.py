@@ -51,8 +51,11 @@ CONTRACT_DEEP_ROWS = 4096
 CONTRACT_DEEP_STAGES = 3
 CONTRACT_DEEP_BAND = 2
 # The flat d_rhs on 2-CTA clusters sharing each dout block (mk.Tiles.cluster_k) where its K tiles pair up, on a GPU
-# (the interpreter has no clusters). cuBLAS's kernels for these products run in 2-CTA clusters. Read at trace time.
-CONTRACT_CLUSTER = False
+# (the interpreter has no clusters), over groups shallower than CONTRACT_DEEP_ROWS. On an H100 by the device's busy
+# time (session 51, experiments/HISTORY.md), LongCat's d_rhs kernel: down T = 2048 4.94-5.08 ms against 5.40-5.93 in
+# three calls, T = 1024 and 512 level to 4% faster, the skewed T = 512 3-4% faster; over deep groups (T = 4096, 3
+# stages in bands of 2) 1% slower, so not there. Read at trace time.
+CONTRACT_CLUSTER = True
 
 
 def set_bands(rows: int | None = None, contract: int | None = None):
@@ -120,9 +123,10 @@ def flat_contract_tiles(n: int, out_dtype, rows_per_group: float) -> mk.Tiles:
     if not pinned:  # 64-column stores at any ring depth: at 3 stages 128-column ones lost (session 46, HISTORY.md)
         tiles = dataclasses.replace(tiles, epi_n=64)
     deep = 0 < CONTRACT_DEEP_ROWS <= rows_per_group
-    return _chain_tiles(tiles, pinned, out_dtype, 1, contract=True, n=n,
-                        band=CONTRACT_DEEP_BAND if deep else CONTRACT_BAND,
-                        most_stages=CONTRACT_DEEP_STAGES if deep else CONTRACT_STAGES)
+    tiles = _chain_tiles(tiles, pinned, out_dtype, 1, contract=True, n=n,
+                         band=CONTRACT_DEEP_BAND if deep else CONTRACT_BAND,
+                         most_stages=CONTRACT_DEEP_STAGES if deep else CONTRACT_STAGES)
+    return tiles if pinned else dataclasses.replace(tiles, cluster_k=CONTRACT_CLUSTER and not deep)
 
 
 def _contract_tiles(n: int, out_dtype) -> mk.Tiles:
@@ -218,8 +222,8 @@ def contract_matmul(lhs_mk, dout_mn, group_sizes_g, *, out_dtype, chain=False):
     tiles = flat_contract_tiles(n, out_dtype, m / max(g, 1)) if chain else _contract_tiles(n, out_dtype)
     if k % tiles.tile_m:
         raise ValueError(f"pallas gmm: K = {k} must be a multiple of {tiles.tile_m} for d_rhs")
-    if chain and CONTRACT_CLUSTER and CONTRACT_TILES is None and not _interpret() and (k // tiles.tile_m) % 2 == 0:
-        tiles = dataclasses.replace(tiles, cluster_k=True)
+    if tiles.cluster_k and (_interpret() or (k // tiles.tile_m) % 2):  # no clusters there, or K tiles that pair
+        tiles = dataclasses.replace(tiles, cluster_k=False)
     mp = _padded_rows(m, tiles.tile_k)
     gsched = mk.contract_schedule(group_sizes_g, m, tiles.tile_k)
     lhs_is_km = _interpret()  # the interpreter cannot run wgmma on transposed smem: transpose in XLA
