@@ -16,8 +16,10 @@
 # calls 23 and 24 of 00b3b5e) and 22's cases in 2 rounds, twice, on an H100; session 49 ran 23 and d_rhs's ring
 # depths and bands; session 50 ran 24 and 25 of 9a2c204 (their A/B commands alone) and 28 of a610601 (d_rhs's
 # "alternate" deal: it lost, removed since); 27 (configs/small.py's training with the new d_rhs) is moot, since its
-# 2,304 rows per group keep d_rhs at 4 stages in bands of 4; 24 to 26 wait; HISTORY.md):
-#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 28; 4 takes the persistent kernels,
+# 2,304 rows per group keep d_rhs at 4 stages in bands of 4; session 51 ran 27 and 28 (d_rhs on 2-CTA clusters,
+# adopted below the deep threshold), 26 (the rows kernel at 3 stages: slower) and 24 with the clusters; 25 and 29 wait;
+# HISTORY.md):
+#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 29; 4 takes the persistent kernels,
 #                                                            14 the rows and d_rhs bands, 18 a benchmark flag)
 # run from the repository root on the device machine, with `.whl` carried (ml-collections and tensorboardX, which
 # its image lacks) and `.whl-tokamax` where a call times the tokamax peer (tokamax 0.0.17 with its needs, 37 MB).
@@ -29,7 +31,7 @@
 # here to the ignored `.jcc` (`rm -rf .jcc && cp -r /work/.device/N/jcc .jcc`) and carried, it seeds the next
 # machine's, which helps where that machine has the same card and image.
 set -u
-N=${1:?call number 1-28}
+N=${1:?call number 1-29}
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -202,5 +204,11 @@ small/gate_up_fused/2304 --out "$OUT/contract_ab_cluster_kernel.json"
         --cases longcat/gate_up/512,longcat/down/512,longcat/gate_up/2048,longcat/down/2048,longcat/gate_up/512/skewed \
         --out "$OUT/contract_ab_cluster_device.json"
     ;;
-*)  echo "call number 1-28" >&2; exit 2 ;;
+29) # session 51: the clustered d_rhs at decode-sized groups (on by default below 4,096 rows a group, measured only
+    # from 512 up): the T <= 64 target's cases by device time, clusters off against on
+    step 300 python experiments/contract_ab.py --gmm-switch CONTRACT_CLUSTER=False,True --rounds 2 --device-time \
+        --cases small/gate_up_fused/64,small/down/64,longcat/gate_up/64,longcat/down/64,longcat/gate_up/8 \
+        --out "$OUT/contract_ab_cluster_decode_device.json"
+    ;;
+*)  echo "call number 1-29" >&2; exit 2 ;;
 esac
