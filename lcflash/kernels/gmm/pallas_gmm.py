@@ -53,8 +53,9 @@ CONTRACT_DEEP_BAND = 2
 # The flat d_rhs on 2-CTA clusters sharing each dout block (mk.Tiles.cluster_k) where its K tiles pair up, on a GPU
 # (the interpreter has no clusters), over groups shallower than CONTRACT_DEEP_ROWS. On an H100 by the device's busy
 # time (session 51, experiments/HISTORY.md), LongCat's d_rhs kernel: down T = 2048 4.94-5.08 ms against 5.39-5.93 in
-# three calls, T = 1024 and 512 level to 4% faster, the skewed T = 512 3-4% faster; over deep groups (T = 4096, 3
-# stages in bands of 2) 1% slower, so not there. Read at trace time.
+# three calls; T = 512 and 1024 level (on the means of 7 rounds at T = 512, down +2.5%, [gate | up] -2.5%); the
+# skewed T = 512 2-4% faster; over deep groups (T = 4096, 3 stages in bands of 2) 1% slower, so not there. Read at
+# trace time.
 CONTRACT_CLUSTER = True
 
 
