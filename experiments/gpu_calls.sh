@@ -17,9 +17,9 @@
 # depths and bands; session 50 ran 24 and 25 of 9a2c204 (their A/B commands alone) and 28 of a610601 (d_rhs's
 # "alternate" deal: it lost, removed since); 27 (configs/small.py's training with the new d_rhs) is moot, since its
 # 2,304 rows per group keep d_rhs at 4 stages in bands of 4; session 51 ran 27 and 28 (d_rhs on 2-CTA clusters,
-# adopted below the deep threshold), 26 (the rows kernel at 3 stages: slower) and 24 with the clusters; 25 and 29 wait;
-# HISTORY.md):
-#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 29; 4 takes the persistent kernels,
+# adopted below the deep threshold), 26 (the rows kernel at 3 stages: slower) and 24 with the clusters; 25, 29
+# and 30 wait; HISTORY.md):
+#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 30; 4 takes the persistent kernels,
 #                                                            14 the rows and d_rhs bands, 18 a benchmark flag)
 # run from the repository root on the device machine, with `.whl` carried (ml-collections and tensorboardX, which
 # its image lacks) and `.whl-tokamax` where a call times the tokamax peer (tokamax 0.0.17 with its needs, 37 MB).
@@ -31,7 +31,7 @@
 # here to the ignored `.jcc` (`rm -rf .jcc && cp -r /work/.device/N/jcc .jcc`) and carried, it seeds the next
 # machine's, which helps where that machine has the same card and image.
 set -u
-N=${1:?call number 1-29}
+N=${1:?call number 1-30}
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -210,5 +210,12 @@ small/gate_up_fused/2304 --out "$OUT/contract_ab_cluster_kernel.json"
         --cases small/gate_up_fused/64,small/down/64,longcat/gate_up/64,longcat/down/64,longcat/gate_up/8 \
         --out "$OUT/contract_ab_cluster_decode_device.json"
     ;;
-*)  echo "call number 1-29" >&2; exit 2 ;;
+30) # session 51: configs/small.py's training at batch 24 with the clustered [gate | up] d_rhs (now the default;
+    # the 29.9% MFU of session 45 predates it), then without, on one machine
+    B="python experiments/bench_train.py --gmm_impl pallas_chain --remat --warmup 2 --steps 10 --mem_fraction 0.95"
+    B="$B --batch 24"
+    step 290 $B --out "$OUT/bench_train_b24_cluster.json"
+    step 290 $B --gmm_switch CONTRACT_CLUSTER=False --out "$OUT/bench_train_b24_nocluster.json"
+    ;;
+*)  echo "call number 1-30" >&2; exit 2 ;;
 esac
