@@ -877,12 +877,7 @@ def main():
         ap.error(f"--ab-rounds {args.ab_rounds}: must be at least 1")
     t_start = time.time()
     dev = jax.devices()[0]
-    meta = dict(device=dev.device_kind, platform=dev.platform, jax=jax.__version__, wg_split=pallas_gmm.WG_SPLIT,
-                rows_band=pallas_gmm.ROWS_BAND, contract_band=pallas_gmm.CONTRACT_BAND,
-                rows_stages=pallas_gmm.ROWS_STAGES, contract_stages=pallas_gmm.CONTRACT_STAGES,
-                contract_deep=[pallas_gmm.CONTRACT_DEEP_ROWS, pallas_gmm.CONTRACT_DEEP_STAGES,
-                               pallas_gmm.CONTRACT_DEEP_BAND],
-                contract_cluster=pallas_gmm.CONTRACT_CLUSTER, contract_zero_empty=mgpu_kernels.CONTRACT_ZERO_EMPTY,
+    meta = dict(device=dev.device_kind, platform=dev.platform, jax=jax.__version__, **pallas_gmm.tiling_settings(),
                 jaxlib=getattr(jax.lib, "__version__", None) or __import__("jaxlib").__version__,
                 date_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 command="python " + " ".join(sys.argv))

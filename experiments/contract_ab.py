@@ -215,11 +215,7 @@ def main():
     dev = jax.devices()[0]
     meta = dict(device=dev.device_kind, platform=dev.platform, jax=jax.__version__,
                 date_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                command="python " + " ".join(sys.argv), contract_band=pallas_gmm.CONTRACT_BAND,
-                rows_stages=pallas_gmm.ROWS_STAGES, contract_stages=pallas_gmm.CONTRACT_STAGES,
-                contract_deep=[pallas_gmm.CONTRACT_DEEP_ROWS, pallas_gmm.CONTRACT_DEEP_STAGES,
-                               pallas_gmm.CONTRACT_DEEP_BAND],
-                contract_cluster=pallas_gmm.CONTRACT_CLUSTER, contract_zero_empty=mk.CONTRACT_ZERO_EMPTY)
+                command="python " + " ".join(sys.argv), **pallas_gmm.tiling_settings())
     print(json.dumps(meta), flush=True)
     if args.gmm_switch:
         results = gmm_switch_ab(cases, switches, args.rounds, bench.measure_bandwidth_gbs(), args.device_time)

@@ -59,6 +59,15 @@ CONTRACT_DEEP_BAND = 2
 CONTRACT_CLUSTER = True
 
 
+def tiling_settings() -> dict:
+    """The kernels' trace-time switches as they stand (for benchmarks' JSON metadata)."""
+    return dict(wg_split=WG_SPLIT, rows_band=ROWS_BAND, contract_band=CONTRACT_BAND, rows_stages=ROWS_STAGES,
+                contract_stages=CONTRACT_STAGES,
+                contract_deep=[CONTRACT_DEEP_ROWS, CONTRACT_DEEP_STAGES, CONTRACT_DEEP_BAND],
+                contract_cluster=CONTRACT_CLUSTER, contract_deal=mk.CONTRACT_DEAL,
+                contract_zero_empty=mk.CONTRACT_ZERO_EMPTY)
+
+
 def set_bands(rows: int | None = None, contract: int | None = None):
     """Sets ROWS_BAND and CONTRACT_BAND (None keeps one), for the benchmarks' flags: a bad value is refused by name
     before anything is traced."""
