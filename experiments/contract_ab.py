@@ -77,12 +77,12 @@ def parse_variant(text: str) -> dict:
     return out
 
 
-def variant_tiles(n: int, rows_per_group: int, fields: dict) -> mk.Tiles:
-    """The d_rhs kernel's flat tiles at N = n with bf16 output, as contract_matmul picks them unpinned, then
+def variant_tiles(k: int, n: int, rows_per_group: int, fields: dict) -> mk.Tiles:
+    """The d_rhs kernel's flat tiles at K = k, N = n with bf16 output, as contract_matmul picks them unpinned, then
     `fields`."""
     if pallas_gmm.CONTRACT_TILES is not None:
         raise ValueError(f"variant_tiles builds on the unpinned tiles; CONTRACT_TILES = {pallas_gmm.CONTRACT_TILES}")
-    return dataclasses.replace(pallas_gmm.flat_contract_tiles(n, jnp.bfloat16, rows_per_group), **fields)
+    return dataclasses.replace(pallas_gmm.flat_contract_tiles(n, jnp.bfloat16, rows_per_group, k=k), **fields)
 
 
 def kernel_ab(cases, variants: dict, rounds: int) -> list:
@@ -94,7 +94,7 @@ def kernel_ab(cases, variants: dict, rounds: int) -> list:
         x = jax.random.normal(keys[0], (m, k), jnp.bfloat16)
         dy = jax.random.normal(keys[1], (m, n), jnp.bfloat16)
         sizes = jnp.asarray(bench.group_sizes(g, t, load), jnp.int32)
-        tiles_of = {name: variant_tiles(n, t, fields) for name, fields in variants.items()}  # before any is pinned
+        tiles_of = {name: variant_tiles(k, n, t, fields) for name, fields in variants.items()}  # before any is pinned
         fns, got = {}, {}
         try:
             for name in variants:

@@ -16,9 +16,9 @@ def test_parse_case_and_variant_name_what_is_wrong():
     assert ab.parse_case("small/down/512/0.5") == ("small", "down", 512, 0.5)
     assert ab.parse_variant("default") == {} and ab.parse_variant("stages=3+band=4") == {"stages": 3, "band": 4}
     assert ab.parse_variant("overlap_mma=1") == {"overlap_mma": True}
-    assert ab.variant_tiles(6144, 512, {"overlap_mma": True}).overlap_mma
-    assert ab.variant_tiles(6144, 512, {}).stages == ab.pallas_gmm.CONTRACT_STAGES
-    assert ab.variant_tiles(6144, 4096, {}).stages == ab.pallas_gmm.CONTRACT_DEEP_STAGES
+    assert ab.variant_tiles(2048, 6144, 512, {"overlap_mma": True}).overlap_mma
+    assert ab.variant_tiles(2048, 6144, 512, {}).stages == ab.pallas_gmm.CONTRACT_STAGES
+    assert ab.variant_tiles(2048, 6144, 4096, {}).stages == ab.pallas_gmm.CONTRACT_DEEP_STAGES
     for bad in ("longcat/down", "longcat/up/512", "small/down/0", "small/down/x", "small/down/512/lopsided",
                 "small/down/512/0", "small/down/512/skewed/1"):
         with pytest.raises(ValueError, match="config/proj/T"):

@@ -353,7 +353,7 @@ def test_stages_bound_the_flat_rings(monkeypatch):
     x, sizes = jnp.zeros((256, 128), jnp.bfloat16), jnp.array([256], jnp.int32)
 
     def ring(n, dtype, rows_per_group=512):
-        t = pallas_gmm.flat_contract_tiles(n, dtype, rows_per_group)
+        t = pallas_gmm.flat_contract_tiles(n, dtype, rows_per_group, k=2048)
         return t.stages, t.epi_n, t.chain
 
     def rows_ring():
@@ -372,7 +372,7 @@ def test_stages_bound_the_flat_rings(monkeypatch):
     monkeypatch.setattr(pallas_gmm, "CONTRACT_DEEP_BAND", 2)
     for deep_rows, rows, deep in ((4096, 4095, False), (4096, 4096, True), (0, 1e9, False)):
         monkeypatch.setattr(pallas_gmm, "CONTRACT_DEEP_ROWS", deep_rows)
-        t = pallas_gmm.flat_contract_tiles(6144, jnp.bfloat16, rows)   # 24 n tiles: bands of 2 or 8
+        t = pallas_gmm.flat_contract_tiles(6144, jnp.bfloat16, rows, k=2048)   # 24 n tiles: bands of 2 or 8
         assert (t.stages, t.band) == ((3, 2) if deep else (4, 8)), (deep_rows, rows)
     monkeypatch.setattr(pallas_gmm, "CONTRACT_TILES", mk.Tiles(stages=4, epi_n=128))
     monkeypatch.setattr(pallas_gmm, "ROWS_TILES", mk.Tiles(stages=4, epi_n=64))
@@ -650,6 +650,7 @@ def test_clustered_d_rhs_lowers_for_cuda_where_its_k_tiles_pair(mosaic_gpu_trace
             sd(m, k), sd(m, n), sd(g, dt=jnp.int32)).lower(lowering_platforms=("cuda",)).as_text()
         assert ("gmm_contract_flat_cluster" in text) == clustered, (k, n)
         assert ("gmm_contract_flat_k" in text) != clustered, (k, n)
+        assert pallas_gmm.flat_contract_tiles(n, jnp.bfloat16, m / g, k=k).cluster_k == clustered, (k, n)
 
 
 def test_clustered_d_rhs_refuses_odd_k_tiles_and_the_interpreter():

@@ -125,10 +125,11 @@ def _chain_tiles(tiles: mk.Tiles, pinned: bool, out_dtype, n_rhs: int, contract:
     raise ValueError(f"pallas gmm: no tiling with a flat pipeline fits shared memory for {tiles}")
 
 
-def flat_contract_tiles(n: int, out_dtype, rows_per_group: float) -> mk.Tiles:
-    """The flat d_rhs pipeline's tiles at N = n: pinned CONTRACT_TILES as they are, else the shape's tiles with the
-    deepest ring of at most CONTRACT_STAGES that fits (_chain_tiles), in bands of CONTRACT_BAND; CONTRACT_DEEP_*
-    where the groups average at least CONTRACT_DEEP_ROWS rows."""
+def flat_contract_tiles(n: int, out_dtype, rows_per_group: float, *, k: int) -> mk.Tiles:
+    """The flat d_rhs pipeline's tiles at N = n, K = k: pinned CONTRACT_TILES as they are, else the shape's tiles
+    with the deepest ring of at most CONTRACT_STAGES that fits (_chain_tiles), in bands of CONTRACT_BAND;
+    CONTRACT_DEEP_* where the groups average at least CONTRACT_DEEP_ROWS rows, else on 2-CTA clusters
+    (CONTRACT_CLUSTER) on a GPU where the K tiles pair."""
     pinned, tiles = CONTRACT_TILES is not None, _contract_tiles(n, out_dtype)
     if not pinned:  # 64-column stores at any ring depth: at 3 stages 128-column ones lost (session 46, HISTORY.md)
         tiles = dataclasses.replace(tiles, epi_n=64)
@@ -136,7 +137,10 @@ def flat_contract_tiles(n: int, out_dtype, rows_per_group: float) -> mk.Tiles:
     tiles = _chain_tiles(tiles, pinned, out_dtype, 1, contract=True, n=n,
                          band=CONTRACT_DEEP_BAND if deep else CONTRACT_BAND,
                          most_stages=CONTRACT_DEEP_STAGES if deep else CONTRACT_STAGES)
-    return tiles if pinned else dataclasses.replace(tiles, cluster_k=CONTRACT_CLUSTER and not deep)
+    if pinned:
+        return tiles
+    pairs = (k // tiles.tile_m) % 2 == 0
+    return dataclasses.replace(tiles, cluster_k=CONTRACT_CLUSTER and not deep and pairs and not _interpret())
 
 
 def _contract_tiles(n: int, out_dtype) -> mk.Tiles:
@@ -229,11 +233,9 @@ def contract_matmul(lhs_mk, dout_mn, group_sizes_g, *, out_dtype, chain=False):
     m, k = lhs_mk.shape
     n = dout_mn.shape[1]
     g = group_sizes_g.shape[0]
-    tiles = flat_contract_tiles(n, out_dtype, m / max(g, 1)) if chain else _contract_tiles(n, out_dtype)
+    tiles = flat_contract_tiles(n, out_dtype, m / max(g, 1), k=k) if chain else _contract_tiles(n, out_dtype)
     if k % tiles.tile_m:
         raise ValueError(f"pallas gmm: K = {k} must be a multiple of {tiles.tile_m} for d_rhs")
-    if tiles.cluster_k and (_interpret() or (k // tiles.tile_m) % 2):  # no clusters there, or K tiles that pair
-        tiles = dataclasses.replace(tiles, cluster_k=False)
     mp = _padded_rows(m, tiles.tile_k)
     gsched = mk.contract_schedule(group_sizes_g, m, tiles.tile_k)
     lhs_is_km = _interpret()  # the interpreter cannot run wgmma on transposed smem: transpose in XLA
