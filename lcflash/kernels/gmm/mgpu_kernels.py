@@ -72,30 +72,16 @@ class Tiles:
     # so every step they read the same dout block, which TMA multicasts to both (a third less traffic from L2 per
     # step at 128 x 256 tiles). Needs an even number of K tiles; not in the interpreter (no clusters there).
     cluster_k: bool = False
-    # Flat contract kernel only: ping-pong. The compute warpgroups take turns on whole tile_m x tile_n tiles (a CTA's
-    # tile slot j goes to warpgroup j % 2) fed by one shared ring, instead of sharing a tile_m x 2 * tile_n tile by
-    # column halves, so one warpgroup's epilogue runs while the other's wgmmas keep the tensor cores busy (cuBLAS's
-    # weight-gradient kernels at LongCat's T = 512 are of this kind). A step loads its lhs block for tile_n output
-    # columns instead of 2 * tile_n. Needs wg_split "n".
-    pingpong: bool = False
 
     def wg_tile(self) -> tuple[int, int]:
         """(rows, columns) of one compute warpgroup's accumulator."""
         if self.wg_split not in ("n", "m"):
             raise ValueError(f"Tiles.wg_split = {self.wg_split!r}: must be 'n' (column halves) or 'm' (row halves)")
-        if self.pingpong and self.wg_split != "n":
-            raise ValueError("Tiles.pingpong needs wg_split 'n' (a warpgroup's tile is tile_m x tile_n)")
         return (self.tile_m // 2, 2 * self.tile_n) if self.wg_split == "m" else (self.tile_m, self.tile_n)
-
-    def tile_cols(self) -> int:
-        """Output columns of one tile: both warpgroups' halves, or one warpgroup's whole tile with pingpong."""
-        return self.tile_n if self.pingpong else 2 * self.tile_n
 
 
 def _wg_offsets(tiles: Tiles, wg):
     """(first row, first column) of compute warpgroup wg's accumulator within a tile."""
-    if tiles.pingpong:
-        return 0, 0
     return (wg * tiles.wg_tile()[0], 0) if tiles.wg_split == "m" else (0, wg * tiles.tile_n)
 
 
@@ -150,7 +136,7 @@ def smem_bytes(tiles: Tiles, *, n_rhs: int, in_dtype, out_dtype, contract: bool,
         a = tiles.tile_k * tiles.tile_m
     else:
         a = tiles.tile_m * tiles.tile_k
-    b = n_rhs * tiles.tile_k * tiles.tile_cols()
+    b = n_rhs * tiles.tile_k * 2 * tiles.tile_n
     ring = tiles.stages * (a + b) * isz
     wr, wc = tiles.wg_tile()
     epi = 2 * wr * (tiles.epi_n * osz + epi_in * wc * isz)
@@ -366,8 +352,6 @@ def rows_kernel(
     if tiles.overlap_mma and not tiles.chain:
         raise ValueError("Tiles.overlap_mma needs chain=True (a per-tile pipeline's prologue would refill buffers "
                          "its last wgmma still reads)")
-    if tiles.pingpong:
-        raise ValueError("Tiles.pingpong is the flat contract kernel's (d_rhs) only")
     if grad and not tiles.chain:
         raise ValueError(f"swiglu={swiglu!r} needs chain=True (the flat pipeline starts a tile's g and u loads at "
                          "its first step)")
@@ -663,7 +647,7 @@ def _contract_step(acc, a_smem, b_smem, row0, start, end, *, wg, tiles: Tiles, l
     lhs^T, so the two warpgroups meet at mask_bar after masking (only on masked steps; both take the same branch)."""
     tc, tn = b_smem.shape[0], tiles.tile_n
     (wr, wc), (r_off, c_off) = tiles.wg_tile(), _wg_offsets(tiles, wg)
-    b_own = _part(b_smem, 1, 0 if tiles.pingpong else wg * tn, tn)  # what this warpgroup masks, whatever it reads
+    b_own = b_smem.at[:, pl.ds(wg * tn, tn)]  # the half this warpgroup masks, whichever part it reads
     masked = (row0 < start) | (row0 + tc > end)
 
     def _mask():
@@ -828,8 +812,8 @@ def contract_kernel(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles, lhs_i
     warpgroups zero the accumulator and store the tile at a tile's last step, the TMA warpgroup never drains
     between tiles. Same tiles, same accumulation order: results are bit-identical to the per-tile variant.
     """
-    if (tiles.overlap_mma or tiles.pingpong) and not tiles.chain:
-        raise ValueError("Tiles.overlap_mma and Tiles.pingpong need chain=True (the flat pipeline)")
+    if tiles.overlap_mma and not tiles.chain:
+        raise ValueError("Tiles.overlap_mma needs chain=True (see rows_kernel)")
     if tiles.chain:
         return _contract_kernel_flat(lhs_mk, rhs_mn, gsched_4g, out_dtype=out_dtype, tiles=tiles,
                                      lhs_is_km=lhs_is_km, interpret=interpret)
@@ -919,19 +903,16 @@ def _zero_acc(acc_ref, interpret: bool):
         acc_ref[...] = zeros
 
 
-def _store_zero_tiles(zero_ref, sm, n_sms: int, kn: int, k_n_tile, store, part=None):
+def _store_zero_tiles(zero_ref, sm, n_sms: int, kn: int, k_n_tile, store):
     """The empty groups' tiles (contract_flat_schedule's zero_2z) that fall to unit `sm` (a CTA, or a cluster of
     Tiles.cluster_k) of n_sms, round robin continuing after the pipelines' tiles; store(group, K tile, N tile)
-    writes one as zeros. part = w (Tiles.pingpong's warpgroup): only every other of them, from the w-th on."""
+    writes one as zeros."""
     n_zero, n_piped = zero_ref[0], zero_ref[1]
     first = (sm - n_piped % n_sms + n_sms) % n_sms
-    step = n_sms
-    if part is not None:
-        first, step = first + part * n_sms, 2 * n_sms
 
-    @pl.loop(0, (n_zero - first + step - 1) // step)
+    @pl.loop(0, (n_zero - first + n_sms - 1) // n_sms)
     def _zero_tile(i):
-        z = first + i * step
+        z = first + i * n_sms
         store(zero_ref[2 + z // kn], *k_n_tile(z))
 
 
@@ -940,7 +921,7 @@ def _contract_specs(tiles: Tiles, dtype, lhs_is_km: bool, index_of):
     tiles.cluster_k the dout block is the cluster's (multicast)."""
     tm, tn, tc = tiles.tile_m, tiles.tile_n, tiles.tile_k
     tr_a = _swizzle_transforms(tc if lhs_is_km else tm, dtype)
-    tr_b = _swizzle_transforms(tiles.tile_cols(), dtype)
+    tr_b = _swizzle_transforms(2 * tn, dtype)
 
     def a_map(s):
         blk, kt, _ = index_of(s)
@@ -953,8 +934,7 @@ def _contract_specs(tiles: Tiles, dtype, lhs_is_km: bool, index_of):
     a_block = (tm, tc) if lhs_is_km else (tc, tm)
     late = int(tiles.overlap_mma)
     return [plgpu.BlockSpec(a_block, a_map, transforms=tr_a, delay_release=late, memory_space=plgpu.SMEM),
-            plgpu.BlockSpec((tc, tiles.tile_cols()), b_map, transforms=tr_b, delay_release=late,
-                            memory_space=plgpu.SMEM,
+            plgpu.BlockSpec((tc, 2 * tn), b_map, transforms=tr_b, delay_release=late, memory_space=plgpu.SMEM,
                             **(dict(collective_axes=("cluster",)) if tiles.cluster_k else {}))]
 
 
@@ -971,8 +951,7 @@ def _contract_kernel_flat(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles,
     lhs_mk, m, k, n, g = _contract_dims(lhs_mk, rhs_mn, gsched_4g, tiles, lhs_is_km)
     tm, tn, tc, epi_n = tiles.tile_m, tiles.tile_n, tiles.tile_k, tiles.epi_n
     n_cl = 2 if tiles.cluster_k else 1  # CTAs per cluster: a tile slot is n_cl K tiles of one (group, N tile)
-    cols = tiles.tile_cols()
-    k_tiles, n_tiles = k // tm, n // cols
+    k_tiles, n_tiles = k // tm, n // (2 * tn)
     if interpret and n_cl > 1:
         raise ValueError("Tiles.cluster_k: Pallas' GPU interpreter has no clusters")
     if k_tiles % n_cl:
@@ -1029,12 +1008,9 @@ def _contract_kernel_flat(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles,
             def mma(_, a_smem, b_smem, carry):
                 acc, j, s_in, info = carry
                 gi, start, end, blk0, nst = info
-                # pingpong: slot j is warpgroup j % 2's; the other passes its steps (releasing them on arrival)
-                own = j % 2 == wg if tiles.pingpong else True
                 with jax.named_scope("mma"):
-                    pl.when(own)(lambda: _contract_step(
-                        acc, a_smem, b_smem, (blk0 + s_in) * tc, start, end, wg=wg, tiles=tiles,
-                        lhs_is_km=lhs_is_km, interpret=interpret, mask_bar=mask_bar))
+                    _contract_step(acc, a_smem, b_smem, (blk0 + s_in) * tc, start, end, wg=wg, tiles=tiles,
+                                   lhs_is_km=lhs_is_km, interpret=interpret, mask_bar=mask_bar)
                 last = s_in == nst - 1
 
                 @jax.named_scope("epilogue")
@@ -1042,10 +1018,10 @@ def _contract_kernel_flat(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles,
                     kt, nt = cta_tile(lin_ref[sm, j])
                     plgpu.wgmma_wait(0)
                     _store_rows(acc[...], out_gmem.at[gi], stage_smem.at[wg], row0=kt * tm + r_off, start=0, rows=wr,
-                                col0=nt * cols + c_off, epi_n=epi_n)
+                                col0=nt * 2 * tn + c_off, epi_n=epi_n)
                     _zero_acc(acc, interpret)
 
-                info = _next_tile_info(last, lambda: tile_info(j + 1), lambda: pl.when(own)(_epilogue), info)
+                info = _next_tile_info(last, lambda: tile_info(j + 1), _epilogue, info)
                 return acc, jnp.where(last, j + 1, j), jnp.where(last, 0, s_in + 1), info
 
             def context(run):
@@ -1062,11 +1038,10 @@ def _contract_kernel_flat(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles,
                 def _zeros():
                     _store_zero_tiles(zero_ref, sm, n_sms, kn, cta_tile, lambda gi, kt, nt: _store_rows(
                         jnp.zeros((wr, wc), jnp.float32), out_gmem.at[gi], stage_smem.at[wg], row0=kt * tm + r_off,
-                        start=0, rows=wr, col0=nt * cols + c_off, epi_n=epi_n), part=wg if tiles.pingpong else None)
+                        start=0, rows=wr, col0=nt * 2 * tn + c_off, epi_n=epi_n))
 
             plgpu.wait_smem_to_gmem(0)  # all output stores have landed before the kernel exits
 
     call = _persistent_call(kernel, jax.ShapeDtypeStruct((g, k, n), out_dtype), interpret,
-                            name=f"gmm_contract_flat{'_cluster' if n_cl > 1 else ''}{'_pp' if tiles.pingpong else ''}"
-                                 f"_k{k}_n{n}", cluster=n_cl)
+                            name=f"gmm_contract_flat{'_cluster' if n_cl > 1 else ''}_k{k}_n{n}", cluster=n_cl)
     return call(*tables, lhs_mk.T if lhs_is_km else lhs_mk, rhs_mn)
