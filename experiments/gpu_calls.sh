@@ -19,9 +19,9 @@
 # 2,304 rows per group keep d_rhs at 4 stages in bands of 4; session 51 ran 27 and 28 (d_rhs on 2-CTA clusters,
 # adopted below the deep threshold), 26 (the rows kernel at 3 stages: slower) and 24 with the clusters; session 52
 # ran 29, 30 and 25 (clusters level at decode-sized groups and in training; the deep threshold stays 4,096) and 31
-# of 0ad29fa (d_rhs as ping-pong: 1.4-2.1x slower, removed since); 32 (ping-pong with the warpgroups' steps
-# interleaved) waits; HISTORY.md):
-#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 32; 4 takes the persistent kernels,
+# of 0ad29fa (d_rhs as ping-pong: 1.4-2.1x slower, removed since), then the second ping-pong design of 71c50bb by
+# an inline command (1.3-1.6x slower, removed since); none waits; HISTORY.md):
+#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 30; 4 takes the persistent kernels,
 #                                                            14 the rows and d_rhs bands, 18 a benchmark flag)
 # run from the repository root on the device machine, with `.whl` carried (ml-collections and tensorboardX, which
 # its image lacks) and `.whl-tokamax` where a call times the tokamax peer (tokamax 0.0.17 with its needs, 37 MB).
@@ -33,7 +33,7 @@
 # here to the ignored `.jcc` (`rm -rf .jcc && cp -r /work/.device/N/jcc .jcc`) and carried, it seeds the next
 # machine's, which helps where that machine has the same card and image.
 set -u
-N=${1:?call number 1-32}
+N=${1:?call number 1-30}
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -219,14 +219,5 @@ small/gate_up_fused/2304 --out "$OUT/contract_ab_cluster_kernel.json"
     step 290 $B --out "$OUT/bench_train_b24_cluster.json"
     step 290 $B --gmm_switch CONTRACT_CLUSTER=False --out "$OUT/bench_train_b24_nocluster.json"
     ;;
-32) # session 52: d_rhs as ping-pong, second design (pallas_gmm.CONTRACT_PINGPONG: each compute warpgroup on its own
-    # 128 x 128 tiles, the two warpgroups' steps interleaved in the one ring half a tile apart, so one's epilogue runs
-    # beside the other's wgmmas; call 31's version, tiles in order, lost 1.4-2.1x): the GPU tests (bitwise the
-    # per-tile kernel), then the whole product by device time against the default
-    step 240 python -m pytest -n 0 -q tests/test_gmm.py -k gpu_flat_contract
-    step 330 python experiments/contract_ab.py --gmm-switch CONTRACT_PINGPONG=False,True --rounds 2 --device-time \
-        --cases longcat/gate_up/512,longcat/down/512,longcat/gate_up/2048,longcat/gate_up/512/skewed \
-        --out "$OUT/contract_ab_pingpong2_device.json"
-    ;;
-*)  echo "call number 1-32" >&2; exit 2 ;;
+*)  echo "call number 1-30" >&2; exit 2 ;;
 esac

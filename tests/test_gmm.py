@@ -485,45 +485,38 @@ def _contract_ref_f64(lhs, dout, sizes_l):
 def test_pallas_interpret_flat_contract_kernel(monkeypatch, m, k, n, sizes_l, out_dtype, tol):
     """d_rhs through one flat pipeline per CTA (pallas_chain) against a float64 reference; the interpreter
     NaN-fills outputs, so an unwritten tile fails; empty groups must be exactly zero, whether their tiles run a
-    masked step in the pipeline or are stored as zeros after it (CONTRACT_ZERO_EMPTY), and whether the warpgroups
-    share each tile or take turns on whole ones (CONTRACT_PINGPONG: 42 or 4 tiles over the 2 simulated SMs, so
-    both warpgroups' turns, the zero tiles' split and an odd last turn all run), bit for bit the same."""
+    masked step in the pipeline or are stored as zeros after it (CONTRACT_ZERO_EMPTY), bit for bit the same."""
     from lcflash.kernels.gmm import mgpu_kernels as mk
     from lcflash.kernels.gmm import pallas_gmm
 
     lhs, _, dout, sizes = _inputs(14, m, k, n, sizes_l, jnp.bfloat16)
     got = {}
-    for zero_empty, pingpong in ((False, False), (True, False), (False, True), (True, True)):
+    for zero_empty in (False, True):
         monkeypatch.setattr(mk, "CONTRACT_ZERO_EMPTY", zero_empty)
-        monkeypatch.setattr(pallas_gmm, "CONTRACT_PINGPONG", pingpong)
-        assert pallas_gmm.flat_contract_tiles(n, out_dtype, m / len(sizes_l), k=k).pingpong == pingpong
-        out = got[zero_empty, pingpong] = np.asarray(
+        out = got[zero_empty] = np.asarray(
             pallas_gmm.contract_matmul(lhs, dout, sizes, out_dtype=out_dtype, chain=True), np.float32)
         assert out.shape == (len(sizes_l), k, n)
         assert _rel(out, _contract_ref_f64(lhs, dout, sizes_l)) < tol
         assert not out[[i for i, s in enumerate(sizes_l) if s == 0]].any()
     for out in got.values():
-        np.testing.assert_array_equal(out, got[False, False])
+        np.testing.assert_array_equal(out, got[False])
 
 
 @pytest.mark.parametrize("zero_empty", [False, True])
-@pytest.mark.parametrize("deal,pingpong", [("round_robin", False), ("sorted", False), ("snake", False),
-                                           ("round_robin", True), ("snake", True)])
+@pytest.mark.parametrize("deal", ["round_robin", "sorted", "snake"])
 @pytest.mark.parametrize("sizes_l", [[512] * 64, [0] * 63 + [32768], list(range(0, 1024, 16)),
                                      [0, 900, 0, 0, 31000, 0, 300, 568, 0]])
-def test_flat_contract_schedule_walks_every_tile(sizes_l, deal, pingpong, zero_empty):
+def test_flat_contract_schedule_walks_every_tile(sizes_l, deal, zero_empty):
     """The per-CTA step table at LongCat gate/up shapes on 132 SMs (48 x 8 tiles per group): every tile is dealt
     to one CTA once (round robin: CTA c's tiles are c, c + 132, ...), and every CTA's steps are its tiles' row blocks
     in order (one for an empty group), within the table's static bound. With zero_empty an empty group's tiles are
-    in the zero list instead, and the pipeline deals the others as if the empty groups were not there. With pingpong
-    the steps of the even and the odd slots (the two warpgroups' streams) are each in that order, merged one step
-    each in turn once the odd stream's lag (half the first tile) has run, as a sort by virtual time would merge them."""
+    in the zero list instead, and the pipeline deals the others as if the empty groups were not there."""
     from lcflash.kernels.gmm import mgpu_kernels as mk
 
     m, tk, kn, n_sms = 32768, 64, 48 * 8, 132
     sizes = jnp.asarray(sizes_l, jnp.int32)
     tile_4g, step_cs, total_c, lin_cj, zero_2z = (np.asarray(a) for a in mk.contract_flat_schedule(
-        mk.contract_schedule(sizes, m, tk), m, tk, kn, n_sms, deal=deal, zero_empty=zero_empty, pingpong=pingpong))
+        mk.contract_schedule(sizes, m, tk), m, tk, kn, n_sms, deal=deal, zero_empty=zero_empty))
     n_lin = len(sizes_l) * kn
     empty = [i for i, s in enumerate(sizes_l) if s == 0] if zero_empty else []
     live_tiles = [t for t in range(n_lin) if t // kn not in empty]
@@ -546,12 +539,6 @@ def test_flat_contract_schedule_walks_every_tile(sizes_l, deal, pingpong, zero_e
             nblk = -(-ends[g] // tk) - starts[g] // tk if ends[g] > starts[g] else 1
             assert (tile_4g[2, g], tile_4g[3, g]) == (first, nblk)
             want += [(j << 16) | b for b in range(first, first + nblk)]
-        if pingpong and want:
-            lag = sum(1 for w in want if w >> 16 == 0) // 2
-            streams = [[w for w in want if (w >> 16) % 2 == p] for p in (0, 1)]
-            keyed = [(2 * i, w) for i, w in enumerate(streams[0])] + [(2 * (q + lag) + 1, w)
-                                                                      for q, w in enumerate(streams[1])]
-            want = [w for _, w in sorted(keyed)]
         assert total_c[c] == len(want) <= step_cs.shape[1]
         np.testing.assert_array_equal(step_cs[c, :len(want)], want)
 
@@ -666,42 +653,6 @@ def test_clustered_d_rhs_lowers_for_cuda_where_its_k_tiles_pair(mosaic_gpu_trace
         assert pallas_gmm.flat_contract_tiles(n, jnp.bfloat16, m / g, k=k).cluster_k == clustered, (k, n)
 
 
-@pytest.mark.parametrize("cluster", [False, True])
-def test_pingpong_d_rhs_lowers_for_cuda(mosaic_gpu_trace, monkeypatch, cluster):
-    """pallas_gmm.CONTRACT_PINGPONG: the flat d_rhs with the warpgroups taking turns on whole 128 x 128 tiles lowers
-    for CUDA at LongCat's and configs/small.py's shapes (deep groups too) within shared memory, on its deepest ring
-    (6 stages), alone or on 2-CTA clusters where the K tiles pair."""
-    from lcflash.kernels.gmm import pallas_gmm
-
-    monkeypatch.setattr(pallas_gmm, "CONTRACT_PINGPONG", True)
-    monkeypatch.setattr(pallas_gmm, "CONTRACT_CLUSTER", cluster)
-    sd = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt)  # noqa: E731
-    for k, n, g, m in [(2048, 6144, 64, 32768), (6144, 2048, 64, 32768), (1024, 768, 128, 65536),
-                       (384, 1024, 128, 65536), (2048, 6144, 16, 16 * 4096)]:
-        tiles = pallas_gmm.flat_contract_tiles(n, jnp.bfloat16, m / g, k=k)
-        assert (tiles.pingpong, tiles.stages, tiles.tile_cols()) == (True, 6, 128), tiles
-        text = jax.jit(lambda a, d, s: pallas_gmm.contract_matmul(a, d, s, out_dtype=jnp.bfloat16, chain=True)).trace(
-            sd(m, k), sd(m, n), sd(g, dt=jnp.int32)).lower(lowering_platforms=("cuda",)).as_text()
-        assert f"_pp_k{k}_n{n}" in text and ("gmm_contract_flat_cluster_pp" in text) == tiles.cluster_k, (k, n)
-
-
-def test_pingpong_is_the_flat_contract_kernels_only():
-    from lcflash.kernels.gmm import mgpu_kernels as mk
-
-    lhs, dout = jnp.zeros((256, 256), jnp.bfloat16), jnp.zeros((256, 256), jnp.bfloat16)
-    gs = mk.contract_schedule(jnp.array([100, 156], jnp.int32), 256, 64)
-    with pytest.raises(ValueError, match="need chain=True"):
-        mk.contract_kernel(lhs.T, dout, gs, out_dtype=jnp.bfloat16, tiles=mk.Tiles(pingpong=True), lhs_is_km=True,
-                           interpret=True)
-    with pytest.raises(ValueError, match="pingpong needs wg_split 'n'"):
-        mk.contract_kernel(lhs.T, dout, gs, out_dtype=jnp.bfloat16, lhs_is_km=True, interpret=True,
-                           tiles=mk.Tiles(pingpong=True, chain=True, wg_split="m"))
-    sched = mk.row_schedule(gs[1] - gs[0], 256, 128)[0]
-    with pytest.raises(ValueError, match="flat contract kernel's"):
-        mk.rows_kernel(lhs, [dout.reshape(1, 256, 256)], sched, transpose_rhs=False, out_dtype=lhs.dtype,
-                       tiles=mk.Tiles(pingpong=True, chain=True))
-
-
 def test_clustered_d_rhs_refuses_odd_k_tiles_and_the_interpreter():
     from lcflash.kernels.gmm import mgpu_kernels as mk
 
@@ -769,21 +720,18 @@ def test_gpu_pallas_forward_and_gradients(case, impl):
 
 
 @gpu_only
-@pytest.mark.parametrize("zero_empty,cluster,pingpong", [(False, False, False), (True, False, False),
-                                                         (False, True, False), (True, True, False),
-                                                         (True, False, True), (False, True, True), (True, True, True)])
+@pytest.mark.parametrize("zero_empty,cluster", [(False, False), (True, False), (False, True), (True, True)])
 @pytest.mark.parametrize("case", sorted(GPU_CASES))
-def test_gpu_flat_contract_kernel(monkeypatch, case, zero_empty, cluster, pingpong):
+def test_gpu_flat_contract_kernel(monkeypatch, case, zero_empty, cluster):
     """d_rhs through one flat pipeline per CTA (or per 2-CTA cluster sharing dout's blocks: CONTRACT_CLUSTER; every
-    case has an even number of K tiles; with or without the warpgroups' turns, CONTRACT_PINGPONG): bit-identical to
-    the per-tile contract kernel (same tiles, same accumulation order), empty groups zero (a masked step each in the
-    pipeline, or stored after it: CONTRACT_ZERO_EMPTY), and the same on a second call."""
+    case has an even number of K tiles): bit-identical to the per-tile contract kernel (same tiles, same
+    accumulation order), empty groups zero (a masked step each in the pipeline, or stored after it:
+    CONTRACT_ZERO_EMPTY), and the same on a second call."""
     from lcflash.kernels.gmm import mgpu_kernels as mk
     from lcflash.kernels.gmm import pallas_gmm
 
     monkeypatch.setattr(mk, "CONTRACT_ZERO_EMPTY", zero_empty)
     monkeypatch.setattr(pallas_gmm, "CONTRACT_CLUSTER", cluster)
-    monkeypatch.setattr(pallas_gmm, "CONTRACT_PINGPONG", pingpong)
     m, k, n, sizes_l = GPU_CASES[case]
     lhs, _, dout, sizes = _inputs(13, m, k, n, sizes_l, jnp.bfloat16)
     flat = jax.jit(lambda a, d: pallas_gmm.contract_matmul(a, d, sizes, out_dtype=jnp.bfloat16, chain=True))

@@ -72,30 +72,16 @@ class Tiles:
     # so every step they read the same dout block, which TMA multicasts to both (a third less traffic from L2 per
     # step at 128 x 256 tiles). Needs an even number of K tiles; not in the interpreter (no clusters there).
     cluster_k: bool = False
-    # Flat contract kernel only: ping-pong. Each compute warpgroup works on whole tile_m x tile_n tiles of its own (a
-    # CTA's tile slot j is warpgroup j % 2's) instead of the two sharing a tile_m x 2 * tile_n tile by column halves;
-    # the one ring carries both warpgroups' steps, interleaved half a tile apart (contract_flat_schedule), so one
-    # warpgroup's epilogue runs while the other's wgmmas keep the tensor cores busy. A step loads its lhs block for
-    # tile_n output columns instead of 2 * tile_n. Needs wg_split "n".
-    pingpong: bool = False
 
     def wg_tile(self) -> tuple[int, int]:
         """(rows, columns) of one compute warpgroup's accumulator."""
         if self.wg_split not in ("n", "m"):
             raise ValueError(f"Tiles.wg_split = {self.wg_split!r}: must be 'n' (column halves) or 'm' (row halves)")
-        if self.pingpong and self.wg_split != "n":
-            raise ValueError("Tiles.pingpong needs wg_split 'n' (a warpgroup's tile is tile_m x tile_n)")
         return (self.tile_m // 2, 2 * self.tile_n) if self.wg_split == "m" else (self.tile_m, self.tile_n)
-
-    def tile_cols(self) -> int:
-        """Output columns of one tile: both warpgroups' halves, or one warpgroup's whole tile with pingpong."""
-        return self.tile_n if self.pingpong else 2 * self.tile_n
 
 
 def _wg_offsets(tiles: Tiles, wg):
     """(first row, first column) of compute warpgroup wg's accumulator within a tile."""
-    if tiles.pingpong:
-        return 0, 0
     return (wg * tiles.wg_tile()[0], 0) if tiles.wg_split == "m" else (0, wg * tiles.tile_n)
 
 
@@ -150,7 +136,7 @@ def smem_bytes(tiles: Tiles, *, n_rhs: int, in_dtype, out_dtype, contract: bool,
         a = tiles.tile_k * tiles.tile_m
     else:
         a = tiles.tile_m * tiles.tile_k
-    b = n_rhs * tiles.tile_k * tiles.tile_cols()
+    b = n_rhs * tiles.tile_k * 2 * tiles.tile_n
     ring = tiles.stages * (a + b) * isz
     wr, wc = tiles.wg_tile()
     epi = 2 * wr * (tiles.epi_n * osz + epi_in * wc * isz)
@@ -366,8 +352,6 @@ def rows_kernel(
     if tiles.overlap_mma and not tiles.chain:
         raise ValueError("Tiles.overlap_mma needs chain=True (a per-tile pipeline's prologue would refill buffers "
                          "its last wgmma still reads)")
-    if tiles.pingpong:
-        raise ValueError("Tiles.pingpong is the flat contract kernel's (d_rhs) only")
     if grad and not tiles.chain:
         raise ValueError(f"swiglu={swiglu!r} needs chain=True (the flat pipeline starts a tile's g and u loads at "
                          "its first step)")
@@ -663,7 +647,7 @@ def _contract_step(acc, a_smem, b_smem, row0, start, end, *, wg, tiles: Tiles, l
     lhs^T, so the two warpgroups meet at mask_bar after masking (only on masked steps; both take the same branch)."""
     tc, tn = b_smem.shape[0], tiles.tile_n
     (wr, wc), (r_off, c_off) = tiles.wg_tile(), _wg_offsets(tiles, wg)
-    b_own = _part(b_smem, 1, 0 if tiles.pingpong else wg * tn, tn)  # what this warpgroup masks, whatever it reads
+    b_own = b_smem.at[:, pl.ds(wg * tn, tn)]  # the half this warpgroup masks, whichever part it reads
     masked = (row0 < start) | (row0 + tc > end)
 
     def _mask():
@@ -748,7 +732,7 @@ def deal_tiles(cost_g: jax.Array, tiles_per_group: int, n_sms: int, snake: bool,
 
 
 def contract_flat_schedule(gsched_4g: jax.Array, m: int, tile_k: int, tiles_per_group: int, n_sms: int,
-                           deal: str | None = None, zero_empty: bool | None = None, pingpong: bool = False):
+                           deal: str | None = None, zero_empty: bool | None = None):
     """Per-CTA step table for the flat contract pipeline (contract_kernel with tiles.chain).
 
     Tiles are numbered group-major (group = lin // tiles_per_group). CTA c walks the tiles of row c of `lin_cj`, as
@@ -766,9 +750,6 @@ def contract_flat_schedule(gsched_4g: jax.Array, m: int, tile_k: int, tiles_per_
     A CTA holds at most t = cdiv(tiles_per_group, n_sms) tiles of each group (t + 1 dealt by cost: a group's tiles
     are adjacent in cost order and each row of the deal gives a CTA one tile), and the groups' steps sum to
     < m / tile_k + 2 G, so S = t' * (cdiv(m, tile_k) + 2 G) bounds every CTA's steps.
-
-    pingpong (Tiles.pingpong): slot j is compute warpgroup j % 2's, and the CTA's steps interleave the two
-    warpgroups' streams (`_pingpong_steps`) instead of running the slots in order; lin_cj gets two slots of padding.
     """
     deal = CONTRACT_DEAL if deal is None else deal
     zero_empty = CONTRACT_ZERO_EMPTY if zero_empty is None else zero_empty
@@ -807,49 +788,15 @@ def contract_flat_schedule(gsched_4g: jax.Array, m: int, tile_k: int, tiles_per_
     steps_cj = jnp.where(lin_cj < n_lin, nst[grp_cj], 0)
     cum_cj = jnp.cumsum(steps_cj, axis=1)
     total_c = cum_cj[:, -1]
-    if pingpong:
-        step_cs = _pingpong_steps(steps_cj, grp_cj, blk0, s_max)
-    else:
-        step_cs = _slot_steps(steps_cj, grp_cj, blk0, s_max, 0, 1)
-    pad = jnp.full((n_sms, 1 + pingpong), n_lin, jnp.int32)  # slot j + 1 (pingpong: j + 2) is read ahead
-    lin_cj = jnp.concatenate([lin_cj, pad], axis=1)
+    s_s = jnp.arange(s_max, dtype=jnp.int32)
+    j_cs = jnp.minimum(jax.vmap(lambda cum: find(cum, s_s))(cum_cj), j_max - 1)
+    j_cs = j_cs.astype(jnp.int32)
+    first_cs = jnp.take_along_axis(cum_cj - steps_cj, j_cs, axis=1)
+    blk_cs = blk0[jnp.take_along_axis(grp_cj, j_cs, axis=1)] + s_s[None, :] - first_cs
+    step_cs = jnp.where(s_s[None, :] < total_c[:, None], (j_cs << _FLAT_BLK_BITS) | blk_cs, 0)
+    lin_cj = jnp.concatenate([lin_cj, jnp.full((n_sms, 1), n_lin, jnp.int32)], axis=1)  # slot j + 1 is read ahead
     return (tile_4g, step_cs.astype(jnp.int32), total_c.astype(jnp.int32), lin_cj.astype(jnp.int32),
             zero_2z.astype(jnp.int32))
-
-
-def _slot_steps(steps_cj, grp_cj, blk0, s_max: int, first_slot: int, slot_step: int):
-    """The step table (`contract_flat_schedule`'s step_cs) of one stream of slots run in order: slots first_slot,
-    first_slot + slot_step, ... of steps_cj's; 0 past the stream's last step."""
-    steps, grp = steps_cj[:, first_slot::slot_step], grp_cj[:, first_slot::slot_step]
-    s_s = jnp.arange(s_max, dtype=jnp.int32)
-    if steps.shape[1] == 0:
-        return jnp.zeros((steps_cj.shape[0], s_max), jnp.int32)
-    cum = jnp.cumsum(steps, axis=1)
-    find = functools.partial(jnp.searchsorted, side="right", method="compare_all")
-    jj = jnp.minimum(jax.vmap(lambda c: find(c, s_s))(cum), steps.shape[1] - 1).astype(jnp.int32)
-    blk = blk0[jnp.take_along_axis(grp, jj, axis=1)] + s_s[None, :] - jnp.take_along_axis(cum - steps, jj, axis=1)
-    packed = ((first_slot + slot_step * jj) << _FLAT_BLK_BITS) | blk
-    return jnp.where(s_s[None, :] < cum[:, -1:], packed, 0).astype(jnp.int32)
-
-
-def _pingpong_steps(steps_cj, grp_cj, blk0, s_max: int):
-    """Tiles.pingpong's step table: warpgroup w's stream (the CTA's slots w, w + 2, ...) and the other's merged one
-    step each in turn, warpgroup 1's lagging half of the CTA's first tile, so that the two streams' tile ends (the
-    epilogues) fall apart and each runs beside the other's wgmmas. Merged by virtual time: stream 0's step i at 2 i,
-    stream 1's step q at 2 (q + o) + 1 (o: that lag), so step i lands after clip(i - o, 0, L1) of stream 1's and
-    step q after min(q + o + 1, L0) of stream 0's (L: a stream's steps). A stream that runs out leaves the other's
-    rest in order."""
-    n_sms = steps_cj.shape[0]
-    s_s = jnp.arange(s_max, dtype=jnp.int32)[None, :]
-    lengths = [jnp.sum(steps_cj[:, w::2], axis=1, dtype=jnp.int32)[:, None] for w in (0, 1)]
-    lag = steps_cj[:, :1] // 2
-    pos = [s_s + jnp.clip(s_s - lag, 0, lengths[1]), s_s + jnp.minimum(s_s + lag + 1, lengths[0])]
-    rows = jnp.arange(n_sms)[:, None]
-    out = jnp.zeros((n_sms, s_max + 1), jnp.int32)  # column s_max takes the steps past a stream's end
-    for w in (0, 1):
-        at = jnp.where(s_s < lengths[w], pos[w], s_max)
-        out = out.at[rows, at].set(_slot_steps(steps_cj, grp_cj, blk0, s_max, w, 2))
-    return out[:, :s_max]
 
 
 def contract_kernel(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles, lhs_is_km: bool = False,
@@ -865,8 +812,8 @@ def contract_kernel(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles, lhs_i
     warpgroups zero the accumulator and store the tile at a tile's last step, the TMA warpgroup never drains
     between tiles. Same tiles, same accumulation order: results are bit-identical to the per-tile variant.
     """
-    if (tiles.overlap_mma or tiles.pingpong) and not tiles.chain:
-        raise ValueError("Tiles.overlap_mma and Tiles.pingpong need chain=True (the flat pipeline)")
+    if tiles.overlap_mma and not tiles.chain:
+        raise ValueError("Tiles.overlap_mma needs chain=True (see rows_kernel)")
     if tiles.chain:
         return _contract_kernel_flat(lhs_mk, rhs_mn, gsched_4g, out_dtype=out_dtype, tiles=tiles,
                                      lhs_is_km=lhs_is_km, interpret=interpret)
@@ -956,19 +903,16 @@ def _zero_acc(acc_ref, interpret: bool):
         acc_ref[...] = zeros
 
 
-def _store_zero_tiles(zero_ref, sm, n_sms: int, kn: int, k_n_tile, store, part=None):
+def _store_zero_tiles(zero_ref, sm, n_sms: int, kn: int, k_n_tile, store):
     """The empty groups' tiles (contract_flat_schedule's zero_2z) that fall to unit `sm` (a CTA, or a cluster of
     Tiles.cluster_k) of n_sms, round robin continuing after the pipelines' tiles; store(group, K tile, N tile)
-    writes one as zeros. part = w (Tiles.pingpong's warpgroup): only every other of them, from the w-th on."""
+    writes one as zeros."""
     n_zero, n_piped = zero_ref[0], zero_ref[1]
     first = (sm - n_piped % n_sms + n_sms) % n_sms
-    step = n_sms
-    if part is not None:
-        first, step = first + part * n_sms, 2 * n_sms
 
-    @pl.loop(0, (n_zero - first + step - 1) // step)
+    @pl.loop(0, (n_zero - first + n_sms - 1) // n_sms)
     def _zero_tile(i):
-        z = first + i * step
+        z = first + i * n_sms
         store(zero_ref[2 + z // kn], *k_n_tile(z))
 
 
@@ -977,7 +921,7 @@ def _contract_specs(tiles: Tiles, dtype, lhs_is_km: bool, index_of):
     tiles.cluster_k the dout block is the cluster's (multicast)."""
     tm, tn, tc = tiles.tile_m, tiles.tile_n, tiles.tile_k
     tr_a = _swizzle_transforms(tc if lhs_is_km else tm, dtype)
-    tr_b = _swizzle_transforms(tiles.tile_cols(), dtype)
+    tr_b = _swizzle_transforms(2 * tn, dtype)
 
     def a_map(s):
         blk, kt, _ = index_of(s)
@@ -990,8 +934,7 @@ def _contract_specs(tiles: Tiles, dtype, lhs_is_km: bool, index_of):
     a_block = (tm, tc) if lhs_is_km else (tc, tm)
     late = int(tiles.overlap_mma)
     return [plgpu.BlockSpec(a_block, a_map, transforms=tr_a, delay_release=late, memory_space=plgpu.SMEM),
-            plgpu.BlockSpec((tc, tiles.tile_cols()), b_map, transforms=tr_b, delay_release=late,
-                            memory_space=plgpu.SMEM,
+            plgpu.BlockSpec((tc, 2 * tn), b_map, transforms=tr_b, delay_release=late, memory_space=plgpu.SMEM,
                             **(dict(collective_axes=("cluster",)) if tiles.cluster_k else {}))]
 
 
@@ -1008,8 +951,7 @@ def _contract_kernel_flat(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles,
     lhs_mk, m, k, n, g = _contract_dims(lhs_mk, rhs_mn, gsched_4g, tiles, lhs_is_km)
     tm, tn, tc, epi_n = tiles.tile_m, tiles.tile_n, tiles.tile_k, tiles.epi_n
     n_cl = 2 if tiles.cluster_k else 1  # CTAs per cluster: a tile slot is n_cl K tiles of one (group, N tile)
-    cols = tiles.tile_cols()
-    k_tiles, n_tiles = k // tm, n // cols
+    k_tiles, n_tiles = k // tm, n // (2 * tn)
     if interpret and n_cl > 1:
         raise ValueError("Tiles.cluster_k: Pallas' GPU interpreter has no clusters")
     if k_tiles % n_cl:
@@ -1022,7 +964,7 @@ def _contract_kernel_flat(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles,
         return band_order(lin % kn, n_tiles, k_tiles // n_cl, tiles.band)
 
     zero_empty = CONTRACT_ZERO_EMPTY
-    tables = contract_flat_schedule(gsched_4g, m, tc, kn, n_sms, zero_empty=zero_empty, pingpong=tiles.pingpong)
+    tables = contract_flat_schedule(gsched_4g, m, tc, kn, n_sms, zero_empty=zero_empty)
 
     def kernel(tile_ref, step_ref, total_ref, lin_ref, zero_ref, lhs_gmem, rhs_gmem, out_gmem):
         sm = lax.axis_index("sm")
@@ -1060,41 +1002,31 @@ def _contract_kernel_flat(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles,
 
             def tile_info(j):
                 """(group, start row, end row, first row block, steps) of this CTA's tile slot j."""
-                # a pingpong warpgroup done with its slots reads ahead while passing the other's last steps
-                j = jnp.minimum(j, lin_ref.shape[1] - 1)
                 gi = jnp.minimum(lin_ref[sm, j] // kn, g - 1)  # past the last tile: any valid group
                 return (gi, tile_ref[0, gi], tile_ref[1, gi], tile_ref[2, gi], tile_ref[3, gi])
 
-            def mma(idx, a_smem, b_smem, carry):
-                # j: the slot this warpgroup works on. Shared tiles: the step's slot, for both warpgroups. pingpong:
-                # this warpgroup's own slot (wg, wg + 2, ...), whose steps the schedule interleaves with the other's;
-                # the step table says whose each step is, and the other warpgroup passes it (arriving at once).
+            def mma(_, a_smem, b_smem, carry):
                 acc, j, s_in, info = carry
                 gi, start, end, blk0, nst = info
-                own = (step_ref[sm, idx[0]] >> _FLAT_BLK_BITS) == j if tiles.pingpong else True
                 with jax.named_scope("mma"):
-                    pl.when(own)(lambda: _contract_step(
-                        acc, a_smem, b_smem, (blk0 + s_in) * tc, start, end, wg=wg, tiles=tiles,
-                        lhs_is_km=lhs_is_km, interpret=interpret, mask_bar=mask_bar))
-                last = own & (s_in == nst - 1)
-                s_next = jnp.where(own, s_in + 1, s_in)
+                    _contract_step(acc, a_smem, b_smem, (blk0 + s_in) * tc, start, end, wg=wg, tiles=tiles,
+                                   lhs_is_km=lhs_is_km, interpret=interpret, mask_bar=mask_bar)
+                last = s_in == nst - 1
 
                 @jax.named_scope("epilogue")
                 def _epilogue():
                     kt, nt = cta_tile(lin_ref[sm, j])
                     plgpu.wgmma_wait(0)
                     _store_rows(acc[...], out_gmem.at[gi], stage_smem.at[wg], row0=kt * tm + r_off, start=0, rows=wr,
-                                col0=nt * cols + c_off, epi_n=epi_n)
+                                col0=nt * 2 * tn + c_off, epi_n=epi_n)
                     _zero_acc(acc, interpret)
 
-                step_j = 1 + tiles.pingpong
-                info = _next_tile_info(last, lambda: tile_info(j + step_j), _epilogue, info)
-                return acc, jnp.where(last, j + step_j, j), jnp.where(last, 0, s_next), info
+                info = _next_tile_info(last, lambda: tile_info(j + 1), _epilogue, info)
+                return acc, jnp.where(last, j + 1, j), jnp.where(last, 0, s_in + 1), info
 
             def context(run):
                 def acc_scope(acc_ref):
-                    j0 = wg.astype(jnp.int32) if tiles.pingpong else jnp.int32(0)
-                    run((acc_ref, j0, jnp.int32(0), tile_info(j0)))
+                    run((acc_ref, jnp.int32(0), jnp.int32(0), tile_info(jnp.int32(0))))
 
                 pl.run_scoped(acc_scope, plgpu.ACC((wr, wc), jnp.float32))
 
@@ -1106,11 +1038,10 @@ def _contract_kernel_flat(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles,
                 def _zeros():
                     _store_zero_tiles(zero_ref, sm, n_sms, kn, cta_tile, lambda gi, kt, nt: _store_rows(
                         jnp.zeros((wr, wc), jnp.float32), out_gmem.at[gi], stage_smem.at[wg], row0=kt * tm + r_off,
-                        start=0, rows=wr, col0=nt * cols + c_off, epi_n=epi_n), part=wg if tiles.pingpong else None)
+                        start=0, rows=wr, col0=nt * 2 * tn + c_off, epi_n=epi_n))
 
             plgpu.wait_smem_to_gmem(0)  # all output stores have landed before the kernel exits
 
     call = _persistent_call(kernel, jax.ShapeDtypeStruct((g, k, n), out_dtype), interpret,
-                            name=f"gmm_contract_flat{'_cluster' if n_cl > 1 else ''}{'_pp' if tiles.pingpong else ''}"
-                                 f"_k{k}_n{n}", cluster=n_cl)
+                            name=f"gmm_contract_flat{'_cluster' if n_cl > 1 else ''}_k{k}_n{n}", cluster=n_cl)
     return call(*tables, lhs_mk.T if lhs_is_km else lhs_mk, rhs_mn)

@@ -57,14 +57,6 @@ CONTRACT_DEEP_BAND = 2
 # skewed T = 512 2-4% faster; over deep groups (T = 4096, 3 stages in bands of 2) 1% slower, so not there. Read at
 # trace time.
 CONTRACT_CLUSTER = True
-# The flat d_rhs as ping-pong (mk.Tiles.pingpong: each compute warpgroup on its own 128 x 128 tiles, the two
-# warpgroups' steps interleaved in the one ring half a tile apart, so one's epilogue runs beside the other's wgmmas),
-# with a ring of at most CONTRACT_PINGPONG_STAGES (its steps are two thirds the bytes) and bands of twice
-# CONTRACT_BAND / CONTRACT_DEEP_BAND tiles (the same columns). Session 52's version, which ran a CTA's tiles in order
-# (the warpgroups taking turns), was 1.4-2.1x slower on an H100 (experiments/HISTORY.md); this one is unmeasured on a
-# GPU: off. Read at trace time.
-CONTRACT_PINGPONG = False
-CONTRACT_PINGPONG_STAGES = 6
 
 
 def tiling_settings() -> dict:
@@ -72,8 +64,7 @@ def tiling_settings() -> dict:
     return dict(wg_split=WG_SPLIT, rows_band=ROWS_BAND, contract_band=CONTRACT_BAND, rows_stages=ROWS_STAGES,
                 contract_stages=CONTRACT_STAGES,
                 contract_deep=[CONTRACT_DEEP_ROWS, CONTRACT_DEEP_STAGES, CONTRACT_DEEP_BAND],
-                contract_cluster=CONTRACT_CLUSTER, contract_pingpong=[CONTRACT_PINGPONG, CONTRACT_PINGPONG_STAGES],
-                contract_deal=mk.CONTRACT_DEAL,
+                contract_cluster=CONTRACT_CLUSTER, contract_deal=mk.CONTRACT_DEAL,
                 contract_zero_empty=mk.CONTRACT_ZERO_EMPTY)
 
 
@@ -124,7 +115,7 @@ def _chain_tiles(tiles: mk.Tiles, pinned: bool, out_dtype, n_rhs: int, contract:
     divisor of its n tiles up to band (ROWS_BAND / CONTRACT_BAND)."""
     if pinned:
         return dataclasses.replace(tiles, chain=True)
-    band = mk.widest_band(n // tiles.tile_cols(), band)
+    band = mk.widest_band(n // (2 * tiles.tile_n), band)
     for stages in range(most_stages, 0, -1):
         for epi_n in sorted({tiles.epi_n, min(64, tiles.epi_n)}, reverse=True):
             t = dataclasses.replace(tiles, stages=stages, epi_n=epi_n, chain=True, band=band)
@@ -141,12 +132,11 @@ def flat_contract_tiles(n: int, out_dtype, rows_per_group: float, *, k: int) -> 
     (CONTRACT_CLUSTER) on a GPU where the K tiles pair."""
     pinned, tiles = CONTRACT_TILES is not None, _contract_tiles(n, out_dtype)
     if not pinned:  # 64-column stores at any ring depth: at 3 stages 128-column ones lost (session 46, HISTORY.md)
-        tiles = dataclasses.replace(tiles, epi_n=64, pingpong=CONTRACT_PINGPONG)
+        tiles = dataclasses.replace(tiles, epi_n=64)
     deep = 0 < CONTRACT_DEEP_ROWS <= rows_per_group
-    band = CONTRACT_DEEP_BAND if deep else CONTRACT_BAND
-    tiles = _chain_tiles(tiles, pinned, out_dtype, 1, contract=True, n=n, band=band * (1 + tiles.pingpong),
-                         most_stages=CONTRACT_PINGPONG_STAGES if tiles.pingpong
-                         else CONTRACT_DEEP_STAGES if deep else CONTRACT_STAGES)
+    tiles = _chain_tiles(tiles, pinned, out_dtype, 1, contract=True, n=n,
+                         band=CONTRACT_DEEP_BAND if deep else CONTRACT_BAND,
+                         most_stages=CONTRACT_DEEP_STAGES if deep else CONTRACT_STAGES)
     if pinned:
         return tiles
     pairs = (k // tiles.tile_m) % 2 == 0
