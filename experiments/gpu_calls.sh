@@ -20,8 +20,9 @@
 # adopted below the deep threshold), 26 (the rows kernel at 3 stages: slower) and 24 with the clusters; session 52
 # ran 29, 30 and 25 (clusters level at decode-sized groups and in training; the deep threshold stays 4,096) and 31
 # of 0ad29fa (d_rhs as ping-pong: 1.4-2.1x slower, removed since), then the second ping-pong design of 71c50bb by
-# an inline command (1.3-1.6x slower, removed since); none waits; HISTORY.md):
-#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 30; 4 takes the persistent kernels,
+# an inline command (1.3-1.6x slower, removed since); 33 (one-load step entries for d_rhs's TMA warpgroup)
+# waits; HISTORY.md):
+#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 33; 4 takes the persistent kernels,
 #                                                            14 the rows and d_rhs bands, 18 a benchmark flag)
 # run from the repository root on the device machine, with `.whl` carried (ml-collections and tensorboardX, which
 # its image lacks) and `.whl-tokamax` where a call times the tokamax peer (tokamax 0.0.17 with its needs, 37 MB).
@@ -33,7 +34,7 @@
 # here to the ignored `.jcc` (`rm -rf .jcc && cp -r /work/.device/N/jcc .jcc`) and carried, it seeds the next
 # machine's, which helps where that machine has the same card and image.
 set -u
-N=${1:?call number 1-30}
+N=${1:?call number 1-33}
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -219,5 +220,14 @@ small/gate_up_fused/2304 --out "$OUT/contract_ab_cluster_kernel.json"
     step 290 $B --out "$OUT/bench_train_b24_cluster.json"
     step 290 $B --gmm_switch CONTRACT_CLUSTER=False --out "$OUT/bench_train_b24_nocluster.json"
     ;;
-*)  echo "call number 1-30" >&2; exit 2 ;;
+33) # session 52: the flat d_rhs's step entries naming their tile (mgpu_kernels.CONTRACT_STEP_LIN: one scalar load per
+    # step for the TMA warpgroup instead of two dependent ones; session 52's ping-pongs, twice the steps, lost
+    # 1.3-2.1x with clusters no help, so the per-step latency is the suspect): the GPU tests (bitwise the per-tile
+    # kernel), then the whole product by device time against the default
+    step 240 python -m pytest -n 0 -q tests/test_gmm.py -k gpu_flat_contract
+    step 330 python experiments/contract_ab.py --gmm-switch CONTRACT_STEP_LIN=False,True --rounds 2 --device-time \
+        --cases longcat/gate_up/512,longcat/down/512,longcat/gate_up/2048,longcat/gate_up/512/skewed \
+        --out "$OUT/contract_ab_step_lin_device.json"
+    ;;
+*)  echo "call number 1-33" >&2; exit 2 ;;
 esac

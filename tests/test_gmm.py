@@ -491,15 +491,16 @@ def test_pallas_interpret_flat_contract_kernel(monkeypatch, m, k, n, sizes_l, ou
 
     lhs, _, dout, sizes = _inputs(14, m, k, n, sizes_l, jnp.bfloat16)
     got = {}
-    for zero_empty in (False, True):
+    for zero_empty, step_lin in ((False, False), (True, False), (True, True)):
         monkeypatch.setattr(mk, "CONTRACT_ZERO_EMPTY", zero_empty)
-        out = got[zero_empty] = np.asarray(
+        monkeypatch.setattr(mk, "CONTRACT_STEP_LIN", step_lin)  # the TMA warpgroup's one-load step entries
+        out = got[zero_empty, step_lin] = np.asarray(
             pallas_gmm.contract_matmul(lhs, dout, sizes, out_dtype=out_dtype, chain=True), np.float32)
         assert out.shape == (len(sizes_l), k, n)
         assert _rel(out, _contract_ref_f64(lhs, dout, sizes_l)) < tol
         assert not out[[i for i, s in enumerate(sizes_l) if s == 0]].any()
     for out in got.values():
-        np.testing.assert_array_equal(out, got[False])
+        np.testing.assert_array_equal(out, got[False, False])
 
 
 @pytest.mark.parametrize("zero_empty", [False, True])
@@ -541,6 +542,12 @@ def test_flat_contract_schedule_walks_every_tile(sizes_l, deal, zero_empty):
             want += [(j << 16) | b for b in range(first, first + nblk)]
         assert total_c[c] == len(want) <= step_cs.shape[1]
         np.testing.assert_array_equal(step_cs[c, :len(want)], want)
+    # CONTRACT_STEP_LIN: the same steps with each entry's slot replaced by the slot's tile
+    by_lin = np.asarray(mk.contract_flat_schedule(mk.contract_schedule(sizes, m, tk), m, tk, kn, n_sms, deal=deal,
+                                                  zero_empty=zero_empty, step_lin=True)[1])
+    live = np.arange(step_cs.shape[1])[None, :] < total_c[:, None]
+    slot_tile = np.take_along_axis(lin_cj, step_cs >> 16, axis=1)
+    np.testing.assert_array_equal(by_lin, np.where(live, (slot_tile << 16) | (step_cs & 0xFFFF), 0))
 
 
 def test_deal_tiles_ranks_as_a_stable_sort_of_the_tiles():
@@ -653,6 +660,23 @@ def test_clustered_d_rhs_lowers_for_cuda_where_its_k_tiles_pair(mosaic_gpu_trace
         assert pallas_gmm.flat_contract_tiles(n, jnp.bfloat16, m / g, k=k).cluster_k == clustered, (k, n)
 
 
+def test_one_load_step_entries_lower_for_cuda_and_fall_back_past_their_bits(mosaic_gpu_trace, monkeypatch):
+    """mgpu_kernels.CONTRACT_STEP_LIN: the flat d_rhs whose step entries name their tile lowers for CUDA at LongCat's
+    local shapes (64 experts: 64 x 192 clustered tiles) and, where the tiles outnumber the entry's 15 bits (all 512
+    experts on one GPU: 98,304 tiles), takes the two-load entries instead of failing."""
+    from lcflash.kernels.gmm import mgpu_kernels as mk, pallas_gmm
+
+    monkeypatch.setattr(mk, "CONTRACT_STEP_LIN", True)
+    sd = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt)  # noqa: E731
+    for g in (64, 512):
+        text = jax.jit(lambda a, d, s: pallas_gmm.contract_matmul(a, d, s, out_dtype=jnp.bfloat16, chain=True)).trace(
+            sd(32768, 2048), sd(32768, 6144), sd(g, dt=jnp.int32)).lower(lowering_platforms=("cuda",)).as_text()
+        assert "gmm_contract_flat_cluster_k2048_n6144" in text, g
+    with pytest.raises(ValueError, match="98304 tiles or 512 row blocks do not pack"):
+        mk.contract_flat_schedule(mk.contract_schedule(jnp.ones((512,), jnp.int32), 32768, 64), 32768, 64, 192, 66,
+                                  step_lin=True)
+
+
 def test_clustered_d_rhs_refuses_odd_k_tiles_and_the_interpreter():
     from lcflash.kernels.gmm import mgpu_kernels as mk
 
@@ -720,17 +744,20 @@ def test_gpu_pallas_forward_and_gradients(case, impl):
 
 
 @gpu_only
-@pytest.mark.parametrize("zero_empty,cluster", [(False, False), (True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("zero_empty,cluster,step_lin", [(False, False, False), (True, False, False),
+                                                         (False, True, False), (True, True, False),
+                                                         (False, False, True), (True, True, True)])
 @pytest.mark.parametrize("case", sorted(GPU_CASES))
-def test_gpu_flat_contract_kernel(monkeypatch, case, zero_empty, cluster):
+def test_gpu_flat_contract_kernel(monkeypatch, case, zero_empty, cluster, step_lin):
     """d_rhs through one flat pipeline per CTA (or per 2-CTA cluster sharing dout's blocks: CONTRACT_CLUSTER; every
-    case has an even number of K tiles): bit-identical to the per-tile contract kernel (same tiles, same
-    accumulation order), empty groups zero (a masked step each in the pipeline, or stored after it:
-    CONTRACT_ZERO_EMPTY), and the same on a second call."""
+    case has an even number of K tiles; with one-load step entries or two: CONTRACT_STEP_LIN): bit-identical to the
+    per-tile contract kernel (same tiles, same accumulation order), empty groups zero (a masked step each in the
+    pipeline, or stored after it: CONTRACT_ZERO_EMPTY), and the same on a second call."""
     from lcflash.kernels.gmm import mgpu_kernels as mk
     from lcflash.kernels.gmm import pallas_gmm
 
     monkeypatch.setattr(mk, "CONTRACT_ZERO_EMPTY", zero_empty)
+    monkeypatch.setattr(mk, "CONTRACT_STEP_LIN", step_lin)
     monkeypatch.setattr(pallas_gmm, "CONTRACT_CLUSTER", cluster)
     m, k, n, sizes_l = GPU_CASES[case]
     lhs, _, dout, sizes = _inputs(13, m, k, n, sizes_l, jnp.bfloat16)

@@ -693,6 +693,12 @@ CONTRACT_MASK = True
 CONTRACT_ZERO_EMPTY = True
 _FLAT_BLK_BITS = 16  # flat contract schedule: a step packs (tile slot j << 16) | row block
 _FLAT_BLK_MASK = (1 << _FLAT_BLK_BITS) - 1
+# Flat contract pipeline: each step's entry packs the tile's number (lin) instead of its slot, so the TMA warpgroup
+# finds a step's blocks with one scalar load instead of two dependent ones (step entry, then the slot's tile), where
+# the tiles number below 2^15. Its loads run between a slot's release and its refill; with half-size steps
+# (session 52's ping-pong) d_rhs ran 1.3-1.6x slower, and clusters, which cut the bytes, did not help, so the
+# per-step latency is the suspect. Unmeasured on a GPU: off (experiments/gpu_calls.sh 33). Read at trace time.
+CONTRACT_STEP_LIN = False
 # How the flat contract pipeline deals its tiles to the CTAs: "round_robin" (CTA c takes c, c + n_sms, ...), or by
 # cost (their group's row blocks), so that a skewed routing's large groups do not pile onto a few CTAs: "sorted"
 # (round robin over the tiles sorted by cost) or "snake" (every other row of that deal reversed). "auto": snake where
@@ -732,7 +738,7 @@ def deal_tiles(cost_g: jax.Array, tiles_per_group: int, n_sms: int, snake: bool,
 
 
 def contract_flat_schedule(gsched_4g: jax.Array, m: int, tile_k: int, tiles_per_group: int, n_sms: int,
-                           deal: str | None = None, zero_empty: bool | None = None):
+                           deal: str | None = None, zero_empty: bool | None = None, step_lin: bool = False):
     """Per-CTA step table for the flat contract pipeline (contract_kernel with tiles.chain).
 
     Tiles are numbered group-major (group = lin // tiles_per_group). CTA c walks the tiles of row c of `lin_cj`, as
@@ -750,6 +756,7 @@ def contract_flat_schedule(gsched_4g: jax.Array, m: int, tile_k: int, tiles_per_
     A CTA holds at most t = cdiv(tiles_per_group, n_sms) tiles of each group (t + 1 dealt by cost: a group's tiles
     are adjacent in cost order and each row of the deal gives a CTA one tile), and the groups' steps sum to
     < m / tile_k + 2 G, so S = t' * (cdiv(m, tile_k) + 2 G) bounds every CTA's steps.
+    step_lin (CONTRACT_STEP_LIN): step_cs packs the tile itself, (lin_cj[c, j] << 16) | row block.
     """
     deal = CONTRACT_DEAL if deal is None else deal
     zero_empty = CONTRACT_ZERO_EMPTY if zero_empty is None else zero_empty
@@ -768,8 +775,9 @@ def contract_flat_schedule(gsched_4g: jax.Array, m: int, tile_k: int, tiles_per_
     j_max = pl.cdiv(n_lin, n_sms)
     per_group = pl.cdiv(tiles_per_group, n_sms) + int(by_cost)
     s_max = per_group * (n_blocks + 2 * g)
-    if j_max >= 1 << (31 - _FLAT_BLK_BITS) or n_blocks >= 1 << _FLAT_BLK_BITS:
-        raise ValueError(f"flat contract schedule: {j_max} tiles per CTA or {n_blocks} row blocks do not pack")
+    packs = (f"{n_lin} tiles", n_lin) if step_lin else (f"{j_max} tiles per CTA", j_max)
+    if packs[1] >= 1 << (31 - _FLAT_BLK_BITS) or n_blocks >= 1 << _FLAT_BLK_BITS:
+        raise ValueError(f"flat contract schedule: {packs[0]} or {n_blocks} row blocks do not pack")
     live = nblk > 0 if zero_empty else jnp.ones((g,), bool)
     n_piped = jnp.sum(live, dtype=jnp.int32) * tiles_per_group
     find = functools.partial(jnp.searchsorted, side="right", method="compare_all")
@@ -793,7 +801,8 @@ def contract_flat_schedule(gsched_4g: jax.Array, m: int, tile_k: int, tiles_per_
     j_cs = j_cs.astype(jnp.int32)
     first_cs = jnp.take_along_axis(cum_cj - steps_cj, j_cs, axis=1)
     blk_cs = blk0[jnp.take_along_axis(grp_cj, j_cs, axis=1)] + s_s[None, :] - first_cs
-    step_cs = jnp.where(s_s[None, :] < total_c[:, None], (j_cs << _FLAT_BLK_BITS) | blk_cs, 0)
+    tile_cs = jnp.take_along_axis(lin_cj, j_cs, axis=1) if step_lin else j_cs
+    step_cs = jnp.where(s_s[None, :] < total_c[:, None], (tile_cs << _FLAT_BLK_BITS) | blk_cs, 0)
     lin_cj = jnp.concatenate([lin_cj, jnp.full((n_sms, 1), n_lin, jnp.int32)], axis=1)  # slot j + 1 is read ahead
     return (tile_4g, step_cs.astype(jnp.int32), total_c.astype(jnp.int32), lin_cj.astype(jnp.int32),
             zero_2z.astype(jnp.int32))
@@ -964,7 +973,8 @@ def _contract_kernel_flat(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles,
         return band_order(lin % kn, n_tiles, k_tiles // n_cl, tiles.band)
 
     zero_empty = CONTRACT_ZERO_EMPTY
-    tables = contract_flat_schedule(gsched_4g, m, tc, kn, n_sms, zero_empty=zero_empty)
+    step_lin = CONTRACT_STEP_LIN and g * kn < 1 << (31 - _FLAT_BLK_BITS)
+    tables = contract_flat_schedule(gsched_4g, m, tc, kn, n_sms, zero_empty=zero_empty, step_lin=step_lin)
 
     def kernel(tile_ref, step_ref, total_ref, lin_ref, zero_ref, lhs_gmem, rhs_gmem, out_gmem):
         sm = lax.axis_index("sm")
@@ -976,7 +986,8 @@ def _contract_kernel_flat(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles,
 
         def index_of(s):  # TMA warpgroup: (row block, K tile, N tile) of step s, from the step and tile tables
             packed = step_ref[sm, s]
-            return packed & _FLAT_BLK_MASK, *cta_tile(lin_ref[sm, packed >> _FLAT_BLK_BITS])
+            tile = packed >> _FLAT_BLK_BITS
+            return packed & _FLAT_BLK_MASK, *cta_tile(tile if step_lin else lin_ref[sm, tile])
 
         specs = _contract_specs(tiles, lhs_mk.dtype, lhs_is_km, index_of)
 
