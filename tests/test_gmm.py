@@ -663,15 +663,20 @@ def test_clustered_d_rhs_lowers_for_cuda_where_its_k_tiles_pair(mosaic_gpu_trace
 def test_one_load_step_entries_lower_for_cuda_and_fall_back_past_their_bits(mosaic_gpu_trace, monkeypatch):
     """mgpu_kernels.CONTRACT_STEP_LIN: the flat d_rhs whose step entries name their tile lowers for CUDA at LongCat's
     local shapes (64 experts: 64 x 192 clustered tiles) and, where the tiles outnumber the entry's 15 bits (all 512
-    experts on one GPU: 98,304 tiles), takes the two-load entries instead of failing."""
+    experts on one GPU: 98,304 tiles), takes the two-load entries instead of failing (the same program as with the
+    switch off)."""
     from lcflash.kernels.gmm import mgpu_kernels as mk, pallas_gmm
 
-    monkeypatch.setattr(mk, "CONTRACT_STEP_LIN", True)
     sd = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt)  # noqa: E731
-    for g in (64, 512):
-        text = jax.jit(lambda a, d, s: pallas_gmm.contract_matmul(a, d, s, out_dtype=jnp.bfloat16, chain=True)).trace(
-            sd(32768, 2048), sd(32768, 6144), sd(g, dt=jnp.int32)).lower(lowering_platforms=("cuda",)).as_text()
-        assert "gmm_contract_flat_cluster_k2048_n6144" in text, g
+    for g, changed in ((64, True), (512, False)):
+        text = {}
+        for step_lin in (False, True):
+            monkeypatch.setattr(mk, "CONTRACT_STEP_LIN", step_lin)
+            text[step_lin] = jax.jit(lambda a, d, s: pallas_gmm.contract_matmul(
+                a, d, s, out_dtype=jnp.bfloat16, chain=True)).trace(
+                sd(32768, 2048), sd(32768, 6144), sd(g, dt=jnp.int32)).lower(lowering_platforms=("cuda",)).as_text()
+            assert "gmm_contract_flat_cluster_k2048_n6144" in text[step_lin], g
+        assert (text[True] != text[False]) == changed, g
     with pytest.raises(ValueError, match="98304 tiles or 512 row blocks do not pack"):
         mk.contract_flat_schedule(mk.contract_schedule(jnp.ones((512,), jnp.int32), 32768, 64), 32768, 64, 192, 66,
                                   step_lin=True)
