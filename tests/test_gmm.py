@@ -543,6 +543,8 @@ def test_flat_contract_schedule_walks_every_tile(sizes_l, deal, zero_empty):
             want += [(j << 16) | b for b in range(first, first + nblk)]
         assert total_c[c] == len(want) <= step_cs.shape[1]
         np.testing.assert_array_equal(step_cs[c, :len(want)], want)
+    if deal != "round_robin":  # the packing is the same for every deal
+        return
     # CONTRACT_STEP_LIN: the same steps with each entry's slot replaced by the slot's tile
     by_lin = np.asarray(mk.contract_flat_schedule(mk.contract_schedule(sizes, m, tk), m, tk, kn, n_sms, deal=deal,
                                                   zero_empty=zero_empty, step_lin=True)[1])
