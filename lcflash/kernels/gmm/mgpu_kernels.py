@@ -693,6 +693,7 @@ CONTRACT_MASK = True
 CONTRACT_ZERO_EMPTY = True
 _FLAT_BLK_BITS = 16  # flat contract schedule: a step packs (tile slot j << 16) | row block
 _FLAT_BLK_MASK = (1 << _FLAT_BLK_BITS) - 1
+_FLAT_TILE_LIMIT = 1 << (31 - _FLAT_BLK_BITS)  # slots (or, with CONTRACT_STEP_LIN, tiles) an entry can name
 # Flat contract pipeline: each step's entry packs the tile's number (lin) instead of its slot, so the TMA warpgroup
 # finds a step's blocks with one scalar load instead of two dependent ones (step entry, then the slot's tile), where
 # the tiles number below 2^15. Its loads run between a slot's release and its refill; with half-size steps
@@ -775,9 +776,9 @@ def contract_flat_schedule(gsched_4g: jax.Array, m: int, tile_k: int, tiles_per_
     j_max = pl.cdiv(n_lin, n_sms)
     per_group = pl.cdiv(tiles_per_group, n_sms) + int(by_cost)
     s_max = per_group * (n_blocks + 2 * g)
-    packs = (f"{n_lin} tiles", n_lin) if step_lin else (f"{j_max} tiles per CTA", j_max)
-    if packs[1] >= 1 << (31 - _FLAT_BLK_BITS) or n_blocks >= 1 << _FLAT_BLK_BITS:
-        raise ValueError(f"flat contract schedule: {packs[0]} or {n_blocks} row blocks do not pack")
+    named, what = (n_lin, "tiles") if step_lin else (j_max, "tiles per CTA")
+    if named >= _FLAT_TILE_LIMIT or n_blocks >= 1 << _FLAT_BLK_BITS:
+        raise ValueError(f"flat contract schedule: {named} {what} or {n_blocks} row blocks do not pack")
     live = nblk > 0 if zero_empty else jnp.ones((g,), bool)
     n_piped = jnp.sum(live, dtype=jnp.int32) * tiles_per_group
     find = functools.partial(jnp.searchsorted, side="right", method="compare_all")
@@ -973,7 +974,7 @@ def _contract_kernel_flat(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles,
         return band_order(lin % kn, n_tiles, k_tiles // n_cl, tiles.band)
 
     zero_empty = CONTRACT_ZERO_EMPTY
-    step_lin = CONTRACT_STEP_LIN and g * kn < 1 << (31 - _FLAT_BLK_BITS)
+    step_lin = CONTRACT_STEP_LIN and g * kn < _FLAT_TILE_LIMIT
     tables = contract_flat_schedule(gsched_4g, m, tc, kn, n_sms, zero_empty=zero_empty, step_lin=step_lin)
 
     def kernel(tile_ref, step_ref, total_ref, lin_ref, zero_ref, lhs_gmem, rhs_gmem, out_gmem):
