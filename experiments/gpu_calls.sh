@@ -22,7 +22,7 @@
 # of 0ad29fa (d_rhs as ping-pong: 1.4-2.1x slower, removed since), then the second ping-pong design of 71c50bb by
 # an inline command (1.3-1.6x slower, removed since); 33 (one-load step entries for d_rhs's TMA warpgroup)
 # waits; HISTORY.md):
-#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 33; 4 takes the persistent kernels,
+#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 34; 4 takes the persistent kernels,
 #                                                            14 the rows and d_rhs bands, 18 a benchmark flag)
 # run from the repository root on the device machine, with `.whl` carried (ml-collections and tensorboardX, which
 # its image lacks) and `.whl-tokamax` where a call times the tokamax peer (tokamax 0.0.17 with its needs, 37 MB).
@@ -34,7 +34,7 @@
 # here to the ignored `.jcc` (`rm -rf .jcc && cp -r /work/.device/N/jcc .jcc`) and carried, it seeds the next
 # machine's, which helps where that machine has the same card and image.
 set -u
-N=${1:?call number 1-33}
+N=${1:?call number 1-34}
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -229,5 +229,15 @@ small/gate_up_fused/2304 --out "$OUT/contract_ab_cluster_kernel.json"
         --cases longcat/gate_up/512,longcat/down/512,longcat/gate_up/2048,longcat/gate_up/512/skewed \
         --out "$OUT/contract_ab_step_lin_device.json"
     ;;
-*)  echo "call number 1-33" >&2; exit 2 ;;
+34) # session 53: the step entries that name their tile (now the default, with the row-block field as wide as M
+    # needs) on more shapes, and the step's entry loaded once for both blocks (mgpu_kernels.CONTRACT_ONE_INDEX, off)
+    step 200 python -m pytest -n 0 -q tests/test_gmm.py -k "gpu_flat_contract or one_load"
+    step 260 python experiments/contract_ab.py --gmm-switch CONTRACT_STEP_LIN=False,True --rounds 2 --device-time \
+        --cases longcat/down/2048,longcat/gate_up/4096,longcat/down/512/skewed,small/gate_up_fused/64 \
+        --out "$OUT/contract_ab_step_lin2_device.json"
+    step 200 python experiments/contract_ab.py --gmm-switch CONTRACT_ONE_INDEX=False,True --rounds 2 --device-time \
+        --cases longcat/gate_up/512,longcat/gate_up/2048,longcat/down/512 \
+        --out "$OUT/contract_ab_one_index_device.json"
+    ;;
+*)  echo "call number 1-34" >&2; exit 2 ;;
 esac

@@ -5,6 +5,8 @@ CPU: the XLA implementations in fp32 and bf16, and our Pallas Mosaic GPU kernels
 transposed by XLA, see pallas_gmm). GPU: the compiled kernels, ours and JAX's example (`jax_mgpu`).
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -486,7 +488,7 @@ def test_pallas_interpret_flat_contract_kernel(monkeypatch, m, k, n, sizes_l, ou
     """d_rhs through one flat pipeline per CTA (pallas_chain) against a float64 reference; the interpreter
     NaN-fills outputs, so an unwritten tile fails; empty groups must be exactly zero, whether their tiles run a
     masked step in the pipeline or are stored as zeros after it (CONTRACT_ZERO_EMPTY, here together with the
-    one-load step entries, CONTRACT_STEP_LIN), bit for bit the same."""
+    one-load step entries, CONTRACT_STEP_LIN, and CONTRACT_ONE_INDEX), bit for bit the same."""
     from lcflash.kernels.gmm import mgpu_kernels as mk
     from lcflash.kernels.gmm import pallas_gmm
 
@@ -495,6 +497,7 @@ def test_pallas_interpret_flat_contract_kernel(monkeypatch, m, k, n, sizes_l, ou
     for zero_empty, step_lin in ((False, False), (True, True)):
         monkeypatch.setattr(mk, "CONTRACT_ZERO_EMPTY", zero_empty)
         monkeypatch.setattr(mk, "CONTRACT_STEP_LIN", step_lin)  # the TMA warpgroup's one-load step entries
+        monkeypatch.setattr(mk, "CONTRACT_ONE_INDEX", step_lin)  # ... loaded once for both blocks
         out = got[zero_empty, step_lin] = np.asarray(
             pallas_gmm.contract_matmul(lhs, dout, sizes, out_dtype=out_dtype, chain=True), np.float32)
         assert out.shape == (len(sizes_l), k, n)
@@ -516,6 +519,8 @@ def test_flat_contract_schedule_walks_every_tile(sizes_l, deal, zero_empty):
     from lcflash.kernels.gmm import mgpu_kernels as mk
 
     m, tk, kn, n_sms = 32768, 64, 48 * 8, 132
+    bits = mk.flat_step_bits(m, tk)
+    assert bits == 9  # 512 row blocks
     sizes = jnp.asarray(sizes_l, jnp.int32)
     tile_4g, step_cs, total_c, lin_cj, zero_2z = (np.asarray(a) for a in mk.contract_flat_schedule(
         mk.contract_schedule(sizes, m, tk), m, tk, kn, n_sms, deal=deal, zero_empty=zero_empty))
@@ -540,7 +545,7 @@ def test_flat_contract_schedule_walks_every_tile(sizes_l, deal, zero_empty):
             first = min(starts[g] // tk, m // tk - 1)
             nblk = -(-ends[g] // tk) - starts[g] // tk if ends[g] > starts[g] else 1
             assert (tile_4g[2, g], tile_4g[3, g]) == (first, nblk)
-            want += [(j << 16) | b for b in range(first, first + nblk)]
+            want += [(j << bits) | b for b in range(first, first + nblk)]
         assert total_c[c] == len(want) <= step_cs.shape[1]
         np.testing.assert_array_equal(step_cs[c, :len(want)], want)
     if deal != "round_robin":  # the packing is the same for every deal
@@ -549,8 +554,8 @@ def test_flat_contract_schedule_walks_every_tile(sizes_l, deal, zero_empty):
     by_lin = np.asarray(mk.contract_flat_schedule(mk.contract_schedule(sizes, m, tk), m, tk, kn, n_sms, deal=deal,
                                                   zero_empty=zero_empty, step_lin=True)[1])
     live = np.arange(step_cs.shape[1])[None, :] < total_c[:, None]
-    slot_tile = np.take_along_axis(lin_cj, step_cs >> 16, axis=1)
-    np.testing.assert_array_equal(by_lin, np.where(live, (slot_tile << 16) | (step_cs & 0xFFFF), 0))
+    slot_tile = np.take_along_axis(lin_cj, step_cs >> bits, axis=1)
+    np.testing.assert_array_equal(by_lin, np.where(live, (slot_tile << bits) | (step_cs & (1 << bits) - 1), 0))
 
 
 def test_deal_tiles_ranks_as_a_stable_sort_of_the_tiles():
@@ -664,25 +669,29 @@ def test_clustered_d_rhs_lowers_for_cuda_where_its_k_tiles_pair(mosaic_gpu_trace
 
 
 def test_one_load_step_entries_lower_for_cuda_and_fall_back_past_their_bits(mosaic_gpu_trace, monkeypatch):
-    """mgpu_kernels.CONTRACT_STEP_LIN: the flat d_rhs whose step entries name their tile lowers for CUDA at LongCat's
-    local shapes (64 experts: 64 x 192 clustered tiles) and, where the tiles outnumber the entry's 15 bits (all 512
-    experts on one GPU: 98,304 tiles), takes the two-load entries instead of failing (the same program as with the
-    switch off)."""
+    """mgpu_kernels.CONTRACT_STEP_LIN: the flat d_rhs whose step entries name their tile lowers for CUDA with all
+    512 experts on one GPU (512 x 192 clustered tiles; 512 row blocks leave 22 bits for the tile) and, where the
+    tiles outnumber the bits the row blocks leave (at 2^21 rows: 32,768 blocks, 16 bits for 196,608 tiles, unclustered
+    at 4,096 rows a group), takes the slot entries instead of failing (the same program as with the switch off)."""
     from lcflash.kernels.gmm import mgpu_kernels as mk, pallas_gmm
 
     sd = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt)  # noqa: E731
-    for g, changed in ((64, True), (512, False)):
+    for m, changed in ((32768, True), (1 << 21, False)):
         text = {}
         for step_lin in (False, True):
             monkeypatch.setattr(mk, "CONTRACT_STEP_LIN", step_lin)
             text[step_lin] = jax.jit(lambda a, d, s: pallas_gmm.contract_matmul(
                 a, d, s, out_dtype=jnp.bfloat16, chain=True)).trace(
-                sd(32768, 2048), sd(32768, 6144), sd(g, dt=jnp.int32)).lower(lowering_platforms=("cuda",)).as_text()
-            assert "gmm_contract_flat_cluster_k2048_n6144" in text[step_lin], g
-        assert (text[True] != text[False]) == changed, g
-    with pytest.raises(ValueError, match="98304 tiles or 512 row blocks do not pack"):
-        mk.contract_flat_schedule(mk.contract_schedule(jnp.ones((512,), jnp.int32), 32768, 64), 32768, 64, 192, 66,
-                                  step_lin=True)
+                sd(m, 2048), sd(m, 6144), sd(512, dt=jnp.int32)).lower(lowering_platforms=("cuda",)).as_text()
+            assert re.search("gmm_contract_flat(_cluster)?_k2048_n6144", text[step_lin]), m
+        assert (text[True] != text[False]) == changed, m
+    monkeypatch.setattr(mk, "CONTRACT_ONE_INDEX", True)  # the step's entry loaded once for both blocks
+    assert jax.jit(lambda a, d, s: pallas_gmm.contract_matmul(a, d, s, out_dtype=jnp.bfloat16, chain=True)).trace(
+        sd(m, 2048), sd(m, 6144), sd(512, dt=jnp.int32)).lower(lowering_platforms=("cuda",)).as_text() != text[True]
+    gs = mk.contract_schedule(jnp.ones((512,), jnp.int32), 1 << 21, 64)
+    with pytest.raises(ValueError, match="98304 tiles do not pack beside 32768 row blocks \\(15 bits\\)"):
+        mk.contract_flat_schedule(gs, 1 << 21, 64, 192, 66, step_lin=True)
+    jax.eval_shape(lambda g: mk.contract_flat_schedule(g, 1 << 21, 64, 192, 66), gs)  # 745 slots a CTA fit
 
 
 def test_clustered_d_rhs_refuses_odd_k_tiles_and_the_interpreter():
@@ -755,17 +764,20 @@ def test_gpu_pallas_forward_and_gradients(case, impl):
 @pytest.mark.parametrize("zero_empty,cluster,step_lin", [(False, False, False), (True, False, False),
                                                          (False, True, False), (True, True, False),
                                                          (False, False, True), (True, True, True)])
+@pytest.mark.parametrize("one_index", [False, True])
 @pytest.mark.parametrize("case", sorted(GPU_CASES))
-def test_gpu_flat_contract_kernel(monkeypatch, case, zero_empty, cluster, step_lin):
+def test_gpu_flat_contract_kernel(monkeypatch, case, zero_empty, cluster, step_lin, one_index):
     """d_rhs through one flat pipeline per CTA (or per 2-CTA cluster sharing dout's blocks: CONTRACT_CLUSTER; every
-    case has an even number of K tiles; with one-load step entries or two: CONTRACT_STEP_LIN): bit-identical to the
-    per-tile contract kernel (same tiles, same accumulation order), empty groups zero (a masked step each in the
-    pipeline, or stored after it: CONTRACT_ZERO_EMPTY), and the same on a second call."""
+    case has an even number of K tiles; with one-load step entries or two: CONTRACT_STEP_LIN; loaded once or per
+    block: CONTRACT_ONE_INDEX): bit-identical to the per-tile contract kernel (same tiles, same accumulation order),
+    empty groups zero (a masked step each in the pipeline, or stored after it: CONTRACT_ZERO_EMPTY), and the same
+    on a second call."""
     from lcflash.kernels.gmm import mgpu_kernels as mk
     from lcflash.kernels.gmm import pallas_gmm
 
     monkeypatch.setattr(mk, "CONTRACT_ZERO_EMPTY", zero_empty)
     monkeypatch.setattr(mk, "CONTRACT_STEP_LIN", step_lin)
+    monkeypatch.setattr(mk, "CONTRACT_ONE_INDEX", one_index)
     monkeypatch.setattr(pallas_gmm, "CONTRACT_CLUSTER", cluster)
     m, k, n, sizes_l = GPU_CASES[case]
     lhs, _, dout, sizes = _inputs(13, m, k, n, sizes_l, jnp.bfloat16)

@@ -691,15 +691,20 @@ CONTRACT_MASK = True
 # on an H100, 1.1% at Dirichlet(0.3) shares (6 empty), the same at equal groups (session 44). Bit-identical either
 # way. Read at trace time.
 CONTRACT_ZERO_EMPTY = True
-_FLAT_BLK_BITS = 16  # flat contract schedule: a step packs (tile slot j << 16) | row block
-_FLAT_BLK_MASK = (1 << _FLAT_BLK_BITS) - 1
-_FLAT_TILE_LIMIT = 1 << (31 - _FLAT_BLK_BITS)  # slots (or, with CONTRACT_STEP_LIN, tiles) an entry can name
 # Flat contract pipeline: each step's entry packs the tile's number (lin) instead of its slot, so the TMA warpgroup
-# finds a step's blocks with one scalar load instead of two dependent ones (step entry, then the slot's tile), where
-# the tiles number below 2^15. Its loads run between a slot's release and its refill; with half-size steps
-# (session 52's ping-pong) d_rhs ran 1.3-1.6x slower, and clusters, which cut the bytes, did not help, so the
-# per-step latency is the suspect. Unmeasured on a GPU: off (experiments/gpu_calls.sh 33). Read at trace time.
-CONTRACT_STEP_LIN = False
+# finds a step's blocks with one scalar load instead of two dependent ones (step entry, then the slot's tile). On an
+# H100 by device time, d_rhs's kernel took 1,283-1,359 us against 1,359-1,460 ([gate | up], T = 512), 4,755-4,860
+# against 5,056-5,060 ([gate | up], T = 2048), 1,346-1,359 against 1,334-1,456 (down, T = 512) and 1,592-1,624
+# against 1,540-1,741 (skewed), 2 rounds each (session 53, experiments/HISTORY.md). Where the tiles outnumber what
+# the entry's tile field holds (flat_step_bits), the entries name slots. Read at trace time.
+CONTRACT_STEP_LIN = True
+
+
+def flat_step_bits(m: int, tile_k: int) -> int:
+    """Bits of a flat contract step entry's row-block field: as many as M's row blocks need, so that the tile (or
+    slot) field keeps the rest of 31 (at LongCat's 64 local experts and 512 tokens each, 9 bits for the block and
+    22 for the tile)."""
+    return max(1, (pl.cdiv(m, tile_k) - 1).bit_length())
 # How the flat contract pipeline deals its tiles to the CTAs: "round_robin" (CTA c takes c, c + n_sms, ...), or by
 # cost (their group's row blocks), so that a skewed routing's large groups do not pile onto a few CTAs: "sorted"
 # (round robin over the tiles sorted by cost) or "snake" (every other row of that deal reversed). "auto": snake where
@@ -749,7 +754,7 @@ def contract_flat_schedule(gsched_4g: jax.Array, m: int, tile_k: int, tiles_per_
     zeros like any other, or, with `zero_empty` (default CONTRACT_ZERO_EMPTY), stay out of the pipeline: the compute
     warpgroups store them as zeros after it, round robin continuing after the live tiles. Returns
       tile_4g int32 [4, G]: start row, end row, first row block, steps;
-      step_cs int32 [n_sms, S]: (j << 16) | row block of CTA c's step s (0 past its last step);
+      step_cs int32 [n_sms, S]: (j << flat_step_bits(m, tile_k)) | row block of CTA c's step s (0 past its last);
       total_c int32 [n_sms]: CTA c's step count;
       lin_cj int32 [n_sms, J + 1]: the tile in CTA c's slot j, G * tiles_per_group (no tile) past its last;
       zero_2z int32 [2 + G]: the number of zero tiles, of pipeline tiles, then the empty groups in order (0 tiles
@@ -757,7 +762,7 @@ def contract_flat_schedule(gsched_4g: jax.Array, m: int, tile_k: int, tiles_per_
     A CTA holds at most t = cdiv(tiles_per_group, n_sms) tiles of each group (t + 1 dealt by cost: a group's tiles
     are adjacent in cost order and each row of the deal gives a CTA one tile), and the groups' steps sum to
     < m / tile_k + 2 G, so S = t' * (cdiv(m, tile_k) + 2 G) bounds every CTA's steps.
-    step_lin (CONTRACT_STEP_LIN): step_cs packs the tile itself, (lin_cj[c, j] << 16) | row block.
+    step_lin (CONTRACT_STEP_LIN): step_cs packs the tile itself, lin_cj[c, j], in place of the slot j.
     """
     deal = CONTRACT_DEAL if deal is None else deal
     zero_empty = CONTRACT_ZERO_EMPTY if zero_empty is None else zero_empty
@@ -776,9 +781,11 @@ def contract_flat_schedule(gsched_4g: jax.Array, m: int, tile_k: int, tiles_per_
     j_max = pl.cdiv(n_lin, n_sms)
     per_group = pl.cdiv(tiles_per_group, n_sms) + int(by_cost)
     s_max = per_group * (n_blocks + 2 * g)
+    blk_bits = flat_step_bits(m, tile_k)
     named, what = (n_lin, "tiles") if step_lin else (j_max, "tiles per CTA")
-    if named >= _FLAT_TILE_LIMIT or n_blocks >= 1 << _FLAT_BLK_BITS:
-        raise ValueError(f"flat contract schedule: {named} {what} or {n_blocks} row blocks do not pack")
+    if named >= 1 << (31 - blk_bits):
+        raise ValueError(f"flat contract schedule: {named} {what} do not pack beside {n_blocks} row blocks "
+                         f"({blk_bits} bits) in a 31-bit step entry")
     live = nblk > 0 if zero_empty else jnp.ones((g,), bool)
     n_piped = jnp.sum(live, dtype=jnp.int32) * tiles_per_group
     find = functools.partial(jnp.searchsorted, side="right", method="compare_all")
@@ -803,7 +810,7 @@ def contract_flat_schedule(gsched_4g: jax.Array, m: int, tile_k: int, tiles_per_
     first_cs = jnp.take_along_axis(cum_cj - steps_cj, j_cs, axis=1)
     blk_cs = blk0[jnp.take_along_axis(grp_cj, j_cs, axis=1)] + s_s[None, :] - first_cs
     tile_cs = jnp.take_along_axis(lin_cj, j_cs, axis=1) if step_lin else j_cs
-    step_cs = jnp.where(s_s[None, :] < total_c[:, None], (tile_cs << _FLAT_BLK_BITS) | blk_cs, 0)
+    step_cs = jnp.where(s_s[None, :] < total_c[:, None], (tile_cs << blk_bits) | blk_cs, 0)
     lin_cj = jnp.concatenate([lin_cj, jnp.full((n_sms, 1), n_lin, jnp.int32)], axis=1)  # slot j + 1 is read ahead
     return (tile_4g, step_cs.astype(jnp.int32), total_c.astype(jnp.int32), lin_cj.astype(jnp.int32),
             zero_2z.astype(jnp.int32))
@@ -926,12 +933,33 @@ def _store_zero_tiles(zero_ref, sm, n_sms: int, kn: int, k_n_tile, store):
         store(zero_ref[2 + z // kn], *k_n_tile(z))
 
 
+# The contract pipeline's two block specs (lhs, dout) share one index_of per step: the TMA warpgroup maps both
+# with one traced step index, and each map's scalar loads would otherwise be issued again after the first block's
+# TMA (a memory side effect that nothing merges loads across). Unmeasured: off. Read at trace time.
+CONTRACT_ONE_INDEX = False
+
+
+def _once_per_step(index_of):
+    """index_of traced once per step index: the specs' maps take the same traced index object in one loop body,
+    so the second map reuses the first's values (another trace has another index object and traces its own)."""
+    last = [None, None]
+
+    def memo(s):
+        if last[0] is not s:
+            last[:] = [s, index_of(s)]
+        return last[1]
+
+    return memo
+
+
 def _contract_specs(tiles: Tiles, dtype, lhs_is_km: bool, index_of):
     """Block specs of the contract pipeline; index_of(s) -> (row block, K tile, N tile) of step s. With
     tiles.cluster_k the dout block is the cluster's (multicast)."""
     tm, tn, tc = tiles.tile_m, tiles.tile_n, tiles.tile_k
     tr_a = _swizzle_transforms(tc if lhs_is_km else tm, dtype)
     tr_b = _swizzle_transforms(2 * tn, dtype)
+    if CONTRACT_ONE_INDEX:
+        index_of = _once_per_step(index_of)
 
     def a_map(s):
         blk, kt, _ = index_of(s)
@@ -974,7 +1002,8 @@ def _contract_kernel_flat(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles,
         return band_order(lin % kn, n_tiles, k_tiles // n_cl, tiles.band)
 
     zero_empty = CONTRACT_ZERO_EMPTY
-    step_lin = CONTRACT_STEP_LIN and g * kn < _FLAT_TILE_LIMIT
+    blk_bits = flat_step_bits(m, tc)
+    step_lin = CONTRACT_STEP_LIN and g * kn < 1 << (31 - blk_bits)
     tables = contract_flat_schedule(gsched_4g, m, tc, kn, n_sms, zero_empty=zero_empty, step_lin=step_lin)
 
     def kernel(tile_ref, step_ref, total_ref, lin_ref, zero_ref, lhs_gmem, rhs_gmem, out_gmem):
@@ -987,8 +1016,8 @@ def _contract_kernel_flat(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles,
 
         def index_of(s):  # TMA warpgroup: (row block, K tile, N tile) of step s, from the step and tile tables
             packed = step_ref[sm, s]
-            tile = packed >> _FLAT_BLK_BITS
-            return packed & _FLAT_BLK_MASK, *cta_tile(tile if step_lin else lin_ref[sm, tile])
+            tile = packed >> blk_bits
+            return packed & ((1 << blk_bits) - 1), *cta_tile(tile if step_lin else lin_ref[sm, tile])
 
         specs = _contract_specs(tiles, lhs_mk.dtype, lhs_is_km, index_of)
 
