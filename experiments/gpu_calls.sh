@@ -20,8 +20,9 @@
 # adopted below the deep threshold), 26 (the rows kernel at 3 stages: slower) and 24 with the clusters; session 52
 # ran 29, 30 and 25 (clusters level at decode-sized groups and in training; the deep threshold stays 4,096) and 31
 # of 0ad29fa (d_rhs as ping-pong: 1.4-2.1x slower, removed since), then the second ping-pong design of 71c50bb by
-# an inline command (1.3-1.6x slower, removed since); 33 (one-load step entries for d_rhs's TMA warpgroup)
-# waits; HISTORY.md):
+# an inline command (1.3-1.6x slower, removed since); session 53 ran 33 and 34 (one-load step entries for d_rhs's
+# TMA warpgroup: 3-7% faster, the default since; one index per step for both blocks: slower, removed since;
+# HISTORY.md):
 #     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 34; 4 takes the persistent kernels,
 #                                                            14 the rows and d_rhs bands, 18 a benchmark flag)
 # run from the repository root on the device machine, with `.whl` carried (ml-collections and tensorboardX, which
@@ -230,14 +231,12 @@ small/gate_up_fused/2304 --out "$OUT/contract_ab_cluster_kernel.json"
         --out "$OUT/contract_ab_step_lin_device.json"
     ;;
 34) # session 53: the step entries that name their tile (now the default, with the row-block field as wide as M
-    # needs) on more shapes, and the step's entry loaded once for both blocks (mgpu_kernels.CONTRACT_ONE_INDEX, off)
+    # needs) on more shapes (the call also timed d389edf's CONTRACT_ONE_INDEX, one index per step for both blocks:
+    # slower, removed since)
     step 200 python -m pytest -n 0 -q tests/test_gmm.py -k "gpu_flat_contract or one_load"
     step 260 python experiments/contract_ab.py --gmm-switch CONTRACT_STEP_LIN=False,True --rounds 2 --device-time \
         --cases longcat/down/2048,longcat/gate_up/4096,longcat/down/512/skewed,small/gate_up_fused/64 \
         --out "$OUT/contract_ab_step_lin2_device.json"
-    step 200 python experiments/contract_ab.py --gmm-switch CONTRACT_ONE_INDEX=False,True --rounds 2 --device-time \
-        --cases longcat/gate_up/512,longcat/gate_up/2048,longcat/down/512 \
-        --out "$OUT/contract_ab_one_index_device.json"
     ;;
 *)  echo "call number 1-34" >&2; exit 2 ;;
 esac

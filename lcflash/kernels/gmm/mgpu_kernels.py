@@ -693,10 +693,10 @@ CONTRACT_MASK = True
 CONTRACT_ZERO_EMPTY = True
 # Flat contract pipeline: each step's entry packs the tile's number (lin) instead of its slot, so the TMA warpgroup
 # finds a step's blocks with one scalar load instead of two dependent ones (step entry, then the slot's tile). On an
-# H100 by device time, d_rhs's kernel took 1,283-1,359 us against 1,359-1,460 ([gate | up], T = 512), 4,755-4,860
-# against 5,056-5,060 ([gate | up], T = 2048), 1,346-1,359 against 1,334-1,456 (down, T = 512) and 1,592-1,624
-# against 1,540-1,741 (skewed), 2 rounds each (session 53, experiments/HISTORY.md). Where the tiles outnumber what
-# the entry's tile field holds (flat_step_bits), the entries name slots. Read at trace time.
+# H100 by device time (session 53, experiments/HISTORY.md), d_rhs's kernel 3-7% faster on the means of 2 rounds in
+# every LongCat case, e.g. [gate | up] T = 2048 4,755-4,860 us against 5,056-5,060, T = 4096 9,794-9,887 against
+# 10,344-10,364; level at decode size. Where the tiles outnumber what the entry's tile field holds (flat_step_bits),
+# the entries name slots. Read at trace time.
 CONTRACT_STEP_LIN = True
 
 
@@ -933,33 +933,12 @@ def _store_zero_tiles(zero_ref, sm, n_sms: int, kn: int, k_n_tile, store):
         store(zero_ref[2 + z // kn], *k_n_tile(z))
 
 
-# The contract pipeline's two block specs (lhs, dout) share one index_of per step: the TMA warpgroup maps both
-# with one traced step index, and each map's scalar loads would otherwise be issued again after the first block's
-# TMA (a memory side effect that nothing merges loads across). Unmeasured: off. Read at trace time.
-CONTRACT_ONE_INDEX = False
-
-
-def _once_per_step(index_of):
-    """index_of traced once per step index: the specs' maps take the same traced index object in one loop body,
-    so the second map reuses the first's values (another trace has another index object and traces its own)."""
-    last = [None, None]
-
-    def memo(s):
-        if last[0] is not s:
-            last[:] = [s, index_of(s)]
-        return last[1]
-
-    return memo
-
-
 def _contract_specs(tiles: Tiles, dtype, lhs_is_km: bool, index_of):
     """Block specs of the contract pipeline; index_of(s) -> (row block, K tile, N tile) of step s. With
     tiles.cluster_k the dout block is the cluster's (multicast)."""
     tm, tn, tc = tiles.tile_m, tiles.tile_n, tiles.tile_k
     tr_a = _swizzle_transforms(tc if lhs_is_km else tm, dtype)
     tr_b = _swizzle_transforms(2 * tn, dtype)
-    if CONTRACT_ONE_INDEX:
-        index_of = _once_per_step(index_of)
 
     def a_map(s):
         blk, kt, _ = index_of(s)
