@@ -21,7 +21,7 @@
 # ran 29, 30 and 25 (clusters level at decode-sized groups and in training; the deep threshold stays 4,096) and 31
 # of 0ad29fa (d_rhs as ping-pong: 1.4-2.1x slower, removed since), then the second ping-pong design of 71c50bb by
 # an inline command (1.3-1.6x slower, removed since); session 53 ran 33 and 34 (one-load step entries for d_rhs's
-# TMA warpgroup: 3-7% faster, the default since; one index per step for both blocks: slower, removed since;
+# TMA warpgroup: 2-7% faster, the default since; one index per step for both blocks: slower, removed since;
 # HISTORY.md):
 #     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 34; 4 takes the persistent kernels,
 #                                                            14 the rows and d_rhs bands, 18 a benchmark flag)

@@ -693,7 +693,7 @@ CONTRACT_MASK = True
 CONTRACT_ZERO_EMPTY = True
 # Flat contract pipeline: each step's entry packs the tile's number (lin) instead of its slot, so the TMA warpgroup
 # finds a step's blocks with one scalar load instead of two dependent ones (step entry, then the slot's tile). On an
-# H100 by device time (session 53, experiments/HISTORY.md), d_rhs's kernel 3-7% faster on the means of 2 rounds in
+# H100 by device time (session 53, experiments/HISTORY.md), d_rhs's kernel 2-7% faster on the means of 2 rounds in
 # every LongCat case, e.g. [gate | up] T = 2048 4,755-4,860 us against 5,056-5,060, T = 4096 9,794-9,887 against
 # 10,344-10,364; level at decode size. Where the tiles outnumber what the entry's tile field holds (flat_step_bits),
 # the entries name slots. Read at trace time.
