@@ -21,9 +21,9 @@
 # ran 29, 30 and 25 (clusters level at decode-sized groups and in training; the deep threshold stays 4,096) and 31
 # of 0ad29fa (d_rhs as ping-pong: 1.4-2.1x slower, removed since), then the second ping-pong design of 71c50bb by
 # an inline command (1.3-1.6x slower, removed since); session 53 ran 33 and 34 (one-load step entries for d_rhs's
-# TMA warpgroup: 2-7% faster, the default since; one index per step for both blocks: slower, removed since;
-# HISTORY.md):
-#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 34; 4 takes the persistent kernels,
+# TMA warpgroup: 2-7% faster, the default since; one index per step for both blocks: slower, removed since);
+# 35 (d_rhs in our own pipeline loop) waits; HISTORY.md):
+#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 35; 4 takes the persistent kernels,
 #                                                            14 the rows and d_rhs bands, 18 a benchmark flag)
 # run from the repository root on the device machine, with `.whl` carried (ml-collections and tensorboardX, which
 # its image lacks) and `.whl-tokamax` where a call times the tokamax peer (tokamax 0.0.17 with its needs, 37 MB).
@@ -35,7 +35,7 @@
 # here to the ignored `.jcc` (`rm -rf .jcc && cp -r /work/.device/N/jcc .jcc`) and carried, it seeds the next
 # machine's, which helps where that machine has the same card and image.
 set -u
-N=${1:?call number 1-34}
+N=${1:?call number 1-35}
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -238,5 +238,14 @@ small/gate_up_fused/2304 --out "$OUT/contract_ab_cluster_kernel.json"
         --cases longcat/down/2048,longcat/gate_up/4096,longcat/down/512/skewed,small/gate_up_fused/64 \
         --out "$OUT/contract_ab_step_lin2_device.json"
     ;;
-*)  echo "call number 1-34" >&2; exit 2 ;;
+35) # session 53: d_rhs in our own warp-specialised loop (mgpu_kernels.CONTRACT_OWN_PIPELINE, off: the TMA warpgroup
+    # walks its tiles from registers, no step table, its copies issued right after a slot's release; session 53's
+    # one-load step entries took 2-7% off, so the loads between release and refill cost): the GPU tests (bitwise the
+    # per-tile kernel, with and without clusters), then the whole product by device time against the default
+    step 240 python -m pytest -n 0 -q tests/test_gmm.py -k "gpu_flat_contract or own_pipeline"
+    step 330 python experiments/contract_ab.py --gmm-switch CONTRACT_OWN_PIPELINE=False,True --rounds 2 --device-time \
+        --cases longcat/gate_up/512,longcat/down/512,longcat/gate_up/2048,longcat/gate_up/512/skewed \
+        --out "$OUT/contract_ab_own_pipeline_device.json"
+    ;;
+*)  echo "call number 1-35" >&2; exit 2 ;;
 esac

@@ -488,7 +488,8 @@ def test_pallas_interpret_flat_contract_kernel(monkeypatch, m, k, n, sizes_l, ou
     """d_rhs through one flat pipeline per CTA (pallas_chain) against a float64 reference; the interpreter
     NaN-fills outputs, so an unwritten tile fails; empty groups must be exactly zero, whether their tiles run a
     masked step in the pipeline or are stored as zeros after it (CONTRACT_ZERO_EMPTY, here together with the
-    one-load step entries, CONTRACT_STEP_LIN), bit for bit the same."""
+    one-load step entries, CONTRACT_STEP_LIN, and our own pipeline loop, CONTRACT_OWN_PIPELINE), bit for bit the
+    same."""
     from lcflash.kernels.gmm import mgpu_kernels as mk
     from lcflash.kernels.gmm import pallas_gmm
 
@@ -497,6 +498,7 @@ def test_pallas_interpret_flat_contract_kernel(monkeypatch, m, k, n, sizes_l, ou
     for zero_empty, step_lin in ((False, False), (True, True)):
         monkeypatch.setattr(mk, "CONTRACT_ZERO_EMPTY", zero_empty)
         monkeypatch.setattr(mk, "CONTRACT_STEP_LIN", step_lin)  # the TMA warpgroup's one-load step entries
+        monkeypatch.setattr(mk, "CONTRACT_OWN_PIPELINE", step_lin)  # ... or no step table at all
         out = got[zero_empty, step_lin] = np.asarray(
             pallas_gmm.contract_matmul(lhs, dout, sizes, out_dtype=out_dtype, chain=True), np.float32)
         assert out.shape == (len(sizes_l), k, n)
@@ -530,7 +532,7 @@ def test_flat_contract_schedule_walks_every_tile(sizes_l, deal, zero_empty):
     assert zero_2z[2:2 + len(empty)].tolist() == empty
     dealt = lin_cj[lin_cj < n_lin]
     np.testing.assert_array_equal(np.sort(dealt), live_tiles)
-    assert (lin_cj[:, -1] == n_lin).all()  # the slot read ahead past every CTA's last tile
+    assert (lin_cj[:, -2:] == n_lin).all()  # the slots read ahead past every CTA's last tile
     ends = np.minimum(np.cumsum(sizes_l), m)
     starts = np.concatenate([[0], ends[:-1]])
     for c in range(n_sms):
@@ -555,6 +557,12 @@ def test_flat_contract_schedule_walks_every_tile(sizes_l, deal, zero_empty):
     live = np.arange(step_cs.shape[1])[None, :] < total_c[:, None]
     slot_tile = np.take_along_axis(lin_cj, step_cs >> bits, axis=1)
     np.testing.assert_array_equal(by_lin, np.where(live, (slot_tile << bits) | (step_cs & (1 << bits) - 1), 0))
+    # CONTRACT_OWN_PIPELINE's tables: the same without the step table
+    no_steps = [np.asarray(a) for a in mk.contract_flat_schedule(mk.contract_schedule(sizes, m, tk), m, tk, kn, n_sms,
+                                                                 deal=deal, zero_empty=zero_empty, steps=False)]
+    assert no_steps[1].shape == (n_sms, 1)
+    for got, want in zip(no_steps[:1] + no_steps[2:], (tile_4g, total_c, lin_cj, zero_2z)):
+        np.testing.assert_array_equal(got, want)
 
 
 def test_deal_tiles_ranks_as_a_stable_sort_of_the_tiles():
@@ -692,6 +700,24 @@ def test_one_load_step_entries_lower_for_cuda_and_fall_back_past_their_bits(mosa
     jax.eval_shape(lambda g: mk.contract_flat_schedule(g, 1 << 21, 64, 192, 66), gs)  # 745 slots a CTA fit
 
 
+def test_own_pipeline_loop_lowers_for_cuda_with_and_without_clusters(mosaic_gpu_trace, monkeypatch):
+    """mgpu_kernels.CONTRACT_OWN_PIPELINE: the flat d_rhs in our own warp-specialised loop lowers for CUDA on 2-CTA
+    clusters (dout multicast; LongCat's T = 512) and without (T = 4096), and refuses the delayed release it lacks."""
+    from lcflash.kernels.gmm import mgpu_kernels as mk, pallas_gmm
+
+    sd = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt)  # noqa: E731
+    monkeypatch.setattr(mk, "CONTRACT_OWN_PIPELINE", True)
+    for m, name in ((32768, "gmm_contract_flat_cluster_k2048_n6144"), (262144, "gmm_contract_flat_k2048_n6144")):
+        text = jax.jit(lambda a, d, s: pallas_gmm.contract_matmul(a, d, s, out_dtype=jnp.bfloat16, chain=True)).trace(
+            sd(m, 2048), sd(m, 6144), sd(64, dt=jnp.int32)).lower(lowering_platforms=("cuda",)).as_text()
+        assert name in text, m
+    tiles = mk.Tiles(tile_m=128, tile_n=64, chain=True, overlap_mma=True)
+    gs = mk.contract_schedule(jnp.array([100, 156], jnp.int32), 256, 64)
+    with pytest.raises(ValueError, match="no delayed release"):
+        mk.contract_kernel(jnp.zeros((256, 128), jnp.bfloat16), jnp.zeros((256, 128), jnp.bfloat16), gs,
+                           out_dtype=jnp.bfloat16, tiles=tiles)
+
+
 def test_clustered_d_rhs_refuses_odd_k_tiles_and_the_interpreter():
     from lcflash.kernels.gmm import mgpu_kernels as mk
 
@@ -759,20 +785,23 @@ def test_gpu_pallas_forward_and_gradients(case, impl):
 
 
 @gpu_only
-@pytest.mark.parametrize("zero_empty,cluster,step_lin", [(False, False, False), (True, False, False),
-                                                         (False, True, False), (True, True, False),
-                                                         (False, False, True), (True, True, True)])
+@pytest.mark.parametrize("zero_empty,cluster,step_lin,own", [(False, False, False, False), (True, False, False, False),
+                                                             (False, True, False, False), (True, True, False, False),
+                                                             (False, False, True, False), (True, True, True, False),
+                                                             (False, False, True, True), (True, True, True, True)])
 @pytest.mark.parametrize("case", sorted(GPU_CASES))
-def test_gpu_flat_contract_kernel(monkeypatch, case, zero_empty, cluster, step_lin):
+def test_gpu_flat_contract_kernel(monkeypatch, case, zero_empty, cluster, step_lin, own):
     """d_rhs through one flat pipeline per CTA (or per 2-CTA cluster sharing dout's blocks: CONTRACT_CLUSTER; every
-    case has an even number of K tiles; with one-load step entries or two: CONTRACT_STEP_LIN): bit-identical to the
-    per-tile contract kernel (same tiles, same accumulation order), empty groups zero (a masked step each in the
-    pipeline, or stored after it: CONTRACT_ZERO_EMPTY), and the same on a second call."""
+    case has an even number of K tiles; with one-load step entries or two: CONTRACT_STEP_LIN; in our own pipeline
+    loop: CONTRACT_OWN_PIPELINE): bit-identical to the per-tile contract kernel (same tiles, same accumulation
+    order), empty groups zero (a masked step each in the pipeline, or stored after it: CONTRACT_ZERO_EMPTY), and the
+    same on a second call."""
     from lcflash.kernels.gmm import mgpu_kernels as mk
     from lcflash.kernels.gmm import pallas_gmm
 
     monkeypatch.setattr(mk, "CONTRACT_ZERO_EMPTY", zero_empty)
     monkeypatch.setattr(mk, "CONTRACT_STEP_LIN", step_lin)
+    monkeypatch.setattr(mk, "CONTRACT_OWN_PIPELINE", own)
     monkeypatch.setattr(pallas_gmm, "CONTRACT_CLUSTER", cluster)
     m, k, n, sizes_l = GPU_CASES[case]
     lhs, _, dout, sizes = _inputs(13, m, k, n, sizes_l, jnp.bfloat16)

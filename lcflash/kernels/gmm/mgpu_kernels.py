@@ -698,6 +698,12 @@ CONTRACT_ZERO_EMPTY = True
 # 10,344-10,364; level at decode size. Where the tiles outnumber what the entry's tile field holds (flat_step_bits),
 # the entries name slots. Read at trace time.
 CONTRACT_STEP_LIN = True
+# Flat contract pipeline: our own warp-specialised loop instead of plgpu.emit_pipeline_warp_specialized (same smem
+# ring, barriers and copies; the compute warpgroups run the same body). Its TMA warpgroup carries (slot, step in
+# tile, the tile and the next one) instead of reading a step table, so a step's copies are issued right after its
+# slot's release, with no load between; the next tile's entries are loaded once per tile, a tile ahead. Unmeasured:
+# off (experiments/gpu_calls.sh 35). Read at trace time.
+CONTRACT_OWN_PIPELINE = False
 
 
 def flat_step_bits(m: int, tile_k: int) -> int:
@@ -744,7 +750,8 @@ def deal_tiles(cost_g: jax.Array, tiles_per_group: int, n_sms: int, snake: bool,
 
 
 def contract_flat_schedule(gsched_4g: jax.Array, m: int, tile_k: int, tiles_per_group: int, n_sms: int,
-                           deal: str | None = None, zero_empty: bool | None = None, step_lin: bool = False):
+                           deal: str | None = None, zero_empty: bool | None = None, step_lin: bool = False,
+                           steps: bool = True):
     """Per-CTA step table for the flat contract pipeline (contract_kernel with tiles.chain).
 
     Tiles are numbered group-major (group = lin // tiles_per_group). CTA c walks the tiles of row c of `lin_cj`, as
@@ -756,13 +763,15 @@ def contract_flat_schedule(gsched_4g: jax.Array, m: int, tile_k: int, tiles_per_
       tile_4g int32 [4, G]: start row, end row, first row block, steps;
       step_cs int32 [n_sms, S]: (j << flat_step_bits(m, tile_k)) | row block of CTA c's step s (0 past its last);
       total_c int32 [n_sms]: CTA c's step count;
-      lin_cj int32 [n_sms, J + 1]: the tile in CTA c's slot j, G * tiles_per_group (no tile) past its last;
+      lin_cj int32 [n_sms, J + 2]: the tile in CTA c's slot j, G * tiles_per_group (no tile) past its last;
       zero_2z int32 [2 + G]: the number of zero tiles, of pipeline tiles, then the empty groups in order (0 tiles
         without zero_empty).
     A CTA holds at most t = cdiv(tiles_per_group, n_sms) tiles of each group (t + 1 dealt by cost: a group's tiles
     are adjacent in cost order and each row of the deal gives a CTA one tile), and the groups' steps sum to
     < m / tile_k + 2 G, so S = t' * (cdiv(m, tile_k) + 2 G) bounds every CTA's steps.
     step_lin (CONTRACT_STEP_LIN): step_cs packs the tile itself, lin_cj[c, j], in place of the slot j.
+    steps=False: no step table (step_cs zeros [n_sms, 1]), for a TMA warpgroup that walks the tiles itself
+    (CONTRACT_OWN_PIPELINE).
     """
     deal = CONTRACT_DEAL if deal is None else deal
     zero_empty = CONTRACT_ZERO_EMPTY if zero_empty is None else zero_empty
@@ -783,7 +792,7 @@ def contract_flat_schedule(gsched_4g: jax.Array, m: int, tile_k: int, tiles_per_
     s_max = per_group * (n_blocks + 2 * g)
     blk_bits = flat_step_bits(m, tile_k)
     named, what = (n_lin, "tiles") if step_lin else (j_max, "tiles per CTA")
-    if named >= 1 << (31 - blk_bits):
+    if steps and named >= 1 << (31 - blk_bits):
         raise ValueError(f"flat contract schedule: {named} {what} do not pack beside {n_blocks} row blocks "
                          f"({blk_bits} bits) in a 31-bit step entry")
     live = nblk > 0 if zero_empty else jnp.ones((g,), bool)
@@ -804,14 +813,16 @@ def contract_flat_schedule(gsched_4g: jax.Array, m: int, tile_k: int, tiles_per_
     steps_cj = jnp.where(lin_cj < n_lin, nst[grp_cj], 0)
     cum_cj = jnp.cumsum(steps_cj, axis=1)
     total_c = cum_cj[:, -1]
-    s_s = jnp.arange(s_max, dtype=jnp.int32)
-    j_cs = jnp.minimum(jax.vmap(lambda cum: find(cum, s_s))(cum_cj), j_max - 1)
-    j_cs = j_cs.astype(jnp.int32)
-    first_cs = jnp.take_along_axis(cum_cj - steps_cj, j_cs, axis=1)
-    blk_cs = blk0[jnp.take_along_axis(grp_cj, j_cs, axis=1)] + s_s[None, :] - first_cs
-    tile_cs = jnp.take_along_axis(lin_cj, j_cs, axis=1) if step_lin else j_cs
-    step_cs = jnp.where(s_s[None, :] < total_c[:, None], (tile_cs << blk_bits) | blk_cs, 0)
-    lin_cj = jnp.concatenate([lin_cj, jnp.full((n_sms, 1), n_lin, jnp.int32)], axis=1)  # slot j + 1 is read ahead
+    step_cs = jnp.zeros((n_sms, 1), jnp.int32)
+    if steps:
+        s_s = jnp.arange(s_max, dtype=jnp.int32)
+        j_cs = jnp.minimum(jax.vmap(lambda cum: find(cum, s_s))(cum_cj), j_max - 1)
+        j_cs = j_cs.astype(jnp.int32)
+        first_cs = jnp.take_along_axis(cum_cj - steps_cj, j_cs, axis=1)
+        blk_cs = blk0[jnp.take_along_axis(grp_cj, j_cs, axis=1)] + s_s[None, :] - first_cs
+        tile_cs = jnp.take_along_axis(lin_cj, j_cs, axis=1) if step_lin else j_cs
+        step_cs = jnp.where(s_s[None, :] < total_c[:, None], (tile_cs << blk_bits) | blk_cs, 0)
+    lin_cj = jnp.concatenate([lin_cj, jnp.full((n_sms, 2), n_lin, jnp.int32)], axis=1)  # slots j + 1, j + 2 read ahead
     return (tile_4g, step_cs.astype(jnp.int32), total_c.astype(jnp.int32), lin_cj.astype(jnp.int32),
             zero_2z.astype(jnp.int32))
 
@@ -933,6 +944,58 @@ def _store_zero_tiles(zero_ref, sm, n_sms: int, kn: int, k_n_tile, store):
         store(zero_ref[2 + z // kn], *k_n_tile(z))
 
 
+def _flat_contract_loop(allocs, context, body, nsteps, tile_of_slot, copy_step, stages: int):
+    """The flat contract pipeline as our own warp-specialised loop (CONTRACT_OWN_PIPELINE), on the smem ring and
+    barriers `allocs` holds (emit_pipeline_warp_specialized's get_allocations: one barrier for both copies of a
+    slot, one released by both compute warpgroups, across the cluster where dout is multicast).
+
+    TMA warpgroup: the first `stages` steps' copies, then each step's once its slot is released, then a wait for
+    the last releases (a cluster peer must not arrive on an exited CTA's barrier). It walks the CTA's tile slots
+    itself: carry (slot j, step in tile, this tile, the next tile), the entries of the tile after next loaded
+    (tile_of_slot) as a tile starts, so no load stands between a release and its copies. Compute warpgroups: wait for a slot's
+    copies, run body (the emit_pipeline body with its carry, in `context`), release the slot."""
+    (a_smem, b_smem), full = allocs["flat_in_smem_refs"], allocs["in_smem_barrier_ref"]
+    [consumed] = allocs["flat_consumed_barrier_refs"]
+    first = jnp.minimum(jnp.int32(stages), nsteps)
+
+    def memory():
+        plgpu.set_max_registers(_MEMORY_REGISTERS, action="decrease")
+
+        def issue(s, carry):
+            j, s_in, (lin, blk0, nst), nxt = carry
+            slot = lax.rem(s, stages)
+            copy_step(a_smem.at[slot], b_smem.at[slot], full.at[slot], lin, blk0 + s_in)
+            last = s_in == nst - 1
+            cur = tuple(jnp.where(last, a, b) for a, b in zip(nxt, (lin, blk0, nst)))
+            nxt = lax.cond(last, lambda: tile_of_slot(j + 2), lambda: nxt)
+            return jnp.where(last, j + 1, j), jnp.where(last, 0, s_in + 1), cur, nxt
+
+        def steady(s, carry):
+            plgpu.barrier_wait(consumed.at[lax.rem(s, stages)])
+            return issue(s, carry)
+
+        carry = (jnp.int32(0), jnp.int32(0), tile_of_slot(jnp.int32(0)), tile_of_slot(jnp.int32(1)))
+        lax.fori_loop(first, nsteps, steady, lax.fori_loop(0, first, issue, carry))
+
+        @pl.loop(nsteps - first, nsteps)
+        def _drain(s):
+            plgpu.barrier_wait(consumed.at[lax.rem(s, stages)])
+
+    def compute():
+        plgpu.set_max_registers(int(min(256, (512 - _MEMORY_REGISTERS) / 2) // 8 * 8), action="increase")
+
+        def step(s, carry):
+            slot = lax.rem(s, stages)
+            plgpu.barrier_wait(full.at[slot])
+            carry = body(None, a_smem.at[slot], b_smem.at[slot], carry)
+            plgpu.barrier_arrive(consumed.at[slot])
+            return carry
+
+        context(lambda init: lax.fori_loop(0, nsteps, step, init))
+
+    lax.cond(lax.axis_index("wg") == 2, memory, compute)
+
+
 def _contract_specs(tiles: Tiles, dtype, lhs_is_km: bool, index_of):
     """Block specs of the contract pipeline; index_of(s) -> (row block, K tile, N tile) of step s. With
     tiles.cluster_k the dout block is the cluster's (multicast)."""
@@ -981,9 +1044,13 @@ def _contract_kernel_flat(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles,
         return band_order(lin % kn, n_tiles, k_tiles // n_cl, tiles.band)
 
     zero_empty = CONTRACT_ZERO_EMPTY
+    own_pipeline = CONTRACT_OWN_PIPELINE
+    if own_pipeline and tiles.overlap_mma:
+        raise ValueError("CONTRACT_OWN_PIPELINE has no delayed release: Tiles.overlap_mma must be off")
     blk_bits = flat_step_bits(m, tc)
     step_lin = CONTRACT_STEP_LIN and g * kn < 1 << (31 - blk_bits)
-    tables = contract_flat_schedule(gsched_4g, m, tc, kn, n_sms, zero_empty=zero_empty, step_lin=step_lin)
+    tables = contract_flat_schedule(gsched_4g, m, tc, kn, n_sms, zero_empty=zero_empty, step_lin=step_lin,
+                                    steps=not own_pipeline)
 
     def kernel(tile_ref, step_ref, total_ref, lin_ref, zero_ref, lhs_gmem, rhs_gmem, out_gmem):
         sm = lax.axis_index("sm")
@@ -999,6 +1066,18 @@ def _contract_kernel_flat(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles,
             return packed & ((1 << blk_bits) - 1), *cta_tile(tile if step_lin else lin_ref[sm, tile])
 
         specs = _contract_specs(tiles, lhs_mk.dtype, lhs_is_km, index_of)
+
+        def tile_at(lin):  # own pipeline's TMA warpgroup: (tile, first row block, steps) of tile lin
+            gi = jnp.minimum(lin // kn, g - 1)  # past the last tile: any valid group (never copied)
+            return lin, tile_ref[2, gi], tile_ref[3, gi]
+
+        def copy_step(a_slot, b_slot, barrier, lin, blk):  # own pipeline: the copies of (tile lin, row block blk)
+            kt, nt = cta_tile(lin)
+            rows = pl.ds(blk * tc, tc)
+            a_src = lhs_gmem.at[pl.ds(kt * tm, tm), rows] if lhs_is_km else lhs_gmem.at[rows, pl.ds(kt * tm, tm)]
+            plgpu.copy_gmem_to_smem(a_src, a_slot, barrier)
+            plgpu.copy_gmem_to_smem(rhs_gmem.at[rows, pl.ds(nt * 2 * tn, 2 * tn)], b_slot, barrier,
+                                    **(dict(collective_axes="cluster") if n_cl > 1 else {}))
 
         def make_pipeline(body, context, nsteps):
             return plgpu.emit_pipeline_warp_specialized(
@@ -1050,8 +1129,12 @@ def _contract_kernel_flat(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles,
 
                 pl.run_scoped(acc_scope, plgpu.ACC((wr, wc), jnp.float32))
 
-            pipe = make_pipeline(mma, context, total_ref[sm])
-            pipe(lhs_gmem, rhs_gmem, allocations=allocs)
+            if own_pipeline:
+                _flat_contract_loop(allocs, context, mma, total_ref[sm], lambda j: tile_at(lin_ref[sm, j]),
+                                    copy_step, tiles.stages)
+            else:
+                pipe = make_pipeline(mma, context, total_ref[sm])
+                pipe(lhs_gmem, rhs_gmem, allocations=allocs)
 
             if zero_empty:
                 @pl.when(wg < 2)
