@@ -505,10 +505,6 @@ ROWS_VARIANTS = {  # flat rows kernel variants timed by --rows-ab (all bit-ident
     "flat": dict(stages=4),
     "overlap": dict(stages=4, overlap_mma=True),
     "3st_epi128": dict(stages=3, epi_n=128),
-    "wgm": dict(stages=4, wg_split="m"),  # the warpgroups on row halves (one m64n256 wgmma each)
-    "wgm_epi128": dict(stages=4, epi_n=128, wg_split="m"),
-    # the cost of Tiles.wg_skip's branch alone: equal groups of whole tiles never skip
-    "wgm_noskip": dict(stages=4, wg_split="m", wg_skip=False),
     # the tiles in column bands of 2, 4, 8 or 12 n tiles (Tiles.band; LongCat's 6144-column products have 24, the
     # others 8)
     "band2": dict(stages=4, band=2),
@@ -849,8 +845,6 @@ def main():
     ap.add_argument("--device-time", action="store_true", help="main table: also time the cases of at most 64 "
                     "tokens per expert by the device's busy time per call (device_ms; wall time cannot resolve them)")
     ap.add_argument("--pick-jax-mgpu", action="store_true", help="time four configs of the example kernel first")
-    ap.add_argument("--wg-split", default=None, choices=("n", "m"), help="our kernels' warpgroup split "
-                    "(pallas_gmm.WG_SPLIT; default: its value)")
     ap.add_argument("--pick-tokamax", action="store_true", help="time tokamax's heuristics and three configs first")
     args = ap.parse_args()
     ffn_names = [n for n in args.ffn_kernel_names.split(",") if n] or list(FFN_KERNELS)
@@ -865,7 +859,6 @@ def main():
         bands = None
     if bands is None or min(bands) < 0:
         ap.error(f"--deal-bands {args.deal_bands!r}: want comma-separated integers >= 0 (0: row-major), e.g. 0,8")
-    pallas_gmm.WG_SPLIT = args.wg_split or pallas_gmm.WG_SPLIT
     try:
         pallas_gmm.set_bands(args.rows_band, args.contract_band)
     except ValueError as e:

@@ -248,8 +248,6 @@ def main():
     ap.add_argument("--time_budget_s", type=float, default=1e9, help="skip remaining impls once this is spent")
     ap.add_argument("--contract_deal", default=None, help="how the flat d_rhs kernel deals its tiles to the CTAs, "
                     "one of lcflash.kernels.gmm.mgpu_kernels.CONTRACT_DEALS (default: its CONTRACT_DEAL)")
-    ap.add_argument("--wg_split", default=None, choices=("n", "m"), help="how the expert kernels' two compute "
-                    "warpgroups share a tile (lcflash.kernels.gmm.pallas_gmm.WG_SPLIT; default: its value)")
     ap.add_argument("--rows_band", type=int, default=None, help="the flat expert rows kernel's column bands "
                     "(lcflash.kernels.gmm.pallas_gmm.ROWS_BAND; 0: none; default: its value)")
     ap.add_argument("--contract_band", type=int, default=None, help="the flat d_rhs kernel's column bands "
@@ -288,7 +286,6 @@ def main():
         ap.error(f"--contract_deal {args.contract_deal!r}: must be one of {mgpu_kernels.CONTRACT_DEALS}")
     mgpu_kernels.CONTRACT_DEAL = args.contract_deal or mgpu_kernels.CONTRACT_DEAL
     from lcflash.kernels.gmm import pallas_gmm
-    pallas_gmm.WG_SPLIT = args.wg_split or pallas_gmm.WG_SPLIT
     try:
         pallas_gmm.set_bands(args.rows_band, args.contract_band)
     except ValueError as e:

@@ -22,7 +22,8 @@
 # of 0ad29fa (d_rhs as ping-pong: 1.4-2.1x slower, removed since), then the second ping-pong design of 71c50bb by
 # an inline command (1.3-1.6x slower, removed since); session 53 ran 33 and 34 (one-load step entries for d_rhs's
 # TMA warpgroup: 2-7% faster, the default since; one index per step for both blocks: slower, removed since);
-# 35 (d_rhs in our own pipeline loop) waits; HISTORY.md):
+# 35 (d_rhs in our own pipeline loop) waits; calls 8 and 9, the warpgroups on row halves of a tile, are gone with
+# that code (it lost in session 45; removed in session 53); HISTORY.md):
 #     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 35; 4 takes the persistent kernels,
 #                                                            14 the rows and d_rhs bands, 18 a benchmark flag)
 # run from the repository root on the device machine, with `.whl` carried (ml-collections and tensorboardX, which
@@ -92,27 +93,6 @@ case $N in
     for v in control sem1 sem_static sem_only min_nopf min_pf few_ctas; do
         step 25 python experiments/debug_phase_chain.py $v
     done
-    ;;
-8)  # session 37: the compute warpgroups on row halves of a tile (pallas_gmm.WG_SPLIT = "m", gmm_notes.md sessions
-    # 37-38): GPU tests, then each split at LongCat's shapes and configs/small.py's training kernels
-    step 150 python -m pytest -n 0 -q tests/test_gmm.py -k "row_split or gpu_pallas_forward or gpu_ffn or gpu_flat"
-    for s in n m; do
-        step 110 python experiments/bench_moe_gemm.py --impls pallas_chain,einsum --quick --wg-split $s \
-            --out "$OUT/bench_moe_gemm_quick_wg${s}_s37_h200.json"
-    done
-    for s in n m; do
-        step 70 python experiments/bench_moe_gemm.py --ffn-kernels 32768 --wg-split $s --no-ffn-einsum \
-            --out "$OUT/bench_moe_gemm_ffnk_wg${s}_s37_h200.json"
-    done
-    # the row split's skip branch (session 38) costs nothing where no visit skips: equal groups, LongCat T=512
-    step 80 python experiments/bench_moe_gemm.py --rows-ab flat,wgm,wgm_noskip \
-        --out "$OUT/bench_moe_gemm_rowsab_s38_h200.json"
-    ;;
-9)  # JAX's example matmul with either split (the peer's answer to call 8's question); then, if call 8 showed the
-    # row split faster, the training A/B
-    step 100 python experiments/bench_wg_split.py --stages 4 --out "$OUT/bench_wg_split_s37_h200.json"
-    step 240 $T --out "$OUT/bench_train_b32_s37_wgn_h200.json"
-    step 240 $T --wg_split m --out "$OUT/bench_train_b32_s37_wgm_h200.json"
     ;;
 11) # session 39: the main expert-GEMM table with ours and the einsum bound timed in 3 alternating rounds (the board
     # runs them at its power cap; session 28 timed each once, one after the other)

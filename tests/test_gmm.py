@@ -258,34 +258,6 @@ def test_pallas_interpret_ffn_swiglu_grad_epilogue():
     _check_ffn_swiglu_grad_epilogue(M_RAGGED, 128, 384, SIZES_RAGGED, seed=17)
 
 
-@cpu_only
-def test_pallas_interpret_row_split_warpgroups(monkeypatch):
-    """pallas_gmm.WG_SPLIT = "m" (each compute warpgroup on a row half of the tile), against the fp32 reference.
-
-    The plain forward, on both pipelines, over 400 rows in 6 groups, whose tile visits hold rows of one half only
-    (the other warpgroup skips its wgmma) or one row of a half: tile 1 holds rows 0-64 of group 1 (one in the second
-    half), group 2's one row (65) and rows 66-127 of group 3; tile 2 rows 0-62 of group 4 and rows 63-64 of group 5.
-    Then every kernel of the expert FFN (SwiGLU forward, down forward, the grad_halves d_lhs, the [gate | up] d_lhs,
-    both weight gradients by the contract kernel), with and without zero tails, over 260 rows: groups end in either
-    half, a 1-row group sits in one half, one spans both. (The FFN runs as one jitted program. At the 400-row sizes
-    that program hangs in Pallas' interpreter on a 2-core machine: two simulated threads stall inside XLA:CPU while
-    the threads that run callbacks block in barrier waits. Run op by op, it passes.)"""
-    from lcflash.kernels.gmm import pallas_gmm
-
-    monkeypatch.setattr(pallas_gmm, "WG_SPLIT", "m")
-    sizes_l = [0, 193, 1, 62, 63, 2]  # rows 0-192, 193, 194-255, 256-318, 319-320; 79 tail rows
-    m, d, f = 400, 128, 128
-    tiles = pallas_gmm._rows_tiles(m, len(sizes_l), 2 * f, jnp.bfloat16, 1, "N")
-    assert tiles.wg_split == "m" and tiles.wg_tile() == (64, 256), tiles
-    x, w, _, sizes = _inputs(23, m, d, 2 * f, sizes_l, jnp.bfloat16)
-    want = reference.gmm_loop(x.astype(jnp.float32), w.astype(jnp.float32), sizes)
-    for chain in (True, False):  # the flat pipeline and a pipeline per tile
-        got = pallas_gmm.rows_matmul(x, [w], sizes, chain=chain)
-        assert _rel(got, want) < BF16_TOL, chain
-        assert not np.asarray(got[sum(sizes_l):], np.float32).any(), chain
-    _check_ffn_swiglu_grad_epilogue(260, d, f, [0, 137, 1, 90], seed=24)  # rows 0-136, 137, 138-227; 32 tail rows
-
-
 def test_band_order_permutes_the_matmul_tiles():
     """Tiles.band: every matmul tile once, each band's tiles of every row block before the next band, the tail
     row-major after them; what 132 CTAs run at once spans one band's n tiles."""
@@ -618,20 +590,17 @@ def test_auto_deal_is_snake_below_one_tile_per_cta_and_round_robin_above():
         assert not all(a.shape == b.shape and np.array_equal(a, b) for a, b in zip(auto, other)), kn
 
 
-@pytest.mark.parametrize("wg_split,band,zero_empty", [("n", 0, False), ("n", 0, True), ("m", 0, True), ("n", 8, False)])
+@pytest.mark.parametrize("band,zero_empty", [(0, False), (0, True), (8, False)])
 @pytest.mark.parametrize("k,n,g,m", [(2048, 6144, 64, 32768), (1024, 768, 128, 65536)])  # LongCat down, small [gate | up]
-def test_pallas_chain_backward_lowers_for_cuda(mosaic_gpu_trace, monkeypatch, k, n, g, m, wg_split, band,
-                                               zero_empty):
-    """pallas_chain's forward + backward (flat rows and contract pipelines) and the flat contract kernel through Pallas ->
-    Mosaic GPU lowering (layouts, smem budget) for CUDA on the CPU, at LongCat and small-config shapes, with the
-    compute warpgroups on column or row halves of the tiles (pallas_gmm.WG_SPLIT), both flat kernels' tiles in
-    column bands (pallas_gmm.ROWS_BAND and CONTRACT_BAND: 8 of LongCat's 24 n tiles) with both kernels' rings at
-    3 stages (ROWS_STAGES, whole-tile stores; d_rhs as over deep groups, CONTRACT_DEEP_*), and d_rhs's empty groups in
-    the pipeline or stored after it (mgpu_kernels.CONTRACT_ZERO_EMPTY)."""
+def test_pallas_chain_backward_lowers_for_cuda(mosaic_gpu_trace, monkeypatch, k, n, g, m, band, zero_empty):
+    """pallas_chain's forward + backward (flat rows and contract pipelines) and the flat contract kernel through
+    Pallas -> Mosaic GPU lowering (layouts, smem budget) for CUDA on the CPU, at LongCat and small-config shapes,
+    with both flat kernels' tiles in column bands (pallas_gmm.ROWS_BAND and CONTRACT_BAND: 8 of LongCat's 24 n tiles)
+    with both kernels' rings at 3 stages (ROWS_STAGES, whole-tile stores; d_rhs as over deep groups,
+    CONTRACT_DEEP_*), and d_rhs's empty groups in the pipeline or stored after it (mgpu_kernels.CONTRACT_ZERO_EMPTY)."""
     from lcflash.kernels.gmm import mgpu_kernels as mk, pallas_gmm
 
     monkeypatch.setattr(mk, "CONTRACT_ZERO_EMPTY", zero_empty)
-    monkeypatch.setattr(pallas_gmm, "WG_SPLIT", wg_split)
     monkeypatch.setattr(pallas_gmm, "ROWS_BAND", band)
     monkeypatch.setattr(pallas_gmm, "CONTRACT_BAND", band)
     monkeypatch.setattr(pallas_gmm, "ROWS_STAGES", 3 if band else 4)
@@ -730,15 +699,12 @@ def test_clustered_d_rhs_refuses_odd_k_tiles_and_the_interpreter():
         mk.contract_kernel(lhs, dout, gs, out_dtype=jnp.bfloat16, tiles=tiles, interpret=False)
 
 
-@pytest.mark.parametrize("wg_split", ["n", "m"])
 @pytest.mark.parametrize("d,f,g,m", [(6144, 2048, 64, 32768), (1024, 384, 128, 65536)])  # LongCat, small config
-def test_ffn_swiglu_grad_epilogue_lowers_for_cuda(mosaic_gpu_trace, monkeypatch, d, f, g, m, wg_split):
+def test_ffn_swiglu_grad_epilogue_lowers_for_cuda(mosaic_gpu_trace, d, f, g, m):
     """gmm_swiglu_ffn's forward and backward (the grad_halves epilogue: TMA loads of g and u started by the compute
     warpgroups, their swizzled tiles read in the accumulator's layout) through Pallas -> Mosaic GPU lowering for
-    CUDA on the CPU, within the shared-memory budget, with either warpgroup split."""
+    CUDA on the CPU, within the shared-memory budget."""
     from lcflash.kernels.gmm import pallas_gmm
-
-    monkeypatch.setattr(pallas_gmm, "WG_SPLIT", wg_split)
 
     sd = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt)  # noqa: E731
 
@@ -838,24 +804,6 @@ def test_gpu_pallas_swiglu_forward_and_gradients(fused):
     for name, g, w in zip(("h", "dx", "dwg", "dwu"), got, want):
         assert _rel(g, w) < 2 * BF16_TOL, name  # gate/up are rounded to bf16 between the kernels
     assert not np.asarray(got[0][sum(sizes_l):], np.float32).any()
-
-
-@gpu_only
-@pytest.mark.parametrize("case", ["ragged", "small_cfg"])
-def test_gpu_row_split_warpgroups(monkeypatch, case):
-    """pallas_chain with each compute warpgroup on a row half of the tile (one m64 x 2 * tile_n wgmma each)
-    against the fp32 reference, tails zero; the whole expert FFN with its SwiGLU epilogues too."""
-    from lcflash.kernels.gmm import pallas_gmm
-
-    monkeypatch.setattr(pallas_gmm, "WG_SPLIT", "m")
-    m, k, n, sizes_l = GPU_CASES[case]
-    lhs, rhs, dout, sizes = _inputs(27, m, k, n, sizes_l, jnp.bfloat16)
-    got = jax.jit(lambda a, b, d: _fwd_grads("pallas_chain", a, b, d, sizes))(lhs, rhs, dout)
-    for name, g, w in zip(("out", "d_lhs", "d_rhs"), got, _ref_fwd_grads(lhs, rhs, dout, sizes)):
-        assert _rel(g, w) < BF16_TOL, name
-    assert not np.asarray(got[0][sum(sizes_l):], np.float32).any()
-    assert not np.asarray(got[1][sum(sizes_l):], np.float32).any()
-    _check_ffn_swiglu_grad_epilogue(m, k, n, sizes_l, seed=28)
 
 
 @gpu_only

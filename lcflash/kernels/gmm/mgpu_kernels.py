@@ -55,14 +55,6 @@ class Tiles:
     # (wgmma_wait(1), buffers released one step later); the epilogue waits for all of them. Slower on an H200
     # (experiments/gmm_notes.md, run 8): kept off, as a switch for the A/B.
     overlap_mma: bool = False
-    # Both kernels: how the two compute warpgroups share a tile_m x 2 * tile_n tile. "n": a column half each
-    # (tile_m x tile_n, wgmma m64 x tile_n); "m": a row half each (tile_m / 2 x 2 * tile_n: one m64n(2 * tile_n)
-    # wgmma per k16, which reads the B operand once instead of once per 64 rows), JAX's hopper_matmul_mgpu
-    # wg_dimension=M. Same registers and shared memory.
-    wg_split: str = "n"
-    # rows kernel with wg_split "m": a warpgroup whose row half holds none of a tile visit's rows (a group ending
-    # or starting in the other half) issues no wgmma for it. False issues them anyway (for the A/B of the branch).
-    wg_skip: bool = True
     # Flat pipelines only (chain=True): the output tiles in column bands of this many n tiles (each band's tiles of
     # every row block, or of every K tile of a group in the contract kernel, before the next band's), so the CTAs
     # running at once read fewer rhs columns, each from more of them (band_order). 0 (or at least the n tiles
@@ -74,15 +66,15 @@ class Tiles:
     cluster_k: bool = False
 
     def wg_tile(self) -> tuple[int, int]:
-        """(rows, columns) of one compute warpgroup's accumulator."""
-        if self.wg_split not in ("n", "m"):
-            raise ValueError(f"Tiles.wg_split = {self.wg_split!r}: must be 'n' (column halves) or 'm' (row halves)")
-        return (self.tile_m // 2, 2 * self.tile_n) if self.wg_split == "m" else (self.tile_m, self.tile_n)
+        """(rows, columns) of one compute warpgroup's accumulator: the two compute warpgroups take a column half of
+        the tile_m x 2 * tile_n tile each. (Row halves, one m64 x 2 * tile_n wgmma each, lost on an H100 in session
+        45 and were removed in session 53; experiments/HISTORY.md.)"""
+        return self.tile_m, self.tile_n
 
 
 def _wg_offsets(tiles: Tiles, wg):
     """(first row, first column) of compute warpgroup wg's accumulator within a tile."""
-    return (wg * tiles.wg_tile()[0], 0) if tiles.wg_split == "m" else (0, wg * tiles.tile_n)
+    return 0, wg * tiles.tile_n
 
 
 def _part(ref, dim: int, start, size: int):
@@ -333,7 +325,6 @@ def rows_kernel(
         g, k2, n = rhs_list[0].shape
     tm, tn, tk, epi_n = tiles.tile_m, tiles.tile_n, tiles.tile_k, tiles.epi_n
     wr, wc = tiles.wg_tile()  # one compute warpgroup's accumulator
-    split_m = tiles.wg_split == "m"
     grad = swiglu == "grad_halves"
     if swiglu == "halves" and (transpose_rhs or n_rhs != 1):
         raise ValueError(f"swiglu={swiglu!r} takes one [G, K, 2N] rhs, not transposed")
@@ -452,11 +443,6 @@ def rows_kernel(
             wg = lax.axis_index("wg")
             r_off, c_off = _wg_offsets(tiles, wg)
 
-            def own_rows(start, rows):
-                """Split "m": a visit's rows [start, start + rows) of the block within this warpgroup's half."""
-                lo = jnp.clip(start - r_off, 0, wr)
-                return lo, jnp.clip(start + rows - r_off, 0, wr) - lo
-
             def tile_of(lin):
                 """(n tile, group, row block, first row in block, rows) of linear tile index lin."""
                 mt, nt = order(lin)
@@ -481,8 +467,6 @@ def rows_kernel(
                 """tail: True (static) or a traced predicate for tiles of rows past the groups, whose outputs with
                 zero_tail False are not stored."""
                 col0 = nt * 2 * tn + c_off
-                if split_m:
-                    start, rows = own_rows(start, rows)
                 if grad and tail is not True:  # the tiles load_gu started at the first step
                     for j in range(2):
                         plgpu.barrier_wait(gu_bar.at[2 * wg + j])
@@ -508,20 +492,14 @@ def rows_kernel(
                         pl.when(jnp.logical_not(tail))(_store)
 
             @jax.named_scope("mma")
-            def mma_step(a_smem, b_smems, accs, start, rows):
-                def issue():
-                    a = _part(a_smem, 0, r_off, wr)  # this warpgroup's rows and columns of the tile
-                    for b_smem, acc in zip(b_smems, accs):
-                        if transpose_rhs:
-                            b = _part(b_smem, 0, c_off, wc).transpose((1, 0))
-                        else:
-                            b = _part(b_smem, 1, c_off, wc)
-                        plgpu.wgmma(acc, a, b)
-
-                if split_m and tiles.wg_skip:  # a warpgroup whose row half holds none of the visit's rows skips
-                    pl.when(own_rows(start, rows)[1] > 0)(issue)
-                else:
-                    issue()
+            def mma_step(a_smem, b_smems, accs):
+                a = _part(a_smem, 0, r_off, wr)  # this warpgroup's rows and columns of the tile
+                for b_smem, acc in zip(b_smems, accs):
+                    if transpose_rhs:
+                        b = _part(b_smem, 0, c_off, wc).transpose((1, 0))
+                    else:
+                        b = _part(b_smem, 1, c_off, wc)
+                    plgpu.wgmma(acc, a, b)
                 # Per-tile pipelines wait for this step's wgmma before its buffers are released: releasing one
                 # step later (delay_release=1) would let the next tile's prologue refill the last step's buffers
                 # while its wgmma still reads them; the other compute warpgroup keeps the tensor cores busy.
@@ -544,7 +522,7 @@ def rows_kernel(
                     nsteps = sched_ref[4, lin // n_tiles] * k_steps  # 0 for tail tiles: accumulators stay zero
 
                     def mma(_, a_smem, *args):
-                        mma_step(a_smem, args[:n_rhs], args[n_rhs], start, rows)
+                        mma_step(a_smem, args[:n_rhs], args[n_rhs])
                         return args[n_rhs]
 
                     def context(run):
@@ -561,7 +539,7 @@ def rows_kernel(
                     s = idx[0]
                     if gu_mn2 is not None:  # this tile's g and u land while its steps run
                         pl.when(s % k_steps == 0)(lambda: load_gu(info[0], info[2]))
-                    mma_step(a_smem, args[:n_rhs], accs, info[3], info[4])
+                    mma_step(a_smem, args[:n_rhs], accs)
                     last = s % k_steps == k_steps - 1
 
                     def _epilogue():
@@ -623,31 +601,25 @@ def _contract_dims(lhs_mk, rhs_mn, gsched_4g, tiles: Tiles, lhs_is_km: bool):
 
 
 def _contract_scope(alloc_pipe, lhs_gmem, rhs_gmem, tiles: Tiles, out_dtype):
-    """run_scoped for a contract kernel's body: the pipeline's smem ring, a swizzled output staging buffer per
-    compute warpgroup (whole tiles only, so the register store has no bank conflicts) and, where the warpgroups
-    split the tile by rows, the barrier that orders their dout masking before either reads dout."""
+    """run_scoped for a contract kernel's body: the pipeline's smem ring and a swizzled output staging buffer per
+    compute warpgroup (whole tiles only, so the register store has no bank conflicts)."""
     wr, _ = tiles.wg_tile()
     stage_shape = (2, wr, tiles.epi_n)
-    mask_bar = dict(mask_bar=plgpu.Barrier(num_arrivals=2)) if tiles.wg_split == "m" else {}
     return functools.partial(
         pl.run_scoped,
         allocs=alloc_pipe.get_allocations(lhs_gmem, rhs_gmem),
         stage_smem=plgpu.SMEM(stage_shape, out_dtype, transforms=_swizzle_transforms(stage_shape[-1], out_dtype)),
         collective_axes="wg",
-        **mask_bar,
     )
 
 
-def _contract_step(acc, a_smem, b_smem, row0, start, end, *, wg, tiles: Tiles, lhs_is_km: bool, interpret: bool,
-                   mask_bar=None):
+def _contract_step(acc, a_smem, b_smem, row0, start, end, *, wg, tiles: Tiles, lhs_is_km: bool, interpret: bool):
     """One 64-row step of d_rhs: zero the rows of this warpgroup's column half of dout that belong to other groups
-    (a block shared by two groups), then acc += lhs_block^T @ dout_block for this warpgroup's part of the tile.
-
-    Tiles.wg_split "n": the warpgroup reads only its own dout half. "m": it reads all of dout and its row half of
-    lhs^T, so the two warpgroups meet at mask_bar after masking (only on masked steps; both take the same branch)."""
+    (a block shared by two groups), then acc += lhs_block^T @ dout_block for this warpgroup's part of the tile (it
+    reads only the dout half it masked, so the two warpgroups need no barrier between)."""
     tc, tn = b_smem.shape[0], tiles.tile_n
     (wr, wc), (r_off, c_off) = tiles.wg_tile(), _wg_offsets(tiles, wg)
-    b_own = b_smem.at[:, pl.ds(wg * tn, tn)]  # the half this warpgroup masks, whichever part it reads
+    b_own = b_smem.at[:, pl.ds(wg * tn, tn)]  # the half this warpgroup masks and reads
     masked = (row0 < start) | (row0 + tc > end)
 
     def _mask():
@@ -658,9 +630,6 @@ def _contract_step(acc, a_smem, b_smem, row0, start, end, *, wg, tiles: Tiles, l
         vals = b_own[...]
         b_own[...] = jnp.where(keep, vals, jnp.zeros_like(vals))
         plgpu.commit_smem()
-        if mask_bar is not None:
-            plgpu.barrier_arrive(mask_bar)
-            plgpu.barrier_wait(mask_bar)
 
     if CONTRACT_MASK:
         pl.when(masked)(_mask)
@@ -881,7 +850,7 @@ def contract_kernel(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles, lhs_i
         alloc_pipe = make_pipeline(ignore, ignore, jnp.int32(stages), zero, zero, zero)
 
         @_contract_scope(alloc_pipe, lhs_gmem, rhs_gmem, tiles, out_dtype)
-        def _scope(allocs, stage_smem, mask_bar=None):
+        def _scope(allocs, stage_smem):
             wg = lax.axis_index("wg")
             (wr, wc), (r_off, c_off) = tiles.wg_tile(), _wg_offsets(tiles, wg)
 
@@ -898,7 +867,7 @@ def contract_kernel(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles, lhs_i
 
                 def mma(idx, a_smem, b_smem, acc):
                     _contract_step(acc, a_smem, b_smem, (blk0 + idx[0]) * tc, start, end, wg=wg, tiles=tiles,
-                                   lhs_is_km=lhs_is_km, interpret=interpret, mask_bar=mask_bar)
+                                   lhs_is_km=lhs_is_km, interpret=interpret)
                     return acc
 
                 def context(run):
@@ -1095,7 +1064,7 @@ def _contract_kernel_flat(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles,
         alloc_pipe = make_pipeline(ignore, ignore, jnp.int32(tiles.stages))  # dynamic grid: all stages
 
         @_contract_scope(alloc_pipe, lhs_gmem, rhs_gmem, tiles, out_dtype)
-        def _scope(allocs, stage_smem, mask_bar=None):
+        def _scope(allocs, stage_smem):
             wg = lax.axis_index("wg")
             (wr, wc), (r_off, c_off) = tiles.wg_tile(), _wg_offsets(tiles, wg)
 
@@ -1109,7 +1078,7 @@ def _contract_kernel_flat(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles,
                 gi, start, end, blk0, nst = info
                 with jax.named_scope("mma"):
                     _contract_step(acc, a_smem, b_smem, (blk0 + s_in) * tc, start, end, wg=wg, tiles=tiles,
-                                   lhs_is_km=lhs_is_km, interpret=interpret, mask_bar=mask_bar)
+                                   lhs_is_km=lhs_is_km, interpret=interpret)
                 last = s_in == nst - 1
 
                 @jax.named_scope("epilogue")

@@ -22,9 +22,6 @@ _KERNEL_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 # Benchmarks may pin tile sizes here (mk.Tiles); None picks them from the shapes below.
 ROWS_TILES: mk.Tiles | None = None
 CONTRACT_TILES: mk.Tiles | None = None
-# How both kernels' two compute warpgroups share a 128-row tile (mk.Tiles.wg_split): "n" column halves, "m" row
-# halves (wider wgmma). Read at trace time; decode's 64-row tiles always split by columns.
-WG_SPLIT = "n"
 # The flat kernels' column bands (mk.Tiles.band): at most this many n tiles per band, the largest divisor of a
 # product's n tiles (0: row-major); ROWS_BAND for the rows kernel (forward, d_lhs), CONTRACT_BAND for d_rhs. Read
 # at trace time. On an H100 in rotated rounds with an A/A control (session 42, experiments/gmm_notes.md), rows
@@ -61,7 +58,7 @@ CONTRACT_CLUSTER = True
 
 def tiling_settings() -> dict:
     """The kernels' trace-time switches as they stand (for benchmarks' JSON metadata)."""
-    return dict(wg_split=WG_SPLIT, rows_band=ROWS_BAND, contract_band=CONTRACT_BAND, rows_stages=ROWS_STAGES,
+    return dict(rows_band=ROWS_BAND, contract_band=CONTRACT_BAND, rows_stages=ROWS_STAGES,
                 contract_stages=CONTRACT_STAGES,
                 contract_deep=[CONTRACT_DEEP_ROWS, CONTRACT_DEEP_STAGES, CONTRACT_DEEP_BAND],
                 contract_cluster=CONTRACT_CLUSTER, contract_deal=mk.CONTRACT_DEAL,
@@ -100,7 +97,7 @@ def _rows_tiles(m: int, g: int, n: int, out_dtype, n_rhs: int, what: str, epi_in
     tn = _col_tile(n, what, prefer=128 if n_rhs == 1 and not epi_in else 64)
     # One epilogue store per warpgroup and tile (epi_n = tn) where it fits; fp32 outputs store in 64-col chunks.
     epi_n = tn if jnp.dtype(out_dtype).itemsize <= 2 else 64
-    tiles = mk.Tiles(tile_m=tm, tile_n=tn, tile_k=64, stages=4, epi_n=epi_n, wg_split=WG_SPLIT if tm == 128 else "n")
+    tiles = mk.Tiles(tile_m=tm, tile_n=tn, tile_k=64, stages=4, epi_n=epi_n)
     while tiles.stages > 2 and mk.smem_bytes(tiles, n_rhs=n_rhs, in_dtype=jnp.bfloat16, out_dtype=out_dtype,
                                              contract=False, epi_in=epi_in) > mk._SMEM_BYTES:
         tiles = dataclasses.replace(tiles, stages=tiles.stages - 1)
@@ -149,7 +146,7 @@ def _contract_tiles(n: int, out_dtype) -> mk.Tiles:
         return CONTRACT_TILES
     tn = _col_tile(n, "d_rhs columns (N)")
     epi_n = tn if jnp.dtype(out_dtype).itemsize <= 2 else 64
-    tiles = mk.Tiles(tile_m=128, tile_n=tn, tile_k=64, stages=4, epi_n=epi_n, wg_split=WG_SPLIT)
+    tiles = mk.Tiles(tile_m=128, tile_n=tn, tile_k=64, stages=4, epi_n=epi_n)
     while tiles.stages > 2 and mk.smem_bytes(tiles, n_rhs=1, in_dtype=jnp.bfloat16, out_dtype=out_dtype,
                                              contract=True) > mk._SMEM_BYTES:
         tiles = dataclasses.replace(tiles, stages=tiles.stages - 1)
