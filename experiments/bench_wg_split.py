@@ -5,7 +5,8 @@ each issues 128 x 128 wgmma (as two m64n128 instructions, each reading the whole
 two accumulators, 128 x 64. Splitting by rows instead gives each warpgroup 64 x 256 (m64n256: B read once per k16
 step, 17% fewer shared-memory operand bytes) at the same registers. JAX's example kernel
 (`jax.experimental.pallas.ops.gpu.hopper_matmul_mgpu`) has both splits (`wg_dimension`), so it answers whether the
-row split pays before our kernels get it. Dense products at the expert kernels' contraction and output widths.
+row split pays. Dense products at the expert kernels' contraction and output widths. (At LongCat's shapes it did
+not, session 45; our kernels' own row split lost there too and was removed in session 53.)
 
     python experiments/bench_wg_split.py --out OUT/bench_wg_split.json
 """
