@@ -664,7 +664,7 @@ CONTRACT_ZERO_EMPTY = True
 # finds a step's blocks with one scalar load instead of two dependent ones (step entry, then the slot's tile). On an
 # H100 by device time (session 53, experiments/HISTORY.md), d_rhs's kernel 2-7% faster on the means of 2 rounds in
 # every LongCat case, e.g. [gate | up] T = 2048 4,755-4,860 us against 5,056-5,060, T = 4096 9,794-9,887 against
-# 10,344-10,364; level at decode size. Where the tiles outnumber what the entry's tile field holds (flat_step_bits),
+# 10,344-10,364; level at decode size. Where the tiles outnumber what the entry's tile field holds (flat_tile_limit),
 # the entries name slots. Read at trace time.
 CONTRACT_STEP_LIN = True
 # Flat contract pipeline: our own warp-specialised loop instead of plgpu.emit_pipeline_warp_specialized (same smem
@@ -680,6 +680,11 @@ def flat_step_bits(m: int, tile_k: int) -> int:
     slot) field keeps the rest of 31 (at LongCat's 64 local experts and 512 tokens each, 9 bits for the block and
     22 for the tile)."""
     return max(1, (pl.cdiv(m, tile_k) - 1).bit_length())
+
+
+def flat_tile_limit(m: int, tile_k: int) -> int:
+    """Tiles (or slots) a flat contract step entry can name beside M's row blocks: 2^(31 - flat_step_bits)."""
+    return 1 << (31 - flat_step_bits(m, tile_k))
 # How the flat contract pipeline deals its tiles to the CTAs: "round_robin" (CTA c takes c, c + n_sms, ...), or by
 # cost (their group's row blocks), so that a skewed routing's large groups do not pile onto a few CTAs: "sorted"
 # (round robin over the tiles sorted by cost) or "snake" (every other row of that deal reversed). "auto": snake where
@@ -761,7 +766,7 @@ def contract_flat_schedule(gsched_4g: jax.Array, m: int, tile_k: int, tiles_per_
     s_max = per_group * (n_blocks + 2 * g)
     blk_bits = flat_step_bits(m, tile_k)
     named, what = (n_lin, "tiles") if step_lin else (j_max, "tiles per CTA")
-    if steps and named >= 1 << (31 - blk_bits):
+    if steps and named >= flat_tile_limit(m, tile_k):
         raise ValueError(f"flat contract schedule: {named} {what} do not pack beside {n_blocks} row blocks "
                          f"({blk_bits} bits) in a 31-bit step entry")
     live = nblk > 0 if zero_empty else jnp.ones((g,), bool)
@@ -921,8 +926,8 @@ def _flat_contract_loop(allocs, context, body, nsteps, tile_of_slot, copy_step, 
     TMA warpgroup: the first `stages` steps' copies, then each step's once its slot is released, then a wait for
     the last releases (a cluster peer must not arrive on an exited CTA's barrier). It walks the CTA's tile slots
     itself: carry (slot j, step in tile, this tile, the next tile), the entries of the tile after next loaded
-    (tile_of_slot) as a tile starts, so no load stands between a release and its copies. Compute warpgroups: wait for a slot's
-    copies, run body (the emit_pipeline body with its carry, in `context`), release the slot."""
+    (tile_of_slot) as a tile starts, so no load stands between a release and its copies. Compute warpgroups: wait
+    for a slot's copies, run body (the emit_pipeline body with its carry, in `context`), release the slot."""
     (a_smem, b_smem), full = allocs["flat_in_smem_refs"], allocs["in_smem_barrier_ref"]
     [consumed] = allocs["flat_consumed_barrier_refs"]
     first = jnp.minimum(jnp.int32(stages), nsteps)
@@ -1017,7 +1022,7 @@ def _contract_kernel_flat(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles,
     if own_pipeline and tiles.overlap_mma:
         raise ValueError("CONTRACT_OWN_PIPELINE has no delayed release: Tiles.overlap_mma must be off")
     blk_bits = flat_step_bits(m, tc)
-    step_lin = CONTRACT_STEP_LIN and g * kn < 1 << (31 - blk_bits)
+    step_lin = CONTRACT_STEP_LIN and g * kn < flat_tile_limit(m, tc)
     tables = contract_flat_schedule(gsched_4g, m, tc, kn, n_sms, zero_empty=zero_empty, step_lin=step_lin,
                                     steps=not own_pipeline)
 
