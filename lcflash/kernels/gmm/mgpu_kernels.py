@@ -618,7 +618,7 @@ def _contract_step(acc, a_smem, b_smem, row0, start, end, *, wg, tiles: Tiles, l
     (a block shared by two groups), then acc += lhs_block^T @ dout_block for this warpgroup's part of the tile (it
     reads only the dout half it masked, so the two warpgroups need no barrier between)."""
     tc, tn = b_smem.shape[0], tiles.tile_n
-    (wr, wc), (r_off, c_off) = tiles.wg_tile(), _wg_offsets(tiles, wg)
+    (wr, _), (r_off, _) = tiles.wg_tile(), _wg_offsets(tiles, wg)
     b_own = b_smem.at[:, pl.ds(wg * tn, tn)]  # the half this warpgroup masks and reads
     masked = (row0 < start) | (row0 + tc > end)
 
@@ -635,7 +635,7 @@ def _contract_step(acc, a_smem, b_smem, row0, start, end, *, wg, tiles: Tiles, l
         pl.when(masked)(_mask)
     # this warpgroup's rows (of K) and columns of the tile
     a = _part(a_smem, 0, r_off, wr) if lhs_is_km else _part(a_smem, 1, r_off, wr).transpose((1, 0))
-    plgpu.wgmma(acc, a, _part(b_smem, 1, c_off, wc))
+    plgpu.wgmma(acc, a, b_own)
     plgpu.wgmma_wait(int(tiles.overlap_mma))  # see rows_kernel and Tiles.overlap_mma
 
 
