@@ -22,9 +22,9 @@
 # of 0ad29fa (d_rhs as ping-pong: 1.4-2.1x slower, removed since), then the second ping-pong design of 71c50bb by
 # an inline command (1.3-1.6x slower, removed since); session 53 ran 33 and 34 (one-load step entries for d_rhs's
 # TMA warpgroup: 2-7% faster, the default since; one index per step for both blocks: slower, removed since);
-# 35 (d_rhs in our own pipeline loop) waits; calls 8 and 9, the warpgroups on row halves of a tile, are gone with
+# session 54 ran 35 (d_rhs in our own pipeline loop: level to 7% faster, the only flat d_rhs since) and 36; calls 8 and 9, the warpgroups on row halves of a tile, are gone with
 # that code (it lost in session 45; removed in session 53); HISTORY.md):
-#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 35; 4 takes the persistent kernels,
+#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 36; 4 takes the persistent kernels,
 #                                                            14 the rows and d_rhs bands, 18 a benchmark flag)
 # run from the repository root on the device machine, with `.whl` carried (ml-collections and tensorboardX, which
 # its image lacks) and `.whl-tokamax` where a call times the tokamax peer (tokamax 0.0.17 with its needs, 37 MB).
@@ -36,7 +36,7 @@
 # here to the ignored `.jcc` (`rm -rf .jcc && cp -r /work/.device/N/jcc .jcc`) and carried, it seeds the next
 # machine's, which helps where that machine has the same card and image.
 set -u
-N=${1:?call number 1-35}
+N=${1:?call number 1-36}
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -227,5 +227,15 @@ small/gate_up_fused/2304 --out "$OUT/contract_ab_cluster_kernel.json"
         --cases longcat/gate_up/512,longcat/down/512,longcat/gate_up/2048,longcat/gate_up/512/skewed \
         --out "$OUT/contract_ab_own_pipeline_device.json"
     ;;
-*)  echo "call number 1-35" >&2; exit 2 ;;
+36) # session 54: our own loop as the only flat d_rhs pipeline (call 35: level to 7% faster; the step table gone) and
+    # the warpgroups' row offset (always 0 since the row split went) gone from both kernels: the GPU tests (the flat
+    # d_rhs bitwise the per-tile kernel, with clusters and with late release; both products' gradients), then issue
+    # 8's first target by device time in 2 rounds (a one-value switch: the defaults alone)
+    step 170 python -m pytest -n 0 -q tests/test_gmm.py -k "gpu_flat_contract or gpu_pallas"
+    step 400 python experiments/contract_ab.py --gmm-switch CONTRACT_ZERO_EMPTY=True --rounds 2 --device-time \
+        --cases longcat/gate_up/512,longcat/down/512,longcat/gate_up/2048,longcat/down/2048,\
+longcat/gate_up/4096,longcat/down/4096,longcat/gate_up/512/skewed,longcat/down/512/skewed \
+        --out "$OUT/contract_ab_targets_device.json"
+    ;;
+*)  echo "call number 1-36" >&2; exit 2 ;;
 esac

@@ -5,6 +5,7 @@ CPU: the XLA implementations in fp32 and bf16, and our Pallas Mosaic GPU kernels
 transposed by XLA, see pallas_gmm). GPU: the compiled kernels, ours and JAX's example (`jax_mgpu`).
 """
 
+import dataclasses
 import re
 
 import jax
@@ -459,25 +460,25 @@ def _contract_ref_f64(lhs, dout, sizes_l):
 def test_pallas_interpret_flat_contract_kernel(monkeypatch, m, k, n, sizes_l, out_dtype, tol):
     """d_rhs through one flat pipeline per CTA (pallas_chain) against a float64 reference; the interpreter
     NaN-fills outputs, so an unwritten tile fails; empty groups must be exactly zero, whether their tiles run a
-    masked step in the pipeline or are stored as zeros after it (CONTRACT_ZERO_EMPTY, here together with the
-    one-load step entries, CONTRACT_STEP_LIN, and our own pipeline loop, CONTRACT_OWN_PIPELINE), bit for bit the
-    same."""
+    masked step in the pipeline or are stored as zeros after it (CONTRACT_ZERO_EMPTY), bit for bit the same, and the
+    same again with each slot released a step late (Tiles.overlap_mma)."""
     from lcflash.kernels.gmm import mgpu_kernels as mk
     from lcflash.kernels.gmm import pallas_gmm
 
     lhs, _, dout, sizes = _inputs(14, m, k, n, sizes_l, jnp.bfloat16)
     got = {}
-    for zero_empty, step_lin in ((False, False), (True, True)):
+    for zero_empty in (False, True):
         monkeypatch.setattr(mk, "CONTRACT_ZERO_EMPTY", zero_empty)
-        monkeypatch.setattr(mk, "CONTRACT_STEP_LIN", step_lin)  # the TMA warpgroup's one-load step entries
-        monkeypatch.setattr(mk, "CONTRACT_OWN_PIPELINE", step_lin)  # ... or no step table at all
-        out = got[zero_empty, step_lin] = np.asarray(
+        out = got[zero_empty] = np.asarray(
             pallas_gmm.contract_matmul(lhs, dout, sizes, out_dtype=out_dtype, chain=True), np.float32)
         assert out.shape == (len(sizes_l), k, n)
         assert _rel(out, _contract_ref_f64(lhs, dout, sizes_l)) < tol
         assert not out[[i for i, s in enumerate(sizes_l) if s == 0]].any()
-    for out in got.values():
-        np.testing.assert_array_equal(out, got[False, False])
+    np.testing.assert_array_equal(got[True], got[False])
+    tiles = pallas_gmm.flat_contract_tiles(n, out_dtype, m / len(sizes_l), k=k)
+    monkeypatch.setattr(pallas_gmm, "CONTRACT_TILES", dataclasses.replace(tiles, overlap_mma=True))
+    late = pallas_gmm.contract_matmul(lhs, dout, sizes, out_dtype=out_dtype, chain=True)
+    np.testing.assert_array_equal(np.asarray(late, np.float32), got[False])
 
 
 @pytest.mark.parametrize("zero_empty", [False, True])
@@ -485,17 +486,15 @@ def test_pallas_interpret_flat_contract_kernel(monkeypatch, m, k, n, sizes_l, ou
 @pytest.mark.parametrize("sizes_l", [[512] * 64, [0] * 63 + [32768], list(range(0, 1024, 16)),
                                      [0, 900, 0, 0, 31000, 0, 300, 568, 0]])
 def test_flat_contract_schedule_walks_every_tile(sizes_l, deal, zero_empty):
-    """The per-CTA step table at LongCat gate/up shapes on 132 SMs (48 x 8 tiles per group): every tile is dealt
-    to one CTA once (round robin: CTA c's tiles are c, c + 132, ...), and every CTA's steps are its tiles' row blocks
-    in order (one for an empty group), within the table's static bound. With zero_empty an empty group's tiles are
-    in the zero list instead, and the pipeline deals the others as if the empty groups were not there."""
+    """The per-CTA tile lists at LongCat gate/up shapes on 132 SMs (48 x 8 tiles per group): every tile is dealt
+    to one CTA once (round robin: CTA c's tiles are c, c + 132, ...), each tile's steps are its group's row blocks
+    (one for an empty group), and every CTA's step count is its tiles' steps. With zero_empty an empty group's tiles
+    are in the zero list instead, and the pipeline deals the others as if the empty groups were not there."""
     from lcflash.kernels.gmm import mgpu_kernels as mk
 
     m, tk, kn, n_sms = 32768, 64, 48 * 8, 132
-    bits = mk.flat_step_bits(m, tk)
-    assert bits == 9  # 512 row blocks
     sizes = jnp.asarray(sizes_l, jnp.int32)
-    tile_4g, step_cs, total_c, lin_cj, zero_2z = (np.asarray(a) for a in mk.contract_flat_schedule(
+    tile_4g, total_c, lin_cj, zero_2z = (np.asarray(a) for a in mk.contract_flat_schedule(
         mk.contract_schedule(sizes, m, tk), m, tk, kn, n_sms, deal=deal, zero_empty=zero_empty))
     n_lin = len(sizes_l) * kn
     empty = [i for i, s in enumerate(sizes_l) if s == 0] if zero_empty else []
@@ -512,29 +511,14 @@ def test_flat_contract_schedule_walks_every_tile(sizes_l, deal, zero_empty):
         assert (lin_cj[c, len(tiles_c):] == n_lin).all()  # no gaps: the CTA's tiles come first
         if deal == "round_robin" or (deal == "sorted" and len(set(sizes_l)) == 1):  # equal costs: the same deal
             assert tiles_c == live_tiles[c::n_sms]
-        want = []
-        for j, lin in enumerate(tiles_c):
+        steps = 0
+        for lin in tiles_c:
             g = lin // kn
             first = min(starts[g] // tk, m // tk - 1)
             nblk = -(-ends[g] // tk) - starts[g] // tk if ends[g] > starts[g] else 1
             assert (tile_4g[2, g], tile_4g[3, g]) == (first, nblk)
-            want += [(j << bits) | b for b in range(first, first + nblk)]
-        assert total_c[c] == len(want) <= step_cs.shape[1]
-        np.testing.assert_array_equal(step_cs[c, :len(want)], want)
-    if deal != "round_robin":  # the packing is the same for every deal
-        return
-    # CONTRACT_STEP_LIN: the same steps with each entry's slot replaced by the slot's tile
-    by_lin = np.asarray(mk.contract_flat_schedule(mk.contract_schedule(sizes, m, tk), m, tk, kn, n_sms, deal=deal,
-                                                  zero_empty=zero_empty, step_lin=True)[1])
-    live = np.arange(step_cs.shape[1])[None, :] < total_c[:, None]
-    slot_tile = np.take_along_axis(lin_cj, step_cs >> bits, axis=1)
-    np.testing.assert_array_equal(by_lin, np.where(live, (slot_tile << bits) | (step_cs & (1 << bits) - 1), 0))
-    # CONTRACT_OWN_PIPELINE's tables: the same without the step table
-    no_steps = [np.asarray(a) for a in mk.contract_flat_schedule(mk.contract_schedule(sizes, m, tk), m, tk, kn, n_sms,
-                                                                 deal=deal, zero_empty=zero_empty, steps=False)]
-    assert no_steps[1].shape == (n_sms, 1)
-    for got, want in zip(no_steps[:1] + no_steps[2:], (tile_4g, total_c, lin_cj, zero_2z)):
-        np.testing.assert_array_equal(got, want)
+            steps += nblk
+        assert total_c[c] == steps
 
 
 def test_deal_tiles_ranks_as_a_stable_sort_of_the_tiles():
@@ -566,7 +550,7 @@ def test_contract_deals_by_cost_even_out_skewed_groups():
     m, tk, kn, n_sms = 393216, 64, 24, 132
     gs = mk.contract_schedule(jnp.asarray(sizes_l, jnp.int32), m, tk)
     mean = kn * int(np.maximum(np.asarray(gs[3]), 1).sum()) / n_sms
-    busiest = {d: int(np.asarray(mk.contract_flat_schedule(gs, m, tk, kn, n_sms, deal=d)[2]).max()) / mean
+    busiest = {d: int(np.asarray(mk.contract_flat_schedule(gs, m, tk, kn, n_sms, deal=d)[1]).max()) / mean
                for d in mk.CONTRACT_DEALS}
     assert busiest["snake"] < 1.1 < busiest["sorted"] < 1.2 < busiest["round_robin"], busiest
     with pytest.raises(ValueError, match="contract deal 'lpt'"):
@@ -644,47 +628,25 @@ def test_clustered_d_rhs_lowers_for_cuda_where_its_k_tiles_pair(mosaic_gpu_trace
         assert pallas_gmm.flat_contract_tiles(n, jnp.bfloat16, m / g, k=k).cluster_k == clustered, (k, n)
 
 
-def test_one_load_step_entries_lower_for_cuda_and_fall_back_past_their_bits(mosaic_gpu_trace, monkeypatch):
-    """mgpu_kernels.CONTRACT_STEP_LIN: the flat d_rhs whose step entries name their tile lowers for CUDA with all
-    512 experts on one GPU (512 x 192 clustered tiles; 512 row blocks leave 22 bits for the tile) and, where the
-    tiles outnumber the bits the row blocks leave (at 2^21 rows: 32,768 blocks, 16 bits for 196,608 tiles,
-    unclustered at 4,096 rows a group), takes the slot entries instead of failing. The XLA side tells which tables
-    were built; the kernel's serialized module is left out (JAX 0.11 serializes one kernel differently each time)."""
+def test_flat_d_rhs_lowers_for_cuda_with_and_without_clusters_and_late_release(mosaic_gpu_trace, monkeypatch):
+    """The flat d_rhs loop lowers for CUDA on 2-CTA clusters (dout multicast; LongCat's T = 512) and without
+    (T = 4096), and with each slot released a step late (Tiles.overlap_mma, which the interpreter cannot check
+    for races), with all 512 experts on one GPU (512 x 192 clustered tiles)."""
     from lcflash.kernels.gmm import mgpu_kernels as mk, pallas_gmm
 
     sd = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt)  # noqa: E731
-    for m, changed in ((32768, True), (1 << 21, False)):
-        xla_side = {}
-        for step_lin in (False, True):
-            monkeypatch.setattr(mk, "CONTRACT_STEP_LIN", step_lin)
-            text = jax.jit(lambda a, d, s: pallas_gmm.contract_matmul(
-                a, d, s, out_dtype=jnp.bfloat16, chain=True)).trace(
-                sd(m, 2048), sd(m, 6144), sd(512, dt=jnp.int32)).lower(lowering_platforms=("cuda",)).as_text()
-            assert re.search("gmm_contract_flat(_cluster)?_k2048_n6144", text), m
-            xla_side[step_lin] = re.sub(r'(kernel_hash|module) = "[^"]*"', r"\1 = ...", text)
-        assert (xla_side[True] != xla_side[False]) == changed, m
-    gs = mk.contract_schedule(jnp.ones((512,), jnp.int32), 1 << 21, 64)
-    with pytest.raises(ValueError, match="98304 tiles do not pack beside 32768 row blocks \\(15 bits\\)"):
-        mk.contract_flat_schedule(gs, 1 << 21, 64, 192, 66, step_lin=True)
-    jax.eval_shape(lambda g: mk.contract_flat_schedule(g, 1 << 21, 64, 192, 66), gs)  # 745 slots a CTA fit
 
+    def lowered(m, g):
+        return jax.jit(lambda a, d, s: pallas_gmm.contract_matmul(a, d, s, out_dtype=jnp.bfloat16, chain=True)).trace(
+            sd(m, 2048), sd(m, 6144), sd(g, dt=jnp.int32)).lower(lowering_platforms=("cuda",)).as_text()
 
-def test_own_pipeline_loop_lowers_for_cuda_with_and_without_clusters(mosaic_gpu_trace, monkeypatch):
-    """mgpu_kernels.CONTRACT_OWN_PIPELINE: the flat d_rhs in our own warp-specialised loop lowers for CUDA on 2-CTA
-    clusters (dout multicast; LongCat's T = 512) and without (T = 4096), and refuses the delayed release it lacks."""
-    from lcflash.kernels.gmm import mgpu_kernels as mk, pallas_gmm
-
-    sd = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt)  # noqa: E731
-    monkeypatch.setattr(mk, "CONTRACT_OWN_PIPELINE", True)
-    for m, name in ((32768, "gmm_contract_flat_cluster_k2048_n6144"), (262144, "gmm_contract_flat_k2048_n6144")):
-        text = jax.jit(lambda a, d, s: pallas_gmm.contract_matmul(a, d, s, out_dtype=jnp.bfloat16, chain=True)).trace(
-            sd(m, 2048), sd(m, 6144), sd(64, dt=jnp.int32)).lower(lowering_platforms=("cuda",)).as_text()
-        assert name in text, m
-    tiles = mk.Tiles(tile_m=128, tile_n=64, chain=True, overlap_mma=True)
-    gs = mk.contract_schedule(jnp.array([100, 156], jnp.int32), 256, 64)
-    with pytest.raises(ValueError, match="no delayed release"):
-        mk.contract_kernel(jnp.zeros((256, 128), jnp.bfloat16), jnp.zeros((256, 128), jnp.bfloat16), gs,
-                           out_dtype=jnp.bfloat16, tiles=tiles)
+    for m, g, name in ((32768, 64, "gmm_contract_flat_cluster_k2048_n6144"),
+                       (262144, 64, "gmm_contract_flat_k2048_n6144"),
+                       (32768, 512, "gmm_contract_flat_cluster_k2048_n6144")):
+        assert name in lowered(m, g), (m, g)
+    tiles = pallas_gmm.flat_contract_tiles(6144, jnp.bfloat16, 512, k=2048)
+    monkeypatch.setattr(pallas_gmm, "CONTRACT_TILES", dataclasses.replace(tiles, overlap_mma=True))
+    assert "gmm_contract_flat_cluster_k2048_n6144" in lowered(32768, 64)
 
 
 def test_clustered_d_rhs_refuses_odd_k_tiles_and_the_interpreter():
@@ -751,30 +713,29 @@ def test_gpu_pallas_forward_and_gradients(case, impl):
 
 
 @gpu_only
-@pytest.mark.parametrize("zero_empty,cluster,step_lin,own", [(False, False, False, False), (True, False, False, False),
-                                                             (False, True, False, False), (True, True, False, False),
-                                                             (False, False, True, False), (True, True, True, False),
-                                                             (False, False, True, True), (True, True, True, True)])
+@pytest.mark.parametrize("zero_empty,cluster,late", [(False, False, False), (True, False, False), (False, True, False),
+                                                     (True, True, False), (True, True, True), (False, False, True)])
 @pytest.mark.parametrize("case", sorted(GPU_CASES))
-def test_gpu_flat_contract_kernel(monkeypatch, case, zero_empty, cluster, step_lin, own):
+def test_gpu_flat_contract_kernel(monkeypatch, case, zero_empty, cluster, late):
     """d_rhs through one flat pipeline per CTA (or per 2-CTA cluster sharing dout's blocks: CONTRACT_CLUSTER; every
-    case has an even number of K tiles; with one-load step entries or two: CONTRACT_STEP_LIN; in our own pipeline
-    loop: CONTRACT_OWN_PIPELINE): bit-identical to the per-tile contract kernel (same tiles, same accumulation
-    order), empty groups zero (a masked step each in the pipeline, or stored after it: CONTRACT_ZERO_EMPTY), and the
-    same on a second call."""
+    case has an even number of K tiles; with each slot released a step late: Tiles.overlap_mma): bit-identical to the
+    per-tile contract kernel (same tiles, same accumulation order), empty groups zero (a masked step each in the
+    pipeline, or stored after it: CONTRACT_ZERO_EMPTY), and the same on a second call."""
     from lcflash.kernels.gmm import mgpu_kernels as mk
     from lcflash.kernels.gmm import pallas_gmm
 
     monkeypatch.setattr(mk, "CONTRACT_ZERO_EMPTY", zero_empty)
-    monkeypatch.setattr(mk, "CONTRACT_STEP_LIN", step_lin)
-    monkeypatch.setattr(mk, "CONTRACT_OWN_PIPELINE", own)
     monkeypatch.setattr(pallas_gmm, "CONTRACT_CLUSTER", cluster)
     m, k, n, sizes_l = GPU_CASES[case]
     lhs, _, dout, sizes = _inputs(13, m, k, n, sizes_l, jnp.bfloat16)
-    flat = jax.jit(lambda a, d: pallas_gmm.contract_matmul(a, d, sizes, out_dtype=jnp.bfloat16, chain=True))
     per_tile = jax.jit(lambda a, d: pallas_gmm.contract_matmul(a, d, sizes, out_dtype=jnp.bfloat16))
+    want = np.asarray(per_tile(lhs, dout), np.float32)
+    if late:  # pinned after the per-tile run, which would take pinned tiles too
+        tiles = pallas_gmm.flat_contract_tiles(n, jnp.bfloat16, m / len(sizes_l), k=k)
+        monkeypatch.setattr(pallas_gmm, "CONTRACT_TILES", dataclasses.replace(tiles, overlap_mma=True))
+    flat = jax.jit(lambda a, d: pallas_gmm.contract_matmul(a, d, sizes, out_dtype=jnp.bfloat16, chain=True))
     assert ("gmm_contract_flat_cluster" in flat.lower(lhs, dout).as_text()) == cluster
-    got, want = np.asarray(flat(lhs, dout), np.float32), np.asarray(per_tile(lhs, dout), np.float32)
+    got = np.asarray(flat(lhs, dout), np.float32)
     assert _rel(got, _contract_ref_f64(lhs, dout, sizes_l)) < BF16_TOL
     np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(got, np.asarray(flat(lhs, dout), np.float32))

@@ -72,9 +72,9 @@ class Tiles:
         return self.tile_m, self.tile_n
 
 
-def _wg_offsets(tiles: Tiles, wg):
-    """(first row, first column) of compute warpgroup wg's accumulator within a tile."""
-    return 0, wg * tiles.tile_n
+def _wg_col(tiles: Tiles, wg):
+    """First column of compute warpgroup wg's accumulator within a tile (it takes all the tile's rows)."""
+    return wg * tiles.tile_n
 
 
 def _part(ref, dim: int, start, size: int):
@@ -441,7 +441,7 @@ def rows_kernel(
             if not tiles.swizzle_epilogue:
                 stage_whole = stage_ragged
             wg = lax.axis_index("wg")
-            r_off, c_off = _wg_offsets(tiles, wg)
+            c_off = _wg_col(tiles, wg)
 
             def tile_of(lin):
                 """(n tile, group, row block, first row in block, rows) of linear tile index lin."""
@@ -451,7 +451,7 @@ def rows_kernel(
 
             def load_gu(nt, blk):
                 """grad_halves: starts this warpgroup's TMA loads of its g and u tiles (rows of block blk)."""
-                rows = pl.ds(blk * tm + r_off, wr)
+                rows = pl.ds(blk * tm, wr)
                 for j in range(2):
                     plgpu.copy_gmem_to_smem(gu_gmem.at[rows, pl.ds(j * n + nt * 2 * tn + c_off, wc)],
                                             gu_smem.at[wg, j], gu_bar.at[2 * wg + j])
@@ -483,7 +483,7 @@ def rows_kernel(
                         continue
 
                     def _store(val=val, i=i, c0=c0):
-                        _store_rows(val, out_gmems[i], stage_whole.at[wg], row0=blk * tm + r_off, start=start,
+                        _store_rows(val, out_gmems[i], stage_whole.at[wg], row0=blk * tm, start=start,
                                     rows=rows, col0=c0, epi_n=epi_n, ragged_smem=stage_ragged.at[wg])
 
                     if zero_tail[i] or tail is True or tail is False:
@@ -493,13 +493,12 @@ def rows_kernel(
 
             @jax.named_scope("mma")
             def mma_step(a_smem, b_smems, accs):
-                a = _part(a_smem, 0, r_off, wr)  # this warpgroup's rows and columns of the tile
-                for b_smem, acc in zip(b_smems, accs):
+                for b_smem, acc in zip(b_smems, accs):  # all the tile's rows, this warpgroup's columns
                     if transpose_rhs:
                         b = _part(b_smem, 0, c_off, wc).transpose((1, 0))
                     else:
                         b = _part(b_smem, 1, c_off, wc)
-                    plgpu.wgmma(acc, a, b)
+                    plgpu.wgmma(acc, a_smem, b)
                 # Per-tile pipelines wait for this step's wgmma before its buffers are released: releasing one
                 # step later (delay_release=1) would let the next tile's prologue refill the last step's buffers
                 # while its wgmma still reads them; the other compute warpgroup keeps the tensor cores busy.
@@ -600,14 +599,14 @@ def _contract_dims(lhs_mk, rhs_mn, gsched_4g, tiles: Tiles, lhs_is_km: bool):
     return lhs_mk, m, k, n, g
 
 
-def _contract_scope(alloc_pipe, lhs_gmem, rhs_gmem, tiles: Tiles, out_dtype):
-    """run_scoped for a contract kernel's body: the pipeline's smem ring and a swizzled output staging buffer per
-    compute warpgroup (whole tiles only, so the register store has no bank conflicts)."""
+def _contract_scope(allocs, tiles: Tiles, out_dtype):
+    """run_scoped for a contract kernel's body: the pipeline's smem ring and barriers (`allocs`) and a swizzled
+    output staging buffer per compute warpgroup (whole tiles only, so the register store has no bank conflicts)."""
     wr, _ = tiles.wg_tile()
     stage_shape = (2, wr, tiles.epi_n)
     return functools.partial(
         pl.run_scoped,
-        allocs=alloc_pipe.get_allocations(lhs_gmem, rhs_gmem),
+        allocs=allocs,
         stage_smem=plgpu.SMEM(stage_shape, out_dtype, transforms=_swizzle_transforms(stage_shape[-1], out_dtype)),
         collective_axes="wg",
     )
@@ -618,7 +617,6 @@ def _contract_step(acc, a_smem, b_smem, row0, start, end, *, wg, tiles: Tiles, l
     (a block shared by two groups), then acc += lhs_block^T @ dout_block for this warpgroup's part of the tile (it
     reads only the dout half it masked, so the two warpgroups need no barrier between)."""
     tc, tn = b_smem.shape[0], tiles.tile_n
-    (wr, _), (r_off, _) = tiles.wg_tile(), _wg_offsets(tiles, wg)
     b_own = b_smem.at[:, pl.ds(wg * tn, tn)]  # the half this warpgroup masks and reads
     masked = (row0 < start) | (row0 + tc > end)
 
@@ -633,8 +631,8 @@ def _contract_step(acc, a_smem, b_smem, row0, start, end, *, wg, tiles: Tiles, l
 
     if CONTRACT_MASK:
         pl.when(masked)(_mask)
-    # this warpgroup's rows (of K) and columns of the tile
-    a = _part(a_smem, 0, r_off, wr) if lhs_is_km else _part(a_smem, 1, r_off, wr).transpose((1, 0))
+    # all the tile's rows (of K), this warpgroup's columns
+    a = a_smem if lhs_is_km else a_smem.transpose((1, 0))
     plgpu.wgmma(acc, a, b_own)
     plgpu.wgmma_wait(int(tiles.overlap_mma))  # see rows_kernel and Tiles.overlap_mma
 
@@ -660,31 +658,6 @@ CONTRACT_MASK = True
 # on an H100, 1.1% at Dirichlet(0.3) shares (6 empty), the same at equal groups (session 44). Bit-identical either
 # way. Read at trace time.
 CONTRACT_ZERO_EMPTY = True
-# Flat contract pipeline: each step's entry packs the tile's number (lin) instead of its slot, so the TMA warpgroup
-# finds a step's blocks with one scalar load instead of two dependent ones (step entry, then the slot's tile). On an
-# H100 by device time (session 53, experiments/HISTORY.md), d_rhs's kernel 2-7% faster on the means of 2 rounds in
-# every LongCat case, e.g. [gate | up] T = 2048 4,755-4,860 us against 5,056-5,060, T = 4096 9,794-9,887 against
-# 10,344-10,364; level at decode size. Where the tiles outnumber what the entry's tile field holds (flat_tile_limit),
-# the entries name slots. Read at trace time.
-CONTRACT_STEP_LIN = True
-# Flat contract pipeline: our own warp-specialised loop instead of plgpu.emit_pipeline_warp_specialized (same smem
-# ring, barriers and copies; the compute warpgroups run the same body). Its TMA warpgroup carries (slot, step in
-# tile, the tile and the next one) instead of reading a step table, so a step's copies are issued right after its
-# slot's release, with no load between; the next tile's entries are loaded once per tile, a tile ahead. Unmeasured:
-# off (experiments/gpu_calls.sh 35). Read at trace time.
-CONTRACT_OWN_PIPELINE = False
-
-
-def flat_step_bits(m: int, tile_k: int) -> int:
-    """Bits of a flat contract step entry's row-block field: as many as M's row blocks need, so that the tile (or
-    slot) field keeps the rest of 31 (at LongCat's 64 local experts and 512 tokens each, 9 bits for the block and
-    22 for the tile)."""
-    return max(1, (pl.cdiv(m, tile_k) - 1).bit_length())
-
-
-def flat_tile_limit(m: int, tile_k: int) -> int:
-    """Tiles (or slots) a flat contract step entry can name beside M's row blocks: 2^(31 - flat_step_bits)."""
-    return 1 << (31 - flat_step_bits(m, tile_k))
 # How the flat contract pipeline deals its tiles to the CTAs: "round_robin" (CTA c takes c, c + n_sms, ...), or by
 # cost (their group's row blocks), so that a skewed routing's large groups do not pile onto a few CTAs: "sorted"
 # (round robin over the tiles sorted by cost) or "snake" (every other row of that deal reversed). "auto": snake where
@@ -724,9 +697,8 @@ def deal_tiles(cost_g: jax.Array, tiles_per_group: int, n_sms: int, snake: bool,
 
 
 def contract_flat_schedule(gsched_4g: jax.Array, m: int, tile_k: int, tiles_per_group: int, n_sms: int,
-                           deal: str | None = None, zero_empty: bool | None = None, step_lin: bool = False,
-                           steps: bool = True):
-    """Per-CTA step table for the flat contract pipeline (contract_kernel with tiles.chain).
+                           deal: str | None = None, zero_empty: bool | None = None):
+    """Per-CTA tile lists for the flat contract pipeline (contract_kernel with tiles.chain).
 
     Tiles are numbered group-major (group = lin // tiles_per_group). CTA c walks the tiles of row c of `lin_cj`, as
     `deal` (default CONTRACT_DEAL; see there for "auto") deals them: round robin (CTA c takes the c-th, c + n_sms-th,
@@ -735,17 +707,10 @@ def contract_flat_schedule(gsched_4g: jax.Array, m: int, tile_k: int, tiles_per_
     zeros like any other, or, with `zero_empty` (default CONTRACT_ZERO_EMPTY), stay out of the pipeline: the compute
     warpgroups store them as zeros after it, round robin continuing after the live tiles. Returns
       tile_4g int32 [4, G]: start row, end row, first row block, steps;
-      step_cs int32 [n_sms, S]: (j << flat_step_bits(m, tile_k)) | row block of CTA c's step s (0 past its last);
       total_c int32 [n_sms]: CTA c's step count;
       lin_cj int32 [n_sms, J + 2]: the tile in CTA c's slot j, G * tiles_per_group (no tile) past its last;
       zero_2z int32 [2 + G]: the number of zero tiles, of pipeline tiles, then the empty groups in order (0 tiles
         without zero_empty).
-    A CTA holds at most t = cdiv(tiles_per_group, n_sms) tiles of each group (t + 1 dealt by cost: a group's tiles
-    are adjacent in cost order and each row of the deal gives a CTA one tile), and the groups' steps sum to
-    < m / tile_k + 2 G, so S = t' * (cdiv(m, tile_k) + 2 G) bounds every CTA's steps.
-    step_lin (CONTRACT_STEP_LIN): step_cs packs the tile itself, lin_cj[c, j], in place of the slot j.
-    steps=False: no step table (step_cs zeros [n_sms, 1]), for a TMA warpgroup that walks the tiles itself
-    (CONTRACT_OWN_PIPELINE).
     """
     deal = CONTRACT_DEAL if deal is None else deal
     zero_empty = CONTRACT_ZERO_EMPTY if zero_empty is None else zero_empty
@@ -762,13 +727,6 @@ def contract_flat_schedule(gsched_4g: jax.Array, m: int, tile_k: int, tiles_per_
     tile_4g = jnp.stack([starts, ends, blk0, nst]).astype(jnp.int32)
     n_lin = g * tiles_per_group
     j_max = pl.cdiv(n_lin, n_sms)
-    per_group = pl.cdiv(tiles_per_group, n_sms) + int(by_cost)
-    s_max = per_group * (n_blocks + 2 * g)
-    blk_bits = flat_step_bits(m, tile_k)
-    named, what = (n_lin, "tiles") if step_lin else (j_max, "tiles per CTA")
-    if steps and named >= flat_tile_limit(m, tile_k):
-        raise ValueError(f"flat contract schedule: {named} {what} do not pack beside {n_blocks} row blocks "
-                         f"({blk_bits} bits) in a 31-bit step entry")
     live = nblk > 0 if zero_empty else jnp.ones((g,), bool)
     n_piped = jnp.sum(live, dtype=jnp.int32) * tiles_per_group
     find = functools.partial(jnp.searchsorted, side="right", method="compare_all")
@@ -785,20 +743,9 @@ def contract_flat_schedule(gsched_4g: jax.Array, m: int, tile_k: int, tiles_per_
     zero_2z = jnp.concatenate([jnp.stack([n_lin - n_piped, n_piped]), jnp.minimum(empty_g, g - 1)])
     grp_cj = jnp.minimum(lin_cj // tiles_per_group, g - 1)
     steps_cj = jnp.where(lin_cj < n_lin, nst[grp_cj], 0)
-    cum_cj = jnp.cumsum(steps_cj, axis=1)
-    total_c = cum_cj[:, -1]
-    step_cs = jnp.zeros((n_sms, 1), jnp.int32)
-    if steps:
-        s_s = jnp.arange(s_max, dtype=jnp.int32)
-        j_cs = jnp.minimum(jax.vmap(lambda cum: find(cum, s_s))(cum_cj), j_max - 1)
-        j_cs = j_cs.astype(jnp.int32)
-        first_cs = jnp.take_along_axis(cum_cj - steps_cj, j_cs, axis=1)
-        blk_cs = blk0[jnp.take_along_axis(grp_cj, j_cs, axis=1)] + s_s[None, :] - first_cs
-        tile_cs = jnp.take_along_axis(lin_cj, j_cs, axis=1) if step_lin else j_cs
-        step_cs = jnp.where(s_s[None, :] < total_c[:, None], (tile_cs << blk_bits) | blk_cs, 0)
+    total_c = jnp.sum(steps_cj, axis=1)
     lin_cj = jnp.concatenate([lin_cj, jnp.full((n_sms, 2), n_lin, jnp.int32)], axis=1)  # slots j + 1, j + 2 read ahead
-    return (tile_4g, step_cs.astype(jnp.int32), total_c.astype(jnp.int32), lin_cj.astype(jnp.int32),
-            zero_2z.astype(jnp.int32))
+    return tile_4g, total_c.astype(jnp.int32), lin_cj.astype(jnp.int32), zero_2z.astype(jnp.int32)
 
 
 def contract_kernel(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles, lhs_is_km: bool = False,
@@ -854,10 +801,10 @@ def contract_kernel(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles, lhs_i
         # A dynamic grid keeps all `stages` buffers, so the allocation pipeline must not be shrunk either.
         alloc_pipe = make_pipeline(ignore, ignore, jnp.int32(stages), zero, zero, zero)
 
-        @_contract_scope(alloc_pipe, lhs_gmem, rhs_gmem, tiles, out_dtype)
+        @_contract_scope(alloc_pipe.get_allocations(lhs_gmem, rhs_gmem), tiles, out_dtype)
         def _scope(allocs, stage_smem):
             wg = lax.axis_index("wg")
-            (wr, wc), (r_off, c_off) = tiles.wg_tile(), _wg_offsets(tiles, wg)
+            (wr, wc), c_off = tiles.wg_tile(), _wg_col(tiles, wg)
 
             @plgpu.nd_loop((g * k_tiles * n_tiles,), collective_axes="sm")
             def _tile(info):
@@ -878,7 +825,7 @@ def contract_kernel(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles, lhs_i
                 def context(run):
                     def acc_scope(acc_ref):
                         run(acc_ref)
-                        _store_rows(acc_ref[...], out_gmem.at[gi], stage_smem.at[wg], row0=kt * tm + r_off, start=0,
+                        _store_rows(acc_ref[...], out_gmem.at[gi], stage_smem.at[wg], row0=kt * tm, start=0,
                                     rows=wr, col0=nt * 2 * tn + c_off, epi_n=epi_n)
 
                     pl.run_scoped(acc_scope, plgpu.ACC((wr, wc), jnp.float32))
@@ -918,18 +865,34 @@ def _store_zero_tiles(zero_ref, sm, n_sms: int, kn: int, k_n_tile, store):
         store(zero_ref[2 + z // kn], *k_n_tile(z))
 
 
-def _flat_contract_loop(allocs, context, body, nsteps, tile_of_slot, copy_step, stages: int):
-    """The flat contract pipeline as our own warp-specialised loop (CONTRACT_OWN_PIPELINE), on the smem ring and
-    barriers `allocs` holds (emit_pipeline_warp_specialized's get_allocations: one barrier for both copies of a
-    slot, one released by both compute warpgroups, across the cluster where dout is multicast).
+def _flat_contract_ring(tiles: Tiles, dtype, lhs_is_km: bool) -> dict:
+    """_flat_contract_loop's smem ring and barriers, from plgpu's public types: a tiles.stages-slot buffer for the
+    lhs and the dout blocks, one barrier per slot for both of a step's copies, and one per slot released by both
+    compute warpgroups, across the cluster where dout is multicast (tiles.cluster_k)."""
+    tm, tn, tc, stages = tiles.tile_m, tiles.tile_n, tiles.tile_k, tiles.stages
+    a_block = (tm, tc) if lhs_is_km else (tc, tm)
+    ring = (plgpu.SMEM((stages, *a_block), dtype, transforms=_swizzle_transforms(a_block[1], dtype)),
+            plgpu.SMEM((stages, tc, 2 * tn), dtype, transforms=_swizzle_transforms(2 * tn, dtype)))
+    released = plgpu.Barrier
+    if tiles.cluster_k:
+        released = functools.partial(plgpu.ClusterBarrier, collective_axes=("cluster",))
+    return dict(ring=ring, full=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+                consumed=released(num_arrivals=2, num_barriers=stages))
+
+
+def _flat_contract_loop(allocs, context, body, nsteps, tile_of_slot, copy_step, stages: int, late: int):
+    """The flat contract pipeline: a warp-specialised loop over the CTA's steps on the smem ring and barriers of
+    _flat_contract_ring (`allocs`).
 
     TMA warpgroup: the first `stages` steps' copies, then each step's once its slot is released, then a wait for
     the last releases (a cluster peer must not arrive on an exited CTA's barrier). It walks the CTA's tile slots
     itself: carry (slot j, step in tile, this tile, the next tile), the entries of the tile after next loaded
-    (tile_of_slot) as a tile starts, so no load stands between a release and its copies. Compute warpgroups: wait
-    for a slot's copies, run body (the emit_pipeline body with its carry, in `context`), release the slot."""
-    (a_smem, b_smem), full = allocs["flat_in_smem_refs"], allocs["in_smem_barrier_ref"]
-    [consumed] = allocs["flat_consumed_barrier_refs"]
+    (tile_of_slot) as a tile starts, so no load stands between a release and its copies, and XLA builds no step
+    table (on an H100, session 54: the whole backward 0-7% faster than emit_pipeline_warp_specialized reading one
+    step entry per step; experiments/HISTORY.md).
+    Compute warpgroups: wait for a slot's copies, run body(a, b, carry) (its carry set up in `context`), release
+    the slot, or with late = 1 (Tiles.overlap_mma: a step's wgmma left in flight) the slot before it."""
+    (a_smem, b_smem), full, consumed = allocs["ring"], allocs["full"], allocs["consumed"]
     first = jnp.minimum(jnp.int32(stages), nsteps)
 
     def memory():
@@ -957,39 +920,23 @@ def _flat_contract_loop(allocs, context, body, nsteps, tile_of_slot, copy_step, 
 
     def compute():
         plgpu.set_max_registers(int(min(256, (512 - _MEMORY_REGISTERS) / 2) // 8 * 8), action="increase")
+        release = lambda s: plgpu.barrier_arrive(consumed.at[lax.rem(s, stages)])  # noqa: E731
 
         def step(s, carry):
             slot = lax.rem(s, stages)
             plgpu.barrier_wait(full.at[slot])
-            carry = body(None, a_smem.at[slot], b_smem.at[slot], carry)
-            plgpu.barrier_arrive(consumed.at[slot])
+            carry = body(a_smem.at[slot], b_smem.at[slot], carry)
+            if late:
+                pl.when(s > 0)(lambda: release(s - 1))
+            else:
+                release(s)
             return carry
 
         context(lambda init: lax.fori_loop(0, nsteps, step, init))
+        if late:  # the last step is a tile's last, whose epilogue waited for its wgmma
+            pl.when(nsteps > 0)(lambda: release(nsteps - 1))
 
     lax.cond(lax.axis_index("wg") == 2, memory, compute)
-
-
-def _contract_specs(tiles: Tiles, dtype, lhs_is_km: bool, index_of):
-    """Block specs of the contract pipeline; index_of(s) -> (row block, K tile, N tile) of step s. With
-    tiles.cluster_k the dout block is the cluster's (multicast)."""
-    tm, tn, tc = tiles.tile_m, tiles.tile_n, tiles.tile_k
-    tr_a = _swizzle_transforms(tc if lhs_is_km else tm, dtype)
-    tr_b = _swizzle_transforms(2 * tn, dtype)
-
-    def a_map(s):
-        blk, kt, _ = index_of(s)
-        return (kt, blk) if lhs_is_km else (blk, kt)
-
-    def b_map(s):
-        blk, _, nt = index_of(s)
-        return blk, nt
-
-    a_block = (tm, tc) if lhs_is_km else (tc, tm)
-    late = int(tiles.overlap_mma)
-    return [plgpu.BlockSpec(a_block, a_map, transforms=tr_a, delay_release=late, memory_space=plgpu.SMEM),
-            plgpu.BlockSpec((tc, 2 * tn), b_map, transforms=tr_b, delay_release=late, memory_space=plgpu.SMEM,
-                            **(dict(collective_axes=("cluster",)) if tiles.cluster_k else {}))]
 
 
 def _contract_kernel_flat(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles, lhs_is_km: bool,
@@ -997,10 +944,9 @@ def _contract_kernel_flat(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles,
     """contract_kernel with one flat pipeline per CTA (tiles.chain); see contract_kernel and
     contract_flat_schedule.
 
-    The TMA warpgroup reads each step's (tile slot, row block) from the CTA's step table and the slot's tile from
-    its tile table (two scalar loads, a few steps ahead of the compute warpgroups). The compute warpgroups carry
-    (tile slot, step in tile) and the tile's group bounds through the pipeline loop, prefetching the next slot's
-    tile and bounds every step (loads off the wgmma's critical path), so they never read the step table.
+    The TMA warpgroup walks the CTA's tile slots in registers (_flat_contract_loop), loading a tile's entries a
+    tile ahead. The compute warpgroups carry (tile slot, step in tile) and the tile's group bounds through the
+    loop, prefetching the next slot's tile and bounds every step (loads off the wgmma's critical path).
     """
     lhs_mk, m, k, n, g = _contract_dims(lhs_mk, rhs_mn, gsched_4g, tiles, lhs_is_km)
     tm, tn, tc, epi_n = tiles.tile_m, tiles.tile_n, tiles.tile_k, tiles.epi_n
@@ -1018,15 +964,9 @@ def _contract_kernel_flat(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles,
         return band_order(lin % kn, n_tiles, k_tiles // n_cl, tiles.band)
 
     zero_empty = CONTRACT_ZERO_EMPTY
-    own_pipeline = CONTRACT_OWN_PIPELINE
-    if own_pipeline and tiles.overlap_mma:
-        raise ValueError("CONTRACT_OWN_PIPELINE has no delayed release: Tiles.overlap_mma must be off")
-    blk_bits = flat_step_bits(m, tc)
-    step_lin = CONTRACT_STEP_LIN and g * kn < flat_tile_limit(m, tc)
-    tables = contract_flat_schedule(gsched_4g, m, tc, kn, n_sms, zero_empty=zero_empty, step_lin=step_lin,
-                                    steps=not own_pipeline)
+    tables = contract_flat_schedule(gsched_4g, m, tc, kn, n_sms, zero_empty=zero_empty)
 
-    def kernel(tile_ref, step_ref, total_ref, lin_ref, zero_ref, lhs_gmem, rhs_gmem, out_gmem):
+    def kernel(tile_ref, total_ref, lin_ref, zero_ref, lhs_gmem, rhs_gmem, out_gmem):
         sm = lax.axis_index("sm")
         cta = lax.axis_index("cluster") if n_cl > 1 else 0
 
@@ -1034,18 +974,12 @@ def _contract_kernel_flat(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles,
             kp, nt = k_n_tile(lin)
             return kp * n_cl + cta, nt
 
-        def index_of(s):  # TMA warpgroup: (row block, K tile, N tile) of step s, from the step and tile tables
-            packed = step_ref[sm, s]
-            tile = packed >> blk_bits
-            return packed & ((1 << blk_bits) - 1), *cta_tile(tile if step_lin else lin_ref[sm, tile])
-
-        specs = _contract_specs(tiles, lhs_mk.dtype, lhs_is_km, index_of)
-
-        def tile_at(lin):  # own pipeline's TMA warpgroup: (tile, first row block, steps) of tile lin
+        def tile_at(j):  # TMA warpgroup: (tile, first row block, steps) of this CTA's slot j
+            lin = lin_ref[sm, j]
             gi = jnp.minimum(lin // kn, g - 1)  # past the last tile: any valid group (never copied)
             return lin, tile_ref[2, gi], tile_ref[3, gi]
 
-        def copy_step(a_slot, b_slot, barrier, lin, blk):  # own pipeline: the copies of (tile lin, row block blk)
+        def copy_step(a_slot, b_slot, barrier, lin, blk):  # the copies of (tile lin, row block blk)
             kt, nt = cta_tile(lin)
             rows = pl.ds(blk * tc, tc)
             a_src = lhs_gmem.at[pl.ds(kt * tm, tm), rows] if lhs_is_km else lhs_gmem.at[rows, pl.ds(kt * tm, tm)]
@@ -1053,32 +987,17 @@ def _contract_kernel_flat(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles,
             plgpu.copy_gmem_to_smem(rhs_gmem.at[rows, pl.ds(nt * 2 * tn, 2 * tn)], b_slot, barrier,
                                     **(dict(collective_axes="cluster") if n_cl > 1 else {}))
 
-        def make_pipeline(body, context, nsteps):
-            return plgpu.emit_pipeline_warp_specialized(
-                body,
-                grid=(nsteps,),
-                memory_registers=_MEMORY_REGISTERS,
-                in_specs=specs,
-                wg_axis="wg",
-                num_compute_wgs=2,
-                max_concurrent_steps=tiles.stages,
-                compute_context=context,
-            )
-
-        ignore = lambda *_, **__: None
-        alloc_pipe = make_pipeline(ignore, ignore, jnp.int32(tiles.stages))  # dynamic grid: all stages
-
-        @_contract_scope(alloc_pipe, lhs_gmem, rhs_gmem, tiles, out_dtype)
+        @_contract_scope(_flat_contract_ring(tiles, lhs_mk.dtype, lhs_is_km), tiles, out_dtype)
         def _scope(allocs, stage_smem):
             wg = lax.axis_index("wg")
-            (wr, wc), (r_off, c_off) = tiles.wg_tile(), _wg_offsets(tiles, wg)
+            (wr, wc), c_off = tiles.wg_tile(), _wg_col(tiles, wg)
 
             def tile_info(j):
                 """(group, start row, end row, first row block, steps) of this CTA's tile slot j."""
                 gi = jnp.minimum(lin_ref[sm, j] // kn, g - 1)  # past the last tile: any valid group
                 return (gi, tile_ref[0, gi], tile_ref[1, gi], tile_ref[2, gi], tile_ref[3, gi])
 
-            def mma(_, a_smem, b_smem, carry):
+            def mma(a_smem, b_smem, carry):
                 acc, j, s_in, info = carry
                 gi, start, end, blk0, nst = info
                 with jax.named_scope("mma"):
@@ -1090,7 +1009,7 @@ def _contract_kernel_flat(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles,
                 def _epilogue():
                     kt, nt = cta_tile(lin_ref[sm, j])
                     plgpu.wgmma_wait(0)
-                    _store_rows(acc[...], out_gmem.at[gi], stage_smem.at[wg], row0=kt * tm + r_off, start=0, rows=wr,
+                    _store_rows(acc[...], out_gmem.at[gi], stage_smem.at[wg], row0=kt * tm, start=0, rows=wr,
                                 col0=nt * 2 * tn + c_off, epi_n=epi_n)
                     _zero_acc(acc, interpret)
 
@@ -1103,18 +1022,14 @@ def _contract_kernel_flat(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles,
 
                 pl.run_scoped(acc_scope, plgpu.ACC((wr, wc), jnp.float32))
 
-            if own_pipeline:
-                _flat_contract_loop(allocs, context, mma, total_ref[sm], lambda j: tile_at(lin_ref[sm, j]),
-                                    copy_step, tiles.stages)
-            else:
-                pipe = make_pipeline(mma, context, total_ref[sm])
-                pipe(lhs_gmem, rhs_gmem, allocations=allocs)
+            _flat_contract_loop(allocs, context, mma, total_ref[sm], tile_at, copy_step, tiles.stages,
+                                late=int(tiles.overlap_mma))
 
             if zero_empty:
                 @pl.when(wg < 2)
                 def _zeros():
                     _store_zero_tiles(zero_ref, sm, n_sms, kn, cta_tile, lambda gi, kt, nt: _store_rows(
-                        jnp.zeros((wr, wc), jnp.float32), out_gmem.at[gi], stage_smem.at[wg], row0=kt * tm + r_off,
+                        jnp.zeros((wr, wc), jnp.float32), out_gmem.at[gi], stage_smem.at[wg], row0=kt * tm,
                         start=0, rows=wr, col0=nt * 2 * tn + c_off, epi_n=epi_n))
 
             plgpu.wait_smem_to_gmem(0)  # all output stores have landed before the kernel exits
