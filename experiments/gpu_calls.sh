@@ -24,7 +24,7 @@
 # TMA warpgroup: 2-7% faster, the default since; one index per step for both blocks: slower, removed since);
 # session 54 ran 35 (d_rhs in our own pipeline loop: level to 7% faster, the only flat d_rhs since) and 36; calls 8 and 9, the warpgroups on row halves of a tile, are gone with
 # that code (it lost in session 45; removed in session 53); HISTORY.md):
-#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 36; 4 takes the persistent kernels,
+#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 37; 4 takes the persistent kernels,
 #                                                            14 the rows and d_rhs bands, 18 a benchmark flag)
 # run from the repository root on the device machine, with `.whl` carried (ml-collections and tensorboardX, which
 # its image lacks) and `.whl-tokamax` where a call times the tokamax peer (tokamax 0.0.17 with its needs, 37 MB).
@@ -36,7 +36,7 @@
 # here to the ignored `.jcc` (`rm -rf .jcc && cp -r /work/.device/N/jcc .jcc`) and carried, it seeds the next
 # machine's, which helps where that machine has the same card and image.
 set -u
-N=${1:?call number 1-36}
+N=${1:?call number 1-37}
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -237,5 +237,13 @@ small/gate_up_fused/2304 --out "$OUT/contract_ab_cluster_kernel.json"
 longcat/gate_up/4096,longcat/down/4096,longcat/gate_up/512/skewed,longcat/down/512/skewed \
         --out "$OUT/contract_ab_targets_device.json"
     ;;
-*)  echo "call number 1-36" >&2; exit 2 ;;
+37) # session 54: the flat rows kernels (forward, d_lhs, the FFN's fused epilogues) in the same own loop as d_rhs
+    # (mgpu_kernels.ROWS_OWN_LOOP: emit_pipeline's index maps redo band_order's divisions and two scalar loads every
+    # step): the GPU tests (bitwise emit_pipeline's, twice), then both products by device time against emit_pipeline
+    step 200 python -m pytest -n 0 -q tests/test_gmm.py -k "own_loop or gpu_pallas or gpu_ffn"
+    step 330 python experiments/contract_ab.py --gmm-switch ROWS_OWN_LOOP=False,True --rounds 2 --device-time \
+        --cases longcat/gate_up/512,longcat/down/512,longcat/gate_up/2048,longcat/down/2048 \
+        --out "$OUT/contract_ab_rows_own_loop_device.json"
+    ;;
+*)  echo "call number 1-37" >&2; exit 2 ;;
 esac

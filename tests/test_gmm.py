@@ -252,6 +252,39 @@ def _check_ffn_swiglu_grad_epilogue(m, d, f, sizes_l, seed):
             assert not np.asarray(got[0][sum(sizes_l):], np.float32).any()
 
 
+def _check_rows_own_loop(monkeypatch, m, d, f, sizes_l, seed):
+    """mgpu_kernels.ROWS_OWN_LOOP: the flat rows kernels in our own loop give emit_pipeline's outputs bit for bit
+    (same tiles, same steps), twice: the expert FFN forward and backward ([gate | up] with SwiGLU in the epilogue,
+    the down projection's d_lhs with SwiGLU's backward in it, the plain d_lhs), and a forward in bands of 2 of 4 n
+    tiles with each slot released a step late (Tiles.overlap_mma)."""
+    from lcflash.kernels.gmm import mgpu_kernels as mk
+    from lcflash.kernels.gmm import pallas_gmm
+
+    x, w_gu, _, sizes = _inputs(seed, m, d, 2 * f, sizes_l, jnp.bfloat16)
+    wd, w4, dy = (jax.random.normal(jax.random.key(seed + i), shape, jnp.float32).astype(jnp.bfloat16) / 16
+                  for i, shape in ((1, (len(sizes_l), f, d)), (2, (len(sizes_l), d, 512)), (3, (m, d))))
+
+    def run(own):
+        monkeypatch.setattr(mk, "ROWS_OWN_LOOP", own)
+        monkeypatch.setattr(pallas_gmm, "ROWS_TILES", None)
+        y, vjp = jax.vjp(lambda *a: pallas_gmm.gmm_swiglu_ffn(*a, sizes), x, w_gu, wd)
+        outs = [y, *vjp(dy)]
+        monkeypatch.setattr(pallas_gmm, "ROWS_TILES", mk.Tiles(tile_n=64, epi_n=64, band=2, chain=True,
+                                                               overlap_mma=True))
+        return [np.asarray(a, np.float32) for a in outs + [pallas_gmm.rows_matmul(x, [w4], sizes, chain=True)]]
+
+    got, again, want = run(True), run(True), run(False)
+    assert _rel(got[-1], reference.gmm_loop(x.astype(jnp.float32), w4.astype(jnp.float32), sizes)) < BF16_TOL
+    for name, a, b, c in zip(("y", "dx", "dw_gu", "dw_down", "banded late"), got, again, want):
+        np.testing.assert_array_equal(a, c, err_msg=name)
+        np.testing.assert_array_equal(a, b, err_msg=name)
+
+
+@cpu_only
+def test_pallas_interpret_rows_own_loop_matches_emit_pipeline(monkeypatch):
+    _check_rows_own_loop(monkeypatch, M_RAGGED, 128, 128, SIZES_RAGGED, seed=41)
+
+
 @cpu_only
 def test_pallas_interpret_ffn_swiglu_grad_epilogue():
     """The expert FFN whose down-projection d_lhs kernel writes [d_g | d_u] (3 column tiles per half, ragged
@@ -772,6 +805,13 @@ def test_gpu_ffn_swiglu_grad_epilogue():
     """Both zero_tail settings (the helper runs each), whole and ragged tiles."""
     m, k, n, sizes_l = GPU_CASES["small_cfg"]  # d = 1024, f = 384: the small config's experts
     _check_ffn_swiglu_grad_epilogue(m, k, n, sizes_l, seed=21)
+
+
+@gpu_only
+@pytest.mark.parametrize("case", ["ragged", "small_cfg"])
+def test_gpu_rows_own_loop_matches_emit_pipeline(monkeypatch, case):
+    m, k, n, sizes_l = GPU_CASES[case]
+    _check_rows_own_loop(monkeypatch, m, k, n // 2 if case == "ragged" else n, sizes_l, seed=44)
 
 
 @gpu_only

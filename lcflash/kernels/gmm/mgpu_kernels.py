@@ -283,6 +283,13 @@ def _rows_staging(shape, dtype, interpret: bool):
 # Rows kernel: forward, d_lhs, fused SwiGLU forward.
 # --------------------------------------------------------------------------------------------------
 
+# Flat rows pipelines (Tiles.chain) in our own warp-specialised loop (_flat_loop, as d_rhs's since session 54): the
+# TMA warpgroup walks its tiles in registers, where emit_pipeline_warp_specialized's index maps redo the tile's
+# band_order (divisions by the dynamic band size) and two scalar loads every step. False: emit_pipeline, for the
+# A/B (experiments/gpu_calls.sh 37). Read at trace time.
+ROWS_OWN_LOOP = True
+
+
 
 def rows_kernel(
     lhs_mk,
@@ -363,7 +370,9 @@ def rows_kernel(
         raise ValueError(f"swiglu={swiglu!r} takes one rhs array")
     n_sms = _num_sms(interpret)  # persistent CTAs walking the tile list
     flat = tiles.chain
+    own_loop = flat and ROWS_OWN_LOOP
     stages = tiles.stages if flat else min(tiles.stages, k_steps)
+    b_block = (2 * tn, tk) if transpose_rhs else (tk, 2 * tn)
 
     def make_pipeline(body, context, nsteps, blk_kk, grp_nt_kk):
         """blk_kk(s) -> (lhs row block, K step); grp_nt_kk(s) -> (group, N tile, K step); the flat pipeline reads
@@ -417,12 +426,28 @@ def rows_kernel(
                 mt, nt = order(lin_of(s))
                 return sched_ref[0, mt], nt, s % k_steps
 
-            alloc_pipe = make_pipeline(ignore, ignore, jnp.int32(stages), blk_kk, grp_nt_kk)  # dynamic grid
-            gmem_args = (lhs_gmem, *rhs_gmems)
+            if own_loop:
+                allocs = _flat_ring([((tm, tk), tr_a)] + [(b_block, tr_b)] * len(rhs_block_offsets), dtype, stages)
+            else:
+                alloc_pipe = make_pipeline(ignore, ignore, jnp.int32(stages), blk_kk, grp_nt_kk)  # dynamic grid
+                allocs = alloc_pipe.get_allocations(lhs_gmem, *rhs_gmems)
+
+            def tile_at(j):  # own loop's TMA warpgroup: ((group, row block, n tile), steps) of this CTA's j-th tile
+                mt, nt = order(sm + j * n_sms)
+                mt = jnp.minimum(mt, t_max - 1)  # past the CTA's last tile: any valid tile (never copied)
+                return (sched_ref[0, mt], sched_ref[1, mt], nt), jnp.int32(k_steps)
+
+            def copy_step(slots, barrier, info, kk):  # own loop: the copies of K step kk of tile info
+                (a_slot, *b_slots), (grp, blk, nt), ks = slots, info, pl.ds(kk * tk, tk)
+                plgpu.copy_gmem_to_smem(lhs_gmem.at[pl.ds(blk * tm, tm), ks], a_slot, barrier)
+                for b_slot, off, rhs in zip(b_slots, rhs_block_offsets, rhs_gmems):
+                    cols = pl.ds((nt + off) * 2 * tn, 2 * tn)
+                    plgpu.copy_gmem_to_smem(rhs.at[grp, cols, ks] if transpose_rhs else rhs.at[grp, ks, cols],
+                                            b_slot, barrier)
         else:
             order = functools.partial(band_order, n_tiles=n_tiles, n_mm=None, band=0)  # row-major (_check_band)
             alloc_pipe = make_pipeline(ignore, ignore, k_steps, lambda kk: (0, kk), lambda kk: (0, 0, kk))
-            gmem_args = (lhs_gmem, *[r.at[0] for r in rhs_gmems])
+            allocs = alloc_pipe.get_allocations(lhs_gmem, *[r.at[0] for r in rhs_gmems])
 
         # grad_halves: per compute warpgroup its g and u tiles, each with its own barrier.
         gu_allocs = {} if gu_mn2 is None else dict(
@@ -431,7 +456,7 @@ def rows_kernel(
 
         @functools.partial(
             pl.run_scoped,
-            allocs=alloc_pipe.get_allocations(*gmem_args),
+            allocs=allocs,
             stage_smem=_rows_staging((2, wr, epi_n), out_dtype, interpret),
             collective_axes="wg",
             **gu_allocs,
@@ -535,7 +560,7 @@ def rows_kernel(
 
                 def mma(idx, a_smem, *args):
                     accs, info = args[n_rhs]
-                    s = idx[0]
+                    s = idx if own_loop else idx[0]
                     if gu_mn2 is not None:  # this tile's g and u land while its steps run
                         pl.when(s % k_steps == 0)(lambda: load_gu(info[0], info[2]))
                     mma_step(a_smem, args[:n_rhs], accs)
@@ -553,8 +578,12 @@ def rows_kernel(
                 def context(run):
                     acc_context(run, lambda accs: (accs, tile_of(sm)))
 
-                pipe = make_pipeline(mma, context, count * k_steps, blk_kk, grp_nt_kk)
-                pipe(lhs_gmem, *rhs_gmems, allocations=allocs)
+                if own_loop:
+                    _flat_loop(allocs, context, lambda s, slots, carry: mma(s, *slots, carry), count * k_steps,
+                               tile_at, copy_step, stages, late=int(tiles.overlap_mma))
+                else:
+                    pipe = make_pipeline(mma, context, count * k_steps, blk_kk, grp_nt_kk)
+                    pipe(lhs_gmem, *rhs_gmems, allocations=allocs)
 
                 if any(zero_tail):  # else no output stores the tail
                     @pl.when(wg < 2)
@@ -865,45 +894,44 @@ def _store_zero_tiles(zero_ref, sm, n_sms: int, kn: int, k_n_tile, store):
         store(zero_ref[2 + z // kn], *k_n_tile(z))
 
 
-def _flat_contract_ring(tiles: Tiles, dtype, lhs_is_km: bool) -> dict:
-    """_flat_contract_loop's smem ring and barriers, from plgpu's public types: a tiles.stages-slot buffer for the
-    lhs and the dout blocks, one barrier per slot for both of a step's copies, and one per slot released by both
-    compute warpgroups, across the cluster where dout is multicast (tiles.cluster_k)."""
-    tm, tn, tc, stages = tiles.tile_m, tiles.tile_n, tiles.tile_k, tiles.stages
-    a_block = (tm, tc) if lhs_is_km else (tc, tm)
-    ring = (plgpu.SMEM((stages, *a_block), dtype, transforms=_swizzle_transforms(a_block[1], dtype)),
-            plgpu.SMEM((stages, tc, 2 * tn), dtype, transforms=_swizzle_transforms(2 * tn, dtype)))
+def _flat_ring(blocks, dtype, stages: int, cluster: bool = False) -> dict:
+    """_flat_loop's smem ring and barriers, from plgpu's public types (emit_pipeline's get_allocations names its
+    parts differently across JAX releases): a `stages`-slot buffer per (block shape, transforms) of `blocks`, one
+    barrier per slot for all of a step's copies, and one per slot released by both compute warpgroups, across the
+    cluster where a block is multicast."""
+    ring = tuple(plgpu.SMEM((stages, *shape), dtype, transforms=tr) for shape, tr in blocks)
     released = plgpu.Barrier
-    if tiles.cluster_k:
+    if cluster:
         released = functools.partial(plgpu.ClusterBarrier, collective_axes=("cluster",))
-    return dict(ring=ring, full=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+    return dict(ring=ring, full=plgpu.Barrier(num_arrivals=len(blocks), num_barriers=stages),
                 consumed=released(num_arrivals=2, num_barriers=stages))
 
 
-def _flat_contract_loop(allocs, context, body, nsteps, tile_of_slot, copy_step, stages: int, late: int):
-    """The flat contract pipeline: a warp-specialised loop over the CTA's steps on the smem ring and barriers of
-    _flat_contract_ring (`allocs`).
+def _flat_loop(allocs, context, body, nsteps, tile_of_slot, copy_step, stages: int, late: int):
+    """A flat pipeline (Tiles.chain) as our own warp-specialised loop over the CTA's steps, on the smem ring and
+    barriers of _flat_ring (`allocs`).
 
     TMA warpgroup: the first `stages` steps' copies, then each step's once its slot is released, then a wait for
-    the last releases (a cluster peer must not arrive on an exited CTA's barrier). It walks the CTA's tile slots
-    itself: carry (slot j, step in tile, this tile, the next tile), the entries of the tile after next loaded
-    (tile_of_slot) as a tile starts, so no load stands between a release and its copies, and XLA builds no step
-    table (on an H100, session 54: the whole backward 0-7% faster than emit_pipeline_warp_specialized reading one
-    step entry per step; experiments/HISTORY.md).
-    Compute warpgroups: wait for a slot's copies, run body(a, b, carry) (its carry set up in `context`), release
-    the slot, or with late = 1 (Tiles.overlap_mma: a step's wgmma left in flight) the slot before it."""
-    (a_smem, b_smem), full, consumed = allocs["ring"], allocs["full"], allocs["consumed"]
+    the last releases (a cluster peer must not arrive on an exited CTA's barrier). It walks the CTA's tiles itself:
+    tile_of_slot(j) -> (info, steps) of its j-th tile; carry (j, step in tile, this tile's, the next tile's), the
+    tile after next loaded as a tile starts, so no load or index arithmetic stands between a release and the
+    copies, copy_step(slots, barrier, info, step in tile). (d_rhs on an H100, session 54: the whole backward 0-7%
+    faster than emit_pipeline_warp_specialized reading one step-table entry per step; experiments/HISTORY.md.)
+    Compute warpgroups: wait for a slot's copies, run body(step, slots, carry) (its carry set up in `context`),
+    release the slot, or with late = 1 (Tiles.overlap_mma: a step's wgmma left in flight) the slot before it."""
+    ring, full, consumed = allocs["ring"], allocs["full"], allocs["consumed"]
+    at = lambda slot: tuple(r.at[slot] for r in ring)  # noqa: E731
     first = jnp.minimum(jnp.int32(stages), nsteps)
 
     def memory():
         plgpu.set_max_registers(_MEMORY_REGISTERS, action="decrease")
 
         def issue(s, carry):
-            j, s_in, (lin, blk0, nst), nxt = carry
+            j, s_in, (info, nst), nxt = carry
             slot = lax.rem(s, stages)
-            copy_step(a_smem.at[slot], b_smem.at[slot], full.at[slot], lin, blk0 + s_in)
+            copy_step(at(slot), full.at[slot], info, s_in)
             last = s_in == nst - 1
-            cur = tuple(jnp.where(last, a, b) for a, b in zip(nxt, (lin, blk0, nst)))
+            cur = jax.tree.map(lambda a, b: jnp.where(last, a, b), nxt, (info, nst))
             nxt = lax.cond(last, lambda: tile_of_slot(j + 2), lambda: nxt)
             return jnp.where(last, j + 1, j), jnp.where(last, 0, s_in + 1), cur, nxt
 
@@ -925,7 +953,7 @@ def _flat_contract_loop(allocs, context, body, nsteps, tile_of_slot, copy_step, 
         def step(s, carry):
             slot = lax.rem(s, stages)
             plgpu.barrier_wait(full.at[slot])
-            carry = body(a_smem.at[slot], b_smem.at[slot], carry)
+            carry = body(s, at(slot), carry)
             if late:
                 pl.when(s > 0)(lambda: release(s - 1))
             else:
@@ -974,20 +1002,26 @@ def _contract_kernel_flat(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles,
             kp, nt = k_n_tile(lin)
             return kp * n_cl + cta, nt
 
-        def tile_at(j):  # TMA warpgroup: (tile, first row block, steps) of this CTA's slot j
+        def tile_at(j):  # TMA warpgroup: ((tile, first row block), steps) of this CTA's slot j
             lin = lin_ref[sm, j]
             gi = jnp.minimum(lin // kn, g - 1)  # past the last tile: any valid group (never copied)
-            return lin, tile_ref[2, gi], tile_ref[3, gi]
+            return (lin, tile_ref[2, gi]), tile_ref[3, gi]
 
-        def copy_step(a_slot, b_slot, barrier, lin, blk):  # the copies of (tile lin, row block blk)
+        def copy_step(slots, barrier, info, s_in):  # the copies of tile lin's row block blk0 + s_in
+            (a_slot, b_slot), (lin, blk0) = slots, info
             kt, nt = cta_tile(lin)
-            rows = pl.ds(blk * tc, tc)
+            rows = pl.ds((blk0 + s_in) * tc, tc)
             a_src = lhs_gmem.at[pl.ds(kt * tm, tm), rows] if lhs_is_km else lhs_gmem.at[rows, pl.ds(kt * tm, tm)]
             plgpu.copy_gmem_to_smem(a_src, a_slot, barrier)
             plgpu.copy_gmem_to_smem(rhs_gmem.at[rows, pl.ds(nt * 2 * tn, 2 * tn)], b_slot, barrier,
                                     **(dict(collective_axes="cluster") if n_cl > 1 else {}))
 
-        @_contract_scope(_flat_contract_ring(tiles, lhs_mk.dtype, lhs_is_km), tiles, out_dtype)
+        a_block = (tm, tc) if lhs_is_km else (tc, tm)
+        ring = _flat_ring([(a_block, _swizzle_transforms(a_block[1], lhs_mk.dtype)),
+                           ((tc, 2 * tn), _swizzle_transforms(2 * tn, lhs_mk.dtype))], lhs_mk.dtype, tiles.stages,
+                          cluster=n_cl > 1)
+
+        @_contract_scope(ring, tiles, out_dtype)
         def _scope(allocs, stage_smem):
             wg = lax.axis_index("wg")
             (wr, wc), c_off = tiles.wg_tile(), _wg_col(tiles, wg)
@@ -997,8 +1031,8 @@ def _contract_kernel_flat(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles,
                 gi = jnp.minimum(lin_ref[sm, j] // kn, g - 1)  # past the last tile: any valid group
                 return (gi, tile_ref[0, gi], tile_ref[1, gi], tile_ref[2, gi], tile_ref[3, gi])
 
-            def mma(a_smem, b_smem, carry):
-                acc, j, s_in, info = carry
+            def mma(_, slots, carry):
+                (a_smem, b_smem), (acc, j, s_in, info) = slots, carry
                 gi, start, end, blk0, nst = info
                 with jax.named_scope("mma"):
                     _contract_step(acc, a_smem, b_smem, (blk0 + s_in) * tc, start, end, wg=wg, tiles=tiles,
@@ -1022,8 +1056,8 @@ def _contract_kernel_flat(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles,
 
                 pl.run_scoped(acc_scope, plgpu.ACC((wr, wc), jnp.float32))
 
-            _flat_contract_loop(allocs, context, mma, total_ref[sm], tile_at, copy_step, tiles.stages,
-                                late=int(tiles.overlap_mma))
+            _flat_loop(allocs, context, mma, total_ref[sm], tile_at, copy_step, tiles.stages,
+                       late=int(tiles.overlap_mma))
 
             if zero_empty:
                 @pl.when(wg < 2)
