@@ -252,37 +252,40 @@ def _check_ffn_swiglu_grad_epilogue(m, d, f, sizes_l, seed):
             assert not np.asarray(got[0][sum(sizes_l):], np.float32).any()
 
 
-def _check_rows_own_loop(monkeypatch, m, d, f, sizes_l, seed):
-    """mgpu_kernels.ROWS_OWN_LOOP: the flat rows kernels in our own loop give emit_pipeline's outputs bit for bit
-    (same tiles, same steps), twice: the expert FFN forward and backward ([gate | up] with SwiGLU in the epilogue,
-    the down projection's d_lhs with SwiGLU's backward in it, the plain d_lhs), and a forward in bands of 2 of 4 n
-    tiles with each slot released a step late (Tiles.overlap_mma)."""
+def _check_flat_rows_bitwise(monkeypatch, m, k, n, sizes_l, seed):
+    """The flat rows kernels (our own loop, _flat_loop) against the per-tile ones (emit_pipeline), bit for bit (same
+    tiles, same accumulation order), and the same again on a second call: the forward, d_lhs (rhs transposed), the
+    [gate | up] product with SwiGLU in its epilogue, and a forward in bands of 2 of 4 n tiles with each slot
+    released a step late (Tiles.overlap_mma)."""
     from lcflash.kernels.gmm import mgpu_kernels as mk
     from lcflash.kernels.gmm import pallas_gmm
 
-    x, w_gu, _, sizes = _inputs(seed, m, d, 2 * f, sizes_l, jnp.bfloat16)
-    wd, w4, dy = (jax.random.normal(jax.random.key(seed + i), shape, jnp.float32).astype(jnp.bfloat16) / 16
-                  for i, shape in ((1, (len(sizes_l), f, d)), (2, (len(sizes_l), d, 512)), (3, (m, d))))
+    x, w, dy, sizes = _inputs(seed, m, k, n, sizes_l, jnp.bfloat16)
 
-    def run(own):
-        monkeypatch.setattr(mk, "ROWS_OWN_LOOP", own)
-        monkeypatch.setattr(pallas_gmm, "ROWS_TILES", None)
-        y, vjp = jax.vjp(lambda *a: pallas_gmm.gmm_swiglu_ffn(*a, sizes), x, w_gu, wd)
-        outs = [y, *vjp(dy)]
-        monkeypatch.setattr(pallas_gmm, "ROWS_TILES", mk.Tiles(tile_n=64, epi_n=64, band=2, chain=True,
-                                                               overlap_mma=True))
-        return [np.asarray(a, np.float32) for a in outs + [pallas_gmm.rows_matmul(x, [w4], sizes, chain=True)]]
+    def run(chain):
+        outs = [pallas_gmm.rows_matmul(x, [w], sizes, chain=chain),
+                pallas_gmm.rows_matmul(dy, [w], sizes, transpose_rhs=True, chain=chain),
+                *pallas_gmm.rows_matmul(x, [w], sizes, swiglu="halves", chain=chain)]
+        return [np.asarray(a, np.float32) for a in outs]
 
-    got, again, want = run(True), run(True), run(False)
-    assert _rel(got[-1], reference.gmm_loop(x.astype(jnp.float32), w4.astype(jnp.float32), sizes)) < BF16_TOL
-    for name, a, b, c in zip(("y", "dx", "dw_gu", "dw_down", "banded late"), got, again, want):
+    want, got, again = run(False), run(True), run(True)
+    monkeypatch.setattr(pallas_gmm, "ROWS_TILES", mk.Tiles(tile_n=64, epi_n=64, band=2, chain=True, overlap_mma=True))
+    w4 = (jax.random.normal(jax.random.key(seed + 1), (len(sizes_l), k, 512), jnp.float32) / np.sqrt(k)).astype(
+        jnp.bfloat16)  # 4 n tiles of 2 x 64 columns
+    want.append(np.asarray(reference.gmm_loop(x.astype(jnp.float32), w4.astype(jnp.float32), sizes), np.float32))
+    banded = [np.asarray(pallas_gmm.rows_matmul(x, [w4], sizes, chain=True), np.float32) for _ in range(2)]
+    assert _rel(banded[0], want[-1]) < BF16_TOL
+    monkeypatch.setattr(pallas_gmm, "ROWS_TILES", mk.Tiles(tile_n=64, epi_n=64))
+    want[-1] = np.asarray(pallas_gmm.rows_matmul(x, [w4], sizes), np.float32)
+    for name, a, b, c in zip(("forward", "d_lhs", "h", "[g | u]", "banded late"), got + banded[:1],
+                             again + banded[1:], want):
         np.testing.assert_array_equal(a, c, err_msg=name)
         np.testing.assert_array_equal(a, b, err_msg=name)
 
 
 @cpu_only
-def test_pallas_interpret_rows_own_loop_matches_emit_pipeline(monkeypatch):
-    _check_rows_own_loop(monkeypatch, M_RAGGED, 128, 128, SIZES_RAGGED, seed=41)
+def test_pallas_interpret_flat_rows_kernels_bitwise_per_tile(monkeypatch):
+    _check_flat_rows_bitwise(monkeypatch, M_RAGGED, 128, 256, SIZES_RAGGED, seed=41)
 
 
 @cpu_only
@@ -809,9 +812,8 @@ def test_gpu_ffn_swiglu_grad_epilogue():
 
 @gpu_only
 @pytest.mark.parametrize("case", ["ragged", "small_cfg"])
-def test_gpu_rows_own_loop_matches_emit_pipeline(monkeypatch, case):
-    m, k, n, sizes_l = GPU_CASES[case]
-    _check_rows_own_loop(monkeypatch, m, k, n // 2 if case == "ragged" else n, sizes_l, seed=44)
+def test_gpu_flat_rows_kernels_bitwise_per_tile(monkeypatch, case):
+    _check_flat_rows_bitwise(monkeypatch, *GPU_CASES[case], seed=44)
 
 
 @gpu_only

@@ -283,12 +283,6 @@ def _rows_staging(shape, dtype, interpret: bool):
 # Rows kernel: forward, d_lhs, fused SwiGLU forward.
 # --------------------------------------------------------------------------------------------------
 
-# Flat rows pipelines (Tiles.chain) in our own warp-specialised loop (_flat_loop, as d_rhs's since session 54): the
-# TMA warpgroup walks its tiles in registers, where emit_pipeline_warp_specialized's index maps redo the tile's
-# band_order (divisions by the dynamic band size) and two scalar loads every step. False: emit_pipeline, for the
-# A/B (experiments/gpu_calls.sh 37). Read at trace time.
-ROWS_OWN_LOOP = True
-
 
 
 def rows_kernel(
@@ -317,9 +311,10 @@ def rows_kernel(
 
     tiles.chain=False: every tile runs its own pipeline (dynamic step count, 0 for tail tiles), so the TMA
     warpgroup quiesces at each tile's end and the next tile's first loads wait behind this tile's epilogue.
-    tiles.chain=True: one flat pipeline per CTA over all its matmul tiles' steps (k_steps each), the rhs group
-    chosen per step, the epilogue run inside the pipeline body at each tile's last step (the flat contract
-    kernel's scheme): the TMA warpgroup never drains between tiles. The tail tiles (rows past the groups) are
+    tiles.chain=True: one flat pipeline per CTA over all its matmul tiles' steps (k_steps each; _flat_loop, whose
+    TMA warpgroup finds a tile's group, row block and n tile once per tile), the epilogue run inside the pipeline
+    body at each tile's last step (the flat contract kernel's scheme): the TMA warpgroup never drains between
+    tiles. The tail tiles (rows past the groups) are
     stored as zeros afterwards by the compute warpgroups, outside the pipeline.
     zero_tail: per output, whether rows past the groups are stored as zeros (default: all); False leaves them
     unwritten (undefined), for consumers that never read them: the tail is about half of the MoE row buffers.
@@ -370,29 +365,21 @@ def rows_kernel(
         raise ValueError(f"swiglu={swiglu!r} takes one rhs array")
     n_sms = _num_sms(interpret)  # persistent CTAs walking the tile list
     flat = tiles.chain
-    own_loop = flat and ROWS_OWN_LOOP
     stages = tiles.stages if flat else min(tiles.stages, k_steps)
     b_block = (2 * tn, tk) if transpose_rhs else (tk, 2 * tn)
 
-    def make_pipeline(body, context, nsteps, blk_kk, grp_nt_kk):
-        """blk_kk(s) -> (lhs row block, K step); grp_nt_kk(s) -> (group, N tile, K step); the flat pipeline reads
-        the [G, ...] rhs with the group as a squeezed block dimension, the per-tile one a group's [K, N] slice."""
-        sq = (pl.Squeezed(),) if flat else ()
+    def make_pipeline(body, context, nsteps, blk, nt):
+        """A per-tile pipeline over the K steps of row block blk and N tile nt, on a group's [K, N] rhs slice."""
+        def b_map(kk, off):
+            return (nt + off, kk) if transpose_rhs else (kk, nt + off)
 
-        def b_map(s, off):
-            grp, nt, kk = grp_nt_kk(s)
-            nt = nt + off
-            return ((grp,) if flat else ()) + ((nt, kk) if transpose_rhs else (kk, nt))
-
-        b_block = sq + ((2 * tn, tk) if transpose_rhs else (tk, 2 * tn))
-        spec = lambda shape, imap, tr, **kw: plgpu.BlockSpec(shape, imap, transforms=tr, memory_space=plgpu.SMEM,
-                                                             delay_release=int(tiles.overlap_mma), **kw)
+        spec = lambda shape, imap, tr: plgpu.BlockSpec(shape, imap, transforms=tr, memory_space=plgpu.SMEM)  # noqa
         return plgpu.emit_pipeline_warp_specialized(
             body,
             grid=(nsteps,),
             memory_registers=_MEMORY_REGISTERS,
-            in_specs=[spec((tm, tk), blk_kk, tr_a)] + [spec(b_block, functools.partial(b_map, off=off), tr_b)
-                                                        for off in rhs_block_offsets],
+            in_specs=[spec((tm, tk), lambda kk: (blk, kk), tr_a)] + [
+                spec(b_block, functools.partial(b_map, off=off), tr_b) for off in rhs_block_offsets],
             wg_axis="wg",
             num_compute_wgs=2,
             max_concurrent_steps=stages,
@@ -419,25 +406,14 @@ def rows_kernel(
             def order(lin):  # (schedule tile, n tile)
                 return band_order(lin, n_tiles, n_mm, tiles.band)
 
-            # The TMA warpgroup's scalar loads per step: only the indices it needs.
-            blk_kk = lambda s: (sched_ref[1, order(lin_of(s))[0]], s % k_steps)
+            allocs = _flat_ring([((tm, tk), tr_a)] + [(b_block, tr_b)] * len(rhs_block_offsets), dtype, stages)
 
-            def grp_nt_kk(s):
-                mt, nt = order(lin_of(s))
-                return sched_ref[0, mt], nt, s % k_steps
-
-            if own_loop:
-                allocs = _flat_ring([((tm, tk), tr_a)] + [(b_block, tr_b)] * len(rhs_block_offsets), dtype, stages)
-            else:
-                alloc_pipe = make_pipeline(ignore, ignore, jnp.int32(stages), blk_kk, grp_nt_kk)  # dynamic grid
-                allocs = alloc_pipe.get_allocations(lhs_gmem, *rhs_gmems)
-
-            def tile_at(j):  # own loop's TMA warpgroup: ((group, row block, n tile), steps) of this CTA's j-th tile
+            def tile_at(j):  # TMA warpgroup: ((group, row block, n tile), steps) of this CTA's j-th tile
                 mt, nt = order(sm + j * n_sms)
                 mt = jnp.minimum(mt, t_max - 1)  # past the CTA's last tile: any valid tile (never copied)
                 return (sched_ref[0, mt], sched_ref[1, mt], nt), jnp.int32(k_steps)
 
-            def copy_step(slots, barrier, info, kk):  # own loop: the copies of K step kk of tile info
+            def copy_step(slots, barrier, info, kk):  # the copies of K step kk of tile info
                 (a_slot, *b_slots), (grp, blk, nt), ks = slots, info, pl.ds(kk * tk, tk)
                 plgpu.copy_gmem_to_smem(lhs_gmem.at[pl.ds(blk * tm, tm), ks], a_slot, barrier)
                 for b_slot, off, rhs in zip(b_slots, rhs_block_offsets, rhs_gmems):
@@ -446,7 +422,7 @@ def rows_kernel(
                                             b_slot, barrier)
         else:
             order = functools.partial(band_order, n_tiles=n_tiles, n_mm=None, band=0)  # row-major (_check_band)
-            alloc_pipe = make_pipeline(ignore, ignore, k_steps, lambda kk: (0, kk), lambda kk: (0, 0, kk))
+            alloc_pipe = make_pipeline(ignore, ignore, k_steps, 0, 0)
             allocs = alloc_pipe.get_allocations(lhs_gmem, *[r.at[0] for r in rhs_gmems])
 
         # grad_halves: per compute warpgroup its g and u tiles, each with its own barrier.
@@ -553,17 +529,16 @@ def rows_kernel(
                         acc_context(run, lambda accs: accs, after=lambda accs: store(
                             [acc[...] for acc in accs], nt, blk, start, rows, tail=nsteps == 0))
 
-                    pipe = make_pipeline(mma, context, nsteps, lambda kk: (blk, kk), lambda kk: (grp, nt, kk))
+                    pipe = make_pipeline(mma, context, nsteps, blk, nt)
                     pl.when(rows > 0)(lambda: pipe(lhs_gmem, *[r.at[grp] for r in rhs_gmems], allocations=allocs))
 
             else:
 
-                def mma(idx, a_smem, *args):
-                    accs, info = args[n_rhs]
-                    s = idx if own_loop else idx[0]
+                def mma(s, slots, carry):
+                    (a_smem, *b_smems), (accs, info) = slots, carry
                     if gu_mn2 is not None:  # this tile's g and u land while its steps run
                         pl.when(s % k_steps == 0)(lambda: load_gu(info[0], info[2]))
-                    mma_step(a_smem, args[:n_rhs], accs)
+                    mma_step(a_smem, b_smems, accs)
                     last = s % k_steps == k_steps - 1
 
                     def _epilogue():
@@ -578,12 +553,8 @@ def rows_kernel(
                 def context(run):
                     acc_context(run, lambda accs: (accs, tile_of(sm)))
 
-                if own_loop:
-                    _flat_loop(allocs, context, lambda s, slots, carry: mma(s, *slots, carry), count * k_steps,
-                               tile_at, copy_step, stages, late=int(tiles.overlap_mma))
-                else:
-                    pipe = make_pipeline(mma, context, count * k_steps, blk_kk, grp_nt_kk)
-                    pipe(lhs_gmem, *rhs_gmems, allocations=allocs)
+                _flat_loop(allocs, context, mma, count * k_steps, tile_at, copy_step, stages,
+                           late=int(tiles.overlap_mma))
 
                 if any(zero_tail):  # else no output stores the tail
                     @pl.when(wg < 2)

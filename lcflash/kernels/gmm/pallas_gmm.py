@@ -62,7 +62,7 @@ def tiling_settings() -> dict:
                 contract_stages=CONTRACT_STAGES,
                 contract_deep=[CONTRACT_DEEP_ROWS, CONTRACT_DEEP_STAGES, CONTRACT_DEEP_BAND],
                 contract_cluster=CONTRACT_CLUSTER, contract_deal=mk.CONTRACT_DEAL,
-                contract_zero_empty=mk.CONTRACT_ZERO_EMPTY, rows_own_loop=mk.ROWS_OWN_LOOP)
+                contract_zero_empty=mk.CONTRACT_ZERO_EMPTY)
 
 
 def set_bands(rows: int | None = None, contract: int | None = None):
