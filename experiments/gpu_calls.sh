@@ -20,11 +20,13 @@
 # adopted below the deep threshold), 26 (the rows kernel at 3 stages: slower) and 24 with the clusters; session 52
 # ran 29, 30 and 25 (clusters level at decode-sized groups and in training; the deep threshold stays 4,096) and 31
 # of 0ad29fa (d_rhs as ping-pong: 1.4-2.1x slower, removed since), then the second ping-pong design of 71c50bb by
-# an inline command (1.3-1.6x slower, removed since); session 53 ran 33 and 34 (one-load step entries for d_rhs's
-# TMA warpgroup: 2-7% faster, the default since; one index per step for both blocks: slower, removed since);
-# session 54 ran 35 (d_rhs in our own pipeline loop: level to 7% faster, the only flat d_rhs since) and 36; calls 8 and 9, the warpgroups on row halves of a tile, are gone with
-# that code (it lost in session 45; removed in session 53); HISTORY.md):
-#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 37; 4 takes the persistent kernels,
+# an inline command (1.3-1.6x slower, removed since); session 53 ran 33 and 34 of 05938d9 (one-load step entries
+# for d_rhs's TMA warpgroup: 2-7% faster; one index per step for both blocks: slower, removed since); session 54 ran
+# 35 of 05938d9 (d_rhs in our own pipeline loop: level to 7% faster), 36, and 37 of 3bf6984 (the rows kernels in the
+# same loop: 0-3% faster); both loops are the only flat pipelines since, so 33-35 and 37, whose switches went with
+# the losing paths, and calls 8 and 9 (the warpgroups on row halves of a tile: lost in session 45, removed in
+# session 53) are gone from this script; HISTORY.md):
+#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 36; 4 takes the persistent kernels,
 #                                                            14 the rows and d_rhs bands, 18 a benchmark flag)
 # run from the repository root on the device machine, with `.whl` carried (ml-collections and tensorboardX, which
 # its image lacks) and `.whl-tokamax` where a call times the tokamax peer (tokamax 0.0.17 with its needs, 37 MB).
@@ -36,7 +38,7 @@
 # here to the ignored `.jcc` (`rm -rf .jcc && cp -r /work/.device/N/jcc .jcc`) and carried, it seeds the next
 # machine's, which helps where that machine has the same card and image.
 set -u
-N=${1:?call number 1-37}
+N=${1:?call number 1-36}
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -201,32 +203,6 @@ small/gate_up_fused/2304 --out "$OUT/contract_ab_cluster_kernel.json"
     step 290 $B --out "$OUT/bench_train_b24_cluster.json"
     step 290 $B --gmm_switch CONTRACT_CLUSTER=False --out "$OUT/bench_train_b24_nocluster.json"
     ;;
-33) # session 52: the flat d_rhs's step entries naming their tile (mgpu_kernels.CONTRACT_STEP_LIN: one scalar load per
-    # step for the TMA warpgroup instead of two dependent ones; session 52's ping-pongs, twice the steps, lost
-    # 1.3-2.1x with clusters no help, so the per-step latency is the suspect): the GPU tests (bitwise the per-tile
-    # kernel), then the whole product by device time against the default
-    step 240 python -m pytest -n 0 -q tests/test_gmm.py -k gpu_flat_contract
-    step 330 python experiments/contract_ab.py --gmm-switch CONTRACT_STEP_LIN=False,True --rounds 2 --device-time \
-        --cases longcat/gate_up/512,longcat/down/512,longcat/gate_up/2048,longcat/gate_up/512/skewed \
-        --out "$OUT/contract_ab_step_lin_device.json"
-    ;;
-34) # session 53: the step entries that name their tile (now the default, with the row-block field as wide as M
-    # needs) on more shapes (the call also timed d389edf's CONTRACT_ONE_INDEX, one index per step for both blocks:
-    # slower, removed since)
-    step 200 python -m pytest -n 0 -q tests/test_gmm.py -k "gpu_flat_contract or one_load"
-    step 260 python experiments/contract_ab.py --gmm-switch CONTRACT_STEP_LIN=False,True --rounds 2 --device-time \
-        --cases longcat/down/2048,longcat/gate_up/4096,longcat/down/512/skewed,small/gate_up_fused/64 \
-        --out "$OUT/contract_ab_step_lin2_device.json"
-    ;;
-35) # session 53: d_rhs in our own warp-specialised loop (mgpu_kernels.CONTRACT_OWN_PIPELINE, off: the TMA warpgroup
-    # walks its tiles from registers, no step table, its copies issued right after a slot's release; session 53's
-    # one-load step entries took 2-7% off, so the loads between release and refill cost): the GPU tests (bitwise the
-    # per-tile kernel, with and without clusters), then the whole product by device time against the default
-    step 240 python -m pytest -n 0 -q tests/test_gmm.py -k "gpu_flat_contract or own_pipeline"
-    step 330 python experiments/contract_ab.py --gmm-switch CONTRACT_OWN_PIPELINE=False,True --rounds 2 --device-time \
-        --cases longcat/gate_up/512,longcat/down/512,longcat/gate_up/2048,longcat/gate_up/512/skewed \
-        --out "$OUT/contract_ab_own_pipeline_device.json"
-    ;;
 36) # session 54: our own loop as the only flat d_rhs pipeline (call 35: level to 7% faster; the step table gone) and
     # the warpgroups' row offset (always 0 since the row split went) gone from both kernels: the GPU tests (the flat
     # d_rhs bitwise the per-tile kernel, with clusters and with late release; both products' gradients), then issue
@@ -237,13 +213,5 @@ small/gate_up_fused/2304 --out "$OUT/contract_ab_cluster_kernel.json"
 longcat/gate_up/4096,longcat/down/4096,longcat/gate_up/512/skewed,longcat/down/512/skewed \
         --out "$OUT/contract_ab_targets_device.json"
     ;;
-37) # session 54: the flat rows kernels (forward, d_lhs, the FFN's fused epilogues) in the same own loop as d_rhs
-    # (mgpu_kernels.ROWS_OWN_LOOP: emit_pipeline's index maps redo band_order's divisions and two scalar loads every
-    # step): the GPU tests (bitwise emit_pipeline's, twice), then both products by device time against emit_pipeline
-    step 200 python -m pytest -n 0 -q tests/test_gmm.py -k "own_loop or gpu_pallas or gpu_ffn"
-    step 330 python experiments/contract_ab.py --gmm-switch ROWS_OWN_LOOP=False,True --rounds 2 --device-time \
-        --cases longcat/gate_up/512,longcat/down/512,longcat/gate_up/2048,longcat/down/2048 \
-        --out "$OUT/contract_ab_rows_own_loop_device.json"
-    ;;
-*)  echo "call number 1-37" >&2; exit 2 ;;
+*)  echo "call number 1-36" >&2; exit 2 ;;
 esac

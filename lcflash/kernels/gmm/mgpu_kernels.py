@@ -943,7 +943,7 @@ def _contract_kernel_flat(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles,
     """contract_kernel with one flat pipeline per CTA (tiles.chain); see contract_kernel and
     contract_flat_schedule.
 
-    The TMA warpgroup walks the CTA's tile slots in registers (_flat_contract_loop), loading a tile's entries a
+    The TMA warpgroup walks the CTA's tile slots in registers (_flat_loop), loading a tile's entries a
     tile ahead. The compute warpgroups carry (tile slot, step in tile) and the tile's group bounds through the
     loop, prefetching the next slot's tile and bounds every step (loads off the wgmma's critical path).
     """
