@@ -6,7 +6,6 @@ transposed by XLA, see pallas_gmm). GPU: the compiled kernels, ours and JAX's ex
 """
 
 import dataclasses
-import re
 
 import jax
 import jax.numpy as jnp
@@ -664,10 +663,10 @@ def test_clustered_d_rhs_lowers_for_cuda_where_its_k_tiles_pair(mosaic_gpu_trace
         assert pallas_gmm.flat_contract_tiles(n, jnp.bfloat16, m / g, k=k).cluster_k == clustered, (k, n)
 
 
-def test_flat_d_rhs_lowers_for_cuda_with_and_without_clusters_and_late_release(mosaic_gpu_trace, monkeypatch):
-    """The flat d_rhs loop lowers for CUDA on 2-CTA clusters (dout multicast; LongCat's T = 512) and without
-    (T = 4096), and with each slot released a step late (Tiles.overlap_mma, which the interpreter cannot check
-    for races), with all 512 experts on one GPU (512 x 192 clustered tiles)."""
+def test_flat_loops_lower_for_cuda_with_and_without_clusters_and_late_release(mosaic_gpu_trace, monkeypatch):
+    """The flat d_rhs loop lowers for CUDA on 2-CTA clusters (dout multicast; LongCat's T = 512), with all 512
+    experts on one GPU (512 x 192 clustered tiles), and without (T = 4096); d_rhs and the rows kernel lower with each
+    slot released a step late (Tiles.overlap_mma, whose races the interpreter cannot show)."""
     from lcflash.kernels.gmm import mgpu_kernels as mk, pallas_gmm
 
     sd = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt)  # noqa: E731
@@ -683,6 +682,10 @@ def test_flat_d_rhs_lowers_for_cuda_with_and_without_clusters_and_late_release(m
     tiles = pallas_gmm.flat_contract_tiles(6144, jnp.bfloat16, 512, k=2048)
     monkeypatch.setattr(pallas_gmm, "CONTRACT_TILES", dataclasses.replace(tiles, overlap_mma=True))
     assert "gmm_contract_flat_cluster_k2048_n6144" in lowered(32768, 64)
+    monkeypatch.setattr(pallas_gmm, "ROWS_TILES", mk.Tiles(epi_n=64, band=4, chain=True, overlap_mma=True))
+    text = jax.jit(lambda x, w, s: pallas_gmm.rows_matmul(x, [w], s, chain=True)).trace(
+        sd(32768, 6144), sd(64, 6144, 2048), sd(64, dt=jnp.int32)).lower(lowering_platforms=("cuda",)).as_text()
+    assert "gmm_rows_plain_k6144_n2048" in text
 
 
 def test_clustered_d_rhs_refuses_odd_k_tiles_and_the_interpreter():

@@ -284,7 +284,6 @@ def _rows_staging(shape, dtype, interpret: bool):
 # --------------------------------------------------------------------------------------------------
 
 
-
 def rows_kernel(
     lhs_mk,
     rhs_list,
@@ -314,8 +313,8 @@ def rows_kernel(
     tiles.chain=True: one flat pipeline per CTA over all its matmul tiles' steps (k_steps each; _flat_loop, whose
     TMA warpgroup finds a tile's group, row block and n tile once per tile), the epilogue run inside the pipeline
     body at each tile's last step (the flat contract kernel's scheme): the TMA warpgroup never drains between
-    tiles. The tail tiles (rows past the groups) are
-    stored as zeros afterwards by the compute warpgroups, outside the pipeline.
+    tiles. The tail tiles (rows past the groups) are stored as zeros afterwards by the compute warpgroups, outside
+    the pipeline.
     zero_tail: per output, whether rows past the groups are stored as zeros (default: all); False leaves them
     unwritten (undefined), for consumers that never read them: the tail is about half of the MoE row buffers.
     """
@@ -886,8 +885,9 @@ def _flat_loop(allocs, context, body, nsteps, tile_of_slot, copy_step, stages: i
     the last releases (a cluster peer must not arrive on an exited CTA's barrier). It walks the CTA's tiles itself:
     tile_of_slot(j) -> (info, steps) of its j-th tile; carry (j, step in tile, this tile's, the next tile's), the
     tile after next loaded as a tile starts, so no load or index arithmetic stands between a release and the
-    copies, copy_step(slots, barrier, info, step in tile). (d_rhs on an H100, session 54: the whole backward 0-7%
-    faster than emit_pipeline_warp_specialized reading one step-table entry per step; experiments/HISTORY.md.)
+    copies, copy_step(slots, barrier, info, step in tile). (On an H100, session 54, against
+    emit_pipeline_warp_specialized, whose index maps ran per step after the release: d_rhs's whole backward 0-7%
+    faster, the rows kernels 0-3%; experiments/HISTORY.md.)
     Compute warpgroups: wait for a slot's copies, run body(step, slots, carry) (its carry set up in `context`),
     release the slot, or with late = 1 (Tiles.overlap_mma: a step's wgmma left in flight) the slot before it."""
     ring, full, consumed = allocs["ring"], allocs["full"], allocs["consumed"]
@@ -918,6 +918,7 @@ def _flat_loop(allocs, context, body, nsteps, tile_of_slot, copy_step, stages: i
             plgpu.barrier_wait(consumed.at[lax.rem(s, stages)])
 
     def compute():
+        # the registers the TMA warpgroup gives up, split between the two compute warpgroups (as JAX's pipeline does)
         plgpu.set_max_registers(int(min(256, (512 - _MEMORY_REGISTERS) / 2) // 8 * 8), action="increase")
         release = lambda s: plgpu.barrier_arrive(consumed.at[lax.rem(s, stages)])  # noqa: E731
 
