@@ -289,25 +289,28 @@ def test_pallas_interpret_flat_rows_kernels_bitwise_per_tile(monkeypatch):
 
 def _check_rows_half_tiles(monkeypatch, m, k, n, sizes_l, seed):
     """mgpu_kernels.ROWS_HALF_TILES: tiles whose rows lie in one 64-row half multiply only that half, with the same
-    results bit for bit: the forward and the expert FFN's output and dx, which run every rows variant (the [gate |
-    up] product with SwiGLU in its epilogue, the down projection, its d_lhs with SwiGLU's backward in the epilogue,
-    the [gate | up] d_lhs with the rhs transposed)."""
+    results bit for bit, in every variant of the flat rows kernel: the forward, [gate | up] with SwiGLU in its
+    epilogue (swiglu="halves"), d_lhs (rhs transposed), and the down projection's d_lhs with SwiGLU's backward in
+    its epilogue (swiglu="grad_halves")."""
     from lcflash.kernels.gmm import mgpu_kernels as mk
     from lcflash.kernels.gmm import pallas_gmm
 
     x, w, dy, sizes = _inputs(seed, m, k, n, sizes_l, jnp.bfloat16)
-    wd = (jax.random.normal(jax.random.key(seed + 1), (len(sizes_l), n // 2, k), jnp.float32) / np.sqrt(n)).astype(
-        jnp.bfloat16)
+    wd = (jax.random.normal(jax.random.key(seed + 1), (len(sizes_l), n // 2, k), jnp.float32) / np.sqrt(k)).astype(
+        jnp.bfloat16)  # the down projection's [G, F, D], read transposed: d_h = dy @ w_down^T
 
     def run(half):
         monkeypatch.setattr(mk, "ROWS_HALF_TILES", half)
-        y, vjp = jax.vjp(lambda x: pallas_gmm.gmm_swiglu_ffn(x, w, wd, sizes), x)
-        outs = [pallas_gmm.rows_matmul(x, [w], sizes, chain=True), y, vjp(dy[:, :k])[0]]
+        h, gu = pallas_gmm.rows_matmul(x, [w], sizes, swiglu="halves", chain=True)
+        outs = [pallas_gmm.rows_matmul(x, [w], sizes, chain=True), h, gu,
+                pallas_gmm.rows_matmul(dy, [w], sizes, transpose_rhs=True, chain=True),
+                pallas_gmm.rows_matmul(x, [wd], sizes, transpose_rhs=True, swiglu="grad_halves", gu_mn2=gu,
+                                       chain=True)]  # x as the down projection's output gradient, [M, D]
         return [np.asarray(a, np.float32) for a in outs]
 
     got, want = run(True), run(False)
     assert _rel(got[0], reference.gmm_loop(x.astype(jnp.float32), w.astype(jnp.float32), sizes)) < BF16_TOL
-    for name, a, b in zip(("forward", "ffn y", "ffn dx"), got, want):
+    for name, a, b in zip(("forward", "h", "[g | u]", "d_lhs", "[d_g | d_u]"), got, want):
         np.testing.assert_array_equal(a, b, err_msg=name)
 
 
