@@ -416,11 +416,6 @@ def rows_kernel(
 
             allocs = _flat_ring([((tm, tk), tr_a)] + [(b_block, tr_b)] * len(rhs_block_offsets), dtype, stages)
 
-            def tile_at(j):  # TMA warpgroup: ((group, row block, n tile), steps) of this CTA's j-th tile
-                mt, nt = order(sm + j * n_sms)
-                mt = jnp.minimum(mt, t_max - 1)  # past the CTA's last tile: any valid tile (never copied)
-                return (sched_ref[0, mt], sched_ref[1, mt], nt), jnp.int32(k_steps)
-
             def copy_step(slots, barrier, info, kk):  # the copies of K step kk of tile info
                 (a_slot, *b_slots), (grp, blk, nt), ks = slots, info, pl.ds(kk * tk, tk)
                 plgpu.copy_gmem_to_smem(lhs_gmem.at[pl.ds(blk * tm, tm), ks], a_slot, barrier)
@@ -570,6 +565,10 @@ def rows_kernel(
 
                 def context(run):
                     acc_context(run, lambda accs: (accs, tile_of(sm)))
+
+                def tile_at(j):  # TMA warpgroup: ((group, row block, n tile), steps) of this CTA's j-th tile
+                    nt, grp, blk, _, _ = tile_of(sm + j * n_sms)  # the unused loads are dropped
+                    return (grp, blk, nt), jnp.int32(k_steps)
 
                 _flat_loop(allocs, context, mma, count * k_steps, tile_at, copy_step, stages,
                            late=int(tiles.overlap_mma))
@@ -993,11 +992,6 @@ def _contract_kernel_flat(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles,
             kp, nt = k_n_tile(lin)
             return kp * n_cl + cta, nt
 
-        def tile_at(j):  # TMA warpgroup: ((tile, first row block), steps) of this CTA's slot j
-            lin = lin_ref[sm, j]
-            gi = jnp.minimum(lin // kn, g - 1)  # past the last tile: any valid group (never copied)
-            return (lin, tile_ref[2, gi]), tile_ref[3, gi]
-
         def copy_step(slots, barrier, info, s_in):  # the copies of tile lin's row block blk0 + s_in
             (a_slot, b_slot), (lin, blk0) = slots, info
             kt, nt = cta_tile(lin)
@@ -1046,6 +1040,10 @@ def _contract_kernel_flat(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles,
                     run((acc_ref, jnp.int32(0), jnp.int32(0), tile_info(jnp.int32(0))))
 
                 pl.run_scoped(acc_scope, plgpu.ACC((wr, wc), jnp.float32))
+
+            def tile_at(j):  # TMA warpgroup: ((tile, first row block), steps) of this CTA's slot j
+                _, _, _, blk0, nst = tile_info(j)  # the unused loads are dropped
+                return (lin_ref[sm, j], blk0), nst
 
             _flat_loop(allocs, context, mma, total_ref[sm], tile_at, copy_step, tiles.stages,
                        late=int(tiles.overlap_mma))
