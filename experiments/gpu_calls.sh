@@ -25,8 +25,9 @@
 # 35 of 05938d9 (d_rhs in our own pipeline loop: level to 7% faster), 36, and 37 of 3bf6984 (the rows kernels in the
 # same loop: 0-3% faster); both loops are the only flat pipelines since, so 33-35 and 37, whose switches went with
 # the losing paths, and calls 8 and 9 (the warpgroups on row halves of a tile: lost in session 45, removed in
-# session 53) are gone from this script; 38 (the rows kernels' half tiles) waits; HISTORY.md):
-#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 36, 38; 4 takes the persistent kernels,
+# session 53) are gone from this script; session 55 ran 38 of d1b0c34 (the rows kernels' half tiles: slower,
+# removed since, so 38 is gone too) and 39; HISTORY.md):
+#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 36, 39; 4 takes the persistent kernels,
 #                                                            14 the rows and d_rhs bands, 18 a benchmark flag)
 # run from the repository root on the device machine, with `.whl` carried (ml-collections and tensorboardX, which
 # its image lacks) and `.whl-tokamax` where a call times the tokamax peer (tokamax 0.0.17 with its needs, 37 MB).
@@ -38,7 +39,7 @@
 # here to the ignored `.jcc` (`rm -rf .jcc && cp -r /work/.device/N/jcc .jcc`) and carried, it seeds the next
 # machine's, which helps where that machine has the same card and image.
 set -u
-N=${1:?call number 1-36 or 38}
+N=${1:?call number 1-36 or 39}
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -213,15 +214,10 @@ small/gate_up_fused/2304 --out "$OUT/contract_ab_cluster_kernel.json"
 longcat/gate_up/4096,longcat/down/4096,longcat/gate_up/512/skewed,longcat/down/512/skewed \
         --out "$OUT/contract_ab_targets_device.json"
     ;;
-38) # session 54: the flat rows kernels' half tiles (mgpu_kernels.ROWS_HALF_TILES, off: a tile whose rows lie in one
-    # 64-row half of its block runs an M = 64 wgmma on that half; at the skewed T = 512, 49 of 304 row tiles, 0.842
-    # of the tiles' rows used against 0.916 counting the halves; balanced loads have none): the GPU tests (bitwise
-    # the full tiles; the flat rows kernels bitwise the per-tile ones), then both products by device time, the
-    # balanced case as the control
-    step 250 python -m pytest -n 0 -q tests/test_gmm.py -k "half_tiles or gpu_flat_rows"
-    step 330 python experiments/contract_ab.py --gmm-switch ROWS_HALF_TILES=False,True --rounds 2 --device-time \
-        --cases longcat/gate_up/512/skewed,longcat/down/512/skewed,longcat/gate_up/512 \
-        --out "$OUT/contract_ab_half_tiles_device.json"
+39) # the expert kernels' GPU tests at once (call 38's output lost the first of them behind its A/B's JSON lines):
+    # the flat rows kernels bitwise the per-tile ones, the forward and gradients of both impls, the fused FFN
+    step 200 python -m pytest -n 0 -q -p no:cacheprovider tests/test_gmm.py -k gpu_flat_rows
+    step 360 python -m pytest -n 0 -q -p no:cacheprovider tests/test_gmm.py -k "gpu_pallas or gpu_ffn"
     ;;
-*)  echo "call number 1-36 or 38" >&2; exit 2 ;;
+*)  echo "call number 1-36 or 39" >&2; exit 2 ;;
 esac

@@ -288,45 +288,6 @@ def test_pallas_interpret_flat_rows_kernels_bitwise_per_tile(monkeypatch):
     _check_flat_rows_bitwise(monkeypatch, M_RAGGED, 128, 256, SIZES_RAGGED, seed=41, again=False)
 
 
-def _check_rows_half_tiles(monkeypatch, m, k, n, sizes_l, seed):
-    """mgpu_kernels.ROWS_HALF_TILES: tiles whose rows lie in one 64-row half multiply only that half, with the same
-    results bit for bit, in every variant of the flat rows kernel: the forward, [gate | up] with SwiGLU in its
-    epilogue (swiglu="halves"), d_lhs (rhs transposed), and the down projection's d_lhs with SwiGLU's backward in
-    its epilogue (swiglu="grad_halves")."""
-    from lcflash.kernels.gmm import mgpu_kernels as mk
-    from lcflash.kernels.gmm import pallas_gmm
-
-    x, w, dy, sizes = _inputs(seed, m, k, n, sizes_l, jnp.bfloat16)
-    wd = (jax.random.normal(jax.random.key(seed + 1), (len(sizes_l), n // 2, k), jnp.float32) / np.sqrt(k)).astype(
-        jnp.bfloat16)  # the down projection's [G, F, D], read transposed: d_h = dy @ w_down^T
-
-    def run(half):
-        monkeypatch.setattr(mk, "ROWS_HALF_TILES", half)
-        h, gu = pallas_gmm.rows_matmul(x, [w], sizes, swiglu="halves", chain=True)
-        outs = [pallas_gmm.rows_matmul(x, [w], sizes, chain=True), h, gu,
-                pallas_gmm.rows_matmul(dy, [w], sizes, transpose_rhs=True, chain=True),
-                pallas_gmm.rows_matmul(x, [wd], sizes, transpose_rhs=True, swiglu="grad_halves", gu_mn2=gu,
-                                       chain=True)]  # x as the down projection's output gradient, [M, D]
-        return [np.asarray(a, np.float32) for a in outs]
-
-    got, want = run(True), run(False)
-    assert _rel(got[0], reference.gmm_loop(x.astype(jnp.float32), w.astype(jnp.float32), sizes)) < BF16_TOL
-    for name, a, b in zip(("forward", "h", "[g | u]", "d_lhs", "[d_g | d_u]"), got, want):
-        np.testing.assert_array_equal(a, b, err_msg=name)
-
-
-# Row tiles of 128 over these groups, each half's edges on both sides: block 0 holds group 0 in its upper half,
-# group 1 across both (to row 65), groups 2-4 in its lower half; block 1 group 5 in its upper half (rows 0-62),
-# group 6 across both (from row 63), group 7 in its lower half; block 2 group 8 in the whole upper half, group 9
-# from row 64 on, which block 3 holds in its upper half.
-SIZES_HALVES = [30, 35, 45, 10, 8, 63, 59, 6, 64, 70]
-
-
-@cpu_only
-def test_pallas_interpret_rows_half_tiles(monkeypatch):
-    _check_rows_half_tiles(monkeypatch, 768, 128, 256, SIZES_HALVES, seed=51)  # M > 64 G: 128-row tiles
-
-
 @cpu_only
 def test_pallas_interpret_ffn_swiglu_grad_epilogue():
     """The expert FFN whose down-projection d_lhs kernel writes [d_g | d_u] (3 column tiles per half, ragged
@@ -728,25 +689,6 @@ def test_flat_loops_lower_for_cuda_with_and_without_clusters_and_late_release(mo
     assert "gmm_rows_plain_k6144_n2048" in text
 
 
-def test_rows_half_tiles_lower_for_cuda(mosaic_gpu_trace, monkeypatch):
-    """mgpu_kernels.ROWS_HALF_TILES: the flat rows kernels with their half-tile wgmma (a static 64-row slice of the
-    accumulator and of the lhs block) lower for CUDA: the forward, d_lhs and the fused FFN's kernels at LongCat's
-    shapes."""
-    from lcflash.kernels.gmm import mgpu_kernels as mk, pallas_gmm
-
-    sd = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt)  # noqa: E731
-    monkeypatch.setattr(mk, "ROWS_HALF_TILES", True)
-
-    def fwd_bwd(x, w, wd, dy, sizes):
-        y, vjp = jax.vjp(lambda *a: pallas_gmm.gmm_swiglu_ffn(*a, sizes), x, w, wd)
-        return y, *vjp(dy), pallas_gmm.rows_matmul(x, [wd.transpose(0, 2, 1)], sizes, chain=True)
-
-    text = jax.jit(fwd_bwd).trace(sd(32768, 6144), sd(64, 6144, 4096), sd(64, 2048, 6144), sd(32768, 6144),
-                                  sd(64, dt=jnp.int32)).lower(lowering_platforms=("cuda",)).as_text()
-    for name in ("gmm_rows_halves_k6144_n2048", "gmm_rows_t_grad_halves_k6144_n2048", "gmm_rows_plain_k6144_n2048"):
-        assert name in text, name
-
-
 def test_clustered_d_rhs_refuses_odd_k_tiles_and_the_interpreter():
     from lcflash.kernels.gmm import mgpu_kernels as mk
 
@@ -878,13 +820,6 @@ def test_gpu_flat_rows_kernels_bitwise_per_tile(monkeypatch, case):
     m, k, _, sizes_l = GPU_CASES[case]  # N = 2 x 512 and 2 x 384: [gate | up] halves of whole column tiles
     _check_flat_rows_bitwise(monkeypatch, m, k, {"ragged": 1024, "small_cfg": 768}[case], sizes_l, seed=44,
                              again=True)
-
-
-@gpu_only
-@pytest.mark.parametrize("case", ["ragged", "small_cfg"])
-def test_gpu_rows_half_tiles(monkeypatch, case):
-    m, k, n, sizes_l = GPU_CASES[case]
-    _check_rows_half_tiles(monkeypatch, m, k, {"ragged": 1024, "small_cfg": 768}[case], sizes_l, seed=54)
 
 
 @gpu_only

@@ -283,14 +283,6 @@ def _rows_staging(shape, dtype, interpret: bool):
 # Rows kernel: forward, d_lhs, fused SwiGLU forward.
 # --------------------------------------------------------------------------------------------------
 
-# Flat rows kernels with 128-row tiles: a tile whose rows all lie in one 64-row half of its block (a group's edge in
-# a block two groups share, a small group) runs its wgmma on that half only (M = 64), so the other half's tensor-core
-# work is skipped; the loads are the same. Routing leaves such tiles: at the benchmark's skewed T = 512 (64 experts),
-# 49 of the 304 row tiles, and 0.842 of the tiles' rows hold tokens, 0.916 counting those halves (balanced loads:
-# none, 1.000). Same products row by row. Unmeasured on the GPU: off (experiments/gpu_calls.sh 38). Read at trace
-# time.
-ROWS_HALF_TILES = False
-
 
 def rows_kernel(
     lhs_mk,
@@ -374,7 +366,6 @@ def rows_kernel(
     flat = tiles.chain
     stages = tiles.stages if flat else min(tiles.stages, k_steps)
     b_block = (2 * tn, tk) if transpose_rhs else (tk, 2 * tn)
-    half_tiles = ROWS_HALF_TILES and flat and wr == 128
 
     def make_pipeline(body, context, nsteps, blk, nt):
         """A per-tile pipeline over the K steps of row block blk and N tile nt, on a group's [K, N] rhs slice."""
@@ -496,16 +487,13 @@ def rows_kernel(
                         pl.when(jnp.logical_not(tail))(_store)
 
             @jax.named_scope("mma")
-            def mma_step(a_smem, b_smems, accs, half=None):
-                """The tile's rows (or with half = 0 / 1 only its upper / lower 64: ROWS_HALF_TILES), this
-                warpgroup's columns."""
-                a = a_smem if half is None else a_smem.at[pl.ds(half * 64, 64)]
-                for b_smem, acc in zip(b_smems, accs):
+            def mma_step(a_smem, b_smems, accs):
+                for b_smem, acc in zip(b_smems, accs):  # all the tile's rows, this warpgroup's columns
                     if transpose_rhs:
                         b = _part(b_smem, 0, c_off, wc).transpose((1, 0))
                     else:
                         b = _part(b_smem, 1, c_off, wc)
-                    plgpu.wgmma(acc if half is None else acc.at[pl.ds(half * 64, 64)], a, b)
+                    plgpu.wgmma(acc, a_smem, b)
                 # Per-tile pipelines wait for this step's wgmma before its buffers are released: releasing one
                 # step later (delay_release=1) would let the next tile's prologue refill the last step's buffers
                 # while its wgmma still reads them; the other compute warpgroup keeps the tensor cores busy.
@@ -544,14 +532,7 @@ def rows_kernel(
                     (a_smem, *b_smems), (accs, info) = slots, carry
                     if gu_mn2 is not None:  # this tile's g and u land while its steps run
                         pl.when(s % k_steps == 0)(lambda: load_gu(info[0], info[2]))
-                    if half_tiles:  # a tile whose rows lie in one 64-row half multiplies only that half
-                        _, _, _, start, rows = info
-                        upper, lower = start + rows <= 64, start >= 64
-                        pl.when(upper)(lambda: mma_step(a_smem, b_smems, accs, half=0))
-                        pl.when(lower)(lambda: mma_step(a_smem, b_smems, accs, half=1))
-                        pl.when(~(upper | lower))(lambda: mma_step(a_smem, b_smems, accs))
-                    else:
-                        mma_step(a_smem, b_smems, accs)
+                    mma_step(a_smem, b_smems, accs)
                     last = s % k_steps == k_steps - 1
 
                     def _epilogue():
