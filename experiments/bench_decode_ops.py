@@ -23,8 +23,9 @@ and Mosaic GPU kernels: x + 1 by plain global loads and stores (4 and 64 CTAs), 
 TMA (4 and 128 CTAs), the latter with 200 KiB of shared memory allocated and with a grid barrier (a GMEM
 semaphore zeroed by XLA before each call) between load and store.
 Phases (GPU): `phase_chain`, dependent phases inside one kernel with a grid barrier between them, each reading its
-share of 64 KiB to 8 MiB of weights, loaded before the last barrier or after it: the slope per phase over 8 and 40
-phases, against the phase's bytes over the bandwidth.
+share of 64 KiB to 8 MiB of weights, loaded before the last barrier or after it, or with only the neighbour's flag
+between them (the least a dependent step costs): the slope per phase over 8 and 40 phases, against the phase's
+bytes over the bandwidth.
 matvec and moe rows: microseconds per call (best of 3 runs of --reps dependent calls inside one jit'ed fori_loop),
 and the floor.
 """
@@ -214,20 +215,25 @@ def mosaic_matvec(jax, jnp, m: int, k: int, n: int, tn: int = 64, kc: int = 128,
     return lambda x, w: jnp.sum(kernel(x, w), axis=0).astype(x.dtype)
 
 
-def phase_chain(jax, jnp, ncta: int, phases: int, rows: int, prefetch: bool = True, unroll: bool = True):
+def phase_chain(jax, jnp, ncta: int, phases: int, rows: int, prefetch: bool = True, unroll: bool = True,
+                sync: str = "grid"):
     """A fused decode kernel's skeleton: `phases` dependent phases in one kernel of ncta CTAs (all resident), a grid
     barrier between phases (one GMEM counter, never reset within the call). In phase p each CTA takes its [rows, 256]
     bf16 slice of w[p] (TMA into one of three shared-memory slots, loaded two phases ahead with `prefetch` into the
     slot read in phase p - 1, before the last barrier; else at the phase's start), adds row 0 of it to what its
     neighbour wrote in phase p - 1 and writes that. out[p, i] is then the sum over phases 0..p of the slices' first
-    rows, exactly, if every phase saw the last one's writes."""
+    rows, exactly, if every phase saw the last one's writes. sync="neighbour" replaces the grid barrier by the one
+    dependency the data has: CTA i waits for CTA i + 1's flag of phase p - 1 (a GMEM semaphore per CTA), so a phase
+    costs one producer-to-consumer hop through L2, the least any fused kernel's dependent step can cost."""
+    if sync not in ("grid", "neighbour"):
+        raise ValueError(f"sync={sync!r}; valid: 'grid', 'neighbour'")
     from jax import lax
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     def body(w_ref, out_ref):
         i = lax.axis_index("cta")
-        sem = pl.get_global(plgpu.SemaphoreType.REGULAR)
+        sem = pl.get_global(plgpu.SemaphoreType.REGULAR((ncta,) if sync == "neighbour" else ()))
 
         def scoped(buf, bar):
             def load(p, slot):
@@ -244,8 +250,12 @@ def phase_chain(jax, jnp, ncta: int, phases: int, rows: int, prefetch: bool = Tr
                 out_ref[p, i, :] = v
                 if prefetch:
                     pl.when(p + 2 < phases)(lambda: load(p + 2, lax.rem(p + 2, 3)))
-                plgpu.semaphore_signal(sem, 1, memory_scope="gpu")
-                plgpu.semaphore_wait(sem, (p + 1) * ncta, decrement=False, memory_scope="gpu")
+                if sync == "grid":
+                    plgpu.semaphore_signal(sem, 1, memory_scope="gpu")
+                    plgpu.semaphore_wait(sem, (p + 1) * ncta, decrement=False, memory_scope="gpu")
+                else:  # this CTA's flag counts its finished phases; the next phase reads the neighbour's output
+                    plgpu.semaphore_signal(sem.at[i], 1, memory_scope="gpu")
+                    plgpu.semaphore_wait(sem.at[lax.rem(i + 1, ncta)], p + 1, decrement=False, memory_scope="gpu")
                 return carry
 
             if prefetch:
@@ -271,18 +281,19 @@ PHASE_ROWS = (1, 4, 16, 64, 128)   # [rows, 256] bf16 per CTA and phase: 64 KB t
 def phase_rows(jax, jnp, row, reps: int = 20, ncta: int = 128):
     """Per dependent phase of `phase_chain`: its time (the slope over PHASES), against its bytes over the measured
     bandwidth; `ok` says every phase saw the last one's writes. The perf model's bound for issue 5 (HISTORY.md,
-    session 35): 70% of configs/small.py's batch-1 floor needs under ~0.6 us per phase beyond its bytes."""
+    session 35): 70% of configs/small.py's batch-1 floor needs under ~0.6 us per phase beyond its bytes. Forms:
+    the grid barrier with the next weights prefetched or loaded after it, and the neighbour's flag (prefetched)."""
     ncta = min(ncta, jax.devices()[0].core_count)
+    forms = (("prefetch", True, "grid"), ("load_after_barrier", False, "grid"), ("neighbour", True, "neighbour"))
     for rows in PHASE_ROWS:
-        for prefetch in (True, False):
-            form = "prefetch" if prefetch else "load_after_barrier"
+        for form, prefetch, sync in forms:
             try:
                 best, ok = [], True
                 for phases in PHASES:
                     print(f"phases: rows={rows} {form} P={phases}", flush=True)
                     w = (jnp.arange(1, phases + 1, dtype=jnp.float32)[:, None, None, None]
                          * jnp.ones((phases, ncta, rows, 256), jnp.float32)).astype(jnp.bfloat16)
-                    prog = jax.jit(phase_chain(jax, jnp, ncta, phases, rows, prefetch))
+                    prog = jax.jit(phase_chain(jax, jnp, ncta, phases, rows, prefetch, sync=sync))
                     out = jax.block_until_ready(prog(w))
                     ok = ok and bool(jnp.all(out[-1] == phases * (phases + 1) / 2))
                     best.append(best_seconds(jax, prog, w, reps))
@@ -343,7 +354,7 @@ def mosaic_step(jax, jnp, ncta: int, tma: bool = True, smem_kib: int = 0, barrie
             plgpu.copy_gmem_to_smem(x_ref.at[:, part], buf, bar.at[0])
             plgpu.barrier_wait(bar.at[0])
             if barrier:
-                sem = pl.get_global(plgpu.SemaphoreType.REGULAR)
+                sem = pl.get_global(plgpu.SemaphoreType.REGULAR((ncta,) if sync == "neighbour" else ()))
                 plgpu.semaphore_signal(sem, 1, memory_scope="gpu")
                 plgpu.semaphore_wait(sem, ncta, decrement=False, memory_scope="gpu")
             plgpu.copy_smem_to_gmem(buf, y_ref.at[:, part])

@@ -26,8 +26,8 @@
 # same loop: 0-3% faster); both loops are the only flat pipelines since, so 33-35 and 37, whose switches went with
 # the losing paths, and calls 8 and 9 (the warpgroups on row halves of a tile: lost in session 45, removed in
 # session 53) are gone from this script; session 55 ran 38 of d1b0c34 (the rows kernels' half tiles: slower,
-# removed since, so 38 is gone too) and 39; HISTORY.md):
-#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 36, 39; 4 takes the persistent kernels,
+# removed since, so 38 is gone too), 39 and 40; HISTORY.md):
+#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 36, 39, 40; 4 takes the persistent kernels,
 #                                                            14 the rows and d_rhs bands, 18 a benchmark flag)
 # run from the repository root on the device machine, with `.whl` carried (ml-collections and tensorboardX, which
 # its image lacks) and `.whl-tokamax` where a call times the tokamax peer (tokamax 0.0.17 with its needs, 37 MB).
@@ -39,7 +39,7 @@
 # here to the ignored `.jcc` (`rm -rf .jcc && cp -r /work/.device/N/jcc .jcc`) and carried, it seeds the next
 # machine's, which helps where that machine has the same card and image.
 set -u
-N=${1:?call number 1-36 or 39}
+N=${1:?call number 1-36, 39 or 40}
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -219,5 +219,9 @@ longcat/gate_up/4096,longcat/down/4096,longcat/gate_up/512/skewed,longcat/down/5
     step 200 python -m pytest -n 0 -q -p no:cacheprovider tests/test_gmm.py -k gpu_flat_rows
     step 360 python -m pytest -n 0 -q -p no:cacheprovider tests/test_gmm.py -k "gpu_pallas or gpu_ffn"
     ;;
-*)  echo "call number 1-36 or 39" >&2; exit 2 ;;
+40) # issue 5's bound: a dependent phase inside one kernel behind a grid barrier (session 36: ~1.3 us beyond its
+    # bytes) against behind only the neighbour's flag, the least a fused decode kernel's dependent step can cost
+    step 240 python experiments/bench_decode_ops.py --sections=phases --json="$OUT/bench_decode_ops_phases_s55_h100.json"
+    ;;
+*)  echo "call number 1-36, 39 or 40" >&2; exit 2 ;;
 esac

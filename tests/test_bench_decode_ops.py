@@ -57,11 +57,16 @@ def test_mosaic_matvec_lowers_for_cuda_at_the_decode_shapes():
         assert "mosaic_gpu" in jax.jit(mv).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
-@pytest.mark.parametrize("prefetch", [True, False])
-def test_phase_chain_lowers_for_cuda(prefetch):
-    """Its grid barrier is a GMEM semaphore, which Pallas' GPU interpreter cannot run: lowered only (the largest
-    slices: three slots of 64 KB of shared memory)."""
+@pytest.mark.parametrize("prefetch,sync", [(True, "grid"), (False, "grid"), (True, "neighbour")])
+def test_phase_chain_lowers_for_cuda(prefetch, sync):
+    """Its grid barrier and flags are GMEM semaphores, which Pallas' GPU interpreter cannot run: lowered only (the
+    largest slices: three slots of 64 KB of shared memory)."""
     rows = max(ops.PHASE_ROWS)
-    kernel = ops.phase_chain(jax, jnp, 128, ops.PHASES[0], rows, prefetch)
+    kernel = ops.phase_chain(jax, jnp, 128, ops.PHASES[0], rows, prefetch, sync=sync)
     w = jax.ShapeDtypeStruct((ops.PHASES[0], 128, rows, 256), jnp.bfloat16)
     assert "mosaic_gpu" in jax.jit(kernel).trace(w).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def test_phase_chain_refuses_an_unknown_sync():
+    with pytest.raises(ValueError, match="sync='tree'; valid: 'grid', 'neighbour'"):
+        ops.phase_chain(jax, jnp, 128, 8, 1, sync="tree")
