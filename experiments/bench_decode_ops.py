@@ -55,6 +55,8 @@ def main():
     ap.add_argument("--sections", default="matvec,moe,launch",
                     help="comma-separated: matvec, moe, launch, phases (GPU only; it hung on an H200 in session 35, "
                          "so it runs only when named, last)")
+    ap.add_argument("--phase_rows", default=",".join(map(str, PHASE_ROWS)),
+                    help="phases: [rows, 256] bf16 weights per CTA and phase, comma-separated")
     args = ap.parse_args()
 
     import jax
@@ -170,7 +172,7 @@ def main():
     if "launch" in sections:
         launch_rows(jax, jnp, row)
     if "phases" in sections and dev.platform == "gpu":
-        phase_rows(jax, jnp, row)
+        phase_rows(jax, jnp, row, rows_list=tuple(int(r) for r in args.phase_rows.split(",")))
     save()
 
 
@@ -278,14 +280,14 @@ PHASES = (8, 40)      # phases per kernel; the cost per phase is the slope betwe
 PHASE_ROWS = (1, 4, 16, 64, 128)   # [rows, 256] bf16 per CTA and phase: 64 KB to 8 MB per phase on 128 CTAs
 
 
-def phase_rows(jax, jnp, row, reps: int = 20, ncta: int = 128):
+def phase_rows(jax, jnp, row, reps: int = 20, ncta: int = 128, rows_list=PHASE_ROWS):
     """Per dependent phase of `phase_chain`: its time (the slope over PHASES), against its bytes over the measured
     bandwidth; `ok` says every phase saw the last one's writes. The perf model's bound for issue 5 (HISTORY.md,
     session 35): 70% of configs/small.py's batch-1 floor needs under ~0.6 us per phase beyond its bytes. Forms:
     the grid barrier with the next weights prefetched or loaded after it, and the neighbour's flag (prefetched)."""
     ncta = min(ncta, jax.devices()[0].core_count)
     forms = (("prefetch", True, "grid"), ("load_after_barrier", False, "grid"), ("neighbour", True, "neighbour"))
-    for rows in PHASE_ROWS:
+    for rows in rows_list:
         for form, prefetch, sync in forms:
             try:
                 best, ok = [], True
