@@ -235,7 +235,8 @@ def phase_chain(jax, jnp, ncta: int, phases: int, rows: int, prefetch: bool = Tr
 
     def body(w_ref, out_ref):
         i = lax.axis_index("cta")
-        sem = pl.get_global(plgpu.SemaphoreType.REGULAR((ncta,) if sync == "neighbour" else ()))
+        sem = pl.get_global(plgpu.SemaphoreType.REGULAR((ncta,)) if sync == "neighbour"
+                            else plgpu.SemaphoreType.REGULAR)
 
         def scoped(buf, bar):
             def load(p, slot):
@@ -356,7 +357,7 @@ def mosaic_step(jax, jnp, ncta: int, tma: bool = True, smem_kib: int = 0, barrie
             plgpu.copy_gmem_to_smem(x_ref.at[:, part], buf, bar.at[0])
             plgpu.barrier_wait(bar.at[0])
             if barrier:
-                sem = pl.get_global(plgpu.SemaphoreType.REGULAR((ncta,) if sync == "neighbour" else ()))
+                sem = pl.get_global(plgpu.SemaphoreType.REGULAR)
                 plgpu.semaphore_signal(sem, 1, memory_scope="gpu")
                 plgpu.semaphore_wait(sem, ncta, decrement=False, memory_scope="gpu")
             plgpu.copy_smem_to_gmem(buf, y_ref.at[:, part])
