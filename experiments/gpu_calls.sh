@@ -26,8 +26,8 @@
 # same loop: 0-3% faster); both loops are the only flat pipelines since, so 33-35 and 37, whose switches went with
 # the losing paths, and calls 8 and 9 (the warpgroups on row halves of a tile: lost in session 45, removed in
 # session 53) are gone from this script; session 55 ran 38 of d1b0c34 (the rows kernels' half tiles: slower,
-# removed since, so 38 is gone too), 39 and 40; HISTORY.md):
-#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 36, 39, 40; 4 takes the persistent kernels,
+# removed since, so 38 is gone too), 39 and 40; 41 waits; HISTORY.md):
+#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 36, 39-41; 4 takes the persistent kernels,
 #                                                            14 the rows and d_rhs bands, 18 a benchmark flag)
 # run from the repository root on the device machine, with `.whl` carried (ml-collections and tensorboardX, which
 # its image lacks) and `.whl-tokamax` where a call times the tokamax peer (tokamax 0.0.17 with its needs, 37 MB).
@@ -39,7 +39,7 @@
 # here to the ignored `.jcc` (`rm -rf .jcc && cp -r /work/.device/N/jcc .jcc`) and carried, it seeds the next
 # machine's, which helps where that machine has the same card and image.
 set -u
-N=${1:?call number 1-36, 39 or 40}
+N=${1:?call number 1-36 or 39-41}
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -223,5 +223,16 @@ longcat/gate_up/4096,longcat/down/4096,longcat/gate_up/512/skewed,longcat/down/5
     # bytes) against behind only the neighbour's flag, the least a fused decode kernel's dependent step can cost
     step 200 python experiments/bench_decode_ops.py --sections=phases --phase_rows=1,16,64 --json="$OUT/bench_decode_ops_phases_s55_h100.json"
     ;;
-*)  echo "call number 1-36, 39 or 40" >&2; exit 2 ;;
+41) # session 55: the flat rows kernels' row windows on multiples of 8 (pallas_gmm.ROWS_ALIGN, 0 = blocks: at the
+    # skewed T = 512, 287 row tiles against 304, rows used 0.892 against 0.842; balanced loads are the same tiles).
+    # The default kernels changed too (a tile's row travels in units of 8): the GPU tests first (the rows kernels
+    # bitwise with and without, the flat rows bitwise the per-tile ones, both impls' forward and gradients), then
+    # both products by device time, the balanced case as the control
+    step 200 python -m pytest -n 0 -q -p no:cacheprovider tests/test_gmm.py -k "gpu_rows_align or gpu_flat_rows"
+    step 300 python -m pytest -n 0 -q -p no:cacheprovider tests/test_gmm.py -k "gpu_pallas or gpu_ffn"
+    step 330 python experiments/contract_ab.py --gmm-switch ROWS_ALIGN=0,8 --rounds 2 --device-time \
+        --cases longcat/gate_up/512/skewed,longcat/down/512/skewed,longcat/gate_up/512 \
+        --out "$OUT/contract_ab_rows_align_device.json" | grep -v "^gmm_switch_ab"
+    ;;
+*)  echo "call number 1-36 or 39-41" >&2; exit 2 ;;
 esac

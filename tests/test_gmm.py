@@ -288,6 +288,77 @@ def test_pallas_interpret_flat_rows_kernels_bitwise_per_tile(monkeypatch):
     _check_flat_rows_bitwise(monkeypatch, M_RAGGED, 128, 256, SIZES_RAGGED, seed=41, again=False)
 
 
+def _schedule_rows(sched, m, tm):
+    """{group: sorted rows its live tiles cover}, checking each tile's window lies in [0, m) and holds its rows."""
+    group, row0, start, rows, has_mm = (np.asarray(f) for f in sched)
+    covered = {}
+    for gi, r0, st, n, mm in zip(group, row0, start, rows, has_mm):
+        if n == 0:
+            continue
+        assert 0 <= r0 <= m - tm and 0 <= st and st + n <= tm, (r0, st, n)
+        covered.setdefault(int(gi) if mm else -1, []).extend(range(r0 + st, r0 + st + n))
+    return {gi: sorted(r) for gi, r in covered.items()}
+
+
+@pytest.mark.parametrize("align", [8, 64])
+def test_row_schedule_windows_cover_each_group_once(align):
+    """mk.row_schedule's windows: each group's rows exactly once (the tail's as group -1), windows inside [0, m)
+    starting at multiples of align (the swizzled TMA copies tile rows by 8), no more tiles than with blocks (align =
+    tile_m), which are the rows kernel's schedule as before."""
+    from lcflash.kernels.gmm import mgpu_kernels as mk
+
+    rng = np.random.default_rng(align)
+    for _ in range(8):
+        m, g = 128 * int(rng.integers(2, 5)), int(rng.integers(1, 12))
+        sizes_l = rng.multinomial(int(rng.integers(0, m + 1)), rng.dirichlet(np.full(g, 0.5)))
+        sched, n_live = mk.row_schedule(jnp.asarray(sizes_l, jnp.int32), m, 128, align=align)
+        blocks, n_blocks = mk.row_schedule(jnp.asarray(sizes_l, jnp.int32), m, 128)
+        ends = np.cumsum(sizes_l)
+        want = {gi: list(range(e - sz, e)) for gi, (sz, e) in enumerate(zip(sizes_l, ends)) if sz}
+        want.update({-1: list(range(ends[-1], m))} if ends[-1] < m else {})
+        assert _schedule_rows(sched, m, 128) == want == _schedule_rows(blocks, m, 128)
+        assert not (np.asarray(sched[1]) % align).any() and not (np.asarray(blocks[1]) % 128).any()
+        assert int(n_live) <= int(n_blocks) and int(n_live) == int((np.asarray(sched[3]) > 0).sum())
+    with pytest.raises(ValueError, match="align = 12 must be a multiple of 8 dividing tile_m = 128"):
+        mk.row_schedule(jnp.asarray([3], jnp.int32), 128, 128, align=12)
+
+
+def _check_rows_align(monkeypatch, m, k, n, sizes_l, seed):
+    """pallas_gmm.ROWS_ALIGN = 8 against the default (windows on lhs's blocks): the same results bit for bit in
+    every variant of the flat rows kernel, the forward, [gate | up] with SwiGLU in its epilogue (swiglu="halves"),
+    d_lhs (rhs transposed), and the down projection's d_lhs with SwiGLU's backward in its epilogue
+    (swiglu="grad_halves"), whose g and u loads follow the windows too."""
+    from lcflash.kernels.gmm import pallas_gmm
+
+    x, w, dy, sizes = _inputs(seed, m, k, n, sizes_l, jnp.bfloat16)
+    wd = (jax.random.normal(jax.random.key(seed + 1), (len(sizes_l), n // 2, k), jnp.float32) / np.sqrt(k)).astype(
+        jnp.bfloat16)  # the down projection's [G, F, D], read transposed: d_h = dy @ w_down^T
+
+    def run(align):
+        monkeypatch.setattr(pallas_gmm, "ROWS_ALIGN", align)
+        h, gu = pallas_gmm.rows_matmul(x, [w], sizes, swiglu="halves", chain=True)
+        outs = [pallas_gmm.rows_matmul(x, [w], sizes, chain=True), h, gu,
+                pallas_gmm.rows_matmul(dy, [w], sizes, transpose_rhs=True, chain=True),
+                pallas_gmm.rows_matmul(x, [wd], sizes, transpose_rhs=True, swiglu="grad_halves", gu_mn2=gu,
+                                       chain=True)]  # x as the down projection's output gradient, [M, D]
+        return [np.asarray(a, np.float32) for a in outs]
+
+    got, want = run(8), run(0)
+    assert _rel(got[0], reference.gmm_loop(x.astype(jnp.float32), w.astype(jnp.float32), sizes)) < BF16_TOL
+    for name, a, b in zip(("forward", "h", "[g | u]", "d_lhs", "[d_g | d_u]"), got, want):
+        np.testing.assert_array_equal(a, b, err_msg=name)
+
+
+# Groups starting off the blocks and off multiples of 8 (rows 0, 37, 37, 167, 168, 220, 300), an empty one, a group
+# of one row, and the last group ending at row m = 384 from row 300, whose window (296) moves back to 256.
+SIZES_ALIGN = [37, 0, 130, 1, 52, 80, 84]
+
+
+@cpu_only
+def test_pallas_interpret_rows_align(monkeypatch):
+    _check_rows_align(monkeypatch, 384, 128, 256, SIZES_ALIGN, seed=61)
+
+
 @cpu_only
 def test_pallas_interpret_ffn_swiglu_grad_epilogue():
     """The expert FFN whose down-projection d_lhs kernel writes [d_g | d_u] (3 column tiles per half, ragged
@@ -820,6 +891,13 @@ def test_gpu_flat_rows_kernels_bitwise_per_tile(monkeypatch, case):
     m, k, _, sizes_l = GPU_CASES[case]  # N = 2 x 512 and 2 x 384: [gate | up] halves of whole column tiles
     _check_flat_rows_bitwise(monkeypatch, m, k, {"ragged": 1024, "small_cfg": 768}[case], sizes_l, seed=44,
                              again=True)
+
+
+@gpu_only
+@pytest.mark.parametrize("case", ["ragged", "small_cfg"])
+def test_gpu_rows_align(monkeypatch, case):
+    m, k, _, sizes_l = GPU_CASES[case]  # N = 2 x 512 and 2 x 384: [gate | up] halves of whole column tiles
+    _check_rows_align(monkeypatch, m, k, {"ragged": 1024, "small_cfg": 768}[case], sizes_l, seed=62)
 
 
 @gpu_only

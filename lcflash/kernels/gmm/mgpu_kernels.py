@@ -168,23 +168,32 @@ def _check_band(tiles: Tiles, n_tiles: int):
                          f"them with chain=True (the flat pipeline)")
 
 
-def row_schedule(group_sizes_g: jax.Array, m: int, tile_m: int) -> tuple[jax.Array, jax.Array]:
-    """Per row tile: (group, block, first row within block, rows, has_matmul); rows past sum(sizes) form a tail.
+def row_schedule(group_sizes_g: jax.Array, m: int, tile_m: int, align: int | None = None
+                 ) -> tuple[jax.Array, jax.Array]:
+    """Per row tile: (group, first row of its window, first row within the window, rows, has_matmul); rows past
+    sum(sizes) form a tail.
 
-    A tile is one tile_m-row block of lhs intersected with one group, so a block shared by two groups is visited
-    twice (once per group) and each visit stores only its own rows. The tail (rows past sum(group_sizes)) gets
-    tiles with has_matmul = 0: they run zero pipeline steps and store zeros. Unused tiles have rows = 0.
+    A tile is a tile_m-row window of lhs intersected with one group; each visit stores only its own rows. A
+    group's windows start at its first row rounded down to `align` (default tile_m: the blocks of lhs, so a block
+    two groups share is visited once per group) and follow each other tile_m apart; one past row m moves back to
+    end there where that keeps it aligned (else TMA zero-fills the reads past m). align = 8, the row tiling of the
+    kernels' swizzled TMA copies, leaves each group about half a window fewer: at the skewed load of
+    experiments/bench_moe_gemm.py (T = 512) 287 tiles against 304. Per-tile pipelines index lhs by blocks, so they
+    take the default only. The tail (rows past sum(group_sizes)) gets tiles with has_matmul = 0: they run zero
+    pipeline steps and store zeros. Unused tiles have rows = 0.
     Returns (sched_5t int32 [5, T], num_live_tiles), T = cdiv(m, tile_m) + G (an upper bound).
     """
+    align = tile_m if align is None else align
+    if align % 8 or tile_m % align or m < tile_m:
+        raise ValueError(f"row_schedule: align = {align} must be a multiple of 8 dividing tile_m = {tile_m}, and "
+                         f"m = {m} at least tile_m")
     g = group_sizes_g.shape[0]
     sizes = group_sizes_g.astype(jnp.int32)
     ends = jnp.minimum(jnp.cumsum(sizes), m)
-    total = ends[-1] if g else jnp.int32(0)
     ends_x = jnp.concatenate([ends, jnp.full((1,), m, jnp.int32)])  # tail group G: rows [total, m)
     starts_x = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends])
-    first_blk = starts_x // tile_m
-    last_blk = (ends_x - 1) // tile_m
-    ntiles = jnp.where(ends_x > starts_x, last_blk - first_blk + 1, 0)
+    first_row = starts_x // align * align
+    ntiles = jnp.where(ends_x > starts_x, pl.cdiv(ends_x - first_row, tile_m), 0)
     cum = jnp.cumsum(ntiles)
     off = cum - ntiles
     t_max = pl.cdiv(m, tile_m) + g
@@ -192,16 +201,17 @@ def row_schedule(group_sizes_g: jax.Array, m: int, tile_m: int) -> tuple[jax.Arr
     gi = jnp.searchsorted(cum, t, side="right", method="compare_all").astype(jnp.int32)  # G + 1 means unused
     live = gi <= g
     gi_c = jnp.minimum(gi, g)
-    blk = jnp.where(live, first_blk[gi_c] + t - off[gi_c], 0)
-    row0 = blk * tile_m
-    lo = jnp.maximum(starts_x[gi_c], row0)
-    hi = jnp.minimum(ends_x[gi_c], row0 + tile_m)
+    row = first_row[gi_c] + (t - off[gi_c]) * tile_m  # the window's first row, before the move back
+    lo = jnp.maximum(starts_x[gi_c], row)
+    hi = jnp.minimum(ends_x[gi_c], row + tile_m)
+    if (m - tile_m) % align == 0:  # the last windows end at row m (the interpreter raises on reads past it)
+        row = jnp.minimum(row, m - tile_m)
+    row0 = jnp.where(live, row, 0)
     rows = jnp.where(live, hi - lo, 0)
     start = jnp.where(live, lo - row0, 0)
     has_mm = (gi < g).astype(jnp.int32)
     group = jnp.minimum(gi, max(g - 1, 0))
-    del total
-    return jnp.stack([group, blk, start, rows, has_mm]).astype(jnp.int32), cum[-1]
+    return jnp.stack([group, row0, start, rows, has_mm]).astype(jnp.int32), cum[-1]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -367,8 +377,10 @@ def rows_kernel(
     stages = tiles.stages if flat else min(tiles.stages, k_steps)
     b_block = (2 * tn, tk) if transpose_rhs else (tk, 2 * tn)
 
-    def make_pipeline(body, context, nsteps, blk, nt):
-        """A per-tile pipeline over the K steps of row block blk and N tile nt, on a group's [K, N] rhs slice."""
+    def make_pipeline(body, context, nsteps, r8, nt):
+        """A per-tile pipeline over the K steps of the row block at row r8 * 8 (a multiple of tm: row_schedule's
+        default align) and N tile nt, on a group's [K, N] rhs slice."""
+        blk = lax.div(r8, jnp.int32(tm // 8))
         def b_map(kk, off):
             return (nt + off, kk) if transpose_rhs else (kk, nt + off)
 
@@ -408,8 +420,8 @@ def rows_kernel(
             allocs = _flat_ring([((tm, tk), tr_a)] + [(b_block, tr_b)] * len(rhs_block_offsets), dtype, stages)
 
             def copy_step(slots, barrier, info, kk):  # the copies of K step kk of tile info
-                (a_slot, *b_slots), (grp, blk, nt), ks = slots, info, pl.ds(kk * tk, tk)
-                plgpu.copy_gmem_to_smem(lhs_gmem.at[pl.ds(blk * tm, tm), ks], a_slot, barrier)
+                (a_slot, *b_slots), (grp, r8, nt), ks = slots, info, pl.ds(kk * tk, tk)
+                plgpu.copy_gmem_to_smem(lhs_gmem.at[pl.ds(r8 * 8, tm), ks], a_slot, barrier)
                 for b_slot, off, rhs in zip(b_slots, rhs_block_offsets, rhs_gmems):
                     cols = pl.ds((nt + off) * 2 * tn, 2 * tn)
                     plgpu.copy_gmem_to_smem(rhs.at[grp, cols, ks] if transpose_rhs else rhs.at[grp, ks, cols],
@@ -439,14 +451,18 @@ def rows_kernel(
             c_off = _wg_col(tiles, wg)
 
             def tile_of(lin):
-                """(n tile, group, row block, first row in block, rows) of linear tile index lin."""
+                """(n tile, group, first row of the window / 8, first row in it, rows) of linear tile index lin."""
                 mt, nt = order(lin)
                 mt = jnp.minimum(mt, t_max - 1)  # flat: the tile after a CTA's last one is never used
-                return nt, sched_ref[0, mt], sched_ref[1, mt], sched_ref[2, mt], sched_ref[3, mt]
+                # the window's first row in units of 8 (row_schedule's windows start on multiples of 8), which the
+                # copies and stores scale back: given the row as loaded, Mosaic GPU's layout inference fails on them
+                # (JAX 0.10.2, lowering for CUDA), as it did not on the row block times tm
+                r8 = lax.div(sched_ref[1, mt], jnp.int32(8))
+                return nt, sched_ref[0, mt], r8, sched_ref[2, mt], sched_ref[3, mt]
 
-            def load_gu(nt, blk):
-                """grad_halves: starts this warpgroup's TMA loads of its g and u tiles (rows of block blk)."""
-                rows = pl.ds(blk * tm, wr)
+            def load_gu(nt, r8):
+                """grad_halves: starts this warpgroup's TMA loads of its g and u tiles (the window at row r8 * 8)."""
+                rows = pl.ds(r8 * 8, wr)
                 for j in range(2):
                     plgpu.copy_gmem_to_smem(gu_gmem.at[rows, pl.ds(j * n + nt * 2 * tn + c_off, wc)],
                                             gu_smem.at[wg, j], gu_bar.at[2 * wg + j])
@@ -458,7 +474,7 @@ def rows_kernel(
                 return dh * u * sig * (1.0 + g * (1.0 - sig)), dh * g * sig
 
             @jax.named_scope("epilogue")
-            def store(vals, nt, blk, start, rows, tail=False):
+            def store(vals, nt, r8, start, rows, tail=False):
                 """tail: True (static) or a traced predicate for tiles of rows past the groups, whose outputs with
                 zero_tail False are not stored."""
                 col0 = nt * 2 * tn + c_off
@@ -478,7 +494,7 @@ def rows_kernel(
                         continue
 
                     def _store(val=val, i=i, c0=c0):
-                        _store_rows(val, out_gmems[i], stage_whole.at[wg], row0=blk * tm, start=start,
+                        _store_rows(val, out_gmems[i], stage_whole.at[wg], row0=r8 * 8, start=start,
                                     rows=rows, col0=c0, epi_n=epi_n, ragged_smem=stage_ragged.at[wg])
 
                     if zero_tail[i] or tail is True or tail is False:
@@ -512,7 +528,7 @@ def rows_kernel(
                 @plgpu.nd_loop((t_max * n_tiles,), collective_axes="sm")
                 def _tile(info):
                     lin = info.index[0]
-                    nt, grp, blk, start, rows = tile_of(lin)
+                    nt, grp, r8, start, rows = tile_of(lin)
                     nsteps = sched_ref[4, lin // n_tiles] * k_steps  # 0 for tail tiles: accumulators stay zero
 
                     def mma(_, a_smem, *args):
@@ -521,9 +537,9 @@ def rows_kernel(
 
                     def context(run):
                         acc_context(run, lambda accs: accs, after=lambda accs: store(
-                            [acc[...] for acc in accs], nt, blk, start, rows, tail=nsteps == 0))
+                            [acc[...] for acc in accs], nt, r8, start, rows, tail=nsteps == 0))
 
-                    pipe = make_pipeline(mma, context, nsteps, blk, nt)
+                    pipe = make_pipeline(mma, context, nsteps, r8, nt)
                     pl.when(rows > 0)(lambda: pipe(lhs_gmem, *[r.at[grp] for r in rhs_gmems], allocations=allocs))
 
             else:
@@ -536,9 +552,9 @@ def rows_kernel(
                     last = s % k_steps == k_steps - 1
 
                     def _epilogue():
-                        nt, _, blk, start, rows = info
+                        nt, _, r8, start, rows = info
                         plgpu.wgmma_wait(0)
-                        store([acc[...] for acc in accs], nt, blk, start, rows)
+                        store([acc[...] for acc in accs], nt, r8, start, rows)
                         for acc in accs:
                             _zero_acc(acc, interpret)
 
@@ -547,9 +563,9 @@ def rows_kernel(
                 def context(run):
                     acc_context(run, lambda accs: (accs, tile_of(sm)))
 
-                def tile_at(j):  # TMA warpgroup: ((group, row block, n tile), steps) of this CTA's j-th tile
-                    nt, grp, blk, _, _ = tile_of(sm + j * n_sms)  # the unused loads are dropped
-                    return (grp, blk, nt), jnp.int32(k_steps)
+                def tile_at(j):  # TMA warpgroup: ((group, window's first row / 8, n tile), steps) of the j-th tile
+                    nt, grp, r8, _, _ = tile_of(sm + j * n_sms)  # the unused loads are dropped
+                    return (grp, r8, nt), jnp.int32(k_steps)
 
                 _flat_loop(allocs, context, mma, count * k_steps, tile_at, copy_step, stages,
                            late=int(tiles.overlap_mma))
@@ -562,8 +578,8 @@ def rows_kernel(
 
                         @pl.loop(0, tail_count)
                         def _tail_tile(j):
-                            nt, _, blk, start, rows = tile_of(mm_total + first + j * n_sms)
-                            store([jnp.zeros((wr, wc), jnp.float32)] * n_rhs, nt, blk, start, rows, tail=True)
+                            nt, _, r8, start, rows = tile_of(mm_total + first + j * n_sms)
+                            store([jnp.zeros((wr, wc), jnp.float32)] * n_rhs, nt, r8, start, rows, tail=True)
 
             plgpu.wait_smem_to_gmem(0)  # all output stores have landed before the kernel exits
 

@@ -54,6 +54,12 @@ CONTRACT_DEEP_BAND = 2
 # skewed T = 512 2-4% faster; over deep groups (T = 4096, 3 stages in bands of 2) 1% slower, so not there. Read at
 # trace time.
 CONTRACT_CLUSTER = True
+# The flat rows kernels' row windows start at each group's first row rounded down to ROWS_ALIGN rows (0: the row
+# tile, i.e. lhs's blocks; mk.row_schedule). 8, the row tiling of the swizzled TMA copies, visits no block twice for
+# two groups: at experiments/bench_moe_gemm.py's skewed T = 512, 287 row tiles against 304 (rows used 0.892 against
+# 0.842), and 3% fewer at configs/small.py's training loads. Unmeasured on the GPU: 0 (experiments/gpu_calls.sh
+# 41). Read at trace time.
+ROWS_ALIGN = 0
 
 
 def tiling_settings() -> dict:
@@ -62,7 +68,7 @@ def tiling_settings() -> dict:
                 contract_stages=CONTRACT_STAGES,
                 contract_deep=[CONTRACT_DEEP_ROWS, CONTRACT_DEEP_STAGES, CONTRACT_DEEP_BAND],
                 contract_cluster=CONTRACT_CLUSTER, contract_deal=mk.CONTRACT_DEAL,
-                contract_zero_empty=mk.CONTRACT_ZERO_EMPTY)
+                contract_zero_empty=mk.CONTRACT_ZERO_EMPTY, rows_align=ROWS_ALIGN)
 
 
 def set_bands(rows: int | None = None, contract: int | None = None):
@@ -211,7 +217,7 @@ def rows_matmul(lhs_mk, rhs_list, group_sizes_g, *, transpose_rhs=False, out_dty
         tiles = _chain_tiles(tiles, ROWS_TILES is not None, out_dtype, n_acc, epi_in=epi_in, n=n, band=band,
                              most_stages=ROWS_STAGES)
     mp = _padded_rows(m, tiles.tile_m)
-    sched, _ = mk.row_schedule(group_sizes_g, mp, tiles.tile_m)
+    sched, _ = mk.row_schedule(group_sizes_g, mp, tiles.tile_m, align=(ROWS_ALIGN or None) if tiles.chain else None)
     if transpose_rhs and _interpret():  # the interpreter cannot run wgmma on transposed smem: transpose in XLA
         rhs_list, transpose_rhs = [r.swapaxes(1, 2) for r in rhs_list], False
     out = mk.rows_kernel(_pad_rows(lhs_mk, mp), list(rhs_list), sched, transpose_rhs=transpose_rhs,
