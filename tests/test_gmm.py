@@ -6,6 +6,7 @@ transposed by XLA, see pallas_gmm). GPU: the compiled kernels, ours and JAX's ex
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -251,6 +252,21 @@ def _check_ffn_swiglu_grad_epilogue(m, d, f, sizes_l, seed):
             assert not np.asarray(got[0][sum(sizes_l):], np.float32).any()
 
 
+def _rows_variants(x, w, dy, sizes, chain, wd=None):
+    """The rows kernel's variants on one input, as fp32 arrays: the forward, d_lhs (rhs transposed), the [gate | up]
+    product with SwiGLU in its epilogue (h, [g | u]) and, given the down projection's [G, F, D] weight wd, its d_lhs
+    with SwiGLU's backward in the epilogue (x as its output gradient; flat pipelines only)."""
+    from lcflash.kernels.gmm import pallas_gmm
+
+    h, gu = pallas_gmm.rows_matmul(x, [w], sizes, swiglu="halves", chain=chain)
+    outs = [pallas_gmm.rows_matmul(x, [w], sizes, chain=chain),
+            pallas_gmm.rows_matmul(dy, [w], sizes, transpose_rhs=True, chain=chain), h, gu]
+    if wd is not None:
+        outs.append(pallas_gmm.rows_matmul(x, [wd], sizes, transpose_rhs=True, swiglu="grad_halves", gu_mn2=gu,
+                                           chain=chain))
+    return [np.asarray(a, np.float32) for a in outs]
+
+
 def _check_flat_rows_bitwise(monkeypatch, m, k, n, sizes_l, seed, again: bool):
     """The flat rows kernels (our own loop, _flat_loop) against the per-tile ones (emit_pipeline), bit for bit (same
     tiles, same accumulation order), and with `again` the same on a second call (a race would move it; the
@@ -260,15 +276,9 @@ def _check_flat_rows_bitwise(monkeypatch, m, k, n, sizes_l, seed, again: bool):
     from lcflash.kernels.gmm import pallas_gmm
 
     x, w, dy, sizes = _inputs(seed, m, k, n, sizes_l, jnp.bfloat16)
-
-    def run(chain):
-        outs = [pallas_gmm.rows_matmul(x, [w], sizes, chain=chain),
-                pallas_gmm.rows_matmul(dy, [w], sizes, transpose_rhs=True, chain=chain),
-                *pallas_gmm.rows_matmul(x, [w], sizes, swiglu="halves", chain=chain)]
-        return [np.asarray(a, np.float32) for a in outs]
-
-    want, got = run(False), run(True)
-    second = run(True) if again else got
+    run = functools.partial(_rows_variants, x, w, dy, sizes)
+    want, got = run(chain=False), run(chain=True)
+    second = run(chain=True) if again else got
     monkeypatch.setattr(pallas_gmm, "ROWS_TILES", mk.Tiles(tile_n=64, epi_n=64, band=2, chain=True, overlap_mma=True))
     w4 = (jax.random.normal(jax.random.key(seed + 1), (len(sizes_l), k, 512), jnp.float32) / np.sqrt(k)).astype(
         jnp.bfloat16)  # 4 n tiles of 2 x 64 columns
@@ -336,16 +346,11 @@ def _check_rows_align(monkeypatch, m, k, n, sizes_l, seed):
 
     def run(align):
         monkeypatch.setattr(pallas_gmm, "ROWS_ALIGN", align)
-        h, gu = pallas_gmm.rows_matmul(x, [w], sizes, swiglu="halves", chain=True)
-        outs = [pallas_gmm.rows_matmul(x, [w], sizes, chain=True), h, gu,
-                pallas_gmm.rows_matmul(dy, [w], sizes, transpose_rhs=True, chain=True),
-                pallas_gmm.rows_matmul(x, [wd], sizes, transpose_rhs=True, swiglu="grad_halves", gu_mn2=gu,
-                                       chain=True)]  # x as the down projection's output gradient, [M, D]
-        return [np.asarray(a, np.float32) for a in outs]
+        return _rows_variants(x, w, dy, sizes, chain=True, wd=wd)
 
     got, want = run(8), run(0)
     assert _rel(got[0], reference.gmm_loop(x.astype(jnp.float32), w.astype(jnp.float32), sizes)) < BF16_TOL
-    for name, a, b in zip(("forward", "h", "[g | u]", "d_lhs", "[d_g | d_u]"), got, want):
+    for name, a, b in zip(("forward", "d_lhs", "h", "[g | u]", "[d_g | d_u]"), got, want):
         np.testing.assert_array_equal(a, b, err_msg=name)
 
 
@@ -800,6 +805,8 @@ GPU_CASES = {
     "small_cfg": (2000, 1024, 384, [130] * 7 + [0] * 3 + [97] * 9),  # N = 384: 64-column warpgroup tiles
     "decode": (96, 256, 512, [5, 0, 17, 9, 1, 30, 0, 8]),  # 64-row tiles, M < 128
 }
+# N of a [gate | up] weight for the rows kernels' variant tests: halves of whole column tiles (2 x 512, 2 x 384)
+GPU_GATE_UP_N = {"ragged": 1024, "small_cfg": 768}
 
 
 @gpu_only
@@ -888,16 +895,15 @@ def test_gpu_ffn_swiglu_grad_epilogue():
 @gpu_only
 @pytest.mark.parametrize("case", ["ragged", "small_cfg"])
 def test_gpu_flat_rows_kernels_bitwise_per_tile(monkeypatch, case):
-    m, k, _, sizes_l = GPU_CASES[case]  # N = 2 x 512 and 2 x 384: [gate | up] halves of whole column tiles
-    _check_flat_rows_bitwise(monkeypatch, m, k, {"ragged": 1024, "small_cfg": 768}[case], sizes_l, seed=44,
-                             again=True)
+    m, k, _, sizes_l = GPU_CASES[case]
+    _check_flat_rows_bitwise(monkeypatch, m, k, GPU_GATE_UP_N[case], sizes_l, seed=44, again=True)
 
 
 @gpu_only
 @pytest.mark.parametrize("case", ["ragged", "small_cfg"])
 def test_gpu_rows_align(monkeypatch, case):
-    m, k, _, sizes_l = GPU_CASES[case]  # N = 2 x 512 and 2 x 384: [gate | up] halves of whole column tiles
-    _check_rows_align(monkeypatch, m, k, {"ragged": 1024, "small_cfg": 768}[case], sizes_l, seed=62)
+    m, k, _, sizes_l = GPU_CASES[case]
+    _check_rows_align(monkeypatch, m, k, GPU_GATE_UP_N[case], sizes_l, seed=62)
 
 
 @gpu_only

@@ -381,6 +381,7 @@ def rows_kernel(
         """A per-tile pipeline over the K steps of the row block at row r8 * 8 (a multiple of tm: row_schedule's
         default align) and N tile nt, on a group's [K, N] rhs slice."""
         blk = lax.div(r8, jnp.int32(tm // 8))
+
         def b_map(kk, off):
             return (nt + off, kk) if transpose_rhs else (kk, nt + off)
 
