@@ -27,7 +27,7 @@
 # the losing paths, and calls 8 and 9 (the warpgroups on row halves of a tile: lost in session 45, removed in
 # session 53) are gone from this script; session 55 ran 38 of d1b0c34 (the rows kernels' half tiles: slower,
 # removed since, so 38 is gone too), 39 and 40; 41 waits; HISTORY.md):
-#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 36, 39-41; 4 takes the persistent kernels,
+#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 36, 39-43; 4 takes the persistent kernels,
 #                                                            14 the rows and d_rhs bands, 18 a benchmark flag)
 # run from the repository root on the device machine, with `.whl` carried (ml-collections and tensorboardX, which
 # its image lacks) and `.whl-tokamax` where a call times the tokamax peer (tokamax 0.0.17 with its needs, 37 MB).
@@ -39,7 +39,7 @@
 # here to the ignored `.jcc` (`rm -rf .jcc && cp -r /work/.device/N/jcc .jcc`) and carried, it seeds the next
 # machine's, which helps where that machine has the same card and image.
 set -u
-N=${1:?call number 1-36 or 39-41}
+N=${1:?call number 1-36 or 39-43}
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -234,5 +234,21 @@ longcat/gate_up/4096,longcat/down/4096,longcat/gate_up/512/skewed,longcat/down/5
         --cases longcat/gate_up/512/skewed,longcat/down/512/skewed,longcat/gate_up/512 \
         --out "$OUT/contract_ab_rows_align_device.json" | grep -v "^gmm_switch_ab"
     ;;
-*)  echo "call number 1-36 or 39-41" >&2; exit 2 ;;
+42) # session 56: d_rhs's 64-row windows on multiples of 8 (pallas_gmm.CONTRACT_ALIGN, 0 = lhs's blocks: at the
+    # skewed T = 512, 540 steps per tile column against 559), with ROWS_ALIGN = 8 now the default. The flat d_rhs's
+    # default lowering changed too (a window's row carried as row / 8, moved back at row m): the GPU tests first (the
+    # flat d_rhs bitwise the per-tile one; the windows against float64), then d_rhs by device time, balanced control
+    step 240 python -m pytest -n 0 -q -p no:cacheprovider tests/test_gmm.py -k "gpu_contract_align or gpu_flat_contract"
+    step 300 python experiments/contract_ab.py --gmm-switch CONTRACT_ALIGN=0,8 --rounds 2 --device-time \
+        --cases longcat/gate_up/512/skewed,longcat/down/512/skewed,longcat/gate_up/512 \
+        --out "$OUT/contract_ab_contract_align_device.json" | grep -v "^gmm_switch_ab"
+    ;;
+43) # session 56: call 42's d_rhs A/B again in 3 rounds (its skewed [gate | up] scattered by 6% within one setting),
+    # with configs/small.py's training-like loads (Dirichlet(1) shares: 1,096 d_rhs steps per tile column against
+    # 1,148; the rows kernels' 581 tiles against 637)
+    step 420 python experiments/contract_ab.py --gmm-switch CONTRACT_ALIGN=0,8 --rounds 3 --device-time \
+        --cases longcat/gate_up/512/skewed,longcat/down/512/skewed,small/gate_up_fused/512/1.0,small/down/512/1.0 \
+        --out "$OUT/contract_ab_contract_align3_device.json" | grep -v "^gmm_switch_ab"
+    ;;
+*)  echo "call number 1-36 or 39-43" >&2; exit 2 ;;
 esac

@@ -114,6 +114,8 @@ def test_overlap_mma_needs_the_flat_pipeline():
         mk.rows_kernel(x, [w], mk.row_schedule(s, 128, 128)[0], transpose_rhs=False, out_dtype=x.dtype, tiles=tiles)
     with pytest.raises(ValueError, match="overlap_mma needs chain=True"):
         mk.contract_kernel(x, dy, mk.contract_schedule(s, 128, 64), out_dtype=x.dtype, tiles=tiles)
+    with pytest.raises(ValueError, match="align = 8 needs chain=True"):
+        mk.contract_kernel(x, dy, mk.contract_schedule(s, 128, 64), out_dtype=x.dtype, tiles=mk.Tiles(), align=8)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -593,21 +595,58 @@ def test_pallas_interpret_flat_contract_kernel(monkeypatch, m, k, n, sizes_l, ou
     np.testing.assert_array_equal(np.asarray(late, np.float32), got[False])
 
 
-@pytest.mark.parametrize("zero_empty", [False, True])
+def _check_contract_align(monkeypatch, m, k, n, sizes_l, seed, tile_k=64):
+    """pallas_gmm.CONTRACT_ALIGN = 8: d_rhs's 64-row windows from each group's first row rounded down to 8 (fewer
+    steps than lhs's blocks where groups start off them) against a float64 reference, fp32 out, empty groups exactly
+    zero whether they run a masked step or are stored after the pipeline, and the same on a second call."""
+    from lcflash.kernels.gmm import mgpu_kernels as mk
+    from lcflash.kernels.gmm import pallas_gmm
+
+    lhs, _, dout, sizes = _inputs(seed, m, k, n, sizes_l, jnp.bfloat16)
+    gs = mk.contract_schedule(sizes, m, tile_k)
+    steps = {a: int(mk.contract_flat_schedule(gs, m, tile_k, 1, 1, zero_empty=True, align=a)[1][0]) for a in (None, 8)}
+    assert steps[8] < steps[None], steps
+    want = _contract_ref_f64(lhs, dout, sizes_l)
+    flat = jax.jit(lambda a, d: pallas_gmm.contract_matmul(a, d, sizes, out_dtype=jnp.float32, chain=True))
+    monkeypatch.setattr(pallas_gmm, "CONTRACT_ALIGN", 0)
+    blocks = _rel(flat(lhs, dout), want)  # the error on lhs's blocks, for the failure message
+    monkeypatch.setattr(pallas_gmm, "CONTRACT_ALIGN", 8)
+    got = {}
+    for zero_empty in (False, True):
+        monkeypatch.setattr(mk, "CONTRACT_ZERO_EMPTY", zero_empty)
+        flat.clear_cache()
+        out = got[zero_empty] = np.asarray(flat(lhs, dout))
+        assert _rel(out, want) < FP32_TOL, (_rel(out, want), blocks)
+        assert not out[[i for i, s in enumerate(sizes_l) if s == 0]].any()
+    np.testing.assert_array_equal(got[True], got[False])
+    np.testing.assert_array_equal(got[True], np.asarray(flat(lhs, dout)))
+
+
+@cpu_only
+@pytest.mark.parametrize("m,sizes_l", [
+    (384, SIZES_ALIGN),  # the last group's second window (row 360) moves back to row 320, its first 40 rows masked
+    (M_RAGGED, SIZES_RAGGED),  # empty first, middle and last groups, 80 tail rows
+])
+def test_pallas_interpret_contract_align(monkeypatch, m, sizes_l):
+    _check_contract_align(monkeypatch, m, 128, 256, sizes_l, seed=63)
+
+
+@pytest.mark.parametrize("zero_empty,align", [(False, None), (True, None), (False, 8)])
 @pytest.mark.parametrize("deal", ["round_robin", "sorted", "snake"])
 @pytest.mark.parametrize("sizes_l", [[512] * 64, [0] * 63 + [32768], list(range(0, 1024, 16)),
                                      [0, 900, 0, 0, 31000, 0, 300, 568, 0]])
-def test_flat_contract_schedule_walks_every_tile(sizes_l, deal, zero_empty):
+def test_flat_contract_schedule_walks_every_tile(sizes_l, deal, zero_empty, align):
     """The per-CTA tile lists at LongCat gate/up shapes on 132 SMs (48 x 8 tiles per group): every tile is dealt
     to one CTA once (round robin: CTA c's tiles are c, c + 132, ...), each tile's steps are its group's row blocks
-    (one for an empty group), and every CTA's step count is its tiles' steps. With zero_empty an empty group's tiles
-    are in the zero list instead, and the pipeline deals the others as if the empty groups were not there."""
+    (one for an empty group), or with `align` its 64-row windows from its first row rounded down to 8, and every
+    CTA's step count is its tiles' steps. With zero_empty an empty group's tiles are in the zero list instead, and
+    the pipeline deals the others as if the empty groups were not there."""
     from lcflash.kernels.gmm import mgpu_kernels as mk
 
     m, tk, kn, n_sms = 32768, 64, 48 * 8, 132
     sizes = jnp.asarray(sizes_l, jnp.int32)
     tile_4g, total_c, lin_cj, zero_2z = (np.asarray(a) for a in mk.contract_flat_schedule(
-        mk.contract_schedule(sizes, m, tk), m, tk, kn, n_sms, deal=deal, zero_empty=zero_empty))
+        mk.contract_schedule(sizes, m, tk), m, tk, kn, n_sms, deal=deal, zero_empty=zero_empty, align=align))
     n_lin = len(sizes_l) * kn
     empty = [i for i, s in enumerate(sizes_l) if s == 0] if zero_empty else []
     live_tiles = [t for t in range(n_lin) if t // kn not in empty]
@@ -626,9 +665,9 @@ def test_flat_contract_schedule_walks_every_tile(sizes_l, deal, zero_empty):
         steps = 0
         for lin in tiles_c:
             g = lin // kn
-            first = min(starts[g] // tk, m // tk - 1)
-            nblk = -(-ends[g] // tk) - starts[g] // tk if ends[g] > starts[g] else 1
-            assert (tile_4g[2, g], tile_4g[3, g]) == (first, nblk)
+            first = min(starts[g] // (align or tk) * (align or tk), m - tk)
+            nblk = -(-(ends[g] - first) // tk) if ends[g] > starts[g] else 1
+            assert (tile_4g[2, g] * 8, tile_4g[3, g]) == (first, nblk)
             steps += nblk
         assert total_c[c] == steps
 
@@ -686,17 +725,20 @@ def test_auto_deal_is_snake_below_one_tile_per_cta_and_round_robin_above():
         assert not all(a.shape == b.shape and np.array_equal(a, b) for a, b in zip(auto, other)), kn
 
 
-@pytest.mark.parametrize("band,zero_empty", [(0, False), (0, True), (8, False)])
+@pytest.mark.parametrize("band,zero_empty,align", [(0, False, 0), (0, True, 8), (8, False, 8)])
 @pytest.mark.parametrize("k,n,g,m", [(2048, 6144, 64, 32768), (1024, 768, 128, 65536)])  # LongCat down, small [gate | up]
-def test_pallas_chain_backward_lowers_for_cuda(mosaic_gpu_trace, monkeypatch, k, n, g, m, band, zero_empty):
+def test_pallas_chain_backward_lowers_for_cuda(mosaic_gpu_trace, monkeypatch, k, n, g, m, band, zero_empty, align):
     """pallas_chain's forward + backward (flat rows and contract pipelines) and the flat contract kernel through
     Pallas -> Mosaic GPU lowering (layouts, smem budget) for CUDA on the CPU, at LongCat and small-config shapes,
     with both flat kernels' tiles in column bands (pallas_gmm.ROWS_BAND and CONTRACT_BAND: 8 of LongCat's 24 n tiles)
     with both kernels' rings at 3 stages (ROWS_STAGES, whole-tile stores; d_rhs as over deep groups,
-    CONTRACT_DEEP_*), and d_rhs's empty groups in the pipeline or stored after it (mgpu_kernels.CONTRACT_ZERO_EMPTY)."""
+    CONTRACT_DEEP_*), d_rhs's empty groups in the pipeline or stored after it (mgpu_kernels.CONTRACT_ZERO_EMPTY),
+    and both flat kernels' row windows on lhs's blocks or on multiples of 8 (ROWS_ALIGN, CONTRACT_ALIGN)."""
     from lcflash.kernels.gmm import mgpu_kernels as mk, pallas_gmm
 
     monkeypatch.setattr(mk, "CONTRACT_ZERO_EMPTY", zero_empty)
+    monkeypatch.setattr(pallas_gmm, "ROWS_ALIGN", align)
+    monkeypatch.setattr(pallas_gmm, "CONTRACT_ALIGN", align)
     monkeypatch.setattr(pallas_gmm, "ROWS_BAND", band)
     monkeypatch.setattr(pallas_gmm, "CONTRACT_BAND", band)
     monkeypatch.setattr(pallas_gmm, "ROWS_STAGES", 3 if band else 4)
@@ -858,6 +900,13 @@ def test_gpu_flat_contract_kernel(monkeypatch, case, zero_empty, cluster, late):
     np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(got, np.asarray(flat(lhs, dout), np.float32))
     assert not got[[i for i, s in enumerate(sizes_l) if s == 0]].any()
+
+
+@gpu_only
+@pytest.mark.parametrize("case", sorted(GPU_CASES))
+def test_gpu_contract_align(monkeypatch, case):
+    m, k, n, sizes_l = GPU_CASES[case]
+    _check_contract_align(monkeypatch, m, k, n, sizes_l, seed=64)
 
 
 @gpu_only

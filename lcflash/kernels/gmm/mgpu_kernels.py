@@ -712,7 +712,7 @@ def deal_tiles(cost_g: jax.Array, tiles_per_group: int, n_sms: int, snake: bool,
 
 
 def contract_flat_schedule(gsched_4g: jax.Array, m: int, tile_k: int, tiles_per_group: int, n_sms: int,
-                           deal: str | None = None, zero_empty: bool | None = None):
+                           deal: str | None = None, zero_empty: bool | None = None, align: int | None = None):
     """Per-CTA tile lists for the flat contract pipeline (contract_kernel with tiles.chain).
 
     Tiles are numbered group-major (group = lin // tiles_per_group). CTA c walks the tiles of row c of `lin_cj`, as
@@ -721,11 +721,13 @@ def contract_flat_schedule(gsched_4g: jax.Array, m: int, tile_k: int, tiles_per_
     tiles either run one step each on a (clamped, in-bounds) block that the kernel masks entirely, so they store
     zeros like any other, or, with `zero_empty` (default CONTRACT_ZERO_EMPTY), stay out of the pipeline: the compute
     warpgroups store them as zeros after it, round robin continuing after the live tiles. Returns
-      tile_4g int32 [4, G]: start row, end row, first row block, steps;
+      tile_4g int32 [4, G]: start row, end row, first window row / 8, steps;
       total_c int32 [n_sms]: CTA c's step count;
       lin_cj int32 [n_sms, J + 2]: the tile in CTA c's slot j, G * tiles_per_group (no tile) past its last;
       zero_2z int32 [2 + G]: the number of zero tiles, of pipeline tiles, then the empty groups in order (0 tiles
         without zero_empty).
+    A tile's steps are tile_k-row windows from its group's first row rounded down to `align` (default tile_k: lhs's
+    blocks) on, tile_k apart, like row_schedule's; the kernel masks the rows of other groups in them.
     """
     deal = CONTRACT_DEAL if deal is None else deal
     zero_empty = CONTRACT_ZERO_EMPTY if zero_empty is None else zero_empty
@@ -733,13 +735,20 @@ def contract_flat_schedule(gsched_4g: jax.Array, m: int, tile_k: int, tiles_per_
         raise ValueError(f"contract deal {deal!r}: must be one of {CONTRACT_DEALS}")
     if deal == "auto":
         deal = "snake" if tiles_per_group < n_sms else "round_robin"
+    if align is not None and (align % 8 or tile_k % align):
+        raise ValueError(f"contract_flat_schedule: align = {align} must be a multiple of 8 dividing tile_k = {tile_k}")
     by_cost = deal != "round_robin"
     g = gsched_4g.shape[1]
     starts, ends, blk0, nblk = (gsched_4g[i] for i in range(4))
-    n_blocks = pl.cdiv(m, tile_k)
+    if align is None:
+        first = blk0 * tile_k
+    else:
+        first = starts // align * align
+        nblk = jnp.where(ends > starts, pl.cdiv(ends - first, tile_k), 0)
     nst = jnp.maximum(nblk, 1)
-    blk0 = jnp.minimum(blk0, n_blocks - 1)  # an empty group at row m: keep its one masked load in bounds
-    tile_4g = jnp.stack([starts, ends, blk0, nst]).astype(jnp.int32)
+    # an empty group at row m: keep its one masked load in bounds (a group of one step still covers its rows)
+    first = jnp.minimum(first, (pl.cdiv(m, tile_k) - 1) * tile_k)
+    tile_4g = jnp.stack([starts, ends, first // 8, nst]).astype(jnp.int32)
     n_lin = g * tiles_per_group
     j_max = pl.cdiv(n_lin, n_sms)
     live = nblk > 0 if zero_empty else jnp.ones((g,), bool)
@@ -764,7 +773,7 @@ def contract_flat_schedule(gsched_4g: jax.Array, m: int, tile_k: int, tiles_per_
 
 
 def contract_kernel(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles, lhs_is_km: bool = False,
-                    interpret: bool = False):
+                    interpret: bool = False, align: int | None = None):
     """out[g] = lhs[rows of g]^T @ rhs[rows of g] -> [G, K, N]; empty groups give zeros.
 
     lhs_is_km: lhs arrives already transposed ([K, M]) and wgmma reads it untransposed. Pallas' GPU interpreter
@@ -775,12 +784,15 @@ def contract_kernel(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles, lhs_i
     tiles.chain=True: one pipeline per CTA over all its tiles' steps (`contract_flat_schedule`): the compute
     warpgroups zero the accumulator and store the tile at a tile's last step, the TMA warpgroup never drains
     between tiles. Same tiles, same accumulation order: results are bit-identical to the per-tile variant.
+    align (chain only): the flat pipeline's row windows (contract_flat_schedule).
     """
     if tiles.overlap_mma and not tiles.chain:
         raise ValueError("Tiles.overlap_mma needs chain=True (see rows_kernel)")
+    if align is not None and not tiles.chain:
+        raise ValueError(f"contract_kernel: align = {align} needs chain=True (the per-tile pipelines read lhs's blocks)")
     if tiles.chain:
         return _contract_kernel_flat(lhs_mk, rhs_mn, gsched_4g, out_dtype=out_dtype, tiles=tiles,
-                                     lhs_is_km=lhs_is_km, interpret=interpret)
+                                     lhs_is_km=lhs_is_km, interpret=interpret, align=align)
     lhs_mk, m, k, n, g = _contract_dims(lhs_mk, rhs_mn, gsched_4g, tiles, lhs_is_km)
     tm, tn, tc, epi_n = tiles.tile_m, tiles.tile_n, tiles.tile_k, tiles.epi_n
     dtype = lhs_mk.dtype
@@ -956,7 +968,7 @@ def _flat_loop(allocs, context, body, nsteps, tile_of_slot, copy_step, stages: i
 
 
 def _contract_kernel_flat(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles, lhs_is_km: bool,
-                          interpret: bool):
+                          interpret: bool, align: int | None):
     """contract_kernel with one flat pipeline per CTA (tiles.chain); see contract_kernel and
     contract_flat_schedule.
 
@@ -980,7 +992,14 @@ def _contract_kernel_flat(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles,
         return band_order(lin % kn, n_tiles, k_tiles // n_cl, tiles.band)
 
     zero_empty = CONTRACT_ZERO_EMPTY
-    tables = contract_flat_schedule(gsched_4g, m, tc, kn, n_sms, zero_empty=zero_empty)
+    tables = contract_flat_schedule(gsched_4g, m, tc, kn, n_sms, zero_empty=zero_empty, align=align)
+
+    def window(r8, s_in):
+        """(a step's window row, the row its copies read from): a window past row m moves back to end there where
+        that keeps it on the swizzle's 8 rows (TMA would zero-fill the reads past m; the interpreter raises), its
+        rows before the window row masked. The row travels as row / 8, as in rows_kernel."""
+        row = (r8 + s_in * (tc // 8)) * 8
+        return row, (jnp.minimum(row, m - tc) if (m - tc) % 8 == 0 else row)
 
     def kernel(tile_ref, total_ref, lin_ref, zero_ref, lhs_gmem, rhs_gmem, out_gmem):
         sm = lax.axis_index("sm")
@@ -990,10 +1009,10 @@ def _contract_kernel_flat(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles,
             kp, nt = k_n_tile(lin)
             return kp * n_cl + cta, nt
 
-        def copy_step(slots, barrier, info, s_in):  # the copies of tile lin's row block blk0 + s_in
-            (a_slot, b_slot), (lin, blk0) = slots, info
+        def copy_step(slots, barrier, info, s_in):  # the copies of tile lin's window s_in
+            (a_slot, b_slot), (lin, r8) = slots, info
             kt, nt = cta_tile(lin)
-            rows = pl.ds((blk0 + s_in) * tc, tc)
+            rows = pl.ds(window(r8, s_in)[1], tc)
             a_src = lhs_gmem.at[pl.ds(kt * tm, tm), rows] if lhs_is_km else lhs_gmem.at[rows, pl.ds(kt * tm, tm)]
             plgpu.copy_gmem_to_smem(a_src, a_slot, barrier)
             plgpu.copy_gmem_to_smem(rhs_gmem.at[rows, pl.ds(nt * 2 * tn, 2 * tn)], b_slot, barrier,
@@ -1010,15 +1029,16 @@ def _contract_kernel_flat(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles,
             (wr, wc), c_off = tiles.wg_tile(), _wg_col(tiles, wg)
 
             def tile_info(j):
-                """(group, start row, end row, first row block, steps) of this CTA's tile slot j."""
+                """(group, start row, end row, first window row / 8, steps) of this CTA's tile slot j."""
                 gi = jnp.minimum(lin_ref[sm, j] // kn, g - 1)  # past the last tile: any valid group
                 return (gi, tile_ref[0, gi], tile_ref[1, gi], tile_ref[2, gi], tile_ref[3, gi])
 
             def mma(_, slots, carry):
                 (a_smem, b_smem), (acc, j, s_in, info) = slots, carry
-                gi, start, end, blk0, nst = info
+                gi, start, end, r8, nst = info
+                row, row0 = window(r8, s_in)
                 with jax.named_scope("mma"):
-                    _contract_step(acc, a_smem, b_smem, (blk0 + s_in) * tc, start, end, wg=wg, tiles=tiles,
+                    _contract_step(acc, a_smem, b_smem, row0, jnp.maximum(start, row), end, wg=wg, tiles=tiles,
                                    lhs_is_km=lhs_is_km, interpret=interpret)
                 last = s_in == nst - 1
 
@@ -1039,9 +1059,9 @@ def _contract_kernel_flat(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles,
 
                 pl.run_scoped(acc_scope, plgpu.ACC((wr, wc), jnp.float32))
 
-            def tile_at(j):  # TMA warpgroup: ((tile, first row block), steps) of this CTA's slot j
-                _, _, _, blk0, nst = tile_info(j)  # the unused loads are dropped
-                return (lin_ref[sm, j], blk0), nst
+            def tile_at(j):  # TMA warpgroup: ((tile, first window row / 8), steps) of this CTA's slot j
+                _, _, _, r8, nst = tile_info(j)  # the unused loads are dropped
+                return (lin_ref[sm, j], r8), nst
 
             _flat_loop(allocs, context, mma, total_ref[sm], tile_at, copy_step, tiles.stages,
                        late=int(tiles.overlap_mma))

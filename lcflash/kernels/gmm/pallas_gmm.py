@@ -57,9 +57,13 @@ CONTRACT_CLUSTER = True
 # The flat rows kernels' row windows start at each group's first row rounded down to ROWS_ALIGN rows (0: the row
 # tile, i.e. lhs's blocks; mk.row_schedule). 8, the row tiling of the swizzled TMA copies, visits no block twice for
 # two groups: at experiments/bench_moe_gemm.py's skewed T = 512, 287 row tiles against 304 (rows used 0.892 against
-# 0.842), and 3% fewer at configs/small.py's training loads. Unmeasured on the GPU: 0 (experiments/gpu_calls.sh
-# 41). Read at trace time.
-ROWS_ALIGN = 0
+# 0.842), and 3% fewer at configs/small.py's training loads. On an H100 by the device's busy time (session 56,
+# experiments/HISTORY.md), the forward and d_lhs kernels 1-6% faster at the skewed T = 512; balanced loads get the
+# same tiles. Read at trace time.
+ROWS_ALIGN = 8
+# The same for the flat d_rhs kernel's 64-row steps (mk.contract_flat_schedule; 0: lhs's tile_k blocks): at the
+# skewed T = 512, 540 steps per tile column against 559. Unmeasured on the GPU: 0. Read at trace time.
+CONTRACT_ALIGN = 0
 
 
 def tiling_settings() -> dict:
@@ -68,7 +72,8 @@ def tiling_settings() -> dict:
                 contract_stages=CONTRACT_STAGES,
                 contract_deep=[CONTRACT_DEEP_ROWS, CONTRACT_DEEP_STAGES, CONTRACT_DEEP_BAND],
                 contract_cluster=CONTRACT_CLUSTER, contract_deal=mk.CONTRACT_DEAL,
-                contract_zero_empty=mk.CONTRACT_ZERO_EMPTY, rows_align=ROWS_ALIGN)
+                contract_zero_empty=mk.CONTRACT_ZERO_EMPTY, rows_align=ROWS_ALIGN,
+                contract_align=CONTRACT_ALIGN)
 
 
 def set_bands(rows: int | None = None, contract: int | None = None):
@@ -244,7 +249,8 @@ def contract_matmul(lhs_mk, dout_mn, group_sizes_g, *, out_dtype, chain=False):
     lhs_is_km = _interpret()  # the interpreter cannot run wgmma on transposed smem: transpose in XLA
     lhs = _pad_rows(lhs_mk, mp)
     return mk.contract_kernel(lhs.T if lhs_is_km else lhs, _pad_rows(dout_mn, mp), gsched, out_dtype=out_dtype,
-                              tiles=tiles, lhs_is_km=lhs_is_km, interpret=_interpret())
+                              tiles=tiles, lhs_is_km=lhs_is_km, interpret=_interpret(),
+                              align=(CONTRACT_ALIGN or None) if tiles.chain else None)
 
 
 def _int_zeros(x):
