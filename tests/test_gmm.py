@@ -880,10 +880,12 @@ def test_gpu_flat_contract_kernel(monkeypatch, case, zero_empty, cluster, late):
     """d_rhs through one flat pipeline per CTA (or per 2-CTA cluster sharing dout's blocks: CONTRACT_CLUSTER; every
     case has an even number of K tiles; with each slot released a step late: Tiles.overlap_mma): bit-identical to the
     per-tile contract kernel (same tiles, same accumulation order), empty groups zero (a masked step each in the
-    pipeline, or stored after it: CONTRACT_ZERO_EMPTY), and the same on a second call."""
+    pipeline, or stored after it: CONTRACT_ZERO_EMPTY), and the same on a second call. On lhs's blocks
+    (CONTRACT_ALIGN = 0), as the per-tile kernel reads them; the windows have their own test."""
     from lcflash.kernels.gmm import mgpu_kernels as mk
     from lcflash.kernels.gmm import pallas_gmm
 
+    monkeypatch.setattr(pallas_gmm, "CONTRACT_ALIGN", 0)
     monkeypatch.setattr(mk, "CONTRACT_ZERO_EMPTY", zero_empty)
     monkeypatch.setattr(pallas_gmm, "CONTRACT_CLUSTER", cluster)
     m, k, n, sizes_l = GPU_CASES[case]

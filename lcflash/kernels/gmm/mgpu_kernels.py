@@ -628,9 +628,10 @@ def _contract_scope(allocs, tiles: Tiles, out_dtype):
 
 
 def _contract_step(acc, a_smem, b_smem, row0, start, end, *, wg, tiles: Tiles, lhs_is_km: bool, interpret: bool):
-    """One 64-row step of d_rhs: zero the rows of this warpgroup's column half of dout that belong to other groups
-    (a block shared by two groups), then acc += lhs_block^T @ dout_block for this warpgroup's part of the tile (it
-    reads only the dout half it masked, so the two warpgroups need no barrier between)."""
+    """One 64-row step of d_rhs: zero the rows of this warpgroup's column half of dout outside [start, end) (another
+    group's, in a window two groups share, or an earlier window's, in one moved back at row m), then acc +=
+    lhs_block^T @ dout_block for this warpgroup's part of the tile (it reads only the dout half it masked, so the two
+    warpgroups need no barrier between)."""
     tc, tn = b_smem.shape[0], tiles.tile_n
     b_own = b_smem.at[:, pl.ds(wg * tn, tn)]  # the half this warpgroup masks and reads
     masked = (row0 < start) | (row0 + tc > end)

@@ -62,8 +62,11 @@ CONTRACT_CLUSTER = True
 # same tiles. Read at trace time.
 ROWS_ALIGN = 8
 # The same for the flat d_rhs kernel's 64-row steps (mk.contract_flat_schedule; 0: lhs's tile_k blocks): at the
-# skewed T = 512, 540 steps per tile column against 559. Unmeasured on the GPU: 0. Read at trace time.
-CONTRACT_ALIGN = 0
+# skewed T = 512, 540 steps per tile column against 559. On an H100 by the device's busy time (session 56, two calls,
+# 5 rounds), the skewed T = 512 d_rhs kernel 1-5% faster on the means ([gate | up] 1,531 and 1,515 µs against 1,543
+# and 1,552, down 1,556 and 1,544 against 1,637 and 1,618), configs/small.py's at Dirichlet(1) loads level to 1.4%
+# faster. Read at trace time.
+CONTRACT_ALIGN = 8
 
 
 def tiling_settings() -> dict:
