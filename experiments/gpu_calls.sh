@@ -27,7 +27,7 @@
 # the losing paths, and calls 8 and 9 (the warpgroups on row halves of a tile: lost in session 45, removed in
 # session 53) are gone from this script; session 55 ran 38 of d1b0c34 (the rows kernels' half tiles: slower,
 # removed since, so 38 is gone too), 39 and 40; 41 waits; HISTORY.md):
-#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 36, 39-43; 4 takes the persistent kernels,
+#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 36, 39-44; 4 takes the persistent kernels,
 #                                                            14 the rows and d_rhs bands, 18 a benchmark flag)
 # run from the repository root on the device machine, with `.whl` carried (ml-collections and tensorboardX, which
 # its image lacks) and `.whl-tokamax` where a call times the tokamax peer (tokamax 0.0.17 with its needs, 37 MB).
@@ -39,7 +39,7 @@
 # here to the ignored `.jcc` (`rm -rf .jcc && cp -r /work/.device/N/jcc .jcc`) and carried, it seeds the next
 # machine's, which helps where that machine has the same card and image.
 set -u
-N=${1:?call number 1-36 or 39-43}
+N=${1:?call number 1-36 or 39-44}
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -250,5 +250,9 @@ longcat/gate_up/4096,longcat/down/4096,longcat/gate_up/512/skewed,longcat/down/5
         --cases longcat/gate_up/512/skewed,longcat/down/512/skewed,small/gate_up_fused/512/1.0,small/down/512/1.0 \
         --out "$OUT/contract_ab_contract_align3_device.json" | grep -v "^gmm_switch_ab"
     ;;
-*)  echo "call number 1-36 or 39-43" >&2; exit 2 ;;
+44) # session 56: the expert kernels' forward and gradients at the new defaults (both flat kernels' windows on
+    # multiples of 8), both impls, and the fused FFN
+    step 220 python -m pytest -n 0 -q -p no:cacheprovider tests/test_gmm.py -k "gpu_pallas or gpu_ffn"
+    ;;
+*)  echo "call number 1-36 or 39-44" >&2; exit 2 ;;
 esac
