@@ -27,7 +27,7 @@
 # the losing paths, and calls 8 and 9 (the warpgroups on row halves of a tile: lost in session 45, removed in
 # session 53) are gone from this script; session 55 ran 38 of d1b0c34 (the rows kernels' half tiles: slower,
 # removed since, so 38 is gone too), 39 and 40; 41 waits; HISTORY.md):
-#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 36, 39-44; 4 takes the persistent kernels,
+#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 36, 39-45; 4 takes the persistent kernels,
 #                                                            14 the rows and d_rhs bands, 18 a benchmark flag)
 # run from the repository root on the device machine, with `.whl` carried (ml-collections and tensorboardX, which
 # its image lacks) and `.whl-tokamax` where a call times the tokamax peer (tokamax 0.0.17 with its needs, 37 MB).
@@ -39,7 +39,7 @@
 # here to the ignored `.jcc` (`rm -rf .jcc && cp -r /work/.device/N/jcc .jcc`) and carried, it seeds the next
 # machine's, which helps where that machine has the same card and image.
 set -u
-N=${1:?call number 1-36 or 39-44}
+N=${1:?call number 1-36 or 39-45}
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -254,5 +254,13 @@ longcat/gate_up/4096,longcat/down/4096,longcat/gate_up/512/skewed,longcat/down/5
     # multiples of 8), both impls, and the fused FFN
     step 220 python -m pytest -n 0 -q -p no:cacheprovider tests/test_gmm.py -k "gpu_pallas or gpu_ffn"
     ;;
-*)  echo "call number 1-36 or 39-44" >&2; exit 2 ;;
+45) # session 56: configs/small.py's training at batch 24 with both flat kernels' windows on multiples of 8 (the
+    # default; training-like loads: the rows kernels' 581 tiles against 637, d_rhs's 1,096 steps against 1,148), then
+    # on lhs's blocks, on one machine (session 54: 30.0% MFU)
+    B="python experiments/bench_train.py --gmm_impl pallas_chain --remat --warmup 2 --steps 5 --mem_fraction 0.95"
+    B="$B --batch 24"
+    step 290 $B --out "$OUT/bench_train_b24_align8.json"
+    step 290 $B --gmm_switch ROWS_ALIGN=0 --gmm_switch CONTRACT_ALIGN=0 --out "$OUT/bench_train_b24_align0.json"
+    ;;
+*)  echo "call number 1-36 or 39-45" >&2; exit 2 ;;
 esac
