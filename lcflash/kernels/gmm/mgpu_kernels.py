@@ -784,8 +784,8 @@ def contract_kernel(lhs_mk, rhs_mn, gsched_4g, *, out_dtype, tiles: Tiles, lhs_i
     at each tile's end and loads the next tile's first blocks only once this tile's last block is consumed.
     tiles.chain=True: one pipeline per CTA over all its tiles' steps (`contract_flat_schedule`): the compute
     warpgroups zero the accumulator and store the tile at a tile's last step, the TMA warpgroup never drains
-    between tiles. Same tiles, same accumulation order: results are bit-identical to the per-tile variant.
-    align (chain only): the flat pipeline's row windows (contract_flat_schedule).
+    between tiles. Same tiles, same accumulation order: results are bit-identical to the per-tile variant, unless
+    `align` (chain only) moves the flat pipeline's row windows off lhs's blocks (contract_flat_schedule).
     """
     if tiles.overlap_mma and not tiles.chain:
         raise ValueError("Tiles.overlap_mma needs chain=True (see rows_kernel)")
