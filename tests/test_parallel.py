@@ -13,7 +13,6 @@ import socket
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 

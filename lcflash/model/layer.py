@@ -10,7 +10,7 @@ import jax
 from flax import nnx
 
 from lcflash.config import ModelConfig
-from lcflash.model.mla import MLA, LatentKV
+from lcflash.model.mla import MLA
 from lcflash.model.mlp import MLP
 from lcflash.model.moe import MoE
 from lcflash.model.norm import RMSNorm
