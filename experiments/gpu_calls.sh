@@ -26,7 +26,8 @@
 # same loop: 0-3% faster); both loops are the only flat pipelines since, so 33-35 and 37, whose switches went with
 # the losing paths, and calls 8 and 9 (the warpgroups on row halves of a tile: lost in session 45, removed in
 # session 53) are gone from this script; session 55 ran 38 of d1b0c34 (the rows kernels' half tiles: slower,
-# removed since, so 38 is gone too), 39 and 40; 41 waits; HISTORY.md):
+# removed since, so 38 is gone too), 39 and 40; session 56 ran 41-43 (both flat kernels' row windows on multiples
+# of 8, now the default); 44 and 45 wait; HISTORY.md):
 #     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 36, 39-45; 4 takes the persistent kernels,
 #                                                            14 the rows and d_rhs bands, 18 a benchmark flag)
 # run from the repository root on the device machine, with `.whl` carried (ml-collections and tensorboardX, which

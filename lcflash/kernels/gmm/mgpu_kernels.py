@@ -736,16 +736,14 @@ def contract_flat_schedule(gsched_4g: jax.Array, m: int, tile_k: int, tiles_per_
         raise ValueError(f"contract deal {deal!r}: must be one of {CONTRACT_DEALS}")
     if deal == "auto":
         deal = "snake" if tiles_per_group < n_sms else "round_robin"
-    if align is not None and (align % 8 or tile_k % align):
+    align = tile_k if align is None else align
+    if align % 8 or tile_k % align:
         raise ValueError(f"contract_flat_schedule: align = {align} must be a multiple of 8 dividing tile_k = {tile_k}")
     by_cost = deal != "round_robin"
     g = gsched_4g.shape[1]
-    starts, ends, blk0, nblk = (gsched_4g[i] for i in range(4))
-    if align is None:
-        first = blk0 * tile_k
-    else:
-        first = starts // align * align
-        nblk = jnp.where(ends > starts, pl.cdiv(ends - first, tile_k), 0)
+    starts, ends = gsched_4g[0], gsched_4g[1]
+    first = starts // align * align
+    nblk = jnp.where(ends > starts, pl.cdiv(ends - first, tile_k), 0)
     nst = jnp.maximum(nblk, 1)
     # an empty group at row m: keep its one masked load in bounds (a group of one step still covers its rows)
     first = jnp.minimum(first, (pl.cdiv(m, tile_k) - 1) * tile_k)
