@@ -252,8 +252,10 @@ longcat/gate_up/4096,longcat/down/4096,longcat/gate_up/512/skewed,longcat/down/5
         --out "$OUT/contract_ab_contract_align3_device.json" | grep -v "^gmm_switch_ab"
     ;;
 44) # session 56: the expert kernels' forward and gradients at the new defaults (both flat kernels' windows on
-    # multiples of 8), both impls, and the fused FFN
-    step 220 python -m pytest -n 0 -q -p no:cacheprovider tests/test_gmm.py -k "gpu_pallas or gpu_ffn"
+    # multiples of 8), both impls, and the fused FFN; session 57: with row_schedule's rows in units of 8 (the rows
+    # kernels' lowering changed again), the flat rows kernels bitwise the per-tile ones and with/without windows
+    step 450 python -m pytest -n 0 -q -p no:cacheprovider tests/test_gmm.py \
+        -k "gpu_pallas or gpu_ffn or gpu_flat_rows or gpu_rows_align"
     ;;
 45) # session 56: configs/small.py's training at batch 24 with both flat kernels' windows on multiples of 8 (the
     # default; training-like loads: the rows kernels' 581 tiles against 637, d_rhs's 1,096 steps against 1,148), then

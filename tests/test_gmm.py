@@ -302,7 +302,8 @@ def test_pallas_interpret_flat_rows_kernels_bitwise_per_tile(monkeypatch):
 
 def _schedule_rows(sched, m, tm):
     """{group: sorted rows its live tiles cover}, checking each tile's window lies in [0, m) and holds its rows."""
-    group, row0, start, rows, has_mm = (np.asarray(f) for f in sched)
+    group, row8, start, rows, has_mm = (np.asarray(f) for f in sched)
+    row0 = row8 * 8
     covered = {}
     for gi, r0, st, n, mm in zip(group, row0, start, rows, has_mm):
         if n == 0:
@@ -329,7 +330,7 @@ def test_row_schedule_windows_cover_each_group_once(align):
         want = {gi: list(range(e - sz, e)) for gi, (sz, e) in enumerate(zip(sizes_l, ends)) if sz}
         want.update({-1: list(range(ends[-1], m))} if ends[-1] < m else {})
         assert _schedule_rows(sched, m, 128) == want == _schedule_rows(blocks, m, 128)
-        assert not (np.asarray(sched[1]) % align).any() and not (np.asarray(blocks[1]) % 128).any()
+        assert not (np.asarray(sched[1]) * 8 % align).any() and not (np.asarray(blocks[1]) * 8 % 128).any()
         assert int(n_live) <= int(n_blocks) and int(n_live) == int((np.asarray(sched[3]) > 0).sum())
     with pytest.raises(ValueError, match="align = 12 must be a multiple of 8 dividing tile_m = 128"):
         mk.row_schedule(jnp.asarray([3], jnp.int32), 128, 128, align=12)

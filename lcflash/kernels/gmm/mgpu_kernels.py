@@ -170,8 +170,8 @@ def _check_band(tiles: Tiles, n_tiles: int):
 
 def row_schedule(group_sizes_g: jax.Array, m: int, tile_m: int, align: int | None = None
                  ) -> tuple[jax.Array, jax.Array]:
-    """Per row tile: (group, first row of its window, first row within the window, rows, has_matmul); rows past
-    sum(sizes) form a tail.
+    """Per row tile: (group, first row of its window / 8, first row within the window, rows, has_matmul); rows
+    past sum(sizes) form a tail.
 
     A tile is a tile_m-row window of lhs intersected with one group; each visit stores only its own rows. A
     group's windows start at its first row rounded down to `align` (default tile_m: the blocks of lhs, so a block
@@ -211,7 +211,7 @@ def row_schedule(group_sizes_g: jax.Array, m: int, tile_m: int, align: int | Non
     start = jnp.where(live, lo - row0, 0)
     has_mm = (gi < g).astype(jnp.int32)
     group = jnp.minimum(gi, max(g - 1, 0))
-    return jnp.stack([group, row0, start, rows, has_mm]).astype(jnp.int32), cum[-1]
+    return jnp.stack([group, row0 // 8, start, rows, has_mm]).astype(jnp.int32), cum[-1]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -455,11 +455,9 @@ def rows_kernel(
                 """(n tile, group, first row of the window / 8, first row in it, rows) of linear tile index lin."""
                 mt, nt = order(lin)
                 mt = jnp.minimum(mt, t_max - 1)  # flat: the tile after a CTA's last one is never used
-                # the window's first row in units of 8 (row_schedule's windows start on multiples of 8), which the
-                # copies and stores scale back: given the row as loaded, Mosaic GPU's layout inference fails on them
-                # (JAX 0.10.2, lowering for CUDA), as it did not on the row block times tm
-                r8 = lax.div(sched_ref[1, mt], jnp.int32(8))
-                return nt, sched_ref[0, mt], r8, sched_ref[2, mt], sched_ref[3, mt]
+                # the window's first row comes in units of 8, which the copies and stores scale back: given the row
+                # itself, Mosaic GPU's layout inference fails on them (JAX 0.10.2, lowering for CUDA)
+                return nt, sched_ref[0, mt], sched_ref[1, mt], sched_ref[2, mt], sched_ref[3, mt]
 
             def load_gu(nt, r8):
                 """grad_halves: starts this warpgroup's TMA loads of its g and u tiles (the window at row r8 * 8)."""
