@@ -94,7 +94,7 @@ def profile_steps(step, state, batches, out_dir: str, tag: str) -> dict:
 
 
 def bench(cfg, warmup: int, steps: int, profile_dir: str | None = None, repeat_check: int = 0,
-          xla_options: dict | None = None):
+          xla_options: dict | None = None, device_batches: bool = False):
     import jax
     import numpy as np
 
@@ -110,6 +110,8 @@ def bench(cfg, warmup: int, steps: int, profile_dir: str | None = None, repeat_c
     jax.block_until_ready(state)
     t_init = time.time() - t0
     batches = [loader.next() for _ in range(warmup + steps)]
+    if device_batches:  # on the device before the steps, as a trainer prefetching them would have them
+        batches = jax.block_until_ready(jax.device_put(batches))
     t0 = time.time()
     # Compiled once ahead of time, so the profile reads this executable's HLO instead of compiling it again.
     step = jax.jit(make_train_step(cfg, mc), donate_argnums=0).lower(state, batches[0]).compile(xla_options or None)
@@ -255,6 +257,8 @@ def main():
     ap.add_argument("--gmm_switch", action="append", default=[], metavar="NAME=VALUE", help="set a module switch "
                     "of lcflash.kernels.gmm.pallas_gmm or mgpu_kernels (as contract_ab.py --gmm-switch), e.g. "
                     "CONTRACT_ZERO_EMPTY=False; repeatable")
+    ap.add_argument("--device_batches", action="store_true", help="put the batches on the device before the "
+                    "timed steps (default: each step takes host arrays, as the trainer passed them)")
     ap.add_argument("--mem_fraction", type=float, default=None, help="share of the GPU's memory XLA may use "
                     "(XLA_PYTHON_CLIENT_MEM_FRACTION; JAX's default 0.75): 0.95 fits batch 48 x 1024 of "
                     "configs/small.py with remat on an H200")
@@ -339,7 +343,8 @@ def main():
         try:
             cfg = load_config(args.config, ov)
             mc = model_config(cfg)
-            r = bench(cfg, args.warmup, args.steps, args.profile_dir, args.repeat_check, xla_options)
+            r = bench(cfg, args.warmup, args.steps, args.profile_dir, args.repeat_check, xla_options,
+                      args.device_batches)
         except Exception as e:  # report and go on to the next implementation
             rows.append({"gmm_impl": impl, "error": str(e) if isinstance(e, StepFailed) else
                          f"{type(e).__name__}: {str(e)[:400]}", **getattr(e, "extra", {})})
@@ -369,7 +374,7 @@ def main():
         "layer_fn_on_input": transformer.LAYER_FN_ON_INPUT,
         "top_k": router.LARGE_TOP_K,
         **pallas_gmm.tiling_settings(),
-        "gmm_switches": gmm_switches,
+        "gmm_switches": gmm_switches, "device_batches": args.device_batches,
         "xla_options": xla_options,
         "steps_timed": args.steps, "warmup_steps": args.warmup,
         "device": f"{dev.platform}: {dev.device_kind}", "device_count": jax.device_count(),
