@@ -267,16 +267,16 @@ longcat/gate_up/4096,longcat/down/4096,longcat/gate_up/512/skewed,longcat/down/5
     ;;
 46) # session 57: the training step's idle gaps (session 53's profile: 4.0 ms a step, 2.7 of it one gap after the
     # batch's host-to-device copy, as if the host could not run ahead of the device): the batches as host arrays
-    # (as before) against on the device before the steps, and without the router-gradient ratio's conditional
-    # (train.grad_ratio_every=0), in rotated rounds on one machine; then a profile with device batches
+    # (as the trainer passed them), sent to the device once the step before is dispatched (the trainer's loop now)
+    # or from a thread two batches ahead, and all on the device beforehand (the bound), in two rounds of opposite
+    # order on one machine; then a profile of the trainer's way
     B="python experiments/bench_train.py --gmm_impl pallas_chain --remat --warmup 2 --steps 5 --mem_fraction 0.95"
     B="$B --batch 24"
-    step 150 $B --out "$OUT/bench_train_b24_host.json"
-    step 100 $B --device_batches --out "$OUT/bench_train_b24_dev.json"
-    step 150 $B --device_batches --set train.grad_ratio_every=0 --out "$OUT/bench_train_b24_dev_noratio.json"
-    step 100 $B --device_batches --out "$OUT/bench_train_b24_dev_r2.json"
-    step 100 $B --out "$OUT/bench_train_b24_host_r2.json"
-    step 150 $B --device_batches --steps 3 --profile_dir /tmp/prof --out "$OUT/bench_train_b24_dev_profile.json"
+    for m in host prefetch thread device; do
+        step $([ $m = host ] && echo 150 || echo 75) $B --batches $m --out "$OUT/bench_train_b24_$m.json"
+    done
+    for m in device thread prefetch host; do step 75 $B --batches $m --out "$OUT/bench_train_b24_${m}_r2.json"; done
+    step 150 $B --batches prefetch --steps 3 --profile_dir /tmp/prof --out "$OUT/bench_train_b24_prefetch_profile.json"
     ;;
 *)  echo "call number 1-36 or 39-46" >&2; exit 2 ;;
 esac
