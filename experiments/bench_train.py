@@ -59,37 +59,7 @@ def flops_per_token(mc, seq: int, ffn_per_token: float, with_mtp: bool):
     return 6 * p["total"] + attn, p
 
 
-BATCHES_MODES = ("host", "prefetch", "thread", "device")
-
-
-def feed(batches, mode: str):
-    """The batches as a step loop takes them; "prefetch" sends each to the device once the step before it is
-    dispatched (lcflash.train.trainer's loop), "thread" from a thread of its own, two batches ahead."""
-    if mode not in ("prefetch", "thread") or not batches:
-        yield from batches
-        return
-    import jax
-
-    if mode == "thread":
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(1) as pool:
-            ahead = [pool.submit(jax.device_put, b) for b in batches[:2]]
-            for i in range(len(batches)):
-                cur = ahead.pop(0).result()
-                if i + 2 < len(batches):
-                    ahead.append(pool.submit(jax.device_put, batches[i + 2]))
-                yield cur
-        return
-    nxt = jax.device_put(batches[0])
-    for b in batches[1:]:
-        cur, nxt = nxt, None
-        yield cur
-        nxt = jax.device_put(b)
-    yield nxt
-
-
-def profile_steps(step, state, batches, out_dir: str, tag: str, batches_mode: str = "host") -> dict:
+def profile_steps(step, state, batches, out_dir: str, tag: str) -> dict:
     """Trace two steps of the compiled `step` (it donates `state`) and join the kernels to its HLO op names
     (decode_profile.profile): the time per JAX op of one training step."""
     import jax
@@ -98,7 +68,7 @@ def profile_steps(step, state, batches, out_dir: str, tag: str, batches_mode: st
     from lcflash.parallel.trace_overlap import record_trace
 
     def run(state):
-        for b in feed(batches[:2], batches_mode):
+        for b in batches[:2]:
             state, m = step(state, b)
         return jax.block_until_ready(m)
 
@@ -124,7 +94,7 @@ def profile_steps(step, state, batches, out_dir: str, tag: str, batches_mode: st
 
 
 def bench(cfg, warmup: int, steps: int, profile_dir: str | None = None, repeat_check: int = 0,
-          xla_options: dict | None = None, batches_mode: str = "host"):
+          xla_options: dict | None = None):
     import jax
     import numpy as np
 
@@ -140,8 +110,6 @@ def bench(cfg, warmup: int, steps: int, profile_dir: str | None = None, repeat_c
     jax.block_until_ready(state)
     t_init = time.time() - t0
     batches = [loader.next() for _ in range(warmup + steps)]
-    if batches_mode == "device":  # the bound: no transfer left in the timed steps
-        batches = jax.block_until_ready(jax.device_put(batches))
     t0 = time.time()
     # Compiled once ahead of time, so the profile reads this executable's HLO instead of compiling it again.
     step = jax.jit(make_train_step(cfg, mc), donate_argnums=0).lower(state, batches[0]).compile(xla_options or None)
@@ -157,8 +125,8 @@ def bench(cfg, warmup: int, steps: int, profile_dir: str | None = None, repeat_c
     ffn = []
     with ClockSampler() as clocks:  # the board's power cap lowers the SM clock under sustained work
         t0 = time.time()
-        for b in feed(batches[warmup:], batches_mode):
-            state, m = step(state, b)
+        for i in range(warmup, warmup + steps):
+            state, m = step(state, batches[i])
             ffn.append(m["ffn_experts_per_token"])
         jax.block_until_ready(m)
         dt = time.time() - t0
@@ -166,8 +134,7 @@ def bench(cfg, warmup: int, steps: int, profile_dir: str | None = None, repeat_c
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
     stats = jax.devices()[0].memory_stats() or {}  # absent on some backends (CPU)
     memory = {k: round(stats[k] / 2**30, 3) for k in ("peak_bytes_in_use", "bytes_limit") if k in stats}
-    prof = profile_steps(step, state, batches[warmup:], profile_dir, cfg.moe.gmm_impl,
-                         batches_mode) if profile_dir else None
+    prof = profile_steps(step, state, batches[warmup:], profile_dir, cfg.moe.gmm_impl) if profile_dir else None
     del state  # donated to the profile's steps, and the rerun starts from a fresh one
     repeat = rerun_losses(step, cfg, batches, float(m["loss"]), repeat_check) if repeat_check else None
     return {"step_time_s": dt / steps, "tokens_per_s": cfg.train.batch_size * cfg.data.seq_len * steps / dt,
@@ -288,9 +255,6 @@ def main():
     ap.add_argument("--gmm_switch", action="append", default=[], metavar="NAME=VALUE", help="set a module switch "
                     "of lcflash.kernels.gmm.pallas_gmm or mgpu_kernels (as contract_ab.py --gmm-switch), e.g. "
                     "CONTRACT_ZERO_EMPTY=False; repeatable")
-    ap.add_argument("--batches", default="host", choices=BATCHES_MODES, help="how the timed steps get their "
-                    "batches: host arrays, each sent to the device while the step before it runs (prefetch, as "
-                    "the trainer does), or all on the device beforehand")
     ap.add_argument("--mem_fraction", type=float, default=None, help="share of the GPU's memory XLA may use "
                     "(XLA_PYTHON_CLIENT_MEM_FRACTION; JAX's default 0.75): 0.95 fits batch 48 x 1024 of "
                     "configs/small.py with remat on an H200")
@@ -375,8 +339,7 @@ def main():
         try:
             cfg = load_config(args.config, ov)
             mc = model_config(cfg)
-            r = bench(cfg, args.warmup, args.steps, args.profile_dir, args.repeat_check, xla_options,
-                      args.batches)
+            r = bench(cfg, args.warmup, args.steps, args.profile_dir, args.repeat_check, xla_options)
         except Exception as e:  # report and go on to the next implementation
             rows.append({"gmm_impl": impl, "error": str(e) if isinstance(e, StepFailed) else
                          f"{type(e).__name__}: {str(e)[:400]}", **getattr(e, "extra", {})})
@@ -406,7 +369,7 @@ def main():
         "layer_fn_on_input": transformer.LAYER_FN_ON_INPUT,
         "top_k": router.LARGE_TOP_K,
         **pallas_gmm.tiling_settings(),
-        "gmm_switches": gmm_switches, "batches": args.batches,
+        "gmm_switches": gmm_switches,
         "xla_options": xla_options,
         "steps_timed": args.steps, "warmup_steps": args.warmup,
         "device": f"{dev.platform}: {dev.device_kind}", "device_count": jax.device_count(),

@@ -27,8 +27,9 @@
 # the losing paths, and calls 8 and 9 (the warpgroups on row halves of a tile: lost in session 45, removed in
 # session 53) are gone from this script; session 55 ran 38 of d1b0c34 (the rows kernels' half tiles: slower,
 # removed since, so 38 is gone too), 39 and 40; session 56 ran 41-43 (both flat kernels' row windows on multiples
-# of 8, now the default); 44 and 45 wait; HISTORY.md):
-#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 36, 39-46; 4 takes the persistent kernels,
+# of 8, now the default); session 57 ran 44 and 45, then b43fd25's call 46 (the training step's batches as host
+# arrays, prefetched or on the device: level, removed since) by an inline command; HISTORY.md):
+#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 36, 39-45; 4 takes the persistent kernels,
 #                                                            14 the rows and d_rhs bands, 18 a benchmark flag)
 # run from the repository root on the device machine, with `.whl` carried (ml-collections and tensorboardX, which
 # its image lacks) and `.whl-tokamax` where a call times the tokamax peer (tokamax 0.0.17 with its needs, 37 MB).
@@ -40,7 +41,7 @@
 # here to the ignored `.jcc` (`rm -rf .jcc && cp -r /work/.device/N/jcc .jcc`) and carried, it seeds the next
 # machine's, which helps where that machine has the same card and image.
 set -u
-N=${1:?call number 1-36 or 39-46}
+N=${1:?call number 1-36 or 39-45}
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -265,18 +266,5 @@ longcat/gate_up/4096,longcat/down/4096,longcat/gate_up/512/skewed,longcat/down/5
     step 290 $B --out "$OUT/bench_train_b24_align8.json"
     step 290 $B --gmm_switch ROWS_ALIGN=0 --gmm_switch CONTRACT_ALIGN=0 --out "$OUT/bench_train_b24_align0.json"
     ;;
-46) # session 57: the training step's idle gaps (session 53's profile: 4.0 ms a step, 2.7 of it one gap after the
-    # batch's host-to-device copy, as if the host could not run ahead of the device): the batches as host arrays
-    # (as the trainer passed them), sent to the device once the step before is dispatched (the trainer's loop now)
-    # or from a thread two batches ahead, and all on the device beforehand (the bound), in two rounds of opposite
-    # order on one machine; then a profile of the trainer's way
-    B="python experiments/bench_train.py --gmm_impl pallas_chain --remat --warmup 2 --steps 5 --mem_fraction 0.95"
-    B="$B --batch 24"
-    for m in host prefetch thread device; do
-        step $([ $m = host ] && echo 150 || echo 75) $B --batches $m --out "$OUT/bench_train_b24_$m.json"
-    done
-    for m in device thread prefetch host; do step 75 $B --batches $m --out "$OUT/bench_train_b24_${m}_r2.json"; done
-    step 150 $B --batches prefetch --steps 3 --profile_dir /tmp/prof --out "$OUT/bench_train_b24_prefetch_profile.json"
-    ;;
-*)  echo "call number 1-36 or 39-46" >&2; exit 2 ;;
+*)  echo "call number 1-36 or 39-45" >&2; exit 2 ;;
 esac

@@ -23,15 +23,3 @@ def test_a_bad_gmm_switch_is_refused_before_any_work(monkeypatch, capsys, switch
     with pytest.raises(SystemExit):
         bench_train.main()
     assert msg in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("mode", bench_train.BATCHES_MODES)
-def test_feed_gives_every_batch_once_in_order(mode):
-    import jax
-    import numpy as np
-
-    batches = [{"inputs": np.full((2, 4), i, np.int32)} for i in range(4)]
-    got = list(bench_train.feed(batches, mode))
-    assert [int(b["inputs"][0, 0]) for b in got] == [0, 1, 2, 3]
-    assert [int(b["inputs"][0, 0]) for b in bench_train.feed(batches[:1], mode)] == [0]
-    assert all(isinstance(b["inputs"], jax.Array) == (mode in ("prefetch", "thread")) for b in got)
