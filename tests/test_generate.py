@@ -260,7 +260,6 @@ def test_generator_is_cached_and_rebuilt_when_weights_change(tiny):
 def test_cli_hf_directory_and_trainer_workdir(tiny, tmp_path, capsys):
     """load_model reads a HF directory and a trainer-style workdir (config.json + checkpoints/<step>);
     python -m lcflash.generate on the workdir prints the text model.generate gives, in byte tokens."""
-
     from lcflash.checkpoint import Checkpointer, checkpoint_dir
     from lcflash.data.tokenize import BOS, ByteTokenizer
     from lcflash.defaults import base_config
