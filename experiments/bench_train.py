@@ -85,6 +85,10 @@ def profile_steps(step, state, batches, out_dir: str, tag: str) -> dict:
     for g in res["idle_between"]:
         print(f"  idle {g['us_per_step'] / 1e3:6.2f} ms in {g['gaps_per_step']:5.1f} gaps: {g['after'][:45]} -> "
               f"{g['before'][:45]}")
+    for g in res["long_gaps"]:
+        print(f"  gap {g['us'] / 1e3:6.2f} ms at {g['at_ms']:8.2f} ms: {g['after'][:40]} -> {g['before'][:40]}")
+        for thread, h in g["host"].items():
+            print(f"      {thread[:30]:30} in {str(h['spanning'])[:60]}; ran {h['inside'][:2]}")
     for o in res["by_part"]:
         print(f"  {o['kernels_per_step']:7.1f} {o['us_per_step'] / 1e3:8.2f} ms  {o['part']}")
     for o in res["by_op"][:15]:

@@ -262,11 +262,13 @@ def launch_view(trace, kernels, steps: int, gap_us: float = 3.0, top: int = 10) 
     traced run's: the profiler slows each loop iteration (an H200 batch-1 decode showed ~1.1 ms of idle per step
     traced at an untraced step time equal to its kernel time), so compare step times untraced."""
     idle = collections.defaultdict(lambda: [0, 0.0])   # (kernel before, kernel after): [gaps, us]
+    gaps = []                                          # (start, end, kernel before, kernel after)
     end, last = None, None
     for k in sorted(kernels, key=lambda e: e.start):
         if end is not None and k.start - end > gap_us:
             idle[last.name, k.name][0] += 1
             idle[last.name, k.name][1] += k.start - end
+            gaps.append((end, k.start, last.name, k.name))
         if end is None or k.start + k.dur > end:
             end, last = k.start + k.dur, k
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
@@ -277,7 +279,39 @@ def launch_view(trace, kernels, steps: int, gap_us: float = 3.0, top: int = 10) 
             "device_gaps_per_step": sum(c for c, _ in idle.values()) / steps,
             "idle_between": [dict(after=a, before=b, gaps_per_step=c / steps, us_per_step=t / steps)
                              for (a, b), (c, t) in pairs],
-            "host_launches_per_step": {k: v / steps for k, v in launches.most_common(6)}}
+            "host_launches_per_step": {k: v / steps for k, v in launches.most_common(6)},
+            "long_gaps": long_gaps(events, gaps, t0=min((k.start for k in kernels), default=0.0))}
+
+
+def long_gaps(events, gaps, t0: float, top: int = 6, per_thread: int = 4) -> list:
+    """The `top` longest single device gaps (start ms after the first kernel, µs), each with what the host did
+    during it: per host thread, the shortest event spanning the whole gap (where the host waited) and the longest
+    ones starting inside it (what it ran instead of launching)."""
+    pname = {e["pid"]: e.get("args", {}).get("name", "") for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    tname = {(e["pid"], e.get("tid")): e.get("args", {}).get("name", "") for e in events
+             if e.get("ph") == "M" and e.get("name") == "thread_name"}
+    host = [e for e in events if e.get("ph") == "X" and "dur" in e and "ts" in e
+            and not re.search(r"gpu|device|tpu", pname.get(e.get("pid"), ""), re.IGNORECASE)]
+    out = []
+    for start, end, after, before in sorted(gaps, key=lambda g: g[0] - g[1])[:top]:
+        threads = collections.defaultdict(lambda: {"spanning": None, "inside": []})
+        for e in host:
+            s, d = float(e["ts"]), float(e["dur"])
+            if s >= end or s + d <= start:
+                continue
+            t = threads[tname.get((e["pid"], e.get("tid")), str(e.get("tid")))]
+            if s <= start and s + d >= end:
+                if t["spanning"] is None or d < t["spanning"][1]:
+                    t["spanning"] = (e.get("name", "")[:100], d)
+            elif s > start:
+                t["inside"].append((e.get("name", "")[:100], round(s - start, 1), round(d, 1)))
+        host_view = {name: {"spanning": t["spanning"][0] if t["spanning"] else None,
+                            "inside": sorted(t["inside"], key=lambda x: -x[2])[:per_thread]}
+                     for name, t in threads.items()}
+        out.append({"at_ms": round((start - t0) / 1e3, 3), "us": round(end - start, 1), "after": after,
+                    "before": before, "host": host_view})
+    return out
 
 
 def main():

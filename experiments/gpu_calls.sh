@@ -41,7 +41,7 @@
 # here to the ignored `.jcc` (`rm -rf .jcc && cp -r /work/.device/N/jcc .jcc`) and carried, it seeds the next
 # machine's, which helps where that machine has the same card and image.
 set -u
-N=${1:?call number 1-36 or 39-45}
+N=${1:?call number 1-36 or 39-45, 47-48}
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -266,5 +266,25 @@ longcat/gate_up/4096,longcat/down/4096,longcat/gate_up/512/skewed,longcat/down/5
     step 290 $B --out "$OUT/bench_train_b24_align8.json"
     step 290 $B --gmm_switch ROWS_ALIGN=0 --gmm_switch CONTRACT_ALIGN=0 --out "$OUT/bench_train_b24_align0.json"
     ;;
-*)  echo "call number 1-36 or 39-45" >&2; exit 2 ;;
+47) # session 58: the train step's one conditional (the router's LB/LM gradient ratio, lax.cond every step) makes
+    # XLA's host wait for the device at it; traced at the default and without the conditional
+    # (train.grad_ratio_every=0), each gap of the step named with what the host ran meanwhile
+    B="python experiments/bench_train.py --gmm_impl pallas_chain --remat --warmup 2 --steps 5 --mem_fraction 0.95"
+    B="$B --batch 24"
+    step 290 $B --profile_dir "$OUT/prof_cond" --out "$OUT/bench_train_b24_cond_prof.json"
+    step 290 $B --set train.grad_ratio_every=0 --profile_dir "$OUT/prof_nocond" \
+        --out "$OUT/bench_train_b24_nocond_prof.json"
+    rm -rf "$OUT"/prof_*
+    ;;
+48) # session 58: call 47's A/B with a third arm, the conditional as a CUDA-graph node (XLA's CONDITIONAL command
+    # buffers: no host wait), then a second round in reversed order (programs cached by call 47 on a warm machine)
+    B="python experiments/bench_train.py --gmm_impl pallas_chain --remat --warmup 2 --steps 5 --mem_fraction 0.95"
+    B="$B --batch 24"
+    CB="$XLA_FLAGS --xla_gpu_enable_command_buffer=+CONDITIONAL"
+    step 200 env XLA_FLAGS="$CB" $B --out "$OUT/bench_train_b24_cbcond.json"
+    step 200 env XLA_FLAGS="$CB" $B --out "$OUT/bench_train_b24_cbcond_r2.json"
+    step 200 $B --set train.grad_ratio_every=0 --out "$OUT/bench_train_b24_nocond_r2.json"
+    step 200 $B --out "$OUT/bench_train_b24_cond_r2.json"
+    ;;
+*)  echo "call number 1-36 or 39-45, 47-48" >&2; exit 2 ;;
 esac

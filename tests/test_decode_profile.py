@@ -45,6 +45,28 @@ def test_idle_counts_only_time_when_no_stream_runs_and_names_the_kernels_around_
     assert [(g["after"], g["before"], g["us_per_step"]) for g in res["idle_between"]] == [
         ("long", "next", 10.0), ("tiny_gap", "last", 8.5)]
     assert res["host_launches_per_step"] == {"cuGraphLaunch": 0.5, "cuLaunchKernel": 0.5}
+    assert [(g["at_ms"], g["us"], g["after"], g["before"]) for g in res["long_gaps"]] == [
+        (0.1, 20.0, "long", "next"), (0.133, 17.0, "tiny_gap", "last")]
+
+
+def test_long_gaps_name_what_the_host_did_meanwhile():
+    """Per host thread: the shortest event spanning the gap (where it waited) and the longest starting in it."""
+    from lcflash.parallel.trace_overlap import Event
+
+    dp = load("decode_profile")
+    meta = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/host:CPU"}},
+            {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/device:GPU:0"}},
+            {"ph": "M", "name": "thread_name", "pid": 1, "tid": 7, "args": {"name": "python"}}]
+    host = [{"ph": "X", "pid": 1, "tid": 7, "ts": 0.0, "dur": 500.0, "name": "step"},
+            {"ph": "X", "pid": 1, "tid": 7, "ts": 90.0, "dur": 60.0, "name": "wait"},
+            {"ph": "X", "pid": 1, "tid": 7, "ts": 110.0, "dur": 5.0, "name": "short"},
+            {"ph": "X", "pid": 1, "tid": 7, "ts": 112.0, "dur": 30.0, "name": "launch"},
+            {"ph": "X", "pid": 1, "tid": 7, "ts": 300.0, "dur": 5.0, "name": "after"},
+            {"ph": "X", "pid": 2, "tid": 1, "ts": 105.0, "dur": 5.0, "name": "device_line"}]
+    kernels = [Event("a", 0.0, 100.0, 1), Event("b", 140.0, 10.0, 1)]
+    (gap,) = dp.launch_view({"traceEvents": meta + host}, kernels, steps=1)["long_gaps"]
+    assert (gap["at_ms"], gap["us"]) == (0.1, 40.0)
+    assert gap["host"] == {"python": {"spanning": "wait", "inside": [("launch", 12.0, 30.0), ("short", 10.0, 5.0)]}}
 
 
 # A decode loop as XLA's GPU compiler leaves it: the step is the while body; part of it sits in a command buffer (a
