@@ -28,9 +28,10 @@
 # session 53) are gone from this script; session 55 ran 38 of d1b0c34 (the rows kernels' half tiles: slower,
 # removed since, so 38 is gone too), 39 and 40; session 56 ran 41-43 (both flat kernels' row windows on multiples
 # of 8, now the default); session 57 ran 44 and 45, then b43fd25's call 46 (the training step's batches as host
-# arrays, prefetched or on the device: level, removed since) by an inline command; HISTORY.md):
-#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 36, 39-45; 4 takes the persistent kernels,
-#                                                            14 the rows and d_rhs bands, 18 a benchmark flag)
+# arrays, prefetched or on the device: level, removed since) by an inline command; session 58 ran 47 and 48 (the
+# step's conditional: level; the step-start gap is the first traced step's launch); HISTORY.md):
+#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 36, 39-45, 47-49; 4 takes the persistent
+#                                                            kernels, 14 the rows and d_rhs bands, 18 a benchmark flag)
 # run from the repository root on the device machine, with `.whl` carried (ml-collections and tensorboardX, which
 # its image lacks) and `.whl-tokamax` where a call times the tokamax peer (tokamax 0.0.17 with its needs, 37 MB).
 # Results go to $OUT (or ./out). Each step has its own time limit, so a hang or a failure costs that step, not the
@@ -41,7 +42,7 @@
 # here to the ignored `.jcc` (`rm -rf .jcc && cp -r /work/.device/N/jcc .jcc`) and carried, it seeds the next
 # machine's, which helps where that machine has the same card and image.
 set -u
-N=${1:?call number 1-36 or 39-45, 47-48}
+N=${1:?call number 1-36 or 39-45, 47-49}
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -286,5 +287,12 @@ longcat/gate_up/4096,longcat/down/4096,longcat/gate_up/512/skewed,longcat/down/5
     step 200 $B --set train.grad_ratio_every=0 --out "$OUT/bench_train_b24_nocond_r2.json"
     step 200 $B --out "$OUT/bench_train_b24_cond_r2.json"
     ;;
-*)  echo "call number 1-36 or 39-45, 47-48" >&2; exit 2 ;;
+49) # session 58: configs/small.py's training at batches 26 and 28 against 24 (AdamW's ~21 ms per step is fixed, so a
+    # larger batch spreads it; batch 24 peaked at 68.6 of 75.2 GiB at a memory fraction of 0.95)
+    B="python experiments/bench_train.py --gmm_impl pallas_chain --remat --warmup 2 --steps 5 --mem_fraction 0.97"
+    step 190 $B --batch 28 --out "$OUT/bench_train_b28_s58_h100.json"
+    step 190 $B --batch 26 --out "$OUT/bench_train_b26_s58_h100.json"
+    step 190 $B --batch 24 --out "$OUT/bench_train_b24_m97_s58_h100.json"
+    ;;
+*)  echo "call number 1-36 or 39-45, 47-49" >&2; exit 2 ;;
 esac
