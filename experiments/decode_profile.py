@@ -284,15 +284,12 @@ def launch_view(trace, kernels, steps: int, gap_us: float = 3.0, top: int = 10) 
 
 
 def long_gaps(events, gaps, t0: float, top: int = 6, per_thread: int = 4) -> list:
-    """The `top` longest single device gaps (start ms after the first kernel, µs), each with what the host did
-    during it: per host thread, the shortest event spanning the whole gap (where the host waited) and the longest
-    ones starting inside it (what it ran instead of launching)."""
-    pname = {e["pid"]: e.get("args", {}).get("name", "") for e in events
-             if e.get("ph") == "M" and e.get("name") == "process_name"}
-    tname = {(e["pid"], e.get("tid")): e.get("args", {}).get("name", "") for e in events
-             if e.get("ph") == "M" and e.get("name") == "thread_name"}
+    """The `top` longest single device gaps (`at_ms` after the first kernel, `us` long), each with what the host
+    did during it: per host thread, the shortest event spanning the whole gap (where the host waited) and the
+    longest ones starting inside it (what it ran instead of launching)."""
+    pname, tname = trace_overlap.trace_names(events)
     host = [e for e in events if e.get("ph") == "X" and "dur" in e and "ts" in e
-            and not re.search(r"gpu|device|tpu", pname.get(e.get("pid"), ""), re.IGNORECASE)]
+            and not trace_overlap.is_device(pname.get(e.get("pid"), ""))]
     out = []
     for start, end, after, before in sorted(gaps, key=lambda g: g[0] - g[1])[:top]:
         threads = collections.defaultdict(lambda: {"spanning": None, "inside": []})

@@ -119,6 +119,21 @@ _DERIVED_LINES = re.compile(r"xla ops|xla modules|steps|tensorflow|name scope|so
                             re.IGNORECASE)
 
 
+def trace_names(events: list) -> tuple[dict, dict]:
+    """({pid: process name}, {(pid, tid): thread name}) from a trace's metadata events."""
+    pname = {e["pid"]: e.get("args", {}).get("name", "") for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    tname = {(e["pid"], e.get("tid")): e.get("args", {}).get("name", "") for e in events
+             if e.get("ph") == "M" and e.get("name") == "thread_name"}
+    return pname, tname
+
+
+def is_device(process_name: str) -> bool:
+    """Whether a trace process is an accelerator ('/device:GPU:0'), not the host."""
+    return bool(re.search(r"gpu|device|tpu", process_name, re.IGNORECASE)
+                and not re.search(r"host|cpu", process_name, re.IGNORECASE))
+
+
 def device_kernels(trace: dict | list) -> tuple[dict[str, list[Event]], dict]:
     """Kernels per device of a perfetto/chrome trace: {process name: [Event]}, plus what was seen.
 
@@ -126,12 +141,8 @@ def device_kernels(trace: dict | list) -> tuple[dict[str, list[Event]], dict]:
     'Stream #N(...)' (when no thread of a device says 'stream', every thread but the derived op/module lines).
     """
     ev = trace["traceEvents"] if isinstance(trace, dict) else trace
-    pname = {e["pid"]: e.get("args", {}).get("name", "") for e in ev
-             if e.get("ph") == "M" and e.get("name") == "process_name"}
-    tname = {(e["pid"], e.get("tid")): e.get("args", {}).get("name", "") for e in ev
-             if e.get("ph") == "M" and e.get("name") == "thread_name"}
-    devices = {pid for pid, n in pname.items() if re.search(r"gpu|device|tpu", n, re.IGNORECASE)
-               and not re.search(r"host|cpu", n, re.IGNORECASE)}
+    pname, tname = trace_names(ev)
+    devices = {pid for pid, n in pname.items() if is_device(n)}
     threads = collections.defaultdict(set)
     for (pid, tid), n in tname.items():
         if pid in devices:
