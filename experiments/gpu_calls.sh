@@ -31,7 +31,7 @@
 # arrays, prefetched or on the device: level, removed since) by an inline command; session 58 ran 47 and 48 (the
 # step's conditional: level; the step-start gap is the first traced step's launch) and 49 (batches 26 and 28: out of
 # memory); HISTORY.md):
-#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 36, 39-45, 47-49; 4 takes the persistent
+#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 36, 39-45, 47-50; 4 takes the persistent
 #                                                            kernels, 14 the rows and d_rhs bands, 18 a benchmark flag)
 # run from the repository root on the device machine, with `.whl` carried (ml-collections and tensorboardX, which
 # its image lacks) and `.whl-tokamax` where a call times the tokamax peer (tokamax 0.0.17 with its needs, 37 MB).
@@ -43,7 +43,7 @@
 # here to the ignored `.jcc` (`rm -rf .jcc && cp -r /work/.device/N/jcc .jcc`) and carried, it seeds the next
 # machine's, which helps where that machine has the same card and image.
 set -u
-N=${1:?call number 1-36 or 39-45, 47-49}
+N=${1:?call number 1-36 or 39-45, 47-50}
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -295,5 +295,12 @@ longcat/gate_up/4096,longcat/down/4096,longcat/gate_up/512/skewed,longcat/down/5
     step 190 $B --batch 26 --out "$OUT/bench_train_b26_s58_h100.json"
     step 190 $B --batch 24 --out "$OUT/bench_train_b24_m97_s58_h100.json"
     ;;
-*)  echo "call number 1-36 or 39-45, 47-49" >&2; exit 2 ;;
+50) # session 58: the step's matmuls XLA fuses into Triton GEMMs (4.8 ms per step at 24 x 1024; the attention's
+    # narrow kv_b products at 270-310 TFLOP/s among them) left to cuBLAS instead, against the default
+    B="python experiments/bench_train.py --gmm_impl pallas_chain --remat --warmup 2 --steps 5 --mem_fraction 0.95"
+    B="$B --batch 24"
+    step 200 $B --xla_option xla_gpu_enable_triton_gemm=false --out "$OUT/bench_train_b24_notriton.json"
+    step 200 $B --out "$OUT/bench_train_b24_triton.json"
+    ;;
+*)  echo "call number 1-36 or 39-45, 47-50" >&2; exit 2 ;;
 esac
