@@ -30,7 +30,7 @@
 # of 8, now the default); session 57 ran 44 and 45, then b43fd25's call 46 (the training step's batches as host
 # arrays, prefetched or on the device: level, removed since) by an inline command; session 58 ran 47 and 48 (the
 # step's conditional: level; the step-start gap is the first traced step's launch) and 49 (batches 26 and 28: out of
-# memory); HISTORY.md):
+# memory); 50 is prepared (no machine came for it); HISTORY.md):
 #     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 36, 39-45, 47-50; 4 takes the persistent
 #                                                            kernels, 14 the rows and d_rhs bands, 18 a benchmark flag)
 # run from the repository root on the device machine, with `.whl` carried (ml-collections and tensorboardX, which
