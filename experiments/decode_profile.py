@@ -261,16 +261,17 @@ def launch_view(trace, kernels, steps: int, gap_us: float = 3.0, top: int = 10) 
     last before it and the one that starts it (`idle_between`, the top pairs by idle time). The idle time is the
     traced run's: the profiler slows each loop iteration (an H200 batch-1 decode showed ~1.1 ms of idle per step
     traced at an untraced step time equal to its kernel time), so compare step times untraced."""
-    idle = collections.defaultdict(lambda: [0, 0.0])   # (kernel before, kernel after): [gaps, us]
     gaps = []                                          # (start, end, kernel before, kernel after)
     end, last = None, None
     for k in sorted(kernels, key=lambda e: e.start):
         if end is not None and k.start - end > gap_us:
-            idle[last.name, k.name][0] += 1
-            idle[last.name, k.name][1] += k.start - end
             gaps.append((end, k.start, last.name, k.name))
         if end is None or k.start + k.dur > end:
             end, last = k.start + k.dur, k
+    idle = collections.defaultdict(lambda: [0, 0.0])   # (kernel before, kernel after): [gaps, us]
+    for start, stop, after, before in gaps:
+        idle[after, before][0] += 1
+        idle[after, before][1] += stop - start
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
     launches = collections.Counter(e["name"].split(" ")[0] for e in events
                                    if e.get("ph") == "X" and "Launch" in e.get("name", ""))
