@@ -56,6 +56,8 @@ if [ -d .jcc ]; then cp -r .jcc/. /tmp/jcc/; fi
 trap 'cp -r /tmp/jcc "$OUT/jcc"' EXIT
 S=s36
 T="python experiments/bench_train.py --gmm_impl pallas_chain --remat --warmup 2 --steps 3 --batch 32"  # calls 4, 6
+T24="python experiments/bench_train.py --gmm_impl pallas_chain --remat --warmup 2 --steps 5 --mem_fraction 0.95"
+T24="$T24 --batch 24"  # calls 45, 47, 48, 50
 step() {  # step LIMIT_S COMMAND...: run it, say how it ended
     local limit=$1; shift
     echo "=== $* (limit ${limit}s)"
@@ -263,16 +265,14 @@ longcat/gate_up/4096,longcat/down/4096,longcat/gate_up/512/skewed,longcat/down/5
 45) # session 56: configs/small.py's training at batch 24 with both flat kernels' windows on multiples of 8 (the
     # default; training-like loads: the rows kernels' 581 tiles against 637, d_rhs's 1,096 steps against 1,148), then
     # on lhs's blocks, on one machine (session 54: 30.0% MFU)
-    B="python experiments/bench_train.py --gmm_impl pallas_chain --remat --warmup 2 --steps 5 --mem_fraction 0.95"
-    B="$B --batch 24"
+    B=$T24
     step 290 $B --out "$OUT/bench_train_b24_align8.json"
     step 290 $B --gmm_switch ROWS_ALIGN=0 --gmm_switch CONTRACT_ALIGN=0 --out "$OUT/bench_train_b24_align0.json"
     ;;
 47) # session 58: the train step's one conditional (the router's LB/LM gradient ratio, lax.cond every step) makes
     # XLA's host wait for the device at it; traced at the default and without the conditional
     # (train.grad_ratio_every=0), each gap of the step named with what the host ran meanwhile
-    B="python experiments/bench_train.py --gmm_impl pallas_chain --remat --warmup 2 --steps 5 --mem_fraction 0.95"
-    B="$B --batch 24"
+    B=$T24
     step 290 $B --profile_dir "$OUT/prof_cond" --out "$OUT/bench_train_b24_cond_prof.json"
     step 290 $B --set train.grad_ratio_every=0 --profile_dir "$OUT/prof_nocond" \
         --out "$OUT/bench_train_b24_nocond_prof.json"
@@ -280,8 +280,7 @@ longcat/gate_up/4096,longcat/down/4096,longcat/gate_up/512/skewed,longcat/down/5
     ;;
 48) # session 58: call 47's A/B with a third arm, the conditional as a CUDA-graph node (XLA's CONDITIONAL command
     # buffers: no host wait), then a second round in reversed order (programs cached by call 47 on a warm machine)
-    B="python experiments/bench_train.py --gmm_impl pallas_chain --remat --warmup 2 --steps 5 --mem_fraction 0.95"
-    B="$B --batch 24"
+    B=$T24
     CB="$XLA_FLAGS --xla_gpu_enable_command_buffer=+CONDITIONAL"
     step 200 env XLA_FLAGS="$CB" $B --out "$OUT/bench_train_b24_cbcond.json"
     step 200 env XLA_FLAGS="$CB" $B --out "$OUT/bench_train_b24_cbcond_r2.json"
@@ -297,8 +296,7 @@ longcat/gate_up/4096,longcat/down/4096,longcat/gate_up/512/skewed,longcat/down/5
     ;;
 50) # session 58: the step's matmuls XLA fuses into Triton GEMMs (4.8 ms per step at 24 x 1024; the attention's
     # narrow kv_b products at 270-310 TFLOP/s among them) left to cuBLAS instead, against the default
-    B="python experiments/bench_train.py --gmm_impl pallas_chain --remat --warmup 2 --steps 5 --mem_fraction 0.95"
-    B="$B --batch 24"
+    B=$T24
     step 200 $B --xla_option xla_gpu_enable_triton_gemm=false --out "$OUT/bench_train_b24_notriton.json"
     step 200 $B --out "$OUT/bench_train_b24_triton.json"
     ;;
