@@ -30,8 +30,9 @@
 # of 8, now the default); session 57 ran 44 and 45, then b43fd25's call 46 (the training step's batches as host
 # arrays, prefetched or on the device: level, removed since) by an inline command; session 58 ran 47 and 48 (the
 # step's conditional: level; the step-start gap is the first traced step's launch) and 49 (batches 26 and 28: out of
-# memory); 50 is prepared (no machine came for it); HISTORY.md):
-#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 36, 39-45, 47-50; 4 takes the persistent
+# memory); session 59 ran 50 (Triton GEMM fusions against cuBLAS: level) and 51 (programmatic dependent launch:
+# level); HISTORY.md):
+#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 36, 39-45, 47-51; 4 takes the persistent
 #                                                            kernels, 14 the rows and d_rhs bands, 18 a benchmark flag)
 # run from the repository root on the device machine, with `.whl` carried (ml-collections and tensorboardX, which
 # its image lacks) and `.whl-tokamax` where a call times the tokamax peer (tokamax 0.0.17 with its needs, 37 MB).
@@ -43,7 +44,7 @@
 # here to the ignored `.jcc` (`rm -rf .jcc && cp -r /work/.device/N/jcc .jcc`) and carried, it seeds the next
 # machine's, which helps where that machine has the same card and image.
 set -u
-N=${1:?call number 1-36 or 39-45, 47-50}
+N=${1:?call number 1-36 or 39-45, 47-51}
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -57,7 +58,7 @@ trap 'cp -r /tmp/jcc "$OUT/jcc"' EXIT
 S=s36
 T="python experiments/bench_train.py --gmm_impl pallas_chain --remat --warmup 2 --steps 3 --batch 32"  # calls 4, 6
 T24="python experiments/bench_train.py --gmm_impl pallas_chain --remat --warmup 2 --steps 5 --mem_fraction 0.95"
-T24="$T24 --batch 24"  # calls 45, 47, 48, 50
+T24="$T24 --batch 24"  # calls 45, 47, 48, 50, 51
 step() {  # step LIMIT_S COMMAND...: run it, say how it ended
     local limit=$1; shift
     echo "=== $* (limit ${limit}s)"
@@ -300,5 +301,13 @@ longcat/gate_up/4096,longcat/down/4096,longcat/gate_up/512/skewed,longcat/down/5
     step 200 $B --xla_option xla_gpu_enable_triton_gemm=false --out "$OUT/bench_train_b24_notriton.json"
     step 200 $B --out "$OUT/bench_train_b24_triton.json"
     ;;
-*)  echo "call number 1-36 or 39-45, 47-50" >&2; exit 2 ;;
+51) # session 59: programmatic dependent launch (each kernel launched while the one before drains) in training, in
+    # rotated rounds on one machine (each arm compiles once; the cache serves its second run)
+    B=$T24
+    step 200 $B --xla_option xla_gpu_enable_pdl=true --out "$OUT/bench_train_b24_pdl.json"
+    step 200 $B --out "$OUT/bench_train_b24_nopdl.json"
+    step 120 $B --out "$OUT/bench_train_b24_nopdl_r2.json"
+    step 120 $B --xla_option xla_gpu_enable_pdl=true --out "$OUT/bench_train_b24_pdl_r2.json"
+    ;;
+*)  echo "call number 1-36 or 39-45, 47-51" >&2; exit 2 ;;
 esac
