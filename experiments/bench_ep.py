@@ -62,10 +62,11 @@ def run_variant(args, variant, n_dev):
     import jax
     import numpy as np
 
-    from bench_train import flops_per_token, peak_flops
     from lcflash import load_config
     from lcflash.config import model_config
     from lcflash.data import PackedLoader, load_corpus
+    from lcflash.params import train_flops_per_token
+    from lcflash.perfmodel.hardware import peak_bf16_flops
     from lcflash.train.step import init_state, make_train_step
 
     transport, overlap_on = parse_variant(variant)
@@ -133,8 +134,8 @@ def run_variant(args, variant, n_dev):
     tok_s = cfg.train.batch_size * cfg.data.seq_len * args.steps / dt
     ffn_mean = float(np.mean(jax.device_get(ffn)))
     with_mtp = cfg.loss.mtp_weight > 0 and mc.num_mtp_layers > 0
-    fpt, _ = flops_per_token(mc, args.seq, ffn_mean, with_mtp)
-    peak = peak_flops(jax.devices()[0].device_kind)
+    fpt, _ = train_flops_per_token(mc, args.seq, ffn_mean, with_mtp)
+    peak = peak_bf16_flops(jax.devices()[0].device_kind)
     return {"variant": variant, "transport": transport, "moe_overlap": overlap_on, "devices": ndev,
             "global_batch": cfg.train.batch_size, "step_time_s": dt / args.steps,
             "tokens_per_s": tok_s, "tokens_per_s_per_gpu": tok_s / ndev, "compile_and_warmup_s": t_warm,

@@ -3,12 +3,13 @@
 Runs the real train step (losses, MTP, controller, AdamW on fp32 master weights, bf16 compute) on packed
 stdlib batches, times `--steps` steps after `--warmup` compile/warm-up steps, and reports tokens/s and MFU.
 
-Model FLOPs per token (training = 3 x forward):
+Model FLOPs per token (training = 3 x forward; `lcflash.params.train_flops_per_token`, which the trainer's
+metrics use too):
     6 * activated matmul parameters (non-embedding: attention, dense MLPs, router, the measured mean number of
         FFN experts per token, LM head; MTP block + LM head again when loss.mtp_weight > 0)
   + 6 * attention sublayers * heads * (qk_head_dim + v_head_dim) * T/2   (causal: each query sees T/2 keys
         on average; the kernel computes the full T x T, so hardware FLOPs are higher)
-MFU = model FLOPs per second / the device's dense bf16 peak.
+MFU = model FLOPs per second / the device's dense bf16 peak (`lcflash.perfmodel.hardware.peak_bf16_flops`).
 
     python experiments/bench_train.py [--config configs/small.py] [--batch 4] [--seq 1024] \
         [--gmm_impl pallas,ragged_dot]
@@ -26,38 +27,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from experiments.gpu_clocks import ClockSampler  # noqa: E402 -- after the path
-
-PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}   # dense bf16 tensor-core peak (SXM)
-
-
-def peak_flops(kind: str):
-    for k, v in PEAK_BF16.items():
-        if k in kind:
-            return v
-    return None
-
-
-def activated_params(mc, ffn_per_token: float, with_mtp: bool) -> dict:
-    D, H = mc.hidden_size, mc.num_attention_heads
-    mla = (D * mc.q_lora_rank + mc.q_lora_rank * H * mc.qk_head_dim + D * (mc.kv_lora_rank + mc.qk_rope_head_dim)
-           + mc.kv_lora_rank * H * (mc.qk_nope_head_dim + mc.v_head_dim) + H * mc.v_head_dim * D)
-    mlp = 3 * D * mc.ffn_hidden_size
-    expert = 3 * D * mc.expert_ffn_hidden_size
-    router = D * mc.num_experts_total
-    head = D * mc.vocab_size
-    layer = 2 * mla + 2 * mlp + router + ffn_per_token * expert
-    out = {"per_layer": layer, "layers": mc.num_layers * layer, "head": head,
-           "mtp": (2 * D * D + mla + mlp + head) if with_mtp else 0}
-    out["total"] = out["layers"] + out["head"] + out["mtp"]
-    return out
-
-
-def flops_per_token(mc, seq: int, ffn_per_token: float, with_mtp: bool):
-    p = activated_params(mc, ffn_per_token, with_mtp)
-    sublayers = 2 * mc.num_layers + (1 if with_mtp else 0)
-    attn = 6 * sublayers * mc.num_attention_heads * (mc.qk_head_dim + mc.v_head_dim) * seq / 2
-    return 6 * p["total"] + attn, p
-
 
 def profile_steps(step, state, batches, out_dir: str, tag: str) -> dict:
     """Trace two steps of the compiled `step` (it donates `state`) and join the kernels to its HLO op names
@@ -282,6 +251,8 @@ def main():
     from lcflash.config import model_config
     from lcflash.kernels.gmm import api as gmm_api
     from lcflash.model import mla
+    from lcflash.params import train_flops_per_token
+    from lcflash.perfmodel.hardware import peak_bf16_flops
     gmm_api.SWIGLU_EPILOGUE = not args.no_swiglu_epilogue
     gmm_api.SKIP_TAILS = not args.zero_tails
     gmm_api.SWIGLU_GRAD_EPILOGUE = not args.no_swiglu_grad_epilogue
@@ -333,7 +304,7 @@ def main():
         base[key] = {"true": True, "false": False}.get(value.lower(), int(value) if value.isdigit() else value)
     impls = [x for x in args.gmm_impl.split(",") if x] or [None]
     dev = jax.devices()[0]
-    peak = peak_flops(dev.device_kind)
+    peak = peak_bf16_flops(dev.device_kind)
     rows, t_start = [], time.time()
     for impl in impls:
         if time.time() - t_start > args.time_budget_s:
@@ -350,7 +321,7 @@ def main():
             print(rows[-1], flush=True)
             continue
         with_mtp = cfg.loss.mtp_weight > 0 and mc.num_mtp_layers > 0
-        fpt, p = flops_per_token(mc, args.seq, r["ffn_experts_per_token"], with_mtp)
+        fpt, p = train_flops_per_token(mc, args.seq, r["ffn_experts_per_token"], with_mtp)
         r.update(gmm_impl=mc.gmm_impl, model_flops_per_token=fpt, activated_params=p["total"],
                  model_tflops_per_s=fpt * r["tokens_per_s"] / 1e12,
                  mfu=(fpt * r["tokens_per_s"] / peak) if peak else None)

@@ -30,9 +30,9 @@
 # of 8, now the default); session 57 ran 44 and 45, then b43fd25's call 46 (the training step's batches as host
 # arrays, prefetched or on the device: level, removed since) by an inline command; session 58 ran 47 and 48 (the
 # step's conditional: level; the step-start gap is the first traced step's launch) and 49 (batches 26 and 28: out of
-# memory); session 59 ran 50 (Triton GEMM fusions against cuBLAS: level) and 51 (programmatic dependent launch:
-# level); HISTORY.md):
-#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 36, 39-45, 47-51; 4 takes the persistent
+# memory); session 59 ran 50 (Triton GEMM fusions against cuBLAS: level), 51 (programmatic dependent launch:
+# level) and 52 (the trainer's MFU metric beside the bench's); HISTORY.md):
+#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 36, 39-45, 47-52; 4 takes the persistent
 #                                                            kernels, 14 the rows and d_rhs bands, 18 a benchmark flag)
 # run from the repository root on the device machine, with `.whl` carried (ml-collections and tensorboardX, which
 # its image lacks) and `.whl-tokamax` where a call times the tokamax peer (tokamax 0.0.17 with its needs, 37 MB).
@@ -44,7 +44,7 @@
 # here to the ignored `.jcc` (`rm -rf .jcc && cp -r /work/.device/N/jcc .jcc`) and carried, it seeds the next
 # machine's, which helps where that machine has the same card and image.
 set -u
-N=${1:?call number 1-36 or 39-45, 47-51}
+N=${1:?call number 1-36 or 39-45, 47-52}
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -58,7 +58,7 @@ trap 'cp -r /tmp/jcc "$OUT/jcc"' EXIT
 S=s36
 T="python experiments/bench_train.py --gmm_impl pallas_chain --remat --warmup 2 --steps 3 --batch 32"  # calls 4, 6
 T24="python experiments/bench_train.py --gmm_impl pallas_chain --remat --warmup 2 --steps 5 --mem_fraction 0.95"
-T24="$T24 --batch 24"  # calls 45, 47, 48, 50, 51
+T24="$T24 --batch 24"  # calls 45, 47, 48, 50-52
 step() {  # step LIMIT_S COMMAND...: run it, say how it ended
     local limit=$1; shift
     echo "=== $* (limit ${limit}s)"
@@ -309,5 +309,14 @@ longcat/gate_up/4096,longcat/down/4096,longcat/gate_up/512/skewed,longcat/down/5
     step 120 $B --out "$OUT/bench_train_b24_nopdl_r2.json"
     step 120 $B --xla_option xla_gpu_enable_pdl=true --out "$OUT/bench_train_b24_pdl_r2.json"
     ;;
-*)  echo "call number 1-36 or 39-45, 47-51" >&2; exit 2 ;;
+52) # session 59: the trainer's own MFU metric (lcflash.params.train_flops_per_token at each logged step's FFN experts
+    # per token) on configs/small.py at batch 24, against bench_train's figure for the same step on the same machine
+    step 200 $T24 --out "$OUT/bench_train_b24_vs_trainer.json"
+    export XLA_PYTHON_CLIENT_MEM_FRACTION=0.95
+    step 400 python -m lcflash.train --config=configs/small.py --workdir=/tmp/w52 --config.train.batch_size=24 \
+        --config.model.remat=True --config.train.steps=1000 --config.train.stop_at=60 --config.train.log_every=10 \
+        --config.train.progress=False
+    cp /tmp/w52/metrics.jsonl "$OUT/train_small_b24_metrics.jsonl"
+    ;;
+*)  echo "call number 1-36 or 39-45, 47-52" >&2; exit 2 ;;
 esac

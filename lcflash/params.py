@@ -47,6 +47,32 @@ def count_params(cfg: ModelConfig) -> dict:
     }
 
 
+def activated_matmul_params(cfg: ModelConfig, ffn_per_token: float, with_mtp: bool) -> dict:
+    """Matmul weights one token runs through, by part: attention, dense MLPs, router, `ffn_per_token` FFN experts
+    per layer, LM head, and the MTP block with its LM head when `with_mtp`. Vectors (norms) and the embedding
+    lookup do no matmul and are left out."""
+    D, H = cfg.hidden_size, cfg.num_attention_heads
+    mla = (D * cfg.q_lora_rank + cfg.q_lora_rank * H * cfg.qk_head_dim + D * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+           + cfg.kv_lora_rank * H * (cfg.qk_nope_head_dim + cfg.v_head_dim) + H * cfg.v_head_dim * D)
+    mlp = 3 * D * cfg.ffn_hidden_size
+    head = D * cfg.vocab_size
+    layer = 2 * mla + 2 * mlp + D * cfg.num_experts_total + ffn_per_token * 3 * D * cfg.expert_ffn_hidden_size
+    out = {"per_layer": layer, "layers": cfg.num_layers * layer, "head": head,
+           "mtp": (2 * D * D + mla + mlp + head) if with_mtp else 0}
+    out["total"] = out["layers"] + out["head"] + out["mtp"]
+    return out
+
+
+def train_flops_per_token(cfg: ModelConfig, seq_len: int, ffn_per_token: float, with_mtp: bool):
+    """(model FLOPs per trained token, activated_matmul_params): 6 x the matmul weights (forward + backward) plus
+    causal attention, where a query sees seq_len / 2 keys on average. Recomputation (remat) and the blocks a
+    kernel computes past the mask are not model FLOPs. MFU = these FLOPs per second over the devices' peak."""
+    p = activated_matmul_params(cfg, ffn_per_token, with_mtp)
+    sublayers = 2 * cfg.num_layers + (1 if with_mtp else 0)
+    attn = 6 * sublayers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * seq_len / 2
+    return 6 * p["total"] + attn, p
+
+
 def _fmt(n: int) -> str:
     return f"{n:>18,d}  ({n / 1e9:8.3f} B)"
 

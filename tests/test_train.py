@@ -61,6 +61,9 @@ def test_loss_falls_and_metrics_are_logged(full_run):
     assert "val_loss" in recs[-1] and recs[-1]["val_loss"] < recs[0]["ce"]
     assert os.listdir(os.path.join(full_run, "tb"))
     assert Checkpointer(checkpoint_dir(full_run)).all_steps() == [4, 8]
+    # Model FLOP rate from step 2 on (step 1's interval is the compile); no MFU where the device has no known peak.
+    assert "tflops_per_s_per_device" not in recs[0] and all(r["tflops_per_s_per_device"] > 0 for r in recs[1:])
+    assert all("mfu" not in r for r in recs) or jax.default_backend() == "gpu"
 
 
 def test_resume_is_bitwise(full_run, tmp_path):

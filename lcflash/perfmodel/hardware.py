@@ -58,6 +58,21 @@ class Cluster:
         return validate_cluster(dataclasses.replace(self, **kw))
 
 
+# Dense bf16 peaks by the name JAX gives a device (`jax.Device.device_kind`, e.g. "NVIDIA H100 80GB HBM3"), for MFU.
+# First match wins. PCIe and NVL boards run lower clocks than the SXM figures above, so they get no peak (None)
+# rather than a wrong one.
+_PEAK_BF16_BY_KIND = (("PCIe", None), ("NVL", None), ("H100", 989.4e12), ("H800", 989.4e12), ("H200", 989.4e12),
+                      ("A100", 312e12))
+
+
+def peak_bf16_flops(device_kind: str) -> float | None:
+    """The datasheet dense bf16 peak of one device of this kind, or None where it is not known."""
+    for key, peak in _PEAK_BF16_BY_KIND:
+        if key.lower() in device_kind.lower():
+            return peak
+    return None
+
+
 def validate_cluster(c: Cluster) -> Cluster:
     for f in ("bf16_flops", "fp8_flops", "hbm_bw", "hbm_bytes", "nvlink_bw", "rdma_bw"):
         v = getattr(c, f)

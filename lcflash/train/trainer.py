@@ -17,6 +17,8 @@ import numpy as np
 from lcflash.checkpoint import Checkpointer, checkpoint_dir
 from lcflash.config import ConfigError, model_config
 from lcflash.data import PackedLoader, load_corpus
+from lcflash.params import train_flops_per_token
+from lcflash.perfmodel.hardware import peak_bf16_flops
 from lcflash.train import bias_controller
 from lcflash.train.metrics import MetricsWriter
 from lcflash.train.optimizer import MU_DTYPES, SCHEDULES
@@ -139,11 +141,26 @@ def _check_finite(step: int, m: dict, ckpt: Checkpointer):
            f"(lower optim.lr or optim.clip_norm first)." if last is not None else "No checkpoint had been saved yet."))
 
 
+def throughput(cfg, model_cfg, n_devices: int, device_kind: str):
+    """Returns f(tokens_per_s, ffn_experts_per_token) -> {tflops_per_s_per_device[, mfu]}: model FLOPs as
+    experiments/bench_train.py counts them (`train_flops_per_token`, at the step's measured FFN experts per
+    token), and MFU where the device's bf16 peak is known."""
+    with_mtp = cfg.loss.mtp_weight > 0 and model_cfg.num_mtp_layers > 0
+    peak = peak_bf16_flops(device_kind)
+
+    def f(tokens_per_s: float, ffn_per_token: float) -> dict:
+        fpt, _ = train_flops_per_token(model_cfg, cfg.data.seq_len, ffn_per_token, with_mtp)
+        per_device = fpt * tokens_per_s / n_devices
+        return {"tflops_per_s_per_device": per_device / 1e12, **({"mfu": per_device / peak} if peak else {})}
+    return f
+
+
 def _summary_line(rec: dict) -> str:
     e = rec.get("ffn_experts_per_token")
+    mfu = f" MFU {100 * rec['mfu']:.1f}%" if "mfu" in rec else ""
     return (f"step {rec['step']}: loss {rec['loss']:.4f} ce {rec['ce']:.4f} mtp {rec['mtp_loss']:.4f} "
             f"lb {rec['lb_loss']:.4f} z {rec['z_loss']:.3g} lr {rec['lr']:.3g} |g| {rec['grad_norm']:.3g} "
-            f"ffn/tok {['%.2f' % x for x in e] if e else e} tok/s {rec['tokens_per_s']:.0f}")
+            f"ffn/tok {['%.2f' % x for x in e] if e else e} tok/s {rec['tokens_per_s']:.0f}{mfu}")
 
 
 def train(cfg, workdir: str, log=print) -> dict:
@@ -204,6 +221,7 @@ def train(cfg, workdir: str, log=print) -> dict:
         step_fn = make_sharded_train_step(cfg, ctx, model_cfg)
         put = lambda b: shard_batch(b, ctx)  # noqa: E731
     evaluator = Evaluator(cfg, model_cfg, corpus, cfg.train.eval_batches)
+    rates = throughput(cfg, model_cfg, 1 if ctx is None else jax.device_count(), jax.devices()[0].device_kind)
     writer = MetricsWriter(workdir, start)
     meta = lambda: {"data_position": loader.position, "corpus": corpus.fingerprint,  # noqa: E731
                     "tokens_seen": loader.position * T}
@@ -231,11 +249,14 @@ def train(cfg, workdir: str, log=print) -> dict:
                 now = time.time()
                 vals["tokens_per_s"] = tokens_since / max(now - t_last, 1e-9)
                 vals["ffn_experts_per_token_mean"] = float(np.mean(vals["ffn_experts_per_token"]))
+                if tokens_since:
+                    vals.update(rates(vals["tokens_per_s"], vals["ffn_experts_per_token_mean"]))
                 vals["epoch"] = loader.epoch
                 if do_eval:
                     vals.update(evaluator(state["params"], state["bias"]))
                 rec = writer.write(step_no, vals)
-                bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+                bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}",
+                                **({"mfu": f"{100 * rec['mfu']:.1f}%"} if "mfu" in rec else {}))
                 if not cfg.train.progress and step_no != end:
                     log(_summary_line(rec))
                 t_last, tokens_since = time.time(), 0
