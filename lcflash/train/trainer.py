@@ -143,8 +143,8 @@ def _check_finite(step: int, m: dict, ckpt: Checkpointer):
 
 def throughput(cfg, model_cfg, n_devices: int, device_kind: str):
     """Returns f(tokens_per_s, ffn_experts_per_token) -> {tflops_per_s_per_device[, mfu]}: model FLOPs as
-    experiments/bench_train.py counts them (`train_flops_per_token`, at the step's measured FFN experts per
-    token), and MFU where the device's bf16 peak is known."""
+    experiments/bench_train.py counts them (`train_flops_per_token`, at the measured FFN experts per token), and
+    MFU where the device's bf16 peak is known."""
     with_mtp = cfg.loss.mtp_weight > 0 and model_cfg.num_mtp_layers > 0
     peak = peak_bf16_flops(device_kind)
 
@@ -228,7 +228,7 @@ def train(cfg, workdir: str, log=print) -> dict:
     from tqdm import tqdm
     bar = tqdm(total=end, initial=start, disable=not cfg.train.progress, unit="step", dynamic_ncols=True)
     rec, prev = None, None
-    t_last, tokens_since = time.time(), 0
+    t_last, tokens_since, ffn_since = time.time(), 0, []
     try:
         for s in range(start, end):
             state, m = step_fn(state, put(loader.next()))
@@ -240,7 +240,9 @@ def train(cfg, workdir: str, log=print) -> dict:
             if prev is not None:        # one step behind, so dispatch stays ahead of the device
                 _check_finite(*prev, ckpt)
             prev = (step_no, m)
-            tokens_since += B * T if s > start else 0
+            if s > start:   # the interval's steps past the compile; their FFN experts per token set its FLOPs
+                tokens_since += B * T
+                ffn_since.append(m["ffn_experts_per_token"])
             final = step_no == cfg.train.steps
             do_eval = final or (cfg.train.eval_every and step_no % cfg.train.eval_every == 0)
             if step_no % cfg.train.log_every == 0 or step_no == end or do_eval:
@@ -250,7 +252,7 @@ def train(cfg, workdir: str, log=print) -> dict:
                 vals["tokens_per_s"] = tokens_since / max(now - t_last, 1e-9)
                 vals["ffn_experts_per_token_mean"] = float(np.mean(vals["ffn_experts_per_token"]))
                 if tokens_since:
-                    vals.update(rates(vals["tokens_per_s"], vals["ffn_experts_per_token_mean"]))
+                    vals.update(rates(vals["tokens_per_s"], float(np.mean(jax.device_get(ffn_since)))))
                 vals["epoch"] = loader.epoch
                 if do_eval:
                     vals.update(evaluator(state["params"], state["bias"]))
@@ -259,7 +261,7 @@ def train(cfg, workdir: str, log=print) -> dict:
                                 **({"mfu": f"{100 * rec['mfu']:.1f}%"} if "mfu" in rec else {}))
                 if not cfg.train.progress and step_no != end:
                     log(_summary_line(rec))
-                t_last, tokens_since = time.time(), 0
+                t_last, tokens_since, ffn_since = time.time(), 0, []
             if step_no % cfg.checkpoint.every_steps == 0 or step_no == end:
                 _check_finite(step_no, m, ckpt)
                 ckpt.save(step_no, state, meta(), force=True)
