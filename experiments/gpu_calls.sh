@@ -44,7 +44,7 @@
 # here to the ignored `.jcc` (`rm -rf .jcc && cp -r /work/.device/N/jcc .jcc`) and carried, it seeds the next
 # machine's, which helps where that machine has the same card and image.
 set -u
-N=${1:?call number 1-36 or 39-45, 47-52}
+N=${1:?call number 1-36 or 39-45, 47-53}
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -318,5 +318,14 @@ longcat/gate_up/4096,longcat/down/4096,longcat/gate_up/512/skewed,longcat/down/5
         --config.train.progress=False
     cp /tmp/w52/metrics.jsonl "$OUT/train_small_b24_metrics.jsonl"
     ;;
-*)  echo "call number 1-36 or 39-45, 47-52" >&2; exit 2 ;;
+53) # session 59: the trainer's metrics test on a GPU (MFU present where the peak is known), then 150 steps of
+    # configs/small.py at batch 24 with the MFU counted at each 25-step interval's mean FFN experts per token
+    step 150 python -m pytest -n 0 -q -p no:cacheprovider tests/test_train.py -k metrics_are_logged
+    export XLA_PYTHON_CLIENT_MEM_FRACTION=0.95
+    step 400 python -m lcflash.train --config=configs/small.py --workdir=/tmp/w53 --config.train.batch_size=24 \
+        --config.model.remat=True --config.train.steps=1000 --config.train.stop_at=150 --config.train.log_every=25 \
+        --config.train.progress=False
+    cp /tmp/w53/metrics.jsonl "$OUT/train_small_b24_150_metrics.jsonl"
+    ;;
+*)  echo "call number 1-36 or 39-45, 47-53" >&2; exit 2 ;;
 esac
