@@ -31,8 +31,8 @@
 # arrays, prefetched or on the device: level, removed since) by an inline command; session 58 ran 47 and 48 (the
 # step's conditional: level; the step-start gap is the first traced step's launch) and 49 (batches 26 and 28: out of
 # memory); session 59 ran 50 (Triton GEMM fusions against cuBLAS: level), 51 (programmatic dependent launch:
-# level) and 52 (the trainer's MFU metric beside the bench's); HISTORY.md):
-#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 36, 39-45, 47-52; 4 takes the persistent
+# level), 52 (the trainer's MFU metric beside the bench's) and 53 (150 trainer steps); HISTORY.md):
+#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 36, 39-45, 47-53; 4 takes the persistent
 #                                                            kernels, 14 the rows and d_rhs bands, 18 a benchmark flag)
 # run from the repository root on the device machine, with `.whl` carried (ml-collections and tensorboardX, which
 # its image lacks) and `.whl-tokamax` where a call times the tokamax peer (tokamax 0.0.17 with its needs, 37 MB).

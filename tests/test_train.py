@@ -69,7 +69,8 @@ def test_loss_falls_and_metrics_are_logged(full_run):
     mc, peak = model_config(cfg()), peak_bf16_flops(jax.devices()[0].device_kind)
     assert "tflops_per_s_per_device" not in recs[0] and "mfu" not in recs[0]
     for r in recs[1:]:
-        fpt, _ = train_flops_per_token(mc, 32, r["ffn_experts_per_token_mean"], with_mtp=True)
+        assert r["ffn_experts_per_token_interval"] == pytest.approx(r["ffn_experts_per_token_mean"])  # one step
+        fpt, _ = train_flops_per_token(mc, 32, r["ffn_experts_per_token_interval"], with_mtp=True)
         assert r["tflops_per_s_per_device"] == pytest.approx(fpt * r["tokens_per_s"] / 1e12, rel=1e-6), r
         assert r.get("mfu") == (pytest.approx(fpt * r["tokens_per_s"] / peak, rel=1e-6) if peak else None), r
 

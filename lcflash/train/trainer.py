@@ -251,8 +251,9 @@ def train(cfg, workdir: str, log=print) -> dict:
                 now = time.time()
                 vals["tokens_per_s"] = tokens_since / max(now - t_last, 1e-9)
                 vals["ffn_experts_per_token_mean"] = float(np.mean(vals["ffn_experts_per_token"]))
-                if tokens_since:
-                    vals.update(rates(vals["tokens_per_s"], float(np.mean(jax.device_get(ffn_since)))))
+                if tokens_since:   # the FLOP rate at the interval's mean FFN experts per token, logged beside it
+                    vals["ffn_experts_per_token_interval"] = float(np.mean(jax.device_get(ffn_since)))
+                    vals.update(rates(vals["tokens_per_s"], vals["ffn_experts_per_token_interval"]))
                 vals["epoch"] = loader.epoch
                 if do_eval:
                     vals.update(evaluator(state["params"], state["bias"]))
