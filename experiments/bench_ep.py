@@ -65,9 +65,8 @@ def run_variant(args, variant, n_dev):
     from lcflash import load_config
     from lcflash.config import model_config
     from lcflash.data import PackedLoader, load_corpus
-    from lcflash.params import train_flops_per_token
-    from lcflash.perfmodel.hardware import peak_bf16_flops
     from lcflash.train.step import init_state, make_train_step
+    from lcflash.train.trainer import throughput
 
     transport, overlap_on = parse_variant(variant)
     one = transport == "1gpu"
@@ -133,13 +132,11 @@ def run_variant(args, variant, n_dev):
             trace = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
     tok_s = cfg.train.batch_size * cfg.data.seq_len * args.steps / dt
     ffn_mean = float(np.mean(jax.device_get(ffn)))
-    with_mtp = cfg.loss.mtp_weight > 0 and mc.num_mtp_layers > 0
-    fpt, _ = train_flops_per_token(mc, args.seq, ffn_mean, with_mtp)
-    peak = peak_bf16_flops(jax.devices()[0].device_kind)
+    rates = throughput(cfg, mc, ndev, jax.devices()[0].device_kind)(tok_s, ffn_mean)
     return {"variant": variant, "transport": transport, "moe_overlap": overlap_on, "devices": ndev,
             "global_batch": cfg.train.batch_size, "step_time_s": dt / args.steps,
             "tokens_per_s": tok_s, "tokens_per_s_per_gpu": tok_s / ndev, "compile_and_warmup_s": t_warm,
-            "mfu": fpt * tok_s / (peak * ndev) if peak else None, "ffn_experts_per_token": ffn_mean,
+            "mfu": rates.get("mfu"), "ffn_experts_per_token": ffn_mean,
             "dropped_slots_mean": float(np.mean(jax.device_get(dropped))), "losses_first_and_last": losses,
             "overlap": overlap, "trace": trace}
 

@@ -58,21 +58,6 @@ class Cluster:
         return validate_cluster(dataclasses.replace(self, **kw))
 
 
-# Dense bf16 peaks by the name JAX gives a device (`jax.Device.device_kind`, e.g. "NVIDIA H100 80GB HBM3"), for MFU.
-# First match wins. PCIe and NVL boards run lower clocks than the SXM figures above, so they get no peak (None)
-# rather than a wrong one.
-_PEAK_BF16_BY_KIND = (("PCIe", None), ("NVL", None), ("H100", 989.4e12), ("H800", 989.4e12), ("H200", 989.4e12),
-                      ("A100", 312e12))
-
-
-def peak_bf16_flops(device_kind: str) -> float | None:
-    """The datasheet dense bf16 peak of one device of this kind, or None where it is not known."""
-    for key, peak in _PEAK_BF16_BY_KIND:
-        if key.lower() in device_kind.lower():
-            return peak
-    return None
-
-
 def validate_cluster(c: Cluster) -> Cluster:
     for f in ("bf16_flops", "fp8_flops", "hbm_bw", "hbm_bytes", "nvlink_bw", "rdma_bw"):
         v = getattr(c, f)
@@ -93,6 +78,23 @@ H100 = Cluster(name="h100", bf16_flops=989.4e12, fp8_flops=1978.9e12, hbm_bw=3.3
                nvlink_bw=450 * GB, rdma_bw=50 * GB)
 H200 = Cluster(name="h200", bf16_flops=989.4e12, fp8_flops=1978.9e12, hbm_bw=4.8 * TB, hbm_bytes=141 * GB,
                nvlink_bw=450 * GB, rdma_bw=50 * GB)
+
+
+# Dense bf16 peaks by the name JAX gives a device (`jax.Device.device_kind`, e.g. "NVIDIA H100 80GB HBM3"), for MFU.
+# First match wins. PCIe and NVL boards run lower clocks than the SXM clusters above, so they get no peak (None)
+# rather than a wrong one. A100 SXM: 312 TFLOP/s dense BF16 (NVIDIA A100 datasheet).
+_PEAK_BF16_BY_KIND = (("PCIe", None), ("NVL", None), ("H100", H100.bf16_flops), ("H800", H800.bf16_flops),
+                      ("H200", H200.bf16_flops), ("A100", 312e12))
+
+
+def peak_bf16_flops(device_kind: str) -> float | None:
+    """The datasheet dense bf16 peak of one device of this kind, or None where it is not known."""
+    for key, peak in _PEAK_BF16_BY_KIND:
+        if key.lower() in device_kind.lower():
+            return peak
+    return None
+
+
 CLUSTERS = {c.name: c for c in (H800, H100, H200)}
 
 

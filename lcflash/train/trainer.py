@@ -228,7 +228,7 @@ def train(cfg, workdir: str, log=print) -> dict:
     from tqdm import tqdm
     bar = tqdm(total=end, initial=start, disable=not cfg.train.progress, unit="step", dynamic_ncols=True)
     rec, prev = None, None
-    t_last, tokens_since, ffn_since = time.time(), 0, []
+    t_last, ffn_since = time.time(), []   # the interval's steps past the compile: their FFN experts per token
     try:
         for s in range(start, end):
             state, m = step_fn(state, put(loader.next()))
@@ -240,8 +240,7 @@ def train(cfg, workdir: str, log=print) -> dict:
             if prev is not None:        # one step behind, so dispatch stays ahead of the device
                 _check_finite(*prev, ckpt)
             prev = (step_no, m)
-            if s > start:   # the interval's steps past the compile; their FFN experts per token set its FLOPs
-                tokens_since += B * T
+            if s > start:
                 ffn_since.append(m["ffn_experts_per_token"])
             final = step_no == cfg.train.steps
             do_eval = final or (cfg.train.eval_every and step_no % cfg.train.eval_every == 0)
@@ -249,9 +248,9 @@ def train(cfg, workdir: str, log=print) -> dict:
                 _check_finite(step_no, m, ckpt)
                 vals = jax.device_get(m)
                 now = time.time()
-                vals["tokens_per_s"] = tokens_since / max(now - t_last, 1e-9)
+                vals["tokens_per_s"] = len(ffn_since) * B * T / max(now - t_last, 1e-9)
                 vals["ffn_experts_per_token_mean"] = float(np.mean(vals["ffn_experts_per_token"]))
-                if tokens_since:   # the FLOP rate at the interval's mean FFN experts per token, logged beside it
+                if ffn_since:   # the FLOP rate at the interval's mean FFN experts per token, logged beside it
                     vals["ffn_experts_per_token_interval"] = float(np.mean(jax.device_get(ffn_since)))
                     vals.update(rates(vals["tokens_per_s"], vals["ffn_experts_per_token_interval"]))
                 vals["epoch"] = loader.epoch
@@ -262,7 +261,7 @@ def train(cfg, workdir: str, log=print) -> dict:
                                 **({"mfu": f"{100 * rec['mfu']:.1f}%"} if "mfu" in rec else {}))
                 if not cfg.train.progress and step_no != end:
                     log(_summary_line(rec))
-                t_last, tokens_since, ffn_since = time.time(), 0, []
+                t_last, ffn_since = time.time(), []
             if step_no % cfg.checkpoint.every_steps == 0 or step_no == end:
                 _check_finite(step_no, m, ckpt)
                 ckpt.save(step_no, state, meta(), force=True)
