@@ -12,9 +12,6 @@ MLA's heads have qk 192 (nope 128 + rope 64) and v 128. The variants, all bf16 f
   pallas_masked: `pallas` with every visited block masked, also the whole ones next to the diagonal
                  (`pallas_mgpu.UNMASKED_RUNS` off: before session 32; "pallas_runs" was the unmasked form)
   pallas_dq_recompute: `pallas` with the dq kernel recomputing dS (`pallas_mgpu.DQ_FROM_DS` off: before session 27)
-  pallas_persistent: `pallas` with the forward, dk/dv and dq kernels as persistent CTAs, as many as fit on the SMs
-                 (`pallas_mgpu.PERSISTENT`); _fwd, _dkv, _dq: only that kernel; _d1, _fwd_d1: the forward loading
-                 one block ahead (DEPTHS (1, 1, 2)), so two of its CTAs fit on an SM
   pallas_joined: `pallas` with q joined as [nope | rope] first (`mla.Q_PARTS` off: before session 31)
   pallas_dqdsN : `pallas` with the dq kernel loading N blocks of dS and K ahead (`pallas_mgpu.DQ_DS_DEPTH`)
   pallas_heads : the same kernels on per-head keys [k_nope | rope key] and v (the form of sessions 10-12)
@@ -150,10 +147,6 @@ def variants(seg_bt, max_segments):
         "pallas_causal": functools.partial(pallas, kind="causal"),
         "pallas_masked": functools.partial(pallas_with, UNMASKED_RUNS=False),
         "pallas_dq_recompute": functools.partial(pallas_with, DQ_FROM_DS=False),
-        "pallas_persistent": functools.partial(pallas_with, PERSISTENT={"fwd", "dkv", "dq"}),
-        **{f"pallas_persistent_{k}": functools.partial(pallas_with, PERSISTENT={k}) for k in ("fwd", "dkv", "dq")},
-        "pallas_persistent_d1": functools.partial(pallas_with, PERSISTENT={"fwd", "dkv", "dq"}, DEPTHS=(1, 1, 2)),
-        "pallas_persistent_fwd_d1": functools.partial(pallas_with, PERSISTENT={"fwd"}, DEPTHS=(1, 1, 2)),
         "pallas_joined": functools.partial(pallas_with, module=mla, Q_PARTS=False),
         **{f"pallas_dqds{d}": functools.partial(pallas_with, DQ_DS_DEPTH=d) for d in (1, 2, 3, 4, 6)},
         "pallas_heads": functools.partial(pallas_depths, depths=pallas_mgpu.DEPTHS, heads=True),

@@ -204,9 +204,6 @@ def main():
     ap.add_argument("--attn_dq_recompute", action="store_true", help="our attention's dq kernel recomputes dS "
                     "instead of reading the dk/dv kernel's (the A/B baseline of "
                     "lcflash.kernels.doc_attention.pallas_mgpu.DQ_FROM_DS)")
-    ap.add_argument("--attn_persistent", default=None, metavar="KERNELS", help="our attention kernels to run as "
-                    "persistent CTAs, comma-separated among fwd, dkv and dq "
-                    "(lcflash.kernels.doc_attention.pallas_mgpu.PERSISTENT; none by default until measured)")
     ap.add_argument("--zero_tails", action="store_true", help="store the MoE row buffers' tails as zeros (the A/B "
                     "baseline of lcflash.kernels.gmm.api.SKIP_TAILS)")
     ap.add_argument("--norm_whole", action="store_true", help="the clip's global norm as one sum per leaf (the A/B "
@@ -284,8 +281,6 @@ def main():
     from lcflash.kernels.doc_attention import pallas_mgpu
     pallas_mgpu.UNMASKED_RUNS = not args.attn_masked_runs
     pallas_mgpu.DQ_FROM_DS = not args.attn_dq_recompute
-    if args.attn_persistent is not None:
-        pallas_mgpu.PERSISTENT = frozenset(k for k in args.attn_persistent.split(",") if k)
     from lcflash.train import step as train_step
     train_step.Z_LOSS_IN_SCAN = not args.z_loss_stacked
     from lcflash.train import optimizer
@@ -337,7 +332,7 @@ def main():
         "dispatch_gather_kernel": slots.GATHER_KERNEL,
         "combine_grad_kernel": slots.COMBINE_GRAD_KERNEL,
         "attn_depths": list(pallas_mgpu.DEPTHS), "attn_unmasked_runs": pallas_mgpu.UNMASKED_RUNS,
-        "attn_dq_from_ds": pallas_mgpu.DQ_FROM_DS, "attn_persistent": sorted(pallas_mgpu.PERSISTENT),
+        "attn_dq_from_ds": pallas_mgpu.DQ_FROM_DS,
         "skip_tails": gmm_api.SKIP_TAILS, "pallas_mla_form": mla.PALLAS_MLA_FORM,
         "q_parts": mla.Q_PARTS,
         "z_loss_in_scan": train_step.Z_LOSS_IN_SCAN, "norm_by_layer": optimizer.NORM_BY_LAYER,

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# GPU calls, one per device call (1, 2, 3 ran in session 35, 5 and 7 in 36; 4 and 6 wait on an attention kernel
-# that gains alone; 10 (the L2 prefetch) and 11 ran in session 40; session 41 ran the in-kernel merge (gone since);
+# GPU calls, one per device call (1, 2, 3 ran in session 35, 5 and 7 in 36; 6 waits on an attention kernel that
+# gains alone; 4 (the persistent attention kernels in training) went with those kernels in session 60; 10 (the L2
+# prefetch) and 11 ran in session 40; session 41 ran the in-kernel merge (gone since);
 # session 42 ran the bands in rotated rounds (call 13 of 75ad468), 14, and the H100's training profile with
 # gradient accumulation (call 15 of 75ad468: out of memory); session 43 ran 17 (the training A/B of
 # model.dense_ffn_gmm, removed since; call 17 of 169a213) and the GPU tests session 42 had not reached; session 44
@@ -32,8 +33,8 @@
 # step's conditional: level; the step-start gap is the first traced step's launch) and 49 (batches 26 and 28: out of
 # memory); session 59 ran 50 (Triton GEMM fusions against cuBLAS: level), 51 (programmatic dependent launch:
 # level), 52 (the trainer's MFU metric beside the bench's) and 53 (150 trainer steps); HISTORY.md):
-#     bash experiments/gpu_calls.sh N [ATTN_PERSISTENT]      (N = 1 ... 36, 39-45, 47-53; 4 takes the persistent
-#                                                            kernels, 14 the rows and d_rhs bands, 18 a benchmark flag)
+#     bash experiments/gpu_calls.sh N [ARGS]     (N = 1-3, 5-36, 39-45, 47-53; 14 takes the rows and d_rhs bands,
+#                                                18 a benchmark flag)
 # run from the repository root on the device machine, with `.whl` carried (ml-collections and tensorboardX, which
 # its image lacks) and `.whl-tokamax` where a call times the tokamax peer (tokamax 0.0.17 with its needs, 37 MB).
 # Results go to $OUT (or ./out). Each step has its own time limit, so a hang or a failure costs that step, not the
@@ -44,7 +45,7 @@
 # here to the ignored `.jcc` (`rm -rf .jcc && cp -r /work/.device/N/jcc .jcc`) and carried, it seeds the next
 # machine's, which helps where that machine has the same card and image.
 set -u
-N=${1:?call number 1-36 or 39-45, 47-53}
+N=${1:?call number 1-3, 5-36, 39-45 or 47-53}
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -56,7 +57,7 @@ mkdir -p /tmp/jcc
 if [ -d .jcc ]; then cp -r .jcc/. /tmp/jcc/; fi
 trap 'cp -r /tmp/jcc "$OUT/jcc"' EXIT
 S=s36
-T="python experiments/bench_train.py --gmm_impl pallas_chain --remat --warmup 2 --steps 3 --batch 32"  # calls 4, 6
+T="python experiments/bench_train.py --gmm_impl pallas_chain --remat --warmup 2 --steps 3 --batch 32"  # call 6
 T24="python experiments/bench_train.py --gmm_impl pallas_chain --remat --warmup 2 --steps 5 --mem_fraction 0.95"
 T24="$T24 --batch 24"  # calls 45, 47, 48, 50-52
 step() {  # step LIMIT_S COMMAND...: run it, say how it ended
@@ -66,14 +67,12 @@ step() {  # step LIMIT_S COMMAND...: run it, say how it ended
     echo "=== rc=$?"
 }
 case $N in
-1)  # tests: the persistent attention kernels bitwise against the grid ones, the fp32 checks, the peers
-    step 200 python -m pytest -n 0 -q tests/test_doc_attention.py -k persistent
+1)  # tests: the attention kernels' fp32 checks, the peers
     step 150 python -m pytest -n 0 -q tests/test_train_attention.py -k fp32_as_closely
     step 120 python -m pytest -n 0 -q tests/test_gmm.py -k "peer or tokamax"
     ;;
-2)  # attention alone: which kernels gain as persistent CTAs; tokamax's flash attention on the same documents
-    step 560 python experiments/bench_attention.py --isolate --batch 32 --variants \
-        dpa_mask,pallas,pallas_persistent,pallas_persistent_dkv,pallas_persistent_fwd,pallas_persistent_fwd_d1,pallas_persistent_dq,tokamax_docs \
+2)  # attention alone: tokamax's flash attention on the same documents
+    step 560 python experiments/bench_attention.py --isolate --batch 32 --variants dpa_mask,pallas,tokamax_docs \
         --out "$OUT/bench_attention_${S}_h200.json"
     ;;
 3)  # decode: the fixed cost per kernel, per fused phase, the plain-load matvec; the batch-1 step's critical path
@@ -84,12 +83,6 @@ case $N in
         --json="$OUT/bench_decode_${S}_h200.json"
     step 60 python experiments/decode_profile.py --hlo="$OUT/hlo_pallas_b1.txt" \
         --trace="$OUT/trace_decode_b1_pallas.json.gz" --steps=33 --json="$OUT/decode_profile_${S}_h200.json"
-    ;;
-4)  # training A/B in one call (machines differ by ~3%): the default, then the attention kernels that gained in
-    # call 2 as persistent CTAs (second argument, e.g. fwd,dkv,dq)
-    step 240 $T --profile_dir "$OUT/train_profile" --out "$OUT/bench_train_b32_${S}_default_h200.json"
-    step 240 $T --attn_persistent "${2:?the kernels that gained in call 2, e.g. fwd,dkv}" \
-        --out "$OUT/bench_train_b32_${S}_persistent_h200.json"
     ;;
 6)  # training A/B in one call: the default against tokamax's flash attention (if tokamax_docs beat pallas in 2)
     step 240 $T --out "$OUT/bench_train_b32_${S}_default2_h200.json"

@@ -212,16 +212,13 @@ def test_queries_as_two_arrays_give_the_joined_queries_results_bitwise(dq_from_d
 
 
 # (2, 1, 1): the dk/dv kernel small enough for 2 CTAs/SM; runs: the whole blocks walked unmasked; dq recomputed;
-# q_parts: the queries as (q_nope, q_rope); persistent: the kernels as persistent CTAs (not the dq kernel that
-# recomputes dS, which has no such form).
-@pytest.mark.parametrize("depths,runs,dq_from_ds,q_parts,persistent", [
-    (None, False, True, False, False), ((2, 1, 1), False, True, False, False), (None, True, True, False, False),
-    (None, False, False, False, False), (None, False, True, True, False), (None, False, False, True, False),
-    (None, True, True, True, True), (None, False, False, True, True)])
-def test_mla_form_lowers_for_cuda(depths, runs, dq_from_ds, q_parts, persistent, monkeypatch):
+# q_parts: the queries as (q_nope, q_rope).
+@pytest.mark.parametrize("depths,runs,dq_from_ds,q_parts", [
+    (None, False, True, False), ((2, 1, 1), False, True, False), (None, True, True, False),
+    (None, False, False, False), (None, False, True, True), (None, False, False, True), (None, True, True, True)])
+def test_mla_form_lowers_for_cuda(depths, runs, dq_from_ds, q_parts, monkeypatch):
     monkeypatch.setattr(pallas_mgpu, "UNMASKED_RUNS", runs)
     monkeypatch.setattr(pallas_mgpu, "DQ_FROM_DS", dq_from_ds)
-    monkeypatch.setattr(pallas_mgpu, "PERSISTENT", {"fwd", "dkv", "dq"} if persistent else set())
     sd = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt)  # noqa: E731
 
     def f(q, kv, kpe, first, do):
@@ -235,119 +232,8 @@ def test_mla_form_lowers_for_cuda(depths, runs, dq_from_ds, q_parts, persistent,
     text = lowered.as_text()
     assert text.count("mosaic_gpu") >= 3
     # Each kernel under its own name, so a profile tells them apart.
-    names = ["attn_fwd", "attn_dkv", "attn_dq_ds" if dq_from_ds else "attn_dq"]
-    for name in [n + "_persistent" if persistent and n != "attn_dq" else n for n in names]:
+    for name in ["attn_fwd", "attn_dkv", "attn_dq_ds" if dq_from_ds else "attn_dq"]:
         assert f"{name}_mosaic_gpu" in text, name
-
-
-@pytest.mark.parametrize("batch,depths", [(32, None), (32, (1, 1, 2)), (160, None)])
-def test_persistent_kernels_fit_in_shared_memory(batch, depths, monkeypatch):
-    """Lowering checks a kernel's shared memory against the 227 KB a CTA may have: the persistent kernels in MLA's
-    form at configs/small.py's 32 x 1024 (the forward at depth 1 too, two CTAs per SM), and where 132 CTAs would
-    hold over MAX_ITEMS items each (more CTAs run)."""
-    monkeypatch.setattr(pallas_mgpu, "PERSISTENT", {"fwd", "dkv", "dq"})
-    B, T, H = batch, 1024, 8
-    sd = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt)  # noqa: E731
-
-    def attend(q, kv, kpe, first, do):
-        return jax.vjp(lambda q, kv, kpe: pallas_mgpu.mla_doc_attention(q, kv, kpe, first, scale=0.07, nope_dim=128,
-                                                                        depths=depths), q, kv, kpe)[1](do)
-
-    text = jax.jit(attend).trace((sd(B, T, H, 128), sd(B, T, H, 64)), sd(B, T, H, 256), sd(B, T, 64),
-                                 sd(B, T, dt=jnp.int32), sd(B, T, H, 128)).lower(lowering_platforms=("cuda",)).as_text()
-    for name in ("attn_fwd", "attn_dkv", "attn_dq_ds"):
-        assert f"{name}_persistent_mosaic_gpu" in text, name
-
-
-def test_persistent_kernels_take_as_many_ctas_as_fit_on_the_sms():
-    """Two forward CTAs per SM at depth 1 (as the grid kernel runs), one at depth 2 and for dk/dv; PERSISTENT_CTAS
-    overrides; never over MAX_ITEMS items a CTA."""
-    visits = pallas_mgpu._visits(jnp.zeros((32, 1024), jnp.int32))[0]
-    tile, vec = pallas_mgpu._smem(False)
-    bf16 = jnp.bfloat16
-
-    def ctas(scratch, persistent=pallas_mgpu._Persistent(frozenset({"fwd"}), 132), heads=8):
-        return pallas_mgpu._sched(persistent, visits, heads, scratch)[1].shape[0]
-
-    def fwd(depth):   # the persistent forward's buffers in MLA's form
-        return ([tile((2, 64, w), bf16) for w in (128, 64)] + [vec((2, 64))] + [tile((depth, 64, w), bf16)
-                for w in (128, 64, 128)] + [vec((depth, 64)), tile((64, 128), bf16), vec((64,))])
-
-    assert (ctas(fwd(1)), ctas(fwd(2))) == (264, 132)
-    assert ctas(fwd(2), pallas_mgpu._Persistent(frozenset({"fwd"}), 132, ctas=7), heads=1) == 7
-    assert ctas(fwd(2), heads=80) == 32 * 80 * 16 // pallas_mgpu.MAX_ITEMS
-
-
-def test_the_persistent_schedule_deals_every_item_once_longest_first_and_evenly():
-    """`_schedule`: every (batch, head, key block) item on exactly one CTA with its own visit fields, each CTA's
-    items longest first, the CTAs' visit totals within one item's visits of each other, zeros past each count."""
-    first = _segments(np.random.default_rng(7), 3, 1024, 150)
-    visits = np.asarray(pallas_mgpu._visits(first)[1])      # the dk/dv kernel's: [4, B, nb]
-    H, ctas = 5, 7
-    rows, counts = (np.asarray(a) for a in pallas_mgpu._schedule(jnp.asarray(visits), H, ctas))
-    _, B, nb = visits.shape
-    assert counts.sum() == B * H * nb and counts.max() - counts.min() <= 1
-    seen = set()
-    for c in range(ctas):
-        items = rows[c, :counts[c]]
-        assert not rows[c, counts[c]:].any()
-        for b, h, blk, lo, n, p0, p1, _ in items:
-            seen.add((b, h, blk))
-            assert (lo, n, p0, p1) == (visits[0, b, blk], visits[1, b, blk] - lo, visits[2, b, blk] - lo,
-                                       visits[3, b, blk] - lo)
-        assert (np.diff(items[:, 4]) <= 0).all()
-    assert len(seen) == B * H * nb
-    totals = [rows[c, :counts[c], 4].sum() for c in range(ctas)]
-    assert max(totals) - min(totals) <= rows[..., 4].max(), totals
-
-
-# The plain form with the whole blocks unmasked; MLA's form masked; MLA's form with dq recomputing dS (no dS
-# stores between the items' stores); more CTAs than items (some hold none).
-@pytest.mark.parametrize("mla,runs,dq_from_ds,ctas,kernels", [
-    (False, True, True, 3, ("fwd", "dkv", "dq")), (True, False, True, 5, ("dkv", "dq")),
-    (True, True, False, 2, ("fwd", "dkv")), (False, True, True, 40, ("fwd", "dq"))])
-def test_persistent_kernels_give_the_grid_kernels_bits(mla, runs, dq_from_ds, ctas, kernels, monkeypatch):
-    """The forward, dk/dv and dq kernels as persistent CTAs (PERSISTENT) run each block's visits as a CTA per block
-    does, with their loads running across items (a ring slot refilled with the next item's blocks, own blocks in
-    buffers loaded an item ahead, dk and dv staged in theirs): the same output and gradients bitwise, on few CTAs
-    so each holds several items of different lengths. In Pallas' GPU interpreter on CPU, natively on a GPU (the
-    SMs' share of CTAs, more items each)."""
-    on_gpu = jax.default_backend() == "gpu"
-    monkeypatch.setattr(pallas_mgpu, "UNMASKED_RUNS", runs)
-    monkeypatch.setattr(pallas_mgpu, "DQ_FROM_DS", dq_from_ds)
-    monkeypatch.setattr(pallas_mgpu, "PERSISTENT_CTAS", None if on_gpu else ctas)
-    if on_gpu:
-        first = first_visible(causal_mask(4, 1024, 1024, None, _segments(np.random.default_rng(ctas), 4, 1024, 300)))
-    else:
-        first = _whole_blocks() if runs else _three_documents_and_a_return()
-    (B, T), H = first.shape, 8 if on_gpu else 2
-    if mla:
-        q, kv, kpe, do = _mla_inputs(B, T, H, seed=41 + ctas)
-        fn = lambda q, kv, kpe: pallas_mgpu.mla_doc_attention(  # noqa: E731
-            q, kv, kpe, first, scale=192 ** -0.5, nope_dim=128, interpret=not on_gpu)
-        args = (q, kv, kpe)
-    else:
-        q, k, v, do = _inputs(B, T, H, seed=43 + ctas)
-        fn = lambda q, k, v: pallas_mgpu.doc_attention(q, k, v, first, scale=192 ** -0.5,  # noqa: E731
-                                                       interpret=not on_gpu)
-        args = (q, k, v)
-    results = {}
-    for persistent in (False, True):
-        monkeypatch.setattr(pallas_mgpu, "PERSISTENT", set(kernels) if persistent else set())
-        o, vjp = jax.vjp(lambda *a: fn(*a), *args)   # traced anew: the flag is read at trace time
-        results[persistent] = [o, *vjp(do)]
-    for name, a, b in zip(("o", "dq", "dk", "dv"), results[True], results[False], strict=True):
-        assert not np.isnan(np.asarray(a, np.float32)).any(), name
-        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32), err_msg=name)
-
-
-@pytest.mark.parametrize("setting,match", [("PERSISTENT_CTAS", "PERSISTENT_CTAS"), ("PERSISTENT", "PERSISTENT")])
-def test_a_bad_persistent_setting_is_named(setting, match, monkeypatch):
-    q, k, v, _ = _inputs(1, 64, 1, seed=0)
-    monkeypatch.setattr(pallas_mgpu, "PERSISTENT", {"bwd"} if setting == "PERSISTENT" else {"dkv"})
-    monkeypatch.setattr(pallas_mgpu, "PERSISTENT_CTAS", 0 if setting == "PERSISTENT_CTAS" else None)
-    with pytest.raises(ValueError, match=match):
-        pallas_mgpu.doc_attention(q, k, v, jnp.zeros((1, 64), jnp.int32), scale=1.0)
 
 
 def test_unsupported_operands_are_named():

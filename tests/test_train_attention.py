@@ -86,7 +86,7 @@ def _attention_and_grads(impl, dtype, mask_kind="given", **case):
 
 
 @pytest.mark.skipif(not ON_GPU, reason="cuDNN attention and the Mosaic GPU kernels need a GPU")
-@pytest.mark.parametrize("impl", ["cudnn", "pallas", "pallas_masked", "pallas_dq_recompute", "pallas_persistent",
+@pytest.mark.parametrize("impl", ["cudnn", "pallas", "pallas_masked", "pallas_dq_recompute",
                                   pytest.param("tokamax", marks=needs_tokamax)])
 def test_fused_attention_matches_fp32_as_closely_as_xla_bf16(impl, monkeypatch):
     """In bf16, cuDNN's (or our kernels') output and input gradients err against the fp32 attention (matmul
@@ -94,13 +94,12 @@ def test_fused_attention_matches_fp32_as_closely_as_xla_bf16(impl, monkeypatch):
     documents given as a mask, or promised causal so blocks are skipped; a plain causal mask dropped; the kernels
     take only the causal kinds). (At the attention itself: a whole bf16 MoE model flips routing choices, which
     swamps the comparison.) pallas_masked: the kernels mask also the whole blocks next to the diagonal;
-    pallas_dq_recompute: the dq kernel recomputes dS instead of reading the dk/dv kernel's; pallas_persistent: the
-    three kernels as persistent CTAs; tokamax: the peer's kernels."""
+    pallas_dq_recompute: the dq kernel recomputes dS instead of reading the dk/dv kernel's; tokamax: the peer's
+    kernels."""
     if impl.startswith("pallas"):
         from lcflash.kernels.doc_attention import pallas_mgpu
         monkeypatch.setattr(pallas_mgpu, "UNMASKED_RUNS", impl != "pallas_masked")
         monkeypatch.setattr(pallas_mgpu, "DQ_FROM_DS", impl != "pallas_dq_recompute")
-        monkeypatch.setattr(pallas_mgpu, "PERSISTENT", {"fwd", "dkv", "dq"} if impl == "pallas_persistent" else set())
         impl = "pallas"
     for kinds in (("given", "causal_docs"), ("causal",)):
         with jax.default_matmul_precision("highest"):

@@ -19,10 +19,9 @@ SM (0.186 -> 0.151 ms at 16 x 1024 on an H200).
   P, dP and dS itself.
 delta = rowsum(dO * O) comes from XLA.
 
-With PERSISTENT, the forward, dk/dv and dq (from dS) kernels run as persistent CTAs instead (`_persistent`): as
-many as fit on the SMs, each walking its share of blocks (`_schedule`: longest first, dealt in a snake) with its
-loads running on from one block's last visits into the next block's, where a CTA per block starts with empty
-buffers and ends waiting for its stores. Same products in the same order: the same bits.
+Each kernel runs a CTA per block. Persistent CTAs (one per SM walking a share of the blocks, loads running on from
+one block into the next) gave the same bits and were slower for every kernel: the dk/dv one made forward + backward
+41% slower on an H200 (experiments/HISTORY.md, session 36). They are gone; commit 6619fac has them.
 
 In Pallas' GPU interpreter (CPU tests) the products are plain dots: the interpreter's wgmma takes neither transposed
 views nor register operands.
@@ -35,7 +34,6 @@ keys nor copies v out of kv, forward or backward (`doc_attention(q, k, v)` keeps
 """
 
 import functools
-import math
 from typing import NamedTuple
 
 import jax
@@ -490,202 +488,6 @@ def _dkv_kernel(visits_ref, first_ref, *refs, form, depth, scale, ops, ds_out):
     plgpu.wait_smem_to_gmem(0)
 
 
-class _Item(NamedTuple):
-    """One work item of a persistent kernel (a row of `_schedule`): batch, head, its own block, the first visited
-    block, the visited count, and the visits [p0, p1) that need no mask (from the first visit)."""
-    b: jax.Array
-    h: jax.Array
-    blk: jax.Array
-    lo: jax.Array
-    n: jax.Array
-    plain: tuple[jax.Array, jax.Array]
-
-
-_ITEM_FIELDS = 8   # rows of 8 int32 (the 7 fields and a pad): 32 bytes, a TMA row
-
-
-def _schedule(visits, heads: int, ctas: int):
-    """The (batch, head, block) work items of a persistent kernel, dealt to `ctas` CTAs: longest first (by visited
-    count), in a snake (round r deals left to right when r is even, else right to left), so each CTA gets a near-equal
-    share of visits and runs its longest items first. visits [4, B, nb] as `_visits` gives them. Returns rows
-    [ctas, R, 8] int32 (b, h, blk, lo, n, p0 - lo, p1 - lo, 0), a CTA's items in order, zero past its count (R a
-    multiple of 4), and the counts [ctas] int32."""
-    _, B, nb = visits.shape
-    lo, hi, p0, p1 = (x.reshape(-1) for x in visits)
-    n_items = B * nb * heads
-    rounds = -(-n_items // (4 * ctas)) * 4   # a whole number of 128-byte rows for the warpgroup's TMA copy
-    j = jnp.arange(n_items, dtype=jnp.int32)
-    pair = jnp.argsort(lo - hi, stable=True).astype(jnp.int32)[j // heads]    # (batch, block) pairs, longest first
-    r, o = j // ctas, j % ctas
-    cta = jnp.where(r % 2 == 0, o, ctas - 1 - o)
-    fields = jnp.stack([pair // nb, j % heads, pair % nb, lo[pair], hi[pair] - lo[pair], p0[pair] - lo[pair],
-                        p1[pair] - lo[pair], jnp.zeros_like(j)], axis=-1)
-    rows = jnp.zeros((ctas, rounds, _ITEM_FIELDS), jnp.int32).at[cta, r].set(fields)
-    return rows, jnp.zeros((ctas,), jnp.int32).at[cta].add(1)
-
-
-def _persistent(sched, own, ring, depth, pending, init, body, finish):
-    """A persistent CTA's walk over its work items (`_schedule`): the loads run on across items where a CTA per
-    item would start each item with empty buffers and end it waiting for its stores.
-
-    sched: (rows, counts, rows smem, one barrier). own: (gmem view(item, rows), smem [buffers, ...], barriers
-    [buffers]) per operand of an item's own block (`_by_item`), loaded one item ahead into buffer k % buffers; may be
-    empty. ring: the same per operand of a visited block, `depth` slots, loaded `depth` visits ahead, past the item's
-    end into the next items'. An item starts once at most `pending` TMA stores are unread (those staged in the
-    buffer about to be loaded must be read; None: no results are staged in the own buffers). body(item, buf, i,
-    slot, g, carry, masked) -> carry runs visit i (the CTA's g-th) from ring slot `slot`, waiting for its operands
-    (`_wait_slot`); finish(item, buf, carry) writes the item's results."""
-    rows_ref, counts_ref, rows_smem, rows_bar = sched
-    cta = lax.axis_index("cta")
-    count = counts_ref[cta]
-    plgpu.copy_gmem_to_smem(rows_ref.at[cta], rows_smem, rows_bar.at[0])
-    plgpu.barrier_wait(rows_bar.at[0])
-    last, buffers = rows_smem.shape[0] - 1, (own[0][1].shape[0] if own else 1)
-
-    def item(k):
-        f = [rows_smem[jnp.minimum(k, last), c] for c in range(7)]
-        return _Item(*f[:5], (f[5], f[6]))
-
-    def load(operands, it, block, slot):
-        for src, smem, bar in operands:
-            plgpu.copy_gmem_to_smem(src(it, pl.ds(block * BLOCK, BLOCK)), smem.at[slot], bar.at[slot])
-
-    def load_own(k):
-        it = item(k)
-        load(own, it, it.blk, lax.rem(k, buffers))
-
-    def fetch(cursor, slot):
-        """Loads visit i of item k (cursor = (k, i)) into `slot`, if the CTA has it; the cursor after it."""
-        k, i = cursor
-        it = item(k)
-        pl.when(k < count)(lambda: load(ring, it, it.lo + i, slot))
-        step = (i + 1 == it.n).astype(jnp.int32)
-        return k + step, (i + 1) * (1 - step)
-
-    pl.when(count > 0)(lambda: load_own(0))
-    cursor = (jnp.int32(0), jnp.int32(0))
-    for s in range(depth):
-        cursor = fetch(cursor, s)
-
-    def item_body(k, state):
-        it, buf = item(k), lax.rem(k, buffers)
-        if pending is not None:
-            plgpu.wait_smem_to_gmem(pending, wait_read_only=True)
-        pl.when(k + 1 < count)(lambda: load_own(k + 1))
-        for _, _, bar in own:
-            plgpu.barrier_wait(bar.at[buf])
-
-        def visit(i, state, masked):
-            carry, g, cursor = state
-            slot = lax.rem(g, jnp.int32(depth))
-            carry = body(it, buf, i, slot, g, carry, masked)
-            return carry, g + 1, fetch(cursor, slot)
-
-        carry, *state = _visit(it.n, it.plain, visit, (init(), *state))
-        finish(it, buf, carry)
-        return tuple(state)
-
-    lax.fori_loop(0, count, item_body, (jnp.int32(0), cursor))
-    plgpu.wait_smem_to_gmem(0)
-
-
-def _by_item(view):
-    """A block view (b, h, rows) as `_persistent` calls it: (item, rows)."""
-    return lambda it, rows: view(it.b, it.h, rows)
-
-
-def _wait_slot(operands, slot):
-    for *_, bar in operands:
-        plgpu.barrier_wait(bar.at[slot])
-
-
-def _fwd_persistent_kernel(first_ref, *refs, form, depth, scale, ops, sched):
-    """The forward kernel as persistent CTAs (`_persistent`): a query block's q and segment rows in one of two
-    buffers, the key side's ring running on across items, O and lse staged in their own smem."""
-    q_refs, refs = refs[:form.n_q], refs[form.n_q:]
-    kv_refs, (o_ref, lse_ref, scoped) = refs[:form.n_k], refs[form.n_k:]
-    P = len(form.widths)
-    smem, bars = scoped
-    q_s, (fq_smem,), k_s, (v_smem, fk_smem, o_smem, lse_smem) = (
-        smem[:P], smem[P:P + 1], smem[P + 1:2 * P + 1], smem[2 * P + 1:])
-    k_views, v_view = _kv_views(form, kv_refs)
-    own = list(zip(map(_by_item, [*_q_views(form, q_refs), _ROWS(first_ref)]), [*q_s, fq_smem], bars[:P + 1],
-                   strict=True))
-    ring = list(zip(map(_by_item, [*k_views, v_view, _ROWS(first_ref)]), [*k_s, v_smem, fk_smem], bars[P + 1:],
-                    strict=True))
-    keys, v_ring, fk_ring = ring[:P], ring[P], ring[P + 1]
-    tile = (BLOCK, BLOCK)
-
-    def body(it, buf, i, slot, g, carry, masked):
-        _wait_slot(keys + [fk_ring], slot)
-
-        def see(s):
-            row = ops.iota(tile, 0) + it.blk * BLOCK
-            col = ops.iota(tile, 1) + (it.lo + i) * BLOCK
-            return _visible(s, NEG_INF, col <= row, ops.vector(fq_smem.at[buf], 1, tile),
-                            ops.vector(fk_smem.at[slot], 0, tile))
-
-        return _fwd_visit(ops, scale, carry, _operand([q.at[buf] for q in q_s]), _operand([k.at[slot] for k in k_s]),
-                          v_smem.at[slot], see if masked else None, lambda: _wait_slot([v_ring], slot))
-
-    def finish(it, buf, carry):
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the last item's stores have read the stages
-        rows = pl.ds(it.blk * BLOCK, BLOCK)
-        _fwd_store(carry, o_smem, lse_smem, o_ref.at[it.b, rows, it.h], lse_ref.at[it.b, it.h, rows])
-
-    _persistent(sched, own, ring, depth, None, lambda: _fwd_zeros(ops, form.dv), body, finish)
-
-
-def _dkv_persistent_kernel(first_ref, *refs, form, depth, scale, ops, ds_out, sched):
-    """The dk/dv kernel as persistent CTAs (`_persistent`): a key block's k, v and segment rows in one of three
-    buffers, the query side's ring running on across items, dk and dv staged in the item's own buffers."""
-    q_refs, refs = refs[:form.n_q], refs[form.n_q:]
-    kv_refs, (do_ref, lse_ref, delta_ref, *outs, scoped) = refs[:form.n_k], refs[form.n_k:]
-    outs, ds_ref = (outs[:-1], outs[-1]) if ds_out else (outs, None)
-    P = len(form.widths)
-    smem, bars = scoped
-    k_s, (v_smem, fk_smem), q_s, (do_smem, fq_smem, lse_smem, delta_smem, *ds_stages) = (
-        smem[:P], smem[P:P + 2], smem[P + 2:2 * P + 2], smem[2 * P + 2:])
-    own_bars, ring_bars = bars[:P + 2], bars[P + 2:]
-    k_views, v_view = _kv_views(form, kv_refs)
-    own = list(zip(map(_by_item, [*k_views, v_view, _ROWS(first_ref)]), [*k_s, v_smem, fk_smem], own_bars, strict=True))
-    ring = list(zip(map(_by_item, [*_q_views(form, q_refs), _heads(do_ref), _ROWS(first_ref), _STATS(lse_ref),
-                                   _STATS(delta_ref)]),
-                    [*q_s, do_smem, fq_smem, lse_smem, delta_smem], ring_bars, strict=True))
-    tile = (BLOCK, BLOCK)   # [keys, queries]
-    stores = P + 1          # TMA stores per item: dk's parts and dv
-    k_ops = lambda buf: _operand([k.at[buf] for k in k_s])   # noqa: E731
-
-    def body(it, buf, i, slot, g, carry, masked):
-        _wait_slot(ring, slot)
-
-        def see(p_t):
-            key = ops.iota(tile, 0) + it.blk * BLOCK
-            qcol = ops.iota(tile, 1) + (it.lo + i) * BLOCK
-            return _visible(p_t, 0.0, key <= qcol, ops.vector(fq_smem.at[slot], 0, tile),
-                            ops.vector(fk_smem.at[buf], 1, tile))
-
-        ds = None
-        if ds_out:
-            def ready():   # the store from this stage two visits ago has read it; an item's stores may lie between
-                pl.when(i >= 2)(lambda: plgpu.wait_smem_to_gmem(1, wait_read_only=True))
-                pl.when(i < 2)(lambda: plgpu.wait_smem_to_gmem(stores + 1, wait_read_only=True))
-
-            ds = (ds_stages[0].at[lax.rem(g, jnp.int32(2))], ready,
-                  lambda stage: plgpu.copy_smem_to_gmem(stage, ds_ref.at[it.b, it.h, _pair(it.lo + i, it.blk)]))
-        return _dkv_visit(ops, scale, carry, k_ops(buf), v_smem.at[buf], [q.at[slot] for q in q_s], do_smem.at[slot],
-                          lse_smem.at[slot], delta_smem.at[slot], see if masked else None, ds)
-
-    def finish(it, buf, carry):
-        _dkv_store(form, outs, [k.at[buf] for k in k_s] + [v_smem.at[buf]], *carry, it.b, it.h,
-                   pl.ds(it.blk * BLOCK, BLOCK), scale)
-
-    # Item k + 1 loads into the buffer whose stores item k + 1 - buffers started; each item since stored dk, dv and
-    # at least one dS block, so that many stores may be left unread.
-    pending = (k_s[0].shape[0] - 2) * (stores + ds_out)
-    _persistent(sched, own, ring, depth, pending, lambda: _dkv_zeros(ops, form), body, finish)
-
-
 def _dq_ds_kernel(visits_ref, ds_ref, *refs, form, depth, scale, ops):
     """dQ = scale dS K over the forward's key blocks, dS read from the dk/dv kernel's output (DQ_FROM_DS): the
     pairs visited here are among those it visits, and its dS is zero wherever a pair is hidden, so no mask."""
@@ -716,66 +518,26 @@ def _dq_ds_kernel(visits_ref, ds_ref, *refs, form, depth, scale, ops):
     _store_dq(dqs, [k.at[0] for k in k_s], form, dq_refs, b, h, rows, scale)
 
 
-def _dq_ds_persistent_kernel(ds_ref, *refs, form, depth, scale, ops, sched):
-    """The dq kernel of DQ_FROM_DS as persistent CTAs (`_persistent`): no own blocks, the ring of K and dS blocks
-    running on across items, dq staged in its own smem."""
-    kv_refs, (*dq_refs, scoped) = refs[:form.n_k], refs[form.n_k:]
-    P = len(form.widths)
-    smem, bars = scoped
-    k_s, ds_smem, stages = smem[:P], smem[P], smem[P + 1:]
-    k_views, _ = _kv_views(form, kv_refs)
-    ds_view = lambda it, part: ds_ref.at[it.b, it.h, _pair(it.blk, part.start // BLOCK)]  # noqa: E731
-    ring = list(zip([*map(_by_item, k_views), ds_view], [*k_s, ds_smem], bars, strict=True))
-
-    def body(it, buf, i, slot, g, dqs, masked):   # no mask (`_dq_ds_kernel`)
-        _wait_slot(ring, slot)
-        ds = ops.transposed(ds_smem.at[slot])   # stored [keys, queries]
-        return ops.dots(*[(ds, k.at[slot], False, dq) for k, dq in zip(k_s, dqs)])
-
-    def finish(it, buf, dqs):
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the last item's stores have read the stages
-        _store_dq(dqs, stages, form, dq_refs, it.b, it.h, pl.ds(it.blk * BLOCK, BLOCK), scale, wait=False)
-
-    _persistent(sched, [], ring, depth, None, lambda: tuple(ops.full((BLOCK, w), 0.0) for w in form.widths), body,
-                finish)
-
-
-def _store_dq(dqs, stages, form, dq_refs, b, h, rows, scale, wait=True):
-    """Writes scale * dq through `stages` (smem, one per part) into q's layout; waits for the stores if `wait`."""
+def _store_dq(dqs, stages, form, dq_refs, b, h, rows, scale):
+    """Writes scale * dq through `stages` (smem, one per part) into q's layout and waits for the stores."""
     for stage, dq in zip(stages, dqs):
         stage[...] = (dq * scale).astype(stage.dtype)
     plgpu.commit_smem()
     for stage, view in zip(stages, _q_views(form, dq_refs)):
         plgpu.copy_smem_to_gmem(stage, view(b, h, rows))
-    if wait:
-        plgpu.wait_smem_to_gmem(0)
+    plgpu.wait_smem_to_gmem(0)
 
 
-def _call(kernel, scratch, barriers, out_type, grid_bhn, inputs, interpret, persistent=None):
-    """One CTA per (head, block, batch); scratch and barriers are scoped around the kernel body. With persistent =
-    (a _Persistent, the [4, B, nb] visits of the blocks the kernel walks), persistent CTAs instead, one per row of
-    `_sched`'s schedule, which the kernel gets as `sched` (`_persistent`'s: rows and counts in gmem, the rows' smem
-    and barrier scoped here). The CUDA kernel is named after `kernel` (`_dkv_kernel` -> `attn_dkv_mosaic_gpu_kernel`),
-    so a profile tells them apart."""
+def _call(kernel, scratch, barriers, out_type, grid_bhn, inputs, interpret):
+    """One CTA per (head, block, batch); scratch and barriers are scoped around the kernel body. The CUDA kernel is
+    named after `kernel` (`_dkv_kernel` -> `attn_dkv_mosaic_gpu_kernel`), so a profile tells them apart."""
     B, H, nb = grid_bhn
-    if persistent is None:
-        grid, names = (H, nb, B), ("heads", "blk", "batch")
 
-        def entry(*refs):
-            pl.run_scoped(lambda *scoped: kernel(*refs, scoped), tuple(scratch), tuple(barriers))
-    else:
-        rows, counts = _sched(*persistent, H, scratch)
-        grid, names, inputs = counts.shape, ("cta",), (rows, counts, *inputs)
-
-        def entry(rows_ref, counts_ref, *refs):
-            def run(smem, bars):
-                kernel(*refs, (smem[1:], bars[1:]), sched=(rows_ref, counts_ref, smem[0], bars[0]))
-
-            pl.run_scoped(run, (plgpu.SMEM(rows.shape[1:], jnp.int32), *scratch),
-                          (plgpu.Barrier(num_barriers=1), *barriers))
+    def entry(*refs):
+        pl.run_scoped(lambda *scoped: kernel(*refs, scoped), tuple(scratch), tuple(barriers))
 
     entry.__name__ = "attn" + kernel.func.__name__.removesuffix("_kernel")
-    return plgpu.kernel(entry, out_type=out_type, grid=grid, grid_names=names,
+    return plgpu.kernel(entry, out_type=out_type, grid=(H, nb, B), grid_names=("heads", "blk", "batch"),
                         compiler_params=plgpu.CompilerParams(approx_math=True),
                         interpret=interpret_params(interpret))(*inputs)
 
@@ -787,8 +549,8 @@ def _smem(interpret):
 
 
 # Jitted so that the identical calls of a step's layers lower (Mosaic GPU) once, not once per attention.
-@functools.partial(jax.jit, static_argnames=("form", "scale", "depth", "persistent", "interpret"))
-def _forward(q, kv, first_f, visits, *, form, scale, depth, persistent, interpret):
+@functools.partial(jax.jit, static_argnames=("form", "scale", "depth", "interpret"))
+def _forward(q, kv, first_f, visits, *, form, scale, depth, interpret):
     (B, T, H, _), dv, dtype = q[0].shape, form.dv, q[0].dtype
     nb = T // BLOCK
     depth = min(depth, nb)
@@ -799,12 +561,6 @@ def _forward(q, kv, first_f, visits, *, form, scale, depth, persistent, interpre
     ring_bars = (plgpu.Barrier(num_barriers=depth),) * (P + 2)
     out_type = (jax.ShapeDtypeStruct((B, T, H, dv), dtype), jax.ShapeDtypeStruct((B, H, T), jnp.float32))
     ops = _Ops(interpret)
-    if "fwd" in persistent.kernels:   # q in two buffers, O and lse staged in their own smem
-        own = [tile((2, BLOCK, w), dtype) for w in form.widths] + [vec((2, BLOCK))]
-        stages = [tile((BLOCK, dv), dtype), vec((BLOCK,))]
-        return _call(functools.partial(_fwd_persistent_kernel, form=form, depth=depth, scale=scale, ops=ops),
-                     own + ring + stages, (plgpu.Barrier(num_barriers=2),) * (P + 1) + ring_bars, out_type, (B, H, nb),
-                     (first_f, *q, *kv), interpret, persistent=(persistent, visits))
     # The ring's first slot stages O once drained (`_fwd_kernel`).
     return _call(functools.partial(_fwd_kernel, form=form, depth=depth, scale=scale, ops=ops),
                  [tile((BLOCK, w), dtype) for w in form.widths] + [vec((BLOCK,))] + ring + [vec((BLOCK,))],
@@ -812,9 +568,8 @@ def _forward(q, kv, first_f, visits, *, form, scale, depth, persistent, interpre
                  interpret)
 
 
-@functools.partial(jax.jit, static_argnames=("form", "scale", "depths", "dq_from_ds", "persistent", "interpret"))
-def _backward(q, kv, first_f, o, lse, do, kv_visits, q_visits, *, form, scale, depths, dq_from_ds, persistent,
-              interpret):
+@functools.partial(jax.jit, static_argnames=("form", "scale", "depths", "dq_from_ds", "interpret"))
+def _backward(q, kv, first_f, o, lse, do, kv_visits, q_visits, *, form, scale, depths, dq_from_ds, interpret):
     """dq_from_ds: 0, the dq kernel recomputes dS; else it reads the dk/dv kernel's, loading this many blocks ahead."""
     (B, T, H, _), dv, dtype = q[0].shape, form.dv, q[0].dtype
     nb = T // BLOCK
@@ -834,31 +589,18 @@ def _backward(q, kv, first_f, o, lse, do, kv_visits, q_visits, *, form, scale, d
             + [tile((d_kv, BLOCK, dv), dtype), vec((d_kv, BLOCK)), vec((d_kv, BLOCK)), vec((d_kv, BLOCK))]
             + [tile((2, BLOCK, BLOCK), dtype)] * ds_out)
     ring_bars = (plgpu.Barrier(num_barriers=d_kv),) * (P + 4)
-    if "dkv" in persistent.kernels:   # each key block's operands in one of OWN_BUFFERS buffers
-        nbuf = OWN_BUFFERS
-        own = [tile((nbuf, BLOCK, w), dtype) for w in form.widths] + [tile((nbuf, BLOCK, dv), dtype), vec((nbuf, BLOCK))]
-        dkv = _call(functools.partial(_dkv_persistent_kernel, form=form, depth=d_kv, scale=scale, ops=ops,
-                                      ds_out=ds_out),
-                    own + ring, (plgpu.Barrier(num_barriers=nbuf),) * (P + 2) + ring_bars, tuple(dkv_type + ds_type),
-                    (B, H, nb), ins, interpret, persistent=(persistent, q_visits))
-    else:
-        dkv = _call(functools.partial(_dkv_kernel, form=form, depth=d_kv, scale=scale, ops=ops, ds_out=ds_out),
-                    [tile((BLOCK, w), dtype) for w in form.widths] + [tile((BLOCK, dv), dtype), vec((BLOCK,))] + ring,
-                    (plgpu.Barrier(num_barriers=P + 2),) + ring_bars,
-                    tuple(dkv_type + ds_type), (B, H, nb), (q_visits, *ins), interpret)
+    dkv = _call(functools.partial(_dkv_kernel, form=form, depth=d_kv, scale=scale, ops=ops, ds_out=ds_out),
+                [tile((BLOCK, w), dtype) for w in form.widths] + [tile((BLOCK, dv), dtype), vec((BLOCK,))] + ring,
+                (plgpu.Barrier(num_barriers=P + 2),) + ring_bars,
+                tuple(dkv_type + ds_type), (B, H, nb), (q_visits, *ins), interpret)
     if ds_out:
         *dkv, ds = dkv
         d = min(dq_from_ds, nb)
         ring = [tile((d, BLOCK, w), dtype) for w in form.widths] + [tile((d, BLOCK, BLOCK), dtype)]
         ring_bars = (plgpu.Barrier(num_barriers=d),) * (P + 1)
-        if "dq" in persistent.kernels:   # dq staged in its own smem
-            stages = [tile((BLOCK, w), dtype) for w in form.widths]
-            dq = _call(functools.partial(_dq_ds_persistent_kernel, form=form, depth=d, scale=scale, ops=ops),
-                       ring + stages, ring_bars, dq_type, (B, H, nb), (ds, *kv), interpret,
-                       persistent=(persistent, kv_visits))
-        else:   # dq staged in the drained ring's first slots (`_dq_ds_kernel`)
-            dq = _call(functools.partial(_dq_ds_kernel, form=form, depth=d, scale=scale, ops=ops), ring, ring_bars,
-                       dq_type, (B, H, nb), (kv_visits, ds, *kv), interpret)
+        # dq staged in the drained ring's first slots (`_dq_ds_kernel`)
+        dq = _call(functools.partial(_dq_ds_kernel, form=form, depth=d, scale=scale, ops=ops), ring, ring_bars,
+                   dq_type, (B, H, nb), (kv_visits, ds, *kv), interpret)
         return tuple(dq), tuple(dkv)
     dq = _call(functools.partial(_dq_kernel, form=form, depth=d_dq, scale=scale, ops=ops),
                [tile((BLOCK, w), dtype) for w in form.widths]
@@ -887,26 +629,24 @@ def _visits(first_bt):
             jnp.stack([*q_block_ranges(first_bt, BLOCK, BLOCK), blk + 1, q_to]))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7, 8))
-def _attention(q, kv, first_bt, form, scale, depths, dq_from_ds, persistent, interpret):
-    return _attention_fwd(q, kv, first_bt, form, scale, depths, dq_from_ds, persistent, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
+def _attention(q, kv, first_bt, form, scale, depths, dq_from_ds, interpret):
+    return _attention_fwd(q, kv, first_bt, form, scale, depths, dq_from_ds, interpret)[0]
 
 
-def _attention_fwd(q, kv, first_bt, form, scale, depths, dq_from_ds, persistent, interpret):
+def _attention_fwd(q, kv, first_bt, form, scale, depths, dq_from_ds, interpret):
     first_f = first_bt.astype(jnp.float32)   # compared as floats in registers: exact below 2^24
     visits = _visits(first_bt)   # both sides' now: the backward takes them as residuals (UNMASKED_RUNS read once)
-    o, lse = _forward(q, kv, first_f, visits[0], form=form, scale=scale, depth=depths[0], persistent=persistent,
-                      interpret=interpret)
+    o, lse = _forward(q, kv, first_f, visits[0], form=form, scale=scale, depth=depths[0], interpret=interpret)
     # Named in the forward rule's own equations, where a remat policy sees them ("kernels", "dots").
     o, lse = checkpoint_name(o, KERNEL_OUTPUT), checkpoint_name(lse, KERNEL_OUTPUT)
     return o, (q, kv, first_bt, o, lse, visits)
 
 
-def _attention_bwd(form, scale, depths, dq_from_ds, persistent, interpret, res, do):
+def _attention_bwd(form, scale, depths, dq_from_ds, interpret, res, do):
     q, kv, first_bt, o, lse, visits = res
     dq, dkv = _backward(q, kv, first_bt.astype(jnp.float32), o, lse, do.astype(q[0].dtype), *visits,
-                        form=form, scale=scale, depths=depths[1:], dq_from_ds=dq_from_ds, persistent=persistent,
-                        interpret=interpret)
+                        form=form, scale=scale, depths=depths[1:], dq_from_ds=dq_from_ds, interpret=interpret)
     if form.shared:   # the shared key's gradient, written per head: summed over the heads
         dkv = (dkv[0], dkv[1].sum(axis=2, dtype=jnp.float32).astype(kv[1].dtype)) + dkv[2:]
     return dq, dkv, np.zeros(first_bt.shape, jax.dtypes.float0)
@@ -920,60 +660,6 @@ def _dq_from_ds() -> int:
     if DQ_FROM_DS and not (isinstance(DQ_DS_DEPTH, int) and DQ_DS_DEPTH >= 1):
         raise ValueError(f"DQ_DS_DEPTH {DQ_DS_DEPTH!r} must be a block count >= 1")
     return int(DQ_DS_DEPTH) if DQ_FROM_DS else 0
-
-
-# Kernels run as persistent CTAs (`_persistent`): "fwd", "dkv", "dq" (with DQ_FROM_DS; the dq kernel that recomputes
-# dS has no persistent form). A CTA per SM (more where more fit) walks its share of blocks, its loads running on from
-# one to the next, instead of a CTA per block starting with empty buffers (session 32's analysis: ~5 visited blocks
-# per CTA, a fixed cost per CTA near half the forward's time). Empty until measured against the grid kernels on a GPU
-# (bench_train.py --attn_persistent, bench_attention.py's pallas_persistent_*). Read at call time, as is
-# PERSISTENT_CTAS: None, the SMs' share (132 SMs where there is no GPU: an H100 or H200 SXM's); else the CTAs each
-# persistent kernel runs.
-PERSISTENT: frozenset[str] = frozenset()
-PERSISTENT_CTAS: int | None = None
-# Buffers for the persistent dk/dv kernel's own blocks: three, so the one loaded next was staged two items ago and
-# its stores are read by then (two: every item waits for the last one's stores).
-OWN_BUFFERS = 3
-# At 32 x 1024 in MLA's form the persistent dk/dv kernel takes 226,504 of the 232,448 bytes of shared memory a CTA may
-# have (schedules of 32 rows on 132 CTAs): 128 items (4 KB) still fit.
-MAX_ITEMS = 128
-_SM_SMEM = 228 * 1024   # shared memory per SM on Hopper; each CTA also reserves 1 KB
-
-
-class _Persistent(NamedTuple):
-    """Which kernels run as persistent CTAs, and on how many SMs (or, with `ctas`, CTAs)."""
-    kernels: frozenset[str] = frozenset()
-    sms: int = 132
-    ctas: int | None = None
-
-
-def _persistence() -> _Persistent:
-    """PERSISTENT and PERSISTENT_CTAS as read at call time."""
-    kernels = frozenset(PERSISTENT)
-    if not kernels <= {"fwd", "dkv", "dq"}:
-        raise ValueError(f"PERSISTENT {sorted(kernels)}: the kernels that can run persistent are 'fwd', 'dkv' and "
-                         "'dq' (the dq kernel of DQ_FROM_DS)")
-    if not (PERSISTENT_CTAS is None or (isinstance(PERSISTENT_CTAS, int) and PERSISTENT_CTAS >= 1)):
-        raise ValueError(f"PERSISTENT_CTAS {PERSISTENT_CTAS!r} must be a CTA count >= 1 or None (the SMs' share)")
-    if not kernels:
-        return _Persistent()
-    device = jax.devices()[0]
-    return _Persistent(kernels, device.core_count if device.platform == "gpu" else 132, PERSISTENT_CTAS)
-
-
-def _smem_bytes(scratch) -> int:
-    """An estimate of a kernel's shared memory: each buffer aligned to 1 KB, as Pallas places them."""
-    return sum(-(-math.prod(x.shape) * jnp.dtype(x.dtype).itemsize // 1024) * 1024 for x in scratch)
-
-
-def _sched(persistent: _Persistent, visits, heads: int, scratch):
-    """`_schedule`'s (rows, counts) for a persistent kernel whose other buffers are `scratch`: as many CTAs as fit on
-    the SMs (at least enough that none holds over MAX_ITEMS items), or PERSISTENT_CTAS."""
-    _, B, nb = visits.shape
-    ctas = persistent.ctas
-    if ctas is None:
-        ctas = persistent.sms * max(1, _SM_SMEM // (_smem_bytes(scratch) + 4096 + 1024))  # + schedule, barriers, reserve
-    return _schedule(visits, heads, max(ctas, -(-B * heads * nb // MAX_ITEMS)))
 
 
 def _check_depths(depths, first_bt, q_bthk):
@@ -998,8 +684,7 @@ def doc_attention(q_bthk, k_bshk, v_bshv, first_bt, *, scale: float, depths: tup
     depths = _check_depths(depths, first_bt, q_bthk)
     form = Form((q_bthk.shape[-1],), 0, v_bshv.shape[-1])
     return _attention((q_bthk,), (k_bshk.astype(q_bthk.dtype), v_bshv.astype(q_bthk.dtype)),
-                      first_bt.astype(jnp.int32), form, float(scale), depths, _dq_from_ds(),
-                      _persistence(), bool(interpret))
+                      first_bt.astype(jnp.int32), form, float(scale), depths, _dq_from_ds(), bool(interpret))
 
 
 def mla_supported(q_bthk, kv_bshk, kpe_bsd, nope_dim: int) -> str | None:
@@ -1038,5 +723,4 @@ def mla_doc_attention(q_bthk, kv_bshk, kpe_bsd, first_bt, *, scale: float, nope_
     rope_dim, dtype = kpe_bsd.shape[-1], q[0].dtype
     form = Form((nope_dim, rope_dim), nope_dim, kv_bshk.shape[-1] - nope_dim, shared=True, v_in_k=True, q_parts=parts)
     return _attention(q, (kv_bshk.astype(dtype), kpe_bsd.astype(dtype)),
-                      first_bt.astype(jnp.int32), form, float(scale), depths, _dq_from_ds(),
-                      _persistence(), bool(interpret))
+                      first_bt.astype(jnp.int32), form, float(scale), depths, _dq_from_ds(), bool(interpret))
