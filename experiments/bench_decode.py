@@ -157,7 +157,7 @@ def run_jax(args):
     import jax.numpy as jnp
     from flax import nnx
 
-    from lcflash.config import load_config, model_config
+    from lcflash.config import load_config, model_config, parse_override
     from lcflash.infer.cache import DecodeCache, bytes_per_token
     from lcflash.infer.generation import Generator
     from lcflash.model import LongcatFlash
@@ -173,15 +173,17 @@ def run_jax(args):
     result["hbm_bandwidth_Bps"] = bw
     log(f"measured copy bandwidth {bw / 1e12:.2f} TB/s (read + write)")
 
-    cfg = model_config(load_config(args.config)).replace(param_dtype="bfloat16", dtype="bfloat16")
+    overrides = dict(parse_override(kv) for kv in args.set)
+    cfg = model_config(load_config(args.config, overrides)).replace(param_dtype="bfloat16", dtype="bfloat16")
     t = time.perf_counter()
     model = LongcatFlash(cfg, nnx.Rngs(args.seed))
     base = Generator(model, "absorbed", args.moe_impl)
     jax.block_until_ready(base.dm.weights)
     log(f"model built and split in {time.perf_counter() - t:.1f}s")
     always, per_expert = weight_bytes(cfg, base.dm.weights)
-    result["model"] = {"config": args.config, "dtype": "bfloat16", "always_read_bytes": always,
-                       "expert_bytes": per_expert, "cache_bytes_per_token": bytes_per_token(cfg)}
+    result["model"] = {"config": args.config, "overrides": args.set, "dtype": "bfloat16",
+                       "always_read_bytes": always, "expert_bytes": per_expert,
+                       "cache_bytes_per_token": bytes_per_token(cfg)}
     if args.export:
         import lcflash
 
@@ -557,6 +559,8 @@ def main():
     ap.add_argument("--out_dir", default="experiments")
     ap.add_argument("--json", default=None)
     ap.add_argument("--config", default=os.path.join(ROOT, "configs", "small.py"))
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override, e.g. --set model.num_layers=4 (repeatable)")
     ap.add_argument("--batches", default="1,8,64")
     ap.add_argument("--contexts", default="1024,8192,32768")
     ap.add_argument("--impls", default="absorbed,pallas", help="attention: absorbed (XLA), pallas (our kernel), "
@@ -607,6 +611,7 @@ def main():
     jax_json = os.path.join(args.out_dir, "bench_decode_jax.json")
     peer_json = os.path.join(args.out_dir, "bench_decode_peer.json")
     common = [f"--config={args.config}", f"--steps={args.steps}", f"--reps={args.reps}"]
+    common += [f"--set={kv}" for kv in args.set]
     py = [sys.executable, os.path.abspath(__file__)]
     subprocess.run(py + ["--part=jax", f"--json={jax_json}", f"--export={ckpt}",
                          f"--batches={','.join(map(str, args.batches))}",

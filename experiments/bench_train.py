@@ -245,7 +245,7 @@ def main():
     import jax
 
     from lcflash import load_config
-    from lcflash.config import model_config
+    from lcflash.config import model_config, parse_override
     from lcflash.kernels.gmm import api as gmm_api
     from lcflash.model import mla
     from lcflash.params import train_flops_per_token
@@ -294,9 +294,7 @@ def main():
     base = {"train.batch_size": args.batch, "data.seq_len": args.seq, "train.progress": False}
     if args.remat:
         base["model.remat"] = True
-    for kv in args.set:
-        key, _, value = kv.partition("=")
-        base[key] = {"true": True, "false": False}.get(value.lower(), int(value) if value.isdigit() else value)
+    base.update(parse_override(kv) for kv in args.set)
     impls = [x for x in args.gmm_impl.split(",") if x] or [None]
     dev = jax.devices()[0]
     peak = peak_bf16_flops(dev.device_kind)

@@ -32,8 +32,10 @@
 # arrays, prefetched or on the device: level, removed since) by an inline command; session 58 ran 47 and 48 (the
 # step's conditional: level; the step-start gap is the first traced step's launch) and 49 (batches 26 and 28: out of
 # memory); session 59 ran 50 (Triton GEMM fusions against cuBLAS: level), 51 (programmatic dependent launch:
-# level), 52 (the trainer's MFU metric beside the bench's) and 53 (150 trainer steps); HISTORY.md):
-#     bash experiments/gpu_calls.sh N [ARGS]     (N = 1-3, 5-36, 39-45, 47-53; 14 takes the rows and d_rhs bands,
+# level), 52 (the trainer's MFU metric beside the bench's) and 53 (150 trainer steps); session 60 ran 54 (the decode
+# kernel at LongCat-Flash's shapes; the attention kernels' GPU tests) and 55 (decode at LongCat-Flash's width);
+# HISTORY.md):
+#     bash experiments/gpu_calls.sh N [ARGS]     (N = 1-3, 5-36, 39-45, 47-55; 14 takes the rows and d_rhs bands,
 #                                                18 a benchmark flag)
 # run from the repository root on the device machine, with `.whl` carried (ml-collections and tensorboardX, which
 # its image lacks) and `.whl-tokamax` where a call times the tokamax peer (tokamax 0.0.17 with its needs, 37 MB).
@@ -45,7 +47,7 @@
 # here to the ignored `.jcc` (`rm -rf .jcc && cp -r /work/.device/N/jcc .jcc`) and carried, it seeds the next
 # machine's, which helps where that machine has the same card and image.
 set -u
-N=${1:?call number 1-3, 5-36, 39-45 or 47-53}
+N=${1:?call number 1-3, 5-36, 39-45 or 47-55}
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -320,5 +322,18 @@ longcat/gate_up/4096,longcat/down/4096,longcat/gate_up/512/skewed,longcat/down/5
         --config.train.progress=False
     cp /tmp/w53/metrics.jsonl "$OUT/train_small_b24_150_metrics.jsonl"
     ;;
-*)  echo "call number 1-36 or 39-45, 47-53" >&2; exit 2 ;;
+54) # session 60: the decode kernel at LongCat-Flash's shapes (64 heads, a latent of 512: two latent chunks per
+    # CTA's split, MTP's two row tiles) against the references, and the attention kernels without their persistent
+    # forms (gone), on the GPU
+    step 420 python -m pytest -n 0 -q -p no:cacheprovider tests/test_mla_decode.py tests/test_doc_attention.py \
+        tests/test_train_attention.py -k "not tokamax"
+    ;;
+55) # session 60: batch-1 and batch-8 decode at LongCat-Flash's width (its attention, dense FFNs, experts and vocab;
+    # 2 layers of 32 FFN + 16 zero experts, so it fits one GPU), XLA's attention against the kernel, with the floor
+    L="--set model.num_layers=2 --set model.n_routed_experts=32 --set model.zero_expert_num=16"
+    step 560 python experiments/bench_decode.py --part=jax --config=configs/longcat_flash.py $L --batches=1,8 \
+        --contexts=1024 --impls=absorbed,pallas --rounds=2 --no-speculative --no-dense_moe_rows \
+        --json="$OUT/bench_decode_longcat_width_s60.json"
+    ;;
+*)  echo "call number 1-3, 5-36, 39-45 or 47-55" >&2; exit 2 ;;
 esac

@@ -292,6 +292,22 @@ def bad_override_message(argv, error: Exception) -> str:
     return f"bad --config override: {explain_config_flags(argv) or msg}"
 
 
+def parse_override(text: str) -> tuple[str, object]:
+    """'model.num_layers=4' -> ('model.num_layers', 4), for load_config's overrides from a command line: true / false
+    become bools, integers and floats numbers, anything else stays a string."""
+    key, eq, value = text.partition("=")
+    if not (eq and key and value):
+        raise ConfigError(f"override {text!r}: want KEY=VALUE, e.g. model.num_layers=4")
+    if value.lower() in ("true", "false"):
+        return key, value.lower() == "true"
+    for kind in (int, float):
+        try:
+            return key, kind(value)
+        except ValueError:
+            pass
+    return key, value
+
+
 def load_config(path: str, overrides: dict | None = None):
     """Loads an ml_collections config file (`get_config()`), applies dotted overrides, validates the model."""
     import importlib.util

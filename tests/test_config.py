@@ -2,7 +2,7 @@
 
 import pytest
 
-from lcflash.config import ConfigError, ModelConfig, load_config, model_config, validate
+from lcflash.config import ConfigError, ModelConfig, load_config, model_config, parse_override, validate
 
 
 @pytest.mark.parametrize("name", ["tiny", "small", "longcat_flash"])
@@ -88,3 +88,14 @@ def test_a_misplaced_override_names_the_field_and_where_it_lives(monkeypatch, ca
     monkeypatch.setattr(sys, "argv", ["plan"])
     assert main(["--config=configs/tiny.py", "--devices=1", "--config.train.remat=True"]) == 2
     assert "did you mean model.remat?" in capsys.readouterr().err
+
+
+def test_parse_override_types_values_and_names_a_malformed_one():
+    pairs = ["model.num_layers=4", "optim.lr=3e-4", "model.remat=True", "moe.gmm_impl=ragged_dot"]
+    assert [parse_override(p) for p in pairs] == [("model.num_layers", 4), ("optim.lr", 3e-4),
+                                                  ("model.remat", True), ("moe.gmm_impl", "ragged_dot")]
+    cfg = load_config("configs/tiny.py", dict(parse_override(p) for p in pairs[:2]))
+    assert (cfg.model.num_layers, cfg.optim.lr) == (4, 3e-4)
+    for bad in ("model.num_layers", "=4", "model.num_layers="):
+        with pytest.raises(ConfigError, match="want KEY=VALUE"):
+            parse_override(bad)

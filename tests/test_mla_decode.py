@@ -127,6 +127,12 @@ KERNEL_CASES = [  # B, T, H, R, P, S, starts, splits
     (1, 3, 4, 64, 64, 256, [253], 4),      # 12 query rows: padded to 16 (whole 8-row smem tiles)
     (2, 1, 16, 128, 64, 512, [64, 200], None),
     (2, 2, 8, 128, 64, 256, [5, 190], 1),  # one split: the output in bf16 from the kernel, no merge
+    # LongCat-Flash's attention (64 heads, a latent of 512): two latent chunks per tile; MTP's verify step (T = 2)
+    # has two 64-row tiles
+    (1, 2, 64, 512, 64, 512, [300], None),
+    (2, 1, 64, 512, 64, 256, [17, 254], 1),
+    # two tiles, the second partly padding (40 of its 64 rows)
+    (1, 2, 52, 512, 64, 128, [100], 2),
 ]
 
 
@@ -134,28 +140,32 @@ KERNEL_CASES = [  # B, T, H, R, P, S, starts, splits
 def test_kernel_interpret_matches_split_reference():
     """The kernel's control flow (TMA pipeline, barriers, splits, masking, online softmax) in GPU interpret mode;
     the interpreter lacks wgmma with transposed operands, so its products there are plain dots."""
-    from lcflash.kernels.mla_decode.pallas_mgpu import choose_splits, mla_decode_pallas
+    from lcflash.kernels.mla_decode.pallas_mgpu import choose_splits, default_block_kv, mla_decode_pallas
 
-    for B, T, H, R, P, S, starts, splits in (KERNEL_CASES[1], KERNEL_CASES[3]):
+    for B, T, H, R, P, S, starts, splits in (KERNEL_CASES[1], KERNEL_CASES[3], KERNEL_CASES[6]):
         q, qp, c, k = inputs(B, T, H, R, P, S, jnp.bfloat16, seed=B + T)
         start = jnp.array(starts, jnp.int32)
         got = mla_decode_pallas(q, qp, c, k, start, scale=0.05, num_splits=splits, fused_pv=False,
                                 interpret=True)
         assert not np.isnan(np.asarray(got, np.float32)).any()
-        n = choose_splits(B, S // 64) if splits is None else splits
-        split_ref = reference.mla_decode_split_reference(q, qp, c, k, start, 0.05, n, 64)
+        block = default_block_kv(R, P)
+        n = choose_splits(B, S // block) if splits is None else splits
+        split_ref = reference.mla_decode_split_reference(q, qp, c, k, start, 0.05, n, block)
         assert rel(got, split_ref) < 2e-3
         assert rel(got, f32_reference(q, qp, c, k, start, 0.05)) < 1e-2   # bf16 probabilities
 
 
-@pytest.mark.parametrize("T,fused,splits", [(1, True, None), (2, False, None), (1, True, 1)])
-def test_kernel_lowers_for_cuda(T, fused, splits):
-    """Pallas -> Mosaic GPU lowering (layouts, wgmma operand shapes, TMA transforms) runs on CPU."""
+# configs/small.py's attention (8 heads, a latent of 128), and LongCat-Flash's (64 heads, a latent of 512) at MTP's
+# verify step: two row tiles, two latent chunks, blocks of 32 cached tokens.
+@pytest.mark.parametrize("T,H,R,fused,splits", [(1, 8, 128, True, None), (2, 8, 128, False, None),
+                                                (1, 8, 128, True, 1), (2, 64, 512, True, None)])
+def test_kernel_lowers_for_cuda(T, H, R, fused, splits):
+    """Pallas -> Mosaic GPU lowering (layouts, wgmma operand shapes, TMA transforms, shared memory) runs on CPU."""
     from lcflash.kernels.mla_decode.pallas_mgpu import mla_decode_pallas
 
     sd = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt)  # noqa: E731
     f = jax.jit(lambda *a: mla_decode_pallas(*a, scale=0.1, fused_pv=fused, num_splits=splits))
-    lowered = f.trace(sd(2, T, 8, 128), sd(2, T, 8, 64), sd(2, 512, 128), sd(2, 512, 64),
+    lowered = f.trace(sd(2, T, H, R), sd(2, T, H, 64), sd(2, 512, R), sd(2, 512, 64),
                       sd(2, dt=jnp.int32)).lower(lowering_platforms=("cuda",))
     text = lowered.as_text()
     assert "mla_decode_mosaic_gpu" in text   # named, so a profile finds it
@@ -192,9 +202,12 @@ def test_kernel_rejects_unsupported_shapes():
     q, qp, c, k = inputs(1, 1, 4, 128, 64, 256, jnp.float32)
     with pytest.raises(NotImplementedError, match="bfloat16"):
         mla_decode_pallas(q, qp, c, k, jnp.zeros(1, jnp.int32), scale=1.0)
-    q, qp, c, k = inputs(1, 1, 4, 512, 64, 256, jnp.bfloat16)
-    with pytest.raises(NotImplementedError, match="kv_lora_rank"):
+    q, qp, c, k = inputs(1, 1, 4, 320, 64, 256, jnp.bfloat16)   # above one chunk of 256, not a whole number of them
+    with pytest.raises(NotImplementedError, match="kv_lora_rank = 320 must be a multiple of 64, and of 256"):
         mla_decode_pallas(q, qp, c, k, jnp.zeros(1, jnp.int32), scale=1.0)
+    q, qp, c, k = inputs(1, 1, 4, 128, 64, 256, jnp.bfloat16)
+    with pytest.raises(NotImplementedError, match="cache length 256 must be a multiple of block_kv = 96"):
+        mla_decode_pallas(q, qp, c, k, jnp.zeros(1, jnp.int32), scale=1.0, block_kv=96)
 
 
 @pytest.mark.skipif(not ON_GPU, reason="the Mosaic GPU kernel runs on Hopper GPUs only")
