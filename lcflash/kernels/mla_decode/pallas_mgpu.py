@@ -12,10 +12,12 @@ LongCat-Flash's shapes (64 heads, a latent of 512) need more than one CTA per sp
 [64, 512] would take all of a warpgroup's registers, and MTP's verify step has 2 x 64 query rows. So the `part` axis
 runs each 64-row tile of the queries and each CHUNK-column chunk of the latent output in a CTA of its own. Each
 computes the scores from the whole latent (in CHUNK-column pieces, loaded by one TMA copy each) and p . c for its
-chunk; the CTAs of one split read the same cache blocks about at once, so the second read mostly hits L2. Each split keeps an online softmax in registers and writes its
-normalised output and log2-sum-exp2; `reference.combine_splits` merges the splits (flash-decoding). With one split
-the kernel writes the output in the compute dtype and nothing runs after it: at batch 1 a decode step is a chain of
-~500 kernels of a few microseconds each, and the merge's three XLA kernels per attention are 72 of them.
+chunk; the CTAs of one split read the same cache blocks about at once, so the second read mostly hits L2.
+
+Each split keeps an online softmax in registers and writes its normalised output and log2-sum-exp2;
+`reference.combine_splits` merges the splits (flash-decoding). With one split the kernel writes the output in the
+compute dtype and nothing runs after it: at batch 1 a decode step is a chain of ~500 kernels of a few microseconds
+each, and the merge's three XLA kernels per attention are 72 of them.
 
 Only the blocks holding a visible key are read: a split past the row's last position reads nothing, so a decode
 step costs the filled part of the cache, not its capacity.
