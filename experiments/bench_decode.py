@@ -63,8 +63,9 @@ XLA_OPTIONS = {
 # batches 1 and 64 6-16% slower, reverted. Session 39's "+l2" pulled each sublayer's matrices into L2 while the one
 # before ran, commit cf38910: batch 1 5-6% slower, batch 8 1-2% faster on an H100 (session 40), removed. Session
 # 39's "+kmerge" had the attention kernel's last split merge the splits behind a GMEM semaphore, commit 5b7620f: on
-# an H100 (session 41) batch 1 6-9% slower, batch 8 5-7% slower, removed.)
-VARIANTS = ("unmerged", "eager_norms")
+# an H100 (session 41) batch 1 6-9% slower, batch 8 5-7% slower, removed.) "+gather_dot": the gather MoE's matvecs as
+# einsums (decode.GATHER_AS_REDUCE off), as before session 60.
+VARIANTS = ("unmerged", "eager_norms", "gather_dot")
 
 
 def attn_impl(impl: str) -> str:
@@ -246,6 +247,7 @@ def run_jax(args):
         pallas_mgpu.MAX_SPLITS = int(splits) if splits else None   # read while tracing: choose_splits
         from lcflash.infer import decode
         decode.DEFER_NORMS = "eager_norms" not in suffixes(gkey)   # read while tracing
+        decode.GATHER_AS_REDUCE = "gather_dot" not in suffixes(gkey)
         cache = jax.eval_shape(lambda: DecodeCache.zeros(cfg, B, S, mtp=kind == "speculative"))
         b32 = jax.ShapeDtypeStruct((B,), jnp.int32)
         if kind == "speculative":
@@ -566,7 +568,7 @@ def main():
     ap.add_argument("--impls", default="absorbed,pallas", help="attention: absorbed (XLA), pallas (our kernel), "
                     "pallas@sN (the kernel with at most N context splits; pallas@s1: no merge kernels); +name suffixes: "
                     "XLA options (XLA_OPTIONS: lhs, cc, pdl, while) or the decode path as before session 22 "
-                    "(VARIANTS: unmerged, eager_norms), e.g. pallas+unmerged+eager_norms+lhs")
+                    "(VARIANTS: unmerged, eager_norms, gather_dot), e.g. pallas+unmerged+eager_norms+lhs")
     ap.add_argument("--moe_impl", default="auto")
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--speculative", action=argparse.BooleanOptionalAction, default=True,

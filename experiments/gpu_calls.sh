@@ -35,7 +35,7 @@
 # level), 52 (the trainer's MFU metric beside the bench's) and 53 (150 trainer steps); session 60 ran 54 (the decode
 # kernel at LongCat-Flash's shapes; the attention kernels' GPU tests) and 55 (decode at LongCat-Flash's width);
 # HISTORY.md):
-#     bash experiments/gpu_calls.sh N [ARGS]     (N = 1-3, 5-36, 39-45, 47-56; 14 takes the rows and d_rhs bands,
+#     bash experiments/gpu_calls.sh N [ARGS]     (N = 1-3, 5-36, 39-45, 47-57; 14 takes the rows and d_rhs bands,
 #                                                18 a benchmark flag)
 # run from the repository root on the device machine, with `.whl` carried (ml-collections and tensorboardX, which
 # its image lacks) and `.whl-tokamax` where a call times the tokamax peer (tokamax 0.0.17 with its needs, 37 MB).
@@ -47,7 +47,7 @@
 # here to the ignored `.jcc` (`rm -rf .jcc && cp -r /work/.device/N/jcc .jcc`) and carried, it seeds the next
 # machine's, which helps where that machine has the same card and image.
 set -u
-N=${1:?call number 1-3, 5-36, 39-45 or 47-56}
+N=${1:?call number 1-3, 5-36, 39-45 or 47-57}
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -344,5 +344,16 @@ longcat/gate_up/4096,longcat/down/4096,longcat/gate_up/512/skewed,longcat/down/5
     step 120 python experiments/decode_profile.py --hlo="$OUT/hlo_absorbed_b1.txt" \
         --trace="$OUT/trace_decode_b1_absorbed.json.gz" --steps=33 --json="$OUT/decode_profile_longcat_width_s60.json"
     ;;
-*)  echo "call number 1-3, 5-36, 39-45 or 47-56" >&2; exit 2 ;;
+57) # session 60: the gather MoE's matvecs as multiply + reduce (decode.GATHER_AS_REDUCE, new) against the einsums
+    # ("+gather_dot"), at LongCat-Flash's width (call 56: the einsums wrote the gathered experts out, 2.5 of 4.5 ms)
+    # and on configs/small.py, batch 1, two rounds each
+    L="--set model.num_layers=2 --set model.n_routed_experts=32 --set model.zero_expert_num=16"
+    step 200 python experiments/bench_decode.py --part=jax --config=configs/longcat_flash.py $L --batches=1,8 \
+        --contexts=1024 --impls=absorbed,absorbed+gather_dot,pallas --rounds=2 --no-speculative --no-dense_moe_rows \
+        --json="$OUT/bench_decode_longcat_width_reduce_s60.json"
+    step 300 python experiments/bench_decode.py --part=jax --batches=1 --contexts=1024 \
+        --impls=pallas,pallas+gather_dot --rounds=2 --no-speculative --no-dense_moe_rows \
+        --json="$OUT/bench_decode_small_reduce_s60.json"
+    ;;
+*)  echo "call number 1-3, 5-36, 39-45 or 47-57" >&2; exit 2 ;;
 esac

@@ -428,6 +428,22 @@ def distinct_experts(experts_ltk, n_ffn: int):
     return jnp.sum(hit_ln.astype(jnp.int32), axis=1)
 
 
+# The gather MoE's matvecs as multiply + reduce over the gathered weights, which XLA fuses with the gather: each
+# slot's expert is read in place. As einsums, XLA wrote the gathered experts out first and then ran a GEMM on them:
+# at LongCat-Flash's width 12 x 75 MB written and read again per layer, 2.5 of a 4.5 ms batch-1 step on an H100
+# (experiments/HISTORY.md, session 60). False: the einsums (for A/B runs; read while tracing).
+GATHER_AS_REDUCE = True
+
+
+def _slot_matvec(spec: str, a, w_tknc):
+    """[T, K, N] fp32: each token's row of `a` ([T, C], or [T, K, C] per slot) against each slot's gathered [N, C]
+    expert, contracting the contiguous C; `spec` is the einsum."""
+    if GATHER_AS_REDUCE:
+        a_tk1c = a[:, None, None, :] if a.ndim == 2 else a[:, :, None, :]
+        return jnp.sum(a_tk1c.astype(F32) * w_tknc.astype(F32), axis=-1)
+    return jnp.einsum(spec, a, w_tknc, preferred_element_type=F32)
+
+
 def experts_gather(x_td, routing: Routing, w_gate_nid, w_up_nid, w_down_ndi):
     """FFN-expert output [T, D] fp32 reading only the chosen experts' weights: each (token, slot) contracts over
     the contiguous last axis of its gathered expert. Weights in the compute dtype (as the model's MoE casts
@@ -442,10 +458,10 @@ def experts_gather(x_td, routing: Routing, w_gate_nid, w_up_nid, w_down_ndi):
     for j in reversed(range(min(2, e_tk.shape[1]))):
         fallback_t1 = jnp.where(is_ffn[:, j:j + 1], e_tk[:, j:j + 1], fallback_t1)
     idx_tk = jnp.where(is_ffn, e_tk, fallback_t1)
-    g_tki = jnp.einsum("td,tkid->tki", x_td, w_gate_nid[idx_tk].astype(dtype), preferred_element_type=F32)
-    u_tki = jnp.einsum("td,tkid->tki", x_td, w_up_nid[idx_tk].astype(dtype), preferred_element_type=F32)
+    g_tki = _slot_matvec("td,tkid->tki", x_td, w_gate_nid[idx_tk].astype(dtype))
+    u_tki = _slot_matvec("td,tkid->tki", x_td, w_up_nid[idx_tk].astype(dtype))
     h_tki = (jax.nn.silu(g_tki) * u_tki).astype(dtype)
-    y_tkd = jnp.einsum("tki,tkdi->tkd", h_tki, w_down_ndi[idx_tk].astype(dtype), preferred_element_type=F32)
+    y_tkd = _slot_matvec("tki,tkdi->tkd", h_tki, w_down_ndi[idx_tk].astype(dtype))
     w_tk = jnp.where(is_ffn, routing.weights_tk, 0.0)
     return jnp.sum(y_tkd * w_tk[..., None], axis=1)
 
