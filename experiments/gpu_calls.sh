@@ -348,10 +348,10 @@ longcat/gate_up/4096,longcat/down/4096,longcat/gate_up/512/skewed,longcat/down/5
     # ("+gather_dot"), at LongCat-Flash's width (call 56: the einsums wrote the gathered experts out, 2.5 of 4.5 ms)
     # and on configs/small.py, batch 1, two rounds each
     L="--set model.num_layers=2 --set model.n_routed_experts=32 --set model.zero_expert_num=16"
-    step 200 python experiments/bench_decode.py --part=jax --config=configs/longcat_flash.py $L --batches=1,8 \
+    step 150 python experiments/bench_decode.py --part=jax --config=configs/longcat_flash.py $L --batches=1,8 \
         --contexts=1024 --impls=absorbed,absorbed+gather_dot,pallas --rounds=2 --no-speculative --no-dense_moe_rows \
         --json="$OUT/bench_decode_longcat_width_reduce_s60.json"
-    step 300 python experiments/bench_decode.py --part=jax --batches=1 --contexts=1024 \
+    step 240 python experiments/bench_decode.py --part=jax --batches=1 --contexts=1024 \
         --impls=pallas,pallas+gather_dot --rounds=2 --no-speculative --no-dense_moe_rows \
         --json="$OUT/bench_decode_small_reduce_s60.json"
     ;;
