@@ -33,7 +33,8 @@
 # step's conditional: level; the step-start gap is the first traced step's launch) and 49 (batches 26 and 28: out of
 # memory); session 59 ran 50 (Triton GEMM fusions against cuBLAS: level), 51 (programmatic dependent launch:
 # level), 52 (the trainer's MFU metric beside the bench's) and 53 (150 trainer steps); session 60 ran 54 (the decode
-# kernel at LongCat-Flash's shapes; the attention kernels' GPU tests) and 55 (decode at LongCat-Flash's width);
+# kernel at LongCat-Flash's shapes; the attention kernels' GPU tests), 55 (decode at LongCat-Flash's width), 56 (its
+# batch-1 step traced) and 57 (the gather MoE as multiply + reduce: batch 1 at LongCat's width 1.55x faster);
 # HISTORY.md):
 #     bash experiments/gpu_calls.sh N [ARGS]     (N = 1-3, 5-36, 39-45, 47-57; 14 takes the rows and d_rhs bands,
 #                                                18 a benchmark flag)
