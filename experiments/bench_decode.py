@@ -64,8 +64,8 @@ XLA_OPTIONS = {
 # before ran, commit cf38910: batch 1 5-6% slower, batch 8 1-2% faster on an H100 (session 40), removed. Session
 # 39's "+kmerge" had the attention kernel's last split merge the splits behind a GMEM semaphore, commit 5b7620f: on
 # an H100 (session 41) batch 1 6-9% slower, batch 8 5-7% slower, removed.) "+gather_dot": the gather MoE's matvecs as
-# einsums (decode.GATHER_AS_REDUCE off), as before session 60.
-VARIANTS = ("unmerged", "eager_norms", "gather_dot")
+# einsums (decode.GATHER_FORM "einsum"), as before session 60; "+slots_inner": GATHER_FORM "reduce_slots_inner".
+VARIANTS = ("unmerged", "eager_norms", "gather_dot", "slots_inner")
 
 
 def attn_impl(impl: str) -> str:
@@ -247,7 +247,8 @@ def run_jax(args):
         pallas_mgpu.MAX_SPLITS = int(splits) if splits else None   # read while tracing: choose_splits
         from lcflash.infer import decode
         decode.DEFER_NORMS = "eager_norms" not in suffixes(gkey)   # read while tracing
-        decode.GATHER_AS_REDUCE = "gather_dot" not in suffixes(gkey)
+        decode.GATHER_FORM = ("einsum" if "gather_dot" in suffixes(gkey) else
+                              "reduce_slots_inner" if "slots_inner" in suffixes(gkey) else "reduce")
         cache = jax.eval_shape(lambda: DecodeCache.zeros(cfg, B, S, mtp=kind == "speculative"))
         b32 = jax.ShapeDtypeStruct((B,), jnp.int32)
         if kind == "speculative":
@@ -568,7 +569,7 @@ def main():
     ap.add_argument("--impls", default="absorbed,pallas", help="attention: absorbed (XLA), pallas (our kernel), "
                     "pallas@sN (the kernel with at most N context splits; pallas@s1: no merge kernels); +name suffixes: "
                     "XLA options (XLA_OPTIONS: lhs, cc, pdl, while) or the decode path as before session 22 "
-                    "(VARIANTS: unmerged, eager_norms, gather_dot), e.g. pallas+unmerged+eager_norms+lhs")
+                    "(VARIANTS: unmerged, eager_norms, gather_dot, slots_inner), e.g. pallas+unmerged+eager_norms+lhs")
     ap.add_argument("--moe_impl", default="auto")
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--speculative", action=argparse.BooleanOptionalAction, default=True,

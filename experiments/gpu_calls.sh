@@ -36,7 +36,7 @@
 # kernel at LongCat-Flash's shapes; the attention kernels' GPU tests), 55 (decode at LongCat-Flash's width), 56 (its
 # batch-1 step traced) and 57 (the gather MoE as multiply + reduce: batch 1 at LongCat's width 1.55x faster);
 # HISTORY.md):
-#     bash experiments/gpu_calls.sh N [ARGS]     (N = 1-3, 5-36, 39-45, 47-57; 14 takes the rows and d_rhs bands,
+#     bash experiments/gpu_calls.sh N [ARGS]     (N = 1-3, 5-36, 39-45, 47-58; 14 takes the rows and d_rhs bands,
 #                                                18 a benchmark flag)
 # run from the repository root on the device machine, with `.whl` carried (ml-collections and tensorboardX, which
 # its image lacks) and `.whl-tokamax` where a call times the tokamax peer (tokamax 0.0.17 with its needs, 37 MB).
@@ -48,7 +48,7 @@
 # here to the ignored `.jcc` (`rm -rf .jcc && cp -r /work/.device/N/jcc .jcc`) and carried, it seeds the next
 # machine's, which helps where that machine has the same card and image.
 set -u
-N=${1:?call number 1-3, 5-36, 39-45 or 47-57}
+N=${1:?call number 1-3, 5-36, 39-45 or 47-58}
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -356,5 +356,15 @@ longcat/gate_up/4096,longcat/down/4096,longcat/gate_up/512/skewed,longcat/down/5
         --impls=pallas,pallas+gather_dot --rounds=2 --no-speculative --no-dense_moe_rows \
         --json="$OUT/bench_decode_small_reduce_s60.json"
     ;;
-*)  echo "call number 1-3, 5-36, 39-45 or 47-57" >&2; exit 2 ;;
+58) # session 60: the decode paths' GPU tests with the gather MoE as multiply + reduce, then the gather's slots as the
+    # innermost output axis ("+slots_inner": a zero-expert slot's re-read of an expert right after it, maybe from L2;
+    # call 57's remaining 10% at batch 1 is about the zero slots' 4 x 75 MB per layer) against the default, batch 1
+    step 150 python -m pytest -n 0 -q -p no:cacheprovider tests/test_decode_layout.py tests/test_mla_decode.py \
+        -k "model_decode or gather or decode_only or cached"
+    L="--set model.num_layers=2 --set model.n_routed_experts=32 --set model.zero_expert_num=16"
+    step 150 python experiments/bench_decode.py --part=jax --config=configs/longcat_flash.py $L --batches=1 \
+        --contexts=1024 --impls=absorbed,absorbed+slots_inner --rounds=2 --no-speculative --no-dense_moe_rows \
+        --json="$OUT/bench_decode_longcat_width_slots_s60.json"
+    ;;
+*)  echo "call number 1-3, 5-36, 39-45 or 47-58" >&2; exit 2 ;;
 esac

@@ -96,12 +96,11 @@ def test_decode_only_forward_equals_model_forward(tiny, reference, attn_impl, mo
     assert np.all((np.asarray(n_experts) >= 1) & (np.asarray(n_experts) <= cfg.n_routed_experts))
 
 
-@pytest.mark.parametrize("as_reduce", [True, False])
-def test_gather_and_dense_moe_equal_model_moe(tiny, as_reduce, monkeypatch):
+@pytest.mark.parametrize("form", decode.GATHER_FORMS)
+def test_gather_and_dense_moe_equal_model_moe(tiny, form, monkeypatch):
     """The two decode-layout MoE forms against the model's MoE module on the same (fp32) input, with many tokens
-    so that zero-expert and FFN-expert slots both occur; the gather's matvecs as multiply + reduce (the default) and
-    as einsums."""
-    monkeypatch.setattr(decode, "GATHER_AS_REDUCE", as_reduce)
+    so that zero-expert and FFN-expert slots both occur; the gather's matvecs in each of its forms."""
+    monkeypatch.setattr(decode, "GATHER_FORM", form)
     cfg = tiny.cfg
     w = decode.split_weights(tiny)
     graphs = decode._graphs(cfg, "absorbed")

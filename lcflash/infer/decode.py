@@ -428,20 +428,30 @@ def distinct_experts(experts_ltk, n_ffn: int):
     return jnp.sum(hit_ln.astype(jnp.int32), axis=1)
 
 
-# The gather MoE's matvecs as multiply + reduce over the gathered weights, which XLA fuses with the gather: each
-# slot's expert is read in place. As einsums, XLA wrote the gathered experts out first and then ran a GEMM on them:
-# at LongCat-Flash's width 12 x 75 MB written and read again per layer, 2.5 of a 4.5 ms batch-1 step on an H100
-# (experiments/HISTORY.md, session 60). False: the einsums (for A/B runs; read while tracing).
-GATHER_AS_REDUCE = True
+# How the gather MoE's matvecs are written (read while tracing):
+# "reduce": multiply + reduce over the gathered weights, which XLA fuses with the gather, so each slot's expert is
+#   read in place. As einsums, XLA wrote the gathered experts out first and then ran a GEMM on them: at
+#   LongCat-Flash's width 12 x 75 MB written and read again per layer, 2.5 of a 4.5 ms batch-1 step on an H100
+#   (experiments/HISTORY.md, session 60).
+# "reduce_slots_inner": the same with the slots as the output's innermost axis, so that a zero-expert slot's read of
+#   the expert another slot reads (`experts_gather`) comes right after it and may hit L2.
+# "einsum": the einsums (the A/B baseline).
+GATHER_FORMS = ("reduce", "reduce_slots_inner", "einsum")
+GATHER_FORM = "reduce"
 
 
 def _slot_matvec(spec: str, a, w_tknc):
     """[T, K, N] fp32: each token's row of `a` ([T, C], or [T, K, C] per slot) against each slot's gathered [N, C]
     expert, contracting the contiguous C; `spec` is the einsum."""
-    if GATHER_AS_REDUCE:
-        a_tk1c = a[:, None, None, :] if a.ndim == 2 else a[:, :, None, :]
-        return jnp.sum(a_tk1c.astype(F32) * w_tknc.astype(F32), axis=-1)
-    return jnp.einsum(spec, a, w_tknc, preferred_element_type=F32)
+    if GATHER_FORM not in GATHER_FORMS:
+        raise ValueError(f"decode.GATHER_FORM = {GATHER_FORM!r}; valid: {GATHER_FORMS}")
+    if GATHER_FORM == "einsum":
+        return jnp.einsum(spec, a, w_tknc, preferred_element_type=F32)
+    a_tk1c = (a[:, None, None, :] if a.ndim == 2 else a[:, :, None, :]).astype(F32)
+    if GATHER_FORM == "reduce":
+        return jnp.sum(a_tk1c * w_tknc.astype(F32), axis=-1)
+    prod_tnkc = jnp.swapaxes(a_tk1c, 1, 2) * jnp.swapaxes(w_tknc, 1, 2).astype(F32)
+    return jnp.swapaxes(jnp.sum(prod_tnkc, axis=-1), 1, 2)
 
 
 def experts_gather(x_td, routing: Routing, w_gate_nid, w_up_nid, w_down_ndi):
