@@ -208,6 +208,8 @@ def test_kernel_rejects_unsupported_shapes():
     q, qp, c, k = inputs(1, 1, 4, 128, 64, 256, jnp.bfloat16)
     with pytest.raises(NotImplementedError, match="cache length 256 must be a multiple of block_kv = 96"):
         mla_decode_pallas(q, qp, c, k, jnp.zeros(1, jnp.int32), scale=1.0, block_kv=96)
+    with pytest.raises(NotImplementedError, match="block_kv = 48 must be a multiple of 32"):
+        mla_decode_pallas(q, qp, c, k, jnp.zeros(1, jnp.int32), scale=1.0, block_kv=48)
 
 
 @pytest.mark.skipif(not ON_GPU, reason="the Mosaic GPU kernel runs on Hopper GPUs only")

@@ -70,8 +70,8 @@ def supported(q_len: int, heads: int, kv_lora_rank: int, rope_dim: int, cache_le
     if rope_dim % 64:
         return f"qk_rope_head_dim = {rope_dim} must be a multiple of 64"
     block_kv = block_kv or default_block_kv(kv_lora_rank, rope_dim)
-    if block_kv % 16 or smem_bytes(kv_lora_rank, rope_dim, block_kv, 1, 4) > SMEM_BUDGET:
-        return (f"block_kv = {block_kv} must be a multiple of 16 whose cache block fits shared memory beside the "
+    if block_kv % 32 or smem_bytes(kv_lora_rank, rope_dim, block_kv, 1, 4) > SMEM_BUDGET:   # wgmma K groups of 32
+        return (f"block_kv = {block_kv} must be a multiple of 32 whose cache block fits shared memory beside the "
                 f"queries (kv_lora_rank {kv_lora_rank}, qk_rope_head_dim {rope_dim})")
     if cache_len % block_kv:
         return f"cache length {cache_len} must be a multiple of block_kv = {block_kv}"
