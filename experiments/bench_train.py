@@ -250,6 +250,7 @@ def main():
     from lcflash.model import mla
     from lcflash.params import train_flops_per_token
     from lcflash.perfmodel.hardware import peak_bf16_flops
+    from lcflash.train.trainer import throughput, trains_mtp
     gmm_api.SWIGLU_EPILOGUE = not args.no_swiglu_epilogue
     gmm_api.SKIP_TAILS = not args.zero_tails
     gmm_api.SWIGLU_GRAD_EPILOGUE = not args.no_swiglu_grad_epilogue
@@ -313,11 +314,10 @@ def main():
                          f"{type(e).__name__}: {str(e)[:400]}", **getattr(e, "extra", {})})
             print(rows[-1], flush=True)
             continue
-        with_mtp = cfg.loss.mtp_weight > 0 and mc.num_mtp_layers > 0
-        fpt, p = train_flops_per_token(mc, args.seq, r["ffn_experts_per_token"], with_mtp)
+        fpt, p = train_flops_per_token(mc, args.seq, r["ffn_experts_per_token"], trains_mtp(cfg, mc))
+        rate = throughput(cfg, mc, 1, dev.device_kind)(r["tokens_per_s"], r["ffn_experts_per_token"])
         r.update(gmm_impl=mc.gmm_impl, model_flops_per_token=fpt, activated_params=p["total"],
-                 model_tflops_per_s=fpt * r["tokens_per_s"] / 1e12,
-                 mfu=(fpt * r["tokens_per_s"] / peak) if peak else None)
+                 model_tflops_per_s=rate["tflops_per_s_per_device"], mfu=rate.get("mfu"))
         rows.append(r)
         print(json.dumps(r), flush=True)
 

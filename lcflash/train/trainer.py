@@ -141,11 +141,16 @@ def _check_finite(step: int, m: dict, ckpt: Checkpointer):
            f"(lower optim.lr or optim.clip_norm first)." if last is not None else "No checkpoint had been saved yet."))
 
 
+def trains_mtp(cfg, model_cfg) -> bool:
+    """Whether the train step runs the MTP head (its loss weighted and the head built), so its FLOPs count."""
+    return cfg.loss.mtp_weight > 0 and model_cfg.num_mtp_layers > 0
+
+
 def throughput(cfg, model_cfg, n_devices: int, device_kind: str):
     """Returns f(tokens_per_s, ffn_experts_per_token) -> {tflops_per_s_per_device[, mfu]}: model FLOPs as
-    experiments/bench_train.py counts them (`train_flops_per_token`, at the measured FFN experts per token), and
-    MFU where the device's bf16 peak is known."""
-    with_mtp = cfg.loss.mtp_weight > 0 and model_cfg.num_mtp_layers > 0
+    `train_flops_per_token` counts them (at the measured FFN experts per token), and MFU where the device's bf16
+    peak is known."""
+    with_mtp = trains_mtp(cfg, model_cfg)
     peak = peak_bf16_flops(device_kind)
 
     def f(tokens_per_s: float, ffn_per_token: float) -> dict:
