@@ -365,6 +365,11 @@ longcat/gate_up/4096,longcat/down/4096,longcat/gate_up/512/skewed,longcat/down/5
     step 150 python experiments/bench_decode.py --part=jax --config=configs/longcat_flash.py $L --batches=1 \
         --contexts=1024 --impls=absorbed,absorbed+slots_inner --rounds=2 --no-speculative --no-dense_moe_rows \
         --json="$OUT/bench_decode_longcat_width_slots_s60.json"
+    # session 61: the model's MoE at batch 1 (tokens sorted into 12 rows, our grouped-matmul kernels, which read no
+    # weights for an empty group: the zero-expert slots read nothing) against the gather MoE at the same width
+    step 200 python experiments/bench_decode.py --part=jax --config=configs/longcat_flash.py $L --batches=1 \
+        --set moe.gmm_impl=auto --contexts=1024 --impls=absorbed --moe_impl=model --rounds=2 --no-speculative \
+        --no-dense_moe_rows --json="$OUT/bench_decode_longcat_width_model_moe_s61.json"
     ;;
 *)  echo "call number 1-3, 5-36, 39-45 or 47-58" >&2; exit 2 ;;
 esac
