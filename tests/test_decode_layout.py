@@ -128,30 +128,6 @@ def test_absorbed_products_only_where_they_are_no_larger():
     assert decode.read_by_decode(p) == p
 
 
-def test_auto_moe_runs_the_models_moe_for_wide_experts_on_our_kernels():
-    """moe_impl "auto": the model's MoE where one FFN expert's weights reach MODEL_MOE_MIN_EXPERT_BYTES and the
-    model's gmm_impl resolves to our kernels; else gather for few tokens, dense for many."""
-    def experts(cfg):
-        s = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)  # noqa: E731 - counted in the compute dtype
-        n, i, d = cfg.n_routed_experts, cfg.expert_ffn_hidden_size, cfg.hidden_size
-        return decode.MoEWeights(None, None, s(n, i, d), s(n, i, d), s(n, d, i))
-    wide = model_config(load_config("configs/longcat_flash.py"))   # 75 MB per expert in bf16
-    narrow = model_config(load_config("configs/small.py"))         # 2.4 MB
-    ours, xla = dict(gmm_impl="pallas_chain"), dict(gmm_impl="ragged_dot")
-    assert decode.auto_moe_impl(wide.replace(**ours), experts(wide), 1) == "model"
-    assert decode.auto_moe_impl(wide.replace(**ours), experts(wide), 64) == "model"
-    assert decode.auto_moe_impl(wide.replace(**ours), experts(wide), 1, model_available=False) == "gather"
-    assert decode.auto_moe_impl(wide.replace(**xla), experts(wide), 1) == "gather"
-    assert decode.auto_moe_impl(wide.replace(**xla), experts(wide), 64) == "dense"
-    assert decode.auto_moe_impl(narrow.replace(**ours), experts(narrow), 1) == "gather"
-    assert decode.auto_moe_impl(narrow.replace(**ours), experts(narrow), 16) == "dense"
-    # the narrowest expert at the line (3 bf16 matrices of I x D): "model"; one column narrower: "gather"
-    at_line = wide.replace(**ours, expert_ffn_hidden_size=-(-decode.MODEL_MOE_MIN_EXPERT_BYTES // (6 * wide.hidden_size)))
-    assert decode.auto_moe_impl(at_line, experts(at_line), 1) == "model"
-    under = at_line.replace(expert_ffn_hidden_size=at_line.expert_ffn_hidden_size - 1)
-    assert decode.auto_moe_impl(under, experts(under), 1) == "gather"
-
-
 def test_unknown_moe_impl_is_named(tiny):
     w = decode.split_weights(tiny)
     with pytest.raises(ValueError, match="moe_impl 'sparse' is not one of"):

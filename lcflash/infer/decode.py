@@ -28,9 +28,7 @@ layers is kept. The MoE impl is chosen by `moe_impl`:
 * "gather": each (token, slot) reads only its expert's weights; a decode step with few tokens then reads the
   experts it touches, not all of them.
 * "dense": every expert over every token, weighted by the routing; reads each expert once (large batches).
-* "auto": "model" where one FFN expert's weights are large (`MODEL_MOE_MIN_EXPERT_BYTES`) and the model's
-  `gmm_impl` resolves to our grouped-matmul kernels; else "gather" while tokens * top_k < n_routed_experts, else
-  "dense".
+* "auto": "gather" while tokens * top_k < n_routed_experts, else "dense".
 
 Attention (decode) follows `ModelConfig.attn_impl`: "absorbed" (XLA), "pallas" (the Mosaic GPU kernel, which
 swaps only the attention core, lcflash.kernels.mla_decode) or "expanded".
@@ -40,7 +38,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Callable, NamedTuple
 
 import jax
@@ -495,41 +492,17 @@ def experts_dense(x_td, routing: Routing, w_gate_nid, w_up_nid, w_down_ndi):
     return jnp.einsum("ted,te->td", y_ted.astype(dtype).astype(F32), w_te)
 
 
-# Decode's "auto" runs the model's MoE (tokens sorted by expert, our grouped-matmul kernels, which read no weights
-# for an empty group) from this size of one FFN expert's weights, in the compute dtype. The gather reads an expert
-# for every slot, zero-expert slots included (static shapes), and the dense form every expert; with wide experts
-# those bytes outweigh the model path's sort and extra kernels. At LongCat-Flash's width (75 MB per expert; 2 layers,
-# 32 + 16 experts, 1k context, one H100) batch 1 took 2.174 / 2.184 ms against the gather's 2.332 / 2.358 ms
-# (experiments/HISTORY.md, session 61). configs/small.py's experts (2.4 MB) stay on gather / dense, the forms
-# measured best there; the crossing point between the two widths is not measured.
-MODEL_MOE_MIN_EXPERT_BYTES = 16 << 20
-
-
-def auto_moe_impl(cfg: ModelConfig, p: MoEWeights, tokens: int, model_available: bool = True) -> str:
-    """What moe_impl "auto" runs for `tokens` new tokens (module docstring)."""
-    from lcflash.kernels.gmm import api as gmm_api
-
-    dtype = cfg.jnp_dtype
-    per_expert = sum(math.prod(w.shape[1:]) for w in (p.w_gate, p.w_up, p.w_down)) * jnp.dtype(dtype).itemsize
-    if model_available and per_expert >= MODEL_MOE_MIN_EXPERT_BYTES:
-        lhs = jax.ShapeDtypeStruct((tokens * cfg.moe_topk, cfg.hidden_size), dtype)
-        rhs = jax.ShapeDtypeStruct((p.w_gate.shape[0], cfg.hidden_size, p.w_gate.shape[1]), dtype)
-        if gmm_api.resolve(cfg.gmm_impl, lhs, rhs) in ("pallas", "pallas_chain"):
-            return "model"
-    return "gather" if tokens * cfg.moe_topk < cfg.n_routed_experts else "dense"
-
-
 def moe_apply(cfg: ModelConfig, p: MoEWeights, x_btd, impl: str, model_moe: Callable | None = None):
     """(MoE output [B, T, D], chosen expert ids [B * T, top_k]). impl "model" calls `model_moe()` for the model's
     MoE module (the weights in its own layout); the others run on the decode layout `p`."""
     if impl not in MOE_IMPLS:
         raise ValueError(f"moe_impl {impl!r} is not one of {MOE_IMPLS}")
     B, T, D = x_btd.shape
-    if impl == "auto":
-        impl = auto_moe_impl(cfg, p, B * T, model_moe is not None)
     if impl == "model":
         y, stats = model_moe()(x_btd)
         return y, stats["experts_btk"].reshape(B * T, -1)
+    if impl == "auto":
+        impl = "gather" if B * T * cfg.moe_topk < cfg.n_routed_experts else "dense"
     x_td = x_btd.reshape(B * T, D)
     routing = route_t(cfg, p, x_td)
     fn = experts_gather if impl == "gather" else experts_dense
