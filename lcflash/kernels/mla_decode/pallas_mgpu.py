@@ -54,6 +54,12 @@ def smem_bytes(kv_lora_rank: int, rope_dim: int, block_kv: int, depth: int, out_
         latent_chunk(kv_lora_rank) * out_bytes + 4)
 
 
+def out_dtype(dtype, num_splits: int):
+    """What the kernel writes: with one split the final output in the compute dtype (nothing to merge), else fp32
+    partials for `combine_splits`."""
+    return dtype if num_splits == 1 else jnp.float32
+
+
 def default_block_kv(kv_lora_rank: int, rope_dim: int) -> int:
     """64 cached tokens per block where two blocks fit in flight beside the queries and the staging, else 32
     (LongCat-Flash's latent of 512)."""
@@ -207,7 +213,7 @@ def mla_decode_pallas(q_lat_bthr, q_pe_bthd, c_bsr, kpe_bsd, q_start_b, *, scale
     block_kv = block_kv or default_block_kv(R, P)
     n_blocks = c_bsr.shape[1] // block_kv
     num_splits = num_splits or choose_splits(B, n_blocks)
-    out_bytes = jnp.dtype(q_lat_bthr.dtype).itemsize if num_splits == 1 else 4
+    out_bytes = jnp.dtype(out_dtype(q_lat_bthr.dtype, num_splits)).itemsize
     while depth > 1 and smem_bytes(R, P, block_kv, depth, out_bytes) > SMEM_BUDGET:
         depth -= 1
     return _mla_decode_pallas(q_lat_bthr, q_pe_bthd, c_bsr, kpe_bsd, q_start_b, scale=scale, block_kv=block_kv,
@@ -225,7 +231,7 @@ def _mla_decode_pallas(q_lat_bthr, q_pe_bthd, c_bsr, kpe_bsd, q_start_b, *, scal
     n_blocks = S // block_kv
     num_splits, per_split = split_layout(n_blocks, num_splits)
     depth = max(1, min(depth, per_split))
-    out_dtype = dtype if num_splits == 1 else jnp.float32   # one split: the final output, nothing to merge
+    o_dtype = out_dtype(dtype, num_splits)
     C = latent_chunk(R)
     chunks = R // C
     tiles = -(-T * H // ROWS)
@@ -251,7 +257,7 @@ def _mla_decode_pallas(q_lat_bthr, q_pe_bthd, c_bsr, kpe_bsd, q_start_b, *, scal
              plgpu.SMEM((ROWS, P), dtype, transforms=tiled),
              plgpu.SMEM((chunks, depth, block_kv, C), dtype, transforms=tiled),
              plgpu.SMEM((depth, block_kv, P), dtype, transforms=tiled),
-             plgpu.SMEM((ROWS, C), out_dtype),
+             plgpu.SMEM((ROWS, C), o_dtype),
              plgpu.SMEM((ROWS,), jnp.float32)),
             (plgpu.Barrier(num_barriers=chunks + 1), plgpu.Barrier(num_barriers=chunks * depth),
              plgpu.Barrier(num_barriers=depth)),
@@ -260,7 +266,7 @@ def _mla_decode_pallas(q_lat_bthr, q_pe_bthd, c_bsr, kpe_bsd, q_start_b, *, scal
     entry.__name__ = "mla_decode"   # the CUDA kernel's name in a profile: mla_decode_mosaic_gpu_kernel
     o_part, lse2 = plgpu.kernel(
         entry,
-        out_type=(jax.ShapeDtypeStruct((B, num_splits, tiles * rows, R), out_dtype),
+        out_type=(jax.ShapeDtypeStruct((B, num_splits, tiles * rows, R), o_dtype),
                   jax.ShapeDtypeStruct((B, num_splits, tiles * rows), jnp.float32)),
         # A split's parts adjacent in launch order, so their reads of one cache block meet in L2.
         grid=(tiles * chunks, num_splits, B),
