@@ -231,7 +231,8 @@ def run_jax(args):
     for C in args.contexts:
         for B in args.batches:
             for impl in args.impls:
-                jobs.append((impl, generator(impl, args.moe_impl), args.moe_impl, B, C, "decode"))
+                for moe in args.moe_impls:
+                    jobs.append((impl, generator(impl, moe), moe, B, C, "decode"))
     for impl, moe, B, C in extra:
         jobs.append((impl, generator(impl, moe), moe, B, C, "decode"))
     if args.speculative:
@@ -359,7 +360,7 @@ def run_jax(args):
                            cache_read_bytes=cache_read, floor_ms=1e3 * floor_s, floor_tokens_per_s=B / floor_s,
                            fraction_of_floor=floor_s / tpot)
                 result["points"].append(row)
-                log(f"{impl:9s} moe={moe:6s} B={B:3d} C={C:6d}: "
+                log(f"{impl:9s} moe={moe:7s} B={B:3d} C={C:6d}: "
                     f"TPOT {row['tpot_ms']:.3f} ms, "
                     f"{row['tokens_per_s']:.0f} tok/s, floor {row['floor_ms']:.3f} ms "
                     f"({100 * row['fraction_of_floor']:.0f}% of floor)")
@@ -492,12 +493,12 @@ def report(args):
             r["transformers_tpot_ms"] = p["tpot_ms"]
             r["speedup_vs_transformers"] = p["tpot_ms"] / r["tpot_ms"]
         rows.append(r)
-    hdr = (f"{'impl':9s} {'moe':6s} {'B':>3s} {'ctx':>6s} {'TPOT ms':>9s} {'tok/s':>9s} {'floor ms':>9s} "
+    hdr = (f"{'impl':9s} {'moe':7s} {'B':>3s} {'ctx':>6s} {'TPOT ms':>9s} {'tok/s':>9s} {'floor ms':>9s} "
            f"{'floor tok/s':>11s} {'% floor':>7s} {'experts/L':>9s} {'HF ms':>8s} {'x HF':>6s}")
     lines = [hdr, "-" * len(hdr)]
     for r in sorted(rows, key=lambda r: (r["context"], r["batch"], r["impl"], r["moe_impl"])):
         lines.append(
-            f"{r['impl']:9s} {r['moe_impl']:6s} {r['batch']:3d} {r['context']:6d} {r['tpot_ms']:9.3f} "
+            f"{r['impl']:9s} {r['moe_impl']:7s} {r['batch']:3d} {r['context']:6d} {r['tpot_ms']:9.3f} "
             f"{r['tokens_per_s']:9.0f} {r['floor_ms']:9.3f} {r['floor_tokens_per_s']:11.0f} "
             f"{100 * r['fraction_of_floor']:6.1f}% {np.mean(r['distinct_experts_per_layer']):9.1f} "
             + (f"{r['transformers_tpot_ms']:8.1f} {r['speedup_vs_transformers']:6.1f}"
@@ -570,7 +571,8 @@ def main():
                     "pallas@sN (the kernel with at most N context splits; pallas@s1: no merge kernels); +name suffixes: "
                     "XLA options (XLA_OPTIONS: lhs, cc, pdl, while) or the decode path as before session 22 "
                     "(VARIANTS: unmerged, eager_norms, gather_dot, slots_inner), e.g. pallas+unmerged+eager_norms+lhs")
-    ap.add_argument("--moe_impl", default="auto")
+    ap.add_argument("--moe_impl", default="auto", help="decode's MoE (decode.MOE_IMPLS), or several comma-separated, "
+                    "each timed at every point in turn (the first is the one speculative decoding and profiles use)")
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--speculative", action=argparse.BooleanOptionalAction, default=True,
                     help="also time MTP speculative decoding (batch 1, first context)")
@@ -595,6 +597,13 @@ def main():
     args.batches = [int(x) for x in args.batches.split(",")]
     args.contexts = [int(x) for x in args.contexts.split(",")]
     args.impls = args.impls.split(",")
+    args.moe_impls = args.moe_impl.split(",")
+    args.moe_impl = args.moe_impls[0]
+    if args.part in ("all", "jax"):
+        from lcflash.infer.decode import MOE_IMPLS
+        bad = [m for m in args.moe_impls if m not in MOE_IMPLS]
+        if bad:
+            raise SystemExit(f"--moe_impl: {bad} not in {MOE_IMPLS}")
     for impl in args.impls:
         xla_options(impl)   # an unknown +suffix fails here, before any compilation
     args.peer_points = [tuple(int(v) for v in p.split("x")) for p in args.peer_points.split(",") if p]
@@ -619,7 +628,7 @@ def main():
     subprocess.run(py + ["--part=jax", f"--json={jax_json}", f"--export={ckpt}",
                          f"--batches={','.join(map(str, args.batches))}",
                          f"--contexts={','.join(map(str, args.contexts))}", f"--impls={','.join(args.impls)}",
-                         f"--moe_impl={args.moe_impl}", f"--compile_threads={args.compile_threads}",
+                         f"--moe_impl={','.join(args.moe_impls)}", f"--compile_threads={args.compile_threads}",
                          f"--bw_bytes={args.bw_bytes}"] + (["--profile"] if args.profile else []) + common)
     inputs = [jax_json]
     if args.peer_points:

@@ -36,9 +36,9 @@
 # kernel at LongCat-Flash's shapes; the attention kernels' GPU tests), 55 (decode at LongCat-Flash's width), 56 (its
 # batch-1 step traced) and 57 (the gather MoE as multiply + reduce: batch 1 at LongCat's width 1.55x faster);
 # session 61 ran 58 (slots innermost: level; the model's MoE at batch 1 6-8% faster, on a hoisted transposed copy of
-# the experts); 59 was lost with its machine;
+# the experts); 59 was lost with its machine; session 62 wrote 60 and 61 (decode's "grouped" MoE);
 # HISTORY.md):
-#     bash experiments/gpu_calls.sh N [ARGS]     (N = 1-3, 5-36, 39-45, 47-59; 14 takes the rows and d_rhs bands,
+#     bash experiments/gpu_calls.sh N [ARGS]     (N = 1-3, 5-36, 39-45, 47-61; 14 takes the rows and d_rhs bands,
 #                                                18 a benchmark flag)
 # run from the repository root on the device machine, with `.whl` carried (ml-collections and tensorboardX, which
 # its image lacks) and `.whl-tokamax` where a call times the tokamax peer (tokamax 0.0.17 with its needs, 37 MB).
@@ -50,7 +50,7 @@
 # here to the ignored `.jcc` (`rm -rf .jcc && cp -r /work/.device/N/jcc .jcc`) and carried, it seeds the next
 # machine's, which helps where that machine has the same card and image.
 set -u
-N=${1:?call number 1-3, 5-36, 39-45 or 47-59}
+N=${1:?call number 1-3, 5-36, 39-45 or 47-61}
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -386,5 +386,25 @@ longcat/gate_up/4096,longcat/down/4096,longcat/gate_up/512/skewed,longcat/down/5
         --moe_impl=model --rounds=2 --no-speculative --no-dense_moe_rows \
         --json="$OUT/bench_decode_small_model_moe_s61.json"
     ;;
-*)  echo "call number 1-3, 5-36, 39-45 or 47-59" >&2; exit 2 ;;
+60) # session 62: decode's "grouped" MoE (slots sorted by expert; our grouped-matmul kernels read the decode layout's
+    # contraction-last experts as stored, so no transposed copy): its GPU tests, then against the gather and the dense
+    # MoE on configs/small.py (batch 1, 8, 64) and at LongCat-Flash's width (2 layers of 32 + 16 experts, batch 1, 8)
+    step 150 python -m pytest -n 0 -q -p no:cacheprovider tests/test_gmm.py tests/test_decode_layout.py \
+        -k "nt_ or grouped or gather_and_dense"
+    step 200 python experiments/bench_decode.py --part=jax --batches=1,8,64 --contexts=1024 --impls=pallas \
+        --moe_impl=gather,grouped,dense --rounds=2 --no-speculative --no-dense_moe_rows \
+        --json="$OUT/bench_decode_small_grouped_s62.json"
+    L="--set model.num_layers=2 --set model.n_routed_experts=32 --set model.zero_expert_num=16"
+    step 220 python experiments/bench_decode.py --part=jax --config=configs/longcat_flash.py $L --batches=1,8 \
+        --set moe.gmm_impl=auto --contexts=1024 --impls=absorbed --moe_impl=gather,grouped,dense --rounds=2 \
+        --no-speculative --no-dense_moe_rows --json="$OUT/bench_decode_longcat_width_grouped_s62.json"
+    ;;
+61) # session 62: the same at LongCat-Flash's width with a realistic expert count: 1 layer of 256 FFN + 128 zero
+    # experts (19 GB of experts, twice with the decode copy), batch 1, 8, 64: where the dense MoE reads all of them
+    L="--set model.num_layers=1 --set model.n_routed_experts=256 --set model.zero_expert_num=128"
+    step 500 python experiments/bench_decode.py --part=jax --config=configs/longcat_flash.py $L --batches=1,8,64 \
+        --set moe.gmm_impl=auto --contexts=1024 --impls=absorbed --moe_impl=gather,grouped,dense --rounds=2 \
+        --no-speculative --no-dense_moe_rows --json="$OUT/bench_decode_longcat_width_e256_grouped_s62.json"
+    ;;
+*)  echo "call number 1-3, 5-36, 39-45 or 47-61" >&2; exit 2 ;;
 esac

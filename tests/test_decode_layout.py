@@ -64,7 +64,7 @@ def reference(tiny):
 
 @pytest.mark.parametrize("attn_impl,moe_impl,merged,deferred", [
     ("absorbed", "gather", True, True), ("absorbed", "dense", True, True), ("absorbed", "model", True, True),
-    ("absorbed", "gather", False, False), ("expanded", "auto", True, True)])
+    ("absorbed", "grouped", True, True), ("absorbed", "gather", False, False), ("expanded", "auto", True, True)])
 def test_decode_only_forward_equals_model_forward(tiny, reference, attn_impl, moe_impl, merged, deferred,
                                                   monkeypatch):
     """Every token through the decode path (no prefill): 4 tokens, then 1, from an empty cache; the logits equal
@@ -98,8 +98,8 @@ def test_decode_only_forward_equals_model_forward(tiny, reference, attn_impl, mo
 
 @pytest.mark.parametrize("form", decode.GATHER_FORMS)
 def test_gather_and_dense_moe_equal_model_moe(tiny, form, monkeypatch):
-    """The two decode-layout MoE forms against the model's MoE module on the same (fp32) input, with many tokens
-    so that zero-expert and FFN-expert slots both occur; the gather's matvecs in each of its forms."""
+    """The decode-layout MoE forms against the model's MoE module on the same (fp32) input, with many tokens so
+    that zero-expert and FFN-expert slots both occur; the gather's matvecs in each of its forms."""
     monkeypatch.setattr(decode, "GATHER_FORM", form)
     cfg = tiny.cfg
     w = decode.split_weights(tiny)
@@ -109,11 +109,45 @@ def test_gather_and_dense_moe_equal_model_moe(tiny, form, monkeypatch):
     @jax.jit
     def run(p, x):
         want, _ = graphs.layer_module(p).moe(x)
-        return want, [decode.moe_apply(cfg, p.moe, x, impl)[0] for impl in ("gather", "dense")]
+        return want, [decode.moe_apply(cfg, p.moe, x, impl)[0] for impl in ("gather", "dense", "grouped")]
 
     want, got = run(w.layers[1], x)
     for g in got:
         assert rel(g, want) < 1e-5
+
+
+def test_grouped_moe_on_our_kernels_in_bf16():
+    """"grouped" on our kernels (compiled on a GPU, Pallas' interpreter elsewhere) reading the decode layout's
+    bf16 experts as stored, against the fp32 gather on the same bf16-valued weights and input: 8 FFN + 4 zero
+    experts, 4 of them per token, 20 tokens (empty groups, zero-expert slots)."""
+    cfg = model_config(load_config("configs/tiny.py")).replace(
+        hidden_size=128, expert_ffn_hidden_size=128, gmm_impl="pallas_chain", dtype="bfloat16",
+        param_dtype="bfloat16")
+    p = decode.split_weights(LongcatFlash(cfg, nnx.Rngs(7))).layers[0].moe
+    x = jax.random.normal(jax.random.key(8), (4, 5, cfg.hidden_size), jnp.float32).astype(jnp.bfloat16)
+    got, experts = jax.jit(lambda p, x: decode.moe_apply(cfg, p, x, "grouped"))(p, x)
+    f32 = cfg.replace(dtype="float32", gmm_impl="ragged_dot")
+    want, want_experts = decode.moe_apply(f32, jax.tree.map(lambda a: a.astype(jnp.float32), p),
+                                          x.astype(jnp.float32), "gather")
+    np.testing.assert_array_equal(np.asarray(experts), np.asarray(want_experts))
+    assert got.dtype == jnp.bfloat16
+    assert rel(got.astype(jnp.float32), want) < 1e-2   # h and the output rounded to bf16 (~4e-3 each)
+
+
+def test_auto_moe_runs_our_grouped_kernels_where_they_take_the_experts(monkeypatch):
+    """decode "auto": "grouped" where moe.gmm_impl resolves to our kernels (on Hopper, bf16, K and N multiples of
+    128: configs/small.py and LongCat-Flash), else the gather / dense rule (the tiny config's 64 x 32 experts; fp32)."""
+    from lcflash.kernels.gmm import api
+
+    small = model_config(load_config("configs/small.py"))
+    tiny = model_config(load_config("configs/tiny.py")).replace(gmm_impl="auto")
+    shapes = lambda c: (c.n_routed_experts, c.hidden_size, c.expert_ffn_hidden_size)  # noqa: E731
+    hopper = api.auto_impl
+    monkeypatch.setattr(api, "auto_impl", lambda lhs, rhs: hopper(lhs, rhs, "gpu", "9.0"))
+    assert decode.runs_our_kernels(small.gmm_impl, *shapes(small), jnp.bfloat16)
+    assert not decode.runs_our_kernels(small.gmm_impl, *shapes(small), jnp.float32)
+    assert not decode.runs_our_kernels(tiny.gmm_impl, *shapes(tiny), jnp.bfloat16)
+    assert not decode.runs_our_kernels("ragged_dot", *shapes(small), jnp.bfloat16)
 
 
 def test_absorbed_products_only_where_they_are_no_larger():

@@ -154,6 +154,78 @@ def test_pallas_interpret_zero_tail_false_skips_only_the_tail(impl):
     np.testing.assert_array_equal(np.asarray(got[2], np.float32), np.asarray(base[2], np.float32))
 
 
+def _nt_ref(x, wg_gnk, wu_gnk, wd_gnk, sizes):
+    """fp32 reference of the decode MoE's two nt products: h = silu(x wg^T) * (x wu^T), y = h wd^T."""
+    f32, t = (lambda a: a.astype(jnp.float32)), (lambda w: w.astype(jnp.float32).swapaxes(1, 2))
+    h = api.gmm_swiglu(f32(x), t(wg_gnk), t(wu_gnk), sizes, impl="reference")
+    return h, reference.gmm_loop(h.astype(x.dtype).astype(jnp.float32), t(wd_gnk), sizes)
+
+
+def _nt_inputs(seed, m, d, i, sizes_l):
+    keys = jax.random.split(jax.random.key(seed), 4)
+    x = jax.random.normal(keys[0], (m, d), jnp.float32).astype(jnp.bfloat16)
+    g = len(sizes_l)
+    wg, wu = ((jax.random.normal(k, (g, i, d), jnp.float32) / np.sqrt(d)).astype(jnp.bfloat16) for k in keys[1:3])
+    wd = (jax.random.normal(keys[3], (g, d, i), jnp.float32) / np.sqrt(i)).astype(jnp.bfloat16)
+    return x, wg, wu, wd, jnp.asarray(sizes_l, jnp.int32)
+
+
+def _check_nt(impl, m, d, i, sizes_l, seed):
+    """gmm_nt_swiglu then gmm_nt (decode's grouped MoE on [G, N, K] weights) against the fp32 reference; the
+    groups' rows only where zero_tail=False leaves the rest undefined, and zero rows past the groups otherwise."""
+    x, wg, wu, wd, sizes = _nt_inputs(seed, m, d, i, sizes_l)
+    n_rows = sum(sizes_l)
+
+    @jax.jit
+    def run(x, wg, wu, wd):
+        h = api.gmm_nt_swiglu(x, wg, wu, sizes, impl=impl)
+        return h, api.gmm_nt(h, wd, sizes, impl=impl), api.gmm_nt(h, wd, sizes, impl=impl, zero_tail=False)
+
+    h, y, y_groups = run(x, wg, wu, wd)
+    want_h, want_y = _nt_ref(x, wg, wu, wd, sizes)
+    assert h.dtype == y.dtype == jnp.bfloat16
+    assert _rel(h, want_h) < BF16_TOL
+    assert _rel(y, want_y) < BF16_TOL
+    assert not np.asarray(h[n_rows:], np.float32).any() and not np.asarray(y[n_rows:], np.float32).any()
+    np.testing.assert_array_equal(np.asarray(y_groups[:n_rows], np.float32), np.asarray(y[:n_rows], np.float32))
+
+
+@pytest.mark.parametrize("impl", ["ragged_dot", "reference"])
+def test_nt_products_match_reference(impl):
+    _check_nt(impl, 48, 128, 128, [5, 0, 17, 9, 1], seed=70)
+
+
+@cpu_only
+def test_pallas_interpret_nt_products():
+    """gmm_nt / gmm_nt_swiglu on the flat rows kernel with 64-row decode tiles, empty and one-row groups, in the
+    interpreter (which multiplies by XLA-transposed weights: the transposed smem reads run on the GPU only)."""
+    _check_nt("pallas_chain", 48, 128, 256, [5, 0, 17, 9, 1], seed=71)
+
+
+@pytest.mark.parametrize("d,i,g,m", [(6144, 2048, 32, 96), (1024, 384, 128, 768)])  # LongCat, small config
+def test_nt_products_lower_for_cuda(mosaic_gpu_trace, d, i, g, m):
+    """Decode's grouped MoE kernels (two transposed rhs into two accumulators with SwiGLU before the store; one
+    transposed rhs) through Pallas -> Mosaic GPU lowering for CUDA on the CPU, within the shared-memory budget."""
+    sd = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt)  # noqa: E731
+
+    def ffn(x, wg, wu, wd, sizes):
+        h = api.gmm_nt_swiglu(x, wg, wu, sizes, impl="pallas_chain", zero_tail=False)
+        return api.gmm_nt(h, wd, sizes, impl="pallas_chain", zero_tail=False)
+
+    lowered = jax.jit(ffn).trace(sd(m, d), sd(g, i, d), sd(g, i, d), sd(g, d, i), sd(g, dt=jnp.int32)).lower(
+        lowering_platforms=("cuda",))
+    text = lowered.as_text()
+    assert text.count("mosaic_gpu") >= 2
+    assert "stablehlo.transpose" not in text  # the weights are read as stored, not copied transposed first
+
+
+def test_nt_products_refuse_mismatched_weights():
+    x, wg, wu, _, sizes = _nt_inputs(72, 48, 128, 128, [5, 0, 17, 9, 1])
+    with pytest.raises(ValueError, match=r"want rhs arrays \[G, N, K\] of one shape"):
+        from lcflash.kernels.gmm import pallas_gmm
+        pallas_gmm.gmm_nt_swiglu(x, wg, wu[:, :64], sizes)
+
+
 @cpu_only
 def test_pallas_interpret_fused_swiglu_and_decode_tiles():
     from lcflash.kernels.gmm import pallas_gmm
@@ -937,6 +1009,16 @@ def test_gpu_pallas_swiglu_forward_and_gradients(fused):
     for name, g, w in zip(("h", "dx", "dwg", "dwu"), got, want):
         assert _rel(g, w) < 2 * BF16_TOL, name  # gate/up are rounded to bf16 between the kernels
     assert not np.asarray(got[0][sum(sizes_l):], np.float32).any()
+
+
+@gpu_only
+@pytest.mark.parametrize("case", ["decode", "small_cfg", "longcat_decode"])
+def test_gpu_nt_products(case):
+    """Decode's grouped MoE kernels, compiled (wgmma on the transposed weight tiles), against the fp32 reference."""
+    m, d, i, sizes_l = {"decode": (96, 256, 512, [5, 0, 17, 9, 1, 30, 0, 8]),
+                        "small_cfg": (768, 1024, 384, [6] * 64 + [0] * 64),
+                        "longcat_decode": (12, 6144, 2048, [1] * 8 + [0] * 24)}[case]
+    _check_nt("pallas_chain", m, d, i, sizes_l, seed=73)
 
 
 @gpu_only

@@ -28,7 +28,11 @@ layers is kept. The MoE impl is chosen by `moe_impl`:
 * "gather": each (token, slot) reads only its expert's weights; a decode step with few tokens then reads the
   experts it touches, not all of them.
 * "dense": every expert over every token, weighted by the routing; reads each expert once (large batches).
-* "auto": "gather" while tokens * top_k < n_routed_experts, else "dense".
+* "grouped": the model's dropless path on the decode layout: slots sorted by expert, then grouped matmuls
+  (`moe.gmm_impl`) that read each chosen expert once and nothing for zero-expert slots; our kernels read the
+  [E, I, D] experts as stored (`gmm_nt`), so the model's [E, D, I] copy is never made.
+* "auto": "grouped" where `moe.gmm_impl` resolves to our kernels (a Hopper GPU, bf16), else "gather" while
+  tokens * top_k < n_routed_experts, else "dense".
 
 Attention (decode) follows `ModelConfig.attn_impl`: "absorbed" (XLA), "pallas" (the Mosaic GPU kernel, which
 swaps only the attention core, lcflash.kernels.mla_decode) or "expanded".
@@ -46,13 +50,15 @@ from flax import nnx
 
 from lcflash.config import ModelConfig
 from lcflash.infer.cache import DecodeCache
+from lcflash.kernels.gmm import api as gmm_api
 from lcflash.kernels.mla_decode import mla_decode
 from lcflash.model.mla import LatentKV, expanded_attention, write_rows
 from lcflash.model.norm import apply_rms_scale, rms_norm, rms_scales
 from lcflash.model.rope import apply_rope, rope_cos_sin, softmax_scale
 from lcflash.model.router import Routing, select_experts, zero_expert_output
+from lcflash.model.slots import combine_rows, dispatch_rows, sort_slots
 
-MOE_IMPLS = ("model", "gather", "dense", "auto")
+MOE_IMPLS = ("model", "gather", "dense", "grouped", "auto")
 F32 = jnp.float32
 
 
@@ -492,6 +498,26 @@ def experts_dense(x_td, routing: Routing, w_gate_nid, w_up_nid, w_down_ndi):
     return jnp.einsum("ted,te->td", y_ted.astype(dtype).astype(F32), w_te)
 
 
+def runs_our_kernels(gmm_impl: str, n_ffn: int, d: int, i: int, dtype) -> bool:
+    """Whether `gmm_impl` resolves to our kernels for [n_ffn, D, I] experts in `dtype` (which read no row past the
+    groups, so the row gathers may leave those unwritten)."""
+    return gmm_api.reads_groups_only(gmm_impl, jax.ShapeDtypeStruct((1, d), dtype),
+                                     jax.ShapeDtypeStruct((n_ffn, d, i), dtype))
+
+
+def experts_grouped(x_td, routing: Routing, w_gate_nid, w_up_nid, w_down_ndi, gmm_impl: str):
+    """FFN-expert output [T, D] fp32 as the model's dropless MoE computes it (slots sorted by expert, grouped
+    matmuls, weighted sum over each token's slots), on the decode layout's contraction-last experts."""
+    (n_ffn, i, d), dtype = w_gate_nid.shape, x_td.dtype
+    slots = sort_slots(routing.experts_tk, n_ffn)
+    tail_unread = runs_our_kernels(gmm_impl, n_ffn, d, i, dtype)
+    x_md = dispatch_rows(x_td, slots, tail_unread)
+    h_mi = gmm_api.gmm_nt_swiglu(x_md, w_gate_nid.astype(dtype), w_up_nid.astype(dtype), slots.group_sizes_g,
+                                 impl=gmm_impl, zero_tail=not tail_unread)
+    y_md = gmm_api.gmm_nt(h_mi, w_down_ndi.astype(dtype), slots.group_sizes_g, impl=gmm_impl, zero_tail=False)
+    return combine_rows(y_md, jnp.where(slots.ffn_tk, routing.weights_tk, 0.0), slots, dtype, tail_unread)
+
+
 def moe_apply(cfg: ModelConfig, p: MoEWeights, x_btd, impl: str, model_moe: Callable | None = None):
     """(MoE output [B, T, D], chosen expert ids [B * T, top_k]). impl "model" calls `model_moe()` for the model's
     MoE module (the weights in its own layout); the others run on the decode layout `p`."""
@@ -502,10 +528,13 @@ def moe_apply(cfg: ModelConfig, p: MoEWeights, x_btd, impl: str, model_moe: Call
         y, stats = model_moe()(x_btd)
         return y, stats["experts_btk"].reshape(B * T, -1)
     if impl == "auto":
-        impl = "gather" if B * T * cfg.moe_topk < cfg.n_routed_experts else "dense"
+        ours = runs_our_kernels(cfg.gmm_impl, cfg.n_routed_experts, D, cfg.expert_ffn_hidden_size, x_btd.dtype)
+        impl = ("grouped" if ours else
+                "gather" if B * T * cfg.moe_topk < cfg.n_routed_experts else "dense")
     x_td = x_btd.reshape(B * T, D)
     routing = route_t(cfg, p, x_td)
-    fn = experts_gather if impl == "gather" else experts_dense
+    fn = {"gather": experts_gather, "dense": experts_dense,
+          "grouped": functools.partial(experts_grouped, gmm_impl=cfg.gmm_impl)}[impl]
     y_td = zero_expert_output(x_td, routing, cfg.n_routed_experts) + fn(x_td, routing, p.w_gate, p.w_up, p.w_down)
     return y_td.astype(x_btd.dtype).reshape(B, T, D), routing.experts_tk
 

@@ -303,6 +303,37 @@ def gmm(lhs_mk, rhs_gkn, group_sizes_g, preferred_element_type=None, chain=False
 
 
 # ------------------------------------------------------------------------------------------------
+# Forward only, against rhs[g]^T: weights stored [G, N, K] (decode's layout) read in place
+# ------------------------------------------------------------------------------------------------
+
+
+def _check_nt(lhs_mk, rhs_list):
+    for rhs in rhs_list:
+        if rhs.shape != rhs_list[0].shape or rhs.ndim != 3:
+            raise ValueError(f"pallas gmm_nt: want rhs arrays [G, N, K] of one shape; got "
+                             f"{[r.shape for r in rhs_list]}")
+        g, n, k = rhs.shape
+        _check(lhs_mk, jax.ShapeDtypeStruct((g, k, n), rhs.dtype), jax.ShapeDtypeStruct((g,), jnp.int32))
+    _col_tile(rhs_list[0].shape[1], "N", prefer=64 if len(rhs_list) > 1 else 128)
+
+
+def gmm_nt(lhs_mk, rhs_gnk, group_sizes_g, chain=False, zero_tail=True, out_dtype=None):
+    """lhs[rows of g] @ rhs[g]^T through the rows kernel's transposed-rhs path (the d_lhs product's): a weight
+    stored contraction-last is read as it is. No VJP (inference)."""
+    _check_nt(lhs_mk, [rhs_gnk])
+    return rows_matmul(lhs_mk, [rhs_gnk], group_sizes_g.astype(jnp.int32), transpose_rhs=True, chain=chain,
+                       zero_tail=(bool(zero_tail),), out_dtype=out_dtype)
+
+
+def gmm_nt_swiglu(x_mk, w_gate_gnk, w_up_gnk, group_sizes_g, chain=False, zero_tail=True):
+    """silu(x @ w_gate[g]^T) * (x @ w_up[g]^T) in one kernel (both accumulators in registers, SwiGLU before the
+    store), the weights read as stored. No VJP (inference)."""
+    _check_nt(x_mk, [w_gate_gnk, w_up_gnk])
+    return rows_matmul(x_mk, [w_gate_gnk, w_up_gnk], group_sizes_g.astype(jnp.int32), transpose_rhs=True,
+                       swiglu="h", chain=chain, zero_tail=(bool(zero_tail),))
+
+
+# ------------------------------------------------------------------------------------------------
 # gmm_swiglu_halves: SwiGLU in the epilogue of one gmm against [gate | up]
 # ------------------------------------------------------------------------------------------------
 

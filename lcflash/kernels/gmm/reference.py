@@ -36,6 +36,17 @@ def gmm_ragged_dot(lhs_mk, rhs_gkn, group_sizes_g, preferred_element_type=None):
     return jnp.where(valid_m[:, None], y, 0).astype(out_dtype)
 
 
+def gmm_ragged_dot_nt(lhs_mk, rhs_gnk, group_sizes_g, preferred_element_type=None):
+    """gmm_ragged_dot against rhs[g]^T, contracting rhs's last axis in place (no transposed copy in the program)."""
+    out_dtype = preferred_element_type or lhs_mk.dtype
+    dims = jax.lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(([1], [2]), ([], [])),
+                                             lhs_ragged_dimensions=[0], rhs_group_dimensions=[0])
+    y = jax.lax.ragged_dot_general(lhs_mk, rhs_gnk, group_sizes_g.astype(jnp.int32), dims,
+                                   preferred_element_type=accumulation_dtype(lhs_mk.dtype))
+    valid_m = jnp.arange(lhs_mk.shape[0]) < jnp.sum(group_sizes_g)
+    return jnp.where(valid_m[:, None], y, 0).astype(out_dtype)
+
+
 def swiglu_from_gmm(gmm_fn, x_mk, w_gate_gkn, w_up_gkn, group_sizes_g):
     """silu(x @ w_gate) * (x @ w_up) from two grouped matmuls, activation in fp32, result in x's dtype."""
     gate = gmm_fn(x_mk, w_gate_gkn, group_sizes_g, preferred_element_type=jnp.float32)
