@@ -9,8 +9,8 @@ from one concatenated weight (the model's `moe.fuse_gate_up`): for `pallas` and 
 SwiGLU in its epilogue. `gmm_swiglu_ffn(x, [w_gate | w_up], w_down, group_sizes)` is the whole expert FFN; for
 `pallas_chain` the down projection's d_lhs kernel also applies SwiGLU's backward before its store.
 `gmm_nt(lhs, rhs [G, N, K], group_sizes)` and `gmm_nt_swiglu` multiply by rhs[g]^T, forward only: decode keeps
-its experts contraction-last, and our kernels (the d_lhs product's path) read them so, with no transposed copy. The environment
-variable `LCFLASH_GMM_IMPL` overrides the configured implementation for A/B runs.
+its experts contraction-last, and our kernels (the d_lhs product's path) read them so, with no transposed copy.
+The environment variable `LCFLASH_GMM_IMPL` overrides the configured implementation for A/B runs.
 
 Implementations:
   ragged_dot  XLA's jax.lax.ragged_dot (any backend; slow on H100, see experiments/gmm_notes.md)
@@ -113,7 +113,7 @@ def auto_impl(lhs_mk, rhs_gkn, backend: str | None = None, compute_capability: s
     return "pallas_chain" if pallas_gmm.supports(lhs_mk, rhs_gkn) else "ragged_dot"
 
 
-def resolve(impl: str, lhs_mk, rhs_gkn) -> str:
+def _resolve(impl: str, lhs_mk, rhs_gkn) -> str:
     impl = os.environ.get("LCFLASH_GMM_IMPL", impl)
     if impl == "auto":
         impl = auto_impl(lhs_mk, rhs_gkn)
@@ -133,21 +133,21 @@ def reads_groups_only(impl: str, lhs_mk, rhs_gkn) -> bool:
     """Whether `impl`, for these operands, ignores the lhs and d_out rows past sum(group_sizes) beyond the next whole
     128-row tile, so that callers may leave those undefined. Our kernels read no further and mask what they read
     there; XLA's ragged_dot and the per-expert loop multiply such rows by zeros, and NaN * 0 is NaN."""
-    return resolve(impl, lhs_mk, rhs_gkn) in _TAIL_OPTIONAL
+    return _resolve(impl, lhs_mk, rhs_gkn) in _TAIL_OPTIONAL
 
 
 def gmm(lhs_mk, rhs_gkn, group_sizes_g, *, impl: str = "ragged_dot", preferred_element_type=None,
         zero_tail: bool = True):
     """zero_tail=False: rows past sum(group_sizes) of the output and of d_lhs may be left undefined (our kernels
     then skip storing them), for callers that never read them."""
-    impl = resolve(impl, lhs_mk, rhs_gkn)
+    impl = _resolve(impl, lhs_mk, rhs_gkn)
     kw = {} if zero_tail or not SKIP_TAILS or impl not in _TAIL_OPTIONAL else {"zero_tail": False}
     return IMPLEMENTATIONS[impl](lhs_mk, rhs_gkn, group_sizes_g, preferred_element_type=preferred_element_type, **kw)
 
 
 def gmm_swiglu(x_mk, w_gate_gkn, w_up_gkn, group_sizes_g, *, impl: str = "ragged_dot"):
     """silu(x @ w_gate[g]) * (x @ w_up[g]) per group, in x's dtype; rows past sum(group_sizes) are zero."""
-    impl = resolve(impl, x_mk, w_gate_gkn)
+    impl = _resolve(impl, x_mk, w_gate_gkn)
     if impl in SWIGLU_IMPLEMENTATIONS:
         return SWIGLU_IMPLEMENTATIONS[impl](x_mk, w_gate_gkn, w_up_gkn, group_sizes_g)
     return reference.swiglu_from_gmm(IMPLEMENTATIONS[impl], x_mk, w_gate_gkn, w_up_gkn, group_sizes_g)
@@ -158,7 +158,7 @@ def gmm_swiglu_halves(x_mk, w_gkf2, group_sizes_g, *, impl: str = "ragged_dot", 
     sum(group_sizes) are zero. `pallas`/`pallas_chain`: one kernel applies SwiGLU before its store.
     zero_tail=False: with the epilogue, the residual's and d_x's rows past sum(group_sizes) may be left undefined
     (h's stay zero: the down projection's weight gradient reads them)."""
-    impl = resolve(impl, x_mk, w_gkf2)
+    impl = _resolve(impl, x_mk, w_gkf2)
     if impl in SWIGLU_HALVES_IMPLEMENTATIONS and SWIGLU_EPILOGUE:
         return SWIGLU_HALVES_IMPLEMENTATIONS[impl](x_mk, w_gkf2, group_sizes_g,
                                                    zero_tail=zero_tail or not SKIP_TAILS)
@@ -178,7 +178,7 @@ def gmm_swiglu_ffn(x_mk, w_gkf2, w_down_gfn, group_sizes_g, *, impl: str = "ragg
     runs it as one custom gradient whose down-projection d_lhs kernel applies SwiGLU's backward before its store
     (pallas_gmm.gmm_swiglu_ffn); the others compose the two calls. h_names: checkpoint names for h (the SwiGLU
     output), applied where h is visible to a remat policy."""
-    impl = resolve(impl, x_mk, w_gkf2)
+    impl = _resolve(impl, x_mk, w_gkf2)
     if impl == "pallas_chain" and SWIGLU_EPILOGUE and SWIGLU_GRAD_EPILOGUE and _down_supported(x_mk, w_down_gfn):
         from lcflash.kernels.gmm import pallas_gmm
 
@@ -199,7 +199,7 @@ def gmm_nt(lhs_mk, rhs_gnk, group_sizes_g, *, impl: str = "ragged_dot", preferre
     """gmm against rhs[g]^T, rhs [G, N, K] (contraction last), forward only (no VJP for our kernels). `pallas` /
     `pallas_chain` read rhs as stored; ragged_dot contracts its last axis in place; the others multiply by a
     transposed copy. zero_tail=False: as in gmm."""
-    impl = resolve(impl, lhs_mk, _swapped(rhs_gnk))
+    impl = _resolve(impl, lhs_mk, _swapped(rhs_gnk))
     if impl in _TAIL_OPTIONAL:
         from lcflash.kernels.gmm import pallas_gmm
 
@@ -214,7 +214,7 @@ def gmm_nt(lhs_mk, rhs_gnk, group_sizes_g, *, impl: str = "ragged_dot", preferre
 def gmm_nt_swiglu(x_mk, w_gate_gnk, w_up_gnk, group_sizes_g, *, impl: str = "ragged_dot", zero_tail: bool = True):
     """silu(x @ w_gate[g]^T) * (x @ w_up[g]^T) in x's dtype, weights [G, N, K], forward only: for `pallas` /
     `pallas_chain` one kernel with SwiGLU before its store, else two gmm_nt with fp32 outputs."""
-    impl = resolve(impl, x_mk, _swapped(w_gate_gnk))
+    impl = _resolve(impl, x_mk, _swapped(w_gate_gnk))
     if impl in _TAIL_OPTIONAL:
         from lcflash.kernels.gmm import pallas_gmm
 
