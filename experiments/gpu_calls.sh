@@ -399,10 +399,17 @@ longcat/gate_up/4096,longcat/down/4096,longcat/gate_up/512/skewed,longcat/down/5
         --set moe.gmm_impl=auto --contexts=1024 --impls=absorbed --moe_impl=gather,grouped,dense --rounds=2 \
         --no-speculative --no-dense_moe_rows --json="$OUT/bench_decode_longcat_width_grouped_s62.json"
     ;;
-61) # session 62: the same at LongCat-Flash's width with a realistic expert count: 1 layer of 256 FFN + 128 zero
-    # experts (19 GB of experts, twice with the decode copy), batch 1, 8, 64: where the dense MoE reads all of them
+61) # session 62: the row gather's rows per CTA bounded by shared memory (call 60's grouped MoE at LongCat-Flash's
+    # width and batch 8 failed to lower: 32 rows of 6144 staged), its GPU tests; then batch 8 at that width again, and
+    # a realistic expert count: 1 layer of 256 FFN + 128 zero experts (19 GB of experts, twice with the decode copy),
+    # batch 1, 8, 64, where the dense MoE reads every expert and the gather one expert per slot
+    step 100 python -m pytest -n 0 -q -p no:cacheprovider tests/test_row_gather.py
+    L="--set model.num_layers=2 --set model.n_routed_experts=32 --set model.zero_expert_num=16"
+    step 150 python experiments/bench_decode.py --part=jax --config=configs/longcat_flash.py $L --batches=8 \
+        --set moe.gmm_impl=auto --contexts=1024 --impls=absorbed --moe_impl=gather,grouped,dense --rounds=2 \
+        --no-speculative --no-dense_moe_rows --json="$OUT/bench_decode_longcat_width_b8_grouped_s62.json"
     L="--set model.num_layers=1 --set model.n_routed_experts=256 --set model.zero_expert_num=128"
-    step 500 python experiments/bench_decode.py --part=jax --config=configs/longcat_flash.py $L --batches=1,8,64 \
+    step 300 python experiments/bench_decode.py --part=jax --config=configs/longcat_flash.py $L --batches=1,8,64 \
         --set moe.gmm_impl=auto --contexts=1024 --impls=absorbed --moe_impl=gather,grouped,dense --rounds=2 \
         --no-speculative --no-dense_moe_rows --json="$OUT/bench_decode_longcat_width_e256_grouped_s62.json"
     ;;

@@ -39,16 +39,20 @@ def test_take_rows_writes_the_rows_up_to_the_aligned_count_in_the_interpreter(n,
 def test_gpu_take_rows_matches_xla(dtype, scaled):
     _check(t=4096, d=1024, m=4096 * 12, n=23_000, dtype=dtype, align=128, interpret=False,  # small config's rows
            scaled=scaled, seed=int(scaled))
+    _check(t=64, d=6144, m=64 * 12, n=500, dtype=dtype, align=128, interpret=False,  # LongCat-Flash's, decode
+           scaled=scaled, seed=2 + int(scaled))
 
 
 @pytest.mark.parametrize("scaled", [False, True])
-def test_take_rows_lowers_for_cuda(scaled):
-    """configs/small.py's dispatch (and combine backward) at 32 x 1024 tokens through Pallas -> Mosaic GPU lowering
-    for CUDA on the CPU."""
+@pytest.mark.parametrize("t,d,dtype", [(32768, 1024, jnp.bfloat16), (8, 6144, jnp.bfloat16), (64, 6144, jnp.float32)])
+def test_take_rows_lowers_for_cuda(scaled, t, d, dtype):
+    """configs/small.py's dispatch (and combine backward) at 32 x 1024 tokens, and LongCat-Flash's 6144-wide rows
+    at 8 and 64 decode tokens (fewer rows per CTA: SMEM_BUDGET), through Pallas -> Mosaic GPU lowering for CUDA on
+    the CPU, which checks the shared memory."""
     sd = jax.ShapeDtypeStruct
     f = jax.jit(lambda x, i, n, s: row_gather.take_rows(x, i, n, s if scaled else None))
-    lowered = f.trace(sd((32768, 1024), jnp.bfloat16), sd((393216,), jnp.int32), sd((), jnp.int32),
-                      sd((393216,), jnp.float32)).lower(lowering_platforms=("cuda",))
+    lowered = f.trace(sd((t, d), dtype), sd((12 * t,), jnp.int32), sd((), jnp.int32),
+                      sd((12 * t,), jnp.float32)).lower(lowering_platforms=("cuda",))
     assert "row_gather_mosaic_gpu" in lowered.as_text()   # named, so a profile finds it
 
 
@@ -57,6 +61,8 @@ def test_bad_shapes_fail_before_compiling():
         row_gather.take_rows(jnp.zeros((8, 100), jnp.bfloat16), jnp.zeros((16,), jnp.int32), 3)
     with pytest.raises(ValueError, match="multiple of 8"):
         row_gather.take_rows(jnp.zeros((8, 256), jnp.bfloat16), jnp.zeros((12,), jnp.int32), 3)
+    with pytest.raises(ValueError, match="do not fit the 131072-byte shared-memory stage"):
+        row_gather.take_rows(jnp.zeros((8, 65536 + 256), jnp.bfloat16), jnp.zeros((16,), jnp.int32), 3)
     with pytest.raises(ValueError, match="one value per row"):
         row_gather.take_rows(jnp.zeros((8, 256), jnp.bfloat16), jnp.zeros((16,), jnp.int32), 3, jnp.ones((8,)))
 

@@ -23,6 +23,7 @@ from lcflash.kernels import interpret_params
 
 CHUNK = 256                 # elements per TMA piece: a TMA box holds at most 256 per dimension
 MAX_ROWS = 32               # output rows per CTA (32 x 1024 bf16: 64 KB of shared memory)
+SMEM_BUDGET = 128 * 1024    # a CTA's staged rows at most (LongCat-Flash's 6144-wide bf16 rows: 8 per CTA)
 
 
 def supported(x_td, m: int) -> str | None:
@@ -33,12 +34,15 @@ def supported(x_td, m: int) -> str | None:
         return f"dtype {x_td.dtype}: 16- or 32-bit rows only"
     if m % 8:
         return f"the output row count {m} must be a multiple of 8"
+    if x_td.shape[1] * x_td.dtype.itemsize > SMEM_BUDGET:
+        return f"rows of {x_td.shape[1]} x {x_td.dtype} do not fit the {SMEM_BUDGET}-byte shared-memory stage"
     return None
 
 
-def _rows_per_cta(m: int) -> int:
+def _rows_per_cta(m: int, row_bytes: int) -> int:
+    """The most rows, up to MAX_ROWS, that divide m and fit SMEM_BUDGET."""
     r = MAX_ROWS
-    while m % r:
+    while m % r or r * row_bytes > SMEM_BUDGET:
         r //= 2
     return r
 
@@ -82,7 +86,7 @@ def take_rows(x_td, idx_m, n, scale_m=None, *, align: int = 128, interpret: bool
     if scale_m is not None and scale_m.shape != idx_m.shape:
         raise ValueError(f"row_gather.take_rows: scale_m {scale_m.shape} must be one value per row, {idx_m.shape}")
     (t, d), m = x_td.shape, idx_m.shape[0]
-    chunks, rows = d // CHUNK, _rows_per_cta(m)
+    chunks, rows = d // CHUNK, _rows_per_cta(m, d * x_td.dtype.itemsize)
     if align % rows:
         raise ValueError(f"row_gather.take_rows: align {align} must be a multiple of {rows} rows per CTA")
     scratch = (plgpu.SMEM((rows * chunks, CHUNK), x_td.dtype), plgpu.Barrier(num_arrivals=rows * chunks))
