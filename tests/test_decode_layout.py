@@ -134,20 +134,24 @@ def test_grouped_moe_on_our_kernels_in_bf16():
     assert rel(got.astype(jnp.float32), want) < 1e-2   # h and the output rounded to bf16 (~4e-3 each)
 
 
-def test_auto_moe_runs_our_grouped_kernels_where_they_take_the_experts(monkeypatch):
+def test_auto_moe_runs_our_grouped_kernels_for_wide_experts_or_many_tokens(monkeypatch):
     """decode "auto": "grouped" where moe.gmm_impl resolves to our kernels (on Hopper, bf16, K and N multiples of
-    128: configs/small.py and LongCat-Flash), else the gather / dense rule (the tiny config's 64 x 32 experts; fp32)."""
+    128) and the experts are wide (LongCat-Flash: any batch) or the tokens many (configs/small.py: batch 64, not 1 or
+    8); elsewhere the gather / dense rule (the tiny config's 64 x 32 experts, fp32, or ragged_dot)."""
     from lcflash.kernels.gmm import api
 
     small = model_config(load_config("configs/small.py"))
+    longcat = model_config(load_config("configs/longcat_flash.py")).replace(gmm_impl="auto")
     tiny = model_config(load_config("configs/tiny.py")).replace(gmm_impl="auto")
-    shapes = lambda c: (c.n_routed_experts, c.hidden_size, c.expert_ffn_hidden_size)  # noqa: E731
     hopper = api.auto_impl
     monkeypatch.setattr(api, "auto_impl", lambda lhs, rhs: hopper(lhs, rhs, "gpu", "9.0"))
-    assert decode.runs_our_kernels(small.gmm_impl, *shapes(small), jnp.bfloat16)
-    assert not decode.runs_our_kernels(small.gmm_impl, *shapes(small), jnp.float32)
-    assert not decode.runs_our_kernels(tiny.gmm_impl, *shapes(tiny), jnp.bfloat16)
-    assert not decode.runs_our_kernels("ragged_dot", *shapes(small), jnp.bfloat16)
+    bf16 = jnp.bfloat16
+    assert [decode.auto_moe_impl(small, t, bf16) for t in (1, 8, 64)] == ["gather", "gather", "grouped"]
+    assert [decode.auto_moe_impl(longcat, t, bf16) for t in (1, 8, 64)] == ["grouped"] * 3
+    assert [decode.auto_moe_impl(small, t, jnp.float32) for t in (1, 64)] == ["gather", "dense"]
+    assert [decode.auto_moe_impl(longcat.replace(gmm_impl="ragged_dot"), t, bf16) for t in (1, 64)] == [
+        "gather", "dense"]
+    assert [decode.auto_moe_impl(tiny, t, bf16) for t in (1, 2)] == ["gather", "dense"]
 
 
 def test_absorbed_products_only_where_they_are_no_larger():

@@ -31,8 +31,12 @@ layers is kept. The MoE impl is chosen by `moe_impl`:
 * "grouped": the model's dropless path on the decode layout: slots sorted by expert, then grouped matmuls
   (`moe.gmm_impl`) that read each chosen expert once and nothing for zero-expert slots; our kernels read the
   [E, I, D] experts as stored (`gmm_nt`), so the model's [E, D, I] copy is never made.
-* "auto": "grouped" where `moe.gmm_impl` resolves to our kernels (a Hopper GPU, bf16), else "gather" while
-  tokens * top_k < n_routed_experts, else "dense".
+* "auto": "gather" while tokens * top_k < n_routed_experts, else "dense"; "grouped" instead of either where
+  `moe.gmm_impl` resolves to our kernels (a Hopper GPU, bf16) and the experts are wide (GROUPED_MIN_EXPERT_BYTES)
+  or the tokens many (tokens * top_k >= n_routed_experts). On an H100 (experiments/HISTORY.md, session 62) it was
+  8% faster than the gather at LongCat-Flash's width at batch 1 and 2.1x faster at configs/small.py's batch 64
+  (level with the dense MoE), but 19-26% slower at configs/small.py's batch 1, whose MoE branch, off the step's
+  critical path with the gather, gains kernels for the sort and the dispatch.
 
 Attention (decode) follows `ModelConfig.attn_impl`: "absorbed" (XLA), "pallas" (the Mosaic GPU kernel, which
 swaps only the attention core, lcflash.kernels.mla_decode) or "expanded".
@@ -505,6 +509,21 @@ def runs_our_kernels(gmm_impl: str, n_ffn: int, d: int, i: int, dtype) -> bool:
                                      jax.ShapeDtypeStruct((n_ffn, d, i), dtype))
 
 
+# "auto" takes the grouped MoE at any batch for experts of at least this many bytes (gate, up and down): between
+# configs/small.py's 2.4 MB, where it lost at batch 1, and LongCat-Flash's 75.5 MB, where it won (session 62).
+GROUPED_MIN_EXPERT_BYTES = 16 << 20
+
+
+def auto_moe_impl(cfg: ModelConfig, tokens: int, dtype) -> str:
+    """The MoE form decode's "auto" runs for `tokens` tokens (see the module docstring)."""
+    D, I, N = cfg.hidden_size, cfg.expert_ffn_hidden_size, cfg.n_routed_experts
+    many = tokens * cfg.moe_topk >= N
+    wide = 3 * D * I * jnp.dtype(dtype).itemsize >= GROUPED_MIN_EXPERT_BYTES
+    if (wide or many) and runs_our_kernels(cfg.gmm_impl, N, D, I, dtype):
+        return "grouped"
+    return "dense" if many else "gather"
+
+
 def experts_grouped(x_td, routing: Routing, w_gate_nid, w_up_nid, w_down_ndi, gmm_impl: str):
     """FFN-expert output [T, D] fp32 as the model's dropless MoE computes it (slots sorted by expert, grouped
     matmuls, weighted sum over each token's slots), on the decode layout's contraction-last experts."""
@@ -528,9 +547,7 @@ def moe_apply(cfg: ModelConfig, p: MoEWeights, x_btd, impl: str, model_moe: Call
         y, stats = model_moe()(x_btd)
         return y, stats["experts_btk"].reshape(B * T, -1)
     if impl == "auto":
-        ours = runs_our_kernels(cfg.gmm_impl, cfg.n_routed_experts, D, cfg.expert_ffn_hidden_size, x_btd.dtype)
-        impl = ("grouped" if ours else
-                "gather" if B * T * cfg.moe_topk < cfg.n_routed_experts else "dense")
+        impl = auto_moe_impl(cfg, B * T, x_btd.dtype)
     x_td = x_btd.reshape(B * T, D)
     routing = route_t(cfg, p, x_td)
     fn = {"gather": experts_gather, "dense": experts_dense,
