@@ -33,8 +33,6 @@ def get_config():
     # Training on one H100: batch 4 x 1024 fits without remat (batch 8 x 1024 ran out of memory,
     # experiments/bench_train.json); bytes of the stdlib corpus by default.
     cfg.data.seq_len = 1024
-    # Our grouped-matmul kernels on a Hopper GPU (ragged_dot ran out of memory at 4 x 1024 on an H100), XLA elsewhere.
-    cfg.moe.gmm_impl = "auto"
     # Gate and up as one grouped matmul against [gate | up] (768 columns): 125,691 -> 127,178 tokens/s at 32 x 1024
     # on an H200 (experiments/HISTORY.md).
     cfg.moe.fuse_gate_up = True

@@ -79,7 +79,9 @@ class ModelConfig:
     # Numerics and implementation switches.
     param_dtype: str = "float32"
     dtype: str = "bfloat16"
-    gmm_impl: str = "ragged_dot"
+    # The experts' grouped matmul (lcflash/kernels/gmm/api.py): "auto" = our kernels on a Hopper GPU in bf16/fp16,
+    # XLA's ragged_dot elsewhere (ragged_dot ran out of memory at configs/small.py's 4 x 1024 on an H100).
+    gmm_impl: str = "auto"
     attn_impl: str = "expanded"
     # The cache-free (training / scoring) attention: "xla" materialises the scores; "cudnn" is cuDNN's fused flash
     # attention (GPU only); "pallas" is ours for causal and packed-document masks (lcflash/kernels/doc_attention;

@@ -37,7 +37,7 @@ def base_config(**model_overrides) -> ml_collections.ConfigDict:
     # Implementation switches for the MoE: see lcflash/kernels/gmm/api.py and lcflash/parallel/.
     # overlap=False: the no-overlap baseline, the dense path waits for the whole MoE branch (lcflash/model/layer.py).
     # fuse_gate_up: gate and up as one grouped matmul (lcflash/model/moe.py).
-    cfg.moe = ml_collections.ConfigDict(dict(gmm_impl="ragged_dot", transport="all_to_all", capacity_factor=2.0,
+    cfg.moe = ml_collections.ConfigDict(dict(gmm_impl="auto", transport="all_to_all", capacity_factor=2.0,
                                              overlap=True, fuse_gate_up=False))
     # Device mesh: -1 takes the remaining devices (see lcflash/parallel/).
     cfg.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1))
