@@ -36,9 +36,9 @@
 # kernel at LongCat-Flash's shapes; the attention kernels' GPU tests), 55 (decode at LongCat-Flash's width), 56 (its
 # batch-1 step traced) and 57 (the gather MoE as multiply + reduce: batch 1 at LongCat's width 1.55x faster);
 # session 61 ran 58 (slots innermost: level; the model's MoE at batch 1 6-8% faster, on a hoisted transposed copy of
-# the experts); 59 was lost with its machine; session 62 wrote 60 and 61 (decode's "grouped" MoE);
+# the experts); 59 was lost with its machine; session 62 ran 60 and 61 (decode's "grouped" MoE) and 62;
 # HISTORY.md):
-#     bash experiments/gpu_calls.sh N [ARGS]     (N = 1-3, 5-36, 39-45, 47-61; 14 takes the rows and d_rhs bands,
+#     bash experiments/gpu_calls.sh N [ARGS]     (N = 1-3, 5-36, 39-45, 47-62; 14 takes the rows and d_rhs bands,
 #                                                18 a benchmark flag)
 # run from the repository root on the device machine, with `.whl` carried (ml-collections and tensorboardX, which
 # its image lacks) and `.whl-tokamax` where a call times the tokamax peer (tokamax 0.0.17 with its needs, 37 MB).
@@ -50,7 +50,7 @@
 # here to the ignored `.jcc` (`rm -rf .jcc && cp -r /work/.device/N/jcc .jcc`) and carried, it seeds the next
 # machine's, which helps where that machine has the same card and image.
 set -u
-N=${1:?call number 1-3, 5-36, 39-45 or 47-61}
+N=${1:?call number 1-3, 5-36, 39-45 or 47-62}
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -413,5 +413,10 @@ longcat/gate_up/4096,longcat/down/4096,longcat/gate_up/512/skewed,longcat/down/5
         --set moe.gmm_impl=auto --contexts=1024 --impls=absorbed --moe_impl=gather,grouped,dense --rounds=2 \
         --no-speculative --no-dense_moe_rows --json="$OUT/bench_decode_longcat_width_e256_grouped_s62.json"
     ;;
-*)  echo "call number 1-3, 5-36, 39-45 or 47-61" >&2; exit 2 ;;
+62) # session 62: call 61's row-gather GPU tests again (their result was cut from its returned output), with the
+    # decode layout's tests under moe.gmm_impl's new default, auto
+    step 240 python -m pytest -n 0 -q -p no:cacheprovider -W ignore tests/test_row_gather.py tests/test_decode_layout.py \
+        tests/test_mla_decode.py -k "row_gather or take_rows or layout or moe or decode_only or model_decode" 2>&1 | tail -15
+    ;;
+*)  echo "call number 1-3, 5-36, 39-45 or 47-62" >&2; exit 2 ;;
 esac
