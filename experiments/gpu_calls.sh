@@ -36,7 +36,7 @@
 # kernel at LongCat-Flash's shapes; the attention kernels' GPU tests), 55 (decode at LongCat-Flash's width), 56 (its
 # batch-1 step traced) and 57 (the gather MoE as multiply + reduce: batch 1 at LongCat's width 1.55x faster);
 # session 61 ran 58 (slots innermost: level; the model's MoE at batch 1 6-8% faster, on a hoisted transposed copy of
-# the experts); 59 was lost with its machine; session 62 ran 60 and 61 (decode's "grouped" MoE) and 62;
+# the experts); 59 was lost with its machine; session 62 ran 60 and 61 (decode's "grouped" MoE); 62 is prepared;
 # HISTORY.md):
 #     bash experiments/gpu_calls.sh N [ARGS]     (N = 1-3, 5-36, 39-45, 47-62; 14 takes the rows and d_rhs bands,
 #                                                18 a benchmark flag)
