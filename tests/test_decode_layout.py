@@ -141,8 +141,8 @@ def test_auto_moe_runs_our_grouped_kernels_for_wide_experts_or_many_tokens(monke
     from lcflash.kernels.gmm import api
 
     small = model_config(load_config("configs/small.py"))
-    longcat = model_config(load_config("configs/longcat_flash.py")).replace(gmm_impl="auto")
-    tiny = model_config(load_config("configs/tiny.py")).replace(gmm_impl="auto")
+    longcat = model_config(load_config("configs/longcat_flash.py"))   # moe.gmm_impl's default, "auto"
+    tiny = model_config(load_config("configs/tiny.py"))
     hopper = api.auto_impl
     monkeypatch.setattr(api, "auto_impl", lambda lhs, rhs: hopper(lhs, rhs, "gpu", "9.0"))
     bf16 = jnp.bfloat16
