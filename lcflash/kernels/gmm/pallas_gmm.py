@@ -314,7 +314,7 @@ def _check_nt(lhs_mk, rhs_list):
                              f"{[r.shape for r in rhs_list]}")
         g, n, k = rhs.shape
         _check(lhs_mk, jax.ShapeDtypeStruct((g, k, n), rhs.dtype), jax.ShapeDtypeStruct((g,), jnp.int32))
-    _col_tile(rhs_list[0].shape[1], "N", prefer=64 if len(rhs_list) > 1 else 128)
+    _col_tile(rhs_list[0].shape[1], "N")
 
 
 def gmm_nt(lhs_mk, rhs_gnk, group_sizes_g, chain=False, zero_tail=True, out_dtype=None):
