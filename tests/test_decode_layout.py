@@ -137,7 +137,8 @@ def test_grouped_moe_on_our_kernels_in_bf16():
 def test_auto_moe_runs_our_grouped_kernels_for_wide_experts_or_many_tokens(monkeypatch):
     """decode "auto": "grouped" where moe.gmm_impl resolves to our kernels (on Hopper, bf16, K and N multiples of
     128) and the experts are wide (LongCat-Flash: any batch) or the tokens many (configs/small.py: batch 64, not 1 or
-    8); elsewhere the gather / dense rule (the tiny config's 64 x 32 experts, fp32, or ragged_dot)."""
+    8); elsewhere the gather / dense rule (the tiny config's 64 x 32 experts, fp32, or ragged_dot). Wide experts
+    stored in another dtype than the compute's take "grouped" only with many tokens."""
     from lcflash.kernels.gmm import api
 
     small = model_config(load_config("configs/small.py"))
@@ -148,10 +149,33 @@ def test_auto_moe_runs_our_grouped_kernels_for_wide_experts_or_many_tokens(monke
     bf16 = jnp.bfloat16
     assert [decode.auto_moe_impl(small, t, bf16) for t in (1, 8, 64)] == ["gather", "gather", "grouped"]
     assert [decode.auto_moe_impl(longcat, t, bf16) for t in (1, 8, 64)] == ["grouped"] * 3
+    # fp32-stored experts (a trainer's weights) decoded in bf16: "grouped" would cast every expert, the gather only
+    # its slots; with many tokens the dense MoE casts them all too.
+    f32 = jnp.float32
+    assert [decode.auto_moe_impl(longcat, t, bf16, f32) for t in (1, 8, 64)] == ["gather", "gather", "grouped"]
+    assert [decode.auto_moe_impl(longcat, t, bf16, bf16) for t in (1, 64)] == ["grouped"] * 2
     assert [decode.auto_moe_impl(small, t, jnp.float32) for t in (1, 64)] == ["gather", "dense"]
     assert [decode.auto_moe_impl(longcat.replace(gmm_impl="ragged_dot"), t, bf16) for t in (1, 64)] == [
         "gather", "dense"]
     assert [decode.auto_moe_impl(tiny, t, bf16) for t in (1, 2)] == ["gather", "dense"]
+
+
+def test_moe_apply_auto_reads_the_stored_expert_dtype(monkeypatch):
+    """moe_apply's "auto" passes the experts' stored dtype: fp32 experts decoded in bf16 take the gather at one token
+    even where the experts count as wide; bf16 experts take the grouped MoE."""
+    cfg = model_config(load_config("configs/tiny.py"))
+    moe = decode.split_weights(LongcatFlash(cfg, nnx.Rngs(0))).layers[0].moe
+    monkeypatch.setattr(decode, "runs_our_kernels", lambda *a: True)
+    monkeypatch.setattr(decode, "GROUPED_MIN_EXPERT_BYTES", 0)
+    ran = []
+    for name in ("gather", "grouped"):
+        monkeypatch.setattr(decode, f"experts_{name}",
+                            lambda x, *a, name=name, **k: ran.append(name) or jnp.zeros(x.shape, jnp.float32))
+    x = jnp.ones((1, 1, cfg.hidden_size), jnp.bfloat16)
+    for dtype in (jnp.float32, jnp.bfloat16):
+        p = moe._replace(**{k: getattr(moe, k).astype(dtype) for k in ("w_gate", "w_up", "w_down")})
+        decode.moe_apply(cfg, p, x, "auto")
+    assert ran == ["gather", "grouped"]
 
 
 def test_absorbed_products_only_where_they_are_no_larger():

@@ -32,8 +32,8 @@ layers is kept. The MoE impl is chosen by `moe_impl`:
   (`moe.gmm_impl`) that read each chosen expert once and nothing for zero-expert slots; our kernels read the
   [E, I, D] experts as stored (`gmm_nt`), so the model's [E, D, I] copy is never made.
 * "auto": "gather" while tokens * top_k < n_routed_experts, else "dense"; "grouped" instead of either where
-  `moe.gmm_impl` resolves to our kernels (a Hopper GPU, bf16) and the experts are wide (GROUPED_MIN_EXPERT_BYTES)
-  or the tokens many (tokens * top_k >= n_routed_experts). On an H100 (experiments/HISTORY.md, session 62) it was
+  `moe.gmm_impl` resolves to our kernels (a Hopper GPU, bf16) and the experts are wide (GROUPED_MIN_EXPERT_BYTES,
+  stored in the compute dtype: "grouped" casts whole expert arrays) or the tokens many (tokens * top_k >= n_routed_experts). On an H100 (experiments/HISTORY.md, session 62) it was
   8% faster than the gather at LongCat-Flash's width at batch 1 and 2.1x faster at configs/small.py's batch 64
   (level with the dense MoE), but 19-26% slower at configs/small.py's batch 1, whose MoE branch, off the step's
   critical path with the gather, gains kernels for the sort and the dispatch.
@@ -514,11 +514,14 @@ def runs_our_kernels(gmm_impl: str, n_ffn: int, d: int, i: int, dtype) -> bool:
 GROUPED_MIN_EXPERT_BYTES = 16 << 20
 
 
-def auto_moe_impl(cfg: ModelConfig, tokens: int, dtype) -> str:
-    """The MoE form decode's "auto" runs for `tokens` tokens (see the module docstring)."""
+def auto_moe_impl(cfg: ModelConfig, tokens: int, dtype, stored_dtype=None) -> str:
+    """The MoE form decode's "auto" runs for `tokens` tokens in `dtype` on experts stored in `stored_dtype` (default
+    `dtype`; see the module docstring). Wide experts take "grouped" at few tokens only if stored in `dtype`: it casts
+    whole expert arrays, which the gather's per-slot cast never does (fp32 trainer weights, bf16 decode)."""
     D, I, N = cfg.hidden_size, cfg.expert_ffn_hidden_size, cfg.n_routed_experts
     many = tokens * cfg.moe_topk >= N
-    wide = 3 * D * I * jnp.dtype(dtype).itemsize >= GROUPED_MIN_EXPERT_BYTES
+    wide = (3 * D * I * jnp.dtype(dtype).itemsize >= GROUPED_MIN_EXPERT_BYTES
+            and jnp.dtype(stored_dtype or dtype) == jnp.dtype(dtype))
     if (wide or many) and runs_our_kernels(cfg.gmm_impl, N, D, I, dtype):
         return "grouped"
     return "dense" if many else "gather"
@@ -547,7 +550,7 @@ def moe_apply(cfg: ModelConfig, p: MoEWeights, x_btd, impl: str, model_moe: Call
         y, stats = model_moe()(x_btd)
         return y, stats["experts_btk"].reshape(B * T, -1)
     if impl == "auto":
-        impl = auto_moe_impl(cfg, B * T, x_btd.dtype)
+        impl = auto_moe_impl(cfg, B * T, x_btd.dtype, p.w_gate.dtype)
     x_td = x_btd.reshape(B * T, D)
     routing = route_t(cfg, p, x_td)
     fn = {"gather": experts_gather, "dense": experts_dense,
