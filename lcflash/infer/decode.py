@@ -33,10 +33,11 @@ layers is kept. The MoE impl is chosen by `moe_impl`:
   [E, I, D] experts as stored (`gmm_nt`), so the model's [E, D, I] copy is never made.
 * "auto": "gather" while tokens * top_k < n_routed_experts, else "dense"; "grouped" instead of either where
   `moe.gmm_impl` resolves to our kernels (a Hopper GPU, bf16) and the experts are wide (GROUPED_MIN_EXPERT_BYTES,
-  stored in the compute dtype: "grouped" casts whole expert arrays) or the tokens many (tokens * top_k >= n_routed_experts). On an H100 (experiments/HISTORY.md, session 62) it was
-  8% faster than the gather at LongCat-Flash's width at batch 1 and 2.1x faster at configs/small.py's batch 64
-  (level with the dense MoE), but 19-26% slower at configs/small.py's batch 1, whose MoE branch, off the step's
-  critical path with the gather, gains kernels for the sort and the dispatch.
+  stored in the compute dtype: "grouped" casts whole expert arrays) or the tokens many (tokens * top_k >=
+  n_routed_experts). On an H100 (experiments/HISTORY.md, session 62) it was 8% faster than the gather at
+  LongCat-Flash's width at batch 1 and 2.1x faster at configs/small.py's batch 64 (level with the dense MoE), but
+  19-26% slower at configs/small.py's batch 1, whose MoE branch, off the step's critical path with the gather,
+  gains kernels for the sort and the dispatch.
 
 Attention (decode) follows `ModelConfig.attn_impl`: "absorbed" (XLA), "pallas" (the Mosaic GPU kernel, which
 swaps only the attention core, lcflash.kernels.mla_decode) or "expanded".
