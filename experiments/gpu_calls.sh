@@ -36,9 +36,11 @@
 # kernel at LongCat-Flash's shapes; the attention kernels' GPU tests), 55 (decode at LongCat-Flash's width), 56 (its
 # batch-1 step traced) and 57 (the gather MoE as multiply + reduce: batch 1 at LongCat's width 1.55x faster);
 # session 61 ran 58 (slots innermost: level; the model's MoE at batch 1 6-8% faster, on a hoisted transposed copy of
-# the experts); 59 was lost with its machine; session 62 ran 60 and 61 (decode's "grouped" MoE); 62 is prepared;
+# the experts); 59 was lost with its machine; session 62 ran 60 and 61 (decode's "grouped" MoE); 62 did not run
+# (63 holds its tests); session 63 ran 63 (the grouped MoE against the gather over expert widths at batch 1); 64
+# is prepared;
 # HISTORY.md):
-#     bash experiments/gpu_calls.sh N [ARGS]     (N = 1-3, 5-36, 39-45, 47-63; 14 takes the rows and d_rhs bands,
+#     bash experiments/gpu_calls.sh N [ARGS]     (N = 1-3, 5-36, 39-45, 47-64; 14 takes the rows and d_rhs bands,
 #                                                18 a benchmark flag)
 # run from the repository root on the device machine, with `.whl` carried (ml-collections and tensorboardX, which
 # its image lacks) and `.whl-tokamax` where a call times the tokamax peer (tokamax 0.0.17 with its needs, 37 MB).
@@ -50,7 +52,7 @@
 # here to the ignored `.jcc` (`rm -rf .jcc && cp -r /work/.device/N/jcc .jcc`) and carried, it seeds the next
 # machine's, which helps where that machine has the same card and image.
 set -u
-N=${1:?call number 1-3, 5-36, 39-45 or 47-63}
+N=${1:?call number 1-3, 5-36, 39-45 or 47-64}
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -418,17 +420,22 @@ longcat/gate_up/4096,longcat/down/4096,longcat/gate_up/512/skewed,longcat/down/5
     step 240 python -m pytest -n 0 -q -p no:cacheprovider -W ignore tests/test_row_gather.py tests/test_decode_layout.py \
         tests/test_mla_decode.py -k "row_gather or take_rows or layout or moe or decode_only or model_decode" 2>&1 | tail -15
     ;;
-63) # session 63: call 62's tests, then where decode's grouped MoE starts to beat the gather at batch 1: configs/small.py
+63) # session 63 (ran; its sweep first without scan_unroll=4, invalid at 4 layers, then again inline): call 62's
+    # tests, then where decode's grouped MoE starts to beat the gather at batch 1: configs/small.py
     # (D = 1024) on 4 layers of 32 FFN + 16 zero experts, each expert 2.4, 9.4, 18.9 and 37.7 MB (the auto rule's
     # GROUPED_MIN_EXPERT_BYTES, 16 MiB, sits between the two widths measured before: 2.4 and 75.5 MB)
     step 150 python -m pytest -n 0 -q -p no:cacheprovider -W ignore tests/test_row_gather.py tests/test_decode_layout.py \
         tests/test_mla_decode.py -k "row_gather or take_rows or layout or moe or decode_only or model_decode" 2>&1 | tail -15
     for I in 384 1536 3072 6144; do
         step 90 python experiments/bench_decode.py --part=jax --batches=1 --contexts=1024 --impls=pallas \
-            --set model.num_layers=4 --set model.n_routed_experts=32 --set model.zero_expert_num=16 \
-            --set model.expert_ffn_hidden_size=$I --moe_impl=gather,grouped --rounds=2 --no-speculative \
-            --no-dense_moe_rows --json="$OUT/bench_decode_small_width_i${I}_s63.json" 2>&1 | tail -8
+            --set model.num_layers=4 --set model.scan_unroll=4 --set model.n_routed_experts=32 \
+            --set model.zero_expert_num=16 --set model.expert_ffn_hidden_size=$I --moe_impl=gather,grouped \
+            --rounds=2 --no-speculative --no-dense_moe_rows --json="$OUT/bench_decode_small_width_i${I}_s63.json" 2>&1 | tail -8
     done
     ;;
-*)  echo "call number 1-3, 5-36, 39-45 or 47-63" >&2; exit 2 ;;
+64) # session 63: the row gather's Hopper tests with XLA's path as their reference on a GPU too (call 63 found the
+    # combine test computing its reference on the kernel there, then reading the rows the kernel leaves unwritten)
+    step 200 python -m pytest -n 0 -q -p no:cacheprovider -W ignore tests/test_row_gather.py 2>&1 | tail -6
+    ;;
+*)  echo "call number 1-3, 5-36, 39-45 or 47-64" >&2; exit 2 ;;
 esac

@@ -68,8 +68,8 @@ def test_bad_shapes_fail_before_compiling():
 
 
 def test_dispatch_rows_uses_the_kernel_on_hopper_with_the_same_rows_and_gradient(monkeypatch):
-    """lcflash.model.slots.dispatch_rows with the kernel switched on (here in the interpreter, as if on a Hopper
-    GPU): the FFN slots' rows and the gradient equal XLA's gather."""
+    """lcflash.model.slots.dispatch_rows with the kernel switched on (on the CPU in the interpreter, as if on a Hopper
+    GPU; on a GPU compiled): the FFN slots' rows and the gradient equal XLA's gather."""
     from lcflash.model import slots as slots_mod
 
     t, k, n_ffn, d = 16, 4, 3, 256
@@ -83,6 +83,7 @@ def test_dispatch_rows_uses_the_kernel_on_hopper_with_the_same_rows_and_gradient
         y, vjp = jax.vjp(lambda x: slots_mod.dispatch_rows(x, s, tail_unread=True), x)
         return y, vjp(g)[0]
 
+    monkeypatch.setattr(slots_mod, "on_hopper", lambda: False)   # XLA's gather, on a GPU too
     want = run()
     monkeypatch.setattr(slots_mod, "on_hopper", lambda: True)
     monkeypatch.setattr(slots_mod, "GATHER_KERNEL", True)
@@ -94,9 +95,9 @@ def test_dispatch_rows_uses_the_kernel_on_hopper_with_the_same_rows_and_gradient
 
 
 def test_combine_rows_backward_uses_the_kernel_on_hopper_with_the_same_gradients(monkeypatch):
-    """lcflash.model.slots.combine_rows with the kernel switched on (in the interpreter, as if on a Hopper GPU): the
-    same output, d_w, and d_y on the FFN slots' rows (zero up to the next whole tile, unwritten after), from a
-    gradient that holds bf16 values as MoE.combine's cast makes it."""
+    """lcflash.model.slots.combine_rows with the kernel switched on (on the CPU in the interpreter, as if on a Hopper
+    GPU; on a GPU compiled) against XLA's path: the same output, d_w, and d_y on the FFN slots' rows (zero up to the
+    next whole tile, unwritten after), from a gradient that holds bf16 values as MoE.combine's cast makes it."""
     from lcflash.model import slots as slots_mod
 
     t, k, n_ffn, d = 64, 4, 3, 256
@@ -112,6 +113,7 @@ def test_combine_rows_backward_uses_the_kernel_on_hopper_with_the_same_gradients
         out, vjp = jax.vjp(lambda y, w: slots_mod.combine_rows(y, w, s, jnp.bfloat16, tail_unread=True), y, w)
         return (out, *vjp(g))
 
+    monkeypatch.setattr(slots_mod, "on_hopper", lambda: False)   # XLA's scatter, on a GPU too
     want = run()
     assert n < t * k and not np.asarray(want[1][n:], np.float32).any()
     monkeypatch.setattr(slots_mod, "on_hopper", lambda: True)
@@ -122,4 +124,5 @@ def test_combine_rows_backward_uses_the_kernel_on_hopper_with_the_same_gradients
     written = -(-n // 128) * 128  # the kernel's alignment
     assert written < t * k
     np.testing.assert_array_equal(np.asarray(got[1][:written], np.float32), np.asarray(want[1][:written], np.float32))
-    assert np.isnan(np.asarray(got[1][written:], np.float32)).all()
+    if not ON_GPU:   # the interpreter's NaN fill shows the rows left unwritten; a GPU leaves whatever was there
+        assert np.isnan(np.asarray(got[1][written:], np.float32)).all()

@@ -510,9 +510,10 @@ def runs_our_kernels(gmm_impl: str, n_ffn: int, d: int, i: int, dtype) -> bool:
                                      jax.ShapeDtypeStruct((n_ffn, d, i), dtype))
 
 
-# "auto" takes the grouped MoE at any batch for experts of at least this many bytes (gate, up and down): between
-# configs/small.py's 2.4 MB, where it lost at batch 1, and LongCat-Flash's 75.5 MB, where it won (session 62).
-GROUPED_MIN_EXPERT_BYTES = 16 << 20
+# "auto" takes the grouped MoE at any batch for experts of at least this many bytes (gate, up and down). At batch 1
+# on an H100 (experiments/HISTORY.md, session 63; D = 1024) it was 0-9% slower than the gather at 2.4, 9.4 and 18.9
+# MB and level at 37.7 MB; at LongCat-Flash's 75.5 MB it was 8% faster (session 62).
+GROUPED_MIN_EXPERT_BYTES = 64 << 20
 
 
 def auto_moe_impl(cfg: ModelConfig, tokens: int, dtype, stored_dtype=None) -> str:
