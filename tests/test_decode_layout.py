@@ -149,6 +149,8 @@ def test_auto_moe_runs_our_grouped_kernels_for_wide_experts_or_many_tokens(monke
     bf16 = jnp.bfloat16
     assert [decode.auto_moe_impl(small, t, bf16) for t in (1, 8, 64)] == ["gather", "gather", "grouped"]
     assert [decode.auto_moe_impl(longcat, t, bf16) for t in (1, 8, 64)] == ["grouped"] * 3
+    # 37.7 MB experts at D = 1024: level with the gather at batch 1 on an H100 (session 63), below the threshold
+    assert decode.auto_moe_impl(small.replace(expert_ffn_hidden_size=6144), 1, bf16) == "gather"
     # fp32-stored experts (a trainer's weights) decoded in bf16: "grouped" would cast every expert, the gather only
     # its slots; with many tokens the dense MoE casts them all too.
     f32 = jnp.float32
