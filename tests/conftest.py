@@ -91,53 +91,6 @@ def _exact_interpreter_wgmma():
 _exact_interpreter_wgmma()
 
 
-def _interpreter_callbacks_on_host_arrays():
-    """Pallas' GPU interpreter runs every simulated load, store, barrier and wgmma as an io_callback. JAX 0.10's
-    io_callback_impl first copies the callback's host (numpy) arguments into jax Arrays on the CPU device; the
-    interpreter then reads most of them back element by element (`int(x)`, `map(int, request)`), one dispatched op
-    each, and builds its results with `jnp.array`, which io_callback_impl turns back into numpy. That was ~45% of an
-    interpreted kernel test (py-spy on test_gmm's FFN test). Here the interpreter's callbacks take and build numpy
-    arrays; other io_callbacks are untouched. The kernels' outputs and gradients are bitwise the same either way
-    (checked on gmm_swiglu_ffn's forward and backward, ragged groups)."""
-    import types
-
-    import jax.numpy as jnp
-    import numpy as np
-
-    try:
-        from jax._src import callback as cb
-        from jax._src import config as jax_config
-        from jax._src import tree_util, xla_bridge
-        from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
-    except ImportError:
-        return
-    orig = getattr(cb, "io_callback_impl", None)
-    if orig is None or getattr(orig, "_host_arrays", False) or getattr(gpu_callbacks, "jnp", None) is not jnp:
-        return
-
-    def io_callback_impl(*args, result_avals, callback, sharding, ordered):
-        fn = getattr(callback, "callback_func", None)
-        fn = getattr(fn, "func", fn)   # functools.partial
-        if not getattr(fn, "__module__", "").startswith("jax._src.pallas."):
-            return orig(*args, result_avals=result_avals, callback=callback, sharding=sharding, ordered=ordered)
-        cpu_device, *_ = xla_bridge.local_devices(backend="cpu")
-        with jax_config.default_device(cpu_device):
-            return tree_util.tree_map(np.asarray, callback(*(np.asarray(a) for a in args)))
-
-    class _HostJnp(types.ModuleType):
-        array, int32 = staticmethod(np.array), np.int32
-
-        def __getattr__(self, name):
-            return getattr(jnp, name)
-
-    io_callback_impl._host_arrays = True
-    cb.io_callback_impl = io_callback_impl
-    gpu_callbacks.jnp = _HostJnp("jnp_on_host")
-
-
-_interpreter_callbacks_on_host_arrays()
-
-
 def _synchronous_cpu_dispatch():
     """Pallas' interpreters call JAX from inside io_callbacks of a running computation. With XLA:CPU's asynchronous
     dispatch, the test's next op can be queued while such a computation runs; the callback's own op then waits
