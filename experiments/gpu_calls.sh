@@ -37,11 +37,11 @@
 # batch-1 step traced) and 57 (the gather MoE as multiply + reduce: batch 1 at LongCat's width 1.55x faster);
 # session 61 ran 58 (slots innermost: level; the model's MoE at batch 1 6-8% faster, on a hoisted transposed copy of
 # the experts); 59 was lost with its machine; session 62 ran 60 and 61 (decode's "grouped" MoE); 62 did not run
-# (63 holds its tests); session 63 ran 63 (the grouped MoE against the gather over expert widths at batch 1); 64
-# is prepared;
+# and is gone (63's first step is its tests); session 63 ran 63 (the grouped MoE against the gather over expert
+# widths at batch 1); 64 is prepared;
 # HISTORY.md):
-#     bash experiments/gpu_calls.sh N [ARGS]     (N = 1-3, 5-36, 39-45, 47-64; 14 takes the rows and d_rhs bands,
-#                                                18 a benchmark flag)
+#     bash experiments/gpu_calls.sh N [ARGS]     (N = 1-3, 5-36, 39-45, 47-61, 63, 64; 14 takes the rows and d_rhs
+#                                                bands, 18 a benchmark flag)
 # run from the repository root on the device machine, with `.whl` carried (ml-collections and tensorboardX, which
 # its image lacks) and `.whl-tokamax` where a call times the tokamax peer (tokamax 0.0.17 with its needs, 37 MB).
 # Results go to $OUT (or ./out). Each step has its own time limit, so a hang or a failure costs that step, not the
@@ -52,7 +52,7 @@
 # here to the ignored `.jcc` (`rm -rf .jcc && cp -r /work/.device/N/jcc .jcc`) and carried, it seeds the next
 # machine's, which helps where that machine has the same card and image.
 set -u
-N=${1:?call number 1-3, 5-36, 39-45 or 47-64}
+N=${1:?call number 1-3, 5-36, 39-45, 47-61, 63 or 64}
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -415,13 +415,8 @@ longcat/gate_up/4096,longcat/down/4096,longcat/gate_up/512/skewed,longcat/down/5
         --set moe.gmm_impl=auto --contexts=1024 --impls=absorbed --moe_impl=gather,grouped,dense --rounds=2 \
         --no-speculative --no-dense_moe_rows --json="$OUT/bench_decode_longcat_width_e256_grouped_s62.json"
     ;;
-62) # session 62: call 61's row-gather GPU tests again (their result was cut from its returned output), with the
-    # decode layout's tests under moe.gmm_impl's new default, auto
-    step 240 python -m pytest -n 0 -q -p no:cacheprovider -W ignore tests/test_row_gather.py tests/test_decode_layout.py \
-        tests/test_mla_decode.py -k "row_gather or take_rows or layout or moe or decode_only or model_decode" 2>&1 | tail -15
-    ;;
-63) # session 63 (ran; its sweep first without scan_unroll=4, invalid at 4 layers, then again inline): call 62's
-    # tests, then where decode's grouped MoE starts to beat the gather at batch 1: configs/small.py
+63) # session 63 (ran; its sweep first without scan_unroll=4, invalid at 4 layers, then again inline): the tests of
+    # call 62 (which never ran), then where decode's grouped MoE starts to beat the gather at batch 1: configs/small.py
     # (D = 1024) on 4 layers of 32 FFN + 16 zero experts, each expert 2.4, 9.4, 18.9 and 37.7 MB (the auto rule's
     # GROUPED_MIN_EXPERT_BYTES, 16 MiB, sits between the two widths measured before: 2.4 and 75.5 MB)
     step 150 python -m pytest -n 0 -q -p no:cacheprovider -W ignore tests/test_row_gather.py tests/test_decode_layout.py \
@@ -437,5 +432,5 @@ longcat/gate_up/4096,longcat/down/4096,longcat/gate_up/512/skewed,longcat/down/5
     # combine test computing its reference on the kernel there, then reading the rows the kernel leaves unwritten)
     step 200 python -m pytest -n 0 -q -p no:cacheprovider -W ignore tests/test_row_gather.py 2>&1 | tail -6
     ;;
-*)  echo "call number 1-3, 5-36, 39-45 or 47-64" >&2; exit 2 ;;
+*)  echo "call number 1-3, 5-36, 39-45, 47-61, 63 or 64" >&2; exit 2 ;;
 esac
