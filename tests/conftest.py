@@ -8,6 +8,14 @@ from xla_flags import add_fast_compile_flags
 # reduced-precision paths on some builds). Set before JAX initialises.
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# XLA:CPU's intra-op pool (NPROC threads, else one per core) also runs host callbacks that a program's thunks
+# hand it. Pallas' GPU interpreter blocks in such callbacks: each simulated thread at a barrier, each thread_map
+# until its threads end. On a 2-core machine two blocked callbacks took the whole pool, and the simulated threads
+# they waited for had no thread left to run on (test_gmm's interpreted flat contract kernel, stacks in gdb). The
+# interpreter runs a kernel's grid points one after another, each as one thread_map of at most 6 simulated threads
+# here (a cluster of 2 CTAs x 3 warpgroups): 7 blocked callbacks per running kernel, and XLA may run independent
+# kernels side by side. 32 idle threads cost little. Read when the CPU client starts.
+os.environ.setdefault("NPROC", str(max(32, os.cpu_count() or 1)))
 # The suite is compile-bound (tiny shapes): faster XLA:CPU compiles (tests/xla_flags.py). Subprocesses
 # (tests/parallel_worker.py) inherit and extend them.
 add_fast_compile_flags()
@@ -89,6 +97,53 @@ def _exact_interpreter_wgmma():
 
 
 _exact_interpreter_wgmma()
+
+
+def _interpreter_callbacks_on_host_arrays():
+    """Pallas' GPU interpreter runs every simulated load, store, barrier and wgmma as an io_callback. JAX 0.10's
+    io_callback_impl first copies the callback's host (numpy) arguments into jax Arrays on the CPU device; the
+    interpreter then reads most of them back element by element (`int(x)`, `map(int, request)`), one dispatched op
+    each, and builds its results with `jnp.array`, which io_callback_impl turns back into numpy. That was ~45% of an
+    interpreted kernel test (py-spy on test_gmm's FFN test). Here the interpreter's callbacks take and build numpy
+    arrays; other io_callbacks are untouched. The kernels' outputs and gradients are bitwise the same either way
+    (checked on gmm_swiglu_ffn's forward and backward, ragged groups)."""
+    import types
+
+    import jax.numpy as jnp
+    import numpy as np
+
+    try:
+        from jax._src import callback as cb
+        from jax._src import config as jax_config
+        from jax._src import tree_util, xla_bridge
+        from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
+    except ImportError:
+        return
+    orig = getattr(cb, "io_callback_impl", None)
+    if orig is None or getattr(orig, "_host_arrays", False) or getattr(gpu_callbacks, "jnp", None) is not jnp:
+        return
+
+    def io_callback_impl(*args, callback, **kwargs):
+        fn = getattr(callback, "callback_func", None)
+        fn = getattr(fn, "func", fn)   # functools.partial
+        if not getattr(fn, "__module__", "").startswith("jax._src.pallas."):
+            return orig(*args, callback=callback, **kwargs)
+        cpu_device, *_ = xla_bridge.local_devices(backend="cpu")
+        with jax_config.default_device(cpu_device):
+            return tree_util.tree_map(np.asarray, callback(*(np.asarray(a) for a in args)))
+
+    class _HostJnp(types.ModuleType):
+        array, int32 = staticmethod(np.array), np.int32
+
+        def __getattr__(self, name):
+            return getattr(jnp, name)
+
+    io_callback_impl._host_arrays = True
+    cb.io_callback_impl = io_callback_impl
+    gpu_callbacks.jnp = _HostJnp("jnp_on_host")
+
+
+_interpreter_callbacks_on_host_arrays()
 
 
 def _synchronous_cpu_dispatch():
