@@ -118,8 +118,10 @@ def _interpreter_callbacks_on_host_arrays():
         from jax._src import callback as cb
         from jax._src import config as jax_config
         from jax._src import tree_util, xla_bridge
-        from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
+        from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks, shared_memory
     except ImportError:
+        return
+    if hasattr(shared_memory, "_to_int"):   # JAX 0.11's interpreter takes jax Arrays only (its _to_int refuses numpy)
         return
     orig = getattr(cb, "io_callback_impl", None)
     if orig is None or getattr(orig, "_host_arrays", False) or getattr(gpu_callbacks, "jnp", None) is not jnp:
