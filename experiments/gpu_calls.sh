@@ -38,9 +38,9 @@
 # session 61 ran 58 (slots innermost: level; the model's MoE at batch 1 6-8% faster, on a hoisted transposed copy of
 # the experts); 59 was lost with its machine; session 62 ran 60 and 61 (decode's "grouped" MoE); 62 did not run
 # and is gone (63's first step is its tests); session 63 ran 63 (the grouped MoE against the gather over expert
-# widths at batch 1); 64 is prepared;
+# widths at batch 1); session 64 ran 64 and 65's two steps (as inline commands);
 # HISTORY.md):
-#     bash experiments/gpu_calls.sh N [ARGS]     (N = 1-3, 5-36, 39-45, 47-61, 63, 64; 14 takes the rows and d_rhs
+#     bash experiments/gpu_calls.sh N [ARGS]     (N = 1-3, 5-36, 39-45, 47-61, 63-65; 14 takes the rows and d_rhs
 #                                                bands, 18 a benchmark flag)
 # run from the repository root on the device machine, with `.whl` carried (ml-collections and tensorboardX, which
 # its image lacks) and `.whl-tokamax` where a call times the tokamax peer (tokamax 0.0.17 with its needs, 37 MB).
@@ -52,7 +52,7 @@
 # here to the ignored `.jcc` (`rm -rf .jcc && cp -r /work/.device/N/jcc .jcc`) and carried, it seeds the next
 # machine's, which helps where that machine has the same card and image.
 set -u
-N=${1:?call number 1-3, 5-36, 39-45, 47-61, 63 or 64}
+N=${1:?call number 1-3, 5-36, 39-45, 47-61 or 63-65}
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -432,5 +432,13 @@ longcat/gate_up/4096,longcat/down/4096,longcat/gate_up/512/skewed,longcat/down/5
     # combine test computing its reference on the kernel there, then reading the rows the kernel leaves unwritten)
     step 200 python -m pytest -n 0 -q -p no:cacheprovider -W ignore tests/test_row_gather.py 2>&1 | tail -6
     ;;
-*)  echo "call number 1-3, 5-36, 39-45, 47-61, 63 or 64" >&2; exit 2 ;;
+65) # session 64: tests/conftest.py's interpreter patches under JAX 0.11.2 (the interpreted kernels on this host's
+    # CPU), then the decode paths' GPU tests (session 64 ran both as inline commands)
+    JAX_PLATFORMS=cpu step 300 python -m pytest -q -n 12 --dist load -p no:cacheprovider -W ignore \
+        tests/test_gmm.py tests/test_moe.py tests/test_doc_attention.py tests/test_row_gather.py tests/test_mla_decode.py \
+        -k "interpret or tail_unwritten or interpreter" 2>&1 | tail -4
+    step 400 python -m pytest -n 0 -q -p no:cacheprovider -W ignore tests/test_mla_decode.py tests/test_decode_layout.py \
+        tests/test_row_gather.py 2>&1 | tail -4
+    ;;
+*)  echo "call number 1-3, 5-36, 39-45, 47-61 or 63-65" >&2; exit 2 ;;
 esac
