@@ -40,7 +40,7 @@
 # and is gone (63's first step is its tests); session 63 ran 63 (the grouped MoE against the gather over expert
 # widths at batch 1); session 64 ran 64 and 65's two steps (as inline commands);
 # HISTORY.md):
-#     bash experiments/gpu_calls.sh N [ARGS]     (N = 1-3, 5-36, 39-45, 47-61, 63-65; 14 takes the rows and d_rhs
+#     bash experiments/gpu_calls.sh N [ARGS]     (N = 1-3, 5-36, 39-45, 47-61, 63-66; 14 takes the rows and d_rhs
 #                                                bands, 18 a benchmark flag)
 # run from the repository root on the device machine, with `.whl` carried (ml-collections and tensorboardX, which
 # its image lacks) and `.whl-tokamax` where a call times the tokamax peer (tokamax 0.0.17 with its needs, 37 MB).
@@ -52,7 +52,7 @@
 # here to the ignored `.jcc` (`rm -rf .jcc && cp -r /work/.device/N/jcc .jcc`) and carried, it seeds the next
 # machine's, which helps where that machine has the same card and image.
 set -u
-N=${1:?call number 1-3, 5-36, 39-45, 47-61 or 63-65}
+N=${1:?call number 1-3, 5-36, 39-45, 47-61 or 63-66}
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -440,5 +440,13 @@ longcat/gate_up/4096,longcat/down/4096,longcat/gate_up/512/skewed,longcat/down/5
     step 400 python -m pytest -n 0 -q -p no:cacheprovider -W ignore tests/test_mla_decode.py tests/test_decode_layout.py \
         tests/test_row_gather.py 2>&1 | tail -4
     ;;
-*)  echo "call number 1-3, 5-36, 39-45, 47-61 or 63-65" >&2; exit 2 ;;
+66) # session 66: issue 8's first target at today's defaults (session 54's call 36 timed the T = 4096 and skewed
+    # cases before the rows kernels' own loop and session 56's row windows on multiples of 8): the whole product
+    # by device time in 2 rounds (a one-value switch: the defaults alone), the 8 cases of call 36
+    step 560 python experiments/contract_ab.py --gmm-switch ROWS_ALIGN=8 --rounds 2 --device-time \
+        --cases longcat/gate_up/512,longcat/down/512,longcat/gate_up/2048,longcat/down/2048,\
+longcat/gate_up/4096,longcat/down/4096,longcat/gate_up/512/skewed,longcat/down/512/skewed \
+        --out "$OUT/contract_ab_targets_device.json" | grep -v "^gmm_switch_ab"
+    ;;
+*)  echo "call number 1-3, 5-36, 39-45, 47-61 or 63-66" >&2; exit 2 ;;
 esac

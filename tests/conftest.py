@@ -1,3 +1,4 @@
+import gc
 import os
 
 import pytest
@@ -16,6 +17,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # here (a cluster of 2 CTAs x 3 warpgroups): 7 blocked callbacks per running kernel, and XLA may run independent
 # kernels side by side. 32 idle threads cost little. Read when the CPU client starts.
 os.environ.setdefault("NPROC", str(max(32, os.cpu_count() or 1)))
+# Tracing and lowering allocate millions of objects, and Python's collector runs every 700 net allocations by
+# default: thousands of passes per test file. Every 50,000 (a full pass every 10 million) took 3-5% off test_moe.py
+# and off test_generate.py + test_doc_attention.py (session 66); cycles are still freed, later.
+gc.set_threshold(50_000, 20, 10)
 # The suite is compile-bound (tiny shapes): faster XLA:CPU compiles (tests/xla_flags.py). Subprocesses
 # (tests/parallel_worker.py) inherit and extend them.
 add_fast_compile_flags()

@@ -57,8 +57,8 @@ def random_hf_model(seed: int, **overrides):
 def hf_forward(model, tokens: np.ndarray):
     """(logits, per-layer hidden states [L, B, T, D], per-layer top-k expert sets [L, B*T, K])."""
     t = _torch()
-    chosen = []
-    hooks = [layer.mlp.router.register_forward_hook(lambda m, i, o: chosen.append(o[2].numpy()))
+    chosen = []  # the router returns ([logits,] weights, indices): logits only since transformers 5.18 or so
+    hooks = [layer.mlp.router.register_forward_hook(lambda m, i, o: chosen.append(o[-1].numpy()))
              for layer in model.model.layers]
     try:
         with t.no_grad():

@@ -188,11 +188,11 @@ def test_dq_from_the_dkv_kernels_ds_equals_dq_recomputed(monkeypatch):
 
 
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="Pallas' GPU interpreter, for CPU runs")
-@pytest.mark.parametrize("dq_from_ds", [True, False])
-def test_queries_as_two_arrays_give_the_joined_queries_results_bitwise(dq_from_ds, monkeypatch):
+def test_queries_as_two_arrays_give_the_joined_queries_results_bitwise(monkeypatch):
     """q given as (q_nope, q_rope) loads the same tiles into the same products as q = [q_nope | q_rope]: the output
-    and kv's gradients are bitwise the same, and dq comes back as the two column blocks of the joined dq."""
-    monkeypatch.setattr(pallas_mgpu, "DQ_FROM_DS", dq_from_ds)
+    and kv's gradients are bitwise the same, and dq comes back as the two column blocks of the joined dq. With dq
+    recomputed (DQ_FROM_DS off); tests/test_train_attention.py's q_parts test checks the default kernels so."""
+    monkeypatch.setattr(pallas_mgpu, "DQ_FROM_DS", False)
     first = _three_documents_and_a_return()
     q, kv, kpe, do = _mla_inputs(2, 128, 2, seed=31)
 
@@ -212,10 +212,11 @@ def test_queries_as_two_arrays_give_the_joined_queries_results_bitwise(dq_from_d
 
 
 # (2, 1, 1): the dk/dv kernel small enough for 2 CTAs/SM; runs: the whole blocks walked unmasked; dq recomputed;
-# q_parts: the queries as (q_nope, q_rope).
+# q_parts: the queries as (q_nope, q_rope). The model's defaults first, then each switch off them, with every pair
+# of runs, dq_from_ds and q_parts (the switches the dq kernel shares) in some row.
 @pytest.mark.parametrize("depths,runs,dq_from_ds,q_parts", [
-    (None, False, True, False), ((2, 1, 1), False, True, False), (None, True, True, False),
-    (None, False, False, False), (None, False, True, True), (None, False, False, True), (None, True, True, True)])
+    (None, True, True, True), ((2, 1, 1), True, True, False), (None, False, False, True), (None, False, True, False),
+    (None, True, False, False)])
 def test_mla_form_lowers_for_cuda(depths, runs, dq_from_ds, q_parts, monkeypatch):
     monkeypatch.setattr(pallas_mgpu, "UNMASKED_RUNS", runs)
     monkeypatch.setattr(pallas_mgpu, "DQ_FROM_DS", dq_from_ds)

@@ -800,8 +800,11 @@ def test_auto_deal_is_snake_below_one_tile_per_cta_and_round_robin_above():
         assert not all(a.shape == b.shape and np.array_equal(a, b) for a, b in zip(auto, other)), kn
 
 
-@pytest.mark.parametrize("band,zero_empty,align", [(0, False, 0), (0, True, 8), (8, False, 8)])
-@pytest.mark.parametrize("k,n,g,m", [(2048, 6144, 64, 32768), (1024, 768, 128, 65536)])  # LongCat down, small [gate | up]
+# LongCat's down projection (the largest tiles against the shared-memory budget) in each setting; configs/small.py's
+# [gate | up] in the one with the most switches off their defaults.
+@pytest.mark.parametrize("k,n,g,m,band,zero_empty,align", [
+    (2048, 6144, 64, 32768, 0, False, 0), (2048, 6144, 64, 32768, 0, True, 8), (2048, 6144, 64, 32768, 8, False, 8),
+    (1024, 768, 128, 65536, 8, False, 8)])
 def test_pallas_chain_backward_lowers_for_cuda(mosaic_gpu_trace, monkeypatch, k, n, g, m, band, zero_empty, align):
     """pallas_chain's forward + backward (flat rows and contract pipelines) and the flat contract kernel through
     Pallas -> Mosaic GPU lowering (layouts, smem budget) for CUDA on the CPU, at LongCat and small-config shapes,
