@@ -57,7 +57,7 @@ def random_hf_model(seed: int, **overrides):
 def hf_forward(model, tokens: np.ndarray):
     """(logits, per-layer hidden states [L, B, T, D], per-layer top-k expert sets [L, B*T, K])."""
     t = _torch()
-    chosen = []  # the router returns ([logits,] weights, indices): logits only since transformers 5.18 or so
+    chosen = []  # the router returns (weights, indices) in transformers 5.17, (logits, weights, indices) in 5.23
     hooks = [layer.mlp.router.register_forward_hook(lambda m, i, o: chosen.append(o[-1].numpy()))
              for layer in model.model.layers]
     try:
