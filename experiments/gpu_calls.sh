@@ -38,8 +38,8 @@
 # session 61 ran 58 (slots innermost: level; the model's MoE at batch 1 6-8% faster, on a hoisted transposed copy of
 # the experts); 59 was lost with its machine; session 62 ran 60 and 61 (decode's "grouped" MoE); 62 did not run
 # and is gone (63's first step is its tests); session 63 ran 63 (the grouped MoE against the gather over expert
-# widths at batch 1); session 64 ran 64 and 65's two steps (as inline commands);
-# HISTORY.md):
+# widths at batch 1); session 64 ran 64 and 65's two steps (as inline commands); session 66 ran 66 twice on one
+# H100 (issue 8's first target at today's defaults; HISTORY.md):
 #     bash experiments/gpu_calls.sh N [ARGS]     (N = 1-3, 5-36, 39-45, 47-61, 63-66; 14 takes the rows and d_rhs
 #                                                bands, 18 a benchmark flag)
 # run from the repository root on the device machine, with `.whl` carried (ml-collections and tensorboardX, which
