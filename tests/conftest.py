@@ -18,7 +18,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # kernels side by side. 32 idle threads cost little. Read when the CPU client starts.
 os.environ.setdefault("NPROC", str(max(32, os.cpu_count() or 1)))
 # Tracing and lowering allocate millions of objects, and Python's collector runs every 700 net allocations by
-# default: thousands of passes per test file. Every 50,000 (a full pass every 10 million) took 3-5% off test_moe.py
+# default: thousands of passes per test file. Every 50,000 (a full pass every 10 million) took 2-5% off test_moe.py
 # and off test_generate.py + test_doc_attention.py (session 66); cycles are still freed, later.
 gc.set_threshold(50_000, 20, 10)
 # The suite is compile-bound (tiny shapes): faster XLA:CPU compiles (tests/xla_flags.py). Subprocesses

@@ -306,7 +306,7 @@ def test_fused_gate_up_on_the_pallas_kernels():
 
 
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="interpreter test; on a GPU the test above runs the kernels")
-# The fused [gate | up] path with and without the gather kernels: (True, False) adds no kernel the two don't run.
+# Unfused with XLA's gathers, fused with the gather kernels: each path of (True, False) runs in one of the two.
 @pytest.mark.parametrize("fuse_gate_up,gather_kernels", [(False, False), (True, True)])
 def test_pallas_kernels_leave_the_tail_unwritten_and_nothing_reads_it(fuse_gate_up, gather_kernels,
                                                                        monkeypatch):
