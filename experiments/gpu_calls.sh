@@ -67,6 +67,8 @@ S=s36
 T="python experiments/bench_train.py --gmm_impl pallas_chain --remat --warmup 2 --steps 3 --batch 32"  # call 6
 T24="python experiments/bench_train.py --gmm_impl pallas_chain --remat --warmup 2 --steps 5 --mem_fraction 0.95"
 T24="$T24 --batch 24"  # calls 45, 47, 48, 50-52
+TARGETS=longcat/gate_up/512,longcat/down/512,longcat/gate_up/2048,longcat/down/2048,longcat/gate_up/4096,longcat/down/4096
+TARGETS="$TARGETS,longcat/gate_up/512/skewed,longcat/down/512/skewed"  # issue 8's first target (calls 24, 36, 66)
 step() {  # step LIMIT_S COMMAND...: run it, say how it ended
     local limit=$1; shift
     echo "=== $* (limit ${limit}s)"
@@ -169,8 +171,7 @@ case $N in
     # 4,096 rows or more on average, else 4 in bands of 4) by device time, 3 rounds (a one-value switch: the
     # defaults alone), at LongCat's T = 512, 2048, 4096 and the skewed T = 512
     step 560 python experiments/contract_ab.py --gmm-switch CONTRACT_DEEP_ROWS=4096 --rounds 3 --device-time \
-        --cases longcat/gate_up/512,longcat/down/512,longcat/gate_up/2048,longcat/down/2048,\
-longcat/gate_up/4096,longcat/down/4096,longcat/gate_up/512/skewed,longcat/down/512/skewed \
+        --cases "$TARGETS" \
         --out "$OUT/contract_ab_targets_device.json"
     ;;
 25) # session 50: where d_rhs's deep ring starts to pay: 3 stages in bands of 2 from 3,072 rows per group against
@@ -217,8 +218,7 @@ small/gate_up_fused/2304 --out "$OUT/contract_ab_cluster_kernel.json"
     # 8's first target by device time in 2 rounds (a one-value switch: the defaults alone)
     step 170 python -m pytest -n 0 -q tests/test_gmm.py -k "gpu_flat_contract or gpu_pallas"
     step 400 python experiments/contract_ab.py --gmm-switch CONTRACT_ZERO_EMPTY=True --rounds 2 --device-time \
-        --cases longcat/gate_up/512,longcat/down/512,longcat/gate_up/2048,longcat/down/2048,\
-longcat/gate_up/4096,longcat/down/4096,longcat/gate_up/512/skewed,longcat/down/512/skewed \
+        --cases "$TARGETS" \
         --out "$OUT/contract_ab_targets_device.json"
     ;;
 39) # the expert kernels' GPU tests at once (call 38's output lost the first of them behind its A/B's JSON lines):
@@ -442,10 +442,9 @@ longcat/gate_up/4096,longcat/down/4096,longcat/gate_up/512/skewed,longcat/down/5
     ;;
 66) # session 66: issue 8's first target at today's defaults (session 54's call 36 timed the T = 4096 and skewed
     # cases before the rows kernels' own loop and session 56's row windows on multiples of 8): the whole product
-    # by device time in 2 rounds (a one-value switch: the defaults alone), the 8 cases of call 36
+    # by device time in 2 rounds (a one-value switch: the defaults alone), the 8 cases of call 36 ($TARGETS)
     step 560 python experiments/contract_ab.py --gmm-switch ROWS_ALIGN=8 --rounds 2 --device-time \
-        --cases longcat/gate_up/512,longcat/down/512,longcat/gate_up/2048,longcat/down/2048,\
-longcat/gate_up/4096,longcat/down/4096,longcat/gate_up/512/skewed,longcat/down/512/skewed \
+        --cases "$TARGETS" \
         --out "$OUT/contract_ab_targets_device.json" | grep -v "^gmm_switch_ab"
     ;;
 *)  echo "call number 1-3, 5-36, 39-45, 47-61 or 63-66" >&2; exit 2 ;;
