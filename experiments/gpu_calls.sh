@@ -39,8 +39,9 @@
 # the experts); 59 was lost with its machine; session 62 ran 60 and 61 (decode's "grouped" MoE); 62 did not run
 # and is gone (63's first step is its tests); session 63 ran 63 (the grouped MoE against the gather over expert
 # widths at batch 1); session 64 ran 64 and 65's two steps (as inline commands); session 66 ran 66 twice on one
-# H100 (issue 8's first target at today's defaults; HISTORY.md):
-#     bash experiments/gpu_calls.sh N [ARGS]     (N = 1-3, 5-36, 39-45, 47-61, 63-66; 14 takes the rows and d_rhs
+# H100 (issue 8's first target at today's defaults); session 67 ran 67 (the dense FFNs' [2, F, D] decode layout:
+# slower on one device, so only meshes that split F take it; HISTORY.md):
+#     bash experiments/gpu_calls.sh N [ARGS]     (N = 1-3, 5-36, 39-45, 47-61, 63-67; 14 takes the rows and d_rhs
 #                                                bands, 18 a benchmark flag)
 # run from the repository root on the device machine, with `.whl` carried (ml-collections and tensorboardX, which
 # its image lacks) and `.whl-tokamax` where a call times the tokamax peer (tokamax 0.0.17 with its needs, 37 MB).
@@ -52,7 +53,7 @@
 # here to the ignored `.jcc` (`rm -rf .jcc && cp -r /work/.device/N/jcc .jcc`) and carried, it seeds the next
 # machine's, which helps where that machine has the same card and image.
 set -u
-N=${1:?call number 1-3, 5-36, 39-45, 47-61 or 63-66}
+N=${1:?call number 1-3, 5-36, 39-45, 47-61 or 63-67}
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -447,5 +448,18 @@ small/gate_up_fused/2304 --out "$OUT/contract_ab_cluster_kernel.json"
         --cases "$TARGETS" \
         --out "$OUT/contract_ab_targets_device.json" | grep -v "^gmm_switch_ab"
     ;;
-*)  echo "call number 1-3, 5-36, 39-45, 47-61 or 63-66" >&2; exit 2 ;;
+67) # session 67: this tree's decode against the tree in .ab_base (carried; `git archive 2ec5bcc lcflash configs
+    # experiments/bench_decode.py experiments/bench_moe_gemm.py | tar -x -C .ab_base`), configs/small.py at batch 1
+    # and 8, base and new in turn twice; then the decode tests on the GPU. It ran with the dense FFNs' [2, F, D]
+    # decode layout on every device count (slower on one; now taken only where a mesh splits F)
+    B="--part=jax --batches=1,8 --contexts=1024 --impls=pallas --moe_impl=gather --rounds=2 --no-speculative"
+    for r in 1 2; do
+        step 150 python .ab_base/experiments/bench_decode.py $B --json="$OUT/bench_decode_layout_base_r$r.json" \
+            --out_dir="$OUT" 2>&1 | tail -8
+        step 150 python experiments/bench_decode.py $B --json="$OUT/bench_decode_layout_new_r$r.json" \
+            --out_dir="$OUT" 2>&1 | tail -8
+    done
+    step 150 python -m pytest -n 0 -q -p no:cacheprovider tests/test_decode_layout.py tests/test_mla_decode.py
+    ;;
+*)  echo "call number 1-3, 5-36, 39-45, 47-61 or 63-67" >&2; exit 2 ;;
 esac

@@ -2,12 +2,13 @@
 
     python -m lcflash.generate --checkpoint=DIR --prompt="Once upon a time" [--prompt=...] [--max_new_tokens=64]
         [--temperature=0] [--top_p=1] [--seed=0] [--speculative=mtp] [--attn_impl=absorbed|pallas|expanded]
-        [--dtype=float32|bfloat16] [--tokenizer=tokenizer.json] [--step=N] [--stats]
+        [--dtype=float32|bfloat16] [--tokenizer=tokenizer.json] [--step=N] [--stats] [--mesh=expert=8,tensor=2]
 
 DIR is a HF directory (config.json + safetensors) or a trainer workdir (`python -m lcflash.train --workdir=DIR`,
 its checkpoints/ directory, or one step directory). Tokens are bytes (0 pad, 1 bos, 2 eos, byte b -> b + 3) unless
 a tokenizer.json is given, found in the HF directory, or named by the run's `data.tokenizer`. Each prompt is
-prefixed with bos; generation stops at eos.
+prefixed with bos; generation stops at eos. --mesh spreads the model over the devices (axes data, fsdp, expert,
+tensor; one size may be -1, the rest): each weight is read straight onto its shards (lcflash/infer/load.py).
 """
 
 from __future__ import annotations
@@ -33,15 +34,18 @@ def main(argv=None) -> int:
     ap.add_argument("--step", type=int, default=None, help="checkpoint step of a workdir (default: newest)")
     ap.add_argument("--no_bos", action="store_true", help="do not prefix prompts with bos")
     ap.add_argument("--stats", action="store_true", help="print generation statistics as JSON on stderr")
+    ap.add_argument("--mesh", default="", help="device mesh to shard the model over, e.g. 'expert=4,tensor=2' "
+                                               "(default: one device)")
     args = ap.parse_args(argv)
 
     from lcflash.config import ConfigError
     from lcflash.data.tokenize import DataError, make_tokenizer
     from lcflash.infer.generation import GenerateError, generate
-    from lcflash.infer.load import load_model
+    from lcflash.infer.load import load_model, mesh_from_spec
 
     try:
-        model, tok_spec = load_model(args.checkpoint, args.dtype, args.step)
+        mesh = mesh_from_spec(args.mesh) if args.mesh else None
+        model, tok_spec = load_model(args.checkpoint, args.dtype, args.step, mesh=mesh)
         cfg = model.cfg
         tokenizer = make_tokenizer(tok_spec if args.tokenizer is None else args.tokenizer, cfg.vocab_size,
                                    cfg.bos_token_id, cfg.eos_token_id)

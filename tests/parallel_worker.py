@@ -10,6 +10,7 @@ tests/test_parallel.py runs these and checks the JSON they write.
 import argparse
 import json
 import os
+import re
 import sys
 import time
 
@@ -18,7 +19,8 @@ from xla_flags import add_fast_compile_flags  # tests/, this script's directory
 ap = argparse.ArgumentParser()
 ap.add_argument("mode", choices=["equivalence", "train_ckpt", "mp"])
 ap.add_argument("--part", choices=["ep", "reference"], default="ep",
-                help="equivalence: 'ep' = transports on every mesh, 'reference' = the reference MoE path + HLO")
+                help="equivalence: 'ep' = transports on every mesh, 'reference' = the reference MoE path + HLO "
+                     "+ generation from checkpoints loaded onto a mesh")
 ap.add_argument("--out", required=True)
 ap.add_argument("--workdir")
 ap.add_argument("--port", type=int)
@@ -128,7 +130,7 @@ def equivalence():
                         "w_gate_spec": str(p["layers"]["moe"]["w_gate"].get_value().sharding.spec)}
         log(key, results[key])
     if reference:
-        return results | hlo_and_capacity(mcfg, graphdef, params, rest, tokens)
+        return results | hlo_and_capacity(mcfg, graphdef, params, rest, tokens) | generation()
     # Without the emulation, the ragged transport refuses CPU devices before tracing anything heavy.
     from lcflash.config import ConfigError
 
@@ -174,6 +176,90 @@ def hlo_and_capacity(mcfg, graphdef, params, rest, tokens):
                           "window": {k: len(v) for k, v in rep.window_matmuls.items()},
                           "dispatch": rep.dispatch, "combine": rep.combine, "backend": jax.default_backend()}
     log("overlap", results["overlap"])
+    return results
+
+
+# ------------------------------------------------------------------------------------------ generation
+COLLECTIVE = re.compile(r"= (\(?[^=]*?\)?) (all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)"
+                        r"(?:-start)?\(")
+BYTES = {"f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "pred": 1, "s8": 1, "u8": 1, "f64": 8, "s64": 8}
+
+
+def collective_bytes(hlo: str) -> dict[str, list[int]]:
+    """Result bytes of every collective in compiled HLO text, by kind."""
+    out = {}
+    for shapes, kind in COLLECTIVE.findall(hlo):
+        out.setdefault(kind, []).append(
+            sum(BYTES[t] * int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
+                for t, dims in re.findall(r"([a-z]+[0-9]*)\[([0-9,]*)\]", shapes)))
+    return out
+
+
+def generation():
+    """A HF directory loaded onto an expert=4 x tensor=2 mesh: its greedy tokens for ragged prompts (MTP speculation
+    too), its weights' and decode layout's shardings, and the collectives of its compiled prefill and decode loop by
+    kind and size; a trainer workdir loaded onto the same mesh, compared with it variable by variable."""
+    import tempfile
+
+    cfg = tiny_cfg()
+    model = LongcatFlash(model_config(cfg), nnx.Rngs(1))
+    rng = np.random.RandomState(3)
+    prompts = [rng.randint(3, model.cfg.vocab_size, n).tolist() for n in (5, 9)]
+    want = model.generate(prompts, 8)
+    with tempfile.TemporaryDirectory(prefix="lcflash_gen_") as tmp:
+        return _generation(model, cfg, prompts, want, tmp)
+
+
+def _generation(model, cfg, prompts, want, tmp):
+    import lcflash
+    from lcflash.checkpoint import Checkpointer, checkpoint_dir
+    from lcflash.config import ConfigError
+    from lcflash.infer.generation import generator_for
+    from lcflash.infer.load import load_model, mesh_from_spec
+    from lcflash.model.common import RouterBias
+    from lcflash.parallel.sharding import variable_sharding_fn
+
+    lcflash.save_pretrained(model, os.path.join(tmp, "hf"))
+    workdir = os.path.join(tmp, "run")
+    os.makedirs(workdir)
+    with open(os.path.join(workdir, "config.json"), "w") as fh:
+        fh.write(cfg.to_json_best_effort())
+    _, params, bias = nnx.split(model, nnx.Param, RouterBias)
+    ck = Checkpointer(checkpoint_dir(workdir), async_save=False)
+    ck.save(1, {"params": nnx.to_pure_dict(params), "bias": nnx.to_pure_dict(bias), "step": 1}, {}, force=True)
+    ck.close()
+    mesh = mesh_from_spec("expert=4,tensor=2")
+    m, _ = load_model(os.path.join(tmp, "hf"), mesh=mesh)
+    gen, hlo = generator_for(m), {}
+    for fn in ("prefill", "decode_loop"):   # each compiled once, its HLO kept
+        def spy(*a, jitted=getattr(gen, fn), fn=fn, **k):
+            exe = jitted.lower(*a, **k).compile()
+            hlo.setdefault(fn, exe.as_text())
+            return exe(*a)
+        setattr(gen, fn, spy)
+    got, spec = m.generate(prompts, 8), m.generate(prompts, 8, speculative="mtp")
+    results = {"generate/hf": {
+        "equal": all(np.array_equal(a, b) for a, b in zip(got, want)),
+        "mtp_equal": all(np.array_equal(a, b) for a, b in zip(spec, want)),
+        "w_gate_spec": str(m.layers.moe.w_gate.get_value().sharding.spec),
+        "decode_w_gate_spec": str(gen.dm.weights.layers[0].moe.w_gate.sharding.spec),
+        "decode_w_gate_up_spec": str(gen.dm.weights.layers[0].mlp_0.w_gate_up.sharding.spec),
+        "collective_bytes": {fn: collective_bytes(text) for fn, text in hlo.items()},
+        "w_gate_shard_bytes": int(m.layers.moe.w_gate.get_value().addressable_shards[0].data.nbytes)}}
+    log("generate hf", results["generate/hf"])
+    # The workdir's loader: the same values on the same shards, variable by variable (so the same generation).
+    run, _ = load_model(workdir, mesh=mesh)
+    pairs = list(zip(jax.tree.leaves(nnx.state(run)), jax.tree.leaves(nnx.state(m)), strict=True))
+    results["generate/run"] = {
+        "values_equal": all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in pairs),
+        "shardings_equal": all(a.sharding == b.sharding for a, b in pairs),
+        "sharded": sum(not a.sharding.is_fully_replicated for a, _ in pairs), "variables": len(pairs)}
+    log("generate run", results["generate/run"])
+    try:   # 4 heads over 8 tensor shards: refused before anything is read
+        variable_sharding_fn(model.cfg, mesh_from_spec("tensor=8"))
+        results["generate/tensor8_error"] = None
+    except ConfigError as e:
+        results["generate/tensor8_error"] = str(e)
     return results
 
 

@@ -47,6 +47,21 @@ def test_layout_is_one_copy_that_converts_back_exactly(tiny):
     assert layer_bytes == sum(x.nbytes for x in jax.tree.leaves(stacked)) + sum(x.nbytes for x in merged)
 
 
+def test_dense_ffn_stacked_for_a_split_ffn_width_converts_back_and_gives_the_same_output(tiny):
+    """Where a mesh splits F, the dense FFN's gate and up are stacked [2, F, D] (decode.splits_ffn_width): the same
+    weights back, the same SwiGLU output as the one-device [2F, D] layout."""
+    m = jax.tree.map(lambda x: x[0], nnx.to_pure_dict(nnx.state(tiny.layers)))["mlp_0"]
+    x = jax.random.normal(jax.random.key(5), (2, 3, tiny.cfg.hidden_size))
+    flat, stacked = decode.mlp_to_decode(m), decode.mlp_to_decode(m, split_ffn=True)
+    assert stacked.w_gate_up.shape == (2, tiny.cfg.ffn_hidden_size, tiny.cfg.hidden_size)
+    for p in (flat, stacked):
+        for k, v in decode.mlp_to_model(p).items():
+            np.testing.assert_array_equal(np.asarray(v), np.asarray(m[k]))
+    np.testing.assert_allclose(np.asarray(decode.swiglu_t(stacked, x)), np.asarray(decode.swiglu_t(flat, x)),
+                               rtol=1e-6, atol=1e-6)
+    assert not decode.splits_ffn_width(m["w_gate"])   # one device
+
+
 @pytest.fixture(scope="module")
 def reference(tiny):
     """Tokens [2, 5], the model's logits over them and its MTP logits for pairs (hidden t, token t+1)."""

@@ -298,4 +298,7 @@ def test_cli_hf_directory_and_trainer_workdir(tiny, tmp_path, capsys):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert main([f"--checkpoint={workdir}", f"--prompt={prompt}", "--max_new_tokens=6"]) == 0
     assert capsys.readouterr().out.rstrip("\n") == want_text
+    # --mesh: a mesh the devices cannot form is refused before anything is read (tests/test_parallel.py loads onto one)
+    assert main([f"--checkpoint={workdir}", f"--prompt={prompt}", "--mesh=expert=3"]) == 2
+    assert "axes multiply to 3 but there are 1 devices" in capsys.readouterr().err
     assert main([f"--checkpoint={tmp_path / 'missing'}", "--prompt=x"]) == 2

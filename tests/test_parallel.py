@@ -94,6 +94,38 @@ def test_sharded_loss_and_grads_equal_single_device(workers, case):
     assert r["grad_rel_max"] <= TOL, r
 
 
+def test_checkpoints_loaded_onto_a_mesh_generate_the_single_device_tokens(workers):
+    """lcflash.infer.load_model(mesh=...) on expert=4 x tensor=2: a HF directory generates the single-device greedy
+    tokens (MTP speculation too), the experts read onto their shards and kept so in the decode layout, and a
+    trainer workdir loads the same values onto the same shards. No weight moves: the decode loop's collectives are
+    all smaller than a quarter of one device's expert shard, and the prefill neither gathers nor permutes anything
+    that large (with the dense FFNs' [gate | up] split over its rows, it permuted half of each between shards)."""
+    res = workers["reference"].result()
+    r = res["generate/hf"]
+    assert r["equal"] and r["mtp_equal"], r
+    assert r["w_gate_spec"] == "P(None, 'expert', None, 'tensor')", r
+    assert r["decode_w_gate_spec"] == "P('expert', 'tensor')", r
+    assert r["decode_w_gate_up_spec"] == "P(None, 'tensor')", r
+    small = r["w_gate_shard_bytes"] / 4
+    loop = r["collective_bytes"]["decode_loop"]
+    assert loop and max(b for sizes in loop.values() for b in sizes) < small, r
+    prefill = r["collective_bytes"]["prefill"]
+    assert prefill.get("all-reduce"), r   # tensor-parallel products reduce their activations
+    assert max(prefill.get("all-gather", []) + prefill.get("collective-permute", [])) < small, r
+    run = res["generate/run"]   # the trainer workdir: the HF directory's values on its shards
+    assert run["values_equal"] and run["shardings_equal"] and run["sharded"], run
+    assert "num_attention_heads = 4 is not divisible by the mesh's 8 'heads' shards" in res["generate/tensor8_error"]
+
+
+def test_mesh_spec_errors_name_the_part():
+    from lcflash.infer.load import mesh_from_spec
+
+    for spec, match in (("experts=2", "'experts=2' is not axis=size"), ("expert=two", "size of 'expert' must be"),
+                        ("expert=3", "axes multiply to 3 but there are 1 devices")):
+        with pytest.raises(ConfigError, match=match):
+            mesh_from_spec(spec)
+
+
 def test_experts_and_fsdp_tensor_axes_shard_the_expert_weights(workers):
     res = workers["ep"].result()
     assert res["expert8/all_to_all"]["w_gate_spec"] == "P(None, 'expert', None, None)"

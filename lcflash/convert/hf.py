@@ -247,11 +247,13 @@ def _np_dtype(dtype):
     return np.dtype(ml_dtypes.bfloat16) if jnp.dtype(dtype) == jnp.bfloat16 else np.dtype(jnp.dtype(dtype).name)
 
 
-def from_pretrained(path: str, dtype=None, *, sharding_fn=None, **config_overrides) -> LongcatFlash:
+def from_pretrained(path: str, dtype=None, *, sharding_fn=None, mesh=None, **config_overrides) -> LongcatFlash:
     """Loads a LongCat-Flash HF directory (config.json + safetensors) into an lcflash model.
 
     dtype: parameter and compute dtype ("float32", "bfloat16"); default: the checkpoint's dtype. The router
-    stays float32. sharding_fn(path, shape) -> jax.sharding.Sharding places each variable (default: one device).
+    stays float32. sharding_fn(path, shape) -> jax.sharding.Sharding places each variable (default: one device);
+    mesh: a jax.sharding.Mesh with lcflash's axes instead, each variable read onto its shards by the logical-axis
+    rules (lcflash.parallel.sharding.variable_sharding_fn).
     config_overrides: any ModelConfig field (e.g. gmm_impl="pallas").
     """
     if not os.path.isdir(path):
@@ -273,6 +275,12 @@ def from_pretrained(path: str, dtype=None, *, sharding_fn=None, **config_overrid
     if set(specs) != set(abstract):
         raise AssertionError(f"spec table out of sync with the model: {set(specs) ^ set(abstract)}")
     _check(reader, specs, abstract, cfg)
+    if mesh is not None:
+        if sharding_fn is not None:
+            raise ValueError("from_pretrained: give sharding_fn or mesh, not both")
+        from lcflash.parallel.sharding import variable_sharding_fn
+
+        sharding_fn = variable_sharding_fn(cfg, mesh)
     device = jax.devices()[0]
     leaves = []
     for p, v in flat:

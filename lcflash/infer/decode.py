@@ -12,7 +12,10 @@ and concatenates the projections that read the same input into one matvec:
   Where they are no larger (`absorbed_products_pay`: configs/small.py, not LongCat-Flash), also the products
   W_UK . w_q_b and w_o . W_UV, which absorbed decode reads instead: two matvecs fewer per sublayer on a step's
   critical path. They are derived arrays beside the one copy of the model's weights (prefill uses the originals).
-* dense FFN: gate and up -> `w_gate_up` [2F, D]; down [D, F].
+* dense FFN: gate and up -> `w_gate_up` [2F, D]; down [D, F]. Where a mesh splits F, [2, F, D] instead: each shard
+  then holds the gate and up rows of its slice (a split of [2F, D]'s rows puts all of gate on one half of the
+  shards), so neither SwiGLU nor the prefill's slices back exchange anything. One device keeps [2F, D]: the same
+  bytes, and 0.91-0.96 against 0.98-1.00 ms per token at batch 1 on an H100 (experiments/HISTORY.md, session 67).
 * MoE: router [N + Z, D] (fp32); experts gate/up [E, I, D], down [E, D, I] (each slot's matvecs reduce over the
   contiguous axis of the gathered expert). The experts' gate and up stay two arrays under the model's names
   (experiments/bench_decode.py counts expert bytes by them). LM head [V, D]; the MTP head likewise.
@@ -84,7 +87,7 @@ class AttnWeights(NamedTuple):
 
 
 class MLPWeights(NamedTuple):
-    w_gate_up: jax.Array    # [2F, D]: gate rows then up rows, one matvec
+    w_gate_up: jax.Array    # [2F, D], or [2, F, D] where a mesh splits F: gate rows then up rows, one matvec
     w_down: jax.Array       # [D, F]
 
 
@@ -197,22 +200,30 @@ def attn_to_model(cfg: ModelConfig, p: AttnWeights) -> dict:
             "w_o": _t(p.w_o, 1, 2, 0)}
 
 
-def mlp_to_decode(m: dict) -> MLPWeights:
-    return MLPWeights(jnp.concatenate([m["w_gate"].T, m["w_up"].T], axis=0), m["w_down"].T)
+def splits_ffn_width(w_df) -> bool:
+    """Whether a mesh splits this dense FFN weight's F axis (its last): the decode layout then stacks gate and up."""
+    sharding = getattr(w_df, "sharding", None)
+    return sharding is not None and sharding.shard_shape(w_df.shape)[-1] < w_df.shape[-1]
+
+
+def mlp_to_decode(m: dict, split_ffn: bool = False) -> MLPWeights:
+    gate_up = (jnp.stack if split_ffn else jnp.concatenate)([m["w_gate"].T, m["w_up"].T])
+    return MLPWeights(gate_up, m["w_down"].T)
 
 
 def mlp_to_model(p: MLPWeights) -> dict:
-    F = p.w_gate_up.shape[0] // 2
-    return {"w_gate": p.w_gate_up[:F].T, "w_up": p.w_gate_up[F:].T, "w_down": p.w_down.T}
+    F = p.w_down.shape[1]
+    gate, up = p.w_gate_up if p.w_gate_up.ndim == 3 else (p.w_gate_up[:F], p.w_gate_up[F:])
+    return {"w_gate": gate.T, "w_up": up.T, "w_down": p.w_down.T}
 
 
-def layer_to_decode(cfg: ModelConfig, s: dict) -> LayerWeights:
+def layer_to_decode(cfg: ModelConfig, s: dict, split_ffn: bool = False) -> LayerWeights:
     """One DecoderLayer's pure-dict state (nnx.to_pure_dict) -> LayerWeights."""
     m = s["moe"]
     return LayerWeights(
         s["input_norm_0"]["weight"], attn_to_decode(cfg, s["attn_0"]), s["post_attn_norm_0"]["weight"],
-        mlp_to_decode(s["mlp_0"]), s["input_norm_1"]["weight"], attn_to_decode(cfg, s["attn_1"]),
-        s["post_attn_norm_1"]["weight"], mlp_to_decode(s["mlp_1"]),
+        mlp_to_decode(s["mlp_0"], split_ffn), s["input_norm_1"]["weight"], attn_to_decode(cfg, s["attn_1"]),
+        s["post_attn_norm_1"]["weight"], mlp_to_decode(s["mlp_1"], split_ffn),
         MoEWeights(m["w_router"].T, m["bias"], _t(m["w_gate"], 0, 2, 1), _t(m["w_up"], 0, 2, 1),
                    _t(m["w_down"], 0, 2, 1)))
 
@@ -227,10 +238,10 @@ def layer_to_model(cfg: ModelConfig, p: LayerWeights) -> dict:
                     "w_up": _t(m.w_up, 0, 2, 1), "w_down": _t(m.w_down, 0, 2, 1)}}
 
 
-def mtp_to_decode(cfg: ModelConfig, s: dict) -> MTPWeights:
+def mtp_to_decode(cfg: ModelConfig, s: dict, split_ffn: bool = False) -> MTPWeights:
     return MTPWeights(s["embed"], s["enorm"]["weight"], s["hnorm"]["weight"], s["w_eh"].T,
                       s["input_norm"]["weight"], attn_to_decode(cfg, s["attn"]), s["post_attn_norm"]["weight"],
-                      mlp_to_decode(s["mlp"]), s["norm"]["weight"])
+                      mlp_to_decode(s["mlp"], split_ffn), s["norm"]["weight"])
 
 
 def mtp_to_model(cfg: ModelConfig, p: MTPWeights) -> dict:
@@ -240,12 +251,12 @@ def mtp_to_model(cfg: ModelConfig, p: MTPWeights) -> dict:
             "norm": {"weight": p.norm}}
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _take_layer(cfg: ModelConfig, stacked: dict, i) -> LayerWeights:
-    return layer_to_decode(cfg, jax.tree.map(lambda x: x[i], stacked))
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _take_layer(cfg: ModelConfig, stacked: dict, i, split_ffn: bool) -> LayerWeights:
+    return layer_to_decode(cfg, jax.tree.map(lambda x: x[i], stacked), split_ffn)
 
 
-_take_mtp = jax.jit(mtp_to_decode, static_argnums=0)
+_take_mtp = jax.jit(mtp_to_decode, static_argnums=(0, 2))
 
 
 def split_weights(model) -> DecodeWeights:
@@ -253,11 +264,12 @@ def split_weights(model) -> DecodeWeights:
     layers; the embedding and final norm are the model's own arrays)."""
     cfg = model.cfg
     stacked = nnx.to_pure_dict(nnx.state(model.layers))
-    layers = tuple(_take_layer(cfg, stacked, jnp.int32(i)) for i in range(cfg.num_layers))
+    split_ffn = splits_ffn_width(stacked["mlp_0"]["w_gate"])
+    layers = tuple(_take_layer(cfg, stacked, jnp.int32(i), split_ffn) for i in range(cfg.num_layers))
     mtp = None
     if model.mtp is not None:
         pure = nnx.to_pure_dict(nnx.state(model.mtp))   # its embedding table stays the model's array
-        mtp = _take_mtp(cfg, {**pure, "embed": None})._replace(embed=pure["embed"])
+        mtp = _take_mtp(cfg, {**pure, "embed": None}, split_ffn)._replace(embed=pure["embed"])
     return DecodeWeights(model.embed[...], model.norm.weight[...], jnp.transpose(model.lm_head[...]), layers, mtp)
 
 
@@ -416,9 +428,14 @@ def mla_attention(cfg: ModelConfig, p: AttnWeights, x_btd, cos, sin, mask_bts, c
 def swiglu_t(p: MLPWeights, x_btd):
     """lcflash/model/mlp.py's swiglu with gate and up in one matvec (x_btd normed, or Normed)."""
     dtype = x_btd.dtype
-    F = p.w_down.shape[1]
-    gu = matvec("...d,fd->...f", x_btd, p.w_gate_up)
-    return jnp.einsum("...f,df->...d", jax.nn.silu(gu[..., :F]) * gu[..., F:], p.w_down.astype(dtype))
+    if p.w_gate_up.ndim == 3:   # [2, F, D] (splits_ffn_width)
+        gu = matvec("...d,gfd->...gf", x_btd, p.w_gate_up)
+        g, u = gu[..., 0, :], gu[..., 1, :]
+    else:
+        F = p.w_down.shape[1]
+        gu = matvec("...d,fd->...f", x_btd, p.w_gate_up)
+        g, u = gu[..., :F], gu[..., F:]
+    return jnp.einsum("...f,df->...d", jax.nn.silu(g) * u, p.w_down.astype(dtype))
 
 
 # ----------------------------------------------------------------------------------------------- MoE

@@ -77,6 +77,29 @@ def tree_shardings(tree, ctx: ParallelContext, params_like=None):
     return jax.tree_util.tree_map_with_path(one, tree, is_leaf=_is_var)
 
 
+def variable_sharding_fn(model_cfg, mesh) -> Callable:
+    """fn(path, shape) -> NamedSharding of the model variable at `path` (its flat nnx state path) by the logical-axis
+    rules; replicated where a variable has no axes. Raises ConfigError where the mesh cannot split the model."""
+    from lcflash.config import ConfigError
+    from lcflash.model import LongcatFlash
+    from lcflash.parallel.rules import mesh_axes_for
+
+    ctx = ParallelContext(mesh)
+    for logical, field, n in (("expert", "n_routed_experts", model_cfg.n_routed_experts),
+                              ("heads", "num_attention_heads", model_cfg.num_attention_heads)):
+        if n % ctx.size(logical):
+            raise ConfigError(f"model.{field} = {n} is not divisible by the mesh's {ctx.size(logical)} '{logical}' "
+                              f"shards (mesh axes {mesh_axes_for(ctx.rules, logical)} of {dict(mesh.shape)})")
+    abstract = nnx.eval_shape(lambda: LongcatFlash(model_cfg, nnx.Rngs(0)))
+    axes = {tuple(p): v.get_metadata().get("logical_axes") for p, v in nnx.to_flat_state(nnx.state(abstract))}
+    replicated = NamedSharding(mesh, P())
+
+    def fn(path, shape):
+        a = axes.get(tuple(path))
+        return replicated if a is None else ctx.sharding(a, shape)
+    return fn
+
+
 def create_sharded(factory: Callable[[], Any], ctx: ParallelContext):
     """Builds `factory()` (an nnx module or any pytree) with every array created on its own shards."""
     abstract = nnx.eval_shape(factory)
