@@ -843,16 +843,17 @@ def test_pallas_chain_backward_lowers_for_cuda(mosaic_gpu_trace, monkeypatch, k,
 def test_clustered_d_rhs_lowers_for_cuda_where_its_k_tiles_pair(mosaic_gpu_trace, monkeypatch, zero_empty):
     """pallas_gmm.CONTRACT_CLUSTER: the flat d_rhs on 2-CTA clusters (dout multicast) lowers for CUDA at LongCat's
     and configs/small.py's shapes, as one kernel per product launched as 66 clusters of 2; configs/small.py's down
-    d_rhs (K = 384: 3 K tiles) and groups of CONTRACT_DEEP_ROWS or more keep the one-CTA kernel."""
+    d_rhs (K = 384: 3 K tiles) and groups of CONTRACT_DEEP_ROWS or more keep the one-CTA kernel. Without the empty
+    groups' zeroing (an A/B switch), one shape of each kernel."""
     from lcflash.kernels.gmm import mgpu_kernels as mk, pallas_gmm
 
     monkeypatch.setattr(pallas_gmm, "CONTRACT_CLUSTER", True)
     monkeypatch.setattr(pallas_gmm, "CONTRACT_DEEP_ROWS", 4096)
     monkeypatch.setattr(mk, "CONTRACT_ZERO_EMPTY", zero_empty)
     sd = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt)  # noqa: E731
-    for k, n, g, m, clustered in [(2048, 6144, 64, 32768, True), (6144, 4096, 64, 32768, True),
-                                  (1024, 768, 128, 65536, True), (384, 1024, 128, 65536, False),
-                                  (2048, 6144, 16, 16 * 4096, False)]:
+    shapes = [(2048, 6144, 64, 32768, True), (6144, 4096, 64, 32768, True), (1024, 768, 128, 65536, True),
+              (384, 1024, 128, 65536, False), (2048, 6144, 16, 16 * 4096, False)]
+    for k, n, g, m, clustered in shapes if zero_empty else shapes[::3]:
         text = jax.jit(lambda a, d, s: pallas_gmm.contract_matmul(a, d, s, out_dtype=jnp.bfloat16, chain=True)).trace(
             sd(m, k), sd(m, n), sd(g, dt=jnp.int32)).lower(lowering_platforms=("cuda",)).as_text()
         assert ("gmm_contract_flat_cluster" in text) == clustered, (k, n)
