@@ -182,16 +182,16 @@ def hlo_and_capacity(mcfg, graphdef, params, rest, tokens):
 # ------------------------------------------------------------------------------------------ generation
 COLLECTIVE = re.compile(r"= (\(?[^=]*?\)?) (all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)"
                         r"(?:-start)?\(")
-BYTES = {"f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "pred": 1, "s8": 1, "u8": 1, "f64": 8, "s64": 8}
 
 
 def collective_bytes(hlo: str) -> dict[str, list[int]]:
     """Result bytes of every collective in compiled HLO text, by kind."""
+    from experiment_scripts import load   # tests/, this script's directory
+
+    shape_bytes = load("decode_profile").shape_bytes
     out = {}
     for shapes, kind in COLLECTIVE.findall(hlo):
-        out.setdefault(kind, []).append(
-            sum(BYTES[t] * int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
-                for t, dims in re.findall(r"([a-z]+[0-9]*)\[([0-9,]*)\]", shapes)))
+        out.setdefault(kind, []).append(shape_bytes(shapes))
     return out
 
 

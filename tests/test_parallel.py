@@ -114,7 +114,7 @@ def test_checkpoints_loaded_onto_a_mesh_generate_the_single_device_tokens(worker
     assert max(prefill.get("all-gather", []) + prefill.get("collective-permute", [])) < small, r
     run = res["generate/run"]   # the trainer workdir: the HF directory's values on its shards
     assert run["values_equal"] and run["shardings_equal"] and run["sharded"], run
-    assert "num_attention_heads = 4 is not divisible by the mesh's 8 'heads' shards" in res["generate/tensor8_error"]
+    assert "num_attention_heads = 4 is not divisible by the tensor-parallel size 8" in res["generate/tensor8_error"]
 
 
 def test_mesh_spec_errors_name_the_part():

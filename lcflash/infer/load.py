@@ -50,10 +50,6 @@ def mesh_from_spec(spec: str):
     return make_mesh(sizes)
 
 
-def _names(key_path) -> tuple:
-    return tuple(getattr(k, "key", getattr(k, "idx", k)) for k in key_path)
-
-
 def load_model(path: str, dtype: str | None = None, step: int | None = None, mesh=None, **overrides):
     """(model, tokenizer spec) where the spec is '' for byte tokens or a tokenizer.json path. mesh: a
     jax.sharding.Mesh with lcflash's axes to load onto (see the module docstring); default one device."""
@@ -98,7 +94,7 @@ def _load_workdir(path, workdir, dtype, step, mesh, overrides):
 
         fn = variable_sharding_fn(model_cfg, mesh)
         target = jax.tree_util.tree_map_with_path(
-            lambda kp, a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=fn(_names(kp[1:]), a.shape)), target)
+            lambda kp, a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=fn(kp[1:], a.shape)), target)
     saved, _ = Checkpointer(directory, read_only=True).restore_params(target, step if step is not None else path_step)
     nnx.replace_by_pure_dict(params, saved["params"])
     nnx.replace_by_pure_dict(bias, saved["bias"])

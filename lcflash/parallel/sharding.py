@@ -78,24 +78,20 @@ def tree_shardings(tree, ctx: ParallelContext, params_like=None):
 
 
 def variable_sharding_fn(model_cfg, mesh) -> Callable:
-    """fn(path, shape) -> NamedSharding of the model variable at `path` (its flat nnx state path) by the logical-axis
-    rules; replicated where a variable has no axes. Raises ConfigError where the mesh cannot split the model."""
-    from lcflash.config import ConfigError
+    """fn(path, shape) -> NamedSharding of the model variable at `path` (its flat nnx state path, or a key path of
+    the same names) by the logical-axis rules; replicated where a variable has no axes. Raises ConfigError where the
+    mesh cannot split the model (lcflash.parallel.mesh.check_model_fits)."""
     from lcflash.model import LongcatFlash
-    from lcflash.parallel.rules import mesh_axes_for
+    from lcflash.parallel.mesh import check_model_fits
 
     ctx = ParallelContext(mesh)
-    for logical, field, n in (("expert", "n_routed_experts", model_cfg.n_routed_experts),
-                              ("heads", "num_attention_heads", model_cfg.num_attention_heads)):
-        if n % ctx.size(logical):
-            raise ConfigError(f"model.{field} = {n} is not divisible by the mesh's {ctx.size(logical)} '{logical}' "
-                              f"shards (mesh axes {mesh_axes_for(ctx.rules, logical)} of {dict(mesh.shape)})")
+    check_model_fits(model_cfg, ctx.mesh_shape, ctx.rules)
     abstract = nnx.eval_shape(lambda: LongcatFlash(model_cfg, nnx.Rngs(0)))
-    axes = {tuple(p): v.get_metadata().get("logical_axes") for p, v in nnx.to_flat_state(nnx.state(abstract))}
+    axes = {_path_key(p): v.get_metadata().get("logical_axes") for p, v in nnx.to_flat_state(nnx.state(abstract))}
     replicated = NamedSharding(mesh, P())
 
     def fn(path, shape):
-        a = axes.get(tuple(path))
+        a = axes.get(_path_key(path))
         return replicated if a is None else ctx.sharding(a, shape)
     return fn
 
