@@ -184,6 +184,12 @@ COLLECTIVE = re.compile(r"= (\(?[^=]*?\)?) (all-gather|all-reduce|all-to-all|col
                         r"(?:-start)?\(")
 
 
+def attention_collectives(hlo: str) -> list[str]:
+    """The kinds of the collectives that compiled HLO text attributes to an attention sublayer (its named scope)."""
+    return [kind for line in hlo.splitlines() if re.search(r'op_name="[^"]*/attn_\d/', line)
+            for _, kind in COLLECTIVE.findall(line)]
+
+
 def collective_bytes(hlo: str) -> dict[str, list[int]]:
     """Result bytes of every collective in compiled HLO text, by kind."""
     from experiment_scripts import load   # tests/, this script's directory
@@ -195,18 +201,25 @@ def collective_bytes(hlo: str) -> dict[str, list[int]]:
     return out
 
 
+SAMPLED = dict(temperature=0.8, top_p=0.9, seed=5)
+
+
 def generation():
-    """A HF directory loaded onto an expert=4 x tensor=2 mesh: its greedy tokens for ragged prompts (MTP speculation
-    too), its weights' and decode layout's shardings, and the collectives of its compiled prefill and decode loop by
-    kind and size; a trainer workdir loaded onto the same mesh, compared with it variable by variable."""
+    """A HF directory loaded onto an expert=4 x tensor=2 mesh: its greedy and sampled tokens for three ragged
+    prompts (a batch the 4 row shards split once padded; MTP speculation too, and the Pallas attention's per-shard
+    call with a pure-JAX body), its weights', decode layout's and cache's shardings, and the collectives of its
+    compiled prefill and decode loop by kind and size; a trainer workdir loaded onto the same mesh, compared with it
+    variable by variable."""
     import tempfile
 
     cfg = tiny_cfg()
     cfg.model.num_layers = 1   # the decode programs unroll the layers: one compiles in half the time
+    # Weights wider than the activations, so that the collectives' sizes tell a weight from an activation.
+    cfg.model.expert_ffn_hidden_size = cfg.model.ffn_hidden_size = 512
     model = LongcatFlash(model_config(cfg), nnx.Rngs(1))
     rng = np.random.RandomState(3)
-    prompts = [rng.randint(3, model.cfg.vocab_size, n).tolist() for n in (5, 9)]
-    want = model.generate(prompts, 8)
+    prompts = [rng.randint(3, model.cfg.vocab_size, n).tolist() for n in (5, 9, 3)]
+    want = model.generate(prompts, 8), model.generate(prompts, 8, **SAMPLED)
     with tempfile.TemporaryDirectory(prefix="lcflash_gen_") as tmp:
         return _generation(model, cfg, prompts, want, tmp)
 
@@ -231,21 +244,33 @@ def _generation(model, cfg, prompts, want, tmp):
     ck.close()
     mesh = mesh_from_spec("expert=4,tensor=2")
     m, _ = load_model(os.path.join(tmp, "hf"), mesh=mesh)
-    gen, hlo = generator_for(m), {}
+    gen, hlo, caches = generator_for(m), {}, []
     for fn in ("prefill", "decode_loop"):   # each compiled once, its HLO kept
         def spy(*a, jitted=getattr(gen, fn), fn=fn, **k):
             exe = jitted.lower(*a, **k).compile()
             hlo.setdefault(fn, exe.as_text())
-            return exe(*a)
+            out = exe(*a)
+            caches.append(out[-1])   # the decode loop's cache (prefill: the draft tokens, unused)
+            return out
         setattr(gen, fn, spy)
-    got, spec = m.generate(prompts, 8), m.generate(prompts, 8, speculative="mtp")
+    got, spec, sampled = (m.generate(prompts, 8), m.generate(prompts, 8, speculative="mtp"),
+                          m.generate(prompts, 8, **SAMPLED))
+    os.environ["LCFLASH_MLA_DECODE_IMPL"] = "split_reference"   # the kernel's pure-JAX twin inside shard_map
+    try:
+        kernel_path = generator_for(m, attn_impl="pallas").generate(prompts, 8)
+    finally:
+        del os.environ["LCFLASH_MLA_DECODE_IMPL"]
+    c = caches[-1].layers[0].c_bsr
+    same = lambda xs, ys: all(np.array_equal(a, b) for a, b in zip(xs, ys, strict=True))  # noqa: E731
     results = {"generate/hf": {
-        "equal": all(np.array_equal(a, b) for a, b in zip(got, want)),
-        "mtp_equal": all(np.array_equal(a, b) for a, b in zip(spec, want)),
+        "equal": same(got, want[0]), "mtp_equal": same(spec, want[0]), "sampled_equal": same(sampled, want[1]),
+        "kernel_path_equal": same(kernel_path, want[0]), "split": [gen.split.rows_axes, gen.split.heads_axes],
+        "cache_spec": str(c.sharding.spec), "cache_rows": [c.shape[0], c.addressable_shards[0].data.shape[0]],
         "w_gate_spec": str(m.layers.moe.w_gate.get_value().sharding.spec),
         "decode_w_gate_spec": str(gen.dm.weights.layers[0].moe.w_gate.sharding.spec),
         "decode_w_gate_up_spec": str(gen.dm.weights.layers[0].mlp_0.w_gate_up.sharding.spec),
         "collective_bytes": {fn: collective_bytes(text) for fn, text in hlo.items()},
+        "decode_attention_collectives": attention_collectives(hlo["decode_loop"]),
         "w_gate_shard_bytes": int(m.layers.moe.w_gate.get_value().addressable_shards[0].data.nbytes)}}
     log("generate hf", results["generate/hf"])
     # The workdir's loader: the same values on the same shards, variable by variable (so the same generation).

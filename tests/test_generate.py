@@ -158,8 +158,8 @@ class OracleMTP:
     def __init__(self, truth_bs, vocab):
         self.truth, self.vocab, self.real = jnp.asarray(truth_bs), vocab, decode.mtp_forward
 
-    def __call__(self, graphs, w, hidden, next_tokens, cache, start_b, *, prefill):
-        _, cache = self.real(graphs, w, hidden, next_tokens, cache, start_b, prefill=prefill)
+    def __call__(self, graphs, w, hidden, next_tokens, cache, start_b, **kw):
+        _, cache = self.real(graphs, w, hidden, next_tokens, cache, start_b, **kw)
         B, T = next_tokens.shape
         idx = start_b[:, None] + jnp.arange(T)[None, :] + 2
         right = jnp.take_along_axis(self.truth, jnp.minimum(idx, self.truth.shape[1] - 1), axis=1)

@@ -58,6 +58,7 @@ from flax import nnx
 
 from lcflash.config import ModelConfig
 from lcflash.infer.cache import DecodeCache
+from lcflash.infer.split import NO_SPLIT, MeshSplit
 from lcflash.kernels.gmm import api as gmm_api
 from lcflash.kernels.mla_decode import mla_decode
 from lcflash.model.mla import LatentKV, expanded_attention, write_rows
@@ -404,21 +405,28 @@ def mla_latents(cfg: ModelConfig, p: AttnWeights, x_btd, cos_btd, sin_btd, absor
     return q_bthk[..., :nope], q_pe, kv
 
 
-def mla_attention(cfg: ModelConfig, p: AttnWeights, x_btd, cos, sin, mask_bts, cache: LatentKV, start_b):
+def mla_attention(cfg: ModelConfig, p: AttnWeights, x_btd, cos, sin, mask_bts, cache: LatentKV, start_b,
+                  split: MeshSplit = NO_SPLIT):
     """MLA with the cache (model's MLA.__call__): writes the new latents at start_b, attends with
-    `cfg.attn_impl`. Returns (output [B, T, D], cache)."""
+    `cfg.attn_impl` (the Pallas kernel per shard of `split`'s mesh). Returns (output [B, T, D], cache)."""
     dtype = x_btd.dtype
     absorbed = cfg.attn_impl != "expanded"
     q, q_pe, kv = mla_latents(cfg, p, x_btd, cos, sin, absorbed)
-    kv = LatentKV(write_rows(cache.c_bsr, kv.c_bsr.astype(cache.c_bsr.dtype), start_b),
-                  write_rows(cache.kpe_bsd, kv.kpe_bsd.astype(cache.kpe_bsd.dtype), start_b))
+    def write(cache, new, start_b):   # each row's new latents at its own cache index
+        return jax.tree.map(lambda c, n: write_rows(c, n.astype(c.dtype), start_b), cache, new)
+    kv = split.rowwise(write, cache, kv, start_b)
     scale = softmax_scale(cfg)
     if not absorbed:
         o_bthv = expanded_attention(q, q_pe, kv, kv_b_model(p), mask_bts, scale, cfg.qk_nope_head_dim)
         return jnp.einsum("bthv,dhv->btd", o_bthv, p.w_o.astype(dtype)), kv
     # weight absorption (model's absorbed_attention, with W_UK / W_UV stored per head or merged)
-    o_lat_bthr = mla_decode(q, q_pe, kv.c_bsr, kv.kpe_bsd, scale=scale, mask_bts=mask_bts, q_start_b=start_b,
-                            impl="pallas" if cfg.attn_impl == "pallas" else "xla").astype(dtype)
+    if cfg.attn_impl == "pallas":
+        def kernel(q, q_pe, c, kpe, start):
+            return mla_decode(q, q_pe, c, kpe, scale=scale, q_start_b=start, impl="pallas")
+        o_lat_bthr = split.attention(kernel, q, q_pe, kv.c_bsr, kv.kpe_bsd, start_b)
+    else:
+        o_lat_bthr = mla_decode(q, q_pe, kv.c_bsr, kv.kpe_bsd, scale=scale, mask_bts=mask_bts, q_start_b=start_b)
+    o_lat_bthr = o_lat_bthr.astype(dtype)
     if p.w_o_lat is not None:
         return jnp.einsum("bthr,dhr->btd", o_lat_bthr, p.w_o_lat.astype(dtype)), kv
     o_bthv = jnp.einsum("bthr,hvr->bthv", o_lat_bthr, p.w_uv.astype(dtype))
@@ -585,13 +593,14 @@ def positions_and_mask(start_b, q_len: int, cache_len: int):
 
 
 def decode_layer(cfg: ModelConfig, p: LayerWeights, h_btd, cos, sin, mask_bts, kv0: LatentKV, kv1: LatentKV,
-                 start_b, moe_impl: str, model_moe: Callable | None = None):
+                 start_b, moe_impl: str, model_moe: Callable | None = None, split: MeshSplit = NO_SPLIT):
     """lcflash/model/layer.py's DecoderLayer on the decode layout. Named scopes label each sublayer's kernels in
-    profiles and critical paths (experiments/decode_profile.py)."""
+    profiles and critical paths (experiments/decode_profile.py). `split`: the rows' mesh split (the MoE sees
+    every row)."""
     eps = cfg.rms_norm_eps
     with jax.named_scope("attn_0"):
         a0, kv0 = mla_attention(cfg, p.attn_0, deferred_norm(h_btd, p.input_norm_0, eps), cos, sin, mask_bts, kv0,
-                                start_b)
+                                start_b, split)
         h_btd = h_btd + a0
     with jax.named_scope("mlp_0"):
         n0 = deferred_norm(h_btd, p.post_attn_norm_0, eps)
@@ -599,12 +608,13 @@ def decode_layer(cfg: ModelConfig, p: LayerWeights, h_btd, cos, sin, mask_bts, k
         # The MoE branch (off the critical path: its output joins at the end) reads the norm's output as the model
         # has it, from the same reduction.
         x0 = apply_rms_scale(h_btd, p.post_attn_norm_0, n0.r) if isinstance(n0, Normed) else n0
-        moe_btd, experts_tk = moe_apply(cfg, p.moe, x0, moe_impl, model_moe)
+        moe_btd, experts_tk = moe_apply(cfg, p.moe, split.whole(x0), moe_impl, model_moe)
+        moe_btd = split.by_rows(moe_btd)
     with jax.named_scope("mlp_0"):
         h_btd = h_btd + swiglu_t(p.mlp_0, n0)
     with jax.named_scope("attn_1"):
         a1, kv1 = mla_attention(cfg, p.attn_1, deferred_norm(h_btd, p.input_norm_1, eps), cos, sin, mask_bts, kv1,
-                                start_b)
+                                start_b, split)
         h_btd = h_btd + a1
     with jax.named_scope("mlp_1"):
         h_btd = h_btd + swiglu_t(p.mlp_1, deferred_norm(h_btd, p.post_attn_norm_1, eps))
@@ -625,26 +635,29 @@ def layer_forward(layer, h_btd, cos, sin, mask_bts, kv0: LatentKV, kv1: LatentKV
 
 
 def forward(graphs: DecodeGraphs, w: DecodeWeights, tokens_bt, cache: DecodeCache, start_b, *, prefill: bool,
-            moe_impl: str):
+            moe_impl: str, split: MeshSplit = NO_SPLIT):
     """New tokens at cache indices start_b[b] + t. prefill: the model's modules (expanded attention); else the
     decode layout. Returns (hidden [B,T,D] after the final norm, cache with the new latents written, distinct FFN
-    experts per layer [L])."""
+    experts per layer [L]). split: the rows' mesh split (lcflash/infer/split.py)."""
     cfg = graphs.cfg
     B, T = tokens_bt.shape
+    cache = split.by_rows(cache)
     pos_bt, mask_bts = positions_and_mask(start_b, T, cache.length)
     cos, sin = rope_cos_sin(cfg, pos_bt, cfg.jnp_dtype)
     with jax.named_scope("embed"):
-        h_btd = jnp.take(w.embed, tokens_bt, axis=0).astype(cfg.jnp_dtype)
+        h_btd = split.by_rows(jnp.take(w.embed, tokens_bt, axis=0).astype(cfg.jnp_dtype))
     new, experts = [], []
     for i, p in enumerate(w.layers):
         kv0, kv1 = cache.layers[2 * i], cache.layers[2 * i + 1]
         if prefill:
             layer = graphs.layer_module(p)
-            moe = lambda x, p=p, layer=layer: moe_apply(cfg, p.moe, x, moe_impl, lambda: layer.moe)  # noqa: E731
+            def moe(x, p=p, layer=layer):
+                y, e_tk = moe_apply(cfg, p.moe, split.whole(x), moe_impl, lambda: layer.moe)
+                return split.by_rows(y), e_tk
             h_btd, kv0, kv1, e_tk = layer_forward(layer, h_btd, cos, sin, mask_bts, kv0, kv1, start_b, moe)
         else:
             h_btd, kv0, kv1, e_tk = decode_layer(cfg, p, h_btd, cos, sin, mask_bts, kv0, kv1, start_b, moe_impl,
-                                                 lambda p=p: graphs.layer_module(p).moe)
+                                                 lambda p=p: graphs.layer_module(p).moe, split)
         new += [kv0, kv1]
         experts.append(e_tk)
     hidden = rms_norm(h_btd, w.norm, cfg.rms_norm_eps)
@@ -658,21 +671,22 @@ def logits(w: DecodeWeights, hidden_btd):
 
 
 def mtp_decode(cfg: ModelConfig, p: MTPWeights, h_btd, next_tokens_bt, cos, sin, mask_bts, cache: LatentKV,
-               start_b):
+               start_b, split: MeshSplit = NO_SPLIT):
     """lcflash/model/mtp.py's MTPHead on the decode layout: (normed hidden [B, T, D], latent KV)."""
     dtype, eps = h_btd.dtype, cfg.rms_norm_eps
     with jax.named_scope("mtp"):
         e_btd = jnp.take(p.embed, next_tokens_bt, axis=0).astype(dtype)
         z = jnp.concatenate([rms_norm(e_btd, p.enorm, eps), rms_norm(h_btd, p.hnorm, eps)], axis=-1)
         z = jnp.einsum("btc,dc->btd", z, p.w_eh.astype(dtype))
-        a, kv = mla_attention(cfg, p.attn, deferred_norm(z, p.input_norm, eps), cos, sin, mask_bts, cache, start_b)
+        a, kv = mla_attention(cfg, p.attn, deferred_norm(z, p.input_norm, eps), cos, sin, mask_bts, cache, start_b,
+                              split)
         z = z + a
         z = z + swiglu_t(p.mlp, deferred_norm(z, p.post_attn_norm, eps))
         return rms_norm(z, p.norm, eps), kv
 
 
 def mtp_forward(graphs: DecodeGraphs, w: DecodeWeights, hidden_btd, next_tokens_bt, cache: DecodeCache, start_b,
-                *, prefill: bool):
+                *, prefill: bool, split: MeshSplit = NO_SPLIT):
     """MTP pairs (hidden at index start+t, token start+t+1) -> logits for token start+t+2; writes the MTP slot."""
     cfg = graphs.cfg
     B, T, _ = hidden_btd.shape
@@ -681,5 +695,6 @@ def mtp_forward(graphs: DecodeGraphs, w: DecodeWeights, hidden_btd, next_tokens_
     if prefill:
         z_btd, kv = graphs.mtp_module(w.mtp)(hidden_btd, next_tokens_bt, cos, sin, mask_bts, cache.mtp, start_b)
     else:
-        z_btd, kv = mtp_decode(cfg, w.mtp, hidden_btd, next_tokens_bt, cos, sin, mask_bts, cache.mtp, start_b)
+        z_btd, kv = mtp_decode(cfg, w.mtp, hidden_btd, next_tokens_bt, cos, sin, mask_bts, split.by_rows(cache.mtp),
+                               start_b, split)
     return logits(w, z_btd), DecodeCache(cache.layers, kv)
