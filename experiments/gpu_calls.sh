@@ -41,7 +41,7 @@
 # widths at batch 1); session 64 ran 64 and 65's two steps (as inline commands); session 66 ran 66 twice on one
 # H100 (issue 8's first target at today's defaults); session 67 ran 67 (the dense FFNs' [2, F, D] decode layout:
 # slower on one device, so only meshes that split F take it; HISTORY.md):
-#     bash experiments/gpu_calls.sh N [ARGS]     (N = 1-3, 5-36, 39-45, 47-61, 63-67; 14 takes the rows and d_rhs
+#     bash experiments/gpu_calls.sh N [ARGS]     (N = 1-3, 5-36, 39-45, 47-61, 63-68; 14 takes the rows and d_rhs
 #                                                bands, 18 a benchmark flag)
 # run from the repository root on the device machine, with `.whl` carried (ml-collections and tensorboardX, which
 # its image lacks) and `.whl-tokamax` where a call times the tokamax peer (tokamax 0.0.17 with its needs, 37 MB).
@@ -53,7 +53,7 @@
 # here to the ignored `.jcc` (`rm -rf .jcc && cp -r /work/.device/N/jcc .jcc`) and carried, it seeds the next
 # machine's, which helps where that machine has the same card and image.
 set -u
-N=${1:?call number 1-3, 5-36, 39-45, 47-61 or 63-67}
+N=${1:?call number 1-3, 5-36, 39-45, 47-61 or 63-68}
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -461,5 +461,10 @@ small/gate_up_fused/2304 --out "$OUT/contract_ab_cluster_kernel.json"
     done
     step 150 python -m pytest -n 0 -q -p no:cacheprovider tests/test_decode_layout.py tests/test_mla_decode.py
     ;;
-*)  echo "call number 1-3, 5-36, 39-45, 47-61 or 63-67" >&2; exit 2 ;;
+68) # session 68: the decode tests on the GPU after data-parallel attention (lcflash/infer/split.py), whose one-device
+    # decode and speculative loops lower to the StableHLO of the tree before (checked on the CPU for the cuda
+    # platform): the Pallas kernel's path through `MeshSplit.attention` and the decode layout
+    step 400 python -m pytest -n 0 -q -p no:cacheprovider tests/test_mla_decode.py tests/test_decode_layout.py 2>&1 | tail -5
+    ;;
+*)  echo "call number 1-3, 5-36, 39-45, 47-61 or 63-68" >&2; exit 2 ;;
 esac
