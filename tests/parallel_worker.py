@@ -205,11 +205,11 @@ SAMPLED = dict(temperature=0.8, top_p=0.9, seed=5)
 
 
 def generation():
-    """A HF directory loaded onto an expert=4 x tensor=2 mesh: its greedy and sampled tokens for three ragged
-    prompts (a batch the 4 row shards split once padded; MTP speculation too, and the Pallas attention's per-shard
-    call with a pure-JAX body), its weights', decode layout's and cache's shardings, and the collectives of its
-    compiled prefill and decode loop by kind and size; a trainer workdir loaded onto the same mesh, compared with it
-    variable by variable."""
+    """A HF directory loaded onto an expert=4 x tensor=2 mesh: its greedy and sampled tokens for four ragged prompts
+    (split over the 4 row shards; MTP speculation too, and the Pallas attention's per-shard call with a pure-JAX
+    body) and for three (which the shards do not divide), its weights', decode layout's and caches' shardings, and
+    the collectives of its compiled prefill and decode loop by kind and size; a trainer workdir loaded onto the same
+    mesh, compared with it variable by variable."""
     import tempfile
 
     cfg = tiny_cfg()
@@ -218,7 +218,7 @@ def generation():
     cfg.model.expert_ffn_hidden_size = cfg.model.ffn_hidden_size = 512
     model = LongcatFlash(model_config(cfg), nnx.Rngs(1))
     rng = np.random.RandomState(3)
-    prompts = [rng.randint(3, model.cfg.vocab_size, n).tolist() for n in (5, 9, 3)]
+    prompts = [rng.randint(3, model.cfg.vocab_size, n).tolist() for n in (5, 9, 3, 6)]
     want = model.generate(prompts, 8), model.generate(prompts, 8, **SAMPLED)
     with tempfile.TemporaryDirectory(prefix="lcflash_gen_") as tmp:
         return _generation(model, cfg, prompts, want, tmp)
@@ -255,17 +255,20 @@ def _generation(model, cfg, prompts, want, tmp):
         setattr(gen, fn, spy)
     got, spec, sampled = (m.generate(prompts, 8), m.generate(prompts, 8, speculative="mtp"),
                           m.generate(prompts, 8, **SAMPLED))
+    c = caches[-1].layers[0].c_bsr
+    got3, c3 = m.generate(prompts[:3], 8), caches[-1].layers[0].c_bsr
     os.environ["LCFLASH_MLA_DECODE_IMPL"] = "split_reference"   # the kernel's pure-JAX twin inside shard_map
     try:
         kernel_path = generator_for(m, attn_impl="pallas").generate(prompts, 8)
     finally:
         del os.environ["LCFLASH_MLA_DECODE_IMPL"]
-    c = caches[-1].layers[0].c_bsr
     same = lambda xs, ys: all(np.array_equal(a, b) for a, b in zip(xs, ys, strict=True))  # noqa: E731
     results = {"generate/hf": {
-        "equal": same(got, want[0]), "mtp_equal": same(spec, want[0]), "sampled_equal": same(sampled, want[1]),
+        "equal": same(got, want[0]) and same(got3, want[0][:3]), "mtp_equal": same(spec, want[0]),
+        "sampled_equal": same(sampled, want[1]),
         "kernel_path_equal": same(kernel_path, want[0]), "split": [gen.split.rows_axes, gen.split.heads_axes],
         "cache_spec": str(c.sharding.spec), "cache_rows": [c.shape[0], c.addressable_shards[0].data.shape[0]],
+        "cache3_rows": [c3.shape[0], c3.addressable_shards[0].data.shape[0]],
         "w_gate_spec": str(m.layers.moe.w_gate.get_value().sharding.spec),
         "decode_w_gate_spec": str(gen.dm.weights.layers[0].moe.w_gate.sharding.spec),
         "decode_w_gate_up_spec": str(gen.dm.weights.layers[0].mlp_0.w_gate_up.sharding.spec),

@@ -96,9 +96,10 @@ def test_sharded_loss_and_grads_equal_single_device(workers, case):
 
 def test_checkpoints_loaded_onto_a_mesh_generate_the_single_device_tokens(workers):
     """lcflash.infer.load_model(mesh=...) on expert=4 x tensor=2: a HF directory generates the single-device greedy
-    and sampled tokens for three prompts (MTP speculation too, and the Pallas attention's per-shard call), each of
-    the 4 expert shards holding one row of the cache (the batch padded to 4), the experts read onto their shards and
-    kept so in the decode layout, and a trainer workdir loads the same values onto the same shards. No weight moves:
+    and sampled tokens for four prompts (MTP speculation too, and the Pallas attention's per-shard call), each of
+    the 4 expert shards holding one row of the cache, and for three (every row on every shard); the experts are read
+    onto their shards and kept so in the decode layout, and a trainer workdir loads the same values onto the same
+    shards. No weight moves:
     the decode loop's collectives are all smaller than a quarter of one device's expert shard, and the prefill
     neither gathers nor permutes anything that large (with the dense FFNs' [gate | up] split over its rows, it
     permuted half of each between shards)."""
@@ -106,7 +107,7 @@ def test_checkpoints_loaded_onto_a_mesh_generate_the_single_device_tokens(worker
     r = res["generate/hf"]
     assert r["equal"] and r["mtp_equal"] and r["sampled_equal"] and r["kernel_path_equal"], r
     assert r["split"] == [["expert"], ["tensor"]], r
-    assert r["cache_spec"] == "P('expert',)" and r["cache_rows"] == [4, 1], r
+    assert r["cache_spec"] == "P('expert',)" and r["cache_rows"] == [4, 1] and r["cache3_rows"] == [3, 3], r
     # Attention runs on each shard's rows: only its output projection's tensor-parallel sum crosses devices (a
     # cache write partitioned by XLA would gather every row's new latents to every shard).
     assert set(r["decode_attention_collectives"]) == {"all-reduce"}, r

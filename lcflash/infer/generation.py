@@ -119,7 +119,7 @@ class Generator:
                 raise GenerateError(f"{name} = {v!r} must be one of {decode.MOE_IMPLS}")
         self.dm = decode.DecodeModel(model, attn_impl, weights)
         self.cfg = model.cfg
-        # On a mesh: each shard of the batch's rows holds its rows' cache (lcflash/infer/split.py).
+        # On a mesh: each row shard holds its rows' cache, for batches it divides (lcflash/infer/split.py).
         self.split = MeshSplit.of(self.dm.weights, model.cfg.num_attention_heads)
         self.moe_impl, self.prefill_moe_impl = moe_impl, prefill_moe_impl
         self.traces = collections.Counter()     # how often each compiled function was traced
@@ -136,11 +136,12 @@ class Generator:
         self.traces["prefill"] += 1
         g = self.dm.graphs
         B, T = tokens_bt.shape
-        tokens_bt, lens_b = self.split.by_rows((tokens_bt, lens_b))
+        split = self.split.for_batch(B)
+        tokens_bt, lens_b = split.by_rows((tokens_bt, lens_b))
         zeros_b = jnp.zeros((B,), jnp.int32)
         cache = DecodeCache.zeros(self.cfg, B, cache_len, mtp=with_mtp)
         hidden, cache, _ = decode.forward(g, w, tokens_bt, cache, zeros_b, prefill=True,
-                                          moe_impl=self.prefill_moe_impl, split=self.split)
+                                          moe_impl=self.prefill_moe_impl, split=split)
         last_b1d = jnp.take_along_axis(hidden, (lens_b - 1)[:, None, None], axis=1)
         y0 = sample(decode.logits(w, last_b1d)[:, 0], jax.random.fold_in(key, 0), temperature, top_p, greedy)
         if not with_mtp:
@@ -148,7 +149,7 @@ class Generator:
         t = jnp.arange(T, dtype=jnp.int32)
         nxt_bt = jnp.concatenate([tokens_bt[:, 1:], jnp.zeros((B, 1), jnp.int32)], axis=1)
         nxt_bt = jnp.where(t[None, :] == (lens_b - 1)[:, None], y0[:, None], nxt_bt)
-        mtp_logits, cache = decode.mtp_forward(g, w, hidden, nxt_bt, cache, zeros_b, prefill=True, split=self.split)
+        mtp_logits, cache = decode.mtp_forward(g, w, hidden, nxt_bt, cache, zeros_b, prefill=True, split=split)
         draft = jnp.argmax(jnp.take_along_axis(mtp_logits, (lens_b - 1)[:, None, None], axis=1)[:, 0], -1)
         return y0, cache, draft.astype(jnp.int32)
 
@@ -159,6 +160,7 @@ class Generator:
         self.traces["decode"] += 1
         g = self.dm.graphs
         B = y0_b.shape[0]
+        split = self.split.for_batch(B)
         out = jnp.full((B, out_len), pad, jnp.int32).at[:, 0].set(y0_b)
         done = (y0_b == eos) | (max_new <= 1)
         n_exp = jnp.zeros((self.cfg.num_layers,), jnp.int32)
@@ -170,7 +172,7 @@ class Generator:
         def body(c):
             step, cache, tok, pos, out, done, count, n_exp = c
             hidden, cache, n_e = decode.forward(g, w, tok[:, None], cache, pos, prefill=False,
-                                                moe_impl=self.moe_impl, split=self.split)
+                                                moe_impl=self.moe_impl, split=split)
             y = sample(decode.logits(w, hidden)[:, 0], jax.random.fold_in(key, step), temperature, top_p, greedy)
             y = jnp.where(done, pad, y)
             out = jax.lax.dynamic_update_slice_in_dim(out, y[:, None], step, axis=1)
@@ -188,6 +190,7 @@ class Generator:
         self.traces["speculative"] += 1
         g = self.dm.graphs
         B = y0_b.shape[0]
+        split = self.split.for_batch(B)
         rows = jnp.arange(B)
         out = jnp.full((B, out_len + 1), pad, jnp.int32).at[:, 0].set(y0_b)
         done = (y0_b == eos) | (max_new <= 1)
@@ -200,7 +203,7 @@ class Generator:
             it, cache, tok, d, pos, out, done, count, n_prop, n_acc, n_exp = c
             active = ~done
             hidden, cache, n_e = decode.forward(g, w, jnp.stack([tok, d], axis=1), cache, pos, prefill=False,
-                                                moe_impl=self.moe_impl, split=self.split)
+                                                moe_impl=self.moe_impl, split=split)
             y_b2 = jnp.argmax(decode.logits(w, hidden), axis=-1).astype(jnp.int32)
             y1, y2 = y_b2[:, 0], y_b2[:, 1]
             acc = (d == y1) & (y1 != eos) & active
@@ -210,7 +213,7 @@ class Generator:
             new_done = done | (y1 == eos) | (acc & (y2 == eos)) | (count >= max_new)
             # MTP pairs: (hidden at pos, y1) and (hidden at pos+1, y2); the second is garbage unless accepted and
             # is then overwritten by the next step, which writes from the new position on.
-            mtp_logits, cache = decode.mtp_forward(g, w, hidden, y_b2, cache, pos, prefill=False, split=self.split)
+            mtp_logits, cache = decode.mtp_forward(g, w, hidden, y_b2, cache, pos, prefill=False, split=split)
             dn = jnp.argmax(mtp_logits, axis=-1).astype(jnp.int32)
             d_next = jnp.where(acc, dn[:, 1], dn[:, 0])
             tok_next = jnp.where(acc, y2, y1)
@@ -236,14 +239,11 @@ class Generator:
             return _shape_result([p for p in prompts], kind)
         pad = pad_id if pad_id is not None else (eos_id if eos_id is not None else 0)
         eos = -1 if eos_id is None else int(eos_id)
-        # A row split over a mesh needs a batch it divides: copies of the first prompt fill it, and are dropped.
-        B = len(prompts)
-        rows = list(prompts) + [prompts[0]] * (self.split.padded(B) - B)
-        lens = np.array([len(p) for p in rows], np.int32)
-        T_b, N_b = bucket(int(lens.max())), bucket(max_new_tokens)
+        lens = np.array([len(p) for p in prompts], np.int32)
+        B, T_b, N_b = len(prompts), bucket(int(lens.max())), bucket(max_new_tokens)
         S = cache_length(T_b, N_b)
-        tokens = np.zeros((len(rows), T_b), np.int32)
-        for i, p in enumerate(rows):
+        tokens = np.zeros((B, T_b), np.int32)
+        for i, p in enumerate(prompts):
             tokens[i, :len(p)] = p
         greedy = temperature == 0
         key = jax.random.key(seed)
@@ -255,7 +255,7 @@ class Generator:
             out, count, steps, n_prop, n_acc, n_exp, _ = self.spec_loop(
                 w, cache, y0, draft, jnp.asarray(lens), jnp.int32(max_new_tokens), jnp.int32(eos), jnp.int32(pad),
                 out_len=N_b)
-            n_prop, n_acc = int(np.sum(np.asarray(n_prop)[:B])), int(np.sum(np.asarray(n_acc)[:B]))
+            n_prop, n_acc = int(jnp.sum(n_prop)), int(jnp.sum(n_acc))
             self.last_stats = dict(speculative="mtp", iterations=int(steps), drafts=n_prop, accepted=n_acc,
                                    acceptance_rate=n_acc / max(n_prop, 1))
         else:
@@ -263,9 +263,9 @@ class Generator:
                 w, cache, y0, jnp.asarray(lens), jnp.int32(max_new_tokens), jnp.int32(eos), jnp.int32(pad), key,
                 temp, jnp.float32(top_p), out_len=N_b, greedy=greedy)
             self.last_stats = dict(speculative=None, iterations=int(steps))
-        count = np.minimum(np.asarray(count)[:B], max_new_tokens)
+        count = np.minimum(np.asarray(count), max_new_tokens)
         n_new = int(count.max())
-        out = np.asarray(out)[:B, :n_new]
+        out = np.asarray(out)[:, :n_new]
         self.last_stats.update(new_tokens=count.tolist(), distinct_experts_per_layer_step=(
             np.asarray(n_exp) / max(int(steps), 1)).tolist())
         if kind == "array":

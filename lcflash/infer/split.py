@@ -5,8 +5,9 @@ shard would otherwise hold the whole latent cache and attend over every row. `Me
 shards its own rows instead (the activation rule `batch` of lcflash/parallel/rules.py): the cache, the
 attention and the dense FFNs run on a device's rows only, and the rows are gathered where the MoE reads them,
 whose experts are split over `expert`, and split again after it. What moves per layer is the MoE's input and
-output activations; the cache per device shrinks by the split's size. A batch the split does not divide is
-padded with copies of its first row, whose tokens are dropped.
+output activations; the cache per device shrinks by the split's size. A batch the split does not divide keeps
+every row on every shard (`for_batch`): padding it would add rows to every MoE, e.g. 8 tokens where a batch-1
+request on 8 expert shards has 1.
 
 With no mesh, or a one-device one, every method is the identity (`NO_SPLIT`).
 """
@@ -55,9 +56,10 @@ class MeshSplit:
         """How many shards the rows split into (1: none)."""
         return _size(self.mesh, self.rows_axes) if self.active else 1
 
-    def padded(self, batch: int) -> int:
-        """The batch rounded up to a multiple of the row shards."""
-        return -(-batch // self.rows) * self.rows
+    def for_batch(self, batch: int) -> MeshSplit:
+        """This split for a batch of `batch` rows (a static shape): its rows unsplit where the shards do not divide
+        it."""
+        return self if batch % self.rows == 0 else dataclasses.replace(self, rows_axes=())
 
     def _constrain(self, tree, first):
         if not self.active or not self.rows_axes:
