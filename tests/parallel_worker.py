@@ -273,7 +273,7 @@ def _generation(model, cfg, prompts, want, tmp):
         "decode_w_gate_spec": str(gen.dm.weights.layers[0].moe.w_gate.sharding.spec),
         "decode_w_gate_up_spec": str(gen.dm.weights.layers[0].mlp_0.w_gate_up.sharding.spec),
         "collective_bytes": {fn: collective_bytes(text) for fn, text in hlo.items()},
-        "decode_attention_collectives": attention_collectives(hlo["decode_loop"]),
+        "attention_collectives": {fn: attention_collectives(text) for fn, text in hlo.items()},
         "w_gate_shard_bytes": int(m.layers.moe.w_gate.get_value().addressable_shards[0].data.nbytes)}}
     log("generate hf", results["generate/hf"])
     # The workdir's loader: the same values on the same shards, variable by variable (so the same generation).

@@ -108,9 +108,10 @@ def test_checkpoints_loaded_onto_a_mesh_generate_the_single_device_tokens(worker
     assert r["equal"] and r["mtp_equal"] and r["sampled_equal"] and r["kernel_path_equal"], r
     assert r["split"] == [["expert"], ["tensor"]], r
     assert r["cache_spec"] == "P('expert',)" and r["cache_rows"] == [4, 1] and r["cache3_rows"] == [3, 3], r
-    # Attention runs on each shard's rows: only its output projection's tensor-parallel sum crosses devices (a
-    # cache write partitioned by XLA would gather every row's new latents to every shard).
-    assert set(r["decode_attention_collectives"]) == {"all-reduce"}, r
+    # Attention runs on each shard's rows, in the prefill too: only its output projection's tensor-parallel sum
+    # crosses devices (a cache write partitioned by XLA would gather every row's new latents to every shard).
+    assert {fn: set(kinds) for fn, kinds in r["attention_collectives"].items()} == {
+        "prefill": {"all-reduce"}, "decode_loop": {"all-reduce"}}, r
     assert r["w_gate_spec"] == "P(None, 'expert', None, 'tensor')", r
     assert r["decode_w_gate_spec"] == "P('expert', 'tensor')", r
     assert r["decode_w_gate_up_spec"] == "P(None, 'tensor')", r

@@ -61,7 +61,7 @@ from lcflash.infer.cache import DecodeCache
 from lcflash.infer.split import NO_SPLIT, MeshSplit
 from lcflash.kernels.gmm import api as gmm_api
 from lcflash.kernels.mla_decode import mla_decode
-from lcflash.model.mla import LatentKV, expanded_attention, write_rows
+from lcflash.model.mla import LatentKV, expanded_attention, write_latents
 from lcflash.model.norm import apply_rms_scale, rms_norm, rms_scales
 from lcflash.model.rope import apply_rope, rope_cos_sin, softmax_scale
 from lcflash.model.router import Routing, select_experts, zero_expert_output
@@ -412,9 +412,7 @@ def mla_attention(cfg: ModelConfig, p: AttnWeights, x_btd, cos, sin, mask_bts, c
     dtype = x_btd.dtype
     absorbed = cfg.attn_impl != "expanded"
     q, q_pe, kv = mla_latents(cfg, p, x_btd, cos, sin, absorbed)
-    def write(cache, new, start_b):   # each row's new latents at its own cache index
-        return jax.tree.map(lambda c, n: write_rows(c, n.astype(c.dtype), start_b), cache, new)
-    kv = split.rowwise(write, cache, kv, start_b)
+    kv = split.rowwise(write_latents, cache, kv, start_b)
     scale = softmax_scale(cfg)
     if not absorbed:
         o_bthv = expanded_attention(q, q_pe, kv, kv_b_model(p), mask_bts, scale, cfg.qk_nope_head_dim)
@@ -621,14 +619,19 @@ def decode_layer(cfg: ModelConfig, p: LayerWeights, h_btd, cos, sin, mask_bts, k
     return h_btd + moe_btd, kv0, kv1, experts_tk
 
 
-def layer_forward(layer, h_btd, cos, sin, mask_bts, kv0: LatentKV, kv1: LatentKV, start_b, moe: Callable):
-    """lcflash/model/layer.py's DecoderLayer (the module), with the MoE call swapped for `moe(n0)`."""
-    a0, kv0 = layer.attn_0(layer.input_norm_0(h_btd), cos, sin, mask_bts, kv0, start_b)
+def layer_forward(layer, h_btd, cos, sin, mask_bts, kv0: LatentKV, kv1: LatentKV, start_b, moe: Callable,
+                  split: MeshSplit = NO_SPLIT):
+    """lcflash/model/layer.py's DecoderLayer (the module), with the MoE call swapped for `moe(n0)` and the cache
+    writes run per row shard of `split`. Named scopes as decode_layer's."""
+    write = functools.partial(split.rowwise, write_latents)
+    with jax.named_scope("attn_0"):
+        a0, kv0 = layer.attn_0(layer.input_norm_0(h_btd), cos, sin, mask_bts, kv0, start_b, write=write)
     h_btd = h_btd + a0
     n0 = layer.post_attn_norm_0(h_btd)
     moe_btd, experts_tk = moe(n0)
     h_btd = h_btd + layer.mlp_0(n0)
-    a1, kv1 = layer.attn_1(layer.input_norm_1(h_btd), cos, sin, mask_bts, kv1, start_b)
+    with jax.named_scope("attn_1"):
+        a1, kv1 = layer.attn_1(layer.input_norm_1(h_btd), cos, sin, mask_bts, kv1, start_b, write=write)
     h_btd = h_btd + a1
     h_btd = h_btd + layer.mlp_1(layer.post_attn_norm_1(h_btd))
     return h_btd + moe_btd, kv0, kv1, experts_tk
@@ -654,7 +657,7 @@ def forward(graphs: DecodeGraphs, w: DecodeWeights, tokens_bt, cache: DecodeCach
             def moe(x, p=p, layer=layer):
                 y, e_tk = moe_apply(cfg, p.moe, split.whole(x), moe_impl, lambda: layer.moe)
                 return split.by_rows(y), e_tk
-            h_btd, kv0, kv1, e_tk = layer_forward(layer, h_btd, cos, sin, mask_bts, kv0, kv1, start_b, moe)
+            h_btd, kv0, kv1, e_tk = layer_forward(layer, h_btd, cos, sin, mask_bts, kv0, kv1, start_b, moe, split)
         else:
             h_btd, kv0, kv1, e_tk = decode_layer(cfg, p, h_btd, cos, sin, mask_bts, kv0, kv1, start_b, moe_impl,
                                                  lambda p=p: graphs.layer_module(p).moe, split)
@@ -693,7 +696,8 @@ def mtp_forward(graphs: DecodeGraphs, w: DecodeWeights, hidden_btd, next_tokens_
     pos_bt, mask_bts = positions_and_mask(start_b, T, cache.length)
     cos, sin = rope_cos_sin(cfg, pos_bt, hidden_btd.dtype)
     if prefill:
-        z_btd, kv = graphs.mtp_module(w.mtp)(hidden_btd, next_tokens_bt, cos, sin, mask_bts, cache.mtp, start_b)
+        z_btd, kv = graphs.mtp_module(w.mtp)(hidden_btd, next_tokens_bt, cos, sin, mask_bts, cache.mtp, start_b,
+                                             write=functools.partial(split.rowwise, write_latents))
     else:
         z_btd, kv = mtp_decode(cfg, w.mtp, hidden_btd, next_tokens_bt, cos, sin, mask_bts, split.by_rows(cache.mtp),
                                start_b, split)

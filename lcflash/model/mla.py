@@ -29,6 +29,12 @@ class LatentKV(NamedTuple):
     kpe_bsd: jax.Array
 
 
+def write_latents(cache: LatentKV, new: LatentKV, start_b) -> LatentKV:
+    """Each row's new latents written into its cache at start_b[b] (write_rows), in the cache's dtype."""
+    return LatentKV(write_rows(cache.c_bsr, new.c_bsr.astype(cache.c_bsr.dtype), start_b),
+                    write_rows(cache.kpe_bsd, new.kpe_bsd.astype(cache.kpe_bsd.dtype), start_b))
+
+
 def write_rows(cache_bs_, new_bt_, start_b):
     """Writes new[b] into cache[b] at offset start_b[b] (each row may be at its own position), with
     dynamic_update_slice's index rules (negative wraps, then clamped to fit).
@@ -294,17 +300,17 @@ class MLA(nnx.Module):
         return jnp.einsum("bthv,hvd->btd", o_bthv, self.w_o[...].astype(o_bthv.dtype))
 
     def __call__(self, x_btd, cos_btd, sin_btd, mask_bts, cache: LatentKV | None = None, write_start_b=None,
-                 mask_kind: str = "given"):
+                 mask_kind: str = "given", write=write_latents):
         """Returns (output, cache). Without a cache, keys are this call's tokens; with one, the new latents are
-        written at `write_start_b` and `mask_bts` spans the whole cache. With a cache, `cfg.attn_impl` picks the
-        form: "expanded", "absorbed" (XLA), or "pallas" (the Mosaic GPU kernel, which applies the causal mask
-        from `write_start_b` and ignores `mask_bts`). mask_kind: see MASK_KINDS."""
+        written at `write_start_b` (by `write`, e.g. per shard of a mesh: lcflash/infer/split.py) and `mask_bts`
+        spans the whole cache. With a cache, `cfg.attn_impl` picks the form: "expanded", "absorbed" (XLA), or
+        "pallas" (the Mosaic GPU kernel, which applies the causal mask from `write_start_b` and ignores
+        `mask_bts`). mask_kind: see MASK_KINDS."""
         # The fused kernel serves the cache-free (training / scoring) forward; prefill into a cache keeps XLA.
         impl = self.train_attention(x_btd, mask_kind) if cache is None else "xla"
         q_nope, q_pe, kv = self.latents(x_btd, cos_btd, sin_btd, _takes_q_parts(impl))
         if cache is not None:
-            kv = LatentKV(write_rows(cache.c_bsr, kv.c_bsr.astype(cache.c_bsr.dtype), write_start_b),
-                          write_rows(cache.kpe_bsd, kv.kpe_bsd.astype(cache.kpe_bsd.dtype), write_start_b))
+            kv = write(cache, kv, write_start_b)
         if cache is not None and self.cfg.attn_impl != "expanded":   # decode: weight absorption
             impl = "pallas" if self.cfg.attn_impl == "pallas" else "xla"
             o_bthv = absorbed_attention(q_nope, q_pe, kv, self.w_kv_b[...], mask_bts, softmax_scale(self.cfg),

@@ -9,7 +9,7 @@ from flax import nnx
 
 from lcflash.config import ModelConfig
 from lcflash.model.common import normal_param
-from lcflash.model.mla import MLA
+from lcflash.model.mla import MLA, write_latents
 from lcflash.model.mlp import MLP
 from lcflash.model.norm import RMSNorm
 
@@ -28,13 +28,13 @@ class MTPHead(nnx.Module):
         self.norm = RMSNorm(D, eps, pd)
 
     def __call__(self, h_btd, next_tokens_bt, cos, sin, mask_bts, cache=None, write_start_b=None,
-                 mask_kind="given"):
+                 mask_kind="given", write=write_latents):
         """Returns (normed hidden [B, T, D] to feed the shared LM head, latent KV)."""
         dtype = h_btd.dtype
         e_btd = jnp.take(self.embed[...], next_tokens_bt, axis=0).astype(dtype)
         z = jnp.concatenate([self.enorm(e_btd), self.hnorm(h_btd)], axis=-1)
         z = jnp.einsum("btc,cd->btd", z, self.w_eh[...].astype(dtype))
-        a, kv = self.attn(self.input_norm(z), cos, sin, mask_bts, cache, write_start_b, mask_kind)
+        a, kv = self.attn(self.input_norm(z), cos, sin, mask_bts, cache, write_start_b, mask_kind, write)
         z = z + a
         z = z + self.mlp(self.post_attn_norm(z))
         return self.norm(z), kv
