@@ -61,7 +61,7 @@ from lcflash.infer.cache import DecodeCache
 from lcflash.infer.split import NO_SPLIT, MeshSplit
 from lcflash.kernels.gmm import api as gmm_api
 from lcflash.kernels.mla_decode import mla_decode
-from lcflash.model.mla import LatentKV, expanded_attention, write_latents
+from lcflash.model.mla import LatentKV, expanded_attention
 from lcflash.model.norm import apply_rms_scale, rms_norm, rms_scales
 from lcflash.model.rope import apply_rope, rope_cos_sin, softmax_scale
 from lcflash.model.router import Routing, select_experts, zero_expert_output
@@ -412,7 +412,7 @@ def mla_attention(cfg: ModelConfig, p: AttnWeights, x_btd, cos, sin, mask_bts, c
     dtype = x_btd.dtype
     absorbed = cfg.attn_impl != "expanded"
     q, q_pe, kv = mla_latents(cfg, p, x_btd, cos, sin, absorbed)
-    kv = split.rowwise(write_latents, cache, kv, start_b)
+    kv = split.write_latents(cache, kv, start_b)
     scale = softmax_scale(cfg)
     if not absorbed:
         o_bthv = expanded_attention(q, q_pe, kv, kv_b_model(p), mask_bts, scale, cfg.qk_nope_head_dim)
@@ -623,15 +623,14 @@ def layer_forward(layer, h_btd, cos, sin, mask_bts, kv0: LatentKV, kv1: LatentKV
                   split: MeshSplit = NO_SPLIT):
     """lcflash/model/layer.py's DecoderLayer (the module), with the MoE call swapped for `moe(n0)` and the cache
     writes run per row shard of `split`. Named scopes as decode_layer's."""
-    write = functools.partial(split.rowwise, write_latents)
     with jax.named_scope("attn_0"):
-        a0, kv0 = layer.attn_0(layer.input_norm_0(h_btd), cos, sin, mask_bts, kv0, start_b, write=write)
+        a0, kv0 = layer.attn_0(layer.input_norm_0(h_btd), cos, sin, mask_bts, kv0, start_b, write=split.write_latents)
     h_btd = h_btd + a0
     n0 = layer.post_attn_norm_0(h_btd)
     moe_btd, experts_tk = moe(n0)
     h_btd = h_btd + layer.mlp_0(n0)
     with jax.named_scope("attn_1"):
-        a1, kv1 = layer.attn_1(layer.input_norm_1(h_btd), cos, sin, mask_bts, kv1, start_b, write=write)
+        a1, kv1 = layer.attn_1(layer.input_norm_1(h_btd), cos, sin, mask_bts, kv1, start_b, write=split.write_latents)
     h_btd = h_btd + a1
     h_btd = h_btd + layer.mlp_1(layer.post_attn_norm_1(h_btd))
     return h_btd + moe_btd, kv0, kv1, experts_tk
@@ -697,7 +696,7 @@ def mtp_forward(graphs: DecodeGraphs, w: DecodeWeights, hidden_btd, next_tokens_
     cos, sin = rope_cos_sin(cfg, pos_bt, hidden_btd.dtype)
     if prefill:
         z_btd, kv = graphs.mtp_module(w.mtp)(hidden_btd, next_tokens_bt, cos, sin, mask_bts, cache.mtp, start_b,
-                                             write=functools.partial(split.rowwise, write_latents))
+                                             write=split.write_latents)
     else:
         z_btd, kv = mtp_decode(cfg, w.mtp, hidden_btd, next_tokens_bt, cos, sin, mask_bts, split.by_rows(cache.mtp),
                                start_b, split)

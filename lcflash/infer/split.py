@@ -20,6 +20,7 @@ from typing import Callable
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from lcflash.model.mla import LatentKV, write_latents
 from lcflash.parallel.rules import DEFAULT_RULES, mesh_axes_for
 
 U = P.UNCONSTRAINED
@@ -85,6 +86,10 @@ class MeshSplit:
             return fn(*args)
         return jax.shard_map(fn, mesh=self.mesh, in_specs=P(self.rows_axes), out_specs=P(self.rows_axes),
                              check_vma=False)(*args)
+
+    def write_latents(self, cache: LatentKV, new: LatentKV, start_b) -> LatentKV:
+        """mla.write_latents on each shard's rows (the model's MLA takes it as its `write`)."""
+        return self.rowwise(write_latents, cache, new, start_b)
 
     def attention(self, fn: Callable, q_bthr, q_pe_bthd, c_bsr, kpe_bsd, start_b):
         """fn(q, q_pe, c, kpe, start_b) -> [B, T, H, R], a kernel XLA cannot partition, run per shard: rows over
