@@ -99,10 +99,9 @@ def test_checkpoints_loaded_onto_a_mesh_generate_the_single_device_tokens(worker
     and sampled tokens for four prompts (MTP speculation too, and the Pallas attention's per-shard call), each of
     the 4 expert shards holding one row of the cache, and for three (every row on every shard); the experts are read
     onto their shards and kept so in the decode layout, and a trainer workdir loads the same values onto the same
-    shards. No weight moves:
-    the decode loop's collectives are all smaller than a quarter of one device's expert shard, and the prefill
-    neither gathers nor permutes anything that large (with the dense FFNs' [gate | up] split over its rows, it
-    permuted half of each between shards)."""
+    shards. No weight moves: the decode loop's collectives are all smaller than a quarter of one device's expert
+    shard, and the prefill neither gathers nor permutes anything that large (with the dense FFNs' [gate | up] split
+    over its rows, it permuted half of each between shards)."""
     res = workers["reference"].result()
     r = res["generate/hf"]
     assert r["equal"] and r["mtp_equal"] and r["sampled_equal"] and r["kernel_path_equal"], r
