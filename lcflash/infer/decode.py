@@ -698,6 +698,6 @@ def mtp_forward(graphs: DecodeGraphs, w: DecodeWeights, hidden_btd, next_tokens_
         z_btd, kv = graphs.mtp_module(w.mtp)(hidden_btd, next_tokens_bt, cos, sin, mask_bts, cache.mtp, start_b,
                                              write=split.write_latents)
     else:
-        z_btd, kv = mtp_decode(cfg, w.mtp, hidden_btd, next_tokens_bt, cos, sin, mask_bts, split.by_rows(cache.mtp),
-                               start_b, split)
+        z_btd, kv = mtp_decode(cfg, w.mtp, hidden_btd, next_tokens_bt, cos, sin, mask_bts, cache.mtp, start_b,
+                               split)
     return logits(w, z_btd), DecodeCache(cache.layers, kv)

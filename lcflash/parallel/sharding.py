@@ -86,13 +86,12 @@ def variable_sharding_fn(model_cfg, mesh) -> Callable:
 
     ctx = ParallelContext(mesh)
     check_model_fits(model_cfg, ctx.mesh_shape, ctx.rules)
-    abstract = nnx.eval_shape(lambda: LongcatFlash(model_cfg, nnx.Rngs(0)))
-    axes = {_path_key(p): v.get_metadata().get("logical_axes") for p, v in nnx.to_flat_state(nnx.state(abstract))}
+    table = logical_axes_table(nnx.state(nnx.eval_shape(lambda: LongcatFlash(model_cfg, nnx.Rngs(0)))))
     replicated = NamedSharding(mesh, P())
 
     def fn(path, shape):
-        a = axes.get(_path_key(path))
-        return replicated if a is None else ctx.sharding(a, shape)
+        entry = table.get(_path_key(path))
+        return replicated if entry is None else ctx.sharding(entry[0], shape)
     return fn
 
 
