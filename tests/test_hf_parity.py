@@ -1,5 +1,10 @@
 """Logits, every layer's hidden state and the router's choices equal transformers' in fp32."""
 
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -43,3 +48,42 @@ def test_logits_hidden_and_routing_match_transformers(case, tmp_path):
     # Routing must exercise both kinds of expert, or the test would not check the zero-expert path.
     n = hf.config.n_routed_experts
     assert (ours < n).any() and ((ours >= n).any() or hf.config.zero_expert_num == 0)
+
+
+# A user's process: XLA's default flags and matmul precision, not this suite's (tests/conftest.py). Prints JSON.
+DEFAULT_FLAGS_SCRIPT = """
+import json, sys, torch, numpy as np, lcflash
+from hf_reference import hf_forward, random_hf_model
+from numerics import rel
+hf = random_hf_model(7, num_layers=2)
+hf.save_pretrained(sys.argv[1])
+model = lcflash.from_pretrained(sys.argv[1], dtype="float32")
+tokens = np.random.default_rng(11).integers(0, hf.config.vocab_size, size=(2, 17))
+logits, hidden, experts = hf_forward(hf, tokens)
+out = model.forward(tokens)
+ours = np.sort(np.asarray(out.moe_stats["experts_btk"]).reshape(experts.shape), -1)
+prompts, eos = [[5, 17, 3, 44, 9], [33, 1, 90]], hf.config.eos_token_id
+rows = model.generate(prompts, 8, eos_id=eos)
+with torch.no_grad():
+    ref = [hf.generate(torch.tensor([p]), max_new_tokens=8, do_sample=False, eos_token_id=eos,
+                       pad_token_id=eos)[0].tolist() for p in prompts]
+print(json.dumps({"logits_rel": float(rel(np.asarray(out.logits), logits)),
+                  "tokens_routed_unlike": int((ours != np.sort(experts, -1)).any(-1).sum()),
+                  "generated": [list(map(int, r[:len(f)])) for r, f in zip(rows, ref)], "reference": ref}))
+"""
+
+
+def test_default_xla_flags_match_transformers(tmp_path):
+    """Logits, routing and greedy tokens against transformers in a fresh process with XLA's default flags: every
+    other test here compiles with tests/xla_flags.py's fast-compile flags, under which XLA:CPU computed a layer
+    scan's routing right where its default flags did not (tests/test_moe.py::test_routing_in_a_layer_scan...)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_DEFAULT_MATMUL_PRECISION")}
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([here, os.path.dirname(here)]))
+    out = subprocess.run([sys.executable, "-c", DEFAULT_FLAGS_SCRIPT, str(tmp_path)], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["logits_rel"] <= 1e-5
+    assert got["tokens_routed_unlike"] == 0
+    assert got["generated"] == got["reference"]

@@ -147,7 +147,16 @@ def top_k_select(scores_te, k: int, values_te):
         # Named so model.remat_keep "routing" can keep it, else run again in the backward pass.
         idx_tk = checkpoint_name(LARGE_TOP_K_IMPLS[LARGE_TOP_K](scores_te, k).astype(jnp.int32), ROUTING_CHOICES)
         return idx_tk, take_chosen(values_te, idx_tk)
-    return top_k_by_rank(scores_te, k, values_te)
+    # XLA:CPU (jaxlib 0.10.2 and 0.11.2, default flags) miscompiles the rank count of softmax + bias inside a
+    # loop such as the layer scan: two experts get one rank (tests/test_moe.py). CPUs take lax.top_k instead.
+    return jax.lax.platform_dependent(scores_te, values_te, cpu=lambda s, v: top_k_sorted(s, k, v),
+                                      default=lambda s, v: top_k_by_rank(s, k, v))
+
+
+def top_k_sorted(scores_te, k: int, values_te):
+    """top_k_select by lax.top_k (a sort)."""
+    idx_tk = jax.lax.top_k(scores_te, k)[1].astype(jnp.int32)
+    return idx_tk, take_chosen(values_te, idx_tk)
 
 
 def top_k_by_rank(scores_te, k: int, values_te):
