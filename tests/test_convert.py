@@ -275,3 +275,100 @@ def test_failed_save_keeps_the_previous_checkpoint(saved, tokens, reference, mon
     assert not [p for p in os.listdir(saved.parent) if ".tmp-" in p]
     assert rel(_logits(saved, tokens), reference) <= 1e-5
     shutil.rmtree(saved)
+
+
+# ------------------------------------------------------------------------------------------- FP8 checkpoints
+def _quantize_fp8(w, block):
+    """DeepSeek-V3-style e4m3 weight and fp32 weight_scale_inv, one scale per block (partial blocks at the edges)."""
+    import ml_dtypes
+
+    (r, c), (br, bc) = w.shape, block
+    R, C = -(-r // br), -(-c // bc)
+    padded = np.zeros((R * br, C * bc), np.float32)
+    padded[:r, :c] = w
+    blocks = padded.reshape(R, br, C, bc)
+    scale = np.maximum(np.abs(blocks).max(axis=(1, 3)), 1e-12).astype(np.float32) / np.float32(448.0)
+    q = np.clip(blocks / scale[:, None, :, None], -448, 448).reshape(R * br, C * bc)[:r, :c]
+    return q.astype(ml_dtypes.float8_e4m3fn), scale
+
+
+def _write_fp8(src, dst, block):
+    """src's checkpoint with every 2-D `*_proj.weight` (attention, dense MLPs, experts) in block-scaled FP8."""
+    f = SafetensorsFile(str(src / "model.safetensors"))
+    out = []
+    for k in f.keys():
+        w = np.array(f.get(k))
+        if k.endswith("_proj.weight") and w.ndim == 2:
+            q, s = _quantize_fp8(w.astype(np.float32), block)
+            out += [(k, q), (k + "_scale_inv", s)]
+        else:
+            out.append((k, w))
+    os.makedirs(dst)
+    write_safetensors(str(dst / "model.safetensors"), [(k, v.shape, v.dtype, lambda v=v: v) for k, v in out],
+                      {"format": "pt"})
+    shutil.copy(src / "config.json", dst / "config.json")
+    _rewrite(dst, lambda d: d.update(quantization_config={"quant_method": "fp8", "activation_scheme": "dynamic",
+                                                          "fmt": "e4m3", "weight_block_size": list(block)}))
+    return dst
+
+
+def test_fp8_checkpoint_matches_transformers_dequantized(saved, tokens, tmp_path):
+    """The released FP8 layout (reference §5.3) against transformers' own FP8 loader with dequantize=True, which
+    takes whole blocks only (every dimension of this model divides by 8)."""
+    from transformers import FineGrainedFP8Config, LongcatFlashForCausalLM
+
+    fp8_dir = _write_fp8(saved, tmp_path / "fp8", (8, 8))
+    hf = LongcatFlashForCausalLM.from_pretrained(
+        str(fp8_dir), dtype=torch.float32, quantization_config=FineGrainedFP8Config(dequantize=True)).eval()
+    ref = hf_forward(hf, tokens)[0]
+    assert rel(_logits(fp8_dir, tokens), ref) <= 1e-5
+    assert rel(np.asarray(lcflash.from_pretrained(str(fp8_dir))(tokens)), ref) <= 0.05   # bf16, config's dtype
+
+
+def test_fp8_partial_blocks_dequantize_exactly(saved, tmp_path):
+    """128 x 128 blocks do not divide LongCat-Flash's 576 kv_a rows: edge blocks are partial. Here 16 x 16 blocks on
+    dimensions 24, 48 and 80: each weight equals its e4m3 values times its block's scale, in fp32."""
+    from flax import nnx
+
+    fp8_dir = _write_fp8(saved, tmp_path / "fp8", (16, 16))
+    f = SafetensorsFile(str(fp8_dir / "model.safetensors"))
+    exact = {}
+    for k in f.keys():
+        if k.endswith("_scale_inv"):
+            continue
+        w = np.array(f.get(k)).astype(np.float32)
+        if k + "_scale_inv" in f.keys():
+            s = np.array(f.get(k + "_scale_inv"))
+            for i in range(w.shape[0]):
+                for j in range(w.shape[1]):
+                    w[i, j] *= s[i // 16, j // 16]
+        exact[k] = w
+    os.makedirs(tmp_path / "exact")
+    write_safetensors(str(tmp_path / "exact" / "model.safetensors"),
+                      [(k, v.shape, v.dtype, lambda v=v: v) for k, v in exact.items()], {"format": "pt"})
+    shutil.copy(saved / "config.json", tmp_path / "exact" / "config.json")
+    assert any(s % 16 for s in f.shape("model.layers.0.mlp.experts.0.gate_proj.weight"))
+    got = nnx.to_flat_state(nnx.state(lcflash.from_pretrained(str(fp8_dir), dtype="float32")))
+    want = dict(nnx.to_flat_state(nnx.state(lcflash.from_pretrained(str(tmp_path / "exact"), dtype="float32"))))
+    for path, v in got:
+        np.testing.assert_array_equal(np.asarray(v.get_value()), np.asarray(want[path].get_value()), err_msg=path)
+
+
+def test_fp8_bad_input(saved, tmp_path):
+    fp8_dir = _write_fp8(saved, tmp_path / "fp8", (16, 16))
+    _rewrite(fp8_dir, lambda d: d["quantization_config"].update(quant_method="awq"))
+    with pytest.raises(lcflash.ConfigError, match="quantization_config.quant_method.*'awq'.*valid"):
+        lcflash.from_pretrained(str(fp8_dir))
+    _rewrite(fp8_dir, lambda d: d["quantization_config"].update(quant_method="fp8", weight_block_size=[16]))
+    with pytest.raises(lcflash.ConfigError, match="weight_block_size"):
+        lcflash.from_pretrained(str(fp8_dir))
+    _rewrite(fp8_dir, lambda d: d["quantization_config"].update(weight_block_size=[8, 8]))
+    with pytest.raises(lcflash.CheckpointError, match=r"q_a_proj\.weight_scale_inv: shape \(2, 3\), expected \(3, 6\)"):
+        lcflash.from_pretrained(str(fp8_dir))
+    _rewrite(fp8_dir, lambda d: d.pop("quantization_config"))
+    with pytest.raises(lcflash.CheckpointError, match="weight_scale_inv, but config.json has no quantization_config"):
+        lcflash.from_pretrained(str(fp8_dir))
+    _rewrite(fp8_dir, lambda d: d.update(quantization_config={"quant_method": "fp8", "weight_block_size": [16, 16]}))
+    _edit_tensors(fp8_dir, lambda t: t.pop("model.layers.1.mlps.0.down_proj.weight_scale_inv"))
+    with pytest.raises(lcflash.CheckpointError, match=r"mlps\.0\.down_proj\.weight is float8_e4m3fn without"):
+        lcflash.from_pretrained(str(fp8_dir))

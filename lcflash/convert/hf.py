@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from lcflash.config import ConfigError, ModelConfig
+from lcflash.convert import fp8
 from lcflash.convert.hf_config import load_hf_config, read_config_json, to_hf_dict
 from lcflash.convert.safetensors_io import SafetensorsError, SafetensorsFile, write_safetensors
 from lcflash.model import LongcatFlash
@@ -112,12 +113,13 @@ def hf_specs(cfg: ModelConfig) -> dict:
 
 # ----------------------------------------------------------------------------------------------- reading
 class CheckpointReader:
-    """Resolves HF keys to tensors across one or several safetensors files (index or glob)."""
+    """Resolves HF keys to tensors across one or several safetensors files (index or glob). quant: the
+    checkpoint's FP8 block scaling (lcflash/convert/fp8.py); a key with a `_scale_inv` sibling reads dequantized."""
 
     FUSED = {"gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1), "down_proj": ("down_proj", None)}
 
-    def __init__(self, directory: str):
-        self.directory = directory
+    def __init__(self, directory: str, quant: fp8.BlockFP8 | None = None):
+        self.directory, self.quant = directory, quant
         index = os.path.join(directory, INDEX)
         if os.path.isfile(index):
             try:
@@ -164,9 +166,15 @@ class CheckpointReader:
         s = self.files[self.where[fused]].shape(fused)
         return (s[1] // 2, s[2]) if half is not None else tuple(s[1:])
 
+    def dtype(self, key) -> np.dtype:
+        k = key if key in self.where else self._fused(key)[0]
+        return self.files[self.where[k]].dtype(k)
+
     def get(self, key) -> np.ndarray:
         if key in self.where:
-            return self.files[self.where[key]].get(key)
+            w = self.files[self.where[key]].get(key)
+            scale = key + fp8.SCALE_SUFFIX
+            return self.quant.dequantize(w, self.get(scale)) if scale in self.where else w
         fused, e, half = self._fused(key)
         w = self.files[self.where[fused]].get(fused)[e]
         if half is None:
@@ -184,6 +192,23 @@ def _expand(spec: Spec, shape: tuple, cfg: ModelConfig):
     return [(spec.key.format(**dict(zip(spec.stack, i))), i) for i in idxs]
 
 
+def _check_scales(reader: CheckpointReader, key: str, shape: tuple) -> str | None:
+    """What is wrong with `key`'s FP8 scaling, if anything."""
+    scale = key + fp8.SCALE_SUFFIX
+    if scale not in reader.where:
+        if reader.dtype(key) in fp8.FP8_DTYPES:
+            return (f"{key} is {reader.dtype(key)} without {scale}" if key in reader.where else
+                    f"{key} comes from a fused FP8 expert tensor; only per-expert FP8 keys are supported")
+        return None
+    if reader.quant is None:
+        return f"{key} has {scale}, but config.json has no quantization_config"
+    got, want = tuple(reader.shape(scale)), reader.quant.grid(shape)
+    if got != want and not (reader.quant.block is None and int(np.prod(got)) == 1):
+        block = reader.quant.block
+        return f"{scale}: shape {got}, expected {want} (the weight's {shape} in blocks of {block})"
+    return None
+
+
 def _check(reader: CheckpointReader, specs: dict, abstract: dict, cfg: ModelConfig):
     """Validates every key and shape before any tensor is read or any array allocated."""
     missing, wrong, used = [], [], set()
@@ -197,26 +222,33 @@ def _check(reader: CheckpointReader, specs: dict, abstract: dict, cfg: ModelConf
                 continue
             used.add(key)
             got = tuple(reader.shape(key))
-            if got != want:
-                wrong.append(f"{key}: shape {got}, expected {want}")
+            problem = f"{key}: shape {got}, expected {want}" if got != want else _check_scales(reader, key, got)
+            if problem:
+                wrong.append(problem)
     if missing:
         raise CheckpointError(f"{reader.directory}: {len(missing)} missing key(s), e.g. {missing[:5]}")
     if wrong:
-        raise CheckpointError(f"{reader.directory}: {len(wrong)} tensor(s) with the wrong shape: {wrong[:5]}")
+        raise CheckpointError(f"{reader.directory}: {len(wrong)} tensor(s) with the wrong shape or scaling: "
+                              f"{wrong[:5]}")
     N = cfg.n_routed_experts
-    unexpected = []
-    for key in reader.where:
+
+    def expected(key):
         if key in used or key.endswith(IGNORED_SUFFIXES):
-            continue
+            return True
+        if key.endswith(fp8.SCALE_SUFFIX):  # the scales of a weight that is read or skipped
+            base = key[:-len(fp8.SCALE_SUFFIX)]
+            return base in reader.where and expected(base)
         parts = key.split(".")
         if "experts" in parts:
             i = parts.index("experts")
             nxt = parts[i + 1]
             if nxt.isdigit() and int(nxt) >= N and parts[-2] in ("gate_proj", "up_proj"):
-                continue  # zero-expert rows that transformers' save_pretrained writes; never read
+                return True  # zero-expert rows that transformers' save_pretrained writes; never read
             if nxt in ("gate_up_proj", "down_proj"):
-                continue  # fused form, read through the per-expert keys
-        unexpected.append(key)
+                return True  # fused form, read through the per-expert keys
+        return False
+
+    unexpected = [key for key in reader.where if not expected(key)]
     if unexpected:
         raise CheckpointError(f"{reader.directory}: {len(unexpected)} unexpected key(s), e.g. {unexpected[:5]}")
 
@@ -259,7 +291,7 @@ def from_pretrained(path: str, dtype=None, *, sharding_fn=None, mesh=None, **con
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: not a directory (expected a checkpoint with config.json and safetensors)")
     raw = read_config_json(os.path.join(path, "config.json"))
-    reader = CheckpointReader(path)
+    reader = CheckpointReader(path, fp8.from_config(raw, os.path.join(path, "config.json")))
     if dtype is None:
         dtype = raw.get("torch_dtype") or raw.get("dtype") or "bfloat16"
     dtype = jnp.dtype(dtype).name

@@ -58,6 +58,9 @@ class SafetensorsFile:
     def shape(self, key: str) -> tuple:
         return tuple(self.entries[key]["shape"])
 
+    def dtype(self, key: str) -> np.dtype:
+        return np.dtype(DTYPES[self.entries[key]["dtype"]])
+
     def get(self, key: str) -> np.ndarray:
         """A read-only view into the mapped file (no copy until the caller converts it)."""
         e = self.entries[key]
