@@ -40,8 +40,9 @@
 # and is gone (63's first step is its tests); session 63 ran 63 (the grouped MoE against the gather over expert
 # widths at batch 1); session 64 ran 64 and 65's two steps (as inline commands); session 66 ran 66 twice on one
 # H100 (issue 8's first target at today's defaults); session 67 ran 67 (the dense FFNs' [2, F, D] decode layout:
-# slower on one device, so only meshes that split F take it; HISTORY.md):
-#     bash experiments/gpu_calls.sh N [ARGS]     (N = 1-3, 5-36, 39-45, 47-61, 63-68; 14 takes the rows and d_rhs
+# slower on one device, so only meshes that split F take it; HISTORY.md); session 68 ran 68; session 69 wrote 69
+# (no GPU was lent):
+#     bash experiments/gpu_calls.sh N [ARGS]     (N = 1-3, 5-36, 39-45, 47-61, 63-69; 14 takes the rows and d_rhs
 #                                                bands, 18 a benchmark flag)
 # run from the repository root on the device machine, with `.whl` carried (ml-collections and tensorboardX, which
 # its image lacks) and `.whl-tokamax` where a call times the tokamax peer (tokamax 0.0.17 with its needs, 37 MB).
@@ -53,7 +54,7 @@
 # here to the ignored `.jcc` (`rm -rf .jcc && cp -r /work/.device/N/jcc .jcc`) and carried, it seeds the next
 # machine's, which helps where that machine has the same card and image.
 set -u
-N=${1:?call number 1-3, 5-36, 39-45, 47-61 or 63-68}
+N=${1:?call number 1-3, 5-36, 39-45, 47-61 or 63-69}
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -466,5 +467,11 @@ small/gate_up_fused/2304 --out "$OUT/contract_ab_cluster_kernel.json"
     # platform): the Pallas kernel's path through `MeshSplit.attention` and the decode layout
     step 400 python -m pytest -n 0 -q -p no:cacheprovider tests/test_mla_decode.py tests/test_decode_layout.py 2>&1 | tail -5
     ;;
-*)  echo "call number 1-3, 5-36, 39-45, 47-61 or 63-68" >&2; exit 2 ;;
+69) # session 69 (prepared; no GPU was lent): does a second stream hide memory-bound work under matmuls
+    # (experiments/stream_overlap.py: cuBLAS, then our grouped kernels, beside an AdamW-shaped update); then the
+    # router's and the decode paths' GPU tests after CPUs moved to lax.top_k (lcflash/model/router.py)
+    step 240 python experiments/stream_overlap.py --out "$OUT/stream_overlap.json"
+    step 300 python -m pytest -n 0 -q -p no:cacheprovider tests/test_moe.py tests/test_mla_decode.py 2>&1 | tail -5
+    ;;
+*)  echo "call number 1-3, 5-36, 39-45, 47-61 or 63-69" >&2; exit 2 ;;
 esac
