@@ -1,5 +1,10 @@
 """The dropless routed-expert path equals the per-expert loop for any routing, empty experts included."""
 
+import json
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -220,6 +225,39 @@ def test_top_k_select_equals_lax_top_k(T, E, k):
     want_grad = jax.vjp(lambda v: jnp.take_along_axis(v, jax.lax.top_k(x, k)[1], axis=-1), values)[1](g)[0]
     got_grad = jax.vjp(lambda v: top_k_select(x, k, v)[1], values)[1](g)[0]
     np.testing.assert_array_equal(got_grad, want_grad)
+
+
+# Routing inside a scan over stacked layers, as the model's layer scan runs it; prints JSON.
+LAYER_SCAN_TOP_K = """
+import json, jax, jax.numpy as jnp, numpy as np
+from lcflash.model.router import top_k_by_rank, top_k_select
+rng = np.random.default_rng(0)
+L, T, D, E, K = 2, 34, 48, 12, 4
+x, w = rng.normal(size=(L, T, D)).astype(np.float32), (0.6 * rng.normal(size=(L, D, E))).astype(np.float32)
+b = (0.05 * rng.normal(size=(L, E))).astype(np.float32)
+def body(c, xs):
+    x, w, b = xs
+    p = jax.nn.softmax(x @ w, axis=-1) + b
+    return c, (top_k_select(p, K, p)[0], top_k_by_rank(p, K, p)[0], jax.lax.top_k(p, K)[1])
+model, rank, ref = jax.jit(lambda *a: jax.lax.scan(body, 0, a)[1])(x, w, b)
+print(json.dumps({"platform": jax.default_backend(), "model_unlike_top_k": int((model != ref).any(-1).sum()),
+                  "rank_unlike_top_k": int((rank != ref).any(-1).sum())}))
+"""
+
+
+def test_routing_in_a_layer_scan_with_xla_default_flags():
+    """The router's top-k inside a layer scan against lax.top_k of the same scores, in a fresh process with XLA's
+    default flags on the default platform (the suite's fast-compile flags hid this). On XLA:CPU (jaxlib 0.10.2 and
+    0.11.2) the rank count of softmax + bias (router.top_k_by_rank) there gives two experts one rank in 11 of these
+    68 tokens, so CPUs take lax.top_k; elsewhere (a GPU) the model counts ranks, so that must be right there."""
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_DEFAULT_MATMUL_PRECISION")}
+    out = subprocess.run([sys.executable, "-c", LAYER_SCAN_TOP_K], env=env, capture_output=True, text=True,
+                         timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["model_unlike_top_k"] == 0, got
+    if got["platform"] != "cpu":
+        assert got["rank_unlike_top_k"] == 0, got
 
 
 @pytest.mark.parametrize("x_dtype", [jnp.float32, jnp.bfloat16])
