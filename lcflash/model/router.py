@@ -123,8 +123,9 @@ def route(x_td, w_router_de, bias_e, top_k: int, scaling: float, grad_precision:
     return select_experts(router_logits(x_td, w_router_de, grad_precision, precision), bias_e, top_k, scaling)
 
 
-# Few tokens (decode) on a GPU: top-k by counting ranks, two small fusions, instead of lax.top_k's sort (a 5 us kernel per
-# layer on an H200, experiments/HISTORY.md); the compare matrix is [T, E, E], so only below this many elements.
+# Few tokens (decode) on a GPU: top-k by counting ranks, two small fusions, instead of lax.top_k's sort (a 5 us
+# kernel per layer on an H200, experiments/HISTORY.md); the compare matrix is [T, E, E], so only below this many
+# elements.
 RANK_TOP_K_MAX_ELEMENTS = 1 << 21
 
 
