@@ -11,6 +11,7 @@ import pytest
 import lcflash
 from hf_reference import hf_forward, random_hf_model
 from numerics import rel
+from xla_flags import user_env
 
 # The default case runs in test_default_case_with_xla_default_flags, in a process with XLA's default flags.
 CASES = {
@@ -88,7 +89,7 @@ def test_default_case_with_xla_default_flags(tmp_path):
     0.10.2 and 0.11.2 the rank-counting top-k of softmax + bias (router.top_k_by_rank) gave two experts one rank,
     and these logits were 0.14 (relative) off transformers'. CPUs now take lax.top_k (router.top_k_select)."""
     here = os.path.dirname(os.path.abspath(__file__))
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_DEFAULT_MATMUL_PRECISION")}
+    env = user_env()
     env.update(JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([here, os.path.dirname(here)]))
     out = subprocess.run([sys.executable, "-c", DEFAULT_FLAGS_SCRIPT, str(tmp_path)], env=env, capture_output=True,
                          text=True, timeout=600)

@@ -14,6 +14,7 @@ from lcflash.kernels.gmm.swiglu import swiglu_halves
 from lcflash.model.moe import moe_reference, routed_experts, sort_slots
 from lcflash.model.router import Routing, route, zero_expert_output
 from numerics import rel
+from xla_flags import user_env
 
 
 def _weights(key, N, D, I):
@@ -250,7 +251,7 @@ def test_routing_in_a_layer_scan_with_xla_default_flags():
     default flags on the default platform (the suite's fast-compile flags hid this). On XLA:CPU (jaxlib 0.10.2 and
     0.11.2) the rank count of softmax + bias (router.top_k_by_rank) there gives two experts one rank in 11 of these
     68 tokens, so CPUs take lax.top_k; elsewhere (a GPU) the model counts ranks, so that must be right there."""
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_DEFAULT_MATMUL_PRECISION")}
+    env = user_env()
     out = subprocess.run([sys.executable, "-c", LAYER_SCAN_TOP_K], env=env, capture_output=True, text=True,
                          timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.returncode == 0, out.stderr[-2000:]

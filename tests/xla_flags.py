@@ -43,3 +43,9 @@ def default_codegen() -> dict | None:
     if "--xla_cpu_use_fusion_emitters=false" in os.environ.get("XLA_FLAGS", ""):
         return {"xla_cpu_use_fusion_emitters": True}
     return None
+
+
+def user_env(env=os.environ) -> dict:
+    """A copy of env for a subprocess that compiles as a user's process does: without XLA_FLAGS (this module's
+    flags) or tests/conftest.py's JAX_DEFAULT_MATMUL_PRECISION."""
+    return {k: v for k, v in env.items() if k not in ("XLA_FLAGS", "JAX_DEFAULT_MATMUL_PRECISION")}

@@ -15,13 +15,14 @@ With no mesh, or a one-device one, every method is the identity (`NO_SPLIT`).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable
 
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from lcflash.model.mla import LatentKV, write_latents
-from lcflash.parallel.rules import DEFAULT_RULES, mesh_axes_for
+from lcflash.parallel.context import ParallelContext
 
 U = P.UNCONSTRAINED
 
@@ -39,14 +40,8 @@ class MeshSplit:
                      if isinstance(getattr(x, "sharding", None), NamedSharding)), None)
         if mesh is None or mesh.size == 1:
             return NO_SPLIT
-
-        def axes(name):
-            return tuple(a for a in mesh_axes_for(DEFAULT_RULES, name) if mesh.shape.get(a, 1) > 1)
-
-        heads = axes("heads")
-        if num_heads % _size(mesh, heads):
-            heads = ()
-        return cls(mesh, axes("batch"), heads)
+        ctx = ParallelContext(mesh)
+        return cls(mesh, ctx.axes("batch"), ctx.axes("heads") if num_heads % ctx.size("heads") == 0 else ())
 
     @property
     def active(self) -> bool:
@@ -55,7 +50,7 @@ class MeshSplit:
     @property
     def rows(self) -> int:
         """How many shards the rows split into (1: none)."""
-        return _size(self.mesh, self.rows_axes) if self.active else 1
+        return math.prod(self.mesh.shape[a] for a in self.rows_axes) if self.active else 1
 
     def for_batch(self, batch: int) -> MeshSplit:
         """This split for a batch of `batch` rows (a static shape): its rows unsplit where the shards do not divide
@@ -100,13 +95,6 @@ class MeshSplit:
         q_spec = P(rows, None, heads, None)
         return jax.shard_map(fn, mesh=self.mesh, in_specs=(q_spec, q_spec, P(rows), P(rows), P(rows)),
                              out_specs=q_spec, check_vma=False)(q_bthr, q_pe_bthd, c_bsr, kpe_bsd, start_b)
-
-
-def _size(mesh, axes) -> int:
-    n = 1
-    for a in axes:
-        n *= mesh.shape[a]
-    return n
 
 
 NO_SPLIT = MeshSplit()
